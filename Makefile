@@ -1,0 +1,23 @@
+CONFIG ?= config/gateway.yaml
+HOST ?= mitmproxy
+LISTEN ?= 127.0.0.1:8080
+VENV := .venv/bin
+
+.PHONY: run test lint bench bootstrap
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+run: bootstrap
+	$(VENV)/tollgate --config $(CONFIG) serve $(HOST) --listen $(LISTEN)
+
+test: bootstrap
+	$(VENV)/ruff check .
+	$(VENV)/python -m pytest
+
+lint: bootstrap
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+bench: bootstrap
+	$(VENV)/python -m bench

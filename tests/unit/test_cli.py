@@ -1,0 +1,140 @@
+"""The CLI edits the config the way a careful human would: atomically, keeping comments."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tollgate.cli.main import cli
+from tollgate.config.load import load_config
+from tollgate.keys import hash_secret
+
+PEPPER = "unit-test-pepper"
+
+
+@pytest.fixture
+def run(config_dir: Path, monkeypatch):
+    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", PEPPER)
+    runner = CliRunner()
+
+    def invoke(*args: str, ok: bool = True):
+        result = runner.invoke(cli, ["--config", str(config_dir / "gateway.yaml"), *args])
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return invoke
+
+
+def create_key(run, *args: str) -> dict:
+    return json.loads(run("virtual-keys", "create", "--name", "dev", "--scope", "ORG:acme",
+                          *args, "--format", "json").stdout)
+
+
+def test_key_secret_is_shown_once_and_stored_hashed(run, config_dir):
+    doc = create_key(run, "--principal", "alice@acme.com")
+    assert doc["id"].startswith("vk_") and len(doc["id"]) == 29
+    text = (config_dir / "gateway.yaml").read_text()
+    assert doc["secret"] not in text
+    assert hash_secret(doc["secret"], PEPPER.encode()) in text
+    listed = run("virtual-keys", "list", "--format", "json").stdout
+    shown = run("virtual-keys", "get", doc["id"]).stdout
+    for output in (listed, shown):
+        assert doc["secret"] not in output
+        assert "secret_hash" not in output
+
+
+def test_edits_keep_comments_order_and_quotes(run, config_dir):
+    path = config_dir / "gateway.yaml"
+    before = path.read_text()
+    create_key(run)
+    run("teams", "create", "--id", "team_ml")
+    run("model-providers", "update", "mp_openai_org", "--rpm", "42")
+    after = path.read_text()
+    for line in before.splitlines():
+        if line.strip().startswith("#") or "header_prefix" in line:
+            assert line in after
+    top_level = [ln.split(":")[0] for ln in after.splitlines() if ln and ln[0].isalpha()]
+    assert top_level == ["gateway", "orgs", "model_providers", "routing_policies",
+                         "virtual_keys", "budgets"]
+    cfg = load_config(path).config
+    assert cfg.model_providers[0].rate_limit.rpm == 42
+    assert cfg.model_providers[0].rate_limit.tpm == 200000
+    assert [t.id for t in cfg.orgs[0].teams] == ["team_eng", "team_ml"]
+
+
+def test_invalid_edit_is_refused_and_file_untouched(run, config_dir):
+    path = config_dir / "gateway.yaml"
+    before = path.read_text()
+    result = run("virtual-keys", "create", "--name", "x", "--scope", "TEAM:nope", ok=False)
+    assert result.exit_code != 0
+    assert "team 'nope' is not declared" in result.output
+    result = run("routing-policies", "create", "--scope", "ORG:acme", "--name", "p",
+                 "--model-provider", "mp_ghost", ok=False)
+    assert "unknown model provider 'mp_ghost'" in result.output
+    assert path.read_text() == before
+    assert not [p for p in os.listdir(config_dir) if p.startswith(".gateway.yaml.")
+                and not p.endswith(".lock")]
+
+
+def test_lifecycle_revoke_disable_enable(run):
+    key = create_key(run)
+    assert json.loads(run("virtual-keys", "disable", key["id"], "--format",
+                          "json").stdout)["status"] == "disabled"
+    assert json.loads(run("virtual-keys", "enable", key["id"], "--format",
+                          "json").stdout)["status"] == "active"
+    run("virtual-keys", "revoke", key["id"])
+    assert "stay revoked" in run("virtual-keys", "disable", key["id"], ok=False).output
+    assert "create a new key" in run("virtual-keys", "enable", key["id"], ok=False).output
+
+
+def test_update_binds_routing_policy_and_config(run, config_dir):
+    key = create_key(run)
+    policy = json.loads(run("routing-policies", "create", "--scope", "ORG:acme", "--name",
+                            "openai-then-anthropic", "--strategy", "ordered",
+                            "--model-provider", "mp_openai_org", "--model-provider",
+                            "mp_anthropic_org", "--format", "json").stdout)
+    assert policy["id"].startswith("rp_")
+    run("virtual-keys", "update", key["id"], "--routing-policy", policy["id"],
+        "--models-allowed", "gpt-5*", "--config-json",
+        '{"fallback": {"on": ["5xx", "timeout"]}}')
+    vk = load_config(config_dir / "gateway.yaml").config.virtual_keys[0]
+    assert vk.routing_policy == policy["id"]
+    assert vk.models_allowed == ["gpt-5*"]
+    assert vk.config.fallback.on == ["5xx", "timeout"]
+    bad = run("virtual-keys", "update", key["id"], "--config-json",
+              '{"fallback": {"on": ["sometimes"]}}', ok=False)
+    assert bad.exit_code != 0 and "--config-json" in bad.output
+
+
+def test_init_refuses_to_overwrite(run, config_dir, tmp_path):
+    assert "already exists" in run("init", "--org", "acme", ok=False).output
+    fresh = tmp_path / "new" / "gw.yaml"
+    result = CliRunner().invoke(cli, ["--config", str(fresh), "init", "--org", "globex"])
+    assert result.exit_code == 0, result.output
+    assert load_config(fresh).config.orgs[0].id == "globex"
+
+
+def test_config_validate_reports_lines(run, config_dir):
+    assert "ok (2 model providers" in run("config", "validate").output
+    path = config_dir / "gateway.yaml"
+    path.write_text(path.read_text().replace("type: anthropic", "type: antropic"))
+    result = run("config", "validate", ok=False)
+    assert result.exit_code == 1
+    assert f"{path}:" in result.output and "model_providers[1].type" in result.output
+
+
+def test_provider_create_requires_env_reference(run):
+    result = run("model-providers", "create", "--type", "openai", "--scope", "ORG:acme",
+                 ok=False)
+    assert "--api-key-env is required" in result.output
+    doc = json.loads(run("model-providers", "create", "--type", "anthropic", "--scope",
+                         "TEAM:team_eng", "--api-key-env", "TEAM_ANTHROPIC_KEY",
+                         "--provider-config", '{"region": "us-east-1"}', "--format",
+                         "json").stdout)
+    assert doc["id"].startswith("mp_") and doc["base_url"] == "https://api.anthropic.com"
+    assert doc["provider_config"] == {"region": "us-east-1"}

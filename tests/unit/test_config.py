@@ -1,0 +1,139 @@
+"""Loading and validating the YAML config: good files load, bad ones point at the line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ROOT
+from tollgate.config.load import load_config
+from tollgate.config.problems import ConfigError
+from tollgate.config.watch import ConfigHolder
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    return [str(p) for p in exc.value.problems]
+
+
+def test_shipped_example_config_is_valid():
+    loaded = load_config(ROOT / "config" / "gateway.yaml")
+    assert {p.id for p in loaded.config.model_providers} == {"mp_openai_org",
+                                                              "mp_anthropic_org"}
+    assert loaded.config.gateway.header_prefix == "X-LangWatch-"
+
+
+def test_price_table_covers_the_documented_models():
+    prices = load_config(ROOT / "config" / "gateway.yaml").prices
+    for model in ["gpt-5", "gpt-5-mini", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini",
+                  "o3", "o4-mini", "text-embedding-3-small", "claude-opus-4-1",
+                  "claude-sonnet-4-5", "claude-haiku-4-5", "claude-3-5-haiku-latest"]:
+        assert prices.lookup(model) is not None, model
+    assert prices.lookup("gpt-4o-2024-08-06") == prices.lookup("gpt-4o")
+    assert prices.lookup("claude-sonnet-4-5-20250929") == prices.lookup("claude-sonnet-4-5")
+    assert prices.lookup("gpt-9-turbo") is None
+
+
+def test_typo_names_file_line_and_field(config_dir):
+    path = config_dir / "gateway.yaml"
+    text = path.read_text().replace("fallback_priority: 2", "fallback_prority: 2")
+    path.write_text(text)
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "fallback_prority" in t)
+    assert problems_of(path) == [
+        f"{path}:{line}: model_providers[1].fallback_prority: unknown field (check the spelling)"]
+
+
+def test_wrong_type_and_bad_scope(config_dir):
+    path = config_dir / "gateway.yaml"
+    text = path.read_text().replace("rpm: 500", "rpm: lots").replace(
+        "scope: ORG:acme\n    base_url: https://api.anthropic.com", "scope: ORGANIZATION\n"
+        "    base_url: https://api.anthropic.com")
+    path.write_text(text)
+    found = problems_of(path)
+    assert any("model_providers[0].rate_limit.rpm" in p and "integer" in p for p in found)
+    assert any("model_providers[1].scope" in p and "ORG:<id>" in p for p in found)
+
+
+def test_dangling_references_are_errors(config_dir):
+    path = config_dir / "gateway.yaml"
+    path.write_text(path.read_text().replace("routing_policies: []", """routing_policies:
+  - id: rp_1
+    name: p
+    scope: TEAM:team_nope
+    model_providers: [mp_openai_org, mp_missing]"""))
+    found = problems_of(path)
+    assert any("routing_policies[0].scope" in p and "team_nope" in p for p in found)
+    assert any("routing_policies[0].model_providers[1]" in p and "mp_missing" in p
+               for p in found)
+
+
+def test_env_interpolation(config_dir, monkeypatch):
+    path = config_dir / "gateway.yaml"
+    path.write_text(path.read_text().replace("https://api.openai.com",
+                                             "${OPENAI_BASE:-https://api.openai.com}/proxy"))
+    assert load_config(path).config.model_providers[0].base_url == \
+        "https://api.openai.com/proxy"
+    monkeypatch.setenv("OPENAI_BASE", "http://127.0.0.1:9999")
+    assert load_config(path).config.model_providers[0].base_url == \
+        "http://127.0.0.1:9999/proxy"
+    path.write_text(path.read_text().replace("${OPENAI_BASE:-https://api.openai.com}",
+                                             "${TG_SURELY_UNSET_VAR}"))
+    assert any("TG_SURELY_UNSET_VAR is not set" in p for p in problems_of(path))
+
+
+def test_alias_to_unpriced_model_is_an_error(config_dir):
+    path = config_dir / "gateway.yaml"
+    path.write_text(path.read_text().replace("virtual_keys: []", """virtual_keys:
+  - id: vk_1
+    name: k
+    scope: ORG:acme
+    secret_hash: "%s"
+    config:
+      model_aliases: {fast: gpt-mystery}""" % ("a" * 64)))
+    assert any("model_aliases.fast" in p and "no price" in p for p in problems_of(path))
+
+
+def test_yaml_syntax_error_has_a_line(config_dir):
+    path = config_dir / "gateway.yaml"
+    path.write_text("gateway:\n  header_prefix: [unclosed\norgs: []\n")
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:") and "YAML syntax" in problem
+
+
+def test_holder_keeps_last_good_config(config_dir):
+    path = config_dir / "gateway.yaml"
+    holder = ConfigHolder(path)
+    first = holder.current
+    path.write_text(path.read_text().replace("header_prefix:", "header_prefx:"))
+    assert holder.check() is False
+    assert holder.current is first
+    assert "header_prefx" in str(holder.last_error)
+    path.write_text(path.read_text().replace("header_prefx:", "header_prefix:").replace(
+        "X-LangWatch-", "X-Gate-"))
+    assert holder.check() is True
+    assert holder.current.config.gateway.header_prefix == "X-Gate-"
+    assert holder.last_error is None
+
+
+def test_edit_landing_during_a_reload_is_not_missed(config_dir, monkeypatch):
+    path = config_dir / "gateway.yaml"
+    holder = ConfigHolder(path)
+    import tollgate.config.watch as watch
+
+    real_load = watch.load_config
+
+    def load_then_edit(p):
+        loaded = real_load(p)
+        # Another writer lands after we read but before the reload finishes.
+        path.write_text(path.read_text().replace("X-LangWatch-", "X-Late-"))
+        return loaded
+
+    path.write_text(path.read_text().replace("max_body_bytes: 8388608", "max_body_bytes: 4096"))
+    monkeypatch.setattr(watch, "load_config", load_then_edit)
+    assert holder.check() is True
+    assert holder.current.config.gateway.max_body_bytes == 4096
+    monkeypatch.setattr(watch, "load_config", real_load)
+    assert holder.check() is True
+    assert holder.current.config.gateway.header_prefix == "X-Late-"

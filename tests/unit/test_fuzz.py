@@ -1,0 +1,109 @@
+"""Property tests: hostile bodies never crash the parser, splicing never disturbs other bytes,
+and the SSE parser yields the same events however the stream is split."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tollgate.body import parse, replace_top_level, tool_names
+from tollgate.errors import GatewayError
+from tollgate.routes import ROUTES
+from tollgate.sse import SSEParser
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6),
+                                                                      children, max_size=3),
+    max_leaves=8,
+)
+forwarded = [r for r in ROUTES.values() if r.forwarded]
+
+
+@settings(max_examples=300)
+@given(raw=st.binary(max_size=300), route=st.sampled_from(forwarded))
+def test_arbitrary_bytes_parse_or_400(raw, route):
+    try:
+        parse(route, raw)
+    except GatewayError as e:
+        assert e.status == 400 and e.code == "invalid_request"
+
+
+@settings(max_examples=300)
+@given(doc=st.dictionaries(st.sampled_from(["model", "messages", "tools", "functions",
+                                            "stream", "max_tokens", "input", "x"]),
+                           json_values, max_size=6),
+       route=st.sampled_from(forwarded))
+def test_wrong_types_are_400_never_a_crash(doc, route):
+    try:
+        parsed = parse(route, json.dumps(doc).encode())
+    except GatewayError as e:
+        assert e.status == 400
+    else:
+        assert all(isinstance(n, str) for n in parsed.tools)
+
+
+@given(depth=st.integers(min_value=1, max_value=200_000))
+@settings(max_examples=20)
+def test_deep_nesting_is_400_or_ok(depth):
+    raw = b'{"model": "m", "messages": [], "x": ' + b"[" * depth + b"]" * depth + b"}"
+    try:
+        parse(ROUTES["/v1/chat/completions"], raw)
+    except GatewayError as e:
+        assert e.status == 400
+
+
+def test_tool_names_per_shape():
+    chat = {"tools": [{"type": "function", "function": {"name": "a"}},
+                      {"type": "custom", "custom": {"name": "b"}}],
+            "functions": [{"name": "c"}]}
+    assert tool_names(ROUTES["/v1/chat/completions"], chat) == ["a", "b", "c"]
+    responses = {"tools": [{"type": "function", "name": "d"}, {"type": "web_search"}]}
+    assert tool_names(ROUTES["/v1/responses"], responses) == ["d", "web_search"]
+    assert tool_names(ROUTES["/v1/messages"], {"tools": [{"name": "e"}]}) == ["e"]
+
+
+separators = st.sampled_from([" ", "", "\n", "\t", "  \n "])
+
+
+@settings(max_examples=200)
+@given(doc=st.dictionaries(st.text(max_size=6), json_values, max_size=5),
+       model=st.text(max_size=10), new=st.text(max_size=10), sep=separators,
+       position=st.integers(min_value=0, max_value=5))
+def test_replace_top_level_touches_only_that_value(doc, model, new, sep, position):
+    doc.pop("model", None)
+    items = list(doc.items())
+    items.insert(min(position, len(items)), ("model", model))
+    body = "{" + sep + ("," + sep).join(
+        f"{json.dumps(k, ensure_ascii=False)}{sep}:{sep}{json.dumps(v, ensure_ascii=False)}"
+        for k, v in items) + sep + "}"
+    raw = body.encode()
+    out = replace_top_level(raw, "model", new)
+    assert json.loads(out) == {**dict(items), "model": new}
+    old_value = json.dumps(model, ensure_ascii=False).encode()
+    cut = raw.index(b'"model"' + sep.encode() + b":")
+    start = raw.index(old_value, cut)
+    assert out == raw[:start] + json.dumps(new, ensure_ascii=False).encode() + \
+        raw[start + len(old_value):]
+
+
+STREAM = (b"event: message_start\r\ndata: {\"a\": 1}\r\n\r\n: keep-alive comment\n\n"
+          b"data: line one\ndata: line two\n\nid: 7\nevent: ping\ndata: {}\r\r"
+          b"data: [DONE]\n\n")
+
+
+def events_of(chunks: list[bytes]) -> list[tuple[str, str]]:
+    parser = SSEParser()
+    return [(e.event, e.data) for c in chunks for e in parser.feed(c)]
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=12))
+def test_sse_events_survive_any_split(cuts):
+    points = sorted(set(cuts))
+    chunks = [STREAM[a:b] for a, b in zip([0, *points], [*points, len(STREAM)], strict=True)]
+    assert events_of(chunks) == [("message_start", '{"a": 1}'),
+                                 ("message", "line one\nline two"), ("ping", "{}"),
+                                 ("message", "[DONE]")]

@@ -1,0 +1,202 @@
+"""The core pipeline with no proxy at all: Request in, Reply or Forward out."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tollgate.cli.main import cli
+from tollgate.config.watch import ConfigHolder
+from tollgate.gateway import Gateway
+from tollgate.request import Forward, Reply, Request
+
+PEPPER = "core-pepper"
+
+
+@pytest.fixture
+def setup(config_dir: Path, monkeypatch):
+    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", PEPPER)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
+    path = config_dir / "gateway.yaml"
+
+    def key(*args: str) -> str:
+        result = CliRunner().invoke(cli, ["--config", str(path), "virtual-keys", "create",
+                                          "--name", "k", "--scope", "ORG:acme", *args,
+                                          "--format", "json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["secret"]
+
+    def gateway() -> Gateway:
+        return Gateway(ConfigHolder(path))
+
+    return key, gateway
+
+
+def request(path: str, body: object = None, secret: str | None = None,
+            header: str = "authorization", **headers: str) -> Request:
+    h = {k.replace("_", "-"): v for k, v in headers.items()}
+    if secret:
+        h[header] = f"Bearer {secret}" if header == "authorization" else secret
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body else b""
+    return Request("POST" if body is not None else "GET", path, h, raw)
+
+
+CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
+MSG = {"model": "claude-sonnet-4-5", "max_tokens": 10,
+       "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_forward_to_openai_sets_credentials_and_keeps_body(setup):
+    key, gateway = setup
+    secret = key()
+    result = await gateway().handle(request("/v1/chat/completions", CHAT, secret,
+                                            x_langwatch_debug="1"))
+    assert isinstance(result, Forward)
+    a = result.attempt
+    assert a.url == "https://api.openai.com/v1/chat/completions"
+    assert a.authority == "api.openai.com"
+    assert a.set_headers["authorization"] == "Bearer sk-real-openai"
+    assert "x-api-key" in a.remove_headers and "x-langwatch-debug" in a.remove_headers
+    assert a.body is None
+    headers = result.exchange.response_headers()
+    assert headers["X-LangWatch-Provider"] == "mp_openai_org"
+    assert headers["X-LangWatch-Fallback-Count"] == "0"
+
+
+async def test_forward_to_anthropic_accepts_bearer_and_sets_x_api_key(setup):
+    key, gateway = setup
+    secret = key()
+    result = await gateway().handle(request("/v1/messages", MSG, secret))
+    assert isinstance(result, Forward)
+    a = result.attempt
+    assert a.url == "https://api.anthropic.com/v1/messages"
+    assert a.set_headers["x-api-key"] == "sk-ant-real"
+    assert a.set_headers["anthropic-version"] == "2023-06-01"
+    assert "authorization" in a.remove_headers
+
+
+async def test_anthropic_version_from_client_is_kept(setup):
+    key, gateway = setup
+    secret = key()
+    result = await gateway().handle(request("/v1/messages", MSG, secret, header="x-api-key",
+                                            anthropic_version="2024-01-01"))
+    assert "anthropic-version" not in result.attempt.set_headers
+
+
+@pytest.mark.parametrize(("path", "family"), [("/v1/chat/completions", "openai"),
+                                              ("/v1/messages", "anthropic")])
+async def test_error_envelopes_per_family(setup, path, family):
+    _, gateway = setup
+    result = await gateway().handle(request(path, CHAT))
+    assert isinstance(result, Reply) and result.status == 401
+    doc = json.loads(result.body)
+    if family == "openai":
+        assert doc == {"error": {"message": doc["error"]["message"],
+                                 "type": "authentication_error", "code": "invalid_api_key",
+                                 "param": None}}
+    else:
+        assert doc["type"] == "error"
+        assert doc["error"]["type"] == "authentication_error"
+        assert doc["error"]["code"] == "invalid_api_key"
+    assert result.headers["X-LangWatch-Request-Id"].startswith("req_")
+    assert result.headers["X-LangWatch-Provider"] == "tollgate"
+
+
+async def test_expired_and_missing_provider_credential(setup, monkeypatch):
+    key, gateway = setup
+    secret = key("--expires-in", "1d")
+    gw = gateway()
+    assert isinstance(await gw.handle(request("/v1/chat/completions", CHAT, secret)), Forward)
+    import tollgate.keys as keys
+
+    later = datetime.now(UTC) + timedelta(days=2)
+    monkeypatch.setattr(keys, "datetime", type("Clock", (), {"now": staticmethod(
+        lambda tz=None: later)}))
+    expired = await gw.handle(request("/v1/chat/completions", CHAT, secret))
+    assert json.loads(expired.body)["error"]["code"] == "virtual_key_expired"
+    monkeypatch.undo()
+    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", PEPPER)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    missing = await gw.handle(request("/v1/chat/completions", CHAT, secret))
+    assert missing.status == 502
+    assert "OPENAI_API_KEY" in json.loads(missing.body)["error"]["message"]
+
+
+async def test_project_key_sees_team_and_org_providers(setup, config_dir):
+    key, gateway = setup
+    runner = CliRunner()
+    path = str(config_dir / "gateway.yaml")
+    assert runner.invoke(cli, ["--config", path, "model-providers", "create", "--type",
+                               "openai", "--scope", "TEAM:team_eng", "--id", "mp_team",
+                               "--api-key-env", "OPENAI_API_KEY", "--base-url",
+                               "http://10.0.0.7:8000/openai", "--fallback-priority",
+                               "0"]).exit_code == 0
+    project_key = CliRunner().invoke(cli, [
+        "--config", path, "virtual-keys", "create", "--name", "p",
+        "--scope", "PROJECT:proj_web", "--format", "json"])
+    secret = json.loads(project_key.stdout)["secret"]
+    result = await gateway().handle(request("/v1/chat/completions", CHAT, secret))
+    assert result.attempt.provider_id == "mp_team"
+    assert result.attempt.url == "http://10.0.0.7:8000/openai/v1/chat/completions"
+    org_secret = key()
+    org_result = await gateway().handle(request("/v1/chat/completions", CHAT, org_secret))
+    assert org_result.attempt.provider_id == "mp_openai_org"
+
+
+async def test_routing_policy_order_wins_over_priority(setup, config_dir):
+    key, gateway = setup
+    runner = CliRunner()
+    path = str(config_dir / "gateway.yaml")
+    runner.invoke(cli, ["--config", path, "model-providers", "create", "--type", "openai",
+                        "--scope", "ORG:acme", "--id", "mp_backup", "--api-key-env",
+                        "OPENAI_API_KEY", "--fallback-priority", "50"])
+    runner.invoke(cli, ["--config", path, "routing-policies", "create", "--scope", "ORG:acme",
+                        "--name", "backup-first", "--id", "rp_backup", "--model-provider",
+                        "mp_backup", "--model-provider", "mp_openai_org"])
+    secret = key("--routing-policy", "rp_backup")
+    result = await gateway().handle(request("/v1/chat/completions", CHAT, secret))
+    assert result.attempt.provider_id == "mp_backup"
+
+
+async def test_models_route_answers_in_client_shape(setup):
+    key, gateway = setup
+    secret = key("--models-allowed", "claude-*")
+    gw = gateway()
+    openai_shape = await gw.handle(request("/v1/models", None, secret))
+    ids = [m["id"] for m in json.loads(openai_shape.body)["data"]]
+    assert "claude-sonnet-4-5" in ids and not any(i.startswith("gpt") for i in ids)
+    anthropic_shape = await gw.handle(request("/v1/models", None, secret,
+                                              anthropic_version="2023-06-01"))
+    doc = json.loads(anthropic_shape.body)
+    assert doc["has_more"] is False and doc["data"][0]["type"] == "model"
+
+
+async def test_wrong_method_and_unknown_path(setup):
+    key, gateway = setup
+    secret = key()
+    gw = gateway()
+    r = await gw.handle(Request("GET", "/v1/chat/completions",
+                                {"authorization": f"Bearer {secret}"}, b""))
+    assert r.status == 405
+    r = await gw.handle(request("/admin/secrets", {}, secret))
+    assert r.status == 404
+
+
+async def test_internal_failure_is_a_500_envelope_not_a_trace(setup, monkeypatch):
+    key, gateway = setup
+    secret = key()
+    import tollgate.policy as policy
+
+    def boom(*a, **k):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(policy, "check_tools", boom)
+    r = await gateway().handle(request("/v1/chat/completions", CHAT, secret))
+    assert r.status == 500
+    assert b"kaboom" not in r.body and b"Traceback" not in r.body
+    assert json.loads(r.body)["error"]["code"] == "gateway_error"

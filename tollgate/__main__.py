@@ -1,0 +1,3 @@
+from tollgate.cli.main import main
+
+main()

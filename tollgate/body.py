@@ -1,0 +1,138 @@
+"""Request body parsing: one JSON decode, then the few fields governance needs, type-checked."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tollgate.errors import GatewayError
+from tollgate.routes import Route
+
+
+@dataclass(frozen=True)
+class ParsedBody:
+    doc: dict[str, Any]
+    model: str | None
+    tools: list[str]  # declared tool names
+    stream: bool
+
+
+def _bad(message: str, param: str | None = None) -> GatewayError:
+    return GatewayError("invalid_request", message, param=param)
+
+
+def parse(route: Route, raw: bytes) -> ParsedBody:
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise _bad("Request body is nested too deeply.") from None
+    except ValueError as e:  # JSONDecodeError, bad UTF-8, oversized integers
+        raise _bad(f"Request body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise _bad(f"Request body must be a JSON object, not {type(doc).__name__}.")
+    model = doc.get("model")
+    if route.needs_model and model is None:
+        raise _bad("`model` is required.", "model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise _bad("`model` must be a non-empty string.", "model")
+    stream = doc.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad("`stream` must be a boolean.", "stream")
+    _check_shape(route, doc)
+    return ParsedBody(doc=doc, model=model, tools=tool_names(route, doc), stream=bool(stream))
+
+
+def _check_shape(route: Route, doc: dict[str, Any]) -> None:
+    if route.name in ("chat_completions", "messages", "count_tokens"):
+        messages = doc.get("messages")
+        if not isinstance(messages, list):
+            raise _bad("`messages` must be an array.", "messages")
+    if route.name in ("messages",) and "max_tokens" in doc:
+        mt = doc["max_tokens"]
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+            raise _bad("`max_tokens` must be a positive integer.", "max_tokens")
+    if route.name == "chat_completions":
+        for field in ("max_tokens", "max_completion_tokens"):
+            v = doc.get(field)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise _bad(f"`{field}` must be a positive integer.", field)
+    if route.name == "embeddings" and "input" not in doc:
+        raise _bad("`input` is required.", "input")
+
+
+def tool_names(route: Route, doc: dict[str, Any]) -> list[str]:
+    """Names of the tools a request declares, per API shape.
+
+    Chat completions: tools[].function.name (custom tools: tools[].custom.name) and the legacy
+    functions[].name. Responses: tools[].name, or the tool type for built-in tools
+    (web_search, code_interpreter, ...). Anthropic messages: tools[].name.
+    """
+    names: list[str] = []
+    tools = doc.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("`tools` must be an array.", "tools")
+        for i, tool in enumerate(tools):
+            names.append(_tool_name(route, tool, i))
+    if route.name == "chat_completions" and doc.get("functions") is not None:
+        functions = doc["functions"]
+        if not isinstance(functions, list):
+            raise _bad("`functions` must be an array.", "functions")
+        for i, fn in enumerate(functions):
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise _bad("Each function needs a string `name`.", f"functions[{i}].name")
+            names.append(fn["name"])
+    return names
+
+
+def _tool_name(route: Route, tool: Any, i: int) -> str:
+    if not isinstance(tool, dict):
+        raise _bad("Each tool must be an object.", f"tools[{i}]")
+    if route.name == "chat_completions":
+        kind = tool.get("type", "function")
+        inner = tool.get(kind) if isinstance(kind, str) else None
+        if not isinstance(inner, dict) or not isinstance(inner.get("name"), str):
+            raise _bad(f"tools[{i}] needs a string `{kind}.name`.", f"tools[{i}].{kind}.name")
+        return inner["name"]
+    name = tool.get("name")
+    if name is None and route.name == "responses" and isinstance(tool.get("type"), str):
+        return tool["type"]
+    if not isinstance(name, str):
+        raise _bad(f"tools[{i}] needs a string `name`.", f"tools[{i}].name")
+    return name
+
+
+_decoder = json.JSONDecoder()
+_WS = " \t\n\r"
+
+
+def replace_top_level(raw: bytes, key: str, value: Any) -> bytes:
+    """`raw` with one top-level field's value replaced, every other byte left as it was.
+
+    Used when a rule must change the body (a model alias): the client's formatting, key
+    order and unknown fields all reach the provider untouched.
+    """
+    text = raw.decode("utf-8")
+    i = _skip(text, 0)
+    if text[i] != "{":
+        raise ValueError("not a JSON object")
+    i = _skip(text, i + 1)
+    while text[i] != "}":
+        name, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+        i = _skip(text, i)
+        i = _skip(text, i + 1)  # past ':'
+        _, end = _decoder.raw_decode(text, i)
+        if name == key:
+            text = text[:i] + json.dumps(value, ensure_ascii=False) + text[end:]
+            return text.encode("utf-8")
+        i = _skip(text, end)
+        if text[i] == ",":
+            i = _skip(text, i + 1)
+    raise KeyError(key)
+
+
+def _skip(text: str, i: int) -> int:
+    while text[i] in _WS:
+        i += 1
+    return i

@@ -1,0 +1,143 @@
+"""Shared CLI plumbing: the config path, output formats, ids, durations, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from ulid import ULID
+
+from tollgate.config.edit import Document, editing
+from tollgate.config.load import default_config_path
+from tollgate.config.problems import ConfigError
+
+format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]),
+                             default="table", show_default=True, help="Output format.")
+
+
+def config_path(ctx: click.Context) -> Path:
+    root = ctx.find_root()
+    return Path(root.params.get("config") or default_config_path())
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{ULID()}"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+
+
+def parse_duration(text: str) -> timedelta:
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise click.BadParameter(f"{text!r}: use a number and a unit, e.g. 90m, 12h, 30d, 2w")
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m.group(2)]
+    return timedelta(**{unit: int(m.group(1))})
+
+
+def iso_after(delta: timedelta) -> str:
+    ts = datetime.now(UTC).replace(microsecond=0) + delta
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+def parse_json_option(text: str | None, name: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise click.BadParameter(f"not valid JSON: {e}", param_hint=name) from None
+
+
+@contextmanager
+def edit(ctx: click.Context) -> Iterator[Document]:
+    """An atomic, validated edit of the config; a rejected edit leaves the file untouched."""
+    path = config_path(ctx)
+    if not path.exists():
+        raise click.ClickException(f"{path} does not exist; create it with `tollgate init`.")
+    try:
+        with editing(path) as doc:
+            yield doc
+    except ConfigError as e:
+        raise click.ClickException(f"the change would make the config invalid:\n{e}") from None
+
+
+def plain(node: Any) -> Any:
+    """ruamel nodes -> plain JSON-able data."""
+    if isinstance(node, dict):
+        return {str(k): plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [plain(v) for v in node]
+    if isinstance(node, datetime):
+        return node.isoformat()
+    return node
+
+
+def emit(obj: dict[str, Any] | list[dict[str, Any]], fmt: str,
+         columns: list[str] | None = None) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(plain(obj), indent=2))
+        return
+    rows = obj if isinstance(obj, list) else None
+    if rows is None:
+        width = max((len(k) for k in obj), default=0)
+        for k, v in plain(obj).items():
+            shown = json.dumps(v) if isinstance(v, dict | list) else v
+            click.echo(f"{k:<{width}}  {'' if shown is None else shown}")
+        return
+    columns = columns or sorted({k for r in rows for k in r})
+    table = [[_cell(plain(r).get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v)
+    return str(v)
+
+
+def fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def read_section(ctx: click.Context, section: str) -> list[dict[str, Any]]:
+    from tollgate.config.load import read_yaml
+
+    try:
+        doc = read_yaml(config_path(ctx)) or {}
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    return [plain(item) for item in doc.get(section) or []]
+
+
+def get_one(ctx: click.Context, section: str, ident: str) -> dict[str, Any]:
+    item = next((i for i in read_section(ctx, section) if i.get("id") == ident), None)
+    if item is None:
+        fail(f"no {section.rstrip('s').replace('_', ' ')} with id {ident!r}")
+    return item  # type: ignore[return-value]
+
+
+def stdin_is_tty() -> bool:
+    return sys.stdin.isatty()

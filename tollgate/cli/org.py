@@ -1,0 +1,133 @@
+"""`tollgate init`, `teams` and `projects`: the org tree that scopes keys, providers and budgets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import click
+
+from tollgate.cli.common import config_path, edit, emit, fail, format_option, read_section
+from tollgate.config.edit import to_yaml
+
+STARTER = """\
+# tollgate gateway config. Edited by `tollgate ...` commands, which keep comments and order.
+# Reloaded within two seconds of a change; a broken edit keeps the last good config running.
+gateway:
+  header_prefix: "X-LangWatch-"
+  state: "sqlite:///.tollgate/state.db"
+  prices: prices.yaml          # relative to this file
+  max_body_bytes: 8388608
+
+orgs:
+  - id: {org}
+    teams: []
+
+# Provider keys are never written here: api_key_env names the environment variable.
+model_providers: []
+
+routing_policies: []
+
+virtual_keys: []
+
+budgets: []
+"""
+
+SHIPPED_PRICES = Path(__file__).resolve().parents[2] / "config" / "prices.yaml"
+
+
+@click.command()
+@click.option("--org", required=True, help="Organization id, e.g. acme.")
+@click.pass_context
+def init(ctx: click.Context, org: str) -> None:
+    """Write a starter config (and price table) at --config; refuses to overwrite."""
+    path = config_path(ctx)
+    if path.exists():
+        fail(f"{path} already exists; not overwriting it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(STARTER.format(org=org), encoding="utf-8")
+    prices = path.parent / "prices.yaml"
+    if not prices.exists():
+        if not SHIPPED_PRICES.exists():
+            fail(f"no price table to copy; put one at {prices}")
+        shutil.copyfile(SHIPPED_PRICES, prices)
+    click.echo(f"wrote {path}")
+
+
+def _orgs(ctx: click.Context) -> list[dict]:
+    return read_section(ctx, "orgs")
+
+
+@click.group()
+def teams() -> None:
+    """Teams inside an org."""
+
+
+@teams.command("create")
+@click.option("--id", "team_id", required=True)
+@click.option("--org", help="Defaults to the only org in the config.")
+@format_option
+@click.pass_context
+def create_team(ctx: click.Context, team_id: str, org: str | None, fmt: str) -> None:
+    with edit(ctx) as doc:
+        orgs = doc.doc.get("orgs") or []
+        if org is None:
+            if len(orgs) != 1:
+                fail("say which org with --org")
+            org = orgs[0]["id"]
+        node = doc.find("orgs", org)
+        if node is None:
+            fail(f"no org {org!r}")
+        if any(t.get("id") == team_id for o in orgs for t in o.get("teams") or []):
+            fail(f"team {team_id!r} already exists")
+        if not node.get("teams"):
+            node["teams"] = to_yaml([])
+            node["teams"].fa.set_block_style()
+        node["teams"].append(to_yaml({"id": team_id, "projects": []}))
+    emit({"id": team_id, "org": org, "projects": []}, fmt)
+
+
+@teams.command("list")
+@format_option
+@click.pass_context
+def list_teams(ctx: click.Context, fmt: str) -> None:
+    rows = [{"id": t["id"], "org": o["id"], "projects": t.get("projects") or []}
+            for o in _orgs(ctx) for t in o.get("teams") or []]
+    emit(rows, fmt, ["id", "org", "projects"])
+
+
+@click.group()
+def projects() -> None:
+    """Projects inside a team."""
+
+
+@projects.command("create")
+@click.option("--id", "project_id", required=True)
+@click.option("--team", required=True)
+@format_option
+@click.pass_context
+def create_project(ctx: click.Context, project_id: str, team: str, fmt: str) -> None:
+    with edit(ctx) as doc:
+        found = None
+        for o in doc.doc.get("orgs") or []:
+            for t in o.get("teams") or []:
+                if project_id in (t.get("projects") or []):
+                    fail(f"project {project_id!r} already exists")
+                if t.get("id") == team:
+                    found = (o, t)
+        if found is None:
+            fail(f"no team {team!r}")
+        org, node = found
+        if node.get("projects") is None:
+            node["projects"] = to_yaml([])
+        node["projects"].append(project_id)
+    emit({"id": project_id, "team": team, "org": org["id"]}, fmt)
+
+
+@projects.command("list")
+@format_option
+@click.pass_context
+def list_projects(ctx: click.Context, fmt: str) -> None:
+    rows = [{"id": p, "team": t["id"], "org": o["id"]}
+            for o in _orgs(ctx) for t in o.get("teams") or [] for p in t.get("projects") or []]
+    emit(rows, fmt, ["id", "team", "org"])

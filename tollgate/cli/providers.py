@@ -1,0 +1,191 @@
+"""`tollgate model-providers ...` and `tollgate routing-policies ...`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from tollgate.cli.common import (
+    edit,
+    emit,
+    fail,
+    format_option,
+    get_one,
+    new_id,
+    now_iso,
+    parse_json_option,
+    read_section,
+    warn,
+)
+from tollgate.config.edit import to_yaml
+
+DEFAULT_BASE_URLS = {"openai": "https://api.openai.com", "anthropic": "https://api.anthropic.com"}
+PROVIDER_COLUMNS = ["id", "name", "type", "scope", "base_url", "api_key_env",
+                    "fallback_priority", "rate_limit"]
+
+
+def _provider_fields(api_key_env: str | None, base_url: str | None, name: str | None,
+                     rpm: int | None, tpm: int | None, rpd: int | None,
+                     fallback_priority: int | None, provider_config: str | None,
+                     models: tuple[str, ...]) -> dict[str, Any]:
+    fields: dict[str, Any] = {"name": name, "base_url": base_url, "api_key_env": api_key_env,
+                              "fallback_priority": fallback_priority}
+    limits = {k: v for k, v in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd)) if v is not None}
+    if limits:
+        fields["rate_limit"] = limits
+    if provider_config is not None:
+        fields["provider_config"] = parse_json_option(provider_config, "--provider-config")
+    if models:
+        fields["models"] = list(models)
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def provider_options(f: Any) -> Any:
+    for decorator in reversed([
+        click.option("--api-key-env", help="Environment variable holding the provider key."),
+        click.option("--base-url", help="Origin plus optional path prefix."),
+        click.option("--name"),
+        click.option("--rpm", type=int), click.option("--tpm", type=int),
+        click.option("--rpd", type=int),
+        click.option("--fallback-priority", type=int, help="Lower is tried first."),
+        click.option("--provider-config", help="JSON, e.g. {\"region\": \"us-east-1\"}"),
+        click.option("--models", multiple=True, help="Model glob it serves; repeatable."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+@click.group("model-providers")
+def model_providers() -> None:
+    """Provider credentials (by env-var reference) and their gateway settings."""
+
+
+@model_providers.command("create")
+@click.option("--type", "type_", required=True,
+              type=click.Choice(["openai", "anthropic", "openai-compatible"]))
+@click.option("--scope", required=True)
+@click.option("--id", "provider_id")
+@provider_options
+@format_option
+@click.pass_context
+def create_provider(ctx: click.Context, type_: str, scope: str, provider_id: str | None,
+                    fmt: str, **opts: Any) -> None:
+    fields = _provider_fields(**opts)
+    if "api_key_env" not in fields:
+        fail("--api-key-env is required: provider keys are referenced, never stored")
+    base_url = fields.pop("base_url", None) or DEFAULT_BASE_URLS.get(type_)
+    if base_url is None:
+        fail("--base-url is required for openai-compatible providers")
+    item = {"id": provider_id or new_id("mp"), "type": type_, "scope": scope,
+            "base_url": base_url, **fields, "created_at": now_iso()}
+    with edit(ctx) as doc:
+        if doc.find("model_providers", item["id"]) is not None:
+            fail(f"model provider {item['id']!r} already exists")
+        doc.append("model_providers", item)
+    import os
+    if not os.environ.get(item["api_key_env"]):
+        warn(f"{item['api_key_env']} is not set here; the gateway needs it in its environment")
+    emit(item, fmt)
+
+
+@model_providers.command("list")
+@format_option
+@click.pass_context
+def list_providers(ctx: click.Context, fmt: str) -> None:
+    emit(read_section(ctx, "model_providers"), fmt, PROVIDER_COLUMNS)
+
+
+@model_providers.command("get")
+@click.argument("provider_id")
+@format_option
+@click.pass_context
+def get_provider(ctx: click.Context, provider_id: str, fmt: str) -> None:
+    emit(get_one(ctx, "model_providers", provider_id), fmt)
+
+
+@model_providers.command("update")
+@click.argument("provider_id")
+@click.option("--scope")
+@provider_options
+@format_option
+@click.pass_context
+def update_provider(ctx: click.Context, provider_id: str, scope: str | None, fmt: str,
+                    **opts: Any) -> None:
+    fields = _provider_fields(**opts)
+    if scope:
+        fields["scope"] = scope
+    with edit(ctx) as doc:
+        node = doc.find("model_providers", provider_id)
+        if node is None:
+            fail(f"no model provider with id {provider_id!r}")
+        for k, v in fields.items():
+            if k == "rate_limit" and isinstance(node.get(k), dict):
+                node[k].update(v)
+            else:
+                node[k] = to_yaml(v)
+    emit(get_one(ctx, "model_providers", provider_id), fmt)
+
+
+@model_providers.command("delete")
+@click.argument("provider_id")
+@click.pass_context
+def delete_provider(ctx: click.Context, provider_id: str) -> None:
+    """Delete a provider no routing policy uses."""
+    with edit(ctx) as doc:
+        if not doc.remove("model_providers", provider_id):
+            fail(f"no model provider with id {provider_id!r}")
+    click.echo(f"deleted {provider_id}")
+
+
+@click.group("routing-policies")
+def routing_policies() -> None:
+    """Ordered (or weighted) lists of providers that keys dispatch through."""
+
+
+@routing_policies.command("create")
+@click.option("--scope", required=True)
+@click.option("--name", required=True)
+@click.option("--strategy", type=click.Choice(["ordered", "weighted"]), default="ordered",
+              show_default=True)
+@click.option("--model-provider", "providers", multiple=True, required=True,
+              help="Provider id, in dispatch order; repeatable.")
+@click.option("--id", "policy_id")
+@format_option
+@click.pass_context
+def create_policy(ctx: click.Context, scope: str, name: str, strategy: str,
+                  providers: tuple[str, ...], policy_id: str | None, fmt: str) -> None:
+    item = {"id": policy_id or new_id("rp"), "name": name, "scope": scope,
+            "strategy": strategy, "model_providers": list(providers)}
+    with edit(ctx) as doc:
+        if doc.find("routing_policies", item["id"]) is not None:
+            fail(f"routing policy {item['id']!r} already exists")
+        doc.append("routing_policies", item)
+    emit(item, fmt)
+
+
+@routing_policies.command("list")
+@format_option
+@click.pass_context
+def list_policies(ctx: click.Context, fmt: str) -> None:
+    emit(read_section(ctx, "routing_policies"), fmt,
+         ["id", "name", "scope", "strategy", "model_providers"])
+
+
+@routing_policies.command("get")
+@click.argument("policy_id")
+@format_option
+@click.pass_context
+def get_policy(ctx: click.Context, policy_id: str, fmt: str) -> None:
+    emit(get_one(ctx, "routing_policies", policy_id), fmt)
+
+
+@routing_policies.command("delete")
+@click.argument("policy_id")
+@click.pass_context
+def delete_policy(ctx: click.Context, policy_id: str) -> None:
+    """Delete a policy no key is bound to."""
+    with edit(ctx) as doc:
+        if not doc.remove("routing_policies", policy_id):
+            fail(f"no routing policy with id {policy_id!r}")
+    click.echo(f"deleted {policy_id}")

@@ -1,0 +1,239 @@
+"""`tollgate virtual-keys ...`: secrets are shown once and stored as HMAC-SHA256 hashes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from tollgate.cli.common import (
+    config_path,
+    edit,
+    emit,
+    fail,
+    format_option,
+    get_one,
+    iso_after,
+    new_id,
+    now_iso,
+    parse_duration,
+    parse_json_option,
+    read_section,
+)
+from tollgate.config.load import read_yaml
+from tollgate.config.schema import KeyConfig, parse_scope
+from tollgate.keys import display_prefix, generate_secret, hash_secret, load_pepper
+
+COLUMNS = ["id", "name", "env", "scope", "principal", "status", "routing_policy",
+           "models_allowed", "secret_prefix", "expires_at"]
+
+
+def _public(item: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in item.items() if k not in ("secret_hash", "previous_secrets")}
+    if item.get("previous_secrets"):
+        out["previous_secrets_valid_until"] = [p["expires_at"] for p in item["previous_secrets"]]
+    return out
+
+
+def _pepper(ctx: click.Context) -> bytes:
+    path = config_path(ctx)
+    gateway = (read_yaml(path) or {}).get("gateway") or {}
+    return load_pepper(gateway.get("pepper_env", "TOLLGATE_KEY_PEPPER"), path)
+
+
+def _key_config(text: str | None) -> dict[str, Any] | None:
+    raw = parse_json_option(text, "--config-json")
+    if raw is None:
+        return None
+    try:
+        return KeyConfig.model_validate(raw).model_dump(mode="json", exclude_defaults=True)
+    except ValidationError as e:
+        raise click.BadParameter(str(e), param_hint="--config-json") from None
+
+
+def _as_utc(value: object) -> datetime:
+    ts = value if isinstance(value, datetime) else datetime.fromisoformat(
+        str(value).replace("Z", "+00:00"))
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+@click.group("virtual-keys")
+def virtual_keys() -> None:
+    """Create and manage virtual keys."""
+
+
+@virtual_keys.command()
+@click.option("--name", required=True)
+@click.option("--env", type=click.Choice(["live", "test"]), default="live", show_default=True)
+@click.option("--scope", required=True, help="ORG:<id>, TEAM:<id> or PROJECT:<id>")
+@click.option("--principal", help="Engineer or service the spend is attributed to.")
+@click.option("--routing-policy")
+@click.option("--models-allowed", multiple=True, help="Glob, repeatable (gpt-5*, claude-*).")
+@click.option("--config-json", help='e.g. {"model_aliases": {"fast": "gpt-5-mini"}}')
+@click.option("--expires-in", help="e.g. 30d, 12h")
+@format_option
+@click.pass_context
+def create(ctx: click.Context, name: str, env: str, scope: str, principal: str | None,
+           routing_policy: str | None, models_allowed: tuple[str, ...],
+           config_json: str | None, expires_in: str | None, fmt: str) -> None:
+    """Mint a key. The secret is printed once and never stored."""
+    try:
+        parse_scope(scope)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--scope") from None
+    secret = generate_secret(env)
+    item: dict[str, Any] = {
+        "id": new_id("vk"), "name": name, "env": env, "scope": scope,
+        "principal": principal, "secret_hash": hash_secret(secret, _pepper(ctx)),
+        "secret_prefix": display_prefix(secret), "status": "active", "created_at": now_iso(),
+        "expires_at": iso_after(parse_duration(expires_in)) if expires_in else None,
+        "routing_policy": routing_policy,
+        "models_allowed": list(models_allowed) or None,
+        "config": _key_config(config_json),
+    }
+    item = {k: v for k, v in item.items() if v is not None}
+    with edit(ctx) as doc:
+        doc.append("virtual_keys", item)
+    emit({**_public(item), "secret": secret}, fmt)
+
+
+@virtual_keys.command("list")
+@format_option
+@click.pass_context
+def list_(ctx: click.Context, fmt: str) -> None:
+    """List keys (never their secrets)."""
+    emit([_public(i) for i in read_section(ctx, "virtual_keys")], fmt, COLUMNS)
+
+
+@virtual_keys.command()
+@click.argument("key_id")
+@format_option
+@click.pass_context
+def get(ctx: click.Context, key_id: str, fmt: str) -> None:
+    """Show one key."""
+    emit(_public(get_one(ctx, "virtual_keys", key_id)), fmt)
+
+
+def _mutate(ctx: click.Context, key_id: str, fmt: str, **changes: Any) -> None:
+    with edit(ctx) as doc:
+        node = doc.find("virtual_keys", key_id)
+        if node is None:
+            fail(f"no virtual key with id {key_id!r}")
+        for k, v in changes.items():
+            if v is None:
+                node.pop(k, None)
+            else:
+                node[k] = v
+    emit(_public(get_one(ctx, "virtual_keys", key_id)), fmt)
+
+
+@virtual_keys.command()
+@click.argument("key_id")
+@click.option("--name")
+@click.option("--principal")
+@click.option("--routing-policy", help="Policy id; an empty string unbinds the key.")
+@click.option("--models-allowed", multiple=True, help="Replaces the allowlist; repeatable.")
+@click.option("--allow-all-models", is_flag=True, help="Remove the allowlist.")
+@click.option("--config-json", help="Replaces the key's config.")
+@click.option("--expires-in")
+@format_option
+@click.pass_context
+def update(ctx: click.Context, key_id: str, name: str | None, principal: str | None,
+           routing_policy: str | None, models_allowed: tuple[str, ...], allow_all_models: bool,
+           config_json: str | None, expires_in: str | None, fmt: str) -> None:
+    """Change a key's settings; the secret stays the same."""
+    from tollgate.config.edit import to_yaml
+
+    with edit(ctx) as doc:
+        node = doc.find("virtual_keys", key_id)
+        if node is None:
+            fail(f"no virtual key with id {key_id!r}")
+        if name is not None:
+            node["name"] = name
+        if principal is not None:
+            node["principal"] = principal
+        if routing_policy is not None:
+            if routing_policy:
+                node["routing_policy"] = routing_policy
+            else:
+                node.pop("routing_policy", None)
+        if models_allowed:
+            node["models_allowed"] = to_yaml(list(models_allowed))
+        elif allow_all_models:
+            node.pop("models_allowed", None)
+        if config_json is not None:
+            node["config"] = to_yaml(_key_config(config_json))
+        if expires_in is not None:
+            node["expires_at"] = iso_after(parse_duration(expires_in))
+    emit(_public(get_one(ctx, "virtual_keys", key_id)), fmt)
+
+
+@virtual_keys.command()
+@click.argument("key_id")
+@format_option
+@click.pass_context
+def revoke(ctx: click.Context, key_id: str, fmt: str) -> None:
+    """Permanently stop a key (running gateways refuse it within two seconds)."""
+    _mutate(ctx, key_id, fmt, status="revoked")
+
+
+@virtual_keys.command()
+@click.argument("key_id")
+@format_option
+@click.pass_context
+def disable(ctx: click.Context, key_id: str, fmt: str) -> None:
+    """Pause a key; `enable` brings it back."""
+    if get_one(ctx, "virtual_keys", key_id).get("status") == "revoked":
+        fail(f"virtual key {key_id} is revoked; revoked keys stay revoked")
+    _mutate(ctx, key_id, fmt, status="disabled")
+
+
+@virtual_keys.command()
+@click.argument("key_id")
+@format_option
+@click.pass_context
+def enable(ctx: click.Context, key_id: str, fmt: str) -> None:
+    """Re-enable a disabled key."""
+    if get_one(ctx, "virtual_keys", key_id).get("status") == "revoked":
+        fail(f"virtual key {key_id} is revoked; create a new key instead")
+    _mutate(ctx, key_id, fmt, status="active")
+
+
+@virtual_keys.command()
+@click.argument("key_id")
+@click.option("--grace", default="24h", show_default=True,
+              help="How long the old secret keeps working (0s: stop it now).")
+@format_option
+@click.pass_context
+def rotate(ctx: click.Context, key_id: str, grace: str, fmt: str) -> None:
+    """Issue a new secret; the old one works until the grace period ends."""
+    from tollgate.config.edit import to_yaml
+
+    grace_for = parse_duration(grace)
+    secret = generate_secret(get_one(ctx, "virtual_keys", key_id).get("env", "live"))
+    with edit(ctx) as doc:
+        node = doc.find("virtual_keys", key_id)
+        if node is None:
+            fail(f"no virtual key with id {key_id!r}")
+        if node.get("status") == "revoked":
+            fail(f"virtual key {key_id} is revoked; create a new key instead")
+        # The grace period caps every older secret too: `--grace 0s` ends them all now.
+        now, until = datetime.now(UTC), iso_after(grace_for)
+        kept = []
+        if grace_for.total_seconds() > 0:
+            for prev in node.get("previous_secrets") or []:
+                expires = _as_utc(prev["expires_at"])
+                if expires > now:
+                    capped = min(expires, _as_utc(until))
+                    kept.append({"secret_hash": str(prev["secret_hash"]),
+                                 "expires_at": capped.isoformat().replace("+00:00", "Z")})
+            kept.append({"secret_hash": str(node["secret_hash"]), "expires_at": until})
+        node["secret_hash"] = hash_secret(secret, _pepper(ctx))
+        node["secret_prefix"] = display_prefix(secret)
+        if kept:
+            node["previous_secrets"] = to_yaml([dict(p) for p in kept])
+        else:
+            node.pop("previous_secrets", None)
+    emit({**_public(get_one(ctx, "virtual_keys", key_id)), "secret": secret}, fmt)

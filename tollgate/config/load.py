@@ -1,0 +1,134 @@
+"""Reading the YAML config: env interpolation, validation, errors that name file, line and field."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from tollgate.config.problems import ConfigError, Problem
+from tollgate.config.schema import Config, check_references
+from tollgate.pricing import PriceTable, load_prices
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    prices: PriceTable
+    path: Path
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("TOLLGATE_CONFIG") or "config/gateway.yaml")
+
+
+def round_trip_yaml() -> YAML:
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    return yaml
+
+
+def read_yaml(path: Path) -> Any:
+    """Round-trip load: keeps line numbers (and, for edits, comments, quotes and order)."""
+    yaml = round_trip_yaml()
+    try:
+        with path.open(encoding="utf-8") as f:
+            return yaml.load(f)
+    except FileNotFoundError:
+        raise ConfigError([Problem(str(path), None, "", "file not found")]) from None
+    except MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else None
+        raise ConfigError([Problem(str(path), line, "", f"YAML syntax: {e.problem}")]) from None
+
+
+def line_of(doc: Any, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the node at `loc`, or of its nearest parent that exists."""
+    node, line = doc, None
+    for part in loc:
+        if isinstance(node, CommentedMap) and part in node:
+            pos = node.lc.key(part)
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
+            pos = node.lc.item(part)
+        else:
+            break
+        if pos is None:  # a node added by an edit in progress has no line yet
+            break
+        line, node = pos[0] + 1, node[part]
+    return line
+
+
+def field_name(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _interpolate(node: Any, path: Path, doc: Any, loc: tuple[Any, ...],
+                 problems: list[Problem]) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, path, doc, (*loc, k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, path, doc, (*loc, i), problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+        def sub(m: re.Match[str]) -> str:
+            value = os.environ.get(m.group(1), m.group(2))
+            if value is None:
+                problems.append(Problem(str(path), line_of(doc, loc), field_name(loc),
+                                        f"environment variable {m.group(1)} is not set"))
+                return ""
+            return value
+        return _ENV_RE.sub(sub, node)
+    return node
+
+
+def load_config(path: Path | str) -> LoadedConfig:
+    path = Path(path)
+    return validate_document(read_yaml(path), path)
+
+
+def validate_document(doc: Any, path: Path) -> LoadedConfig:
+    """Validate a parsed YAML document as the config at `path` (prices resolve beside it)."""
+    if doc is None:
+        doc = CommentedMap()
+    if not isinstance(doc, dict):
+        raise ConfigError([Problem(str(path), 1, "", "the config must be a YAML mapping")])
+    problems: list[Problem] = []
+    data = _interpolate(doc, path, doc, (), problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([
+            Problem(str(path), line_of(doc, tuple(err["loc"])), field_name(tuple(err["loc"])),
+                    _message(err))
+            for err in e.errors()
+        ]) from None
+    problems = [Problem(str(path), line_of(doc, loc), field_name(loc), msg)
+                for loc, msg in check_references(config)]
+    prices = load_prices((path.parent / config.gateway.prices).resolve())
+    problems += [Problem(str(path), line_of(doc, loc), field_name(loc), msg)
+                 for loc, msg in prices.check_config(config)]
+    if problems:
+        raise ConfigError(problems)
+    return LoadedConfig(config=config, prices=prices, path=path)
+
+
+def _message(err: Any) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown field (check the spelling)"
+    if err["type"] == "missing":
+        return "required field is missing"
+    return str(err["msg"])

@@ -1,0 +1,288 @@
+"""The gateway config: one YAML file, validated by these models.
+
+Unknown keys are errors (a typo must never silently turn a control off). Cross-references
+(scopes, provider ids, routing policies) are checked by `check_references`, which reports
+the exact field so the loader can point at the line.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ScopeKind = Literal["ORG", "TEAM", "PROJECT"]
+_SCOPE_RE = re.compile(r"^(ORG|TEAM|PROJECT):([A-Za-z0-9_.\-]+)$")
+
+FALLBACK_CONDITIONS = ("5xx", "timeout", "rate_limit", "network_error")
+
+# Models each provider type serves when its `models` list is not given.
+DEFAULT_MODELS: dict[str, list[str]] = {
+    "openai": [
+        "gpt-*", "o1*", "o3*", "o4*", "chatgpt-*", "text-embedding-*", "codex-*", "computer-use-*",
+    ],
+    "anthropic": ["claude-*"],
+    "openai-compatible": [],
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_scope(value: str) -> tuple[str, str]:
+    m = _SCOPE_RE.match(value)
+    if not m:
+        raise ValueError(f"scope {value!r} must look like ORG:<id>, TEAM:<id> or PROJECT:<id>")
+    return m.group(1), m.group(2)
+
+
+Scope = Annotated[str, Field(description="ORG:<id> | TEAM:<id> | PROJECT:<id>")]
+
+
+class RateLimit(Strict):
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    rpd: int | None = Field(default=None, ge=1)
+
+
+class GatewaySettings(Strict):
+    header_prefix: str = "X-LangWatch-"
+    state: str = "sqlite:///.tollgate/state.db"
+    prices: str = "prices.yaml"
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Environment variable holding the pepper for virtual-key HMACs.
+    pepper_env: str = "TOLLGATE_KEY_PEPPER"
+
+    @field_validator("header_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9\-]*", v):
+            raise ValueError("header_prefix may hold only letters, digits and '-'")
+        return v
+
+
+class Team(Strict):
+    id: str
+    projects: list[str] = []
+
+
+class Org(Strict):
+    id: str
+    teams: list[Team] = []
+
+
+class ModelProvider(Strict):
+    id: str
+    name: str | None = None
+    type: Literal["openai", "anthropic", "openai-compatible"]
+    scope: Scope
+    base_url: str
+    api_key_env: str | None = None
+    models: list[str] | None = None
+    rate_limit: RateLimit | None = None
+    fallback_priority: int = 100
+    provider_config: dict[str, Any] = {}
+    created_at: datetime | None = None
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, v: str) -> str:
+        parse_scope(v)
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", v):
+            raise ValueError("base_url must be http(s)://host[:port][/prefix]")
+        return v.rstrip("/")
+
+    @property
+    def family(self) -> str:
+        """API family spoken by this provider."""
+        return "anthropic" if self.type == "anthropic" else "openai"
+
+    def serves(self) -> list[str]:
+        return self.models if self.models is not None else DEFAULT_MODELS[self.type]
+
+
+class RoutingTarget(Strict):
+    model_provider: str
+    # Model this provider should serve instead of the requested one.
+    model_map: dict[str, str] = {}
+    weight: int = Field(default=1, ge=0)
+
+
+class RoutingPolicy(Strict):
+    id: str
+    name: str
+    scope: Scope
+    strategy: Literal["ordered", "weighted"] = "ordered"
+    model_providers: list[str | RoutingTarget]
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, v: str) -> str:
+        parse_scope(v)
+        return v
+
+    def targets(self) -> list[RoutingTarget]:
+        return [
+            RoutingTarget(model_provider=t) if isinstance(t, str) else t
+            for t in self.model_providers
+        ]
+
+
+class ToolRules(Strict):
+    deny: list[str] = []
+    allow: list[str] | None = None
+
+    @field_validator("deny", "allow")
+    @classmethod
+    def _regexes(cls, v: list[str] | None) -> list[str] | None:
+        for pattern in v or []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"invalid regex {pattern!r}: {e}") from None
+        return v
+
+
+class PolicyRules(Strict):
+    tools: ToolRules = ToolRules()
+
+
+class Fallback(Strict):
+    on: list[Literal["5xx", "timeout", "rate_limit", "network_error"]] = []
+    max_attempts: int = Field(default=3, ge=1, le=10)
+
+
+class KeyConfig(Strict):
+    model_aliases: dict[str, str] = {}
+    fallback: Fallback = Fallback()
+    policy_rules: PolicyRules = PolicyRules()
+    rate_limits: RateLimit | None = None
+
+
+class PreviousSecret(Strict):
+    secret_hash: str
+    expires_at: datetime
+
+
+class VirtualKey(Strict):
+    id: str
+    name: str
+    env: Literal["live", "test"] = "live"
+    scope: Scope
+    principal: str | None = None
+    secret_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # The first characters of the secret, so people can tell keys apart.
+    secret_prefix: str | None = None
+    status: Literal["active", "revoked", "disabled"] = "active"
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+    routing_policy: str | None = None
+    models_allowed: list[str] | None = None
+    config: KeyConfig = KeyConfig()
+    previous_secrets: list[PreviousSecret] = []
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, v: str) -> str:
+        parse_scope(v)
+        return v
+
+
+class Budget(Strict):
+    id: str
+    name: str
+    scope: Literal["org", "team", "project", "virtual_key", "principal"]
+    org: str | None = None
+    team: str | None = None
+    project: str | None = None
+    virtual_key: str | None = None
+    principal: str | None = None
+    window: Literal["minute", "hour", "day", "week", "month", "total"] = "month"
+    limit: float = Field(gt=0, description="USD")
+    on_breach: Literal["block", "warn"] = "block"
+    warn_at: float = Field(default=0.8, gt=0, le=1)
+    model_provider: str | None = None
+
+    @model_validator(mode="after")
+    def _target(self) -> Budget:
+        if getattr(self, self.scope) is None:
+            raise ValueError(f"a budget with scope {self.scope} needs `{self.scope}` set")
+        return self
+
+    @property
+    def target(self) -> str:
+        return getattr(self, self.scope)
+
+
+class Config(Strict):
+    gateway: GatewaySettings = GatewaySettings()
+    orgs: list[Org] = []
+    model_providers: list[ModelProvider] = []
+    routing_policies: list[RoutingPolicy] = []
+    virtual_keys: list[VirtualKey] = []
+    budgets: list[Budget] = []
+
+
+def check_references(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
+    """Cross-object checks pydantic cannot express: each problem as (location, message)."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    orgs = {o.id for o in cfg.orgs}
+    teams = {t.id for o in cfg.orgs for t in o.teams}
+    projects = {p for o in cfg.orgs for t in o.teams for p in t.projects}
+    known = {"ORG": orgs, "TEAM": teams, "PROJECT": projects}
+
+    def dupes(items: list[Any], section: str) -> None:
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item.id in seen:
+                problems.append(((section, i, "id"), f"duplicate id {item.id!r}"))
+            seen.add(item.id)
+
+    def scope_ok(loc: tuple[Any, ...], scope: str) -> None:
+        kind, ident = parse_scope(scope)
+        if ident not in known[kind]:
+            problems.append((loc, f"{kind.lower()} {ident!r} is not declared under `orgs`"))
+
+    for section in ("model_providers", "routing_policies", "virtual_keys", "budgets"):
+        dupes(getattr(cfg, section), section)
+    providers = {p.id for p in cfg.model_providers}
+    policies = {p.id for p in cfg.routing_policies}
+    for i, mp in enumerate(cfg.model_providers):
+        scope_ok(("model_providers", i, "scope"), mp.scope)
+    for i, rp in enumerate(cfg.routing_policies):
+        scope_ok(("routing_policies", i, "scope"), rp.scope)
+        for j, target in enumerate(rp.targets()):
+            if target.model_provider not in providers:
+                problems.append((
+                    ("routing_policies", i, "model_providers", j),
+                    f"unknown model provider {target.model_provider!r}",
+                ))
+    for i, vk in enumerate(cfg.virtual_keys):
+        scope_ok(("virtual_keys", i, "scope"), vk.scope)
+        if vk.routing_policy and vk.routing_policy not in policies:
+            problems.append((
+                ("virtual_keys", i, "routing_policy"),
+                f"unknown routing policy {vk.routing_policy!r}",
+            ))
+    hashes: set[str] = set()
+    for i, vk in enumerate(cfg.virtual_keys):
+        if vk.secret_hash in hashes:
+            problems.append((("virtual_keys", i, "secret_hash"), "two keys share one secret"))
+        hashes.add(vk.secret_hash)
+    by_scope = {"org": orgs, "team": teams, "project": projects,
+                "virtual_key": {vk.id for vk in cfg.virtual_keys}}
+    for i, b in enumerate(cfg.budgets):
+        if b.scope in by_scope and b.target not in by_scope[b.scope]:
+            problems.append(((("budgets", i, b.scope)), f"unknown {b.scope} {b.target!r}"))
+        if b.model_provider and b.model_provider not in providers:
+            problems.append((("budgets", i, "model_provider"),
+                             f"unknown model provider {b.model_provider!r}"))
+    return problems

@@ -1,0 +1,126 @@
+"""Virtual keys: secret generation, HMAC hashing, O(1) lookup and key state."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tollgate.config.schema import VirtualKey
+from tollgate.errors import GatewayError
+
+SECRET_PREFIX = "tg"
+
+
+def generate_secret(env: str) -> str:
+    return f"{SECRET_PREFIX}-{env}-{secrets.token_urlsafe(32)}"
+
+
+def hash_secret(secret: str, pepper: bytes) -> str:
+    return hmac.new(pepper, secret.encode(), hashlib.sha256).hexdigest()
+
+
+def display_prefix(secret: str) -> str:
+    return secret[: len(SECRET_PREFIX) + 10]
+
+
+def load_pepper(env_var: str, config_path: Path) -> bytes:
+    """The HMAC pepper: from the environment, else a generated file beside the config.
+
+    The file fallback keeps a single-machine setup working out of the box; production
+    deployments set the environment variable from their secret store.
+    """
+    value = os.environ.get(env_var)
+    if value:
+        return value.encode()
+    path = config_path.parent / ".tollgate" / "pepper"
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = secrets.token_urlsafe(32).encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(fresh)
+        return fresh
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: VirtualKey
+    secret_hash: str
+    valid_until: datetime | None  # set for a rotated-out secret in its grace period
+
+
+class KeyIndex:
+    """hash -> key, built once per config load, so a lookup is one HMAC and one dict probe."""
+
+    def __init__(self, keys: list[VirtualKey], pepper: bytes):
+        self._pepper = pepper
+        self._by_hash: dict[str, _Entry] = {}
+        for vk in keys:
+            self._by_hash[vk.secret_hash] = _Entry(vk, vk.secret_hash, None)
+            for prev in vk.previous_secrets:
+                self._by_hash.setdefault(prev.secret_hash, _Entry(vk, prev.secret_hash,
+                                                                 prev.expires_at))
+
+    def find(self, secret: str, now: datetime) -> VirtualKey | None:
+        digest = hash_secret(secret, self._pepper)
+        entry = self._by_hash.get(digest)
+        if entry is None or not hmac.compare_digest(entry.secret_hash, digest):
+            return None
+        if entry.valid_until is not None and now >= _aware(entry.valid_until):
+            return None
+        return entry.key
+
+
+def presented_secrets(headers: dict[str, str] | object) -> list[str]:
+    """Candidate secrets: `Authorization: Bearer` and `x-api-key`, on every route.
+
+    Anthropic SDKs may send the key either way, so both are accepted everywhere.
+    """
+    found = []
+    auth = headers.get("authorization", "")  # type: ignore[attr-defined]
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        found.append(token.strip())
+    api_key = headers.get("x-api-key", "").strip()  # type: ignore[attr-defined]
+    if api_key and api_key not in found:
+        found.append(api_key)
+    return found
+
+
+def authenticate(index: KeyIndex, headers: dict[str, str], now: datetime | None = None
+                 ) -> VirtualKey:
+    now = now or datetime.now(UTC)
+    candidates = presented_secrets(headers)
+    if not candidates:
+        raise GatewayError("invalid_api_key",
+                           "No virtual key provided. Send it as `Authorization: Bearer <key>` "
+                           "or `x-api-key: <key>`.")
+    key = next((k for s in candidates if (k := index.find(s, now)) is not None), None)
+    if key is None:
+        raise GatewayError("invalid_api_key",
+                           "Unknown virtual key. Check the key your app loads, or create one "
+                           "with `tollgate virtual-keys create`.")
+    if key.status == "revoked":
+        raise GatewayError("virtual_key_revoked",
+                           f"Virtual key {key.id} ({key.name}) has been revoked. "
+                           "Use another key or create a new one.")
+    if key.status == "disabled":
+        raise GatewayError("virtual_key_disabled",
+                           f"Virtual key {key.id} ({key.name}) is disabled. "
+                           f"Re-enable it with `tollgate virtual-keys enable {key.id}`.")
+    if key.expires_at is not None and now >= _aware(key.expires_at):
+        raise GatewayError("virtual_key_expired",
+                           f"Virtual key {key.id} ({key.name}) expired at "
+                           f"{_aware(key.expires_at).isoformat()}. Rotate or create a key.")
+    return key
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)

@@ -1,0 +1,102 @@
+"""The price table and cost arithmetic.
+
+Prices are written in USD per 1M tokens, which is the same number as micro-dollars per token.
+Costs are kept as integer nano-dollars internally so that sub-micro-dollar prices (cached
+input) never round away, and reported as integer micro-dollars.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from tollgate.config.problems import ConfigError, Problem
+
+if TYPE_CHECKING:
+    from tollgate.config.schema import Config
+
+_DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+
+
+class ModelPrice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: Decimal = Field(ge=0)
+    output: Decimal = Field(ge=0)
+    cached_input: Decimal | None = Field(default=None, ge=0)
+    cache_write: Decimal | None = Field(default=None, ge=0)
+
+
+class PriceFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    currency: str = "USD"
+    unit: str = "per_1m_tokens"
+    models: dict[str, ModelPrice]
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    models: dict[str, ModelPrice]
+
+    def lookup(self, model: str) -> ModelPrice | None:
+        """Exact name first, then the name without a dated snapshot suffix."""
+        if model in self.models:
+            return self.models[model]
+        base = _DATE_SUFFIX.sub("", model)
+        return self.models.get(base)
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def check_config(self, cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
+        """Every concrete model a key can be sent to must have a price."""
+        problems = []
+        for i, vk in enumerate(cfg.virtual_keys):
+            for alias, target in vk.config.model_aliases.items():
+                if self.lookup(target) is None:
+                    problems.append(((("virtual_keys", i, "config", "model_aliases", alias)),
+                                     f"model {target!r} has no price in the price table"))
+            for j, pattern in enumerate(vk.models_allowed or []):
+                if not _is_glob(pattern) and self.lookup(pattern) is None:
+                    problems.append(((("virtual_keys", i, "models_allowed", j)),
+                                     f"model {pattern!r} has no price in the price table"))
+        for i, rp in enumerate(cfg.routing_policies):
+            for j, target in enumerate(rp.targets()):
+                for src, dst in target.model_map.items():
+                    if self.lookup(dst) is None:
+                        problems.append(((("routing_policies", i, "model_providers", j,
+                                           "model_map", src)),
+                                         f"model {dst!r} has no price in the price table"))
+        return problems
+
+    def matching(self, patterns: list[str]) -> list[str]:
+        return [m for m in self.names() if any(fnmatch.fnmatchcase(m, p) for p in patterns)]
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def load_prices(path: Path) -> PriceTable:
+    try:
+        with path.open(encoding="utf-8") as f:
+            raw = YAML(typ="safe").load(f)
+    except FileNotFoundError:
+        raise ConfigError([Problem(str(path), None, "", "price table not found")]) from None
+    except YAMLError as e:
+        raise ConfigError([Problem(str(path), None, "", f"YAML syntax: {e}")]) from None
+    try:
+        parsed = PriceFile.model_validate(raw or {})
+    except ValidationError as e:
+        raise ConfigError([
+            Problem(str(path), None, ".".join(str(p) for p in err["loc"]), err["msg"])
+            for err in e.errors()
+        ]) from None
+    return PriceTable(models=parsed.models)

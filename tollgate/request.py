@@ -1,0 +1,69 @@
+"""The plain data that crosses between a host (mitmproxy, Envoy) and the core."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tollgate.exchange import Exchange
+
+
+def lower_headers(pairs: Any) -> dict[str, str]:
+    """Case-insensitive view of request headers; repeated headers are joined with ', '."""
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        key = name.lower()
+        out[key] = f"{out[key]}, {value}" if key in out else value
+    return out
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # path and query, as the client sent them
+    headers: Mapping[str, str]  # lower-case names
+    body: bytes
+    peer: str = ""
+
+
+@dataclass
+class Reply:
+    """An answer the gateway gives itself (an error, or a gateway-served route)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    decision: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Attempt:
+    """Where and how to send the request to one provider."""
+
+    provider_id: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    set_headers: dict[str, str]
+    remove_headers: list[str]
+    body: bytes | None = None  # None: the client's bytes, unchanged
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.authority}{self.path}"
+
+
+@dataclass
+class Forward:
+    """Send the request upstream; the exchange follows the response to its end."""
+
+    exchange: Exchange
+    attempt: Attempt

@@ -1,0 +1,94 @@
+"""Which providers may serve a request, in which order, and how to reach each."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from tollgate.config.schema import Config, ModelProvider, VirtualKey, parse_scope
+from tollgate.errors import GatewayError
+from tollgate.providers import family
+from tollgate.request import Attempt
+
+
+@dataclass(frozen=True)
+class Target:
+    provider: ModelProvider
+    model: str  # the model this provider is asked for
+
+
+def visible_scopes(cfg: Config, scope: str) -> set[str]:
+    """A key sees its own scope and every scope above it: project -> team -> org."""
+    kind, ident = parse_scope(scope)
+    scopes = {scope}
+    for org in cfg.orgs:
+        for team in org.teams:
+            if (kind == "PROJECT" and ident in team.projects) or (kind == "TEAM" and
+                                                                  ident == team.id):
+                scopes |= {f"TEAM:{team.id}", f"ORG:{org.id}"}
+    return scopes
+
+
+def serves(provider: ModelProvider, model: str) -> bool:
+    return any(fnmatch.fnmatchcase(model, p) for p in provider.serves())
+
+
+def targets(cfg: Config, key: VirtualKey, client_family: str, model: str) -> list[Target]:
+    """Eligible providers in dispatch order."""
+    scopes = visible_scopes(cfg, key.scope)
+    providers = {p.id: p for p in cfg.model_providers}
+    ordered: list[Target] = []
+    policy = next((rp for rp in cfg.routing_policies if rp.id == key.routing_policy), None)
+    if policy is not None:
+        for t in policy.targets():
+            p = providers[t.model_provider]
+            ordered.append(Target(p, t.model_map.get(model, model)))
+    else:
+        # Lower fallback_priority first; ties keep config order (creation order).
+        for p in sorted(cfg.model_providers, key=lambda p: p.fallback_priority):
+            ordered.append(Target(p, model))
+    eligible = [t for t in ordered
+                if t.provider.scope in scopes and t.provider.family == client_family
+                and serves(t.provider, t.model)]
+    if not eligible:
+        raise GatewayError(
+            "no_provider_for_model",
+            f"No model provider visible to virtual key {key.id} (scope {key.scope}) serves "
+            f"{model!r} for the {client_family} API. Add a provider that serves it, or list the "
+            "model in a provider's `models`.",
+            param="model",
+        )
+    return eligible
+
+
+def provider_key(provider: ModelProvider) -> str:
+    value = os.environ.get(provider.api_key_env) if provider.api_key_env else None
+    if not value:
+        raise GatewayError(
+            "provider_misconfigured",
+            f"Model provider {provider.id} has no credential: set the environment variable "
+            f"{provider.api_key_env or '(api_key_env is missing)'} on the gateway.",
+        )
+    return value
+
+
+def build_attempt(target: Target, client_path: str, client_headers: dict[str, str],
+                  strip: list[str]) -> Attempt:
+    """Upstream URL, provider credential and the headers to drop for one provider."""
+    p = target.provider
+    url = urlsplit(p.base_url)
+    scheme = url.scheme
+    port = url.port or (443 if scheme == "https" else 80)
+    set_headers, remove = family(p.family).auth_headers(provider_key(p), client_headers)
+    remove = [h for h in [*remove, *strip] if h not in set_headers]
+    return Attempt(
+        provider_id=p.id,
+        scheme=scheme,
+        host=url.hostname or "",
+        port=port,
+        path=url.path.rstrip("/") + client_path,
+        set_headers=set_headers,
+        remove_headers=remove,
+    )
