@@ -1,5 +1,5 @@
 CONFIG ?= config/gateway.yaml
-HOST ?= mitmproxy
+HOST ?= envoy
 LISTEN ?= 127.0.0.1:8080
 VENV := .venv/bin
 

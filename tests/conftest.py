@@ -21,7 +21,7 @@ PROVIDER_ENV = {"FAKE_OPENAI_KEY": OPENAI_KEY, "FAKE_ANTHROPIC_KEY": ANTHROPIC_K
                 "TOLLGATE_KEY_PEPPER": PEPPER}
 os.environ.update(PROVIDER_ENV)
 
-HOSTS = ["mitmproxy"]
+HOSTS = ["mitmproxy", "envoy"]
 
 
 @pytest.fixture(scope="session")

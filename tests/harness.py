@@ -54,6 +54,8 @@ class GatewayProcess:
         self.port = free_port()
         self.log_path = log_dir / f"gateway-{host}-{self.port}.log"
         self.extra = extra or []
+        if host == "envoy" and "--admin" not in self.extra:
+            self.extra += ["--admin", f"127.0.0.1:{free_port()}"]
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -37,6 +37,10 @@ class Gateway:
             holder.start()
         return cls(holder)
 
+    @property
+    def max_body_bytes(self) -> int:
+        return self.holder.current.config.gateway.max_body_bytes
+
     def _keys(self, loaded: LoadedConfig) -> KeyIndex:
         cached = self._index_for
         if cached is None or cached[0] is not loaded:
@@ -59,9 +63,9 @@ class Gateway:
                 raise GatewayError("method_not_allowed",
                                    f"{route.name} takes {route.method}, not {req.method}.")
             settings = loaded.config.gateway
-            if len(req.body) > settings.max_body_bytes:
+            if req.body_size > settings.max_body_bytes:
                 raise GatewayError("payload_too_large",
-                                   f"Request body is {len(req.body)} bytes; this gateway accepts "
+                                   f"Request body is {req.body_size} bytes; this gateway accepts "
                                    f"at most {settings.max_body_bytes} (gateway.max_body_bytes).")
             key = authenticate(self._keys(loaded), dict(req.headers))
             if not route.forwarded:

