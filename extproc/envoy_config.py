@@ -105,18 +105,24 @@ def clusters(cfg: Config) -> list[dict[str, Any]]:
     return [provider_cluster(p, limit) for p in cfg.model_providers]
 
 
+def _status(code: int) -> dict[str, Any]:
+    return {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": code, "runtime_key": "tollgate.unused"}}}}
+
+
 # Replies Envoy makes itself (not the gateway's, which carry `answered` metadata) get the
 # gateway's error envelopes, so clients never see Envoy's plain-text errors.
 # (code, status, condition) in match order.
 _ENVOY_REPLIES: list[tuple[str, int, dict[str, Any]]] = [
-    ("payload_too_large", 413, {"status_code_filter": {"comparison": {
-        "op": "EQ", "value": {"default_value": 413, "runtime_key": "tollgate.unused"}}}}),
+    ("payload_too_large", 413, _status(413)),
     ("provider_timeout", 504, {"response_flag_filter": {"flags": ["UT"]}}),
     ("provider_unreachable", 502, {"response_flag_filter": {"flags": [
         "UF", "UH", "URX", "UO", "UC", "UMSDR"]}}),
-    # The decision filter answers 503 when ext_proc cannot be reached (status_on_error).
-    ("gateway_unavailable", 503, {"status_code_filter": {"comparison": {
-        "op": "EQ", "value": {"default_value": 503, "runtime_key": "tollgate.unused"}}}}),
+    # The decision filter answers 503 when ext_proc cannot be reached (status_on_error),
+    # 504 when it does not answer within message_timeout, 500 when its answer is unusable.
+    ("gateway_unavailable", 503, _status(503)),
+    ("gateway_unavailable", 503, _status(504)),
+    ("gateway_error", 500, _status(500)),
 ]
 _ENVOY_MESSAGES = {
     "payload_too_large": "Request body is larger than this gateway accepts "
@@ -125,6 +131,8 @@ _ENVOY_MESSAGES = {
     "provider_unreachable": "The model provider could not be reached; nothing was served.",
     "gateway_unavailable": "The tollgate decision service (ext_proc) is unavailable, so the "
                            "request was not forwarded. Check that it is running.",
+    "gateway_error": "The gateway could not apply its decision to this request; see the "
+                     "Envoy and ext_proc logs.",
 }
 
 
@@ -178,11 +186,14 @@ def http_filters() -> list[dict[str, Any]]:
     })
     tap = _ext_proc("tollgate.tap", {
         "observability_mode": True,
+        # Only body chunks are sent; the first carries the status as an attribute, which
+        # saves ext_proc a message per request.
         "processing_mode": {
             "request_header_mode": "SKIP", "request_body_mode": "NONE",
-            "response_header_mode": "SEND", "response_body_mode": "STREAMED",
+            "response_header_mode": "SKIP", "response_body_mode": "STREAMED",
             "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
         },
+        "response_attributes": ["response.code"],
         "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
         "deferred_close_timeout": "5s",
     })

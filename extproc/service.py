@@ -29,6 +29,7 @@ from tollgate.request import Forward, Reply, Request
 log = logging.getLogger("tollgate.extproc")
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"  # where Envoy puts evaluated attributes
 # A forwarded request whose response never reached the tap is closed after this long.
 ABANDONED_AFTER = 900.0
 
@@ -153,22 +154,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     # -- taps ---------------------------------------------------------------------------------
     async def _tap(self, first: pb.ProcessingRequest,
                    requests: AsyncIterator[pb.ProcessingRequest]) -> None:
-        exchange: Exchange | None = None
-        outcome, error = "aborted", "stream ended before the response did"
+        """Feed the response to its exchange. The first body chunk carries the response
+        status (as an attribute) and the request id (as metadata)."""
+        exchange = self._claim(first)
+        if exchange is None:
+            return
+        attrs = first.attributes.get(EXT_PROC_ATTRIBUTES)
+        code = attrs.fields.get("response.code") if attrs is not None else None
+        # Envoy cannot forward header maps as attributes; the core tells SSE from JSON by
+        # the body's first bytes instead.
+        exchange.on_response_headers(int(code.number_value) if code else 0, {})
+        outcome, error = "aborted", "the response stream ended early"
         try:
             msg: pb.ProcessingRequest | None = first
-            stream = aiter(requests)
             while msg is not None:
                 kind = msg.WhichOneof("request")
-                if kind == "response_headers":
-                    exchange = self._claim(msg)
-                    if exchange is not None:
-                        headers = _headers(msg.response_headers.headers)
-                        exchange.on_response_headers(int(headers.get(":status", "0")), headers)
-                        if msg.response_headers.end_of_stream:
-                            outcome, error = "completed", None
-                            break
-                elif kind == "response_body" and exchange is not None:
+                if kind == "response_body":
                     exchange.on_chunk(msg.response_body.body)
                     if msg.response_body.end_of_stream:
                         outcome, error = "completed", None
@@ -176,12 +177,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 elif kind == "response_trailers":
                     outcome, error = "completed", None
                     break
-                msg = await anext(stream, None)
+                msg = await anext(requests, None)
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:
-            if exchange is not None:
-                exchange.finish(outcome, error)
+            exchange.finish(outcome, error)
 
     def _claim(self, msg: pb.ProcessingRequest) -> Exchange | None:
         fields = msg.metadata_context.filter_metadata.get(METADATA_NS)

@@ -36,7 +36,7 @@ class Exchange:
         self.fallback_count = 0
         self.started = time.monotonic()
         self.status: int | None = None
-        self.is_sse = False
+        self.is_sse: bool | None = False
         self.bytes_out = 0
         self.events: list[Event] = []
         self.body = bytearray()
@@ -52,14 +52,19 @@ class Exchange:
         return self.trace.headers(self.prefix, self.provider_id, self.fallback_count)
 
     def on_response_headers(self, status: int, headers: Mapping[str, str]) -> dict[str, str]:
+        """Record the response's start; `headers` may lack content-type (a host that cannot
+        see it), and then the first body bytes tell an event stream from JSON."""
         self.status = status
-        content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
-        self.is_sse = content_type.lower().startswith("text/event-stream")
+        content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
+        self.is_sse = None if content_type is None else \
+            content_type.lower().startswith("text/event-stream")
         return self.response_headers()
 
     def on_chunk(self, data: bytes) -> bytes:
         """The tap: reads the bytes on their way to the client and returns them unchanged."""
         self.bytes_out += len(data)
+        if self.is_sse is None and data.strip():
+            self.is_sse = self.stream_requested and not data.lstrip().startswith((b"{", b"["))
         if self.is_sse:
             self.events.extend(self._sse.feed(data))
         elif len(self.body) < _KEEP_BODY:

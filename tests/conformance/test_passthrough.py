@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY
 from tests.fakes.providers import TEXT, Behaviour
+from tests.harness import wait_until
 
 PREFIX = "x-langwatch-"
 GATEWAY_HEADERS = ["request-id", "trace-id", "span-id", "fallback-count", "provider"]
@@ -215,3 +216,33 @@ def test_gateway_only_headers_are_stripped(gateway, fake_openai):
     assert "x-api-key" not in seen
     assert seen["x-custom-app"] == "kept"
     assert seen["host"] == fake_openai.url.removeprefix("http://")
+
+
+def access_record(gateway, request_id: str) -> dict:
+    """The gateway's access-log record for a request (written when the exchange closes)."""
+    def find():
+        for line in gateway.process.log().splitlines():
+            if request_id in line and '"outcome"' in line:
+                return json.loads(line[line.index("{"):])
+        return None
+
+    return wait_until(find, timeout=5, what=f"access record for {request_id}")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_tap_sees_every_byte_without_changing_them(gateway, fake_openai, stream):
+    key = gateway.create_key()
+    fake_openai.chunk_delay = 0.02 if stream else 0
+    body = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "x"}],
+            "stream": stream}
+    with httpx.stream("POST", f"{gateway.openai_base}/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {key.secret}"}) as r:
+        received = b"".join(r.iter_raw())
+        request_id = r.headers[PREFIX + "request-id"]
+    record = access_record(gateway, request_id)
+    assert record["bytes_out"] == len(received)
+    assert record["outcome"] == "completed" and record["status"] == 200
+    if stream:
+        assert record["sse_events"] == received.count(b"data: ")
+    else:
+        assert json.loads(received)["choices"][0]["message"]["content"] == TEXT

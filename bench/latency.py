@@ -1,0 +1,144 @@
+"""Added latency of the gateway over a direct call to the same provider, in one run.
+
+    python -m bench [--requests 1000] [--concurrency 32] [--hosts envoy,mitmproxy]
+
+A fake OpenAI provider runs in its own process; the same chat-completions request is sent
+directly to it and through each gateway host, sequentially and at a given concurrency, with
+keep-alive connections. Prints p50/p99 per path, what the gateway adds, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import make_config
+from tests.harness import GatewayProcess, free_port, tollgate, wait_until
+
+PROVIDER_KEY = "sk-bench-openai"
+BODY = json.dumps({"model": "gpt-5-mini", "max_tokens": 16,
+                   "messages": [{"role": "user", "content": "ping"}]}).encode()
+
+
+class _Url:
+    """Just enough of a FakeProvider for make_config."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+
+def start_fake(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.providers", "--openai-port",
+                             str(port), "--anthropic-port", str(free_port()), "--openai-key",
+                             PROVIDER_KEY], stdout=subprocess.DEVNULL)
+    wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401,
+               timeout=10, what="fake provider")
+    return proc
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def sequential(url: str, headers: dict[str, str], n: int) -> list[float]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        for _ in range(20):  # warm connections and caches
+            await client.post(url, content=BODY, headers=headers)
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = await client.post(url, content=BODY, headers=headers)
+            out.append((time.perf_counter() - t0) * 1000)
+            assert r.status_code == 200, r.text
+        return out
+
+
+async def concurrent(url: str, headers: dict[str, str], n: int, width: int
+                     ) -> tuple[list[float], float]:
+    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        await asyncio.gather(*(client.post(url, content=BODY, headers=headers)
+                               for _ in range(width)))
+        latencies: list[float] = []
+        queue = iter(range(n))
+
+        async def worker() -> None:
+            for _ in queue:
+                t0 = time.perf_counter()
+                r = await client.post(url, content=BODY, headers=headers)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                assert r.status_code == 200, r.text
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(width)))
+        return latencies, n / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--hosts", default="envoy,mitmproxy")
+    args = parser.parse_args()
+
+    os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
+    os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
+    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
+    workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
+    fake_port = free_port()
+    fake = start_fake(fake_port)
+    direct = f"http://127.0.0.1:{fake_port}"
+    config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
+    secret = json.loads(tollgate("virtual-keys", "create", "--name", "bench", "--scope",
+                                 "ORG:acme", "--format", "json", config=config).stdout)["secret"]
+    paths: dict[str, tuple[str, dict[str, str]]] = {
+        "direct": (direct, {"authorization": f"Bearer {PROVIDER_KEY}"})}
+    gateways = []
+    try:
+        for host in args.hosts.split(","):
+            gw = GatewayProcess(host, config, workdir).start()
+            gateways.append(gw)
+            paths[host] = (gw.url, {"authorization": f"Bearer {secret}"})
+        rows = []
+        for name, (base, headers) in paths.items():
+            url = f"{base}/v1/chat/completions"
+            seq = asyncio.run(sequential(url, headers, args.requests))
+            conc, rps = asyncio.run(concurrent(url, headers, args.requests, args.concurrency))
+            rows.append((name, seq, conc, rps))
+    finally:
+        for gw in gateways:
+            gw.stop()
+        fake.terminate()
+        fake.wait(5)
+
+    base_seq, base_conc = rows[0][1], rows[0][2]
+    print(f"\n{args.requests} requests per run; concurrency {args.concurrency}; "
+          f"{os.cpu_count()} cores; ms\n")
+    header = (f"{'path':<10} {'seq p50':>8} {'seq p99':>8} {'+p50':>7} {'+p99':>7} "
+              f"{'ratio':>6} | {'c p50':>7} {'c p99':>7} {'+p50':>7} {'ratio':>6} {'req/s':>7}")
+    print(header)
+    print("-" * len(header))
+    for name, seq, conc, rps in rows:
+        sp50, sp99 = statistics.median(seq), percentile(seq, 0.99)
+        cp50, cp99 = statistics.median(conc), percentile(conc, 0.99)
+        bp50, bp99 = statistics.median(base_seq), percentile(base_seq, 0.99)
+        bc50 = statistics.median(base_conc)
+        print(f"{name:<10} {sp50:>8.2f} {sp99:>8.2f} {sp50 - bp50:>7.2f} {sp99 - bp99:>7.2f} "
+              f"{sp50 / bp50:>6.2f} | {cp50:>7.2f} {cp99:>7.2f} {cp50 - bc50:>7.2f} "
+              f"{cp50 / bc50:>6.2f} {rps:>7.0f}")
+
+
+if __name__ == "__main__":
+    main()
