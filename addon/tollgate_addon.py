@@ -53,7 +53,7 @@ class TollgateAddon:
             except ConfigError as e:
                 raise exceptions.OptionsError(f"tollgate config is invalid:\n{e}") from None
             if self.gateway is not None:
-                self.gateway.holder.stop()
+                self.gateway.holder.stop()  # in-flight exchanges keep the old gateway's store
             self.gateway = gateway
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -114,9 +114,9 @@ class TollgateAddon:
         if exchange is not None:
             exchange.finish("error", flow.error.msg if flow.error else None)
 
-    def done(self) -> None:
+    async def done(self) -> None:
         if self.gateway is not None:
-            self.gateway.holder.stop()
+            await self.gateway.close()  # every finished request is recorded before exit
 
 
 addons = [TollgateAddon()]

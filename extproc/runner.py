@@ -101,7 +101,7 @@ async def serve_extproc(config: str, listen: str) -> None:
         if processor.sweeper:
             processor.sweeper.cancel()
         await server.stop(grace=2)
-        gateway.holder.stop()
+        await gateway.close()
 
 
 async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
@@ -133,7 +133,7 @@ async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
         if processor.sweeper:
             processor.sweeper.cancel()
         await server.stop(grace=2)
-        gateway.holder.stop()
+        await gateway.close()
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)
     if exited.done() and not stop.done():

@@ -61,6 +61,19 @@ def _check_shape(route: Route, doc: dict[str, Any]) -> None:
         raise _bad("`input` is required.", "input")
 
 
+def max_output_tokens(route: Route, doc: dict[str, Any], default: int) -> int:
+    """The most output tokens the request allows, for budget reservations."""
+    if route.name == "embeddings":
+        return 0
+    names = {"chat_completions": ("max_completion_tokens", "max_tokens"),
+             "responses": ("max_output_tokens",), "messages": ("max_tokens",)}.get(route.name, ())
+    for name in names:
+        value = doc.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
 def tool_names(route: Route, doc: dict[str, Any]) -> list[str]:
     """Names of the tools a request declares, per API shape.
 

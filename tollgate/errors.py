@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 CODES: dict[str, tuple[int, str, str]] = {
     "invalid_request": (400, "invalid_request_error", "invalid_request_error"),
     "no_provider_for_model": (400, "invalid_request_error", "invalid_request_error"),
+    "model_not_priced": (400, "invalid_request_error", "invalid_request_error"),
     "invalid_api_key": (401, "authentication_error", "authentication_error"),
     "budget_exceeded": (402, "insufficient_quota", "billing_error"),
     "virtual_key_revoked": (403, "permission_error", "permission_error"),

@@ -1,17 +1,24 @@
-"""One forwarded request, followed from the provider's response headers to its last byte."""
+"""One forwarded request, followed from the provider's response headers to its last byte,
+and settled exactly once however it ends."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
 
+from tollgate import usage as usage_of
 from tollgate.config.schema import VirtualKey
+from tollgate.ledger import LedgerRow
+from tollgate.pricing import ModelPrice, cost_micros
 from tollgate.request import Attempt
 from tollgate.routes import Route
+from tollgate.scopes import Lineage
 from tollgate.sse import Event, SSEParser
 from tollgate.telemetry import RequestTrace, log_access
 
@@ -21,10 +28,23 @@ log = logging.getLogger("tollgate")
 _KEEP_BODY = 1 << 20
 
 
+@dataclass
+class Billing:
+    """What the request holds in its budgets and how to price what it used."""
+
+    price: ModelPrice | None
+    lineage: Lineage
+    counters: list[str] = field(default_factory=list)  # budget counters it reserved in
+    reserved: int = 0  # micro-dollars held in each of them
+    estimated_input_tokens: int = 0  # for a stream cut off before the provider's usage
+    warning: str | None = None
+
+
 class Exchange:
     def __init__(self, *, trace: RequestTrace, prefix: str, route: Route, key: VirtualKey,
                  requested_model: str | None, model: str | None, attempt: Attempt,
-                 stream: bool) -> None:
+                 stream: bool, billing: Billing,
+                 settle: Callable[[Exchange, LedgerRow], None]) -> None:
         self.trace = trace
         self.prefix = prefix
         self.route = route
@@ -33,6 +53,8 @@ class Exchange:
         self.model = model
         self.attempt = attempt
         self.stream_requested = stream
+        self.billing = billing
+        self._settle = settle
         self.fallback_count = 0
         self.started = time.monotonic()
         self.status: int | None = None
@@ -49,7 +71,10 @@ class Exchange:
 
     def response_headers(self) -> dict[str, str]:
         """Gateway headers the client gets on the provider's response."""
-        return self.trace.headers(self.prefix, self.provider_id, self.fallback_count)
+        headers = self.trace.headers(self.prefix, self.provider_id, self.fallback_count)
+        if self.billing.warning:
+            headers[f"{self.prefix}Budget-Warning"] = self.billing.warning
+        return headers
 
     def on_response_headers(self, status: int, headers: Mapping[str, str]) -> dict[str, str]:
         """Record the response's start; `headers` may lack content-type (a host that cannot
@@ -83,23 +108,52 @@ class Exchange:
             "upstream": self.attempt.url,
         }
 
+    def usage(self) -> usage_of.Usage:
+        """What the request used, from the provider's own numbers where it gave them."""
+        ok = self.status is not None and 200 <= self.status < 300
+        if not ok:
+            return usage_of.Usage()  # providers do not bill refused or failed requests
+        family = self.route.family
+        used = usage_of.from_events(family, self.events) if self.is_sse else \
+            usage_of.from_json(family, bytes(self.body))
+        if not used.reported and used.input_tokens == 0 and used.output_tokens:
+            used.input_tokens = self.billing.estimated_input_tokens
+        return used
+
     def finish(self, outcome: str, error: str | None = None) -> None:
         """Close the books on this request exactly once, however it ended."""
         if self._finished:
             return
         self._finished = True
+        used = self.usage()
+        price = self.billing.price
+        cost = cost_micros(used, price) if price is not None else 0
+        lin = self.billing.lineage
+        latency = round((time.monotonic() - self.started) * 1000, 1)
+        row = LedgerRow(
+            request_id=self.trace.request_id, ts=datetime.now(UTC).isoformat(),
+            key_id=self.key.id, key_name=self.key.name, principal=self.key.principal,
+            org=lin.org, team=lin.team, project=lin.project, provider=self.provider_id,
+            model=self.model, route=self.route.name, input_tokens=used.input_tokens,
+            output_tokens=used.output_tokens, cached_input_tokens=used.cached_input_tokens,
+            cache_write_tokens=used.cache_write_tokens, reasoning_tokens=used.reasoning_tokens,
+            cost_micros=cost, usage_reported=used.reported, status=self.status,
+            outcome=outcome, latency_ms=latency, fallback_count=self.fallback_count)
         span = self.trace.span
         span.set_attributes({
             "tollgate.key": self.key.id, "tollgate.principal": self.key.principal or "",
             "tollgate.provider": self.provider_id, "gen_ai.request.model": self.model or "",
+            "gen_ai.usage.input_tokens": used.input_tokens + used.cached_input_tokens,
+            "gen_ai.usage.output_tokens": used.output_tokens, "tollgate.cost_micros": cost,
             "http.response.status_code": self.status or 0, "tollgate.outcome": outcome,
         })
         if error:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end()
-        log_access({
-            **self.decision(), "route": self.route.name, "status": self.status,
-            "outcome": outcome, "error": error, "bytes_out": self.bytes_out,
-            "sse_events": len(self.events),
-            "latency_ms": round((time.monotonic() - self.started) * 1000, 1),
-        })
+        log_access({**self.decision(), "route": self.route.name, "status": self.status,
+                    "outcome": outcome, "error": error, "bytes_out": self.bytes_out,
+                    "sse_events": len(self.events), "input_tokens": used.input_tokens,
+                    "cached_input_tokens": used.cached_input_tokens,
+                    "output_tokens": used.output_tokens, "cost_micros": cost,
+                    "usage_reported": used.reported, "latency_ms": latency})
+        self._settle(self, row)

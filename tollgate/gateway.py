@@ -1,34 +1,47 @@
 """The request's path through the core, in one place.
 
 request id & trace -> route -> size cap -> key auth -> parse body -> model resolution
-(aliases, allowlist) -> tool policy -> routing plan -> first attempt.
-Each step is a small module; this file only orders them and shapes the answer.
+(aliases, allowlist) -> tool policy -> routing plan -> first attempt -> price -> budgets
+(reserve the worst case) -> forward. When the exchange ends it settles the real cost and
+writes the ledger row. Each step is a small module; this file only orders them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import math
 from datetime import UTC, datetime
 from typing import Any
 
 from tollgate import body as bodies
-from tollgate import policy, routes, routing, telemetry
+from tollgate import budgets, policy, routes, routing, telemetry
 from tollgate.config.load import LoadedConfig
 from tollgate.config.schema import VirtualKey
 from tollgate.config.watch import ConfigHolder
 from tollgate.errors import GatewayError
-from tollgate.exchange import Exchange
+from tollgate.exchange import Billing, Exchange
 from tollgate.keys import KeyIndex, authenticate, load_pepper
+from tollgate.ledger import LedgerRow
+from tollgate.pricing import worst_case_micros
 from tollgate.request import Forward, Reply, Request
+from tollgate.scopes import lineage
+from tollgate.store import Store, StoreUnavailable, open_store
+from tollgate.store.spool import Spooled
 
 log = logging.getLogger("tollgate")
 
 
 class Gateway:
-    def __init__(self, holder: ConfigHolder):
+    def __init__(self, holder: ConfigHolder, store: Store | None = None):
         self.holder = holder
         self._index_for: tuple[LoadedConfig, KeyIndex] | None = None
+        self._store = store
+        self._store_url: str | None = None
+        self._settling: set[asyncio.Task[None]] = set()
+        self._replayer: asyncio.Task[None] | None = None
 
     @classmethod
     def from_path(cls, path: str, watch: bool = True) -> Gateway:
@@ -36,6 +49,15 @@ class Gateway:
         if watch:
             holder.start()
         return cls(holder)
+
+    def store(self) -> Store:
+        """The state store named by the running config (reopened if an edit changes it)."""
+        loaded = self.holder.current
+        url = loaded.config.gateway.state
+        if self._store is None or (self._store_url is not None and url != self._store_url):
+            self._store = open_store(url, loaded.path.parent, loaded.config.gateway.spool)
+            self._store_url = url
+        return self._store
 
     @property
     def max_body_bytes(self) -> int:
@@ -83,9 +105,11 @@ class Gateway:
             # Identity encoding upstream so the tap reads usage from plain bytes; the client's
             # SDK decodes either way.
             attempt.set_headers["accept-encoding"] = "identity"
+            billing = await self._reserve(loaded, trace.request_id, key, route, body, req,
+                                          first.provider.id, first.model)
             exchange = Exchange(trace=trace, prefix=settings.header_prefix, route=route, key=key,
                                 requested_model=body.model, model=first.model, attempt=attempt,
-                                stream=body.stream)
+                                stream=body.stream, billing=billing, settle=self._settle)
             return Forward(exchange, attempt)
         except GatewayError as e:
             return self._error(trace, loaded, family, e, key)
@@ -94,6 +118,94 @@ class Gateway:
             err = GatewayError("gateway_error", "The gateway failed to handle this request "
                                f"(request id {trace.request_id}); see the gateway log.")
             return self._error(trace, loaded, family, err, key)
+
+    async def _reserve(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
+                       route: routes.Route, body: bodies.ParsedBody, req: Request,
+                       provider_id: str, model: str) -> Billing:
+        """Price the request and hold its worst-case cost in every budget that applies."""
+        cfg, settings = loaded.config, loaded.config.gateway
+        price = loaded.prices.lookup(model)
+        if price is None and settings.unpriced == "block":
+            raise GatewayError("model_not_priced",
+                               f"Model {model!r} has no price in the price table, so its spend "
+                               "cannot be metered. Add it to prices.yaml (or set "
+                               "gateway.unpriced: allow).", param="model")
+        input_estimate = math.ceil(len(req.body) / 2)  # generous: a token is >= ~2 bytes
+        billing = Billing(price=price, lineage=lineage(cfg, key.scope),
+                          estimated_input_tokens=math.ceil(len(req.body) / 4))
+        now = datetime.now(UTC)
+        holds = budgets.holds_for(cfg, key, billing.lineage, provider_id, now)
+        if not holds or price is None or route.name == "count_tokens":
+            billing.counters = [h.counter for h in holds]
+            return billing
+        output_cap = bodies.max_output_tokens(route, body.doc,
+                                              settings.default_max_output_tokens)
+        amount = worst_case_micros(input_estimate, output_cap, price)
+        try:
+            granted = await self.store().reserve(request_id, holds, amount)
+        except StoreUnavailable as e:
+            if settings.fail_closed:
+                log.error("state store unavailable, refusing request %s: %s", request_id, e)
+                raise GatewayError(
+                    "gateway_unavailable",
+                    "The gateway's state store is unavailable and budgets are fail-closed "
+                    "(gateway.fail_closed), so the request was not forwarded. Retry shortly."
+                ) from None
+            log.warning("state store unavailable, serving %s without a reservation: %s",
+                        request_id, e)
+            billing.counters = [h.counter for h in holds]
+            return billing
+        if not granted.granted:
+            i = granted.refused_by or 0
+            raise budgets.refusal(holds[i], granted.counters[i].spent,
+                                  granted.counters[i].reserved, amount, now)
+        billing.counters, billing.reserved = [h.counter for h in holds], amount
+        billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
+                                if (w := budgets.warning(h, c.committed))), None)
+        return billing
+
+    def _settle(self, exchange: Exchange, row: LedgerRow) -> None:
+        """Write the ledger row and settle budgets, off the host's hot path."""
+        coro = self._finish(exchange.billing.counters, exchange.billing.reserved, row)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(coro)
+            return
+        task = loop.create_task(coro)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        if self._replayer is None and isinstance(self._store, Spooled):
+            self._replayer = loop.create_task(self._replay_forever())
+
+    async def _finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
+        try:
+            await self.store().finish(counters, reserved, row)
+        except Exception:
+            log.exception("could not record request %s: %s", row.request_id,
+                          json.dumps(row.to_dict()))
+
+    async def _replay_forever(self, every: float = 1.0) -> None:
+        """Put spooled requests into a shared store as soon as it is back."""
+        while True:
+            await asyncio.sleep(every)
+            store = self._store
+            if isinstance(store, Spooled) and store.pending():
+                with contextlib.suppress(StoreUnavailable):
+                    await store.flush()
+
+    async def drain(self) -> None:
+        """Wait for every finished request to be recorded (before shutting down)."""
+        while self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain()
+        if self._replayer is not None:
+            self._replayer.cancel()
+        if self._store is not None:
+            await self._store.close()
+        self.holder.stop()
 
     def _reply(self, trace: telemetry.RequestTrace, loaded: LoadedConfig, status: int,
                doc: Any, key: VirtualKey | None, decision: dict[str, Any] | None = None

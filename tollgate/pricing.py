@@ -1,13 +1,13 @@
 """The price table and cost arithmetic.
 
-Prices are written in USD per 1M tokens, which is the same number as micro-dollars per token.
-Costs are kept as integer nano-dollars internally so that sub-micro-dollar prices (cached
-input) never round away, and reported as integer micro-dollars.
+Prices are written in USD per 1M tokens, which is the same number as micro-dollars per token,
+so a cost is an exact Decimal sum rounded up once to integer micro-dollars.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -19,6 +19,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from tollgate.config.problems import ConfigError, Problem
+from tollgate.usage import Usage
 
 if TYPE_CHECKING:
     from tollgate.config.schema import Config
@@ -39,6 +40,20 @@ class PriceFile(BaseModel):
     currency: str = "USD"
     unit: str = "per_1m_tokens"
     models: dict[str, ModelPrice]
+
+
+def cost_micros(usage: Usage, price: ModelPrice) -> int:
+    """Integer micro-dollars, rounded up; a missing cache price falls back to the input price."""
+    cached = price.cached_input if price.cached_input is not None else price.input
+    write = price.cache_write if price.cache_write is not None else price.input
+    micros = (usage.input_tokens * price.input + usage.cached_input_tokens * cached
+              + usage.cache_write_tokens * write + usage.output_tokens * price.output)
+    return math.ceil(micros)  # prices are per 1M tokens == micro-dollars per token
+
+
+def worst_case_micros(input_tokens: int, max_output_tokens: int, price: ModelPrice) -> int:
+    """What a request can cost at most: every input token uncached, every output token used."""
+    return cost_micros(Usage(input_tokens=input_tokens, output_tokens=max_output_tokens), price)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,11 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from tollgate.config.schema import Config, ModelProvider, VirtualKey, parse_scope
+from tollgate.config.schema import Config, ModelProvider, VirtualKey
 from tollgate.errors import GatewayError
 from tollgate.providers import family
 from tollgate.request import Attempt
+from tollgate.scopes import lineage
 
 
 @dataclass(frozen=True)
@@ -21,14 +22,7 @@ class Target:
 
 def visible_scopes(cfg: Config, scope: str) -> set[str]:
     """A key sees its own scope and every scope above it: project -> team -> org."""
-    kind, ident = parse_scope(scope)
-    scopes = {scope}
-    for org in cfg.orgs:
-        for team in org.teams:
-            if (kind == "PROJECT" and ident in team.projects) or (kind == "TEAM" and
-                                                                  ident == team.id):
-                scopes |= {f"TEAM:{team.id}", f"ORG:{org.id}"}
-    return scopes
+    return lineage(cfg, scope).scopes() | {scope}
 
 
 def serves(provider: ModelProvider, model: str) -> bool:

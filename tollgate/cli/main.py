@@ -7,6 +7,7 @@ import click
 from tollgate.cli.org import init, projects, teams
 from tollgate.cli.providers import model_providers, routing_policies
 from tollgate.cli.serve import config_group, envoy_group, serve
+from tollgate.cli.spend import gateway_budgets, spend
 from tollgate.cli.virtual_keys import virtual_keys
 
 
@@ -18,7 +19,7 @@ def cli(config: str | None) -> None:
 
 
 for command in (init, teams, projects, model_providers, routing_policies, virtual_keys,
-                config_group, serve, envoy_group):
+                gateway_budgets, spend, config_group, serve, envoy_group):
     cli.add_command(command)
 
 

@@ -53,8 +53,23 @@ class GatewaySettings(Strict):
     state: str = "sqlite:///.tollgate/state.db"
     prices: str = "prices.yaml"
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # When the state store cannot be reached: refuse (503) or serve and settle later.
+    fail_closed: bool = True
+    # Where finished requests wait while a shared store is down (relative to this file).
+    spool: str = ".tollgate/spool.db"
+    # A requested model with no price: refuse it, or serve it and record $0 (flagged).
+    unpriced: Literal["block", "allow"] = "block"
+    # Output cap assumed for budget reservations when a request sets no max_tokens.
+    default_max_output_tokens: int = Field(default=4096, ge=1)
     # Environment variable holding the pepper for virtual-key HMACs.
     pepper_env: str = "TOLLGATE_KEY_PEPPER"
+
+    @field_validator("state")
+    @classmethod
+    def _state(cls, v: str) -> str:
+        if not v.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
+            raise ValueError("state must be sqlite:///path or redis://host:port[/db]")
+        return v
 
     @field_validator("header_prefix")
     @classmethod

@@ -1,0 +1,186 @@
+"""`tollgate gateway-budgets ...` and `tollgate spend report`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from tollgate import budgets as budget_rules
+from tollgate.cli.common import (
+    config_path,
+    edit,
+    emit,
+    fail,
+    format_option,
+    get_one,
+    new_id,
+    read_section,
+)
+from tollgate.config.load import load_config
+from tollgate.config.problems import ConfigError
+from tollgate.ledger import REPORT_DIMENSIONS, report, to_csv
+from tollgate.store import Store, StoreUnavailable, open_store
+
+SCOPES = {"org": "org", "team": "team", "project": "project", "vk": "virtual_key",
+          "virtual_key": "virtual_key", "principal": "principal"}
+WINDOWS = ["minute", "hour", "day", "week", "month", "total"]
+
+
+def with_store[T](ctx: click.Context, work: Callable[[Store, Any], Awaitable[T]]) -> T:
+    """Run `work` against the gateway's state store (as a reader: no reservations reset)."""
+    try:
+        loaded = load_config(config_path(ctx))
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    settings = loaded.config.gateway
+
+    async def run() -> T:
+        store = open_store(settings.state, loaded.path.parent, settings.spool, owner=False)
+        try:
+            return await work(store, loaded)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except StoreUnavailable as e:
+        raise click.ClickException(f"state store unavailable: {e}") from None
+
+
+@click.group("gateway-budgets")
+def gateway_budgets() -> None:
+    """Spend limits on an org, team, project, virtual key or principal."""
+
+
+@gateway_budgets.command("create")
+@click.option("--name", required=True)
+@click.option("--scope", required=True, type=click.Choice(list(SCOPES)))
+@click.option("--org")
+@click.option("--team")
+@click.option("--project")
+@click.option("--vk", "virtual_key", help="Virtual key id (scope vk).")
+@click.option("--principal")
+@click.option("--window", type=click.Choice(WINDOWS), default="month", show_default=True,
+              help="Calendar window in UTC, or total.")
+@click.option("--limit", type=float, required=True, help="USD.")
+@click.option("--on-breach", type=click.Choice(["block", "warn"]), default="block",
+              show_default=True)
+@click.option("--warn-at", type=float, default=0.8, show_default=True,
+              help="Fraction of the limit that adds the Budget-Warning header.")
+@click.option("--model-provider", help="Count only spend through this provider.")
+@click.option("--id", "budget_id")
+@format_option
+@click.pass_context
+def create(ctx: click.Context, name: str, scope: str, window: str, limit: float,
+           on_breach: str, warn_at: float, model_provider: str | None, budget_id: str | None,
+           fmt: str, **targets: str | None) -> None:
+    field = SCOPES[scope]
+    target = targets.get(field)
+    if not target:
+        fail(f"--scope {scope} needs --{'vk' if field == 'virtual_key' else field}")
+    item: dict[str, Any] = {"id": budget_id or new_id("b"), "name": name, "scope": field,
+                            field: target, "window": window, "limit": limit,
+                            "on_breach": on_breach}
+    if warn_at != 0.8:
+        item["warn_at"] = warn_at
+    if model_provider:
+        item["model_provider"] = model_provider
+    with edit(ctx) as doc:
+        if doc.find("budgets", item["id"]) is not None:
+            fail(f"budget {item['id']!r} already exists")
+        doc.append("budgets", item)
+    emit(item, fmt)
+
+
+@gateway_budgets.command("list")
+@format_option
+@click.pass_context
+def list_(ctx: click.Context, fmt: str) -> None:
+    rows = [{**b, "target": b.get(b["scope"])} for b in read_section(ctx, "budgets")]
+    emit(rows, fmt, ["id", "name", "scope", "target", "window", "limit", "on_breach"])
+
+
+@gateway_budgets.command("get")
+@click.argument("budget_id")
+@format_option
+@click.pass_context
+def get(ctx: click.Context, budget_id: str, fmt: str) -> None:
+    emit(get_one(ctx, "budgets", budget_id), fmt)
+
+
+@gateway_budgets.command("delete")
+@click.argument("budget_id")
+@click.pass_context
+def delete(ctx: click.Context, budget_id: str) -> None:
+    with edit(ctx) as doc:
+        if not doc.remove("budgets", budget_id):
+            fail(f"no budget with id {budget_id!r}")
+    click.echo(f"deleted {budget_id}")
+
+
+@gateway_budgets.command("status")
+@click.argument("budget_id", required=False)
+@format_option
+@click.pass_context
+def status(ctx: click.Context, budget_id: str | None, fmt: str) -> None:
+    """Spend in each budget's current window."""
+    now = datetime.now(UTC)
+
+    async def work(store: Store, loaded: Any) -> list[dict[str, Any]]:
+        chosen = [b for b in loaded.config.budgets if budget_id in (None, b.id)]
+        if budget_id and not chosen:
+            fail(f"no budget with id {budget_id!r}")
+        windows = [budget_rules.window(b.window, now) for b in chosen]
+        holds = [budget_rules.Hold(b, w.key, w.end) for b, w in zip(chosen, windows,
+                                                                     strict=True)]
+        counters = await store.counters(holds)
+        return [{
+            "id": h.budget.id, "name": h.budget.name,
+            "scope": f"{h.budget.scope}:{h.budget.target}", "window": h.window_key,
+            "limit_usd": h.budget.limit, "spent_usd": c.spent / budget_rules.MICROS,
+            "reserved_usd": c.reserved / budget_rules.MICROS,
+            "used": f"{c.committed / h.limit_micros:.1%}" if h.limit_micros else "-",
+            "on_breach": h.budget.on_breach,
+            "resets_at": h.resets_at.isoformat() if h.resets_at else None,
+        } for h, c in zip(holds, counters, strict=True)]
+
+    rows = with_store(ctx, work)
+    emit(rows[0] if budget_id else rows, fmt,
+         None if budget_id else ["id", "name", "scope", "window", "limit_usd", "spent_usd",
+                                 "reserved_usd", "used", "on_breach", "resets_at"])
+
+
+@click.group("spend")
+def spend() -> None:
+    """Who spent what."""
+
+
+@spend.command("report")
+@click.option("--by", type=click.Choice(list(REPORT_DIMENSIONS)), default="principal",
+              show_default=True)
+@click.option("--window", type=click.Choice(WINDOWS), default="month", show_default=True,
+              help="The current calendar window (UTC), or total.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@click.pass_context
+def spend_report(ctx: click.Context, by: str, window: str, fmt: str) -> None:
+    """Spend grouped by principal, team, project, virtual key, model or provider."""
+    period = budget_rules.window(window, datetime.now(UTC))
+
+    async def work(store: Store, loaded: Any) -> list[dict[str, Any]]:
+        return report(await store.rows(since=period.start), by)
+
+    rows = with_store(ctx, work)
+    if fmt == "csv":
+        click.echo(to_csv(rows), nl=False)
+    elif fmt == "json":
+        click.echo(json.dumps({"window": window, "period": period.key, "by": by, "rows": rows},
+                              indent=2))
+    else:
+        emit(rows, "table", [by, "requests", "input_tokens", "cached_input_tokens",
+                             "output_tokens", "cost_usd", "estimated"])

@@ -1,0 +1,74 @@
+"""The attribution ledger: one durable row per request, and spend reports over it."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+REPORT_DIMENSIONS = {"principal": "principal", "team": "team", "project": "project",
+                     "vk": "key_id", "model": "model", "provider": "provider", "org": "org"}
+
+
+@dataclass
+class LedgerRow:
+    request_id: str
+    ts: str  # ISO 8601, UTC
+    key_id: str
+    key_name: str
+    principal: str | None
+    org: str | None
+    team: str | None
+    project: str | None
+    provider: str | None
+    model: str | None
+    route: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_micros: int = 0
+    usage_reported: bool = True  # False: the gateway estimated (cut-off stream)
+    status: int | None = None
+    outcome: str = ""
+    latency_ms: float = 0.0
+    fallback_count: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> LedgerRow:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in names})
+
+
+def report(rows: list[LedgerRow], by: str) -> list[dict[str, Any]]:
+    """Spend grouped by one dimension, largest first."""
+    attr = REPORT_DIMENSIONS[by]
+    groups: dict[str, dict[str, Any]] = defaultdict(lambda: {
+        "requests": 0, "input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0,
+        "cache_write_tokens": 0, "cost_micros": 0, "estimated": 0})
+    for row in rows:
+        g = groups[getattr(row, attr) or "-"]
+        g["requests"] += 1
+        for name in ("input_tokens", "output_tokens", "cached_input_tokens",
+                     "cache_write_tokens", "cost_micros"):
+            g[name] += getattr(row, name)
+        g["estimated"] += 0 if row.usage_reported else 1
+    out = [{by: name, **g, "cost_usd": round(g["cost_micros"] / 1_000_000, 6)}
+           for name, g in groups.items()]
+    return sorted(out, key=lambda r: (-r["cost_micros"], str(r[by])))
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,30 @@
+"""State behind one small interface: SQLite (one node) or Redis (shared by replicas)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable
+
+__all__ = ["Counter", "Reservation", "Store", "StoreUnavailable", "open_store"]
+
+
+def sqlite_path(url: str, config_dir: Path) -> Path:
+    path = Path(url.removeprefix("sqlite:///"))
+    return path if path.is_absolute() else config_dir / path
+
+
+def open_store(url: str, config_dir: Path, spool: str, owner: bool = True) -> Store:
+    """`owner`: a serving gateway (not a CLI reading reports)."""
+    if url.startswith("sqlite:///"):
+        from tollgate.store.sqlite import SQLiteStore
+
+        return SQLiteStore(sqlite_path(url, config_dir), owner=owner)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from tollgate.store.redis import RedisStore
+        from tollgate.store.spool import Spooled
+
+        spool_path = Path(spool)
+        return Spooled(RedisStore(url), spool_path if spool_path.is_absolute()
+                       else config_dir / spool_path)
+    raise ValueError(f"unsupported state store {url!r}: use sqlite:///path or redis://host")

@@ -1,0 +1,53 @@
+"""What the gateway needs from its state: atomic budget reservations, settlement together
+with the ledger row, and reads for status and reports."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+
+from tollgate.budgets import Hold
+from tollgate.ledger import LedgerRow
+
+
+class StoreUnavailable(Exception):
+    """The state store cannot be reached (Redis down, disk gone)."""
+
+
+@dataclass(frozen=True)
+class Counter:
+    spent: int = 0  # settled micro-dollars in the window
+    reserved: int = 0  # micro-dollars held by requests in flight
+
+    @property
+    def committed(self) -> int:
+        return self.spent + self.reserved
+
+
+@dataclass(frozen=True)
+class Reservation:
+    granted: bool
+    counters: list[Counter]  # per hold, after the reservation (or as found, when refused)
+    refused_by: int | None = None  # index of the first blocking hold that could not take it
+
+
+class Store(ABC):
+    @abstractmethod
+    async def reserve(self, request_id: str, holds: list[Hold], amount: int) -> Reservation:
+        """All holds take `amount`, or none does (a blocking hold would pass its limit)."""
+
+    @abstractmethod
+    async def finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
+        """Release `reserved` from each budget counter, add the real cost, and write the
+        ledger row: once, atomically (replaying the same request id changes nothing)."""
+
+    @abstractmethod
+    async def counters(self, holds: list[Hold]) -> list[Counter]: ...
+
+    @abstractmethod
+    async def rows(self, since: datetime | None = None,
+                   until: datetime | None = None) -> list[LedgerRow]: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        pass

@@ -1,0 +1,69 @@
+"""A local spool in front of a shared store: finished requests the store cannot take right
+now are kept on disk and replayed, in order, once it answers again. Replays are idempotent
+(the store ignores a request id it has already settled), so nothing is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+
+from tollgate.budgets import Hold
+from tollgate.ledger import LedgerRow
+from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable
+
+log = logging.getLogger("tollgate.store")
+
+
+class Spooled(Store):
+    def __init__(self, inner: Store, path: Path | str):
+        self.inner = inner
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY "
+                        "AUTOINCREMENT, counters TEXT, reserved INTEGER, row TEXT)")
+
+    def pending(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]
+
+    async def flush(self) -> int:
+        """Replay spooled requests until the store refuses; returns how many went through."""
+        done = 0
+        for ident, counters, reserved, row in self.db.execute(
+                "SELECT id, counters, reserved, row FROM spool ORDER BY id").fetchall():
+            await self.inner.finish(json.loads(counters), reserved,
+                                    LedgerRow.from_dict(json.loads(row)))
+            self.db.execute("DELETE FROM spool WHERE id = ?", (ident,))
+            done += 1
+        if done:
+            log.info("replayed %d spooled request(s) into the state store", done)
+        return done
+
+    async def reserve(self, request_id: str, holds: list[Hold], amount: int) -> Reservation:
+        return await self.inner.reserve(request_id, holds, amount)
+
+    async def finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
+        try:
+            if self.pending():
+                await self.flush()  # keep the ledger in order
+            await self.inner.finish(counters, reserved, row)
+        except StoreUnavailable as e:
+            self.db.execute("INSERT INTO spool (counters, reserved, row) VALUES (?, ?, ?)",
+                            (json.dumps(counters), reserved, json.dumps(row.to_dict())))
+            log.warning("state store unavailable (%s); request %s spooled for replay", e,
+                        row.request_id)
+
+    async def counters(self, holds: list[Hold]) -> list[Counter]:
+        return await self.inner.counters(holds)
+
+    async def rows(self, since: datetime | None = None,
+                   until: datetime | None = None) -> list[LedgerRow]:
+        return await self.inner.rows(since, until)
+
+    async def close(self) -> None:
+        await self.inner.close()
+        self.db.close()

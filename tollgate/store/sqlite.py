@@ -1,0 +1,121 @@
+"""SQLite state: one file, WAL, durable across restarts. For a single gateway node.
+
+Each call is one short transaction on the event loop's thread; `BEGIN IMMEDIATE` takes the
+write lock up front, so a reservation's check and its increments cannot interleave with
+another writer (a CLI, a second process on the same file).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+
+from tollgate.budgets import Hold
+from tollgate.ledger import LedgerRow
+from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS budget_counters (
+    counter TEXT PRIMARY KEY,           -- budget id : window key
+    spent INTEGER NOT NULL DEFAULT 0,   -- micro-dollars
+    reserved INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    request_id TEXT PRIMARY KEY, ts TEXT NOT NULL, key_id TEXT, key_name TEXT,
+    principal TEXT, org TEXT, team TEXT, project TEXT, provider TEXT, model TEXT, route TEXT,
+    input_tokens INTEGER, output_tokens INTEGER, cached_input_tokens INTEGER,
+    cache_write_tokens INTEGER, reasoning_tokens INTEGER, cost_micros INTEGER,
+    usage_reported INTEGER, status INTEGER, outcome TEXT, latency_ms REAL,
+    fallback_count INTEGER
+);
+CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
+"""
+_COLUMNS = [c for c in LedgerRow.__dataclass_fields__]
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: Path | str, owner: bool = True):
+        """`owner`: this process serves traffic from the file, so reservations left by a
+        previous run (which cannot be in flight any more) are released at start."""
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                  timeout=10)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        if owner:
+            self.db.execute("UPDATE budget_counters SET reserved = 0 WHERE reserved != 0")
+
+    def _counter(self, name: str) -> Counter:
+        row = self.db.execute("SELECT spent, reserved FROM budget_counters WHERE counter = ?",
+                              (name,)).fetchone()
+        return Counter(*row) if row else Counter()
+
+    async def reserve(self, request_id: str, holds: list[Hold], amount: int) -> Reservation:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                found = [self._counter(h.counter) for h in holds]
+                for i, (hold, c) in enumerate(zip(holds, found, strict=True)):
+                    if hold.blocking and c.committed + amount > hold.limit_micros:
+                        self.db.execute("ROLLBACK")
+                        return Reservation(False, found, i)
+                for hold in holds:
+                    self.db.execute(
+                        "INSERT INTO budget_counters (counter, reserved) VALUES (?, ?) "
+                        "ON CONFLICT (counter) DO UPDATE SET reserved = reserved + ?",
+                        (hold.counter, amount, amount))
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+        return Reservation(True, [Counter(c.spent, c.reserved + amount) for c in found])
+
+    async def finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
+        doc = row.to_dict()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                inserted = self.db.execute(
+                    f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
+                    [doc[c] for c in _COLUMNS]).rowcount
+                if inserted:
+                    for counter in counters:
+                        self.db.execute(
+                            "INSERT INTO budget_counters (counter, spent) VALUES (?, ?) "
+                            "ON CONFLICT (counter) DO UPDATE SET spent = spent + ?, "
+                            "reserved = MAX(0, reserved - ?)",
+                            (counter, row.cost_micros, row.cost_micros, reserved))
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+
+    async def counters(self, holds: list[Hold]) -> list[Counter]:
+        return [self._counter(h.counter) for h in holds]
+
+    async def rows(self, since: datetime | None = None,
+                   until: datetime | None = None) -> list[LedgerRow]:
+        query, args = f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE 1=1", []
+        if since is not None:
+            query, args = query + " AND ts >= ?", [*args, since.isoformat()]
+        if until is not None:
+            query, args = query + " AND ts < ?", [*args, until.isoformat()]
+        out = []
+        for values in self.db.execute(query + " ORDER BY ts", args):
+            doc = dict(zip(_COLUMNS, values, strict=True))
+            doc["usage_reported"] = bool(doc["usage_reported"])
+            out.append(LedgerRow.from_dict(doc))
+        return out
+
+    async def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,134 @@
+"""Token usage read from every response shape the providers send.
+
+OpenAI chat: `usage` in JSON, or the final SSE chunk when `stream_options.include_usage` is
+on. OpenAI Responses: `usage` in JSON, or in `response.completed` / `.incomplete` / `.failed`
+events. Anthropic messages: `usage` in JSON, or `message_start` plus the running
+`message_delta` totals. When a stream is cut off before the provider reports usage, what the
+client did receive is estimated (and marked as such) so nothing goes unmetered.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tollgate.sse import Event
+
+CHARS_PER_TOKEN = 4  # for estimates only
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0  # uncached prompt tokens
+    output_tokens: int = 0  # including reasoning tokens
+    cached_input_tokens: int = 0  # prompt tokens read from the provider's cache
+    cache_write_tokens: int = 0  # Anthropic prompt-cache writes
+    reasoning_tokens: int = 0  # part of output_tokens, reported for insight
+    reported: bool = False  # False: estimated by the gateway
+
+    @property
+    def total_tokens(self) -> int:
+        return (self.input_tokens + self.cached_input_tokens + self.cache_write_tokens
+                + self.output_tokens)
+
+
+def _int(doc: Any, *path: str) -> int:
+    for part in path:
+        if not isinstance(doc, dict):
+            return 0
+        doc = doc.get(part)
+    return doc if isinstance(doc, int) and not isinstance(doc, bool) else 0
+
+
+def openai_usage(u: Any) -> Usage:
+    """Chat completions and embeddings (`prompt_tokens`) or Responses (`input_tokens`)."""
+    if not isinstance(u, dict):
+        return Usage()
+    if "input_tokens" in u:
+        prompt, completion = _int(u, "input_tokens"), _int(u, "output_tokens")
+        cached = _int(u, "input_tokens_details", "cached_tokens")
+        reasoning = _int(u, "output_tokens_details", "reasoning_tokens")
+    else:
+        prompt, completion = _int(u, "prompt_tokens"), _int(u, "completion_tokens")
+        cached = _int(u, "prompt_tokens_details", "cached_tokens")
+        reasoning = _int(u, "completion_tokens_details", "reasoning_tokens")
+    cached = min(cached, prompt)
+    return Usage(input_tokens=prompt - cached, output_tokens=completion,
+                 cached_input_tokens=cached, reasoning_tokens=reasoning, reported=True)
+
+
+def anthropic_usage(u: Any, into: Usage | None = None) -> Usage:
+    """Anthropic reports cache reads and writes apart from `input_tokens`."""
+    out = into or Usage()
+    if not isinstance(u, dict):
+        return out
+    for name, attr in (("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"),
+                       ("cache_read_input_tokens", "cached_input_tokens"),
+                       ("cache_creation_input_tokens", "cache_write_tokens")):
+        if name in u and isinstance(u[name], int):
+            setattr(out, attr, u[name])  # message_delta totals are cumulative
+    out.reported = True
+    return out
+
+
+def from_json(family: str, body: bytes) -> Usage:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return Usage()
+    if not isinstance(doc, dict) or "usage" not in doc:
+        return Usage()
+    return anthropic_usage(doc["usage"]) if family == "anthropic" else openai_usage(doc["usage"])
+
+
+def from_events(family: str, events: list[Event]) -> Usage:
+    """Usage from an SSE stream, estimated from streamed text where the provider said none."""
+    usage = Usage()
+    streamed_chars = 0
+    final = False  # the provider's closing usage arrived (message_delta / usage chunk)
+    for event in events:
+        if event.data == "[DONE]":
+            continue
+        try:
+            doc = json.loads(event.data)
+        except ValueError:
+            continue
+        if not isinstance(doc, dict):
+            continue
+        kind = doc.get("type", "")
+        if family == "anthropic":
+            if kind == "message_start":
+                anthropic_usage((doc.get("message") or {}).get("usage"), usage)
+            elif kind == "message_delta":
+                anthropic_usage(doc.get("usage"), usage)
+                final = True
+            elif kind == "content_block_delta":
+                delta = doc.get("delta") or {}
+                streamed_chars += len(delta.get("text") or delta.get("partial_json") or
+                                      delta.get("thinking") or "")
+            continue
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            reported = openai_usage((doc.get("response") or {}).get("usage"))
+            if reported.reported:
+                usage, final = reported, True
+        elif kind == "response.output_text.delta":
+            streamed_chars += len(doc.get("delta") or "")
+        elif doc.get("usage"):
+            usage, final = openai_usage(doc["usage"]), True
+        for choice in doc.get("choices") or []:
+            delta = choice.get("delta") or {} if isinstance(choice, dict) else {}
+            streamed_chars += len(delta.get("content") or "")
+            for call in delta.get("tool_calls") or []:
+                streamed_chars += len(((call or {}).get("function") or {}).get("arguments")
+                                      or "")
+    if not final:
+        # Cut off before the provider's totals (message_start's output count is a
+        # placeholder): charge what reached the client.
+        usage.reported = False
+        usage.output_tokens = max(usage.output_tokens, estimate_tokens(streamed_chars))
+    return usage
+
+
+def estimate_tokens(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN)
