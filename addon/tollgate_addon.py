@@ -99,7 +99,7 @@ class TollgateAddon:
             resp.headers[name] = value
         if exchange.is_sse:
             # Stream through the tap: bytes go to the client as they arrive, never buffered.
-            resp.stream = exchange.on_chunk
+            resp.stream = exchange.relay
 
     def response(self, flow: http.HTTPFlow) -> None:
         exchange: Exchange | None = flow.metadata.get(_META)

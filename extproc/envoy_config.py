@@ -27,6 +27,9 @@ from tollgate.config.schema import Config, ModelProvider
 from tollgate.errors import GatewayError
 
 CLUSTER_HEADER = "x-tollgate-cluster"
+# Set by the decision on requests whose response the gateway must edit (a usage chunk it
+# asked for); it routes them through the `tollgate.rewrite` filter, off for everything else.
+REWRITE_HEADER = "x-tollgate-rewrite"
 EXTPROC_CLUSTER = "tollgate_extproc"
 METADATA_NS = "tollgate"
 # Metadata keys the decision filter sets -> response header suffixes.
@@ -36,6 +39,7 @@ METADATA_HEADERS = {
     "span_id": "Span-Id",
     "fallback_count": "Fallback-Count",
     "provider": "Provider",
+    "budget_warning": "Budget-Warning",
 }
 _BUFFER_SLACK = 64 * 1024  # headers and framing on top of the largest accepted body
 
@@ -43,6 +47,8 @@ HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_mana
       "HttpConnectionManager"
 EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3." \
+                     "ExtProcPerRoute"
 TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -186,38 +192,58 @@ def http_filters() -> list[dict[str, Any]]:
     })
     tap = _ext_proc("tollgate.tap", {
         "observability_mode": True,
-        # Only body chunks are sent; the first carries the status as an attribute, which
-        # saves ext_proc a message per request.
+        # Response headers are sent too: without them the filter would strip the provider's
+        # content-length, and they give the tap the status and content type.
         "processing_mode": {
             "request_header_mode": "SKIP", "request_body_mode": "NONE",
-            "response_header_mode": "SKIP", "response_body_mode": "STREAMED",
+            "response_header_mode": "SEND", "response_body_mode": "STREAMED",
             "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
         },
-        "response_attributes": ["response.code"],
         "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
         "deferred_close_timeout": "5s",
     })
-    return [decide, tap, {"name": "envoy.filters.http.router", "typed_config": {
+    # Idle (no stream, no cost) unless the route matching REWRITE_HEADER turns its response
+    # body mode on; a filter `disabled` in the chain could not be enabled that late.
+    rewrite = _ext_proc("tollgate.rewrite", {
+        "processing_mode": {**REWRITE_MODE, "response_body_mode": "NONE"},
+        "message_timeout": "5s",
+        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
+    })
+    # Encoders run in reverse: the tap sees the provider's bytes, the rewrite edits after it.
+    return [decide, rewrite, tap, {"name": "envoy.filters.http.router", "typed_config": {
         "@type": ROUTER, "suppress_envoy_headers": True}}]
+
+
+REWRITE_MODE = {
+    "request_header_mode": "SKIP", "request_body_mode": "NONE",
+    "response_header_mode": "SKIP", "response_body_mode": "STREAMED",
+    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
+}
 
 
 def route_config(cfg: Config) -> dict[str, Any]:
     prefix = cfg.gateway.header_prefix
+    route_action = {
+        "cluster_header": CLUSTER_HEADER,
+        # LLM calls run for minutes; only silence ends them.
+        "timeout": "0s",
+        "idle_timeout": "300s",
+    }
     return {
         "name": "tollgate",
-        "request_headers_to_remove": [CLUSTER_HEADER],
+        "request_headers_to_remove": [CLUSTER_HEADER, REWRITE_HEADER],
         "virtual_hosts": [{
             "name": "gateway",
             "domains": ["*"],
-            "routes": [{
-                "match": {"prefix": "/"},
-                "route": {
-                    "cluster_header": CLUSTER_HEADER,
-                    # LLM calls run for minutes; only silence ends them.
-                    "timeout": "0s",
-                    "idle_timeout": "300s",
-                },
-            }],
+            "routes": [
+                {"match": {"prefix": "/", "headers": [{"name": REWRITE_HEADER,
+                                                       "present_match": True}]},
+                 "route": route_action,
+                 "typed_per_filter_config": {"tollgate.rewrite": {
+                     "@type": EXT_PROC_PER_ROUTE,
+                     "overrides": {"processing_mode": REWRITE_MODE}}}},
+                {"match": {"prefix": "/"}, "route": route_action},
+            ],
             "response_headers_to_add": [
                 {"header": {"key": f"{prefix}{suffix}",
                             "value": f"%DYNAMIC_METADATA({METADATA_NS}:{key})%"},

@@ -21,15 +21,15 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc.envoy_config import CLUSTER_HEADER, METADATA_NS, cluster_name
+from extproc.envoy_config import CLUSTER_HEADER, METADATA_NS, REWRITE_HEADER, cluster_name
 from tollgate.exchange import Exchange
 from tollgate.gateway import Gateway
 from tollgate.request import Forward, Reply, Request
+from tollgate.sse import EventFilter
 
 log = logging.getLogger("tollgate.extproc")
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"  # where Envoy puts evaluated attributes
 # A forwarded request whose response never reached the tap is closed after this long.
 ABANDONED_AFTER = 900.0
 
@@ -63,10 +63,13 @@ def immediate(reply: Reply) -> pb.ProcessingResponse:
 def metadata(exchange: Exchange) -> struct_pb2.Struct:
     trace = exchange.trace
     doc = struct_pb2.Struct()
-    doc.update({METADATA_NS: {
+    fields = {
         "request_id": trace.request_id, "trace_id": trace.trace_id, "span_id": trace.span_id,
         "fallback_count": str(exchange.fallback_count), "provider": exchange.provider_id,
-    }})
+    }
+    if exchange.billing.warning:
+        fields["budget_warning"] = exchange.billing.warning
+    doc.update({METADATA_NS: fields})
     return doc
 
 
@@ -76,6 +79,8 @@ def forward(fwd: Forward, phase: str) -> pb.ProcessingResponse:
     a = fwd.attempt
     set_headers = {":authority": a.authority, ":path": a.path,
                    CLUSTER_HEADER: cluster_name(a.provider_id), **a.set_headers}
+    if fwd.exchange.rewriter is not None:
+        set_headers[REWRITE_HEADER] = "1"
     common = pb.CommonResponse(clear_route_cache=True)
     if a.body is not None:
         set_headers["content-length"] = str(len(a.body))
@@ -90,6 +95,15 @@ def forward(fwd: Forward, phase: str) -> pb.ProcessingResponse:
 CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 
 
+def _request_id(msg: pb.ProcessingRequest) -> str | None:
+    """The request id the decision stored in dynamic metadata (None: a reply Envoy or the
+    gateway made itself)."""
+    fields = msg.metadata_context.filter_metadata.get(METADATA_NS)
+    if fields is None or "request_id" not in fields.fields:
+        return None
+    return fields.fields["request_id"].string_value
+
+
 @dataclass
 class _Pending:
     exchange: Exchange
@@ -99,7 +113,8 @@ class _Pending:
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, _Pending] = {}  # forwarded, waiting for the tap
+        self._rewrites: dict[str, EventFilter] = {}  # forwarded, waiting for the rewrite
         self.sweeper: asyncio.Task[None] | None = None
 
     async def Process(self, requests: AsyncIterator[pb.ProcessingRequest],
@@ -109,6 +124,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             return
         if first.observability_mode:
             await self._tap(first, requests)
+            return
+        if first.WhichOneof("request") == "response_body":
+            async for answer in self._rewrite(first, requests):
+                yield answer
             return
         async for answer in self._decide(first, requests):
             yield answer
@@ -140,8 +159,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if isinstance(result, Reply):
             yield immediate(result)
             return
-        self._pending[result.exchange.trace.request_id] = _Pending(result.exchange,
-                                                                   time.monotonic())
+        request_id = result.exchange.trace.request_id
+        self._pending[request_id] = _Pending(result.exchange, time.monotonic())
+        if result.exchange.rewriter is not None:
+            self._rewrites[request_id] = result.exchange.rewriter
         yield forward(result, phase)
 
     @staticmethod
@@ -154,22 +175,24 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     # -- taps ---------------------------------------------------------------------------------
     async def _tap(self, first: pb.ProcessingRequest,
                    requests: AsyncIterator[pb.ProcessingRequest]) -> None:
-        """Feed the response to its exchange. The first body chunk carries the response
-        status (as an attribute) and the request id (as metadata)."""
-        exchange = self._claim(first)
-        if exchange is None:
-            return
-        attrs = first.attributes.get(EXT_PROC_ATTRIBUTES)
-        code = attrs.fields.get("response.code") if attrs is not None else None
-        # Envoy cannot forward header maps as attributes; the core tells SSE from JSON by
-        # the body's first bytes instead.
-        exchange.on_response_headers(int(code.number_value) if code else 0, {})
+        """Feed the response to its exchange: headers (with the request id in metadata),
+        then body chunks as Envoy passes them on."""
+        exchange: Exchange | None = None
         outcome, error = "aborted", "the response stream ended early"
         try:
             msg: pb.ProcessingRequest | None = first
             while msg is not None:
                 kind = msg.WhichOneof("request")
-                if kind == "response_body":
+                if kind == "response_headers":
+                    exchange = self._claim(msg)
+                    if exchange is None:
+                        return  # a reply Envoy or the gateway made itself
+                    headers = _headers(msg.response_headers.headers)
+                    exchange.on_response_headers(int(headers.get(":status", "0")), headers)
+                    if msg.response_headers.end_of_stream:
+                        outcome, error = "completed", None
+                        break
+                elif kind == "response_body" and exchange is not None:
                     exchange.on_chunk(msg.response_body.body)
                     if msg.response_body.end_of_stream:
                         outcome, error = "completed", None
@@ -181,13 +204,31 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:
-            exchange.finish(outcome, error)
+            if exchange is not None:
+                exchange.finish(outcome, error)
+
+    # -- response rewrites ----------------------------------------------------------------
+    async def _rewrite(self, first: pb.ProcessingRequest,
+                       requests: AsyncIterator[pb.ProcessingRequest]
+                       ) -> AsyncIterator[pb.ProcessingResponse]:
+        """Answer each response chunk with the bytes the client should get (STREAMED)."""
+        rewriter = self._rewrites.pop(_request_id(first) or "", None)
+        msg: pb.ProcessingRequest | None = first
+        while msg is not None and msg.WhichOneof("request") == "response_body":
+            chunk = msg.response_body
+            answer = pb.CommonResponse()
+            if rewriter is not None:
+                kept = rewriter.feed(chunk.body)
+                if chunk.end_of_stream:
+                    kept += rewriter.flush()
+                answer.body_mutation.body = kept
+            yield pb.ProcessingResponse(response_body=pb.BodyResponse(response=answer))
+            if chunk.end_of_stream:
+                return
+            msg = await anext(requests, None)
 
     def _claim(self, msg: pb.ProcessingRequest) -> Exchange | None:
-        fields = msg.metadata_context.filter_metadata.get(METADATA_NS)
-        if fields is None or "request_id" not in fields.fields:
-            return None  # a reply Envoy or the gateway made itself
-        pending = self._pending.pop(fields.fields["request_id"].string_value, None)
+        pending = self._pending.pop(_request_id(msg) or "", None)
         return pending.exchange if pending else None
 
     def sweep(self, now: float | None = None) -> None:
@@ -196,6 +237,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         for request_id, pending in list(self._pending.items()):
             if now - pending.since > ABANDONED_AFTER:
                 del self._pending[request_id]
+                self._rewrites.pop(request_id, None)
                 pending.exchange.finish("abandoned", "no response reached the gateway")
 
     async def sweep_forever(self, every: float = 60.0) -> None:

@@ -145,6 +145,28 @@ def replace_top_level(raw: bytes, key: str, value: Any) -> bytes:
     raise KeyError(key)
 
 
+def set_top_level(raw: bytes, key: str, value: Any) -> bytes:
+    """Replace a top-level field's value, or add the field before the closing brace."""
+    try:
+        return replace_top_level(raw, key, value)
+    except KeyError:
+        text = raw.decode("utf-8").rstrip()
+        close = text.rindex("}")
+        head = text[:close].rstrip()
+        sep = "" if head.endswith("{") else ", "
+        return (f"{head}{sep}{json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}"
+                f"{text[close:]}").encode()
+
+
+def wants_usage_chunk(route: Route, doc: dict[str, Any]) -> bool:
+    """A streamed chat completion that did not ask for its usage: the gateway asks for it
+    (so the stream can be metered exactly) and hides that extra chunk from the client."""
+    if route.name != "chat_completions" or doc.get("stream") is not True:
+        return False
+    options = doc.get("stream_options")
+    return not (isinstance(options, dict) and options.get("include_usage") is True)
+
+
 def _skip(text: str, i: int) -> int:
     while text[i] in _WS:
         i += 1

@@ -19,7 +19,7 @@ from tollgate.pricing import ModelPrice, cost_micros
 from tollgate.request import Attempt
 from tollgate.routes import Route
 from tollgate.scopes import Lineage
-from tollgate.sse import Event, SSEParser
+from tollgate.sse import Event, EventFilter, SSEParser
 from tollgate.telemetry import RequestTrace, log_access
 
 log = logging.getLogger("tollgate")
@@ -44,7 +44,8 @@ class Exchange:
     def __init__(self, *, trace: RequestTrace, prefix: str, route: Route, key: VirtualKey,
                  requested_model: str | None, model: str | None, attempt: Attempt,
                  stream: bool, billing: Billing,
-                 settle: Callable[[Exchange, LedgerRow], None]) -> None:
+                 settle: Callable[[Exchange, LedgerRow], None],
+                 strip_usage: bool = False) -> None:
         self.trace = trace
         self.prefix = prefix
         self.route = route
@@ -64,6 +65,9 @@ class Exchange:
         self.body = bytearray()
         self._sse = SSEParser()
         self._finished = False
+        # Set when the gateway asked for a usage chunk the client did not: it is removed
+        # from what the client receives.
+        self.rewriter = EventFilter(usage_of.is_usage_only_chunk) if strip_usage else None
 
     @property
     def provider_id(self) -> str:
@@ -95,6 +99,13 @@ class Exchange:
         elif len(self.body) < _KEEP_BODY:
             self.body += data[: _KEEP_BODY - len(self.body)]
         return data
+
+    def relay(self, data: bytes) -> bytes:
+        """For hosts whose bytes pass through the core: tap, then rewrite; b"" ends it."""
+        self.on_chunk(data)
+        if self.rewriter is None:
+            return data
+        return self.rewriter.feed(data) if data else self.rewriter.flush()
 
     def decision(self) -> dict[str, Any]:
         return {

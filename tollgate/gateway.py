@@ -101,6 +101,14 @@ class Gateway:
             attempt = routing.build_attempt(first, req.path, dict(req.headers), strip)
             if first.model != body.model:
                 attempt.body = bodies.replace_top_level(req.body, "model", first.model)
+            strip_usage = bodies.wants_usage_chunk(route, body.doc)
+            if strip_usage:
+                options = body.doc.get("stream_options")
+                options = {**(options if isinstance(options, dict) else {}),
+                           "include_usage": True}
+                attempt.body = bodies.set_top_level(
+                    req.body if attempt.body is None else attempt.body, "stream_options",
+                    options)
             attempt.set_headers["traceparent"] = trace.traceparent
             # Identity encoding upstream so the tap reads usage from plain bytes; the client's
             # SDK decodes either way.
@@ -109,7 +117,8 @@ class Gateway:
                                           first.provider.id, first.model)
             exchange = Exchange(trace=trace, prefix=settings.header_prefix, route=route, key=key,
                                 requested_model=body.model, model=first.model, attempt=attempt,
-                                stream=body.stream, billing=billing, settle=self._settle)
+                                stream=body.stream, billing=billing, settle=self._settle,
+                                strip_usage=strip_usage)
             return Forward(exchange, attempt)
         except GatewayError as e:
             return self._error(trace, loaded, family, e, key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -55,3 +56,36 @@ class SSEParser:
         elif name == "id":
             self._id = value
         return None
+
+
+_BLOCK_END = (b"\r\n\r\n", b"\n\n", b"\r\r")
+
+
+class EventFilter:
+    """Drops whole events from a byte stream and passes every other byte through untouched.
+
+    Bytes are held back only until the event they belong to is complete, so a stream keeps
+    flowing event by event.
+    """
+
+    def __init__(self, drop: Callable[[Event], bool]):
+        self._drop = drop
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._buf += chunk
+        out = []
+        while True:
+            ends = [(i, len(sep)) for sep in _BLOCK_END if (i := self._buf.find(sep)) != -1]
+            if not ends:
+                break
+            i, n = min(ends)
+            block, self._buf = self._buf[: i + n], self._buf[i + n:]
+            events = SSEParser().feed(block)
+            if not (events and all(self._drop(e) for e in events)):
+                out.append(block)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._buf = self._buf, b""
+        return rest

@@ -130,5 +130,17 @@ def from_events(family: str, events: list[Event]) -> Usage:
     return usage
 
 
+def is_usage_only_chunk(event: Event) -> bool:
+    """The extra chat-completions chunk `stream_options.include_usage` adds: no choices,
+    just usage. Dropped from the client's stream when the gateway asked for it."""
+    if not event.data.startswith("{"):
+        return False
+    try:
+        doc = json.loads(event.data)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("choices") == [] and bool(doc.get("usage"))
+
+
 def estimate_tokens(chars: int) -> int:
     return -(-chars // CHARS_PER_TOKEN)

@@ -157,7 +157,7 @@ def test_embeddings(gateway, fake_openai):
 def test_anthropic_count_tokens(gateway, fake_anthropic):
     key = gateway.create_key()
     result = ant(gateway, key).messages.count_tokens(
-        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hello"}])
+        model="claude-haiku-4-5", messages=[{"role": "user", "content": "hello"}])
     assert result.input_tokens > 0
     assert fake_anthropic.requests[-1].path.startswith("/v1/messages/count_tokens")
 
@@ -246,3 +246,4 @@ def test_tap_sees_every_byte_without_changing_them(gateway, fake_openai, stream)
         assert record["sse_events"] == received.count(b"data: ")
     else:
         assert json.loads(received)["choices"][0]["message"]["content"] == TEXT
+        assert r.headers["content-length"] == str(len(received))  # the provider's own

@@ -63,6 +63,7 @@ class FakeProvider:
     api_key: str
     port: int = 0
     chunk_delay: float = 0.0
+    response_delay: float = 0.0  # before any response: keeps requests in flight together
     requests: list[Recorded] = field(default_factory=list)
     _script: deque[Behaviour] = field(default_factory=deque)
     _server: ThreadingHTTPServer | None = None
@@ -75,6 +76,7 @@ class FakeProvider:
         self.requests.clear()
         self._script.clear()
         self.chunk_delay = 0.0
+        self.response_delay = 0.0
 
     def next_behaviour(self) -> Behaviour:
         return self._script.popleft() if self._script else Behaviour()
@@ -185,6 +187,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorised(rec):
             return
         behaviour = fake.next_behaviour()
+        if fake.response_delay:
+            time.sleep(fake.response_delay)
         if behaviour.kind == "hang":
             time.sleep(behaviour.seconds)
             self.close_connection = True

@@ -1,0 +1,216 @@
+"""Usage, cost and budgets end to end through each host, with the official SDKs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.harness import ROOT, wait_until
+from tollgate.config.load import load_config
+from tollgate.ledger import LedgerRow
+from tollgate.pricing import cost_micros, load_prices
+from tollgate.store import open_store
+from tollgate.usage import Usage
+
+PRICES = load_prices(ROOT / "config" / "prices.yaml")
+RID = "x-langwatch-request-id"
+
+
+def ledger(config: Path) -> list[LedgerRow]:
+    loaded = load_config(config)
+    settings = loaded.config.gateway
+
+    async def read() -> list[LedgerRow]:
+        store = open_store(settings.state, config.parent, settings.spool, owner=False)
+        try:
+            return await store.rows()
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def ledger_row(gateway, request_id: str) -> LedgerRow:
+    return wait_until(lambda: next((r for r in ledger(gateway.config)
+                                    if r.request_id == request_id), None),
+                      timeout=5, what=f"ledger row {request_id}")
+
+
+def expect_cost(model: str, usage: Usage) -> int:
+    price = PRICES.lookup(model)
+    assert price is not None
+    return cost_micros(usage, price)
+
+
+def oai(gateway, key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
+
+
+def ant(gateway, key) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gateway.url, api_key=key.secret, max_retries=0)
+
+
+MESSAGES = [{"role": "user", "content": "Say hello to the metering tests."}]
+
+
+def test_openai_chat_json_usage_and_cost(gateway):
+    key = gateway.create_key()
+    raw = oai(gateway, key).chat.completions.with_raw_response.create(
+        model="gpt-5-mini", messages=MESSAGES, max_tokens=64)
+    u = raw.parse().usage
+    row = ledger_row(gateway, raw.headers[RID])
+    assert (row.input_tokens, row.output_tokens) == (u.prompt_tokens, u.completion_tokens)
+    assert row.usage_reported and row.status == 200 and row.outcome == "completed"
+    assert row.cost_micros == expect_cost("gpt-5-mini", Usage(
+        input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens))
+    assert (row.key_id, row.principal, row.org, row.provider) == (
+        key.id, "alice@acme.com", "acme", "mp_openai")
+
+
+def test_openai_chat_stream_is_metered_exactly_and_usage_chunk_hidden(gateway, fake_openai):
+    key = gateway.create_key()
+    with oai(gateway, key).chat.completions.with_streaming_response.create(
+            model="gpt-5-mini", messages=MESSAGES, stream=True) as response:
+        request_id = response.headers[RID]
+        chunks = list(response.parse())
+    # The client did not ask for usage, so it sees no usage chunk (every chunk has a choice)...
+    assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+    # ...but the provider was asked, and the ledger has its exact numbers.
+    sent = fake_openai.requests[-1].json()
+    assert sent["stream_options"] == {"include_usage": True}
+    row = ledger_row(gateway, request_id)
+    assert row.usage_reported
+    assert row.output_tokens == len(chunks) - 2  # words (role chunk and stop chunk excluded)
+    assert row.cost_micros == expect_cost("gpt-5-mini", Usage(
+        input_tokens=row.input_tokens, output_tokens=row.output_tokens))
+
+
+def test_client_that_asks_for_usage_still_gets_it(gateway, fake_openai):
+    key = gateway.create_key()
+    sent: list[bytes] = []
+    stream = openai.OpenAI(
+        base_url=gateway.openai_base, api_key=key.secret, max_retries=0,
+        http_client=openai.DefaultHttpxClient(event_hooks={"request": [
+            lambda r: sent.append(r.read())]})).chat.completions.create(
+        model="gpt-5-mini", messages=MESSAGES, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert fake_openai.requests[-1].body == sent[-1]  # nothing to add: bytes untouched
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_api_usage(gateway, stream):
+    key = gateway.create_key()
+    client = oai(gateway, key)
+    if stream:
+        with client.responses.with_streaming_response.create(
+                model="gpt-5", input="hello", stream=True) as response:
+            request_id = response.headers[RID]
+            events = list(response.parse())
+        usage = events[-1].response.usage
+    else:
+        raw = client.responses.with_raw_response.create(model="gpt-5", input="hello")
+        request_id, usage = raw.headers[RID], raw.parse().usage
+    row = ledger_row(gateway, request_id)
+    assert (row.input_tokens, row.output_tokens) == (usage.input_tokens, usage.output_tokens)
+    assert row.cost_micros == expect_cost("gpt-5", Usage(input_tokens=usage.input_tokens,
+                                                         output_tokens=usage.output_tokens))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_usage(gateway, stream):
+    key = gateway.create_key()
+    client = ant(gateway, key)
+    if stream:
+        with client.messages.with_streaming_response.create(
+                model="claude-haiku-4-5", max_tokens=64, messages=MESSAGES,
+                stream=True) as response:
+            request_id = response.headers[RID]
+            events = list(response.parse())
+        output = events[-2].usage.output_tokens  # message_delta carries the total
+        input_tokens = events[0].message.usage.input_tokens
+    else:
+        raw = client.messages.with_raw_response.create(model="claude-haiku-4-5",
+                                                       max_tokens=64, messages=MESSAGES)
+        message = raw.parse()
+        request_id = raw.headers[RID]
+        output, input_tokens = message.usage.output_tokens, message.usage.input_tokens
+    row = ledger_row(gateway, request_id)
+    assert (row.input_tokens, row.output_tokens) == (input_tokens, output)
+    assert row.provider == "mp_anthropic" and row.usage_reported
+    assert row.cost_micros == expect_cost("claude-haiku-4-5", Usage(
+        input_tokens=input_tokens, output_tokens=output))
+
+
+def test_abandoned_stream_is_still_charged(gateway, fake_anthropic):
+    key = gateway.create_key()
+    fake_anthropic.chunk_delay = 0.2
+    body = {"model": "claude-haiku-4-5", "max_tokens": 64, "stream": True,
+            "messages": MESSAGES}
+    with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body,
+                      headers={"x-api-key": key.secret}) as r:
+        request_id = r.headers[RID]
+        received = b""
+        for chunk in r.iter_raw():
+            received += chunk
+            if received.count(b"text_delta") >= 2:
+                break  # the client walks away mid-stream
+    row = wait_until(lambda: ledger_row(gateway, request_id), timeout=10)
+    assert row.outcome != "completed"
+    assert not row.usage_reported  # the provider's totals never arrived; estimated
+    assert row.input_tokens > 0 and row.output_tokens > 0 and row.cost_micros > 0
+
+
+def budget(gateway, *args: str) -> dict:
+    out = gateway.cli("gateway-budgets", "create", *args, "--format", "json")
+    return json.loads(out.stdout)
+
+
+def test_blocking_budget_refuses_with_402(gateway, fake_openai, fake_anthropic):
+    key = gateway.create_key()
+    b = budget(gateway, "--name", "tiny-cap", "--scope", "vk", "--vk", key.id,
+               "--window", "day", "--limit", "0.0001", "--on-breach", "block")
+    time.sleep(0.6)  # the reload is polled; the key already exists, so wait a tick
+    wait_until(lambda: httpx.post(f"{gateway.openai_base}/chat/completions", json={
+        "model": "gpt-5-mini", "messages": MESSAGES, "max_tokens": 2000},
+        headers={"authorization": f"Bearer {key.secret}"}).status_code == 402,
+        timeout=3, what="the budget to load")
+    with pytest.raises(openai.APIStatusError) as exc:
+        oai(gateway, key).chat.completions.create(model="gpt-5-mini", messages=MESSAGES,
+                                                  max_tokens=2000)
+    assert exc.value.status_code == 402
+    error = exc.value.body
+    assert error["code"] == "budget_exceeded"
+    for part in (b["id"], "tiny-cap", "vk", key.id, "window day", "limit $0.000100", "spent"):
+        assert part in error["message"]
+    assert int(exc.value.response.headers["retry-after"]) > 0
+    with pytest.raises(anthropic.APIStatusError) as aexc:
+        ant(gateway, key).messages.create(model="claude-haiku-4-5", max_tokens=2000,
+                                          messages=MESSAGES)
+    assert aexc.value.status_code == 402
+    assert aexc.value.body["error"]["code"] == "budget_exceeded"
+    assert fake_openai.requests == [] and fake_anthropic.requests == []
+
+
+def test_warning_budget_serves_and_warns(gateway):
+    key = gateway.create_key()
+    b = budget(gateway, "--name", "soft-cap", "--scope", "vk", "--vk", key.id,
+               "--window", "month", "--limit", "0.0001", "--on-breach", "warn")
+
+    def warned() -> str | None:
+        r = httpx.post(f"{gateway.openai_base}/chat/completions", json={
+            "model": "gpt-5-mini", "messages": MESSAGES, "max_tokens": 100},
+            headers={"authorization": f"Bearer {key.secret}"})
+        assert r.status_code == 200
+        return r.headers.get("x-langwatch-budget-warning")
+
+    warning = wait_until(warned, timeout=3, what="the budget warning")
+    assert b["id"] in warning and "soft-cap" in warning
