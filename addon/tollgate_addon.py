@@ -99,7 +99,11 @@ class TollgateAddon:
             resp.headers[name] = value
         if exchange.is_sse:
             # Stream through the tap: bytes go to the client as they arrive, never buffered.
-            resp.stream = exchange.relay
+            def relay(data: bytes) -> list[bytes]:
+                out = exchange.relay(data)
+                return [out] if out else []  # an empty chunk would end an HTTP/1 body
+
+            resp.stream = relay
 
     def response(self, flow: http.HTTPFlow) -> None:
         exchange: Exchange | None = flow.metadata.get(_META)

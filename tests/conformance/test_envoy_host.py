@@ -4,6 +4,7 @@ clean shutdown."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -41,10 +42,10 @@ def new_key(config) -> str:
 
 
 def start_extproc(config, port: int, log) -> subprocess.Popen:
-    proc = subprocess.Popen([str(BIN / "tollgate"), "--config", str(config), "serve", "extproc",
-                             "--listen", f"127.0.0.1:{port}"], stdout=log,
-                            stderr=subprocess.STDOUT)
-    return proc
+    return subprocess.Popen([str(BIN / "tollgate"), "--config", str(config), "serve",
+                             "extproc", "--listen", f"127.0.0.1:{port}"], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ,
+                                                           "PYTHONFAULTHANDLER": "1"})
 
 
 def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai):
@@ -69,7 +70,12 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai):
         assert ok
 
         extproc.terminate()
-        extproc.wait(10)
+        try:
+            extproc.wait(10)
+        except subprocess.TimeoutExpired:
+            extproc.send_signal(signal.SIGABRT)
+            import time; time.sleep(1)
+            raise
         fake_openai.reset()
         down = httpx.post(url, json=CHAT, headers=headers)
         assert down.status_code == 503

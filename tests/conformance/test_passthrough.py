@@ -235,6 +235,8 @@ def test_tap_sees_every_byte_without_changing_them(gateway, fake_openai, stream)
     fake_openai.chunk_delay = 0.02 if stream else 0
     body = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "x"}],
             "stream": stream}
+    if stream:  # asked for by the client, so the gateway passes the stream through as is
+        body["stream_options"] = {"include_usage": True}
     with httpx.stream("POST", f"{gateway.openai_base}/chat/completions", json=body,
                       headers={"authorization": f"Bearer {key.secret}"}) as r:
         received = b"".join(r.iter_raw())
@@ -247,3 +249,18 @@ def test_tap_sees_every_byte_without_changing_them(gateway, fake_openai, stream)
     else:
         assert json.loads(received)["choices"][0]["message"]["content"] == TEXT
         assert r.headers["content-length"] == str(len(received))  # the provider's own
+
+
+def test_usage_chunk_the_gateway_asked_for_is_cut_cleanly(gateway, fake_openai):
+    key = gateway.create_key()
+    body = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "x"}],
+            "stream": True}
+    with httpx.stream("POST", f"{gateway.openai_base}/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {key.secret}"}) as r:
+        received = b"".join(r.iter_raw())
+        request_id = r.headers[PREFIX + "request-id"]
+    assert received.endswith(b"data: [DONE]\n\n")  # the stream goes on after the cut
+    assert b'"choices": []' not in received and b'"usage"' not in received
+    record = access_record(gateway, request_id)
+    assert record["bytes_out"] > len(received)  # the tap saw the usage chunk
+    assert record["usage_reported"] is True

@@ -51,18 +51,22 @@ return out
 """
 
 # KEYS[1]: settled-request marker, KEYS[2]: ledger stream, KEYS[3..]: counters.
-# ARGV: reserved, cost, ledger row (JSON), marker TTL.
+# ARGV: reserved, cost, ledger row (JSON), marker TTL. The marker is set last: Redis does
+# not roll back a script that fails half-way, and a marker without its writes would make
+# the replay of that request a no-op.
 FINISH = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[4])) then
+if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
+local reserved = tonumber(ARGV[1])
 for i = 3, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'spent', tonumber(ARGV[2]))
-  if redis.call('HINCRBY', KEYS[i], 'reserved', -tonumber(ARGV[1])) < 0 then
+  redis.call('HINCRBY', KEYS[i], 'spent', ARGV[2])
+  if reserved > 0 and redis.call('HINCRBY', KEYS[i], 'reserved', 0 - reserved) < 0 then
     redis.call('HSET', KEYS[i], 'reserved', 0)
   end
 end
 redis.call('XADD', KEYS[2], '*', 'row', ARGV[3])
+redis.call('SET', KEYS[1], '1', 'EX', tonumber(ARGV[4]))
 return 1
 """
 

@@ -1,0 +1,196 @@
+"""Budgets under load, across replicas, restarts and a state store that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conformance.test_metering import PRICES, ledger
+from tests.conftest import HOSTS, make_config
+from tests.harness import GatewayProcess, RedisServer, tollgate, wait_until
+from tollgate.pricing import worst_case_micros
+
+MAX_TOKENS = 500
+BODY = json.dumps({"model": "gpt-5-mini", "max_tokens": MAX_TOKENS,
+                   "messages": [{"role": "user", "content": "budget test"}]}).encode()
+# What the gateway reserves for BODY: input estimated at one token per two bytes.
+WORST_CASE = worst_case_micros(math.ceil(len(BODY) / 2), MAX_TOKENS, PRICES.lookup("gpt-5-mini"))
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def configure(tmp_path: Path, fake_openai, fake_anthropic, state: str,
+              fail_closed: bool = True) -> Path:
+    config = make_config(tmp_path, fake_openai, fake_anthropic)
+    text = config.read_text().replace('state: "sqlite:///.tollgate/state.db"',
+                                      f'state: "{state}"')
+    if not fail_closed:
+        text = text.replace("max_body_bytes:", "fail_closed: false\n  max_body_bytes:")
+    config.write_text(text)
+    return config
+
+
+def key_and_budget(config: Path, limit_micros: int) -> tuple[str, str]:
+    key = json.loads(tollgate("virtual-keys", "create", "--name", "load", "--scope",
+                              "TEAM:team_eng", "--principal", "bob@acme.com", "--format",
+                              "json", config=config).stdout)
+    budget = json.loads(tollgate("gateway-budgets", "create", "--name",
+                                 "engineering-monthly-cap", "--scope", "team", "--team",
+                                 "team_eng", "--window", "month", "--limit",
+                                 str(limit_micros / 1_000_000), "--on-breach", "block",
+                                 "--format", "json", config=config).stdout)
+    return key["secret"], budget["id"]
+
+
+async def burst(urls: list[str], secret: str, n: int) -> list[int]:
+    limits = httpx.Limits(max_connections=n)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        async def one(i: int) -> int:
+            r = await client.post(f"{urls[i % len(urls)]}/v1/chat/completions", content=BODY,
+                                  headers={"authorization": f"Bearer {secret}"})
+            return r.status_code
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def budget_status(config: Path, budget_id: str) -> dict:
+    return json.loads(tollgate("gateway-budgets", "status", budget_id, "--format", "json",
+                               config=config).stdout)
+
+
+def state_url(tmp_path: Path, store: str, redis: RedisServer | None) -> str:
+    return redis.url if store == "redis" else f"sqlite:///{tmp_path / 'state.db'}"
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+@pytest.mark.parametrize("host", HOSTS)
+def test_concurrent_requests_never_spend_past_a_blocking_budget(
+        host, store, tmp_path, fake_openai, fake_anthropic, request):
+    redis = request.getfixturevalue("redis") if store == "redis" else None
+    config = configure(tmp_path, fake_openai, fake_anthropic, state_url(tmp_path, store, redis))
+    limit = 10 * WORST_CASE
+    secret, budget_id = key_and_budget(config, limit)
+    fake_openai.response_delay = 1.5  # all 100 are in flight at once
+    gw = GatewayProcess(host, config, tmp_path).start()
+    try:
+        statuses = asyncio.run(burst([gw.url], secret, 100))
+    finally:
+        gw.stop()
+    served, refused = statuses.count(200), statuses.count(402)
+    assert served + refused == 100, statuses
+    assert served == 10  # exactly what the worst-case reservations allow in flight
+    rows = ledger(config)
+    assert len(rows) == served
+    assert sum(r.cost_micros for r in rows) <= limit
+    status = budget_status(config, budget_id)
+    assert status["reserved_usd"] == 0  # every reservation settled
+    assert round(status["spent_usd"] * 1_000_000) == sum(r.cost_micros for r in rows)
+
+
+def test_two_replicas_share_one_budget_through_redis(tmp_path, redis, fake_openai,
+                                                     fake_anthropic):
+    config = configure(tmp_path, fake_openai, fake_anthropic, redis.url)
+    limit = 10 * WORST_CASE
+    secret, budget_id = key_and_budget(config, limit)
+    fake_openai.response_delay = 1.5
+    replicas = [GatewayProcess(host, config, tmp_path).start() for host in ("mitmproxy",
+                                                                            "envoy")]
+    try:
+        statuses = asyncio.run(burst([r.url for r in replicas], secret, 60))
+    finally:
+        for r in replicas:
+            r.stop()
+    assert statuses.count(200) == 10 and statuses.count(402) == 50
+    rows = ledger(config)
+    assert len(rows) == 10 and sum(r.cost_micros for r in rows) <= limit
+    assert budget_status(config, budget_id)["reserved_usd"] == 0
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_spend_and_budgets_survive_a_restart(store, tmp_path, fake_openai, fake_anthropic,
+                                             request):
+    redis = request.getfixturevalue("redis") if store == "redis" else None
+    config = configure(tmp_path, fake_openai, fake_anthropic, state_url(tmp_path, store, redis))
+    secret, budget_id = key_and_budget(config, 100 * WORST_CASE)
+    headers = {"authorization": f"Bearer {secret}"}
+    first = GatewayProcess("mitmproxy", config, tmp_path).start()
+    try:
+        for _ in range(3):
+            assert httpx.post(f"{first.url}/v1/chat/completions", content=BODY,
+                              headers=headers).status_code == 200
+    finally:
+        first.stop()
+    spent = budget_status(config, budget_id)["spent_usd"]
+    assert spent > 0 and len(ledger(config)) == 3
+
+    # Tighten the budget so that what was spent before the restart leaves too little room.
+    tollgate("gateway-budgets", "delete", budget_id, config=config)
+    limit = round(spent * 1_000_000) + WORST_CASE // 2
+    again = json.loads(tollgate(
+        "gateway-budgets", "create", "--id", budget_id, "--name", "engineering-monthly-cap",
+        "--scope", "team", "--team", "team_eng", "--window", "month", "--limit",
+        str(limit / 1_000_000), "--format", "json", config=config).stdout)
+    assert again["id"] == budget_id
+    second = GatewayProcess("envoy", config, tmp_path).start()
+    try:
+        r = httpx.post(f"{second.url}/v1/chat/completions", content=BODY, headers=headers)
+        assert r.status_code == 402, r.text
+        assert budget_id in r.json()["error"]["message"]
+    finally:
+        second.stop()
+    assert budget_status(config, budget_id)["spent_usd"] == spent
+    assert len(ledger(config)) == 3
+
+
+def test_redis_down_fail_closed_refuses_with_503(tmp_path, redis, fake_openai,
+                                                 fake_anthropic):
+    config = configure(tmp_path, fake_openai, fake_anthropic, redis.url)
+    secret, _ = key_and_budget(config, 100 * WORST_CASE)
+    gw = GatewayProcess("mitmproxy", config, tmp_path).start()
+    try:
+        headers = {"authorization": f"Bearer {secret}"}
+        url = f"{gw.url}/v1/chat/completions"
+        assert httpx.post(url, content=BODY, headers=headers).status_code == 200
+        redis.stop()
+        r = httpx.post(url, content=BODY, headers=headers, timeout=30)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "gateway_unavailable"
+        assert len(fake_openai.requests) == 1  # the refused request never left
+    finally:
+        gw.stop()
+
+
+def test_redis_down_fail_open_serves_and_loses_nothing(tmp_path, redis, fake_openai,
+                                                       fake_anthropic):
+    config = configure(tmp_path, fake_openai, fake_anthropic, redis.url, fail_closed=False)
+    secret, budget_id = key_and_budget(config, 100 * WORST_CASE)
+    gw = GatewayProcess("envoy", config, tmp_path).start()
+    try:
+        headers = {"authorization": f"Bearer {secret}"}
+        url = f"{gw.url}/v1/chat/completions"
+        assert httpx.post(url, content=BODY, headers=headers).status_code == 200
+        wait_until(lambda: len(ledger(config)) == 1, timeout=5, what="first row")
+        redis.stop()
+        ids = []
+        for _ in range(3):
+            r = httpx.post(url, content=BODY, headers=headers, timeout=30)
+            assert r.status_code == 200
+            ids.append(r.headers["x-langwatch-request-id"])
+        redis.start()  # same port and data directory: what was in it is still there
+        rows = wait_until(lambda: (rows := ledger(config)) and len(rows) == 4 and rows,
+                          timeout=15, what="spooled rows to reach redis")
+        assert {r.request_id for r in rows} >= set(ids)
+        spent = round(budget_status(config, budget_id)["spent_usd"] * 1_000_000)
+        assert spent == sum(r.cost_micros for r in rows)
+    finally:
+        gw.stop()

@@ -1,0 +1,122 @@
+"""The state stores behind one interface: SQLite and a real Redis, same behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from tests.harness import RedisServer
+from tollgate.budgets import Hold, window
+from tollgate.config.schema import Budget
+from tollgate.ledger import LedgerRow, report
+from tollgate.store.redis import RedisStore
+from tollgate.store.spool import Spooled
+from tollgate.store.sqlite import SQLiteStore
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def hold(limit_usd: float, on_breach: str = "block", ident: str = "b_1") -> Hold:
+    b = Budget(id=ident, name=ident, scope="team", team="team_eng", window="month",
+               limit=limit_usd, on_breach=on_breach)
+    w = window("month", NOW)
+    return Hold(b, w.key, w.end)
+
+
+def row(request_id: str, cost: int, principal: str = "alice") -> LedgerRow:
+    return LedgerRow(request_id=request_id, ts=NOW.isoformat(), key_id="vk_1", key_name="k",
+                     principal=principal, org="acme", team="team_eng", project=None,
+                     provider="mp_openai", model="gpt-5-mini", route="chat_completions",
+                     cost_micros=cost)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "state.db")
+        yield s
+        asyncio.run(s.close())
+    else:
+        server = RedisServer(tmp_path / "redis").start()
+        yield RedisStore(server.url)
+        server.stop()
+
+
+def test_reserve_is_all_or_nothing_and_settles(store):
+    async def scenario():
+        tight, loose = hold(0.000100), hold(1.0, ident="b_2")
+        first = await store.reserve("r1", [tight, loose], 60)
+        assert first.granted
+        second = await store.reserve("r2", [loose, tight], 60)  # tight would pass 100
+        assert not second.granted and second.refused_by == 1
+        assert [c.reserved for c in await store.counters([tight, loose])] == [60, 60]
+        await store.finish([tight.counter, loose.counter], 60, row("r1", 25))
+        await store.finish([tight.counter, loose.counter], 60, row("r1", 25))  # replay
+        counters = await store.counters([tight, loose])
+        assert [(c.spent, c.reserved) for c in counters] == [(25, 0), (25, 0)]
+        assert (await store.reserve("r3", [tight], 60)).granted  # 25 + 60 <= 100
+        rows = await store.rows()
+        assert [r.request_id for r in rows] == ["r1"]
+
+    asyncio.run(scenario())
+
+
+def test_warn_budgets_count_but_never_refuse(store):
+    async def scenario():
+        soft = hold(0.000010, on_breach="warn")
+        assert (await store.reserve("r1", [soft], 500)).granted
+        assert (await store.reserve("r2", [soft], 500)).granted
+        await store.finish([soft.counter], 0, row("r0", 7))  # served with no reservation
+        c = (await store.counters([soft]))[0]
+        assert (c.spent, c.reserved) == (7, 1000)
+
+    asyncio.run(scenario())
+
+
+def test_sqlite_releases_reservations_of_a_previous_run(tmp_path):
+    async def scenario():
+        first = SQLiteStore(tmp_path / "s.db")
+        await first.reserve("r1", [hold(1.0)], 100)
+        await first.finish([hold(1.0).counter], 0, row("r0", 40))
+        await first.close()
+        reader = SQLiteStore(tmp_path / "s.db", owner=False)
+        assert (await reader.counters([hold(1.0)]))[0].reserved == 100
+        await reader.close()
+        again = SQLiteStore(tmp_path / "s.db")  # a gateway starting up
+        c = (await again.counters([hold(1.0)]))[0]
+        assert (c.spent, c.reserved) == (40, 0)
+        await again.close()
+
+    asyncio.run(scenario())
+
+
+def test_spool_replays_in_order_when_redis_returns(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+
+    async def scenario():
+        store = Spooled(RedisStore(server.url), tmp_path / "spool.db")
+        await store.finish(["b_1:2026-11"], 0, row("r0", 1))
+        server.stop()
+        for i in (1, 2, 3):
+            await store.finish(["b_1:2026-11"], 0, row(f"r{i}", 10))
+        assert store.pending() == 3
+        server.start()
+        assert await store.flush() == 3
+        assert store.pending() == 0
+        assert [r.request_id for r in await store.rows()] == ["r0", "r1", "r2", "r3"]
+        assert (await store.counters([hold(1.0)]))[0].spent == 31
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
+def test_spend_report_groups_and_sorts():
+    rows = [row("a", 5, "alice"), row("b", 7, "bob"), row("c", 3, "alice")]
+    out = report(rows, "principal")
+    assert [(r["principal"], r["requests"], r["cost_micros"]) for r in out] == [
+        ("alice", 2, 8), ("bob", 1, 7)]
