@@ -48,6 +48,17 @@ def start_extproc(config, port: int, log) -> subprocess.Popen:
                                                            "PYTHONFAULTHANDLER": "1"})
 
 
+def stop_extproc(proc: subprocess.Popen) -> None:
+    """SIGTERM must end it promptly; if not, SIGABRT makes faulthandler show where it hangs."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(5)
+        raise
+
+
 def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai):
     """`tollgate envoy render` + `tollgate serve extproc`: ext_proc down is a clear 503, and
     traffic resumes when it is back, with no Envoy restart."""
@@ -69,13 +80,7 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai):
                         timeout=20, what="envoy + ext_proc")
         assert ok
 
-        extproc.terminate()
-        try:
-            extproc.wait(10)
-        except subprocess.TimeoutExpired:
-            extproc.send_signal(signal.SIGABRT)
-            import time; time.sleep(1)
-            raise
+        stop_extproc(extproc)
         fake_openai.reset()
         down = httpx.post(url, json=CHAT, headers=headers)
         assert down.status_code == 503
@@ -91,9 +96,9 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai):
         assert envoy.poll() is None  # the same Envoy throughout
         assert fake_openai.requests[-1].headers["authorization"] == f"Bearer {OPENAI_KEY}"
     finally:
-        for proc in (extproc, envoy):
-            proc.terminate()
-            proc.wait(10)
+        stop_extproc(extproc)
+        envoy.terminate()
+        envoy.wait(10)
         log.close()
 
 

@@ -135,9 +135,31 @@ def read_section(ctx: click.Context, section: str) -> list[dict[str, Any]]:
 def get_one(ctx: click.Context, section: str, ident: str) -> dict[str, Any]:
     item = next((i for i in read_section(ctx, section) if i.get("id") == ident), None)
     if item is None:
-        fail(f"no {section.rstrip('s').replace('_', ' ')} with id {ident!r}")
+        noun = {"budgets": "budget", "routing_policies": "routing policy"}.get(
+            section, section.rstrip("s").replace("_", " "))
+        fail(f"no {noun} with id {ident!r}")
     return item  # type: ignore[return-value]
 
 
 def stdin_is_tty() -> bool:
     return sys.stdin.isatty()
+
+
+def add_get_delete(group: click.Group, section: str, noun: str, help_delete: str = "") -> None:
+    """`get ID` and `delete ID` for one config section."""
+
+    @group.command("get", help=f"Show one {noun}.")
+    @click.argument("ident")
+    @format_option
+    @click.pass_context
+    def get(ctx: click.Context, ident: str, fmt: str) -> None:
+        emit(get_one(ctx, section, ident), fmt)
+
+    @group.command("delete", help=help_delete or f"Delete a {noun}.")
+    @click.argument("ident")
+    @click.pass_context
+    def delete(ctx: click.Context, ident: str) -> None:
+        with edit(ctx) as doc:
+            if not doc.remove(section, ident):
+                fail(f"no {noun} with id {ident!r}")
+        click.echo(f"deleted {ident}")

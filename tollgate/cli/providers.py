@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from tollgate.cli.common import (
+    add_get_delete,
     edit,
     emit,
     fail,
@@ -96,14 +97,6 @@ def list_providers(ctx: click.Context, fmt: str) -> None:
     emit(read_section(ctx, "model_providers"), fmt, PROVIDER_COLUMNS)
 
 
-@model_providers.command("get")
-@click.argument("provider_id")
-@format_option
-@click.pass_context
-def get_provider(ctx: click.Context, provider_id: str, fmt: str) -> None:
-    emit(get_one(ctx, "model_providers", provider_id), fmt)
-
-
 @model_providers.command("update")
 @click.argument("provider_id")
 @click.option("--scope")
@@ -127,15 +120,8 @@ def update_provider(ctx: click.Context, provider_id: str, scope: str | None, fmt
     emit(get_one(ctx, "model_providers", provider_id), fmt)
 
 
-@model_providers.command("delete")
-@click.argument("provider_id")
-@click.pass_context
-def delete_provider(ctx: click.Context, provider_id: str) -> None:
-    """Delete a provider no routing policy uses."""
-    with edit(ctx) as doc:
-        if not doc.remove("model_providers", provider_id):
-            fail(f"no model provider with id {provider_id!r}")
-    click.echo(f"deleted {provider_id}")
+add_get_delete(model_providers, "model_providers", "model provider",
+               "Delete a provider no routing policy uses.")
 
 
 @click.group("routing-policies")
@@ -172,20 +158,5 @@ def list_policies(ctx: click.Context, fmt: str) -> None:
          ["id", "name", "scope", "strategy", "model_providers"])
 
 
-@routing_policies.command("get")
-@click.argument("policy_id")
-@format_option
-@click.pass_context
-def get_policy(ctx: click.Context, policy_id: str, fmt: str) -> None:
-    emit(get_one(ctx, "routing_policies", policy_id), fmt)
-
-
-@routing_policies.command("delete")
-@click.argument("policy_id")
-@click.pass_context
-def delete_policy(ctx: click.Context, policy_id: str) -> None:
-    """Delete a policy no key is bound to."""
-    with edit(ctx) as doc:
-        if not doc.remove("routing_policies", policy_id):
-            fail(f"no routing policy with id {policy_id!r}")
-    click.echo(f"deleted {policy_id}")
+add_get_delete(routing_policies, "routing_policies", "routing policy",
+               "Delete a policy no key is bound to.")

@@ -12,12 +12,12 @@ import click
 
 from tollgate import budgets as budget_rules
 from tollgate.cli.common import (
+    add_get_delete,
     config_path,
     edit,
     emit,
     fail,
     format_option,
-    get_one,
     new_id,
     read_section,
 )
@@ -105,22 +105,7 @@ def list_(ctx: click.Context, fmt: str) -> None:
     emit(rows, fmt, ["id", "name", "scope", "target", "window", "limit", "on_breach"])
 
 
-@gateway_budgets.command("get")
-@click.argument("budget_id")
-@format_option
-@click.pass_context
-def get(ctx: click.Context, budget_id: str, fmt: str) -> None:
-    emit(get_one(ctx, "budgets", budget_id), fmt)
-
-
-@gateway_budgets.command("delete")
-@click.argument("budget_id")
-@click.pass_context
-def delete(ctx: click.Context, budget_id: str) -> None:
-    with edit(ctx) as doc:
-        if not doc.remove("budgets", budget_id):
-            fail(f"no budget with id {budget_id!r}")
-    click.echo(f"deleted {budget_id}")
+add_get_delete(gateway_budgets, "budgets", "budget")
 
 
 @gateway_budgets.command("status")

@@ -179,15 +179,20 @@ def revoke(ctx: click.Context, key_id: str, fmt: str) -> None:
     _mutate(ctx, key_id, fmt, status="revoked")
 
 
+def _set_status(ctx: click.Context, key_id: str, fmt: str, status: str,
+                if_revoked: str) -> None:
+    if get_one(ctx, "virtual_keys", key_id).get("status") == "revoked":
+        fail(f"virtual key {key_id} is revoked; {if_revoked}")
+    _mutate(ctx, key_id, fmt, status=status)
+
+
 @virtual_keys.command()
 @click.argument("key_id")
 @format_option
 @click.pass_context
 def disable(ctx: click.Context, key_id: str, fmt: str) -> None:
     """Pause a key; `enable` brings it back."""
-    if get_one(ctx, "virtual_keys", key_id).get("status") == "revoked":
-        fail(f"virtual key {key_id} is revoked; revoked keys stay revoked")
-    _mutate(ctx, key_id, fmt, status="disabled")
+    _set_status(ctx, key_id, fmt, "disabled", "revoked keys stay revoked")
 
 
 @virtual_keys.command()
@@ -196,9 +201,7 @@ def disable(ctx: click.Context, key_id: str, fmt: str) -> None:
 @click.pass_context
 def enable(ctx: click.Context, key_id: str, fmt: str) -> None:
     """Re-enable a disabled key."""
-    if get_one(ctx, "virtual_keys", key_id).get("status") == "revoked":
-        fail(f"virtual key {key_id} is revoked; create a new key instead")
-    _mutate(ctx, key_id, fmt, status="active")
+    _set_status(ctx, key_id, fmt, "active", "create a new key instead")
 
 
 @virtual_keys.command()

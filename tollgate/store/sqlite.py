@@ -8,6 +8,8 @@ another writer (a CLI, a second process on the same file).
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -53,20 +55,13 @@ class SQLiteStore(Store):
                               (name,)).fetchone()
         return Counter(*row) if row else Counter()
 
-    async def reserve(self, request_id: str, holds: list[Hold], amount: int) -> Reservation:
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction, taking the write lock up front."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                found = [self._counter(h.counter) for h in holds]
-                for i, (hold, c) in enumerate(zip(holds, found, strict=True)):
-                    if hold.blocking and c.committed + amount > hold.limit_micros:
-                        self.db.execute("ROLLBACK")
-                        return Reservation(False, found, i)
-                for hold in holds:
-                    self.db.execute(
-                        "INSERT INTO budget_counters (counter, reserved) VALUES (?, ?) "
-                        "ON CONFLICT (counter) DO UPDATE SET reserved = reserved + ?",
-                        (hold.counter, amount, amount))
+                yield
                 self.db.execute("COMMIT")
             except BaseException:
                 if self.db.in_transaction:
@@ -74,31 +69,36 @@ class SQLiteStore(Store):
                 raise
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+
+    async def reserve(self, request_id: str, holds: list[Hold], amount: int) -> Reservation:
+        with self._transaction():
+            found = [self._counter(h.counter) for h in holds]
+            refused = next((i for i, (h, c) in enumerate(zip(holds, found, strict=True))
+                            if h.blocking and c.committed + amount > h.limit_micros), None)
+            if refused is not None:
+                return Reservation(False, found, refused)
+            for hold in holds:
+                self.db.execute(
+                    "INSERT INTO budget_counters (counter, reserved) VALUES (?, ?) "
+                    "ON CONFLICT (counter) DO UPDATE SET reserved = reserved + ?",
+                    (hold.counter, amount, amount))
         return Reservation(True, [Counter(c.spent, c.reserved + amount) for c in found])
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
         doc = row.to_dict()
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                inserted = self.db.execute(
-                    f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) "
-                    f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
-                    [doc[c] for c in _COLUMNS]).rowcount
-                if inserted:
-                    for counter in counters:
-                        self.db.execute(
-                            "INSERT INTO budget_counters (counter, spent) VALUES (?, ?) "
-                            "ON CONFLICT (counter) DO UPDATE SET spent = spent + ?, "
-                            "reserved = MAX(0, reserved - ?)",
-                            (counter, row.cost_micros, row.cost_micros, reserved))
-                self.db.execute("COMMIT")
-            except BaseException:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+        with self._transaction():
+            inserted = self.db.execute(
+                f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
+                [doc[c] for c in _COLUMNS]).rowcount
+            if not inserted:
+                return  # already settled: a replay changes nothing
+            for counter in counters:
+                self.db.execute(
+                    "INSERT INTO budget_counters (counter, spent) VALUES (?, ?) "
+                    "ON CONFLICT (counter) DO UPDATE SET spent = spent + ?, "
+                    "reserved = MAX(0, reserved - ?)",
+                    (counter, row.cost_micros, row.cost_micros, reserved))
 
     async def counters(self, holds: list[Hold]) -> list[Counter]:
         return [self._counter(h.counter) for h in holds]
