@@ -205,8 +205,9 @@ class Gateway:
 
     async def drain(self) -> None:
         """Wait for every finished request to be recorded (before shutting down)."""
-        while self._settling:
-            await asyncio.gather(*list(self._settling), return_exceptions=True)
+        # Finished tasks leave the set only on a later loop turn, so wait on unfinished ones.
+        while pending := [t for t in self._settling if not t.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def close(self) -> None:
         await self.drain()

@@ -177,3 +177,26 @@ def test_sigterm_stops_extproc_and_envoy(config, tmp_path):
     wait_until(lambda: not alive(envoy_pid), timeout=5, what="envoy to exit")
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{gw.url}/v1/models")
+
+
+def test_extproc_serves_grpc_health(config, tmp_path):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = free_port()
+    log = open(tmp_path / "extproc.log", "wb")  # noqa: SIM115
+    proc = start_extproc(config, port, log)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        def serving() -> bool:
+            reply = stub.Check(health_pb2.HealthCheckRequest(
+                service="envoy.service.ext_proc.v3.ExternalProcessor"), timeout=2)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        assert wait_until(serving, timeout=15, what="gRPC health")
+        channel.close()
+    finally:
+        stop_extproc(proc)
+        log.close()

@@ -194,3 +194,34 @@ def test_redis_down_fail_open_serves_and_loses_nothing(tmp_path, redis, fake_ope
         assert spent == sum(r.cost_micros for r in rows)
     finally:
         gw.stop()
+
+
+def test_spend_report_and_budget_status_from_the_cli(tmp_path, fake_openai, fake_anthropic):
+    config = configure(tmp_path, fake_openai, fake_anthropic,
+                       f"sqlite:///{tmp_path / 'state.db'}")
+    secret, budget_id = key_and_budget(config, 100 * WORST_CASE)
+    gw = GatewayProcess("mitmproxy", config, tmp_path).start()
+    try:
+        for _ in range(2):
+            assert httpx.post(f"{gw.url}/v1/chat/completions", content=BODY,
+                              headers={"authorization": f"Bearer {secret}"}).status_code == 200
+        wait_until(lambda: len(ledger(config)) == 2, timeout=5, what="ledger rows")
+    finally:
+        gw.stop()
+    rows = ledger(config)
+    total = sum(r.cost_micros for r in rows)
+    doc = json.loads(tollgate("spend", "report", "--by", "principal", "--window", "month",
+                              "--format", "json", config=config).stdout)
+    assert doc["by"] == "principal" and doc["window"] == "month"
+    assert doc["rows"] == [{"principal": "bob@acme.com", "requests": 2,
+                            "input_tokens": sum(r.input_tokens for r in rows),
+                            "output_tokens": sum(r.output_tokens for r in rows),
+                            "cached_input_tokens": 0, "cache_write_tokens": 0,
+                            "cost_micros": total, "estimated": 0,
+                            "cost_usd": round(total / 1_000_000, 6)}]
+    by_team = tollgate("spend", "report", "--by", "team", "--format", "csv", config=config)
+    assert by_team.stdout.splitlines()[1].startswith("team_eng,2,")
+    table = tollgate("spend", "report", "--by", "model", config=config).stdout
+    assert "gpt-5-mini" in table and "COST_USD" in table
+    status = budget_status(config, budget_id)
+    assert round(status["spent_usd"] * 1_000_000) == total and status["reserved_usd"] == 0

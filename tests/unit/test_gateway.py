@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from tollgate.cli.main import cli
 from tollgate.config.watch import ConfigHolder
 from tollgate.gateway import Gateway
 from tollgate.request import Forward, Reply, Request
+from tollgate.store.sqlite import SQLiteStore
 
 PEPPER = "core-pepper"
 
@@ -200,3 +202,48 @@ async def test_internal_failure_is_a_500_envelope_not_a_trace(setup, monkeypatch
     assert r.status == 500
     assert b"kaboom" not in r.body and b"Traceback" not in r.body
     assert json.loads(r.body)["error"]["code"] == "gateway_error"
+
+
+async def test_unpriced_model_is_refused_unless_allowed(setup, config_dir):
+    key, gateway = setup
+    path = config_dir / "gateway.yaml"
+    secret = key()
+    body = {"model": "gpt-5-pro-preview", "messages": [{"role": "user", "content": "hi"}]}
+    refused = await gateway().handle(request("/v1/chat/completions", body, secret))
+    assert refused.status == 400
+    assert json.loads(refused.body)["error"]["code"] == "model_not_priced"
+    path.write_text(path.read_text().replace("unpriced: block", "unpriced: allow"))
+    served = await gateway().handle(request("/v1/chat/completions", body, secret))
+    assert isinstance(served, Forward) and served.exchange.billing.price is None
+
+
+async def test_budget_with_provider_filter_applies_only_to_that_provider(setup, config_dir):
+    key, gateway = setup
+    secret = key()
+    result = CliRunner().invoke(cli, [
+        "--config", str(config_dir / "gateway.yaml"), "gateway-budgets", "create", "--name",
+        "anthropic-only", "--scope", "org", "--org", "acme", "--limit", "0.000001",
+        "--model-provider", "mp_anthropic_org"])
+    assert result.exit_code == 0, result.output
+    gw = gateway()
+    openai_side = await gw.handle(request("/v1/chat/completions", CHAT, secret))
+    assert isinstance(openai_side, Forward)
+    anthropic_side = await gw.handle(request("/v1/messages", MSG, secret))
+    assert anthropic_side.status == 402
+    assert "anthropic-only" in json.loads(anthropic_side.body)["error"]["message"]
+    assert int(anthropic_side.headers["retry-after"]) > 0
+
+
+async def test_close_waits_for_settlements_and_returns(setup):
+    key, gateway = setup
+    secret = key()
+    gw = gateway()
+    forward = await gw.handle(request("/v1/chat/completions", CHAT, secret))
+    forward.exchange.on_response_headers(200, {"content-type": "application/json"})
+    forward.exchange.on_chunk(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 2}}')
+    forward.exchange.finish("completed")  # schedules the settlement on this loop
+    # A finished settlement must not keep close() spinning; the guard only catches a hang.
+    await asyncio.wait_for(gw.close(), timeout=30)
+    rows = await SQLiteStore(gw.holder.path.parent / ".tollgate" / "state.db",
+                             owner=False).rows()
+    assert [(r.input_tokens, r.output_tokens) for r in rows] == [(3, 2)]
