@@ -1,0 +1,155 @@
+"""Translation between API families, checked against the official SDKs' own parsers."""
+
+from __future__ import annotations
+
+import json
+
+from anthropic.types import Message
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from tollgate.sse import SSEParser
+from tollgate.translate import (
+    AnthropicToOpenAIStream,
+    OpenAIToAnthropicStream,
+    anthropic_json_to_openai,
+    anthropic_to_openai,
+    error_to,
+    openai_json_to_anthropic,
+    openai_to_anthropic,
+)
+
+OPENAI_REQUEST = {
+    "model": "gpt-5-mini", "stream": True, "temperature": 1.5, "stop": "END",
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"},
+                                     {"type": "image_url",
+                                      "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "warm"},
+    ],
+    "tools": [{"type": "function", "function": {"name": "get_weather", "description": "w",
+                                                "parameters": {"type": "object"}}}],
+    "tool_choice": "required",
+}
+
+
+def test_openai_request_to_anthropic():
+    out = openai_to_anthropic(OPENAI_REQUEST, "claude-haiku-4-5")
+    assert out["model"] == "claude-haiku-4-5" and out["system"] == "Be brief."
+    assert out["max_tokens"] == 4096  # Anthropic requires it
+    assert out["temperature"] == 1.0 and out["stop_sequences"] == ["END"]
+    assert [m["role"] for m in out["messages"]] == ["user", "assistant", "user"]
+    assert out["messages"][0]["content"][1]["source"] == {
+        "type": "base64", "media_type": "image/png", "data": "AAAA"}
+    assert out["messages"][1]["content"] == [
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]
+    assert [b["tool_use_id"] for b in out["messages"][2]["content"]] == ["call_1", "call_2"]
+    assert out["tools"][0]["input_schema"] == {"type": "object"}
+    assert out["tool_choice"] == {"type": "any"}
+
+
+def test_anthropic_request_to_openai_and_back_keeps_the_conversation():
+    there = openai_to_anthropic(OPENAI_REQUEST, "claude-haiku-4-5")
+    back = anthropic_to_openai(there, "gpt-5-mini")
+    roles = [m["role"] for m in back["messages"]]
+    assert roles == ["system", "user", "assistant", "tool", "tool"]
+    assert back["messages"][2]["tool_calls"][0]["function"] == {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert back["tool_choice"] == "required"
+    assert back["stream_options"] == {"include_usage": True}
+    assert back["max_completion_tokens"] == 4096
+
+
+ANTHROPIC_MESSAGE = {
+    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+    "content": [{"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                 "input": {"city": "Paris"}}],
+    "stop_reason": "tool_use", "stop_sequence": None,
+    "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 2,
+              "cache_creation_input_tokens": 0},
+}
+
+
+def test_anthropic_json_to_openai_parses_with_the_openai_sdk():
+    completion = ChatCompletion.model_validate(
+        anthropic_json_to_openai(ANTHROPIC_MESSAGE, "gpt-5-mini"))
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    assert choice.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    assert completion.usage.prompt_tokens == 12
+    assert completion.usage.prompt_tokens_details.cached_tokens == 2
+
+
+def test_openai_json_to_anthropic_parses_with_the_anthropic_sdk():
+    completion = anthropic_json_to_openai(ANTHROPIC_MESSAGE, "gpt-5-mini")
+    message = Message.model_validate(openai_json_to_anthropic(completion, "claude-haiku-4-5"))
+    assert message.stop_reason == "tool_use"
+    assert message.content[1].type == "tool_use" and message.content[1].input == {
+        "city": "Paris"}
+    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens) == (10, 2)
+
+
+def sse(*events: tuple[str, dict]) -> bytes:
+    return b"".join(f"event: {k}\ndata: {json.dumps(d)}\n\n".encode() for k, d in events)
+
+
+ANTHROPIC_STREAM = sse(
+    ("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+    ("content_block_start", {"type": "content_block_start", "index": 0,
+                             "content_block": {"type": "text", "text": ""}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "text_delta", "text": "Hi"}}),
+    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+        "type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "input_json_delta", "partial_json": '{"ci'}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "input_json_delta", "partial_json": 'ty": 1}'}}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                       "usage": {"output_tokens": 7}}),
+    ("message_stop", {"type": "message_stop"}),
+)
+
+
+def test_anthropic_stream_to_openai_chunks_incrementally():
+    translator = AnthropicToOpenAIStream("gpt-5-mini", include_usage=True)
+    out = b"".join(translator.feed(ANTHROPIC_STREAM[i:i + 7])
+                   for i in range(0, len(ANTHROPIC_STREAM), 7))
+    events = SSEParser().feed(out)
+    assert events[-1].data == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate(json.loads(e.data)) for e in events[:-1]]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    args = "".join(tc.function.arguments or "" for c in chunks if c.choices
+                   for tc in c.choices[0].delta.tool_calls or [])
+    assert text == "Hi" and json.loads(args) == {"city": 1}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert chunks[-1].usage.completion_tokens == 7 and chunks[-1].usage.prompt_tokens == 9
+
+
+def test_openai_stream_to_anthropic_round_trip():
+    there = AnthropicToOpenAIStream("gpt-5-mini", include_usage=True).feed(ANTHROPIC_STREAM)
+    back = OpenAIToAnthropicStream("claude-haiku-4-5").feed(there)
+    events = [(e.event, json.loads(e.data)) for e in SSEParser().feed(back)]
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    starts = [d["content_block"]["type"] for k, d in events if k == "content_block_start"]
+    assert starts == ["text", "tool_use"]
+    delta = events[-2][1]
+    assert delta["delta"]["stop_reason"] == "tool_use" and delta["usage"]["output_tokens"] == 7
+
+
+def test_errors_keep_the_provider_message_in_the_client_shape():
+    body = json.dumps({"type": "error", "error": {"type": "overloaded_error",
+                                                  "message": "Overloaded"}}).encode()
+    doc = json.loads(error_to("openai", 529, body))
+    assert doc["error"]["message"] == "Overloaded" and doc["error"]["type"] == "server_error"
+    back = json.loads(error_to("anthropic", 503, error_to("openai", 503, body)))
+    assert back == {"type": "error", "error": {"type": "api_error", "message": "Overloaded"}}
