@@ -110,7 +110,9 @@ class TollgateAddon:
         if exchange is None or flow.response is None:
             return
         if not exchange.is_sse:
-            exchange.on_chunk(flow.response.raw_content or b"")
+            body = exchange.relay(flow.response.raw_content or b"")
+            if exchange.rewriter is not None:
+                flow.response.content = body + exchange.relay(b"")
         exchange.finish("completed")
 
     def error(self, flow: http.HTTPFlow) -> None:

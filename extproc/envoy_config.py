@@ -28,7 +28,8 @@ from tollgate.errors import GatewayError
 
 CLUSTER_HEADER = "x-tollgate-cluster"
 # Set by the decision on requests whose response the gateway must edit (a usage chunk it
-# asked for); it routes them through the `tollgate.rewrite` filter, off for everything else.
+# asked for, a translation between API families); it routes them through the
+# `tollgate.rewrite` filter, which stays off for everything else.
 REWRITE_HEADER = "x-tollgate-rewrite"
 EXTPROC_CLUSTER = "tollgate_extproc"
 METADATA_NS = "tollgate"
@@ -205,7 +206,8 @@ def http_filters() -> list[dict[str, Any]]:
     # Idle (no stream, no cost) unless the route matching REWRITE_HEADER turns its response
     # body mode on; a filter `disabled` in the chain could not be enabled that late.
     rewrite = _ext_proc("tollgate.rewrite", {
-        "processing_mode": {**REWRITE_MODE, "response_body_mode": "NONE"},
+        "processing_mode": {**REWRITE_MODE, "response_header_mode": "SKIP",
+                            "response_body_mode": "NONE"},
         "message_timeout": "5s",
         "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
     })
@@ -216,7 +218,7 @@ def http_filters() -> list[dict[str, Any]]:
 
 REWRITE_MODE = {
     "request_header_mode": "SKIP", "request_body_mode": "NONE",
-    "response_header_mode": "SKIP", "response_body_mode": "STREAMED",
+    "response_header_mode": "SEND", "response_body_mode": "STREAMED",
     "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
 }
 

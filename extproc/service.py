@@ -25,7 +25,6 @@ from extproc.envoy_config import CLUSTER_HEADER, METADATA_NS, REWRITE_HEADER, cl
 from tollgate.exchange import Exchange
 from tollgate.gateway import Gateway
 from tollgate.request import Forward, Reply, Request
-from tollgate.sse import EventFilter
 
 log = logging.getLogger("tollgate.extproc")
 
@@ -79,7 +78,7 @@ def forward(fwd: Forward, phase: str) -> pb.ProcessingResponse:
     a = fwd.attempt
     set_headers = {":authority": a.authority, ":path": a.path,
                    CLUSTER_HEADER: cluster_name(a.provider_id), **a.set_headers}
-    if fwd.exchange.rewriter is not None:
+    if fwd.exchange.needs_rewrite:
         set_headers[REWRITE_HEADER] = "1"
     common = pb.CommonResponse(clear_route_cache=True)
     if a.body is not None:
@@ -114,7 +113,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
         self._pending: dict[str, _Pending] = {}  # forwarded, waiting for the tap
-        self._rewrites: dict[str, EventFilter] = {}  # forwarded, waiting for the rewrite
+        self._rewrites: dict[str, Exchange] = {}  # forwarded, waiting for the rewrite
         self.sweeper: asyncio.Task[None] | None = None
 
     async def Process(self, requests: AsyncIterator[pb.ProcessingRequest],
@@ -125,7 +124,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if first.observability_mode:
             await self._tap(first, requests)
             return
-        if first.WhichOneof("request") == "response_body":
+        if first.WhichOneof("request") in ("response_headers", "response_body"):
             async for answer in self._rewrite(first, requests):
                 yield answer
             return
@@ -161,8 +160,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             return
         request_id = result.exchange.trace.request_id
         self._pending[request_id] = _Pending(result.exchange, time.monotonic())
-        if result.exchange.rewriter is not None:
-            self._rewrites[request_id] = result.exchange.rewriter
+        if result.exchange.needs_rewrite:
+            self._rewrites[request_id] = result.exchange
         yield forward(result, phase)
 
     @staticmethod
@@ -211,19 +210,33 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def _rewrite(self, first: pb.ProcessingRequest,
                        requests: AsyncIterator[pb.ProcessingRequest]
                        ) -> AsyncIterator[pb.ProcessingResponse]:
-        """Answer each response chunk with the bytes the client should get (STREAMED)."""
-        rewriter = self._rewrites.pop(_request_id(first) or "", None)
+        """Answer the response headers, then each body chunk with the bytes the client
+        should get (STREAMED): a translation across API families, or a hidden usage chunk."""
+        exchange = self._rewrites.pop(_request_id(first) or "", None)
+        rewriter = None
         msg: pb.ProcessingRequest | None = first
-        while msg is not None and msg.WhichOneof("request") == "response_body":
-            chunk = msg.response_body
-            answer = pb.CommonResponse()
-            if rewriter is not None:
-                kept = rewriter.feed(chunk.body)
+        while msg is not None:
+            kind = msg.WhichOneof("request")
+            if kind == "response_headers":
+                headers = _headers(msg.response_headers.headers)
+                if exchange is not None:
+                    rewriter = exchange.rewriter_for(int(headers.get(":status", "0")),
+                                                     headers.get("content-type"))
+                yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+                if msg.response_headers.end_of_stream:
+                    return
+            elif kind == "response_body":
+                chunk = msg.response_body
+                answer = pb.CommonResponse()
+                if rewriter is not None:
+                    kept = rewriter.feed(chunk.body)
+                    if chunk.end_of_stream:
+                        kept += rewriter.flush()
+                    answer.body_mutation.body = kept
+                yield pb.ProcessingResponse(response_body=pb.BodyResponse(response=answer))
                 if chunk.end_of_stream:
-                    kept += rewriter.flush()
-                answer.body_mutation.body = kept
-            yield pb.ProcessingResponse(response_body=pb.BodyResponse(response=answer))
-            if chunk.end_of_stream:
+                    return
+            else:
                 return
             msg = await anext(requests, None)
 

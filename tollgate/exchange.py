@@ -3,19 +3,21 @@ and settled exactly once however it ends."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry.trace import Status, StatusCode
 
+from tollgate import translate
 from tollgate import usage as usage_of
 from tollgate.config.schema import VirtualKey
 from tollgate.ledger import LedgerRow
-from tollgate.pricing import ModelPrice, cost_micros
+from tollgate.pricing import ModelPrice, PriceTable, cost_micros
 from tollgate.request import Attempt
 from tollgate.routes import Route
 from tollgate.scopes import Lineage
@@ -26,6 +28,11 @@ log = logging.getLogger("tollgate")
 
 # How much of a non-streamed response body the tap keeps (enough for any usage block).
 _KEEP_BODY = 1 << 20
+
+
+class Rewriter(Protocol):
+    def feed(self, chunk: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
 
 
 @dataclass
@@ -40,23 +47,38 @@ class Billing:
     warning: str | None = None
 
 
+class JSONTranslation:
+    """Rewriter for a whole JSON body: held to the end, then converted (or an error reshaped)."""
+
+    def __init__(self, convert: Callable[[bytes], bytes]):
+        self._convert = convert
+        self._buf = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._buf += chunk
+        return b""
+
+    def flush(self) -> bytes:
+        return self._convert(bytes(self._buf))
+
+
 class Exchange:
     def __init__(self, *, trace: RequestTrace, prefix: str, route: Route, key: VirtualKey,
-                 requested_model: str | None, model: str | None, attempt: Attempt,
-                 stream: bool, billing: Billing,
-                 settle: Callable[[Exchange, LedgerRow], None],
-                 strip_usage: bool = False) -> None:
+                 requested_model: str | None, attempts: list[Attempt], stream: bool,
+                 billing: Billing, settle: Callable[[Exchange, LedgerRow], None],
+                 prices: PriceTable | None = None, client_wants_usage: bool = False) -> None:
         self.trace = trace
         self.prefix = prefix
         self.route = route
         self.key = key
         self.requested_model = requested_model
-        self.model = model
-        self.attempt = attempt
+        self.attempts = attempts
+        self.index = 0
         self.stream_requested = stream
         self.billing = billing
         self._settle = settle
-        self.fallback_count = 0
+        self._prices = prices
+        self.client_wants_usage = client_wants_usage  # an OpenAI stream's own usage chunk
         self.started = time.monotonic()
         self.status: int | None = None
         self.is_sse: bool | None = False
@@ -65,14 +87,57 @@ class Exchange:
         self.body = bytearray()
         self._sse = SSEParser()
         self._finished = False
-        # Set when the gateway asked for a usage chunk the client did not: it is removed
-        # from what the client receives.
-        self.rewriter = EventFilter(usage_of.is_usage_only_chunk) if strip_usage else None
+        self.rewriter: Rewriter | None = None  # set per response by on_response_headers
+
+    @property
+    def attempt(self) -> Attempt:
+        return self.attempts[self.index]
+
+    @property
+    def fallback_count(self) -> int:
+        return self.index
 
     @property
     def provider_id(self) -> str:
         return self.attempt.provider_id
 
+    @property
+    def model(self) -> str:
+        return self.attempt.model
+
+    @property
+    def needs_rewrite(self) -> bool:
+        """The client may not get the provider's bytes as they are."""
+        return self.attempt.translated or self.attempt.strip_usage
+
+    # -- fallback -----------------------------------------------------------------------
+    def fallback_reason(self, status: int | None = None, error: str | None = None
+                        ) -> str | None:
+        """Why this attempt's outcome may move on to the next provider, if it may."""
+        if error is not None:
+            reason = error  # "timeout" | "network_error"
+        elif status == 429:
+            reason = "rate_limit"
+        elif status is not None and status >= 500:
+            reason = "5xx"
+        else:
+            return None
+        if reason in self.key.config.fallback.on and self.index + 1 < len(self.attempts):
+            return reason
+        return None
+
+    def advance(self, reason: str) -> Attempt:
+        """Move to the next provider; what the failed attempt used is nothing billable."""
+        log.info("request %s: %s on %s, falling back to %s", self.trace.request_id, reason,
+                 self.provider_id, self.attempts[self.index + 1].provider_id)
+        self.index += 1
+        if self._prices is not None:
+            self.billing.price = self._prices.lookup(self.model) or self.billing.price
+        self.status, self.is_sse, self.bytes_out = None, False, 0
+        self.events, self.body, self._sse = [], bytearray(), SSEParser()
+        return self.attempt
+
+    # -- the response -------------------------------------------------------------------
     def response_headers(self) -> dict[str, str]:
         """Gateway headers the client gets on the provider's response."""
         headers = self.trace.headers(self.prefix, self.provider_id, self.fallback_count)
@@ -87,7 +152,30 @@ class Exchange:
         content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
         self.is_sse = None if content_type is None else \
             content_type.lower().startswith("text/event-stream")
+        self.rewriter = self.rewriter_for(status, content_type)
         return self.response_headers()
+
+    def rewriter_for(self, status: int, content_type: str | None) -> Rewriter | None:
+        """What turns the provider's bytes into the client's: a translation across API
+        families, the removal of a usage chunk the gateway asked for, or nothing."""
+        a, client = self.attempt, self.route.family
+        sse = (content_type or "").lower().startswith("text/event-stream")
+        if a.translated:
+            if not 200 <= status < 300:
+                return JSONTranslation(lambda body: translate.error_to(client, status, body))
+            if sse:
+                if client == "openai":
+                    return translate.AnthropicToOpenAIStream(
+                        self.requested_model or a.model, include_usage=self.client_wants_usage)
+                return translate.OpenAIToAnthropicStream(self.requested_model or a.model)
+            convert = translate.anthropic_json_to_openai if client == "openai" else \
+                translate.openai_json_to_anthropic
+            model = self.requested_model or a.model
+            return JSONTranslation(lambda body: json.dumps(convert(json.loads(body), model))
+                                   .encode() if body else body)
+        if a.strip_usage and (sse or content_type is None):
+            return EventFilter(usage_of.is_usage_only_chunk)
+        return None
 
     def on_chunk(self, data: bytes) -> bytes:
         """The tap: reads the bytes on their way to the client and returns them unchanged."""
@@ -124,7 +212,7 @@ class Exchange:
         ok = self.status is not None and 200 <= self.status < 300
         if not ok:
             return usage_of.Usage()  # providers do not bill refused or failed requests
-        family = self.route.family
+        family = self.attempt.family  # what the provider sent, before any translation
         used = usage_of.from_events(family, self.events) if self.is_sse else \
             usage_of.from_json(family, bytes(self.body))
         if not used.reported and used.input_tokens == 0 and used.output_tokens:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tollgate import body as bodies
-from tollgate import budgets, policy, routes, routing, telemetry
+from tollgate import budgets, policy, routes, routing, telemetry, translate
 from tollgate.config.load import LoadedConfig
 from tollgate.config.schema import VirtualKey
 from tollgate.config.watch import ConfigHolder
@@ -26,12 +26,29 @@ from tollgate.exchange import Billing, Exchange
 from tollgate.keys import KeyIndex, authenticate, load_pepper
 from tollgate.ledger import LedgerRow
 from tollgate.pricing import worst_case_micros
-from tollgate.request import Forward, Reply, Request
+from tollgate.request import Attempt, Forward, Reply, Request
 from tollgate.scopes import lineage
 from tollgate.store import Store, StoreUnavailable, open_store
 from tollgate.store.spool import Spooled
 
 log = logging.getLogger("tollgate")
+
+
+def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody,
+                  raw: bytes) -> bytes | None:
+    """The body this provider gets; None when it is the client's bytes, unchanged."""
+    if attempt.translated:
+        convert = translate.openai_to_anthropic if route.family == "openai" else \
+            translate.anthropic_to_openai
+        return json.dumps(convert(body.doc, attempt.model)).encode()
+    out = None
+    if attempt.model != body.model:
+        out = bodies.replace_top_level(raw, "model", attempt.model)
+    if bodies.wants_usage_chunk(route, body.doc):
+        options = body.doc.get("stream_options")
+        options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        out = bodies.set_top_level(raw if out is None else out, "stream_options", options)
+    return out
 
 
 class Gateway:
@@ -95,30 +112,19 @@ class Gateway:
             body = bodies.parse(route, req.body)
             model = policy.resolve_model(key, body.model) if body.model else None
             policy.check_tools(key, body.tools)
-            targets = routing.targets(loaded.config, key, route.family, model or "")
+            targets = routing.targets(loaded.config, key, route, model or "")
+            attempts = self._plan(targets, key, route, body, req, trace, settings)
             first = targets[0]
-            strip = [h for h in req.headers if h.startswith(settings.header_prefix.lower())]
-            attempt = routing.build_attempt(first, req.path, dict(req.headers), strip)
-            if first.model != body.model:
-                attempt.body = bodies.replace_top_level(req.body, "model", first.model)
-            strip_usage = bodies.wants_usage_chunk(route, body.doc)
-            if strip_usage:
-                options = body.doc.get("stream_options")
-                options = {**(options if isinstance(options, dict) else {}),
-                           "include_usage": True}
-                attempt.body = bodies.set_top_level(
-                    req.body if attempt.body is None else attempt.body, "stream_options",
-                    options)
-            attempt.set_headers["traceparent"] = trace.traceparent
-            # Identity encoding upstream so the tap reads usage from plain bytes; the client's
-            # SDK decodes either way.
-            attempt.set_headers["accept-encoding"] = "identity"
             billing = await self._reserve(loaded, trace.request_id, key, route, body, req,
                                           first.provider.id, first.model)
             exchange = Exchange(trace=trace, prefix=settings.header_prefix, route=route, key=key,
-                                requested_model=body.model, model=first.model, attempt=attempt,
+                                requested_model=body.model, attempts=attempts,
                                 stream=body.stream, billing=billing, settle=self._settle,
-                                strip_usage=strip_usage)
+                                prices=loaded.prices,
+                                client_wants_usage=route.name == "chat_completions"
+                                and body.stream and not bodies.wants_usage_chunk(route,
+                                                                                 body.doc))
+            attempt = attempts[0]
             return Forward(exchange, attempt)
         except GatewayError as e:
             return self._error(trace, loaded, family, e, key)
@@ -127,6 +133,35 @@ class Gateway:
             err = GatewayError("gateway_error", "The gateway failed to handle this request "
                                f"(request id {trace.request_id}); see the gateway log.")
             return self._error(trace, loaded, family, err, key)
+
+    def _plan(self, targets: list[routing.Target], key: VirtualKey, route: routes.Route,
+              body: bodies.ParsedBody, req: Request, trace: telemetry.RequestTrace,
+              settings: Any) -> list[Attempt]:
+        """The attempts to make, in order: the first target, then the fallbacks the key's
+        `fallback.on` allows (at most `fallback.max_attempts` in all)."""
+        fallback = key.config.fallback
+        chosen = targets[: fallback.max_attempts] if fallback.on else targets[:1]
+        strip = [h for h in req.headers if h.startswith(settings.header_prefix.lower())]
+        attempts = []
+        for i, target in enumerate(chosen):
+            try:
+                attempt = routing.build_attempt(target, route, req.path, dict(req.headers),
+                                                strip)
+            except GatewayError:
+                if i == 0:
+                    raise
+                log.warning("fallback provider %s skipped for %s: no credential",
+                            target.provider.id, trace.request_id)
+                continue
+            attempt.body = upstream_body(attempt, route, body, req.body)
+            attempt.strip_usage = not attempt.translated and bodies.wants_usage_chunk(
+                route, body.doc)
+            attempt.set_headers["traceparent"] = trace.traceparent
+            # Identity encoding upstream so the tap reads usage from plain bytes; the
+            # client's SDK decodes either way.
+            attempt.set_headers["accept-encoding"] = "identity"
+            attempts.append(attempt)
+        return attempts
 
     async def _reserve(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
                        route: routes.Route, body: bodies.ParsedBody, req: Request,

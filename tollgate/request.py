@@ -56,6 +56,12 @@ class Attempt:
     set_headers: dict[str, str]
     remove_headers: list[str]
     body: bytes | None = None  # None: the client's bytes, unchanged
+    family: str = "openai"  # the provider's API family
+    model: str = ""  # the model this provider is asked for
+    translated: bool = False  # the provider speaks another family than the client
+    strip_usage: bool = False  # a usage chunk the gateway asked for is hidden from the client
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 120.0
 
     @property
     def authority(self) -> str:
@@ -69,7 +75,9 @@ class Attempt:
 
 @dataclass
 class Forward:
-    """Send the request upstream; the exchange follows the response to its end."""
+    """Send the request upstream; the exchange follows the response to its end.
+
+    `exchange.attempts` holds the fallback plan; `attempt` is the first of it."""
 
     exchange: Exchange
     attempt: Attempt

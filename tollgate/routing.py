@@ -11,7 +11,11 @@ from tollgate.config.schema import Config, ModelProvider, VirtualKey
 from tollgate.errors import GatewayError
 from tollgate.providers import family
 from tollgate.request import Attempt
+from tollgate.routes import Route
 from tollgate.scopes import lineage
+
+# Routes a provider of the other family can serve through translation, and its path there.
+TRANSLATED_PATHS = {"chat_completions": "/v1/messages", "messages": "/v1/chat/completions"}
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,9 @@ def serves(provider: ModelProvider, model: str) -> bool:
     return any(fnmatch.fnmatchcase(model, p) for p in provider.serves())
 
 
-def targets(cfg: Config, key: VirtualKey, client_family: str, model: str) -> list[Target]:
-    """Eligible providers in dispatch order."""
+def targets(cfg: Config, key: VirtualKey, route: Route, model: str) -> list[Target]:
+    """Eligible providers in dispatch order: same family, or translatable to it."""
+    client_family = route.family
     scopes = visible_scopes(cfg, key.scope)
     providers = {p.id: p for p in cfg.model_providers}
     ordered: list[Target] = []
@@ -44,8 +49,8 @@ def targets(cfg: Config, key: VirtualKey, client_family: str, model: str) -> lis
         for p in sorted(cfg.model_providers, key=lambda p: p.fallback_priority):
             ordered.append(Target(p, model))
     eligible = [t for t in ordered
-                if t.provider.scope in scopes and t.provider.family == client_family
-                and serves(t.provider, t.model)]
+                if t.provider.scope in scopes and serves(t.provider, t.model)
+                and (t.provider.family == client_family or route.name in TRANSLATED_PATHS)]
     if not eligible:
         raise GatewayError(
             "no_provider_for_model",
@@ -68,8 +73,8 @@ def provider_key(provider: ModelProvider) -> str:
     return value
 
 
-def build_attempt(target: Target, client_path: str, client_headers: dict[str, str],
-                  strip: list[str]) -> Attempt:
+def build_attempt(target: Target, route: Route, client_path: str,
+                  client_headers: dict[str, str], strip: list[str]) -> Attempt:
     """Upstream URL, provider credential and the headers to drop for one provider."""
     p = target.provider
     url = urlsplit(p.base_url)
@@ -77,12 +82,23 @@ def build_attempt(target: Target, client_path: str, client_headers: dict[str, st
     port = url.port or (443 if scheme == "https" else 80)
     set_headers, remove = family(p.family).auth_headers(provider_key(p), client_headers)
     remove = [h for h in [*remove, *strip] if h not in set_headers]
+    translated = p.family != route.family
+    if translated:
+        set_headers["content-type"] = "application/json"
+        if p.family == "openai":
+            remove = [*remove, "anthropic-version", "anthropic-beta"]
+    path = TRANSLATED_PATHS[route.name] if translated else client_path
     return Attempt(
         provider_id=p.id,
         scheme=scheme,
         host=url.hostname or "",
         port=port,
-        path=url.path.rstrip("/") + client_path,
+        path=url.path.rstrip("/") + path,
         set_headers=set_headers,
         remove_headers=remove,
+        family=p.family,
+        model=target.model,
+        translated=translated,
+        connect_timeout=p.connect_timeout,
+        first_byte_timeout=p.first_byte_timeout,
     )

@@ -100,6 +100,9 @@ class ModelProvider(Strict):
     rate_limit: RateLimit | None = None
     fallback_priority: int = 100
     provider_config: dict[str, Any] = {}
+    # Seconds to connect, and to the first response byte, before fallback counts a timeout.
+    connect_timeout: float = Field(default=10.0, gt=0)
+    first_byte_timeout: float = Field(default=120.0, gt=0)
     created_at: datetime | None = None
 
     @field_validator("scope")
