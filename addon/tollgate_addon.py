@@ -10,8 +10,10 @@ mitmweb shows who called what, which rule fired and which provider served.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import httpx
 from mitmproxy import ctx, exceptions, http
 
 from tollgate.config.problems import ConfigError
@@ -34,9 +36,16 @@ def _comment(decision: dict) -> str:
     return f"{text}\n{decision['message']}" if "message" in decision else text
 
 
+# Headers that describe one connection, not the message.
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
+              "trailer", "upgrade", "content-length", "proxy-authenticate",
+              "proxy-authorization"}
+
+
 class TollgateAddon:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
+        self._client: httpx.AsyncClient | None = None
 
     def load(self, loader) -> None:
         loader.add_option("tollgate_config", str, "",
@@ -72,7 +81,19 @@ class TollgateAddon:
             if result.status >= 400:
                 flow.marked = ":no_entry:"
             return
-        self._dispatch(flow, result)
+        if len(result.exchange.attempts) == 1:
+            self._dispatch(flow, result)
+            return
+        try:
+            await self._dispatch_with_fallback(flow, result.exchange)
+        except Exception:
+            # Never let the flow go on to the placeholder upstream half-decided.
+            log.exception("fallback dispatch failed for %s", result.exchange.trace.request_id)
+            status, headers, body = result.exchange.failure(
+                "gateway_error", "The gateway failed while trying providers for this request "
+                f"(request id {result.exchange.trace.request_id}); see the gateway log.")
+            flow.response = http.Response.make(status, body, headers)
+            result.exchange.finish("error", "fallback dispatch failed")
 
     def _dispatch(self, flow: http.HTTPFlow, fwd: Forward) -> None:
         attempt, req = fwd.attempt, flow.request
@@ -88,6 +109,54 @@ class TollgateAddon:
             req.headers["content-length"] = str(len(attempt.body))
         flow.metadata[_META] = fwd.exchange
         flow.comment = _comment(fwd.exchange.decision())
+
+    async def _dispatch_with_fallback(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        """Make the attempts of a fallback plan here, since mitmproxy cannot re-send a flow
+        it has already dispatched; the answer reaches the client whole (buffered)."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(follow_redirects=False)
+        flow.comment = _comment(exchange.decision())
+        while True:
+            a = exchange.attempt
+            headers = [(k, v) for k, v in flow.request.headers.items(multi=True)
+                       if k.lower() not in HOP_BY_HOP | {"host"}
+                       and k.lower() not in a.remove_headers and k.lower() not in a.set_headers]
+            headers += [*a.set_headers.items(), ("host", a.authority)]
+            body = a.body if a.body is not None else flow.request.raw_content or b""
+            timeout = httpx.Timeout(connect=a.connect_timeout, read=a.first_byte_timeout,
+                                    write=60.0, pool=10.0)
+            request = self._client.build_request(flow.request.method, a.url, headers=headers,
+                                                 content=body, timeout=timeout)
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.TransportError as e:
+                error = "timeout" if isinstance(e, httpx.TimeoutException) else "network_error"
+                if (reason := exchange.fallback_reason(error=error)) is not None:
+                    exchange.advance(reason)
+                    continue
+                code = "provider_timeout" if error == "timeout" else "provider_unreachable"
+                status, out_headers, out = exchange.failure(
+                    code, f"Model provider {a.provider_id} could not be reached ({error}: "
+                          f"{e.__class__.__name__}) and no fallback was left.")
+                flow.response = http.Response.make(status, out, out_headers)
+                flow.marked = ":no_entry:"
+                exchange.finish("error", f"{error}: {e!r}")
+                return
+            async with contextlib.aclosing(response):
+                if (reason := exchange.fallback_reason(status=response.status_code)):
+                    exchange.advance(reason)
+                    continue
+                extra = exchange.on_response_headers(response.status_code, response.headers)
+                chunks = [exchange.relay(c) async for c in response.aiter_raw()]
+                payload = b"".join(chunks) + exchange.relay(b"")
+            out_headers = [(k.encode(), v.encode()) for k, v in response.headers.multi_items()
+                           if k.lower() not in HOP_BY_HOP]
+            out_headers += [(k.encode(), v.encode()) for k, v in extra.items()]
+            flow.response = http.Response.make(response.status_code, payload,
+                                               http.Headers(out_headers))
+            flow.comment = _comment(exchange.decision())
+            exchange.finish("completed")
+            return
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         exchange: Exchange | None = flow.metadata.get(_META)
@@ -121,6 +190,8 @@ class TollgateAddon:
             exchange.finish("error", flow.error.msg if flow.error else None)
 
     async def done(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
         if self.gateway is not None:
             await self.gateway.close()  # every finished request is recorded before exit
 

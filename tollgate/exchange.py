@@ -15,7 +15,9 @@ from opentelemetry.trace import Status, StatusCode
 
 from tollgate import translate
 from tollgate import usage as usage_of
+from tollgate.breaker import Breakers
 from tollgate.config.schema import VirtualKey
+from tollgate.errors import GatewayError
 from tollgate.ledger import LedgerRow
 from tollgate.pricing import ModelPrice, PriceTable, cost_micros
 from tollgate.request import Attempt
@@ -66,7 +68,8 @@ class Exchange:
     def __init__(self, *, trace: RequestTrace, prefix: str, route: Route, key: VirtualKey,
                  requested_model: str | None, attempts: list[Attempt], stream: bool,
                  billing: Billing, settle: Callable[[Exchange, LedgerRow], None],
-                 prices: PriceTable | None = None, client_wants_usage: bool = False) -> None:
+                 prices: PriceTable | None = None, client_wants_usage: bool = False,
+                 breakers: Breakers | None = None) -> None:
         self.trace = trace
         self.prefix = prefix
         self.route = route
@@ -79,6 +82,7 @@ class Exchange:
         self._settle = settle
         self._prices = prices
         self.client_wants_usage = client_wants_usage  # an OpenAI stream's own usage chunk
+        self.breakers = breakers
         self.started = time.monotonic()
         self.status: int | None = None
         self.is_sse: bool | None = False
@@ -130,6 +134,8 @@ class Exchange:
         """Move to the next provider; what the failed attempt used is nothing billable."""
         log.info("request %s: %s on %s, falling back to %s", self.trace.request_id, reason,
                  self.provider_id, self.attempts[self.index + 1].provider_id)
+        if self.breakers is not None:
+            self.breakers.failure(self.provider_id)
         self.index += 1
         if self._prices is not None:
             self.billing.price = self._prices.lookup(self.model) or self.billing.price
@@ -188,6 +194,12 @@ class Exchange:
             self.body += data[: _KEEP_BODY - len(self.body)]
         return data
 
+    def failure(self, code: str, message: str) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers and body for a request no provider could answer."""
+        err = GatewayError(code, message)
+        headers = {"content-type": "application/json", **self.response_headers()}
+        return err.status, headers, err.body(self.route.family)
+
     def relay(self, data: bytes) -> bytes:
         """For hosts whose bytes pass through the core: tap, then rewrite; b"" ends it."""
         self.on_chunk(data)
@@ -224,6 +236,12 @@ class Exchange:
         if self._finished:
             return
         self._finished = True
+        if self.breakers is not None:
+            failed = self.status is None or self.status == 429 or self.status >= 500
+            if failed and outcome != "abandoned":
+                self.breakers.failure(self.provider_id)
+            elif not failed:
+                self.breakers.success(self.provider_id)
         used = self.usage()
         price = self.billing.price
         cost = cost_micros(used, price) if price is not None else 0

@@ -18,6 +18,7 @@ from typing import Any
 
 from tollgate import body as bodies
 from tollgate import budgets, policy, routes, routing, telemetry, translate
+from tollgate.breaker import Breakers
 from tollgate.config.load import LoadedConfig
 from tollgate.config.schema import VirtualKey
 from tollgate.config.watch import ConfigHolder
@@ -58,6 +59,8 @@ class Gateway:
         self._store = store
         self._store_url: str | None = None
         self._settling: set[asyncio.Task[None]] = set()
+        breaker = holder.current.config.gateway.circuit_breaker
+        self.breakers = Breakers(breaker.failures, breaker.cooldown_seconds)
         self._replayer: asyncio.Task[None] | None = None
 
     @classmethod
@@ -114,18 +117,16 @@ class Gateway:
             policy.check_tools(key, body.tools)
             targets = routing.targets(loaded.config, key, route, model or "")
             attempts = self._plan(targets, key, route, body, req, trace, settings)
-            first = targets[0]
             billing = await self._reserve(loaded, trace.request_id, key, route, body, req,
-                                          first.provider.id, first.model)
+                                          attempts[0].provider_id, attempts[0].model)
             exchange = Exchange(trace=trace, prefix=settings.header_prefix, route=route, key=key,
                                 requested_model=body.model, attempts=attempts,
                                 stream=body.stream, billing=billing, settle=self._settle,
-                                prices=loaded.prices,
+                                prices=loaded.prices, breakers=self.breakers,
                                 client_wants_usage=route.name == "chat_completions"
                                 and body.stream and not bodies.wants_usage_chunk(route,
                                                                                  body.doc))
-            attempt = attempts[0]
-            return Forward(exchange, attempt)
+            return Forward(exchange, attempts[0])
         except GatewayError as e:
             return self._error(trace, loaded, family, e, key)
         except Exception:
@@ -140,6 +141,7 @@ class Gateway:
         """The attempts to make, in order: the first target, then the fallbacks the key's
         `fallback.on` allows (at most `fallback.max_attempts` in all)."""
         fallback = key.config.fallback
+        targets = [targets[i] for i in self.breakers.order([t.provider.id for t in targets])]
         chosen = targets[: fallback.max_attempts] if fallback.on else targets[:1]
         strip = [h for h in req.headers if h.startswith(settings.header_prefix.lower())]
         attempts = []

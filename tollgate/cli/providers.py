@@ -29,9 +29,12 @@ PROVIDER_COLUMNS = ["id", "name", "type", "scope", "base_url", "api_key_env",
 def _provider_fields(api_key_env: str | None, base_url: str | None, name: str | None,
                      rpm: int | None, tpm: int | None, rpd: int | None,
                      fallback_priority: int | None, provider_config: str | None,
-                     models: tuple[str, ...]) -> dict[str, Any]:
+                     models: tuple[str, ...], connect_timeout: float | None,
+                     first_byte_timeout: float | None) -> dict[str, Any]:
     fields: dict[str, Any] = {"name": name, "base_url": base_url, "api_key_env": api_key_env,
-                              "fallback_priority": fallback_priority}
+                              "fallback_priority": fallback_priority,
+                              "connect_timeout": connect_timeout,
+                              "first_byte_timeout": first_byte_timeout}
     limits = {k: v for k, v in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd)) if v is not None}
     if limits:
         fields["rate_limit"] = limits
@@ -52,6 +55,9 @@ def provider_options(f: Any) -> Any:
         click.option("--fallback-priority", type=int, help="Lower is tried first."),
         click.option("--provider-config", help="JSON, e.g. {\"region\": \"us-east-1\"}"),
         click.option("--models", multiple=True, help="Model glob it serves; repeatable."),
+        click.option("--connect-timeout", type=float, help="Seconds (fallback: timeout)."),
+        click.option("--first-byte-timeout", type=float,
+                     help="Seconds to the first response byte (fallback: timeout)."),
     ]):
         f = decorator(f)
     return f
@@ -136,13 +142,27 @@ def routing_policies() -> None:
               show_default=True)
 @click.option("--model-provider", "providers", multiple=True, required=True,
               help="Provider id, in dispatch order; repeatable.")
+@click.option("--model-map", "model_maps", multiple=True, metavar="PROVIDER:FROM=TO",
+              help="The model a provider serves instead, e.g. "
+                   "mp_anthropic:gpt-5-mini=claude-haiku-4-5; repeatable.")
 @click.option("--id", "policy_id")
 @format_option
 @click.pass_context
 def create_policy(ctx: click.Context, scope: str, name: str, strategy: str,
-                  providers: tuple[str, ...], policy_id: str | None, fmt: str) -> None:
+                  providers: tuple[str, ...], model_maps: tuple[str, ...],
+                  policy_id: str | None, fmt: str) -> None:
+    maps: dict[str, dict[str, str]] = {}
+    for spec in model_maps:
+        provider, _, mapping = spec.partition(":")
+        source, _, target = mapping.partition("=")
+        if not (provider and source and target) or provider not in providers:
+            raise click.BadParameter(f"{spec!r}: use PROVIDER:FROM=TO with a listed provider",
+                                     param_hint="--model-map")
+        maps.setdefault(provider, {})[source] = target
+    targets: list[Any] = [{"model_provider": p, "model_map": maps[p]} if p in maps else p
+                          for p in providers]
     item = {"id": policy_id or new_id("rp"), "name": name, "scope": scope,
-            "strategy": strategy, "model_providers": list(providers)}
+            "strategy": strategy, "model_providers": targets}
     with edit(ctx) as doc:
         if doc.find("routing_policies", item["id"]) is not None:
             fail(f"routing policy {item['id']!r} already exists")

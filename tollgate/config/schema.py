@@ -48,6 +48,11 @@ class RateLimit(Strict):
     rpd: int | None = Field(default=None, ge=1)
 
 
+class CircuitBreaker(Strict):
+    failures: int = Field(default=3, ge=1)
+    cooldown_seconds: float = Field(default=30.0, gt=0)
+
+
 class GatewaySettings(Strict):
     header_prefix: str = "X-LangWatch-"
     state: str = "sqlite:///.tollgate/state.db"
@@ -61,6 +66,8 @@ class GatewaySettings(Strict):
     unpriced: Literal["block", "allow"] = "block"
     # Output cap assumed for budget reservations when a request sets no max_tokens.
     default_max_output_tokens: int = Field(default=4096, ge=1)
+    # A provider failing this many times in a row is passed over for cooldown_seconds.
+    circuit_breaker: CircuitBreaker = Field(default_factory=lambda: CircuitBreaker())
     # Environment variable holding the pepper for virtual-key HMACs.
     pepper_env: str = "TOLLGATE_KEY_PEPPER"
 

@@ -116,6 +116,11 @@ class StreamTranslator:
     def feed(self, chunk: bytes) -> bytes:
         return b"".join(self.on_event(e) for e in self._parser.feed(chunk))
 
+    def flush(self) -> bytes:
+        """End of the provider's stream. A stream cut short stays short: the client is not
+        told it completed."""
+        return b""
+
     def on_event(self, event: Event) -> bytes:
         raise NotImplementedError
 

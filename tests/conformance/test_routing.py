@@ -1,0 +1,224 @@
+"""Routing policies, translation across API families, fallback and the circuit breaker."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import httpx
+import openai
+import pytest
+from ulid import ULID
+
+from tests.conformance.test_metering import ledger_row
+from tests.fakes.providers import TEXT, Behaviour
+from tests.harness import free_port
+
+FALLBACK_ALL = '{"fallback": {"on": ["5xx", "timeout", "rate_limit", "network_error"]}}'
+TOOL = {"type": "function", "function": {"name": "read_file", "parameters": {
+    "type": "object", "properties": {"path": {"type": "string"}}}}}
+ANTHROPIC_TOOL = {"name": "read_file", "input_schema": {"type": "object"}}
+
+
+def provider(gateway, kind: str, url: str, *extra: str) -> str:
+    """A provider of its own per test, so one test's failures never trip another's breaker."""
+    ident = f"mp_{kind}_{str(ULID()).lower()[-8:]}"
+    env = "FAKE_OPENAI_KEY" if kind == "openai" else "FAKE_ANTHROPIC_KEY"
+    gateway.cli("model-providers", "create", "--id", ident, "--type", kind, "--scope",
+                "ORG:acme", "--base-url", url, "--api-key-env", env, *extra)
+    return ident
+
+
+def policy(gateway, *providers: str, maps: tuple[str, ...] = ()) -> str:
+    args = [a for p in providers for a in ("--model-provider", p)]
+    args += [a for m in maps for a in ("--model-map", m)]
+    out = gateway.cli("routing-policies", "create", "--scope", "ORG:acme", "--name", "p",
+                      *args, "--format", "json")
+    return json.loads(out.stdout)["id"]
+
+
+def keyed(gateway, policy_id: str, config_json: str = FALLBACK_ALL):
+    return gateway.create_key("--routing-policy", policy_id, "--config-json", config_json)
+
+
+# -- translation (both hosts) -----------------------------------------------------------
+
+def test_openai_sdk_served_by_anthropic(gateway, fake_anthropic):
+    anth = provider(gateway, "anthropic", fake_anthropic.url)
+    key = keyed(gateway, policy(gateway, anth, maps=(f"{anth}:gpt-5-mini=claude-haiku-4-5",)),
+                "{}")
+    client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-5-mini", messages=[{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "hi"}])
+    completion = raw.parse()
+    assert completion.choices[0].message.content == TEXT
+    assert completion.choices[0].finish_reason == "stop"
+    assert raw.headers["x-langwatch-provider"] == anth
+    sent = fake_anthropic.requests[-1].json()
+    assert sent["model"] == "claude-haiku-4-5" and sent["system"] == "Be brief."
+    assert sent["max_tokens"] > 0
+    row = ledger_row(gateway, raw.headers["x-langwatch-request-id"])
+    assert (row.provider, row.model) == (anth, "claude-haiku-4-5")
+    assert row.output_tokens == completion.usage.completion_tokens and row.usage_reported
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_survive_openai_to_anthropic(gateway, fake_anthropic, stream):
+    anth = provider(gateway, "anthropic", fake_anthropic.url)
+    key = keyed(gateway, policy(gateway, anth, maps=(f"{anth}:gpt-5-mini=claude-haiku-4-5",)),
+                "{}")
+    client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
+    messages = [{"role": "user", "content": "read it"}]
+    if stream:
+        chunks = list(client.chat.completions.create(model="gpt-5-mini", messages=messages,
+                                                     tools=[TOOL], stream=True))
+        calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+        name = next(tc.function.name for tc in calls if tc.function.name)
+        args = "".join(tc.function.arguments or "" for tc in calls)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        assert all(c.usage is None for c in chunks)  # the client did not ask for usage
+    else:
+        message = client.chat.completions.create(model="gpt-5-mini", messages=messages,
+                                                 tools=[TOOL]).choices[0]
+        name = message.message.tool_calls[0].function.name
+        args, finish = message.message.tool_calls[0].function.arguments, message.finish_reason
+    assert name == "read_file" and json.loads(args) == {"path": "/tmp/x"}
+    assert finish == "tool_calls"
+    assert fake_anthropic.requests[-1].json()["tools"][0]["name"] == "read_file"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_sdk_served_by_openai_with_tools(gateway, fake_openai, stream):
+    oai = provider(gateway, "openai", fake_openai.url)
+    key = keyed(gateway, policy(gateway, oai, maps=(f"{oai}:claude-haiku-4-5=gpt-5-mini",)),
+                "{}")
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=key.secret, max_retries=0)
+    args = {"model": "claude-haiku-4-5", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "read it"}], "tools": [ANTHROPIC_TOOL]}
+    if stream:
+        with client.messages.stream(**args) as s:
+            message = s.get_final_message()
+    else:
+        message = client.messages.create(**args)
+    block = next(b for b in message.content if b.type == "tool_use")
+    assert block.name == "read_file" and block.input == {"path": "/tmp/x"}
+    assert message.stop_reason == "tool_use"
+    sent = fake_openai.requests[-1].json()
+    assert sent["model"] == "gpt-5-mini" and sent["tools"][0]["function"]["name"] == "read_file"
+    plain = client.messages.create(model="claude-haiku-4-5", max_tokens=64,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert plain.content[0].text == TEXT and plain.usage.output_tokens > 0
+
+
+# -- fallback: the mitmproxy addon re-dispatches failed attempts itself. These cases run on
+# that host alone until Envoy does fallback with its own retries.
+
+mitmproxy_only = pytest.mark.parametrize("gateway", ["mitmproxy"], indirect=True)
+
+
+def fallback_pair(gateway, fake_openai, fake_anthropic, primary_url: str | None = None,
+                  *primary_extra: str) -> tuple[str, str, str]:
+    primary = provider(gateway, "openai", primary_url or fake_openai.url, *primary_extra)
+    backup = provider(gateway, "anthropic", fake_anthropic.url)
+    return primary, backup, policy(gateway, primary, backup,
+                                   maps=(f"{backup}:gpt-5-mini=claude-haiku-4-5",))
+
+
+@mitmproxy_only
+@pytest.mark.parametrize("status", [503, 429])
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_primary_fails_and_anthropic_answers(gateway, fake_openai, fake_anthropic,
+                                                    status, stream):
+    _, backup, rp = fallback_pair(gateway, fake_openai, fake_anthropic)
+    key = keyed(gateway, rp)
+    fake_openai.enqueue(Behaviour("fail", status=status))
+    client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+                model="gpt-5-mini", messages=messages, stream=True) as response:
+            headers = response.headers
+            text = "".join(c.choices[0].delta.content or "" for c in response.parse()
+                           if c.choices)
+    else:
+        raw = client.chat.completions.with_raw_response.create(model="gpt-5-mini",
+                                                               messages=messages)
+        headers, text = raw.headers, raw.parse().choices[0].message.content
+    assert text == TEXT
+    assert headers["x-langwatch-fallback-count"] == "1"
+    assert headers["x-langwatch-provider"] == backup
+    assert len(fake_openai.requests) == 1 and len(fake_anthropic.requests) == 1
+    row = ledger_row(gateway, headers["x-langwatch-request-id"])
+    assert (row.provider, row.fallback_count) == (backup, 1)
+
+
+@mitmproxy_only
+def test_primary_hanging_past_its_timeout_falls_back(gateway, fake_openai, fake_anthropic):
+    _, backup, rp = fallback_pair(gateway, fake_openai, fake_anthropic, None,
+                                  "--first-byte-timeout", "1")
+    key = keyed(gateway, rp)
+    fake_openai.enqueue(Behaviour("hang", seconds=5))
+    r = httpx.post(f"{gateway.openai_base}/chat/completions", timeout=30,
+                   json={"model": "gpt-5-mini", "messages": [{"role": "user", "content": "x"}]},
+                   headers={"authorization": f"Bearer {key.secret}"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == TEXT
+    assert r.headers["x-langwatch-provider"] == backup
+
+
+@mitmproxy_only
+def test_refused_connection_falls_back(gateway, fake_openai, fake_anthropic):
+    _, _, rp = fallback_pair(gateway, fake_openai, fake_anthropic,
+                             f"http://127.0.0.1:{free_port()}")
+    key = keyed(gateway, rp)
+    client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-5-mini", messages=[{"role": "user", "content": "x"}])
+    assert raw.parse().choices[0].message.content == TEXT
+    assert raw.headers["x-langwatch-fallback-count"] == "1"
+
+
+@mitmproxy_only
+def test_anthropic_sdk_falls_back_to_openai(gateway, fake_openai, fake_anthropic):
+    primary = provider(gateway, "anthropic", fake_anthropic.url)
+    backup = provider(gateway, "openai", fake_openai.url)
+    key = keyed(gateway, policy(gateway, primary, backup,
+                             maps=(f"{backup}:claude-haiku-4-5=gpt-5-mini",)))
+    fake_anthropic.enqueue(Behaviour("fail", status=529))
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=key.secret, max_retries=0)
+    raw = client.messages.with_raw_response.create(
+        model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
+    assert raw.parse().content[0].text == TEXT
+    assert raw.headers["x-langwatch-provider"] == backup
+
+
+@mitmproxy_only
+def test_no_fallback_without_5xx_in_the_keys_conditions(gateway, fake_openai, fake_anthropic):
+    _, _, rp = fallback_pair(gateway, fake_openai, fake_anthropic)
+    key = keyed(gateway, rp, '{"fallback": {"on": ["timeout", "network_error"]}}')
+    body = b'{"error": {"message": "upstream down", "type": "server_error"}}'
+    fake_openai.enqueue(Behaviour("fail", status=503, body=body))
+    with pytest.raises(openai.InternalServerError) as exc:
+        openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret,
+                      max_retries=0).chat.completions.create(
+            model="gpt-5-mini", messages=[{"role": "user", "content": "x"}])
+    assert exc.value.status_code == 503 and exc.value.response.content == body
+    assert fake_anthropic.requests == []
+
+
+@mitmproxy_only
+def test_circuit_breaker_skips_a_failing_primary(gateway, fake_openai, fake_anthropic):
+    _, backup, rp = fallback_pair(gateway, fake_openai, fake_anthropic)
+    key = keyed(gateway, rp)
+    url = f"{gateway.openai_base}/chat/completions"
+    body = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "x"}]}
+    headers = {"authorization": f"Bearer {key.secret}"}
+    for _ in range(3):  # the default breaker opens after three failures in a row
+        fake_openai.enqueue(Behaviour("fail", status=503))
+        assert httpx.post(url, json=body, headers=headers).headers[
+            "x-langwatch-fallback-count"] == "1"
+    fake_openai.reset()
+    r = httpx.post(url, json=body, headers=headers)
+    assert r.status_code == 200 and r.headers["x-langwatch-provider"] == backup
+    assert r.headers["x-langwatch-fallback-count"] == "0"  # went straight to the backup
+    assert fake_openai.requests == []  # back after the cool-down: tests/unit/test_breaker.py
