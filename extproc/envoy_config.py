@@ -293,6 +293,17 @@ def extproc_cluster(target: str) -> dict[str, Any]:
     }
 
 
+# Envoy warns at start without a cap; sidecars see far fewer connections than this.
+OVERLOAD = {"resource_monitors": [{
+    "name": "envoy.resource_monitors.global_downstream_max_connections",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                 "downstream_connections.v3.DownstreamConnectionsConfig",
+        "max_active_downstream_connections": 50000,
+    },
+}]}
+
+
 def _admin(admin: str) -> dict[str, Any]:
     host, _, port = admin.rpartition(":")
     return {"address": _socket_address(host or "127.0.0.1", int(port))}
@@ -304,6 +315,7 @@ def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: str,
     return {
         "node": {"id": "tollgate", "cluster": "tollgate"},
         "admin": _admin(admin),
+        "overload_manager": OVERLOAD,
         "static_resources": {
             "listeners": [listener(cfg, *listen)],
             "clusters": [extproc_cluster(extproc), *clusters(cfg)],
@@ -321,6 +333,7 @@ def dynamic_bootstrap(listener_file: str, cluster_file: str, watch_dir: str, ext
     return {
         "node": {"id": "tollgate", "cluster": "tollgate"},
         "admin": _admin(admin),
+        "overload_manager": OVERLOAD,
         "dynamic_resources": {"lds_config": source(listener_file),
                               "cds_config": source(cluster_file)},
         "static_resources": {"clusters": [extproc_cluster(extproc)]},
