@@ -11,7 +11,14 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 ScopeKind = Literal["ORG", "TEAM", "PROJECT"]
 _SCOPE_RE = re.compile(r"^(ORG|TEAM|PROJECT):([A-Za-z0-9_.\-]+)$")
@@ -39,7 +46,13 @@ def parse_scope(value: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-Scope = Annotated[str, Field(description="ORG:<id> | TEAM:<id> | PROJECT:<id>")]
+def _valid_scope(value: str) -> str:
+    parse_scope(value)
+    return value
+
+
+Scope = Annotated[str, AfterValidator(_valid_scope),
+                  Field(description="ORG:<id> | TEAM:<id> | PROJECT:<id>")]
 
 
 class RateLimit(Strict):
@@ -112,12 +125,6 @@ class ModelProvider(Strict):
     first_byte_timeout: float = Field(default=120.0, gt=0)
     created_at: datetime | None = None
 
-    @field_validator("scope")
-    @classmethod
-    def _scope(cls, v: str) -> str:
-        parse_scope(v)
-        return v
-
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, v: str) -> str:
@@ -147,12 +154,6 @@ class RoutingPolicy(Strict):
     scope: Scope
     strategy: Literal["ordered", "weighted"] = "ordered"
     model_providers: list[str | RoutingTarget]
-
-    @field_validator("scope")
-    @classmethod
-    def _scope(cls, v: str) -> str:
-        parse_scope(v)
-        return v
 
     def targets(self) -> list[RoutingTarget]:
         return [
@@ -213,12 +214,6 @@ class VirtualKey(Strict):
     models_allowed: list[str] | None = None
     config: KeyConfig = KeyConfig()
     previous_secrets: list[PreviousSecret] = []
-
-    @field_validator("scope")
-    @classmethod
-    def _scope(cls, v: str) -> str:
-        parse_scope(v)
-        return v
 
 
 class Budget(Strict):
