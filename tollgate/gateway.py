@@ -75,8 +75,15 @@ class Gateway:
         loaded = self.holder.current
         url = loaded.config.gateway.state
         if self._store is None or (self._store_url is not None and url != self._store_url):
+            previous = self._store
             self._store = open_store(url, loaded.path.parent, loaded.config.gateway.spool)
             self._store_url = url
+            # Requests in flight settle into the new store; the old one is closed.
+            if previous is not None:
+                with contextlib.suppress(RuntimeError):
+                    task = asyncio.get_running_loop().create_task(previous.close())
+                    self._settling.add(task)
+                    task.add_done_callback(self._settling.discard)
         return self._store
 
     @property

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import random
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from tollgate.config.schema import Config, ModelProvider, VirtualKey
+from tollgate.config.schema import Config, ModelProvider, RoutingTarget, VirtualKey
 from tollgate.errors import GatewayError
 from tollgate.providers import family
 from tollgate.request import Attempt
 from tollgate.routes import Route
 from tollgate.scopes import lineage
+
+_rng = random.Random()
 
 # Routes a provider of the other family can serve through translation, and its path there.
 TRANSLATED_PATHS = {"chat_completions": "/v1/messages", "messages": "/v1/chat/completions"}
@@ -33,15 +36,31 @@ def serves(provider: ModelProvider, model: str) -> bool:
     return any(fnmatch.fnmatchcase(model, p) for p in provider.serves())
 
 
-def targets(cfg: Config, key: VirtualKey, route: Route, model: str) -> list[Target]:
+def weighted_order(targets: list[RoutingTarget], rng: random.Random) -> list[RoutingTarget]:
+    """Spread load by weight: the first pick is weighted-random, then the rest likewise,
+    so the remaining targets still serve as fallbacks. Weight 0 only ever falls back."""
+    pool, out = list(targets), []
+    while pool:
+        weights = [t.weight for t in pool]
+        pick = rng.choices(range(len(pool)), weights=weights)[0] if sum(weights) else 0
+        out.append(pool.pop(pick))
+    return out
+
+
+def targets(cfg: Config, key: VirtualKey, route: Route, model: str,
+            rng: random.Random | None = None) -> list[Target]:
     """Eligible providers in dispatch order: same family, or translatable to it."""
     client_family = route.family
+    rng = rng or _rng
     scopes = visible_scopes(cfg, key.scope)
     providers = {p.id: p for p in cfg.model_providers}
     ordered: list[Target] = []
     policy = next((rp for rp in cfg.routing_policies if rp.id == key.routing_policy), None)
     if policy is not None:
-        for t in policy.targets():
+        chosen = policy.targets()
+        if policy.strategy == "weighted":
+            chosen = weighted_order(chosen, rng)
+        for t in chosen:
             p = providers[t.model_provider]
             ordered.append(Target(p, t.model_map.get(model, model)))
     else:
