@@ -167,16 +167,16 @@ class Exchange:
         a, client = self.attempt, self.route.family
         sse = (content_type or "").lower().startswith("text/event-stream")
         if a.translated:
+            model = self.requested_model or a.model  # the name the client asked for
             if not 200 <= status < 300:
                 return JSONTranslation(lambda body: translate.error_to(client, status, body))
             if sse:
                 if client == "openai":
                     return translate.AnthropicToOpenAIStream(
-                        self.requested_model or a.model, include_usage=self.client_wants_usage)
-                return translate.OpenAIToAnthropicStream(self.requested_model or a.model)
+                        model, include_usage=self.client_wants_usage)
+                return translate.OpenAIToAnthropicStream(model)
             convert = translate.anthropic_json_to_openai if client == "openai" else \
                 translate.openai_json_to_anthropic
-            model = self.requested_model or a.model
             return JSONTranslation(lambda body: json.dumps(convert(json.loads(body), model))
                                    .encode() if body else body)
         if a.strip_usage and (sse or content_type is None):

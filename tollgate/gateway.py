@@ -45,7 +45,7 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
     out = None
     if attempt.model != body.model:
         out = bodies.replace_top_level(raw, "model", attempt.model)
-    if bodies.wants_usage_chunk(route, body.doc):
+    if attempt.strip_usage:
         options = body.doc.get("stream_options")
         options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         out = bodies.set_top_level(raw if out is None else out, "stream_options", options)
@@ -81,9 +81,7 @@ class Gateway:
             # Requests in flight settle into the new store; the old one is closed.
             if previous is not None:
                 with contextlib.suppress(RuntimeError):
-                    task = asyncio.get_running_loop().create_task(previous.close())
-                    self._settling.add(task)
-                    task.add_done_callback(self._settling.discard)
+                    self._track(asyncio.get_running_loop().create_task(previous.close()))
         return self._store
 
     @property
@@ -123,7 +121,9 @@ class Gateway:
             model = policy.resolve_model(key, body.model) if body.model else None
             policy.check_tools(key, body.tools)
             targets = routing.targets(loaded.config, key, route, model or "")
-            attempts = self._plan(targets, key, route, body, req, trace, settings)
+            # A streamed chat completion that did not ask for usage: ask for it upstream.
+            ask_usage = bodies.wants_usage_chunk(route, body.doc)
+            attempts = self._plan(targets, key, route, body, req, trace, settings, ask_usage)
             billing = await self._reserve(loaded, trace.request_id, key, route, body, req,
                                           attempts[0].provider_id, attempts[0].model)
             exchange = Exchange(trace=trace, prefix=settings.header_prefix, route=route, key=key,
@@ -131,8 +131,7 @@ class Gateway:
                                 stream=body.stream, billing=billing, settle=self._settle,
                                 prices=loaded.prices, breakers=self.breakers,
                                 client_wants_usage=route.name == "chat_completions"
-                                and body.stream and not bodies.wants_usage_chunk(route,
-                                                                                 body.doc))
+                                and body.stream and not ask_usage)
             return Forward(exchange, attempts[0])
         except GatewayError as e:
             return self._error(trace, loaded, family, e, key)
@@ -144,7 +143,7 @@ class Gateway:
 
     def _plan(self, targets: list[routing.Target], key: VirtualKey, route: routes.Route,
               body: bodies.ParsedBody, req: Request, trace: telemetry.RequestTrace,
-              settings: Any) -> list[Attempt]:
+              settings: Any, ask_usage: bool) -> list[Attempt]:
         """The attempts to make, in order: the first target, then the fallbacks the key's
         `fallback.on` allows (at most `fallback.max_attempts` in all)."""
         fallback = key.config.fallback
@@ -162,9 +161,8 @@ class Gateway:
                 log.warning("fallback provider %s skipped for %s: no credential",
                             target.provider.id, trace.request_id)
                 continue
+            attempt.strip_usage = ask_usage and not attempt.translated
             attempt.body = upstream_body(attempt, route, body, req.body)
-            attempt.strip_usage = not attempt.translated and bodies.wants_usage_chunk(
-                route, body.doc)
             attempt.set_headers["traceparent"] = trace.traceparent
             # Identity encoding upstream so the tap reads usage from plain bytes; the
             # client's SDK decodes either way.
@@ -188,8 +186,8 @@ class Gateway:
                           estimated_input_tokens=math.ceil(len(req.body) / 4))
         now = datetime.now(UTC)
         holds = budgets.holds_for(cfg, key, billing.lineage, provider_id, now)
+        billing.counters = [h.counter for h in holds]  # settled into even if not reserved
         if not holds or price is None or route.name == "count_tokens":
-            billing.counters = [h.counter for h in holds]
             return billing
         output_cap = bodies.max_output_tokens(route, body.doc,
                                               settings.default_max_output_tokens)
@@ -206,13 +204,12 @@ class Gateway:
                 ) from None
             log.warning("state store unavailable, serving %s without a reservation: %s",
                         request_id, e)
-            billing.counters = [h.counter for h in holds]
             return billing
         if not granted.granted:
             i = granted.refused_by or 0
             raise budgets.refusal(holds[i], granted.counters[i].spent,
                                   granted.counters[i].reserved, amount, now)
-        billing.counters, billing.reserved = [h.counter for h in holds], amount
+        billing.reserved = amount
         billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
                                 if (w := budgets.warning(h, c.committed))), None)
         return billing
@@ -225,11 +222,14 @@ class Gateway:
         except RuntimeError:
             asyncio.run(coro)
             return
-        task = loop.create_task(coro)
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self._track(loop.create_task(coro))
         if self._replayer is None and isinstance(self._store, Spooled):
             self._replayer = loop.create_task(self._replay_forever())
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        """Keep a settlement task until it is done, so close() can wait for it."""
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     async def _finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
         try:

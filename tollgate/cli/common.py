@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -139,10 +138,6 @@ def get_one(ctx: click.Context, section: str, ident: str) -> dict[str, Any]:
             section, section.rstrip("s").replace("_", " "))
         fail(f"no {noun} with id {ident!r}")
     return item  # type: ignore[return-value]
-
-
-def stdin_is_tty() -> bool:
-    return sys.stdin.isatty()
 
 
 def add_get_delete(group: click.Group, section: str, noun: str, help_delete: str = "") -> None:

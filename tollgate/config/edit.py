@@ -18,7 +18,7 @@ from typing import Any
 
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from tollgate.config.load import LoadedConfig, read_yaml, round_trip_yaml, validate_document
+from tollgate.config.load import read_yaml, round_trip_yaml, validate_document
 
 
 def to_yaml(value: Any) -> Any:
@@ -82,10 +82,6 @@ def editing(path: Path) -> Iterator[Document]:
         yield document
         validate_document(doc, path)  # raises ConfigError: nothing is written
         write_atomic(path, dump(doc))
-
-
-def validated(document: Document) -> LoadedConfig:
-    return validate_document(document.doc, document.path)
 
 
 def dump(doc: Any) -> str:
