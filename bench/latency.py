@@ -4,7 +4,10 @@
 
 A fake OpenAI provider runs in its own process; the same chat-completions request is sent
 directly to it and through each gateway host, sequentially and at a given concurrency, with
-keep-alive connections. Prints p50/p99 per path, what the gateway adds, and the ratio.
+keep-alive connections. Each host is measured three ways: a plain key; a key with fallback
+whose first provider answers (`+fb`); and one whose first provider refuses connections, so
+every request falls back (`+fb-down`). Prints p50/p99 per path, what the gateway adds, and
+the ratio.
 """
 
 from __future__ import annotations
@@ -44,6 +47,21 @@ def start_fake(port: int) -> subprocess.Popen[bytes]:
     wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401,
                timeout=10, what="fake provider")
     return proc
+
+
+def new_key(config: Path, *extra: str) -> str:
+    out = tollgate("virtual-keys", "create", "--name", "bench", "--scope", "ORG:acme",
+                   "--format", "json", *extra, config=config).stdout
+    return json.loads(out)["secret"]
+
+
+def fallback_key(config: Path, *providers: str) -> str:
+    """A key that tries `providers` in order and falls back on any failure."""
+    args = [a for p in providers for a in ("--model-provider", p)]
+    policy = json.loads(tollgate("routing-policies", "create", "--scope", "ORG:acme", "--name",
+                                 "bench", *args, "--format", "json", config=config).stdout)
+    return new_key(config, "--routing-policy", policy["id"], "--config-json",
+                   '{"fallback": {"on": ["5xx", "timeout", "rate_limit", "network_error"]}}')
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -101,8 +119,13 @@ def main() -> None:
     fake = start_fake(fake_port)
     direct = f"http://127.0.0.1:{fake_port}"
     config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
-    secret = json.loads(tollgate("virtual-keys", "create", "--name", "bench", "--scope",
-                                 "ORG:acme", "--format", "json", config=config).stdout)["secret"]
+    # A provider nobody listens for: connections to it are refused.
+    tollgate("model-providers", "create", "--id", "mp_down", "--type", "openai", "--scope",
+             "ORG:acme", "--base-url", f"http://127.0.0.1:{free_port()}", "--api-key-env",
+             "FAKE_OPENAI_KEY", config=config)
+    keys = {"": new_key(config),
+            "+fb": fallback_key(config, "mp_openai", "mp_down"),
+            "+fb-down": fallback_key(config, "mp_down", "mp_openai")}
     paths: dict[str, tuple[str, dict[str, str]]] = {
         "direct": (direct, {"authorization": f"Bearer {PROVIDER_KEY}"})}
     gateways = []
@@ -110,7 +133,8 @@ def main() -> None:
         for host in args.hosts.split(","):
             gw = GatewayProcess(host, config, workdir).start()
             gateways.append(gw)
-            paths[host] = (gw.url, {"authorization": f"Bearer {secret}"})
+            for suffix, secret in keys.items():
+                paths[host + suffix] = (gw.url, {"authorization": f"Bearer {secret}"})
         rows = []
         for name, (base, headers) in paths.items():
             url = f"{base}/v1/chat/completions"
@@ -126,7 +150,7 @@ def main() -> None:
     base_seq, base_conc = rows[0][1], rows[0][2]
     print(f"\n{args.requests} requests per run; concurrency {args.concurrency}; "
           f"{os.cpu_count()} cores; ms\n")
-    header = (f"{'path':<10} {'seq p50':>8} {'seq p99':>8} {'+p50':>7} {'+p99':>7} "
+    header = (f"{'path':<18} {'seq p50':>8} {'seq p99':>8} {'+p50':>7} {'+p99':>7} "
               f"{'ratio':>6} | {'c p50':>7} {'c p99':>7} {'+p50':>7} {'ratio':>6} {'req/s':>7}")
     print(header)
     print("-" * len(header))
@@ -135,7 +159,7 @@ def main() -> None:
         cp50, cp99 = statistics.median(conc), percentile(conc, 0.99)
         bp50, bp99 = statistics.median(base_seq), percentile(base_seq, 0.99)
         bc50 = statistics.median(base_conc)
-        print(f"{name:<10} {sp50:>8.2f} {sp99:>8.2f} {sp50 - bp50:>7.2f} {sp99 - bp99:>7.2f} "
+        print(f"{name:<18} {sp50:>8.2f} {sp99:>8.2f} {sp50 - bp50:>7.2f} {sp99 - bp99:>7.2f} "
               f"{sp50 / bp50:>6.2f} | {cp50:>7.2f} {cp99:>7.2f} {cp50 - bc50:>7.2f} "
               f"{cp50 / bc50:>6.2f} {rps:>7.0f}")
 

@@ -12,7 +12,8 @@ Two ext_proc filters sit in front of the router:
 
 The gateway's response headers come from dynamic metadata that the decision filter sets, so no
 round trip is spent on the response path. One cluster per model provider; the decision picks
-it through the `x-tollgate-cluster` header.
+it through the `x-tollgate-cluster` header. Requests with a fallback plan go to an aggregate
+cluster instead and are retried by Envoy (see `extproc.fallback`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from urllib.parse import urlsplit
 
 import certifi
 
+from extproc import fallback
 from tollgate.config.schema import Config, ModelProvider
 from tollgate.errors import GatewayError
 
 CLUSTER_HEADER = "x-tollgate-cluster"
+# Set by the decision on requests with a fallback plan: their route retries.
+FALLBACK_HEADER = "x-tollgate-fallback"
 # Set by the decision on requests whose response the gateway must edit (a usage chunk it
 # asked for, a translation between API families); it routes them through the
 # `tollgate.rewrite` filter, which stays off for everything else.
@@ -52,6 +56,9 @@ EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc
                      "ExtProcPerRoute"
 TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+AGGREGATE = "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig"
+UPSTREAM_CODEC = "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3." \
+                 "UpstreamCodec"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
@@ -85,14 +92,18 @@ def provider_cluster(provider: ModelProvider, buffer_limit: int) -> dict[str, An
     cluster: dict[str, Any] = {
         "name": cluster_name(provider.id),
         "type": discovery,
-        "connect_timeout": "10s",
+        "connect_timeout": f"{provider.connect_timeout}s",
         "dns_lookup_family": "V4_PREFERRED",
         "per_connection_buffer_limit_bytes": buffer_limit,
         "load_assignment": {
             "cluster_name": cluster_name(provider.id),
-            "endpoints": [{"lb_endpoints": [{"endpoint": {
-                "address": _socket_address(host, port), "hostname": host}}]}],
+            "endpoints": [{"lb_endpoints": [{
+                "endpoint": {"address": _socket_address(host, port), "hostname": host},
+                # Tells the per-attempt filter which provider an attempt reached.
+                "metadata": {"filter_metadata": {METADATA_NS: {"provider": provider.id}}},
+            }]}],
         },
+        "circuit_breakers": RETRY_HEADROOM,
     }
     if tls:
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
@@ -107,9 +118,26 @@ def provider_cluster(provider: ModelProvider, buffer_limit: int) -> dict[str, An
     return cluster
 
 
+# Envoy allows three concurrent retries per cluster by default; fallback needs more.
+RETRY_HEADROOM = {"thresholds": [{"max_retries": 100000}]}
+
+
+def chain_cluster(provider_ids: tuple[str, ...]) -> dict[str, Any]:
+    """An aggregate cluster: the providers of a fallback plan, one priority each, in order."""
+    return {
+        "name": fallback.chain_name(provider_ids),
+        "connect_timeout": "10s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {"name": "envoy.clusters.aggregate", "typed_config": {
+            "@type": AGGREGATE, "clusters": [cluster_name(p) for p in provider_ids]}},
+        "circuit_breakers": RETRY_HEADROOM,
+    }
+
+
 def clusters(cfg: Config) -> list[dict[str, Any]]:
     limit = cfg.gateway.max_body_bytes + _BUFFER_SLACK
-    return [provider_cluster(p, limit) for p in cfg.model_providers]
+    return [*(provider_cluster(p, limit) for p in cfg.model_providers),
+            *(chain_cluster(c) for c in fallback.chains(cfg))]
 
 
 def _status(code: int) -> dict[str, Any]:
@@ -187,7 +215,8 @@ def http_filters() -> list[dict[str, Any]]:
         },
         "message_timeout": "5s",
         "allow_mode_override": True,
-        "mutation_rules": {"allow_all_routing": True},
+        # Routing headers, and Envoy's retry controls (set for fallback, else stripped).
+        "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
         "status_on_error": {"code": 503},
         "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NS]}},
     })
@@ -213,7 +242,34 @@ def http_filters() -> list[dict[str, Any]]:
     })
     # Encoders run in reverse: the tap sees the provider's bytes, the rewrite edits after it.
     return [decide, rewrite, tap, {"name": "envoy.filters.http.router", "typed_config": {
-        "@type": ROUTER, "suppress_envoy_headers": True}}]
+        "@type": ROUTER, "suppress_envoy_headers": True,
+        "upstream_http_filters": [attempt_filter(), {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {"@type": UPSTREAM_CODEC}}]}}]
+
+
+def attempt_filter() -> dict[str, Any]:
+    """`tollgate.attempt`, run by the router once per upstream attempt. Idle unless a
+    fallback route turns it on: then it gets each attempt's request (with the provider the
+    attempt reached, from the endpoint metadata) and the attempt's response headers."""
+    return _ext_proc("tollgate.attempt", {
+        "processing_mode": {
+            "request_header_mode": "SKIP", "request_body_mode": "NONE",
+            "response_header_mode": "SKIP", "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
+        },
+        "message_timeout": "5s",
+        "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
+        "request_attributes": ["xds.upstream_host_metadata"],
+        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
+    })
+
+
+ATTEMPT_MODE = {
+    "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+    "response_header_mode": "SEND", "response_body_mode": "NONE",
+    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
+}
 
 
 REWRITE_MODE = {
@@ -223,28 +279,39 @@ REWRITE_MODE = {
 }
 
 
+def _per_route(filter_name: str, mode: dict[str, str]) -> dict[str, Any]:
+    return {filter_name: {"@type": EXT_PROC_PER_ROUTE, "overrides": {"processing_mode": mode}}}
+
+
 def route_config(cfg: Config) -> dict[str, Any]:
     prefix = cfg.gateway.header_prefix
-    route_action = {
+    action = {
         "cluster_header": CLUSTER_HEADER,
         # LLM calls run for minutes; only silence ends them.
         "timeout": "0s",
         "idle_timeout": "300s",
     }
+    with_fallback = {**action, "retry_policy": fallback.retry_policy()}
+    rewrite = _per_route("tollgate.rewrite", REWRITE_MODE)
+    attempts = _per_route("tollgate.attempt", ATTEMPT_MODE)
+
+    def when(*headers: str) -> dict[str, Any]:
+        return {"prefix": "/", "headers": [{"name": h, "present_match": True} for h in headers]}
+
     return {
         "name": "tollgate",
-        "request_headers_to_remove": [CLUSTER_HEADER, REWRITE_HEADER],
+        "request_headers_to_remove": [CLUSTER_HEADER, REWRITE_HEADER, FALLBACK_HEADER],
         "virtual_hosts": [{
             "name": "gateway",
             "domains": ["*"],
             "routes": [
-                {"match": {"prefix": "/", "headers": [{"name": REWRITE_HEADER,
-                                                       "present_match": True}]},
-                 "route": route_action,
-                 "typed_per_filter_config": {"tollgate.rewrite": {
-                     "@type": EXT_PROC_PER_ROUTE,
-                     "overrides": {"processing_mode": REWRITE_MODE}}}},
-                {"match": {"prefix": "/"}, "route": route_action},
+                {"match": when(FALLBACK_HEADER, REWRITE_HEADER), "route": with_fallback,
+                 "typed_per_filter_config": {**attempts, **rewrite}},
+                {"match": when(FALLBACK_HEADER), "route": with_fallback,
+                 "typed_per_filter_config": attempts},
+                {"match": when(REWRITE_HEADER), "route": action,
+                 "typed_per_filter_config": rewrite},
+                {"match": {"prefix": "/"}, "route": action},
             ],
             "response_headers_to_add": [
                 {"header": {"key": f"{prefix}{suffix}",

@@ -11,8 +11,11 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from extproc import envoy_config
 from extproc.service import start_server
@@ -83,6 +86,32 @@ class EnvoyFiles:
         return path
 
 
+class LoadedClusters:
+    """The clusters the Envoy we run has loaded (from its admin API), so a request is only
+    routed to a fallback chain Envoy already has."""
+
+    def __init__(self, admin: str):
+        self.url = f"http://{admin}/clusters?format=json"
+        self.names: frozenset[str] = frozenset()
+
+    def get(self) -> frozenset[str]:
+        return self.names
+
+    def wait_for(self, loaded: LoadedConfig, timeout: float = 10.0) -> None:
+        """Poll until Envoy has every cluster `loaded` renders (or the timeout passes)."""
+        expected = {c["name"] for c in envoy_config.clusters(loaded.config)}
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                doc = httpx.get(self.url, timeout=2).json()
+                self.names = frozenset(c["name"] for c in doc.get("cluster_statuses", []))
+            except (httpx.HTTPError, ValueError):
+                pass  # Envoy still starting
+            if expected <= self.names or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+
+
 async def _until_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -109,13 +138,21 @@ async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
     gateway = Gateway.from_path(config)
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
     extproc = extproc or f"unix:{workdir / 'extproc.sock'}"
-    server, processor = await start_server(gateway, extproc)
+    clusters = LoadedClusters(admin)
+    server, processor = await start_server(gateway, extproc, clusters.get)
     files = EnvoyFiles(workdir, listen)
     files.write(gateway.holder.current)
-    gateway.holder.on_reload(files.write)
+
+    def prepare(loaded: LoadedConfig) -> None:
+        """Envoy loads a new config's clusters before the gateway routes to them."""
+        files.write(loaded)
+        clusters.wait_for(loaded)
+
+    gateway.holder.before_reload(prepare)
     envoy = await asyncio.create_subprocess_exec(
         envoy_binary(), "-c", str(files.bootstrap(extproc, admin)), "--disable-hot-restart",
         "--log-level", log_level, "--drain-time-s", "5")
+    startup = asyncio.ensure_future(asyncio.to_thread(clusters.wait_for, gateway.holder.current))
     log.info("envoy %s listening on %s:%s, ext_proc on %s", envoy.pid, *listen, extproc)
     stop = asyncio.ensure_future(_until_signal())
     exited = asyncio.ensure_future(envoy.wait())
@@ -123,6 +160,7 @@ async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
         await asyncio.wait({stop, exited}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.cancel()
+        startup.cancel()
         if envoy.returncode is None:
             envoy.terminate()
             try:

@@ -3,6 +3,9 @@
 Decision streams (`tollgate.decide`) carry request headers and the buffered body; they are
 answered with header/body mutations or an immediate response. Tap streams (`tollgate.tap`,
 observability mode) carry response headers and body chunks, which are never answered.
+Attempt streams (`tollgate.attempt`, an upstream filter) come once per attempt of a request
+with a fallback plan: each is given the credentials, path and body of the provider Envoy
+chose for it, and its response headers name that provider.
 """
 
 from __future__ import annotations
@@ -10,21 +13,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc.envoy_config import CLUSTER_HEADER, METADATA_NS, REWRITE_HEADER, cluster_name
+from extproc import fallback
+from extproc.envoy_config import (
+    CLUSTER_HEADER,
+    FALLBACK_HEADER,
+    METADATA_NS,
+    REWRITE_HEADER,
+    cluster_name,
+)
+from tollgate.errors import GatewayError
 from tollgate.exchange import Exchange
 from tollgate.gateway import Gateway
-from tollgate.request import Forward, Reply, Request
+from tollgate.request import Attempt, Forward, Reply, Request
 
 log = logging.getLogger("tollgate.extproc")
 
@@ -62,33 +73,70 @@ def immediate(reply: Reply) -> pb.ProcessingResponse:
 def metadata(exchange: Exchange) -> struct_pb2.Struct:
     trace = exchange.trace
     doc = struct_pb2.Struct()
-    fields = {
-        "request_id": trace.request_id, "trace_id": trace.trace_id, "span_id": trace.span_id,
-        "fallback_count": str(exchange.fallback_count), "provider": exchange.provider_id,
-    }
+    fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
+              "span_id": trace.span_id}
+    if len(exchange.attempts) == 1:  # else each attempt's response names its provider
+        fields |= {"fallback_count": "0", "provider": exchange.provider_id}
     if exchange.billing.warning:
         fields["budget_warning"] = exchange.billing.warning
     doc.update({METADATA_NS: fields})
     return doc
 
 
-def forward(fwd: Forward, phase: str) -> pb.ProcessingResponse:
-    """The answer that sends a request on to its provider, on the `phase` Envoy waits for
-    (request_headers for a bodiless request, request_body otherwise)."""
-    a = fwd.attempt
-    set_headers = {":authority": a.authority, ":path": a.path,
-                   CLUSTER_HEADER: cluster_name(a.provider_id), **a.set_headers}
-    if fwd.exchange.needs_rewrite:
-        set_headers[REWRITE_HEADER] = "1"
-    common = pb.CommonResponse(clear_route_cache=True)
+def _mutation(a: Attempt, body_length: int | None, extra: dict[str, str],
+              remove: list[str]) -> pb.CommonResponse:
+    """Put one provider's credentials, host, path and body on the request."""
+    set_headers = {":authority": a.authority, ":path": a.path, **a.set_headers, **extra}
+    common = pb.CommonResponse()
     if a.body is not None:
         set_headers["content-length"] = str(len(a.body))
         common.body_mutation.body = a.body
-    common.header_mutation.CopyFrom(pb.HeaderMutation(set_headers=_set(set_headers),
-                                                      remove_headers=a.remove_headers))
-    answer = pb.ProcessingResponse(dynamic_metadata=metadata(fwd.exchange))
+    elif body_length is not None:
+        set_headers["content-length"] = str(body_length)
+    common.header_mutation.CopyFrom(pb.HeaderMutation(
+        set_headers=_set(set_headers),
+        remove_headers=[h for h in [*a.remove_headers, *remove] if h not in set_headers]))
+    return common
+
+
+def forward(fwd: Forward, phase: str, client_headers: dict[str, str]) -> pb.ProcessingResponse:
+    """The answer that sends a request on to its provider, on the `phase` Envoy waits for
+    (request_headers for a bodiless request, request_body otherwise).
+
+    A plan of one is applied here. A fallback plan goes to its chain with Envoy's retry
+    controls; each attempt's own changes are made by the attempt filter."""
+    exchange = fwd.exchange
+    plan = exchange.attempts
+    # Envoy's router controls are the gateway's to set, never the client's.
+    envoy_controls = [h for h in client_headers if h.startswith(fallback.ENVOY_CONTROL_PREFIX)]
+    routing = fallback.retry_headers(exchange.key.config.fallback, plan)
+    if exchange.needs_rewrite:
+        routing[REWRITE_HEADER] = "1"
+    if len(plan) == 1:
+        routing[CLUSTER_HEADER] = cluster_name(fwd.attempt.provider_id)
+        common = _mutation(fwd.attempt, None, routing, envoy_controls)
+    else:
+        routing[CLUSTER_HEADER] = fallback.chain_name(tuple(a.provider_id for a in plan))
+        routing[FALLBACK_HEADER] = "1"
+        common = pb.CommonResponse(header_mutation=pb.HeaderMutation(
+            set_headers=_set(routing),
+            remove_headers=[h for h in envoy_controls if h not in routing]))
+    common.clear_route_cache = True
+    answer = pb.ProcessingResponse(dynamic_metadata=metadata(exchange))
     getattr(answer, phase).response.CopyFrom(common)
     return answer
+
+
+def _attempt_provider(msg: pb.ProcessingRequest) -> str | None:
+    """The provider whose endpoint Envoy chose for this attempt (its endpoint metadata)."""
+    attrs = msg.attributes.get("envoy.filters.http.ext_proc")
+    if attrs is None or "xds.upstream_host_metadata" not in attrs.fields:
+        return None
+    host = base_pb2.Metadata()
+    text_format.Parse(attrs.fields["xds.upstream_host_metadata"].string_value, host)
+    fields = host.filter_metadata.get(METADATA_NS)
+    return fields.fields["provider"].string_value if fields and "provider" in fields.fields \
+        else None
 
 
 CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
@@ -107,14 +155,32 @@ def _request_id(msg: pb.ProcessingRequest) -> str | None:
 class _Pending:
     exchange: Exchange
     since: float
+    set_by_attempts: list[str] = field(default_factory=list)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, gateway: Gateway):
+    def __init__(self, gateway: Gateway,
+                 loaded_clusters: Callable[[], frozenset[str]] | None = None):
         self.gateway = gateway
         self._pending: dict[str, _Pending] = {}  # forwarded, waiting for the tap
         self._rewrites: dict[str, Exchange] = {}  # forwarded, waiting for the rewrite
+        # The clusters Envoy has loaded, when known (an Envoy this process runs); else the
+        # rendered config is taken to be loaded.
+        self._loaded_clusters = loaded_clusters
+        self._chains: tuple[object, ...] = ()
+        self._chain_set: set[tuple[str, ...]] = set()
         self.sweeper: asyncio.Task[None] | None = None
+
+    def chains(self) -> set[tuple[str, ...]]:
+        """The fallback chains Envoy can route to: the running config's, once loaded."""
+        loaded = self.gateway.holder.current
+        clusters = self._loaded_clusters() if self._loaded_clusters else None
+        if self._chains != (loaded, clusters):
+            rendered = fallback.chains(loaded.config)
+            self._chain_set = {c for c in rendered
+                               if clusters is None or fallback.chain_name(c) in clusters}
+            self._chains = (loaded, clusters)
+        return self._chain_set
 
     async def Process(self, requests: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
@@ -126,6 +192,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             return
         if first.WhichOneof("request") in ("response_headers", "response_body"):
             async for answer in self._rewrite(first, requests):
+                yield answer
+            return
+        if _request_id(first) is not None:  # only the decision sets the request id
+            async for answer in self._attempt(first, requests):
                 yield answer
             return
         async for answer in self._decide(first, requests):
@@ -158,11 +228,58 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if isinstance(result, Reply):
             yield immediate(result)
             return
-        request_id = result.exchange.trace.request_id
-        self._pending[request_id] = _Pending(result.exchange, time.monotonic())
-        if result.exchange.needs_rewrite:
-            self._rewrites[request_id] = result.exchange
-        yield forward(result, phase)
+        exchange = result.exchange
+        exchange.attempts = fallback.usable_plan(exchange.attempts, self.chains())
+        request_id = exchange.trace.request_id
+        # Attempts share one header map: each removes what another provider set there.
+        set_by_attempts = sorted({h for a in exchange.attempts for h in a.set_headers
+                                  if h not in headers})
+        self._pending[request_id] = _Pending(exchange, time.monotonic(), set_by_attempts)
+        if exchange.needs_rewrite:
+            self._rewrites[request_id] = exchange
+        yield forward(result, phase, headers)
+
+    # -- attempts of a fallback plan ------------------------------------------------------
+    async def _attempt(self, first: pb.ProcessingRequest,
+                       requests: AsyncIterator[pb.ProcessingRequest]
+                       ) -> AsyncIterator[pb.ProcessingResponse]:
+        """One attempt: the request (headers, then the buffered body, which Envoy replays
+        from the client's bytes each time) gets the provider's changes; the response
+        headers get the provider's name and the fallback count."""
+        pending = self._pending.get(_request_id(first) or "")
+        provider = _attempt_provider(first)
+        if pending is None or provider is None:
+            log.error("attempt of an unknown request (%s) or provider (%s)",
+                      _request_id(first), provider)
+            err = GatewayError("gateway_error", "The gateway lost track of this request between "
+                               "fallback attempts; see the ext_proc log.")
+            yield immediate(Reply(err.status, {"content-type": "application/json"},
+                                  err.body("openai"), {"code": err.code}))
+            return
+        exchange, stale = pending.exchange, pending.set_by_attempts
+        attempt = exchange.begin_attempt(provider)
+        msg: pb.ProcessingRequest | None = first
+        if first.request_headers.end_of_stream:
+            answer = pb.ProcessingResponse()
+            answer.request_headers.response.CopyFrom(_mutation(attempt, None, {}, stale))
+            yield answer
+        else:
+            yield CONTINUE_HEADERS
+            msg = await anext(requests, None)
+            if msg is None or msg.WhichOneof("request") != "request_body":
+                return
+            answer = pb.ProcessingResponse()
+            answer.request_body.response.CopyFrom(
+                _mutation(attempt, len(msg.request_body.body), {}, stale))
+            yield answer
+        msg = await anext(requests, None)
+        if msg is None or msg.WhichOneof("request") != "response_headers":
+            return  # reset or timed out: Envoy moves on to the next attempt, or gives up
+        status = int(_headers(msg.response_headers.headers).get(":status", "0"))
+        exchange.attempt_answered(status)
+        yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
+                set_headers=_set(exchange.response_headers())))))
 
     @staticmethod
     def _request(headers: dict[str, str], body: bytes, declared: int | None = None) -> Request:
@@ -188,12 +305,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         return  # a reply Envoy or the gateway made itself
                     headers = _headers(msg.response_headers.headers)
                     exchange.on_response_headers(int(headers.get(":status", "0")), headers)
-                    if msg.response_headers.end_of_stream:
+                    if msg.response_headers.end_of_stream or exchange.complete:
                         outcome, error = "completed", None
                         break
                 elif kind == "response_body" and exchange is not None:
                     exchange.on_chunk(msg.response_body.body)
-                    if msg.response_body.end_of_stream:
+                    # Envoy does not pass an empty end-of-stream chunk on to an observer, so
+                    # a stream's end is also read from the response itself.
+                    if msg.response_body.end_of_stream or exchange.complete:
                         outcome, error = "completed", None
                         break
                 elif kind == "response_trailers":
@@ -259,12 +378,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.sweep()
 
 
-async def start_server(gateway: Gateway, listen: str) -> tuple[grpc.aio.Server,
-                                                               ExternalProcessor]:
+async def start_server(gateway: Gateway, listen: str,
+                       loaded_clusters: Callable[[], frozenset[str]] | None = None
+                       ) -> tuple[grpc.aio.Server, ExternalProcessor]:
     """Serve ext_proc (and gRPC health) on `unix:/path` or `host:port`."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
                                       ("grpc.max_send_message_length", -1)])
-    processor = ExternalProcessor(gateway)
+    processor = ExternalProcessor(gateway, loaded_clusters)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -30,6 +30,10 @@ log = logging.getLogger("tollgate")
 
 # How much of a non-streamed response body the tap keeps (enough for any usage block).
 _KEEP_BODY = 1 << 20
+# Events after which a provider sends nothing more (Anthropic, OpenAI Responses, errors);
+# OpenAI chat streams end with `data: [DONE]`.
+_LAST_EVENTS = {"message_stop", "response.completed", "response.failed", "response.incomplete",
+                "error"}
 
 
 class Rewriter(Protocol):
@@ -90,6 +94,8 @@ class Exchange:
         self.events: list[Event] = []
         self.body = bytearray()
         self._sse = SSEParser()
+        self._length: int | None = None  # the response's content-length, when it has one
+        self._ended = False  # its last event has arrived
         self._finished = False
         self.rewriter: Rewriter | None = None  # set per response by on_response_headers
 
@@ -111,21 +117,25 @@ class Exchange:
 
     @property
     def needs_rewrite(self) -> bool:
-        """The client may not get the provider's bytes as they are."""
-        return self.attempt.translated or self.attempt.strip_usage
+        """Some attempt's response may not reach the client as the provider sends it."""
+        return any(a.translated or a.strip_usage for a in self.attempts)
 
     # -- fallback -----------------------------------------------------------------------
+    @staticmethod
+    def failure_kind(status: int | None = None, error: str | None = None) -> str | None:
+        """The `fallback.on` condition an attempt's outcome falls under, if any."""
+        if error is not None:
+            return error  # "timeout" | "network_error"
+        if status == 429:
+            return "rate_limit"
+        if status is not None and status >= 500:
+            return "5xx"
+        return None
+
     def fallback_reason(self, status: int | None = None, error: str | None = None
                         ) -> str | None:
         """Why this attempt's outcome may move on to the next provider, if it may."""
-        if error is not None:
-            reason = error  # "timeout" | "network_error"
-        elif status == 429:
-            reason = "rate_limit"
-        elif status is not None and status >= 500:
-            reason = "5xx"
-        else:
-            return None
+        reason = self.failure_kind(status, error)
         if reason in self.key.config.fallback.on and self.index + 1 < len(self.attempts):
             return reason
         return None
@@ -141,7 +151,25 @@ class Exchange:
             self.billing.price = self._prices.lookup(self.model) or self.billing.price
         self.status, self.is_sse, self.bytes_out = None, False, 0
         self.events, self.body, self._sse = [], bytearray(), SSEParser()
+        self._length, self._ended = None, False
         return self.attempt
+
+    def begin_attempt(self, provider_id: str) -> Attempt:
+        """A host that retries by itself (Envoy) starts the attempt that reached
+        `provider_id`; the attempts before it failed."""
+        later = [i for i in range(self.index, len(self.attempts))
+                 if self.attempts[i].provider_id == provider_id]
+        if not later:
+            log.error("request %s: attempt reached %s, which is not in its plan",
+                      self.trace.request_id, provider_id)
+            return self.attempt
+        while self.index < later[0]:
+            self.advance(self.failure_kind(self.status) or "timeout or network error")
+        return self.attempt
+
+    def attempt_answered(self, status: int) -> None:
+        """An attempt's response status, before the host decides whether to retry."""
+        self.status = status
 
     # -- the response -------------------------------------------------------------------
     def response_headers(self) -> dict[str, str]:
@@ -155,7 +183,10 @@ class Exchange:
         """Record the response's start; `headers` may lack content-type (a host that cannot
         see it), and then the first body bytes tell an event stream from JSON."""
         self.status = status
-        content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
+        lowered = {k.lower(): v for k, v in headers.items()}
+        content_type = lowered.get("content-type")
+        length = lowered.get("content-length", "")
+        self._length = int(length) if length.isdigit() else None
         self.is_sse = None if content_type is None else \
             content_type.lower().startswith("text/event-stream")
         self.rewriter = self.rewriter_for(status, content_type)
@@ -189,10 +220,20 @@ class Exchange:
         if self.is_sse is None and data.strip():
             self.is_sse = self.stream_requested and not data.lstrip().startswith((b"{", b"["))
         if self.is_sse:
-            self.events.extend(self._sse.feed(data))
+            events = self._sse.feed(data)
+            self._ended = self._ended or any(
+                e.event in _LAST_EVENTS or e.data.strip() == "[DONE]" for e in events)
+            self.events.extend(events)
         elif len(self.body) < _KEEP_BODY:
             self.body += data[: _KEEP_BODY - len(self.body)]
         return data
+
+    @property
+    def complete(self) -> bool:
+        """The whole response has been seen: its content-length, or its last event."""
+        if self.is_sse:
+            return self._ended
+        return self._length is not None and self.bytes_out >= self._length
 
     def failure(self, code: str, message: str) -> tuple[int, dict[str, str], bytes]:
         """Status, headers and body for a request no provider could answer."""

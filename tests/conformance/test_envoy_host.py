@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from extproc.runner import envoy_binary
-from tests.conftest import OPENAI_KEY, make_config
-from tests.fakes.providers import FakeProvider
+from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, make_config
+from tests.fakes.providers import Behaviour, FakeProvider
 from tests.harness import BIN, GatewayProcess, free_port, tollgate, wait_until
 
 CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -35,10 +35,20 @@ def config(tmp_path, fake_openai, fake_anthropic):
     return make_config(tmp_path, fake_openai, fake_anthropic)
 
 
-def new_key(config) -> str:
+def new_key(config, *extra: str) -> str:
     out = tollgate("virtual-keys", "create", "--name", "e", "--scope", "ORG:acme",
-                   "--format", "json", config=config)
+                   "--format", "json", *extra, config=config)
     return json.loads(out.stdout)["secret"]
+
+
+def fallback_key(config) -> str:
+    """A key whose 5xx answers fall back from mp_openai to mp_anthropic."""
+    out = tollgate("routing-policies", "create", "--scope", "ORG:acme", "--name", "fb",
+                   "--model-provider", "mp_openai", "--model-provider", "mp_anthropic",
+                   "--model-map", "mp_anthropic:gpt-5-mini=claude-haiku-4-5",
+                   "--format", "json", config=config)
+    return new_key(config, "--routing-policy", json.loads(out.stdout)["id"],
+                   "--config-json", '{"fallback": {"on": ["5xx"]}}')
 
 
 def start_extproc(config, port: int, log) -> subprocess.Popen:
@@ -59,10 +69,11 @@ def stop_extproc(proc: subprocess.Popen) -> None:
         raise
 
 
-def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai):
+def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai, fake_anthropic):
     """`tollgate envoy render` + `tollgate serve extproc`: ext_proc down is a clear 503, and
-    traffic resumes when it is back, with no Envoy restart."""
+    traffic resumes when it is back, with no Envoy restart. The rendered config falls back."""
     secret = new_key(config)
+    fallback_secret = fallback_key(config)
     extproc_port, listen_port, admin_port = free_port(), free_port(), free_port()
     rendered = tollgate("envoy", "render", "--listen", f"127.0.0.1:{listen_port}",
                         "--extproc", f"127.0.0.1:{extproc_port}",
@@ -95,6 +106,13 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai):
                    timeout=20, what="traffic to resume")
         assert envoy.poll() is None  # the same Envoy throughout
         assert fake_openai.requests[-1].headers["authorization"] == f"Bearer {OPENAI_KEY}"
+
+        fake_openai.enqueue(Behaviour("fail", status=503))
+        served = httpx.post(url, json=CHAT, headers={"authorization": f"Bearer {fallback_secret}"})
+        assert served.status_code == 200
+        assert served.headers["x-langwatch-provider"] == "mp_anthropic"
+        assert served.headers["x-langwatch-fallback-count"] == "1"
+        assert fake_anthropic.requests[-1].headers["x-api-key"] == ANTHROPIC_KEY
     finally:
         stop_extproc(extproc)
         envoy.terminate()
@@ -103,7 +121,9 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai):
 
 
 def test_rendered_bootstrap_passes_envoy_validation(config, tmp_path):
+    fallback_key(config)  # so a fallback chain is rendered too
     rendered = tollgate("envoy", "render", config=config).stdout
+    assert "chain_mp_openai_then_mp_anthropic" in rendered
     path = tmp_path / "envoy.yaml"
     path.write_text(rendered)
     result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path),

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conformance.test_metering import ledger_row
 from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY
 from tests.fakes.providers import TEXT, Behaviour
 from tests.harness import wait_until
@@ -120,14 +121,21 @@ def test_anthropic_stream_arrives_chunk_by_chunk(gateway, fake_anthropic):
     fake_anthropic.chunk_delay = 0.15
     client = ant(gateway, key)
     arrivals, text = [], ""
-    with client.messages.stream(model="claude-haiku-4-5", max_tokens=64,
-                                messages=[{"role": "user", "content": "hi"}]) as stream:
-        for piece in stream.text_stream:
-            arrivals.append(time.monotonic())
-            text += piece
-        final = stream.get_final_message()
+    with client.messages.with_streaming_response.create(
+            model="claude-haiku-4-5", max_tokens=64, stream=True,
+            messages=[{"role": "user", "content": "hi"}]) as response:
+        for event in response.parse():
+            if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                arrivals.append(time.monotonic())
+                text += event.delta.text
+            if event.type == "message_delta":
+                output_tokens = event.usage.output_tokens
+        request_id = response.headers["x-langwatch-request-id"]
     assert text == TEXT
-    assert final.usage.output_tokens > 0
+    assert output_tokens > 0
+    # Recorded as completed at once, though the host may not see the stream's end itself.
+    row = ledger_row(gateway, request_id)
+    assert (row.outcome, row.output_tokens) == ("completed", output_tokens)
     assert arrivals[-1] - arrivals[0] > 1.0
     gaps = [b - a for a, b in pairwise(arrivals)]
     assert sum(g > 0.08 for g in gaps) >= len(gaps) - 2

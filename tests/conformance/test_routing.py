@@ -12,7 +12,7 @@ import pytest
 from ulid import ULID
 
 from tests.conformance.test_metering import ledger_row
-from tests.conftest import HOSTS, Gateway, make_config
+from tests.conftest import HOSTS, OPENAI_KEY, Gateway, make_config
 from tests.fakes.providers import TEXT, Behaviour
 from tests.harness import GatewayProcess, free_port
 
@@ -113,11 +113,8 @@ def test_anthropic_sdk_served_by_openai_with_tools(gateway, fake_openai, stream)
     assert plain.content[0].text == TEXT and plain.usage.output_tokens > 0
 
 
-# -- fallback: the mitmproxy addon re-dispatches failed attempts itself. These cases run on
-# that host alone until Envoy does fallback with its own retries.
-
-mitmproxy_only = pytest.mark.parametrize("gateway", ["mitmproxy"], indirect=True)
-
+# -- fallback: the mitmproxy addon re-dispatches failed attempts itself; Envoy retries along
+# an aggregate cluster, with the attempt filter preparing each attempt.
 
 def fallback_pair(gateway, fake_openai, fake_anthropic, primary_url: str | None = None,
                   *primary_extra: str) -> tuple[str, str, str]:
@@ -127,74 +124,133 @@ def fallback_pair(gateway, fake_openai, fake_anthropic, primary_url: str | None 
                                    maps=(f"{backup}:gpt-5-mini=claude-haiku-4-5",))
 
 
-@mitmproxy_only
-@pytest.mark.parametrize("status", [503, 429])
-@pytest.mark.parametrize("stream", [False, True])
-def test_openai_primary_fails_and_anthropic_answers(gateway, fake_openai, fake_anthropic,
-                                                    status, stream):
-    _, backup, rp = fallback_pair(gateway, fake_openai, fake_anthropic)
-    key = keyed(gateway, rp)
-    fake_openai.enqueue(Behaviour("fail", status=status))
+FAILURES = ["503", "429", "hang", "refused"]
+
+
+def failing_primary(gateway, kind: str, fake, failure: str) -> str:
+    """A primary provider of `kind` that fails the next request the way `failure` says."""
+    if failure == "refused":
+        return provider(gateway, kind, f"http://127.0.0.1:{free_port()}")
+    if failure == "hang":
+        fake.enqueue(Behaviour("hang", seconds=5))
+    else:
+        fake.enqueue(Behaviour("fail", status=int(failure)))
+    return provider(gateway, kind, fake.url, "--first-byte-timeout", "1")
+
+
+def ask_openai(gateway, key, stream: bool) -> tuple[httpx.Headers, str]:
     client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
     messages = [{"role": "user", "content": "hi"}]
     if stream:
         with client.chat.completions.with_streaming_response.create(
                 model="gpt-5-mini", messages=messages, stream=True) as response:
-            headers = response.headers
             text = "".join(c.choices[0].delta.content or "" for c in response.parse()
                            if c.choices)
-    else:
-        raw = client.chat.completions.with_raw_response.create(model="gpt-5-mini",
-                                                               messages=messages)
-        headers, text = raw.headers, raw.parse().choices[0].message.content
+            return response.headers, text
+    raw = client.chat.completions.with_raw_response.create(model="gpt-5-mini",
+                                                           messages=messages)
+    return raw.headers, raw.parse().choices[0].message.content or ""
+
+
+def ask_anthropic(gateway, key, stream: bool) -> tuple[httpx.Headers, str]:
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=key.secret, max_retries=0)
+    args = {"model": "claude-haiku-4-5", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "hi"}]}
+    if stream:
+        with client.messages.with_streaming_response.create(**args, stream=True) as response:
+            text = "".join(e.delta.text for e in response.parse()
+                           if e.type == "content_block_delta" and e.delta.type == "text_delta")
+            return response.headers, text
+    raw = client.messages.with_raw_response.create(**args)
+    return raw.headers, raw.parse().content[0].text
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_openai_sdk_falls_back_to_anthropic(gateway, fake_openai, fake_anthropic, failure,
+                                            stream):
+    primary = failing_primary(gateway, "openai", fake_openai, failure)
+    backup = provider(gateway, "anthropic", fake_anthropic.url)
+    key = keyed(gateway, policy(gateway, primary, backup,
+                                maps=(f"{backup}:gpt-5-mini=claude-haiku-4-5",)))
+    headers, text = ask_openai(gateway, key, stream)
     assert text == TEXT
     assert headers["x-langwatch-fallback-count"] == "1"
     assert headers["x-langwatch-provider"] == backup
-    assert len(fake_openai.requests) == 1 and len(fake_anthropic.requests) == 1
+    assert len(fake_anthropic.requests) == 1
+    assert fake_anthropic.requests[0].json()["model"] == "claude-haiku-4-5"
     row = ledger_row(gateway, headers["x-langwatch-request-id"])
-    assert (row.provider, row.fallback_count) == (backup, 1)
+    assert (row.provider, row.model, row.fallback_count) == (backup, "claude-haiku-4-5", 1)
+    assert row.status == 200 and row.output_tokens > 0 and row.usage_reported
 
 
-@mitmproxy_only
-def test_primary_hanging_past_its_timeout_falls_back(gateway, fake_openai, fake_anthropic):
-    _, backup, rp = fallback_pair(gateway, fake_openai, fake_anthropic, None,
-                                  "--first-byte-timeout", "1")
-    key = keyed(gateway, rp)
-    fake_openai.enqueue(Behaviour("hang", seconds=5))
-    r = httpx.post(f"{gateway.openai_base}/chat/completions", timeout=30,
-                   json={"model": "gpt-5-mini", "messages": [{"role": "user", "content": "x"}]},
-                   headers={"authorization": f"Bearer {key.secret}"})
-    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == TEXT
-    assert r.headers["x-langwatch-provider"] == backup
-
-
-@mitmproxy_only
-def test_refused_connection_falls_back(gateway, fake_openai, fake_anthropic):
-    _, _, rp = fallback_pair(gateway, fake_openai, fake_anthropic,
-                             f"http://127.0.0.1:{free_port()}")
-    key = keyed(gateway, rp)
-    client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
-    raw = client.chat.completions.with_raw_response.create(
-        model="gpt-5-mini", messages=[{"role": "user", "content": "x"}])
-    assert raw.parse().choices[0].message.content == TEXT
-    assert raw.headers["x-langwatch-fallback-count"] == "1"
-
-
-@mitmproxy_only
-def test_anthropic_sdk_falls_back_to_openai(gateway, fake_openai, fake_anthropic):
-    primary = provider(gateway, "anthropic", fake_anthropic.url)
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_anthropic_sdk_falls_back_to_openai(gateway, fake_openai, fake_anthropic, failure,
+                                            stream):
+    primary = failing_primary(gateway, "anthropic", fake_anthropic, failure)
     backup = provider(gateway, "openai", fake_openai.url)
     key = keyed(gateway, policy(gateway, primary, backup,
-                             maps=(f"{backup}:claude-haiku-4-5=gpt-5-mini",)))
-    fake_anthropic.enqueue(Behaviour("fail", status=529))
-    client = anthropic.Anthropic(base_url=gateway.url, api_key=key.secret, max_retries=0)
-    raw = client.messages.with_raw_response.create(
-        model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
-    assert raw.parse().content[0].text == TEXT
-    assert raw.headers["x-langwatch-provider"] == backup
+                                maps=(f"{backup}:claude-haiku-4-5=gpt-5-mini",)))
+    headers, text = ask_anthropic(gateway, key, stream)
+    assert text == TEXT
+    assert headers["x-langwatch-fallback-count"] == "1"
+    assert headers["x-langwatch-provider"] == backup
+    sent = fake_openai.requests[-1]
+    assert sent.json()["model"] == "gpt-5-mini"
+    assert "x-api-key" not in sent.headers and "anthropic-version" not in sent.headers
+    row = ledger_row(gateway, headers["x-langwatch-request-id"])
+    assert (row.provider, row.fallback_count, row.status) == (backup, 1, 200)
 
 
-@mitmproxy_only
+def test_same_family_fallback_keeps_the_clients_bytes(gateway, fake_openai, fake_anthropic):
+    """Two OpenAI providers: the backup gets the client's body byte for byte and its own
+    credential, never the primary's."""
+    primary = provider(gateway, "openai", fake_openai.url)
+    backup = provider(gateway, "openai", fake_openai.url)
+    key = keyed(gateway, policy(gateway, primary, backup))
+    fake_openai.enqueue(Behaviour("fail", status=500))
+    body = b'{"model": "gpt-5-mini",  "messages": [{"role": "user", "content": "x"}]}'
+    r = httpx.post(f"{gateway.openai_base}/chat/completions", content=body,
+                   headers={"authorization": f"Bearer {key.secret}",
+                            "content-type": "application/json"})
+    assert r.status_code == 200 and r.headers["x-langwatch-provider"] == backup
+    assert [q.body for q in fake_openai.requests] == [body, body]
+    assert all(q.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+               for q in fake_openai.requests)
+
+
+def test_long_stream_outlives_the_first_byte_timeout(gateway, fake_openai, fake_anthropic):
+    """The first byte timeout ends waiting for a response, never a response under way."""
+    primary, _, rp = fallback_pair(gateway, fake_openai, fake_anthropic, None,
+                                   "--first-byte-timeout", "1")
+    key = keyed(gateway, rp)
+    fake_openai.chunk_delay = 0.15  # the stream runs well past one second
+    try:
+        headers, text = ask_openai(gateway, key, stream=True)
+    finally:
+        fake_openai.chunk_delay = 0.0
+    assert text == TEXT and headers["x-langwatch-provider"] == primary
+    assert headers["x-langwatch-fallback-count"] == "0" and fake_anthropic.requests == []
+    row = ledger_row(gateway, headers["x-langwatch-request-id"])
+    assert row.outcome == "completed" and row.output_tokens > 0
+
+
+def test_clients_cannot_steer_envoys_retries(gateway, fake_openai, fake_anthropic):
+    """Router controls a client sends are dropped: no fallback the key does not allow."""
+    _, _, rp = fallback_pair(gateway, fake_openai, fake_anthropic)
+    key = keyed(gateway, rp, "{}")
+    fake_openai.enqueue(Behaviour("fail", status=503))
+    r = httpx.post(f"{gateway.openai_base}/chat/completions",
+                   json={"model": "gpt-5-mini", "messages": [{"role": "user", "content": "x"}]},
+                   headers={"authorization": f"Bearer {key.secret}",
+                            "x-envoy-retry-on": "5xx,retriable-status-codes",
+                            "x-envoy-retriable-status-codes": "503",
+                            "x-envoy-max-retries": "3"})
+    assert r.status_code == 503 and r.headers["x-langwatch-fallback-count"] == "0"
+    assert len(fake_openai.requests) == 1 and fake_anthropic.requests == []
+
+
 def test_no_fallback_without_5xx_in_the_keys_conditions(gateway, fake_openai, fake_anthropic):
     _, _, rp = fallback_pair(gateway, fake_openai, fake_anthropic)
     key = keyed(gateway, rp, '{"fallback": {"on": ["timeout", "network_error"]}}')
@@ -208,7 +264,6 @@ def test_no_fallback_without_5xx_in_the_keys_conditions(gateway, fake_openai, fa
     assert fake_anthropic.requests == []
 
 
-@mitmproxy_only
 def test_circuit_breaker_skips_a_failing_primary(gateway, fake_openai, fake_anthropic):
     _, backup, rp = fallback_pair(gateway, fake_openai, fake_anthropic)
     key = keyed(gateway, rp)
@@ -230,8 +285,7 @@ def test_circuit_breaker_skips_a_failing_primary(gateway, fake_openai, fake_anth
 def test_circuit_breaker_sends_traffic_back_after_the_cooldown(host, tmp_path, fake_openai,
                                                                fake_anthropic):
     """Both hosts pass over a provider whose circuit is open and return to it after the
-    cool-down. (Envoy does not fall back within a request yet, so there the failing
-    requests themselves get the provider's 503.)"""
+    cool-down."""
     config = make_config(tmp_path, fake_openai, fake_anthropic)
     config.write_text(config.read_text().replace(
         "max_body_bytes:", "circuit_breaker: {failures: 2, cooldown_seconds: 1.5}\n"
@@ -245,17 +299,14 @@ def test_circuit_breaker_sends_traffic_back_after_the_cooldown(host, tmp_path, f
         body = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "x"}]}
         headers = {"authorization": f"Bearer {key.secret}"}
 
-        def provider_of(status: int = 200) -> str:
+        def provider_of() -> str:
             r = httpx.post(url, json=body, headers=headers)
-            assert r.status_code == status
+            assert r.status_code == 200
             return r.headers["x-langwatch-provider"]
 
         for _ in range(2):
             fake_openai.enqueue(Behaviour("fail", status=503))
-            if host == "mitmproxy":
-                assert provider_of() == backup
-            else:
-                assert provider_of(503) == primary
+            assert provider_of() == backup
         assert provider_of() == backup  # open: the primary is not even tried
         assert len(fake_openai.requests) == 2
         time.sleep(1.6)

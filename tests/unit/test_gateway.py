@@ -247,3 +247,58 @@ async def test_close_waits_for_settlements_and_returns(setup):
     rows = await SQLiteStore(gw.holder.path.parent / ".tollgate" / "state.db",
                              owner=False).rows()
     assert [(r.input_tokens, r.output_tokens) for r in rows] == [(3, 2)]
+
+
+async def test_a_retrying_host_starts_attempts_by_provider(setup, config_dir):
+    """Envoy names the provider each attempt reached; the attempts before it failed."""
+    key, gateway = setup
+    path = str(config_dir / "gateway.yaml")
+    runner = CliRunner()
+    runner.invoke(cli, ["--config", path, "model-providers", "create", "--type", "openai",
+                        "--scope", "ORG:acme", "--id", "mp_backup", "--api-key-env",
+                        "OPENAI_API_KEY"])
+    runner.invoke(cli, ["--config", path, "routing-policies", "create", "--scope", "ORG:acme",
+                        "--name", "pair", "--id", "rp_pair", "--model-provider",
+                        "mp_openai_org", "--model-provider", "mp_backup"])
+    secret = key("--routing-policy", "rp_pair", "--config-json", '{"fallback": {"on": ["5xx"]}}')
+    gw = gateway()
+    forward = await gw.handle(request("/v1/chat/completions", CHAT, secret))
+    exchange = forward.exchange
+    assert [a.provider_id for a in exchange.attempts] == ["mp_openai_org", "mp_backup"]
+    assert exchange.begin_attempt("mp_openai_org").provider_id == "mp_openai_org"
+    exchange.attempt_answered(503)
+    assert exchange.begin_attempt("mp_backup").provider_id == "mp_backup"
+    assert exchange.fallback_count == 1
+    assert exchange.response_headers()["X-LangWatch-Provider"] == "mp_backup"
+    assert gw.breakers._count == {"mp_openai_org": 1}  # the failed attempt counts
+    # A provider outside the plan leaves the exchange where it was.
+    assert exchange.begin_attempt("mp_elsewhere").provider_id == "mp_backup"
+    exchange.finish("completed")
+    await gw.close()
+
+
+@pytest.mark.parametrize(("content_type", "chunks", "done"), [
+    ("text/event-stream", [b"data: {}\n\n"], False),
+    ("text/event-stream", [b"data: {}\n\n", b"data: [DONE]\n\n"], True),
+    ("text/event-stream", [b"event: message_stop\ndata: {}\n", b"\n"], True),
+    ("text/event-stream", [b"event: response.completed\ndata: {}\n\n"], True),
+    ("application/json", [b'{"a":', b' 1}'], True),
+    ("application/json", [b'{"a":'], False),
+])
+async def test_a_response_is_complete_at_its_length_or_last_event(setup, content_type, chunks,
+                                                                  done):
+    key, gateway = setup
+    secret = key()
+    gw = gateway()
+    body = {**CHAT, "stream": content_type == "text/event-stream"}
+    result = await gw.handle(request("/v1/chat/completions", body, secret))
+    assert isinstance(result, Forward), result.body
+    exchange = result.exchange
+    exchange.on_response_headers(200, {"content-type": content_type, "content-length": "8"}
+                                 if content_type == "application/json" else
+                                 {"content-type": content_type})
+    for chunk in chunks:
+        exchange.on_chunk(chunk)
+    assert exchange.complete is done
+    exchange.finish("completed")
+    await gw.close()

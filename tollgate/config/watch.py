@@ -38,7 +38,7 @@ class ConfigHolder:
         before = _signature([self.path])
         self.current: LoadedConfig = load_config(self.path)
         self.last_error: ConfigError | None = None
-        self._listeners: list[Callable[[LoadedConfig], None]] = []
+        self._preparers: list[Callable[[LoadedConfig], None]] = []
         prices = self.path.parent / self.current.config.gateway.prices
         self._seen: tuple[object, ...] = (self.path, prices, *before, *_signature([prices]))
         self._stop = threading.Event()
@@ -50,8 +50,10 @@ class ConfigHolder:
         paths = [self.path, self.path.parent / self.current.config.gateway.prices]
         return (*paths, *_signature(paths))
 
-    def on_reload(self, callback: Callable[[LoadedConfig], None]) -> None:
-        self._listeners.append(callback)
+    def before_reload(self, callback: Callable[[LoadedConfig], None]) -> None:
+        """Run `callback` with a new config before it takes effect (a proxy loading the
+        resources the new config routes to)."""
+        self._preparers.append(callback)
 
     def start(self) -> None:
         if self._thread is None:
@@ -78,11 +80,11 @@ class ConfigHolder:
             self.last_error = e
             log.error("config reload rejected, still serving the last good config:\n%s", e)
             return False
-        self.current, self.last_error = loaded, None
-        log.info("config reloaded from %s", self.path)
-        for callback in self._listeners:
+        for callback in self._preparers:
             try:
                 callback(loaded)
             except Exception:
-                log.exception("config reload listener failed")
+                log.exception("preparing for the new config failed")
+        self.current, self.last_error = loaded, None
+        log.info("config reloaded from %s", self.path)
         return True

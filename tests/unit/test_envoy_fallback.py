@@ -1,0 +1,94 @@
+"""How fallback plans become Envoy config and per-request retry controls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc import envoy_config, fallback
+from tollgate.config.schema import Config, Fallback
+from tollgate.request import Attempt
+
+HASH = "0" * 64
+
+
+def provider(ident: str, scope: str = "ORG:acme") -> dict[str, Any]:
+    return {"id": ident, "type": "openai", "scope": scope, "base_url": "http://127.0.0.1:9"}
+
+
+def key(ident: str, scope: str = "ORG:acme", policy: str | None = None,
+        **fb: Any) -> dict[str, Any]:
+    return {"id": ident, "name": ident, "scope": scope, "secret_hash": HASH,
+            "routing_policy": policy, "config": {"fallback": fb}}
+
+
+def config(providers: list[dict], keys: list[dict], policies: list[dict] = ()) -> Config:
+    return Config.model_validate({
+        "orgs": [{"id": "acme", "teams": [{"id": "red"}, {"id": "blue"}]}],
+        "model_providers": providers, "routing_policies": list(policies),
+        "virtual_keys": keys})
+
+
+def attempt(provider_id: str, first_byte: float = 120.0) -> Attempt:
+    return Attempt(provider_id=provider_id, scheme="http", host="h", port=80, path="/",
+                   set_headers={}, remove_headers=[], first_byte_timeout=first_byte)
+
+
+def test_chains_cover_every_order_a_policy_key_may_need():
+    cfg = config([provider("a"), provider("b"), provider("c")],
+                 [key("k", policy="rp", on=["5xx"])],
+                 [{"id": "rp", "name": "rp", "scope": "ORG:acme", "model_providers": ["b", "a"]}])
+    assert fallback.chains(cfg) == [("a", "b"), ("b", "a")]
+
+
+def test_chains_without_policy_follow_the_keys_scope_and_max_attempts():
+    cfg = config([provider("a"), provider("r", "TEAM:red"), provider("b", "TEAM:blue")],
+                 [key("k", "TEAM:red", on=["timeout"], max_attempts=2),
+                  key("quiet", "TEAM:blue")])  # no fallback conditions: no chains
+    assert fallback.chains(cfg) == [("a", "r"), ("r", "a")]
+    three = config([provider("a"), provider("b"), provider("c")], [key("k", on=["5xx"])])
+    chains = fallback.chains(three)
+    assert len(chains) == 6 + 6 and ("c", "a", "b") in chains
+
+
+def test_plans_without_a_rendered_chain_keep_their_longest_rendered_prefix():
+    plan = [attempt("a"), attempt("b"), attempt("c")]
+    assert [a.provider_id for a in fallback.usable_plan(plan, {("a", "b")})] == ["a", "b"]
+    assert [a.provider_id for a in fallback.usable_plan(plan, set())] == ["a"]
+    assert fallback.usable_plan(plan, {("a", "b", "c")}) == plan
+
+
+def test_retry_headers_follow_the_keys_conditions():
+    plan = [attempt("a", first_byte=2.5), attempt("b")]
+    only_5xx = fallback.retry_headers(Fallback(on=["5xx"]), plan)
+    assert only_5xx["x-envoy-retry-on"] == "retriable-status-codes"
+    codes = only_5xx["x-envoy-retriable-status-codes"].split(",")
+    assert "503" in codes and "529" in codes and "429" not in codes and "499" not in codes
+    assert only_5xx["x-envoy-max-retries"] == "1"
+    assert only_5xx["x-envoy-upstream-rq-per-try-timeout-ms"] == "2500"
+
+    network = fallback.retry_headers(Fallback(on=["network_error", "rate_limit"]), plan)
+    assert set(network["x-envoy-retry-on"].split(",")) == {
+        "connect-failure", "refused-stream", "reset", "retriable-status-codes"}
+    assert network["x-envoy-retriable-status-codes"] == "429"
+
+    timeout_only = fallback.retry_headers(Fallback(on=["timeout"]), plan)
+    assert timeout_only["x-envoy-retry-on"] == "reset"
+    assert "x-envoy-retriable-status-codes" not in timeout_only
+    # A plan of one still gets its first byte timeout, and no retries.
+    assert fallback.retry_headers(Fallback(on=["5xx"]), plan[:1]) == {
+        "x-envoy-upstream-rq-per-try-timeout-ms": "2500"}
+
+
+def test_rendered_chain_is_an_aggregate_of_provider_clusters_in_plan_order():
+    cfg = config([provider("a"), provider("b")], [key("k", on=["5xx"])])
+    clusters = {c["name"]: c for c in envoy_config.clusters(cfg)}
+    chain = clusters["chain_b_then_a"]
+    assert chain["cluster_type"]["typed_config"]["clusters"] == ["provider_b", "provider_a"]
+    endpoint = clusters["provider_a"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert endpoint["metadata"]["filter_metadata"]["tollgate"]["provider"] == "a"
+    routes = envoy_config.route_config(cfg)["virtual_hosts"][0]["routes"]
+    retrying = [r for r in routes if "retry_policy" in r["route"]]
+    assert len(retrying) == 2 and all(
+        "tollgate.attempt" in r["typed_per_filter_config"] for r in retrying)
+    assert retrying[0]["route"]["retry_policy"]["retry_priority"]["name"] == \
+        "envoy.retry_priorities.previous_priorities"
