@@ -259,6 +259,7 @@ def attempt_filter() -> dict[str, Any]:
             "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
         },
         "message_timeout": "5s",
+        "allow_mode_override": True,  # an attempt with the client's body skips sending it
         "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
         "request_attributes": ["xds.upstream_host_metadata"],
         "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
@@ -156,6 +157,17 @@ class _Pending:
     exchange: Exchange
     since: float
     set_by_attempts: list[str] = field(default_factory=list)
+    body_length: int | None = None  # the client's body, which Envoy replays to each attempt
+
+
+# An attempt that sends the client's body as it is skips sending it to ext_proc.
+HEADERS_ONLY = processing_mode_pb2.ProcessingMode(
+    request_header_mode=processing_mode_pb2.ProcessingMode.SEND,
+    request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    response_header_mode=processing_mode_pb2.ProcessingMode.SEND,
+    response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
@@ -234,7 +246,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         # Attempts share one header map: each removes what another provider set there.
         set_by_attempts = sorted({h for a in exchange.attempts for h in a.set_headers
                                   if h not in headers})
-        self._pending[request_id] = _Pending(exchange, time.monotonic(), set_by_attempts)
+        self._pending[request_id] = _Pending(exchange, time.monotonic(), set_by_attempts,
+                                             len(body) if phase == "request_body" else None)
         if exchange.needs_rewrite:
             self._rewrites[request_id] = exchange
         yield forward(result, phase, headers)
@@ -258,10 +271,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             return
         exchange, stale = pending.exchange, pending.set_by_attempts
         attempt = exchange.begin_attempt(provider)
-        msg: pb.ProcessingRequest | None = first
-        if first.request_headers.end_of_stream:
-            answer = pb.ProcessingResponse()
-            answer.request_headers.response.CopyFrom(_mutation(attempt, None, {}, stale))
+        if attempt.body is None:
+            # The client's bytes as they are: all is said on the headers, and Envoy is told
+            # not to send the body.
+            answer = pb.ProcessingResponse(mode_override=HEADERS_ONLY)
+            answer.request_headers.response.CopyFrom(
+                _mutation(attempt, pending.body_length, {}, stale))
             yield answer
         else:
             yield CONTINUE_HEADERS

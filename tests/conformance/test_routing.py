@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import anthropic
 import httpx
@@ -14,7 +15,7 @@ from ulid import ULID
 from tests.conformance.test_metering import ledger_row
 from tests.conftest import HOSTS, OPENAI_KEY, Gateway, make_config
 from tests.fakes.providers import TEXT, Behaviour
-from tests.harness import GatewayProcess, free_port
+from tests.harness import GatewayProcess, free_port, wait_until
 
 FALLBACK_ALL = '{"fallback": {"on": ["5xx", "timeout", "rate_limit", "network_error"]}}'
 TOOL = {"type": "function", "function": {"name": "read_file", "parameters": {
@@ -111,6 +112,29 @@ def test_anthropic_sdk_served_by_openai_with_tools(gateway, fake_openai, stream)
     plain = client.messages.create(model="claude-haiku-4-5", max_tokens=64,
                                    messages=[{"role": "user", "content": "hi"}])
     assert plain.content[0].text == TEXT and plain.usage.output_tokens > 0
+
+
+def test_weighted_policy_spreads_first_picks(gateway, fake_openai):
+    """A weighted policy, bound to an existing key with `virtual-keys update`, spreads the
+    first pick over its providers by weight; weight 0 is never picked first."""
+    a, b, idle = (provider(gateway, "openai", fake_openai.url) for _ in range(3))
+    out = gateway.cli("routing-policies", "create", "--scope", "ORG:acme", "--name", "spread",
+                      "--strategy", "weighted", "--model-provider", a, "--model-provider", b,
+                      "--model-provider", idle, "--weight", f"{idle}=0", "--format", "json")
+    key = gateway.create_key()
+    gateway.cli("virtual-keys", "update", key.id, "--routing-policy",
+                json.loads(out.stdout)["id"])
+    body = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "x"}]}
+    headers = {"authorization": f"Bearer {key.secret}"}
+
+    def served_by() -> str:
+        r = httpx.post(f"{gateway.openai_base}/chat/completions", json=body, headers=headers)
+        assert r.status_code == 200
+        return r.headers["x-langwatch-provider"]
+
+    wait_until(lambda: served_by() != "mp_openai", what="the key's new routing policy")
+    picks = Counter(served_by() for _ in range(40))
+    assert set(picks) == {a, b} and min(picks.values()) >= 5  # 1:1, idle never first
 
 
 # -- fallback: the mitmproxy addon re-dispatches failed attempts itself; Envoy retries along

@@ -111,6 +111,21 @@ def test_update_binds_routing_policy_and_config(run, config_dir):
     assert bad.exit_code != 0 and "--config-json" in bad.output
 
 
+def test_weighted_policy_takes_weights_and_model_maps(run, config_dir):
+    run("routing-policies", "create", "--scope", "ORG:acme", "--name", "spread", "--id",
+        "rp_spread", "--strategy", "weighted", "--model-provider", "mp_openai_org",
+        "--model-provider", "mp_anthropic_org", "--weight", "mp_openai_org=3",
+        "--weight", "mp_anthropic_org=0",
+        "--model-map", "mp_anthropic_org:gpt-5-mini=claude-haiku-4-5")
+    rp = load_config(config_dir / "gateway.yaml").config.routing_policies[0]
+    assert rp.strategy == "weighted"
+    assert [(t.model_provider, t.weight, t.model_map) for t in rp.targets()] == [
+        ("mp_openai_org", 3, {}), ("mp_anthropic_org", 0, {"gpt-5-mini": "claude-haiku-4-5"})]
+    bad = run("routing-policies", "create", "--scope", "ORG:acme", "--name", "x",
+              "--model-provider", "mp_openai_org", "--weight", "mp_nope=2", ok=False)
+    assert bad.exit_code != 0 and "--weight" in bad.output
+
+
 def test_init_refuses_to_overwrite(run, config_dir, tmp_path):
     assert "already exists" in run("init", "--org", "acme", ok=False).output
     fresh = tmp_path / "new" / "gw.yaml"

@@ -145,21 +145,30 @@ def routing_policies() -> None:
 @click.option("--model-map", "model_maps", multiple=True, metavar="PROVIDER:FROM=TO",
               help="The model a provider serves instead, e.g. "
                    "mp_anthropic:gpt-5-mini=claude-haiku-4-5; repeatable.")
+@click.option("--weight", "weights", multiple=True, metavar="PROVIDER=N",
+              help="A provider's share of first picks with --strategy weighted (default 1; "
+                   "0: only ever a fallback); repeatable.")
 @click.option("--id", "policy_id")
 @format_option
 @click.pass_context
 def create_policy(ctx: click.Context, scope: str, name: str, strategy: str,
                   providers: tuple[str, ...], model_maps: tuple[str, ...],
-                  policy_id: str | None, fmt: str) -> None:
-    maps: dict[str, dict[str, str]] = {}
+                  weights: tuple[str, ...], policy_id: str | None, fmt: str) -> None:
+    extra: dict[str, dict[str, Any]] = {p: {} for p in providers}
     for spec in model_maps:
         provider, _, mapping = spec.partition(":")
         source, _, target = mapping.partition("=")
         if not (provider and source and target) or provider not in providers:
             raise click.BadParameter(f"{spec!r}: use PROVIDER:FROM=TO with a listed provider",
                                      param_hint="--model-map")
-        maps.setdefault(provider, {})[source] = target
-    targets: list[Any] = [{"model_provider": p, "model_map": maps[p]} if p in maps else p
+        extra[provider].setdefault("model_map", {})[source] = target
+    for spec in weights:
+        provider, _, weight = spec.partition("=")
+        if provider not in providers or not weight.isdigit():
+            raise click.BadParameter(f"{spec!r}: use PROVIDER=N with a listed provider and a "
+                                     "whole number", param_hint="--weight")
+        extra[provider]["weight"] = int(weight)
+    targets: list[Any] = [{"model_provider": p, **extra[p]} if extra[p] else p
                           for p in providers]
     item = {"id": policy_id or new_id("rp"), "name": name, "scope": scope,
             "strategy": strategy, "model_providers": targets}
