@@ -147,7 +147,18 @@ class TollgateAddon:
                     exchange.advance(reason)
                     continue
                 extra = exchange.on_response_headers(response.status_code, response.headers)
-                chunks = [exchange.relay(c) async for c in response.aiter_raw()]
+                try:
+                    chunks = [exchange.relay(c) async for c in response.aiter_raw()]
+                except httpx.TransportError as e:
+                    # The answer had started: it is not tried elsewhere (as on Envoy), and
+                    # what the provider streamed so far is charged.
+                    status, out_headers, out = exchange.failure(
+                        "provider_unreachable", f"Model provider {a.provider_id} broke off "
+                        f"its response ({e.__class__.__name__}).")
+                    flow.response = http.Response.make(status, out, out_headers)
+                    flow.marked = ":no_entry:"
+                    exchange.finish("aborted", f"response broke off: {e!r}")
+                    return
                 payload = b"".join(chunks) + exchange.relay(b"")
             out_headers = [(k.encode(), v.encode()) for k, v in response.headers.multi_items()
                            if k.lower() not in HOP_BY_HOP]

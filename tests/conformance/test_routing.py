@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
@@ -189,42 +190,37 @@ def ask_anthropic(gateway, key, stream: bool) -> tuple[httpx.Headers, str]:
     return raw.headers, raw.parse().content[0].text
 
 
+# sdk -> (primary family, backup family, model asked for, model the backup serves, client)
+DIRECTIONS = {
+    "openai-sdk": ("openai", "anthropic", "gpt-5-mini", "claude-haiku-4-5", ask_openai),
+    "anthropic-sdk": ("anthropic", "openai", "claude-haiku-4-5", "gpt-5-mini", ask_anthropic),
+}
+# What only the primary's family gets: its credential header.
+PRIMARY_ONLY = {"openai": ["authorization"], "anthropic": ["x-api-key", "anthropic-version"]}
+
+
 @pytest.mark.parametrize("failure", FAILURES)
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_openai_sdk_falls_back_to_anthropic(gateway, fake_openai, fake_anthropic, failure,
-                                            stream):
-    primary = failing_primary(gateway, "openai", fake_openai, failure)
-    backup = provider(gateway, "anthropic", fake_anthropic.url)
-    key = keyed(gateway, policy(gateway, primary, backup,
-                                maps=(f"{backup}:gpt-5-mini=claude-haiku-4-5",)))
-    headers, text = ask_openai(gateway, key, stream)
+@pytest.mark.parametrize("sdk", DIRECTIONS)
+def test_sdk_falls_back_to_the_other_family(gateway, fake_openai, fake_anthropic, sdk,
+                                            failure, stream):
+    """The primary fails (503, 429, hangs past its first byte timeout, refuses connections)
+    and the client still gets a normal answer in its own API shape from the other family."""
+    fakes = {"openai": fake_openai, "anthropic": fake_anthropic}
+    first, second, asked, served, ask = DIRECTIONS[sdk]
+    primary = failing_primary(gateway, first, fakes[first], failure)
+    backup = provider(gateway, second, fakes[second].url)
+    key = keyed(gateway, policy(gateway, primary, backup, maps=(f"{backup}:{asked}={served}",)))
+    headers, text = ask(gateway, key, stream)
     assert text == TEXT
     assert headers["x-langwatch-fallback-count"] == "1"
     assert headers["x-langwatch-provider"] == backup
-    assert len(fake_anthropic.requests) == 1
-    assert fake_anthropic.requests[0].json()["model"] == "claude-haiku-4-5"
+    [sent] = fakes[second].requests
+    assert sent.json()["model"] == served
+    assert not set(PRIMARY_ONLY[first]) & set(sent.headers)
     row = ledger_row(gateway, headers["x-langwatch-request-id"])
-    assert (row.provider, row.model, row.fallback_count) == (backup, "claude-haiku-4-5", 1)
+    assert (row.provider, row.model, row.fallback_count) == (backup, served, 1)
     assert row.status == 200 and row.output_tokens > 0 and row.usage_reported
-
-
-@pytest.mark.parametrize("failure", FAILURES)
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_anthropic_sdk_falls_back_to_openai(gateway, fake_openai, fake_anthropic, failure,
-                                            stream):
-    primary = failing_primary(gateway, "anthropic", fake_anthropic, failure)
-    backup = provider(gateway, "openai", fake_openai.url)
-    key = keyed(gateway, policy(gateway, primary, backup,
-                                maps=(f"{backup}:claude-haiku-4-5=gpt-5-mini",)))
-    headers, text = ask_anthropic(gateway, key, stream)
-    assert text == TEXT
-    assert headers["x-langwatch-fallback-count"] == "1"
-    assert headers["x-langwatch-provider"] == backup
-    sent = fake_openai.requests[-1]
-    assert sent.json()["model"] == "gpt-5-mini"
-    assert "x-api-key" not in sent.headers and "anthropic-version" not in sent.headers
-    row = ledger_row(gateway, headers["x-langwatch-request-id"])
-    assert (row.provider, row.fallback_count, row.status) == (backup, 1, 200)
 
 
 def test_same_family_fallback_keeps_the_clients_bytes(gateway, fake_openai, fake_anthropic):
@@ -258,6 +254,32 @@ def test_long_stream_outlives_the_first_byte_timeout(gateway, fake_openai, fake_
     assert headers["x-langwatch-fallback-count"] == "0" and fake_anthropic.requests == []
     row = ledger_row(gateway, headers["x-langwatch-request-id"])
     assert row.outcome == "completed" and row.output_tokens > 0
+
+
+def test_no_fallback_once_the_answer_has_started(gateway, fake_openai, fake_anthropic):
+    """A stream that breaks off after it began is not retried elsewhere; what it streamed is
+    charged to the provider that streamed it."""
+    primary, _, rp = fallback_pair(gateway, fake_openai, fake_anthropic)
+    key = keyed(gateway, rp)
+    fake_openai.enqueue(Behaviour("cut", after_events=3))
+    fake_openai.chunk_delay = 0.1  # the answer is under way before it breaks off
+    body = {"model": "gpt-5-mini", "stream": True,
+            "messages": [{"role": "user", "content": "x"}]}
+    received = b""
+    try:
+        with httpx.stream("POST", f"{gateway.openai_base}/chat/completions", json=body,
+                          headers={"authorization": f"Bearer {key.secret}"}) as r:
+            request_id = r.headers["x-langwatch-request-id"]
+            with contextlib.suppress(httpx.TransportError):
+                for chunk in r.iter_raw():
+                    received += chunk
+    finally:
+        fake_openai.chunk_delay = 0.0
+    assert b"[DONE]" not in received
+    assert fake_anthropic.requests == [] and len(fake_openai.requests) == 1
+    row = ledger_row(gateway, request_id)
+    assert (row.provider, row.fallback_count) == (primary, 0)
+    assert row.outcome != "completed" and row.output_tokens > 0
 
 
 def test_clients_cannot_steer_envoys_retries(gateway, fake_openai, fake_anthropic):
