@@ -147,44 +147,60 @@ def _status(code: int) -> dict[str, Any]:
 
 # Replies Envoy makes itself (not the gateway's, which carry `answered` metadata) get the
 # gateway's error envelopes, so clients never see Envoy's plain-text errors.
-# (code, status, condition) in match order.
-_ENVOY_REPLIES: list[tuple[str, int, dict[str, Any]]] = [
-    ("payload_too_large", 413, _status(413)),
-    ("provider_timeout", 504, {"response_flag_filter": {"flags": ["UT"]}}),
+# (code, status, condition, message) in match order.
+_ENVOY_REPLIES: list[tuple[str, int, dict[str, Any], str]] = [
+    ("gateway_error", 500, {"response_flag_filter": {"flags": ["NC"]}},
+     "Envoy has no cluster for this request's provider or fallback chain: its config is "
+     "older than the gateway's. Render it again (`tollgate envoy render`)."),
+    ("payload_too_large", 413, _status(413),
+     "Request body is larger than this gateway accepts (gateway.max_body_bytes)."),
+    ("provider_timeout", 504, {"response_flag_filter": {"flags": ["UT"]}},
+     "The model provider did not answer in time."),
     ("provider_unreachable", 502, {"response_flag_filter": {"flags": [
-        "UF", "UH", "URX", "UO", "UC", "UMSDR"]}}),
+        "UF", "UH", "URX", "UO", "UC", "UMSDR"]}},
+     "The model provider could not be reached; nothing was served."),
     # The decision filter answers 503 when ext_proc cannot be reached (status_on_error),
     # 504 when it does not answer within message_timeout, 500 when its answer is unusable.
-    ("gateway_unavailable", 503, _status(503)),
-    ("gateway_unavailable", 503, _status(504)),
-    ("gateway_error", 500, _status(500)),
+    *(("gateway_unavailable", 503, _status(code),
+       "The tollgate decision service (ext_proc) is unavailable, so the request was not "
+       "forwarded. Check that it is running.") for code in (503, 504)),
+    ("gateway_error", 500, _status(500),
+     "The gateway could not apply its decision to this request; see the Envoy and ext_proc "
+     "logs."),
 ]
-_ENVOY_MESSAGES = {
-    "payload_too_large": "Request body is larger than this gateway accepts "
-                         "(gateway.max_body_bytes).",
-    "provider_timeout": "The model provider did not answer in time.",
-    "provider_unreachable": "The model provider could not be reached; nothing was served.",
-    "gateway_unavailable": "The tollgate decision service (ext_proc) is unavailable, so the "
-                           "request was not forwarded. Check that it is running.",
-    "gateway_error": "The gateway could not apply its decision to this request; see the "
-                     "Envoy and ext_proc logs.",
-}
+
+
+def _metadata_is(key: str, value: str | None) -> dict[str, Any]:
+    """A filter on the decision's metadata: `key` equals `value`, or is absent (None).
+
+    Access-log metadata filters ignore a matcher's `invert`, so absence is spelled as "a
+    null value, or no key": the gateway's values are never null."""
+    match = {"null_match": {}} if value is None else {"string_match": {"exact": value}}
+    return {"metadata_filter": {
+        "matcher": {"filter": METADATA_NS, "path": [{"key": key}], "value": match},
+        "match_if_key_not_found": value is None}}
+
+
+def _client_family(family: str) -> dict[str, Any]:
+    """The client spoke `family`: as the decision recorded it (the path may have been
+    rewritten for a provider of the other family since), else as its path says."""
+    path = {"header_filter": {"header": {
+        "name": ":path", "string_match": {"prefix": "/v1/messages"},
+        "invert_match": family != "anthropic"}}}
+    return {"or_filter": {"filters": [
+        _metadata_is("family", family),
+        {"and_filter": {"filters": [_metadata_is("family", None), path]}}]}}
 
 
 def local_reply_config(prefix: str) -> dict[str, Any]:
-    not_ours = {"metadata_filter": {
-        "matcher": {"filter": METADATA_NS, "path": [{"key": "answered"}],
-                    "value": {"present_match": True}, "invert": True},
-        "match_if_key_not_found": True}}
+    not_ours = _metadata_is("answered", None)  # the gateway's own answers stay as they are
     mappers = []
-    for code, status, condition in _ENVOY_REPLIES:
-        for family, invert in (("anthropic", False), ("openai", True)):
-            on_path = {"header_filter": {"header": {
-                "name": ":path", "string_match": {"prefix": "/v1/messages"},
-                "invert_match": invert}}}
-            body = GatewayError(code, _ENVOY_MESSAGES[code]).body(family).decode()
+    for code, status, condition, message in _ENVOY_REPLIES:
+        for family in ("anthropic", "openai"):
+            body = GatewayError(code, message).body(family).decode()
             mappers.append({
-                "filter": {"and_filter": {"filters": [not_ours, on_path, condition]}},
+                "filter": {"and_filter": {"filters": [not_ours, _client_family(family),
+                                                      condition]}},
                 "status_code": status,
                 "body_format_override": {"text_format_source": {"inline_string": body},
                                          "content_type": "application/json"},
@@ -239,6 +255,9 @@ def http_filters() -> list[dict[str, Any]]:
                             "response_body_mode": "NONE"},
         "message_timeout": "5s",
         "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
+        # Tells the provider's responses (`via_upstream`) from Envoy's own replies, which are
+        # already in the client's shape.
+        "response_attributes": ["response.code_details"],
     })
     # Encoders run in reverse: the tap sees the provider's bytes, the rewrite edits after it.
     return [decide, rewrite, tap, {"name": "envoy.filters.http.router", "typed_config": {

@@ -75,7 +75,7 @@ def metadata(exchange: Exchange) -> struct_pb2.Struct:
     trace = exchange.trace
     doc = struct_pb2.Struct()
     fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
-              "span_id": trace.span_id}
+              "span_id": trace.span_id, "family": exchange.route.family}
     if len(exchange.attempts) == 1:  # else each attempt's response names its provider
         fields |= {"fallback_count": "0", "provider": exchange.provider_id}
     if exchange.billing.warning:
@@ -138,6 +138,13 @@ def _attempt_provider(msg: pb.ProcessingRequest) -> str | None:
     fields = host.filter_metadata.get(METADATA_NS)
     return fields.fields["provider"].string_value if fields and "provider" in fields.fields \
         else None
+
+
+def _from_upstream(msg: pb.ProcessingRequest) -> bool:
+    """The response came from the provider, not from Envoy itself (a local reply)."""
+    attrs = msg.attributes.get("envoy.filters.http.ext_proc")
+    details = attrs.fields.get("response.code_details") if attrs is not None else None
+    return details is None or details.string_value == "via_upstream"
 
 
 CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
@@ -353,7 +360,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             kind = msg.WhichOneof("request")
             if kind == "response_headers":
                 headers = _headers(msg.response_headers.headers)
-                if exchange is not None:
+                if exchange is not None and _from_upstream(msg):
                     rewriter = exchange.rewriter_for(int(headers.get(":status", "0")),
                                                      headers.get("content-type"))
                 yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())

@@ -113,11 +113,44 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai, fak
         assert served.headers["x-langwatch-provider"] == "mp_anthropic"
         assert served.headers["x-langwatch-fallback-count"] == "1"
         assert fake_anthropic.requests[-1].headers["x-api-key"] == ANTHROPIC_KEY
+
+        # A provider added after the render: Envoy has no cluster for it, and says how to fix.
+        tollgate("model-providers", "create", "--id", "mp_late", "--type", "openai", "--scope",
+                 "ORG:acme", "--base-url", fake_openai.url, "--api-key-env", "FAKE_OPENAI_KEY",
+                 "--fallback-priority", "0", config=config)
+        stale = wait_until(lambda: (r := httpx.post(url, json=CHAT, headers=headers))
+                           .status_code == 500 and r, what="ext_proc to pick up mp_late")
+        assert stale.json()["error"]["code"] == "gateway_error"
+        assert "tollgate envoy render" in stale.json()["error"]["message"]
     finally:
         stop_extproc(extproc)
         envoy.terminate()
         envoy.wait(10)
         log.close()
+
+
+def test_envoy_errors_answer_in_the_clients_family_after_translation(tmp_path, fake_openai,
+                                                                    fake_anthropic):
+    """An OpenAI client whose request went to an (unreachable) Anthropic provider gets
+    Envoy's error in OpenAI's shape, though the upstream path was Anthropic's."""
+    config = make_config(tmp_path, fake_openai, fake_anthropic)
+    tollgate("model-providers", "create", "--id", "mp_gone", "--type", "anthropic", "--scope",
+             "ORG:acme", "--base-url", f"http://127.0.0.1:{free_port()}", "--api-key-env",
+             "FAKE_ANTHROPIC_KEY", config=config)
+    out = tollgate("routing-policies", "create", "--scope", "ORG:acme", "--name", "gone",
+                   "--model-provider", "mp_gone", "--model-map",
+                   "mp_gone:gpt-5-mini=claude-haiku-4-5", "--format", "json", config=config)
+    secret = new_key(config, "--routing-policy", json.loads(out.stdout)["id"])
+    gw = GatewayProcess("envoy", config, tmp_path).start()
+    try:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as exc:
+            client.chat.completions.create(**CHAT)
+        assert exc.value.status_code == 502
+        assert exc.value.body["code"] == "provider_unreachable"
+        assert exc.value.body["type"] == "server_error"
+    finally:
+        gw.stop()
 
 
 def test_rendered_bootstrap_passes_envoy_validation(config, tmp_path):

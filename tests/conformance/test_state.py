@@ -152,11 +152,14 @@ def test_spend_and_budgets_survive_a_restart(store, tmp_path, fake_openai, fake_
     assert len(ledger(config)) == 3
 
 
-def test_redis_down_fail_closed_refuses_with_503(tmp_path, redis, fake_openai,
+@pytest.mark.parametrize("host", HOSTS)
+def test_redis_down_fail_closed_refuses_with_503(host, tmp_path, redis, fake_openai,
                                                  fake_anthropic):
+    """The gateway's own 503 reaches the client as it is (on Envoy, not one of Envoy's
+    replies for the same status)."""
     config = configure(tmp_path, fake_openai, fake_anthropic, redis.url)
     secret, _ = key_and_budget(config, 100 * WORST_CASE)
-    gw = GatewayProcess("mitmproxy", config, tmp_path).start()
+    gw = GatewayProcess(host, config, tmp_path).start()
     try:
         headers = {"authorization": f"Bearer {secret}"}
         url = f"{gw.url}/v1/chat/completions"
@@ -165,6 +168,8 @@ def test_redis_down_fail_closed_refuses_with_503(tmp_path, redis, fake_openai,
         r = httpx.post(url, content=BODY, headers=headers, timeout=30)
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "gateway_unavailable"
+        assert "state store" in r.json()["error"]["message"]
+        assert r.headers["x-langwatch-request-id"].startswith("req_")
         assert len(fake_openai.requests) == 1  # the refused request never left
     finally:
         gw.stop()

@@ -107,6 +107,8 @@ def extproc(ctx: click.Context, listen: str) -> None:
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s %(message)s",
                         stream=sys.stdout)
+    # The gateway's own calls (Envoy's admin API) are not worth a line each.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @click.group("envoy")
