@@ -85,19 +85,20 @@ def usable_plan(attempts: list[Attempt], rendered: set[tuple[str, ...]]) -> list
 
 
 def retry_headers(fallback: Fallback, attempts: list[Attempt]) -> dict[str, str]:
-    """Envoy's per-request retry controls for this plan, from the key's fallback conditions.
+    """Envoy's per-request retry controls for a fallback plan, from the key's conditions.
 
-    The per-try timeout also bounds a plan of one: it is the first byte timeout of the first
-    provider (Envoy takes one value for every attempt)."""
-    headers = {"x-envoy-upstream-rq-per-try-timeout-ms":
-               str(round(attempts[0].first_byte_timeout * 1000))}
+    The per-try timeout is the first provider's first byte timeout (Envoy takes one value
+    for every attempt). A plan of one gets none: without fallback a slow first byte (a long
+    reasoning call) is waited for, as on the mitmproxy host."""
     if len(attempts) < 2:
-        return headers
+        return {}
     retry_on = sorted({c for cond in fallback.on for c in _RETRY_ON[cond]})
     codes = [c for cond in ("rate_limit", "5xx") if cond in fallback.on
              for c in _STATUS_CODES[cond]]
-    headers["x-envoy-retry-on"] = ",".join(retry_on)
-    headers["x-envoy-max-retries"] = str(len(attempts) - 1)
+    headers = {"x-envoy-retry-on": ",".join(retry_on),
+               "x-envoy-max-retries": str(len(attempts) - 1),
+               "x-envoy-upstream-rq-per-try-timeout-ms":
+                   str(round(attempts[0].first_byte_timeout * 1000))}
     if codes:
         headers["x-envoy-retriable-status-codes"] = ",".join(codes)
     return headers

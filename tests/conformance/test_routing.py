@@ -282,6 +282,19 @@ def test_no_fallback_once_the_answer_has_started(gateway, fake_openai, fake_anth
     assert row.outcome != "completed" and row.output_tokens > 0
 
 
+def test_without_fallback_a_slow_first_byte_is_waited_for(gateway, fake_openai):
+    """The first byte timeout is a fallback condition: a key without fallback waits for a
+    slow provider (a long reasoning call) rather than failing it."""
+    slow = provider(gateway, "openai", fake_openai.url, "--first-byte-timeout", "0.5")
+    key = keyed(gateway, policy(gateway, slow), "{}")
+    fake_openai.response_delay = 1.5
+    try:
+        headers, text = ask_openai(gateway, key, stream=False)
+    finally:
+        fake_openai.response_delay = 0.0
+    assert text == TEXT and headers["x-langwatch-provider"] == slow
+
+
 def test_clients_cannot_steer_envoys_retries(gateway, fake_openai, fake_anthropic):
     """Router controls a client sends are dropped: no fallback the key does not allow."""
     _, _, rp = fallback_pair(gateway, fake_openai, fake_anthropic)

@@ -74,9 +74,8 @@ def test_retry_headers_follow_the_keys_conditions():
     timeout_only = fallback.retry_headers(Fallback(on=["timeout"]), plan)
     assert timeout_only["x-envoy-retry-on"] == "reset"
     assert "x-envoy-retriable-status-codes" not in timeout_only
-    # A plan of one still gets its first byte timeout, and no retries.
-    assert fallback.retry_headers(Fallback(on=["5xx"]), plan[:1]) == {
-        "x-envoy-upstream-rq-per-try-timeout-ms": "2500"}
+    # A plan of one is left to Envoy's defaults: no retries, no per-try timeout.
+    assert fallback.retry_headers(Fallback(on=["5xx"]), plan[:1]) == {}
 
 
 def test_rendered_chain_is_an_aggregate_of_provider_clusters_in_plan_order():
