@@ -4,8 +4,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.harness import ROOT
+
+# Property tests check behaviour, not speed: a busy machine must not fail them.
+settings.register_profile("tollgate", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tollgate")
 
 
 @pytest.fixture
