@@ -104,7 +104,9 @@ class LoadedClusters:
         while True:
             try:
                 doc = httpx.get(self.url, timeout=2).json()
-                self.names = frozenset(c["name"] for c in doc.get("cluster_statuses", []))
+                names = frozenset(c["name"] for c in doc.get("cluster_statuses", []))
+                if names != self.names:  # a new object only when it changed
+                    self.names = names
             except (httpx.HTTPError, ValueError):
                 pass  # Envoy still starting
             if expected <= self.names or time.monotonic() > deadline:

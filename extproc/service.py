@@ -186,7 +186,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         # The clusters Envoy has loaded, when known (an Envoy this process runs); else the
         # rendered config is taken to be loaded.
         self._loaded_clusters = loaded_clusters
-        self._chains: tuple[object, ...] = ()
+        self._chains_for: tuple[object, object] | None = None  # (config, clusters) seen
         self._chain_set: set[tuple[str, ...]] = set()
         self.sweeper: asyncio.Task[None] | None = None
 
@@ -194,11 +194,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         """The fallback chains Envoy can route to: the running config's, once loaded."""
         loaded = self.gateway.holder.current
         clusters = self._loaded_clusters() if self._loaded_clusters else None
-        if self._chains != (loaded, clusters):
+        seen = self._chains_for
+        if seen is None or seen[0] is not loaded or seen[1] is not clusters:
             rendered = fallback.chains(loaded.config)
             self._chain_set = {c for c in rendered
                                if clusters is None or fallback.chain_name(c) in clusters}
-            self._chains = (loaded, clusters)
+            self._chains_for = (loaded, clusters)
         return self._chain_set
 
     async def Process(self, requests: AsyncIterator[pb.ProcessingRequest],

@@ -6,6 +6,7 @@ import contextlib
 import json
 import time
 from collections import Counter
+from itertools import pairwise
 
 import anthropic
 import httpx
@@ -136,6 +137,56 @@ def test_weighted_policy_spreads_first_picks(gateway, fake_openai):
     wait_until(lambda: served_by() != "mp_openai", what="the key's new routing policy")
     picks = Counter(served_by() for _ in range(40))
     assert set(picks) == {a, b} and min(picks.values()) >= 5  # 1:1, idle never first
+
+
+def test_translated_stream_arrives_event_by_event(gateway, fake_anthropic):
+    """An OpenAI stream served by Anthropic is translated as it flows, never held back."""
+    anth = provider(gateway, "anthropic", fake_anthropic.url)
+    key = keyed(gateway, policy(gateway, anth, maps=(f"{anth}:gpt-5-mini=claude-haiku-4-5",)),
+                "{}")
+    client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
+    fake_anthropic.chunk_delay = 0.12
+    arrivals, text = [], ""
+    try:
+        for chunk in client.chat.completions.create(
+                model="gpt-5-mini", messages=[{"role": "user", "content": "hi"}], stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(time.monotonic())
+                text += chunk.choices[0].delta.content
+    finally:
+        fake_anthropic.chunk_delay = 0.0
+    assert text == TEXT
+    gaps = [b - a for a, b in pairwise(arrivals)]
+    assert len(arrivals) >= 5 and sum(g > 0.06 for g in gaps) >= len(gaps) - 1
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_provider_errors_reach_the_client_in_its_own_shape(gateway, fake_openai,
+                                                           fake_anthropic, sdk):
+    """A provider of the other family refuses (429, no fallback): the client's own SDK
+    raises its own error class, with the provider's message."""
+    if sdk == "openai":
+        target = provider(gateway, "anthropic", fake_anthropic.url)
+        fake_anthropic.enqueue(Behaviour("fail", status=429))
+        key = keyed(gateway, policy(gateway, target,
+                                    maps=(f"{target}:gpt-5-mini=claude-haiku-4-5",)), "{}")
+        with pytest.raises(openai.RateLimitError) as exc:
+            openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret,
+                          max_retries=0).chat.completions.create(
+                model="gpt-5-mini", messages=[{"role": "user", "content": "x"}])
+        assert exc.value.body["message"] == "Overloaded"
+    else:
+        target = provider(gateway, "openai", fake_openai.url)
+        fake_openai.enqueue(Behaviour("fail", status=429))
+        key = keyed(gateway, policy(gateway, target,
+                                    maps=(f"{target}:claude-haiku-4-5=gpt-5-mini",)), "{}")
+        with pytest.raises(anthropic.RateLimitError) as exc:
+            anthropic.Anthropic(base_url=gateway.url, api_key=key.secret,
+                                max_retries=0).messages.create(
+                model="claude-haiku-4-5", max_tokens=16,
+                messages=[{"role": "user", "content": "x"}])
+        assert exc.value.body["error"]["message"] == "The server is overloaded."
+    assert exc.value.status_code == 429
 
 
 # -- fallback: the mitmproxy addon re-dispatches failed attempts itself; Envoy retries along
