@@ -125,7 +125,7 @@ class Gateway:
             ask_usage = bodies.wants_usage_chunk(route, body.doc)
             attempts = self._plan(targets, key, route, body, req, trace, settings, ask_usage)
             billing = await self._reserve(loaded, trace.request_id, key, route, body, req,
-                                          attempts[0].provider_id, attempts[0].model)
+                                          attempts)
             exchange = Exchange(trace=trace, prefix=settings.header_prefix, route=route, key=key,
                                 requested_model=body.model, attempts=attempts,
                                 stream=body.stream, billing=billing, settle=self._settle,
@@ -172,26 +172,30 @@ class Gateway:
 
     async def _reserve(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
                        route: routes.Route, body: bodies.ParsedBody, req: Request,
-                       provider_id: str, model: str) -> Billing:
-        """Price the request and hold its worst-case cost in every budget that applies."""
+                       attempts: list[Attempt]) -> Billing:
+        """Price the request and hold its worst-case cost in every budget that applies: the
+        cost of the dearest model its plan may fall back to. (Models a policy maps to are
+        checked for a price when the config is loaded.)"""
         cfg, settings = loaded.config, loaded.config.gateway
+        model = attempts[0].model
         price = loaded.prices.lookup(model)
         if price is None and settings.unpriced == "block":
             raise GatewayError("model_not_priced",
                                f"Model {model!r} has no price in the price table, so its spend "
                                "cannot be metered. Add it to prices.yaml (or set "
                                "gateway.unpriced: allow).", param="model")
+        prices = [p for a in attempts if (p := loaded.prices.lookup(a.model)) is not None]
         input_estimate = math.ceil(len(req.body) / 2)  # generous: a token is >= ~2 bytes
         billing = Billing(price=price, lineage=lineage(cfg, key.scope),
                           estimated_input_tokens=math.ceil(len(req.body) / 4))
         now = datetime.now(UTC)
-        holds = budgets.holds_for(cfg, key, billing.lineage, provider_id, now)
+        holds = budgets.holds_for(cfg, key, billing.lineage, attempts[0].provider_id, now)
         billing.counters = [h.counter for h in holds]  # settled into even if not reserved
-        if not holds or price is None or route.name == "count_tokens":
+        if not holds or not prices or route.name == "count_tokens":
             return billing
         output_cap = bodies.max_output_tokens(route, body.doc,
                                               settings.default_max_output_tokens)
-        amount = worst_case_micros(input_estimate, output_cap, price)
+        amount = max(worst_case_micros(input_estimate, output_cap, p) for p in prices)
         try:
             granted = await self.store().reserve(request_id, holds, amount)
         except StoreUnavailable as e:

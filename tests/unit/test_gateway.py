@@ -302,3 +302,31 @@ async def test_a_response_is_complete_at_its_length_or_last_event(setup, content
     assert exchange.complete is done
     exchange.finish("completed")
     await gw.close()
+
+
+async def test_a_fallback_plan_reserves_for_its_dearest_model(setup, config_dir):
+    """A cheap primary with a dear fallback holds the dear worst case, so fallbacks can
+    never together spend past a blocking budget."""
+    key, gateway = setup
+    path = str(config_dir / "gateway.yaml")
+    runner = CliRunner()
+    for args in (["gateway-budgets", "create", "--name", "org", "--scope", "org", "--org",
+                  "acme", "--limit", "1000"],
+                 ["routing-policies", "create", "--scope", "ORG:acme", "--name", "dear",
+                  "--id", "rp_dear", "--model-provider", "mp_openai_org", "--model-provider",
+                  "mp_anthropic_org", "--model-map",
+                  "mp_anthropic_org:gpt-5-mini=claude-opus-4-1"]):
+        assert runner.invoke(cli, ["--config", path, *args]).exit_code == 0
+    plain = key()
+    with_fallback = key("--routing-policy", "rp_dear", "--config-json",
+                        '{"fallback": {"on": ["5xx"]}}')
+    gw = gateway()
+    cheap = await gw.handle(request("/v1/chat/completions", CHAT, plain))
+    dear = await gw.handle(request("/v1/chat/completions", CHAT, with_fallback))
+    assert [a.model for a in dear.exchange.attempts] == ["gpt-5-mini", "claude-opus-4-1"]
+    # Same request: only the plan differs; claude-opus-4-1 costs 37.5x gpt-5-mini per token.
+    assert dear.exchange.billing.reserved > 30 * cheap.exchange.billing.reserved > 0
+    for forward in (cheap, dear):
+        forward.exchange.finish("completed")
+    await gw.close()
+
