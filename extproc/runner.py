@@ -109,7 +109,12 @@ class LoadedClusters:
                     self.names = names
             except (httpx.HTTPError, ValueError):
                 pass  # Envoy still starting
-            if expected <= self.names or time.monotonic() > deadline:
+            if expected <= self.names:
+                return
+            if time.monotonic() > deadline:
+                log.warning("envoy has not loaded clusters %s after %.0f s; requests that need "
+                            "them are served without fallback or refused",
+                            ", ".join(sorted(expected - self.names)[:5]), timeout)
                 return
             time.sleep(0.05)
 
