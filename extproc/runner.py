@@ -70,13 +70,16 @@ class EnvoyFiles:
         self.clusters = workdir / "resources" / "clusters.json"
         self.listeners.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(self, loaded: LoadedConfig) -> None:
+    def write(self, loaded: LoadedConfig) -> set[str]:
+        """Write the config's resources; the names of the clusters they hold."""
         cfg = loaded.config
+        clusters = envoy_config.cluster_resources(cfg)
         # Clusters first: a listener may name a cluster only once it exists.
-        if write_json_atomic(self.clusters, envoy_config.cluster_resources(cfg)):
+        if write_json_atomic(self.clusters, clusters):
             log.info("envoy clusters updated")
         if write_json_atomic(self.listeners, envoy_config.listener_resources(cfg, self.listen)):
             log.info("envoy listener updated")
+        return {c["name"] for c in clusters["resources"]}
 
     def bootstrap(self, extproc: str, admin: str) -> Path:
         path = self.workdir / "bootstrap.json"
@@ -97,9 +100,8 @@ class LoadedClusters:
     def get(self) -> frozenset[str]:
         return self.names
 
-    def wait_for(self, loaded: LoadedConfig, timeout: float = 10.0) -> None:
-        """Poll until Envoy has every cluster `loaded` renders (or the timeout passes)."""
-        expected = {c["name"] for c in envoy_config.clusters(loaded.config)}
+    def wait_for(self, expected: set[str], timeout: float = 10.0) -> None:
+        """Poll until Envoy has every cluster in `expected` (or the timeout passes)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -148,18 +150,17 @@ async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
     clusters = LoadedClusters(admin)
     server, processor = await start_server(gateway, extproc, clusters.get)
     files = EnvoyFiles(workdir, listen)
-    files.write(gateway.holder.current)
+    first_clusters = files.write(gateway.holder.current)
 
     def prepare(loaded: LoadedConfig) -> None:
         """Envoy loads a new config's clusters before the gateway routes to them."""
-        files.write(loaded)
-        clusters.wait_for(loaded)
+        clusters.wait_for(files.write(loaded))
 
     gateway.holder.before_reload(prepare)
     envoy = await asyncio.create_subprocess_exec(
         envoy_binary(), "-c", str(files.bootstrap(extproc, admin)), "--disable-hot-restart",
         "--log-level", log_level, "--drain-time-s", "5")
-    startup = asyncio.ensure_future(asyncio.to_thread(clusters.wait_for, gateway.holder.current))
+    startup = asyncio.ensure_future(asyncio.to_thread(clusters.wait_for, first_clusters))
     log.info("envoy %s listening on %s:%s, ext_proc on %s", envoy.pid, *listen, extproc)
     stop = asyncio.ensure_future(_until_signal())
     exited = asyncio.ensure_future(envoy.wait())

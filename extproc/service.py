@@ -128,13 +128,21 @@ def forward(fwd: Forward, phase: str, client_headers: dict[str, str]) -> pb.Proc
     return answer
 
 
+def _attribute(msg: pb.ProcessingRequest, name: str) -> str | None:
+    """An attribute the filter was configured to send (`request_attributes` and
+    `response_attributes`), as a string."""
+    attrs = msg.attributes.get("envoy.filters.http.ext_proc")
+    value = attrs.fields.get(name) if attrs is not None else None
+    return None if value is None else value.string_value
+
+
 def _attempt_provider(msg: pb.ProcessingRequest) -> str | None:
     """The provider whose endpoint Envoy chose for this attempt (its endpoint metadata)."""
-    attrs = msg.attributes.get("envoy.filters.http.ext_proc")
-    if attrs is None or "xds.upstream_host_metadata" not in attrs.fields:
+    text = _attribute(msg, "xds.upstream_host_metadata")
+    if text is None:
         return None
     host = base_pb2.Metadata()
-    text_format.Parse(attrs.fields["xds.upstream_host_metadata"].string_value, host)
+    text_format.Parse(text, host)
     fields = host.filter_metadata.get(METADATA_NS)
     return fields.fields["provider"].string_value if fields and "provider" in fields.fields \
         else None
@@ -142,9 +150,7 @@ def _attempt_provider(msg: pb.ProcessingRequest) -> str | None:
 
 def _from_upstream(msg: pb.ProcessingRequest) -> bool:
     """The response came from the provider, not from Envoy itself (a local reply)."""
-    attrs = msg.attributes.get("envoy.filters.http.ext_proc")
-    details = attrs.fields.get("response.code_details") if attrs is not None else None
-    return details is None or details.string_value == "via_upstream"
+    return _attribute(msg, "response.code_details") in (None, "via_upstream")
 
 
 CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
@@ -251,11 +257,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         exchange = result.exchange
         exchange.attempts = fallback.usable_plan(exchange.attempts, self.chains())
         request_id = exchange.trace.request_id
-        # Attempts share one header map: each removes what another provider set there.
-        set_by_attempts = sorted({h for a in exchange.attempts for h in a.set_headers
-                                  if h not in headers})
-        self._pending[request_id] = _Pending(exchange, time.monotonic(), set_by_attempts,
-                                             len(body) if phase == "request_body" else None)
+        pending = _Pending(exchange, time.monotonic())
+        if len(exchange.attempts) > 1:
+            # Attempts share one header map: each removes what another provider set there.
+            pending.set_by_attempts = sorted({h for a in exchange.attempts
+                                              for h in a.set_headers if h not in headers})
+            pending.body_length = len(body) if phase == "request_body" else None
+        self._pending[request_id] = pending
         if exchange.needs_rewrite:
             self._rewrites[request_id] = exchange
         yield forward(result, phase, headers)

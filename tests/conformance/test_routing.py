@@ -46,12 +46,24 @@ def keyed(gateway, policy_id: str, config_json: str = FALLBACK_ALL):
     return gateway.create_key("--routing-policy", policy_id, "--config-json", config_json)
 
 
+# A client family's model, and what a provider of the other family serves for it.
+MAPPED = {"anthropic": ("gpt-5-mini", "claude-haiku-4-5"),
+          "openai": ("claude-haiku-4-5", "gpt-5-mini")}
+
+
+def translated(gateway, kind: str, url: str):
+    """A provider of `kind` serving the other family's model, and a key (no fallback) bound
+    to it alone."""
+    ident = provider(gateway, kind, url)
+    asked, served = MAPPED[kind]
+    return ident, keyed(gateway, policy(gateway, ident, maps=(f"{ident}:{asked}={served}",)),
+                        "{}")
+
+
 # -- translation (both hosts) -----------------------------------------------------------
 
 def test_openai_sdk_served_by_anthropic(gateway, fake_anthropic):
-    anth = provider(gateway, "anthropic", fake_anthropic.url)
-    key = keyed(gateway, policy(gateway, anth, maps=(f"{anth}:gpt-5-mini=claude-haiku-4-5",)),
-                "{}")
+    anth, key = translated(gateway, "anthropic", fake_anthropic.url)
     client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-5-mini", messages=[{"role": "system", "content": "Be brief."},
@@ -70,9 +82,7 @@ def test_openai_sdk_served_by_anthropic(gateway, fake_anthropic):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_calls_survive_openai_to_anthropic(gateway, fake_anthropic, stream):
-    anth = provider(gateway, "anthropic", fake_anthropic.url)
-    key = keyed(gateway, policy(gateway, anth, maps=(f"{anth}:gpt-5-mini=claude-haiku-4-5",)),
-                "{}")
+    _, key = translated(gateway, "anthropic", fake_anthropic.url)
     client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
     messages = [{"role": "user", "content": "read it"}]
     if stream:
@@ -95,9 +105,7 @@ def test_tool_calls_survive_openai_to_anthropic(gateway, fake_anthropic, stream)
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_anthropic_sdk_served_by_openai_with_tools(gateway, fake_openai, stream):
-    oai = provider(gateway, "openai", fake_openai.url)
-    key = keyed(gateway, policy(gateway, oai, maps=(f"{oai}:claude-haiku-4-5=gpt-5-mini",)),
-                "{}")
+    _, key = translated(gateway, "openai", fake_openai.url)
     client = anthropic.Anthropic(base_url=gateway.url, api_key=key.secret, max_retries=0)
     args = {"model": "claude-haiku-4-5", "max_tokens": 64,
             "messages": [{"role": "user", "content": "read it"}], "tools": [ANTHROPIC_TOOL]}
@@ -141,9 +149,7 @@ def test_weighted_policy_spreads_first_picks(gateway, fake_openai):
 
 def test_translated_stream_arrives_event_by_event(gateway, fake_anthropic):
     """An OpenAI stream served by Anthropic is translated as it flows, never held back."""
-    anth = provider(gateway, "anthropic", fake_anthropic.url)
-    key = keyed(gateway, policy(gateway, anth, maps=(f"{anth}:gpt-5-mini=claude-haiku-4-5",)),
-                "{}")
+    _, key = translated(gateway, "anthropic", fake_anthropic.url)
     client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
     fake_anthropic.chunk_delay = 0.12
     arrivals, text = [], ""
@@ -166,20 +172,16 @@ def test_provider_errors_reach_the_client_in_its_own_shape(gateway, fake_openai,
     """A provider of the other family refuses (429, no fallback): the client's own SDK
     raises its own error class, with the provider's message."""
     if sdk == "openai":
-        target = provider(gateway, "anthropic", fake_anthropic.url)
+        _, key = translated(gateway, "anthropic", fake_anthropic.url)
         fake_anthropic.enqueue(Behaviour("fail", status=429))
-        key = keyed(gateway, policy(gateway, target,
-                                    maps=(f"{target}:gpt-5-mini=claude-haiku-4-5",)), "{}")
         with pytest.raises(openai.RateLimitError) as exc:
             openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret,
                           max_retries=0).chat.completions.create(
                 model="gpt-5-mini", messages=[{"role": "user", "content": "x"}])
         assert exc.value.body["message"] == "Overloaded"
     else:
-        target = provider(gateway, "openai", fake_openai.url)
+        _, key = translated(gateway, "openai", fake_openai.url)
         fake_openai.enqueue(Behaviour("fail", status=429))
-        key = keyed(gateway, policy(gateway, target,
-                                    maps=(f"{target}:claude-haiku-4-5=gpt-5-mini",)), "{}")
         with pytest.raises(anthropic.RateLimitError) as exc:
             anthropic.Anthropic(base_url=gateway.url, api_key=key.secret,
                                 max_retries=0).messages.create(

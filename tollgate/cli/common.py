@@ -121,6 +121,14 @@ def warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
+def append_new(ctx: click.Context, section: str, noun: str, item: dict[str, Any]) -> None:
+    """Add `item` to `section`, refusing an id that is already there."""
+    with edit(ctx) as doc:
+        if doc.find(section, item["id"]) is not None:
+            fail(f"{noun} {item['id']!r} already exists")
+        doc.append(section, item)
+
+
 def read_section(ctx: click.Context, section: str) -> list[dict[str, Any]]:
     from tollgate.config.load import read_yaml
 

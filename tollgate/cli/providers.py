@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
 
 from tollgate.cli.common import (
     add_get_delete,
+    append_new,
     edit,
     emit,
     fail,
@@ -86,11 +88,7 @@ def create_provider(ctx: click.Context, type_: str, scope: str, provider_id: str
         fail("--base-url is required for openai-compatible providers")
     item = {"id": provider_id or new_id("mp"), "type": type_, "scope": scope,
             "base_url": base_url, **fields, "created_at": now_iso()}
-    with edit(ctx) as doc:
-        if doc.find("model_providers", item["id"]) is not None:
-            fail(f"model provider {item['id']!r} already exists")
-        doc.append("model_providers", item)
-    import os
+    append_new(ctx, "model_providers", "model provider", item)
     if not os.environ.get(item["api_key_env"]):
         warn(f"{item['api_key_env']} is not set here; the gateway needs it in its environment")
     emit(item, fmt)
@@ -172,10 +170,7 @@ def create_policy(ctx: click.Context, scope: str, name: str, strategy: str,
                           for p in providers]
     item = {"id": policy_id or new_id("rp"), "name": name, "scope": scope,
             "strategy": strategy, "model_providers": targets}
-    with edit(ctx) as doc:
-        if doc.find("routing_policies", item["id"]) is not None:
-            fail(f"routing policy {item['id']!r} already exists")
-        doc.append("routing_policies", item)
+    append_new(ctx, "routing_policies", "routing policy", item)
     emit(item, fmt)
 
 

@@ -13,8 +13,8 @@ import click
 from tollgate import budgets as budget_rules
 from tollgate.cli.common import (
     add_get_delete,
+    append_new,
     config_path,
-    edit,
     emit,
     fail,
     format_option,
@@ -90,10 +90,7 @@ def create(ctx: click.Context, name: str, scope: str, window: str, limit: float,
         item["warn_at"] = warn_at
     if model_provider:
         item["model_provider"] = model_provider
-    with edit(ctx) as doc:
-        if doc.find("budgets", item["id"]) is not None:
-            fail(f"budget {item['id']!r} already exists")
-        doc.append("budgets", item)
+    append_new(ctx, "budgets", "budget", item)
     emit(item, fmt)
 
 
