@@ -42,6 +42,16 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding
               "proxy-authorization"}
 
 
+# Responses larger than this (or of unknown length) stream through the tap instead of being
+# buffered for mitmweb.
+STREAM_BODIES_OVER = 1 << 20
+
+
+def _large(resp: http.Response) -> bool:
+    length = resp.headers.get("content-length", "")
+    return not length.isdigit() or int(length) > STREAM_BODIES_OVER
+
+
 class TollgateAddon:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
@@ -177,8 +187,9 @@ class TollgateAddon:
         for name, value in exchange.on_response_headers(resp.status_code,
                                                         dict(resp.headers)).items():
             resp.headers[name] = value
-        if exchange.is_sse:
-            # Stream through the tap: bytes go to the client as they arrive, never buffered.
+        if exchange.is_sse or (exchange.rewriter is None and _large(resp)):
+            # Stream through the tap: bytes go to the client as they arrive, never buffered
+            # (a large JSON answer too, so memory per request stays bounded).
             def relay(data: bytes) -> list[bytes]:
                 out = exchange.relay(data)
                 return [out] if out else []  # an empty chunk would end an HTTP/1 body
@@ -189,7 +200,7 @@ class TollgateAddon:
         exchange: Exchange | None = flow.metadata.get(_META)
         if exchange is None or flow.response is None:
             return
-        if not exchange.is_sse:
+        if not flow.response.stream:
             body = exchange.relay(flow.response.raw_content or b"")
             if exchange.rewriter is not None:
                 flow.response.content = body + exchange.relay(b"")

@@ -19,21 +19,16 @@ from tollgate.breaker import Breakers
 from tollgate.config.schema import VirtualKey
 from tollgate.errors import GatewayError
 from tollgate.ledger import LedgerRow
+from tollgate.meter import ResponseMeter
 from tollgate.pricing import ModelPrice, PriceTable, cost_micros
 from tollgate.request import Attempt
 from tollgate.routes import Route
 from tollgate.scopes import Lineage
-from tollgate.sse import Event, EventFilter, SSEParser
+from tollgate.sse import EventFilter
 from tollgate.telemetry import RequestTrace, log_access
 
 log = logging.getLogger("tollgate")
 
-# How much of a non-streamed response body the tap keeps (enough for any usage block).
-_KEEP_BODY = 1 << 20
-# Events after which a provider sends nothing more (Anthropic, OpenAI Responses, errors);
-# OpenAI chat streams end with `data: [DONE]`.
-_LAST_EVENTS = {"message_stop", "response.completed", "response.failed", "response.incomplete",
-                "error"}
 
 
 class Rewriter(Protocol):
@@ -89,13 +84,7 @@ class Exchange:
         self.breakers = breakers
         self.started = time.monotonic()
         self.status: int | None = None
-        self.is_sse: bool | None = False
-        self.bytes_out = 0
-        self.events: list[Event] = []
-        self.body = bytearray()
-        self._sse = SSEParser()
-        self._length: int | None = None  # the response's content-length, when it has one
-        self._ended = False  # its last event has arrived
+        self.meter = ResponseMeter(self.attempt.family, stream)
         self._finished = False
         self.rewriter: Rewriter | None = None  # set per response by on_response_headers
 
@@ -149,9 +138,8 @@ class Exchange:
         self.index += 1
         if self._prices is not None:
             self.billing.price = self._prices.lookup(self.model) or self.billing.price
-        self.status, self.is_sse, self.bytes_out = None, False, 0
-        self.events, self.body, self._sse = [], bytearray(), SSEParser()
-        self._length, self._ended = None, False
+        self.status = None
+        self.meter = ResponseMeter(self.attempt.family, self.stream_requested)
         return self.attempt
 
     def begin_attempt(self, provider_id: str) -> Attempt:
@@ -186,9 +174,7 @@ class Exchange:
         lowered = {k.lower(): v for k, v in headers.items()}
         content_type = lowered.get("content-type")
         length = lowered.get("content-length", "")
-        self._length = int(length) if length.isdigit() else None
-        self.is_sse = None if content_type is None else \
-            content_type.lower().startswith("text/event-stream")
+        self.meter.start(content_type, int(length) if length.isdigit() else None)
         self.rewriter = self.rewriter_for(status, content_type)
         return self.response_headers()
 
@@ -216,24 +202,17 @@ class Exchange:
 
     def on_chunk(self, data: bytes) -> bytes:
         """The tap: reads the bytes on their way to the client and returns them unchanged."""
-        self.bytes_out += len(data)
-        if self.is_sse is None and data.strip():
-            self.is_sse = self.stream_requested and not data.lstrip().startswith((b"{", b"["))
-        if self.is_sse:
-            events = self._sse.feed(data)
-            self._ended = self._ended or any(
-                e.event in _LAST_EVENTS or e.data.strip() == "[DONE]" for e in events)
-            self.events.extend(events)
-        elif len(self.body) < _KEEP_BODY:
-            self.body += data[: _KEEP_BODY - len(self.body)]
+        self.meter.feed(data)
         return data
+
+    @property
+    def is_sse(self) -> bool | None:
+        return self.meter.is_sse
 
     @property
     def complete(self) -> bool:
         """The whole response has been seen: its content-length, or its last event."""
-        if self.is_sse:
-            return self._ended
-        return self._length is not None and self.bytes_out >= self._length
+        return self.meter.complete
 
     def failure(self, code: str, message: str) -> tuple[int, dict[str, str], bytes]:
         """Status, headers and body for a request no provider could answer."""
@@ -265,9 +244,7 @@ class Exchange:
         ok = self.status is not None and 200 <= self.status < 300
         if not ok:
             return usage_of.Usage()  # providers do not bill refused or failed requests
-        family = self.attempt.family  # what the provider sent, before any translation
-        used = usage_of.from_events(family, self.events) if self.is_sse else \
-            usage_of.from_json(family, bytes(self.body))
+        used = self.meter.usage()  # in the provider's family, before any translation
         if not used.reported and used.input_tokens == 0 and used.output_tokens:
             used.input_tokens = self.billing.estimated_input_tokens
         return used
@@ -309,8 +286,8 @@ class Exchange:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end()
         log_access({**self.decision(), "route": self.route.name, "status": self.status,
-                    "outcome": outcome, "error": error, "bytes_out": self.bytes_out,
-                    "sse_events": len(self.events), "input_tokens": used.input_tokens,
+                    "outcome": outcome, "error": error, "bytes_out": self.meter.bytes,
+                    "sse_events": self.meter.events, "input_tokens": used.input_tokens,
                     "cached_input_tokens": used.cached_input_tokens,
                     "output_tokens": used.output_tokens, "cost_micros": cost,
                     "usage_reported": used.reported, "latency_ms": latency})

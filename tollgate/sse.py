@@ -1,9 +1,16 @@
-"""Incremental Server-Sent Events parser: feed bytes as they arrive, split anywhere."""
+"""Incremental Server-Sent Events parser: feed bytes as they arrive, split anywhere.
+
+Linear in the bytes fed, however long a line is: each chunk is scanned once, and an unfinished
+line is kept as a list of pieces, never re-joined and re-scanned.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+_EOL = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -11,15 +18,23 @@ class Event:
     event: str  # "message" when the stream names none
     data: str
     id: str | None = None
+    dropped: int = 0  # bytes of data left out: a line longer than the parser keeps
 
 
 class SSEParser:
-    """Follows the WHATWG event-stream rules (CRLF/LF/CR line ends, comments, multi-line data)."""
+    """Follows the WHATWG event-stream rules (CRLF/LF/CR line ends, comments, multi-line data).
 
-    def __init__(self) -> None:
-        self._buf = b""
+    `max_line`: longer lines are not kept (their size is reported on the event as
+    `dropped`), so memory stays bounded for a reader that only needs small events.
+    """
+
+    def __init__(self, max_line: int | None = None) -> None:
+        self._max_line = max_line
+        self._parts: list[bytes] = []  # the unfinished line
+        self._size = 0  # its length so far
         self._event = ""
         self._data: list[str] = []
+        self._dropped = 0
         self._id: str | None = None
         self._pending_cr = False
 
@@ -27,23 +42,45 @@ class SSEParser:
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF split across chunks
         self._pending_cr = chunk.endswith(b"\r")
-        self._buf += chunk
         events: list[Event] = []
-        lines = self._buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        self._buf = lines.pop()  # the unfinished line
-        for raw in lines:
-            event = self._line(raw.decode("utf-8", errors="replace"))
-            if event is not None:
-                events.append(event)
+        start = 0
+        for m in _EOL.finditer(chunk):
+            self._keep(chunk[start:m.start()])
+            raw, size = b"".join(self._parts), self._size
+            self._parts, self._size = [], 0
+            if self._max_line is not None and size > self._max_line:
+                self._oversized(raw, size)
+            else:
+                event = self._line(raw.decode("utf-8", errors="replace"))
+                if event is not None:
+                    events.append(event)
+            start = m.end()
+        self._keep(chunk[start:])
         return events
+
+    def _keep(self, piece: bytes) -> None:
+        if not piece:
+            return
+        before = self._size
+        self._size += len(piece)
+        if self._max_line is None or self._size <= self._max_line:
+            self._parts.append(piece)
+        elif before <= self._max_line:  # just went over: keep only the field name
+            self._parts = [b"".join([*self._parts, piece])[:16]]
+
+    def _oversized(self, head: bytes, size: int) -> None:
+        if head.startswith(b"data"):
+            self._dropped += size
+            self._data.append("")
 
     def _line(self, line: str) -> Event | None:
         if line == "":
             if not self._data:
                 self._event = ""
                 return None
-            event = Event(self._event or "message", "\n".join(self._data), self._id)
-            self._event, self._data = "", []
+            event = Event(self._event or "message", "\n".join(self._data), self._id,
+                          self._dropped)
+            self._event, self._data, self._dropped = "", [], 0
             return event
         if line.startswith(":"):
             return None
@@ -58,34 +95,34 @@ class SSEParser:
         return None
 
 
-_BLOCK_END = (b"\r\n\r\n", b"\n\n", b"\r\r")
+_BLOCK_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 class EventFilter:
     """Drops whole events from a byte stream and passes every other byte through untouched.
 
     Bytes are held back only until the event they belong to is complete, so a stream keeps
-    flowing event by event.
+    flowing event by event. Each byte is searched once (a long event costs linear time).
     """
 
     def __init__(self, drop: Callable[[Event], bool]):
         self._drop = drop
-        self._buf = b""
+        self._buf = bytearray()
+        self._searched = 0  # bytes of _buf known to hold no block end
 
     def feed(self, chunk: bytes) -> bytes:
         self._buf += chunk
         out = []
-        while True:
-            ends = [(i, len(sep)) for sep in _BLOCK_END if (i := self._buf.find(sep)) != -1]
-            if not ends:
-                break
-            i, n = min(ends)
-            block, self._buf = self._buf[: i + n], self._buf[i + n:]
+        while m := _BLOCK_END.search(self._buf, max(0, self._searched - 3)):
+            block = bytes(self._buf[: m.end()])
+            del self._buf[: m.end()]
+            self._searched = 0
             events = SSEParser().feed(block)
             if not (events and all(self._drop(e) for e in events)):
                 out.append(block)
+        self._searched = len(self._buf)
         return b"".join(out)
 
     def flush(self) -> bytes:
-        rest, self._buf = self._buf, b""
+        rest, self._buf, self._searched = bytes(self._buf), bytearray(), 0
         return rest

@@ -72,62 +72,76 @@ def anthropic_usage(u: Any, into: Usage | None = None) -> Usage:
     return out
 
 
-def from_json(family: str, body: bytes) -> Usage:
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return Usage()
-    if not isinstance(doc, dict) or "usage" not in doc:
-        return Usage()
-    return anthropic_usage(doc["usage"]) if family == "anthropic" else openai_usage(doc["usage"])
+class StreamUsage:
+    """Usage of an SSE stream, counted event by event: a few counters, never the events, so
+    memory does not grow with the stream. Streamed text is estimated where the provider
+    said nothing (a stream cut off before its totals)."""
 
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.usage = Usage()
+        self.streamed_chars = 0
+        self.final = False  # the provider's closing usage arrived (message_delta / usage chunk)
 
-def from_events(family: str, events: list[Event]) -> Usage:
-    """Usage from an SSE stream, estimated from streamed text where the provider said none."""
-    usage = Usage()
-    streamed_chars = 0
-    final = False  # the provider's closing usage arrived (message_delta / usage chunk)
-    for event in events:
+    def add(self, event: Event) -> None:
         if event.data == "[DONE]":
-            continue
+            return
         try:
             doc = json.loads(event.data)
         except ValueError:
-            continue
-        if not isinstance(doc, dict):
-            continue
+            return
+        if isinstance(doc, dict):
+            self.add_doc(doc)
+
+    def add_doc(self, doc: dict[str, Any]) -> None:
         kind = doc.get("type", "")
-        if family == "anthropic":
+        if self.family == "anthropic":
             if kind == "message_start":
-                anthropic_usage((doc.get("message") or {}).get("usage"), usage)
+                anthropic_usage((doc.get("message") or {}).get("usage"), self.usage)
             elif kind == "message_delta":
-                anthropic_usage(doc.get("usage"), usage)
-                final = True
+                anthropic_usage(doc.get("usage"), self.usage)
+                self.final = True
             elif kind == "content_block_delta":
                 delta = doc.get("delta") or {}
-                streamed_chars += len(delta.get("text") or delta.get("partial_json") or
-                                      delta.get("thinking") or "")
-            continue
+                self.streamed_chars += len(delta.get("text") or delta.get("partial_json") or
+                                           delta.get("thinking") or "")
+            return
         if kind in ("response.completed", "response.incomplete", "response.failed"):
             reported = openai_usage((doc.get("response") or {}).get("usage"))
             if reported.reported:
-                usage, final = reported, True
+                self.usage, self.final = reported, True
         elif kind == "response.output_text.delta":
-            streamed_chars += len(doc.get("delta") or "")
+            self.streamed_chars += len(doc.get("delta") or "")
         elif doc.get("usage"):
-            usage, final = openai_usage(doc["usage"]), True
+            self.usage, self.final = openai_usage(doc["usage"]), True
         for choice in doc.get("choices") or []:
             delta = choice.get("delta") or {} if isinstance(choice, dict) else {}
-            streamed_chars += len(delta.get("content") or "")
+            self.streamed_chars += len(delta.get("content") or "")
             for call in delta.get("tool_calls") or []:
-                streamed_chars += len(((call or {}).get("function") or {}).get("arguments")
-                                      or "")
-    if not final:
-        # Cut off before the provider's totals (message_start's output count is a
-        # placeholder): charge what reached the client.
-        usage.reported = False
-        usage.output_tokens = max(usage.output_tokens, estimate_tokens(streamed_chars))
-    return usage
+                self.streamed_chars += len(((call or {}).get("function") or {})
+                                           .get("arguments") or "")
+
+    def add_unparsed(self, size: int) -> None:
+        """An event too large to parse for usage (usage events are small): its bytes count
+        towards the estimate of what was streamed."""
+        self.streamed_chars += size
+
+    def result(self) -> Usage:
+        usage = Usage(**vars(self.usage))
+        if not self.final:
+            # Cut off before the provider's totals (message_start's output count is a
+            # placeholder): charge what reached the client.
+            usage.reported = False
+            usage.output_tokens = max(usage.output_tokens, estimate_tokens(self.streamed_chars))
+        return usage
+
+
+def from_events(family: str, events: list[Event]) -> Usage:
+    """Usage from a whole SSE stream's events."""
+    counted = StreamUsage(family)
+    for event in events:
+        counted.add(event)
+    return counted.result()
 
 
 def is_usage_only_chunk(event: Event) -> bool:

@@ -106,6 +106,34 @@ def test_client_that_asks_for_usage_still_gets_it(gateway, fake_openai):
     assert fake_openai.requests[-1].body == sent[-1]  # nothing to add: bytes untouched
 
 
+def test_large_embeddings_response_is_charged(gateway):
+    """2,000 inputs: several MiB of vectors before the usage block at the very end."""
+    key = gateway.create_key()
+    raw = oai(gateway, key).embeddings.with_raw_response.create(
+        model="text-embedding-3-small", input=[f"doc {i}" for i in range(2000)],
+        dimensions=512)
+    result = raw.parse()
+    assert len(result.data) == 2000 and int(raw.headers["content-length"]) > 4 << 20
+    row = ledger_row(gateway, raw.headers[RID])
+    assert row.usage_reported and row.input_tokens == result.usage.prompt_tokens > 0
+    assert row.cost_micros == expect_cost("text-embedding-3-small", Usage(
+        input_tokens=result.usage.prompt_tokens))
+
+
+def test_20mb_answer_with_logprobs_is_charged(gateway, fake_openai):
+    fake_openai.answer_words = 40_000
+    key = gateway.create_key()
+    raw = oai(gateway, key).chat.completions.with_raw_response.create(
+        model="gpt-5-mini", messages=MESSAGES, logprobs=True, top_logprobs=5)
+    done = raw.parse()
+    assert int(raw.headers["content-length"]) > 20 << 20
+    assert len(done.choices[0].logprobs.content) == 40_000
+    row = ledger_row(gateway, raw.headers[RID])
+    assert row.usage_reported and row.output_tokens == done.usage.completion_tokens == 40_000
+    assert row.cost_micros == expect_cost("gpt-5-mini", Usage(
+        input_tokens=done.usage.prompt_tokens, output_tokens=40_000)) > 0
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_responses_api_usage(gateway, stream):
     key = gateway.create_key()

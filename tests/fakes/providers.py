@@ -64,6 +64,7 @@ class FakeProvider:
     port: int = 0
     chunk_delay: float = 0.0
     response_delay: float = 0.0  # before any response: keeps requests in flight together
+    answer_words: int = 0  # > 0: chat answers this many words (large responses)
     requests: list[Recorded] = field(default_factory=list)
     _script: deque[Behaviour] = field(default_factory=deque)
     _server: ThreadingHTTPServer | None = None
@@ -77,6 +78,7 @@ class FakeProvider:
         self._script.clear()
         self.chunk_delay = 0.0
         self.response_delay = 0.0
+        self.answer_words = 0
 
     def next_behaviour(self) -> Behaviour:
         return self._script.popleft() if self._script else Behaviour()
@@ -238,7 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
         model = doc.get("model", "")
         prompt = _count_tokens(doc.get("messages"))
         tool = _first_tool(doc.get("tools"), "chat")
-        words = _words(TEXT)
+        words = _words(_answer(self.fake))
+        text = "".join(words)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         usage = {"prompt_tokens": prompt, "completion_tokens": len(words) + (5 if tool else 0),
                  "total_tokens": prompt + len(words) + (5 if tool else 0),
@@ -246,13 +249,13 @@ class _Handler(BaseHTTPRequestHandler):
                  "completion_tokens_details": {"reasoning_tokens": 0}}
         args = json.dumps({"path": "/tmp/x"})
         if not doc.get("stream"):
-            message: dict[str, Any] = {"role": "assistant", "content": None if tool else TEXT}
+            message: dict[str, Any] = {"role": "assistant", "content": None if tool else text}
             if tool:
                 message["tool_calls"] = [{"id": "call_fake1", "type": "function",
                                           "function": {"name": tool, "arguments": args}}]
             self._send_json(200, {
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
+                "choices": [{"index": 0, "message": message, "logprobs": _logprobs(doc, words),
                              "finish_reason": "tool_calls" if tool else "stop"}],
                 "usage": usage, "system_fingerprint": "fp_fake"})
             return
@@ -331,7 +334,8 @@ class _Handler(BaseHTTPRequestHandler):
     def openai_embeddings(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
         inputs = doc.get("input")
         inputs = inputs if isinstance(inputs, list) else [inputs]
-        vector = [0.25, -0.5, 0.125, 1.0]
+        dims = doc.get("dimensions")
+        vector = [0.25, -0.5, 0.125, 1.0] * (dims // 4 if isinstance(dims, int) else 1)
         data = []
         for i, _ in enumerate(inputs):
             emb: Any = vector
@@ -350,7 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
         model = doc.get("model", "")
         prompt = _count_tokens([doc.get("system"), doc.get("messages")])
         tool = _first_tool(doc.get("tools"), "anthropic")
-        words = _words(TEXT)
+        words = _words(_answer(self.fake))
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         out_tokens = len(words) + (5 if tool else 0)
         usage = {"input_tokens": prompt, "output_tokens": out_tokens,
@@ -358,7 +362,7 @@ class _Handler(BaseHTTPRequestHandler):
         tool_input = {"path": "/tmp/x"}
         stop = "tool_use" if tool else "end_turn"
         if not doc.get("stream"):
-            content: list[dict[str, Any]] = [{"type": "text", "text": TEXT}]
+            content: list[dict[str, Any]] = [{"type": "text", "text": "".join(words)}]
             if tool:
                 content = [{"type": "tool_use", "id": "toolu_fake1", "name": tool,
                             "input": tool_input}]
@@ -405,6 +409,26 @@ class _Handler(BaseHTTPRequestHandler):
     def anthropic_count_tokens(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
         self._send_json(200, {"input_tokens": _count_tokens([doc.get("system"),
                                                              doc.get("messages")])})
+
+
+def _answer(fake: FakeProvider) -> str:
+    if fake.answer_words:
+        return " ".join(f"w{i}" for i in range(fake.answer_words))
+    return TEXT
+
+
+def _logprobs(doc: dict[str, Any], words: list[str]) -> dict[str, Any] | None:
+    """Chat `logprobs.content`: one entry per token (here, per word), with `top_logprobs`
+    alternatives when asked."""
+    if not doc.get("logprobs"):
+        return None
+    top = doc.get("top_logprobs") or 0
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**entry(w, -0.01), "top_logprobs": [
+        entry(f"{w}~{k}", -1.0 - k) for k in range(top)]} for w in words], "refusal": None}
 
 
 def _first_tool(tools: Any, shape: str) -> str | None:

@@ -1,0 +1,136 @@
+"""The response meter reads usage at any response size, in bounded memory."""
+
+from __future__ import annotations
+
+import json
+import random
+import tracemalloc
+
+import pytest
+
+from tollgate.meter import JSONUsageScanner, ResponseMeter
+from tollgate.sse import EventFilter, SSEParser
+
+
+def feed_in_pieces(meter: ResponseMeter | JSONUsageScanner, body: bytes, seed: int = 1,
+                   most: int = 65536) -> None:
+    rng = random.Random(seed)
+    i = 0
+    while i < len(body):
+        n = rng.randint(1, most)
+        meter.feed(body[i:i + n])
+        i += n
+
+
+def peak_while(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def openai_json_meter(body: bytes) -> ResponseMeter:
+    meter = ResponseMeter("openai", stream_requested=False)
+    meter.start("application/json", len(body))
+    return meter
+
+
+def test_embeddings_of_2000_inputs_are_metered_past_the_first_mib():
+    usage = {"prompt_tokens": 24000, "total_tokens": 24000}
+    body = json.dumps({"object": "list", "data": [
+        {"object": "embedding", "index": i, "embedding": [0.0123456] * 256}
+        for i in range(2000)], "model": "text-embedding-3-small", "usage": usage}).encode()
+    assert len(body) > 5 << 20
+    meter = openai_json_meter(body)
+    feed_in_pieces(meter, body)
+    assert meter.complete
+    assert (meter.usage().input_tokens, meter.usage().reported) == (24000, True)
+
+
+def test_20mb_answer_is_metered_in_bounded_memory():
+    # Decoys a naive search would take: "usage" inside strings, escaped quotes, a nested
+    # usage key in a tool's input, a string value "usage".
+    content = ('He said \\"usage\\": {\\"input_tokens\\": 1} and "usage": {} ' * 10
+               ).replace('"usage"', '\\"usage\\"')
+    filler = "x\\n\\\\" * (20 * 1024 * 1024 // 4)
+    body = (
+        '{"id": "msg_1", "type": "message", "role": "usage", "content": ['
+        f'{{"type": "text", "text": "{content}{filler}"}}, '
+        '{"type": "tool_use", "id": "t", "name": "n", "input": {"usage": {"input_tokens": 7}}}'
+        '], "stop_reason": "end_turn", '
+        '"usage": {"input_tokens": 31, "output_tokens": 5000000, '
+        '"cache_read_input_tokens": 2}}'
+    ).encode()
+    json.loads(body)  # it is valid JSON
+    meter = ResponseMeter("anthropic", stream_requested=False)
+    meter.start("application/json", len(body))
+    peak = peak_while(lambda: feed_in_pieces(meter, body, most=1 << 16))
+    used = meter.usage()
+    assert (used.input_tokens, used.output_tokens, used.cached_input_tokens) == (31, 5000000, 2)
+    assert peak < 1 << 20, f"the meter held {peak} bytes for a {len(body)} byte answer"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_usage_found_whatever_the_split(seed):
+    body = json.dumps({"id": "x", "choices": [{"message": {"content": 'a"b\\c' * 50}}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+                       "metadata": {"usage": "not this"}}).encode()
+    scanner = JSONUsageScanner()
+    feed_in_pieces(scanner, body, seed=seed, most=7)
+    assert json.loads(scanner.found or b"null") == {"prompt_tokens": 3, "completion_tokens": 4}
+
+
+def test_no_usage_object_means_no_usage():
+    meter = openai_json_meter(b'{"usage": null, "x": {"usage": {"prompt_tokens": 9}}}')
+    meter.feed(b'{"usage": null, "x": {"usage": {"prompt_tokens": 9}}}')
+    assert not meter.usage().reported
+
+
+def sse(doc: dict) -> bytes:
+    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+def test_stream_memory_does_not_grow_with_its_length():
+    chunk = sse({"choices": [{"delta": {"content": "word "}}]})
+    meter = ResponseMeter("openai", stream_requested=True)
+    meter.start("text/event-stream", None)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            meter.feed(chunk)
+
+    small, large = peak_while(lambda: run(2_000)), peak_while(lambda: run(50_000))
+    assert large < small + 64 * 1024, (small, large)
+    meter.feed(sse({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 52000}}))
+    meter.feed(b"data: [DONE]\n\n")
+    assert meter.complete and meter.events == 52_002
+    assert meter.usage().output_tokens == 52000
+
+
+def test_a_10mb_event_line_is_counted_not_held():
+    line = sse({"choices": [{"delta": {"content": "z" * (10 << 20)}}]})
+    meter = ResponseMeter("openai", stream_requested=True)
+    meter.start("text/event-stream", None)
+    peak = peak_while(lambda: feed_in_pieces(meter, line, most=1 << 14))
+    assert peak < 1 << 20, peak
+    used = meter.usage()  # cut off before any usage: estimated from what streamed
+    assert not used.reported and used.output_tokens >= (10 << 20) // 4
+
+
+def test_parser_handles_a_long_line_in_pieces():
+    parser = SSEParser()
+    data = "q" * (4 << 20)
+    payload = f"event: big\ndata: {data}\n\n".encode()
+    events = []
+    for i in range(0, len(payload), 4096):
+        events += parser.feed(payload[i:i + 4096])
+    assert [(e.event, len(e.data)) for e in events] == [("big", len(data))]
+
+
+def test_event_filter_passes_a_long_event_whole():
+    kept = EventFilter(lambda e: False)
+    payload = b"data: " + b"y" * (2 << 20) + b"\n\n" + b"data: next\n\n"
+    out = b"".join(kept.feed(payload[i:i + 1000]) for i in range(0, len(payload), 1000))
+    assert out + kept.flush() == payload

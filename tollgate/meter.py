@@ -1,0 +1,173 @@
+"""The response meter: what a provider's answer used, counted as its bytes pass.
+
+Memory stays bounded whatever the answer's size: a JSON body is scanned once for its
+top-level `usage` object (nothing else is kept), and an event stream keeps usage counters,
+never its events.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tollgate import usage as usage_of
+from tollgate.sse import SSEParser
+
+# Events after which a provider sends nothing more (Anthropic, OpenAI Responses, errors);
+# OpenAI chat streams end with `data: [DONE]`.
+_LAST_EVENTS = {"message_stop", "response.completed", "response.failed", "response.incomplete",
+                "error"}
+# Usage is reported in small events and objects; anything larger is counted, not parsed.
+MAX_PARSED_EVENT = 64 * 1024
+_MAX_USAGE_OBJECT = 64 * 1024
+
+_TOKEN = re.compile(rb'[{}\[\]":]')
+
+
+def _odd_backslashes(chunk: bytes, start: int, end: int) -> bool:
+    """Whether the run of backslashes just before `end` (not before `start`) is odd: the
+    byte at `end` is then escaped."""
+    j = end
+    while j > start and chunk[j - 1] == 0x5C:
+        j -= 1
+    return (end - j) % 2 == 1
+
+
+def _string_end(chunk: bytes, i: int) -> int:
+    """Index of the quote that closes the string being read from `i`, or -1."""
+    while (j := chunk.find(b'"', i)) >= 0:
+        if not _odd_backslashes(chunk, i, j):
+            return j
+        i = j + 1
+    return -1
+
+
+class JSONUsageScanner:
+    """Finds the top-level `"usage": {...}` of a JSON document fed in pieces.
+
+    A small tokenizer that tracks only strings, brackets and colons: numbers, literals and
+    string contents are skipped by regular expressions, so a 20 MB body is one linear pass,
+    and only the usage object itself is kept.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self._in_string = False
+        self._escape = False  # a backslash ended the last chunk inside a string
+        self._string = bytearray()  # a depth-1 string, while it may be a key (short)
+        self._key: bytes | None = None  # the depth-1 string just closed (a key if ':' follows)
+        self._after_usage_key = False  # saw `"usage":` at depth 1
+        self._capture: bytearray | None = None  # the usage object, while it is read
+        self.found: bytes | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        i, n = 0, len(chunk)
+        start_capture = 0
+        while i < n:
+            if self._in_string:
+                if self._escape:  # a backslash ended the last chunk: skip what it escapes
+                    self._escape = False
+                    i += 1
+                    continue
+                end = _string_end(chunk, i)
+                if self.depth == 1 and len(self._string) <= 16:
+                    self._string += chunk[i:min(n if end < 0 else end, i + 17)]
+                if end < 0:  # the string goes on in the next chunk
+                    self._escape = _odd_backslashes(chunk, i, n)
+                    i = n
+                else:
+                    self._in_string = False
+                    self._key = bytes(self._string) if self.depth == 1 else None
+                    i = end + 1
+                continue
+            m = _TOKEN.search(chunk, i)
+            if m is None:
+                break
+            i = m.end()
+            c = chunk[m.start()]
+            if c == 0x22:  # '"'
+                self._in_string, self._string = True, bytearray()
+                self._after_usage_key = False
+            elif c == 0x3A:  # ':'
+                self._after_usage_key = self.depth == 1 and self._key == b"usage"
+                self._key = None
+            elif c in (0x7B, 0x5B):  # '{' '['
+                if self._after_usage_key and c == 0x7B and self.depth == 1:
+                    self._capture, start_capture = bytearray(), m.start()
+                self._after_usage_key, self._key = False, None
+                self.depth += 1
+            else:  # '}' ']'
+                self.depth -= 1
+                self._key = None
+                if self._capture is not None and self.depth == 1:
+                    self._append(chunk[start_capture:i])
+                    self.found, self._capture = bytes(self._capture), None
+        if self._capture is not None:
+            self._append(chunk[start_capture:])
+
+    def _append(self, piece: bytes) -> None:
+        assert self._capture is not None
+        if len(self._capture) + len(piece) > _MAX_USAGE_OBJECT:
+            self._capture = None  # not a usage object any provider sends
+            return
+        self._capture += piece
+
+
+class ResponseMeter:
+    """Follows one provider response: its kind (event stream or JSON), whether it is
+    complete, and what it used, in the provider's own API family."""
+
+    def __init__(self, family: str, stream_requested: bool) -> None:
+        self.family = family
+        self.stream_requested = stream_requested
+        self.is_sse: bool | None = False
+        self.bytes = 0
+        self.events = 0
+        self._length: int | None = None
+        self._ended = False
+        self._sse = SSEParser(max_line=MAX_PARSED_EVENT)
+        self._stream = usage_of.StreamUsage(family)
+        self._json = JSONUsageScanner()
+
+    def start(self, content_type: str | None, length: int | None) -> None:
+        """The response headers; without a content-type (a host that cannot see it), the
+        first body bytes tell an event stream from JSON."""
+        self._length = length
+        self.is_sse = None if content_type is None else \
+            content_type.lower().startswith("text/event-stream")
+
+    def feed(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if self.is_sse is None and data.strip():
+            self.is_sse = self.stream_requested and not data.lstrip().startswith((b"{", b"["))
+        if self.is_sse:
+            for event in self._sse.feed(data):
+                self.events += 1
+                if event.dropped:
+                    self._stream.add_unparsed(event.dropped)
+                    continue
+                self._stream.add(event)
+                self._ended = self._ended or event.event in _LAST_EVENTS or \
+                    event.data.strip() == "[DONE]"
+        else:
+            self._json.feed(data)
+
+    @property
+    def complete(self) -> bool:
+        """The whole response has been seen: its content-length, or its last event."""
+        if self.is_sse:
+            return self._ended
+        return self._length is not None and self.bytes >= self._length
+
+    def usage(self) -> usage_of.Usage:
+        if self.is_sse:
+            return self._stream.result()
+        found = self._json.found
+        if found is None:
+            return usage_of.Usage()
+        try:
+            doc = json.loads(found)
+        except ValueError:
+            return usage_of.Usage()
+        return usage_of.anthropic_usage(doc) if self.family == "anthropic" else \
+            usage_of.openai_usage(doc)
