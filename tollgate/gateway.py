@@ -57,11 +57,18 @@ class Gateway:
         self.holder = holder
         self._index_for: tuple[LoadedConfig, KeyIndex] | None = None
         self._store = store
-        self._store_url: str | None = None
+        self._store_for: tuple[str, str] | None = None  # (state, spool) it was opened for
         self._settling: set[asyncio.Task[None]] = set()
-        breaker = holder.current.config.gateway.circuit_breaker
-        self.breakers = Breakers(breaker.failures, breaker.cooldown_seconds)
+        self.breakers = Breakers()
+        self._apply(holder.current)
+        holder.on_reload(lambda _old, new: self._apply(new))
         self._replayer: asyncio.Task[None] | None = None
+
+    def _apply(self, loaded: LoadedConfig) -> None:
+        """Settings held outside the config object follow every reload."""
+        breaker = loaded.config.gateway.circuit_breaker
+        self.breakers.failures, self.breakers.cooldown = breaker.failures, \
+            breaker.cooldown_seconds
 
     @classmethod
     def from_path(cls, path: str, watch: bool = True) -> Gateway:
@@ -73,11 +80,11 @@ class Gateway:
     def store(self) -> Store:
         """The state store named by the running config (reopened if an edit changes it)."""
         loaded = self.holder.current
-        url = loaded.config.gateway.state
-        if self._store is None or (self._store_url is not None and url != self._store_url):
+        wanted = (loaded.config.gateway.state, loaded.config.gateway.spool)
+        if self._store is None or (self._store_for is not None and wanted != self._store_for):
             previous = self._store
-            self._store = open_store(url, loaded.path.parent, loaded.config.gateway.spool)
-            self._store_url = url
+            self._store = open_store(wanted[0], loaded.path.parent, wanted[1])
+            self._store_for = wanted
             # Requests in flight settle into the new store; the old one is closed.
             if previous is not None:
                 with contextlib.suppress(RuntimeError):

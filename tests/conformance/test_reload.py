@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 
 from tests.harness import wait_until
@@ -26,4 +28,28 @@ def test_broken_edit_keeps_last_good_config_and_is_reported(gateway):
         gateway.config.write_text(good)
     # A later good edit is picked up again.
     gateway.cli("virtual-keys", "disable", key.id)
+    gateway.wait_for_key(key, lambda status: status == 403)
+
+
+def test_bad_bytes_do_not_stop_reloads_and_status_says_why(gateway):
+    """An edit that is not UTF-8 used to kill the watcher: every later revoke was ignored."""
+    key = gateway.create_key()
+    client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
+    good = gateway.config.read_bytes()
+    pid = gateway.process.proc.pid
+
+    def mine() -> dict:
+        out = gateway.cli("status", "--format", "json", check=False)
+        return next(g for g in json.loads(out.stdout)["gateways"] if g["pid"] == pid)
+
+    assert mine()["stale"] is False
+    try:
+        gateway.config.write_bytes(good + b"# \xff\xfe\n")
+        wait_until(lambda: mine()["stale"] and "not valid UTF-8" in mine()["last_error"],
+                   timeout=3, what="status to report the rejected reload")
+        assert client.chat.completions.create(**CHAT).choices  # still serving
+    finally:
+        gateway.config.write_bytes(good)
+    wait_until(lambda: not mine()["stale"], timeout=3, what="the good file to be reloaded")
+    gateway.cli("virtual-keys", "revoke", key.id)
     gateway.wait_for_key(key, lambda status: status == 403)

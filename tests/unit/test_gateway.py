@@ -330,3 +330,16 @@ async def test_a_fallback_plan_reserves_for_its_dearest_model(setup, config_dir)
         forward.exchange.finish("completed")
     await gw.close()
 
+
+
+def test_circuit_breaker_settings_follow_a_reload(setup, config_dir):
+    _, gateway = setup
+    gw = gateway()
+    assert (gw.breakers.failures, gw.breakers.cooldown) == (3, 30.0)
+    path = config_dir / "gateway.yaml"
+    text = path.read_text()
+    assert "circuit_breaker" not in text
+    path.write_text(text.replace("gateway:\n", "gateway:\n  circuit_breaker: "
+                                 "{failures: 5, cooldown_seconds: 2.5}\n", 1))
+    assert gw.holder.check() is True
+    assert (gw.breakers.failures, gw.breakers.cooldown) == (5, 2.5)

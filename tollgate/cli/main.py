@@ -8,6 +8,7 @@ from tollgate.cli.org import init, projects, teams
 from tollgate.cli.providers import model_providers, routing_policies
 from tollgate.cli.serve import config_group, envoy_group, serve
 from tollgate.cli.spend import gateway_budgets, spend
+from tollgate.cli.status import status
 from tollgate.cli.virtual_keys import virtual_keys
 
 
@@ -19,7 +20,7 @@ def cli(config: str | None) -> None:
 
 
 for command in (init, teams, projects, model_providers, routing_policies, virtual_keys,
-                gateway_budgets, spend, config_group, serve, envoy_group):
+                gateway_budgets, spend, config_group, serve, envoy_group, status):
     cli.add_command(command)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.reader import ReaderError
 
 from tollgate.config.problems import ConfigError, Problem
 from tollgate.config.schema import Config, check_references
@@ -43,13 +44,35 @@ def read_yaml(path: Path) -> Any:
     """Round-trip load: keeps line numbers (and, for edits, comments, quotes and order)."""
     yaml = round_trip_yaml()
     try:
-        with path.open(encoding="utf-8") as f:
-            return yaml.load(f)
+        text = path.read_bytes().decode("utf-8")
+        return yaml.load(text)
     except FileNotFoundError:
         raise ConfigError([Problem(str(path), None, "", "file not found")]) from None
+    except OSError as e:  # unreadable: permissions, a directory, an I/O error
+        raise ConfigError([Problem(str(path), None, "", f"cannot read the file: "
+                                   f"{e.strerror or e}")]) from None
+    except UnicodeDecodeError as e:
+        line = text_line(path, e.start)
+        raise ConfigError([Problem(str(path), line, "", "not valid UTF-8 (byte "
+                                   f"{e.object[e.start]:#04x} at offset {e.start})")]) from None
     except MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else None
         raise ConfigError([Problem(str(path), line, "", f"YAML syntax: {e.problem}")]) from None
+    except ReaderError as e:  # a control character the YAML reader refuses
+        line = text[: e.position].count("\n") + 1
+        code = ord(e.character) if isinstance(e.character, str) else e.character
+        raise ConfigError([Problem(str(path), line, "", f"control character U+{code:04X} is "
+                                   "not allowed in YAML")]) from None
+    except YAMLError as e:
+        raise ConfigError([Problem(str(path), None, "", f"YAML: {e}")]) from None
+
+
+def text_line(path: Path, offset: int) -> int | None:
+    """1-based line holding byte `offset` of the file."""
+    try:
+        return path.read_bytes()[:offset].count(b"\n") + 1
+    except OSError:
+        return None
 
 
 def line_of(doc: Any, loc: tuple[Any, ...]) -> int | None:

@@ -49,5 +49,9 @@ class Store(ABC):
     async def rows(self, since: datetime | None = None,
                    until: datetime | None = None) -> list[LedgerRow]: ...
 
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot be reached."""
+        await self.counters([])
+
     async def close(self) -> None:  # noqa: B027 - optional
         pass

@@ -133,5 +133,11 @@ class RedisStore(Store):
             out.append(row)
         return out
 
+    async def ping(self) -> None:
+        try:
+            await self.client.ping()
+        except RedisError as e:
+            raise StoreUnavailable(f"redis {self.url}: {e}") from e
+
     async def close(self) -> None:
         await self.client.aclose()

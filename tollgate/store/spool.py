@@ -64,6 +64,9 @@ class Spooled(Store):
                    until: datetime | None = None) -> list[LedgerRow]:
         return await self.inner.rows(since, until)
 
+    async def ping(self) -> None:
+        await self.inner.ping()
+
     async def close(self) -> None:
         await self.inner.close()
         self.db.close()

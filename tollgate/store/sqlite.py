@@ -117,5 +117,11 @@ class SQLiteStore(Store):
             out.append(LedgerRow.from_dict(doc))
         return out
 
+    async def ping(self) -> None:
+        try:
+            self.db.execute("SELECT 1 FROM budget_counters LIMIT 1").fetchall()
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+
     async def close(self) -> None:
         self.db.close()

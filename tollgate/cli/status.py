@@ -1,0 +1,120 @@
+"""`tollgate status`: is what the gateways run the config on disk, and is the store there?"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tollgate.cli.common import config_path, format_option
+from tollgate.config.load import load_config
+from tollgate.config.problems import ConfigError
+from tollgate.config.watch import file_digest, run_dir
+from tollgate.store import StoreUnavailable, open_store
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_gateways(path: Path) -> list[dict[str, Any]]:
+    """What each running gateway on this config reported; reports of dead ones are removed."""
+    out = []
+    for report in sorted(run_dir(path).glob("*.json")):
+        try:
+            doc = json.loads(report.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict) or not _alive(int(doc.get("pid", 0))):
+            report.unlink(missing_ok=True)
+            continue
+        out.append(doc)
+    return out
+
+
+def _store_check(path: Path) -> tuple[str | None, str | None]:
+    """(state URL, problem) for the store the config on disk names."""
+    try:
+        loaded = load_config(path)
+    except ConfigError:
+        return None, None  # reported as the file's own problem
+    settings = loaded.config.gateway
+
+    async def ping() -> None:
+        store = open_store(settings.state, path.parent, settings.spool, owner=False)
+        try:
+            await store.ping()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(ping())
+    except (StoreUnavailable, OSError) as e:
+        return settings.state, str(e)
+    return settings.state, None
+
+
+@click.command()
+@format_option
+@click.pass_context
+def status(ctx: click.Context, fmt: str) -> None:
+    """Running config vs the file on disk, the last reload error, store reachability.
+
+    Exits 1 when a gateway serves an older config than the file, the file is invalid, or
+    the state store cannot be reached."""
+    path = config_path(ctx)
+    digest = file_digest(path)
+    problems: list[str] = []
+    try:
+        load_config(path)
+        file_error = None
+    except ConfigError as e:
+        file_error = str(e)
+        problems.append(f"the config file is invalid:\n{e}")
+    state, store_error = _store_check(path)
+    if store_error:
+        problems.append(f"state store unreachable: {store_error}")
+    gateways = running_gateways(path)
+    for g in gateways:
+        g["stale"] = g.get("loaded_sha256") != digest
+        if g["stale"]:
+            why = g.get("last_error") or file_error or "not picked up yet"
+            problems.append(f"gateway pid {g['pid']} serves the config loaded at "
+                            f"{g['loaded_at']}, older than the file on disk: {why}")
+    try:
+        mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
+    except OSError:
+        mtime = None
+    doc = {"config": str(path), "file_modified_at": mtime, "file_sha256": digest,
+           "file_error": file_error, "state": state, "store_error": store_error,
+           "gateways": gateways, "ok": not problems}
+    if fmt == "json":
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(f"config      {path} (modified {mtime or 'unknown'})")
+        click.echo(f"state       {state or '-'}: {store_error or 'reachable'}")
+        if not gateways:
+            click.echo("gateways    none running on this config")
+        for g in gateways:
+            mark = "STALE" if g["stale"] else "current"
+            click.echo(f"gateway     pid {g['pid']}: {mark}, loaded {g['loaded_at']}, "
+                       f"{g['reloads']} reloads, {g['reload_failures']} rejected")
+            if g.get("last_error"):
+                click.echo(f"            last reload error ({g['last_error_at']}):")
+                for line in str(g["last_error"]).splitlines():
+                    click.echo(f"              {line}")
+        for p in problems:
+            click.echo(f"problem: {p}", err=True)
+    sys.exit(0 if not problems else 1)
