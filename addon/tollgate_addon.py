@@ -52,6 +52,14 @@ def _large(resp: http.Response) -> bool:
     return not length.isdigit() or int(length) > STREAM_BODIES_OVER
 
 
+def _client_gone(flow: http.HTTPFlow) -> bool:
+    """The flow failed because the client hung up (HTTP/1 says so; for HTTP/2 the client's
+    connection has ended)."""
+    if flow.error is not None and flow.error.msg == "Client disconnected.":
+        return True
+    return flow.client_conn.timestamp_end is not None
+
+
 class TollgateAddon:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
@@ -209,7 +217,9 @@ class TollgateAddon:
     def error(self, flow: http.HTTPFlow) -> None:
         exchange: Exchange | None = flow.metadata.get(_META)
         if exchange is not None:
-            exchange.finish("error", flow.error.msg if flow.error else None)
+            message = flow.error.msg if flow.error else None
+            # A client that went away says nothing about the provider (no breaker count).
+            exchange.finish("abandoned" if _client_gone(flow) else "error", message)
 
     async def done(self) -> None:
         if self._client is not None:

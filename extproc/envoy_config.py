@@ -238,10 +238,12 @@ def http_filters() -> list[dict[str, Any]]:
     })
     tap = _ext_proc("tollgate.tap", {
         "observability_mode": True,
+        # Request headers open the tap's stream as the request goes upstream, so it lives
+        # as long as the request does (its end, early or not, settles the request).
         # Response headers are sent too: without them the filter would strip the provider's
         # content-length, and they give the tap the status and content type.
         "processing_mode": {
-            "request_header_mode": "SKIP", "request_body_mode": "NONE",
+            "request_header_mode": "SEND", "request_body_mode": "NONE",
             "response_header_mode": "SEND", "response_body_mode": "STREAMED",
             "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
         },

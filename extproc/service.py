@@ -41,8 +41,10 @@ from tollgate.request import Attempt, Forward, Reply, Request
 log = logging.getLogger("tollgate.extproc")
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-# A forwarded request whose response never reached the tap is closed after this long.
-ABANDONED_AFTER = 900.0
+# A forwarded request that no tap stream took up (the client reset it between the decision
+# and the next filter) is closed after this long. Once the tap has it, a request is settled
+# when its stream ends, however long it runs.
+UNCLAIMED_AFTER = 60.0
 
 
 def _headers(header_map: base_pb2.HeaderMap) -> dict[str, str]:
@@ -171,6 +173,7 @@ class _Pending:
     since: float
     set_by_attempts: list[str] = field(default_factory=list)
     body_length: int | None = None  # the client's body, which Envoy replays to each attempt
+    claimed: bool = False  # a tap stream follows it to its end
 
 
 # An attempt that sends the client's body as it is skips sending it to ext_proc.
@@ -322,18 +325,23 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     # -- taps ---------------------------------------------------------------------------------
     async def _tap(self, first: pb.ProcessingRequest,
                    requests: AsyncIterator[pb.ProcessingRequest]) -> None:
-        """Feed the response to its exchange: headers (with the request id in metadata),
-        then body chunks as Envoy passes them on."""
+        """Follow a forwarded request from its headers (the tap opens as the request goes
+        upstream) to the response's last byte; settle it when the stream ends, however long
+        that takes. A stream that ends before any response means the client went away."""
         exchange: Exchange | None = None
-        outcome, error = "aborted", "the response stream ended early"
+        request_id: str | None = None
+        outcome, error = "abandoned", "the client went away before the provider answered"
         try:
             msg: pb.ProcessingRequest | None = first
             while msg is not None:
                 kind = msg.WhichOneof("request")
-                if kind == "response_headers":
-                    exchange = self._claim(msg)
+                if exchange is None and kind in ("request_headers", "response_headers"):
+                    request_id = _request_id(msg)
+                    exchange = self._claim(request_id)
                     if exchange is None:
                         return  # a reply Envoy or the gateway made itself
+                if kind == "response_headers":
+                    outcome, error = "aborted", "the response stream ended early"
                     headers = _headers(msg.response_headers.headers)
                     exchange.on_response_headers(int(headers.get(":status", "0")), headers)
                     if msg.response_headers.end_of_stream or exchange.complete:
@@ -353,6 +361,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:
+            if request_id is not None:
+                self._pending.pop(request_id, None)
+                self._rewrites.pop(request_id, None)
             if exchange is not None:
                 exchange.finish(outcome, error)
 
@@ -390,15 +401,18 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 return
             msg = await anext(requests, None)
 
-    def _claim(self, msg: pb.ProcessingRequest) -> Exchange | None:
-        pending = self._pending.pop(_request_id(msg) or "", None)
-        return pending.exchange if pending else None
+    def _claim(self, request_id: str | None) -> Exchange | None:
+        pending = self._pending.get(request_id or "")
+        if pending is None or pending.claimed:
+            return None
+        pending.claimed = True
+        return pending.exchange
 
     def sweep(self, now: float | None = None) -> None:
-        """Close forwarded requests whose response never showed up (client gave up early)."""
+        """Close forwarded requests that no tap stream took up (reset before it opened)."""
         now = time.monotonic() if now is None else now
         for request_id, pending in list(self._pending.items()):
-            if now - pending.since > ABANDONED_AFTER:
+            if not pending.claimed and now - pending.since > UNCLAIMED_AFTER:
                 del self._pending[request_id]
                 self._rewrites.pop(request_id, None)
                 pending.exchange.finish("abandoned", "no response reached the gateway")

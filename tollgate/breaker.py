@@ -3,9 +3,12 @@ cool-down, then tried again (one success closes it). In-process, per gateway rep
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
+
+log = logging.getLogger("tollgate.breaker")
 
 
 class Breakers:
@@ -27,6 +30,8 @@ class Breakers:
             if count >= self.failures:
                 self._open_until[provider_id] = self.clock() + self.cooldown
                 self._count[provider_id] = 0
+                log.warning("circuit open for provider %s after %d failures in a row: tried "
+                            "last for %gs", provider_id, count, self.cooldown)
 
     def success(self, provider_id: str) -> None:
         with self._lock:

@@ -178,6 +178,23 @@ def test_anthropic_usage(gateway, stream):
         input_tokens=input_tokens, output_tokens=output))
 
 
+def test_client_that_goes_away_is_not_a_provider_failure(gateway, fake_openai):
+    """Clients that give up before the provider answers leave a row each, and never count
+    towards the provider's circuit breaker (three of them used to reroute every key)."""
+    key = gateway.create_key()
+    fake_openai.response_delay = 1.5
+    log_before = len(gateway.process.log())
+    for _ in range(4):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{gateway.openai_base}/chat/completions", timeout=0.4,
+                       headers={"authorization": f"Bearer {key.secret}"},
+                       json={"model": "gpt-5-mini", "messages": MESSAGES})
+    rows = wait_until(lambda: (r := [r for r in ledger(gateway.config) if r.key_id == key.id])
+                      and len(r) == 4 and r, timeout=15, what="four ledger rows")
+    assert {(r.outcome, r.cost_micros) for r in rows} == {("abandoned", 0)}
+    assert "circuit open for provider mp_openai" not in gateway.process.log()[log_before:]
+
+
 def test_abandoned_stream_is_still_charged(gateway, fake_anthropic):
     key = gateway.create_key()
     fake_anthropic.chunk_delay = 0.2

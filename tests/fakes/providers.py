@@ -176,10 +176,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- dispatch ---------------------------------------------------------------------------
     def do_GET(self) -> None:
-        self._handle(b"")
+        self._answer(b"")
 
     def do_POST(self) -> None:
-        self._handle(self._read_body())
+        self._answer(self._read_body())
+
+    def _answer(self, body: bytes) -> None:
+        try:
+            self._handle(body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the caller hung up: nothing to answer
 
     def _handle(self, body: bytes) -> None:
         fake = self.fake

@@ -1,0 +1,111 @@
+"""The ext_proc servicer follows a request from its decision to its last byte, driven with
+the messages Envoy sends (no Envoy here: the conformance suite runs the real one)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
+
+from extproc.service import ExternalProcessor
+from tollgate.cli.main import cli
+from tollgate.gateway import Gateway
+
+
+@pytest.fixture
+def processor(config_dir: Path, monkeypatch) -> tuple[ExternalProcessor, str]:
+    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "tap-pepper")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
+    path = config_dir / "gateway.yaml"
+    out = CliRunner().invoke(cli, ["--config", str(path), "virtual-keys", "create", "--name",
+                                   "k", "--scope", "ORG:acme", "--format", "json"])
+    return ExternalProcessor(Gateway.from_path(str(path), watch=False)), \
+        json.loads(out.stdout)["secret"]
+
+
+def headers(pairs: dict[str, str], end: bool = False) -> pb.HttpHeaders:
+    return pb.HttpHeaders(end_of_stream=end, headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]))
+
+
+class Stream:
+    """One ext_proc stream: messages are sent as the test decides."""
+
+    def __init__(self, processor: ExternalProcessor):
+        self.inbox: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
+        self.answers: list[pb.ProcessingResponse] = []
+        self.task = asyncio.create_task(self._run(processor))
+
+    async def _messages(self):
+        while (msg := await self.inbox.get()) is not None:
+            yield msg
+
+    async def _run(self, processor: ExternalProcessor) -> None:
+        async for answer in processor.Process(self._messages(), None):
+            self.answers.append(answer)
+
+    async def send(self, msg: pb.ProcessingRequest | None) -> None:
+        await self.inbox.put(msg)
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+
+async def test_a_request_running_past_the_sweep_is_settled_when_it_ends(processor):
+    proc, secret = processor
+    body = json.dumps({"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
+    decide = Stream(proc)
+    await decide.send(pb.ProcessingRequest(request_headers=headers({
+        ":method": "POST", ":path": "/v1/chat/completions", "authorization": f"Bearer {secret}",
+        "content-type": "application/json", "content-length": str(len(body))})))
+    await decide.send(pb.ProcessingRequest(request_body=pb.HttpBody(body=body.encode(),
+                                                                     end_of_stream=True)))
+    await decide.send(None)
+    await decide.task
+    request_id = decide.answers[-1].dynamic_metadata["tollgate"]["request_id"]
+    (pending,) = proc._pending.values()
+
+    tap = Stream(proc)
+    context = base_pb2.Metadata(filter_metadata={"tollgate": struct_pb2.Struct(
+        fields={"request_id": struct_pb2.Value(string_value=request_id)})})
+    await tap.send(pb.ProcessingRequest(observability_mode=True, metadata_context=context,
+                                        request_headers=headers({":method": "POST"})))
+    # A reasoning call: the provider has not answered hours later. Nothing is settled yet.
+    proc.sweep(now=time.monotonic() + 4 * 3600)
+    assert not pending.exchange._finished
+    answer = json.dumps({"choices": [], "usage": {"prompt_tokens": 1000,
+                                                  "completion_tokens": 90000}}).encode()
+    await tap.send(pb.ProcessingRequest(observability_mode=True, metadata_context=context,
+                                        response_headers=headers({
+                                            ":status": "200", "content-type": "application/json",
+                                            "content-length": str(len(answer))})))
+    await tap.send(pb.ProcessingRequest(observability_mode=True,
+                                        response_body=pb.HttpBody(body=answer)))
+    await tap.task
+    await proc.gateway.drain()
+    (row,) = await proc.gateway.store().rows()
+    assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "completed", 90000)
+    assert row.cost_micros > 0 and not proc._pending
+    await proc.gateway.close()
+
+
+async def test_a_request_no_tap_took_up_is_closed_by_the_sweep(processor):
+    proc, secret = processor
+    decide = Stream(proc)
+    await decide.send(pb.ProcessingRequest(request_headers=headers({
+        ":method": "POST", ":path": "/v1/embeddings", "authorization": f"Bearer {secret}"})))
+    await decide.send(pb.ProcessingRequest(request_body=pb.HttpBody(
+        body=b'{"model": "text-embedding-3-small", "input": "x"}', end_of_stream=True)))
+    await decide.send(None)
+    await decide.task
+    proc.sweep(now=time.monotonic() + 120)
+    await proc.gateway.drain()
+    (row,) = await proc.gateway.store().rows()
+    assert (row.outcome, row.cost_micros) == ("abandoned", 0) and not proc._pending
+    await proc.gateway.close()
