@@ -108,8 +108,10 @@ class Gateway:
         trace = telemetry.start(req.method, req.path, req.headers)
         family = routes.family_for_path(req.path, dict(req.headers))
         key: VirtualKey | None = None
+        seen: dict[str, str | None] = {"route": None, "model": None}  # for the ledger row
         try:
             route = routes.match(req.path)
+            seen["route"] = route.name if route else None
             if route is None:
                 raise GatewayError("not_found", f"tollgate does not serve {req.method} "
                                    f"{req.path.split('?')[0]}; routes: {', '.join(routes.ROUTES)}.")
@@ -123,9 +125,12 @@ class Gateway:
                                    f"at most {settings.max_body_bytes} (gateway.max_body_bytes).")
             key = authenticate(self._keys(loaded), dict(req.headers))
             if not route.forwarded:
-                return self._reply(trace, loaded, 200, self._models(loaded, key, family), key)
+                return self._reply(trace, loaded, 200, self._models(loaded, key, family), key,
+                                   seen=seen)
             body = bodies.parse(route, req.body)
+            seen["model"] = body.model
             model = policy.resolve_model(key, body.model) if body.model else None
+            seen["model"] = model
             policy.check_tools(key, body.tools)
             targets = routing.targets(loaded.config, key, route, model or "")
             # A streamed chat completion that did not ask for usage: ask for it upstream.
@@ -141,12 +146,12 @@ class Gateway:
                                 and body.stream and not ask_usage)
             return Forward(exchange, attempts[0])
         except GatewayError as e:
-            return self._error(trace, loaded, family, e, key)
+            return self._error(trace, loaded, family, e, key, seen)
         except Exception:
             log.exception("request %s failed inside the gateway", trace.request_id)
             err = GatewayError("gateway_error", "The gateway failed to handle this request "
                                f"(request id {trace.request_id}); see the gateway log.")
-            return self._error(trace, loaded, family, err, key)
+            return self._error(trace, loaded, family, err, key, seen)
 
     def _plan(self, targets: list[routing.Target], key: VirtualKey, route: routes.Route,
               body: bodies.ParsedBody, req: Request, trace: telemetry.RequestTrace,
@@ -227,7 +232,11 @@ class Gateway:
 
     def _settle(self, exchange: Exchange, row: LedgerRow) -> None:
         """Write the ledger row and settle budgets, off the host's hot path."""
-        coro = self._finish(exchange.billing.counters, exchange.billing.reserved, row)
+        self._record(row, exchange.billing.counters, exchange.billing.reserved)
+
+    def _record(self, row: LedgerRow, counters: list[str] | None = None,
+                reserved: int = 0) -> None:
+        coro = self._finish(counters or [], reserved, row)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -273,8 +282,9 @@ class Gateway:
         self.holder.stop()
 
     def _reply(self, trace: telemetry.RequestTrace, loaded: LoadedConfig, status: int,
-               doc: Any, key: VirtualKey | None, decision: dict[str, Any] | None = None
-               ) -> Reply:
+               doc: Any, key: VirtualKey | None, decision: dict[str, Any] | None = None,
+               seen: dict[str, str | None] | None = None) -> Reply:
+        """An answer the gateway gives itself; it leaves its ledger row like any request."""
         headers = {"content-type": "application/json",
                    **trace.headers(loaded.config.gateway.header_prefix, "tollgate", 0)}
         decision = {"request_id": trace.request_id, "key": key.id if key else None,
@@ -283,13 +293,29 @@ class Gateway:
         trace.span.end()
         telemetry.log_access({**decision, "status": status})
         body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        self._record(self._answered_row(loaded, trace, status, key, decision, seen or {}))
         return Reply(status, headers, body, decision)
 
+    @staticmethod
+    def _answered_row(loaded: LoadedConfig, trace: telemetry.RequestTrace, status: int,
+                      key: VirtualKey | None, decision: dict[str, Any],
+                      seen: dict[str, str | None]) -> LedgerRow:
+        lin = lineage(loaded.config, key.scope) if key else None
+        return LedgerRow(
+            request_id=trace.request_id, ts=datetime.now(UTC).isoformat(),
+            key_id=key.id if key else None, key_name=key.name if key else None,
+            principal=key.principal if key else None, org=lin.org if lin else None,
+            team=lin.team if lin else None, project=lin.project if lin else None,
+            provider=None, model=seen.get("model"), route=seen.get("route") or "unknown",
+            status=status, outcome="refused" if status >= 400 else "answered",
+            code=decision.get("code"))
+
     def _error(self, trace: telemetry.RequestTrace, loaded: LoadedConfig, family: str,
-               err: GatewayError, key: VirtualKey | None) -> Reply:
+               err: GatewayError, key: VirtualKey | None,
+               seen: dict[str, str | None] | None = None) -> Reply:
         reply = self._reply(trace, loaded, err.status, err.body(family), key,
                             {"action": "reject", "code": err.code, **err.context,
-                             "message": err.message})
+                             "message": err.message}, seen)
         reply.headers.update(err.headers)
         return reply
 

@@ -16,8 +16,8 @@ REPORT_DIMENSIONS = {"principal": "principal", "team": "team", "project": "proje
 class LedgerRow:
     request_id: str
     ts: str  # ISO 8601, UTC
-    key_id: str
-    key_name: str
+    key_id: str | None  # None: a request refused before its key was known
+    key_name: str | None
     principal: str | None
     org: str | None
     team: str | None
@@ -36,6 +36,7 @@ class LedgerRow:
     outcome: str = ""
     latency_ms: float = 0.0
     fallback_count: int = 0
+    code: str | None = None  # the gateway's error code, for a request it refused
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -195,6 +195,37 @@ def test_client_that_goes_away_is_not_a_provider_failure(gateway, fake_openai):
     assert "circuit open for provider mp_openai" not in gateway.process.log()[log_before:]
 
 
+def test_every_request_leaves_exactly_one_row_refused_or_served(gateway):
+    key = gateway.create_key("--models-allowed", "gpt-5*")
+    auth = {"authorization": f"Bearer {key.secret}"}
+    chat = {"model": "gpt-5-mini", "messages": MESSAGES}
+    cases = [  # (request, status, code, key)
+        (dict(json=chat, headers={"authorization": "Bearer tg-not-a-key"}), 401,
+         "invalid_api_key", None),
+        (dict(json={**chat, "model": "claude-haiku-4-5"}, headers=auth), 403,
+         "model_not_allowed", key.id),
+        (dict(content=b'{"model": "gpt-5-mini", "messages": [', headers=auth), 400,
+         "invalid_request", key.id),
+        (dict(json=chat, headers=auth), 200, None, key.id),
+    ]
+    seen = []
+    for kwargs, status, code, key_id in cases:
+        r = httpx.post(f"{gateway.openai_base}/chat/completions", timeout=10, **kwargs)
+        assert r.status_code == status, r.text
+        seen.append((r.headers[RID], status, code, key_id))
+    wait_until(lambda: {rid for rid, *_ in seen} <= {r.request_id
+                                                    for r in ledger(gateway.config)},
+               timeout=5, what="a row for every request")
+    rows = ledger(gateway.config)
+    for rid, status, code, key_id in seen:
+        (row,) = [r for r in rows if r.request_id == rid]
+        assert (row.status, row.code, row.key_id) == (status, code, key_id)
+        if code is not None:
+            assert (row.cost_micros, row.outcome, row.provider) == (0, "refused", None)
+        if code == "model_not_allowed":
+            assert row.model == "claude-haiku-4-5"  # who tried what
+
+
 def test_abandoned_stream_is_still_charged(gateway, fake_anthropic):
     key = gateway.create_key()
     fake_anthropic.chunk_delay = 0.2

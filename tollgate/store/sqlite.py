@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     input_tokens INTEGER, output_tokens INTEGER, cached_input_tokens INTEGER,
     cache_write_tokens INTEGER, reasoning_tokens INTEGER, cost_micros INTEGER,
     usage_reported INTEGER, status INTEGER, outcome TEXT, latency_ms REAL,
-    fallback_count INTEGER
+    fallback_count INTEGER, code TEXT
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
 """
@@ -47,6 +47,9 @@ class SQLiteStore(Store):
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(ledger)")}
+        if "code" not in columns:  # a ledger written before refusals were recorded
+            self.db.execute("ALTER TABLE ledger ADD COLUMN code TEXT")
         if owner:
             self.db.execute("UPDATE budget_counters SET reserved = 0 WHERE reserved != 0")
 
