@@ -19,6 +19,7 @@ cluster instead and are retried by Envoy (see `extproc.fallback`).
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -366,7 +367,32 @@ def listener(cfg: Config, host: str, port: int) -> dict[str, Any]:
     }
 
 
-def extproc_cluster(target: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ClientTLS:
+    """Envoy's side of mTLS to a TCP ext_proc: its client certificate, and the CA that
+    signed ext_proc's server certificate (file paths, read by Envoy)."""
+
+    cert: str
+    key: str
+    ca: str
+
+
+def extproc_cluster(target: str, tls: ClientTLS | None = None) -> dict[str, Any]:
+    cluster = _extproc_cluster(target)
+    if tls is not None:
+        host = target.rpartition(":")[0].strip("[]")
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": TLS, "sni": host,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [{"certificate_chain": {"filename": tls.cert},
+                                      "private_key": {"filename": tls.key}}],
+                "validation_context": {"trusted_ca": {"filename": tls.ca}},
+            }}}
+    return cluster
+
+
+def _extproc_cluster(target: str) -> dict[str, Any]:
     return {
         "name": EXTPROC_CLUSTER,
         "type": "STATIC",
@@ -399,7 +425,8 @@ def _admin(admin: str) -> dict[str, Any]:
 
 
 def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: str,
-                     admin: str = "127.0.0.1:9901") -> dict[str, Any]:
+                     admin: str = "127.0.0.1:9901", tls: ClientTLS | None = None
+                     ) -> dict[str, Any]:
     """Everything inline: for an Envoy you run yourself (`tollgate envoy render`)."""
     return {
         "node": {"id": "tollgate", "cluster": "tollgate"},
@@ -407,7 +434,7 @@ def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: str,
         "overload_manager": OVERLOAD,
         "static_resources": {
             "listeners": [listener(cfg, *listen)],
-            "clusters": [extproc_cluster(extproc), *clusters(cfg)],
+            "clusters": [extproc_cluster(extproc, tls), *clusters(cfg)],
         },
     }
 

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from extproc import envoy_config
+from extproc.listen import Listener
 from extproc.service import start_server
 from tollgate.config.load import LoadedConfig
 from tollgate.gateway import Gateway
@@ -129,10 +130,11 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
-async def serve_extproc(config: str, listen: str) -> None:
+async def serve_extproc(config: str, where: Listener) -> None:
     gateway = Gateway.from_path(config)
-    server, processor = await start_server(gateway, listen)
-    log.info("ext_proc serving on %s", listen)
+    server, processor = await start_server(gateway, where)
+    log.info("ext_proc serving on %s%s", where.target,
+             " (mTLS)" if where.tls else " (no TLS)" if where.insecure_tcp else "")
     try:
         await _until_signal()
     finally:
@@ -148,7 +150,7 @@ async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
     extproc = extproc or f"unix:{workdir / 'extproc.sock'}"
     clusters = LoadedClusters(admin)
-    server, processor = await start_server(gateway, extproc, clusters.get)
+    server, processor = await start_server(gateway, Listener(extproc), clusters.get)
     files = EnvoyFiles(workdir, listen)
     first_clusters = files.write(gateway.holder.current)
 

@@ -33,6 +33,7 @@ from extproc.envoy_config import (
     REWRITE_HEADER,
     cluster_name,
 )
+from extproc.listen import Listener, bind, restrict
 from tollgate.errors import GatewayError
 from tollgate.exchange import Exchange
 from tollgate.gateway import Gateway
@@ -423,10 +424,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.sweep()
 
 
-async def start_server(gateway: Gateway, listen: str,
+async def start_server(gateway: Gateway, where: Listener,
                        loaded_clusters: Callable[[], frozenset[str]] | None = None
                        ) -> tuple[grpc.aio.Server, ExternalProcessor]:
-    """Serve ext_proc (and gRPC health) on `unix:/path` or `host:port`."""
+    """Serve ext_proc (and gRPC health) on a private Unix socket, or TCP (see listen.py)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
                                       ("grpc.max_send_message_length", -1)])
     processor = ExternalProcessor(gateway, loaded_clusters)
@@ -436,7 +437,8 @@ async def start_server(gateway: Gateway, listen: str,
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("envoy.service.ext_proc.v3.ExternalProcessor",
                               health_pb2.HealthCheckResponse.SERVING)
-    server.add_insecure_port(listen)
+    bind(server, where)
     await server.start()
+    restrict(where)
     processor.sweeper = asyncio.get_running_loop().create_task(processor.sweep_forever())
     return server, processor

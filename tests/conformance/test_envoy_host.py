@@ -8,12 +8,14 @@ import os
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from extproc.runner import envoy_binary
+from tests.certs import CA
 from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, make_config
 from tests.fakes.providers import Behaviour, FakeProvider
 from tests.harness import BIN, GatewayProcess, free_port, tollgate, wait_until
@@ -51,11 +53,21 @@ def fallback_key(config) -> str:
                    "--config-json", '{"fallback": {"on": ["5xx"]}}')
 
 
-def start_extproc(config, port: int, log) -> subprocess.Popen:
+def start_extproc(config, port: int, log, *tls: str) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "tollgate"), "--config", str(config), "serve",
-                             "extproc", "--listen", f"127.0.0.1:{port}"], stdout=log,
+                             "extproc", "--listen", f"127.0.0.1:{port}", *tls], stdout=log,
                             stderr=subprocess.STDOUT, env={**os.environ,
                                                            "PYTHONFAULTHANDLER": "1"})
+
+
+def mtls(directory) -> tuple[list[str], list[str]]:
+    """(serve extproc's TLS flags, envoy render's): one CA signs both certificates."""
+    ca = CA(directory / "pki")
+    server, client = ca.issue("extproc", "localhost", True), ca.issue("envoy", "envoy", False)
+    return (["--tls-cert", str(server.cert), "--tls-key", str(server.key),
+             "--tls-client-ca", str(ca.path)],
+            ["--tls-cert", str(client.cert), "--tls-key", str(client.key),
+             "--tls-ca", str(ca.path)])
 
 
 def stop_extproc(proc: subprocess.Popen) -> None:
@@ -70,18 +82,20 @@ def stop_extproc(proc: subprocess.Popen) -> None:
 
 
 def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai, fake_anthropic):
-    """`tollgate envoy render` + `tollgate serve extproc`: ext_proc down is a clear 503, and
-    traffic resumes when it is back, with no Envoy restart. The rendered config falls back."""
+    """`tollgate envoy render` + `tollgate serve extproc` over TCP with mutual TLS: ext_proc
+    down is a clear 503, and traffic resumes when it is back, with no Envoy restart. The
+    rendered config falls back."""
     secret = new_key(config)
     fallback_secret = fallback_key(config)
     extproc_port, listen_port, admin_port = free_port(), free_port(), free_port()
+    server_tls, client_tls = mtls(tmp_path)
     rendered = tollgate("envoy", "render", "--listen", f"127.0.0.1:{listen_port}",
-                        "--extproc", f"127.0.0.1:{extproc_port}",
+                        "--extproc", f"127.0.0.1:{extproc_port}", *client_tls,
                         "--admin", f"127.0.0.1:{admin_port}", config=config).stdout
     bootstrap = tmp_path / "envoy.yaml"
     bootstrap.write_text(rendered)
     log = open(tmp_path / "procs.log", "wb")  # noqa: SIM115
-    extproc = start_extproc(config, extproc_port, log)
+    extproc = start_extproc(config, extproc_port, log, *server_tls)
     envoy = subprocess.Popen([envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
                               "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{listen_port}/v1/chat/completions"
@@ -101,7 +115,7 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai, fak
                                     json=CHAT, headers=headers)
         assert anthropic_down.json()["error"]["type"] == "overloaded_error"
 
-        extproc = start_extproc(config, extproc_port, log)
+        extproc = start_extproc(config, extproc_port, log, *server_tls)
         wait_until(lambda: httpx.post(url, json=CHAT, headers=headers).status_code == 200,
                    timeout=20, what="traffic to resume")
         assert envoy.poll() is None  # the same Envoy throughout
@@ -232,24 +246,78 @@ def test_sigterm_stops_extproc_and_envoy(config, tmp_path):
         httpx.get(f"{gw.url}/v1/models")
 
 
-def test_extproc_serves_grpc_health(config, tmp_path):
-    import grpc
+def health(channel) -> bool:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    port = free_port()
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(
+        service="envoy.service.ext_proc.v3.ExternalProcessor"), timeout=2)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def decision_request(secret: str) -> list:
+    """What Envoy's decision filter sends: a chat completion's headers and body, with a
+    valid key."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    pairs = {":method": "POST", ":path": "/v1/chat/completions",
+             "authorization": f"Bearer {secret}"}
+    return [pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
+                         for k, v in pairs.items()]))),
+            pb.ProcessingRequest(request_body=pb.HttpBody(body=json.dumps(CHAT).encode(),
+                                                          end_of_stream=True))]
+
+
+def test_extproc_listens_on_a_private_unix_socket_by_default(config, tmp_path):
+    import grpc
+
     log = open(tmp_path / "extproc.log", "wb")  # noqa: SIM115
-    proc = start_extproc(config, port, log)
+    proc = subprocess.Popen([str(BIN / "tollgate"), "--config", str(config), "serve",
+                             "extproc"], stdout=log, stderr=subprocess.STDOUT)
+    sock = config.parent / ".tollgate" / "extproc.sock"
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        stub = health_pb2_grpc.HealthStub(channel)
-
-        def serving() -> bool:
-            reply = stub.Check(health_pb2.HealthCheckRequest(
-                service="envoy.service.ext_proc.v3.ExternalProcessor"), timeout=2)
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-        assert wait_until(serving, timeout=15, what="gRPC health")
-        channel.close()
+        wait_until(sock.exists, timeout=15, what="the ext_proc socket")
+        assert os.stat(sock).st_mode & 0o777 == 0o600
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            assert wait_until(lambda: health(channel), timeout=15, what="gRPC health")
+        rendered = tollgate("envoy", "render", config=config).stdout
+        assert f"path: {sock}" in rendered  # render points Envoy at the same socket
     finally:
         stop_extproc(proc)
         log.close()
+
+
+def test_tcp_extproc_hands_no_credentials_to_a_plain_client(config, tmp_path):
+    """A sidecar shares localhost with the app: a plain gRPC client on the TCP port must not
+    get the provider key that ext_proc puts in its header mutations."""
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    secret = new_key(config)
+    port = free_port()
+    refused = tollgate("serve", "extproc", "--listen", f"127.0.0.1:{port}", config=config,
+                       check=False)
+    assert refused.returncode == 2 and "--insecure-tcp" in refused.stderr
+    server_tls, client_tls = mtls(tmp_path)
+    log = open(tmp_path / "extproc.log", "wb")  # noqa: SIM115
+    proc = start_extproc(config, port, log, *server_tls)
+    client_cert, client_key, ca = (Path(p).read_bytes() for p in client_tls[1::2])
+    target = f"127.0.0.1:{port}"
+    try:
+        with grpc.secure_channel(target, grpc.ssl_channel_credentials(
+                ca, client_key, client_cert)) as good:
+            assert wait_until(lambda: health(good), timeout=15, what="mTLS health")
+            answers = list(pb_grpc.ExternalProcessorStub(good).Process(
+                iter(decision_request(secret)), timeout=5))
+            assert OPENAI_KEY.encode() in answers[-1].SerializeToString()  # Envoy's view
+        for channel in (grpc.insecure_channel(target),
+                        grpc.secure_channel(target, grpc.ssl_channel_credentials(ca))):
+            with channel, pytest.raises(grpc.RpcError) as failed:
+                list(pb_grpc.ExternalProcessorStub(channel).Process(
+                    iter(decision_request(secret)), timeout=5))
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop_extproc(proc)
+        log.close()
+    assert OPENAI_KEY not in (tmp_path / "extproc.log").read_text()

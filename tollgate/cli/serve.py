@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -77,7 +78,7 @@ def mitmproxy(ctx: click.Context, listen: str, ui: str, web_listen: str,
 @click.option("--admin", default="127.0.0.1:9901", show_default=True,
               help="Envoy admin address (keep it on loopback).")
 @click.option("--extproc", "extproc_listen", default=None,
-              help="ext_proc address, unix:/path or host:port  [default: a private socket]")
+              help="ext_proc's Unix socket, unix:/path  [default: a private socket]")
 @click.option("--log-level", default="warn", show_default=True, help="Envoy log level.")
 @click.pass_context
 def envoy(ctx: click.Context, listen: str, admin: str, extproc_listen: str | None,
@@ -86,22 +87,42 @@ def envoy(ctx: click.Context, listen: str, admin: str, extproc_listen: str | Non
     from extproc.runner import serve_envoy
 
     path = check_config(ctx)
+    if extproc_listen is not None and not extproc_listen.startswith("unix:"):
+        raise click.BadParameter("use unix:/path: ext_proc answers carry provider "
+                                 "credentials, so they stay on a private socket",
+                                 param_hint="--extproc")
     _logging()
     sys.exit(asyncio.run(serve_envoy(path, split_listen(listen), admin, extproc_listen,
                                      log_level)))
 
 
 @serve.command()
-@click.option("--listen", default="127.0.0.1:50051", show_default=True,
-              help="unix:/path/to.sock or HOST:PORT")
+@click.option("--listen", default=None,
+              help="unix:/path/to.sock or HOST:PORT  [default: unix socket "
+                   ".tollgate/extproc.sock beside the config, mode 0600]")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="TCP with mutual TLS: this server's certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False),
+              help="CA that signed the client certificate Envoy presents.")
+@click.option("--insecure-tcp", is_flag=True,
+              help="Allow TCP without TLS (anyone who can connect gets provider "
+                   "credentials): only for a port nothing else can reach.")
 @click.pass_context
-def extproc(ctx: click.Context, listen: str) -> None:
+def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_key: str | None,
+            tls_client_ca: str | None, insecure_tcp: bool) -> None:
     """ext_proc alone, for an Envoy or mesh you already run (see `tollgate envoy render`)."""
+    from extproc.listen import ListenError, default_socket, listener
     from extproc.runner import serve_extproc
 
     path = check_config(ctx)
+    try:
+        where = listener(listen or default_socket(Path(path)), tls_cert, tls_key,
+                         tls_client_ca, insecure_tcp)
+    except ListenError as e:
+        raise click.UsageError(str(e)) from None
     _logging()
-    asyncio.run(serve_extproc(path, listen))
+    asyncio.run(serve_extproc(path, where))
 
 
 def _logging() -> None:
@@ -118,21 +139,37 @@ def envoy_group() -> None:
 
 @envoy_group.command()
 @click.option("--listen", default="0.0.0.0:8080", show_default=True)
-@click.option("--extproc", "extproc_target", default="127.0.0.1:50051", show_default=True,
-              help="Where `tollgate serve extproc` listens (unix:/path or HOST:PORT).")
+@click.option("--extproc", "extproc_target", default=None,
+              help="Where `tollgate serve extproc` listens (unix:/path or HOST:PORT)  "
+                   "[default: its default Unix socket beside the config]")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="TCP ext_proc with mTLS: the client certificate Envoy presents (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False),
+              help="CA that signed ext_proc's server certificate.")
 @click.option("--admin", default="127.0.0.1:9901", show_default=True)
 @click.pass_context
-def render(ctx: click.Context, listen: str, extproc_target: str, admin: str) -> None:
+def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert: str | None,
+           tls_key: str | None, tls_ca: str | None, admin: str) -> None:
     """Print an Envoy bootstrap (YAML) with the ext_proc filters and provider clusters."""
     from ruamel.yaml import YAML
 
-    from extproc.envoy_config import static_bootstrap
+    from extproc.envoy_config import ClientTLS, static_bootstrap
+    from extproc.listen import default_socket
 
     path = check_config(ctx)
-    doc = static_bootstrap(load_config(path).config, split_listen(listen), extproc_target,
-                           admin)
+    given = [v for v in (tls_cert, tls_key, tls_ca) if v]
+    if given and len(given) != 3:
+        raise click.UsageError("mTLS needs all three of --tls-cert, --tls-key and --tls-ca")
+    target = extproc_target or default_socket(Path(path))
+    if given and target.startswith("unix:"):
+        raise click.UsageError("--tls-* go with a TCP --extproc address")
+    tls = ClientTLS(*(str(Path(p).resolve()) for p in (tls_cert, tls_key, tls_ca))) \
+        if given else None
+    doc = static_bootstrap(load_config(path).config, split_listen(listen), target, admin, tls)
     yaml = YAML()
     yaml.default_flow_style = False
+    yaml.width = 4096  # paths and formats on one line each
     yaml.dump(doc, sys.stdout)
 
 
