@@ -9,6 +9,9 @@ from typing import Any
 from tollgate.errors import GatewayError
 from tollgate.routes import Route
 
+# Providers allow 64 (OpenAI) or 128 (Anthropic) characters; more is never a real tool.
+MAX_TOOL_NAME = 256
+
 
 @dataclass(frozen=True)
 class ParsedBody:
@@ -96,6 +99,10 @@ def tool_names(route: Route, doc: dict[str, Any]) -> list[str]:
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                 raise _bad("Each function needs a string `name`.", f"functions[{i}].name")
             names.append(fn["name"])
+    for name in names:
+        if len(name) > MAX_TOOL_NAME:
+            raise _bad(f"Tool name of {len(name)} characters: tool names are at most "
+                       f"{MAX_TOOL_NAME}.", "tools")
     return names
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import fnmatch
-import re
-from functools import lru_cache
 
 from tollgate.config.schema import ToolRules, VirtualKey
 from tollgate.errors import GatewayError
+from tollgate.rules import matches
 
 
 def resolve_model(key: VirtualKey, requested: str) -> str:
@@ -31,24 +30,19 @@ def model_allowed(key: VirtualKey, model: str) -> bool:
     return any(fnmatch.fnmatchcase(model, pattern) for pattern in key.models_allowed)
 
 
-@lru_cache(maxsize=1024)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
-
-
 def check_tools(key: VirtualKey, tools: list[str]) -> None:
     """Deny rules win; a non-null allow list must match every declared tool."""
     rules: ToolRules = key.config.policy_rules.tools
     for name in tools:
         for pattern in rules.deny:
-            if _compiled(pattern).search(name):
+            if matches(pattern, name):
                 raise GatewayError(
                     "tool_not_allowed",
                     f"Tool {name!r} is blocked by deny rule `{pattern}` on virtual key {key.id}. "
                     "Remove the tool from the request or change the key's policy_rules.",
                     param="tools", context={"tool": name, "rule": f"deny {pattern}"},
                 )
-        if rules.allow is not None and not any(_compiled(p).search(name) for p in rules.allow):
+        if rules.allow is not None and not any(matches(p, name) for p in rules.allow):
             raise GatewayError(
                 "tool_not_allowed",
                 f"Tool {name!r} matches none of the allow rules on virtual key {key.id} "

@@ -236,6 +236,30 @@ def test_allow_list_must_match(gateway, fake_anthropic):
     assert ok.content[0].name == "search_docs"
 
 
+def test_tool_rules_run_in_linear_time(gateway, fake_openai):
+    """A pattern that backtracks exponentially in a backtracking engine, and a 1 MB tool
+    name: both are answered at once, and the gateway serves the next request."""
+    rules = '{"policy_rules": {"tools": {"deny": ["^(a+)+$", ".*exec"]}}}'
+    key = gateway.create_key("--config-json", rules)
+    client = oai(gateway, key.secret)
+    allowed = client.chat.completions.create(**CHAT, tools=[chat_tool("a" * 200 + "!")])
+    assert allowed.choices[0].message.tool_calls  # served: the deny pattern did not match
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(**CHAT, tools=[chat_tool("a" * 250)])
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(**CHAT, tools=[chat_tool("x" * (1 << 20) + "exec")])
+    assert openai_error(exc)["code"] == "invalid_request"
+    assert "at most 256" in openai_error(exc)["message"]
+    assert client.chat.completions.create(**CHAT).choices
+
+
+def test_backtracking_only_regex_is_a_config_error(gateway):
+    rules = '{"policy_rules": {"tools": {"deny": ["^(shell)\\\\1$"]}}}'
+    out = gateway.cli("virtual-keys", "create", "--name", "x", "--scope", "ORG:acme",
+                      "--config-json", rules, check=False)
+    assert out.returncode != 0 and "RE2" in out.stderr
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("body", "param"), [

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from tollgate.rules import RuleError, compiled
+
 ScopeKind = Literal["ORG", "TEAM", "PROJECT"]
 _SCOPE_RE = re.compile(r"^(ORG|TEAM|PROJECT):([A-Za-z0-9_.\-]+)$")
 
@@ -171,9 +173,9 @@ class ToolRules(Strict):
     def _regexes(cls, v: list[str] | None) -> list[str] | None:
         for pattern in v or []:
             try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"invalid regex {pattern!r}: {e}") from None
+                compiled(pattern)
+            except RuleError as e:
+                raise ValueError(str(e)) from None
         return v
 
 
