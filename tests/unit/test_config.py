@@ -137,3 +137,31 @@ def test_edit_landing_during_a_reload_is_not_missed(config_dir, monkeypatch):
     monkeypatch.setattr(watch, "load_config", real_load)
     assert holder.check() is True
     assert holder.current.config.gateway.header_prefix == "X-Late-"
+
+
+def test_env_expansion_only_where_it_is_meant(config_dir, monkeypatch):
+    monkeypatch.setenv("SECRET_THING", "sk-must-never-show")
+    monkeypatch.setenv("GW_HOST", "10.0.0.7:8443")
+    path = config_dir / "gateway.yaml"
+    text = path.read_text().replace("model_providers:\n", """model_providers:
+  - id: mp_x
+    type: openai
+    scope: ORG:acme
+    base_url: https://${GW_HOST}/v1
+    api_key_env: OPENAI_API_KEY
+    provider_config: {region: "${GW_HOST}"}
+""").replace("virtual_keys: []", """virtual_keys:
+  - id: vk_x
+    name: ${SECRET_THING}
+    principal: ${SECRET_THING}
+    scope: ORG:acme
+    secret_hash: "%s"
+    config: {policy_rules: {tools: {deny: ["^${SECRET_THING}$"]}}}""" % ("0" * 64))
+    path.write_text(text)
+    cfg = load_config(path).config
+    provider = next(p for p in cfg.model_providers if p.id == "mp_x")
+    assert provider.base_url == "https://10.0.0.7:8443/v1"
+    assert provider.provider_config == {"region": "10.0.0.7:8443"}
+    key = next(k for k in cfg.virtual_keys if k.id == "vk_x")
+    assert (key.name, key.principal) == ("${SECRET_THING}", "${SECRET_THING}")
+    assert key.config.policy_rules.tools.deny == ["^${SECRET_THING}$"]

@@ -98,13 +98,23 @@ def field_name(loc: tuple[Any, ...]) -> str:
     return out
 
 
+def expandable(loc: tuple[Any, ...]) -> bool:
+    """Fields where `${VAR}` is expanded: endpoints and provider settings, which operators
+    write. Names, principals and other values the CLI writes from user input stay literal,
+    so a key named `${OPENAI_API_KEY}` can never print that variable."""
+    if loc[:2] == ("gateway", "state"):
+        return True
+    return len(loc) >= 3 and loc[0] == "model_providers" and \
+        loc[2] in ("base_url", "provider_config")
+
+
 def _interpolate(node: Any, path: Path, doc: Any, loc: tuple[Any, ...],
                  problems: list[Problem]) -> Any:
     if isinstance(node, dict):
         return {k: _interpolate(v, path, doc, (*loc, k), problems) for k, v in node.items()}
     if isinstance(node, list):
         return [_interpolate(v, path, doc, (*loc, i), problems) for i, v in enumerate(node)]
-    if isinstance(node, str) and "${" in node:
+    if isinstance(node, str) and "${" in node and expandable(loc):
         def sub(m: re.Match[str]) -> str:
             value = os.environ.get(m.group(1), m.group(2))
             if value is None:
