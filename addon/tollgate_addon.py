@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 
 import httpx
 from mitmproxy import ctx, exceptions, http
@@ -20,6 +21,7 @@ from tollgate.config.problems import ConfigError
 from tollgate.exchange import Exchange
 from tollgate.gateway import Gateway
 from tollgate.request import Forward, Reply, Request, lower_headers
+from tollgate.secrets import CREDENTIAL_HEADERS, mask
 
 log = logging.getLogger("tollgate.mitmproxy")
 _META = "tollgate"
@@ -60,12 +62,58 @@ def _client_gone(flow: http.HTTPFlow) -> bool:
     return flow.client_conn.timestamp_end is not None
 
 
+class CredentialMask:
+    """Keeps credentials out of what mitmproxy shows and saves (mitmweb, `-w` files).
+
+    Runs first in the addon chain, before mitmweb's view and the flow saver: the client's
+    virtual key is taken off the flow as soon as its headers arrive (the gateway reads it
+    from here), and the provider key the gateway puts on the request is masked once the
+    request has gone upstream (at its response, or its error)."""
+
+    def __init__(self) -> None:
+        self._vault: weakref.WeakKeyDictionary[http.HTTPFlow, dict[str, str]] = \
+            weakref.WeakKeyDictionary()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        headers = flow.request.headers
+        kept = {name: headers[name] for name in CREDENTIAL_HEADERS if name in headers}
+        if kept:
+            self._vault[flow] = kept
+            self._mask(flow)
+
+    def client_headers(self, flow: http.HTTPFlow) -> dict[str, str]:
+        """The request's headers as the client sent them (credentials unmasked)."""
+        headers = lower_headers(flow.request.headers.items(multi=True))
+        return {**headers, **self._vault.pop(flow, {})}
+
+    @staticmethod
+    def _mask(flow: http.HTTPFlow) -> None:
+        for name in CREDENTIAL_HEADERS:
+            if name in flow.request.headers:
+                flow.request.headers[name] = mask(flow.request.headers[name])
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._mask(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._mask(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._mask(flow)
+
+
 class TollgateAddon:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
         self._client: httpx.AsyncClient | None = None
+        self.credentials = CredentialMask()
 
     def load(self, loader) -> None:
+        # First in the chain, so nothing that shows or saves flows sees a credential (a
+        # reloaded script replaces its predecessor's mask).
+        chain = ctx.master.addons.chain
+        chain[:] = [a for a in chain if type(a).__name__ != "CredentialMask"]
+        chain.insert(0, self.credentials)
         loader.add_option("tollgate_config", str, "",
                           "Path to the tollgate gateway.yaml (default: $TOLLGATE_CONFIG, "
                           "then config/gateway.yaml).")
@@ -89,7 +137,7 @@ class TollgateAddon:
         result = await self.gateway.handle(Request(
             method=req.method,
             path=req.path,
-            headers=lower_headers(req.headers.items(multi=True)),
+            headers=self.credentials.client_headers(flow),
             body=req.raw_content or b"",
             peer=f"{flow.client_conn.peername[0]}" if flow.client_conn.peername else "",
         ))

@@ -189,7 +189,8 @@ def test_client_that_goes_away_is_not_a_provider_failure(gateway, fake_openai):
             httpx.post(f"{gateway.openai_base}/chat/completions", timeout=0.4,
                        headers={"authorization": f"Bearer {key.secret}"},
                        json={"model": "gpt-5-mini", "messages": MESSAGES})
-    rows = wait_until(lambda: (r := [r for r in ledger(gateway.config) if r.key_id == key.id])
+    rows = wait_until(lambda: (r := [r for r in ledger(gateway.config) if r.key_id == key.id
+                                     and r.route == "chat_completions"])
                       and len(r) == 4 and r, timeout=15, what="four ledger rows")
     assert {(r.outcome, r.cost_micros) for r in rows} == {("abandoned", 0)}
     assert "circuit open for provider mp_openai" not in gateway.process.log()[log_before:]

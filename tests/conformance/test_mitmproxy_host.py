@@ -9,7 +9,7 @@ import subprocess
 import httpx
 import pytest
 
-from tests.conftest import make_config
+from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, make_config
 from tests.harness import BIN, GatewayProcess, free_port, tollgate, wait_until
 
 
@@ -76,5 +76,40 @@ def test_mitmweb_shows_each_decision(config, tmp_path, fake_openai):
         assert "REJECT tool_not_allowed" in rejected["comment"]
         assert "^shell\\." in rejected["comment"]
         assert rejected["marked"]
+        shown = json.dumps(flows, ensure_ascii=False)  # what the UI holds: no credential
+        assert secret not in shown and OPENAI_KEY not in shown
+        assert f"Bearer {OPENAI_KEY[:3]}…{OPENAI_KEY[-4:]}" in shown
     finally:
         gw.stop()
+
+
+def test_saved_flows_hold_no_credential(config, tmp_path, fake_openai, fake_anthropic):
+    """`-w` files keep flows for later: neither the virtual key nor a provider key is in
+    them, whether one provider served or a fallback plan did."""
+    secret = new_key(config)
+    policy = json.loads(tollgate("routing-policies", "create", "--scope", "ORG:acme", "--name",
+                                 "fb", "--model-provider", "mp_openai", "--model-provider",
+                                 "mp_anthropic", "--model-map",
+                                 "mp_anthropic:gpt-5-mini=claude-haiku-4-5", "--format",
+                                 "json", config=config).stdout)["id"]
+    fallback_secret = new_key(config, "--routing-policy", policy, "--config-json",
+                              '{"fallback": {"on": ["5xx"]}}')
+    saved = tmp_path / "flows.mitm"
+    gw = GatewayProcess("mitmproxy", config, tmp_path, extra=["-w", str(saved)]).start()
+    chat = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        for key in (secret, fallback_secret):
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=chat,
+                           headers={"authorization": f"Bearer {key}"})
+            assert r.status_code == 200
+        r = httpx.post(f"{gw.url}/v1/messages", headers={"x-api-key": secret}, json={
+            "model": "claude-haiku-4-5", "max_tokens": 5, **{k: chat[k] for k in ["messages"]}})
+        assert r.status_code == 200
+        assert fake_anthropic.requests[-1].headers["x-api-key"] == ANTHROPIC_KEY
+    finally:
+        gw.stop()
+    data = saved.read_bytes()
+    assert data.count(b"/v1/") >= 3  # the flows are there
+    for planted in (secret, fallback_secret, OPENAI_KEY, ANTHROPIC_KEY):
+        assert planted.encode() not in data, planted
+        assert planted[4:20].encode() not in data  # not even a long piece of it

@@ -72,6 +72,11 @@ def state_url(tmp_path: Path, store: str, redis: RedisServer | None) -> str:
     return redis.url if store == "redis" else f"sqlite:///{tmp_path / 'state.db'}"
 
 
+def chat_rows(config) -> list:
+    """The ledger's rows for chat completions (start-up probes leave rows of their own)."""
+    return [r for r in ledger(config) if r.route == "chat_completions"]
+
+
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
 @pytest.mark.parametrize("host", HOSTS)
 def test_concurrent_requests_never_spend_past_a_blocking_budget(
@@ -89,9 +94,12 @@ def test_concurrent_requests_never_spend_past_a_blocking_budget(
     served, refused = statuses.count(200), statuses.count(402)
     assert served + refused == 100, statuses
     assert served == 10  # exactly what the worst-case reservations allow in flight
-    rows = ledger(config)
+    chats = chat_rows(config)
+    assert len(chats) == 100  # one row per request, refused or served
+    rows = [r for r in chats if r.status == 200]
     assert len(rows) == served
-    assert sum(r.cost_micros for r in rows) <= limit
+    assert {r.code for r in chats if r.status == 402} == {"budget_exceeded"}
+    assert sum(r.cost_micros for r in chats) <= limit
     status = budget_status(config, budget_id)
     assert status["reserved_usd"] == 0  # every reservation settled
     assert round(status["spent_usd"] * 1_000_000) == sum(r.cost_micros for r in rows)
@@ -111,8 +119,9 @@ def test_two_replicas_share_one_budget_through_redis(tmp_path, redis, fake_opena
         for r in replicas:
             r.stop()
     assert statuses.count(200) == 10 and statuses.count(402) == 50
-    rows = ledger(config)
-    assert len(rows) == 10 and sum(r.cost_micros for r in rows) <= limit
+    chats = chat_rows(config)
+    assert len(chats) == 60 and len([r for r in chats if r.status == 200]) == 10
+    assert sum(r.cost_micros for r in chats) <= limit
     assert budget_status(config, budget_id)["reserved_usd"] == 0
 
 
@@ -131,7 +140,7 @@ def test_spend_and_budgets_survive_a_restart(store, tmp_path, fake_openai, fake_
     finally:
         first.stop()
     spent = budget_status(config, budget_id)["spent_usd"]
-    assert spent > 0 and len(ledger(config)) == 3
+    assert spent > 0 and len(chat_rows(config)) == 3
 
     # Tighten the budget so that what was spent before the restart leaves too little room.
     tollgate("gateway-budgets", "delete", budget_id, config=config)
@@ -149,7 +158,7 @@ def test_spend_and_budgets_survive_a_restart(store, tmp_path, fake_openai, fake_
     finally:
         second.stop()
     assert budget_status(config, budget_id)["spent_usd"] == spent
-    assert len(ledger(config)) == 3
+    assert [r.status for r in chat_rows(config)] == [200, 200, 200, 402]
 
 
 @pytest.mark.parametrize("host", HOSTS)
@@ -184,7 +193,7 @@ def test_redis_down_fail_open_serves_and_loses_nothing(tmp_path, redis, fake_ope
         headers = {"authorization": f"Bearer {secret}"}
         url = f"{gw.url}/v1/chat/completions"
         assert httpx.post(url, content=BODY, headers=headers).status_code == 200
-        wait_until(lambda: len(ledger(config)) == 1, timeout=5, what="first row")
+        wait_until(lambda: len(chat_rows(config)) == 1, timeout=5, what="first row")
         redis.stop()
         ids = []
         for _ in range(3):
@@ -192,7 +201,7 @@ def test_redis_down_fail_open_serves_and_loses_nothing(tmp_path, redis, fake_ope
             assert r.status_code == 200
             ids.append(r.headers["x-langwatch-request-id"])
         redis.start()  # same port and data directory: what was in it is still there
-        rows = wait_until(lambda: (rows := ledger(config)) and len(rows) == 4 and rows,
+        rows = wait_until(lambda: (rows := chat_rows(config)) and len(rows) == 4 and rows,
                           timeout=15, what="spooled rows to reach redis")
         assert {r.request_id for r in rows} >= set(ids)
         spent = round(budget_status(config, budget_id)["spent_usd"] * 1_000_000)
@@ -210,10 +219,10 @@ def test_spend_report_and_budget_status_from_the_cli(tmp_path, fake_openai, fake
         for _ in range(2):
             assert httpx.post(f"{gw.url}/v1/chat/completions", content=BODY,
                               headers={"authorization": f"Bearer {secret}"}).status_code == 200
-        wait_until(lambda: len(ledger(config)) == 2, timeout=5, what="ledger rows")
+        wait_until(lambda: len(chat_rows(config)) == 2, timeout=5, what="ledger rows")
     finally:
         gw.stop()
-    rows = ledger(config)
+    rows = chat_rows(config)
     total = sum(r.cost_micros for r in rows)
     doc = json.loads(tollgate("spend", "report", "--by", "principal", "--window", "month",
                               "--format", "json", config=config).stdout)
