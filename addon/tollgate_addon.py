@@ -10,6 +10,7 @@ mitmweb shows who called what, which rule fired and which provider served.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import weakref
@@ -17,6 +18,7 @@ import weakref
 import httpx
 from mitmproxy import ctx, exceptions, http
 
+from tollgate.admin import AdminServer
 from tollgate.config.problems import ConfigError
 from tollgate.exchange import Exchange
 from tollgate.gateway import Gateway
@@ -107,6 +109,7 @@ class TollgateAddon:
         self.gateway: Gateway | None = None
         self._client: httpx.AsyncClient | None = None
         self.credentials = CredentialMask()
+        self.admin: AdminServer | None = None
 
     def load(self, loader) -> None:
         # First in the chain, so nothing that shows or saves flows sees a credential (a
@@ -117,6 +120,14 @@ class TollgateAddon:
         loader.add_option("tollgate_config", str, "",
                           "Path to the tollgate gateway.yaml (default: $TOLLGATE_CONFIG, "
                           "then config/gateway.yaml).")
+        loader.add_option("tollgate_admin", str, "",
+                          "HOST:PORT for tollgate's /healthz, /readyz and /metrics.")
+
+    def running(self) -> None:
+        if ctx.options.tollgate_admin and self.gateway is not None and self.admin is None:
+            host, _, port = ctx.options.tollgate_admin.rpartition(":")
+            self.admin = AdminServer(self.gateway, (host or "127.0.0.1", int(port)),
+                                     asyncio.get_running_loop()).start()
 
     def configure(self, updated: set[str]) -> None:
         if "tollgate_config" in updated or self.gateway is None:
@@ -270,6 +281,8 @@ class TollgateAddon:
             exchange.finish("abandoned" if _client_gone(flow) else "error", message)
 
     async def done(self) -> None:
+        if self.admin is not None:
+            self.admin.stop()
         if self._client is not None:
             await self._client.aclose()
         if self.gateway is not None:

@@ -20,6 +20,7 @@ import httpx
 from extproc import envoy_config
 from extproc.listen import Listener
 from extproc.service import start_server
+from tollgate.admin import AdminServer
 from tollgate.config.load import LoadedConfig
 from tollgate.gateway import Gateway
 
@@ -130,14 +131,19 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
-async def serve_extproc(config: str, where: Listener) -> None:
+async def serve_extproc(config: str, where: Listener,
+                        admin: tuple[str, int] | None = None) -> None:
     gateway = Gateway.from_path(config)
     server, processor = await start_server(gateway, where)
+    admin_server = AdminServer(gateway, admin, asyncio.get_running_loop()).start() \
+        if admin else None
     log.info("ext_proc serving on %s%s", where.target,
              " (mTLS)" if where.tls else " (no TLS)" if where.insecure_tcp else "")
     try:
         await _until_signal()
     finally:
+        if admin_server is not None:
+            admin_server.stop()
         if processor.sweeper:
             processor.sweeper.cancel()
         await server.stop(grace=2)

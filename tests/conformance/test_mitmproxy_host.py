@@ -95,7 +95,7 @@ def test_saved_flows_hold_no_credential(config, tmp_path, fake_openai, fake_anth
     fallback_secret = new_key(config, "--routing-policy", policy, "--config-json",
                               '{"fallback": {"on": ["5xx"]}}')
     saved = tmp_path / "flows.mitm"
-    gw = GatewayProcess("mitmproxy", config, tmp_path, extra=["-w", str(saved)]).start()
+    gw = GatewayProcess("mitmproxy", config, tmp_path, extra=["--", "-w", str(saved)]).start()
     chat = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
     try:
         for key in (secret, fallback_secret):
@@ -113,3 +113,33 @@ def test_saved_flows_hold_no_credential(config, tmp_path, fake_openai, fake_anth
     for planted in (secret, fallback_secret, OPENAI_KEY, ANTHROPIC_KEY):
         assert planted.encode() not in data, planted
         assert planted[4:20].encode() not in data  # not even a long piece of it
+
+
+def test_unknown_flag_gets_tollgates_usage_error(config):
+    out = tollgate("serve", "mitmproxy", "--bogus-flag", config=config, check=False)
+    assert out.returncode == 2
+    assert "--bogus-flag" in out.stderr and "tollgate serve mitmproxy" in out.stderr
+    assert "usage: tollgate [options] [filter]" not in out.stderr  # not mitmproxy's
+
+
+def test_admin_address_serves_health_and_readiness(config, tmp_path):
+    admin = free_port()
+    gw = GatewayProcess("mitmproxy", config, tmp_path,
+                        extra=["--admin", f"127.0.0.1:{admin}"]).start()
+    base = f"http://127.0.0.1:{admin}"
+    try:
+        assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+        ready = httpx.get(f"{base}/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert "python_info" in httpx.get(f"{base}/metrics").text
+        good = config.read_bytes()
+        config.write_bytes(good + b"\x00")
+        unready = wait_until(lambda: (r := httpx.get(f"{base}/readyz")).status_code == 503
+                             and "control character" in r.text and r, timeout=5,
+                             what="readyz to report the rejected reload")
+        assert unready.json()["status"] == "unready"
+        config.write_bytes(good)
+        wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, timeout=5,
+                   what="readyz to recover")
+    finally:
+        gw.stop()

@@ -31,27 +31,44 @@ def check_config(ctx: click.Context) -> str:
     return str(path.resolve())
 
 
+def admin_address(value: str) -> str:
+    """HOST:PORT, or just PORT (on loopback)."""
+    if value.isdigit():
+        return f"127.0.0.1:{value}"
+    host, port = split_listen(value)
+    return f"{host}:{port}"
+
+
+admin_option = click.option(
+    "--admin", default=None, metavar="HOST:PORT",
+    help="Serve /healthz, /readyz and /metrics here (a bare port means 127.0.0.1).")
+
+
 @click.group()
 def serve() -> None:
     """Run the gateway in a proxy."""
 
 
-@serve.command(context_settings={"ignore_unknown_options": True})
+@serve.command()
 @click.option("--listen", default="127.0.0.1:8080", show_default=True,
               help="Where clients connect (one port for both API families).")
 @click.option("--ui", type=click.Choice(["none", "web"]), default="none", show_default=True,
               help="`web` runs mitmweb, showing each flow with the gateway's decision.")
 @click.option("--web-listen", default="127.0.0.1:8081", show_default=True,
               help="mitmweb UI address (with --ui web).")
+@admin_option
 @click.argument("mitm_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def mitmproxy(ctx: click.Context, listen: str, ui: str, web_listen: str,
+def mitmproxy(ctx: click.Context, listen: str, ui: str, web_listen: str, admin: str | None,
               mitm_args: tuple[str, ...]) -> None:
-    """The mitmproxy host, for local debugging. Extra arguments go to mitmproxy."""
+    """The mitmproxy host, for local debugging. Arguments after `--` go to mitmproxy
+    (e.g. `-- -w flows.mitm`)."""
     from addon import SCRIPT
 
     path = check_config(ctx)
     host, port = split_listen(listen)
+    if admin:
+        mitm_args = ("--set", f"tollgate_admin={admin_address(admin)}", *mitm_args)
     # Reverse mode towards a placeholder: the addon sets every request's real destination,
     # and the lazy strategy means the placeholder is never dialled.
     args = [
@@ -108,9 +125,10 @@ def envoy(ctx: click.Context, listen: str, admin: str, extproc_listen: str | Non
 @click.option("--insecure-tcp", is_flag=True,
               help="Allow TCP without TLS (anyone who can connect gets provider "
                    "credentials): only for a port nothing else can reach.")
+@admin_option
 @click.pass_context
 def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_key: str | None,
-            tls_client_ca: str | None, insecure_tcp: bool) -> None:
+            tls_client_ca: str | None, insecure_tcp: bool, admin: str | None) -> None:
     """ext_proc alone, for an Envoy or mesh you already run (see `tollgate envoy render`)."""
     from extproc.listen import ListenError, default_socket, listener
     from extproc.runner import serve_extproc
@@ -122,7 +140,8 @@ def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_ke
     except ListenError as e:
         raise click.UsageError(str(e)) from None
     _logging()
-    asyncio.run(serve_extproc(path, where))
+    asyncio.run(serve_extproc(path, where, split_listen(admin_address(admin))
+                              if admin else None))
 
 
 def _logging() -> None:

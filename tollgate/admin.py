@@ -1,0 +1,96 @@
+"""The admin address: `/healthz` (the process is alive), `/readyz` (config loaded and not
+stale, state store reachable, every provider has a credential) and `/metrics` (Prometheus
+text format). Served from a thread, so it answers even when the event loop is busy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tollgate.config.watch import file_digest
+
+if TYPE_CHECKING:
+    from tollgate.gateway import Gateway
+
+log = logging.getLogger("tollgate.admin")
+
+
+def readiness(gateway: Gateway, loop: asyncio.AbstractEventLoop | None) -> list[str]:
+    """Why the gateway is not ready to serve; empty when it is."""
+    holder = gateway.holder
+    problems = []
+    if holder.last_error:
+        problems.append(f"config reload rejected, serving an older config: {holder.last_error}")
+    elif holder.status.get("loaded_sha256") != file_digest(holder.path):
+        problems.append("the config file changed and is not loaded yet")
+    for p in holder.current.config.model_providers:
+        if p.api_key_env and not os.environ.get(p.api_key_env):
+            problems.append(f"model provider {p.id}: {p.api_key_env} is not set")
+    if loop is not None and loop.is_running():
+        ping = asyncio.run_coroutine_threadsafe(gateway.store().ping(), loop)
+        try:
+            ping.result(timeout=3)
+        except FutureTimeout:
+            ping.cancel()
+            problems.append("state store did not answer within 3 s")
+        except Exception as e:
+            problems.append(f"state store unreachable: {e}")
+    return problems
+
+
+class AdminServer:
+    def __init__(self, gateway: Gateway, listen: tuple[str, int],
+                 loop: asyncio.AbstractEventLoop | None = None):
+        admin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if path == "/healthz":
+                    self._send(200, {"status": "ok"})
+                elif path == "/readyz":
+                    problems = readiness(gateway, admin.loop)
+                    self._send(503 if problems else 200,
+                               {"status": "unready" if problems else "ready",
+                                "problems": problems})
+                elif path == "/metrics":
+                    self._send_raw(200, CONTENT_TYPE_LATEST, generate_latest())
+                else:
+                    self._send(404, {"error": "not found: /healthz, /readyz, /metrics"})
+
+            def _send(self, status: int, doc: Any) -> None:
+                self._send_raw(status, "application/json", json.dumps(doc).encode())
+
+            def _send_raw(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.loop = loop
+        self.server = ThreadingHTTPServer(listen, Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="tollgate-admin",
+                                       daemon=True)
+
+    def start(self) -> AdminServer:
+        self.thread.start()
+        host, port = self.server.server_address[:2]
+        log.info("admin endpoints on http://%s:%s (/healthz /readyz /metrics)", host, port)
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
