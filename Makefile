@@ -9,6 +9,8 @@ bootstrap:
 	@scripts/bootstrap.sh
 
 run: bootstrap
+	@test -f $(CONFIG) || { mkdir -p $(dir $(CONFIG)) && cp config/gateway.example.yaml $(CONFIG) \
+		&& echo "make run: created $(CONFIG) from config/gateway.example.yaml (your working copy, kept out of git)"; }
 	$(VENV)/tollgate --config $(CONFIG) serve $(HOST) --listen $(LISTEN)
 
 test: bootstrap

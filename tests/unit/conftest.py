@@ -17,6 +17,6 @@ settings.load_profile("tollgate")
 @pytest.fixture
 def config_dir(tmp_path: Path) -> Path:
     """A copy of the shipped example config and price table."""
-    shutil.copy(ROOT / "config" / "gateway.yaml", tmp_path / "gateway.yaml")
+    shutil.copy(ROOT / "config" / "gateway.example.yaml", tmp_path / "gateway.yaml")
     shutil.copy(ROOT / "config" / "prices.yaml", tmp_path / "prices.yaml")
     return tmp_path

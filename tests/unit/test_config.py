@@ -19,14 +19,14 @@ def problems_of(path: Path) -> list[str]:
 
 
 def test_shipped_example_config_is_valid():
-    loaded = load_config(ROOT / "config" / "gateway.yaml")
+    loaded = load_config(ROOT / "config" / "gateway.example.yaml")
     assert {p.id for p in loaded.config.model_providers} == {"mp_openai_org",
                                                               "mp_anthropic_org"}
     assert loaded.config.gateway.header_prefix == "X-LangWatch-"
 
 
 def test_price_table_covers_the_documented_models():
-    prices = load_config(ROOT / "config" / "gateway.yaml").prices
+    prices = load_config(ROOT / "config" / "gateway.example.yaml").prices
     for model in ["gpt-5", "gpt-5-mini", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini",
                   "o3", "o4-mini", "text-embedding-3-small", "claude-opus-4-1",
                   "claude-sonnet-4-5", "claude-haiku-4-5", "claude-3-5-haiku-latest"]:

@@ -47,7 +47,11 @@ def read_yaml(path: Path) -> Any:
         text = path.read_bytes().decode("utf-8")
         return yaml.load(text)
     except FileNotFoundError:
-        raise ConfigError([Problem(str(path), None, "", "file not found")]) from None
+        hint = ""
+        if path == Path("config/gateway.yaml"):
+            hint = (" (`make run` creates it from config/gateway.example.yaml; or `tollgate "
+                    "init`, or --config PATH)")
+        raise ConfigError([Problem(str(path), None, "", f"file not found{hint}")]) from None
     except OSError as e:  # unreadable: permissions, a directory, an I/O error
         raise ConfigError([Problem(str(path), None, "", f"cannot read the file: "
                                    f"{e.strerror or e}")]) from None
