@@ -57,7 +57,9 @@ class Gateway:
         self.holder = holder
         self._index_for: tuple[LoadedConfig, KeyIndex] | None = None
         self._store = store
-        self._store_for: tuple[str, str] | None = None  # (state, spool) it was opened for
+        self._store_for: tuple[str, str, int] | None = None  # (state, spool, lease) opened for
+        self._leases: dict[str, tuple[list[str], int]] = {}  # in flight: counters, amount
+        self._renewer: asyncio.Task[None] | None = None
         self._settling: set[asyncio.Task[None]] = set()
         self.breakers = Breakers()
         self._apply(holder.current)
@@ -80,10 +82,12 @@ class Gateway:
     def store(self) -> Store:
         """The state store named by the running config (reopened if an edit changes it)."""
         loaded = self.holder.current
-        wanted = (loaded.config.gateway.state, loaded.config.gateway.spool)
+        settings = loaded.config.gateway
+        wanted = (settings.state, settings.spool, settings.hold_lease_seconds)
         if self._store is None or (self._store_for is not None and wanted != self._store_for):
             previous = self._store
-            self._store = open_store(wanted[0], loaded.path.parent, wanted[1])
+            self._store = open_store(settings.state, loaded.path.parent, settings.spool,
+                                     lease_seconds=settings.hold_lease_seconds)
             self._store_for = wanted
             # Requests in flight settle into the new store; the old one is closed.
             if previous is not None:
@@ -226,6 +230,9 @@ class Gateway:
             raise budgets.refusal(holds[i], granted.counters[i].spent,
                                   granted.counters[i].reserved, amount, now)
         billing.reserved = amount
+        self._leases[request_id] = (billing.counters, amount)
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
         billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
                                 if (w := budgets.warning(h, c.committed))), None)
         return billing
@@ -252,11 +259,23 @@ class Gateway:
         task.add_done_callback(self._settling.discard)
 
     async def _finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
+        self._leases.pop(row.request_id, None)
         try:
             await self.store().finish(counters, reserved, row)
         except Exception:
             log.exception("could not record request %s: %s", row.request_id,
                           json.dumps(row.to_dict()))
+
+    async def _renew_forever(self) -> None:
+        """Keep the holds of requests still in flight (a stream of hours) from expiring."""
+        while True:
+            lease = self.holder.current.config.gateway.hold_lease_seconds
+            await asyncio.sleep(lease / 3)
+            leases = [(rid, c, a) for rid, (c, a) in list(self._leases.items())]
+            try:
+                await self.store().renew(leases)
+            except StoreUnavailable as e:
+                log.warning("could not renew %d budget holds: %s", len(leases), e)
 
     async def _replay_forever(self, every: float = 1.0) -> None:
         """Put spooled requests into a shared store as soon as it is back."""
@@ -275,8 +294,9 @@ class Gateway:
 
     async def close(self) -> None:
         await self.drain()
-        if self._replayer is not None:
-            self._replayer.cancel()
+        for task in (self._replayer, self._renewer):
+            if task is not None:
+                task.cancel()
         if self._store is not None:
             await self._store.close()
         self.holder.stop()

@@ -11,6 +11,7 @@ from tests.harness import RedisServer
 from tollgate.budgets import Hold, window
 from tollgate.config.schema import Budget
 from tollgate.ledger import LedgerRow, report
+from tollgate.store.base import Counter
 from tollgate.store.redis import RedisStore
 from tollgate.store.spool import Spooled
 from tollgate.store.sqlite import SQLiteStore
@@ -120,3 +121,67 @@ def test_spend_report_groups_and_sorts():
     out = report(rows, "principal")
     assert [(r["principal"], r["requests"], r["cost_micros"]) for r in out] == [
         ("alice", 2, 8), ("bob", 1, 7)]
+
+
+@pytest.fixture
+def short_leases(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield RedisStore(server.url, lease_seconds=1)
+    server.stop()
+
+
+def total_hold(limit_usd: float) -> Hold:
+    b = Budget(id="b_total", name="t", scope="team", team="team_eng", window="total",
+               limit=limit_usd)
+    w = window("total", NOW)
+    return Hold(b, w.key, w.end)
+
+
+async def reserved_after_expiry(store: RedisStore, h: Hold, want: int) -> None:
+    for _ in range(100):
+        if (await store.counters([h]))[0].reserved == want:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"reserved never reached {want}")
+
+
+def test_a_crashed_replicas_holds_expire_and_a_late_settle_counts_once(short_leases):
+    """A replica that dies holding budget never settles: its lease returns the headroom,
+    even on a `total` budget that no window reset would ever clear."""
+    store = short_leases
+
+    async def scenario():
+        cap = total_hold(0.000100)
+        assert (await store.reserve("r_crashed", [cap], 60)).granted
+        assert not (await store.reserve("r2", [cap], 60)).granted
+        await reserved_after_expiry(store, cap, 0)
+        assert (await store.reserve("r2", [cap], 60)).granted
+        # The first replica comes back and settles after all: its expired hold is not
+        # released a second time (r2's hold stays), and what it spent still counts.
+        await store.finish([cap.counter], 60, row("r_crashed", 10))
+        (counter,) = await store.counters([cap])
+        assert (counter.spent, counter.reserved) == (10, 60)
+        await store.finish([cap.counter], 60, row("r2", 5))
+        (counter,) = await store.counters([cap])
+        assert (counter.spent, counter.reserved) == (15, 0)
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_renewed_holds_outlive_their_lease(short_leases):
+    store = short_leases
+
+    async def scenario():
+        cap = total_hold(0.000100)
+        assert (await store.reserve("r_long", [cap], 60)).granted
+        for _ in range(8):  # a long stream: 2.4 s, over twice the lease
+            await asyncio.sleep(0.3)
+            await store.renew([("r_long", [cap.counter], 60)])
+        assert not (await store.reserve("r2", [cap], 60)).granted
+        assert (await store.counters([cap]))[0].reserved == 60
+        await store.finish([cap.counter], 60, row("r_long", 40))
+        assert (await store.counters([cap]))[0] == Counter(40, 0)
+        await store.close()
+
+    asyncio.run(scenario())

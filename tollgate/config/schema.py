@@ -83,6 +83,9 @@ class GatewaySettings(Strict):
     default_max_output_tokens: int = Field(default=4096, ge=1)
     # A provider failing this many times in a row is passed over for cooldown_seconds.
     circuit_breaker: CircuitBreaker = Field(default_factory=lambda: CircuitBreaker())
+    # Budget holds in a shared store (Redis) are leases: a running gateway renews them, and
+    # those of a replica that died come back after this long.
+    hold_lease_seconds: int = Field(default=900, ge=30)
     # Environment variable holding the pepper for virtual-key HMACs.
     pepper_env: str = "TOLLGATE_KEY_PEPPER"
 

@@ -14,8 +14,10 @@ def sqlite_path(url: str, config_dir: Path) -> Path:
     return path if path.is_absolute() else config_dir / path
 
 
-def open_store(url: str, config_dir: Path, spool: str, owner: bool = True) -> Store:
-    """`owner`: a serving gateway (not a CLI reading reports)."""
+def open_store(url: str, config_dir: Path, spool: str, owner: bool = True,
+               lease_seconds: int = 900) -> Store:
+    """`owner`: a serving gateway (not a CLI reading reports). `lease_seconds`: how long a
+    shared store keeps a hold that is not renewed (a crashed replica's)."""
     if url.startswith("sqlite:///"):
         from tollgate.store.sqlite import SQLiteStore
 
@@ -25,6 +27,6 @@ def open_store(url: str, config_dir: Path, spool: str, owner: bool = True) -> St
         from tollgate.store.spool import Spooled
 
         spool_path = Path(spool)
-        return Spooled(RedisStore(url), spool_path if spool_path.is_absolute()
+        return Spooled(RedisStore(url, lease_seconds), spool_path if spool_path.is_absolute()
                        else config_dir / spool_path)
     raise ValueError(f"unsupported state store {url!r}: use sqlite:///path or redis://host")

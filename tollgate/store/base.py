@@ -49,6 +49,10 @@ class Store(ABC):
     async def rows(self, since: datetime | None = None,
                    until: datetime | None = None) -> list[LedgerRow]: ...
 
+    async def renew(self, leases: list[tuple[str, list[str], int]]) -> None:  # noqa: B027
+        """Extend the holds of requests still in flight, (request_id, counters, amount),
+        where holds are leases that expire (a shared store)."""
+
     async def ping(self) -> None:
         """Raise StoreUnavailable when the store cannot be reached."""
         await self.counters([])

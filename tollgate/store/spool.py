@@ -64,6 +64,9 @@ class Spooled(Store):
                    until: datetime | None = None) -> list[LedgerRow]:
         return await self.inner.rows(since, until)
 
+    async def renew(self, leases: list[tuple[str, list[str], int]]) -> None:
+        await self.inner.renew(leases)
+
     async def ping(self) -> None:
         await self.inner.ping()
 
