@@ -364,7 +364,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         finally:
             if request_id is not None:
                 self._pending.pop(request_id, None)
-                self._rewrites.pop(request_id, None)
+                if outcome == "abandoned":  # no response: no rewrite stream will take it
+                    self._rewrites.pop(request_id, None)
             if exchange is not None:
                 exchange.finish(outcome, error)
 
@@ -417,6 +418,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 del self._pending[request_id]
                 self._rewrites.pop(request_id, None)
                 pending.exchange.finish("abandoned", "no response reached the gateway")
+        # A rewrite Envoy never opened (a response it answered itself, say).
+        for request_id, exchange in list(self._rewrites.items()):
+            if exchange.finished and now - exchange.started > UNCLAIMED_AFTER:
+                del self._rewrites[request_id]
 
     async def sweep_forever(self, every: float = 60.0) -> None:
         while True:

@@ -249,6 +249,10 @@ class Exchange:
             used.input_tokens = self.billing.estimated_input_tokens
         return used
 
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
     def finish(self, outcome: str, error: str | None = None) -> None:
         """Close the books on this request exactly once, however it ended."""
         if self._finished:

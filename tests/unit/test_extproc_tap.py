@@ -78,7 +78,7 @@ async def test_a_request_running_past_the_sweep_is_settled_when_it_ends(processo
                                         request_headers=headers({":method": "POST"})))
     # A reasoning call: the provider has not answered hours later. Nothing is settled yet.
     proc.sweep(now=time.monotonic() + 4 * 3600)
-    assert not pending.exchange._finished
+    assert not pending.exchange.finished
     answer = json.dumps({"choices": [], "usage": {"prompt_tokens": 1000,
                                                   "completion_tokens": 90000}}).encode()
     await tap.send(pb.ProcessingRequest(observability_mode=True, metadata_context=context,
