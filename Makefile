@@ -3,7 +3,7 @@ HOST ?= envoy
 LISTEN ?= 127.0.0.1:8080
 VENV := .venv/bin
 
-.PHONY: run test lint bench bootstrap
+.PHONY: run test lint bench soak bootstrap
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -23,3 +23,6 @@ lint: bootstrap
 
 bench: bootstrap
 	$(VENV)/python -m bench
+
+soak: bootstrap
+	$(VENV)/python -m bench.soak

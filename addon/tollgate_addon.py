@@ -17,9 +17,12 @@ import weakref
 
 import httpx
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http import http1 as mitm_http1
+from mitmproxy.proxy.layers.http import _http1 as _mitm_http1_layer
 
 from tollgate.admin import AdminServer
 from tollgate.config.problems import ConfigError
+from tollgate.errors import GatewayError
 from tollgate.exchange import Exchange
 from tollgate.gateway import Gateway
 from tollgate.request import Forward, Reply, Request, lower_headers
@@ -62,6 +65,30 @@ def _client_gone(flow: http.HTTPFlow) -> bool:
     if flow.error is not None and flow.error.msg == "Client disconnected.":
         return True
     return flow.client_conn.timestamp_end is not None
+
+
+# mitmproxy writes its own reply when it cannot reach the provider or refuses a body over
+# body_size_limit, after the error hook and with no hook to change it: an HTML page no SDK
+# can read. Its page maker is replaced by one that writes the gateway's JSON envelope.
+_PAGE_CODES = {413: "payload_too_large", 502: "provider_unreachable",
+               504: "provider_timeout"}
+
+
+def _error_page(status_code: int, message: str = "") -> bytes:
+    code = _PAGE_CODES.get(status_code, "invalid_request" if status_code < 500
+                           else "gateway_error")
+    text = {
+        "payload_too_large": "Request body is over the gateway's limit "
+                             "(gateway.max_body_bytes).",
+        "provider_unreachable": f"The model provider could not be reached: {message}.",
+        "provider_timeout": f"The model provider did not answer in time: {message}.",
+    }.get(code, f"{message or 'The request could not be handled'}.")
+    body = GatewayError(code, text).body_for_any_family()
+    return mitm_http1.assemble_response(http.Response.make(status_code, body, {
+        "content-type": "application/json", "connection": "close"}))
+
+
+_mitm_http1_layer.make_error_response = _error_page
 
 
 class CredentialMask:
@@ -123,6 +150,19 @@ class TollgateAddon:
         loader.add_option("tollgate_admin", str, "",
                           "HOST:PORT for tollgate's /healthz, /readyz and /metrics.")
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._sync_body_limit()  # a reload changes it for the next request
+
+    def _sync_body_limit(self) -> None:
+        """mitmproxy refuses a body over the cap itself, from its Content-Length alone or as
+        soon as a chunked body passes it (the gateway answers the smaller ones; responses
+        that large stream through the tap, where the limit does not apply)."""
+        if self.gateway is None:
+            return
+        limit = str(max(self.gateway.max_body_bytes, STREAM_BODIES_OVER))
+        if ctx.options.body_size_limit != limit:
+            ctx.options.update(body_size_limit=limit)
+
     def running(self) -> None:
         if ctx.options.tollgate_admin and self.gateway is not None and self.admin is None:
             host, _, port = ctx.options.tollgate_admin.rpartition(":")
@@ -141,6 +181,7 @@ class TollgateAddon:
             if self.gateway is not None:
                 self.gateway.holder.stop()  # in-flight exchanges keep the old gateway's store
             self.gateway = gateway
+            self._sync_body_limit()
 
     async def request(self, flow: http.HTTPFlow) -> None:
         assert self.gateway is not None
@@ -254,7 +295,7 @@ class TollgateAddon:
         for name, value in exchange.on_response_headers(resp.status_code,
                                                         dict(resp.headers)).items():
             resp.headers[name] = value
-        if exchange.is_sse or (exchange.rewriter is None and _large(resp)):
+        if exchange.is_sse or _large(resp):
             # Stream through the tap: bytes go to the client as they arrive, never buffered
             # (a large JSON answer too, so memory per request stays bounded).
             def relay(data: bytes) -> list[bytes]:
@@ -273,8 +314,17 @@ class TollgateAddon:
                 flow.response.content = body + exchange.relay(b"")
         exchange.finish("completed")
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         exchange: Exchange | None = flow.metadata.get(_META)
+        if exchange is None and self.gateway is not None and flow.error is not None \
+                and "body_size_limit" in flow.error.msg:
+            # Refused by mitmproxy from its headers: the gateway records the refusal (the
+            # client already has the 413).
+            req = flow.request
+            await self.gateway.handle(Request(
+                method=req.method, path=req.path, headers=self.credentials.client_headers(flow),
+                body=b"", declared_length=self.gateway.max_body_bytes + 1))
+            return
         if exchange is not None:
             message = flow.error.msg if flow.error else None
             # A client that went away says nothing about the provider (no breaker count).

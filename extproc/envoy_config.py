@@ -28,6 +28,7 @@ import certifi
 from extproc import fallback
 from tollgate.config.schema import Config, ModelProvider
 from tollgate.errors import GatewayError
+from tollgate.request import MAX_HEADER_BYTES
 
 CLUSTER_HEADER = "x-tollgate-cluster"
 # Set by the decision on requests with a fallback plan: their route retries.
@@ -37,6 +38,7 @@ FALLBACK_HEADER = "x-tollgate-fallback"
 # `tollgate.rewrite` filter, which stays off for everything else.
 REWRITE_HEADER = "x-tollgate-rewrite"
 EXTPROC_CLUSTER = "tollgate_extproc"
+EXTPROC_MAX_STREAMS = 100_000
 METADATA_NS = "tollgate"
 # Metadata keys the decision filter sets -> response header suffixes.
 METADATA_HEADERS = {
@@ -168,6 +170,11 @@ _ENVOY_REPLIES: list[tuple[str, int, dict[str, Any], str]] = [
     ("gateway_error", 500, _status(500),
      "The gateway could not apply its decision to this request; see the Envoy and ext_proc "
      "logs."),
+    # Refused by Envoy's HTTP codec before any filter ran (control characters, framing).
+    ("invalid_request", 400, _status(400),
+     "The request is not valid HTTP (a header or its framing); nothing was forwarded."),
+    ("invalid_request", 431, _status(431),
+     "The request's headers are larger than this gateway accepts."),
 ]
 
 
@@ -197,11 +204,13 @@ def local_reply_config(prefix: str) -> dict[str, Any]:
     not_ours = _metadata_is("answered", None)  # the gateway's own answers stay as they are
     mappers = []
     for code, status, condition, message in _ENVOY_REPLIES:
-        for family in ("anthropic", "openai"):
+        # The last: no path to tell the family by (a request the codec refused).
+        for family, spoke in (("anthropic", _client_family("anthropic")),
+                              ("openai", _client_family("openai")), ("openai", None)):
             body = GatewayError(code, message).body(family).decode()
             mappers.append({
-                "filter": {"and_filter": {"filters": [not_ours, _client_family(family),
-                                                      condition]}},
+                "filter": {"and_filter": {"filters": [
+                    not_ours, *([spoke] if spoke else []), condition]}},
                 "status_code": status,
                 "body_format_override": {"text_format_source": {"inline_string": body},
                                          "content_type": "application/json"},
@@ -358,7 +367,13 @@ def listener(cfg: Config, host: str, port: int) -> dict[str, Any]:
                 "stat_prefix": "tollgate",
                 "codec_type": "AUTO",
                 "stream_idle_timeout": "300s",
-                "request_timeout": "0s",
+                # Slow clients: all headers within 10 s, the whole request (body and the
+                # decision) within 60 s; the response may take as long as it streams.
+                "request_headers_timeout": "10s",
+                "request_timeout": "60s",
+                "max_request_headers_kb": MAX_HEADER_BYTES // 1024,
+                "common_http_protocol_options": {"max_headers_count": 200},
+                "http2_protocol_options": {"max_concurrent_streams": 256},
                 "route_config": route_config(cfg),
                 "local_reply_config": local_reply_config(cfg.gateway.header_prefix),
                 "http_filters": http_filters(),
@@ -397,6 +412,11 @@ def _extproc_cluster(target: str) -> dict[str, Any]:
         "name": EXTPROC_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
+        # Each request holds up to four gRPC streams (decide, tap, rewrite, attempt): the
+        # default cap of 1,024 would refuse a few hundred concurrent streams with 503.
+        "circuit_breakers": {"thresholds": [{
+            "priority": "DEFAULT", "max_requests": EXTPROC_MAX_STREAMS,
+            "max_pending_requests": EXTPROC_MAX_STREAMS, "max_connections": 1024}]},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": HTTP_OPTIONS,

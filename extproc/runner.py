@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,11 @@ class LoadedClusters:
     def __init__(self, admin: str):
         self.url = f"http://{admin}/clusters?format=json"
         self.names: frozenset[str] = frozenset()
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Shutting down: a wait in progress gives up at once (not at its timeout)."""
+        self._stopped.set()
 
     def get(self) -> frozenset[str]:
         return self.names
@@ -113,14 +119,14 @@ class LoadedClusters:
                     self.names = names
             except (httpx.HTTPError, ValueError):
                 pass  # Envoy still starting
-            if expected <= self.names:
+            if expected <= self.names or self._stopped.is_set():
                 return
             if time.monotonic() > deadline:
                 log.warning("envoy has not loaded clusters %s after %.0f s; requests that need "
                             "them are served without fallback or refused",
                             ", ".join(sorted(expected - self.names)[:5]), timeout)
                 return
-            time.sleep(0.05)
+            self._stopped.wait(0.05)
 
 
 async def _until_signal() -> None:
@@ -177,6 +183,7 @@ async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
     finally:
         stop.cancel()
         startup.cancel()
+        clusters.stop()
         if envoy.returncode is None:
             envoy.terminate()
             try:

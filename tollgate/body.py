@@ -25,9 +25,32 @@ def _bad(message: str, param: str | None = None) -> GatewayError:
     return GatewayError("invalid_request", message, param=param)
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        names = [k for k, _ in pairs]
+        name = next(k for i, k in enumerate(names) if k in names[:i])
+        raise _bad(f"Request body has the key {name!r} more than once; providers and the "
+                   "gateway could read different values.", name)
+    return doc
+
+
+def check_content_type(value: str | None) -> None:
+    """A body sent as something other than JSON is refused (absent is taken as JSON)."""
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/")
+                                            and media.endswith("+json")):
+        raise _bad(f"Content-Type {media!r} is not JSON: send `Content-Type: "
+                   "application/json`.")
+
+
 def parse(route: Route, raw: bytes) -> ParsedBody:
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except GatewayError:
+        raise
     except RecursionError:
         raise _bad("Request body is nested too deeply.") from None
     except ValueError as e:  # JSONDecodeError, bad UTF-8, oversized integers

@@ -51,6 +51,15 @@ class GatewayError(Exception):
     def status(self) -> int:
         return CODES[self.code][0]
 
+    def body_for_any_family(self) -> bytes:
+        """One envelope both SDKs read, for a reply written before the family is known:
+        Anthropic's shape, which also carries what OpenAI's reads (`error.message`,
+        `error.code`, `error.type`)."""
+        _, _, anthropic_type = CODES[self.code]
+        return json.dumps({"type": "error", "error": {
+            "type": anthropic_type, "message": self.message, "code": self.code,
+            "param": self.param}}).encode()
+
     def body(self, family: str) -> bytes:
         """The error envelope of the client's API family."""
         _, openai_type, anthropic_type = CODES[self.code]

@@ -27,7 +27,7 @@ from tollgate.exchange import Billing, Exchange
 from tollgate.keys import KeyIndex, authenticate, load_pepper
 from tollgate.ledger import LedgerRow
 from tollgate.pricing import worst_case_micros
-from tollgate.request import Attempt, Forward, Reply, Request
+from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.scopes import lineage
 from tollgate.store import Store, StoreUnavailable, open_store
 from tollgate.store.spool import Spooled
@@ -127,10 +127,12 @@ class Gateway:
                 raise GatewayError("payload_too_large",
                                    f"Request body is {req.body_size} bytes; this gateway accepts "
                                    f"at most {settings.max_body_bytes} (gateway.max_body_bytes).")
+            check_header_values(req.headers)
             key = authenticate(self._keys(loaded), dict(req.headers))
             if not route.forwarded:
                 return self._reply(trace, loaded, 200, self._models(loaded, key, family), key,
                                    seen=seen)
+            bodies.check_content_type(req.headers.get("content-type"))
             body = bodies.parse(route, req.body)
             seen["model"] = body.model
             model = policy.resolve_model(key, body.model) if body.model else None

@@ -21,7 +21,9 @@ def generate_secret(env: str) -> str:
 
 
 def hash_secret(secret: str, pepper: bytes) -> str:
-    return hmac.new(pepper, secret.encode(), hashlib.sha256).hexdigest()
+    # surrogateescape: a header's raw bytes (not UTF-8) still hash, and simply match no key
+    return hmac.new(pepper, secret.encode("utf-8", "surrogateescape"),
+                    hashlib.sha256).hexdigest()
 
 
 def display_prefix(secret: str) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from tollgate.errors import GatewayError
 
 if TYPE_CHECKING:
     from tollgate.exchange import Exchange
@@ -17,6 +20,23 @@ def lower_headers(pairs: Any) -> dict[str, str]:
         key = name.lower()
         out[key] = f"{out[key]}, {value}" if key in out else value
     return out
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+MAX_HEADER_BYTES = 64 * 1024  # Envoy's listener is rendered with the same cap
+
+
+def check_header_values(headers: Mapping[str, str]) -> None:
+    """Refuse control characters in header values (CR, LF, NUL...) and oversized headers:
+    what a proxy let through must not be handed on to a provider."""
+    size = sum(len(k) + len(v) + 4 for k, v in headers.items())
+    if size > MAX_HEADER_BYTES:
+        raise GatewayError("invalid_request", f"Request headers are {size} bytes; this "
+                           f"gateway accepts at most {MAX_HEADER_BYTES}.")
+    for name, value in headers.items():
+        if _CONTROL.search(value):
+            raise GatewayError("invalid_request", f"Header {name!r} holds a control "
+                               "character; nothing was forwarded.")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,187 @@
+"""Bad input on both hosts: a clear 4xx in the client's API family, nothing forwarded, and
+the gateway serving the next request."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+
+CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
+MSG = {"model": "claude-haiku-4-5", "max_tokens": 5,
+       "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def key(gateway):
+    return gateway.create_key()
+
+
+def post(gateway, key, path: str, content: bytes, **headers: str) -> httpx.Response:
+    h = {"authorization": f"Bearer {key.secret}", "content-type": "application/json",
+         **{k.replace("_", "-"): v for k, v in headers.items()}}
+    return httpx.post(f"{gateway.url}{path}", content=content, headers=h, timeout=30)
+
+
+def assert_refused(r: httpx.Response, status: int, code: str, family: str = "openai") -> None:
+    assert r.status_code == status, r.text[:300]
+    doc = r.json()
+    if family == "openai":
+        assert doc["error"]["code"] == code and doc["error"]["message"]
+    else:
+        assert doc["type"] == "error" and doc["error"]["code"] == code
+
+
+def still_serving(gateway, key) -> None:
+    r = post(gateway, key, "/v1/chat/completions", json.dumps(CHAT).encode())
+    assert r.status_code == 200, r.text
+
+
+BODIES = {
+    "not json": b"model=gpt-5-mini",
+    "truncated": b'{"model": "gpt-5-mini", "messages": [{"role": "us',
+    "invalid utf-8": b'{"model": "gpt-5-\xff", "messages": []}',
+    "model of the wrong type": json.dumps({**CHAT, "model": 42}).encode(),
+    "tools not a list": json.dumps({**CHAT, "tools": {"name": "x"}}).encode(),
+    "nested 100,000 deep": b'{"model": "gpt-5-mini", "messages": [], "x": '
+                           + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "duplicate keys": b'{"model": "gpt-5-mini", "messages": [], "model": "o3"}',
+}
+
+
+@pytest.mark.parametrize("case", list(BODIES))
+def test_bad_bodies(gateway, key, fake_openai, fake_anthropic, case):
+    body = BODIES[case]
+    assert_refused(post(gateway, key, "/v1/chat/completions", body), 400, "invalid_request")
+    anthropic_body = body.replace(b"gpt-5-mini", b"claude-haiku-4-5")
+    assert_refused(post(gateway, key, "/v1/messages", anthropic_body, anthropic_version="1"),
+                   400, "invalid_request", "anthropic")
+    assert fake_openai.requests == [] and fake_anthropic.requests == []
+    still_serving(gateway, key)
+
+
+def test_wrong_content_type(gateway, key, fake_openai):
+    r = post(gateway, key, "/v1/chat/completions", json.dumps(CHAT).encode(),
+             content_type="text/plain")
+    assert_refused(r, 400, "invalid_request")
+    assert "content-type" in r.json()["error"]["message"].lower()
+    assert fake_openai.requests == []
+    still_serving(gateway, key)
+
+
+def test_oversized_body_by_content_length_is_refused_from_the_headers(gateway, key,
+                                                                      fake_openai):
+    """The client announces 64 MiB but sends a few bytes: the answer comes from the headers
+    alone (a gateway waiting for the body would hang until the client gives up)."""
+    with socket.create_connection(("127.0.0.1", gateway.process.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                  b"authorization: Bearer " + key.secret.encode() + b"\r\n"
+                  b"content-type: application/json\r\ncontent-length: 67108864\r\n\r\n{")
+        head = s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert b"payload_too_large" in head or b"payload_too_large" in _rest(head)
+    assert fake_openai.requests == []
+    still_serving(gateway, key)
+
+
+def _rest(head: bytes) -> bytes:
+    return head.split(b"\r\n\r\n", 1)[-1]
+
+
+def test_oversized_chunked_body_stops_at_the_cap(gateway, key, fake_openai):
+    cap = 8 * 1024 * 1024
+
+    def chunks():
+        yield b'{"model": "gpt-5-mini", "messages": [], "pad": "'
+        for _ in range(cap // 65536 + 4):
+            yield b"x" * 65536
+        yield b'"}'
+
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", content=chunks(), timeout=30,
+                   headers={"authorization": f"Bearer {key.secret}",
+                            "content-type": "application/json"})
+    assert_refused(r, 413, "payload_too_large")
+    assert fake_openai.requests == []
+    still_serving(gateway, key)
+
+
+def raw(gateway, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Send bytes no well-behaved client would; (status, body) of the answer."""
+    with socket.create_connection(("127.0.0.1", gateway.process.port), timeout=10) as s:
+        s.sendall(head + b"connection: close\r\n\r\n" + body)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), _rest(answer)
+
+
+@pytest.mark.parametrize("secret", [b"  tg-spaces ", "tg-ünïcode-kéy".encode(),
+                                    b"tg\tkey", b"\xff\xfe"])
+def test_odd_keys_are_401(gateway, key, fake_openai, secret):
+    body = json.dumps(CHAT).encode()
+    status, answer = raw(gateway, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                         b"authorization: Bearer " + secret + b"\r\n"
+                         b"content-type: application/json\r\n"
+                         b"content-length: " + str(len(body)).encode() + b"\r\n", body)
+    assert status == 401, answer
+    assert json.loads(answer)["error"]["code"] == "invalid_api_key"
+    assert fake_openai.requests == []
+
+
+@pytest.mark.parametrize("path", ["/v1/../admin", "/v1/chat%2Fcompletions",
+                                  "//v1/chat/completions", "/v1/chat/completions/../../x",
+                                  "/v1/chat/completions%00"])
+def test_odd_paths_are_not_routes(gateway, key, fake_openai, path):
+    body = json.dumps(CHAT).encode()
+    status, answer = raw(gateway, f"POST {path} HTTP/1.1\r\nhost: x\r\n"
+                         f"authorization: Bearer {key.secret}\r\n"
+                         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                         .encode(), body)
+    assert 400 <= status < 500, answer[:300]
+    assert json.loads(answer)["error"]["code"] in ("not_found", "invalid_request")
+    assert fake_openai.requests == []
+
+
+def test_query_string_on_a_known_route_is_served(gateway, key, fake_openai):
+    r = post(gateway, key, "/v1/chat/completions?trace=1", json.dumps(CHAT).encode())
+    assert r.status_code == 200
+    assert fake_openai.requests[-1].path.startswith("/v1/chat/completions")
+
+
+def send_with_header(gateway, key, header: bytes) -> tuple[int, bytes]:
+    body = json.dumps(CHAT).encode()
+    return raw(gateway, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+               b"authorization: Bearer " + key.secret.encode() + b"\r\n" + header +
+               b"content-type: application/json\r\ncontent-length: "
+               + str(len(body)).encode() + b"\r\n", body)
+
+
+def test_control_character_in_a_header_is_refused(gateway, key, fake_openai):
+    status, answer = send_with_header(gateway, key, b"x-evil: a\x00b\r\n")
+    assert status == 400, answer[:200]
+    assert json.loads(answer)["error"]["code"] == "invalid_request"
+    assert fake_openai.requests == []
+    still_serving(gateway, key)
+
+
+@pytest.mark.parametrize("header", [b"x-evil: a\rinjected: c\r\n",
+                                    b"x-evil: a\ninjected: c\r\n",
+                                    b"x-evil: a\r\n folded\r\n"])
+def test_cr_lf_never_reach_a_provider_inside_a_value(gateway, key, fake_openai, header):
+    """Each proxy's parser ends a header at a bare CR or LF (or refuses it): whatever it
+    decides, no value that reaches the provider holds one."""
+    status, _ = send_with_header(gateway, key, header)
+    assert status in (200, 400)
+    for request in fake_openai.requests:
+        assert not any(c in v for v in request.headers.values() for c in "\r\n\x00")
+    still_serving(gateway, key)
+
+
+def test_oversized_headers_are_refused(gateway, key, fake_openai):
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, timeout=10,
+                   headers={"authorization": f"Bearer {key.secret}", "x-big": "y" * 200_000})
+    assert 400 <= r.status_code < 500
+    assert fake_openai.requests == []
+    still_serving(gateway, key)
