@@ -153,3 +153,26 @@ def test_provider_create_requires_env_reference(run):
                          "json").stdout)
     assert doc["id"].startswith("mp_") and doc["base_url"] == "https://api.anthropic.com"
     assert doc["provider_config"] == {"region": "us-east-1"}
+
+
+def test_controls_that_cannot_take_effect_are_warned_about(run, config_dir):
+    """Valid but idle: the edit is made, and the CLI and `config validate` say why it will
+    do nothing."""
+    run("teams", "create", "--id", "team_ops")
+    budget = run("gateway-budgets", "create", "--name", "ops", "--scope", "team", "--team",
+                 "team_ops", "--limit", "10", "--format", "json")
+    assert "applies to no active virtual key (team 'team_ops' has none)" in budget.stderr
+    key = run("virtual-keys", "create", "--name", "g", "--scope", "TEAM:team_ops",
+              "--models-allowed", "gemini-*", "--format", "json")
+    assert "'gemini-*' matches no model that a provider it can see serves" in key.stderr
+    assert "budget" not in key.stderr  # the budget has a key now: no longer idle
+    run("teams", "create", "--id", "team_iso", "--org", "acme")
+    provider = run("model-providers", "create", "--type", "openai", "--scope", "TEAM:team_iso",
+                   "--id", "mp_iso", "--base-url", "http://127.0.0.1:1", "--api-key-env",
+                   "OPENAI_API_KEY", "--rpm", "10")
+    assert "provider mp_iso: no active virtual key can reach it" in provider.stderr
+    checked = run("config", "validate")
+    path = config_dir / "gateway.yaml"
+    lines = [line for line in checked.stderr.splitlines() if line.startswith("warning: ")]
+    assert any(f"{path}:" in line and "mp_iso" in line for line in lines)
+    assert any("gemini-*" in line for line in lines)

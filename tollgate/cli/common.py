@@ -14,6 +14,7 @@ import click
 from ulid import ULID
 
 from tollgate.config.edit import Document, editing
+from tollgate.config.lint import warnings
 from tollgate.config.load import default_config_path
 from tollgate.config.problems import ConfigError
 
@@ -70,6 +71,11 @@ def edit(ctx: click.Context) -> Iterator[Document]:
             yield doc
     except ConfigError as e:
         raise click.ClickException(f"the change would make the config invalid:\n{e}") from None
+    if doc.after is not None:  # say which controls this edit left with nothing to do
+        before = set(warnings(doc.before)) if doc.before is not None else set()
+        for line in warnings(doc.after, doc.doc):
+            if line not in before:
+                warn(line)
 
 
 def plain(node: Any) -> Any:

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from tollgate.cli.common import config_path
+from tollgate.config.lint import warnings
 from tollgate.config.load import load_config
 from tollgate.config.problems import ConfigError
 
@@ -212,6 +213,8 @@ def validate(ctx: click.Context) -> None:
         if p.api_key_env and not os.environ.get(p.api_key_env):
             click.echo(f"warning: model provider {p.id}: {p.api_key_env} is not set in this "
                        "environment", err=True)
+    for line in warnings(loaded):
+        click.echo(f"warning: {line}", err=True)
     click.echo(f"{path}: ok ({len(cfg.model_providers)} model providers, "
                f"{len(cfg.routing_policies)} routing policies, {len(cfg.virtual_keys)} virtual "
                f"keys, {len(cfg.budgets)} budgets, {len(loaded.prices.models)} priced models)")

@@ -7,6 +7,7 @@ valid file. A lock file serialises concurrent CLI invocations.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import os
@@ -18,7 +19,8 @@ from typing import Any
 
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from tollgate.config.load import read_yaml, round_trip_yaml, validate_document
+from tollgate.config.load import LoadedConfig, read_yaml, round_trip_yaml, validate_document
+from tollgate.config.problems import ConfigError
 
 
 def to_yaml(value: Any) -> Any:
@@ -42,6 +44,8 @@ class Document:
     def __init__(self, path: Path, doc: CommentedMap):
         self.path = path
         self.doc = doc
+        self.before: LoadedConfig | None = None  # the config as it was
+        self.after: LoadedConfig | None = None  # as written, once the edit is done
 
     def section(self, name: str) -> CommentedSeq:
         seq = self.doc.get(name)
@@ -79,8 +83,10 @@ def editing(path: Path) -> Iterator[Document]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         doc = read_yaml(path) or CommentedMap()
         document = Document(path, doc)
+        with contextlib.suppress(ConfigError):
+            document.before = validate_document(doc, path)
         yield document
-        validate_document(doc, path)  # raises ConfigError: nothing is written
+        document.after = validate_document(doc, path)  # ConfigError: nothing is written
         write_atomic(path, dump(doc))
 
 

@@ -83,11 +83,14 @@ def line_of(doc: Any, loc: tuple[Any, ...]) -> int | None:
     """1-based line of the node at `loc`, or of its nearest parent that exists."""
     node, line = doc, None
     for part in loc:
-        if isinstance(node, CommentedMap) and part in node:
-            pos = node.lc.key(part)
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
-            pos = node.lc.item(part)
-        else:
+        try:
+            if isinstance(node, CommentedMap) and part in node:
+                pos = node.lc.key(part)
+            elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
+                pos = node.lc.item(part)
+            else:
+                break
+        except KeyError:  # a node added by an edit in progress has no line yet
             break
         if pos is None:  # a node added by an edit in progress has no line yet
             break

@@ -1,0 +1,87 @@
+"""Controls that are valid but cannot take effect: a budget no request can reach, a limit on
+a provider no key can use, an allow list no provider can serve. Warnings, not errors: the
+config still loads, and `tollgate config validate` and every CLI edit say what is idle."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from tollgate.config.load import LoadedConfig, field_name, line_of, read_yaml
+from tollgate.config.problems import ConfigError, Problem
+from tollgate.config.schema import Config
+from tollgate.pricing import PriceTable
+from tollgate.scopes import lineage
+
+Location = tuple[Any, ...]
+
+
+def _visible_providers(cfg: Config, scope: str) -> list[Any]:
+    seen = lineage(cfg, scope).scopes() | {scope}
+    return [p for p in cfg.model_providers if p.scope in seen]
+
+
+def idle_controls(cfg: Config, prices: PriceTable) -> list[tuple[Location, str]]:
+    out: list[tuple[Location, str]] = []
+    keys = [k for k in cfg.virtual_keys if k.status == "active"]
+    lineages = {k.id: lineage(cfg, k.scope) for k in keys}
+    reachable = {p.id for k in keys for p in _visible_providers(cfg, k.scope)}
+
+    for i, b in enumerate(cfg.budgets):
+        if b.scope == "org":
+            applies = [k for k in keys if lineages[k.id].org == b.org]
+        elif b.scope == "team":
+            applies = [k for k in keys if lineages[k.id].team == b.team]
+        elif b.scope == "project":
+            applies = [k for k in keys if lineages[k.id].project == b.project]
+        elif b.scope == "virtual_key":
+            applies = [k for k in keys if k.id == b.virtual_key]
+        else:
+            applies = [k for k in keys if k.principal == b.principal]
+        if not applies:
+            out.append((("budgets", i, b.scope), f"budget {b.id} applies to no active virtual "
+                        f"key ({b.scope} {b.target!r} has none): it limits nothing"))
+        elif b.model_provider and b.model_provider not in {
+                p.id for k in applies for p in _visible_providers(cfg, k.scope)}:
+            out.append((("budgets", i, "model_provider"), f"budget {b.id}: no key it applies "
+                        f"to can reach provider {b.model_provider}: it limits nothing"))
+
+    for i, p in enumerate(cfg.model_providers):
+        if p.rate_limit is not None and p.id not in reachable:
+            out.append((("model_providers", i, "rate_limit"), f"provider {p.id}: no active "
+                        "virtual key can reach it, so its rate limit limits nothing"))
+        elif p.rate_limit is not None:
+            out.append((("model_providers", i, "rate_limit"), f"provider {p.id}: rate limits "
+                        "are not enforced by this version of tollgate"))
+    for i, k in enumerate(cfg.virtual_keys):
+        if k.config.rate_limits is not None:
+            out.append((("virtual_keys", i, "config", "rate_limits"), f"key {k.id}: rate "
+                        "limits are not enforced by this version of tollgate"))
+
+    known = set(prices.models) | {m for p in cfg.model_providers for m in p.serves()
+                                  if not any(c in m for c in "*?[")}
+    for i, k in enumerate(cfg.virtual_keys):
+        if k.status != "active" or k.models_allowed is None:
+            continue
+        providers = _visible_providers(cfg, k.scope)
+        for j, pattern in enumerate(k.models_allowed):
+            models = [m for m in known if fnmatch.fnmatchcase(m, pattern)]
+            served = any(fnmatch.fnmatchcase(m, g) for m in models for p in providers
+                         for g in p.serves())
+            if not served:
+                out.append((("virtual_keys", i, "models_allowed", j), f"key {k.id}: "
+                            f"{pattern!r} matches no model that a provider it can see "
+                            "serves"))
+    return out
+
+
+def warnings(loaded: LoadedConfig, doc: Any = None) -> list[str]:
+    """Each idle control as `file:line: field: message`."""
+    if doc is None:
+        try:
+            doc = read_yaml(loaded.path)
+        except ConfigError:
+            doc = None
+    return [str(Problem(str(loaded.path), line_of(doc, loc) if doc is not None else None,
+                        field_name(loc), message))
+            for loc, message in idle_controls(loaded.config, loaded.prices)]
