@@ -67,8 +67,8 @@ def _client_gone(flow: http.HTTPFlow) -> bool:
     return flow.client_conn.timestamp_end is not None
 
 
-# mitmproxy writes its own reply when it cannot reach the provider or refuses a body over
-# body_size_limit, after the error hook and with no hook to change it: an HTML page no SDK
+# mitmproxy writes its own reply when it cannot reach the provider (or refuses a request
+# it cannot parse), after the error hook and with no hook to change it: an HTML page no SDK
 # can read. Its page maker is replaced by one that writes the gateway's JSON envelope.
 _PAGE_CODES = {413: "payload_too_large", 502: "provider_unreachable",
                504: "provider_timeout"}
@@ -150,19 +150,6 @@ class TollgateAddon:
         loader.add_option("tollgate_admin", str, "",
                           "HOST:PORT for tollgate's /healthz, /readyz and /metrics.")
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._sync_body_limit()  # a reload changes it for the next request
-
-    def _sync_body_limit(self) -> None:
-        """mitmproxy refuses a body over the cap itself, from its Content-Length alone or as
-        soon as a chunked body passes it (the gateway answers the smaller ones; responses
-        that large stream through the tap, where the limit does not apply)."""
-        if self.gateway is None:
-            return
-        limit = str(max(self.gateway.max_body_bytes, STREAM_BODIES_OVER))
-        if ctx.options.body_size_limit != limit:
-            ctx.options.update(body_size_limit=limit)
-
     def running(self) -> None:
         if ctx.options.tollgate_admin and self.gateway is not None and self.admin is None:
             host, _, port = ctx.options.tollgate_admin.rpartition(":")
@@ -181,7 +168,6 @@ class TollgateAddon:
             if self.gateway is not None:
                 self.gateway.holder.stop()  # in-flight exchanges keep the old gateway's store
             self.gateway = gateway
-            self._sync_body_limit()
 
     async def request(self, flow: http.HTTPFlow) -> None:
         assert self.gateway is not None
@@ -314,17 +300,8 @@ class TollgateAddon:
                 flow.response.content = body + exchange.relay(b"")
         exchange.finish("completed")
 
-    async def error(self, flow: http.HTTPFlow) -> None:
+    def error(self, flow: http.HTTPFlow) -> None:
         exchange: Exchange | None = flow.metadata.get(_META)
-        if exchange is None and self.gateway is not None and flow.error is not None \
-                and "body_size_limit" in flow.error.msg:
-            # Refused by mitmproxy from its headers: the gateway records the refusal (the
-            # client already has the 413).
-            req = flow.request
-            await self.gateway.handle(Request(
-                method=req.method, path=req.path, headers=self.credentials.client_headers(flow),
-                body=b"", declared_length=self.gateway.max_body_bytes + 1))
-            return
         if exchange is not None:
             message = flow.error.msg if flow.error else None
             # A client that went away says nothing about the provider (no breaker count).

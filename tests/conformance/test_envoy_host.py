@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -321,3 +322,21 @@ def test_tcp_extproc_hands_no_credentials_to_a_plain_client(config, tmp_path):
         stop_extproc(proc)
         log.close()
     assert OPENAI_KEY not in (tmp_path / "extproc.log").read_text()
+
+
+def test_oversized_body_is_refused_from_its_content_length(config, tmp_path, fake_openai):
+    """The client announces 64 MiB and sends a byte: Envoy answers from the headers alone (a
+    gateway waiting for the body would hang until the client gives up)."""
+    secret = new_key(config)
+    gw = GatewayProcess("envoy", config, tmp_path).start()
+    try:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                      b"authorization: Bearer " + secret.encode() + b"\r\n"
+                      b"content-type: application/json\r\ncontent-length: 67108864\r\n\r\n{")
+            head = s.recv(65536)
+    finally:
+        gw.stop()
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert b"payload_too_large" in head
+    assert fake_openai.requests == []
