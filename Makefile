@@ -13,9 +13,10 @@ run: bootstrap
 		&& echo "make run: created $(CONFIG) from config/gateway.example.yaml (your working copy, kept out of git)"; }
 	$(VENV)/tollgate --config $(CONFIG) serve $(HOST) --listen $(LISTEN)
 
+# Two workers, one test file each at a time: files share their gateways within a worker.
 test: bootstrap
 	$(VENV)/ruff check .
-	$(VENV)/python -m pytest
+	$(VENV)/python -m pytest -n 2 --dist loadfile
 
 lint: bootstrap
 	$(VENV)/ruff check .

@@ -170,3 +170,21 @@ def test_oversized_headers_are_refused(gateway, key, fake_openai):
     assert 400 <= r.status_code < 500
     assert fake_openai.requests == []
     still_serving(gateway, key)
+
+
+def test_unreachable_provider_is_a_json_502(gateway, fake_openai):
+    """A plan of one whose provider refuses connections: the client gets the gateway's
+    envelope (on mitmproxy, not mitmproxy's HTML error page), and each SDK its error."""
+    from tests.harness import free_port
+
+    # Serves a model no other test asks for, so the shared gateway's routing is unchanged.
+    gateway.cli("model-providers", "create", "--id", "mp_gone", "--type", "openai",
+                "--scope", "ORG:acme", "--base-url", f"http://127.0.0.1:{free_port()}",
+                "--api-key-env", "FAKE_OPENAI_KEY", "--models", "o4-mini",
+                "--fallback-priority", "0", check=False)  # the other host may have made it
+    key = gateway.create_key()
+    r = httpx.post(f"{gateway.openai_base}/chat/completions", json={**CHAT, "model": "o4-mini"},
+                   timeout=30, headers={"authorization": f"Bearer {key.secret}"})
+    assert r.status_code == 502 and r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["code"] == "provider_unreachable"
+    assert fake_openai.requests == []
