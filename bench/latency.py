@@ -40,10 +40,11 @@ class _Url:
         self.url = url
 
 
-def start_fake(port: int) -> subprocess.Popen[bytes]:
+def start_fake(port: int, chunk_delay: float = 0.0) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.providers", "--openai-port",
                              str(port), "--anthropic-port", str(free_port()), "--openai-key",
-                             PROVIDER_KEY], stdout=subprocess.DEVNULL)
+                             PROVIDER_KEY, "--chunk-delay", str(chunk_delay)],
+                            stdout=subprocess.DEVNULL)
     wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401,
                timeout=10, what="fake provider")
     return proc

@@ -2,11 +2,12 @@
 
     python -m bench.soak [--streams 500] [--rounds 5] [--hosts envoy,mitmproxy]
 
-Each round opens `--streams` streamed chat completions at once and reads every one to its
-end. After each round it records, per host, the resident memory and open file descriptors
-of the gateway's processes (ext_proc and Envoy, or mitmproxy) and, on Envoy, the gRPC
-streams still open to ext_proc. At the end every request must be in the ledger exactly once
-with the provider's token counts. Prints a table; exits 1 if a check fails.
+Each round opens `--streams` streamed chat completions within a second, each of which stays
+open about three seconds (so all are open together), and reads every one to its end. After
+each round it records, per host, the resident memory and open file descriptors of the
+gateway's processes (ext_proc and Envoy, or mitmproxy) and, on Envoy, the gRPC streams still
+open to ext_proc. At the end every request must be in the ledger exactly once with the
+provider's token counts. Prints a table; exits 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -24,9 +26,7 @@ import httpx
 from bench.latency import PROVIDER_KEY, _Url, new_key, start_fake
 from tests.conftest import make_config
 from tests.fakes.providers import TEXT
-from tests.harness import GatewayProcess, free_port, wait_until
-from tollgate.config.load import load_config
-from tollgate.store import open_store
+from tests.harness import GatewayProcess, free_port, ledger, wait_until
 
 BODY = {"model": "gpt-5-mini", "stream": True, "max_tokens": 64,
         "messages": [{"role": "user", "content": "soak"}]}
@@ -68,7 +68,10 @@ async def one_round(url: str, secret: str, n: int) -> tuple[list[str], int]:
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     headers = {"authorization": f"Bearer {secret}"}
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        async def stream() -> str:
+        async def stream(i: int) -> str:
+            # Opened over the first second (all are then open together): a burst of 500
+            # connects in one instant overflows mitmproxy's accept backlog.
+            await asyncio.sleep(i / n)
             async with client.stream("POST", f"{url}/v1/chat/completions", json=BODY,
                                      headers=headers) as r:
                 assert r.status_code == 200, await r.aread()
@@ -76,22 +79,12 @@ async def one_round(url: str, secret: str, n: int) -> tuple[list[str], int]:
                     pass
                 return r.headers["x-langwatch-request-id"]
 
-        results = await asyncio.gather(*(stream() for _ in range(n)), return_exceptions=True)
+        results = await asyncio.gather(*(stream(i) for i in range(n)), return_exceptions=True)
     ids = [r for r in results if isinstance(r, str)]
+    errors = Counter(f"{type(r).__name__}: {r}"[:120] for r in results if not isinstance(r, str))
+    for error, count in errors.most_common(3):
+        print(f"  {count} x {error}", flush=True)
     return ids, len(results) - len(ids)
-
-
-def ledger(config: Path) -> list:
-    settings = load_config(config).config.gateway
-
-    async def read() -> list:
-        store = open_store(settings.state, config.parent, settings.spool, owner=False)
-        try:
-            return await store.rows()
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
 
 
 def main() -> None:
@@ -108,9 +101,10 @@ def main() -> None:
     deadline = time.monotonic() + args.max_seconds
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-soak-"))
     fake_port = free_port()
-    fake = start_fake(fake_port)
+    fake = start_fake(fake_port, chunk_delay=0.2)  # each stream stays open ~3 s
     failures: list[str] = []
-    table: list[tuple[str, int, float, int, int | None, int, float]] = []
+    # host, round, RSS MB (all processes), gateway fds, Envoy fds, gRPC streams, served, s
+    table: list[tuple[str, int, float, int, int | None, int | None, int, float]] = []
     try:
         for host in args.hosts.split(","):
             config = make_config(workdir / host, _Url(f"http://127.0.0.1:{fake_port}"),
@@ -132,10 +126,11 @@ def main() -> None:
                     if failed:
                         failures.append(f"{host} round {rnd}: {failed} streams failed")
                     time.sleep(1)  # let settlements land
-                    pids = [gw.proc.pid, *children(gw.proc.pid)]
+                    envoys = children(gw.proc.pid)
                     streams = extproc_streams(admin) if host == "envoy" else None
-                    table.append((host, rnd, sum(rss_mb(p) for p in pids),
-                                  sum(fds(p) for p in pids), streams, len(ids), took))
+                    table.append((host, rnd, sum(rss_mb(p) for p in [gw.proc.pid, *envoys]),
+                                  fds(gw.proc.pid), sum(fds(p) for p in envoys) or None,
+                                  streams, len(ids), took))
             finally:
                 gw.stop()
             expected = set(served)
@@ -152,11 +147,14 @@ def main() -> None:
         fake.wait(5)
 
     print(f"\n{args.streams} concurrent streams per round; {os.cpu_count()} cores\n")
-    print(f"{'host':<10} {'round':>5} {'RSS MB':>8} {'fds':>6} {'gRPC streams':>12} "
-          f"{'served':>7} {'seconds':>8}")
-    for host, rnd, rss, nfd, streams, ok, took in table:
-        print(f"{host:<10} {rnd:>5} {rss:>8.1f} {nfd:>6} {'' if streams is None else streams:>12}"
-              f" {ok:>7} {took:>8.1f}")
+    print(f"{'host':<10} {'round':>5} {'RSS MB':>8} {'fds':>5} {'envoy fds':>9} "
+          f"{'gRPC streams':>12} {'served':>7} {'seconds':>8}")
+    for host, rnd, rss, nfd, envoy_fds, streams, ok, took in table:
+        print(f"{host:<10} {rnd:>5} {rss:>8.1f} {nfd:>5} {envoy_fds or '':>9} "
+              f"{'' if streams is None else streams:>12} {ok:>7} {took:>8.1f}")
+    print("RSS: the gateway and Envoy together; fds: the gateway process (ext_proc or "
+          "mitmproxy); Envoy's own fds are mostly its pool of upstream connections, bounded "
+          "by the peak concurrency.")
     for host in args.hosts.split(","):
         mine = [t for t in table if t[0] == host]
         if len(mine) >= 3:

@@ -36,6 +36,25 @@ def wait_until(check, timeout: float = 10.0, interval: float = 0.05, what: str =
     raise TimeoutError(f"timed out waiting for {what} (last: {last!r})")
 
 
+def ledger(config: Path) -> list:
+    """The ledger rows of the gateway that runs `config` (read as a reporting CLI would)."""
+    import asyncio
+
+    from tollgate.config.load import load_config
+    from tollgate.store import open_store
+
+    settings = load_config(config).config.gateway
+
+    async def read() -> list:
+        store = open_store(settings.state, config.parent, settings.spool, owner=False)
+        try:
+            return await store.rows()
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
 def tollgate(*args: str, config: Path, env: dict[str, str] | None = None,
              check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the real `tollgate` command."""

@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from pathlib import Path
 
 import anthropic
 import httpx
 import openai
 import pytest
 
-from tests.harness import ROOT, wait_until
-from tollgate.config.load import load_config
+from tests.harness import ROOT, ledger, wait_until
 from tollgate.ledger import LedgerRow
 from tollgate.pricing import cost_micros, load_prices
-from tollgate.store import open_store
 from tollgate.usage import Usage
 
 PRICES = load_prices(ROOT / "config" / "prices.yaml")
 RID = "x-langwatch-request-id"
-
-
-def ledger(config: Path) -> list[LedgerRow]:
-    loaded = load_config(config)
-    settings = loaded.config.gateway
-
-    async def read() -> list[LedgerRow]:
-        store = open_store(settings.state, config.parent, settings.spool, owner=False)
-        try:
-            return await store.rows()
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
 
 
 def ledger_row(gateway, request_id: str) -> LedgerRow:

@@ -107,7 +107,7 @@ class FakeProvider:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 256  # the stdlib default of 5 resets bursts of connections
+    request_queue_size = 1024  # the stdlib default of 5 resets bursts of connections
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -469,9 +469,13 @@ def main() -> None:
     parser.add_argument("--anthropic-port", type=int, default=9102)
     parser.add_argument("--openai-key", default="sk-fake-openai")
     parser.add_argument("--anthropic-key", default="sk-ant-fake")
+    parser.add_argument("--chunk-delay", type=float, default=0.0,
+                        help="seconds between streamed events (keeps streams open)")
     args = parser.parse_args()
-    o = FakeProvider("openai", args.openai_key, args.openai_port).start()
-    a = FakeProvider("anthropic", args.anthropic_key, args.anthropic_port).start()
+    o = FakeProvider("openai", args.openai_key, args.openai_port,
+                     chunk_delay=args.chunk_delay).start()
+    a = FakeProvider("anthropic", args.anthropic_key, args.anthropic_port,
+                     chunk_delay=args.chunk_delay).start()
     print(f"fake openai on {o.url} (key {args.openai_key}), fake anthropic on {a.url} "
           f"(key {args.anthropic_key})", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
