@@ -137,6 +137,7 @@ class TollgateAddon:
         self._client: httpx.AsyncClient | None = None
         self.credentials = CredentialMask()
         self.admin: AdminServer | None = None
+        self._live: weakref.WeakSet[Exchange] = weakref.WeakSet()  # forwarded, not settled
 
     def load(self, loader) -> None:
         # First in the chain, so nothing that shows or saves flows sees a credential (a
@@ -179,6 +180,8 @@ class TollgateAddon:
             body=req.raw_content or b"",
             peer=f"{flow.client_conn.peername[0]}" if flow.client_conn.peername else "",
         ))
+        if isinstance(result, Forward):
+            self._live.add(result.exchange)
         if isinstance(result, Reply):
             flow.response = http.Response.make(result.status, result.body, result.headers)
             flow.comment = _comment(result.decision)
@@ -312,6 +315,10 @@ class TollgateAddon:
             self.admin.stop()
         if self._client is not None:
             await self._client.aclose()
+        # Streams still open are cut by the shutdown: settle what they used while the store
+        # is open (mitmproxy's own error events for them come after this, too late).
+        for exchange in list(self._live):
+            exchange.finish("aborted", "the gateway shut down while the response streamed")
         if self.gateway is not None:
             await self.gateway.close()  # every finished request is recorded before exit
 

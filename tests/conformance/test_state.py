@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import signal
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 
 from tests.conformance.test_metering import PRICES, ledger
 from tests.conftest import HOSTS, make_config
+from tests.fakes.providers import Behaviour
 from tests.harness import GatewayProcess, RedisServer, tollgate, wait_until
 from tollgate.pricing import worst_case_micros
 
@@ -239,3 +241,76 @@ def test_spend_report_and_budget_status_from_the_cli(tmp_path, fake_openai, fake
     assert "gpt-5-mini" in table and "COST_USD" in table
     status = budget_status(config, budget_id)
     assert round(status["spent_usd"] * 1_000_000) == total and status["reserved_usd"] == 0
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_a_stalled_provider_times_out_and_its_hold_is_released(host, tmp_path, fake_openai,
+                                                               fake_anthropic):
+    config = configure(tmp_path, fake_openai, fake_anthropic,
+                       f"sqlite:///{tmp_path / 'state.db'}")
+    _, budget_id = key_and_budget(config, 100 * WORST_CASE)
+    tollgate("model-providers", "update", "mp_openai", "--first-byte-timeout", "1",
+             config=config)
+    policy = json.loads(tollgate(
+        "routing-policies", "create", "--scope", "ORG:acme", "--name", "stall",
+        "--model-provider", "mp_openai", "--model-provider", "mp_anthropic", "--model-map",
+        "mp_anthropic:gpt-5-mini=claude-haiku-4-5", "--format", "json", config=config).stdout)
+    secret = json.loads(tollgate(
+        "virtual-keys", "create", "--name", "stall", "--scope", "TEAM:team_eng",
+        "--routing-policy", policy["id"], "--config-json", '{"fallback": {"on": ["timeout"]}}',
+        "--format", "json", config=config).stdout)["secret"]
+    fake_openai.enqueue(Behaviour("hang", seconds=5))
+    gw = GatewayProcess(host, config, tmp_path).start()
+    try:
+        r = httpx.post(f"{gw.url}/v1/chat/completions", content=BODY, timeout=30,
+                       headers={"authorization": f"Bearer {secret}"})
+        assert r.status_code == 200 and r.headers["x-langwatch-provider"] == "mp_anthropic"
+        rid = r.headers["x-langwatch-request-id"]
+        row = wait_until(lambda: next((x for x in ledger(config) if x.request_id == rid), None),
+                         timeout=10, what="the ledger row")
+    finally:
+        gw.stop()
+    assert (row.fallback_count, row.provider) == (1, "mp_anthropic") and row.cost_micros > 0
+    status = budget_status(config, budget_id)
+    assert status["reserved_usd"] == 0  # the stalled attempt holds nothing
+    assert round(status["spent_usd"] * 1_000_000) == row.cost_micros
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_sigterm_with_open_streams_records_every_one(host, tmp_path, fake_openai,
+                                                     fake_anthropic):
+    """50 streams are open when the gateway is told to stop: each finishes or is cut
+    cleanly, and the ledger has all 50."""
+    config = configure(tmp_path, fake_openai, fake_anthropic,
+                       f"sqlite:///{tmp_path / 'state.db'}")
+    secret, _ = key_and_budget(config, 1000 * WORST_CASE)
+    fake_openai.chunk_delay = 0.15  # each stream lasts about two seconds
+    gw = GatewayProcess(host, config, tmp_path).start()
+    body = {"model": "gpt-5-mini", "stream": True, "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": "hi"}]}
+
+    async def streams() -> list[str | BaseException]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=60)) as c:
+            async def one() -> str:
+                async with c.stream("POST", f"{gw.url}/v1/chat/completions", json=body,
+                                    headers={"authorization": f"Bearer {secret}"}) as r:
+                    async for _ in r.aiter_raw():
+                        pass
+                    return r.headers["x-langwatch-request-id"]
+
+            tasks = [asyncio.create_task(one()) for _ in range(50)]
+            await asyncio.sleep(0.8)  # all open, none finished
+            gw.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        results = asyncio.run(streams())
+        assert gw.proc.wait(20) == 0
+    finally:
+        gw.stop()
+    assert all(isinstance(r, str | httpx.HTTPError) for r in results), results
+    rows = chat_rows(config)
+    assert len(rows) == 50 and len({r.request_id for r in rows}) == 50
+    finished = {r for r in results if isinstance(r, str)}
+    assert {r.outcome for r in rows if r.request_id in finished} <= {"completed"}
+    assert all(r.cost_micros > 0 for r in rows)  # cut or not, what streamed is charged
