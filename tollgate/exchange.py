@@ -24,7 +24,7 @@ from tollgate.pricing import ModelPrice, PriceTable, cost_micros
 from tollgate.request import Attempt
 from tollgate.routes import Route
 from tollgate.scopes import Lineage
-from tollgate.sse import EventFilter
+from tollgate.sse import MAX_EVENT_BYTES, CappedEvents, EventFilter
 from tollgate.telemetry import RequestTrace, log_access
 
 log = logging.getLogger("tollgate")
@@ -86,6 +86,7 @@ class Exchange:
         self.status: int | None = None
         self.meter = ResponseMeter(self.attempt.family, stream)
         self._finished = False
+        self.stream_error: str | None = None  # the gateway ended the stream itself
         self.rewriter: Rewriter | None = None  # set per response by on_response_headers
 
     @property
@@ -189,16 +190,31 @@ class Exchange:
                 return JSONTranslation(lambda body: translate.error_to(client, status, body))
             if sse:
                 if client == "openai":
-                    return translate.AnthropicToOpenAIStream(
-                        model, include_usage=self.client_wants_usage)
-                return translate.OpenAIToAnthropicStream(model)
+                    return self._capped(translate.AnthropicToOpenAIStream(
+                        model, include_usage=self.client_wants_usage))
+                return self._capped(translate.OpenAIToAnthropicStream(model))
             convert = translate.anthropic_json_to_openai if client == "openai" else \
                 translate.openai_json_to_anthropic
             return JSONTranslation(lambda body: json.dumps(convert(json.loads(body), model))
                                    .encode() if body else body)
         if a.strip_usage and (sse or content_type is None):
-            return EventFilter(usage_of.is_usage_only_chunk)
+            return self._capped(EventFilter(usage_of.is_usage_only_chunk))
         return None
+
+    def _capped(self, rewriter: Rewriter) -> CappedEvents:
+        """A stream rewriter that ends the stream with an error event in the client's shape
+        rather than hold an event of unbounded size."""
+        err = GatewayError("gateway_error", "The provider streamed an event larger than the "
+                           f"gateway handles ({MAX_EVENT_BYTES} bytes); the stream was ended "
+                           f"(request id {self.trace.request_id}).")
+        body = err.body(self.route.family)
+        ending = (b"event: error\n" if self.route.family == "anthropic" else b"") + \
+            b"data: " + body + b"\n\n"
+
+        def overflow(message: str) -> None:
+            self.stream_error = message
+
+        return CappedEvents(rewriter, ending, overflow)
 
     def on_chunk(self, data: bytes) -> bytes:
         """The tap: reads the bytes on their way to the client and returns them unchanged."""
@@ -258,6 +274,8 @@ class Exchange:
         if self._finished:
             return
         self._finished = True
+        if self.stream_error is not None:
+            outcome, error = "error", self.stream_error
         if self.breakers is not None:
             failed = self.status is None or self.status == 429 or self.status >= 500
             if failed and outcome != "abandoned":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 
@@ -96,6 +97,44 @@ class SSEParser:
 
 
 _BLOCK_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+# A rewriter holds an event until it is whole; one larger than this ends the stream.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+class CappedEvents:
+    """Bounds what a stream rewriter may hold: once an event passes `cap` bytes, the client
+    gets `ending` (an error event in its own API shape) and the rest of the stream is
+    dropped; `on_overflow` tells the exchange, which settles what was used."""
+
+    def __init__(self, inner: Any, ending: bytes, on_overflow: Callable[[str], None],
+                 cap: int = MAX_EVENT_BYTES):
+        self._inner = inner
+        self._ending = ending
+        self._on_overflow = on_overflow
+        self._cap = cap
+        self._open = 0  # bytes since the last event boundary
+        self._tail = b""  # the last bytes seen, for a boundary split across chunks
+        self.broken = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.broken:
+            return b""
+        seen = self._tail + chunk
+        last = None
+        for m in _BLOCK_END.finditer(seen):
+            last = m
+        self._open = len(seen) - last.end() if last else self._open + len(chunk)
+        self._tail = seen[-3:]
+        if self._open > self._cap:
+            self.broken = True
+            self._on_overflow(f"a streamed event passed {self._cap} bytes; the stream was "
+                              "ended")
+            return self._ending
+        return self._inner.feed(chunk)
+
+    def flush(self) -> bytes:
+        return b"" if self.broken else self._inner.flush()
 
 
 class EventFilter:

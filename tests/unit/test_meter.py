@@ -9,7 +9,7 @@ import tracemalloc
 import pytest
 
 from tollgate.meter import JSONUsageScanner, ResponseMeter
-from tollgate.sse import EventFilter, SSEParser
+from tollgate.sse import CappedEvents, EventFilter, SSEParser
 
 
 def feed_in_pieces(meter: ResponseMeter | JSONUsageScanner, body: bytes, seed: int = 1,
@@ -134,3 +134,15 @@ def test_event_filter_passes_a_long_event_whole():
     payload = b"data: " + b"y" * (2 << 20) + b"\n\n" + b"data: next\n\n"
     out = b"".join(kept.feed(payload[i:i + 1000]) for i in range(0, len(payload), 1000))
     assert out + kept.flush() == payload
+
+
+def test_a_rewriter_never_holds_an_event_past_the_cap():
+    ended: list[str] = []
+    capped = CappedEvents(EventFilter(lambda e: False), b"data: {\"error\": {}}\n\n",
+                          ended.append, cap=64 * 1024)
+    small = b"data: ok\n\n" * 3
+    assert capped.feed(small[:7]) + capped.feed(small[7:]) == small  # whole events pass
+    big = b"data: " + b"z" * (1 << 20) + b"\n\n"
+    out = b"".join(capped.feed(big[i:i + 4096]) for i in range(0, len(big), 4096))
+    assert out == b"data: {\"error\": {}}\n\n" and len(ended) == 1
+    assert capped.feed(b"data: later\n\n") == b"" and capped.flush() == b""
