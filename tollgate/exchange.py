@@ -265,6 +265,23 @@ class Exchange:
             used.input_tokens = self.billing.estimated_input_tokens
         return used
 
+    def row(self, outcome: str, used: usage_of.Usage | None = None, cost: int = 0
+            ) -> LedgerRow:
+        """This request's ledger row (before it ends: what is written ahead, in case the
+        gateway dies before it can settle)."""
+        used = used or usage_of.Usage(reported=False)
+        lin = self.billing.lineage
+        return LedgerRow(
+            request_id=self.trace.request_id, ts=datetime.now(UTC).isoformat(),
+            key_id=self.key.id, key_name=self.key.name, principal=self.key.principal,
+            org=lin.org, team=lin.team, project=lin.project, provider=self.provider_id,
+            model=self.model, route=self.route.name, input_tokens=used.input_tokens,
+            output_tokens=used.output_tokens, cached_input_tokens=used.cached_input_tokens,
+            cache_write_tokens=used.cache_write_tokens, reasoning_tokens=used.reasoning_tokens,
+            cost_micros=cost, usage_reported=used.reported, status=self.status,
+            outcome=outcome, latency_ms=round((time.monotonic() - self.started) * 1000, 1),
+            fallback_count=self.fallback_count)
+
     @property
     def finished(self) -> bool:
         return self._finished
@@ -285,17 +302,8 @@ class Exchange:
         used = self.usage()
         price = self.billing.price
         cost = cost_micros(used, price) if price is not None else 0
-        lin = self.billing.lineage
-        latency = round((time.monotonic() - self.started) * 1000, 1)
-        row = LedgerRow(
-            request_id=self.trace.request_id, ts=datetime.now(UTC).isoformat(),
-            key_id=self.key.id, key_name=self.key.name, principal=self.key.principal,
-            org=lin.org, team=lin.team, project=lin.project, provider=self.provider_id,
-            model=self.model, route=self.route.name, input_tokens=used.input_tokens,
-            output_tokens=used.output_tokens, cached_input_tokens=used.cached_input_tokens,
-            cache_write_tokens=used.cache_write_tokens, reasoning_tokens=used.reasoning_tokens,
-            cost_micros=cost, usage_reported=used.reported, status=self.status,
-            outcome=outcome, latency_ms=latency, fallback_count=self.fallback_count)
+        row = self.row(outcome, used, cost)
+        latency = row.latency_ms
         span = self.trace.span
         span.set_attributes({
             "tollgate.key": self.key.id, "tollgate.principal": self.key.principal or "",

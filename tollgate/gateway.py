@@ -150,6 +150,7 @@ class Gateway:
                                 prices=loaded.prices, breakers=self.breakers,
                                 client_wants_usage=route.name == "chat_completions"
                                 and body.stream and not ask_usage)
+            await self._admit(exchange)
             return Forward(exchange, attempts[0])
         except GatewayError as e:
             return self._error(trace, loaded, family, e, key, seen)
@@ -238,6 +239,13 @@ class Gateway:
         billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
                                 if (w := budgets.warning(h, c.committed))), None)
         return billing
+
+    async def _admit(self, exchange: Exchange) -> None:
+        """Write ahead that the request is in flight (its row survives a crash)."""
+        try:
+            await self.store().admit(exchange.row("interrupted"))
+        except StoreUnavailable as e:
+            log.warning("could not write ahead request %s: %s", exchange.trace.request_id, e)
 
     def _settle(self, exchange: Exchange, row: LedgerRow) -> None:
         """Write the ledger row and settle budgets, off the host's hot path."""

@@ -340,3 +340,68 @@ def test_oversized_body_is_refused_from_its_content_length(config, tmp_path, fak
     assert head.startswith(b"HTTP/1.1 413"), head[:200]
     assert b"payload_too_large" in head
     assert fake_openai.requests == []
+
+
+def test_extproc_killed_mid_request_fails_closed_and_loses_no_row(config, tmp_path,
+                                                                  fake_openai):
+    """SIGKILL ext_proc while a request is at the provider: Envoy refuses new requests
+    (never passes them unchecked), traffic returns when ext_proc is back, and the request
+    that was in flight has its ledger row, once."""
+    import threading
+
+    from tests.harness import ledger
+
+    secret, in_flight = new_key(config), new_key(config, "--principal", "in-flight@acme.com")
+    listen, admin = free_port(), free_port()
+    bootstrap = tmp_path / "envoy.yaml"
+    bootstrap.write_text(tollgate("envoy", "render", "--listen", f"127.0.0.1:{listen}",
+                                  "--admin", f"127.0.0.1:{admin}", config=config).stdout)
+    log = open(tmp_path / "procs.log", "wb")  # noqa: SIM115
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([str(BIN / "tollgate"), "--config", str(config), "serve",
+                                 "extproc"], stdout=log, stderr=subprocess.STDOUT)
+
+    extproc = start()
+    envoy = subprocess.Popen([envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
+                              "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{listen}/v1/chat/completions"
+
+    def post(key: str, timeout: float = 10) -> httpx.Response:
+        return httpx.post(url, json=CHAT, headers={"authorization": f"Bearer {key}"},
+                          timeout=timeout)
+
+    try:
+        wait_until(lambda: post(secret).status_code == 200, timeout=20, what="traffic")
+        fake_openai.response_delay = 1.5
+        outcome: list[object] = []
+        worker = threading.Thread(target=lambda: outcome.append(
+            _try(lambda: post(in_flight).status_code)))
+        worker.start()
+        wait_until(lambda: len(fake_openai.requests) >= 2, timeout=5, what="the provider")
+        extproc.kill()
+        extproc.wait(5)
+        down = post(secret)
+        assert down.status_code == 503 and down.json()["error"]["code"] == "gateway_unavailable"
+        worker.join(10)
+        fake_openai.response_delay = 0
+        extproc = start()
+        wait_until(lambda: post(secret).status_code == 200, timeout=20, what="recovery")
+        assert envoy.poll() is None  # the same Envoy throughout
+    finally:
+        extproc.terminate()
+        extproc.wait(10)
+        envoy.terminate()
+        envoy.wait(10)
+        log.close()
+    rows = [r for r in ledger(config) if r.principal == "in-flight@acme.com"
+            and r.route == "chat_completions"]
+    assert len(rows) == 1, (rows, outcome)
+    assert rows[0].outcome == "interrupted"
+
+
+def _try(fn):
+    try:
+        return fn()
+    except httpx.HTTPError as e:
+        return e

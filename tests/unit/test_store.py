@@ -185,3 +185,49 @@ def test_renewed_holds_outlive_their_lease(short_leases):
         await store.close()
 
     asyncio.run(scenario())
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_request_in_flight_when_its_gateway_died_still_leaves_its_row(kind, tmp_path):
+    """Written ahead at admission: a gateway killed mid-request never settles it, and the
+    next gateway on the same state records it as interrupted, once."""
+    server = RedisServer(tmp_path / "redis").start() if kind == "redis" else None
+
+    def open_owner():
+        if server is None:
+            return SQLiteStore(tmp_path / "state.db")
+        return Spooled(RedisStore(server.url), tmp_path / "spool.db")
+
+    async def scenario():
+        first = open_owner()
+        await first.admit(row("r_killed", 0))
+        await first.admit(row("r_done", 0))
+        await first.finish([], 0, row("r_done", 30))
+        # The process dies here: r_killed is never settled. Make its owner a dead process.
+        db = first.db
+        db.execute("UPDATE inflight SET pid = ?", (dead_pid(),))
+        await first.close()
+        second = open_owner()
+        if isinstance(second, Spooled):
+            await second.flush()
+        rows = {r.request_id: r for r in await second.rows()}
+        assert set(rows) == {"r_killed", "r_done"} and rows["r_done"].cost_micros == 30
+        third = open_owner()  # a second restart changes nothing
+        assert len(await third.rows()) == 2
+        for store in (second, third):
+            await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        if server is not None:
+            server.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,16 +16,7 @@ from tollgate.config.load import load_config
 from tollgate.config.problems import ConfigError
 from tollgate.config.watch import file_digest, run_dir
 from tollgate.store import StoreUnavailable, open_store
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from tollgate.store.base import process_alive
 
 
 def running_gateways(path: Path) -> list[dict[str, Any]]:
@@ -37,7 +27,7 @@ def running_gateways(path: Path) -> list[dict[str, Any]]:
             doc = json.loads(report.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(doc, dict) or not _alive(int(doc.get("pid", 0))):
+        if not isinstance(doc, dict) or not process_alive(int(doc.get("pid", 0))):
             report.unlink(missing_ok=True)
             continue
         out.append(doc)

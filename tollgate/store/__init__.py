@@ -28,5 +28,5 @@ def open_store(url: str, config_dir: Path, spool: str, owner: bool = True,
 
         spool_path = Path(spool)
         return Spooled(RedisStore(url, lease_seconds), spool_path if spool_path.is_absolute()
-                       else config_dir / spool_path)
+                       else config_dir / spool_path, owner=owner)
     raise ValueError(f"unsupported state store {url!r}: use sqlite:///path or redis://host")

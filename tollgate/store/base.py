@@ -3,12 +3,23 @@ with the ledger row, and reads for status and reports."""
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class StoreUnavailable(Exception):
@@ -48,6 +59,10 @@ class Store(ABC):
     @abstractmethod
     async def rows(self, since: datetime | None = None,
                    until: datetime | None = None) -> list[LedgerRow]: ...
+
+    async def admit(self, row: LedgerRow) -> None:  # noqa: B027 - optional
+        """Write ahead that a request is in flight (`row`, outcome `interrupted`), so a
+        gateway that dies before settling it still leaves its row when it starts again."""
 
     async def renew(self, leases: list[tuple[str, list[str], int]]) -> None:  # noqa: B027
         """Extend the holds of requests still in flight, (request_id, counters, amount),

@@ -7,25 +7,45 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 from datetime import datetime
 from pathlib import Path
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
-from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable
+from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable, process_alive
 
 log = logging.getLogger("tollgate.store")
 
 
 class Spooled(Store):
-    def __init__(self, inner: Store, path: Path | str):
+    def __init__(self, inner: Store, path: Path | str, owner: bool = True):
         self.inner = inner
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY "
                         "AUTOINCREMENT, counters TEXT, reserved INTEGER, row TEXT)")
+        # Requests this node has in flight: written ahead on its own disk.
+        self.db.execute("CREATE TABLE IF NOT EXISTS inflight (request_id TEXT PRIMARY KEY, "
+                        "pid INTEGER NOT NULL, row TEXT NOT NULL)")
+        if owner:
+            self._recover()
+
+    def _recover(self) -> None:
+        """Rows of requests a dead gateway on this node had in flight are spooled, so they
+        reach the shared ledger with the next replay."""
+        for request_id, pid, row in self.db.execute(
+                "SELECT request_id, pid, row FROM inflight").fetchall():
+            if not process_alive(pid):
+                self.db.execute("INSERT INTO spool (counters, reserved, row) VALUES "
+                                "('[]', 0, ?)", (row,))
+                self.db.execute("DELETE FROM inflight WHERE request_id = ?", (request_id,))
+
+    async def admit(self, row: LedgerRow) -> None:
+        self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, row) VALUES "
+                        "(?, ?, ?)", (row.request_id, os.getpid(), json.dumps(row.to_dict())))
 
     def pending(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]
@@ -47,6 +67,7 @@ class Spooled(Store):
         return await self.inner.reserve(request_id, holds, amount)
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
+        self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
         try:
             if self.pending():
                 await self.flush()  # keep the ledger in order

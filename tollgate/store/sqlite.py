@@ -7,6 +7,8 @@ another writer (a CLI, a second process on the same file).
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
-from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable
+from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable, process_alive
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budget_counters (
@@ -32,6 +34,9 @@ CREATE TABLE IF NOT EXISTS ledger (
     fallback_count INTEGER, code TEXT
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
+CREATE TABLE IF NOT EXISTS inflight (    -- written ahead, removed when the request settles
+    request_id TEXT PRIMARY KEY, pid INTEGER NOT NULL, row TEXT NOT NULL
+);
 """
 _COLUMNS = [c for c in LedgerRow.__dataclass_fields__]
 
@@ -52,6 +57,27 @@ class SQLiteStore(Store):
             self.db.execute("ALTER TABLE ledger ADD COLUMN code TEXT")
         if owner:
             self.db.execute("UPDATE budget_counters SET reserved = 0 WHERE reserved != 0")
+            self._recover()
+
+    def _recover(self) -> None:
+        """Requests a dead gateway had in flight get their (interrupted) ledger rows."""
+        with self._transaction():
+            for request_id, pid, row in self.db.execute(
+                    "SELECT request_id, pid, row FROM inflight").fetchall():
+                if process_alive(pid):
+                    continue  # another gateway on this file is serving it
+                doc = json.loads(row)
+                self.db.execute(f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) VALUES "
+                                f"({', '.join('?' for _ in _COLUMNS)})",
+                                [doc.get(c) for c in _COLUMNS])
+                self.db.execute("DELETE FROM inflight WHERE request_id = ?", (request_id,))
+
+    async def admit(self, row: LedgerRow) -> None:
+        try:
+            self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, row) VALUES "
+                            "(?, ?, ?)", (row.request_id, os.getpid(), json.dumps(row.to_dict())))
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
     def _counter(self, name: str) -> Counter:
         row = self.db.execute("SELECT spent, reserved FROM budget_counters WHERE counter = ?",
@@ -90,6 +116,7 @@ class SQLiteStore(Store):
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
         doc = row.to_dict()
         with self._transaction():
+            self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
             inserted = self.db.execute(
                 f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) "
                 f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
