@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 import weakref
 
 import httpx
@@ -30,6 +31,7 @@ from tollgate.secrets import CREDENTIAL_HEADERS, mask
 
 log = logging.getLogger("tollgate.mitmproxy")
 _META = "tollgate"
+_REFUSED = "tollgate_refused"  # answered from the headers, by the refusal sink
 
 
 def _comment(decision: dict) -> str:
@@ -131,6 +133,61 @@ class CredentialMask:
         self._mask(flow)
 
 
+class RefusalSink:
+    """Answers a request refused from its headers alone (a body over the cap), while the
+    client may still be sending that body.
+
+    mitmproxy cannot answer a request before it has read the whole body, so such a request
+    is pointed here instead, its body streamed rather than held: this loopback server reads
+    the head, writes the gateway's reply at once, then reads the body into nothing (a client
+    that sends its whole body before it reads gets its answer too) and closes."""
+
+    HEADER = "x-tollgate-refusal"
+
+    def __init__(self) -> None:
+        self.replies: dict[str, Reply] = {}
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def send_here(self, flow: http.HTTPFlow, reply: Reply) -> None:
+        token = uuid.uuid4().hex
+        self.replies[token] = reply
+        req = flow.request
+        req.scheme, req.host, req.port = "http", "127.0.0.1", self.port
+        req.headers[self.HEADER] = token
+        req.stream = True  # through mitmproxy without being held, into _answer's drain
+
+    async def _answer(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            token = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                          if line.lower().startswith(self.HEADER.encode() + b":")), "")
+            reply = self.replies.pop(token, None)
+            if reply is None:
+                return
+            response = http.Response.make(reply.status, reply.body,
+                                          {**reply.headers, "connection": "close"})
+            writer.write(mitm_http1.assemble_response(response))
+            await writer.drain()
+            async with asyncio.timeout(120):  # a client that stops sending is let go
+                while await reader.read(1 << 16):
+                    pass
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
+                TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
 class TollgateAddon:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
@@ -138,6 +195,7 @@ class TollgateAddon:
         self.credentials = CredentialMask()
         self.admin: AdminServer | None = None
         self._live: weakref.WeakSet[Exchange] = weakref.WeakSet()  # forwarded, not settled
+        self.sink = RefusalSink()
 
     def load(self, loader) -> None:
         # First in the chain, so nothing that shows or saves flows sees a credential (a
@@ -151,7 +209,24 @@ class TollgateAddon:
         loader.add_option("tollgate_admin", str, "",
                           "HOST:PORT for tollgate's /healthz, /readyz and /metrics.")
 
-    def running(self) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """A body announced over the cap is refused from the headers alone."""
+        declared = flow.request.headers.get("content-length", "")
+        if self.gateway is None or not declared.isdigit() or \
+                int(declared) <= self.gateway.max_body_bytes:
+            return
+        req = flow.request
+        result = await self.gateway.handle(Request(
+            method=req.method, path=req.path, headers=self.credentials.client_headers(flow),
+            body=b"", declared_length=int(declared)))
+        if isinstance(result, Reply):
+            flow.metadata[_REFUSED] = True
+            flow.comment = _comment(result.decision)
+            flow.marked = ":no_entry:"
+            self.sink.send_here(flow, result)
+
+    async def running(self) -> None:
+        await self.sink.start()
         if ctx.options.tollgate_admin and self.gateway is not None and self.admin is None:
             host, _, port = ctx.options.tollgate_admin.rpartition(":")
             self.admin = AdminServer(self.gateway, (host or "127.0.0.1", int(port)),
@@ -172,6 +247,8 @@ class TollgateAddon:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         assert self.gateway is not None
+        if flow.metadata.get(_REFUSED):
+            return  # answered from its headers
         req = flow.request
         result = await self.gateway.handle(Request(
             method=req.method,
@@ -311,6 +388,7 @@ class TollgateAddon:
             exchange.finish("abandoned" if _client_gone(flow) else "error", message)
 
     async def done(self) -> None:
+        self.sink.stop()
         if self.admin is not None:
             self.admin.stop()
         if self._client is not None:

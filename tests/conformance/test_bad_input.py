@@ -4,10 +4,13 @@ the gateway serving the next request."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import httpx
 import pytest
+
+from tests.harness import ledger, wait_until
 
 CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
 MSG = {"model": "claude-haiku-4-5", "max_tokens": 5,
@@ -68,6 +71,26 @@ def test_wrong_content_type(gateway, key, fake_openai):
     assert_refused(r, 400, "invalid_request")
     assert "content-type" in r.json()["error"]["message"].lower()
     assert fake_openai.requests == []
+    still_serving(gateway, key)
+
+
+def test_oversized_body_is_refused_from_its_content_length(gateway, key, fake_openai):
+    """The client announces 64 MiB and sends a byte: the answer comes from the headers
+    alone (a gateway waiting for the body would hang until the client gives up)."""
+    with socket.create_connection(("127.0.0.1", gateway.process.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                  b"authorization: Bearer " + key.secret.encode() + b"\r\n"
+                  b"content-type: application/json\r\ncontent-length: 67108864\r\n\r\n{")
+        head = b""
+        while b"payload_too_large" not in head and (chunk := s.recv(65536)):
+            head += chunk
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert b"payload_too_large" in head
+    assert fake_openai.requests == []
+    rid = re.search(rb"x-langwatch-request-id: (\S+)", head, re.I).group(1).decode()
+    rows = wait_until(lambda: [r for r in ledger(gateway.config) if r.request_id == rid],
+                      timeout=5, what="the refusal's row")
+    assert [(r.status, r.code) for r in rows] == [(413, "payload_too_large")]
     still_serving(gateway, key)
 
 
