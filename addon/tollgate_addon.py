@@ -215,15 +215,20 @@ class TollgateAddon:
         if self.gateway is None or not declared.isdigit() or \
                 int(declared) <= self.gateway.max_body_bytes:
             return
-        req = flow.request
-        result = await self.gateway.handle(Request(
-            method=req.method, path=req.path, headers=self.credentials.client_headers(flow),
-            body=b"", declared_length=int(declared)))
+        result = await self.gateway.handle(self._core_request(flow, b"", int(declared)))
         if isinstance(result, Reply):
             flow.metadata[_REFUSED] = True
             flow.comment = _comment(result.decision)
             flow.marked = ":no_entry:"
             self.sink.send_here(flow, result)
+
+    def _core_request(self, flow: http.HTTPFlow, body: bytes,
+                      declared_length: int | None = None) -> Request:
+        req = flow.request
+        return Request(method=req.method, path=req.path,
+                       headers=self.credentials.client_headers(flow), body=body,
+                       peer=f"{flow.client_conn.peername[0]}" if flow.client_conn.peername
+                       else "", declared_length=declared_length)
 
     async def running(self) -> None:
         await self.sink.start()
@@ -249,14 +254,8 @@ class TollgateAddon:
         assert self.gateway is not None
         if flow.metadata.get(_REFUSED):
             return  # answered from its headers
-        req = flow.request
-        result = await self.gateway.handle(Request(
-            method=req.method,
-            path=req.path,
-            headers=self.credentials.client_headers(flow),
-            body=req.raw_content or b"",
-            peer=f"{flow.client_conn.peername[0]}" if flow.client_conn.peername else "",
-        ))
+        result = await self.gateway.handle(
+            self._core_request(flow, flow.request.raw_content or b""))
         if isinstance(result, Forward):
             self._live.add(result.exchange)
         if isinstance(result, Reply):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from tollgate.config.lint import missing_credentials
 from tollgate.config.watch import file_digest
 
 if TYPE_CHECKING:
@@ -31,9 +31,7 @@ def readiness(gateway: Gateway, loop: asyncio.AbstractEventLoop | None) -> list[
         problems.append(f"config reload rejected, serving an older config: {holder.last_error}")
     elif holder.status.get("loaded_sha256") != file_digest(holder.path):
         problems.append("the config file changed and is not loaded yet")
-    for p in holder.current.config.model_providers:
-        if p.api_key_env and not os.environ.get(p.api_key_env):
-            problems.append(f"model provider {p.id}: {p.api_key_env} is not set")
+    problems += missing_credentials(holder.current.config)
     if loop is not None and loop.is_running():
         ping = asyncio.run_coroutine_threadsafe(gateway.store().ping(), loop)
         try:

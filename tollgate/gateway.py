@@ -134,7 +134,7 @@ class Gateway:
                                    seen=seen)
             bodies.check_content_type(req.headers.get("content-type"))
             body = bodies.parse(route, req.body)
-            seen["model"] = body.model
+            seen["model"] = body.model  # as asked; as resolved once the alias applies
             model = policy.resolve_model(key, body.model) if body.model else None
             seen["model"] = model
             policy.check_tools(key, body.tools)

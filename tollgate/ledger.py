@@ -51,7 +51,7 @@ def report(rows: list[LedgerRow], by: str) -> list[dict[str, Any]]:
     """Spend grouped by one dimension, largest first. Requests the gateway answered itself
     (refusals, model lists) spent nothing and are left out; the ledger keeps them."""
     attr = REPORT_DIMENSIONS[by]
-    rows = [r for r in rows if r.code is None and r.outcome not in ("refused", "answered")]
+    rows = [r for r in rows if r.outcome not in ("refused", "answered")]
     groups: dict[str, dict[str, Any]] = defaultdict(lambda: {
         "requests": 0, "input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0,
         "cache_write_tokens": 0, "cost_micros": 0, "estimated": 0})

@@ -91,9 +91,9 @@ class StreamUsage:
         except ValueError:
             return
         if isinstance(doc, dict):
-            self.add_doc(doc)
+            self._add_doc(doc)
 
-    def add_doc(self, doc: dict[str, Any]) -> None:
+    def _add_doc(self, doc: dict[str, Any]) -> None:
         kind = doc.get("type", "")
         if self.family == "anthropic":
             if kind == "message_start":
@@ -134,14 +134,6 @@ class StreamUsage:
             usage.reported = False
             usage.output_tokens = max(usage.output_tokens, estimate_tokens(self.streamed_chars))
         return usage
-
-
-def from_events(family: str, events: list[Event]) -> Usage:
-    """Usage from a whole SSE stream's events."""
-    counted = StreamUsage(family)
-    for event in events:
-        counted.add(event)
-    return counted.result()
 
 
 def is_usage_only_chunk(event: Event) -> bool:

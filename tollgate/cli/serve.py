@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from tollgate.cli.common import config_path
-from tollgate.config.lint import warnings
+from tollgate.config.lint import missing_credentials, warnings
 from tollgate.config.load import load_config
 from tollgate.config.problems import ConfigError
 
@@ -209,10 +208,8 @@ def validate(ctx: click.Context) -> None:
         click.echo(str(e), err=True)
         sys.exit(1)
     cfg = loaded.config
-    for p in cfg.model_providers:
-        if p.api_key_env and not os.environ.get(p.api_key_env):
-            click.echo(f"warning: model provider {p.id}: {p.api_key_env} is not set in this "
-                       "environment", err=True)
+    for line in missing_credentials(cfg):
+        click.echo(f"warning: {line} in this environment", err=True)
     for line in warnings(loaded):
         click.echo(f"warning: {line}", err=True)
     click.echo(f"{path}: ok ({len(cfg.model_providers)} model providers, "

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from tollgate.cli.common import config_path, format_option
-from tollgate.config.load import load_config
+from tollgate.config.load import LoadedConfig, load_config
 from tollgate.config.problems import ConfigError
 from tollgate.config.watch import file_digest, run_dir
 from tollgate.store import StoreUnavailable, open_store
@@ -34,13 +34,9 @@ def running_gateways(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _store_check(path: Path) -> tuple[str | None, str | None]:
-    """(state URL, problem) for the store the config on disk names."""
-    try:
-        loaded = load_config(path)
-    except ConfigError:
-        return None, None  # reported as the file's own problem
-    settings = loaded.config.gateway
+def _store_check(loaded: LoadedConfig) -> str | None:
+    """Why the store the config names cannot be reached, if it cannot."""
+    settings, path = loaded.config.gateway, loaded.path
 
     async def ping() -> None:
         store = open_store(settings.state, path.parent, settings.spool, owner=False)
@@ -52,8 +48,8 @@ def _store_check(path: Path) -> tuple[str | None, str | None]:
     try:
         asyncio.run(ping())
     except (StoreUnavailable, OSError) as e:
-        return settings.state, str(e)
-    return settings.state, None
+        return str(e)
+    return None
 
 
 @click.command()
@@ -67,13 +63,14 @@ def status(ctx: click.Context, fmt: str) -> None:
     path = config_path(ctx)
     digest = file_digest(path)
     problems: list[str] = []
+    state = store_error = file_error = None
     try:
-        load_config(path)
-        file_error = None
+        loaded = load_config(path)
     except ConfigError as e:
         file_error = str(e)
         problems.append(f"the config file is invalid:\n{e}")
-    state, store_error = _store_check(path)
+    else:
+        state, store_error = loaded.config.gateway.state, _store_check(loaded)
     if store_error:
         problems.append(f"state store unreachable: {store_error}")
     gateways = running_gateways(path)

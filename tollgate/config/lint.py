@@ -5,20 +5,28 @@ config still loads, and `tollgate config validate` and every CLI edit say what i
 from __future__ import annotations
 
 import fnmatch
+import os
 from typing import Any
 
 from tollgate.config.load import LoadedConfig, field_name, line_of, read_yaml
 from tollgate.config.problems import ConfigError, Problem
-from tollgate.config.schema import Config
+from tollgate.config.schema import Config, ModelProvider
 from tollgate.pricing import PriceTable
+from tollgate.routing import visible_scopes
 from tollgate.scopes import lineage
 
 Location = tuple[Any, ...]
 
 
-def _visible_providers(cfg: Config, scope: str) -> list[Any]:
-    seen = lineage(cfg, scope).scopes() | {scope}
+def _visible_providers(cfg: Config, scope: str) -> list[ModelProvider]:
+    seen = visible_scopes(cfg, scope)
     return [p for p in cfg.model_providers if p.scope in seen]
+
+
+def missing_credentials(cfg: Config) -> list[str]:
+    """Providers whose key variable is not set in this process's environment."""
+    return [f"model provider {p.id}: {p.api_key_env} is not set"
+            for p in cfg.model_providers if p.api_key_env and not os.environ.get(p.api_key_env)]
 
 
 def idle_controls(cfg: Config, prices: PriceTable) -> list[tuple[Location, str]]:

@@ -56,7 +56,7 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError([Problem(str(path), None, "", f"cannot read the file: "
                                    f"{e.strerror or e}")]) from None
     except UnicodeDecodeError as e:
-        line = text_line(path, e.start)
+        line = e.object[: e.start].count(b"\n") + 1
         raise ConfigError([Problem(str(path), line, "", "not valid UTF-8 (byte "
                                    f"{e.object[e.start]:#04x} at offset {e.start})")]) from None
     except MarkedYAMLError as e:
@@ -69,14 +69,6 @@ def read_yaml(path: Path) -> Any:
                                    "not allowed in YAML")]) from None
     except YAMLError as e:
         raise ConfigError([Problem(str(path), None, "", f"YAML: {e}")]) from None
-
-
-def text_line(path: Path, offset: int) -> int | None:
-    """1-based line holding byte `offset` of the file."""
-    try:
-        return path.read_bytes()[:offset].count(b"\n") + 1
-    except OSError:
-        return None
 
 
 def line_of(doc: Any, loc: tuple[Any, ...]) -> int | None:

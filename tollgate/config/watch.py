@@ -56,7 +56,7 @@ def _now() -> str:
 class ConfigHolder:
     """The last good config, replaced atomically when a valid edit lands."""
 
-    def __init__(self, path: Path | str, interval: float = 0.25, report: bool = True):
+    def __init__(self, path: Path | str, interval: float = 0.25):
         self.path = Path(path)
         self.interval = interval
         before = _signature([self.path])
@@ -67,7 +67,6 @@ class ConfigHolder:
             "pid": os.getpid(), "config": str(self.path.resolve()), "started_at": _now(),
             "loaded_at": _now(), "loaded_sha256": digest, "reloads": 0, "reload_failures": 0,
             "last_error": None, "last_error_at": None}
-        self._report = report
         self._preparers: list[Callable[[LoadedConfig], None]] = []
         self._appliers: list[Callable[[LoadedConfig, LoadedConfig], None]] = []
         prices = self.path.parent / self.current.config.gateway.prices
@@ -92,9 +91,9 @@ class ConfigHolder:
 
     def start(self) -> None:
         if self._thread is None:
-            self._write_status()
             self._thread = threading.Thread(target=self._run, name="tollgate-config",
                                             daemon=True)
+            self._write_status()
             self._thread.start()
 
     def stop(self) -> None:
@@ -116,6 +115,7 @@ class ConfigHolder:
         if state == self._seen:
             return False
         self._seen = state
+        digest = file_digest(self.path)  # before the load, like `state`
         try:
             loaded = load_config(self.path)
         except ConfigError as e:
@@ -137,7 +137,7 @@ class ConfigHolder:
                 apply(old, loaded)
             except Exception:
                 log.exception("applying the new config failed")
-        self.status.update(loaded_at=_now(), loaded_sha256=file_digest(self.path),
+        self.status.update(loaded_at=_now(), loaded_sha256=digest,
                            reloads=self.status["reloads"] + 1, last_error=None)
         self._write_status()
         log.info("config reloaded from %s", self.path)
@@ -153,9 +153,9 @@ class ConfigHolder:
         return run_dir(self.path) / f"{os.getpid()}.json"
 
     def _write_status(self) -> None:
-        """Tell `tollgate status` what this process serves (best effort: a read-only config
-        directory only loses the report)."""
-        if not self._report:
+        """Tell `tollgate status` what this process serves, while it watches (best effort: a
+        read-only config directory only loses the report)."""
+        if self._thread is None:
             return
         path = self._status_path()
         try:

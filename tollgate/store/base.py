@@ -13,6 +13,8 @@ from tollgate.ledger import LedgerRow
 
 
 def process_alive(pid: int) -> bool:
+    if pid <= 0:  # 0 and -1 would signal a whole process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
