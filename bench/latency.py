@@ -4,10 +4,11 @@
 
 A fake OpenAI provider runs in its own process; the same chat-completions request is sent
 directly to it and through each gateway host, sequentially and at a given concurrency, with
-keep-alive connections. Each host is measured three ways: a plain key; a key with fallback
-whose first provider answers (`+fb`); and one whose first provider refuses connections, so
-every request falls back (`+fb-down`). Prints p50/p99 per path, what the gateway adds, and
-the ratio.
+keep-alive connections. Each host is measured four ways: a plain key; a key with RPM, TPM
+and RPD limits it never reaches (`+limits`); a key with fallback whose first provider
+answers (`+fb`); and one whose first provider refuses connections, so every request falls
+back (`+fb-down`). Prints p50/p99 per path, what the gateway adds, and the ratio, then what
+the limits add over the plain key.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ def main() -> None:
              "ORG:acme", "--base-url", f"http://127.0.0.1:{free_port()}", "--api-key-env",
              "FAKE_OPENAI_KEY", config=config)
     keys = {"": new_key(config),
+            "+limits": new_key(config, "--rpm", "10000000", "--tpm", "10000000000", "--rpd",
+                               "1000000000"),
             "+fb": fallback_key(config, "mp_openai", "mp_down"),
             "+fb-down": fallback_key(config, "mp_down", "mp_openai")}
     paths: dict[str, tuple[str, dict[str, str]]] = {
@@ -163,6 +166,14 @@ def main() -> None:
         print(f"{name:<18} {sp50:>8.2f} {sp99:>8.2f} {sp50 - bp50:>7.2f} {sp99 - bp99:>7.2f} "
               f"{sp50 / bp50:>6.2f} | {cp50:>7.2f} {cp99:>7.2f} {cp50 - bc50:>7.2f} "
               f"{cp50 / bc50:>6.2f} {rps:>7.0f}")
+    by_name = {name: (seq, conc) for name, seq, conc, _ in rows}
+    print()
+    for host in args.hosts.split(","):
+        (plain_seq, plain_conc), (lim_seq, lim_conc) = by_name[host], by_name[host + "+limits"]
+        added_seq = statistics.median(lim_seq) - statistics.median(plain_seq)
+        added_conc = statistics.median(lim_conc) - statistics.median(plain_conc)
+        print(f"{host}: RPM+TPM+RPD limits add {added_seq:+.3f} ms at p50 sequential, "
+              f"{added_conc:+.3f} ms at p50 with concurrency {args.concurrency}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import certifi
 
 from extproc import fallback
+from tollgate import ratelimit
 from tollgate.config.schema import Config, ModelProvider
 from tollgate.errors import GatewayError
 from tollgate.request import MAX_HEADER_BYTES
@@ -350,6 +351,12 @@ def route_config(cfg: Config) -> dict[str, Any]:
                             "value": f"%DYNAMIC_METADATA({METADATA_NS}:{key})%"},
                  "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
                 for key, suffix in METADATA_HEADERS.items()
+            ] + [
+                # The key's rate-limit headers, in place of the provider's own when it has
+                # limits (absent metadata adds nothing).
+                {"header": {"key": name, "value": f"%DYNAMIC_METADATA({METADATA_NS}:{name})%"},
+                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                for name in ratelimit.HEADER_NAMES
             ],
         }],
     }

@@ -80,9 +80,11 @@ def metadata(exchange: Exchange) -> struct_pb2.Struct:
     fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
               "span_id": trace.span_id, "family": exchange.route.family}
     if len(exchange.attempts) == 1:  # else each attempt's response names its provider
-        fields |= {"fallback_count": "0", "provider": exchange.provider_id}
+        fields |= {"fallback_count": str(exchange.fallback_count),
+                   "provider": exchange.provider_id}
     if exchange.billing.warning:
         fields["budget_warning"] = exchange.billing.warning
+    fields |= exchange.billing.rate_headers
     doc.update({METADATA_NS: fields})
     return doc
 

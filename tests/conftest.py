@@ -101,6 +101,17 @@ class Gateway:
         self.wait_for_key(key, lambda status: status != 401)
         return key
 
+    def wait_for_config(self, timeout: float = 3.0) -> None:
+        """Until this gateway serves the config file as it is on disk (`tollgate status`)."""
+        pid = self.process.proc.pid
+
+        def current() -> bool:
+            out = self.cli("status", "--format", "json", check=False)
+            return any(g["pid"] == pid and not g["stale"]
+                       for g in json.loads(out.stdout)["gateways"])
+
+        wait_until(current, timeout=timeout, what=f"{self.host} gateway to load the config")
+
     def wait_for_key(self, key: Key, ok, timeout: float = 2.0) -> None:
         """Poll GET /v1/models with the key until `ok(status)` (config reload is polled)."""
         def check() -> bool:

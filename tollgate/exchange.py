@@ -46,6 +46,11 @@ class Billing:
     reserved: int = 0  # micro-dollars held in each of them
     estimated_input_tokens: int = 0  # for a stream cut off before the provider's usage
     warning: str | None = None
+    # Rate limits: the TPM counters it entered with its estimate, and the key's
+    # rate-limit headers in the client's family.
+    token_counters: list[str] = field(default_factory=list)
+    reserved_tokens: int = 0
+    rate_headers: dict[str, str] = field(default_factory=dict)
 
 
 class JSONTranslation:
@@ -68,7 +73,7 @@ class Exchange:
                  requested_model: str | None, attempts: list[Attempt], stream: bool,
                  billing: Billing, settle: Callable[[Exchange, LedgerRow], None],
                  prices: PriceTable | None = None, client_wants_usage: bool = False,
-                 breakers: Breakers | None = None) -> None:
+                 breakers: Breakers | None = None, skipped: list[str] | None = None) -> None:
         self.trace = trace
         self.prefix = prefix
         self.route = route
@@ -88,6 +93,9 @@ class Exchange:
         self._finished = False
         self.stream_error: str | None = None  # the gateway ended the stream itself
         self.rewriter: Rewriter | None = None  # set per response by on_response_headers
+        # Why the request moved past providers, in order ("mp_a:rate_limit (rpm 2)"): those
+        # skipped before dispatch, then the attempts that failed.
+        self.fallbacks: list[str] = list(skipped or [])
 
     @property
     def attempt(self) -> Attempt:
@@ -95,7 +103,7 @@ class Exchange:
 
     @property
     def fallback_count(self) -> int:
-        return self.index
+        return len(self.fallbacks)
 
     @property
     def provider_id(self) -> str:
@@ -136,6 +144,7 @@ class Exchange:
                  self.provider_id, self.attempts[self.index + 1].provider_id)
         if self.breakers is not None:
             self.breakers.failure(self.provider_id)
+        self.fallbacks.append(f"{self.provider_id}:{reason}")
         self.index += 1
         if self._prices is not None:
             self.billing.price = self._prices.lookup(self.model) or self.billing.price
@@ -166,7 +175,7 @@ class Exchange:
         headers = self.trace.headers(self.prefix, self.provider_id, self.fallback_count)
         if self.billing.warning:
             headers[f"{self.prefix}Budget-Warning"] = self.billing.warning
-        return headers
+        return {**headers, **self.billing.rate_headers}
 
     def on_response_headers(self, status: int, headers: Mapping[str, str]) -> dict[str, str]:
         """Record the response's start; `headers` may lack content-type (a host that cannot
@@ -280,7 +289,7 @@ class Exchange:
             cache_write_tokens=used.cache_write_tokens, reasoning_tokens=used.reasoning_tokens,
             cost_micros=cost, usage_reported=used.reported, status=self.status,
             outcome=outcome, latency_ms=round((time.monotonic() - self.started) * 1000, 1),
-            fallback_count=self.fallback_count)
+            fallback_count=self.fallback_count, fallbacks=", ".join(self.fallbacks) or None)
 
     @property
     def finished(self) -> bool:

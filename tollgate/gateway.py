@@ -1,9 +1,10 @@
 """The request's path through the core, in one place.
 
 request id & trace -> route -> size cap -> key auth -> parse body -> model resolution
-(aliases, allowlist) -> tool policy -> routing plan -> first attempt -> price -> budgets
-(reserve the worst case) -> forward. When the exchange ends it settles the real cost and
-writes the ledger row. Each step is a small module; this file only orders them.
+(aliases, allowlist) -> tool policy -> routing plan -> price -> admission (rate limits and
+budgets, all or nothing; a provider at its cap is passed over) -> forward. When the
+exchange ends it settles the real cost and tokens and writes the ledger row. Each step is a
+small module; this file only orders them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import contextlib
 import json
 import logging
 import math
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from tollgate import body as bodies
-from tollgate import budgets, policy, routes, routing, telemetry, translate
+from tollgate import budgets, policy, ratelimit, routes, routing, telemetry, translate
 from tollgate.breaker import Breakers
 from tollgate.config.load import LoadedConfig
 from tollgate.config.schema import VirtualKey
@@ -29,7 +31,7 @@ from tollgate.ledger import LedgerRow
 from tollgate.pricing import worst_case_micros
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.scopes import lineage
-from tollgate.store import Store, StoreUnavailable, open_store
+from tollgate.store import Store, StoreUnavailable, TokenSettlement, open_store
 from tollgate.store.spool import Spooled
 
 log = logging.getLogger("tollgate")
@@ -142,14 +144,15 @@ class Gateway:
             # A streamed chat completion that did not ask for usage: ask for it upstream.
             ask_usage = bodies.wants_usage_chunk(route, body.doc)
             attempts = self._plan(targets, key, route, body, req, trace, settings, ask_usage)
-            billing = await self._reserve(loaded, trace.request_id, key, route, body, req,
-                                          attempts)
+            billing, skipped = await self._admit_request(loaded, trace.request_id, key, route,
+                                                         body, req, attempts)
+            attempts = attempts[len(skipped):]
             exchange = Exchange(trace=trace, prefix=settings.header_prefix, route=route, key=key,
                                 requested_model=body.model, attempts=attempts,
                                 stream=body.stream, billing=billing, settle=self._settle,
                                 prices=loaded.prices, breakers=self.breakers,
                                 client_wants_usage=route.name == "chat_completions"
-                                and body.stream and not ask_usage)
+                                and body.stream and not ask_usage, skipped=skipped)
             await self._admit(exchange)
             return Forward(exchange, attempts[0])
         except GatewayError as e:
@@ -189,12 +192,15 @@ class Gateway:
             attempts.append(attempt)
         return attempts
 
-    async def _reserve(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
-                       route: routes.Route, body: bodies.ParsedBody, req: Request,
-                       attempts: list[Attempt]) -> Billing:
-        """Price the request and hold its worst-case cost in every budget that applies: the
-        cost of the dearest model its plan may fall back to. (Models a policy maps to are
-        checked for a price when the config is loaded.)"""
+    async def _admit_request(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
+                             route: routes.Route, body: bodies.ParsedBody, req: Request,
+                             attempts: list[Attempt]) -> tuple[Billing, list[str]]:
+        """Price the request, then admit it to its rate limits and budgets in one atomic
+        step: every budget that applies holds its worst-case cost (that of the dearest model
+        its plan may fall back to), every rate limit counts it, its TPM its worst-case tokens.
+        A provider at its own cap is passed over for the next in the plan when the key falls
+        back on `rate_limit`; returns the billing and why providers were passed over.
+        (Models a policy maps to are checked for a price when the config is loaded.)"""
         cfg, settings = loaded.config, loaded.config.gateway
         model = attempts[0].model
         price = loaded.prices.lookup(model)
@@ -205,40 +211,72 @@ class Gateway:
                                "gateway.unpriced: allow).", param="model")
         prices = [p for a in attempts if (p := loaded.prices.lookup(a.model)) is not None]
         input_estimate = math.ceil(len(req.body) / 2)  # generous: a token is >= ~2 bytes
+        output_cap = bodies.max_output_tokens(route, body.doc,
+                                              settings.default_max_output_tokens)
+        metered = route.name != "count_tokens"  # counting tokens spends none
+        amount = max((worst_case_micros(input_estimate, output_cap, p) for p in prices),
+                     default=0) if metered else 0
+        tokens = input_estimate + output_cap if metered else 0
         billing = Billing(price=price, lineage=lineage(cfg, key.scope),
                           estimated_input_tokens=math.ceil(len(req.body) / 4))
         now = datetime.now(UTC)
-        holds = budgets.holds_for(cfg, key, billing.lineage, attempts[0].provider_id, now)
-        billing.counters = [h.counter for h in holds]  # settled into even if not reserved
-        if not holds or not prices or route.name == "count_tokens":
-            return billing
-        output_cap = bodies.max_output_tokens(route, body.doc,
-                                              settings.default_max_output_tokens)
-        amount = max(worst_case_micros(input_estimate, output_cap, p) for p in prices)
-        try:
-            granted = await self.store().reserve(request_id, holds, amount)
-        except StoreUnavailable as e:
-            if settings.fail_closed:
-                log.error("state store unavailable, refusing request %s: %s", request_id, e)
-                raise GatewayError(
-                    "gateway_unavailable",
-                    "The gateway's state store is unavailable and budgets are fail-closed "
-                    "(gateway.fail_closed), so the request was not forwarded. Retry shortly."
-                ) from None
-            log.warning("state store unavailable, serving %s without a reservation: %s",
-                        request_id, e)
-            return billing
-        if not granted.granted:
-            i = granted.refused_by or 0
-            raise budgets.refusal(holds[i], granted.counters[i].spent,
-                                  granted.counters[i].reserved, amount, now)
-        billing.reserved = amount
-        self._leases[request_id] = (billing.counters, amount)
-        if self._renewer is None:
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
-        billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
-                                if (w := budgets.warning(h, c.committed))), None)
-        return billing
+        providers = {p.id: p for p in cfg.model_providers}
+        key_caps = ratelimit.key_limits(key, now)
+        skipped: list[str] = []
+        for i, attempt in enumerate(attempts):
+            holds = budgets.holds_for(cfg, key, billing.lineage, attempt.provider_id, now)
+            billing.counters = [h.counter for h in holds]  # settled into even if not reserved
+            holds = holds if amount else []
+            limits = key_caps + ratelimit.provider_limits(providers[attempt.provider_id], now)
+            if not holds and not limits:
+                return billing, skipped
+            try:
+                granted = await self.store().reserve(request_id, holds, amount, limits, tokens)
+            except StoreUnavailable as e:
+                if settings.fail_closed:
+                    log.error("state store unavailable, refusing request %s: %s", request_id, e)
+                    raise GatewayError(
+                        "gateway_unavailable",
+                        "The gateway's state store is unavailable and budgets and rate limits "
+                        "are fail-closed (gateway.fail_closed), so the request was not "
+                        "forwarded. Retry shortly.") from None
+                log.warning("state store unavailable, serving %s without budgets or rate "
+                            "limits: %s", request_id, e)
+                return billing, skipped
+            clock = time.time()
+            rate_headers = ratelimit.headers(route.family, limits, granted.windows, clock)
+            if granted.granted:
+                break
+            if granted.refused_by is not None:
+                j = granted.refused_by
+                raise budgets.refusal(holds[j], granted.counters[j].spent,
+                                      granted.counters[j].reserved, amount, now)
+            over = [(limits[j], granted.windows[j]) for j in granted.refused_limits]
+            by_key = [o for o in over if o[0].scope == "key"]
+            if not by_key and "rate_limit" in key.config.fallback.on and i + 1 < len(attempts):
+                cap = over[0][0]
+                skipped.append(f"{attempt.provider_id}:rate_limit ({cap.dimension} {cap.limit})")
+                log.info("request %s: provider %s is at its %s cap, passed over for %s",
+                         request_id, attempt.provider_id, cap.dimension,
+                         attempts[i + 1].provider_id)
+                continue
+            # The limit that holds the request back longest (or that it can never fit).
+            cap, window = max(by_key or over, key=lambda o: math.inf if o[1].retry_after is None
+                              else o[1].retry_after)
+            err = ratelimit.refusal(cap, window, cap.amount(tokens), clock)
+            err.headers = {**rate_headers, **err.headers}
+            raise err
+        if holds:
+            billing.reserved = amount
+            self._leases[request_id] = (billing.counters, amount)
+            if self._renewer is None:
+                self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+            billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
+                                    if (w := budgets.warning(h, c.committed))), None)
+        billing.token_counters = [lim.counter for lim in limits if lim.tokens and lim.sliding]
+        billing.reserved_tokens = tokens
+        billing.rate_headers = rate_headers
+        return billing, skipped
 
     async def _admit(self, exchange: Exchange) -> None:
         """Write ahead that the request is in flight (its row survives a crash)."""
@@ -248,12 +286,17 @@ class Gateway:
             log.warning("could not write ahead request %s: %s", exchange.trace.request_id, e)
 
     def _settle(self, exchange: Exchange, row: LedgerRow) -> None:
-        """Write the ledger row and settle budgets, off the host's hot path."""
-        self._record(row, exchange.billing.counters, exchange.billing.reserved)
+        """Write the ledger row and settle budgets and TPM, off the host's hot path."""
+        billing = exchange.billing
+        tokens = TokenSettlement(billing.token_counters, billing.reserved_tokens,
+                                 row.input_tokens + row.cached_input_tokens
+                                 + row.cache_write_tokens + row.output_tokens) \
+            if billing.token_counters else None
+        self._record(row, billing.counters, billing.reserved, tokens)
 
     def _record(self, row: LedgerRow, counters: list[str] | None = None,
-                reserved: int = 0) -> None:
-        coro = self._finish(counters or [], reserved, row)
+                reserved: int = 0, tokens: TokenSettlement | None = None) -> None:
+        coro = self._finish(counters or [], reserved, row, tokens)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -268,10 +311,11 @@ class Gateway:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
+    async def _finish(self, counters: list[str], reserved: int, row: LedgerRow,
+                      tokens: TokenSettlement | None = None) -> None:
         self._leases.pop(row.request_id, None)
         try:
-            await self.store().finish(counters, reserved, row)
+            await self.store().finish(counters, reserved, row, tokens)
         except Exception:
             log.exception("could not record request %s: %s", row.request_id,
                           json.dumps(row.to_dict()))

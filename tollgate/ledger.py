@@ -37,6 +37,8 @@ class LedgerRow:
     latency_ms: float = 0.0
     fallback_count: int = 0
     code: str | None = None  # the gateway's error code, for a request it refused
+    # Why it moved past providers, in order: "mp_a:rate_limit (rpm 2), mp_b:5xx".
+    fallbacks: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

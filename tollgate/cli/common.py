@@ -172,3 +172,13 @@ def add_get_delete(group: click.Group, section: str, noun: str, help_delete: str
             if not doc.remove(section, ident):
                 fail(f"no {noun} with id {ident!r}")
         click.echo(f"deleted {ident}")
+
+
+def rate_limit_options(f: Any) -> Any:
+    for decorator in reversed([
+        click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute."),
+        click.option("--tpm", type=click.IntRange(min=1), help="Tokens per minute."),
+        click.option("--rpd", type=click.IntRange(min=1), help="Requests per UTC day."),
+    ]):
+        f = decorator(f)
+    return f

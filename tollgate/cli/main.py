@@ -6,6 +6,7 @@ import click
 
 from tollgate.cli.org import init, projects, teams
 from tollgate.cli.providers import model_providers, routing_policies
+from tollgate.cli.ratelimits import rate_limits
 from tollgate.cli.serve import config_group, envoy_group, serve
 from tollgate.cli.spend import gateway_budgets, spend
 from tollgate.cli.status import status
@@ -20,7 +21,7 @@ def cli(config: str | None) -> None:
 
 
 for command in (init, teams, projects, model_providers, routing_policies, virtual_keys,
-                gateway_budgets, spend, config_group, serve, envoy_group, status):
+                gateway_budgets, rate_limits, spend, config_group, serve, envoy_group, status):
     cli.add_command(command)
 
 

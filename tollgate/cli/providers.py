@@ -18,6 +18,7 @@ from tollgate.cli.common import (
     new_id,
     now_iso,
     parse_json_option,
+    rate_limit_options,
     read_section,
     warn,
 )
@@ -48,12 +49,11 @@ def _provider_fields(api_key_env: str | None, base_url: str | None, name: str | 
 
 
 def provider_options(f: Any) -> Any:
+    f = rate_limit_options(f)
     for decorator in reversed([
         click.option("--api-key-env", help="Environment variable holding the provider key."),
         click.option("--base-url", help="Origin plus optional path prefix."),
         click.option("--name"),
-        click.option("--rpm", type=int), click.option("--tpm", type=int),
-        click.option("--rpd", type=int),
         click.option("--fallback-priority", type=int, help="Lower is tried first."),
         click.option("--provider-config", help="JSON, e.g. {\"region\": \"us-east-1\"}"),
         click.option("--models", multiple=True, help="Model glob it serves; repeatable."),

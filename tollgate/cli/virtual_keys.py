@@ -20,6 +20,7 @@ from tollgate.cli.common import (
     now_iso,
     parse_duration,
     parse_json_option,
+    rate_limit_options,
     read_section,
 )
 from tollgate.config.load import read_yaml
@@ -53,6 +54,17 @@ def _key_config(text: str | None) -> dict[str, Any] | None:
         raise click.BadParameter(str(e), param_hint="--config-json") from None
 
 
+def _with_limits(config: dict[str, Any] | None, rpm: int | None, tpm: int | None,
+                 rpd: int | None) -> dict[str, Any] | None:
+    """The key's config with --rpm/--tpm/--rpd set in `rate_limits` (others kept)."""
+    given = {k: v for k, v in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd)) if v is not None}
+    if not given:
+        return config
+    config = dict(config or {})
+    config["rate_limits"] = {**(config.get("rate_limits") or {}), **given}
+    return config
+
+
 def _as_utc(value: object) -> datetime:
     ts = value if isinstance(value, datetime) else datetime.fromisoformat(
         str(value).replace("Z", "+00:00"))
@@ -73,11 +85,13 @@ def virtual_keys() -> None:
 @click.option("--models-allowed", multiple=True, help="Glob, repeatable (gpt-5*, claude-*).")
 @click.option("--config-json", help='e.g. {"model_aliases": {"fast": "gpt-5-mini"}}')
 @click.option("--expires-in", help="e.g. 30d, 12h")
+@rate_limit_options
 @format_option
 @click.pass_context
 def create(ctx: click.Context, name: str, env: str, scope: str, principal: str | None,
            routing_policy: str | None, models_allowed: tuple[str, ...],
-           config_json: str | None, expires_in: str | None, fmt: str) -> None:
+           config_json: str | None, expires_in: str | None, rpm: int | None, tpm: int | None,
+           rpd: int | None, fmt: str) -> None:
     """Mint a key. The secret is printed once and never stored."""
     try:
         parse_scope(scope)
@@ -91,7 +105,7 @@ def create(ctx: click.Context, name: str, env: str, scope: str, principal: str |
         "expires_at": iso_after(parse_duration(expires_in)) if expires_in else None,
         "routing_policy": routing_policy,
         "models_allowed": list(models_allowed) or None,
-        "config": _key_config(config_json),
+        "config": _with_limits(_key_config(config_json), rpm, tpm, rpd),
     }
     item = {k: v for k, v in item.items() if v is not None}
     with edit(ctx) as doc:
@@ -138,11 +152,13 @@ def _mutate(ctx: click.Context, key_id: str, fmt: str, **changes: Any) -> None:
 @click.option("--allow-all-models", is_flag=True, help="Remove the allowlist.")
 @click.option("--config-json", help="Replaces the key's config.")
 @click.option("--expires-in")
+@rate_limit_options
 @format_option
 @click.pass_context
 def update(ctx: click.Context, key_id: str, name: str | None, principal: str | None,
            routing_policy: str | None, models_allowed: tuple[str, ...], allow_all_models: bool,
-           config_json: str | None, expires_in: str | None, fmt: str) -> None:
+           config_json: str | None, expires_in: str | None, rpm: int | None, tpm: int | None,
+           rpd: int | None, fmt: str) -> None:
     """Change a key's settings; the secret stays the same."""
     from tollgate.config.edit import to_yaml
 
@@ -165,6 +181,9 @@ def update(ctx: click.Context, key_id: str, name: str | None, principal: str | N
             node.pop("models_allowed", None)
         if config_json is not None:
             node["config"] = to_yaml(_key_config(config_json))
+        limited = _with_limits(node.get("config"), rpm, tpm, rpd)
+        if limited is not node.get("config"):
+            node["config"] = to_yaml(limited)
         if expires_in is not None:
             node["expires_at"] = iso_after(parse_duration(expires_in))
     emit(_public(get_one(ctx, "virtual_keys", key_id)), fmt)

@@ -58,13 +58,19 @@ def idle_controls(cfg: Config, prices: PriceTable) -> list[tuple[Location, str]]
         if p.rate_limit is not None and p.id not in reachable:
             out.append((("model_providers", i, "rate_limit"), f"provider {p.id}: no active "
                         "virtual key can reach it, so its rate limit limits nothing"))
-        elif p.rate_limit is not None:
-            out.append((("model_providers", i, "rate_limit"), f"provider {p.id}: rate limits "
-                        "are not enforced by this version of tollgate"))
-    for i, k in enumerate(cfg.virtual_keys):
-        if k.config.rate_limits is not None:
-            out.append((("virtual_keys", i, "config", "rate_limits"), f"key {k.id}: rate "
-                        "limits are not enforced by this version of tollgate"))
+    # A request without max_tokens reserves default_max_output_tokens (plus its input)
+    # against TPM: a cap below that refuses every such request.
+    floor = cfg.gateway.default_max_output_tokens
+    for section, items, field in (("model_providers", cfg.model_providers, ("rate_limit",)),
+                                  ("virtual_keys", cfg.virtual_keys,
+                                   ("config", "rate_limits"))):
+        for i, item in enumerate(items):
+            caps = item.rate_limit if section == "model_providers" else \
+                item.config.rate_limits
+            if caps is not None and caps.tpm is not None and caps.tpm <= floor:
+                out.append(((section, i, *field, "tpm"), f"{item.id}: tpm {caps.tpm} is not "
+                            f"above gateway.default_max_output_tokens ({floor}), so every "
+                            "request without max_tokens is refused"))
 
     known = set(prices.models) | {m for p in cfg.model_providers for m in p.serves()
                                   if not any(c in m for c in "*?[")}

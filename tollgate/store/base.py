@@ -1,15 +1,16 @@
-"""What the gateway needs from its state: atomic budget reservations, settlement together
-with the ledger row, and reads for status and reports."""
+"""What the gateway needs from its state: one atomic admission for a request's budgets and
+rate limits, settlement together with the ledger row, and reads for status and reports."""
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
+from tollgate.ratelimit import Limit, Window
 
 
 def process_alive(pid: int) -> bool:
@@ -43,17 +44,38 @@ class Reservation:
     granted: bool
     counters: list[Counter]  # per hold, after the reservation (or as found, when refused)
     refused_by: int | None = None  # index of the first blocking hold that could not take it
+    windows: list[Window] = field(default_factory=list)  # per limit, after (or as found)
+    refused_limits: list[int] = field(default_factory=list)  # limits it did not fit under
+
+
+@dataclass(frozen=True)
+class TokenSettlement:
+    """A request's TPM entries: the estimate it was admitted with becomes what it used."""
+
+    counters: list[str]
+    reserved: int
+    used: int
 
 
 class Store(ABC):
     @abstractmethod
-    async def reserve(self, request_id: str, holds: list[Hold], amount: int) -> Reservation:
-        """All holds take `amount`, or none does (a blocking hold would pass its limit)."""
+    async def reserve(self, request_id: str, holds: list[Hold], amount: int,
+                      limits: list[Limit] | None = None, tokens: int = 0,
+                      now: float | None = None) -> Reservation:
+        """Admit a request, all or nothing: every hold takes `amount` (no blocking hold may
+        pass its limit) and every rate limit takes one request, or `tokens` for TPM (none
+        may pass its limit). `now` (epoch seconds) is for tests; the store's clock counts."""
 
     @abstractmethod
-    async def finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
-        """Release `reserved` from each budget counter, add the real cost, and write the
-        ledger row: once, atomically (replaying the same request id changes nothing)."""
+    async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
+                     tokens: TokenSettlement | None = None) -> None:
+        """Release `reserved` from each budget counter, add the real cost, settle the TPM
+        entries and write the ledger row: once, atomically (replaying the same request id
+        changes nothing)."""
+
+    @abstractmethod
+    async def windows(self, limits: list[Limit], now: float | None = None) -> list[Window]:
+        """Each limit's window as it stands (for status)."""
 
     @abstractmethod
     async def counters(self, holds: list[Hold]) -> list[Counter]: ...

@@ -11,7 +11,8 @@ from redis.exceptions import RedisError
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
-from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable
+from tollgate.ratelimit import Limit, Window, reset_after
+from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable, TokenSettlement
 
 PREFIX = "tollgate:"
 LEDGER = PREFIX + "ledger"
@@ -37,13 +38,57 @@ end
 local now = tonumber(redis.call('TIME')[1])
 """
 
-# KEYS: n counter hashes, then their n hold sets. ARGV[1]: amount; ARGV[1+i]: limit of hold
-# i (-1: not blocking); ARGV[1+n+i]: seconds until counter i may expire (0: never);
-# ARGV[2+2n]: lease seconds; ARGV[3+2n]: the hold's member (request_id:amount).
-RESERVE = REAP + """
-local amount = tonumber(ARGV[1])
-local n = #KEYS / 2
-local lease, member = tonumber(ARGV[2 + 2 * n]), ARGV[3 + 2 * n]
+# Rate limits: per limit a hash {used, newest} (milliseconds, the store's clock) and, for a
+# sliding window, a sorted set of entries `request_id:amount` scored by their time. Entries
+# older than the window are dropped (and taken off `used`) whenever the limit is read.
+LIMITS = """
+local WINDOW = 60000
+local function read_limit(total, log, sliding, now_ms)
+  if sliding then
+    local old = redis.call('ZRANGEBYSCORE', log, '-inf', now_ms - WINDOW)
+    if #old > 0 then
+      local gone = 0
+      for _, e in ipairs(old) do gone = gone + tonumber(string.match(e, ':(%d+)$')) end
+      redis.call('ZREMRANGEBYSCORE', log, '-inf', now_ms - WINDOW)
+      if redis.call('HINCRBY', total, 'used', 0 - gone) < 0 then
+        redis.call('HSET', total, 'used', 0)
+      end
+    end
+  end
+  local v = redis.call('HMGET', total, 'used', 'newest')
+  return tonumber(v[1] or '0'), tonumber(v[2] or '-1')
+end
+-- How long until `need` more fits: -2 never (need alone is over the limit).
+local function retry_after(log, sliding, used, need, limit, expire_ms, now_ms)
+  if need > limit then return -2 end
+  if not sliding then return math.max(0, expire_ms - now_ms) end
+  local excess, freed = used + need - limit, 0
+  local entries = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
+  for i = 1, #entries, 2 do
+    freed = freed + tonumber(string.match(entries[i], ':(%d+)$'))
+    if freed >= excess then return math.max(0, tonumber(entries[i + 1]) + WINDOW - now_ms) end
+  end
+  return 0
+end
+local function clock(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# Admission, all or nothing. KEYS: n budget counter hashes, their n hold sets, then per
+# rate limit its hash and its entry set. ARGV: n, m (limits), amount, lease seconds, the
+# hold's member (request_id:amount), the request id ('' only reads), the clock in ms (''
+# for Redis TIME); then per hold its limit (-1: not blocking) and the seconds until its
+# counter may expire (0: never); then per limit its limit, what this request takes, 1 for a
+# sliding window, and when a day window ends (ms).
+# Returns: the refused hold (0: none), 1 if a limit refused, the clock, spent and reserved
+# per hold, then per limit: used, its newest entry (-1: none), retry-after ms (-1: fits).
+RESERVE = REAP + LIMITS + """
+local n, m, amount = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local lease, member, request_id = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local now_ms = clock(ARGV[7])
 local spent, reserved = {}, {}
 for i = 1, n do
   reap(KEYS[i], KEYS[n + i], now)
@@ -53,26 +98,58 @@ for i = 1, n do
 end
 local refused = 0
 for i = 1, n do
-  local limit = tonumber(ARGV[1 + i])
+  local limit = tonumber(ARGV[6 + 2 * i])
   if refused == 0 and limit >= 0 and spent[i] + reserved[i] + amount > limit then
     refused = i
   end
 end
-if refused == 0 then
+local used, newest, retry, over = {}, {}, {}, 0
+for j = 1, m do
+  local total, log = KEYS[2 * n + 2 * j - 1], KEYS[2 * n + 2 * j]
+  local a = 7 + 2 * n + 4 * (j - 1)
+  local limit, need, sliding = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3] == '1'
+  used[j], newest[j] = read_limit(total, log, sliding, now_ms)
+  retry[j] = -1
+  if used[j] + need > limit then
+    over = 1
+    retry[j] = retry_after(log, sliding, used[j], need, limit, tonumber(ARGV[a + 4]), now_ms)
+  end
+end
+if refused == 0 and over == 0 and request_id ~= '' then
   for i = 1, n do
     reserved[i] = redis.call('HINCRBY', KEYS[i], 'reserved', amount)
     redis.call('ZADD', KEYS[n + i], now + lease, member)
-    local ttl = tonumber(ARGV[1 + n + i])
+    local ttl = tonumber(ARGV[7 + 2 * i])
     if ttl > 0 then
       redis.call('EXPIRE', KEYS[i], ttl)
       redis.call('EXPIRE', KEYS[n + i], ttl)
     end
   end
+  for j = 1, m do
+    local total, log = KEYS[2 * n + 2 * j - 1], KEYS[2 * n + 2 * j]
+    local a = 7 + 2 * n + 4 * (j - 1)
+    local need = tonumber(ARGV[a + 2])
+    used[j] = redis.call('HINCRBY', total, 'used', need)
+    redis.call('HSET', total, 'newest', now_ms)
+    newest[j] = now_ms
+    if ARGV[a + 3] == '1' then
+      redis.call('ZADD', log, now_ms, request_id .. ':' .. need)
+      redis.call('PEXPIRE', log, 2 * WINDOW)
+      redis.call('PEXPIRE', total, 2 * WINDOW)
+    else
+      redis.call('PEXPIREAT', total, tonumber(ARGV[a + 4]) + 86400000)
+    end
+  end
 end
-local out = {refused}
+local out = {refused, over, now_ms}
 for i = 1, n do
   table.insert(out, spent[i])
   table.insert(out, reserved[i])
+end
+for j = 1, m do
+  table.insert(out, used[j])
+  table.insert(out, newest[j])
+  table.insert(out, retry[j])
 end
 return out
 """
@@ -101,22 +178,36 @@ end
 return #KEYS
 """
 
-# KEYS[1]: settled-request marker, KEYS[2]: ledger stream, KEYS[3..2+n]: counters, then
-# their n hold sets. ARGV: reserved, cost, ledger row (JSON), marker TTL, hold member.
+# KEYS[1]: settled-request marker, KEYS[2]: ledger stream, then n budget counters, their
+# n hold sets, then per TPM limit its hash and entry set. ARGV: reserved, cost, ledger row
+# (JSON), marker TTL, hold member, n, request id, the tokens reserved, the tokens used.
 # A hold is released only if its lease is still there (an expired one was returned
-# already). The marker is set last: Redis does not roll back a script that fails half-way,
-# and a marker without its writes would make the replay of that request a no-op.
+# already); a TPM entry is settled only if it is still in its window. The marker is set
+# last: Redis does not roll back a script that fails half-way, and a marker without its
+# writes would make the replay of that request a no-op.
 FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
 local reserved = tonumber(ARGV[1])
-local n = (#KEYS - 2) / 2
+local n = tonumber(ARGV[6])
 for i = 3, 2 + n do
   redis.call('HINCRBY', KEYS[i], 'spent', ARGV[2])
   if reserved > 0 and redis.call('ZREM', KEYS[i + n], ARGV[5]) == 1 then
     if redis.call('HINCRBY', KEYS[i], 'reserved', 0 - reserved) < 0 then
       redis.call('HSET', KEYS[i], 'reserved', 0)
+    end
+  end
+end
+local estimate, used = tonumber(ARGV[8]), tonumber(ARGV[9])
+for k = 3 + 2 * n, #KEYS, 2 do
+  local entry = ARGV[7] .. ':' .. estimate
+  local score = redis.call('ZSCORE', KEYS[k + 1], entry)
+  if score then
+    redis.call('ZREM', KEYS[k + 1], entry)
+    redis.call('ZADD', KEYS[k + 1], score, ARGV[7] .. ':' .. used)
+    if redis.call('HINCRBY', KEYS[k], 'used', used - estimate) < 0 then
+      redis.call('HSET', KEYS[k], 'used', 0)
     end
   end
 end
@@ -149,22 +240,55 @@ class RedisStore(Store):
     def member(request_id: str, amount: int) -> str:
         return f"{request_id}:{amount}"
 
-    async def reserve(self, request_id: str, holds: list[Hold], amount: int) -> Reservation:
-        now = datetime.now(UTC)
-        ttls = [int((h.resets_at - now).total_seconds()) + 7 * 86400 if h.resets_at else 0
+    @staticmethod
+    def _limit_keys(counter: str) -> list[str]:
+        return [f"{PREFIX}rl:{counter}", f"{PREFIX}rl:{counter}:log"]
+
+    async def _admit(self, request_id: str, holds: list[Hold], amount: int,
+                     limits: list[Limit], tokens: int, now: float | None
+                     ) -> tuple[bool, list[Counter], int | None, list[Window], list[int]]:
+        wall = datetime.now(UTC)
+        ttls = [int((h.resets_at - wall).total_seconds()) + 7 * 86400 if h.resets_at else 0
                 for h in holds]
-        limits = [h.limit_micros if h.blocking else -1 for h in holds]
+        args: list[object] = [len(holds), len(limits), amount, self.lease_seconds,
+                              self.member(request_id, amount), request_id,
+                              "" if now is None else round(now * 1000)]
+        for h, ttl in zip(holds, ttls, strict=True):
+            args += [h.limit_micros if h.blocking else -1, ttl]
+        for lim in limits:
+            args += [lim.limit, lim.amount(tokens), int(lim.sliding),
+                     0 if lim.sliding else round(lim.expires_at(0) * 1000)]
+        keys = [*(self._key(h.counter) for h in holds), *(self._holds(h.counter) for h in holds)]
+        for lim in limits:
+            keys += self._limit_keys(lim.counter)
         try:
-            out = await self._reserve(
-                keys=[*(self._key(h.counter) for h in holds),
-                      *(self._holds(h.counter) for h in holds)],
-                args=[amount, *limits, *ttls, self.lease_seconds,
-                      self.member(request_id, amount)])
+            out = [int(v) for v in await self._reserve(keys=keys, args=args)]
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
-        refused, values = int(out[0]), [int(v) for v in out[1:]]
+        refused, over, clock = out[0], out[1], out[2] / 1000
+        values = out[3:3 + 2 * len(holds)]
         counters = [Counter(values[2 * i], values[2 * i + 1]) for i in range(len(holds))]
-        return Reservation(refused == 0, counters, refused - 1 if refused else None)
+        windows, refused_limits = [], []
+        rest = out[3 + 2 * len(holds):]
+        for j, lim in enumerate(limits):
+            used, newest, retry = rest[3 * j: 3 * j + 3]
+            last = newest / 1000 if newest >= 0 else None
+            windows.append(Window(used, reset_after(lim, last, clock),
+                                  None if retry == -2 else retry / 1000 if retry >= 0 else None))
+            if retry != -1:
+                refused_limits.append(j)
+        granted = refused == 0 and not over
+        return granted, counters, refused - 1 if refused else None, windows, refused_limits
+
+    async def reserve(self, request_id: str, holds: list[Hold], amount: int,
+                      limits: list[Limit] | None = None, tokens: int = 0,
+                      now: float | None = None) -> Reservation:
+        granted, counters, refused, windows, over = await self._admit(
+            request_id, holds, amount, limits or [], tokens, now)
+        return Reservation(granted, counters, refused, windows, over)
+
+    async def windows(self, limits: list[Limit], now: float | None = None) -> list[Window]:
+        return (await self._admit("", [], 0, limits, 0, now))[3]
 
     async def renew(self, leases: list[tuple[str, list[str], int]]) -> None:
         """Extend the leases of requests still in flight: (request_id, counters, amount)."""
@@ -180,13 +304,18 @@ class RedisStore(Store):
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
 
-    async def finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
+    async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
+                     tokens: TokenSettlement | None = None) -> None:
+        limit_keys = [k for c in (tokens.counters if tokens else []) for k in
+                      self._limit_keys(c)]
         try:
             await self._finish(
                 keys=[f"{PREFIX}settled:{row.request_id}", LEDGER,
-                      *(self._key(c) for c in counters), *(self._holds(c) for c in counters)],
+                      *(self._key(c) for c in counters), *(self._holds(c) for c in counters),
+                      *limit_keys],
                 args=[reserved, row.cost_micros, json.dumps(row.to_dict()), SETTLED_TTL,
-                      self.member(row.request_id, reserved)])
+                      self.member(row.request_id, reserved), len(counters), row.request_id,
+                      tokens.reserved if tokens else 0, tokens.used if tokens else 0])
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
 

@@ -9,12 +9,21 @@ import json
 import logging
 import os
 import sqlite3
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
-from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable, process_alive
+from tollgate.ratelimit import Limit, Window
+from tollgate.store.base import (
+    Counter,
+    Reservation,
+    Store,
+    StoreUnavailable,
+    TokenSettlement,
+    process_alive,
+)
 
 log = logging.getLogger("tollgate.store")
 
@@ -26,7 +35,9 @@ class Spooled(Store):
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY "
-                        "AUTOINCREMENT, counters TEXT, reserved INTEGER, row TEXT)")
+                        "AUTOINCREMENT, counters TEXT, reserved INTEGER, row TEXT, tokens TEXT)")
+        if "tokens" not in {c[1] for c in self.db.execute("PRAGMA table_info(spool)")}:
+            self.db.execute("ALTER TABLE spool ADD COLUMN tokens TEXT")  # an older spool
         # Requests this node has in flight: written ahead on its own disk.
         self.db.execute("CREATE TABLE IF NOT EXISTS inflight (request_id TEXT PRIMARY KEY, "
                         "pid INTEGER NOT NULL, row TEXT NOT NULL)")
@@ -53,28 +64,37 @@ class Spooled(Store):
     async def flush(self) -> int:
         """Replay spooled requests until the store refuses; returns how many went through."""
         done = 0
-        for ident, counters, reserved, row in self.db.execute(
-                "SELECT id, counters, reserved, row FROM spool ORDER BY id").fetchall():
+        for ident, counters, reserved, row, tokens in self.db.execute(
+                "SELECT id, counters, reserved, row, tokens FROM spool ORDER BY id").fetchall():
             await self.inner.finish(json.loads(counters), reserved,
-                                    LedgerRow.from_dict(json.loads(row)))
+                                    LedgerRow.from_dict(json.loads(row)),
+                                    TokenSettlement(**json.loads(tokens)) if tokens else None)
             self.db.execute("DELETE FROM spool WHERE id = ?", (ident,))
             done += 1
         if done:
             log.info("replayed %d spooled request(s) into the state store", done)
         return done
 
-    async def reserve(self, request_id: str, holds: list[Hold], amount: int) -> Reservation:
-        return await self.inner.reserve(request_id, holds, amount)
+    async def reserve(self, request_id: str, holds: list[Hold], amount: int,
+                      limits: list[Limit] | None = None, tokens: int = 0,
+                      now: float | None = None) -> Reservation:
+        return await self.inner.reserve(request_id, holds, amount, limits, tokens, now)
 
-    async def finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
+    async def windows(self, limits: list[Limit], now: float | None = None) -> list[Window]:
+        return await self.inner.windows(limits, now)
+
+    async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
+                     tokens: TokenSettlement | None = None) -> None:
         self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
         try:
             if self.pending():
                 await self.flush()  # keep the ledger in order
-            await self.inner.finish(counters, reserved, row)
+            await self.inner.finish(counters, reserved, row, tokens)
         except StoreUnavailable as e:
-            self.db.execute("INSERT INTO spool (counters, reserved, row) VALUES (?, ?, ?)",
-                            (json.dumps(counters), reserved, json.dumps(row.to_dict())))
+            self.db.execute("INSERT INTO spool (counters, reserved, row, tokens) VALUES "
+                            "(?, ?, ?, ?)", (json.dumps(counters), reserved,
+                                             json.dumps(row.to_dict()),
+                                             json.dumps(asdict(tokens)) if tokens else None))
             log.warning("state store unavailable (%s); request %s spooled for replay", e,
                         row.request_id)
 

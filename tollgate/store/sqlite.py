@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -17,7 +18,15 @@ from pathlib import Path
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
-from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable, process_alive
+from tollgate.ratelimit import SLIDING_SECONDS, Limit, Window, read_window
+from tollgate.store.base import (
+    Counter,
+    Reservation,
+    Store,
+    StoreUnavailable,
+    TokenSettlement,
+    process_alive,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budget_counters (
@@ -31,9 +40,20 @@ CREATE TABLE IF NOT EXISTS ledger (
     input_tokens INTEGER, output_tokens INTEGER, cached_input_tokens INTEGER,
     cache_write_tokens INTEGER, reasoning_tokens INTEGER, cost_micros INTEGER,
     usage_reported INTEGER, status INTEGER, outcome TEXT, latency_ms REAL,
-    fallback_count INTEGER, code TEXT
+    fallback_count INTEGER, code TEXT, fallbacks TEXT
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
+-- Rate limits: a running total per counter, and the entries of sliding windows.
+CREATE TABLE IF NOT EXISTS rate_totals (
+    counter TEXT PRIMARY KEY,           -- key:<id>:rpm | provider:<id>:rpd:<day> ...
+    used INTEGER NOT NULL DEFAULT 0,    -- requests or tokens in the window
+    newest REAL                         -- the newest entry's time (epoch seconds)
+);
+CREATE TABLE IF NOT EXISTS rate_entries (
+    counter TEXT NOT NULL, request_id TEXT NOT NULL, ts REAL NOT NULL, amount INTEGER NOT NULL,
+    PRIMARY KEY (counter, request_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rate_entries_ts ON rate_entries (counter, ts);
 CREATE TABLE IF NOT EXISTS inflight (    -- written ahead, removed when the request settles
     request_id TEXT PRIMARY KEY, pid INTEGER NOT NULL, row TEXT NOT NULL
 );
@@ -53,8 +73,10 @@ class SQLiteStore(Store):
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(ledger)")}
-        if "code" not in columns:  # a ledger written before refusals were recorded
-            self.db.execute("ALTER TABLE ledger ADD COLUMN code TEXT")
+        for added in ("code", "fallbacks"):  # a ledger written by an earlier version
+            if added not in columns:
+                self.db.execute(f"ALTER TABLE ledger ADD COLUMN {added} TEXT")
+        self._pruned_day: str | None = None
         if owner:
             self.db.execute("UPDATE budget_counters SET reserved = 0 WHERE reserved != 0")
             self._recover()
@@ -99,21 +121,73 @@ class SQLiteStore(Store):
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
-    async def reserve(self, request_id: str, holds: list[Hold], amount: int) -> Reservation:
+    def _window(self, limit: Limit, need: int, now: float) -> tuple[bool, Window]:
+        """Read one limit's window, first dropping the entries it no longer holds."""
+        counter = limit.counter
+        if limit.sliding:
+            gone = self.db.execute(
+                "SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM rate_entries "
+                "WHERE counter = ? AND ts <= ?", (counter, now - SLIDING_SECONDS)).fetchone()
+            if gone[1]:
+                self.db.execute("DELETE FROM rate_entries WHERE counter = ? AND ts <= ?",
+                                (counter, now - SLIDING_SECONDS))
+                self.db.execute("UPDATE rate_totals SET used = MAX(0, used - ?) "
+                                "WHERE counter = ?", (gone[0], counter))
+        found = self.db.execute("SELECT used, newest FROM rate_totals WHERE counter = ?",
+                                (counter,)).fetchone()
+        used, newest = found if found else (0, None)
+        return read_window(limit, used, newest, need, now, lambda: self.db.execute(
+            "SELECT ts, amount FROM rate_entries WHERE counter = ? ORDER BY ts", (counter,)))
+
+    async def reserve(self, request_id: str, holds: list[Hold], amount: int,
+                      limits: list[Limit] | None = None, tokens: int = 0,
+                      now: float | None = None) -> Reservation:
+        limits = limits or []
+        now = time.time() if now is None else now
         with self._transaction():
             found = [self._counter(h.counter) for h in holds]
             refused = next((i for i, (h, c) in enumerate(zip(holds, found, strict=True))
                             if h.blocking and c.committed + amount > h.limit_micros), None)
-            if refused is not None:
-                return Reservation(False, found, refused)
+            read = [self._window(lim, lim.amount(tokens), now) for lim in limits]
+            windows = [w for _, w in read]
+            over = [i for i, (ok, _) in enumerate(read) if not ok]
+            if refused is not None or over:
+                return Reservation(False, found, refused, windows, over)
             for hold in holds:
                 self.db.execute(
                     "INSERT INTO budget_counters (counter, reserved) VALUES (?, ?) "
                     "ON CONFLICT (counter) DO UPDATE SET reserved = reserved + ?",
                     (hold.counter, amount, amount))
-        return Reservation(True, [Counter(c.spent, c.reserved + amount) for c in found])
+            for lim in limits:
+                need = lim.amount(tokens)
+                self.db.execute(
+                    "INSERT INTO rate_totals (counter, used, newest) VALUES (?, ?, ?) "
+                    "ON CONFLICT (counter) DO UPDATE SET used = used + ?, newest = ?",
+                    (lim.counter, need, now, need, now))
+                if lim.sliding:
+                    self.db.execute("INSERT OR REPLACE INTO rate_entries (counter, request_id, "
+                                    "ts, amount) VALUES (?, ?, ?, ?)",
+                                    (lim.counter, request_id, now, need))
+            self._forget_past_days(limits, now)
+        return Reservation(True, [Counter(c.spent, c.reserved + amount) for c in found],
+                           windows=windows)
 
-    async def finish(self, counters: list[str], reserved: int, row: LedgerRow) -> None:
+    def _forget_past_days(self, limits: list[Limit], now: float) -> None:
+        """Day counters of days before yesterday are dropped, once a day."""
+        day = next((lim.day for lim in limits if lim.day), None)
+        if day is None or day == self._pruned_day:
+            return
+        self._pruned_day = day
+        self.db.execute("DELETE FROM rate_totals WHERE counter GLOB '*:rpd:*' AND newest < ?",
+                        (now - 2 * 86400,))
+
+    async def windows(self, limits: list[Limit], now: float | None = None) -> list[Window]:
+        now = time.time() if now is None else now
+        with self._transaction():
+            return [self._window(lim, 0, now)[1] for lim in limits]
+
+    async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
+                     tokens: TokenSettlement | None = None) -> None:
         doc = row.to_dict()
         with self._transaction():
             self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
@@ -129,6 +203,16 @@ class SQLiteStore(Store):
                     "ON CONFLICT (counter) DO UPDATE SET spent = spent + ?, "
                     "reserved = MAX(0, reserved - ?)",
                     (counter, row.cost_micros, row.cost_micros, reserved))
+            for counter in tokens.counters if tokens else []:
+                entry = (counter, row.request_id)
+                held = self.db.execute("SELECT amount FROM rate_entries WHERE counter = ? AND "
+                                       "request_id = ?", entry).fetchone()
+                if held is None:
+                    continue  # it has left its window: it counts for nothing any more
+                self.db.execute("UPDATE rate_entries SET amount = ? WHERE counter = ? AND "
+                                "request_id = ?", (tokens.used, *entry))
+                self.db.execute("UPDATE rate_totals SET used = MAX(0, used + ?) WHERE "
+                                "counter = ?", (tokens.used - held[0], counter))
 
     async def counters(self, holds: list[Hold]) -> list[Counter]:
         return [self._counter(h.counter) for h in holds]
