@@ -73,6 +73,11 @@ def chains(cfg: Config) -> list[tuple[str, ...]]:
     return ordered[:CHAIN_LIMIT]
 
 
+def has_chain(attempts: list[Attempt], rendered: set[tuple[str, ...]]) -> bool:
+    """Envoy can route the whole plan (a plan of one needs no chain)."""
+    return len(attempts) < 2 or tuple(a.provider_id for a in attempts) in rendered
+
+
 def usable_plan(attempts: list[Attempt], rendered: set[tuple[str, ...]]) -> list[Attempt]:
     """The longest prefix of the plan Envoy has a chain for (at least its first attempt)."""
     for length in range(len(attempts), 1, -1):

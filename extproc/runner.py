@@ -99,6 +99,7 @@ class LoadedClusters:
     def __init__(self, admin: str):
         self.url = f"http://{admin}/clusters?format=json"
         self.names: frozenset[str] = frozenset()
+        self._fetched = 0.0  # monotonic time of the last read
         self._stopped = threading.Event()
 
     def stop(self) -> None:
@@ -108,17 +109,30 @@ class LoadedClusters:
     def get(self) -> frozenset[str]:
         return self.names
 
+    def _fetch(self) -> None:
+        try:
+            doc = httpx.get(self.url, timeout=2).json()
+            names = frozenset(c["name"] for c in doc.get("cluster_statuses", []))
+            if names != self.names:  # a new object only when it changed
+                self.names = names
+        except (httpx.HTTPError, ValueError):
+            pass  # Envoy still starting
+        self._fetched = time.monotonic()
+
+    async def refresh(self) -> bool:
+        """Read Envoy's clusters again now (at most twice a second), for a request whose
+        chain is not known yet: the poll may lag behind an Envoy that already serves."""
+        if time.monotonic() - self._fetched < 0.5:
+            return False
+        before = self.names
+        await asyncio.to_thread(self._fetch)
+        return self.names is not before
+
     def wait_for(self, expected: set[str], timeout: float = 10.0) -> None:
         """Poll until Envoy has every cluster in `expected` (or the timeout passes)."""
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                doc = httpx.get(self.url, timeout=2).json()
-                names = frozenset(c["name"] for c in doc.get("cluster_statuses", []))
-                if names != self.names:  # a new object only when it changed
-                    self.names = names
-            except (httpx.HTTPError, ValueError):
-                pass  # Envoy still starting
+            self._fetch()
             if expected <= self.names or self._stopped.is_set():
                 return
             if time.monotonic() > deadline:
@@ -162,7 +176,7 @@ async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
     extproc = extproc or f"unix:{workdir / 'extproc.sock'}"
     clusters = LoadedClusters(admin)
-    server, processor = await start_server(gateway, Listener(extproc), clusters.get)
+    server, processor = await start_server(gateway, Listener(extproc), clusters)
     files = EnvoyFiles(workdir, listen)
     first_clusters = files.write(gateway.holder.current)
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -189,9 +190,15 @@ HEADERS_ONLY = processing_mode_pb2.ProcessingMode(
     response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)
 
 
+class LoadedClusters(Protocol):
+    """The clusters an Envoy this process runs has loaded."""
+
+    def get(self) -> frozenset[str]: ...
+    async def refresh(self) -> bool: ...
+
+
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, gateway: Gateway,
-                 loaded_clusters: Callable[[], frozenset[str]] | None = None):
+    def __init__(self, gateway: Gateway, loaded_clusters: LoadedClusters | None = None):
         self.gateway = gateway
         self._pending: dict[str, _Pending] = {}  # forwarded, waiting for the tap
         self._rewrites: dict[str, Exchange] = {}  # forwarded, waiting for the rewrite
@@ -205,7 +212,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def chains(self) -> set[tuple[str, ...]]:
         """The fallback chains Envoy can route to: the running config's, once loaded."""
         loaded = self.gateway.holder.current
-        clusters = self._loaded_clusters() if self._loaded_clusters else None
+        clusters = self._loaded_clusters.get() if self._loaded_clusters else None
         seen = self._chains_for
         if seen is None or seen[0] is not loaded or seen[1] is not clusters:
             rendered = fallback.chains(loaded.config)
@@ -261,7 +268,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             yield immediate(result)
             return
         exchange = result.exchange
-        exchange.attempts = fallback.usable_plan(exchange.attempts, self.chains())
+        chains = self.chains()
+        if not fallback.has_chain(exchange.attempts, chains) and self._loaded_clusters \
+                and await self._loaded_clusters.refresh():
+            chains = self.chains()  # Envoy had it already: the poll had not seen it yet
+        exchange.attempts = fallback.usable_plan(exchange.attempts, chains)
         request_id = exchange.trace.request_id
         pending = _Pending(exchange, time.monotonic())
         if len(exchange.attempts) > 1:
@@ -432,7 +443,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
 
 async def start_server(gateway: Gateway, where: Listener,
-                       loaded_clusters: Callable[[], frozenset[str]] | None = None
+                       loaded_clusters: LoadedClusters | None = None
                        ) -> tuple[grpc.aio.Server, ExternalProcessor]:
     """Serve ext_proc (and gRPC health) on a private Unix socket, or TCP (see listen.py)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),

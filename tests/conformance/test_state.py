@@ -264,7 +264,8 @@ def test_a_stalled_provider_times_out_and_its_hold_is_released(host, tmp_path, f
     try:
         r = httpx.post(f"{gw.url}/v1/chat/completions", content=BODY, timeout=30,
                        headers={"authorization": f"Bearer {secret}"})
-        assert r.status_code == 200 and r.headers["x-langwatch-provider"] == "mp_anthropic"
+        assert r.status_code == 200 and r.headers["x-langwatch-provider"] == "mp_anthropic", \
+            (r.status_code, r.text, gw.log()[-3000:])
         rid = r.headers["x-langwatch-request-id"]
         row = wait_until(lambda: next((x for x in ledger(config) if x.request_id == rid), None),
                          timeout=10, what="the ledger row")

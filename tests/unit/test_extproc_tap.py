@@ -109,3 +109,61 @@ async def test_a_request_no_tap_took_up_is_closed_by_the_sweep(processor):
     (row,) = await proc.gateway.store().rows()
     assert (row.outcome, row.cost_micros) == ("abandoned", 0) and not proc._pending
     await proc.gateway.close()
+
+
+class LaggingClusters:
+    """Envoy's clusters as a poll that has not caught up yet: empty until read again."""
+
+    def __init__(self, names: set[str]):
+        self.names, self.seen, self.refreshes = frozenset(names), frozenset(), 0
+
+    def get(self) -> frozenset[str]:
+        return self.seen
+
+    async def refresh(self) -> bool:
+        self.refreshes += 1
+        self.seen = self.names
+        return True
+
+
+async def test_a_fallback_plan_is_kept_when_the_cluster_poll_lags_behind_envoy(
+        config_dir: Path, monkeypatch):
+    """Right after start, Envoy serves before the poll of its admin has seen the fallback
+    chains: the decision reads them again rather than drop the fallback."""
+    from extproc import fallback
+    from extproc.envoy_config import CLUSTER_HEADER
+
+    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "tap-pepper")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
+    path = config_dir / "gateway.yaml"
+    policy = CliRunner().invoke(cli, [
+        "--config", str(path), "routing-policies", "create", "--scope", "ORG:acme", "--name",
+        "p", "--model-provider", "mp_openai_org", "--model-provider", "mp_anthropic_org",
+        "--model-map", "mp_anthropic_org:gpt-5-mini=claude-haiku-4-5", "--format", "json"])
+    out = CliRunner().invoke(cli, [
+        "--config", str(path), "virtual-keys", "create", "--name", "k", "--scope", "ORG:acme",
+        "--routing-policy", json.loads(policy.stdout)["id"],
+        "--config-json", '{"fallback": {"on": ["5xx"]}}', "--format", "json"])
+    gateway = Gateway.from_path(str(path), watch=False)
+    chain = fallback.chain_name(("mp_openai_org", "mp_anthropic_org"))
+    clusters = LaggingClusters({chain})
+    proc = ExternalProcessor(gateway, clusters)
+    body = json.dumps({"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
+    decide = Stream(proc)
+    await decide.send(pb.ProcessingRequest(request_headers=headers({
+        ":method": "POST", ":path": "/v1/chat/completions",
+        "authorization": f"Bearer {json.loads(out.stdout)['secret']}",
+        "content-type": "application/json", "content-length": str(len(body))})))
+    await decide.send(pb.ProcessingRequest(request_body=pb.HttpBody(body=body.encode(),
+                                                                     end_of_stream=True)))
+    await decide.send(None)
+    await decide.task
+    mutation = decide.answers[-1].request_body.response.header_mutation
+    routed = {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+    assert routed[CLUSTER_HEADER] == chain and clusters.refreshes == 1
+    (pending,) = proc._pending.values()
+    assert [a.provider_id for a in pending.exchange.attempts] == ["mp_openai_org",
+                                                                "mp_anthropic_org"]
+    pending.exchange.finish("abandoned")
+    await gateway.close()
