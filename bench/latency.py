@@ -7,8 +7,8 @@ directly to it and through each gateway host, sequentially and at a given concur
 keep-alive connections. Each host is measured four ways: a plain key; a key with RPM, TPM
 and RPD limits it never reaches (`+limits`); a key with fallback whose first provider
 answers (`+fb`); and one whose first provider refuses connections, so every request falls
-back (`+fb-down`). Prints p50/p99 per path, what the gateway adds, and the ratio, then what
-the limits add over the plain key.
+back (`+fb-down`). Prints p50/p99 per path, what the gateway adds, and the ratio; then what
+the limits add over the plain key, measured with the two keys' requests interleaved.
 """
 
 from __future__ import annotations
@@ -84,6 +84,22 @@ async def sequential(url: str, headers: dict[str, str], n: int) -> list[float]:
         return out
 
 
+async def interleaved(url: str, first: dict[str, str], second: dict[str, str], n: int
+                      ) -> tuple[list[float], list[float]]:
+    """Alternate two keys request by request, so the machine's drift weighs on both alike."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        for headers in (first, second) * 10:
+            await client.post(url, content=BODY, headers=headers)
+        out: tuple[list[float], list[float]] = ([], [])
+        for _ in range(n):
+            for i, headers in enumerate((first, second)):
+                t0 = time.perf_counter()
+                r = await client.post(url, content=BODY, headers=headers)
+                out[i].append((time.perf_counter() - t0) * 1000)
+                assert r.status_code == 200, r.text
+        return out
+
+
 async def concurrent(url: str, headers: dict[str, str], n: int, width: int
                      ) -> tuple[list[float], float]:
     limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
@@ -145,6 +161,11 @@ def main() -> None:
             seq = asyncio.run(sequential(url, headers, args.requests))
             conc, rps = asyncio.run(concurrent(url, headers, args.requests, args.concurrency))
             rows.append((name, seq, conc, rps))
+        ab = {}
+        for gw in gateways:
+            ab[gw.host] = asyncio.run(interleaved(
+                f"{gw.url}/v1/chat/completions", {"authorization": f"Bearer {keys['']}"},
+                {"authorization": f"Bearer {keys['+limits']}"}, args.requests))
     finally:
         for gw in gateways:
             gw.stop()
@@ -166,15 +187,14 @@ def main() -> None:
         print(f"{name:<18} {sp50:>8.2f} {sp99:>8.2f} {sp50 - bp50:>7.2f} {sp99 - bp99:>7.2f} "
               f"{sp50 / bp50:>6.2f} | {cp50:>7.2f} {cp99:>7.2f} {cp50 - bc50:>7.2f} "
               f"{cp50 / bc50:>6.2f} {rps:>7.0f}")
-    by_name = {name: (seq, conc) for name, seq, conc, _ in rows}
-    print()
-    for host in args.hosts.split(","):
-        (plain_seq, plain_conc), (lim_seq, lim_conc) = by_name[host], by_name[host + "+limits"]
-        added_seq = statistics.median(lim_seq) - statistics.median(plain_seq)
-        added_conc = statistics.median(lim_conc) - statistics.median(plain_conc)
-        print(f"{host}: RPM+TPM+RPD limits add {added_seq:+.3f} ms at p50 sequential, "
-              f"{added_conc:+.3f} ms at p50 with concurrency {args.concurrency}")
-
+    print(f"\nRPM+TPM+RPD limits, {args.requests} requests each, interleaved with a plain "
+          "key's (ms):\n")
+    print(f"{'host':<10} {'plain p50':>9} {'limits p50':>10} {'added':>7} {'plain p99':>9} "
+          f"{'limits p99':>10}")
+    for host, (plain, limited) in ab.items():
+        print(f"{host:<10} {statistics.median(plain):>9.3f} {statistics.median(limited):>10.3f} "
+              f"{statistics.median(limited) - statistics.median(plain):>+7.3f} "
+              f"{percentile(plain, 0.99):>9.3f} {percentile(limited, 0.99):>10.3f}")
 
 if __name__ == "__main__":
     main()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from tests.harness import GatewayProcess, tollgate, wait_until
 
 OPENAI_KEY = "sk-fake-openai-provider-key"
 ANTHROPIC_KEY = "sk-ant-fake-provider-key"
+AZURE_KEY = "azure-fake-provider-key"
 PEPPER = "test-pepper-0123456789"
 PROVIDER_ENV = {"FAKE_OPENAI_KEY": OPENAI_KEY, "FAKE_ANTHROPIC_KEY": ANTHROPIC_KEY,
-                "TOLLGATE_KEY_PEPPER": PEPPER}
+                "FAKE_AZURE_KEY": AZURE_KEY, "TOLLGATE_KEY_PEPPER": PEPPER}
 os.environ.update(PROVIDER_ENV)
 
 HOSTS = ["mitmproxy", "envoy"]
@@ -38,9 +40,17 @@ def fake_anthropic() -> Iterator[FakeProvider]:
     fake.stop()
 
 
+@pytest.fixture(scope="session")
+def fake_azure() -> Iterator[FakeProvider]:
+    """Azure OpenAI, with deployment `mini-prod` running gpt-4o-mini."""
+    fake = FakeProvider("azure", AZURE_KEY, deployments={"mini-prod": "gpt-4o-mini"}).start()
+    yield fake
+    fake.stop()
+
+
 @pytest.fixture(autouse=True)
 def _reset_fakes(request: pytest.FixtureRequest) -> None:
-    for name in ("fake_openai", "fake_anthropic"):
+    for name in ("fake_openai", "fake_anthropic", "fake_azure"):
         if name in request.fixturenames:
             request.getfixturevalue(name).reset()
 
@@ -120,6 +130,26 @@ class Gateway:
             return ok(r.status_code)
 
         wait_until(check, timeout=timeout, what=f"gateway to pick up {key.id}")
+
+
+@contextlib.contextmanager
+def own_gateways(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeProvider,
+                 fake_anthropic: FakeProvider, name: str,
+                 setup: Callable[[Path], None]) -> Iterator[dict[str, Gateway]]:
+    """One gateway per host, each on its own config (made by `make_config`, then `setup`)
+    and its own state: for a module whose providers or keys must exist before Envoy's
+    config is rendered, or whose counters must not be shared between the hosts."""
+    out: dict[str, Gateway] = {}
+    try:
+        for host in HOSTS:
+            directory = tmp_path_factory.mktemp(f"{name}-{host}")
+            config = make_config(directory, fake_openai, fake_anthropic)
+            setup(config)
+            out[host] = Gateway(host, GatewayProcess(host, config, directory).start(), config)
+        yield out
+    finally:
+        for gw in out.values():
+            gw.process.stop()
 
 
 @pytest.fixture(scope="session", params=HOSTS)

@@ -25,6 +25,7 @@ from tollgate.request import Attempt
 from tollgate.routes import Route
 from tollgate.scopes import Lineage
 from tollgate.sse import MAX_EVENT_BYTES, CappedEvents, EventFilter
+from tollgate.store.base import LimitSettlement
 from tollgate.telemetry import RequestTrace, log_access
 
 log = logging.getLogger("tollgate")
@@ -46,10 +47,9 @@ class Billing:
     reserved: int = 0  # micro-dollars held in each of them
     estimated_input_tokens: int = 0  # for a stream cut off before the provider's usage
     warning: str | None = None
-    # Rate limits: the TPM counters it entered with its estimate, and the key's
-    # rate-limit headers in the client's family.
-    token_counters: list[str] = field(default_factory=list)
-    reserved_tokens: int = 0
+    # What it took from its rate limits, and the key's rate-limit headers in the client's
+    # family.
+    limits: LimitSettlement | None = None
     rate_headers: dict[str, str] = field(default_factory=dict)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from tollgate.ledger import LedgerRow
 from tollgate.pricing import worst_case_micros
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.scopes import lineage
-from tollgate.store import Store, StoreUnavailable, TokenSettlement, open_store
+from tollgate.store import LimitSettlement, Store, StoreUnavailable, open_store
 from tollgate.store.spool import Spooled
 
 log = logging.getLogger("tollgate")
@@ -273,8 +274,12 @@ class Gateway:
                 self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
             billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
                                     if (w := budgets.warning(h, c.committed))), None)
-        billing.token_counters = [lim.counter for lim in limits if lim.tokens and lim.sliding]
-        billing.reserved_tokens = tokens
+        if limits:
+            billing.limits = LimitSettlement(
+                sliding=[lim.counter for lim in limits if lim.sliding],
+                days=[lim.counter for lim in limits if not lim.sliding],
+                tokens=[lim.counter for lim in limits if lim.tokens], reserved=tokens,
+                admitted=granted.at)
         billing.rate_headers = rate_headers
         return billing, skipped
 
@@ -288,15 +293,14 @@ class Gateway:
     def _settle(self, exchange: Exchange, row: LedgerRow) -> None:
         """Write the ledger row and settle budgets and TPM, off the host's hot path."""
         billing = exchange.billing
-        tokens = TokenSettlement(billing.token_counters, billing.reserved_tokens,
-                                 row.input_tokens + row.cached_input_tokens
-                                 + row.cache_write_tokens + row.output_tokens) \
-            if billing.token_counters else None
-        self._record(row, billing.counters, billing.reserved, tokens)
+        limits = billing.limits and dataclasses.replace(
+            billing.limits, used=row.input_tokens + row.cached_input_tokens
+            + row.cache_write_tokens + row.output_tokens)
+        self._record(row, billing.counters, billing.reserved, limits)
 
     def _record(self, row: LedgerRow, counters: list[str] | None = None,
-                reserved: int = 0, tokens: TokenSettlement | None = None) -> None:
-        coro = self._finish(counters or [], reserved, row, tokens)
+                reserved: int = 0, limits: LimitSettlement | None = None) -> None:
+        coro = self._finish(counters or [], reserved, row, limits)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -312,10 +316,10 @@ class Gateway:
         task.add_done_callback(self._settling.discard)
 
     async def _finish(self, counters: list[str], reserved: int, row: LedgerRow,
-                      tokens: TokenSettlement | None = None) -> None:
+                      limits: LimitSettlement | None = None) -> None:
         self._leases.pop(row.request_id, None)
         try:
-            await self.store().finish(counters, reserved, row, tokens)
+            await self.store().finish(counters, reserved, row, limits)
         except Exception:
             log.exception("could not record request %s: %s", row.request_id,
                           json.dumps(row.to_dict()))

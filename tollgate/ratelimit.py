@@ -12,6 +12,7 @@ The store admits a request's limits and budgets in one atomic step: all of them 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -59,17 +60,28 @@ class Limit:
         """When an entry made at `now` stops counting (a day's, when the day ends)."""
         if self.sliding:
             return now + SLIDING_SECONDS
-        return day_end(self.day or "").timestamp()
+        return _day_end_ts(self.day or "")
 
 
+@functools.lru_cache(maxsize=8)
 def day_end(day: str) -> datetime:
     return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _day_end_ts(day: str) -> float:
+    return day_end(day).timestamp()
+
+
+@functools.lru_cache(maxsize=8)
+def _day(days_since_epoch: int) -> str:
+    return datetime.fromtimestamp(days_since_epoch * 86400, UTC).strftime("%Y-%m-%d")
 
 
 def _limits(scope: str, owner: str, caps: RateLimit | None, now: datetime) -> list[Limit]:
     if caps is None:
         return []
-    day = now.astimezone(UTC).strftime("%Y-%m-%d")
+    day = _day(int(now.timestamp() // 86400))
     return [Limit(scope, owner, d, value, day if d == "rpd" else None)
             for d in DIMENSIONS if (value := getattr(caps, d)) is not None]
 

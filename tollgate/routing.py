@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import fnmatch
-import os
 import random
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from tollgate.config.schema import Config, ModelProvider, RoutingTarget, VirtualKey
 from tollgate.errors import GatewayError
-from tollgate.providers import family
+from tollgate.providers import adapter_for
 from tollgate.request import Attempt
 from tollgate.routes import Route
 from tollgate.scopes import lineage
 
 _rng = random.Random()
-
-# Routes a provider of the other family can serve through translation, and its path there.
-TRANSLATED_PATHS = {"chat_completions": "/v1/messages", "messages": "/v1/chat/completions"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +65,7 @@ def targets(cfg: Config, key: VirtualKey, route: Route, model: str,
             ordered.append(Target(p, model))
     eligible = [t for t in ordered
                 if t.provider.scope in scopes and serves(t.provider, t.model)
-                and (t.provider.family == client_family or route.name in TRANSLATED_PATHS)]
+                and adapter_for(t.provider).serves_route(route)]
     if not eligible:
         raise GatewayError(
             "no_provider_for_model",
@@ -81,41 +77,30 @@ def targets(cfg: Config, key: VirtualKey, route: Route, model: str,
     return eligible
 
 
-def provider_key(provider: ModelProvider) -> str:
-    value = os.environ.get(provider.api_key_env) if provider.api_key_env else None
-    if not value:
-        raise GatewayError(
-            "provider_misconfigured",
-            f"Model provider {provider.id} has no credential: set the environment variable "
-            f"{provider.api_key_env or '(api_key_env is missing)'} on the gateway.",
-        )
-    return value
-
-
 def build_attempt(target: Target, route: Route, client_path: str,
                   client_headers: dict[str, str], strip: list[str]) -> Attempt:
     """Upstream URL, provider credential and the headers to drop for one provider."""
     p = target.provider
+    adapter = adapter_for(p)
     url = urlsplit(p.base_url)
     scheme = url.scheme
     port = url.port or (443 if scheme == "https" else 80)
-    set_headers, remove = family(p.family).auth_headers(provider_key(p), client_headers)
+    set_headers, remove = adapter.auth(client_headers)
     remove = [h for h in [*remove, *strip] if h not in set_headers]
-    translated = p.family != route.family
+    translated = adapter.translated(route)
     if translated:
         set_headers["content-type"] = "application/json"
-        if p.family == "openai":
+        if adapter.wire == "openai":
             remove = [*remove, "anthropic-version", "anthropic-beta"]
-    path = TRANSLATED_PATHS[route.name] if translated else client_path
     return Attempt(
         provider_id=p.id,
         scheme=scheme,
         host=url.hostname or "",
         port=port,
-        path=url.path.rstrip("/") + path,
+        path=adapter.path(route, target.model, client_path),
         set_headers=set_headers,
         remove_headers=remove,
-        family=p.family,
+        family=adapter.wire,
         model=target.model,
         translated=translated,
         connect_timeout=p.connect_timeout,

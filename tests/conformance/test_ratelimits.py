@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import HOSTS, Gateway, Key, make_config
+from tests.conftest import HOSTS, Gateway, Key, make_config, own_gateways
 from tests.harness import GatewayProcess, RedisServer, ledger, tollgate, wait_until
 
 
@@ -25,28 +25,24 @@ def chat(model: str = "gpt-5-mini", max_tokens: int = 50, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def gateways(tmp_path_factory, fake_openai, fake_anthropic):
-    """One gateway per host, each with its own config and state. `mp_capped` serves o4-mini
-    with a cap of 2 requests a minute; policy `capped` falls back from it to Anthropic."""
-    out: dict[str, Gateway] = {}
+    """One gateway per host, each with its own state. `mp_capped` serves o4-mini with a cap
+    of 2 requests a minute; policy `capped` falls back from it to Anthropic."""
     policies: dict[str, str] = {}
-    try:
-        for host in HOSTS:
-            directory = tmp_path_factory.mktemp(f"ratelimits-{host}")
-            config = make_config(directory, fake_openai, fake_anthropic)
-            tollgate("model-providers", "create", "--id", "mp_capped", "--type", "openai",
-                     "--scope", "ORG:acme", "--base-url", fake_openai.url, "--api-key-env",
-                     "FAKE_OPENAI_KEY", "--models", "o4-mini", "--rpm", "2", config=config)
-            policies[host] = json.loads(tollgate(
-                "routing-policies", "create", "--scope", "ORG:acme", "--name", "capped",
-                "--model-provider", "mp_capped", "--model-provider", "mp_anthropic",
-                "--model-map", "mp_anthropic:o4-mini=claude-haiku-4-5", "--format", "json",
-                config=config).stdout)["id"]
-            # Keys that fall back on rate_limit must exist before Envoy's config is rendered.
-            out[host] = Gateway(host, GatewayProcess(host, config, directory).start(), config)
-        yield {"gateways": out, "policies": policies}
-    finally:
-        for gw in out.values():
-            gw.process.stop()
+
+    def setup(config: Path) -> None:
+        tollgate("model-providers", "create", "--id", "mp_capped", "--type", "openai",
+                 "--scope", "ORG:acme", "--base-url", fake_openai.url, "--api-key-env",
+                 "FAKE_OPENAI_KEY", "--models", "o4-mini", "--rpm", "2", config=config)
+        policies[str(config)] = json.loads(tollgate(
+            "routing-policies", "create", "--scope", "ORG:acme", "--name", "capped",
+            "--model-provider", "mp_capped", "--model-provider", "mp_anthropic",
+            "--model-map", "mp_anthropic:o4-mini=claude-haiku-4-5", "--format", "json",
+            config=config).stdout)["id"]
+
+    with own_gateways(tmp_path_factory, fake_openai, fake_anthropic, "ratelimits",
+                      setup) as out:
+        yield {"gateways": out,
+               "policies": {h: policies[str(gw.config)] for h, gw in out.items()}}
 
 
 WAIT_TEST = "test_sdks_wait_out_retry_after_and_succeed"

@@ -15,6 +15,7 @@ import argparse
 import base64
 import contextlib
 import json
+import re
 import struct
 import threading
 import time
@@ -23,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 TEXT = "Hello from the fake provider, streamed word by word."
 
@@ -65,6 +67,8 @@ class FakeProvider:
     chunk_delay: float = 0.0
     response_delay: float = 0.0  # before any response: keeps requests in flight together
     answer_words: int = 0  # > 0: chat answers this many words (large responses)
+    # Azure OpenAI (family "azure"): deployment name -> the model it runs.
+    deployments: dict[str, str] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     _script: deque[Behaviour] = field(default_factory=deque)
     _server: ThreadingHTTPServer | None = None
@@ -219,6 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
                         "invalid_request_error")
             return
         path = self.path.split("?")[0]
+        if fake.family == "azure":
+            self._azure(path, doc, behaviour)
+            return
         handler = ROUTES.get((fake.family, path))
         if handler is None:
             self._error(404, f"Unknown path {path}", "not_found_error")
@@ -227,6 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _authorised(self, rec: Recorded) -> bool:
         fake = self.fake
+        if fake.family == "azure":
+            return self._azure_authorised(rec)
         if fake.family == "anthropic":
             if rec.headers.get("x-api-key") != fake.api_key:
                 self._error(401, "invalid x-api-key", "authentication_error")
@@ -240,6 +249,43 @@ class _Handler(BaseHTTPRequestHandler):
                         "invalid_api_key")
             return False
         return True
+
+    # -- Azure OpenAI ---------------------------------------------------------------------------
+    def _azure_error(self, status: int, code: str, message: str) -> None:
+        self._send_json(status, {"error": {"code": code, "message": message}},
+                        {"x-fake-error": "1"})
+
+    def _azure_authorised(self, rec: Recorded) -> bool:
+        """Azure's data plane: the `api-key` header, and an `api-version` it knows."""
+        if rec.headers.get("api-key") != self.fake.api_key:
+            self._azure_error(401, "401", "Access denied due to invalid subscription key or "
+                              "wrong API endpoint. Make sure to provide a valid key for an "
+                              "active subscription and use a correct regional API endpoint "
+                              "for your resource.")
+            return False
+        version = parse_qs(urlsplit(rec.path).query).get("api-version", [""])[0]
+        if version not in AZURE_API_VERSIONS:
+            self._azure_error(404, "404", "Resource not found")
+            return False
+        return True
+
+    def _azure(self, path: str, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        match = re.fullmatch(r"/openai/deployments/([^/]+)/(chat/completions|embeddings)", path)
+        if match is None:
+            self._azure_error(404, "404", "Resource not found")
+            return
+        model = self.fake.deployments.get(unquote(match.group(1)))
+        if model is None:
+            self._azure_error(404, "DeploymentNotFound", "The API deployment for this "
+                              "resource does not exist. If you created the deployment within "
+                              "the last 5 minutes, please wait a moment and try again.")
+            return
+        # The deployment decides the model; Azure answers with the model it runs.
+        doc = {**doc, "model": model}
+        if match.group(2) == "embeddings":
+            self.openai_embeddings(doc, behaviour)
+        else:
+            self.openai_chat(doc, behaviour)
 
     # -- OpenAI chat completions --------------------------------------------------------------
     def openai_chat(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
@@ -453,6 +499,10 @@ def _data(doc: Any) -> bytes:
 def _event(kind: str, doc: Any) -> bytes:
     return f"event: {kind}\n".encode() + _data(doc)
 
+
+# The API versions the Azure fake accepts (Azure answers 404 to any other).
+AZURE_API_VERSIONS = {"2024-02-01", "2024-06-01", "2024-10-21", "2025-01-01-preview",
+                      "2025-04-01-preview"}
 
 ROUTES = {
     ("openai", "/v1/chat/completions"): _Handler.openai_chat,

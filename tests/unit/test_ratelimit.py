@@ -5,6 +5,7 @@ SQLite and a real Redis behave the same."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -15,7 +16,7 @@ from tests.unit.test_store import hold, row
 from tollgate import ratelimit
 from tollgate.config.schema import RateLimit, VirtualKey
 from tollgate.ratelimit import Limit, Window
-from tollgate.store.base import TokenSettlement
+from tollgate.store.base import LimitSettlement
 from tollgate.store.redis import RedisStore
 from tollgate.store.sqlite import SQLiteStore
 
@@ -70,6 +71,11 @@ def store(request, tmp_path):
     s.loop.close()
 
 
+def settled(limit: Limit, reserved: int, used: int, at: float = T0) -> LimitSettlement:
+    return LimitSettlement(sliding=[limit.counter], days=[], tokens=[limit.counter],
+                           reserved=reserved, admitted=at, used=used)
+
+
 def admit(store, request_id: str, limits: list[Limit], at: float, tokens: int = 0,
           holds=(), amount: int = 0):
     return store.reserve(request_id, list(holds), amount, limits, tokens, now=at)
@@ -120,22 +126,19 @@ def test_tokens_reserve_the_estimate_and_settle_to_what_was_used(store):
     assert admit(store, "big", [limit], T0, tokens=9_500).granted
     assert not admit(store, "next", [limit], T0 + 1, tokens=2_000).granted
     # The response reported 3,000 tokens: the estimate is given back.
-    store.finish([], 0, row("big", 0), TokenSettlement([limit.counter], 9_500,
-                                                                   3_000))
+    store.finish([], 0, row("big", 0), settled(limit, 9_500, 3_000))
     assert admit(store, "next", [limit], T0 + 1, tokens=2_000).granted
     windows = store.windows([limit], now=T0 + 2)
     assert windows[0].used == 5_000
     # A replay of the same settlement changes nothing.
-    store.finish([], 0, row("big", 0), TokenSettlement([limit.counter], 9_500,
-                                                                   3_000))
+    store.finish([], 0, row("big", 0), settled(limit, 9_500, 3_000))
     assert store.windows([limit], now=T0 + 2)[0].used == 5_000
 
 
 def test_a_response_of_9000_tokens_makes_the_next_large_request_wait(store):
     limit = tpm(10_000)
     assert admit(store, "first", [limit], T0, tokens=4_000).granted
-    store.finish([], 0, row("first", 0), TokenSettlement([limit.counter], 4_000,
-                                                                     9_000))
+    store.finish([], 0, row("first", 0), settled(limit, 4_000, 9_000, T0))
     refused = admit(store, "large", [limit], T0 + 5, tokens=2_000)
     assert not refused.granted
     assert refused.windows[0].used == 9_000
@@ -170,26 +173,46 @@ def test_a_limit_and_a_budget_are_admitted_together(store):
     assert granted.counters[0].reserved == 500
 
 
-def test_concurrent_admissions_serve_exactly_the_limit(store, tmp_path):
-    """200 admissions at once against rpm 50, through separate connections (as separate
-    gateways would): exactly 50 pass."""
+def test_concurrent_admissions_serve_exactly_the_limit(store):
+    """200 admissions at once against rpm 50 serve exactly 50: on the single-node store
+    through one gateway's store, on Redis through separate connections (as replicas)."""
     limit = rpm(50)
-    if isinstance(store.store, SQLiteStore):
-        def fresh():
-            return SQLiteStore(tmp_path / "state.db", owner=False)
-    else:
-        def fresh():
-            return RedisStore(store.store.url)
 
     async def run() -> int:
-        stores = [fresh() for _ in range(4)]
+        if isinstance(store.store, SQLiteStore):
+            stores, own = [store.store], False
+        else:
+            stores, own = [RedisStore(store.store.url) for _ in range(4)], True
         results = await asyncio.gather(*(
-            stores[i % 4].reserve(f"r{i}", [], 0, [limit], 0, now=T0) for i in range(200)))
-        for s in stores:
+            stores[i % len(stores)].reserve(f"r{i}", [], 0, [limit], 0, now=T0)
+            for i in range(200)))
+        for s in stores if own else []:
             await s.close()
         return sum(r.granted for r in results)
 
     assert store.run(run()) == 50
+
+
+def test_a_restart_keeps_the_windows_of_settled_requests(tmp_path):
+    """The single-node store writes each request's entries as it settles: a gateway that
+    starts again on the same file, and `rate-limits status`, see them."""
+    now = time.time()  # a restart reads back what is still in the window by the wall clock
+    today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+    first = Stores(SQLiteStore(tmp_path / "state.db"))
+    limits = [rpm(2), tpm(1_000), rpd(5, today)]
+    for rid in ("a", "b"):
+        granted = admit(first, rid, limits, now, tokens=400)
+        assert granted.granted
+        first.finish([], 0, row(rid, 0), LimitSettlement(
+            sliding=[limits[0].counter, limits[1].counter], days=[limits[2].counter],
+            tokens=[limits[1].counter], reserved=400, admitted=granted.at, used=100))
+    first.close()
+    again = Stores(SQLiteStore(tmp_path / "state.db"))
+    windows = again.windows(limits, now=now + 1)
+    assert [w.used for w in windows] == [2, 200, 2]
+    assert not admit(again, "c", limits, now + 2, tokens=10).granted  # rpm 2 is used up
+    assert admit(again, "c", limits, now + 61, tokens=10).granted
+    again.close()
 
 
 def test_limits_come_from_the_key_and_the_provider_config():

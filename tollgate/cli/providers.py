@@ -23,8 +23,8 @@ from tollgate.cli.common import (
     warn,
 )
 from tollgate.config.edit import to_yaml
+from tollgate.providers import ADAPTERS, TYPES
 
-DEFAULT_BASE_URLS = {"openai": "https://api.openai.com", "anthropic": "https://api.anthropic.com"}
 PROVIDER_COLUMNS = ["id", "name", "type", "scope", "base_url", "api_key_env",
                     "fallback_priority", "rate_limit"]
 
@@ -72,7 +72,7 @@ def model_providers() -> None:
 
 @model_providers.command("create")
 @click.option("--type", "type_", required=True,
-              type=click.Choice(["openai", "anthropic", "openai-compatible"]))
+              type=click.Choice(TYPES))
 @click.option("--scope", required=True)
 @click.option("--id", "provider_id")
 @provider_options
@@ -83,9 +83,9 @@ def create_provider(ctx: click.Context, type_: str, scope: str, provider_id: str
     fields = _provider_fields(**opts)
     if "api_key_env" not in fields:
         fail("--api-key-env is required: provider keys are referenced, never stored")
-    base_url = fields.pop("base_url", None) or DEFAULT_BASE_URLS.get(type_)
+    base_url = fields.pop("base_url", None) or ADAPTERS[type_].default_base_url
     if base_url is None:
-        fail("--base-url is required for openai-compatible providers")
+        fail(f"--base-url is required for {type_} providers")
     item = {"id": provider_id or new_id("mp"), "type": type_, "scope": scope,
             "base_url": base_url, **fields, "created_at": now_iso()}
     append_new(ctx, "model_providers", "model provider", item)

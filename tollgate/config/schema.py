@@ -20,22 +20,13 @@ from pydantic import (
     model_validator,
 )
 
+from tollgate.providers import ADAPTERS, TYPES
 from tollgate.rules import RuleError, compiled
 
 ScopeKind = Literal["ORG", "TEAM", "PROJECT"]
 _SCOPE_RE = re.compile(r"^(ORG|TEAM|PROJECT):([A-Za-z0-9_.\-]+)$")
 
 FALLBACK_CONDITIONS = ("5xx", "timeout", "rate_limit", "network_error")
-
-# Models each provider type serves when its `models` list is not given.
-DEFAULT_MODELS: dict[str, list[str]] = {
-    "openai": [
-        "gpt-*", "o1*", "o3*", "o4*", "chatgpt-*", "text-embedding-*", "codex-*", "computer-use-*",
-    ],
-    "anthropic": ["claude-*"],
-    "openai-compatible": [],
-}
-
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -117,7 +108,7 @@ class Org(Strict):
 class ModelProvider(Strict):
     id: str
     name: str | None = None
-    type: Literal["openai", "anthropic", "openai-compatible"]
+    type: str = Field(description=f"One of: {', '.join(TYPES)}")
     scope: Scope
     base_url: str
     api_key_env: str | None = None
@@ -137,13 +128,27 @@ class ModelProvider(Strict):
             raise ValueError("base_url must be http(s)://host[:port][/prefix]")
         return v.rstrip("/")
 
+    @field_validator("type")
+    @classmethod
+    def _type(cls, v: str) -> str:
+        if v not in ADAPTERS:
+            raise ValueError(f"unknown provider type {v!r}; one of: {', '.join(TYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _provider_config(self) -> ModelProvider:
+        ADAPTERS[self.type].check_config(self.provider_config)
+        return self
+
     @property
     def family(self) -> str:
         """API family spoken by this provider."""
-        return "anthropic" if self.type == "anthropic" else "openai"
+        return ADAPTERS[self.type].wire
 
     def serves(self) -> list[str]:
-        return self.models if self.models is not None else DEFAULT_MODELS[self.type]
+        if self.models is not None:
+            return self.models
+        return list(ADAPTERS[self.type].default_models)
 
 
 class RoutingTarget(Strict):

@@ -1,24 +1,34 @@
-"""One module per provider API family: how to authenticate to it and what it expects.
+"""One adapter per provider type: auth, the upstream URL for a route and model, and the API
+family it speaks (see `base.py`).
 
-Adding a provider family means adding a module here and registering it in FAMILIES.
+Adding a provider type means adding a module here that lists its adapter classes in
+`ADAPTERS`; the config, the CLI and both hosts find it by its `type`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING
 
-from tollgate.providers import anthropic, openai
+from tollgate.providers.base import Adapter
 
-
-class Family(Protocol):
-    name: str
-
-    def auth_headers(self, api_key: str, client_headers: dict[str, str]
-                     ) -> tuple[dict[str, str], list[str]]: ...
+if TYPE_CHECKING:
+    from tollgate.config.schema import ModelProvider
 
 
-FAMILIES: dict[str, Family] = {"openai": openai, "anthropic": anthropic}  # type: ignore[dict-item]
+def _discover() -> dict[str, type[Adapter]]:
+    found: dict[str, type[Adapter]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for adapter in getattr(module, "ADAPTERS", ()):
+            found[adapter.type] = adapter
+    return found
 
 
-def family(name: str) -> Family:
-    return FAMILIES[name]
+ADAPTERS: dict[str, type[Adapter]] = _discover()
+TYPES: list[str] = sorted(ADAPTERS)
+
+
+def adapter_for(provider: ModelProvider) -> Adapter:
+    return ADAPTERS[provider.type](provider)

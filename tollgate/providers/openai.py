@@ -1,9 +1,25 @@
-"""OpenAI and OpenAI-compatible providers."""
+"""OpenAI, and servers that speak its API (`openai-compatible`: vLLM, Ollama, LiteLLM...)."""
 
 from __future__ import annotations
 
-name = "openai"
+from tollgate.providers.base import Adapter
 
 
-def auth_headers(api_key: str, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    return {"authorization": f"Bearer {api_key}"}, ["x-api-key"]
+class OpenAI(Adapter):
+    type = "openai"
+    wire = "openai"
+    default_models = ("gpt-*", "o1*", "o3*", "o4*", "chatgpt-*", "text-embedding-*", "codex-*",
+                      "computer-use-*")
+    default_base_url = "https://api.openai.com"
+
+    def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+        return {"authorization": f"Bearer {self.credential()}"}, ["x-api-key"]
+
+
+class OpenAICompatible(OpenAI):
+    type = "openai-compatible"
+    default_models = ()  # it serves what its `models` list says
+    default_base_url = None
+
+
+ADAPTERS = [OpenAI, OpenAICompatible]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable, TokenSettlement
+from tollgate.store.base import Counter, LimitSettlement, Reservation, Store, StoreUnavailable
 
-__all__ = ["Counter", "Reservation", "Store", "StoreUnavailable", "TokenSettlement", "open_store"]
+__all__ = ["Counter", "LimitSettlement", "Reservation", "Store", "StoreUnavailable", "open_store"]
 
 
 def sqlite_path(url: str, config_dir: Path) -> Path:

@@ -46,15 +46,20 @@ class Reservation:
     refused_by: int | None = None  # index of the first blocking hold that could not take it
     windows: list[Window] = field(default_factory=list)  # per limit, after (or as found)
     refused_limits: list[int] = field(default_factory=list)  # limits it did not fit under
+    at: float = 0.0  # the store's clock when it was admitted (epoch seconds)
 
 
 @dataclass(frozen=True)
-class TokenSettlement:
-    """A request's TPM entries: the estimate it was admitted with becomes what it used."""
+class LimitSettlement:
+    """What a request took from its rate limits, settled when it ends: its TPM entries go
+    from the estimate it was admitted with to the tokens it used."""
 
-    counters: list[str]
-    reserved: int
-    used: int
+    sliding: list[str]  # the RPM and TPM counters it entered
+    days: list[str]  # the RPD counters it entered
+    tokens: list[str]  # of `sliding`, the TPM ones
+    reserved: int  # the tokens it was admitted with
+    admitted: float  # when (epoch seconds, the store's clock)
+    used: int = 0  # the tokens it used
 
 
 class Store(ABC):
@@ -68,7 +73,7 @@ class Store(ABC):
 
     @abstractmethod
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
-                     tokens: TokenSettlement | None = None) -> None:
+                     limits: LimitSettlement | None = None) -> None:
         """Release `reserved` from each budget counter, add the real cost, settle the TPM
         entries and write the ledger row: once, atomically (replaying the same request id
         changes nothing)."""

@@ -11,8 +11,8 @@ from redis.exceptions import RedisError
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
-from tollgate.ratelimit import Limit, Window, reset_after
-from tollgate.store.base import Counter, Reservation, Store, StoreUnavailable, TokenSettlement
+from tollgate.ratelimit import Limit, Window, day_end, reset_after
+from tollgate.store.base import Counter, LimitSettlement, Reservation, Store, StoreUnavailable
 
 PREFIX = "tollgate:"
 LEDGER = PREFIX + "ledger"
@@ -246,7 +246,7 @@ class RedisStore(Store):
 
     async def _admit(self, request_id: str, holds: list[Hold], amount: int,
                      limits: list[Limit], tokens: int, now: float | None
-                     ) -> tuple[bool, list[Counter], int | None, list[Window], list[int]]:
+                     ) -> tuple[bool, list[Counter], int | None, list[Window], list[int], float]:
         wall = datetime.now(UTC)
         ttls = [int((h.resets_at - wall).total_seconds()) + 7 * 86400 if h.resets_at else 0
                 for h in holds]
@@ -257,7 +257,7 @@ class RedisStore(Store):
             args += [h.limit_micros if h.blocking else -1, ttl]
         for lim in limits:
             args += [lim.limit, lim.amount(tokens), int(lim.sliding),
-                     0 if lim.sliding else round(lim.expires_at(0) * 1000)]
+                     0 if lim.sliding else round(day_end(lim.day or "").timestamp() * 1000)]
         keys = [*(self._key(h.counter) for h in holds), *(self._holds(h.counter) for h in holds)]
         for lim in limits:
             keys += self._limit_keys(lim.counter)
@@ -278,14 +278,15 @@ class RedisStore(Store):
             if retry != -1:
                 refused_limits.append(j)
         granted = refused == 0 and not over
-        return granted, counters, refused - 1 if refused else None, windows, refused_limits
+        return granted, counters, refused - 1 if refused else None, windows, refused_limits, \
+            clock
 
     async def reserve(self, request_id: str, holds: list[Hold], amount: int,
                       limits: list[Limit] | None = None, tokens: int = 0,
                       now: float | None = None) -> Reservation:
-        granted, counters, refused, windows, over = await self._admit(
+        granted, counters, refused, windows, over, at = await self._admit(
             request_id, holds, amount, limits or [], tokens, now)
-        return Reservation(granted, counters, refused, windows, over)
+        return Reservation(granted, counters, refused, windows, over, at)
 
     async def windows(self, limits: list[Limit], now: float | None = None) -> list[Window]:
         return (await self._admit("", [], 0, limits, 0, now))[3]
@@ -305,17 +306,17 @@ class RedisStore(Store):
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
-                     tokens: TokenSettlement | None = None) -> None:
-        limit_keys = [k for c in (tokens.counters if tokens else []) for k in
-                      self._limit_keys(c)]
+                     limits: LimitSettlement | None = None) -> None:
+        # RPM and RPD entries were made on admission; only TPM entries change here.
+        token_keys = [k for c in (limits.tokens if limits else []) for k in self._limit_keys(c)]
         try:
             await self._finish(
                 keys=[f"{PREFIX}settled:{row.request_id}", LEDGER,
                       *(self._key(c) for c in counters), *(self._holds(c) for c in counters),
-                      *limit_keys],
+                      *token_keys],
                 args=[reserved, row.cost_micros, json.dumps(row.to_dict()), SETTLED_TTL,
                       self.member(row.request_id, reserved), len(counters), row.request_id,
-                      tokens.reserved if tokens else 0, tokens.used if tokens else 0])
+                      limits.reserved if limits else 0, limits.used if limits else 0])
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
 

@@ -18,10 +18,10 @@ from tollgate.ledger import LedgerRow
 from tollgate.ratelimit import Limit, Window
 from tollgate.store.base import (
     Counter,
+    LimitSettlement,
     Reservation,
     Store,
     StoreUnavailable,
-    TokenSettlement,
     process_alive,
 )
 
@@ -35,9 +35,9 @@ class Spooled(Store):
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY "
-                        "AUTOINCREMENT, counters TEXT, reserved INTEGER, row TEXT, tokens TEXT)")
-        if "tokens" not in {c[1] for c in self.db.execute("PRAGMA table_info(spool)")}:
-            self.db.execute("ALTER TABLE spool ADD COLUMN tokens TEXT")  # an older spool
+                        "AUTOINCREMENT, counters TEXT, reserved INTEGER, row TEXT, limits TEXT)")
+        if "limits" not in {c[1] for c in self.db.execute("PRAGMA table_info(spool)")}:
+            self.db.execute("ALTER TABLE spool ADD COLUMN limits TEXT")  # an older spool
         # Requests this node has in flight: written ahead on its own disk.
         self.db.execute("CREATE TABLE IF NOT EXISTS inflight (request_id TEXT PRIMARY KEY, "
                         "pid INTEGER NOT NULL, row TEXT NOT NULL)")
@@ -64,11 +64,11 @@ class Spooled(Store):
     async def flush(self) -> int:
         """Replay spooled requests until the store refuses; returns how many went through."""
         done = 0
-        for ident, counters, reserved, row, tokens in self.db.execute(
-                "SELECT id, counters, reserved, row, tokens FROM spool ORDER BY id").fetchall():
+        for ident, counters, reserved, row, limits in self.db.execute(
+                "SELECT id, counters, reserved, row, limits FROM spool ORDER BY id").fetchall():
             await self.inner.finish(json.loads(counters), reserved,
                                     LedgerRow.from_dict(json.loads(row)),
-                                    TokenSettlement(**json.loads(tokens)) if tokens else None)
+                                    LimitSettlement(**json.loads(limits)) if limits else None)
             self.db.execute("DELETE FROM spool WHERE id = ?", (ident,))
             done += 1
         if done:
@@ -84,17 +84,17 @@ class Spooled(Store):
         return await self.inner.windows(limits, now)
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
-                     tokens: TokenSettlement | None = None) -> None:
+                     limits: LimitSettlement | None = None) -> None:
         self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
         try:
             if self.pending():
                 await self.flush()  # keep the ledger in order
-            await self.inner.finish(counters, reserved, row, tokens)
+            await self.inner.finish(counters, reserved, row, limits)
         except StoreUnavailable as e:
-            self.db.execute("INSERT INTO spool (counters, reserved, row, tokens) VALUES "
+            self.db.execute("INSERT INTO spool (counters, reserved, row, limits) VALUES "
                             "(?, ?, ?, ?)", (json.dumps(counters), reserved,
                                              json.dumps(row.to_dict()),
-                                             json.dumps(asdict(tokens)) if tokens else None))
+                                             json.dumps(asdict(limits)) if limits else None))
             log.warning("state store unavailable (%s); request %s spooled for replay", e,
                         row.request_id)
 

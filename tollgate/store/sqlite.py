@@ -1,5 +1,8 @@
 """SQLite state: one file, WAL, durable across restarts. For a single gateway node.
 
+Rate-limit windows live in this process's memory (`windows.py`) and are written here as
+requests settle, so a restart keeps them and `rate-limits status` can read them.
+
 Each call is one short transaction on the event loop's thread; `BEGIN IMMEDIATE` takes the
 write lock up front, so a reservation's check and its increments cannot interleave with
 another writer (a CLI, a second process on the same file).
@@ -18,15 +21,16 @@ from pathlib import Path
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
-from tollgate.ratelimit import SLIDING_SECONDS, Limit, Window, read_window
+from tollgate.ratelimit import SLIDING_SECONDS, Limit, Window
 from tollgate.store.base import (
     Counter,
+    LimitSettlement,
     Reservation,
     Store,
     StoreUnavailable,
-    TokenSettlement,
     process_alive,
 )
+from tollgate.store.windows import LocalWindows
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budget_counters (
@@ -43,17 +47,15 @@ CREATE TABLE IF NOT EXISTS ledger (
     fallback_count INTEGER, code TEXT, fallbacks TEXT
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
--- Rate limits: a running total per counter, and the entries of sliding windows.
-CREATE TABLE IF NOT EXISTS rate_totals (
-    counter TEXT PRIMARY KEY,           -- key:<id>:rpm | provider:<id>:rpd:<day> ...
-    used INTEGER NOT NULL DEFAULT 0,    -- requests or tokens in the window
-    newest REAL                         -- the newest entry's time (epoch seconds)
-);
-CREATE TABLE IF NOT EXISTS rate_entries (
+-- Rate limits, as settled requests left them (the windows themselves are in memory).
+CREATE TABLE IF NOT EXISTS rate_entries (  -- RPM and TPM: one row per request in a window
     counter TEXT NOT NULL, request_id TEXT NOT NULL, ts REAL NOT NULL, amount INTEGER NOT NULL,
     PRIMARY KEY (counter, request_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS rate_entries_ts ON rate_entries (counter, ts);
+CREATE INDEX IF NOT EXISTS rate_entries_ts ON rate_entries (ts);
+CREATE TABLE IF NOT EXISTS rate_days (     -- RPD: requests per key or provider and UTC day
+    counter TEXT PRIMARY KEY, used INTEGER NOT NULL, newest REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS inflight (    -- written ahead, removed when the request settles
     request_id TEXT PRIMARY KEY, pid INTEGER NOT NULL, row TEXT NOT NULL
 );
@@ -76,7 +78,9 @@ class SQLiteStore(Store):
         for added in ("code", "fallbacks"):  # a ledger written by an earlier version
             if added not in columns:
                 self.db.execute(f"ALTER TABLE ledger ADD COLUMN {added} TEXT")
-        self._pruned_day: str | None = None
+        self.rate_windows = LocalWindows()
+        self._pruned = 0.0
+        self._load_windows(time.time())
         if owner:
             self.db.execute("UPDATE budget_counters SET reserved = 0 WHERE reserved != 0")
             self._recover()
@@ -121,73 +125,76 @@ class SQLiteStore(Store):
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
-    def _window(self, limit: Limit, need: int, now: float) -> tuple[bool, Window]:
-        """Read one limit's window, first dropping the entries it no longer holds."""
-        counter = limit.counter
-        if limit.sliding:
-            gone = self.db.execute(
-                "SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM rate_entries "
-                "WHERE counter = ? AND ts <= ?", (counter, now - SLIDING_SECONDS)).fetchone()
-            if gone[1]:
-                self.db.execute("DELETE FROM rate_entries WHERE counter = ? AND ts <= ?",
-                                (counter, now - SLIDING_SECONDS))
-                self.db.execute("UPDATE rate_totals SET used = MAX(0, used - ?) "
-                                "WHERE counter = ?", (gone[0], counter))
-        found = self.db.execute("SELECT used, newest FROM rate_totals WHERE counter = ?",
-                                (counter,)).fetchone()
-        used, newest = found if found else (0, None)
-        return read_window(limit, used, newest, need, now, lambda: self.db.execute(
-            "SELECT ts, amount FROM rate_entries WHERE counter = ? ORDER BY ts", (counter,)))
+    def _load_windows(self, now: float) -> None:
+        """The windows of requests settled before this store opened (a restart, a CLI)."""
+        by_counter: dict[str, list[tuple[float, str, int]]] = {}
+        for counter, request_id, ts, amount in self.db.execute(
+                "SELECT counter, request_id, ts, amount FROM rate_entries WHERE ts > ?",
+                (now - SLIDING_SECONDS,)):
+            by_counter.setdefault(counter, []).append((ts, request_id, amount))
+        for counter, entries in by_counter.items():
+            self.rate_windows.load(counter, entries)
+        for counter, used, newest in self.db.execute(
+                "SELECT counter, used, newest FROM rate_days WHERE newest > ?",
+                (now - 2 * 86400,)):
+            self.rate_windows.load(counter, [], (used, newest))
 
     async def reserve(self, request_id: str, holds: list[Hold], amount: int,
                       limits: list[Limit] | None = None, tokens: int = 0,
                       now: float | None = None) -> Reservation:
+        """Rate limits are checked in memory, budgets in one transaction; nothing awaits in
+        between, so on the event loop the two are one atomic step."""
         limits = limits or []
         now = time.time() if now is None else now
-        with self._transaction():
-            found = [self._counter(h.counter) for h in holds]
-            refused = next((i for i, (h, c) in enumerate(zip(holds, found, strict=True))
-                            if h.blocking and c.committed + amount > h.limit_micros), None)
-            read = [self._window(lim, lim.amount(tokens), now) for lim in limits]
-            windows = [w for _, w in read]
-            over = [i for i, (ok, _) in enumerate(read) if not ok]
-            if refused is not None or over:
-                return Reservation(False, found, refused, windows, over)
-            for hold in holds:
-                self.db.execute(
-                    "INSERT INTO budget_counters (counter, reserved) VALUES (?, ?) "
-                    "ON CONFLICT (counter) DO UPDATE SET reserved = reserved + ?",
-                    (hold.counter, amount, amount))
-            for lim in limits:
-                need = lim.amount(tokens)
-                self.db.execute(
-                    "INSERT INTO rate_totals (counter, used, newest) VALUES (?, ?, ?) "
-                    "ON CONFLICT (counter) DO UPDATE SET used = used + ?, newest = ?",
-                    (lim.counter, need, now, need, now))
-                if lim.sliding:
-                    self.db.execute("INSERT OR REPLACE INTO rate_entries (counter, request_id, "
-                                    "ts, amount) VALUES (?, ?, ?, ?)",
-                                    (lim.counter, request_id, now, need))
-            self._forget_past_days(limits, now)
+        read = [self.rate_windows.read(lim, lim.amount(tokens), now) for lim in limits]
+        windows = [w for _, w in read]
+        over = [i for i, (ok, _) in enumerate(read) if not ok]
+        found: list[Counter] = []
+        if holds:
+            with self._transaction():
+                found = [self._counter(h.counter) for h in holds]
+                refused = next((i for i, (h, c) in enumerate(zip(holds, found, strict=True))
+                                if h.blocking and c.committed + amount > h.limit_micros), None)
+                if refused is not None or over:
+                    return Reservation(False, found, refused, windows, over, now)
+                for hold in holds:
+                    self.db.execute(
+                        "INSERT INTO budget_counters (counter, reserved) VALUES (?, ?) "
+                        "ON CONFLICT (counter) DO UPDATE SET reserved = reserved + ?",
+                        (hold.counter, amount, amount))
+        elif over:
+            return Reservation(False, [], None, windows, over, now)
+        for lim in limits:
+            self.rate_windows.take(lim, request_id, lim.amount(tokens), now)
         return Reservation(True, [Counter(c.spent, c.reserved + amount) for c in found],
-                           windows=windows)
-
-    def _forget_past_days(self, limits: list[Limit], now: float) -> None:
-        """Day counters of days before yesterday are dropped, once a day."""
-        day = next((lim.day for lim in limits if lim.day), None)
-        if day is None or day == self._pruned_day:
-            return
-        self._pruned_day = day
-        self.db.execute("DELETE FROM rate_totals WHERE counter GLOB '*:rpd:*' AND newest < ?",
-                        (now - 2 * 86400,))
+                           windows=windows, at=now)
 
     async def windows(self, limits: list[Limit], now: float | None = None) -> list[Window]:
         now = time.time() if now is None else now
-        with self._transaction():
-            return [self._window(lim, 0, now)[1] for lim in limits]
+        return [self.rate_windows.read(lim, 0, now)[1] for lim in limits]
+
+    def _record_limits(self, request_id: str, limits: LimitSettlement) -> None:
+        """Write what a settled request took from its limits (inside finish's transaction),
+        and drop what has left every window, once a minute."""
+        for counter in limits.sliding:
+            amount = limits.used if counter in limits.tokens else 1
+            self.db.execute("INSERT OR REPLACE INTO rate_entries (counter, request_id, ts, "
+                            "amount) VALUES (?, ?, ?, ?)",
+                            (counter, request_id, limits.admitted, amount))
+        for counter in limits.days:
+            self.db.execute("INSERT INTO rate_days (counter, used, newest) VALUES (?, 1, ?) "
+                            "ON CONFLICT (counter) DO UPDATE SET used = used + 1, "
+                            "newest = MAX(newest, ?)", (counter, limits.admitted,
+                                                        limits.admitted))
+        now = time.time()
+        if now - self._pruned > SLIDING_SECONDS:
+            self._pruned = now
+            self.db.execute("DELETE FROM rate_entries WHERE ts <= ?", (now - SLIDING_SECONDS,))
+            self.db.execute("DELETE FROM rate_days WHERE newest < ?", (now - 2 * 86400,))
+            self.rate_windows.forget_idle(now)
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
-                     tokens: TokenSettlement | None = None) -> None:
+                     limits: LimitSettlement | None = None) -> None:
         doc = row.to_dict()
         with self._transaction():
             self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
@@ -203,16 +210,10 @@ class SQLiteStore(Store):
                     "ON CONFLICT (counter) DO UPDATE SET spent = spent + ?, "
                     "reserved = MAX(0, reserved - ?)",
                     (counter, row.cost_micros, row.cost_micros, reserved))
-            for counter in tokens.counters if tokens else []:
-                entry = (counter, row.request_id)
-                held = self.db.execute("SELECT amount FROM rate_entries WHERE counter = ? AND "
-                                       "request_id = ?", entry).fetchone()
-                if held is None:
-                    continue  # it has left its window: it counts for nothing any more
-                self.db.execute("UPDATE rate_entries SET amount = ? WHERE counter = ? AND "
-                                "request_id = ?", (tokens.used, *entry))
-                self.db.execute("UPDATE rate_totals SET used = MAX(0, used + ?) WHERE "
-                                "counter = ?", (tokens.used - held[0], counter))
+            if limits is not None:
+                self._record_limits(row.request_id, limits)
+        for counter in limits.tokens if limits else []:
+            self.rate_windows.settle(counter, row.request_id, limits.used)
 
     async def counters(self, holds: list[Hold]) -> list[Counter]:
         return [self._counter(h.counter) for h in holds]

@@ -1,0 +1,64 @@
+"""What every provider adapter answers: how to authenticate, where a request goes, and which
+API family it speaks. The request and response translations between families live in
+`tollgate.translate`, one per (client family, provider family) pair."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
+
+from tollgate.errors import GatewayError
+
+if TYPE_CHECKING:
+    from tollgate.config.schema import ModelProvider
+    from tollgate.routes import Route
+
+# The route a provider of the other family serves a translated request on.
+TRANSLATED_ROUTES = {"chat_completions": "messages", "messages": "chat_completions"}
+# Where each family serves each route (the client's path is kept when the families match).
+WIRE_PATHS = {"chat_completions": "/v1/chat/completions", "messages": "/v1/messages"}
+
+
+class Adapter:
+    """One provider type. An instance serves one configured provider."""
+
+    type: ClassVar[str]
+    wire: ClassVar[str]  # the API family the provider speaks: "openai" | "anthropic"
+    default_models: ClassVar[tuple[str, ...]] = ()
+    default_base_url: ClassVar[str | None] = None
+
+    def __init__(self, provider: ModelProvider):
+        self.provider = provider
+
+    @classmethod
+    def check_config(cls, provider_config: dict[str, Any]) -> None:
+        """Raise ValueError naming what is wrong with `provider_config` for this type."""
+
+    def translated(self, route: Route) -> bool:
+        return self.wire != route.family
+
+    def serves_route(self, route: Route) -> bool:
+        """The provider can serve `route`: in its own family, or through translation."""
+        return not self.translated(route) or route.name in TRANSLATED_ROUTES
+
+    def credential(self) -> str:
+        p = self.provider
+        value = os.environ.get(p.api_key_env) if p.api_key_env else None
+        if not value:
+            raise GatewayError(
+                "provider_misconfigured",
+                f"Model provider {p.id} has no credential: set the environment variable "
+                f"{p.api_key_env or '(api_key_env is missing)'} on the gateway.")
+        return value
+
+    def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+        """Headers that authenticate to the provider, and client headers to drop."""
+        raise NotImplementedError
+
+    def path(self, route: Route, model: str, client_path: str) -> str:
+        """The upstream path (and query) for a request on `route` asking for `model`."""
+        base = urlsplit(self.provider.base_url).path.rstrip("/")
+        if self.translated(route):
+            return base + WIRE_PATHS[TRANSLATED_ROUTES[route.name]]
+        return base + client_path
