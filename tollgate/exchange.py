@@ -73,7 +73,8 @@ class Exchange:
                  requested_model: str | None, attempts: list[Attempt], stream: bool,
                  billing: Billing, settle: Callable[[Exchange, LedgerRow], None],
                  prices: PriceTable | None = None, client_wants_usage: bool = False,
-                 breakers: Breakers | None = None, skipped: list[str] | None = None) -> None:
+                 breakers: Breakers | None = None, passed_over: list[str] | None = None,
+                 unserved: list[str] | None = None) -> None:
         self.trace = trace
         self.prefix = prefix
         self.route = route
@@ -94,8 +95,10 @@ class Exchange:
         self.stream_error: str | None = None  # the gateway ended the stream itself
         self.rewriter: Rewriter | None = None  # set per response by on_response_headers
         # Why the request moved past providers, in order ("mp_a:rate_limit (rpm 2)"): those
-        # skipped before dispatch, then the attempts that failed.
-        self.fallbacks: list[str] = list(skipped or [])
+        # passed over before dispatch, then the attempts that failed.
+        self.fallbacks: list[str] = list(passed_over or [])
+        # Providers of its routing policy with nothing to serve for it, and why.
+        self.unserved: list[str] = list(unserved or [])
 
     @property
     def attempt(self) -> Attempt:
@@ -262,6 +265,7 @@ class Exchange:
             "requested_model": self.requested_model,
             "provider": self.provider_id,
             "upstream": self.attempt.url,
+            **({"skipped": "; ".join(self.unserved)} if self.unserved else {}),
         }
 
     def usage(self) -> usage_of.Usage:
@@ -289,7 +293,8 @@ class Exchange:
             cache_write_tokens=used.cache_write_tokens, reasoning_tokens=used.reasoning_tokens,
             cost_micros=cost, usage_reported=used.reported, status=self.status,
             outcome=outcome, latency_ms=round((time.monotonic() - self.started) * 1000, 1),
-            fallback_count=self.fallback_count, fallbacks=", ".join(self.fallbacks) or None)
+            fallback_count=self.fallback_count, fallbacks=", ".join(self.fallbacks) or None,
+            skipped="; ".join(self.unserved) or None)
 
     @property
     def finished(self) -> bool:

@@ -141,19 +141,24 @@ class Gateway:
             model = policy.resolve_model(key, body.model) if body.model else None
             seen["model"] = model
             policy.check_tools(key, body.tools)
-            targets = routing.targets(loaded.config, key, route, model or "")
+            unserved: list[str] = []
+            targets = routing.targets(loaded.config, key, route, model or "",
+                                      catalog=loaded.catalog, skipped=unserved)
+            if unserved:
+                log.warning("request %s: %s", trace.request_id, "; ".join(unserved))
             # A streamed chat completion that did not ask for usage: ask for it upstream.
             ask_usage = bodies.wants_usage_chunk(route, body.doc)
             attempts = self._plan(targets, key, route, body, req, trace, settings, ask_usage)
-            billing, skipped = await self._admit_request(loaded, trace.request_id, key, route,
-                                                         body, req, attempts)
-            attempts = attempts[len(skipped):]
+            billing, passed_over = await self._admit_request(loaded, trace.request_id, key,
+                                                             route, body, req, attempts)
+            attempts = attempts[len(passed_over):]
             exchange = Exchange(trace=trace, prefix=settings.header_prefix, route=route, key=key,
                                 requested_model=body.model, attempts=attempts,
                                 stream=body.stream, billing=billing, settle=self._settle,
                                 prices=loaded.prices, breakers=self.breakers,
                                 client_wants_usage=route.name == "chat_completions"
-                                and body.stream and not ask_usage, skipped=skipped)
+                                and body.stream and not ask_usage, passed_over=passed_over,
+                                unserved=unserved)
             await self._admit(exchange)
             return Forward(exchange, attempts[0])
         except GatewayError as e:
@@ -223,14 +228,14 @@ class Gateway:
         now = datetime.now(UTC)
         providers = {p.id: p for p in cfg.model_providers}
         key_caps = ratelimit.key_limits(key, now)
-        skipped: list[str] = []
+        passed_over: list[str] = []
         for i, attempt in enumerate(attempts):
             holds = budgets.holds_for(cfg, key, billing.lineage, attempt.provider_id, now)
             billing.counters = [h.counter for h in holds]  # settled into even if not reserved
             holds = holds if amount else []
             limits = key_caps + ratelimit.provider_limits(providers[attempt.provider_id], now)
             if not holds and not limits:
-                return billing, skipped
+                return billing, passed_over
             try:
                 granted = await self.store().reserve(request_id, holds, amount, limits, tokens)
             except StoreUnavailable as e:
@@ -243,7 +248,7 @@ class Gateway:
                         "forwarded. Retry shortly.") from None
                 log.warning("state store unavailable, serving %s without budgets or rate "
                             "limits: %s", request_id, e)
-                return billing, skipped
+                return billing, passed_over
             clock = time.time()
             rate_headers = ratelimit.headers(route.family, limits, granted.windows, clock)
             if granted.granted:
@@ -256,7 +261,8 @@ class Gateway:
             by_key = [o for o in over if o[0].scope == "key"]
             if not by_key and "rate_limit" in key.config.fallback.on and i + 1 < len(attempts):
                 cap = over[0][0]
-                skipped.append(f"{attempt.provider_id}:rate_limit ({cap.dimension} {cap.limit})")
+                passed_over.append(
+                    f"{attempt.provider_id}:rate_limit ({cap.dimension} {cap.limit})")
                 log.info("request %s: provider %s is at its %s cap, passed over for %s",
                          request_id, attempt.provider_id, cap.dimension,
                          attempts[i + 1].provider_id)
@@ -281,7 +287,7 @@ class Gateway:
                 tokens=[lim.counter for lim in limits if lim.tokens], reserved=tokens,
                 admitted=granted.at)
         billing.rate_headers = rate_headers
-        return billing, skipped
+        return billing, passed_over
 
     async def _admit(self, exchange: Exchange) -> None:
         """Write ahead that the request is in flight (its row survives a crash)."""

@@ -39,6 +39,8 @@ class LedgerRow:
     code: str | None = None  # the gateway's error code, for a request it refused
     # Why it moved past providers, in order: "mp_a:rate_limit (rpm 2), mp_b:5xx".
     fallbacks: str | None = None
+    # Providers of its routing policy that had nothing to serve for it, and why.
+    skipped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from tollgate.catalog import ModelCatalog
 from tollgate.config.schema import Config, ModelProvider, RoutingTarget, VirtualKey
 from tollgate.errors import GatewayError
 from tollgate.providers import adapter_for
@@ -43,9 +44,23 @@ def weighted_order(targets: list[RoutingTarget], rng: random.Random) -> list[Rou
     return out
 
 
+def policy_model(target: RoutingTarget, provider: ModelProvider, model: str,
+                 catalog: ModelCatalog | None) -> str:
+    """What a policy's provider is asked for: the target's model map, else the model itself
+    if it serves it, else its vendor's equivalent from the catalog."""
+    if model in target.model_map:
+        return target.model_map[model]
+    if serves(provider, model) or catalog is None:
+        return model
+    return catalog.equivalent(model, adapter_for(provider).vendor) or model
+
+
 def targets(cfg: Config, key: VirtualKey, route: Route, model: str,
-            rng: random.Random | None = None) -> list[Target]:
-    """Eligible providers in dispatch order: same family, or translatable to it."""
+            rng: random.Random | None = None, catalog: ModelCatalog | None = None,
+            skipped: list[str] | None = None) -> list[Target]:
+    """Eligible providers in dispatch order: same family, or translatable to it. A policy's
+    provider with nothing to serve for the request is left out, and why is appended to
+    `skipped`."""
     client_family = route.family
     rng = rng or _rng
     scopes = visible_scopes(cfg, key.scope)
@@ -58,14 +73,21 @@ def targets(cfg: Config, key: VirtualKey, route: Route, model: str,
             chosen = weighted_order(chosen, rng)
         for t in chosen:
             p = providers[t.model_provider]
-            ordered.append(Target(p, t.model_map.get(model, model)))
+            ordered.append(Target(p, policy_model(t, p, model, catalog)))
     else:
         # Lower fallback_priority first; ties keep config order (creation order).
         for p in sorted(cfg.model_providers, key=lambda p: p.fallback_priority):
             ordered.append(Target(p, model))
-    eligible = [t for t in ordered
-                if t.provider.scope in scopes and serves(t.provider, t.model)
-                and adapter_for(t.provider).serves_route(route)]
+    eligible = []
+    for t in ordered:
+        if t.provider.scope not in scopes:
+            continue
+        if serves(t.provider, t.model) and adapter_for(t.provider).serves_route(route):
+            eligible.append(t)
+        elif policy is not None and skipped is not None:
+            skipped.append(f"{t.provider.id}: serves neither {model!r} nor an equivalent"
+                           if not serves(t.provider, t.model) else
+                           f"{t.provider.id}: does not serve the {route.name} route")
     if not eligible:
         raise GatewayError(
             "no_provider_for_model",

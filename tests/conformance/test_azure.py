@@ -31,14 +31,15 @@ TOOL = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def gateways(tmp_path_factory, fake_openai, fake_anthropic, fake_azure):
     """`mp_azure` serves gpt-4o-mini (deployment mini-prod) and gpt-4o (no deployment of
-    that name: Azure answers DeploymentNotFound); policy `azure-first` falls back to
-    OpenAI."""
+    that name: Azure answers DeploymentNotFound), its key in a file beside the config;
+    policy `azure-first` falls back to OpenAI."""
     policies: dict[str, str] = {}
 
     def setup(config: Path) -> None:
+        (config.parent / "azure.key").write_text(AZURE_KEY + "\n")  # a mounted secret
         tollgate("model-providers", "create", "--id", "mp_azure", "--type", "azure-openai",
-                 "--scope", "ORG:acme", "--base-url", fake_azure.url, "--api-key-env",
-                 "FAKE_AZURE_KEY", "--provider-config", json.dumps(AZURE_CONFIG),
+                 "--scope", "ORG:acme", "--base-url", fake_azure.url, "--api-key-file",
+                 "azure.key", "--provider-config", json.dumps(AZURE_CONFIG),
                  "--models", "gpt-4o-mini", "--models", "gpt-4o", "--fallback-priority", "0",
                  config=config)
         policies[str(config)] = json.loads(tollgate(
@@ -146,3 +147,24 @@ def test_azure_falls_back_to_openai_on_5xx(gateways, host, fake_azure, fake_open
     assert fake_azure.requests and fake_openai.requests[-1].path == "/v1/chat/completions"
     row = ledger_row(gw, raw.headers["x-langwatch-request-id"])
     assert row.provider == "mp_openai" and row.fallbacks == "mp_azure:5xx"
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_a_rotated_key_file_is_used_without_a_restart(gateways, host, fake_azure):
+    """The upstream key is rotated the way a Kubernetes secret is (a new file swapped in):
+    the next request carries the new key, and none fails."""
+    gw = gateways["gateways"][host]
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=gw.create_key().secret,
+                           max_retries=0)
+    assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices
+    key_file, rotated = gw.config.parent / "azure.key", "azure-rotated-key-0002"
+    try:
+        staged = key_file.with_suffix(".new")
+        staged.write_text(rotated + "\n")
+        staged.replace(key_file)
+        fake_azure.api_key = rotated
+        assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices
+        assert fake_azure.requests[-1].headers["api-key"] == rotated
+    finally:
+        key_file.write_text(AZURE_KEY + "\n")
+        fake_azure.api_key = AZURE_KEY

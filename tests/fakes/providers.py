@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import calendar
 import contextlib
+import hmac
 import json
 import re
 import struct
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,6 +62,13 @@ def _count_tokens(doc: Any) -> int:
     return max(1, len(json.dumps(doc)) // 4)
 
 
+@dataclass(frozen=True)
+class AwsCredentials:
+    access_key: str = "AKIAFAKEBEDROCK00001"
+    secret_key: str = "fake/bedrock/secret/key/0000000000000000"
+    region: str = "us-east-1"
+
+
 @dataclass
 class FakeProvider:
     family: str  # "openai" | "anthropic"
@@ -69,6 +79,9 @@ class FakeProvider:
     answer_words: int = 0  # > 0: chat answers this many words (large responses)
     # Azure OpenAI (family "azure"): deployment name -> the model it runs.
     deployments: dict[str, str] = field(default_factory=dict)
+    # AWS Bedrock (family "bedrock"): the credentials SigV4 signatures are checked against
+    # (`api_key`, when set, is a Bedrock API key accepted as a bearer token).
+    aws: AwsCredentials = field(default_factory=AwsCredentials)
     requests: list[Recorded] = field(default_factory=list)
     _script: deque[Behaviour] = field(default_factory=deque)
     _server: ThreadingHTTPServer | None = None
@@ -149,7 +162,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _start_sse(self) -> None:
         self.send_response(200)
-        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("content-type", EVENTSTREAM if self.fake.family == "bedrock" else
+                         "text/event-stream; charset=utf-8")
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
@@ -166,12 +180,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(2)  # drop mid-stream, no terminating chunk
                 self.close_connection = True
                 return
-            self._chunk(event)
+            self._chunk(_frame_of(event) if self.fake.family == "bedrock" else event)
             if self.fake.chunk_delay:
                 time.sleep(self.fake.chunk_delay)
         self._chunk(b"")
 
     def _error(self, status: int, message: str, kind: str, code: str | None = None) -> None:
+        if self.fake.family == "bedrock":
+            self._bedrock_error(status, {429: "ThrottlingException",
+                                         400: "ValidationException"}.get(
+                                             status, "ServiceUnavailableException"), message)
+            return
         if self.fake.family == "anthropic":
             doc: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
         else:
@@ -226,6 +245,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.family == "azure":
             self._azure(path, doc, behaviour)
             return
+        if fake.family == "bedrock":
+            self._bedrock(path, doc, behaviour)
+            return
         handler = ROUTES.get((fake.family, path))
         if handler is None:
             self._error(404, f"Unknown path {path}", "not_found_error")
@@ -236,6 +258,8 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.fake
         if fake.family == "azure":
             return self._azure_authorised(rec)
+        if fake.family == "bedrock":
+            return self._bedrock_authorised(rec)
         if fake.family == "anthropic":
             if rec.headers.get("x-api-key") != fake.api_key:
                 self._error(401, "invalid x-api-key", "authentication_error")
@@ -286,6 +310,47 @@ class _Handler(BaseHTTPRequestHandler):
             self.openai_embeddings(doc, behaviour)
         else:
             self.openai_chat(doc, behaviour)
+
+    # -- AWS Bedrock ----------------------------------------------------------------------------
+    def _bedrock_error(self, status: int, kind: str, message: str) -> None:
+        self._send_json(status, {"message": message}, {
+            "x-amzn-errortype": f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/",
+            "x-fake-error": "1"})
+
+    def _bedrock_authorised(self, rec: Recorded) -> bool:
+        """A Bedrock API key as a bearer token, or a SigV4 signature checked with botocore's
+        own algorithm against the fake's credentials."""
+        auth = rec.headers.get("authorization", "")
+        if auth.startswith("Bearer ") and self.fake.api_key:
+            if auth == f"Bearer {self.fake.api_key}":
+                return True
+            self._bedrock_error(403, "AccessDeniedException", "Invalid API Key format")
+            return False
+        problem = sigv4_problem(self.command, f"http://{rec.headers.get('host', '')}{rec.path}",
+                                rec.headers, rec.body, self.fake.aws)
+        if problem is not None:
+            self._bedrock_error(403, problem[0], problem[1])
+            return False
+        return True
+
+    def _bedrock(self, path: str, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        match = re.fullmatch(r"/model/([^/]+)/(invoke|invoke-with-response-stream)", path)
+        if match is None:
+            self._bedrock_error(404, "UnknownOperationException", "Unknown operation")
+            return
+        model = unquote(match.group(1))
+        if not model.startswith("anthropic."):
+            self._bedrock_error(400, "ValidationException", "The provided model identifier "
+                                "is invalid.")
+            return
+        extra = sorted(set(doc) & {"model", "stream"})
+        if not isinstance(doc.get("anthropic_version"), str) or extra:
+            self._bedrock_error(400, "ValidationException", "Malformed input request: "
+                                + (f"extraneous key [{extra[0]}] is not permitted" if extra
+                                   else "#: required key [anthropic_version] not found"))
+            return
+        self.anthropic_messages({**doc, "model": model,
+                                 "stream": match.group(2) != "invoke"}, behaviour)
 
     # -- OpenAI chat completions --------------------------------------------------------------
     def openai_chat(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
@@ -498,6 +563,74 @@ def _data(doc: Any) -> bytes:
 
 def _event(kind: str, doc: Any) -> bytes:
     return f"event: {kind}\n".encode() + _data(doc)
+
+
+EVENTSTREAM = "application/vnd.amazon.eventstream"
+
+
+def sigv4_problem(method: str, url: str, headers: dict[str, str], body: bytes,
+                  aws: AwsCredentials) -> tuple[str, str] | None:
+    """What Bedrock would refuse about a request's SigV4 signature, or None: the signature
+    is recomputed with botocore's signer over the headers the request says it signed."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    found = re.fullmatch(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/"
+                         r"aws4_request, ?SignedHeaders=([^,]+), ?Signature=([0-9a-f]{64})",
+                         headers.get("authorization", ""))
+    if found is None:
+        return "MissingAuthenticationTokenException", "Missing Authentication Token"
+    key_id, _day, region, service, signed, signature = found.groups()
+    if key_id != aws.access_key:
+        return ("UnrecognizedClientException",
+                "The security token included in the request is invalid.")
+    amz_date = headers.get("x-amz-date", "")
+    try:
+        age = abs(time.time() - calendar.timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ")))
+    except ValueError:
+        age = float("inf")
+    if (region, service) != (aws.region, "bedrock") or age > 300:
+        return "InvalidSignatureException", "Signature expired or for another scope."
+    request = AWSRequest(method=method, url=url, data=body,
+                         headers={h: headers.get(h, "") for h in signed.split(";")})
+    request.context["timestamp"] = amz_date
+    signer = SigV4Auth(Credentials(aws.access_key, aws.secret_key), "bedrock", aws.region)
+    expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(
+        request)), request)
+    if not hmac.compare_digest(expected, signature):
+        return ("InvalidSignatureException", "The request signature we calculated does not "
+                "match the signature you provided. Check your AWS Secret Access Key and "
+                "signing method.")
+    return None
+
+
+def _frame(headers: dict[str, str], payload: bytes) -> bytes:
+    """One AWS event-stream message: prelude (lengths and CRC), string headers, payload,
+    and the CRC of the whole."""
+    encoded = b"".join(struct.pack("B", len(k)) + k.encode() + b"\x07" +
+                       struct.pack(">H", len(v)) + v.encode() for k, v in headers.items())
+    total = 12 + len(encoded) + len(payload) + 4
+    prelude = struct.pack(">II", total, len(encoded))
+    prelude += struct.pack(">I", zlib.crc32(prelude))
+    body = prelude + encoded + payload
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def _frame_of(sse_event: bytes) -> bytes:
+    """An Anthropic SSE event as Bedrock streams it: a `chunk` event whose payload holds the
+    event's JSON, base64-encoded (the last one with Bedrock's invocation metrics)."""
+    data = next(line[6:] for line in sse_event.split(b"\n") if line.startswith(b"data: "))
+    doc = json.loads(data)
+    if doc.get("type") == "message_stop":
+        doc["amazon-bedrock-invocationMetrics"] = {"inputTokenCount": 0,
+                                                   "outputTokenCount": 0,
+                                                   "invocationLatency": 1,
+                                                   "firstByteLatency": 1}
+    payload = json.dumps({"bytes": base64.b64encode(json.dumps(doc).encode()).decode(),
+                          "p": "abcdefgh"}).encode()
+    return _frame({":event-type": "chunk", ":content-type": "application/json",
+                   ":message-type": "event"}, payload)
 
 
 # The API versions the Azure fake accepts (Azure answers 404 to any other).

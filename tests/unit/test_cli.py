@@ -146,7 +146,7 @@ def test_config_validate_reports_lines(run, config_dir):
 def test_provider_create_requires_env_reference(run):
     result = run("model-providers", "create", "--type", "openai", "--scope", "ORG:acme",
                  ok=False)
-    assert "--api-key-env is required" in result.output
+    assert "--api-key-env or --api-key-file is required" in result.output
     doc = json.loads(run("model-providers", "create", "--type", "anthropic", "--scope",
                          "TEAM:team_eng", "--api-key-env", "TEAM_ANTHROPIC_KEY",
                          "--provider-config", '{"region": "us-east-1"}', "--format",
@@ -176,3 +176,17 @@ def test_controls_that_cannot_take_effect_are_warned_about(run, config_dir):
     lines = [line for line in checked.stderr.splitlines() if line.startswith("warning: ")]
     assert any(f"{path}:" in line and "mp_iso" in line for line in lines)
     assert any("gemini-*" in line for line in lines)
+
+
+def test_a_policy_provider_that_can_serve_nothing_is_warned_about(run):
+    """OpenAI then Anthropic needs no model map (the catalog has equivalents); a provider
+    that serves none of the first one's models, and has no map, is skipped by requests."""
+    seed = run("routing-policies", "create", "--scope", "ORG:acme", "--name", "seed",
+               "--model-provider", "mp_openai_org", "--model-provider", "mp_anthropic_org")
+    assert "serves none of the models" not in seed.stderr
+    run("model-providers", "create", "--type", "openai-compatible", "--scope", "ORG:acme",
+        "--id", "mp_local", "--base-url", "http://127.0.0.1:1", "--api-key-env", "LOCAL_KEY",
+        "--models", "llama-*")
+    local = run("routing-policies", "create", "--scope", "ORG:acme", "--name", "local",
+                "--model-provider", "mp_openai_org", "--model-provider", "mp_local")
+    assert "mp_local serves none of the models mp_openai_org serves" in local.stderr

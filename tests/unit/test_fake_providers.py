@@ -3,6 +3,9 @@ accepted anything would prove nothing about the gateway in front of it."""
 
 from __future__ import annotations
 
+import json
+
+import anthropic
 import openai
 import pytest
 
@@ -46,3 +49,58 @@ def test_the_azure_fake_refuses_what_azure_refuses(azure):
     with pytest.raises(openai.NotFoundError) as missing:
         client(azure).chat.completions.create(model="no-such-dep", messages=MESSAGES)
     assert missing.value.code == "DeploymentNotFound"
+
+
+CLAUDE_ON_BEDROCK = "anthropic.claude-haiku-4-5-20251001-v1:0"
+
+
+@pytest.fixture(scope="module")
+def bedrock():
+    fake = FakeProvider("bedrock", "").start()
+    yield fake
+    fake.stop()
+
+
+def bedrock_runtime(fake: FakeProvider, secret: str | None = None):
+    import botocore.session
+
+    return botocore.session.get_session().create_client(
+        "bedrock-runtime", region_name=fake.aws.region, endpoint_url=fake.url,
+        aws_access_key_id=fake.aws.access_key,
+        aws_secret_access_key=secret or fake.aws.secret_key)
+
+
+def test_the_bedrock_fake_serves_botocore_and_checks_its_signature(bedrock):
+    import botocore.exceptions
+
+    body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 30,
+                       "messages": MESSAGES})
+    client = bedrock_runtime(bedrock)
+    answer = json.loads(client.invoke_model(modelId=CLAUDE_ON_BEDROCK, body=body)["body"].read())
+    assert answer["type"] == "message" and answer["usage"]["output_tokens"] > 0
+    assert bedrock.requests[-1].path == "/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke"
+    events = [json.loads(e["chunk"]["bytes"]) for e in
+              client.invoke_model_with_response_stream(modelId=CLAUDE_ON_BEDROCK,
+                                                       body=body)["body"]]
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+    assert any(e["type"] == "content_block_delta" for e in events)
+    with pytest.raises(botocore.exceptions.ClientError) as refused:
+        bedrock_runtime(bedrock, secret="wrong" * 8).invoke_model(modelId=CLAUDE_ON_BEDROCK,
+                                                                   body=body)
+    assert refused.value.response["Error"]["Code"] == "InvalidSignatureException"
+    with pytest.raises(botocore.exceptions.ClientError) as invalid:
+        client.invoke_model(modelId=CLAUDE_ON_BEDROCK, body=json.dumps(
+            {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": MESSAGES}))
+    assert invalid.value.response["Error"]["Code"] == "ValidationException"
+
+
+def test_the_bedrock_fake_serves_the_anthropic_bedrock_client(bedrock):
+    claude = anthropic.AnthropicBedrock(
+        aws_access_key=bedrock.aws.access_key, aws_secret_key=bedrock.aws.secret_key,
+        aws_region=bedrock.aws.region, base_url=bedrock.url, max_retries=0)
+    message = claude.messages.create(model=CLAUDE_ON_BEDROCK, max_tokens=30,
+                                     messages=MESSAGES)
+    assert message.content[0].text.startswith("Hello")
+    with claude.messages.stream(model=CLAUDE_ON_BEDROCK, max_tokens=30,
+                                messages=MESSAGES) as stream:
+        assert "".join(stream.text_stream).startswith("Hello")

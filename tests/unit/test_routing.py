@@ -17,3 +17,53 @@ def test_weighted_order_spreads_first_picks_by_weight_and_keeps_fallbacks():
         firsts[order[0]] += 1
     assert firsts["c"] == 0
     assert 0.70 < firsts["a"] / 4000 < 0.80  # 3:1
+
+
+def _config(*targets: dict, extra_providers: tuple[dict, ...] = ()):
+    from tollgate.config.schema import Config
+
+    providers = [
+        {"id": "mp_openai", "type": "openai", "scope": "ORG:acme",
+         "base_url": "https://api.openai.com", "api_key_env": "K"},
+        {"id": "mp_anthropic", "type": "anthropic", "scope": "ORG:acme",
+         "base_url": "https://api.anthropic.com", "api_key_env": "K"},
+        *extra_providers]
+    return Config.model_validate({
+        "orgs": [{"id": "acme"}], "model_providers": providers,
+        "routing_policies": [{"id": "rp_1", "name": "p", "scope": "ORG:acme",
+                              "model_providers": list(targets)}],
+        "virtual_keys": [{"id": "vk_1", "name": "k", "scope": "ORG:acme",
+                          "secret_hash": "0" * 64, "routing_policy": "rp_1"}]})
+
+
+def test_a_policy_across_vendors_asks_each_provider_for_its_equivalent():
+    """The seed recipe: OpenAI then Anthropic, no model map. The catalog names the model
+    Anthropic serves in place of the one asked for."""
+    from pathlib import Path
+
+    from tollgate.catalog import SHIPPED, load_catalog
+    from tollgate.routes import ROUTES
+    from tollgate.routing import targets
+
+    catalog = load_catalog(Path("/nonexistent/models.yaml"))  # falls back to the shipped one
+    assert catalog.path == SHIPPED
+    cfg = _config({"model_provider": "mp_openai"}, {"model_provider": "mp_anthropic"})
+    chat = ROUTES["/v1/chat/completions"]
+    got = targets(cfg, cfg.virtual_keys[0], chat, "gpt-5-mini", catalog=catalog)
+    assert [(t.provider.id, t.model) for t in got] == [("mp_openai", "gpt-5-mini"),
+                                                       ("mp_anthropic", "claude-haiku-4-5")]
+    messages = ROUTES["/v1/messages"]
+    got = targets(cfg, cfg.virtual_keys[0], messages, "claude-sonnet-4-5", catalog=catalog)
+    assert [(t.provider.id, t.model) for t in got] == [("mp_openai", "gpt-5"),
+                                                       ("mp_anthropic", "claude-sonnet-4-5")]
+    # An explicit map wins over the catalog.
+    mapped = _config({"model_provider": "mp_openai"},
+                     {"model_provider": "mp_anthropic",
+                      "model_map": {"gpt-5-mini": "claude-sonnet-4-5"}})
+    got = targets(mapped, mapped.virtual_keys[0], chat, "gpt-5-mini", catalog=catalog)
+    assert got[1].model == "claude-sonnet-4-5"
+    # Without the catalog, the second provider has nothing to serve, and says so.
+    skipped: list[str] = []
+    got = targets(cfg, cfg.virtual_keys[0], chat, "gpt-5-mini", skipped=skipped)
+    assert [t.provider.id for t in got] == ["mp_openai"]
+    assert skipped == ["mp_anthropic: serves neither 'gpt-5-mini' nor an equivalent"]

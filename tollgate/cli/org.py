@@ -17,6 +17,7 @@ gateway:
   header_prefix: "X-LangWatch-"
   state: "sqlite:///.tollgate/state.db"
   prices: prices.yaml          # relative to this file
+  models: models.yaml          # the model catalog, for fallback across vendors
   max_body_bytes: 8388608
 
 orgs:
@@ -34,13 +35,15 @@ budgets: []
 """
 
 SHIPPED_PRICES = Path(__file__).resolve().parents[2] / "config" / "prices.yaml"
+SHIPPED_CATALOG = Path(__file__).resolve().parents[2] / "config" / "models.yaml"
 
 
 @click.command()
 @click.option("--org", required=True, help="Organization id, e.g. acme.")
 @click.pass_context
 def init(ctx: click.Context, org: str) -> None:
-    """Write a starter config (and price table) at --config; refuses to overwrite."""
+    """Write a starter config (and price table and model catalog) at --config; refuses to
+    overwrite."""
     path = config_path(ctx)
     if path.exists():
         fail(f"{path} already exists; not overwriting it")
@@ -51,6 +54,9 @@ def init(ctx: click.Context, org: str) -> None:
         if not SHIPPED_PRICES.exists():
             fail(f"no price table to copy; put one at {prices}")
         shutil.copyfile(SHIPPED_PRICES, prices)
+    models = path.parent / "models.yaml"
+    if not models.exists() and SHIPPED_CATALOG.exists():
+        shutil.copyfile(SHIPPED_CATALOG, models)
     click.echo(f"wrote {path}")
 
 

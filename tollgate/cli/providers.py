@@ -29,12 +29,14 @@ PROVIDER_COLUMNS = ["id", "name", "type", "scope", "base_url", "api_key_env",
                     "fallback_priority", "rate_limit"]
 
 
-def _provider_fields(api_key_env: str | None, base_url: str | None, name: str | None,
+def _provider_fields(api_key_env: str | None, api_key_file: str | None, base_url: str | None,
+                     name: str | None,
                      rpm: int | None, tpm: int | None, rpd: int | None,
                      fallback_priority: int | None, provider_config: str | None,
                      models: tuple[str, ...], connect_timeout: float | None,
                      first_byte_timeout: float | None) -> dict[str, Any]:
     fields: dict[str, Any] = {"name": name, "base_url": base_url, "api_key_env": api_key_env,
+                              "api_key_file": api_key_file,
                               "fallback_priority": fallback_priority,
                               "connect_timeout": connect_timeout,
                               "first_byte_timeout": first_byte_timeout}
@@ -52,6 +54,8 @@ def provider_options(f: Any) -> Any:
     f = rate_limit_options(f)
     for decorator in reversed([
         click.option("--api-key-env", help="Environment variable holding the provider key."),
+        click.option("--api-key-file", help="File holding the key (e.g. a mounted secret), "
+                     "re-read when it changes; relative to the config file."),
         click.option("--base-url", help="Origin plus optional path prefix."),
         click.option("--name"),
         click.option("--fallback-priority", type=int, help="Lower is tried first."),
@@ -81,15 +85,16 @@ def model_providers() -> None:
 def create_provider(ctx: click.Context, type_: str, scope: str, provider_id: str | None,
                     fmt: str, **opts: Any) -> None:
     fields = _provider_fields(**opts)
-    if "api_key_env" not in fields:
-        fail("--api-key-env is required: provider keys are referenced, never stored")
+    if "api_key_env" not in fields and "api_key_file" not in fields:
+        fail("--api-key-env or --api-key-file is required: provider keys are referenced, "
+             "never stored")
     base_url = fields.pop("base_url", None) or ADAPTERS[type_].default_base_url
     if base_url is None:
         fail(f"--base-url is required for {type_} providers")
     item = {"id": provider_id or new_id("mp"), "type": type_, "scope": scope,
             "base_url": base_url, **fields, "created_at": now_iso()}
     append_new(ctx, "model_providers", "model provider", item)
-    if not os.environ.get(item["api_key_env"]):
+    if "api_key_env" in item and not os.environ.get(item["api_key_env"]):
         warn(f"{item['api_key_env']} is not set here; the gateway needs it in its environment")
     emit(item, fmt)
 
@@ -121,6 +126,10 @@ def update_provider(ctx: click.Context, provider_id: str, scope: str | None, fmt
                 node[k].update(v)
             else:
                 node[k] = to_yaml(v)
+        # One source of the key: setting one drops the other.
+        for given, other in (("api_key_env", "api_key_file"), ("api_key_file", "api_key_env")):
+            if given in fields:
+                node.pop(other, None)
     emit(get_one(ctx, "model_providers", provider_id), fmt)
 
 

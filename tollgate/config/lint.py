@@ -8,11 +8,12 @@ import fnmatch
 import os
 from typing import Any
 
+from tollgate.catalog import ModelCatalog
 from tollgate.config.load import LoadedConfig, field_name, line_of, read_yaml
 from tollgate.config.problems import ConfigError, Problem
 from tollgate.config.schema import Config, ModelProvider
 from tollgate.pricing import PriceTable
-from tollgate.routing import visible_scopes
+from tollgate.routing import policy_model, serves, visible_scopes
 from tollgate.scopes import lineage
 
 Location = tuple[Any, ...]
@@ -25,11 +26,15 @@ def _visible_providers(cfg: Config, scope: str) -> list[ModelProvider]:
 
 def missing_credentials(cfg: Config) -> list[str]:
     """Providers whose key variable is not set in this process's environment."""
-    return [f"model provider {p.id}: {p.api_key_env} is not set"
-            for p in cfg.model_providers if p.api_key_env and not os.environ.get(p.api_key_env)]
+    out = [f"model provider {p.id}: {p.api_key_env} is not set"
+           for p in cfg.model_providers if p.api_key_env and not os.environ.get(p.api_key_env)]
+    return out + [f"model provider {p.id}: {p.api_key_file} cannot be read"
+                  for p in cfg.model_providers
+                  if p.api_key_file and not os.access(p.api_key_file, os.R_OK)]
 
 
-def idle_controls(cfg: Config, prices: PriceTable) -> list[tuple[Location, str]]:
+def idle_controls(cfg: Config, prices: PriceTable, catalog: ModelCatalog | None = None
+                  ) -> list[tuple[Location, str]]:
     out: list[tuple[Location, str]] = []
     keys = [k for k in cfg.virtual_keys if k.status == "active"]
     lineages = {k.id: lineage(cfg, k.scope) for k in keys}
@@ -86,6 +91,28 @@ def idle_controls(cfg: Config, prices: PriceTable) -> list[tuple[Location, str]]
                 out.append((("virtual_keys", i, "models_allowed", j), f"key {k.id}: "
                             f"{pattern!r} matches no model that a provider it can see "
                             "serves"))
+    out += _unserving_targets(cfg, known | set(catalog.models if catalog else ()), catalog)
+    return out
+
+
+def _unserving_targets(cfg: Config, known: set[str], catalog: ModelCatalog | None
+                       ) -> list[tuple[Location, str]]:
+    """Policy providers that can serve none of the models the policy's first provider
+    serves (directly, by its model map, or by a catalog equivalent): requests skip them."""
+    out: list[tuple[Location, str]] = []
+    providers = {p.id: p for p in cfg.model_providers}
+    for i, rp in enumerate(cfg.routing_policies):
+        targets = rp.targets()
+        if len(targets) < 2:
+            continue
+        first = providers[targets[0].model_provider]
+        asked = [m for m in known if serves(first, m)]
+        for j, t in enumerate(targets[1:], start=1):
+            p = providers[t.model_provider]
+            if asked and not any(serves(p, policy_model(t, p, m, catalog)) for m in asked):
+                out.append((("routing_policies", i, "model_providers", j), f"policy {rp.id}: "
+                            f"{p.id} serves none of the models {first.id} serves, and no "
+                            "model map or catalog equivalent names one: requests skip it"))
     return out
 
 
@@ -98,4 +125,4 @@ def warnings(loaded: LoadedConfig, doc: Any = None) -> list[str]:
             doc = None
     return [str(Problem(str(loaded.path), line_of(doc, loc) if doc is not None else None,
                         field_name(loc), message))
-            for loc, message in idle_controls(loaded.config, loaded.prices)]
+            for loc, message in idle_controls(loaded.config, loaded.prices, loaded.catalog)]

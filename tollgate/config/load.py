@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.reader import ReaderError
 
+from tollgate.catalog import ModelCatalog, load_catalog
 from tollgate.config.problems import ConfigError, Problem
 from tollgate.config.schema import Config, check_references
 from tollgate.pricing import PriceTable, load_prices
@@ -26,6 +27,7 @@ class LoadedConfig:
     config: Config
     prices: PriceTable
     path: Path
+    catalog: ModelCatalog = field(default_factory=lambda: ModelCatalog({}))
 
 
 def default_config_path() -> Path:
@@ -148,14 +150,22 @@ def validate_document(doc: Any, path: Path) -> LoadedConfig:
                     _message(err))
             for err in e.errors()
         ]) from None
+    for provider in config.model_providers:
+        if provider.api_key_file:
+            provider.api_key_file = str((path.parent / provider.api_key_file).resolve())
     problems = [Problem(str(path), line_of(doc, loc), field_name(loc), msg)
                 for loc, msg in check_references(config)]
     prices = load_prices((path.parent / config.gateway.prices).resolve())
     problems += [Problem(str(path), line_of(doc, loc), field_name(loc), msg)
                  for loc, msg in prices.check_config(config)]
+    catalog = load_catalog((path.parent / config.gateway.models).resolve())
+    if config.gateway.unpriced == "block":
+        problems += [Problem(str(catalog.path), None, f"models.*.equivalents: {m}",
+                             f"model {m!r} has no price in the price table")
+                     for m in sorted(catalog.referenced()) if prices.lookup(m) is None]
     if problems:
         raise ConfigError(problems)
-    return LoadedConfig(config=config, prices=prices, path=path)
+    return LoadedConfig(config=config, prices=prices, path=path, catalog=catalog)
 
 
 def _message(err: Any) -> str:

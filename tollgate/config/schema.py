@@ -63,6 +63,9 @@ class GatewaySettings(Strict):
     header_prefix: str = "X-LangWatch-"
     state: str = "sqlite:///.tollgate/state.db"
     prices: str = "prices.yaml"
+    # The model catalog, for fallback across vendors (relative to this file; the shipped
+    # catalog when there is no file there).
+    models: str = "models.yaml"
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # When the state store cannot be reached: refuse (503) or serve and settle later.
     fail_closed: bool = True
@@ -112,6 +115,9 @@ class ModelProvider(Strict):
     scope: Scope
     base_url: str
     api_key_env: str | None = None
+    # A file holding the key (a mounted secret), re-read when it changes: rotation needs no
+    # restart. Relative to the config file.
+    api_key_file: str | None = None
     models: list[str] | None = None
     rate_limit: RateLimit | None = None
     fallback_priority: int = 100
@@ -138,6 +144,8 @@ class ModelProvider(Strict):
     @model_validator(mode="after")
     def _provider_config(self) -> ModelProvider:
         ADAPTERS[self.type].check_config(self.provider_config)
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
         return self
 
     @property

@@ -69,15 +69,20 @@ class ConfigHolder:
             "last_error": None, "last_error_at": None}
         self._preparers: list[Callable[[LoadedConfig], None]] = []
         self._appliers: list[Callable[[LoadedConfig, LoadedConfig], None]] = []
-        prices = self.path.parent / self.current.config.gateway.prices
-        self._seen: tuple[object, ...] = (self.path, prices, *before, *_signature([prices]))
+        others = self._companions()
+        self._seen: tuple[object, ...] = (self.path, *others, *before, *_signature(others))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _companions(self) -> list[Path]:
+        """The files the config names and reloads with it: prices and the model catalog."""
+        settings = self.current.config.gateway
+        return [self.path.parent / settings.prices, self.path.parent / settings.models]
 
     def _state(self) -> tuple[object, ...]:
         """What the watched files look like now. Taken before a load, never after: a write
         that lands while we parse must still count as a change on the next tick."""
-        paths = [self.path, self.path.parent / self.current.config.gateway.prices]
+        paths = [self.path, *self._companions()]
         return (*paths, *_signature(paths))
 
     def before_reload(self, callback: Callable[[LoadedConfig], None]) -> None:

@@ -10,15 +10,20 @@ DEFAULT_VERSION = "2023-06-01"
 class Anthropic(Adapter):
     type = "anthropic"
     wire = "anthropic"
+    vendor = "anthropic"
     default_models = ("claude-*",)
     default_base_url = "https://api.anthropic.com"
 
     def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-        # The client's anthropic-version (and anthropic-beta) pass through; a default is set
-        # only when the client sent none, since the API rejects requests without it.
-        headers = {"x-api-key": self.credential()}
-        if "anthropic-version" not in client_headers:
-            headers["anthropic-version"] = DEFAULT_VERSION
+        # The client's anthropic-version (default: one the API accepts, as it rejects
+        # requests without) and anthropic-beta are set again on each attempt: on Envoy the
+        # attempts of a fallback plan share one header map, and an attempt at an OpenAI
+        # provider before this one removed them.
+        headers = {"x-api-key": self.credential(),
+                   "anthropic-version": client_headers.get("anthropic-version",
+                                                           DEFAULT_VERSION)}
+        if "anthropic-beta" in client_headers:
+            headers["anthropic-beta"] = client_headers["anthropic-beta"]
         return headers, ["authorization"]
 
 

@@ -26,6 +26,7 @@ _OPERATIONS = {"chat_completions": "chat/completions", "embeddings": "embeddings
 class AzureOpenAI(Adapter):
     type = "azure-openai"
     wire = "openai"
+    vendor = "openai"
     default_models: ClassVar[tuple[str, ...]] = ("gpt-*", "o1*", "o3*", "o4*",
                                                  "text-embedding-*")
 

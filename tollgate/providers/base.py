@@ -20,11 +20,36 @@ TRANSLATED_ROUTES = {"chat_completions": "messages", "messages": "chat_completio
 WIRE_PATHS = {"chat_completions": "/v1/chat/completions", "messages": "/v1/messages"}
 
 
+# path -> (the file's stat signature, its key): a key is read again only when its file
+# changes (a rotated Kubernetes secret is a new file behind the same path).
+_KEY_FILES: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+
+def read_key_file(provider_id: str, path: str) -> str:
+    try:
+        st = os.stat(path)
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = _KEY_FILES.get(path)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GatewayError("provider_misconfigured", f"Model provider {provider_id}: its key "
+                           f"file {path} cannot be read ({e.__class__.__name__}).") from None
+    if not key:
+        raise GatewayError("provider_misconfigured",
+                           f"Model provider {provider_id}: its key file {path} is empty.")
+    _KEY_FILES[path] = (signature, key)
+    return key
+
+
 class Adapter:
     """One provider type. An instance serves one configured provider."""
 
     type: ClassVar[str]
     wire: ClassVar[str]  # the API family the provider speaks: "openai" | "anthropic"
+    vendor: ClassVar[str | None] = None  # who makes its models (the catalog's `vendor`)
     default_models: ClassVar[tuple[str, ...]] = ()
     default_base_url: ClassVar[str | None] = None
 
@@ -44,6 +69,8 @@ class Adapter:
 
     def credential(self) -> str:
         p = self.provider
+        if p.api_key_file:
+            return read_key_file(p.id, p.api_key_file)
         value = os.environ.get(p.api_key_env) if p.api_key_env else None
         if not value:
             raise GatewayError(

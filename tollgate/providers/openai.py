@@ -8,6 +8,7 @@ from tollgate.providers.base import Adapter
 class OpenAI(Adapter):
     type = "openai"
     wire = "openai"
+    vendor = "openai"
     default_models = ("gpt-*", "o1*", "o3*", "o4*", "chatgpt-*", "text-embedding-*", "codex-*",
                       "computer-use-*")
     default_base_url = "https://api.openai.com"
@@ -18,6 +19,7 @@ class OpenAI(Adapter):
 
 class OpenAICompatible(OpenAI):
     type = "openai-compatible"
+    vendor = None  # whatever it hosts: its `models` list says
     default_models = ()  # it serves what its `models` list says
     default_base_url = None
 

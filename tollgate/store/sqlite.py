@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     input_tokens INTEGER, output_tokens INTEGER, cached_input_tokens INTEGER,
     cache_write_tokens INTEGER, reasoning_tokens INTEGER, cost_micros INTEGER,
     usage_reported INTEGER, status INTEGER, outcome TEXT, latency_ms REAL,
-    fallback_count INTEGER, code TEXT, fallbacks TEXT
+    fallback_count INTEGER, code TEXT, fallbacks TEXT, skipped TEXT
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
 -- Rate limits, as settled requests left them (the windows themselves are in memory).
@@ -75,7 +75,7 @@ class SQLiteStore(Store):
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(ledger)")}
-        for added in ("code", "fallbacks"):  # a ledger written by an earlier version
+        for added in ("code", "fallbacks", "skipped"):  # a ledger written by an earlier version
             if added not in columns:
                 self.db.execute(f"ALTER TABLE ledger ADD COLUMN {added} TEXT")
         self.rate_windows = LocalWindows()

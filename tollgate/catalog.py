@@ -1,0 +1,69 @@
+"""The model catalog (`models.yaml`): which vendor makes a model, the name some provider
+types use for it, and the model of each other vendor to serve in its place when a routing
+policy falls back across vendors without a model map."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from tollgate.config.problems import ConfigError, Problem
+
+# The catalog tollgate ships, used when a config has no models.yaml of its own.
+SHIPPED = Path(__file__).resolve().parents[1] / "config" / "models.yaml"
+
+
+class CatalogEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vendor: str
+    ids: dict[str, str] = {}  # provider type -> its name for the model
+    equivalents: dict[str, str] = {}  # other vendor -> its model for the same job
+
+
+class CatalogFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: dict[str, CatalogEntry] = {}
+
+
+@dataclass(frozen=True)
+class ModelCatalog:
+    models: dict[str, CatalogEntry]
+    path: Path | None = None
+
+    def equivalent(self, model: str, vendor: str | None) -> str | None:
+        """`vendor`'s model for the job `model` does (itself, when `vendor` makes it)."""
+        entry = self.models.get(model)
+        if entry is None or vendor is None:
+            return None
+        return model if entry.vendor == vendor else entry.equivalents.get(vendor)
+
+    def named(self, model: str, provider_type: str) -> str:
+        """The name `provider_type` uses for `model` (Bedrock and Vertex spell it their way)."""
+        entry = self.models.get(model)
+        return entry.ids.get(provider_type, model) if entry else model
+
+    def referenced(self) -> set[str]:
+        return {m for e in self.models.values() for m in e.equivalents.values()}
+
+
+def load_catalog(path: Path) -> ModelCatalog:
+    """The catalog at `path`, or the shipped one when there is no file there."""
+    where = path if path.exists() else SHIPPED
+    try:
+        with where.open(encoding="utf-8") as f:
+            raw: Any = YAML(typ="safe").load(f)
+        parsed = CatalogFile.model_validate(raw or {})
+    except FileNotFoundError:
+        return ModelCatalog({})
+    except YAMLError as e:
+        raise ConfigError([Problem(str(where), None, "", f"YAML syntax: {e}")]) from None
+    except ValidationError as e:
+        raise ConfigError([
+            Problem(str(where), None, ".".join(str(p) for p in err["loc"]), err["msg"])
+            for err in e.errors()]) from None
+    return ModelCatalog(parsed.models, where)
