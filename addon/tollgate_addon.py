@@ -344,7 +344,8 @@ class TollgateAddon:
                     return
                 payload = b"".join(chunks) + exchange.relay(b"")
             out_headers = [(k.encode(), v.encode()) for k, v in response.headers.multi_items()
-                           if k.lower() not in HOP_BY_HOP]
+                           if k.lower() not in HOP_BY_HOP
+                           and k.lower() not in {n.lower() for n in extra}]
             out_headers += [(k.encode(), v.encode()) for k, v in extra.items()]
             flow.response = http.Response.make(response.status_code, payload,
                                                http.Headers(out_headers))

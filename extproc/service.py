@@ -395,10 +395,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             kind = msg.WhichOneof("request")
             if kind == "response_headers":
                 headers = _headers(msg.response_headers.headers)
+                changed: dict[str, str] = {}
                 if exchange is not None and _from_upstream(msg):
-                    rewriter = exchange.rewriter_for(int(headers.get(":status", "0")),
-                                                     headers.get("content-type"))
-                yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+                    status = int(headers.get(":status", "0"))
+                    rewriter = exchange.rewriter_for(status, headers.get("content-type"))
+                    changed = exchange.reframed_headers(status, headers.get("content-type"))
+                yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+                    response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
+                        set_headers=_set(changed)))))
                 if msg.response_headers.end_of_stream:
                     return
             elif kind == "response_body":

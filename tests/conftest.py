@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fakes.providers import FakeProvider
+from tests.fakes.providers import AwsCredentials, FakeProvider
 from tests.harness import GatewayProcess, tollgate, wait_until
 
 OPENAI_KEY = "sk-fake-openai-provider-key"
@@ -20,7 +20,11 @@ ANTHROPIC_KEY = "sk-ant-fake-provider-key"
 AZURE_KEY = "azure-fake-provider-key"
 PEPPER = "test-pepper-0123456789"
 PROVIDER_ENV = {"FAKE_OPENAI_KEY": OPENAI_KEY, "FAKE_ANTHROPIC_KEY": ANTHROPIC_KEY,
-                "FAKE_AZURE_KEY": AZURE_KEY, "TOLLGATE_KEY_PEPPER": PEPPER}
+                "FAKE_AZURE_KEY": AZURE_KEY, "TOLLGATE_KEY_PEPPER": PEPPER,
+                # The AWS credential chain finds these first (the Bedrock fake checks them).
+                "AWS_ACCESS_KEY_ID": AwsCredentials().access_key,
+                "AWS_SECRET_ACCESS_KEY": AwsCredentials().secret_key,
+                "AWS_EC2_METADATA_DISABLED": "true"}
 os.environ.update(PROVIDER_ENV)
 
 HOSTS = ["mitmproxy", "envoy"]
@@ -48,9 +52,17 @@ def fake_azure() -> Iterator[FakeProvider]:
     fake.stop()
 
 
+@pytest.fixture(scope="session")
+def fake_bedrock() -> Iterator[FakeProvider]:
+    """AWS Bedrock in us-east-1: SigV4 with the AWS_* credentials above."""
+    fake = FakeProvider("bedrock", "").start()
+    yield fake
+    fake.stop()
+
+
 @pytest.fixture(autouse=True)
 def _reset_fakes(request: pytest.FixtureRequest) -> None:
-    for name in ("fake_openai", "fake_anthropic", "fake_azure"):
+    for name in ("fake_openai", "fake_anthropic", "fake_azure", "fake_bedrock"):
         if name in request.fixturenames:
             request.getfixturevalue(name).reset()
 

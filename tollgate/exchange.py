@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from opentelemetry.trace import Status, StatusCode
 
-from tollgate import translate
+from tollgate import eventstream, translate
 from tollgate import usage as usage_of
 from tollgate.breaker import Breakers
 from tollgate.config.schema import VirtualKey
@@ -68,6 +68,19 @@ class JSONTranslation:
         return self._convert(bytes(self._buf))
 
 
+class Chained:
+    """Two rewriters in a row: the first one's output is the second one's input."""
+
+    def __init__(self, first: Rewriter, second: Rewriter):
+        self.first, self.second = first, second
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self.second.feed(self.first.feed(chunk))
+
+    def flush(self) -> bytes:
+        return self.second.feed(self.first.flush()) + self.second.flush()
+
+
 class Exchange:
     def __init__(self, *, trace: RequestTrace, prefix: str, route: Route, key: VirtualKey,
                  requested_model: str | None, attempts: list[Attempt], stream: bool,
@@ -119,7 +132,7 @@ class Exchange:
     @property
     def needs_rewrite(self) -> bool:
         """Some attempt's response may not reach the client as the provider sends it."""
-        return any(a.translated or a.strip_usage for a in self.attempts)
+        return any(a.translated or a.strip_usage or a.reframed for a in self.attempts)
 
     # -- fallback -----------------------------------------------------------------------
     @staticmethod
@@ -189,13 +202,31 @@ class Exchange:
         length = lowered.get("content-length", "")
         self.meter.start(content_type, int(length) if length.isdigit() else None)
         self.rewriter = self.rewriter_for(status, content_type)
-        return self.response_headers()
+        return {**self.response_headers(), **self.reframed_headers(status, content_type)}
+
+    def reframed_headers(self, status: int, content_type: str | None) -> dict[str, str]:
+        """A stream the gateway turns into SSE (Bedrock's frames) is announced as SSE."""
+        if self.attempt.reframed and eventstream.is_eventstream(content_type):
+            return {"content-type": "text/event-stream; charset=utf-8"}
+        if self.attempt.reframed and not 200 <= status < 300:
+            return {"content-type": "application/json"}
+        return {}
 
     def rewriter_for(self, status: int, content_type: str | None) -> Rewriter | None:
         """What turns the provider's bytes into the client's: a translation across API
         families, the removal of a usage chunk the gateway asked for, or nothing."""
         a, client = self.attempt, self.route.family
         sse = (content_type or "").lower().startswith("text/event-stream")
+        if a.reframed:
+            if not 200 <= status < 300:
+                return JSONTranslation(lambda body: translate.error_to(client, status, body))
+            if eventstream.is_eventstream(content_type):
+                frames = eventstream.EventStreamToSSE()
+                if not a.translated:
+                    return self._capped(frames)
+                model = self.requested_model or a.model
+                return self._capped(Chained(frames, translate.AnthropicToOpenAIStream(
+                    model, include_usage=self.client_wants_usage)))
         if a.translated:
             model = self.requested_model or a.model  # the name the client asked for
             if not 200 <= status < 300:

@@ -22,6 +22,7 @@ from typing import Any
 from tollgate import body as bodies
 from tollgate import budgets, policy, ratelimit, routes, routing, telemetry, translate
 from tollgate.breaker import Breakers
+from tollgate.catalog import ModelCatalog
 from tollgate.config.load import LoadedConfig
 from tollgate.config.schema import VirtualKey
 from tollgate.config.watch import ConfigHolder
@@ -41,10 +42,16 @@ log = logging.getLogger("tollgate")
 def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody,
                   raw: bytes) -> bytes | None:
     """The body this provider gets; None when it is the client's bytes, unchanged."""
+    doc = body.doc
     if attempt.translated:
         convert = translate.openai_to_anthropic if route.family == "openai" else \
             translate.anthropic_to_openai
-        return json.dumps(convert(body.doc, attempt.model)).encode()
+        doc = convert(body.doc, attempt.model)
+    own = attempt.adapter.body(doc) if attempt.adapter is not None else None
+    if own is not None:  # the provider type's own shape (Bedrock's)
+        return json.dumps(own).encode()
+    if attempt.translated:
+        return json.dumps(doc).encode()
     out = None
     if attempt.model != body.model:
         out = bodies.replace_top_level(raw, "model", attempt.model)
@@ -148,7 +155,8 @@ class Gateway:
                 log.warning("request %s: %s", trace.request_id, "; ".join(unserved))
             # A streamed chat completion that did not ask for usage: ask for it upstream.
             ask_usage = bodies.wants_usage_chunk(route, body.doc)
-            attempts = self._plan(targets, key, route, body, req, trace, settings, ask_usage)
+            attempts = self._plan(targets, key, route, body, req, trace, settings, ask_usage,
+                                  loaded.catalog)
             billing, passed_over = await self._admit_request(loaded, trace.request_id, key,
                                                              route, body, req, attempts)
             attempts = attempts[len(passed_over):]
@@ -171,7 +179,8 @@ class Gateway:
 
     def _plan(self, targets: list[routing.Target], key: VirtualKey, route: routes.Route,
               body: bodies.ParsedBody, req: Request, trace: telemetry.RequestTrace,
-              settings: Any, ask_usage: bool) -> list[Attempt]:
+              settings: Any, ask_usage: bool, catalog: ModelCatalog | None = None
+              ) -> list[Attempt]:
         """The attempts to make, in order: the first target, then the fallbacks the key's
         `fallback.on` allows (at most `fallback.max_attempts` in all)."""
         fallback = key.config.fallback
@@ -182,7 +191,7 @@ class Gateway:
         for i, target in enumerate(chosen):
             try:
                 attempt = routing.build_attempt(target, route, req.path, dict(req.headers),
-                                                strip)
+                                                strip, body.stream, catalog)
             except GatewayError:
                 if i == 0:
                     raise
@@ -191,6 +200,8 @@ class Gateway:
                 continue
             attempt.strip_usage = ask_usage and not attempt.translated
             attempt.body = upstream_body(attempt, route, body, req.body)
+            if attempt.adapter is not None:
+                attempt.adapter.sign(attempt, req.body if attempt.body is None else attempt.body)
             attempt.set_headers["traceparent"] = trace.traceparent
             # Identity encoding upstream so the tap reads usage from plain bytes; the
             # client's SDK decodes either way.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 
+from tollgate import eventstream
 from tollgate import usage as usage_of
 from tollgate.sse import SSEParser
 
@@ -128,6 +129,7 @@ class ResponseMeter:
         self._sse = SSEParser(max_line=MAX_PARSED_EVENT)
         self._stream = usage_of.StreamUsage(family)
         self._json = JSONUsageScanner()
+        self._frames: eventstream.EventStreamToSSE | None = None
 
     def start(self, content_type: str | None, length: int | None) -> None:
         """The response headers; without a content-type (a host that cannot see it), the
@@ -135,9 +137,13 @@ class ResponseMeter:
         self._length = length
         self.is_sse = None if content_type is None else \
             content_type.lower().startswith("text/event-stream")
+        if eventstream.is_eventstream(content_type):  # Bedrock: frames, read as SSE
+            self.is_sse, self._frames = True, eventstream.EventStreamToSSE()
 
     def feed(self, data: bytes) -> None:
         self.bytes += len(data)
+        if self._frames is not None:
+            data = self._frames.feed(data)
         if self.is_sse is None and data.strip():
             self.is_sse = self.stream_requested and not data.lstrip().startswith((b"{", b"["))
         if self.is_sse:

@@ -11,6 +11,7 @@ from tollgate.errors import GatewayError
 
 if TYPE_CHECKING:
     from tollgate.exchange import Exchange
+    from tollgate.providers.base import Adapter
 
 
 def lower_headers(pairs: Any) -> dict[str, str]:
@@ -77,11 +78,13 @@ class Attempt:
     remove_headers: list[str]
     body: bytes | None = None  # None: the client's bytes, unchanged
     family: str = "openai"  # the provider's API family
-    model: str = ""  # the model this provider is asked for
+    model: str = ""  # the model this provider is asked for (its canonical, priced name)
     translated: bool = False  # the provider speaks another family than the client
     strip_usage: bool = False  # a usage chunk the gateway asked for is hidden from the client
+    reframed: bool = False  # its streams are turned into SSE (Bedrock's event-stream frames)
     connect_timeout: float = 10.0
     first_byte_timeout: float = 120.0
+    adapter: Adapter | None = field(default=None, repr=False)  # the provider type's adapter
 
     @property
     def authority(self) -> str:

@@ -100,7 +100,8 @@ def targets(cfg: Config, key: VirtualKey, route: Route, model: str,
 
 
 def build_attempt(target: Target, route: Route, client_path: str,
-                  client_headers: dict[str, str], strip: list[str]) -> Attempt:
+                  client_headers: dict[str, str], strip: list[str], stream: bool = False,
+                  catalog: ModelCatalog | None = None) -> Attempt:
     """Upstream URL, provider credential and the headers to drop for one provider."""
     p = target.provider
     adapter = adapter_for(p)
@@ -119,12 +120,15 @@ def build_attempt(target: Target, route: Route, client_path: str,
         scheme=scheme,
         host=url.hostname or "",
         port=port,
-        path=adapter.path(route, target.model, client_path),
+        path=adapter.path(route, adapter.upstream_model(target.model, catalog), client_path,
+                          stream),
         set_headers=set_headers,
         remove_headers=remove,
         family=adapter.wire,
         model=target.model,
         translated=translated,
+        reframed=adapter.reframes_streams and stream,
         connect_timeout=p.connect_timeout,
         first_byte_timeout=p.first_byte_timeout,
+        adapter=adapter,
     )

@@ -146,3 +146,41 @@ def test_a_rewriter_never_holds_an_event_past_the_cap():
     out = b"".join(capped.feed(big[i:i + 4096]) for i in range(0, len(big), 4096))
     assert out == b"data: {\"error\": {}}\n\n" and len(ended) == 1
     assert capped.feed(b"data: later\n\n") == b"" and capped.flush() == b""
+
+
+def test_bedrock_event_stream_frames_become_anthropic_sse_at_any_split():
+    """Frames split anywhere are decoded once whole; usage is metered from them; an
+    exception frame mid-stream becomes an Anthropic error event."""
+    from tests.fakes.providers import _frame, _frame_of
+    from tollgate.eventstream import EventStreamToSSE
+    from tollgate.meter import ResponseMeter
+
+    def sse(kind: str, doc: dict) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps(doc)}\n\n".encode()
+
+    events = [
+        sse("message_start", {"type": "message_start", "message": {
+            "id": "m", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+            "content": [], "usage": {"input_tokens": 12, "output_tokens": 1}}}),
+        sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                    "delta": {"type": "text_delta", "text": "Hi"}}),
+        sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                              "usage": {"output_tokens": 7}}),
+        sse("message_stop", {"type": "message_stop"})]
+    raw = b"".join(_frame_of(e) for e in events)
+    for step in (1, 7, 64, len(raw)):
+        frames, meter = EventStreamToSSE(), ResponseMeter("anthropic", True)
+        meter.start("application/vnd.amazon.eventstream", None)
+        out = b""
+        for i in range(0, len(raw), step):
+            out += frames.feed(raw[i:i + step])
+            meter.feed(raw[i:i + step])
+        assert out.count(b"event: ") == 4 and b"amazon-bedrock-invocationMetrics" not in out
+        used = meter.usage()
+        assert (used.input_tokens, used.output_tokens) == (12, 7) and meter.complete
+    throttled = _frame({":message-type": "exception", ":exception-type": "throttlingException",
+                        ":content-type": "application/json"},
+                       b'{"message": "Too many tokens, please wait."}')
+    out = EventStreamToSSE().feed(_frame_of(events[0]) + throttled)
+    assert b"event: error" in out and b"rate_limit_error" in out and b"Too many tokens" in out
+    assert b"could not be read" in EventStreamToSSE().feed(b"\x00" * 16)

@@ -85,10 +85,12 @@ def model_providers() -> None:
 def create_provider(ctx: click.Context, type_: str, scope: str, provider_id: str | None,
                     fmt: str, **opts: Any) -> None:
     fields = _provider_fields(**opts)
-    if "api_key_env" not in fields and "api_key_file" not in fields:
+    if "api_key_env" not in fields and "api_key_file" not in fields \
+            and not ADAPTERS[type_].key_optional:
         fail("--api-key-env or --api-key-file is required: provider keys are referenced, "
              "never stored")
-    base_url = fields.pop("base_url", None) or ADAPTERS[type_].default_base_url
+    base_url = fields.pop("base_url", None) or ADAPTERS[type_].base_url_for(
+        fields.get("provider_config") or {})
     if base_url is None:
         fail(f"--base-url is required for {type_} providers")
     item = {"id": provider_id or new_id("mp"), "type": type_, "scope": scope,

@@ -53,7 +53,7 @@ class AzureOpenAI(Adapter):
     def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
         return {"api-key": self.credential()}, ["authorization", "x-api-key"]
 
-    def path(self, route: Route, model: str, client_path: str) -> str:
+    def path(self, route: Route, model: str, client_path: str, stream: bool = False) -> str:
         config = self.provider.provider_config
         deployment = config.get("deployments", {}).get(model, model)
         name = TRANSLATED_ROUTES[route.name] if self.translated(route) else route.name

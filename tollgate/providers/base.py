@@ -11,7 +11,9 @@ from urllib.parse import urlsplit
 from tollgate.errors import GatewayError
 
 if TYPE_CHECKING:
+    from tollgate.catalog import ModelCatalog
     from tollgate.config.schema import ModelProvider
+    from tollgate.request import Attempt
     from tollgate.routes import Route
 
 # The route a provider of the other family serves a translated request on.
@@ -52,6 +54,11 @@ class Adapter:
     vendor: ClassVar[str | None] = None  # who makes its models (the catalog's `vendor`)
     default_models: ClassVar[tuple[str, ...]] = ()
     default_base_url: ClassVar[str | None] = None
+    # Its streams are not SSE (Bedrock's event-stream frames) and are turned into the SSE
+    # of its family on the way to the client.
+    reframes_streams: ClassVar[bool] = False
+    # It can authenticate without a key of ours (Bedrock: the AWS credential chain).
+    key_optional: ClassVar[bool] = False
 
     def __init__(self, provider: ModelProvider):
         self.provider = provider
@@ -59,6 +66,23 @@ class Adapter:
     @classmethod
     def check_config(cls, provider_config: dict[str, Any]) -> None:
         """Raise ValueError naming what is wrong with `provider_config` for this type."""
+
+    @classmethod
+    def base_url_for(cls, provider_config: dict[str, Any]) -> str | None:
+        """The endpoint when `--base-url` is not given."""
+        return cls.default_base_url
+
+    def upstream_model(self, model: str, catalog: ModelCatalog | None) -> str:
+        """The provider's own name for `model` (the catalog's `ids`, for some types)."""
+        return model
+
+    def body(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """The request body in the shape this provider takes, from one in its family's
+        shape (None: as it is)."""
+        return None
+
+    def sign(self, attempt: Attempt, body: bytes) -> None:
+        """Authenticate over the final request (a SigV4 signature); most types need not."""
 
     def translated(self, route: Route) -> bool:
         return self.wire != route.family
@@ -83,7 +107,7 @@ class Adapter:
         """Headers that authenticate to the provider, and client headers to drop."""
         raise NotImplementedError
 
-    def path(self, route: Route, model: str, client_path: str) -> str:
+    def path(self, route: Route, model: str, client_path: str, stream: bool = False) -> str:
         """The upstream path (and query) for a request on `route` asking for `model`."""
         base = urlsplit(self.provider.base_url).path.rstrip("/")
         if self.translated(route):

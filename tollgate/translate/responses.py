@@ -95,6 +95,8 @@ def error_to(family: str, status: int, body: bytes) -> bytes:
         doc = {}
     err = doc.get("error") if isinstance(doc, dict) else None
     message = (err or {}).get("message") if isinstance(err, dict) else None
+    if message is None and isinstance(doc, dict):  # Bedrock's {"message": ...}
+        message = doc.get("message") if isinstance(doc.get("message"), str) else None
     message = message or body.decode("utf-8", "replace")[:500] or f"provider status {status}"
     if family == "anthropic":
         kind = {400: "invalid_request_error", 401: "authentication_error",

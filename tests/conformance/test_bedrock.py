@@ -1,0 +1,145 @@
+"""AWS Bedrock behind the gateway, on both hosts: Claude through InvokeModel and its
+response stream, signed with SigV4 (the fake recomputes the signature with botocore),
+event-stream frames turned into each client's SSE, exact cost, and fallback across types."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+from tests.conformance.test_metering import expect_cost, ledger_row
+from tests.conftest import HOSTS, own_gateways
+from tests.fakes.providers import Behaviour
+from tests.harness import tollgate
+from tollgate.usage import Usage
+
+MESSAGES = [{"role": "user", "content": "hello bedrock"}]
+INVOKE = "/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke"
+FALLBACK = '{"fallback": {"on": ["5xx", "rate_limit"]}}'
+TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.fixture(scope="module")
+def gateways(tmp_path_factory, fake_openai, fake_anthropic, fake_bedrock):
+    """`mp_bedrock` serves Claude in us-east-1 (no key: the AWS chain). Policies:
+    `openai-bedrock` [mp_openai, mp_bedrock] and `bedrock-anthropic` [mp_bedrock,
+    mp_anthropic], with no model map (the catalog names Bedrock's model ids)."""
+    ids: dict[str, dict[str, str]] = {}
+
+    def setup(config: Path) -> None:
+        tollgate("model-providers", "create", "--id", "mp_bedrock", "--type", "bedrock",
+                 "--scope", "ORG:acme", "--base-url", fake_bedrock.url, "--provider-config",
+                 '{"region": "us-east-1"}', "--fallback-priority", "0", config=config)
+        ids[str(config)] = {}
+        for name, first, second in (("openai-bedrock", "mp_openai", "mp_bedrock"),
+                                    ("bedrock-anthropic", "mp_bedrock", "mp_anthropic")):
+            policy = json.loads(tollgate(
+                "routing-policies", "create", "--scope", "ORG:acme", "--name", name,
+                "--model-provider", first, "--model-provider", second, "--format", "json",
+                config=config).stdout)["id"]
+            ids[str(config)][name] = policy
+            tollgate("virtual-keys", "create", "--name", name, "--scope", "ORG:acme",
+                     "--routing-policy", policy, "--config-json", FALLBACK, config=config)
+
+    with own_gateways(tmp_path_factory, fake_openai, fake_anthropic, "bedrock", setup) as out:
+        yield out, {h: ids[str(g.config)] for h, g in out.items()}
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_anthropic_clients_reach_claude_on_bedrock(gateways, host, fake_bedrock):
+    gw = gateways[0][host]
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=gw.create_key().secret,
+                                 max_retries=0)
+    raw = claude.messages.with_raw_response.create(model="claude-haiku-4-5", max_tokens=40,
+                                                   messages=MESSAGES)
+    message = raw.parse()
+    assert raw.headers["x-langwatch-provider"] == "mp_bedrock"
+    assert message.content[0].text.startswith("Hello")
+    sent = fake_bedrock.requests[-1]  # the fake refuses a request whose signature is wrong
+    assert sent.path == INVOKE and sent.headers["authorization"].startswith("AWS4-HMAC-SHA256")
+    doc = json.loads(sent.body)
+    assert doc["anthropic_version"] == "bedrock-2023-05-31" and "model" not in doc
+    row = ledger_row(gw, raw.headers["x-langwatch-request-id"])
+    assert row.cost_micros == expect_cost("claude-haiku-4-5", Usage(
+        input_tokens=message.usage.input_tokens, output_tokens=message.usage.output_tokens))
+
+    fake_bedrock.chunk_delay = 0.01
+    with claude.messages.stream(model="claude-haiku-4-5", max_tokens=40,
+                                messages=MESSAGES) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert len(pieces) > 3 and "".join(pieces).startswith("Hello")
+    assert fake_bedrock.requests[-1].path.endswith("/invoke-with-response-stream")
+    streamed = [r for r in gw_rows(gw) if r.provider == "mp_bedrock"][-1]
+    assert streamed.output_tokens == final.usage.output_tokens and streamed.cost_micros > 0
+
+
+def gw_rows(gw) -> list:
+    from tests.harness import ledger
+
+    return sorted(ledger(gw.config), key=lambda r: r.ts)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_openai_clients_reach_claude_on_bedrock_through_translation(gateways, host,
+                                                                    fake_bedrock):
+    gw = gateways[0][host]
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=gw.create_key().secret,
+                           max_retries=0)
+    answer = client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES,
+                                            max_tokens=40)
+    assert answer.choices[0].message.content.startswith("Hello")
+    assert answer.usage.completion_tokens > 0
+    called = client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES,
+                                            tools=[TOOL], max_tokens=40)
+    assert called.choices[0].message.tool_calls[0].function.name == "get_weather"
+    chunks = list(client.chat.completions.create(
+        model="claude-haiku-4-5", messages=MESSAGES, max_tokens=40, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith("Hello") and chunks[-1].usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_openai_falls_back_to_claude_on_bedrock(gateways, host, fake_openai, fake_bedrock):
+    gw, ids = gateways[0][host], gateways[1][host]
+    key = gw.create_key("--routing-policy", ids["openai-bedrock"], "--config-json", FALLBACK)
+    fake_openai.enqueue(Behaviour("fail", status=503))
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=key.secret, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-5-mini",
+                                                          messages=MESSAGES)
+    assert raw.headers["x-langwatch-provider"] == "mp_bedrock"
+    assert raw.headers["x-langwatch-fallback-count"] == "1"
+    assert fake_bedrock.requests[-1].path == INVOKE  # gpt-5-mini's equivalent, Bedrock's id
+    row = ledger_row(gw, raw.headers["x-langwatch-request-id"])
+    assert (row.model, row.fallbacks) == ("claude-haiku-4-5", "mp_openai:5xx")
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_bedrock_throttling_falls_back_and_errors_reach_the_client_in_its_family(
+        gateways, host, fake_bedrock):
+    gw, ids = gateways[0][host], gateways[1][host]
+    key = gw.create_key("--routing-policy", ids["bedrock-anthropic"], "--config-json",
+                        FALLBACK)
+    fake_bedrock.enqueue(Behaviour("fail", status=429))
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=key.secret, max_retries=0)
+    raw = claude.messages.with_raw_response.create(model="claude-haiku-4-5", max_tokens=20,
+                                                   messages=MESSAGES)
+    assert raw.headers["x-langwatch-provider"] == "mp_anthropic"
+    # Without fallback, Bedrock's throttling reaches the client as its own family's 429.
+    plain = anthropic.Anthropic(base_url=gw.url, api_key=gw.create_key().secret,
+                                max_retries=0)
+    fake_bedrock.enqueue(Behaviour("fail", status=429))
+    with pytest.raises(anthropic.RateLimitError):
+        plain.messages.create(model="claude-haiku-4-5", max_tokens=20, messages=MESSAGES)
+    fake_bedrock.enqueue(Behaviour("fail", status=429))
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=gw.create_key().secret,
+                           max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES)

@@ -1,0 +1,120 @@
+"""AWS Bedrock: Claude models through InvokeModel and InvokeModelWithResponseStream, with
+the Anthropic Messages body Bedrock expects (`anthropic_version: bedrock-2023-05-31`, the
+model in the URL), signed with SigV4 by botocore's own signer.
+
+    tollgate model-providers create --type bedrock --scope ORG:acme \\
+        --provider-config '{"region": "us-east-1"}'
+
+Credentials come from the standard AWS chain through botocore (environment, profile, role);
+a Bedrock API key given with --api-key-env or --api-key-file is sent as a bearer token
+instead. Streams come back as AWS event-stream frames, turned into Anthropic SSE event by
+event (`tollgate.eventstream`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
+
+from tollgate.errors import GatewayError
+from tollgate.providers.base import Adapter
+
+if TYPE_CHECKING:
+    from tollgate.catalog import ModelCatalog
+    from tollgate.request import Attempt
+    from tollgate.routes import Route
+
+BEDROCK_VERSION = "bedrock-2023-05-31"
+_credentials_lock = threading.Lock()
+_credentials: Any = None  # botocore's resolved (and self-refreshing) credentials
+
+
+def aws_credentials() -> Any:
+    """The standard AWS chain, resolved once; botocore refreshes temporary credentials
+    (a role's) by itself before they expire."""
+    global _credentials
+    with _credentials_lock:
+        if _credentials is None:
+            import botocore.session
+
+            _credentials = botocore.session.Session().get_credentials()
+        return _credentials
+
+
+class Bedrock(Adapter):
+    type = "bedrock"
+    wire = "anthropic"
+    vendor = "anthropic"
+    default_models = ("claude-*", "anthropic.claude-*")
+    reframes_streams = True
+    key_optional = True
+
+    @classmethod
+    def check_config(cls, provider_config: dict[str, Any]) -> None:
+        region = provider_config.get("region")
+        if not isinstance(region, str) or not region:
+            raise ValueError('bedrock needs provider_config.region, e.g. {"region": '
+                             '"us-east-1"}')
+        unknown = set(provider_config) - {"region"}
+        if unknown:
+            raise ValueError(f"unknown provider_config keys for bedrock: "
+                             f"{', '.join(sorted(unknown))}")
+
+    @classmethod
+    def base_url_for(cls, provider_config: dict[str, Any]) -> str | None:
+        region = provider_config.get("region")
+        return f"https://bedrock-runtime.{region}.amazonaws.com" if region else None
+
+    @property
+    def region(self) -> str:
+        return str(self.provider.provider_config["region"])
+
+    def serves_route(self, route: Route) -> bool:
+        return route.name in ("messages", "chat_completions")
+
+    def upstream_model(self, model: str, catalog: ModelCatalog | None) -> str:
+        return catalog.named(model, self.type) if catalog is not None else model
+
+    def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+        drop = ["authorization", "x-api-key", "anthropic-version", "anthropic-beta"]
+        if self.provider.api_key_env or self.provider.api_key_file:
+            return {"authorization": f"Bearer {self.credential()}"}, drop[1:]
+        return {}, drop  # signed once the body is final
+
+    def path(self, route: Route, model: str, client_path: str, stream: bool = False) -> str:
+        base = urlsplit(self.provider.base_url).path.rstrip("/")
+        operation = "invoke-with-response-stream" if stream else "invoke"
+        return f"{base}/model/{quote(model, safe='')}/{operation}"
+
+    def body(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """An Anthropic Messages body as Bedrock takes it: no model or stream field."""
+        out = {k: v for k, v in doc.items() if k not in ("model", "stream")}
+        out["anthropic_version"] = BEDROCK_VERSION
+        return out
+
+    def sign(self, attempt: Attempt, body: bytes) -> None:
+        """SigV4 over the final method, URL and body (a bearer key needs no signature)."""
+        if "authorization" in attempt.set_headers:
+            return
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        credentials = aws_credentials()
+        if credentials is None:
+            raise GatewayError(
+                "provider_misconfigured",
+                f"Model provider {self.provider.id} (bedrock) has no AWS credentials: set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or a role on the "
+                "gateway, or give a Bedrock API key with --api-key-env.")
+        request = AWSRequest(method="POST", url=attempt.url, data=body,
+                             headers={"content-type": "application/json"})
+        SigV4Auth(credentials.get_frozen_credentials(), "bedrock", self.region).add_auth(
+            request)
+        for name in ("authorization", "x-amz-date", "x-amz-security-token"):
+            if name in request.headers:
+                attempt.set_headers[name] = request.headers[name]
+        attempt.set_headers["content-type"] = "application/json"
+
+
+ADAPTERS = [Bedrock]
