@@ -165,3 +165,20 @@ def test_env_expansion_only_where_it_is_meant(config_dir, monkeypatch):
     key = next(k for k in cfg.virtual_keys if k.id == "vk_x")
     assert (key.name, key.principal) == ("${SECRET_THING}", "${SECRET_THING}")
     assert key.config.policy_rules.tools.deny == ["^${SECRET_THING}$"]
+
+
+@pytest.mark.parametrize(("provider_type", "config", "error"), [
+    ("azure-openai", {"api_version": "2024-10-21", "deploymets": {}},
+     "unknown provider_config keys for azure-openai: deploymets"),
+    ("azure-openai", {}, "azure-openai needs provider_config.api_version"),
+    ("bedrock", {"regoin": "us-east-1"}, "unknown provider_config keys for bedrock: regoin"),
+    ("bedrock", {}, "bedrock needs provider_config.region"),
+])
+def test_provider_config_is_checked_by_its_type(provider_type, config, error):
+    from pydantic import ValidationError
+
+    from tollgate.config.schema import ModelProvider
+
+    with pytest.raises(ValidationError, match=error):
+        ModelProvider(id="mp", type=provider_type, scope="ORG:acme",
+                      base_url="https://example.com", provider_config=config)

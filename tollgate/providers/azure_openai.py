@@ -30,8 +30,11 @@ class AzureOpenAI(Adapter):
     default_models: ClassVar[tuple[str, ...]] = ("gpt-*", "o1*", "o3*", "o4*",
                                                  "text-embedding-*")
 
+    config_keys = frozenset({"api_version", "deployments"})
+
     @classmethod
     def check_config(cls, provider_config: dict[str, Any]) -> None:
+        super().check_config(provider_config)
         version = provider_config.get("api_version")
         if not isinstance(version, str) or not version:
             raise ValueError('azure-openai needs provider_config.api_version, e.g. '
@@ -41,10 +44,6 @@ class AzureOpenAI(Adapter):
                 isinstance(k, str) and isinstance(v, str) and v for k, v in deployments.items()):
             raise ValueError("provider_config.deployments maps model names to deployment "
                              'names, e.g. {"gpt-4o-mini": "my-deployment"}')
-        unknown = set(provider_config) - {"api_version", "deployments"}
-        if unknown:
-            raise ValueError(f"unknown provider_config keys for azure-openai: "
-                             f"{', '.join(sorted(unknown))}")
 
     def serves_route(self, route: Route) -> bool:
         name = TRANSLATED_ROUTES.get(route.name) if self.translated(route) else route.name

@@ -63,9 +63,16 @@ class Adapter:
     def __init__(self, provider: ModelProvider):
         self.provider = provider
 
+    # The provider_config keys this type reads (anything else is a typo).
+    config_keys: ClassVar[frozenset[str]] = frozenset()
+
     @classmethod
     def check_config(cls, provider_config: dict[str, Any]) -> None:
         """Raise ValueError naming what is wrong with `provider_config` for this type."""
+        unknown = set(provider_config) - cls.config_keys
+        if unknown and cls.config_keys:
+            raise ValueError(f"unknown provider_config keys for {cls.type}: "
+                             f"{', '.join(sorted(unknown))}")
 
     @classmethod
     def base_url_for(cls, provider_config: dict[str, Any]) -> str | None:

@@ -50,16 +50,15 @@ class Bedrock(Adapter):
     reframes_streams = True
     key_optional = True
 
+    config_keys = frozenset({"region"})
+
     @classmethod
     def check_config(cls, provider_config: dict[str, Any]) -> None:
+        super().check_config(provider_config)
         region = provider_config.get("region")
         if not isinstance(region, str) or not region:
             raise ValueError('bedrock needs provider_config.region, e.g. {"region": '
                              '"us-east-1"}')
-        unknown = set(provider_config) - {"region"}
-        if unknown:
-            raise ValueError(f"unknown provider_config keys for bedrock: "
-                             f"{', '.join(sorted(unknown))}")
 
     @classmethod
     def base_url_for(cls, provider_config: dict[str, Any]) -> str | None:
