@@ -60,9 +60,18 @@ def fake_bedrock() -> Iterator[FakeProvider]:
     fake.stop()
 
 
+@pytest.fixture(scope="session")
+def fake_vertex() -> Iterator[FakeProvider]:
+    """Google Vertex AI: its own token endpoint, for the service account a test makes."""
+    fake = FakeProvider("vertex", "").start()
+    yield fake
+    fake.stop()
+
+
 @pytest.fixture(autouse=True)
 def _reset_fakes(request: pytest.FixtureRequest) -> None:
-    for name in ("fake_openai", "fake_anthropic", "fake_azure", "fake_bedrock"):
+    for name in ("fake_openai", "fake_anthropic", "fake_azure", "fake_bedrock",
+                 "fake_vertex"):
         if name in request.fixturenames:
             request.getfixturevalue(name).reset()
 
@@ -146,8 +155,8 @@ class Gateway:
 
 @contextlib.contextmanager
 def own_gateways(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeProvider,
-                 fake_anthropic: FakeProvider, name: str,
-                 setup: Callable[[Path], None]) -> Iterator[dict[str, Gateway]]:
+                 fake_anthropic: FakeProvider, name: str, setup: Callable[[Path], None],
+                 env: dict[str, str] | None = None) -> Iterator[dict[str, Gateway]]:
     """One gateway per host, each on its own config (made by `make_config`, then `setup`)
     and its own state: for a module whose providers or keys must exist before Envoy's
     config is rendered, or whose counters must not be shared between the hosts."""
@@ -157,7 +166,8 @@ def own_gateways(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeProv
             directory = tmp_path_factory.mktemp(f"{name}-{host}")
             config = make_config(directory, fake_openai, fake_anthropic)
             setup(config)
-            out[host] = Gateway(host, GatewayProcess(host, config, directory).start(), config)
+            out[host] = Gateway(host, GatewayProcess(host, config, directory,
+                                                     env=env).start(), config)
         yield out
     finally:
         for gw in out.values():

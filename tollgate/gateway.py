@@ -31,6 +31,7 @@ from tollgate.exchange import Billing, Exchange
 from tollgate.keys import KeyIndex, authenticate, load_pepper
 from tollgate.ledger import LedgerRow
 from tollgate.pricing import worst_case_micros
+from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.scopes import lineage
 from tollgate.store import LimitSettlement, Store, StoreUnavailable, open_store
@@ -81,6 +82,8 @@ class Gateway:
         breaker = loaded.config.gateway.circuit_breaker
         self.breakers.failures, self.breakers.cooldown = breaker.failures, \
             breaker.cooldown_seconds
+        for provider in loaded.config.model_providers:
+            adapter_for(provider).prepare()
 
     @classmethod
     def from_path(cls, path: str, watch: bool = True) -> Gateway:

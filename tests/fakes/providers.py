@@ -82,6 +82,11 @@ class FakeProvider:
     # AWS Bedrock (family "bedrock"): the credentials SigV4 signatures are checked against
     # (`api_key`, when set, is a Bedrock API key accepted as a bearer token).
     aws: AwsCredentials = field(default_factory=AwsCredentials)
+    # Google Vertex AI (family "vertex"): the service account whose signed assertions its
+    # token endpoint (/token) accepts, how long the tokens it issues live, and them.
+    service_account: dict[str, str] | None = None
+    token_ttl: int = 3600
+    tokens: dict[str, float] = field(default_factory=dict)  # access token -> expiry
     requests: list[Recorded] = field(default_factory=list)
     _script: deque[Behaviour] = field(default_factory=deque)
     _server: ThreadingHTTPServer | None = None
@@ -186,6 +191,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._chunk(b"")
 
     def _error(self, status: int, message: str, kind: str, code: str | None = None) -> None:
+        if self.fake.family == "vertex":
+            self._google_error(status, message)
+            return
         if self.fake.family == "bedrock":
             self._bedrock_error(status, {429: "ThrottlingException",
                                          400: "ValidationException"}.get(
@@ -235,6 +243,9 @@ class _Handler(BaseHTTPRequestHandler):
                 kind = "requests" if behaviour.status == 429 else "server_error"
                 self._error(behaviour.status, "The server is overloaded.", kind)
             return
+        if fake.family == "vertex" and self.path == "/token":
+            self._vertex_token(parse_qs(body.decode("utf-8", "replace")))
+            return
         try:
             doc = json.loads(body) if body else {}
         except ValueError:
@@ -248,6 +259,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.family == "bedrock":
             self._bedrock(path, doc, behaviour)
             return
+        if fake.family == "vertex":
+            self._vertex(path, doc, behaviour)
+            return
         handler = ROUTES.get((fake.family, path))
         if handler is None:
             self._error(404, f"Unknown path {path}", "not_found_error")
@@ -260,6 +274,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._azure_authorised(rec)
         if fake.family == "bedrock":
             return self._bedrock_authorised(rec)
+        if fake.family == "vertex":
+            return self._vertex_authorised(rec)
         if fake.family == "anthropic":
             if rec.headers.get("x-api-key") != fake.api_key:
                 self._error(401, "invalid x-api-key", "authentication_error")
@@ -310,6 +326,65 @@ class _Handler(BaseHTTPRequestHandler):
             self.openai_embeddings(doc, behaviour)
         else:
             self.openai_chat(doc, behaviour)
+
+    # -- Google Vertex AI -----------------------------------------------------------------------
+    def _google_error(self, status: int, message: str) -> None:
+        kind = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED"}.get(status, "UNAVAILABLE")
+        self._send_json(status, {"error": {"code": status, "message": message,
+                                           "status": kind}}, {"x-fake-error": "1"})
+
+    def _vertex_authorised(self, rec: Recorded) -> bool:
+        """The token endpoint takes a service account's signed JWT; the API takes the
+        bearer tokens it issued, until they expire."""
+        if rec.path == "/token":
+            return True
+        token = rec.headers.get("authorization", "").removeprefix("Bearer ")
+        expiry = self.fake.tokens.get(token)
+        if expiry is None or expiry <= time.time():
+            self._google_error(401, "Request had invalid authentication credentials. "
+                               "Expected OAuth 2 access token, login cookie or other valid "
+                               "authentication credential.")
+            return False
+        return True
+
+    def _vertex_token(self, form: dict[str, list[str]]) -> None:
+        """OAuth 2 JWT-bearer grant (RFC 7523), as google-auth's service-account flow sends
+        it: the assertion must be signed by the service account's key, for this endpoint."""
+        from google.auth import jwt
+
+        account = self.fake.service_account or {}
+        try:
+            # google-auth addresses its assertion to Google's token endpoint, wherever the
+            # key file's token_uri points.
+            claims = jwt.decode(form.get("assertion", [""])[0], certs=account["public_key"],
+                                audience=[account["token_uri"],
+                                          "https://oauth2.googleapis.com/token"])
+        except (ValueError, KeyError):
+            claims = None
+        if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"] or \
+                claims is None or claims.get("iss") != account.get("client_email"):
+            self._send_json(400, {"error": "invalid_grant",
+                                  "error_description": "Invalid JWT Signature."})
+            return
+        token = f"ya29.fake-{uuid.uuid4().hex}"
+        self.fake.tokens[token] = time.time() + self.fake.token_ttl
+        self._send_json(200, {"access_token": token, "expires_in": self.fake.token_ttl,
+                              "token_type": "Bearer"})
+
+    def _vertex(self, path: str, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        match = re.fullmatch(r"/v1/projects/([^/]+)/locations/([^/]+)/publishers/anthropic/"
+                             r"models/([^/:]+):(rawPredict|streamRawPredict)", path)
+        if match is None:
+            self._google_error(404, f"The requested URL {path} was not found.")
+            return
+        if not isinstance(doc.get("anthropic_version"), str) or "model" in doc:
+            self._google_error(400, "anthropic_version is required and model is not "
+                               "permitted in the body")
+            return
+        stream = match.group(4) == "streamRawPredict"
+        self.anthropic_messages({**doc, "model": unquote(match.group(3)), "stream": stream},
+                                behaviour)
 
     # -- AWS Bedrock ----------------------------------------------------------------------------
     def _bedrock_error(self, status: int, kind: str, message: str) -> None:
@@ -603,6 +678,26 @@ def sigv4_problem(method: str, url: str, headers: dict[str, str], body: bytes,
                 "match the signature you provided. Check your AWS Secret Access Key and "
                 "signing method.")
     return None
+
+
+def service_account_for(fake: FakeProvider, project: str = "acme-ml") -> dict[str, str]:
+    """A new service account whose token endpoint is `fake`'s: the key file an operator
+    would point GOOGLE_APPLICATION_CREDENTIALS at. The fake keeps only its public key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    email = f"tollgate@{project}.iam.gserviceaccount.com"
+    fake.service_account = {"client_email": email, "token_uri": f"{fake.url}/token",
+                            "public_key": public.decode()}
+    return {"type": "service_account", "project_id": project, "private_key_id": "fake1",
+            "private_key": private, "client_email": email, "client_id": "1",
+            "token_uri": f"{fake.url}/token"}
 
 
 def _frame(headers: dict[str, str], payload: bytes) -> bytes:

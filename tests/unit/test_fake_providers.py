@@ -104,3 +104,56 @@ def test_the_bedrock_fake_serves_the_anthropic_bedrock_client(bedrock):
     with claude.messages.stream(model=CLAUDE_ON_BEDROCK, max_tokens=30,
                                 messages=MESSAGES) as stream:
         assert "".join(stream.text_stream).startswith("Hello")
+
+
+@pytest.fixture(scope="module")
+def vertex():
+    fake = FakeProvider("vertex", "").start()
+    yield fake
+    fake.stop()
+
+
+def test_the_vertex_fake_issues_tokens_to_google_auth_and_serves_anthropic_vertex(vertex):
+    """google-auth's service-account flow gets a token from the fake's token endpoint (its
+    JWT checked against the account's key); AnthropicVertex is served with that token,
+    and refused without one."""
+    import urllib3
+    from google.auth.transport.urllib3 import Request
+    from google.oauth2 import service_account
+
+    from tests.fakes.providers import service_account_for
+
+    info = service_account_for(vertex)
+    creds = service_account.Credentials.from_service_account_info(
+        info, scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    creds.refresh(Request(urllib3.PoolManager()))
+    assert creds.token in vertex.tokens and creds.valid
+    claude = anthropic.AnthropicVertex(region="us-east5", project_id="acme-ml",
+                                       access_token=creds.token,
+                                       base_url=f"{vertex.url}/v1", max_retries=0)
+    message = claude.messages.create(model="claude-haiku-4-5@20251001", max_tokens=30,
+                                     messages=MESSAGES)
+    assert message.content[0].text.startswith("Hello")
+    assert vertex.requests[-1].path == ("/v1/projects/acme-ml/locations/us-east5/publishers/"
+                                        "anthropic/models/claude-haiku-4-5@20251001:rawPredict")
+    with claude.messages.stream(model="claude-haiku-4-5@20251001", max_tokens=30,
+                                messages=MESSAGES) as stream:
+        assert "".join(stream.text_stream).startswith("Hello")
+    stale = anthropic.AnthropicVertex(region="us-east5", project_id="acme-ml",
+                                      access_token="ya29.not-issued",
+                                      base_url=f"{vertex.url}/v1", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        stale.messages.create(model="claude-haiku-4-5@20251001", max_tokens=5,
+                              messages=MESSAGES)
+    vertex.tokens[creds.token] = 0  # expired: refused as well
+    with pytest.raises(anthropic.AuthenticationError):
+        claude.messages.create(model="claude-haiku-4-5@20251001", max_tokens=5,
+                               messages=MESSAGES)
+    forged = dict(info, private_key=service_account_for(FakeProvider("vertex", ""))
+                  ["private_key"])
+    import google.auth.exceptions
+
+    with pytest.raises(google.auth.exceptions.RefreshError):
+        service_account.Credentials.from_service_account_info(
+            forged, scopes=["https://www.googleapis.com/auth/cloud-platform"]).refresh(
+                Request(urllib3.PoolManager()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tollgate.body import parse, replace_top_level, tool_names
@@ -73,6 +73,7 @@ separators = st.sampled_from([" ", "", "\n", "\t", "  \n "])
 @given(doc=st.dictionaries(st.text(max_size=6), json_values, max_size=5),
        model=st.text(max_size=10), new=st.text(max_size=10), sep=separators,
        position=st.integers(min_value=0, max_value=5))
+@example(doc={}, model=":", new="", sep="", position=0)  # the value looks like the key's end
 def test_replace_top_level_touches_only_that_value(doc, model, new, sep, position):
     doc.pop("model", None)
     items = list(doc.items())
@@ -84,8 +85,8 @@ def test_replace_top_level_touches_only_that_value(doc, model, new, sep, positio
     out = replace_top_level(raw, "model", new)
     assert json.loads(out) == {**dict(items), "model": new}
     old_value = json.dumps(model, ensure_ascii=False).encode()
-    cut = raw.index(b'"model"' + sep.encode() + b":")
-    start = raw.index(old_value, cut)
+    key = b'"model"' + sep.encode() + b":"
+    start = raw.index(old_value, raw.index(key) + len(key))  # after the colon: '":"' is a value
     assert out == raw[:start] + json.dumps(new, ensure_ascii=False).encode() + \
         raw[start + len(old_value):]
 

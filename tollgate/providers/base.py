@@ -91,6 +91,10 @@ class Adapter:
     def sign(self, attempt: Attempt, body: bytes) -> None:
         """Authenticate over the final request (a SigV4 signature); most types need not."""
 
+    def prepare(self) -> None:
+        """The config that names this provider was loaded: fetch what its first request
+        would otherwise wait for (an OAuth token)."""
+
     def translated(self, route: Route) -> bool:
         return self.wire != route.family
 
