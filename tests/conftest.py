@@ -17,10 +17,12 @@ from tests.harness import GatewayProcess, tollgate, wait_until
 
 OPENAI_KEY = "sk-fake-openai-provider-key"
 ANTHROPIC_KEY = "sk-ant-fake-provider-key"
+GEMINI_KEY = "AIza-fake-gemini-provider-key"
 AZURE_KEY = "azure-fake-provider-key"
 PEPPER = "test-pepper-0123456789"
 PROVIDER_ENV = {"FAKE_OPENAI_KEY": OPENAI_KEY, "FAKE_ANTHROPIC_KEY": ANTHROPIC_KEY,
-                "FAKE_AZURE_KEY": AZURE_KEY, "TOLLGATE_KEY_PEPPER": PEPPER,
+                "FAKE_AZURE_KEY": AZURE_KEY, "FAKE_GEMINI_KEY": GEMINI_KEY,
+                "TOLLGATE_KEY_PEPPER": PEPPER,
                 # The AWS credential chain finds these first (the Bedrock fake checks them).
                 "AWS_ACCESS_KEY_ID": AwsCredentials().access_key,
                 "AWS_SECRET_ACCESS_KEY": AwsCredentials().secret_key,
@@ -68,10 +70,17 @@ def fake_vertex() -> Iterator[FakeProvider]:
     fake.stop()
 
 
+@pytest.fixture(scope="session")
+def fake_gemini() -> Iterator[FakeProvider]:
+    fake = FakeProvider("gemini", GEMINI_KEY).start()
+    yield fake
+    fake.stop()
+
+
 @pytest.fixture(autouse=True)
 def _reset_fakes(request: pytest.FixtureRequest) -> None:
     for name in ("fake_openai", "fake_anthropic", "fake_azure", "fake_bedrock",
-                 "fake_vertex"):
+                 "fake_vertex", "fake_gemini"):
         if name in request.fixturenames:
             request.getfixturevalue(name).reset()
 

@@ -68,19 +68,6 @@ class JSONTranslation:
         return self._convert(bytes(self._buf))
 
 
-class Chained:
-    """Two rewriters in a row: the first one's output is the second one's input."""
-
-    def __init__(self, first: Rewriter, second: Rewriter):
-        self.first, self.second = first, second
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self.second.feed(self.first.feed(chunk))
-
-    def flush(self) -> bytes:
-        return self.second.feed(self.first.flush()) + self.second.flush()
-
-
 class Exchange:
     def __init__(self, *, trace: RequestTrace, prefix: str, route: Route, key: VirtualKey,
                  requested_model: str | None, attempts: list[Attempt], stream: bool,
@@ -217,28 +204,21 @@ class Exchange:
         families, the removal of a usage chunk the gateway asked for, or nothing."""
         a, client = self.attempt, self.route.family
         sse = (content_type or "").lower().startswith("text/event-stream")
-        if a.reframed:
-            if not 200 <= status < 300:
-                return JSONTranslation(lambda body: translate.error_to(client, status, body))
-            if eventstream.is_eventstream(content_type):
-                frames = eventstream.EventStreamToSSE()
-                if not a.translated:
-                    return self._capped(frames)
-                model = self.requested_model or a.model
-                return self._capped(Chained(frames, translate.AnthropicToOpenAIStream(
-                    model, include_usage=self.client_wants_usage)))
+        model = self.requested_model or a.model  # the name the client asked for
+        if (a.reframed or a.translated) and not 200 <= status < 300:
+            return JSONTranslation(lambda body: translate.error_to(client, status, body))
+        if a.reframed and eventstream.is_eventstream(content_type):
+            frames = eventstream.EventStreamToSSE()
+            if not a.translated:
+                return self._capped(frames)
+            return self._capped(translate.Chained(frames, translate.stream(
+                client, a.family, model, self.client_wants_usage)))
         if a.translated:
-            model = self.requested_model or a.model  # the name the client asked for
-            if not 200 <= status < 300:
-                return JSONTranslation(lambda body: translate.error_to(client, status, body))
             if sse:
-                if client == "openai":
-                    return self._capped(translate.AnthropicToOpenAIStream(
-                        model, include_usage=self.client_wants_usage))
-                return self._capped(translate.OpenAIToAnthropicStream(model))
-            convert = translate.anthropic_json_to_openai if client == "openai" else \
-                translate.openai_json_to_anthropic
-            return JSONTranslation(lambda body: json.dumps(convert(json.loads(body), model))
+                return self._capped(translate.stream(client, a.family, model,
+                                                     self.client_wants_usage))
+            convert = translate.json_response(client, a.family, model)
+            return JSONTranslation(lambda body: json.dumps(convert(json.loads(body)))
                                    .encode() if body else body)
         if a.strip_usage and (sse or content_type is None):
             return self._capped(EventFilter(usage_of.is_usage_only_chunk))
@@ -338,6 +318,11 @@ class Exchange:
         self._finished = True
         if self.stream_error is not None:
             outcome, error = "error", self.stream_error
+        elif outcome in ("abandoned", "aborted") and self.complete and self.status is not None \
+                and 200 <= self.status < 300:
+            # Its last event had passed: a client that closes once it has the end (an SDK
+            # at [DONE]) did not cut anything short.
+            outcome, error = "completed", None
         if self.breakers is not None:
             failed = self.status is None or self.status == 429 or self.status >= 500
             if failed and outcome != "abandoned":

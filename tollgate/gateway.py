@@ -45,9 +45,7 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
     """The body this provider gets; None when it is the client's bytes, unchanged."""
     doc = body.doc
     if attempt.translated:
-        convert = translate.openai_to_anthropic if route.family == "openai" else \
-            translate.anthropic_to_openai
-        doc = convert(body.doc, attempt.model)
+        doc = translate.request(route.family, attempt.family, body.doc, attempt.model)
     own = attempt.adapter.body(doc) if attempt.adapter is not None else None
     if own is not None:  # the provider type's own shape (Bedrock's)
         return json.dumps(own).encode()

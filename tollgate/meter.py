@@ -51,7 +51,8 @@ class JSONUsageScanner:
     and only the usage object itself is kept.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, key: bytes = b"usage") -> None:
+        self.key = key  # Gemini calls it `usageMetadata`
         self.depth = 0
         self._in_string = False
         self._escape = False  # a backslash ended the last chunk inside a string
@@ -90,7 +91,7 @@ class JSONUsageScanner:
                 self._in_string, self._string = True, bytearray()
                 self._after_usage_key = False
             elif c == 0x3A:  # ':'
-                self._after_usage_key = self.depth == 1 and self._key == b"usage"
+                self._after_usage_key = self.depth == 1 and self._key == self.key
                 self._key = None
             elif c in (0x7B, 0x5B):  # '{' '['
                 if self._after_usage_key and c == 0x7B and self.depth == 1:
@@ -128,7 +129,7 @@ class ResponseMeter:
         self._ended = False
         self._sse = SSEParser(max_line=MAX_PARSED_EVENT)
         self._stream = usage_of.StreamUsage(family)
-        self._json = JSONUsageScanner()
+        self._json = JSONUsageScanner(b"usageMetadata" if family == "gemini" else b"usage")
         self._frames: eventstream.EventStreamToSSE | None = None
 
     def start(self, content_type: str | None, length: int | None) -> None:
@@ -153,8 +154,10 @@ class ResponseMeter:
                     self._stream.add_unparsed(event.dropped)
                     continue
                 self._stream.add(event)
+                # Gemini names no events: its last one carries the finish reason.
                 self._ended = self._ended or event.event in _LAST_EVENTS or \
-                    event.data.strip() == "[DONE]"
+                    event.data.strip() == "[DONE]" or \
+                    (self.family == "gemini" and self._stream.final)
         else:
             self._json.feed(data)
 
@@ -175,5 +178,7 @@ class ResponseMeter:
             doc = json.loads(found)
         except ValueError:
             return usage_of.Usage()
+        if self.family == "gemini":
+            return usage_of.gemini_usage(doc)
         return usage_of.anthropic_usage(doc) if self.family == "anthropic" else \
             usage_of.openai_usage(doc)

@@ -72,6 +72,19 @@ def anthropic_usage(u: Any, into: Usage | None = None) -> Usage:
     return out
 
 
+def gemini_usage(meta: Any) -> Usage:
+    """Gemini's `usageMetadata`: cached prompt tokens are part of `promptTokenCount`, and
+    thinking tokens are billed as output."""
+    if not isinstance(meta, dict):
+        return Usage()
+    prompt, cached = _int(meta, "promptTokenCount"), _int(meta, "cachedContentTokenCount")
+    thoughts = _int(meta, "thoughtsTokenCount")
+    cached = min(cached, prompt)
+    return Usage(input_tokens=prompt - cached, cached_input_tokens=cached,
+                 output_tokens=_int(meta, "candidatesTokenCount") + thoughts,
+                 reasoning_tokens=thoughts, reported=True)
+
+
 class StreamUsage:
     """Usage of an SSE stream, counted event by event: a few counters, never the events, so
     memory does not grow with the stream. Streamed text is estimated where the provider
@@ -95,6 +108,17 @@ class StreamUsage:
 
     def _add_doc(self, doc: dict[str, Any]) -> None:
         kind = doc.get("type", "")
+        if self.family == "gemini":  # each event's usageMetadata is the running total
+            if doc.get("usageMetadata"):
+                self.usage = gemini_usage(doc["usageMetadata"])
+            for candidate in doc.get("candidates") or []:
+                if not isinstance(candidate, dict):
+                    continue
+                for part in (candidate.get("content") or {}).get("parts") or []:
+                    self.streamed_chars += len(part.get("text") or "") if \
+                        isinstance(part, dict) else 0
+                self.final = self.final or candidate.get("finishReason") is not None
+            return
         if self.family == "anthropic":
             if kind == "message_start":
                 anthropic_usage((doc.get("message") or {}).get("usage"), self.usage)

@@ -191,7 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._chunk(b"")
 
     def _error(self, status: int, message: str, kind: str, code: str | None = None) -> None:
-        if self.fake.family == "vertex":
+        if self.fake.family in ("vertex", "gemini"):
             self._google_error(status, message)
             return
         if self.fake.family == "bedrock":
@@ -262,6 +262,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.family == "vertex":
             self._vertex(path, doc, behaviour)
             return
+        if fake.family == "gemini":
+            self._gemini(path, doc, behaviour)
+            return
         handler = ROUTES.get((fake.family, path))
         if handler is None:
             self._error(404, f"Unknown path {path}", "not_found_error")
@@ -276,6 +279,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._bedrock_authorised(rec)
         if fake.family == "vertex":
             return self._vertex_authorised(rec)
+        if fake.family == "gemini":
+            if rec.headers.get("x-goog-api-key") != fake.api_key:
+                self._google_error(400, "API key not valid. Please pass a valid API key.")
+                return False
+            return True
         if fake.family == "anthropic":
             if rec.headers.get("x-api-key") != fake.api_key:
                 self._error(401, "invalid x-api-key", "authentication_error")
@@ -385,6 +393,56 @@ class _Handler(BaseHTTPRequestHandler):
         stream = match.group(4) == "streamRawPredict"
         self.anthropic_messages({**doc, "model": unquote(match.group(3)), "stream": stream},
                                 behaviour)
+
+    # -- Gemini API --------------------------------------------------------------------------------
+    def _gemini(self, path: str, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        match = re.fullmatch(r"/v1beta/models/([^/:]+):(generateContent|streamGenerateContent)",
+                             path)
+        if match is None:
+            self._google_error(404, f"The requested URL {path} was not found.")
+            return
+        contents = doc.get("contents")
+        if not isinstance(contents, list) or not contents or "model" in doc or \
+                "messages" in doc:
+            self._google_error(400, "* GenerateContentRequest.contents: contents is not "
+                               "specified")
+            return
+        model = unquote(match.group(1))
+        prompt = _count_tokens([doc.get("systemInstruction"), contents])
+        declarations = [d for t in doc.get("tools") or [] for d in
+                        t.get("functionDeclarations") or []]
+        tool = declarations[0]["name"] if declarations else None
+        words = _words(_answer(self.fake))
+        out_tokens = len(words) + (5 if tool else 0)
+        rid = uuid.uuid4().hex[:22]
+
+        def usage(candidates: int) -> dict[str, int]:
+            return {"promptTokenCount": prompt, "candidatesTokenCount": candidates,
+                    "totalTokenCount": prompt + candidates}
+
+        def response(parts: list[dict[str, Any]], finish: bool, done: int) -> dict[str, Any]:
+            candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"},
+                                         "index": 0}
+            if finish:
+                candidate["finishReason"] = "STOP"
+            return {"candidates": [candidate], "usageMetadata": usage(done),
+                    "modelVersion": model, "responseId": rid}
+
+        call = [{"functionCall": {"name": tool, "args": {"path": "/tmp/x"}}}] if tool else []
+        if match.group(2) == "generateContent":
+            self._send_json(200, response(call or [{"text": "".join(words)}], True, out_tokens))
+            return
+        if "alt=sse" not in self.path:
+            self._google_error(400, "streamGenerateContent without alt=sse is not served "
+                               "by this fake")
+            return
+        if tool:
+            events = [response(call, True, out_tokens)]
+        else:
+            events = [response([{"text": w}], i == len(words) - 1, i + 1)
+                      for i, w in enumerate(words)]
+        self._stream([b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in events],
+                     behaviour)
 
     # -- AWS Bedrock ----------------------------------------------------------------------------
     def _bedrock_error(self, status: int, kind: str, message: str) -> None:

@@ -153,3 +153,56 @@ def test_errors_keep_the_provider_message_in_the_client_shape():
     assert doc["error"]["message"] == "Overloaded" and doc["error"]["type"] == "server_error"
     back = json.loads(error_to("anthropic", 503, error_to("openai", 503, body)))
     assert back == {"type": "error", "error": {"type": "api_error", "message": "Overloaded"}}
+
+
+def test_openai_chat_becomes_gemini_contents_and_back():
+    """Turns alternate user/model, tool calls and their results keep their names, images
+    travel inline, and a Gemini answer comes back as a chat completion with its usage."""
+    from tollgate.translate import gemini
+
+    doc = {"model": "gemini-2.5-flash", "max_tokens": 64, "temperature": 0.2, "stop": "END",
+           "messages": [
+               {"role": "system", "content": "Be brief."},
+               {"role": "user", "content": [
+                   {"type": "text", "text": "What is here?"},
+                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "look", "arguments": '{"where": "desk"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "a cup"},
+               {"role": "user", "content": "thanks"}],
+           "tools": [{"type": "function", "function": {"name": "look", "parameters": {
+               "type": "object"}}}],
+           "tool_choice": {"type": "function", "function": {"name": "look"}}}
+    out = gemini.openai_to_gemini(doc)
+    assert out["systemInstruction"] == {"parts": [{"text": "Be brief."}]}
+    assert [c["role"] for c in out["contents"]] == ["user", "model", "user"]
+    assert out["contents"][0]["parts"][1] == {"inlineData": {"mimeType": "image/png",
+                                                             "data": "AAAA"}}
+    assert out["contents"][1]["parts"] == [{"functionCall": {"name": "look",
+                                                             "args": {"where": "desk"}}}]
+    assert out["contents"][2]["parts"][0] == {"functionResponse": {
+        "name": "look", "response": {"content": "a cup"}}}
+    assert out["contents"][2]["parts"][1] == {"text": "thanks"}
+    assert out["toolConfig"] == {"functionCallingConfig": {
+        "mode": "ANY", "allowedFunctionNames": ["look"]}}
+    assert out["generationConfig"] == {"maxOutputTokens": 64, "temperature": 0.2,
+                                       "stopSequences": ["END"]}
+    answer = gemini.gemini_json_to_openai({
+        "candidates": [{"content": {"parts": [{"text": "thinking", "thought": True},
+                                              {"text": "A cup."}]},
+                        "finishReason": "MAX_TOKENS"}],
+        "usageMetadata": {"promptTokenCount": 30, "cachedContentTokenCount": 10,
+                          "candidatesTokenCount": 4, "thoughtsTokenCount": 6}},
+        "gemini-2.5-flash")
+    assert answer["choices"][0]["message"]["content"] == "A cup."
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 10
+    assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 10
+
+    from tollgate.usage import gemini_usage
+
+    used = gemini_usage({"promptTokenCount": 30, "cachedContentTokenCount": 10,
+                         "candidatesTokenCount": 4, "thoughtsTokenCount": 6})
+    assert (used.input_tokens, used.cached_input_tokens, used.output_tokens,
+            used.reasoning_tokens) == (20, 10, 10, 6)

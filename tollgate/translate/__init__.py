@@ -1,6 +1,14 @@
-"""Between API families: OpenAI chat completions <-> Anthropic messages, both ways, for
-requests, JSON responses, SSE streams and provider errors."""
+"""Between API families, one translation per (client family, provider family) pair:
+OpenAI chat completions <-> Anthropic messages, and both to Gemini's generateContent, for
+requests, JSON responses, SSE streams and provider errors. Anthropic clients reach Gemini
+through OpenAI's shape."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from tollgate.translate import gemini
 from tollgate.translate.requests import anthropic_to_openai, openai_to_anthropic
 from tollgate.translate.responses import (
     AnthropicToOpenAIStream,
@@ -10,6 +18,58 @@ from tollgate.translate.responses import (
     openai_json_to_anthropic,
 )
 
-__all__ = ["AnthropicToOpenAIStream", "OpenAIToAnthropicStream", "anthropic_json_to_openai",
-           "anthropic_to_openai", "error_to", "openai_json_to_anthropic",
-           "openai_to_anthropic"]
+__all__ = ["AnthropicToOpenAIStream", "Chained", "OpenAIToAnthropicStream",
+           "anthropic_json_to_openai", "anthropic_to_openai", "error_to", "json_response",
+           "openai_json_to_anthropic", "openai_to_anthropic", "request", "stream"]
+
+
+class Rewriter(Protocol):
+    def feed(self, chunk: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+class Chained:
+    """Two rewriters in a row: the first one's output is the second one's input."""
+
+    def __init__(self, first: Rewriter, second: Rewriter):
+        self.first, self.second = first, second
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self.second.feed(self.first.feed(chunk))
+
+    def flush(self) -> bytes:
+        return self.second.feed(self.first.flush()) + self.second.flush()
+
+
+def request(client: str, wire: str, doc: dict[str, Any], model: str) -> dict[str, Any]:
+    """A client's request body in the provider's family."""
+    if wire == "gemini":
+        return gemini.openai_to_gemini(doc if client == "openai" else
+                                       anthropic_to_openai(doc, model))
+    return openai_to_anthropic(doc, model) if client == "openai" else \
+        anthropic_to_openai(doc, model)
+
+
+def json_response(client: str, wire: str, model: str
+                  ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The provider's JSON answer in the client's family."""
+    if wire == "gemini":
+        if client == "openai":
+            return lambda doc: gemini.gemini_json_to_openai(doc, model)
+        return lambda doc: openai_json_to_anthropic(gemini.gemini_json_to_openai(doc, model),
+                                                    model)
+    if client == "openai":
+        return lambda doc: anthropic_json_to_openai(doc, model)
+    return lambda doc: openai_json_to_anthropic(doc, model)
+
+
+def stream(client: str, wire: str, model: str, include_usage: bool) -> Rewriter:
+    """The provider's SSE in the client's family, event by event."""
+    if wire == "gemini":
+        if client == "openai":
+            return gemini.GeminiToOpenAIStream(model, include_usage)
+        return Chained(gemini.GeminiToOpenAIStream(model, include_usage=True),
+                       OpenAIToAnthropicStream(model))
+    if client == "openai":
+        return AnthropicToOpenAIStream(model, include_usage=include_usage)
+    return OpenAIToAnthropicStream(model)

@@ -1,0 +1,136 @@
+"""The Gemini API behind the gateway, on both hosts: OpenAI and Anthropic clients served by
+`generateContent` and `streamGenerateContent?alt=sse` through translation (tools included),
+`x-goog-api-key` upstream, `usageMetadata` metered exactly, Google's errors in each client's
+family, and the seed recipe's fallback reaching Gemini through the catalog."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+from tests.conformance.test_metering import expect_cost, ledger_row
+from tests.conftest import GEMINI_KEY, HOSTS, own_gateways
+from tests.fakes.providers import Behaviour
+from tests.harness import tollgate
+from tollgate.usage import Usage
+
+MESSAGES = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hello gemini"}]
+TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.fixture(scope="module")
+def gateways(tmp_path_factory, fake_openai, fake_anthropic, fake_gemini):
+    """`mp_gemini` (AI Studio); policy `openai-gemini` [mp_openai, mp_gemini], no map."""
+    policies: dict[str, str] = {}
+
+    def setup(config: Path) -> None:
+        tollgate("model-providers", "create", "--id", "mp_gemini", "--type", "gemini",
+                 "--scope", "ORG:acme", "--base-url", fake_gemini.url, "--api-key-env",
+                 "FAKE_GEMINI_KEY", config=config)
+        policies[str(config)] = json.loads(tollgate(
+            "routing-policies", "create", "--scope", "ORG:acme", "--name", "openai-gemini",
+            "--model-provider", "mp_openai", "--model-provider", "mp_gemini", "--format",
+            "json", config=config).stdout)["id"]
+        tollgate("virtual-keys", "create", "--name", "fallback", "--scope", "ORG:acme",
+                 "--routing-policy", policies[str(config)], "--config-json",
+                 '{"fallback": {"on": ["5xx", "rate_limit"]}}', config=config)
+
+    with own_gateways(tmp_path_factory, fake_openai, fake_anthropic, "gemini", setup) as out:
+        yield out, {h: policies[str(g.config)] for h, g in out.items()}
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_openai_clients_are_served_by_gemini(gateways, host, fake_gemini):
+    gw = gateways[0][host]
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=gw.create_key().secret,
+                           max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gemini-2.5-flash", messages=MESSAGES, max_tokens=50)
+    answer = raw.parse()
+    assert answer.choices[0].message.content.startswith("Hello")
+    sent = fake_gemini.requests[-1]
+    assert sent.path == "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert sent.headers["x-goog-api-key"] == GEMINI_KEY and "authorization" not in sent.headers
+    doc = json.loads(sent.body)
+    assert doc["systemInstruction"] == {"parts": [{"text": "Be brief."}]}
+    assert doc["generationConfig"]["maxOutputTokens"] == 50
+    row = ledger_row(gw, raw.headers["x-langwatch-request-id"])
+    assert row.cost_micros == expect_cost("gemini-2.5-flash", Usage(
+        input_tokens=answer.usage.prompt_tokens,
+        output_tokens=answer.usage.completion_tokens)) and row.cost_micros > 0
+
+    called = client.chat.completions.create(model="gemini-2.5-flash", messages=MESSAGES,
+                                            tools=[TOOL], tool_choice="required")
+    call = called.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)
+    assert called.choices[0].finish_reason == "tool_calls"
+    sent = json.loads(fake_gemini.requests[-1].body)
+    assert sent["tools"][0]["functionDeclarations"][0]["name"] == "get_weather"
+    assert sent["toolConfig"] == {"functionCallingConfig": {"mode": "ANY"}}
+
+    fake_gemini.chunk_delay = 0.01
+    with client.chat.completions.with_streaming_response.create(
+            model="gemini-2.5-flash", messages=MESSAGES, stream=True,
+            stream_options={"include_usage": True}) as response:
+        rid = response.headers["x-langwatch-request-id"]
+        chunks = list(response.parse())
+    assert fake_gemini.requests[-1].path.endswith(":streamGenerateContent?alt=sse")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith("Hello") and len([c for c in chunks if c.choices]) > 3
+    usage = chunks[-1].usage
+    row = ledger_row(gw, rid)
+    assert (row.output_tokens, row.outcome) == (usage.completion_tokens, "completed")
+    assert row.cost_micros == expect_cost("gemini-2.5-flash", Usage(
+        input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens))
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_anthropic_clients_are_served_by_gemini(gateways, host, fake_gemini):
+    gw = gateways[0][host]
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=gw.create_key().secret,
+                                 max_retries=0)
+    message = claude.messages.create(model="gemini-2.5-flash", max_tokens=40,
+                                     system="Be brief.",
+                                     messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text.startswith("Hello") and message.usage.output_tokens > 0
+    with claude.messages.stream(model="gemini-2.5-flash", max_tokens=40,
+                                messages=[{"role": "user", "content": "hi"}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text.startswith("Hello") and final.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_gemini_errors_reach_each_client_in_its_family(gateways, host, fake_gemini):
+    gw = gateways[0][host]
+    key = gw.create_key()
+    fake_gemini.enqueue(Behaviour("fail", status=429))
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=key.secret, max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gemini-2.5-flash", messages=MESSAGES)
+    fake_gemini.enqueue(Behaviour("fail", status=400))
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=key.secret, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(model="gemini-2.5-flash", max_tokens=10,
+                               messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_openai_falls_back_to_gemini_without_a_model_map(gateways, host, fake_openai):
+    gw, policy = gateways[0][host], gateways[1][host]
+    key = gw.create_key("--routing-policy", policy, "--config-json",
+                        '{"fallback": {"on": ["5xx", "rate_limit"]}}')
+    fake_openai.enqueue(Behaviour("fail", status=503))
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=key.secret, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-5-mini",
+                                                          messages=MESSAGES)
+    assert raw.headers["x-langwatch-provider"] == "mp_gemini"
+    row = ledger_row(gw, raw.headers["x-langwatch-request-id"])
+    assert (row.model, row.fallbacks) == ("gemini-2.5-flash", "mp_openai:5xx")
