@@ -150,7 +150,8 @@ class Exchange:
         self.fallbacks.append(f"{self.provider_id}:{reason}")
         self.index += 1
         if self._prices is not None:
-            self.billing.price = self._prices.lookup(self.model) or self.billing.price
+            self.billing.price = self._prices.lookup(self.model, self.attempt.prices) or \
+                self.billing.price
         self.status = None
         self.meter = ResponseMeter(self.attempt.family, self.stream_requested)
         return self.attempt

@@ -221,13 +221,14 @@ class Gateway:
         (Models a policy maps to are checked for a price when the config is loaded.)"""
         cfg, settings = loaded.config, loaded.config.gateway
         model = attempts[0].model
-        price = loaded.prices.lookup(model)
+        price = loaded.prices.lookup(model, attempts[0].prices)
         if price is None and settings.unpriced == "block":
             raise GatewayError("model_not_priced",
                                f"Model {model!r} has no price in the price table, so its spend "
                                "cannot be metered. Add it to prices.yaml (or set "
                                "gateway.unpriced: allow).", param="model")
-        prices = [p for a in attempts if (p := loaded.prices.lookup(a.model)) is not None]
+        prices = [p for a in attempts
+                  if (p := loaded.prices.lookup(a.model, a.prices)) is not None]
         input_estimate = math.ceil(len(req.body) / 2)  # generous: a token is >= ~2 bytes
         output_cap = bodies.max_output_tokens(route, body.doc,
                                               settings.default_max_output_tokens)
@@ -285,6 +286,8 @@ class Gateway:
             err = ratelimit.refusal(cap, window, cap.amount(tokens), clock)
             err.headers = {**rate_headers, **err.headers}
             raise err
+        # The provider admitted may not be the first (one at its cap was passed over).
+        billing.price = loaded.prices.lookup(attempt.model, attempt.prices) or billing.price
         if holds:
             billing.reserved = amount
             self._leases[request_id] = (billing.counters, amount)

@@ -60,12 +60,17 @@ def worst_case_micros(input_tokens: int, max_output_tokens: int, price: ModelPri
 class PriceTable:
     models: dict[str, ModelPrice]
 
-    def lookup(self, model: str) -> ModelPrice | None:
-        """Exact name first, then the name without a dated snapshot suffix."""
-        if model in self.models:
-            return self.models[model]
+    def lookup(self, model: str, overrides: dict[str, ModelPrice] | None = None
+               ) -> ModelPrice | None:
+        """A provider's own price (`overrides`) first, then the table's: exact name first,
+        then the name without a dated snapshot suffix."""
         base = _DATE_SUFFIX.sub("", model)
-        return self.models.get(base)
+        for table in (overrides or {}, self.models):
+            if model in table:
+                return table[model]
+            if base in table:
+                return table[base]
+        return None
 
     def names(self) -> list[str]:
         return sorted(self.models)

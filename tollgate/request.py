@@ -87,6 +87,11 @@ class Attempt:
     adapter: Adapter | None = field(default=None, repr=False)  # the provider type's adapter
 
     @property
+    def prices(self) -> dict[str, Any]:
+        """The provider's own prices (a contract price), which win over the table's."""
+        return self.adapter.provider.prices if self.adapter is not None else {}
+
+    @property
     def authority(self) -> str:
         default = 443 if self.scheme == "https" else 80
         return self.host if self.port == default else f"{self.host}:{self.port}"

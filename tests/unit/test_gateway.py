@@ -344,3 +344,27 @@ def test_circuit_breaker_settings_follow_a_reload(setup, config_dir):
                                  "{failures: 5, cooldown_seconds: 2.5}\n", 1))
     assert gw.holder.check() is True
     assert (gw.breakers.failures, gw.breakers.cooldown) == (5, 2.5)
+
+
+async def test_a_provider_price_wins_over_the_price_table(setup, config_dir):
+    """A contract price on the provider (its `prices`) is what its requests cost."""
+    from tollgate.ledger import LedgerRow
+
+    path = config_dir / "gateway.yaml"
+    path.write_text(path.read_text().replace(
+        "    api_key_env: OPENAI_API_KEY\n",
+        "    api_key_env: OPENAI_API_KEY\n"
+        "    prices: {gpt-5-mini: {input: 0.10, output: 1.00}}\n", 1))
+    key, gateway = setup
+    secret = key()
+    gw = gateway()
+    rows: list[LedgerRow] = []
+    gw._settle = lambda exchange, row: rows.append(row)  # the row, not the store
+    result = await gw.handle(request("/v1/chat/completions", CHAT, secret))
+    assert isinstance(result, Forward)
+    result.exchange._settle = gw._settle
+    result.exchange.on_response_headers(200, {"content-type": "application/json"})
+    result.exchange.on_chunk(json.dumps({"usage": {"prompt_tokens": 1_000_000,
+                                                   "completion_tokens": 1_000_000}}).encode())
+    result.exchange.finish("completed")
+    assert rows[0].cost_micros == 1_100_000  # $0.10 + $1.00, not the table's $0.25 + $2.00

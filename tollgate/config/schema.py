@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from tollgate.pricing import ModelPrice
 from tollgate.providers import ADAPTERS, TYPES
 from tollgate.rules import RuleError, compiled
 
@@ -122,6 +123,9 @@ class ModelProvider(Strict):
     rate_limit: RateLimit | None = None
     fallback_priority: int = 100
     provider_config: dict[str, Any] = {}
+    # This provider's own prices (a contract price), USD per 1M tokens; they win over
+    # prices.yaml for requests it serves.
+    prices: dict[str, ModelPrice] = {}
     # Seconds to connect, and to the first response byte, before fallback counts a timeout.
     connect_timeout: float = Field(default=10.0, gt=0)
     first_byte_timeout: float = Field(default=120.0, gt=0)
