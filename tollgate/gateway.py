@@ -46,7 +46,7 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
     doc = body.doc
     if attempt.translated:
         doc = translate.request(route.family, attempt.family, body.doc, attempt.model)
-    own = attempt.adapter.body(doc) if attempt.adapter is not None else None
+    own = attempt.adapter.body(doc, attempt.model) if attempt.adapter is not None else None
     if own is not None:  # the provider type's own shape (Bedrock's)
         return json.dumps(own).encode()
     if attempt.translated:

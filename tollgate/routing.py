@@ -110,10 +110,11 @@ def build_attempt(target: Target, route: Route, client_path: str,
     port = url.port or (443 if scheme == "https" else 80)
     set_headers, remove = adapter.auth(client_headers)
     remove = [h for h in [*remove, *strip] if h not in set_headers]
-    translated = adapter.translated(route)
+    wire = adapter.family(target.model)
+    translated = wire != route.family
     if translated:
         set_headers["content-type"] = "application/json"
-        if adapter.wire == "openai":
+        if wire == "openai":
             remove = [*remove, "anthropic-version", "anthropic-beta"]
     return Attempt(
         provider_id=p.id,
@@ -124,7 +125,7 @@ def build_attempt(target: Target, route: Route, client_path: str,
                           stream),
         set_headers=set_headers,
         remove_headers=remove,
-        family=adapter.wire,
+        family=wire,
         model=target.model,
         translated=translated,
         reframed=adapter.reframes_streams and stream,

@@ -120,3 +120,21 @@ def test_a_token_near_its_expiry_is_refreshed_without_failing_a_request(gateways
     assert set(fake_vertex.tokens) - issued, "no new token was fetched"
     used = fake_vertex.requests[-1].headers["authorization"].removeprefix("Bearer ")
     assert used not in issued  # the last requests went out with the new token
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_gemini_on_vertex_serves_openai_and_anthropic_clients(gateways, host, fake_vertex):
+    gw = gateways[0][host]
+    key = gw.create_key()
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=key.secret, max_retries=0)
+    answer = client.chat.completions.create(model="gemini-2.5-flash", messages=MESSAGES)
+    assert answer.choices[0].message.content.startswith("Hello")
+    sent = fake_vertex.requests[-1]
+    assert sent.path == ("/v1/projects/acme-ml/locations/us-east5/publishers/google/models/"
+                         "gemini-2.5-flash:generateContent")
+    assert "contents" in json.loads(sent.body)
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=key.secret, max_retries=0)
+    with claude.messages.stream(model="gemini-2.5-flash", max_tokens=30,
+                                messages=MESSAGES) as stream:
+        assert "".join(stream.text_stream).startswith("Hello")
+    assert fake_vertex.requests[-1].path.endswith(":streamGenerateContent?alt=sse")

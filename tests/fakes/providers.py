@@ -381,6 +381,11 @@ class _Handler(BaseHTTPRequestHandler):
                               "token_type": "Bearer"})
 
     def _vertex(self, path: str, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        gemini = re.fullmatch(r"/v1/projects/[^/]+/locations/[^/]+/publishers/google/models/"
+                              r"([^/:]+):(generateContent|streamGenerateContent)", path)
+        if gemini is not None:  # the same API as AI Studio's, under the project's path
+            self._gemini(f"/v1beta/models/{gemini.group(1)}:{gemini.group(2)}", doc, behaviour)
+            return
         match = re.fullmatch(r"/v1/projects/([^/]+)/locations/([^/]+)/publishers/anthropic/"
                              r"models/([^/:]+):(rawPredict|streamRawPredict)", path)
         if match is None:

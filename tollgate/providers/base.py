@@ -83,9 +83,9 @@ class Adapter:
         """The provider's own name for `model` (the catalog's `ids`, for some types)."""
         return model
 
-    def body(self, doc: dict[str, Any]) -> dict[str, Any] | None:
-        """The request body in the shape this provider takes, from one in its family's
-        shape (None: as it is)."""
+    def body(self, doc: dict[str, Any], model: str) -> dict[str, Any] | None:
+        """The request body for `model` in the shape this provider takes, from one in its
+        family's shape (None: as it is)."""
         return None
 
     def sign(self, attempt: Attempt, body: bytes) -> None:
@@ -95,8 +95,12 @@ class Adapter:
         """The config that names this provider was loaded: fetch what its first request
         would otherwise wait for (an OAuth token)."""
 
-    def translated(self, route: Route) -> bool:
-        return self.wire != route.family
+    def family(self, model: str) -> str:
+        """The API family the provider speaks for `model` (Vertex: Claude's or Gemini's)."""
+        return self.wire
+
+    def translated(self, route: Route, model: str = "") -> bool:
+        return self.family(model) != route.family
 
     def serves_route(self, route: Route) -> bool:
         """The provider can serve `route`: in its own family, or through translation."""

@@ -86,7 +86,7 @@ class Bedrock(Adapter):
         operation = "invoke-with-response-stream" if stream else "invoke"
         return f"{base}/model/{quote(model, safe='')}/{operation}"
 
-    def body(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def body(self, doc: dict[str, Any], model: str) -> dict[str, Any]:
         """An Anthropic Messages body as Bedrock takes it: no model or stream field."""
         out = {k: v for k, v in doc.items() if k not in ("model", "stream")}
         out["anthropic_version"] = BEDROCK_VERSION

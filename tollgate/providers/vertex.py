@@ -1,5 +1,7 @@
 """Google Vertex AI: Claude through `rawPredict` / `streamRawPredict`, with the Anthropic
-Messages body Vertex takes (`anthropic_version: vertex-2023-10-16`, the model in the URL).
+Messages body Vertex takes (`anthropic_version: vertex-2023-10-16`, the model in the URL),
+and Gemini through `generateContent` / `streamGenerateContent?alt=sse` (Gemini's own shape,
+translated for OpenAI and Anthropic clients).
 
     tollgate model-providers create --type vertex --scope ORG:acme \\
         --provider-config '{"project": "my-project", "location": "us-east5"}'
@@ -99,7 +101,7 @@ class Vertex(Adapter):
     type = "vertex"
     wire = "anthropic"
     vendor = "anthropic"
-    default_models = ("claude-*",)
+    default_models = ("claude-*", "gemini-*")
     key_optional = True
     config_keys = frozenset({"project", "location"})
 
@@ -118,6 +120,9 @@ class Vertex(Adapter):
             return None
         return "https://aiplatform.googleapis.com" if location == "global" else \
             f"https://{location}-aiplatform.googleapis.com"
+
+    def family(self, model: str) -> str:
+        return "gemini" if model.startswith("gemini") else "anthropic"
 
     def serves_route(self, route: Route) -> bool:
         return route.name in ("messages", "chat_completions")
@@ -150,12 +155,19 @@ class Vertex(Adapter):
     def path(self, route: Route, model: str, client_path: str, stream: bool = False) -> str:
         config = self.provider.provider_config
         base = urlsplit(self.provider.base_url).path.rstrip("/")
-        method = "streamRawPredict" if stream else "rawPredict"
+        if self.family(model) == "gemini":
+            publisher = "google"
+            method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+        else:
+            publisher = "anthropic"
+            method = "streamRawPredict" if stream else "rawPredict"
         return (f"{base}/v1/projects/{quote(config['project'], safe='')}/locations/"
-                f"{quote(config['location'], safe='')}/publishers/anthropic/models/"
+                f"{quote(config['location'], safe='')}/publishers/{publisher}/models/"
                 f"{quote(model, safe='@')}:{method}")
 
-    def body(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def body(self, doc: dict[str, Any], model: str) -> dict[str, Any] | None:
+        if self.family(model) == "gemini":  # Gemini's shape, as translated
+            return None
         out = {k: v for k, v in doc.items() if k != "model"}
         out["anthropic_version"] = VERTEX_VERSION
         return out
