@@ -1,6 +1,7 @@
-"""AWS event-stream frames (Bedrock's streamed responses) turned into Anthropic SSE as they
-arrive: each `chunk` event carries one Anthropic stream event, base64-encoded, and an
-exception frame (throttling mid-stream, say) becomes an Anthropic `error` event. Frames are
+"""AWS event-stream frames (Bedrock's streamed responses) turned into SSE as they arrive:
+each InvokeModel `chunk` event carries one Anthropic stream event, base64-encoded; a
+ConverseStream event becomes an SSE event of its own name; and an exception frame
+(throttling mid-stream, say) becomes an Anthropic `error` event. Frames are
 decoded by botocore; a partial frame waits for its next bytes, nothing else is held."""
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class EventStreamToSSE:
             event = json.loads(base64.b64decode(json.loads(payload)["bytes"]))
             event.pop("amazon-bedrock-invocationMetrics", None)
             return _sse(str(event.get("type", "message")), event)
+        if kind == "event":  # ConverseStream: the event type names it, the payload is JSON
+            return _sse(str(headers.get(":event-type", "message")), json.loads(payload))
         if kind in ("exception", "error"):
             name = str(headers.get(":exception-type") or headers.get(":error-code") or "")
             try:

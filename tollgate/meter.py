@@ -157,7 +157,7 @@ class ResponseMeter:
                 # Gemini names no events: its last one carries the finish reason.
                 self._ended = self._ended or event.event in _LAST_EVENTS or \
                     event.data.strip() == "[DONE]" or \
-                    (self.family == "gemini" and self._stream.final)
+                    (self.family in ("gemini", "converse") and self._stream.final)
         else:
             self._json.feed(data)
 
@@ -180,5 +180,7 @@ class ResponseMeter:
             return usage_of.Usage()
         if self.family == "gemini":
             return usage_of.gemini_usage(doc)
+        if self.family == "converse":
+            return usage_of.converse_usage(doc)
         return usage_of.anthropic_usage(doc) if self.family == "anthropic" else \
             usage_of.openai_usage(doc)

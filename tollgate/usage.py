@@ -85,6 +85,15 @@ def gemini_usage(meta: Any) -> Usage:
                  reasoning_tokens=thoughts, reported=True)
 
 
+def converse_usage(u: Any) -> Usage:
+    """Bedrock Converse's `usage`: cache reads and writes apart from `inputTokens`."""
+    if not isinstance(u, dict):
+        return Usage()
+    return Usage(input_tokens=_int(u, "inputTokens"), output_tokens=_int(u, "outputTokens"),
+                 cached_input_tokens=_int(u, "cacheReadInputTokens"),
+                 cache_write_tokens=_int(u, "cacheWriteInputTokens"), reported=True)
+
+
 class StreamUsage:
     """Usage of an SSE stream, counted event by event: a few counters, never the events, so
     memory does not grow with the stream. Streamed text is estimated where the provider
@@ -118,6 +127,14 @@ class StreamUsage:
                     self.streamed_chars += len(part.get("text") or "") if \
                         isinstance(part, dict) else 0
                 self.final = self.final or candidate.get("finishReason") is not None
+            return
+        if self.family == "converse":  # shapes, not names: metadata, contentBlockDelta
+            if isinstance(doc.get("usage"), dict):
+                self.usage, self.final = converse_usage(doc["usage"]), True
+            delta = doc.get("delta")
+            if isinstance(delta, dict):
+                self.streamed_chars += len(delta.get("text") or "") + len(
+                    (delta.get("toolUse") or {}).get("input") or "")
             return
         if self.family == "anthropic":
             if kind == "message_start":

@@ -35,7 +35,8 @@ def gateways(tmp_path_factory, fake_openai, fake_anthropic, fake_bedrock):
     def setup(config: Path) -> None:
         tollgate("model-providers", "create", "--id", "mp_bedrock", "--type", "bedrock",
                  "--scope", "ORG:acme", "--base-url", fake_bedrock.url, "--provider-config",
-                 '{"region": "us-east-1"}', "--fallback-priority", "0", config=config)
+                 '{"region": "us-east-1"}', "--fallback-priority", "0", "--models",
+                 "claude-*", "--models", "amazon.nova-*", config=config)
         ids[str(config)] = {}
         for name, first, second in (("openai-bedrock", "mp_openai", "mp_bedrock"),
                                     ("bedrock-anthropic", "mp_bedrock", "mp_anthropic")):
@@ -143,3 +144,41 @@ def test_bedrock_throttling_falls_back_and_errors_reach_the_client_in_its_family
                            max_retries=0)
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES)
+
+
+NOVA = "amazon.nova-lite-v1:0"
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_other_models_on_bedrock_go_through_converse(gateways, host, fake_bedrock):
+    """Models other than Claude are served by Converse and ConverseStream, translated for
+    OpenAI and Anthropic clients, tools included, with exact cost."""
+    gw = gateways[0][host]
+    key = gw.create_key()
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=key.secret, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=NOVA, messages=[{"role": "system", "content": "Be brief."}, *MESSAGES],
+        max_tokens=40)
+    answer = raw.parse()
+    assert answer.choices[0].message.content.startswith("Hello")
+    sent = fake_bedrock.requests[-1]
+    assert sent.path == "/model/amazon.nova-lite-v1%3A0/converse"
+    doc = json.loads(sent.body)
+    assert doc["system"] == [{"text": "Be brief."}] and doc["inferenceConfig"]["maxTokens"] == 40
+    row = ledger_row(gw, raw.headers["x-langwatch-request-id"])
+    assert row.cost_micros == expect_cost(NOVA, Usage(
+        input_tokens=answer.usage.prompt_tokens,
+        output_tokens=answer.usage.completion_tokens)) and row.cost_micros > 0
+    called = client.chat.completions.create(model=NOVA, messages=MESSAGES, tools=[TOOL])
+    assert called.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert called.choices[0].finish_reason == "tool_calls"
+    fake_bedrock.chunk_delay = 0.01
+    chunks = list(client.chat.completions.create(
+        model=NOVA, messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    assert fake_bedrock.requests[-1].path.endswith("/converse-stream")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith("Hello") and chunks[-1].usage.completion_tokens > 0
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=key.secret, max_retries=0)
+    with claude.messages.stream(model=NOVA, max_tokens=30, messages=MESSAGES) as stream:
+        assert "".join(stream.text_stream).startswith("Hello")
+        assert stream.get_final_message().usage.output_tokens > 0

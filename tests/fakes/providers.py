@@ -177,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
-    def _stream(self, events: list[bytes], behaviour: Behaviour) -> None:
+    def _stream(self, events: list[bytes], behaviour: Behaviour, framed: bool = False) -> None:
         self._start_sse()
         for i, event in enumerate(events):
             if behaviour.kind == "cut" and i >= behaviour.after_events:
@@ -185,7 +185,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(2)  # drop mid-stream, no terminating chunk
                 self.close_connection = True
                 return
-            self._chunk(_frame_of(event) if self.fake.family == "bedrock" else event)
+            self._chunk(_frame_of(event) if self.fake.family == "bedrock" and not framed
+                        else event)
             if self.fake.chunk_delay:
                 time.sleep(self.fake.chunk_delay)
         self._chunk(b"")
@@ -472,6 +473,11 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _bedrock(self, path: str, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        converse = re.fullmatch(r"/model/([^/]+)/(converse|converse-stream)", path)
+        if converse is not None:
+            self._converse(unquote(converse.group(1)), converse.group(2) != "converse", doc,
+                           behaviour)
+            return
         match = re.fullmatch(r"/model/([^/]+)/(invoke|invoke-with-response-stream)", path)
         if match is None:
             self._bedrock_error(404, "UnknownOperationException", "Unknown operation")
@@ -489,6 +495,55 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.anthropic_messages({**doc, "model": model,
                                  "stream": match.group(2) != "invoke"}, behaviour)
+
+    def _converse(self, model: str, stream: bool, doc: dict[str, Any],
+                  behaviour: Behaviour) -> None:
+        """Bedrock's Converse API: messages of content blocks, tools as toolSpec."""
+        unknown = sorted(set(doc) - CONVERSE_FIELDS)
+        messages = doc.get("messages")
+        if unknown or not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages):
+            self._bedrock_error(400, "ValidationException", "Malformed input request: " + (
+                f"extraneous key [{unknown[0]}] is not permitted" if unknown
+                else "messages must be a non-empty list of content blocks"))
+            return
+        prompt = _count_tokens([doc.get("system"), messages])
+        tools = [t.get("toolSpec") or {} for t in (doc.get("toolConfig") or {}).get("tools")
+                 or []]
+        tool = tools[0].get("name") if tools else None
+        words = _words(_answer(self.fake))
+        out_tokens = len(words) + (5 if tool else 0)
+        usage = {"inputTokens": prompt, "outputTokens": out_tokens,
+                 "totalTokens": prompt + out_tokens}
+        tool_input = {"path": "/tmp/x"}
+        stop = "tool_use" if tool else "end_turn"
+        if not stream:
+            content = [{"toolUse": {"toolUseId": "tooluse_fake1", "name": tool,
+                                    "input": tool_input}}] if tool else \
+                [{"text": "".join(words)}]
+            self._send_json(200, {"output": {"message": {"role": "assistant",
+                                                         "content": content}},
+                                  "stopReason": stop, "usage": usage,
+                                  "metrics": {"latencyMs": 5}})
+            return
+
+        def event(name: str, body: dict[str, Any]) -> bytes:
+            return _frame({":event-type": name, ":content-type": "application/json",
+                           ":message-type": "event"}, json.dumps(body).encode())
+
+        events = [event("messageStart", {"role": "assistant"})]
+        if tool:
+            events += [event("contentBlockStart", {"contentBlockIndex": 0, "start": {
+                "toolUse": {"toolUseId": "tooluse_fake1", "name": tool}}}),
+                       event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {
+                           "toolUse": {"input": json.dumps(tool_input)}}})]
+        else:
+            events += [event("contentBlockDelta", {"contentBlockIndex": 0,
+                                                   "delta": {"text": w}}) for w in words]
+        events += [event("contentBlockStop", {"contentBlockIndex": 0}),
+                   event("messageStop", {"stopReason": stop}),
+                   event("metadata", {"usage": usage, "metrics": {"latencyMs": 5}})]
+        self._stream(events, behaviour, framed=True)
 
     # -- OpenAI chat completions --------------------------------------------------------------
     def openai_chat(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
@@ -704,6 +759,10 @@ def _event(kind: str, doc: Any) -> bytes:
 
 
 EVENTSTREAM = "application/vnd.amazon.eventstream"
+# The request fields Bedrock's Converse API takes (anything else is a ValidationException).
+CONVERSE_FIELDS = {"messages", "system", "inferenceConfig", "toolConfig", "guardrailConfig",
+                   "additionalModelRequestFields", "promptVariables", "requestMetadata",
+                   "additionalModelResponseFieldPaths", "performanceConfig"}
 
 
 def sigv4_problem(method: str, url: str, headers: dict[str, str], body: bytes,

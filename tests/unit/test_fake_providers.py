@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -157,3 +158,34 @@ def test_the_vertex_fake_issues_tokens_to_google_auth_and_serves_anthropic_verte
         service_account.Credentials.from_service_account_info(
             forged, scopes=["https://www.googleapis.com/auth/cloud-platform"]).refresh(
                 Request(urllib3.PoolManager()))
+
+
+def test_the_bedrock_fake_serves_converse_to_botocore(bedrock):
+    client = bedrock_runtime(bedrock)
+    nova = "amazon.nova-lite-v1:0"
+    answer = client.converse(modelId=nova, messages=[
+        {"role": "user", "content": [{"text": "hi"}]}], inferenceConfig={"maxTokens": 20})
+    assert answer["output"]["message"]["content"][0]["text"].startswith("Hello")
+    assert answer["usage"]["outputTokens"] > 0 and answer["stopReason"] == "end_turn"
+    streamed = list(client.converse_stream(modelId=nova, messages=[
+        {"role": "user", "content": [{"text": "hi"}]}])["stream"])
+    kinds = [next(iter(e)) for e in streamed]
+    assert kinds[0] == "messageStart" and kinds[-2:] == ["messageStop", "metadata"]
+    assert "".join(e["contentBlockDelta"]["delta"]["text"] for e in streamed
+                   if "contentBlockDelta" in e).startswith("Hello")
+    # What botocore would not send (it validates first), signed and sent by hand: a field
+    # Converse does not take.
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    url = f"{bedrock.url}/model/amazon.nova-lite-v1%3A0/converse"
+    body = json.dumps({"model": nova, "messages": [{"role": "user",
+                                                    "content": [{"text": "hi"}]}]})
+    signed = AWSRequest(method="POST", url=url, data=body,
+                        headers={"content-type": "application/json"})
+    SigV4Auth(Credentials(bedrock.aws.access_key, bedrock.aws.secret_key), "bedrock",
+              bedrock.aws.region).add_auth(signed)
+    refused = httpx.post(url, content=body, headers=dict(signed.headers))
+    assert refused.status_code == 400
+    assert refused.headers["x-amzn-errortype"].startswith("ValidationException")

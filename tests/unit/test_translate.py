@@ -206,3 +206,48 @@ def test_openai_chat_becomes_gemini_contents_and_back():
                          "candidatesTokenCount": 4, "thoughtsTokenCount": 6})
     assert (used.input_tokens, used.cached_input_tokens, used.output_tokens,
             used.reasoning_tokens) == (20, 10, 10, 6)
+
+
+def test_openai_chat_becomes_converse_and_its_stream_comes_back():
+    from tollgate.translate import converse
+
+    out = converse.openai_to_converse({
+        "model": "amazon.nova-lite-v1:0", "max_tokens": 32, "tool_choice": "required",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "tool_calls": [{"id": "t1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "t1", "content": "rain"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+                                                    "parameters": {"type": "object"}}}]})
+    assert out["system"] == [{"text": "Be brief."}]
+    assert out["messages"][1] == {"role": "assistant", "content": [{"toolUse": {
+        "toolUseId": "t1", "name": "get_weather", "input": {"city": "Oslo"}}}]}
+    assert out["messages"][2]["content"][0]["toolResult"] == {
+        "toolUseId": "t1", "content": [{"text": "rain"}]}
+    assert out["toolConfig"]["toolChoice"] == {"any": {}}
+    assert out["inferenceConfig"] == {"maxTokens": 32}
+
+    def sse(kind: str, doc: dict) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps(doc)}\n\n".encode()
+
+    stream = converse.ConverseToOpenAIStream("amazon.nova-lite-v1:0", include_usage=True)
+    raw = b"".join([
+        sse("messageStart", {"role": "assistant"}),
+        sse("contentBlockStart", {"contentBlockIndex": 1, "start": {
+            "toolUse": {"toolUseId": "tu_9", "name": "get_weather"}}}),
+        sse("contentBlockDelta", {"contentBlockIndex": 1, "delta": {
+            "toolUse": {"input": '{"city":'}}}),
+        sse("contentBlockDelta", {"contentBlockIndex": 1, "delta": {
+            "toolUse": {"input": ' "Oslo"}'}}}),
+        sse("messageStop", {"stopReason": "tool_use"}),
+        sse("metadata", {"usage": {"inputTokens": 9, "outputTokens": 4}})])
+    chunks = [json.loads(line[6:]) for line in stream.feed(raw).decode().split("\n")
+              if line.startswith("data: {")]
+    calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks
+             if c["choices"] and "tool_calls" in c["choices"][0]["delta"]]
+    assert calls[0]["id"] == "tu_9" and calls[0]["function"]["name"] == "get_weather"
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"city": "Oslo"}'
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["usage"]["completion_tokens"] == 4

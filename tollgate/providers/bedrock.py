@@ -1,6 +1,7 @@
 """AWS Bedrock: Claude models through InvokeModel and InvokeModelWithResponseStream, with
 the Anthropic Messages body Bedrock expects (`anthropic_version: bedrock-2023-05-31`, the
-model in the URL), signed with SigV4 by botocore's own signer.
+model in the URL); every other model (Nova, Llama, Mistral...) through Converse and
+ConverseStream. Requests are signed with SigV4 by botocore's own signer.
 
     tollgate model-providers create --type bedrock --scope ORG:acme \\
         --provider-config '{"region": "us-east-1"}'
@@ -69,6 +70,10 @@ class Bedrock(Adapter):
     def region(self) -> str:
         return str(self.provider.provider_config["region"])
 
+    def family(self, model: str) -> str:
+        """Claude speaks Anthropic's Messages API here; every other model, Converse."""
+        return "anthropic" if model.startswith(("claude", "anthropic.")) else "converse"
+
     def serves_route(self, route: Route) -> bool:
         return route.name in ("messages", "chat_completions")
 
@@ -83,11 +88,17 @@ class Bedrock(Adapter):
 
     def path(self, route: Route, model: str, client_path: str, stream: bool = False) -> str:
         base = urlsplit(self.provider.base_url).path.rstrip("/")
-        operation = "invoke-with-response-stream" if stream else "invoke"
+        if self.family(model) == "converse":
+            operation = "converse-stream" if stream else "converse"
+        else:
+            operation = "invoke-with-response-stream" if stream else "invoke"
         return f"{base}/model/{quote(model, safe='')}/{operation}"
 
-    def body(self, doc: dict[str, Any], model: str) -> dict[str, Any]:
-        """An Anthropic Messages body as Bedrock takes it: no model or stream field."""
+    def body(self, doc: dict[str, Any], model: str) -> dict[str, Any] | None:
+        """An Anthropic Messages body as Bedrock takes it: no model or stream field (a
+        Converse body is already in its shape)."""
+        if self.family(model) == "converse":
+            return None
         out = {k: v for k, v in doc.items() if k not in ("model", "stream")}
         out["anthropic_version"] = BEDROCK_VERSION
         return out

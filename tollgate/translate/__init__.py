@@ -1,14 +1,14 @@
 """Between API families, one translation per (client family, provider family) pair:
-OpenAI chat completions <-> Anthropic messages, and both to Gemini's generateContent, for
-requests, JSON responses, SSE streams and provider errors. Anthropic clients reach Gemini
-through OpenAI's shape."""
+OpenAI chat completions <-> Anthropic messages, and both to Gemini's generateContent and
+Bedrock's Converse, for requests, JSON responses, SSE streams and provider errors. Anthropic
+clients reach Gemini and Converse through OpenAI's shape."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from tollgate.translate import gemini
+from tollgate.translate import converse, gemini
 from tollgate.translate.requests import anthropic_to_openai, openai_to_anthropic
 from tollgate.translate.responses import (
     AnthropicToOpenAIStream,
@@ -41,11 +41,20 @@ class Chained:
         return self.second.feed(self.first.flush()) + self.second.flush()
 
 
+# Families reached through OpenAI's shape: request, JSON answer and stream translations.
+_VIA_OPENAI: dict[str, tuple[Any, Any, Any]] = {
+    "gemini": (gemini.openai_to_gemini, gemini.gemini_json_to_openai,
+               gemini.GeminiToOpenAIStream),
+    "converse": (converse.openai_to_converse, converse.converse_json_to_openai,
+                 converse.ConverseToOpenAIStream),
+}
+
+
 def request(client: str, wire: str, doc: dict[str, Any], model: str) -> dict[str, Any]:
     """A client's request body in the provider's family."""
-    if wire == "gemini":
-        return gemini.openai_to_gemini(doc if client == "openai" else
-                                       anthropic_to_openai(doc, model))
+    if wire in _VIA_OPENAI:
+        return _VIA_OPENAI[wire][0](doc if client == "openai" else
+                                    anthropic_to_openai(doc, model))
     return openai_to_anthropic(doc, model) if client == "openai" else \
         anthropic_to_openai(doc, model)
 
@@ -53,11 +62,11 @@ def request(client: str, wire: str, doc: dict[str, Any], model: str) -> dict[str
 def json_response(client: str, wire: str, model: str
                   ) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """The provider's JSON answer in the client's family."""
-    if wire == "gemini":
+    if wire in _VIA_OPENAI:
+        to_openai = _VIA_OPENAI[wire][1]
         if client == "openai":
-            return lambda doc: gemini.gemini_json_to_openai(doc, model)
-        return lambda doc: openai_json_to_anthropic(gemini.gemini_json_to_openai(doc, model),
-                                                    model)
+            return lambda doc: to_openai(doc, model)
+        return lambda doc: openai_json_to_anthropic(to_openai(doc, model), model)
     if client == "openai":
         return lambda doc: anthropic_json_to_openai(doc, model)
     return lambda doc: openai_json_to_anthropic(doc, model)
@@ -65,11 +74,11 @@ def json_response(client: str, wire: str, model: str
 
 def stream(client: str, wire: str, model: str, include_usage: bool) -> Rewriter:
     """The provider's SSE in the client's family, event by event."""
-    if wire == "gemini":
+    if wire in _VIA_OPENAI:
+        to_openai = _VIA_OPENAI[wire][2]
         if client == "openai":
-            return gemini.GeminiToOpenAIStream(model, include_usage)
-        return Chained(gemini.GeminiToOpenAIStream(model, include_usage=True),
-                       OpenAIToAnthropicStream(model))
+            return to_openai(model, include_usage)
+        return Chained(to_openai(model, include_usage=True), OpenAIToAnthropicStream(model))
     if client == "openai":
         return AnthropicToOpenAIStream(model, include_usage=include_usage)
     return OpenAIToAnthropicStream(model)
