@@ -99,7 +99,7 @@ class LoadedClusters:
     def __init__(self, admin: str):
         self.url = f"http://{admin}/clusters?format=json"
         self.names: frozenset[str] = frozenset()
-        self._fetched = 0.0  # monotonic time of the last read
+        self._refreshed = 0.0  # monotonic time of the last read a request asked for
         self._stopped = threading.Event()
 
     def stop(self) -> None:
@@ -117,13 +117,15 @@ class LoadedClusters:
                 self.names = names
         except (httpx.HTTPError, ValueError):
             pass  # Envoy still starting
-        self._fetched = time.monotonic()
 
     async def refresh(self) -> bool:
-        """Read Envoy's clusters again now (at most twice a second), for a request whose
-        chain is not known yet: the poll may lag behind an Envoy that already serves."""
-        if time.monotonic() - self._fetched < 0.5:
+        """Read Envoy's clusters again now, for a request whose chain is not known yet: the
+        poll may lag behind an Envoy that already serves (it read them just before Envoy
+        finished loading). At most twice a second, counting only these reads: a poll read
+        a moment ago may be the stale one."""
+        if time.monotonic() - self._refreshed < 0.5:
             return False
+        self._refreshed = time.monotonic()
         before = self.names
         await asyncio.to_thread(self._fetch)
         return self.names is not before

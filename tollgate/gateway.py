@@ -52,8 +52,9 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
     if attempt.translated:
         return json.dumps(doc).encode()
     out = None
-    if attempt.model != body.model:
-        out = bodies.replace_top_level(raw, "model", attempt.model)
+    named = attempt.body_model or attempt.model
+    if named != body.model:
+        out = bodies.replace_top_level(raw, "model", named)
     if attempt.strip_usage:
         options = body.doc.get("stream_options")
         options = {**(options if isinstance(options, dict) else {}), "include_usage": True}

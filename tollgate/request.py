@@ -79,6 +79,7 @@ class Attempt:
     body: bytes | None = None  # None: the client's bytes, unchanged
     family: str = "openai"  # the provider's API family
     model: str = ""  # the model this provider is asked for (its canonical, priced name)
+    body_model: str = ""  # the `model` its body names, when not `model` (an Azure deployment)
     translated: bool = False  # the provider speaks another family than the client
     strip_usage: bool = False  # a usage chunk the gateway asked for is hidden from the client
     reframed: bool = False  # its streams are turned into SSE (Bedrock's event-stream frames)

@@ -168,3 +168,19 @@ def test_a_rotated_key_file_is_used_without_a_restart(gateways, host, fake_azure
     finally:
         key_file.write_text(AZURE_KEY + "\n")
         fake_azure.api_key = AZURE_KEY
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_the_responses_api_goes_to_azures_v1_path(gateways, host, fake_azure):
+    gw = gateways["gateways"][host]
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=gw.create_key().secret,
+                           max_retries=0)
+    raw = client.responses.with_raw_response.create(model="gpt-4o-mini", input="hello")
+    answer = raw.parse()
+    assert answer.output_text and raw.headers["x-langwatch-provider"] == "mp_azure"
+    sent = fake_azure.requests[-1]
+    assert sent.path == "/openai/v1/responses" and sent.headers["api-key"] == AZURE_KEY
+    assert json.loads(sent.body)["model"] == "mini-prod"  # the deployment, by name
+    row = ledger_row(gw, raw.headers["x-langwatch-request-id"])
+    assert row.cost_micros == expect_cost("gpt-4o-mini", Usage(
+        input_tokens=answer.usage.input_tokens, output_tokens=answer.usage.output_tokens))

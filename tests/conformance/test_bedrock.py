@@ -19,7 +19,7 @@ from tollgate.usage import Usage
 
 MESSAGES = [{"role": "user", "content": "hello bedrock"}]
 INVOKE = "/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke"
-FALLBACK = '{"fallback": {"on": ["5xx", "rate_limit"]}}'
+FALLBACK = '{"fallback": {"on": ["5xx", "rate_limit", "timeout"]}}'
 TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
@@ -182,3 +182,24 @@ def test_other_models_on_bedrock_go_through_converse(gateways, host, fake_bedroc
     with claude.messages.stream(model=NOVA, max_tokens=30, messages=MESSAGES) as stream:
         assert "".join(stream.text_stream).startswith("Hello")
         assert stream.get_final_message().usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_a_stalled_bedrock_times_out_to_anthropic(gateways, host, fake_bedrock):
+    """Fallback across types on a timeout: Bedrock does not answer within its first-byte
+    timeout, and Anthropic serves."""
+    gw, ids = gateways[0][host], gateways[1][host]
+    key = gw.create_key("--routing-policy", ids["bedrock-anthropic"], "--config-json",
+                        FALLBACK)
+    gw.cli("model-providers", "update", "mp_bedrock", "--first-byte-timeout", "1")
+    gw.wait_for_config()
+    try:
+        fake_bedrock.enqueue(Behaviour("hang", seconds=4))
+        claude = anthropic.Anthropic(base_url=gw.url, api_key=key.secret, max_retries=0)
+        raw = claude.messages.with_raw_response.create(model="claude-haiku-4-5",
+                                                       max_tokens=20, messages=MESSAGES)
+        assert raw.headers["x-langwatch-provider"] == "mp_anthropic"
+        assert raw.headers["x-langwatch-fallback-count"] == "1"
+    finally:
+        gw.cli("model-providers", "update", "mp_bedrock", "--first-byte-timeout", "120")
+        gw.wait_for_config()

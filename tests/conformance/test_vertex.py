@@ -138,3 +138,23 @@ def test_gemini_on_vertex_serves_openai_and_anthropic_clients(gateways, host, fa
                                 messages=MESSAGES) as stream:
         assert "".join(stream.text_stream).startswith("Hello")
     assert fake_vertex.requests[-1].path.endswith(":streamGenerateContent?alt=sse")
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_vertex_tools_and_errors_reach_each_client_in_its_family(gateways, host,
+                                                                 fake_vertex):
+    gw = gateways[0][host]
+    key = gw.create_key()
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=key.secret, max_retries=0)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    called = client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES,
+                                            tools=[tool])
+    assert called.choices[0].message.tool_calls[0].function.name == "get_weather"
+    fake_vertex.enqueue(Behaviour("fail", status=429))
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES)
+    fake_vertex.enqueue(Behaviour("fail", status=400))
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=key.secret, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MESSAGES)

@@ -313,12 +313,20 @@ class _Handler(BaseHTTPRequestHandler):
                               "for your resource.")
             return False
         version = parse_qs(urlsplit(rec.path).query).get("api-version", [""])[0]
-        if version not in AZURE_API_VERSIONS:
+        if version not in AZURE_API_VERSIONS and not rec.path.startswith("/openai/v1/"):
             self._azure_error(404, "404", "Resource not found")
             return False
         return True
 
     def _azure(self, path: str, doc: dict[str, Any], behaviour: Behaviour) -> None:
+        if path == "/openai/v1/responses":  # the v1 API: the deployment is the body's model
+            model = self.fake.deployments.get(str(doc.get("model")))
+            if model is None:
+                self._azure_error(404, "DeploymentNotFound", "The API deployment for this "
+                                  "resource does not exist.")
+                return
+            self.openai_responses({**doc, "model": model}, behaviour)
+            return
         match = re.fullmatch(r"/openai/deployments/([^/]+)/(chat/completions|embeddings)", path)
         if match is None:
             self._azure_error(404, "404", "Resource not found")

@@ -167,3 +167,38 @@ async def test_a_fallback_plan_is_kept_when_the_cluster_poll_lags_behind_envoy(
                                                                 "mp_anthropic_org"]
     pending.exchange.finish("abandoned")
     await gateway.close()
+
+
+async def test_a_refresh_reads_envoy_again_even_right_after_a_stale_poll():
+    """The poll read Envoy's clusters a moment before Envoy finished loading them: a
+    request that needs a chain reads them again at once (not throttled by that poll)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from extproc.runner import LoadedClusters
+
+    loaded = {"names": ["provider_a"]}
+
+    class Admin(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"cluster_statuses": [{"name": n} for n in loaded["names"]]})
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Admin)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        clusters = LoadedClusters(f"127.0.0.1:{server.server_address[1]}")
+        clusters._fetch()  # the poll's read, just before Envoy loaded the chain
+        assert clusters.get() == {"provider_a"}
+        loaded["names"] = ["provider_a", "provider_b", "chain_a_then_b"]
+        assert await clusters.refresh()
+        assert "chain_a_then_b" in clusters.get()
+        assert not await clusters.refresh()  # twice a second at most
+    finally:
+        server.shutdown()

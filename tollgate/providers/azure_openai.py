@@ -1,5 +1,6 @@
 """Azure OpenAI: OpenAI's API on per-deployment paths, with an `api-key` header and an
-`api-version` on every request.
+`api-version` on every request; the Responses API on Azure's v1 path
+(`/openai/v1/responses`), the deployment named in the body.
 
     tollgate model-providers create --type azure-openai --base-url https://RES.openai.azure.com \
         --api-key-env AZURE_OPENAI_API_KEY \
@@ -18,9 +19,10 @@ from tollgate.providers.base import TRANSLATED_ROUTES, Adapter
 if TYPE_CHECKING:
     from tollgate.routes import Route
 
-# Route -> the operation after /openai/deployments/{deployment}/. (Azure serves the
-# Responses API elsewhere, under /openai/v1/, so it is not offered here.)
+# Route -> the operation after /openai/deployments/{deployment}/. The Responses API lives
+# under Azure's v1 path instead, with the deployment named in the body.
 _OPERATIONS = {"chat_completions": "chat/completions", "embeddings": "embeddings"}
+_V1 = {"responses": "responses"}
 
 
 class AzureOpenAI(Adapter):
@@ -47,18 +49,25 @@ class AzureOpenAI(Adapter):
 
     def serves_route(self, route: Route) -> bool:
         name = TRANSLATED_ROUTES.get(route.name) if self.translated(route) else route.name
-        return name in _OPERATIONS
+        return name in _OPERATIONS or name in _V1
+
+    def deployment(self, model: str) -> str:
+        return self.provider.provider_config.get("deployments", {}).get(model, model)
+
+    def body_model(self, route: Route, model: str) -> str:
+        return self.deployment(model) if route.name in _V1 else model
 
     def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
         return {"api-key": self.credential()}, ["authorization", "x-api-key"]
 
     def path(self, route: Route, model: str, client_path: str, stream: bool = False) -> str:
         config = self.provider.provider_config
-        deployment = config.get("deployments", {}).get(model, model)
         name = TRANSLATED_ROUTES[route.name] if self.translated(route) else route.name
         base = urlsplit(self.provider.base_url).path.rstrip("/")
-        return (f"{base}/openai/deployments/{quote(deployment, safe='')}/{_OPERATIONS[name]}"
-                f"?api-version={quote(config['api_version'], safe='')}")
+        if name in _V1:
+            return f"{base}/openai/v1/{_V1[name]}"
+        return (f"{base}/openai/deployments/{quote(self.deployment(model), safe='')}/"
+                f"{_OPERATIONS[name]}?api-version={quote(config['api_version'], safe='')}")
 
 
 ADAPTERS = [AzureOpenAI]

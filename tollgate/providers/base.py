@@ -83,6 +83,10 @@ class Adapter:
         """The provider's own name for `model` (the catalog's `ids`, for some types)."""
         return model
 
+    def body_model(self, route: Route, model: str) -> str:
+        """The `model` a request on `route` names in its body (as a rule, the model)."""
+        return model
+
     def body(self, doc: dict[str, Any], model: str) -> dict[str, Any] | None:
         """The request body for `model` in the shape this provider takes, from one in its
         family's shape (None: as it is)."""
