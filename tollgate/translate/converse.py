@@ -11,8 +11,8 @@ import uuid
 from typing import Any
 
 from tollgate.sse import Event
-from tollgate.translate.requests import _text_of
-from tollgate.translate.responses import StreamTranslator, _data
+from tollgate.translate.requests import _text_of, add_turn, function_tools, sampling, tool_call
+from tollgate.translate.responses import ToOpenAIChunks, _data
 
 _STOP = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
          "tool_use": "tool_calls", "guardrail_intervened": "content_filter",
@@ -41,52 +41,29 @@ def openai_to_converse(doc: dict[str, Any]) -> dict[str, Any]:
     """A chat-completions request as a Converse request (the model is in the URL)."""
     system: list[dict[str, Any]] = []
     messages: list[dict[str, Any]] = []
-
-    def add(role: str, blocks: list[dict[str, Any]]) -> None:
-        if not blocks:
-            return
-        if messages and messages[-1]["role"] == role:  # Converse wants turns to alternate
-            messages[-1]["content"].extend(blocks)
-        else:
-            messages.append({"role": role, "content": blocks})
-
     for message in doc.get("messages") or []:
         role = message.get("role")
         if role in ("system", "developer"):
             system.append({"text": _text_of(message.get("content"))})
         elif role == "user":
-            add("user", _content(message.get("content")))
+            add_turn(messages, "user", "content", _content(message.get("content")))
         elif role == "assistant":
             blocks = _content(message.get("content"))
             for call in message.get("tool_calls") or []:
-                fn = call.get("function") or {}
-                try:
-                    args = json.loads(fn.get("arguments") or "{}")
-                except ValueError:
-                    args = {}
-                blocks.append({"toolUse": {"toolUseId": call.get("id", ""),
-                                           "name": fn.get("name", ""), "input": args}})
-            add("assistant", blocks)
+                call_id, name, args = tool_call(call)
+                blocks.append({"toolUse": {"toolUseId": call_id, "name": name, "input": args}})
+            add_turn(messages, "assistant", "content", blocks)
         elif role == "tool":
-            add("user", [{"toolResult": {"toolUseId": message.get("tool_call_id", ""),
-                                         "content": [{"text": _text_of(
-                                             message.get("content"))}]}}])
+            add_turn(messages, "user", "content", [{"toolResult": {
+                "toolUseId": message.get("tool_call_id", ""),
+                "content": [{"text": _text_of(message.get("content"))}]}}])
     out: dict[str, Any] = {"messages": messages}
     if system:
         out["system"] = system
-    inference: dict[str, Any] = {}
-    max_tokens = doc.get("max_completion_tokens") or doc.get("max_tokens")
-    for name, value in (("maxTokens", max_tokens), ("temperature", doc.get("temperature")),
-                        ("topP", doc.get("top_p"))):
-        if value is not None:
-            inference[name] = value
-    stop = doc.get("stop")
-    if stop:
-        inference["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    inference = sampling(doc, "maxTokens")
     if inference:
         out["inferenceConfig"] = inference
-    tools = [t.get("function") or {} for t in doc.get("tools") or []
-             if t.get("type") == "function"]
+    tools = function_tools(doc)
     choice = doc.get("tool_choice")
     if tools and choice != "none":
         config: dict[str, Any] = {"tools": [{"toolSpec": {
@@ -131,22 +108,13 @@ def converse_json_to_openai(doc: dict[str, Any], model: str) -> dict[str, Any]:
             "usage": usage_of(doc.get("usage"))}
 
 
-class ConverseToOpenAIStream(StreamTranslator):
+class ConverseToOpenAIStream(ToOpenAIChunks):
     """ConverseStream events (messageStart, contentBlockStart/Delta/Stop, messageStop,
     metadata with the usage) as chat-completion chunks."""
 
     def __init__(self, model: str, include_usage: bool):
-        super().__init__()
-        self.model, self.include_usage = model, include_usage
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
+        super().__init__(model, include_usage)
         self.tools: dict[int, int] = {}  # content block index -> tool call index
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _data({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                      "model": self.model, "choices": [{"index": 0, "delta": delta,
-                                                        "logprobs": None,
-                                                        "finish_reason": finish}]})
 
     def on_event(self, event: Event) -> bytes:
         try:
@@ -176,12 +144,7 @@ class ConverseToOpenAIStream(StreamTranslator):
         if kind == "messageStop":
             return self._chunk({}, _STOP.get(doc.get("stopReason", ""), "stop"))
         if kind == "metadata":
-            out = b""
-            if self.include_usage:
-                out += _data({"id": self.id, "object": "chat.completion.chunk",
-                              "created": self.created, "model": self.model, "choices": [],
-                              "usage": usage_of(doc.get("usage"))})
-            return out + b"data: [DONE]\n\n"
+            return self._end(usage_of(doc.get("usage")))
         if kind == "error":  # an exception frame, as eventstream.py names it
             return _data({"error": {"message": ((doc.get("error") or {}).get("message", "")),
                                     "type": "server_error", "code": None}})

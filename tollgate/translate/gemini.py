@@ -11,8 +11,8 @@ import uuid
 from typing import Any
 
 from tollgate.sse import Event
-from tollgate.translate.requests import _text_of
-from tollgate.translate.responses import StreamTranslator, _data
+from tollgate.translate.requests import _text_of, add_turn, function_tools, sampling, tool_call
+from tollgate.translate.responses import ToOpenAIChunks, _data
 
 _FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter",
            "RECITATION": "content_filter", "PROHIBITED_CONTENT": "content_filter",
@@ -54,41 +54,27 @@ def openai_to_gemini(doc: dict[str, Any]) -> dict[str, Any]:
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
     call_names: dict[str, str] = {}
-
-    def add(role: str, parts: list[dict[str, Any]]) -> None:
-        if not parts:
-            return
-        if contents and contents[-1]["role"] == role:  # Gemini wants turns to alternate
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": role, "parts": parts})
-
     for message in doc.get("messages") or []:
         role = message.get("role")
         if role in ("system", "developer"):
             system.append({"text": _text_of(message.get("content"))})
         elif role == "user":
-            add("user", _parts(message.get("content")))
+            add_turn(contents, "user", "parts", _parts(message.get("content")))
         elif role == "assistant":
             parts = _parts(message.get("content"))
             for call in message.get("tool_calls") or []:
-                fn = call.get("function") or {}
-                call_names[call.get("id", "")] = fn.get("name", "")
-                try:
-                    args = json.loads(fn.get("arguments") or "{}")
-                except ValueError:
-                    args = {}
-                parts.append({"functionCall": {"name": fn.get("name", ""), "args": args}})
-            add("model", parts)
+                call_id, name, args = tool_call(call)
+                call_names[call_id] = name
+                parts.append({"functionCall": {"name": name, "args": args}})
+            add_turn(contents, "model", "parts", parts)
         elif role == "tool":
             name = call_names.get(message.get("tool_call_id", ""), "")
-            add("user", [{"functionResponse": {"name": name, "response": {
-                "content": _text_of(message.get("content"))}}}])
+            add_turn(contents, "user", "parts", [{"functionResponse": {
+                "name": name, "response": {"content": _text_of(message.get("content"))}}}])
     out: dict[str, Any] = {"contents": contents}
     if system:
         out["systemInstruction"] = {"parts": system}
-    tools = [t.get("function") or {} for t in doc.get("tools") or []
-             if t.get("type") == "function"]
+    tools = function_tools(doc)
     if tools:
         out["tools"] = [{"functionDeclarations": [
             {k: v for k, v in (("name", t.get("name")), ("description", t.get("description")),
@@ -96,15 +82,7 @@ def openai_to_gemini(doc: dict[str, Any]) -> dict[str, Any]:
             for t in tools]}]
     if (config := _tool_config(doc.get("tool_choice"))) is not None:
         out["toolConfig"] = config
-    generation: dict[str, Any] = {}
-    max_tokens = doc.get("max_completion_tokens") or doc.get("max_tokens")
-    for name, value in (("maxOutputTokens", max_tokens), ("temperature", doc.get("temperature")),
-                        ("topP", doc.get("top_p"))):
-        if value is not None:
-            generation[name] = value
-    stop = doc.get("stop")
-    if stop:
-        generation["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    generation = sampling(doc, "maxOutputTokens")
     if generation:
         out["generationConfig"] = generation
     return out
@@ -159,25 +137,16 @@ def gemini_json_to_openai(doc: dict[str, Any], model: str) -> dict[str, Any]:
             "usage": usage_of(doc.get("usageMetadata"))}
 
 
-class GeminiToOpenAIStream(StreamTranslator):
+class GeminiToOpenAIStream(ToOpenAIChunks):
     """`streamGenerateContent?alt=sse` events as chat-completion chunks; each event's
     `usageMetadata` is cumulative, so the last one gives the usage chunk."""
 
     def __init__(self, model: str, include_usage: bool):
-        super().__init__()
-        self.model, self.include_usage = model, include_usage
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
+        super().__init__(model, include_usage)
         self.started = False
         self.calls = 0
         self.usage: dict[str, Any] | None = None
         self.done = False
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _data({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                      "model": self.model, "choices": [{"index": 0, "delta": delta,
-                                                        "logprobs": None,
-                                                        "finish_reason": finish}]})
 
     def on_event(self, event: Event) -> bytes:
         try:
@@ -206,10 +175,5 @@ class GeminiToOpenAIStream(StreamTranslator):
         finish = _finish(candidate, self.calls > 0)
         if finish is not None:
             self.done = True
-            out += self._chunk({}, finish)
-            if self.include_usage and self.usage is not None:
-                out += _data({"id": self.id, "object": "chat.completion.chunk",
-                              "created": self.created, "model": self.model, "choices": [],
-                              "usage": self.usage})
-            out += b"data: [DONE]\n\n"
+            out += self._chunk({}, finish) + self._end(self.usage)
         return out

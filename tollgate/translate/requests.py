@@ -187,3 +187,46 @@ def anthropic_to_openai(doc: dict[str, Any], model: str) -> dict[str, Any]:
     if user:
         out["user"] = user
     return out
+
+
+# -- shared by the families reached from OpenAI's shape (Gemini, Converse) ----------------
+
+def add_turn(turns: list[dict[str, Any]], role: str, key: str,
+             blocks: list[dict[str, Any]]) -> None:
+    """Append a turn's blocks under `key`, merged into the last turn of the same role: these
+    APIs want user and model turns to alternate."""
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1][key].extend(blocks)
+    else:
+        turns.append({"role": role, key: blocks})
+
+
+def tool_call(call: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """A chat-completions tool call's id, name and parsed arguments."""
+    fn = call.get("function") or {}
+    try:
+        args = json.loads(fn.get("arguments") or "{}")
+    except ValueError:
+        args = {}
+    return call.get("id", ""), fn.get("name", ""), args if isinstance(args, dict) else {}
+
+
+def function_tools(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [t.get("function") or {} for t in doc.get("tools") or []
+            if isinstance(t, dict) and t.get("type") == "function"]
+
+
+def sampling(doc: dict[str, Any], max_name: str) -> dict[str, Any]:
+    """max_tokens, temperature, top_p and stop under these APIs' names."""
+    out: dict[str, Any] = {}
+    max_tokens = doc.get("max_completion_tokens") or doc.get("max_tokens")
+    for name, value in ((max_name, max_tokens), ("temperature", doc.get("temperature")),
+                        ("topP", doc.get("top_p"))):
+        if value is not None:
+            out[name] = value
+    stop = doc.get("stop")
+    if stop:
+        out["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    return out

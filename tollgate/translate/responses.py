@@ -127,21 +127,38 @@ class StreamTranslator:
         raise NotImplementedError
 
 
-class AnthropicToOpenAIStream(StreamTranslator):
+class ToOpenAIChunks(StreamTranslator):
+    """A stream translated into chat-completion chunks: one id for them all, and the last
+    usage chunk and `[DONE]` when the client asked for usage."""
+
     def __init__(self, model: str, include_usage: bool):
         super().__init__()
         self.model, self.include_usage = model, include_usage
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        self.tool_index: dict[int, int] = {}  # Anthropic block index -> OpenAI tool index
-        self.usage: dict[str, Any] = {}
-        self.finish: str | None = None
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return _data({"id": self.id, "object": "chat.completion.chunk",
                       "created": self.created, "model": self.model,
                       "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                    "finish_reason": finish}]})
+
+    def _end(self, usage: dict[str, Any] | None) -> bytes:
+        """The usage chunk (if the client asked for it) and `[DONE]`."""
+        out = b""
+        if self.include_usage and usage is not None:
+            out += _data({"id": self.id, "object": "chat.completion.chunk",
+                          "created": self.created, "model": self.model, "choices": [],
+                          "usage": usage})
+        return out + b"data: [DONE]\n\n"
+
+
+class AnthropicToOpenAIStream(ToOpenAIChunks):
+    def __init__(self, model: str, include_usage: bool):
+        super().__init__(model, include_usage)
+        self.tool_index: dict[int, int] = {}  # Anthropic block index -> OpenAI tool index
+        self.usage: dict[str, Any] = {}
+        self.finish: str | None = None
 
     def on_event(self, event: Event) -> bytes:
         try:
@@ -175,12 +192,7 @@ class AnthropicToOpenAIStream(StreamTranslator):
             self.finish = ANTHROPIC_TO_OPENAI_FINISH.get(reason or "", "stop")
             return self._chunk({}, self.finish)
         if kind == "message_stop":
-            out = b""
-            if self.include_usage:
-                out += _data({"id": self.id, "object": "chat.completion.chunk",
-                              "created": self.created, "model": self.model, "choices": [],
-                              "usage": _openai_usage(self.usage)})
-            return out + b"data: [DONE]\n\n"
+            return self._end(_openai_usage(self.usage))
         if kind == "error":
             return _data({"error": doc.get("error") or {}})
         return b""
