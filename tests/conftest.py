@@ -162,6 +162,21 @@ class Gateway:
         wait_until(check, timeout=timeout, what=f"gateway to pick up {key.id}")
 
 
+def make_policy(config: Path, name: str, *providers: str, fallback: str | None = None,
+                extra: tuple[str, ...] = ()) -> str:
+    """A routing policy over `providers` in order, made with the CLI. With `fallback` (a key
+    config's JSON), also a key that falls back on it: Envoy renders a policy's fallback
+    chains from the keys that need them, so they must exist before it starts."""
+    policy = json.loads(tollgate(
+        "routing-policies", "create", "--scope", "ORG:acme", "--name", name,
+        *(a for p in providers for a in ("--model-provider", p)), *extra, "--format", "json",
+        config=config).stdout)["id"]
+    if fallback is not None:
+        tollgate("virtual-keys", "create", "--name", name, "--scope", "ORG:acme",
+                 "--routing-policy", policy, "--config-json", fallback, config=config)
+    return policy
+
+
 @contextlib.contextmanager
 def own_gateways(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeProvider,
                  fake_anthropic: FakeProvider, name: str, setup: Callable[[Path], None],

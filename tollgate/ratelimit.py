@@ -60,7 +60,7 @@ class Limit:
         """When an entry made at `now` stops counting (a day's, when the day ends)."""
         if self.sliding:
             return now + SLIDING_SECONDS
-        return _day_end_ts(self.day or "")
+        return day_end_ts(self.day or "")
 
 
 @functools.lru_cache(maxsize=8)
@@ -69,7 +69,8 @@ def day_end(day: str) -> datetime:
 
 
 @functools.lru_cache(maxsize=8)
-def _day_end_ts(day: str) -> float:
+def day_end_ts(day: str) -> float:
+    """When the UTC day `day` ends, in epoch seconds."""
     return day_end(day).timestamp()
 
 

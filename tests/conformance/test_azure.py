@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.conformance.test_metering import expect_cost, ledger_row
-from tests.conftest import AZURE_KEY, HOSTS, own_gateways
+from tests.conftest import AZURE_KEY, HOSTS, make_policy, own_gateways
 from tests.fakes.providers import Behaviour
 from tests.harness import tollgate
 from tollgate.usage import Usage
@@ -42,13 +42,8 @@ def gateways(tmp_path_factory, fake_openai, fake_anthropic, fake_azure):
                  "azure.key", "--provider-config", json.dumps(AZURE_CONFIG),
                  "--models", "gpt-4o-mini", "--models", "gpt-4o", "--fallback-priority", "0",
                  config=config)
-        policies[str(config)] = json.loads(tollgate(
-            "routing-policies", "create", "--scope", "ORG:acme", "--name", "azure-first",
-            "--model-provider", "mp_azure", "--model-provider", "mp_openai", "--format",
-            "json", config=config).stdout)["id"]
-        tollgate("virtual-keys", "create", "--name", "fallback", "--scope", "ORG:acme",
-                 "--routing-policy", policies[str(config)], "--config-json",
-                 '{"fallback": {"on": ["5xx"]}}', config=config)
+        policies[str(config)] = make_policy(config, "azure-first", "mp_azure", "mp_openai",
+                                            fallback='{"fallback": {"on": ["5xx"]}}')
 
     with own_gateways(tmp_path_factory, fake_openai, fake_anthropic, "azure", setup) as out:
         yield {"gateways": out, "policies": {h: policies[str(g.config)] for h, g in out.items()}}

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.conformance.test_metering import expect_cost, ledger_row
-from tests.conftest import HOSTS, own_gateways
+from tests.conftest import HOSTS, make_policy, own_gateways
 from tests.fakes.providers import Behaviour
 from tests.harness import tollgate
 from tollgate.usage import Usage
@@ -40,13 +40,7 @@ def gateways(tmp_path_factory, fake_openai, fake_anthropic, fake_bedrock):
         ids[str(config)] = {}
         for name, first, second in (("openai-bedrock", "mp_openai", "mp_bedrock"),
                                     ("bedrock-anthropic", "mp_bedrock", "mp_anthropic")):
-            policy = json.loads(tollgate(
-                "routing-policies", "create", "--scope", "ORG:acme", "--name", name,
-                "--model-provider", first, "--model-provider", second, "--format", "json",
-                config=config).stdout)["id"]
-            ids[str(config)][name] = policy
-            tollgate("virtual-keys", "create", "--name", name, "--scope", "ORG:acme",
-                     "--routing-policy", policy, "--config-json", FALLBACK, config=config)
+            ids[str(config)][name] = make_policy(config, name, first, second, fallback=FALLBACK)
 
     with own_gateways(tmp_path_factory, fake_openai, fake_anthropic, "bedrock", setup) as out:
         yield out, {h: ids[str(g.config)] for h, g in out.items()}

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.conformance.test_metering import ledger_row
-from tests.conftest import HOSTS, own_gateways
+from tests.conftest import HOSTS, make_policy, own_gateways
 from tests.fakes.providers import Behaviour
 from tests.harness import tollgate
 
@@ -32,15 +32,9 @@ def gateways(tmp_path_factory, fake_openai, fake_anthropic):
                  "--api-key-env", "FAKE_OPENAI_KEY", "--models", "llama-*", config=config)
         ids[str(config)] = {}
         for name, second in (("seed", "mp_anthropic"), ("local", "mp_local")):
-            policy = json.loads(tollgate(
-                "routing-policies", "create", "--scope", "ORG:acme", "--name", name,
-                "--model-provider", "mp_openai", "--model-provider", second, "--format",
-                "json", config=config).stdout)["id"]
-            ids[str(config)][name] = policy
-            tollgate("virtual-keys", "create", "--name", name, "--scope", "ORG:acme",
-                     "--routing-policy", policy, "--config-json",
-                     '{"fallback": {"on": ["5xx", "timeout", "rate_limit", "network_error"]}}',
-                     config=config)
+            ids[str(config)][name] = make_policy(
+                config, name, "mp_openai", second,
+                fallback='{"fallback": {"on": ["5xx", "timeout", "rate_limit", "network_error"]}}')
 
     with own_gateways(tmp_path_factory, fake_openai, fake_anthropic, "catalog", setup) as out:
         yield out, {h: ids[str(g.config)] for h, g in out.items()}

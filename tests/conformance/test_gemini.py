@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.conformance.test_metering import expect_cost, ledger_row
-from tests.conftest import GEMINI_KEY, HOSTS, own_gateways
+from tests.conftest import GEMINI_KEY, HOSTS, make_policy, own_gateways
 from tests.fakes.providers import Behaviour
 from tests.harness import tollgate
 from tollgate.usage import Usage
@@ -34,13 +34,9 @@ def gateways(tmp_path_factory, fake_openai, fake_anthropic, fake_gemini):
         tollgate("model-providers", "create", "--id", "mp_gemini", "--type", "gemini",
                  "--scope", "ORG:acme", "--base-url", fake_gemini.url, "--api-key-env",
                  "FAKE_GEMINI_KEY", config=config)
-        policies[str(config)] = json.loads(tollgate(
-            "routing-policies", "create", "--scope", "ORG:acme", "--name", "openai-gemini",
-            "--model-provider", "mp_openai", "--model-provider", "mp_gemini", "--format",
-            "json", config=config).stdout)["id"]
-        tollgate("virtual-keys", "create", "--name", "fallback", "--scope", "ORG:acme",
-                 "--routing-policy", policies[str(config)], "--config-json",
-                 '{"fallback": {"on": ["5xx", "rate_limit"]}}', config=config)
+        policies[str(config)] = make_policy(
+            config, "openai-gemini", "mp_openai", "mp_gemini",
+            fallback='{"fallback": {"on": ["5xx", "rate_limit"]}}')
 
     with own_gateways(tmp_path_factory, fake_openai, fake_anthropic, "gemini", setup) as out:
         yield out, {h: policies[str(g.config)] for h, g in out.items()}

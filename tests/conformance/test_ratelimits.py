@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import HOSTS, Gateway, Key, make_config, own_gateways
+from tests.conftest import HOSTS, Gateway, Key, make_config, make_policy, own_gateways
 from tests.harness import GatewayProcess, RedisServer, ledger, tollgate, wait_until
 
 
@@ -33,11 +33,9 @@ def gateways(tmp_path_factory, fake_openai, fake_anthropic):
         tollgate("model-providers", "create", "--id", "mp_capped", "--type", "openai",
                  "--scope", "ORG:acme", "--base-url", fake_openai.url, "--api-key-env",
                  "FAKE_OPENAI_KEY", "--models", "o4-mini", "--rpm", "2", config=config)
-        policies[str(config)] = json.loads(tollgate(
-            "routing-policies", "create", "--scope", "ORG:acme", "--name", "capped",
-            "--model-provider", "mp_capped", "--model-provider", "mp_anthropic",
-            "--model-map", "mp_anthropic:o4-mini=claude-haiku-4-5", "--format", "json",
-            config=config).stdout)["id"]
+        policies[str(config)] = make_policy(
+            config, "capped", "mp_capped", "mp_anthropic",
+            extra=("--model-map", "mp_anthropic:o4-mini=claude-haiku-4-5"))
 
     with own_gateways(tmp_path_factory, fake_openai, fake_anthropic, "ratelimits",
                       setup) as out:

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.conformance.test_metering import expect_cost, ledger_row
-from tests.conftest import HOSTS, own_gateways
+from tests.conftest import HOSTS, make_policy, own_gateways
 from tests.fakes.providers import Behaviour, service_account_for
 from tests.harness import tollgate
 from tollgate.usage import Usage
@@ -39,13 +39,9 @@ def gateways(tmp_path_factory, fake_openai, fake_anthropic, fake_vertex):
                  "--scope", "ORG:acme", "--base-url", fake_vertex.url, "--provider-config",
                  '{"project": "acme-ml", "location": "us-east5"}', "--fallback-priority",
                  "0", config=config)
-        policies[str(config)] = json.loads(tollgate(
-            "routing-policies", "create", "--scope", "ORG:acme", "--name", "vertex-anthropic",
-            "--model-provider", "mp_vertex", "--model-provider", "mp_anthropic", "--format",
-            "json", config=config).stdout)["id"]
-        tollgate("virtual-keys", "create", "--name", "fallback", "--scope", "ORG:acme",
-                 "--routing-policy", policies[str(config)], "--config-json",
-                 '{"fallback": {"on": ["5xx"]}}', config=config)
+        policies[str(config)] = make_policy(config, "vertex-anthropic", "mp_vertex",
+                                            "mp_anthropic",
+                                            fallback='{"fallback": {"on": ["5xx"]}}')
 
     with own_gateways(tmp_path_factory, fake_openai, fake_anthropic, "vertex", setup,
                       env={"GOOGLE_APPLICATION_CREDENTIALS": str(key_file)}) as out:

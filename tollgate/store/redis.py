@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
-from tollgate.ratelimit import Limit, Window, day_end, reset_after
+from tollgate.ratelimit import Limit, Window, day_end_ts, reset_after
 from tollgate.store.base import Counter, LimitSettlement, Reservation, Store, StoreUnavailable
 
 PREFIX = "tollgate:"
@@ -257,7 +257,7 @@ class RedisStore(Store):
             args += [h.limit_micros if h.blocking else -1, ttl]
         for lim in limits:
             args += [lim.limit, lim.amount(tokens), int(lim.sliding),
-                     0 if lim.sliding else round(day_end(lim.day or "").timestamp() * 1000)]
+                     0 if lim.sliding else round(day_end_ts(lim.day or "") * 1000)]
         keys = [*(self._key(h.counter) for h in holds), *(self._holds(h.counter) for h in holds)]
         for lim in limits:
             keys += self._limit_keys(lim.counter)
