@@ -45,6 +45,36 @@ def _comment(decision: dict) -> str:
     return f"{text}\n{decision['message']}" if "message" in decision else text
 
 
+def _served_comment(exchange: Exchange) -> str:
+    """The decision, then what the request came to: tokens, cost, fallbacks and budgets."""
+    row = exchange.settled
+    if row is None:
+        return _comment(exchange.decision())
+    usage = f"{row.input_tokens + row.cached_input_tokens + row.cache_write_tokens} in / " \
+            f"{row.output_tokens} out tokens" + ("" if row.usage_reported else " (estimated)")
+    lines = [f"{row.status or '-'} {row.outcome} · {usage} · ${row.cost_micros / 1e6:.6f}"
+             f" · {row.latency_ms:.0f} ms"]
+    if row.fallbacks:
+        lines.append(f"fallback: {row.fallbacks}")
+    if exchange.error:
+        lines.append(f"error: {exchange.error}")
+    billing = exchange.billing
+    if billing.counters:
+        lines.append(f"budgets: {', '.join(billing.counters)}"
+                     + (f" · warning: {billing.warning}" if billing.warning else ""))
+    return "\n".join([_comment(exchange.decision()), *lines])
+
+
+def _show_called_address(flow: http.HTTPFlow) -> None:
+    """A refused flow never went upstream: show the address the client called, not the
+    reverse-mode placeholder (or the refusal sink)."""
+    where = flow.client_conn.sockname
+    if where:
+        req = flow.request
+        req.scheme, req.host, req.port = "http", where[0], where[1]
+        req.headers.pop(RefusalSink.HEADER, None)
+
+
 # Headers that describe one connection, not the message.
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
               "trailer", "upgrade", "content-length", "proxy-authenticate",
@@ -261,6 +291,7 @@ class TollgateAddon:
         if isinstance(result, Reply):
             flow.response = http.Response.make(result.status, result.body, result.headers)
             flow.comment = _comment(result.decision)
+            _show_called_address(flow)
             if result.status >= 400:
                 flow.marked = ":no_entry:"
             return
@@ -349,8 +380,8 @@ class TollgateAddon:
             out_headers += [(k.encode(), v.encode()) for k, v in extra.items()]
             flow.response = http.Response.make(response.status_code, payload,
                                                http.Headers(out_headers))
-            flow.comment = _comment(exchange.decision())
             exchange.finish("completed")
+            flow.comment = _served_comment(exchange)
             return
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -371,6 +402,8 @@ class TollgateAddon:
             resp.stream = relay
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(_REFUSED):
+            _show_called_address(flow)
         exchange: Exchange | None = flow.metadata.get(_META)
         if exchange is None or flow.response is None:
             return
@@ -379,6 +412,7 @@ class TollgateAddon:
             if exchange.rewriter is not None:
                 flow.response.content = body + exchange.relay(b"")
         exchange.finish("completed")
+        flow.comment = _served_comment(exchange)
 
     def error(self, flow: http.HTTPFlow) -> None:
         exchange: Exchange | None = flow.metadata.get(_META)
@@ -386,6 +420,7 @@ class TollgateAddon:
             message = flow.error.msg if flow.error else None
             # A client that went away says nothing about the provider (no breaker count).
             exchange.finish("abandoned" if _client_gone(flow) else "error", message)
+            flow.comment = _served_comment(exchange)
 
     async def done(self) -> None:
         self.sink.stop()

@@ -39,6 +39,7 @@ FALLBACK_HEADER = "x-tollgate-fallback"
 # `tollgate.rewrite` filter, which stays off for everything else.
 REWRITE_HEADER = "x-tollgate-rewrite"
 EXTPROC_CLUSTER = "tollgate_extproc"
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"  # its gRPC health name
 EXTPROC_MAX_STREAMS = 100_000
 METADATA_NS = "tollgate"
 # Metadata keys the decision filter sets -> response header suffixes.
@@ -432,6 +433,14 @@ def _extproc_cluster(target: str) -> dict[str, Any]:
         },
         "load_assignment": {"cluster_name": EXTPROC_CLUSTER, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": extproc_address(target)}}]}]},
+        # gRPC health checks: Envoy's stats (cluster.tollgate_extproc.health_check.*) say
+        # whether ext_proc answers. With its only host down Envoy still tries it (panic
+        # routing), and the decision filter answers 503 itself.
+        "health_checks": [{
+            "timeout": "1s", "interval": "5s", "no_traffic_interval": "5s",
+            "unhealthy_threshold": 2, "healthy_threshold": 1,
+            "grpc_health_check": {"service_name": EXTPROC_SERVICE},
+        }],
     }
 
 

@@ -13,6 +13,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,13 +173,29 @@ async def serve_extproc(config: str, where: Listener,
         await gateway.close()
 
 
-async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
-                      extproc: str | None, log_level: str) -> int:
+def envoy_stats(envoy_admin: str) -> Callable[[], bytes]:
+    """Envoy's own stats in Prometheus format, for the gateway's `/metrics`."""
+    def read() -> bytes:
+        try:
+            r = httpx.get(f"http://{envoy_admin}/stats/prometheus", params={"usedonly": ""},
+                          timeout=3)
+            r.raise_for_status()
+        except httpx.HTTPError as e:
+            return f"# envoy stats unavailable: {e.__class__.__name__}\n".encode()
+        return r.content
+    return read
+
+
+async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
+                      extproc: str | None, log_level: str,
+                      admin: tuple[str, int] | None = None) -> int:
     gateway = Gateway.from_path(config)
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
     extproc = extproc or f"unix:{workdir / 'extproc.sock'}"
-    clusters = LoadedClusters(admin)
+    clusters = LoadedClusters(envoy_admin)
     server, processor = await start_server(gateway, Listener(extproc), clusters)
+    admin_server = AdminServer(gateway, admin, asyncio.get_running_loop(),
+                               envoy_stats(envoy_admin)).start() if admin else None
     files = EnvoyFiles(workdir, listen)
     first_clusters = files.write(gateway.holder.current)
 
@@ -188,7 +205,8 @@ async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
 
     gateway.holder.before_reload(prepare)
     envoy = await asyncio.create_subprocess_exec(
-        envoy_binary(), "-c", str(files.bootstrap(extproc, admin)), "--disable-hot-restart",
+        envoy_binary(), "-c", str(files.bootstrap(extproc, envoy_admin)),
+        "--disable-hot-restart",
         "--log-level", log_level, "--drain-time-s", "5")
     startup = asyncio.ensure_future(asyncio.to_thread(clusters.wait_for, first_clusters))
     log.info("envoy %s listening on %s:%s, ext_proc on %s", envoy.pid, *listen, extproc)
@@ -200,6 +218,8 @@ async def serve_envoy(config: str, listen: tuple[str, int], admin: str,
         stop.cancel()
         startup.cancel()
         clusters.stop()
+        if admin_server is not None:
+            admin_server.stop()
         if envoy.returncode is None:
             envoy.terminate()
             try:

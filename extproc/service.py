@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc import fallback
 from extproc.envoy_config import (
     CLUSTER_HEADER,
+    EXTPROC_SERVICE,
     FALLBACK_HEADER,
     METADATA_NS,
     REWRITE_HEADER,
@@ -409,10 +410,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 chunk = msg.response_body
                 answer = pb.CommonResponse()
                 if rewriter is not None:
+                    began = time.perf_counter()
                     kept = rewriter.feed(chunk.body)
                     if chunk.end_of_stream:
                         kept += rewriter.flush()
                     answer.body_mutation.body = kept
+                    if exchange is not None:  # the gateway's own time on the response
+                        exchange.overhead += time.perf_counter() - began
                 yield pb.ProcessingResponse(response_body=pb.BodyResponse(response=answer))
                 if chunk.end_of_stream:
                     return
@@ -457,7 +461,7 @@ async def start_server(gateway: Gateway, where: Listener,
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("envoy.service.ext_proc.v3.ExternalProcessor",
+    await health_servicer.set(EXTPROC_SERVICE,
                               health_pb2.HealthCheckResponse.SERVING)
     bind(server, where)
     await server.start()

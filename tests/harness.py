@@ -73,8 +73,13 @@ class GatewayProcess:
         self.port = free_port()
         self.log_path = log_dir / f"gateway-{host}-{self.port}.log"
         self.extra = extra or []
-        if host == "envoy" and "--admin" not in self.extra:
-            self.extra += ["--admin", f"127.0.0.1:{free_port()}"]
+        # Before any `--` (what follows goes to mitmproxy).
+        if host == "envoy" and "--envoy-admin" not in self.extra:
+            self.extra = ["--envoy-admin", f"127.0.0.1:{free_port()}", *self.extra]
+        # tollgate's own admin address (/healthz, /readyz, /metrics), on every host.
+        if "--admin" not in self.extra:
+            self.extra = ["--admin", f"127.0.0.1:{free_port()}", *self.extra]
+        self.admin_url = f"http://{self.extra[self.extra.index('--admin') + 1]}"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -1,6 +1,7 @@
 """The admin address: `/healthz` (the process is alive), `/readyz` (config loaded and not
 stale, state store reachable, every provider has a credential) and `/metrics` (Prometheus
-text format). Served from a thread, so it answers even when the event loop is busy."""
+text format: the gateway's metrics, the process's, and on the Envoy host Envoy's own).
+Served from a thread, so it answers even when the event loop is busy."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+import prometheus_client
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from tollgate import metrics
 from tollgate.config.lint import missing_credentials
 from tollgate.config.watch import file_digest
 
@@ -23,10 +27,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("tollgate.admin")
 
 
-def readiness(gateway: Gateway, loop: asyncio.AbstractEventLoop | None) -> list[str]:
-    """Why the gateway is not ready to serve; empty when it is."""
+def readiness(gateway: Gateway, loop: asyncio.AbstractEventLoop | None
+              ) -> tuple[list[str], list[str]]:
+    """Why the gateway is not ready to serve (empty when it is), and what is degraded but
+    still served (a store that is down when budgets fail open)."""
     holder = gateway.holder
-    problems = []
+    problems: list[str] = []
+    store_problems: list[str] = []
     if holder.last_error:
         problems.append(f"config reload rejected, serving an older config: {holder.last_error}")
     elif holder.status.get("loaded_sha256") != file_digest(holder.path):
@@ -38,16 +45,22 @@ def readiness(gateway: Gateway, loop: asyncio.AbstractEventLoop | None) -> list[
             ping.result(timeout=3)
         except FutureTimeout:
             ping.cancel()
-            problems.append("state store did not answer within 3 s")
+            store_problems.append("state store did not answer within 3 s")
         except Exception as e:
-            problems.append(f"state store unreachable: {e}")
-    return problems
+            store_problems.append(f"state store unreachable: {e}")
+    if holder.current.config.gateway.fail_closed:
+        return problems + store_problems, []
+    return problems, store_problems
 
 
 class AdminServer:
     def __init__(self, gateway: Gateway, listen: tuple[str, int],
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 more_metrics: Callable[[], bytes] | None = None):
+        """`more_metrics` returns more exposition text (Envoy's stats) for `/metrics`."""
         admin = self
+        scraped = CollectorRegistry()
+        scraped.register(metrics.GatewayCollector(gateway, loop))
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: Any) -> None:
@@ -58,12 +71,16 @@ class AdminServer:
                 if path == "/healthz":
                     self._send(200, {"status": "ok"})
                 elif path == "/readyz":
-                    problems = readiness(gateway, admin.loop)
+                    problems, degraded = readiness(gateway, admin.loop)
                     self._send(503 if problems else 200,
                                {"status": "unready" if problems else "ready",
-                                "problems": problems})
+                                "problems": problems, "degraded": degraded})
                 elif path == "/metrics":
-                    self._send_raw(200, CONTENT_TYPE_LATEST, generate_latest())
+                    text = generate_latest(metrics.REGISTRY) + generate_latest(scraped) + \
+                        generate_latest(prometheus_client.REGISTRY)
+                    if more_metrics is not None:
+                        text += more_metrics()
+                    self._send_raw(200, CONTENT_TYPE_LATEST, text)
                 else:
                     self._send(404, {"error": "not found: /healthz, /readyz, /metrics"})
 

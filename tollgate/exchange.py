@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from opentelemetry.trace import Status, StatusCode
-
-from tollgate import eventstream, translate
+from tollgate import eventstream, telemetry, translate
 from tollgate import usage as usage_of
 from tollgate.breaker import Breakers
 from tollgate.config.schema import VirtualKey
@@ -26,7 +24,7 @@ from tollgate.routes import Route
 from tollgate.scopes import Lineage
 from tollgate.sse import MAX_EVENT_BYTES, CappedEvents, EventFilter
 from tollgate.store.base import LimitSettlement
-from tollgate.telemetry import RequestTrace, log_access
+from tollgate.telemetry import RequestTrace
 
 log = logging.getLogger("tollgate")
 
@@ -92,6 +90,12 @@ class Exchange:
         self.status: int | None = None
         self.meter = ResponseMeter(self.attempt.family, stream)
         self._finished = False
+        self.error: str | None = None  # why it ended badly, once finished
+        self.settled: LedgerRow | None = None  # its ledger row, once finished
+        # The gateway's own time on the response, and when its first body byte came.
+        self.overhead = 0.0
+        self.first_byte: float | None = None
+        self._attempt_span = trace.start_attempt(self.attempt, route.name)
         self.stream_error: str | None = None  # the gateway ended the stream itself
         self.rewriter: Rewriter | None = None  # set per response by on_response_headers
         # Why the request moved past providers, in order ("mp_a:rate_limit (rpm 2)"): those
@@ -148,7 +152,9 @@ class Exchange:
         if self.breakers is not None:
             self.breakers.failure(self.provider_id)
         self.fallbacks.append(f"{self.provider_id}:{reason}")
+        telemetry.end_attempt(self._attempt_span, self.status, failure=reason)
         self.index += 1
+        self._attempt_span = self.trace.start_attempt(self.attempt, self.route.name)
         if self._prices is not None:
             self.billing.price = self._prices.lookup(self.model, self.attempt.prices) or \
                 self.billing.price
@@ -184,13 +190,16 @@ class Exchange:
     def on_response_headers(self, status: int, headers: Mapping[str, str]) -> dict[str, str]:
         """Record the response's start; `headers` may lack content-type (a host that cannot
         see it), and then the first body bytes tell an event stream from JSON."""
+        began = time.perf_counter()
         self.status = status
         lowered = {k.lower(): v for k, v in headers.items()}
         content_type = lowered.get("content-type")
         length = lowered.get("content-length", "")
         self.meter.start(content_type, int(length) if length.isdigit() else None)
         self.rewriter = self.rewriter_for(status, content_type)
-        return {**self.response_headers(), **self.reframed_headers(status, content_type)}
+        out = {**self.response_headers(), **self.reframed_headers(status, content_type)}
+        self.overhead += time.perf_counter() - began
+        return out
 
     def reframed_headers(self, status: int, content_type: str | None) -> dict[str, str]:
         """A stream the gateway turns into SSE (Bedrock's frames) is announced as SSE."""
@@ -242,6 +251,8 @@ class Exchange:
 
     def on_chunk(self, data: bytes) -> bytes:
         """The tap: reads the bytes on their way to the client and returns them unchanged."""
+        if data and self.first_byte is None:
+            self.first_byte = time.monotonic()
         self.meter.feed(data)
         return data
 
@@ -262,10 +273,12 @@ class Exchange:
 
     def relay(self, data: bytes) -> bytes:
         """For hosts whose bytes pass through the core: tap, then rewrite; b"" ends it."""
+        began = time.perf_counter()
         self.on_chunk(data)
-        if self.rewriter is None:
-            return data
-        return self.rewriter.feed(data) if data else self.rewriter.flush()
+        if self.rewriter is not None:
+            data = self.rewriter.feed(data) if data else self.rewriter.flush()
+        self.overhead += time.perf_counter() - began
+        return data
 
     def decision(self) -> dict[str, Any]:
         return {
@@ -333,23 +346,12 @@ class Exchange:
         used = self.usage()
         price = self.billing.price
         cost = cost_micros(used, price) if price is not None else 0
-        row = self.row(outcome, used, cost)
-        latency = row.latency_ms
-        span = self.trace.span
-        span.set_attributes({
-            "tollgate.key": self.key.id, "tollgate.principal": self.key.principal or "",
-            "tollgate.provider": self.provider_id, "gen_ai.request.model": self.model or "",
-            "gen_ai.usage.input_tokens": used.input_tokens + used.cached_input_tokens,
-            "gen_ai.usage.output_tokens": used.output_tokens, "tollgate.cost_micros": cost,
-            "http.response.status_code": self.status or 0, "tollgate.outcome": outcome,
-        })
-        if error:
-            span.set_status(Status(StatusCode.ERROR, error))
-        span.end()
-        log_access({**self.decision(), "route": self.route.name, "status": self.status,
-                    "outcome": outcome, "error": error, "bytes_out": self.meter.bytes,
-                    "sse_events": self.meter.events, "input_tokens": used.input_tokens,
-                    "cached_input_tokens": used.cached_input_tokens,
-                    "output_tokens": used.output_tokens, "cost_micros": cost,
-                    "usage_reported": used.reported, "latency_ms": latency})
-        self._settle(self, row)
+        self.error = error
+        telemetry.end_attempt(
+            self._attempt_span, self.status,
+            failure=error or (None if self.status is not None and self.status < 400
+                              else f"status {self.status or 'none'}"),
+            input_tokens=used.input_tokens + used.cached_input_tokens
+            + used.cache_write_tokens, output_tokens=used.output_tokens)
+        self.settled = self.row(outcome, used, cost)
+        self._settle(self, self.settled)

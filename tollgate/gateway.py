@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tollgate import body as bodies
-from tollgate import budgets, policy, ratelimit, routes, routing, telemetry, translate
+from tollgate import budgets, metrics, policy, ratelimit, routes, routing, telemetry, translate
+from tollgate.accesslog import access_log
 from tollgate.breaker import Breakers
 from tollgate.catalog import ModelCatalog
 from tollgate.config.load import LoadedConfig
@@ -78,9 +79,12 @@ class Gateway:
 
     def _apply(self, loaded: LoadedConfig) -> None:
         """Settings held outside the config object follow every reload."""
-        breaker = loaded.config.gateway.circuit_breaker
+        settings = loaded.config.gateway
+        breaker = settings.circuit_breaker
         self.breakers.failures, self.breakers.cooldown = breaker.failures, \
             breaker.cooldown_seconds
+        telemetry.configure(settings.telemetry)
+        access_log.configure(settings.telemetry.access_log, loaded.path.parent)
         for provider in loaded.config.model_providers:
             adapter_for(provider).prepare()
 
@@ -146,6 +150,7 @@ class Gateway:
                                    seen=seen)
             bodies.check_content_type(req.headers.get("content-type"))
             body = bodies.parse(route, req.body)
+            trace.keep_prompt(body.doc)
             seen["model"] = body.model  # as asked; as resolved once the alias applies
             model = policy.resolve_model(key, body.model) if body.model else None
             seen["model"] = model
@@ -170,6 +175,7 @@ class Gateway:
                                 and body.stream and not ask_usage, passed_over=passed_over,
                                 unserved=unserved)
             await self._admit(exchange)
+            trace.decided = time.perf_counter()
             return Forward(exchange, attempts[0])
         except GatewayError as e:
             return self._error(trace, loaded, family, e, key, seen)
@@ -318,7 +324,44 @@ class Gateway:
         limits = billing.limits and dataclasses.replace(
             billing.limits, used=row.input_tokens + row.cached_input_tokens
             + row.cache_write_tokens + row.output_tokens)
+        self._observe(exchange.trace, row, exchange=exchange)
         self._record(row, billing.counters, billing.reserved, limits)
+
+    def _observe(self, trace: telemetry.RequestTrace, row: LedgerRow,
+                 decision: dict[str, Any] | None = None, exchange: Exchange | None = None
+                 ) -> None:
+        """A finished request, refused or served: its span, its metrics and its access-log
+        line, all from its ledger row."""
+        settings = self.holder.current.config.gateway.telemetry
+        extra: dict[str, Any] = {"trace_id": trace.trace_id, "span_id": trace.span_id}
+        if exchange is None:
+            trace.end(row)
+            metrics.observe(row, decision_seconds=trace.decision_seconds,
+                            rate_limit=(decision or {}) if row.code == "rate_limited" else None)
+            extra.update({k: v for k, v in (decision or {}).items()
+                          if k not in ("request_id", "key", "principal", "action", "code")})
+        else:
+            attempt = exchange.attempt
+            provider_name = attempt.adapter.gen_ai_provider if attempt.adapter else None
+            trace.end(row, requested_model=exchange.requested_model,
+                      provider_name=provider_name, error=exchange.error)
+            ended = time.monotonic()
+            metrics.observe(
+                row, decision_seconds=trace.decision_seconds,
+                response_seconds=exchange.overhead,
+                upstream_seconds=ended - exchange.started - exchange.overhead,
+                first_byte_seconds=exchange.first_byte - exchange.started
+                if exchange.first_byte is not None and exchange.is_sse else None,
+                fallbacks=exchange.fallbacks, labels=settings.metric_labels)
+            extra.update({"requested_model": exchange.requested_model,
+                          "upstream": attempt.url, "error": exchange.error,
+                          "bytes_out": exchange.meter.bytes,
+                          "budget_warning": exchange.billing.warning})
+        extra["overhead_ms"] = round((trace.decision_seconds + (
+            exchange.overhead if exchange else 0.0)) * 1000, 3)
+        if trace.prompt is not None:
+            extra["prompt"] = trace.prompt
+        access_log.write({**row.to_dict(), **extra})
 
     def _record(self, row: LedgerRow, counters: list[str] | None = None,
                 reserved: int = 0, limits: LimitSettlement | None = None) -> None:
@@ -374,6 +417,7 @@ class Gateway:
 
     async def close(self) -> None:
         await self.drain()
+        await asyncio.to_thread(telemetry.flush)  # the last requests' spans
         for task in (self._replayer, self._renewer):
             if task is not None:
                 task.cancel()
@@ -389,11 +433,11 @@ class Gateway:
                    **trace.headers(loaded.config.gateway.header_prefix, "tollgate", 0)}
         decision = {"request_id": trace.request_id, "key": key.id if key else None,
                     "principal": key.principal if key else None, **(decision or {})}
-        trace.span.set_attribute("http.response.status_code", status)
-        trace.span.end()
-        telemetry.log_access({**decision, "status": status})
+        trace.decided = time.perf_counter()
         body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-        self._record(self._answered_row(loaded, trace, status, key, decision, seen or {}))
+        row = self._answered_row(loaded, trace, status, key, decision, seen or {})
+        self._observe(trace, row, decision)
+        self._record(row)
         return Reply(status, headers, body, decision)
 
     @staticmethod
@@ -408,7 +452,7 @@ class Gateway:
             team=lin.team if lin else None, project=lin.project if lin else None,
             provider=None, model=seen.get("model"), route=seen.get("route") or "unknown",
             status=status, outcome="refused" if status >= 400 else "answered",
-            code=decision.get("code"))
+            code=decision.get("code"), latency_ms=round(trace.decision_seconds * 1000, 1))
 
     def _error(self, trace: telemetry.RequestTrace, loaded: LoadedConfig, family: str,
                err: GatewayError, key: VirtualKey | None,

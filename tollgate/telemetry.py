@@ -1,32 +1,152 @@
-"""Request ids, W3C trace context, spans and the access log."""
+"""Request ids, W3C trace context and the gateway's spans, exported over OTLP.
+
+Each request gets a server span (the child of the caller's `traceparent`) and one client
+span per provider attempt, with OpenTelemetry's GenAI attributes. With no exporter
+configured, spans are not recorded at all: the ids still exist (they go back to the client
+and upstream) but no attribute is computed.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from ulid import ULID
 
-_provider = TracerProvider()
-_tracer = _provider.get_tracer("tollgate")
+if TYPE_CHECKING:
+    from tollgate.config.schema import Telemetry
+    from tollgate.ledger import LedgerRow
+    from tollgate.request import Attempt
+
+log = logging.getLogger("tollgate.telemetry")
 _propagator = TraceContextTextMapPropagator()
-access_log = logging.getLogger("tollgate.access")
+# A prompt kept on a span (with capture_content) is cut at this many characters.
+MAX_CAPTURED_CHARS = 32 * 1024
+# A replaced exporter keeps sending the spans of requests still running for this long.
+_RETIRE_AFTER = 300.0
+
+# The GenAI operation each route is.
+OPERATIONS = {"chat_completions": "chat", "messages": "chat", "responses": "chat",
+              "embeddings": "embeddings", "count_tokens": "count_tokens", "models": "models"}
 
 
-def tracer_provider() -> TracerProvider:
-    """Where exporters are attached (OTLP, console) by whoever runs the gateway."""
-    return _provider
+@dataclass(frozen=True)
+class _Export:
+    """What the spans are exported with; a change builds a new tracer provider."""
+
+    endpoint: str | None  # None: the exporter reads the OTEL_EXPORTER_OTLP_* variables
+    protocol: str
+    service_name: str
+    enabled: bool
+
+
+class _Tracing:
+    def __init__(self) -> None:
+        self.export: _Export | None = None
+        self.provider = TracerProvider(sampler=ALWAYS_OFF)
+        self.tracer = self.provider.get_tracer("tollgate")
+        self.capture_content = False
+        self._lock = threading.Lock()
+
+    def configure(self, settings: Telemetry) -> None:
+        self.capture_content = settings.capture_content
+        wanted = _export_for(settings)
+        with self._lock:
+            if wanted == self.export:
+                return
+            provider = _provider_for(wanted)
+            old, self.provider, self.export = self.provider, provider, wanted
+            self.tracer = provider.get_tracer("tollgate")
+        if wanted.enabled:
+            log.info("exporting traces over OTLP (%s) to %s", wanted.protocol,
+                     wanted.endpoint or "the endpoint in OTEL_EXPORTER_OTLP_*")
+        # Spans of requests still running end on the provider they started on.
+        retire = threading.Timer(_RETIRE_AFTER, old.shutdown)
+        retire.daemon = True
+        retire.start()
+
+    def flush(self) -> None:
+        self.provider.force_flush()
+
+
+def _export_for(settings: Telemetry) -> _Export:
+    env = os.environ
+    endpoint = settings.otlp_endpoint
+    configured = endpoint or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or \
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    exporter = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    protocol = settings.otlp_protocol or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or \
+        env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    return _Export(endpoint=endpoint, protocol=protocol,
+                   service_name=settings.service_name or env.get("OTEL_SERVICE_NAME")
+                   or "tollgate",
+                   enabled=bool(configured) and exporter == "otlp" and not disabled)
+
+
+def _provider_for(export: _Export) -> TracerProvider:
+    if not export.enabled:
+        return TracerProvider(sampler=ALWAYS_OFF)
+    # The sampler is the SDK's default (parent-based, always on) unless OTEL_TRACES_SAMPLER
+    # says otherwise.
+    provider = TracerProvider(resource=Resource.create({"service.name": export.service_name}))
+    provider.add_span_processor(BatchSpanProcessor(_exporter(export)))
+    return provider
+
+
+def _exporter(export: _Export) -> Any:
+    endpoint = export.endpoint
+    if export.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        if endpoint is None:
+            return OTLPSpanExporter()
+        return OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HTTPSpanExporter,
+    )
+
+    if endpoint is None:
+        return HTTPSpanExporter()
+    # Like OTEL_EXPORTER_OTLP_ENDPOINT, the setting is the collector's base address.
+    if not endpoint.rstrip("/").endswith("/v1/traces"):
+        endpoint = endpoint.rstrip("/") + "/v1/traces"
+    return HTTPSpanExporter(endpoint=endpoint)
+
+
+_tracing = _Tracing()
+
+
+def configure(settings: Telemetry) -> None:
+    """Apply `gateway.telemetry` (at start and on every reload)."""
+    _tracing.configure(settings)
+
+
+def flush() -> None:
+    """Send the spans still queued (before the process exits)."""
+    _tracing.flush()
 
 
 @dataclass
 class RequestTrace:
     request_id: str
     span: trace.Span
+    started: float = field(default_factory=time.perf_counter)
+    decided: float | None = None  # when the gateway had decided (forwarded or answered)
+    prompt: str | None = None  # kept only with capture_content
 
     @property
     def trace_id(self) -> str:
@@ -39,7 +159,12 @@ class RequestTrace:
     @property
     def traceparent(self) -> str:
         """Sent upstream so the provider call nests under the gateway span."""
-        return f"00-{self.trace_id}-{self.span_id}-01"
+        flags = int(self.span.get_span_context().trace_flags)
+        return f"00-{self.trace_id}-{self.span_id}-{flags:02x}"
+
+    @property
+    def decision_seconds(self) -> float:
+        return (self.decided or time.perf_counter()) - self.started
 
     def headers(self, prefix: str, provider: str, fallback_count: int) -> dict[str, str]:
         return {
@@ -50,14 +175,94 @@ class RequestTrace:
             f"{prefix}Provider": provider,
         }
 
+    def keep_prompt(self, doc: dict[str, Any]) -> None:
+        """The request's messages, for a span attribute, when capture_content is on."""
+        if _tracing.capture_content and self.span.is_recording():
+            messages = {k: doc[k] for k in ("system", "messages", "input", "instructions")
+                        if k in doc}
+            self.prompt = json.dumps(messages)[:MAX_CAPTURED_CHARS]
+
+    def start_attempt(self, attempt: Attempt, route: str) -> trace.Span:
+        """A client span for one provider attempt."""
+        operation = OPERATIONS.get(route, route)
+        span = _tracing.tracer.start_span(
+            f"{operation} {attempt.model}", context=trace.set_span_in_context(self.span),
+            kind=trace.SpanKind.CLIENT)
+        if span.is_recording():
+            span.set_attributes({
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": _provider_name(attempt),
+                "gen_ai.system": _provider_name(attempt),
+                "gen_ai.request.model": attempt.model,
+                "server.address": attempt.host, "server.port": attempt.port,
+                "tollgate.provider": attempt.provider_id,
+            })
+        return span
+
+    def end(self, row: LedgerRow, *, requested_model: str | None = None,
+            provider_name: str | None = None, error: str | None = None) -> None:
+        """End the gateway span with what the request came to (its ledger row)."""
+        span = self.span
+        if span.is_recording():
+            operation = OPERATIONS.get(row.route, row.route)
+            attributes: dict[str, Any] = {
+                "gen_ai.operation.name": operation,
+                "tollgate.request_id": row.request_id,
+                "tollgate.decision": "allowed" if row.code is None else row.code,
+                "tollgate.outcome": row.outcome,
+                "http.response.status_code": row.status or 0,
+            }
+            for name, value in (("tollgate.key_id", row.key_id),
+                                ("tollgate.principal", row.principal),
+                                ("tollgate.team", row.team), ("tollgate.project", row.project),
+                                ("gen_ai.request.model", requested_model or row.model),
+                                ("tollgate.fallbacks", row.fallbacks),
+                                ("tollgate.skipped", row.skipped),
+                                ("gen_ai.input.messages", self.prompt)):
+                if value:
+                    attributes[name] = value
+            if row.provider is not None:
+                attributes.update({
+                    "tollgate.provider": row.provider,
+                    "gen_ai.provider.name": provider_name or "",
+                    "gen_ai.system": provider_name or "",
+                    "gen_ai.response.model": row.model or "",
+                    "gen_ai.usage.input_tokens": row.input_tokens + row.cached_input_tokens
+                    + row.cache_write_tokens,
+                    "gen_ai.usage.output_tokens": row.output_tokens,
+                    "tollgate.cost_usd": row.cost_micros / 1_000_000,
+                    "tollgate.fallback_count": row.fallback_count,
+                    "tollgate.usage_reported": row.usage_reported,
+                })
+            span.set_attributes(attributes)
+            if error or (row.status or 0) >= 500:
+                span.set_status(Status(StatusCode.ERROR, error or f"status {row.status}"))
+                span.set_attribute("error.type", row.code or error or str(row.status))
+        span.end()
+
+
+def end_attempt(span: trace.Span, status: int | None, *, failure: str | None = None,
+                input_tokens: int = 0, output_tokens: int = 0) -> None:
+    """End one provider attempt's span: how it answered, or why the gateway moved on."""
+    if span.is_recording():
+        if status is not None:
+            span.set_attribute("http.response.status_code", status)
+        if failure is not None:
+            span.set_attribute("error.type", failure)
+            span.set_status(Status(StatusCode.ERROR, failure))
+        else:
+            span.set_attributes({"gen_ai.usage.input_tokens": input_tokens,
+                                 "gen_ai.usage.output_tokens": output_tokens})
+    span.end()
+
+
+def _provider_name(attempt: Attempt) -> str:
+    return attempt.adapter.gen_ai_provider if attempt.adapter is not None else "openai"
+
 
 def start(method: str, path: str, headers: Mapping[str, str]) -> RequestTrace:
     """A new server span; an incoming `traceparent` makes it the caller's child."""
     parent = _propagator.extract(dict(headers))
-    span = _tracer.start_span(f"{method} {path.split('?', 1)[0]}", context=parent,
-                              kind=trace.SpanKind.SERVER)
+    span = _tracing.tracer.start_span(f"{method} {path.split('?', 1)[0]}", context=parent,
+                                      kind=trace.SpanKind.SERVER)
     return RequestTrace(request_id=f"req_{ULID()}", span=span)
-
-
-def log_access(record: dict[str, object]) -> None:
-    access_log.info(json.dumps(record, default=str, separators=(",", ":")))

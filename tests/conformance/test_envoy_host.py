@@ -92,7 +92,7 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai, fak
     server_tls, client_tls = mtls(tmp_path)
     rendered = tollgate("envoy", "render", "--listen", f"127.0.0.1:{listen_port}",
                         "--extproc", f"127.0.0.1:{extproc_port}", *client_tls,
-                        "--admin", f"127.0.0.1:{admin_port}", config=config).stdout
+                        "--envoy-admin", f"127.0.0.1:{admin_port}", config=config).stdout
     bootstrap = tmp_path / "envoy.yaml"
     bootstrap.write_text(rendered)
     log = open(tmp_path / "procs.log", "wb")  # noqa: SIM115
@@ -355,7 +355,7 @@ def test_extproc_killed_mid_request_fails_closed_and_loses_no_row(config, tmp_pa
     listen, admin = free_port(), free_port()
     bootstrap = tmp_path / "envoy.yaml"
     bootstrap.write_text(tollgate("envoy", "render", "--listen", f"127.0.0.1:{listen}",
-                                  "--admin", f"127.0.0.1:{admin}", config=config).stdout)
+                                  "--envoy-admin", f"127.0.0.1:{admin}", config=config).stdout)
     log = open(tmp_path / "procs.log", "wb")  # noqa: SIM115
 
     def start() -> subprocess.Popen:

@@ -9,7 +9,8 @@ import subprocess
 import httpx
 import pytest
 
-from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, make_config
+from tests.conformance.test_metering import ledger_row
+from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, Gateway, make_config
 from tests.harness import BIN, GatewayProcess, free_port, tollgate, wait_until
 
 
@@ -60,22 +61,37 @@ def test_mitmweb_shows_each_decision(config, tmp_path, fake_openai):
         denied = httpx.post(f"{gw.url}/v1/chat/completions", headers=headers, json={
             "model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "function", "function": {"name": "shell.exec"}}]})
-        assert (ok.status_code, denied.status_code) == (200, 403)
+        too_big = httpx.post(f"{gw.url}/v1/chat/completions", headers=headers,
+                             content=b"x" * (8 * 1024 * 1024 + 1))
+        assert (ok.status_code, denied.status_code, too_big.status_code) == (200, 403, 413)
+        row = ledger_row(Gateway("mitmproxy", gw, config), ok.headers["x-langwatch-request-id"])
 
         token = wait_until(lambda: re.search(r"\?token=([0-9a-f]+)", gw.log()), timeout=5,
                            what="mitmweb token").group(1)
-        flows = httpx.get(f"http://127.0.0.1:{web_port}/flows",
-                          headers={"authorization": f"Bearer {token}"}).json()
+        web = f"http://127.0.0.1:{web_port}"
+        auth = {"authorization": f"Bearer {token}"}
+        # The flow list shows the comment column by default.
+        assert "comment" in httpx.get(f"{web}/options", headers=auth).json()[
+            "web_columns"]["value"]
+        flows = httpx.get(f"{web}/flows", headers=auth).json()
         by_status = {f["response"]["status_code"]: f for f in flows
                      if f.get("response") and f["request"]["path"].endswith("completions")}
         allowed = by_status[200]
         assert "tollgate: forward" in allowed["comment"]
         assert "principal=bob@acme.com" in allowed["comment"]
         assert "provider=mp_openai" in allowed["comment"]
+        # What it came to, once answered: tokens and cost, as in the ledger.
+        assert f"{row.input_tokens} in / {row.output_tokens} out tokens" in allowed["comment"]
+        assert f"${row.cost_micros / 1e6:.6f}" in allowed["comment"] and row.cost_micros
         rejected = by_status[403]
         assert "REJECT tool_not_allowed" in rejected["comment"]
         assert "^shell\\." in rejected["comment"]
         assert rejected["marked"]
+        # Refused flows show the address the client called, not a placeholder upstream.
+        for refused in (rejected, by_status[413]):
+            assert (refused["request"]["host"], refused["request"]["port"]) == \
+                ("127.0.0.1", gw.port)
+        assert "REJECT payload_too_large" in by_status[413]["comment"]
         shown = json.dumps(flows, ensure_ascii=False)  # what the UI holds: no credential
         assert secret not in shown and OPENAI_KEY not in shown
         assert f"Bearer {OPENAI_KEY[:3]}…{OPENAI_KEY[-4:]}" in shown
@@ -120,26 +136,3 @@ def test_unknown_flag_gets_tollgates_usage_error(config):
     assert out.returncode == 2
     assert "--bogus-flag" in out.stderr and "tollgate serve mitmproxy" in out.stderr
     assert "usage: tollgate [options] [filter]" not in out.stderr  # not mitmproxy's
-
-
-def test_admin_address_serves_health_and_readiness(config, tmp_path):
-    admin = free_port()
-    gw = GatewayProcess("mitmproxy", config, tmp_path,
-                        extra=["--admin", f"127.0.0.1:{admin}"]).start()
-    base = f"http://127.0.0.1:{admin}"
-    try:
-        assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
-        ready = httpx.get(f"{base}/readyz")
-        assert ready.status_code == 200 and ready.json()["status"] == "ready"
-        assert "python_info" in httpx.get(f"{base}/metrics").text
-        good = config.read_bytes()
-        config.write_bytes(good + b"\x00")
-        unready = wait_until(lambda: (r := httpx.get(f"{base}/readyz")).status_code == 503
-                             and "control character" in r.text and r, timeout=5,
-                             what="readyz to report the rejected reload")
-        assert unready.json()["status"] == "unready"
-        config.write_bytes(good)
-        wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, timeout=5,
-                   what="readyz to recover")
-    finally:
-        gw.stop()

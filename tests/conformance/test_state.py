@@ -182,6 +182,13 @@ def test_redis_down_fail_closed_refuses_with_503(host, tmp_path, redis, fake_ope
         assert "state store" in r.json()["error"]["message"]
         assert r.headers["x-langwatch-request-id"].startswith("req_")
         assert len(fake_openai.requests) == 1  # the refused request never left
+        # Health follows: unready while the store is down, ready once it is back.
+        ready = httpx.get(f"{gw.admin_url}/readyz", timeout=10)
+        assert ready.status_code == 503 and "state store" in ready.json()["problems"][0]
+        assert httpx.get(f"{gw.admin_url}/healthz").status_code == 200
+        redis.start()
+        wait_until(lambda: httpx.get(f"{gw.admin_url}/readyz", timeout=10).status_code == 200,
+                   timeout=10, what="readyz once redis is back")
     finally:
         gw.stop()
 
@@ -202,6 +209,9 @@ def test_redis_down_fail_open_serves_and_loses_nothing(tmp_path, redis, fake_ope
             r = httpx.post(url, content=BODY, headers=headers, timeout=30)
             assert r.status_code == 200
             ids.append(r.headers["x-langwatch-request-id"])
+        # Served without budgets: ready, and the degraded store is said.
+        ready = httpx.get(f"{gw.admin_url}/readyz", timeout=10)
+        assert ready.status_code == 200 and "state store" in ready.json()["degraded"][0]
         redis.start()  # same port and data directory: what was in it is still there
         rows = wait_until(lambda: (rows := chat_rows(config)) and len(rows) == 4 and rows,
                           timeout=15, what="spooled rows to reach redis")

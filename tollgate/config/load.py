@@ -103,7 +103,7 @@ def expandable(loc: tuple[Any, ...]) -> bool:
     """Fields where `${VAR}` is expanded: endpoints and provider settings, which operators
     write. Names, principals and other values the CLI writes from user input stay literal,
     so a key named `${OPENAI_API_KEY}` can never print that variable."""
-    if loc[:2] == ("gateway", "state"):
+    if loc[:2] == ("gateway", "state") or loc[:3] == ("gateway", "telemetry", "otlp_endpoint"):
         return True
     return len(loc) >= 3 and loc[0] == "model_providers" and \
         loc[2] in ("base_url", "provider_config")

@@ -60,6 +60,32 @@ class CircuitBreaker(Strict):
     cooldown_seconds: float = Field(default=30.0, gt=0)
 
 
+class Telemetry(Strict):
+    """Traces, metrics labels and the access log. Every field applies on reload."""
+
+    # Where spans go over OTLP. Unset: the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT /
+    # OTEL_EXPORTER_OTLP_ENDPOINT variables; with neither, no span is recorded at all.
+    otlp_endpoint: str | None = None
+    # Unset: $OTEL_EXPORTER_OTLP_TRACES_PROTOCOL / $OTEL_EXPORTER_OTLP_PROTOCOL, else
+    # http/protobuf (the OTLP default).
+    otlp_protocol: Literal["grpc", "http/protobuf"] | None = None
+    # Unset: $OTEL_SERVICE_NAME, else "tollgate".
+    service_name: str | None = None
+    # Prompts in span attributes and the access log. Off: they are never written.
+    capture_content: bool = False
+    # Extra labels on the token and cost metrics (bounded by the org's teams and projects).
+    metric_labels: list[Literal["team", "project"]] = []
+    # One JSON line per request: "-" for stdout, a file (relative to this file), or null.
+    access_log: str | None = "-"
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", v):
+            raise ValueError("otlp_endpoint must be http(s)://host:port[/path]")
+        return v
+
+
 class GatewaySettings(Strict):
     header_prefix: str = "X-LangWatch-"
     state: str = "sqlite:///.tollgate/state.db"
@@ -83,6 +109,7 @@ class GatewaySettings(Strict):
     hold_lease_seconds: int = Field(default=900, ge=30)
     # Environment variable holding the pepper for virtual-key HMACs.
     pepper_env: str = "TOLLGATE_KEY_PEPPER"
+    telemetry: Telemetry = Field(default_factory=lambda: Telemetry())
 
     @field_validator("state")
     @classmethod

@@ -11,6 +11,7 @@ class Anthropic(Adapter):
     type = "anthropic"
     wire = "anthropic"
     vendor = "anthropic"
+    gen_ai_provider = "anthropic"
     default_models = ("claude-*",)
     default_base_url = "https://api.anthropic.com"
 

@@ -29,6 +29,7 @@ class AzureOpenAI(Adapter):
     type = "azure-openai"
     wire = "openai"
     vendor = "openai"
+    gen_ai_provider = "azure.ai.openai"
     default_models: ClassVar[tuple[str, ...]] = ("gpt-*", "o1*", "o3*", "o4*",
                                                  "text-embedding-*")
 

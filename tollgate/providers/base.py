@@ -52,6 +52,8 @@ class Adapter:
     type: ClassVar[str]
     wire: ClassVar[str]  # the API family the provider speaks: "openai" | "anthropic"
     vendor: ClassVar[str | None] = None  # who makes its models (the catalog's `vendor`)
+    # Its `gen_ai.provider.name` in OpenTelemetry's GenAI conventions.
+    gen_ai_provider: ClassVar[str] = "openai"
     default_models: ClassVar[tuple[str, ...]] = ()
     default_base_url: ClassVar[str | None] = None
     # Its streams are not SSE (Bedrock's event-stream frames) and are turned into the SSE

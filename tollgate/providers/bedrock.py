@@ -47,6 +47,7 @@ class Bedrock(Adapter):
     type = "bedrock"
     wire = "anthropic"
     vendor = "anthropic"
+    gen_ai_provider = "aws.bedrock"
     default_models = ("claude-*", "anthropic.claude-*")
     reframes_streams = True
     key_optional = True

@@ -20,6 +20,7 @@ class Gemini(Adapter):
     type = "gemini"
     wire = "gemini"
     vendor = "google"
+    gen_ai_provider = "gcp.gemini"
     default_models = ("gemini-*",)
     default_base_url = "https://generativelanguage.googleapis.com"
 

@@ -9,6 +9,7 @@ class OpenAI(Adapter):
     type = "openai"
     wire = "openai"
     vendor = "openai"
+    gen_ai_provider = "openai"
     default_models = ("gpt-*", "o1*", "o3*", "o4*", "chatgpt-*", "text-embedding-*", "codex-*",
                       "computer-use-*")
     default_base_url = "https://api.openai.com"

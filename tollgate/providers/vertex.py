@@ -101,6 +101,7 @@ class Vertex(Adapter):
     type = "vertex"
     wire = "anthropic"
     vendor = "anthropic"
+    gen_ai_provider = "gcp.vertex_ai"
     default_models = ("claude-*", "gemini-*")
     key_optional = True
     config_keys = frozenset({"project", "location"})

@@ -1,0 +1,168 @@
+"""Prometheus metrics, with bounded labels: routes, statuses, gateway codes, configured
+providers and the models they serve. No per-request or per-key label; team and project
+only when `gateway.telemetry.metric_labels` asks for them.
+
+Budget utilisation, circuit-breaker state and config reloads are read when scraped (see
+`GatewayCollector`), so they are never stale."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from tollgate import budgets
+
+if TYPE_CHECKING:
+    from tollgate.gateway import Gateway
+    from tollgate.ledger import LedgerRow
+
+log = logging.getLogger("tollgate.metrics")
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_SLOW = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+REQUESTS = Counter(
+    "tollgate_requests", "Requests, refused or served, by route, status, gateway error code "
+    "(empty when served), provider and model", ["route", "status", "code", "provider", "model"],
+    registry=REGISTRY)
+DURATION = Histogram(
+    "tollgate_request_duration_seconds", "Time from the request's arrival to its last "
+    "response byte", ["route"], buckets=_SLOW, registry=REGISTRY)
+OVERHEAD = Histogram(
+    "tollgate_gateway_overhead_seconds", "Time the gateway itself spent on a request: its "
+    "decision (auth, policy, admission) and its work on the response", ["route"],
+    buckets=_FAST, registry=REGISTRY)
+UPSTREAM = Histogram(
+    "tollgate_upstream_duration_seconds", "Provider time: from dispatch to the response's "
+    "end, less the gateway's own work on the response", ["provider"], buckets=_SLOW,
+    registry=REGISTRY)
+TTFB = Histogram(
+    "tollgate_time_to_first_byte_seconds", "Streamed responses: from dispatch to the first "
+    "body byte", ["provider", "model"], buckets=_SLOW, registry=REGISTRY)
+TOKENS = Counter(
+    "tollgate_tokens", "Tokens by provider, model and type (input, cached_input, "
+    "cache_write, output)", ["provider", "model", "type", "team", "project"],
+    registry=REGISTRY)
+COST = Counter(
+    "tollgate_cost_usd", "Spend in USD by provider and model", ["provider", "model", "team",
+                                                               "project"], registry=REGISTRY)
+RATE_LIMITED = Counter(
+    "tollgate_rate_limit_rejections", "Requests refused by a rate limit, by whose limit "
+    "(key or provider) and its dimension", ["scope", "dimension"], registry=REGISTRY)
+FALLBACKS = Counter(
+    "tollgate_fallbacks", "Providers moved past, by provider and reason", ["provider",
+                                                                         "reason"],
+    registry=REGISTRY)
+
+_TOKEN_TYPES = ("input", "cached_input", "cache_write", "output")
+
+
+def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float = 0.0,
+            upstream_seconds: float | None = None, first_byte_seconds: float | None = None,
+            fallbacks: list[str] | None = None, rate_limit: dict[str, str] | None = None,
+            labels: list[str] | None = None) -> None:
+    """Count one finished request."""
+    served = row.provider is not None
+    provider, model = (row.provider or "", row.model or "") if served else ("", "")
+    REQUESTS.labels(row.route, str(row.status or 0), row.code or "", provider, model).inc()
+    DURATION.labels(row.route).observe(decision_seconds + response_seconds
+                                       + (upstream_seconds or 0.0))
+    OVERHEAD.labels(row.route).observe(decision_seconds + response_seconds)
+    if rate_limit:
+        scope = rate_limit.get("scope", "").split(":", 1)[0]
+        RATE_LIMITED.labels(scope, rate_limit.get("limit", "")).inc()
+    for entry in fallbacks or []:
+        who, _, reason = entry.partition(":")
+        FALLBACKS.labels(who, re.sub(r"\s*\(.*", "", reason)).inc()
+    if not served:
+        return
+    if upstream_seconds is not None:
+        UPSTREAM.labels(provider).observe(max(upstream_seconds, 0.0))
+    if first_byte_seconds is not None:
+        TTFB.labels(provider, model).observe(first_byte_seconds)
+    wanted = labels or []
+    team = (row.team or "") if "team" in wanted else ""
+    project = (row.project or "") if "project" in wanted else ""
+    counts = (row.input_tokens, row.cached_input_tokens, row.cache_write_tokens,
+              row.output_tokens)
+    for kind, count in zip(_TOKEN_TYPES, counts, strict=True):
+        if count:
+            TOKENS.labels(provider, model, kind, team, project).inc(count)
+    if row.cost_micros:
+        COST.labels(provider, model, team, project).inc(row.cost_micros / 1_000_000)
+
+
+class GatewayCollector:
+    """What is read from the gateway when scraped: budgets (from the state store), circuit
+    breakers and config reloads."""
+
+    def __init__(self, gateway: Gateway, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.gateway, self.loop = gateway, loop
+
+    def describe(self) -> list[Metric]:
+        return []  # the budget families depend on the config: not fixed at registration
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self.gateway
+        status = gw.holder.status
+        reloads = CounterMetricFamily("tollgate_config_reloads", "Config reloads, by result",
+                                      labels=["result"])
+        reloads.add_metric(["ok"], status.get("reloads", 0))
+        reloads.add_metric(["failed"], status.get("reload_failures", 0))
+        yield reloads
+        stale = GaugeMetricFamily("tollgate_config_reload_failing", "1 when the last config "
+                                  "edit was rejected and an older config is served")
+        stale.add_metric([], 1 if gw.holder.last_error else 0)
+        yield stale
+        breaker = GaugeMetricFamily("tollgate_circuit_breaker_open", "1 while a provider's "
+                                    "circuit is open (it is tried last)", labels=["provider"])
+        for provider in gw.holder.current.config.model_providers:
+            breaker.add_metric([provider.id], 1 if gw.breakers.is_open(provider.id) else 0)
+        yield breaker
+        yield from self._budgets()
+
+    def _budgets(self) -> Iterator[Metric]:
+        cfg = self.gateway.holder.current.config
+        if not cfg.budgets or self.loop is None or not self.loop.is_running():
+            return
+        now = datetime.now(UTC)
+        holds = []
+        for b in cfg.budgets:
+            w = budgets.window(b.window, now)
+            holds.append(budgets.Hold(b, w.key, w.end))
+        read = asyncio.run_coroutine_threadsafe(self.gateway.store().counters(holds),
+                                                self.loop)
+        try:
+            counters = read.result(timeout=3)
+        except FutureTimeout:
+            read.cancel()
+            log.warning("budgets left out of /metrics: the state store did not answer in 3 s")
+            return
+        except Exception as e:
+            log.warning("budgets left out of /metrics: %s", e)
+            return
+        limit = GaugeMetricFamily("tollgate_budget_limit_usd", "Each budget's limit",
+                                  labels=["budget", "window"])
+        spent = GaugeMetricFamily("tollgate_budget_spent_usd", "Settled spend in the budget's "
+                                  "current window", labels=["budget", "window"])
+        reserved = GaugeMetricFamily("tollgate_budget_reserved_usd", "Held for requests in "
+                                     "flight", labels=["budget", "window"])
+        used = GaugeMetricFamily("tollgate_budget_utilization_ratio", "(spent + reserved) / "
+                                 "limit in the current window", labels=["budget", "window"])
+        for hold, counter in zip(holds, counters, strict=True):
+            labels = [hold.budget.id, hold.budget.window]
+            limit.add_metric(labels, hold.budget.limit)
+            spent.add_metric(labels, counter.spent / budgets.MICROS)
+            reserved.add_metric(labels, counter.reserved / budgets.MICROS)
+            used.add_metric(labels, counter.committed / hold.limit_micros
+                            if hold.limit_micros else 0.0)
+        yield from (limit, spent, reserved, used)
