@@ -1,6 +1,7 @@
 CONFIG ?= config/gateway.yaml
 HOST ?= envoy
 LISTEN ?= 127.0.0.1:8080
+ADMIN ?= 127.0.0.1:9464
 VENV := .venv/bin
 
 .PHONY: run test lint bench soak bootstrap
@@ -11,7 +12,7 @@ bootstrap:
 run: bootstrap
 	@test -f $(CONFIG) || { mkdir -p $(dir $(CONFIG)) && cp config/gateway.example.yaml $(CONFIG) \
 		&& echo "make run: created $(CONFIG) from config/gateway.example.yaml (your working copy, kept out of git)"; }
-	$(VENV)/tollgate --config $(CONFIG) serve $(HOST) --listen $(LISTEN)
+	$(VENV)/tollgate --config $(CONFIG) serve $(HOST) --listen $(LISTEN) --admin $(ADMIN)
 
 # Two workers, one test file each at a time: files share their gateways within a worker.
 test: bootstrap

@@ -8,7 +8,9 @@ keep-alive connections. Each host is measured four ways: a plain key; a key with
 and RPD limits it never reaches (`+limits`); a key with fallback whose first provider
 answers (`+fb`); and one whose first provider refuses connections, so every request falls
 back (`+fb-down`). Prints p50/p99 per path, what the gateway adds, and the ratio; then what
-the limits add over the plain key, measured with the two keys' requests interleaved.
+the limits add over the plain key, measured with the two keys' requests interleaved; what
+exporting every span over OTLP adds (a second gateway of the same host exporting to a local
+receiver, interleaved with the first); and the span work per request in-process.
 """
 
 from __future__ import annotations
@@ -84,20 +86,60 @@ async def sequential(url: str, headers: dict[str, str], n: int) -> list[float]:
         return out
 
 
-async def interleaved(url: str, first: dict[str, str], second: dict[str, str], n: int
-                      ) -> tuple[list[float], list[float]]:
-    """Alternate two keys request by request, so the machine's drift weighs on both alike."""
+async def interleaved(first: tuple[str, dict[str, str]], second: tuple[str, dict[str, str]],
+                      n: int) -> tuple[list[float], list[float]]:
+    """Alternate two (url, headers) request by request, so the machine's drift weighs on both
+    alike."""
     async with httpx.AsyncClient(timeout=30) as client:
-        for headers in (first, second) * 10:
+        for url, headers in (first, second) * 10:
             await client.post(url, content=BODY, headers=headers)
         out: tuple[list[float], list[float]] = ([], [])
         for _ in range(n):
-            for i, headers in enumerate((first, second)):
+            for i, (url, headers) in enumerate((first, second)):
                 t0 = time.perf_counter()
                 r = await client.post(url, content=BODY, headers=headers)
                 out[i].append((time.perf_counter() - t0) * 1000)
                 assert r.status_code == 200, r.text
         return out
+
+
+def span_work(n: int = 20000) -> tuple[float, float]:
+    """Microseconds of span work per request in-process (gateway span, one attempt span,
+    their attributes): with no exporter, then exporting over OTLP/gRPC to a local receiver."""
+    from tests.otlp import OTLPReceiver
+    from tollgate import telemetry
+    from tollgate.config.schema import Telemetry
+    from tollgate.ledger import LedgerRow
+    from tollgate.request import Attempt
+
+    attempt = Attempt("mp_openai", "https", "api.openai.com", 443, "/v1/chat/completions",
+                      {}, [], model="gpt-5-mini")
+    row = LedgerRow(request_id="req_x", ts="", key_id="vk_x", key_name="k", principal="p",
+                    org="acme", team="t", project=None, provider="mp_openai",
+                    model="gpt-5-mini", route="chat_completions", input_tokens=10,
+                    output_tokens=20, cost_micros=30, status=200, outcome="completed")
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            t = telemetry.start("POST", "/v1/chat/completions", {})
+            span = t.start_attempt(attempt, "chat_completions")
+            telemetry.end_attempt(span, 200, input_tokens=10, output_tokens=20)
+            t.end(row, requested_model="gpt-5-mini", provider_name="openai")
+        return (time.perf_counter() - t0) / n * 1e6
+
+    telemetry.configure(Telemetry())
+    off = run()
+    receiver = OTLPReceiver().start()
+    try:
+        telemetry.configure(Telemetry(otlp_endpoint=f"http://127.0.0.1:{receiver.grpc_port}",
+                                      otlp_protocol="grpc"))
+        on = run()
+        telemetry.flush()
+    finally:
+        telemetry.configure(Telemetry())
+        receiver.stop()
+    return off, on
 
 
 async def concurrent(url: str, headers: dict[str, str], n: int, width: int
@@ -161,11 +203,29 @@ def main() -> None:
             seq = asyncio.run(sequential(url, headers, args.requests))
             conc, rps = asyncio.run(concurrent(url, headers, args.requests, args.concurrency))
             rows.append((name, seq, conc, rps))
-        ab = {}
+        ab, traced = {}, {}
+        plain = {"authorization": f"Bearer {keys['']}"}
         for gw in gateways:
+            url = f"{gw.url}/v1/chat/completions"
             ab[gw.host] = asyncio.run(interleaved(
-                f"{gw.url}/v1/chat/completions", {"authorization": f"Bearer {keys['']}"},
-                {"authorization": f"Bearer {keys['+limits']}"}, args.requests))
+                (url, plain), (url, {"authorization": f"Bearer {keys['+limits']}"}),
+                args.requests))
+        # The same host exporting every span over OTLP/gRPC, against one exporting none.
+        from tests.otlp import OTLPReceiver
+
+        receiver = OTLPReceiver().start()
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.grpc_port}",
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+        try:
+            for gw in list(gateways):
+                exporting = GatewayProcess(gw.host, config, workdir, env=env).start()
+                gateways.append(exporting)
+                traced[gw.host] = asyncio.run(interleaved(
+                    (f"{gw.url}/v1/chat/completions", plain),
+                    (f"{exporting.url}/v1/chat/completions", plain), args.requests))
+        finally:
+            receiver.stop()
+        span_us = span_work()
     finally:
         for gw in gateways:
             gw.stop()
@@ -195,6 +255,16 @@ def main() -> None:
         print(f"{host:<10} {statistics.median(plain):>9.3f} {statistics.median(limited):>10.3f} "
               f"{statistics.median(limited) - statistics.median(plain):>+7.3f} "
               f"{percentile(plain, 0.99):>9.3f} {percentile(limited, 0.99):>10.3f}")
+    print(f"\nTraces exported over OTLP/gRPC, {args.requests} requests each, interleaved with "
+          "the same host exporting none (ms):\n")
+    print(f"{'host':<10} {'none p50':>9} {'OTLP p50':>10} {'added':>7} {'none p99':>9} "
+          f"{'OTLP p99':>10}")
+    for host, (plain, exported) in traced.items():
+        print(f"{host:<10} {statistics.median(plain):>9.3f} {statistics.median(exported):>10.3f} "
+              f"{statistics.median(exported) - statistics.median(plain):>+7.3f} "
+              f"{percentile(plain, 0.99):>9.3f} {percentile(exported, 0.99):>10.3f}")
+    print(f"\nSpan work per request, in-process: {span_us[0]:.1f} µs with no exporter, "
+          f"{span_us[1]:.1f} µs exporting\n")
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ follows the state, and the JSON access log: on both hosts, with the official SDK
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tests.harness import GatewayProcess, ledger, tollgate, wait_until
 from tests.otlp import OTLPReceiver
 from tollgate.client import gateway_headers
 
+ROOT = Path(__file__).resolve().parents[2]
 CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
 MARKER = "PROMPT-MARKER-7f3a9c"  # must never leave the gateway unless capture is on
 SERVER, CLIENT = 2, 3  # OTLP span kinds
@@ -171,6 +173,8 @@ def test_metrics_add_up_after_a_mixed_run(observed, fake_openai):
     for _ in range(2):
         observed.client().chat.completions.create(**CHAT)
         sent["served"] += 1
+    assert list(observed.client().chat.completions.create(**CHAT, stream=True))
+    sent["served"] += 1
     with pytest.raises(openai.PermissionDeniedError):
         observed.client("claude_only").chat.completions.create(**CHAT)
     with pytest.raises(openai.APIStatusError) as e:
@@ -187,7 +191,7 @@ def test_metrics_add_up_after_a_mixed_run(observed, fake_openai):
         return _count(observed.metrics(), name, **labels) - _count(before, name, **labels)
 
     chat = {"route": "chat_completions"}
-    wait_until(lambda: delta("tollgate_requests_total", **chat) == 7, timeout=10,
+    wait_until(lambda: delta("tollgate_requests_total", **chat) == 8, timeout=10,
                what="every request to be counted")
     after = observed.metrics()
     assert delta("tollgate_requests_total", status="200", provider="mp_openai",
@@ -200,8 +204,9 @@ def test_metrics_add_up_after_a_mixed_run(observed, fake_openai):
     assert delta("tollgate_requests_total", status="429", code="rate_limited", **chat) == 1
     assert delta("tollgate_rate_limit_rejections_total", scope="key", dimension="rpm") == 1
     assert delta("tollgate_fallbacks_total", provider="mp_openai", reason="5xx") == 1
-    assert delta("tollgate_gateway_overhead_seconds_count", **chat) == 7
-    assert delta("tollgate_upstream_duration_seconds_count") == 4
+    assert delta("tollgate_gateway_overhead_seconds_count", **chat) == 8
+    assert delta("tollgate_upstream_duration_seconds_count") == 5
+    assert delta("tollgate_time_to_first_byte_seconds_count", provider="mp_openai") == 1
     # Tokens and cost agree with the ledger, to the token and the micro-dollar.
     rows = [r for r in ledger(observed.gateway.config)
             if r.route == "chat_completions" and r.provider]
@@ -214,6 +219,12 @@ def test_metrics_add_up_after_a_mixed_run(observed, fake_openai):
     assert _count(after, "tollgate_budget_utilization_ratio", budget="b_web") == 0
     assert ("tollgate_circuit_breaker_open", (("provider", "mp_openai"),)) in after
     assert ("tollgate_config_reloads_total", (("result", "failed"),)) in after
+    # Every series the shipped Grafana dashboard queries is one the gateway exports.
+    dashboard = json.loads((ROOT / "config" / "grafana" / "tollgate.json").read_text())
+    queried = {name for p in dashboard["panels"] for t in p["targets"]
+               for name in re.findall(r"\b(tollgate_\w+)", t["expr"])}
+    assert len(queried) >= 10 and queried <= {n for n, _ in after}, \
+        queried - {n for n, _ in after}
     # No per-request or per-key label anywhere.
     labels = {k for (_, ls) in after for k, _ in ls}
     assert not labels & {"request_id", "key", "key_id", "principal"}
@@ -266,12 +277,14 @@ def test_readyz_follows_a_rejected_reload(observed):
                what="readyz to recover")
 
 
-def test_capture_content_puts_the_prompt_on_the_span_and_the_log(observed, receiver):
-    """Last in the module: it turns capture on for this gateway (a reload)."""
+def test_reload_turns_on_prompt_capture_and_team_labels(observed, receiver):
+    """Last in the module: it changes this gateway's telemetry settings (a reload)."""
     config = observed.gateway.config
+    assert not _count(observed.metrics(), "tollgate_cost_usd_total", team="team_eng")
     config.write_text(config.read_text().replace("    access_log: access.log",
                                                  "    access_log: access.log\n"
-                                                 "    capture_content: true", 1))
+                                                 "    capture_content: true\n"
+                                                 "    metric_labels: [team]", 1))
     observed.gateway.wait_for_config()
     raw = observed.client().chat.completions.with_raw_response.create(
         model="gpt-5-mini", messages=[{"role": "user", "content": f"say {MARKER}"}])
@@ -280,3 +293,6 @@ def test_capture_content_puts_the_prompt_on_the_span_and_the_log(observed, recei
     assert MARKER in server.attributes["gen_ai.input.messages"]
     wait_until(lambda: MARKER in (config.parent / "access.log").read_text(), timeout=5,
                what="the prompt in the access log")
+    row = ledger_row(observed.gateway, raw.headers["x-langwatch-request-id"])
+    assert _count(observed.metrics(), "tollgate_cost_usd_total", team="team_eng") == \
+        pytest.approx(row.cost_micros / 1e6)

@@ -1,0 +1,111 @@
+"""Tracing set-up (exporters chosen by the YAML or the OTEL_* variables, swapped on
+reload), the client helper, and the access log's targets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from tests.otlp import OTLPReceiver
+from tollgate import telemetry
+from tollgate.accesslog import AccessLog
+from tollgate.client import gateway_headers
+from tollgate.config.schema import Telemetry
+from tollgate.ledger import LedgerRow
+
+
+@pytest.fixture
+def receiver():
+    r = OTLPReceiver().start()
+    yield r
+    r.stop()
+    telemetry.configure(Telemetry())  # back to no export
+
+
+def _request(row_id: str) -> telemetry.RequestTrace:
+    t = telemetry.start("POST", "/v1/chat/completions", {})
+    t.end(LedgerRow(request_id=row_id, ts="", key_id="vk_1", key_name="k", principal="p",
+                    org="acme", team=None, project=None, provider=None, model=None,
+                    route="chat_completions", status=401, outcome="refused",
+                    code="invalid_api_key"))
+    return t
+
+
+def test_no_exporter_records_nothing_but_ids_still_flow(monkeypatch):
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    telemetry.configure(Telemetry())
+    t = telemetry.start("POST", "/v1/chat/completions", {
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    assert not t.span.is_recording()
+    assert t.trace_id == "0af7651916cd43dd8448eb211c80319c"  # still the caller's trace
+    assert t.span_id != "b7ad6b7169203331" and len(t.span_id) == 16
+
+
+def test_yaml_endpoint_over_http_protobuf_exports(receiver):
+    telemetry.configure(Telemetry(otlp_endpoint=f"http://127.0.0.1:{receiver.http_port}",
+                                  service_name="gw-a"))
+    t = _request("req_http")
+    telemetry.flush()
+    (span,) = receiver.wait_for(t.trace_id, 1)
+    assert span.service == "gw-a" and span.attributes["tollgate.request_id"] == "req_http"
+    assert span.attributes["tollgate.decision"] == "invalid_api_key"
+
+
+def test_standard_variables_and_a_reload_that_changes_the_exporter(receiver, monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.grpc_port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    telemetry.configure(Telemetry())
+    first = _request("req_grpc")
+    telemetry.flush()
+    receiver.wait_for(first.trace_id, 1)
+    # A reload pointing elsewhere: the next spans go there; OTEL_TRACES_EXPORTER=none stops.
+    telemetry.configure(Telemetry(otlp_endpoint=f"http://127.0.0.1:{receiver.http_port}",
+                                  otlp_protocol="http/protobuf"))
+    second = _request("req_after_reload")
+    telemetry.flush()
+    receiver.wait_for(second.trace_id, 1)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    telemetry.configure(Telemetry(service_name="changed"))
+    assert not telemetry.start("GET", "/", {}).span.is_recording()
+
+
+def test_gateway_headers_nest_under_the_current_span():
+    assert gateway_headers() == {}  # outside any span: nothing to nest under
+    tracer = TracerProvider().get_tracer("app")
+    with tracer.start_as_current_span("app") as span:
+        headers = gateway_headers({"x-team": "web"})
+    ctx = span.get_span_context()
+    flags = int(ctx.trace_flags)
+    assert headers == {"traceparent": f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{flags:02x}",
+                       "x-team": "web"}
+    parent = trace.get_current_span()  # and nothing leaks once the span has ended
+    assert not parent.get_span_context().is_valid
+
+
+def test_client_helper_imports_nothing_heavy():
+    out = subprocess.run([sys.executable, "-c", (
+        "import sys, tollgate.client; "
+        "print(sorted(m for m in sys.modules if m.startswith(('tollgate.', 'opentelemetry.sdk',"
+        " 'grpc', 'prometheus_client', 'redis', 'mitmproxy', 'pydantic'))))")],
+        capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.replace("'", '"')) == ["tollgate.client"]
+
+
+def test_access_log_targets(tmp_path, capsys):
+    log = AccessLog()
+    log.configure("-", tmp_path)
+    log.write({"request_id": "req_1", "status": 200})
+    assert json.loads(capsys.readouterr().out) == {"request_id": "req_1", "status": 200}
+    log.configure("logs/access.log", tmp_path)  # a reload moves it to a file
+    log.write({"request_id": "req_2"})
+    log.configure(None, tmp_path)  # and turns it off
+    log.write({"request_id": "req_3"})
+    lines = (tmp_path / "logs" / "access.log").read_text().splitlines()
+    assert [json.loads(x)["request_id"] for x in lines] == ["req_2"]
+    assert capsys.readouterr().out == ""
