@@ -356,6 +356,7 @@ class Gateway:
             extra.update({"requested_model": exchange.requested_model,
                           "upstream": attempt.url, "error": exchange.error,
                           "bytes_out": exchange.meter.bytes,
+                          "sse_events": exchange.meter.events,
                           "budget_warning": exchange.billing.warning})
         extra["overhead_ms"] = round((trace.decision_seconds + (
             exchange.overhead if exchange else 0.0)) * 1000, 3)

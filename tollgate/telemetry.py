@@ -147,6 +147,7 @@ class RequestTrace:
     started: float = field(default_factory=time.perf_counter)
     decided: float | None = None  # when the gateway had decided (forwarded or answered)
     prompt: str | None = None  # kept only with capture_content
+    parent_flags: int = 0  # the caller's trace flags (sampled), from its traceparent
 
     @property
     def trace_id(self) -> str:
@@ -158,8 +159,11 @@ class RequestTrace:
 
     @property
     def traceparent(self) -> str:
-        """Sent upstream so the provider call nests under the gateway span."""
+        """Sent upstream so the provider call nests under the gateway span. A gateway that
+        records nothing passes the caller's sampling decision on unchanged."""
         flags = int(self.span.get_span_context().trace_flags)
+        if not self.span.is_recording():
+            flags = self.parent_flags
         return f"00-{self.trace_id}-{self.span_id}-{flags:02x}"
 
     @property
@@ -265,4 +269,6 @@ def start(method: str, path: str, headers: Mapping[str, str]) -> RequestTrace:
     parent = _propagator.extract(dict(headers))
     span = _tracing.tracer.start_span(f"{method} {path.split('?', 1)[0]}", context=parent,
                                       kind=trace.SpanKind.SERVER)
-    return RequestTrace(request_id=f"req_{ULID()}", span=span)
+    caller = trace.get_current_span(parent).get_span_context()
+    return RequestTrace(request_id=f"req_{ULID()}", span=span,
+                        parent_flags=int(caller.trace_flags) if caller.is_valid else 0)
