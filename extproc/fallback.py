@@ -21,6 +21,7 @@ import logging
 from typing import Any
 
 from tollgate.config.schema import Config, Fallback
+from tollgate.providers.base import FAILURE_STATUSES
 from tollgate.request import Attempt
 from tollgate.routing import visible_scopes
 
@@ -32,11 +33,11 @@ CHAIN_LIMIT = 1000
 PREVIOUS_PRIORITIES = "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities." \
                       "v3.PreviousPrioritiesConfig"
 
-# `fallback.on` -> Envoy's retry conditions. Envoy cannot tell a per-try timeout from a reset
-# before the response, so `reset` serves both `timeout` and `network_error`.
-_STATUS_CODES = {"5xx": [str(c) for c in range(500, 600)], "rate_limit": ["429"]}
-_RETRY_ON = {"5xx": ["retriable-status-codes"], "rate_limit": ["retriable-status-codes"],
-             "timeout": ["reset"], "network_error": ["connect-failure", "refused-stream", "reset"]}
+# `fallback.on` -> Envoy's retry conditions besides statuses. Envoy cannot tell a per-try
+# timeout from a reset before the response, so `reset` serves both `timeout` and
+# `network_error`.
+_RETRY_ON = {"5xx": [], "rate_limit": [], "timeout": ["reset"],
+             "network_error": ["connect-failure", "refused-stream", "reset"]}
 # Per-request controls of Envoy's router: the gateway alone sets them.
 ENVOY_CONTROL_PREFIX = "x-envoy-"
 
@@ -97,15 +98,21 @@ def retry_headers(fallback: Fallback, attempts: list[Attempt]) -> dict[str, str]
     reasoning call) is waited for, as on the mitmproxy host."""
     if len(attempts) < 2:
         return {}
-    retry_on = sorted({c for cond in fallback.on for c in _RETRY_ON[cond]})
-    codes = [c for cond in ("rate_limit", "5xx") if cond in fallback.on
-             for c in _STATUS_CODES[cond]]
-    headers = {"x-envoy-retry-on": ",".join(retry_on),
+    retry_on = {c for cond in fallback.on for c in _RETRY_ON[cond]}
+    # The statuses each provider type classes under the key's conditions (Bedrock's 408 is a
+    # timeout); any attempt but the last may be followed by another.
+    codes = sorted({code for a in attempts[:-1]
+                    for code, kind in (a.adapter.failure_statuses if a.adapter is not None
+                                       else FAILURE_STATUSES).items()
+                    if kind in fallback.on})
+    if codes:
+        retry_on.add("retriable-status-codes")
+    headers = {"x-envoy-retry-on": ",".join(sorted(retry_on)),
                "x-envoy-max-retries": str(len(attempts) - 1),
                "x-envoy-upstream-rq-per-try-timeout-ms":
                    str(round(attempts[0].first_byte_timeout * 1000))}
     if codes:
-        headers["x-envoy-retriable-status-codes"] = ",".join(codes)
+        headers["x-envoy-retriable-status-codes"] = ",".join(map(str, codes))
     return headers
 
 

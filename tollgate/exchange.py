@@ -19,6 +19,7 @@ from tollgate.errors import GatewayError
 from tollgate.ledger import LedgerRow
 from tollgate.meter import ResponseMeter
 from tollgate.pricing import ModelPrice, PriceTable, cost_micros
+from tollgate.providers.base import FAILURE_STATUSES, error_message
 from tollgate.request import Attempt
 from tollgate.routes import Route
 from tollgate.scopes import Lineage
@@ -88,7 +89,7 @@ class Exchange:
         self.breakers = breakers
         self.started = time.monotonic()
         self.status: int | None = None
-        self.meter = ResponseMeter(self.attempt.family, stream)
+        self.meter = self._meter()
         self._finished = False
         self.error: str | None = None  # why it ended badly, once finished
         self.settled: LedgerRow | None = None  # its ledger row, once finished
@@ -123,19 +124,25 @@ class Exchange:
     @property
     def needs_rewrite(self) -> bool:
         """Some attempt's response may not reach the client as the provider sends it."""
-        return any(a.translated or a.strip_usage or a.reframed for a in self.attempts)
+        return any(a.translated or a.strip_usage or a.reframed or a.foreign_errors
+                   for a in self.attempts)
+
+    def _meter(self) -> ResponseMeter:
+        a = self.attempt
+        return a.adapter.meter(a.model, self.stream_requested) if a.adapter is not None \
+            else ResponseMeter(a.family, self.stream_requested)
 
     # -- fallback -----------------------------------------------------------------------
-    @staticmethod
-    def failure_kind(status: int | None = None, error: str | None = None) -> str | None:
-        """The `fallback.on` condition an attempt's outcome falls under, if any."""
+    def failure_kind(self, status: int | None = None, error: str | None = None) -> str | None:
+        """The `fallback.on` condition an attempt's outcome falls under, if any: a transport
+        error as it is, a status as the provider's adapter classes it."""
         if error is not None:
             return error  # "timeout" | "network_error"
-        if status == 429:
-            return "rate_limit"
-        if status is not None and status >= 500:
-            return "5xx"
-        return None
+        if status is None:
+            return None
+        adapter = self.attempt.adapter
+        return adapter.failure_kind(status) if adapter is not None else \
+            FAILURE_STATUSES.get(status)
 
     def fallback_reason(self, status: int | None = None, error: str | None = None
                         ) -> str | None:
@@ -159,7 +166,7 @@ class Exchange:
             self.billing.price = self._prices.lookup(self.model, self.attempt.prices) or \
                 self.billing.price
         self.status = None
-        self.meter = ResponseMeter(self.attempt.family, self.stream_requested)
+        self.meter = self._meter()
         return self.attempt
 
     def begin_attempt(self, provider_id: str) -> Attempt:
@@ -205,7 +212,7 @@ class Exchange:
         """A stream the gateway turns into SSE (Bedrock's frames) is announced as SSE."""
         if self.attempt.reframed and eventstream.is_eventstream(content_type):
             return {"content-type": "text/event-stream; charset=utf-8"}
-        if self.attempt.reframed and not 200 <= status < 300:
+        if (self.attempt.reframed or self.attempt.foreign_errors) and not 200 <= status < 300:
             return {"content-type": "application/json"}
         return {}
 
@@ -215,8 +222,10 @@ class Exchange:
         a, client = self.attempt, self.route.family
         sse = (content_type or "").lower().startswith("text/event-stream")
         model = self.requested_model or a.model  # the name the client asked for
-        if (a.reframed or a.translated) and not 200 <= status < 300:
-            return JSONTranslation(lambda body: translate.error_to(client, status, body))
+        if (a.reframed or a.translated or a.foreign_errors) and not 200 <= status < 300:
+            read = a.adapter.error_message if a.adapter is not None else error_message
+            return JSONTranslation(lambda body: translate.error_to(client, status,
+                                                                   read(status, body)))
         if a.reframed and eventstream.is_eventstream(content_type):
             frames = eventstream.EventStreamToSSE()
             if not a.translated:
@@ -338,7 +347,7 @@ class Exchange:
             # at [DONE]) did not cut anything short.
             outcome, error = "completed", None
         if self.breakers is not None:
-            failed = self.status is None or self.status == 429 or self.status >= 500
+            failed = self.status is None or self.failure_kind(self.status) is not None
             if failed and outcome != "abandoned":
                 self.breakers.failure(self.provider_id)
             elif not failed:

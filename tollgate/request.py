@@ -83,6 +83,7 @@ class Attempt:
     translated: bool = False  # the provider speaks another family than the client
     strip_usage: bool = False  # a usage chunk the gateway asked for is hidden from the client
     reframed: bool = False  # its streams are turned into SSE (Bedrock's event-stream frames)
+    foreign_errors: bool = False  # its errors are rewritten into the client's envelope
     connect_timeout: float = 10.0
     first_byte_timeout: float = 120.0
     adapter: Adapter | None = field(default=None, repr=False)  # the provider type's adapter

@@ -140,6 +140,31 @@ def test_bedrock_throttling_falls_back_and_errors_reach_the_client_in_its_family
         client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES)
 
 
+@pytest.mark.parametrize("host", HOSTS)
+def test_bedrock_model_timeout_falls_back_as_a_timeout(gateways, host, fake_bedrock):
+    """Bedrock's adapter classes its own errors: ModelTimeoutException (408) is a timeout, so
+    a key that falls back on timeouts alone moves on; its 503 is not, and reaches the client
+    with Bedrock's message in the client's family."""
+    gw, ids = gateways[0][host], gateways[1][host]
+    key = gw.create_key("--routing-policy", ids["bedrock-anthropic"], "--config-json",
+                        '{"fallback": {"on": ["timeout"]}}')
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=key.secret, max_retries=0)
+    # Bedrock first again: a model only it serves closes the circuit earlier failures opened.
+    openai.OpenAI(base_url=gw.openai_base, api_key=key.secret, max_retries=0
+                  ).chat.completions.create(model="amazon.nova-lite-v1:0", messages=MESSAGES)
+    fake_bedrock.enqueue(Behaviour("fail", status=408))
+    raw = claude.messages.with_raw_response.create(model="claude-haiku-4-5", max_tokens=20,
+                                                   messages=MESSAGES)
+    assert raw.headers["x-langwatch-provider"] == "mp_anthropic"
+    assert ledger_row(gw, raw.headers["x-langwatch-request-id"]).fallbacks == \
+        "mp_bedrock:timeout"
+    fake_bedrock.enqueue(Behaviour("fail", status=503))
+    with pytest.raises(anthropic.InternalServerError) as e:
+        claude.messages.create(model="claude-haiku-4-5", max_tokens=20, messages=MESSAGES)
+    assert e.value.body == {"type": "error", "error": {
+        "type": "api_error", "message": "The server is overloaded."}}
+
+
 NOVA = "amazon.nova-lite-v1:0"
 
 

@@ -51,6 +51,14 @@ def test_addon_loads_in_plain_mitmdump(config, tmp_path, fake_openai):
 def test_mitmweb_shows_each_decision(config, tmp_path, fake_openai):
     secret = new_key(config, "--config-json",
                      '{"policy_rules": {"tools": {"deny": ["^shell\\\\."]}}}')
+    # A policy one of whose providers serves nothing the key asks for: the flow says so.
+    tollgate("model-providers", "create", "--id", "mp_local", "--type", "openai-compatible",
+             "--scope", "ORG:acme", "--base-url", fake_openai.url, "--api-key-env",
+             "FAKE_OPENAI_KEY", "--models", "llama-*", config=config)
+    policy = json.loads(tollgate("routing-policies", "create", "--scope", "ORG:acme", "--name",
+                                 "local", "--model-provider", "mp_local", "--model-provider",
+                                 "mp_openai", "--format", "json", config=config).stdout)["id"]
+    routed = new_key(config, "--routing-policy", policy)
     web_port = free_port()
     gw = GatewayProcess("mitmproxy", config, tmp_path,
                         extra=["--ui", "web", "--web-listen", f"127.0.0.1:{web_port}"]).start()
@@ -61,6 +69,10 @@ def test_mitmweb_shows_each_decision(config, tmp_path, fake_openai):
         denied = httpx.post(f"{gw.url}/v1/chat/completions", headers=headers, json={
             "model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "function", "function": {"name": "shell.exec"}}]})
+        skipping = httpx.post(f"{gw.url}/v1/embeddings", json={
+            "model": "text-embedding-3-small", "input": "hi"},
+            headers={"authorization": f"Bearer {routed}"})
+        assert skipping.status_code == 200
         too_big = httpx.post(f"{gw.url}/v1/chat/completions", headers=headers,
                              content=b"x" * (8 * 1024 * 1024 + 1))
         assert (ok.status_code, denied.status_code, too_big.status_code) == (200, 403, 413)
@@ -92,6 +104,9 @@ def test_mitmweb_shows_each_decision(config, tmp_path, fake_openai):
             assert (refused["request"]["host"], refused["request"]["port"]) == \
                 ("127.0.0.1", gw.port)
         assert "REJECT payload_too_large" in by_status[413]["comment"]
+        (embedded,) = [f for f in flows if f["request"]["path"].endswith("/embeddings")]
+        assert "skipped=mp_local: serves neither 'text-embedding-3-small'" in \
+            embedded["comment"]
         shown = json.dumps(flows, ensure_ascii=False)  # what the UI holds: no credential
         assert secret not in shown and OPENAI_KEY not in shown
         assert f"Bearer {OPENAI_KEY[:3]}…{OPENAI_KEY[-4:]}" in shown

@@ -152,5 +152,9 @@ def test_vertex_tools_and_errors_reach_each_client_in_its_family(gateways, host,
         client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES)
     fake_vertex.enqueue(Behaviour("fail", status=400))
     claude = anthropic.Anthropic(base_url=gw.url, api_key=key.secret, max_retries=0)
-    with pytest.raises(anthropic.BadRequestError):
+    with pytest.raises(anthropic.BadRequestError) as e:
         claude.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MESSAGES)
+    # Google's error envelope, rewritten into Anthropic's with Vertex's own message.
+    assert e.value.body["type"] == "error"
+    assert e.value.body["error"]["type"] == "invalid_request_error"
+    assert e.value.body["error"]["message"] == "The server is overloaded."

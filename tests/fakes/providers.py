@@ -197,7 +197,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.fake.family == "bedrock":
             self._bedrock_error(status, {429: "ThrottlingException",
-                                         400: "ValidationException"}.get(
+                                         400: "ValidationException",
+                                         408: "ModelTimeoutException",
+                                         424: "ModelErrorException"}.get(
                                              status, "ServiceUnavailableException"), message)
             return
         if self.fake.family == "anthropic":

@@ -7,6 +7,9 @@ import json
 from anthropic.types import Message
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from tollgate.config.schema import ModelProvider
+from tollgate.providers import ADAPTERS
+from tollgate.providers.base import error_message
 from tollgate.sse import SSEParser
 from tollgate.translate import (
     AnthropicToOpenAIStream,
@@ -149,10 +152,32 @@ def test_openai_stream_to_anthropic_round_trip():
 def test_errors_keep_the_provider_message_in_the_client_shape():
     body = json.dumps({"type": "error", "error": {"type": "overloaded_error",
                                                   "message": "Overloaded"}}).encode()
-    doc = json.loads(error_to("openai", 529, body))
+    doc = json.loads(error_to("openai", 529, error_message(529, body)))
     assert doc["error"]["message"] == "Overloaded" and doc["error"]["type"] == "server_error"
-    back = json.loads(error_to("anthropic", 503, error_to("openai", 503, body)))
+    back = json.loads(error_to("anthropic", 503, error_message(
+        503, error_to("openai", 503, error_message(503, body)))))
     assert back == {"type": "error", "error": {"type": "api_error", "message": "Overloaded"}}
+
+
+def test_each_provider_type_reads_its_own_errors_and_failure_classes():
+    bedrock = ADAPTERS["bedrock"](ModelProvider(
+        id="mp_b", type="bedrock", scope="ORG:acme", base_url="https://b.example",
+        provider_config={"region": "us-east-1"}))
+    openai_ = ADAPTERS["openai"](ModelProvider(id="mp_o", type="openai", scope="ORG:acme",
+                                               base_url="https://o.example"))
+    throttled = b'{"message": "Too many requests, please wait before trying again."}'
+    assert bedrock.error_message(429, throttled).startswith("Too many requests")
+    assert openai_.error_message(500, b"<html>oops</html>") == "<html>oops</html>"
+    google = b'{"error": {"code": 429, "message": "Quota exceeded", "status": ' \
+             b'"RESOURCE_EXHAUSTED"}}'
+    gemini = ADAPTERS["gemini"](ModelProvider(id="mp_g", type="gemini", scope="ORG:acme",
+                                              base_url="https://g.example"))
+    assert gemini.error_message(429, google) == "Quota exceeded"
+    # Bedrock's ModelTimeoutException (408) and ModelErrorException (424) fail over.
+    assert [bedrock.failure_kind(s) for s in (408, 424, 429, 503, 400)] == \
+        ["timeout", "5xx", "rate_limit", "5xx", None]
+    assert [openai_.failure_kind(s) for s in (408, 429, 529, 404)] == \
+        [None, "rate_limit", "5xx", None]
 
 
 def test_openai_chat_becomes_gemini_contents_and_back():

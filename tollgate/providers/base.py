@@ -4,11 +4,13 @@ API family it speaks. The request and response translations between families liv
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from tollgate.errors import GatewayError
+from tollgate.meter import ResponseMeter
 
 if TYPE_CHECKING:
     from tollgate.catalog import ModelCatalog
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
 TRANSLATED_ROUTES = {"chat_completions": "messages", "messages": "chat_completions"}
 # Where each family serves each route (the client's path is kept when the families match).
 WIRE_PATHS = {"chat_completions": "/v1/chat/completions", "messages": "/v1/messages"}
+# Provider statuses that mean "try elsewhere", by the `fallback.on` condition they fall under.
+FAILURE_STATUSES: dict[int, str] = {429: "rate_limit", **{c: "5xx" for c in range(500, 600)}}
 
 
 # path -> (the file's stat signature, its key): a key is read again only when its file
@@ -46,6 +50,20 @@ def read_key_file(provider_id: str, path: str) -> str:
     return key
 
 
+def error_message(status: int, body: bytes) -> str:
+    """An error's message where OpenAI, Anthropic and Google put it (`error.message`), else
+    the start of the body."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    err = doc.get("error") if isinstance(doc, dict) else None
+    message = err.get("message") if isinstance(err, dict) else None
+    if isinstance(message, str) and message:
+        return message
+    return body.decode("utf-8", "replace")[:500] or f"provider status {status}"
+
+
 class Adapter:
     """One provider type. An instance serves one configured provider."""
 
@@ -61,6 +79,9 @@ class Adapter:
     reframes_streams: ClassVar[bool] = False
     # It can authenticate without a key of ours (Bedrock: the AWS credential chain).
     key_optional: ClassVar[bool] = False
+    # Its error bodies are already its family's envelope (OpenAI's, Anthropic's); otherwise
+    # (AWS's, Google's) they are rewritten into the client's.
+    native_errors: ClassVar[bool] = True
 
     def __init__(self, provider: ModelProvider):
         self.provider = provider
@@ -123,6 +144,21 @@ class Adapter:
                 f"Model provider {p.id} has no credential: set the environment variable "
                 f"{p.api_key_env or '(api_key_env is missing)'} on the gateway.")
         return value
+
+    # -- responses ------------------------------------------------------------------------
+    failure_statuses: ClassVar[dict[int, str]] = FAILURE_STATUSES
+
+    def failure_kind(self, status: int) -> str | None:
+        """The `fallback.on` condition a response status falls under (None: an answer)."""
+        return self.failure_statuses.get(status)
+
+    def meter(self, model: str, stream_requested: bool) -> ResponseMeter:
+        """What reads a response's usage as it passes, in the provider's family for `model`."""
+        return ResponseMeter(self.family(model), stream_requested)
+
+    def error_message(self, status: int, body: bytes) -> str:
+        """The provider's own words for an error, for the client family's envelope."""
+        return error_message(status, body)
 
     def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
         """Headers that authenticate to the provider, and client headers to drop."""

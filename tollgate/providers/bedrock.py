@@ -14,6 +14,7 @@ event (`tollgate.eventstream`).
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
@@ -53,6 +54,22 @@ class Bedrock(Adapter):
     key_optional = True
 
     config_keys = frozenset({"region"})
+    # Bedrock's ModelTimeoutException (408) and ModelErrorException (424) fail over like a
+    # timeout and a 5xx; ThrottlingException and ModelNotReadyException are 429s.
+    failure_statuses = {**Adapter.failure_statuses, 408: "timeout", 424: "5xx"}
+    native_errors = False
+
+    def error_message(self, status: int, body: bytes) -> str:
+        """AWS errors are `{"message": ...}` (the type is in x-amzn-ErrorType)."""
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            message = doc.get("message") or doc.get("Message")
+            if isinstance(message, str) and message:
+                return message
+        return super().error_message(status, body)
 
     @classmethod
     def check_config(cls, provider_config: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ class Gemini(Adapter):
     wire = "gemini"
     vendor = "google"
     gen_ai_provider = "gcp.gemini"
+    native_errors = False  # Google's {"error": {"code", "message", "status"}}
     default_models = ("gemini-*",)
     default_base_url = "https://generativelanguage.googleapis.com"
 

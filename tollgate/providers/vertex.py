@@ -104,6 +104,7 @@ class Vertex(Adapter):
     gen_ai_provider = "gcp.vertex_ai"
     default_models = ("claude-*", "gemini-*")
     key_optional = True
+    native_errors = False  # Google's {"error": {"code", "message", "status"}}
     config_keys = frozenset({"project", "location"})
 
     @classmethod

@@ -87,17 +87,8 @@ def openai_json_to_anthropic(doc: dict[str, Any], model: str) -> dict[str, Any]:
     }
 
 
-def error_to(family: str, status: int, body: bytes) -> bytes:
-    """A provider's error in the client's family, keeping the provider's message."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        doc = {}
-    err = doc.get("error") if isinstance(doc, dict) else None
-    message = (err or {}).get("message") if isinstance(err, dict) else None
-    if message is None and isinstance(doc, dict):  # Bedrock's {"message": ...}
-        message = doc.get("message") if isinstance(doc.get("message"), str) else None
-    message = message or body.decode("utf-8", "replace")[:500] or f"provider status {status}"
+def error_to(family: str, status: int, message: str) -> bytes:
+    """A provider's error (its own message, read by its adapter) in the client's family."""
     if family == "anthropic":
         kind = {400: "invalid_request_error", 401: "authentication_error",
                 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
