@@ -18,7 +18,9 @@ import weakref
 
 import httpx
 from mitmproxy import ctx, exceptions, http
+from mitmproxy import flow as mitm_flow
 from mitmproxy.net.http import http1 as mitm_http1
+from mitmproxy.proxy.layers import http as mitm_http_layer
 from mitmproxy.proxy.layers.http import _http1 as _mitm_http1_layer
 
 from tollgate.admin import AdminServer
@@ -32,6 +34,7 @@ from tollgate.secrets import CREDENTIAL_HEADERS, mask
 log = logging.getLogger("tollgate.mitmproxy")
 _META = "tollgate"
 _REFUSED = "tollgate_refused"  # answered from the headers, by the refusal sink
+_OVERSIZED = "tollgate_oversized"  # a chunked body cut off at the cap: its size so far
 
 
 def _comment(decision: dict) -> str:
@@ -121,6 +124,31 @@ def _error_page(status_code: int, message: str = "") -> bytes:
 
 
 _mitm_http1_layer.make_error_response = _error_page
+
+# The request body cap (gateway.max_body_bytes) of the running gateway.
+_request_cap: list[int] = []
+_OVER_CAP = "Request body is over the gateway's limit (gateway.max_body_bytes)."
+_body_size_check = mitm_http_layer.HttpStream.check_body_size
+
+
+def _check_body_size(self, request: bool):
+    """mitmproxy buffers a request body of unannounced size (chunked) whole before any hook
+    sees it; this stops reading one at the gateway's cap and answers 413 at once."""
+    buffered = len(self.request_body_buf)
+    if request and _request_cap and buffered > _request_cap[0] and self.flow.live:
+        self.flow.error = mitm_flow.Error(_OVER_CAP)
+        self.flow.metadata[_OVERSIZED] = buffered
+        yield mitm_http_layer.HttpErrorHook(self.flow)
+        yield mitm_http_layer.SendHttp(mitm_http_layer.ResponseProtocolError(
+            self.stream_id, _OVER_CAP, mitm_http_layer.ErrorCode.REQUEST_TOO_LARGE),
+            self.context.client)
+        self.client_state = self.state_errored
+        self.flow.live = False
+        return True
+    return (yield from _body_size_check(self, request))
+
+
+mitm_http_layer.HttpStream.check_body_size = _check_body_size
 
 
 class CredentialMask:
@@ -241,6 +269,8 @@ class TollgateAddon:
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """A body announced over the cap is refused from the headers alone."""
+        if self.gateway is not None:
+            _request_cap[:] = [self.gateway.max_body_bytes]
         declared = flow.request.headers.get("content-length", "")
         if self.gateway is None or not declared.isdigit() or \
                 int(declared) <= self.gateway.max_body_bytes:
@@ -414,7 +444,16 @@ class TollgateAddon:
         exchange.finish("completed")
         flow.comment = _served_comment(exchange)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
+        if _OVERSIZED in flow.metadata and self.gateway is not None:
+            # Cut off at the cap: the refusal is decided (and recorded) like any other.
+            result = await self.gateway.handle(
+                self._core_request(flow, b"", flow.metadata.pop(_OVERSIZED)))
+            if isinstance(result, Reply):
+                flow.comment = _comment(result.decision)
+                flow.marked = ":no_entry:"
+                _show_called_address(flow)
+            return
         exchange: Exchange | None = flow.metadata.get(_META)
         if exchange is not None:
             message = flow.error.msg if flow.error else None

@@ -1,6 +1,6 @@
 """The request's path through the core, in one place.
 
-request id & trace -> route -> size cap -> key auth -> parse body -> model resolution
+request id & trace -> route -> key auth -> size cap -> parse body -> model resolution
 (aliases, allowlist) -> tool policy -> routing plan -> price -> admission (rate limits and
 budgets, all or nothing; a provider at its cap is passed over) -> forward. When the
 exchange ends it settles the real cost and tokens and writes the ledger row. Each step is a
@@ -139,12 +139,13 @@ class Gateway:
                 raise GatewayError("method_not_allowed",
                                    f"{route.name} takes {route.method}, not {req.method}.")
             settings = loaded.config.gateway
+            check_header_values(req.headers)
+            # The key first, so a refusal for size is attributed like any other.
+            key = authenticate(self._keys(loaded), dict(req.headers))
             if req.body_size > settings.max_body_bytes:
                 raise GatewayError("payload_too_large",
                                    f"Request body is {req.body_size} bytes; this gateway accepts "
                                    f"at most {settings.max_body_bytes} (gateway.max_body_bytes).")
-            check_header_values(req.headers)
-            key = authenticate(self._keys(loaded), dict(req.headers))
             if not route.forwarded:
                 return self._reply(trace, loaded, 200, self._models(loaded, key, family), key,
                                    seen=seen)

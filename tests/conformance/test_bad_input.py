@@ -3,6 +3,7 @@ the gateway serving the next request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -112,6 +113,32 @@ def test_oversized_chunked_body_stops_at_the_cap(gateway, key, fake_openai):
                             "content-type": "application/json"})
     assert_refused(r, 413, "payload_too_large")
     assert fake_openai.requests == []
+    still_serving(gateway, key)
+
+
+def test_chunked_body_is_refused_at_the_cap_without_waiting_for_its_end(gateway, key,
+                                                                        fake_openai):
+    """A chunked body stops being read at the cap: the 413 comes while the client is still
+    sending (it never ends its body here), and the refusal is in the ledger."""
+    cap = 8 * 1024 * 1024
+    piece = b"x" * 65536
+    chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+    with socket.create_connection(("127.0.0.1", gateway.process.port), timeout=15) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                  b"authorization: Bearer " + key.secret.encode() + b"\r\n"
+                  b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+        with contextlib.suppress(OSError):  # the gateway may stop reading, and close
+            for _ in range(cap // len(piece) + 2):
+                s.sendall(chunk)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in answer and (data := s.recv(65536)):
+                answer += data
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert fake_openai.requests == []
+    wait_until(lambda: any(r.code == "payload_too_large" and r.key_id == key.id
+                           for r in ledger(gateway.config)), timeout=5,
+               what="the refusal's ledger row")
     still_serving(gateway, key)
 
 
