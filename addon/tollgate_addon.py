@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import uuid
 import weakref
 
@@ -191,6 +192,27 @@ class CredentialMask:
         self._mask(flow)
 
 
+def _mask_web_view() -> None:
+    """mitmweb shows a flow as soon as its request hooks have run: while it waits for the
+    provider, the provider key is on it. Every flow mitmweb sends its UI is masked."""
+    app = sys.modules.get("mitmproxy.tools.web.app")
+    if app is None or getattr(app.flow_to_json, "masks_credentials", False):
+        return
+    unmasked = app.flow_to_json
+
+    def flow_to_json(flow):
+        doc = unmasked(flow)
+        request = doc.get("request")
+        if request:
+            request["headers"] = tuple(
+                (name, mask(value) if name.lower() in CREDENTIAL_HEADERS else value)
+                for name, value in request["headers"])
+        return doc
+
+    flow_to_json.masks_credentials = True  # type: ignore[attr-defined]
+    app.flow_to_json = flow_to_json
+
+
 class RefusalSink:
     """Answers a request refused from its headers alone (a body over the cap), while the
     client may still be sending that body.
@@ -261,6 +283,7 @@ class TollgateAddon:
         chain = ctx.master.addons.chain
         chain[:] = [a for a in chain if type(a).__name__ != "CredentialMask"]
         chain.insert(0, self.credentials)
+        _mask_web_view()
         loader.add_option("tollgate_config", str, "",
                           "Path to the tollgate gateway.yaml (default: $TOLLGATE_CONFIG, "
                           "then config/gateway.yaml).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import subprocess
@@ -111,6 +112,36 @@ def test_mitmweb_shows_each_decision(config, tmp_path, fake_openai):
         assert secret not in shown and OPENAI_KEY not in shown
         assert f"Bearer {OPENAI_KEY[:3]}…{OPENAI_KEY[-4:]}" in shown
     finally:
+        gw.stop()
+
+
+def test_mitmweb_never_shows_a_provider_key_in_flight(config, tmp_path, fake_openai):
+    """While a request waits for its provider, mitmweb already lists it: the provider key
+    the gateway put on it is masked there too, not only once the answer is in."""
+    secret = new_key(config)
+    web_port = free_port()
+    gw = GatewayProcess("mitmproxy", config, tmp_path,
+                        extra=["--ui", "web", "--web-listen", f"127.0.0.1:{web_port}"]).start()
+    try:
+        token = wait_until(lambda: re.search(r"\?token=([0-9a-f]+)", gw.log()), timeout=5,
+                           what="mitmweb token").group(1)
+        fake_openai.response_delay = 3
+        pending = concurrent.futures.ThreadPoolExecutor(1).submit(
+            httpx.post, f"{gw.url}/v1/chat/completions", timeout=30,
+            headers={"authorization": f"Bearer {secret}"},
+            json={"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
+        in_flight = wait_until(lambda: [f for f in httpx.get(
+            f"http://127.0.0.1:{web_port}/flows",
+            headers={"authorization": f"Bearer {token}"}).json()
+            if f["request"]["path"].endswith("completions") and not f.get("response")],
+            timeout=5, what="the flow waiting for its provider")
+        headers = dict(in_flight[0]["request"]["headers"])
+        assert headers["authorization"] == f"Bearer {OPENAI_KEY[:3]}…{OPENAI_KEY[-4:]}"
+        assert OPENAI_KEY not in json.dumps(in_flight) and secret not in json.dumps(in_flight)
+        assert pending.result().status_code == 200  # the provider did get the real key
+        assert fake_openai.requests[-1].headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    finally:
+        fake_openai.response_delay = 0
         gw.stop()
 
 
