@@ -202,6 +202,32 @@ def _client_family(family: str) -> dict[str, Any]:
         {"and_filter": {"filters": [_metadata_is("family", None), path]}}]}}
 
 
+# Request headers the access log of proxy replies carries: the key (to attribute the
+# refusal) and what tells the client's API family.
+LOGGED_HEADERS = ["authorization", "x-api-key", "anthropic-version", "content-type"]
+
+
+def proxy_replies_log() -> dict[str, Any]:
+    """Requests Envoy answered before the decision (none of its metadata) go to ext_proc's
+    gRPC access log service, which writes their ledger rows."""
+    return {
+        "name": "tollgate.proxy_replies",
+        "filter": {"and_filter": {"filters": [_metadata_is("answered", None),
+                                              _metadata_is("request_id", None)]}},
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
+                     "HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": "tollgate.proxy_replies",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "buffer_flush_interval": "0.2s",
+            },
+            "additional_request_headers_to_log": LOGGED_HEADERS,
+        },
+    }
+
+
 def local_reply_config(prefix: str) -> dict[str, Any]:
     not_ours = _metadata_is("answered", None)  # the gateway's own answers stay as they are
     mappers = []
@@ -384,6 +410,7 @@ def listener(cfg: Config, host: str, port: int) -> dict[str, Any]:
                 "http2_protocol_options": {"max_concurrent_streams": 256},
                 "route_config": route_config(cfg),
                 "local_reply_config": local_reply_config(cfg.gateway.header_prefix),
+                "access_log": [proxy_replies_log()],
                 "http_filters": http_filters(),
             },
         }]}],

@@ -20,6 +20,7 @@ from typing import Protocol
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
@@ -36,6 +37,7 @@ from extproc.envoy_config import (
     cluster_name,
 )
 from extproc.listen import Listener, bind, restrict
+from extproc.proxy_replies import ProxyReplies
 from tollgate.errors import GatewayError
 from tollgate.exchange import Exchange
 from tollgate.gateway import Gateway
@@ -453,11 +455,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 async def start_server(gateway: Gateway, where: Listener,
                        loaded_clusters: LoadedClusters | None = None
                        ) -> tuple[grpc.aio.Server, ExternalProcessor]:
-    """Serve ext_proc (and gRPC health) on a private Unix socket, or TCP (see listen.py)."""
+    """Serve ext_proc (with gRPC health, and the access log of requests Envoy answered
+    itself) on a private Unix socket, or TCP (see listen.py)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
                                       ("grpc.max_send_message_length", -1)])
     processor = ExternalProcessor(gateway, loaded_clusters)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(ProxyReplies(gateway), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

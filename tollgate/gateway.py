@@ -40,6 +40,11 @@ from tollgate.store.spool import Spooled
 
 log = logging.getLogger("tollgate")
 
+# The gateway's code for a status the proxy answered with itself.
+PROXY_REPLY_CODES = {400: "invalid_request", 408: "invalid_request", 413: "payload_too_large",
+                     431: "invalid_request", 503: "gateway_unavailable",
+                     504: "gateway_unavailable"}
+
 
 def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody,
                   raw: bytes) -> bytes | None:
@@ -139,9 +144,9 @@ class Gateway:
                 raise GatewayError("method_not_allowed",
                                    f"{route.name} takes {route.method}, not {req.method}.")
             settings = loaded.config.gateway
-            check_header_values(req.headers)
-            # The key first, so a refusal for size is attributed like any other.
+            # The key first, so a refusal for size or headers is attributed like any other.
             key = authenticate(self._keys(loaded), dict(req.headers))
+            check_header_values(req.headers)
             if req.body_size > settings.max_body_bytes:
                 raise GatewayError("payload_too_large",
                                    f"Request body is {req.body_size} bytes; this gateway accepts "
@@ -185,6 +190,27 @@ class Gateway:
             err = GatewayError("gateway_error", "The gateway failed to handle this request "
                                f"(request id {trace.request_id}); see the gateway log.")
             return self._error(trace, loaded, family, err, key, seen)
+
+    def record_proxy_reply(self, req: Request, status: int, detail: str) -> None:
+        """A request the proxy answered itself before the gateway could decide (Envoy's codec
+        refusing it, a body over the buffer, a client too slow): its ledger row, attributed
+        to its key when the key is valid, so every request leaves one."""
+        loaded = self.holder.current
+        trace = telemetry.start(req.method, req.path, req.headers)
+        code = PROXY_REPLY_CODES.get(status, "gateway_error")
+        key = None
+        with contextlib.suppress(GatewayError):
+            key = authenticate(self._keys(loaded), dict(req.headers))
+        route = routes.match(req.path)
+        decision = {"request_id": trace.request_id, "key": key.id if key else None,
+                    "principal": key.principal if key else None, "action": "reject",
+                    "code": code, "message": f"Refused by the proxy before the gateway's "
+                                             f"decision ({detail or status})."}
+        trace.decided = time.perf_counter()
+        row = self._answered_row(loaded, trace, status, key, decision,
+                                 {"route": route.name if route else None})
+        self._observe(trace, row, decision)
+        self._record(row)
 
     def _plan(self, targets: list[routing.Target], key: VirtualKey, route: routes.Route,
               body: bodies.ParsedBody, req: Request, trace: telemetry.RequestTrace,

@@ -101,6 +101,7 @@ def _rest(head: bytes) -> bytes:
 
 def test_oversized_chunked_body_stops_at_the_cap(gateway, key, fake_openai):
     cap = 8 * 1024 * 1024
+    before = refusals(gateway, key, "payload_too_large")
 
     def chunks():
         yield b'{"model": "gpt-5-mini", "messages": [], "pad": "'
@@ -113,7 +114,7 @@ def test_oversized_chunked_body_stops_at_the_cap(gateway, key, fake_openai):
                             "content-type": "application/json"})
     assert_refused(r, 413, "payload_too_large")
     assert fake_openai.requests == []
-    still_serving(gateway, key)
+    expect_one_more_refusal(gateway, key, "payload_too_large", before)
 
 
 def test_chunked_body_is_refused_at_the_cap_without_waiting_for_its_end(gateway, key,
@@ -123,6 +124,8 @@ def test_chunked_body_is_refused_at_the_cap_without_waiting_for_its_end(gateway,
     cap = 8 * 1024 * 1024
     piece = b"x" * 65536
     chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+
+    before = refusals(gateway, key, "payload_too_large")
     with socket.create_connection(("127.0.0.1", gateway.process.port), timeout=15) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
                   b"authorization: Bearer " + key.secret.encode() + b"\r\n"
@@ -136,10 +139,7 @@ def test_chunked_body_is_refused_at_the_cap_without_waiting_for_its_end(gateway,
                 answer += data
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert fake_openai.requests == []
-    wait_until(lambda: any(r.code == "payload_too_large" and r.key_id == key.id
-                           for r in ledger(gateway.config)), timeout=5,
-               what="the refusal's ledger row")
-    still_serving(gateway, key)
+    expect_one_more_refusal(gateway, key, "payload_too_large", before)
 
 
 def raw(gateway, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
@@ -193,12 +193,29 @@ def send_with_header(gateway, key, header: bytes) -> tuple[int, bytes]:
                + str(len(body)).encode() + b"\r\n", body)
 
 
+def refusals(gateway, key, code: str) -> int:
+    """Refusals with `code` of this key, or of no known key: a request Envoy's codec
+    refuses is logged before its headers are parsed, so its key is not known."""
+    return sum(r.code == code and r.key_id in (key.id, None) and r.outcome == "refused"
+               for r in ledger(gateway.config))
+
+
+def expect_one_more_refusal(gateway, key, code: str, before: int) -> None:
+    """Whoever refused it (the core, or the proxy itself), the request left exactly one
+    ledger row."""
+    wait_until(lambda: refusals(gateway, key, code) == before + 1, timeout=5,
+               what=f"the {code} refusal's ledger row")
+    still_serving(gateway, key)
+    assert refusals(gateway, key, code) == before + 1
+
+
 def test_control_character_in_a_header_is_refused(gateway, key, fake_openai):
+    before = refusals(gateway, key, "invalid_request")
     status, answer = send_with_header(gateway, key, b"x-evil: a\x00b\r\n")
     assert status == 400, answer[:200]
     assert json.loads(answer)["error"]["code"] == "invalid_request"
     assert fake_openai.requests == []
-    still_serving(gateway, key)
+    expect_one_more_refusal(gateway, key, "invalid_request", before)
 
 
 @pytest.mark.parametrize("header", [b"x-evil: a\rinjected: c\r\n",
@@ -215,11 +232,12 @@ def test_cr_lf_never_reach_a_provider_inside_a_value(gateway, key, fake_openai, 
 
 
 def test_oversized_headers_are_refused(gateway, key, fake_openai):
+    before = refusals(gateway, key, "invalid_request")
     r = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, timeout=10,
                    headers={"authorization": f"Bearer {key.secret}", "x-big": "y" * 200_000})
     assert 400 <= r.status_code < 500
     assert fake_openai.requests == []
-    still_serving(gateway, key)
+    expect_one_more_refusal(gateway, key, "invalid_request", before)
 
 
 def test_unreachable_provider_is_a_json_502(gateway, fake_openai):
