@@ -21,6 +21,7 @@ from typing import Any
 
 from tollgate import body as bodies
 from tollgate import budgets, metrics, policy, ratelimit, routes, routing, telemetry, translate
+from tollgate import usage as usage_of
 from tollgate.accesslog import access_log
 from tollgate.breaker import Breakers
 from tollgate.catalog import ModelCatalog
@@ -31,7 +32,7 @@ from tollgate.errors import GatewayError
 from tollgate.exchange import Billing, Exchange
 from tollgate.keys import KeyIndex, authenticate, load_pepper
 from tollgate.ledger import LedgerRow
-from tollgate.pricing import worst_case_micros
+from tollgate.pricing import cost_micros, worst_case_micros
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.scopes import lineage
@@ -339,9 +340,14 @@ class Gateway:
         return billing, passed_over
 
     async def _admit(self, exchange: Exchange) -> None:
-        """Write ahead that the request is in flight (its row survives a crash)."""
+        """Write ahead that the request is in flight: if the gateway dies before it settles,
+        its row survives, charged its input, which the provider bills once it has it."""
+        billing = exchange.billing
+        surely = usage_of.Usage(input_tokens=billing.estimated_input_tokens, reported=False)
+        cost = cost_micros(surely, billing.price) if billing.price is not None else 0
         try:
-            await self.store().admit(exchange.row("interrupted"))
+            await self.store().admit(exchange.row("interrupted", surely, cost),
+                                     billing.counters)
         except StoreUnavailable as e:
             log.warning("could not write ahead request %s: %s", exchange.trace.request_id, e)
 

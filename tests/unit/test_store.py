@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from datetime import UTC, datetime
 
 import pytest
@@ -85,6 +87,9 @@ def test_sqlite_releases_reservations_of_a_previous_run(tmp_path):
         reader = SQLiteStore(tmp_path / "s.db", owner=False)
         assert (await reader.counters([hold(1.0)]))[0].reserved == 100
         await reader.close()
+        # The previous run's process is gone (or another process now has its pid).
+        with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db, db:
+            db.execute("UPDATE holds SET started = -1")
         again = SQLiteStore(tmp_path / "s.db")  # a gateway starting up
         c = (await again.counters([hold(1.0)]))[0]
         assert (c.spent, c.reserved) == (40, 0)
@@ -231,3 +236,34 @@ def test_a_request_in_flight_when_its_gateway_died_still_leaves_its_row(kind, tm
     finally:
         if server is not None:
             server.stop()
+
+
+def test_two_gateways_on_one_sqlite_file_keep_each_others_holds(tmp_path):
+    """A gateway starting on a file another one serves from releases only the holds of
+    gateways that are gone; a request in flight when its gateway died is charged what it
+    surely cost (its input), once, to its budget."""
+    h = hold(1.0)
+
+    async def scenario():
+        serving = SQLiteStore(tmp_path / "state.db")
+        assert (await serving.reserve("r_live", [h], 100)).granted
+        second = SQLiteStore(tmp_path / "state.db")  # its neighbour starts: r_live stays
+        assert (await second.counters([h]))[0] == Counter(spent=0, reserved=100)
+        assert (await serving.reserve("r_dies", [h], 50)).granted
+        await serving.admit(row("r_dies", 7), [h.counter])
+        # r_dies's gateway dies (a later process may have its pid: a container's PID 1);
+        # r_live's is still serving.
+        serving.db.execute("UPDATE holds SET started = -1 WHERE request_id = 'r_dies'")
+        serving.db.execute("UPDATE inflight SET pid = ? WHERE request_id = 'r_dies'",
+                           (dead_pid(),))
+        third = SQLiteStore(tmp_path / "state.db")
+        assert (await third.counters([h]))[0] == Counter(spent=7, reserved=100)
+        assert [r.request_id for r in await third.rows()] == ["r_dies"]
+        fourth = SQLiteStore(tmp_path / "state.db")  # once
+        assert (await fourth.counters([h]))[0] == Counter(spent=7, reserved=100)
+        await serving.finish([h.counter], 100, row("r_live", 30))
+        assert (await fourth.counters([h]))[0] == Counter(spent=37, reserved=0)
+        for s in (serving, second, third, fourth):
+            await s.close()
+
+    asyncio.run(scenario())

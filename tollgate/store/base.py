@@ -25,6 +25,29 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def process_started(pid: int) -> int | None:
+    """When `pid` started (clock ticks after boot; Linux), which tells it from a later
+    process given the same pid (a restarted container's PID 1). None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat.rsplit(b")", 1)[1].split()[19])  # field 22, starttime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+# This process, as the holder of what it writes ahead.
+PROCESS = (os.getpid(), process_started(os.getpid()))
+
+
+def holder_alive(pid: int, started: int | None) -> bool:
+    """The process that wrote something ahead is still running (the same one, not a later
+    process with its pid)."""
+    if not process_alive(pid):
+        return False
+    return started is None or process_started(pid) in (None, started)
+
+
 class StoreUnavailable(Exception):
     """The state store cannot be reached (Redis down, disk gone)."""
 
@@ -89,9 +112,11 @@ class Store(ABC):
     async def rows(self, since: datetime | None = None,
                    until: datetime | None = None) -> list[LedgerRow]: ...
 
-    async def admit(self, row: LedgerRow) -> None:  # noqa: B027 - optional
-        """Write ahead that a request is in flight (`row`, outcome `interrupted`), so a
-        gateway that dies before settling it still leaves its row when it starts again."""
+    async def admit(self, row: LedgerRow, counters: list[str] | None = None  # noqa: B027
+                    ) -> None:
+        """Write ahead that a request is in flight (`row`, outcome `interrupted`, charged
+        what it surely cost), so a gateway that dies before settling it still leaves its
+        row, charged to its budget `counters`, when a gateway starts again."""
 
     async def renew(self, leases: list[tuple[str, list[str], int]]) -> None:  # noqa: B027
         """Extend the holds of requests still in flight, (request_id, counters, amount),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 from dataclasses import asdict
 from datetime import datetime
@@ -17,12 +16,13 @@ from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
 from tollgate.ratelimit import Limit, Window
 from tollgate.store.base import (
+    PROCESS,
     Counter,
     LimitSettlement,
     Reservation,
     Store,
     StoreUnavailable,
-    process_alive,
+    holder_alive,
 )
 
 log = logging.getLogger("tollgate.store")
@@ -40,23 +40,30 @@ class Spooled(Store):
             self.db.execute("ALTER TABLE spool ADD COLUMN limits TEXT")  # an older spool
         # Requests this node has in flight: written ahead on its own disk.
         self.db.execute("CREATE TABLE IF NOT EXISTS inflight (request_id TEXT PRIMARY KEY, "
-                        "pid INTEGER NOT NULL, row TEXT NOT NULL)")
+                        "pid INTEGER NOT NULL, row TEXT NOT NULL, counters TEXT)")
+        have = {c[1] for c in self.db.execute("PRAGMA table_info(inflight)")}
+        for added in ("counters TEXT", "started INTEGER"):  # a spool of an earlier version
+            if added.split()[0] not in have:
+                self.db.execute(f"ALTER TABLE inflight ADD COLUMN {added}")
         if owner:
             self._recover()
 
     def _recover(self) -> None:
         """Rows of requests a dead gateway on this node had in flight are spooled, so they
         reach the shared ledger with the next replay."""
-        for request_id, pid, row in self.db.execute(
-                "SELECT request_id, pid, row FROM inflight").fetchall():
-            if not process_alive(pid):
+        for request_id, pid, started, row, counters in self.db.execute(
+                "SELECT request_id, pid, started, row, counters FROM inflight").fetchall():
+            if not holder_alive(pid, started):
+                # Charged to its budgets; its holds are leases that expire by themselves.
                 self.db.execute("INSERT INTO spool (counters, reserved, row) VALUES "
-                                "('[]', 0, ?)", (row,))
+                                "(?, 0, ?)", (counters or "[]", row))
                 self.db.execute("DELETE FROM inflight WHERE request_id = ?", (request_id,))
 
-    async def admit(self, row: LedgerRow) -> None:
-        self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, row) VALUES "
-                        "(?, ?, ?)", (row.request_id, os.getpid(), json.dumps(row.to_dict())))
+    async def admit(self, row: LedgerRow, counters: list[str] | None = None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, started, row, "
+                        "counters) VALUES (?, ?, ?, ?, ?)",
+                        (row.request_id, *PROCESS, json.dumps(row.to_dict()),
+                         json.dumps(counters or [])))
 
     def pending(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]

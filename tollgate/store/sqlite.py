@@ -11,7 +11,6 @@ another writer (a CLI, a second process on the same file).
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -23,12 +22,13 @@ from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
 from tollgate.ratelimit import SLIDING_SECONDS, Limit, Window
 from tollgate.store.base import (
+    PROCESS,
     Counter,
     LimitSettlement,
     Reservation,
     Store,
     StoreUnavailable,
-    process_alive,
+    holder_alive,
 )
 from tollgate.store.windows import LocalWindows
 
@@ -59,6 +59,12 @@ CREATE TABLE IF NOT EXISTS rate_days (     -- RPD: requests per key or provider 
 CREATE TABLE IF NOT EXISTS inflight (    -- written ahead, removed when the request settles
     request_id TEXT PRIMARY KEY, pid INTEGER NOT NULL, row TEXT NOT NULL
 );
+-- Each budget hold and the process holding it: a gateway starting on this file releases
+-- the holds of processes that are gone, and only those (another may be serving).
+CREATE TABLE IF NOT EXISTS holds (
+    request_id TEXT NOT NULL, counter TEXT NOT NULL, amount INTEGER NOT NULL,
+    pid INTEGER NOT NULL, started INTEGER, PRIMARY KEY (request_id, counter)
+) WITHOUT ROWID;
 """
 _COLUMNS = [c for c in LedgerRow.__dataclass_fields__]
 
@@ -78,30 +84,49 @@ class SQLiteStore(Store):
         for added in ("code", "fallbacks", "skipped"):  # a ledger written by an earlier version
             if added not in columns:
                 self.db.execute(f"ALTER TABLE ledger ADD COLUMN {added} TEXT")
+        if "started" not in {row[1] for row in self.db.execute("PRAGMA table_info(inflight)")}:
+            self.db.execute("ALTER TABLE inflight ADD COLUMN started INTEGER")
         self.rate_windows = LocalWindows()
         self._pruned = 0.0
         self._load_windows(time.time())
         if owner:
-            self.db.execute("UPDATE budget_counters SET reserved = 0 WHERE reserved != 0")
             self._recover()
 
     def _recover(self) -> None:
-        """Requests a dead gateway had in flight get their (interrupted) ledger rows."""
+        """Requests a gateway that is gone had in flight get their (interrupted) ledger rows,
+        charged what they surely cost to their budgets, and its holds are released; the
+        holds of gateways still serving from this file stay."""
         with self._transaction():
-            for request_id, pid, row in self.db.execute(
-                    "SELECT request_id, pid, row FROM inflight").fetchall():
-                if process_alive(pid):
+            for request_id, pid, started, row in self.db.execute(
+                    "SELECT request_id, pid, started, row FROM inflight").fetchall():
+                if holder_alive(pid, started):
                     continue  # another gateway on this file is serving it
                 doc = json.loads(row)
-                self.db.execute(f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) VALUES "
-                                f"({', '.join('?' for _ in _COLUMNS)})",
-                                [doc.get(c) for c in _COLUMNS])
+                inserted = self.db.execute(
+                    f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) VALUES "
+                    f"({', '.join('?' for _ in _COLUMNS)})", [doc.get(c) for c in _COLUMNS]
+                ).rowcount
+                if inserted and doc.get("cost_micros"):
+                    self.db.execute(
+                        "UPDATE budget_counters SET spent = spent + ? WHERE counter IN "
+                        "(SELECT counter FROM holds WHERE request_id = ?)",
+                        (doc["cost_micros"], request_id))
                 self.db.execute("DELETE FROM inflight WHERE request_id = ?", (request_id,))
+            holders = self.db.execute("SELECT DISTINCT pid, started FROM holds").fetchall()
+            for pid, started in holders:
+                if not holder_alive(pid, started):
+                    self.db.execute("DELETE FROM holds WHERE pid = ? AND started IS ?",
+                                    (pid, started))
+            # What stays reserved is what live gateways hold (none: nothing).
+            self.db.execute(
+                "UPDATE budget_counters SET reserved = COALESCE((SELECT SUM(amount) FROM "
+                "holds WHERE holds.counter = budget_counters.counter), 0)")
 
-    async def admit(self, row: LedgerRow) -> None:
+    async def admit(self, row: LedgerRow, counters: list[str] | None = None) -> None:
         try:
-            self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, row) VALUES "
-                            "(?, ?, ?)", (row.request_id, os.getpid(), json.dumps(row.to_dict())))
+            self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, started, row) "
+                            "VALUES (?, ?, ?, ?)",
+                            (row.request_id, *PROCESS, json.dumps(row.to_dict())))
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
@@ -162,6 +187,9 @@ class SQLiteStore(Store):
                         "INSERT INTO budget_counters (counter, reserved) VALUES (?, ?) "
                         "ON CONFLICT (counter) DO UPDATE SET reserved = reserved + ?",
                         (hold.counter, amount, amount))
+                    self.db.execute("INSERT OR REPLACE INTO holds (request_id, counter, "
+                                    "amount, pid, started) VALUES (?, ?, ?, ?, ?)",
+                                    (request_id, hold.counter, amount, *PROCESS))
         elif over:
             return Reservation(False, [], None, windows, over, now)
         for lim in limits:
@@ -198,6 +226,7 @@ class SQLiteStore(Store):
         doc = row.to_dict()
         with self._transaction():
             self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
+            self.db.execute("DELETE FROM holds WHERE request_id = ?", (row.request_id,))
             inserted = self.db.execute(
                 f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) "
                 f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
