@@ -426,7 +426,10 @@ class Gateway:
     async def _renew_forever(self) -> None:
         """Keep the holds of requests still in flight (a stream of hours) from expiring."""
         while True:
-            lease = self.holder.current.config.gateway.hold_lease_seconds
+            store = self.store()
+            # The store's own lease (opened with gateway.hold_lease_seconds).
+            lease = getattr(getattr(store, "inner", store), "lease_seconds", None) or \
+                self.holder.current.config.gateway.hold_lease_seconds
             await asyncio.sleep(lease / 3)
             leases = [(rid, c, a) for rid, (c, a) in list(self._leases.items())]
             try:

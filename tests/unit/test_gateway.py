@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.harness import RedisServer
+from tollgate import budgets as budget_rules
 from tollgate.cli.main import cli
+from tollgate.config.load import load_config
 from tollgate.config.watch import ConfigHolder
 from tollgate.gateway import Gateway
 from tollgate.request import Forward, Reply, Request
+from tollgate.store.redis import RedisStore
 from tollgate.store.sqlite import SQLiteStore
 
 PEPPER = "core-pepper"
@@ -368,3 +372,40 @@ async def test_a_provider_price_wins_over_the_price_table(setup, config_dir):
                                                    "completion_tokens": 1_000_000}}).encode())
     result.exchange.finish("completed")
     assert rows[0].cost_micros == 1_100_000  # $0.10 + $1.00, not the table's $0.25 + $2.00
+
+
+async def test_a_long_request_keeps_its_redis_hold_past_the_lease(setup, tmp_path):
+    """Holds in Redis are leases (a crashed replica's expire); the gateway renews those of
+    requests still running, however long they run, and the settle releases them."""
+    key, _ = setup
+    secret = key()
+    path = tmp_path / "gateway.yaml"
+    result = CliRunner().invoke(cli, ["--config", str(path), "gateway-budgets", "create",
+                                      "--name", "org", "--scope", "org", "--org", "acme",
+                                      "--limit", "100", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    budget = json.loads(result.stdout)
+    server = RedisServer(tmp_path / "redis").start()
+    store = RedisStore(server.url, lease_seconds=1)
+    gw = Gateway(ConfigHolder(path), store=store)
+    try:
+        forward = await gw.handle(request("/v1/chat/completions", CHAT, secret))
+        assert isinstance(forward, Forward)
+        exchange = forward.exchange
+        held = exchange.billing.reserved
+        assert held > 0
+        await asyncio.sleep(3.5)  # three leases: renewed, not expired
+        (b,) = [x for x in load_config(path).config.budgets if x.id == budget["id"]]
+        w = budget_rules.window(b.window, datetime.now(UTC))
+        hold = budget_rules.Hold(b, w.key, w.end)
+        assert (await store.counters([hold]))[0].reserved == held
+        exchange.on_response_headers(200, {"content-type": "application/json"})
+        exchange.on_chunk(json.dumps({"usage": {"prompt_tokens": 3,
+                                                "completion_tokens": 4}}).encode())
+        exchange.finish("completed")
+        await gw.drain()
+        counter = (await store.counters([hold]))[0]
+        assert counter.reserved == 0 and counter.spent > 0
+    finally:
+        await gw.close()
+        server.stop()
