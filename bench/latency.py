@@ -203,7 +203,7 @@ def main() -> None:
             seq = asyncio.run(sequential(url, headers, args.requests))
             conc, rps = asyncio.run(concurrent(url, headers, args.requests, args.concurrency))
             rows.append((name, seq, conc, rps))
-        ab, traced = {}, {}
+        ab, traced, exported = {}, {}, 0
         plain = {"authorization": f"Bearer {keys['']}"}
         for gw in gateways:
             url = f"{gw.url}/v1/chat/completions"
@@ -223,6 +223,9 @@ def main() -> None:
                 traced[gw.host] = asyncio.run(interleaved(
                     (f"{gw.url}/v1/chat/completions", plain),
                     (f"{exporting.url}/v1/chat/completions", plain), args.requests))
+            exported = wait_until(lambda: len(receiver.spans) >= 2 * args.requests
+                                  and len(receiver.spans), timeout=30,
+                                  what="the exporting gateways' spans")
         finally:
             receiver.stop()
         span_us = span_work()
@@ -255,8 +258,8 @@ def main() -> None:
         print(f"{host:<10} {statistics.median(plain):>9.3f} {statistics.median(limited):>10.3f} "
               f"{statistics.median(limited) - statistics.median(plain):>+7.3f} "
               f"{percentile(plain, 0.99):>9.3f} {percentile(limited, 0.99):>10.3f}")
-    print(f"\nTraces exported over OTLP/gRPC, {args.requests} requests each, interleaved with "
-          "the same host exporting none (ms):\n")
+    print(f"\nTraces exported over OTLP/gRPC ({exported} spans received by then), {args.requests} "
+          "requests each, interleaved with the same host exporting none (ms):\n")
     print(f"{'host':<10} {'none p50':>9} {'OTLP p50':>10} {'added':>7} {'none p99':>9} "
           f"{'OTLP p99':>10}")
     for host, (plain, exported) in traced.items():
