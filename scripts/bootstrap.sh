@@ -34,6 +34,10 @@ stamp=.venv/.tollgate-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "bootstrap: installing tollgate and its dependencies"
     .venv/bin/python -m pip install -q -e '.[dev]'
+    # xds-protos ships its own, older copy of the OpenTelemetry protos at the same paths as
+    # opentelemetry-proto; the OTLP exporters need the latter's, so it is written last.
+    otel_proto=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')
+    .venv/bin/python -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$otel_proto"
     touch "$stamp"
 fi
 

@@ -100,10 +100,18 @@ def _export_for(settings: Telemetry) -> _Export:
 def _provider_for(export: _Export) -> TracerProvider:
     if not export.enabled:
         return TracerProvider(sampler=ALWAYS_OFF)
+    try:
+        exporter = _exporter(export)
+    except Exception as e:  # tracing must never stop the gateway from serving
+        log.error("traces are not exported: the OTLP exporter cannot start (%s: %s). If it "
+                  "names opentelemetry.proto, another package overwrote opentelemetry-proto's "
+                  "files: pip install --force-reinstall --no-deps opentelemetry-proto",
+                  e.__class__.__name__, e)
+        return TracerProvider(sampler=ALWAYS_OFF)
     # The sampler is the SDK's default (parent-based, always on) unless OTEL_TRACES_SAMPLER
     # says otherwise.
     provider = TracerProvider(resource=Resource.create({"service.name": export.service_name}))
-    provider.add_span_processor(BatchSpanProcessor(_exporter(export)))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
 
