@@ -109,3 +109,18 @@ def test_access_log_targets(tmp_path, capsys):
     lines = (tmp_path / "logs" / "access.log").read_text().splitlines()
     assert [json.loads(x)["request_id"] for x in lines] == ["req_2"]
     assert capsys.readouterr().out == ""
+
+
+def test_an_exporter_that_cannot_start_leaves_tracing_off(monkeypatch, caplog):
+    """A broken OTLP install (another package overwrote opentelemetry-proto's files) must
+    not stop the gateway: it serves without export and says why."""
+    def broken(export):
+        raise ImportError("cannot import name 'InstrumentationScope'")
+
+    monkeypatch.setattr(telemetry, "_exporter", broken)
+    telemetry.configure(Telemetry(otlp_endpoint="http://127.0.0.1:4318"))
+    try:
+        assert not telemetry.start("POST", "/v1/chat/completions", {}).span.is_recording()
+        assert "force-reinstall --no-deps opentelemetry-proto" in caplog.text
+    finally:
+        telemetry.configure(Telemetry())
