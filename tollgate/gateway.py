@@ -325,9 +325,7 @@ class Gateway:
         billing.price = loaded.prices.lookup(attempt.model, attempt.prices) or billing.price
         if holds:
             billing.reserved = amount
-            self._leases[request_id] = (billing.counters, amount)
-            if self._renewer is None:
-                self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+            self._leases[request_id] = (billing.counters, amount)  # renewed from _admit on
             billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
                                     if (w := budgets.warning(h, c.committed))), None)
         if limits:
@@ -345,6 +343,11 @@ class Gateway:
         billing = exchange.billing
         surely = usage_of.Usage(input_tokens=billing.estimated_input_tokens, reported=False)
         cost = cost_micros(surely, billing.price) if billing.price is not None else 0
+        request_id = exchange.trace.request_id
+        # Renewed while it runs (its holds, and its written-ahead row in a shared store).
+        self._leases.setdefault(request_id, ([], 0))
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
         try:
             await self.store().admit(exchange.row("interrupted", surely, cost),
                                      billing.counters)
@@ -438,13 +441,18 @@ class Gateway:
                 log.warning("could not renew %d budget holds: %s", len(leases), e)
 
     async def _replay_forever(self, every: float = 1.0) -> None:
-        """Put spooled requests into a shared store as soon as it is back."""
+        """Put spooled requests into a shared store as soon as it is back, and record those
+        of replicas gone for good (every tenth turn)."""
+        turn = 0
         while True:
             await asyncio.sleep(every)
-            store = self._store
-            if isinstance(store, Spooled) and store.pending():
+            store, turn = self._store, turn + 1
+            if isinstance(store, Spooled):
                 with contextlib.suppress(StoreUnavailable):
-                    await store.flush()
+                    if store.pending():
+                        await store.flush()
+                    if turn % 10 == 0:
+                        await store.recover()
 
     async def drain(self) -> None:
         """Wait for every finished request to be recorded (before shutting down)."""

@@ -192,6 +192,37 @@ def test_renewed_holds_outlive_their_lease(short_leases):
     asyncio.run(scenario())
 
 
+def test_a_replica_gone_for_good_leaves_its_rows_for_the_others(short_leases):
+    """Requests a replica had in flight are written ahead in Redis too: when it dies and
+    never comes back, another replica records each once, charged to its budget, after its
+    lease; a request that is still renewed is left alone."""
+    store = short_leases
+
+    async def scenario():
+        cap = total_hold(0.000100)
+        assert (await store.reserve("r_gone", [cap], 60)).granted
+        await store.admit(row("r_gone", 7), [cap.counter])
+        await store.admit(row("r_running", 0), [])
+        for _ in range(5):  # r_running's replica is alive: it renews; r_gone's is not
+            await asyncio.sleep(0.3)
+            await store.renew([("r_running", [], 0)])
+        assert await store.recover() == 1
+        assert await store.recover() == 0  # once
+        assert [r.request_id for r in await store.rows()] == ["r_gone"]
+        await reserved_after_expiry(store, cap, 0)
+        assert (await store.counters([cap]))[0].spent == 7
+        # r_gone's replica settles after all: counted once. r_running settles normally.
+        await store.finish([cap.counter], 60, row("r_gone", 30))
+        await store.finish([], 0, row("r_running", 5))
+        assert (await store.counters([cap]))[0].spent == 7
+        await asyncio.sleep(1.2)
+        assert await store.recover() == 0  # a settled request leaves nothing behind
+        assert sorted(r.request_id for r in await store.rows()) == ["r_gone", "r_running"]
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def dead_pid() -> int:
     import subprocess
     import sys

@@ -118,6 +118,11 @@ class Store(ABC):
         what it surely cost), so a gateway that dies before settling it still leaves its
         row, charged to its budget `counters`, when a gateway starts again."""
 
+    async def recover(self) -> int:
+        """Record requests written ahead by a replica that is gone for good (a shared store:
+        their lease has passed); returns how many."""
+        return 0
+
     async def renew(self, leases: list[tuple[str, list[str], int]]) -> None:  # noqa: B027
         """Extend the holds of requests still in flight, (request_id, counters, amount),
         where holds are leases that expire (a shared store)."""

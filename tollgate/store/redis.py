@@ -16,6 +16,12 @@ from tollgate.store.base import Counter, LimitSettlement, Reservation, Store, St
 
 PREFIX = "tollgate:"
 LEDGER = PREFIX + "ledger"
+# Requests in flight, written ahead for every replica to see: a sorted set of request ids
+# scored by a lease deadline (renewed while the request runs), and their rows. A replica
+# that dies and never comes back leaves them, and any other one records them when their
+# lease has passed.
+INFLIGHT = PREFIX + "inflight"
+INFLIGHT_ROWS = PREFIX + "inflight:rows"
 SETTLED_TTL = 40 * 86400  # how long a settled request id is remembered (replays are no-ops)
 
 # Holds are leases: each reservation is also a member `request_id:amount` of a sorted set
@@ -217,6 +223,34 @@ return 1
 """
 
 
+WRITE_AHEAD = """
+local deadline = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], deadline, ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
+RENEW_INFLIGHT = """
+local deadline = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
+end
+return 1
+"""
+
+# Written-ahead rows whose lease has passed (at most 100 a call): [id, row, id, row...].
+EXPIRED = """
+local now = tonumber(redis.call('TIME')[1])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)
+local out = {}
+for _, id in ipairs(ids) do
+  table.insert(out, id)
+  table.insert(out, redis.call('HGET', KEYS[2], id) or '')
+end
+return out
+"""
+
+
 class RedisStore(Store):
     def __init__(self, url: str, lease_seconds: int = 900):
         self.url = url
@@ -227,6 +261,9 @@ class RedisStore(Store):
         self._counters = self.client.register_script(COUNTERS)
         self._renew = self.client.register_script(RENEW)
         self._finish = self.client.register_script(FINISH)
+        self._write_ahead = self.client.register_script(WRITE_AHEAD)
+        self._renew_inflight = self.client.register_script(RENEW_INFLIGHT)
+        self._expired = self.client.register_script(EXPIRED)
 
     @staticmethod
     def _key(counter: str) -> str:
@@ -292,18 +329,53 @@ class RedisStore(Store):
         return (await self._admit("", [], 0, limits, 0, now))[3]
 
     async def renew(self, leases: list[tuple[str, list[str], int]]) -> None:
-        """Extend the leases of requests still in flight: (request_id, counters, amount)."""
+        """Extend the leases of requests still in flight: (request_id, counters, amount),
+        their holds and their written-ahead rows."""
         keys, members = [], []
         for request_id, counters, amount in leases:
             for counter in counters:
                 keys.append(self._holds(counter))
                 members.append(self.member(request_id, amount))
-        if not keys:
-            return
         try:
-            await self._renew(keys=keys, args=[self.lease_seconds, *members])
+            if keys:
+                await self._renew(keys=keys, args=[self.lease_seconds, *members])
+            if leases:
+                await self._renew_inflight(keys=[INFLIGHT], args=[
+                    self.lease_seconds, *(request_id for request_id, _, _ in leases)])
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
+
+    async def admit(self, row: LedgerRow, counters: list[str] | None = None) -> None:
+        doc = json.dumps({"row": row.to_dict(), "counters": counters or []})
+        try:
+            await self._write_ahead(keys=[INFLIGHT, INFLIGHT_ROWS],
+                                    args=[self.lease_seconds, row.request_id, doc])
+        except RedisError as e:
+            raise StoreUnavailable(f"redis {self.url}: {e}") from e
+
+    async def recover(self) -> int:
+        """Record the written-ahead requests whose lease has passed (their replica died and
+        did not come back), each once, charged to its budgets; returns how many."""
+        try:
+            found = await self._expired(keys=[INFLIGHT, INFLIGHT_ROWS])
+        except RedisError as e:
+            raise StoreUnavailable(f"redis {self.url}: {e}") from e
+        recorded = 0
+        for request_id, doc in zip(found[::2], found[1::2], strict=True):
+            if doc:
+                ahead = json.loads(doc)
+                # A settle that already happened makes this a no-op (settled marker).
+                await self.finish(ahead["counters"], 0, LedgerRow.from_dict(ahead["row"]))
+                recorded += 1
+            await self._forget(request_id.decode() if isinstance(request_id, bytes)
+                               else request_id)
+        return recorded
+
+    async def _forget(self, request_id: str) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrem(INFLIGHT, request_id)
+            pipe.hdel(INFLIGHT_ROWS, request_id)
+            await pipe.execute()
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
                      limits: LimitSettlement | None = None) -> None:
@@ -317,6 +389,7 @@ class RedisStore(Store):
                 args=[reserved, row.cost_micros, json.dumps(row.to_dict()), SETTLED_TTL,
                       self.member(row.request_id, reserved), len(counters), row.request_id,
                       limits.reserved if limits else 0, limits.used if limits else 0])
+            await self._forget(row.request_id)  # after the settle: a crash between is a no-op
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
 

@@ -5,6 +5,8 @@ now are kept on disk and replayed, in order, once it answers again. Replays are 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -45,6 +47,7 @@ class Spooled(Store):
         for added in ("counters TEXT", "started INTEGER"):  # a spool of an earlier version
             if added.split()[0] not in have:
                 self.db.execute(f"ALTER TABLE inflight ADD COLUMN {added}")
+        self._writing: set[asyncio.Task[None]] = set()
         if owner:
             self._recover()
 
@@ -60,10 +63,22 @@ class Spooled(Store):
                 self.db.execute("DELETE FROM inflight WHERE request_id = ?", (request_id,))
 
     async def admit(self, row: LedgerRow, counters: list[str] | None = None) -> None:
+        """On this node's disk first (it survives Redis being down), then in Redis, off the
+        request's path (it survives this node never coming back)."""
         self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, started, row, "
                         "counters) VALUES (?, ?, ?, ?, ?)",
                         (row.request_id, *PROCESS, json.dumps(row.to_dict()),
                          json.dumps(counters or [])))
+        task = asyncio.get_running_loop().create_task(self._admit_shared(row, counters))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _admit_shared(self, row: LedgerRow, counters: list[str] | None) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.inner.admit(row, counters)
+
+    async def recover(self) -> int:
+        return await self.inner.recover()
 
     def pending(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]
@@ -119,5 +134,6 @@ class Spooled(Store):
         await self.inner.ping()
 
     async def close(self) -> None:
+        await asyncio.gather(*self._writing, return_exceptions=True)
         await self.inner.close()
         self.db.close()
