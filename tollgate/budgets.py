@@ -78,14 +78,16 @@ def applies(budget: Budget, key: VirtualKey, lineage: Lineage, provider_id: str)
     }[budget.scope] == budget.target
 
 
+def current_hold(budget: Budget, now: datetime) -> Hold:
+    """The budget's counter for the window containing `now`."""
+    w = window(budget.window, now)
+    return Hold(budget, w.key, w.end)
+
+
 def holds_for(cfg: Config, key: VirtualKey, lineage: Lineage, provider_id: str,
               now: datetime) -> list[Hold]:
-    holds = []
-    for budget in cfg.budgets:
-        if applies(budget, key, lineage, provider_id):
-            w = window(budget.window, now)
-            holds.append(Hold(budget, w.key, w.end))
-    return holds
+    return [current_hold(budget, now) for budget in cfg.budgets
+            if applies(budget, key, lineage, provider_id)]
 
 
 def usd(micros: int) -> str:

@@ -203,15 +203,11 @@ class Gateway:
         with contextlib.suppress(GatewayError):
             key = authenticate(self._keys(loaded), dict(req.headers))
         route = routes.match(req.path)
-        decision = {"request_id": trace.request_id, "key": key.id if key else None,
-                    "principal": key.principal if key else None, "action": "reject",
-                    "code": code, "message": f"Refused by the proxy before the gateway's "
-                                             f"decision ({detail or status})."}
-        trace.decided = time.perf_counter()
-        row = self._answered_row(loaded, trace, status, key, decision,
-                                 {"route": route.name if route else None})
-        self._observe(trace, row, decision)
-        self._record(row)
+        # Recorded as the gateway's own refusals are; the proxy has answered already.
+        self._reply(trace, loaded, status, b"", key, {
+            "action": "reject", "code": code,
+            "message": f"Refused by the proxy before the gateway's decision "
+                       f"({detail or status})."}, {"route": route.name if route else None})
 
     def _plan(self, targets: list[routing.Target], key: VirtualKey, route: routes.Route,
               body: bodies.ParsedBody, req: Request, trace: telemetry.RequestTrace,

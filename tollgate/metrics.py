@@ -135,10 +135,7 @@ class GatewayCollector:
         if not cfg.budgets or self.loop is None or not self.loop.is_running():
             return
         now = datetime.now(UTC)
-        holds = []
-        for b in cfg.budgets:
-            w = budgets.window(b.window, now)
-            holds.append(budgets.Hold(b, w.key, w.end))
+        holds = [budgets.current_hold(b, now) for b in cfg.budgets]
         read = asyncio.run_coroutine_threadsafe(self.gateway.store().counters(holds),
                                                 self.loop)
         try:

@@ -396,8 +396,7 @@ async def test_a_long_request_keeps_its_redis_hold_past_the_lease(setup, tmp_pat
         assert held > 0
         await asyncio.sleep(7)  # over two leases: renewed, not expired
         (b,) = [x for x in load_config(path).config.budgets if x.id == budget["id"]]
-        w = budget_rules.window(b.window, datetime.now(UTC))
-        hold = budget_rules.Hold(b, w.key, w.end)
+        hold = budget_rules.current_hold(b, datetime.now(UTC))
         assert (await store.counters([hold]))[0].reserved == held
         exchange.on_response_headers(200, {"content-type": "application/json"})
         exchange.on_chunk(json.dumps({"usage": {"prompt_tokens": 3,

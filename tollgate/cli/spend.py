@@ -117,9 +117,7 @@ def status(ctx: click.Context, budget_id: str | None, fmt: str) -> None:
         chosen = [b for b in loaded.config.budgets if budget_id in (None, b.id)]
         if budget_id and not chosen:
             fail(f"no budget with id {budget_id!r}")
-        windows = [budget_rules.window(b.window, now) for b in chosen]
-        holds = [budget_rules.Hold(b, w.key, w.end) for b, w in zip(chosen, windows,
-                                                                     strict=True)]
+        holds = [budget_rules.current_hold(b, now) for b in chosen]
         counters = await store.counters(holds)
         return [{
             "id": h.budget.id, "name": h.budget.name,

@@ -362,13 +362,15 @@ class RedisStore(Store):
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
         recorded = 0
         for request_id, doc in zip(found[::2], found[1::2], strict=True):
-            if doc:
-                ahead = json.loads(doc)
-                # A settle that already happened makes this a no-op (settled marker).
-                await self.finish(ahead["counters"], 0, LedgerRow.from_dict(ahead["row"]))
-                recorded += 1
-            await self._forget(request_id.decode() if isinstance(request_id, bytes)
-                               else request_id)
+            if not doc:  # its row is gone already
+                await self._forget(request_id.decode() if isinstance(request_id, bytes)
+                                   else request_id)
+                continue
+            ahead = json.loads(doc)
+            # A settle that already happened makes this a no-op (settled marker); finish
+            # forgets the written-ahead row either way.
+            await self.finish(ahead["counters"], 0, LedgerRow.from_dict(ahead["row"]))
+            recorded += 1
         return recorded
 
     async def _forget(self, request_id: str) -> None:
