@@ -108,12 +108,15 @@ def span_work(n: int = 20000) -> tuple[float, float]:
     their attributes): with no exporter, then exporting over OTLP/gRPC to a local receiver."""
     from tests.otlp import OTLPReceiver
     from tollgate import telemetry
-    from tollgate.config.schema import Telemetry
+    from tollgate.config.schema import ModelProvider, Telemetry
     from tollgate.ledger import LedgerRow
+    from tollgate.providers import adapter_for
     from tollgate.request import Attempt
 
+    openai_ = ModelProvider(id="mp_openai", type="openai", scope="ORG:acme",
+                            base_url="https://api.openai.com")
     attempt = Attempt("mp_openai", "https", "api.openai.com", 443, "/v1/chat/completions",
-                      {}, [], model="gpt-5-mini")
+                      {}, [], model="gpt-5-mini", adapter=adapter_for(openai_))
     row = LedgerRow(request_id="req_x", ts="", key_id="vk_x", key_name="k", principal="p",
                     org="acme", team="t", project=None, provider="mp_openai",
                     model="gpt-5-mini", route="chat_completions", input_tokens=10,

@@ -21,7 +21,6 @@ import logging
 from typing import Any
 
 from tollgate.config.schema import Config, Fallback
-from tollgate.providers.base import FAILURE_STATUSES
 from tollgate.request import Attempt
 from tollgate.routing import visible_scopes
 
@@ -102,8 +101,7 @@ def retry_headers(fallback: Fallback, attempts: list[Attempt]) -> dict[str, str]
     # The statuses each provider type classes under the key's conditions (Bedrock's 408 is a
     # timeout); any attempt but the last may be followed by another.
     codes = sorted({code for a in attempts[:-1]
-                    for code, kind in (a.adapter.failure_statuses if a.adapter is not None
-                                       else FAILURE_STATUSES).items()
+                    for code, kind in a.adapter.failure_statuses.items()
                     if kind in fallback.on})
     if codes:
         retry_on.add("retriable-status-codes")

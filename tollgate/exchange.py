@@ -19,7 +19,6 @@ from tollgate.errors import GatewayError
 from tollgate.ledger import LedgerRow
 from tollgate.meter import ResponseMeter
 from tollgate.pricing import ModelPrice, PriceTable, cost_micros
-from tollgate.providers.base import FAILURE_STATUSES, error_message
 from tollgate.request import Attempt
 from tollgate.routes import Route
 from tollgate.scopes import Lineage
@@ -129,8 +128,7 @@ class Exchange:
 
     def _meter(self) -> ResponseMeter:
         a = self.attempt
-        return a.adapter.meter(a.model, self.stream_requested) if a.adapter is not None \
-            else ResponseMeter(a.family, self.stream_requested)
+        return a.adapter.meter(a.model, self.stream_requested)
 
     # -- fallback -----------------------------------------------------------------------
     def failure_kind(self, status: int | None = None, error: str | None = None) -> str | None:
@@ -140,9 +138,7 @@ class Exchange:
             return error  # "timeout" | "network_error"
         if status is None:
             return None
-        adapter = self.attempt.adapter
-        return adapter.failure_kind(status) if adapter is not None else \
-            FAILURE_STATUSES.get(status)
+        return self.attempt.adapter.failure_kind(status)
 
     def fallback_reason(self, status: int | None = None, error: str | None = None
                         ) -> str | None:
@@ -223,9 +219,8 @@ class Exchange:
         sse = (content_type or "").lower().startswith("text/event-stream")
         model = self.requested_model or a.model  # the name the client asked for
         if (a.reframed or a.translated or a.foreign_errors) and not 200 <= status < 300:
-            read = a.adapter.error_message if a.adapter is not None else error_message
-            return JSONTranslation(lambda body: translate.error_to(client, status,
-                                                                   read(status, body)))
+            return JSONTranslation(lambda body: translate.error_to(
+                client, status, a.adapter.error_message(status, body)))
         if a.reframed and eventstream.is_eventstream(content_type):
             frames = eventstream.EventStreamToSSE()
             if not a.translated:

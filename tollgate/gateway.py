@@ -53,7 +53,7 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
     doc = body.doc
     if attempt.translated:
         doc = translate.request(route.family, attempt.family, body.doc, attempt.model)
-    own = attempt.adapter.body(doc, attempt.model) if attempt.adapter is not None else None
+    own = attempt.adapter.body(doc, attempt.model)
     if own is not None:  # the provider type's own shape (Bedrock's)
         return json.dumps(own).encode()
     if attempt.translated:
@@ -232,8 +232,7 @@ class Gateway:
                 continue
             attempt.strip_usage = ask_usage and not attempt.translated
             attempt.body = upstream_body(attempt, route, body, req.body)
-            if attempt.adapter is not None:
-                attempt.adapter.sign(attempt, req.body if attempt.body is None else attempt.body)
+            attempt.adapter.sign(attempt, req.body if attempt.body is None else attempt.body)
             attempt.set_headers["traceparent"] = trace.traceparent
             # Identity encoding upstream so the tap reads usage from plain bytes; the
             # client's SDK decodes either way.
@@ -374,9 +373,8 @@ class Gateway:
                           if k not in ("request_id", "key", "principal", "action", "code")})
         else:
             attempt = exchange.attempt
-            provider_name = attempt.adapter.gen_ai_provider if attempt.adapter else None
             trace.end(row, requested_model=exchange.requested_model,
-                      provider_name=provider_name, error=exchange.error)
+                      provider_name=attempt.adapter.gen_ai_provider, error=exchange.error)
             ended = time.monotonic()
             metrics.observe(
                 row, decision_seconds=trace.decision_seconds,

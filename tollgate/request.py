@@ -86,12 +86,12 @@ class Attempt:
     foreign_errors: bool = False  # its errors are rewritten into the client's envelope
     connect_timeout: float = 10.0
     first_byte_timeout: float = 120.0
-    adapter: Adapter | None = field(default=None, repr=False)  # the provider type's adapter
+    adapter: Adapter = field(kw_only=True, repr=False)  # the provider type's adapter
 
     @property
     def prices(self) -> dict[str, Any]:
         """The provider's own prices (a contract price), which win over the table's."""
-        return self.adapter.provider.prices if self.adapter is not None else {}
+        return self.adapter.provider.prices
 
     @property
     def authority(self) -> str:

@@ -203,8 +203,8 @@ class RequestTrace:
         if span.is_recording():
             span.set_attributes({
                 "gen_ai.operation.name": operation,
-                "gen_ai.provider.name": _provider_name(attempt),
-                "gen_ai.system": _provider_name(attempt),
+                "gen_ai.provider.name": attempt.adapter.gen_ai_provider,
+                "gen_ai.system": attempt.adapter.gen_ai_provider,
                 "gen_ai.request.model": attempt.model,
                 "server.address": attempt.host, "server.port": attempt.port,
                 "tollgate.provider": attempt.provider_id,
@@ -267,9 +267,6 @@ def end_attempt(span: trace.Span, status: int | None, *, failure: str | None = N
                                  "gen_ai.usage.output_tokens": output_tokens})
     span.end()
 
-
-def _provider_name(attempt: Attempt) -> str:
-    return attempt.adapter.gen_ai_provider if attempt.adapter is not None else "openai"
 
 
 def start(method: str, path: str, headers: Mapping[str, str]) -> RequestTrace:

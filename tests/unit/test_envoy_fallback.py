@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from extproc import envoy_config, fallback
-from tollgate.config.schema import Config, Fallback
+from tollgate.config.schema import Config, Fallback, ModelProvider
+from tollgate.providers import adapter_for
 from tollgate.request import Attempt
 
 HASH = "0" * 64
@@ -30,7 +31,8 @@ def config(providers: list[dict], keys: list[dict], policies: list[dict] = ()) -
 
 def attempt(provider_id: str, first_byte: float = 120.0) -> Attempt:
     return Attempt(provider_id=provider_id, scheme="http", host="h", port=80, path="/",
-                   set_headers={}, remove_headers=[], first_byte_timeout=first_byte)
+                   set_headers={}, remove_headers=[], first_byte_timeout=first_byte,
+                   adapter=adapter_for(ModelProvider.model_validate(provider(provider_id))))
 
 
 def test_chains_cover_every_order_a_policy_key_may_need():
