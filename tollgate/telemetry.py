@@ -188,8 +188,9 @@ class RequestTrace:
         }
 
     def keep_prompt(self, doc: dict[str, Any]) -> None:
-        """The request's messages, for a span attribute, when capture_content is on."""
-        if _tracing.capture_content and self.span.is_recording():
+        """The request's messages, for the span and the access log, when capture_content is
+        on (with or without an exporter)."""
+        if _tracing.capture_content:
             messages = {k: doc[k] for k in ("system", "messages", "input", "instructions")
                         if k in doc}
             self.prompt = json.dumps(messages)[:MAX_CAPTURED_CHARS]

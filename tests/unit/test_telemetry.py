@@ -124,3 +124,18 @@ def test_an_exporter_that_cannot_start_leaves_tracing_off(monkeypatch, caplog):
         assert "force-reinstall --no-deps opentelemetry-proto" in caplog.text
     finally:
         telemetry.configure(Telemetry())
+
+
+def test_captured_prompts_reach_the_access_log_without_an_exporter(monkeypatch):
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    telemetry.configure(Telemetry(capture_content=True))
+    try:
+        t = telemetry.start("POST", "/v1/chat/completions", {})
+        t.keep_prompt({"model": "m", "messages": [{"role": "user", "content": "MARKER"}]})
+        assert not t.span.is_recording() and "MARKER" in (t.prompt or "")
+    finally:
+        telemetry.configure(Telemetry())
+    off = telemetry.start("POST", "/v1/chat/completions", {})
+    off.keep_prompt({"messages": [{"role": "user", "content": "MARKER"}]})
+    assert off.prompt is None
