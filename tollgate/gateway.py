@@ -320,7 +320,7 @@ class Gateway:
         billing.price = loaded.prices.lookup(attempt.model, attempt.prices) or billing.price
         if holds:
             billing.reserved = amount
-            self._leases[request_id] = (billing.counters, amount)  # renewed from _admit on
+            self._leases[request_id] = (billing.counters, amount)  # _admit starts renewing
             billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
                                     if (w := budgets.warning(h, c.committed))), None)
         if limits:
