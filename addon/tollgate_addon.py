@@ -110,7 +110,18 @@ _PAGE_CODES = {413: "payload_too_large", 502: "provider_unreachable",
                504: "provider_timeout"}
 
 
+class _GatewayPage(str):
+    """An error message that carries the gateway's own answer to the page maker (mitmproxy
+    passes the message through unchanged), so the client gets the refusal's headers too."""
+
+    reply: Reply | None = None
+
+
 def _error_page(status_code: int, message: str = "") -> bytes:
+    if isinstance(message, _GatewayPage) and message.reply is not None:
+        reply = message.reply
+        return mitm_http1.assemble_response(http.Response.make(
+            reply.status, reply.body, {**reply.headers, "connection": "close"}))
     code = _PAGE_CODES.get(status_code, "invalid_request" if status_code < 500
                            else "gateway_error")
     text = {
@@ -126,9 +137,10 @@ def _error_page(status_code: int, message: str = "") -> bytes:
 
 _mitm_http1_layer.make_error_response = _error_page
 
-# The request body cap (gateway.max_body_bytes) of the running gateway.
-_request_cap: list[int] = []
+# The running gateway, for what mitmproxy does before (or without) a flow hook.
+_running: list[Gateway] = []
 _OVER_CAP = "Request body is over the gateway's limit (gateway.max_body_bytes)."
+_REPLY = "tollgate_reply"  # the gateway's refusal of a flow mitmproxy answers itself
 _body_size_check = mitm_http_layer.HttpStream.check_body_size
 
 
@@ -136,12 +148,14 @@ def _check_body_size(self, request: bool):
     """mitmproxy buffers a request body of unannounced size (chunked) whole before any hook
     sees it; this stops reading one at the gateway's cap and answers 413 at once."""
     buffered = len(self.request_body_buf)
-    if request and _request_cap and buffered > _request_cap[0] and self.flow.live:
+    if request and _running and buffered > _running[0].max_body_bytes and self.flow.live:
         self.flow.error = mitm_flow.Error(_OVER_CAP)
         self.flow.metadata[_OVERSIZED] = buffered
-        yield mitm_http_layer.HttpErrorHook(self.flow)
+        yield mitm_http_layer.HttpErrorHook(self.flow)  # the addon decides (and records)
+        message = _GatewayPage(_OVER_CAP)
+        message.reply = self.flow.metadata.pop(_REPLY, None)
         yield mitm_http_layer.SendHttp(mitm_http_layer.ResponseProtocolError(
-            self.stream_id, _OVER_CAP, mitm_http_layer.ErrorCode.REQUEST_TOO_LARGE),
+            self.stream_id, message, mitm_http_layer.ErrorCode.REQUEST_TOO_LARGE),
             self.context.client)
         self.client_state = self.state_errored
         self.flow.live = False
@@ -150,6 +164,20 @@ def _check_body_size(self, request: bool):
 
 
 mitm_http_layer.HttpStream.check_body_size = _check_body_size
+_read_headers = _mitm_http1_layer.Http1Server.read_headers
+
+
+def _read_request_head(self, event):
+    """A request head mitmproxy's parser refuses outright makes no flow and reaches no hook:
+    its 400 (the page above) still leaves a ledger row."""
+    yield from _read_headers(self, event)
+    if self.request is None and self.state == self.done and _running:
+        peer = self.conn.peername[0] if self.conn.peername else ""
+        _running[0].record_proxy_reply(Request("UNKNOWN", "/", {}, b"", peer=peer), 400,
+                                       "mitmproxy could not parse the request head")
+
+
+_mitm_http1_layer.Http1Server.read_headers = _read_request_head
 
 
 class CredentialMask:
@@ -292,8 +320,6 @@ class TollgateAddon:
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """A body announced over the cap is refused from the headers alone."""
-        if self.gateway is not None:
-            _request_cap[:] = [self.gateway.max_body_bytes]
         declared = flow.request.headers.get("content-length", "")
         if self.gateway is None or not declared.isdigit() or \
                 int(declared) <= self.gateway.max_body_bytes:
@@ -332,6 +358,7 @@ class TollgateAddon:
             if self.gateway is not None:
                 self.gateway.holder.stop()  # in-flight exchanges keep the old gateway's store
             self.gateway = gateway
+            _running[:] = [gateway]
 
     async def request(self, flow: http.HTTPFlow) -> None:
         assert self.gateway is not None
@@ -473,6 +500,7 @@ class TollgateAddon:
             result = await self.gateway.handle(
                 self._core_request(flow, b"", flow.metadata.pop(_OVERSIZED)))
             if isinstance(result, Reply):
+                flow.metadata[_REPLY] = result
                 flow.comment = _comment(result.decision)
                 flow.marked = ":no_entry:"
                 _show_called_address(flow)

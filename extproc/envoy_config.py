@@ -29,6 +29,7 @@ from extproc import fallback
 from tollgate import ratelimit
 from tollgate.config.schema import Config, ModelProvider
 from tollgate.errors import GatewayError
+from tollgate.keys import KEY_PREFIX_CHARS
 from tollgate.request import MAX_HEADER_BYTES
 
 CLUSTER_HEADER = "x-tollgate-cluster"
@@ -207,13 +208,33 @@ def _client_family(family: str) -> dict[str, Any]:
 LOGGED_HEADERS = ["authorization", "x-api-key", "anthropic-version", "content-type"]
 
 
+# Envoy's details for a reply the decision filter made because ext_proc failed it: not
+# reachable, too slow, or an unusable answer ("ext_proc_error_gRPC_error_14{...}").
+_EXTPROC_FAILED = "response.code_details.startsWith('ext_proc_error')"
+
+
+def _cel(expression: str) -> dict[str, Any]:
+    return {"extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers."
+                                  "filters.cel.v3.ExpressionFilter",
+                         "expression": expression}}}
+
+
+def _undecided(extproc_failed: bool) -> dict[str, Any]:
+    """Requests Envoy answered without the gateway's decision (none of its metadata), split
+    by whether ext_proc itself failed them."""
+    return {"and_filter": {"filters": [
+        _metadata_is("answered", None), _metadata_is("request_id", None),
+        _cel(_EXTPROC_FAILED if extproc_failed else f"!({_EXTPROC_FAILED})")]}}
+
+
 def proxy_replies_log() -> dict[str, Any]:
-    """Requests Envoy answered before the decision (none of its metadata) go to ext_proc's
-    gRPC access log service, which writes their ledger rows."""
+    """Requests Envoy answered before the decision (none of its metadata) while ext_proc was
+    there to hear of them go to its gRPC access log service, which writes their ledger rows."""
     return {
         "name": "tollgate.proxy_replies",
-        "filter": {"and_filter": {"filters": [_metadata_is("answered", None),
-                                              _metadata_is("request_id", None)]}},
+        "filter": _undecided(extproc_failed=False),
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
                      "HttpGrpcAccessLogConfig",
@@ -224,6 +245,40 @@ def proxy_replies_log() -> dict[str, Any]:
                 "buffer_flush_interval": "0.2s",
             },
             "additional_request_headers_to_log": LOGGED_HEADERS,
+        },
+    }
+
+
+# What the outage log keeps of a request. Never a whole key: only as much of it as
+# `virtual-keys list` shows (`tg-<env>-` and four characters, after "Bearer "), which is
+# enough to tell whose requests were refused.
+OUTAGE_FIELDS = {
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "start_time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "authorization": f"%REQ(AUTHORIZATION):{len('Bearer ') + KEY_PREFIX_CHARS}%",
+    "x-api-key": f"%REQ(X-API-KEY):{KEY_PREFIX_CHARS}%",
+    "anthropic-version": "%REQ(ANTHROPIC-VERSION):32%",
+    "peer": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    "bytes_received": "%BYTES_RECEIVED%",
+}
+
+
+def outage_log(path: str) -> dict[str, Any]:
+    """Requests Envoy refused because ext_proc failed them: the gRPC access log would go to
+    that same ext_proc, so they are written to a file it reads into the ledger once it is
+    back (`extproc.proxy_replies.OutageLog`)."""
+    return {
+        "name": "tollgate.outage",
+        "filter": _undecided(extproc_failed=True),
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3."
+                     "FileAccessLog",
+            "path": path,
+            "log_format": {"json_format": OUTAGE_FIELDS},
         },
     }
 
@@ -389,7 +444,7 @@ def route_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def listener(cfg: Config, host: str, port: int) -> dict[str, Any]:
+def listener(cfg: Config, host: str, port: int, outage: str) -> dict[str, Any]:
     return {
         "name": "tollgate",
         "address": _socket_address(host, port),
@@ -410,7 +465,7 @@ def listener(cfg: Config, host: str, port: int) -> dict[str, Any]:
                 "http2_protocol_options": {"max_concurrent_streams": 256},
                 "route_config": route_config(cfg),
                 "local_reply_config": local_reply_config(cfg.gateway.header_prefix),
-                "access_log": [proxy_replies_log()],
+                "access_log": [proxy_replies_log(), outage_log(outage)],
                 "http_filters": http_filters(),
             },
         }]}],
@@ -487,7 +542,7 @@ def _admin(admin: str) -> dict[str, Any]:
     return {"address": _socket_address(host or "127.0.0.1", int(port))}
 
 
-def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: str,
+def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: str, outage: str,
                      admin: str = "127.0.0.1:9901", tls: ClientTLS | None = None
                      ) -> dict[str, Any]:
     """Everything inline: for an Envoy you run yourself (`tollgate envoy render`)."""
@@ -496,7 +551,7 @@ def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: str,
         "admin": _admin(admin),
         "overload_manager": OVERLOAD,
         "static_resources": {
-            "listeners": [listener(cfg, *listen)],
+            "listeners": [listener(cfg, *listen, outage)],
             "clusters": [extproc_cluster(extproc, tls), *clusters(cfg)],
         },
     }
@@ -519,8 +574,8 @@ def dynamic_bootstrap(listener_file: str, cluster_file: str, watch_dir: str, ext
     }
 
 
-def listener_resources(cfg: Config, listen: tuple[str, int]) -> dict[str, Any]:
-    return {"resources": [{"@type": LISTENER, **listener(cfg, *listen)}]}
+def listener_resources(cfg: Config, listen: tuple[str, int], outage: str) -> dict[str, Any]:
+    return {"resources": [{"@type": LISTENER, **listener(cfg, *listen, outage)}]}
 
 
 def cluster_resources(cfg: Config) -> dict[str, Any]:

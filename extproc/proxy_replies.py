@@ -1,14 +1,25 @@
 """Requests Envoy answered before the gateway decided on them (its codec refusing bad HTTP,
-a body over the buffer, a client too slow): Envoy's gRPC access log sends them here, on the
-ext_proc socket, and each leaves its ledger row.
+a body over the buffer, a client too slow, ext_proc itself down): each leaves its ledger
+row, under the request id Envoy gave the client.
 
-Envoy logs only requests without the decision's metadata (see `envoy_config.access_log`),
-so a request the gateway decided is never counted twice."""
+Two ways in (see `envoy_config.proxy_replies_log` and `envoy_config.outage_log`):
+- while ext_proc is up, Envoy's gRPC access log sends them here, on the ext_proc socket;
+- when ext_proc failed them, that log would go to the same dead socket, so Envoy writes them
+  to a file (the outage log), which ext_proc reads into the ledger once it is back.
+
+Envoy logs only requests without the decision's metadata, so a request the gateway decided
+is never counted twice; the two logs take disjoint requests, and a line read twice (ext_proc
+stopped between recording it and saving how far it read) settles once, by its request id."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -43,8 +54,91 @@ class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
                 if not status:
                     continue  # no answer at all: the client left before it was complete
                 try:
-                    self.gateway.record_proxy_reply(request_of(entry), status,
-                                                    entry.response.response_code_details)
+                    self.gateway.record_proxy_reply(
+                        request_of(entry), status, entry.response.response_code_details,
+                        request_id=entry.request.request_id or None)
                 except Exception:
                     log.exception("could not record a request Envoy answered itself")
         return als_pb2.StreamAccessLogsResponse()
+
+
+def default_outage_log(config_path: Path) -> Path:
+    """Beside the config, with ext_proc's socket: `envoy render` and `serve extproc` agree."""
+    return (config_path.parent / ".tollgate" / "envoy-outage.log").resolve()
+
+
+class OutageLog:
+    """Reads the lines Envoy appended to the outage log since the last reading into the
+    ledger. How far it has read is kept beside the log (`<log>.offset`, with the file's
+    inode), so a restart neither loses nor repeats lines; a rotated, recreated or truncated
+    log is read from its start."""
+
+    CHUNK = 1 << 20  # memory stays bounded however long the outage was
+
+    def __init__(self, gateway: Gateway, path: Path):
+        self.gateway = gateway
+        self.path = path
+        self.mark = path.with_name(path.name + ".offset")
+
+    async def follow(self, interval: float = 1.0) -> None:
+        while True:
+            try:
+                self.read()
+            except OSError as e:
+                log.warning("cannot read Envoy's outage log %s: %s", self.path, e)
+            await asyncio.sleep(interval)
+
+    def read(self) -> int:
+        """Record the complete lines written since the last reading; how many."""
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            return 0
+        recorded = 0
+        with f:
+            inode = os.fstat(f.fileno()).st_ino
+            offset = self._offset(inode)
+            if offset > os.fstat(f.fileno()).st_size:
+                offset = 0  # truncated in place (logrotate's copytruncate)
+            f.seek(offset)
+            pending = b""
+            while chunk := f.read(self.CHUNK):
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()  # a line Envoy is still writing waits for the next read
+                for line in lines:
+                    recorded += self._record(line)
+                self._save(inode, f.tell() - len(pending))
+        return recorded
+
+    def _offset(self, inode: int) -> int:
+        try:
+            doc = json.loads(self.mark.read_text())
+            return int(doc["offset"]) if doc["inode"] == inode else 0
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _save(self, inode: int, offset: int) -> None:
+        tmp = self.mark.with_name(f".{self.mark.name}.tmp")
+        tmp.write_text(json.dumps({"inode": inode, "offset": offset}))
+        os.replace(tmp, self.mark)
+
+    def _record(self, line: bytes) -> int:
+        if not line.strip():
+            return 0
+        try:
+            doc = json.loads(line)
+            status = int(doc["status"])
+            at = datetime.fromisoformat(doc["start_time"]).astimezone(UTC)
+        except (ValueError, KeyError, TypeError):
+            log.warning("skipping a line of Envoy's outage log that is not its format: %.200r",
+                        line)
+            return 0
+        headers = {name: str(doc[name]) for name in
+                   ("authorization", "x-api-key", "anthropic-version") if doc.get(name)}
+        req = Request(method=str(doc.get("method") or "UNKNOWN"),
+                      path=str(doc.get("path") or "/"), headers=headers, body=b"",
+                      peer=str(doc.get("peer") or ""))
+        self.gateway.record_proxy_reply(req, status, str(doc.get("details") or ""),
+                                        request_id=doc.get("request_id") or None, at=at,
+                                        key_prefix_only=True)
+        return 1

@@ -21,6 +21,7 @@ import httpx
 
 from extproc import envoy_config
 from extproc.listen import Listener
+from extproc.proxy_replies import OutageLog
 from extproc.service import start_server
 from tollgate.admin import AdminServer
 from tollgate.config.load import LoadedConfig
@@ -67,9 +68,10 @@ def write_json_atomic(path: Path, doc: Any) -> bool:
 class EnvoyFiles:
     """The listener and cluster resources Envoy reads from disk and re-reads on change."""
 
-    def __init__(self, workdir: Path, listen: tuple[str, int]):
+    def __init__(self, workdir: Path, listen: tuple[str, int], outage: Path):
         self.workdir = workdir
         self.listen = listen
+        self.outage = outage
         self.listeners = workdir / "resources" / "listeners.json"
         self.clusters = workdir / "resources" / "clusters.json"
         self.listeners.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,8 @@ class EnvoyFiles:
         # Clusters first: a listener may name a cluster only once it exists.
         if write_json_atomic(self.clusters, clusters):
             log.info("envoy clusters updated")
-        if write_json_atomic(self.listeners, envoy_config.listener_resources(cfg, self.listen)):
+        if write_json_atomic(self.listeners, envoy_config.listener_resources(cfg, self.listen,
+                                                                          str(self.outage))):
             log.info("envoy listener updated")
         return {c["name"] for c in clusters["resources"]}
 
@@ -154,10 +157,17 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
-async def serve_extproc(config: str, where: Listener,
+def follow_outage_log(gateway: Gateway, path: Path) -> asyncio.Task[None]:
+    """Read what Envoy refused while ext_proc was down into the ledger, now and as it grows."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return asyncio.get_running_loop().create_task(OutageLog(gateway, path).follow())
+
+
+async def serve_extproc(config: str, where: Listener, outage: Path,
                         admin: tuple[str, int] | None = None) -> None:
     gateway = Gateway.from_path(config)
     server, processor = await start_server(gateway, where)
+    outage_reader = follow_outage_log(gateway, outage)
     admin_server = AdminServer(gateway, admin, asyncio.get_running_loop()).start() \
         if admin else None
     log.info("ext_proc serving on %s%s", where.target,
@@ -165,6 +175,7 @@ async def serve_extproc(config: str, where: Listener,
     try:
         await _until_signal()
     finally:
+        outage_reader.cancel()
         if admin_server is not None:
             admin_server.stop()
         if processor.sweeper:
@@ -187,7 +198,7 @@ def envoy_stats(envoy_admin: str) -> Callable[[], bytes]:
 
 
 async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
-                      extproc: str | None, log_level: str,
+                      extproc: str | None, log_level: str, outage: Path,
                       admin: tuple[str, int] | None = None) -> int:
     gateway = Gateway.from_path(config)
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
@@ -196,7 +207,8 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
     server, processor = await start_server(gateway, Listener(extproc), clusters)
     admin_server = AdminServer(gateway, admin, asyncio.get_running_loop(),
                                envoy_stats(envoy_admin)).start() if admin else None
-    files = EnvoyFiles(workdir, listen)
+    files = EnvoyFiles(workdir, listen, outage)
+    outage_reader = follow_outage_log(gateway, outage)
     first_clusters = files.write(gateway.holder.current)
 
     def prepare(loaded: LoadedConfig) -> None:
@@ -217,6 +229,7 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
     finally:
         stop.cancel()
         startup.cancel()
+        outage_reader.cancel()
         clusters.stop()
         if admin_server is not None:
             admin_server.stop()

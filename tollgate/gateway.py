@@ -30,7 +30,7 @@ from tollgate.config.schema import VirtualKey
 from tollgate.config.watch import ConfigHolder
 from tollgate.errors import GatewayError
 from tollgate.exchange import Billing, Exchange
-from tollgate.keys import KeyIndex, authenticate, load_pepper
+from tollgate.keys import KeyIndex, authenticate, by_prefix, load_pepper
 from tollgate.ledger import LedgerRow
 from tollgate.pricing import cost_micros, worst_case_micros
 from tollgate.providers import adapter_for
@@ -192,22 +192,31 @@ class Gateway:
                                f"(request id {trace.request_id}); see the gateway log.")
             return self._error(trace, loaded, family, err, key, seen)
 
-    def record_proxy_reply(self, req: Request, status: int, detail: str) -> None:
+    def record_proxy_reply(self, req: Request, status: int, detail: str, *,
+                           request_id: str | None = None, at: datetime | None = None,
+                           key_prefix_only: bool = False) -> None:
         """A request the proxy answered itself before the gateway could decide (Envoy's codec
-        refusing it, a body over the buffer, a client too slow): its ledger row, attributed
-        to its key when the key is valid, so every request leaves one."""
+        refusing it, a body over the buffer, a client too slow, ext_proc down): its ledger
+        row, under the request id the proxy gave the client, so every request leaves one.
+
+        It is attributed to its key when the key is valid or, when the proxy kept only the
+        key's shown prefix (`key_prefix_only`), to the one key with that prefix."""
         loaded = self.holder.current
-        trace = telemetry.start(req.method, req.path, req.headers)
+        trace = telemetry.start(req.method, req.path, req.headers, request_id)
         code = PROXY_REPLY_CODES.get(status, "gateway_error")
         key = None
-        with contextlib.suppress(GatewayError):
-            key = authenticate(self._keys(loaded), dict(req.headers))
+        if key_prefix_only:
+            key = by_prefix(loaded.config.virtual_keys, dict(req.headers))
+        else:
+            with contextlib.suppress(GatewayError):
+                key = authenticate(self._keys(loaded), dict(req.headers))
         route = routes.match(req.path)
         # Recorded as the gateway's own refusals are; the proxy has answered already.
         self._reply(trace, loaded, status, b"", key, {
             "action": "reject", "code": code,
             "message": f"Refused by the proxy before the gateway's decision "
-                       f"({detail or status})."}, {"route": route.name if route else None})
+                       f"({detail or status})."}, {"route": route.name if route else None},
+            at=at)
 
     def _plan(self, targets: list[routing.Target], key: VirtualKey, route: routes.Route,
               body: bodies.ParsedBody, req: Request, trace: telemetry.RequestTrace,
@@ -466,7 +475,8 @@ class Gateway:
 
     def _reply(self, trace: telemetry.RequestTrace, loaded: LoadedConfig, status: int,
                doc: Any, key: VirtualKey | None, decision: dict[str, Any] | None = None,
-               seen: dict[str, str | None] | None = None) -> Reply:
+               seen: dict[str, str | None] | None = None, at: datetime | None = None
+               ) -> Reply:
         """An answer the gateway gives itself; it leaves its ledger row like any request."""
         headers = {"content-type": "application/json",
                    **trace.headers(loaded.config.gateway.header_prefix, "tollgate", 0)}
@@ -474,7 +484,7 @@ class Gateway:
                     "principal": key.principal if key else None, **(decision or {})}
         trace.decided = time.perf_counter()
         body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-        row = self._answered_row(loaded, trace, status, key, decision, seen or {})
+        row = self._answered_row(loaded, trace, status, key, decision, seen or {}, at)
         self._observe(trace, row, decision)
         self._record(row)
         return Reply(status, headers, body, decision)
@@ -482,10 +492,10 @@ class Gateway:
     @staticmethod
     def _answered_row(loaded: LoadedConfig, trace: telemetry.RequestTrace, status: int,
                       key: VirtualKey | None, decision: dict[str, Any],
-                      seen: dict[str, str | None]) -> LedgerRow:
+                      seen: dict[str, str | None], at: datetime | None = None) -> LedgerRow:
         lin = lineage(loaded.config, key.scope) if key else None
         return LedgerRow(
-            request_id=trace.request_id, ts=datetime.now(UTC).isoformat(),
+            request_id=trace.request_id, ts=(at or datetime.now(UTC)).isoformat(),
             key_id=key.id if key else None, key_name=key.name if key else None,
             principal=key.principal if key else None, org=lin.org if lin else None,
             team=lin.team if lin else None, project=lin.project if lin else None,

@@ -14,6 +14,8 @@ from tollgate.config.schema import VirtualKey
 from tollgate.errors import GatewayError
 
 SECRET_PREFIX = "tg"
+# How much of a secret `virtual-keys list` shows: not enough to use, enough to tell keys apart.
+KEY_PREFIX_CHARS = len(SECRET_PREFIX) + 10
 
 
 def generate_secret(env: str) -> str:
@@ -27,7 +29,7 @@ def hash_secret(secret: str, pepper: bytes) -> str:
 
 
 def display_prefix(secret: str) -> str:
-    return secret[: len(SECRET_PREFIX) + 10]
+    return secret[:KEY_PREFIX_CHARS]
 
 
 def load_pepper(env_var: str, config_path: Path) -> bytes:
@@ -94,6 +96,15 @@ def presented_secrets(headers: dict[str, str] | object) -> list[str]:
     if api_key and api_key not in found:
         found.append(api_key)
     return found
+
+
+def by_prefix(keys: list[VirtualKey], headers: dict[str, str]) -> VirtualKey | None:
+    """The key whose shown prefix was presented, when only that much of a secret is known
+    (a proxy's log keeps no more) and exactly one key has it. This names whose request it
+    was; it proves nothing, so it is never used to let a request through."""
+    presented = {s for s in presented_secrets(headers) if len(s) == KEY_PREFIX_CHARS}
+    found = [k for k in keys if k.secret_prefix and k.secret_prefix in presented]
+    return found[0] if len(found) == 1 else None
 
 
 def authenticate(index: KeyIndex, headers: dict[str, str], now: datetime | None = None

@@ -270,11 +270,13 @@ def end_attempt(span: trace.Span, status: int | None, *, failure: str | None = N
 
 
 
-def start(method: str, path: str, headers: Mapping[str, str]) -> RequestTrace:
-    """A new server span; an incoming `traceparent` makes it the caller's child."""
+def start(method: str, path: str, headers: Mapping[str, str],
+          request_id: str | None = None) -> RequestTrace:
+    """A new server span; an incoming `traceparent` makes it the caller's child. Its request
+    id is a new one unless the proxy gave the request one already."""
     parent = _propagator.extract(dict(headers))
     span = _tracing.tracer.start_span(f"{method} {path.split('?', 1)[0]}", context=parent,
                                       kind=trace.SpanKind.SERVER)
     caller = trace.get_current_span(parent).get_span_context()
-    return RequestTrace(request_id=f"req_{ULID()}", span=span,
+    return RequestTrace(request_id=request_id or f"req_{ULID()}", span=span,
                         parent_flags=int(caller.trace_flags) if caller.is_valid else 0)

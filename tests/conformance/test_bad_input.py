@@ -114,7 +114,8 @@ def test_oversized_chunked_body_stops_at_the_cap(gateway, key, fake_openai):
                             "content-type": "application/json"})
     assert_refused(r, 413, "payload_too_large")
     assert fake_openai.requests == []
-    expect_one_more_refusal(gateway, key, "payload_too_large", before)
+    expect_one_more_refusal(gateway, key, "payload_too_large", before,
+                            r.headers["x-langwatch-request-id"])
 
 
 def test_chunked_body_is_refused_at_the_cap_without_waiting_for_its_end(gateway, key,
@@ -200,13 +201,16 @@ def refusals(gateway, key, code: str) -> int:
                for r in ledger(gateway.config))
 
 
-def expect_one_more_refusal(gateway, key, code: str, before: int) -> None:
+def expect_one_more_refusal(gateway, key, code: str, before: int,
+                            request_id: str | None = None) -> None:
     """Whoever refused it (the core, or the proxy itself), the request left exactly one
-    ledger row."""
+    ledger row, under the request id its answer carried."""
     wait_until(lambda: refusals(gateway, key, code) == before + 1, timeout=5,
                what=f"the {code} refusal's ledger row")
     still_serving(gateway, key)
     assert refusals(gateway, key, code) == before + 1
+    if request_id is not None:
+        assert [r.code for r in ledger(gateway.config) if r.request_id == request_id] == [code]
 
 
 def test_control_character_in_a_header_is_refused(gateway, key, fake_openai):
@@ -229,6 +233,21 @@ def test_cr_lf_never_reach_a_provider_inside_a_value(gateway, key, fake_openai, 
     for request in fake_openai.requests:
         assert not any(c in v for v in request.headers.values() for c in "\r\n\x00")
     still_serving(gateway, key)
+
+
+@pytest.mark.parametrize("head", [b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                                  b"this line has no colon\r\n",
+                                  b"POST /v1/chat/completions HTTP/1.1 extra\r\nhost: x\r\n"])
+def test_a_request_head_that_is_not_http_gets_a_400_and_one_row(gateway, key, fake_openai,
+                                                                head):
+    """Refused by the proxy's own parser, before any hook or filter: a JSON 400, and the
+    request still leaves one ledger row."""
+    before = refusals(gateway, key, "invalid_request")
+    status, answer = raw(gateway, head)
+    assert status == 400, answer[:200]
+    assert json.loads(answer)["error"]["code"] == "invalid_request"
+    assert fake_openai.requests == []
+    expect_one_more_refusal(gateway, key, "invalid_request", before)
 
 
 def test_oversized_headers_are_refused(gateway, key, fake_openai):

@@ -345,13 +345,15 @@ def test_oversized_body_is_refused_from_its_content_length(config, tmp_path, fak
 def test_extproc_killed_mid_request_fails_closed_and_loses_no_row(config, tmp_path,
                                                                   fake_openai):
     """SIGKILL ext_proc while a request is at the provider: Envoy refuses new requests
-    (never passes them unchecked), traffic returns when ext_proc is back, and the request
-    that was in flight has its ledger row, once."""
+    (never passes them unchecked), traffic returns when ext_proc is back, the request that
+    was in flight has its ledger row, once, and so has each request Envoy refused while
+    ext_proc was down (from its outage log, which holds no secret)."""
     import threading
 
     from tests.harness import ledger
 
     secret, in_flight = new_key(config), new_key(config, "--principal", "in-flight@acme.com")
+    refused = new_key(config, "--principal", "refused@acme.com")
     listen, admin = free_port(), free_port()
     bootstrap = tmp_path / "envoy.yaml"
     bootstrap.write_text(tollgate("envoy", "render", "--listen", f"127.0.0.1:{listen}",
@@ -381,13 +383,16 @@ def test_extproc_killed_mid_request_fails_closed_and_loses_no_row(config, tmp_pa
         wait_until(lambda: len(fake_openai.requests) >= 2, timeout=5, what="the provider")
         extproc.kill()
         extproc.wait(5)
-        down = post(secret)
+        down = post(refused)
         assert down.status_code == 503 and down.json()["error"]["code"] == "gateway_unavailable"
+        down_id = down.headers["x-langwatch-request-id"]
         worker.join(10)
         fake_openai.response_delay = 0
         extproc = start()
         wait_until(lambda: post(secret).status_code == 200, timeout=20, what="recovery")
         assert envoy.poll() is None  # the same Envoy throughout
+        wait_until(lambda: any(r.request_id == down_id for r in ledger(config)), timeout=10,
+                   what="the refusal's row, from the outage log")
     finally:
         extproc.terminate()
         extproc.wait(10)
@@ -398,6 +403,12 @@ def test_extproc_killed_mid_request_fails_closed_and_loses_no_row(config, tmp_pa
             and r.route == "chat_completions"]
     assert len(rows) == 1, (rows, outcome)
     assert rows[0].outcome == "interrupted"
+    (row,) = [r for r in ledger(config) if r.request_id == down_id]
+    assert (row.principal, row.status, row.code, row.cost_micros, row.route) == (
+        "refused@acme.com", 503, "gateway_unavailable", 0, "chat_completions")
+    outage = (config.parent / ".tollgate" / "envoy-outage.log").read_text()
+    assert down_id in outage and refused[:12] in outage
+    assert refused not in outage and secret not in outage and refused[:13] not in outage
 
 
 def _try(fn):

@@ -99,8 +99,8 @@ def test_rendered_listener_and_extproc_cluster_resist_slow_and_busy_clients():
     from extproc.envoy_config import extproc_cluster, listener
     from tollgate.config.schema import Config
 
-    hcm = listener(Config(), "127.0.0.1", 8080)["filter_chains"][0]["filters"][0][
-        "typed_config"]
+    hcm = listener(Config(), "127.0.0.1", 8080, "/tmp/outage.log")["filter_chains"][0][
+        "filters"][0]["typed_config"]
     assert hcm["request_headers_timeout"] == "10s" and hcm["request_timeout"] == "60s"
     assert hcm["max_request_headers_kb"] == 64
     assert hcm["http2_protocol_options"]["max_concurrent_streams"] == 256

@@ -408,3 +408,53 @@ async def test_a_long_request_keeps_its_redis_hold_past_the_lease(setup, tmp_pat
     finally:
         await gw.close()
         server.stop()
+
+
+async def test_envoy_outage_log_is_read_into_the_ledger_once(setup, tmp_path):
+    """What Envoy refused while ext_proc was down: each line becomes one row under Envoy's
+    request id, attributed by the key's shown prefix, and is never recorded twice (a
+    restart, a line still being written, a rotated or truncated log, a lost offset)."""
+    import os
+
+    from extproc.proxy_replies import OutageLog
+
+    key, gateway = setup
+    secret = key("--principal", "alice@acme.com")
+    gw = gateway()
+    log_path = tmp_path / "envoy-outage.log"
+
+    def line(request_id: str, authorization: str | None = None) -> str:
+        return json.dumps({
+            "request_id": request_id, "start_time": "2026-11-29T10:00:00.250Z",
+            "method": "POST", "path": "/v1/chat/completions", "status": 503,
+            "details": "ext_proc_error_gRPC_error_14{...}", "authorization": authorization,
+            "x-api-key": None, "peer": "127.0.0.1", "bytes_received": 40}) + "\n"
+
+    whole, half = line("env-1", f"Bearer {secret[:12]}"), line("env-3")
+    log_path.write_text(whole + line("env-2", "Bearer sk-proj-abcd") + "not json\n"
+                        + half[:30])
+    assert OutageLog(gw, log_path).read() == 2  # the garbage line is skipped, the half waits
+    assert OutageLog(gw, log_path).read() == 0  # a restart starts where the last one stopped
+    with log_path.open("a") as f:
+        f.write(half[30:])
+    assert OutageLog(gw, log_path).read() == 1
+    log_path.with_name(log_path.name + ".offset").unlink()  # stopped before saving it
+    assert OutageLog(gw, log_path).read() == 4 - 1  # read again: the store keeps one each
+    os.truncate(log_path, 0)  # logrotate's copytruncate
+    log_path.write_text(line("env-4"))
+    assert OutageLog(gw, log_path).read() == 1
+    log_path.rename(tmp_path / "envoy-outage.log.1")  # rotated away; Envoy opens a new one
+    log_path.write_text(line("env-5"))
+    assert OutageLog(gw, log_path).read() == 1
+    await asyncio.wait_for(gw.close(), timeout=30)
+
+    found = await SQLiteStore(gw.holder.path.parent / ".tollgate" / "state.db",
+                              owner=False).rows()
+    assert sorted(r.request_id for r in found) == ["env-1", "env-2", "env-3", "env-4", "env-5"]
+    rows = {r.request_id: r for r in found}
+    assert all(r.status == 503 and r.code == "gateway_unavailable" and r.cost_micros == 0
+               and r.outcome == "refused" and r.route == "chat_completions"
+               for r in rows.values())
+    assert rows["env-1"].principal == "alice@acme.com"
+    assert rows["env-2"].key_id is None and rows["env-3"].key_id is None
+    assert rows["env-1"].ts.startswith("2026-11-29T10:00:00.250")

