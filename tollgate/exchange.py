@@ -307,6 +307,19 @@ class Exchange:
             used.input_tokens = self.billing.estimated_input_tokens
         return used
 
+    def written_ahead(self) -> LedgerRow:
+        """Its row in case the gateway dies before it settles (outcome `interrupted`),
+        charged what the provider surely bills by now: the input, and the output that has
+        streamed so far."""
+        failed = self.status is not None and not 200 <= self.status < 300
+        used = self.usage()
+        if not failed and not (used.input_tokens or used.cached_input_tokens
+                               or used.cache_write_tokens):
+            used.input_tokens, used.reported = self.billing.estimated_input_tokens, False
+        price = self.billing.price
+        return self.row("interrupted", used,
+                        cost_micros(used, price) if price is not None else 0)
+
     def row(self, outcome: str, used: usage_of.Usage | None = None, cost: int = 0
             ) -> LedgerRow:
         """This request's ledger row (before it ends: what is written ahead, in case the

@@ -21,7 +21,6 @@ from typing import Any
 
 from tollgate import body as bodies
 from tollgate import budgets, metrics, policy, ratelimit, routes, routing, telemetry, translate
-from tollgate import usage as usage_of
 from tollgate.accesslog import access_log
 from tollgate.breaker import Breakers
 from tollgate.catalog import ModelCatalog
@@ -32,7 +31,7 @@ from tollgate.errors import GatewayError
 from tollgate.exchange import Billing, Exchange
 from tollgate.keys import KeyIndex, authenticate, by_prefix, load_pepper
 from tollgate.ledger import LedgerRow
-from tollgate.pricing import cost_micros, worst_case_micros
+from tollgate.pricing import worst_case_micros
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.scopes import lineage
@@ -77,6 +76,9 @@ class Gateway:
         self._store_for: tuple[str, str, int] | None = None  # (state, spool, lease) opened for
         self._leases: dict[str, tuple[list[str], int]] = {}  # in flight: counters, amount
         self._renewer: asyncio.Task[None] | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
+        # In flight: each exchange, and how many response bytes it had when last written ahead.
+        self._in_flight: dict[str, tuple[Exchange, int]] = {}
         self._settling: set[asyncio.Task[None]] = set()
         self.breakers = Breakers()
         self._apply(holder.current)
@@ -343,20 +345,35 @@ class Gateway:
 
     async def _admit(self, exchange: Exchange) -> None:
         """Write ahead that the request is in flight: if the gateway dies before it settles,
-        its row survives, charged its input, which the provider bills once it has it."""
-        billing = exchange.billing
-        surely = usage_of.Usage(input_tokens=billing.estimated_input_tokens, reported=False)
-        cost = cost_micros(surely, billing.price) if billing.price is not None else 0
+        its row survives, charged its input, which the provider bills once it has it (and
+        later, the output streamed so far: see `_checkpoint_forever`)."""
         request_id = exchange.trace.request_id
         # Renewed while it runs (its holds, and its written-ahead row in a shared store).
         self._leases.setdefault(request_id, ([], 0))
         if self._renewer is None:
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+            loop = asyncio.get_running_loop()
+            self._renewer = loop.create_task(self._renew_forever())
+            self._checkpointer = loop.create_task(self._checkpoint_forever())
+        self._in_flight[request_id] = (exchange, 0)
+        await self._write_ahead(exchange)
+
+    async def _write_ahead(self, exchange: Exchange) -> None:
         try:
-            await self.store().admit(exchange.row("interrupted", surely, cost),
-                                     billing.counters)
+            await self.store().admit(exchange.written_ahead(), exchange.billing.counters)
         except StoreUnavailable as e:
             log.warning("could not write ahead request %s: %s", exchange.trace.request_id, e)
+
+    async def _checkpoint_forever(self) -> None:
+        """Rewrite the written-ahead rows of requests that received more of their response,
+        so a gateway that dies mid-stream leaves them charged the output streamed up to
+        `gateway.checkpoint_seconds` before it died, not their input alone."""
+        while True:
+            await asyncio.sleep(self.holder.current.config.gateway.checkpoint_seconds)
+            for request_id, (exchange, written) in list(self._in_flight.items()):
+                received = exchange.meter.bytes
+                if received > written and not exchange.finished:
+                    self._in_flight[request_id] = (exchange, received)
+                    await self._write_ahead(exchange)
 
     def _settle(self, exchange: Exchange, row: LedgerRow) -> None:
         """Write the ledger row and settle budgets and TPM, off the host's hot path."""
@@ -423,6 +440,7 @@ class Gateway:
     async def _finish(self, counters: list[str], reserved: int, row: LedgerRow,
                       limits: LimitSettlement | None = None) -> None:
         self._leases.pop(row.request_id, None)
+        self._in_flight.pop(row.request_id, None)
         try:
             await self.store().finish(counters, reserved, row, limits)
         except Exception:
@@ -466,7 +484,7 @@ class Gateway:
     async def close(self) -> None:
         await self.drain()
         await asyncio.to_thread(telemetry.flush)  # the last requests' spans
-        for task in (self._replayer, self._renewer):
+        for task in (self._replayer, self._renewer, self._checkpointer):
             if task is not None:
                 task.cancel()
         if self._store is not None:

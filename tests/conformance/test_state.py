@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -325,3 +327,58 @@ def test_sigterm_with_open_streams_records_every_one(host, tmp_path, fake_openai
     finished = {r for r in results if isinstance(r, str)}
     assert {r.outcome for r in rows if r.request_id in finished} <= {"completed"}
     assert all(r.cost_micros > 0 for r in rows)  # cut or not, what streamed is charged
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_a_gateway_killed_mid_stream_leaves_the_streamed_output_charged(
+        host, tmp_path, fake_openai, fake_anthropic):
+    """SIGKILL the whole gateway while a long answer streams: the next gateway on the same
+    state records the request once, as interrupted, charged its input and the output that
+    had streamed by the last checkpoint (not its input alone), to its budget."""
+    import os
+    import threading
+
+    from tollgate.pricing import cost_micros
+    from tollgate.usage import Usage, estimate_tokens
+
+    config = configure(tmp_path, fake_openai, fake_anthropic, state_url(tmp_path, "sqlite",
+                                                                        None))
+    config.write_text(config.read_text().replace(
+        "max_body_bytes:", "checkpoint_seconds: 1\n  max_body_bytes:"))
+    secret, budget_id = key_and_budget(config, 100 * WORST_CASE)
+    fake_openai.answer_words, fake_openai.chunk_delay = 600, 0.02  # about 12 s of stream
+    body = json.dumps({**json.loads(BODY), "stream": True}).encode()
+    gw = GatewayProcess(host, config, tmp_path).start()
+    received: list[str] = []
+
+    def stream() -> None:
+        with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                "POST", f"{gw.url}/v1/chat/completions", content=body, timeout=30,
+                headers={"authorization": f"Bearer {secret}"}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        received.append(choice["delta"].get("content") or "")
+
+    reader = threading.Thread(target=stream)
+    try:
+        reader.start()
+        wait_until(lambda: len(received) >= 100, timeout=20, what="the stream under way")
+        seen = sum(map(len, received))
+        time.sleep(2.5)  # past a checkpoint
+        os.killpg(gw.proc.pid, signal.SIGKILL)
+        gw.proc.wait(10)
+        reader.join(10)
+    finally:
+        gw.stop()
+    assert 0 < len(received) < 600  # cut short by the kill
+    fake_openai.chunk_delay = 0
+    again = GatewayProcess(host, config, tmp_path).start()  # recovers what it left
+    again.stop()
+
+    (row,) = [r for r in chat_rows(config) if r.outcome == "interrupted"]
+    assert not row.usage_reported
+    assert estimate_tokens(seen) <= row.output_tokens <= estimate_tokens(sum(map(len, received)))
+    input_only = cost_micros(Usage(input_tokens=row.input_tokens), PRICES.lookup("gpt-5-mini"))
+    assert row.cost_micros > input_only
+    assert budget_status(config, budget_id)["spent_usd"] == row.cost_micros / 1_000_000

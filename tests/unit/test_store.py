@@ -201,7 +201,8 @@ def test_a_replica_gone_for_good_leaves_its_rows_for_the_others(short_leases):
     async def scenario():
         cap = total_hold(0.000100)
         assert (await store.reserve("r_gone", [cap], 60)).granted
-        await store.admit(row("r_gone", 7), [cap.counter])
+        await store.admit(row("r_gone", 4), [cap.counter])
+        await store.admit(row("r_gone", 7), [cap.counter])  # a checkpoint: more has streamed
         await store.admit(row("r_running", 0), [])
         for _ in range(5):  # r_running's replica is alive: it renews; r_gone's is not
             await asyncio.sleep(0.3)

@@ -107,6 +107,9 @@ class GatewaySettings(Strict):
     # Budget holds in a shared store (Redis) are leases: a running gateway renews them, and
     # those of a replica that died come back after this long.
     hold_lease_seconds: int = Field(default=900, ge=30)
+    # How often a request still running has its written-ahead ledger row brought up to date
+    # with the output streamed so far (what a gateway that dies leaves charged).
+    checkpoint_seconds: float = Field(default=5.0, ge=1.0)
     # Environment variable holding the pepper for virtual-key HMACs.
     pepper_env: str = "TOLLGATE_KEY_PEPPER"
     telemetry: Telemetry = Field(default_factory=lambda: Telemetry())
