@@ -256,7 +256,7 @@ OUTAGE_FIELDS = {
     "request_id": "%REQ(X-REQUEST-ID)%",
     "start_time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%",
     "method": "%REQ(:METHOD)%",
-    "path": "%REQ(:PATH)%",
+    "path": "%PATH(NQ)%",  # no query string: some clients put keys there
     "status": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "authorization": f"%REQ(AUTHORIZATION):{len('Bearer ') + KEY_PREFIX_CHARS}%",

@@ -373,7 +373,10 @@ class Gateway:
                 received = exchange.meter.bytes
                 if received > written and not exchange.finished:
                     self._in_flight[request_id] = (exchange, received)
-                    await self._write_ahead(exchange)
+                    try:
+                        await self._write_ahead(exchange)
+                    except Exception:  # one request's fault must not stop the others'
+                        log.exception("could not checkpoint request %s", request_id)
 
     def _settle(self, exchange: Exchange, row: LedgerRow) -> None:
         """Write the ledger row and settle budgets and TPM, off the host's hot path."""

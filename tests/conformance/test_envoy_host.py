@@ -383,7 +383,8 @@ def test_extproc_killed_mid_request_fails_closed_and_loses_no_row(config, tmp_pa
         wait_until(lambda: len(fake_openai.requests) >= 2, timeout=5, what="the provider")
         extproc.kill()
         extproc.wait(5)
-        down = post(refused)
+        down = httpx.post(f"{url}?key=in-the-query", json=CHAT, timeout=10,
+                          headers={"authorization": f"Bearer {refused}"})
         assert down.status_code == 503 and down.json()["error"]["code"] == "gateway_unavailable"
         down_id = down.headers["x-langwatch-request-id"]
         worker.join(10)
@@ -409,6 +410,7 @@ def test_extproc_killed_mid_request_fails_closed_and_loses_no_row(config, tmp_pa
     outage = (config.parent / ".tollgate" / "envoy-outage.log").read_text()
     assert down_id in outage and refused[:12] in outage
     assert refused not in outage and secret not in outage and refused[:13] not in outage
+    assert "in-the-query" not in outage
 
 
 def _try(fn):
