@@ -111,7 +111,7 @@ def main() -> None:
                                  _Url(f"http://127.0.0.1:{free_port()}"))
             secret = new_key(config)
             admin = f"127.0.0.1:{free_port()}"
-            extra = ["--admin", admin] if host == "envoy" else []
+            extra = ["--envoy-admin", admin] if host == "envoy" else []
             gw = GatewayProcess(host, config, workdir, extra=extra).start()
             served: list[str] = []
             try:
@@ -164,6 +164,12 @@ def main() -> None:
                   f"round {len(mine)}")
             if growth > 50 or fd_growth > 20:
                 failures.append(f"{host}: grows (RSS {growth:+.1f} MB, fds {fd_growth:+d})")
+            if host == "envoy":
+                if mine[-1][5] is None:
+                    failures.append("envoy: its admin did not report ext_proc's gRPC streams")
+                elif mine[-1][5] > mine[1][5]:
+                    failures.append(f"envoy: gRPC streams still open grow ({mine[1][5]} in "
+                                    f"round 2, {mine[-1][5]} in round {len(mine)})")
     for f in failures:
         print("FAIL:", f)
     print("soak:", "ok" if not failures else f"{len(failures)} problem(s)")

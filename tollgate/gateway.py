@@ -74,10 +74,10 @@ class Gateway:
         self._index_for: tuple[LoadedConfig, KeyIndex] | None = None
         self._store = store
         self._store_for: tuple[str, str, int] | None = None  # (state, spool, lease) opened for
-        self._leases: dict[str, tuple[list[str], int]] = {}  # in flight: counters, amount
         self._renewer: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
-        # In flight: each exchange, and how many response bytes it had when last written ahead.
+        # In flight (renewed, checkpointed): each exchange, and how many response bytes it
+        # had when last written ahead.
         self._in_flight: dict[str, tuple[Exchange, int]] = {}
         self._settling: set[asyncio.Task[None]] = set()
         self.breakers = Breakers()
@@ -330,8 +330,7 @@ class Gateway:
         # The provider admitted may not be the first (one at its cap was passed over).
         billing.price = loaded.prices.lookup(attempt.model, attempt.prices) or billing.price
         if holds:
-            billing.reserved = amount
-            self._leases[request_id] = (billing.counters, amount)  # _admit starts renewing
+            billing.reserved = amount  # renewed from _admit on, while it runs
             billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
                                     if (w := budgets.warning(h, c.committed))), None)
         if limits:
@@ -349,7 +348,6 @@ class Gateway:
         later, the output streamed so far: see `_checkpoint_forever`)."""
         request_id = exchange.trace.request_id
         # Renewed while it runs (its holds, and its written-ahead row in a shared store).
-        self._leases.setdefault(request_id, ([], 0))
         if self._renewer is None:
             loop = asyncio.get_running_loop()
             self._renewer = loop.create_task(self._renew_forever())
@@ -442,7 +440,6 @@ class Gateway:
 
     async def _finish(self, counters: list[str], reserved: int, row: LedgerRow,
                       limits: LimitSettlement | None = None) -> None:
-        self._leases.pop(row.request_id, None)
         self._in_flight.pop(row.request_id, None)
         try:
             await self.store().finish(counters, reserved, row, limits)
@@ -458,7 +455,8 @@ class Gateway:
             lease = getattr(getattr(store, "inner", store), "lease_seconds", None) or \
                 self.holder.current.config.gateway.hold_lease_seconds
             await asyncio.sleep(lease / 3)
-            leases = [(rid, c, a) for rid, (c, a) in list(self._leases.items())]
+            leases = [(rid, ex.billing.counters if ex.billing.reserved else [],
+                       ex.billing.reserved) for rid, (ex, _) in list(self._in_flight.items())]
             try:
                 await self.store().renew(leases)
             except StoreUnavailable as e:
