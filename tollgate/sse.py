@@ -121,16 +121,23 @@ class CappedEvents:
         if self.broken:
             return b""
         seen = self._tail + chunk
-        last = None
+        began = len(self._tail) - self._open  # where, in `seen`, the open event began
+        over = None  # where the first event over the cap began
         for m in _BLOCK_END.finditer(seen):
-            last = m
-        self._open = len(seen) - last.end() if last else self._open + len(chunk)
-        self._tail = seen[-3:]
-        if self._open > self._cap:
+            if m.end() - began > self._cap:
+                over = began
+                break
+            began = m.end()
+        if over is None and len(seen) - began > self._cap:
+            over = began
+        if over is not None:
             self.broken = True
             self._on_overflow(f"a streamed event passed {self._cap} bytes; the stream was "
                               "ended")
-            return self._ending
+            # The events before it in this chunk still go out, then the error event.
+            return self._inner.feed(chunk[:max(0, over - len(self._tail))]) + self._ending
+        self._open = len(seen) - began
+        self._tail = seen[-3:]
         return self._inner.feed(chunk)
 
     def flush(self) -> bytes:

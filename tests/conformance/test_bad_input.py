@@ -275,3 +275,30 @@ def test_unreachable_provider_is_a_json_502(gateway, fake_openai):
     assert r.status_code == 502 and r.headers["content-type"].startswith("application/json")
     assert r.json()["error"]["code"] == "provider_unreachable"
     assert fake_openai.requests == []
+
+
+def test_a_provider_event_over_the_cap_ends_the_stream_with_an_error(gateway, key,
+                                                                     fake_openai):
+    """A stream the gateway edits (here: dropping the usage chunk it asked for) holds one
+    event at a time; an event over the cap is never held whole: the client's stream ends
+    with an error event in its API's shape, and the request is charged what the provider
+    reported for it (the tap reads the provider's stream to its end)."""
+    from tollgate.sse import MAX_EVENT_BYTES
+
+    fake_openai.giant_word = MAX_EVENT_BYTES + 4096
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", timeout=60,
+                      json={**CHAT, "stream": True},
+                      headers={"authorization": f"Bearer {key.secret}"}) as r:
+        assert r.status_code == 200
+        request_id = r.headers["x-langwatch-request-id"]
+        body = b"".join(r.iter_bytes())
+    assert len(body) < 64 * 1024  # the huge event never reached the client
+    last = json.loads(body.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
+    assert last["error"]["code"] == "gateway_error"
+    assert "larger than the gateway handles" in last["error"]["message"]
+    (row,) = wait_until(lambda: [r for r in ledger(gateway.config)
+                                 if r.request_id == request_id], timeout=10, what="its row")
+    assert (row.status, row.outcome, row.usage_reported) == (200, "error", True)
+    assert row.output_tokens == 2 and row.cost_micros > 0  # the fake's count: two "words"
+    fake_openai.giant_word = 0
+    still_serving(gateway, key)

@@ -77,6 +77,7 @@ class FakeProvider:
     chunk_delay: float = 0.0
     response_delay: float = 0.0  # before any response: keeps requests in flight together
     answer_words: int = 0  # > 0: chat answers this many words (large responses)
+    giant_word: int = 0  # > 0: the answer starts with one word this long (one huge event)
     # Azure OpenAI (family "azure"): deployment name -> the model it runs.
     deployments: dict[str, str] = field(default_factory=dict)
     # AWS Bedrock (family "bedrock"): the credentials SigV4 signatures are checked against
@@ -101,6 +102,7 @@ class FakeProvider:
         self.chunk_delay = 0.0
         self.response_delay = 0.0
         self.answer_words = 0
+        self.giant_word = 0
 
     def next_behaviour(self) -> Behaviour:
         return self._script.popleft() if self._script else Behaviour()
@@ -732,6 +734,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _answer(fake: FakeProvider) -> str:
+    if fake.giant_word:
+        return "z" * fake.giant_word + " end"
     if fake.answer_words:
         return " ".join(f"w{i}" for i in range(fake.answer_words))
     return TEXT

@@ -148,6 +148,24 @@ def test_a_rewriter_never_holds_an_event_past_the_cap():
     assert capped.feed(b"data: later\n\n") == b"" and capped.flush() == b""
 
 
+@pytest.mark.parametrize("size", [64 * 1024 - 2, 64 * 1024 - 1, 64 * 1024 + 10])
+@pytest.mark.parametrize("piece", [1000, 70_000])
+def test_an_event_over_the_cap_ends_the_stream_however_it_arrives(size, piece):
+    """Exactly the events over the cap end the stream, whether they arrive in pieces or
+    whole in one chunk (with their boundary)."""
+    ended: list[str] = []
+    capped = CappedEvents(EventFilter(lambda e: False), b"END", ended.append, cap=64 * 1024)
+    event = b"data: " + b"z" * (size - 8) + b"\n\n"
+    stream = b"data: a\n\n" + event + b"data: b\n\n"
+    out = b"".join(capped.feed(stream[i:i + piece]) for i in range(0, len(stream), piece))
+    out += capped.flush()
+    assert len(event) == size
+    if size > 64 * 1024:
+        assert out == b"data: a\n\nEND" and len(ended) == 1
+    else:
+        assert out == stream and ended == []
+
+
 def test_bedrock_event_stream_frames_become_anthropic_sse_at_any_split():
     """Frames split anywhere are decoded once whole; usage is metered from them; an
     exception frame mid-stream becomes an Anthropic error event."""
