@@ -11,6 +11,7 @@ chose for it, and its response headers name that provider.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -50,6 +51,8 @@ OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # and the next filter) is closed after this long. Once the tap has it, a request is settled
 # when its stream ends, however long it runs.
 UNCLAIMED_AFTER = 60.0
+# How long a finished tap waits for the rewrite of the same response to end.
+REWRITE_GRACE = 5.0
 
 
 def _headers(header_map: base_pb2.HeaderMap) -> dict[str, str]:
@@ -181,6 +184,8 @@ class _Pending:
     set_by_attempts: list[str] = field(default_factory=list)
     body_length: int | None = None  # the client's body, which Envoy replays to each attempt
     claimed: bool = False  # a tap stream follows it to its end
+    # Set when its rewrite stream has ended (for a response the gateway edits).
+    rewritten: asyncio.Event | None = None
 
 
 # An attempt that sends the client's body as it is skips sending it to ext_proc.
@@ -204,7 +209,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, gateway: Gateway, loaded_clusters: LoadedClusters | None = None):
         self.gateway = gateway
         self._pending: dict[str, _Pending] = {}  # forwarded, waiting for the tap
-        self._rewrites: dict[str, Exchange] = {}  # forwarded, waiting for the rewrite
+        self._rewrites: dict[str, _Pending] = {}  # forwarded, waiting for the rewrite
         # The clusters Envoy has loaded, when known (an Envoy this process runs); else the
         # rendered config is taken to be loaded.
         self._loaded_clusters = loaded_clusters
@@ -285,7 +290,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             pending.body_length = len(body) if phase == "request_body" else None
         self._pending[request_id] = pending
         if exchange.needs_rewrite:
-            self._rewrites[request_id] = exchange
+            pending.rewritten = asyncio.Event()
+            self._rewrites[request_id] = pending
         yield forward(result, phase, headers)
 
     # -- attempts of a fallback plan ------------------------------------------------------
@@ -378,11 +384,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:
-            if request_id is not None:
-                self._pending.pop(request_id, None)
-                if outcome == "abandoned":  # no response: no rewrite stream will take it
-                    self._rewrites.pop(request_id, None)
+            pending = self._pending.pop(request_id, None) if request_id is not None else None
+            if request_id is not None and outcome == "abandoned":
+                self._rewrites.pop(request_id, None)  # no response: no rewrite will take it
             if exchange is not None:
+                if outcome == "completed" and pending is not None and pending.rewritten:
+                    # The tap sees the response before the rewrite does: let the rewrite
+                    # finish, so a stream it ended early is settled as the client saw it.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(pending.rewritten.wait(), REWRITE_GRACE)
                 exchange.finish(outcome, error)
 
     # -- response rewrites ----------------------------------------------------------------
@@ -391,7 +401,18 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                        ) -> AsyncIterator[pb.ProcessingResponse]:
         """Answer the response headers, then each body chunk with the bytes the client
         should get (STREAMED): a translation across API families, or a hidden usage chunk."""
-        exchange = self._rewrites.pop(_request_id(first) or "", None)
+        pending = self._rewrites.pop(_request_id(first) or "", None)
+        try:
+            async for answer in self._rewritten(pending.exchange if pending else None,
+                                                first, requests):
+                yield answer
+        finally:
+            if pending is not None and pending.rewritten is not None:
+                pending.rewritten.set()
+
+    async def _rewritten(self, exchange: Exchange | None, first: pb.ProcessingRequest,
+                         requests: AsyncIterator[pb.ProcessingRequest]
+                         ) -> AsyncIterator[pb.ProcessingResponse]:
         rewriter = None
         msg: pb.ProcessingRequest | None = first
         while msg is not None:
@@ -442,8 +463,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 self._rewrites.pop(request_id, None)
                 pending.exchange.finish("abandoned", "no response reached the gateway")
         # A rewrite Envoy never opened (a response it answered itself, say).
-        for request_id, exchange in list(self._rewrites.items()):
-            if exchange.finished and now - exchange.started > UNCLAIMED_AFTER:
+        for request_id, waiting in list(self._rewrites.items()):
+            if waiting.exchange.finished and now - waiting.since > UNCLAIMED_AFTER:
                 del self._rewrites[request_id]
 
     async def sweep_forever(self, every: float = 60.0) -> None:

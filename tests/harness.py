@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,10 +17,36 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def _port_range() -> range:
+    """Ports for the processes tests start, below the kernel's ephemeral range: a port from
+    that range, free when checked, may become an outgoing connection's local port before the
+    process binds it. Each pytest-xdist worker has its own share."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    share = (low - 10000) // max(workers, 1)
+    return range(10000 + worker * share, 10000 + (worker + 1) * share)
+
+
+_PORTS = _port_range()
+_next_port = [random.randrange(len(_PORTS))]  # runs one after another start elsewhere
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, handed out in turn from this worker's share."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port[0] % len(_PORTS)]
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 def wait_until(check, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):

@@ -111,6 +111,56 @@ async def test_a_request_no_tap_took_up_is_closed_by_the_sweep(processor):
     await proc.gateway.close()
 
 
+async def test_a_stream_the_rewrite_ends_early_is_settled_as_the_client_saw_it(processor):
+    """Envoy's tap sees the provider's whole stream before the rewrite has passed it on; a
+    stream the rewrite cut (an event over the cap) is settled as an error all the same."""
+    from tollgate.sse import MAX_EVENT_BYTES
+
+    proc, secret = processor
+    body = json.dumps({"model": "gpt-5-mini", "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]})
+    decide = Stream(proc)
+    await decide.send(pb.ProcessingRequest(request_headers=headers({
+        ":method": "POST", ":path": "/v1/chat/completions", "authorization": f"Bearer {secret}",
+        "content-type": "application/json", "content-length": str(len(body))})))
+    await decide.send(pb.ProcessingRequest(request_body=pb.HttpBody(body=body.encode(),
+                                                                     end_of_stream=True)))
+    await decide.send(None)
+    await decide.task
+    request_id = decide.answers[-1].dynamic_metadata["tollgate"]["request_id"]
+    context = base_pb2.Metadata(filter_metadata={"tollgate": struct_pb2.Struct(
+        fields={"request_id": struct_pb2.Value(string_value=request_id)})})
+    sse = {":status": "200", "content-type": "text/event-stream"}
+    giant = b"data: " + json.dumps({"choices": [{"delta": {
+        "content": "z" * MAX_EVENT_BYTES}}]}).encode() + b"\n\n"
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}' \
+            b"\n\ndata: [DONE]\n\n"
+
+    tap = Stream(proc)  # the whole stream, end included, before the rewrite has any of it
+    for msg in (pb.ProcessingRequest(request_headers=headers({":method": "POST"})),
+                pb.ProcessingRequest(response_headers=headers(sse)),
+                pb.ProcessingRequest(response_body=pb.HttpBody(body=giant + usage,
+                                                               end_of_stream=True))):
+        msg.observability_mode = True
+        msg.metadata_context.CopyFrom(context)
+        await tap.send(msg)
+    assert not tap.task.done()  # waits for the rewrite
+
+    rewrite = Stream(proc)
+    await rewrite.send(pb.ProcessingRequest(metadata_context=context,
+                                            response_headers=headers(sse)))
+    await rewrite.send(pb.ProcessingRequest(response_body=pb.HttpBody(
+        body=giant + usage, end_of_stream=True)))
+    await rewrite.task
+    await tap.task
+    await proc.gateway.drain()
+    sent = rewrite.answers[-1].response_body.response.body_mutation.body
+    assert b"larger than the gateway handles" in sent and len(sent) < 1024
+    (row,) = await proc.gateway.store().rows()
+    assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "error", 7)
+    await proc.gateway.close()
+
+
 class LaggingClusters:
     """Envoy's clusters as a poll that has not caught up yet: empty until read again."""
 
