@@ -138,7 +138,11 @@ class OutageLog:
         req = Request(method=str(doc.get("method") or "UNKNOWN"),
                       path=str(doc.get("path") or "/"), headers=headers, body=b"",
                       peer=str(doc.get("peer") or ""))
-        self.gateway.record_proxy_reply(req, status, str(doc.get("details") or ""),
-                                        request_id=doc.get("request_id") or None, at=at,
-                                        key_prefix_only=True)
+        try:
+            self.gateway.record_proxy_reply(req, status, str(doc.get("details") or ""),
+                                            request_id=doc.get("request_id") or None, at=at,
+                                            key_prefix_only=True)
+        except Exception:  # not read again every second: logged with what it held
+            log.exception("could not record a request from Envoy's outage log: %.500r", line)
+            return 0
         return 1

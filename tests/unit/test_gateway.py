@@ -458,3 +458,27 @@ async def test_envoy_outage_log_is_read_into_the_ledger_once(setup, tmp_path):
     assert rows["env-1"].principal == "alice@acme.com"
     assert rows["env-2"].key_id is None and rows["env-3"].key_id is None
     assert rows["env-1"].ts.startswith("2026-11-29T10:00:00.250")
+
+
+async def test_an_outage_log_line_that_cannot_be_recorded_does_not_stop_the_rest(
+        setup, tmp_path, monkeypatch, caplog):
+    from extproc.proxy_replies import OutageLog
+
+    _, gateway = setup
+    gw = gateway()
+    recorded: list[str | None] = []
+
+    def record(req, status, detail, *, request_id=None, at=None, key_prefix_only=False):
+        if request_id == "bad":
+            raise RuntimeError("boom")
+        recorded.append(request_id)
+
+    monkeypatch.setattr(gw, "record_proxy_reply", record)
+    log_path = tmp_path / "envoy-outage.log"
+    log_path.write_text("".join(json.dumps({
+        "request_id": rid, "start_time": "2026-11-29T10:00:00.000Z", "status": 503}) + "\n"
+        for rid in ("a", "bad", "b")))
+    assert OutageLog(gw, log_path).read() == 2
+    assert OutageLog(gw, log_path).read() == 0  # the bad line is not tried again
+    assert recorded == ["a", "b"] and "could not record" in caplog.text
+    await gw.close()
