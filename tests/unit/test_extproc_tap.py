@@ -57,9 +57,12 @@ class Stream:
             await asyncio.sleep(0)
 
 
-async def test_a_request_running_past_the_sweep_is_settled_when_it_ends(processor):
-    proc, secret = processor
-    body = json.dumps({"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
+async def decide_chat(proc: ExternalProcessor, secret: str, **extra: object
+                      ) -> tuple[str, base_pb2.Metadata]:
+    """A chat completion decided (and forwarded): its request id, and the metadata the
+    decision leaves for the filters after it."""
+    body = json.dumps({"model": "gpt-5-mini", **extra,
+                       "messages": [{"role": "user", "content": "hi"}]})
     decide = Stream(proc)
     await decide.send(pb.ProcessingRequest(request_headers=headers({
         ":method": "POST", ":path": "/v1/chat/completions", "authorization": f"Bearer {secret}",
@@ -69,11 +72,16 @@ async def test_a_request_running_past_the_sweep_is_settled_when_it_ends(processo
     await decide.send(None)
     await decide.task
     request_id = decide.answers[-1].dynamic_metadata["tollgate"]["request_id"]
+    return request_id, base_pb2.Metadata(filter_metadata={"tollgate": struct_pb2.Struct(
+        fields={"request_id": struct_pb2.Value(string_value=request_id)})})
+
+
+async def test_a_request_running_past_the_sweep_is_settled_when_it_ends(processor):
+    proc, secret = processor
+    request_id, context = await decide_chat(proc, secret)
     (pending,) = proc._pending.values()
 
     tap = Stream(proc)
-    context = base_pb2.Metadata(filter_metadata={"tollgate": struct_pb2.Struct(
-        fields={"request_id": struct_pb2.Value(string_value=request_id)})})
     await tap.send(pb.ProcessingRequest(observability_mode=True, metadata_context=context,
                                         request_headers=headers({":method": "POST"})))
     # A reasoning call: the provider has not answered hours later. Nothing is settled yet.
@@ -117,19 +125,7 @@ async def test_a_stream_the_rewrite_ends_early_is_settled_as_the_client_saw_it(p
     from tollgate.sse import MAX_EVENT_BYTES
 
     proc, secret = processor
-    body = json.dumps({"model": "gpt-5-mini", "stream": True,
-                       "messages": [{"role": "user", "content": "hi"}]})
-    decide = Stream(proc)
-    await decide.send(pb.ProcessingRequest(request_headers=headers({
-        ":method": "POST", ":path": "/v1/chat/completions", "authorization": f"Bearer {secret}",
-        "content-type": "application/json", "content-length": str(len(body))})))
-    await decide.send(pb.ProcessingRequest(request_body=pb.HttpBody(body=body.encode(),
-                                                                     end_of_stream=True)))
-    await decide.send(None)
-    await decide.task
-    request_id = decide.answers[-1].dynamic_metadata["tollgate"]["request_id"]
-    context = base_pb2.Metadata(filter_metadata={"tollgate": struct_pb2.Struct(
-        fields={"request_id": struct_pb2.Value(string_value=request_id)})})
+    request_id, context = await decide_chat(proc, secret, stream=True)
     sse = {":status": "200", "content-type": "text/event-stream"}
     giant = b"data: " + json.dumps({"choices": [{"delta": {
         "content": "z" * MAX_EVENT_BYTES}}]}).encode() + b"\n\n"
