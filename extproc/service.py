@@ -388,12 +388,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             if request_id is not None and outcome == "abandoned":
                 self._rewrites.pop(request_id, None)  # no response: no rewrite will take it
             if exchange is not None:
-                if outcome == "completed" and pending is not None and pending.rewritten:
-                    # The tap sees the response before the rewrite does: let the rewrite
-                    # finish, so a stream it ended early is settled as the client saw it.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(pending.rewritten.wait(), REWRITE_GRACE)
-                exchange.finish(outcome, error)
+                try:
+                    if outcome == "completed" and pending is not None and pending.rewritten:
+                        # The tap sees the response before the rewrite does: let the rewrite
+                        # finish, so a stream it ended early is settled as the client saw it.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(pending.rewritten.wait(), REWRITE_GRACE)
+                finally:  # settled even if the wait is cancelled (Envoy reset the stream)
+                    exchange.finish(outcome, error)
 
     # -- response rewrites ----------------------------------------------------------------
     async def _rewrite(self, first: pb.ProcessingRequest,

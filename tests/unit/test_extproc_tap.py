@@ -4,6 +4,7 @@ the messages Envoy sends (no Envoy here: the conformance suite runs the real one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -154,6 +155,30 @@ async def test_a_stream_the_rewrite_ends_early_is_settled_as_the_client_saw_it(p
     assert b"larger than the gateway handles" in sent and len(sent) < 1024
     (row,) = await proc.gateway.store().rows()
     assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "error", 7)
+    await proc.gateway.close()
+
+
+async def test_a_tap_cancelled_while_it_waits_for_the_rewrite_still_settles(processor):
+    proc, secret = processor
+    request_id, context = await decide_chat(proc, secret, stream=True)
+    sse = {":status": "200", "content-type": "text/event-stream"}
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}' \
+            b"\n\ndata: [DONE]\n\n"
+    tap = Stream(proc)
+    for msg in (pb.ProcessingRequest(request_headers=headers({":method": "POST"})),
+                pb.ProcessingRequest(response_headers=headers(sse)),
+                pb.ProcessingRequest(response_body=pb.HttpBody(body=usage,
+                                                               end_of_stream=True))):
+        msg.observability_mode = True
+        msg.metadata_context.CopyFrom(context)
+        await tap.send(msg)
+    assert not tap.task.done()  # waiting for a rewrite that Envoy will never send
+    tap.task.cancel()  # Envoy reset the stream
+    with contextlib.suppress(asyncio.CancelledError):
+        await tap.task
+    await proc.gateway.drain()
+    (row,) = await proc.gateway.store().rows()
+    assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "completed", 7)
     await proc.gateway.close()
 
 
