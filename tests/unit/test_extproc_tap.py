@@ -77,6 +77,20 @@ async def decide_chat(proc: ExternalProcessor, secret: str, **extra: object
         fields={"request_id": struct_pb2.Value(string_value=request_id)})})
 
 
+async def tapped_stream(proc: ExternalProcessor, context: base_pb2.Metadata,
+                        response_headers: dict[str, str], body: bytes) -> Stream:
+    """A tap stream that has seen a whole response: its headers and one last body chunk."""
+    tap = Stream(proc)
+    for msg in (pb.ProcessingRequest(request_headers=headers({":method": "POST"})),
+                pb.ProcessingRequest(response_headers=headers(response_headers)),
+                pb.ProcessingRequest(response_body=pb.HttpBody(body=body,
+                                                               end_of_stream=True))):
+        msg.observability_mode = True
+        msg.metadata_context.CopyFrom(context)
+        await tap.send(msg)
+    return tap
+
+
 async def test_a_request_running_past_the_sweep_is_settled_when_it_ends(processor):
     proc, secret = processor
     request_id, context = await decide_chat(proc, secret)
@@ -133,14 +147,8 @@ async def test_a_stream_the_rewrite_ends_early_is_settled_as_the_client_saw_it(p
     usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}' \
             b"\n\ndata: [DONE]\n\n"
 
-    tap = Stream(proc)  # the whole stream, end included, before the rewrite has any of it
-    for msg in (pb.ProcessingRequest(request_headers=headers({":method": "POST"})),
-                pb.ProcessingRequest(response_headers=headers(sse)),
-                pb.ProcessingRequest(response_body=pb.HttpBody(body=giant + usage,
-                                                               end_of_stream=True))):
-        msg.observability_mode = True
-        msg.metadata_context.CopyFrom(context)
-        await tap.send(msg)
+    # The whole stream, end included, before the rewrite has any of it.
+    tap = await tapped_stream(proc, context, sse, giant + usage)
     assert not tap.task.done()  # waits for the rewrite
 
     rewrite = Stream(proc)
@@ -164,14 +172,7 @@ async def test_a_tap_cancelled_while_it_waits_for_the_rewrite_still_settles(proc
     sse = {":status": "200", "content-type": "text/event-stream"}
     usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}' \
             b"\n\ndata: [DONE]\n\n"
-    tap = Stream(proc)
-    for msg in (pb.ProcessingRequest(request_headers=headers({":method": "POST"})),
-                pb.ProcessingRequest(response_headers=headers(sse)),
-                pb.ProcessingRequest(response_body=pb.HttpBody(body=usage,
-                                                               end_of_stream=True))):
-        msg.observability_mode = True
-        msg.metadata_context.CopyFrom(context)
-        await tap.send(msg)
+    tap = await tapped_stream(proc, context, sse, usage)
     assert not tap.task.done()  # waiting for a rewrite that Envoy will never send
     tap.task.cancel()  # Envoy reset the stream
     with contextlib.suppress(asyncio.CancelledError):
