@@ -79,6 +79,7 @@ class OutageLog:
         self.gateway = gateway
         self.path = path
         self.mark = path.with_name(path.name + ".offset")
+        self._read_to: tuple[int, int] | None = None  # (inode, offset), once the mark is read
 
     async def follow(self, interval: float = 1.0) -> None:
         while True:
@@ -96,9 +97,11 @@ class OutageLog:
             return 0
         recorded = 0
         with f:
-            inode = os.fstat(f.fileno()).st_ino
-            offset = self._offset(inode)
-            if offset > os.fstat(f.fileno()).st_size:
+            stat = os.fstat(f.fileno())
+            offset = self._offset(stat.st_ino)
+            if offset == stat.st_size:
+                return 0  # nothing new (the usual case: ext_proc has not been down)
+            if offset > stat.st_size:
                 offset = 0  # truncated in place (logrotate's copytruncate)
             f.seek(offset)
             pending = b""
@@ -107,17 +110,21 @@ class OutageLog:
                 pending = lines.pop()  # a line Envoy is still writing waits for the next read
                 for line in lines:
                     recorded += self._record(line)
-                self._save(inode, f.tell() - len(pending))
+                self._save(stat.st_ino, f.tell() - len(pending))
         return recorded
 
     def _offset(self, inode: int) -> int:
-        try:
-            doc = json.loads(self.mark.read_text())
-            return int(doc["offset"]) if doc["inode"] == inode else 0
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
+        if self._read_to is None:
+            try:
+                doc = json.loads(self.mark.read_text())
+                self._read_to = (doc["inode"], int(doc["offset"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                self._read_to = (inode, 0)
+        read_inode, offset = self._read_to
+        return offset if read_inode == inode else 0
 
     def _save(self, inode: int, offset: int) -> None:
+        self._read_to = (inode, offset)
         tmp = self.mark.with_name(f".{self.mark.name}.tmp")
         tmp.write_text(json.dumps({"inode": inode, "offset": offset}))
         os.replace(tmp, self.mark)
