@@ -5,8 +5,7 @@ SQLite and a real Redis behave the same."""
 from __future__ import annotations
 
 import asyncio
-import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -106,16 +105,20 @@ def test_retry_after_counts_only_the_entries_that_must_age_out(store):
     assert admit(store, "r3", [limit], T0 + 60).granted
 
 
-def test_requests_per_day_reset_at_utc_midnight(store):
-    day1 = datetime(2026, 11, 29, 23, 59, 30, tzinfo=UTC).timestamp()
-    limit = rpd(2, "2026-11-29")
+@pytest.mark.parametrize("day", ["2019-03-10", "2026-11-29", "2031-07-01"])
+def test_requests_per_day_reset_at_utc_midnight(store, day):
+    """The store keeps time by the clock it is given, whatever the wall clock says: a day
+    years before or after today counts and expires the same."""
+    start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
+    day1 = start.timestamp() + 86400 - 30  # 23:59:30
+    limit = rpd(2, day)
     assert admit(store, "a", [limit], day1).granted
     assert admit(store, "b", [limit], day1 + 20).granted
     refused = admit(store, "c", [limit], day1 + 29)
     assert not refused.granted
     assert refused.windows[0].retry_after == pytest.approx(1)  # midnight
     # A request after midnight falls in the next day's counter.
-    tomorrow = rpd(2, "2026-11-30")
+    tomorrow = rpd(2, (start + timedelta(days=1)).strftime("%Y-%m-%d"))
     assert admit(store, "c", [tomorrow], day1 + 30).granted
     assert admit(store, "d", [tomorrow], day1 + 31).granted
     assert not admit(store, "e", [tomorrow], day1 + 32).granted
@@ -196,9 +199,10 @@ def test_concurrent_admissions_serve_exactly_the_limit(store):
 def test_a_restart_keeps_the_windows_of_settled_requests(tmp_path):
     """The single-node store writes each request's entries as it settles: a gateway that
     starts again on the same file, and `rate-limits status`, see them."""
-    now = time.time()  # a restart reads back what is still in the window by the wall clock
+    now = T0 + 30  # a restart reads back what is still in the window by the store's clock
     today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
-    first = Stores(SQLiteStore(tmp_path / "state.db"))
+    clock = [now]
+    first = Stores(SQLiteStore(tmp_path / "state.db", clock=lambda: clock[0]))
     limits = [rpm(2), tpm(1_000), rpd(5, today)]
     for rid in ("a", "b"):
         granted = admit(first, rid, limits, now, tokens=400)
@@ -207,7 +211,8 @@ def test_a_restart_keeps_the_windows_of_settled_requests(tmp_path):
             sliding=[limits[0].counter, limits[1].counter], days=[limits[2].counter],
             tokens=[limits[1].counter], reserved=400, admitted=granted.at, used=100))
     first.close()
-    again = Stores(SQLiteStore(tmp_path / "state.db"))
+    clock[0] = now + 1
+    again = Stores(SQLiteStore(tmp_path / "state.db", clock=lambda: clock[0]))
     windows = again.windows(limits, now=now + 1)
     assert [w.used for w in windows] == [2, 200, 2]
     assert not admit(again, "c", limits, now + 2, tokens=10).granted  # rpm 2 is used up

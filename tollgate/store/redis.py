@@ -143,7 +143,9 @@ if refused == 0 and over == 0 and request_id ~= '' then
       redis.call('PEXPIRE', log, 2 * WINDOW)
       redis.call('PEXPIRE', total, 2 * WINDOW)
     else
-      redis.call('PEXPIREAT', total, tonumber(ARGV[a + 4]) + 86400000)
+      -- Relative to the script's clock, not Redis' own: a day counter lives one day past
+      -- its end on the clock that admitted into it.
+      redis.call('PEXPIRE', total, math.max(1, tonumber(ARGV[a + 4]) + 86400000 - now_ms))
     end
   end
 end
@@ -284,7 +286,7 @@ class RedisStore(Store):
     async def _admit(self, request_id: str, holds: list[Hold], amount: int,
                      limits: list[Limit], tokens: int, now: float | None
                      ) -> tuple[bool, list[Counter], int | None, list[Window], list[int], float]:
-        wall = datetime.now(UTC)
+        wall = datetime.now(UTC) if now is None else datetime.fromtimestamp(now, UTC)
         ttls = [int((h.resets_at - wall).total_seconds()) + 7 * 86400 if h.resets_at else 0
                 for h in holds]
         args: list[object] = [len(holds), len(limits), amount, self.lease_seconds,

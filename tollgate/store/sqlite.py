@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -70,10 +70,13 @@ _COLUMNS = [c for c in LedgerRow.__dataclass_fields__]
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: Path | str, owner: bool = True):
+    def __init__(self, path: Path | str, owner: bool = True,
+                 clock: Callable[[], float] = time.time):
         """`owner`: this process serves traffic from the file, so reservations left by a
-        previous run (which cannot be in flight any more) are released at start."""
+        previous run (which cannot be in flight any more) are released at start. `clock`
+        (epoch seconds) is the store's time: rate windows are read and kept by it alone."""
         self.path = Path(path)
+        self.clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                   timeout=10)
@@ -88,7 +91,7 @@ class SQLiteStore(Store):
             self.db.execute("ALTER TABLE inflight ADD COLUMN started INTEGER")
         self.rate_windows = LocalWindows()
         self._pruned = 0.0
-        self._load_windows(time.time())
+        self._load_windows(clock())
         if owner:
             self._recover()
 
@@ -170,7 +173,7 @@ class SQLiteStore(Store):
         """Rate limits are checked in memory, budgets in one transaction; nothing awaits in
         between, so on the event loop the two are one atomic step."""
         limits = limits or []
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         read = [self.rate_windows.read(lim, lim.amount(tokens), now) for lim in limits]
         windows = [w for _, w in read]
         over = [i for i, (ok, _) in enumerate(read) if not ok]
@@ -198,7 +201,7 @@ class SQLiteStore(Store):
                            windows=windows, at=now)
 
     async def windows(self, limits: list[Limit], now: float | None = None) -> list[Window]:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         return [self.rate_windows.read(lim, 0, now)[1] for lim in limits]
 
     def _record_limits(self, request_id: str, limits: LimitSettlement) -> None:
@@ -214,7 +217,9 @@ class SQLiteStore(Store):
                             "ON CONFLICT (counter) DO UPDATE SET used = used + 1, "
                             "newest = MAX(newest, ?)", (counter, limits.admitted,
                                                         limits.admitted))
-        now = time.time()
+        # Pruned by the clock the request was admitted on (the store's), never the wall's:
+        # what left the window before this request was admitted has left it for good.
+        now = limits.admitted
         if now - self._pruned > SLIDING_SECONDS:
             self._pruned = now
             self.db.execute("DELETE FROM rate_entries WHERE ts <= ?", (now - SLIDING_SECONDS,))
