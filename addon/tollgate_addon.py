@@ -36,6 +36,7 @@ log = logging.getLogger("tollgate.mitmproxy")
 _META = "tollgate"
 _REFUSED = "tollgate_refused"  # answered from the headers, by the refusal sink
 _OVERSIZED = "tollgate_oversized"  # a chunked body cut off at the cap: its size so far
+_PAGE = "tollgate_page"  # the page mitmproxy will send for a provider it could not reach
 
 
 def _comment(decision: dict) -> str:
@@ -178,6 +179,20 @@ def _read_request_head(self, event):
 
 
 _mitm_http1_layer.Http1Server.read_headers = _read_request_head
+_handle_protocol_error = mitm_http_layer.HttpStream.handle_protocol_error
+
+
+def _provider_failed(self, event):
+    """A forwarded request whose provider cannot be reached: the page mitmproxy writes
+    carries the gateway's answer, in the client's API family and with its headers, which
+    the error hook fills in (it runs before the page is sent)."""
+    if isinstance(event, mitm_http_layer.ResponseProtocolError) and \
+            _META in self.flow.metadata and self.flow.response is None:
+        event.message = self.flow.metadata[_PAGE] = _GatewayPage(event.message)
+    return (yield from _handle_protocol_error(self, event))
+
+
+mitm_http_layer.HttpStream.handle_protocol_error = _provider_failed
 
 
 class CredentialMask:
@@ -508,6 +523,14 @@ class TollgateAddon:
         exchange: Exchange | None = flow.metadata.get(_META)
         if exchange is not None:
             message = flow.error.msg if flow.error else None
+            page: _GatewayPage | None = flow.metadata.pop(_PAGE, None)
+            if page is not None:
+                code = "provider_timeout" if "timed out" in str(message).lower() \
+                    else "provider_unreachable"
+                status, headers, body = exchange.failure(
+                    code, f"Model provider {exchange.provider_id} could not be reached "
+                          f"({message}); nothing was served.")
+                page.reply = Reply(status, headers, body, {"code": code})
             # A client that went away says nothing about the provider (no breaker count).
             exchange.finish("abandoned" if _client_gone(flow) else "error", message)
             flow.comment = _served_comment(exchange)

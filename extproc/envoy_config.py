@@ -342,6 +342,9 @@ def http_filters() -> list[dict[str, Any]]:
         },
         "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
         "deferred_close_timeout": "5s",
+        # Tells a provider's response from Envoy's own reply after the decision (a provider
+        # unreachable, a timeout), which the ledger records with its code.
+        "response_attributes": ["response.code_details"],
     })
     # Idle (no stream, no cost) unless the route matching REWRITE_HEADER turns its response
     # body mode on; a filter `disabled` in the chain could not be enabled that late.
@@ -455,6 +458,11 @@ def listener(cfg: Config, host: str, port: int, outage: str) -> dict[str, Any]:
                 "@type": HCM,
                 "stat_prefix": "tollgate",
                 "codec_type": "AUTO",
+                # Request ids name ledger rows, so a client never chooses one: its own
+                # x-request-id is kept as x-client-request-id (correlation only) and removed
+                # before Envoy mints the request's id; the decision then sets the row's id.
+                "early_header_mutation_extensions": [CLIENT_REQUEST_ID],
+                "preserve_external_request_id": False,
                 "stream_idle_timeout": "300s",
                 # Slow clients: all headers within 10 s, the whole request (body and the
                 # decision) within 60 s; the response may take as long as it streams.
@@ -470,6 +478,22 @@ def listener(cfg: Config, host: str, port: int, outage: str) -> dict[str, Any]:
             },
         }]}],
     }
+
+
+CLIENT_REQUEST_ID_HEADER = "x-client-request-id"
+CLIENT_REQUEST_ID = {
+    "name": "envoy.http.early_header_mutation.header_mutation",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation."
+                 "header_mutation.v3.HeaderMutation",
+        "mutations": [
+            {"append": {"header": {"key": CLIENT_REQUEST_ID_HEADER,
+                                   "value": "%REQ(X-REQUEST-ID)%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+            {"remove": "x-request-id"},
+        ],
+    },
+}
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,8 @@ def forward(fwd: Forward, phase: str, client_headers: dict[str, str]) -> pb.Proc
     # Envoy's router controls are the gateway's to set, never the client's.
     envoy_controls = [h for h in client_headers if h.startswith(fallback.ENVOY_CONTROL_PREFIX)]
     routing = fallback.retry_headers(exchange.key.config.fallback, plan)
+    # Envoy's own replies from here on (a provider unreachable) name the request's row.
+    routing["x-request-id"] = exchange.trace.request_id
     if exchange.needs_rewrite:
         routing[REWRITE_HEADER] = "1"
     if len(plan) == 1:
@@ -366,7 +368,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 if kind == "response_headers":
                     outcome, error = "aborted", "the response stream ended early"
                     headers = _headers(msg.response_headers.headers)
-                    exchange.on_response_headers(int(headers.get(":status", "0")), headers)
+                    status = int(headers.get(":status", "0"))
+                    if not _from_upstream(msg):
+                        exchange.proxy_replied(status, _attribute(msg, "response.code_details"))
+                    exchange.on_response_headers(status, headers)
                     if msg.response_headers.end_of_stream or exchange.complete:
                         outcome, error = "completed", None
                         break
@@ -463,7 +468,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             if not pending.claimed and now - pending.since > UNCLAIMED_AFTER:
                 del self._pending[request_id]
                 self._rewrites.pop(request_id, None)
-                pending.exchange.finish("abandoned", "no response reached the gateway")
+                pending.exchange.finish("abandoned", "the request never went upstream",
+                                        sent=False)
         # A rewrite Envoy never opened (a response it answered itself, say).
         for request_id, waiting in list(self._rewrites.items()):
             if waiting.exchange.finished and now - waiting.since > UNCLAIMED_AFTER:

@@ -123,17 +123,20 @@ class GatewayProcess:
             start_new_session=True,
         )
 
-        def ready() -> bool:
+        def ready() -> str | bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited early:\n{self.log()}")
+                return "exited"
             r = httpx.get(f"{self.url}/v1/models", timeout=2)
             return r.status_code == 401 and "invalid_api_key" in r.text
 
         try:
-            wait_until(ready, timeout=timeout, what=f"{self.host} gateway on {self.url}")
+            state = wait_until(ready, timeout=timeout,
+                               what=f"{self.host} gateway on {self.url}")
         except BaseException:
             self.stop()
             raise
+        if state == "exited":
+            raise RuntimeError(f"gateway exited early:\n{self.log()}")
         return self
 
     def log(self) -> str:

@@ -30,6 +30,10 @@ log = logging.getLogger("tollgate")
 
 
 
+# The code of a reply the host made in place of a provider, by its status.
+PROXY_FAILURE_CODES = {502: "provider_unreachable", 504: "provider_timeout"}
+
+
 class Rewriter(Protocol):
     def feed(self, chunk: bytes) -> bytes: ...
     def flush(self) -> bytes: ...
@@ -91,6 +95,8 @@ class Exchange:
         self.meter = self._meter()
         self._finished = False
         self.error: str | None = None  # why it ended badly, once finished
+        # The gateway's error code when no provider answered (unreachable, timed out).
+        self.code: str | None = None
         self.settled: LedgerRow | None = None  # its ledger row, once finished
         # The gateway's own time on the response, and when its first body byte came.
         self.overhead = 0.0
@@ -218,6 +224,7 @@ class Exchange:
         a, client = self.attempt, self.route.family
         sse = (content_type or "").lower().startswith("text/event-stream")
         model = self.requested_model or a.model  # the name the client asked for
+        estimate = self.billing.estimated_input_tokens
         if (a.reframed or a.translated or a.foreign_errors) and not 200 <= status < 300:
             return JSONTranslation(lambda body: translate.error_to(
                 client, status, a.adapter.error_message(status, body)))
@@ -226,11 +233,11 @@ class Exchange:
             if not a.translated:
                 return self._capped(frames)
             return self._capped(translate.Chained(frames, translate.stream(
-                client, a.family, model, self.client_wants_usage)))
+                client, a.family, model, self.client_wants_usage, estimate)))
         if a.translated:
             if sse:
                 return self._capped(translate.stream(client, a.family, model,
-                                                     self.client_wants_usage))
+                                                     self.client_wants_usage, estimate))
             convert = translate.json_response(client, a.family, model)
             return JSONTranslation(lambda body: json.dumps(convert(json.loads(body)))
                                    .encode() if body else body)
@@ -270,10 +277,20 @@ class Exchange:
         return self.meter.complete
 
     def failure(self, code: str, message: str) -> tuple[int, dict[str, str], bytes]:
-        """Status, headers and body for a request no provider could answer."""
+        """Status, headers and body for a request no provider could answer (and so its
+        ledger row's)."""
         err = GatewayError(code, message)
+        self.code = code
+        if self.status is None:  # a provider that had answered keeps its status (and usage)
+            self.status = err.status
         headers = {"content-type": "application/json", **self.response_headers()}
         return err.status, headers, err.body(self.route.family)
+
+    def proxy_replied(self, status: int, details: str | None) -> None:
+        """The host answered in place of a provider after the decision (Envoy's reply to
+        an unreachable provider, a timeout); it carries the gateway's envelope already."""
+        self.code = PROXY_FAILURE_CODES.get(status, "gateway_error")
+        self.stream_error = f"answered by the proxy: {details or status}"
 
     def relay(self, data: bytes) -> bytes:
         """For hosts whose bytes pass through the core: tap, then rewrite; b"" ends it."""
@@ -297,25 +314,26 @@ class Exchange:
             **({"skipped": "; ".join(self.unserved)} if self.unserved else {}),
         }
 
-    def usage(self) -> usage_of.Usage:
-        """What the request used, from the provider's own numbers where it gave them."""
-        ok = self.status is not None and 200 <= self.status < 300
-        if not ok:
+    def usage(self, sent: bool = True) -> usage_of.Usage:
+        """What the request used, from the provider's own numbers where it gave them. A
+        request the provider had (`sent`) and did not refuse is billed its input at least:
+        with no numbers from the provider, the gateway's estimate (flagged as such)."""
+        if self.status is not None and not 200 <= self.status < 300:
             return usage_of.Usage()  # providers do not bill refused or failed requests
-        used = self.meter.usage()  # in the provider's family, before any translation
-        if not used.reported and used.input_tokens == 0 and used.output_tokens:
-            used.input_tokens = self.billing.estimated_input_tokens
+        if self.status is None and not sent:
+            return usage_of.Usage()  # it never reached the provider
+        # In the provider's family, before any translation.
+        used = self.meter.usage() if self.status is not None else usage_of.Usage(reported=False)
+        if not used.reported and not (used.input_tokens or used.cached_input_tokens
+                                      or used.cache_write_tokens) and self.route.metered:
+            used.input_tokens, used.reported = self.billing.estimated_input_tokens, False
         return used
 
     def written_ahead(self) -> LedgerRow:
         """Its row in case the gateway dies before it settles (outcome `interrupted`),
         charged what the provider surely bills by now: the input, and the output that has
         streamed so far."""
-        failed = self.status is not None and not 200 <= self.status < 300
         used = self.usage()
-        if not failed and not (used.input_tokens or used.cached_input_tokens
-                               or used.cache_write_tokens):
-            used.input_tokens, used.reported = self.billing.estimated_input_tokens, False
         price = self.billing.price
         return self.row("interrupted", used,
                         cost_micros(used, price) if price is not None else 0)
@@ -335,15 +353,17 @@ class Exchange:
             cache_write_tokens=used.cache_write_tokens, reasoning_tokens=used.reasoning_tokens,
             cost_micros=cost, usage_reported=used.reported, status=self.status,
             outcome=outcome, latency_ms=round((time.monotonic() - self.started) * 1000, 1),
-            fallback_count=self.fallback_count, fallbacks=", ".join(self.fallbacks) or None,
+            code=self.code, fallback_count=self.fallback_count,
+            fallbacks=", ".join(self.fallbacks) or None,
             skipped="; ".join(self.unserved) or None)
 
     @property
     def finished(self) -> bool:
         return self._finished
 
-    def finish(self, outcome: str, error: str | None = None) -> None:
-        """Close the books on this request exactly once, however it ended."""
+    def finish(self, outcome: str, error: str | None = None, sent: bool = True) -> None:
+        """Close the books on this request exactly once, however it ended; `sent` False:
+        it ended before the host passed it to the provider."""
         if self._finished:
             return
         self._finished = True
@@ -360,7 +380,7 @@ class Exchange:
                 self.breakers.failure(self.provider_id)
             elif not failed:
                 self.breakers.success(self.provider_id)
-        used = self.usage()
+        used = self.usage(sent)
         price = self.billing.price
         cost = cost_micros(used, price) if price is not None else 0
         self.error = error

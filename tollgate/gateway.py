@@ -25,6 +25,7 @@ from tollgate.accesslog import access_log
 from tollgate.breaker import Breakers
 from tollgate.catalog import ModelCatalog
 from tollgate.config.load import LoadedConfig
+from tollgate.config.problems import ConfigError, Problem
 from tollgate.config.schema import VirtualKey
 from tollgate.config.watch import ConfigHolder
 from tollgate.errors import GatewayError
@@ -83,6 +84,10 @@ class Gateway:
         self.breakers = Breakers()
         self._apply(holder.current)
         holder.on_reload(lambda _old, new: self._apply(new))
+        if store is None:
+            self.store()  # opened at start: a state file another gateway serves is seen now
+        self._check_limits_are_kept(holder.current)
+        holder.check_with(self._check_limits_are_kept)
         self._replayer: asyncio.Task[None] | None = None
 
     def _apply(self, loaded: LoadedConfig) -> None:
@@ -95,6 +100,25 @@ class Gateway:
         access_log.configure(settings.telemetry.access_log, loaded.path.parent)
         for provider in loaded.config.model_providers:
             adapter_for(provider).prepare()
+
+    def _check_limits_are_kept(self, loaded: LoadedConfig) -> None:
+        """Rate limits on a SQLite state are kept in the one process that serves the file;
+        a second process would admit the full limit again, so it refuses them."""
+        if getattr(self._store, "serves_alone", True):
+            return
+        cfg = loaded.config
+        limited = [f"model provider {p.id}" for p in cfg.model_providers
+                   if p.rate_limit and p.rate_limit.any()] + \
+            [f"virtual key {k.id}" for k in cfg.virtual_keys
+             if k.config.rate_limits and k.config.rate_limits.any()]
+        if limited:
+            raise ConfigError([Problem(
+                str(loaded.path), None, "gateway.state",
+                f"another gateway process already serves {cfg.gateway.state}, and rate "
+                f"limits ({', '.join(limited[:3])}{', ...' if len(limited) > 3 else ''}) "
+                "are counted in the process that serves a SQLite state: two processes would "
+                "each admit the full limit. Share limits across processes with a Redis state "
+                "(gateway.state: redis://...), or run one gateway per state file.")])
 
     @classmethod
     def from_path(cls, path: str, watch: bool = True) -> Gateway:
@@ -273,7 +297,7 @@ class Gateway:
         input_estimate = math.ceil(len(req.body) / 2)  # generous: a token is >= ~2 bytes
         output_cap = bodies.max_output_tokens(route, body.doc,
                                               settings.default_max_output_tokens)
-        metered = route.name != "count_tokens"  # counting tokens spends none
+        metered = route.metered
         amount = max((worst_case_micros(input_estimate, output_cap, p) for p in prices),
                      default=0) if metered else 0
         tokens = input_estimate + output_cap if metered else 0

@@ -42,6 +42,13 @@ class LedgerRow:
     # Providers of its routing policy that had nothing to serve for it, and why.
     skipped: str | None = None
 
+    @property
+    def admitted(self) -> bool:
+        """Whether the request was admitted (it may hold budget, limits and an in-flight
+        row); a refusal or the gateway's own answer holds nothing, so settling it releases
+        nothing."""
+        return self.outcome not in ("refused", "answered")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

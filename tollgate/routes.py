@@ -12,6 +12,7 @@ class Route:
     family: str  # "openai" | "anthropic": the client's API shape, and so its error shape
     forwarded: bool = True  # False: the gateway answers itself
     needs_model: bool = True
+    metered: bool = True  # False: it costs nothing (counting tokens)
 
 
 ROUTES: dict[str, Route] = {
@@ -20,7 +21,7 @@ ROUTES: dict[str, Route] = {
     "/v1/embeddings": Route("embeddings", "POST", "openai"),
     "/v1/models": Route("models", "GET", "openai", forwarded=False, needs_model=False),
     "/v1/messages": Route("messages", "POST", "anthropic"),
-    "/v1/messages/count_tokens": Route("count_tokens", "POST", "anthropic"),
+    "/v1/messages/count_tokens": Route("count_tokens", "POST", "anthropic", metered=False),
 }
 
 

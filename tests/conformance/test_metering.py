@@ -161,7 +161,8 @@ def test_anthropic_usage(gateway, stream):
 
 
 def test_client_that_goes_away_is_not_a_provider_failure(gateway, fake_openai):
-    """Clients that give up before the provider answers leave a row each, and never count
+    """Clients that give up before the provider answers leave a row each, charged the
+    input the provider bills once it has the request (estimated, flagged), and never count
     towards the provider's circuit breaker (three of them used to reroute every key)."""
     key = gateway.create_key()
     fake_openai.response_delay = 1.5
@@ -174,7 +175,9 @@ def test_client_that_goes_away_is_not_a_provider_failure(gateway, fake_openai):
     rows = wait_until(lambda: (r := [r for r in ledger(gateway.config) if r.key_id == key.id
                                      and r.route == "chat_completions"])
                       and len(r) == 4 and r, timeout=15, what="four ledger rows")
-    assert {(r.outcome, r.cost_micros) for r in rows} == {("abandoned", 0)}
+    assert {(r.outcome, r.usage_reported, r.output_tokens) for r in rows} == \
+        {("abandoned", False, 0)}
+    assert all(r.input_tokens > 0 and r.cost_micros > 0 for r in rows)
     assert "circuit open for provider mp_openai" not in gateway.process.log()[log_before:]
 
 

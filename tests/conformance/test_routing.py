@@ -111,7 +111,16 @@ def test_anthropic_sdk_served_by_openai_with_tools(gateway, fake_openai, stream)
             "messages": [{"role": "user", "content": "read it"}], "tools": [ANTHROPIC_TOOL]}
     if stream:
         with client.messages.stream(**args) as s:
+            events = list(s)
             message = s.get_final_message()
+        # Coding agents read the input from message_start: an estimate, before the
+        # provider's exact count arrives in the final message_delta.
+        start = events[0]
+        assert start.type == "message_start" and start.message.usage.input_tokens > 0
+        assert start.message.usage.cache_read_input_tokens == 0
+        final = [e for e in events if e.type == "message_delta"][-1]
+        assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
+        assert message.usage.input_tokens == final.usage.input_tokens
     else:
         message = client.messages.create(**args)
     block = next(b for b in message.content if b.type == "tool_use")

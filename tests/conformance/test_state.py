@@ -382,3 +382,36 @@ def test_a_gateway_killed_mid_stream_leaves_the_streamed_output_charged(
     input_only = cost_micros(Usage(input_tokens=row.input_tokens), PRICES.lookup("gpt-5-mini"))
     assert row.cost_micros > input_only
     assert budget_status(config, budget_id)["spent_usd"] == row.cost_micros / 1_000_000
+
+
+@pytest.mark.parametrize("second", HOSTS)
+def test_a_second_process_on_a_sqlite_state_refuses_rate_limits_it_cannot_share(
+        tmp_path, fake_openai, fake_anthropic, second):
+    """Rate limits on SQLite are counted in the process that serves the file: a second
+    gateway process on the same file would admit the full limit again, so it refuses to
+    start with them, and refuses a reload that adds them (the last good config serves)."""
+    config = make_config(tmp_path, fake_openai, fake_anthropic)
+    first = GatewayProcess("mitmproxy", config, tmp_path).start()
+    try:
+        # No rate limits yet: two processes may share the file (budgets are in the file).
+        other = GatewayProcess(second, config, tmp_path).start()
+        try:
+            tollgate("virtual-keys", "create", "--name", "limited", "--scope", "ORG:acme",
+                     "--rpm", "5", config=config)
+
+            def rejected() -> str | None:
+                out = json.loads(tollgate("status", "--format", "json", config=config,
+                                          check=False).stdout)
+                mine = [g for g in out["gateways"] if g["pid"] == other.proc.pid]
+                return mine and mine[0].get("last_error")
+
+            error = wait_until(rejected, timeout=10, what="the second gateway's rejection")
+            assert "another gateway process already serves" in error and "redis://" in error
+            assert first.proc.poll() is None and other.proc.poll() is None  # both serve
+        finally:
+            other.stop()
+        late = GatewayProcess(second, config, tmp_path)
+        with pytest.raises(RuntimeError, match="another gateway process already serves"):
+            late.start()
+    finally:
+        first.stop()

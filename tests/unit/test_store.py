@@ -299,3 +299,32 @@ def test_two_gateways_on_one_sqlite_file_keep_each_others_holds(tmp_path):
             await s.close()
 
     asyncio.run(scenario())
+
+
+def test_a_refusal_under_the_id_of_a_request_in_flight_releases_nothing(store):
+    """A refusal recorded under the id of a request that is in flight (a forged request id)
+    neither releases that request's hold and written-ahead row nor stands in for its
+    settlement: the request is charged in full, and both rows are kept."""
+    import dataclasses
+
+    async def scenario():
+        cap = hold(1.0)
+        assert (await store.reserve("r1", [cap], 500)).granted
+        await store.admit(dataclasses.replace(row("r1", 0), outcome="interrupted"),
+                          [cap.counter])
+        forged = dataclasses.replace(row("r1", 0), outcome="refused", code="payload_too_large",
+                                     status=413)
+        await store.finish([], 0, forged)
+        await store.finish([], 0, forged)  # the same refusal read twice
+        assert (await store.counters([cap]))[0].reserved == 500  # still held
+        await store.finish([cap.counter], 500, dataclasses.replace(row("r1", 300),
+                                                                   outcome="completed"))
+        c = (await store.counters([cap]))[0]
+        assert (c.spent, c.reserved) == (300, 0)
+        rows = await store.rows()
+        served = [r for r in rows if r.request_id == "r1"]
+        assert [(r.outcome, r.cost_micros) for r in served] == [("completed", 300)]
+        refused = [r for r in rows if r.outcome == "refused"]
+        assert len(refused) == 1 and refused[0].request_id.startswith("r1~")
+
+    asyncio.run(scenario())

@@ -54,6 +54,9 @@ class RateLimit(Strict):
     tpm: int | None = Field(default=None, ge=1)
     rpd: int | None = Field(default=None, ge=1)
 
+    def any(self) -> bool:
+        return any(v is not None for v in (self.rpm, self.tpm, self.rpd))
+
 
 class CircuitBreaker(Strict):
     failures: int = Field(default=3, ge=1)

@@ -67,6 +67,7 @@ class ConfigHolder:
             "pid": os.getpid(), "config": str(self.path.resolve()), "started_at": _now(),
             "loaded_at": _now(), "loaded_sha256": digest, "reloads": 0, "reload_failures": 0,
             "last_error": None, "last_error_at": None}
+        self._checks: list[Callable[[LoadedConfig], None]] = []
         self._preparers: list[Callable[[LoadedConfig], None]] = []
         self._appliers: list[Callable[[LoadedConfig, LoadedConfig], None]] = []
         others = self._companions()
@@ -84,6 +85,11 @@ class ConfigHolder:
         that lands while we parse must still count as a change on the next tick."""
         paths = [self.path, *self._companions()]
         return (*paths, *_signature(paths))
+
+    def check_with(self, callback: Callable[[LoadedConfig], None]) -> None:
+        """Run `callback` on each new config before it is accepted: a ConfigError it raises
+        rejects the reload like an invalid file (the last good config keeps serving)."""
+        self._checks.append(callback)
 
     def before_reload(self, callback: Callable[[LoadedConfig], None]) -> None:
         """Run `callback` with a new config before it takes effect (a proxy loading the
@@ -123,6 +129,8 @@ class ConfigHolder:
         digest = file_digest(self.path)  # before the load, like `state`
         try:
             loaded = load_config(self.path)
+            for check in self._checks:
+                check(loaded)
         except ConfigError as e:
             self._failed(str(e))
             log.error("config reload rejected, still serving the last good config:\n%s", e)

@@ -3,6 +3,8 @@ rate limits, settlement together with the ledger row, and reads for status and r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -85,6 +87,13 @@ class LimitSettlement:
     used: int = 0  # the tokens it used
 
 
+def distinct_id(row: LedgerRow) -> str:
+    """An id for a refusal whose own id names another request in flight: derived from the
+    row, so the same refusal read twice (a log replayed) is still recorded once."""
+    digest = hashlib.sha256(json.dumps(row.to_dict(), sort_keys=True).encode()).hexdigest()
+    return f"{row.request_id}~{digest[:16]}"
+
+
 class Store(ABC):
     @abstractmethod
     async def reserve(self, request_id: str, holds: list[Hold], amount: int,
@@ -99,7 +108,9 @@ class Store(ABC):
                      limits: LimitSettlement | None = None) -> None:
         """Release `reserved` from each budget counter, add the real cost, settle the TPM
         entries and write the ledger row: once, atomically (replaying the same request id
-        changes nothing)."""
+        changes nothing). A row that was never admitted (`row.admitted`) releases nothing;
+        if its id names a request in flight it is kept under an id of its own
+        (`distinct_id`), so it can never stand in for that request's settlement."""
 
     @abstractmethod
     async def windows(self, limits: list[Limit], now: float | None = None) -> list[Window]:

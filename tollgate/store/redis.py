@@ -3,6 +3,7 @@ so every check-and-increment is atomic across replicas."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 
@@ -12,7 +13,14 @@ from redis.exceptions import RedisError
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
 from tollgate.ratelimit import Limit, Window, day_end_ts, reset_after
-from tollgate.store.base import Counter, LimitSettlement, Reservation, Store, StoreUnavailable
+from tollgate.store.base import (
+    Counter,
+    LimitSettlement,
+    Reservation,
+    Store,
+    StoreUnavailable,
+    distinct_id,
+)
 
 PREFIX = "tollgate:"
 LEDGER = PREFIX + "ledger"
@@ -224,6 +232,21 @@ redis.call('SET', KEYS[1], '1', 'EX', tonumber(ARGV[4]))
 return 1
 """
 
+# A row that was never admitted (a refusal): KEYS[1] its settled-request marker, KEYS[2] the
+# ledger stream, KEYS[3] the in-flight set; ARGV: the row (JSON), marker TTL, request id.
+# Returns 0 for a replay, -1 when the id names a request in flight (it is kept under an id of
+# its own, by the caller), 1 when written. It releases nothing.
+REFUSAL = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+if redis.call('ZSCORE', KEYS[3], ARGV[3]) then
+  return -1
+end
+redis.call('XADD', KEYS[2], '*', 'row', ARGV[1])
+redis.call('SET', KEYS[1], '1', 'EX', tonumber(ARGV[2]))
+return 1
+"""
 
 WRITE_AHEAD = """
 local deadline = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[1])
@@ -263,6 +286,7 @@ class RedisStore(Store):
         self._counters = self.client.register_script(COUNTERS)
         self._renew = self.client.register_script(RENEW)
         self._finish = self.client.register_script(FINISH)
+        self._refusal = self.client.register_script(REFUSAL)
         self._write_ahead = self.client.register_script(WRITE_AHEAD)
         self._renew_inflight = self.client.register_script(RENEW_INFLIGHT)
         self._expired = self.client.register_script(EXPIRED)
@@ -383,6 +407,9 @@ class RedisStore(Store):
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
                      limits: LimitSettlement | None = None) -> None:
+        if not row.admitted:
+            await self._record_refusal(row)
+            return
         # RPM and RPD entries were made on admission; only TPM entries change here.
         token_keys = [k for c in (limits.tokens if limits else []) for k in self._limit_keys(c)]
         try:
@@ -394,6 +421,18 @@ class RedisStore(Store):
                       self.member(row.request_id, reserved), len(counters), row.request_id,
                       limits.reserved if limits else 0, limits.used if limits else 0])
             await self._forget(row.request_id)  # after the settle: a crash between is a no-op
+        except RedisError as e:
+            raise StoreUnavailable(f"redis {self.url}: {e}") from e
+
+    async def _record_refusal(self, row: LedgerRow) -> None:
+        try:
+            for _ in range(2):
+                written = await self._refusal(
+                    keys=[f"{PREFIX}settled:{row.request_id}", LEDGER, INFLIGHT],
+                    args=[json.dumps(row.to_dict()), SETTLED_TTL, row.request_id])
+                if written != -1:
+                    return
+                row = dataclasses.replace(row, request_id=distinct_id(row))
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
 

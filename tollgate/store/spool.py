@@ -107,7 +107,8 @@ class Spooled(Store):
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
                      limits: LimitSettlement | None = None) -> None:
-        self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
+        if row.admitted:
+            self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
         try:
             if self.pending():
                 await self.flush()  # keep the ledger in order

@@ -10,6 +10,8 @@ another writer (a CLI, a second process on the same file).
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import sqlite3
 import time
@@ -17,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
@@ -28,6 +31,7 @@ from tollgate.store.base import (
     Reservation,
     Store,
     StoreUnavailable,
+    distinct_id,
     holder_alive,
 )
 from tollgate.store.windows import LocalWindows
@@ -67,6 +71,8 @@ CREATE TABLE IF NOT EXISTS holds (
 ) WITHOUT ROWID;
 """
 _COLUMNS = [c for c in LedgerRow.__dataclass_fields__]
+# The serving locks this process holds, by state file (see `SQLiteStore.serves_alone`).
+_SERVING: dict[str, IO[bytes]] = {}
 
 
 class SQLiteStore(Store):
@@ -92,8 +98,30 @@ class SQLiteStore(Store):
         self.rate_windows = LocalWindows()
         self._pruned = 0.0
         self._load_windows(clock())
+        # Rate windows live in this process: only one serving process per file may keep
+        # them, or each would admit the full limit (see `serves_alone`).
+        self._serve_lock = self._lock_serving() if owner else None
         if owner:
             self._recover()
+
+    def _lock_serving(self) -> IO[bytes] | None:
+        """The file's serving lock, taken once per process and held while it lives (None:
+        another process has it)."""
+        name = str(self.path.resolve()) + ".serving"
+        if name not in _SERVING:
+            lock = open(name, "ab")  # noqa: SIM115 - held open: the lock lives with it
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                return None
+            _SERVING[name] = lock
+        return _SERVING[name]
+
+    @property
+    def serves_alone(self) -> bool:
+        """No other gateway process serves from this file (rate limits can be kept here)."""
+        return self._serve_lock is not None
 
     def _recover(self) -> None:
         """Requests a gateway that is gone had in flight get their (interrupted) ledger rows,
@@ -228,15 +256,17 @@ class SQLiteStore(Store):
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
                      limits: LimitSettlement | None = None) -> None:
-        doc = row.to_dict()
         with self._transaction():
+            if not row.admitted:
+                if self.db.execute("SELECT 1 FROM inflight WHERE request_id = ? UNION "
+                                   "SELECT 1 FROM holds WHERE request_id = ?",
+                                   (row.request_id, row.request_id)).fetchone():
+                    row = dataclasses.replace(row, request_id=distinct_id(row))
+                self._insert_row(row)
+                return
             self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
             self.db.execute("DELETE FROM holds WHERE request_id = ?", (row.request_id,))
-            inserted = self.db.execute(
-                f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
-                [doc[c] for c in _COLUMNS]).rowcount
-            if not inserted:
+            if not self._insert_row(row):
                 return  # already settled: a replay changes nothing
             for counter in counters:
                 self.db.execute(
@@ -248,6 +278,13 @@ class SQLiteStore(Store):
                 self._record_limits(row.request_id, limits)
         for counter in limits.tokens if limits else []:
             self.rate_windows.settle(counter, row.request_id, limits.used)
+
+    def _insert_row(self, row: LedgerRow) -> bool:
+        """Whether the row went in (False: its request id has one already)."""
+        doc = row.to_dict()
+        return bool(self.db.execute(
+            f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) "
+            f"VALUES ({', '.join('?' for _ in _COLUMNS)})", [doc[c] for c in _COLUMNS]).rowcount)
 
     async def counters(self, holds: list[Hold]) -> list[Counter]:
         return [self._counter(h.counter) for h in holds]

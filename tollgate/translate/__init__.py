@@ -72,13 +72,16 @@ def json_response(client: str, wire: str, model: str
     return lambda doc: openai_json_to_anthropic(doc, model)
 
 
-def stream(client: str, wire: str, model: str, include_usage: bool) -> Rewriter:
-    """The provider's SSE in the client's family, event by event."""
+def stream(client: str, wire: str, model: str, include_usage: bool,
+           input_estimate: int = 0) -> Rewriter:
+    """The provider's SSE in the client's family, event by event (`input_estimate`: the
+    input an Anthropic client is told of before the provider's own count arrives)."""
     if wire in _VIA_OPENAI:
         to_openai = _VIA_OPENAI[wire][2]
         if client == "openai":
             return to_openai(model, include_usage)
-        return Chained(to_openai(model, include_usage=True), OpenAIToAnthropicStream(model))
+        return Chained(to_openai(model, include_usage=True),
+                       OpenAIToAnthropicStream(model, input_estimate))
     if client == "openai":
         return AnthropicToOpenAIStream(model, include_usage=include_usage)
-    return OpenAIToAnthropicStream(model)
+    return OpenAIToAnthropicStream(model, input_estimate)

@@ -190,9 +190,13 @@ class AnthropicToOpenAIStream(ToOpenAIChunks):
 
 
 class OpenAIToAnthropicStream(StreamTranslator):
-    def __init__(self, model: str):
+    def __init__(self, model: str, input_estimate: int = 0):
+        """`input_estimate`: the input tokens `message_start` announces. OpenAI reports usage
+        only at the end, but Anthropic clients (coding agents) read the input from
+        `message_start`; the exact numbers follow in the final `message_delta`."""
         super().__init__()
         self.model = model
+        self.input_estimate = input_estimate
         self.started = False
         self.block: str | None = None  # "text" or "tool:<openai index>"
         self.index = -1
@@ -207,7 +211,8 @@ class OpenAIToAnthropicStream(StreamTranslator):
         return _event("message_start", {"type": "message_start", "message": {
             "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
             "model": self.model, "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0}}})
+            "usage": {"input_tokens": self.input_estimate, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0, "output_tokens": 0}}})
 
     def _open(self, block: str, content_block: dict[str, Any]) -> bytes:
         out = self._close()

@@ -1,0 +1,113 @@
+"""Spend no key holder can erase: on both hosts, the ledger rows and budget charges of a
+request cannot be touched by another request, whatever ids and headers a client sends."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import HOSTS, own_gateways
+from tests.harness import ledger, wait_until
+
+CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def gateways(tmp_path_factory, fake_openai, fake_anthropic):
+    with own_gateways(tmp_path_factory, fake_openai, fake_anthropic, "integrity",
+                      lambda config: None) as gws:
+        yield gws
+
+
+@pytest.fixture(params=HOSTS)
+def gw(request, gateways):
+    return gateways[request.param]
+
+
+def budget_spent(gw, budget_id: str) -> float:
+    out = gw.cli("gateway-budgets", "status", budget_id, "--format", "json")
+    return json.loads(out.stdout)["spent_usd"]
+
+
+def over_the_cap(cap: int = 8 * 1024 * 1024):
+    """A chunked body larger than the gateway accepts (no content-length to refuse it by):
+    the proxy itself refuses it, before any decision."""
+    yield b'{"model": "gpt-5-mini", "messages": [], "pad": "'
+    for _ in range(cap // 65536 + 4):
+        yield b"x" * 65536
+    yield b'"}'
+
+
+def test_a_refused_request_naming_a_stream_in_flight_erases_none_of_its_cost(gw,
+                                                                              fake_openai):
+    """A client reads its running stream's id and sends a request the proxy refuses with
+    `x-request-id: <that id>`: the refusal gets an id of its own, the stream is charged all
+    it used, and the ledger has both rows."""
+    key = gw.create_key()
+    budget = json.loads(gw.cli("gateway-budgets", "create", "--name", "mine", "--scope", "vk",
+                               "--vk", key.id, "--limit", "100", "--on-breach", "block",
+                               "--format", "json").stdout)["id"]
+    gw.wait_for_config()
+    fake_openai.answer_words, fake_openai.chunk_delay = 40, 0.05
+    auth = {"authorization": f"Bearer {key.secret}"}
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=60, headers=auth,
+                      json={**CHAT, "stream": True}) as stream:
+        assert stream.status_code == 200
+        stream_id = stream.headers["x-langwatch-request-id"]
+        chunks = stream.iter_bytes()
+        first = next(chunks)  # the provider is streaming: the request is in flight
+        refused = httpx.post(f"{gw.url}/v1/chat/completions", content=over_the_cap(),
+                             timeout=30, headers={**auth, "content-type": "application/json",
+                                                  "x-request-id": stream_id})
+        assert refused.status_code == 413, refused.text[:300]
+        body = first + b"".join(chunks)
+    assert body.rstrip().endswith(b"data: [DONE]")
+    refused_id = refused.headers["x-langwatch-request-id"]
+    assert refused_id and refused_id != stream_id
+
+    def rows() -> dict[str, list]:
+        found = {"stream": [], "refused": []}
+        for r in ledger(gw.config):
+            if r.request_id == stream_id:
+                found["stream"].append(r)
+            elif r.request_id == refused_id:
+                found["refused"].append(r)
+        return found if found["stream"] and found["refused"] else {}
+
+    found = wait_until(rows, timeout=10, what="both ledger rows")
+    (served,), (refusal,) = found["stream"], found["refused"]
+    assert (served.outcome, served.status, served.output_tokens) == ("completed", 200, 40)
+    assert served.cost_micros > 0
+    assert (refusal.outcome, refusal.code, refusal.cost_micros) == \
+        ("refused", "payload_too_large", 0)
+    wait_until(lambda: budget_spent(gw, budget) == served.cost_micros / 1_000_000, timeout=5,
+               what="the stream's cost in its budget")
+
+
+def test_an_unreachable_provider_answers_in_the_clients_family_and_leaves_its_row(
+        gw, fake_openai):
+    """Envoy's and mitmproxy's own reply to a provider that cannot be reached: the client's
+    family envelope, the gateway's headers naming the request's row, and that row's status
+    and code."""
+    from tests.harness import free_port
+
+    gw.cli("model-providers", "create", "--id", "mp_gone", "--type", "openai",
+           "--scope", "ORG:acme", "--base-url", f"http://127.0.0.1:{free_port()}",
+           "--api-key-env", "FAKE_OPENAI_KEY", "--models", "o4-mini",
+           "--fallback-priority", "0", check=False)  # once per module's gateway
+    key = gw.create_key()
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "model": "o4-mini"},
+                   timeout=30, headers={"authorization": f"Bearer {key.secret}",
+                                        "x-request-id": "client-chosen-id"})
+    assert r.status_code == 502 and r.headers["content-type"].startswith("application/json")
+    doc = r.json()
+    assert doc["error"]["code"] == "provider_unreachable" and "type" in doc["error"]
+    request_id = r.headers["x-langwatch-request-id"]
+    assert request_id != "client-chosen-id"
+    (row,) = wait_until(lambda: [x for x in ledger(gw.config) if x.request_id == request_id],
+                        timeout=10, what="the 502's ledger row")
+    assert (row.status, row.code, row.provider, row.cost_micros) == \
+        (502, "provider_unreachable", "mp_gone", 0)
+    assert row.outcome == "error"
