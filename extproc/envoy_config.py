@@ -51,6 +51,7 @@ METADATA_HEADERS = {
     "fallback_count": "Fallback-Count",
     "provider": "Provider",
     "budget_warning": "Budget-Warning",
+    "max_tokens": "Max-Tokens",
 }
 _BUFFER_SLACK = 64 * 1024  # headers and framing on top of the largest accepted body
 

@@ -91,6 +91,8 @@ def metadata(exchange: Exchange) -> struct_pb2.Struct:
                    "provider": exchange.provider_id}
     if exchange.billing.warning:
         fields["budget_warning"] = exchange.billing.warning
+    if exchange.billing.output_cap is not None:
+        fields["max_tokens"] = str(exchange.billing.output_cap)
     fields |= exchange.billing.rate_headers
     doc.update({METADATA_NS: fields})
     return doc

@@ -87,17 +87,61 @@ def _check_shape(route: Route, doc: dict[str, Any]) -> None:
         raise _bad("`input` is required.", "input")
 
 
-def max_output_tokens(route: Route, doc: dict[str, Any], default: int) -> int:
-    """The most output tokens the request allows, for budget reservations."""
+# Where each route's request sets its output cap, the preferred field first.
+OUTPUT_CAP_FIELDS = {"chat_completions": ("max_completion_tokens", "max_tokens"),
+                     "responses": ("max_output_tokens",), "messages": ("max_tokens",)}
+
+
+def output_cap(route: Route, doc: dict[str, Any]) -> int | None:
+    """The most output tokens the request allows itself; None when it sets no cap (it may
+    then cost its model's ceiling). Embeddings write none."""
     if route.name == "embeddings":
         return 0
-    names = {"chat_completions": ("max_completion_tokens", "max_tokens"),
-             "responses": ("max_output_tokens",), "messages": ("max_tokens",)}.get(route.name, ())
-    for name in names:
+    for name in OUTPUT_CAP_FIELDS.get(route.name, ()):
         value = doc.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
-    return default
+    return None
+
+
+# Content parts whose bytes the provider fetches itself when they name a URL or a file.
+_FETCHED_PARTS = {"image_url", "input_image", "input_file", "file", "image", "document"}
+
+
+def unseen_input(doc: dict[str, Any]) -> str | None:
+    """What in the request refers to input the gateway cannot see, and so cannot price (the
+    first found), or None: a Responses `previous_response_id` or `conversation`, a file id,
+    or a URL (not a data: URI) in an image, file or document part."""
+    for name in ("previous_response_id", "conversation"):
+        if doc.get(name):
+            return name
+    stack: list[tuple[Any, int]] = [(doc.get(k), 0) for k in ("messages", "input", "system")]
+    while stack:
+        node, depth = stack.pop()
+        if depth > 32:  # a part is never this deep; the parse bounded nesting already
+            continue
+        if isinstance(node, list):
+            stack += [(item, depth + 1) for item in node]
+        elif isinstance(node, dict):
+            if node.get("file_id"):
+                return "a file id"
+            if node.get("type") in _FETCHED_PARTS:
+                for value in (node.get("image_url"), node.get("file_url"), node.get("url"),
+                              node.get("source")):
+                    url = value.get("url") if isinstance(value, dict) else value
+                    if isinstance(url, str) and not url.startswith("data:"):
+                        return f"a {node['type']} URL"
+                    if isinstance(value, dict) and value.get("file_id"):
+                        return "a file id"
+            stack += [(v, depth + 1) for v in node.values() if isinstance(v, list | dict)]
+    return None
+
+
+def output_cap_field(route: Route, doc: dict[str, Any]) -> str | None:
+    """The field a cap on this request's output goes in: the one the client used, else its
+    API's own (`max_completion_tokens`, `max_output_tokens`, `max_tokens`)."""
+    names = OUTPUT_CAP_FIELDS.get(route.name, ())
+    return next((n for n in names if n in doc), names[0] if names else None)
 
 
 def tool_names(route: Route, doc: dict[str, Any]) -> list[str]:

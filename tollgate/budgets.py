@@ -8,11 +8,13 @@ count, and flag the response once they pass their threshold.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from tollgate.config.schema import Budget, Config, VirtualKey
 from tollgate.errors import GatewayError
+from tollgate.pricing import ModelPrice, worst_case_micros
 from tollgate.scopes import Lineage
 
 MICROS = 1_000_000
@@ -36,7 +38,7 @@ class Hold:
 
     @property
     def blocking(self) -> bool:
-        return self.budget.on_breach == "block"
+        return self.budget.on_breach in ("block", "cap")
 
 
 @dataclass(frozen=True)
@@ -94,25 +96,72 @@ def usd(micros: int) -> str:
     return f"${micros / MICROS:,.2f}" if micros >= 10_000 else f"${micros / MICROS:,.6f}"
 
 
-def refusal(hold: Hold, spent: int, reserved: int, amount: int, now: datetime
+@dataclass(frozen=True)
+class WorstCase:
+    """What a request can cost at most, and what sets that: its dearest model's price for
+    its input estimate and every output token it may write (its own cap, or without one the
+    model's ceiling)."""
+
+    model: str
+    price: ModelPrice
+    input_tokens: int
+    output_tokens: int
+    capped: bool  # False: no cap in the request, so the model's ceiling counts
+    cap_field: str | None  # where the request would set a cap
+
+    @property
+    def micros(self) -> int:
+        return worst_case_micros(self.input_tokens, self.output_tokens, self.price)
+
+    def output_that_fits(self, micros: int) -> int:
+        """The most output tokens that keep this request's worst case within `micros` (below
+        zero: its input alone does not fit), once the cap itself is in its body (the input
+        is estimated from the body's size: `, "field": 123456` adds to it)."""
+        with_cap = self.input_tokens + math.ceil((len(self.cap_field or "") + 12) / 2)
+        room = micros - self.price.input * with_cap
+        if room < 0:
+            return -1
+        if self.price.output <= 0:
+            return self.output_tokens
+        return int(room // self.price.output)
+
+
+def refusal(hold: Hold, spent: int, reserved: int, worst: WorstCase, now: datetime
             ) -> GatewayError:
+    """A blocking budget that cannot hold the request's worst case: what it could cost, what
+    remains, and the output cap that would fit now."""
     b = hold.budget
-    retry = ""
+    remaining = max(0, hold.limit_micros - spent - reserved)
+    in_flight = f", {usd(reserved)} held by requests in flight" if reserved else ""
+    state = f"limit {usd(hold.limit_micros)}, spent {usd(spent)}{in_flight}"
+    raise_it = f"raise the limit with `tollgate gateway-budgets update {b.id} --limit USD`"
+    fits = worst.output_that_fits(remaining)
     headers: dict[str, str] = {}
+    resets = ""
     if hold.resets_at is not None:
-        seconds = max(1, int((hold.resets_at - now).total_seconds()) + 1)
-        headers["retry-after"] = str(seconds)
-        retry = f" It resets at {hold.resets_at.isoformat()}."
-    in_flight = f" plus {usd(reserved)} held by requests in flight" if reserved else ""
+        resets = f" It resets at {hold.resets_at.isoformat()}."
+    what = f"{worst.output_tokens:,} output tokens of {worst.model}"
+    if not worst.capped:
+        what += ", its most, as the request sets no output cap"
+    head = f"Budget {b.id} ({b.name}; scope {b.scope} {b.target}, window {b.window})"
+    if fits >= 1 and worst.cap_field:
+        message = (f"{head} cannot cover this request: it could cost up to {usd(worst.micros)} "
+                   f"({what}); {usd(remaining)} remains ({state}). Send {worst.cap_field} <= "
+                   f"{fits:,}, or {raise_it}.")
+    else:
+        if hold.resets_at is not None:  # nothing fits until the window turns
+            headers["retry-after"] = str(max(1, int((hold.resets_at - now).total_seconds()) + 1))
+        exhausted = "is exhausted" if remaining == 0 else \
+            f"has {usd(remaining)} left, less than this request's input alone"
+        message = (f"{head} {exhausted} ({state}); this request could cost up to "
+                   f"{usd(worst.micros)} ({what}).{resets} To serve it now, {raise_it}.")
     return GatewayError(
-        "budget_exceeded",
-        f"Budget {b.id} ({b.name}; scope {b.scope} {b.target}, window {b.window}) is "
-        f"exhausted: limit {usd(hold.limit_micros)}, spent {usd(spent)}{in_flight}; this "
-        f"request could cost up to {usd(amount)}.{retry} Raise the limit with `tollgate "
-        f"gateway-budgets` or lower max_tokens.",
-        headers=headers,
+        "budget_exceeded", message, headers=headers, param=worst.cap_field if fits >= 1
+        else None,
         context={"budget": b.id, "scope": f"{b.scope}:{b.target}", "window": b.window,
-                 "limit": usd(hold.limit_micros), "spent": usd(spent)},
+                 "limit": usd(hold.limit_micros), "spent": usd(spent),
+                 "remaining": usd(remaining), "worst_case": usd(worst.micros),
+                 **({"max_output_tokens_that_fit": fits} if fits >= 1 else {})},
     )
 
 

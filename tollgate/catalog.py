@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from tollgate.config.problems import ConfigError, Problem
+from tollgate.pricing import undated
 
 # The catalog tollgate ships, used when a config has no models.yaml of its own.
 SHIPPED = Path(__file__).resolve().parents[1] / "config" / "models.yaml"
@@ -21,6 +22,9 @@ SHIPPED = Path(__file__).resolve().parents[1] / "config" / "models.yaml"
 class CatalogEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vendor: str
+    # The most output tokens one answer can have: what a request with no cap of its own
+    # can cost, and so what budgets and TPM limits reserve for it.
+    max_output_tokens: int | None = Field(default=None, ge=0)
     ids: dict[str, str] = {}  # provider type -> its name for the model
     equivalents: dict[str, str] = {}  # other vendor -> its model for the same job
 
@@ -46,6 +50,11 @@ class ModelCatalog:
         """The name `provider_type` uses for `model` (Bedrock and Vertex spell it their way)."""
         entry = self.models.get(model)
         return entry.ids.get(provider_type, model) if entry else model
+
+    def max_output_tokens(self, model: str) -> int | None:
+        """The model's output ceiling (a dated snapshot has its base model's)."""
+        entry = self.models.get(model) or self.models.get(undated(model))
+        return entry.max_output_tokens if entry else None
 
     def referenced(self) -> set[str]:
         return {m for e in self.models.values() for m in e.equivalents.values()}

@@ -53,6 +53,8 @@ class Billing:
     # family.
     limits: LimitSettlement | None = None
     rate_headers: dict[str, str] = field(default_factory=dict)
+    # The output cap the gateway set on the request (a budget with on_breach: cap).
+    output_cap: int | None = None
 
 
 class JSONTranslation:
@@ -194,6 +196,8 @@ class Exchange:
         headers = self.trace.headers(self.prefix, self.provider_id, self.fallback_count)
         if self.billing.warning:
             headers[f"{self.prefix}Budget-Warning"] = self.billing.warning
+        if self.billing.output_cap is not None:
+            headers[f"{self.prefix}Max-Tokens"] = str(self.billing.output_cap)
         return {**headers, **self.billing.rate_headers}
 
     def on_response_headers(self, status: int, headers: Mapping[str, str]) -> dict[str, str]:
@@ -353,7 +357,8 @@ class Exchange:
             cache_write_tokens=used.cache_write_tokens, reasoning_tokens=used.reasoning_tokens,
             cost_micros=cost, usage_reported=used.reported, status=self.status,
             outcome=outcome, latency_ms=round((time.monotonic() - self.started) * 1000, 1),
-            code=self.code, fallback_count=self.fallback_count,
+            code=self.code, output_cap=self.billing.output_cap,
+            fallback_count=self.fallback_count,
             fallbacks=", ".join(self.fallbacks) or None,
             skipped="; ".join(self.unserved) or None)
 

@@ -32,7 +32,7 @@ from tollgate.errors import GatewayError
 from tollgate.exchange import Billing, Exchange
 from tollgate.keys import KeyIndex, authenticate, by_prefix, load_pepper
 from tollgate.ledger import LedgerRow
-from tollgate.pricing import worst_case_micros
+from tollgate.pricing import ZERO_PRICE
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.scopes import lineage
@@ -200,6 +200,8 @@ class Gateway:
             billing, passed_over = await self._admit_request(loaded, trace.request_id, key,
                                                              route, body, req, attempts)
             attempts = attempts[len(passed_over):]
+            if billing.output_cap is not None:
+                self._cap_output(attempts, route, body, req, billing.output_cap)
             exchange = Exchange(trace=trace, prefix=settings.header_prefix, route=route, key=key,
                                 requested_model=body.model, attempts=attempts,
                                 stream=body.stream, billing=billing, settle=self._settle,
@@ -266,14 +268,59 @@ class Gateway:
                             target.provider.id, trace.request_id)
                 continue
             attempt.strip_usage = ask_usage and not attempt.translated
-            attempt.body = upstream_body(attempt, route, body, req.body)
-            attempt.adapter.sign(attempt, req.body if attempt.body is None else attempt.body)
+            self._set_body(attempt, route, body, req.body)
             attempt.set_headers["traceparent"] = trace.traceparent
             # Identity encoding upstream so the tap reads usage from plain bytes; the
             # client's SDK decodes either way.
             attempt.set_headers["accept-encoding"] = "identity"
             attempts.append(attempt)
         return attempts
+
+    @staticmethod
+    def _set_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody,
+                  raw: bytes) -> None:
+        """The attempt's body (None: the client's bytes) and the signature made over it."""
+        attempt.body = upstream_body(attempt, route, body, raw)
+        attempt.adapter.sign(attempt, raw if attempt.body is None else attempt.body)
+
+    def _cap_output(self, attempts: list[Attempt], route: routes.Route,
+                    body: bodies.ParsedBody, req: Request, cap: int) -> None:
+        """Set the output cap a budget lowered on the request, in its API's own field (and
+        so in each provider's, through translation)."""
+        name = bodies.output_cap_field(route, body.doc)
+        assert name is not None  # only routes with an output cap are capped
+        body.doc[name] = cap
+        raw = bodies.set_top_level(req.body, name, cap)
+        for attempt in attempts:
+            self._set_body(attempt, route, body, raw)
+            if attempt.body is None:  # the client's bytes, but for the cap
+                attempt.body = raw
+
+    @staticmethod
+    def _unseen_input_allowance(loaded: LoadedConfig, key: VirtualKey,
+                                body: bodies.ParsedBody, attempts: list[Attempt]) -> int:
+        """Input tokens to reserve beyond what the body shows, for a request that refers to
+        input the gateway cannot see: the largest allowance of the blocking budgets that
+        apply; one that refuses such requests refuses it."""
+        unseen = bodies.unseen_input(body.doc)
+        if unseen is None:
+            return 0
+        cfg, now = loaded.config, datetime.now(UTC)
+        lin = lineage(cfg, key.scope)
+        applying = {h.budget.id: h.budget for a in attempts
+                    for h in budgets.holds_for(cfg, key, lin, a.provider_id, now)
+                    if h.blocking}
+        for b in applying.values():
+            if b.unseen_input == "refuse":
+                raise GatewayError(
+                    "budget_exceeded",
+                    f"Budget {b.id} ({b.name}) does not admit requests that refer to input "
+                    f"the gateway cannot see (this one has {unseen}): their cost has no "
+                    "bound. Send the input in the request itself, or give the budget a token "
+                    f"allowance for it (`unseen_input: <tokens>` on budget {b.id}).",
+                    context={"budget": b.id, "unseen_input": unseen})
+        return max((b.unseen_input for b in applying.values()
+                    if isinstance(b.unseen_input, int)), default=0)
 
     async def _admit_request(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
                              route: routes.Route, body: bodies.ParsedBody, req: Request,
@@ -292,22 +339,39 @@ class Gateway:
                                f"Model {model!r} has no price in the price table, so its spend "
                                "cannot be metered. Add it to prices.yaml (or set "
                                "gateway.unpriced: allow).", param="model")
-        prices = [p for a in attempts
-                  if (p := loaded.prices.lookup(a.model, a.prices)) is not None]
         input_estimate = math.ceil(len(req.body) / 2)  # generous: a token is >= ~2 bytes
-        output_cap = bodies.max_output_tokens(route, body.doc,
-                                              settings.default_max_output_tokens)
-        metered = route.metered
-        amount = max((worst_case_micros(input_estimate, output_cap, p) for p in prices),
-                     default=0) if metered else 0
-        tokens = input_estimate + output_cap if metered else 0
+        input_estimate += self._unseen_input_allowance(loaded, key, body, attempts)
+        requested_cap = bodies.output_cap(route, body.doc)
+
+        def worst_case(cap: int | None) -> tuple[budgets.WorstCase | None, int]:
+            """The dearest attempt's worst case, and the most tokens any attempt may use,
+            with the output capped at `cap` (None: each model's own ceiling)."""
+            cases = []
+            for a in attempts:
+                ceiling = loaded.catalog.max_output_tokens(a.model)
+                out = cap if cap is not None else settings.default_max_output_tokens \
+                    if ceiling is None else ceiling
+                cases.append(budgets.WorstCase(
+                    a.model, loaded.prices.lookup(a.model, a.prices) or ZERO_PRICE,
+                    input_estimate, out, cap is not None,
+                    bodies.output_cap_field(route, body.doc)))
+            if not route.metered:
+                return None, 0
+            return max(cases, key=lambda c: c.micros), max(
+                input_estimate + c.output_tokens for c in cases)
+
+        worst, tokens = worst_case(requested_cap)
+        amount = worst.micros if worst else 0
         billing = Billing(price=price, lineage=lineage(cfg, key.scope),
                           estimated_input_tokens=math.ceil(len(req.body) / 4))
         now = datetime.now(UTC)
         providers = {p.id: p for p in cfg.model_providers}
         key_caps = ratelimit.key_limits(key, now)
         passed_over: list[str] = []
-        for i, attempt in enumerate(attempts):
+        i = -1
+        while i + 1 < len(attempts):
+            i += 1
+            attempt = attempts[i]
             holds = budgets.holds_for(cfg, key, billing.lineage, attempt.provider_id, now)
             billing.counters = [h.counter for h in holds]  # settled into even if not reserved
             holds = holds if amount else []
@@ -333,8 +397,18 @@ class Gateway:
                 break
             if granted.refused_by is not None:
                 j = granted.refused_by
-                raise budgets.refusal(holds[j], granted.counters[j].spent,
-                                      granted.counters[j].reserved, amount, now)
+                hold, counter = holds[j], granted.counters[j]
+                assert worst is not None  # a reservation with holds has a worst case
+                fits = worst.output_that_fits(hold.limit_micros - counter.committed)
+                if hold.budget.on_breach == "cap" and billing.output_cap is None and \
+                        worst.cap_field and fits >= hold.budget.min_output_tokens:
+                    # Served with a lower output cap, which this budget can pay for.
+                    billing.output_cap = min(fits, worst.output_tokens)
+                    worst, tokens = worst_case(billing.output_cap)
+                    amount = worst.micros if worst else 0
+                    i -= 1  # the same attempt again, for less
+                    continue
+                raise budgets.refusal(hold, counter.spent, counter.reserved, worst, now)
             over = [(limits[j], granted.windows[j]) for j in granted.refused_limits]
             by_key = [o for o in over if o[0].scope == "key"]
             if not by_key and "rate_limit" in key.config.fallback.on and i + 1 < len(attempts):

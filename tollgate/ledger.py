@@ -41,6 +41,8 @@ class LedgerRow:
     fallbacks: str | None = None
     # Providers of its routing policy that had nothing to serve for it, and why.
     skipped: str | None = None
+    # The output cap the gateway set on the request (a budget with on_breach: cap).
+    output_cap: int | None = None
 
     @property
     def admitted(self) -> bool:

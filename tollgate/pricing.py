@@ -27,12 +27,21 @@ if TYPE_CHECKING:
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 
 
+def undated(model: str) -> str:
+    """The model without a dated snapshot suffix (gpt-4o-2024-08-06 -> gpt-4o)."""
+    return _DATE_SUFFIX.sub("", model)
+
+
 class ModelPrice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: Decimal = Field(ge=0)
     output: Decimal = Field(ge=0)
     cached_input: Decimal | None = Field(default=None, ge=0)
     cache_write: Decimal | None = Field(default=None, ge=0)
+
+
+# What an unpriced model is charged (gateway.unpriced: allow): nothing, openly.
+ZERO_PRICE = ModelPrice(input=Decimal(0), output=Decimal(0))
 
 
 class PriceFile(BaseModel):
@@ -59,12 +68,13 @@ def worst_case_micros(input_tokens: int, max_output_tokens: int, price: ModelPri
 @dataclass(frozen=True)
 class PriceTable:
     models: dict[str, ModelPrice]
+    path: Path | None = None
 
     def lookup(self, model: str, overrides: dict[str, ModelPrice] | None = None
                ) -> ModelPrice | None:
         """A provider's own price (`overrides`) first, then the table's: exact name first,
         then the name without a dated snapshot suffix."""
-        base = _DATE_SUFFIX.sub("", model)
+        base = undated(model)
         for table in (overrides or {}, self.models):
             if model in table:
                 return table[model]
@@ -119,4 +129,4 @@ def load_prices(path: Path) -> PriceTable:
             Problem(str(path), None, ".".join(str(p) for p in err["loc"]), err["msg"])
             for err in e.errors()
         ]) from None
-    return PriceTable(models=parsed.models)
+    return PriceTable(models=parsed.models, path=path)

@@ -78,6 +78,9 @@ class FakeProvider:
     response_delay: float = 0.0  # before any response: keeps requests in flight together
     answer_words: int = 0  # > 0: chat answers this many words (large responses)
     giant_word: int = 0  # > 0: the answer starts with one word this long (one huge event)
+    # > 0: a chat answer runs this many words when the request sets no output cap, and up
+    # to its cap when it does (as a model writing at length would).
+    uncapped_words: int = 0
     # Azure OpenAI (family "azure"): deployment name -> the model it runs.
     deployments: dict[str, str] = field(default_factory=dict)
     # AWS Bedrock (family "bedrock"): the credentials SigV4 signatures are checked against
@@ -103,6 +106,7 @@ class FakeProvider:
         self.response_delay = 0.0
         self.answer_words = 0
         self.giant_word = 0
+        self.uncapped_words = 0
 
     def next_behaviour(self) -> Behaviour:
         return self._script.popleft() if self._script else Behaviour()
@@ -563,6 +567,10 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = _count_tokens(doc.get("messages"))
         tool = _first_tool(doc.get("tools"), "chat")
         words = _words(_answer(self.fake))
+        if self.fake.uncapped_words:
+            cap = doc.get("max_completion_tokens") or doc.get("max_tokens")
+            count = min(cap, self.fake.uncapped_words) if cap else self.fake.uncapped_words
+            words = [f"w{i} " for i in range(count)]
         text = "".join(words)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         usage = {"prompt_tokens": prompt, "completion_tokens": len(words) + (5 if tool else 0),

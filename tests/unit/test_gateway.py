@@ -326,8 +326,9 @@ async def test_a_fallback_plan_reserves_for_its_dearest_model(setup, config_dir)
     with_fallback = key("--routing-policy", "rp_dear", "--config-json",
                         '{"fallback": {"on": ["5xx"]}}')
     gw = gateway()
-    cheap = await gw.handle(request("/v1/chat/completions", CHAT, plain))
-    dear = await gw.handle(request("/v1/chat/completions", CHAT, with_fallback))
+    capped = {**CHAT, "max_completion_tokens": 1000}
+    cheap = await gw.handle(request("/v1/chat/completions", capped, plain))
+    dear = await gw.handle(request("/v1/chat/completions", capped, with_fallback))
     assert [a.model for a in dear.exchange.attempts] == ["gpt-5-mini", "claude-opus-4-1"]
     # Same request: only the plan differs; claude-opus-4-1 costs 37.5x gpt-5-mini per token.
     assert dear.exchange.billing.reserved > 30 * cheap.exchange.billing.reserved > 0
@@ -482,3 +483,77 @@ async def test_an_outage_log_line_that_cannot_be_recorded_does_not_stop_the_rest
     assert OutageLog(gw, log_path).read() == 0  # the bad line is not tried again
     assert recorded == ["a", "b"] and "could not record" in caplog.text
     await gw.close()
+
+
+@pytest.mark.parametrize("route, body, unseen", [
+    ("/v1/responses", {"model": "gpt-5-mini", "input": "and then?", "max_output_tokens": 100,
+                       "previous_response_id": "resp_1"}, "previous_response_id"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 100, "messages": [
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]},
+     "a image_url URL"),
+    ("/v1/messages", {**MSG, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "file", "file_id": "file_1"}}]}]},
+     "a file id"),
+])
+async def test_input_the_gateway_cannot_see_is_reserved_or_refused(setup, config_dir, route,
+                                                                  body, unseen):
+    """A blocking budget reserves its `unseen_input` allowance on top of what the body shows
+    for a request whose input the provider fetches or remembers, or refuses it; a request
+    with everything inline (a data: URI) is not affected."""
+    key, gateway = setup
+    path = str(config_dir / "gateway.yaml")
+    secret = key()
+
+    def budget(*extra: str) -> None:
+        assert CliRunner().invoke(cli, ["--config", path, "gateway-budgets", "create",
+                                        "--name", "org", "--scope", "org", "--org", "acme",
+                                        "--limit", "1000", "--id", "b_org", *extra]
+                                  ).exit_code == 0
+
+    budget()
+    plain = await gateway().handle(request(route, body, secret))
+    assert isinstance(plain, Forward)
+    CliRunner().invoke(cli, ["--config", path, "gateway-budgets", "update", "b_org",
+                             "--unseen-input", "20000"])
+    allowed = await gateway().handle(request(route, body, secret))
+    assert allowed.exchange.billing.reserved > plain.exchange.billing.reserved
+    CliRunner().invoke(cli, ["--config", path, "gateway-budgets", "update", "b_org",
+                             "--unseen-input", "refuse"])
+    refused = await gateway().handle(request(route, body, secret))
+    assert isinstance(refused, Reply) and refused.status == 402
+    assert refused.decision["unseen_input"] == unseen
+    assert "cannot see" in refused.decision["message"]
+    inline = {**CHAT, "max_completion_tokens": 10, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+    assert isinstance(await gateway().handle(request("/v1/chat/completions", inline, secret)),
+                      Forward)
+    for forward in (plain, allowed):
+        forward.exchange.finish("completed")
+
+
+async def test_a_refusal_says_what_the_request_could_cost_and_what_cap_fits(setup,
+                                                                           config_dir):
+    """No output cap: the model's ceiling is reserved; the 402 names it, what remains, the
+    cap that fits and the command that raises the limit, and never says "exhausted" while
+    nothing was spent."""
+    key, gateway = setup
+    path = str(config_dir / "gateway.yaml")
+    assert CliRunner().invoke(cli, ["--config", path, "gateway-budgets", "create", "--name",
+                                    "small", "--scope", "org", "--org", "acme", "--limit",
+                                    "0.05", "--id", "b_small"]).exit_code == 0
+    secret = key()
+    refused = await gateway().handle(request("/v1/chat/completions", {
+        **CHAT, "model": "gpt-5"}, secret))
+    assert isinstance(refused, Reply) and refused.status == 402
+    message = refused.decision["message"]
+    assert "128,000 output tokens of gpt-5, its most, as the request sets no output cap" \
+        in message
+    assert "$0.05 remains" in message and "exhausted" not in message
+    fits = refused.decision["max_output_tokens_that_fit"]
+    assert f"Send max_completion_tokens <= {fits:,}" in message and 4_000 < fits < 5_000
+    assert "`tollgate gateway-budgets update b_small --limit USD`" in message
+    served = await gateway().handle(request("/v1/chat/completions", {
+        **CHAT, "model": "gpt-5", "max_completion_tokens": fits}, secret))
+    assert isinstance(served, Forward)
+    served.exchange.finish("completed")

@@ -15,12 +15,15 @@ from tollgate.cli.common import (
     add_get_delete,
     append_new,
     config_path,
+    edit,
     emit,
     fail,
     format_option,
+    get_one,
     new_id,
     read_section,
 )
+from tollgate.config.edit import to_yaml
 from tollgate.config.load import load_config
 from tollgate.config.problems import ConfigError
 from tollgate.ledger import REPORT_DIMENSIONS, report, to_csv
@@ -57,6 +60,26 @@ def gateway_budgets() -> None:
     """Spend limits on an org, team, project, virtual key or principal."""
 
 
+UNSEEN_HELP = ("Requests that refer to input the gateway cannot see (previous_response_id, "
+               "file ids, image URLs): input tokens to reserve for it, or 'refuse'.")
+
+
+class UnseenInput(click.ParamType):
+    name = "TOKENS|refuse"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if value == "refuse" or isinstance(value, int):
+            return value
+        if str(value).isdigit():
+            return int(value)
+        self.fail(f"{value!r} is neither a number of tokens nor 'refuse'", param, ctx)
+
+
+ON_BREACH_HELP = ("block: refuse what could pass the limit; warn: only count and flag; cap: "
+                  "lower a request's output cap to what remains (refused below "
+                  "--min-output-tokens).")
+
+
 @gateway_budgets.command("create")
 @click.option("--name", required=True)
 @click.option("--scope", required=True, type=click.Choice(list(SCOPES)))
@@ -68,17 +91,21 @@ def gateway_budgets() -> None:
 @click.option("--window", type=click.Choice(WINDOWS), default="month", show_default=True,
               help="Calendar window in UTC, or total.")
 @click.option("--limit", type=float, required=True, help="USD.")
-@click.option("--on-breach", type=click.Choice(["block", "warn"]), default="block",
-              show_default=True)
+@click.option("--on-breach", type=click.Choice(["block", "warn", "cap"]), default="block",
+              show_default=True, help=ON_BREACH_HELP)
 @click.option("--warn-at", type=float, default=0.8, show_default=True,
               help="Fraction of the limit that adds the Budget-Warning header.")
+@click.option("--min-output-tokens", type=click.IntRange(min=1),
+              help="With --on-breach cap: the smallest output cap it sets (default 256).")
+@click.option("--unseen-input", type=UnseenInput(), help=UNSEEN_HELP)
 @click.option("--model-provider", help="Count only spend through this provider.")
 @click.option("--id", "budget_id")
 @format_option
 @click.pass_context
 def create(ctx: click.Context, name: str, scope: str, window: str, limit: float,
-           on_breach: str, warn_at: float, model_provider: str | None, budget_id: str | None,
-           fmt: str, **targets: str | None) -> None:
+           on_breach: str, warn_at: float, min_output_tokens: int | None,
+           unseen_input: int | str | None, model_provider: str | None,
+           budget_id: str | None, fmt: str, **targets: str | None) -> None:
     field = SCOPES[scope]
     target = targets.get(field)
     if not target:
@@ -88,10 +115,41 @@ def create(ctx: click.Context, name: str, scope: str, window: str, limit: float,
                             "on_breach": on_breach}
     if warn_at != 0.8:
         item["warn_at"] = warn_at
+    if min_output_tokens is not None:
+        item["min_output_tokens"] = min_output_tokens
+    if unseen_input is not None:
+        item["unseen_input"] = unseen_input
     if model_provider:
         item["model_provider"] = model_provider
     append_new(ctx, "budgets", "budget", item)
     emit(item, fmt)
+
+
+@gateway_budgets.command("update")
+@click.argument("budget_id")
+@click.option("--name")
+@click.option("--limit", type=float, help="USD.")
+@click.option("--on-breach", type=click.Choice(["block", "warn", "cap"]), help=ON_BREACH_HELP)
+@click.option("--warn-at", type=float,
+              help="Fraction of the limit that adds the Budget-Warning header.")
+@click.option("--min-output-tokens", type=click.IntRange(min=1),
+              help="With --on-breach cap: the smallest output cap it sets.")
+@click.option("--unseen-input", type=UnseenInput(), help=UNSEEN_HELP)
+@format_option
+@click.pass_context
+def update(ctx: click.Context, budget_id: str, fmt: str, **fields: Any) -> None:
+    """Change a budget's limit, name or breach rule; its spend so far is kept."""
+    changed = {k: v for k, v in fields.items() if v is not None}
+    if not changed:
+        fail("nothing to change: give --limit, --name, --on-breach, --warn-at or "
+             "--min-output-tokens")
+    with edit(ctx) as doc:
+        node = doc.find("budgets", budget_id)
+        if node is None:
+            fail(f"no budget with id {budget_id!r}")
+        for k, v in changed.items():
+            node[k] = to_yaml(v)
+    emit(get_one(ctx, "budgets", budget_id), fmt)
 
 
 @gateway_budgets.command("list")

@@ -63,19 +63,27 @@ def idle_controls(cfg: Config, prices: PriceTable, catalog: ModelCatalog | None 
         if p.rate_limit is not None and p.id not in reachable:
             out.append((("model_providers", i, "rate_limit"), f"provider {p.id}: no active "
                         "virtual key can reach it, so its rate limit limits nothing"))
-    # A request without max_tokens reserves default_max_output_tokens (plus its input)
-    # against TPM: a cap below that refuses every such request.
-    floor = cfg.gateway.default_max_output_tokens
+    # A request without an output cap reserves its model's ceiling (plus its input) against
+    # TPM: a TPM below a model's ceiling refuses every such request to that model.
+    ceilings = {m: c for m in prices.models if catalog is not None
+                and (c := catalog.max_output_tokens(m))}
     for section, items, field in (("model_providers", cfg.model_providers, ("rate_limit",)),
                                   ("virtual_keys", cfg.virtual_keys,
                                    ("config", "rate_limits"))):
         for i, item in enumerate(items):
             caps = item.rate_limit if section == "model_providers" else \
                 item.config.rate_limits
-            if caps is not None and caps.tpm is not None and caps.tpm <= floor:
-                out.append(((section, i, *field, "tpm"), f"{item.id}: tpm {caps.tpm} is not "
-                            f"above gateway.default_max_output_tokens ({floor}), so every "
-                            "request without max_tokens is refused"))
+            if caps is None or caps.tpm is None:
+                continue
+            patterns = item.serves() if section == "model_providers" else \
+                item.models_allowed or ["*"]
+            over = sorted(m for m, c in ceilings.items() if c >= caps.tpm
+                          and any(fnmatch.fnmatchcase(m, g) for g in patterns))
+            if over:
+                out.append(((section, i, *field, "tpm"), f"{item.id}: tpm {caps.tpm} is below "
+                            f"the output ceiling of {', '.join(over[:3])}"
+                            f"{', ...' if len(over) > 3 else ''} (models.yaml), so every "
+                            "request to them without max_tokens is refused"))
 
     known = set(prices.models) | {m for p in cfg.model_providers for m in p.serves()
                                   if not any(c in m for c in "*?[")}

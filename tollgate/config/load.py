@@ -163,6 +163,15 @@ def validate_document(doc: Any, path: Path) -> LoadedConfig:
         problems += [Problem(str(catalog.path), None, f"models.*.equivalents: {m}",
                              f"model {m!r} has no price in the price table")
                      for m in sorted(catalog.referenced()) if prices.lookup(m) is None]
+    # A priced model can be served, and a request with no output cap can cost its ceiling.
+    priced = {m: str(prices.path or path) for m in prices.names()} | {
+        m: f"{path} (model_providers {p.id} prices)" for p in config.model_providers
+        for m in p.prices}
+    problems += [Problem(where, None, f"models: {m}",
+                         f"model {m!r} has a price but no max_output_tokens in the model "
+                         f"catalog ({catalog.path or 'models.yaml'}): add it there, so budgets "
+                         "and TPM limits know what a request without an output cap can cost")
+                 for m, where in sorted(priced.items()) if catalog.max_output_tokens(m) is None]
     if problems:
         raise ConfigError(problems)
     return LoadedConfig(config=config, prices=prices, path=path, catalog=catalog)

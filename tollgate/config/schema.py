@@ -103,7 +103,8 @@ class GatewaySettings(Strict):
     spool: str = ".tollgate/spool.db"
     # A requested model with no price: refuse it, or serve it and record $0 (flagged).
     unpriced: Literal["block", "allow"] = "block"
-    # Output cap assumed for budget reservations when a request sets no max_tokens.
+    # A request without an output cap reserves its model's ceiling (models.yaml); this is
+    # assumed only for a model the catalog has no ceiling for (served unpriced).
     default_max_output_tokens: int = Field(default=4096, ge=1)
     # A provider failing this many times in a row is passed over for cooldown_seconds.
     circuit_breaker: CircuitBreaker = Field(default_factory=lambda: CircuitBreaker())
@@ -282,9 +283,23 @@ class Budget(Strict):
     principal: str | None = None
     window: Literal["minute", "hour", "day", "week", "month", "total"] = "month"
     limit: float = Field(gt=0, description="USD")
-    on_breach: Literal["block", "warn"] = "block"
+    # block: refuse what could pass the limit; warn: only count and flag; cap: lower (or
+    # set) a request's output cap to what remains, refusing below `min_output_tokens`.
+    on_breach: Literal["block", "warn", "cap"] = "block"
     warn_at: float = Field(default=0.8, gt=0, le=1)
     model_provider: str | None = None
+    min_output_tokens: int = Field(default=256, ge=1)  # on_breach cap: the floor
+    # Input the gateway cannot see (a Responses previous_response_id or conversation, file
+    # ids, image and file URLs the provider fetches) can cost any amount: a blocking budget
+    # reserves this many more input tokens for such a request, or refuses it ("refuse").
+    unseen_input: int | Literal["refuse"] = Field(default=0)
+
+    @field_validator("unseen_input")
+    @classmethod
+    def _allowance(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("unseen_input is a number of tokens (>= 0) or \"refuse\"")
+        return value
 
     @model_validator(mode="after")
     def _target(self) -> Budget:

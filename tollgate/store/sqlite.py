@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     input_tokens INTEGER, output_tokens INTEGER, cached_input_tokens INTEGER,
     cache_write_tokens INTEGER, reasoning_tokens INTEGER, cost_micros INTEGER,
     usage_reported INTEGER, status INTEGER, outcome TEXT, latency_ms REAL,
-    fallback_count INTEGER, code TEXT, fallbacks TEXT, skipped TEXT
+    fallback_count INTEGER, code TEXT, fallbacks TEXT, skipped TEXT, output_cap INTEGER
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
 -- Rate limits, as settled requests left them (the windows themselves are in memory).
@@ -90,9 +90,10 @@ class SQLiteStore(Store):
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(ledger)")}
-        for added in ("code", "fallbacks", "skipped"):  # a ledger written by an earlier version
+        for added, kind in (("code", "TEXT"), ("fallbacks", "TEXT"), ("skipped", "TEXT"),
+                            ("output_cap", "INTEGER")):  # a ledger of an earlier version
             if added not in columns:
-                self.db.execute(f"ALTER TABLE ledger ADD COLUMN {added} TEXT")
+                self.db.execute(f"ALTER TABLE ledger ADD COLUMN {added} {kind}")
         if "started" not in {row[1] for row in self.db.execute("PRAGMA table_info(inflight)")}:
             self.db.execute("ALTER TABLE inflight ADD COLUMN started INTEGER")
         self.rate_windows = LocalWindows()
