@@ -29,6 +29,7 @@ from extproc import fallback
 from tollgate import ratelimit
 from tollgate.config.schema import Config, ModelProvider
 from tollgate.errors import GatewayError
+from tollgate.gateway import GATEWAY_HEADER_PREFIX
 from tollgate.keys import KEY_PREFIX_CHARS
 from tollgate.request import MAX_HEADER_BYTES
 
@@ -462,7 +463,7 @@ def listener(cfg: Config, host: str, port: int, outage: str) -> dict[str, Any]:
                 # Request ids name ledger rows, so a client never chooses one: its own
                 # x-request-id is kept as x-client-request-id (correlation only) and removed
                 # before Envoy mints the request's id; the decision then sets the row's id.
-                "early_header_mutation_extensions": [CLIENT_REQUEST_ID],
+                "early_header_mutation_extensions": [EARLY_MUTATIONS],
                 "preserve_external_request_id": False,
                 "stream_idle_timeout": "300s",
                 # Slow clients: all headers within 10 s, the whole request (body and the
@@ -482,7 +483,8 @@ def listener(cfg: Config, host: str, port: int, outage: str) -> dict[str, Any]:
 
 
 CLIENT_REQUEST_ID_HEADER = "x-client-request-id"
-CLIENT_REQUEST_ID = {
+# Run before Envoy mints the request id and before any route is matched.
+EARLY_MUTATIONS = {
     "name": "envoy.http.early_header_mutation.header_mutation",
     "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation."
@@ -492,6 +494,9 @@ CLIENT_REQUEST_ID = {
                                    "value": "%REQ(X-REQUEST-ID)%"},
                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
             {"remove": "x-request-id"},
+            # The gateway's own routing headers are the decision's to set: a client's would
+            # pick a route (a provider's cluster, a retry policy, a per-chunk rewrite).
+            {"remove_on_match": {"key_matcher": {"prefix": GATEWAY_HEADER_PREFIX}}},
         ],
     },
 }

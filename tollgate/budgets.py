@@ -140,6 +140,7 @@ def refusal(hold: Hold, spent: int, reserved: int, worst: WorstCase, now: dateti
     resets = ""
     if hold.resets_at is not None:
         resets = f" It resets at {hold.resets_at.isoformat()}."
+        headers["retry-after"] = str(max(1, int((hold.resets_at - now).total_seconds()) + 1))
     what = f"{worst.output_tokens:,} output tokens of {worst.model}"
     if not worst.capped:
         what += ", its most, as the request sets no output cap"
@@ -147,10 +148,8 @@ def refusal(hold: Hold, spent: int, reserved: int, worst: WorstCase, now: dateti
     if fits >= 1 and worst.cap_field:
         message = (f"{head} cannot cover this request: it could cost up to {usd(worst.micros)} "
                    f"({what}); {usd(remaining)} remains ({state}). Send {worst.cap_field} <= "
-                   f"{fits:,}, or {raise_it}.")
+                   f"{fits:,}, or {raise_it}.{resets}")
     else:
-        if hold.resets_at is not None:  # nothing fits until the window turns
-            headers["retry-after"] = str(max(1, int((hold.resets_at - now).total_seconds()) + 1))
         exhausted = "is exhausted" if remaining == 0 else \
             f"has {usd(remaining)} left, less than this request's input alone"
         message = (f"{head} {exhausted} ({state}); this request could cost up to "

@@ -19,6 +19,7 @@ from tollgate.errors import GatewayError
 from tollgate.ledger import LedgerRow
 from tollgate.meter import ResponseMeter
 from tollgate.pricing import ModelPrice, PriceTable, cost_micros
+from tollgate.ratelimit import Limit
 from tollgate.request import Attempt
 from tollgate.routes import Route
 from tollgate.scopes import Lineage
@@ -41,20 +42,51 @@ class Rewriter(Protocol):
 
 @dataclass
 class Billing:
-    """What the request holds in its budgets and how to price what it used."""
+    """What the request holds in its budgets and rate limits, for each provider of its plan
+    (each attempt is admitted before it can be sent), and how to price what it used."""
 
     price: ModelPrice | None
     lineage: Lineage
-    counters: list[str] = field(default_factory=list)  # budget counters it reserved in
+    # Provider -> the budget counters a request it serves settles into (those not scoped to
+    # a provider, and that provider's own), in plan order.
+    held: dict[str, list[str]] = field(default_factory=dict)
     reserved: int = 0  # micro-dollars held in each of them
     estimated_input_tokens: int = 0  # for a stream cut off before the provider's usage
     warning: str | None = None
-    # What it took from its rate limits, and the key's rate-limit headers in the client's
-    # family.
-    limits: LimitSettlement | None = None
+    # The rate limits it entered, each with the provider it is of (None: the key's), when
+    # (the store's clock) and with how many tokens; the key's rate-limit headers.
+    limits: list[tuple[Limit, str | None]] = field(default_factory=list)
+    admitted_at: float = 0.0
+    reserved_tokens: int = 0
     rate_headers: dict[str, str] = field(default_factory=dict)
     # The output cap the gateway set on the request (a budget with on_breach: cap).
     output_cap: int | None = None
+    # Fallback providers left out of the plan because they could not be admitted.
+    passed_over_later: list[str] = field(default_factory=list)
+
+    @property
+    def counters(self) -> list[str]:
+        """Every budget counter it holds (kept alive while it runs)."""
+        return list(dict.fromkeys(c for held in self.held.values() for c in held))
+
+    def settlement(self, served_by: str, reached: list[str], used_tokens: int
+                   ) -> tuple[list[str], list[str], LimitSettlement | None]:
+        """The budget counters to charge (those of the provider that served it), those only
+        released (other providers' own), and what it leaves in its rate limits: a fallback
+        provider that failed it bills no tokens; one it never reached keeps nothing."""
+        charged = self.held.get(served_by, next(iter(self.held.values()), []))
+        released = [c for c in self.counters if c not in charged]
+        if not self.limits:
+            return charged, released, None
+        limits = [lim for lim, _ in self.limits]
+        return charged, released, LimitSettlement(
+            sliding=[lim.counter for lim in limits if lim.sliding],
+            days=[lim.counter for lim in limits if not lim.sliding],
+            tokens=[lim.counter for lim in limits if lim.tokens],
+            reserved=self.reserved_tokens, admitted=self.admitted_at, used=used_tokens,
+            unbilled=[lim.counter for lim, p in self.limits
+                      if lim.tokens and p not in (None, served_by) and p in reached],
+            unsent=[lim.counter for lim, p in self.limits if p is not None and p not in reached])
 
 
 class JSONTranslation:
@@ -115,6 +147,11 @@ class Exchange:
     @property
     def attempt(self) -> Attempt:
         return self.attempts[self.index]
+
+    @property
+    def reached(self) -> list[str]:
+        """The providers its attempts have gone to so far."""
+        return [a.provider_id for a in self.attempts[:self.index + 1]]
 
     @property
     def fallback_count(self) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -36,11 +35,13 @@ from tollgate.pricing import ZERO_PRICE
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.scopes import lineage
-from tollgate.store import LimitSettlement, Store, StoreUnavailable, open_store
+from tollgate.store import LimitSettlement, Reservation, Store, StoreUnavailable, open_store
 from tollgate.store.spool import Spooled
 
 log = logging.getLogger("tollgate")
 
+# Headers the gateway sets for its host (Envoy's routing): a client's never cross.
+GATEWAY_HEADER_PREFIX = "x-tollgate-"
 # The gateway's code for a status the proxy answered with itself.
 PROXY_REPLY_CODES = {400: "invalid_request", 408: "invalid_request", 413: "payload_too_large",
                      431: "invalid_request", 503: "gateway_unavailable",
@@ -74,7 +75,8 @@ class Gateway:
         self.holder = holder
         self._index_for: tuple[LoadedConfig, KeyIndex] | None = None
         self._store = store
-        self._store_for: tuple[str, str, int] | None = None  # (state, spool, lease) opened for
+        # (state, spool, lease, ledger rows) the store was opened with
+        self._store_for: tuple[str, str, int, int] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         # In flight (renewed, checkpointed): each exchange, and how many response bytes it
@@ -131,11 +133,13 @@ class Gateway:
         """The state store named by the running config (reopened if an edit changes it)."""
         loaded = self.holder.current
         settings = loaded.config.gateway
-        wanted = (settings.state, settings.spool, settings.hold_lease_seconds)
+        wanted = (settings.state, settings.spool, settings.hold_lease_seconds,
+                  settings.ledger_max_rows)
         if self._store is None or (self._store_for is not None and wanted != self._store_for):
             previous = self._store
             self._store = open_store(settings.state, loaded.path.parent, settings.spool,
-                                     lease_seconds=settings.hold_lease_seconds)
+                                     lease_seconds=settings.hold_lease_seconds,
+                                     ledger_max_rows=settings.ledger_max_rows)
             self._store_for = wanted
             # Requests in flight settle into the new store; the old one is closed.
             if previous is not None:
@@ -197,9 +201,10 @@ class Gateway:
             ask_usage = bodies.wants_usage_chunk(route, body.doc)
             attempts = self._plan(targets, key, route, body, req, trace, settings, ask_usage,
                                   loaded.catalog)
-            billing, passed_over = await self._admit_request(loaded, trace.request_id, key,
-                                                             route, body, req, attempts)
-            attempts = attempts[len(passed_over):]
+            billing, passed_over, attempts = await self._admit_request(
+                loaded, trace.request_id, key, route, body, req, attempts)
+            if billing.passed_over_later:
+                unserved += billing.passed_over_later
             if billing.output_cap is not None:
                 self._cap_output(attempts, route, body, req, billing.output_cap)
             exchange = Exchange(trace=trace, prefix=settings.header_prefix, route=route, key=key,
@@ -255,7 +260,9 @@ class Gateway:
         fallback = key.config.fallback
         targets = [targets[i] for i in self.breakers.order([t.provider.id for t in targets])]
         chosen = targets[: fallback.max_attempts] if fallback.on else targets[:1]
-        strip = [h for h in req.headers if h.startswith(settings.header_prefix.lower())]
+        # The gateway's headers (its response prefix, its own routing ones) never go up.
+        strip = [h for h in req.headers
+                 if h.startswith((settings.header_prefix.lower(), GATEWAY_HEADER_PREFIX))]
         attempts = []
         for i, target in enumerate(chosen):
             try:
@@ -324,7 +331,8 @@ class Gateway:
 
     async def _admit_request(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
                              route: routes.Route, body: bodies.ParsedBody, req: Request,
-                             attempts: list[Attempt]) -> tuple[Billing, list[str]]:
+                             attempts: list[Attempt]
+                             ) -> tuple[Billing, list[str], list[Attempt]]:
         """Price the request, then admit it to its rate limits and budgets in one atomic
         step: every budget that applies holds its worst-case cost (that of the dearest model
         its plan may fall back to), every rate limit counts it, its TPM its worst-case tokens.
@@ -373,24 +381,18 @@ class Gateway:
             i += 1
             attempt = attempts[i]
             holds = budgets.holds_for(cfg, key, billing.lineage, attempt.provider_id, now)
-            billing.counters = [h.counter for h in holds]  # settled into even if not reserved
+            # Settled into even if not reserved (a request priced at nothing).
+            billing.held = {attempt.provider_id: [h.counter for h in holds]}
             holds = holds if amount else []
             limits = key_caps + ratelimit.provider_limits(providers[attempt.provider_id], now)
+            billing.limits = [(lim, None if lim.scope == "key" else attempt.provider_id)
+                              for lim in limits]
             if not holds and not limits:
-                return billing, passed_over
-            try:
-                granted = await self.store().reserve(request_id, holds, amount, limits, tokens)
-            except StoreUnavailable as e:
-                if settings.fail_closed:
-                    log.error("state store unavailable, refusing request %s: %s", request_id, e)
-                    raise GatewayError(
-                        "gateway_unavailable",
-                        "The gateway's state store is unavailable and budgets and rate limits "
-                        "are fail-closed (gateway.fail_closed), so the request was not "
-                        "forwarded. Retry shortly.") from None
-                log.warning("state store unavailable, serving %s without budgets or rate "
-                            "limits: %s", request_id, e)
-                return billing, passed_over
+                granted = None  # nothing to reserve for this attempt
+                break
+            granted = await self._reserve(settings, request_id, holds, amount, limits, tokens)
+            if granted is None:  # the store is down and the gateway fails open
+                return billing, passed_over, attempts[i:]
             clock = time.time()
             rate_headers = ratelimit.headers(route.family, limits, granted.windows, clock)
             if granted.granted:
@@ -427,18 +429,70 @@ class Gateway:
             raise err
         # The provider admitted may not be the first (one at its cap was passed over).
         billing.price = loaded.prices.lookup(attempt.model, attempt.prices) or billing.price
-        if holds:
-            billing.reserved = amount  # renewed from _admit on, while it runs
-            billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
-                                    if (w := budgets.warning(h, c.committed))), None)
-        if limits:
-            billing.limits = LimitSettlement(
-                sliding=[lim.counter for lim in limits if lim.sliding],
-                days=[lim.counter for lim in limits if not lim.sliding],
-                tokens=[lim.counter for lim in limits if lim.tokens], reserved=tokens,
-                admitted=granted.at)
-        billing.rate_headers = rate_headers
-        return billing, passed_over
+        if granted is not None:
+            if holds:
+                billing.reserved = amount  # renewed from _admit on, while it runs
+                billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
+                                        if (w := budgets.warning(h, c.committed))), None)
+            billing.rate_headers = rate_headers
+            billing.admitted_at = granted.at
+        billing.reserved_tokens = tokens
+        kept = [attempt]
+        for later in attempts[i + 1:]:
+            if await self._admit_fallback(loaded, request_id, key, billing, later, amount,
+                                          tokens, now):
+                kept.append(later)
+        return billing, passed_over, kept
+
+    async def _reserve(self, settings: Any, request_id: str, holds: list[budgets.Hold],
+                       amount: int, limits: list[ratelimit.Limit], tokens: int
+                       ) -> Reservation | None:
+        """One atomic reservation; None when the store is down and the gateway fails open."""
+        try:
+            return await self.store().reserve(request_id, holds, amount, limits, tokens)
+        except StoreUnavailable as e:
+            if settings.fail_closed:
+                log.error("state store unavailable, refusing request %s: %s", request_id, e)
+                raise GatewayError(
+                    "gateway_unavailable",
+                    "The gateway's state store is unavailable and budgets and rate limits "
+                    "are fail-closed (gateway.fail_closed), so the request was not "
+                    "forwarded. Retry shortly.") from None
+            log.warning("state store unavailable, serving %s without budgets or rate "
+                        "limits: %s", request_id, e)
+            return None
+
+    async def _admit_fallback(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
+                              billing: Billing, attempt: Attempt, amount: int, tokens: int,
+                              now: datetime) -> bool:
+        """Admit a fallback attempt before it can be sent, as the first was: its provider's
+        rate limits and the budgets scoped to that provider. One that cannot be admitted is
+        left out of the plan (a provider at its cap is passed over); False then."""
+        cfg = loaded.config
+        applying = budgets.holds_for(cfg, key, billing.lineage, attempt.provider_id, now)
+        # Budgets not scoped to a provider hold the request once, from its first attempt.
+        held = [h for h in applying if h.counter not in billing.counters] if amount else []
+        billing.held[attempt.provider_id] = [h.counter for h in applying]
+        limits = ratelimit.provider_limits(
+            {p.id: p for p in cfg.model_providers}[attempt.provider_id], now)
+        if not held and not limits:
+            return True
+        granted = await self._reserve(cfg.gateway, request_id, held, amount, limits, tokens)
+        if granted is None:  # the store is down and the gateway fails open: nothing held
+            return True
+        if not granted.granted:
+            del billing.held[attempt.provider_id]
+            why = (f"budget {held[granted.refused_by].budget.id}"
+                   if granted.refused_by is not None else
+                   ", ".join(f"{limits[j].dimension} {limits[j].limit}"
+                             for j in granted.refused_limits))
+            billing.passed_over_later.append(f"{attempt.provider_id}:not admitted ({why})")
+            log.info("request %s: fallback provider %s left out of the plan: %s",
+                     request_id, attempt.provider_id, why)
+            return False
+        billing.limits += [(lim, attempt.provider_id) for lim in limits]
+        billing.admitted_at = billing.admitted_at or granted.at
+        return True
 
     async def _admit(self, exchange: Exchange) -> None:
         """Write ahead that the request is in flight: if the gateway dies before it settles,
@@ -455,7 +509,8 @@ class Gateway:
 
     async def _write_ahead(self, exchange: Exchange) -> None:
         try:
-            await self.store().admit(exchange.written_ahead(), exchange.billing.counters)
+            await self.store().admit(exchange.written_ahead(), exchange.billing.settlement(
+                exchange.provider_id, exchange.reached, 0)[0])
         except StoreUnavailable as e:
             log.warning("could not write ahead request %s: %s", exchange.trace.request_id, e)
 
@@ -477,23 +532,26 @@ class Gateway:
     def _settle(self, exchange: Exchange, row: LedgerRow) -> None:
         """Write the ledger row and settle budgets and TPM, off the host's hot path."""
         billing = exchange.billing
-        limits = billing.limits and dataclasses.replace(
-            billing.limits, used=row.input_tokens + row.cached_input_tokens
-            + row.cache_write_tokens + row.output_tokens)
+        counters, released, limits = billing.settlement(
+            exchange.provider_id, exchange.reached,
+            row.input_tokens + row.cached_input_tokens + row.cache_write_tokens
+            + row.output_tokens)
         self._observe(exchange.trace, row, exchange=exchange)
-        self._record(row, billing.counters, billing.reserved, limits)
+        self._record(row, counters, billing.reserved, limits, released)
 
     def _observe(self, trace: telemetry.RequestTrace, row: LedgerRow,
                  decision: dict[str, Any] | None = None, exchange: Exchange | None = None
                  ) -> None:
         """A finished request, refused or served: its span, its metrics and its access-log
         line, all from its ledger row."""
-        settings = self.holder.current.config.gateway.telemetry
+        loaded = self.holder.current
+        settings = loaded.config.gateway.telemetry
         extra: dict[str, Any] = {"trace_id": trace.trace_id, "span_id": trace.span_id}
         if exchange is None:
             trace.end(row)
             metrics.observe(row, decision_seconds=trace.decision_seconds,
-                            rate_limit=(decision or {}) if row.code == "rate_limited" else None)
+                            rate_limit=(decision or {}) if row.code == "rate_limited" else None,
+                            known_models=loaded.known_models)
             extra.update({k: v for k, v in (decision or {}).items()
                           if k not in ("request_id", "key", "principal", "action", "code")})
         else:
@@ -507,7 +565,8 @@ class Gateway:
                 upstream_seconds=ended - exchange.started - exchange.overhead,
                 first_byte_seconds=exchange.first_byte - exchange.started
                 if exchange.first_byte is not None and exchange.is_sse else None,
-                fallbacks=exchange.fallbacks, labels=settings.metric_labels)
+                fallbacks=exchange.fallbacks, labels=settings.metric_labels,
+                known_models=loaded.known_models)
             extra.update({"requested_model": exchange.requested_model,
                           "upstream": attempt.url, "error": exchange.error,
                           "bytes_out": exchange.meter.bytes,
@@ -520,8 +579,9 @@ class Gateway:
         access_log.write({**row.to_dict(), **extra})
 
     def _record(self, row: LedgerRow, counters: list[str] | None = None,
-                reserved: int = 0, limits: LimitSettlement | None = None) -> None:
-        coro = self._finish(counters or [], reserved, row, limits)
+                reserved: int = 0, limits: LimitSettlement | None = None,
+                released: list[str] | None = None) -> None:
+        coro = self._finish(counters or [], reserved, row, limits, released)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -537,10 +597,11 @@ class Gateway:
         task.add_done_callback(self._settling.discard)
 
     async def _finish(self, counters: list[str], reserved: int, row: LedgerRow,
-                      limits: LimitSettlement | None = None) -> None:
+                      limits: LimitSettlement | None = None,
+                      released: list[str] | None = None) -> None:
         self._in_flight.pop(row.request_id, None)
         try:
-            await self.store().finish(counters, reserved, row, limits)
+            await self.store().finish(counters, reserved, row, limits, released)
         except Exception:
             log.exception("could not record request %s: %s", row.request_id,
                           json.dumps(row.to_dict()))

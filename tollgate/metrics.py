@@ -23,6 +23,7 @@ from tollgate import budgets
 if TYPE_CHECKING:
     from tollgate.gateway import Gateway
     from tollgate.ledger import LedgerRow
+from tollgate.pricing import undated
 
 log = logging.getLogger("tollgate.metrics")
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -66,13 +67,25 @@ FALLBACKS = Counter(
 _TOKEN_TYPES = ("input", "cached_input", "cache_write", "output")
 
 
+def model_label(model: str | None, known: frozenset[str]) -> str:
+    if not model:
+        return ""
+    if model in known:
+        return model
+    base = undated(model)
+    return base if base in known else "other"
+
+
 def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float = 0.0,
             upstream_seconds: float | None = None, first_byte_seconds: float | None = None,
             fallbacks: list[str] | None = None, rate_limit: dict[str, str] | None = None,
-            labels: list[str] | None = None) -> None:
-    """Count one finished request."""
+            labels: list[str] | None = None, known_models: frozenset[str] = frozenset()
+            ) -> None:
+    """Count one finished request. Its model labels series only if the operator knows the
+    name (`known_models`; a dated snapshot as its base model), else `other`."""
     served = row.provider is not None
-    provider, model = (row.provider or "", row.model or "") if served else ("", "")
+    provider, model = (row.provider or "", model_label(row.model, known_models)) if served \
+        else ("", "")
     REQUESTS.labels(row.route, str(row.status or 0), row.code or "", provider, model).inc()
     DURATION.labels(row.route).observe(decision_seconds + response_seconds
                                        + (upstream_seconds or 0.0))

@@ -111,3 +111,62 @@ def test_an_unreachable_provider_answers_in_the_clients_family_and_leaves_its_ro
     assert (row.status, row.code, row.provider, row.cost_micros) == \
         (502, "provider_unreachable", "mp_gone", 0)
     assert row.outcome == "error"
+
+
+def _extproc_streams(gw) -> int:
+    """ext_proc streams Envoy has opened so far (decide, tap, and any rewrite or attempt)."""
+    admin = gw.process.extra[gw.process.extra.index("--envoy-admin") + 1]
+    stats = httpx.get(f"http://{admin}/stats", params={"filter": "ext_proc.streams_started"},
+                      timeout=5).text
+    return sum(int(line.rsplit(":", 1)[1]) for line in stats.splitlines()
+               if line.startswith("http.tollgate.ext_proc.streams_started"))
+
+
+def test_a_clients_gateway_headers_pick_nothing(gw, fake_openai):
+    """`x-tollgate-*` headers are the gateway's own: a client's never pick a route (a
+    provider's cluster, a retry policy, a per-chunk rewrite) nor reach a provider."""
+    key = gw.create_key()
+    auth = {"authorization": f"Bearer {key.secret}"}
+    forged = {**auth, "x-tollgate-cluster": "provider_mp_anthropic", "x-tollgate-rewrite": "1",
+              "x-tollgate-fallback": "1", "x-tollgate-anything": "x"}
+
+    def served(headers) -> tuple[httpx.Response, int]:
+        before = _extproc_streams(gw) if gw.host == "envoy" else 0
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT, headers=headers,
+                       timeout=30)
+        wait_until(lambda: [x for x in ledger(gw.config)
+                            if x.request_id == r.headers["x-langwatch-request-id"]],
+                   timeout=10, what="its row")
+        return r, (_extproc_streams(gw) - before if gw.host == "envoy" else 0)
+
+    plain, plain_streams = served(auth)
+    r, streams = served(forged)
+    assert r.status_code == 200 and r.headers["x-langwatch-provider"] == "mp_openai"
+    assert r.json()["choices"] == plain.json()["choices"]
+    assert not [h for h in fake_openai.requests[-1].headers if h.lower().startswith("x-tollgate")]
+    assert streams == plain_streams  # no rewrite or attempt stream was forced
+
+
+def test_made_up_model_names_grow_no_metric_series(gw, fake_openai):
+    """200 requests, each with a model name of its own that passes a `gpt-4o*` allowlist
+    (dated like a snapshot, so priced as gpt-4o): the metrics gain no series for them."""
+    key = gw.create_key("--models-allowed", "gpt-4o*")
+
+    def series() -> set[str]:
+        text = httpx.get(f"{gw.process.admin_url}/metrics", timeout=5).text
+        return {line.rsplit(" ", 1)[0] for line in text.splitlines()
+                if line.startswith("tollgate_") and not line.startswith("#")
+                and 'model="' in line}
+
+    def ask(model: str) -> None:
+        r = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30,
+                       json={**CHAT, "model": model, "max_completion_tokens": 5},
+                       headers={"authorization": f"Bearer {key.secret}"})
+        assert r.status_code == 200, r.text[:200]
+
+    ask("gpt-4o")
+    before = series()
+    for i in range(200):
+        ask(f"gpt-4o-2{i:07d}")
+    assert series() == before
+    assert any('model="gpt-4o"' in s for s in before)

@@ -251,7 +251,8 @@ def test_blocking_budget_refuses_with_402(gateway, fake_openai, fake_anthropic):
     assert exc.value.status_code == 402
     error = exc.value.body
     assert error["code"] == "budget_exceeded"
-    for part in (b["id"], "tiny-cap", "vk", key.id, "window day", "limit $0.000100", "spent"):
+    for part in (b["id"], "tiny-cap", "vk", key.id, "window day", "limit $0.000100", "spent",
+                 "2,000 output tokens of gpt-5-mini", "Send max_tokens <= "):
         assert part in error["message"]
     assert int(exc.value.response.headers["retry-after"]) > 0
     with pytest.raises(anthropic.APIStatusError) as aexc:

@@ -434,3 +434,54 @@ def test_circuit_breaker_sends_traffic_back_after_the_cooldown(host, tmp_path, f
         assert provider_of() == primary  # cooled down: the primary is back first
     finally:
         gw.stop()
+
+
+def test_a_fallback_attempt_is_admitted_like_the_first(gateway, fake_openai, fake_anthropic):
+    """Provider A always fails (503), provider B takes one request a minute: each attempt
+    reserves its own provider's limits before it is sent, so of five requests exactly one is
+    served by B, and a budget scoped to B is charged B's cost (and A's nothing)."""
+    from tests.fakes.providers import FakeProvider
+
+    failing = FakeProvider("openai", OPENAI_KEY).start()
+    try:
+        for _ in range(5):
+            failing.enqueue(Behaviour("fail", status=503))
+        a, b, pol = fallback_pair(gateway, fake_openai, fake_anthropic, failing.url)
+        gateway.cli("model-providers", "update", b, "--rpm", "1")
+        key = keyed(gateway, pol, '{"fallback": {"on": ["5xx", "rate_limit"]}}')
+        on_b = json.loads(gateway.cli(
+            "gateway-budgets", "create", "--name", "b-only", "--scope", "vk", "--vk", key.id,
+            "--model-provider", b, "--limit", "10", "--format", "json").stdout)["id"]
+        on_a = json.loads(gateway.cli(
+            "gateway-budgets", "create", "--name", "a-only", "--scope", "vk", "--vk", key.id,
+            "--model-provider", a, "--limit", "10", "--format", "json").stdout)["id"]
+        gateway.wait_for_config()
+        answers = [httpx.post(f"{gateway.openai_base}/chat/completions", timeout=30,
+                              json={"model": "gpt-5-mini", "max_completion_tokens": 50,
+                                    "messages": [{"role": "user", "content": "hi"}]},
+                              headers={"authorization": f"Bearer {key.secret}"})
+                   for _ in range(5)]
+        served = [r for r in answers if r.status_code == 200]
+        assert [r.headers["x-langwatch-provider"] for r in served] == [b]
+        assert len(fake_anthropic.requests) == 1  # B was sent one request, no more
+        assert {r.status_code for r in answers if r.status_code != 200} == {503}
+        row = ledger_row(gateway, served[0].headers["x-langwatch-request-id"])
+        assert row.provider == b and row.cost_micros > 0
+
+        def spent(budget: str) -> float:
+            return json.loads(gateway.cli("gateway-budgets", "status", budget, "--format",
+                                          "json").stdout)
+
+        wait_until(lambda: spent(on_b)["spent_usd"] == row.cost_micros / 1_000_000,
+                   timeout=5, what="B's cost in the budget scoped to B")
+        assert (spent(on_a)["spent_usd"], spent(on_a)["reserved_usd"]) == (0, 0)
+        assert spent(on_b)["reserved_usd"] == 0
+        refused = [ledger_row(gateway, r.headers["x-langwatch-request-id"])
+                   for r in answers if r.status_code != 200]
+        # Passed over at its cap, as a fallback (left out of the plan) or, once A's circuit
+        # opened and B came first, as the first pick.
+        assert all(f"{b}:not admitted (rpm 1)" in (x.skipped or "")
+                   or f"{b}:rate_limit (rpm 1)" in (x.fallbacks or "") for x in refused), \
+            [(x.skipped, x.fallbacks) for x in refused]
+    finally:
+        failing.stop()

@@ -262,3 +262,29 @@ def test_a_refusal_names_the_dimension_the_scope_the_limit_and_the_reset():
     assert err.headers["retry-after"] == "58" and err.headers["retry-after-ms"] == "57200"
     never = ratelimit.refusal(tpm(100), Window(0, 0.0, None), 500, T0)
     assert "retry-after" not in never.headers and never.headers["x-should-retry"] == "false"
+
+
+def test_a_settlement_gives_back_what_fallback_providers_did_not_use(store):
+    """A request admitted to two providers' limits (its first and its fallback) and a budget
+    of each: served by the fallback after the first failed, the first's TPM keeps nothing
+    and its budget is released uncharged; a provider it never reached keeps no entry at all,
+    not even its request of the day."""
+    a_rpm, a_tpm, a_day = (Limit("provider", "mp_a", "rpm", 10), Limit("provider", "mp_a",
+                           "tpm", 10_000), rpd(10, "2026-11-29", owner="mp_a"))
+    b_rpm, b_tpm = Limit("provider", "mp_b", "rpm", 10), Limit("provider", "mp_b", "tpm", 10_000)
+    c_rpm, c_day = Limit("provider", "mp_c", "rpm", 10), rpd(10, "2026-11-29", owner="mp_c")
+    on_a, on_b = hold(1.0, ident="b_a"), hold(1.0, ident="b_b")
+    assert admit(store, "r", [a_rpm, a_tpm, a_day], T0, tokens=2_000, holds=[on_a],
+                 amount=500).granted
+    assert admit(store, "r", [b_rpm, b_tpm], T0, tokens=2_000, holds=[on_b], amount=500).granted
+    assert admit(store, "r", [c_rpm, c_day], T0, tokens=2_000).granted
+    every = [a_rpm, a_tpm, a_day, b_rpm, b_tpm, c_rpm, c_day]
+    store.finish([on_b.counter], 500, row("r", 300), LimitSettlement(
+        sliding=[x.counter for x in every if x.sliding],
+        days=[x.counter for x in every if not x.sliding],
+        tokens=[a_tpm.counter, b_tpm.counter], reserved=2_000, admitted=T0, used=700,
+        unbilled=[a_tpm.counter], unsent=[c_rpm.counter, c_day.counter]),
+        [on_a.counter])
+    used = [w.used for w in store.windows(every, now=T0 + 1)]
+    assert used == [1, 0, 1, 1, 700, 0, 0]
+    assert [(c.spent, c.reserved) for c in store.counters([on_a, on_b])] == [(0, 0), (300, 0)]

@@ -328,3 +328,40 @@ def test_a_refusal_under_the_id_of_a_request_in_flight_releases_nothing(store):
         assert len(refused) == 1 and refused[0].request_id.startswith("r1~")
 
     asyncio.run(scenario())
+
+
+def test_the_redis_ledger_stays_near_its_cap_and_reads_a_range(tmp_path, monkeypatch):
+    """The ledger stream is trimmed to about `ledger_max_rows`, and a report for a window
+    reads from the window's start, a page at a time, not the whole stream."""
+    import dataclasses
+
+    from tollgate.store import redis as redis_store
+
+    monkeypatch.setattr(redis_store, "TRIM_EVERY", 100)
+    monkeypatch.setattr(redis_store, "PAGE_ROWS", 250)
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        async def scenario():
+            store = RedisStore(server.url, ledger_max_rows=1000)
+            for i in range(2500):
+                await store.finish([], 0, dataclasses.replace(row(f"r{i}", 1),
+                                                              outcome="completed"))
+            length = await store.client.xlen(redis_store.LEDGER)
+            assert 1000 <= length < 1200
+            rows = await store.rows()
+            assert len(rows) == length and rows[-1].request_id == "r2499"
+            reads = []
+            real = store.client.xrange
+
+            async def counted(*args, **kw):
+                reads.append(kw)
+                return await real(*args, **kw)
+
+            store.client.xrange = counted
+            assert await store.rows(since=datetime(2100, 1, 1, tzinfo=UTC)) == []
+            assert len(reads) == 1  # the range starts at the window: nothing to page through
+            await store.close()
+
+        asyncio.run(scenario())
+    finally:
+        server.stop()

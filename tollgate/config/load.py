@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +29,20 @@ class LoadedConfig:
     prices: PriceTable
     path: Path
     catalog: ModelCatalog = field(default_factory=lambda: ModelCatalog({}))
+
+    @functools.cached_property
+    def known_models(self) -> frozenset[str]:
+        """Every model name the operator wrote down (config, price table, catalog): the
+        only ones metrics label series with, so clients cannot grow them."""
+        cfg = self.config
+        names = {*self.prices.names(), *self.catalog.models, *self.catalog.referenced()}
+        names |= {m for p in cfg.model_providers for m in [*p.serves(), *p.prices]}
+        for key in cfg.virtual_keys:
+            names |= {*key.config.model_aliases, *key.config.model_aliases.values(),
+                      *(key.models_allowed or [])}
+        for policy in cfg.routing_policies:
+            names |= {m for t in policy.targets() for pair in t.model_map.items() for m in pair}
+        return frozenset(n for n in names if not any(c in n for c in "*?["))
 
 
 def default_config_path() -> Path:

@@ -111,6 +111,8 @@ class GatewaySettings(Strict):
     # Budget holds in a shared store (Redis) are leases: a running gateway renews them, and
     # those of a replica that died come back after this long.
     hold_lease_seconds: int = Field(default=900, ge=30)
+    # A Redis state keeps about this many ledger rows (the newest); SQLite keeps them all.
+    ledger_max_rows: int = Field(default=1_000_000, ge=1000)
     # How often a request still running has its written-ahead ledger row brought up to date
     # with the output streamed so far (what a gateway that dies leaves charged).
     checkpoint_seconds: float = Field(default=5.0, ge=1.0)

@@ -15,7 +15,7 @@ def sqlite_path(url: str, config_dir: Path) -> Path:
 
 
 def open_store(url: str, config_dir: Path, spool: str, owner: bool = True,
-               lease_seconds: int = 900) -> Store:
+               lease_seconds: int = 900, ledger_max_rows: int = 1_000_000) -> Store:
     """`owner`: a serving gateway (not a CLI reading reports). `lease_seconds`: how long a
     shared store keeps a hold that is not renewed (a crashed replica's)."""
     if url.startswith("sqlite:///"):
@@ -27,6 +27,7 @@ def open_store(url: str, config_dir: Path, spool: str, owner: bool = True,
         from tollgate.store.spool import Spooled
 
         spool_path = Path(spool)
-        return Spooled(RedisStore(url, lease_seconds), spool_path if spool_path.is_absolute()
-                       else config_dir / spool_path, owner=owner)
+        return Spooled(RedisStore(url, lease_seconds, ledger_max_rows),
+                       spool_path if spool_path.is_absolute() else config_dir / spool_path,
+                       owner=owner)
     raise ValueError(f"unsupported state store {url!r}: use sqlite:///path or redis://host")

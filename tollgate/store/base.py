@@ -85,6 +85,13 @@ class LimitSettlement:
     reserved: int  # the tokens it was admitted with
     admitted: float  # when (epoch seconds, the store's clock)
     used: int = 0  # the tokens it used
+    # Of `tokens`: those of fallback providers that failed it (they bill nothing): settled
+    # to 0. Of `sliding` and `days`: those of providers it never reached, withdrawn whole.
+    unbilled: list[str] = field(default_factory=list)
+    unsent: list[str] = field(default_factory=list)
+
+    def tokens_used(self, counter: str) -> int:
+        return 0 if counter in self.unbilled else self.used
 
 
 def distinct_id(row: LedgerRow) -> str:
@@ -105,12 +112,15 @@ class Store(ABC):
 
     @abstractmethod
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
-                     limits: LimitSettlement | None = None) -> None:
+                     limits: LimitSettlement | None = None,
+                     released: list[str] | None = None) -> None:
         """Release `reserved` from each budget counter, add the real cost, settle the TPM
         entries and write the ledger row: once, atomically (replaying the same request id
-        changes nothing). A row that was never admitted (`row.admitted`) releases nothing;
-        if its id names a request in flight it is kept under an id of its own
-        (`distinct_id`), so it can never stand in for that request's settlement."""
+        changes nothing). `released`: budget counters whose hold is given back uncharged
+        (those of fallback providers that did not serve it). A row that was never admitted
+        (`row.admitted`) releases nothing; if its id names a request in flight it is kept
+        under an id of its own (`distinct_id`), so it can never stand in for that request's
+        settlement."""
 
     @abstractmethod
     async def windows(self, limits: list[Limit], now: float | None = None) -> list[Window]:

@@ -31,6 +31,8 @@ LEDGER = PREFIX + "ledger"
 INFLIGHT = PREFIX + "inflight"
 INFLIGHT_ROWS = PREFIX + "inflight:rows"
 SETTLED_TTL = 40 * 86400  # how long a settled request id is remembered (replays are no-ops)
+TRIM_EVERY = 1000  # settles between two trims of the ledger stream
+PAGE_ROWS = 5000  # ledger rows read per round trip
 
 # Holds are leases: each reservation is also a member `request_id:amount` of a sorted set
 # per counter, scored by its deadline (Redis time). A replica that crashes never settles its
@@ -76,13 +78,19 @@ end
 local function retry_after(log, sliding, used, need, limit, expire_ms, now_ms)
   if need > limit then return -2 end
   if not sliding then return math.max(0, expire_ms - now_ms) end
-  local excess, freed = used + need - limit, 0
-  local entries = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
-  for i = 1, #entries, 2 do
-    freed = freed + tonumber(string.match(entries[i], ':(%d+)$'))
-    if freed >= excess then return math.max(0, tonumber(entries[i + 1]) + WINDOW - now_ms) end
+  -- Oldest first, a page at a time: only as far as the entries that must age out.
+  local excess, freed, start = used + need - limit, 0, 0
+  while true do
+    local entries = redis.call('ZRANGE', log, start, start + 127, 'WITHSCORES')
+    if #entries == 0 then return 0 end
+    for i = 1, #entries, 2 do
+      freed = freed + tonumber(string.match(entries[i], ':(%d+)$'))
+      if freed >= excess then
+        return math.max(0, tonumber(entries[i + 1]) + WINDOW - now_ms)
+      end
+    end
+    start = start + 128
   end
-  return 0
 end
 local function clock(arg)
   if arg ~= '' then return tonumber(arg) end
@@ -195,10 +203,13 @@ return #KEYS
 """
 
 # KEYS[1]: settled-request marker, KEYS[2]: ledger stream, then n budget counters, their
-# n hold sets, then per TPM limit its hash and entry set. ARGV: reserved, cost, ledger row
-# (JSON), marker TTL, hold member, n, request id, the tokens reserved, the tokens used.
+# n hold sets, then per limit to settle its hash and entry set. ARGV: reserved, cost, ledger
+# row (JSON), marker TTL, hold member, n, request id; then per budget counter 1 to charge it
+# or 0 to only release its hold; then per limit: what its entry took (1 for a request, the
+# tokens reserved for TPM, 0 for a day counter, which keeps a count and no entries) and
+# what it keeps (the tokens used; -1: withdrawn whole, a provider the request never reached).
 # A hold is released only if its lease is still there (an expired one was returned
-# already); a TPM entry is settled only if it is still in its window. The marker is set
+# already); an entry is settled only if it is still in its window. The marker is set
 # last: Redis does not roll back a script that fails half-way, and a marker without its
 # writes would make the replay of that request a no-op.
 FINISH = """
@@ -208,23 +219,36 @@ end
 local reserved = tonumber(ARGV[1])
 local n = tonumber(ARGV[6])
 for i = 3, 2 + n do
-  redis.call('HINCRBY', KEYS[i], 'spent', ARGV[2])
+  if ARGV[5 + i] == '1' then
+    redis.call('HINCRBY', KEYS[i], 'spent', ARGV[2])
+  end
   if reserved > 0 and redis.call('ZREM', KEYS[i + n], ARGV[5]) == 1 then
     if redis.call('HINCRBY', KEYS[i], 'reserved', 0 - reserved) < 0 then
       redis.call('HSET', KEYS[i], 'reserved', 0)
     end
   end
 end
-local estimate, used = tonumber(ARGV[8]), tonumber(ARGV[9])
+local a = 8 + n
 for k = 3 + 2 * n, #KEYS, 2 do
-  local entry = ARGV[7] .. ':' .. estimate
-  local score = redis.call('ZSCORE', KEYS[k + 1], entry)
-  if score then
-    redis.call('ZREM', KEYS[k + 1], entry)
-    redis.call('ZADD', KEYS[k + 1], score, ARGV[7] .. ':' .. used)
-    if redis.call('HINCRBY', KEYS[k], 'used', used - estimate) < 0 then
-      redis.call('HSET', KEYS[k], 'used', 0)
+  local took, keeps = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  local change = 0
+  if took == 0 then
+    if redis.call('EXISTS', KEYS[k]) == 1 then change = -1 end
+  else
+    local entry = ARGV[7] .. ':' .. took
+    local score = redis.call('ZSCORE', KEYS[k + 1], entry)
+    if score then
+      redis.call('ZREM', KEYS[k + 1], entry)
+      change = 0 - took
+      if keeps >= 0 then
+        redis.call('ZADD', KEYS[k + 1], score, ARGV[7] .. ':' .. keeps)
+        change = keeps - took
+      end
     end
+  end
+  if change ~= 0 and redis.call('HINCRBY', KEYS[k], 'used', change) < 0 then
+    redis.call('HSET', KEYS[k], 'used', 0)
   end
 end
 redis.call('XADD', KEYS[2], '*', 'row', ARGV[3])
@@ -277,9 +301,12 @@ return out
 
 
 class RedisStore(Store):
-    def __init__(self, url: str, lease_seconds: int = 900):
+    def __init__(self, url: str, lease_seconds: int = 900, ledger_max_rows: int = 1_000_000):
         self.url = url
         self.lease_seconds = lease_seconds
+        # The ledger stream keeps about this many rows (trimmed every TRIM_EVERY settles).
+        self.ledger_max_rows = ledger_max_rows
+        self._settled = 0
         self.client = aioredis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2,
                                               health_check_interval=5)
         self._reserve = self.client.register_script(RESERVE)
@@ -406,21 +433,33 @@ class RedisStore(Store):
             await pipe.execute()
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
-                     limits: LimitSettlement | None = None) -> None:
+                     limits: LimitSettlement | None = None,
+                     released: list[str] | None = None) -> None:
         if not row.admitted:
             await self._record_refusal(row)
             return
-        # RPM and RPD entries were made on admission; only TPM entries change here.
-        token_keys = [k for c in (limits.tokens if limits else []) for k in self._limit_keys(c)]
+        budget_counters = [*counters, *(released or [])]
+        charge = ["1"] * len(counters) + ["0"] * len(released or [])
+        # RPM and RPD entries were made on admission: TPM entries settle to the tokens used,
+        # and the entries of providers the request never reached are withdrawn.
+        settle: list[tuple[str, int, int]] = []
+        if limits is not None:
+            settle += [(c, limits.reserved, limits.tokens_used(c)) for c in limits.tokens
+                       if c not in limits.unsent]
+            settle += [(c, limits.reserved if c in limits.tokens else
+                        1 if c in limits.sliding else 0, -1) for c in limits.unsent]
         try:
             await self._finish(
                 keys=[f"{PREFIX}settled:{row.request_id}", LEDGER,
-                      *(self._key(c) for c in counters), *(self._holds(c) for c in counters),
-                      *token_keys],
+                      *(self._key(c) for c in budget_counters),
+                      *(self._holds(c) for c in budget_counters),
+                      *(k for c, _, _ in settle for k in self._limit_keys(c))],
                 args=[reserved, row.cost_micros, json.dumps(row.to_dict()), SETTLED_TTL,
-                      self.member(row.request_id, reserved), len(counters), row.request_id,
-                      limits.reserved if limits else 0, limits.used if limits else 0])
+                      self.member(row.request_id, reserved), len(budget_counters),
+                      row.request_id, *charge,
+                      *(v for _, took, keeps in settle for v in (took, keeps))])
             await self._forget(row.request_id)  # after the settle: a crash between is a no-op
+            await self._trim()
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
 
@@ -447,21 +486,32 @@ class RedisStore(Store):
         values = [int(v) for v in out]
         return [Counter(values[2 * i], values[2 * i + 1]) for i in range(len(holds))]
 
+    async def _trim(self) -> None:
+        """Keep the ledger stream near `ledger_max_rows` (approximate: whole nodes go)."""
+        self._settled += 1
+        if self._settled % TRIM_EVERY == 0:
+            await self.client.xtrim(LEDGER, maxlen=self.ledger_max_rows, approximate=True)
+
     async def rows(self, since: datetime | None = None,
                    until: datetime | None = None) -> list[LedgerRow]:
+        """Rows from `since` on, read a page at a time. An entry's id is the time Redis
+        added it, never before its row's own time (a spooled row comes later), so the range
+        starts there and rows are then kept by their own time."""
+        start = f"{int(since.timestamp() * 1000)}-0" if since is not None else "-"
+        out = []
         try:
-            entries = await self.client.xrange(LEDGER)
+            while True:
+                page = await self.client.xrange(LEDGER, min=start, count=PAGE_ROWS)
+                for _, fields in page:
+                    row = LedgerRow.from_dict(json.loads(fields[b"row"]))
+                    if (since is None or row.ts >= since.isoformat()) and \
+                            (until is None or row.ts < until.isoformat()):
+                        out.append(row)
+                if len(page) < PAGE_ROWS:
+                    return out
+                start = "(" + page[-1][0].decode()
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
-        out = []
-        for _, fields in entries:
-            row = LedgerRow.from_dict(json.loads(fields[b"row"]))
-            if since is not None and row.ts < since.isoformat():
-                continue
-            if until is not None and row.ts >= until.isoformat():
-                continue
-            out.append(row)
-        return out
 
     async def ping(self) -> None:
         try:

@@ -106,13 +106,14 @@ class Spooled(Store):
         return await self.inner.windows(limits, now)
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
-                     limits: LimitSettlement | None = None) -> None:
+                     limits: LimitSettlement | None = None,
+                     released: list[str] | None = None) -> None:
         if row.admitted:
             self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
         try:
             if self.pending():
                 await self.flush()  # keep the ledger in order
-            await self.inner.finish(counters, reserved, row, limits)
+            await self.inner.finish(counters, reserved, row, limits, released)
         except StoreUnavailable as e:
             self.db.execute("INSERT INTO spool (counters, reserved, row, limits) VALUES "
                             "(?, ?, ?, ?)", (json.dumps(counters), reserved,

@@ -237,11 +237,15 @@ class SQLiteStore(Store):
         """Write what a settled request took from its limits (inside finish's transaction),
         and drop what has left every window, once a minute."""
         for counter in limits.sliding:
-            amount = limits.used if counter in limits.tokens else 1
+            if counter in limits.unsent:
+                continue
+            amount = limits.tokens_used(counter) if counter in limits.tokens else 1
             self.db.execute("INSERT OR REPLACE INTO rate_entries (counter, request_id, ts, "
                             "amount) VALUES (?, ?, ?, ?)",
                             (counter, request_id, limits.admitted, amount))
         for counter in limits.days:
+            if counter in limits.unsent:
+                continue
             self.db.execute("INSERT INTO rate_days (counter, used, newest) VALUES (?, 1, ?) "
                             "ON CONFLICT (counter) DO UPDATE SET used = used + 1, "
                             "newest = MAX(newest, ?)", (counter, limits.admitted,
@@ -256,7 +260,8 @@ class SQLiteStore(Store):
             self.rate_windows.forget_idle(now)
 
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
-                     limits: LimitSettlement | None = None) -> None:
+                     limits: LimitSettlement | None = None,
+                     released: list[str] | None = None) -> None:
         with self._transaction():
             if not row.admitted:
                 if self.db.execute("SELECT 1 FROM inflight WHERE request_id = ? UNION "
@@ -275,10 +280,15 @@ class SQLiteStore(Store):
                     "ON CONFLICT (counter) DO UPDATE SET spent = spent + ?, "
                     "reserved = MAX(0, reserved - ?)",
                     (counter, row.cost_micros, row.cost_micros, reserved))
+            for counter in released or []:
+                self.db.execute("UPDATE budget_counters SET reserved = MAX(0, reserved - ?) "
+                                "WHERE counter = ?", (reserved, counter))
             if limits is not None:
                 self._record_limits(row.request_id, limits)
         for counter in limits.tokens if limits else []:
-            self.rate_windows.settle(counter, row.request_id, limits.used)
+            self.rate_windows.settle(counter, row.request_id, limits.tokens_used(counter))
+        for counter in limits.unsent if limits else []:
+            self.rate_windows.withdraw(counter, row.request_id)
 
     def _insert_row(self, row: LedgerRow) -> bool:
         """Whether the row went in (False: its request id has one already)."""
