@@ -53,6 +53,17 @@ def start_fake(port: int, chunk_delay: float = 0.0) -> subprocess.Popen[bytes]:
     return proc
 
 
+def own_state(config: Path, name: str) -> Path:
+    """The config beside `config` with a state file of its own: rate limits on SQLite are
+    kept by the one process serving the file, so each gateway measured has its own."""
+    text = config.read_text()
+    old = 'state: "sqlite:///.tollgate/state.db"'
+    assert old in text, "the config's state line moved"
+    copy = config.with_name(f"gateway-{name}.yaml")
+    copy.write_text(text.replace(old, f'state: "sqlite:///.tollgate/state-{name}.db"'))
+    return copy
+
+
 def new_key(config: Path, *extra: str) -> str:
     out = tollgate("virtual-keys", "create", "--name", "bench", "--scope", "ORG:acme",
                    "--format", "json", *extra, config=config).stdout
@@ -197,7 +208,7 @@ def main() -> None:
     gateways = []
     try:
         for host in args.hosts.split(","):
-            gw = GatewayProcess(host, config, workdir).start()
+            gw = GatewayProcess(host, own_state(config, host), workdir).start()
             gateways.append(gw)
             for suffix, secret in keys.items():
                 paths[host + suffix] = (gw.url, {"authorization": f"Bearer {secret}"})
@@ -222,7 +233,8 @@ def main() -> None:
                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
         try:
             for gw in list(gateways):
-                exporting = GatewayProcess(gw.host, config, workdir, env=env).start()
+                exporting = GatewayProcess(gw.host, own_state(config, f"{gw.host}-otlp"),
+                                           workdir, env=env).start()
                 gateways.append(exporting)
                 traced[gw.host] = asyncio.run(interleaved(
                     (f"{gw.url}/v1/chat/completions", plain),
