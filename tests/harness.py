@@ -94,7 +94,8 @@ class GatewayProcess:
     """`tollgate serve <host>` as a child process, with its log kept for assertions."""
 
     def __init__(self, host: str, config: Path, log_dir: Path, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, stdout: Path | None = None):
+        """`stdout`: where the gateway's stdout goes, apart from its log (stderr)."""
         self.host = host
         self.config = config
         self.port = free_port()
@@ -108,6 +109,7 @@ class GatewayProcess:
             self.extra = ["--admin", f"127.0.0.1:{free_port()}", *self.extra]
         self.admin_url = f"http://{self.extra[self.extra.index('--admin') + 1]}"
         self.env = env or {}
+        self.stdout = stdout
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -116,12 +118,15 @@ class GatewayProcess:
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        out = open(self.stdout, "wb") if self.stdout else None  # noqa: SIM115
         self.proc = subprocess.Popen(
             [str(BIN / "tollgate"), "--config", str(self.config), "serve", self.host,
              "--listen", f"127.0.0.1:{self.port}", *self.extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-            start_new_session=True,
+            stdout=out or self._log, stderr=self._log if out else subprocess.STDOUT,
+            env={**os.environ, **self.env}, start_new_session=True,
         )
+        if out is not None:
+            out.close()  # the child has its own copy
 
         def ready() -> str | bool:
             if self.proc.poll() is not None:

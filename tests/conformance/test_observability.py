@@ -296,3 +296,29 @@ def test_reload_turns_on_prompt_capture_and_team_labels(observed, receiver):
     row = ledger_row(observed.gateway, raw.headers["x-langwatch-request-id"])
     assert _count(observed.metrics(), "tollgate_cost_usd_total", team="team_eng") == \
         pytest.approx(row.cost_micros / 1e6)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_stdout_is_the_json_access_log_alone(host, tmp_path, fake_openai, fake_anthropic):
+    """What a log shipper reads from a gateway's stdout is one JSON object per request and
+    nothing else: the proxy's own lines (mitmproxy's log and flow lines, Envoy's) and the
+    gateway's diagnostics go to stderr."""
+    config = make_config(tmp_path, fake_openai, fake_anthropic)
+    secret = _key(config, "plain", "--scope", "ORG:acme")
+    stdout = tmp_path / "stdout.jsonl"
+    gw = GatewayProcess(host, config, tmp_path, stdout=stdout).start()
+    try:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
+        ids = [client.chat.completions.with_raw_response.create(**CHAT).headers[
+            "x-langwatch-request-id"] for _ in range(2)]
+        refused = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT, timeout=10,
+                             headers={"authorization": "Bearer tg-not-a-key"})
+        ids.append(refused.headers["x-langwatch-request-id"])
+        wait_until(lambda: set(ids) <= {json.loads(line)["request_id"] for line in
+                                        stdout.read_text().splitlines()},
+                   timeout=10, what="the access log lines")
+    finally:
+        gw.stop()
+    lines = stdout.read_text().splitlines()
+    assert lines and all(isinstance(json.loads(line), dict) for line in lines), lines[:5]
+    assert "listening" in gw.log() or host == "envoy"  # the proxy's own lines: in stderr

@@ -104,7 +104,27 @@ def mitmproxy(ctx: click.Context, listen: str, ui: str, web_listen: str, admin: 
             args += [arg for column in WEB_COLUMNS for arg in ("--set", f"web_columns={column}")]
         mitm_main.mitmweb(args)
     else:
-        mitm_main.mitmdump(args)
+        from mitmproxy.tools import cmdline
+
+        mitm_main.run(_quiet_stdout_dump_master(), cmdline.mitmdump, args)
+
+
+def _quiet_stdout_dump_master() -> type:
+    """mitmdump whose own lines (its log, its flow lines) go to stderr: stdout is the
+    gateway's JSON access log alone, as on the Envoy host."""
+    from mitmproxy.addons import dumper, termlog
+    from mitmproxy.tools.dump import DumpMaster
+
+    class StderrDumpMaster(DumpMaster):
+        def __init__(self, options, loop=None, with_termlog=True, with_dumper=True) -> None:
+            super().__init__(options, loop=loop, with_termlog=False, with_dumper=False)
+            if with_termlog:
+                self._termlog_addon = termlog.TermLog(out=sys.stderr)
+                self.addons.add(self._termlog_addon)
+            if with_dumper:
+                self.addons.add(dumper.Dumper(outfile=sys.stderr))
+
+    return StderrDumpMaster
 
 
 @serve.command()
