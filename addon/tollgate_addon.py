@@ -473,8 +473,11 @@ class TollgateAddon:
                            if k.lower() not in HOP_BY_HOP
                            and k.lower() not in {n.lower() for n in extra}]
             out_headers += [(k.encode(), v.encode()) for k, v in extra.items()]
-            flow.response = http.Response.make(response.status_code, payload,
-                                               http.Headers(out_headers))
+            if exchange.replaced_status is not None:  # an answer it could not translate
+                out_headers = [(k, v) for k, v in out_headers if k.lower() != b"content-type"]
+                out_headers.append((b"content-type", b"application/json"))
+            flow.response = http.Response.make(exchange.replaced_status or response.status_code,
+                                               payload, http.Headers(out_headers))
             exchange.finish("completed")
             flow.comment = _served_comment(exchange)
             return
@@ -506,6 +509,9 @@ class TollgateAddon:
             body = exchange.relay(flow.response.raw_content or b"")
             if exchange.rewriter is not None:
                 flow.response.content = body + exchange.relay(b"")
+                if exchange.replaced_status is not None:  # an answer it could not translate
+                    flow.response.status_code = exchange.replaced_status
+                    flow.response.headers["content-type"] = "application/json"
         exchange.finish("completed")
         flow.comment = _served_comment(exchange)
 

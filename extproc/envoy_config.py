@@ -358,6 +358,9 @@ def http_filters() -> list[dict[str, Any]]:
         # Tells the provider's responses (`via_upstream`) from Envoy's own replies, which are
         # already in the client's shape.
         "response_attributes": ["response.code_details"],
+        # A JSON answer translated whole is taken BUFFERED, so a body that cannot be
+        # translated can still change its status (a 502) before any byte leaves.
+        "allow_mode_override": True,
     })
     # Encoders run in reverse: the tap sees the provider's bytes, the rewrite edits after it.
     return [decide, rewrite, tap, {"name": "envoy.filters.http.router", "typed_config": {

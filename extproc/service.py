@@ -40,7 +40,7 @@ from extproc.envoy_config import (
 from extproc.listen import Listener, bind, restrict
 from extproc.proxy_replies import ProxyReplies
 from tollgate.errors import GatewayError
-from tollgate.exchange import Exchange
+from tollgate.exchange import Exchange, JSONTranslation
 from tollgate.gateway import Gateway
 from tollgate.request import Attempt, Forward, Reply, Request
 
@@ -198,6 +198,15 @@ HEADERS_ONLY = processing_mode_pb2.ProcessingMode(
     request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
     response_header_mode=processing_mode_pb2.ProcessingMode.SEND,
     response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)
+
+
+# A JSON answer the rewrite translates whole: its body in one message, its headers held.
+WHOLE_BODY = processing_mode_pb2.ProcessingMode(
+    request_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    response_header_mode=processing_mode_pb2.ProcessingMode.SEND,
+    response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED,
     request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
     response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)
 
@@ -429,13 +438,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             if kind == "response_headers":
                 headers = _headers(msg.response_headers.headers)
                 changed: dict[str, str] = {}
+                answer = pb.ProcessingResponse()
                 if exchange is not None and _from_upstream(msg):
                     status = int(headers.get(":status", "0"))
                     rewriter = exchange.rewriter_for(status, headers.get("content-type"))
                     changed = exchange.reframed_headers(status, headers.get("content-type"))
-                yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-                    response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
-                        set_headers=_set(changed)))))
+                    if isinstance(rewriter, JSONTranslation) and 200 <= status < 300:
+                        answer.mode_override.CopyFrom(WHOLE_BODY)
+                answer.response_headers.response.header_mutation.CopyFrom(
+                    pb.HeaderMutation(set_headers=_set(changed)))
+                yield answer
                 if msg.response_headers.end_of_stream:
                     return
             elif kind == "response_body":
@@ -449,6 +461,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     answer.body_mutation.body = kept
                     if exchange is not None:  # the gateway's own time on the response
                         exchange.overhead += time.perf_counter() - began
+                        if exchange.replaced_status is not None:  # it could not translate
+                            yield immediate(Reply(exchange.replaced_status, {
+                                "content-type": "application/json",
+                                **exchange.response_headers()}, kept,
+                                {"code": exchange.code}))
+                            return
                 yield pb.ProcessingResponse(response_body=pb.BodyResponse(response=answer))
                 if chunk.end_of_stream:
                     return

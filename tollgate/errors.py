@@ -28,6 +28,7 @@ CODES: dict[str, tuple[int, str, str]] = {
     "gateway_error": (500, "server_error", "api_error"),
     "provider_unreachable": (502, "server_error", "api_error"),
     "provider_misconfigured": (502, "server_error", "api_error"),
+    "provider_invalid_response": (502, "server_error", "api_error"),
     "gateway_unavailable": (503, "server_error", "overloaded_error"),
     "provider_timeout": (504, "server_error", "timeout_error"),
 }

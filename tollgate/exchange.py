@@ -90,10 +90,13 @@ class Billing:
 
 
 class JSONTranslation:
-    """Rewriter for a whole JSON body: held to the end, then converted (or an error reshaped)."""
+    """Rewriter for a whole JSON body: held to the end, then converted (or an error reshaped).
+    A body it cannot convert becomes `invalid(error)`'s answer."""
 
-    def __init__(self, convert: Callable[[bytes], bytes]):
+    def __init__(self, convert: Callable[[bytes], bytes],
+                 invalid: Callable[[Exception], bytes] | None = None):
         self._convert = convert
+        self._invalid = invalid
         self._buf = bytearray()
 
     def feed(self, chunk: bytes) -> bytes:
@@ -101,7 +104,12 @@ class JSONTranslation:
         return b""
 
     def flush(self) -> bytes:
-        return self._convert(bytes(self._buf))
+        try:
+            return self._convert(bytes(self._buf))
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            if self._invalid is None:
+                raise
+            return self._invalid(e)
 
 
 class Exchange:
@@ -129,8 +137,10 @@ class Exchange:
         self.meter = self._meter()
         self._finished = False
         self.error: str | None = None  # why it ended badly, once finished
-        # The gateway's error code when no provider answered (unreachable, timed out).
+        # The gateway's error code when no provider answered (unreachable, timed out), or
+        # its answer could not be used; the status the client got instead of the provider's.
         self.code: str | None = None
+        self.replaced_status: int | None = None
         self.settled: LedgerRow | None = None  # its ledger row, once finished
         # The gateway's own time on the response, and when its first body byte came.
         self.overhead = 0.0
@@ -281,10 +291,22 @@ class Exchange:
                                                      self.client_wants_usage, estimate))
             convert = translate.json_response(client, a.family, model)
             return JSONTranslation(lambda body: json.dumps(convert(json.loads(body)))
-                                   .encode() if body else body)
+                                   .encode() if body else body, self._invalid_answer)
         if a.strip_usage and (sse or content_type is None):
             return self._capped(EventFilter(usage_of.is_usage_only_chunk))
         return None
+
+    def _invalid_answer(self, error: Exception) -> bytes:
+        """A provider's 2xx the gateway cannot translate: the client gets a 502 in its own
+        family (`replaced_status`), and the ledger row says why."""
+        log.warning("request %s: %s answered %s with a body that is not its API's JSON (%s)",
+                    self.trace.request_id, self.provider_id, self.status, error)
+        err = GatewayError("provider_invalid_response", f"Model provider {self.provider_id} "
+                           f"answered with a body that is not valid JSON for its API, so it "
+                           f"could not be translated (request id {self.trace.request_id}).")
+        self.status = self.replaced_status = err.status
+        self.code, self.stream_error = err.code, err.message
+        return err.body(self.route.family)
 
     def _capped(self, rewriter: Rewriter) -> CappedEvents:
         """A stream rewriter that ends the stream with an error event in the client's shape

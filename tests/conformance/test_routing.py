@@ -485,3 +485,31 @@ def test_a_fallback_attempt_is_admitted_like_the_first(gateway, fake_openai, fak
             [(x.skipped, x.fallbacks) for x in refused]
     finally:
         failing.stop()
+
+
+def test_a_translated_answer_that_is_not_json_is_a_502_with_its_row(gateway, fake_anthropic):
+    """The provider answers 200 with a body that is not JSON, on a route the gateway
+    translates: the client gets a 502 in its own family (not the broken body with a 200),
+    the ledger row says why, and nothing stays held."""
+    _, key = translated(gateway, "anthropic", fake_anthropic.url)
+    budget = json.loads(gateway.cli(
+        "gateway-budgets", "create", "--name", "held", "--scope", "vk", "--vk", key.id,
+        "--limit", "10", "--format", "json").stdout)["id"]
+    gateway.wait_for_config()
+    fake_anthropic.enqueue(Behaviour("fail", status=200, body=b'{"id": "msg_1", "content": ['))
+    r = httpx.post(f"{gateway.openai_base}/chat/completions", timeout=30,
+                   json={"model": "gpt-5-mini", "max_completion_tokens": 20,
+                         "messages": [{"role": "user", "content": "hi"}]},
+                   headers={"authorization": f"Bearer {key.secret}"})
+    assert r.status_code == 502, r.text[:300]
+    assert r.json()["error"]["code"] == "provider_invalid_response"
+    row = ledger_row(gateway, r.headers["x-langwatch-request-id"])
+    assert (row.status, row.code, row.outcome) == (502, "provider_invalid_response", "error")
+    status = json.loads(gateway.cli("gateway-budgets", "status", budget, "--format",
+                                    "json").stdout)
+    assert status["reserved_usd"] == 0
+    ok = httpx.post(f"{gateway.openai_base}/chat/completions", timeout=30,
+                    json={"model": "gpt-5-mini", "max_completion_tokens": 20,
+                          "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"authorization": f"Bearer {key.secret}"})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == TEXT
