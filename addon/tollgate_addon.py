@@ -24,6 +24,7 @@ from mitmproxy.net.http import http1 as mitm_http1
 from mitmproxy.proxy.layers import http as mitm_http_layer
 from mitmproxy.proxy.layers.http import _http1 as _mitm_http1_layer
 
+from tollgate import headers as header_rules
 from tollgate.admin import AdminServer
 from tollgate.config.problems import ConfigError
 from tollgate.errors import GatewayError
@@ -80,10 +81,8 @@ def _show_called_address(flow: http.HTTPFlow) -> None:
         req.headers.pop(RefusalSink.HEADER, None)
 
 
-# Headers that describe one connection, not the message.
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
-              "trailer", "upgrade", "content-length", "proxy-authenticate",
-              "proxy-authorization"}
+# Headers the fallback path's own client frames itself.
+FRAMING = {"content-length", "transfer-encoding"}
 
 
 # Responses larger than this (or of unknown length) stream through the tap instead of being
@@ -428,7 +427,7 @@ class TollgateAddon:
         while True:
             a = exchange.attempt
             headers = [(k, v) for k, v in flow.request.headers.items(multi=True)
-                       if k.lower() not in HOP_BY_HOP | {"host"}
+                       if k.lower() not in header_rules.HOP_BY_HOP | FRAMING | {"host"}
                        and k.lower() not in a.remove_headers and k.lower() not in a.set_headers]
             headers += [*a.set_headers.items(), ("host", a.authority)]
             body = a.body if a.body is not None else flow.request.raw_content or b""
@@ -469,9 +468,10 @@ class TollgateAddon:
                     exchange.finish("aborted", f"response broke off: {e!r}")
                     return
                 payload = b"".join(chunks) + exchange.relay(b"")
+            dropped = {*header_rules.HOP_BY_HOP, *FRAMING, *(n.lower() for n in extra),
+                       *header_rules.downstream_removals(response.headers)}
             out_headers = [(k.encode(), v.encode()) for k, v in response.headers.multi_items()
-                           if k.lower() not in HOP_BY_HOP
-                           and k.lower() not in {n.lower() for n in extra}]
+                           if k.lower() not in dropped]
             out_headers += [(k.encode(), v.encode()) for k, v in extra.items()]
             if exchange.replaced_status is not None:  # an answer it could not translate
                 out_headers = [(k, v) for k, v in out_headers if k.lower() != b"content-type"]
@@ -487,6 +487,8 @@ class TollgateAddon:
         if exchange is None or flow.response is None:
             return
         resp = flow.response
+        for name in header_rules.downstream_removals(resp.headers):
+            resp.headers.pop(name, None)
         for name, value in exchange.on_response_headers(resp.status_code,
                                                         dict(resp.headers)).items():
             resp.headers[name] = value

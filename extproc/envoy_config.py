@@ -26,10 +26,10 @@ from urllib.parse import urlsplit
 import certifi
 
 from extproc import fallback
+from tollgate import headers as header_rules
 from tollgate import ratelimit
 from tollgate.config.schema import Config, ModelProvider
 from tollgate.errors import GatewayError
-from tollgate.gateway import GATEWAY_HEADER_PREFIX
 from tollgate.keys import KEY_PREFIX_CHARS
 from tollgate.request import MAX_HEADER_BYTES
 
@@ -436,6 +436,8 @@ def route_config(cfg: Config) -> dict[str, Any]:
                  "typed_per_filter_config": rewrite},
                 {"match": {"prefix": "/"}, "route": action},
             ],
+            # What belongs to the gateway's provider account (its cookies, its ids).
+            "response_headers_to_remove": sorted(header_rules.PROVIDER_ACCOUNT),
             "response_headers_to_add": [
                 {"header": {"key": f"{prefix}{suffix}",
                             "value": f"%DYNAMIC_METADATA({METADATA_NS}:{key})%"},
@@ -499,7 +501,7 @@ EARLY_MUTATIONS = {
             {"remove": "x-request-id"},
             # The gateway's own routing headers are the decision's to set: a client's would
             # pick a route (a provider's cluster, a retry policy, a per-chunk rewrite).
-            {"remove_on_match": {"key_matcher": {"prefix": GATEWAY_HEADER_PREFIX}}},
+            {"remove_on_match": {"key_matcher": {"prefix": header_rules.GATEWAY_PREFIX}}},
         ],
     },
 }

@@ -19,7 +19,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tollgate import body as bodies
-from tollgate import budgets, metrics, policy, ratelimit, routes, routing, telemetry, translate
+from tollgate import (
+    budgets,
+    metrics,
+    policy,
+    ratelimit,
+    routes,
+    routing,
+    telemetry,
+    translate,
+)
+from tollgate import headers as header_rules
 from tollgate.accesslog import access_log
 from tollgate.breaker import Breakers
 from tollgate.catalog import ModelCatalog
@@ -40,8 +50,6 @@ from tollgate.store.spool import Spooled
 
 log = logging.getLogger("tollgate")
 
-# Headers the gateway sets for its host (Envoy's routing): a client's never cross.
-GATEWAY_HEADER_PREFIX = "x-tollgate-"
 # The gateway's code for a status the proxy answered with itself.
 PROXY_REPLY_CODES = {400: "invalid_request", 408: "invalid_request", 413: "payload_too_large",
                      431: "invalid_request", 503: "gateway_unavailable",
@@ -260,9 +268,7 @@ class Gateway:
         fallback = key.config.fallback
         targets = [targets[i] for i in self.breakers.order([t.provider.id for t in targets])]
         chosen = targets[: fallback.max_attempts] if fallback.on else targets[:1]
-        # The gateway's headers (its response prefix, its own routing ones) never go up.
-        strip = [h for h in req.headers
-                 if h.startswith((settings.header_prefix.lower(), GATEWAY_HEADER_PREFIX))]
+        strip = header_rules.upstream_removals(req.headers, settings.header_prefix)
         attempts = []
         for i, target in enumerate(chosen):
             try:

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import HOSTS, own_gateways
+from tests.conftest import HOSTS, OPENAI_KEY, own_gateways
 from tests.harness import ledger, wait_until
 
 CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -170,3 +170,26 @@ def test_made_up_model_names_grow_no_metric_series(gw, fake_openai):
         ask(f"gpt-4o-2{i:07d}")
     assert series() == before
     assert any('model="gpt-4o"' in s for s in before)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_account_headers_cross_in_neither_direction(gw, fake_openai, stream):
+    """A client cannot choose which provider account is billed (`openai-organization`,
+    `openai-project`, `x-goog-user-project` never reach the provider), and the provider
+    account's cookies and ids never reach the client; the rest of the answer does."""
+    key = gw.create_key()
+    r = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30,
+                   json={**CHAT, "stream": stream},
+                   headers={"authorization": f"Bearer {key.secret}",
+                            "openai-organization": "org-someone-else",
+                            "openai-project": "proj_someone_else",
+                            "x-goog-user-project": "their-project",
+                            "openai-beta": "assistants=v2"})
+    assert r.status_code == 200
+    sent = fake_openai.requests[-1].headers
+    assert not {"openai-organization", "openai-project", "x-goog-user-project"} & set(sent)
+    assert sent["openai-beta"] == "assistants=v2"
+    assert sent["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert not {"set-cookie", "openai-organization", "openai-project"} & set(r.headers)
+    assert r.headers["content-type"].startswith(
+        "text/event-stream" if stream else "application/json")

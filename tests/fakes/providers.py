@@ -166,10 +166,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
-        for k, v in (extra or {}).items():
+        for k, v in {**self._account_headers(), **(extra or {})}.items():
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
+
+    def _account_headers(self) -> dict[str, str]:
+        """What the real services send about the account a key belongs to (its cookies,
+        its organization and project)."""
+        if self.fake.family in ("openai", "azure"):
+            return {"openai-organization": "org-fake-provider", "openai-project":
+                    "proj_fake_provider", "set-cookie": "__cf_bm=fake; path=/; HttpOnly"}
+        if self.fake.family == "anthropic":
+            return {"anthropic-organization-id": "fake-org-0000",
+                    "set-cookie": "_cfuvid=fake; path=/; HttpOnly"}
+        return {}
 
     def _start_sse(self) -> None:
         self.send_response(200)
@@ -177,6 +188,8 @@ class _Handler(BaseHTTPRequestHandler):
                          "text/event-stream; charset=utf-8")
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
+        for k, v in self._account_headers().items():
+            self.send_header(k, v)
         self.end_headers()
 
     def _chunk(self, data: bytes) -> None:
