@@ -81,8 +81,8 @@ def _show_called_address(flow: http.HTTPFlow) -> None:
         req.headers.pop(RefusalSink.HEADER, None)
 
 
-# Headers the fallback path's own client frames itself.
-FRAMING = {"content-length", "transfer-encoding"}
+# Headers the fallback path's own client sets itself (its connection, the body's framing).
+FRAMING = {"connection", "content-length", "transfer-encoding"}
 
 
 # Responses larger than this (or of unknown length) stream through the tap instead of being

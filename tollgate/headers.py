@@ -15,9 +15,12 @@ from collections.abc import Iterable
 from tollgate.secrets import CREDENTIAL_HEADERS
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1, and the ones
-# proxies add). A body's framing (content-length, transfer-encoding) is the host's to set.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
-                        "upgrade", "proxy-authenticate", "proxy-authorization"})
+# proxies add). `connection` itself, and a body's framing (content-length,
+# transfer-encoding), are each host's to handle: mitmproxy reads a client's
+# `connection: close` from the request to close that client's connection after the answer,
+# and Envoy drops them itself.
+HOP_BY_HOP = frozenset({"keep-alive", "proxy-connection", "te", "trailer", "upgrade",
+                        "proxy-authenticate", "proxy-authorization"})
 # Request headers that pick the provider account a request is billed to.
 ACCOUNT_SELECTORS = frozenset({"openai-organization", "openai-project", "x-goog-user-project"})
 # Set by the gateway for its host (Envoy's routing) and by Envoy's router: never a client's.

@@ -14,8 +14,8 @@ PREFIX = "X-LangWatch-"
     ("authorization", False), ("x-api-key", False), ("api-key", False),
     ("x-goog-api-key", False), ("proxy-authorization", False),
     # One connection's, not the message's.
-    ("connection", False), ("keep-alive", False), ("proxy-connection", False), ("te", False),
-    ("trailer", False), ("upgrade", False),
+    ("keep-alive", False), ("proxy-connection", False), ("te", False), ("trailer", False),
+    ("upgrade", False),
     # Who is billed is the provider credential's to say, never the client's.
     ("openai-organization", False), ("openai-project", False),
     ("x-goog-user-project", False),
@@ -28,8 +28,8 @@ PREFIX = "X-LangWatch-"
     ("anthropic-version", True), ("anthropic-beta", True), ("openai-beta", True),
     ("x-stainless-lang", True), ("traceparent", True), ("idempotency-key", True),
     ("x-client-request-id", True),
-    # The body's framing is the host's (it frames what it sends).
-    ("content-length", True), ("transfer-encoding", True),
+    # The connection and the body's framing are the host's (it frames what it sends).
+    ("connection", True), ("content-length", True), ("transfer-encoding", True),
 ])
 def test_what_goes_up(name, crosses):
     assert (name.lower() not in headers.upstream_removals([name], PREFIX)) is crosses
