@@ -35,7 +35,7 @@ from tollgate.breaker import Breakers
 from tollgate.catalog import ModelCatalog
 from tollgate.config.load import LoadedConfig
 from tollgate.config.problems import ConfigError, Problem
-from tollgate.config.schema import VirtualKey
+from tollgate.config.schema import ModelProvider, VirtualKey
 from tollgate.config.watch import ConfigHolder
 from tollgate.errors import GatewayError
 from tollgate.exchange import Billing, Exchange
@@ -445,8 +445,8 @@ class Gateway:
         billing.reserved_tokens = tokens
         kept = [attempt]
         for later in attempts[i + 1:]:
-            if await self._admit_fallback(loaded, request_id, key, billing, later, amount,
-                                          tokens, now):
+            if await self._admit_fallback(loaded, request_id, key, billing, later,
+                                          providers[later.provider_id], amount, tokens, now):
                 kept.append(later)
         return billing, passed_over, kept
 
@@ -469,8 +469,8 @@ class Gateway:
             return None
 
     async def _admit_fallback(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
-                              billing: Billing, attempt: Attempt, amount: int, tokens: int,
-                              now: datetime) -> bool:
+                              billing: Billing, attempt: Attempt, provider: ModelProvider,
+                              amount: int, tokens: int, now: datetime) -> bool:
         """Admit a fallback attempt before it can be sent, as the first was: its provider's
         rate limits and the budgets scoped to that provider. One that cannot be admitted is
         left out of the plan (a provider at its cap is passed over); False then."""
@@ -479,8 +479,7 @@ class Gateway:
         # Budgets not scoped to a provider hold the request once, from its first attempt.
         held = [h for h in applying if h.counter not in billing.counters] if amount else []
         billing.held[attempt.provider_id] = [h.counter for h in applying]
-        limits = ratelimit.provider_limits(
-            {p.id: p for p in cfg.model_providers}[attempt.provider_id], now)
+        limits = ratelimit.provider_limits(provider, now)
         if not held and not limits:
             return True
         granted = await self._reserve(cfg.gateway, request_id, held, amount, limits, tokens)

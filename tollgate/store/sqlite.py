@@ -288,7 +288,7 @@ class SQLiteStore(Store):
         for counter in limits.tokens if limits else []:
             self.rate_windows.settle(counter, row.request_id, limits.tokens_used(counter))
         for counter in limits.unsent if limits else []:
-            self.rate_windows.withdraw(counter, row.request_id)
+            self.rate_windows.withdraw(counter, row.request_id, counter in limits.days)
 
     def _insert_row(self, row: LedgerRow) -> bool:
         """Whether the row went in (False: its request id has one already)."""

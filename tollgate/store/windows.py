@@ -60,18 +60,19 @@ class LocalWindows:
         counter.used += used - entry[2]
         entry[2] = used
 
-    def withdraw(self, counter_name: str, request_id: str) -> None:
+    def withdraw(self, counter_name: str, request_id: str, day: bool) -> None:
         """Take back what a request took from a counter it never used (a fallback provider
-        it did not reach): its sliding entry, or its one request of a day."""
+        it did not reach): its sliding entry, or its one request of a `day`."""
         counter = self._counters.get(counter_name)
         if counter is None:
+            return
+        if day:
+            counter.used = max(0, counter.used - 1)
             return
         entry = counter.by_request.pop(request_id, None)
         if entry is not None:
             counter.used -= entry[2]
             counter.entries.remove(entry)
-        elif not counter.entries and counter.used > 0:  # a day's count
-            counter.used -= 1
 
     def load(self, limit_counter: str, entries: Iterable[tuple[float, str, int]],
              day_total: tuple[int, float] | None = None) -> None:
