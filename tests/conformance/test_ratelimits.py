@@ -4,6 +4,7 @@ them. Each host runs its own gateway and state here, since provider caps count p
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import threading
 import time
@@ -152,7 +153,8 @@ def test_two_replicas_sharing_redis_serve_exactly_50_between_them(tmp_path, fake
         for r in replicas:
             r.start()
         codes = asyncio.run(_burst([r.url for r in replicas], out["secret"], 200))
-        assert codes.count(200) == 50 and codes.count(429) == 150
+        assert codes.count(200) == 50 and codes.count(429) == 150, sorted(
+            collections.Counter(codes).items())
         # The store goes away: budgets and limits are fail-closed.
         redis.stop()
         r = httpx.post(f"{replicas[0].url}/v1/chat/completions", json=chat(), timeout=30,
