@@ -365,3 +365,23 @@ def test_the_redis_ledger_stays_near_its_cap_and_reads_a_range(tmp_path, monkeyp
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_a_burst_larger_than_the_connection_pool_waits_for_connections(tmp_path):
+    """A replica with more requests in flight than Redis connections queues them; none is
+    refused as if the store were down."""
+    server = RedisServer(tmp_path / "redis").start()
+    store = RedisStore(server.url)
+    loose = hold(1000.0)
+
+    async def scenario():
+        results = await asyncio.gather(*(store.reserve(f"r{i}", [loose], 10)
+                                         for i in range(300)))
+        assert all(r.granted for r in results)
+        assert (await store.counters([loose]))[0].reserved == 3000
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()

@@ -300,6 +300,11 @@ return out
 """
 
 
+# Connections per gateway process, and how long a request waits for one when all are busy.
+POOL_CONNECTIONS = 64
+POOL_WAIT_SECONDS = 5
+
+
 class RedisStore(Store):
     def __init__(self, url: str, lease_seconds: int = 900, ledger_max_rows: int = 1_000_000):
         self.url = url
@@ -307,8 +312,12 @@ class RedisStore(Store):
         # The ledger stream keeps about this many rows (trimmed every TRIM_EVERY settles).
         self.ledger_max_rows = ledger_max_rows
         self._settled = 0
-        self.client = aioredis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2,
-                                              health_check_interval=5)
+        # A burst waits for one of a bounded set of connections (redis-py's default pool fails
+        # past 100, which would refuse requests fail-closed while Redis is healthy). The URL's
+        # query (`?max_connections=`, `?timeout=`, `?socket_timeout=`) overrides these.
+        self.client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_SECONDS,
+            socket_connect_timeout=1, socket_timeout=2, health_check_interval=5))
         self._reserve = self.client.register_script(RESERVE)
         self._counters = self.client.register_script(COUNTERS)
         self._renew = self.client.register_script(RENEW)
