@@ -8,6 +8,7 @@ from typing import Any
 
 from tollgate.errors import GatewayError
 from tollgate.routes import Route
+from tollgate.usage import service_tier
 
 # Providers allow 64 (OpenAI) or 128 (Anthropic) characters; more is never a real tool.
 MAX_TOOL_NAME = 256
@@ -102,6 +103,18 @@ def output_cap(route: Route, doc: dict[str, Any]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def requested_tier(doc: dict[str, Any]) -> str | None:
+    """The service tier a request asks for (`standard` for the standard one), or None when
+    it lets the provider choose: no `service_tier`, or `auto` (the account's default tier,
+    which may be priority)."""
+    value = doc.get("service_tier", doc.get("serviceTier"))
+    if isinstance(value, dict):  # Bedrock Converse: {"type": "flex"}
+        value = value.get("type")
+    if not isinstance(value, str) or value.strip().lower() == "auto":
+        return None
+    return service_tier(value) or "standard"
 
 
 # Content parts whose bytes the provider fetches itself when they name a URL or a file.

@@ -108,6 +108,7 @@ class WorstCase:
     output_tokens: int
     capped: bool  # False: no cap in the request, so the model's ceiling counts
     cap_field: str | None  # where the request would set a cap
+    tier: str | None = None  # the price tier held (None: standard)
 
     @property
     def micros(self) -> int:
@@ -144,6 +145,8 @@ def refusal(hold: Hold, spent: int, reserved: int, worst: WorstCase, now: dateti
     what = f"{worst.output_tokens:,} output tokens of {worst.model}"
     if not worst.capped:
         what += ", its most, as the request sets no output cap"
+    if worst.tier is not None:
+        what += f", at the {worst.tier} price"
     head = f"Budget {b.id} ({b.name}; scope {b.scope} {b.target}, window {b.window})"
     if fits >= 1 and worst.cap_field:
         message = (f"{head} cannot cover this request: it could cost up to {usd(worst.micros)} "
@@ -160,6 +163,7 @@ def refusal(hold: Hold, spent: int, reserved: int, worst: WorstCase, now: dateti
         context={"budget": b.id, "scope": f"{b.scope}:{b.target}", "window": b.window,
                  "limit": usd(hold.limit_micros), "spent": usd(spent),
                  "remaining": usd(remaining), "worst_case": usd(worst.micros),
+                 **({"tier": worst.tier} if worst.tier is not None else {}),
                  **({"max_output_tokens_that_fit": fits} if fits >= 1 else {})},
     )
 

@@ -13,7 +13,6 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from tollgate.config.problems import ConfigError, Problem
-from tollgate.pricing import undated
 
 # The catalog tollgate ships, used when a config has no models.yaml of its own.
 SHIPPED = Path(__file__).resolve().parents[1] / "config" / "models.yaml"
@@ -26,6 +25,7 @@ class CatalogEntry(BaseModel):
     # can cost, and so what budgets and TPM limits reserve for it.
     max_output_tokens: int | None = Field(default=None, ge=0)
     ids: dict[str, str] = {}  # provider type -> its name for the model
+    snapshots: list[str] = []  # the provider's dated names for it, priced as it is
     equivalents: dict[str, str] = {}  # other vendor -> its model for the same job
 
 
@@ -53,8 +53,12 @@ class ModelCatalog:
 
     def max_output_tokens(self, model: str) -> int | None:
         """The model's output ceiling (a dated snapshot has its base model's)."""
-        entry = self.models.get(model) or self.models.get(undated(model))
+        entry = self.models.get(model) or self.models.get(self.snapshots().get(model, ""))
         return entry.max_output_tokens if entry else None
+
+    def snapshots(self) -> dict[str, str]:
+        """Each dated snapshot the catalog names, and its model."""
+        return {s: name for name, e in self.models.items() for s in e.snapshots}
 
     def referenced(self) -> set[str]:
         return {m for e in self.models.values() for m in e.equivalents.values()}

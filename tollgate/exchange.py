@@ -28,6 +28,16 @@ from tollgate.store.base import LimitSettlement
 from tollgate.telemetry import RequestTrace
 
 log = logging.getLogger("tollgate")
+_WARNED_TIERS: set[tuple[str | None, str | None, str]] = set()
+
+
+def _warn_unpriced_tier(provider: str | None, model: str | None, tier: str) -> None:
+    """Once per provider, model and tier: charged the standard price, which may be less."""
+    if (provider, model, tier) not in _WARNED_TIERS and len(_WARNED_TIERS) < 1000:
+        _WARNED_TIERS.add((provider, model, tier))
+        log.warning("%s served %s at service tier %r, which has no price for it: charged the "
+                    "standard price. Add `tiers: {%s: ...}` to its price.", provider, model,
+                    tier, tier)
 
 
 
@@ -255,7 +265,8 @@ class Exchange:
         lowered = {k.lower(): v for k, v in headers.items()}
         content_type = lowered.get("content-type")
         length = lowered.get("content-length", "")
-        self.meter.start(content_type, int(length) if length.isdigit() else None)
+        self.meter.start(content_type, int(length) if length.isdigit() else None,
+                         lowered.get("x-amzn-bedrock-service-tier"))
         self.rewriter = self.rewriter_for(status, content_type)
         out = {**self.response_headers(), **self.reframed_headers(status, content_type)}
         self.overhead += time.perf_counter() - began
@@ -387,8 +398,7 @@ class Exchange:
             return usage_of.Usage()  # it never reached the provider
         # In the provider's family, before any translation.
         used = self.meter.usage() if self.status is not None else usage_of.Usage(reported=False)
-        if not used.reported and not (used.input_tokens or used.cached_input_tokens
-                                      or used.cache_write_tokens) and self.route.metered:
+        if not used.reported and not used.prompt_tokens and self.route.metered:
             used.input_tokens, used.reported = self.billing.estimated_input_tokens, False
         return used
 
@@ -413,7 +423,10 @@ class Exchange:
             org=lin.org, team=lin.team, project=lin.project, provider=self.provider_id,
             model=self.model, route=self.route.name, input_tokens=used.input_tokens,
             output_tokens=used.output_tokens, cached_input_tokens=used.cached_input_tokens,
-            cache_write_tokens=used.cache_write_tokens, reasoning_tokens=used.reasoning_tokens,
+            cache_write_tokens=used.cache_write_tokens + used.cache_write_1h_tokens,
+            cache_write_1h_tokens=used.cache_write_1h_tokens,
+            tier=self.billing.price.served(used)[1] if self.billing.price is not None
+            else used.service_tier, reasoning_tokens=used.reasoning_tokens,
             cost_micros=cost, usage_reported=used.reported, status=self.status,
             outcome=outcome, latency_ms=round((time.monotonic() - self.started) * 1000, 1),
             code=self.code, output_cap=self.billing.output_cap,
@@ -447,12 +460,13 @@ class Exchange:
         used = self.usage(sent)
         price = self.billing.price
         cost = cost_micros(used, price) if price is not None else 0
+        if price is not None and used.service_tier and used.service_tier not in price.tiers:
+            _warn_unpriced_tier(self.provider_id, self.model, used.service_tier)
         self.error = error
         telemetry.end_attempt(
             self._attempt_span, self.status,
             failure=error or (None if self.status is not None and self.status < 400
                               else f"status {self.status or 'none'}"),
-            input_tokens=used.input_tokens + used.cached_input_tokens
-            + used.cache_write_tokens, output_tokens=used.output_tokens)
+            input_tokens=used.prompt_tokens, output_tokens=used.output_tokens)
         self.settled = self.row(outcome, used, cost)
         self._settle(self, self.settled)

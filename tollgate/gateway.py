@@ -47,6 +47,7 @@ from tollgate.request import Attempt, Forward, Reply, Request, check_header_valu
 from tollgate.scopes import lineage
 from tollgate.store import LimitSettlement, Reservation, Store, StoreUnavailable, open_store
 from tollgate.store.spool import Spooled
+from tollgate.usage import Usage
 
 log = logging.getLogger("tollgate")
 
@@ -356,6 +357,8 @@ class Gateway:
         input_estimate = math.ceil(len(req.body) / 2)  # generous: a token is >= ~2 bytes
         input_estimate += self._unseen_input_allowance(loaded, key, body, attempts)
         requested_cap = bodies.output_cap(route, body.doc)
+        requested_tier = bodies.requested_tier(body.doc)
+        default_tiers = {p.id: p.default_service_tier for p in cfg.model_providers}
 
         def worst_case(cap: int | None) -> tuple[budgets.WorstCase | None, int]:
             """The dearest attempt's worst case, and the most tokens any attempt may use,
@@ -365,10 +368,14 @@ class Gateway:
                 ceiling = loaded.catalog.max_output_tokens(a.model)
                 out = cap if cap is not None else settings.default_max_output_tokens \
                     if ceiling is None else ceiling
+                price = loaded.prices.lookup(a.model, a.prices) or ZERO_PRICE
+                # The tier it asks for, else the one the provider's account serves by default.
+                held, tier = price.served(Usage(
+                    input_tokens=input_estimate,
+                    service_tier=requested_tier or default_tiers.get(a.provider_id)))
                 cases.append(budgets.WorstCase(
-                    a.model, loaded.prices.lookup(a.model, a.prices) or ZERO_PRICE,
-                    input_estimate, out, cap is not None,
-                    bodies.output_cap_field(route, body.doc)))
+                    a.model, held, input_estimate, out, cap is not None,
+                    bodies.output_cap_field(route, body.doc), tier))
             if not route.metered:
                 return None, 0
             return max(cases, key=lambda c: c.micros), max(

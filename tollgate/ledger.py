@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 REPORT_DIMENSIONS = {"principal": "principal", "team": "team", "project": "project",
-                     "vk": "key_id", "model": "model", "provider": "provider", "org": "org"}
+                     "vk": "key_id", "model": "model", "provider": "provider", "org": "org",
+                     "tier": "tier"}
 
 
 @dataclass
@@ -28,7 +29,7 @@ class LedgerRow:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
-    cache_write_tokens: int = 0
+    cache_write_tokens: int = 0  # every prompt-cache write, 1-hour ones included
     reasoning_tokens: int = 0
     cost_micros: int = 0
     usage_reported: bool = True  # False: the gateway estimated (cut-off stream)
@@ -43,6 +44,10 @@ class LedgerRow:
     skipped: str | None = None
     # The output cap the gateway set on the request (a budget with on_breach: cap).
     output_cap: int | None = None
+    cache_write_1h_tokens: int = 0  # of cache_write_tokens, those kept an hour
+    # The price tier it was charged at: the service tier the provider reported (flex,
+    # priority), `long_context`, both (`priority+long_context`); None: standard.
+    tier: str | None = None
 
     @property
     def admitted(self) -> bool:
@@ -68,8 +73,9 @@ def report(rows: list[LedgerRow], by: str) -> list[dict[str, Any]]:
     groups: dict[str, dict[str, Any]] = defaultdict(lambda: {
         "requests": 0, "input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0,
         "cache_write_tokens": 0, "cost_micros": 0, "estimated": 0})
+    unnamed = "standard" if by == "tier" else "-"
     for row in rows:
-        g = groups[getattr(row, attr) or "-"]
+        g = groups[getattr(row, attr) or unnamed]
         g["requests"] += 1
         for name in ("input_tokens", "output_tokens", "cached_input_tokens",
                      "cache_write_tokens", "cost_micros"):

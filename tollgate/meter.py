@@ -23,6 +23,10 @@ MAX_PARSED_EVENT = 64 * 1024
 _MAX_USAGE_OBJECT = 64 * 1024
 
 _TOKEN = re.compile(rb'[{}\[\]":]')
+_NEXT_BYTE = re.compile(rb'\s*(\S)')
+# The top-level field naming the service tier that served a JSON answer, by API family
+# (Anthropic's is inside `usage`; Bedrock's InvokeModel sends a header).
+_TIER_KEYS = {"openai": b"service_tier", "converse": b"serviceTier"}
 
 
 def _odd_backslashes(chunk: bytes, start: int, end: int) -> bool:
@@ -44,15 +48,20 @@ def _string_end(chunk: bytes, i: int) -> int:
 
 
 class JSONUsageScanner:
-    """Finds the top-level `"usage": {...}` of a JSON document fed in pieces.
+    """Finds the top-level `"usage": {...}` of a JSON document fed in pieces, and the
+    top-level `tier_key` (`service_tier`: a short string, or Converse's `serviceTier`
+    object).
 
     A small tokenizer that tracks only strings, brackets and colons: numbers, literals and
     string contents are skipped by regular expressions, so a 20 MB body is one linear pass,
     and only the usage object itself is kept.
     """
 
-    def __init__(self, key: bytes = b"usage") -> None:
+    def __init__(self, key: bytes = b"usage", tier_key: bytes | None = None) -> None:
         self.key = key  # Gemini calls it `usageMetadata`
+        self.tier_key = tier_key
+        self.tier: bytes | None = None  # the tier's value as sent (a JSON string or object)
+        self._tier_next = False  # saw `"<tier_key>":` at depth 1
         self.depth = 0
         self._in_string = False
         self._escape = False  # a backslash ended the last chunk inside a string
@@ -60,11 +69,22 @@ class JSONUsageScanner:
         self._key: bytes | None = None  # the depth-1 string just closed (a key if ':' follows)
         self._after_usage_key = False  # saw `"usage":` at depth 1
         self._capture: bytearray | None = None  # the usage object, while it is read
+        self._capturing_tier = False
         self.found: bytes | None = None
+
+    def _tier_value_starts(self, chunk: bytes, i: int) -> None:
+        """After `"<tier_key>":`, only a string or an object is the tier (`null`, a number:
+        no tier, and the next string is a key)."""
+        if self._tier_next:
+            m = _NEXT_BYTE.match(chunk, i)
+            if m is not None and m.group(1) not in (b'"', b"{"):
+                self._tier_next = False
 
     def feed(self, chunk: bytes) -> None:
         i, n = 0, len(chunk)
         start_capture = 0
+        if not self._in_string:
+            self._tier_value_starts(chunk, 0)
         while i < n:
             if self._in_string:
                 if self._escape:  # a backslash ended the last chunk: skip what it escapes
@@ -72,14 +92,17 @@ class JSONUsageScanner:
                     i += 1
                     continue
                 end = _string_end(chunk, i)
-                if self.depth == 1 and len(self._string) <= 16:
-                    self._string += chunk[i:min(n if end < 0 else end, i + 17)]
+                if self.depth == 1 and len(self._string) <= 32:
+                    self._string += chunk[i:min(n if end < 0 else end, i + 33)]
                 if end < 0:  # the string goes on in the next chunk
                     self._escape = _odd_backslashes(chunk, i, n)
                     i = n
                 else:
                     self._in_string = False
                     self._key = bytes(self._string) if self.depth == 1 else None
+                    if self._tier_next and self.depth == 1:
+                        self.tier, self._key = b'"' + self._key + b'"', None
+                    self._tier_next = False
                     i = end + 1
                 continue
             m = _TOKEN.search(chunk, i)
@@ -92,18 +115,26 @@ class JSONUsageScanner:
                 self._after_usage_key = False
             elif c == 0x3A:  # ':'
                 self._after_usage_key = self.depth == 1 and self._key == self.key
+                self._tier_next = self.tier_key is not None and self.depth == 1 and \
+                    self._key == self.tier_key
                 self._key = None
+                self._tier_value_starts(chunk, i)
             elif c in (0x7B, 0x5B):  # '{' '['
-                if self._after_usage_key and c == 0x7B and self.depth == 1:
+                if (self._after_usage_key or self._tier_next) and c == 0x7B and self.depth == 1:
                     self._capture, start_capture = bytearray(), m.start()
-                self._after_usage_key, self._key = False, None
+                    self._capturing_tier = self._tier_next
+                self._after_usage_key, self._tier_next, self._key = False, False, None
                 self.depth += 1
             else:  # '}' ']'
                 self.depth -= 1
                 self._key = None
                 if self._capture is not None and self.depth == 1:
                     self._append(chunk[start_capture:i])
-                    self.found, self._capture = bytes(self._capture), None
+                    if self._capture is not None and self._capturing_tier:
+                        self.tier = bytes(self._capture)
+                    elif self._capture is not None:
+                        self.found = bytes(self._capture)
+                    self._capture = None
         if self._capture is not None:
             self._append(chunk[start_capture:])
 
@@ -129,13 +160,18 @@ class ResponseMeter:
         self._ended = False
         self._sse = SSEParser(max_line=MAX_PARSED_EVENT)
         self._stream = usage_of.StreamUsage(family)
-        self._json = JSONUsageScanner(b"usageMetadata" if family == "gemini" else b"usage")
+        self._json = JSONUsageScanner(b"usageMetadata" if family == "gemini" else b"usage",
+                                      _TIER_KEYS.get(family))
+        self._header_tier: str | None = None
         self._frames: eventstream.EventStreamToSSE | None = None
 
-    def start(self, content_type: str | None, length: int | None) -> None:
+    def start(self, content_type: str | None, length: int | None,
+              tier: str | None = None) -> None:
         """The response headers; without a content-type (a host that cannot see it), the
-        first body bytes tell an event stream from JSON."""
+        first body bytes tell an event stream from JSON. `tier`: a service tier sent as a
+        header (Bedrock's InvokeModel), which the body does not repeat."""
         self._length = length
+        self._header_tier = usage_of.service_tier(tier)
         self.is_sse = None if content_type is None else \
             content_type.lower().startswith("text/event-stream")
         if eventstream.is_eventstream(content_type):  # Bedrock: frames, read as SSE
@@ -169,18 +205,23 @@ class ResponseMeter:
         return self._length is not None and self.bytes >= self._length
 
     def usage(self) -> usage_of.Usage:
-        if self.is_sse:
-            return self._stream.result()
+        used = self._stream.result() if self.is_sse else self._json_usage()
+        if used.service_tier is None and self._header_tier is not None:
+            used.service_tier = self._header_tier
+        return used
+
+    def _json_usage(self) -> usage_of.Usage:
         found = self._json.found
         if found is None:
             return usage_of.Usage()
         try:
             doc = json.loads(found)
+            tier = json.loads(self._json.tier) if self._json.tier is not None else None
         except ValueError:
             return usage_of.Usage()
         if self.family == "gemini":
             return usage_of.gemini_usage(doc)
         if self.family == "converse":
-            return usage_of.converse_usage(doc)
+            return usage_of.converse_usage(doc, tier)
         return usage_of.anthropic_usage(doc) if self.family == "anthropic" else \
-            usage_of.openai_usage(doc)
+            usage_of.openai_usage(doc, tier)

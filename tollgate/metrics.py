@@ -23,7 +23,6 @@ from tollgate import budgets
 if TYPE_CHECKING:
     from tollgate.gateway import Gateway
     from tollgate.ledger import LedgerRow
-from tollgate.pricing import undated
 
 log = logging.getLogger("tollgate.metrics")
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -70,10 +69,7 @@ _TOKEN_TYPES = ("input", "cached_input", "cache_write", "output")
 def model_label(model: str | None, known: frozenset[str]) -> str:
     if not model:
         return ""
-    if model in known:
-        return model
-    base = undated(model)
-    return base if base in known else "other"
+    return model if model in known else "other"
 
 
 def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float = 0.0,
@@ -82,7 +78,8 @@ def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float 
             labels: list[str] | None = None, known_models: frozenset[str] = frozenset()
             ) -> None:
     """Count one finished request. Its model labels series only if the operator knows the
-    name (`known_models`; a dated snapshot as its base model), else `other`."""
+    name (`known_models`: the config, price table and catalog, its snapshots included),
+    else `other`."""
     served = row.provider is not None
     provider, model = (row.provider or "", model_label(row.model, known_models)) if served \
         else ("", "")

@@ -8,28 +8,42 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from tollgate.config.problems import ConfigError, Problem
-from tollgate.usage import Usage
+from tollgate.usage import STANDARD_TIERS, Usage
 
 if TYPE_CHECKING:
     from tollgate.config.schema import Config
 
-_DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+# Anthropic bills a prompt-cache write kept an hour at twice the input price.
+CACHE_WRITE_1H_FACTOR = 2
 
 
-def undated(model: str) -> str:
-    """The model without a dated snapshot suffix (gpt-4o-2024-08-06 -> gpt-4o)."""
-    return _DATE_SUFFIX.sub("", model)
+class PriceOverride(BaseModel):
+    """A tier's prices: the fields it sets replace the model's, the rest stay."""
+    model_config = ConfigDict(extra="forbid")
+    input: Decimal | None = Field(default=None, ge=0)
+    output: Decimal | None = Field(default=None, ge=0)
+    cached_input: Decimal | None = Field(default=None, ge=0)
+    cache_write: Decimal | None = Field(default=None, ge=0)
+    cache_write_1h: Decimal | None = Field(default=None, ge=0)
+
+
+class LongContext(PriceOverride):
+    """Prices for a request whose prompt (every input token, cached or not) is longer than
+    `above_input_tokens`: they apply to the whole request, as the providers bill it."""
+    above_input_tokens: int = Field(gt=0)
+
+
+LONG_CONTEXT = "long_context"
 
 
 class ModelPrice(BaseModel):
@@ -37,7 +51,43 @@ class ModelPrice(BaseModel):
     input: Decimal = Field(ge=0)
     output: Decimal = Field(ge=0)
     cached_input: Decimal | None = Field(default=None, ge=0)
-    cache_write: Decimal | None = Field(default=None, ge=0)
+    cache_write: Decimal | None = Field(default=None, ge=0)  # kept 5 minutes
+    cache_write_1h: Decimal | None = Field(default=None, ge=0)  # kept 1 hour
+    # By the service tier the provider reports (flex, priority, ...): the standard tier
+    # (`default`, `standard`) is the model's own price.
+    tiers: dict[str, PriceOverride] = Field(default_factory=dict)
+    long_context: LongContext | None = None
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names(cls, tiers: dict[str, PriceOverride]) -> dict[str, PriceOverride]:
+        for name in tiers:
+            if name != name.lower() or name in STANDARD_TIERS:
+                raise ValueError(f"tier {name!r}: name tiers in lower case as the provider "
+                                 "reports them (flex, priority); the standard tier is the "
+                                 "model's own price")
+        return tiers
+
+    def served(self, usage: Usage) -> tuple[ModelPrice, str | None]:
+        """The price that applies to what was served, and its tier as the ledger names it
+        (None: standard): the reported service tier's prices, then the long-context prices
+        when the prompt was longer than their threshold. A tier with no price here is still
+        named, and charged the standard price."""
+        names: list[str] = []
+        price = self
+        if usage.service_tier and usage.service_tier not in STANDARD_TIERS:
+            names.append(usage.service_tier)
+            if usage.service_tier in self.tiers:
+                price = price._with(self.tiers[usage.service_tier])
+        lc = self.long_context
+        if lc is not None and usage.prompt_tokens > lc.above_input_tokens:
+            names.append(LONG_CONTEXT)
+            price = price._with(lc)
+        return price, "+".join(names) or None
+
+    def _with(self, override: PriceOverride) -> ModelPrice:
+        fields = override.model_dump(exclude_none=True, exclude={"above_input_tokens"})
+        return self.model_copy(update=fields)
 
 
 # What an unpriced model is charged (gateway.unpriced: allow): nothing, openly.
@@ -52,33 +102,43 @@ class PriceFile(BaseModel):
 
 
 def cost_micros(usage: Usage, price: ModelPrice) -> int:
-    """Integer micro-dollars, rounded up; a missing cache price falls back to the input price."""
+    """Integer micro-dollars, rounded up, at the price of the tier that served `usage`. A
+    missing cache price falls back to the input price (an hour's write to twice that)."""
+    price = price.served(usage)[0]
     cached = price.cached_input if price.cached_input is not None else price.input
     write = price.cache_write if price.cache_write is not None else price.input
+    write_1h = price.cache_write_1h if price.cache_write_1h is not None else \
+        price.input * CACHE_WRITE_1H_FACTOR
     micros = (usage.input_tokens * price.input + usage.cached_input_tokens * cached
-              + usage.cache_write_tokens * write + usage.output_tokens * price.output)
+              + usage.cache_write_tokens * write + usage.cache_write_1h_tokens * write_1h
+              + usage.output_tokens * price.output)
     return math.ceil(micros)  # prices are per 1M tokens == micro-dollars per token
 
 
 def worst_case_micros(input_tokens: int, max_output_tokens: int, price: ModelPrice) -> int:
-    """What a request can cost at most: every input token uncached, every output token used."""
-    return cost_micros(Usage(input_tokens=input_tokens, output_tokens=max_output_tokens), price)
+    """What a request can cost at most: every input token uncached, every output token used
+    (at `price` as given: the caller picks the tier it may be served at)."""
+    micros = input_tokens * price.input + max_output_tokens * price.output
+    return math.ceil(micros)
 
 
 @dataclass(frozen=True)
 class PriceTable:
     models: dict[str, ModelPrice]
     path: Path | None = None
+    # Dated snapshots the model catalog names, and their model: priced as it is. Any other
+    # name (an invented date included) has no price.
+    snapshots: dict[str, str] = field(default_factory=dict)
 
     def lookup(self, model: str, overrides: dict[str, ModelPrice] | None = None
                ) -> ModelPrice | None:
-        """A provider's own price (`overrides`) first, then the table's: exact name first,
-        then the name without a dated snapshot suffix."""
-        base = undated(model)
+        """A provider's own price (`overrides`) first, then the table's: the exact name,
+        then the model a catalogued snapshot is of."""
+        base = self.snapshots.get(model)
         for table in (overrides or {}, self.models):
             if model in table:
                 return table[model]
-            if base in table:
+            if base is not None and base in table:
                 return table[base]
         return None
 

@@ -23,14 +23,37 @@ class Usage:
     input_tokens: int = 0  # uncached prompt tokens
     output_tokens: int = 0  # including reasoning tokens
     cached_input_tokens: int = 0  # prompt tokens read from the provider's cache
-    cache_write_tokens: int = 0  # Anthropic prompt-cache writes
+    cache_write_tokens: int = 0  # prompt-cache writes kept 5 minutes (Anthropic, Bedrock)
+    cache_write_1h_tokens: int = 0  # Anthropic prompt-cache writes kept 1 hour
     reasoning_tokens: int = 0  # part of output_tokens, reported for insight
     reported: bool = False  # False: estimated by the gateway
+    # The provider's service tier as it reported it (flex, priority, ...); None: standard.
+    service_tier: str | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Every input token, however it was billed (long-context tiers count them all)."""
+        return (self.input_tokens + self.cached_input_tokens + self.cache_write_tokens
+                + self.cache_write_1h_tokens)
 
     @property
     def total_tokens(self) -> int:
-        return (self.input_tokens + self.cached_input_tokens + self.cache_write_tokens
-                + self.output_tokens)
+        return self.prompt_tokens + self.output_tokens
+
+
+# How providers name their standard tier: priced at the model's base price.
+STANDARD_TIERS = {"default", "standard", "auto", "standard_only", "on_demand"}
+
+
+def service_tier(value: Any) -> str | None:
+    """A reported service tier, lower-cased; None for the standard tier or anything that is
+    not a short name (a provider never sends more)."""
+    if isinstance(value, dict):  # Bedrock Converse: {"type": "flex"}
+        value = value.get("type")
+    if not isinstance(value, str) or not value or len(value) > 32:
+        return None
+    tier = value.strip().lower()
+    return None if tier in STANDARD_TIERS else tier
 
 
 def _int(doc: Any, *path: str) -> int:
@@ -41,8 +64,9 @@ def _int(doc: Any, *path: str) -> int:
     return doc if isinstance(doc, int) and not isinstance(doc, bool) else 0
 
 
-def openai_usage(u: Any) -> Usage:
-    """Chat completions and embeddings (`prompt_tokens`) or Responses (`input_tokens`)."""
+def openai_usage(u: Any, tier: Any = None) -> Usage:
+    """Chat completions and embeddings (`prompt_tokens`) or Responses (`input_tokens`);
+    `tier`: the response's top-level `service_tier`."""
     if not isinstance(u, dict):
         return Usage()
     if "input_tokens" in u:
@@ -55,11 +79,13 @@ def openai_usage(u: Any) -> Usage:
         reasoning = _int(u, "completion_tokens_details", "reasoning_tokens")
     cached = min(cached, prompt)
     return Usage(input_tokens=prompt - cached, output_tokens=completion,
-                 cached_input_tokens=cached, reasoning_tokens=reasoning, reported=True)
+                 cached_input_tokens=cached, reasoning_tokens=reasoning, reported=True,
+                 service_tier=service_tier(tier))
 
 
 def anthropic_usage(u: Any, into: Usage | None = None) -> Usage:
-    """Anthropic reports cache reads and writes apart from `input_tokens`."""
+    """Anthropic reports cache reads and writes apart from `input_tokens`, the writes kept
+    an hour apart from those kept five minutes (`cache_creation`), and its service tier."""
     out = into or Usage()
     if not isinstance(u, dict):
         return out
@@ -68,6 +94,15 @@ def anthropic_usage(u: Any, into: Usage | None = None) -> Usage:
                        ("cache_creation_input_tokens", "cache_write_tokens")):
         if name in u and isinstance(u[name], int):
             setattr(out, attr, u[name])  # message_delta totals are cumulative
+    if "cache_creation_input_tokens" in u:
+        # The total includes the 1-hour writes, billed at their own price (a running total
+        # without the breakdown keeps the one message_start gave).
+        if isinstance(u.get("cache_creation"), dict):
+            out.cache_write_1h_tokens = _int(u, "cache_creation", "ephemeral_1h_input_tokens")
+        out.cache_write_1h_tokens = min(out.cache_write_1h_tokens, out.cache_write_tokens)
+        out.cache_write_tokens -= out.cache_write_1h_tokens
+    if "service_tier" in u:
+        out.service_tier = service_tier(u["service_tier"])
     out.reported = True
     return out
 
@@ -85,13 +120,15 @@ def gemini_usage(meta: Any) -> Usage:
                  reasoning_tokens=thoughts, reported=True)
 
 
-def converse_usage(u: Any) -> Usage:
-    """Bedrock Converse's `usage`: cache reads and writes apart from `inputTokens`."""
+def converse_usage(u: Any, tier: Any = None) -> Usage:
+    """Bedrock Converse's `usage`: cache reads and writes apart from `inputTokens`; `tier`:
+    the response's (or metadata event's) `serviceTier`."""
     if not isinstance(u, dict):
         return Usage()
     return Usage(input_tokens=_int(u, "inputTokens"), output_tokens=_int(u, "outputTokens"),
                  cached_input_tokens=_int(u, "cacheReadInputTokens"),
-                 cache_write_tokens=_int(u, "cacheWriteInputTokens"), reported=True)
+                 cache_write_tokens=_int(u, "cacheWriteInputTokens"), reported=True,
+                 service_tier=service_tier(tier))
 
 
 class StreamUsage:
@@ -130,7 +167,8 @@ class StreamUsage:
             return
         if self.family == "converse":  # shapes, not names: metadata, contentBlockDelta
             if isinstance(doc.get("usage"), dict):
-                self.usage, self.final = converse_usage(doc["usage"]), True
+                self.usage, self.final = converse_usage(doc["usage"],
+                                                        doc.get("serviceTier")), True
             delta = doc.get("delta")
             if isinstance(delta, dict):
                 self.streamed_chars += len(delta.get("text") or "") + len(
@@ -148,13 +186,15 @@ class StreamUsage:
                                            delta.get("thinking") or "")
             return
         if kind in ("response.completed", "response.incomplete", "response.failed"):
-            reported = openai_usage((doc.get("response") or {}).get("usage"))
+            response = doc.get("response") or {}
+            reported = openai_usage(response.get("usage"), response.get("service_tier")) \
+                if isinstance(response, dict) else Usage()
             if reported.reported:
                 self.usage, self.final = reported, True
         elif kind == "response.output_text.delta":
             self.streamed_chars += len(doc.get("delta") or "")
         elif doc.get("usage"):
-            self.usage, self.final = openai_usage(doc["usage"]), True
+            self.usage, self.final = openai_usage(doc["usage"], doc.get("service_tier")), True
         for choice in doc.get("choices") or []:
             delta = choice.get("delta") or {} if isinstance(choice, dict) else {}
             self.streamed_chars += len(delta.get("content") or "")

@@ -222,3 +222,44 @@ def test_a_stalled_bedrock_times_out_to_anthropic(gateways, host, fake_bedrock):
     finally:
         gw.cli("model-providers", "update", "mp_bedrock", "--first-byte-timeout", "120")
         gw.wait_for_config()
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_bedrock_service_tiers_are_charged_at_their_price(gateways, host, fake_bedrock):
+    """Converse names the tier that served it in its body (and ConverseStream in its
+    metadata event), InvokeModel in the X-Amzn-Bedrock-Service-Tier header: the row names
+    the tier and is charged its price (a tier with no price, the standard one)."""
+    gw = gateways[0][host]
+    key = gw.create_key()
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=key.secret, max_retries=0)
+    fake_bedrock.default_tier = "flex"
+    raw = client.chat.completions.with_raw_response.create(model=NOVA, messages=MESSAGES,
+                                                           max_tokens=40)
+    with client.chat.completions.with_streaming_response.create(
+            model=NOVA, messages=MESSAGES, max_tokens=40, stream=True) as streamed:
+        list(streamed.parse())
+    for request_id in (raw.headers["x-langwatch-request-id"],
+                       streamed.headers["x-langwatch-request-id"]):
+        row = ledger_row(gw, request_id)
+        used = Usage(input_tokens=row.input_tokens, output_tokens=row.output_tokens)
+        assert row.tier == "flex" and row.output_tokens > 0
+        # Nova Lite on flex: half its on-demand price.
+        assert row.cost_micros == expect_cost(NOVA, Usage(**{**vars(used),
+                                                             "service_tier": "flex"}))
+        assert row.cost_micros < expect_cost(NOVA, used)
+
+    fake_bedrock.default_tier = "priority"
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=key.secret, max_retries=0)
+    raw = claude.messages.with_raw_response.create(model="claude-haiku-4-5", max_tokens=40,
+                                                   messages=MESSAGES)
+    assert fake_bedrock.requests[-1].path == INVOKE
+    with claude.messages.with_streaming_response.create(
+            model="claude-haiku-4-5", max_tokens=40, messages=MESSAGES,
+            stream=True) as streamed:
+        list(streamed.parse())
+    for request_id in (raw.headers["x-langwatch-request-id"],
+                       streamed.headers["x-langwatch-request-id"]):
+        row = ledger_row(gw, request_id)
+        assert row.provider == "mp_bedrock" and row.tier == "priority"
+        assert row.cost_micros == expect_cost("claude-haiku-4-5", Usage(
+            input_tokens=row.input_tokens, output_tokens=row.output_tokens))

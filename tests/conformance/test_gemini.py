@@ -6,6 +6,8 @@ family, and the seed recipe's fallback reaching Gemini through the catalog."""
 from __future__ import annotations
 
 import json
+import math
+from decimal import Decimal
 from pathlib import Path
 
 import anthropic
@@ -130,3 +132,29 @@ def test_openai_falls_back_to_gemini_without_a_model_map(gateways, host, fake_op
     assert raw.headers["x-langwatch-provider"] == "mp_gemini"
     row = ledger_row(gw, raw.headers["x-langwatch-request-id"])
     assert (row.model, row.fallbacks) == ("gemini-2.5-flash", "mp_openai:5xx")
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_gemini_pro_past_200k_tokens_is_charged_its_long_context_price(gateways, host):
+    """Gemini 2.5 Pro bills a prompt over 200k tokens at its long-context price, for the
+    whole request, streamed or not; a shorter one at the standard price."""
+    gw = gateways[0][host]
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=gw.create_key().secret,
+                           max_retries=0)
+    long_prompt = [{"role": "user", "content": "lorem ipsum dolor " * 50_000}]
+    raw = client.chat.completions.with_raw_response.create(
+        model="gemini-2.5-pro", messages=long_prompt, max_tokens=50)
+    with client.chat.completions.with_streaming_response.create(
+            model="gemini-2.5-pro", messages=long_prompt, max_tokens=50,
+            stream=True) as streamed:
+        list(streamed.parse())
+    short = client.chat.completions.with_raw_response.create(
+        model="gemini-2.5-pro", messages=MESSAGES, max_tokens=50)
+    for response, tier, input_price, output_price in (
+            (raw, "long_context", 2.5, 15), (streamed, "long_context", 2.5, 15),
+            (short, None, 1.25, 10)):
+        row = ledger_row(gw, response.headers["x-langwatch-request-id"])
+        assert (row.tier, row.outcome) == (tier, "completed")
+        assert row.input_tokens > (200_000 if tier else 0) and row.output_tokens > 0
+        assert row.cost_micros == math.ceil(row.input_tokens * Decimal(str(input_price))
+                                            + row.output_tokens * output_price)

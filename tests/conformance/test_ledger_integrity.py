@@ -9,7 +9,9 @@ import httpx
 import pytest
 
 from tests.conftest import HOSTS, OPENAI_KEY, own_gateways
-from tests.harness import ledger, wait_until
+from tests.harness import ROOT, ledger, wait_until
+from tollgate.pricing import cost_micros, load_prices
+from tollgate.usage import Usage
 
 CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -149,7 +151,8 @@ def test_a_clients_gateway_headers_pick_nothing(gw, fake_openai):
 
 def test_made_up_model_names_grow_no_metric_series(gw, fake_openai):
     """200 requests, each with a model name of its own that passes a `gpt-4o*` allowlist
-    (dated like a snapshot, so priced as gpt-4o): the metrics gain no series for them."""
+    (dated like a snapshot): none is priced, so none is forwarded, and the metrics gain no
+    series for them. A snapshot the catalog names is served at its model's price."""
     key = gw.create_key("--models-allowed", "gpt-4o*")
 
     def series() -> set[str]:
@@ -158,18 +161,26 @@ def test_made_up_model_names_grow_no_metric_series(gw, fake_openai):
                 if line.startswith("tollgate_") and not line.startswith("#")
                 and 'model="' in line}
 
-    def ask(model: str) -> None:
-        r = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30,
-                       json={**CHAT, "model": model, "max_completion_tokens": 5},
-                       headers={"authorization": f"Bearer {key.secret}"})
-        assert r.status_code == 200, r.text[:200]
+    def ask(model: str) -> httpx.Response:
+        return httpx.post(f"{gw.url}/v1/chat/completions", timeout=30,
+                          json={**CHAT, "model": model, "max_completion_tokens": 5},
+                          headers={"authorization": f"Bearer {key.secret}"})
 
-    ask("gpt-4o")
-    before = series()
+    assert ask("gpt-4o").status_code == 200
+    snapshot = ask("gpt-4o-2024-08-06")
+    assert snapshot.status_code == 200, snapshot.text[:200]
+    assert ask("gpt-4o-2099-01-01").status_code == 400  # a refusal's own series
+    before, sent = series(), len(fake_openai.requests)
     for i in range(200):
-        ask(f"gpt-4o-2{i:07d}")
-    assert series() == before
+        r = ask(f"gpt-4o-2{i:07d}")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_priced"
+    assert series() == before and len(fake_openai.requests) == sent
     assert any('model="gpt-4o"' in s for s in before)
+    row = next(r for r in ledger(gw.config)
+               if r.request_id == snapshot.headers["x-langwatch-request-id"])
+    gpt4o = load_prices(ROOT / "config" / "prices.yaml").lookup("gpt-4o")
+    assert row.cost_micros == cost_micros(Usage(input_tokens=row.input_tokens,
+                                                output_tokens=row.output_tokens), gpt4o) > 0
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import time
+from decimal import Decimal
 
 import anthropic
 import httpx
@@ -277,3 +279,108 @@ def test_warning_budget_serves_and_warns(gateway):
 
     warning = wait_until(warned, timeout=3, what="the budget warning")
     assert b["id"] in warning and "soft-cap" in warning
+
+
+def tier_cost(model: str, usage: Usage) -> tuple[int, str | None]:
+    price = PRICES.lookup(model)
+    assert price is not None
+    return cost_micros(usage, price), price.served(usage)[1]
+
+
+@pytest.mark.parametrize("api", ["chat", "chat-stream", "responses", "responses-stream"])
+def test_openai_service_tiers_are_charged_at_their_price(gateway, fake_openai, api):
+    """OpenAI reports the tier that served each request: flex at half the price, priority
+    at its premium; one the request did not name is the project's default (here priority)."""
+    key = gateway.create_key()
+    client = oai(gateway, key)
+
+    def call(**extra) -> tuple[str, str]:
+        if api.startswith("chat"):
+            if api == "chat":
+                raw = client.chat.completions.with_raw_response.create(
+                    model="gpt-5", messages=MESSAGES, max_tokens=64, **extra)
+                return raw.headers[RID], raw.parse().service_tier
+            with client.chat.completions.with_streaming_response.create(
+                    model="gpt-5", messages=MESSAGES, max_tokens=64, stream=True,
+                    **extra) as response:
+                chunks = list(response.parse())
+                return response.headers[RID], chunks[-1].service_tier
+        if api == "responses":
+            raw = client.responses.with_raw_response.create(model="gpt-5", input="hello",
+                                                            **extra)
+            return raw.headers[RID], raw.parse().service_tier
+        with client.responses.with_streaming_response.create(
+                model="gpt-5", input="hello", stream=True, **extra) as response:
+            events = list(response.parse())
+            return response.headers[RID], events[-1].response.service_tier
+
+    served = {}
+    for asked in ("flex", "priority", "default"):
+        request_id, tier = call(service_tier=asked)
+        served[asked] = (ledger_row(gateway, request_id), tier)
+    fake_openai.default_tier = "priority"
+    request_id, tier = call()
+    served["project default"] = (ledger_row(gateway, request_id), tier)
+    for asked, (row, tier) in served.items():
+        used = Usage(input_tokens=row.input_tokens, output_tokens=row.output_tokens,
+                     service_tier=tier)
+        assert (row.cost_micros, row.tier) == tier_cost("gpt-5", used), asked
+    assert [row.tier for row, _ in served.values()] == ["flex", "priority", None, "priority"]
+    flex, standard = served["flex"][0], served["default"][0]
+    assert flex.cost_micros * 2 in range(standard.cost_micros - 1, standard.cost_micros + 2)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_one_hour_cache_writes_and_service_tier(gateway, fake_anthropic, stream):
+    """Cache writes kept an hour cost twice the input price, those kept 5 minutes 1.25x;
+    a tier the price table does not list (Anthropic's Priority Tier, priced by contract) is
+    named on the row and charged the standard price."""
+    key = gateway.create_key()
+    fake_anthropic.default_tier = "priority"
+    system = [{"type": "text", "text": "a long style guide " * 300,
+               "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+              {"type": "text", "text": "today's notes " * 200,
+               "cache_control": {"type": "ephemeral"}}]
+    client = ant(gateway, key)
+    if stream:
+        with client.messages.with_streaming_response.create(
+                model="claude-sonnet-4-5", max_tokens=64, system=system, messages=MESSAGES,
+                stream=True) as response:
+            request_id = response.headers[RID]
+            events = list(response.parse())  # read to the end: the stream completes
+            reported = events[0].message.usage
+    else:
+        raw = client.messages.with_raw_response.create(
+            model="claude-sonnet-4-5", max_tokens=64, system=system, messages=MESSAGES)
+        request_id, reported = raw.headers[RID], raw.parse().usage
+    row = ledger_row(gateway, request_id)
+    hour = reported.cache_creation.ephemeral_1h_input_tokens
+    five = reported.cache_creation.ephemeral_5m_input_tokens
+    assert hour > 0 and five > 0 and reported.service_tier == "priority"
+    assert (row.cache_write_tokens, row.cache_write_1h_tokens) == (hour + five, hour)
+    assert row.tier == "priority"
+    used = Usage(input_tokens=row.input_tokens, output_tokens=row.output_tokens,
+                 cache_write_tokens=five, cache_write_1h_tokens=hour)
+    assert row.cost_micros == expect_cost("claude-sonnet-4-5", used)
+    # $6 per 1M for the hour's writes, $3.75 for the 5 minutes', $3 input, $15 output.
+    assert row.cost_micros == math.ceil(hour * 6 + five * Decimal("3.75")
+                                        + row.input_tokens * 3 + row.output_tokens * 15)
+
+
+def test_long_context_is_priced_for_the_whole_request(gateway):
+    """Claude Sonnet 4.5 past 200k input tokens: every token at the long-context price,
+    the row names the tier, and the spend report groups by it."""
+    key = gateway.create_key()
+    long_prompt = [{"role": "user", "content": "lorem ipsum dolor " * 50_000}]  # ~225k
+    raw = ant(gateway, key).messages.with_raw_response.create(
+        model="claude-sonnet-4-5", max_tokens=64, messages=long_prompt)
+    usage = raw.parse().usage
+    row = ledger_row(gateway, raw.headers[RID])
+    assert usage.input_tokens > 200_000 and row.tier == "long_context"
+    assert row.cost_micros == math.ceil(usage.input_tokens * 6
+                                        + usage.output_tokens * Decimal("22.5"))
+    report = json.loads(gateway.cli("spend", "report", "--by", "tier", "--format",
+                                    "json").stdout)["rows"]
+    tiers = {r["tier"]: r for r in report}
+    assert tiers["long_context"]["cost_micros"] >= row.cost_micros
+    assert "standard" in tiers

@@ -120,3 +120,29 @@ def test_a_cap_budget_serves_a_lone_request_with_the_output_it_can_pay_for(gw, f
     free = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT, timeout=60,
                       headers={"authorization": f"Bearer {key.secret}"})
     assert free.status_code == 200 and "x-langwatch-max-tokens" not in free.headers
+
+
+def test_a_request_is_held_at_the_price_of_the_tier_that_may_serve_it(gw):
+    """Priority costs more: a request that asks for it holds its price, and so does one that
+    names no tier once the provider's account serves priority by default."""
+    key, _ = key_with_budget(gw, 0.30, "block")
+    url = f"{gw.url}/v1/chat/completions"
+    capped = {**CHAT, "max_completion_tokens": 100_000}  # $0.20 at standard, $0.36 priority
+
+    def send(**extra) -> httpx.Response:
+        return httpx.post(url, json={**capped, **extra}, timeout=60,
+                          headers={"authorization": f"Bearer {key.secret}"})
+
+    refused = send(service_tier="priority")
+    assert refused.status_code == 402, refused.text[:300]
+    assert "at the priority price" in refused.json()["error"]["message"]
+    assert send(service_tier="default").status_code == 200
+    assert send().status_code == 200
+    gw.cli("model-providers", "update", "mp_openai", "--default-service-tier", "priority")
+    try:
+        gw.wait_for_config()
+        assert send().status_code == 402
+        assert send(service_tier="default").status_code == 200
+    finally:
+        gw.cli("model-providers", "update", "mp_openai", "--default-service-tier", "default")
+        gw.wait_for_config()

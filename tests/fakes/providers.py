@@ -81,6 +81,9 @@ class FakeProvider:
     # > 0: a chat answer runs this many words when the request sets no output cap, and up
     # to its cap when it does (as a model writing at length would).
     uncapped_words: int = 0
+    # The service tier the account serves a request that names none at (an OpenAI project's
+    # default, Anthropic Priority Tier capacity); None: the standard tier.
+    default_tier: str | None = None
     # Azure OpenAI (family "azure"): deployment name -> the model it runs.
     deployments: dict[str, str] = field(default_factory=dict)
     # AWS Bedrock (family "bedrock"): the credentials SigV4 signatures are checked against
@@ -107,6 +110,7 @@ class FakeProvider:
         self.answer_words = 0
         self.giant_word = 0
         self.uncapped_words = 0
+        self.default_tier = None
 
     def next_behaviour(self) -> Behaviour:
         return self._script.popleft() if self._script else Behaviour()
@@ -142,6 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out as separate writes
     fake: FakeProvider
+    _tier_header: dict[str, str] = {}  # replaced per request, never mutated
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -180,7 +185,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self.fake.family == "anthropic":
             return {"anthropic-organization-id": "fake-org-0000",
                     "set-cookie": "_cfuvid=fake; path=/; HttpOnly"}
-        return {}
+        return self._tier_header
+
+    def _served_tier(self, asked: Any, standard: str, auto: tuple[str, ...] = ("auto",)
+                     ) -> str:
+        """The tier a request is served at: the one it names, else the account's default."""
+        if isinstance(asked, str) and asked not in auto:
+            return asked
+        return self.fake.default_tier or standard
 
     def _start_sse(self) -> None:
         self.send_response(200)
@@ -244,6 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.fake
         rec = Recorded(self.command, self.path,
                        {k.lower(): v for k, v in self.headers.items()}, body)
+        self._tier_header = {}  # Bedrock InvokeModel names its tier in one
         fake.requests.append(rec)
         if not self._authorised(rec):
             return
@@ -522,8 +535,11 @@ class _Handler(BaseHTTPRequestHandler):
                                 + (f"extraneous key [{extra[0]}] is not permitted" if extra
                                    else "#: required key [anthropic_version] not found"))
             return
+        self._tier_header = {"x-amzn-bedrock-service-tier": self._served_tier(
+            self.headers.get("x-amzn-bedrock-service-tier"), "default")}
         self.anthropic_messages({**doc, "model": model,
-                                 "stream": match.group(2) != "invoke"}, behaviour)
+                                 "stream": match.group(2) != "invoke"}, behaviour,
+                                bedrock=True)
 
     def _converse(self, model: str, stream: bool, doc: dict[str, Any],
                   behaviour: Behaviour) -> None:
@@ -544,6 +560,8 @@ class _Handler(BaseHTTPRequestHandler):
         out_tokens = len(words) + (5 if tool else 0)
         usage = {"inputTokens": prompt, "outputTokens": out_tokens,
                  "totalTokens": prompt + out_tokens}
+        tier = {"type": self._served_tier((doc.get("serviceTier") or {}).get("type"),
+                                          "default")}
         tool_input = {"path": "/tmp/x"}
         stop = "tool_use" if tool else "end_turn"
         if not stream:
@@ -553,7 +571,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"output": {"message": {"role": "assistant",
                                                          "content": content}},
                                   "stopReason": stop, "usage": usage,
-                                  "metrics": {"latencyMs": 5}})
+                                  "metrics": {"latencyMs": 5}, "serviceTier": tier})
             return
 
         def event(name: str, body: dict[str, Any]) -> bytes:
@@ -571,7 +589,8 @@ class _Handler(BaseHTTPRequestHandler):
                                                    "delta": {"text": w}}) for w in words]
         events += [event("contentBlockStop", {"contentBlockIndex": 0}),
                    event("messageStop", {"stopReason": stop}),
-                   event("metadata", {"usage": usage, "metrics": {"latencyMs": 5}})]
+                   event("metadata", {"usage": usage, "metrics": {"latencyMs": 5},
+                                      "serviceTier": tier})]
         self._stream(events, behaviour, framed=True)
 
     # -- OpenAI chat completions --------------------------------------------------------------
@@ -591,6 +610,7 @@ class _Handler(BaseHTTPRequestHandler):
                  "prompt_tokens_details": {"cached_tokens": 0},
                  "completion_tokens_details": {"reasoning_tokens": 0}}
         args = json.dumps({"path": "/tmp/x"})
+        tier = self._served_tier(doc.get("service_tier"), "default")
         if not doc.get("stream"):
             message: dict[str, Any] = {"role": "assistant", "content": None if tool else text}
             if tool:
@@ -600,13 +620,13 @@ class _Handler(BaseHTTPRequestHandler):
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": message, "logprobs": _logprobs(doc, words),
                              "finish_reason": "tool_calls" if tool else "stop"}],
-                "usage": usage, "system_fingerprint": "fp_fake"})
+                "usage": usage, "service_tier": tier, "system_fingerprint": "fp_fake"})
             return
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             return _data({"id": cid, "object": "chat.completion.chunk", "created": created,
-                          "model": model, "choices": [{"index": 0, "delta": delta,
-                                                       "finish_reason": finish}]})
+                          "model": model, "service_tier": tier,
+                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
         events = [chunk({"role": "assistant", "content": ""})]
         if tool:
@@ -622,8 +642,8 @@ class _Handler(BaseHTTPRequestHandler):
             events.append(chunk({}, "stop"))
         if (doc.get("stream_options") or {}).get("include_usage"):
             events.append(_data({"id": cid, "object": "chat.completion.chunk",
-                                 "created": created, "model": model, "choices": [],
-                                 "usage": usage}))
+                                 "created": created, "model": model, "service_tier": tier,
+                                 "choices": [], "usage": usage}))
         events.append(b"data: [DONE]\n\n")
         self._stream(events, behaviour)
 
@@ -640,9 +660,11 @@ class _Handler(BaseHTTPRequestHandler):
         item = {"type": "message", "id": mid, "status": "completed", "role": "assistant",
                 "content": [part]}
 
+        tier = self._served_tier(doc.get("service_tier"), "default")
+
         def response(status: str, output: list[Any], with_usage: bool) -> dict[str, Any]:
             return {"id": rid, "object": "response", "created_at": int(time.time()),
-                    "status": status, "model": model, "output": output,
+                    "status": status, "model": model, "output": output, "service_tier": tier,
                     "usage": usage if with_usage else None, "error": None,
                     "incomplete_details": None, "tools": [], "parallel_tool_calls": True,
                     "tool_choice": "auto"}
@@ -690,7 +712,8 @@ class _Handler(BaseHTTPRequestHandler):
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # -- Anthropic messages ---------------------------------------------------------------
-    def anthropic_messages(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
+    def anthropic_messages(self, doc: dict[str, Any], behaviour: Behaviour,
+                           bedrock: bool = False) -> None:
         if not isinstance(doc.get("max_tokens"), int):
             self._error(400, "max_tokens: Field required", "invalid_request_error")
             return
@@ -700,8 +723,17 @@ class _Handler(BaseHTTPRequestHandler):
         words = _words(_answer(self.fake))
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         out_tokens = len(words) + (5 if tool else 0)
-        usage = {"input_tokens": prompt, "output_tokens": out_tokens,
-                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        writes = _cache_writes(doc)
+        usage: dict[str, Any] = {
+            "input_tokens": max(1, prompt - sum(writes.values())), "output_tokens": out_tokens,
+            "cache_creation_input_tokens": sum(writes.values()), "cache_read_input_tokens": 0,
+            "cache_creation": {"ephemeral_5m_input_tokens": writes["5m"],
+                               "ephemeral_1h_input_tokens": writes["1h"]}}
+        if not bedrock:  # Bedrock names its tier in a header
+            usage["service_tier"] = self._served_tier(doc.get("service_tier"), "standard",
+                                                      ("auto", "standard_only"))
+            if doc.get("service_tier") == "standard_only":
+                usage["service_tier"] = "standard"
         tool_input = {"path": "/tmp/x"}
         stop = "tool_use" if tool else "end_turn"
         if not doc.get("stream"):
@@ -754,6 +786,22 @@ class _Handler(BaseHTTPRequestHandler):
                                                              doc.get("messages")])})
 
 
+def _cache_writes(doc: dict[str, Any]) -> dict[str, int]:
+    """Prompt-cache writes by how long they are kept: the tokens of each block marked with
+    `cache_control` (a first request: nothing is cached yet, so nothing is read)."""
+    writes = {"5m": 0, "1h": 0}
+    system = doc.get("system")
+    blocks = list(system) if isinstance(system, list) else []
+    for message in doc.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        blocks += content if isinstance(content, list) else []
+    for block in blocks:
+        control = block.get("cache_control") if isinstance(block, dict) else None
+        if isinstance(control, dict):
+            writes["1h" if control.get("ttl") == "1h" else "5m"] += _count_tokens(block)
+    return writes
+
+
 def _answer(fake: FakeProvider) -> str:
     if fake.giant_word:
         return "z" * fake.giant_word + " end"
@@ -797,7 +845,7 @@ EVENTSTREAM = "application/vnd.amazon.eventstream"
 # The request fields Bedrock's Converse API takes (anything else is a ValidationException).
 CONVERSE_FIELDS = {"messages", "system", "inferenceConfig", "toolConfig", "guardrailConfig",
                    "additionalModelRequestFields", "promptVariables", "requestMetadata",
-                   "additionalModelResponseFieldPaths", "performanceConfig"}
+                   "additionalModelResponseFieldPaths", "performanceConfig", "serviceTier"}
 
 
 def sigv4_problem(method: str, url: str, headers: dict[str, str], body: bytes,

@@ -34,6 +34,10 @@ def test_price_table_covers_the_documented_models():
     assert prices.lookup("gpt-4o-2024-08-06") == prices.lookup("gpt-4o")
     assert prices.lookup("claude-sonnet-4-5-20250929") == prices.lookup("claude-sonnet-4-5")
     assert prices.lookup("gpt-9-turbo") is None
+    # Only snapshots the catalog names: an invented date is no price, nor a ceiling.
+    assert prices.lookup("claude-sonnet-4-20250514") == prices.lookup("claude-sonnet-4-0")
+    assert prices.lookup("gpt-4o-2099-01-01") is None
+    assert prices.lookup("claude-sonnet-4-5-29990101") is None
 
 
 def test_typo_names_file_line_and_field(config_dir):

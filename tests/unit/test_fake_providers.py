@@ -189,3 +189,38 @@ def test_the_bedrock_fake_serves_converse_to_botocore(bedrock):
     refused = httpx.post(url, content=body, headers=dict(signed.headers))
     assert refused.status_code == 400
     assert refused.headers["x-amzn-errortype"].startswith("ValidationException")
+
+
+def test_the_bedrock_fake_names_its_service_tier_as_botocore_reads_it(bedrock):
+    """InvokeModel in a header, Converse in its body and ConverseStream's metadata event:
+    what botocore parses into `serviceTier`."""
+    client = bedrock_runtime(bedrock)
+    body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 30,
+                       "messages": MESSAGES})
+    assert client.invoke_model(modelId=CLAUDE_ON_BEDROCK, body=body)["serviceTier"] == \
+        "default"
+    assert client.invoke_model(modelId=CLAUDE_ON_BEDROCK, body=body,
+                               serviceTier="priority")["serviceTier"] == "priority"
+    messages = [{"role": "user", "content": [{"text": "hi"}]}]
+    nova = "amazon.nova-lite-v1:0"
+    assert client.converse(modelId=nova, messages=messages, serviceTier={"type": "flex"}
+                           )["serviceTier"] == {"type": "flex"}
+    bedrock.default_tier = "priority"
+    try:
+        streamed = list(client.converse_stream(modelId=nova, messages=messages)["stream"])
+        assert streamed[-1]["metadata"]["serviceTier"] == {"type": "priority"}
+    finally:
+        bedrock.default_tier = None
+
+
+def test_the_anthropic_fake_reports_cache_writes_and_tier_as_the_sdk_reads_them(fake_anthropic):
+    claude = anthropic.Anthropic(base_url=fake_anthropic.url, api_key=fake_anthropic.api_key,
+                                 default_headers={"x-api-key": fake_anthropic.api_key})
+    message = claude.messages.create(
+        model="claude-sonnet-4-5", max_tokens=20, messages=MESSAGES, system=[
+            {"type": "text", "text": "guide " * 400,
+             "cache_control": {"type": "ephemeral", "ttl": "1h"}}])
+    usage = message.usage
+    assert usage.cache_creation.ephemeral_1h_input_tokens == usage.cache_creation_input_tokens
+    assert usage.cache_creation.ephemeral_5m_input_tokens == 0 and usage.input_tokens > 0
+    assert usage.service_tier == "standard"

@@ -202,3 +202,59 @@ def test_bedrock_event_stream_frames_become_anthropic_sse_at_any_split():
     out = EventStreamToSSE().feed(_frame_of(events[0]) + throttled)
     assert b"event: error" in out and b"rate_limit_error" in out and b"Too many tokens" in out
     assert b"could not be read" in EventStreamToSSE().feed(b"\x00" * 16)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_service_tier_is_found_beside_usage_whatever_the_split(seed):
+    body = json.dumps({"id": "x", "service_tier": "flex", "choices": [{"message": {
+        "content": 'quoted "service_tier": "priority" ' * 500}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5}}).encode()
+    meter = ResponseMeter("openai", False)
+    meter.start("application/json", len(body))
+    feed_in_pieces(meter, body, seed, most=7)
+    used = meter.usage()
+    assert (used.service_tier, used.input_tokens, used.output_tokens) == ("flex", 10, 5)
+
+
+def test_a_null_service_tier_is_none_and_the_next_key_is_not_taken_for_it():
+    body = b'{"service_tier": null, "model": "gpt-5", "usage": {"prompt_tokens": 3}}'
+    for size in (1, 2, 3, len(body)):
+        meter = ResponseMeter("openai", False)
+        meter.start("application/json", None)
+        for i in range(0, len(body), size):
+            meter.feed(body[i:i + size])
+        assert meter.usage().service_tier is None and meter.usage().input_tokens == 3
+
+
+def test_converse_tier_object_and_invoke_tier_header():
+    body = json.dumps({"output": {}, "serviceTier": {"type": "priority"},
+                       "usage": {"inputTokens": 3, "outputTokens": 4}}).encode()
+    meter = ResponseMeter("converse", False)
+    meter.start("application/json", len(body))
+    feed_in_pieces(meter, body, 3, most=5)
+    assert meter.usage().service_tier == "priority"
+    invoke = ResponseMeter("anthropic", False)
+    invoke.start("application/json", None, tier="flex")
+    invoke.feed(b'{"usage": {"input_tokens": 3, "output_tokens": 4}}')
+    assert invoke.usage().service_tier == "flex"
+    standard = ResponseMeter("anthropic", False)
+    standard.start("application/json", None, tier="default")
+    standard.feed(b'{"usage": {"input_tokens": 3, "output_tokens": 4}}')
+    assert standard.usage().service_tier is None
+
+
+def test_anthropic_stream_keeps_its_hour_long_cache_writes_through_message_delta():
+    meter = ResponseMeter("anthropic", True)
+    meter.start("text/event-stream", None)
+    start = {"type": "message_start", "message": {"usage": {
+        "input_tokens": 5, "output_tokens": 1, "cache_creation_input_tokens": 100,
+        "cache_creation": {"ephemeral_5m_input_tokens": 30, "ephemeral_1h_input_tokens": 70},
+        "service_tier": "priority"}}}
+    delta = {"type": "message_delta", "usage": {"output_tokens": 9,
+                                                "cache_creation_input_tokens": 100}}
+    for doc in (start, delta, {"type": "message_stop"}):
+        meter.feed(f"event: {doc['type']}\ndata: {json.dumps(doc)}\n\n".encode())
+    used = meter.usage()
+    assert (used.cache_write_tokens, used.cache_write_1h_tokens, used.output_tokens) == \
+        (30, 70, 9)
+    assert used.service_tier == "priority" and used.reported

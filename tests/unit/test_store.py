@@ -385,3 +385,10 @@ def test_a_burst_larger_than_the_connection_pool_waits_for_connections(tmp_path)
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_spend_report_groups_by_price_tier():
+    rows = [row("r1", 100), row("r2", 50), row("r3", 7)]
+    rows[0].tier, rows[1].tier = "priority", "flex"
+    out = {r["tier"]: r["cost_micros"] for r in report(rows, "tier")}
+    assert out == {"priority": 100, "flex": 50, "standard": 7}

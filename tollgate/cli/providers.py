@@ -34,9 +34,11 @@ def _provider_fields(api_key_env: str | None, api_key_file: str | None, base_url
                      rpm: int | None, tpm: int | None, rpd: int | None,
                      fallback_priority: int | None, provider_config: str | None,
                      models: tuple[str, ...], connect_timeout: float | None,
-                     first_byte_timeout: float | None) -> dict[str, Any]:
+                     first_byte_timeout: float | None,
+                     default_service_tier: str | None) -> dict[str, Any]:
     fields: dict[str, Any] = {"name": name, "base_url": base_url, "api_key_env": api_key_env,
                               "api_key_file": api_key_file,
+                              "default_service_tier": default_service_tier,
                               "fallback_priority": fallback_priority,
                               "connect_timeout": connect_timeout,
                               "first_byte_timeout": first_byte_timeout}
@@ -64,6 +66,8 @@ def provider_options(f: Any) -> Any:
         click.option("--connect-timeout", type=float, help="Seconds (fallback: timeout)."),
         click.option("--first-byte-timeout", type=float,
                      help="Seconds to the first response byte (fallback: timeout)."),
+        click.option("--default-service-tier", help="The service tier this account serves "
+                     "requests that name none at (e.g. priority); budgets hold its price."),
     ]):
         f = decorator(f)
     return f

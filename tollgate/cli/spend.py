@@ -207,7 +207,8 @@ def spend() -> None:
               show_default=True)
 @click.pass_context
 def spend_report(ctx: click.Context, by: str, window: str, fmt: str) -> None:
-    """Spend grouped by principal, team, project, virtual key, model or provider."""
+    """Spend grouped by principal, team, project, virtual key, model, provider or price tier
+    (the service tier that served each request, and long context)."""
     period = budget_rules.window(window, datetime.now(UTC))
 
     async def work(store: Store, loaded: Any) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -35,7 +36,8 @@ class LoadedConfig:
         """Every model name the operator wrote down (config, price table, catalog): the
         only ones metrics label series with, so clients cannot grow them."""
         cfg = self.config
-        names = {*self.prices.names(), *self.catalog.models, *self.catalog.referenced()}
+        names = {*self.prices.names(), *self.catalog.models, *self.catalog.referenced(),
+                 *self.catalog.snapshots()}
         names |= {m for p in cfg.model_providers for m in [*p.serves(), *p.prices]}
         for key in cfg.virtual_keys:
             names |= {*key.config.model_aliases, *key.config.model_aliases.values(),
@@ -170,10 +172,11 @@ def validate_document(doc: Any, path: Path) -> LoadedConfig:
             provider.api_key_file = str((path.parent / provider.api_key_file).resolve())
     problems = [Problem(str(path), line_of(doc, loc), field_name(loc), msg)
                 for loc, msg in check_references(config)]
-    prices = load_prices((path.parent / config.gateway.prices).resolve())
+    catalog = load_catalog((path.parent / config.gateway.models).resolve())
+    prices = dataclasses.replace(load_prices((path.parent / config.gateway.prices).resolve()),
+                                 snapshots=catalog.snapshots())
     problems += [Problem(str(path), line_of(doc, loc), field_name(loc), msg)
                  for loc, msg in prices.check_config(config)]
-    catalog = load_catalog((path.parent / config.gateway.models).resolve())
     if config.gateway.unpriced == "block":
         problems += [Problem(str(catalog.path), None, f"models.*.equivalents: {m}",
                              f"model {m!r} has no price in the price table")

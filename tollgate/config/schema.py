@@ -23,6 +23,7 @@ from pydantic import (
 from tollgate.pricing import ModelPrice
 from tollgate.providers import ADAPTERS, TYPES
 from tollgate.rules import RuleError, compiled
+from tollgate.usage import service_tier
 
 ScopeKind = Literal["ORG", "TEAM", "PROJECT"]
 _SCOPE_RE = re.compile(r"^(ORG|TEAM|PROJECT):([A-Za-z0-9_.\-]+)$")
@@ -162,6 +163,9 @@ class ModelProvider(Strict):
     # This provider's own prices (a contract price), USD per 1M tokens; they win over
     # prices.yaml for requests it serves.
     prices: dict[str, ModelPrice] = {}
+    # The service tier this account serves a request that names none at (an OpenAI
+    # project's default, Anthropic Priority Tier capacity): budgets hold its price.
+    default_service_tier: str | None = None
     # Seconds to connect, and to the first response byte, before fallback counts a timeout.
     connect_timeout: float = Field(default=10.0, gt=0)
     first_byte_timeout: float = Field(default=120.0, gt=0)
@@ -173,6 +177,11 @@ class ModelProvider(Strict):
         if not re.match(r"^https?://[^/\s]+(/\S*)?$", v):
             raise ValueError("base_url must be http(s)://host[:port][/prefix]")
         return v.rstrip("/")
+
+    @field_validator("default_service_tier")
+    @classmethod
+    def _default_service_tier(cls, v: str | None) -> str | None:
+        return service_tier(v)  # `default`, `standard`: the model's own price
 
     @field_validator("type")
     @classmethod
