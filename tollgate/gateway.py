@@ -389,6 +389,7 @@ class Gateway:
         providers = {p.id: p for p in cfg.model_providers}
         key_caps = ratelimit.key_limits(key, now)
         passed_over: list[str] = []
+        lowered = 0  # times an `on_breach: cap` budget lowered the output cap (bounded)
         i = -1
         while i + 1 < len(attempts):
             i += 1
@@ -415,12 +416,12 @@ class Gateway:
                 hold, counter = holds[j], granted.counters[j]
                 assert worst is not None  # a reservation with holds has a worst case
                 fits = worst.output_that_fits(hold.limit_micros - counter.committed)
-                if hold.budget.on_breach == "cap" and billing.output_cap is None and \
-                        worst.cap_field and fits >= hold.budget.min_output_tokens:
+                if hold.budget.on_breach == "cap" and lowered < 3 and worst.cap_field and \
+                        hold.budget.min_output_tokens <= fits < worst.output_tokens:
                     # Served with a lower output cap, which this budget can pay for.
-                    billing.output_cap = min(fits, worst.output_tokens)
-                    worst, tokens = worst_case(billing.output_cap)
-                    amount = worst.micros if worst else 0
+                    billing.output_cap = fits
+                    worst, tokens = worst_case(fits)
+                    amount, lowered = (worst.micros if worst else 0), lowered + 1
                     i -= 1  # the same attempt again, for less
                     continue
                 raise budgets.refusal(hold, counter.spent, counter.reserved, worst, now)
@@ -433,6 +434,18 @@ class Gateway:
                 log.info("request %s: provider %s is at its %s cap, passed over for %s",
                          request_id, attempt.provider_id, cap.dimension,
                          attempts[i + 1].provider_id)
+                continue
+            # Under an `on_breach: cap` budget, a TPM limit with room for less output than the
+            # request may write serves it with the output cap that fits.
+            room = ratelimit.tokens_room(over)
+            capping = next((h.budget for h in holds if h.budget.on_breach == "cap"), None)
+            if capping is not None and room is not None and worst is not None and \
+                    worst.cap_field and lowered < 3 and \
+                    capping.min_output_tokens <= room - worst.input_tokens < worst.output_tokens:
+                billing.output_cap = room - worst.input_tokens
+                worst, tokens = worst_case(billing.output_cap)
+                amount, lowered = (worst.micros if worst else 0), lowered + 1
+                i -= 1
                 continue
             # The limit that holds the request back longest (or that it can never fit).
             cap, window = max(by_key or over, key=lambda o: math.inf if o[1].retry_after is None

@@ -104,6 +104,14 @@ class Window:
     retry_after: float | None = None  # refused: seconds until the request would fit
 
 
+def tokens_room(over: list[tuple[Limit, Window]]) -> int | None:
+    """The tokens the refused limits still have room for, when every one is a TPM limit
+    (None: a request or day limit refused it, which a smaller request would not pass)."""
+    if not over or not all(limit.tokens for limit, _ in over):
+        return None
+    return min(limit.limit - window.used for limit, window in over)
+
+
 def reset_after(limit: Limit, newest: float | None, now: float) -> float:
     """Seconds until the window is back to its full limit, its newest entry made at
     `newest` (None: the window is empty)."""

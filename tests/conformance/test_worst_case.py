@@ -122,6 +122,35 @@ def test_a_cap_budget_serves_a_lone_request_with_the_output_it_can_pay_for(gw, f
     assert free.status_code == 200 and "x-langwatch-max-tokens" not in free.headers
 
 
+def test_cap_mode_lowers_the_cap_to_what_the_keys_tpm_has_room_for(gw, fake_openai):
+    """A key's TPM cannot hold gpt-5-mini's 128,000-token ceiling: under an `on_breach: cap`
+    budget the request is served with the output cap its TPM has room for; under a blocking
+    one it is refused with 429, as before."""
+    def key_under(on_breach: str):
+        key = gw.create_key("--tpm", "20000")
+        gw.cli("gateway-budgets", "create", "--name", "tpm-cap", "--scope", "vk", "--vk",
+               key.id, "--limit", "100", "--on-breach", on_breach)
+        gw.wait_for_config()
+        return key
+
+    capped = key_under("cap")
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT, timeout=60,
+                   headers={"authorization": f"Bearer {capped.secret}"})
+    assert r.status_code == 200, r.text[:300]
+    cap = int(r.headers["x-langwatch-max-tokens"])
+    assert 19_000 < cap < 20_000  # the minute's 20,000 tokens, less the input's estimate
+    assert fake_openai.requests[-1].json()["max_completion_tokens"] == cap
+    request_id = r.headers["x-langwatch-request-id"]
+    (row,) = wait_until(lambda: [x for x in ledger(gw.config) if x.request_id == request_id],
+                        timeout=10, what="its row")
+    assert row.output_cap == cap
+
+    blocked = key_under("block")
+    refused = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT, timeout=60,
+                         headers={"authorization": f"Bearer {blocked.secret}"})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
+
+
 def test_a_request_is_held_at_the_price_of_the_tier_that_may_serve_it(gw):
     """Priority costs more: a request that asks for it holds its price, and so does one that
     names no tier once the provider's account serves priority by default."""
