@@ -392,3 +392,28 @@ def test_spend_report_groups_by_price_tier():
     rows[0].tier, rows[1].tier = "priority", "flex"
     out = {r["tier"]: r["cost_micros"] for r in report(rows, "tier")}
     assert out == {"priority": 100, "flex": 50, "standard": 7}
+
+
+def test_a_spooled_settlement_releases_the_holds_it_did_not_charge(tmp_path):
+    """A request that held two budgets and was charged to one (its fallback provider's
+    budget was never reached) settles while Redis is down: the replay releases the other's
+    hold rather than leaving it to its lease."""
+    server = RedisServer(tmp_path / "redis").start()
+    first, other = hold(1.0), hold(1.0, ident="b_2")
+
+    async def scenario():
+        store = Spooled(RedisStore(server.url), tmp_path / "spool.db")
+        assert (await store.reserve("r1", [first, other], 40)).granted
+        server.stop()
+        await store.finish([first.counter], 40, row("r1", 25), released=[other.counter])
+        assert store.pending() == 1
+        server.start()
+        assert await store.flush() == 1
+        counters = await store.counters([first, other])
+        assert [(c.spent, c.reserved) for c in counters] == [(25, 0), (0, 0)]
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()

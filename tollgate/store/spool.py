@@ -38,8 +38,10 @@ class Spooled(Store):
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY "
                         "AUTOINCREMENT, counters TEXT, reserved INTEGER, row TEXT, limits TEXT)")
-        if "limits" not in {c[1] for c in self.db.execute("PRAGMA table_info(spool)")}:
-            self.db.execute("ALTER TABLE spool ADD COLUMN limits TEXT")  # an older spool
+        spooled = {c[1] for c in self.db.execute("PRAGMA table_info(spool)")}
+        for added in ("limits", "released"):  # a spool of an earlier version
+            if added not in spooled:
+                self.db.execute(f"ALTER TABLE spool ADD COLUMN {added} TEXT")
         # Requests this node has in flight: written ahead on its own disk.
         self.db.execute("CREATE TABLE IF NOT EXISTS inflight (request_id TEXT PRIMARY KEY, "
                         "pid INTEGER NOT NULL, row TEXT NOT NULL, counters TEXT)")
@@ -86,11 +88,13 @@ class Spooled(Store):
     async def flush(self) -> int:
         """Replay spooled requests until the store refuses; returns how many went through."""
         done = 0
-        for ident, counters, reserved, row, limits in self.db.execute(
-                "SELECT id, counters, reserved, row, limits FROM spool ORDER BY id").fetchall():
+        for ident, counters, reserved, row, limits, released in self.db.execute(
+                "SELECT id, counters, reserved, row, limits, released FROM spool ORDER BY id"
+        ).fetchall():
             await self.inner.finish(json.loads(counters), reserved,
                                     LedgerRow.from_dict(json.loads(row)),
-                                    LimitSettlement(**json.loads(limits)) if limits else None)
+                                    LimitSettlement(**json.loads(limits)) if limits else None,
+                                    json.loads(released) if released else None)
             self.db.execute("DELETE FROM spool WHERE id = ?", (ident,))
             done += 1
         if done:
@@ -115,10 +119,11 @@ class Spooled(Store):
                 await self.flush()  # keep the ledger in order
             await self.inner.finish(counters, reserved, row, limits, released)
         except StoreUnavailable as e:
-            self.db.execute("INSERT INTO spool (counters, reserved, row, limits) VALUES "
-                            "(?, ?, ?, ?)", (json.dumps(counters), reserved,
-                                             json.dumps(row.to_dict()),
-                                             json.dumps(asdict(limits)) if limits else None))
+            self.db.execute("INSERT INTO spool (counters, reserved, row, limits, released) "
+                            "VALUES (?, ?, ?, ?, ?)", (
+                                json.dumps(counters), reserved, json.dumps(row.to_dict()),
+                                json.dumps(asdict(limits)) if limits else None,
+                                json.dumps(released) if released else None))
             log.warning("state store unavailable (%s); request %s spooled for replay", e,
                         row.request_id)
 
