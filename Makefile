@@ -4,7 +4,7 @@ LISTEN ?= 127.0.0.1:8080
 ADMIN ?= 127.0.0.1:9464
 VENV := .venv/bin
 
-.PHONY: run test lint bench soak bootstrap
+.PHONY: run test lint bench bench-quick soak bootstrap
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -23,8 +23,13 @@ lint: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 
+# The sequential figures against bench/baseline.json (flags any 15% worse), then the rest.
 bench: bootstrap
+	$(VENV)/python -m bench.quick --requests 1000
 	$(VENV)/python -m bench
+
+bench-quick: bootstrap
+	$(VENV)/python -m bench.quick
 
 soak: bootstrap
 	$(VENV)/python -m bench.soak

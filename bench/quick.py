@@ -1,0 +1,263 @@
+"""The sidecar's cost per request, side by side with the proxies it lives in, in one run.
+
+    python -m bench.quick [--requests 400] [--update-baseline] [--baseline bench/baseline.json]
+
+A fake OpenAI provider runs in its own process. The same chat-completions request is sent
+sequentially, with keep-alive, to: the provider directly; plain Envoy (a static route to
+it); mitmdump (reverse proxy, bodies streamed); and each tollgate host on the governed
+profile (one key with a model allowlist, one blocking org budget, SQLite state). Requests
+go round-robin across the paths, so the machine's drift weighs on all alike.
+
+Prints p50/p99, what each path adds over the direct call, and the CPU each path's
+processes spent per request (Envoy and ext_proc together for the Envoy host). Then the
+figures that matter as ratios to references of the same run (tollgate's p50 to the direct
+call's and to the plain proxy's, its CPU to the provider's), compared with the committed
+baseline (`bench/baseline.json`): any more than 15% worse is flagged (exit status 1).
+`--update-baseline` rewrites the baseline from this run: commit it with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.latency import BODY, PROVIDER_KEY, _Url, new_key, own_state, percentile, start_fake
+from extproc.runner import envoy_binary
+from tests.conftest import make_config
+from tests.harness import GatewayProcess, free_port, tollgate, wait_until
+
+BASELINE = Path(__file__).with_name("baseline.json")
+TOLERANCE = 0.15  # a figure this much worse than the baseline is flagged
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def plain_envoy(workdir: Path, upstream: int) -> tuple[subprocess.Popen[bytes], str]:
+    """Envoy with one static route to the provider: what a sidecar costs with no decisions."""
+    port, admin = free_port(), free_port()
+    bootstrap = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{"name": "plain", "address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                 "http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "plain",
+                        "route_config": {"virtual_hosts": [{
+                            "name": "all", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"},
+                                        "route": {"cluster": "provider", "timeout": "60s"}}]}]},
+                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                                     "router.v3.Router"}}]}}]}]}],
+            "clusters": [{"name": "provider", "type": "STATIC", "connect_timeout": "1s",
+                          "load_assignment": {"cluster_name": "provider", "endpoints": [{
+                              "lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                                  "address": "127.0.0.1", "port_value": upstream}}}}]}]}}]}}
+    path = workdir / "plain-envoy.json"
+    path.write_text(json.dumps(bootstrap))
+    proc = subprocess.Popen([envoy_binary(), "-c", str(path), "--disable-hot-restart",
+                             "--log-level", "error", "--base-id", str(free_port())],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _answers(url), timeout=20, what="plain Envoy")
+    return proc, url
+
+
+def plain_mitmdump(upstream: int) -> tuple[subprocess.Popen[bytes], str]:
+    """mitmdump as a reverse proxy with streamed bodies, no addon."""
+    port = free_port()
+    mitmdump = Path(sys.executable).with_name("mitmdump")
+    proc = subprocess.Popen([str(mitmdump), "-q", "--mode",
+                             f"reverse:http://127.0.0.1:{upstream}", "--listen-host",
+                             "127.0.0.1", "--listen-port", str(port),
+                             "--set", "stream_large_bodies=1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _answers(url), timeout=20, what="mitmdump")
+    return proc, url
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v1/models", timeout=1).status_code == 401
+    except httpx.HTTPError:
+        return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of a process and all its descendants (Envoy and ext_proc)."""
+    total, stack = 0.0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+            for task in Path(f"/proc/{p}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+async def round_robin(paths: dict[str, tuple[str, dict[str, str]]], n: int,
+                      pids: dict[str, int]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """`n` sequential requests per path, one path after the other in turn: each one's time
+    (ms), and the CPU seconds each path's processes (`pids`) spent on them."""
+    clients = {name: httpx.AsyncClient(timeout=30) for name in paths}
+    try:
+        for _ in range(20):  # warm connections and caches
+            for name, (url, headers) in paths.items():
+                await clients[name].post(url, content=BODY, headers=headers)
+        before = {k: cpu_seconds(p) for k, p in pids.items()}
+        out: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(n):
+            for name, (url, headers) in paths.items():
+                t0 = time.perf_counter()
+                r = await clients[name].post(url, content=BODY, headers=headers)
+                out[name].append((time.perf_counter() - t0) * 1000)
+                assert r.status_code == 200, f"{name}: {r.status_code} {r.text[:200]}"
+        return out, {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+    finally:
+        for c in clients.values():
+            await c.aclose()
+
+
+def governed(config: Path) -> str:
+    """The governed profile: a key with a model allowlist, under a blocking org budget."""
+    tollgate("gateway-budgets", "create", "--name", "bench", "--scope", "org", "--org",
+             "acme", "--limit", "1000000", "--on-breach", "block", config=config)
+    return new_key(config, "--models-allowed", "gpt-5-mini")
+
+
+def figures(times: dict[str, list[float]], cpu: dict[str, float], n: int) -> dict[str, float]:
+    """The figures compared with the baseline, all lower-is-better ratios to references
+    measured in the same run, so that a slower machine (or a slower hour of a shared one)
+    moves the references as much as tollgate: latency to the direct call's p50 and to the
+    plain proxy's, CPU to the provider's (the same Python, HTTP and JSON work per request).
+    p99 is printed, not compared: a few hundred requests on a shared machine move it by
+    half."""
+    p50 = {k: statistics.median(v) for k, v in times.items()}
+    per_request = {k: v / n for k, v in cpu.items()}
+    per_request["provider"] /= len(times)  # it served every path's requests
+    out: dict[str, float] = {}
+    for host, plain in (("envoy", "plain envoy"), ("mitmproxy", "mitmdump")):
+        name = f"tollgate {host}"
+        if name not in times:
+            continue
+        out[f"{host}: p50 / direct p50"] = p50[name] / p50["direct"]
+        out[f"{host}: p50 / {plain} p50"] = p50[name] / p50[plain]
+        out[f"{host}: CPU / provider CPU"] = per_request[name] / per_request["provider"]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def compare(now: dict[str, float], baseline: dict[str, float]) -> list[str]:
+    """Figures more than TOLERANCE worse than the baseline."""
+    return [f"{name}: {value:.3f}, baseline {baseline[name]:.3f} "
+            f"(+{(value / baseline[name] - 1) * 100:.0f}%)"
+            for name, value in now.items()
+            if name in baseline and value > baseline[name] * (1 + TOLERANCE)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--hosts", default="envoy,mitmproxy")
+    parser.add_argument("--baseline", type=Path, default=BASELINE)
+    parser.add_argument("--update-baseline", action="store_true")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="Rounds measured; each figure is their median (use 3 or more "
+                             "with --update-baseline).")
+    args = parser.parse_args()
+
+    os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
+    os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
+    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
+    workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-quick-"))
+    fake_port = free_port()
+    procs: list[subprocess.Popen[bytes]] = [start_fake(fake_port)]
+    gateways: list[GatewayProcess] = []
+    direct = f"http://127.0.0.1:{fake_port}"
+    provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
+    try:
+        envoy, envoy_url = plain_envoy(workdir, fake_port)
+        mitm, mitm_url = plain_mitmdump(fake_port)
+        procs += [envoy, mitm]
+        config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
+        secret = governed(config)
+        paths = {"direct": (direct, provider), "plain envoy": (envoy_url, provider),
+                 "mitmdump": (mitm_url, provider)}
+        pids = {"provider": procs[0].pid, "plain envoy": envoy.pid, "mitmdump": mitm.pid}
+        for host in args.hosts.split(","):
+            gw = GatewayProcess(host, own_state(config, host), workdir).start()
+            gateways.append(gw)
+            paths[f"tollgate {host}"] = (gw.url, {"authorization": f"Bearer {secret}"})
+            pids[f"tollgate {host}"] = gw.proc.pid
+        paths = {k: (f"{url}/v1/chat/completions", h) for k, (url, h) in paths.items()}
+        rounds = [asyncio.run(round_robin(paths, args.requests, pids))
+                  for _ in range(args.runs)]
+        times, cpu = rounds[-1]
+    finally:
+        for gw in gateways:
+            gw.stop()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+    n = args.requests
+    print(f"\n{n} sequential requests per path, round-robin; {os.cpu_count()} cores; ms"
+          f"{f' (the last of {args.runs} rounds)' if args.runs > 1 else ''}\n")
+    base50, base99 = statistics.median(times["direct"]), percentile(times["direct"], 0.99)
+    header = f"{'path':<20} {'p50':>7} {'p99':>7} {'+p50':>7} {'+p99':>7} {'CPU/req':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, values in times.items():
+        p50, p99 = statistics.median(values), percentile(values, 0.99)
+        spent = cpu[name] / n if name in cpu else cpu["provider"] / n / len(times)
+        spent = f"{spent * 1000:>8.3f}"
+        print(f"{name:<20} {p50:>7.3f} {p99:>7.3f} {p50 - base50:>+7.3f} {p99 - base99:>+7.3f} "
+              f"{spent}")
+    each = [figures(t, c, n) for t, c in rounds]
+    now = {name: statistics.median(f[name] for f in each) for name in each[0]}
+    print("\n(CPU/req of `direct`: the provider's own, per request it served.)\n\n"
+          "Figures (ratios to this run's references; lower is better):\n")
+    baseline: dict[str, float] = {}
+    if args.baseline.exists():
+        baseline = json.loads(args.baseline.read_text())["figures"]
+    for name, value in now.items():
+        before = baseline.get(name)
+        vs = f"  baseline {before:.3f} ({value / before:.2f}x)" if before else ""
+        print(f"  {name:<34} {value:>7.3f}{vs}")
+    if args.update_baseline:
+        args.baseline.write_text(json.dumps({
+            "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
+                       f"Python {platform.python_version()}",
+            "requests": n, "runs": args.runs, "figures": now}, indent=2) + "\n")
+        print(f"\nbaseline written to {args.baseline}: commit it with the reason")
+        return 0
+    worse = compare(now, baseline)
+    if worse:
+        print(f"\nWORSE than the baseline by more than {TOLERANCE:.0%}:")
+        for line in worse:
+            print(f"  {line}")
+        return 1
+    print(f"\nwithin {TOLERANCE:.0%} of the baseline" if baseline else "\nno baseline yet")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
