@@ -417,3 +417,40 @@ def test_a_spooled_settlement_releases_the_holds_it_did_not_charge(tmp_path):
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_a_ledger_and_spool_of_an_earlier_version_gain_the_new_columns(tmp_path):
+    """A state file written before rows had a code, fallbacks, an output cap, hour-long
+    cache writes or a price tier (and a spool before `limits` and `released`) opens, keeps
+    its rows, and records the new fields."""
+    old = sqlite3.connect(tmp_path / "state.db")
+    old.execute("CREATE TABLE ledger (request_id TEXT PRIMARY KEY, ts TEXT NOT NULL, "
+                "key_id TEXT, key_name TEXT, principal TEXT, org TEXT, team TEXT, "
+                "project TEXT, provider TEXT, model TEXT, route TEXT, input_tokens INTEGER, "
+                "output_tokens INTEGER, cached_input_tokens INTEGER, cache_write_tokens "
+                "INTEGER, reasoning_tokens INTEGER, cost_micros INTEGER, usage_reported "
+                "INTEGER, status INTEGER, outcome TEXT, latency_ms REAL, fallback_count "
+                "INTEGER)")
+    old.execute("INSERT INTO ledger (request_id, ts, route, cost_micros, outcome, "
+                "usage_reported) VALUES ('r0', ?, 'chat_completions', 5, 'completed', 1)",
+                (NOW.isoformat(),))
+    old.commit()
+    old.close()
+    spool = sqlite3.connect(tmp_path / "spool.db")
+    spool.execute("CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, counters TEXT, "
+                  "reserved INTEGER, row TEXT)")
+    spool.commit()
+    spool.close()
+
+    async def scenario():
+        store = Spooled(SQLiteStore(tmp_path / "state.db"), tmp_path / "spool.db")
+        new = row("r1", 30)
+        new.tier, new.cache_write_tokens, new.cache_write_1h_tokens = "priority", 9, 4
+        await store.finish([], 0, new, released=["b_9:2026-11"])
+        rows = {r.request_id: r for r in await store.rows()}
+        assert (rows["r0"].cost_micros, rows["r0"].tier, rows["r0"].cache_write_1h_tokens) == \
+            (5, None, 0)
+        assert (rows["r1"].tier, rows["r1"].cache_write_1h_tokens) == ("priority", 4)
+        await store.close()
+
+    asyncio.run(scenario())
