@@ -313,11 +313,14 @@ class RedisStore(Store):
         self.ledger_max_rows = ledger_max_rows
         self._settled = 0
         # A burst waits for one of a bounded set of connections (redis-py's default pool fails
-        # past 100, which would refuse requests fail-closed while Redis is healthy). The URL's
-        # query (`?max_connections=`, `?timeout=`, `?socket_timeout=`) overrides these.
+        # past 100, which would refuse requests fail-closed while Redis is healthy). Timeouts
+        # run on the event loop's clock: a burst opening dozens of connections on a busy loop
+        # takes longer than the wire does, so connecting gets 3 s (a stopped Redis refuses at
+        # once). The URL's query (`?max_connections=`, `?timeout=`, `?socket_timeout=`,
+        # `?socket_connect_timeout=`) overrides these.
         self.client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_SECONDS,
-            socket_connect_timeout=1, socket_timeout=2, health_check_interval=5))
+            socket_connect_timeout=3, socket_timeout=2, health_check_interval=5))
         self._reserve = self.client.register_script(RESERVE)
         self._counters = self.client.register_script(COUNTERS)
         self._renew = self.client.register_script(RENEW)
