@@ -127,6 +127,21 @@ class WorstCase:
         return int(room // self.price.output)
 
 
+# How many times one request's output cap may be lowered (each retry is a store round trip).
+MAX_LOWERINGS = 3
+
+
+def lowered_cap(budget: Budget | None, worst: WorstCase | None, fits: int, lowered: int
+                ) -> int | None:
+    """The lower output cap an `on_breach: cap` budget serves a request with, when `fits`
+    output tokens are what its remaining money or TPM can pay for; None: refuse it (no cap
+    budget, no cap field, below the budget's floor, no lower than now, or lowered enough)."""
+    if budget is None or budget.on_breach != "cap" or worst is None or not worst.cap_field \
+            or lowered >= MAX_LOWERINGS:
+        return None
+    return fits if budget.min_output_tokens <= fits < worst.output_tokens else None
+
+
 def refusal(hold: Hold, spent: int, reserved: int, worst: WorstCase, now: datetime
             ) -> GatewayError:
     """A blocking budget that cannot hold the request's worst case: what it could cost, what

@@ -358,7 +358,7 @@ class Gateway:
         input_estimate += self._unseen_input_allowance(loaded, key, body, attempts)
         requested_cap = bodies.output_cap(route, body.doc)
         requested_tier = bodies.requested_tier(body.doc)
-        default_tiers = {p.id: p.default_service_tier for p in cfg.model_providers}
+        providers = {p.id: p for p in cfg.model_providers}
 
         def worst_case(cap: int | None) -> tuple[budgets.WorstCase | None, int]:
             """The dearest attempt's worst case, and the most tokens any attempt may use,
@@ -372,7 +372,7 @@ class Gateway:
                 # The tier it asks for, else the one the provider's account serves by default.
                 held, tier = price.served(Usage(
                     input_tokens=input_estimate,
-                    service_tier=requested_tier or default_tiers.get(a.provider_id)))
+                    service_tier=requested_tier or providers[a.provider_id].default_service_tier))
                 cases.append(budgets.WorstCase(
                     a.model, held, input_estimate, out, cap is not None,
                     bodies.output_cap_field(route, body.doc), tier))
@@ -386,7 +386,6 @@ class Gateway:
         billing = Billing(price=price, lineage=lineage(cfg, key.scope),
                           estimated_input_tokens=math.ceil(len(req.body) / 4))
         now = datetime.now(UTC)
-        providers = {p.id: p for p in cfg.model_providers}
         key_caps = ratelimit.key_limits(key, now)
         passed_over: list[str] = []
         lowered = 0  # times an `on_breach: cap` budget lowered the output cap (bounded)
@@ -416,43 +415,41 @@ class Gateway:
                 hold, counter = holds[j], granted.counters[j]
                 assert worst is not None  # a reservation with holds has a worst case
                 fits = worst.output_that_fits(hold.limit_micros - counter.committed)
-                if hold.budget.on_breach == "cap" and lowered < 3 and worst.cap_field and \
-                        hold.budget.min_output_tokens <= fits < worst.output_tokens:
-                    # Served with a lower output cap, which this budget can pay for.
-                    billing.output_cap = fits
-                    worst, tokens = worst_case(fits)
-                    amount, lowered = (worst.micros if worst else 0), lowered + 1
-                    i -= 1  # the same attempt again, for less
+                new_cap = budgets.lowered_cap(hold.budget, worst, fits, lowered)
+                if new_cap is None:
+                    raise budgets.refusal(hold, counter.spent, counter.reserved, worst, now)
+            else:
+                over = [(limits[j], granted.windows[j]) for j in granted.refused_limits]
+                by_key = [o for o in over if o[0].scope == "key"]
+                if not by_key and "rate_limit" in key.config.fallback.on and \
+                        i + 1 < len(attempts):
+                    cap = over[0][0]
+                    passed_over.append(
+                        f"{attempt.provider_id}:rate_limit ({cap.dimension} {cap.limit})")
+                    log.info("request %s: provider %s is at its %s cap, passed over for %s",
+                             request_id, attempt.provider_id, cap.dimension,
+                             attempts[i + 1].provider_id)
                     continue
-                raise budgets.refusal(hold, counter.spent, counter.reserved, worst, now)
-            over = [(limits[j], granted.windows[j]) for j in granted.refused_limits]
-            by_key = [o for o in over if o[0].scope == "key"]
-            if not by_key and "rate_limit" in key.config.fallback.on and i + 1 < len(attempts):
-                cap = over[0][0]
-                passed_over.append(
-                    f"{attempt.provider_id}:rate_limit ({cap.dimension} {cap.limit})")
-                log.info("request %s: provider %s is at its %s cap, passed over for %s",
-                         request_id, attempt.provider_id, cap.dimension,
-                         attempts[i + 1].provider_id)
-                continue
-            # Under an `on_breach: cap` budget, a TPM limit with room for less output than the
-            # request may write serves it with the output cap that fits.
-            room = ratelimit.tokens_room(over)
-            capping = next((h.budget for h in holds if h.budget.on_breach == "cap"), None)
-            if capping is not None and room is not None and worst is not None and \
-                    worst.cap_field and lowered < 3 and \
-                    capping.min_output_tokens <= room - worst.input_tokens < worst.output_tokens:
-                billing.output_cap = room - worst.input_tokens
-                worst, tokens = worst_case(billing.output_cap)
-                amount, lowered = (worst.micros if worst else 0), lowered + 1
-                i -= 1
-                continue
-            # The limit that holds the request back longest (or that it can never fit).
-            cap, window = max(by_key or over, key=lambda o: math.inf if o[1].retry_after is None
-                              else o[1].retry_after)
-            err = ratelimit.refusal(cap, window, cap.amount(tokens), clock)
-            err.headers = {**rate_headers, **err.headers}
-            raise err
+                # Under an `on_breach: cap` budget, a TPM limit with room for less output
+                # than the request may write serves it with the output cap that fits.
+                room = ratelimit.tokens_room(over)
+                capping = next((h.budget for h in holds if h.budget.on_breach == "cap"), None)
+                new_cap = None if room is None or worst is None else budgets.lowered_cap(
+                    capping, worst, room - worst.input_tokens, lowered)
+                if new_cap is None:
+                    # The limit that holds the request back longest (or that it can never
+                    # fit).
+                    cap, window = max(by_key or over, key=lambda o: math.inf
+                                      if o[1].retry_after is None else o[1].retry_after)
+                    err = ratelimit.refusal(cap, window, cap.amount(tokens), clock)
+                    err.headers = {**rate_headers, **err.headers}
+                    raise err
+            # Served with a lower output cap, which the budget or TPM can pay for: the same
+            # attempt again, for less.
+            billing.output_cap = new_cap
+            worst, tokens = worst_case(new_cap)
+            amount, lowered = (worst.micros if worst else 0), lowered + 1
+            i -= 1
         # The provider admitted may not be the first (one at its cap was passed over).
         billing.price = loaded.prices.lookup(attempt.model, attempt.prices) or billing.price
         if granted is not None:
