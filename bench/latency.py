@@ -53,6 +53,16 @@ def start_fake(port: int, chunk_delay: float = 0.0) -> subprocess.Popen[bytes]:
     return proc
 
 
+def bench_setup(prefix: str) -> tuple[Path, int, subprocess.Popen[bytes]]:
+    """The environment the gateways read, a working directory, and the fake provider
+    running in its own process on the returned port."""
+    os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
+    os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
+    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
+    port = free_port()
+    return Path(tempfile.mkdtemp(prefix=prefix)), port, start_fake(port)
+
+
 def own_state(config: Path, name: str) -> Path:
     """The config beside `config` with a state file of its own: rate limits on SQLite are
     kept by the one process serving the file, so each gateway measured has its own."""
@@ -186,12 +196,7 @@ def main() -> None:
     parser.add_argument("--hosts", default="envoy,mitmproxy")
     args = parser.parse_args()
 
-    os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
-    os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
-    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
-    workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
-    fake_port = free_port()
-    fake = start_fake(fake_port)
+    workdir, fake_port, fake = bench_setup("tollgate-bench-")
     direct = f"http://127.0.0.1:{fake_port}"
     config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
     # A provider nobody listens for: connections to it are refused.

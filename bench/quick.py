@@ -26,13 +26,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.latency import BODY, PROVIDER_KEY, _Url, new_key, own_state, percentile, start_fake
+from bench.latency import BODY, PROVIDER_KEY, _Url, bench_setup, new_key, own_state, percentile
 from extproc.runner import envoy_binary
 from tests.conftest import make_config
 from tests.harness import GatewayProcess, free_port, tollgate, wait_until
@@ -184,12 +183,8 @@ def main() -> int:
                              "with --update-baseline).")
     args = parser.parse_args()
 
-    os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
-    os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
-    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
-    workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-quick-"))
-    fake_port = free_port()
-    procs: list[subprocess.Popen[bytes]] = [start_fake(fake_port)]
+    workdir, fake_port, fake = bench_setup("tollgate-bench-quick-")
+    procs: list[subprocess.Popen[bytes]] = [fake]
     gateways: list[GatewayProcess] = []
     direct = f"http://127.0.0.1:{fake_port}"
     provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
