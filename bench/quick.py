@@ -5,8 +5,10 @@
 A fake OpenAI provider runs in its own process. The same chat-completions request is sent
 sequentially, with keep-alive, to: the provider directly; plain Envoy (a static route to
 it); mitmdump (reverse proxy, bodies streamed); and each tollgate host on the governed
-profile (one key with a model allowlist, one blocking org budget, SQLite state). Requests
-go round-robin across the paths, so the machine's drift weighs on all alike.
+profile (one key with a model allowlist, one blocking org budget, SQLite state); each
+request is followed by the same one streamed as the OpenAI SDK sends it by default (no
+`stream_options`), timed to its first and last body byte. Requests go round-robin across
+the paths, so the machine's drift weighs on all alike.
 
 Prints p50/p99, what each path adds over the direct call, and the CPU each path's
 processes spent per request (Envoy and ext_proc together for the Envoy host). Then the
@@ -39,6 +41,9 @@ from tests.harness import GatewayProcess, free_port, tollgate, wait_until
 BASELINE = Path(__file__).with_name("baseline.json")
 TOLERANCE = 0.15  # a figure this much worse than the baseline is flagged
 TICKS = os.sysconf("SC_CLK_TCK")
+# The OpenAI SDK's default stream: no `stream_options`, so a governed gateway asks for the
+# usage chunk upstream and keeps it from the client.
+STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}).encode()
 
 
 def plain_envoy(workdir: Path, upstream: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -112,23 +117,44 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+async def _streamed(client: httpx.AsyncClient, name: str, url: str,
+                    headers: dict[str, str]) -> tuple[float, float]:
+    """Time to the first body byte and to the last (ms) of one streamed completion."""
+    t0 = time.perf_counter()
+    first = None
+    async with client.stream("POST", url, content=STREAM_BODY, headers=headers) as r:
+        assert r.status_code == 200, f"{name}: {r.status_code}"
+        async for chunk in r.aiter_raw():
+            if first is None and chunk:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return ((first or end) - t0) * 1000, (end - t0) * 1000
+
+
 async def round_robin(paths: dict[str, tuple[str, dict[str, str]]], n: int,
                       pids: dict[str, int]) -> tuple[dict[str, list[float]], dict[str, float]]:
     """`n` sequential requests per path, one path after the other in turn: each one's time
-    (ms), and the CPU seconds each path's processes (`pids`) spent on them."""
+    (ms, under the path's name), the streamed request's times to its first and last byte
+    (`<path> sse first`, `<path> sse total`), and the CPU seconds each path's processes
+    (`pids`) spent on them all."""
     clients = {name: httpx.AsyncClient(timeout=30) for name in paths}
     try:
         for _ in range(20):  # warm connections and caches
             for name, (url, headers) in paths.items():
                 await clients[name].post(url, content=BODY, headers=headers)
+                await _streamed(clients[name], name, url, headers)
         before = {k: cpu_seconds(p) for k, p in pids.items()}
         out: dict[str, list[float]] = {name: [] for name in paths}
+        out |= {f"{name} sse {part}": [] for name in paths for part in ("first", "total")}
         for _ in range(n):
             for name, (url, headers) in paths.items():
                 t0 = time.perf_counter()
                 r = await clients[name].post(url, content=BODY, headers=headers)
                 out[name].append((time.perf_counter() - t0) * 1000)
                 assert r.status_code == 200, f"{name}: {r.status_code} {r.text[:200]}"
+                first, total = await _streamed(clients[name], name, url, headers)
+                out[f"{name} sse first"].append(first)
+                out[f"{name} sse total"].append(total)
         return out, {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
     finally:
         for c in clients.values():
@@ -151,7 +177,7 @@ def figures(times: dict[str, list[float]], cpu: dict[str, float], n: int) -> dic
     half."""
     p50 = {k: statistics.median(v) for k, v in times.items()}
     per_request = {k: v / n for k, v in cpu.items()}
-    per_request["provider"] /= len(times)  # it served every path's requests
+    per_request["provider"] /= len(cpu)  # it served every path's requests
     out: dict[str, float] = {}
     for host, plain in (("envoy", "plain envoy"), ("mitmproxy", "mitmdump")):
         name = f"tollgate {host}"
@@ -160,6 +186,9 @@ def figures(times: dict[str, list[float]], cpu: dict[str, float], n: int) -> dic
         out[f"{host}: p50 / direct p50"] = p50[name] / p50["direct"]
         out[f"{host}: p50 / {plain} p50"] = p50[name] / p50[plain]
         out[f"{host}: CPU / provider CPU"] = per_request[name] / per_request["provider"]
+        for part, what in (("first", "first byte"), ("total", "last byte")):
+            out[f"{host}: SSE {what} / {plain}"] = \
+                p50[f"{name} sse {part}"] / p50[f"{plain} sse {part}"]
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -214,21 +243,32 @@ def main() -> int:
             proc.wait(10)
 
     n = args.requests
-    print(f"\n{n} sequential requests per path, round-robin; {os.cpu_count()} cores; ms"
-          f"{f' (the last of {args.runs} rounds)' if args.runs > 1 else ''}\n")
+    print(f"\n{n} sequential requests per path and kind, round-robin; {os.cpu_count()} cores; "
+          f"ms{f' (the last of {args.runs} rounds)' if args.runs > 1 else ''}\n")
     base50, base99 = statistics.median(times["direct"]), percentile(times["direct"], 0.99)
-    header = f"{'path':<20} {'p50':>7} {'p99':>7} {'+p50':>7} {'+p99':>7} {'CPU/req':>8}"
+    header = f"{'JSON answer':<20} {'p50':>7} {'p99':>7} {'+p50':>7} {'+p99':>7} {'CPU/req':>8}"
     print(header)
     print("-" * len(header))
-    for name, values in times.items():
+    for name in cpu:
+        values = times["direct" if name == "provider" else name]
         p50, p99 = statistics.median(values), percentile(values, 0.99)
-        spent = cpu[name] / n if name in cpu else cpu["provider"] / n / len(times)
-        spent = f"{spent * 1000:>8.3f}"
-        print(f"{name:<20} {p50:>7.3f} {p99:>7.3f} {p50 - base50:>+7.3f} {p99 - base99:>+7.3f} "
-              f"{spent}")
+        spent = cpu[name] / n / (len(cpu) if name == "provider" else 1)
+        print(f"{'direct' if name == 'provider' else name:<20} {p50:>7.3f} {p99:>7.3f} "
+              f"{p50 - base50:>+7.3f} {p99 - base99:>+7.3f} {spent * 1000:>8.3f}")
+    first0 = statistics.median(times["direct sse first"])
+    total0 = statistics.median(times["direct sse total"])
+    header = f"{'stream (SSE)':<20} {'first':>7} {'+first':>7} {'last':>7} {'+last':>7}"
+    print(f"\n{header}\n{'-' * len(header)}")
+    for name in cpu:
+        name = "direct" if name == "provider" else name
+        first = statistics.median(times[f"{name} sse first"])
+        total = statistics.median(times[f"{name} sse total"])
+        print(f"{name:<20} {first:>7.3f} {first - first0:>+7.3f} {total:>7.3f} "
+              f"{total - total0:>+7.3f}")
     each = [figures(t, c, n) for t, c in rounds]
     now = {name: statistics.median(f[name] for f in each) for name in each[0]}
-    print("\n(CPU/req of `direct`: the provider's own, per request it served.)\n\n"
+    print("\n(CPU/req: a JSON answer and a stream together; `direct`: the provider's own, per "
+          "pair it served.)\n\n"
           "Figures (ratios to this run's references; lower is better):\n")
     baseline: dict[str, float] = {}
     if args.baseline.exists():
@@ -236,7 +276,7 @@ def main() -> int:
     for name, value in now.items():
         before = baseline.get(name)
         vs = f"  baseline {before:.3f} ({value / before:.2f}x)" if before else ""
-        print(f"  {name:<34} {value:>7.3f}{vs}")
+        print(f"  {name:<40} {value:>7.3f}{vs}")
     if args.update_baseline:
         args.baseline.write_text(json.dumps({
             "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
