@@ -1,14 +1,19 @@
 """Envoy configuration rendered from the gateway config.
 
-Two ext_proc filters sit in front of the router:
-- `tollgate.decide`: request headers, then the BUFFERED body, go to ext_proc. The header
-  message is acknowledged at once (or refused, for an oversized body); the decision rides on
-  the body answer: header and body mutations (credentials, :authority, :path, the provider's
-  cluster, content-length) or an immediate response. Envoy's
-  `send_body_without_waiting_for_header_response` would save the acknowledgement, but it only
-  works for STREAMED bodies, which lose their content-length on the way upstream.
+Filters in front of the router:
+- `tollgate.decide`: request headers and body go to ext_proc as they arrive
+  (FULL_DUPLEX_STREAMED), without waiting for an answer to the headers; one decision answers
+  both: header changes (credentials, :authority, :path, the provider's cluster,
+  content-length, which `allow_content_length_header` keeps) and the body to send, or an
+  immediate response. The mode is static (switched at run time, Envoy skips the first
+  chunk), the decision ignores anything after the body's end (Envoy may repeat the last
+  chunk of a large body), and a body over `gateway.max_body_bytes` is refused as it
+  arrives.
 - `tollgate.tap`: in observability mode, response headers and streamed body chunks are copied
   to ext_proc for accounting without holding a byte back.
+- `tollgate.rewrite` (ext_proc) edits the responses the gateway reshapes (translations), and
+  `tollgate.usage_cut` (Lua, in Envoy) keeps a usage chunk the gateway asked for out of a
+  stream it does not otherwise edit; each is idle for every other response.
 
 The gateway's response headers come from dynamic metadata that the decision filter sets, so no
 round trip is spent on the response path. One cluster per model provider; the decision picks
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,9 +42,10 @@ from tollgate.request import MAX_HEADER_BYTES
 CLUSTER_HEADER = "x-tollgate-cluster"
 # Set by the decision on requests with a fallback plan: their route retries.
 FALLBACK_HEADER = "x-tollgate-fallback"
-# Set by the decision on requests whose response the gateway must edit (a usage chunk it
-# asked for, a translation between API families); it routes them through the
-# `tollgate.rewrite` filter, which stays off for everything else.
+# Set by the decision on requests whose response the gateway reshapes (a translation between
+# API families, reframed events, errors in the client's family); it routes them through the
+# `tollgate.rewrite` filter, which stays off for everything else. A usage chunk the gateway
+# asked for in a stream it does not reshape is cut by `tollgate.usage_cut` instead.
 REWRITE_HEADER = "x-tollgate-rewrite"
 EXTPROC_CLUSTER = "tollgate_extproc"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"  # its gRPC health name
@@ -60,6 +67,7 @@ HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_mana
       "HttpConnectionManager"
 EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3." \
                      "ExtProcPerRoute"
 TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -320,12 +328,13 @@ def _ext_proc(name: str, extra: dict[str, Any]) -> dict[str, Any]:
 def http_filters() -> list[dict[str, Any]]:
     decide = _ext_proc("tollgate.decide", {
         "processing_mode": {
-            "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+            "request_header_mode": "SEND", "request_body_mode": "FULL_DUPLEX_STREAMED",
             "response_header_mode": "SKIP", "response_body_mode": "NONE",
-            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
+            # FULL_DUPLEX_STREAMED requires them; a request with trailers ends with them.
+            "request_trailer_mode": "SEND", "response_trailer_mode": "SKIP",
         },
+        "allow_content_length_header": True,
         "message_timeout": "5s",
-        "allow_mode_override": True,
         # Routing headers, and Envoy's retry controls (set for fallback, else stripped).
         "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
         "status_on_error": {"code": 503},
@@ -362,12 +371,25 @@ def http_filters() -> list[dict[str, Any]]:
         # translated can still change its status (a 502) before any byte leaves.
         "allow_mode_override": True,
     })
-    # Encoders run in reverse: the tap sees the provider's bytes, the rewrite edits after it.
-    return [decide, rewrite, tap, {"name": "envoy.filters.http.router", "typed_config": {
+    # Encoders run in reverse: the tap sees the provider's bytes, the rewrite or the usage cut
+    # edits after it.
+    router = {"name": "envoy.filters.http.router", "typed_config": {
         "@type": ROUTER, "suppress_envoy_headers": True,
         "upstream_http_filters": [attempt_filter(), {
             "name": "envoy.filters.http.upstream_codec",
-            "typed_config": {"@type": UPSTREAM_CODEC}}]}}]
+            "typed_config": {"@type": UPSTREAM_CODEC}}]}}
+    return [decide, usage_cut(), rewrite, tap, router]
+
+
+USAGE_CUT = Path(__file__).with_name("usage_cut.lua")
+
+
+def usage_cut() -> dict[str, Any]:
+    """`tollgate.usage_cut`: keeps a usage chunk the gateway asked for out of a stream the
+    gateway does not otherwise edit, in Envoy itself (see usage_cut.lua): no ext_proc round
+    trip per chunk of the most common stream."""
+    return {"name": "tollgate.usage_cut", "typed_config": {
+        "@type": LUA, "default_source_code": {"inline_string": USAGE_CUT.read_text()}}}
 
 
 def attempt_filter() -> dict[str, Any]:

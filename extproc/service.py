@@ -89,6 +89,8 @@ def metadata(exchange: Exchange) -> struct_pb2.Struct:
     if len(exchange.attempts) == 1:  # else each attempt's response names its provider
         fields |= {"fallback_count": str(exchange.fallback_count),
                    "provider": exchange.provider_id}
+    if exchange.hides_usage_chunk and not exchange.reshapes:
+        fields["cut_usage"] = "1"  # the usage-cut filter keeps it from the client
     if exchange.billing.warning:
         fields["budget_warning"] = exchange.billing.warning
     if exchange.billing.output_cap is not None:
@@ -99,13 +101,14 @@ def metadata(exchange: Exchange) -> struct_pb2.Struct:
 
 
 def _mutation(a: Attempt, body_length: int | None, extra: dict[str, str],
-              remove: list[str]) -> pb.CommonResponse:
-    """Put one provider's credentials, host, path and body on the request."""
+              remove: list[str], with_body: bool = True) -> pb.CommonResponse:
+    """Put one provider's credentials, host, path and (`with_body`) body on the request."""
     set_headers = {":authority": a.authority, ":path": a.path, **a.set_headers, **extra}
     common = pb.CommonResponse()
     if a.body is not None:
         set_headers["content-length"] = str(len(a.body))
-        common.body_mutation.body = a.body
+        if with_body:
+            common.body_mutation.body = a.body
     elif body_length is not None:
         set_headers["content-length"] = str(body_length)
     common.header_mutation.CopyFrom(pb.HeaderMutation(
@@ -114,12 +117,19 @@ def _mutation(a: Attempt, body_length: int | None, extra: dict[str, str],
     return common
 
 
-def forward(fwd: Forward, phase: str, client_headers: dict[str, str]) -> pb.ProcessingResponse:
-    """The answer that sends a request on to its provider, on the `phase` Envoy waits for
-    (request_headers for a bodiless request, request_body otherwise).
+# The body goes back to Envoy in pieces no larger than this.
+BODY_PIECE = 1 << 20
+
+
+def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
+            trailers: bool = False) -> list[pb.ProcessingResponse]:
+    """The answers that send a request on to its provider: its headers' changes, then (a
+    request with a body, which the decision stream holds) the body to send, then the
+    trailers if it had any.
 
     A plan of one is applied here. A fallback plan goes to its chain with Envoy's retry
-    controls; each attempt's own changes are made by the attempt filter."""
+    controls and the client's body; each attempt's own changes are made by the attempt
+    filter."""
     exchange = fwd.exchange
     plan = exchange.attempts
     # Envoy's router controls are the gateway's to set, never the client's.
@@ -127,11 +137,14 @@ def forward(fwd: Forward, phase: str, client_headers: dict[str, str]) -> pb.Proc
     routing = fallback.retry_headers(exchange.key.config.fallback, plan)
     # Envoy's own replies from here on (a provider unreachable) name the request's row.
     routing["x-request-id"] = exchange.trace.request_id
-    if exchange.needs_rewrite:
+    if exchange.reshapes:  # the rewrite filter edits its response (a usage chunk as well)
         routing[REWRITE_HEADER] = "1"
     if len(plan) == 1:
         routing[CLUSTER_HEADER] = cluster_name(fwd.attempt.provider_id)
-        common = _mutation(fwd.attempt, None, routing, envoy_controls)
+        common = _mutation(fwd.attempt, None if body is None else len(body), routing,
+                           envoy_controls, with_body=False)
+        if body is not None and fwd.attempt.body is not None:
+            body = fwd.attempt.body
     else:
         routing[CLUSTER_HEADER] = fallback.chain_name(tuple(a.provider_id for a in plan))
         routing[FALLBACK_HEADER] = "1"
@@ -139,9 +152,23 @@ def forward(fwd: Forward, phase: str, client_headers: dict[str, str]) -> pb.Proc
             set_headers=_set(routing),
             remove_headers=[h for h in envoy_controls if h not in routing]))
     common.clear_route_cache = True
-    answer = pb.ProcessingResponse(dynamic_metadata=metadata(exchange))
-    getattr(answer, phase).response.CopyFrom(common)
-    return answer
+    answers = [pb.ProcessingResponse(dynamic_metadata=metadata(exchange),
+                                     request_headers=pb.HeadersResponse(response=common))]
+    if body is not None:
+        answers += _body_answers(body, end=not trailers)
+    if trailers:
+        answers.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
+    return answers
+
+
+def _body_answers(body: bytes, end: bool) -> list[pb.ProcessingResponse]:
+    """A whole body given back to a FULL_DUPLEX_STREAMED filter, which sends on only what
+    it is given."""
+    pieces = [body[i:i + BODY_PIECE] for i in range(0, len(body), BODY_PIECE)] or [b""]
+    return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+        body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
+            body=piece, end_of_stream=end and i == len(pieces) - 1))))) for i, piece in
+        enumerate(pieces)]
 
 
 def _attribute(msg: pb.ProcessingRequest, name: str) -> str | None:
@@ -265,26 +292,40 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def _decide(self, first: pb.ProcessingRequest,
                       requests: AsyncIterator[pb.ProcessingRequest]
                       ) -> AsyncIterator[pb.ProcessingResponse]:
+        """The request's headers and its whole body arrive without waiting for an answer
+        (FULL_DUPLEX_STREAMED); one decision answers both."""
         if first.WhichOneof("request") != "request_headers":
             log.warning("decision stream opened with %s", first.WhichOneof("request"))
             return
         headers = _headers(first.request_headers.headers)
-        body = b""
-        phase = "request_headers"
+        body: bytes | None = None
+        trailers = False
         if not first.request_headers.end_of_stream:
+            limit = self.gateway.max_body_bytes
             declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.gateway.max_body_bytes:
-                # Refuse before Envoy buffers a body the gateway would refuse anyway.
-                result = await self.gateway.handle(self._request(headers, b"", int(declared)))
-                if isinstance(result, Reply):
-                    yield immediate(result)
-                    return
-            yield CONTINUE_HEADERS
-            msg = await anext(requests, None)
-            if msg is None or msg.WhichOneof("request") != "request_body":
+            if declared.isdigit() and int(declared) > limit:
+                # Refuse before the body arrives: the gateway would refuse it anyway.
+                yield await self._refusal(headers, int(declared))
                 return
-            body, phase = msg.request_body.body, "request_body"
-        result = await self.gateway.handle(self._request(headers, body))
+            received = bytearray()
+            async for msg in requests:
+                kind = msg.WhichOneof("request")
+                if kind == "request_body":
+                    received += msg.request_body.body
+                    if len(received) > limit:
+                        yield await self._refusal(headers, len(received))
+                        return
+                    if msg.request_body.end_of_stream:
+                        break  # anything after the end (a repeated last chunk) is ignored
+                elif kind == "request_trailers":
+                    trailers = True
+                    break
+                else:
+                    return
+            else:
+                return  # the client went away before its body ended
+            body = bytes(received)
+        result = await self.gateway.handle(self._request(headers, body or b""))
         if isinstance(result, Reply):
             yield immediate(result)
             return
@@ -300,12 +341,19 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             # Attempts share one header map: each removes what another provider set there.
             pending.set_by_attempts = sorted({h for a in exchange.attempts
                                               for h in a.set_headers if h not in headers})
-            pending.body_length = len(body) if phase == "request_body" else None
+            pending.body_length = None if body is None else len(body)
         self._pending[request_id] = pending
-        if exchange.needs_rewrite:
+        if exchange.reshapes:
             pending.rewritten = asyncio.Event()
             self._rewrites[request_id] = pending
-        yield forward(result, phase, headers)
+        for answer in forward(result, headers, body, trailers):
+            yield answer
+
+    async def _refusal(self, headers: dict[str, str], size: int) -> pb.ProcessingResponse:
+        """The answer to a body over the gateway's limit, `size` bytes or more."""
+        result = await self.gateway.handle(self._request(headers, b"", size))
+        assert isinstance(result, Reply)  # a body over the limit is never forwarded
+        return immediate(result)
 
     # -- attempts of a fallback plan ------------------------------------------------------
     async def _attempt(self, first: pb.ProcessingRequest,

@@ -186,10 +186,16 @@ class Exchange:
         return self.attempt.model
 
     @property
-    def needs_rewrite(self) -> bool:
-        """Some attempt's response may not reach the client as the provider sends it."""
-        return any(a.translated or a.strip_usage or a.reframed or a.foreign_errors
-                   for a in self.attempts)
+    def reshapes(self) -> bool:
+        """Some attempt's response is reshaped for the client: translated across API
+        families, reframed, or its errors put in the client's family."""
+        return any(a.translated or a.reframed or a.foreign_errors for a in self.attempts)
+
+    @property
+    def hides_usage_chunk(self) -> bool:
+        """The gateway asked a provider for a usage chunk the client did not ask for, and
+        keeps it out of the client's stream."""
+        return any(a.strip_usage for a in self.attempts)
 
     def _meter(self) -> ResponseMeter:
         a = self.attempt

@@ -311,7 +311,10 @@ def test_tcp_extproc_hands_no_credentials_to_a_plain_client(config, tmp_path):
             assert wait_until(lambda: health(good), timeout=15, what="mTLS health")
             answers = list(pb_grpc.ExternalProcessorStub(good).Process(
                 iter(decision_request(secret)), timeout=5))
-            assert OPENAI_KEY.encode() in answers[-1].SerializeToString()  # Envoy's view
+            # Envoy's view: the provider's credentials on the headers, then the body.
+            assert OPENAI_KEY.encode() in answers[0].SerializeToString()
+            assert answers[-1].request_body.response.body_mutation.streamed_response \
+                .end_of_stream
         for channel in (grpc.insecure_channel(target),
                         grpc.secure_channel(target, grpc.ssl_channel_credentials(ca))):
             with channel, pytest.raises(grpc.RpcError) as failed:

@@ -81,6 +81,9 @@ class FakeProvider:
     # > 0: a chat answer runs this many words when the request sets no output cap, and up
     # to its cap when it does (as a model writing at length would).
     uncapped_words: int = 0
+    # Each streamed event is written in two pieces, split mid-event (with chunk_delay
+    # between them): a proxy sees events cut across its reads.
+    split_events: bool = False
     # The service tier the account serves a request that names none at (an OpenAI project's
     # default, Anthropic Priority Tier capacity); None: the standard tier.
     default_tier: str | None = None
@@ -95,6 +98,7 @@ class FakeProvider:
     token_ttl: int = 3600
     tokens: dict[str, float] = field(default_factory=dict)  # access token -> expiry
     requests: list[Recorded] = field(default_factory=list)
+    streamed: list[bytes] = field(default_factory=list)  # each event stream's bytes, as sent
     _script: deque[Behaviour] = field(default_factory=deque)
     _server: ThreadingHTTPServer | None = None
 
@@ -110,6 +114,8 @@ class FakeProvider:
         self.answer_words = 0
         self.giant_word = 0
         self.uncapped_words = 0
+        self.split_events = False
+        self.streamed.clear()
         self.default_tier = None
 
     def next_behaviour(self) -> Behaviour:
@@ -210,16 +216,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, events: list[bytes], behaviour: Behaviour, framed: bool = False) -> None:
         self._start_sse()
+        sent = bytearray()
+        self.fake.streamed.append(b"")
         for i, event in enumerate(events):
             if behaviour.kind == "cut" and i >= behaviour.after_events:
                 self.wfile.flush()
                 self.connection.shutdown(2)  # drop mid-stream, no terminating chunk
                 self.close_connection = True
                 return
-            self._chunk(_frame_of(event) if self.fake.family == "bedrock" and not framed
-                        else event)
-            if self.fake.chunk_delay:
-                time.sleep(self.fake.chunk_delay)
+            data = _frame_of(event) if self.fake.family == "bedrock" and not framed else event
+            pieces = [data[:len(data) - 1], data[len(data) - 1:]] if self.fake.split_events \
+                else [data]
+            for piece in pieces:
+                self._chunk(piece)
+                sent += piece
+                self.fake.streamed[-1] = bytes(sent)
+                if self.fake.chunk_delay:
+                    time.sleep(self.fake.chunk_delay)
         self._chunk(b"")
 
     def _error(self, status: int, message: str, kind: str, code: str | None = None) -> None:

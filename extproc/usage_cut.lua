@@ -1,0 +1,60 @@
+-- Keeps the usage chunk the gateway asked for (`stream_options.include_usage`) out of a
+-- chat-completions stream whose client did not ask for it, inside Envoy: no ext_proc round
+-- trip per chunk. The tap, which runs before this filter on the response, has metered the
+-- provider's bytes already. Acts only on responses whose decision set
+-- `tollgate.cut_usage` in dynamic metadata, and only on event streams.
+--
+-- Every other byte passes as the provider sent it. Bytes are held only until the event they
+-- belong to is complete (providers write whole events, so a stream flows event by event),
+-- or until they are too many to be the usage chunk; an event the provider never finished
+-- is dropped at the end, as an SSE client would.
+
+local BOUNDARIES = { "\r\n\r\n", "\n\n", "\r\r" }
+-- An unfinished event this long cannot be the (small) usage chunk: it is sent on unheld.
+local MAX_HELD = 65536
+
+-- Where the first event ending at or after `from` ends, or nil.
+local function event_end(data, from)
+  local best
+  for _, boundary in ipairs(BOUNDARIES) do
+    local s, e = string.find(data, boundary, from, true)
+    if s ~= nil and (best == nil or s < best[1]) then best = { s, e } end
+  end
+  return best and best[2]
+end
+
+-- The extra chunk: a JSON object with no choices, only usage.
+local function usage_only(event)
+  if string.find(event, "^data: ?{") == nil and string.find(event, "\ndata: ?{") == nil then
+    return false
+  end
+  return string.find(event, '"choices"%s*:%s*%[%s*%]') ~= nil
+    and string.find(event, '"usage"%s*:%s*{') ~= nil
+end
+
+-- The complete events of `data` minus the usage-only ones, and the incomplete rest.
+local function cut(data)
+  local kept, from = {}, 1
+  while true do
+    local last = event_end(data, from)
+    if last == nil then break end
+    local event = string.sub(data, from, last)
+    if not usage_only(event) then kept[#kept + 1] = event end
+    from = last + 1
+  end
+  return table.concat(kept), string.sub(data, from)
+end
+
+function envoy_on_response(handle)
+  local decided = handle:streamInfo():dynamicMetadata():get("tollgate")
+  if decided == nil or decided["cut_usage"] ~= "1" then return end
+  local content_type = string.lower(handle:headers():get("content-type") or "")
+  if string.find(content_type, "text/event-stream", 1, true) ~= 1 then return end
+  local rest = ""
+  for chunk in handle:bodyChunks() do
+    local kept
+    kept, rest = cut(rest .. chunk:getBytes(0, chunk:length()))
+    if #rest > MAX_HELD then kept, rest = kept .. rest, "" end
+    chunk:setBytes(kept)
+  end
+end
