@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 from tollgate import eventstream
 from tollgate import usage as usage_of
@@ -146,6 +147,11 @@ class JSONUsageScanner:
         self._capture += piece
 
 
+# A JSON answer up to this size is held and parsed whole when its usage is asked for (C
+# speed); a larger one is scanned as it passes, in bounded memory.
+HELD_JSON_BYTES = 256 * 1024
+
+
 class ResponseMeter:
     """Follows one provider response: its kind (event stream or JSON), whether it is
     complete, and what it used, in the provider's own API family."""
@@ -162,6 +168,7 @@ class ResponseMeter:
         self._stream = usage_of.StreamUsage(family)
         self._json = JSONUsageScanner(b"usageMetadata" if family == "gemini" else b"usage",
                                       _TIER_KEYS.get(family))
+        self._held: bytearray | None = bytearray()  # a JSON answer, while it is small
         self._header_tier: str | None = None
         self._frames: eventstream.EventStreamToSSE | None = None
 
@@ -194,8 +201,39 @@ class ResponseMeter:
                 self._ended = self._ended or event.event in _LAST_EVENTS or \
                     event.data.strip() == "[DONE]" or \
                     (self.family in ("gemini", "converse") and self._stream.final)
+        elif self._held is not None:
+            self._held += data
+            if len(self._held) > HELD_JSON_BYTES:
+                self._scan_held()
         else:
             self._json.feed(data)
+
+    def _scan_held(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._json.feed(bytes(held))
+
+    def _usage_parts(self) -> tuple[Any, Any]:
+        """A JSON answer's top-level usage object and service tier (a string or an object),
+        or None for each it lacks."""
+        if self._held is not None:
+            try:
+                doc = json.loads(self._held)
+            except ValueError:  # cut short, say: scanned for what it holds
+                doc = None
+            if isinstance(doc, dict):
+                found = doc.get(self._json.key.decode())
+                tier_key = self._json.tier_key
+                tier = doc.get(tier_key.decode()) if tier_key is not None else None
+                return (found if isinstance(found, dict) else None,
+                        tier if isinstance(tier, str | dict) else None)
+            self._scan_held()
+        try:
+            found = json.loads(self._json.found) if self._json.found is not None else None
+            tier = json.loads(self._json.tier) if self._json.tier is not None else None
+        except ValueError:
+            return None, None
+        return found, tier
 
     @property
     def complete(self) -> bool:
@@ -211,13 +249,8 @@ class ResponseMeter:
         return used
 
     def _json_usage(self) -> usage_of.Usage:
-        found = self._json.found
-        if found is None:
-            return usage_of.Usage()
-        try:
-            doc = json.loads(found)
-            tier = json.loads(self._json.tier) if self._json.tier is not None else None
-        except ValueError:
+        doc, tier = self._usage_parts()
+        if doc is None:
             return usage_of.Usage()
         if self.family == "gemini":
             return usage_of.gemini_usage(doc)

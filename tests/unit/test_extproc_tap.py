@@ -58,21 +58,23 @@ class Stream:
             await asyncio.sleep(0)
 
 
-async def decide_chat(proc: ExternalProcessor, secret: str, **extra: object
-                      ) -> tuple[str, base_pb2.Metadata]:
+async def decide_chat(proc: ExternalProcessor, secret: str, path: str = "/v1/chat/completions",
+                      **extra: object) -> tuple[str, base_pb2.Metadata]:
     """A chat completion decided (and forwarded): its request id, and the metadata the
-    decision leaves for the filters after it."""
+    decision leaves for the filters after it. On `/v1/messages`, an Anthropic client's
+    request for an OpenAI model (its response is translated by the rewrite filter)."""
     body = json.dumps({"model": "gpt-5-mini", **extra,
                        "messages": [{"role": "user", "content": "hi"}]})
     decide = Stream(proc)
     await decide.send(pb.ProcessingRequest(request_headers=headers({
-        ":method": "POST", ":path": "/v1/chat/completions", "authorization": f"Bearer {secret}",
+        ":method": "POST", ":path": path, "authorization": f"Bearer {secret}",
+        "anthropic-version": "2023-06-01",
         "content-type": "application/json", "content-length": str(len(body))})))
     await decide.send(pb.ProcessingRequest(request_body=pb.HttpBody(body=body.encode(),
                                                                      end_of_stream=True)))
     await decide.send(None)
     await decide.task
-    request_id = decide.answers[-1].dynamic_metadata["tollgate"]["request_id"]
+    request_id = decide.answers[0].dynamic_metadata["tollgate"]["request_id"]
     return request_id, base_pb2.Metadata(filter_metadata={"tollgate": struct_pb2.Struct(
         fields={"request_id": struct_pb2.Value(string_value=request_id)})})
 
@@ -140,7 +142,8 @@ async def test_a_stream_the_rewrite_ends_early_is_settled_as_the_client_saw_it(p
     from tollgate.sse import MAX_EVENT_BYTES
 
     proc, secret = processor
-    request_id, context = await decide_chat(proc, secret, stream=True)
+    request_id, context = await decide_chat(proc, secret, "/v1/messages", stream=True,
+                                            max_tokens=64)
     sse = {":status": "200", "content-type": "text/event-stream"}
     giant = b"data: " + json.dumps({"choices": [{"delta": {
         "content": "z" * MAX_EVENT_BYTES}}]}).encode() + b"\n\n"
@@ -168,7 +171,8 @@ async def test_a_stream_the_rewrite_ends_early_is_settled_as_the_client_saw_it(p
 
 async def test_a_tap_cancelled_while_it_waits_for_the_rewrite_still_settles(processor):
     proc, secret = processor
-    request_id, context = await decide_chat(proc, secret, stream=True)
+    request_id, context = await decide_chat(proc, secret, "/v1/messages", stream=True,
+                                            max_tokens=64)
     sse = {":status": "200", "content-type": "text/event-stream"}
     usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}' \
             b"\n\ndata: [DONE]\n\n"
@@ -231,7 +235,7 @@ async def test_a_fallback_plan_is_kept_when_the_cluster_poll_lags_behind_envoy(
                                                                      end_of_stream=True)))
     await decide.send(None)
     await decide.task
-    mutation = decide.answers[-1].request_body.response.header_mutation
+    mutation = decide.answers[0].request_headers.response.header_mutation
     routed = {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
     assert routed[CLUSTER_HEADER] == chain and clusters.refreshes == 1
     (pending,) = proc._pending.values()
@@ -274,3 +278,85 @@ async def test_a_refresh_reads_envoy_again_even_right_after_a_stale_poll():
         assert not await clusters.refresh()  # twice a second at most
     finally:
         server.shutdown()
+
+
+def _decision_headers(secret: str, **more: str) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_headers=headers({
+        ":method": "POST", ":path": "/v1/chat/completions", "authorization": f"Bearer {secret}",
+        "content-type": "application/json", **more}))
+
+
+def _body(data: bytes, end: bool) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=end))
+
+
+def _streamed_body(answers: list[pb.ProcessingResponse]) -> tuple[bytes, list[bool]]:
+    """The body a decision gave back to Envoy, and each piece's end-of-stream flag."""
+    pieces = [a.request_body.response.body_mutation.streamed_response for a in answers
+              if a.HasField("request_body")]
+    return b"".join(p.body for p in pieces), [p.end_of_stream for p in pieces]
+
+
+async def test_a_body_in_pieces_with_trailers_is_decided_once_and_given_back_whole(processor):
+    """Headers and body arrive without waiting for an answer (FULL_DUPLEX_STREAMED): the
+    decision answers the headers (content-length of the body it sends), then gives the body
+    back, then the trailers."""
+    proc, secret = processor
+    body = json.dumps({"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
+    decide = Stream(proc)
+    await decide.send(_decision_headers(secret))  # chunked: no content-length
+    for piece in (body[:10], body[10:30], body[30:]):
+        await decide.send(_body(piece.encode(), end=False))
+    assert decide.answers == []  # nothing is answered before the body has ended
+    await decide.send(pb.ProcessingRequest(request_trailers=pb.HttpTrailers()))
+    await decide.task
+    first = decide.answers[0].request_headers.response
+    set_headers = {h.header.key: h.header.raw_value.decode()
+                   for h in first.header_mutation.set_headers}
+    sent, ends = _streamed_body(decide.answers)
+    assert json.loads(sent) == json.loads(body) and ends[-1] is False  # the trailers end it
+    assert set_headers["content-length"] == str(len(sent))
+    assert decide.answers[-1].HasField("request_trailers")
+    assert len(proc._pending) == 1
+    next(iter(proc._pending.values())).exchange.finish("abandoned")
+    await proc.gateway.close()
+
+
+async def test_a_repeated_end_of_body_is_ignored(processor):
+    """Envoy may send a large body's last chunk twice: one decision, one request."""
+    proc, secret = processor
+    body = json.dumps({"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
+    decide = Stream(proc)
+    await decide.send(_decision_headers(secret, **{"content-length": str(len(body))}))
+    await decide.send(_body(body.encode(), end=True))
+    await decide.send(_body(body.encode(), end=True))
+    await decide.send(None)
+    await decide.task
+    sent, ends = _streamed_body(decide.answers)
+    assert sent == body.encode() and ends == [True]
+    assert [a.WhichOneof("response") for a in decide.answers] == ["request_headers",
+                                                                 "request_body"]
+    assert len(proc._pending) == 1
+    next(iter(proc._pending.values())).exchange.finish("abandoned")
+    await proc.gateway.close()
+
+
+async def test_a_body_past_the_limit_is_refused_as_it_arrives(processor):
+    """A chunked body (no content-length to refuse it by) is refused once what arrived
+    passes gateway.max_body_bytes, while the client is still sending, and its refusal is
+    in the ledger."""
+    proc, secret = processor
+    limit = proc.gateway.max_body_bytes
+    decide = Stream(proc)
+    await decide.send(_decision_headers(secret))
+    piece = b"x" * (1 << 20)
+    for _ in range(limit // len(piece) + 1):
+        await decide.send(_body(piece, end=False))
+    await decide.task  # answered and closed before the body ended
+    (answer,) = decide.answers
+    assert answer.immediate_response.status.code == 413
+    assert b"payload_too_large" in answer.immediate_response.body
+    await proc.gateway.drain()
+    (row,) = await proc.gateway.store().rows()
+    assert (row.status, row.code) == (413, "payload_too_large") and not proc._pending
+    await proc.gateway.close()
