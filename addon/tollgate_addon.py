@@ -71,6 +71,15 @@ def _served_comment(exchange: Exchange) -> str:
     return "\n".join([_comment(exchange.decision()), *lines])
 
 
+def _show_served_address(flow: http.HTTPFlow, exchange: Exchange) -> None:
+    """A fallback plan went upstream through the relay: show the provider that served it
+    (or the last one tried)."""
+    if flow.request.headers.pop(FallbackRelay.HEADER, None) is not None:
+        a, req = exchange.attempt, flow.request
+        req.scheme, req.host, req.port, req.path = a.scheme, a.host, a.port, a.path
+
+
+
 def _show_called_address(flow: http.HTTPFlow) -> None:
     """A refused flow never went upstream: show the address the client called, not the
     reverse-mode placeholder (or the refusal sink)."""
@@ -310,14 +319,133 @@ class RefusalSink:
             self._server.close()
 
 
+class FallbackRelay:
+    """Makes the attempts of a fallback plan, and streams the answer that counts back as it
+    arrives.
+
+    mitmproxy cannot send a flow upstream twice, so a request with a fallback plan is
+    pointed here: this loopback server tries the plan's providers in turn (each with its
+    credentials, path and body) until one answers with something the key does not fall back
+    on, then relays that answer's status, headers and bytes to mitmproxy as they come. The
+    flow's own hooks meter and edit it there, as for any other request, so a streamed
+    answer is never held whole."""
+
+    HEADER = "x-tollgate-plan"
+
+    def __init__(self) -> None:
+        self.plans: dict[str, tuple[Exchange, str, dict[str, str], bytes]] = {}
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def send_here(self, flow: http.HTTPFlow, exchange: Exchange,
+                  client_headers: dict[str, str]) -> None:
+        token = uuid.uuid4().hex
+        req = flow.request
+        self.plans[token] = (exchange, req.method, client_headers, req.raw_content or b"")
+        req.scheme, req.host, req.port = "http", "127.0.0.1", self.port
+        req.headers[self.HEADER] = token
+        # The body stays here: the relay sends each attempt its own.
+        req.headers.pop("transfer-encoding", None)
+        req.raw_content = b""
+        req.headers["content-length"] = "0"
+
+    async def _serve(self, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            token = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                          if line.lower().startswith(self.HEADER.encode() + b":")), "")
+            plan = self.plans.pop(token, None)
+            if plan is not None:
+                await self._attempts(writer, *plan)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("the fallback relay failed")
+        finally:
+            writer.close()
+
+    async def _attempts(self, writer: asyncio.StreamWriter, exchange: Exchange, method: str,
+                        client_headers: dict[str, str], client_body: bytes) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(follow_redirects=False)
+        while True:
+            a = exchange.attempt
+            headers = [(k, v) for k, v in client_headers.items()
+                       if k.lower() not in header_rules.HOP_BY_HOP | FRAMING | {"host"}
+                       and k.lower() not in a.remove_headers and k.lower() not in a.set_headers]
+            headers += [*a.set_headers.items(), ("host", a.authority)]
+            timeout = httpx.Timeout(connect=a.connect_timeout, read=a.first_byte_timeout,
+                                    write=60.0, pool=10.0)
+            request = self._client.build_request(
+                method, a.url, headers=headers, timeout=timeout,
+                content=a.body if a.body is not None else client_body)
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.TransportError as e:
+                error = "timeout" if isinstance(e, httpx.TimeoutException) else "network_error"
+                if (reason := exchange.fallback_reason(error=error)) is not None:
+                    exchange.advance(reason)
+                    continue
+                code = "provider_timeout" if error == "timeout" else "provider_unreachable"
+                status, out_headers, out = exchange.failure(
+                    code, f"Model provider {a.provider_id} could not be reached ({error}: "
+                          f"{e.__class__.__name__}) and no fallback was left.")
+                exchange.finish("error", f"{error}: {e!r}")
+                writer.write(mitm_http1.assemble_response(http.Response.make(
+                    status, out, {**out_headers, "connection": "close"})))
+                await writer.drain()
+                return
+            async with contextlib.aclosing(response):
+                if (reason := exchange.fallback_reason(status=response.status_code)):
+                    exchange.advance(reason)
+                    continue
+                await self._relay(writer, response)
+                return
+
+    @staticmethod
+    async def _relay(writer: asyncio.StreamWriter, response: httpx.Response) -> None:
+        """The provider's answer as it comes: its status and headers (framing aside), then
+        its bytes; a provider that breaks off leaves the answer unterminated, as it did."""
+        length = response.headers.get("content-length")
+        head = [(k.encode(), v.encode()) for k, v in response.headers.multi_items()
+                if k.lower() not in header_rules.HOP_BY_HOP | FRAMING]
+        head += [(b"content-length", length.encode()) if length is not None
+                 else (b"transfer-encoding", b"chunked"), (b"connection", b"close")]
+        writer.write(mitm_http1.assemble_response_head(http.Response(
+            b"HTTP/1.1", response.status_code, response.reason_phrase.encode(),
+            http.Headers(head), b"", None, 0.0, None)))
+        try:
+            async for chunk in response.aiter_raw():
+                if chunk:
+                    writer.write(chunk if length is not None
+                                 else b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    await writer.drain()
+        except httpx.TransportError:
+            return
+        if length is None:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._client is not None:
+            await self._client.aclose()
+
 class TollgateAddon:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
-        self._client: httpx.AsyncClient | None = None
         self.credentials = CredentialMask()
         self.admin: AdminServer | None = None
         self._live: weakref.WeakSet[Exchange] = weakref.WeakSet()  # forwarded, not settled
         self.sink = RefusalSink()
+        self.plans = FallbackRelay()
 
     def load(self, loader) -> None:
         # First in the chain, so nothing that shows or saves flows sees a credential (a
@@ -355,6 +483,7 @@ class TollgateAddon:
 
     async def running(self) -> None:
         await self.sink.start()
+        await self.plans.start()
         if ctx.options.tollgate_admin and self.gateway is not None and self.admin is None:
             host, _, port = ctx.options.tollgate_admin.rpartition(":")
             self.admin = AdminServer(self.gateway, (host or "127.0.0.1", int(port)),
@@ -392,16 +521,9 @@ class TollgateAddon:
         if len(result.exchange.attempts) == 1:
             self._dispatch(flow, result)
             return
-        try:
-            await self._dispatch_with_fallback(flow, result.exchange)
-        except Exception:
-            # Never let the flow go on to the placeholder upstream half-decided.
-            log.exception("fallback dispatch failed for %s", result.exchange.trace.request_id)
-            status, headers, body = result.exchange.failure(
-                "gateway_error", "The gateway failed while trying providers for this request "
-                f"(request id {result.exchange.trace.request_id}); see the gateway log.")
-            flow.response = http.Response.make(status, body, headers)
-            result.exchange.finish("error", "fallback dispatch failed")
+        flow.metadata[_META] = result.exchange
+        flow.comment = _comment(result.exchange.decision())
+        self.plans.send_here(flow, result.exchange, self.credentials.client_headers(flow))
 
     def _dispatch(self, flow: http.HTTPFlow, fwd: Forward) -> None:
         attempt, req = fwd.attempt, flow.request
@@ -418,74 +540,10 @@ class TollgateAddon:
         flow.metadata[_META] = fwd.exchange
         flow.comment = _comment(fwd.exchange.decision())
 
-    async def _dispatch_with_fallback(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
-        """Make the attempts of a fallback plan here, since mitmproxy cannot re-send a flow
-        it has already dispatched; the answer reaches the client whole (buffered)."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(follow_redirects=False)
-        flow.comment = _comment(exchange.decision())
-        while True:
-            a = exchange.attempt
-            headers = [(k, v) for k, v in flow.request.headers.items(multi=True)
-                       if k.lower() not in header_rules.HOP_BY_HOP | FRAMING | {"host"}
-                       and k.lower() not in a.remove_headers and k.lower() not in a.set_headers]
-            headers += [*a.set_headers.items(), ("host", a.authority)]
-            body = a.body if a.body is not None else flow.request.raw_content or b""
-            timeout = httpx.Timeout(connect=a.connect_timeout, read=a.first_byte_timeout,
-                                    write=60.0, pool=10.0)
-            request = self._client.build_request(flow.request.method, a.url, headers=headers,
-                                                 content=body, timeout=timeout)
-            try:
-                response = await self._client.send(request, stream=True)
-            except httpx.TransportError as e:
-                error = "timeout" if isinstance(e, httpx.TimeoutException) else "network_error"
-                if (reason := exchange.fallback_reason(error=error)) is not None:
-                    exchange.advance(reason)
-                    continue
-                code = "provider_timeout" if error == "timeout" else "provider_unreachable"
-                status, out_headers, out = exchange.failure(
-                    code, f"Model provider {a.provider_id} could not be reached ({error}: "
-                          f"{e.__class__.__name__}) and no fallback was left.")
-                flow.response = http.Response.make(status, out, out_headers)
-                flow.marked = ":no_entry:"
-                exchange.finish("error", f"{error}: {e!r}")
-                return
-            async with contextlib.aclosing(response):
-                if (reason := exchange.fallback_reason(status=response.status_code)):
-                    exchange.advance(reason)
-                    continue
-                extra = exchange.on_response_headers(response.status_code, response.headers)
-                try:
-                    chunks = [exchange.relay(c) async for c in response.aiter_raw()]
-                except httpx.TransportError as e:
-                    # The answer had started: it is not tried elsewhere (as on Envoy), and
-                    # what the provider streamed so far is charged.
-                    status, out_headers, out = exchange.failure(
-                        "provider_unreachable", f"Model provider {a.provider_id} broke off "
-                        f"its response ({e.__class__.__name__}).")
-                    flow.response = http.Response.make(status, out, out_headers)
-                    flow.marked = ":no_entry:"
-                    exchange.finish("aborted", f"response broke off: {e!r}")
-                    return
-                payload = b"".join(chunks) + exchange.relay(b"")
-            dropped = {*header_rules.HOP_BY_HOP, *FRAMING, *(n.lower() for n in extra),
-                       *header_rules.downstream_removals(response.headers)}
-            out_headers = [(k.encode(), v.encode()) for k, v in response.headers.multi_items()
-                           if k.lower() not in dropped]
-            out_headers += [(k.encode(), v.encode()) for k, v in extra.items()]
-            if exchange.replaced_status is not None:  # an answer it could not translate
-                out_headers = [(k, v) for k, v in out_headers if k.lower() != b"content-type"]
-                out_headers.append((b"content-type", b"application/json"))
-            flow.response = http.Response.make(exchange.replaced_status or response.status_code,
-                                               payload, http.Headers(out_headers))
-            exchange.finish("completed")
-            flow.comment = _served_comment(exchange)
-            return
-
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         exchange: Exchange | None = flow.metadata.get(_META)
-        if exchange is None or flow.response is None:
-            return
+        if exchange is None or flow.response is None or exchange.finished:
+            return  # (finished: no provider answered a fallback plan; its failure is sent)
         resp = flow.response
         for name in header_rules.downstream_removals(resp.headers):
             resp.headers.pop(name, None)
@@ -507,7 +565,8 @@ class TollgateAddon:
         exchange: Exchange | None = flow.metadata.get(_META)
         if exchange is None or flow.response is None:
             return
-        if not flow.response.stream:
+        _show_served_address(flow, exchange)
+        if not flow.response.stream and not exchange.finished:
             body = exchange.relay(flow.response.raw_content or b"")
             if exchange.rewriter is not None:
                 flow.response.content = body + exchange.relay(b"")
@@ -530,6 +589,7 @@ class TollgateAddon:
             return
         exchange: Exchange | None = flow.metadata.get(_META)
         if exchange is not None:
+            _show_served_address(flow, exchange)
             message = flow.error.msg if flow.error else None
             page: _GatewayPage | None = flow.metadata.pop(_PAGE, None)
             if page is not None:
@@ -545,10 +605,9 @@ class TollgateAddon:
 
     async def done(self) -> None:
         self.sink.stop()
+        await self.plans.stop()
         if self.admin is not None:
             self.admin.stop()
-        if self._client is not None:
-            await self._client.aclose()
         # Streams still open are cut by the shutdown: settle what they used while the store
         # is open (mitmproxy's own error events for them come after this, too late).
         for exchange in list(self._live):

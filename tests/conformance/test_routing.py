@@ -302,6 +302,31 @@ def test_same_family_fallback_keeps_the_clients_bytes(gateway, fake_openai, fake
                for q in fake_openai.requests)
 
 
+def test_a_fallen_back_stream_arrives_chunk_by_chunk(gateway, fake_openai, fake_anthropic):
+    """The answer of a provider reached by fallback streams to the client as it comes: 11
+    chunks 150 ms apart would arrive together at the end if the gateway held the answer."""
+    primary = provider(gateway, "openai", fake_openai.url)
+    backup = provider(gateway, "openai", fake_openai.url)
+    key = keyed(gateway, policy(gateway, primary, backup))
+    fake_openai.enqueue(Behaviour("fail", status=503))
+    fake_openai.chunk_delay = 0.15
+    client = openai.OpenAI(base_url=gateway.openai_base, api_key=key.secret, max_retries=0)
+    arrivals, text = [], ""
+    with client.chat.completions.with_streaming_response.create(
+            model="gpt-5-mini", messages=[{"role": "user", "content": "hi"}],
+            stream=True) as response:
+        assert response.headers["x-langwatch-provider"] == backup
+        for chunk in response.parse():
+            arrivals.append(time.monotonic())
+            text += "".join(c.delta.content or "" for c in chunk.choices)
+    assert text == TEXT and len(fake_openai.requests) == 2
+    gaps = [b - a for a, b in pairwise(arrivals)]
+    assert len(arrivals) >= 10 and sum(g > 0.08 for g in gaps) >= len(gaps) - 2
+    row = ledger_row(gateway, response.headers["x-langwatch-request-id"])
+    assert (row.provider, row.fallback_count, row.outcome) == (backup, 1, "completed")
+    assert row.usage_reported and row.output_tokens > 0
+
+
 def test_long_stream_outlives_the_first_byte_timeout(gateway, fake_openai, fake_anthropic):
     """The first byte timeout ends waiting for a response, never a response under way."""
     primary, _, rp = fallback_pair(gateway, fake_openai, fake_anthropic, None,
