@@ -34,7 +34,9 @@ from tollgate.request import Forward, Reply, Request, lower_headers
 from tollgate.secrets import CREDENTIAL_HEADERS, mask
 
 log = logging.getLogger("tollgate.mitmproxy")
-_META = "tollgate"
+# Each forwarded flow's exchange. Not in flow.metadata, which mitmproxy deep-copies whenever
+# it saves a flow (`-w`) or shows one (an exchange holds the gateway, its store and locks).
+_EXCHANGES: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
 _REFUSED = "tollgate_refused"  # answered from the headers, by the refusal sink
 _OVERSIZED = "tollgate_oversized"  # a chunked body cut off at the cap: its size so far
 _PAGE = "tollgate_page"  # the page mitmproxy will send for a provider it could not reach
@@ -195,7 +197,7 @@ def _provider_failed(self, event):
     carries the gateway's answer, in the client's API family and with its headers, which
     the error hook fills in (it runs before the page is sent)."""
     if isinstance(event, mitm_http_layer.ResponseProtocolError) and \
-            _META in self.flow.metadata and self.flow.response is None:
+            self.flow in _EXCHANGES and self.flow.response is None:
         event.message = self.flow.metadata[_PAGE] = _GatewayPage(event.message)
     return (yield from _handle_protocol_error(self, event))
 
@@ -338,12 +340,11 @@ class FallbackRelay:
         self._server: asyncio.Server | None = None
         self._client: httpx.AsyncClient | None = None
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def send_here(self, flow: http.HTTPFlow, exchange: Exchange,
-                  client_headers: dict[str, str]) -> None:
+    async def send_here(self, flow: http.HTTPFlow, exchange: Exchange,
+                        client_headers: dict[str, str]) -> None:
+        if self._server is None:  # on first use: mitmproxy's start is not held up for it
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
         token = uuid.uuid4().hex
         req = flow.request
         self.plans[token] = (exchange, req.method, client_headers, req.raw_content or b"")
@@ -483,7 +484,6 @@ class TollgateAddon:
 
     async def running(self) -> None:
         await self.sink.start()
-        await self.plans.start()
         if ctx.options.tollgate_admin and self.gateway is not None and self.admin is None:
             host, _, port = ctx.options.tollgate_admin.rpartition(":")
             self.admin = AdminServer(self.gateway, (host or "127.0.0.1", int(port)),
@@ -521,9 +521,9 @@ class TollgateAddon:
         if len(result.exchange.attempts) == 1:
             self._dispatch(flow, result)
             return
-        flow.metadata[_META] = result.exchange
+        _EXCHANGES[flow] = result.exchange
         flow.comment = _comment(result.exchange.decision())
-        self.plans.send_here(flow, result.exchange, self.credentials.client_headers(flow))
+        await self.plans.send_here(flow, result.exchange, self.credentials.client_headers(flow))
 
     def _dispatch(self, flow: http.HTTPFlow, fwd: Forward) -> None:
         attempt, req = fwd.attempt, flow.request
@@ -537,11 +537,11 @@ class TollgateAddon:
         if attempt.body is not None:
             req.raw_content = attempt.body
             req.headers["content-length"] = str(len(attempt.body))
-        flow.metadata[_META] = fwd.exchange
+        _EXCHANGES[flow] = fwd.exchange
         flow.comment = _comment(fwd.exchange.decision())
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        exchange: Exchange | None = flow.metadata.get(_META)
+        exchange = _EXCHANGES.get(flow)
         if exchange is None or flow.response is None or exchange.finished:
             return  # (finished: no provider answered a fallback plan; its failure is sent)
         resp = flow.response
@@ -562,7 +562,7 @@ class TollgateAddon:
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(_REFUSED):
             _show_called_address(flow)
-        exchange: Exchange | None = flow.metadata.get(_META)
+        exchange = _EXCHANGES.get(flow)
         if exchange is None or flow.response is None:
             return
         _show_served_address(flow, exchange)
@@ -587,7 +587,7 @@ class TollgateAddon:
                 flow.marked = ":no_entry:"
                 _show_called_address(flow)
             return
-        exchange: Exchange | None = flow.metadata.get(_META)
+        exchange = _EXCHANGES.get(flow)
         if exchange is not None:
             _show_served_address(flow, exchange)
             message = flow.error.msg if flow.error else None

@@ -8,7 +8,8 @@ it); mitmdump (reverse proxy, bodies streamed); and each tollgate host on the go
 profile (one key with a model allowlist, one blocking org budget, SQLite state); each
 request is followed by the same one streamed as the OpenAI SDK sends it by default (no
 `stream_options`), timed to its first and last body byte. Requests go round-robin across
-the paths, so the machine's drift weighs on all alike.
+the paths, so the machine's drift weighs on all alike. Then each path's throughput with 32
+requests in flight.
 
 Prints p50/p99, what each path adds over the direct call, and the CPU each path's
 processes spent per request (Envoy and ext_proc together for the Envoy host). Then the
@@ -33,7 +34,16 @@ from pathlib import Path
 
 import httpx
 
-from bench.latency import BODY, PROVIDER_KEY, _Url, bench_setup, new_key, own_state, percentile
+from bench.latency import (
+    BODY,
+    PROVIDER_KEY,
+    _Url,
+    bench_setup,
+    concurrent,
+    new_key,
+    own_state,
+    percentile,
+)
 from extproc.runner import envoy_binary
 from tests.conftest import make_config
 from tests.harness import GatewayProcess, free_port, tollgate, wait_until
@@ -205,6 +215,10 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--hosts", default="envoy,mitmproxy")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrent-requests", type=int, default=600,
+                        help="Requests per path at --concurrency, for the throughput table "
+                             "(the client is Python too: the ratio is what compares).")
     parser.add_argument("--baseline", type=Path, default=BASELINE)
     parser.add_argument("--update-baseline", action="store_true")
     parser.add_argument("--runs", type=int, default=1,
@@ -235,6 +249,9 @@ def main() -> int:
         rounds = [asyncio.run(round_robin(paths, args.requests, pids))
                   for _ in range(args.runs)]
         times, cpu = rounds[-1]
+        throughput = {name: asyncio.run(concurrent(url, headers, args.concurrent_requests,
+                                                   args.concurrency))[1]
+                      for name, (url, headers) in paths.items()}
     finally:
         for gw in gateways:
             gw.stop()
@@ -265,8 +282,17 @@ def main() -> int:
         total = statistics.median(times[f"{name} sse total"])
         print(f"{name:<20} {first:>7.3f} {first - first0:>+7.3f} {total:>7.3f} "
               f"{total - total0:>+7.3f}")
+    header = f"{f'{args.concurrency} concurrent':<20} {'req/s':>7}"
+    print(f"\n{header}\n{'-' * len(header)}")
+    for name, rate in throughput.items():
+        print(f"{name:<20} {rate:>7.0f}")
     each = [figures(t, c, n) for t, c in rounds]
     now = {name: statistics.median(f[name] for f in each) for name in each[0]}
+    for host, plain in (("envoy", "plain envoy"), ("mitmproxy", "mitmdump")):
+        if f"tollgate {host}" in throughput:
+            # Inverted, so that lower is better like every other figure.
+            now[f"{host}: {plain} req/s / tollgate req/s"] = round(
+                throughput[plain] / throughput[f"tollgate {host}"], 3)
     print("\n(CPU/req: a JSON answer and a stream together; `direct`: the provider's own, per "
           "pair it served.)\n\n"
           "Figures (ratios to this run's references; lower is better):\n")

@@ -10,7 +10,8 @@
 -- is dropped at the end, as an SSE client would.
 
 local BOUNDARIES = { "\r\n\r\n", "\n\n", "\r\r" }
--- An unfinished event this long cannot be the (small) usage chunk: it is sent on unheld.
+-- An unfinished event this long cannot be the (small) usage chunk: it is sent on unheld
+-- (tollgate.usage.MAX_USAGE_CHUNK_BYTES, which the mitmproxy host uses too).
 local MAX_HELD = 65536
 
 -- Where the first event ending at or after `from` ends, or nil.
@@ -54,7 +55,9 @@ function envoy_on_response(handle)
   for chunk in handle:bodyChunks() do
     local kept
     kept, rest = cut(rest .. chunk:getBytes(0, chunk:length()))
-    if #rest > MAX_HELD then kept, rest = kept .. rest, "" end
+    if #rest > MAX_HELD then  -- all but what may be the start of its boundary
+      kept, rest = kept .. string.sub(rest, 1, -4), string.sub(rest, -3)
+    end
     chunk:setBytes(kept)
   end
 end

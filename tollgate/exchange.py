@@ -310,7 +310,7 @@ class Exchange:
             return JSONTranslation(lambda body: json.dumps(convert(json.loads(body)))
                                    .encode() if body else body, self._invalid_answer)
         if a.strip_usage and (sse or content_type is None):
-            return self._capped(EventFilter(usage_of.is_usage_only_chunk))
+            return EventFilter(usage_of.is_usage_only_chunk, usage_of.MAX_USAGE_CHUNK_BYTES)
         return None
 
     def _invalid_answer(self, error: Exception) -> bytes:

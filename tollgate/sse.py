@@ -151,8 +151,11 @@ class EventFilter:
     flowing event by event. Each byte is searched once (a long event costs linear time).
     """
 
-    def __init__(self, drop: Callable[[Event], bool]):
+    def __init__(self, drop: Callable[[Event], bool], max_held: int | None = None):
         self._drop = drop
+        # An unfinished event longer than this cannot be one `drop` takes: its bytes go on
+        # unheld (the rest of it follows as it comes).
+        self._max_held = max_held
         self._buf = bytearray()
         self._searched = 0  # bytes of _buf known to hold no block end
 
@@ -166,6 +169,11 @@ class EventFilter:
             events = SSEParser().feed(block)
             if not (events and all(self._drop(e) for e in events)):
                 out.append(block)
+        if self._max_held is not None and len(self._buf) > self._max_held:
+            # All but what may be the start of its boundary (which ends this event, whatever
+            # follows it).
+            out.append(bytes(self._buf[:-3]))
+            del self._buf[:-3]
         self._searched = len(self._buf)
         return b"".join(out)
 

@@ -217,6 +217,11 @@ class StreamUsage:
         return usage
 
 
+# The usage chunk is a few hundred bytes: an event longer than this is not it (and is not held
+# back to find out). The Envoy host's usage cut (extproc/usage_cut.lua) uses the same bound.
+MAX_USAGE_CHUNK_BYTES = 64 * 1024
+
+
 def is_usage_only_chunk(event: Event) -> bool:
     """The extra chat-completions chunk `stream_options.include_usage` adds: no choices,
     just usage. Dropped from the client's stream when the gateway asked for it."""

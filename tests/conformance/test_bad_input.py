@@ -279,10 +279,38 @@ def test_unreachable_provider_is_a_json_502(gateway, fake_openai):
 
 def test_a_provider_event_over_the_cap_ends_the_stream_with_an_error(gateway, key,
                                                                      fake_openai):
-    """A stream the gateway edits (here: dropping the usage chunk it asked for) holds one
-    event at a time; an event over the cap is never held whole: the client's stream ends
-    with an error event in its API's shape, and the request is charged what the provider
-    reported for it (the tap reads the provider's stream to its end)."""
+    """A stream the gateway rewrites (here: an Anthropic client served by an OpenAI model)
+    holds one event at a time; an event over the cap is never held whole: the client's
+    stream ends with an error event in its API's shape, and the request is charged what the
+    provider reported for it (the tap reads the provider's stream to its end)."""
+    from tollgate.sse import MAX_EVENT_BYTES
+
+    fake_openai.giant_word = MAX_EVENT_BYTES + 4096
+    with httpx.stream("POST", f"{gateway.url}/v1/messages", timeout=60,
+                      json={**CHAT, "stream": True, "max_tokens": 64},
+                      headers={"x-api-key": key.secret,
+                               "anthropic-version": "2023-06-01"}) as r:
+        assert r.status_code == 200
+        request_id = r.headers["x-langwatch-request-id"]
+        body = b"".join(r.iter_bytes())
+    assert len(body) < 64 * 1024  # the huge event never reached the client
+    last = body.strip().split(b"\n\n")[-1]
+    assert last.startswith(b"event: error\n")
+    error = json.loads(last.split(b"data: ", 1)[1])["error"]
+    assert error["type"] == "api_error" and "larger than the gateway handles" in error["message"]
+    (row,) = wait_until(lambda: [r for r in ledger(gateway.config)
+                                 if r.request_id == request_id], timeout=10, what="its row")
+    assert (row.status, row.outcome, row.usage_reported) == (200, "error", True)
+    assert row.output_tokens == 2 and row.cost_micros > 0  # the fake's count: two "words"
+    fake_openai.giant_word = 0
+    still_serving(gateway, key)
+
+
+def test_a_huge_event_passes_whole_when_only_the_usage_chunk_is_cut(gateway, key,
+                                                                    fake_openai):
+    """Cutting the usage chunk the gateway asked for holds at most a usage chunk's worth of
+    an event: a 16 MiB event of a chat-completions stream reaches the client whole, as the
+    provider sent it, and only the usage chunk is missing."""
     from tollgate.sse import MAX_EVENT_BYTES
 
     fake_openai.giant_word = MAX_EVENT_BYTES + 4096
@@ -292,13 +320,11 @@ def test_a_provider_event_over_the_cap_ends_the_stream_with_an_error(gateway, ke
         assert r.status_code == 200
         request_id = r.headers["x-langwatch-request-id"]
         body = b"".join(r.iter_bytes())
-    assert len(body) < 64 * 1024  # the huge event never reached the client
-    last = json.loads(body.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
-    assert last["error"]["code"] == "gateway_error"
-    assert "larger than the gateway handles" in last["error"]["message"]
     (row,) = wait_until(lambda: [r for r in ledger(gateway.config)
                                  if r.request_id == request_id], timeout=10, what="its row")
-    assert (row.status, row.outcome, row.usage_reported) == (200, "error", True)
-    assert row.output_tokens == 2 and row.cost_micros > 0  # the fake's count: two "words"
+    assert row.usage_reported and row.output_tokens == 2 and row.cost_micros > 0
+    assert row.outcome == "completed"
+    assert len(body) > MAX_EVENT_BYTES and b"z" * MAX_EVENT_BYTES in body
+    assert b'"usage"' not in body and body.endswith(b"data: [DONE]\n\n")
     fake_openai.giant_word = 0
     still_serving(gateway, key)

@@ -136,6 +136,29 @@ def test_event_filter_passes_a_long_event_whole():
     assert out + kept.flush() == payload
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_the_usage_cut_holds_little_and_drops_only_the_usage_chunk(seed):
+    """However the stream is cut into chunks (at random, and between the two newlines that
+    end a 200 KB event), the client gets every byte but the usage chunk's, and the cut never
+    holds more than a usage chunk's worth of an unfinished event."""
+    from tollgate.usage import MAX_USAGE_CHUNK_BYTES, is_usage_only_chunk
+
+    big = b'data: {"choices": [{"delta": {"content": "' + b"z" * 200_000 + b'"}}]}\n\n'
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n'
+    done = b"data: [DONE]\n\n"
+    stream = b'data: {"choices": [{"delta": {"role": "assistant"}}]}\n\n' + big + usage + done
+    rng = random.Random(seed)
+    cuts = [len(stream) - len(done) - len(usage) - 1] if seed == 0 else \
+        sorted(rng.sample(range(1, len(stream)), rng.randint(1, 40)))
+    cut = EventFilter(is_usage_only_chunk, MAX_USAGE_CHUNK_BYTES)
+    out, sent = b"", 0
+    for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        out += cut.feed(stream[a:b])
+        sent = b
+        assert sent - len(out) <= MAX_USAGE_CHUNK_BYTES + len(usage)  # held back, at most
+    assert out + cut.flush() == stream.replace(usage, b"")
+
+
 def test_a_rewriter_never_holds_an_event_past_the_cap():
     ended: list[str] = []
     capped = CappedEvents(EventFilter(lambda e: False), b"data: {\"error\": {}}\n\n",
