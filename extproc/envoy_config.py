@@ -48,6 +48,8 @@ FALLBACK_HEADER = "x-tollgate-fallback"
 # asked for in a stream it does not reshape is cut by `tollgate.usage_cut` instead.
 REWRITE_HEADER = "x-tollgate-rewrite"
 EXTPROC_CLUSTER = "tollgate_extproc"
+# gRPC metadata on each ext_proc stream: the filter that opened it.
+FILTER_ROLE_HEADER = "x-tollgate-filter"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"  # its gRPC health name
 EXTPROC_MAX_STREAMS = 100_000
 METADATA_NS = "tollgate"
@@ -317,9 +319,13 @@ def local_reply_config(prefix: str) -> dict[str, Any]:
 
 
 def _ext_proc(name: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """An ext_proc filter whose streams tell ext_proc which filter opened them (their
+    `x-tollgate-filter` gRPC metadata: `decide`, `tap`, `rewrite`, `attempt`)."""
+    role = name.removeprefix("tollgate.")
     return {"name": name, "typed_config": {
         "@type": EXT_PROC,
-        "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s"},
+        "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s",
+                         "initial_metadata": [{"key": FILTER_ROLE_HEADER, "value": role}]},
         "failure_mode_allow": False,
         **extra,
     }}

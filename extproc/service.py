@@ -1,11 +1,14 @@
 """Envoy's External Processing service, adapting ext_proc messages to the tollgate core.
 
-Decision streams (`tollgate.decide`) carry request headers and the buffered body; they are
-answered with header/body mutations or an immediate response. Tap streams (`tollgate.tap`,
-observability mode) carry response headers and body chunks, which are never answered.
-Attempt streams (`tollgate.attempt`, an upstream filter) come once per attempt of a request
-with a fallback plan: each is given the credentials, path and body of the provider Envoy
-chose for it, and its response headers name that provider.
+Each stream names the filter that opened it (`x-tollgate-filter` gRPC metadata), and that
+filter's processor serves it. Decision streams (`tollgate.decide`) carry the request headers
+and body as they arrive; they are answered once, with header changes and the body to send,
+or an immediate response. Tap streams (`tollgate.tap`, observability mode) carry response
+headers and body chunks, which are never answered. Rewrite streams (`tollgate.rewrite`)
+carry the responses the gateway reshapes, answered chunk by chunk. Attempt streams
+(`tollgate.attempt`, an upstream filter) come once per attempt of a request with a fallback
+plan: each is given the credentials, path and body of the provider Envoy chose for it, and
+its response headers name that provider.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from extproc.envoy_config import (
     CLUSTER_HEADER,
     EXTPROC_SERVICE,
     FALLBACK_HEADER,
+    FILTER_ROLE_HEADER,
     METADATA_NS,
     REWRITE_HEADER,
     cluster_name,
@@ -53,6 +57,8 @@ OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 UNCLAIMED_AFTER = 60.0
 # How long a finished tap waits for the rewrite of the same response to end.
 REWRITE_GRACE = 5.0
+# The filters whose streams this service serves (envoy_config renders them).
+ROLES = ("decide", "tap", "rewrite", "attempt")
 
 
 def _headers(header_map: base_pb2.HeaderMap) -> dict[str, str]:
@@ -271,21 +277,25 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     async def Process(self, requests: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        """One stream, served by the processor of the filter that opened it (named in the
+        stream's metadata)."""
+        role = dict(context.invocation_metadata() or ()).get(FILTER_ROLE_HEADER)
+        if role not in ROLES:
+            log.error("an ext_proc stream named no tollgate filter (%s: %r): render Envoy's "
+                      "configuration again with `tollgate envoy render`", FILTER_ROLE_HEADER,
+                      role)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown {FILTER_ROLE_HEADER}: {role!r}")
+            return
         first = await anext(aiter(requests), None)
         if first is None:
             return
-        if first.observability_mode:
+        if role == "tap":
             await self._tap(first, requests)
             return
-        if first.WhichOneof("request") in ("response_headers", "response_body"):
-            async for answer in self._rewrite(first, requests):
-                yield answer
-            return
-        if _request_id(first) is not None:  # only the decision sets the request id
-            async for answer in self._attempt(first, requests):
-                yield answer
-            return
-        async for answer in self._decide(first, requests):
+        processor = {"decide": self._decide, "rewrite": self._rewrite,
+                     "attempt": self._attempt}[role]
+        async for answer in processor(first, requests):
             yield answer
 
     # -- decisions --------------------------------------------------------------------------

@@ -255,6 +255,9 @@ def health(channel) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+DECIDE = (("x-tollgate-filter", "decide"),)  # what the decision filter's streams carry
+
+
 def decision_request(secret: str) -> list:
     """What Envoy's decision filter sends: a chat completion's headers and body, with a
     valid key."""
@@ -310,7 +313,7 @@ def test_tcp_extproc_hands_no_credentials_to_a_plain_client(config, tmp_path):
                 ca, client_key, client_cert)) as good:
             assert wait_until(lambda: health(good), timeout=15, what="mTLS health")
             answers = list(pb_grpc.ExternalProcessorStub(good).Process(
-                iter(decision_request(secret)), timeout=5))
+                iter(decision_request(secret)), timeout=5, metadata=DECIDE))
             # Envoy's view: the provider's credentials on the headers, then the body.
             assert OPENAI_KEY.encode() in answers[0].SerializeToString()
             assert answers[-1].request_body.response.body_mutation.streamed_response \
@@ -319,7 +322,7 @@ def test_tcp_extproc_hands_no_credentials_to_a_plain_client(config, tmp_path):
                         grpc.secure_channel(target, grpc.ssl_channel_credentials(ca))):
             with channel, pytest.raises(grpc.RpcError) as failed:
                 list(pb_grpc.ExternalProcessorStub(channel).Process(
-                    iter(decision_request(secret)), timeout=5))
+                    iter(decision_request(secret)), timeout=5, metadata=DECIDE))
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         stop_extproc(proc)

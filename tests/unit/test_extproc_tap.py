@@ -36,12 +36,27 @@ def headers(pairs: dict[str, str], end: bool = False) -> pb.HttpHeaders:
         base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]))
 
 
-class Stream:
-    """One ext_proc stream: messages are sent as the test decides."""
+class _Context:
+    """What the servicer reads of a gRPC stream's context: the filter that opened it."""
 
-    def __init__(self, processor: ExternalProcessor):
+    def __init__(self, role: str | None):
+        self.role = role
+        self.aborted: str | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return () if self.role is None else (("x-tollgate-filter", self.role),)
+
+    async def abort(self, code: object, details: str) -> None:
+        self.aborted = details
+
+
+class Stream:
+    """One ext_proc stream from the filter `role`: messages are sent as the test decides."""
+
+    def __init__(self, processor: ExternalProcessor, role: str | None):
         self.inbox: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
         self.answers: list[pb.ProcessingResponse] = []
+        self.context = _Context(role)
         self.task = asyncio.create_task(self._run(processor))
 
     async def _messages(self):
@@ -49,7 +64,7 @@ class Stream:
             yield msg
 
     async def _run(self, processor: ExternalProcessor) -> None:
-        async for answer in processor.Process(self._messages(), None):
+        async for answer in processor.Process(self._messages(), self.context):
             self.answers.append(answer)
 
     async def send(self, msg: pb.ProcessingRequest | None) -> None:
@@ -65,7 +80,7 @@ async def decide_chat(proc: ExternalProcessor, secret: str, path: str = "/v1/cha
     request for an OpenAI model (its response is translated by the rewrite filter)."""
     body = json.dumps({"model": "gpt-5-mini", **extra,
                        "messages": [{"role": "user", "content": "hi"}]})
-    decide = Stream(proc)
+    decide = Stream(proc, "decide")
     await decide.send(pb.ProcessingRequest(request_headers=headers({
         ":method": "POST", ":path": path, "authorization": f"Bearer {secret}",
         "anthropic-version": "2023-06-01",
@@ -82,7 +97,7 @@ async def decide_chat(proc: ExternalProcessor, secret: str, path: str = "/v1/cha
 async def tapped_stream(proc: ExternalProcessor, context: base_pb2.Metadata,
                         response_headers: dict[str, str], body: bytes) -> Stream:
     """A tap stream that has seen a whole response: its headers and one last body chunk."""
-    tap = Stream(proc)
+    tap = Stream(proc, "tap")
     for msg in (pb.ProcessingRequest(request_headers=headers({":method": "POST"})),
                 pb.ProcessingRequest(response_headers=headers(response_headers)),
                 pb.ProcessingRequest(response_body=pb.HttpBody(body=body,
@@ -98,7 +113,7 @@ async def test_a_request_running_past_the_sweep_is_settled_when_it_ends(processo
     request_id, context = await decide_chat(proc, secret)
     (pending,) = proc._pending.values()
 
-    tap = Stream(proc)
+    tap = Stream(proc, "tap")
     await tap.send(pb.ProcessingRequest(observability_mode=True, metadata_context=context,
                                         request_headers=headers({":method": "POST"})))
     # A reasoning call: the provider has not answered hours later. Nothing is settled yet.
@@ -122,7 +137,7 @@ async def test_a_request_running_past_the_sweep_is_settled_when_it_ends(processo
 
 async def test_a_request_no_tap_took_up_is_closed_by_the_sweep(processor):
     proc, secret = processor
-    decide = Stream(proc)
+    decide = Stream(proc, "decide")
     await decide.send(pb.ProcessingRequest(request_headers=headers({
         ":method": "POST", ":path": "/v1/embeddings", "authorization": f"Bearer {secret}"})))
     await decide.send(pb.ProcessingRequest(request_body=pb.HttpBody(
@@ -154,7 +169,7 @@ async def test_a_stream_the_rewrite_ends_early_is_settled_as_the_client_saw_it(p
     tap = await tapped_stream(proc, context, sse, giant + usage)
     assert not tap.task.done()  # waits for the rewrite
 
-    rewrite = Stream(proc)
+    rewrite = Stream(proc, "rewrite")
     await rewrite.send(pb.ProcessingRequest(metadata_context=context,
                                             response_headers=headers(sse)))
     await rewrite.send(pb.ProcessingRequest(response_body=pb.HttpBody(
@@ -226,7 +241,7 @@ async def test_a_fallback_plan_is_kept_when_the_cluster_poll_lags_behind_envoy(
     clusters = LaggingClusters({chain})
     proc = ExternalProcessor(gateway, clusters)
     body = json.dumps({"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
-    decide = Stream(proc)
+    decide = Stream(proc, "decide")
     await decide.send(pb.ProcessingRequest(request_headers=headers({
         ":method": "POST", ":path": "/v1/chat/completions",
         "authorization": f"Bearer {json.loads(out.stdout)['secret']}",
@@ -303,7 +318,7 @@ async def test_a_body_in_pieces_with_trailers_is_decided_once_and_given_back_who
     back, then the trailers."""
     proc, secret = processor
     body = json.dumps({"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
-    decide = Stream(proc)
+    decide = Stream(proc, "decide")
     await decide.send(_decision_headers(secret))  # chunked: no content-length
     for piece in (body[:10], body[10:30], body[30:]):
         await decide.send(_body(piece.encode(), end=False))
@@ -326,7 +341,7 @@ async def test_a_repeated_end_of_body_is_ignored(processor):
     """Envoy may send a large body's last chunk twice: one decision, one request."""
     proc, secret = processor
     body = json.dumps({"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
-    decide = Stream(proc)
+    decide = Stream(proc, "decide")
     await decide.send(_decision_headers(secret, **{"content-length": str(len(body))}))
     await decide.send(_body(body.encode(), end=True))
     await decide.send(_body(body.encode(), end=True))
@@ -347,7 +362,7 @@ async def test_a_body_past_the_limit_is_refused_as_it_arrives(processor):
     in the ledger."""
     proc, secret = processor
     limit = proc.gateway.max_body_bytes
-    decide = Stream(proc)
+    decide = Stream(proc, "decide")
     await decide.send(_decision_headers(secret))
     piece = b"x" * (1 << 20)
     for _ in range(limit // len(piece) + 1):
@@ -359,4 +374,17 @@ async def test_a_body_past_the_limit_is_refused_as_it_arrives(processor):
     await proc.gateway.drain()
     (row,) = await proc.gateway.store().rows()
     assert (row.status, row.code) == (413, "payload_too_large") and not proc._pending
+    await proc.gateway.close()
+
+
+async def test_a_stream_from_a_filter_tollgate_did_not_render_is_refused(processor):
+    """The filter that opens a stream names itself; a stream that names none (an Envoy
+    configuration from elsewhere) is refused, never guessed at."""
+    proc, secret = processor
+    stray = Stream(proc, None)
+    await stray.send(_decision_headers(secret))
+    await stray.send(None)
+    await stray.task
+    assert stray.answers == [] and "x-tollgate-filter" in stray.context.aborted
+    assert not proc._pending
     await proc.gateway.close()
