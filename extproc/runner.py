@@ -224,8 +224,11 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
     log.info("envoy %s listening on %s:%s, ext_proc on %s", envoy.pid, *listen, extproc)
     stop = asyncio.ensure_future(_until_signal())
     exited = asyncio.ensure_future(envoy.wait())
+    envoy_died = False
     try:
         await asyncio.wait({stop, exited}, return_when=asyncio.FIRST_COMPLETED)
+        # Read before the clean-up below: a cancelled `stop` counts as done.
+        envoy_died = exited.done() and not stop.done()
     finally:
         stop.cancel()
         startup.cancel()
@@ -246,7 +249,8 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
         await gateway.close()
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)
-    if exited.done() and not stop.done():
-        log.error("envoy exited with status %s", envoy.returncode)
-        return 1
+    if envoy_died:
+        log.error("envoy exited with status %s (its own log above says why); tollgate stops "
+                  "too, so a supervisor restarts the pair", envoy.returncode)
+        return envoy.returncode or 1
     return 0

@@ -247,6 +247,17 @@ def test_sigterm_stops_extproc_and_envoy(config, tmp_path):
         httpx.get(f"{gw.url}/v1/models")
 
 
+def test_envoy_exiting_stops_the_gateway_with_a_failure(config, tmp_path):
+    """An Envoy that dies takes `serve envoy` down with a non-zero status and says so, so a
+    supervisor (Kubernetes, systemd) sees the failure and restarts the pair."""
+    gw = GatewayProcess("envoy", config, tmp_path).start()
+    envoy_pid = int(re.search(r"envoy (\d+) listening", gw.log()).group(1))
+    os.kill(envoy_pid, signal.SIGKILL)
+    status = gw.proc.wait(timeout=20)
+    assert status not in (0, None)
+    assert re.search(r"envoy exited with status -?\d+", gw.log())
+
+
 def health(channel) -> bool:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
