@@ -2,6 +2,7 @@ CONFIG ?= config/gateway.yaml
 HOST ?= envoy
 LISTEN ?= 127.0.0.1:8080
 ADMIN ?= 127.0.0.1:9464
+ENVOY_ADMIN ?=
 VENV := .venv/bin
 
 .PHONY: run test lint bench bench-quick soak bootstrap
@@ -12,7 +13,8 @@ bootstrap:
 run: bootstrap
 	@test -f $(CONFIG) || { mkdir -p $(dir $(CONFIG)) && cp config/gateway.example.yaml $(CONFIG) \
 		&& echo "make run: created $(CONFIG) from config/gateway.example.yaml (your working copy, kept out of git)"; }
-	$(VENV)/tollgate --config $(CONFIG) serve $(HOST) --listen $(LISTEN) --admin $(ADMIN)
+	$(VENV)/tollgate --config $(CONFIG) serve $(HOST) --listen $(LISTEN) --admin $(ADMIN) \
+		$(if $(ENVOY_ADMIN),--envoy-admin $(ENVOY_ADMIN))
 
 # Two workers, one test file each at a time: files share their gateways within a worker.
 test: bootstrap

@@ -190,3 +190,18 @@ def test_a_policy_provider_that_can_serve_nothing_is_warned_about(run):
     local = run("routing-policies", "create", "--scope", "ORG:acme", "--name", "local",
                 "--model-provider", "mp_openai_org", "--model-provider", "mp_local")
     assert "mp_local serves none of the models mp_openai_org serves" in local.stderr
+
+
+def test_make_run_passes_envoys_admin_address_when_given():
+    """`make run ENVOY_ADMIN=...` moves Envoy's admin off its default, as ADMIN= moves
+    tollgate's; without it the default stands."""
+    import subprocess
+
+    from tests.harness import ROOT
+
+    def command(*assignments: str) -> str:
+        return subprocess.run(["make", "-n", "run", *assignments], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout
+
+    assert "--envoy-admin 127.0.0.1:9902" in command("ENVOY_ADMIN=127.0.0.1:9902")
+    assert "--envoy-admin" not in command()
