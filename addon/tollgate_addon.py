@@ -81,7 +81,6 @@ def _show_served_address(flow: http.HTTPFlow, exchange: Exchange) -> None:
         req.scheme, req.host, req.port, req.path = a.scheme, a.host, a.port, a.path
 
 
-
 def _show_called_address(flow: http.HTTPFlow) -> None:
     """A refused flow never went upstream: show the address the client called, not the
     reverse-mode placeholder (or the refusal sink)."""
@@ -266,6 +265,23 @@ def _mask_web_view() -> None:
     app.flow_to_json = flow_to_json
 
 
+def _to_loopback(flow: http.HTTPFlow, port: int, header: str) -> str:
+    """Point a flow at one of the addon's loopback servers; the token it carries there in
+    `header`, which that server reads back with `_loopback_token`."""
+    token = uuid.uuid4().hex
+    req = flow.request
+    req.scheme, req.host, req.port = "http", "127.0.0.1", port
+    req.headers[header] = token
+    return token
+
+
+async def _loopback_token(reader: asyncio.StreamReader, header: str) -> str:
+    """Read a flow's request head on a loopback server: the token in `header` ("" if none)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    return next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                 if line.lower().startswith(header.encode() + b":")), "")
+
+
 class RefusalSink:
     """Answers a request refused from its headers alone (a body over the cap), while the
     client may still be sending that body.
@@ -287,20 +303,13 @@ class RefusalSink:
         self.port = self._server.sockets[0].getsockname()[1]
 
     def send_here(self, flow: http.HTTPFlow, reply: Reply) -> None:
-        token = uuid.uuid4().hex
-        self.replies[token] = reply
-        req = flow.request
-        req.scheme, req.host, req.port = "http", "127.0.0.1", self.port
-        req.headers[self.HEADER] = token
-        req.stream = True  # through mitmproxy without being held, into _answer's drain
+        self.replies[_to_loopback(flow, self.port, self.HEADER)] = reply
+        flow.request.stream = True  # through mitmproxy without being held, into _answer's drain
 
     async def _answer(self, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            token = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
-                          if line.lower().startswith(self.HEADER.encode() + b":")), "")
-            reply = self.replies.pop(token, None)
+            reply = self.replies.pop(await _loopback_token(reader, self.HEADER), None)
             if reply is None:
                 return
             response = http.Response.make(reply.status, reply.body,
@@ -345,11 +354,9 @@ class FallbackRelay:
         if self._server is None:  # on first use: mitmproxy's start is not held up for it
             self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
             self.port = self._server.sockets[0].getsockname()[1]
-        token = uuid.uuid4().hex
         req = flow.request
-        self.plans[token] = (exchange, req.method, client_headers, req.raw_content or b"")
-        req.scheme, req.host, req.port = "http", "127.0.0.1", self.port
-        req.headers[self.HEADER] = token
+        plan = (exchange, req.method, client_headers, req.raw_content or b"")
+        self.plans[_to_loopback(flow, self.port, self.HEADER)] = plan
         # The body stays here: the relay sends each attempt its own.
         req.headers.pop("transfer-encoding", None)
         req.raw_content = b""
@@ -358,10 +365,7 @@ class FallbackRelay:
     async def _serve(self, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            token = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
-                          if line.lower().startswith(self.HEADER.encode() + b":")), "")
-            plan = self.plans.pop(token, None)
+            plan = self.plans.pop(await _loopback_token(reader, self.HEADER), None)
             if plan is not None:
                 await self._attempts(writer, *plan)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
@@ -438,6 +442,7 @@ class FallbackRelay:
             self._server.close()
         if self._client is not None:
             await self._client.aclose()
+
 
 class TollgateAddon:
     def __init__(self) -> None:
@@ -566,7 +571,9 @@ class TollgateAddon:
         if exchange is None or flow.response is None:
             return
         _show_served_address(flow, exchange)
-        if not flow.response.stream and not exchange.finished:
+        if exchange.finished:  # no provider of a fallback plan answered: the relay said so
+            flow.marked = ":no_entry:"
+        elif not flow.response.stream:
             body = exchange.relay(flow.response.raw_content or b"")
             if exchange.rewriter is not None:
                 flow.response.content = body + exchange.relay(b"")
