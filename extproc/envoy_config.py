@@ -48,6 +48,10 @@ FALLBACK_HEADER = "x-tollgate-fallback"
 # asked for in a stream it does not reshape is cut by `tollgate.usage_cut` instead.
 REWRITE_HEADER = "x-tollgate-rewrite"
 EXTPROC_CLUSTER = "tollgate_extproc"
+# Set by the decision when ext_proc runs as several processes: the index of the process that
+# holds the request, whose own cluster the request's later streams (tap, rewrite, attempts)
+# are sent to. Decisions are spread over all of them.
+EXTPROC_PROCESS_HEADER = "x-tollgate-extproc"
 # gRPC metadata on each ext_proc stream: the filter that opened it.
 FILTER_ROLE_HEADER = "x-tollgate-filter"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"  # its gRPC health name
@@ -318,14 +322,18 @@ def local_reply_config(prefix: str) -> dict[str, Any]:
     return {"mappers": mappers}
 
 
+def _grpc_service(filter_name: str, cluster: str = EXTPROC_CLUSTER) -> dict[str, Any]:
+    """ext_proc as a filter reaches it; its streams tell ext_proc which filter opened them
+    (their `x-tollgate-filter` gRPC metadata: `decide`, `tap`, `rewrite`, `attempt`)."""
+    role = filter_name.removeprefix("tollgate.")
+    return {"envoy_grpc": {"cluster_name": cluster}, "timeout": "5s",
+            "initial_metadata": [{"key": FILTER_ROLE_HEADER, "value": role}]}
+
+
 def _ext_proc(name: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """An ext_proc filter whose streams tell ext_proc which filter opened them (their
-    `x-tollgate-filter` gRPC metadata: `decide`, `tap`, `rewrite`, `attempt`)."""
-    role = name.removeprefix("tollgate.")
     return {"name": name, "typed_config": {
         "@type": EXT_PROC,
-        "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s",
-                         "initial_metadata": [{"key": FILTER_ROLE_HEADER, "value": role}]},
+        "grpc_service": _grpc_service(name),
         "failure_mode_allow": False,
         **extra,
     }}
@@ -430,12 +438,26 @@ REWRITE_MODE = {
 }
 
 
-def _per_route(filter_name: str, mode: dict[str, str]) -> dict[str, Any]:
-    return {filter_name: {"@type": EXT_PROC_PER_ROUTE, "overrides": {"processing_mode": mode}}}
+def _per_route(filter_name: str, mode: dict[str, str] | None = None,
+               process: int | None = None) -> dict[str, Any]:
+    """A filter's settings on one route: its processing mode, and (ext_proc in several
+    processes) the process that holds the route's requests."""
+    overrides: dict[str, Any] = {}
+    if mode is not None:
+        overrides["processing_mode"] = mode
+    if process is not None:
+        overrides["grpc_service"] = _grpc_service(filter_name, process_cluster(process))
+    return {filter_name: {"@type": EXT_PROC_PER_ROUTE, "overrides": overrides}}
 
 
-def route_config(cfg: Config) -> dict[str, Any]:
-    prefix = cfg.gateway.header_prefix
+def process_cluster(process: int) -> str:
+    return f"{EXTPROC_CLUSTER}_{process}"
+
+
+def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
+    """The routes a decision picks between by the headers it sets. With ext_proc in several
+    processes there is a set per process (`process`), whose streams after the decision go
+    to the process that made it: it holds the request until the tap settles it."""
     action = {
         "cluster_header": CLUSTER_HEADER,
         # LLM calls run for minutes; only silence ends them.
@@ -443,27 +465,42 @@ def route_config(cfg: Config) -> dict[str, Any]:
         "idle_timeout": "300s",
     }
     with_fallback = {**action, "retry_policy": fallback.retry_policy()}
-    rewrite = _per_route("tollgate.rewrite", REWRITE_MODE)
-    attempts = _per_route("tollgate.attempt", ATTEMPT_MODE)
+    rewrite = _per_route("tollgate.rewrite", REWRITE_MODE, process)
+    attempts = _per_route("tollgate.attempt", ATTEMPT_MODE, process)
+    tap = _per_route("tollgate.tap", process=process) if process is not None else {}
+    pinned = [] if process is None else [
+        {"name": EXTPROC_PROCESS_HEADER, "string_match": {"exact": str(process)}}]
 
     def when(*headers: str) -> dict[str, Any]:
-        return {"prefix": "/", "headers": [{"name": h, "present_match": True} for h in headers]}
+        matchers = [*pinned, *({"name": h, "present_match": True} for h in headers)]
+        return {"prefix": "/", **({"headers": matchers} if matchers else {})}
 
+    return [
+        {"match": when(FALLBACK_HEADER, REWRITE_HEADER), "route": with_fallback,
+         "typed_per_filter_config": {**attempts, **rewrite, **tap}},
+        {"match": when(FALLBACK_HEADER), "route": with_fallback,
+         "typed_per_filter_config": {**attempts, **tap}},
+        {"match": when(REWRITE_HEADER), "route": action,
+         "typed_per_filter_config": {**rewrite, **tap}},
+        {"match": when(), "route": action, **({"typed_per_filter_config": tap} if tap else {})},
+    ]
+
+
+def route_config(cfg: Config, processes: int = 1) -> dict[str, Any]:
+    """`processes`: how many ext_proc processes serve this Envoy. With more than one, every
+    forwarded request names its process, and a route for no process would send its tap to
+    any of them, so there is none (a request without a decision never reaches the router)."""
+    prefix = cfg.gateway.header_prefix
+    routes = _routes(cfg, None) if processes == 1 else \
+        [r for i in range(processes) for r in _routes(cfg, i)]
     return {
         "name": "tollgate",
-        "request_headers_to_remove": [CLUSTER_HEADER, REWRITE_HEADER, FALLBACK_HEADER],
+        "request_headers_to_remove": [CLUSTER_HEADER, REWRITE_HEADER, FALLBACK_HEADER,
+                                      EXTPROC_PROCESS_HEADER],
         "virtual_hosts": [{
             "name": "gateway",
             "domains": ["*"],
-            "routes": [
-                {"match": when(FALLBACK_HEADER, REWRITE_HEADER), "route": with_fallback,
-                 "typed_per_filter_config": {**attempts, **rewrite}},
-                {"match": when(FALLBACK_HEADER), "route": with_fallback,
-                 "typed_per_filter_config": attempts},
-                {"match": when(REWRITE_HEADER), "route": action,
-                 "typed_per_filter_config": rewrite},
-                {"match": {"prefix": "/"}, "route": action},
-            ],
+            "routes": routes,
             # What belongs to the gateway's provider account (its cookies, its ids).
             "response_headers_to_remove": sorted(header_rules.PROVIDER_ACCOUNT),
             "response_headers_to_add": [
@@ -482,7 +519,8 @@ def route_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def listener(cfg: Config, host: str, port: int, outage: str) -> dict[str, Any]:
+def listener(cfg: Config, host: str, port: int, outage: str, processes: int = 1
+             ) -> dict[str, Any]:
     return {
         "name": "tollgate",
         "address": _socket_address(host, port),
@@ -506,7 +544,7 @@ def listener(cfg: Config, host: str, port: int, outage: str) -> dict[str, Any]:
                 "max_request_headers_kb": MAX_HEADER_BYTES // 1024,
                 "common_http_protocol_options": {"max_headers_count": 200},
                 "http2_protocol_options": {"max_concurrent_streams": 256},
-                "route_config": route_config(cfg),
+                "route_config": route_config(cfg, processes),
                 "local_reply_config": local_reply_config(cfg.gateway.header_prefix),
                 "access_log": [proxy_replies_log(), outage_log(outage)],
                 "http_filters": http_filters(),
@@ -545,24 +583,31 @@ class ClientTLS:
     ca: str
 
 
-def extproc_cluster(target: str, tls: ClientTLS | None = None) -> dict[str, Any]:
-    cluster = _extproc_cluster(target)
-    if tls is not None:
-        host = target.rpartition(":")[0].strip("[]")
-        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
-            "@type": TLS, "sni": host,
-            "common_tls_context": {
-                "alpn_protocols": ["h2"],
-                "tls_certificates": [{"certificate_chain": {"filename": tls.cert},
-                                      "private_key": {"filename": tls.key}}],
-                "validation_context": {"trusted_ca": {"filename": tls.ca}},
-            }}}
-    return cluster
+def process_targets(target: str, processes: int) -> list[str]:
+    """Where each of `processes` ext_proc processes listens, the first at `target`: Unix
+    sockets beside it (`extproc.sock`, `extproc-1.sock`, ...), or the ports after its own."""
+    if target.startswith("unix:"):
+        path = Path(target.removeprefix("unix:"))
+        return [target, *(f"unix:{path.with_name(f'{path.stem}-{i}{path.suffix}')}"
+                          for i in range(1, processes))]
+    host, _, port = target.rpartition(":")
+    return [f"{host}:{int(port) + i}" for i in range(processes)]
 
 
-def _extproc_cluster(target: str) -> dict[str, Any]:
-    return {
-        "name": EXTPROC_CLUSTER,
+def extproc_clusters(targets: list[str], tls: ClientTLS | None = None) -> list[dict[str, Any]]:
+    """`tollgate_extproc`, every process: decisions (and the access log) are spread over
+    them. With several, also one cluster per process, where the streams that follow a
+    decision go (see `route_config`)."""
+    clusters = [_extproc_cluster(EXTPROC_CLUSTER, targets, tls)]
+    if len(targets) > 1:
+        clusters += [_extproc_cluster(process_cluster(i), [t], tls)
+                     for i, t in enumerate(targets)]
+    return clusters
+
+
+def _extproc_cluster(name: str, targets: list[str], tls: ClientTLS | None) -> dict[str, Any]:
+    cluster = {
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         # Each request holds up to four gRPC streams (decide, tap, rewrite, attempt): the
@@ -576,8 +621,8 @@ def _extproc_cluster(target: str) -> dict[str, Any]:
                 "explicit_http_config": {"http2_protocol_options": {}},
             },
         },
-        "load_assignment": {"cluster_name": EXTPROC_CLUSTER, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": extproc_address(target)}}]}]},
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": extproc_address(t)}} for t in targets]}]},
         # gRPC health checks: Envoy's stats (cluster.tollgate_extproc.health_check.*) say
         # whether ext_proc answers. With its only host down Envoy still tries it (panic
         # routing), and the decision filter answers 503 itself.
@@ -587,6 +632,17 @@ def _extproc_cluster(target: str) -> dict[str, Any]:
             "grpc_health_check": {"service_name": EXTPROC_SERVICE},
         }],
     }
+    if tls is not None:
+        host = targets[0].rpartition(":")[0].strip("[]")
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": TLS, "sni": host,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [{"certificate_chain": {"filename": tls.cert},
+                                      "private_key": {"filename": tls.key}}],
+                "validation_context": {"trusted_ca": {"filename": tls.ca}},
+            }}}
+    return cluster
 
 
 # Envoy warns at start without a cap; sidecars see far fewer connections than this.
@@ -605,23 +661,24 @@ def _admin(admin: str) -> dict[str, Any]:
     return {"address": _socket_address(host or "127.0.0.1", int(port))}
 
 
-def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: str, outage: str,
+def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: list[str], outage: str,
                      admin: str = "127.0.0.1:9901", tls: ClientTLS | None = None
                      ) -> dict[str, Any]:
-    """Everything inline: for an Envoy you run yourself (`tollgate envoy render`)."""
+    """Everything inline: for an Envoy you run yourself (`tollgate envoy render`).
+    `extproc`: where each ext_proc process listens (see `process_targets`)."""
     return {
         "node": {"id": "tollgate", "cluster": "tollgate"},
         "admin": _admin(admin),
         "overload_manager": OVERLOAD,
         "static_resources": {
-            "listeners": [listener(cfg, *listen, outage)],
-            "clusters": [extproc_cluster(extproc, tls), *clusters(cfg)],
+            "listeners": [listener(cfg, *listen, outage, len(extproc))],
+            "clusters": [*extproc_clusters(extproc, tls), *clusters(cfg)],
         },
     }
 
 
-def dynamic_bootstrap(listener_file: str, cluster_file: str, watch_dir: str, extproc: str,
-                      admin: str) -> dict[str, Any]:
+def dynamic_bootstrap(listener_file: str, cluster_file: str, watch_dir: str,
+                      extproc: list[str], admin: str) -> dict[str, Any]:
     """Listener and provider clusters from files Envoy watches: config edits apply live."""
     def source(path: str) -> dict[str, Any]:
         return {"resource_api_version": "V3",
@@ -633,12 +690,13 @@ def dynamic_bootstrap(listener_file: str, cluster_file: str, watch_dir: str, ext
         "overload_manager": OVERLOAD,
         "dynamic_resources": {"lds_config": source(listener_file),
                               "cds_config": source(cluster_file)},
-        "static_resources": {"clusters": [extproc_cluster(extproc)]},
+        "static_resources": {"clusters": extproc_clusters(extproc)},
     }
 
 
-def listener_resources(cfg: Config, listen: tuple[str, int], outage: str) -> dict[str, Any]:
-    return {"resources": [{"@type": LISTENER, **listener(cfg, *listen, outage)}]}
+def listener_resources(cfg: Config, listen: tuple[str, int], outage: str,
+                       processes: int = 1) -> dict[str, Any]:
+    return {"resources": [{"@type": LISTENER, **listener(cfg, *listen, outage, processes)}]}
 
 
 def cluster_resources(cfg: Config) -> dict[str, Any]:

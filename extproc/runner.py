@@ -17,12 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 
 from extproc import envoy_config
 from extproc.listen import Listener
+from extproc.processes import ProcessExited, Siblings
 from extproc.proxy_replies import OutageLog
-from extproc.service import start_server
+from extproc.service import ExternalProcessor, start_server
 from tollgate.admin import AdminServer
 from tollgate.config.load import LoadedConfig
 from tollgate.gateway import Gateway
@@ -68,10 +70,12 @@ def write_json_atomic(path: Path, doc: Any) -> bool:
 class EnvoyFiles:
     """The listener and cluster resources Envoy reads from disk and re-reads on change."""
 
-    def __init__(self, workdir: Path, listen: tuple[str, int], outage: Path):
+    def __init__(self, workdir: Path, listen: tuple[str, int], outage: Path,
+                 processes: int = 1):
         self.workdir = workdir
         self.listen = listen
         self.outage = outage
+        self.processes = processes
         self.listeners = workdir / "resources" / "listeners.json"
         self.clusters = workdir / "resources" / "clusters.json"
         self.listeners.parent.mkdir(parents=True, exist_ok=True)
@@ -83,12 +87,12 @@ class EnvoyFiles:
         # Clusters first: a listener may name a cluster only once it exists.
         if write_json_atomic(self.clusters, clusters):
             log.info("envoy clusters updated")
-        if write_json_atomic(self.listeners, envoy_config.listener_resources(cfg, self.listen,
-                                                                          str(self.outage))):
+        if write_json_atomic(self.listeners, envoy_config.listener_resources(
+                cfg, self.listen, str(self.outage), self.processes)):
             log.info("envoy listener updated")
         return {c["name"] for c in clusters["resources"]}
 
-    def bootstrap(self, extproc: str, admin: str) -> Path:
+    def bootstrap(self, extproc: list[str], admin: str) -> Path:
         path = self.workdir / "bootstrap.json"
         write_json_atomic(path, envoy_config.dynamic_bootstrap(
             str(self.listeners), str(self.clusters), str(self.listeners.parent), extproc,
@@ -163,25 +167,82 @@ def follow_outage_log(gateway: Gateway, path: Path) -> asyncio.Task[None]:
     return asyncio.get_running_loop().create_task(OutageLog(gateway, path).follow())
 
 
+async def start_processes(gateway: Gateway, config: str, where: list[Listener],
+                          workdir: Path, clusters: LoadedClusters | None = None,
+                          envoy_admin: str | None = None
+                          ) -> tuple[grpc.aio.Server, ExternalProcessor, Siblings | None]:
+    """ext_proc here (process 0) and, when `where` names more than one address, its sibling
+    processes at the others (see `extproc.processes`). Process 0 listens last: an Envoy
+    already running sends decisions to every address, so none is open before all are."""
+    siblings = None
+    if len(where) > 1:
+        siblings = Siblings(config, where[1:], workdir / "metrics", envoy_admin)
+        try:
+            await siblings.start()
+        except BaseException:
+            await siblings.stop()
+            raise
+    server, processor = await start_server(gateway, where[0], clusters,
+                                           0 if siblings else None)
+    return server, processor, siblings
+
+
+def _stopped_because(envoy: asyncio.subprocess.Process | None, siblings: Siblings | None,
+                     waits: dict[str, asyncio.Future[Any]]) -> int:
+    """The exit status, once one of `waits` is done: 0 for a signal, else the status of the
+    process (Envoy, an ext_proc sibling) that exited, which stops the whole gateway so a
+    supervisor restarts it whole."""
+    if waits["signal"].done() and not waits["signal"].cancelled():
+        return 0
+    if envoy is not None and waits["envoy"].done():
+        log.error("envoy exited with status %s (its own log above says why); tollgate stops "
+                  "too, so a supervisor restarts the pair", envoy.returncode)
+        return envoy.returncode or 1
+    index, status = waits["siblings"].result()
+    log.error("ext_proc process %d exited with status %s (its log above says why); tollgate "
+              "stops too, so a supervisor restarts it whole", index, status)
+    return status or 1
+
+
 async def serve_extproc(config: str, where: Listener, outage: Path,
-                        admin: tuple[str, int] | None = None) -> None:
-    gateway = Gateway.from_path(config)
-    server, processor = await start_server(gateway, where)
-    outage_reader = follow_outage_log(gateway, outage)
-    admin_server = AdminServer(gateway, admin, asyncio.get_running_loop()).start() \
-        if admin else None
-    log.info("ext_proc serving on %s%s", where.target,
-             " (mTLS)" if where.tls else " (no TLS)" if where.insecure_tcp else "")
+                        admin: tuple[str, int] | None = None, processes: int = 1) -> int:
+    gateway = Gateway.from_path(config, siblings=processes > 1)
+    workdir = Path(tempfile.mkdtemp(prefix="tollgate-extproc-"))
+    targets = envoy_config.process_targets(where.target, processes)
+    listeners = [Listener(t, where.tls, where.insecure_tcp) for t in targets]
     try:
-        await _until_signal()
+        server, processor, siblings = await start_processes(gateway, config, listeners,
+                                                            workdir)
+    except ProcessExited as e:
+        log.error("%s", e)
+        await gateway.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 1
+    outage_reader = follow_outage_log(gateway, outage)
+    admin_server = AdminServer(gateway, admin, asyncio.get_running_loop(),
+                               siblings_metrics=str(siblings.metrics_dir) if siblings else None
+                               ).start() if admin else None
+    log.info("ext_proc serving on %s%s", ", ".join(targets),
+             " (mTLS)" if where.tls else " (no TLS)" if where.insecure_tcp else "")
+    waits: dict[str, asyncio.Future[Any]] = {"signal": asyncio.ensure_future(_until_signal())}
+    if siblings is not None:
+        waits["siblings"] = siblings.exited()
+    try:
+        await asyncio.wait(waits.values(), return_when=asyncio.FIRST_COMPLETED)
+        status = _stopped_because(None, siblings, waits)
     finally:
+        waits["signal"].cancel()
         outage_reader.cancel()
         if admin_server is not None:
             admin_server.stop()
+        if siblings is not None:
+            await siblings.stop()
         if processor.sweeper:
             processor.sweeper.cancel()
         await server.stop(grace=2)
         await gateway.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return status
 
 
 def envoy_stats(envoy_admin: str) -> Callable[[], bytes]:
@@ -199,15 +260,25 @@ def envoy_stats(envoy_admin: str) -> Callable[[], bytes]:
 
 async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
                       extproc: str | None, log_level: str, outage: Path,
-                      admin: tuple[str, int] | None = None) -> int:
-    gateway = Gateway.from_path(config)
+                      admin: tuple[str, int] | None = None, processes: int = 1) -> int:
+    gateway = Gateway.from_path(config, siblings=processes > 1)
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
-    extproc = extproc or f"unix:{workdir / 'extproc.sock'}"
+    targets = envoy_config.process_targets(extproc or f"unix:{workdir / 'extproc.sock'}",
+                                           processes)
     clusters = LoadedClusters(envoy_admin)
-    server, processor = await start_server(gateway, Listener(extproc), clusters)
+    try:
+        server, processor, siblings = await start_processes(
+            gateway, config, [Listener(t) for t in targets], workdir, clusters, envoy_admin)
+    except ProcessExited as e:
+        log.error("%s", e)
+        await gateway.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 1
     admin_server = AdminServer(gateway, admin, asyncio.get_running_loop(),
-                               envoy_stats(envoy_admin)).start() if admin else None
-    files = EnvoyFiles(workdir, listen, outage)
+                               envoy_stats(envoy_admin),
+                               str(siblings.metrics_dir) if siblings else None
+                               ).start() if admin else None
+    files = EnvoyFiles(workdir, listen, outage, processes)
     outage_reader = follow_outage_log(gateway, outage)
     first_clusters = files.write(gateway.holder.current)
 
@@ -217,20 +288,22 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
 
     gateway.holder.before_reload(prepare)
     envoy = await asyncio.create_subprocess_exec(
-        envoy_binary(), "-c", str(files.bootstrap(extproc, envoy_admin)),
+        envoy_binary(), "-c", str(files.bootstrap(targets, envoy_admin)),
         "--disable-hot-restart",
         "--log-level", log_level, "--drain-time-s", "5")
     startup = asyncio.ensure_future(asyncio.to_thread(clusters.wait_for, first_clusters))
-    log.info("envoy %s listening on %s:%s, ext_proc on %s", envoy.pid, *listen, extproc)
-    stop = asyncio.ensure_future(_until_signal())
-    exited = asyncio.ensure_future(envoy.wait())
-    envoy_died = False
+    log.info("envoy %s listening on %s:%s, ext_proc on %s", envoy.pid, *listen,
+             ", ".join(targets))
+    waits: dict[str, asyncio.Future[Any]] = {"signal": asyncio.ensure_future(_until_signal()),
+                                             "envoy": asyncio.ensure_future(envoy.wait())}
+    if siblings is not None:
+        waits["siblings"] = siblings.exited()
     try:
-        await asyncio.wait({stop, exited}, return_when=asyncio.FIRST_COMPLETED)
-        # Read before the clean-up below: a cancelled `stop` counts as done.
-        envoy_died = exited.done() and not stop.done()
+        await asyncio.wait(waits.values(), return_when=asyncio.FIRST_COMPLETED)
+        # Read before the clean-up below: a cancelled wait counts as done.
+        status = _stopped_because(envoy, siblings, waits)
     finally:
-        stop.cancel()
+        waits["signal"].cancel()
         startup.cancel()
         outage_reader.cancel()
         clusters.stop()
@@ -243,14 +316,12 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
             except TimeoutError:
                 envoy.kill()
                 await envoy.wait()
+        if siblings is not None:
+            await siblings.stop()
         if processor.sweeper:
             processor.sweeper.cancel()
         await server.stop(grace=2)
         await gateway.close()
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)
-    if envoy_died:
-        log.error("envoy exited with status %s (its own log above says why); tollgate stops "
-                  "too, so a supervisor restarts the pair", envoy.returncode)
-        return envoy.returncode or 1
-    return 0
+    return status

@@ -34,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc import fallback
 from extproc.envoy_config import (
     CLUSTER_HEADER,
+    EXTPROC_PROCESS_HEADER,
     EXTPROC_SERVICE,
     FALLBACK_HEADER,
     FILTER_ROLE_HEADER,
@@ -128,7 +129,8 @@ BODY_PIECE = 1 << 20
 
 
 def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
-            trailers: bool = False) -> list[pb.ProcessingResponse]:
+            trailers: bool = False, process: int | None = None
+            ) -> list[pb.ProcessingResponse]:
     """The answers that send a request on to its provider: its headers' changes, then (a
     request with a body, which the decision stream holds) the body to send, then the
     trailers if it had any.
@@ -145,6 +147,8 @@ def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
     routing["x-request-id"] = exchange.trace.request_id
     if exchange.reshapes:  # the rewrite filter edits its response (a usage chunk as well)
         routing[REWRITE_HEADER] = "1"
+    if process is not None:  # this process holds the request: its later streams come here
+        routing[EXTPROC_PROCESS_HEADER] = str(process)
     if len(plan) == 1:
         routing[CLUSTER_HEADER] = cluster_name(fwd.attempt.provider_id)
         common = _mutation(fwd.attempt, None if body is None else len(body), routing,
@@ -252,8 +256,12 @@ class LoadedClusters(Protocol):
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, gateway: Gateway, loaded_clusters: LoadedClusters | None = None):
+    def __init__(self, gateway: Gateway, loaded_clusters: LoadedClusters | None = None,
+                 process: int | None = None):
+        """`process`: this process's index when ext_proc runs as several (see
+        `envoy_config.route_config`)."""
         self.gateway = gateway
+        self.process = process
         self._pending: dict[str, _Pending] = {}  # forwarded, waiting for the tap
         self._rewrites: dict[str, _Pending] = {}  # forwarded, waiting for the rewrite
         # The clusters Envoy has loaded, when known (an Envoy this process runs); else the
@@ -356,7 +364,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if exchange.reshapes:
             pending.rewritten = asyncio.Event()
             self._rewrites[request_id] = pending
-        for answer in forward(result, headers, body, trailers):
+        for answer in forward(result, headers, body, trailers, self.process):
             yield answer
 
     async def _refusal(self, headers: dict[str, str], size: int) -> pb.ProcessingResponse:
@@ -560,13 +568,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
 
 async def start_server(gateway: Gateway, where: Listener,
-                       loaded_clusters: LoadedClusters | None = None
+                       loaded_clusters: LoadedClusters | None = None,
+                       process: int | None = None
                        ) -> tuple[grpc.aio.Server, ExternalProcessor]:
     """Serve ext_proc (with gRPC health, and the access log of requests Envoy answered
     itself) on a private Unix socket, or TCP (see listen.py)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
                                       ("grpc.max_send_message_length", -1)])
-    processor = ExternalProcessor(gateway, loaded_clusters)
+    processor = ExternalProcessor(gateway, loaded_clusters, process)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(ProxyReplies(gateway), server)
     health_servicer = health.aio.HealthServicer()

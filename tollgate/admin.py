@@ -56,11 +56,17 @@ def readiness(gateway: Gateway, loop: asyncio.AbstractEventLoop | None
 class AdminServer:
     def __init__(self, gateway: Gateway, listen: tuple[str, int],
                  loop: asyncio.AbstractEventLoop | None = None,
-                 more_metrics: Callable[[], bytes] | None = None):
-        """`more_metrics` returns more exposition text (Envoy's stats) for `/metrics`."""
+                 more_metrics: Callable[[], bytes] | None = None,
+                 siblings_metrics: str | None = None):
+        """`more_metrics` returns more exposition text (Envoy's stats) for `/metrics`;
+        `siblings_metrics`: where this gateway's other ext_proc processes keep theirs."""
         admin = self
         scraped = CollectorRegistry()
         scraped.register(metrics.GatewayCollector(gateway, loop))
+        requests = metrics.REGISTRY
+        if siblings_metrics is not None:
+            requests = CollectorRegistry()
+            requests.register(metrics.WithSiblings(siblings_metrics))
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: Any) -> None:
@@ -76,7 +82,7 @@ class AdminServer:
                                {"status": "unready" if problems else "ready",
                                 "problems": problems, "degraded": degraded})
                 elif path == "/metrics":
-                    text = generate_latest(metrics.REGISTRY) + generate_latest(scraped) + \
+                    text = generate_latest(requests) + generate_latest(scraped) + \
                         generate_latest(prometheus_client.REGISTRY)
                     if more_metrics is not None:
                         text += more_metrics()

@@ -80,8 +80,12 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
 
 
 class Gateway:
-    def __init__(self, holder: ConfigHolder, store: Store | None = None):
+    def __init__(self, holder: ConfigHolder, store: Store | None = None,
+                 siblings: bool = False):
+        """`siblings`: other processes of this gateway serve from the same state (ext_proc
+        as several processes)."""
         self.holder = holder
+        self.siblings = siblings
         self._index_for: tuple[LoadedConfig, KeyIndex] | None = None
         self._store = store
         # (state, spool, lease, ledger rows) the store was opened with
@@ -115,8 +119,9 @@ class Gateway:
     def _check_limits_are_kept(self, loaded: LoadedConfig) -> None:
         """Rate limits on a SQLite state are kept in the one process that serves the file;
         a second process would admit the full limit again, so it refuses them."""
-        if getattr(self._store, "serves_alone", True):
-            return
+        alone = getattr(self._store, "serves_alone", None)
+        if alone is None or (alone and not self.siblings):
+            return  # a shared store (Redis), or this process alone serves the file
         cfg = loaded.config
         limited = [f"model provider {p.id}" for p in cfg.model_providers
                    if p.rate_limit and p.rate_limit.any()] + \
@@ -125,18 +130,19 @@ class Gateway:
         if limited:
             raise ConfigError([Problem(
                 str(loaded.path), None, "gateway.state",
-                f"another gateway process already serves {cfg.gateway.state}, and rate "
+                f"more than one gateway process serves {cfg.gateway.state} (another "
+                "gateway, or ext_proc as several processes), and rate "
                 f"limits ({', '.join(limited[:3])}{', ...' if len(limited) > 3 else ''}) "
                 "are counted in the process that serves a SQLite state: two processes would "
                 "each admit the full limit. Share limits across processes with a Redis state "
                 "(gateway.state: redis://...), or run one gateway per state file.")])
 
     @classmethod
-    def from_path(cls, path: str, watch: bool = True) -> Gateway:
+    def from_path(cls, path: str, watch: bool = True, siblings: bool = False) -> Gateway:
         holder = ConfigHolder(path)
         if watch:
             holder.start()
-        return cls(holder)
+        return cls(holder, siblings=siblings)
 
     def store(self) -> Store:
         """The state store named by the running config (reopened if an edit changes it)."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from tollgate import budgets
 
@@ -109,6 +110,35 @@ def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float 
             TOKENS.labels(provider, model, kind, team, project).inc(count)
     if row.cost_micros:
         COST.labels(provider, model, team, project).inc(row.cost_micros / 1_000_000)
+
+
+class WithSiblings:
+    """This process's request metrics summed with those of its sibling ext_proc processes,
+    which keep theirs in `directory` (prometheus_client's multiprocess mode): one series per
+    label set, as if one process had served everything."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        families = {f.name: f for f in REGISTRY.collect()}  # fresh objects on each collect
+        for theirs in MultiProcessCollector(None, path=self.directory).collect():
+            mine = families.setdefault(theirs.name, theirs)
+            if mine is theirs:
+                continue
+            at = {(s.name, tuple(sorted(s.labels.items()))): i
+                  for i, s in enumerate(mine.samples)}
+            for sample in theirs.samples:
+                i = at.get((sample.name, tuple(sorted(sample.labels.items()))))
+                if i is None:
+                    mine.samples.append(sample)
+                else:
+                    mine.samples[i] = mine.samples[i]._replace(
+                        value=mine.samples[i].value + sample.value)
+        yield from families.values()
 
 
 class GatewayCollector:

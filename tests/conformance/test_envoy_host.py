@@ -168,9 +168,11 @@ def test_envoy_errors_answer_in_the_clients_family_after_translation(tmp_path, f
         gw.stop()
 
 
-def test_rendered_bootstrap_passes_envoy_validation(config, tmp_path):
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_rendered_bootstrap_passes_envoy_validation(config, tmp_path, processes):
     fallback_key(config)  # so a fallback chain is rendered too
-    rendered = tollgate("envoy", "render", config=config).stdout
+    rendered = tollgate("envoy", "render", "--extproc-processes", processes,
+                        config=config).stdout
     assert "chain_mp_openai_then_mp_anthropic" in rendered
     path = tmp_path / "envoy.yaml"
     path.write_text(rendered)

@@ -406,12 +406,12 @@ def test_a_second_process_on_a_sqlite_state_refuses_rate_limits_it_cannot_share(
                 return mine and mine[0].get("last_error")
 
             error = wait_until(rejected, timeout=10, what="the second gateway's rejection")
-            assert "another gateway process already serves" in error and "redis://" in error
+            assert "more than one gateway process serves" in error and "redis://" in error
             assert first.proc.poll() is None and other.proc.poll() is None  # both serve
         finally:
             other.stop()
         late = GatewayProcess(second, config, tmp_path)
-        with pytest.raises(RuntimeError, match="another gateway process already serves"):
+        with pytest.raises(RuntimeError, match="more than one gateway process serves"):
             late.start()
     finally:
         first.stop()

