@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run test lint bench bench-quick soak bootstrap
+.PHONY: run test lint bench bench-quick bench-scaling soak bootstrap
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -32,6 +32,10 @@ bench: bootstrap
 
 bench-quick: bootstrap
 	$(VENV)/python -m bench.quick
+
+# Throughput with 1 and 2 ext_proc processes, under wrk (apt-get install wrk).
+bench-scaling: bootstrap
+	$(VENV)/python -m bench.scaling
 
 soak: bootstrap
 	$(VENV)/python -m bench.soak
