@@ -524,6 +524,8 @@ def listener(cfg: Config, host: str, port: int, outage: str, processes: int = 1
     return {
         "name": "tollgate",
         "address": _socket_address(host, port),
+        # A second gateway on this address fails to bind rather than take half its traffic.
+        "enable_reuse_port": False,
         "per_connection_buffer_limit_bytes": cfg.gateway.max_body_bytes + _BUFFER_SLACK,
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,11 +91,27 @@ def _private_umask() -> Iterator[None]:
         os.umask(old)
 
 
+def ensure_unused(target: str) -> None:
+    """A Unix socket another ext_proc still serves on is not taken over (its file would be
+    replaced, and Envoy's new connections would reach this process instead)."""
+    if not target.startswith("unix:"):
+        return
+    path = target.removeprefix("unix:")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return  # no file, or a socket left by a process that died
+    raise ListenError(f"{target}: another ext_proc already serves on this socket: stop it or "
+                      "choose another with --listen")
+
+
 def bind(server: grpc.aio.Server, where: Listener) -> None:
     """Add the listening port; a Unix socket is created 0600 in a 0700 directory."""
     if where.is_unix:
         path = where.socket_path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_unused(where.target)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a socket left by a process that died
         with _private_umask():  # no moment at which the socket is open to others

@@ -574,7 +574,9 @@ async def start_server(gateway: Gateway, where: Listener,
     """Serve ext_proc (with gRPC health, and the access log of requests Envoy answered
     itself) on a private Unix socket, or TCP (see listen.py)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
-                                      ("grpc.max_send_message_length", -1)])
+                                      ("grpc.max_send_message_length", -1),
+                                      # A second ext_proc on the port fails, not shares it.
+                                      ("grpc.so_reuseport", 0)])
     processor = ExternalProcessor(gateway, loaded_clusters, process)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(ProxyReplies(gateway), server)

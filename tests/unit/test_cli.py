@@ -134,6 +134,17 @@ def test_init_refuses_to_overwrite(run, config_dir, tmp_path):
     assert load_config(fresh).config.orgs[0].id == "globex"
 
 
+def test_a_failed_init_leaves_no_config_behind(tmp_path, monkeypatch):
+    from tollgate.cli import org
+
+    monkeypatch.setattr(org, "SHIPPED_PRICES", tmp_path / "missing.yaml")
+    fresh = tmp_path / "new" / "gateway.yaml"
+    result = CliRunner().invoke(cli, ["--config", str(fresh), "init", "--org", "acme"])
+    assert result.exit_code != 0 and "no price table" in result.output
+    assert not fresh.exists()  # a later `init` is not refused by a half-made config
+    assert not fresh.parent.exists() or not any(fresh.parent.iterdir())
+
+
 def test_config_validate_reports_lines(run, config_dir):
     assert "ok (2 model providers" in run("config", "validate").output
     path = config_dir / "gateway.yaml"

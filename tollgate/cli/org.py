@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from tollgate.cli.common import config_path, edit, emit, fail, format_option, read_section
-from tollgate.config.edit import to_yaml
+from tollgate.config.edit import to_yaml, write_atomic
 
 STARTER = """\
 # tollgate gateway config. Edited by `tollgate ...` commands, which keep comments and order.
@@ -47,16 +47,17 @@ def init(ctx: click.Context, org: str) -> None:
     path = config_path(ctx)
     if path.exists():
         fail(f"{path} already exists; not overwriting it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(STARTER.format(org=org), encoding="utf-8")
     prices = path.parent / "prices.yaml"
+    if not prices.exists() and not SHIPPED_PRICES.exists():
+        fail(f"no price table to copy; put one at {prices}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The config comes last, whole or not at all: a failed init leaves none behind.
     if not prices.exists():
-        if not SHIPPED_PRICES.exists():
-            fail(f"no price table to copy; put one at {prices}")
         shutil.copyfile(SHIPPED_PRICES, prices)
     models = path.parent / "models.yaml"
     if not models.exists() and SHIPPED_CATALOG.exists():
         shutil.copyfile(SHIPPED_CATALOG, models)
+    write_atomic(path, STARTER.format(org=org))
     click.echo(f"wrote {path}")
 
 

@@ -32,6 +32,20 @@ def check_config(ctx: click.Context) -> str:
     return str(path.resolve())
 
 
+def ensure_free(*addresses: tuple[str, str | None]) -> None:
+    """Each (option, HOST:PORT) is free, or the command stops naming it (one line)."""
+    from tollgate.addresses import AddressInUse
+    from tollgate.addresses import ensure_free as check
+
+    for what, address in addresses:
+        if address is None:
+            continue
+        try:
+            check(*split_listen(address), what)
+        except AddressInUse as e:
+            raise click.ClickException(str(e)) from None
+
+
 def admin_address(value: str) -> str:
     """HOST:PORT, or just PORT (on loopback)."""
     if value.isdigit():
@@ -98,6 +112,8 @@ def mitmproxy(ctx: click.Context, listen: str, ui: str, web_listen: str, admin: 
 
     path = check_config(ctx)
     host, port = split_listen(listen)
+    ensure_free(("--listen", listen), ("--web-listen", web_listen if ui == "web" else None),
+                ("--admin", admin_address(admin) if admin else None))
     if admin:
         mitm_args = ("--set", f"tollgate_admin={admin_address(admin)}", *mitm_args)
     # Reverse mode towards a placeholder: the addon sets every request's real destination,
@@ -167,6 +183,17 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
         raise click.BadParameter("use unix:/path: ext_proc answers carry provider "
                                  "credentials, so they stay on a private socket",
                                  param_hint="--extproc")
+    ensure_free(("--listen", listen), ("--envoy-admin", admin_address(envoy_admin)),
+                ("--admin", admin_address(admin) if admin else None))
+    if extproc_listen is not None:
+        from extproc.envoy_config import process_targets
+        from extproc.listen import ListenError, ensure_unused
+
+        try:
+            for target in process_targets(extproc_listen, extproc_processes):
+                ensure_unused(target)
+        except ListenError as e:
+            raise click.ClickException(str(e)) from None
     _logging()
     sys.exit(asyncio.run(serve_envoy(path, split_listen(listen), admin_address(envoy_admin),
                                      extproc_listen, log_level,
@@ -204,6 +231,17 @@ def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_ke
                          tls_client_ca, insecure_tcp)
     except ListenError as e:
         raise click.UsageError(str(e)) from None
+    from extproc.envoy_config import process_targets
+    from extproc.listen import ensure_unused
+
+    targets = process_targets(where.target, extproc_processes)
+    ensure_free(("--admin", admin_address(admin) if admin else None),
+                *(("--listen", t) for t in targets if not where.is_unix))
+    try:
+        for target in targets:
+            ensure_unused(target)
+    except ListenError as e:
+        raise click.ClickException(str(e)) from None
     _logging()
     sys.exit(asyncio.run(serve_extproc(path, where, outage_path(path, outage_log),
                                        split_listen(admin_address(admin)) if admin else None,
