@@ -34,8 +34,12 @@ def readiness(gateway: Gateway, loop: asyncio.AbstractEventLoop | None
     holder = gateway.holder
     problems: list[str] = []
     store_problems: list[str] = []
+    degraded: list[str] = []
     if holder.last_error:
-        problems.append(f"config reload rejected, serving an older config: {holder.last_error}")
+        # The last good config still serves: one typo must not pull every replica out of
+        # rotation. The rejection shows here, in tollgate_config_reload_failing and the log.
+        degraded.append(f"config reload rejected, serving the last good config: "
+                        f"{holder.last_error}")
     elif holder.status.get("loaded_sha256") != file_digest(holder.path):
         problems.append("the config file changed and is not loaded yet")
     problems += missing_credentials(holder.current.config)
@@ -49,8 +53,8 @@ def readiness(gateway: Gateway, loop: asyncio.AbstractEventLoop | None
         except Exception as e:
             store_problems.append(f"state store unreachable: {e}")
     if holder.current.config.gateway.fail_closed:
-        return problems + store_problems, []
-    return problems, store_problems
+        return problems + store_problems, degraded
+    return problems, degraded + store_problems
 
 
 class AdminServer:

@@ -322,8 +322,12 @@ def validate(ctx: click.Context) -> None:
         click.echo(str(e), err=True)
         sys.exit(1)
     cfg = loaded.config
-    for line in missing_credentials(cfg):
-        click.echo(f"warning: {line} in this environment", err=True)
+    missing = missing_credentials(cfg)
+    for line in missing:
+        click.echo(f"warning: {line}", err=True)
+    if missing:
+        click.echo("(credentials were looked for in this shell's environment; where the "
+                   "gateway runs elsewhere, its /readyz says what it finds there)", err=True)
     for line in warnings(loaded):
         click.echo(f"warning: {line}", err=True)
     click.echo(f"{path}: ok ({len(cfg.model_providers)} model providers, "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import time
 from typing import Any
 
 from tollgate.catalog import ModelCatalog
@@ -24,13 +25,37 @@ def _visible_providers(cfg: Config, scope: str) -> list[ModelProvider]:
     return [p for p in cfg.model_providers if p.scope in seen]
 
 
+# A provider type's chain (AWS's, Google's ADC) found nothing: asked again after this long, as
+# looking may wait on a metadata server, and readiness is probed every few seconds.
+AMBIENT_RECHECK = 30.0
+_ambient_missing: dict[str, tuple[float, str]] = {}
+
+
 def missing_credentials(cfg: Config) -> list[str]:
-    """Providers whose key variable is not set in this process's environment."""
+    """Providers with no usable credential in this process's environment: a key variable
+    not set, a key file not readable, or no credentials in the chain their type reads."""
+    from tollgate.providers import adapter_for
+
     out = [f"model provider {p.id}: {p.api_key_env} is not set"
            for p in cfg.model_providers if p.api_key_env and not os.environ.get(p.api_key_env)]
-    return out + [f"model provider {p.id}: {p.api_key_file} cannot be read"
-                  for p in cfg.model_providers
-                  if p.api_key_file and not os.access(p.api_key_file, os.R_OK)]
+    out += [f"model provider {p.id}: {p.api_key_file} cannot be read"
+            for p in cfg.model_providers
+            if p.api_key_file and not os.access(p.api_key_file, os.R_OK)]
+    for p in cfg.model_providers:
+        if p.api_key_env or p.api_key_file:
+            continue
+        seen = _ambient_missing.get(p.type)
+        if seen is not None and time.monotonic() < seen[0]:
+            problem: str | None = seen[1]
+        else:
+            problem = adapter_for(p).ambient_credential_problem()
+            if problem is None:
+                _ambient_missing.pop(p.type, None)
+            else:
+                _ambient_missing[p.type] = (time.monotonic() + AMBIENT_RECHECK, problem)
+        if problem:
+            out.append(f"model provider {p.id}: {problem}")
+    return out
 
 
 def idle_controls(cfg: Config, prices: PriceTable, catalog: ModelCatalog | None = None

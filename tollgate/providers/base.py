@@ -122,6 +122,11 @@ class Adapter:
         """The config that names this provider was loaded: fetch what its first request
         would otherwise wait for (an OAuth token)."""
 
+    def ambient_credential_problem(self) -> str | None:
+        """Why a provider that takes its credential from the environment's own chain (AWS's,
+        Google's ADC) finds none here; None when it finds one, or has a key of its own."""
+        return None
+
     def family(self, model: str) -> str:
         """The API family the provider speaks for `model` (Vertex: Claude's or Gemini's)."""
         return self.wire

@@ -54,6 +54,15 @@ class Bedrock(Adapter):
     key_optional = True
 
     config_keys = frozenset({"region"})
+
+    def ambient_credential_problem(self) -> str | None:
+        if self.provider.api_key_env or self.provider.api_key_file:
+            return None  # a Bedrock API key, checked like any other key
+        if aws_credentials() is None:
+            return ("no AWS credentials in the gateway's environment (AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE with ~/.aws, web identity, or an "
+                    "instance or task role)")
+        return None
     # Bedrock's ModelTimeoutException (408) and ModelErrorException (424) fail over like a
     # timeout and a 5xx; ThrottlingException and ModelNotReadyException are 429s.
     failure_statuses = {**Adapter.failure_statuses, 408: "timeout", 424: "5xx"}

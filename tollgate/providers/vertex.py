@@ -132,6 +132,15 @@ class Vertex(Adapter):
     def upstream_model(self, model: str, catalog: ModelCatalog | None) -> str:
         return catalog.named(model, self.type) if catalog is not None else model
 
+    def ambient_credential_problem(self) -> str | None:
+        if self.provider.api_key_env or self.provider.api_key_file:
+            return None
+        try:
+            token_source()
+        except Exception as e:
+            return f"no Google Application Default Credentials in the gateway's environment: {e}"
+        return None
+
     def prepare(self) -> None:
         if not (self.provider.api_key_env or self.provider.api_key_file):
             try:
