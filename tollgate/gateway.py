@@ -39,7 +39,7 @@ from tollgate.config.schema import ModelProvider, VirtualKey
 from tollgate.config.watch import ConfigHolder
 from tollgate.errors import GatewayError
 from tollgate.exchange import Billing, Exchange
-from tollgate.keys import KeyIndex, authenticate, by_prefix, load_pepper
+from tollgate.keys import KeyIndex, PepperMismatch, authenticate, by_prefix, load_pepper
 from tollgate.ledger import LedgerRow
 from tollgate.pricing import ZERO_PRICE
 from tollgate.providers import adapter_for
@@ -103,6 +103,8 @@ class Gateway:
             self.store()  # opened at start: a state file another gateway serves is seen now
         self._check_limits_are_kept(holder.current)
         holder.check_with(self._check_limits_are_kept)
+        self._check_pepper(holder.current)
+        holder.check_with(self._check_pepper)
         self._replayer: asyncio.Task[None] | None = None
 
     def _apply(self, loaded: LoadedConfig) -> None:
@@ -115,6 +117,15 @@ class Gateway:
         access_log.configure(settings.telemetry.access_log, loaded.path.parent)
         for provider in loaded.config.model_providers:
             adapter_for(provider).prepare()
+
+    def _check_pepper(self, loaded: LoadedConfig) -> None:
+        """The pepper here is the one the config's keys were made with (a config copied
+        to a new place without it would refuse every key)."""
+        try:
+            self._keys(loaded)
+        except PepperMismatch as e:
+            raise ConfigError([Problem(str(loaded.path), None, "gateway.pepper_fingerprint",
+                                       str(e))]) from None
 
     def _check_limits_are_kept(self, loaded: LoadedConfig) -> None:
         """Rate limits on a SQLite state are kept in the one process that serves the file;
@@ -169,7 +180,8 @@ class Gateway:
     def _keys(self, loaded: LoadedConfig) -> KeyIndex:
         cached = self._index_for
         if cached is None or cached[0] is not loaded:
-            pepper = load_pepper(loaded.config.gateway.pepper_env, loaded.path)
+            settings = loaded.config.gateway
+            pepper = load_pepper(settings.pepper_env, loaded.path, settings.pepper_fingerprint)
             cached = (loaded, KeyIndex(loaded.config.virtual_keys, pepper))
             self._index_for = cached
         return cached[1]

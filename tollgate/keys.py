@@ -32,25 +32,56 @@ def display_prefix(secret: str) -> str:
     return secret[:KEY_PREFIX_CHARS]
 
 
-def load_pepper(env_var: str, config_path: Path) -> bytes:
+class PepperMismatch(ValueError):
+    """The pepper here is not the one the config's keys were made with."""
+
+
+def pepper_fingerprint(pepper: bytes) -> str:
+    """Names a pepper without revealing it (an HMAC under the pepper of a fixed text)."""
+    return hmac.new(pepper, b"tollgate pepper fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
+def pepper_file(config_path: Path) -> Path:
+    return config_path.parent / ".tollgate" / "pepper"
+
+
+def load_pepper(env_var: str, config_path: Path, fingerprint: str | None = None) -> bytes:
     """The HMAC pepper: from the environment, else a generated file beside the config.
 
     The file fallback keeps a single-machine setup working out of the box; production
-    deployments set the environment variable from their secret store.
+    deployments set the environment variable from their secret store. With `fingerprint`
+    (the config's keys were made with a pepper), no new pepper is generated, and one that
+    does not match is refused: PepperMismatch says where the pepper comes from.
     """
     value = os.environ.get(env_var)
+    path = pepper_file(config_path)
     if value:
-        return value.encode()
-    path = config_path.parent / ".tollgate" / "pepper"
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = secrets.token_urlsafe(32).encode()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(fresh)
-        return fresh
+        pepper, source = value.encode(), f"${env_var}"
+    else:
+        try:
+            pepper, source = path.read_bytes().strip(), str(path)
+        except FileNotFoundError:
+            if fingerprint:
+                raise PepperMismatch(_mismatch(fingerprint, env_var, path,
+                                               "neither is set here")) from None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = secrets.token_urlsafe(32).encode()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(fresh)
+            return fresh
+    if fingerprint and not hmac.compare_digest(pepper_fingerprint(pepper), fingerprint):
+        raise PepperMismatch(_mismatch(fingerprint, env_var, path, f"the one from {source} "
+                                       f"has {pepper_fingerprint(pepper)}"))
+    return pepper
+
+
+def _mismatch(fingerprint: str, env_var: str, path: Path, found: str) -> str:
+    return (f"the virtual keys in this config were made with the pepper whose fingerprint "
+            f"is {fingerprint}, and {found}: every key would be refused as unknown. "
+            f"The pepper comes from ${env_var} when it is set, else from the file {path}. "
+            f"Carry the original with the config: set ${env_var} from your secret store on "
+            f"every gateway, or copy the pepper file from the directory the keys were made in.")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,14 @@ from tollgate.cli.common import (
 )
 from tollgate.config.load import read_yaml
 from tollgate.config.schema import KeyConfig, parse_scope
-from tollgate.keys import display_prefix, generate_secret, hash_secret, load_pepper
+from tollgate.keys import (
+    PepperMismatch,
+    display_prefix,
+    generate_secret,
+    hash_secret,
+    load_pepper,
+    pepper_fingerprint,
+)
 
 COLUMNS = ["id", "name", "env", "scope", "principal", "status", "routing_policy",
            "models_allowed", "secret_prefix", "expires_at"]
@@ -39,9 +46,22 @@ def _public(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pepper(ctx: click.Context) -> bytes:
+    """The pepper the config's keys are made with (refused if it is not theirs)."""
     path = config_path(ctx)
     gateway = (read_yaml(path) or {}).get("gateway") or {}
-    return load_pepper(gateway.get("pepper_env", "TOLLGATE_KEY_PEPPER"), path)
+    try:
+        return load_pepper(gateway.get("pepper_env", "TOLLGATE_KEY_PEPPER"), path,
+                           gateway.get("pepper_fingerprint"))
+    except PepperMismatch as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _record_pepper(doc: Any, pepper: bytes) -> None:
+    """Name the pepper a key was made with in the config, so a gateway with another one
+    refuses to start rather than refuse every key."""
+    gateway = doc.doc.get("gateway")
+    if gateway is not None and not gateway.get("pepper_fingerprint"):
+        gateway["pepper_fingerprint"] = pepper_fingerprint(pepper)
 
 
 def _key_config(text: str | None) -> dict[str, Any] | None:
@@ -98,9 +118,10 @@ def create(ctx: click.Context, name: str, env: str, scope: str, principal: str |
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--scope") from None
     secret = generate_secret(env)
+    pepper = _pepper(ctx)
     item: dict[str, Any] = {
         "id": new_id("vk"), "name": name, "env": env, "scope": scope,
-        "principal": principal, "secret_hash": hash_secret(secret, _pepper(ctx)),
+        "principal": principal, "secret_hash": hash_secret(secret, pepper),
         "secret_prefix": display_prefix(secret), "status": "active", "created_at": now_iso(),
         "expires_at": iso_after(parse_duration(expires_in)) if expires_in else None,
         "routing_policy": routing_policy,
@@ -110,6 +131,7 @@ def create(ctx: click.Context, name: str, env: str, scope: str, principal: str |
     item = {k: v for k, v in item.items() if v is not None}
     with edit(ctx) as doc:
         doc.append("virtual_keys", item)
+        _record_pepper(doc, pepper)
     emit({**_public(item), "secret": secret}, fmt)
 
 
@@ -252,7 +274,9 @@ def rotate(ctx: click.Context, key_id: str, grace: str, fmt: str) -> None:
                     kept.append({"secret_hash": str(prev["secret_hash"]),
                                  "expires_at": capped.isoformat().replace("+00:00", "Z")})
             kept.append({"secret_hash": str(node["secret_hash"]), "expires_at": until})
-        node["secret_hash"] = hash_secret(secret, _pepper(ctx))
+        pepper = _pepper(ctx)
+        node["secret_hash"] = hash_secret(secret, pepper)
+        _record_pepper(doc, pepper)
         node["secret_prefix"] = display_prefix(secret)
         if kept:
             node["previous_secrets"] = to_yaml([dict(p) for p in kept])

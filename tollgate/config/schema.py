@@ -119,6 +119,10 @@ class GatewaySettings(Strict):
     checkpoint_seconds: float = Field(default=5.0, ge=1.0)
     # Environment variable holding the pepper for virtual-key HMACs.
     pepper_env: str = "TOLLGATE_KEY_PEPPER"
+    # A one-way fingerprint of the pepper the keys were made with (written by the CLI when it
+    # makes a key): a gateway whose pepper differs refuses to start instead of refusing
+    # every key.
+    pepper_fingerprint: str | None = None
     telemetry: Telemetry = Field(default_factory=lambda: Telemetry())
 
     @field_validator("state")
