@@ -216,3 +216,11 @@ def test_make_run_passes_envoys_admin_address_when_given():
 
     assert "--envoy-admin 127.0.0.1:9902" in command("ENVOY_ADMIN=127.0.0.1:9902")
     assert "--envoy-admin" not in command()
+
+
+def test_version_is_the_installed_distributions():
+    import importlib.metadata
+
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"tollgate, version {importlib.metadata.version('tollgate')}"
