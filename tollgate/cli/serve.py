@@ -46,6 +46,18 @@ def ensure_free(*addresses: tuple[str, str | None]) -> None:
             raise click.ClickException(str(e)) from None
 
 
+def ensure_sockets_unused(targets: list[str]) -> None:
+    """No ext_proc still serves on any of these Unix sockets, or the command stops saying
+    which (one line)."""
+    from extproc.listen import ListenError, ensure_unused
+
+    try:
+        for target in targets:
+            ensure_unused(target)
+    except ListenError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def admin_address(value: str) -> str:
     """HOST:PORT, or just PORT (on loopback)."""
     if value.isdigit():
@@ -187,13 +199,8 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
                 ("--admin", admin_address(admin) if admin else None))
     if extproc_listen is not None:
         from extproc.envoy_config import process_targets
-        from extproc.listen import ListenError, ensure_unused
 
-        try:
-            for target in process_targets(extproc_listen, extproc_processes):
-                ensure_unused(target)
-        except ListenError as e:
-            raise click.ClickException(str(e)) from None
+        ensure_sockets_unused(process_targets(extproc_listen, extproc_processes))
     _logging()
     sys.exit(asyncio.run(serve_envoy(path, split_listen(listen), admin_address(envoy_admin),
                                      extproc_listen, log_level,
@@ -232,16 +239,11 @@ def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_ke
     except ListenError as e:
         raise click.UsageError(str(e)) from None
     from extproc.envoy_config import process_targets
-    from extproc.listen import ensure_unused
 
     targets = process_targets(where.target, extproc_processes)
     ensure_free(("--admin", admin_address(admin) if admin else None),
                 *(("--listen", t) for t in targets if not where.is_unix))
-    try:
-        for target in targets:
-            ensure_unused(target)
-    except ListenError as e:
-        raise click.ClickException(str(e)) from None
+    ensure_sockets_unused(targets)
     _logging()
     sys.exit(asyncio.run(serve_extproc(path, where, outage_path(path, outage_log),
                                        split_listen(admin_address(admin)) if admin else None,
