@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run test lint bench bench-quick bench-scaling soak bootstrap
+.PHONY: run test lint bench bench-quick bench-scaling soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -39,3 +39,7 @@ bench-scaling: bootstrap
 
 soak: bootstrap
 	$(VENV)/python -m bench.soak
+
+# envoy/kubernetes/{sidecar,istio}.yaml from envoy/kubernetes/gateway.yaml (kept current by a test).
+k8s-examples: bootstrap
+	$(VENV)/python scripts/k8s_examples.py

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import grpc
 
+from tollgate.statedir import state_dir
+
 log = logging.getLogger("tollgate.extproc")
 
 
@@ -53,7 +55,7 @@ class Listener:
 
 def default_socket(config_path: Path) -> str:
     """The Unix socket beside the config (`tollgate envoy render` points Envoy at it)."""
-    return f"unix:{(config_path.parent / '.tollgate' / 'extproc.sock').resolve()}"
+    return f"unix:{state_dir(config_path) / 'extproc.sock'}"
 
 
 def listener(target: str, tls_cert: str | None = None, tls_key: str | None = None,

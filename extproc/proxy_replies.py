@@ -28,6 +28,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from tollgate.gateway import Gateway
 from tollgate.request import Request
+from tollgate.statedir import state_dir
 
 log = logging.getLogger("tollgate.extproc")
 
@@ -64,7 +65,7 @@ class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
 
 def default_outage_log(config_path: Path) -> Path:
     """Beside the config, with ext_proc's socket: `envoy render` and `serve extproc` agree."""
-    return (config_path.parent / ".tollgate" / "envoy-outage.log").resolve()
+    return state_dir(config_path) / "envoy-outage.log"
 
 
 class OutageLog:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,7 +74,7 @@ def ledger(config: Path) -> list:
     settings = load_config(config).config.gateway
 
     async def read() -> list:
-        store = open_store(settings.state, config.parent, settings.spool, owner=False)
+        store = open_store(settings.state, config, settings.spool, owner=False)
         try:
             return await store.rows()
         finally:
@@ -197,3 +198,32 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+class ConfigMapMount:
+    """A ConfigMap volume as the kubelet writes it: each key a symlink through `..data` into a
+    timestamped folder, and an update one atomic rename of `..data` onto a new folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.generation = 0
+        path.mkdir(parents=True)
+
+    def write(self, data: dict[str, str]) -> None:
+        self.generation += 1
+        folder = self.path / f"..2026_12_02_10_00_0{self.generation}.{self.generation}"
+        folder.mkdir()
+        for name, text in data.items():
+            (folder / name).write_text(text)
+        new = self.path / "..data_tmp"
+        new.symlink_to(folder.name)
+        old = (self.path / "..data").resolve() if (self.path / "..data").exists() else None
+        new.replace(self.path / "..data")
+        for name in data:
+            if not (self.path / name).is_symlink():
+                (self.path / name).symlink_to(f"..data/{name}")
+        if old is not None:
+            shutil.rmtree(old)
+
+    def entries(self) -> set[str]:
+        return {p.name for p in self.path.iterdir()}

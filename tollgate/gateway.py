@@ -163,7 +163,7 @@ class Gateway:
                   settings.ledger_max_rows)
         if self._store is None or (self._store_for is not None and wanted != self._store_for):
             previous = self._store
-            self._store = open_store(settings.state, loaded.path.parent, settings.spool,
+            self._store = open_store(settings.state, loaded.path, settings.spool,
                                      lease_seconds=settings.hold_lease_seconds,
                                      ledger_max_rows=settings.ledger_max_rows)
             self._store_for = wanted

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tollgate.config.schema import VirtualKey
 from tollgate.errors import GatewayError
+from tollgate.statedir import state_dir
 
 SECRET_PREFIX = "tg"
 # How much of a secret `virtual-keys list` shows: not enough to use, enough to tell keys apart.
@@ -42,7 +43,7 @@ def pepper_fingerprint(pepper: bytes) -> str:
 
 
 def pepper_file(config_path: Path) -> Path:
-    return config_path.parent / ".tollgate" / "pepper"
+    return state_dir(config_path) / "pepper"
 
 
 def load_pepper(env_var: str, config_path: Path, fingerprint: str | None = None) -> bytes:

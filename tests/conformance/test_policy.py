@@ -62,7 +62,7 @@ def test_unknown_key_is_401_for_both_sdks(gateway, fake_openai, fake_anthropic):
                                                 ("disable", "virtual_key_disabled")])
 def test_key_state_is_403(gateway, command, code):
     key = gateway.create_key()
-    gateway.cli("virtual-keys", command, key.id)
+    gateway.cli("virtual-keys", command, key.id, *(["--yes"] if command == "revoke" else []))
     gateway.wait_for_key(key, lambda status: status == 403)
     with pytest.raises(openai.PermissionDeniedError) as exc:
         oai(gateway, key.secret).chat.completions.create(**CHAT)

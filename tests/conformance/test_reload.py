@@ -51,5 +51,5 @@ def test_bad_bytes_do_not_stop_reloads_and_status_says_why(gateway):
     finally:
         gateway.config.write_bytes(good)
     wait_until(lambda: not mine()["stale"], timeout=3, what="the good file to be reloaded")
-    gateway.cli("virtual-keys", "revoke", key.id)
+    gateway.cli("virtual-keys", "revoke", key.id, "--yes")
     gateway.wait_for_key(key, lambda status: status == 403)

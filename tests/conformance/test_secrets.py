@@ -38,7 +38,7 @@ def test_planted_secrets_appear_nowhere(host, tmp_path, fake_openai, fake_anthro
     revoked = key(config)
     revoked_id = json.loads(tollgate("virtual-keys", "list", "--format", "json",
                                      config=config).stdout)[-1]["id"]
-    tollgate("virtual-keys", "revoke", revoked_id, config=config)
+    tollgate("virtual-keys", "revoke", revoked_id, "--yes", config=config)
     flows = tmp_path / "flows.mitm"
     extra = ["--", "-w", str(flows)] if host == "mitmproxy" else []
     gw = GatewayProcess(host, config, tmp_path, extra=extra).start()

@@ -87,7 +87,12 @@ def test_lifecycle_revoke_disable_enable(run):
                           "json").stdout)["status"] == "disabled"
     assert json.loads(run("virtual-keys", "enable", key["id"], "--format",
                           "json").stdout)["status"] == "active"
-    run("virtual-keys", "revoke", key["id"])
+    # Asks first: no answer (a script that forgot --yes) revokes nothing.
+    refused = run("virtual-keys", "revoke", key["id"], ok=False)
+    assert "Revoke virtual key" in refused.output and "Aborted" in refused.output
+    assert json.loads(run("virtual-keys", "get", key["id"], "--format",
+                          "json").stdout)["status"] == "active"
+    run("virtual-keys", "revoke", key["id"], "--yes")
     assert "stay revoked" in run("virtual-keys", "disable", key["id"], ok=False).output
     assert "create a new key" in run("virtual-keys", "enable", key["id"], ok=False).output
 
@@ -109,6 +114,36 @@ def test_update_binds_routing_policy_and_config(run, config_dir):
     bad = run("virtual-keys", "update", key["id"], "--config-json",
               '{"fallback": {"on": ["sometimes"]}}', ok=False)
     assert bad.exit_code != 0 and "--config-json" in bad.output
+
+
+def test_update_merges_the_key_config_and_says_what_changed(run, config_dir):
+    """Adding a fallback must not delete the key's tool rules: updates merge (JSON Merge
+    Patch), --replace replaces, and each update lists its changes on stderr."""
+    key = create_key(run, "--config-json",
+                     '{"policy_rules": {"tools": {"deny": ["^shell\\\\."]}}, '
+                     '"model_aliases": {"fast": "gpt-5-mini"}}')
+    out = run("virtual-keys", "update", key["id"], "--config-json",
+              '{"fallback": {"on": ["5xx"]}, "model_aliases": {"fast": null}}')
+    vk = load_config(config_dir / "gateway.yaml").config.virtual_keys[0]
+    assert vk.config.policy_rules.tools.deny == ["^shell\\."]
+    assert vk.config.fallback.on == ["5xx"]
+    assert vk.config.model_aliases == {}
+    assert 'config.fallback: (unset) -> {"on": ["5xx"]}' in out.stderr
+    assert 'config.model_aliases: {"fast": "gpt-5-mini"} -> (unset)' in out.stderr
+    assert "policy_rules" not in out.stderr  # kept, so not listed
+    assert json.loads(run("virtual-keys", "get", key["id"], "--format", "json").stdout)[
+        "config"]["policy_rules"]["tools"]["deny"] == ["^shell\\."]
+
+    out = run("virtual-keys", "update", key["id"], "--replace", "--config-json",
+              '{"fallback": {"on": ["timeout"]}}')
+    vk = load_config(config_dir / "gateway.yaml").config.virtual_keys[0]
+    assert vk.config.policy_rules.tools.deny == [] and vk.config.fallback.on == ["timeout"]
+    assert 'config.fallback.on: ["5xx"] -> ["timeout"]' in out.stderr
+    assert "config.policy_rules: " in out.stderr and "-> (unset)" in out.stderr
+    assert "no changes" in run("virtual-keys", "update", key["id"], "--config-json",
+                               "{}").stderr
+    assert "--replace goes with --config-json" in run(
+        "virtual-keys", "update", key["id"], "--replace", ok=False).output
 
 
 def test_weighted_policy_takes_weights_and_model_maps(run, config_dir):

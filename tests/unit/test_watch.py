@@ -10,7 +10,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from tests.harness import wait_until
+from tests.harness import ConfigMapMount, wait_until
 from tollgate.cli.main import cli
 from tollgate.config.watch import ConfigHolder, run_dir
 
@@ -154,3 +154,22 @@ def test_status_says_when_the_running_config_is_stale(config_dir):
     finally:
         holder.stop()
     assert not list(run_dir(path).glob("*.json"))  # a stopped gateway leaves no report
+
+
+def test_a_mounted_secret_key_file_follows_rotations(tmp_path, config_dir):
+    """A provider key in a Kubernetes Secret volume: the config names the mount's link, and
+    a rotation (the kubelet swapping `..data` and deleting the old folder) is read on the
+    next request, without a reload."""
+    from tollgate.providers.base import read_key_file
+
+    secret = ConfigMapMount(tmp_path / "secret")
+    secret.write({"OPENAI_API_KEY": "sk-first\n"})
+    path = config_dir / "gateway.yaml"
+    text = path.read_text().replace("api_key_env: OPENAI_API_KEY",
+                                    f"api_key_file: {secret.path}/OPENAI_API_KEY", 1)
+    path.write_text(text)
+    provider = next(p for p in ConfigHolder(path).current.config.model_providers
+                    if p.api_key_file)
+    assert read_key_file(provider.id, provider.api_key_file) == "sk-first"
+    secret.write({"OPENAI_API_KEY": "sk-rotated\n"})
+    assert read_key_file(provider.id, provider.api_key_file) == "sk-rotated"

@@ -119,6 +119,43 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """JSON Merge Patch (RFC 7386): objects merge key by key, null removes a key, anything
+    else (lists included) replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+def changes(before: Any, after: Any, path: str = "") -> list[str]:
+    """`field: old -> new` for each leaf that differs (lists compared whole)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [line for key in sorted(set(before) | set(after), key=str)
+                for line in changes(before.get(key), after.get(key),
+                                    f"{path}.{key}" if path else str(key))]
+    if before == after:
+        return []
+
+    def shown(v: Any) -> str:
+        return "(unset)" if v is None else json.dumps(v, default=str)
+
+    return [f"{path}: {shown(before)} -> {shown(after)}"]
+
+
+def report_changes(noun: str, ident: str, before: dict[str, Any], after: dict[str, Any]
+                   ) -> None:
+    """What an update changed, on stderr (stdout keeps the object, for scripts)."""
+    lines = changes(before, after)
+    click.echo(f"updated {noun} {ident}: " + ("no changes" if not lines else
+               "\n  " + "\n  ".join(lines)), err=True)
+
+
 def fail(message: str) -> None:
     raise click.ClickException(message)
 

@@ -29,7 +29,9 @@ def check_config(ctx: click.Context) -> str:
         load_config(path)
     except ConfigError as e:
         raise click.ClickException(f"config is invalid:\n{e}") from None
-    return str(path.resolve())
+    # As given, not resolved: the watcher must follow the path's symlinks as they change
+    # (a ConfigMap update), and state stays beside it (tollgate/statedir.py).
+    return os.path.abspath(path)
 
 
 def ensure_free(*addresses: tuple[str, str | None]) -> None:
@@ -282,9 +284,8 @@ def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert
            tls_key: str | None, tls_ca: str | None, envoy_admin: str, extproc_processes: int,
            outage_log: str | None) -> None:
     """Print an Envoy bootstrap (YAML) with the ext_proc filters and provider clusters."""
-    from ruamel.yaml import YAML
-
     from extproc.envoy_config import ClientTLS, process_targets, static_bootstrap
+    from extproc.kubernetes import to_yaml
     from extproc.listen import default_socket
 
     path = check_config(ctx)
@@ -302,10 +303,47 @@ def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert
     doc = static_bootstrap(load_config(path).config, split_listen(listen),
                            process_targets(target, extproc_processes),
                            str(outage), admin_address(envoy_admin), tls)
-    yaml = YAML()
-    yaml.default_flow_style = False
-    yaml.width = 4096  # paths and formats on one line each
-    yaml.dump(doc, sys.stdout)
+    click.echo(to_yaml([doc]), nl=False)
+
+
+@envoy_group.command("k8s")
+@click.argument("shape", type=click.Choice(["sidecar", "istio"]))
+@click.option("--name", default="tollgate", show_default=True,
+              help="Prefix of the objects' names (ConfigMaps, Secrets, EnvoyFilter).")
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--image", default="tollgate:latest", show_default=True,
+              help="An image with tollgate installed (the `tollgate` command on its PATH).")
+@click.option("--envoy-image", default="envoyproxy/envoy:v1.40-latest", show_default=True,
+              help="sidecar: Envoy 1.40 or later.")
+@click.option("--app-image", default="registry.example.com/your-app:latest",
+              show_default=True, help="The example Deployment's app container.")
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--port", default=10080, show_default=True, type=click.IntRange(1, 65535),
+              help="Where the app reaches the gateway, on the Pod's loopback.")
+@processes_option
+@click.pass_context
+def k8s(ctx: click.Context, shape: str, name: str, namespace: str, image: str,
+        envoy_image: str, app_image: str, replicas: int, port: int,
+        extproc_processes: int) -> None:
+    """Kubernetes manifests for the sidecar: SHAPE `sidecar` (Envoy and ext_proc beside the
+    app) or `istio` (an EnvoyFilter that gives the Pod's istio-proxy tollgate's listener and
+    clusters, and ext_proc beside it). Prints YAML to apply; warnings go to stderr."""
+    from extproc.kubernetes import Options, RenderError, render, secrets_help, to_yaml
+
+    path = check_config(ctx)
+    opts = Options(name=name, namespace=namespace, image=image, envoy_image=envoy_image,
+                   app_image=app_image, replicas=replicas, processes=extproc_processes,
+                   port=port)
+    loaded = load_config(path)
+    try:
+        docs, notes = render(loaded, shape, opts)
+    except RenderError as e:
+        raise click.ClickException(str(e)) from None
+    for note in notes:
+        click.echo(f"warning: {note}", err=True)
+    header = [f"tollgate envoy k8s {shape}, from {Path(path).name}. Create the Secrets it "
+              "mounts first:", *secrets_help(loaded, opts)]
+    click.echo("".join(f"# {line}\n" for line in header) + "---\n" + to_yaml(docs), nl=False)
 
 
 @click.group("config")

@@ -43,7 +43,7 @@ def with_store[T](ctx: click.Context, work: Callable[[Store, Any], Awaitable[T]]
     settings = loaded.config.gateway
 
     async def run() -> T:
-        store = open_store(settings.state, loaded.path.parent, settings.spool, owner=False)
+        store = open_store(settings.state, loaded.path, settings.spool, owner=False)
         try:
             return await work(store, loaded)
         finally:

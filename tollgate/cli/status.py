@@ -39,7 +39,7 @@ def _store_check(loaded: LoadedConfig) -> str | None:
     settings, path = loaded.config.gateway, loaded.path
 
     async def ping() -> None:
-        store = open_store(settings.state, path.parent, settings.spool, owner=False)
+        store = open_store(settings.state, path, settings.spool, owner=False)
         try:
             await store.ping()
         finally:

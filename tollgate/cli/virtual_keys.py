@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,12 +17,15 @@ from tollgate.cli.common import (
     format_option,
     get_one,
     iso_after,
+    merge_patch,
     new_id,
     now_iso,
     parse_duration,
     parse_json_option,
+    plain,
     rate_limit_options,
     read_section,
+    report_changes,
 )
 from tollgate.config.load import read_yaml
 from tollgate.config.schema import KeyConfig, parse_scope
@@ -172,18 +176,23 @@ def _mutate(ctx: click.Context, key_id: str, fmt: str, **changes: Any) -> None:
 @click.option("--routing-policy", help="Policy id; an empty string unbinds the key.")
 @click.option("--models-allowed", multiple=True, help="Replaces the allowlist; repeatable.")
 @click.option("--allow-all-models", is_flag=True, help="Remove the allowlist.")
-@click.option("--config-json", help="Replaces the key's config.")
+@click.option("--config-json", help="Merged into the key's config (JSON Merge Patch: objects "
+              "merge, null removes a field, lists replace).")
+@click.option("--replace", is_flag=True, help="--config-json replaces the whole config.")
 @click.option("--expires-in")
 @rate_limit_options
 @format_option
 @click.pass_context
 def update(ctx: click.Context, key_id: str, name: str | None, principal: str | None,
            routing_policy: str | None, models_allowed: tuple[str, ...], allow_all_models: bool,
-           config_json: str | None, expires_in: str | None, rpm: int | None, tpm: int | None,
-           rpd: int | None, fmt: str) -> None:
-    """Change a key's settings; the secret stays the same."""
+           config_json: str | None, replace: bool, expires_in: str | None, rpm: int | None,
+           tpm: int | None, rpd: int | None, fmt: str) -> None:
+    """Change a key's settings; the secret stays the same. Prints what changed (stderr)."""
     from tollgate.config.edit import to_yaml
 
+    if replace and config_json is None:
+        raise click.UsageError("--replace goes with --config-json")
+    before = _public(get_one(ctx, "virtual_keys", key_id))
     with edit(ctx) as doc:
         node = doc.find("virtual_keys", key_id)
         if node is None:
@@ -202,21 +211,36 @@ def update(ctx: click.Context, key_id: str, name: str | None, principal: str | N
         elif allow_all_models:
             node.pop("models_allowed", None)
         if config_json is not None:
-            node["config"] = to_yaml(_key_config(config_json))
+            patch = parse_json_option(config_json, "--config-json")
+            merged = patch if replace else merge_patch(plain(node.get("config")) or {}, patch)
+            config = _key_config(json.dumps(merged)) if merged is not None else None
+            if config:
+                node["config"] = to_yaml(config)
+            else:
+                node.pop("config", None)
         limited = _with_limits(node.get("config"), rpm, tpm, rpd)
         if limited is not node.get("config"):
             node["config"] = to_yaml(limited)
         if expires_in is not None:
             node["expires_at"] = iso_after(parse_duration(expires_in))
-    emit(_public(get_one(ctx, "virtual_keys", key_id)), fmt)
+    after = _public(get_one(ctx, "virtual_keys", key_id))
+    report_changes("virtual key", key_id, before, after)
+    emit(after, fmt)
 
 
 @virtual_keys.command()
 @click.argument("key_id")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (scripts).")
 @format_option
 @click.pass_context
-def revoke(ctx: click.Context, key_id: str, fmt: str) -> None:
-    """Permanently stop a key (running gateways refuse it within two seconds)."""
+def revoke(ctx: click.Context, key_id: str, yes: bool, fmt: str) -> None:
+    """Permanently stop a key (running gateways refuse it within two seconds). Asks first,
+    unless --yes: a revoked key cannot be enabled again (`disable` pauses one)."""
+    key = get_one(ctx, "virtual_keys", key_id)
+    if not yes:
+        click.confirm(f"Revoke virtual key {key_id} ({key.get('name')}, "
+                      f"{key.get('principal') or 'no principal'})? Its holders are refused "
+                      "from now on, and it cannot be enabled again", abort=True, err=True)
     _mutate(ctx, key_id, fmt, status="revoked")
 
 

@@ -169,7 +169,9 @@ def validate_document(doc: Any, path: Path) -> LoadedConfig:
         ]) from None
     for provider in config.model_providers:
         if provider.api_key_file:
-            provider.api_key_file = str((path.parent / provider.api_key_file).resolve())
+            # Absolute, its symlinks kept: a mounted Secret's file points into a folder the
+            # kubelet replaces on rotation, and each read must follow the link anew.
+            provider.api_key_file = os.path.abspath(path.parent / provider.api_key_file)
     problems = [Problem(str(path), line_of(doc, loc), field_name(loc), msg)
                 for loc, msg in check_references(config)]
     catalog = load_catalog((path.parent / config.gateway.models).resolve())

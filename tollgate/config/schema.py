@@ -100,8 +100,9 @@ class GatewaySettings(Strict):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # When the state store cannot be reached: refuse (503) or serve and settle later.
     fail_closed: bool = True
-    # Where finished requests wait while a shared store is down (relative to this file).
-    spool: str = ".tollgate/spool.db"
+    # Where finished requests wait while a shared store is down (relative to this file;
+    # by default spool.db in the state dir, see tollgate/statedir.py).
+    spool: str | None = None
     # A requested model with no price: refuse it, or serve it and record $0 (flagged).
     unpriced: Literal["block", "allow"] = "block"
     # A request without an output cap reserves its model's ceiling (models.yaml); this is

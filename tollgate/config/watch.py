@@ -22,6 +22,7 @@ from typing import Any
 
 from tollgate.config.load import LoadedConfig, load_config
 from tollgate.config.problems import ConfigError
+from tollgate.statedir import state_dir
 
 log = logging.getLogger("tollgate.config")
 
@@ -46,7 +47,7 @@ def file_digest(path: Path) -> str | None:
 
 def run_dir(config_path: Path) -> Path:
     """Where running gateways describe the config they serve (one file per process)."""
-    return config_path.parent / ".tollgate" / "run"
+    return state_dir(config_path) / "run"
 
 
 def _now() -> str:

@@ -1,0 +1,228 @@
+"""Kubernetes and Istio: what `tollgate envoy k8s` renders passes the API server's schemas,
+and a Pod's worth of it serves: the ConfigMap mounted the way the kubelet mounts it, the
+tollgate container's own args, probes and env, and the Envoy its manifests configure (the
+sidecar's envoy.yaml, or istio-proxy's listener and clusters from the EnvoyFilter) run by the
+real Envoy binary. The Pod follows a ConfigMap update and keeps its state out of the mount."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kubernetes_validate
+import openai
+import pytest
+from cloudcoil.models.istio.networking.v1alpha3 import EnvoyFilter
+from ruamel.yaml import YAML
+
+from extproc.runner import envoy_binary
+from tests.conftest import OPENAI_KEY, PEPPER, make_config
+from tests.harness import BIN, ConfigMapMount, RedisServer, free_port, tollgate, wait_until
+
+SHAPES = ["sidecar", "istio"]
+KUBERNETES = "1.37.0"
+CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def config(tmp_path, fake_openai, fake_anthropic, redis) -> Path:
+    """The config a platform team keeps in git; replicas share their state through Redis."""
+    path = make_config(tmp_path / "src", fake_openai, fake_anthropic)
+    text = path.read_text()
+    path.write_text(text.replace('state: "sqlite:///.tollgate/state.db"',
+                                 f'state: "{redis.url}"'))
+    return path
+
+
+def render(config: Path, shape: str, *args: str) -> list[dict[str, Any]]:
+    out = tollgate("envoy", "k8s", shape, *args, config=config).stdout
+    return [doc for doc in YAML(typ="safe").load_all(out) if doc]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    [doc] = [d for d in docs if d["kind"] == kind
+             and (name is None or d["metadata"]["name"] == name)]
+    return doc
+
+
+def check_istio_schema(doc: dict[str, Any]) -> None:
+    """The EnvoyFilter CRD's schema (models generated from Istio's CRDs): enums and types are
+    checked by validation, unknown fields by a round trip that would drop them."""
+    model = EnvoyFilter.model_validate(doc)
+    assert model.model_dump(by_alias=True, exclude_unset=True, mode="json") == doc
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_manifests_pass_the_kubernetes_and_istio_schemas(config, shape):
+    docs = render(config, shape, "--namespace", "ai", "--extproc-processes", "2")
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == (["ConfigMap", "ConfigMap", "Deployment"] if shape == "sidecar"
+                     else ["ConfigMap", "Deployment", "EnvoyFilter"])
+    for doc in docs:
+        if doc["kind"] == "EnvoyFilter":
+            check_istio_schema(doc)
+        else:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+        assert doc["metadata"]["namespace"] == "ai"
+
+
+def test_render_refuses_what_a_pod_cannot_run(tmp_path, fake_openai, fake_anthropic):
+    config = make_config(tmp_path, fake_openai, fake_anthropic)
+    out = tollgate("envoy", "k8s", "sidecar", config=config, check=False)
+    assert out.returncode == 1 and "gateway.state is SQLite" in out.stderr
+    assert "redis://" in out.stderr and "Traceback" not in out.stderr
+    config.write_text(config.read_text().replace('state: "sqlite:///.tollgate/state.db"',
+                                                 'state: "redis://redis:6379/0"'))
+    key_file = tmp_path / "openai.key"
+    tollgate("model-providers", "create", "--id", "mp_file", "--type", "openai", "--scope",
+             "ORG:acme", "--base-url", fake_openai.url, "--api-key-file", str(key_file),
+             config=config)
+    out = tollgate("envoy", "k8s", "istio", config=config, check=False)
+    assert out.returncode == 1
+    assert f"mp_file: api_key_file {key_file} is not in the Pod" in out.stderr
+    assert "/var/run/secrets/tollgate/providers/" in out.stderr
+
+
+def in_pod(value: str, paths: dict[str, str]) -> str:
+    for pod_path, here in paths.items():
+        value = value.replace(pod_path, here)
+    return value
+
+
+def envoy_bootstrap(docs: list[dict[str, Any]], shape: str) -> dict[str, Any]:
+    """The Envoy the manifests configure: the sidecar's envoy.yaml, or istio-proxy given the
+    EnvoyFilter's listener and clusters (Istio adds each patch's value as it is)."""
+    if shape == "sidecar":
+        return YAML(typ="safe").load(one(docs, "ConfigMap", "tollgate-envoy")["data"]
+                                     ["envoy.yaml"])
+    patches = one(docs, "EnvoyFilter")["spec"]["configPatches"]
+    assert {p["match"]["context"] for p in patches} == {"SIDECAR_OUTBOUND"}
+    assert {p["patch"]["operation"] for p in patches} == {"ADD"}
+    return {"node": {"id": "sidecar~10.0.0.1~app.default~default.svc.cluster.local",
+                     "cluster": "app.default"},
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                     "port_value": 15000}}},
+            "static_resources": {
+                "listeners": [p["patch"]["value"] for p in patches
+                              if p["applyTo"] == "LISTENER"],
+                "clusters": [p["patch"]["value"] for p in patches
+                             if p["applyTo"] == "CLUSTER"]}}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_openai):
+    created = json.loads(tollgate("virtual-keys", "create", "--name", "app", "--scope",
+                                  "ORG:acme", "--principal", "app@acme.com", "--format",
+                                  "json", config=config).stdout)
+    port = free_port()
+    docs = render(config, shape, "--port", str(port))
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    [container] = [c for c in pod["initContainers"] if c["name"] == "tollgate"]
+    app_env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert app_env["OPENAI_BASE_URL"] == f"http://127.0.0.1:{port}/v1"
+
+    mount = ConfigMapMount(tmp_path / "etc-tollgate")
+    mount.write(one(docs, "ConfigMap", "tollgate-config")["data"])
+    # Unix socket paths are short: not under pytest's long tmp_path.
+    run = Path(tempfile.mkdtemp(prefix="tg-pod-"))
+    admin = free_port()
+    paths = {"/etc/tollgate": str(mount.path), "/run/tollgate": str(run),
+             f"0.0.0.0:{container['ports'][0]['containerPort']}": f"127.0.0.1:{admin}"}
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+    from_secrets = {}
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = in_pod(var["value"], paths)
+        else:
+            from_secrets[var["name"]] = var["valueFrom"]["secretKeyRef"]
+    assert from_secrets == {
+        "TOLLGATE_KEY_PEPPER": {"name": "tollgate-pepper", "key": "pepper"},
+        "FAKE_OPENAI_KEY": {"name": "tollgate-provider-keys", "key": "FAKE_OPENAI_KEY"},
+        "FAKE_ANTHROPIC_KEY": {"name": "tollgate-provider-keys", "key": "FAKE_ANTHROPIC_KEY"}}
+    env.update({name: os.environ[name] for name in from_secrets})
+    assert env["TOLLGATE_KEY_PEPPER"] == PEPPER
+
+    bootstrap = json.loads(in_pod(json.dumps(envoy_bootstrap(docs, shape)), paths))
+    bootstrap["admin"]["address"]["socket_address"]["port_value"] = free_port()
+    bootstrap_file = run / "envoy.json"
+    bootstrap_file.write_text(json.dumps(bootstrap))
+    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(bootstrap_file)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    log = open(tmp_path / "pod.log", "wb")  # noqa: SIM115
+    gateway = subprocess.Popen([str(BIN / container["command"][0]),
+                                *(in_pod(a, paths) for a in container["args"])],
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    envoy = None
+    try:
+        probe = f"http://127.0.0.1:{admin}{container['startupProbe']['httpGet']['path']}"
+        wait_until(lambda: gateway.poll() is None and httpx.get(probe).status_code == 200,
+                   timeout=30, what="the startup probe")
+        envoy = subprocess.Popen([envoy_binary(), "-c", str(bootstrap_file),
+                                  "--disable-hot-restart", "--log-level", "warn"],
+                                 stdout=log, stderr=subprocess.STDOUT)
+        client = openai.OpenAI(base_url=app_env["OPENAI_BASE_URL"], api_key=created["secret"],
+                               max_retries=0)
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401,
+                   timeout=20, what="Envoy's listener")
+        reply = client.chat.completions.with_raw_response.create(**CHAT)
+        assert reply.http_response.status_code == 200
+        assert reply.headers["x-langwatch-provider"] == "mp_openai"
+        assert fake_openai.requests[-1].headers["authorization"] == f"Bearer {OPENAI_KEY}"
+
+        # `kubectl apply` of a re-rendered ConfigMap: the kubelet swaps the folder, the
+        # gateway follows the link to the new file and the revoked key stops working.
+        tollgate("virtual-keys", "revoke", created["id"], "--yes", config=config)
+        mount.write(one(render(config, shape, "--port", str(port)), "ConfigMap",
+                        "tollgate-config")["data"])
+
+        def refused() -> bool:
+            try:
+                client.chat.completions.create(**CHAT)
+            except openai.PermissionDeniedError as e:
+                return e.body["code"] == "virtual_key_revoked"
+            return False
+
+        wait_until(refused, timeout=5, what="the ConfigMap update to revoke the key")
+        assert gateway.poll() is None
+        # State lives in TOLLGATE_STATE_DIR, never inside the (read-only) mount.
+        assert mount.entries() == {"..data", "..2026_12_02_10_00_02.2", "gateway.yaml",
+                                   "prices.yaml", "models.yaml"}
+        assert (run / "extproc.sock").is_socket()
+        assert [p.suffix for p in (run / "run").iterdir()] == [".json"]
+    finally:
+        for proc in (envoy, gateway):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+        log.close()
+        shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shipped_examples_are_current_and_valid(shape):
+    from scripts.k8s_examples import HERE
+    from scripts.k8s_examples import render as render_example
+
+    shipped = (HERE / f"{shape}.yaml").read_text()
+    assert shipped == render_example(shape), "envoy/kubernetes is stale: run make k8s-examples"
+    for doc in YAML(typ="safe").load_all(shipped):
+        if doc["kind"] == "EnvoyFilter":
+            check_istio_schema(doc)
+        else:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
