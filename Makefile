@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run test lint bench bench-quick bench-scaling soak bootstrap k8s-examples
+.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -16,10 +16,18 @@ run: bootstrap
 	$(VENV)/tollgate --config $(CONFIG) serve $(HOST) --listen $(LISTEN) --admin $(ADMIN) \
 		$(if $(ENVOY_ADMIN),--envoy-admin $(ENVOY_ADMIN))
 
+# The gateway in front of the bundled fake providers, with a key: no provider key needed.
+demo: bootstrap
+	$(VENV)/python scripts/demo.py --host $(HOST) --listen $(LISTEN)
+
 # Two workers, one test file each at a time: files share their gateways within a worker.
 test: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/python -m pytest -n 2 --dist loadfile
+
+# The built wheel in a clean virtual environment, outside the checkout (CI runs it too).
+wheel-smoke: bootstrap
+	$(VENV)/python scripts/wheel_smoke.py
 
 lint: bootstrap
 	$(VENV)/ruff check .

@@ -1,9 +1,10 @@
 """tollgate as a mitmproxy addon.
 
-    mitmdump --mode reverse:http://127.0.0.1:1 --set connection_strategy=lazy \
+    mitmdump --mode reverse:http://127.0.0.1:9@127.0.0.1:8090 --set connection_strategy=lazy \
         -s addon/tollgate_addon.py --set tollgate_config=config/gateway.yaml
 
 Run in reverse mode with a placeholder upstream: the addon routes every request itself.
+(Loopback, port 8090: beside `make run`, which takes 8080.)
 Each flow carries the gateway's decision as its comment (and a mark when rejected), so
 mitmweb shows who called what, which rule fired and which provider served.
 """
@@ -42,35 +43,55 @@ _OVERSIZED = "tollgate_oversized"  # a chunked body cut off at the cap: its size
 _PAGE = "tollgate_page"  # the page mitmproxy will send for a provider it could not reach
 
 
-def _comment(decision: dict) -> str:
+# mitmweb's flow list shows a comment's first line only: it leads with what a developer scans
+# for (the verdict, tokens, cost, provider, who), and the ids come last.
+_LEADS = ("model", "provider", "principal")
+
+
+def _lead(decision: dict) -> list[str]:
+    return [str(decision[k]) for k in _LEADS if decision.get(k)]
+
+
+def _details(decision: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in decision.items()
+                    if k not in ("action", "code", "message", *_LEADS) and v is not None)
+
+
+def _comment(decision: dict, summary: list[str] | None = None,
+             more: list[str] | None = None) -> str:
+    """`summary`: what the request came to (status, tokens, cost), once it has; `more`:
+    lines between the verdict and the ids (fallbacks, budgets)."""
     if decision.get("action") == "reject":
-        head = f"tollgate: REJECT {decision['code']}"
+        verdict = [f"REJECT {decision['code']}"]
     else:
-        head = f"tollgate: {decision.get('action', 'answer')}"
-    parts = [f"{k}={v}" for k, v in decision.items()
-             if k not in ("action", "code", "message") and v is not None]
-    text = " ".join([head, *parts])
-    return f"{text}\n{decision['message']}" if "message" in decision else text
+        verdict = summary or [decision.get("action", "answer")]
+    lines = ["tollgate: " + " · ".join([*verdict, *_lead(decision)])]
+    if "message" in decision:
+        lines.append(decision["message"])
+    lines += more or []
+    details = _details(decision)
+    return "\n".join([*lines, details] if details else lines)
 
 
 def _served_comment(exchange: Exchange) -> str:
-    """The decision, then what the request came to: tokens, cost, fallbacks and budgets."""
+    """The verdict and what the request came to: tokens, cost, fallbacks and budgets."""
     row = exchange.settled
     if row is None:
         return _comment(exchange.decision())
     usage = f"{row.input_tokens + row.cached_input_tokens + row.cache_write_tokens} in / " \
             f"{row.output_tokens} out tokens" + ("" if row.usage_reported else " (estimated)")
-    lines = [f"{row.status or '-'} {row.outcome} · {usage} · ${row.cost_micros / 1e6:.6f}"
-             f" · {row.latency_ms:.0f} ms"]
+    summary = [f"{row.status or '-'} {row.outcome}", usage, f"${row.cost_micros / 1e6:.6f}"]
+    more = []
     if row.fallbacks:
-        lines.append(f"fallback: {row.fallbacks}")
+        more.append(f"fallback: {row.fallbacks}")
     if exchange.error:
-        lines.append(f"error: {exchange.error}")
+        more.append(f"error: {exchange.error}")
     billing = exchange.billing
     if billing.counters:
-        lines.append(f"budgets: {', '.join(billing.counters)}"
-                     + (f" · warning: {billing.warning}" if billing.warning else ""))
-    return "\n".join([_comment(exchange.decision()), *lines])
+        more.append(f"budgets: {', '.join(billing.counters)}"
+                    + (f" · warning: {billing.warning}" if billing.warning else ""))
+    more.append(f"{row.latency_ms:.0f} ms")
+    return _comment(exchange.decision(), summary, more)
 
 
 def _show_served_address(flow: http.HTTPFlow, exchange: Exchange) -> None:

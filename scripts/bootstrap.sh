@@ -33,6 +33,8 @@ fi
 stamp=.venv/.tollgate-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "bootstrap: installing tollgate and its dependencies"
+    # The distribution was called `tollgate` before it took its own name on the index.
+    .venv/bin/python -m pip uninstall -q -y tollgate >/dev/null 2>&1 || true
     .venv/bin/python -m pip install -q -e '.[dev]'
     # xds-protos ships its own, older copy of the OpenTelemetry protos at the same paths as
     # opentelemetry-proto; the OTLP exporters need the latter's, so it is written last.
@@ -41,11 +43,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
-# System tools: redis-server (shared state for replicas) and jq (used by the documented
-# `virtual-keys create ... | jq -r .secret` flow).
+# System tools: redis-server (shared state for replicas), and jq and curl (the README's
+# `virtual-keys create ... | jq -r .secret` flow and its first check).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: installing ${missing[*]}"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from tollgate import metrics
+from tollgate import metrics, telemetry
 from tollgate.config.lint import missing_credentials
 from tollgate.config.watch import file_digest
 
@@ -43,6 +43,10 @@ def readiness(gateway: Gateway, loop: asyncio.AbstractEventLoop | None
     elif holder.status.get("loaded_sha256") != file_digest(holder.path):
         problems.append("the config file changed and is not loaded yet")
     problems += missing_credentials(holder.current.config)
+    # Spans lost, requests still served: degraded, not unready.
+    export = telemetry.export_problem(holder.current.config.gateway.telemetry)
+    if export:
+        degraded.append(export)
     if loop is not None and loop.is_running():
         ping = asyncio.run_coroutine_threadsafe(gateway.store().ping(), loop)
         try:

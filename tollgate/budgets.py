@@ -71,6 +71,32 @@ def window(kind: str, now: datetime) -> Window:
     return Window("total", None, None)
 
 
+PERIODS = [("hour", "%Y-%m-%dT%H"), ("day", "%Y-%m-%d"), ("month", "%Y-%m")]
+
+
+def window_named(key: str) -> tuple[str, Window]:
+    """(kind, window) of a window's key, as reports print it: 2026-11 (a month), 2026-W48
+    (an ISO week), 2026-11-30 (a day), 2026-11-30T14 (an hour, UTC), or total."""
+    if key == "total":
+        return "total", window("total", datetime.now(UTC))
+    year, sep, week = key.partition("-W")
+    if sep and year.isdigit() and week.isdigit():
+        try:
+            start = datetime.fromisocalendar(int(year), int(week), 1).replace(tzinfo=UTC)
+        except ValueError:
+            pass
+        else:
+            return "week", window("week", start)
+    for kind, fmt in PERIODS:
+        try:
+            start = datetime.strptime(key, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        return kind, window(kind, start)
+    raise ValueError(f"{key!r} names no window: use 2026-11 (month), 2026-W48 (week), "
+                     "2026-11-30 (day), 2026-11-30T14 (hour, UTC) or total")
+
+
 def applies(budget: Budget, key: VirtualKey, lineage: Lineage, provider_id: str) -> bool:
     if budget.model_provider and budget.model_provider != provider_id:
         return False

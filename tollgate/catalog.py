@@ -12,10 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from tollgate import shipped
 from tollgate.config.problems import ConfigError, Problem
 
 # The catalog tollgate ships, used when a config has no models.yaml of its own.
-SHIPPED = Path(__file__).resolve().parents[1] / "config" / "models.yaml"
+SHIPPED = shipped.path(shipped.MODELS)
 
 
 class CatalogEntry(BaseModel):

@@ -97,6 +97,33 @@ def _export_for(settings: Telemetry) -> _Export:
                    enabled=bool(configured) and exporter == "otlp" and not disabled)
 
 
+def proto_fix() -> str:
+    """The command that puts opentelemetry-proto's own files back."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pinned = f"=={version('opentelemetry-proto')}"
+    except PackageNotFoundError:
+        pinned = ""
+    return f"pip install --force-reinstall --no-deps opentelemetry-proto{pinned}"
+
+
+def export_problem(settings: Telemetry) -> str | None:
+    """Why spans the config asks to export would not be: xds-protos (the Envoy protos) ships
+    an old copy of the OpenTelemetry protos at opentelemetry-proto's paths, and a plain
+    `pip install` may write it last."""
+    if not _export_for(settings).enabled:
+        return None
+    try:
+        from opentelemetry.proto.common.v1 import common_pb2
+    except ImportError as e:
+        return f"traces cannot be exported: {e}; run {proto_fix()}"
+    if not hasattr(common_pb2, "InstrumentationScope"):
+        return ("traces cannot be exported: another package (xds-protos) overwrote "
+                f"opentelemetry-proto's files with an older copy; run {proto_fix()}")
+    return None
+
+
 def _provider_for(export: _Export) -> TracerProvider:
     if not export.enabled:
         return TracerProvider(sampler=ALWAYS_OFF)
@@ -105,8 +132,7 @@ def _provider_for(export: _Export) -> TracerProvider:
     except Exception as e:  # tracing must never stop the gateway from serving
         log.error("traces are not exported: the OTLP exporter cannot start (%s: %s). If it "
                   "names opentelemetry.proto, another package overwrote opentelemetry-proto's "
-                  "files: pip install --force-reinstall --no-deps opentelemetry-proto",
-                  e.__class__.__name__, e)
+                  "files: %s", e.__class__.__name__, e, proto_fix())
         return TracerProvider(sampler=ALWAYS_OFF)
     # The sampler is the SDK's default (parent-based, always on) unless OTEL_TRACES_SAMPLER
     # says otherwise.

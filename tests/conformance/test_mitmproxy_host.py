@@ -84,6 +84,11 @@ def test_mitmweb_shows_each_decision(config, tmp_path, fake_openai):
                            what="mitmweb token").group(1)
         web = f"http://127.0.0.1:{web_port}"
         auth = {"authorization": f"Bearer {token}"}
+        # Start-up line and status bar name the providers, not the reverse mode's placeholder.
+        described = f"tollgate gateway (gateway.yaml) to mp_openai ({fake_openai.url})"
+        assert described in gw.log() and "reverse proxy to" not in gw.log()
+        servers = httpx.get(f"{web}/state", headers=auth).json()["servers"]
+        assert next(s["description"] for s in servers.values()).startswith(described)
         # The flow list shows the comment column by default.
         assert "comment" in httpx.get(f"{web}/options", headers=auth).json()[
             "web_columns"]["value"]
@@ -91,14 +96,16 @@ def test_mitmweb_shows_each_decision(config, tmp_path, fake_openai):
         by_status = {f["response"]["status_code"]: f for f in flows
                      if f.get("response") and f["request"]["path"].endswith("completions")}
         allowed = by_status[200]
-        assert "tollgate: forward" in allowed["comment"]
-        assert "principal=bob@acme.com" in allowed["comment"]
-        assert "provider=mp_openai" in allowed["comment"]
-        # What it came to, once answered: tokens and cost, as in the ledger.
-        assert f"{row.input_tokens} in / {row.output_tokens} out tokens" in allowed["comment"]
-        assert f"${row.cost_micros / 1e6:.6f}" in allowed["comment"] and row.cost_micros
+        # The flow list shows the first line: the verdict, what it came to (tokens and cost,
+        # as in the ledger), model, provider and principal; the ids come last.
+        first, *rest = allowed["comment"].splitlines()
+        assert first == (f"tollgate: 200 completed · {row.input_tokens} in / "
+                         f"{row.output_tokens} out tokens · ${row.cost_micros / 1e6:.6f} · "
+                         "gpt-5-mini · mp_openai · bob@acme.com") and row.cost_micros
+        assert rest[-1].startswith(f"request_id={row.request_id} key=")
         rejected = by_status[403]
-        assert "REJECT tool_not_allowed" in rejected["comment"]
+        first, *rest = rejected["comment"].splitlines()
+        assert first == "tollgate: REJECT tool_not_allowed · bob@acme.com"
         assert "^shell\\." in rejected["comment"]
         assert rejected["marked"]
         # Refused flows show the address the client called, not a placeholder upstream.

@@ -122,7 +122,7 @@ def test_seed_flow_create_with_jq_then_revoke_without_restart(gateway, fake_open
     assert {"x-langwatch-request-id", "x-langwatch-trace-id", "x-langwatch-span-id"} <= set(
         r.headers)
 
-    subprocess.run(f"{tollgate} virtual-keys revoke {key_id}", shell=True, check=True,
+    subprocess.run(f"{tollgate} virtual-keys revoke {key_id} --yes", shell=True, check=True,
                    capture_output=True)
     revoked_at = time.monotonic()
     while True:

@@ -258,4 +258,125 @@ def test_version_is_the_installed_distributions():
 
     result = CliRunner().invoke(cli, ["--version"])
     assert result.exit_code == 0
-    assert result.output.strip() == f"tollgate, version {importlib.metadata.version('tollgate')}"
+    version = importlib.metadata.version("tollgate-llm-gateway")  # the distribution's name
+    assert result.output.strip() == f"tollgate, version {version}"
+
+
+def test_teams_and_projects_move_and_delete(run, config_dir):
+    path = config_dir / "gateway.yaml"
+    path.write_text(path.read_text().replace("orgs:\n", "orgs:\n  - id: globex\n    teams: []\n"))
+    run("teams", "create", "--id", "team_ml", "--org", "acme")
+    moved = run("projects", "update", "proj_web", "--team", "team_ml", "--format", "json")
+    assert json.loads(moved.stdout) == {"id": "proj_web", "team": "team_ml", "org": "acme"}
+    assert "team: team_eng -> team_ml" in moved.stderr
+    refused = run("teams", "delete", "team_ml", ok=False)
+    assert "has projects (proj_web)" in refused.output and "projects update" in refused.output
+    run("teams", "update", "team_ml", "--org", "globex")
+    cfg = load_config(path).config
+    by_org = {o.id: {t.id: t.projects for t in o.teams} for o in cfg.orgs}
+    assert by_org == {"globex": {"team_ml": ["proj_web"]}, "acme": {"team_eng": []}}
+
+    # Something scoped to it: the edit is refused, and says what refers to it.
+    key = create_key(run, "--scope", "PROJECT:proj_web")
+    in_use = run("projects", "delete", "proj_web", ok=False)
+    assert "project 'proj_web' is not declared" in in_use.output
+    assert load_config(path).config.orgs[0].teams[0].projects == ["proj_web"]
+    run("virtual-keys", "revoke", key["id"], "--yes")
+    path.write_text(path.read_text().replace("PROJECT:proj_web", "TEAM:team_eng"))
+    assert run("projects", "delete", "proj_web").stdout == "deleted proj_web\n"
+    run("teams", "delete", "team_ml")
+    assert [t.id for o in load_config(path).config.orgs for t in o.teams] == ["team_eng"]
+    assert "no team 'team_ml'" in run("teams", "delete", "team_ml", ok=False).output
+
+
+def test_routing_policy_update_changes_it_in_place(run, config_dir):
+    run("routing-policies", "create", "--scope", "ORG:acme", "--name", "two", "--id", "rp_two",
+        "--model-provider", "mp_openai_org", "--model-provider", "mp_anthropic_org",
+        "--model-map", "mp_anthropic_org:gpt-5-mini=claude-haiku-4-5")
+    out = run("routing-policies", "update", "rp_two", "--strategy", "weighted",
+              "--weight", "mp_openai_org=3")
+    rp = load_config(config_dir / "gateway.yaml").config.routing_policies[0]
+    assert rp.strategy == "weighted"
+    assert [(t.model_provider, t.weight, t.model_map) for t in rp.targets()] == [
+        ("mp_openai_org", 3, {}),
+        ("mp_anthropic_org", 1, {"gpt-5-mini": "claude-haiku-4-5"})]  # kept
+    assert 'strategy: "ordered" -> "weighted"' in out.stderr
+    run("routing-policies", "update", "rp_two", "--model-provider", "mp_anthropic_org")
+    rp = load_config(config_dir / "gateway.yaml").config.routing_policies[0]
+    assert [(t.model_provider, t.model_map) for t in rp.targets()] == [
+        ("mp_anthropic_org", {"gpt-5-mini": "claude-haiku-4-5"})]
+    bad = run("routing-policies", "update", "rp_two", "--weight", "mp_openai_org=2", ok=False)
+    assert "a listed provider" in bad.output
+    assert "no routing policy with id 'rp_nope'" in run(
+        "routing-policies", "update", "rp_nope", "--name", "x", ok=False).output
+
+
+def test_spend_report_for_a_past_window_prints_money(run, config_dir):
+    """Rows of October and November 2026; --period picks one by its key, whatever today is,
+    and the table prints dollars (the JSON keeps numbers)."""
+    import asyncio
+
+    from tollgate.ledger import LedgerRow
+    from tollgate.store.sqlite import SQLiteStore
+
+    def row(request_id: str, ts: str, principal: str, cost: int) -> LedgerRow:
+        return LedgerRow(request_id=request_id, ts=ts, key_id="vk_1", key_name="k",
+                         principal=principal, org="acme", team="team_eng", project=None,
+                         provider="mp_openai_org", model="gpt-5-mini", route="chat_completions",
+                         cost_micros=cost, input_tokens=10, output_tokens=5)
+
+    async def write() -> None:
+        store = SQLiteStore(config_dir / ".tollgate" / "state.db")
+        for r in (row("r1", "2026-10-31T23:59:59+00:00", "alice", 80),
+                  row("r2", "2026-11-01T00:00:00+00:00", "bob", 1_234_500_000),
+                  row("r3", "2026-11-30T14:10:00+00:00", "bob", 7)):
+            await store.finish([], 0, r)
+        await store.close()
+
+    (config_dir / ".tollgate").mkdir()
+    asyncio.run(write())
+    october = run("spend", "report", "--by", "principal", "--period", "2026-10")
+    assert "$0.000080" in october.stdout and "bob" not in october.stdout
+    assert "principal spend, month 2026-10 (UTC)" in october.stderr
+    november = json.loads(run("spend", "report", "--period", "2026-11", "--format",
+                              "json").stdout)
+    assert november["period"] == "2026-11" and november["window"] == "month"
+    assert [(r["principal"], r["cost_usd"]) for r in november["rows"]] == [("bob", 1234.500007)]
+    assert "$1,234.500000" in run("spend", "report", "--period", "2026-11-01").stdout
+    assert "$0.000007" in run("spend", "report", "--period", "2026-11-30T14").stdout
+    assert "$0.000080" in run("spend", "report", "--period", "2026-W44").stdout
+    bad = run("spend", "report", "--period", "last-month", ok=False)
+    assert "names no window" in bad.output and "2026-W48 (week)" in bad.output
+
+
+def test_budget_scopes_are_spelled_as_everywhere_else(run, config_dir):
+    made = json.loads(run("gateway-budgets", "create", "--name", "eng", "--scope",
+                          "TEAM:team_eng", "--limit", "5000", "--format", "json").stdout)
+    assert (made["scope"], made["team"]) == ("team", "team_eng")
+    old = run("gateway-budgets", "create", "--name", "org", "--scope", "org", "--org", "acme",
+              "--limit", "10", "--format", "json")
+    assert json.loads(old.stdout)["org"] == "acme"
+    assert "--scope ORG:acme is the spelling" in old.stderr
+    assert "ORG:id, TEAM:id" in run("gateway-budgets", "create", "--name", "x", "--scope",
+                                    "SQUAD:x", "--limit", "1", ok=False).output
+    listed = run("gateway-budgets", "list").stdout
+    assert "TEAM:team_eng" in listed and "$5,000.000000" in listed
+    status = run("gateway-budgets", "status").stdout
+    assert "TEAM:team_eng" in status and "$0.000000" in status
+    changed = run("gateway-budgets", "update", made["id"], "--limit", "6000")
+    assert "limit: 5000.0 -> 6000.0" in changed.stderr
+
+
+def test_mitmdump_examples_stay_on_loopback_beside_make_run():
+    """The documented `mitmdump -s addon/tollgate_addon.py` commands bind 127.0.0.1 on a port
+    `make run` (8080, admin 9464, mitmweb 8081) does not take."""
+    import re
+
+    from tests.harness import ROOT
+
+    texts = [(ROOT / "README.md").read_text(), (ROOT / "addon" / "tollgate_addon.py").read_text()]
+    modes = [m for text in texts for m in re.findall(r"mitmdump --mode (\S+)", text)]
+    assert len(modes) == 2
+    for mode in modes:
+        listen = re.fullmatch(r"reverse:http://127\.0\.0\.1:9@127\.0\.0\.1:(\d+)", mode)
+        assert listen and int(listen.group(1)) not in (8080, 8081, 9464), mode

@@ -139,3 +139,24 @@ def test_captured_prompts_reach_the_access_log_without_an_exporter(monkeypatch):
     off = telemetry.start("POST", "/v1/chat/completions", {})
     off.keep_prompt({"messages": [{"role": "user", "content": "MARKER"}]})
     assert off.prompt is None
+
+
+def test_overwritten_otlp_protos_are_named_with_their_fix(monkeypatch):
+    """xds-protos's old copy of the OpenTelemetry protos (no InstrumentationScope) written
+    over opentelemetry-proto's: `config validate` and /readyz name it and the fix."""
+    import types
+
+    import opentelemetry.proto.common.v1 as common
+
+    from tollgate.telemetry import export_problem
+
+    exporting = Telemetry(otlp_endpoint="http://127.0.0.1:4318")
+    assert export_problem(exporting) is None
+    old = types.ModuleType("opentelemetry.proto.common.v1.common_pb2")
+    old.InstrumentationLibrary = object  # what the old copy has instead
+    monkeypatch.setitem(sys.modules, "opentelemetry.proto.common.v1.common_pb2", old)
+    monkeypatch.setattr(common, "common_pb2", old, raising=False)
+    problem = export_problem(exporting)
+    assert problem and "overwrote opentelemetry-proto's files" in problem
+    assert "pip install --force-reinstall --no-deps opentelemetry-proto==" in problem
+    assert export_problem(Telemetry()) is None  # nothing to export: nothing to say

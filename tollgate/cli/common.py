@@ -156,6 +156,12 @@ def report_changes(noun: str, ident: str, before: dict[str, Any], after: dict[st
                "\n  " + "\n  ".join(lines)), err=True)
 
 
+def money(usd: float | None) -> str:
+    """An amount as people read one: $0.000080, $1,234.500000 (to the micro-dollar the
+    ledger keeps)."""
+    return "-" if usd is None else f"${usd:,.6f}"
+
+
 def fail(message: str) -> None:
     raise click.ClickException(message)
 

@@ -14,7 +14,7 @@ from tollgate.cli.virtual_keys import virtual_keys
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="tollgate", prog_name="tollgate")
+@click.version_option(package_name="tollgate-llm-gateway", prog_name="tollgate")
 @click.option("--config", type=click.Path(dir_okay=False), envvar="TOLLGATE_CONFIG",
               help="Gateway config file  [default: $TOLLGATE_CONFIG, then config/gateway.yaml]")
 def cli(config: str | None) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import click
 
+from tollgate import shipped
 from tollgate.cli.common import config_path, edit, emit, fail, format_option, read_section
 from tollgate.config.edit import to_yaml, write_atomic
 
@@ -34,8 +34,8 @@ virtual_keys: []
 budgets: []
 """
 
-SHIPPED_PRICES = Path(__file__).resolve().parents[2] / "config" / "prices.yaml"
-SHIPPED_CATALOG = Path(__file__).resolve().parents[2] / "config" / "models.yaml"
+SHIPPED_PRICES = shipped.path(shipped.PRICES)
+SHIPPED_CATALOG = shipped.path(shipped.MODELS)
 
 
 @click.command()
@@ -103,6 +103,52 @@ def list_teams(ctx: click.Context, fmt: str) -> None:
     emit(rows, fmt, ["id", "org", "projects"])
 
 
+def _team(doc: object, team_id: str) -> tuple[dict, dict]:
+    """(its org, the team) in the edited document, or the command stops."""
+    for o in doc.doc.get("orgs") or []:  # type: ignore[attr-defined]
+        for t in o.get("teams") or []:
+            if t.get("id") == team_id:
+                return o, t
+    fail(f"no team {team_id!r}")
+    raise AssertionError  # unreachable: fail() raises
+
+
+@teams.command("update")
+@click.argument("team_id")
+@click.option("--org", required=True, help="Move the team, with its projects, to this org.")
+@format_option
+@click.pass_context
+def update_team(ctx: click.Context, team_id: str, org: str, fmt: str) -> None:
+    """Move a team to another org (keys, providers and budgets scoped to it follow)."""
+    with edit(ctx) as doc:
+        old_org, node = _team(doc, team_id)
+        target = doc.find("orgs", org)
+        if target is None:
+            fail(f"no org {org!r}")
+        if target is not old_org:
+            old_org["teams"].remove(node)
+            if not target.get("teams"):
+                target["teams"] = to_yaml([])
+                target["teams"].fa.set_block_style()
+            target["teams"].append(node)
+    click.echo(f"updated team {team_id}: org: {old_org['id']} -> {org}", err=True)
+    emit({"id": team_id, "org": org, "projects": list(node.get("projects") or [])}, fmt)
+
+
+@teams.command("delete")
+@click.argument("team_id")
+@click.pass_context
+def delete_team(ctx: click.Context, team_id: str) -> None:
+    """Delete a team with no projects that nothing is scoped to."""
+    with edit(ctx) as doc:
+        org, node = _team(doc, team_id)
+        if node.get("projects"):
+            fail(f"team {team_id!r} has projects ({', '.join(node['projects'])}): delete them "
+                 "or move them to another team (`projects update ID --team T`) first")
+        org["teams"].remove(node)
+    click.echo(f"deleted {team_id}")
+
+
 @click.group()
 def projects() -> None:
     """Projects inside a team."""
@@ -138,3 +184,43 @@ def list_projects(ctx: click.Context, fmt: str) -> None:
     rows = [{"id": p, "team": t["id"], "org": o["id"]}
             for o in _orgs(ctx) for t in o.get("teams") or [] for p in t.get("projects") or []]
     emit(rows, fmt, ["id", "team", "org"])
+
+
+def _project(doc: object, project_id: str) -> tuple[dict, dict]:
+    """(its org, its team) in the edited document, or the command stops."""
+    for o in doc.doc.get("orgs") or []:  # type: ignore[attr-defined]
+        for t in o.get("teams") or []:
+            if project_id in (t.get("projects") or []):
+                return o, t
+    fail(f"no project {project_id!r}")
+    raise AssertionError  # unreachable: fail() raises
+
+
+@projects.command("update")
+@click.argument("project_id")
+@click.option("--team", required=True, help="Move the project to this team.")
+@format_option
+@click.pass_context
+def update_project(ctx: click.Context, project_id: str, team: str, fmt: str) -> None:
+    """Move a project to another team (keys, providers and budgets scoped to it follow)."""
+    with edit(ctx) as doc:
+        _, old_team = _project(doc, project_id)
+        org, target = _team(doc, team)
+        if target is not old_team:
+            old_team["projects"].remove(project_id)
+            if target.get("projects") is None:
+                target["projects"] = to_yaml([])
+            target["projects"].append(project_id)
+    click.echo(f"updated project {project_id}: team: {old_team['id']} -> {team}", err=True)
+    emit({"id": project_id, "team": team, "org": org["id"]}, fmt)
+
+
+@projects.command("delete")
+@click.argument("project_id")
+@click.pass_context
+def delete_project(ctx: click.Context, project_id: str) -> None:
+    """Delete a project that nothing is scoped to."""
+    with edit(ctx) as doc:
+        _, team = _project(doc, project_id)
+        team["projects"].remove(project_id)
+    click.echo(f"deleted {project_id}")

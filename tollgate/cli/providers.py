@@ -18,8 +18,10 @@ from tollgate.cli.common import (
     new_id,
     now_iso,
     parse_json_option,
+    plain,
     rate_limit_options,
     read_section,
+    report_changes,
     warn,
 )
 from tollgate.config.edit import to_yaml
@@ -123,6 +125,7 @@ def update_provider(ctx: click.Context, provider_id: str, scope: str | None, fmt
     fields = _provider_fields(**opts)
     if scope:
         fields["scope"] = scope
+    before = get_one(ctx, "model_providers", provider_id)
     with edit(ctx) as doc:
         node = doc.find("model_providers", provider_id)
         if node is None:
@@ -136,7 +139,9 @@ def update_provider(ctx: click.Context, provider_id: str, scope: str | None, fmt
         for given, other in (("api_key_env", "api_key_file"), ("api_key_file", "api_key_env")):
             if given in fields:
                 node.pop(other, None)
-    emit(get_one(ctx, "model_providers", provider_id), fmt)
+    after = get_one(ctx, "model_providers", provider_id)
+    report_changes("model provider", provider_id, before, after)
+    emit(after, fmt)
 
 
 add_get_delete(model_providers, "model_providers", "model provider",
@@ -148,45 +153,93 @@ def routing_policies() -> None:
     """Ordered (or weighted) lists of providers that keys dispatch through."""
 
 
-@routing_policies.command("create")
-@click.option("--scope", required=True)
-@click.option("--name", required=True)
-@click.option("--strategy", type=click.Choice(["ordered", "weighted"]), default="ordered",
-              show_default=True)
-@click.option("--model-provider", "providers", multiple=True, required=True,
-              help="Provider id, in dispatch order; repeatable.")
-@click.option("--model-map", "model_maps", multiple=True, metavar="PROVIDER:FROM=TO",
-              help="The model a provider serves instead, e.g. "
-                   "mp_anthropic:gpt-5-mini=claude-haiku-4-5; repeatable.")
-@click.option("--weight", "weights", multiple=True, metavar="PROVIDER=N",
-              help="A provider's share of first picks with --strategy weighted (default 1; "
-                   "0: only ever a fallback); repeatable.")
-@click.option("--id", "policy_id")
-@format_option
-@click.pass_context
-def create_policy(ctx: click.Context, scope: str, name: str, strategy: str,
-                  providers: tuple[str, ...], model_maps: tuple[str, ...],
-                  weights: tuple[str, ...], policy_id: str | None, fmt: str) -> None:
-    extra: dict[str, dict[str, Any]] = {p: {} for p in providers}
+def _targets(providers: tuple[str, ...], model_maps: tuple[str, ...],
+             weights: tuple[str, ...], current: list[Any] | None = None) -> list[Any]:
+    """A policy's `model_providers`: `providers` in order (else the current ones), with
+    their model maps and weights; maps and weights given add to or replace theirs."""
+    extra: dict[str, dict[str, Any]] = {}
+    for target in current or []:
+        if isinstance(target, dict):
+            extra[target["model_provider"]] = {k: v for k, v in target.items()
+                                               if k != "model_provider"}
+    order = list(providers) or [t if isinstance(t, str) else t["model_provider"]
+                                for t in current or []]
+    extra = {p: extra.get(p, {}) for p in order}
     for spec in model_maps:
         provider, _, mapping = spec.partition(":")
         source, _, target = mapping.partition("=")
-        if not (provider and source and target) or provider not in providers:
+        if not (provider and source and target) or provider not in extra:
             raise click.BadParameter(f"{spec!r}: use PROVIDER:FROM=TO with a listed provider",
                                      param_hint="--model-map")
-        extra[provider].setdefault("model_map", {})[source] = target
+        extra[provider]["model_map"] = {**extra[provider].get("model_map", {}), source: target}
     for spec in weights:
         provider, _, weight = spec.partition("=")
-        if provider not in providers or not weight.isdigit():
+        if provider not in extra or not weight.isdigit():
             raise click.BadParameter(f"{spec!r}: use PROVIDER=N with a listed provider and a "
                                      "whole number", param_hint="--weight")
         extra[provider]["weight"] = int(weight)
-    targets: list[Any] = [{"model_provider": p, **extra[p]} if extra[p] else p
-                          for p in providers]
+    return [{"model_provider": p, **extra[p]} if extra[p] else p for p in order]
+
+
+def _policy_options(f: Any) -> Any:
+    for decorator in reversed([
+        click.option("--strategy", type=click.Choice(["ordered", "weighted"])),
+        click.option("--model-provider", "providers", multiple=True,
+                     help="Provider id, in dispatch order; repeatable."),
+        click.option("--model-map", "model_maps", multiple=True, metavar="PROVIDER:FROM=TO",
+                     help="The model a provider serves instead, e.g. "
+                          "mp_anthropic:gpt-5-mini=claude-haiku-4-5; repeatable."),
+        click.option("--weight", "weights", multiple=True, metavar="PROVIDER=N",
+                     help="A provider's share of first picks with --strategy weighted "
+                          "(default 1; 0: only ever a fallback); repeatable."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+@routing_policies.command("create")
+@click.option("--scope", required=True)
+@click.option("--name", required=True)
+@_policy_options
+@click.option("--id", "policy_id")
+@format_option
+@click.pass_context
+def create_policy(ctx: click.Context, scope: str, name: str, strategy: str | None,
+                  providers: tuple[str, ...], model_maps: tuple[str, ...],
+                  weights: tuple[str, ...], policy_id: str | None, fmt: str) -> None:
+    if not providers:
+        raise click.UsageError("give at least one --model-provider")
     item = {"id": policy_id or new_id("rp"), "name": name, "scope": scope,
-            "strategy": strategy, "model_providers": targets}
+            "strategy": strategy or "ordered",
+            "model_providers": _targets(providers, model_maps, weights)}
     append_new(ctx, "routing_policies", "routing policy", item)
     emit(item, fmt)
+
+
+@routing_policies.command("update")
+@click.argument("policy_id")
+@click.option("--name")
+@click.option("--scope")
+@_policy_options
+@format_option
+@click.pass_context
+def update_policy(ctx: click.Context, policy_id: str, name: str | None, scope: str | None,
+                  strategy: str | None, providers: tuple[str, ...],
+                  model_maps: tuple[str, ...], weights: tuple[str, ...], fmt: str) -> None:
+    """Change a policy in place (keys bound to it follow). --model-provider replaces the
+    list; --model-map and --weight add to the listed providers' own."""
+    before = get_one(ctx, "routing_policies", policy_id)
+    with edit(ctx) as doc:
+        node = doc.find("routing_policies", policy_id)
+        for field, value in (("name", name), ("scope", scope), ("strategy", strategy)):
+            if value is not None:
+                node[field] = value
+        if providers or model_maps or weights:
+            node["model_providers"] = to_yaml(_targets(
+                providers, model_maps, weights, plain(node.get("model_providers"))))
+    after = get_one(ctx, "routing_policies", policy_id)
+    report_changes("routing policy", policy_id, before, after)
+    emit(after, fmt)
 
 
 @routing_policies.command("list")

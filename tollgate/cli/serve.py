@@ -132,8 +132,10 @@ def mitmproxy(ctx: click.Context, listen: str, ui: str, web_listen: str, admin: 
         mitm_args = ("--set", f"tollgate_admin={admin_address(admin)}", *mitm_args)
     # Reverse mode towards a placeholder: the addon sets every request's real destination,
     # and the lazy strategy means the placeholder is never dialled.
+    mode = f"reverse:http://127.0.0.1:9@{host}:{port}"
+    _describe(mode, path)
     args = [
-        "--mode", f"reverse:http://127.0.0.1:9@{host}:{port}",
+        "--mode", mode,
         "--set", "connection_strategy=lazy",
         "--set", f"tollgate_config={path}",
         "-s", str(SCRIPT),
@@ -153,6 +155,18 @@ def mitmproxy(ctx: click.Context, listen: str, ui: str, web_listen: str, admin: 
         from mitmproxy.tools import cmdline
 
         mitm_main.run(_quiet_stdout_dump_master(), cmdline.mitmdump, args)
+
+
+def _describe(mode: str, config: str) -> None:
+    """Name what the gateway routes to in mitmproxy's start-up line and mitmweb's status bar,
+    in place of the reverse mode's placeholder. mitmproxy keeps one parsed instance per mode
+    spec, and its servers describe themselves with it."""
+    from mitmproxy.proxy.mode_specs import ProxyMode
+
+    providers = load_config(config).config.model_providers
+    routes = ", ".join(f"{p.id} ({p.base_url})" for p in providers) or "no provider yet"
+    object.__setattr__(ProxyMode.parse(mode), "description",
+                       f"tollgate gateway ({Path(config).name}) to {routes},")
 
 
 def _quiet_stdout_dump_master() -> type:
@@ -370,6 +384,11 @@ def validate(ctx: click.Context) -> None:
                    "gateway runs elsewhere, its /readyz says what it finds there)", err=True)
     for line in warnings(loaded):
         click.echo(f"warning: {line}", err=True)
+    from tollgate.telemetry import export_problem
+
+    export = export_problem(cfg.gateway.telemetry)
+    if export:
+        click.echo(f"warning: {export}", err=True)
     click.echo(f"{path}: ok ({len(cfg.model_providers)} model providers, "
                f"{len(cfg.routing_policies)} routing policies, {len(cfg.virtual_keys)} virtual "
                f"keys, {len(cfg.budgets)} budgets, {len(loaded.prices.models)} priced models)")

@@ -20,8 +20,10 @@ from tollgate.cli.common import (
     fail,
     format_option,
     get_one,
+    money,
     new_id,
     read_section,
+    report_changes,
 )
 from tollgate.config.edit import to_yaml
 from tollgate.config.load import load_config
@@ -29,8 +31,37 @@ from tollgate.config.problems import ConfigError
 from tollgate.ledger import REPORT_DIMENSIONS, report, to_csv
 from tollgate.store import Store, StoreUnavailable, open_store
 
-SCOPES = {"org": "org", "team": "team", "project": "project", "vk": "virtual_key",
-          "virtual_key": "virtual_key", "principal": "principal"}
+# One spelling with keys, providers and policies: KIND:target.
+SCOPES = {"ORG": "org", "TEAM": "team", "PROJECT": "project", "VK": "virtual_key",
+          "PRINCIPAL": "principal"}
+SPELLING = {field: kind for kind, field in SCOPES.items()}
+SCOPE_HELP = "ORG:id, TEAM:id, PROJECT:id, VK:key-id or PRINCIPAL:who (e.g. TEAM:team_eng)."
+
+
+def _scope(scope: str, targets: dict[str, str | None]) -> tuple[str, str]:
+    """(budget field, target) from --scope KIND:target; the older `--scope team --team x`
+    still works, with a note."""
+    kind, sep, target = scope.partition(":")
+    if sep:
+        field = SCOPES.get(kind.upper())
+        if field is None or not target:
+            raise click.BadParameter(f"{scope!r}: use {SCOPE_HELP}", param_hint="--scope")
+        return field, target
+    field = {"vk": "virtual_key", "virtual_key": "virtual_key"}.get(scope.lower(),
+                                                                     scope.lower())
+    if field not in SPELLING:
+        raise click.BadParameter(f"{scope!r}: use {SCOPE_HELP}", param_hint="--scope")
+    target = targets.get(field)
+    if not target:
+        fail(f"--scope {scope} needs --{'vk' if field == 'virtual_key' else field} "
+             f"(or write --scope {SPELLING[field]}:<id>)")
+    click.echo(f"note: --scope {SPELLING[field]}:{target} is the spelling for this "
+               "(the one keys and providers use)", err=True)
+    return field, target
+
+
+def shown_scope(budget: Any) -> str:
+    return f"{SPELLING[budget.scope]}:{budget.target}"
 WINDOWS = ["minute", "hour", "day", "week", "month", "total"]
 
 
@@ -82,12 +113,12 @@ ON_BREACH_HELP = ("block: refuse what could pass the limit; warn: only count and
 
 @gateway_budgets.command("create")
 @click.option("--name", required=True)
-@click.option("--scope", required=True, type=click.Choice(list(SCOPES)))
-@click.option("--org")
-@click.option("--team")
-@click.option("--project")
-@click.option("--vk", "virtual_key", help="Virtual key id (scope vk).")
-@click.option("--principal")
+@click.option("--scope", required=True, metavar="KIND:ID", help=SCOPE_HELP)
+@click.option("--org", hidden=True)
+@click.option("--team", hidden=True)
+@click.option("--project", hidden=True)
+@click.option("--vk", "virtual_key", hidden=True)
+@click.option("--principal", hidden=True)
 @click.option("--window", type=click.Choice(WINDOWS), default="month", show_default=True,
               help="Calendar window in UTC, or total.")
 @click.option("--limit", type=float, required=True, help="USD.")
@@ -106,10 +137,7 @@ def create(ctx: click.Context, name: str, scope: str, window: str, limit: float,
            on_breach: str, warn_at: float, min_output_tokens: int | None,
            unseen_input: int | str | None, model_provider: str | None,
            budget_id: str | None, fmt: str, **targets: str | None) -> None:
-    field = SCOPES[scope]
-    target = targets.get(field)
-    if not target:
-        fail(f"--scope {scope} needs --{'vk' if field == 'virtual_key' else field}")
+    field, target = _scope(scope, targets)
     item: dict[str, Any] = {"id": budget_id or new_id("b"), "name": name, "scope": field,
                             field: target, "window": window, "limit": limit,
                             "on_breach": on_breach}
@@ -143,13 +171,14 @@ def update(ctx: click.Context, budget_id: str, fmt: str, **fields: Any) -> None:
     if not changed:
         fail("nothing to change: give --limit, --name, --on-breach, --warn-at or "
              "--min-output-tokens")
+    before = get_one(ctx, "budgets", budget_id)
     with edit(ctx) as doc:
         node = doc.find("budgets", budget_id)
-        if node is None:
-            fail(f"no budget with id {budget_id!r}")
         for k, v in changed.items():
             node[k] = to_yaml(v)
-    emit(get_one(ctx, "budgets", budget_id), fmt)
+    after = get_one(ctx, "budgets", budget_id)
+    report_changes("budget", budget_id, before, after)
+    emit(after, fmt)
 
 
 @gateway_budgets.command("list")
@@ -157,7 +186,10 @@ def update(ctx: click.Context, budget_id: str, fmt: str, **fields: Any) -> None:
 @click.pass_context
 def list_(ctx: click.Context, fmt: str) -> None:
     rows = [{**b, "target": b.get(b["scope"])} for b in read_section(ctx, "budgets")]
-    emit(rows, fmt, ["id", "name", "scope", "target", "window", "limit", "on_breach"])
+    if fmt == "table":
+        rows = [{**r, "scope": f"{SPELLING.get(r['scope'], r['scope'])}:{r['target']}",
+                 "limit": money(r["limit"])} for r in rows]
+    emit(rows, fmt, ["id", "name", "scope", "window", "limit", "on_breach"])
 
 
 add_get_delete(gateway_budgets, "budgets", "budget")
@@ -179,7 +211,7 @@ def status(ctx: click.Context, budget_id: str | None, fmt: str) -> None:
         counters = await store.counters(holds)
         return [{
             "id": h.budget.id, "name": h.budget.name,
-            "scope": f"{h.budget.scope}:{h.budget.target}", "window": h.window_key,
+            "scope": shown_scope(h.budget), "window": h.window_key,
             "limit_usd": h.budget.limit, "spent_usd": c.spent / budget_rules.MICROS,
             "reserved_usd": c.reserved / budget_rules.MICROS,
             "used": f"{c.committed / h.limit_micros:.1%}" if h.limit_micros else "-",
@@ -188,6 +220,9 @@ def status(ctx: click.Context, budget_id: str | None, fmt: str) -> None:
         } for h, c in zip(holds, counters, strict=True)]
 
     rows = with_store(ctx, work)
+    if fmt == "table":
+        rows = [{**r, **{k: money(r[k]) for k in ("limit_usd", "spent_usd", "reserved_usd")}}
+                for r in rows]
     emit(rows[0] if budget_id else rows, fmt,
          None if budget_id else ["id", "name", "scope", "window", "limit_usd", "spent_usd",
                                  "reserved_usd", "used", "on_breach", "resets_at"])
@@ -203,16 +238,26 @@ def spend() -> None:
               show_default=True)
 @click.option("--window", type=click.Choice(WINDOWS), default="month", show_default=True,
               help="The current calendar window (UTC), or total.")
+@click.option("--period", "period_key", metavar="KEY",
+              help="A past (or the current) window by its key: 2026-11, 2026-W48, "
+                   "2026-11-30, 2026-11-30T14 (UTC). Implies its --window.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
 @click.pass_context
-def spend_report(ctx: click.Context, by: str, window: str, fmt: str) -> None:
+def spend_report(ctx: click.Context, by: str, window: str, period_key: str | None,
+                 fmt: str) -> None:
     """Spend grouped by principal, team, project, virtual key, model, provider or price tier
     (the service tier that served each request, and long context)."""
-    period = budget_rules.window(window, datetime.now(UTC))
+    if period_key is None:
+        period = budget_rules.window(window, datetime.now(UTC))
+    else:
+        try:
+            window, period = budget_rules.window_named(period_key)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--period") from None
 
     async def work(store: Store, loaded: Any) -> list[dict[str, Any]]:
-        return report(await store.rows(since=period.start), by)
+        return report(await store.rows(since=period.start, until=period.end), by)
 
     rows = with_store(ctx, work)
     if fmt == "csv":
@@ -221,5 +266,7 @@ def spend_report(ctx: click.Context, by: str, window: str, fmt: str) -> None:
         click.echo(json.dumps({"window": window, "period": period.key, "by": by, "rows": rows},
                               indent=2))
     else:
-        emit(rows, "table", [by, "requests", "input_tokens", "cached_input_tokens",
-                             "output_tokens", "cost_usd", "estimated"])
+        click.echo(f"{by} spend, {window} {period.key} (UTC)", err=True)
+        emit([{**r, "cost_usd": money(r["cost_usd"])} for r in rows], "table",
+             [by, "requests", "input_tokens", "cached_input_tokens", "output_tokens",
+              "cost_usd", "estimated"])
