@@ -679,20 +679,26 @@ def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: list[str], o
     }
 
 
-def dynamic_bootstrap(listener_file: str, cluster_file: str, watch_dir: str,
-                      extproc: list[str], admin: str) -> dict[str, Any]:
-    """Listener and provider clusters from files Envoy watches: config edits apply live."""
-    def source(path: str) -> dict[str, Any]:
+LISTENERS_FILE = "listeners.json"
+CLUSTERS_FILE = "clusters.json"
+
+
+def dynamic_bootstrap(resources: str, extproc: list[str], admin: str,
+                      tls: ClientTLS | None = None) -> dict[str, Any]:
+    """The listener and provider clusters from files in `resources` that ext_proc rewrites
+    and Envoy watches: provider edits apply without a restart."""
+    def source(name: str) -> dict[str, Any]:
         return {"resource_api_version": "V3",
-                "path_config_source": {"path": path, "watched_directory": {"path": watch_dir}}}
+                "path_config_source": {"path": f"{resources}/{name}",
+                                       "watched_directory": {"path": resources}}}
 
     return {
         "node": {"id": "tollgate", "cluster": "tollgate"},
         "admin": _admin(admin),
         "overload_manager": OVERLOAD,
-        "dynamic_resources": {"lds_config": source(listener_file),
-                              "cds_config": source(cluster_file)},
-        "static_resources": {"clusters": extproc_clusters(extproc)},
+        "dynamic_resources": {"lds_config": source(LISTENERS_FILE),
+                              "cds_config": source(CLUSTERS_FILE)},
+        "static_resources": {"clusters": extproc_clusters(extproc, tls)},
     }
 
 

@@ -32,6 +32,9 @@ OUTAGE_LOG = str(RUN_DIR / "envoy-outage.log")
 # Loopback only: the Pod's app is its one client. Not 8080, which apps often listen on.
 PORT = 10080
 ENVOY_ADMIN = "127.0.0.1:9901"
+ISTIO_PROXY_ADMIN = "127.0.0.1:15000"
+# The sidecar's listener and clusters, which ext_proc rewrites as the config changes.
+RESOURCES = str(RUN_DIR / "envoy")
 ADMIN_PORT = 9464
 # istio-proxy runs as this user; ext_proc's socket is private to its owner (0600).
 ISTIO_PROXY_UID = 1337
@@ -108,11 +111,16 @@ def config_map(loaded: LoadedConfig, opts: Options) -> dict[str, Any]:
             "metadata": _metadata(opts, f"{opts.name}-config"), "data": data}
 
 
-def extproc_args(opts: Options) -> list[str]:
-    return ["--config", str(CONFIG_DIR / "gateway.yaml"), "serve", "extproc",
+def extproc_args(opts: Options, envoy_admin: str, resources: bool) -> list[str]:
+    """`resources`: keep the Envoy's listener and clusters current (`sidecar`; istio-proxy
+    takes them from the EnvoyFilter)."""
+    args = ["--config", str(CONFIG_DIR / "gateway.yaml"), "serve", "extproc",
             "--listen", SOCKET, "--outage-log", OUTAGE_LOG,
-            "--admin", f"0.0.0.0:{ADMIN_PORT}",
+            "--admin", f"0.0.0.0:{ADMIN_PORT}", "--envoy-admin", envoy_admin,
             "--extproc-processes", str(opts.processes)]
+    if resources:
+        args += ["--envoy-resources", RESOURCES, "--envoy-listen", f"127.0.0.1:{opts.port}"]
+    return args
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -126,7 +134,8 @@ def _hardened(uid: int) -> dict[str, Any]:
             "capabilities": {"drop": ["ALL"]}}
 
 
-def extproc_container(loaded: LoadedConfig, opts: Options, uid: int) -> dict[str, Any]:
+def extproc_container(loaded: LoadedConfig, opts: Options, uid: int,
+                      args: list[str]) -> dict[str, Any]:
     """`tollgate serve extproc` as a native sidecar: the app's containers start once its
     startup probe passes (config loaded, store reachable, every provider has a key)."""
     settings = loaded.config.gateway
@@ -140,7 +149,7 @@ def extproc_container(loaded: LoadedConfig, opts: Options, uid: int) -> dict[str
            *_key_envs(loaded, f"{opts.name}-provider-keys")]
     return {
         "name": "tollgate", "image": opts.image, "restartPolicy": "Always",
-        "command": ["tollgate"], "args": extproc_args(opts), "env": env,
+        "command": ["tollgate"], "args": args, "env": env,
         "ports": [{"name": "admin", "containerPort": ADMIN_PORT}],
         "startupProbe": _probe("/readyz", 1, 60),
         "readinessProbe": _probe("/readyz", 5, 2),
@@ -184,17 +193,21 @@ def _deployment(opts: Options, pod: dict[str, Any], annotations: dict[str, str] 
                      "template": template}}
 
 
+def _targets(opts: Options) -> list[str]:
+    return envoy_config.process_targets(SOCKET, opts.processes)
+
+
 def bootstrap(loaded: LoadedConfig, opts: Options) -> dict[str, Any]:
-    """The Envoy bootstrap inside the Pod: `tollgate envoy render`'s, with the Pod's paths."""
-    return envoy_config.static_bootstrap(
-        loaded.config, ("127.0.0.1", opts.port),
-        envoy_config.process_targets(SOCKET, opts.processes), OUTAGE_LOG, ENVOY_ADMIN)
+    """What `tollgate envoy render` would give this Pod: the listener and clusters inline."""
+    return envoy_config.static_bootstrap(loaded.config, ("127.0.0.1", opts.port),
+                                         _targets(opts), OUTAGE_LOG, ENVOY_ADMIN)
 
 
 def sidecar(loaded: LoadedConfig, opts: Options) -> list[dict[str, Any]]:
     envoy_map = {"apiVersion": "v1", "kind": "ConfigMap",
                  "metadata": _metadata(opts, f"{opts.name}-envoy"),
-                 "data": {"envoy.yaml": to_yaml([bootstrap(loaded, opts)])}}
+                 "data": {"envoy.yaml": to_yaml([envoy_config.dynamic_bootstrap(
+                     RESOURCES, _targets(opts), ENVOY_ADMIN)])}}
     envoy = {
         "name": "envoy", "image": opts.envoy_image, "restartPolicy": "Always",
         "command": ["envoy"],
@@ -208,7 +221,8 @@ def sidecar(loaded: LoadedConfig, opts: Options) -> list[dict[str, Any]]:
     }
     pod = {
         "securityContext": {"fsGroup": GATEWAY_UID, "seccompProfile": {"type": "RuntimeDefault"}},
-        "initContainers": [extproc_container(loaded, opts, GATEWAY_UID), envoy],
+        "initContainers": [extproc_container(loaded, opts, GATEWAY_UID,
+                                             extproc_args(opts, ENVOY_ADMIN, True)), envoy],
         "containers": [_app(opts)],
         "volumes": _volumes(opts, {"name": "envoy", "configMap": {"name": f"{opts.name}-envoy"}}),
     }
@@ -238,7 +252,8 @@ def istio(loaded: LoadedConfig, opts: Options) -> list[dict[str, Any]]:
                             "seccompProfile": {"type": "RuntimeDefault"}},
         # istio-proxy's user, which its socket is private to; its own connections (Redis,
         # OTLP) leave the Pod directly, as istio-proxy's do.
-        "initContainers": [extproc_container(loaded, opts, ISTIO_PROXY_UID)],
+        "initContainers": [extproc_container(loaded, opts, ISTIO_PROXY_UID,
+                                             extproc_args(opts, ISTIO_PROXY_ADMIN, False))],
         "containers": [_app(opts)],
         "volumes": _volumes(opts),
     }

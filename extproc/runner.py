@@ -68,17 +68,18 @@ def write_json_atomic(path: Path, doc: Any) -> bool:
 
 
 class EnvoyFiles:
-    """The listener and cluster resources Envoy reads from disk and re-reads on change."""
+    """The listener and cluster resources Envoy reads from disk (`directory`) and re-reads on
+    change: the Envoy `serve envoy` runs, or one started from `envoy render --resources`."""
 
-    def __init__(self, workdir: Path, listen: tuple[str, int], outage: Path,
+    def __init__(self, directory: Path, listen: tuple[str, int], outage: Path,
                  processes: int = 1):
-        self.workdir = workdir
+        self.directory = directory
         self.listen = listen
         self.outage = outage
         self.processes = processes
-        self.listeners = workdir / "resources" / "listeners.json"
-        self.clusters = workdir / "resources" / "clusters.json"
-        self.listeners.parent.mkdir(parents=True, exist_ok=True)
+        self.listeners = directory / envoy_config.LISTENERS_FILE
+        self.clusters = directory / envoy_config.CLUSTERS_FILE
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def write(self, loaded: LoadedConfig) -> set[str]:
         """Write the config's resources; the names of the clusters they hold."""
@@ -93,11 +94,22 @@ class EnvoyFiles:
         return {c["name"] for c in clusters["resources"]}
 
     def bootstrap(self, extproc: list[str], admin: str) -> Path:
-        path = self.workdir / "bootstrap.json"
-        write_json_atomic(path, envoy_config.dynamic_bootstrap(
-            str(self.listeners), str(self.clusters), str(self.listeners.parent), extproc,
-            admin))
+        path = self.directory.parent / "bootstrap.json"
+        write_json_atomic(path, envoy_config.dynamic_bootstrap(str(self.directory), extproc,
+                                                               admin))
         return path
+
+    def follow(self, gateway: Gateway, clusters: LoadedClusters | None) -> set[str]:
+        """Write the resources now and before each new config takes effect (then, when
+        `clusters` can read Envoy's, wait until it has loaded them); the clusters written
+        first."""
+        def prepare(loaded: LoadedConfig) -> None:
+            written = self.write(loaded)
+            if clusters is not None:
+                clusters.wait_for(written)
+
+        gateway.holder.before_reload(prepare)
+        return self.write(gateway.holder.current)
 
 
 class LoadedClusters:
@@ -205,14 +217,24 @@ def _stopped_because(envoy: asyncio.subprocess.Process | None, siblings: Sibling
 
 
 async def serve_extproc(config: str, where: Listener, outage: Path,
-                        admin: tuple[str, int] | None = None, processes: int = 1) -> int:
+                        admin: tuple[str, int] | None = None, processes: int = 1,
+                        envoy_admin: str | None = None,
+                        resources: EnvoyFiles | None = None) -> int:
+    """`envoy_admin`: the admin address of the Envoy this serves, to route only to clusters
+    it has loaded and to tell `tollgate status` what it runs; `resources`: the files of
+    `envoy render --resources` to keep current (provider edits reach Envoy live)."""
     gateway = Gateway.from_path(config, siblings=processes > 1)
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-extproc-"))
     targets = envoy_config.process_targets(where.target, processes)
     listeners = [Listener(t, where.tls, where.insecure_tcp) for t in targets]
+    clusters = LoadedClusters(envoy_admin) if envoy_admin else None
+    if resources is not None:
+        resources.follow(gateway, clusters)
+    if envoy_admin:
+        gateway.holder.report(envoy_admin=envoy_admin)
     try:
         server, processor, siblings = await start_processes(gateway, config, listeners,
-                                                            workdir)
+                                                            workdir, clusters, envoy_admin)
     except ProcessExited as e:
         log.error("%s", e)
         await gateway.close()
@@ -233,6 +255,8 @@ async def serve_extproc(config: str, where: Listener, outage: Path,
     finally:
         waits["signal"].cancel()
         outage_reader.cancel()
+        if clusters is not None:
+            clusters.stop()
         if admin_server is not None:
             admin_server.stop()
         if siblings is not None:
@@ -278,15 +302,11 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
                                envoy_stats(envoy_admin),
                                str(siblings.metrics_dir) if siblings else None
                                ).start() if admin else None
-    files = EnvoyFiles(workdir, listen, outage, processes)
+    files = EnvoyFiles(workdir / "resources", listen, outage, processes)
     outage_reader = follow_outage_log(gateway, outage)
-    first_clusters = files.write(gateway.holder.current)
-
-    def prepare(loaded: LoadedConfig) -> None:
-        """Envoy loads a new config's clusters before the gateway routes to them."""
-        clusters.wait_for(files.write(loaded))
-
-    gateway.holder.before_reload(prepare)
+    # Envoy loads a new config's clusters before the gateway routes to them.
+    first_clusters = files.follow(gateway, clusters)
+    gateway.holder.report(envoy_admin=envoy_admin)
     envoy = await asyncio.create_subprocess_exec(
         envoy_binary(), "-c", str(files.bootstrap(targets, envoy_admin)),
         "--disable-hot-restart",

@@ -24,6 +24,7 @@ from ruamel.yaml import YAML
 
 from extproc.runner import envoy_binary
 from tests.conftest import OPENAI_KEY, PEPPER, make_config
+from tests.fakes.providers import FakeProvider
 from tests.harness import BIN, ConfigMapMount, RedisServer, free_port, tollgate, wait_until
 
 SHAPES = ["sidecar", "istio"]
@@ -123,8 +124,17 @@ def envoy_bootstrap(docs: list[dict[str, Any]], shape: str) -> dict[str, Any]:
                              if p["applyTo"] == "CLUSTER"]}}
 
 
+def status(mount: Path, run: Path) -> subprocess.CompletedProcess[str]:
+    """`tollgate status`, as `kubectl exec` into the tollgate container would run it."""
+    return subprocess.run([str(BIN / "tollgate"), "--config", str(mount / "gateway.yaml"),
+                           "status"], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "TOLLGATE_STATE_DIR": str(run)})
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_openai):
+    """The sidecar's Envoy follows a provider's new address live (ext_proc rewrites its
+    resources); istio-proxy keeps the EnvoyFilter's, and `tollgate status` says so."""
     created = json.loads(tollgate("virtual-keys", "create", "--name", "app", "--scope",
                                   "ORG:acme", "--principal", "app@acme.com", "--format",
                                   "json", config=config).stdout)
@@ -139,9 +149,12 @@ def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_op
     mount.write(one(docs, "ConfigMap", "tollgate-config")["data"])
     # Unix socket paths are short: not under pytest's long tmp_path.
     run = Path(tempfile.mkdtemp(prefix="tg-pod-"))
-    admin = free_port()
+    admin, envoy_admin = free_port(), free_port()
     paths = {"/etc/tollgate": str(mount.path), "/run/tollgate": str(run),
-             f"0.0.0.0:{container['ports'][0]['containerPort']}": f"127.0.0.1:{admin}"}
+             f"0.0.0.0:{container['ports'][0]['containerPort']}": f"127.0.0.1:{admin}",
+             # Envoy's admin: the sidecar's own, or istio-proxy's.
+             "127.0.0.1:9901": f"127.0.0.1:{envoy_admin}",
+             "127.0.0.1:15000": f"127.0.0.1:{envoy_admin}"}
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
     from_secrets = {}
     for var in container["env"]:
@@ -157,13 +170,10 @@ def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_op
     assert env["TOLLGATE_KEY_PEPPER"] == PEPPER
 
     bootstrap = json.loads(in_pod(json.dumps(envoy_bootstrap(docs, shape)), paths))
-    bootstrap["admin"]["address"]["socket_address"]["port_value"] = free_port()
+    bootstrap["admin"]["address"]["socket_address"]["port_value"] = envoy_admin
     bootstrap_file = run / "envoy.json"
     bootstrap_file.write_text(json.dumps(bootstrap))
-    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(bootstrap_file)],
-                             capture_output=True, text=True, timeout=60)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-
+    moved = FakeProvider("openai", OPENAI_KEY).start()  # where mp_openai moves to
     log = open(tmp_path / "pod.log", "wb")  # noqa: SIM115
     gateway = subprocess.Popen([str(BIN / container["command"][0]),
                                 *(in_pod(a, paths) for a in container["args"])],
@@ -173,6 +183,11 @@ def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_op
         probe = f"http://127.0.0.1:{admin}{container['startupProbe']['httpGet']['path']}"
         wait_until(lambda: gateway.poll() is None and httpx.get(probe).status_code == 200,
                    timeout=30, what="the startup probe")
+        # Envoy starts once the gateway's startup probe passes (native sidecar order).
+        checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c",
+                                  str(bootstrap_file)], capture_output=True, text=True,
+                                 timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
         envoy = subprocess.Popen([envoy_binary(), "-c", str(bootstrap_file),
                                   "--disable-hot-restart", "--log-level", "warn"],
                                  stdout=log, stderr=subprocess.STDOUT)
@@ -184,9 +199,28 @@ def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_op
         assert reply.http_response.status_code == 200
         assert reply.headers["x-langwatch-provider"] == "mp_openai"
         assert fake_openai.requests[-1].headers["authorization"] == f"Bearer {OPENAI_KEY}"
+        current = status(mount.path, run)
+        assert current.returncode == 0, current.stdout + current.stderr
+        assert f"envoy (admin 127.0.0.1:{envoy_admin}): current" in current.stdout
 
-        # `kubectl apply` of a re-rendered ConfigMap: the kubelet swaps the folder, the
-        # gateway follows the link to the new file and the revoked key stops working.
+        # `kubectl apply` of a re-rendered ConfigMap: the kubelet swaps the folder and the
+        # gateway follows the link to the new file.
+        tollgate("model-providers", "update", "mp_openai", "--base-url", moved.url,
+                 config=config)
+        mount.write(one(render(config, shape, "--port", str(port)), "ConfigMap",
+                        "tollgate-config")["data"])
+        if shape == "sidecar":  # ext_proc rewrote Envoy's clusters: the next call moves
+            wait_until(lambda: client.chat.completions.create(**CHAT) and moved.requests,
+                       timeout=15, what="Envoy to reach mp_openai's new address")
+            assert status(mount.path, run).returncode == 0
+        else:  # the EnvoyFilter is what istio-proxy has: status says it is behind
+            behind = wait_until(lambda: (s := status(mount.path, run)).returncode == 1 and
+                                "older view" in s.stderr and s, timeout=10,
+                                what="status to name Envoy's older view")
+            host, _, moved_port = moved.url.removeprefix("http://").rpartition(":")
+            assert f"the config to {host}:{moved_port}" in behind.stderr
+            assert "envoy render --resources" in behind.stderr
+
         tollgate("virtual-keys", "revoke", created["id"], "--yes", config=config)
         mount.write(one(render(config, shape, "--port", str(port)), "ConfigMap",
                         "tollgate-config")["data"])
@@ -199,9 +233,9 @@ def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_op
             return False
 
         wait_until(refused, timeout=5, what="the ConfigMap update to revoke the key")
-        assert gateway.poll() is None
+        assert gateway.poll() is None and envoy.poll() is None  # no restart
         # State lives in TOLLGATE_STATE_DIR, never inside the (read-only) mount.
-        assert mount.entries() == {"..data", "..2026_12_02_10_00_02.2", "gateway.yaml",
+        assert mount.entries() == {"..data", "..2026_12_02_10_00_03.3", "gateway.yaml",
                                    "prices.yaml", "models.yaml"}
         assert (run / "extproc.sock").is_socket()
         assert [p.suffix for p in (run / "run").iterdir()] == [".json"]
@@ -210,6 +244,7 @@ def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_op
             if proc is not None:
                 proc.terminate()
                 proc.wait(10)
+        moved.stop()
         log.close()
         shutil.rmtree(run, ignore_errors=True)
 
@@ -226,3 +261,23 @@ def test_shipped_examples_are_current_and_valid(shape):
             check_istio_schema(doc)
         else:
             kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_render_with_resources_gives_envoy_files_ext_proc_keeps_current(config, tmp_path):
+    """`envoy render --resources DIR`: the bootstrap reads the listener and clusters from DIR
+    (written at once, so Envoy may start first), which `serve extproc --envoy-resources DIR`
+    rewrites on every config change."""
+    directory = tmp_path / "envoy"
+    rendered = tollgate("envoy", "render", "--resources", str(directory), "--listen",
+                        f"127.0.0.1:{free_port()}", config=config).stdout
+    doc = YAML(typ="safe").load(rendered)
+    assert doc["dynamic_resources"]["cds_config"]["path_config_source"] == {
+        "path": f"{directory}/clusters.json", "watched_directory": {"path": str(directory)}}
+    clusters = json.loads((directory / "clusters.json").read_text())["resources"]
+    assert {c["name"] for c in clusters} >= {"provider_mp_openai", "provider_mp_anthropic"}
+    assert json.loads((directory / "listeners.json").read_text())["resources"]
+    bootstrap = tmp_path / "envoy.yaml"
+    bootstrap.write_text(rendered)
+    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(bootstrap)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 
 import click
 
@@ -103,14 +104,25 @@ def list_teams(ctx: click.Context, fmt: str) -> None:
     emit(rows, fmt, ["id", "org", "projects"])
 
 
-def _team(doc: object, team_id: str) -> tuple[dict, dict]:
-    """(its org, the team) in the edited document, or the command stops."""
+def _where(doc: object, noun: str, ident: str, holds: Callable[[dict], bool]
+           ) -> tuple[dict, dict]:
+    """(org, team) of the team in the edited document that `holds` accepts, or the command
+    stops."""
     for o in doc.doc.get("orgs") or []:  # type: ignore[attr-defined]
         for t in o.get("teams") or []:
-            if t.get("id") == team_id:
+            if holds(t):
                 return o, t
-    fail(f"no team {team_id!r}")
+    fail(f"no {noun} {ident!r}")
     raise AssertionError  # unreachable: fail() raises
+
+
+def _team(doc: object, team_id: str) -> tuple[dict, dict]:
+    return _where(doc, "team", team_id, lambda t: t.get("id") == team_id)
+
+
+def _project(doc: object, project_id: str) -> tuple[dict, dict]:
+    """(its org, its team)."""
+    return _where(doc, "project", project_id, lambda t: project_id in (t.get("projects") or []))
 
 
 @teams.command("update")
@@ -184,16 +196,6 @@ def list_projects(ctx: click.Context, fmt: str) -> None:
     rows = [{"id": p, "team": t["id"], "org": o["id"]}
             for o in _orgs(ctx) for t in o.get("teams") or [] for p in t.get("projects") or []]
     emit(rows, fmt, ["id", "team", "org"])
-
-
-def _project(doc: object, project_id: str) -> tuple[dict, dict]:
-    """(its org, its team) in the edited document, or the command stops."""
-    for o in doc.doc.get("orgs") or []:  # type: ignore[attr-defined]
-        for t in o.get("teams") or []:
-            if project_id in (t.get("projects") or []):
-                return o, t
-    fail(f"no project {project_id!r}")
-    raise AssertionError  # unreachable: fail() raises
 
 
 @projects.command("update")

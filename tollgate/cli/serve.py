@@ -238,11 +238,21 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
               help="Allow TCP without TLS (anyone who can connect gets provider "
                    "credentials): only for a port nothing else can reach.")
 @admin_option
+@click.option("--envoy-admin", metavar="HOST:PORT",
+              help="The admin address of the Envoy this serves: requests are routed only to "
+                   "clusters it has loaded, and `tollgate status` says when it runs an older "
+                   "view than the config.")
+@click.option("--envoy-resources", type=click.Path(file_okay=False), metavar="DIR",
+              help="Keep the listener and clusters of `envoy render --resources DIR` current: "
+                   "provider edits reach Envoy without a restart.")
+@click.option("--envoy-listen", default="0.0.0.0:8080", show_default=True,
+              help="With --envoy-resources: the listener's address (render's --listen).")
 @processes_option
 @outage_option
 @click.pass_context
 def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_key: str | None,
             tls_client_ca: str | None, insecure_tcp: bool, admin: str | None,
+            envoy_admin: str | None, envoy_resources: str | None, envoy_listen: str,
             extproc_processes: int, outage_log: str | None) -> None:
     """ext_proc alone, for an Envoy or mesh you already run (see `tollgate envoy render`)."""
     from extproc.listen import ListenError, default_socket, listener
@@ -261,9 +271,18 @@ def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_ke
                 *(("--listen", t) for t in targets if not where.is_unix))
     ensure_sockets_unused(targets)
     _logging()
-    sys.exit(asyncio.run(serve_extproc(path, where, outage_path(path, outage_log),
+    outage = outage_path(path, outage_log)
+    resources = None
+    if envoy_resources is not None:
+        from extproc.runner import EnvoyFiles
+
+        resources = EnvoyFiles(Path(os.path.abspath(envoy_resources)),
+                               split_listen(envoy_listen), outage, extproc_processes)
+    sys.exit(asyncio.run(serve_extproc(path, where, outage,
                                        split_listen(admin_address(admin)) if admin else None,
-                                       extproc_processes)))
+                                       extproc_processes,
+                                       admin_address(envoy_admin) if envoy_admin else None,
+                                       resources)))
 
 
 def _logging() -> None:
@@ -291,14 +310,23 @@ def envoy_group() -> None:
               help="CA that signed ext_proc's server certificate.")
 @click.option("--envoy-admin", default="127.0.0.1:9901", show_default=True,
               help="Envoy's admin address (keep it on loopback).")
+@click.option("--resources", type=click.Path(file_okay=False), metavar="DIR",
+              help="Put the listener and provider clusters in files in DIR that Envoy "
+                   "watches, and that `serve extproc --envoy-resources DIR` keeps current: "
+                   "provider edits apply without restarting Envoy.")
 @processes_option
 @outage_option
 @click.pass_context
 def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert: str | None,
-           tls_key: str | None, tls_ca: str | None, envoy_admin: str, extproc_processes: int,
-           outage_log: str | None) -> None:
+           tls_key: str | None, tls_ca: str | None, envoy_admin: str, resources: str | None,
+           extproc_processes: int, outage_log: str | None) -> None:
     """Print an Envoy bootstrap (YAML) with the ext_proc filters and provider clusters."""
-    from extproc.envoy_config import ClientTLS, process_targets, static_bootstrap
+    from extproc.envoy_config import (
+        ClientTLS,
+        dynamic_bootstrap,
+        process_targets,
+        static_bootstrap,
+    )
     from extproc.kubernetes import to_yaml
     from extproc.listen import default_socket
 
@@ -314,9 +342,18 @@ def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert
     outage = outage_path(path, outage_log)
     # Envoy does not start when its log's directory is missing (it may start before ext_proc).
     outage.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    doc = static_bootstrap(load_config(path).config, split_listen(listen),
-                           process_targets(target, extproc_processes),
-                           str(outage), admin_address(envoy_admin), tls)
+    targets = process_targets(target, extproc_processes)
+    loaded = load_config(path)
+    if resources is None:
+        doc = static_bootstrap(loaded.config, split_listen(listen), targets, str(outage),
+                               admin_address(envoy_admin), tls)
+    else:
+        from extproc.runner import EnvoyFiles
+
+        # Written now too, so Envoy may start before ext_proc.
+        directory = Path(os.path.abspath(resources))
+        EnvoyFiles(directory, split_listen(listen), outage, extproc_processes).write(loaded)
+        doc = dynamic_bootstrap(str(directory), targets, admin_address(envoy_admin), tls)
     click.echo(to_yaml([doc]), nl=False)
 
 

@@ -52,14 +52,31 @@ def _store_check(loaded: LoadedConfig) -> str | None:
     return None
 
 
+def _envoy_view(gateway: dict[str, Any], loaded: LoadedConfig) -> list[str]:
+    """Whether the gateway's Envoy routes as the config says (its admin is asked)."""
+    from extproc.envoy_view import older_view
+
+    admin = gateway["envoy_admin"]
+    differences = older_view(admin, loaded.config)
+    gateway["envoy"] = "unreachable" if differences is None else \
+        "older view" if differences else "current"
+    gateway["envoy_differences"] = differences or []
+    if not differences:
+        return []
+    return [f"gateway pid {gateway['pid']}: its Envoy (admin {admin}) runs an older view of "
+            f"the config: {'; '.join(differences)}. Render again and restart it, or let "
+            "ext_proc keep it current (`envoy render --resources`, `serve extproc "
+            "--envoy-resources`)"]
+
+
 @click.command()
 @format_option
 @click.pass_context
 def status(ctx: click.Context, fmt: str) -> None:
     """Running config vs the file on disk, the last reload error, store reachability.
 
-    Exits 1 when a gateway serves an older config than the file, the file is invalid, or
-    the state store cannot be reached."""
+    Exits 1 when a gateway serves an older config than the file, the Envoy it serves routes
+    by an older one, the file is invalid, or the state store cannot be reached."""
     path = config_path(ctx)
     digest = file_digest(path)
     problems: list[str] = []
@@ -80,6 +97,8 @@ def status(ctx: click.Context, fmt: str) -> None:
             why = g.get("last_error") or file_error or "not picked up yet"
             problems.append(f"gateway pid {g['pid']} serves the config loaded at "
                             f"{g['loaded_at']}, older than the file on disk: {why}")
+        if g.get("envoy_admin") and file_error is None:
+            problems += _envoy_view(g, loaded)
     try:
         mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
     except OSError:
@@ -98,6 +117,8 @@ def status(ctx: click.Context, fmt: str) -> None:
             mark = "STALE" if g["stale"] else "current"
             click.echo(f"gateway     pid {g['pid']}: {mark}, loaded {g['loaded_at']}, "
                        f"{g['reloads']} reloads, {g['reload_failures']} rejected")
+            if "envoy" in g:
+                click.echo(f"            envoy (admin {g['envoy_admin']}): {g['envoy']}")
             if g.get("last_error"):
                 click.echo(f"            last reload error ({g['last_error_at']}):")
                 for line in str(g["last_error"]).splitlines():

@@ -157,6 +157,11 @@ class ConfigHolder:
         log.info("config reloaded from %s", self.path)
         return True
 
+    def report(self, **fields: Any) -> None:
+        """Add to what this process tells `tollgate status` (its Envoy's admin address)."""
+        self.status.update(fields)
+        self._write_status()
+
     def _failed(self, message: str) -> None:
         self.last_error = message
         self.status.update(last_error=message, last_error_at=_now(),
