@@ -21,6 +21,8 @@ CODES: dict[str, tuple[int, str, str]] = {
     "virtual_key_expired": (403, "permission_error", "permission_error"),
     "model_not_allowed": (403, "permission_error", "permission_error"),
     "tool_not_allowed": (403, "permission_error", "permission_error"),
+    "mcp_not_allowed": (403, "permission_error", "permission_error"),
+    "url_not_allowed": (403, "permission_error", "permission_error"),
     "not_found": (404, "invalid_request_error", "not_found_error"),
     "method_not_allowed": (405, "invalid_request_error", "invalid_request_error"),
     "payload_too_large": (413, "invalid_request_error", "request_too_large"),

@@ -21,6 +21,7 @@ from typing import Any
 from tollgate import body as bodies
 from tollgate import (
     budgets,
+    candidates,
     metrics,
     policy,
     ratelimit,
@@ -218,7 +219,12 @@ class Gateway:
             seen["model"] = body.model  # as asked; as resolved once the alias applies
             model = policy.resolve_model(key, body.model) if body.model else None
             seen["model"] = model
-            policy.check_tools(key, body.tools)
+            found = candidates.Candidates()
+            if policy.reaches_matter(key):  # most keys have no MCP or URL rules
+                found = candidates.of(body.doc)
+                if key.config.policy_rules.urls.anywhere:
+                    found.urls += candidates.anywhere(req.body)
+            policy.check(key, body.tools, found)
             unserved: list[str] = []
             targets = routing.targets(loaded.config, key, route, model or "",
                                       catalog=loaded.catalog, skipped=unserved)

@@ -317,3 +317,145 @@ def test_unknown_route_is_404_with_envelope(gateway):
                    headers={"authorization": f"Bearer {key.secret}"})
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "not_found"
+
+
+# -- MCP, URL and model rules ------------------------------------------------------------------
+
+MCP_BETA = ["mcp-client-2025-04-04"]
+
+
+def rules_key(gateway, **groups: dict) -> Key:
+    return gateway.create_key("--config-json", json.dumps({"policy_rules": groups}))
+
+
+def test_mcp_servers_and_tools_anthropic_beta(gateway, fake_anthropic):
+    """Anthropic's MCP connector (the beta header): each server's name and URL, and each tool
+    it allows as `server/tool`."""
+    key = rules_key(gateway, mcp={"deny": ["host:mcp.evil.example", "/delete_"],
+                                  "allow": None})
+    client = ant(gateway, key.secret)
+    with pytest.raises(anthropic.PermissionDeniedError) as exc:
+        client.beta.messages.create(**MSG, betas=MCP_BETA, mcp_servers=[
+            {"type": "url", "url": "https://mcp.evil.example/sse", "name": "notes"}])
+    error = anthropic_error(exc)
+    assert error["code"] == "mcp_not_allowed" and error["type"] == "permission_error"
+    assert "https://mcp.evil.example/sse" in error["message"]
+    assert "`host:mcp.evil.example`" in error["message"]
+    with pytest.raises(anthropic.PermissionDeniedError) as exc:
+        client.beta.messages.create(**MSG, betas=MCP_BETA, mcp_servers=[
+            {"type": "url", "url": "https://mcp.example.com/sse", "name": "repo",
+             "tool_configuration": {"allowed_tools": ["read_file", "delete_branch"]}}])
+    assert "MCP tool 'repo/delete_branch'" in anthropic_error(exc)["message"]
+    assert fake_anthropic.requests == []
+    served = client.beta.messages.create(**MSG, betas=MCP_BETA, mcp_servers=[
+        {"type": "url", "url": "https://mcp.example.com/sse", "name": "repo",
+         "tool_configuration": {"allowed_tools": ["read_file"]}}])
+    assert served.content and fake_anthropic.requests[-1].json()["mcp_servers"][0]["name"] == \
+        "repo"
+
+
+def test_responses_mcp_tools(gateway, fake_openai):
+    """OpenAI Responses `mcp` tools: label, URL and allowed tools; one that lists no tools
+    is refused under an allow list, with how to list them."""
+    key = rules_key(gateway, mcp={"allow": ["^deepwiki$", "^https://mcp\\.deepwiki\\.com/",
+                                            "^deepwiki/(ask_question|read_wiki_structure)$"]})
+    client = oai(gateway, key.secret)
+    deepwiki = {"type": "mcp", "server_label": "deepwiki",
+                "server_url": "https://mcp.deepwiki.com/mcp", "require_approval": "never"}
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        client.responses.create(model="gpt-5-mini", input="hi", tools=[deepwiki])
+    error = openai_error(exc)
+    assert error["code"] == "mcp_not_allowed" and "allowed_tools" in error["message"]
+    assert error["param"] == "tools[0]"
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        client.responses.create(model="gpt-5-mini", input="hi", tools=[
+            {**deepwiki, "allowed_tools": ["ask_question", "delete_wiki"]}])
+    assert "'deepwiki/delete_wiki'" in openai_error(exc)["message"]
+    assert "allow list" in openai_error(exc)["message"]
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        client.responses.create(model="gpt-5-mini", input="hi", tools=[
+            {**deepwiki, "server_url": "https://elsewhere.example/mcp",
+             "allowed_tools": {"tool_names": ["ask_question"]}}])
+    assert "https://elsewhere.example/mcp" in openai_error(exc)["message"]
+    assert fake_openai.requests == []
+    served = client.responses.create(model="gpt-5-mini", input="hi", tools=[
+        {**deepwiki, "allowed_tools": ["ask_question"]}])
+    assert served.output and fake_openai.requests[-1].json()["tools"][0]["type"] == "mcp"
+
+
+def test_urls_the_provider_would_fetch(gateway, fake_openai, fake_anthropic):
+    """Image and document URLs in either family, with the host helper; inline data and URLs
+    in plain text pass unless `anywhere` asks for the seed's rule."""
+    key = rules_key(gateway, urls={"deny": ["host:evil.example", "^http://"]})
+    client = oai(gateway, key.secret)
+
+    def image(url: str) -> dict:
+        return {"model": "gpt-5-mini", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": url}}]}]}
+
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        client.chat.completions.create(**image("https://cdn.evil.example/cat.png"))
+    error = openai_error(exc)
+    assert error["code"] == "url_not_allowed"
+    assert "'https://cdn.evil.example/cat.png'" in error["message"]
+    assert "`host:evil.example`" in error["message"]
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(**image("http://example.com/cat.png"))
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        client.responses.create(model="gpt-5-mini", input=[{"role": "user", "content": [
+            {"type": "input_file", "file_url": "https://evil.example/" + "a" * 300}]}])
+    assert "…" in openai_error(exc)["message"]  # a long URL is cut
+    with pytest.raises(anthropic.PermissionDeniedError) as aexc:
+        ant(gateway, key.secret).messages.create(**{**MSG, "messages": [{
+            "role": "user", "content": [
+                {"type": "document", "source": {"type": "url",
+                                                "url": "https://evil.example/terms.pdf"}},
+                {"type": "text", "text": "summarise"}]}]})
+    assert anthropic_error(aexc)["code"] == "url_not_allowed"
+    assert fake_openai.requests == [] and fake_anthropic.requests == []
+
+    client.chat.completions.create(**image("https://example.com/cat.png"))
+    client.chat.completions.create(**image("data:image/png;base64,iVBORw0KGgo="))
+    client.chat.completions.create(**{**CHAT, "messages": [
+        {"role": "user", "content": "is https://evil.example/x safe?"}]})
+    assert len(fake_openai.requests) == 3
+
+    anywhere = rules_key(gateway, urls={"deny": ["host:evil.example"], "anywhere": True})
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        oai(gateway, anywhere.secret).chat.completions.create(**{**CHAT, "messages": [
+            {"role": "user", "content": "is https://evil.example/x safe?"}]})
+    assert "'https://evil.example/x'" in openai_error(exc)["message"]
+
+
+def test_web_tool_domains_are_urls(gateway, fake_anthropic):
+    key = rules_key(gateway, urls={"allow": ["host:docs.python.org"]})
+    with pytest.raises(anthropic.PermissionDeniedError) as exc:
+        ant(gateway, key.secret).messages.create(**MSG, tools=[{
+            "type": "web_search_20250305", "name": "web_search",
+            "allowed_domains": ["docs.python.org", "pastebin.com"]}])
+    assert "'https://pastebin.com'" in anthropic_error(exc)["message"]
+    assert "matches none" in anthropic_error(exc)["message"]
+    ant(gateway, key.secret).messages.create(**MSG, tools=[{
+        "type": "web_search_20250305", "name": "web_search",
+        "allowed_domains": ["docs.python.org"]}])
+
+
+def test_model_rules_after_aliases_and_in_the_model_list(gateway, fake_openai):
+    key = gateway.create_key("--config-json", json.dumps({
+        "model_aliases": {"best": "gpt-5"},
+        "policy_rules": {"models": {"deny": ["^gpt-5$"], "allow": ["^gpt-"]}}}))
+    client = oai(gateway, key.secret)
+    for asked in ("gpt-5", "best"):
+        with pytest.raises(openai.PermissionDeniedError) as exc:
+            client.chat.completions.create(**{**CHAT, "model": asked})
+        error = openai_error(exc)
+        assert error["code"] == "model_not_allowed" and "`^gpt-5$`" in error["message"]
+    with pytest.raises(anthropic.PermissionDeniedError) as aexc:
+        ant(gateway, key.secret).messages.create(**MSG)
+    assert "matches none" in anthropic_error(aexc)["message"]
+    assert fake_openai.requests == []
+    client.chat.completions.create(**CHAT)  # gpt-5-mini
+    listed = {m.id for m in client.models.list()}
+    assert "gpt-5-mini" in listed and "gpt-5" not in listed and "best" not in listed
+    assert not any(m.startswith("claude") for m in listed)

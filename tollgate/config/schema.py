@@ -234,7 +234,10 @@ class RoutingPolicy(Strict):
         ]
 
 
-class ToolRules(Strict):
+class Rules(Strict):
+    """One group of policy rules: RE2 patterns (see tollgate/rules.py); deny wins, and a
+    non-null allow list must match every candidate."""
+
     deny: list[str] = []
     allow: list[str] | None = None
 
@@ -249,8 +252,22 @@ class ToolRules(Strict):
         return v
 
 
+ToolRules = Rules
+
+
+class UrlRules(Rules):
+    # Also every http(s):// text anywhere in the body (the seed's rule), not only the URLs
+    # the provider would fetch.
+    anywhere: bool = False
+
+
 class PolicyRules(Strict):
-    tools: ToolRules = ToolRules()
+    # Tool names; `server/tool` and the servers themselves (label and URL) for MCP; the URLs
+    # the provider would fetch; the model, after aliases (with the key's models_allowed).
+    tools: Rules = Rules()
+    mcp: Rules = Rules()
+    urls: UrlRules = UrlRules()
+    models: Rules = Rules()
 
 
 class Fallback(Strict):
