@@ -66,6 +66,7 @@ METADATA_HEADERS = {
     "provider": "Provider",
     "budget_warning": "Budget-Warning",
     "max_tokens": "Max-Tokens",
+    "shadow": "Shadow",
 }
 _BUFFER_SLACK = 64 * 1024  # headers and framing on top of the largest accepted body
 

@@ -102,6 +102,8 @@ def metadata(exchange: Exchange) -> struct_pb2.Struct:
         fields["budget_warning"] = exchange.billing.warning
     if exchange.billing.output_cap is not None:
         fields["max_tokens"] = str(exchange.billing.output_cap)
+    if exchange.shadow_header:
+        fields["shadow"] = exchange.shadow_header
     fields |= exchange.billing.rate_headers
     doc.update({METADATA_NS: fields})
     return doc

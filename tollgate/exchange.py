@@ -73,6 +73,8 @@ class Billing:
     output_cap: int | None = None
     # Fallback providers left out of the plan because they could not be admitted.
     passed_over_later: list[str] = field(default_factory=list)
+    # What shadow-mode controls would have refused (see policy.Shadowed).
+    shadow: list[str] = field(default_factory=list)
 
     @property
     def counters(self) -> list[str]:
@@ -128,9 +130,10 @@ class Exchange:
                  billing: Billing, settle: Callable[[Exchange, LedgerRow], None],
                  prices: PriceTable | None = None, client_wants_usage: bool = False,
                  breakers: Breakers | None = None, passed_over: list[str] | None = None,
-                 unserved: list[str] | None = None) -> None:
+                 unserved: list[str] | None = None, shadow_headers: bool = False) -> None:
         self.trace = trace
         self.prefix = prefix
+        self.shadow_headers = shadow_headers
         self.route = route
         self.key = key
         self.requested_model = requested_model
@@ -261,7 +264,18 @@ class Exchange:
             headers[f"{self.prefix}Budget-Warning"] = self.billing.warning
         if self.billing.output_cap is not None:
             headers[f"{self.prefix}Max-Tokens"] = str(self.billing.output_cap)
+        if self.shadow_header:
+            headers[f"{self.prefix}Shadow"] = self.shadow_header
         return {**headers, **self.billing.rate_headers}
+
+    @property
+    def shadow_header(self) -> str | None:
+        """What shadow controls would have refused, for the client: only when the gateway
+        says so (`gateway.shadow_headers`); header-safe (one line, ASCII)."""
+        if not (self.shadow_headers and self.billing.shadow):
+            return None
+        text = "; ".join(self.billing.shadow)
+        return text.encode("ascii", "replace").decode()[:1024]
 
     def on_response_headers(self, status: int, headers: Mapping[str, str]) -> dict[str, str]:
         """Record the response's start; `headers` may lack content-type (a host that cannot
@@ -438,7 +452,8 @@ class Exchange:
             code=self.code, output_cap=self.billing.output_cap,
             fallback_count=self.fallback_count,
             fallbacks=", ".join(self.fallbacks) or None,
-            skipped="; ".join(self.unserved) or None)
+            skipped="; ".join(self.unserved) or None,
+            shadow="; ".join(self.billing.shadow) or None)
 
     @property
     def finished(self) -> bool:

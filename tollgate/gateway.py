@@ -224,7 +224,13 @@ class Gateway:
                 found = candidates.of(body.doc)
                 if key.config.policy_rules.urls.anywhere:
                     found.urls += candidates.anywhere(req.body)
-            policy.check(key, body.tools, found)
+            shadowed: list[policy.Shadowed] = []
+            try:
+                policy.check(key, model, body.model, body.tools, found, shadowed)
+            finally:  # recorded on a request another control refuses too
+                if shadowed:
+                    metrics.shadowed(shadowed)
+                    seen["shadow"] = "; ".join(map(str, shadowed))
             unserved: list[str] = []
             targets = routing.targets(loaded.config, key, route, model or "",
                                       catalog=loaded.catalog, skipped=unserved)
@@ -236,6 +242,7 @@ class Gateway:
                                   loaded.catalog)
             billing, passed_over, attempts = await self._admit_request(
                 loaded, trace.request_id, key, route, body, req, attempts)
+            billing.shadow = [str(s) for s in shadowed] + billing.shadow
             if billing.passed_over_later:
                 unserved += billing.passed_over_later
             if billing.output_cap is not None:
@@ -246,7 +253,7 @@ class Gateway:
                                 prices=loaded.prices, breakers=self.breakers,
                                 client_wants_usage=route.name == "chat_completions"
                                 and body.stream and not ask_usage, passed_over=passed_over,
-                                unserved=unserved)
+                                unserved=unserved, shadow_headers=settings.shadow_headers)
             await self._admit(exchange)
             trace.decided = time.perf_counter()
             return Forward(exchange, attempts[0])
@@ -725,7 +732,8 @@ class Gateway:
             team=lin.team if lin else None, project=lin.project if lin else None,
             provider=None, model=seen.get("model"), route=seen.get("route") or "unknown",
             status=status, outcome="refused" if status >= 400 else "answered",
-            code=decision.get("code"), latency_ms=round(trace.decision_seconds * 1000, 1))
+            code=decision.get("code"), latency_ms=round(trace.decision_seconds * 1000, 1),
+            shadow=seen.get("shadow"))
 
     def _error(self, trace: telemetry.RequestTrace, loaded: LoadedConfig, family: str,
                err: GatewayError, key: VirtualKey | None,

@@ -48,6 +48,8 @@ class LedgerRow:
     # The price tier it was charged at: the service tier the provider reported (flex,
     # priority), `long_context`, both (`priority+long_context`); None: standard.
     tier: str | None = None
+    # What shadow-mode controls would have refused ("; "-separated), the request served.
+    shadow: str | None = None
 
     @property
     def admitted(self) -> bool:

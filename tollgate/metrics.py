@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -63,8 +63,17 @@ FALLBACKS = Counter(
     "tollgate_fallbacks", "Providers moved past, by provider and reason", ["provider",
                                                                          "reason"],
     registry=REGISTRY)
+SHADOW = Counter(
+    "tollgate_shadow_decisions", "Refusals a shadow-mode control would have made (the "
+    "request was served), by control and code", ["control", "code"], registry=REGISTRY)
 
 _TOKEN_TYPES = ("input", "cached_input", "cache_write", "output")
+
+
+def shadowed(decisions: list[Any]) -> None:
+    """Count what shadow controls would have refused (policy.Shadowed)."""
+    for d in decisions:
+        SHADOW.labels(d.control, d.code).inc()
 
 
 def model_label(model: str | None, known: frozenset[str]) -> str:

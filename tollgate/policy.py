@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from tollgate.candidates import Candidates, McpServer
 from tollgate.config.schema import Rules, VirtualKey
@@ -29,28 +31,48 @@ def _why(rule: str, rules: Rules) -> str:
     return f"by the allow list ({', '.join(rules.allow or []) or 'empty'}): it matches none"
 
 
+@dataclass(frozen=True)
+class Shadowed:
+    """A refusal a shadow-mode control would have made; the request was served."""
+
+    control: str  # policy_rules.tools, ...
+    code: str
+    status: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.control} would refuse {self.status} {self.code}: {self.message}"
+
+
 def resolve_model(key: VirtualKey, requested: str) -> str:
-    """Apply the key's aliases, then its allowlist and model rules (on the resolved name)."""
+    """Apply the key's aliases, then its allowlist (on the resolved name)."""
     model = key.config.model_aliases.get(requested, requested)
-    via = f" (alias of {requested!r})" if model != requested else ""
     if not _in_allowlist(key, model):
         raise GatewayError(
             "model_not_allowed",
-            f"Model {model!r}{via} is not allowed for virtual key {key.id}; it allows "
-            f"{', '.join(key.models_allowed or [])}. Edit the key's models_allowed or use an "
-            "allowed model.",
+            f"Model {model!r}{_via(model, requested)} is not allowed for virtual key {key.id}; "
+            f"it allows {', '.join(key.models_allowed or [])}. Edit the key's models_allowed "
+            "or use an allowed model.",
             param="model", context={"model": model, "rule": "models_allowed"},
         )
+    return model
+
+
+def _via(model: str, requested: str | None) -> str:
+    return f" (alias of {requested!r})" if requested and model != requested else ""
+
+
+def check_model(key: VirtualKey, model: str, requested: str | None = None) -> None:
     rules = key.config.policy_rules.models
     rule = _verdict(rules, model)
     if rule is not None:
         raise GatewayError(
             "model_not_allowed",
-            f"Model {model!r}{via} is refused {_why(rule, rules)} of policy_rules.models on "
-            f"virtual key {key.id}. Use another model or change the key's policy_rules.",
+            f"Model {model!r}{_via(model, requested)} is refused {_why(rule, rules)} of "
+            f"policy_rules.models on virtual key {key.id}. Use another model or change the "
+            "key's policy_rules.",
             param="model", context={"model": model, "rule": f"models {rule}"},
         )
-    return model
 
 
 def _in_allowlist(key: VirtualKey, model: str) -> bool:
@@ -60,9 +82,11 @@ def _in_allowlist(key: VirtualKey, model: str) -> bool:
 
 
 def model_allowed(key: VirtualKey, model: str) -> bool:
-    """Whether the key may call `model` (its resolved name): what GET /v1/models lists."""
-    return _in_allowlist(key, model) and \
-        _verdict(key.config.policy_rules.models, model) is None
+    """Whether the key may call `model` (its resolved name): what GET /v1/models lists (a
+    shadow rule refuses nothing)."""
+    rules = key.config.policy_rules.models
+    return _in_allowlist(key, model) and (rules.mode == "shadow" or
+                                          _verdict(rules, model) is None)
 
 
 def check_tools(key: VirtualKey, tools: list[str]) -> None:
@@ -127,8 +151,28 @@ def reaches_matter(key: VirtualKey) -> bool:
         rules.tools.allow is not None
 
 
-def check(key: VirtualKey, tools: list[str], found: Candidates) -> None:
-    """Every rule group of the key against what the request declares and would reach."""
-    check_tools(key, tools)
-    check_mcp(key, found.mcp)
-    check_urls(key, found.urls)
+def check(key: VirtualKey, model: str | None, requested: str | None, tools: list[str],
+          found: Candidates, shadowed: list[Shadowed]) -> None:
+    """Every rule group of the key against what the request asks for and would reach. A
+    shadow group's refusal (its first) goes to `shadowed`; the first enforcing group's is
+    raised once every group has been looked at, so shadow decisions are recorded on refused
+    requests too."""
+    policy = key.config.policy_rules
+    groups: list[tuple[str, Rules, Callable[[], None]]] = [
+        ("models", policy.models,
+         lambda: check_model(key, model, requested) if model else None),
+        ("tools", policy.tools, lambda: check_tools(key, tools)),
+        ("mcp", policy.mcp, lambda: check_mcp(key, found.mcp)),
+        ("urls", policy.urls, lambda: check_urls(key, found.urls)),
+    ]
+    refused: GatewayError | None = None
+    for name, rules, run in groups:
+        try:
+            run()
+        except GatewayError as e:
+            if rules.mode == "shadow":
+                shadowed.append(Shadowed(f"policy_rules.{name}", e.code, e.status, e.message))
+            elif refused is None:
+                refused = e
+    if refused is not None:
+        raise refused

@@ -257,6 +257,7 @@ class RequestTrace:
                                 ("gen_ai.request.model", requested_model or row.model),
                                 ("tollgate.fallbacks", row.fallbacks),
                                 ("tollgate.skipped", row.skipped),
+                                ("tollgate.shadow", row.shadow),
                                 ("gen_ai.input.messages", self.prompt)):
                 if value:
                     attributes[name] = value

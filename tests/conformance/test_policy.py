@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -11,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conformance.test_metering import ledger_row
 from tests.conftest import Key
 from tests.harness import BIN
 
@@ -459,3 +461,50 @@ def test_model_rules_after_aliases_and_in_the_model_list(gateway, fake_openai):
     listed = {m.id for m in client.models.list()}
     assert "gpt-5-mini" in listed and "gpt-5" not in listed and "best" not in listed
     assert not any(m.startswith("claude") for m in listed)
+
+
+def shadow_count(gateway, control: str, code: str) -> float:
+    text = httpx.get(f"{gateway.process.admin_url}/metrics", timeout=5).text
+    series = f'tollgate_shadow_decisions_total{{code="{code}",control="{control}"}}'
+    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_shadow_rule_group_serves_and_records(gateway, fake_openai):
+    """`mode: shadow` on a rule group: the request is served; the refusal it would have met
+    is on its ledger row, in the access log's row, counted, and on the response only when
+    gateway.shadow_headers says so."""
+    key = rules_key(gateway, tools={"deny": ["^shell\\."], "mode": "shadow"},
+                    urls={"deny": ["host:evil.example"]})  # this group enforces
+    client = oai(gateway, key.secret)
+    before = shadow_count(gateway, "policy_rules.tools", "tool_not_allowed")
+    reply = client.chat.completions.with_raw_response.create(
+        **CHAT, tools=[chat_tool("shell.exec")])
+    assert reply.http_response.status_code == 200
+    assert fake_openai.requests[-1].json()["tools"][0]["function"]["name"] == "shell.exec"
+    assert "x-langwatch-shadow" not in reply.headers
+    row = ledger_row(gateway, reply.headers["x-langwatch-request-id"])
+    assert row.status == 200 and row.shadow.startswith(
+        "policy_rules.tools would refuse 403 tool_not_allowed: Tool 'shell.exec' is blocked "
+        "by deny rule `^shell\\.`")
+    assert shadow_count(gateway, "policy_rules.tools", "tool_not_allowed") == before + 1
+    with pytest.raises(openai.PermissionDeniedError) as exc:  # enforcing groups still refuse
+        client.chat.completions.create(**{**CHAT, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://evil.example/a.png"}}]}]},
+            tools=[chat_tool("shell.exec")])
+    assert openai_error(exc)["code"] == "url_not_allowed"
+    refused = ledger_row(gateway, exc.value.response.headers["x-langwatch-request-id"])
+    assert refused.code == "url_not_allowed" and "policy_rules.tools" in refused.shadow
+
+    config = gateway.config.read_text()
+    try:
+        gateway.config.write_text(config.replace("gateway:\n", "gateway:\n  shadow_headers: "
+                                                 "true\n", 1))
+        gateway.wait_for_config()
+        shown = client.chat.completions.with_raw_response.create(
+            **CHAT, tools=[chat_tool("shell.exec")])
+        assert shown.headers["x-langwatch-shadow"].startswith(
+            "policy_rules.tools would refuse 403 tool_not_allowed")
+    finally:
+        gateway.config.write_text(config)
+        gateway.wait_for_config()

@@ -160,3 +160,16 @@ def test_overwritten_otlp_protos_are_named_with_their_fix(monkeypatch):
     assert problem and "overwrote opentelemetry-proto's files" in problem
     assert "pip install --force-reinstall --no-deps opentelemetry-proto==" in problem
     assert export_problem(Telemetry()) is None  # nothing to export: nothing to say
+
+
+def test_shadow_decisions_are_on_the_span(receiver):
+    telemetry.configure(Telemetry(otlp_endpoint=f"http://127.0.0.1:{receiver.http_port}"))
+    t = telemetry.start("POST", "/v1/chat/completions", {})
+    shadow = "policy_rules.tools would refuse 403 tool_not_allowed: Tool 'x' is blocked"
+    t.end(LedgerRow(request_id="req_shadow", ts="", key_id="vk_1", key_name="k",
+                    principal="p", org="acme", team=None, project=None, provider=None,
+                    model=None, route="chat_completions", status=200, outcome="completed",
+                    shadow=shadow))
+    telemetry.flush()
+    (span,) = receiver.wait_for(t.trace_id, 1)
+    assert span.attributes["tollgate.shadow"] == shadow

@@ -124,6 +124,9 @@ class GatewaySettings(Strict):
     # makes a key): a gateway whose pepper differs refuses to start instead of refusing
     # every key.
     pepper_fingerprint: str | None = None
+    # Tell clients what shadow controls would have refused (`<prefix>Shadow`): off by
+    # default, since it shows policy to the key holder.
+    shadow_headers: bool = False
     telemetry: Telemetry = Field(default_factory=lambda: Telemetry())
 
     @field_validator("state")
@@ -240,6 +243,9 @@ class Rules(Strict):
 
     deny: list[str] = []
     allow: list[str] | None = None
+    # shadow: the request is served, and the refusal it would have met is recorded (the
+    # ledger row's `shadow`, the access log, the span, tollgate_shadow_decisions_total).
+    mode: Literal["enforce", "shadow"] = "enforce"
 
     @field_validator("deny", "allow")
     @classmethod
