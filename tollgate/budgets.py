@@ -38,7 +38,17 @@ class Hold:
 
     @property
     def blocking(self) -> bool:
-        return self.budget.on_breach in ("block", "cap")
+        return self.budget.on_breach in ("block", "cap") and not self.shadow
+
+    @property
+    def shadow(self) -> bool:
+        return self.budget.mode == "shadow"
+
+    def would_refuse(self, committed: int) -> bool:
+        """A shadow budget that, enforcing, would not have held this request: with it, the
+        window's committed spend is over the limit."""
+        return self.shadow and self.budget.on_breach in ("block", "cap") and \
+            committed > self.limit_micros
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,14 @@ def lowered_cap(budget: Budget | None, worst: WorstCase | None, fits: int, lower
     return fits if budget.min_output_tokens <= fits < worst.output_tokens else None
 
 
+def shadow_refusal(hold: Hold, committed: int, amount: int) -> str:
+    """What a shadow budget would have said (see Hold.would_refuse)."""
+    b = hold.budget
+    return (f"budget {b.id} would refuse 402 budget_exceeded: {b.name} (scope {b.scope} "
+            f"{b.target}, window {hold.window_key}) would be at {usd(committed)} of "
+            f"{usd(hold.limit_micros)} with this request's {usd(amount)}")
+
+
 def refusal(hold: Hold, spent: int, reserved: int, worst: WorstCase, now: datetime
             ) -> GatewayError:
     """A blocking budget that cannot hold the request's worst case: what it could cost, what
@@ -212,7 +230,7 @@ def refusal(hold: Hold, spent: int, reserved: int, worst: WorstCase, now: dateti
 def warning(hold: Hold, committed: int) -> str | None:
     """Header text once a budget is at or above its warn threshold."""
     limit = hold.limit_micros
-    if limit <= 0 or committed < hold.budget.warn_at * limit:
+    if limit <= 0 or hold.shadow or committed < hold.budget.warn_at * limit:
         return None
     b = hold.budget
     return (f"{b.id}; name={b.name}; window={b.window}; used={committed / limit:.0%}; "

@@ -464,7 +464,8 @@ class Gateway:
                 # Under an `on_breach: cap` budget, a TPM limit with room for less output
                 # than the request may write serves it with the output cap that fits.
                 room = ratelimit.tokens_room(over)
-                capping = next((h.budget for h in holds if h.budget.on_breach == "cap"), None)
+                capping = next((h.budget for h in holds if h.budget.on_breach == "cap"
+                                and not h.shadow), None)
                 new_cap = None if room is None or worst is None else budgets.lowered_cap(
                     capping, worst, room - worst.input_tokens, lowered)
                 if new_cap is None:
@@ -486,10 +487,19 @@ class Gateway:
         if granted is not None:
             if holds:
                 billing.reserved = amount  # renewed from _admit on, while it runs
-                billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
+                counted = list(zip(holds, granted.counters, strict=True))
+                billing.warning = next((w for h, c in counted
                                         if (w := budgets.warning(h, c.committed))), None)
+                billing.shadow += [budgets.shadow_refusal(h, c.committed, amount)
+                                   for h, c in counted if h.would_refuse(c.committed)]
+                if billing.shadow:
+                    metrics.shadowed_codes("budget", "budget_exceeded", len(billing.shadow))
             billing.rate_headers = rate_headers
             billing.admitted_at = granted.at
+            over = ratelimit.shadow_refusals(limits, granted.windows)
+            if over:
+                metrics.shadowed_codes("rate_limit", "rate_limited", len(over))
+                billing.shadow += over
         billing.reserved_tokens = tokens
         kept = [attempt]
         for later in attempts[i + 1:]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from typing import Any
@@ -91,6 +92,25 @@ def report(rows: list[LedgerRow], by: str) -> list[dict[str, Any]]:
     out = [{by: name, **g, "cost_usd": round(g["cost_micros"] / 1_000_000, 6)}
            for name, g in groups.items()]
     return sorted(out, key=lambda r: (-r["cost_micros"], str(r[by])))
+
+
+# The controls a row's `shadow` names (policy.Shadowed, budgets.shadow_refusal,
+# ratelimit.shadow_refusals), each followed by the refusal it would have made.
+_SHADOWED = re.compile(r"(policy_rules\.\w+|budget \S+|rate limit (?:virtual key|provider) "
+                       r"\S+ \w+) would refuse (\d{3}) (\w+)")
+
+
+def shadow_report(rows: list[LedgerRow]) -> list[dict[str, Any]]:
+    """What each shadow control would have refused, by key and principal, most first."""
+    counts: dict[tuple[str, str, str, str | None, str | None], int] = defaultdict(int)
+    for row in rows:
+        for m in _SHADOWED.finditer(row.shadow or ""):
+            counts[(m.group(1), f"{m.group(2)} {m.group(3)}", row.key_id or "-",
+                    row.key_name, row.principal)] += 1
+    out = [{"control": control, "would_refuse": refusal, "requests": n, "key": key,
+            "key_name": name, "principal": principal}
+           for (control, refusal, key, name, principal), n in counts.items()]
+    return sorted(out, key=lambda r: (-r["requests"], r["control"], r["key"]))
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

@@ -76,6 +76,10 @@ def shadowed(decisions: list[Any]) -> None:
         SHADOW.labels(d.control, d.code).inc()
 
 
+def shadowed_codes(control: str, code: str, count: int = 1) -> None:
+    SHADOW.labels(control, code).inc(count)
+
+
 def model_label(model: str | None, known: frozenset[str]) -> str:
     if not model:
         return ""

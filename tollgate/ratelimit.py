@@ -23,6 +23,7 @@ from tollgate.errors import GatewayError
 
 SLIDING_SECONDS = 60.0
 DIMENSIONS = ("rpm", "tpm", "rpd")
+SHADOW_ADMITS = 2**53  # a shadow limit counts, and admits whatever it counts
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,17 @@ class Limit:
     dimension: str  # rpm | tpm | rpd
     limit: int
     day: str | None = None  # rpd: the UTC day counted ("2026-11-29")
+    shadow: bool = False  # counted apart, never refusing (mode: shadow)
 
     @property
     def counter(self) -> str:
-        base = f"{self.scope}:{self.owner}:{self.dimension}"
+        base = f"{self.scope}:{self.owner}:{self.dimension}" + (":shadow" if self.shadow else "")
         return f"{base}:{self.day}" if self.day else base
+
+    @property
+    def enforced(self) -> int:
+        """The limit the store admits against: a shadow limit's lets everything in."""
+        return SHADOW_ADMITS if self.shadow else self.limit
 
     @property
     def sliding(self) -> bool:
@@ -83,8 +90,16 @@ def _limits(scope: str, owner: str, caps: RateLimit | None, now: datetime) -> li
     if caps is None:
         return []
     day = _day(int(now.timestamp() // 86400))
-    return [Limit(scope, owner, d, value, day if d == "rpd" else None)
+    return [Limit(scope, owner, d, value, day if d == "rpd" else None, caps.mode == "shadow")
             for d in DIMENSIONS if (value := getattr(caps, d)) is not None]
+
+
+def shadow_refusals(limits: list[Limit], windows: list[Window]) -> list[str]:
+    """What each shadow limit would have said of an admitted request that took it over."""
+    return [f"rate limit {lim.label} {lim.dimension} would refuse 429 rate_limited: "
+            f"{w.used} of {lim.limit} {'tokens' if lim.tokens else 'requests'}"
+            for lim, w in zip(limits, windows, strict=True)
+            if lim.shadow and w.used > lim.limit]
 
 
 def key_limits(key: VirtualKey, now: datetime) -> list[Limit]:
@@ -131,14 +146,14 @@ def read_window(limit: Limit, used: int, newest: float | None, need: int, now: f
     """Whether `need` more fits under the limit, with `used` counted and the newest entry
     made at `newest`. Refused: how long until enough ages out, read from the window's
     entries (time, amount) oldest first; None when the request alone is over the limit."""
-    if used + need <= limit.limit:
+    if used + need <= limit.enforced:
         return True, Window(used + need, reset_after(limit, now if need else newest, now))
     full = reset_after(limit, newest, now)
-    if need > limit.limit:
+    if need > limit.enforced:
         return False, Window(used, full, None)
     if not limit.sliding:
         return False, Window(used, full, full)
-    excess, freed = used + need - limit.limit, 0
+    excess, freed = used + need - limit.enforced, 0
     for t, amount in oldest_first():
         freed += amount
         if freed >= excess:
@@ -189,7 +204,7 @@ def headers(family: str, limits: list[Limit], windows: list[Window], now: float
     """`x-ratelimit-*` (OpenAI) or `anthropic-ratelimit-*` (Anthropic) for a key's limits:
     requests from rpm (else rpd), tokens from tpm."""
     by_dim = {lim.dimension: (lim, w) for lim, w in zip(limits, windows, strict=True)
-              if lim.scope == "key"}
+              if lim.scope == "key" and not lim.shadow}
     out: dict[str, str] = {}
     for kind, dims in (("requests", ("rpm", "rpd")), ("tokens", ("tpm",))):
         found = next((by_dim[d] for d in dims if d in by_dim), None)

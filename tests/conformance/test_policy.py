@@ -508,3 +508,36 @@ def test_a_shadow_rule_group_serves_and_records(gateway, fake_openai):
     finally:
         gateway.config.write_text(config)
         gateway.wait_for_config()
+
+
+def test_shadow_budget_and_rate_limit_count_and_refuse_nothing(gateway, fake_openai):
+    """A shadow budget and a shadow rate limit count what they would have counted, in their
+    own counters, and a request past them is served with their would-be refusal recorded."""
+    key = gateway.create_key("--config-json", json.dumps(
+        {"rate_limits": {"rpm": 1, "mode": "shadow"}}))
+    budget = json.loads(gateway.cli(
+        "gateway-budgets", "create", "--name", "tiny", "--scope", f"VK:{key.id}", "--limit",
+        "0.000001", "--mode", "shadow", "--format", "json").stdout)
+    gateway.wait_for_config()
+    before = shadow_count(gateway, "budget", "budget_exceeded")
+    client = oai(gateway, key.secret)
+    replies = [client.chat.completions.with_raw_response.create(**CHAT) for _ in range(2)]
+    assert [r.http_response.status_code for r in replies] == [200, 200]
+    assert all("x-ratelimit-limit-requests" not in r.headers for r in replies)
+    assert all("x-langwatch-budget-warning" not in r.headers for r in replies)
+    first, second = (ledger_row(gateway, r.headers["x-langwatch-request-id"]) for r in replies)
+    assert f"budget {budget['id']} would refuse 402 budget_exceeded" in first.shadow
+    assert "rate limit" not in first.shadow  # the first request fits its rpm of 1
+    assert f"rate limit virtual key {key.id} rpm would refuse 429 rate_limited: 2 of 1" \
+        in second.shadow
+    assert shadow_count(gateway, "budget", "budget_exceeded") == before + 2
+    status = json.loads(gateway.cli("gateway-budgets", "status", budget["id"], "--format",
+                                    "json").stdout)
+    assert status["mode"] == "shadow" and status["spent_usd"] > status["limit_usd"]
+    promoted = gateway.cli("gateway-budgets", "update", budget["id"], "--mode", "enforce")
+    assert 'mode: "shadow" -> "enforce"' in promoted.stderr
+    gateway.wait_for_config()
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.chat.completions.create(**CHAT)
+    assert exc.value.status_code == 402
+    gateway.cli("gateway-budgets", "delete", budget["id"])

@@ -9,11 +9,12 @@ import re
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from tests.conftest import make_config
 from tests.fakes.providers import Behaviour
-from tests.harness import ROOT, GatewayProcess, free_port, tollgate
+from tests.harness import ROOT, GatewayProcess, free_port, tollgate, wait_until
 
 
 def readme_check() -> str:
@@ -34,6 +35,9 @@ def test_the_first_check_shows_the_provider_and_fails_loudly_on_an_error(gateway
     secret = json.loads(tollgate("virtual-keys", "create", "--name", "dev", "--scope",
                                  "ORG:acme", "--principal", "alice@acme.com", "--format",
                                  "json", config=gateway.config).stdout)["secret"]
+    wait_until(lambda: httpx.get(f"{gateway.url}/v1/models", headers={
+        "authorization": f"Bearer {secret}"}).status_code == 200, timeout=5,
+        what="the gateway to load the new key")
     command = readme_check().replace("http://127.0.0.1:8080", gateway.url)
     assert gateway.url in command
 

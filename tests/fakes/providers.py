@@ -273,6 +273,11 @@ class _Handler(BaseHTTPRequestHandler):
         fake.requests.append(rec)
         if not self._authorised(rec):
             return
+        if fake.family == "vertex" and self.path == "/token":
+            # Scripted behaviours are for model calls: a token fetch (whenever the client's
+            # token is due) must not take the failure a test meant for the next call.
+            self._vertex_token(parse_qs(body.decode("utf-8", "replace")))
+            return
         behaviour = fake.next_behaviour()
         if fake.response_delay:
             time.sleep(fake.response_delay)
@@ -290,9 +295,6 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 kind = "requests" if behaviour.status == 429 else "server_error"
                 self._error(behaviour.status, "The server is overloaded.", kind)
-            return
-        if fake.family == "vertex" and self.path == "/token":
-            self._vertex_token(parse_qs(body.decode("utf-8", "replace")))
             return
         try:
             doc = json.loads(body) if body else {}

@@ -380,3 +380,43 @@ def test_mitmdump_examples_stay_on_loopback_beside_make_run():
     for mode in modes:
         listen = re.fullmatch(r"reverse:http://127\.0\.0\.1:9@127\.0\.0\.1:(\d+)", mode)
         assert listen and int(listen.group(1)) not in (8080, 8081, 9464), mode
+
+
+def test_spend_report_shadow_lists_what_shadow_controls_would_refuse(run, config_dir):
+    import asyncio
+
+    from tollgate.ledger import LedgerRow
+    from tollgate.store.sqlite import SQLiteStore
+
+    def row(request_id: str, key: str, principal: str, shadow: str | None) -> LedgerRow:
+        return LedgerRow(request_id=request_id, ts="2026-11-10T10:00:00+00:00", key_id=key,
+                         key_name=key, principal=principal, org="acme", team=None,
+                         project=None, provider="mp_openai_org", model="gpt-5-mini",
+                         route="chat_completions", status=200, outcome="completed",
+                         shadow=shadow)
+
+    tools = "policy_rules.tools would refuse 403 tool_not_allowed: Tool 'shell.exec; rm' is x"
+    budget = "budget b_1 would refuse 402 budget_exceeded: tiny (scope team t, window 2026-11)"
+    limit = "rate limit virtual key vk_a rpm would refuse 429 rate_limited: 2 of 1 requests"
+
+    async def write() -> None:
+        store = SQLiteStore(config_dir / ".tollgate" / "state.db")
+        for r in (row("r1", "vk_a", "alice", f"{tools}; {budget}"),
+                  row("r2", "vk_a", "alice", f"{budget}; {limit}"),
+                  row("r3", "vk_b", "bob", budget), row("r4", "vk_b", "bob", None)):
+            await store.finish([], 0, r)
+        await store.close()
+
+    (config_dir / ".tollgate").mkdir()
+    asyncio.run(write())
+    doc = json.loads(run("spend", "report", "--shadow", "--period", "2026-11", "--format",
+                         "json").stdout)
+    assert doc["by"] == "shadow"
+    assert [(r["control"], r["would_refuse"], r["requests"], r["key"], r["principal"])
+            for r in doc["rows"]] == [
+        ("budget b_1", "402 budget_exceeded", 2, "vk_a", "alice"),
+        ("budget b_1", "402 budget_exceeded", 1, "vk_b", "bob"),
+        ("policy_rules.tools", "403 tool_not_allowed", 1, "vk_a", "alice"),
+        ("rate limit virtual key vk_a rpm", "429 rate_limited", 1, "vk_a", "alice")]
+    table = run("spend", "report", "--shadow", "--period", "2026-11")
+    assert "shadow decisions, month 2026-11" in table.stderr and "budget b_1" in table.stdout

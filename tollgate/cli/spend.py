@@ -28,7 +28,7 @@ from tollgate.cli.common import (
 from tollgate.config.edit import to_yaml
 from tollgate.config.load import load_config
 from tollgate.config.problems import ConfigError
-from tollgate.ledger import REPORT_DIMENSIONS, report, to_csv
+from tollgate.ledger import REPORT_DIMENSIONS, report, shadow_report, to_csv
 from tollgate.store import Store, StoreUnavailable, open_store
 
 # One spelling with keys, providers and policies: KIND:target.
@@ -106,6 +106,8 @@ class UnseenInput(click.ParamType):
         self.fail(f"{value!r} is neither a number of tokens nor 'refuse'", param, ctx)
 
 
+MODE_HELP = ("shadow: count in its own counter and refuse nothing; what it would have "
+             "refused is recorded (ledger rows' shadow, tollgate_shadow_decisions_total).")
 ON_BREACH_HELP = ("block: refuse what could pass the limit; warn: only count and flag; cap: "
                   "lower a request's output cap to what remains (refused below "
                   "--min-output-tokens).")
@@ -130,12 +132,14 @@ ON_BREACH_HELP = ("block: refuse what could pass the limit; warn: only count and
               help="With --on-breach cap: the smallest output cap it sets (default 256).")
 @click.option("--unseen-input", type=UnseenInput(), help=UNSEEN_HELP)
 @click.option("--model-provider", help="Count only spend through this provider.")
+@click.option("--mode", type=click.Choice(["enforce", "shadow"]), default="enforce",
+              show_default=True, help=MODE_HELP)
 @click.option("--id", "budget_id")
 @format_option
 @click.pass_context
 def create(ctx: click.Context, name: str, scope: str, window: str, limit: float,
            on_breach: str, warn_at: float, min_output_tokens: int | None,
-           unseen_input: int | str | None, model_provider: str | None,
+           unseen_input: int | str | None, model_provider: str | None, mode: str,
            budget_id: str | None, fmt: str, **targets: str | None) -> None:
     field, target = _scope(scope, targets)
     item: dict[str, Any] = {"id": budget_id or new_id("b"), "name": name, "scope": field,
@@ -149,6 +153,8 @@ def create(ctx: click.Context, name: str, scope: str, window: str, limit: float,
         item["unseen_input"] = unseen_input
     if model_provider:
         item["model_provider"] = model_provider
+    if mode != "enforce":
+        item["mode"] = mode
     append_new(ctx, "budgets", "budget", item)
     emit(item, fmt)
 
@@ -163,14 +169,16 @@ def create(ctx: click.Context, name: str, scope: str, window: str, limit: float,
 @click.option("--min-output-tokens", type=click.IntRange(min=1),
               help="With --on-breach cap: the smallest output cap it sets.")
 @click.option("--unseen-input", type=UnseenInput(), help=UNSEEN_HELP)
+@click.option("--mode", type=click.Choice(["enforce", "shadow"]), help=MODE_HELP)
 @format_option
 @click.pass_context
 def update(ctx: click.Context, budget_id: str, fmt: str, **fields: Any) -> None:
-    """Change a budget's limit, name or breach rule; its spend so far is kept."""
+    """Change a budget's limit, name, breach rule or mode (`--mode enforce` promotes a
+    shadow budget); its spend so far is kept."""
     changed = {k: v for k, v in fields.items() if v is not None}
     if not changed:
-        fail("nothing to change: give --limit, --name, --on-breach, --warn-at or "
-             "--min-output-tokens")
+        fail("nothing to change: give --limit, --name, --on-breach, --warn-at, "
+             "--min-output-tokens, --unseen-input or --mode")
     before = get_one(ctx, "budgets", budget_id)
     with edit(ctx) as doc:
         node = doc.find("budgets", budget_id)
@@ -215,7 +223,7 @@ def status(ctx: click.Context, budget_id: str | None, fmt: str) -> None:
             "limit_usd": h.budget.limit, "spent_usd": c.spent / budget_rules.MICROS,
             "reserved_usd": c.reserved / budget_rules.MICROS,
             "used": f"{c.committed / h.limit_micros:.1%}" if h.limit_micros else "-",
-            "on_breach": h.budget.on_breach,
+            "on_breach": h.budget.on_breach, "mode": h.budget.mode,
             "resets_at": h.resets_at.isoformat() if h.resets_at else None,
         } for h, c in zip(holds, counters, strict=True)]
 
@@ -225,7 +233,7 @@ def status(ctx: click.Context, budget_id: str | None, fmt: str) -> None:
                 for r in rows]
     emit(rows[0] if budget_id else rows, fmt,
          None if budget_id else ["id", "name", "scope", "window", "limit_usd", "spent_usd",
-                                 "reserved_usd", "used", "on_breach", "resets_at"])
+                                 "reserved_usd", "used", "on_breach", "mode", "resets_at"])
 
 
 @click.group("spend")
@@ -241,11 +249,14 @@ def spend() -> None:
 @click.option("--period", "period_key", metavar="KEY",
               help="A past (or the current) window by its key: 2026-11, 2026-W48, "
                    "2026-11-30, 2026-11-30T14 (UTC). Implies its --window.")
+@click.option("--shadow", is_flag=True,
+              help="What shadow-mode controls would have refused instead, by control, key "
+                   "and principal.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
 @click.pass_context
 def spend_report(ctx: click.Context, by: str, window: str, period_key: str | None,
-                 fmt: str) -> None:
+                 shadow: bool, fmt: str) -> None:
     """Spend grouped by principal, team, project, virtual key, model, provider or price tier
     (the service tier that served each request, and long context)."""
     if period_key is None:
@@ -257,14 +268,19 @@ def spend_report(ctx: click.Context, by: str, window: str, period_key: str | Non
             raise click.BadParameter(str(e), param_hint="--period") from None
 
     async def work(store: Store, loaded: Any) -> list[dict[str, Any]]:
-        return report(await store.rows(since=period.start, until=period.end), by)
+        rows = await store.rows(since=period.start, until=period.end)
+        return shadow_report(rows) if shadow else report(rows, by)
 
     rows = with_store(ctx, work)
     if fmt == "csv":
         click.echo(to_csv(rows), nl=False)
     elif fmt == "json":
-        click.echo(json.dumps({"window": window, "period": period.key, "by": by, "rows": rows},
-                              indent=2))
+        click.echo(json.dumps({"window": window, "period": period.key,
+                               "by": "shadow" if shadow else by, "rows": rows}, indent=2))
+    elif shadow:
+        click.echo(f"shadow decisions, {window} {period.key} (UTC)", err=True)
+        emit(rows, "table", ["control", "would_refuse", "requests", "key", "key_name",
+                             "principal"])
     else:
         click.echo(f"{by} spend, {window} {period.key} (UTC)", err=True)
         emit([{**r, "cost_usd": money(r["cost_usd"])} for r in rows], "table",

@@ -54,6 +54,9 @@ class RateLimit(Strict):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     rpd: int | None = Field(default=None, ge=1)
+    # shadow: counted in counters of their own, never refusing; a request over them is
+    # served and recorded (see PolicyRules.mode).
+    mode: Literal["enforce", "shadow"] = "enforce"
 
     def any(self) -> bool:
         return any(v is not None for v in (self.rpm, self.tpm, self.rpd))
@@ -325,6 +328,9 @@ class Budget(Strict):
     # block: refuse what could pass the limit; warn: only count and flag; cap: lower (or
     # set) a request's output cap to what remains, refusing below `min_output_tokens`.
     on_breach: Literal["block", "warn", "cap"] = "block"
+    # shadow: counts in its own counter and refuses, caps or warns nothing; a request it
+    # would have refused is served and recorded (see PolicyRules.mode).
+    mode: Literal["enforce", "shadow"] = "enforce"
     warn_at: float = Field(default=0.8, gt=0, le=1)
     model_provider: str | None = None
     min_output_tokens: int = Field(default=256, ge=1)  # on_breach cap: the floor

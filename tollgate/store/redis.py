@@ -358,7 +358,7 @@ class RedisStore(Store):
         for h, ttl in zip(holds, ttls, strict=True):
             args += [h.limit_micros if h.blocking else -1, ttl]
         for lim in limits:
-            args += [lim.limit, lim.amount(tokens), int(lim.sliding),
+            args += [lim.enforced, lim.amount(tokens), int(lim.sliding),
                      0 if lim.sliding else round(day_end_ts(lim.day or "") * 1000)]
         keys = [*(self._key(h.counter) for h in holds), *(self._holds(h.counter) for h in holds)]
         for lim in limits:
