@@ -75,6 +75,7 @@ class Billing:
     passed_over_later: list[str] = field(default_factory=list)
     # What shadow-mode controls would have refused (see policy.Shadowed).
     shadow: list[str] = field(default_factory=list)
+    worst_case: int = 0  # micro-dollars it could cost (held where budgets apply)
 
     @property
     def counters(self) -> list[str]:

@@ -40,7 +40,14 @@ from tollgate.config.schema import ModelProvider, VirtualKey
 from tollgate.config.watch import ConfigHolder
 from tollgate.errors import GatewayError
 from tollgate.exchange import Billing, Exchange
-from tollgate.keys import KeyIndex, PepperMismatch, authenticate, by_prefix, load_pepper
+from tollgate.keys import (
+    KeyIndex,
+    PepperMismatch,
+    authenticate,
+    by_prefix,
+    load_pepper,
+    usable,
+)
 from tollgate.ledger import LedgerRow
 from tollgate.pricing import ZERO_PRICE
 from tollgate.providers import adapter_for
@@ -82,11 +89,13 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
 
 class Gateway:
     def __init__(self, holder: ConfigHolder, store: Store | None = None,
-                 siblings: bool = False):
+                 siblings: bool = False, dry_run: bool = False):
         """`siblings`: other processes of this gateway serve from the same state (ext_proc
-        as several processes)."""
+        as several processes). `dry_run`: decide and record nothing (`tollgate explain`,
+        with a store that answers reservations without taking them)."""
         self.holder = holder
         self.siblings = siblings
+        self.dry_run = dry_run
         self._index_for: tuple[LoadedConfig, KeyIndex] | None = None
         self._store = store
         # (state, spool, lease, ledger rows) the store was opened with
@@ -187,7 +196,9 @@ class Gateway:
             self._index_for = cached
         return cached[1]
 
-    async def handle(self, req: Request) -> Reply | Forward:
+    async def handle(self, req: Request, as_key: VirtualKey | None = None) -> Reply | Forward:
+        """The decision for `req`. `as_key`: the key it is taken to carry instead of the one
+        in its headers (`tollgate explain --key ID`, which has no secret)."""
         loaded = self.holder.current
         trace = telemetry.start(req.method, req.path, req.headers)
         family = routes.family_for_path(req.path, dict(req.headers))
@@ -204,7 +215,8 @@ class Gateway:
                                    f"{route.name} takes {route.method}, not {req.method}.")
             settings = loaded.config.gateway
             # The key first, so a refusal for size or headers is attributed like any other.
-            key = authenticate(self._keys(loaded), dict(req.headers))
+            key = usable(as_key) if as_key is not None else \
+                authenticate(self._keys(loaded), dict(req.headers))
             check_header_values(req.headers)
             if req.body_size > settings.max_body_bytes:
                 raise GatewayError("payload_too_large",
@@ -228,7 +240,7 @@ class Gateway:
             try:
                 policy.check(key, model, body.model, body.tools, found, shadowed)
             finally:  # recorded on a request another control refuses too
-                if shadowed:
+                if shadowed and not self.dry_run:
                     metrics.shadowed(shadowed)
                     seen["shadow"] = "; ".join(map(str, shadowed))
             unserved: list[str] = []
@@ -500,7 +512,7 @@ class Gateway:
             if over:
                 metrics.shadowed_codes("rate_limit", "rate_limited", len(over))
                 billing.shadow += over
-        billing.reserved_tokens = tokens
+        billing.reserved_tokens, billing.worst_case = tokens, amount
         kept = [attempt]
         for later in attempts[i + 1:]:
             if await self._admit_fallback(loaded, request_id, key, billing, later,
@@ -561,6 +573,8 @@ class Gateway:
         """Write ahead that the request is in flight: if the gateway dies before it settles,
         its row survives, charged its input, which the provider bills once it has it (and
         later, the output streamed so far: see `_checkpoint_forever`)."""
+        if self.dry_run:
+            return
         request_id = exchange.trace.request_id
         # Renewed while it runs (its holds, and its written-ahead row in a shared store).
         if self._renewer is None:
@@ -607,6 +621,8 @@ class Gateway:
                  ) -> None:
         """A finished request, refused or served: its span, its metrics and its access-log
         line, all from its ledger row."""
+        if self.dry_run:
+            return
         loaded = self.holder.current
         settings = loaded.config.gateway.telemetry
         extra: dict[str, Any] = {"trace_id": trace.trace_id, "span_id": trace.span_id}
@@ -644,6 +660,8 @@ class Gateway:
     def _record(self, row: LedgerRow, counters: list[str] | None = None,
                 reserved: int = 0, limits: LimitSettlement | None = None,
                 released: list[str] | None = None) -> None:
+        if self.dry_run:
+            return
         coro = self._finish(counters or [], reserved, row, limits, released)
         try:
             loop = asyncio.get_running_loop()

@@ -152,6 +152,12 @@ def authenticate(index: KeyIndex, headers: dict[str, str], now: datetime | None 
         raise GatewayError("invalid_api_key",
                            "Unknown virtual key. Check the key your app loads, or create one "
                            "with `tollgate virtual-keys create`.")
+    return usable(key, now)
+
+
+def usable(key: VirtualKey, now: datetime | None = None) -> VirtualKey:
+    """The key, unless it is revoked, disabled or expired (then the refusal that says so)."""
+    now = now or datetime.now(UTC)
     if key.status == "revoked":
         raise GatewayError("virtual_key_revoked",
                            f"Virtual key {key.id} ({key.name}) has been revoked. "

@@ -541,3 +541,77 @@ def test_shadow_budget_and_rate_limit_count_and_refuse_nothing(gateway, fake_ope
         client.chat.completions.create(**CHAT)
     assert exc.value.status_code == 402
     gateway.cli("gateway-budgets", "delete", budget["id"])
+
+
+def explained(gateway, key: Key, path: str, body: dict) -> dict:
+    out = subprocess.run([str(BIN / "tollgate"), "--config", str(gateway.config), "explain",
+                          "--key", key.id, "--path", path, "--format", "json", "-"],
+                         input=json.dumps(body), capture_output=True, text=True, timeout=60)
+    assert out.returncode in (0, 1), out.stderr
+    report = json.loads(out.stdout)
+    assert out.returncode == (1 if report["decision"]["action"] == "refuse" else 0)
+    return report
+
+
+def test_explain_decides_as_the_hosts_do(gateway, fake_openai, fake_anthropic):
+    """The same requests through `tollgate explain` and through the host: the same verdict,
+    code and provider, and explain sends and counts nothing."""
+    key = gateway.create_key("--config-json", json.dumps({
+        "model_aliases": {"fast": "gpt-5-mini"},
+        "policy_rules": {"tools": {"deny": ["^shell\\."], "mode": "shadow"},
+                         "urls": {"deny": ["host:evil.example"]},
+                         "models": {"deny": ["^o3"]}}}))
+    image = [{"type": "image_url", "image_url": {"url": "https://evil.example/a.png"}}]
+    cases = [
+        ("/v1/chat/completions", {**CHAT, "model": "fast"}),
+        ("/v1/chat/completions", {**CHAT, "tools": [chat_tool("shell.exec")]}),
+        ("/v1/chat/completions", {**CHAT, "model": "o3"}),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": image}]}),
+        ("/v1/messages", MSG),
+        ("/v1/chat/completions", {"model": "gpt-5-mini"}),  # no messages: 400
+    ]
+    for path, body in cases:
+        fake_openai.reset()
+        fake_anthropic.reset()
+        report = explained(gateway, key, path, body)
+        assert fake_openai.requests == [] and fake_anthropic.requests == []  # nothing sent
+        r = httpx.post(f"{gateway.url}{path}", json=body,
+                       headers={"authorization": f"Bearer {key.secret}",
+                                "anthropic-version": "2023-06-01"}, timeout=30)
+        decision = report["decision"]
+        if r.status_code == 200:
+            assert decision["action"] == "forward", (path, body, report)
+            assert report["plan"][0]["provider"] == r.headers["x-langwatch-provider"]
+        else:
+            error = r.json()["error"]
+            assert (decision["status"], decision["code"]) == (r.status_code, error["code"])
+    shadowed = explained(gateway, key, "/v1/chat/completions",
+                         {**CHAT, "tools": [chat_tool("shell.exec")]})
+    assert shadowed["shadow"][0].startswith("policy_rules.tools would refuse 403")
+    tools = next(g for g in shadowed["policy"] if g["group"] == "policy_rules.tools")
+    assert tools["candidates"] == [{"candidate": "shell.exec", "refused_by": "deny ^shell\\."}]
+    plan = shadowed["plan"][0]
+    assert plan["headers"]["authorization"].startswith("Bearer sk-") and "…" in \
+        plan["headers"]["authorization"]  # the provider key, masked
+    assert shadowed["worst_case_usd"] > 0
+    refused = explained(gateway, key, "/v1/chat/completions", {**CHAT, "model": "o3"})
+    assert refused["model"]["resolved"] == "o3"
+    assert "deny ^o3" in json.dumps(refused["policy"])
+
+
+def test_explain_shows_a_budget_that_refuses(gateway, fake_openai):
+    key = gateway.create_key()
+    budget = json.loads(gateway.cli(
+        "gateway-budgets", "create", "--name", "none-left", "--scope", f"VK:{key.id}",
+        "--limit", "0.000001", "--format", "json").stdout)["id"]
+    try:
+        gateway.wait_for_config()
+        report = explained(gateway, key, "/v1/chat/completions", CHAT)
+        assert (report["decision"]["status"], report["decision"]["code"]) == \
+            (402, "budget_exceeded")
+        r = httpx.post(f"{gateway.openai_base}/chat/completions", json=CHAT,
+                       headers={"authorization": f"Bearer {key.secret}"})
+        assert (r.status_code, r.json()["error"]["code"]) == (402, "budget_exceeded")
+        assert budget in report["decision"]["message"] and fake_openai.requests == []
+    finally:
+        gateway.cli("gateway-budgets", "delete", budget)

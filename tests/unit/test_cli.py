@@ -420,3 +420,26 @@ def test_spend_report_shadow_lists_what_shadow_controls_would_refuse(run, config
         ("rate limit virtual key vk_a rpm", "429 rate_limited", 1, "vk_a", "alice")]
     table = run("spend", "report", "--shadow", "--period", "2026-11")
     assert "shadow decisions, month 2026-11" in table.stderr and "budget b_1" in table.stdout
+
+
+def test_policy_json_with_shadow_and_one_command_promotion(run, config_dir):
+    key = create_key(run, "--rpm", "10")
+    out = run("virtual-keys", "update", key["id"], "--policy-json",
+              '{"urls": {"deny": ["host:evil.example"]}}', "--shadow")
+    assert 'config.policy_rules: (unset) -> {"urls": {"deny": ["host:evil.example"], ' \
+        '"mode": "shadow"}}' in out.stderr
+    run("virtual-keys", "update", key["id"], "--policy-json", '{"tools": {"deny": ["^x"]}}')
+    vk = load_config(config_dir / "gateway.yaml").config.virtual_keys[0]
+    assert (vk.config.policy_rules.urls.mode, vk.config.policy_rules.tools.mode) == \
+        ("shadow", "enforce")
+    run("virtual-keys", "update", key["id"], "--shadow")  # every group, and the limits
+    vk = load_config(config_dir / "gateway.yaml").config.virtual_keys[0]
+    assert vk.config.policy_rules.tools.mode == "shadow"
+    assert vk.config.rate_limits.mode == "shadow" and vk.config.rate_limits.rpm == 10
+    run("virtual-keys", "update", key["id"], "--enforce")
+    vk = load_config(config_dir / "gateway.yaml").config.virtual_keys[0]
+    assert (vk.config.policy_rules.urls.mode, vk.config.policy_rules.tools.mode,
+            vk.config.rate_limits.mode) == ("enforce", "enforce", "enforce")
+    assert vk.config.policy_rules.urls.deny == ["host:evil.example"]
+    bad = run("virtual-keys", "update", key["id"], "--policy-json", '{"tool": {}}', ok=False)
+    assert "rule groups: tools, mcp, urls, models" in bad.output

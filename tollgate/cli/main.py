@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from tollgate.cli.explain import explain
 from tollgate.cli.org import init, projects, teams
 from tollgate.cli.providers import model_providers, routing_policies
 from tollgate.cli.ratelimits import rate_limits
@@ -22,7 +23,8 @@ def cli(config: str | None) -> None:
 
 
 for command in (init, teams, projects, model_providers, routing_policies, virtual_keys,
-                gateway_budgets, rate_limits, spend, config_group, serve, envoy_group, status):
+                gateway_budgets, rate_limits, spend, config_group, serve, envoy_group, status,
+                explain):
     cli.add_command(command)
 
 

@@ -89,6 +89,33 @@ def _with_limits(config: dict[str, Any] | None, rpm: int | None, tpm: int | None
     return config
 
 
+POLICY_GROUPS = ("tools", "mcp", "urls", "models")
+
+
+def _with_policy(ctx: click.Context, key_id: str, config_json: str | None,
+                 policy_json: str | None, mode: str | None, replace: bool) -> str | None:
+    """--policy-json and --shadow/--enforce as one more merge patch on top of --config-json."""
+    if policy_json is None and mode is None:
+        return config_json
+    if replace:
+        raise click.UsageError("--replace replaces the whole config: put the rules in it")
+    rules = parse_json_option(policy_json, "--policy-json") if policy_json else {}
+    if not isinstance(rules, dict) or set(rules) - set(POLICY_GROUPS):
+        raise click.BadParameter(f"an object of rule groups: {', '.join(POLICY_GROUPS)}",
+                                 param_hint="--policy-json")
+    patch: dict[str, Any] = {"policy_rules": rules}
+    if mode is not None:
+        current = (get_one(ctx, "virtual_keys", key_id).get("config") or {})
+        named = list(rules) or [g for g in POLICY_GROUPS
+                                if g in (current.get("policy_rules") or {})]
+        for group in named:
+            rules[group] = {**(rules.get(group) or {}), "mode": mode}
+        if not policy_json and current.get("rate_limits"):
+            patch["rate_limits"] = {"mode": mode}
+    base = parse_json_option(config_json, "--config-json") if config_json else {}
+    return json.dumps(merge_patch(base, patch))
+
+
 def _as_utc(value: object) -> datetime:
     ts = value if isinstance(value, datetime) else datetime.fromisoformat(
         str(value).replace("Z", "+00:00"))
@@ -179,19 +206,28 @@ def _mutate(ctx: click.Context, key_id: str, fmt: str, **changes: Any) -> None:
 @click.option("--config-json", help="Merged into the key's config (JSON Merge Patch: objects "
               "merge, null removes a field, lists replace).")
 @click.option("--replace", is_flag=True, help="--config-json replaces the whole config.")
+@click.option("--policy-json", help="Merged into the key's policy_rules, e.g. "
+              '\'{"urls": {"deny": ["host:example.com"]}}\'.')
+@click.option("--shadow", "mode", flag_value="shadow",
+              help="The rule groups in --policy-json (or, without it, every group and the "
+                   "key's rate limits) take mode: shadow.")
+@click.option("--enforce", "mode", flag_value="enforce",
+              help="Likewise mode: enforce: promotes shadow controls in one command.")
 @click.option("--expires-in")
 @rate_limit_options
 @format_option
 @click.pass_context
 def update(ctx: click.Context, key_id: str, name: str | None, principal: str | None,
            routing_policy: str | None, models_allowed: tuple[str, ...], allow_all_models: bool,
-           config_json: str | None, replace: bool, expires_in: str | None, rpm: int | None,
-           tpm: int | None, rpd: int | None, fmt: str) -> None:
+           config_json: str | None, replace: bool, policy_json: str | None, mode: str | None,
+           expires_in: str | None, rpm: int | None, tpm: int | None, rpd: int | None,
+           fmt: str) -> None:
     """Change a key's settings; the secret stays the same. Prints what changed (stderr)."""
     from tollgate.config.edit import to_yaml
 
     if replace and config_json is None:
         raise click.UsageError("--replace goes with --config-json")
+    config_json = _with_policy(ctx, key_id, config_json, policy_json, mode, replace)
     before = _public(get_one(ctx, "virtual_keys", key_id))
     with edit(ctx) as doc:
         node = doc.find("virtual_keys", key_id)
