@@ -14,7 +14,7 @@ import pytest
 
 from tests.conformance.test_metering import ledger_row
 from tests.conftest import Key
-from tests.harness import BIN
+from tests.harness import BIN, wait_until
 
 CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
 MSG = {"model": "claude-haiku-4-5", "max_tokens": 16,
@@ -488,6 +488,12 @@ def test_a_shadow_rule_group_serves_and_records(gateway, fake_openai):
         "policy_rules.tools would refuse 403 tool_not_allowed: Tool 'shell.exec' is blocked "
         "by deny rule `^shell\\.`")
     assert shadow_count(gateway, "policy_rules.tools", "tool_not_allowed") == before + 1
+
+    def logged() -> dict | None:  # the access log is the gateway's stdout, JSON lines
+        return next((json.loads(line) for line in gateway.process.log().splitlines()
+                     if line.startswith("{") and row.request_id in line), None)
+
+    assert wait_until(logged, timeout=5, what="the access log line")["shadow"] == row.shadow
     with pytest.raises(openai.PermissionDeniedError) as exc:  # enforcing groups still refuse
         client.chat.completions.create(**{**CHAT, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://evil.example/a.png"}}]}]},
