@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,10 @@ def run(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None =
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tollgate-wheel-"))
+    had_build = (ROOT / "build").exists()
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", ROOT, "-w", work / "dist")
+    if not had_build:  # setuptools' scratch folder in the checkout
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     [wheel] = (work / "dist").glob("*.whl")
     print(f"wheel smoke: built {wheel.name}")
     venv = work / "venv"
