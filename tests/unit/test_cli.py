@@ -443,3 +443,14 @@ def test_policy_json_with_shadow_and_one_command_promotion(run, config_dir):
     assert vk.config.policy_rules.urls.deny == ["host:evil.example"]
     bad = run("virtual-keys", "update", key["id"], "--policy-json", '{"tool": {}}', ok=False)
     assert "rule groups: tools, mcp, urls, models" in bad.output
+
+
+def test_provider_rate_limits_in_shadow_and_promoted(run, config_dir):
+    run("model-providers", "update", "mp_openai_org", "--rpm", "7", "--rate-limit-mode",
+        "shadow")
+    limit = load_config(config_dir / "gateway.yaml").config.model_providers[0].rate_limit
+    assert (limit.rpm, limit.tpm, limit.mode) == (7, 200000, "shadow")
+    out = run("model-providers", "update", "mp_openai_org", "--rate-limit-mode", "enforce")
+    assert 'rate_limit.mode: "shadow" -> "enforce"' in out.stderr
+    limit = load_config(config_dir / "gateway.yaml").config.model_providers[0].rate_limit
+    assert (limit.rpm, limit.mode) == (7, "enforce")

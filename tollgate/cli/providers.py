@@ -34,6 +34,7 @@ PROVIDER_COLUMNS = ["id", "name", "type", "scope", "base_url", "api_key_env",
 def _provider_fields(api_key_env: str | None, api_key_file: str | None, base_url: str | None,
                      name: str | None,
                      rpm: int | None, tpm: int | None, rpd: int | None,
+                     rate_limit_mode: str | None,
                      fallback_priority: int | None, provider_config: str | None,
                      models: tuple[str, ...], connect_timeout: float | None,
                      first_byte_timeout: float | None,
@@ -44,7 +45,8 @@ def _provider_fields(api_key_env: str | None, api_key_file: str | None, base_url
                               "fallback_priority": fallback_priority,
                               "connect_timeout": connect_timeout,
                               "first_byte_timeout": first_byte_timeout}
-    limits = {k: v for k, v in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd)) if v is not None}
+    limits = {k: v for k, v in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd),
+                                ("mode", rate_limit_mode)) if v is not None}
     if limits:
         fields["rate_limit"] = limits
     if provider_config is not None:
@@ -60,6 +62,10 @@ def provider_options(f: Any) -> Any:
         click.option("--api-key-env", help="Environment variable holding the provider key."),
         click.option("--api-key-file", help="File holding the key (e.g. a mounted secret), "
                      "re-read when it changes; relative to the config file."),
+        click.option("--rate-limit-mode", type=click.Choice(["enforce", "shadow"]),
+                     help="shadow: its limits count apart and refuse nothing; what they "
+                          "would have refused is recorded. `--rate-limit-mode enforce` "
+                          "promotes them."),
         click.option("--base-url", help="Origin plus optional path prefix."),
         click.option("--name"),
         click.option("--fallback-priority", type=int, help="Lower is tried first."),
