@@ -88,7 +88,7 @@ def _rules(key: VirtualKey, model: str | None, tools: list[str],
         rules = getattr(groups, name)
         out.append({"group": f"policy_rules.{name}", "mode": rules.mode, "deny": rules.deny,
                     "allow": rules.allow,
-                    "candidates": [{"candidate": v, "refused_by": policy._verdict(rules, v)}
+                    "candidates": [{"candidate": v, "refused_by": policy.verdict(rules, v)}
                                    for v in values]})
     return out
 

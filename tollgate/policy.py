@@ -15,7 +15,7 @@ from tollgate.rules import matches
 URL_SHOWN = 120  # characters of a refused URL in the message (data stays out of logs)
 
 
-def _verdict(rules: Rules, candidate: str) -> str | None:
+def verdict(rules: Rules, candidate: str) -> str | None:
     """The rule that refuses `candidate` (None: it passes)."""
     for pattern in rules.deny:
         if matches(pattern, candidate):
@@ -64,7 +64,7 @@ def _via(model: str, requested: str | None) -> str:
 
 def check_model(key: VirtualKey, model: str, requested: str | None = None) -> None:
     rules = key.config.policy_rules.models
-    rule = _verdict(rules, model)
+    rule = verdict(rules, model)
     if rule is not None:
         raise GatewayError(
             "model_not_allowed",
@@ -86,13 +86,13 @@ def model_allowed(key: VirtualKey, model: str) -> bool:
     shadow rule refuses nothing)."""
     rules = key.config.policy_rules.models
     return _in_allowlist(key, model) and (rules.mode == "shadow" or
-                                          _verdict(rules, model) is None)
+                                          verdict(rules, model) is None)
 
 
 def check_tools(key: VirtualKey, tools: list[str]) -> None:
     rules = key.config.policy_rules.tools
     for name in tools:
-        rule = _verdict(rules, name)
+        rule = verdict(rules, name)
         if rule is not None:
             raise GatewayError(
                 "tool_not_allowed",
@@ -109,7 +109,7 @@ def check_mcp(key: VirtualKey, servers: list[McpServer]) -> None:
     rules = policy.mcp
     for server in servers:
         for candidate in server.candidates():
-            rule = _verdict(rules, candidate)
+            rule = verdict(rules, candidate)
             if rule is not None:
                 what = "server" if candidate in (server.label, server.url) else "tool"
                 raise GatewayError(
@@ -133,7 +133,7 @@ def check_mcp(key: VirtualKey, servers: list[McpServer]) -> None:
 def check_urls(key: VirtualKey, urls: list[str]) -> None:
     rules = key.config.policy_rules.urls
     for url in urls:
-        rule = _verdict(rules, url)
+        rule = verdict(rules, url)
         if rule is not None:
             shown = url if len(url) <= URL_SHOWN else url[:URL_SHOWN] + "…"
             raise GatewayError(
