@@ -37,18 +37,26 @@ class Hold:
         return round(self.budget.limit * MICROS)
 
     @property
-    def blocking(self) -> bool:
-        return self.budget.on_breach in ("block", "cap") and not self.shadow
-
-    @property
     def shadow(self) -> bool:
         return self.budget.mode == "shadow"
+
+    @property
+    def _refuses(self) -> bool:
+        """Its breach rule refuses what would pass the limit (`warn` only counts)."""
+        return self.budget.on_breach in ("block", "cap")
+
+    @property
+    def blocking(self) -> bool:
+        return self._refuses and not self.shadow
+
+    def admits(self, committed: int, amount: int) -> bool:
+        """Whether it takes `amount` more, with `committed` held and spent already."""
+        return not self.blocking or committed + amount <= self.limit_micros
 
     def would_refuse(self, committed: int) -> bool:
         """A shadow budget that, enforcing, would not have held this request: with it, the
         window's committed spend is over the limit."""
-        return self.shadow and self.budget.on_breach in ("block", "cap") and \
-            committed > self.limit_micros
+        return self.shadow and self._refuses and committed > self.limit_micros
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,11 @@ def anywhere(raw: bytes) -> list[str]:
     return list(dict.fromkeys(_ANY_URL.findall(text)))
 
 
-def of(doc: dict[str, Any]) -> Candidates:
+def of(doc: dict[str, Any], raw: bytes = b"", anywhere_too: bool = False) -> Candidates:
+    """What the request `doc` reaches; with `anywhere_too`, every URL in its bytes `raw` as
+    well (`urls.anywhere`)."""
     servers = mcp_servers(doc)
-    return Candidates(mcp=servers, urls=urls(doc, servers))
+    found = urls(doc, servers)
+    if anywhere_too:
+        found += anywhere(raw)
+    return Candidates(mcp=servers, urls=found)

@@ -43,7 +43,7 @@ class ReadOnly(Store):
         counters = await self.inner.counters(holds)
         windows = await self.inner.windows(limits, now)
         refused_by = next((i for i, (h, c) in enumerate(zip(holds, counters, strict=True))
-                           if h.blocking and c.committed + amount > h.limit_micros), None)
+                           if not h.admits(c.committed, amount)), None)
         over = [j for j, (lim, w) in enumerate(zip(limits, windows, strict=True))
                 if w.used + lim.amount(tokens) > lim.enforced]
         if refused_by is not None or over:
@@ -104,7 +104,7 @@ def _budgets(provider: str, counters: list[Counter], holds: list[budgets.Hold],
                     "spent_usd": c.spent / budgets.MICROS,
                     "held_by_requests_in_flight_usd": c.reserved / budgets.MICROS,
                     "this_request_usd": amount / budgets.MICROS,
-                    "admits": not h.blocking or c.committed + amount <= h.limit_micros,
+                    "admits": h.admits(c.committed, amount),
                     "provider": provider})
     return out
 
@@ -168,9 +168,7 @@ async def _report(gateway: Gateway, req: Request, decided: Any,
             if parsed.model else None
         report["model"] = {"requested": parsed.model, "resolved": model,
                            "alias": model != parsed.model}
-        found = candidates.of(parsed.doc)
-        if key.config.policy_rules.urls.anywhere:
-            found.urls += candidates.anywhere(req.body)
+        found = candidates.of(parsed.doc, req.body, key.config.policy_rules.urls.anywhere)
         report["policy"] = _rules(key, model, parsed.tools, found)
     if exchange is None:
         return report

@@ -231,18 +231,17 @@ class Gateway:
             seen["model"] = body.model  # as asked; as resolved once the alias applies
             model = policy.resolve_model(key, body.model) if body.model else None
             seen["model"] = model
-            found = candidates.Candidates()
-            if policy.reaches_matter(key):  # most keys have no MCP or URL rules
-                found = candidates.of(body.doc)
-                if key.config.policy_rules.urls.anywhere:
-                    found.urls += candidates.anywhere(req.body)
+            # Most keys have no MCP or URL rules: nothing to look for.
+            found = candidates.of(body.doc, req.body, key.config.policy_rules.urls.anywhere) \
+                if policy.reaches_matter(key) else candidates.Candidates()
             shadowed: list[policy.Shadowed] = []
             try:
                 policy.check(key, model, body.model, body.tools, found, shadowed)
             finally:  # recorded on a request another control refuses too
-                if shadowed and not self.dry_run:
-                    metrics.shadowed(shadowed)
+                if shadowed:
                     seen["shadow"] = "; ".join(map(str, shadowed))
+                for s in shadowed:
+                    self._shadowed(s.control, s.code)
             unserved: list[str] = []
             targets = routing.targets(loaded.config, key, route, model or "",
                                       catalog=loaded.catalog, skipped=unserved)
@@ -502,16 +501,15 @@ class Gateway:
                 counted = list(zip(holds, granted.counters, strict=True))
                 billing.warning = next((w for h, c in counted
                                         if (w := budgets.warning(h, c.committed))), None)
-                billing.shadow += [budgets.shadow_refusal(h, c.committed, amount)
-                                   for h, c in counted if h.would_refuse(c.committed)]
-                if billing.shadow:
-                    metrics.shadowed_codes("budget", "budget_exceeded", len(billing.shadow))
+                over_budget = [budgets.shadow_refusal(h, c.committed, amount)
+                               for h, c in counted if h.would_refuse(c.committed)]
+                self._shadowed("budget", "budget_exceeded", len(over_budget))
+                billing.shadow += over_budget
             billing.rate_headers = rate_headers
             billing.admitted_at = granted.at
-            over = ratelimit.shadow_refusals(limits, granted.windows)
-            if over:
-                metrics.shadowed_codes("rate_limit", "rate_limited", len(over))
-                billing.shadow += over
+            over_limit = ratelimit.shadow_refusals(limits, granted.windows)
+            self._shadowed("rate_limit", "rate_limited", len(over_limit))
+            billing.shadow += over_limit
         billing.reserved_tokens, billing.worst_case = tokens, amount
         kept = [attempt]
         for later in attempts[i + 1:]:
@@ -519,6 +517,11 @@ class Gateway:
                                           providers[later.provider_id], amount, tokens, now):
                 kept.append(later)
         return billing, passed_over, kept
+
+    def _shadowed(self, control: str, code: str, count: int = 1) -> None:
+        """Count what a shadow control would have refused (not in a dry run: nothing was)."""
+        if not self.dry_run:
+            metrics.shadowed(control, code, count)
 
     async def _reserve(self, settings: Any, request_id: str, holds: list[budgets.Hold],
                        amount: int, limits: list[ratelimit.Limit], tokens: int

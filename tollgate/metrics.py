@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -70,14 +70,10 @@ SHADOW = Counter(
 _TOKEN_TYPES = ("input", "cached_input", "cache_write", "output")
 
 
-def shadowed(decisions: list[Any]) -> None:
-    """Count what shadow controls would have refused (policy.Shadowed)."""
-    for d in decisions:
-        SHADOW.labels(d.control, d.code).inc()
-
-
-def shadowed_codes(control: str, code: str, count: int = 1) -> None:
-    SHADOW.labels(control, code).inc(count)
+def shadowed(control: str, code: str, count: int = 1) -> None:
+    """Count refusals a shadow control would have made."""
+    if count:
+        SHADOW.labels(control, code).inc(count)
 
 
 def model_label(model: str | None, known: frozenset[str]) -> str:

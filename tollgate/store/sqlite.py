@@ -214,7 +214,7 @@ class SQLiteStore(Store):
             with self._transaction():
                 found = [self._counter(h.counter) for h in holds]
                 refused = next((i for i, (h, c) in enumerate(zip(holds, found, strict=True))
-                                if h.blocking and c.committed + amount > h.limit_micros), None)
+                                if not h.admits(c.committed, amount)), None)
                 if refused is not None or over:
                     return Reservation(False, found, refused, windows, over, now)
                 for hold in holds:
