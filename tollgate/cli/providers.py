@@ -25,6 +25,7 @@ from tollgate.cli.common import (
     warn,
 )
 from tollgate.config.edit import to_yaml
+from tollgate.config.schema import MODES
 from tollgate.providers import ADAPTERS, TYPES
 
 PROVIDER_COLUMNS = ["id", "name", "type", "scope", "base_url", "api_key_env",
@@ -62,7 +63,7 @@ def provider_options(f: Any) -> Any:
         click.option("--api-key-env", help="Environment variable holding the provider key."),
         click.option("--api-key-file", help="File holding the key (e.g. a mounted secret), "
                      "re-read when it changes; relative to the config file."),
-        click.option("--rate-limit-mode", type=click.Choice(["enforce", "shadow"]),
+        click.option("--rate-limit-mode", type=click.Choice(MODES),
                      help="shadow: its limits count apart and refuse nothing; what they "
                           "would have refused is recorded. `--rate-limit-mode enforce` "
                           "promotes them."),

@@ -28,6 +28,7 @@ from tollgate.cli.common import (
 from tollgate.config.edit import to_yaml
 from tollgate.config.load import load_config
 from tollgate.config.problems import ConfigError
+from tollgate.config.schema import MODES
 from tollgate.ledger import REPORT_DIMENSIONS, report, shadow_report, to_csv
 from tollgate.store import Store, StoreUnavailable, open_store
 
@@ -132,7 +133,7 @@ ON_BREACH_HELP = ("block: refuse what could pass the limit; warn: only count and
               help="With --on-breach cap: the smallest output cap it sets (default 256).")
 @click.option("--unseen-input", type=UnseenInput(), help=UNSEEN_HELP)
 @click.option("--model-provider", help="Count only spend through this provider.")
-@click.option("--mode", type=click.Choice(["enforce", "shadow"]), default="enforce",
+@click.option("--mode", type=click.Choice(MODES), default="enforce",
               show_default=True, help=MODE_HELP)
 @click.option("--id", "budget_id")
 @format_option
@@ -169,7 +170,7 @@ def create(ctx: click.Context, name: str, scope: str, window: str, limit: float,
 @click.option("--min-output-tokens", type=click.IntRange(min=1),
               help="With --on-breach cap: the smallest output cap it sets.")
 @click.option("--unseen-input", type=UnseenInput(), help=UNSEEN_HELP)
-@click.option("--mode", type=click.Choice(["enforce", "shadow"]), help=MODE_HELP)
+@click.option("--mode", type=click.Choice(MODES), help=MODE_HELP)
 @format_option
 @click.pass_context
 def update(ctx: click.Context, budget_id: str, fmt: str, **fields: Any) -> None:

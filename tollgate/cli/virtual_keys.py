@@ -28,7 +28,7 @@ from tollgate.cli.common import (
     report_changes,
 )
 from tollgate.config.load import read_yaml
-from tollgate.config.schema import KeyConfig, parse_scope
+from tollgate.config.schema import KeyConfig, PolicyRules, parse_scope
 from tollgate.keys import (
     PepperMismatch,
     display_prefix,
@@ -89,7 +89,7 @@ def _with_limits(config: dict[str, Any] | None, rpm: int | None, tpm: int | None
     return config
 
 
-POLICY_GROUPS = ("tools", "mcp", "urls", "models")
+POLICY_GROUPS = tuple(PolicyRules.model_fields)
 
 
 def _with_policy(ctx: click.Context, key_id: str, config_json: str | None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -50,13 +50,18 @@ Scope = Annotated[str, AfterValidator(_valid_scope),
                   Field(description="ORG:<id> | TEAM:<id> | PROJECT:<id>")]
 
 
+# shadow: a control that counts and records what it would refuse, and refuses nothing.
+Mode = Literal["enforce", "shadow"]
+MODES: tuple[str, ...] = get_args(Mode)
+
+
 class RateLimit(Strict):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     rpd: int | None = Field(default=None, ge=1)
     # shadow: counted in counters of their own, never refusing; a request over them is
     # served and recorded (see PolicyRules.mode).
-    mode: Literal["enforce", "shadow"] = "enforce"
+    mode: Mode = "enforce"
 
     def any(self) -> bool:
         return any(v is not None for v in (self.rpm, self.tpm, self.rpd))
@@ -248,7 +253,7 @@ class Rules(Strict):
     allow: list[str] | None = None
     # shadow: the request is served, and the refusal it would have met is recorded (the
     # ledger row's `shadow`, the access log, the span, tollgate_shadow_decisions_total).
-    mode: Literal["enforce", "shadow"] = "enforce"
+    mode: Mode = "enforce"
 
     @field_validator("deny", "allow")
     @classmethod
@@ -330,7 +335,7 @@ class Budget(Strict):
     on_breach: Literal["block", "warn", "cap"] = "block"
     # shadow: counts in its own counter and refuses, caps or warns nothing; a request it
     # would have refused is served and recorded (see PolicyRules.mode).
-    mode: Literal["enforce", "shadow"] = "enforce"
+    mode: Mode = "enforce"
     warn_at: float = Field(default=0.8, gt=0, le=1)
     model_provider: str | None = None
     min_output_tokens: int = Field(default=256, ge=1)  # on_breach cap: the floor
