@@ -182,18 +182,25 @@ def follow_outage_log(gateway: Gateway, path: Path) -> asyncio.Task[None]:
 async def start_processes(gateway: Gateway, config: str, where: list[Listener],
                           workdir: Path, clusters: LoadedClusters | None = None,
                           envoy_admin: str | None = None
-                          ) -> tuple[grpc.aio.Server, ExternalProcessor, Siblings | None]:
+                          ) -> tuple[grpc.aio.Server, ExternalProcessor, Siblings | None] | None:
     """ext_proc here (process 0) and, when `where` names more than one address, its sibling
     processes at the others (see `extproc.processes`). Process 0 listens last: an Envoy
-    already running sends decisions to every address, so none is open before all are."""
+    already running sends decisions to every address, so none is open before all are.
+    None when a sibling did not start (said in the log; the gateway and `workdir` are
+    closed and removed)."""
     siblings = None
     if len(where) > 1:
         siblings = Siblings(config, where[1:], workdir / "metrics", envoy_admin)
         try:
             await siblings.start()
-        except BaseException:
+        except BaseException as e:
             await siblings.stop()
-            raise
+            if not isinstance(e, ProcessExited):
+                raise
+            log.error("%s", e)
+            await gateway.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+            return None
     server, processor = await start_server(gateway, where[0], clusters,
                                            0 if siblings else None)
     return server, processor, siblings
@@ -232,14 +239,10 @@ async def serve_extproc(config: str, where: Listener, outage: Path,
         resources.follow(gateway, clusters)
     if envoy_admin:
         gateway.holder.report(envoy_admin=envoy_admin)
-    try:
-        server, processor, siblings = await start_processes(gateway, config, listeners,
-                                                            workdir, clusters, envoy_admin)
-    except ProcessExited as e:
-        log.error("%s", e)
-        await gateway.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    started = await start_processes(gateway, config, listeners, workdir, clusters, envoy_admin)
+    if started is None:
         return 1
+    server, processor, siblings = started
     outage_reader = follow_outage_log(gateway, outage)
     admin_server = AdminServer(gateway, admin, asyncio.get_running_loop(),
                                siblings_metrics=str(siblings.metrics_dir) if siblings else None
@@ -290,14 +293,11 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
     targets = envoy_config.process_targets(extproc or f"unix:{workdir / 'extproc.sock'}",
                                            processes)
     clusters = LoadedClusters(envoy_admin)
-    try:
-        server, processor, siblings = await start_processes(
-            gateway, config, [Listener(t) for t in targets], workdir, clusters, envoy_admin)
-    except ProcessExited as e:
-        log.error("%s", e)
-        await gateway.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    started = await start_processes(gateway, config, [Listener(t) for t in targets],
+                                    workdir, clusters, envoy_admin)
+    if started is None:
         return 1
+    server, processor, siblings = started
     admin_server = AdminServer(gateway, admin, asyncio.get_running_loop(),
                                envoy_stats(envoy_admin),
                                str(siblings.metrics_dir) if siblings else None
