@@ -12,7 +12,7 @@ import click
 
 from tollgate.cli.common import config_path
 from tollgate.config.lint import missing_credentials, warnings
-from tollgate.config.load import load_config
+from tollgate.config.load import LoadedConfig, load_config
 from tollgate.config.problems import ConfigError
 
 
@@ -23,15 +23,19 @@ def split_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def check_config(ctx: click.Context) -> str:
-    path = config_path(ctx)
+def valid_config(ctx: click.Context) -> tuple[str, LoadedConfig]:
+    """The config's path and what it loads to, or the command stops saying what is wrong.
+    The path is absolute, as given, not resolved: the watcher must follow its symlinks as
+    they change (a ConfigMap update), and state stays beside it (tollgate/statedir.py)."""
+    given = config_path(ctx)
     try:
-        load_config(path)
+        return os.path.abspath(given), load_config(given)  # errors name the path as given
     except ConfigError as e:
         raise click.ClickException(f"config is invalid:\n{e}") from None
-    # As given, not resolved: the watcher must follow the path's symlinks as they change
-    # (a ConfigMap update), and state stays beside it (tollgate/statedir.py).
-    return os.path.abspath(path)
+
+
+def check_config(ctx: click.Context) -> str:
+    return valid_config(ctx)[0]
 
 
 def ensure_free(*addresses: tuple[str, str | None]) -> None:
@@ -330,7 +334,7 @@ def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert
     from extproc.kubernetes import to_yaml
     from extproc.listen import default_socket
 
-    path = check_config(ctx)
+    path, loaded = valid_config(ctx)
     given = [v for v in (tls_cert, tls_key, tls_ca) if v]
     if given and len(given) != 3:
         raise click.UsageError("mTLS needs all three of --tls-cert, --tls-key and --tls-ca")
@@ -343,7 +347,6 @@ def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert
     # Envoy does not start when its log's directory is missing (it may start before ext_proc).
     outage.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     targets = process_targets(target, extproc_processes)
-    loaded = load_config(path)
     if resources is None:
         doc = static_bootstrap(loaded.config, split_listen(listen), targets, str(outage),
                                admin_address(envoy_admin), tls)
@@ -381,11 +384,10 @@ def k8s(ctx: click.Context, shape: str, name: str, namespace: str, image: str,
     clusters, and ext_proc beside it). Prints YAML to apply; warnings go to stderr."""
     from extproc.kubernetes import Options, RenderError, render, secrets_help, to_yaml
 
-    path = check_config(ctx)
+    path, loaded = valid_config(ctx)
     opts = Options(name=name, namespace=namespace, image=image, envoy_image=envoy_image,
                    app_image=app_image, replicas=replicas, processes=extproc_processes,
                    port=port)
-    loaded = load_config(path)
     try:
         docs, notes = render(loaded, shape, opts)
     except RenderError as e:
