@@ -89,10 +89,10 @@ def _key_envs(loaded: LoadedConfig, secret: str) -> list[dict[str, Any]]:
             for n in names]
 
 
-def _metadata(opts: Options, name: str, **extra: Any) -> dict[str, Any]:
+def _metadata(opts: Options, name: str) -> dict[str, Any]:
     return {"name": name, "namespace": opts.namespace,
             "labels": {"app.kubernetes.io/name": opts.name,
-                       "app.kubernetes.io/component": "llm-gateway"}, **extra}
+                       "app.kubernetes.io/component": "llm-gateway"}}
 
 
 def config_map(loaded: LoadedConfig, opts: Options) -> dict[str, Any]:
