@@ -102,7 +102,10 @@ def extproc_address(target: str) -> dict[str, Any]:
     return _socket_address(host.strip("[]") or "127.0.0.1", int(port))
 
 
-def provider_cluster(provider: ModelProvider, buffer_limit: int) -> dict[str, Any]:
+def provider_cluster(provider: ModelProvider, buffer_limit: int, ca_file: str | None = None
+                     ) -> dict[str, Any]:
+    """`ca_file`: the CA bundle Envoy checks providers' certificates against, as a path where
+    Envoy runs [default: certifi's, for an Envoy on this machine]."""
     url = urlsplit(provider.base_url)
     host = url.hostname or ""
     tls = url.scheme == "https"
@@ -133,7 +136,7 @@ def provider_cluster(provider: ModelProvider, buffer_limit: int) -> dict[str, An
             "@type": TLS,
             "sni": host,
             "common_tls_context": {"validation_context": {
-                "trusted_ca": {"filename": certifi.where()},
+                "trusted_ca": {"filename": ca_file or certifi.where()},
                 "match_typed_subject_alt_names": [
                     {"san_type": "DNS", "matcher": {"exact": host}}],
             }},
@@ -157,9 +160,9 @@ def chain_cluster(provider_ids: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def clusters(cfg: Config) -> list[dict[str, Any]]:
+def clusters(cfg: Config, ca_file: str | None = None) -> list[dict[str, Any]]:
     limit = cfg.gateway.max_body_bytes + _BUFFER_SLACK
-    return [*(provider_cluster(p, limit) for p in cfg.model_providers),
+    return [*(provider_cluster(p, limit, ca_file) for p in cfg.model_providers),
             *(chain_cluster(c) for c in fallback.chains(cfg))]
 
 
@@ -665,8 +668,8 @@ def _admin(admin: str) -> dict[str, Any]:
 
 
 def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: list[str], outage: str,
-                     admin: str = "127.0.0.1:9901", tls: ClientTLS | None = None
-                     ) -> dict[str, Any]:
+                     admin: str = "127.0.0.1:9901", tls: ClientTLS | None = None,
+                     ca_file: str | None = None) -> dict[str, Any]:
     """Everything inline: for an Envoy you run yourself (`tollgate envoy render`).
     `extproc`: where each ext_proc process listens (see `process_targets`)."""
     return {
@@ -675,7 +678,7 @@ def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: list[str], o
         "overload_manager": OVERLOAD,
         "static_resources": {
             "listeners": [listener(cfg, *listen, outage, len(extproc))],
-            "clusters": [*extproc_clusters(extproc, tls), *clusters(cfg)],
+            "clusters": [*extproc_clusters(extproc, tls), *clusters(cfg, ca_file)],
         },
     }
 
@@ -708,5 +711,5 @@ def listener_resources(cfg: Config, listen: tuple[str, int], outage: str,
     return {"resources": [{"@type": LISTENER, **listener(cfg, *listen, outage, processes)}]}
 
 
-def cluster_resources(cfg: Config) -> dict[str, Any]:
-    return {"resources": [{"@type": CLUSTER, **c} for c in clusters(cfg)]}
+def cluster_resources(cfg: Config, ca_file: str | None = None) -> dict[str, Any]:
+    return {"resources": [{"@type": CLUSTER, **c} for c in clusters(cfg, ca_file)]}

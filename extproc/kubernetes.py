@@ -33,6 +33,9 @@ OUTAGE_LOG = str(RUN_DIR / "envoy-outage.log")
 PORT = 10080
 ENVOY_ADMIN = "127.0.0.1:9901"
 ISTIO_PROXY_ADMIN = "127.0.0.1:15000"
+# Where the Envoy images (envoyproxy/envoy, istio-proxy) keep the system CA bundle that
+# providers' certificates are checked against.
+CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 # The sidecar's listener and clusters, which ext_proc rewrites as the config changes.
 RESOURCES = str(RUN_DIR / "envoy")
 ADMIN_PORT = 9464
@@ -119,7 +122,8 @@ def extproc_args(opts: Options, envoy_admin: str, resources: bool) -> list[str]:
             "--admin", f"0.0.0.0:{ADMIN_PORT}", "--envoy-admin", envoy_admin,
             "--extproc-processes", str(opts.processes)]
     if resources:
-        args += ["--envoy-resources", RESOURCES, "--envoy-listen", f"127.0.0.1:{opts.port}"]
+        args += ["--envoy-resources", RESOURCES, "--envoy-listen", f"127.0.0.1:{opts.port}",
+                 "--envoy-ca-file", CA_FILE]
     return args
 
 
@@ -200,7 +204,8 @@ def _targets(opts: Options) -> list[str]:
 def bootstrap(loaded: LoadedConfig, opts: Options) -> dict[str, Any]:
     """What `tollgate envoy render` would give this Pod: the listener and clusters inline."""
     return envoy_config.static_bootstrap(loaded.config, ("127.0.0.1", opts.port),
-                                         _targets(opts), OUTAGE_LOG, ENVOY_ADMIN)
+                                         _targets(opts), OUTAGE_LOG, ENVOY_ADMIN,
+                                         ca_file=CA_FILE)
 
 
 def sidecar(loaded: LoadedConfig, opts: Options) -> list[dict[str, Any]]:

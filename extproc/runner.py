@@ -72,8 +72,10 @@ class EnvoyFiles:
     change: the Envoy `serve envoy` runs, or one started from `envoy render --resources`."""
 
     def __init__(self, directory: Path, listen: tuple[str, int], outage: Path,
-                 processes: int = 1):
+                 processes: int = 1, ca_file: str | None = None):
+        """`ca_file`: the providers' CA bundle as a path where that Envoy runs."""
         self.directory = directory
+        self.ca_file = ca_file
         self.listen = listen
         self.outage = outage
         self.processes = processes
@@ -84,7 +86,7 @@ class EnvoyFiles:
     def write(self, loaded: LoadedConfig) -> set[str]:
         """Write the config's resources; the names of the clusters they hold."""
         cfg = loaded.config
-        clusters = envoy_config.cluster_resources(cfg)
+        clusters = envoy_config.cluster_resources(cfg, self.ca_file)
         # Clusters first: a listener may name a cluster only once it exists.
         if write_json_atomic(self.clusters, clusters):
             log.info("envoy clusters updated")

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import certifi
 import httpx
 import kubernetes_validate
 import openai
@@ -25,7 +26,15 @@ from ruamel.yaml import YAML
 from extproc.runner import envoy_binary
 from tests.conftest import OPENAI_KEY, PEPPER, make_config
 from tests.fakes.providers import FakeProvider
-from tests.harness import BIN, ConfigMapMount, RedisServer, free_port, tollgate, wait_until
+from tests.harness import (
+    BIN,
+    ROOT,
+    ConfigMapMount,
+    RedisServer,
+    free_port,
+    tollgate,
+    wait_until,
+)
 
 SHAPES = ["sidecar", "istio"]
 KUBERNETES = "1.37.0"
@@ -256,6 +265,10 @@ def test_shipped_examples_are_current_and_valid(shape):
 
     shipped = (HERE / f"{shape}.yaml").read_text()
     assert shipped == render_example(shape), "envoy/kubernetes is stale: run make k8s-examples"
+    # Nothing of the machine that rendered it: providers' certificates are checked against
+    # the Envoy image's own bundle.
+    assert certifi.where() not in shipped and str(ROOT) not in shipped
+    assert "/etc/ssl/certs/ca-certificates.crt" in shipped
     for doc in YAML(typ="safe").load_all(shipped):
         if doc["kind"] == "EnvoyFilter":
             check_istio_schema(doc)
@@ -281,3 +294,32 @@ def test_render_with_resources_gives_envoy_files_ext_proc_keeps_current(config, 
     checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(bootstrap)],
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_providers_ca_bundle_is_where_envoy_runs(config, tmp_path):
+    """An https provider's certificate is checked against certifi's bundle for an Envoy on
+    this machine, or the bundle named for an Envoy elsewhere (a container)."""
+    tollgate("model-providers", "create", "--id", "mp_tls", "--type", "openai", "--scope",
+             "ORG:acme", "--base-url", "https://api.openai.com", "--api-key-env",
+             "FAKE_OPENAI_KEY", config=config)
+
+    def trusted(clusters: list[dict]) -> str:
+        [tls] = [c for c in clusters if c["name"] == "provider_mp_tls"]
+        return tls["transport_socket"]["typed_config"]["common_tls_context"][
+            "validation_context"]["trusted_ca"]["filename"]
+
+    local = YAML(typ="safe").load(tollgate("envoy", "render", config=config).stdout)
+    assert trusted(local["static_resources"]["clusters"]) == certifi.where()
+    bundle = "/etc/ssl/certs/ca-certificates.crt"
+    named = YAML(typ="safe").load(tollgate("envoy", "render", "--ca-file", bundle,
+                                           config=config).stdout)
+    assert trusted(named["static_resources"]["clusters"]) == bundle
+    tollgate("envoy", "render", "--resources", str(tmp_path / "r"), "--ca-file", bundle,
+             config=config)
+    written = json.loads((tmp_path / "r" / "clusters.json").read_text())["resources"]
+    assert trusted(written) == bundle
+    [container] = [c for c in one(render(config, "sidecar"), "Deployment")["spec"]["template"]
+                   ["spec"]["initContainers"] if c["name"] == "tollgate"]
+    assert container["args"][container["args"].index("--envoy-ca-file") + 1] == bundle
+    istio = envoy_bootstrap(render(config, "istio"), "istio")
+    assert trusted(istio["static_resources"]["clusters"]) == bundle

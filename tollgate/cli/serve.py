@@ -101,6 +101,11 @@ processes_option = click.option(
          "or the ports after it). More than one needs a Redis state for rate limits.")
 
 
+CA_FILE_HELP = ("The CA bundle Envoy checks providers' certificates against, as a path where "
+                "Envoy runs (e.g. /etc/ssl/certs/ca-certificates.crt in a container)  "
+                "[default: certifi's bundle on this machine]")
+
+
 def outage_path(config_path: str, given: str | None) -> Path:
     from extproc.proxy_replies import default_outage_log
 
@@ -251,13 +256,14 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
                    "provider edits reach Envoy without a restart.")
 @click.option("--envoy-listen", default="0.0.0.0:8080", show_default=True,
               help="With --envoy-resources: the listener's address (render's --listen).")
+@click.option("--envoy-ca-file", metavar="PATH", help=CA_FILE_HELP)
 @processes_option
 @outage_option
 @click.pass_context
 def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_key: str | None,
             tls_client_ca: str | None, insecure_tcp: bool, admin: str | None,
             envoy_admin: str | None, envoy_resources: str | None, envoy_listen: str,
-            extproc_processes: int, outage_log: str | None) -> None:
+            envoy_ca_file: str | None, extproc_processes: int, outage_log: str | None) -> None:
     """ext_proc alone, for an Envoy or mesh you already run (see `tollgate envoy render`)."""
     from extproc.listen import ListenError, default_socket, listener
     from extproc.runner import serve_extproc
@@ -281,7 +287,8 @@ def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_ke
         from extproc.runner import EnvoyFiles
 
         resources = EnvoyFiles(Path(os.path.abspath(envoy_resources)),
-                               split_listen(envoy_listen), outage, extproc_processes)
+                               split_listen(envoy_listen), outage, extproc_processes,
+                               envoy_ca_file)
     sys.exit(asyncio.run(serve_extproc(path, where, outage,
                                        split_listen(admin_address(admin)) if admin else None,
                                        extproc_processes,
@@ -314,6 +321,7 @@ def envoy_group() -> None:
               help="CA that signed ext_proc's server certificate.")
 @click.option("--envoy-admin", default="127.0.0.1:9901", show_default=True,
               help="Envoy's admin address (keep it on loopback).")
+@click.option("--ca-file", metavar="PATH", help=CA_FILE_HELP)
 @click.option("--resources", type=click.Path(file_okay=False), metavar="DIR",
               help="Put the listener and provider clusters in files in DIR that Envoy "
                    "watches, and that `serve extproc --envoy-resources DIR` keeps current: "
@@ -322,8 +330,8 @@ def envoy_group() -> None:
 @outage_option
 @click.pass_context
 def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert: str | None,
-           tls_key: str | None, tls_ca: str | None, envoy_admin: str, resources: str | None,
-           extproc_processes: int, outage_log: str | None) -> None:
+           tls_key: str | None, tls_ca: str | None, envoy_admin: str, ca_file: str | None,
+           resources: str | None, extproc_processes: int, outage_log: str | None) -> None:
     """Print an Envoy bootstrap (YAML) with the ext_proc filters and provider clusters."""
     from extproc.envoy_config import (
         ClientTLS,
@@ -349,13 +357,14 @@ def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert
     targets = process_targets(target, extproc_processes)
     if resources is None:
         doc = static_bootstrap(loaded.config, split_listen(listen), targets, str(outage),
-                               admin_address(envoy_admin), tls)
+                               admin_address(envoy_admin), tls, ca_file)
     else:
         from extproc.runner import EnvoyFiles
 
         # Written now too, so Envoy may start before ext_proc.
         directory = Path(os.path.abspath(resources))
-        EnvoyFiles(directory, split_listen(listen), outage, extproc_processes).write(loaded)
+        EnvoyFiles(directory, split_listen(listen), outage, extproc_processes,
+                   ca_file).write(loaded)
         doc = dynamic_bootstrap(str(directory), targets, admin_address(envoy_admin), tls)
     click.echo(to_yaml([doc]), nl=False)
 
