@@ -116,8 +116,9 @@ def _show_called_address(flow: http.HTTPFlow) -> None:
 FRAMING = {"connection", "content-length", "transfer-encoding"}
 
 
-# Responses larger than this (or of unknown length) stream through the tap instead of being
-# buffered for mitmweb.
+# Answers up to this size (by their content-length) that the gateway passes on unchanged
+# still stream to the client, and a copy is kept on the flow for mitmweb and `-w`; larger
+# ones (or of unknown length) are not kept.
 STREAM_BODIES_OVER = 1 << 20
 
 
@@ -576,11 +577,18 @@ class TollgateAddon:
         for name, value in exchange.on_response_headers(resp.status_code,
                                                         dict(resp.headers)).items():
             resp.headers[name] = value
-        if exchange.is_sse or _large(resp):
-            # Stream through the tap: bytes go to the client as they arrive, never buffered
-            # (a large JSON answer too, so memory per request stays bounded).
+        if exchange.is_sse or _large(resp) or exchange.rewriter is None:
+            # Stream through the tap: bytes go to the client as they arrive, and the answer
+            # is settled after the client has it. Only a JSON answer the gateway rewrites
+            # whole is held (it may still become an error).
+            kept = None if exchange.is_sse or _large(resp) else bytearray()
+
             def relay(data: bytes) -> list[bytes]:
                 out = exchange.relay(data)
+                if kept is not None:
+                    kept.extend(out)
+                    if not data:  # the end, before the response hooks: the flow shows it
+                        resp.data.content = bytes(kept)
                 return [out] if out else []  # an empty chunk would end an HTTP/1 body
 
             resp.stream = relay

@@ -102,6 +102,25 @@ def test_the_client_gets_the_providers_stream_byte_for_byte_less_the_usage_chunk
     assert row.outcome == "completed"
 
 
+def test_a_json_answer_passed_on_unchanged_is_not_held_back(gateway, fake_openai):
+    """An answer the gateway does not rewrite goes to the client as it arrives, and is
+    settled after: its first half reaches the client while the provider still pauses."""
+    key = gateway.create_key()
+    fake_openai.json_pause = 1.0
+    body = {"model": "gpt-5-mini", "messages": MESSAGES, "max_tokens": 64}
+    with httpx.stream("POST", f"{gateway.openai_base}/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {key.secret}"}, timeout=10) as r:
+        started = time.monotonic()
+        pieces = [(time.monotonic() - started, piece) for piece in r.iter_raw()]
+    assert r.status_code == 200
+    assert pieces[0][0] < 0.5 and pieces[-1][0] > 0.8  # the first half came before the pause
+    doc = json.loads(b"".join(piece for _, piece in pieces))
+    row = ledger_row(gateway, r.headers[RID])
+    assert (row.input_tokens, row.output_tokens) == (doc["usage"]["prompt_tokens"],
+                                                     doc["usage"]["completion_tokens"])
+    assert row.outcome == "completed" and row.usage_reported
+
+
 def test_client_that_asks_for_usage_still_gets_it(gateway, fake_openai):
     key = gateway.create_key()
     sent: list[bytes] = []

@@ -168,10 +168,12 @@ def test_saved_flows_hold_no_credential(config, tmp_path, fake_openai, fake_anth
     gw = GatewayProcess("mitmproxy", config, tmp_path, extra=["--", "-w", str(saved)]).start()
     chat = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
     try:
+        answers = []
         for key in (secret, fallback_secret):
             r = httpx.post(f"{gw.url}/v1/chat/completions", json=chat,
                            headers={"authorization": f"Bearer {key}"})
             assert r.status_code == 200
+            answers.append(r.content)
         r = httpx.post(f"{gw.url}/v1/messages", headers={"x-api-key": secret}, json={
             "model": "claude-haiku-4-5", "max_tokens": 5, **{k: chat[k] for k in ["messages"]}})
         assert r.status_code == 200
@@ -180,9 +182,12 @@ def test_saved_flows_hold_no_credential(config, tmp_path, fake_openai, fake_anth
         gw.stop()
     data = saved.read_bytes()
     with saved.open("rb") as f:  # every served flow is there (the fallback plan's too)
-        paths = sorted(flow.request.path for flow in mitm_io.FlowReader(f).stream()
-                       if flow.response is not None and flow.response.status_code == 200)
+        served = [flow for flow in mitm_io.FlowReader(f).stream()
+                  if flow.response is not None and flow.response.status_code == 200]
+    paths = sorted(flow.request.path for flow in served)
     assert paths == ["/v1/chat/completions", "/v1/chat/completions", "/v1/messages"]
+    # A JSON answer streams to the client, and the flow still holds what the client got.
+    assert served[0].response.raw_content == answers[0]
     for planted in (secret, fallback_secret, OPENAI_KEY, ANTHROPIC_KEY):
         assert planted.encode() not in data, planted
         assert planted[4:20].encode() not in data  # not even a long piece of it

@@ -84,6 +84,9 @@ class FakeProvider:
     # Each streamed event is written in two pieces, split mid-event (with chunk_delay
     # between them): a proxy sees events cut across its reads.
     split_events: bool = False
+    # > 0: a JSON answer is written in two halves this many seconds apart (a slow link, a
+    # provider that flushes as it writes): a proxy that holds answers shows the pause.
+    json_pause: float = 0.0
     # The service tier the account serves a request that names none at (an OpenAI project's
     # default, Anthropic Priority Tier capacity); None: the standard tier.
     default_tier: str | None = None
@@ -115,6 +118,7 @@ class FakeProvider:
         self.giant_word = 0
         self.uncapped_words = 0
         self.split_events = False
+        self.json_pause = 0.0
         self.streamed.clear()
         self.default_tier = None
 
@@ -180,6 +184,12 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in {**self._account_headers(), **(extra or {})}.items():
             self.send_header(k, v)
         self.end_headers()
+        if self.fake.json_pause and len(data) > 1:
+            half = len(data) // 2
+            self.wfile.write(data[:half])
+            self.wfile.flush()
+            time.sleep(self.fake.json_pause)
+            data = data[half:]
         self.wfile.write(data)
 
     def _account_headers(self) -> dict[str, str]:
