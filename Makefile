@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling soak bootstrap k8s-examples
+.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-transport soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -44,6 +44,10 @@ bench-quick: bootstrap
 # Throughput with 1 and 2 ext_proc processes, under wrk (apt-get install wrk).
 bench-scaling: bootstrap
 	$(VENV)/python -m bench.scaling
+
+# What the transport between Envoy and Python costs with no work done (wrk too).
+bench-transport: bootstrap
+	$(VENV)/python -m bench.transport
 
 soak: bootstrap
 	$(VENV)/python -m bench.soak

@@ -43,8 +43,9 @@ ANSWER = json.dumps({
     "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21}})
 
 
-def _envoy(workdir: Path, name: str, route: dict, clusters: list[dict]) -> tuple[
-        subprocess.Popen[bytes], int]:
+def envoy(workdir: Path, name: str, route: dict, clusters: list[dict],
+           filters: tuple[dict, ...] = ()) -> tuple[subprocess.Popen[bytes], int]:
+    """An Envoy of one route, `filters` before its router."""
     port = free_port()
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
@@ -60,9 +61,10 @@ def _envoy(workdir: Path, name: str, route: dict, clusters: list[dict]) -> tuple
                     "stat_prefix": name,
                     "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
                                                         "routes": [route]}]},
-                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                                 "router.v3.Router"}}]}}]}]}],
+                    "http_filters": [*filters, {
+                        "name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                                     "router.v3.Router"}}]}}]}]}],
             "clusters": clusters}}
     path = workdir / f"{name}.json"
     path.write_text(json.dumps(bootstrap))
@@ -74,7 +76,7 @@ def _envoy(workdir: Path, name: str, route: dict, clusters: list[dict]) -> tuple
 
 def compiled_provider(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """An OpenAI-shaped provider that costs next to nothing: Envoy answering by itself."""
-    proc, port = _envoy(workdir, "provider", {
+    proc, port = envoy(workdir, "provider", {
         "match": {"prefix": "/"},
         "direct_response": {"status": 200, "body": {"inline_string": ANSWER}},
         "response_headers_to_add": [{"header": {"key": "content-type",
@@ -87,7 +89,7 @@ def compiled_provider(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def plain_envoy(workdir: Path, upstream: str) -> tuple[subprocess.Popen[bytes], str]:
     host, port = upstream.removeprefix("http://").split(":")
-    proc, listen = _envoy(workdir, "plain", {
+    proc, listen = envoy(workdir, "plain", {
         "match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "60s"}}, [{
             "name": "provider", "type": "STATIC", "connect_timeout": "1s",
             "load_assignment": {"cluster_name": "provider", "endpoints": [{"lb_endpoints": [{

@@ -1,14 +1,13 @@
 """Envoy configuration rendered from the gateway config.
 
 Filters in front of the router:
-- `tollgate.decide`: request headers and body go to ext_proc as they arrive
-  (FULL_DUPLEX_STREAMED), without waiting for an answer to the headers; one decision answers
-  both: header changes (credentials, :authority, :path, the provider's cluster,
-  content-length, which `allow_content_length_header` keeps) and the body to send, or an
-  immediate response. The mode is static (switched at run time, Envoy skips the first
-  chunk), the decision ignores anything after the body's end (Envoy may repeat the last
-  chunk of a large body), and a body over `gateway.max_body_bytes` is refused as it
-  arrives.
+- `tollgate.decide` (Lua, decide.lua): the request's headers and whole body go to the
+  decision service (`extproc.decider`, in each ext_proc process, cluster `tollgate_decider`)
+  in one HTTP exchange; the filter applies the answer: header changes (credentials,
+  :authority, :path, the provider's cluster, content-length), the body to send, the
+  metadata the filters after it read, or the gateway's own reply. A body whose
+  content-length is over `gateway.max_body_bytes` is refused unread; one that grows past it
+  meets the listener's buffer limit (Envoy's 413, recorded through the access log).
 - `tollgate.tap`: in observability mode, response headers and streamed body chunks are copied
   to ext_proc for accounting without holding a byte back.
 - `tollgate.rewrite` (ext_proc) edits the responses the gateway reshapes (translations), and
@@ -24,7 +23,7 @@ cluster instead and are retried by Envoy (see `extproc.fallback`).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +31,7 @@ from urllib.parse import urlsplit
 import certifi
 
 from extproc import fallback
+from extproc.listen import Listener
 from tollgate import headers as header_rules
 from tollgate import ratelimit
 from tollgate.config.schema import Config, ModelProvider
@@ -48,6 +48,8 @@ FALLBACK_HEADER = "x-tollgate-fallback"
 # asked for in a stream it does not reshape is cut by `tollgate.usage_cut` instead.
 REWRITE_HEADER = "x-tollgate-rewrite"
 EXTPROC_CLUSTER = "tollgate_extproc"
+# The decision service of every ext_proc process, which the decide filter calls.
+DECIDER_CLUSTER = "tollgate_decider"
 # Set by the decision when ext_proc runs as several processes: the index of the process that
 # holds the request, whose own cluster the request's later streams (tap, rewrite, attempts)
 # are sent to. Decisions are spread over all of them.
@@ -185,8 +187,8 @@ _ENVOY_REPLIES: list[tuple[str, int, dict[str, Any], str]] = [
     ("provider_unreachable", 502, {"response_flag_filter": {"flags": [
         "UF", "UH", "URX", "UO", "UC", "UMSDR"]}},
      "The model provider could not be reached; nothing was served."),
-    # The decision filter answers 503 when ext_proc cannot be reached (status_on_error),
-    # 504 when it does not answer within message_timeout, 500 when its answer is unusable.
+    # The decide filter answers 503 when the decision service cannot be reached or does not
+    # answer in time, 500 when its answer is unusable.
     *(("gateway_unavailable", 503, _status(code),
        "The tollgate decision service (ext_proc) is unavailable, so the request was not "
        "forwarded. Check that it is running.") for code in (503, 504)),
@@ -228,25 +230,12 @@ def _client_family(family: str) -> dict[str, Any]:
 LOGGED_HEADERS = ["authorization", "x-api-key", "anthropic-version", "content-type"]
 
 
-# Envoy's details for a reply the decision filter made because ext_proc failed it: not
-# reachable, too slow, or an unusable answer ("ext_proc_error_gRPC_error_14{...}").
-_EXTPROC_FAILED = "response.code_details.startsWith('ext_proc_error')"
-
-
-def _cel(expression: str) -> dict[str, Any]:
-    return {"extension_filter": {
-        "name": "envoy.access_loggers.extension_filters.cel",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers."
-                                  "filters.cel.v3.ExpressionFilter",
-                         "expression": expression}}}
-
-
 def _undecided(extproc_failed: bool) -> dict[str, Any]:
     """Requests Envoy answered without the gateway's decision (none of its metadata), split
-    by whether ext_proc itself failed them."""
+    by whether the decision service failed them (the decide filter says so in metadata)."""
     return {"and_filter": {"filters": [
         _metadata_is("answered", None), _metadata_is("request_id", None),
-        _cel(_EXTPROC_FAILED if extproc_failed else f"!({_EXTPROC_FAILED})")]}}
+        _metadata_is("decider", "unavailable" if extproc_failed else None)]}}
 
 
 def proxy_replies_log() -> dict[str, Any]:
@@ -343,21 +332,20 @@ def _ext_proc(name: str, extra: dict[str, Any]) -> dict[str, Any]:
     }}
 
 
-def http_filters() -> list[dict[str, Any]]:
-    decide = _ext_proc("tollgate.decide", {
-        "processing_mode": {
-            "request_header_mode": "SEND", "request_body_mode": "FULL_DUPLEX_STREAMED",
-            "response_header_mode": "SKIP", "response_body_mode": "NONE",
-            # FULL_DUPLEX_STREAMED requires them; a request with trailers ends with them.
-            "request_trailer_mode": "SEND", "response_trailer_mode": "SKIP",
-        },
-        "allow_content_length_header": True,
-        "message_timeout": "5s",
-        # Routing headers, and Envoy's retry controls (set for fallback, else stripped).
-        "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
-        "status_on_error": {"code": 503},
-        "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NS]}},
-    })
+DECIDE = Path(__file__).with_name("decide.lua")
+
+
+def decide_filter(max_body: int) -> dict[str, Any]:
+    """`tollgate.decide`: one HTTP exchange with the decision service per request (see
+    decide.lua and `extproc.decider`)."""
+    source = DECIDE.read_text().replace("@CLUSTER@", DECIDER_CLUSTER) \
+        .replace("@MAX_BODY@", str(max_body))
+    return {"name": "tollgate.decide", "typed_config": {
+        "@type": LUA, "default_source_code": {"inline_string": source}}}
+
+
+def http_filters(max_body: int) -> list[dict[str, Any]]:
+    decide = decide_filter(max_body)
     tap = _ext_proc("tollgate.tap", {
         "observability_mode": True,
         # Request headers open the tap's stream as the request goes upstream, so it lives
@@ -553,7 +541,7 @@ def listener(cfg: Config, host: str, port: int, outage: str, processes: int = 1
                 "route_config": route_config(cfg, processes),
                 "local_reply_config": local_reply_config(cfg.gateway.header_prefix),
                 "access_log": [proxy_replies_log(), outage_log(outage)],
-                "http_filters": http_filters(),
+                "http_filters": http_filters(cfg.gateway.max_body_bytes),
             },
         }]}],
     }
@@ -600,55 +588,99 @@ def process_targets(target: str, processes: int) -> list[str]:
     return [f"{host}:{int(port) + i}" for i in range(processes)]
 
 
-def extproc_clusters(targets: list[str], tls: ClientTLS | None = None) -> list[dict[str, Any]]:
-    """`tollgate_extproc`, every process: decisions (and the access log) are spread over
-    them. With several, also one cluster per process, where the streams that follow a
-    decision go (see `route_config`)."""
-    clusters = [_extproc_cluster(EXTPROC_CLUSTER, targets, tls)]
+def process_listeners(where: Listener, processes: int, decider: str | None = None
+                      ) -> list[Listener]:
+    """Each process's listener: its ext_proc address and its decision service's."""
+    targets = process_targets(where.target, processes)
+    return [replace(where, target=t, decider=d)
+            for t, d in zip(targets, decider_targets(targets, decider), strict=True)]
+
+
+def decider_targets(targets: list[str], first: str | None = None) -> list[str]:
+    """Where each ext_proc process's decision service listens: beside `first` as processes
+    are beside the first (see `process_targets`); by default a Unix socket beside each
+    process's own (`extproc.decide.sock`), or the ports after all of theirs."""
+    if first is not None:
+        return process_targets(first, len(targets))
+    if targets[0].startswith("unix:"):
+        paths = [Path(t.removeprefix("unix:")) for t in targets]
+        return [f"unix:{p.with_name(f'{p.stem}.decide{p.suffix}')}" for p in paths]
+    return [f"{host}:{int(port) + len(targets)}"
+            for host, _, port in (t.rpartition(":") for t in targets)]
+
+
+def extproc_clusters(targets: list[str], tls: ClientTLS | None = None,
+                     decider: str | None = None) -> list[dict[str, Any]]:
+    """`tollgate_decider`, every process's decision service, which decisions are spread
+    over; `tollgate_extproc`, every process (the access log goes to any). With several
+    processes, also one cluster per process, where the streams that follow a decision go
+    (see `route_config`)."""
+    clusters = [_decider_cluster(decider_targets(targets, decider), tls),
+                _extproc_cluster(EXTPROC_CLUSTER, targets, tls)]
     if len(targets) > 1:
         clusters += [_extproc_cluster(process_cluster(i), [t], tls)
                      for i, t in enumerate(targets)]
     return clusters
 
 
+def _decider_cluster(targets: list[str], tls: ClientTLS | None) -> dict[str, Any]:
+    # HTTP/1.1: one request at a time per connection, so as many connections as decisions
+    # in flight.
+    return _process_cluster(DECIDER_CLUSTER, targets, tls, EXTPROC_MAX_STREAMS, grpc=False)
+
+
 def _extproc_cluster(name: str, targets: list[str], tls: ClientTLS | None) -> dict[str, Any]:
-    cluster = {
+    return _process_cluster(name, targets, tls, 1024, grpc=True)
+
+
+def _process_cluster(name: str, targets: list[str], tls: ClientTLS | None,
+                     connections: int, grpc: bool) -> dict[str, Any]:
+    """ext_proc's processes, as their gRPC service (`grpc`: HTTP/2, health-checked) or their
+    decision service."""
+    cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        # Each request holds up to four gRPC streams (decide, tap, rewrite, attempt): the
-        # default cap of 1,024 would refuse a few hundred concurrent streams with 503.
+        # A request holds up to three gRPC streams (tap, rewrite, attempt) and a decision:
+        # the default cap of 1,024 would refuse a few hundred concurrent requests with 503.
         "circuit_breakers": {"thresholds": [{
             "priority": "DEFAULT", "max_requests": EXTPROC_MAX_STREAMS,
-            "max_pending_requests": EXTPROC_MAX_STREAMS, "max_connections": 1024}]},
-        "typed_extension_protocol_options": {
+            "max_pending_requests": EXTPROC_MAX_STREAMS, "max_connections": connections}]},
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": extproc_address(t)}} for t in targets]}]},
+    }
+    if grpc:
+        cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": HTTP_OPTIONS,
                 "explicit_http_config": {"http2_protocol_options": {}},
             },
-        },
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": extproc_address(t)}} for t in targets]}]},
+        }
         # gRPC health checks: Envoy's stats (cluster.tollgate_extproc.health_check.*) say
         # whether ext_proc answers. With its only host down Envoy still tries it (panic
-        # routing), and the decision filter answers 503 itself.
-        "health_checks": [{
+        # routing).
+        cluster["health_checks"] = [{
             "timeout": "1s", "interval": "5s", "no_traffic_interval": "5s",
             "unhealthy_threshold": 2, "healthy_threshold": 1,
             "grpc_health_check": {"service_name": EXTPROC_SERVICE},
-        }],
-    }
+        }]
     if tls is not None:
-        host = targets[0].rpartition(":")[0].strip("[]")
-        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
-            "@type": TLS, "sni": host,
-            "common_tls_context": {
-                "alpn_protocols": ["h2"],
-                "tls_certificates": [{"certificate_chain": {"filename": tls.cert},
-                                      "private_key": {"filename": tls.key}}],
-                "validation_context": {"trusted_ca": {"filename": tls.ca}},
-            }}}
+        cluster["transport_socket"] = _client_tls(targets[0], tls, alpn="h2" if grpc else None)
     return cluster
+
+
+def _client_tls(target: str, tls: ClientTLS, alpn: str | None) -> dict[str, Any]:
+    """Envoy's side of the mutual TLS ext_proc listens with."""
+    context: dict[str, Any] = {
+        "tls_certificates": [{"certificate_chain": {"filename": tls.cert},
+                              "private_key": {"filename": tls.key}}],
+        "validation_context": {"trusted_ca": {"filename": tls.ca}},
+    }
+    if alpn is not None:
+        context["alpn_protocols"] = [alpn]
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": TLS, "sni": target.rpartition(":")[0].strip("[]"),
+        "common_tls_context": context}}
 
 
 # Envoy warns at start without a cap; sidecars see far fewer connections than this.
@@ -669,16 +701,18 @@ def _admin(admin: str) -> dict[str, Any]:
 
 def static_bootstrap(cfg: Config, listen: tuple[str, int], extproc: list[str], outage: str,
                      admin: str = "127.0.0.1:9901", tls: ClientTLS | None = None,
-                     ca_file: str | None = None) -> dict[str, Any]:
+                     ca_file: str | None = None, decider: str | None = None
+                     ) -> dict[str, Any]:
     """Everything inline: for an Envoy you run yourself (`tollgate envoy render`).
-    `extproc`: where each ext_proc process listens (see `process_targets`)."""
+    `extproc`: where each ext_proc process listens (see `process_targets`); `decider`:
+    where the first one's decision service does, when not beside it."""
     return {
         "node": {"id": "tollgate", "cluster": "tollgate"},
         "admin": _admin(admin),
         "overload_manager": OVERLOAD,
         "static_resources": {
             "listeners": [listener(cfg, *listen, outage, len(extproc))],
-            "clusters": [*extproc_clusters(extproc, tls), *clusters(cfg, ca_file)],
+            "clusters": [*extproc_clusters(extproc, tls, decider), *clusters(cfg, ca_file)],
         },
     }
 
@@ -688,7 +722,8 @@ CLUSTERS_FILE = "clusters.json"
 
 
 def dynamic_bootstrap(resources: str, extproc: list[str], admin: str,
-                      tls: ClientTLS | None = None) -> dict[str, Any]:
+                      tls: ClientTLS | None = None, decider: str | None = None
+                      ) -> dict[str, Any]:
     """The listener and provider clusters from files in `resources` that ext_proc rewrites
     and Envoy watches: provider edits apply without a restart."""
     def source(name: str) -> dict[str, Any]:
@@ -702,7 +737,7 @@ def dynamic_bootstrap(resources: str, extproc: list[str], admin: str,
         "overload_manager": OVERLOAD,
         "dynamic_resources": {"lds_config": source(LISTENERS_FILE),
                               "cds_config": source(CLUSTERS_FILE)},
-        "static_resources": {"clusters": extproc_clusters(extproc, tls)},
+        "static_resources": {"clusters": extproc_clusters(extproc, tls, decider)},
     }
 
 

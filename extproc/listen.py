@@ -43,6 +43,9 @@ class Listener:
     target: str  # unix:/path or host:port
     tls: ServerTLS | None = None
     insecure_tcp: bool = False
+    # Where its decision service listens, with the same protection (see
+    # `envoy_config.decider_targets`); "": beside `target`.
+    decider: str = ""
 
     @property
     def is_unix(self) -> bool:
@@ -108,15 +111,24 @@ def ensure_unused(target: str) -> None:
                       "choose another with --listen")
 
 
+@contextlib.contextmanager
+def private_socket(where: Listener) -> Iterator[Path]:
+    """Around creating the Unix socket `where`: its directory is made 0700, a socket another
+    server still serves on is refused, one left by a process that died is removed, and the
+    socket is created 0600 (no moment at which it is open to others)."""
+    path = where.socket_path
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_unused(where.target)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with _private_umask():
+        yield path
+
+
 def bind(server: grpc.aio.Server, where: Listener) -> None:
     """Add the listening port; a Unix socket is created 0600 in a 0700 directory."""
     if where.is_unix:
-        path = where.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        ensure_unused(where.target)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # a socket left by a process that died
-        with _private_umask():  # no moment at which the socket is open to others
+        with private_socket(where):
             server.add_insecure_port(where.target)
         return
     if where.tls is not None:

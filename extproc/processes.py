@@ -54,7 +54,8 @@ class Siblings:
 
     def _command(self, index: int, where: Listener, ready: int, lifeline: int) -> list[str]:
         cmd = [sys.executable, "-m", "extproc.worker", "--config", self.config,
-               "--listen", where.target, "--process", str(index),
+               "--listen", where.target, "--decide-listen", where.decider,
+               "--process", str(index),
                "--ready-fd", str(ready), "--lifeline-fd", str(lifeline)]
         if self.envoy_admin:
             cmd += ["--envoy-admin", self.envoy_admin]

@@ -228,14 +228,15 @@ def _stopped_because(envoy: asyncio.subprocess.Process | None, siblings: Sibling
 async def serve_extproc(config: str, where: Listener, outage: Path,
                         admin: tuple[str, int] | None = None, processes: int = 1,
                         envoy_admin: str | None = None,
-                        resources: EnvoyFiles | None = None) -> int:
+                        resources: EnvoyFiles | None = None, decider: str | None = None
+                        ) -> int:
     """`envoy_admin`: the admin address of the Envoy this serves, to route only to clusters
     it has loaded and to tell `tollgate status` what it runs; `resources`: the files of
     `envoy render --resources` to keep current (provider edits reach Envoy live)."""
     gateway = Gateway.from_path(config, siblings=processes > 1)
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-extproc-"))
-    targets = envoy_config.process_targets(where.target, processes)
-    listeners = [Listener(t, where.tls, where.insecure_tcp) for t in targets]
+    listeners = envoy_config.process_listeners(where, processes, decider)
+    targets = [w.target for w in listeners]
     clusters = LoadedClusters(envoy_admin) if envoy_admin else None
     if resources is not None:
         resources.follow(gateway, clusters)
@@ -249,7 +250,8 @@ async def serve_extproc(config: str, where: Listener, outage: Path,
     admin_server = AdminServer(gateway, admin, asyncio.get_running_loop(),
                                siblings_metrics=str(siblings.metrics_dir) if siblings else None
                                ).start() if admin else None
-    log.info("ext_proc serving on %s%s", ", ".join(targets),
+    log.info("ext_proc serving on %s, decisions on %s%s", ", ".join(targets),
+             ", ".join(w.decider for w in listeners),
              " (mTLS)" if where.tls else " (no TLS)" if where.insecure_tcp else "")
     waits: dict[str, asyncio.Future[Any]] = {"signal": asyncio.ensure_future(_until_signal())}
     if siblings is not None:
@@ -269,6 +271,7 @@ async def serve_extproc(config: str, where: Listener, outage: Path,
         if processor.sweeper:
             processor.sweeper.cancel()
         await server.stop(grace=2)
+        await processor.stop_decider()
         await gateway.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return status
@@ -292,11 +295,12 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
                       admin: tuple[str, int] | None = None, processes: int = 1) -> int:
     gateway = Gateway.from_path(config, siblings=processes > 1)
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
-    targets = envoy_config.process_targets(extproc or f"unix:{workdir / 'extproc.sock'}",
-                                           processes)
+    listeners = envoy_config.process_listeners(
+        Listener(extproc or f"unix:{workdir / 'extproc.sock'}"), processes)
+    targets = [w.target for w in listeners]
     clusters = LoadedClusters(envoy_admin)
-    started = await start_processes(gateway, config, [Listener(t) for t in targets],
-                                    workdir, clusters, envoy_admin)
+    started = await start_processes(gateway, config, listeners, workdir, clusters,
+                                    envoy_admin)
     if started is None:
         return 1
     server, processor, siblings = started
@@ -343,6 +347,7 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
         if processor.sweeper:
             processor.sweeper.cancel()
         await server.stop(grace=2)
+        await processor.stop_decider()
         await gateway.close()
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)

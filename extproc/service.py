@@ -1,9 +1,10 @@
 """Envoy's External Processing service, adapting ext_proc messages to the tollgate core.
 
-Each stream names the filter that opened it (`x-tollgate-filter` gRPC metadata), and that
-filter's processor serves it. Decision streams (`tollgate.decide`) carry the request headers
-and body as they arrive; they are answered once, with header changes and the body to send,
-or an immediate response. Tap streams (`tollgate.tap`, observability mode) carry response
+The decision itself comes over plain HTTP from Envoy's `tollgate.decide` Lua filter
+(`extproc.decider`), which calls `ExternalProcessor.decide`: a gRPC stream per request costs
+several times what the decision does. The streams that follow a forwarded request come
+here, each naming the filter that opened it (`x-tollgate-filter` gRPC metadata), and that
+filter's processor serves it. Tap streams (`tollgate.tap`, observability mode) carry response
 headers and body chunks, which are never answered. Rewrite streams (`tollgate.rewrite`)
 carry the responses the gateway reshapes, answered chunk by chunk. Attempt streams
 (`tollgate.attempt`, an upstream filter) come once per attempt of a request with a fallback
@@ -41,6 +42,7 @@ from extproc.envoy_config import (
     METADATA_NS,
     REWRITE_HEADER,
     cluster_name,
+    decider_targets,
 )
 from extproc.listen import Listener, bind, restrict
 from extproc.proxy_replies import ProxyReplies
@@ -58,8 +60,15 @@ OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 UNCLAIMED_AFTER = 60.0
 # How long a finished tap waits for the rewrite of the same response to end.
 REWRITE_GRACE = 5.0
+# Decisions whose tap stream has not opened yet (it opens as the request goes upstream, a
+# moment after): past this many, a new decision waits for taps to catch up. Decisions come
+# over plain HTTP and cost far less than a tap's gRPC stream, so without it a saturated
+# process would starve its taps, and settlement (budgets, the ledger) would fall behind
+# without bound. One that waits longer than TAP_LAG is not counted: its client went away.
+MAX_AWAITING_TAP = 64
+TAP_LAG = 2.0
 # The filters whose streams this service serves (envoy_config renders them).
-ROLES = ("decide", "tap", "rewrite", "attempt")
+ROLES = ("tap", "rewrite", "attempt")
 
 
 def _headers(header_map: base_pb2.HeaderMap) -> dict[str, str]:
@@ -88,9 +97,11 @@ def immediate(reply: Reply) -> pb.ProcessingResponse:
     ))
 
 
-def metadata(exchange: Exchange) -> struct_pb2.Struct:
+def metadata(exchange: Exchange) -> dict[str, str]:
+    """What the decision leaves in Envoy's dynamic metadata (namespace `tollgate`) for the
+    filters after it: the request's id (which the tap follows), the gateway's response
+    headers, whether the usage cut is on."""
     trace = exchange.trace
-    doc = struct_pb2.Struct()
     fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
               "span_id": trace.span_id, "family": exchange.route.family}
     if len(exchange.attempts) == 1:  # else each attempt's response names its provider
@@ -104,38 +115,46 @@ def metadata(exchange: Exchange) -> struct_pb2.Struct:
         fields["max_tokens"] = str(exchange.billing.output_cap)
     if exchange.shadow_header:
         fields["shadow"] = exchange.shadow_header
-    fields |= exchange.billing.rate_headers
-    doc.update({METADATA_NS: fields})
-    return doc
+    return {**fields, **exchange.billing.rate_headers}
 
 
-def _mutation(a: Attempt, body_length: int | None, extra: dict[str, str],
-              remove: list[str], with_body: bool = True) -> pb.CommonResponse:
-    """Put one provider's credentials, host, path and (`with_body`) body on the request."""
+def _changes(a: Attempt, body_length: int | None, extra: dict[str, str],
+             remove: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The headers to set and to remove that put one provider's credentials, host and path
+    (and its body's length) on the request."""
     set_headers = {":authority": a.authority, ":path": a.path, **a.set_headers, **extra}
-    common = pb.CommonResponse()
     if a.body is not None:
         set_headers["content-length"] = str(len(a.body))
-        if with_body:
-            common.body_mutation.body = a.body
     elif body_length is not None:
         set_headers["content-length"] = str(body_length)
-    common.header_mutation.CopyFrom(pb.HeaderMutation(
-        set_headers=_set(set_headers),
-        remove_headers=[h for h in [*a.remove_headers, *remove] if h not in set_headers]))
+    return set_headers, [h for h in [*a.remove_headers, *remove] if h not in set_headers]
+
+
+def _mutation(a: Attempt, body_length: int | None, remove: list[str]) -> pb.CommonResponse:
+    """One attempt's changes, as the attempt filter applies them (its body as well)."""
+    set_headers, removed = _changes(a, body_length, {}, remove)
+    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(
+        set_headers=_set(set_headers), remove_headers=removed))
+    if a.body is not None:
+        common.body_mutation.body = a.body
     return common
 
 
-# The body goes back to Envoy in pieces no larger than this.
-BODY_PIECE = 1 << 20
+@dataclass
+class Forwarding:
+    """A decision to forward, as the decide filter applies it: headers to set (`:path` and
+    `:authority` among them) and to remove, the body to send instead of the client's (None:
+    the client's), and the dynamic metadata for the filters after it."""
+
+    set_headers: dict[str, str]
+    remove_headers: list[str]
+    body: bytes | None
+    metadata: dict[str, str]
 
 
 def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
-            trailers: bool = False, process: int | None = None
-            ) -> list[pb.ProcessingResponse]:
-    """The answers that send a request on to its provider: its headers' changes, then (a
-    request with a body, which the decision stream holds) the body to send, then the
-    trailers if it had any.
+            process: int | None = None) -> Forwarding:
+    """How a request goes on to its provider.
 
     A plan of one is applied here. A fallback plan goes to its chain with Envoy's retry
     controls and the client's body; each attempt's own changes are made by the attempt
@@ -153,34 +172,15 @@ def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
         routing[EXTPROC_PROCESS_HEADER] = str(process)
     if len(plan) == 1:
         routing[CLUSTER_HEADER] = cluster_name(fwd.attempt.provider_id)
-        common = _mutation(fwd.attempt, None if body is None else len(body), routing,
-                           envoy_controls, with_body=False)
-        if body is not None and fwd.attempt.body is not None:
-            body = fwd.attempt.body
+        set_headers, removed = _changes(fwd.attempt, None if body is None else len(body),
+                                        routing, envoy_controls)
+        new_body = fwd.attempt.body if body is not None else None
     else:
         routing[CLUSTER_HEADER] = fallback.chain_name(tuple(a.provider_id for a in plan))
         routing[FALLBACK_HEADER] = "1"
-        common = pb.CommonResponse(header_mutation=pb.HeaderMutation(
-            set_headers=_set(routing),
-            remove_headers=[h for h in envoy_controls if h not in routing]))
-    common.clear_route_cache = True
-    answers = [pb.ProcessingResponse(dynamic_metadata=metadata(exchange),
-                                     request_headers=pb.HeadersResponse(response=common))]
-    if body is not None:
-        answers += _body_answers(body, end=not trailers)
-    if trailers:
-        answers.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
-    return answers
-
-
-def _body_answers(body: bytes, end: bool) -> list[pb.ProcessingResponse]:
-    """A whole body given back to a FULL_DUPLEX_STREAMED filter, which sends on only what
-    it is given."""
-    pieces = [body[i:i + BODY_PIECE] for i in range(0, len(body), BODY_PIECE)] or [b""]
-    return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-        body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
-            body=piece, end_of_stream=end and i == len(pieces) - 1))))) for i, piece in
-        enumerate(pieces)]
+        set_headers, removed = routing, [h for h in envoy_controls if h not in routing]
+        new_body = None
+    return Forwarding(set_headers, removed, new_body, metadata(exchange))
 
 
 def _attribute(msg: pb.ProcessingRequest, name: str) -> str | None:
@@ -272,6 +272,32 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._chains_for: tuple[object, object] | None = None  # (config, clusters) seen
         self._chain_set: set[tuple[str, ...]] = set()
         self.sweeper: asyncio.Task[None] | None = None
+        self.decider: asyncio.Server | None = None  # extproc.decider, once started
+        # Request id -> when decided, for decisions no tap has taken up yet (oldest first).
+        self._awaiting_tap: dict[str, float] = {}
+        self._tap_opened = asyncio.Event()
+
+    async def _wait_for_taps(self) -> None:
+        """Hold a decision while too many decided requests wait for their tap."""
+        while True:
+            now = time.monotonic()
+            for request_id, since in list(self._awaiting_tap.items()):
+                if now - since <= TAP_LAG:
+                    break
+                del self._awaiting_tap[request_id]  # oldest first: the rest are newer
+            if len(self._awaiting_tap) < MAX_AWAITING_TAP:
+                return
+            self._tap_opened.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tap_opened.wait(), TAP_LAG)
+
+    async def stop_decider(self) -> None:
+        if self.decider is not None:
+            self.decider.close()
+            if hasattr(self.decider, "close_clients"):  # Python 3.13: Envoy's keep-alives
+                self.decider.close_clients()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.decider.wait_closed(), 2)
 
     def chains(self) -> set[tuple[str, ...]]:
         """The fallback chains Envoy can route to: the running config's, once loaded."""
@@ -303,52 +329,25 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if role == "tap":
             await self._tap(first, requests)
             return
-        processor = {"decide": self._decide, "rewrite": self._rewrite,
-                     "attempt": self._attempt}[role]
+        processor = {"rewrite": self._rewrite, "attempt": self._attempt}[role]
         async for answer in processor(first, requests):
             yield answer
 
     # -- decisions --------------------------------------------------------------------------
-    async def _decide(self, first: pb.ProcessingRequest,
-                      requests: AsyncIterator[pb.ProcessingRequest]
-                      ) -> AsyncIterator[pb.ProcessingResponse]:
-        """The request's headers and its whole body arrive without waiting for an answer
-        (FULL_DUPLEX_STREAMED); one decision answers both."""
-        if first.WhichOneof("request") != "request_headers":
-            log.warning("decision stream opened with %s", first.WhichOneof("request"))
-            return
-        headers = _headers(first.request_headers.headers)
-        body: bytes | None = None
-        trailers = False
-        if not first.request_headers.end_of_stream:
-            limit = self.gateway.max_body_bytes
-            declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
-                # Refuse before the body arrives: the gateway would refuse it anyway.
-                yield await self._refusal(headers, int(declared))
-                return
-            received = bytearray()
-            async for msg in requests:
-                kind = msg.WhichOneof("request")
-                if kind == "request_body":
-                    received += msg.request_body.body
-                    if len(received) > limit:
-                        yield await self._refusal(headers, len(received))
-                        return
-                    if msg.request_body.end_of_stream:
-                        break  # anything after the end (a repeated last chunk) is ignored
-                elif kind == "request_trailers":
-                    trailers = True
-                    break
-                else:
-                    return
-            else:
-                return  # the client went away before its body ended
-            body = bytes(received)
+    async def decide(self, headers: dict[str, str], body: bytes | None,
+                     declared: int | None = None) -> Reply | Forwarding:
+        """Decide a request from its headers (`:method`, `:path` among them) and its whole
+        body (None: it has none). `declared`: the size of a body left unread because its
+        content-length is over the limit, which is refused from the headers alone."""
+        await self._wait_for_taps()
+        size = declared if declared is not None else len(body or b"")
+        if size > self.gateway.max_body_bytes:
+            refusal = await self.gateway.handle(self._request(headers, b"", size))
+            assert isinstance(refusal, Reply)  # a body over the limit is never forwarded
+            return refusal
         result = await self.gateway.handle(self._request(headers, body or b""))
         if isinstance(result, Reply):
-            yield immediate(result)
-            return
+            return result
         exchange = result.exchange
         chains = self.chains()
         if not fallback.has_chain(exchange.attempts, chains) and self._loaded_clusters \
@@ -363,17 +362,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                                               for h in a.set_headers if h not in headers})
             pending.body_length = None if body is None else len(body)
         self._pending[request_id] = pending
+        self._awaiting_tap[request_id] = pending.since
         if exchange.reshapes:
             pending.rewritten = asyncio.Event()
             self._rewrites[request_id] = pending
-        for answer in forward(result, headers, body, trailers, self.process):
-            yield answer
-
-    async def _refusal(self, headers: dict[str, str], size: int) -> pb.ProcessingResponse:
-        """The answer to a body over the gateway's limit, `size` bytes or more."""
-        result = await self.gateway.handle(self._request(headers, b"", size))
-        assert isinstance(result, Reply)  # a body over the limit is never forwarded
-        return immediate(result)
+        return forward(result, headers, body, self.process)
 
     # -- attempts of a fallback plan ------------------------------------------------------
     async def _attempt(self, first: pb.ProcessingRequest,
@@ -399,7 +392,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             # not to send the body.
             answer = pb.ProcessingResponse(mode_override=HEADERS_ONLY)
             answer.request_headers.response.CopyFrom(
-                _mutation(attempt, pending.body_length, {}, stale))
+                _mutation(attempt, pending.body_length, stale))
             yield answer
         else:
             yield CONTINUE_HEADERS
@@ -408,7 +401,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 return
             answer = pb.ProcessingResponse()
             answer.request_body.response.CopyFrom(
-                _mutation(attempt, len(msg.request_body.body), {}, stale))
+                _mutation(attempt, len(msg.request_body.body), stale))
             yield answer
         msg = await anext(requests, None)
         if msg is None or msg.WhichOneof("request") != "response_headers":
@@ -547,6 +540,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if pending is None or pending.claimed:
             return None
         pending.claimed = True
+        if self._awaiting_tap.pop(request_id or "", None) is not None:
+            self._tap_opened.set()
         return pending.exchange
 
     def sweep(self, now: float | None = None) -> None:
@@ -574,7 +569,8 @@ async def start_server(gateway: Gateway, where: Listener,
                        process: int | None = None
                        ) -> tuple[grpc.aio.Server, ExternalProcessor]:
     """Serve ext_proc (with gRPC health, and the access log of requests Envoy answered
-    itself) on a private Unix socket, or TCP (see listen.py)."""
+    itself) on a private Unix socket, or TCP (see listen.py), and the decision service
+    beside it (`where.decider`)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
                                       ("grpc.max_send_message_length", -1),
                                       # A second ext_proc on the port fails, not shares it.
@@ -590,5 +586,9 @@ async def start_server(gateway: Gateway, where: Listener,
     bind(server, where)
     await server.start()
     restrict(where)
+    from extproc.decider import start_decider  # it builds on this module
+
+    processor.decider = await start_decider(processor, Listener(
+        where.decider or decider_targets([where.target])[0], where.tls, where.insecure_tcp))
     processor.sweeper = asyncio.get_running_loop().create_task(processor.sweep_forever())
     return server, processor

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 
 from extproc import envoy_config
 from extproc.listen import ListenError, listener
@@ -27,6 +28,7 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m extproc.worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--listen", required=True)
+    parser.add_argument("--decide-listen", default="")
     parser.add_argument("--process", type=int, required=True)
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--lifeline-fd", type=int, required=True)
@@ -39,8 +41,8 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    where = listener(args.listen, args.tls_cert, args.tls_key, args.tls_client_ca,
-                     args.insecure_tcp)
+    where = replace(listener(args.listen, args.tls_cert, args.tls_key, args.tls_client_ca,
+                             args.insecure_tcp), decider=args.decide_listen)
     gateway = Gateway.from_path(args.config, siblings=True)
     clusters = LoadedClusters(args.envoy_admin) if args.envoy_admin else None
     if clusters is not None:
@@ -68,6 +70,7 @@ async def serve(args: argparse.Namespace) -> None:
         if processor.sweeper:
             processor.sweeper.cancel()
         await server.stop(grace=2)
+        await processor.stop_decider()
         await gateway.close()
 
 

@@ -54,9 +54,10 @@ def fallback_key(config) -> str:
                    "--config-json", '{"fallback": {"on": ["5xx"]}}')
 
 
-def start_extproc(config, port: int, log, *tls: str) -> subprocess.Popen:
+def start_extproc(config, port: int, decider: int, log, *tls: str) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "tollgate"), "--config", str(config), "serve",
-                             "extproc", "--listen", f"127.0.0.1:{port}", *tls], stdout=log,
+                             "extproc", "--listen", f"127.0.0.1:{port}", "--decider-listen",
+                             f"127.0.0.1:{decider}", *tls], stdout=log,
                             stderr=subprocess.STDOUT, env={**os.environ,
                                                            "PYTHONFAULTHANDLER": "1"})
 
@@ -89,14 +90,16 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai, fak
     secret = new_key(config)
     fallback_secret = fallback_key(config)
     extproc_port, listen_port, admin_port = free_port(), free_port(), free_port()
+    decider_port = free_port()
     server_tls, client_tls = mtls(tmp_path)
     rendered = tollgate("envoy", "render", "--listen", f"127.0.0.1:{listen_port}",
-                        "--extproc", f"127.0.0.1:{extproc_port}", *client_tls,
+                        "--extproc", f"127.0.0.1:{extproc_port}", "--decider",
+                        f"127.0.0.1:{decider_port}", *client_tls,
                         "--envoy-admin", f"127.0.0.1:{admin_port}", config=config).stdout
     bootstrap = tmp_path / "envoy.yaml"
     bootstrap.write_text(rendered)
     log = open(tmp_path / "procs.log", "wb")  # noqa: SIM115
-    extproc = start_extproc(config, extproc_port, log, *server_tls)
+    extproc = start_extproc(config, extproc_port, decider_port, log, *server_tls)
     envoy = subprocess.Popen([envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
                               "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{listen_port}/v1/chat/completions"
@@ -116,7 +119,7 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai, fak
                                     json=CHAT, headers=headers)
         assert anthropic_down.json()["error"]["type"] == "overloaded_error"
 
-        extproc = start_extproc(config, extproc_port, log, *server_tls)
+        extproc = start_extproc(config, extproc_port, decider_port, log, *server_tls)
         wait_until(lambda: httpx.post(url, json=CHAT, headers=headers).status_code == 200,
                    timeout=20, what="traffic to resume")
         assert envoy.poll() is None  # the same Envoy throughout
@@ -268,75 +271,55 @@ def health(channel) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-DECIDE = (("x-tollgate-filter", "decide"),)  # what the decision filter's streams carry
-
-
-def decision_request(secret: str) -> list:
-    """What Envoy's decision filter sends: a chat completion's headers and body, with a
-    valid key."""
-    from envoy.config.core.v3 import base_pb2
-    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-
-    pairs = {":method": "POST", ":path": "/v1/chat/completions",
-             "authorization": f"Bearer {secret}"}
-    return [pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(
-                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
-                         for k, v in pairs.items()]))),
-            pb.ProcessingRequest(request_body=pb.HttpBody(body=json.dumps(CHAT).encode(),
-                                                          end_of_stream=True))]
-
-
-def test_extproc_listens_on_a_private_unix_socket_by_default(config, tmp_path):
-    import grpc
-
-    log = open(tmp_path / "extproc.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(BIN / "tollgate"), "--config", str(config), "serve",
-                             "extproc"], stdout=log, stderr=subprocess.STDOUT)
-    sock = config.parent / ".tollgate" / "extproc.sock"
-    try:
-        wait_until(sock.exists, timeout=15, what="the ext_proc socket")
-        assert os.stat(sock).st_mode & 0o777 == 0o600
-        with grpc.insecure_channel(f"unix:{sock}") as channel:
-            assert wait_until(lambda: health(channel), timeout=15, what="gRPC health")
-        rendered = tollgate("envoy", "render", config=config).stdout
-        assert f"path: {sock}" in rendered  # render points Envoy at the same socket
-    finally:
-        stop_extproc(proc)
-        log.close()
+def decision_request(secret: str) -> bytes:
+    """What Envoy's decide filter sends the decision service: a chat completion's head and
+    body, with a valid key."""
+    head = f":method: POST\n:path: /v1/chat/completions\nauthorization: Bearer {secret}"
+    return head.encode() + b"\n\n" + json.dumps(CHAT).encode()
 
 
 def test_tcp_extproc_hands_no_credentials_to_a_plain_client(config, tmp_path):
-    """A sidecar shares localhost with the app: a plain gRPC client on the TCP port must not
-    get the provider key that ext_proc puts in its header mutations."""
+    """A sidecar shares localhost with the app: a plain client on the TCP ports must not get
+    the provider key that the decision service puts in its answers (nor reach ext_proc)."""
+    import ssl
+
     import grpc
-    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
     secret = new_key(config)
-    port = free_port()
+    port, decider = free_port(), free_port()
     refused = tollgate("serve", "extproc", "--listen", f"127.0.0.1:{port}", config=config,
                        check=False)
     assert refused.returncode == 2 and "--insecure-tcp" in refused.stderr
     server_tls, client_tls = mtls(tmp_path)
     log = open(tmp_path / "extproc.log", "wb")  # noqa: SIM115
-    proc = start_extproc(config, port, log, *server_tls)
-    client_cert, client_key, ca = (Path(p).read_bytes() for p in client_tls[1::2])
-    target = f"127.0.0.1:{port}"
+    proc = start_extproc(config, port, decider, log, *server_tls)
+    client_cert, client_key, ca = client_tls[1::2]
+    url = f"https://127.0.0.1:{decider}/decide"
+    ask = {"content": decision_request(secret), "headers": {"x-tollgate-body": "whole"}}
     try:
-        with grpc.secure_channel(target, grpc.ssl_channel_credentials(
-                ca, client_key, client_cert)) as good:
+        with grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(*(
+                Path(p).read_bytes() for p in (ca, client_key, client_cert)))) as good:
             assert wait_until(lambda: health(good), timeout=15, what="mTLS health")
-            answers = list(pb_grpc.ExternalProcessorStub(good).Process(
-                iter(decision_request(secret)), timeout=5, metadata=DECIDE))
-            # Envoy's view: the provider's credentials on the headers, then the body.
-            assert OPENAI_KEY.encode() in answers[0].SerializeToString()
-            assert answers[-1].request_body.response.body_mutation.streamed_response \
-                .end_of_stream
-        for channel in (grpc.insecure_channel(target),
-                        grpc.secure_channel(target, grpc.ssl_channel_credentials(ca))):
-            with channel, pytest.raises(grpc.RpcError) as failed:
-                list(pb_grpc.ExternalProcessorStub(channel).Process(
-                    iter(decision_request(secret)), timeout=5, metadata=DECIDE))
-            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        def client_side(certificate: bool) -> ssl.SSLContext:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.load_verify_locations(cafile=ca)
+            context.check_hostname = False  # the server certificate names `localhost`
+            if certificate:
+                context.load_cert_chain(client_cert, client_key)
+            return context
+
+        answer = httpx.post(url, verify=client_side(True), **ask)
+        # Envoy's view: the provider's credential among the changes.
+        assert answer.headers["x-tollgate-set-authorization"] == f"Bearer {OPENAI_KEY}"
+        no_certificate = client_side(False)
+        for scheme, client in (("https", httpx.Client(verify=no_certificate)),
+                               ("http", httpx.Client())):
+            with client, pytest.raises(httpx.HTTPError):
+                client.post(url.replace("https:", f"{scheme}:"), **ask).raise_for_status()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as plain, \
+                pytest.raises(grpc.RpcError) as failed:
+            health(plain)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         stop_extproc(proc)
         log.close()

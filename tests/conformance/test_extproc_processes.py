@@ -147,10 +147,9 @@ def test_two_processes_serve_as_one_gateway(tmp_path, redis, fake_openai, fake_a
         assert len({r.request_id for r in rows}) == total
         each = served_by_each_process(envoy_admin, 2)
         assert all(n > 0 for n in each), each  # both processes held requests
-        # The catch-all cluster carries decisions only: Envoy spread them over both.
-        decisions = [envoy_counter(envoy_admin, f"cluster.tollgate_extproc.{e}")
-                     for e in ("upstream_rq_total",)]
-        assert decisions[0] >= total
+        # Decisions go to the decision services of both processes, spread by Envoy.
+        decided = [envoy_counter(envoy_admin, "cluster.tollgate_decider.upstream_rq_total")]
+        assert decided[0] >= total
 
         text = httpx.get(f"{gw.admin_url}/metrics").text
         assert metric_sum(text, "tollgate_requests_total", status="200") == total
@@ -240,7 +239,8 @@ def test_rendered_envoy_in_front_of_extproc_in_two_processes(tmp_path, fake_open
         rows = [r for r in ledger(config) if r.route == "chat_completions" and r.status == 200]
         assert len(rows) >= 9 and all(r.cost_micros > 0 for r in rows)
         sockets = sorted(p.name for p in (config.parent / ".tollgate").glob("extproc*.sock"))
-        assert sockets == ["extproc-1.sock", "extproc.sock"]
+        assert sockets == ["extproc-1.decide.sock", "extproc-1.sock", "extproc.decide.sock",
+                           "extproc.sock"]
     finally:
         extproc.send_signal(signal.SIGTERM)
         assert extproc.wait(20) == 0

@@ -20,12 +20,27 @@ def test_processes_listen_beside_the_first_address():
     assert envoy_config.process_targets("unix:/x.sock", 1) == ["unix:/x.sock"]
 
 
+def test_each_process_decides_beside_its_ext_proc_address():
+    from extproc.listen import Listener
+
+    unix = envoy_config.process_listeners(Listener("unix:/run/tg/extproc.sock"), 2)
+    assert [(w.target, w.decider) for w in unix] == [
+        ("unix:/run/tg/extproc.sock", "unix:/run/tg/extproc.decide.sock"),
+        ("unix:/run/tg/extproc-1.sock", "unix:/run/tg/extproc-1.decide.sock")]
+    tcp = envoy_config.process_listeners(Listener("10.0.0.5:7000", insecure_tcp=True), 2)
+    assert [(w.target, w.decider, w.insecure_tcp) for w in tcp] == [
+        ("10.0.0.5:7000", "10.0.0.5:7002", True), ("10.0.0.5:7001", "10.0.0.5:7003", True)]
+
+
 def test_one_process_renders_as_before():
     cfg = config([provider("a")], [key("k")])
     routes = envoy_config.route_config(cfg)["virtual_hosts"][0]["routes"]
     assert len(routes) == 4 and routes[-1]["match"] == {"prefix": "/"}
-    (cluster,) = envoy_config.extproc_clusters(["unix:/x.sock"])
+    decider, cluster = envoy_config.extproc_clusters(["unix:/x.sock"])
     assert cluster["name"] == envoy_config.EXTPROC_CLUSTER
+    assert decider["name"] == envoy_config.DECIDER_CLUSTER
+    (endpoint,) = decider["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"] == {"pipe": {"path": "/x.decide.sock"}}
 
 
 def _service(route: dict, filter_name: str) -> dict | None:
@@ -54,10 +69,12 @@ def test_each_requests_later_streams_go_to_the_process_that_decided_it(processes
         assert _service(route, "tollgate.decide") is None  # decisions spread over all
     clusters = envoy_config.extproc_clusters(
         envoy_config.process_targets("unix:/x/extproc.sock", processes))
-    assert [c["name"] for c in clusters] == [envoy_config.EXTPROC_CLUSTER] + [
+    assert [c["name"] for c in clusters] == [
+        envoy_config.DECIDER_CLUSTER, envoy_config.EXTPROC_CLUSTER] + [
         envoy_config.process_cluster(i) for i in range(processes)]
-    endpoints = clusters[0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    assert len(endpoints) == processes
+    for spread in clusters[:2]:  # decisions, and the access log, go to any process
+        endpoints = spread["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        assert len(endpoints) == processes
     # A client's own header of that name is dropped before any route is matched.
     early = envoy_config.EARLY_MUTATIONS["typed_config"]["mutations"]
     assert {"remove_on_match": {"key_matcher": {"prefix": GATEWAY_PREFIX}}} in early

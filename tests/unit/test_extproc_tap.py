@@ -1,5 +1,6 @@
-"""The ext_proc servicer follows a request from its decision to its last byte, driven with
-the messages Envoy sends (no Envoy here: the conformance suite runs the real one)."""
+"""The ext_proc service follows a request from its decision (asked over the decision
+service's HTTP, as the decide filter asks) to its last byte, driven with the messages Envoy
+sends (no Envoy here: the conformance suite runs the real one)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import json
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
+from extproc.decider import start_decider
+from extproc.listen import Listener
 from extproc.service import ExternalProcessor
 from tollgate.cli.main import cli
 from tollgate.gateway import Gateway
@@ -73,23 +77,42 @@ class Stream:
             await asyncio.sleep(0)
 
 
+async def ask(proc: ExternalProcessor, client: dict[str, str], body: bytes | None,
+              kind: str | None = None) -> httpx.Response:
+    """One decision, asked over the decision service's HTTP as the decide filter asks it
+    (a service of its own on a fresh socket, stopped after)."""
+    import tempfile
+
+    where = Listener(f"unix:{tempfile.mkdtemp(prefix='tg-decider-')}/extproc.decide.sock")
+    server = await start_decider(proc, where)
+    head = "\n".join(f"{k}: {v}" for k, v in client.items()).encode()
+    try:
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(
+                uds=str(where.socket_path))) as http:
+            return await http.post("http://tollgate/decide", content=head + b"\n\n" + (
+                body or b""), headers={"x-tollgate-body": kind or (
+                    "none" if body is None else "whole")})
+    finally:
+        server.close()  # its client has closed its connection
+
+
+def chat_request(secret: str, path: str = "/v1/chat/completions",
+                 **extra: object) -> tuple[dict[str, str], bytes]:
+    body = json.dumps({"model": "gpt-5-mini", **extra,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    return {":method": "POST", ":path": path, ":authority": "gateway",
+            "authorization": f"Bearer {secret}", "anthropic-version": "2023-06-01",
+            "content-type": "application/json", "content-length": str(len(body))}, body
+
+
 async def decide_chat(proc: ExternalProcessor, secret: str, path: str = "/v1/chat/completions",
                       **extra: object) -> tuple[str, base_pb2.Metadata]:
     """A chat completion decided (and forwarded): its request id, and the metadata the
     decision leaves for the filters after it. On `/v1/messages`, an Anthropic client's
     request for an OpenAI model (its response is translated by the rewrite filter)."""
-    body = json.dumps({"model": "gpt-5-mini", **extra,
-                       "messages": [{"role": "user", "content": "hi"}]})
-    decide = Stream(proc, "decide")
-    await decide.send(pb.ProcessingRequest(request_headers=headers({
-        ":method": "POST", ":path": path, "authorization": f"Bearer {secret}",
-        "anthropic-version": "2023-06-01",
-        "content-type": "application/json", "content-length": str(len(body))})))
-    await decide.send(pb.ProcessingRequest(request_body=pb.HttpBody(body=body.encode(),
-                                                                     end_of_stream=True)))
-    await decide.send(None)
-    await decide.task
-    request_id = decide.answers[0].dynamic_metadata["tollgate"]["request_id"]
+    answer = await ask(proc, *chat_request(secret, path, **extra))
+    assert answer.status_code == 200 and "x-tollgate-reply" not in answer.headers
+    request_id = answer.headers["x-tollgate-meta-request_id"]
     return request_id, base_pb2.Metadata(filter_metadata={"tollgate": struct_pb2.Struct(
         fields={"request_id": struct_pb2.Value(string_value=request_id)})})
 
@@ -137,13 +160,10 @@ async def test_a_request_running_past_the_sweep_is_settled_when_it_ends(processo
 
 async def test_a_request_no_tap_took_up_is_closed_by_the_sweep(processor):
     proc, secret = processor
-    decide = Stream(proc, "decide")
-    await decide.send(pb.ProcessingRequest(request_headers=headers({
-        ":method": "POST", ":path": "/v1/embeddings", "authorization": f"Bearer {secret}"})))
-    await decide.send(pb.ProcessingRequest(request_body=pb.HttpBody(
-        body=b'{"model": "text-embedding-3-small", "input": "x"}', end_of_stream=True)))
-    await decide.send(None)
-    await decide.task
+    answer = await ask(proc, {":method": "POST", ":path": "/v1/embeddings",
+                              "authorization": f"Bearer {secret}"},
+                       b'{"model": "text-embedding-3-small", "input": "x"}')
+    assert answer.status_code == 200 and "x-tollgate-meta-request_id" in answer.headers
     proc.sweep(now=time.monotonic() + 120)
     await proc.gateway.drain()
     (row,) = await proc.gateway.store().rows()
@@ -240,19 +260,9 @@ async def test_a_fallback_plan_is_kept_when_the_cluster_poll_lags_behind_envoy(
     chain = fallback.chain_name(("mp_openai_org", "mp_anthropic_org"))
     clusters = LaggingClusters({chain})
     proc = ExternalProcessor(gateway, clusters)
-    body = json.dumps({"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
-    decide = Stream(proc, "decide")
-    await decide.send(pb.ProcessingRequest(request_headers=headers({
-        ":method": "POST", ":path": "/v1/chat/completions",
-        "authorization": f"Bearer {json.loads(out.stdout)['secret']}",
-        "content-type": "application/json", "content-length": str(len(body))})))
-    await decide.send(pb.ProcessingRequest(request_body=pb.HttpBody(body=body.encode(),
-                                                                     end_of_stream=True)))
-    await decide.send(None)
-    await decide.task
-    mutation = decide.answers[0].request_headers.response.header_mutation
-    routed = {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
-    assert routed[CLUSTER_HEADER] == chain and clusters.refreshes == 1
+    answer = await ask(proc, *chat_request(json.loads(out.stdout)["secret"]))
+    assert answer.headers[f"x-tollgate-set-{CLUSTER_HEADER}"] == chain
+    assert clusters.refreshes == 1
     (pending,) = proc._pending.values()
     assert [a.provider_id for a in pending.exchange.attempts] == ["mp_openai_org",
                                                                 "mp_anthropic_org"]
@@ -295,85 +305,77 @@ async def test_a_refresh_reads_envoy_again_even_right_after_a_stale_poll():
         server.shutdown()
 
 
-def _decision_headers(secret: str, **more: str) -> pb.ProcessingRequest:
-    return pb.ProcessingRequest(request_headers=headers({
-        ":method": "POST", ":path": "/v1/chat/completions", "authorization": f"Bearer {secret}",
-        "content-type": "application/json", **more}))
+async def test_a_decision_sets_the_providers_request_and_keeps_the_connection(processor):
+    """The decision names what the decide filter sets and removes, and the metadata for the
+    filters after it; the client's key goes, the provider's credential comes. A second
+    decision on the same connection is answered too (Envoy keeps them alive)."""
+    import tempfile
 
-
-def _body(data: bytes, end: bool) -> pb.ProcessingRequest:
-    return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=end))
-
-
-def _streamed_body(answers: list[pb.ProcessingResponse]) -> tuple[bytes, list[bool]]:
-    """The body a decision gave back to Envoy, and each piece's end-of-stream flag."""
-    pieces = [a.request_body.response.body_mutation.streamed_response for a in answers
-              if a.HasField("request_body")]
-    return b"".join(p.body for p in pieces), [p.end_of_stream for p in pieces]
-
-
-async def test_a_body_in_pieces_with_trailers_is_decided_once_and_given_back_whole(processor):
-    """Headers and body arrive without waiting for an answer (FULL_DUPLEX_STREAMED): the
-    decision answers the headers (content-length of the body it sends), then gives the body
-    back, then the trailers."""
     proc, secret = processor
-    body = json.dumps({"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
-    decide = Stream(proc, "decide")
-    await decide.send(_decision_headers(secret))  # chunked: no content-length
-    for piece in (body[:10], body[10:30], body[30:]):
-        await decide.send(_body(piece.encode(), end=False))
-    assert decide.answers == []  # nothing is answered before the body has ended
-    await decide.send(pb.ProcessingRequest(request_trailers=pb.HttpTrailers()))
-    await decide.task
-    first = decide.answers[0].request_headers.response
-    set_headers = {h.header.key: h.header.raw_value.decode()
-                   for h in first.header_mutation.set_headers}
-    sent, ends = _streamed_body(decide.answers)
-    assert json.loads(sent) == json.loads(body) and ends[-1] is False  # the trailers end it
-    assert set_headers["content-length"] == str(len(sent))
-    assert decide.answers[-1].HasField("request_trailers")
-    assert len(proc._pending) == 1
-    next(iter(proc._pending.values())).exchange.finish("abandoned")
+    client, body = chat_request(secret, stream=True, max_tokens=16)
+    where = Listener(f"unix:{tempfile.mkdtemp(prefix='tg-decider-')}/extproc.decide.sock")
+    server = await start_decider(proc, where)
+    head = "\n".join(f"{k}: {v}" for k, v in client.items()).encode() + b"\n\n"
+    try:
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(
+                uds=str(where.socket_path))) as http:
+            answers = [await http.post("http://tollgate/decide", content=head + body,
+                                       headers={"x-tollgate-body": "whole"})
+                       for _ in range(2)]
+        assert oct(where.socket_path.stat().st_mode & 0o777) == "0o600"
+    finally:
+        server.close()  # its client has closed its connection
+    first, second = (a.headers for a in answers)
+    assert first["x-tollgate-meta-request_id"] != second["x-tollgate-meta-request_id"]
+    assert first["x-tollgate-set-authorization"] == "Bearer sk-real-openai"
+    assert first["x-tollgate-path"] == "/v1/chat/completions"
+    assert first["x-tollgate-set-x-tollgate-cluster"].startswith("provider_")
+    assert first["x-tollgate-meta-cut_usage"] == "1"  # the SDK's default stream
+    # The gateway asks for the usage chunk: the body it sends, and its length.
+    assert first["x-tollgate-body"] == "replaced"
+    sent = json.loads(answers[0].content)
+    assert sent["stream_options"] == {"include_usage": True}
+    assert first["x-tollgate-set-content-length"] == str(len(answers[0].content))
+    for pending in list(proc._pending.values()):
+        pending.exchange.finish("abandoned")
     await proc.gateway.close()
 
 
-async def test_a_repeated_end_of_body_is_ignored(processor):
-    """Envoy may send a large body's last chunk twice: one decision, one request."""
-    proc, secret = processor
-    body = json.dumps({"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
-    decide = Stream(proc, "decide")
-    await decide.send(_decision_headers(secret, **{"content-length": str(len(body))}))
-    await decide.send(_body(body.encode(), end=True))
-    await decide.send(_body(body.encode(), end=True))
-    await decide.send(None)
-    await decide.task
-    sent, ends = _streamed_body(decide.answers)
-    assert sent == body.encode() and ends == [True]
-    assert [a.WhichOneof("response") for a in decide.answers] == ["request_headers",
-                                                                 "request_body"]
-    assert len(proc._pending) == 1
-    next(iter(proc._pending.values())).exchange.finish("abandoned")
+async def test_a_refusal_is_the_gateways_own_reply(processor):
+    proc, _ = processor
+    answer = await ask(proc, {":method": "POST", ":path": "/v1/chat/completions",
+                              "authorization": "Bearer tg-nope"}, b"{}")
+    assert answer.headers["x-tollgate-reply"] == "401"
+    assert answer.headers["x-tollgate-meta-answered"] == "1"  # Envoy's mappers leave it
+    assert answer.headers["x-tollgate-set-content-type"] == "application/json"
+    assert json.loads(answer.content)["error"]["code"] == "invalid_api_key"
+    assert not proc._pending
     await proc.gateway.close()
 
 
-async def test_a_body_past_the_limit_is_refused_as_it_arrives(processor):
-    """A chunked body (no content-length to refuse it by) is refused once what arrived
-    passes gateway.max_body_bytes, while the client is still sending, and its refusal is
-    in the ledger."""
+async def test_a_body_declared_over_the_limit_is_refused_unread(processor):
+    """Its content-length is over gateway.max_body_bytes: the decide filter does not read
+    it, and the refusal is in the ledger."""
     proc, secret = processor
-    limit = proc.gateway.max_body_bytes
-    decide = Stream(proc, "decide")
-    await decide.send(_decision_headers(secret))
-    piece = b"x" * (1 << 20)
-    for _ in range(limit // len(piece) + 1):
-        await decide.send(_body(piece, end=False))
-    await decide.task  # answered and closed before the body ended
-    (answer,) = decide.answers
-    assert answer.immediate_response.status.code == 413
-    assert b"payload_too_large" in answer.immediate_response.body
+    declared = proc.gateway.max_body_bytes + 1
+    answer = await ask(proc, {":method": "POST", ":path": "/v1/chat/completions",
+                              "authorization": f"Bearer {secret}",
+                              "content-length": str(declared)}, None, kind="unread")
+    assert answer.headers["x-tollgate-reply"] == "413"
+    assert b"payload_too_large" in answer.content
     await proc.gateway.drain()
     (row,) = await proc.gateway.store().rows()
     assert (row.status, row.code) == (413, "payload_too_large") and not proc._pending
+    await proc.gateway.close()
+
+
+async def test_what_the_decide_filter_never_sends_is_answered_400(processor):
+    proc, _ = processor
+    for client, kind in (({":path": "/v1/chat/completions"}, "sideways"),
+                         ({":path": "/v1/chat/completions"}, "unread")):  # no length
+        answer = await ask(proc, client, b"", kind=kind)
+        assert answer.status_code == 400
+    assert not proc._pending
     await proc.gateway.close()
 
 
@@ -382,9 +384,34 @@ async def test_a_stream_from_a_filter_tollgate_did_not_render_is_refused(process
     configuration from elsewhere) is refused, never guessed at."""
     proc, secret = processor
     stray = Stream(proc, None)
-    await stray.send(_decision_headers(secret))
+    await stray.send(pb.ProcessingRequest(request_headers=headers({
+        ":method": "POST", ":path": "/v1/chat/completions",
+        "authorization": f"Bearer {secret}"})))
     await stray.send(None)
     await stray.task
     assert stray.answers == [] and "x-tollgate-filter" in stray.context.aborted
     assert not proc._pending
+    await proc.gateway.close()
+
+
+async def test_decisions_wait_while_taps_fall_behind(processor, monkeypatch):
+    """Decisions cost far less than taps: past a few decided requests whose tap has not
+    opened, the next decision waits for one, so settlement cannot fall behind for good."""
+    from extproc import service
+
+    proc, secret = processor
+    monkeypatch.setattr(service, "MAX_AWAITING_TAP", 2)
+    decided = [await decide_chat(proc, secret, max_tokens=16) for _ in range(2)]
+    third = asyncio.create_task(decide_chat(proc, secret, max_tokens=16))
+    await asyncio.sleep(0.3)
+    assert not third.done()  # two decisions wait for their taps
+    tap = Stream(proc, "tap")
+    await tap.send(pb.ProcessingRequest(observability_mode=True, metadata_context=decided[0][1],
+                                        request_headers=headers({":method": "POST"})))
+    request_id, _ = await asyncio.wait_for(third, 1)  # one tap opened: it goes ahead
+    assert request_id in proc._pending
+    await tap.send(None)
+    await tap.task
+    for pending in list(proc._pending.values()):
+        pending.exchange.finish("abandoned")
     await proc.gateway.close()

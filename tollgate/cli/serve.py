@@ -223,9 +223,10 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
     ensure_free(("--listen", listen), ("--envoy-admin", admin_address(envoy_admin)),
                 ("--admin", admin_address(admin) if admin else None))
     if extproc_listen is not None:
-        from extproc.envoy_config import process_targets
+        from extproc.envoy_config import decider_targets, process_targets
 
-        ensure_sockets_unused(process_targets(extproc_listen, extproc_processes))
+        targets = process_targets(extproc_listen, extproc_processes)
+        ensure_sockets_unused([*targets, *decider_targets(targets)])
     _logging()
     sys.exit(asyncio.run(serve_envoy(path, split_listen(listen), admin_address(envoy_admin),
                                      extproc_listen, log_level,
@@ -238,6 +239,10 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
 @click.option("--listen", default=None,
               help="unix:/path/to.sock or HOST:PORT  [default: unix socket "
                    ".tollgate/extproc.sock beside the config, mode 0600]")
+@click.option("--decider-listen", default=None, metavar="ADDRESS",
+              help="Where the decision service that Envoy's decide filter calls listens, "
+                   "with --listen's protection (render's --decider)  [default: beside "
+                   "--listen: extproc.decide.sock, or the port after ext_proc's ports]")
 @click.option("--tls-cert", type=click.Path(dir_okay=False),
               help="TCP with mutual TLS: this server's certificate (PEM).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
@@ -260,7 +265,8 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
 @processes_option
 @outage_option
 @click.pass_context
-def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_key: str | None,
+def extproc(ctx: click.Context, listen: str | None, decider_listen: str | None,
+            tls_cert: str | None, tls_key: str | None,
             tls_client_ca: str | None, insecure_tcp: bool, admin: str | None,
             envoy_admin: str | None, envoy_resources: str | None, envoy_listen: str,
             envoy_ca_file: str | None, extproc_processes: int, outage_log: str | None) -> None:
@@ -274,12 +280,17 @@ def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_ke
                          tls_client_ca, insecure_tcp)
     except ListenError as e:
         raise click.UsageError(str(e)) from None
-    from extproc.envoy_config import process_targets
+    from extproc.envoy_config import decider_targets, process_targets
 
+    if decider_listen is not None and decider_listen.startswith("unix:") != where.is_unix:
+        raise click.UsageError("--decider-listen and --listen are both Unix sockets or both "
+                               "TCP: the decision service shares ext_proc's protection")
     targets = process_targets(where.target, extproc_processes)
+    deciders = decider_targets(targets, decider_listen)
     ensure_free(("--admin", admin_address(admin) if admin else None),
-                *(("--listen", t) for t in targets if not where.is_unix))
-    ensure_sockets_unused(targets)
+                *(("--listen", t) for t in targets if not where.is_unix),
+                *(("--decider-listen", t) for t in deciders if not where.is_unix))
+    ensure_sockets_unused([*targets, *deciders])
     _logging()
     outage = outage_path(path, outage_log)
     resources = None
@@ -293,7 +304,7 @@ def extproc(ctx: click.Context, listen: str | None, tls_cert: str | None, tls_ke
                                        split_listen(admin_address(admin)) if admin else None,
                                        extproc_processes,
                                        admin_address(envoy_admin) if envoy_admin else None,
-                                       resources)))
+                                       resources, decider_listen)))
 
 
 def _logging() -> None:
@@ -314,6 +325,9 @@ def envoy_group() -> None:
 @click.option("--extproc", "extproc_target", default=None,
               help="Where `tollgate serve extproc` listens (unix:/path or HOST:PORT)  "
                    "[default: its default Unix socket beside the config]")
+@click.option("--decider", default=None, metavar="ADDRESS",
+              help="Where its decision service listens (serve extproc's --decider-listen)  "
+                   "[default: beside --extproc]")
 @click.option("--tls-cert", type=click.Path(dir_okay=False),
               help="TCP ext_proc with mTLS: the client certificate Envoy presents (PEM).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
@@ -329,7 +343,8 @@ def envoy_group() -> None:
 @processes_option
 @outage_option
 @click.pass_context
-def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert: str | None,
+def render(ctx: click.Context, listen: str, extproc_target: str | None, decider: str | None,
+           tls_cert: str | None,
            tls_key: str | None, tls_ca: str | None, envoy_admin: str, ca_file: str | None,
            resources: str | None, extproc_processes: int, outage_log: str | None) -> None:
     """Print an Envoy bootstrap (YAML) with the ext_proc filters and provider clusters."""
@@ -357,7 +372,7 @@ def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert
     targets = process_targets(target, extproc_processes)
     if resources is None:
         doc = static_bootstrap(loaded.config, split_listen(listen), targets, str(outage),
-                               admin_address(envoy_admin), tls, ca_file)
+                               admin_address(envoy_admin), tls, ca_file, decider)
     else:
         from extproc.runner import EnvoyFiles
 
@@ -365,7 +380,8 @@ def render(ctx: click.Context, listen: str, extproc_target: str | None, tls_cert
         directory = Path(os.path.abspath(resources))
         EnvoyFiles(directory, split_listen(listen), outage, extproc_processes,
                    ca_file).write(loaded)
-        doc = dynamic_bootstrap(str(directory), targets, admin_address(envoy_admin), tls)
+        doc = dynamic_bootstrap(str(directory), targets, admin_address(envoy_admin), tls,
+                                decider)
     click.echo(to_yaml([doc]), nl=False)
 
 

@@ -1,0 +1,86 @@
+-- tollgate.decide: every request's decision, asked of tollgate's decision service over HTTP
+-- (extproc/decider.py says what goes there and back) and applied here: the provider's
+-- credentials, path, host and body, the route, and the metadata the filters after it read;
+-- or the gateway's own answer. Anything that goes wrong answers an error: a request is never
+-- forwarded undecided. The renderer fills in the two values below.
+local CLUSTER = "@CLUSTER@"
+local MAX_BODY = @MAX_BODY@
+local TIMEOUT_MS = 5000
+local PREFIX = "x-tollgate-"
+
+-- The client's request head, a "name: value" line each (pseudo-headers too).
+local function client_head(handle)
+  local lines = {}
+  for name, value in pairs(handle:headers()) do
+    lines[#lines + 1] = name .. ": " .. value
+  end
+  return table.concat(lines, "\n")
+end
+
+local function decide(handle)
+  local declared = tonumber(handle:headers():get("content-length") or "")
+  local kind, body = "none", ""
+  if declared ~= nil and declared > MAX_BODY then
+    kind = "unread" -- refused from its headers: the body is not read
+  else
+    local buffered = handle:body() -- the whole body (yields until it has arrived)
+    if buffered ~= nil then
+      kind, body = "whole", buffered:getBytes(0, buffered:length())
+    end
+  end
+  -- Handles taken before a yield are gone after it: headers are read from here on.
+  local answer, answer_body = handle:httpCall(CLUSTER, {
+    [":method"] = "POST", [":path"] = "/decide", [":authority"] = "tollgate",
+    ["x-tollgate-body"] = kind,
+  }, client_head(handle) .. "\n\n" .. body, TIMEOUT_MS)
+  local meta = handle:streamInfo():dynamicMetadata()
+  local status = answer[":status"]
+  if status == "503" or status == "504" then
+    -- The decision service is down or too slow (Envoy's own answer): the gateway's
+    -- gateway_unavailable, and the outage log keeps the request.
+    meta:set("tollgate", "decider", "unavailable")
+    handle:respond({[":status"] = "503"}, "")
+    return
+  elseif status ~= "200" then
+    error("the decision service answered " .. tostring(status))
+  end
+  for name, value in pairs(answer) do
+    if name:sub(1, 16) == PREFIX .. "meta-" then
+      meta:set("tollgate", name:sub(17), value)
+    end
+  end
+  local reply = answer[PREFIX .. "reply"]
+  if reply ~= nil then
+    local headers = {[":status"] = reply}
+    for name, value in pairs(answer) do
+      if name:sub(1, 15) == PREFIX .. "set-" then headers[name:sub(16)] = value end
+    end
+    handle:respond(headers, answer_body)
+    return
+  end
+  local headers = handle:headers()
+  local removed = answer[PREFIX .. "remove"]
+  if removed ~= nil then
+    for name in removed:gmatch("[^,%s]+") do headers:remove(name) end
+  end
+  for name, value in pairs(answer) do
+    if name:sub(1, 15) == PREFIX .. "set-" then headers:replace(name:sub(16), value) end
+  end
+  if answer[PREFIX .. "path"] ~= nil then headers:replace(":path", answer[PREFIX .. "path"]) end
+  if answer[PREFIX .. "authority"] ~= nil then
+    headers:replace(":authority", answer[PREFIX .. "authority"])
+  end
+  if answer[PREFIX .. "body"] == "replaced" then
+    handle:body():setBytes(answer_body)
+  end
+  handle:clearRouteCache() -- the route follows the provider's cluster the decision set
+end
+
+function envoy_on_request(handle)
+  local ok, err = pcall(decide, handle)
+  if not ok then
+    handle:logErr("tollgate.decide: " .. tostring(err))
+    -- Answered 500: Envoy's reply becomes the gateway's gateway_error.
+    pcall(function() handle:respond({[":status"] = "500"}, "") end)
+  end
+end

@@ -1,0 +1,70 @@
+"""The decision service's side of its exchange with the decide filter (decide.lua): what it
+reads of the client's request, and how a decision is written for the filter to apply."""
+
+from __future__ import annotations
+
+import pytest
+
+from extproc.decider import BadRequest, answer, client_request
+from extproc.service import Forwarding
+from tollgate.request import Reply
+
+
+def _headers(raw: bytes) -> dict[str, str]:
+    head = raw.split(b"\r\n\r\n", 1)[0].decode()
+    return dict(line.split(": ", 1) for line in head.split("\r\n")[1:])
+
+
+def test_the_clients_head_and_body_are_read_as_envoy_lists_them():
+    payload = (b":method: POST\n:path: /v1/chat/completions\nx-other: a\nx-other: b\n"
+               b"x-empty: \ncontent-length: 2\n\n{}")
+    headers, body, declared = client_request(payload, "whole")
+    assert headers == {":method": "POST", ":path": "/v1/chat/completions",
+                       "x-other": "a, b", "x-empty": "", "content-length": "2"}
+    assert (body, declared) == (b"{}", None)
+    assert client_request(b":method: GET\n\n", "none") == ({":method": "GET"}, None, None)
+    _, body, declared = client_request(b"content-length: 99\n\n", "unread")
+    assert (body, declared) == (None, 99)
+
+
+@pytest.mark.parametrize(("payload", "kind"), [
+    (b":method: POST", "whole"),  # no end to the head
+    (b":method: POST\n\n", "unread"),  # unread, but no size to refuse it by
+    (b":method: POST\n\n", "partly"),
+])
+def test_what_the_filter_never_sends_is_refused(payload, kind):
+    with pytest.raises(BadRequest):
+        client_request(payload, kind)
+
+
+def test_a_forward_names_each_change_for_the_filter():
+    raw = answer(Forwarding(
+        set_headers={":path": "/v1/messages", ":authority": "api.example", "x-api-key": "sk",
+                     "content-length": "7"},
+        remove_headers=["authorization", "x-envoy-retry-on"], body=b'{"a":1}',
+        metadata={"request_id": "req_1", "budget_warning": "b; name=équipe; used=85%"}))
+    headers = _headers(raw)
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert headers["x-tollgate-path"] == "/v1/messages"
+    assert headers["x-tollgate-authority"] == "api.example"
+    assert headers["x-tollgate-set-x-api-key"] == "sk"
+    assert headers["x-tollgate-remove"] == "authorization, x-envoy-retry-on"
+    assert headers["x-tollgate-meta-budget_warning"] == "b; name=équipe; used=85%"
+    assert headers["x-tollgate-body"] == "replaced" and raw.endswith(b'\r\n\r\n{"a":1}')
+    unchanged = _headers(answer(Forwarding({":path": "/v1/x"}, [], None, {})))
+    assert "x-tollgate-body" not in unchanged and "x-tollgate-remove" not in unchanged
+
+
+def test_a_reply_is_the_gateways_answer_with_its_headers():
+    raw = answer(Reply(429, {"content-type": "application/json", "Retry-After": "3"},
+                       b'{"error": {}}', {"code": "rate_limited"}))
+    headers = _headers(raw)
+    assert headers["x-tollgate-reply"] == "429"
+    assert headers["x-tollgate-meta-answered"] == "1"
+    assert headers["x-tollgate-set-retry-after"] == "3"
+    assert raw.endswith(b'{"error": {}}')
+
+
+def test_a_value_that_would_break_the_headers_is_refused():
+    with pytest.raises(ValueError, match="line break"):
+        answer(Forwarding({"x-bad": "a\r\nx-injected: 1"}, [], None, {}))
