@@ -138,10 +138,14 @@ def test_mitmweb_never_shows_a_provider_key_in_flight(config, tmp_path, fake_ope
             httpx.post, f"{gw.url}/v1/chat/completions", timeout=30,
             headers={"authorization": f"Bearer {secret}"},
             json={"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]})
+        # Listed from its headers on, the flow carries the (masked) virtual key until the
+        # decision puts the provider's on it: wait for that, still without a response.
         in_flight = wait_until(lambda: [f for f in httpx.get(
             f"http://127.0.0.1:{web_port}/flows",
             headers={"authorization": f"Bearer {token}"}).json()
-            if f["request"]["path"].endswith("completions") and not f.get("response")],
+            if f["request"]["path"].endswith("completions") and not f.get("response")
+            and dict(f["request"]["headers"]).get("authorization", "").startswith(
+                f"Bearer {OPENAI_KEY[:3]}")],
             timeout=5, what="the flow waiting for its provider")
         headers = dict(in_flight[0]["request"]["headers"])
         assert headers["authorization"] == f"Bearer {OPENAI_KEY[:3]}…{OPENAI_KEY[-4:]}"
