@@ -29,10 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import ssl
 
-from extproc.listen import Listener, private_socket
+from extproc.listen import Listener, private_socket, restrict
 from extproc.service import ExternalProcessor, Forwarding
 from tollgate.request import Reply, lower_headers
 
@@ -157,19 +155,6 @@ class Decider:
                 writer.close()
 
 
-def _tls(where: Listener) -> ssl.SSLContext | None:
-    """Mutual TLS with the ext_proc listener's certificate and client CA."""
-    if where.tls is None:
-        return None
-    # As ext_proc's gRPC listener checks them (not Python's stricter X.509 defaults).
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(where.tls.cert), str(where.tls.key))
-    context.load_verify_locations(cafile=str(where.tls.client_ca))
-    context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
 async def start_decider(processor: ExternalProcessor, where: Listener) -> asyncio.Server:
     """Listen where the decide filter calls, with the protections of ext_proc's listener:
     a Unix socket created 0600 in a 0700 directory, or TCP with mutual TLS (or in the clear
@@ -179,12 +164,13 @@ async def start_decider(processor: ExternalProcessor, where: Listener) -> asynci
         with private_socket(where) as path:
             server = await asyncio.start_unix_server(decider.serve, path, limit=MAX_HEAD,
                                                      backlog=BACKLOG)
-        os.chmod(path, 0o600)
+        restrict(where)
         return server
     host, _, port = where.target.rpartition(":")
     if where.tls is None:
         log.warning("the decision service listens on TCP %s WITHOUT TLS (--insecure-tcp)",
                     where.target)
     return await asyncio.start_server(decider.serve, host.strip("[]"), int(port),
-                                      ssl=_tls(where), limit=MAX_HEAD, reuse_port=False,
+                                      ssl=where.tls.ssl_context() if where.tls else None,
+                                      limit=MAX_HEAD, reuse_port=False,
                                       backlog=BACKLOG)

@@ -54,7 +54,7 @@ class Siblings:
 
     def _command(self, index: int, where: Listener, ready: int, lifeline: int) -> list[str]:
         cmd = [sys.executable, "-m", "extproc.worker", "--config", self.config,
-               "--listen", where.target, "--decide-listen", where.decider,
+               "--listen", where.target, "--decider-listen", where.decider,
                "--process", str(index),
                "--ready-fd", str(ready), "--lifeline-fd", str(lifeline)]
         if self.envoy_admin:

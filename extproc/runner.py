@@ -24,7 +24,7 @@ from extproc import envoy_config
 from extproc.listen import Listener
 from extproc.processes import ProcessExited, Siblings
 from extproc.proxy_replies import OutageLog
-from extproc.service import ExternalProcessor, start_server
+from extproc.service import ExternalProcessor, start_server, stop_server
 from tollgate.admin import AdminServer
 from tollgate.config.load import LoadedConfig
 from tollgate.gateway import Gateway
@@ -268,10 +268,7 @@ async def serve_extproc(config: str, where: Listener, outage: Path,
             admin_server.stop()
         if siblings is not None:
             await siblings.stop()
-        if processor.sweeper:
-            processor.sweeper.cancel()
-        await server.stop(grace=2)
-        await processor.stop_decider()
+        await stop_server(server, processor)
         await gateway.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return status
@@ -344,10 +341,7 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
                 await envoy.wait()
         if siblings is not None:
             await siblings.stop()
-        if processor.sweeper:
-            processor.sweeper.cancel()
-        await server.stop(grace=2)
-        await processor.stop_decider()
+        await stop_server(server, processor)
         await gateway.close()
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)

@@ -592,3 +592,12 @@ async def start_server(gateway: Gateway, where: Listener,
         where.decider or decider_targets([where.target])[0], where.tls, where.insecure_tcp))
     processor.sweeper = asyncio.get_running_loop().create_task(processor.sweep_forever())
     return server, processor
+
+
+async def stop_server(server: grpc.aio.Server, processor: ExternalProcessor) -> None:
+    """Undo `start_server`: the sweep, the gRPC server (its streams get 2 s to end), the
+    decision service."""
+    if processor.sweeper:
+        processor.sweeper.cancel()
+    await server.stop(grace=2)
+    await processor.stop_decider()

@@ -16,7 +16,7 @@ from extproc import envoy_config
 from extproc.listen import ListenError, listener
 from extproc.processes import READY
 from extproc.runner import LoadedClusters
-from extproc.service import start_server
+from extproc.service import start_server, stop_server
 from tollgate.config.load import LoadedConfig
 from tollgate.config.problems import ConfigError
 from tollgate.gateway import Gateway
@@ -28,7 +28,7 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m extproc.worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--listen", required=True)
-    parser.add_argument("--decide-listen", default="")
+    parser.add_argument("--decider-listen", default="")
     parser.add_argument("--process", type=int, required=True)
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--lifeline-fd", type=int, required=True)
@@ -42,7 +42,7 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     where = replace(listener(args.listen, args.tls_cert, args.tls_key, args.tls_client_ca,
-                             args.insecure_tcp), decider=args.decide_listen)
+                             args.insecure_tcp), decider=args.decider_listen)
     gateway = Gateway.from_path(args.config, siblings=True)
     clusters = LoadedClusters(args.envoy_admin) if args.envoy_admin else None
     if clusters is not None:
@@ -67,10 +67,7 @@ async def serve(args: argparse.Namespace) -> None:
         loop.remove_reader(args.lifeline_fd)
         if clusters is not None:
             clusters.stop()
-        if processor.sweeper:
-            processor.sweeper.cancel()
-        await server.stop(grace=2)
-        await processor.stop_decider()
+        await stop_server(server, processor)
         await gateway.close()
 
 

@@ -77,23 +77,35 @@ class Stream:
             await asyncio.sleep(0)
 
 
-async def ask(proc: ExternalProcessor, client: dict[str, str], body: bytes | None,
-              kind: str | None = None) -> httpx.Response:
-    """One decision, asked over the decision service's HTTP as the decide filter asks it
-    (a service of its own on a fresh socket, stopped after)."""
+@contextlib.asynccontextmanager
+async def decision_service(proc: ExternalProcessor):
+    """A decision service of its own on a fresh socket, and a client on one connection to
+    it (as Envoy keeps one alive): yields the client and where the service listens."""
     import tempfile
 
     where = Listener(f"unix:{tempfile.mkdtemp(prefix='tg-decider-')}/extproc.decide.sock")
     server = await start_decider(proc, where)
-    head = "\n".join(f"{k}: {v}" for k, v in client.items()).encode()
     try:
         async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(
                 uds=str(where.socket_path))) as http:
-            return await http.post("http://tollgate/decide", content=head + b"\n\n" + (
-                body or b""), headers={"x-tollgate-body": kind or (
-                    "none" if body is None else "whole")})
+            yield http, where
     finally:
         server.close()  # its client has closed its connection
+
+
+async def post(http: httpx.AsyncClient, client: dict[str, str], body: bytes | None,
+               kind: str | None = None) -> httpx.Response:
+    """One decision, asked as the decide filter asks it."""
+    head = "\n".join(f"{k}: {v}" for k, v in client.items()).encode()
+    return await http.post("http://tollgate/decide", content=head + b"\n\n" + (body or b""),
+                           headers={"x-tollgate-body": kind or (
+                               "none" if body is None else "whole")})
+
+
+async def ask(proc: ExternalProcessor, client: dict[str, str], body: bytes | None,
+              kind: str | None = None) -> httpx.Response:
+    async with decision_service(proc) as (http, _):
+        return await post(http, client, body, kind)
 
 
 def chat_request(secret: str, path: str = "/v1/chat/completions",
@@ -309,22 +321,11 @@ async def test_a_decision_sets_the_providers_request_and_keeps_the_connection(pr
     """The decision names what the decide filter sets and removes, and the metadata for the
     filters after it; the client's key goes, the provider's credential comes. A second
     decision on the same connection is answered too (Envoy keeps them alive)."""
-    import tempfile
-
     proc, secret = processor
     client, body = chat_request(secret, stream=True, max_tokens=16)
-    where = Listener(f"unix:{tempfile.mkdtemp(prefix='tg-decider-')}/extproc.decide.sock")
-    server = await start_decider(proc, where)
-    head = "\n".join(f"{k}: {v}" for k, v in client.items()).encode() + b"\n\n"
-    try:
-        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(
-                uds=str(where.socket_path))) as http:
-            answers = [await http.post("http://tollgate/decide", content=head + body,
-                                       headers={"x-tollgate-body": "whole"})
-                       for _ in range(2)]
+    async with decision_service(proc) as (http, where):
+        answers = [await post(http, client, body) for _ in range(2)]
         assert oct(where.socket_path.stat().st_mode & 0o777) == "0o600"
-    finally:
-        server.close()  # its client has closed its connection
     first, second = (a.headers for a in answers)
     assert first["x-tollgate-meta-request_id"] != second["x-tollgate-meta-request_id"]
     assert first["x-tollgate-set-authorization"] == "Bearer sk-real-openai"
