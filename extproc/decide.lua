@@ -7,6 +7,7 @@ local CLUSTER = "@CLUSTER@"
 local MAX_BODY = @MAX_BODY@
 local TIMEOUT_MS = 5000
 local PREFIX = "x-tollgate-"
+local META, SET = PREFIX .. "meta-", PREFIX .. "set-"
 
 -- The client's request head, a "name: value" line each (pseudo-headers too).
 local function client_head(handle)
@@ -44,18 +45,18 @@ local function decide(handle)
   elseif status ~= "200" then
     error("the decision service answered " .. tostring(status))
   end
+  local sets = {}
   for name, value in pairs(answer) do
-    if name:sub(1, 16) == PREFIX .. "meta-" then
-      meta:set("tollgate", name:sub(17), value)
+    if name:sub(1, #META) == META then
+      meta:set("tollgate", name:sub(#META + 1), value)
+    elseif name:sub(1, #SET) == SET then
+      sets[name:sub(#SET + 1)] = value
     end
   end
   local reply = answer[PREFIX .. "reply"]
   if reply ~= nil then
-    local headers = {[":status"] = reply}
-    for name, value in pairs(answer) do
-      if name:sub(1, 15) == PREFIX .. "set-" then headers[name:sub(16)] = value end
-    end
-    handle:respond(headers, answer_body)
+    sets[":status"] = reply
+    handle:respond(sets, answer_body)
     return
   end
   local headers = handle:headers()
@@ -63,9 +64,7 @@ local function decide(handle)
   if removed ~= nil then
     for name in removed:gmatch("[^,%s]+") do headers:remove(name) end
   end
-  for name, value in pairs(answer) do
-    if name:sub(1, 15) == PREFIX .. "set-" then headers:replace(name:sub(16), value) end
-  end
+  for name, value in pairs(sets) do headers:replace(name, value) end
   if answer[PREFIX .. "path"] ~= nil then headers:replace(":path", answer[PREFIX .. "path"]) end
   if answer[PREFIX .. "authority"] ~= nil then
     headers:replace(":authority", answer[PREFIX .. "authority"])

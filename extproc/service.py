@@ -281,10 +281,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         """Hold a decision while too many decided requests wait for their tap."""
         while True:
             now = time.monotonic()
-            for request_id, since in list(self._awaiting_tap.items()):
+            while self._awaiting_tap:  # oldest first: past a recent one, all are recent
+                request_id, since = next(iter(self._awaiting_tap.items()))
                 if now - since <= TAP_LAG:
                     break
-                del self._awaiting_tap[request_id]  # oldest first: the rest are newer
+                del self._awaiting_tap[request_id]
             if len(self._awaiting_tap) < MAX_AWAITING_TAP:
                 return
             self._tap_opened.clear()
