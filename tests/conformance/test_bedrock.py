@@ -149,9 +149,12 @@ def test_bedrock_model_timeout_falls_back_as_a_timeout(gateways, host, fake_bedr
     key = gw.create_key("--routing-policy", ids["bedrock-anthropic"], "--config-json",
                         '{"fallback": {"on": ["timeout"]}}')
     claude = anthropic.Anthropic(base_url=gw.url, api_key=key.secret, max_retries=0)
-    # Bedrock first again: a model only it serves closes the circuit earlier failures opened.
-    openai.OpenAI(base_url=gw.openai_base, api_key=key.secret, max_retries=0
-                  ).chat.completions.create(model="amazon.nova-lite-v1:0", messages=MESSAGES)
+    # Bedrock first again: a model only it serves closes the circuit earlier failures opened,
+    # once its request is settled (after the client has its answer).
+    nova = openai.OpenAI(base_url=gw.openai_base, api_key=key.secret, max_retries=0
+                         ).chat.completions.with_raw_response.create(
+        model="amazon.nova-lite-v1:0", messages=MESSAGES)
+    ledger_row(gw, nova.headers["x-langwatch-request-id"])
     fake_bedrock.enqueue(Behaviour("fail", status=408))
     raw = claude.messages.with_raw_response.create(model="claude-haiku-4-5", max_tokens=20,
                                                    messages=MESSAGES)
