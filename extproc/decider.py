@@ -1,5 +1,6 @@
 """The decision service: Envoy's `tollgate.decide` Lua filter (decide.lua) asks it over plain
-HTTP/1.1, once per request, and applies the answer itself.
+HTTP/1.1, once per request, and applies the answer itself; `tollgate.meter` (meter.lua)
+copies each forwarded request's response to it.
 
 A gRPC stream per request cost several times the decision it carried (stream set-up in
 grpcio, five messages); one keep-alive HTTP exchange costs a read and a write. The exchange:
@@ -20,7 +21,17 @@ the request is refused from its headers. The answer is 200 with the decision in
 - reply: `x-tollgate-reply: <status>`, the reply's headers as `x-tollgate-set-<name>`, its
   body as the answer's body.
 
-Anything else is answered 400 and the connection closed; the filter then answers the
+The meter's posts, fire-and-forget, a few per response:
+
+    POST /meter      x-tollgate-request: <request id>   x-tollgate-seq: 0, 1, ...
+                     x-tollgate-end: 1 (on the last)
+    <seq 0 only: the response's head, "name: value" a line (:status too), an empty line>
+    <the response's bytes since the previous post>
+
+Posts may arrive out of order (Envoy sends each on any free connection); `seq` puts them back
+in order. Each is answered 204.
+
+Anything else is answered 400 and the connection closed; the decide filter then answers the
 client 500 (503 only when the service cannot be reached or is too slow).
 """
 
@@ -29,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 from extproc.listen import Listener, private_socket, restrict
 from extproc.service import ExternalProcessor, Forwarding
@@ -36,7 +48,7 @@ from tollgate.request import Reply, lower_headers
 
 log = logging.getLogger("tollgate.extproc")
 
-PATH = b"/decide"
+DECIDE, METER = b"/decide", b"/meter"
 BODY_HEADER = b"x-tollgate-body"
 PREFIX = "x-tollgate-"
 MAX_HEAD = 64 * 1024  # the filter's own request head: a few short headers
@@ -78,22 +90,56 @@ class BadRequest(ValueError):
     """Not an exchange the decide filter sends (see the module's docstring)."""
 
 
-def _head(head: bytes) -> tuple[int, str]:
-    """The decide filter's request head: its body's length and what the body holds."""
+@dataclass
+class Head:
+    """What the filters' request heads say: which service, the body's length, and the
+    `x-tollgate-*` fields."""
+
+    path: bytes
+    length: int
+    fields: dict[bytes, str]
+
+
+def _head(head: bytes) -> Head:
     lines = head.split(b"\r\n")
-    if not lines[0].startswith(b"POST " + PATH + b" "):
-        raise BadRequest(f"not a decision request: {lines[0][:80]!r}")
-    length, kind = 0, "whole"
+    method, _, rest = lines[0].partition(b" ")
+    path = rest.partition(b" ")[0]
+    if method != b"POST" or path not in (DECIDE, METER):
+        raise BadRequest(f"not a decision or a meter request: {lines[0][:80]!r}")
+    length, fields = 0, {}
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         name = name.strip().lower()
         if name == b"content-length":
             length = int(value.strip())
-        elif name == BODY_HEADER:
-            kind = value.strip().decode("ascii", "replace")
+        elif name.startswith(b"x-tollgate-"):
+            fields[name] = value.strip().decode("ascii", "replace")
         elif name == b"transfer-encoding":
-            raise BadRequest("a chunked decision request")
-    return length, kind
+            raise BadRequest("a chunked request")
+    return Head(path, length, fields)
+
+
+def _lines(head: bytes) -> list[tuple[str, str]]:
+    """"name: value" lines, as the filters send a head."""
+    pairs = []
+    for line in head.decode("utf-8", "surrogateescape").split("\n"):
+        name, sep, value = line.partition(": ")
+        if not sep:
+            name, value = line.rstrip(":"), ""
+        pairs.append((name, value))
+    return pairs
+
+
+def response_head(payload: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A first meter post: the response's status, its headers and the bytes after them."""
+    head, sep, body = payload.partition(b"\n\n")
+    if not sep:
+        raise BadRequest("no end to the response's headers")
+    headers = lower_headers(_lines(head))
+    status = headers.pop(":status", "")
+    if not status.isdigit():
+        raise BadRequest(f"a response head without a status: {status!r}")
+    return int(status), headers, body
 
 
 def client_request(payload: bytes, kind: str) -> tuple[dict[str, str], bytes | None,
@@ -103,13 +149,7 @@ def client_request(payload: bytes, kind: str) -> tuple[dict[str, str], bytes | N
     head, sep, body = payload.partition(b"\n\n")
     if not sep:
         raise BadRequest("no end to the client's headers")
-    pairs = []
-    for line in head.decode("utf-8", "surrogateescape").split("\n"):
-        name, sep, value = line.partition(": ")
-        if not sep:
-            name, value = line.rstrip(":"), ""
-        pairs.append((name, value))
-    headers = lower_headers(pairs)
+    headers = lower_headers(_lines(head))
     if kind == "none":
         return headers, None, None
     if kind == "unread":
@@ -122,8 +162,11 @@ def client_request(payload: bytes, kind: str) -> tuple[dict[str, str], bytes | N
     return headers, body, None
 
 
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
 class Decider:
-    """Serves the decide filter's requests on one connection after another (keep-alive)."""
+    """Serves the filters' requests on one connection after another (keep-alive)."""
 
     def __init__(self, processor: ExternalProcessor) -> None:
         self.processor = processor
@@ -132,16 +175,20 @@ class Decider:
         try:
             while True:
                 try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    length, kind = _head(head)
-                    payload = await reader.readexactly(length)
+                    head = _head(await reader.readuntil(b"\r\n\r\n"))
+                    payload = await reader.readexactly(head.length)
+                    if head.path == METER:
+                        self._meter(head, payload)
+                        writer.write(NO_CONTENT)
+                        continue
+                    kind = head.fields.get(BODY_HEADER, "whole")
                     headers, body, declared = client_request(payload, kind)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return  # Envoy closed the connection
                 except (asyncio.LimitOverrunError, BadRequest, ValueError) as e:
-                    log.error("the decide filter sent what the decision service does not "
-                              "read (%s): render Envoy's configuration again with `tollgate "
-                              "envoy render`", e)
+                    log.error("a filter sent what the decision service does not read (%s): "
+                              "render Envoy's configuration again with `tollgate envoy "
+                              "render`", e)
                     writer.write(_encode(400, [("connection", "close")], b""))
                     return
                 decision = await self.processor.decide(headers, body, declared)
@@ -153,6 +200,18 @@ class Decider:
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
+
+    def _meter(self, head: Head, payload: bytes) -> None:
+        request_id = head.fields.get(b"x-tollgate-request", "")
+        seq = head.fields.get(b"x-tollgate-seq", "")
+        if not request_id or not seq.isdigit():
+            raise BadRequest("a meter post without its request id or sequence number")
+        last = head.fields.get(b"x-tollgate-end") == "1"
+        if seq == "0":
+            status, headers, payload = response_head(payload)
+            self.processor.metered(request_id, 0, last, payload, (status, headers))
+        else:
+            self.processor.metered(request_id, int(seq), last, payload)
 
 
 async def start_decider(processor: ExternalProcessor, where: Listener) -> asyncio.Server:

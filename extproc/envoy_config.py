@@ -8,8 +8,11 @@ Filters in front of the router:
   metadata the filters after it read, or the gateway's own reply. A body whose
   content-length is over `gateway.max_body_bytes` is refused unread; one that grows past it
   meets the listener's buffer limit (Envoy's 413, recorded through the access log).
-- `tollgate.tap`: in observability mode, response headers and streamed body chunks are copied
-  to ext_proc for accounting without holding a byte back.
+- `tollgate.meter` (Lua, meter.lua): copies each forwarded request's response, as the
+  provider sent it, to the decision service of the process that decided it, in a few
+  fire-and-forget posts, without holding a byte back. A response that does not end there
+  (a reset, a reply Envoy made in the provider's place) goes to that process through the
+  access log (`unmetered_log`).
 - `tollgate.rewrite` (ext_proc) edits the responses the gateway reshapes (translations), and
   `tollgate.usage_cut` (Lua, in Envoy) keeps a usage chunk the gateway asked for out of a
   stream it does not otherwise edit; each is idle for every other response.
@@ -51,9 +54,12 @@ EXTPROC_CLUSTER = "tollgate_extproc"
 # The decision service of every ext_proc process, which the decide filter calls.
 DECIDER_CLUSTER = "tollgate_decider"
 # Set by the decision when ext_proc runs as several processes: the index of the process that
-# holds the request, whose own cluster the request's later streams (tap, rewrite, attempts)
-# are sent to. Decisions are spread over all of them.
+# holds the request, whose own clusters its meter posts, rewrite and attempt streams and
+# access log entry are sent to. Decisions are spread over all of them.
 EXTPROC_PROCESS_HEADER = "x-tollgate-extproc"
+# Put on every response that came from a provider (an upstream filter, so never on Envoy's
+# own replies); the meter filter reads it and takes it off.
+UPSTREAM_HEADER = "x-tollgate-upstream"
 # gRPC metadata on each ext_proc stream: the filter that opened it.
 FILTER_ROLE_HEADER = "x-tollgate-filter"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"  # its gRPC health name
@@ -258,6 +264,41 @@ def proxy_replies_log() -> dict[str, Any]:
     }
 
 
+def _metadata_present(key: str) -> dict[str, Any]:
+    return {"metadata_filter": {
+        "matcher": {"filter": METADATA_NS, "path": [{"key": key}],
+                    "value": {"present_match": True}},
+        "match_if_key_not_found": False}}
+
+
+def unmetered_logs(processes: int = 1) -> list[dict[str, Any]]:
+    """Forwarded requests whose response's end did not reach the meter (reset by the client
+    or the provider, or answered by Envoy in the provider's place) go to the gRPC access log
+    of the process that decided them, which settles them (`ExternalProcessor.ended`)."""
+    def log_to(process: int | None) -> dict[str, Any]:
+        conditions = [_metadata_present("request_id"), _metadata_is("answered", None),
+                      _metadata_is("metered", None)]
+        if process is not None:
+            conditions.append(_metadata_is("process", str(process)))
+        cluster = EXTPROC_CLUSTER if process is None else process_cluster(process)
+        return {
+            "name": "tollgate.unmetered",
+            "filter": {"and_filter": {"filters": conditions}},
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
+                         "HttpGrpcAccessLogConfig",
+                "common_config": {
+                    "log_name": "tollgate.unmetered",
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
+                    "buffer_flush_interval": "0.2s",
+                },
+            },
+        }
+
+    return [log_to(None)] if processes == 1 else [log_to(i) for i in range(processes)]
+
+
 # What the outage log keeps of a request. Never a whole key: only as much of it as
 # `virtual-keys list` shows (`tg-<env>-` and four characters, after "Bearer "), which is
 # enough to tell whose requests were refused.
@@ -317,7 +358,7 @@ def local_reply_config(prefix: str) -> dict[str, Any]:
 
 def _grpc_service(filter_name: str, cluster: str = EXTPROC_CLUSTER) -> dict[str, Any]:
     """ext_proc as a filter reaches it; its streams tell ext_proc which filter opened them
-    (their `x-tollgate-filter` gRPC metadata: `decide`, `tap`, `rewrite`, `attempt`)."""
+    (their `x-tollgate-filter` gRPC metadata: `rewrite`, `attempt`)."""
     role = filter_name.removeprefix("tollgate.")
     return {"envoy_grpc": {"cluster_name": cluster}, "timeout": "5s",
             "initial_metadata": [{"key": FILTER_ROLE_HEADER, "value": role}]}
@@ -344,25 +385,34 @@ def decide_filter(max_body: int) -> dict[str, Any]:
         "@type": LUA, "default_source_code": {"inline_string": source}}}
 
 
+METER = Path(__file__).with_name("meter.lua")
+
+
+def meter_filter() -> dict[str, Any]:
+    """`tollgate.meter`: the response, as the provider sent it, posted in a few batches to
+    the decision service of the process that decided the request (see meter.lua)."""
+    source = METER.read_text().replace("@CLUSTER@", DECIDER_CLUSTER) \
+        .replace("@UPSTREAM@", UPSTREAM_HEADER)
+    return {"name": "tollgate.meter", "typed_config": {
+        "@type": LUA, "default_source_code": {"inline_string": source}}}
+
+
+# An upstream filter: marks the responses that came from a provider, which is how the meter
+# tells them from Envoy's own replies (a provider unreachable, a timeout).
+UPSTREAM_MARK = {
+    "name": "tollgate.upstream_mark",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3."
+                 "HeaderMutation",
+        "mutations": {"response_mutations": [{"append": {
+            "header": {"key": UPSTREAM_HEADER, "value": "1"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
+    },
+}
+
+
 def http_filters(max_body: int) -> list[dict[str, Any]]:
     decide = decide_filter(max_body)
-    tap = _ext_proc("tollgate.tap", {
-        "observability_mode": True,
-        # Request headers open the tap's stream as the request goes upstream, so it lives
-        # as long as the request does (its end, early or not, settles the request).
-        # Response headers are sent too: without them the filter would strip the provider's
-        # content-length, and they give the tap the status and content type.
-        "processing_mode": {
-            "request_header_mode": "SEND", "request_body_mode": "NONE",
-            "response_header_mode": "SEND", "response_body_mode": "STREAMED",
-            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
-        },
-        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
-        "deferred_close_timeout": "5s",
-        # Tells a provider's response from Envoy's own reply after the decision (a provider
-        # unreachable, a timeout), which the ledger records with its code.
-        "response_attributes": ["response.code_details"],
-    })
     # Idle (no stream, no cost) unless the route matching REWRITE_HEADER turns its response
     # body mode on; a filter `disabled` in the chain could not be enabled that late.
     rewrite = _ext_proc("tollgate.rewrite", {
@@ -377,14 +427,14 @@ def http_filters(max_body: int) -> list[dict[str, Any]]:
         # translated can still change its status (a 502) before any byte leaves.
         "allow_mode_override": True,
     })
-    # Encoders run in reverse: the tap sees the provider's bytes, the rewrite or the usage cut
-    # edits after it.
+    # Encoders run in reverse: the meter sees the provider's bytes, the rewrite or the usage
+    # cut edits after it.
     router = {"name": "envoy.filters.http.router", "typed_config": {
         "@type": ROUTER, "suppress_envoy_headers": True,
-        "upstream_http_filters": [attempt_filter(), {
+        "upstream_http_filters": [attempt_filter(), UPSTREAM_MARK, {
             "name": "envoy.filters.http.upstream_codec",
             "typed_config": {"@type": UPSTREAM_CODEC}}]}}
-    return [decide, usage_cut(), rewrite, tap, router]
+    return [decide, usage_cut(), rewrite, meter_filter(), router]
 
 
 USAGE_CUT = Path(__file__).with_name("usage_cut.lua")
@@ -449,7 +499,7 @@ def process_cluster(process: int) -> str:
 def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
     """The routes a decision picks between by the headers it sets. With ext_proc in several
     processes there is a set per process (`process`), whose streams after the decision go
-    to the process that made it: it holds the request until the tap settles it."""
+    to the process that made it: it holds the request until it is settled."""
     action = {
         "cluster_header": CLUSTER_HEADER,
         # LLM calls run for minutes; only silence ends them.
@@ -459,7 +509,6 @@ def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
     with_fallback = {**action, "retry_policy": fallback.retry_policy()}
     rewrite = _per_route("tollgate.rewrite", REWRITE_MODE, process)
     attempts = _per_route("tollgate.attempt", ATTEMPT_MODE, process)
-    tap = _per_route("tollgate.tap", process=process) if process is not None else {}
     pinned = [] if process is None else [
         {"name": EXTPROC_PROCESS_HEADER, "string_match": {"exact": str(process)}}]
 
@@ -469,19 +518,19 @@ def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
 
     return [
         {"match": when(FALLBACK_HEADER, REWRITE_HEADER), "route": with_fallback,
-         "typed_per_filter_config": {**attempts, **rewrite, **tap}},
+         "typed_per_filter_config": {**attempts, **rewrite}},
         {"match": when(FALLBACK_HEADER), "route": with_fallback,
-         "typed_per_filter_config": {**attempts, **tap}},
-        {"match": when(REWRITE_HEADER), "route": action,
-         "typed_per_filter_config": {**rewrite, **tap}},
-        {"match": when(), "route": action, **({"typed_per_filter_config": tap} if tap else {})},
+         "typed_per_filter_config": attempts},
+        {"match": when(REWRITE_HEADER), "route": action, "typed_per_filter_config": rewrite},
+        {"match": when(), "route": action},
     ]
 
 
 def route_config(cfg: Config, processes: int = 1) -> dict[str, Any]:
     """`processes`: how many ext_proc processes serve this Envoy. With more than one, every
-    forwarded request names its process, and a route for no process would send its tap to
-    any of them, so there is none (a request without a decision never reaches the router)."""
+    forwarded request names its process, and a route for no process would send its rewrite
+    and attempt streams to any of them, so there is none (a request without a decision
+    never reaches the router)."""
     prefix = cfg.gateway.header_prefix
     routes = _routes(cfg, None) if processes == 1 else \
         [r for i in range(processes) for r in _routes(cfg, i)]
@@ -540,7 +589,8 @@ def listener(cfg: Config, host: str, port: int, outage: str, processes: int = 1
                 "http2_protocol_options": {"max_concurrent_streams": 256},
                 "route_config": route_config(cfg, processes),
                 "local_reply_config": local_reply_config(cfg.gateway.header_prefix),
-                "access_log": [proxy_replies_log(), outage_log(outage)],
+                "access_log": [proxy_replies_log(), outage_log(outage),
+                               *unmetered_logs(processes)],
                 "http_filters": http_filters(cfg.gateway.max_body_bytes),
             },
         }]}],
@@ -615,18 +665,20 @@ def extproc_clusters(targets: list[str], tls: ClientTLS | None = None,
     over; `tollgate_extproc`, every process (the access log goes to any). With several
     processes, also one cluster per process, where the streams that follow a decision go
     (see `route_config`)."""
-    clusters = [_decider_cluster(decider_targets(targets, decider), tls),
+    deciders = decider_targets(targets, decider)
+    clusters = [_decider_cluster(DECIDER_CLUSTER, deciders, tls),
                 _extproc_cluster(EXTPROC_CLUSTER, targets, tls)]
     if len(targets) > 1:
-        clusters += [_extproc_cluster(process_cluster(i), [t], tls)
-                     for i, t in enumerate(targets)]
+        clusters += [c for i, (t, d) in enumerate(zip(targets, deciders, strict=True))
+                     for c in (_extproc_cluster(process_cluster(i), [t], tls),
+                               _decider_cluster(f"{DECIDER_CLUSTER}_{i}", [d], tls))]
     return clusters
 
 
-def _decider_cluster(targets: list[str], tls: ClientTLS | None) -> dict[str, Any]:
+def _decider_cluster(name: str, targets: list[str], tls: ClientTLS | None) -> dict[str, Any]:
     # HTTP/1.1: one request at a time per connection, so as many connections as decisions
-    # in flight.
-    return _process_cluster(DECIDER_CLUSTER, targets, tls, EXTPROC_MAX_STREAMS, grpc=False)
+    # and meter posts in flight.
+    return _process_cluster(name, targets, tls, EXTPROC_MAX_STREAMS, grpc=False)
 
 
 def _extproc_cluster(name: str, targets: list[str], tls: ClientTLS | None) -> dict[str, Any]:
@@ -641,8 +693,8 @@ def _process_cluster(name: str, targets: list[str], tls: ClientTLS | None,
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        # A request holds up to three gRPC streams (tap, rewrite, attempt) and a decision:
-        # the default cap of 1,024 would refuse a few hundred concurrent requests with 503.
+        # A request holds up to two gRPC streams (rewrite, attempt), a decision and a meter
+        # post: the default cap of 1,024 would refuse a few hundred concurrent requests with 503.
         "circuit_breakers": {"thresholds": [{
             "priority": "DEFAULT", "max_requests": EXTPROC_MAX_STREAMS,
             "max_pending_requests": EXTPROC_MAX_STREAMS, "max_connections": connections}]},

@@ -7,25 +7,33 @@ Two ways in (see `envoy_config.proxy_replies_log` and `envoy_config.outage_log`)
 - when ext_proc failed them, that log would go to the same dead socket, so Envoy writes them
   to a file (the outage log), which ext_proc reads into the ledger once it is back.
 
-Envoy logs only requests without the decision's metadata, so a request the gateway decided
-is never counted twice; the two logs take disjoint requests, and a line read twice (ext_proc
-stopped between recording it and saving how far it read) settles once, by its request id."""
+The same gRPC access log service also hears of forwarded requests whose response's end did
+not reach the meter (`envoy_config.unmetered_logs`): those carry the decision's metadata and
+go to the processor that holds them (`ended`).
+
+Envoy logs as proxy replies only requests without the decision's metadata, so a request the
+gateway decided is never counted twice; the two logs take disjoint requests, and a line read
+twice (ext_proc stopped between recording it and saving how far it read) settles once, by
+its request id."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from extproc.envoy_config import METADATA_NS
 from tollgate.gateway import Gateway
 from tollgate.request import Request
 from tollgate.statedir import state_dir
@@ -42,9 +50,32 @@ def request_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Request:
                    .socket_address.address, declared_length=r.request_body_bytes or None)
 
 
+class Ended(Protocol):
+    def __call__(self, request_id: str, status: int, details: str, posts: int,
+                 tail: bytes, client_left: bool) -> None: ...
+
+
+def _decided(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, int, bytes] | None:
+    """A forwarded request's id, how many meter posts it made and the response bytes no post
+    carried (see meter.lua), from its metadata; None for a request Envoy answered before
+    any decision."""
+    namespaces = entry.common_properties.metadata.filter_metadata
+    fields = namespaces.get(METADATA_NS)
+    if fields is None or "request_id" not in fields.fields:
+        return None
+    posted = fields.fields["posted"].string_value if "posted" in fields.fields else "0"
+    tail = b""
+    if (held := namespaces.get(f"{METADATA_NS}.tail")) is not None and "n" in held.fields:
+        slots = [held.fields.get(str(i)) for i in range(1, int(held.fields["n"].number_value) + 1)]
+        tail = b"".join(base64.b64decode(s.string_value) for s in slots if s is not None)
+    return (fields.fields["request_id"].string_value, int(posted) if posted.isdigit() else 0,
+            tail)
+
+
 class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, gateway: Gateway):
+    def __init__(self, gateway: Gateway, ended: Ended):
         self.gateway = gateway
+        self.ended = ended
 
     async def StreamAccessLogs(self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage],
                                context: grpc.aio.ServicerContext
@@ -52,6 +83,17 @@ class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
         async for message in requests:
             for entry in message.http_logs.log_entry:
                 status = entry.response.response_code.value
+                decided = _decided(entry)
+                if decided is not None:
+                    try:
+                        request_id, posts, tail = decided
+                        flags = entry.common_properties.response_flags
+                        self.ended(request_id, status, entry.response.response_code_details,
+                                   posts, tail, flags.downstream_connection_termination
+                                   or flags.downstream_remote_reset)
+                    except Exception:
+                        log.exception("could not settle request %s", request_id)
+                    continue
                 if not status:
                     continue  # no answer at all: the client left before it was complete
                 try:

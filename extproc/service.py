@@ -2,14 +2,17 @@
 
 The decision itself comes over plain HTTP from Envoy's `tollgate.decide` Lua filter
 (`extproc.decider`), which calls `ExternalProcessor.decide`: a gRPC stream per request costs
-several times what the decision does. The streams that follow a forwarded request come
-here, each naming the filter that opened it (`x-tollgate-filter` gRPC metadata), and that
-filter's processor serves it. Tap streams (`tollgate.tap`, observability mode) carry response
-headers and body chunks, which are never answered. Rewrite streams (`tollgate.rewrite`)
-carry the responses the gateway reshapes, answered chunk by chunk. Attempt streams
-(`tollgate.attempt`, an upstream filter) come once per attempt of a request with a fallback
-plan: each is given the credentials, path and body of the provider Envoy chose for it, and
-its response headers name that provider.
+several times what the decision does. The response comes back the same way: Envoy's
+`tollgate.meter` Lua filter posts it, in a few batches, to `metered`, which settles the
+request at its end. A response that does not end there (reset by the client or the provider,
+or answered by Envoy in the provider's place) is reported by Envoy's access log (`ended`).
+
+The gRPC streams that remain come here, each naming the filter that opened it
+(`x-tollgate-filter` gRPC metadata), and that filter's processor serves it. Rewrite streams
+(`tollgate.rewrite`) carry the responses the gateway reshapes, answered chunk by chunk.
+Attempt streams (`tollgate.attempt`, an upstream filter) come once per attempt of a request
+with a fallback plan: each is given the credentials, path and body of the provider Envoy chose
+for it, and its response headers name that provider.
 """
 
 from __future__ import annotations
@@ -54,21 +57,17 @@ from tollgate.request import Attempt, Forward, Reply, Request
 log = logging.getLogger("tollgate.extproc")
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-# A forwarded request that no tap stream took up (the client reset it between the decision
-# and the next filter) is closed after this long. Once the tap has it, a request is settled
-# when its stream ends, however long it runs.
-UNCLAIMED_AFTER = 60.0
-# How long a finished tap waits for the rewrite of the same response to end.
+# A forwarded request Envoy has said nothing of for this long is closed. It is longer than
+# Envoy's own idle timeouts (the listener's and the route's, 300 s), past which Envoy has
+# ended the request and its access log has reported it: this only settles requests whose
+# report was lost (Envoy restarted).
+QUIET_AFTER = 360.0
+# How long a finished response waits for the rewrite of the same response to end.
 REWRITE_GRACE = 5.0
-# Decisions whose tap stream has not opened yet (it opens as the request goes upstream, a
-# moment after): past this many, a new decision waits for taps to catch up. Decisions come
-# over plain HTTP and cost far less than a tap's gRPC stream, so without it a saturated
-# process would starve its taps, and settlement (budgets, the ledger) would fall behind
-# without bound. One that waits longer than TAP_LAG is not counted: its client went away.
-MAX_AWAITING_TAP = 64
-TAP_LAG = 2.0
+# How long the end the access log reports waits for meter posts still on their way.
+POSTS_GRACE = 2.0
 # The filters whose streams this service serves (envoy_config renders them).
-ROLES = ("tap", "rewrite", "attempt")
+ROLES = ("rewrite", "attempt")
 
 
 def _headers(header_map: base_pb2.HeaderMap) -> dict[str, str]:
@@ -168,8 +167,9 @@ def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
     routing["x-request-id"] = exchange.trace.request_id
     if exchange.reshapes:  # the rewrite filter edits its response (a usage chunk as well)
         routing[REWRITE_HEADER] = "1"
+    fields = metadata(exchange)
     if process is not None:  # this process holds the request: its later streams come here
-        routing[EXTPROC_PROCESS_HEADER] = str(process)
+        routing[EXTPROC_PROCESS_HEADER] = fields["process"] = str(process)
     if len(plan) == 1:
         routing[CLUSTER_HEADER] = cluster_name(fwd.attempt.provider_id)
         set_headers, removed = _changes(fwd.attempt, None if body is None else len(body),
@@ -180,7 +180,7 @@ def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
         routing[FALLBACK_HEADER] = "1"
         set_headers, removed = routing, [h for h in envoy_controls if h not in routing]
         new_body = None
-    return Forwarding(set_headers, removed, new_body, metadata(exchange))
+    return Forwarding(set_headers, removed, new_body, fields)
 
 
 def _attribute(msg: pb.ProcessingRequest, name: str) -> str | None:
@@ -223,12 +223,17 @@ def _request_id(msg: pb.ProcessingRequest) -> str | None:
 @dataclass
 class _Pending:
     exchange: Exchange
-    since: float
+    since: float  # the last word of it: its decision, a meter post
     set_by_attempts: list[str] = field(default_factory=list)
     body_length: int | None = None  # the client's body, which Envoy replays to each attempt
-    claimed: bool = False  # a tap stream follows it to its end
     # Set when its rewrite stream has ended (for a response the gateway edits).
     rewritten: asyncio.Event | None = None
+    posts: int = 0  # meter posts taken, in order
+    early: dict[int, tuple[bytes, bool]] = field(default_factory=dict)  # ahead of their turn
+    # What the access log said of its end, while posts it counted are on their way:
+    # (status, response code details, posts made, the bytes no post carried, whether the
+    # client went away).
+    ended: tuple[int, str, int, bytes, bool] | None = None
 
 
 # An attempt that sends the client's body as it is skips sending it to ext_proc.
@@ -273,24 +278,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._chain_set: set[tuple[str, ...]] = set()
         self.sweeper: asyncio.Task[None] | None = None
         self.decider: asyncio.Server | None = None  # extproc.decider, once started
-        # Request id -> when decided, for decisions no tap has taken up yet (oldest first).
-        self._awaiting_tap: dict[str, float] = {}
-        self._tap_opened = asyncio.Event()
-
-    async def _wait_for_taps(self) -> None:
-        """Hold a decision while too many decided requests wait for their tap."""
-        while True:
-            now = time.monotonic()
-            while self._awaiting_tap:  # oldest first: past a recent one, all are recent
-                request_id, since = next(iter(self._awaiting_tap.items()))
-                if now - since <= TAP_LAG:
-                    break
-                del self._awaiting_tap[request_id]
-            if len(self._awaiting_tap) < MAX_AWAITING_TAP:
-                return
-            self._tap_opened.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._tap_opened.wait(), TAP_LAG)
+        self.settling: set[asyncio.Task[None]] = set()  # waiting for their rewrite
 
     async def stop_decider(self) -> None:
         if self.decider is not None:
@@ -327,9 +315,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         first = await anext(aiter(requests), None)
         if first is None:
             return
-        if role == "tap":
-            await self._tap(first, requests)
-            return
         processor = {"rewrite": self._rewrite, "attempt": self._attempt}[role]
         async for answer in processor(first, requests):
             yield answer
@@ -340,7 +325,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         """Decide a request from its headers (`:method`, `:path` among them) and its whole
         body (None: it has none). `declared`: the size of a body left unread because its
         content-length is over the limit, which is refused from the headers alone."""
-        await self._wait_for_taps()
         size = declared if declared is not None else len(body or b"")
         if size > self.gateway.max_body_bytes:
             refusal = await self.gateway.handle(self._request(headers, b"", size))
@@ -363,7 +347,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                                               for h in a.set_headers if h not in headers})
             pending.body_length = None if body is None else len(body)
         self._pending[request_id] = pending
-        self._awaiting_tap[request_id] = pending.since
         if exchange.reshapes:
             pending.rewritten = asyncio.Event()
             self._rewrites[request_id] = pending
@@ -420,60 +403,99 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                        headers=plain, body=body, peer=headers.get("x-forwarded-for", ""),
                        declared_length=declared)
 
-    # -- taps ---------------------------------------------------------------------------------
-    async def _tap(self, first: pb.ProcessingRequest,
-                   requests: AsyncIterator[pb.ProcessingRequest]) -> None:
-        """Follow a forwarded request from its headers (the tap opens as the request goes
-        upstream) to the response's last byte; settle it when the stream ends, however long
-        that takes. A stream that ends before any response means the client went away."""
-        exchange: Exchange | None = None
-        request_id: str | None = None
-        outcome, error = "abandoned", "the client went away before the provider answered"
+    # -- responses ----------------------------------------------------------------------------
+    def metered(self, request_id: str, seq: int, last: bool, data: bytes,
+                head: tuple[int, dict[str, str]] | None = None) -> None:
+        """A meter post: the response's bytes (and with the first, its status and headers),
+        taken in order; the last, or a response complete before it, settles the request."""
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return  # settled already (complete before its last post), or not this process's
+        pending.since = time.monotonic()
+        pending.early[seq] = (data, last)
         try:
-            msg: pb.ProcessingRequest | None = first
-            while msg is not None:
-                kind = msg.WhichOneof("request")
-                if exchange is None and kind in ("request_headers", "response_headers"):
-                    request_id = _request_id(msg)
-                    exchange = self._claim(request_id)
-                    if exchange is None:
-                        return  # a reply Envoy or the gateway made itself
-                if kind == "response_headers":
-                    outcome, error = "aborted", "the response stream ended early"
-                    headers = _headers(msg.response_headers.headers)
-                    status = int(headers.get(":status", "0"))
-                    if not _from_upstream(msg):
-                        exchange.proxy_replied(status, _attribute(msg, "response.code_details"))
-                    exchange.on_response_headers(status, headers)
-                    if msg.response_headers.end_of_stream or exchange.complete:
-                        outcome, error = "completed", None
-                        break
-                elif kind == "response_body" and exchange is not None:
-                    exchange.on_chunk(msg.response_body.body)
-                    # Envoy does not pass an empty end-of-stream chunk on to an observer, so
-                    # a stream's end is also read from the response itself.
-                    if msg.response_body.end_of_stream or exchange.complete:
-                        outcome, error = "completed", None
-                        break
-                elif kind == "response_trailers":
-                    outcome, error = "completed", None
-                    break
-                msg = await anext(requests, None)
-        except (asyncio.CancelledError, grpc.aio.AioRpcError):
-            pass
-        finally:
-            pending = self._pending.pop(request_id, None) if request_id is not None else None
-            if request_id is not None and outcome == "abandoned":
-                self._rewrites.pop(request_id, None)  # no response: no rewrite will take it
-            if exchange is not None:
-                try:
-                    if outcome == "completed" and pending is not None and pending.rewritten:
-                        # The tap sees the response before the rewrite does: let the rewrite
-                        # finish, so a stream it ended early is settled as the client saw it.
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(pending.rewritten.wait(), REWRITE_GRACE)
-                finally:  # settled even if the wait is cancelled (Envoy reset the stream)
-                    exchange.finish(outcome, error)
+            while pending.posts in pending.early:
+                data, last = pending.early.pop(pending.posts)
+                exchange = pending.exchange
+                if pending.posts == 0:
+                    if head is None:
+                        raise ValueError("the first meter post came without the head")
+                    exchange.on_response_headers(*head)
+                pending.posts += 1
+                if data:
+                    exchange.on_chunk(data)
+                if last or exchange.complete:
+                    self._settle(request_id, "completed")
+                    return
+        except Exception:
+            log.exception("request %s: could not meter its response", request_id)
+            self._settle(request_id, "error", "the gateway could not meter the response")
+            return
+        if pending.ended is not None and pending.posts >= pending.ended[2]:
+            self._end(request_id)
+
+    def ended(self, request_id: str, status: int, details: str, posts: int,
+              tail: bytes = b"", client_left: bool = False) -> None:
+        """Envoy's access log: the request ended without its response's end reaching the
+        meter (`status` 0: no response), having made `posts` meter posts and streamed `tail`
+        after them; `client_left`: the client reset it. Settled once those posts are in."""
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return
+        pending.ended = (status, details, posts, tail, client_left)
+        if pending.posts >= posts:
+            self._end(request_id)
+        else:
+            asyncio.get_running_loop().call_later(POSTS_GRACE, self._end, request_id)
+
+    def _end(self, request_id: str) -> None:
+        pending = self._pending.get(request_id)
+        if pending is None or pending.ended is None:
+            return
+        status, details, _, tail, client_left = pending.ended
+        exchange = pending.exchange
+        if pending.posts == 0 and status:
+            if details not in ("via_upstream", ""):  # Envoy answered in the provider's place
+                exchange.proxy_replied(status, details)
+                exchange.on_response_headers(status, {})
+                self._settle(request_id, "completed")
+                return
+            exchange.on_response_headers(status, {})
+        if tail and exchange.status is not None:
+            exchange.on_chunk(tail)
+        if exchange.status is None:
+            self._settle(request_id, "abandoned",
+                         "the client went away before the provider answered")
+        elif client_left:  # not the provider's doing: no breaker count
+            self._settle(request_id, "abandoned", "the client went away mid-response")
+        else:
+            self._settle(request_id, "aborted", "the response stream ended early")
+
+    def _settle(self, request_id: str, outcome: str, error: str | None = None) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return
+        if outcome == "abandoned":
+            self._rewrites.pop(request_id, None)  # no response: no rewrite will take it
+        rewritten = pending.rewritten
+        if outcome != "completed" or rewritten is None or rewritten.is_set():
+            pending.exchange.finish(outcome, error)
+            return
+        # The meter sees the response before the rewrite does: let the rewrite finish, so
+        # a stream it ended early is settled as the client saw it.
+        task = asyncio.get_running_loop().create_task(
+            self._after_rewrite(pending, rewritten, outcome, error))
+        self.settling.add(task)
+        task.add_done_callback(self.settling.discard)
+
+    @staticmethod
+    async def _after_rewrite(pending: _Pending, rewritten: asyncio.Event, outcome: str,
+                             error: str | None) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rewritten.wait(), REWRITE_GRACE)
+        finally:  # settled even if the wait is cancelled (ext_proc stopping)
+            pending.exchange.finish(outcome, error)
 
     # -- response rewrites ----------------------------------------------------------------
     async def _rewrite(self, first: pb.ProcessingRequest,
@@ -536,28 +558,32 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 return
             msg = await anext(requests, None)
 
-    def _claim(self, request_id: str | None) -> Exchange | None:
-        pending = self._pending.get(request_id or "")
-        if pending is None or pending.claimed:
-            return None
-        pending.claimed = True
-        if self._awaiting_tap.pop(request_id or "", None) is not None:
-            self._tap_opened.set()
-        return pending.exchange
-
     def sweep(self, now: float | None = None) -> None:
-        """Close forwarded requests that no tap stream took up (reset before it opened)."""
+        """Close forwarded requests Envoy has said nothing of for QUIET_AFTER: their end was
+        never reported. The provider may have had them: they are charged what they surely
+        cost."""
         now = time.monotonic() if now is None else now
         for request_id, pending in list(self._pending.items()):
-            if not pending.claimed and now - pending.since > UNCLAIMED_AFTER:
-                del self._pending[request_id]
-                self._rewrites.pop(request_id, None)
-                pending.exchange.finish("abandoned", "the request never went upstream",
-                                        sent=False)
+            if now - pending.since > QUIET_AFTER:
+                log.warning("request %s: Envoy never reported its end; settled as abandoned",
+                            request_id)
+                self._settle(request_id, "abandoned" if pending.exchange.status is None
+                             else "aborted", "Envoy never reported how the request ended")
         # A rewrite Envoy never opened (a response it answered itself, say).
         for request_id, waiting in list(self._rewrites.items()):
-            if waiting.exchange.finished and now - waiting.since > UNCLAIMED_AFTER:
+            if waiting.exchange.finished and now - waiting.since > QUIET_AFTER:
                 del self._rewrites[request_id]
+
+    def settle_all(self) -> None:
+        """Settle every request still open as the service stops: what it streamed so far,
+        its input at least once the provider had answered."""
+        for request_id, pending in list(self._pending.items()):
+            if pending.exchange.status is None:
+                self._settle(request_id, "abandoned", "the gateway stopped before the "
+                             "provider answered")
+            else:
+                self._settle(request_id, "aborted", "the gateway stopped while the response "
+                             "streamed")
 
     async def sweep_forever(self, every: float = 60.0) -> None:
         while True:
@@ -578,7 +604,8 @@ async def start_server(gateway: Gateway, where: Listener,
                                       ("grpc.so_reuseport", 0)])
     processor = ExternalProcessor(gateway, loaded_clusters, process)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(ProxyReplies(gateway), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        ProxyReplies(gateway, processor.ended), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -597,8 +624,11 @@ async def start_server(gateway: Gateway, where: Listener,
 
 async def stop_server(server: grpc.aio.Server, processor: ExternalProcessor) -> None:
     """Undo `start_server`: the sweep, the gRPC server (its streams get 2 s to end), the
-    decision service."""
+    decision service; then settle the requests still open."""
     if processor.sweeper:
         processor.sweeper.cancel()
     await server.stop(grace=2)
     await processor.stop_decider()
+    processor.settle_all()
+    if processor.settling:  # responses waiting for their rewrite to end
+        await asyncio.wait(processor.settling, timeout=REWRITE_GRACE)

@@ -1,6 +1,6 @@
 -- Keeps the usage chunk the gateway asked for (`stream_options.include_usage`) out of a
 -- chat-completions stream whose client did not ask for it, inside Envoy: no ext_proc round
--- trip per chunk. The tap, which runs before this filter on the response, has metered the
+-- trip per chunk. The meter, which runs before this filter on the response, has copied the
 -- provider's bytes already. Acts only on responses whose decision set
 -- `tollgate.cut_usage` in dynamic metadata, and only on event streams.
 --

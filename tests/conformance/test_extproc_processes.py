@@ -68,8 +68,8 @@ def envoy_counter(admin: str, name: str) -> int:
 
 
 def served_by_each_process(admin: str, processes: int) -> list[int]:
-    """Streams each ext_proc process's own cluster carried (taps, rewrites, attempts)."""
-    return [envoy_counter(admin, f"cluster.tollgate_extproc_{i}.upstream_rq_total")
+    """Meter posts each process's own decision service took (one or more per request)."""
+    return [envoy_counter(admin, f"cluster.tollgate_decider_{i}.upstream_rq_total")
             for i in range(processes)]
 
 

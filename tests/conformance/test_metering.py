@@ -278,6 +278,33 @@ def test_abandoned_stream_is_still_charged(gateway, fake_anthropic):
     assert row.input_tokens > 0 and row.output_tokens > 0 and row.cost_micros > 0
 
 
+def test_a_stream_the_client_leaves_is_charged_every_word_it_was_sent(gateway, fake_anthropic):
+    """The words a client received before it walked away are all charged, those that came
+    after the meter's last batch on the Envoy host included (they reach ext_proc through
+    Envoy's access log)."""
+    from tollgate.usage import estimate_tokens
+
+    key = gateway.create_key()
+    fake_anthropic.chunk_delay, fake_anthropic.answer_words = 0.05, 60
+    body = {"model": "claude-haiku-4-5", "max_tokens": 256, "stream": True,
+            "messages": MESSAGES}
+    text = ""
+    try:
+        with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body,
+                          headers={"x-api-key": key.secret}) as r:
+            request_id = r.headers[RID]
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"text_delta"' in line:
+                    text += json.loads(line[6:])["delta"]["text"]
+                    if len(text.split()) >= 12:
+                        break  # the client walks away, well into the stream
+    finally:
+        fake_anthropic.chunk_delay, fake_anthropic.answer_words = 0.0, 0
+    row = ledger_row(gateway, request_id)
+    assert row.outcome == "abandoned" and not row.usage_reported  # the client's doing
+    assert row.output_tokens >= estimate_tokens(len(text))
+
+
 def budget(gateway, *args: str) -> dict:
     out = gateway.cli("gateway-budgets", "create", *args, "--format", "json")
     return json.loads(out.stdout)

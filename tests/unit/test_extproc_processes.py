@@ -54,11 +54,10 @@ def test_each_requests_later_streams_go_to_the_process_that_decided_it(processes
     routes = envoy_config.route_config(cfg, processes)["virtual_hosts"][0]["routes"]
     assert len(routes) == 4 * processes
     for route in routes:
-        # Every route names one process; none would send a tap to just any of them.
+        # Every route names one process; none would send a stream to just any of them.
         (pinned,) = [h for h in route["match"]["headers"] if h["name"] == EXTPROC_PROCESS_HEADER]
         process = int(pinned["string_match"]["exact"])
         cluster = envoy_config.process_cluster(process)
-        assert _service(route, "tollgate.tap")["envoy_grpc"]["cluster_name"] == cluster
         for name in ("tollgate.rewrite", "tollgate.attempt"):
             service = _service(route, name)
             if service is not None:
@@ -71,10 +70,27 @@ def test_each_requests_later_streams_go_to_the_process_that_decided_it(processes
         envoy_config.process_targets("unix:/x/extproc.sock", processes))
     assert [c["name"] for c in clusters] == [
         envoy_config.DECIDER_CLUSTER, envoy_config.EXTPROC_CLUSTER] + [
-        envoy_config.process_cluster(i) for i in range(processes)]
-    for spread in clusters[:2]:  # decisions, and the access log, go to any process
+        name for i in range(processes)
+        for name in (envoy_config.process_cluster(i), f"{envoy_config.DECIDER_CLUSTER}_{i}")]
+    for spread in clusters[:2]:  # decisions, and proxy replies' log, go to any process
         endpoints = spread["load_assignment"]["endpoints"][0]["lb_endpoints"]
         assert len(endpoints) == processes
+    # The meter posts to the decision service named by the process the decision set.
+    meter = envoy_config.meter_filter()["typed_config"]["default_source_code"]["inline_string"]
+    assert f'local CLUSTER = "{envoy_config.DECIDER_CLUSTER}"' in meter
+    assert 'CLUSTER .. "_" .. decided["process"]' in meter
+    for i, c in enumerate(clusters[2:][1::2]):
+        (endpoint,) = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        socket = "/x/extproc.decide.sock" if i == 0 else f"/x/extproc-{i}.decide.sock"
+        assert endpoint["endpoint"]["address"] == {"pipe": {"path": socket}}
+    # A request the meter did not see end is reported to its own process.
+    logs = envoy_config.unmetered_logs(processes)
+    assert len(logs) == processes
+    for i, entry in enumerate(logs):
+        assert entry["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"][
+            "cluster_name"] == envoy_config.process_cluster(i)
+        assert envoy_config._metadata_is("process", str(i)) in \
+            entry["filter"]["and_filter"]["filters"]
     # A client's own header of that name is dropped before any route is matched.
     early = envoy_config.EARLY_MUTATIONS["typed_config"]["mutations"]
     assert {"remove_on_match": {"key_matcher": {"prefix": GATEWAY_PREFIX}}} in early

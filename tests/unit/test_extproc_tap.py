@@ -1,6 +1,7 @@
 """The ext_proc service follows a request from its decision (asked over the decision
-service's HTTP, as the decide filter asks) to its last byte, driven with the messages Envoy
-sends (no Envoy here: the conformance suite runs the real one)."""
+service's HTTP, as the decide filter asks) to its last byte (posted as the meter filter posts
+it, or reported by Envoy's access log), driven with what Envoy sends (no Envoy here: the
+conformance suite runs the real one)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
+from extproc import service
 from extproc.decider import start_decider
 from extproc.listen import Listener
 from extproc.service import ExternalProcessor
@@ -129,108 +131,181 @@ async def decide_chat(proc: ExternalProcessor, secret: str, path: str = "/v1/cha
         fields={"request_id": struct_pb2.Value(string_value=request_id)})})
 
 
-async def tapped_stream(proc: ExternalProcessor, context: base_pb2.Metadata,
-                        response_headers: dict[str, str], body: bytes) -> Stream:
-    """A tap stream that has seen a whole response: its headers and one last body chunk."""
-    tap = Stream(proc, "tap")
-    for msg in (pb.ProcessingRequest(request_headers=headers({":method": "POST"})),
-                pb.ProcessingRequest(response_headers=headers(response_headers)),
-                pb.ProcessingRequest(response_body=pb.HttpBody(body=body,
-                                                               end_of_stream=True))):
-        msg.observability_mode = True
-        msg.metadata_context.CopyFrom(context)
-        await tap.send(msg)
-    return tap
+async def meter_post(http: httpx.AsyncClient, request_id: str, seq: int, data: bytes,
+                     last: bool = False, head: dict[str, str] | None = None) -> None:
+    """One post of a response, as the meter filter makes it (the first carries the head)."""
+    if head is not None:
+        data = "\n".join(f"{k}: {v}" for k, v in head.items()).encode() + b"\n\n" + data
+    answer = await http.post("http://tollgate/meter", content=data, headers={
+        "x-tollgate-request": request_id, "x-tollgate-seq": str(seq),
+        **({"x-tollgate-end": "1"} if last else {})})
+    assert answer.status_code == 204
 
 
-async def test_a_request_running_past_the_sweep_is_settled_when_it_ends(processor):
-    proc, secret = processor
-    request_id, context = await decide_chat(proc, secret)
-    (pending,) = proc._pending.values()
+SSE = {":status": "200", "content-type": "text/event-stream"}
+USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}' \
+        b"\n\ndata: [DONE]\n\n"
 
-    tap = Stream(proc, "tap")
-    await tap.send(pb.ProcessingRequest(observability_mode=True, metadata_context=context,
-                                        request_headers=headers({":method": "POST"})))
-    # A reasoning call: the provider has not answered hours later. Nothing is settled yet.
-    proc.sweep(now=time.monotonic() + 4 * 3600)
-    assert not pending.exchange.finished
-    answer = json.dumps({"choices": [], "usage": {"prompt_tokens": 1000,
-                                                  "completion_tokens": 90000}}).encode()
-    await tap.send(pb.ProcessingRequest(observability_mode=True, metadata_context=context,
-                                        response_headers=headers({
-                                            ":status": "200", "content-type": "application/json",
-                                            "content-length": str(len(answer))})))
-    await tap.send(pb.ProcessingRequest(observability_mode=True,
-                                        response_body=pb.HttpBody(body=answer)))
-    await tap.task
+
+def words(*texts: str) -> bytes:
+    return b"".join(b"data: " + json.dumps({"choices": [{"delta": {"content": t}}]}).encode()
+                    + b"\n\n" for t in texts)
+
+
+async def settled(proc: ExternalProcessor) -> list:
     await proc.gateway.drain()
-    (row,) = await proc.gateway.store().rows()
+    return await proc.gateway.store().rows()
+
+
+async def test_a_request_envoy_speaks_of_is_not_swept_and_is_settled_at_its_last_post(
+        processor):
+    proc, secret = processor
+    client, body = chat_request(secret)
+    async with decision_service(proc) as (http, _):
+        answer = await post(http, client, body)
+        request_id = answer.headers["x-tollgate-meta-request_id"]
+        (pending,) = proc._pending.values()
+        result = json.dumps({"choices": [], "usage": {"prompt_tokens": 1000,
+                                                      "completion_tokens": 90000}}).encode()
+        head = {":status": "200", "content-type": "application/json",
+                "content-length": str(len(result))}
+        await meter_post(http, request_id, 0, result[:10], head=head)
+        # Minutes on, a post has just come: not swept.
+        pending.since = time.monotonic()
+        proc.sweep(now=time.monotonic() + service.QUIET_AFTER - 1)
+        assert not pending.exchange.finished
+        await meter_post(http, request_id, 1, result[10:], last=True)
+    (row,) = await settled(proc)
     assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "completed", 90000)
     assert row.cost_micros > 0 and not proc._pending
     await proc.gateway.close()
 
 
-async def test_a_request_no_tap_took_up_is_closed_by_the_sweep(processor):
+async def test_posts_that_arrive_out_of_order_are_metered_in_order(processor):
+    """Envoy sends each post on any free connection: the sequence numbers put them back."""
+    proc, secret = processor
+    request_id, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
+    async with decision_service(proc) as (http, _):
+        await meter_post(http, request_id, 2, USAGE, last=True)
+        await meter_post(http, request_id, 1, words("two", "three"))
+        assert not proc._pending[request_id].exchange.finished
+        await meter_post(http, request_id, 0, words("one"), head=SSE)
+    (row,) = await settled(proc)
+    assert (row.outcome, row.output_tokens, row.usage_reported) == ("completed", 7, True)
+    await proc.gateway.close()
+
+
+async def test_a_request_envoy_never_reported_is_closed_by_the_sweep(processor):
     proc, secret = processor
     answer = await ask(proc, {":method": "POST", ":path": "/v1/embeddings",
                               "authorization": f"Bearer {secret}"},
                        b'{"model": "text-embedding-3-small", "input": "x"}')
     assert answer.status_code == 200 and "x-tollgate-meta-request_id" in answer.headers
-    proc.sweep(now=time.monotonic() + 120)
-    await proc.gateway.drain()
-    (row,) = await proc.gateway.store().rows()
-    assert (row.outcome, row.cost_micros) == ("abandoned", 0) and not proc._pending
+    proc.sweep(now=time.monotonic() + service.QUIET_AFTER - 1)
+    assert proc._pending  # still within Envoy's own idle timeouts
+    proc.sweep(now=time.monotonic() + service.QUIET_AFTER + 1)
+    (row,) = await settled(proc)
+    assert row.outcome == "abandoned" and not proc._pending
+    await proc.gateway.close()
+
+
+async def test_a_stream_cut_short_is_charged_what_it_streamed_after_its_last_post(processor):
+    """The client reset a stream: Envoy's access log reports it with the bytes the meter
+    held since its last post, which are metered before it is settled; a post the log
+    counted and that is still on its way is waited for."""
+    proc, secret = processor
+    request_id, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
+    async with decision_service(proc) as (http, _):
+        await meter_post(http, request_id, 0, words("one"), head=SSE)
+        proc.ended(request_id, 200, "via_upstream", posts=2, tail=words("four", "five"))
+        assert not proc._pending[request_id].exchange.finished  # post 1 is on its way
+        await meter_post(http, request_id, 1, words("two", "three"))
+    (row,) = await settled(proc)
+    assert (row.outcome, row.output_tokens, row.usage_reported) == ("aborted", 5, False)
+    await proc.gateway.close()
+
+
+async def test_a_post_the_log_counted_that_never_comes_is_not_waited_for_long(processor,
+                                                                              monkeypatch):
+    monkeypatch.setattr(service, "POSTS_GRACE", 0.05)
+    proc, secret = processor
+    request_id, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
+    proc.ended(request_id, 200, "via_upstream", posts=1, tail=words("a", "b"))
+    await asyncio.sleep(0.2)
+    (row,) = await settled(proc)
+    assert (row.outcome, row.status) == ("aborted", 200)
+    assert row.output_tokens > 0  # the tail, metered without the post that never came
+    await proc.gateway.close()
+
+
+async def test_ends_envoy_reports_without_a_metered_response(processor):
+    """Envoy answered in the provider's place (its reply carries the gateway's envelope and
+    code), or the client left before any answer."""
+    proc, secret = processor
+    replied, _ = await decide_chat(proc, secret, max_tokens=16)
+    left, _ = await decide_chat(proc, secret, max_tokens=16)
+    proc.ended(replied, 504, "response_timeout", posts=0)
+    proc.ended(left, 0, "downstream_remote_disconnect", posts=0)
+    rows = {r.request_id: r for r in await settled(proc)}
+    assert (rows[replied].status, rows[replied].code, rows[replied].cost_micros) == \
+        (504, "provider_timeout", 0)
+    assert (rows[left].outcome, rows[left].status) == ("abandoned", None)
+    assert not proc._pending
     await proc.gateway.close()
 
 
 async def test_a_stream_the_rewrite_ends_early_is_settled_as_the_client_saw_it(processor):
-    """Envoy's tap sees the provider's whole stream before the rewrite has passed it on; a
-    stream the rewrite cut (an event over the cap) is settled as an error all the same."""
+    """Envoy's meter sees the provider's whole stream before the rewrite has passed it on;
+    a stream the rewrite cut (an event over the cap) is settled as an error all the same."""
     from tollgate.sse import MAX_EVENT_BYTES
 
     proc, secret = processor
     request_id, context = await decide_chat(proc, secret, "/v1/messages", stream=True,
                                             max_tokens=64)
-    sse = {":status": "200", "content-type": "text/event-stream"}
     giant = b"data: " + json.dumps({"choices": [{"delta": {
         "content": "z" * MAX_EVENT_BYTES}}]}).encode() + b"\n\n"
-    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}' \
-            b"\n\ndata: [DONE]\n\n"
 
     # The whole stream, end included, before the rewrite has any of it.
-    tap = await tapped_stream(proc, context, sse, giant + usage)
-    assert not tap.task.done()  # waits for the rewrite
+    async with decision_service(proc) as (http, _):
+        await meter_post(http, request_id, 0, giant + USAGE, last=True, head=SSE)
+    assert not proc._pending and proc.settling  # waits for the rewrite
 
     rewrite = Stream(proc, "rewrite")
     await rewrite.send(pb.ProcessingRequest(metadata_context=context,
-                                            response_headers=headers(sse)))
+                                            response_headers=headers(SSE)))
     await rewrite.send(pb.ProcessingRequest(response_body=pb.HttpBody(
-        body=giant + usage, end_of_stream=True)))
+        body=giant + USAGE, end_of_stream=True)))
     await rewrite.task
-    await tap.task
-    await proc.gateway.drain()
+    await asyncio.gather(*proc.settling)
     sent = rewrite.answers[-1].response_body.response.body_mutation.body
     assert b"larger than the gateway handles" in sent and len(sent) < 1024
-    (row,) = await proc.gateway.store().rows()
+    (row,) = await settled(proc)
     assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "error", 7)
     await proc.gateway.close()
 
 
-async def test_a_tap_cancelled_while_it_waits_for_the_rewrite_still_settles(processor):
+async def test_requests_still_open_when_the_service_stops_are_settled(processor):
+    """One waits for a rewrite Envoy will never send, one is mid-stream, one was never
+    answered: stopping the service settles each as far as it got."""
+    from extproc.service import stop_server
+
     proc, secret = processor
-    request_id, context = await decide_chat(proc, secret, "/v1/messages", stream=True,
-                                            max_tokens=64)
-    sse = {":status": "200", "content-type": "text/event-stream"}
-    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}' \
-            b"\n\ndata: [DONE]\n\n"
-    tap = await tapped_stream(proc, context, sse, usage)
-    assert not tap.task.done()  # waiting for a rewrite that Envoy will never send
-    tap.task.cancel()  # Envoy reset the stream
-    with contextlib.suppress(asyncio.CancelledError):
-        await tap.task
-    await proc.gateway.drain()
-    (row,) = await proc.gateway.store().rows()
-    assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "completed", 7)
+    rewritten, _ = await decide_chat(proc, secret, "/v1/messages", stream=True, max_tokens=64)
+    streaming, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
+    waiting, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
+    async with decision_service(proc) as (http, _):
+        await meter_post(http, rewritten, 0, USAGE, last=True, head=SSE)
+        await meter_post(http, streaming, 0, words("one", "two"), head=SSE)
+
+    class Stopped:
+        async def stop(self, grace: float) -> None:
+            pass
+
+    await stop_server(Stopped(), proc)
+    rows = {r.request_id: r for r in await settled(proc)}
+    assert (rows[rewritten].outcome, rows[rewritten].output_tokens) == ("completed", 7)
+    assert (rows[streaming].outcome, rows[streaming].output_tokens) == ("aborted", 2)
+    assert rows[waiting].outcome == "abandoned"
     await proc.gateway.close()
 
 
@@ -380,11 +455,13 @@ async def test_what_the_decide_filter_never_sends_is_answered_400(processor):
     await proc.gateway.close()
 
 
-async def test_a_stream_from_a_filter_tollgate_did_not_render_is_refused(processor):
+@pytest.mark.parametrize("role", [None, "tap"])
+async def test_a_stream_from_a_filter_tollgate_did_not_render_is_refused(processor, role):
     """The filter that opens a stream names itself; a stream that names none (an Envoy
-    configuration from elsewhere) is refused, never guessed at."""
+    configuration from elsewhere) or a filter this version no longer renders (the tap) is
+    refused, never guessed at."""
     proc, secret = processor
-    stray = Stream(proc, None)
+    stray = Stream(proc, role)
     await stray.send(pb.ProcessingRequest(request_headers=headers({
         ":method": "POST", ":path": "/v1/chat/completions",
         "authorization": f"Bearer {secret}"})))
@@ -392,27 +469,4 @@ async def test_a_stream_from_a_filter_tollgate_did_not_render_is_refused(process
     await stray.task
     assert stray.answers == [] and "x-tollgate-filter" in stray.context.aborted
     assert not proc._pending
-    await proc.gateway.close()
-
-
-async def test_decisions_wait_while_taps_fall_behind(processor, monkeypatch):
-    """Decisions cost far less than taps: past a few decided requests whose tap has not
-    opened, the next decision waits for one, so settlement cannot fall behind for good."""
-    from extproc import service
-
-    proc, secret = processor
-    monkeypatch.setattr(service, "MAX_AWAITING_TAP", 2)
-    decided = [await decide_chat(proc, secret, max_tokens=16) for _ in range(2)]
-    third = asyncio.create_task(decide_chat(proc, secret, max_tokens=16))
-    await asyncio.sleep(0.3)
-    assert not third.done()  # two decisions wait for their taps
-    tap = Stream(proc, "tap")
-    await tap.send(pb.ProcessingRequest(observability_mode=True, metadata_context=decided[0][1],
-                                        request_headers=headers({":method": "POST"})))
-    request_id, _ = await asyncio.wait_for(third, 1)  # one tap opened: it goes ahead
-    assert request_id in proc._pending
-    await tap.send(None)
-    await tap.task
-    for pending in list(proc._pending.values()):
-        pending.exchange.finish("abandoned")
     await proc.gateway.close()

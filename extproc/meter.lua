@@ -1,0 +1,85 @@
+-- tollgate.meter: copies a forwarded request's response, as the provider sent it, to the
+-- process that decided the request (`POST /meter` on its decision service; extproc/decider.py
+-- says what goes there), which meters and settles it. Nothing is held back: every post is
+-- fire-and-forget, and a chunk goes on to the client as soon as it has been copied. Posts are
+-- batched (the head and first bytes at once, then every FLUSH_BYTES or FLUSH_MS, then the
+-- end), so a long stream costs a few posts, not one per chunk.
+--
+-- A response that does not end here (the client or the provider reset it, or Envoy answered
+-- in the provider's place) leaves no `metered` mark in the metadata: the access log takes it
+-- to the same process, with how many posts it should wait for (`posted`) and the bytes no
+-- post carried (namespace `tollgate.tail`: `n` chunks, base64, under "1" to "n"), so a
+-- stream cut short is charged all it streamed.
+local CLUSTER = "@CLUSTER@"
+local UPSTREAM = "@UPSTREAM@"
+local FLUSH_BYTES = 16384
+local FLUSH_MS = 250
+local TAIL = "tollgate.tail"
+local OPTIONS = { asynchronous = true, timeout_ms = 5000, send_xff = false,
+                  trace_sampled = false }
+
+local function meter(handle)
+  local headers = handle:headers()
+  local from_provider = headers:get(UPSTREAM) ~= nil
+  if from_provider then headers:remove(UPSTREAM) end
+  local decided = handle:streamInfo():dynamicMetadata():get("tollgate")
+  if decided == nil or decided["request_id"] == nil or decided["answered"] ~= nil
+      or not from_provider then
+    return -- not forwarded by the gateway, or Envoy's own reply (the access log's)
+  end
+  local cluster = CLUSTER
+  if decided["process"] ~= nil then cluster = CLUSTER .. "_" .. decided["process"] end
+  local call = {
+    [":method"] = "POST", [":path"] = "/meter", [":authority"] = "tollgate",
+    ["x-tollgate-request"] = decided["request_id"],
+  }
+  local seq = 0
+  -- Objects taken from the handle are gone once it yields for the next chunk: the
+  -- metadata is asked for anew each time.
+  local function post(data, last)
+    call["x-tollgate-seq"] = tostring(seq)
+    call["x-tollgate-end"] = last and "1" or nil
+    handle:httpCall(cluster, call, data, OPTIONS)
+    seq = seq + 1
+    handle:streamInfo():dynamicMetadata():set("tollgate", last and "metered" or "posted",
+                                                last and "1" or tostring(seq))
+  end
+
+  local head = {}
+  for name, value in pairs(headers) do head[#head + 1] = name .. ": " .. value end
+  local held = { table.concat(head, "\n") .. "\n\n" }
+  local size, since = 0, handle:timestamp()
+  local sse = string.find(string.lower(headers:get("content-type") or ""),
+                          "text/event-stream", 1, true) == 1
+  local slots = 0
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 then
+      local bytes = chunk:getBytes(0, n)
+      held[#held + 1] = bytes
+      size = size + n
+      local now = handle:timestamp()
+      local meta = handle:streamInfo():dynamicMetadata()
+      -- A stream's first bytes go at once (its time to first byte), then in batches.
+      if (sse and seq == 0) or size >= FLUSH_BYTES or now - since >= FLUSH_MS then
+        post(table.concat(held), false)
+        held, size, since = {}, 0, now
+        if slots > 0 then meta:set(TAIL, "n", 0) end
+        slots = 0
+      else -- kept where the access log finds it if the stream ends here
+        slots = slots + 1
+        meta:set(TAIL, tostring(slots), handle:base64Escape(bytes))
+        meta:set(TAIL, "n", slots)
+      end
+    end
+  end
+  post(table.concat(held), true)
+end
+
+function envoy_on_response(handle)
+  local ok, err = pcall(meter, handle)
+  if not ok then
+    -- Unmetered, not unsettled: without the `metered` mark the access log settles it.
+    handle:logErr("tollgate.meter: " .. tostring(err))
+  end
+end
