@@ -3,8 +3,9 @@
 A Python process serves its gRPC streams on one core. With `--extproc-processes N`, the
 process that was started (process 0) starts processes 1..N-1 beside it, each listening at its
 own address (`envoy_config.process_targets`). Envoy spreads decisions over all of them; the
-process that decided a request names itself in a routing header, and the request's later
-streams (tap, rewrite, attempts) go to that process's own cluster, where its exchange lives.
+process that decided a request names itself in a routing header and in metadata, and the
+request's meter posts, rewrite and attempt streams and access log entry go to that process's
+own clusters, where its exchange lives.
 State is shared through the store (a Redis state; a SQLite file serves budgets to several
 processes but not rate limits, which the gateway refuses at start).
 

@@ -98,7 +98,7 @@ def immediate(reply: Reply) -> pb.ProcessingResponse:
 
 def metadata(exchange: Exchange) -> dict[str, str]:
     """What the decision leaves in Envoy's dynamic metadata (namespace `tollgate`) for the
-    filters after it: the request's id (which the tap follows), the gateway's response
+    filters after it: the request's id (which the meter posts under), the gateway's response
     headers, whether the usage cut is on."""
     trace = exchange.trace
     fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
@@ -269,7 +269,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         `envoy_config.route_config`)."""
         self.gateway = gateway
         self.process = process
-        self._pending: dict[str, _Pending] = {}  # forwarded, waiting for the tap
+        self._pending: dict[str, _Pending] = {}  # forwarded, until settled
         self._rewrites: dict[str, _Pending] = {}  # forwarded, waiting for the rewrite
         # The clusters Envoy has loaded, when known (an Envoy this process runs); else the
         # rendered config is taken to be loaded.

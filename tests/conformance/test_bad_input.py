@@ -282,7 +282,7 @@ def test_a_provider_event_over_the_cap_ends_the_stream_with_an_error(gateway, ke
     """A stream the gateway rewrites (here: an Anthropic client served by an OpenAI model)
     holds one event at a time; an event over the cap is never held whole: the client's
     stream ends with an error event in its API's shape, and the request is charged what the
-    provider reported for it (the tap reads the provider's stream to its end)."""
+    provider reported for it (the meter reads the provider's stream to its end)."""
     from tollgate.sse import MAX_EVENT_BYTES
 
     fake_openai.giant_word = MAX_EVENT_BYTES + 4096

@@ -86,7 +86,7 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
 def test_two_processes_serve_as_one_gateway(tmp_path, redis, fake_openai, fake_anthropic):
     """Plain, streamed (usage chunk cut in Envoy), translated (rewrite) and fallen-back
     (attempts) requests, spread over two processes: each is metered and charged once, both
-    processes serve taps, a rate limit counts across them, and `/metrics` sums them."""
+    processes meter responses, a rate limit counts across them, and `/metrics` sums them."""
     config = with_state(make_config(tmp_path, fake_openai, fake_anthropic), redis.url)
     plain = key(config)
     limited = key(config, "--rpm", "5")

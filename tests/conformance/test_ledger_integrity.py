@@ -116,7 +116,7 @@ def test_an_unreachable_provider_answers_in_the_clients_family_and_leaves_its_ro
 
 
 def _extproc_streams(gw) -> int:
-    """ext_proc streams Envoy has opened so far (decide, tap, and any rewrite or attempt)."""
+    """ext_proc streams Envoy has opened so far (a rewrite or an attempt)."""
     admin = gw.process.extra[gw.process.extra.index("--envoy-admin") + 1]
     stats = httpx.get(f"http://{admin}/stats", params={"filter": "ext_proc.streams_started"},
                       timeout=5).text

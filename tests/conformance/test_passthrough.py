@@ -270,5 +270,5 @@ def test_usage_chunk_the_gateway_asked_for_is_cut_cleanly(gateway, fake_openai):
     assert received.endswith(b"data: [DONE]\n\n")  # the stream goes on after the cut
     assert b'"choices": []' not in received and b'"usage"' not in received
     record = access_record(gateway, request_id)
-    assert record["bytes_out"] > len(received)  # the tap saw the usage chunk
+    assert record["bytes_out"] > len(received)  # the meter saw the usage chunk
     assert record["usage_reported"] is True
