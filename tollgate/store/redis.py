@@ -211,9 +211,13 @@ return #KEYS
 # A hold is released only if its lease is still there (an expired one was returned
 # already); an entry is settled only if it is still in its window. The marker is set
 # last: Redis does not roll back a script that fails half-way, and a marker without its
-# writes would make the replay of that request a no-op.
+# writes would make the replay of that request a no-op. The last two keys: the in-flight set
+# and its written-ahead rows, which forget the request once it is settled (or was already).
 FINISH = """
+local inflight, ahead = KEYS[#KEYS - 1], KEYS[#KEYS]
 if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('ZREM', inflight, ARGV[7])
+  redis.call('HDEL', ahead, ARGV[7])
   return 0
 end
 local reserved = tonumber(ARGV[1])
@@ -229,7 +233,7 @@ for i = 3, 2 + n do
   end
 end
 local a = 8 + n
-for k = 3 + 2 * n, #KEYS, 2 do
+for k = 3 + 2 * n, #KEYS - 2, 2 do
   local took, keeps = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
   local change = 0
@@ -253,6 +257,8 @@ for k = 3 + 2 * n, #KEYS, 2 do
 end
 redis.call('XADD', KEYS[2], '*', 'row', ARGV[3])
 redis.call('SET', KEYS[1], '1', 'EX', tonumber(ARGV[4]))
+redis.call('ZREM', inflight, ARGV[7])
+redis.call('HDEL', ahead, ARGV[7])
 return 1
 """
 
@@ -465,12 +471,12 @@ class RedisStore(Store):
                 keys=[f"{PREFIX}settled:{row.request_id}", LEDGER,
                       *(self._key(c) for c in budget_counters),
                       *(self._holds(c) for c in budget_counters),
-                      *(k for c, _, _ in settle for k in self._limit_keys(c))],
+                      *(k for c, _, _ in settle for k in self._limit_keys(c)),
+                      INFLIGHT, INFLIGHT_ROWS],
                 args=[reserved, row.cost_micros, json.dumps(row.to_dict()), SETTLED_TTL,
                       self.member(row.request_id, reserved), len(budget_counters),
                       row.request_id, *charge,
                       *(v for _, took, keeps in settle for v in (took, keeps))])
-            await self._forget(row.request_id)  # after the settle: a crash between is a no-op
             await self._trim()
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
