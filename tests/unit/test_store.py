@@ -270,6 +270,43 @@ def test_a_request_in_flight_when_its_gateway_died_still_leaves_its_row(kind, tm
             server.stop()
 
 
+def test_settled_rows_leave_the_spool_in_batches_and_one_left_behind_counts_once(tmp_path):
+    """A settled request's in-flight row is deleted with the next batch, not on the
+    request's path: a gateway that dies before the batch leaves the row behind, and the
+    next one replays it into a store that has it settled already."""
+    from tollgate.store import spool
+
+    server = RedisServer(tmp_path / "redis").start()
+    h = hold(1.0)
+
+    async def scenario():
+        first = Spooled(RedisStore(server.url), tmp_path / "spool.db")
+        assert (await first.reserve("r_done", [h], 60)).granted
+        await first.admit(row("r_done", 0), [h.counter])
+        await first.finish([h.counter], 60, row("r_done", 30))
+        inflight = "SELECT request_id FROM inflight"
+        assert first.db.execute(inflight).fetchall() == [("r_done",)]  # not yet
+        # The gateway dies before its batch runs.
+        first._forgetting.cancel()
+        first.db.execute("UPDATE inflight SET pid = ?", (dead_pid(),))
+        first.db.close()
+        await first.inner.close()
+        second = Spooled(RedisStore(server.url), tmp_path / "spool.db")
+        await second.flush()
+        assert [(r.request_id, r.cost_micros) for r in await second.rows()] == [("r_done", 30)]
+        assert (await second.counters([h]))[0] == Counter(spent=30, reserved=0)
+        await second.admit(row("r_next", 0))
+        await second.finish([], 0, row("r_next", 5))
+        await asyncio.sleep(spool.FORGET_EVERY * 3)
+        assert second.db.execute(inflight).fetchall() == []
+        await second.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
 def test_two_gateways_on_one_sqlite_file_keep_each_others_holds(tmp_path):
     """A gateway starting on a file another one serves from releases only the holds of
     gateways that are gone; a request in flight when its gateway died is charged what it

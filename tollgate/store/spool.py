@@ -28,6 +28,9 @@ from tollgate.store.base import (
 )
 
 log = logging.getLogger("tollgate.store")
+# Settled requests' in-flight rows are deleted together, at most this long after: a process
+# that dies first leaves rows whose replay the store ignores (they are settled already).
+FORGET_EVERY = 0.1
 
 
 class Spooled(Store):
@@ -52,6 +55,8 @@ class Spooled(Store):
             if added.split()[0] not in have:
                 self.db.execute(f"ALTER TABLE inflight ADD COLUMN {added}")
         self._writing: set[asyncio.Task[None]] = set()
+        self._settled: list[str] = []  # in-flight rows to delete with the next batch
+        self._forgetting: asyncio.TimerHandle | None = None
         if owner:
             self._recover()
 
@@ -115,7 +120,7 @@ class Spooled(Store):
                      limits: LimitSettlement | None = None,
                      released: list[str] | None = None) -> None:
         if row.admitted:
-            self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
+            self._forget(row.request_id)
         try:
             if self.pending():
                 await self.flush()  # keep the ledger in order
@@ -142,7 +147,27 @@ class Spooled(Store):
     async def ping(self) -> None:
         await self.inner.ping()
 
+    def _forget(self, request_id: str) -> None:
+        self._settled.append(request_id)
+        if self._forgetting is None:
+            self._forgetting = asyncio.get_running_loop().call_later(FORGET_EVERY,
+                                                                    self._forget_now)
+
+    def _forget_now(self) -> None:
+        """Delete the in-flight rows of the requests settled since the last batch, in one
+        transaction."""
+        self._forgetting = None
+        settled, self._settled = self._settled, []
+        if settled:
+            self.db.execute("BEGIN")
+            self.db.executemany("DELETE FROM inflight WHERE request_id = ?",
+                                [(r,) for r in settled])
+            self.db.execute("COMMIT")
+
     async def close(self) -> None:
+        if self._forgetting is not None:
+            self._forgetting.cancel()
+        self._forget_now()
         await asyncio.gather(*self._writing, return_exceptions=True)
         await self.inner.close()
         self.db.close()
