@@ -307,6 +307,38 @@ def test_settled_rows_leave_the_spool_in_batches_and_one_left_behind_counts_once
         server.stop()
 
 
+def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(tmp_path):
+    """Requests written ahead together (a checkpoint among them) go to Redis in one call, in
+    order: a request's later row replaces its earlier one."""
+    import json
+
+    from tollgate.store.redis import INFLIGHT_ROWS
+
+    server = RedisServer(tmp_path / "redis").start()
+
+    async def scenario():
+        spooled = Spooled(RedisStore(server.url), tmp_path / "spool.db")
+        calls, write = [], spooled.inner.admit_many
+
+        async def counted(rows):
+            calls.append([r.request_id for r, _ in rows])
+            await write(rows)
+
+        spooled.inner.admit_many = counted
+        for request_id, cost in (("r_a", 4), ("r_b", 0), ("r_a", 9)):
+            await spooled.admit(row(request_id, cost))
+        await asyncio.gather(*spooled._writing)
+        assert calls == [["r_a", "r_b", "r_a"]]
+        ahead = await spooled.inner.client.hget(INFLIGHT_ROWS, "r_a")
+        assert json.loads(ahead)["row"]["cost_micros"] == 9
+        await spooled.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
 def test_two_gateways_on_one_sqlite_file_keep_each_others_holds(tmp_path):
     """A gateway starting on a file another one serves from releases only the holds of
     gateways that are gone; a request in flight when its gateway died is charged what it

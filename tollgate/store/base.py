@@ -139,6 +139,11 @@ class Store(ABC):
         what it surely cost), so a gateway that dies before settling it still leaves its
         row, charged to its budget `counters`, when a gateway starts again."""
 
+    async def admit_many(self, rows: list[tuple[LedgerRow, list[str] | None]]) -> None:
+        """`admit` for several requests, in order (a store may do it in one call)."""
+        for row, counters in rows:
+            await self.admit(row, counters)
+
     async def recover(self) -> int:
         """Record requests written ahead by a replica that is gone for good (a shared store:
         their lease has passed); returns how many."""

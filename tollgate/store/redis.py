@@ -278,10 +278,14 @@ redis.call('SET', KEYS[1], '1', 'EX', tonumber(ARGV[2]))
 return 1
 """
 
+# KEYS: the in-flight set, the written-ahead rows. ARGV[1]: lease seconds, then a request id
+# and its row (JSON) for each request written ahead.
 WRITE_AHEAD = """
 local deadline = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[1])
-redis.call('ZADD', KEYS[1], deadline, ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], deadline, ARGV[i])
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
 return 1
 """
 
@@ -417,10 +421,17 @@ class RedisStore(Store):
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
 
     async def admit(self, row: LedgerRow, counters: list[str] | None = None) -> None:
-        doc = json.dumps({"row": row.to_dict(), "counters": counters or []})
+        await self.admit_many([(row, counters)])
+
+    async def admit_many(self, rows: list[tuple[LedgerRow, list[str] | None]]) -> None:
+        """Write ahead several requests in one call (in order: a later row of a request
+        replaces an earlier one)."""
+        args: list[object] = [self.lease_seconds]
+        for row, counters in rows:
+            args += [row.request_id, json.dumps({"row": row.to_dict(),
+                                                 "counters": counters or []})]
         try:
-            await self._write_ahead(keys=[INFLIGHT, INFLIGHT_ROWS],
-                                    args=[self.lease_seconds, row.request_id, doc])
+            await self._write_ahead(keys=[INFLIGHT, INFLIGHT_ROWS], args=args)
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
 

@@ -55,6 +55,8 @@ class Spooled(Store):
             if added.split()[0] not in have:
                 self.db.execute(f"ALTER TABLE inflight ADD COLUMN {added}")
         self._writing: set[asyncio.Task[None]] = set()
+        # Written ahead here, not yet in the shared store: they go in the next batch.
+        self._ahead: list[tuple[LedgerRow, list[str] | None]] = []
         self._settled: list[str] = []  # in-flight rows to delete with the next batch
         self._forgetting: asyncio.TimerHandle | None = None
         if owner:
@@ -78,13 +80,17 @@ class Spooled(Store):
                         "counters) VALUES (?, ?, ?, ?, ?)",
                         (row.request_id, *PROCESS, json.dumps(row.to_dict()),
                          json.dumps(counters or [])))
-        task = asyncio.get_running_loop().create_task(self._admit_shared(row, counters))
-        self._writing.add(task)
-        task.add_done_callback(self._writing.discard)
+        self._ahead.append((row, counters))
+        if len(self._ahead) == 1:  # the first since the last batch: a batch goes next
+            task = asyncio.get_running_loop().create_task(self._admit_shared())
+            self._writing.add(task)
+            task.add_done_callback(self._writing.discard)
 
-    async def _admit_shared(self, row: LedgerRow, counters: list[str] | None) -> None:
+    async def _admit_shared(self) -> None:
+        """The requests written ahead since the last batch, in one call to the store."""
+        batch, self._ahead = self._ahead, []
         with contextlib.suppress(StoreUnavailable):
-            await self.inner.admit(row, counters)
+            await self.inner.admit_many(batch)
 
     async def recover(self) -> int:
         return await self.inner.recover()
