@@ -572,6 +572,10 @@ class Gateway:
         billing.admitted_at = billing.admitted_at or granted.at
         return True
 
+    def in_flight(self) -> int:
+        """Requests forwarded and not yet settled."""
+        return len(self._in_flight)
+
     async def _admit(self, exchange: Exchange) -> None:
         """Write ahead that the request is in flight: if the gateway dies before it settles,
         its row survives, charged its input, which the provider bills once it has it (and

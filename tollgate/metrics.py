@@ -172,6 +172,11 @@ class GatewayCollector:
                                   "edit was rejected and an older config is served")
         stale.add_metric([], 1 if gw.holder.last_error else 0)
         yield stale
+        in_flight = GaugeMetricFamily("tollgate_requests_in_flight", "Requests forwarded to "
+                                      "a provider and not yet settled, in this process: it "
+                                      "returns to 0 when traffic stops")
+        in_flight.add_metric([], gw.in_flight())
+        yield in_flight
         breaker = GaugeMetricFamily("tollgate_circuit_breaker_open", "1 while a provider's "
                                     "circuit is open (it is tried last)", labels=["provider"])
         for provider in gw.holder.current.config.model_providers:

@@ -167,6 +167,22 @@ def _count(samples, name: str, **labels: str) -> float:
                if n == name and all(dict(ls).get(k) == want for k, want in labels.items()))
 
 
+def test_requests_in_flight_counts_those_not_yet_settled(observed, fake_openai):
+    """A stream is in flight from its decision to its settlement, and no longer."""
+    def in_flight() -> float:
+        return _count(observed.metrics(), "tollgate_requests_in_flight")
+
+    fake_openai.chunk_delay = 0.2
+    try:
+        stream = observed.client().chat.completions.create(**CHAT, stream=True)
+        next(iter(stream))
+        assert in_flight() == 1
+        assert list(stream)
+    finally:
+        fake_openai.chunk_delay = 0.0
+    wait_until(lambda: in_flight() == 0, timeout=10, what="the stream to be settled")
+
+
 def test_metrics_add_up_after_a_mixed_run(observed, fake_openai):
     before = observed.metrics()
     sent = {"served": 0}
