@@ -129,6 +129,13 @@ def test_spend_report_groups_and_sorts():
 
 
 @pytest.fixture
+def redis_url(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
 def short_leases(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     yield RedisStore(server.url, lease_seconds=1)
@@ -270,17 +277,17 @@ def test_a_request_in_flight_when_its_gateway_died_still_leaves_its_row(kind, tm
             server.stop()
 
 
-def test_settled_rows_leave_the_spool_in_batches_and_one_left_behind_counts_once(tmp_path):
+def test_settled_rows_leave_the_spool_in_batches_and_one_left_behind_counts_once(
+        tmp_path, redis_url):
     """A settled request's in-flight row is deleted with the next batch, not on the
     request's path: a gateway that dies before the batch leaves the row behind, and the
     next one replays it into a store that has it settled already."""
     from tollgate.store import spool
 
-    server = RedisServer(tmp_path / "redis").start()
     h = hold(1.0)
 
     async def scenario():
-        first = Spooled(RedisStore(server.url), tmp_path / "spool.db")
+        first = Spooled(RedisStore(redis_url), tmp_path / "spool.db")
         assert (await first.reserve("r_done", [h], 60)).granted
         await first.admit(row("r_done", 0), [h.counter])
         await first.finish([h.counter], 60, row("r_done", 30))
@@ -291,7 +298,7 @@ def test_settled_rows_leave_the_spool_in_batches_and_one_left_behind_counts_once
         first.db.execute("UPDATE inflight SET pid = ?", (dead_pid(),))
         first.db.close()
         await first.inner.close()
-        second = Spooled(RedisStore(server.url), tmp_path / "spool.db")
+        second = Spooled(RedisStore(redis_url), tmp_path / "spool.db")
         await second.flush()
         assert [(r.request_id, r.cost_micros) for r in await second.rows()] == [("r_done", 30)]
         assert (await second.counters([h]))[0] == Counter(spent=30, reserved=0)
@@ -301,23 +308,19 @@ def test_settled_rows_leave_the_spool_in_batches_and_one_left_behind_counts_once
         assert second.db.execute(inflight).fetchall() == []
         await second.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.stop()
+    asyncio.run(scenario())
 
 
-def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(tmp_path):
+def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(
+        tmp_path, redis_url):
     """Requests written ahead together (a checkpoint among them) go to Redis in one call, in
     order: a request's later row replaces its earlier one."""
     import json
 
     from tollgate.store.redis import INFLIGHT_ROWS
 
-    server = RedisServer(tmp_path / "redis").start()
-
     async def scenario():
-        spooled = Spooled(RedisStore(server.url), tmp_path / "spool.db")
+        spooled = Spooled(RedisStore(redis_url), tmp_path / "spool.db")
         calls, write = [], spooled.inner.admit_many
 
         async def counted(rows):
@@ -333,10 +336,7 @@ def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(
         assert json.loads(ahead)["row"]["cost_micros"] == 9
         await spooled.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.stop()
+    asyncio.run(scenario())
 
 
 def test_two_gateways_on_one_sqlite_file_keep_each_others_holds(tmp_path):
