@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.decider import BadRequest, answer, client_request
+from extproc.decider import BadRequest, answer, client_request, response_head
 from extproc.service import Forwarding
 from tollgate.request import Reply
 
@@ -68,3 +68,28 @@ def test_a_reply_is_the_gateways_answer_with_its_headers():
 def test_a_value_that_would_break_the_headers_is_refused():
     with pytest.raises(ValueError, match="line break"):
         answer(Forwarding({"x-bad": "a\r\nx-injected: 1"}, [], None, {}))
+
+
+def test_a_first_meter_post_carries_the_response_head():
+    status, headers, body = response_head(
+        b":status: 200\ncontent-type: text/event-stream\nset-cookie: a=1\nset-cookie: b=2"
+        b"\n\ndata: {\"x\": 1}\n\n")
+    assert status == 200 and body == b'data: {"x": 1}\n\n'
+    assert headers["content-type"] == "text/event-stream" and ":status" not in headers
+    for payload in (b":status: 200\ncontent-type: x", b"content-type: x\n\nbody",
+                    b":status: OK\n\nbody"):
+        with pytest.raises(BadRequest):
+            response_head(payload)
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /meter HTTP/1.1\r\nx-tollgate-seq: 0\r\n\r\n",  # no request id
+    b"POST /meter HTTP/1.1\r\nx-tollgate-request: r\r\nx-tollgate-seq: one\r\n\r\n",
+    b"GET /meter HTTP/1.1\r\n\r\n",
+    b"POST /elsewhere HTTP/1.1\r\n\r\n",
+])
+def test_what_the_meter_never_posts_is_refused(head):
+    from extproc.decider import Decider, _head
+
+    with pytest.raises(BadRequest):
+        Decider(None)._meter(_head(head), b"")  # type: ignore[arg-type]
