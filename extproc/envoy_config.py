@@ -244,24 +244,32 @@ def _undecided(extproc_failed: bool) -> dict[str, Any]:
         _metadata_is("decider", "unavailable" if extproc_failed else None)]}}
 
 
-def proxy_replies_log() -> dict[str, Any]:
-    """Requests Envoy answered before the decision (none of its metadata) while ext_proc was
-    there to hear of them go to its gRPC access log service, which writes their ledger rows."""
+def _grpc_access_log(name: str, condition: dict[str, Any], cluster: str,
+                     **extra: Any) -> dict[str, Any]:
+    """An access log of the requests that meet `condition`, sent to ext_proc's gRPC access
+    log service on `cluster`."""
     return {
-        "name": "tollgate.proxy_replies",
-        "filter": _undecided(extproc_failed=False),
+        "name": name,
+        "filter": condition,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
                      "HttpGrpcAccessLogConfig",
             "common_config": {
-                "log_name": "tollgate.proxy_replies",
+                "log_name": name,
                 "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
                 "buffer_flush_interval": "0.2s",
             },
-            "additional_request_headers_to_log": LOGGED_HEADERS,
+            **extra,
         },
     }
+
+
+def proxy_replies_log() -> dict[str, Any]:
+    """Requests Envoy answered before the decision (none of its metadata) while ext_proc was
+    there to hear of them go to its gRPC access log service, which writes their ledger rows."""
+    return _grpc_access_log("tollgate.proxy_replies", _undecided(extproc_failed=False),
+                            EXTPROC_CLUSTER, additional_request_headers_to_log=LOGGED_HEADERS)
 
 
 def _metadata_present(key: str) -> dict[str, Any]:
@@ -280,21 +288,9 @@ def unmetered_logs(processes: int = 1) -> list[dict[str, Any]]:
                       _metadata_is("metered", None)]
         if process is not None:
             conditions.append(_metadata_is("process", str(process)))
-        cluster = EXTPROC_CLUSTER if process is None else process_cluster(process)
-        return {
-            "name": "tollgate.unmetered",
-            "filter": {"and_filter": {"filters": conditions}},
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
-                         "HttpGrpcAccessLogConfig",
-                "common_config": {
-                    "log_name": "tollgate.unmetered",
-                    "transport_api_version": "V3",
-                    "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
-                    "buffer_flush_interval": "0.2s",
-                },
-            },
-        }
+        return _grpc_access_log(
+            "tollgate.unmetered", {"and_filter": {"filters": conditions}},
+            EXTPROC_CLUSTER if process is None else process_cluster(process))
 
     return [log_to(None)] if processes == 1 else [log_to(i) for i in range(processes)]
 

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -220,6 +220,16 @@ def _request_id(msg: pb.ProcessingRequest) -> str | None:
     return fields.fields["request_id"].string_value
 
 
+class _Ended(NamedTuple):
+    """What Envoy's access log said of a request whose end the meter did not post."""
+
+    status: int  # 0: no response
+    details: str  # Envoy's response code details
+    posts: int  # meter posts made, to wait for
+    tail: bytes  # the response's bytes no post carried
+    client_left: bool
+
+
 @dataclass
 class _Pending:
     exchange: Exchange
@@ -230,10 +240,7 @@ class _Pending:
     rewritten: asyncio.Event | None = None
     posts: int = 0  # meter posts taken, in order
     early: dict[int, tuple[bytes, bool]] = field(default_factory=dict)  # ahead of their turn
-    # What the access log said of its end, while posts it counted are on their way:
-    # (status, response code details, posts made, the bytes no post carried, whether the
-    # client went away).
-    ended: tuple[int, str, int, bytes, bool] | None = None
+    ended: _Ended | None = None  # while the posts the access log counted are on their way
 
 
 # An attempt that sends the client's body as it is skips sending it to ext_proc.
@@ -431,7 +438,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             log.exception("request %s: could not meter its response", request_id)
             self._settle(request_id, "error", "the gateway could not meter the response")
             return
-        if pending.ended is not None and pending.posts >= pending.ended[2]:
+        if pending.ended is not None and pending.posts >= pending.ended.posts:
             self._end(request_id)
 
     def ended(self, request_id: str, status: int, details: str, posts: int,
@@ -442,7 +449,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         pending = self._pending.get(request_id)
         if pending is None:
             return
-        pending.ended = (status, details, posts, tail, client_left)
+        pending.ended = _Ended(status, details, posts, tail, client_left)
         if pending.posts >= posts:
             self._end(request_id)
         else:
@@ -463,13 +470,19 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             exchange.on_response_headers(status, {})
         if tail and exchange.status is not None:
             exchange.on_chunk(tail)
-        if exchange.status is None:
-            self._settle(request_id, "abandoned",
-                         "the client went away before the provider answered")
-        elif client_left:  # not the provider's doing: no breaker count
+        if client_left and exchange.status is not None:  # not the provider's doing
             self._settle(request_id, "abandoned", "the client went away mid-response")
         else:
-            self._settle(request_id, "aborted", "the response stream ended early")
+            self._cut_short(request_id, "the client went away before the provider answered",
+                            "the response stream ended early")
+
+    def _cut_short(self, request_id: str, unanswered: str, mid_response: str) -> None:
+        """Settle a request that did not end: `abandoned` if the provider had not answered,
+        else `aborted` (charged what streamed), with why."""
+        if self._pending[request_id].exchange.status is None:
+            self._settle(request_id, "abandoned", unanswered)
+        else:
+            self._settle(request_id, "aborted", mid_response)
 
     def _settle(self, request_id: str, outcome: str, error: str | None = None) -> None:
         pending = self._pending.pop(request_id, None)
@@ -565,10 +578,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         now = time.monotonic() if now is None else now
         for request_id, pending in list(self._pending.items()):
             if now - pending.since > QUIET_AFTER:
-                log.warning("request %s: Envoy never reported its end; settled as abandoned",
-                            request_id)
-                self._settle(request_id, "abandoned" if pending.exchange.status is None
-                             else "aborted", "Envoy never reported how the request ended")
+                log.warning("request %s: Envoy never reported its end; settled as far as it "
+                            "got", request_id)
+                why = "Envoy never reported how the request ended"
+                self._cut_short(request_id, why, why)
         # A rewrite Envoy never opened (a response it answered itself, say).
         for request_id, waiting in list(self._rewrites.items()):
             if waiting.exchange.finished and now - waiting.since > QUIET_AFTER:
@@ -577,13 +590,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def settle_all(self) -> None:
         """Settle every request still open as the service stops: what it streamed so far,
         its input at least once the provider had answered."""
-        for request_id, pending in list(self._pending.items()):
-            if pending.exchange.status is None:
-                self._settle(request_id, "abandoned", "the gateway stopped before the "
-                             "provider answered")
-            else:
-                self._settle(request_id, "aborted", "the gateway stopped while the response "
-                             "streamed")
+        for request_id in list(self._pending):
+            self._cut_short(request_id, "the gateway stopped before the provider answered",
+                            "the gateway stopped while the response streamed")
 
     async def sweep_forever(self, every: float = 60.0) -> None:
         while True:
