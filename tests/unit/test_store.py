@@ -311,6 +311,29 @@ def test_settled_rows_leave_the_spool_in_batches_and_one_left_behind_counts_once
     asyncio.run(scenario())
 
 
+def test_a_batch_of_deletes_that_fails_leaves_later_write_aheads_committed(tmp_path,
+                                                                          redis_url):
+    """The spool's file is locked when a batch runs: the batch gives way (its rows are
+    replayed as no-ops after a restart) and the write-aheads after it still reach the disk."""
+    async def scenario():
+        spooled = Spooled(RedisStore(redis_url), tmp_path / "spool.db")
+        spooled.db.execute("PRAGMA busy_timeout = 0")
+        await spooled.admit(row("r_done", 0))
+        await spooled.finish([], 0, row("r_done", 30))
+        other = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        spooled._forgetting.cancel()
+        spooled._forget_now()  # locked out
+        other.execute("COMMIT")
+        await spooled.admit(row("r_next", 0))
+        ids = {r for (r,) in other.execute("SELECT request_id FROM inflight")}
+        assert ids == {"r_done", "r_next"}  # r_next committed, seen from elsewhere
+        other.close()
+        await spooled.close()
+
+    asyncio.run(scenario())
+
+
 def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(
         tmp_path, redis_url):
     """Requests written ahead together (a checkpoint among them) go to Redis in one call, in

@@ -164,11 +164,19 @@ class Spooled(Store):
         transaction."""
         self._forgetting = None
         settled, self._settled = self._settled, []
-        if settled:
+        if not settled:
+            return
+        try:
             self.db.execute("BEGIN")
             self.db.executemany("DELETE FROM inflight WHERE request_id = ?",
                                 [(r,) for r in settled])
             self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            # Left open, the transaction would take in every later write-ahead uncommitted.
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            log.warning("could not delete the in-flight rows of %d settled requests (%s); a "
+                        "restart replays them, which changes nothing", len(settled), e)
 
     async def close(self) -> None:
         if self._forgetting is not None:
