@@ -70,21 +70,24 @@ def window(kind: str, now: datetime) -> Window:
     """The calendar window (UTC) of `kind` containing `now`."""
     now = now.astimezone(UTC)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    # Keys formatted by hand: strftime costs several times more, on every request.
+    ymd = f"{day.year:04d}-{day.month:02d}-{day.day:02d}"
     if kind == "minute":
         start = now.replace(second=0, microsecond=0)
-        return Window(start.strftime("%Y-%m-%dT%H:%M"), start, start + timedelta(minutes=1))
+        return Window(f"{ymd}T{now.hour:02d}:{now.minute:02d}", start,
+                      start + timedelta(minutes=1))
     if kind == "hour":
         start = now.replace(minute=0, second=0, microsecond=0)
-        return Window(start.strftime("%Y-%m-%dT%H"), start, start + timedelta(hours=1))
+        return Window(f"{ymd}T{now.hour:02d}", start, start + timedelta(hours=1))
     if kind == "day":
-        return Window(day.strftime("%Y-%m-%d"), day, day + timedelta(days=1))
+        return Window(ymd, day, day + timedelta(days=1))
     if kind == "week":
         start = day - timedelta(days=day.weekday())  # ISO weeks start on Monday
         year, week, _ = start.isocalendar()
         return Window(f"{year}-W{week:02d}", start, start + timedelta(weeks=1))
     if kind == "month":
         start = day.replace(day=1)
-        return Window(start.strftime("%Y-%m"), start,
+        return Window(ymd[:7], start,
                       (start + timedelta(days=32)).replace(day=1))
     return Window("total", None, None)
 

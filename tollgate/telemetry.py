@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Mapping
@@ -22,7 +23,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    SpanContext,
+    Status,
+    StatusCode,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from ulid import ULID
 
@@ -59,6 +66,7 @@ class _Tracing:
         self.provider = TracerProvider(sampler=ALWAYS_OFF)
         self.tracer = self.provider.get_tracer("tollgate")
         self.capture_content = False
+        self.recording = False  # spans are exported: worth the SDK's work
         self._lock = threading.Lock()
 
     def configure(self, settings: Telemetry) -> None:
@@ -70,6 +78,7 @@ class _Tracing:
             provider = _provider_for(wanted)
             old, self.provider, self.export = self.provider, provider, wanted
             self.tracer = provider.get_tracer("tollgate")
+            self.recording = provider.sampler is not ALWAYS_OFF
         if wanted.enabled:
             log.info("exporting traces over OTLP (%s) to %s", wanted.protocol,
                      wanted.endpoint or "the endpoint in OTEL_EXPORTER_OTLP_*")
@@ -223,6 +232,8 @@ class RequestTrace:
 
     def start_attempt(self, attempt: Attempt, route: str) -> trace.Span:
         """A client span for one provider attempt."""
+        if not _tracing.recording:
+            return _unrecorded(self.span.get_span_context())
         operation = OPERATIONS.get(route, route)
         span = _tracing.tracer.start_span(
             f"{operation} {attempt.model}", context=trace.set_span_in_context(self.span),
@@ -297,13 +308,30 @@ def end_attempt(span: trace.Span, status: int | None, *, failure: str | None = N
 
 
 
+def _unrecorded(parent: SpanContext) -> trace.Span:
+    """What the SDK makes of a span when nothing is exported (ALWAYS_OFF), without its
+    sampler and processor calls: new ids (the parent's trace id) and no flags."""
+    trace_id = parent.trace_id if parent.is_valid else 0
+    while not trace_id:
+        trace_id = random.getrandbits(128)
+    span_id = 0
+    while not span_id:
+        span_id = random.getrandbits(64)
+    return NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False,
+                                        trace_state=parent.trace_state))
+
+
 def start(method: str, path: str, headers: Mapping[str, str],
           request_id: str | None = None) -> RequestTrace:
     """A new server span; an incoming `traceparent` makes it the caller's child. Its request
     id is a new one unless the proxy gave the request one already."""
-    parent = _propagator.extract(dict(headers))
-    span = _tracing.tracer.start_span(f"{method} {path.split('?', 1)[0]}", context=parent,
-                                      kind=trace.SpanKind.SERVER)
-    caller = trace.get_current_span(parent).get_span_context()
+    parent = _propagator.extract(dict(headers)) if "traceparent" in headers else None
+    caller = trace.get_current_span(parent).get_span_context() if parent is not None \
+        else INVALID_SPAN_CONTEXT
+    if _tracing.recording:
+        span = _tracing.tracer.start_span(f"{method} {path.split('?', 1)[0]}", context=parent,
+                                          kind=trace.SpanKind.SERVER)
+    else:
+        span = _unrecorded(caller)
     return RequestTrace(request_id=request_id or f"req_{ULID()}", span=span,
                         parent_flags=int(caller.trace_flags) if caller.is_valid else 0)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from tests.harness import RedisServer
-from tollgate.budgets import Hold, window
+from tollgate.budgets import Hold, window, window_named
 from tollgate.config.schema import Budget
 from tollgate.ledger import LedgerRow, report
 from tollgate.store.base import Counter
@@ -26,6 +26,24 @@ def hold(limit_usd: float, on_breach: str = "block", ident: str = "b_1") -> Hold
                limit=limit_usd, on_breach=on_breach)
     w = window("month", NOW)
     return Hold(b, w.key, w.end)
+
+
+@pytest.mark.parametrize(("kind", "key", "start", "end"), [
+    ("minute", "2026-03-05T02:09", "2026-03-05T02:09", "2026-03-05T02:10"),
+    ("hour", "2026-03-05T02", "2026-03-05T02:00", "2026-03-05T03:00"),
+    ("day", "2026-03-05", "2026-03-05T00:00", "2026-03-06T00:00"),
+    ("week", "2026-W10", "2026-03-02T00:00", "2026-03-09T00:00"),
+    ("month", "2026-03", "2026-03-01T00:00", "2026-04-01T00:00"),
+])
+def test_budget_windows_are_utc_calendar_windows_named_as_reports_name_them(kind, key, start,
+                                                                            end):
+    # 21:09 on the 4th, five hours west of UTC: 02:09 UTC on the 5th. The key is the counter
+    # a budget's spend is kept in, so a change of spelling would start it again from zero.
+    w = window(kind, datetime(2026, 3, 4, 21, 9, 11, tzinfo=timezone(timedelta(hours=-5))))
+    assert (w.key, w.start, w.end) == (key, datetime.fromisoformat(start).replace(tzinfo=UTC),
+                                       datetime.fromisoformat(end).replace(tzinfo=UTC))
+    if kind != "minute":  # reports name every window but a minute's
+        assert window_named(key) == (kind, w)
 
 
 def row(request_id: str, cost: int, principal: str = "alice") -> LedgerRow:

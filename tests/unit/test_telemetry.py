@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from opentelemetry import trace
@@ -45,6 +46,16 @@ def test_no_exporter_records_nothing_but_ids_still_flow(monkeypatch):
     assert not t.span.is_recording()
     assert t.trace_id == "0af7651916cd43dd8448eb211c80319c"  # still the caller's trace
     assert t.span_id != "b7ad6b7169203331" and len(t.span_id) == 16
+    # Upstream, the provider call nests under it with the caller's sampling decision.
+    assert t.traceparent == f"00-{t.trace_id}-{t.span_id}-01"
+    attempt = t.start_attempt(SimpleNamespace(model="m"), "chat_completions")
+    ctx = attempt.get_span_context()
+    assert not attempt.is_recording() and format(ctx.trace_id, "032x") == t.trace_id
+    assert format(ctx.span_id, "016x") not in (t.span_id, "0" * 16)
+    # Without a caller: a trace of its own, a new one each time, nothing sampled.
+    a, b = (telemetry.start("POST", "/v1/messages", {}) for _ in range(2))
+    assert a.trace_id != b.trace_id and "0" * 32 not in (a.trace_id, b.trace_id)
+    assert a.traceparent.endswith("-00")
 
 
 def test_yaml_endpoint_over_http_protobuf_exports(receiver):
