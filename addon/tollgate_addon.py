@@ -75,7 +75,7 @@ def _comment(decision: dict, summary: list[str] | None = None,
 
 def _served_comment(exchange: Exchange) -> str:
     """The verdict and what the request came to: tokens, cost, fallbacks and budgets."""
-    row = exchange.settled
+    row = exchange.settlement.row
     if row is None:
         return _comment(exchange.decision())
     usage = f"{row.input_tokens + row.cached_input_tokens + row.cache_write_tokens} in / " \
@@ -84,8 +84,8 @@ def _served_comment(exchange: Exchange) -> str:
     more = []
     if row.fallbacks:
         more.append(f"fallback: {row.fallbacks}")
-    if exchange.error:
-        more.append(f"error: {exchange.error}")
+    if exchange.settlement.error:
+        more.append(f"error: {exchange.settlement.error}")
     billing = exchange.billing
     if billing.counters:
         more.append(f"budgets: {', '.join(billing.counters)}"
@@ -416,7 +416,7 @@ class FallbackRelay:
                 response = await self._client.send(request, stream=True)
             except httpx.TransportError as e:
                 error = "timeout" if isinstance(e, httpx.TimeoutException) else "network_error"
-                if (reason := exchange.fallback_reason(error=error)) is not None:
+                if (reason := exchange.cursor.fallback_reason(error=error)) is not None:
                     exchange.advance(reason)
                     continue
                 code = "provider_timeout" if error == "timeout" else "provider_unreachable"
@@ -429,7 +429,7 @@ class FallbackRelay:
                 await writer.drain()
                 return
             async with contextlib.aclosing(response):
-                if (reason := exchange.fallback_reason(status=response.status_code)):
+                if (reason := exchange.cursor.fallback_reason(status=response.status_code)):
                     exchange.advance(reason)
                     continue
                 await self._relay(writer, response)
@@ -545,7 +545,7 @@ class TollgateAddon:
             if result.status >= 400:
                 flow.marked = ":no_entry:"
             return
-        if len(result.exchange.attempts) == 1:
+        if len(result.exchange.cursor.attempts) == 1:
             self._dispatch(flow, result)
             return
         _EXCHANGES[flow] = result.exchange
@@ -569,7 +569,7 @@ class TollgateAddon:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         exchange = _EXCHANGES.get(flow)
-        if exchange is None or flow.response is None or exchange.finished:
+        if exchange is None or flow.response is None or exchange.settlement.finished:
             return  # (finished: no provider answered a fallback plan; its failure is sent)
         resp = flow.response
         for name in header_rules.downstream_removals(resp.headers):
@@ -600,14 +600,16 @@ class TollgateAddon:
         if exchange is None or flow.response is None:
             return
         _show_served_address(flow, exchange)
-        if exchange.finished:  # no provider of a fallback plan answered: the relay said so
+        # No provider of a fallback plan answered: the relay said so.
+        if exchange.settlement.finished:
             flow.marked = ":no_entry:"
         elif not flow.response.stream:
             body = exchange.relay(flow.response.raw_content or b"")
             if exchange.rewriter is not None:
                 flow.response.content = body + exchange.relay(b"")
-                if exchange.replaced_status is not None:  # an answer it could not translate
-                    flow.response.status_code = exchange.replaced_status
+                # An answer it could not translate:
+                if exchange.settlement.replaced_status is not None:
+                    flow.response.status_code = exchange.settlement.replaced_status
                     flow.response.headers["content-type"] = "application/json"
         exchange.finish("completed")
         flow.comment = _served_comment(exchange)

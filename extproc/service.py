@@ -103,8 +103,8 @@ def metadata(exchange: Exchange) -> dict[str, str]:
     trace = exchange.trace
     fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
               "span_id": trace.span_id, "family": exchange.route.family}
-    if len(exchange.attempts) == 1:  # else each attempt's response names its provider
-        fields |= {"fallback_count": str(exchange.fallback_count),
+    if len(exchange.cursor.attempts) == 1:  # else each attempt's response names its provider
+        fields |= {"fallback_count": str(exchange.cursor.fallback_count),
                    "provider": exchange.provider_id}
     if exchange.hides_usage_chunk and not exchange.reshapes:
         fields["cut_usage"] = "1"  # the usage-cut filter keeps it from the client
@@ -159,7 +159,7 @@ def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
     controls and the client's body; each attempt's own changes are made by the attempt
     filter."""
     exchange = fwd.exchange
-    plan = exchange.attempts
+    plan = exchange.cursor.attempts
     # Envoy's router controls are the gateway's to set, never the client's.
     envoy_controls = [h for h in client_headers if h.startswith(fallback.ENVOY_CONTROL_PREFIX)]
     routing = fallback.retry_headers(exchange.key.config.fallback, plan)
@@ -342,15 +342,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             return result
         exchange = result.exchange
         chains = self.chains()
-        if not fallback.has_chain(exchange.attempts, chains) and self._loaded_clusters \
+        if not fallback.has_chain(exchange.cursor.attempts, chains) and self._loaded_clusters \
                 and await self._loaded_clusters.refresh():
             chains = self.chains()  # Envoy had it already: the poll had not seen it yet
-        exchange.attempts = fallback.usable_plan(exchange.attempts, chains)
+        exchange.cursor.attempts = fallback.usable_plan(exchange.cursor.attempts, chains)
         request_id = exchange.trace.request_id
         pending = _Pending(exchange, time.monotonic())
-        if len(exchange.attempts) > 1:
+        if len(exchange.cursor.attempts) > 1:
             # Attempts share one header map: each removes what another provider set there.
-            pending.set_by_attempts = sorted({h for a in exchange.attempts
+            pending.set_by_attempts = sorted({h for a in exchange.cursor.attempts
                                               for h in a.set_headers if h not in headers})
             pending.body_length = None if body is None else len(body)
         self._pending[request_id] = pending
@@ -558,11 +558,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     answer.body_mutation.body = kept
                     if exchange is not None:  # the gateway's own time on the response
                         exchange.overhead += time.perf_counter() - began
-                        if exchange.replaced_status is not None:  # it could not translate
-                            yield immediate(Reply(exchange.replaced_status, {
+                        # An answer it could not translate:
+                        if exchange.settlement.replaced_status is not None:
+                            yield immediate(Reply(exchange.settlement.replaced_status, {
                                 "content-type": "application/json",
                                 **exchange.response_headers()}, kept,
-                                {"code": exchange.code}))
+                                {"code": exchange.settlement.code}))
                             return
                 yield pb.ProcessingResponse(response_body=pb.BodyResponse(response=answer))
                 if chunk.end_of_stream:
@@ -584,7 +585,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 self._cut_short(request_id, why, why)
         # A rewrite Envoy never opened (a response it answered itself, say).
         for request_id, waiting in list(self._rewrites.items()):
-            if waiting.exchange.finished and now - waiting.since > QUIET_AFTER:
+            if waiting.exchange.settlement.finished and now - waiting.since > QUIET_AFTER:
                 del self._rewrites[request_id]
 
     def settle_all(self) -> None:

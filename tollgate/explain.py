@@ -178,16 +178,16 @@ async def _report(gateway: Gateway, req: Request, decided: Any,
                        "headers": {k: mask(v) if k.lower() in CREDENTIAL_HEADERS else v
                                    for k, v in a.set_headers.items()},
                        "removed_headers": a.remove_headers}
-                      for a in exchange.attempts]
-    report["skipped"] = list(exchange.unserved)
+                      for a in exchange.cursor.attempts]
+    report["skipped"] = list(exchange.cursor.unserved)
     price = billing.price
     report["price"] = None if price is None else {
-        "model": exchange.attempts[0].model, "input_usd_per_1m": float(price.input),
+        "model": exchange.cursor.attempts[0].model, "input_usd_per_1m": float(price.input),
         "output_usd_per_1m": float(price.output)}
     report["worst_case_usd"] = billing.worst_case / budgets.MICROS
     report["output_cap"] = billing.output_cap
     now = datetime.now(UTC)
-    provider = exchange.attempts[0].provider_id
+    provider = exchange.cursor.attempts[0].provider_id
     holds = budgets.holds_for(cfg, key, billing.lineage, provider, now)
     counters = await gateway.store().counters(holds)
     # As found before this request (the reservation answered above did not take it).

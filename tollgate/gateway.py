@@ -39,7 +39,7 @@ from tollgate.config.problems import ConfigError, Problem
 from tollgate.config.schema import ModelProvider, VirtualKey
 from tollgate.config.watch import ConfigHolder
 from tollgate.errors import GatewayError
-from tollgate.exchange import Billing, Exchange
+from tollgate.exchange import Exchange
 from tollgate.keys import (
     KeyIndex,
     PepperMismatch,
@@ -53,6 +53,7 @@ from tollgate.pricing import ZERO_PRICE
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.scopes import lineage
+from tollgate.settlement import Billing
 from tollgate.store import LimitSettlement, Reservation, Store, StoreUnavailable, open_store
 from tollgate.store.spool import Spooled
 from tollgate.usage import Usage
@@ -593,8 +594,8 @@ class Gateway:
 
     async def _write_ahead(self, exchange: Exchange) -> None:
         try:
-            await self.store().admit(exchange.written_ahead(), exchange.billing.settlement(
-                exchange.provider_id, exchange.reached, 0)[0])
+            charged = exchange.billing.charges(exchange.provider_id, exchange.cursor.reached, 0)[0]
+            await self.store().admit(exchange.settlement.written_ahead(), charged)
         except StoreUnavailable as e:
             log.warning("could not write ahead request %s: %s", exchange.trace.request_id, e)
 
@@ -606,7 +607,7 @@ class Gateway:
             await asyncio.sleep(self.holder.current.config.gateway.checkpoint_seconds)
             for request_id, (exchange, written) in list(self._in_flight.items()):
                 received = exchange.meter.bytes
-                if received > written and not exchange.finished:
+                if received > written and not exchange.settlement.finished:
                     self._in_flight[request_id] = (exchange, received)
                     try:
                         await self._write_ahead(exchange)
@@ -616,8 +617,8 @@ class Gateway:
     def _settle(self, exchange: Exchange, row: LedgerRow) -> None:
         """Write the ledger row and settle budgets and TPM, off the host's hot path."""
         billing = exchange.billing
-        counters, released, limits = billing.settlement(
-            exchange.provider_id, exchange.reached,
+        counters, released, limits = billing.charges(
+            exchange.provider_id, exchange.cursor.reached,
             row.input_tokens + row.cached_input_tokens + row.cache_write_tokens
             + row.output_tokens)
         self._observe(exchange.trace, row, exchange=exchange)
@@ -643,7 +644,8 @@ class Gateway:
         else:
             attempt = exchange.attempt
             trace.end(row, requested_model=exchange.requested_model,
-                      provider_name=attempt.adapter.gen_ai_provider, error=exchange.error)
+                      provider_name=attempt.adapter.gen_ai_provider,
+                      error=exchange.settlement.error)
             ended = time.monotonic()
             metrics.observe(
                 row, decision_seconds=trace.decision_seconds,
@@ -651,10 +653,10 @@ class Gateway:
                 upstream_seconds=ended - exchange.started - exchange.overhead,
                 first_byte_seconds=exchange.first_byte - exchange.started
                 if exchange.first_byte is not None and exchange.is_sse else None,
-                fallbacks=exchange.fallbacks, labels=settings.metric_labels,
+                fallbacks=exchange.cursor.fallbacks, labels=settings.metric_labels,
                 known_models=loaded.known_models)
             extra.update({"requested_model": exchange.requested_model,
-                          "upstream": attempt.url, "error": exchange.error,
+                          "upstream": attempt.url, "error": exchange.settlement.error,
                           "bytes_out": exchange.meter.bytes,
                           "sse_events": exchange.meter.events,
                           "budget_warning": exchange.billing.warning})

@@ -107,7 +107,7 @@ class Attempt:
 class Forward:
     """Send the request upstream; the exchange follows the response to its end.
 
-    `exchange.attempts` holds the fallback plan; `attempt` is the first of it."""
+    `exchange.cursor.attempts` holds the fallback plan; `attempt` is the first of it."""
 
     exchange: Exchange
     attempt: Attempt

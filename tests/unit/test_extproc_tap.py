@@ -173,7 +173,7 @@ async def test_a_request_envoy_speaks_of_is_not_swept_and_is_settled_at_its_last
         # Minutes on, a post has just come: not swept.
         pending.since = time.monotonic()
         proc.sweep(now=time.monotonic() + service.QUIET_AFTER - 1)
-        assert not pending.exchange.finished
+        assert not pending.exchange.settlement.finished
         await meter_post(http, request_id, 1, result[10:], last=True)
     (row,) = await settled(proc)
     assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "completed", 90000)
@@ -188,7 +188,7 @@ async def test_posts_that_arrive_out_of_order_are_metered_in_order(processor):
     async with decision_service(proc) as (http, _):
         await meter_post(http, request_id, 2, USAGE, last=True)
         await meter_post(http, request_id, 1, words("two", "three"))
-        assert not proc._pending[request_id].exchange.finished
+        assert not proc._pending[request_id].exchange.settlement.finished
         await meter_post(http, request_id, 0, words("one"), head=SSE)
     (row,) = await settled(proc)
     assert (row.outcome, row.output_tokens, row.usage_reported) == ("completed", 7, True)
@@ -218,7 +218,7 @@ async def test_a_stream_cut_short_is_charged_what_it_streamed_after_its_last_pos
     async with decision_service(proc) as (http, _):
         await meter_post(http, request_id, 0, words("one"), head=SSE)
         proc.ended(request_id, 200, "via_upstream", posts=2, tail=words("four", "five"))
-        assert not proc._pending[request_id].exchange.finished  # post 1 is on its way
+        assert not proc._pending[request_id].exchange.settlement.finished  # post 1 is on its way
         await meter_post(http, request_id, 1, words("two", "three"))
     (row,) = await settled(proc)
     assert (row.outcome, row.output_tokens, row.usage_reported) == ("aborted", 5, False)
@@ -351,7 +351,7 @@ async def test_a_fallback_plan_is_kept_when_the_cluster_poll_lags_behind_envoy(
     assert answer.headers[f"x-tollgate-set-{CLUSTER_HEADER}"] == chain
     assert clusters.refreshes == 1
     (pending,) = proc._pending.values()
-    assert [a.provider_id for a in pending.exchange.attempts] == ["mp_openai_org",
+    assert [a.provider_id for a in pending.exchange.cursor.attempts] == ["mp_openai_org",
                                                                 "mp_anthropic_org"]
     pending.exchange.finish("abandoned")
     await gateway.close()

@@ -269,11 +269,11 @@ async def test_a_retrying_host_starts_attempts_by_provider(setup, config_dir):
     gw = gateway()
     forward = await gw.handle(request("/v1/chat/completions", CHAT, secret))
     exchange = forward.exchange
-    assert [a.provider_id for a in exchange.attempts] == ["mp_openai_org", "mp_backup"]
+    assert [a.provider_id for a in exchange.cursor.attempts] == ["mp_openai_org", "mp_backup"]
     assert exchange.begin_attempt("mp_openai_org").provider_id == "mp_openai_org"
     exchange.attempt_answered(503)
     assert exchange.begin_attempt("mp_backup").provider_id == "mp_backup"
-    assert exchange.fallback_count == 1
+    assert exchange.cursor.fallback_count == 1
     assert exchange.response_headers()["X-LangWatch-Provider"] == "mp_backup"
     assert gw.breakers._count == {"mp_openai_org": 1}  # the failed attempt counts
     # A provider outside the plan leaves the exchange where it was.
@@ -329,7 +329,7 @@ async def test_a_fallback_plan_reserves_for_its_dearest_model(setup, config_dir)
     capped = {**CHAT, "max_completion_tokens": 1000}
     cheap = await gw.handle(request("/v1/chat/completions", capped, plain))
     dear = await gw.handle(request("/v1/chat/completions", capped, with_fallback))
-    assert [a.model for a in dear.exchange.attempts] == ["gpt-5-mini", "claude-opus-4-1"]
+    assert [a.model for a in dear.exchange.cursor.attempts] == ["gpt-5-mini", "claude-opus-4-1"]
     # Same request: only the plan differs; claude-opus-4-1 costs 37.5x gpt-5-mini per token.
     assert dear.exchange.billing.reserved > 30 * cheap.exchange.billing.reserved > 0
     for forward in (cheap, dear):
