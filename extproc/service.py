@@ -427,7 +427,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 if pending.posts == 0:
                     if head is None:
                         raise ValueError("the first meter post came without the head")
-                    exchange.on_response_headers(*head)
+                    exchange.response_head(*head)
                 pending.posts += 1
                 if data:
                     exchange.on_chunk(data)
@@ -464,10 +464,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if pending.posts == 0 and status:
             if details not in ("via_upstream", ""):  # Envoy answered in the provider's place
                 exchange.proxy_replied(status, details)
-                exchange.on_response_headers(status, {})
+                exchange.response_head(status, {})
                 self._settle(request_id, "completed")
                 return
-            exchange.on_response_headers(status, {})
+            exchange.response_head(status, {})
         if tail and exchange.status is not None:
             exchange.on_chunk(tail)
         if client_left and exchange.status is not None:  # not the provider's doing
@@ -538,8 +538,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 answer = pb.ProcessingResponse()
                 if exchange is not None and _from_upstream(msg):
                     status = int(headers.get(":status", "0"))
-                    rewriter = exchange.rewriter_for(status, headers.get("content-type"))
-                    changed = exchange.reframed_headers(status, headers.get("content-type"))
+                    rewriter, changed = exchange.reshaping(status, headers.get("content-type"))
                     if isinstance(rewriter, JSONTranslation) and 200 <= status < 300:
                         answer.mode_override.CopyFrom(WHOLE_BODY)
                 answer.response_headers.response.header_mutation.CopyFrom(

@@ -178,22 +178,44 @@ class Exchange:
         text = "; ".join(self.billing.shadow)
         return text.encode("ascii", "replace").decode()[:1024]
 
-    def on_response_headers(self, status: int, headers: Mapping[str, str]) -> dict[str, str]:
-        """Record the response's start; `headers` may lack content-type (a host that cannot
-        see it), and then the first body bytes tell an event stream from JSON."""
-        began = time.perf_counter()
+    # The meter: every host shows it the provider's response as it passes.
+    def response_head(self, status: int, headers: Mapping[str, str]) -> str | None:
+        """The response's status and headers; `headers` may lack content-type (a host that
+        cannot see it), and then the first body bytes tell an event stream from JSON.
+        Returns its content type."""
         self.status = status
         lowered = {k.lower(): v for k, v in headers.items()}
         content_type = lowered.get("content-type")
         length = lowered.get("content-length", "")
         self.meter.start(content_type, int(length) if length.isdigit() else None,
                          lowered.get("x-amzn-bedrock-service-tier"))
-        self.rewriter = self.rewriter_for(status, content_type)
-        out = {**self.response_headers(), **self.reframed_headers(status, content_type)}
-        self.overhead += time.perf_counter() - began
-        return out
+        return content_type
 
-    def reframed_headers(self, status: int, content_type: str | None) -> dict[str, str]:
+    def on_chunk(self, data: bytes) -> bytes:
+        """Reads the bytes on their way to the client and returns them unchanged."""
+        if data and self.first_byte is None:
+            self.first_byte = time.monotonic()
+        self.meter.feed(data)
+        return data
+
+    @property
+    def is_sse(self) -> bool | None:
+        return self.meter.is_sse
+
+    @property
+    def complete(self) -> bool:
+        """The whole response has been seen: its content-length, or its last event."""
+        return self.meter.complete
+
+    # The rewriter: only where the client gets other bytes than the provider sent.
+    def reshaping(self, status: int, content_type: str | None
+                  ) -> tuple[Rewriter | None, dict[str, str]]:
+        """What turns the response's bytes into the client's, if anything, and the headers
+        that change with them."""
+        return self.rewriter_for(status, content_type), \
+            self._reframed_headers(status, content_type)
+
+    def _reframed_headers(self, status: int, content_type: str | None) -> dict[str, str]:
         """A stream the gateway turns into SSE (Bedrock's frames) is announced as SSE."""
         if self.attempt.reframed and eventstream.is_eventstream(content_type):
             return {"content-type": "text/event-stream; charset=utf-8"}
@@ -256,22 +278,6 @@ class Exchange:
 
         return CappedEvents(rewriter, ending, overflow)
 
-    def on_chunk(self, data: bytes) -> bytes:
-        """The tap: reads the bytes on their way to the client and returns them unchanged."""
-        if data and self.first_byte is None:
-            self.first_byte = time.monotonic()
-        self.meter.feed(data)
-        return data
-
-    @property
-    def is_sse(self) -> bool | None:
-        return self.meter.is_sse
-
-    @property
-    def complete(self) -> bool:
-        """The whole response has been seen: its content-length, or its last event."""
-        return self.meter.complete
-
     def failure(self, code: str, message: str) -> tuple[int, dict[str, str], bytes]:
         """Status, headers and body for a request no provider could answer (and so its
         ledger row's)."""
@@ -288,8 +294,18 @@ class Exchange:
         self.settlement.code = PROXY_FAILURE_CODES.get(status, "gateway_error")
         self.settlement.stream_error = f"answered by the proxy: {details or status}"
 
+    # A host whose bytes pass through the core (mitmproxy) does both at once.
+    def on_response_headers(self, status: int, headers: Mapping[str, str]) -> dict[str, str]:
+        """The response's head metered and its rewriter chosen; returns the headers the
+        client gets added or changed."""
+        began = time.perf_counter()
+        self.rewriter, reframed = self.reshaping(status, self.response_head(status, headers))
+        out = {**self.response_headers(), **reframed}
+        self.overhead += time.perf_counter() - began
+        return out
+
     def relay(self, data: bytes) -> bytes:
-        """For hosts whose bytes pass through the core: tap, then rewrite; b"" ends it."""
+        """Meter, then rewrite; b"" ends it."""
         began = time.perf_counter()
         self.on_chunk(data)
         if self.rewriter is not None:
