@@ -116,6 +116,36 @@ def test_sqlite_releases_reservations_of_a_previous_run(tmp_path):
     asyncio.run(scenario())
 
 
+def test_the_first_settlement_after_redis_returns_replays_the_spool_before_itself(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+
+    async def scenario():
+        store = Spooled(RedisStore(server.url), tmp_path / "spool.db")
+        server.stop()
+        await store.finish(["b_1:2026-11"], 0, row("r1", 10))
+        server.start()
+        await store.finish(["b_1:2026-11"], 0, row("r2", 10))
+        assert store.pending() == 0
+        assert [r.request_id for r in await store.rows()] == ["r1", "r2"]
+        await store.close()
+        # A spool left from an earlier run is replayed before this run's first settlement.
+        server.stop()
+        store = Spooled(RedisStore(server.url), tmp_path / "spool.db")
+        await store.finish(["b_1:2026-11"], 0, row("r3", 10))
+        await store.close()
+        server.start()
+        store = Spooled(RedisStore(server.url), tmp_path / "spool.db")
+        await store.finish(["b_1:2026-11"], 0, row("r4", 10))
+        assert [r.request_id for r in await store.rows()] == ["r1", "r2", "r3", "r4"]
+        assert store.pending() == 0
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
 def test_spool_replays_in_order_when_redis_returns(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
 

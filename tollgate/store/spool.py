@@ -61,6 +61,10 @@ class Spooled(Store):
         self._forgetting: asyncio.TimerHandle | None = None
         if owner:
             self._recover()
+        # Spooled rows wait for replay: settlements replay them first, to keep the ledger in
+        # order. Known here rather than asked of the file on every settlement; rows another
+        # process spools are replayed by it, or by the gateway's replay loop.
+        self._behind = self.pending() > 0
 
     def _recover(self) -> None:
         """Rows of requests a dead gateway on this node had in flight are spooled, so they
@@ -110,6 +114,7 @@ class Spooled(Store):
                                     json.loads(released) if released else None)
             self.db.execute("DELETE FROM spool WHERE id = ?", (ident,))
             done += 1
+        self._behind = self.pending() > 0  # (spooled while this replay ran)
         if done:
             log.info("replayed %d spooled request(s) into the state store", done)
         return done
@@ -128,7 +133,7 @@ class Spooled(Store):
         if row.admitted:
             self._forget(row.request_id)
         try:
-            if self.pending():
+            if self._behind:
                 await self.flush()  # keep the ledger in order
             await self.inner.finish(counters, reserved, row, limits, released)
         except StoreUnavailable as e:
@@ -137,6 +142,7 @@ class Spooled(Store):
                                 json.dumps(counters), reserved, json.dumps(row.to_dict()),
                                 json.dumps(asdict(limits)) if limits else None,
                                 json.dumps(released) if released else None))
+            self._behind = True
             log.warning("state store unavailable (%s); request %s spooled for replay", e,
                         row.request_id)
 
