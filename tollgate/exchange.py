@@ -247,7 +247,8 @@ class Exchange:
             return JSONTranslation(lambda body: json.dumps(convert(json.loads(body)))
                                    .encode() if body else body, self._invalid_answer)
         if a.strip_usage and (sse or content_type is None):
-            return EventFilter(usage_of.is_usage_only_chunk, usage_of.MAX_USAGE_CHUNK_BYTES)
+            return EventFilter(usage_of.is_usage_only_chunk, usage_of.MAX_USAGE_CHUNK_BYTES,
+                               usage_of.USAGE_ONLY_HINT)
         return None
 
     def _invalid_answer(self, error: Exception) -> bytes:

@@ -40,6 +40,29 @@ class SSEParser:
         self._pending_cr = False
 
     def feed(self, chunk: bytes) -> list[Event]:
+        if self._pending_cr or b"\r" in chunk:
+            return self._feed_any(chunk)
+        # Lines end in LF alone (as every provider writes them): split in C.
+        *lines, rest = chunk.split(b"\n")
+        events: list[Event] = []
+        for raw in lines:
+            if self._parts:  # the end of a line begun in an earlier chunk
+                self._keep(raw)
+                raw, size = b"".join(self._parts), self._size
+                self._parts, self._size = [], 0
+            else:
+                size = len(raw)
+            if self._max_line is not None and size > self._max_line:
+                self._oversized(raw, size)
+            else:
+                event = self._line(raw.decode("utf-8", errors="replace"))
+                if event is not None:
+                    events.append(event)
+        self._keep(rest)
+        return events
+
+    def _feed_any(self, chunk: bytes) -> list[Event]:
+        """Any line ends: CRLF, CR or LF."""
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF split across chunks
         self._pending_cr = chunk.endswith(b"\r")
@@ -151,8 +174,11 @@ class EventFilter:
     flowing event by event. Each byte is searched once (a long event costs linear time).
     """
 
-    def __init__(self, drop: Callable[[Event], bool], max_held: int | None = None):
+    def __init__(self, drop: Callable[[Event], bool], max_held: int | None = None,
+                 hint: re.Pattern[bytes] | None = None):
         self._drop = drop
+        # Text every event `drop` takes has: the others pass without being parsed.
+        self._hint = hint
         # An unfinished event longer than this cannot be one `drop` takes: its bytes go on
         # unheld (the rest of it follows as it comes).
         self._max_held = max_held
@@ -166,6 +192,9 @@ class EventFilter:
             block = bytes(self._buf[: m.end()])
             del self._buf[: m.end()]
             self._searched = 0
+            if self._hint is not None and not self._hint.search(block):
+                out.append(block)
+                continue
             events = SSEParser().feed(block)
             if not (events and all(self._drop(e) for e in events)):
                 out.append(block)

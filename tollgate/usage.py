@@ -10,6 +10,7 @@ client did receive is estimated (and marked as such) so nothing goes unmetered.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,6 +221,11 @@ class StreamUsage:
 # The usage chunk is a few hundred bytes: an event longer than this is not it (and is not held
 # back to find out). The Envoy host's usage cut (extproc/usage_cut.lua) uses the same bound.
 MAX_USAGE_CHUNK_BYTES = 64 * 1024
+
+
+# What every usage-only chunk has (an empty `choices`): events without it are not parsed to
+# find out. The Envoy host's usage cut looks for the same.
+USAGE_ONLY_HINT = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
 def is_usage_only_chunk(event: Event) -> bool:

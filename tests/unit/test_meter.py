@@ -119,6 +119,24 @@ def test_a_10mb_event_line_is_counted_not_held():
     assert not used.reported and used.output_tokens >= (10 << 20) // 4
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_lf_only_streams_parse_as_the_general_line_rules_parse_them(seed):
+    """Streams whose lines end in LF alone take a faster path; cut anywhere, they give the
+    events the rules for every line end give (comments, named events, ids, multi-line data,
+    lines over the parser's bound, UTF-8 split across chunks)."""
+    rng = random.Random(seed)
+    pieces = [b": keep-alive\n", b"event: delta\n", b"id: 7\n", b"data: first\n",
+              b"data: second line\n", "data: caf\u00e9 \u2713\n".encode(), b"data\n",
+              b"data: " + b"x" * 300 + b"\n", b"retry: 10\n", b"\n", b"\n"]
+    stream = b"".join(rng.choice(pieces) for _ in range(200)) + b"\n"
+    cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(1, 60)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    fast, general = SSEParser(max_line=200), SSEParser(max_line=200)
+    got = [e for c in chunks for e in fast.feed(c)]
+    assert got == [e for c in chunks for e in general._feed_any(c)]
+    assert any(e.dropped for e in got) and any(e.event == "delta" for e in got)
+
+
 def test_parser_handles_a_long_line_in_pieces():
     parser = SSEParser()
     data = "q" * (4 << 20)
@@ -141,7 +159,7 @@ def test_the_usage_cut_holds_little_and_drops_only_the_usage_chunk(seed):
     """However the stream is cut into chunks (at random, and between the two newlines that
     end a 200 KB event), the client gets every byte but the usage chunk's, and the cut never
     holds more than a usage chunk's worth of an unfinished event."""
-    from tollgate.usage import MAX_USAGE_CHUNK_BYTES, is_usage_only_chunk
+    from tollgate.usage import MAX_USAGE_CHUNK_BYTES, USAGE_ONLY_HINT, is_usage_only_chunk
 
     big = b'data: {"choices": [{"delta": {"content": "' + b"z" * 200_000 + b'"}}]}\n\n'
     usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n'
@@ -150,7 +168,7 @@ def test_the_usage_cut_holds_little_and_drops_only_the_usage_chunk(seed):
     rng = random.Random(seed)
     cuts = [len(stream) - len(done) - len(usage) - 1] if seed == 0 else \
         sorted(rng.sample(range(1, len(stream)), rng.randint(1, 40)))
-    cut = EventFilter(is_usage_only_chunk, MAX_USAGE_CHUNK_BYTES)
+    cut = EventFilter(is_usage_only_chunk, MAX_USAGE_CHUNK_BYTES, USAGE_ONLY_HINT)
     out, sent = b"", 0
     for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
         out += cut.feed(stream[a:b])
