@@ -13,18 +13,15 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 from tollgate import body as bodies
 from tollgate import (
-    budgets,
     candidates,
     metrics,
     policy,
-    ratelimit,
     routes,
     routing,
     telemetry,
@@ -32,11 +29,12 @@ from tollgate import (
 )
 from tollgate import headers as header_rules
 from tollgate.accesslog import access_log
+from tollgate.admission import Admission
 from tollgate.breaker import Breakers
 from tollgate.catalog import ModelCatalog
 from tollgate.config.load import LoadedConfig
 from tollgate.config.problems import ConfigError, Problem
-from tollgate.config.schema import ModelProvider, VirtualKey
+from tollgate.config.schema import VirtualKey
 from tollgate.config.watch import ConfigHolder
 from tollgate.errors import GatewayError
 from tollgate.exchange import Exchange
@@ -49,14 +47,11 @@ from tollgate.keys import (
     usable,
 )
 from tollgate.ledger import LedgerRow
-from tollgate.pricing import ZERO_PRICE
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.scopes import lineage
-from tollgate.settlement import Billing
-from tollgate.store import LimitSettlement, Reservation, Store, StoreUnavailable, open_store
+from tollgate.store import LimitSettlement, Store, StoreUnavailable, open_store
 from tollgate.store.spool import Spooled
-from tollgate.usage import Usage
 
 log = logging.getLogger("tollgate")
 
@@ -108,6 +103,7 @@ class Gateway:
         self._in_flight: dict[str, tuple[Exchange, int]] = {}
         self._settling: set[asyncio.Task[None]] = set()
         self.breakers = Breakers()
+        self.admission = Admission(self.store, self._shadowed)
         self._apply(holder.current)
         holder.on_reload(lambda _old, new: self._apply(new))
         if store is None:
@@ -252,7 +248,7 @@ class Gateway:
             ask_usage = bodies.wants_usage_chunk(route, body.doc)
             attempts = self._plan(targets, key, route, body, req, trace, settings, ask_usage,
                                   loaded.catalog)
-            billing, passed_over, attempts = await self._admit_request(
+            billing, passed_over, attempts = await self.admission.admit(
                 loaded, trace.request_id, key, route, body, req, attempts)
             billing.shadow = [str(s) for s in shadowed] + billing.shadow
             if billing.passed_over_later:
@@ -353,225 +349,10 @@ class Gateway:
             if attempt.body is None:  # the client's bytes, but for the cap
                 attempt.body = raw
 
-    @staticmethod
-    def _unseen_input_allowance(loaded: LoadedConfig, key: VirtualKey,
-                                body: bodies.ParsedBody, attempts: list[Attempt]) -> int:
-        """Input tokens to reserve beyond what the body shows, for a request that refers to
-        input the gateway cannot see: the largest allowance of the blocking budgets that
-        apply; one that refuses such requests refuses it."""
-        unseen = bodies.unseen_input(body.doc)
-        if unseen is None:
-            return 0
-        cfg, now = loaded.config, datetime.now(UTC)
-        lin = lineage(cfg, key.scope)
-        applying = {h.budget.id: h.budget for a in attempts
-                    for h in budgets.holds_for(cfg, key, lin, a.provider_id, now)
-                    if h.blocking}
-        for b in applying.values():
-            if b.unseen_input == "refuse":
-                raise GatewayError(
-                    "budget_exceeded",
-                    f"Budget {b.id} ({b.name}) does not admit requests that refer to input "
-                    f"the gateway cannot see (this one has {unseen}): their cost has no "
-                    "bound. Send the input in the request itself, or give the budget a token "
-                    f"allowance for it (`unseen_input: <tokens>` on budget {b.id}).",
-                    context={"budget": b.id, "unseen_input": unseen})
-        return max((b.unseen_input for b in applying.values()
-                    if isinstance(b.unseen_input, int)), default=0)
-
-    async def _admit_request(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
-                             route: routes.Route, body: bodies.ParsedBody, req: Request,
-                             attempts: list[Attempt]
-                             ) -> tuple[Billing, list[str], list[Attempt]]:
-        """Price the request, then admit it to its rate limits and budgets in one atomic
-        step: every budget that applies holds its worst-case cost (that of the dearest model
-        its plan may fall back to), every rate limit counts it, its TPM its worst-case tokens.
-        A provider at its own cap is passed over for the next in the plan when the key falls
-        back on `rate_limit`; returns the billing and why providers were passed over.
-        (Models a policy maps to are checked for a price when the config is loaded.)"""
-        cfg, settings = loaded.config, loaded.config.gateway
-        model = attempts[0].model
-        price = loaded.prices.lookup(model, attempts[0].prices)
-        if price is None and settings.unpriced == "block":
-            raise GatewayError("model_not_priced",
-                               f"Model {model!r} has no price in the price table, so its spend "
-                               "cannot be metered. Add it to prices.yaml (or set "
-                               "gateway.unpriced: allow).", param="model")
-        input_estimate = math.ceil(len(req.body) / 2)  # generous: a token is >= ~2 bytes
-        input_estimate += self._unseen_input_allowance(loaded, key, body, attempts)
-        requested_cap = bodies.output_cap(route, body.doc)
-        requested_tier = bodies.requested_tier(body.doc)
-        providers = {p.id: p for p in cfg.model_providers}
-
-        def worst_case(cap: int | None) -> tuple[budgets.WorstCase | None, int]:
-            """The dearest attempt's worst case, and the most tokens any attempt may use,
-            with the output capped at `cap` (None: each model's own ceiling)."""
-            cases = []
-            for a in attempts:
-                ceiling = loaded.catalog.max_output_tokens(a.model)
-                out = cap if cap is not None else settings.default_max_output_tokens \
-                    if ceiling is None else ceiling
-                price = loaded.prices.lookup(a.model, a.prices) or ZERO_PRICE
-                # The tier it asks for, else the one the provider's account serves by default.
-                held, tier = price.served(Usage(
-                    input_tokens=input_estimate,
-                    service_tier=requested_tier or providers[a.provider_id].default_service_tier))
-                cases.append(budgets.WorstCase(
-                    a.model, held, input_estimate, out, cap is not None,
-                    bodies.output_cap_field(route, body.doc), tier))
-            if not route.metered:
-                return None, 0
-            return max(cases, key=lambda c: c.micros), max(
-                input_estimate + c.output_tokens for c in cases)
-
-        worst, tokens = worst_case(requested_cap)
-        amount = worst.micros if worst else 0
-        billing = Billing(price=price, lineage=lineage(cfg, key.scope),
-                          estimated_input_tokens=math.ceil(len(req.body) / 4))
-        now = datetime.now(UTC)
-        key_caps = ratelimit.key_limits(key, now)
-        passed_over: list[str] = []
-        lowered = 0  # times an `on_breach: cap` budget lowered the output cap (bounded)
-        i = -1
-        while i + 1 < len(attempts):
-            i += 1
-            attempt = attempts[i]
-            holds = budgets.holds_for(cfg, key, billing.lineage, attempt.provider_id, now)
-            # Settled into even if not reserved (a request priced at nothing).
-            billing.held = {attempt.provider_id: [h.counter for h in holds]}
-            holds = holds if amount else []
-            limits = key_caps + ratelimit.provider_limits(providers[attempt.provider_id], now)
-            billing.limits = [(lim, None if lim.scope == "key" else attempt.provider_id)
-                              for lim in limits]
-            if not holds and not limits:
-                granted = None  # nothing to reserve for this attempt
-                break
-            granted = await self._reserve(settings, request_id, holds, amount, limits, tokens)
-            if granted is None:  # the store is down and the gateway fails open
-                return billing, passed_over, attempts[i:]
-            clock = time.time()
-            rate_headers = ratelimit.headers(route.family, limits, granted.windows, clock)
-            if granted.granted:
-                break
-            if granted.refused_by is not None:
-                j = granted.refused_by
-                hold, counter = holds[j], granted.counters[j]
-                assert worst is not None  # a reservation with holds has a worst case
-                fits = worst.output_that_fits(hold.limit_micros - counter.committed)
-                new_cap = budgets.lowered_cap(hold.budget, worst, fits, lowered)
-                if new_cap is None:
-                    raise budgets.refusal(hold, counter.spent, counter.reserved, worst, now)
-            else:
-                over = [(limits[j], granted.windows[j]) for j in granted.refused_limits]
-                by_key = [o for o in over if o[0].scope == "key"]
-                if not by_key and "rate_limit" in key.config.fallback.on and \
-                        i + 1 < len(attempts):
-                    cap = over[0][0]
-                    passed_over.append(
-                        f"{attempt.provider_id}:rate_limit ({cap.dimension} {cap.limit})")
-                    log.info("request %s: provider %s is at its %s cap, passed over for %s",
-                             request_id, attempt.provider_id, cap.dimension,
-                             attempts[i + 1].provider_id)
-                    continue
-                # Under an `on_breach: cap` budget, a TPM limit with room for less output
-                # than the request may write serves it with the output cap that fits.
-                room = ratelimit.tokens_room(over)
-                capping = next((h.budget for h in holds if h.budget.on_breach == "cap"
-                                and not h.shadow), None)
-                new_cap = None if room is None or worst is None else budgets.lowered_cap(
-                    capping, worst, room - worst.input_tokens, lowered)
-                if new_cap is None:
-                    # The limit that holds the request back longest (or that it can never
-                    # fit).
-                    cap, window = max(by_key or over, key=lambda o: math.inf
-                                      if o[1].retry_after is None else o[1].retry_after)
-                    err = ratelimit.refusal(cap, window, cap.amount(tokens), clock)
-                    err.headers = {**rate_headers, **err.headers}
-                    raise err
-            # Served with a lower output cap, which the budget or TPM can pay for: the same
-            # attempt again, for less.
-            billing.output_cap = new_cap
-            worst, tokens = worst_case(new_cap)
-            amount, lowered = (worst.micros if worst else 0), lowered + 1
-            i -= 1
-        # The provider admitted may not be the first (one at its cap was passed over).
-        billing.price = loaded.prices.lookup(attempt.model, attempt.prices) or billing.price
-        if granted is not None:
-            if holds:
-                billing.reserved = amount  # renewed from _admit on, while it runs
-                counted = list(zip(holds, granted.counters, strict=True))
-                billing.warning = next((w for h, c in counted
-                                        if (w := budgets.warning(h, c.committed))), None)
-                over_budget = [budgets.shadow_refusal(h, c.committed, amount)
-                               for h, c in counted if h.would_refuse(c.committed)]
-                self._shadowed("budget", "budget_exceeded", len(over_budget))
-                billing.shadow += over_budget
-            billing.rate_headers = rate_headers
-            billing.admitted_at = granted.at
-            over_limit = ratelimit.shadow_refusals(limits, granted.windows)
-            self._shadowed("rate_limit", "rate_limited", len(over_limit))
-            billing.shadow += over_limit
-        billing.reserved_tokens, billing.worst_case = tokens, amount
-        kept = [attempt]
-        for later in attempts[i + 1:]:
-            if await self._admit_fallback(loaded, request_id, key, billing, later,
-                                          providers[later.provider_id], amount, tokens, now):
-                kept.append(later)
-        return billing, passed_over, kept
-
     def _shadowed(self, control: str, code: str, count: int = 1) -> None:
         """Count what a shadow control would have refused (not in a dry run: nothing was)."""
         if not self.dry_run:
             metrics.shadowed(control, code, count)
-
-    async def _reserve(self, settings: Any, request_id: str, holds: list[budgets.Hold],
-                       amount: int, limits: list[ratelimit.Limit], tokens: int
-                       ) -> Reservation | None:
-        """One atomic reservation; None when the store is down and the gateway fails open."""
-        try:
-            return await self.store().reserve(request_id, holds, amount, limits, tokens)
-        except StoreUnavailable as e:
-            if settings.fail_closed:
-                log.error("state store unavailable, refusing request %s: %s", request_id, e)
-                raise GatewayError(
-                    "gateway_unavailable",
-                    "The gateway's state store is unavailable and budgets and rate limits "
-                    "are fail-closed (gateway.fail_closed), so the request was not "
-                    "forwarded. Retry shortly.") from None
-            log.warning("state store unavailable, serving %s without budgets or rate "
-                        "limits: %s", request_id, e)
-            return None
-
-    async def _admit_fallback(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
-                              billing: Billing, attempt: Attempt, provider: ModelProvider,
-                              amount: int, tokens: int, now: datetime) -> bool:
-        """Admit a fallback attempt before it can be sent, as the first was: its provider's
-        rate limits and the budgets scoped to that provider. One that cannot be admitted is
-        left out of the plan (a provider at its cap is passed over); False then."""
-        cfg = loaded.config
-        applying = budgets.holds_for(cfg, key, billing.lineage, attempt.provider_id, now)
-        # Budgets not scoped to a provider hold the request once, from its first attempt.
-        held = [h for h in applying if h.counter not in billing.counters] if amount else []
-        billing.held[attempt.provider_id] = [h.counter for h in applying]
-        limits = ratelimit.provider_limits(provider, now)
-        if not held and not limits:
-            return True
-        granted = await self._reserve(cfg.gateway, request_id, held, amount, limits, tokens)
-        if granted is None:  # the store is down and the gateway fails open: nothing held
-            return True
-        if not granted.granted:
-            del billing.held[attempt.provider_id]
-            why = (f"budget {held[granted.refused_by].budget.id}"
-                   if granted.refused_by is not None else
-                   ", ".join(f"{limits[j].dimension} {limits[j].limit}"
-                             for j in granted.refused_limits))
-            billing.passed_over_later.append(f"{attempt.provider_id}:not admitted ({why})")
-            log.info("request %s: fallback provider %s left out of the plan: %s",
-                     request_id, attempt.provider_id, why)
-            return False
-        billing.limits += [(lim, attempt.provider_id) for lim in limits]
-        billing.admitted_at = billing.admitted_at or granted.at
-        return True
 
     def in_flight(self) -> int:
         """Requests forwarded and not yet settled."""
