@@ -396,14 +396,15 @@ class Gateway:
                         log.exception("could not checkpoint request %s", request_id)
 
     def _settle(self, exchange: Exchange, row: LedgerRow) -> None:
-        """Write the ledger row and settle budgets and TPM, off the host's hot path."""
+        """Observe the request, write its ledger row and settle budgets and TPM: all in a
+        task, off the host's hot path (mitmproxy sends a stream's end after the hook that
+        settles it)."""
         billing = exchange.billing
         counters, released, limits = billing.charges(
             exchange.provider_id, exchange.cursor.reached,
             row.input_tokens + row.cached_input_tokens + row.cache_write_tokens
             + row.output_tokens)
-        self._observe(exchange.trace, row, exchange=exchange)
-        self._record(row, counters, billing.reserved, limits, released)
+        self._record(row, counters, billing.reserved, limits, released, exchange)
 
     def _observe(self, trace: telemetry.RequestTrace, row: LedgerRow,
                  decision: dict[str, Any] | None = None, exchange: Exchange | None = None
@@ -449,10 +450,10 @@ class Gateway:
 
     def _record(self, row: LedgerRow, counters: list[str] | None = None,
                 reserved: int = 0, limits: LimitSettlement | None = None,
-                released: list[str] | None = None) -> None:
+                released: list[str] | None = None, exchange: Exchange | None = None) -> None:
         if self.dry_run:
             return
-        coro = self._finish(counters or [], reserved, row, limits, released)
+        coro = self._finish(counters or [], reserved, row, limits, released, exchange)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -469,8 +470,14 @@ class Gateway:
 
     async def _finish(self, counters: list[str], reserved: int, row: LedgerRow,
                       limits: LimitSettlement | None = None,
-                      released: list[str] | None = None) -> None:
+                      released: list[str] | None = None,
+                      exchange: Exchange | None = None) -> None:
         self._in_flight.pop(row.request_id, None)
+        if exchange is not None:  # its span, metrics and access-log line
+            try:
+                self._observe(exchange.trace, row, exchange=exchange)
+            except Exception:  # never at the cost of its ledger row
+                log.exception("could not observe request %s", row.request_id)
         try:
             await self.store().finish(counters, reserved, row, limits, released)
         except Exception:
