@@ -52,12 +52,8 @@ class SSEParser:
                 self._parts, self._size = [], 0
             else:
                 size = len(raw)
-            if self._max_line is not None and size > self._max_line:
-                self._oversized(raw, size)
-            else:
-                event = self._line(raw.decode("utf-8", errors="replace"))
-                if event is not None:
-                    events.append(event)
+            if (event := self._ended_line(raw, size)) is not None:
+                events.append(event)
         self._keep(rest)
         return events
 
@@ -72,15 +68,18 @@ class SSEParser:
             self._keep(chunk[start:m.start()])
             raw, size = b"".join(self._parts), self._size
             self._parts, self._size = [], 0
-            if self._max_line is not None and size > self._max_line:
-                self._oversized(raw, size)
-            else:
-                event = self._line(raw.decode("utf-8", errors="replace"))
-                if event is not None:
-                    events.append(event)
+            if (event := self._ended_line(raw, size)) is not None:
+                events.append(event)
             start = m.end()
         self._keep(chunk[start:])
         return events
+
+    def _ended_line(self, raw: bytes, size: int) -> Event | None:
+        """A whole line (`size` bytes, of which `raw` was kept): the event it ends, if any."""
+        if self._max_line is not None and size > self._max_line:
+            self._oversized(raw, size)
+            return None
+        return self._line(raw.decode("utf-8", errors="replace"))
 
     def _keep(self, piece: bytes) -> None:
         if not piece:
