@@ -54,6 +54,8 @@ from tollgate.store import LimitSettlement, Store, StoreUnavailable, open_store
 from tollgate.store.spool import Spooled
 
 log = logging.getLogger("tollgate")
+# How long after its exchange ends a request is settled (see Gateway._finish).
+SETTLE_AFTER = 0.001
 
 # The gateway's code for a status the proxy answered with itself.
 PROXY_REPLY_CODES = {400: "invalid_request", 408: "invalid_request", 413: "payload_too_large",
@@ -472,6 +474,10 @@ class Gateway:
                       limits: LimitSettlement | None = None,
                       released: list[str] | None = None,
                       exchange: Exchange | None = None) -> None:
+        # mitmproxy runs new tasks eagerly, up to their first await, and sends a stream's
+        # end some turns of its loop after the hook that ends the exchange: settled at once,
+        # the request (a SQLite state never awaits) would hold that end back.
+        await asyncio.sleep(SETTLE_AFTER)
         self._in_flight.pop(row.request_id, None)
         if exchange is not None:  # its span, metrics and access-log line
             try:

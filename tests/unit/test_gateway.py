@@ -254,6 +254,31 @@ async def test_close_waits_for_settlements_and_returns(setup):
     assert [(r.input_tokens, r.output_tokens) for r in rows] == [(3, 2)]
 
 
+async def test_a_request_is_settled_after_the_host_call_that_ends_it_even_with_eager_tasks(
+        setup):
+    """mitmproxy runs new tasks eagerly, and sends a stream's end only after the hook that
+    finishes the exchange: the settlement (ledger row, budgets, span, access log) must wait
+    for a later turn of the loop, not run inside that hook."""
+    key, gateway = setup
+    secret = key()
+    gw = gateway()
+    asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+    try:
+        forward = await gw.handle(request("/v1/chat/completions", CHAT, secret))
+        forward.exchange.on_response_headers(200, {"content-type": "application/json"})
+        forward.exchange.on_chunk(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 2}}')
+        forward.exchange.finish("completed")
+        assert gw.in_flight() == 1  # not settled inside finish()
+        await gw.drain()
+        assert gw.in_flight() == 0
+    finally:
+        asyncio.get_running_loop().set_task_factory(None)
+    await gw.close()
+    rows = await SQLiteStore(gw.holder.path.parent / ".tollgate" / "state.db",
+                             owner=False).rows()
+    assert [(r.input_tokens, r.output_tokens, r.outcome) for r in rows] == [(3, 2, "completed")]
+
+
 async def test_a_retrying_host_starts_attempts_by_provider(setup, config_dir):
     """Envoy names the provider each attempt reached; the attempts before it failed."""
     key, gateway = setup

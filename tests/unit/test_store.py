@@ -382,15 +382,19 @@ def test_a_batch_of_deletes_that_fails_leaves_later_write_aheads_committed(tmp_p
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["tasks", "eager tasks"])
 def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(
-        tmp_path, redis_url):
+        tmp_path, redis_url, eager):
     """Requests written ahead together (a checkpoint among them) go to Redis in one call, in
-    order: a request's later row replaces its earlier one."""
+    order: a request's later row replaces its earlier one. Also where new tasks run eagerly,
+    as in mitmproxy."""
     import json
 
     from tollgate.store.redis import INFLIGHT_ROWS
 
     async def scenario():
+        if eager:
+            asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
         spooled = Spooled(RedisStore(redis_url), tmp_path / "spool.db")
         calls, write = [], spooled.inner.admit_many
 

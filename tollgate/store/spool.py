@@ -92,6 +92,7 @@ class Spooled(Store):
 
     async def _admit_shared(self) -> None:
         """The requests written ahead since the last batch, in one call to the store."""
+        await asyncio.sleep(0)  # a task run eagerly (mitmproxy's) would send a batch of one
         batch, self._ahead = self._ahead, []
         with contextlib.suppress(StoreUnavailable):
             await self.inner.admit_many(batch)
