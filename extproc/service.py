@@ -462,12 +462,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         status, details, _, tail, client_left = pending.ended
         exchange = pending.exchange
         if pending.posts == 0 and status:
+            exchange.response_head(status, {})
             if details not in ("via_upstream", ""):  # Envoy answered in the provider's place
                 exchange.proxy_replied(status, details)
-                exchange.response_head(status, {})
                 self._settle(request_id, "completed")
                 return
-            exchange.response_head(status, {})
         if tail and exchange.status is not None:
             exchange.on_chunk(tail)
         if client_left and exchange.status is not None:  # not the provider's doing

@@ -1,11 +1,12 @@
 """One forwarded request, followed from the provider's response headers to its last byte.
 
 The exchange is the response path: it meters the provider's bytes on their way to the client
-(`on_chunk`), picks what reshapes them for the client (`rewriter_for`), and adds the gateway's
+(`on_chunk`), picks what reshapes them for the client (`reshaping`), and adds the gateway's
 headers. What it was sent to is its `cursor` (attempts.py); how it ended and what it cost, its
-`settlement` (settlement.py). Both hosts drive it the same way: `on_response_headers`, the
-provider's bytes through `on_chunk` (and the rewriter, where the host carries it: `relay`),
-then `finish`.
+`settlement` (settlement.py). Both hosts drive it the same way: the meter sees the response
+(`response_head`, then `on_chunk`); a rewriter reshapes it where the client gets other bytes
+(`reshaping`); then `finish`. mitmproxy, whose bytes pass through the core, does the first two
+at once (`on_response_headers`, `relay`).
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ class Exchange:
                   ) -> tuple[Rewriter | None, dict[str, str]]:
         """What turns the response's bytes into the client's, if anything, and the headers
         that change with them."""
-        return self.rewriter_for(status, content_type), \
+        return self._rewriter_for(status, content_type), \
             self._reframed_headers(status, content_type)
 
     def _reframed_headers(self, status: int, content_type: str | None) -> dict[str, str]:
@@ -223,7 +224,7 @@ class Exchange:
             return {"content-type": "application/json"}
         return {}
 
-    def rewriter_for(self, status: int, content_type: str | None) -> Rewriter | None:
+    def _rewriter_for(self, status: int, content_type: str | None) -> Rewriter | None:
         """What turns the provider's bytes into the client's: a translation across API
         families, the removal of a usage chunk the gateway asked for, or nothing."""
         a, client = self.attempt, self.route.family

@@ -377,8 +377,8 @@ class Gateway:
 
     async def _write_ahead(self, exchange: Exchange) -> None:
         try:
-            charged = exchange.billing.charges(exchange.provider_id, exchange.cursor.reached, 0)[0]
-            await self.store().admit(exchange.settlement.written_ahead(), charged)
+            await self.store().admit(exchange.settlement.written_ahead(),
+                                     exchange.billing.charged(exchange.provider_id))
         except StoreUnavailable as e:
             log.warning("could not write ahead request %s: %s", exchange.trace.request_id, e)
 

@@ -68,12 +68,16 @@ class Billing:
         """Every budget counter it holds (kept alive while it runs)."""
         return list(dict.fromkeys(c for held in self.held.values() for c in held))
 
+    def charged(self, served_by: str) -> list[str]:
+        """The budget counters a request served by `served_by` is charged to."""
+        return self.held.get(served_by, next(iter(self.held.values()), []))
+
     def charges(self, served_by: str, reached: list[str], used_tokens: int
-                   ) -> tuple[list[str], list[str], LimitSettlement | None]:
+                ) -> tuple[list[str], list[str], LimitSettlement | None]:
         """The budget counters to charge (those of the provider that served it), those only
         released (other providers' own), and what it leaves in its rate limits: a fallback
         provider that failed it bills no tokens; one it never reached keeps nothing."""
-        charged = self.held.get(served_by, next(iter(self.held.values()), []))
+        charged = self.charged(served_by)
         released = [c for c in self.counters if c not in charged]
         if not self.limits:
             return charged, released, None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import (
     INVALID_SPAN_CONTEXT,
@@ -308,16 +308,14 @@ def end_attempt(span: trace.Span, status: int | None, *, failure: str | None = N
 
 
 
+_IDS = RandomIdGenerator()  # the SDK's own
+
+
 def _unrecorded(parent: SpanContext) -> trace.Span:
     """What the SDK makes of a span when nothing is exported (ALWAYS_OFF), without its
     sampler and processor calls: new ids (the parent's trace id) and no flags."""
-    trace_id = parent.trace_id if parent.is_valid else 0
-    while not trace_id:
-        trace_id = random.getrandbits(128)
-    span_id = 0
-    while not span_id:
-        span_id = random.getrandbits(64)
-    return NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False,
+    trace_id = parent.trace_id if parent.is_valid else _IDS.generate_trace_id()
+    return NonRecordingSpan(SpanContext(trace_id, _IDS.generate_span_id(), is_remote=False,
                                         trace_state=parent.trace_state))
 
 
