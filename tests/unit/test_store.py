@@ -414,6 +414,55 @@ def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["tasks", "eager tasks"])
+def test_script_calls_of_one_moment_reach_redis_in_one_round_trip_each_atomic(redis_url,
+                                                                              eager):
+    """Reservations and settlements started in one turn of the loop share one pipeline, and
+    each still runs on its own, in order: the third reservation sees the first two."""
+    h = hold(0.000100)
+
+    async def scenario():
+        if eager:
+            asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        store = RedisStore(redis_url)
+        await store.counters([h])  # the connection is open, the scripts loaded
+        before = store.pipelined.batches
+        granted = await asyncio.gather(*(store.reserve(f"r{i}", [h], 40) for i in range(4)))
+        assert [g.granted for g in granted] == [True, True, False, False]
+        assert store.pipelined.batches == before + 1
+        await asyncio.gather(store.finish([h.counter], 40, row("r0", 10)),
+                             store.finish([h.counter], 40, row("r1", 15)),
+                             store.counters([h]))
+        assert store.pipelined.batches == before + 2
+        assert await store.counters([h]) == [Counter(spent=25, reserved=0)]
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_script_call_that_fails_fails_alone_and_forgotten_scripts_load_again(redis_url):
+    """One call's error is its own (its neighbours in the pipeline are answered), and a Redis
+    that forgot the scripts (restarted, `SCRIPT FLUSH`) gets them again."""
+    from tollgate.store.base import StoreUnavailable
+
+    h, broken = hold(1.0), hold(1.0, ident="b_broken")
+
+    async def scenario():
+        store = RedisStore(redis_url)
+        await store.client.set(RedisStore._key(broken.counter), "not a hash")
+        ok, failed = await asyncio.gather(store.reserve("r1", [h], 40),
+                                          store.reserve("r2", [broken], 40),
+                                          return_exceptions=True)
+        assert ok.granted
+        assert isinstance(failed, StoreUnavailable) and "WRONGTYPE" in str(failed)
+        await store.client.script_flush()
+        assert (await store.reserve("r3", [h], 40)).granted
+        assert await store.counters([h]) == [Counter(spent=0, reserved=80)]
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_two_gateways_on_one_sqlite_file_keep_each_others_holds(tmp_path):
     """A gateway starting on a file another one serves from releases only the holds of
     gateways that are gone; a request in flight when its gateway died is charged what it

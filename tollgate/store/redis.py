@@ -21,6 +21,7 @@ from tollgate.store.base import (
     StoreUnavailable,
     distinct_id,
 )
+from tollgate.store.pipelining import Pipelined
 
 PREFIX = "tollgate:"
 LEDGER = PREFIX + "ledger"
@@ -331,14 +332,15 @@ class RedisStore(Store):
         self.client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_SECONDS,
             socket_connect_timeout=3, socket_timeout=2, health_check_interval=5))
-        self._reserve = self.client.register_script(RESERVE)
-        self._counters = self.client.register_script(COUNTERS)
-        self._renew = self.client.register_script(RENEW)
-        self._finish = self.client.register_script(FINISH)
-        self._refusal = self.client.register_script(REFUSAL)
-        self._write_ahead = self.client.register_script(WRITE_AHEAD)
-        self._renew_inflight = self.client.register_script(RENEW_INFLIGHT)
-        self._expired = self.client.register_script(EXPIRED)
+        self.pipelined = Pipelined(self.client)
+        self._reserve = self.pipelined.script(RESERVE)
+        self._counters = self.pipelined.script(COUNTERS)
+        self._renew = self.pipelined.script(RENEW)
+        self._finish = self.pipelined.script(FINISH)
+        self._refusal = self.pipelined.script(REFUSAL)
+        self._write_ahead = self.pipelined.script(WRITE_AHEAD)
+        self._renew_inflight = self.pipelined.script(RENEW_INFLIGHT)
+        self._expired = self.pipelined.script(EXPIRED)
 
     @staticmethod
     def _key(counter: str) -> str:
@@ -549,4 +551,5 @@ class RedisStore(Store):
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
 
     async def close(self) -> None:
+        await self.pipelined.close()
         await self.client.aclose()

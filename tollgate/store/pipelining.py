@@ -1,0 +1,94 @@
+"""Script calls made in one turn of the event loop go to Redis together, in one pipeline.
+
+Under load a gateway process starts several reservations, write-aheads and settlements in the
+same turn of its loop. Sent one by one, each pays redis-py's whole round trip (a connection
+from the pool, packing, a write, a read: about 100-140 us of CPU); sent together they share
+it (about 40 us each for a batch of eight). A call made alone waits one extra loop turn, no
+more. Each script still runs atomically on its own: the pipeline is not a transaction, it
+only saves round trips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+Args = Sequence[Any]
+
+
+class Pipelined:
+    """One Redis client's script calls, batched per loop turn (see the module's docstring)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._queued: list[tuple[AsyncScript, Args, Args, asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self.batches = 0  # pipelines sent, for tests and benchmarks
+        self.calls = 0
+
+    def script(self, source: str) -> Script:
+        return Script(self, self.client.register_script(source))
+
+    async def call(self, script: AsyncScript, keys: Args, args: Args) -> Any:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((script, keys, args, done))
+        if len(self._queued) == 1:  # the first of this turn: the batch goes after it
+            loop.call_soon(self._send)
+        return await done
+
+    def _send(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _execute(self, batch: list[tuple[AsyncScript, Args, Args, asyncio.Future[Any]]]
+                       ) -> None:
+        self.batches += 1
+        self.calls += len(batch)
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for script, keys, args, _ in batch:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+        except Exception as e:  # the connection failed: every call of the batch did
+            for *_, done in batch:
+                if not done.done():
+                    done.set_exception(e)
+            return
+        except asyncio.CancelledError:
+            for *_, done in batch:
+                done.cancel()
+            raise
+        for (script, keys, args, done), result in zip(batch, results, strict=True):
+            if isinstance(result, NoScriptError):  # Redis restarted or was flushed
+                try:
+                    result = await script(keys=keys, args=args)  # loads it, then runs it
+                except Exception as e:
+                    result = e
+            if done.done():
+                continue
+            if isinstance(result, Exception):
+                done.set_exception(result)
+            else:
+                done.set_result(result)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._sending, return_exceptions=True)
+
+
+class Script:
+    """A registered script, called as redis-py's own: `await script(keys=..., args=...)`."""
+
+    def __init__(self, pipelined: Pipelined, script: AsyncScript) -> None:
+        self.pipelined = pipelined
+        self.script = script
+
+    async def __call__(self, keys: Args = (), args: Args = ()) -> Any:
+        return await self.pipelined.call(self.script, keys, args)
