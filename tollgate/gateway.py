@@ -388,14 +388,18 @@ class Gateway:
         `gateway.checkpoint_seconds` before it died, not their input alone."""
         while True:
             await asyncio.sleep(self.holder.current.config.gateway.checkpoint_seconds)
+            moved = []
             for request_id, (exchange, written) in list(self._in_flight.items()):
                 received = exchange.meter.bytes
                 if received > written and not exchange.settlement.finished:
                     self._in_flight[request_id] = (exchange, received)
-                    try:
-                        await self._write_ahead(exchange)
-                    except Exception:  # one request's fault must not stop the others'
-                        log.exception("could not checkpoint request %s", request_id)
+                    moved.append(exchange)
+            # Together: the store writes them in one transaction and one call.
+            done = await asyncio.gather(*map(self._write_ahead, moved), return_exceptions=True)
+            for exchange, outcome in zip(moved, done, strict=True):
+                if isinstance(outcome, Exception):  # one request's fault is its own
+                    log.error("could not checkpoint request %s: %s",
+                              exchange.trace.request_id, outcome)
 
     def _settle(self, exchange: Exchange, row: LedgerRow) -> None:
         """Observe the request, write its ledger row and settle budgets and TPM: all in a

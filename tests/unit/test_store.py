@@ -385,7 +385,8 @@ def test_a_batch_of_deletes_that_fails_leaves_later_write_aheads_committed(tmp_p
 @pytest.mark.parametrize("eager", [False, True], ids=["tasks", "eager tasks"])
 def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(
         tmp_path, redis_url, eager):
-    """Requests written ahead together (a checkpoint among them) go to Redis in one call, in
+    """Requests written ahead together (a checkpoint among them) are committed on this node's
+    disk in one transaction before any of them returns, then go to Redis in one call, in
     order: a request's later row replaces its earlier one. Also where new tasks run eagerly,
     as in mitmproxy."""
     import json
@@ -403,8 +404,16 @@ def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(
             await write(rows)
 
         spooled.inner.admit_many = counted
-        for request_id, cost in (("r_a", 4), ("r_b", 0), ("r_a", 9)):
-            await spooled.admit(row(request_id, cost))
+        commits, commit = [], spooled._write_inflight
+        spooled._write_inflight = lambda rows: (commits.append(len(rows)), commit(rows))
+        await asyncio.gather(*(spooled.admit(row(request_id, cost)) for request_id, cost in
+                               (("r_a", 4), ("r_b", 0), ("r_a", 9))))
+        # Each admit returned once its row was committed on this node's disk.
+        disk = sqlite3.connect(tmp_path / "spool.db")
+        on_disk = {r: json.loads(doc)["cost_micros"]
+                   for r, doc in disk.execute("SELECT request_id, row FROM inflight")}
+        disk.close()
+        assert on_disk == {"r_a": 9, "r_b": 0} and commits == [3]
         await asyncio.gather(*spooled._writing)
         assert calls == [["r_a", "r_b", "r_a"]]
         ahead = await spooled.inner.client.hget(INFLIGHT_ROWS, "r_a")

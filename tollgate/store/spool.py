@@ -56,7 +56,7 @@ class Spooled(Store):
                 self.db.execute(f"ALTER TABLE inflight ADD COLUMN {added}")
         self._writing: set[asyncio.Task[None]] = set()
         # Written ahead here, not yet in the shared store: they go in the next batch.
-        self._ahead: list[tuple[LedgerRow, list[str] | None]] = []
+        self._ahead: list[tuple[LedgerRow, list[str] | None, asyncio.Future[None]]] = []
         self._settled: list[str] = []  # in-flight rows to delete with the next batch
         self._forgetting: asyncio.TimerHandle | None = None
         if owner:
@@ -79,23 +79,47 @@ class Spooled(Store):
 
     async def admit(self, row: LedgerRow, counters: list[str] | None = None) -> None:
         """On this node's disk first (it survives Redis being down), then in Redis, off the
-        request's path (it survives this node never coming back)."""
-        self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, started, row, "
-                        "counters) VALUES (?, ?, ?, ?, ?)",
-                        (row.request_id, *PROCESS, json.dumps(row.to_dict()),
-                         json.dumps(counters or [])))
-        self._ahead.append((row, counters))
+        request's path (it survives this node never coming back). The requests written ahead
+        in one turn of the loop commit together: each waits for its commit, not its own."""
+        committed = asyncio.get_running_loop().create_future()
+        self._ahead.append((row, counters, committed))
         if len(self._ahead) == 1:  # the first since the last batch: a batch goes next
-            task = asyncio.get_running_loop().create_task(self._admit_shared())
+            task = asyncio.get_running_loop().create_task(self._admit_batch())
             self._writing.add(task)
             task.add_done_callback(self._writing.discard)
+        await committed
 
-    async def _admit_shared(self) -> None:
-        """The requests written ahead since the last batch, in one call to the store."""
-        await asyncio.sleep(0)  # a task run eagerly (mitmproxy's) would send a batch of one
+    async def _admit_batch(self) -> None:
+        """The requests written ahead since the last batch: one transaction here, then one
+        call to the store."""
+        await asyncio.sleep(0)  # a task run eagerly (mitmproxy's) would make a batch of one
         batch, self._ahead = self._ahead, []
+        try:
+            self._write_inflight([(row, counters) for row, counters, _ in batch])
+        except sqlite3.Error as e:
+            for *_, committed in batch:
+                committed.set_exception(e)
+            return
+        for *_, committed in batch:
+            if not committed.done():
+                committed.set_result(None)
         with contextlib.suppress(StoreUnavailable):
-            await self.inner.admit_many(batch)
+            await self.inner.admit_many([(row, counters) for row, counters, _ in batch])
+
+    def _write_inflight(self, rows: list[tuple[LedgerRow, list[str] | None]]) -> None:
+        try:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT OR REPLACE INTO inflight (request_id, pid, started, row, counters) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(row.request_id, *PROCESS, json.dumps(row.to_dict()),
+                  json.dumps(counters or [])) for row, counters in rows])
+            self.db.execute("COMMIT")
+        except sqlite3.Error:
+            # Left open, the transaction would take in every later write uncommitted.
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     async def recover(self) -> int:
         return await self.inner.recover()
