@@ -472,6 +472,34 @@ def test_a_script_call_that_fails_fails_alone_and_forgotten_scripts_load_again(r
     asyncio.run(scenario())
 
 
+def test_a_batch_on_a_connection_redis_dropped_fails_whole_and_the_next_reconnects(tmp_path):
+    """Redis goes away under pooled connections: every call of the batch fails as the store
+    being unavailable (none hangs, none is retried blindly), and once Redis is back the next
+    batch connects again and runs."""
+    from tollgate.store.base import StoreUnavailable
+
+    server = RedisServer(tmp_path / "redis").start()
+    h = hold(1.0)
+
+    async def scenario():
+        store = RedisStore(server.url)
+        await asyncio.gather(*(store.reserve(f"r{i}", [h], 10) for i in range(3)))
+        server.stop()
+        failed = await asyncio.gather(*(store.reserve(f"r{i}", [h], 10) for i in range(3, 6)),
+                                      return_exceptions=True)
+        assert all(isinstance(f, StoreUnavailable) for f in failed), failed
+        server.start()
+        again = await asyncio.gather(*(store.reserve(f"r{i}", [h], 10) for i in range(6, 9)))
+        assert all(r.granted for r in again)
+        assert await store.counters([h]) == [Counter(spent=0, reserved=60)]
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
 def test_two_gateways_on_one_sqlite_file_keep_each_others_holds(tmp_path):
     """A gateway starting on a file another one serves from releases only the holds of
     gateways that are gone; a request in flight when its gateway died is charged what it

@@ -2,10 +2,10 @@
 
 Under load a gateway process starts several reservations, write-aheads and settlements in the
 same turn of its loop. Sent one by one, each pays redis-py's whole round trip (a connection
-from the pool, packing, a write, a read: about 100-140 us of CPU); sent together they share
-it (about 40 us each for a batch of eight). A call made alone waits one extra loop turn, no
-more. Each script still runs atomically on its own: the pipeline is not a transaction, it
-only saves round trips.
+from the pool, packing in Python, a write, a read: about 100-140 us of CPU); sent together,
+packed by hiredis, they share it (about 50 us each for a batch of three, 25 for eight). A call
+made alone waits one extra loop turn, no more. Each script still runs atomically on its own:
+the pipeline is not a transaction, it only saves round trips.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 Args = Sequence[Any]
 
@@ -53,10 +54,7 @@ class Pipelined:
         self.batches += 1
         self.calls += len(batch)
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for script, keys, args, _ in batch:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._round_trip(batch)
         except Exception as e:  # the connection failed: every call of the batch did
             for *_, done in batch:
                 if not done.done():
@@ -78,6 +76,30 @@ class Pipelined:
                 done.set_exception(result)
             else:
                 done.set_result(result)
+
+    async def _round_trip(self, batch: list[tuple[AsyncScript, Args, Args, asyncio.Future[Any]]]
+                          ) -> list[Any]:
+        """One write of every call, then their replies in order, on one pooled connection.
+        Packed by hiredis, and not retried: a script that may have run is not run again."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(
+                [hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+                 for script, keys, args, _ in batch], check_health=False)
+            results: list[Any] = []
+            for _ in batch:
+                try:
+                    results.append(await conn.read_response())
+                except ResponseError as e:  # this call's own error; the next replies follow
+                    results.append(e)
+            return results
+        except BaseException:
+            # Replies may be left unread on it: the connection is not used again.
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     async def close(self) -> None:
         await asyncio.gather(*self._sending, return_exceptions=True)
