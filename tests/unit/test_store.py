@@ -472,6 +472,26 @@ def test_a_script_call_that_fails_fails_alone_and_forgotten_scripts_load_again(r
     asyncio.run(scenario())
 
 
+def test_closing_the_store_answers_the_calls_made_before_it(redis_url):
+    """A store closed in the same turn a reservation was made sends it and has its answer
+    before it returns (a gateway stopping leaves no call of a request unanswered)."""
+    h = hold(1.0)
+
+    async def scenario():
+        store = RedisStore(redis_url)
+        reserving = asyncio.get_running_loop().create_task(store.reserve("r1", [h], 40))
+        await asyncio.sleep(0)  # the call is queued, its batch not yet sent
+        assert store.pipelined._queued
+        await store.close()
+        assert reserving.done() and reserving.result().granted
+        await asyncio.sleep(0)  # the batch's own turn comes, with nothing left to send
+        reopened = RedisStore(redis_url)
+        assert await reopened.counters([h]) == [Counter(spent=0, reserved=40)]
+        await reopened.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_batch_on_a_connection_redis_dropped_fails_whole_and_the_next_reconnects(tmp_path):
     """Redis goes away under pooled connections: every call of the batch fails as the store
     being unavailable (none hangs, none is retried blindly), and once Redis is back the next

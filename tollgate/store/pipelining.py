@@ -45,6 +45,8 @@ class Pipelined:
 
     def _send(self) -> None:
         batch, self._queued = self._queued, []
+        if not batch:  # sent already, by close()
+            return
         task = asyncio.get_running_loop().create_task(self._execute(batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
@@ -102,6 +104,9 @@ class Pipelined:
             await pool.release(conn)
 
     async def close(self) -> None:
+        """Once every call made so far has its answer (the client closes after)."""
+        if self._queued:
+            self._send()
         await asyncio.gather(*self._sending, return_exceptions=True)
 
 
