@@ -382,6 +382,29 @@ def test_a_batch_of_deletes_that_fails_leaves_later_write_aheads_committed(tmp_p
     asyncio.run(scenario())
 
 
+def test_write_aheads_the_disk_refuses_fail_their_requests_and_leave_no_open_transaction(
+        tmp_path, redis_url):
+    """A spool file another process holds locked: every request of the batch learns its row
+    is not on disk (it is not forwarded on a promise), and the next batch commits."""
+    async def scenario():
+        spooled = Spooled(RedisStore(redis_url), tmp_path / "spool.db")
+        spooled.db.execute("PRAGMA busy_timeout = 0")
+        other = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        failed = await asyncio.gather(spooled.admit(row("r_1", 0)), spooled.admit(row("r_2", 0)),
+                                      return_exceptions=True)
+        assert all(isinstance(f, sqlite3.OperationalError) for f in failed), failed
+        other.execute("COMMIT")
+        await spooled.admit(row("r_3", 0))
+        assert not spooled.db.in_transaction
+        ids = {r for (r,) in other.execute("SELECT request_id FROM inflight")}
+        assert ids == {"r_3"}
+        other.close()
+        await spooled.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("eager", [False, True], ids=["tasks", "eager tasks"])
 def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(
         tmp_path, redis_url, eager):

@@ -98,7 +98,8 @@ class Spooled(Store):
             self._write_inflight([(row, counters) for row, counters, _ in batch])
         except sqlite3.Error as e:
             for *_, committed in batch:
-                committed.set_exception(e)
+                if not committed.done():  # (a request cancelled meanwhile)
+                    committed.set_exception(e)
             return
         for *_, committed in batch:
             if not committed.done():
