@@ -7,7 +7,8 @@ Every part but tollgate is compiled, so tollgate is what binds the figure: the l
 itself (`direct_response`, with usage), so the provider costs next to nothing. Each path gets
 the same POST with `--connections` in flight for `--seconds`, after a warm-up. The gateway runs
 the governed profile (a key with a model allowlist under a blocking org budget) on a Redis
-state when `redis-server` is installed (what several processes share), else on SQLite.
+state when `redis-server` is installed (what several processes share; append-only with an
+fsync on every write, the most careful setting, as the tests run it), else on SQLite.
 
 Prints requests per second, the CPU the gateway's processes (Envoy and every ext_proc) spent
 per request, and the ratio of N processes to one. On a machine with C cores, the load
