@@ -49,8 +49,10 @@ local function meter(handle)
   for name, value in pairs(headers) do head[#head + 1] = name .. ": " .. value end
   local held = { table.concat(head, "\n") .. "\n\n" }
   local size, since = 0, handle:timestamp()
-  local sse = string.find(string.lower(headers:get("content-type") or ""),
-                          "text/event-stream", 1, true) == 1
+  -- A stream (SSE, or Bedrock's AWS event stream) sends its head and first bytes at once.
+  local content_type = string.lower(headers:get("content-type") or "")
+  local stream = string.find(content_type, "text/event-stream", 1, true) == 1
+      or string.find(content_type, "application/vnd.amazon.eventstream", 1, true) == 1
   local slots = 0
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
@@ -61,7 +63,7 @@ local function meter(handle)
       local now = handle:timestamp()
       local meta = handle:streamInfo():dynamicMetadata()
       -- A stream's first bytes go at once (its time to first byte), then in batches.
-      if (sse and seq == 0) or size >= FLUSH_BYTES or now - since >= FLUSH_MS then
+      if (stream and seq == 0) or size >= FLUSH_BYTES or now - since >= FLUSH_MS then
         post(table.concat(held), false)
         held, size, since = {}, 0, now
         if slots > 0 then meta:set(TAIL, "n", 0) end

@@ -463,7 +463,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         exchange = pending.exchange
         if pending.posts == 0 and status:
             exchange.response_head(status, {})
-            if details not in ("via_upstream", ""):  # Envoy answered in the provider's place
+            # Envoy answered in the provider's place (a client that left is not that: the
+            # details then name its departure, after the provider's own status).
+            if details not in ("via_upstream", "") and not client_left:
                 exchange.proxy_replied(status, details)
                 self._settle(request_id, "completed")
                 return

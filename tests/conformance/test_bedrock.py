@@ -266,3 +266,29 @@ def test_bedrock_service_tiers_are_charged_at_their_price(gateways, host, fake_b
         assert row.provider == "mp_bedrock" and row.tier == "priority"
         assert row.cost_micros == expect_cost("claude-haiku-4-5", Usage(
             input_tokens=row.input_tokens, output_tokens=row.output_tokens))
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_a_bedrock_stream_the_client_leaves_is_charged_as_the_clients_doing(gateways, host,
+                                                                             fake_bedrock):
+    """A client that walks away from a ConverseStream (translated for it) leaves a row of
+    its own doing, charged what streamed: never a gateway error, even when it leaves before
+    the Envoy host's meter has sent any of the stream on."""
+    gw = gateways[0][host]
+    key = gw.create_key()
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=key.secret, max_retries=0)
+    fake_bedrock.chunk_delay, fake_bedrock.answer_words = 0.03, 40
+    try:
+        with client.chat.completions.with_streaming_response.create(
+                model=NOVA, messages=MESSAGES, max_tokens=100, stream=True) as streamed:
+            request_id = streamed.headers["x-langwatch-request-id"]
+            words = 0
+            for chunk in streamed.parse():
+                words += bool(chunk.choices and chunk.choices[0].delta.content)
+                if words >= 2:
+                    break  # the client walks away, early in the stream
+    finally:
+        fake_bedrock.chunk_delay, fake_bedrock.answer_words = 0.0, 0
+    row = ledger_row(gw, request_id)
+    assert (row.outcome, row.code, row.status) == ("abandoned", None, 200), row
+    assert row.provider == "mp_bedrock" and row.input_tokens > 0 and row.output_tokens > 0

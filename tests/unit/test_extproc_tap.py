@@ -240,16 +240,21 @@ async def test_a_post_the_log_counted_that_never_comes_is_not_waited_for_long(pr
 
 async def test_ends_envoy_reports_without_a_metered_response(processor):
     """Envoy answered in the provider's place (its reply carries the gateway's envelope and
-    code), or the client left before any answer."""
+    code), or the client left before any answer, or after the provider's status but before
+    the meter sent anything on (that is the client's doing, not an answer of Envoy's)."""
     proc, secret = processor
     replied, _ = await decide_chat(proc, secret, max_tokens=16)
     left, _ = await decide_chat(proc, secret, max_tokens=16)
+    left_later, _ = await decide_chat(proc, secret, max_tokens=16)
     proc.ended(replied, 504, "response_timeout", posts=0)
     proc.ended(left, 0, "downstream_remote_disconnect", posts=0)
+    proc.ended(left_later, 200, "downstream_remote_disconnect", posts=0, client_left=True)
     rows = {r.request_id: r for r in await settled(proc)}
     assert (rows[replied].status, rows[replied].code, rows[replied].cost_micros) == \
         (504, "provider_timeout", 0)
     assert (rows[left].outcome, rows[left].status) == ("abandoned", None)
+    assert (rows[left_later].outcome, rows[left_later].status, rows[left_later].code) == \
+        ("abandoned", 200, None)
     assert not proc._pending
     await proc.gateway.close()
 
