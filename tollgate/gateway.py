@@ -394,7 +394,7 @@ class Gateway:
                 if received > written and not exchange.settlement.finished:
                     self._in_flight[request_id] = (exchange, received)
                     moved.append(exchange)
-            # Together: the store writes them in one transaction and one call.
+            # Together: a spooled store writes them in one transaction and one call.
             done = await asyncio.gather(*map(self._write_ahead, moved), return_exceptions=True)
             for exchange, outcome in zip(moved, done, strict=True):
                 if isinstance(outcome, Exception):  # one request's fault is its own

@@ -427,8 +427,9 @@ def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(
             await write(rows)
 
         spooled.inner.admit_many = counted
-        commits, commit = [], spooled._write_inflight
-        spooled._write_inflight = lambda rows: (commits.append(len(rows)), commit(rows))
+        commits, commit = [], spooled._in_one_transaction
+        spooled._in_one_transaction = lambda sql, rows: (commits.append(len(rows)),
+                                                         commit(sql, rows))
         await asyncio.gather(*(spooled.admit(row(request_id, cost)) for request_id, cost in
                                (("r_a", 4), ("r_b", 0), ("r_a", 9))))
         # Each admit returned once its row was committed on this node's disk.

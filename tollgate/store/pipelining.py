@@ -29,8 +29,7 @@ class Pipelined:
         self.client = client
         self._queued: list[tuple[AsyncScript, Args, Args, asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
-        self.batches = 0  # pipelines sent, for tests and benchmarks
-        self.calls = 0
+        self.batches = 0  # pipelines sent (tests count them)
 
     def script(self, source: str) -> Script:
         return Script(self, self.client.register_script(source))
@@ -54,7 +53,6 @@ class Pipelined:
     async def _execute(self, batch: list[tuple[AsyncScript, Args, Args, asyncio.Future[Any]]]
                        ) -> None:
         self.batches += 1
-        self.calls += len(batch)
         try:
             results = await self._round_trip(batch)
         except Exception as e:  # the connection failed: every call of the batch did

@@ -94,8 +94,13 @@ class Spooled(Store):
         call to the store."""
         await asyncio.sleep(0)  # a task run eagerly (mitmproxy's) would make a batch of one
         batch, self._ahead = self._ahead, []
+        rows = [(row, counters) for row, counters, _ in batch]
         try:
-            self._write_inflight([(row, counters) for row, counters, _ in batch])
+            self._in_one_transaction(
+                "INSERT OR REPLACE INTO inflight (request_id, pid, started, row, counters) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(row.request_id, *PROCESS, json.dumps(row.to_dict()),
+                  json.dumps(counters or [])) for row, counters in rows])
         except sqlite3.Error as e:
             for *_, committed in batch:
                 if not committed.done():  # (a request cancelled meanwhile)
@@ -105,16 +110,13 @@ class Spooled(Store):
             if not committed.done():
                 committed.set_result(None)
         with contextlib.suppress(StoreUnavailable):
-            await self.inner.admit_many([(row, counters) for row, counters, _ in batch])
+            await self.inner.admit_many(rows)
 
-    def _write_inflight(self, rows: list[tuple[LedgerRow, list[str] | None]]) -> None:
+    def _in_one_transaction(self, statement: str, params: list[tuple[object, ...]]) -> None:
+        """`statement` for each of `params`, committed together or not at all."""
         try:
             self.db.execute("BEGIN")
-            self.db.executemany(
-                "INSERT OR REPLACE INTO inflight (request_id, pid, started, row, counters) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(row.request_id, *PROCESS, json.dumps(row.to_dict()),
-                  json.dumps(counters or [])) for row, counters in rows])
+            self.db.executemany(statement, params)
             self.db.execute("COMMIT")
         except sqlite3.Error:
             # Left open, the transaction would take in every later write uncommitted.
@@ -199,14 +201,9 @@ class Spooled(Store):
         if not settled:
             return
         try:
-            self.db.execute("BEGIN")
-            self.db.executemany("DELETE FROM inflight WHERE request_id = ?",
-                                [(r,) for r in settled])
-            self.db.execute("COMMIT")
+            self._in_one_transaction("DELETE FROM inflight WHERE request_id = ?",
+                                     [(r,) for r in settled])
         except sqlite3.Error as e:
-            # Left open, the transaction would take in every later write-ahead uncommitted.
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
             log.warning("could not delete the in-flight rows of %d settled requests (%s); a "
                         "restart replays them, which changes nothing", len(settled), e)
 
