@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
 
 from tollgate import shipped
+from tollgate.config.fastyaml import read_data
 from tollgate.config.problems import ConfigError, Problem
 
 # The catalog tollgate ships, used when a config has no models.yaml of its own.
@@ -68,14 +66,10 @@ class ModelCatalog:
 def load_catalog(path: Path) -> ModelCatalog:
     """The catalog at `path`, or the shipped one when there is no file there."""
     where = path if path.exists() else SHIPPED
-    try:
-        with where.open(encoding="utf-8") as f:
-            raw: Any = YAML(typ="safe").load(f)
-        parsed = CatalogFile.model_validate(raw or {})
-    except FileNotFoundError:
+    if not where.exists():
         return ModelCatalog({})
-    except YAMLError as e:
-        raise ConfigError([Problem(str(where), None, "", f"YAML syntax: {e}")]) from None
+    try:
+        parsed = CatalogFile.model_validate(read_data(where) or {})
     except ValidationError as e:
         raise ConfigError([
             Problem(str(where), None, ".".join(str(p) for p in err["loc"]), err["msg"])

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
 
+from tollgate.config.fastyaml import read_data
 from tollgate.config.problems import ConfigError, Problem
 from tollgate.usage import STANDARD_TIERS, Usage
 
@@ -175,15 +174,10 @@ def _is_glob(pattern: str) -> bool:
 
 
 def load_prices(path: Path) -> PriceTable:
+    if not path.exists():
+        raise ConfigError([Problem(str(path), None, "", "price table not found")])
     try:
-        with path.open(encoding="utf-8") as f:
-            raw = YAML(typ="safe").load(f)
-    except FileNotFoundError:
-        raise ConfigError([Problem(str(path), None, "", "price table not found")]) from None
-    except YAMLError as e:
-        raise ConfigError([Problem(str(path), None, "", f"YAML syntax: {e}")]) from None
-    try:
-        parsed = PriceFile.model_validate(raw or {})
+        parsed = PriceFile.model_validate(read_data(path) or {})
     except ValidationError as e:
         raise ConfigError([
             Problem(str(path), None, ".".join(str(p) for p in err["loc"]), err["msg"])

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from tests.harness import ROOT
-from tollgate.config.load import load_config
+from tollgate.cli.common import plain
+from tollgate.config import fastyaml
+from tollgate.config.fastyaml import read_data
+from tollgate.config.load import load_config, read_yaml
 from tollgate.config.problems import ConfigError
 from tollgate.config.watch import ConfigHolder
 
@@ -186,3 +189,71 @@ def test_provider_config_is_checked_by_its_type(provider_type, config, error):
     with pytest.raises(ValidationError, match=error):
         ModelProvider(id="mp", type=provider_type, scope="ORG:acme",
                       base_url="https://example.com", provider_config=config)
+
+
+# -- the fast reader (libyaml) reads what the round-trip parser reads -------------------
+
+SCALARS = ["on", "yes", "no", "off", "y", "true", "True", "FALSE", "tRue", "0o17", "017",
+           "0x1F", "-0x1f", "0b101", "+12", "-12", "1_000", "1e3", "1.5e3", ".5", "-.inf",
+           ".NaN", "1.", "~", "null", "NULL", "", "'1'", '"on"', "1:30", "-0", "+0o7",
+           "12.5_0", "a b", "1_", "_1", "0b", "00", "007", "9" * 30, "'2026-12-01'"]
+# Read alike only by leaving them to the round-trip parser.
+UNLIKE = {"a timestamp": "k: 2026-12-01T00:00:00Z\n",
+          "a merge key": "a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n",
+          "a tag": "k: !!str 5\n", "a local tag": "k: !env X\n",
+          "a YAML 1.1 directive": "%YAML 1.1\n---\nfallback: {on: [5xx]}\nk: yes\n"}
+
+
+def _both(tmp_path: Path, text: str) -> tuple[object, object]:
+    """What `read_data` and the round-trip parser read, as plain data."""
+    path = tmp_path / "doc.yaml"
+    path.write_text(text)
+    return plain(read_data(path)), plain(read_yaml(path))
+
+
+@pytest.mark.parametrize("scalar", SCALARS)
+def test_the_fast_reader_reads_scalars_by_yaml_1_2_like_the_round_trip_parser(tmp_path,
+                                                                              scalar):
+    text = f"k: {scalar}\nl: [{scalar}]\n"
+    fast, slow = _both(tmp_path, text)
+    assert repr(fast) == repr(slow)
+    assert repr(fastyaml._load(text)) == repr(slow)  # and not by falling back
+
+
+@pytest.mark.parametrize("path", [
+    "config/gateway.example.yaml", "config/prices.yaml", "config/models.yaml",
+    "envoy/kubernetes/gateway.yaml", "tollgate/shipped/prices.yaml",
+    "tollgate/shipped/models.yaml"])
+def test_the_fast_reader_reads_the_shipped_files_alike_without_falling_back(tmp_path, path):
+    text = (ROOT / path).read_text()
+    fast, slow = _both(tmp_path, text)
+    assert fast == slow and fastyaml._load(text) == slow
+
+
+@pytest.mark.parametrize("text", UNLIKE.values(), ids=UNLIKE.keys())
+def test_what_the_fast_reader_would_read_otherwise_it_leaves_to_the_round_trip_parser(
+        tmp_path, text):
+    if "%YAML" not in text:
+        with pytest.raises(fastyaml._Unsupported):
+            fastyaml._load(text)
+    fast, slow = _both(tmp_path, text)
+    assert repr(fast) == repr(slow)
+
+
+def test_a_duplicate_key_is_the_round_trip_parsers_error_with_its_line(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text("gateway:\n  header_prefix: X-A-\n  header_prefix: X-B-\n")
+    with pytest.raises(fastyaml._Unsupported):
+        fastyaml._load(path.read_text())
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}:3") and "duplicate key" in problem
+
+
+def test_errors_found_after_a_fast_read_still_name_their_line(tmp_path):
+    text = (ROOT / "config" / "gateway.example.yaml").read_text()
+    text = text.replace("header_prefix:", "header_prefx:", 1)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    line = text[: text.index("header_prefx:")].count("\n") + 1
+    assert f"{path}:{line}: gateway.header_prefx: unknown field (check the spelling)" in \
+        problems_of(path)

@@ -72,7 +72,8 @@ def edit(ctx: click.Context) -> Iterator[Document]:
     except ConfigError as e:
         raise click.ClickException(f"the change would make the config invalid:\n{e}") from None
     if doc.after is not None:  # say which controls this edit left with nothing to do
-        before = set(warnings(doc.before)) if doc.before is not None else set()
+        # Both read against the one parsed document: the same lines, and no second parse.
+        before = set(warnings(doc.before, doc.doc)) if doc.before is not None else set()
         for line in warnings(doc.after, doc.doc):
             if line not in before:
                 warn(line)
@@ -179,10 +180,10 @@ def append_new(ctx: click.Context, section: str, noun: str, item: dict[str, Any]
 
 
 def read_section(ctx: click.Context, section: str) -> list[dict[str, Any]]:
-    from tollgate.config.load import read_yaml
+    from tollgate.config.fastyaml import read_data
 
     try:
-        doc = read_yaml(config_path(ctx)) or {}
+        doc = read_data(config_path(ctx)) or {}
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     return [plain(item) for item in doc.get(section) or []]

@@ -27,7 +27,7 @@ from tollgate.cli.common import (
     read_section,
     report_changes,
 )
-from tollgate.config.load import read_yaml
+from tollgate.config.fastyaml import read_data
 from tollgate.config.schema import KeyConfig, PolicyRules, parse_scope
 from tollgate.keys import (
     PepperMismatch,
@@ -52,7 +52,7 @@ def _public(item: dict[str, Any]) -> dict[str, Any]:
 def _pepper(ctx: click.Context) -> bytes:
     """The pepper the config's keys are made with (refused if it is not theirs)."""
     path = config_path(ctx)
-    gateway = (read_yaml(path) or {}).get("gateway") or {}
+    gateway = (read_data(path) or {}).get("gateway") or {}
     try:
         return load_pepper(gateway.get("pepper_env", "TOLLGATE_KEY_PEPPER"), path,
                            gateway.get("pepper_fingerprint"))

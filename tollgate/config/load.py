@@ -17,6 +17,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.reader import ReaderError
 
 from tollgate.catalog import ModelCatalog, load_catalog
+from tollgate.config.fastyaml import read_data
 from tollgate.config.problems import ConfigError, Problem
 from tollgate.config.schema import Config, check_references
 from tollgate.pricing import PriceTable, load_prices
@@ -146,7 +147,10 @@ def _interpolate(node: Any, path: Path, doc: Any, loc: tuple[Any, ...],
 
 def load_config(path: Path | str) -> LoadedConfig:
     path = Path(path)
-    return validate_document(read_yaml(path), path)
+    try:
+        return validate_document(read_data(path), path)
+    except ConfigError:  # again from the round-trip parse, whose nodes know their lines
+        return validate_document(read_yaml(path), path)
 
 
 def validate_document(doc: Any, path: Path) -> LoadedConfig:
