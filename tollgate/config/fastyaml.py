@@ -8,8 +8,9 @@ a second per change. Reading the same file with libyaml's parser is over ten tim
 The data must be exactly what the round-trip parser reads, so scalars are resolved with
 its own YAML 1.2 rules (`on:` and `yes` stay strings, `0o17` is octal, `017` is 17), and
 whatever this reader does not do the same way falls back to it: timestamps, merge keys,
-tags, `%YAML` directives, duplicate keys and every error (whose messages need the
-round-trip parser's lines).
+tags, `%YAML` directives, tabs (which libyaml takes in places the round-trip parser
+refuses), duplicate keys and every error (whose messages need the round-trip parser's
+lines).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def read_data(path: Path) -> Any:
     if _CLoader is not None:
         try:
             raw = path.read_bytes()
-            if b"%YAML" not in raw:
+            if b"%YAML" not in raw and b"\t" not in raw:
                 return _load(raw.decode("utf-8"))
         except (_Unsupported, _LibYAMLError, OSError, UnicodeDecodeError, RecursionError):
             pass
