@@ -267,3 +267,11 @@ def test_errors_found_after_a_fast_read_still_name_their_line(tmp_path):
     line = text[: text.index("header_prefx:")].count("\n") + 1
     assert f"{path}:{line}: gateway.header_prefx: unknown field (check the spelling)" in \
         problems_of(path)
+
+
+def test_a_value_the_yaml_parser_itself_fails_on_is_a_config_error(tmp_path):
+    """`+_` matches YAML 1.2's integer pattern, and the parser then fails reading it."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text("gateway:\n  header_prefix: +_\n")
+    [problem] = problems_of(path)
+    assert "a value the parser cannot read" in problem

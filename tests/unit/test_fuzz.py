@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import example, given, settings
+import pytest
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from tollgate.body import parse, replace_top_level, tool_names
@@ -108,3 +109,37 @@ def test_sse_events_survive_any_split(cuts):
     assert events_of(chunks) == [("message_start", '{"a": 1}'),
                                  ("message", "line one\nline two"), ("ping", "{}"),
                                  ("message", "[DONE]")]
+
+
+# Scalars, flow and block collections, comments, and the characters YAML parsers disagree on.
+_yaml_scalar = st.lists(st.sampled_from(
+    [*"0123456789abefnotxyTFN+-._:~ '\"eE!&*<=[]{},#%@`|>?", "\n", "\n  ", "\n- ", ": ",
+     "- ", "\\", "\r\n", "\u00e9", "\ufeff", "\x85", "\u2028"]), max_size=10).map("".join)
+
+
+@pytest.mark.filterwarnings("ignore::ruamel.yaml.error.ReusedAnchorWarning")
+@settings(max_examples=400)
+@given(values=st.lists(_yaml_scalar, min_size=1, max_size=4))
+def test_the_fast_config_reader_reads_what_the_round_trip_parser_reads(tmp_path_factory,
+                                                                        values):
+    """Whatever the document, `read_data` gives the round-trip parser's data or its error."""
+    from tollgate.cli.common import plain
+    from tollgate.config.fastyaml import read_data
+    from tollgate.config.load import read_yaml
+    from tollgate.config.problems import ConfigError
+
+    text = "".join(f"k{i}: {v}\n" for i, v in enumerate(values)) + f"l: [{', '.join(values)}]\n"
+    path = tmp_path_factory.mktemp("yaml") / "doc.yaml"
+    path.write_text(text)
+
+    def read(reader):
+        try:
+            return repr(plain(reader(path)))
+        except ConfigError as e:
+            return str(e)
+
+    slow = read(read_yaml)
+    # The round-trip parser's comment handling fails on some valid documents (`k: #\n  0`),
+    # which the fast reader reads; edits of such a file are refused with that failure.
+    assume("NotImplementedError: overlap in comment" not in slow)
+    assert read(read_data) == slow

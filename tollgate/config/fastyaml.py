@@ -8,8 +8,8 @@ a second per change. Reading the same file with libyaml's parser is over ten tim
 The data must be exactly what the round-trip parser reads, so scalars are resolved with
 its own YAML 1.2 rules (`on:` and `yes` stay strings, `0o17` is octal, `017` is 17), and
 whatever this reader does not do the same way falls back to it: timestamps, merge keys,
-tags, `%YAML` directives, tabs (which libyaml takes in places the round-trip parser
-refuses), duplicate keys and every error (whose messages need the round-trip parser's
+tags, `%YAML` directives, the characters the two read differently (tabs, YAML 1.1's extra
+line breaks), duplicate keys and every error (whose messages need the round-trip parser's
 lines).
 """
 
@@ -46,6 +46,12 @@ for _versions, _tag, _regexp, _first in implicit_resolvers:
             _RESOLVERS.setdefault(_char, []).append((_Resolved(_tag), _regexp))
 
 
+BOM = "\ufeff"
+# Read otherwise by libyaml (YAML 1.1's line breaks, a BOM past the start, tabs it takes where
+# the round-trip parser refuses them) or by the round-trip parser (a version directive).
+_READ_OTHERWISE = re.compile("[\t\x85\u2028\u2029\ufeff]|%YAML")
+
+
 class _Unsupported(Exception):
     """Something the round-trip parser reads differently, or an error it must word."""
 
@@ -57,9 +63,9 @@ def read_data(path: Path) -> Any:
 
     if _CLoader is not None:
         try:
-            raw = path.read_bytes()
-            if b"%YAML" not in raw and b"\t" not in raw:
-                return _load(raw.decode("utf-8"))
+            text = path.read_bytes().decode("utf-8")
+            if not _READ_OTHERWISE.search(text.removeprefix(BOM)):
+                return _load(text)
         except (_Unsupported, _LibYAMLError, OSError, UnicodeDecodeError, RecursionError):
             pass
     return read_yaml(path)
@@ -77,12 +83,17 @@ if _CLoader is not None:
 
     class _Loader(_CLoader):  # type: ignore[misc, valid-type]
         def resolve(self, kind: Any, value: Any, implicit: Any) -> _Resolved:
+            # Called for untagged nodes and for those tagged `!`, which are read otherwise.
             if kind is ScalarNode:
-                if implicit[0]:
+                if implicit[0]:  # plain
                     for tag, regexp in _RESOLVERS.get(value[:1], ()):
                         if regexp.match(value):
                             return tag
+                elif not implicit[1]:  # neither plain nor quoted: tagged `!`
+                    raise _Unsupported("!")
                 return STR
+            if not implicit:
+                raise _Unsupported("!")
             return SEQ if kind is SequenceNode else MAP
 
         def construct_document(self, node: Any) -> Any:
@@ -96,8 +107,10 @@ if _CLoader is not None:
                 out: dict[Any, Any] = {}
                 for key_node, value_node in node.value:
                     key = self._plain(key_node)
-                    if isinstance(key, dict | list) or key in out:
-                        raise _Unsupported("a duplicate or unhashable key")
+                    # (An empty key is what libyaml makes of some flow syntax the round-trip
+                    # parser refuses, such as `[?, x]`.)
+                    if key is None or isinstance(key, dict | list) or key in out:
+                        raise _Unsupported("an empty, duplicate or unhashable key")
                     out[key] = self._plain(value_node)
                 return out
             if isinstance(node, SequenceNode) and tag == SEQ:

@@ -89,6 +89,10 @@ def read_yaml(path: Path) -> Any:
                                    "not allowed in YAML")]) from None
     except YAMLError as e:
         raise ConfigError([Problem(str(path), None, "", f"YAML: {e}")]) from None
+    except (ValueError, IndexError, NotImplementedError) as e:  # the parser's own failures
+        # (on a scalar like `+_`, on some comment placements)
+        raise ConfigError([Problem(str(path), None, "", f"YAML: a value the parser cannot "
+                                   f"read ({e.__class__.__name__}: {e})")]) from None
 
 
 def line_of(doc: Any, loc: tuple[Any, ...]) -> int | None:
