@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-transport soak bootstrap k8s-examples
+.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-transport bench-reload soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -48,6 +48,10 @@ bench-scaling: bootstrap
 # What the transport between Envoy and Python costs with no work done (wrk too).
 bench-transport: bootstrap
 	$(VENV)/python -m bench.transport
+
+# What config reloads (a config of a few hundred keys, changed twice a second) cost requests.
+bench-reload: bootstrap
+	$(VENV)/python -m bench.reload
 
 soak: bootstrap
 	$(VENV)/python -m bench.soak

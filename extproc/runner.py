@@ -123,22 +123,29 @@ class LoadedClusters:
         self.names: frozenset[str] = frozenset()
         self._refreshed = 0.0  # monotonic time of the last read a request asked for
         self._stopped = threading.Event()
+        # One client for every read: a new one builds a TLS context (CA bundle and all), tens
+        # of milliseconds holding the interpreter the requests are served on, at each reload.
+        self._client = httpx.Client(timeout=2)
+        self._lock = threading.Lock()  # (read from the config thread and the event loop's)
 
     def stop(self) -> None:
         """Shutting down: a wait in progress gives up at once (not at its timeout)."""
         self._stopped.set()
+        with self._lock:
+            self._client.close()
 
     def get(self) -> frozenset[str]:
         return self.names
 
     def _fetch(self) -> None:
         try:
-            doc = httpx.get(self.url, timeout=2).json()
+            with self._lock:
+                doc = self._client.get(self.url).json()
             names = frozenset(c["name"] for c in doc.get("cluster_statuses", []))
             if names != self.names:  # a new object only when it changed
                 self.names = names
-        except (httpx.HTTPError, ValueError):
-            pass  # Envoy still starting
+        except (httpx.HTTPError, ValueError, RuntimeError):
+            pass  # Envoy still starting (RuntimeError: the client closed, shutting down)
 
     async def refresh(self) -> bool:
         """Read Envoy's clusters again now, for a request whose chain is not known yet: the
@@ -276,10 +283,11 @@ async def serve_extproc(config: str, where: Listener, outage: Path,
 
 def envoy_stats(envoy_admin: str) -> Callable[[], bytes]:
     """Envoy's own stats in Prometheus format, for the gateway's `/metrics`."""
+    client = httpx.Client(timeout=3)  # one for every scrape (see LoadedClusters)
+
     def read() -> bytes:
         try:
-            r = httpx.get(f"http://{envoy_admin}/stats/prometheus", params={"usedonly": ""},
-                          timeout=3)
+            r = client.get(f"http://{envoy_admin}/stats/prometheus", params={"usedonly": ""})
             r.raise_for_status()
         except httpx.HTTPError as e:
             return f"# envoy stats unavailable: {e.__class__.__name__}\n".encode()

@@ -278,10 +278,10 @@ class UrlRules(Rules):
 class PolicyRules(Strict):
     # Tool names; `server/tool` and the servers themselves (label and URL) for MCP; the URLs
     # the provider would fetch; the model, after aliases (with the key's models_allowed).
-    tools: Rules = Rules()
-    mcp: Rules = Rules()
-    urls: UrlRules = UrlRules()
-    models: Rules = Rules()
+    tools: Rules = Field(default_factory=Rules)
+    mcp: Rules = Field(default_factory=Rules)
+    urls: UrlRules = Field(default_factory=UrlRules)
+    models: Rules = Field(default_factory=Rules)
 
 
 class Fallback(Strict):
@@ -291,8 +291,8 @@ class Fallback(Strict):
 
 class KeyConfig(Strict):
     model_aliases: dict[str, str] = {}
-    fallback: Fallback = Fallback()
-    policy_rules: PolicyRules = PolicyRules()
+    fallback: Fallback = Field(default_factory=Fallback)
+    policy_rules: PolicyRules = Field(default_factory=PolicyRules)
     rate_limits: RateLimit | None = None
 
 
@@ -315,7 +315,7 @@ class VirtualKey(Strict):
     expires_at: datetime | None = None
     routing_policy: str | None = None
     models_allowed: list[str] | None = None
-    config: KeyConfig = KeyConfig()
+    config: KeyConfig = Field(default_factory=KeyConfig)
     previous_secrets: list[PreviousSecret] = []
 
 
@@ -363,7 +363,7 @@ class Budget(Strict):
 
 
 class Config(Strict):
-    gateway: GatewaySettings = GatewaySettings()
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     orgs: list[Org] = []
     model_providers: list[ModelProvider] = []
     routing_policies: list[RoutingPolicy] = []
