@@ -26,9 +26,9 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from bench.latency import BODY, PROVIDER_KEY, _Url
+from bench.latency import BODY, _Url
 from bench.quick import governed
-from bench.scaling import compiled_provider
+from bench.scaling import compiled_provider, ready_for_wrk
 from tests.conftest import make_config
 from tests.harness import GatewayProcess, free_port
 
@@ -79,12 +79,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=8)
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install wrk", file=sys.stderr)
+    if not ready_for_wrk():
         return 2
-    os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
-    os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
-    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-reload-"))
     provider, provider_url = compiled_provider(workdir)
     rows: list[tuple[str, dict[str, str]]] = []

@@ -155,6 +155,17 @@ def wrk(url: str, headers: dict[str, str], seconds: int, connections: int,
     return rate, done, int(bad.group(1)) if bad else 0
 
 
+def ready_for_wrk() -> bool:
+    """Whether `wrk` is installed (say so if not); the environment the gateway runs in."""
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install wrk", file=sys.stderr)
+        return False
+    os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
+    os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
+    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,12 +173,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install wrk", file=sys.stderr)
+    if not ready_for_wrk():
         return 2
-    os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
-    os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
-    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-scaling-"))
     procs: list[subprocess.Popen[bytes]] = []
     redis = None
