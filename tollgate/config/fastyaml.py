@@ -30,7 +30,6 @@ except ImportError:  # PyYAML without libyaml: every read takes the round-trip p
     _CLoader = None
 
 
-
 class _Resolved(str):
     """A tag this reader resolved; a node whose tag is not one was tagged in the file."""
 
