@@ -14,7 +14,6 @@ reload). Prints requests per second and the latency percentiles of both phases.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -26,9 +25,9 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from bench.latency import BODY, _Url
+from bench.latency import _Url
 from bench.quick import governed
-from bench.scaling import compiled_provider, ready_for_wrk
+from bench.scaling import compiled_provider, post_script, ready_for_wrk
 from tests.conftest import make_config
 from tests.harness import GatewayProcess, free_port
 
@@ -91,11 +90,7 @@ def main() -> int:
         secret = governed(config)
         add_keys(config, args.keys)
         size = config.stat().st_size
-        script = workdir / "post.lua"
-        script.write_text('wrk.method = "POST"\n'
-                          f"wrk.body = {json.dumps(BODY.decode())}\n"
-                          'wrk.headers["content-type"] = "application/json"\n'
-                          f'wrk.headers["authorization"] = "Bearer {secret}"\n')
+        script = post_script(workdir, {"authorization": f"Bearer {secret}"})
         gw = GatewayProcess("envoy", config, workdir).start()
         try:
             url = f"{gw.url}/v1/chat/completions"

@@ -137,15 +137,21 @@ def spent(before: dict[str, float], after: dict[str, float], requests: int
     return {k: (v - before.get(k, 0.0)) / requests * 1000 for k, v in sorted(after.items())}
 
 
-def wrk(url: str, headers: dict[str, str], seconds: int, connections: int,
-        workdir: Path) -> tuple[float, int, int]:
-    """(requests per second, requests, non-2xx answers) from wrk."""
+def post_script(workdir: Path, headers: dict[str, str]) -> Path:
+    """A wrk script that POSTs the benchmark's chat completion with `headers`."""
     script = workdir / "post.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(BODY.decode())}\n"
         + "".join(f'wrk.headers["{k}"] = "{v}"\n'
                   for k, v in {"content-type": "application/json", **headers}.items()))
+    return script
+
+
+def wrk(url: str, headers: dict[str, str], seconds: int, connections: int,
+        workdir: Path) -> tuple[float, int, int]:
+    """(requests per second, requests, non-2xx answers) from wrk."""
+    script = post_script(workdir, headers)
     out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s",
                           "-s", str(script), url], capture_output=True, text=True,
                          check=True).stdout

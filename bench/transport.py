@@ -35,7 +35,15 @@ from typing import Any
 
 import httpx
 
-from bench.scaling import compiled_provider, envoy, plain_envoy, spent, tree_cpu, wrk
+from bench.scaling import (
+    compiled_provider,
+    envoy,
+    plain_envoy,
+    ready_for_wrk,
+    spent,
+    tree_cpu,
+    wrk,
+)
 from extproc.envoy_config import EXT_PROC, LUA
 
 LUA_SOURCE = """
@@ -179,8 +187,7 @@ def main() -> int:
         kind, path = args.serve
         asyncio.run(serve_http(path) if kind == "http" else serve_grpc(path))
         return 0
-    if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install wrk", file=sys.stderr)
+    if not ready_for_wrk():
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-transport-"))
     procs: list[subprocess.Popen[Any]] = []

@@ -63,7 +63,7 @@ def read_data(path: Path) -> Any:
     if _CLoader is not None:
         try:
             text = path.read_bytes().decode("utf-8")
-            if not _READ_OTHERWISE.search(text.removeprefix(BOM)):
+            if not _READ_OTHERWISE.search(text, 1 if text.startswith(BOM) else 0):
                 return _load(text)
         except (_Unsupported, _LibYAMLError, OSError, UnicodeDecodeError, RecursionError):
             pass
