@@ -5,12 +5,13 @@ It holds no credential (a key appears as its id) and no prompt unless
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
 from pathlib import Path
 from typing import IO, Any
+
+from tollgate.jsonwrite import dumps
 
 log = logging.getLogger("tollgate.access")
 
@@ -41,7 +42,7 @@ class AccessLog:
     def write(self, record: dict[str, Any]) -> None:
         if self._target is None:
             return
-        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
+        line = dumps(record, default=str, ascii_only=True) + "\n"
         with self._lock:
             out = self._file if self._file is not None else sys.stdout
             try:

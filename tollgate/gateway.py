@@ -492,7 +492,7 @@ class Gateway:
             await self.store().finish(counters, reserved, row, limits, released)
         except Exception:
             log.exception("could not record request %s: %s", row.request_id,
-                          json.dumps(row.to_dict()))
+                          row.to_json())
 
     async def _renew_forever(self) -> None:
         """Keep the holds of requests still in flight (a stream of hours) from expiring."""

@@ -9,6 +9,8 @@ from collections import defaultdict
 from dataclasses import dataclass, fields
 from typing import Any
 
+from tollgate.jsonwrite import dumps
+
 REPORT_DIMENSIONS = {"principal": "principal", "team": "team", "project": "project",
                      "vk": "key_id", "model": "model", "provider": "provider", "org": "org",
                      "tier": "tier"}
@@ -52,6 +54,14 @@ class LedgerRow:
     # What shadow-mode controls would have refused ("; "-separated), the request served.
     shadow: str | None = None
 
+    def __post_init__(self) -> None:
+        # A client's text can hold lone surrogates (an escaped "\ud800" in its JSON, a
+        # header's undecodable bytes), which no store, report or log line can hold as text.
+        for name in _TEXT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not value.isascii():
+                setattr(self, name, _SURROGATE.sub("\ufffd", value))
+
     @property
     def admitted(self) -> bool:
         """Whether the request was admitted (it may hold budget, limits and an in-flight
@@ -60,9 +70,12 @@ class LedgerRow:
         return self.outcome not in ("refused", "answered")
 
     def to_dict(self) -> dict[str, Any]:
-        # Every field is a scalar: no deep copy (dataclasses.asdict) needed, three times a
-        # request.
+        # Every field is a scalar: no deep copy (dataclasses.asdict) needed.
         return {name: getattr(self, name) for name in _FIELD_NAMES}
+
+    def to_json(self) -> str:
+        """The row as the stores keep it (`from_dict(json.loads(...))` reads it back)."""
+        return dumps(self)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> LedgerRow:
@@ -71,6 +84,8 @@ class LedgerRow:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(LedgerRow))
+_TEXT_FIELDS = tuple(f.name for f in fields(LedgerRow) if str(f.type).startswith("str"))
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def report(rows: list[LedgerRow], by: str) -> list[dict[str, Any]]:

@@ -66,6 +66,21 @@ def test_bad_bodies(gateway, key, fake_openai, fake_anthropic, case):
     still_serving(gateway, key)
 
 
+def test_a_model_named_with_half_a_surrogate_pair_is_refused_and_recorded(gateway, key,
+                                                                           fake_openai):
+    """JSON may escape half a UTF-16 pair (`"\\ud800"`), which no store can keep as text:
+    the refusal still leaves its row, the name with a replacement character in its place."""
+    before = refusals(gateway, key, "model_not_priced")
+    body = b'{"model": "gpt-\\ud800", "messages": [{"role": "user", "content": "hi"}]}'
+    r = post(gateway, key, "/v1/chat/completions", body)
+    assert_refused(r, 400, "model_not_priced")
+    assert fake_openai.requests == []
+    expect_one_more_refusal(gateway, key, "model_not_priced", before)
+    request_id = r.headers["x-langwatch-request-id"]
+    assert [row.model for row in ledger(gateway.config) if row.request_id == request_id] \
+        == ["gpt-\ufffd"]
+
+
 def test_wrong_content_type(gateway, key, fake_openai):
     r = post(gateway, key, "/v1/chat/completions", json.dumps(CHAT).encode(),
              content_type="text/plain")

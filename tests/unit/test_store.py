@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -82,6 +83,36 @@ def test_reserve_is_all_or_nothing_and_settles(store):
         assert [r.request_id for r in rows] == ["r1"]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "spooled redis"])
+def test_rows_keep_what_a_client_put_in_them_through_every_store(kind, tmp_path):
+    """A client's escaped JSON can name a model with a lone surrogate, and an undecodable
+    header a principal: the row holds a replacement character in their place, which every
+    store can keep. Text past ASCII, and a count past a float's precision, read back as
+    they were."""
+    odd = [replace(row("r1", 5, principal="b\udcffob"), model="gpt-\ud800"),
+           row("r2", 2**53 + 1), row("r3", 7, principal="zoë")]
+    assert (odd[0].principal, odd[0].model) == ("b\ufffdob", "gpt-\ufffd")
+    server = RedisServer(tmp_path / "redis").start() if "redis" in kind else None
+
+    async def scenario():
+        store = SQLiteStore(tmp_path / "state.db") if server is None else RedisStore(server.url)
+        if kind == "spooled redis":
+            store = Spooled(store, tmp_path / "spool.db")
+        for r in odd:
+            await store.admit(r, [])
+            await store.finish([], 0, r)
+        try:
+            return await store.rows()
+        finally:
+            await store.close()
+
+    try:
+        assert sorted(asyncio.run(scenario()), key=lambda r: r.request_id) == odd
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def test_warn_budgets_count_but_never_refuse(store):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
@@ -120,6 +121,24 @@ def test_access_log_targets(tmp_path, capsys):
     lines = (tmp_path / "logs" / "access.log").read_text().splitlines()
     assert [json.loads(x)["request_id"] for x in lines] == ["req_2"]
     assert capsys.readouterr().out == ""
+
+
+def test_access_log_lines_are_ascii_json_of_whatever_a_row_holds(tmp_path):
+    """Non-ASCII escaped (stdout's encoding may not be UTF-8), a lone surrogate kept, and
+    values JSON has no type for written as text."""
+    log = AccessLog()
+    log.configure("access.log", tmp_path)
+    records = [{"request_id": "req_1", "principal": "zoë", "model": "gpt-\ud800"},
+               {"request_id": "req_2", "ts": datetime(2026, 1, 2, tzinfo=UTC),
+                "cost_micros": 2**70},
+               {"request_id": "req_3", "status": 200, "overhead_ms": 0.25}]
+    for record in records:
+        log.write(record)
+    log.configure(None, tmp_path)
+    text = (tmp_path / "access.log").read_text(encoding="utf-8")
+    assert text.isascii() and '"principal":"zo\\u00eb"' in text
+    records[1]["ts"] = "2026-01-02 00:00:00+00:00"
+    assert [json.loads(x) for x in text.splitlines()] == records
 
 
 def test_an_exporter_that_cannot_start_leaves_tracing_off(monkeypatch, caplog):

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tollgate.budgets import Hold
+from tollgate.jsonwrite import dumps
 from tollgate.ledger import LedgerRow
 from tollgate.ratelimit import Limit, Window, day_end_ts, reset_after
 from tollgate.store.base import (
@@ -430,8 +431,7 @@ class RedisStore(Store):
         replaces an earlier one)."""
         args: list[object] = [self.lease_seconds]
         for row, counters in rows:
-            args += [row.request_id, json.dumps({"row": row.to_dict(),
-                                                 "counters": counters or []})]
+            args += [row.request_id, dumps({"row": row, "counters": counters or []})]
         try:
             await self._write_ahead(keys=[INFLIGHT, INFLIGHT_ROWS], args=args)
         except RedisError as e:
@@ -486,7 +486,7 @@ class RedisStore(Store):
                       *(self._holds(c) for c in budget_counters),
                       *(k for c, _, _ in settle for k in self._limit_keys(c)),
                       INFLIGHT, INFLIGHT_ROWS],
-                args=[reserved, row.cost_micros, json.dumps(row.to_dict()), SETTLED_TTL,
+                args=[reserved, row.cost_micros, row.to_json(), SETTLED_TTL,
                       self.member(row.request_id, reserved), len(budget_counters),
                       row.request_id, *charge,
                       *(v for _, took, keeps in settle for v in (took, keeps))])
@@ -499,7 +499,7 @@ class RedisStore(Store):
             for _ in range(2):
                 written = await self._refusal(
                     keys=[f"{PREFIX}settled:{row.request_id}", LEDGER, INFLIGHT],
-                    args=[json.dumps(row.to_dict()), SETTLED_TTL, row.request_id])
+                    args=[row.to_json(), SETTLED_TTL, row.request_id])
                 if written != -1:
                     return
                 row = dataclasses.replace(row, request_id=distinct_id(row))

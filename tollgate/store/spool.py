@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from tollgate.budgets import Hold
+from tollgate.jsonwrite import dumps
 from tollgate.ledger import LedgerRow
 from tollgate.ratelimit import Limit, Window
 from tollgate.store.base import (
@@ -99,8 +100,8 @@ class Spooled(Store):
             self._in_one_transaction(
                 "INSERT OR REPLACE INTO inflight (request_id, pid, started, row, counters) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [(row.request_id, *PROCESS, json.dumps(row.to_dict()),
-                  json.dumps(counters or [])) for row, counters in rows])
+                [(row.request_id, *PROCESS, row.to_json(), dumps(counters or []))
+                 for row, counters in rows])
         except sqlite3.Error as e:
             for *_, committed in batch:
                 if not committed.done():  # (a request cancelled meanwhile)
@@ -167,7 +168,7 @@ class Spooled(Store):
         except StoreUnavailable as e:
             self.db.execute("INSERT INTO spool (counters, reserved, row, limits, released) "
                             "VALUES (?, ?, ?, ?, ?)", (
-                                json.dumps(counters), reserved, json.dumps(row.to_dict()),
+                                json.dumps(counters), reserved, row.to_json(),
                                 json.dumps(asdict(limits)) if limits else None,
                                 json.dumps(released) if released else None))
             self._behind = True

@@ -161,7 +161,7 @@ class SQLiteStore(Store):
         try:
             self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, started, row) "
                             "VALUES (?, ?, ?, ?)",
-                            (row.request_id, *PROCESS, json.dumps(row.to_dict())))
+                            (row.request_id, *PROCESS, row.to_json()))
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
