@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
-from tollgate.jsonwrite import dumps
+from tollgate.fastjson import dumps
 
 log = logging.getLogger("tollgate.access")
 

@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass, fields
 from typing import Any
 
-from tollgate.jsonwrite import dumps
+from tollgate.fastjson import dumps
 
 REPORT_DIMENSIONS = {"principal": "principal", "team": "team", "project": "project",
                      "vk": "key_id", "model": "model", "provider": "provider", "org": "org",
@@ -55,9 +55,9 @@ class LedgerRow:
     shadow: str | None = None
 
     def __post_init__(self) -> None:
-        # A client's text can hold lone surrogates (an escaped "\ud800" in its JSON, a
-        # header's undecodable bytes), which no store, report or log line can hold as text.
-        for name in _TEXT_FIELDS:
+        # Names a client or a config chose can hold lone surrogates (an escaped "\ud800" in
+        # a JSON body or a YAML string), which no store, report or log line can hold as text.
+        for name in _NAMED_FIELDS:
             value = getattr(self, name)
             if value is not None and not value.isascii():
                 setattr(self, name, _SURROGATE.sub("\ufffd", value))
@@ -84,7 +84,9 @@ class LedgerRow:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(LedgerRow))
-_TEXT_FIELDS = tuple(f.name for f in fields(LedgerRow) if str(f.type).startswith("str"))
+# The model and what may quote it, and the names a config gives (the rest are the gateway's).
+_NAMED_FIELDS = ("model", "fallbacks", "skipped", "shadow", "principal", "key_name", "org",
+                 "team", "project")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

@@ -7,12 +7,12 @@ never its events.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from tollgate import eventstream
 from tollgate import usage as usage_of
+from tollgate.fastjson import loads
 from tollgate.sse import SSEParser
 
 # Events after which a provider sends nothing more (Anthropic, OpenAI Responses, errors);
@@ -218,7 +218,7 @@ class ResponseMeter:
         or None for each it lacks."""
         if self._held is not None:
             try:
-                doc = json.loads(self._held)
+                doc = loads(self._held)
             except ValueError:  # cut short, say: scanned for what it holds
                 doc = None
             if isinstance(doc, dict):
@@ -229,8 +229,8 @@ class ResponseMeter:
                         tier if isinstance(tier, str | dict) else None)
             self._scan_held()
         try:
-            found = json.loads(self._json.found) if self._json.found is not None else None
-            tier = json.loads(self._json.tier) if self._json.tier is not None else None
+            found = loads(self._json.found) if self._json.found is not None else None
+            tier = loads(self._json.tier) if self._json.tier is not None else None
         except ValueError:
             return None, None
         return found, tier

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -68,6 +68,17 @@ SHADOW = Counter(
     "request was served), by control and code", ["control", "code"], registry=REGISTRY)
 
 _TOKEN_TYPES = ("input", "cached_input", "cache_write", "output")
+# Each metric's child per label values. prometheus_client's `labels()` checks and converts
+# its arguments and takes a lock on every call (six to nine a request); the label sets are
+# bounded (see the module's docstring), and so is this.
+_CHILDREN: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Counter | Histogram, *values: str) -> Any:
+    child = _CHILDREN.get((metric, values))
+    if child is None:
+        child = _CHILDREN[(metric, values)] = metric.labels(*values)
+    return child
 
 
 def shadowed(control: str, code: str, count: int = 1) -> None:
@@ -93,22 +104,22 @@ def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float 
     served = row.provider is not None
     provider, model = (row.provider or "", model_label(row.model, known_models)) if served \
         else ("", "")
-    REQUESTS.labels(row.route, str(row.status or 0), row.code or "", provider, model).inc()
-    DURATION.labels(row.route).observe(decision_seconds + response_seconds
-                                       + (upstream_seconds or 0.0))
-    OVERHEAD.labels(row.route).observe(decision_seconds + response_seconds)
+    _child(REQUESTS, row.route, str(row.status or 0), row.code or "", provider, model).inc()
+    _child(DURATION, row.route).observe(decision_seconds + response_seconds
+                                        + (upstream_seconds or 0.0))
+    _child(OVERHEAD, row.route).observe(decision_seconds + response_seconds)
     if rate_limit:
         scope = rate_limit.get("scope", "").split(":", 1)[0]
-        RATE_LIMITED.labels(scope, rate_limit.get("limit", "")).inc()
+        _child(RATE_LIMITED, scope, rate_limit.get("limit", "")).inc()
     for entry in fallbacks or []:
         who, _, reason = entry.partition(":")
-        FALLBACKS.labels(who, re.sub(r"\s*\(.*", "", reason)).inc()
+        _child(FALLBACKS, who, re.sub(r"\s*\(.*", "", reason)).inc()
     if not served:
         return
     if upstream_seconds is not None:
-        UPSTREAM.labels(provider).observe(max(upstream_seconds, 0.0))
+        _child(UPSTREAM, provider).observe(max(upstream_seconds, 0.0))
     if first_byte_seconds is not None:
-        TTFB.labels(provider, model).observe(first_byte_seconds)
+        _child(TTFB, provider, model).observe(first_byte_seconds)
     wanted = labels or []
     team = (row.team or "") if "team" in wanted else ""
     project = (row.project or "") if "project" in wanted else ""
@@ -116,9 +127,9 @@ def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float 
               row.output_tokens)
     for kind, count in zip(_TOKEN_TYPES, counts, strict=True):
         if count:
-            TOKENS.labels(provider, model, kind, team, project).inc(count)
+            _child(TOKENS, provider, model, kind, team, project).inc(count)
     if row.cost_micros:
-        COST.labels(provider, model, team, project).inc(row.cost_micros / 1_000_000)
+        _child(COST, provider, model, team, project).inc(row.cost_micros / 1_000_000)
 
 
 class WithSiblings:

@@ -9,11 +9,11 @@ client did receive is estimated (and marked as such) so nothing goes unmetered.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from tollgate.fastjson import loads
 from tollgate.sse import Event
 
 CHARS_PER_TOKEN = 4  # for estimates only
@@ -147,7 +147,7 @@ class StreamUsage:
         if event.data == "[DONE]":
             return
         try:
-            doc = json.loads(event.data)
+            doc = loads(event.data)
         except ValueError:
             return
         if isinstance(doc, dict):
@@ -234,7 +234,7 @@ def is_usage_only_chunk(event: Event) -> bool:
     if not event.data.startswith("{"):
         return False
     try:
-        doc = json.loads(event.data)
+        doc = loads(event.data)
     except ValueError:
         return False
     return isinstance(doc, dict) and doc.get("choices") == [] and bool(doc.get("usage"))

@@ -299,3 +299,19 @@ def test_anthropic_stream_keeps_its_hour_long_cache_writes_through_message_delta
     assert (used.cache_write_tokens, used.cache_write_1h_tokens, used.output_tokens) == \
         (30, 70, 9)
     assert used.service_tier == "priority" and used.reported
+
+
+def test_usage_is_read_from_json_the_fast_reader_refuses():
+    """NaN and half a surrogate pair are JSON Python reads (a provider echoing a client's
+    text can send them): the answer and the stream are still metered."""
+    odd = '"text": "\\ud800", "score": NaN'
+    body = ('{"id": "x", ' + odd + ', "usage": {"prompt_tokens": 8, '
+            '"completion_tokens": 2}}').encode()
+    meter = openai_json_meter(body)
+    meter.feed(body)
+    assert (meter.usage().input_tokens, meter.usage().output_tokens) == (8, 2)
+    stream = ResponseMeter("openai", True)
+    stream.start("text/event-stream", None)
+    stream.feed(b'data: {"choices": [], ' + odd.encode() + b', "usage": {"prompt_tokens": 8, '
+                b'"completion_tokens": 3}}\n\ndata: [DONE]\n\n')
+    assert (stream.usage().output_tokens, stream.usage().reported) == (3, True)

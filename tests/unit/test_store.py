@@ -87,10 +87,10 @@ def test_reserve_is_all_or_nothing_and_settles(store):
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "spooled redis"])
 def test_rows_keep_what_a_client_put_in_them_through_every_store(kind, tmp_path):
-    """A client's escaped JSON can name a model with a lone surrogate, and an undecodable
-    header a principal: the row holds a replacement character in their place, which every
-    store can keep. Text past ASCII, and a count past a float's precision, read back as
-    they were."""
+    """A client's escaped JSON can name a model with half a surrogate pair (`"\\ud800"`),
+    and a YAML config's escapes a principal: the row holds a replacement character in its
+    place, which every store can keep. Text past ASCII, and a count past a float's
+    precision, read back as they were."""
     odd = [replace(row("r1", 5, principal="b\udcffob"), model="gpt-\ud800"),
            row("r2", 2**53 + 1), row("r3", 7, principal="zoë")]
     assert (odd[0].principal, odd[0].model) == ("b\ufffdob", "gpt-\ufffd")

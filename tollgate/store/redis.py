@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tollgate.budgets import Hold
-from tollgate.jsonwrite import dumps
+from tollgate.fastjson import dumps
 from tollgate.ledger import LedgerRow
 from tollgate.ratelimit import Limit, Window, day_end_ts, reset_after
 from tollgate.store.base import (

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from tollgate.budgets import Hold
-from tollgate.jsonwrite import dumps
+from tollgate.fastjson import dumps
 from tollgate.ledger import LedgerRow
 from tollgate.ratelimit import Limit, Window
 from tollgate.store.base import (

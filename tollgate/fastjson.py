@@ -1,11 +1,11 @@
-"""JSON for what the gateway writes on every request: ledger rows, their write-ahead and
-the access-log line.
+"""JSON for what the gateway reads and writes on every request: ledger rows, their
+write-ahead and the access-log line; the usage in a provider's answer and events.
 
-orjson encodes these several times faster than the standard library, and a dataclass (a
+orjson is several times faster than the standard library, and encodes a dataclass (a
 `LedgerRow`) without first copying it into a dict. The standard library stays for what
-orjson refuses: a lone surrogate, which a client's escaped JSON (`"\\ud800"`) or an
-undecodable header can put in a row's model or principal, and integers past 64 bits. Both
-write compact JSON that `json.loads` reads back the same.
+orjson refuses: writing a lone surrogate (a client's escaped `"\\ud800"` among an
+access-log line's extra fields) or an integer past 64 bits; reading NaN, Infinity or a lone
+surrogate. Both write compact JSON that `json.loads` reads back the same.
 """
 
 from __future__ import annotations
@@ -42,3 +42,12 @@ def dumps(value: Any, default: Callable[[Any], Any] | None = None, ascii_only: b
     if text is None or (ascii_only and not text.isascii()):
         text = json.dumps(value, default=_plain(default), separators=(",", ":"))
     return text
+
+
+def loads(data: bytes | bytearray | str) -> Any:
+    """`json.loads` of what a provider sent (it raises ValueError as that does). An integer
+    past 64 bits reads as a float."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
