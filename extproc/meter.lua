@@ -53,13 +53,17 @@ local function meter(handle)
   local content_type = string.lower(headers:get("content-type") or "")
   local stream = string.find(content_type, "text/event-stream", 1, true) == 1
       or string.find(content_type, "application/vnd.amazon.eventstream", 1, true) == 1
-  local slots = 0
+  -- A body of known length is whole once that many bytes have come: the last post goes
+  -- then, and nothing need be kept for the access log (most JSON answers: one chunk).
+  local length = tonumber(headers:get("content-length") or "")
+  local slots, total = 0, 0
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
     if n > 0 then
       local bytes = chunk:getBytes(0, n)
       held[#held + 1] = bytes
-      size = size + n
+      size, total = size + n, total + n
+      if length ~= nil and total >= length then break end
       local now = handle:timestamp()
       local meta = handle:streamInfo():dynamicMetadata()
       -- A stream's first bytes go at once (its time to first byte), then in batches.
