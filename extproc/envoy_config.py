@@ -15,7 +15,9 @@ Filters in front of the router:
   access log (`unmetered_log`).
 - `tollgate.rewrite` (ext_proc) edits the responses the gateway reshapes (translations), and
   `tollgate.usage_cut` (Lua, in Envoy) keeps a usage chunk the gateway asked for out of a
-  stream it does not otherwise edit; each is idle for every other response.
+  stream it does not otherwise edit. Each is a composite filter that creates its filter only
+  for the requests whose decision set its header: an idle ext_proc or Lua filter still cost
+  Envoy a few percent of its work on every request.
 
 The gateway's response headers come from dynamic metadata that the decision filter sets, so no
 round trip is spent on the response path. One cluster per model provider; the decision picks
@@ -50,6 +52,8 @@ FALLBACK_HEADER = "x-tollgate-fallback"
 # `tollgate.rewrite` filter, which stays off for everything else. A usage chunk the gateway
 # asked for in a stream it does not reshape is cut by `tollgate.usage_cut` instead.
 REWRITE_HEADER = "x-tollgate-rewrite"
+# Set by the decision on streams whose usage chunk `tollgate.usage_cut` keeps from the client.
+CUT_USAGE_HEADER = "x-tollgate-cut-usage"
 EXTPROC_CLUSTER = "tollgate_extproc"
 # The decision service of every ext_proc process, which the decide filter calls.
 DECIDER_CLUSTER = "tollgate_decider"
@@ -407,22 +411,69 @@ UPSTREAM_MARK = {
 }
 
 
-def http_filters(max_body: int) -> list[dict[str, Any]]:
+COMPOSITE = "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"
+
+
+def _header_is(name: str, value: str) -> dict[str, Any]:
+    return {"single_predicate": {
+        "input": {"name": name, "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+            "header_name": name}},
+        "value_match": {"exact": value}}}
+
+
+def _only_when(name: str, delegates: list[tuple[list[dict[str, Any]], dict[str, Any]]]
+               ) -> dict[str, Any]:
+    """Filter `name`, created for a request only when one of `delegates`' predicates on its
+    headers (as the decision left them) holds: that delegate's filter config. For every other
+    request it is a composite filter that matched nothing, a fraction of the idle filter's
+    cost."""
+    matchers = []
+    for predicates, typed_config in delegates:
+        predicate = predicates[0] if len(predicates) == 1 else \
+            {"and_matcher": {"predicate": predicates}}
+        matchers.append({"predicate": predicate, "on_match": {"action": {
+            "name": name, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3."
+                         "ExecuteFilterAction",
+                "typed_config": {"name": name, "typed_config": typed_config}}}}})
+    return {"name": name, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.common.matching.v3."
+                 "ExtensionWithMatcher",
+        "extension_config": {"name": f"{name}.composite",
+                             "typed_config": {"@type": COMPOSITE}},
+        "xds_matcher": {"matcher_list": {"matchers": matchers}}}}
+
+
+def rewrite_filter(processes: int = 1) -> dict[str, Any]:
+    """`tollgate.rewrite`: an ext_proc stream per response the gateway reshapes, to the
+    process that decided the request (the only one that knows it)."""
+    def rewrite(process: int | None) -> dict[str, Any]:
+        config = _ext_proc("tollgate.rewrite", {
+            "processing_mode": REWRITE_MODE,
+            "message_timeout": "5s",
+            "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
+            # Tells the provider's responses (`via_upstream`) from Envoy's own replies, which
+            # are already in the client's shape.
+            "response_attributes": ["response.code_details"],
+            # A JSON answer translated whole is taken BUFFERED, so a body that cannot be
+            # translated can still change its status (a 502) before any byte leaves.
+            "allow_mode_override": True,
+        })["typed_config"]
+        if process is not None:
+            config["grpc_service"] = _grpc_service("tollgate.rewrite", process_cluster(process))
+        return config
+
+    reshaped = _header_is(REWRITE_HEADER, "1")
+    if processes == 1:
+        return _only_when("tollgate.rewrite", [([reshaped], rewrite(None))])
+    return _only_when("tollgate.rewrite", [
+        ([reshaped, _header_is(EXTPROC_PROCESS_HEADER, str(i))], rewrite(i))
+        for i in range(processes)])
+
+
+def http_filters(max_body: int, processes: int = 1) -> list[dict[str, Any]]:
     decide = decide_filter(max_body)
-    # Idle (no stream, no cost) unless the route matching REWRITE_HEADER turns its response
-    # body mode on; a filter `disabled` in the chain could not be enabled that late.
-    rewrite = _ext_proc("tollgate.rewrite", {
-        "processing_mode": {**REWRITE_MODE, "response_header_mode": "SKIP",
-                            "response_body_mode": "NONE"},
-        "message_timeout": "5s",
-        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
-        # Tells the provider's responses (`via_upstream`) from Envoy's own replies, which are
-        # already in the client's shape.
-        "response_attributes": ["response.code_details"],
-        # A JSON answer translated whole is taken BUFFERED, so a body that cannot be
-        # translated can still change its status (a 502) before any byte leaves.
-        "allow_mode_override": True,
-    })
     # Encoders run in reverse: the meter sees the provider's bytes, the rewrite or the usage
     # cut edits after it.
     router = {"name": "envoy.filters.http.router", "typed_config": {
@@ -430,7 +481,7 @@ def http_filters(max_body: int) -> list[dict[str, Any]]:
         "upstream_http_filters": [attempt_filter(), UPSTREAM_MARK, {
             "name": "envoy.filters.http.upstream_codec",
             "typed_config": {"@type": UPSTREAM_CODEC}}]}}
-    return [decide, usage_cut(), rewrite, meter_filter(), router]
+    return [decide, usage_cut(), rewrite_filter(processes), meter_filter(), router]
 
 
 USAGE_CUT = Path(__file__).with_name("usage_cut.lua")
@@ -439,9 +490,9 @@ USAGE_CUT = Path(__file__).with_name("usage_cut.lua")
 def usage_cut() -> dict[str, Any]:
     """`tollgate.usage_cut`: keeps a usage chunk the gateway asked for out of a stream the
     gateway does not otherwise edit, in Envoy itself (see usage_cut.lua): no ext_proc round
-    trip per chunk of the most common stream."""
-    return {"name": "tollgate.usage_cut", "typed_config": {
-        "@type": LUA, "default_source_code": {"inline_string": USAGE_CUT.read_text()}}}
+    trip per chunk of the most common stream. Created only for those streams."""
+    return _only_when("tollgate.usage_cut", [([_header_is(CUT_USAGE_HEADER, "1")], {
+        "@type": LUA, "default_source_code": {"inline_string": USAGE_CUT.read_text()}})])
 
 
 def attempt_filter() -> dict[str, Any]:
@@ -493,9 +544,10 @@ def process_cluster(process: int) -> str:
 
 
 def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
-    """The routes a decision picks between by the headers it sets. With ext_proc in several
-    processes there is a set per process (`process`), whose streams after the decision go
-    to the process that made it: it holds the request until it is settled."""
+    """The routes a decision picks between by the headers it sets: a fallback plan's, retried
+    by Envoy with an attempt stream each, or a single provider's. With ext_proc in several
+    processes there is a pair per process (`process`), whose attempt streams go to the
+    process that made the decision: it holds the request until it is settled."""
     action = {
         "cluster_header": CLUSTER_HEADER,
         # LLM calls run for minutes; only silence ends them.
@@ -503,7 +555,6 @@ def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
         "idle_timeout": "300s",
     }
     with_fallback = {**action, "retry_policy": fallback.retry_policy()}
-    rewrite = _per_route("tollgate.rewrite", REWRITE_MODE, process)
     attempts = _per_route("tollgate.attempt", ATTEMPT_MODE, process)
     pinned = [] if process is None else [
         {"name": EXTPROC_PROCESS_HEADER, "string_match": {"exact": str(process)}}]
@@ -513,11 +564,8 @@ def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
         return {"prefix": "/", **({"headers": matchers} if matchers else {})}
 
     return [
-        {"match": when(FALLBACK_HEADER, REWRITE_HEADER), "route": with_fallback,
-         "typed_per_filter_config": {**attempts, **rewrite}},
         {"match": when(FALLBACK_HEADER), "route": with_fallback,
          "typed_per_filter_config": attempts},
-        {"match": when(REWRITE_HEADER), "route": action, "typed_per_filter_config": rewrite},
         {"match": when(), "route": action},
     ]
 
@@ -533,7 +581,7 @@ def route_config(cfg: Config, processes: int = 1) -> dict[str, Any]:
     return {
         "name": "tollgate",
         "request_headers_to_remove": [CLUSTER_HEADER, REWRITE_HEADER, FALLBACK_HEADER,
-                                      EXTPROC_PROCESS_HEADER],
+                                      EXTPROC_PROCESS_HEADER, CUT_USAGE_HEADER],
         "virtual_hosts": [{
             "name": "gateway",
             "domains": ["*"],
@@ -587,7 +635,7 @@ def listener(cfg: Config, host: str, port: int, outage: str, processes: int = 1
                 "local_reply_config": local_reply_config(cfg.gateway.header_prefix),
                 "access_log": [proxy_replies_log(), outage_log(outage),
                                *unmetered_logs(processes)],
-                "http_filters": http_filters(cfg.gateway.max_body_bytes),
+                "http_filters": http_filters(cfg.gateway.max_body_bytes, processes),
             },
         }]}],
     }

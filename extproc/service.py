@@ -38,6 +38,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc import fallback
 from extproc.envoy_config import (
     CLUSTER_HEADER,
+    CUT_USAGE_HEADER,
     EXTPROC_PROCESS_HEADER,
     EXTPROC_SERVICE,
     FALLBACK_HEADER,
@@ -167,6 +168,8 @@ def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
     routing["x-request-id"] = exchange.trace.request_id
     if exchange.reshapes:  # the rewrite filter edits its response (a usage chunk as well)
         routing[REWRITE_HEADER] = "1"
+    elif exchange.hides_usage_chunk:  # the usage-cut filter keeps that chunk from the client
+        routing[CUT_USAGE_HEADER] = "1"
     fields = metadata(exchange)
     if process is not None:  # this process holds the request: its later streams come here
         routing[EXTPROC_PROCESS_HEADER] = fields["process"] = str(process)

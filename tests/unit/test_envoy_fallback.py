@@ -89,7 +89,7 @@ def test_rendered_chain_is_an_aggregate_of_provider_clusters_in_plan_order():
     assert endpoint["metadata"]["filter_metadata"]["tollgate"]["provider"] == "a"
     routes = envoy_config.route_config(cfg)["virtual_hosts"][0]["routes"]
     retrying = [r for r in routes if "retry_policy" in r["route"]]
-    assert len(retrying) == 2 and all(
+    assert len(retrying) == 1 and all(
         "tollgate.attempt" in r["typed_per_filter_config"] for r in retrying)
     assert retrying[0]["route"]["retry_policy"]["retry_priority"]["name"] == \
         "envoy.retry_priorities.previous_priorities"

@@ -35,7 +35,7 @@ def test_each_process_decides_beside_its_ext_proc_address():
 def test_one_process_renders_as_before():
     cfg = config([provider("a")], [key("k")])
     routes = envoy_config.route_config(cfg)["virtual_hosts"][0]["routes"]
-    assert len(routes) == 4 and routes[-1]["match"] == {"prefix": "/"}
+    assert len(routes) == 2 and routes[-1]["match"] == {"prefix": "/"}
     decider, cluster = envoy_config.extproc_clusters(["unix:/x.sock"])
     assert cluster["name"] == envoy_config.EXTPROC_CLUSTER
     assert decider["name"] == envoy_config.DECIDER_CLUSTER
@@ -52,20 +52,33 @@ def _service(route: dict, filter_name: str) -> dict | None:
 def test_each_requests_later_streams_go_to_the_process_that_decided_it(processes):
     cfg = config([provider("a"), provider("b")], [key("k", on=["5xx"])])
     routes = envoy_config.route_config(cfg, processes)["virtual_hosts"][0]["routes"]
-    assert len(routes) == 4 * processes
+    assert len(routes) == 2 * processes
     for route in routes:
         # Every route names one process; none would send a stream to just any of them.
         (pinned,) = [h for h in route["match"]["headers"] if h["name"] == EXTPROC_PROCESS_HEADER]
         process = int(pinned["string_match"]["exact"])
         cluster = envoy_config.process_cluster(process)
-        for name in ("tollgate.rewrite", "tollgate.attempt"):
-            service = _service(route, name)
-            if service is not None:
-                assert service["envoy_grpc"]["cluster_name"] == cluster
-                # The role travels with the overridden service, or ext_proc refuses the stream.
-                assert service["initial_metadata"] == [
-                    {"key": FILTER_ROLE_HEADER, "value": name.removeprefix("tollgate.")}]
+        service = _service(route, "tollgate.attempt")
+        if service is not None:
+            assert service["envoy_grpc"]["cluster_name"] == cluster
+            # The role travels with the overridden service, or ext_proc refuses the stream.
+            assert service["initial_metadata"] == [{"key": FILTER_ROLE_HEADER,
+                                                    "value": "attempt"}]
         assert _service(route, "tollgate.decide") is None  # decisions spread over all
+    # A reshaped response's rewrite stream goes to the process its decision named.
+    (rewrite,) = [f for f in envoy_config.http_filters(1 << 20, processes)
+                  if f["name"] == "tollgate.rewrite"]
+    matchers = rewrite["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
+    assert len(matchers) == processes
+    for i, matcher in enumerate(matchers):
+        when = {p["single_predicate"]["input"]["typed_config"]["header_name"]:
+                p["single_predicate"]["value_match"]["exact"]
+                for p in matcher["predicate"]["and_matcher"]["predicate"]}
+        assert when == {envoy_config.REWRITE_HEADER: "1", EXTPROC_PROCESS_HEADER: str(i)}
+        delegate = matcher["on_match"]["action"]["typed_config"]["typed_config"]
+        service = delegate["typed_config"]["grpc_service"]
+        assert service["envoy_grpc"]["cluster_name"] == envoy_config.process_cluster(i)
+        assert service["initial_metadata"] == [{"key": FILTER_ROLE_HEADER, "value": "rewrite"}]
     clusters = envoy_config.extproc_clusters(
         envoy_config.process_targets("unix:/x/extproc.sock", processes))
     assert [c["name"] for c in clusters] == [
