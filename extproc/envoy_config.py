@@ -90,7 +90,8 @@ LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3." \
                      "ExtProcPerRoute"
 TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+HTTP_OPTIONS_NAME = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+HTTP_OPTIONS = f"type.googleapis.com/{HTTP_OPTIONS_NAME}"
 AGGREGATE = "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig"
 UPSTREAM_CODEC = "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3." \
                  "UpstreamCodec"
@@ -161,7 +162,9 @@ RETRY_HEADROOM = {"thresholds": [{"max_retries": 100000}]}
 
 
 def chain_cluster(provider_ids: tuple[str, ...]) -> dict[str, Any]:
-    """An aggregate cluster: the providers of a fallback plan, one priority each, in order."""
+    """An aggregate cluster: the providers of a fallback plan, one priority each, in order.
+    Its upstream filters, in place of the router's, give each attempt its own changes: the
+    attempt filter is only on the attempts of fallback plans."""
     return {
         "name": fallback.chain_name(provider_ids),
         "connect_timeout": "10s",
@@ -169,6 +172,9 @@ def chain_cluster(provider_ids: tuple[str, ...]) -> dict[str, Any]:
         "cluster_type": {"name": "envoy.clusters.aggregate", "typed_config": {
             "@type": AGGREGATE, "clusters": [cluster_name(p) for p in provider_ids]}},
         "circuit_breakers": RETRY_HEADROOM,
+        "typed_extension_protocol_options": {HTTP_OPTIONS_NAME: {
+            "@type": HTTP_OPTIONS, "explicit_http_config": {"http_protocol_options": {}},
+            "http_filters": [attempt_filter(), *UPSTREAM_FILTERS]}},
     }
 
 
@@ -472,15 +478,18 @@ def rewrite_filter(processes: int = 1) -> dict[str, Any]:
         for i in range(processes)])
 
 
+# Every attempt's upstream filters, after the attempt filter of a fallback chain's.
+UPSTREAM_FILTERS = [UPSTREAM_MARK, {"name": "envoy.filters.http.upstream_codec",
+                                    "typed_config": {"@type": UPSTREAM_CODEC}}]
+
+
 def http_filters(max_body: int, processes: int = 1) -> list[dict[str, Any]]:
     decide = decide_filter(max_body)
     # Encoders run in reverse: the meter sees the provider's bytes, the rewrite or the usage
     # cut edits after it.
     router = {"name": "envoy.filters.http.router", "typed_config": {
         "@type": ROUTER, "suppress_envoy_headers": True,
-        "upstream_http_filters": [attempt_filter(), UPSTREAM_MARK, {
-            "name": "envoy.filters.http.upstream_codec",
-            "typed_config": {"@type": UPSTREAM_CODEC}}]}}
+        "upstream_http_filters": UPSTREAM_FILTERS}}
     return [decide, usage_cut(), rewrite_filter(processes), meter_filter(), router]
 
 
@@ -747,7 +756,7 @@ def _process_cluster(name: str, targets: list[str], tls: ClientTLS | None,
     }
     if grpc:
         cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            HTTP_OPTIONS_NAME: {
                 "@type": HTTP_OPTIONS,
                 "explicit_http_config": {"http2_protocol_options": {}},
             },
