@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-transport bench-reload soak bootstrap k8s-examples
+.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-transport bench-reload bench-instructions soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -48,6 +48,11 @@ bench-scaling: bootstrap
 # What the transport between Envoy and Python costs with no work done (wrk too).
 bench-transport: bootstrap
 	$(VENV)/python -m bench.transport
+
+# Instructions per request (valgrind's callgrind; apt-get install valgrind): Envoy under
+# tollgate's config and the decision service, against bench/instructions.json.
+bench-instructions: bootstrap
+	$(VENV)/python -m bench.instructions
 
 # What config reloads (a config of a few hundred keys, changed twice a second) cost requests.
 bench-reload: bootstrap

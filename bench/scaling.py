@@ -45,8 +45,10 @@ ANSWER = json.dumps({
 
 
 def envoy(workdir: Path, name: str, route: dict, clusters: list[dict],
-           filters: tuple[dict, ...] = ()) -> tuple[subprocess.Popen[bytes], int]:
-    """An Envoy of one route, `filters` before its router."""
+           filters: tuple[dict, ...] = (), wrap: list[str] | None = None
+           ) -> tuple[subprocess.Popen[bytes], int]:
+    """An Envoy of one route, `filters` before its router; `wrap`: the command it runs under
+    (a profiler)."""
     port = free_port()
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
@@ -69,7 +71,8 @@ def envoy(workdir: Path, name: str, route: dict, clusters: list[dict],
             "clusters": clusters}}
     path = workdir / f"{name}.json"
     path.write_text(json.dumps(bootstrap))
-    proc = subprocess.Popen([envoy_binary(), "-c", str(path), "--disable-hot-restart",
+    proc = subprocess.Popen([*(wrap or []), envoy_binary(), "-c", str(path),
+                             "--disable-hot-restart",
                              "--log-level", "error", "--base-id", str(free_port())],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, port

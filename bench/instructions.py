@@ -1,0 +1,323 @@
+"""Instructions per request, counted by valgrind's callgrind: the figure a shared machine
+cannot move. CPU time per request drifts by 15-25% between runs on such a machine, so a
+change of a few percent hides in it; instruction counts repeat within 1%.
+
+    python -m bench.instructions [--requests 300] [--parts envoy,decider]
+
+- `plain envoy`: an Envoy of one route to the provider, for scale;
+- `tollgate envoy`: tollgate's own rendered Envoy configuration in front of the same
+  provider, with a decision service that answers, at no cost, the decision tollgate makes
+  for the request (computed once, by tollgate): what Envoy itself spends per request;
+- `decision service`: tollgate's Python per request as its decision service runs it
+  (the decision, its answer, the meter post and the settlement, on Redis state when
+  `redis-server` is installed, else SQLite), in-process, 32 requests in flight.
+
+Each is counted after a warm-up, over `--requests` requests (the provider is an Envoy
+answering by itself, outside the count). Callgrind slows what it runs some fifty times: a
+run takes a few minutes. apt-get install valgrind.
+
+The counts are compared with `bench/instructions.json`: any more than 5% over it is flagged
+(exit status 1). `--update-baseline` rewrites it from this run: commit it with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.latency import BODY, PROVIDER_KEY, _Url
+from bench.quick import governed
+from bench.scaling import compiled_provider, envoy
+from extproc.runner import envoy_binary
+from tests.conftest import make_config
+from tests.harness import RedisServer, free_port, wait_until
+
+CONCURRENCY = 32
+WARM_UP = 300
+BASELINE = Path(__file__).with_name("instructions.json")
+TOLERANCE = 0.05  # counts repeat within 1-2%
+
+
+def _callgrind(out: Path) -> list[str]:
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+            f"--log-file={out.with_suffix('.log')}"]
+
+
+def _counted(pid: int, out: Path, run: Any) -> int:
+    """Instructions `pid` (under callgrind) executes while `run()` runs."""
+    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+    run()
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    dump = out.with_name(f"{out.name}.1")
+    wait_until(dump.exists, timeout=60, what="callgrind's dump")
+    time.sleep(0.5)  # written whole
+    for line in dump.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {dump}")
+
+
+def _posts(url: str, headers: dict[str, str], n: int) -> None:
+    with httpx.Client(timeout=120) as client:
+        for _ in range(n):
+            r = client.post(url, content=BODY, headers=headers)
+            r.raise_for_status()
+
+
+def _envoy_counted(proc: subprocess.Popen[bytes], out: Path, url: str,
+                   headers: dict[str, str], n: int) -> float:
+    try:
+        wait_until(lambda: _ok(url, headers), timeout=300, what="Envoy under callgrind")
+        _posts(url, headers, 50)
+        return _counted(proc.pid, out, lambda: _posts(url, headers, n)) / n
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _ok(url: str, headers: dict[str, str]) -> bool:
+    try:
+        return httpx.post(url, content=BODY, headers=headers, timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def plain(workdir: Path, provider_url: str, n: int) -> float:
+    host, port = provider_url.removeprefix("http://").split(":")
+    out = workdir / "plain.callgrind"
+    proc, listen = envoy(workdir, "plain", {
+        "match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "60s"}}, [{
+            "name": "provider", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "provider", "endpoints": [{"lb_endpoints": [{
+                "endpoint": {"address": {"socket_address": {
+                    "address": host, "port_value": int(port)}}}}]}]}}],
+        wrap=_callgrind(out))
+    return _envoy_counted(proc, out, f"http://127.0.0.1:{listen}/v1/chat/completions",
+                          {"content-type": "application/json"}, n)
+
+
+def _setup(workdir: Path, provider_url: str, redis: RedisServer | None) -> tuple[Path, str]:
+    config = make_config(workdir, _Url(provider_url), _Url(f"http://127.0.0.1:{free_port()}"))
+    if redis is not None:
+        config.write_text(config.read_text().replace(
+            'state: "sqlite:///.tollgate/state.db"', f'state: "{redis.url}"'))
+    return config, governed(config)
+
+
+def _client_head(secret: str) -> bytes:
+    """The request head the decide filter sends for the benchmark's request."""
+    return (f":method: POST\n:path: /v1/chat/completions\n:authority: bench\n:scheme: http\n"
+            f"authorization: Bearer {secret}\ncontent-type: application/json\n"
+            f"content-length: {len(BODY)}\nx-request-id: bench\nuser-agent: bench").encode()
+
+
+async def _decision(config: Path, secret: str) -> bytes:
+    """tollgate's answer to the decide filter for the benchmark's request."""
+    from extproc.decider import answer, client_request
+    from extproc.service import ExternalProcessor
+    from tollgate.gateway import Gateway
+    gateway = Gateway.from_path(str(config), watch=False)
+    try:
+        headers, body, declared = client_request(_client_head(secret) + b"\n\n" + BODY,
+                                                 "whole")
+        return answer(await ExternalProcessor(gateway).decide(headers, body, declared))
+    finally:
+        await gateway.close()
+
+
+BARE_DECIDER = """
+import asyncio, sys
+ANSWER, NO_CONTENT = {answer!r}, b"HTTP/1.1 204 No Content\\r\\n\\r\\n"
+async def serve(reader, writer):
+    try:
+        while True:
+            head = (await reader.readuntil(b"\\r\\n\\r\\n")).lower()
+            at = head.find(b"content-length:")
+            await reader.readexactly(int(head[at + 15:head.find(b"\\r\\n", at)]) if at >= 0
+                                     else 0)
+            writer.write(ANSWER if head.startswith(b"post /decide") else NO_CONTENT)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+async def main():
+    server = await asyncio.start_unix_server(serve, {path!r}, backlog=4096)
+    print("ready", flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def tollgate_envoy(workdir: Path, provider_url: str, n: int) -> float:
+    config, secret = _setup(workdir, provider_url, None)
+    decision = asyncio.run(_decision(config, secret))
+    port, sock = free_port(), workdir / "decide.sock"
+    rendered = subprocess.run(
+        [sys.executable, "-m", "tollgate", "--config", str(config), "envoy", "render",
+         "--listen", f"127.0.0.1:{port}", "--extproc", f"unix:{workdir}/extproc.sock",
+         "--decider", f"unix:{sock}", "--envoy-admin", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, check=True).stdout
+    bootstrap = workdir / "tollgate-envoy.yaml"
+    bootstrap.write_text(rendered)
+    decider = subprocess.Popen([sys.executable, "-c", BARE_DECIDER.format(
+        answer=decision, path=str(sock))], stdout=subprocess.PIPE, text=True)
+    out = workdir / "tollgate.callgrind"
+    try:
+        assert decider.stdout is not None and decider.stdout.readline().strip() == "ready"
+        proc = subprocess.Popen([*_callgrind(out), envoy_binary(), "-c", str(bootstrap),
+                                 "--disable-hot-restart", "--log-level", "error",
+                                 "--base-id", str(free_port())],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return _envoy_counted(proc, out, f"http://127.0.0.1:{port}/v1/chat/completions",
+                              {"content-type": "application/json",
+                               "authorization": f"Bearer {secret}"}, n)
+    finally:
+        decider.terminate()
+
+
+ANSWER_HEAD = (b":status: 200\ncontent-type: application/json\ndate: x\n"
+               b"x-tollgate-upstream: 1\ncontent-length: ")
+
+
+async def _serve_decisions(config: Path, secret: str, n: int, first: int) -> None:
+    """`n` requests through the decision service's own path, CONCURRENCY at a time: the
+    decision and its answer, a meter post of the provider's answer, the settlement."""
+    from bench.scaling import ANSWER
+    from extproc.decider import answer, client_request, response_head
+    from extproc.service import ExternalProcessor
+    from tollgate.gateway import Gateway
+    gateway = Gateway.from_path(str(config), watch=False)
+    processor = ExternalProcessor(gateway)
+    payload = _client_head(secret) + b"\n\n" + BODY
+    response = ANSWER_HEAD + str(len(ANSWER)).encode() + b"\n\n" + ANSWER.encode()
+
+    async def one() -> None:
+        headers, body, declared = client_request(payload, "whole")
+        decision = await processor.decide(headers, body, declared)
+        answer(decision)
+        status, response_headers, data = response_head(response)
+        processor.metered(decision.metadata["request_id"], 0, True, data,
+                          (status, response_headers))
+
+    async def some(count: int) -> None:
+        async def worker(k: int) -> None:
+            for _ in range(k):
+                await one()
+        await asyncio.gather(*(worker(count // CONCURRENCY) for _ in range(CONCURRENCY)))
+        await gateway.drain()
+
+    try:  # stdout carries the access log: the parent hears from stderr
+        await some(first)
+        print("warm", file=sys.stderr, flush=True)
+        sys.stdin.readline()
+        await some(n)
+        print("done", file=sys.stderr, flush=True)
+        sys.stdin.readline()
+    finally:
+        await gateway.close()
+
+
+def decision_service(workdir: Path, provider_url: str, n: int) -> float:
+    redis = RedisServer(workdir / "redis").start() if shutil.which("redis-server") else None
+    try:
+        config, secret = _setup(workdir, provider_url, redis)
+        out = workdir / "decider.callgrind"
+        n -= n % CONCURRENCY
+        proc = subprocess.Popen(
+            [*_callgrind(out), sys.executable, "-m", "bench.instructions", "--serve",
+             str(config), secret, str(n)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
+        assert proc.stdin is not None and proc.stderr is not None
+        try:
+            if proc.stderr.readline().strip() != "warm":
+                raise RuntimeError("the decision service did not start")
+
+            def run() -> None:
+                assert proc.stdin is not None and proc.stderr is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                if proc.stderr.readline().strip() != "done":
+                    raise RuntimeError("the decision service stopped")
+
+            count = _counted(proc.pid, out, run)
+            proc.stdin.write("end\n")
+            proc.stdin.flush()
+            proc.wait(120)
+            return count / n
+        finally:
+            proc.kill()
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+PARTS = {"envoy": ("plain envoy", "tollgate envoy"), "decider": ("decision service",)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--parts", default="envoy,decider")
+    parser.add_argument("--update-baseline", action="store_true")
+    parser.add_argument("--serve", nargs=3, metavar=("CONFIG", "SECRET", "N"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
+    os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
+    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
+    if args.serve:
+        config, secret, n = args.serve
+        asyncio.run(_serve_decisions(Path(config), secret, int(n), WARM_UP))
+        return 0
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed: apt-get install valgrind", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-instructions-"))
+    provider, provider_url = compiled_provider(workdir)
+    measure = {"plain envoy": plain, "tollgate envoy": tollgate_envoy,
+               "decision service": decision_service}
+    rows: dict[str, float] = {}
+    try:
+        for part in args.parts.split(","):
+            for name in PARTS[part]:
+                where = workdir / name.replace(" ", "-")
+                where.mkdir()
+                rows[name] = measure[name](where, provider_url, args.requests)
+    finally:
+        provider.terminate()
+    baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
+    print(f"\ninstructions per request (callgrind, {args.requests} requests each)\n")
+    print(f"{'':20}{'instructions':>14}{'baseline':>14}")
+    print("-" * 48)
+    for name, count in rows.items():
+        print(f"{name:20}{count:14,.0f}{baseline.get(name, 0):14,.0f}")
+    if "plain envoy" in rows and "tollgate envoy" in rows:
+        print(f"\ntollgate envoy / plain envoy: {rows['tollgate envoy'] / rows['plain envoy']:.2f}")
+    if args.update_baseline:
+        BASELINE.write_text(json.dumps({**baseline, **{k: round(v) for k, v in rows.items()}},
+                                       indent=2) + "\n")
+        print(f"\nbaseline written: {BASELINE}")
+        return 0
+    worse = [f"{name}: {count:,.0f}, baseline {baseline[name]:,} "
+             f"(+{(count / baseline[name] - 1) * 100:.0f}%)"
+             for name, count in rows.items()
+             if name in baseline and count > baseline[name] * (1 + TOLERANCE)]
+    if worse:
+        print(f"\nMORE than {TOLERANCE:.0%} over the baseline:\n  " + "\n  ".join(worse))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
