@@ -48,9 +48,9 @@ CLUSTER_HEADER = "x-tollgate-cluster"
 # Set by the decision on requests with a fallback plan: their route retries.
 FALLBACK_HEADER = "x-tollgate-fallback"
 # Set by the decision on requests whose response the gateway reshapes (a translation between
-# API families, reframed events, errors in the client's family); it routes them through the
-# `tollgate.rewrite` filter, which stays off for everything else. A usage chunk the gateway
-# asked for in a stream it does not reshape is cut by `tollgate.usage_cut` instead.
+# API families, reframed events, errors in the client's family): the `tollgate.rewrite`
+# filter is created for them, and for nothing else. A usage chunk the gateway asked for in a
+# stream it does not reshape is cut by `tollgate.usage_cut` instead.
 REWRITE_HEADER = "x-tollgate-rewrite"
 # Set by the decision on streams whose usage chunk `tollgate.usage_cut` keeps from the client.
 CUT_USAGE_HEADER = "x-tollgate-cut-usage"
@@ -173,6 +173,7 @@ def chain_cluster(provider_ids: tuple[str, ...]) -> dict[str, Any]:
             "@type": AGGREGATE, "clusters": [cluster_name(p) for p in provider_ids]}},
         "circuit_breakers": RETRY_HEADROOM,
         "typed_extension_protocol_options": {HTTP_OPTIONS_NAME: {
+            # HTTP/1.1, as its providers' clusters speak it.
             "@type": HTTP_OPTIONS, "explicit_http_config": {"http_protocol_options": {}},
             "http_filters": [attempt_filter(), *UPSTREAM_FILTERS]}},
     }
@@ -505,9 +506,10 @@ def usage_cut() -> dict[str, Any]:
 
 
 def attempt_filter() -> dict[str, Any]:
-    """`tollgate.attempt`, run by the router once per upstream attempt. Idle unless a
-    fallback route turns it on: then it gets each attempt's request (with the provider the
-    attempt reached, from the endpoint metadata) and the attempt's response headers."""
+    """`tollgate.attempt`, run once per upstream attempt of a fallback chain (an upstream
+    filter of the chain's cluster, so no other request has it). The fallback route turns it
+    on: it gets each attempt's request (with the provider the attempt reached, from the
+    endpoint metadata) and the attempt's response headers."""
     return _ext_proc("tollgate.attempt", {
         "processing_mode": {
             "request_header_mode": "SKIP", "request_body_mode": "NONE",
