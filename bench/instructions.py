@@ -38,7 +38,8 @@ import httpx
 
 from bench.latency import BODY, PROVIDER_KEY, _Url
 from bench.quick import governed
-from bench.scaling import compiled_provider, envoy
+from bench.scaling import compiled_provider, plain_envoy
+from bench.transport import bare_service
 from extproc.runner import envoy_binary
 from tests.conftest import make_config
 from tests.harness import RedisServer, free_port, wait_until
@@ -78,7 +79,9 @@ def _posts(url: str, headers: dict[str, str], n: int) -> None:
 def _envoy_counted(proc: subprocess.Popen[bytes], out: Path, url: str,
                    headers: dict[str, str], n: int) -> float:
     try:
-        wait_until(lambda: _ok(url, headers), timeout=300, what="Envoy under callgrind")
+        wait_until(lambda: httpx.post(url, content=BODY, headers=headers,
+                                      timeout=30).status_code == 200,
+                   timeout=300, what="Envoy under callgrind")
         _posts(url, headers, 50)
         return _counted(proc.pid, out, lambda: _posts(url, headers, n)) / n
     finally:
@@ -86,24 +89,10 @@ def _envoy_counted(proc: subprocess.Popen[bytes], out: Path, url: str,
         proc.wait(60)
 
 
-def _ok(url: str, headers: dict[str, str]) -> bool:
-    try:
-        return httpx.post(url, content=BODY, headers=headers, timeout=30).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def plain(workdir: Path, provider_url: str, n: int) -> float:
-    host, port = provider_url.removeprefix("http://").split(":")
     out = workdir / "plain.callgrind"
-    proc, listen = envoy(workdir, "plain", {
-        "match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "60s"}}, [{
-            "name": "provider", "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": "provider", "endpoints": [{"lb_endpoints": [{
-                "endpoint": {"address": {"socket_address": {
-                    "address": host, "port_value": int(port)}}}}]}]}}],
-        wrap=_callgrind(out))
-    return _envoy_counted(proc, out, f"http://127.0.0.1:{listen}/v1/chat/completions",
+    proc, url = plain_envoy(workdir, provider_url, wrap=_callgrind(out))
+    return _envoy_counted(proc, out, f"{url}/v1/chat/completions",
                           {"content-type": "application/json"}, n)
 
 
@@ -136,27 +125,6 @@ async def _decision(config: Path, secret: str) -> bytes:
         await gateway.close()
 
 
-BARE_DECIDER = """
-import asyncio, sys
-ANSWER, NO_CONTENT = {answer!r}, b"HTTP/1.1 204 No Content\\r\\n\\r\\n"
-async def serve(reader, writer):
-    try:
-        while True:
-            head = (await reader.readuntil(b"\\r\\n\\r\\n")).lower()
-            at = head.find(b"content-length:")
-            await reader.readexactly(int(head[at + 15:head.find(b"\\r\\n", at)]) if at >= 0
-                                     else 0)
-            writer.write(ANSWER if head.startswith(b"post /decide") else NO_CONTENT)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        writer.close()
-async def main():
-    server = await asyncio.start_unix_server(serve, {path!r}, backlog=4096)
-    print("ready", flush=True)
-    await server.serve_forever()
-asyncio.run(main())
-"""
-
-
 def tollgate_envoy(workdir: Path, provider_url: str, n: int) -> float:
     config, secret = _setup(workdir, provider_url, None)
     decision = asyncio.run(_decision(config, secret))
@@ -168,11 +136,11 @@ def tollgate_envoy(workdir: Path, provider_url: str, n: int) -> float:
         capture_output=True, text=True, check=True).stdout
     bootstrap = workdir / "tollgate-envoy.yaml"
     bootstrap.write_text(rendered)
-    decider = subprocess.Popen([sys.executable, "-c", BARE_DECIDER.format(
-        answer=decision, path=str(sock))], stdout=subprocess.PIPE, text=True)
+    decided = workdir / "decided.http"
+    decided.write_bytes(decision)
+    decider = bare_service("http", sock, decided)
     out = workdir / "tollgate.callgrind"
     try:
-        assert decider.stdout is not None and decider.stdout.readline().strip() == "ready"
         proc = subprocess.Popen([*_callgrind(out), envoy_binary(), "-c", str(bootstrap),
                                  "--disable-hot-restart", "--log-level", "error",
                                  "--base-id", str(free_port())],

@@ -91,17 +91,19 @@ def compiled_provider(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, url
 
 
-def plain_envoy(workdir: Path, upstream: str) -> tuple[subprocess.Popen[bytes], str]:
+def plain_envoy(workdir: Path, upstream: str, wrap: list[str] | None = None
+                ) -> tuple[subprocess.Popen[bytes], str]:
+    """`wrap`: the command it runs under (a profiler, which slows its start)."""
     host, port = upstream.removeprefix("http://").split(":")
     proc, listen = envoy(workdir, "plain", {
         "match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "60s"}}, [{
             "name": "provider", "type": "STATIC", "connect_timeout": "1s",
             "load_assignment": {"cluster_name": "provider", "endpoints": [{"lb_endpoints": [{
                 "endpoint": {"address": {"socket_address": {
-                    "address": host, "port_value": int(port)}}}}]}]}}])
+                    "address": host, "port_value": int(port)}}}}]}]}}], wrap=wrap)
     url = f"http://127.0.0.1:{listen}"
-    wait_until(lambda: httpx.post(f"{url}/v1/chat/completions").status_code == 200,
-               timeout=20, what="plain Envoy")
+    wait_until(lambda: httpx.post(f"{url}/v1/chat/completions", timeout=30).status_code
+               == 200, timeout=300 if wrap else 20, what="plain Envoy")
     return proc, url
 
 

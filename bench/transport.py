@@ -73,22 +73,25 @@ DECIDED = (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-set-authorization: Bearer
 METERED = b"HTTP/1.1 204 No Content\r\n\r\n"
 
 
-async def _serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A bare decision service: read each request, answer at once."""
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lowered = head.lower()
-            at = lowered.find(b"content-length:")
-            length = int(lowered[at + 15:lowered.find(b"\r\n", at)]) if at >= 0 else 0
-            await reader.readexactly(length)
-            writer.write(DECIDED if head.startswith(b"POST /decide") else METERED)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        writer.close()
+def _answering(decided: bytes) -> Any:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A bare decision service: read each request, answer at once."""
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lowered = head.lower()
+                at = lowered.find(b"content-length:")
+                length = int(lowered[at + 15:lowered.find(b"\r\n", at)]) if at >= 0 else 0
+                await reader.readexactly(length)
+                writer.write(decided if head.startswith(b"POST /decide") else METERED)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+    return serve
 
 
-async def serve_http(path: str) -> None:
-    server = await asyncio.start_unix_server(_serve_http, path)
+async def serve_http(path: str, decided: bytes = DECIDED) -> None:
+    """`decided`: the whole HTTP answer to every decision (a meter post gets a 204)."""
+    server = await asyncio.start_unix_server(_answering(decided), path, backlog=4096)
     print("ready", flush=True)
     await server.serve_forever()
 
@@ -169,9 +172,12 @@ TAP = _ext_proc("tap", {
                         "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}})
 
 
-def _service(kind: str, path: Path) -> subprocess.Popen[str]:
+def bare_service(kind: str, path: Path, decided: Path | None = None) -> subprocess.Popen[str]:
+    """A bare `http` or `grpc` service in its own process; `decided`: a file holding the
+    answer an `http` one gives every decision."""
     proc = subprocess.Popen([sys.executable, "-m", "bench.transport", "--serve", kind,
-                             str(path)], stdout=subprocess.PIPE, text=True)
+                             str(path), *(["--decided", str(decided)] if decided else [])],
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc
 
@@ -182,10 +188,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "SOCKET"), help=argparse.SUPPRESS)
+    parser.add_argument("--decided", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         kind, path = args.serve
-        asyncio.run(serve_http(path) if kind == "http" else serve_grpc(path))
+        asyncio.run(serve_http(path, args.decided.read_bytes() if args.decided else DECIDED)
+                    if kind == "http" else serve_grpc(path))
         return 0
     if not ready_for_wrk():
         return 2
@@ -198,8 +206,8 @@ def main() -> int:
         upstream = _cluster("provider", {"socket_address": {"address": host,
                                                             "port_value": int(port)}})
         plain, plain_url = plain_envoy(workdir, provider_url)
-        http_service = _service("http", workdir / "http.sock")
-        grpc_service = _service("grpc", workdir / "grpc.sock")
+        http_service = bare_service("http", workdir / "http.sock")
+        grpc_service = bare_service("grpc", workdir / "grpc.sock")
         procs += [plain, http_service, grpc_service]
         lua_filter = {"name": "decide", "typed_config": {
             "@type": LUA, "default_source_code": {"inline_string": LUA_SOURCE}}}
