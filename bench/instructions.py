@@ -2,7 +2,7 @@
 cannot move. CPU time per request drifts by 15-25% between runs on such a machine, so a
 change of a few percent hides in it; instruction counts repeat within 1%.
 
-    python -m bench.instructions [--requests 300] [--parts envoy,decider]
+    python -m bench.instructions [--requests 300] [--parts envoy,decider,served]
 
 - `plain envoy`: an Envoy of one route to the provider, for scale;
 - `tollgate envoy`: tollgate's own rendered Envoy configuration in front of the same
@@ -10,7 +10,10 @@ change of a few percent hides in it; instruction counts repeat within 1%.
   for the request (computed once, by tollgate): what Envoy itself spends per request;
 - `decision service`: tollgate's Python per request as its decision service runs it
   (the decision, its answer, the meter post and the settlement, on Redis state when
-  `redis-server` is installed, else SQLite), in-process, 32 requests in flight.
+  `redis-server` is installed, else SQLite), in-process, 32 requests in flight;
+- `served decisions`: the same as `tollgate serve envoy` runs it behind its Envoy, one
+  request at a time: with its two HTTP exchanges per request with Envoy (the decision and
+  the meter's post) and without the batching that requests in flight together share.
 
 Each is counted after a warm-up, over `--requests` requests (the provider is an Envoy
 answering by itself, outside the count). Callgrind slows what it runs some fifty times: a
@@ -40,9 +43,10 @@ from bench.latency import BODY, PROVIDER_KEY, _Url
 from bench.quick import governed
 from bench.scaling import compiled_provider, plain_envoy
 from bench.transport import bare_service
+from extproc import eventloop
 from extproc.runner import envoy_binary
 from tests.conftest import make_config
-from tests.harness import RedisServer, free_port, wait_until
+from tests.harness import GatewayProcess, RedisServer, free_port, wait_until
 
 CONCURRENCY = 32
 WARM_UP = 300
@@ -229,14 +233,37 @@ def decision_service(workdir: Path, provider_url: str, n: int) -> float:
             redis.stop()
 
 
-PARTS = {"envoy": ("plain envoy", "tollgate envoy"), "decider": ("decision service",)}
+def served(workdir: Path, provider_url: str, n: int) -> float:
+    """tollgate's Python per request as `tollgate serve envoy` runs it behind its Envoy:
+    the above with its HTTP exchanges with Envoy (the decision and the meter's post), one
+    request at a time."""
+    redis = RedisServer(workdir / "redis").start() if shutil.which("redis-server") else None
+    try:
+        config, secret = _setup(workdir, provider_url, redis)
+        out = workdir / "served.callgrind"
+        # Envoy, its child, runs outside callgrind (valgrind does not follow children).
+        gw = GatewayProcess("envoy", config, workdir, wrap=_callgrind(out)).start(timeout=600)
+        try:
+            url = f"{gw.url}/v1/chat/completions"
+            headers = {"content-type": "application/json", "authorization": f"Bearer {secret}"}
+            _posts(url, headers, 50)
+            return _counted(gw.proc.pid, out, lambda: _posts(url, headers, n)) / n
+        finally:
+            gw.stop(timeout=120)
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+PARTS = {"envoy": ("plain envoy", "tollgate envoy"), "decider": ("decision service",),
+         "served": ("served decisions",)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--parts", default="envoy,decider")
+    parser.add_argument("--parts", default="envoy,decider,served")
     parser.add_argument("--update-baseline", action="store_true")
     parser.add_argument("--serve", nargs=3, metavar=("CONFIG", "SECRET", "N"),
                         help=argparse.SUPPRESS)
@@ -246,7 +273,7 @@ def main() -> int:
     os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
     if args.serve:
         config, secret, n = args.serve
-        asyncio.run(_serve_decisions(Path(config), secret, int(n), WARM_UP))
+        eventloop.run(_serve_decisions(Path(config), secret, int(n), WARM_UP))
         return 0
     if shutil.which("valgrind") is None:
         print("valgrind is not installed: apt-get install valgrind", file=sys.stderr)
@@ -254,7 +281,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-instructions-"))
     provider, provider_url = compiled_provider(workdir)
     measure = {"plain envoy": plain, "tollgate envoy": tollgate_envoy,
-               "decision service": decision_service}
+               "decision service": decision_service, "served decisions": served}
     rows: dict[str, float] = {}
     try:
         for part in args.parts.split(","):

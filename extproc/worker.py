@@ -12,7 +12,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from extproc import envoy_config
+from extproc import envoy_config, eventloop
 from extproc.listen import ListenError, listener
 from extproc.processes import READY
 from extproc.runner import LoadedClusters
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"[%(asctime)s] %(name)s (process {args.process}) %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(args))
+        eventloop.run(serve(args))
     except (ConfigError, ListenError, RuntimeError) as e:
         log.error("ext_proc process %d cannot serve: %s", args.process, e)
         return 1

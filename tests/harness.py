@@ -117,8 +117,10 @@ class GatewayProcess:
     """`tollgate serve <host>` as a child process, with its log kept for assertions."""
 
     def __init__(self, host: str, config: Path, log_dir: Path, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None, stdout: Path | None = None):
-        """`stdout`: where the gateway's stdout goes, apart from its log (stderr)."""
+                 env: dict[str, str] | None = None, stdout: Path | None = None,
+                 wrap: list[str] | None = None):
+        """`stdout`: where the gateway's stdout goes, apart from its log (stderr); `wrap`:
+        a command the gateway's Python runs under (a profiler's)."""
         self.host = host
         self.config = config
         self.port = free_port()
@@ -133,6 +135,8 @@ class GatewayProcess:
         self.admin_url = f"http://{self.extra[self.extra.index('--admin') + 1]}"
         self.env = env or {}
         self.stdout = stdout
+        self.command = ([*wrap, sys.executable, "-m", "tollgate"] if wrap
+                        else [str(BIN / "tollgate")])
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -143,7 +147,7 @@ class GatewayProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         out = open(self.stdout, "wb") if self.stdout else None  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [str(BIN / "tollgate"), "--config", str(self.config), "serve", self.host,
+            [*self.command, "--config", str(self.config), "serve", self.host,
              "--listen", f"127.0.0.1:{self.port}", *self.extra],
             stdout=out or self._log, stderr=self._log if out else subprocess.STDOUT,
             env={**os.environ, **self.env}, start_new_session=True,

@@ -3,6 +3,8 @@ reads of the client's request, and how a decision is written for the filter to a
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from extproc.decider import BadRequest, answer, client_request, response_head
@@ -93,3 +95,99 @@ def test_what_the_meter_never_posts_is_refused(head):
 
     with pytest.raises(BadRequest):
         Decider(None)._meter(_head(head), b"")  # type: ignore[arg-type]
+
+
+class _Processor:
+    """Decides by the client's path (`/slow` takes a while, `/boom` raises), and records
+    what it did in order."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple] = []
+
+    async def decide(self, headers, body, declared):
+        path = headers[":path"]
+        if path == "/boom":
+            raise RuntimeError("a fault in the decision")
+        if path == "/slow":
+            await asyncio.sleep(0.2)
+        self.done.append(("decided", path))
+        return Reply(200, {}, f"{path} {body!r}".encode(), {})
+
+    def metered(self, request_id, seq, last, data, head=None):
+        self.done.append(("metered", request_id, seq, last, data))
+
+
+def _decide(path: str, body: bytes = b"") -> bytes:
+    payload = f":method: POST\n:path: {path}\n\n".encode() + body
+    return (b"POST /decide HTTP/1.1\r\nx-tollgate-body: whole\r\n"
+            b"content-length: %d\r\n\r\n" % len(payload)) + payload
+
+
+def _meter(seq: int) -> bytes:
+    payload = b":status: 200\n\n{}" if seq == 0 else b"more"
+    return (b"POST /meter HTTP/1.1\r\nx-tollgate-request: r1\r\nx-tollgate-seq: %d\r\n"
+            b"content-length: %d\r\n\r\n" % (seq, len(payload))) + payload
+
+
+async def _answers(reader: asyncio.StreamReader, n: int) -> list[tuple[str, bytes]]:
+    out = []
+    for _ in range(n):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status = head.split(b" ", 2)[1].decode()
+        length = int(_headers(head).get("content-length", "0"))
+        out.append((status, await reader.readexactly(length)))
+    return out
+
+
+@pytest.fixture
+async def decider(tmp_path):
+    from extproc.decider import start_decider
+    from extproc.listen import Listener
+
+    processor = _Processor()
+    sock = tmp_path / "d" / "decide.sock"
+    server = await start_decider(processor, Listener(f"unix:{sock}"))  # type: ignore[arg-type]
+    yield processor, sock
+    server.close()
+
+
+async def test_requests_are_answered_in_order_however_their_bytes_arrive(decider):
+    processor, sock = decider
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    # Byte by byte; then, in one write, a slow decision and the requests behind it, which
+    # wait for its answer (Envoy never sends them so, but a connection answers in order).
+    for byte in _decide("/a", b"{}"):
+        writer.write(bytes([byte]))
+        await writer.drain()
+    writer.write(_decide("/slow") + _meter(0) + _meter(1) + _decide("/b", b"x"))
+    assert await _answers(reader, 5) == [
+        ("200", b"/a b'{}'"), ("200", b"/slow b''"), ("204", b""), ("204", b""),
+        ("200", b"/b b'x'")]
+    assert processor.done == [
+        ("decided", "/a"), ("decided", "/slow"), ("metered", "r1", 0, False, b"{}"),
+        ("metered", "r1", 1, False, b"more"), ("decided", "/b")]
+    writer.close()
+
+
+async def test_a_decision_that_fails_is_answered_500_and_the_connection_serves_on(decider):
+    _, sock = decider
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(_decide("/boom") + _decide("/after"))
+    assert await _answers(reader, 2) == [("500", b""), ("200", b"/after b''")]
+    writer.close()
+
+
+@pytest.mark.parametrize("sent", [
+    b"GET /decide HTTP/1.1\r\n\r\n",
+    b"POST /decide HTTP/1.1\r\ncontent-length: -1\r\n\r\n",
+    b"POST /decide HTTP/1.1\r\nx-tollgate-body: partly\r\ncontent-length: 3\r\n\r\na\n\n",
+    b"POST /decide HTTP/1.1\r\nx-long: " + b"a" * (70 * 1024),  # a head with no end
+])
+async def test_what_the_filters_never_send_is_answered_400_and_the_connection_closed(
+        decider, sent):
+    _, sock = decider
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(sent)
+    assert await _answers(reader, 1) == [("400", b"")]
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
+    writer.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -228,11 +227,13 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
         targets = process_targets(extproc_listen, extproc_processes)
         ensure_sockets_unused([*targets, *decider_targets(targets)])
     _logging()
-    sys.exit(asyncio.run(serve_envoy(path, split_listen(listen), admin_address(envoy_admin),
-                                     extproc_listen, log_level,
-                                     outage_path(path, outage_log),
-                                     split_listen(admin_address(admin)) if admin else None,
-                                     extproc_processes)))
+    from extproc import eventloop
+
+    sys.exit(eventloop.run(serve_envoy(path, split_listen(listen), admin_address(envoy_admin),
+                                       extproc_listen, log_level,
+                                       outage_path(path, outage_log),
+                                       split_listen(admin_address(admin)) if admin else None,
+                                       extproc_processes)))
 
 
 @serve.command()
@@ -300,11 +301,13 @@ def extproc(ctx: click.Context, listen: str | None, decider_listen: str | None,
         resources = EnvoyFiles(Path(os.path.abspath(envoy_resources)),
                                split_listen(envoy_listen), outage, extproc_processes,
                                envoy_ca_file)
-    sys.exit(asyncio.run(serve_extproc(path, where, outage,
-                                       split_listen(admin_address(admin)) if admin else None,
-                                       extproc_processes,
-                                       admin_address(envoy_admin) if envoy_admin else None,
-                                       resources, decider_listen)))
+    from extproc import eventloop
+
+    sys.exit(eventloop.run(serve_extproc(path, where, outage,
+                                         split_listen(admin_address(admin)) if admin else None,
+                                         extproc_processes,
+                                         admin_address(envoy_admin) if envoy_admin else None,
+                                         resources, decider_listen)))
 
 
 def _logging() -> None:
