@@ -196,9 +196,9 @@ class Decider(asyncio.Protocol):
         while self.transport is not None and self.deciding is None:
             end = self.buffer.find(b"\r\n\r\n")
             try:
+                if end > MAX_HEAD or (end < 0 and len(self.buffer) > MAX_HEAD):
+                    raise BadRequest("a request head over 64 KiB")
                 if end < 0:
-                    if len(self.buffer) > MAX_HEAD:
-                        raise BadRequest("a request head over 64 KiB")
                     return
                 head = _head(bytes(self.buffer[:end]))
                 start = end + 4
