@@ -5,6 +5,7 @@ own loop and transports, in Python, cost a seventh of its instructions per reque
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Coroutine
 from typing import Any
 
@@ -12,5 +13,8 @@ import uvloop
 
 
 def run[T](main: Coroutine[Any, Any, T]) -> T:
-    """`asyncio.run` on a uvloop loop."""
+    """`asyncio.run` on a uvloop loop, with what is loaded so far out of the collector's
+    sight: the modules' objects never become garbage, and under load a full collection that
+    scanned them too paused the service 70-90 ms every few seconds (about 30 without)."""
+    gc.freeze()
     return asyncio.run(main, loop_factory=uvloop.new_event_loop)
