@@ -84,7 +84,13 @@ def compiled_provider(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         "match": {"prefix": "/"},
         "direct_response": {"status": 200, "body": {"inline_string": ANSWER}},
         "response_headers_to_add": [{"header": {"key": "content-type",
-                                                "value": "application/json"}}]}, [])
+                                                "value": "application/json"}}]}, [],
+        # The whole request is read before the answer: an answer sent while the body is
+        # still coming ends the connection, and a proxy in front (which writes the body
+        # after the headers) would then open one per request, as no real provider makes it.
+        filters=({"name": "envoy.filters.http.buffer", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+            "max_request_bytes": 1 << 20}},))
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.post(f"{url}/v1/chat/completions").status_code == 200,
                timeout=20, what="the compiled provider")
