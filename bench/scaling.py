@@ -78,8 +78,11 @@ def envoy(workdir: Path, name: str, route: dict, clusters: list[dict],
     return proc, port
 
 
-def compiled_provider(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """An OpenAI-shaped provider that costs next to nothing: Envoy answering by itself."""
+def compiled_provider(workdir: Path, whole_request: bool = True
+                      ) -> tuple[subprocess.Popen[bytes], str]:
+    """An OpenAI-shaped provider that costs next to nothing: Envoy answering by itself.
+    `whole_request=False`: it answers on the request's headers and closes the connection
+    (see bench.transport)."""
     proc, port = envoy(workdir, "provider", {
         "match": {"prefix": "/"},
         "direct_response": {"status": 200, "body": {"inline_string": ANSWER}},
@@ -90,7 +93,7 @@ def compiled_provider(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         # after the headers) would then open one per request, as no real provider makes it.
         filters=({"name": "envoy.filters.http.buffer", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
-            "max_request_bytes": 1 << 20}},))
+            "max_request_bytes": 1 << 20}},) if whole_request else ())
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.post(f"{url}/v1/chat/completions").status_code == 200,
                timeout=20, what="the compiled provider")

@@ -200,7 +200,11 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-transport-"))
     procs: list[subprocess.Popen[Any]] = []
     try:
-        provider, provider_url = compiled_provider(workdir)
+        # A request whose body the bare ext_proc decide streams back (full duplex) does not
+        # end upstream, so the provider answers on its headers, for every path alike: each
+        # pays a connection to it per request, as bench.scaling's did before it read the
+        # whole request.
+        provider, provider_url = compiled_provider(workdir, whole_request=False)
         procs.append(provider)
         host, port = provider_url.removeprefix("http://").split(":")
         upstream = _cluster("provider", {"socket_address": {"address": host,
