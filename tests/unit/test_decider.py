@@ -182,7 +182,9 @@ async def test_a_decision_that_fails_is_answered_500_and_the_connection_serves_o
     b"POST /decide HTTP/1.1\r\ncontent-length: -1\r\n\r\n",
     b"POST /decide HTTP/1.1\r\nx-tollgate-body: partly\r\ncontent-length: 3\r\n\r\na\n\n",
     b"POST /decide HTTP/1.1\r\nx-long: " + b"a" * (70 * 1024),  # a head with no end
-    b"POST /decide HTTP/1.1\r\nx-long: " + b"a" * (70 * 1024) + b"\r\n\r\n",
+    # A whole, well-formed decision request, but with a head over 64 KiB.
+    _decide("/a").replace(b"\r\n\r\n", b"\r\nx-long: " + b"a" * (70 * 1024) + b"\r\n\r\n",
+                           1),
 ])
 async def test_what_the_filters_never_send_is_answered_400_and_the_connection_closed(
         decider, sent):
