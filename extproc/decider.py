@@ -204,7 +204,8 @@ class Decider(asyncio.Protocol):
                 start = end + 4
                 if len(self.buffer) - start < head.length:
                     return
-                payload = bytes(self.buffer[start:start + head.length])
+                with memoryview(self.buffer) as view:  # one copy of a body, not two
+                    payload = bytes(view[start:start + head.length])
                 del self.buffer[:start + head.length]
                 if head.path == METER:
                     self._meter(head, payload)
