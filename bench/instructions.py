@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +82,20 @@ def _posts(url: str, headers: dict[str, str], n: int) -> None:
             r.raise_for_status()
 
 
+def _warm_then_count(pid: int, out: Path, url: str, headers: dict[str, str], n: int
+                     ) -> float:
+    """Instructions per request of `pid` over `n` requests, after 50 not counted."""
+    _posts(url, headers, 50)
+    return _counted(pid, out, lambda: _posts(url, headers, n)) / n
+
+
 def _envoy_counted(proc: subprocess.Popen[bytes], out: Path, url: str,
                    headers: dict[str, str], n: int) -> float:
     try:
         wait_until(lambda: httpx.post(url, content=BODY, headers=headers,
                                       timeout=30).status_code == 200,
                    timeout=300, what="Envoy under callgrind")
-        _posts(url, headers, 50)
-        return _counted(proc.pid, out, lambda: _posts(url, headers, n)) / n
+        return _warm_then_count(proc.pid, out, url, headers, n)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -106,6 +114,18 @@ def _setup(workdir: Path, provider_url: str, redis: RedisServer | None) -> tuple
         config.write_text(config.read_text().replace(
             'state: "sqlite:///.tollgate/state.db"', f'state: "{redis.url}"'))
     return config, governed(config)
+
+
+@contextlib.contextmanager
+def _governed_on_redis(workdir: Path, provider_url: str) -> Iterator[tuple[Path, str]]:
+    """The benchmark's config and key, on Redis state while it runs when `redis-server` is
+    installed (else SQLite)."""
+    redis = RedisServer(workdir / "redis").start() if shutil.which("redis-server") else None
+    try:
+        yield _setup(workdir, provider_url, redis)
+    finally:
+        if redis is not None:
+            redis.stop()
 
 
 def _client_head(secret: str) -> bytes:
@@ -199,9 +219,7 @@ async def _serve_decisions(config: Path, secret: str, n: int, first: int) -> Non
 
 
 def decision_service(workdir: Path, provider_url: str, n: int) -> float:
-    redis = RedisServer(workdir / "redis").start() if shutil.which("redis-server") else None
-    try:
-        config, secret = _setup(workdir, provider_url, redis)
+    with _governed_on_redis(workdir, provider_url) as (config, secret):
         out = workdir / "decider.callgrind"
         n -= n % CONCURRENCY
         proc = subprocess.Popen(
@@ -228,31 +246,22 @@ def decision_service(workdir: Path, provider_url: str, n: int) -> float:
             return count / n
         finally:
             proc.kill()
-    finally:
-        if redis is not None:
-            redis.stop()
 
 
 def served(workdir: Path, provider_url: str, n: int) -> float:
     """tollgate's Python per request as `tollgate serve envoy` runs it behind its Envoy:
     the above with its HTTP exchanges with Envoy (the decision and the meter's post), one
     request at a time."""
-    redis = RedisServer(workdir / "redis").start() if shutil.which("redis-server") else None
-    try:
-        config, secret = _setup(workdir, provider_url, redis)
+    with _governed_on_redis(workdir, provider_url) as (config, secret):
         out = workdir / "served.callgrind"
         # Envoy, its child, runs outside callgrind (valgrind does not follow children).
         gw = GatewayProcess("envoy", config, workdir, wrap=_callgrind(out)).start(timeout=600)
         try:
-            url = f"{gw.url}/v1/chat/completions"
             headers = {"content-type": "application/json", "authorization": f"Bearer {secret}"}
-            _posts(url, headers, 50)
-            return _counted(gw.proc.pid, out, lambda: _posts(url, headers, n)) / n
+            return _warm_then_count(gw.proc.pid, out, f"{gw.url}/v1/chat/completions",
+                                    headers, n)
         finally:
             gw.stop(timeout=120)
-    finally:
-        if redis is not None:
-            redis.stop()
 
 
 PARTS = {"envoy": ("plain envoy", "tollgate envoy"), "decider": ("decision service",),
