@@ -538,13 +538,11 @@ REWRITE_MODE = {
 }
 
 
-def _per_route(filter_name: str, mode: dict[str, str] | None = None,
-               process: int | None = None) -> dict[str, Any]:
+def _per_route(filter_name: str, mode: dict[str, str], process: int | None = None
+               ) -> dict[str, Any]:
     """A filter's settings on one route: its processing mode, and (ext_proc in several
     processes) the process that holds the route's requests."""
-    overrides: dict[str, Any] = {}
-    if mode is not None:
-        overrides["processing_mode"] = mode
+    overrides: dict[str, Any] = {"processing_mode": mode}
     if process is not None:
         overrides["grpc_service"] = _grpc_service(filter_name, process_cluster(process))
     return {filter_name: {"@type": EXT_PROC_PER_ROUTE, "overrides": overrides}}
