@@ -1,6 +1,7 @@
 """The sidecar's cost per request, side by side with the proxies it lives in, in one run.
 
     python -m bench.quick [--requests 400] [--update-baseline] [--baseline bench/baseline.json]
+                          [--against REV | --against none]
 
 A fake OpenAI provider runs in its own process. The same chat-completions request is sent
 sequentially, with keep-alive, to: the provider directly; plain Envoy (a static route to
@@ -14,23 +15,36 @@ requests in flight (printed, not compared: the Python client and provider bind i
 Prints p50/p99, what each path adds over the direct call, and the CPU each path's
 processes spent per request (Envoy and ext_proc together for the Envoy host). Then the
 figures that matter as ratios to references of the same run (tollgate's p50 to the direct
-call's and to the plain proxy's, its CPU to the provider's), compared with the committed
-baseline (`bench/baseline.json`): any more than 15% worse is flagged (exit status 1).
-`--update-baseline` rewrites the baseline from this run: commit it with the reason.
+call's and to the plain proxy's, its CPU to the provider's), compared with the baseline:
+any more than 15% worse is flagged (exit status 1).
+
+The baseline is the code of a commit measured in the same run: `bench/baseline.json` names
+it (`revision`), and each host of that commit's code (a git worktree, run with this
+checkout's environment) joins the round-robin beside this checkout's, so both meet the same
+machine at the same moment. Stored ratios alone drift with the machine: the same code
+measured a third apart on two days of the same box, which a 15% threshold cannot tell from
+a regression. The stored figures are still printed, and are the reference when the revision
+is not in this clone's history or with `--against none`. `--update-baseline` rewrites the
+baseline from this run, naming the checkout's commit: commit it with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import httpx
 
@@ -171,6 +185,29 @@ async def round_robin(paths: dict[str, tuple[str, dict[str, str]]], n: int,
             await c.aclose()
 
 
+@contextmanager
+def checkout(revision: str) -> Iterator[Path]:
+    """The code of `revision`, in a git worktree that is removed afterwards."""
+    root = Path(__file__).resolve().parent.parent
+    where = Path(tempfile.mkdtemp(prefix="tollgate-bench-baseline-")) / "code"
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", "--quiet",
+                    str(where), revision], check=True, capture_output=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(where)],
+                       capture_output=True)
+        where.parent.rmdir()
+
+
+def revision_of(ref: str) -> str | None:
+    """The commit `ref` names in this clone (None: not in its history)."""
+    root = Path(__file__).resolve().parent.parent
+    found = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "--quiet",
+                            f"{ref}^{{commit}}"], capture_output=True, text=True)
+    return found.stdout.strip() or None
+
+
 def governed(config: Path) -> str:
     """The governed profile: a key with a model allowlist, under a blocking org budget."""
     tollgate("gateway-budgets", "create", "--name", "bench", "--scope", "org", "--org",
@@ -178,19 +215,21 @@ def governed(config: Path) -> str:
     return new_key(config, "--models-allowed", "gpt-5-mini")
 
 
-def figures(times: dict[str, list[float]], cpu: dict[str, float], n: int) -> dict[str, float]:
+def figures(times: dict[str, list[float]], cpu: dict[str, float], n: int,
+            measured: str = "tollgate") -> dict[str, float]:
     """The figures compared with the baseline, all lower-is-better ratios to references
     measured in the same run, so that a slower machine (or a slower hour of a shared one)
     moves the references as much as tollgate: latency to the direct call's p50 and to the
     plain proxy's, CPU to the provider's (the same Python, HTTP and JSON work per request).
     p99 is printed, not compared: a few hundred requests on a shared machine move it by
-    half."""
+    half. `measured`: whose paths (`<measured> <host>`): this checkout's, or the baseline
+    revision's."""
     p50 = {k: statistics.median(v) for k, v in times.items()}
     per_request = {k: v / n for k, v in cpu.items()}
     per_request["provider"] /= len(cpu)  # it served every path's requests
     out: dict[str, float] = {}
     for host, plain in (("envoy", "plain envoy"), ("mitmproxy", "mitmdump")):
-        name = f"tollgate {host}"
+        name = f"{measured} {host}"
         if name not in times:
             continue
         out[f"{host}: p50 / direct p50"] = p50[name] / p50["direct"]
@@ -221,11 +260,33 @@ def main() -> int:
                              "(the client is Python too: the ratio is what compares).")
     parser.add_argument("--baseline", type=Path, default=BASELINE)
     parser.add_argument("--update-baseline", action="store_true")
+    parser.add_argument("--against", metavar="REV",
+                        help="The commit whose code is measured beside this checkout's and "
+                             "compared with (default: the baseline's `revision`; `none`: "
+                             "the stored figures only).")
     parser.add_argument("--runs", type=int, default=1,
                         help="Rounds measured; each figure is their median (use 3 or more "
                              "with --update-baseline).")
     args = parser.parse_args()
 
+    stored: dict[str, object] = {}
+    if args.baseline.exists():
+        stored = json.loads(args.baseline.read_text())
+    wanted = args.against if args.against is not None else stored.get("revision")
+    revision = None
+    if wanted and wanted != "none" and not args.update_baseline:
+        revision = revision_of(str(wanted))
+        if revision is None:
+            print(f"baseline revision {wanted} is not in this clone's history: compared with "
+                  "the stored figures only")
+    with contextlib.ExitStack() as stack:
+        baseline_code = stack.enter_context(checkout(revision)) if revision else None
+        return _run(args, stored, revision, baseline_code)
+
+
+def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | None,
+         baseline_code: Path | None) -> int:
+    """One run: this checkout's hosts, and `revision`'s (from `baseline_code`) if given."""
     workdir, fake_port, fake = bench_setup("tollgate-bench-quick-")
     procs: list[subprocess.Popen[bytes]] = [fake]
     gateways: list[GatewayProcess] = []
@@ -240,11 +301,23 @@ def main() -> int:
         paths = {"direct": (direct, provider), "plain envoy": (envoy_url, provider),
                  "mitmdump": (mitm_url, provider)}
         pids = {"provider": procs[0].pid, "plain envoy": envoy.pid, "mitmdump": mitm.pid}
+        measured = [("tollgate", None)]
+        if baseline_code is not None and revision is not None:
+            measured.append((revision[:7], {"PYTHONPATH": str(baseline_code)}))
         for host in args.hosts.split(","):
-            gw = GatewayProcess(host, own_state(config, host), workdir).start()
-            gateways.append(gw)
-            paths[f"tollgate {host}"] = (gw.url, {"authorization": f"Bearer {secret}"})
-            pids[f"tollgate {host}"] = gw.proc.pid
+            for who, env in measured:
+                state = own_state(config, host if env is None else f"{host}-{who}")
+                gw = GatewayProcess(host, state, workdir, env=env)
+                gateways.append(gw)  # stopped at the end, started or not
+                try:
+                    gw.start()
+                except Exception as e:
+                    tail = "\n".join(gw.log().splitlines()[-15:])
+                    raise SystemExit(f"{who}'s {host} host did not start ({e}):\n{tail}\n"
+                                     "Measure against another revision (--against REV), or "
+                                     "against the stored figures (--against none).") from None
+                paths[f"{who} {host}"] = (gw.url, {"authorization": f"Bearer {secret}"})
+                pids[f"{who} {host}"] = gw.proc.pid
         paths = {k: (f"{url}/v1/chat/completions", h) for k, (url, h) in paths.items()}
         rounds = [asyncio.run(round_robin(paths, args.requests, pids))
                   for _ in range(args.runs)]
@@ -292,33 +365,51 @@ def main() -> int:
             print(f"{host}: tollgate / {plain}: {ratio:.2f}")
     print("(printed, not compared with the baseline: the client and the fake provider are "
           "Python too, and bind this figure; it moves by a third between runs)")
-    each = [figures(t, c, n) for t, c in rounds]
-    now = {name: statistics.median(f[name] for f in each) for name in each[0]}
+    now = _median_figures(rounds, n)
+    figures_stored = cast(dict[str, float], stored.get("figures", {}))
+    reference, against = figures_stored, "the stored baseline"
+    if revision is not None:
+        reference = _median_figures(rounds, n, revision[:7])
+        against = f"{revision[:7]}'s code, measured in this run"
     print("\n(CPU/req: a JSON answer and a stream together; `direct`: the provider's own, per "
           "pair it served.)\n\n"
           "Figures (ratios to this run's references; lower is better):\n")
-    baseline: dict[str, float] = {}
-    if args.baseline.exists():
-        baseline = json.loads(args.baseline.read_text())["figures"]
+    print(f"  {'':<40} {'now':>7}  {f'{revision[:7]} (same run)' if revision else '':>18}"
+          f"  {'stored':>14}")
     for name, value in now.items():
-        before = baseline.get(name)
-        vs = f"  baseline {before:.3f} ({value / before:.2f}x)" if before else ""
-        print(f"  {name:<40} {value:>7.3f}{vs}")
+        same_run = f"{reference[name]:>7.3f} ({value / reference[name]:.2f}x)" \
+            if revision and reference.get(name) else ""
+        before = figures_stored.get(name)
+        vs = f"{before:>6.3f} ({value / before:.2f}x)" if before else ""
+        print(f"  {name:<40} {value:>7.3f}  {same_run:>18}  {vs:>14}")
     if args.update_baseline:
+        head = revision_of("HEAD")
         args.baseline.write_text(json.dumps({
             "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
                        f"Python {platform.python_version()}",
-            "requests": n, "runs": args.runs, "figures": now}, indent=2) + "\n")
-        print(f"\nbaseline written to {args.baseline}: commit it with the reason")
+            "requests": n, "runs": args.runs, "revision": head, "figures": now},
+            indent=2) + "\n")
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        print(f"\nbaseline written to {args.baseline} (revision {head}): commit it with the "
+              "reason" + ("; the checkout had uncommitted changes, which the revision does "
+                          "not hold" if dirty else ""))
         return 0
-    worse = compare(now, baseline)
+    worse = compare(now, reference)
     if worse:
-        print(f"\nWORSE than the baseline by more than {TOLERANCE:.0%}:")
+        print(f"\nWORSE than {against} by more than {TOLERANCE:.0%}:")
         for line in worse:
             print(f"  {line}")
         return 1
-    print(f"\nwithin {TOLERANCE:.0%} of the baseline" if baseline else "\nno baseline yet")
+    print(f"\nwithin {TOLERANCE:.0%} of {against}" if reference else "\nno baseline yet")
     return 0
+
+
+def _median_figures(rounds: list[tuple[dict[str, list[float]], dict[str, float]]], n: int,
+                    measured: str = "tollgate") -> dict[str, float]:
+    """Each figure's median over the rounds."""
+    each = [figures(t, c, n, measured) for t, c in rounds]
+    return {name: statistics.median(f[name] for f in each) for name in each[0]}
 
 
 if __name__ == "__main__":
