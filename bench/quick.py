@@ -370,7 +370,7 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
     reference, against = figures_stored, "the stored baseline"
     if revision is not None:
         reference = _median_figures(rounds, n, revision[:7])
-        against = f"{revision[:7]}'s code, measured in this run"
+        against = f"{revision[:7]}'s code (measured in this run)"
     print("\n(CPU/req: a JSON answer and a stream together; `direct`: the provider's own, per "
           "pair it served.)\n\n"
           "Figures (ratios to this run's references; lower is better):\n")
@@ -397,7 +397,7 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         return 0
     worse = compare(now, reference)
     if worse:
-        print(f"\nWORSE than {against} by more than {TOLERANCE:.0%}:")
+        print(f"\nWORSE by more than {TOLERANCE:.0%} than {against}:")
         for line in worse:
             print(f"  {line}")
         return 1
