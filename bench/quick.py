@@ -63,6 +63,7 @@ from tests.conftest import make_config
 from tests.harness import GatewayProcess, free_port, tollgate, wait_until
 
 BASELINE = Path(__file__).with_name("baseline.json")
+ROOT = Path(__file__).resolve().parent.parent  # the checkout, a git work tree
 TOLERANCE = 0.15  # a figure this much worse than the baseline is flagged
 TICKS = os.sysconf("SC_CLK_TCK")
 # The OpenAI SDK's default stream: no `stream_options`, so a governed gateway asks for the
@@ -188,22 +189,20 @@ async def round_robin(paths: dict[str, tuple[str, dict[str, str]]], n: int,
 @contextmanager
 def checkout(revision: str) -> Iterator[Path]:
     """The code of `revision`, in a git worktree that is removed afterwards."""
-    root = Path(__file__).resolve().parent.parent
     where = Path(tempfile.mkdtemp(prefix="tollgate-bench-baseline-")) / "code"
-    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", "--quiet",
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet",
                     str(where), revision], check=True, capture_output=True)
     try:
         yield where
     finally:
-        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(where)],
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)],
                        capture_output=True)
         where.parent.rmdir()
 
 
 def revision_of(ref: str) -> str | None:
     """The commit `ref` names in this clone (None: not in its history)."""
-    root = Path(__file__).resolve().parent.parent
-    found = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "--quiet",
+    found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet",
                             f"{ref}^{{commit}}"], capture_output=True, text=True)
     return found.stdout.strip() or None
 
@@ -384,13 +383,14 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         print(f"  {name:<40} {value:>7.3f}  {same_run:>18}  {vs:>14}")
     if args.update_baseline:
         head = revision_of("HEAD")
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True
+                               ).stdout.strip()
         args.baseline.write_text(json.dumps({
             "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
                        f"Python {platform.python_version()}",
             "requests": n, "runs": args.runs, "revision": head, "figures": now},
             indent=2) + "\n")
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
         print(f"\nbaseline written to {args.baseline} (revision {head}): commit it with the "
               "reason" + ("; the checkout had uncommitted changes, which the revision does "
                           "not hold" if dirty else ""))
