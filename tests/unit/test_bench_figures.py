@@ -1,0 +1,41 @@
+"""bench.quick's regression guard: figures of this checkout against the baseline revision's
+figures of the same run (synthetic times: nothing here is timed)."""
+
+from bench.quick import compare, figures
+
+PATHS = ("direct", "plain envoy", "mitmdump")
+
+
+def _run(tollgate_ms: float, baseline_ms: float) -> tuple[dict[str, list[float]],
+                                                           dict[str, float]]:
+    """A run's times (ms, per path and stream part) and CPU seconds per path."""
+    p50 = {"direct": 1.0, "plain envoy": 1.2, "mitmdump": 2.0,
+           "tollgate envoy": tollgate_ms, "abc1234 envoy": baseline_ms}
+    times = {name: [ms] * 3 for name, ms in p50.items()}
+    for name, ms in p50.items():
+        times[f"{name} sse first"] = [ms] * 3
+        times[f"{name} sse total"] = [ms * 1.2] * 3
+    cpu = {"provider": 1.0, "plain envoy": 0.5, "mitmdump": 1.0,
+           "tollgate envoy": tollgate_ms, "abc1234 envoy": baseline_ms}
+    return times, cpu
+
+
+def test_each_revision_has_its_own_figures_from_the_same_references():
+    times, cpu = _run(tollgate_ms=3.0, baseline_ms=2.4)
+    now, then = figures(times, cpu, 1), figures(times, cpu, 1, "abc1234")
+    assert now["envoy: p50 / direct p50"] == 3.0
+    assert then["envoy: p50 / direct p50"] == 2.4
+    assert then["envoy: p50 / plain envoy p50"] == 2.0
+    assert set(now) == set(then)  # only the Envoy host ran: no mitmproxy figures
+    assert not any(name.startswith("mitmproxy") for name in now)
+
+
+def test_a_figure_more_than_15_percent_worse_than_the_revisions_is_flagged_and_no_other():
+    times, cpu = _run(tollgate_ms=3.0, baseline_ms=2.5)  # +20%
+    worse = compare(figures(times, cpu, 1), figures(times, cpu, 1, "abc1234"))
+    assert len(worse) == len(figures(times, cpu, 1))
+    assert worse[0].startswith("envoy: p50 / direct p50: 3.000, baseline 2.500 (+20%)")
+    times, cpu = _run(tollgate_ms=3.0, baseline_ms=2.7)  # +11%
+    assert compare(figures(times, cpu, 1), figures(times, cpu, 1, "abc1234")) == []
+    times, cpu = _run(tollgate_ms=2.0, baseline_ms=3.0)  # better
+    assert compare(figures(times, cpu, 1), figures(times, cpu, 1, "abc1234")) == []
