@@ -33,7 +33,8 @@ lint: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 
-# The sequential figures against bench/baseline.json (flags any 15% worse), then the rest.
+# The sequential figures against the baseline commit's, measured in the same run (flags any
+# 15% worse), then the rest.
 bench: bootstrap
 	$(VENV)/python -m bench.quick --requests 1000
 	$(VENV)/python -m bench
