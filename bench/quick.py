@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -278,9 +277,10 @@ def main() -> int:
         if revision is None:
             print(f"baseline revision {wanted} is not in this clone's history: compared with "
                   "the stored figures only")
-    with contextlib.ExitStack() as stack:
-        baseline_code = stack.enter_context(checkout(revision)) if revision else None
-        return _run(args, stored, revision, baseline_code)
+    if revision is None:
+        return _run(args, stored, None, None)
+    with checkout(revision) as code:
+        return _run(args, stored, revision, code)
 
 
 def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | None,
@@ -300,7 +300,7 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         paths = {"direct": (direct, provider), "plain envoy": (envoy_url, provider),
                  "mitmdump": (mitm_url, provider)}
         pids = {"provider": procs[0].pid, "plain envoy": envoy.pid, "mitmdump": mitm.pid}
-        measured = [("tollgate", None)]
+        measured: list[tuple[str, dict[str, str] | None]] = [("tollgate", None)]
         if baseline_code is not None and revision is not None:
             measured.append((revision[:7], {"PYTHONPATH": str(baseline_code)}))
         for host in args.hosts.split(","):
