@@ -527,6 +527,61 @@ def test_a_script_call_that_fails_fails_alone_and_forgotten_scripts_load_again(r
     asyncio.run(scenario())
 
 
+def test_one_call_after_another_keeps_its_connection_out_of_the_pool(redis_url, monkeypatch):
+    """Sequential calls (a gateway at low load) reuse the connection of the call before
+    instead of checking one out of redis-py's pool each time, and closing the store gives it
+    back."""
+    h = hold(1.0)
+
+    async def scenario():
+        store = RedisStore(redis_url)
+        pool = store.client.connection_pool
+        checked_out = 0
+        get_connection = pool.get_connection
+
+        async def counted() -> object:
+            nonlocal checked_out
+            checked_out += 1
+            return await get_connection()
+
+        monkeypatch.setattr(pool, "get_connection", counted)
+        for i in range(5):
+            assert (await store.reserve(f"r{i}", [h], 10)).granted
+        await store.finish([h.counter], 10, row("r0", 4))
+        assert checked_out == 1
+        assert await store.counters([h]) == [Counter(spent=4, reserved=40)]
+        await store.close()
+        assert not pool._in_use_connections  # given back before the client closed
+
+    asyncio.run(scenario())
+
+
+def test_a_kept_connection_redis_closed_is_replaced_once_unused_for_the_health_interval(
+        redis_url, monkeypatch):
+    """Redis closes the connection the store keeps while it is unused (a restart, `CLIENT
+    KILL`, its idle timeout): unused past the health-check interval, it is PINGed before its
+    next use and replaced, so that call is answered, not failed."""
+    import redis as sync_redis
+
+    from tollgate.store import redis as redis_store
+
+    monkeypatch.setattr(redis_store, "HEALTH_CHECK_SECONDS", 0.001)
+    h = hold(1.0)
+
+    async def scenario():
+        store = RedisStore(redis_url)
+        assert (await store.reserve("r1", [h], 10)).granted
+        killer = sync_redis.Redis.from_url(redis_url)
+        assert killer.client_kill_filter(_type="normal", skipme=True) >= 1
+        killer.close()
+        await asyncio.sleep(0.05)  # unused for longer than the interval
+        assert (await store.reserve("r2", [h], 10)).granted
+        assert await store.counters([h]) == [Counter(spent=0, reserved=20)]
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_closing_the_store_answers_the_calls_made_before_it(redis_url):
     """A store closed in the same turn a reservation was made sends it and has its answer
     before it returns (a gateway stopping leaves no call of a request unanswered)."""

@@ -315,6 +315,8 @@ return out
 # Connections per gateway process, and how long a request waits for one when all are busy.
 POOL_CONNECTIONS = 64
 POOL_WAIT_SECONDS = 5
+# A connection unused this long is PINGed before its next use (and reconnected if Redis closed it).
+HEALTH_CHECK_SECONDS = 5
 
 
 class RedisStore(Store):
@@ -332,7 +334,8 @@ class RedisStore(Store):
         # `?socket_connect_timeout=`) overrides these.
         self.client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_SECONDS,
-            socket_connect_timeout=3, socket_timeout=2, health_check_interval=5))
+            socket_connect_timeout=3, socket_timeout=2,
+            health_check_interval=HEALTH_CHECK_SECONDS))
         self.pipelined = Pipelined(self.client)
         self._reserve = self.pipelined.script(RESERVE)
         self._counters = self.pipelined.script(COUNTERS)
