@@ -504,6 +504,26 @@ def test_script_calls_of_one_moment_reach_redis_in_one_round_trip_each_atomic(re
     asyncio.run(scenario())
 
 
+def test_a_batch_is_written_in_the_turn_after_its_calls_not_a_turn_later(redis_url):
+    """The calls of one turn go out together at its end: the batch is on the wire when the
+    next turn begins, not once a task scheduled then has had its own turn."""
+    h = hold(1.0)
+
+    async def scenario():
+        store = RedisStore(redis_url)
+        await store.counters([h])  # the connection is open, the scripts loaded
+        before = store.pipelined.batches
+        reserving = asyncio.get_running_loop().create_task(store.reserve("r1", [h], 40))
+        await asyncio.sleep(0)  # the reservation's call is made, its batch scheduled
+        assert store.pipelined.batches == before and store.pipelined._queued
+        await asyncio.sleep(0)  # that turn: the batch went out
+        assert store.pipelined.batches == before + 1 and not store.pipelined._queued
+        assert (await reserving).granted
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_script_call_that_fails_fails_alone_and_forgotten_scripts_load_again(redis_url):
     """One call's error is its own (its neighbours in the pipeline are answered), and a Redis
     that forgot the scripts (restarted, `SCRIPT FLUSH`) gets them again."""

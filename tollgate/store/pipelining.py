@@ -4,8 +4,8 @@ Under load a gateway process starts several reservations, write-aheads and settl
 same turn of its loop. Sent one by one, each pays redis-py's whole round trip (a connection
 from the pool, packing in Python, a write, a read: about 100-140 us of CPU); sent together,
 packed by hiredis, they share it (about 50 us each for a batch of three, 25 for eight). A call
-made alone waits one extra loop turn, no more. Each script still runs atomically on its own:
-the pipeline is not a transaction, it only saves round trips.
+made alone waits for the end of its loop turn, no more. Each script still runs atomically on
+its own: the pipeline is not a transaction, it only saves round trips.
 
 Connections stay with this client between round trips instead of going back to redis-py's
 pool: its checkout and check-in (a condition, a timeout, locks, telemetry) cost about as
@@ -56,7 +56,10 @@ class Pipelined:
         batch, self._queued = self._queued, []
         if not batch:  # sent already, by close()
             return
-        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        # Started at once (eagerly), so the batch is written in this turn, not the next: a
+        # sequential request's reservation is answered about 50 us sooner.
+        task = asyncio.Task(self._execute(batch), loop=asyncio.get_running_loop(),
+                            eager_start=True)
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
