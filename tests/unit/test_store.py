@@ -436,6 +436,26 @@ def test_write_aheads_the_disk_refuses_fail_their_requests_and_leave_no_open_tra
     asyncio.run(scenario())
 
 
+def test_writes_ahead_of_one_turn_are_committed_at_its_end_not_a_turn_later(tmp_path,
+                                                                          redis_url):
+    """The write-aheads made in one turn of the loop are on this node's disk as the next
+    turn begins: the requests waiting for them go on then, not once a task has had a turn
+    of its own (a decision waits for its write-ahead)."""
+    async def scenario():
+        spooled = Spooled(RedisStore(redis_url), tmp_path / "spool.db")
+        admitting = [asyncio.get_running_loop().create_task(spooled.admit(row(r, 1)))
+                     for r in ("r_a", "r_b")]
+        await asyncio.sleep(0)  # both rows are handed over in this turn
+        assert not any(a.done() for a in admitting)
+        await asyncio.sleep(0)  # that turn's end: committed together
+        rows = spooled.db.execute("SELECT request_id FROM inflight ORDER BY 1").fetchall()
+        assert rows == [("r_a",), ("r_b",)]
+        await asyncio.gather(*admitting)
+        await spooled.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("eager", [False, True], ids=["tasks", "eager tasks"])
 def test_writes_ahead_of_one_moment_reach_redis_in_one_call_the_latest_row_kept(
         tmp_path, redis_url, eager):
@@ -572,6 +592,39 @@ def test_one_call_after_another_keeps_its_connection_out_of_the_pool(redis_url, 
         assert await store.counters([h]) == [Counter(spent=4, reserved=40)]
         await store.close()
         assert not pool._in_use_connections  # given back before the client closed
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_of_round_trips_gives_the_pool_back_all_but_the_connections_kept(redis_url):
+    """Round trips of several turns in flight at once each take a connection; once answered,
+    all but `KEEP` go back to the bounded pool, so redis-py's own commands (and calls waiting
+    in the pool during a burst) are served, not refused for want of a connection."""
+    import redis as sync_redis
+
+    from tollgate.store import pipelining
+
+    h = hold(1.0)
+
+    async def scenario():
+        store = RedisStore(f"{redis_url}?max_connections=6&timeout=1")
+        pool = store.client.connection_pool
+        await store.counters([h])
+        before = store.pipelined.batches
+        pauser = sync_redis.Redis.from_url(redis_url)
+        pauser.client_pause(300)  # replies wait: the round trips below overlap
+        pauser.close()
+        calls = []
+        for i in range(6):
+            calls.append(asyncio.get_running_loop().create_task(
+                store.reserve(f"r{i}", [h], 1)))
+            await asyncio.sleep(0)  # the call is made
+            await asyncio.sleep(0)  # its batch is on the wire, alone
+        assert store.pipelined.batches == before + 6
+        assert all(r.granted for r in await asyncio.gather(*calls))
+        assert len(pool._in_use_connections) == pipelining.KEEP
+        assert await store.client.ping()
+        await store.close()
 
     asyncio.run(scenario())
 

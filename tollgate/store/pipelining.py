@@ -7,10 +7,10 @@ packed by hiredis, they share it (about 50 us each for a batch of three, 25 for 
 made alone waits for the end of its loop turn, no more. Each script still runs atomically on
 its own: the pipeline is not a transaction, it only saves round trips.
 
-Connections stay with this client between round trips instead of going back to redis-py's
-pool: its checkout and check-in (a condition, a timeout, locks, telemetry) cost about as
-many instructions as a script call's own round trip. Each is health-checked before use as
-the client's own commands are (a PING once it has been unused for the client's
+A connection or two stay with this client between round trips instead of going back to
+redis-py's pool: its checkout and check-in (a condition, a timeout, locks, telemetry) cost
+about as many instructions as a script call's own round trip. Each is health-checked before
+use as the client's own commands are (a PING once it has been unused for the client's
 `health_check_interval`), and reconnected if Redis closed it meanwhile; after a round trip
 that failed (Redis gone), all of them go back to the pool.
 """
@@ -29,6 +29,9 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Args = Sequence[Any]
+# Connections kept between round trips. More would starve redis-py's own commands and the
+# calls waiting in its pool during a burst (the pool is bounded): the rest go back to it.
+KEEP = 2
 
 
 class Pipelined:
@@ -118,10 +121,13 @@ class Pipelined:
             # Replies may be left unread on it: the connection is not used again, and the
             # others kept may be as broken (Redis went away): they go back to the pool.
             await conn.disconnect(nowait=True)
-            await self._release([conn, *self._idle])
-            self._idle.clear()
+            kept, self._idle = self._idle, []  # (taken before awaiting: no one else uses them)
+            await self._release([conn, *kept])
             raise
-        self._idle.append(conn)
+        if len(self._idle) < KEEP:
+            self._idle.append(conn)
+        else:  # a burst's: back to the pool, where a call may be waiting for one
+            await self._release([conn])
         return results
 
     async def _connection(self) -> Any:
@@ -149,8 +155,8 @@ class Pipelined:
         if self._queued:
             self._send()
         await asyncio.gather(*self._sending, return_exceptions=True)
-        await self._release(self._idle)
-        self._idle.clear()
+        kept, self._idle = self._idle, []
+        await self._release(kept)
 
 
 def _evalsha(script: AsyncScript, keys: Args, args: Args) -> bytes:

@@ -81,20 +81,21 @@ class Spooled(Store):
     async def admit(self, row: LedgerRow, counters: list[str] | None = None) -> None:
         """On this node's disk first (it survives Redis being down), then in Redis, off the
         request's path (it survives this node never coming back). The requests written ahead
-        in one turn of the loop commit together: each waits for its commit, not its own."""
-        committed = asyncio.get_running_loop().create_future()
+        in one turn of the loop commit together, at its end: each waits for its commit, not
+        its own."""
+        loop = asyncio.get_running_loop()
+        committed = loop.create_future()
         self._ahead.append((row, counters, committed))
         if len(self._ahead) == 1:  # the first since the last batch: a batch goes next
-            task = asyncio.get_running_loop().create_task(self._admit_batch())
-            self._writing.add(task)
-            task.add_done_callback(self._writing.discard)
+            loop.call_soon(self._admit_batch)
         await committed
 
-    async def _admit_batch(self) -> None:
+    def _admit_batch(self) -> None:
         """The requests written ahead since the last batch: one transaction here, then one
-        call to the store."""
-        await asyncio.sleep(0)  # a task run eagerly (mitmproxy's) would make a batch of one
+        call to the store (in a task: the requests go on meanwhile)."""
         batch, self._ahead = self._ahead, []
+        if not batch:  # written already, by close()
+            return
         rows = [(row, counters) for row, counters, _ in batch]
         try:
             self._in_one_transaction(
@@ -110,6 +111,11 @@ class Spooled(Store):
         for *_, committed in batch:
             if not committed.done():
                 committed.set_result(None)
+        task = asyncio.get_running_loop().create_task(self._admit_inner(rows))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _admit_inner(self, rows: list[tuple[LedgerRow, list[str] | None]]) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self.inner.admit_many(rows)
 
@@ -212,6 +218,7 @@ class Spooled(Store):
         if self._forgetting is not None:
             self._forgetting.cancel()
         self._forget_now()
+        self._admit_batch()  # write-aheads of this turn, whose batch has not gone yet
         await asyncio.gather(*self._writing, return_exceptions=True)
         await self.inner.close()
         self.db.close()
