@@ -286,6 +286,7 @@ def main() -> int:
 def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | None,
          baseline_code: Path | None) -> int:
     """One run: this checkout's hosts, and `revision`'s (from `baseline_code`) if given."""
+    short = revision[:7] if revision else ""  # names the revision's paths and its figures
     workdir, fake_port, fake = bench_setup("tollgate-bench-quick-")
     procs: list[subprocess.Popen[bytes]] = [fake]
     gateways: list[GatewayProcess] = []
@@ -302,7 +303,7 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         pids = {"provider": procs[0].pid, "plain envoy": envoy.pid, "mitmdump": mitm.pid}
         measured: list[tuple[str, dict[str, str] | None]] = [("tollgate", None)]
         if baseline_code is not None and revision is not None:
-            measured.append((revision[:7], {"PYTHONPATH": str(baseline_code)}))
+            measured.append((short, {"PYTHONPATH": str(baseline_code)}))
         for host in args.hosts.split(","):
             for who, env in measured:
                 state = own_state(config, host if env is None else f"{host}-{who}")
@@ -368,12 +369,12 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
     figures_stored = cast(dict[str, float], stored.get("figures", {}))
     reference, against = figures_stored, "the stored baseline"
     if revision is not None:
-        reference = _median_figures(rounds, n, revision[:7])
-        against = f"{revision[:7]}'s code (measured in this run)"
+        reference = _median_figures(rounds, n, short)
+        against = f"{short}'s code (measured in this run)"
     print("\n(CPU/req: a JSON answer and a stream together; `direct`: the provider's own, per "
           "pair it served.)\n\n"
           "Figures (ratios to this run's references; lower is better):\n")
-    print(f"  {'':<40} {'now':>7}  {f'{revision[:7]} (same run)' if revision else '':>18}"
+    print(f"  {'':<40} {'now':>7}  {f'{short} (same run)' if short else '':>18}"
           f"  {'stored':>14}")
     for name, value in now.items():
         same_run = f"{reference[name]:>7.3f} ({value / reference[name]:.2f}x)" \
