@@ -20,7 +20,6 @@ from tollgate.config.schema import ModelProvider, VirtualKey
 from tollgate.errors import GatewayError
 from tollgate.pricing import ZERO_PRICE
 from tollgate.request import Attempt, Request
-from tollgate.scopes import lineage
 from tollgate.settlement import Billing
 from tollgate.store import Reservation, Store, StoreUnavailable
 from tollgate.usage import Usage
@@ -80,21 +79,22 @@ class Admission:
 
         worst, tokens = worst_case(requested_cap)
         amount = worst.micros if worst else 0
-        billing = Billing(price=price, lineage=lineage(cfg, key.scope),
+        derived = loaded.derived
+        billing = Billing(price=price, lineage=derived.lineage(key.scope),
                           estimated_input_tokens=math.ceil(len(req.body) / 4))
         now = datetime.now(UTC)
-        key_caps = ratelimit.key_limits(key, now)
+        key_caps = derived.key_limits(key, now)
         passed_over: list[str] = []
         lowered = 0  # times an `on_breach: cap` budget lowered the output cap (bounded)
         i = -1
         while i + 1 < len(attempts):
             i += 1
             attempt = attempts[i]
-            holds = budgets.holds_for(cfg, key, billing.lineage, attempt.provider_id, now)
+            holds = derived.holds(key, billing.lineage, attempt.provider_id, now)
             # Settled into even if not reserved (a request priced at nothing).
             billing.held = {attempt.provider_id: [h.counter for h in holds]}
             holds = holds if amount else []
-            limits = key_caps + ratelimit.provider_limits(providers[attempt.provider_id], now)
+            limits = key_caps + derived.provider_limits(providers[attempt.provider_id], now)
             billing.limits = [(lim, None if lim.scope == "key" else attempt.provider_id)
                               for lim in limits]
             if not holds and not limits:
@@ -197,12 +197,12 @@ class Admission:
         """Admit a fallback attempt before it can be sent, as the first was: its provider's
         rate limits and the budgets scoped to that provider. One that cannot be admitted is
         left out of the plan (a provider at its cap is passed over); False then."""
-        cfg = loaded.config
-        applying = budgets.holds_for(cfg, key, billing.lineage, attempt.provider_id, now)
+        cfg, derived = loaded.config, loaded.derived
+        applying = derived.holds(key, billing.lineage, attempt.provider_id, now)
         # Budgets not scoped to a provider hold the request once, from its first attempt.
         held = [h for h in applying if h.counter not in billing.counters] if amount else []
         billing.held[attempt.provider_id] = [h.counter for h in applying]
-        limits = ratelimit.provider_limits(provider, now)
+        limits = derived.provider_limits(provider, now)
         if not held and not limits:
             return True
         granted = await self._reserve(cfg.gateway, request_id, held, amount, limits, tokens)
@@ -231,10 +231,10 @@ class Admission:
         unseen = bodies.unseen_input(body.doc)
         if unseen is None:
             return 0
-        cfg, now = loaded.config, datetime.now(UTC)
-        lin = lineage(cfg, key.scope)
+        derived, now = loaded.derived, datetime.now(UTC)
+        lin = derived.lineage(key.scope)
         applying = {h.budget.id: h.budget for a in attempts
-                    for h in budgets.holds_for(cfg, key, lin, a.provider_id, now)
+                    for h in derived.holds(key, lin, a.provider_id, now)
                     if h.blocking}
         for b in applying.values():
             if b.unseen_input == "refuse":

@@ -49,7 +49,6 @@ from tollgate.keys import (
 from tollgate.ledger import LedgerRow
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
-from tollgate.scopes import lineage
 from tollgate.store import LimitSettlement, Store, StoreUnavailable, open_store
 from tollgate.store.spool import Spooled
 
@@ -242,8 +241,7 @@ class Gateway:
                 for s in shadowed:
                     self._shadowed(s.control, s.code)
             unserved: list[str] = []
-            targets = routing.targets(loaded.config, key, route, model or "",
-                                      catalog=loaded.catalog, skipped=unserved)
+            targets = loaded.derived.targets(key, route, model or "", skipped=unserved)
             if unserved:
                 log.warning("request %s: %s", trace.request_id, "; ".join(unserved))
             # A streamed chat completion that did not ask for usage: ask for it upstream.
@@ -559,7 +557,7 @@ class Gateway:
     def _answered_row(loaded: LoadedConfig, trace: telemetry.RequestTrace, status: int,
                       key: VirtualKey | None, decision: dict[str, Any],
                       seen: dict[str, str | None], at: datetime | None = None) -> LedgerRow:
-        lin = lineage(loaded.config, key.scope) if key else None
+        lin = loaded.derived.lineage(key.scope) if key else None
         return LedgerRow(
             request_id=trace.request_id, ts=(at or datetime.now(UTC)).isoformat(),
             key_id=key.id if key else None, key_name=key.name if key else None,

@@ -55,6 +55,12 @@ def policy_model(target: RoutingTarget, provider: ModelProvider, model: str,
     return catalog.equivalent(model, adapter_for(provider).vendor) or model
 
 
+def weighted(cfg: Config, key: VirtualKey) -> bool:
+    """Whether the key's routing policy orders its providers at random, by weight."""
+    return any(rp.id == key.routing_policy and rp.strategy == "weighted"
+               for rp in cfg.routing_policies)
+
+
 def targets(cfg: Config, key: VirtualKey, route: Route, model: str,
             rng: random.Random | None = None, catalog: ModelCatalog | None = None,
             skipped: list[str] | None = None) -> list[Target]:

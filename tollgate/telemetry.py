@@ -8,6 +8,7 @@ and upstream) but no attribute is computed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -192,11 +193,12 @@ class RequestTrace:
     prompt: str | None = None  # kept only with capture_content
     parent_flags: int = 0  # the caller's trace flags (sampled), from its traceparent
 
-    @property
+    # Read for the answer's headers, traceparent, the ledger and the access log.
+    @functools.cached_property
     def trace_id(self) -> str:
         return format(self.span.get_span_context().trace_id, "032x")
 
-    @property
+    @functools.cached_property
     def span_id(self) -> str:
         return format(self.span.get_span_context().span_id, "016x")
 

@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from ruamel.yaml import YAML
@@ -22,6 +22,9 @@ from tollgate.config.problems import ConfigError, Problem
 from tollgate.config.schema import Config, check_references
 from tollgate.pricing import PriceTable, load_prices
 
+if TYPE_CHECKING:
+    from tollgate.derived import Derived
+
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -31,6 +34,13 @@ class LoadedConfig:
     prices: PriceTable
     path: Path
     catalog: ModelCatalog = field(default_factory=lambda: ModelCatalog({}))
+
+    @functools.cached_property
+    def derived(self) -> Derived:
+        """What decisions derive from this config alone, kept while it is the current one."""
+        from tollgate.derived import Derived
+
+        return Derived(self)
 
     @functools.cached_property
     def known_models(self) -> frozenset[str]:
