@@ -17,6 +17,7 @@ import logging
 import sys
 import uuid
 import weakref
+from collections.abc import Iterable, Mapping
 
 import httpx
 from mitmproxy import ctx, exceptions, http
@@ -24,6 +25,7 @@ from mitmproxy import flow as mitm_flow
 from mitmproxy.net.http import http1 as mitm_http1
 from mitmproxy.proxy.layers import http as mitm_http_layer
 from mitmproxy.proxy.layers.http import _http1 as _mitm_http1_layer
+from mitmproxy.utils.strutils import always_bytes
 
 from tollgate import headers as header_rules
 from tollgate.admin import AdminServer
@@ -92,6 +94,18 @@ def _served_comment(exchange: Exchange) -> str:
                     + (f" · warning: {billing.warning}" if billing.warning else ""))
     more.append(f"{row.latency_ms:.0f} ms")
     return _comment(exchange.decision(), summary, more)
+
+
+def _edit(headers: http.Headers, remove: Iterable[str], sets: Mapping[str, str]) -> None:
+    """Drop the headers named in `remove` and those `sets` replaces, then add `sets`: in
+    one pass over the fields (mitmproxy's own lookups by name walk them all for each name,
+    and a dict() of them walks them once for each)."""
+    gone = {name.lower().encode() for name in (*remove, *sets)}
+    kept = tuple(f for f in headers.fields if f[0].lower() not in gone) if gone else \
+        headers.fields
+    headers.fields = kept + tuple((always_bytes(name, "utf-8", "surrogateescape"),
+                                   always_bytes(value, "utf-8", "surrogateescape"))
+                                  for name, value in sets.items())
 
 
 def _show_served_address(flow: http.HTTPFlow, exchange: Exchange) -> None:
@@ -226,6 +240,15 @@ def _provider_failed(self, event):
 mitm_http_layer.HttpStream.handle_protocol_error = _provider_failed
 
 
+_CREDENTIALS = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
+
+
+def _credentials_in(headers: http.Headers) -> list[str]:
+    """The credential headers present, by their lower-case names: one pass over the
+    headers (a lookup by name each would walk them once per name)."""
+    return [name.decode() for name in {n.lower() for n, _ in headers.fields} & _CREDENTIALS]
+
+
 class CredentialMask:
     """Keeps credentials out of what mitmproxy shows and saves (mitmweb, `-w` files).
 
@@ -240,7 +263,7 @@ class CredentialMask:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         headers = flow.request.headers
-        kept = {name: headers[name] for name in CREDENTIAL_HEADERS if name in headers}
+        kept = {name: headers[name] for name in _credentials_in(headers)}
         if kept:
             self._vault[flow] = kept
             self._mask(flow)
@@ -252,9 +275,9 @@ class CredentialMask:
 
     @staticmethod
     def _mask(flow: http.HTTPFlow) -> None:
-        for name in CREDENTIAL_HEADERS:
-            if name in flow.request.headers:
-                flow.request.headers[name] = mask(flow.request.headers[name])
+        headers = flow.request.headers
+        for name in _credentials_in(headers):
+            headers[name] = mask(headers[name])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._mask(flow)
@@ -557,13 +580,11 @@ class TollgateAddon:
         req.scheme, req.host, req.port = attempt.scheme, attempt.host, attempt.port
         req.path = attempt.path
         req.host_header = attempt.authority
-        for name in attempt.remove_headers:
-            req.headers.pop(name, None)
-        for name, value in attempt.set_headers.items():
-            req.headers[name] = value
+        sets = attempt.set_headers
         if attempt.body is not None:
             req.raw_content = attempt.body
-            req.headers["content-length"] = str(len(attempt.body))
+            sets = {**sets, "content-length": str(len(attempt.body))}
+        _edit(req.headers, attempt.remove_headers, sets)
         _EXCHANGES[flow] = fwd.exchange
         flow.comment = _comment(fwd.exchange.decision())
 
@@ -572,11 +593,9 @@ class TollgateAddon:
         if exchange is None or flow.response is None or exchange.settlement.finished:
             return  # (finished: no provider answered a fallback plan; its failure is sent)
         resp = flow.response
-        for name in header_rules.downstream_removals(resp.headers):
-            resp.headers.pop(name, None)
-        for name, value in exchange.on_response_headers(resp.status_code,
-                                                        dict(resp.headers)).items():
-            resp.headers[name] = value
+        _edit(resp.headers, header_rules.downstream_removals(resp.headers), {})
+        _edit(resp.headers, (), exchange.on_response_headers(
+            resp.status_code, lower_headers(resp.headers.items(multi=True))))
         if exchange.is_sse or _large(resp) or exchange.rewriter is None:
             # Stream through the tap: bytes go to the client as they arrive, and the answer
             # is settled after the client has it. Only a JSON answer the gateway rewrites
