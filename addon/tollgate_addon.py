@@ -489,6 +489,22 @@ class FallbackRelay:
             await self._client.aclose()
 
 
+class StreamingNotice(logging.Filter):
+    """Drops mitmproxy's "Streaming response from <host>." line: the gateway streams every
+    answer it forwards through its meter, so the line would follow every request without
+    saying anything the user chose (and costs its formatting and write each time)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str)
+                    and record.msg.startswith("Streaming response from "))
+
+
+def _quiet_streaming_notices() -> None:
+    server_log = logging.getLogger("mitmproxy.proxy.server")
+    if not any(type(f).__name__ == "StreamingNotice" for f in server_log.filters):
+        server_log.addFilter(StreamingNotice())  # once, though the script may be reloaded
+
+
 class TollgateAddon:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
@@ -505,6 +521,7 @@ class TollgateAddon:
         chain[:] = [a for a in chain if type(a).__name__ != "CredentialMask"]
         chain.insert(0, self.credentials)
         _mask_web_view()
+        _quiet_streaming_notices()
         loader.add_option("tollgate_config", str, "",
                           "Path to the tollgate gateway.yaml (default: $TOLLGATE_CONFIG, "
                           "then config/gateway.yaml).")
@@ -596,11 +613,12 @@ class TollgateAddon:
         _edit(resp.headers, header_rules.downstream_removals(resp.headers), {})
         _edit(resp.headers, (), exchange.on_response_headers(
             resp.status_code, lower_headers(resp.headers.items(multi=True))))
-        if exchange.is_sse or _large(resp) or exchange.rewriter is None:
+        large = _large(resp)
+        if exchange.is_sse or large or exchange.rewriter is None:
             # Stream through the tap: bytes go to the client as they arrive, and the answer
             # is settled after the client has it. Only a JSON answer the gateway rewrites
             # whole is held (it may still become an error).
-            kept = None if exchange.is_sse or _large(resp) else bytearray()
+            kept = None if exchange.is_sse or large else bytearray()
 
             def relay(data: bytes) -> list[bytes]:
                 out = exchange.relay(data)

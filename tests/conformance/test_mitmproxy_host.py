@@ -44,10 +44,18 @@ def test_addon_loads_in_plain_mitmdump(config, tmp_path, fake_openai):
         assert r.status_code == 200
         assert r.headers["x-langwatch-provider"] == "mp_openai"
         assert fake_openai.requests[-1].headers["authorization"].endswith("provider-key")
+        streamed = httpx.post(url, json={**body, "stream": True},
+                              headers={"authorization": f"Bearer {secret}"})
+        assert streamed.status_code == 200 and "data: [DONE]" in streamed.text
     finally:
         proc.terminate()
         proc.wait(10)
         log.close()
+    # mitmproxy's own lines stay, less its notice that a response streams, which the
+    # gateway's meter makes true of every one.
+    shown = (tmp_path / "mitmdump.log").read_text()
+    assert shown.count("POST http://") == 2 and "client connect" in shown
+    assert "Streaming response from" not in shown
 
 
 def test_mitmweb_shows_each_decision(config, tmp_path, fake_openai):
