@@ -2,7 +2,7 @@
 cannot move. CPU time per request drifts by 15-25% between runs on such a machine, so a
 change of a few percent hides in it; instruction counts repeat within 1%.
 
-    python -m bench.instructions [--requests 300] [--parts envoy,decider,served]
+    python -m bench.instructions [--requests 300] [--parts envoy,decider,served,mitmproxy]
 
 - `plain envoy`: an Envoy of one route to the provider, for scale;
 - `tollgate envoy`: tollgate's own rendered Envoy configuration in front of the same
@@ -13,7 +13,11 @@ change of a few percent hides in it; instruction counts repeat within 1%.
   `redis-server` is installed, else SQLite), in-process, 32 requests in flight;
 - `served decisions`: the same as `tollgate serve envoy` runs it behind its Envoy, one
   request at a time: with its two HTTP exchanges per request with Envoy (the decision and
-  the meter's post) and without the batching that requests in flight together share.
+  the meter's post) and without the batching that requests in flight together share;
+- `mitmdump`: mitmdump as a reverse proxy to the provider, bodies streamed, for scale;
+- `tollgate mitmproxy`: `tollgate serve mitmproxy` (one process: mitmproxy and the addon,
+  deciding, metering and settling on SQLite state), one request at a time; quiet (`-q`),
+  as `mitmdump` is.
 
 Each is counted after a warm-up, over `--requests` requests (the provider is an Envoy
 answering by itself, outside the count). Callgrind slows what it runs some fifty times: a
@@ -42,7 +46,7 @@ from typing import Any
 import httpx
 
 from bench.latency import BODY, PROVIDER_KEY, _Url
-from bench.quick import governed
+from bench.quick import QUIET, governed
 from bench.scaling import compiled_provider, plain_envoy
 from bench.transport import bare_service
 from extproc import eventloop
@@ -89,22 +93,28 @@ def _warm_then_count(pid: int, out: Path, url: str, headers: dict[str, str], n: 
     return _counted(pid, out, lambda: _posts(url, headers, n)) / n
 
 
-def _envoy_counted(proc: subprocess.Popen[bytes], out: Path, url: str,
+def _proxy_counted(proc: subprocess.Popen[bytes], out: Path, url: str,
                    headers: dict[str, str], n: int) -> float:
+    """A proxy started under callgrind: counted once it answers."""
     try:
-        wait_until(lambda: httpx.post(url, content=BODY, headers=headers,
-                                      timeout=30).status_code == 200,
-                   timeout=300, what="Envoy under callgrind")
+        wait_until(lambda: _answers(url, headers), timeout=300, what="the proxy under callgrind")
         return _warm_then_count(proc.pid, out, url, headers, n)
     finally:
         proc.terminate()
         proc.wait(60)
 
 
+def _answers(url: str, headers: dict[str, str]) -> bool:
+    try:
+        return httpx.post(url, content=BODY, headers=headers, timeout=30).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def plain(workdir: Path, provider_url: str, n: int) -> float:
     out = workdir / "plain.callgrind"
     proc, url = plain_envoy(workdir, provider_url, wrap=_callgrind(out))
-    return _envoy_counted(proc, out, f"{url}/v1/chat/completions",
+    return _proxy_counted(proc, out, f"{url}/v1/chat/completions",
                           {"content-type": "application/json"}, n)
 
 
@@ -169,7 +179,7 @@ def tollgate_envoy(workdir: Path, provider_url: str, n: int) -> float:
                                  "--disable-hot-restart", "--log-level", "error",
                                  "--base-id", str(free_port())],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return _envoy_counted(proc, out, f"http://127.0.0.1:{port}/v1/chat/completions",
+        return _proxy_counted(proc, out, f"http://127.0.0.1:{port}/v1/chat/completions",
                               {"content-type": "application/json",
                                "authorization": f"Bearer {secret}"}, n)
     finally:
@@ -264,15 +274,41 @@ def served(workdir: Path, provider_url: str, n: int) -> float:
             gw.stop(timeout=120)
 
 
+def mitmdump(workdir: Path, provider_url: str, n: int) -> float:
+    out = workdir / "mitmdump.callgrind"
+    port = free_port()
+    proc = subprocess.Popen(
+        [*_callgrind(out), sys.executable, str(Path(sys.executable).with_name("mitmdump")),
+         "-q", "--mode", f"reverse:{provider_url}", "--listen-host", "127.0.0.1",
+         "--listen-port", str(port), "--set", "stream_large_bodies=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _proxy_counted(proc, out, f"http://127.0.0.1:{port}/v1/chat/completions",
+                          {"content-type": "application/json",
+                           "authorization": f"Bearer {PROVIDER_KEY}"}, n)
+
+
+def tollgate_mitmproxy(workdir: Path, provider_url: str, n: int) -> float:
+    """The mitmproxy host as a developer runs it: SQLite state beside the config."""
+    config, secret = _setup(workdir, provider_url, None)
+    out = workdir / "mitmproxy.callgrind"
+    gw = GatewayProcess("mitmproxy", config, workdir, wrap=_callgrind(out),
+                        extra=QUIET["mitmproxy"]).start(timeout=600)
+    try:
+        headers = {"content-type": "application/json", "authorization": f"Bearer {secret}"}
+        return _warm_then_count(gw.proc.pid, out, f"{gw.url}/v1/chat/completions", headers, n)
+    finally:
+        gw.stop(timeout=120)
+
+
 PARTS = {"envoy": ("plain envoy", "tollgate envoy"), "decider": ("decision service",),
-         "served": ("served decisions",)}
+         "served": ("served decisions",), "mitmproxy": ("mitmdump", "tollgate mitmproxy")}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--parts", default="envoy,decider,served")
+    parser.add_argument("--parts", default="envoy,decider,served,mitmproxy")
     parser.add_argument("--update-baseline", action="store_true")
     parser.add_argument("--serve", nargs=3, metavar=("CONFIG", "SECRET", "N"),
                         help=argparse.SUPPRESS)
@@ -290,7 +326,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-instructions-"))
     provider, provider_url = compiled_provider(workdir)
     measure = {"plain envoy": plain, "tollgate envoy": tollgate_envoy,
-               "decision service": decision_service, "served decisions": served}
+               "decision service": decision_service, "served decisions": served,
+               "mitmdump": mitmdump, "tollgate mitmproxy": tollgate_mitmproxy}
     rows: dict[str, float] = {}
     try:
         for part in args.parts.split(","):
@@ -306,8 +343,9 @@ def main() -> int:
     print("-" * 48)
     for name, count in rows.items():
         print(f"{name:20}{count:14,.0f}{baseline.get(name, 0):14,.0f}")
-    if "plain envoy" in rows and "tollgate envoy" in rows:
-        print(f"\ntollgate envoy / plain envoy: {rows['tollgate envoy'] / rows['plain envoy']:.2f}")
+    for plain_name, ours in (("plain envoy", "tollgate envoy"), ("mitmdump", "tollgate mitmproxy")):
+        if plain_name in rows and ours in rows:
+            print(f"\n{ours} / {plain_name}: {rows[ours] / rows[plain_name]:.2f}")
     if args.update_baseline:
         BASELINE.write_text(json.dumps({**baseline, **{k: round(v) for k, v in rows.items()}},
                                        indent=2) + "\n")

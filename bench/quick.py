@@ -105,6 +105,11 @@ def plain_envoy(workdir: Path, upstream: int) -> tuple[subprocess.Popen[bytes], 
     return proc, url
 
 
+# mitmdump is measured quiet (-q: no flow lines, its log at errors only); so is the
+# mitmproxy host, whose lines would otherwise be counted as the gateway's cost.
+QUIET = {"mitmproxy": ["--", "-q"]}
+
+
 def plain_mitmdump(upstream: int) -> tuple[subprocess.Popen[bytes], str]:
     """mitmdump as a reverse proxy with streamed bodies, no addon."""
     port = free_port()
@@ -307,7 +312,7 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         for host in args.hosts.split(","):
             for who, env in measured:
                 state = own_state(config, host if env is None else f"{host}-{who}")
-                gw = GatewayProcess(host, state, workdir, env=env)
+                gw = GatewayProcess(host, state, workdir, env=env, extra=QUIET.get(host))
                 gateways.append(gw)  # stopped at the end, started or not
                 try:
                     gw.start()
