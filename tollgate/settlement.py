@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -98,7 +99,10 @@ class Settlement:
 
     def __init__(self, exchange: Exchange, settle: Callable[[Exchange, LedgerRow], None]
                  ) -> None:
-        self._ex = exchange
+        # Held weakly: the exchange owns its settlement, and a cycle between them would
+        # leave every finished request's objects to the cyclic collector instead of freeing
+        # them as soon as the request is done with.
+        self._exchange = weakref.ref(exchange)
         self._settle = settle
         self.finished = False
         self.error: str | None = None  # why it ended badly, once finished
@@ -108,6 +112,12 @@ class Settlement:
         self.replaced_status: int | None = None
         self.stream_error: str | None = None  # the gateway ended the stream itself
         self.row: LedgerRow | None = None  # its ledger row, once finished
+
+    @property
+    def _ex(self) -> Exchange:
+        exchange = self._exchange()
+        assert exchange is not None, "a settlement outlived its exchange"
+        return exchange
 
     def usage(self, sent: bool = True) -> usage_of.Usage:
         """What the request used, from the provider's own numbers where it gave them. A

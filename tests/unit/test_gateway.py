@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import weakref
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -277,6 +279,32 @@ async def test_a_request_is_settled_after_the_host_call_that_ends_it_even_with_e
     rows = await SQLiteStore(gw.holder.path.parent / ".tollgate" / "state.db",
                              owner=False).rows()
     assert [(r.input_tokens, r.output_tokens, r.outcome) for r in rows] == [(3, 2, "completed")]
+
+
+async def test_a_settled_request_is_freed_without_the_cyclic_collector(setup):
+    """Nothing of a request outlives it in a reference cycle: its objects go as soon as
+    the hosts and the settlement let go of them, not at the collector's next pass (which
+    would then scan every request's leftovers, on the event loop)."""
+    key, gateway = setup
+    secret = key()
+    gw = gateway()
+    gc.disable()
+    try:
+        forward = await gw.handle(request("/v1/chat/completions", CHAT, secret))
+        exchange = weakref.ref(forward.exchange)
+        trace = weakref.ref(forward.exchange.trace)
+        forward.exchange.on_response_headers(200, {"content-type": "application/json"})
+        forward.exchange.on_chunk(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 2}}')
+        forward.exchange.finish("completed")
+        row = forward.exchange.settlement.row
+        await gw.drain()
+        del forward
+        await asyncio.sleep(0)
+        assert exchange() is None and trace() is None
+        assert row is not None and row.output_tokens == 2  # what it came to, kept
+    finally:
+        gc.enable()
+        await gw.close()
 
 
 async def test_a_retrying_host_starts_attempts_by_provider(setup, config_dir):
