@@ -41,11 +41,12 @@ class Derived:
         """`routing.targets`, kept unless the key's routing policy orders its providers
         at random (weighted)."""
         cfg = self.loaded.config
-        if routing.weighted(cfg, key):
-            return routing.targets(cfg, key, route, model, catalog=self.loaded.catalog,
-                                   skipped=skipped)
         plan = self._targets.get((key.id, route.name, model))
         if plan is None:
+            policy = routing.policy_of(cfg, key)
+            if policy is not None and policy.strategy == "weighted":  # never kept
+                return routing.targets(cfg, key, route, model, catalog=self.loaded.catalog,
+                                       skipped=skipped)
             left_out: list[str] = []
             plan = (routing.targets(cfg, key, route, model, catalog=self.loaded.catalog,
                                     skipped=left_out), left_out)

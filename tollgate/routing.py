@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from tollgate.catalog import ModelCatalog
-from tollgate.config.schema import Config, ModelProvider, RoutingTarget, VirtualKey
+from tollgate.config.schema import (
+    Config,
+    ModelProvider,
+    RoutingPolicy,
+    RoutingTarget,
+    VirtualKey,
+)
 from tollgate.errors import GatewayError
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt
@@ -55,10 +61,9 @@ def policy_model(target: RoutingTarget, provider: ModelProvider, model: str,
     return catalog.equivalent(model, adapter_for(provider).vendor) or model
 
 
-def weighted(cfg: Config, key: VirtualKey) -> bool:
-    """Whether the key's routing policy orders its providers at random, by weight."""
-    return any(rp.id == key.routing_policy and rp.strategy == "weighted"
-               for rp in cfg.routing_policies)
+def policy_of(cfg: Config, key: VirtualKey) -> RoutingPolicy | None:
+    """The key's routing policy, if it has one."""
+    return next((rp for rp in cfg.routing_policies if rp.id == key.routing_policy), None)
 
 
 def targets(cfg: Config, key: VirtualKey, route: Route, model: str,
@@ -72,7 +77,7 @@ def targets(cfg: Config, key: VirtualKey, route: Route, model: str,
     scopes = visible_scopes(cfg, key.scope)
     providers = {p.id: p for p in cfg.model_providers}
     ordered: list[Target] = []
-    policy = next((rp for rp in cfg.routing_policies if rp.id == key.routing_policy), None)
+    policy = policy_of(cfg, key)
     if policy is not None:
         chosen = policy.targets()
         if policy.strategy == "weighted":
