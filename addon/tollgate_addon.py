@@ -263,11 +263,9 @@ class CredentialMask:
             weakref.WeakKeyDictionary()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        headers = flow.request.headers
-        kept = {name: headers[name] for name in _credentials_in(headers)}
+        kept = self._mask(flow)
         if kept:
             self._vault[flow] = kept
-            self._mask(flow)
 
     def client_headers(self, flow: http.HTTPFlow) -> dict[str, str]:
         """The request's headers as the client sent them (credentials unmasked)."""
@@ -275,10 +273,13 @@ class CredentialMask:
         return {**headers, **self._vault.pop(flow, {})}
 
     @staticmethod
-    def _mask(flow: http.HTTPFlow) -> None:
+    def _mask(flow: http.HTTPFlow) -> dict[str, str]:
+        """Mask the request's credentials; returns them as they were."""
         headers = flow.request.headers
-        for name in _credentials_in(headers):
-            headers[name] = mask(headers[name])
+        found = {name: headers[name] for name in _credentials_in(headers)}
+        for name, value in found.items():
+            headers[name] = mask(value)
+        return found
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._mask(flow)
@@ -614,9 +615,9 @@ class TollgateAddon:
         if exchange is None or flow.response is None or exchange.settlement.finished:
             return  # (finished: no provider answered a fallback plan; its failure is sent)
         resp = flow.response
-        _edit(resp.headers, header_rules.downstream_removals(resp.headers), {})
-        _edit(resp.headers, (), exchange.on_response_headers(
-            resp.status_code, lower_headers(resp.headers.items(multi=True))))
+        _edit(resp.headers, header_rules.downstream_removals(resp.headers),
+              exchange.on_response_headers(resp.status_code,
+                                           lower_headers(resp.headers.items(multi=True))))
         large = _large(resp)
         if exchange.is_sse or large or exchange.rewriter is None:
             # Stream through the tap: bytes go to the client as they arrive, and the answer
