@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-transport bench-reload bench-instructions soak bootstrap k8s-examples
+.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-transport bench-reload bench-breakdown bench-instructions soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -55,6 +55,11 @@ bench-transport: bootstrap
 # bench/instructions.json.
 bench-instructions: bootstrap
 	$(VENV)/python -m bench.instructions
+
+# Where the Envoy host's added time goes, stage by stage (Envoy's access log), beside plain
+# Envoy's, and the decision service's own time.
+bench-breakdown: bootstrap
+	$(VENV)/python -m bench.breakdown
 
 # What config reloads (a config of a few hundred keys, changed twice a second) cost requests.
 bench-reload: bootstrap

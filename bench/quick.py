@@ -70,8 +70,10 @@ TICKS = os.sysconf("SC_CLK_TCK")
 STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}).encode()
 
 
-def plain_envoy(workdir: Path, upstream: int) -> tuple[subprocess.Popen[bytes], str]:
-    """Envoy with one static route to the provider: what a sidecar costs with no decisions."""
+def plain_envoy(workdir: Path, upstream: int, access_log: dict[str, object] | None = None
+                ) -> tuple[subprocess.Popen[bytes], str]:
+    """Envoy with one static route to the provider: what a sidecar costs with no decisions
+    (`access_log`: one for its listener, as bench.breakdown's)."""
     port, admin = free_port(), free_port()
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -84,6 +86,7 @@ def plain_envoy(workdir: Path, upstream: int) -> tuple[subprocess.Popen[bytes], 
                         "@type": "type.googleapis.com/envoy.extensions.filters.network."
                                  "http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "plain",
+                        "access_log": [access_log] if access_log else [],
                         "route_config": {"virtual_hosts": [{
                             "name": "all", "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"},

@@ -1,0 +1,196 @@
+"""Where the Envoy host's added time goes, stage by stage, as Envoy itself times them.
+
+    python -m bench.breakdown [--requests 400]
+
+The same chat completion is sent sequentially, round-robin, to the provider directly, to plain
+Envoy (one route to it) and to tollgate's Envoy host on the governed profile (SQLite state):
+an Envoy of `tollgate envoy render` and `tollgate serve extproc`. Both Envoys keep an access
+log of their streams' timestamps (`%COMMON_DURATION%`), from which each stage's p50:
+
+- `request in`: the client's request received (DS_RX_BEG to DS_RX_END);
+- `to provider`: from the request's first byte to its first byte upstream (DS_RX_BEG to
+  US_TX_BEG). Plain Envoy routes on the head and streams the body on; tollgate's decide
+  filter takes the whole body, then the decision service's round trip and the Lua around it;
+- `provider`: the provider's time, as Envoy sees it (US_TX_BEG to US_RX_END);
+- `response head`: the provider's response head through the filters (US_RX_BEG to
+  DS_TX_BEG), tollgate's meter among them;
+- `response end`: the last byte from the provider to the last to the client (US_RX_END to
+  DS_TX_END);
+- `in Envoy`: the stream's whole time in Envoy (DS_RX_BEG to DS_TX_END).
+
+Then the decision service's own time per request, the mean of its
+`tollgate_gateway_overhead_seconds` (the decision, and its metering of the response, which
+runs after the response has gone on): what `to provider` spends beyond it is the transport
+between Envoy and the decision service and the decide filter's Lua. The client's p50 for each
+path says how much of what the host adds these stages account for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from bench.latency import BODY, PROVIDER_KEY, _Url, bench_setup, own_state
+from bench.quick import _answers, governed, plain_envoy
+from extproc.runner import envoy_binary
+from tests.conftest import make_config
+from tests.harness import BIN, free_port, wait_until
+
+POINTS = {  # stage -> (from, to), Envoy's stream timestamps
+    "request in": ("DS_RX_BEG", "DS_RX_END"),
+    "to provider": ("DS_RX_BEG", "US_TX_BEG"),
+    "provider": ("US_TX_BEG", "US_RX_END"),
+    "response head": ("US_RX_BEG", "DS_TX_BEG"),
+    "response end": ("US_RX_END", "DS_TX_END"),
+    "in Envoy": ("DS_RX_BEG", "DS_TX_END"),
+}
+OVERHEAD = re.compile(r'^tollgate_gateway_overhead_seconds_(sum|count)\{route="chat_completions"\}'
+                      r" ([0-9.e+-]+)$", re.M)
+
+
+def access_log(path: Path) -> dict[str, object]:
+    """A file access log of the stages' durations (µs), one space-separated line a stream."""
+    fields = " ".join(f"%COMMON_DURATION({a}:{b}:us)%" for a, b in POINTS.values())
+    return {"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": str(path), "log_format": {"text_format_source": {"inline_string":
+                                                                 fields + "\n"}}}}
+
+
+def with_access_log(bootstrap: dict[str, object], log: Path) -> dict[str, object]:
+    """`bootstrap` with the stage log added to its listener's HTTP connection manager."""
+    listeners = bootstrap["static_resources"]["listeners"]  # type: ignore[index]
+    for listener in listeners:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                if f["name"] == "envoy.filters.network.http_connection_manager":
+                    f["typed_config"].setdefault("access_log", []).append(access_log(log))
+    return bootstrap
+
+
+def stages(log: Path, skip: int) -> dict[str, float]:
+    """Each stage's p50 (ms) over the log's lines after the first `skip` (the warm-up)."""
+    rows = [line.split() for line in log.read_text().splitlines() if line.strip()][skip:]
+    out = {}
+    for i, name in enumerate(POINTS):
+        values = [int(r[i]) for r in rows if r[i] != "-"]
+        out[name] = statistics.median(values) / 1000 if values else float("nan")
+    return out
+
+
+def overhead(admin: str) -> tuple[float, float]:
+    """The decision service's overhead histogram: (sum of seconds, count)."""
+    found = dict(OVERHEAD.findall(httpx.get(f"{admin}/metrics", timeout=5).text))
+    return float(found.get("sum", 0)), float(found.get("count", 0))
+
+
+def tollgate_envoy(config: Path, workdir: Path) -> tuple[list[subprocess.Popen[bytes]],
+                                                          str, str, Path]:
+    """`serve extproc` and an Envoy of `envoy render`, with the stage log: the processes,
+    the listener's URL, ext_proc's admin URL and the log."""
+    port, envoy_admin, admin = free_port(), f"127.0.0.1:{free_port()}", free_port()
+    sock = f"unix:{workdir}/extproc.sock"
+    rendered = subprocess.run(
+        [str(BIN / "tollgate"), "--config", str(config), "envoy", "render", "--listen",
+         f"127.0.0.1:{port}", "--extproc", sock, "--envoy-admin", envoy_admin],
+        capture_output=True, text=True, check=True).stdout
+    log = workdir / "tollgate-stages.log"
+    bootstrap = workdir / "tollgate-envoy.json"
+    bootstrap.write_text(json.dumps(with_access_log(yaml.safe_load(rendered), log)))
+    extproc = subprocess.Popen(
+        [str(BIN / "tollgate"), "--config", str(config), "serve", "extproc", "--listen", sock,
+         "--admin", f"127.0.0.1:{admin}", "--envoy-admin", envoy_admin],
+        stdout=subprocess.DEVNULL, stderr=open(workdir / "extproc.log", "wb"))  # noqa: SIM115
+    envoy = subprocess.Popen([envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
+                              "--log-level", "error", "--base-id", str(free_port())],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _answers(url), timeout=30, what="tollgate's Envoy host")
+    return [envoy, extproc], url, f"http://127.0.0.1:{admin}", log
+
+
+async def sequential(paths: dict[str, tuple[str, dict[str, str]]], n: int, warm: int
+                     ) -> dict[str, list[float]]:
+    """`warm` then `n` requests per path, round-robin: the measured ones' times (ms)."""
+    out: dict[str, list[float]] = {name: [] for name in paths}
+    async with httpx.AsyncClient(timeout=30) as client:
+        for i in range(warm + n):
+            for name, (url, headers) in paths.items():
+                t0 = time.perf_counter()
+                r = await client.post(f"{url}/v1/chat/completions", content=BODY,
+                                      headers=headers)
+                assert r.status_code == 200, f"{name}: {r.status_code} {r.text[:200]}"
+                if i >= warm:
+                    out[name].append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=400)
+    args = parser.parse_args()
+    warm = 20
+    workdir, fake_port, fake = bench_setup("tollgate-bench-breakdown-")
+    procs: list[subprocess.Popen[bytes]] = [fake]
+    direct = f"http://127.0.0.1:{fake_port}"
+    try:
+        plain_log = workdir / "plain-stages.log"
+        plain, plain_url = plain_envoy(workdir, fake_port, access_log=access_log(plain_log))
+        procs.append(plain)
+        config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
+        secret = governed(config)
+        started, url, admin, log = tollgate_envoy(own_state(config, "breakdown"), workdir)
+        procs += started
+        provider = {"authorization": f"Bearer {PROVIDER_KEY}", "content-type":
+                    "application/json"}
+        paths = {"direct": (direct, provider), "plain envoy": (plain_url, provider),
+                 "tollgate envoy": (url, {"authorization": f"Bearer {secret}",
+                                          "content-type": "application/json"})}
+        asyncio.run(sequential(paths, 0, warm))
+        spent0, count0 = overhead(admin)
+        times = asyncio.run(sequential(paths, args.requests, 0))
+        time.sleep(0.5)  # the last settlements
+        spent1, count1 = overhead(admin)
+    finally:
+        for proc in reversed(procs):  # Envoy writes out its access log as it stops
+            proc.terminate()
+            proc.wait(10)
+    # The readiness probes and the warm-up are the first lines of each log.
+    plain_stages = stages(plain_log, len(plain_log.read_text().splitlines()) - args.requests)
+    tollgate_stages = stages(log, len(log.read_text().splitlines()) - args.requests)
+
+    base = statistics.median(times["direct"])
+    print(f"\n{args.requests} sequential requests per path, round-robin; ms (p50)\n")
+    header = f"{'client':<16} {'p50':>7} {'+p50':>7}"
+    print(f"{header}\n{'-' * len(header)}")
+    for name, values in times.items():
+        p50 = statistics.median(values)
+        print(f"{name:<16} {p50:>7.3f} {p50 - base:>+7.3f}")
+    header = f"{'Envoy stage':<16} {'plain':>7} {'tollgate':>9} {'added':>7}"
+    print(f"\n{header}\n{'-' * len(header)}")
+    for name in POINTS:
+        a, b = plain_stages[name], tollgate_stages[name]
+        print(f"{name:<16} {a:>7.3f} {b:>9.3f} {b - a:>+7.3f}")
+    if count1 > count0:
+        own = (spent1 - spent0) / (count1 - count0) * 1000
+        beyond = tollgate_stages["to provider"] - plain_stages["to provider"] - own
+        print(f"\ndecision service's own time per request (mean, its decision and its "
+              f"metering of the response): {own:.3f} ms\n`to provider` adds {beyond:.3f} ms "
+              "more: the round trip to the decision service and the decide filter's Lua (at "
+              "least that much: the mean holds the metering too)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

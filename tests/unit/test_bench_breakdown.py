@@ -1,0 +1,42 @@
+"""bench.breakdown: its stage log goes into tollgate's rendered bootstrap as Envoy accepts it,
+and each stage's p50 is read from the lines after the warm-up."""
+
+import math
+import subprocess
+
+import yaml
+
+from bench.breakdown import POINTS, stages, with_access_log
+from bench.latency import _Url
+from extproc.runner import envoy_binary
+from tests.conftest import make_config
+from tests.harness import free_port, tollgate
+
+
+def test_the_stage_log_joins_the_rendered_listener_and_envoy_accepts_it(tmp_path):
+    config = make_config(tmp_path, _Url("http://127.0.0.1:9"), _Url("http://127.0.0.1:9"))
+    rendered = tollgate("envoy", "render", "--listen", f"127.0.0.1:{free_port()}",
+                        config=config).stdout
+    log = tmp_path / "stages.log"
+    bootstrap = with_access_log(yaml.safe_load(rendered), log)
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    logs = hcm["typed_config"]["access_log"]
+    assert logs[-1]["typed_config"]["path"] == str(log)
+    assert len(logs) > 1  # tollgate's own access logs are kept
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_each_stage_is_the_median_after_the_warm_up_in_ms(tmp_path):
+    log = tmp_path / "stages.log"
+    warm = " ".join(["999999"] * len(POINTS))
+    lines = [warm, warm, "100 - 300 40 5 900", "300 - 500 60 7 1100", "200 - 400 50 6 1000"]
+    log.write_text("\n".join(lines) + "\n")
+    found = stages(log, skip=2)
+    assert found["request in"] == 0.2
+    assert found["provider"] == 0.4
+    assert found["in Envoy"] == 1.0
+    assert math.isnan(found["to provider"])  # Envoy had no such span for any of them
