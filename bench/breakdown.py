@@ -94,10 +94,11 @@ def overhead(admin: str) -> tuple[float, float]:
     return float(found.get("sum", 0)), float(found.get("count", 0))
 
 
-def tollgate_envoy(config: Path, workdir: Path) -> tuple[list[subprocess.Popen[bytes]],
-                                                          str, str, Path]:
-    """`serve extproc` and an Envoy of `envoy render`, with the stage log: the processes,
-    the listener's URL, ext_proc's admin URL and the log."""
+def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[bytes]]
+                   ) -> tuple[str, str, Path]:
+    """`serve extproc` and an Envoy of `envoy render`, with the stage log, added to `procs`
+    as they start (stopped by the caller, started or not): the listener's URL, ext_proc's
+    admin URL and the log."""
     port, envoy_admin, admin = free_port(), f"127.0.0.1:{free_port()}", free_port()
     sock = f"unix:{workdir}/extproc.sock"
     rendered = subprocess.run(
@@ -107,16 +108,18 @@ def tollgate_envoy(config: Path, workdir: Path) -> tuple[list[subprocess.Popen[b
     log = workdir / "tollgate-stages.log"
     bootstrap = workdir / "tollgate-envoy.json"
     bootstrap.write_text(json.dumps(with_access_log(yaml.safe_load(rendered), log)))
-    extproc = subprocess.Popen(
-        [str(BIN / "tollgate"), "--config", str(config), "serve", "extproc", "--listen", sock,
-         "--admin", f"127.0.0.1:{admin}", "--envoy-admin", envoy_admin],
-        stdout=subprocess.DEVNULL, stderr=open(workdir / "extproc.log", "wb"))  # noqa: SIM115
-    envoy = subprocess.Popen([envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
-                              "--log-level", "error", "--base-id", str(free_port())],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(workdir / "extproc.log", "wb") as extproc_log:  # the child has its own copy
+        procs.append(subprocess.Popen(
+            [str(BIN / "tollgate"), "--config", str(config), "serve", "extproc", "--listen",
+             sock, "--admin", f"127.0.0.1:{admin}", "--envoy-admin", envoy_admin],
+            stdout=subprocess.DEVNULL, stderr=extproc_log))
+    procs.append(subprocess.Popen([envoy_binary(), "-c", str(bootstrap),
+                                   "--disable-hot-restart", "--log-level", "error",
+                                   "--base-id", str(free_port())],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _answers(url), timeout=30, what="tollgate's Envoy host")
-    return [envoy, extproc], url, f"http://127.0.0.1:{admin}", log
+    return url, f"http://127.0.0.1:{admin}", log
 
 
 async def sequential(paths: dict[str, tuple[str, dict[str, str]]], n: int, warm: int
@@ -150,8 +153,7 @@ def main() -> int:
         procs.append(plain)
         config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
         secret = governed(config)
-        started, url, admin, log = tollgate_envoy(own_state(config, "breakdown"), workdir)
-        procs += started
+        url, admin, log = tollgate_envoy(own_state(config, "breakdown"), workdir, procs)
         provider = {"authorization": f"Bearer {PROVIDER_KEY}", "content-type":
                     "application/json"}
         paths = {"direct": (direct, provider), "plain envoy": (plain_url, provider),
