@@ -46,7 +46,7 @@ from typing import Any
 import httpx
 
 from bench.latency import BODY, PROVIDER_KEY, _Url
-from bench.quick import QUIET, governed
+from bench.quick import QUIET, governed, mitmdump_command
 from bench.scaling import compiled_provider, plain_envoy
 from bench.transport import bare_service
 from extproc import eventloop
@@ -277,11 +277,9 @@ def served(workdir: Path, provider_url: str, n: int) -> float:
 def mitmdump(workdir: Path, provider_url: str, n: int) -> float:
     out = workdir / "mitmdump.callgrind"
     port = free_port()
-    proc = subprocess.Popen(
-        [*_callgrind(out), sys.executable, str(Path(sys.executable).with_name("mitmdump")),
-         "-q", "--mode", f"reverse:{provider_url}", "--listen-host", "127.0.0.1",
-         "--listen-port", str(port), "--set", "stream_large_bodies=1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*_callgrind(out), sys.executable,
+                             *mitmdump_command(provider_url, port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return _proxy_counted(proc, out, f"http://127.0.0.1:{port}/v1/chat/completions",
                           {"content-type": "application/json",
                            "authorization": f"Bearer {PROVIDER_KEY}"}, n)

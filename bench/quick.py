@@ -113,14 +113,18 @@ def plain_envoy(workdir: Path, upstream: int, access_log: dict[str, object] | No
 QUIET = {"mitmproxy": ["--", "-q"]}
 
 
+def mitmdump_command(upstream_url: str, port: int) -> list[str]:
+    """The reference mitmdump: a quiet reverse proxy to `upstream_url` with streamed bodies,
+    no addon (bench.instructions counts the same one)."""
+    return [str(Path(sys.executable).with_name("mitmdump")), "-q", "--mode",
+            f"reverse:{upstream_url}", "--listen-host", "127.0.0.1", "--listen-port",
+            str(port), "--set", "stream_large_bodies=1"]
+
+
 def plain_mitmdump(upstream: int) -> tuple[subprocess.Popen[bytes], str]:
     """mitmdump as a reverse proxy with streamed bodies, no addon."""
     port = free_port()
-    mitmdump = Path(sys.executable).with_name("mitmdump")
-    proc = subprocess.Popen([str(mitmdump), "-q", "--mode",
-                             f"reverse:http://127.0.0.1:{upstream}", "--listen-host",
-                             "127.0.0.1", "--listen-port", str(port),
-                             "--set", "stream_large_bodies=1"],
+    proc = subprocess.Popen(mitmdump_command(f"http://127.0.0.1:{upstream}", port),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _answers(url), timeout=20, what="mitmdump")
