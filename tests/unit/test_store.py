@@ -14,7 +14,7 @@ from tests.harness import RedisServer
 from tollgate.budgets import Hold, window, window_named
 from tollgate.config.schema import Budget
 from tollgate.ledger import LedgerRow, report
-from tollgate.store.base import Counter
+from tollgate.store.base import Counter, StoreUnavailable
 from tollgate.store.redis import RedisStore
 from tollgate.store.spool import Spooled
 from tollgate.store.sqlite import SQLiteStore
@@ -730,6 +730,82 @@ def test_two_gateways_on_one_sqlite_file_keep_each_others_holds(tmp_path):
         assert (await fourth.counters([h]))[0] == Counter(spent=37, reserved=0)
         for s in (serving, second, third, fourth):
             await s.close()
+
+    asyncio.run(scenario())
+
+
+def test_sqlite_settlements_of_one_turn_commit_together_one_that_fails_fails_alone(tmp_path):
+    """Settlements made in one turn of the loop are committed at its end in one transaction,
+    each as it would be alone; one whose row cannot be written fails alone (its request keeps
+    its written-ahead row and its hold) while the others of its batch are recorded."""
+    h = hold(1.0)
+
+    async def scenario():
+        store = SQLiteStore(tmp_path / "state.db")
+        other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        begun: list[str] = []
+        store.db.set_trace_callback(lambda sql: begun.append(sql) if sql == "BEGIN IMMEDIATE"
+                                    else None)
+        for r in ("r1", "r2", "r3", "r4", "r5", "r6"):
+            assert (await store.reserve(r, [h], 100)).granted
+            await store.admit(replace(row(r, 1), outcome="interrupted"), [h.counter])
+        begun.clear()
+        settling = [asyncio.get_running_loop().create_task(
+            store.finish([h.counter], 100, row(r, 10 * i)))
+            for i, r in enumerate(("r1", "r2", "r3"), start=1)]
+        await asyncio.sleep(0)  # all three handed over in this turn
+        assert not any(s.done() for s in settling)
+        await asyncio.sleep(0)  # that turn's end: committed, seen from another connection
+        assert {r for (r,) in other.execute("SELECT request_id FROM ledger")} == \
+            {"r1", "r2", "r3"}
+        await asyncio.gather(*settling)
+        assert begun == ["BEGIN IMMEDIATE"]
+        assert (await store.counters([h]))[0] == Counter(spent=60, reserved=300)
+
+        outcomes = await asyncio.gather(
+            store.finish([h.counter], 100, row("r4", 40)),
+            store.finish([h.counter], 100, row("r5", 2 ** 63)),  # past SQLite's INTEGER
+            store.finish([h.counter], 100, row("r6", 60)), return_exceptions=True)
+        assert outcomes[0] is None and outcomes[2] is None
+        assert isinstance(outcomes[1], OverflowError)
+        assert not store.db.in_transaction
+        c = (await store.counters([h]))[0]
+        assert (c.spent, c.reserved) == (160, 100)  # r5 still holds its 100
+        assert {r for (r,) in other.execute("SELECT request_id FROM inflight")} == {"r5"}
+        assert {r.request_id for r in await store.rows()} == {"r1", "r2", "r3", "r4", "r6"}
+        other.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_sqlite_settlements_a_locked_file_refuses_all_fail_and_the_next_turn_commits(
+        tmp_path):
+    """A state file another process holds locked: every settlement of the turn learns it was
+    not recorded (its caller logs it; its row stays written ahead), a batch that could not
+    begin is not tried again one by one, and the next turn commits."""
+    async def scenario():
+        store = SQLiteStore(tmp_path / "state.db")
+        store.db.execute("PRAGMA busy_timeout = 0")
+        for r in ("r1", "r2", "r3", "r4"):
+            await store.admit(replace(row(r, 1), outcome="interrupted"))
+        other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        begun: list[str] = []
+        store.db.set_trace_callback(lambda sql: begun.append(sql) if sql == "BEGIN IMMEDIATE"
+                                    else None)
+        failed = await asyncio.gather(*(store.finish([], 0, row(r, 10))
+                                        for r in ("r1", "r2", "r3")), return_exceptions=True)
+        assert all(isinstance(f, StoreUnavailable) for f in failed), failed
+        assert begun == ["BEGIN IMMEDIATE"]
+        other.execute("COMMIT")
+        await store.finish([], 0, row("r4", 40))
+        assert not store.db.in_transaction
+        assert {r for (r,) in other.execute("SELECT request_id FROM ledger")} == {"r4"}
+        assert {r for (r,) in other.execute("SELECT request_id FROM inflight")} == \
+            {"r1", "r2", "r3"}
+        other.close()
+        await store.close()
 
     asyncio.run(scenario())
 

@@ -5,11 +5,13 @@ requests settle, so a restart keeps them and `rate-limits status` can read them.
 
 Each call is one short transaction on the event loop's thread; `BEGIN IMMEDIATE` takes the
 write lock up front, so a reservation's check and its increments cannot interleave with
-another writer (a CLI, a second process on the same file).
+another writer (a CLI, a second process on the same file). Settlements are the exception:
+those made in one turn of the loop are committed together at its end (see `finish`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import fcntl
 import json
@@ -76,6 +78,18 @@ _COLUMNS = [c for c in LedgerRow.__dataclass_fields__]
 _SERVING: dict[str, IO[bytes]] = {}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Settling:
+    """A settlement waiting for the end of its loop turn (`SQLiteStore.finish`)."""
+
+    counters: list[str]
+    reserved: int
+    row: LedgerRow
+    limits: LimitSettlement | None
+    released: list[str] | None
+    done: asyncio.Future[None]
+
+
 class SQLiteStore(Store):
     def __init__(self, path: Path | str, owner: bool = True,
                  clock: Callable[[], float] = time.time):
@@ -101,6 +115,7 @@ class SQLiteStore(Store):
             self.db.execute("ALTER TABLE inflight ADD COLUMN started INTEGER")
         self.rate_windows = LocalWindows()
         self._pruned = 0.0
+        self._settling: list[_Settling] = []  # settlements for the end of this loop turn
         self._load_windows(clock())
         # Rate windows live in this process: only one serving process per file may keep
         # them, or each would admit the full limit (see `serves_alone`).
@@ -265,33 +280,83 @@ class SQLiteStore(Store):
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
                      limits: LimitSettlement | None = None,
                      released: list[str] | None = None) -> None:
-        with self._transaction():
-            if not row.admitted:
-                if self.db.execute("SELECT 1 FROM inflight WHERE request_id = ? UNION "
-                                   "SELECT 1 FROM holds WHERE request_id = ?",
-                                   (row.request_id, row.request_id)).fetchone():
-                    row = dataclasses.replace(row, request_id=distinct_id(row))
-                self._insert_row(row)
+        """Settlements made in one turn of the event loop are committed at its end, together,
+        in one transaction, in the order they were made: under load the pages they share
+        (the ledger's and its index's, the budget counters', the in-flight rows') go to the
+        WAL once per batch, not once per request. A settlement is off its request's path
+        (see `Gateway._finish`): waiting for the end of its turn costs the request nothing.
+        Write-aheads, which a decision waits for, are committed at once (`admit`)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._settling.append(_Settling(counters, reserved, row, limits, released, done))
+        if len(self._settling) == 1:  # the first of this turn: the batch goes after it
+            loop.call_soon(self._commit_settlements)
+        await done
+
+    def _commit_settlements(self) -> None:
+        batch, self._settling = self._settling, []
+        if not batch:  # committed already, by close()
+            return
+        began = False
+        try:
+            with self._transaction():
+                began = True
+                for s in batch:
+                    self._settle(s.counters, s.reserved, s.row, s.limits, s.released)
+        except Exception as e:
+            if not began:  # the file cannot be written at all: none of them can
+                for s in batch:
+                    _resolve(s.done, e)
                 return
-            self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
-            self.db.execute("DELETE FROM holds WHERE request_id = ?", (row.request_id,))
-            if not self._insert_row(row):
-                return  # already settled: a replay changes nothing
-            for counter in counters:
-                self.db.execute(
-                    "INSERT INTO budget_counters (counter, spent) VALUES (?, ?) "
-                    "ON CONFLICT (counter) DO UPDATE SET spent = spent + ?, "
-                    "reserved = MAX(0, reserved - ?)",
-                    (counter, row.cost_micros, row.cost_micros, reserved))
-            for counter in released or []:
-                self.db.execute("UPDATE budget_counters SET reserved = MAX(0, reserved - ?) "
-                                "WHERE counter = ?", (reserved, counter))
-            if limits is not None:
-                self._record_limits(row.request_id, limits)
+            # One of them failed, and the transaction with it: each again on its own, so
+            # only that one fails (its caller logs it; its row stays written ahead).
+            for s in batch:
+                try:
+                    with self._transaction():
+                        self._settle(s.counters, s.reserved, s.row, s.limits, s.released)
+                except Exception as alone:
+                    _resolve(s.done, alone)
+                else:
+                    self._settled(s)
+            return
+        for s in batch:
+            self._settled(s)
+
+    def _settle(self, counters: list[str], reserved: int, row: LedgerRow,
+                limits: LimitSettlement | None, released: list[str] | None) -> None:
+        """A settlement's statements (see `finish`)."""
+        if not row.admitted:
+            if self.db.execute("SELECT 1 FROM inflight WHERE request_id = ? UNION "
+                               "SELECT 1 FROM holds WHERE request_id = ?",
+                               (row.request_id, row.request_id)).fetchone():
+                row = dataclasses.replace(row, request_id=distinct_id(row))
+            self._insert_row(row)
+            return
+        self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
+        self.db.execute("DELETE FROM holds WHERE request_id = ?", (row.request_id,))
+        if not self._insert_row(row):
+            return  # already settled: a replay changes nothing
+        for counter in counters:
+            self.db.execute(
+                "INSERT INTO budget_counters (counter, spent) VALUES (?, ?) "
+                "ON CONFLICT (counter) DO UPDATE SET spent = spent + ?, "
+                "reserved = MAX(0, reserved - ?)",
+                (counter, row.cost_micros, row.cost_micros, reserved))
+        for counter in released or []:
+            self.db.execute("UPDATE budget_counters SET reserved = MAX(0, reserved - ?) "
+                            "WHERE counter = ?", (reserved, counter))
+        if limits is not None:
+            self._record_limits(row.request_id, limits)
+
+    def _settled(self, s: _Settling) -> None:
+        """Once a settlement is committed: its TPM entries hold the tokens it used, and the
+        limits of providers it never reached give back what it took."""
+        limits, request_id = s.limits, s.row.request_id
         for counter in limits.tokens if limits else []:
-            self.rate_windows.settle(counter, row.request_id, limits.tokens_used(counter))
+            self.rate_windows.settle(counter, request_id, limits.tokens_used(counter))
         for counter in limits.unsent if limits else []:
-            self.rate_windows.withdraw(counter, row.request_id, counter in limits.days)
+            self.rate_windows.withdraw(counter, request_id, counter in limits.days)
+        _resolve(s.done, None)
 
     def _insert_row(self, row: LedgerRow) -> bool:
         """Whether the row went in (False: its request id has one already)."""
@@ -324,4 +389,14 @@ class SQLiteStore(Store):
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
     async def close(self) -> None:
+        self._commit_settlements()  # those of this turn, before the file closes
         self.db.close()
+
+
+def _resolve(done: asyncio.Future[None], outcome: Exception | None) -> None:
+    if done.done():  # its caller was cancelled: its settlement stands (or failed) all the same
+        return
+    if outcome is None:
+        done.set_result(None)
+    else:
+        done.set_exception(outcome)
