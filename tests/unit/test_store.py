@@ -735,9 +735,10 @@ def test_two_gateways_on_one_sqlite_file_keep_each_others_holds(tmp_path):
 
 
 def test_sqlite_settlements_of_one_turn_commit_together_one_that_fails_fails_alone(tmp_path):
-    """Settlements made in one turn of the loop are committed at its end in one transaction,
-    each as it would be alone; one whose row cannot be written fails alone (its request keeps
-    its written-ahead row and its hold) while the others of its batch are recorded."""
+    """The first settlement of a turn of the loop is committed at once, those that follow it
+    in the same turn at its end in one transaction, each as it would be alone; one whose row
+    cannot be written fails alone (its request keeps its written-ahead row and its hold)
+    while the others of its batch are recorded."""
     h = hold(1.0)
 
     async def scenario():
@@ -752,18 +753,19 @@ def test_sqlite_settlements_of_one_turn_commit_together_one_that_fails_fails_alo
         begun.clear()
         settling = [asyncio.get_running_loop().create_task(
             store.finish([h.counter], 100, row(r, 10 * i)))
-            for i, r in enumerate(("r1", "r2", "r3"), start=1)]
-        await asyncio.sleep(0)  # all three handed over in this turn
-        assert not any(s.done() for s in settling)
-        await asyncio.sleep(0)  # that turn's end: committed, seen from another connection
+            for i, r in enumerate(("r1", "r2", "r3", "r4"), start=1)]
+        await asyncio.sleep(0)  # all four made in this turn: the first is committed
+        assert [s.done() for s in settling] == [True, False, False, False]
+        assert {r for (r,) in other.execute("SELECT request_id FROM ledger")} == {"r1"}
+        await asyncio.sleep(0)  # that turn's end: the others, seen from another connection
         assert {r for (r,) in other.execute("SELECT request_id FROM ledger")} == \
-            {"r1", "r2", "r3"}
+            {"r1", "r2", "r3", "r4"}
         await asyncio.gather(*settling)
-        assert begun == ["BEGIN IMMEDIATE"]
-        assert (await store.counters([h]))[0] == Counter(spent=60, reserved=300)
+        assert begun == ["BEGIN IMMEDIATE"] * 2
+        assert (await store.counters([h]))[0] == Counter(spent=100, reserved=200)
 
         outcomes = await asyncio.gather(
-            store.finish([h.counter], 100, row("r4", 40)),
+            store.finish([], 0, row("r_first", 0)),  # committed at once
             store.finish([h.counter], 100, row("r5", 2 ** 63)),  # past SQLite's INTEGER
             store.finish([h.counter], 100, row("r6", 60)), return_exceptions=True)
         assert outcomes[0] is None and outcomes[2] is None
@@ -772,7 +774,8 @@ def test_sqlite_settlements_of_one_turn_commit_together_one_that_fails_fails_alo
         c = (await store.counters([h]))[0]
         assert (c.spent, c.reserved) == (160, 100)  # r5 still holds its 100
         assert {r for (r,) in other.execute("SELECT request_id FROM inflight")} == {"r5"}
-        assert {r.request_id for r in await store.rows()} == {"r1", "r2", "r3", "r4", "r6"}
+        assert {r.request_id for r in await store.rows()} == \
+            {"r1", "r2", "r3", "r4", "r_first", "r6"}
         other.close()
         await store.close()
 
@@ -797,7 +800,7 @@ def test_sqlite_settlements_a_locked_file_refuses_all_fail_and_the_next_turn_com
         failed = await asyncio.gather(*(store.finish([], 0, row(r, 10))
                                         for r in ("r1", "r2", "r3")), return_exceptions=True)
         assert all(isinstance(f, StoreUnavailable) for f in failed), failed
-        assert begun == ["BEGIN IMMEDIATE"]
+        assert begun == ["BEGIN IMMEDIATE"] * 2  # r1's own, and the batch after it
         other.execute("COMMIT")
         await store.finish([], 0, row("r4", 40))
         assert not store.db.in_transaction

@@ -6,7 +6,8 @@ requests settle, so a restart keeps them and `rate-limits status` can read them.
 Each call is one short transaction on the event loop's thread; `BEGIN IMMEDIATE` takes the
 write lock up front, so a reservation's check and its increments cannot interleave with
 another writer (a CLI, a second process on the same file). Settlements are the exception:
-those made in one turn of the loop are committed together at its end (see `finish`).
+those that follow another in the same turn of the loop are committed together at its end (see
+`finish`).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class SQLiteStore(Store):
         self.rate_windows = LocalWindows()
         self._pruned = 0.0
         self._settling: list[_Settling] = []  # settlements for the end of this loop turn
+        self._turn_open = False  # this turn's first settlement is made (see `finish`)
         self._load_windows(clock())
         # Rate windows live in this process: only one serving process per file may keep
         # them, or each would admit the full limit (see `serves_alone`).
@@ -280,22 +282,26 @@ class SQLiteStore(Store):
     async def finish(self, counters: list[str], reserved: int, row: LedgerRow,
                      limits: LimitSettlement | None = None,
                      released: list[str] | None = None) -> None:
-        """Settlements made in one turn of the event loop are committed at its end, together,
-        in one transaction, in the order they were made: under load the pages they share
-        (the ledger's and its index's, the budget counters', the in-flight rows') go to the
-        WAL once per batch, not once per request. A settlement is off its request's path
-        (see `Gateway._finish`): waiting for the end of its turn costs the request nothing.
-        Write-aheads, which a decision waits for, are committed at once (`admit`)."""
+        """The first settlement of a turn of the event loop is committed at once; those that
+        follow it in the same turn (a burst, under load) at its end, together, in one
+        transaction, in the order they were made: the pages they share (the ledger's and its
+        index's, the budget counters', the in-flight rows') go to the WAL once per batch, not
+        once per request. (Write-aheads, which decisions wait for, are committed at once.)"""
         loop = asyncio.get_running_loop()
+        if not self._turn_open:
+            self._turn_open = True
+            loop.call_soon(self._commit_settlements)  # the end of this turn
+            with self._transaction():
+                self._settle(counters, reserved, row, limits, released)
+            self._settled(row.request_id, limits)
+            return
         done: asyncio.Future[None] = loop.create_future()
         self._settling.append(_Settling(counters, reserved, row, limits, released, done))
-        if len(self._settling) == 1:  # the first of this turn: the batch goes after it
-            loop.call_soon(self._commit_settlements)
         await done
 
     def _commit_settlements(self) -> None:
-        batch, self._settling = self._settling, []
-        if not batch:  # committed already, by close()
+        batch, self._settling, self._turn_open = self._settling, [], False
+        if not batch:  # the turn's first settlement was its only one
             return
         began = False
         try:
@@ -317,10 +323,12 @@ class SQLiteStore(Store):
                 except Exception as alone:
                     _resolve(s.done, alone)
                 else:
-                    self._settled(s)
+                    self._settled(s.row.request_id, s.limits)
+                    _resolve(s.done, None)
             return
         for s in batch:
-            self._settled(s)
+            self._settled(s.row.request_id, s.limits)
+            _resolve(s.done, None)
 
     def _settle(self, counters: list[str], reserved: int, row: LedgerRow,
                 limits: LimitSettlement | None, released: list[str] | None) -> None:
@@ -348,15 +356,13 @@ class SQLiteStore(Store):
         if limits is not None:
             self._record_limits(row.request_id, limits)
 
-    def _settled(self, s: _Settling) -> None:
+    def _settled(self, request_id: str, limits: LimitSettlement | None) -> None:
         """Once a settlement is committed: its TPM entries hold the tokens it used, and the
         limits of providers it never reached give back what it took."""
-        limits, request_id = s.limits, s.row.request_id
         for counter in limits.tokens if limits else []:
             self.rate_windows.settle(counter, request_id, limits.tokens_used(counter))
         for counter in limits.unsent if limits else []:
             self.rate_windows.withdraw(counter, request_id, counter in limits.days)
-        _resolve(s.done, None)
 
     def _insert_row(self, row: LedgerRow) -> bool:
         """Whether the row went in (False: its request id has one already)."""
