@@ -117,7 +117,8 @@ class SQLiteStore(Store):
         self.rate_windows = LocalWindows()
         self._pruned = 0.0
         self._settling: list[_Settling] = []  # settlements for the end of this loop turn
-        self._turn_open = False  # this turn's first settlement is made (see `finish`)
+        # The loop whose current turn has had its first settlement (see `finish`).
+        self._turn_of: asyncio.AbstractEventLoop | None = None
         self._load_windows(clock())
         # Rate windows live in this process: only one serving process per file may keep
         # them, or each would admit the full limit (see `serves_alone`).
@@ -288,8 +289,8 @@ class SQLiteStore(Store):
         index's, the budget counters', the in-flight rows') go to the WAL once per batch, not
         once per request. (Write-aheads, which decisions wait for, are committed at once.)"""
         loop = asyncio.get_running_loop()
-        if not self._turn_open:
-            self._turn_open = True
+        if self._turn_of is not loop:  # (a CLI may run one loop after another)
+            self._turn_of = loop
             loop.call_soon(self._commit_settlements)  # the end of this turn
             with self._transaction():
                 self._settle(counters, reserved, row, limits, released)
@@ -300,7 +301,7 @@ class SQLiteStore(Store):
         await done
 
     def _commit_settlements(self) -> None:
-        batch, self._settling, self._turn_open = self._settling, [], False
+        batch, self._settling, self._turn_of = self._settling, [], None
         if not batch:  # the turn's first settlement was its only one
             return
         began = False
