@@ -813,6 +813,26 @@ def test_sqlite_settlements_a_locked_file_refuses_all_fail_and_the_next_turn_com
     asyncio.run(scenario())
 
 
+def test_sqlite_a_settlement_on_a_later_loop_is_not_left_waiting_for_an_earlier_ones_turn(
+        tmp_path):
+    """A loop that stops before the end of the turn of its first settlement (a CLI's, one
+    `asyncio.run` after another): a settlement on the next loop is committed all the same."""
+    store = SQLiteStore(tmp_path / "state.db")
+
+    async def settle(request_id: str) -> None:
+        await store.finish([], 0, row(request_id, 1))
+
+    first = asyncio.new_event_loop()
+    settled = first.create_task(settle("r1"))
+    first.call_soon(first.stop)  # stops right after the settlement's step, before its turn ends
+    first.run_forever()
+    first.close()
+    assert settled.done()
+    asyncio.run(asyncio.wait_for(settle("r2"), timeout=5))
+    assert {r.request_id for r in asyncio.run(store.rows())} == {"r1", "r2"}
+    asyncio.run(store.close())
+
+
 def test_a_refusal_under_the_id_of_a_request_in_flight_releases_nothing(store):
     """A refusal recorded under the id of a request that is in flight (a forged request id)
     neither releases that request's hold and written-ahead row nor stands in for its
