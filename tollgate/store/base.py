@@ -3,12 +3,14 @@ rate limits, settlement together with the ledger row, and reads for status and r
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
@@ -48,6 +50,18 @@ def holder_alive(pid: int, started: int | None) -> bool:
     if not process_alive(pid):
         return False
     return started is None or process_started(pid) in (None, started)
+
+
+def resolve(done: asyncio.Future[Any] | None, outcome: Any) -> None:
+    """Answer a call that waits for a batch (of a loop turn) with its own outcome: its
+    result, or the exception it failed with. One whose caller was cancelled meanwhile (or
+    that nobody waits for: None) is left alone; what the batch did for it stands."""
+    if done is None or done.done():
+        return
+    if isinstance(outcome, BaseException):
+        done.set_exception(outcome)
+    else:
+        done.set_result(outcome)
 
 
 class StoreUnavailable(Exception):

@@ -28,6 +28,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tollgate.store.base import resolve
+
 Args = Sequence[Any]
 # Connections kept between round trips. More would starve redis-py's own commands and the
 # calls waiting in its pool during a burst (the pool is bounded): the rest go back to it.
@@ -73,8 +75,7 @@ class Pipelined:
             results = await self._round_trip([_evalsha(*call[:3]) for call in batch])
         except Exception as e:  # the connection failed: every call of the batch did
             for *_, done in batch:
-                if not done.done():
-                    done.set_exception(e)
+                resolve(done, e)
             return
         except asyncio.CancelledError:
             for *_, done in batch:
@@ -84,12 +85,7 @@ class Pipelined:
         if missing:
             await self._run_again(batch, missing, results)
         for (*_, done), result in zip(batch, results, strict=True):
-            if done.done():
-                continue
-            if isinstance(result, Exception):
-                done.set_exception(result)
-            else:
-                done.set_result(result)
+            resolve(done, result)  # a script's error is its call's exception
 
     async def _run_again(self, batch: list[tuple[AsyncScript, Args, Args, asyncio.Future[Any]]],
                          missing: list[int], results: list[Any]) -> None:

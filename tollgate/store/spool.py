@@ -26,6 +26,7 @@ from tollgate.store.base import (
     Store,
     StoreUnavailable,
     holder_alive,
+    resolve,
 )
 
 log = logging.getLogger("tollgate.store")
@@ -105,12 +106,10 @@ class Spooled(Store):
                  for row, counters in rows])
         except sqlite3.Error as e:
             for *_, committed in batch:
-                if not committed.done():  # (a request cancelled meanwhile)
-                    committed.set_exception(e)
+                resolve(committed, e)
             return
         for *_, committed in batch:
-            if not committed.done():
-                committed.set_result(None)
+            resolve(committed, None)
         task = asyncio.get_running_loop().create_task(self._admit_inner(rows))
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)

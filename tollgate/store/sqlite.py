@@ -36,6 +36,7 @@ from tollgate.store.base import (
     StoreUnavailable,
     distinct_id,
     holder_alive,
+    resolve,
 )
 from tollgate.store.windows import LocalWindows
 
@@ -79,16 +80,17 @@ _COLUMNS = [c for c in LedgerRow.__dataclass_fields__]
 _SERVING: dict[str, IO[bytes]] = {}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class _Settling:
-    """A settlement waiting for the end of its loop turn (`SQLiteStore.finish`)."""
+    """One settlement (`SQLiteStore.finish`), and what waits for its commit (None: its
+    caller, committing it at once)."""
 
     counters: list[str]
     reserved: int
     row: LedgerRow
     limits: LimitSettlement | None
     released: list[str] | None
-    done: asyncio.Future[None]
+    done: asyncio.Future[None] | None = None
 
 
 class SQLiteStore(Store):
@@ -289,15 +291,16 @@ class SQLiteStore(Store):
         index's, the budget counters', the in-flight rows') go to the WAL once per batch, not
         once per request. (Write-aheads, which decisions wait for, are committed at once.)"""
         loop = asyncio.get_running_loop()
+        settling = _Settling(counters, reserved, row, limits, released)
         if self._turn_of is not loop:  # (a CLI may run one loop after another)
             self._turn_of = loop
             loop.call_soon(self._commit_settlements)  # the end of this turn
             with self._transaction():
-                self._settle(counters, reserved, row, limits, released)
-            self._settled(row.request_id, limits)
+                self._settle(settling)
+            self._settled(settling)
             return
-        done: asyncio.Future[None] = loop.create_future()
-        self._settling.append(_Settling(counters, reserved, row, limits, released, done))
+        settling.done = done = loop.create_future()
+        self._settling.append(settling)
         await done
 
     def _commit_settlements(self) -> None:
@@ -309,31 +312,29 @@ class SQLiteStore(Store):
             with self._transaction():
                 began = True
                 for s in batch:
-                    self._settle(s.counters, s.reserved, s.row, s.limits, s.released)
+                    self._settle(s)
         except Exception as e:
             if not began:  # the file cannot be written at all: none of them can
                 for s in batch:
-                    _resolve(s.done, e)
+                    resolve(s.done, e)
                 return
             # One of them failed, and the transaction with it: each again on its own, so
             # only that one fails (its caller logs it; its row stays written ahead).
             for s in batch:
                 try:
                     with self._transaction():
-                        self._settle(s.counters, s.reserved, s.row, s.limits, s.released)
+                        self._settle(s)
                 except Exception as alone:
-                    _resolve(s.done, alone)
+                    resolve(s.done, alone)
                 else:
-                    self._settled(s.row.request_id, s.limits)
-                    _resolve(s.done, None)
+                    self._settled(s)
             return
         for s in batch:
-            self._settled(s.row.request_id, s.limits)
-            _resolve(s.done, None)
+            self._settled(s)
 
-    def _settle(self, counters: list[str], reserved: int, row: LedgerRow,
-                limits: LimitSettlement | None, released: list[str] | None) -> None:
+    def _settle(self, s: _Settling) -> None:
         """A settlement's statements (see `finish`)."""
+        row, reserved, limits = s.row, s.reserved, s.limits
         if not row.admitted:
             if self.db.execute("SELECT 1 FROM inflight WHERE request_id = ? UNION "
                                "SELECT 1 FROM holds WHERE request_id = ?",
@@ -345,25 +346,27 @@ class SQLiteStore(Store):
         self.db.execute("DELETE FROM holds WHERE request_id = ?", (row.request_id,))
         if not self._insert_row(row):
             return  # already settled: a replay changes nothing
-        for counter in counters:
+        for counter in s.counters:
             self.db.execute(
                 "INSERT INTO budget_counters (counter, spent) VALUES (?, ?) "
                 "ON CONFLICT (counter) DO UPDATE SET spent = spent + ?, "
                 "reserved = MAX(0, reserved - ?)",
                 (counter, row.cost_micros, row.cost_micros, reserved))
-        for counter in released or []:
+        for counter in s.released or []:
             self.db.execute("UPDATE budget_counters SET reserved = MAX(0, reserved - ?) "
                             "WHERE counter = ?", (reserved, counter))
         if limits is not None:
             self._record_limits(row.request_id, limits)
 
-    def _settled(self, request_id: str, limits: LimitSettlement | None) -> None:
-        """Once a settlement is committed: its TPM entries hold the tokens it used, and the
-        limits of providers it never reached give back what it took."""
+    def _settled(self, s: _Settling) -> None:
+        """Once a settlement is committed: its TPM entries hold the tokens it used, the
+        limits of providers it never reached give back what it took, and its caller goes on."""
+        limits, request_id = s.limits, s.row.request_id
         for counter in limits.tokens if limits else []:
             self.rate_windows.settle(counter, request_id, limits.tokens_used(counter))
         for counter in limits.unsent if limits else []:
             self.rate_windows.withdraw(counter, request_id, counter in limits.days)
+        resolve(s.done, None)
 
     def _insert_row(self, row: LedgerRow) -> bool:
         """Whether the row went in (False: its request id has one already)."""
@@ -399,11 +402,3 @@ class SQLiteStore(Store):
         self._commit_settlements()  # those of this turn, before the file closes
         self.db.close()
 
-
-def _resolve(done: asyncio.Future[None], outcome: Exception | None) -> None:
-    if done.done():  # its caller was cancelled: its settlement stands (or failed) all the same
-        return
-    if outcome is None:
-        done.set_result(None)
-    else:
-        done.set_exception(outcome)
