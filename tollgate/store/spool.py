@@ -28,6 +28,7 @@ from tollgate.store.base import (
     holder_alive,
     resolve,
 )
+from tollgate.store.checkpoint import Checkpointer
 
 log = logging.getLogger("tollgate.store")
 # Settled requests' in-flight rows are deleted together, at most this long after: a process
@@ -43,6 +44,8 @@ class Spooled(Store):
         self.db.execute("PRAGMA journal_mode=WAL")
         # As the SQLite state: a commit survives the process dying, and costs no fsync.
         self.db.execute("PRAGMA synchronous=NORMAL")
+        # A serving gateway copies the log back into the file off the event loop.
+        self._checkpoints = Checkpointer(self.db, Path(path)) if owner else None
         self.db.execute("CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY "
                         "AUTOINCREMENT, counters TEXT, reserved INTEGER, row TEXT, limits TEXT)")
         spooled = {c[1] for c in self.db.execute("PRAGMA table_info(spool)")}
@@ -124,11 +127,16 @@ class Spooled(Store):
             self.db.execute("BEGIN")
             self.db.executemany(statement, params)
             self.db.execute("COMMIT")
+            self._wrote()
         except sqlite3.Error:
             # Left open, the transaction would take in every later write uncommitted.
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise
+
+    def _wrote(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.wrote()
 
     async def recover(self) -> int:
         return await self.inner.recover()
@@ -147,6 +155,7 @@ class Spooled(Store):
                                     LimitSettlement(**json.loads(limits)) if limits else None,
                                     json.loads(released) if released else None)
             self.db.execute("DELETE FROM spool WHERE id = ?", (ident,))
+            self._wrote()
             done += 1
         self._behind = self.pending() > 0  # (spooled while this replay ran)
         if done:
@@ -176,6 +185,7 @@ class Spooled(Store):
                                 json.dumps(counters), reserved, row.to_json(),
                                 json.dumps(asdict(limits)) if limits else None,
                                 json.dumps(released) if released else None))
+            self._wrote()
             self._behind = True
             log.warning("state store unavailable (%s); request %s spooled for replay", e,
                         row.request_id)
@@ -220,4 +230,6 @@ class Spooled(Store):
         self._admit_batch()  # write-aheads of this turn, whose batch has not gone yet
         await asyncio.gather(*self._writing, return_exceptions=True)
         await self.inner.close()
+        if self._checkpoints is not None:
+            await asyncio.to_thread(self._checkpoints.close)
         self.db.close()

@@ -38,6 +38,7 @@ from tollgate.store.base import (
     holder_alive,
     resolve,
 )
+from tollgate.store.checkpoint import Checkpointer
 from tollgate.store.windows import LocalWindows
 
 SCHEMA = """
@@ -125,6 +126,8 @@ class SQLiteStore(Store):
         # Rate windows live in this process: only one serving process per file may keep
         # them, or each would admit the full limit (see `serves_alone`).
         self._serve_lock = self._lock_serving() if owner else None
+        # A serving gateway copies its log back into the file off the event loop.
+        self._checkpoints = Checkpointer(self.db, self.path) if owner else None
         if owner:
             self._recover()
 
@@ -184,6 +187,7 @@ class SQLiteStore(Store):
                             (row.request_id, *PROCESS, row.to_json()))
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+        self._wrote()
 
     def _counter(self, name: str) -> Counter:
         row = self.db.execute("SELECT spent, reserved FROM budget_counters WHERE counter = ?",
@@ -198,12 +202,17 @@ class SQLiteStore(Store):
             try:
                 yield
                 self.db.execute("COMMIT")
+                self._wrote()
             except BaseException:
                 if self.db.in_transaction:
                     self.db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+
+    def _wrote(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.wrote()
 
     def _load_windows(self, now: float) -> None:
         """The windows of requests settled before this store opened (a restart, a CLI)."""
@@ -400,5 +409,7 @@ class SQLiteStore(Store):
 
     async def close(self) -> None:
         self._commit_settlements()  # those of this turn, before the file closes
+        if self._checkpoints is not None:
+            await asyncio.to_thread(self._checkpoints.close)
         self.db.close()
 
