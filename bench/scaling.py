@@ -1,14 +1,16 @@
 """Throughput of the Envoy host with 1 and more ext_proc processes, against plain Envoy.
 
     python -m bench.scaling [--processes 1,2] [--seconds 10] [--connections 32]
+                            [--state sqlite|redis]
 
 Every part but tollgate is compiled, so tollgate is what binds the figure: the load comes from
 `wrk` (apt-get install wrk), and the provider is an Envoy that answers every chat completion
 itself (`direct_response`, with usage), so the provider costs next to nothing. Each path gets
 the same POST with `--connections` in flight for `--seconds`, after a warm-up. The gateway runs
-the governed profile (a key with a model allowlist under a blocking org budget) on a Redis
-state when `redis-server` is installed (what several processes share; append-only with an
-fsync on every write, the most careful setting, as the tests run it), else on SQLite.
+the governed profile (a key with a model allowlist under a blocking org budget) on the state
+`--state` names: SQLite (one node's file, which its processes share) or Redis (what replicas
+share; append-only with an fsync on every write, the most careful setting, as the tests run
+it). By default Redis when `redis-server` is installed, else SQLite.
 
 Prints requests per second, the CPU the gateway's processes (Envoy and every ext_proc) spent
 per request, and the ratio of N processes to one. On a machine with C cores, the load
@@ -186,12 +188,28 @@ def ready_for_wrk() -> bool:
     return True
 
 
+def use_state(config: Path, workdir: Path, state: str) -> tuple[str, RedisServer | None]:
+    """The gateway of `config` on `state` (`sqlite` as made, or `redis`: a Redis server
+    started in `workdir`, for the caller to stop): its name, and the server."""
+    if state == "sqlite":
+        return "SQLite", None
+    made = 'state: "sqlite:///.tollgate/state.db"'
+    text = config.read_text()
+    if made not in text:
+        raise ValueError(f"{config} does not hold `{made}` for Redis to replace")
+    redis = RedisServer(workdir / "redis").start()
+    config.write_text(text.replace(made, f'state: "{redis.url}"'))
+    return "Redis", redis
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", default="1,2")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--state", choices=["sqlite", "redis"],
+                        default="redis" if shutil.which("redis-server") else "sqlite")
     args = parser.parse_args()
     if not ready_for_wrk():
         return 2
@@ -206,13 +224,7 @@ def main() -> int:
         procs.append(plain)
         config = make_config(workdir, _Url(provider_url),
                              _Url(f"http://127.0.0.1:{free_port()}"))
-        state = "SQLite"
-        if shutil.which("redis-server"):
-            redis = RedisServer(workdir / "redis").start()
-            text = config.read_text().replace('state: "sqlite:///.tollgate/state.db"',
-                                              f'state: "{redis.url}"')
-            config.write_text(text)
-            state = "Redis"
+        state, redis = use_state(config, workdir, args.state)
         secret = governed(config)
         new_key(config)  # the key index is what a real config holds: more than one key
         url = "/v1/chat/completions"
