@@ -4,7 +4,7 @@ A connection in WAL mode copies the log back into the database file itself, insi
 commit that takes the log past 1,000 pages: that commit, on the loop every request and
 stream is served from, then waits for the copy and its two fsyncs (about 3 ms here, once
 every hundred requests or so). A serving gateway's files leave that to a thread with a
-connection of its own, which copies the log after every few hundred rows written, without
+connection of its own, which copies the log after every thousand rows written, without
 blocking the writer (a passive checkpoint; SQLite releases the GIL while it runs).
 
 The log starts again from its beginning only once all of it has been copied, so the thread
@@ -21,10 +21,10 @@ from pathlib import Path
 
 log = logging.getLogger("tollgate.store")
 
-# Rows written between copies: several hundred pages of log (a request's settlement writes
-# about five rows, a page or two each; fewer pages under load, where a commit's rows share
-# them), less than SQLite's own 1,000 pages between copies.
-EVERY = 500
+# Rows written between copies: about 1,600 pages of log when requests come one at a time
+# (each writes about ten rows, on some sixteen pages), fewer under load, where a commit's
+# rows share pages; as often as SQLite's own 1,000 pages would copy, or less.
+EVERY = 1000
 AGAIN = 8  # copies at most, one after another, to catch up with a log still written to
 BACKSTOP_PAGES = 4096  # 16 MiB of log at SQLite's 4 KiB pages
 
