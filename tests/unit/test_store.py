@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sqlite3
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -14,6 +15,7 @@ from tests.harness import RedisServer
 from tollgate.budgets import Hold, window, window_named
 from tollgate.config.schema import Budget
 from tollgate.ledger import LedgerRow, report
+from tollgate.store import sqlite as sqlite_store
 from tollgate.store.base import Counter, StoreUnavailable
 from tollgate.store.redis import RedisStore
 from tollgate.store.spool import Spooled
@@ -782,31 +784,70 @@ def test_sqlite_settlements_of_one_turn_commit_together_one_that_fails_fails_alo
     asyncio.run(scenario())
 
 
-def test_sqlite_settlements_a_locked_file_refuses_all_fail_and_the_next_turn_commits(
-        tmp_path):
-    """A state file another process holds locked: every settlement of the turn learns it was
-    not recorded (its caller logs it; its row stays written ahead), a batch that could not
-    begin is not tried again one by one, and the next turn commits."""
+def test_sqlite_settlements_a_file_locked_too_long_refuses_all_fail_and_the_next_turn_commits(
+        tmp_path, monkeypatch):
+    """A state file another process holds locked past the store's patience: every settlement
+    waiting for it learns it was not recorded (its caller logs it; its row stays written
+    ahead), none is tried again one by one, and once the lock is gone the next commits."""
+    monkeypatch.setattr(sqlite_store, "BUSY_SECONDS", 0.05)
+
     async def scenario():
         store = SQLiteStore(tmp_path / "state.db")
-        store.db.execute("PRAGMA busy_timeout = 0")
         for r in ("r1", "r2", "r3", "r4"):
             await store.admit(replace(row(r, 1), outcome="interrupted"))
         other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
         other.execute("BEGIN EXCLUSIVE")
-        begun: list[str] = []
-        store.db.set_trace_callback(lambda sql: begun.append(sql) if sql == "BEGIN IMMEDIATE"
-                                    else None)
+        statements: list[str] = []
+        store.db.set_trace_callback(statements.append)
         failed = await asyncio.gather(*(store.finish([], 0, row(r, 10))
                                         for r in ("r1", "r2", "r3")), return_exceptions=True)
         assert all(isinstance(f, StoreUnavailable) for f in failed), failed
-        assert begun == ["BEGIN IMMEDIATE"] * 2  # r1's own, and the batch after it
+        assert set(statements) == {"BEGIN IMMEDIATE"}  # tried again, never got further
         other.execute("COMMIT")
         await store.finish([], 0, row("r4", 40))
         assert not store.db.in_transaction
         assert {r for (r,) in other.execute("SELECT request_id FROM ledger")} == {"r4"}
         assert {r for (r,) in other.execute("SELECT request_id FROM inflight")} == \
             {"r1", "r2", "r3"}
+        other.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_sqlite_a_write_waits_for_another_processs_lock_on_the_loop_not_in_a_sleep(tmp_path):
+    """A second gateway process (or a CLI) holding the file's write lock: reservations,
+    write-aheads and settlements wait for it without stopping the event loop, which goes on
+    serving meanwhile, and all go through once it is let go."""
+    async def scenario():
+        store = SQLiteStore(tmp_path / "state.db")
+        other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        loop = asyncio.get_running_loop()
+        ticks: list[float] = []
+
+        async def tick():  # the loop's other work: a tick every millisecond
+            while True:
+                ticks.append(loop.time())
+                await asyncio.sleep(0.001)
+
+        ticker = loop.create_task(tick())
+        writes = asyncio.gather(
+            store.reserve("r_1", [hold(100)], 1_000),
+            store.admit(row("r_2", 1)),
+            *(store.finish([], 0, row(r, 5)) for r in ("r_3", "r_4", "r_5")))
+        await asyncio.sleep(0.2)
+        assert not writes.done()  # all waiting for the lock
+        other.execute("COMMIT")
+        granted, *_ = await writes
+        ticker.cancel()
+        assert granted.granted
+        gaps = [b - a for a, b in itertools.pairwise(ticks)]
+        assert len(ticks) > 20 and max(gaps) < 0.1, (len(ticks), max(gaps))
+        assert {r for (r,) in other.execute("SELECT request_id FROM ledger")} == \
+            {"r_3", "r_4", "r_5"}
+        assert other.execute("SELECT request_id FROM inflight").fetchall() == [("r_2",)]
+        assert other.execute("SELECT reserved FROM budget_counters").fetchall() == [(1_000,)]
         other.close()
         await store.close()
 

@@ -7,7 +7,8 @@ Each call is one short transaction on the event loop's thread; `BEGIN IMMEDIATE`
 write lock up front, so a reservation's check and its increments cannot interleave with
 another writer (a CLI, a second process on the same file). Settlements are the exception:
 those that follow another in the same turn of the loop are committed together at its end (see
-`finish`).
+`finish`). A write that finds the write lock held waits for it on the loop, not in SQLite's
+busy handler (see `_unlocked`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ CREATE TABLE IF NOT EXISTS holds (
 _COLUMNS = [c for c in LedgerRow.__dataclass_fields__]
 # The serving locks this process holds, by state file (see `SQLiteStore.serves_alone`).
 _SERVING: dict[str, IO[bytes]] = {}
+# How long a write waits for another process's hold on the file's write lock (a second
+# gateway process, a CLI) before the store counts as unavailable.
+BUSY_SECONDS = 10.0
+_FIRST_WAIT, _LONGEST_WAIT = 0.0002, 0.01  # seconds between tries, doubling
+
+
+class _Busy(StoreUnavailable):
+    """Another connection holds the file's write lock: nothing was written, try again."""
+
+
+def _busy(e: sqlite3.Error) -> bool:
+    return (getattr(e, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
 
 
 @dataclasses.dataclass(slots=True)
@@ -128,8 +141,14 @@ class SQLiteStore(Store):
         self._serve_lock = self._lock_serving() if owner else None
         # A serving gateway copies its log back into the file off the event loop.
         self._checkpoints = Checkpointer(self.db, self.path) if owner else None
+        self._committing: set[asyncio.Task[None]] = set()  # batches waiting for the lock
         if owner:
             self._recover()
+            # From here on a write that finds another process holding the write lock waits
+            # for it on the event loop (`_unlocked`), which serves the other requests
+            # meanwhile, instead of in SQLite's busy handler, which sleeps the whole loop a
+            # millisecond or more at a time.
+            self.db.execute("PRAGMA busy_timeout=0")
 
     def _lock_serving(self) -> IO[bytes] | None:
         """The file's serving lock, taken once per process and held while it lives (None:
@@ -181,13 +200,32 @@ class SQLiteStore(Store):
                 "holds WHERE holds.counter = budget_counters.counter), 0)")
 
     async def admit(self, row: LedgerRow, counters: list[str] | None = None) -> None:
+        await self._unlocked(lambda: self._write_ahead(row))
+
+    def _write_ahead(self, row: LedgerRow) -> None:
         try:
             self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, started, row) "
                             "VALUES (?, ?, ?, ?)",
                             (row.request_id, *PROCESS, row.to_json()))
         except sqlite3.Error as e:
-            raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+            raise (_Busy if _busy(e) else StoreUnavailable)(f"sqlite {self.path}: {e}") from e
         self._wrote()
+
+    async def _unlocked[T](self, write: Callable[[], T]) -> T:
+        """`write()`, which takes the file's write lock first: while another process holds
+        that lock, tried again from the event loop (the other requests go on meanwhile), for
+        up to BUSY_SECONDS in all."""
+        wait, waited = _FIRST_WAIT, 0.0
+        while True:
+            try:
+                return write()
+            except _Busy:
+                if waited >= BUSY_SECONDS:
+                    raise StoreUnavailable(f"sqlite {self.path}: another process has held "
+                                           f"its write lock for {BUSY_SECONDS:g} s") from None
+            await asyncio.sleep(wait)
+            waited += wait
+            wait = min(wait * 2, _LONGEST_WAIT)
 
     def _counter(self, name: str) -> Counter:
         row = self.db.execute("SELECT spent, reserved FROM budget_counters WHERE counter = ?",
@@ -198,7 +236,12 @@ class SQLiteStore(Store):
     def _transaction(self) -> Iterator[None]:
         """One write transaction, taking the write lock up front."""
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                if _busy(e):
+                    raise _Busy(f"sqlite {self.path}: {e}") from e
+                raise
             try:
                 yield
                 self.db.execute("COMMIT")
@@ -232,9 +275,15 @@ class SQLiteStore(Store):
                       limits: list[Limit] | None = None, tokens: int = 0,
                       now: float | None = None) -> Reservation:
         """Rate limits are checked in memory, budgets in one transaction; nothing awaits in
-        between, so on the event loop the two are one atomic step."""
+        between, so on the event loop the two are one atomic step (waiting for another
+        process's write lock comes before both)."""
         limits = limits or []
         now = self.clock() if now is None else now
+        return await self._unlocked(
+            lambda: self._reserve(request_id, holds, amount, limits, tokens, now))
+
+    def _reserve(self, request_id: str, holds: list[Hold], amount: int, limits: list[Limit],
+                 tokens: int, now: float) -> Reservation:
         read = [self.rate_windows.read(lim, lim.amount(tokens), now) for lim in limits]
         windows = [w for _, w in read]
         over = [i for i, (ok, _) in enumerate(read) if not ok]
@@ -298,30 +347,53 @@ class SQLiteStore(Store):
         follow it in the same turn (a burst, under load) at its end, together, in one
         transaction, in the order they were made: the pages they share (the ledger's and its
         index's, the budget counters', the in-flight rows') go to the WAL once per batch, not
-        once per request. (Write-aheads, which decisions wait for, are committed at once.)"""
+        once per request. (Write-aheads, which decisions wait for, are committed at once.)
+        While another process holds the write lock, each waits for it as the lock allows."""
         loop = asyncio.get_running_loop()
         settling = _Settling(counters, reserved, row, limits, released)
         if self._turn_of is not loop:  # (a CLI may run one loop after another)
             self._turn_of = loop
             loop.call_soon(self._commit_settlements)  # the end of this turn
-            with self._transaction():
-                self._settle(settling)
-            self._settled(settling)
+            await self._unlocked(lambda: self._commit_one(settling))
             return
         settling.done = done = loop.create_future()
         self._settling.append(settling)
         await done
 
+    def _commit_one(self, settling: _Settling) -> None:
+        with self._transaction():
+            self._settle(settling)
+        self._settled(settling)
+
     def _commit_settlements(self) -> None:
         batch, self._settling, self._turn_of = self._settling, [], None
         if not batch:  # the turn's first settlement was its only one
             return
+        try:
+            self._commit_batch(batch)
+        except _Busy:  # another process writes: this batch waits for it on the loop
+            task = asyncio.get_running_loop().create_task(self._commit_when_unlocked(batch))
+            self._committing.add(task)
+            task.add_done_callback(self._committing.discard)
+
+    async def _commit_when_unlocked(self, batch: list[_Settling]) -> None:
+        try:
+            await self._unlocked(lambda: self._commit_batch(batch))
+        except StoreUnavailable as e:
+            for s in batch:
+                resolve(s.done, e)
+
+    def _commit_batch(self, batch: list[_Settling]) -> None:
+        """The settlements of `batch`, in one transaction; raises _Busy (nothing written)
+        while another process holds the write lock."""
         began = False
         try:
             with self._transaction():
                 began = True
                 for s in batch:
                     self._settle(s)
+        except _Busy:
+            raise
         except Exception as e:
             if not began:  # the file cannot be written at all: none of them can
                 for s in batch:
@@ -409,6 +481,7 @@ class SQLiteStore(Store):
 
     async def close(self) -> None:
         self._commit_settlements()  # those of this turn, before the file closes
+        await asyncio.gather(*self._committing, return_exceptions=True)
         if self._checkpoints is not None:
             await asyncio.to_thread(self._checkpoints.close)
         self.db.close()
