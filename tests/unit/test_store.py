@@ -15,7 +15,7 @@ from tests.harness import RedisServer
 from tollgate.budgets import Hold, window, window_named
 from tollgate.config.schema import Budget
 from tollgate.ledger import LedgerRow, report
-from tollgate.store import sqlite as sqlite_store
+from tollgate.store import locking
 from tollgate.store.base import Counter, StoreUnavailable
 from tollgate.store.redis import RedisStore
 from tollgate.store.spool import Spooled
@@ -398,7 +398,6 @@ def test_a_batch_of_deletes_that_fails_leaves_later_write_aheads_committed(tmp_p
     replayed as no-ops after a restart) and the write-aheads after it still reach the disk."""
     async def scenario():
         spooled = Spooled(RedisStore(redis_url), tmp_path / "spool.db")
-        spooled.db.execute("PRAGMA busy_timeout = 0")
         await spooled.admit(row("r_done", 0))
         await spooled.finish([], 0, row("r_done", 30))
         other = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
@@ -416,12 +415,13 @@ def test_a_batch_of_deletes_that_fails_leaves_later_write_aheads_committed(tmp_p
 
 
 def test_write_aheads_the_disk_refuses_fail_their_requests_and_leave_no_open_transaction(
-        tmp_path, redis_url):
-    """A spool file another process holds locked: every request of the batch learns its row
-    is not on disk (it is not forwarded on a promise), and the next batch commits."""
+        tmp_path, redis_url, monkeypatch):
+    """A spool file another process holds locked past the gateway's patience: every request
+    of the batch learns its row is not on disk (it is not forwarded on a promise), and the
+    next batch commits."""
+    monkeypatch.setattr(locking, "BUSY_SECONDS", 0.05)
     async def scenario():
         spooled = Spooled(RedisStore(redis_url), tmp_path / "spool.db")
-        spooled.db.execute("PRAGMA busy_timeout = 0")
         other = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
         other.execute("BEGIN EXCLUSIVE")
         failed = await asyncio.gather(spooled.admit(row("r_1", 0)), spooled.admit(row("r_2", 0)),
@@ -432,6 +432,31 @@ def test_write_aheads_the_disk_refuses_fail_their_requests_and_leave_no_open_tra
         assert not spooled.db.in_transaction
         ids = {r for (r,) in other.execute("SELECT request_id FROM inflight")}
         assert ids == {"r_3"}
+        other.close()
+        await spooled.close()
+
+    asyncio.run(scenario())
+
+
+def test_write_aheads_wait_for_another_processs_lock_on_the_spool_on_the_loop(tmp_path,
+                                                                              redis_url):
+    """The node's other ext_proc processes write ahead to the same spool: while one holds its
+    lock, this one's write-aheads wait for it without stopping the event loop, then commit."""
+    async def scenario():
+        spooled = Spooled(RedisStore(redis_url), tmp_path / "spool.db")
+        other = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        loop = asyncio.get_running_loop()
+        admitting = asyncio.gather(spooled.admit(row("r_1", 0)), spooled.admit(row("r_2", 0)))
+        started, ticks = loop.time(), 0
+        while loop.time() - started < 0.2:  # the loop's other work goes on meanwhile
+            await asyncio.sleep(0.001)
+            ticks += 1
+        assert ticks > 20 and not admitting.done()
+        other.execute("COMMIT")
+        await admitting
+        assert {r for (r,) in other.execute("SELECT request_id FROM inflight")} == \
+            {"r_1", "r_2"}
         other.close()
         await spooled.close()
 
@@ -789,7 +814,7 @@ def test_sqlite_settlements_a_file_locked_too_long_refuses_all_fail_and_the_next
     """A state file another process holds locked past the store's patience: every settlement
     waiting for it learns it was not recorded (its caller logs it; its row stays written
     ahead), none is tried again one by one, and once the lock is gone the next commits."""
-    monkeypatch.setattr(sqlite_store, "BUSY_SECONDS", 0.05)
+    monkeypatch.setattr(locking, "BUSY_SECONDS", 0.05)
 
     async def scenario():
         store = SQLiteStore(tmp_path / "state.db")

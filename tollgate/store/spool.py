@@ -10,14 +10,17 @@ import contextlib
 import json
 import logging
 import sqlite3
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from tollgate.budgets import Hold
 from tollgate.fastjson import dumps
 from tollgate.ledger import LedgerRow
 from tollgate.ratelimit import Limit, Window
+from tollgate.store import locking
 from tollgate.store.base import (
     PROCESS,
     Counter,
@@ -40,7 +43,9 @@ class Spooled(Store):
     def __init__(self, inner: Store, path: Path | str, owner: bool = True):
         self.inner = inner
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.path = Path(path)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                  timeout=locking.BUSY_SECONDS)
         self.db.execute("PRAGMA journal_mode=WAL")
         # As the SQLite state: a commit survives the process dying, and costs no fsync.
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -66,6 +71,9 @@ class Spooled(Store):
         self._forgetting: asyncio.TimerHandle | None = None
         if owner:
             self._recover()
+            # Other processes on this node write here too: a write that finds one of them
+            # holding the lock waits for it on the event loop (`locking`), not in SQLite.
+            self.db.execute("PRAGMA busy_timeout=0")
         # Spooled rows wait for replay: settlements replay them first, to keep the ledger in
         # order. Known here rather than asked of the file on every settlement; rows another
         # process spools are replayed by it, or by the gateway's replay loop.
@@ -101,19 +109,49 @@ class Spooled(Store):
         if not batch:  # written already, by close()
             return
         rows = [(row, counters) for row, counters, _ in batch]
-        try:
+
+        def write() -> None:
             self._in_one_transaction(
                 "INSERT OR REPLACE INTO inflight (request_id, pid, started, row, counters) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [(row.request_id, *PROCESS, row.to_json(), dumps(counters or []))
                  for row, counters in rows])
-        except sqlite3.Error as e:
-            for *_, committed in batch:
-                resolve(committed, e)
+
+        try:
+            write()
+        except locking.Busy:  # another process writes here: waited for on the loop
+            self._start(self._admit_when_unlocked(write, batch, rows))
             return
+        except sqlite3.Error as e:
+            self._admitted(batch, rows, e)
+            return
+        self._admitted(batch, rows, None)
+
+    async def _admit_when_unlocked(self, write: Callable[[], None],
+                                   batch: list[tuple[LedgerRow, list[str] | None,
+                                                     asyncio.Future[None]]],
+                                   rows: list[tuple[LedgerRow, list[str] | None]]) -> None:
+        try:
+            await locking.unlocked(write)
+        except locking.Busy as e:  # held too long: they fail, as on any error of this disk
+            self._admitted(batch, rows, e.__cause__ or e)
+        except sqlite3.Error as e:
+            self._admitted(batch, rows, e)
+        else:
+            self._admitted(batch, rows, None)
+
+    def _admitted(self, batch: list[tuple[LedgerRow, list[str] | None, asyncio.Future[None]]],
+                  rows: list[tuple[LedgerRow, list[str] | None]],
+                  failure: Exception | None) -> None:
+        """A batch of write-aheads is on this node's disk (or `failure` says why not): its
+        requests go on, and the rows go to the store, off their path."""
         for *_, committed in batch:
-            resolve(committed, None)
-        task = asyncio.get_running_loop().create_task(self._admit_inner(rows))
+            resolve(committed, failure)
+        if failure is None:
+            self._start(self._admit_inner(rows))
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
 
@@ -128,15 +166,26 @@ class Spooled(Store):
             self.db.executemany(statement, params)
             self.db.execute("COMMIT")
             self._wrote()
-        except sqlite3.Error:
+        except sqlite3.Error as e:
             # Left open, the transaction would take in every later write uncommitted.
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
+            locking.raise_if_busy(e, self.path)
             raise
 
     def _wrote(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.wrote()
+
+    def _write(self, statement: str, params: tuple[object, ...]) -> None:
+        """One statement in its own transaction; `locking.Busy` while another process holds
+        the write lock."""
+        try:
+            self.db.execute(statement, params)
+        except sqlite3.Error as e:
+            locking.raise_if_busy(e, self.path)
+            raise
+        self._wrote()
 
     async def recover(self) -> int:
         return await self.inner.recover()
@@ -154,8 +203,8 @@ class Spooled(Store):
                                     LedgerRow.from_dict(json.loads(row)),
                                     LimitSettlement(**json.loads(limits)) if limits else None,
                                     json.loads(released) if released else None)
-            self.db.execute("DELETE FROM spool WHERE id = ?", (ident,))
-            self._wrote()
+            await locking.unlocked(
+                lambda ident=ident: self._write("DELETE FROM spool WHERE id = ?", (ident,)))
             done += 1
         self._behind = self.pending() > 0  # (spooled while this replay ran)
         if done:
@@ -180,12 +229,12 @@ class Spooled(Store):
                 await self.flush()  # keep the ledger in order
             await self.inner.finish(counters, reserved, row, limits, released)
         except StoreUnavailable as e:
-            self.db.execute("INSERT INTO spool (counters, reserved, row, limits, released) "
-                            "VALUES (?, ?, ?, ?, ?)", (
-                                json.dumps(counters), reserved, row.to_json(),
-                                json.dumps(asdict(limits)) if limits else None,
-                                json.dumps(released) if released else None))
-            self._wrote()
+            spooled = (json.dumps(counters), reserved, row.to_json(),
+                       json.dumps(asdict(limits)) if limits else None,
+                       json.dumps(released) if released else None)
+            await locking.unlocked(lambda: self._write(
+                "INSERT INTO spool (counters, reserved, row, limits, released) "
+                "VALUES (?, ?, ?, ?, ?)", spooled))
             self._behind = True
             log.warning("state store unavailable (%s); request %s spooled for replay", e,
                         row.request_id)
@@ -219,11 +268,18 @@ class Spooled(Store):
         try:
             self._in_one_transaction("DELETE FROM inflight WHERE request_id = ?",
                                      [(r,) for r in settled])
+        except locking.Busy:  # another process writes here: with the next batch
+            self._settled = settled + self._settled
+            self._forgetting = asyncio.get_running_loop().call_later(FORGET_EVERY,
+                                                                    self._forget_now)
         except sqlite3.Error as e:
             log.warning("could not delete the in-flight rows of %d settled requests (%s); a "
                         "restart replays them, which changes nothing", len(settled), e)
 
     async def close(self) -> None:
+        # The last writes may wait for another process's lock in SQLite itself: nothing
+        # else is served any more.
+        self.db.execute(f"PRAGMA busy_timeout={int(locking.BUSY_SECONDS * 1000)}")
         if self._forgetting is not None:
             self._forgetting.cancel()
         self._forget_now()

@@ -8,7 +8,7 @@ write lock up front, so a reservation's check and its increments cannot interlea
 another writer (a CLI, a second process on the same file). Settlements are the exception:
 those that follow another in the same turn of the loop are committed together at its end (see
 `finish`). A write that finds the write lock held waits for it on the loop, not in SQLite's
-busy handler (see `_unlocked`).
+busy handler (see `tollgate.store.locking`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import IO
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
 from tollgate.ratelimit import SLIDING_SECONDS, Limit, Window
+from tollgate.store import locking
 from tollgate.store.base import (
     PROCESS,
     Counter,
@@ -80,18 +81,6 @@ CREATE TABLE IF NOT EXISTS holds (
 _COLUMNS = [c for c in LedgerRow.__dataclass_fields__]
 # The serving locks this process holds, by state file (see `SQLiteStore.serves_alone`).
 _SERVING: dict[str, IO[bytes]] = {}
-# How long a write waits for another process's hold on the file's write lock (a second
-# gateway process, a CLI) before the store counts as unavailable.
-BUSY_SECONDS = 10.0
-_FIRST_WAIT, _LONGEST_WAIT = 0.0002, 0.01  # seconds between tries, doubling
-
-
-class _Busy(StoreUnavailable):
-    """Another connection holds the file's write lock: nothing was written, try again."""
-
-
-def _busy(e: sqlite3.Error) -> bool:
-    return (getattr(e, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
 
 
 @dataclasses.dataclass(slots=True)
@@ -145,7 +134,7 @@ class SQLiteStore(Store):
         if owner:
             self._recover()
             # From here on a write that finds another process holding the write lock waits
-            # for it on the event loop (`_unlocked`), which serves the other requests
+            # for it on the event loop (`locking.unlocked`), which serves the other requests
             # meanwhile, instead of in SQLite's busy handler, which sleeps the whole loop a
             # millisecond or more at a time.
             self.db.execute("PRAGMA busy_timeout=0")
@@ -200,7 +189,7 @@ class SQLiteStore(Store):
                 "holds WHERE holds.counter = budget_counters.counter), 0)")
 
     async def admit(self, row: LedgerRow, counters: list[str] | None = None) -> None:
-        await self._unlocked(lambda: self._write_ahead(row))
+        await locking.unlocked(lambda: self._write_ahead(row))
 
     def _write_ahead(self, row: LedgerRow) -> None:
         try:
@@ -208,24 +197,9 @@ class SQLiteStore(Store):
                             "VALUES (?, ?, ?, ?)",
                             (row.request_id, *PROCESS, row.to_json()))
         except sqlite3.Error as e:
-            raise (_Busy if _busy(e) else StoreUnavailable)(f"sqlite {self.path}: {e}") from e
+            locking.raise_if_busy(e, self.path)
+            raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
         self._wrote()
-
-    async def _unlocked[T](self, write: Callable[[], T]) -> T:
-        """`write()`, which takes the file's write lock first: while another process holds
-        that lock, tried again from the event loop (the other requests go on meanwhile), for
-        up to BUSY_SECONDS in all."""
-        wait, waited = _FIRST_WAIT, 0.0
-        while True:
-            try:
-                return write()
-            except _Busy:
-                if waited >= BUSY_SECONDS:
-                    raise StoreUnavailable(f"sqlite {self.path}: another process has held "
-                                           f"its write lock for {BUSY_SECONDS:g} s") from None
-            await asyncio.sleep(wait)
-            waited += wait
-            wait = min(wait * 2, _LONGEST_WAIT)
 
     def _counter(self, name: str) -> Counter:
         row = self.db.execute("SELECT spent, reserved FROM budget_counters WHERE counter = ?",
@@ -239,8 +213,7 @@ class SQLiteStore(Store):
             try:
                 self.db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as e:
-                if _busy(e):
-                    raise _Busy(f"sqlite {self.path}: {e}") from e
+                locking.raise_if_busy(e, self.path)
                 raise
             try:
                 yield
@@ -279,7 +252,7 @@ class SQLiteStore(Store):
         process's write lock comes before both)."""
         limits = limits or []
         now = self.clock() if now is None else now
-        return await self._unlocked(
+        return await locking.unlocked(
             lambda: self._reserve(request_id, holds, amount, limits, tokens, now))
 
     def _reserve(self, request_id: str, holds: list[Hold], amount: int, limits: list[Limit],
@@ -354,7 +327,7 @@ class SQLiteStore(Store):
         if self._turn_of is not loop:  # (a CLI may run one loop after another)
             self._turn_of = loop
             loop.call_soon(self._commit_settlements)  # the end of this turn
-            await self._unlocked(lambda: self._commit_one(settling))
+            await locking.unlocked(lambda: self._commit_one(settling))
             return
         settling.done = done = loop.create_future()
         self._settling.append(settling)
@@ -371,20 +344,20 @@ class SQLiteStore(Store):
             return
         try:
             self._commit_batch(batch)
-        except _Busy:  # another process writes: this batch waits for it on the loop
+        except locking.Busy:  # another process writes: this batch waits for it on the loop
             task = asyncio.get_running_loop().create_task(self._commit_when_unlocked(batch))
             self._committing.add(task)
             task.add_done_callback(self._committing.discard)
 
     async def _commit_when_unlocked(self, batch: list[_Settling]) -> None:
         try:
-            await self._unlocked(lambda: self._commit_batch(batch))
+            await locking.unlocked(lambda: self._commit_batch(batch))
         except StoreUnavailable as e:
             for s in batch:
                 resolve(s.done, e)
 
     def _commit_batch(self, batch: list[_Settling]) -> None:
-        """The settlements of `batch`, in one transaction; raises _Busy (nothing written)
+        """The settlements of `batch`, in one transaction; raises Busy (nothing written)
         while another process holds the write lock."""
         began = False
         try:
@@ -392,7 +365,7 @@ class SQLiteStore(Store):
                 began = True
                 for s in batch:
                     self._settle(s)
-        except _Busy:
+        except locking.Busy:
             raise
         except Exception as e:
             if not began:  # the file cannot be written at all: none of them can
