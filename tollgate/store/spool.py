@@ -42,15 +42,15 @@ FORGET_EVERY = 0.1
 class Spooled(Store):
     def __init__(self, inner: Store, path: Path | str, owner: bool = True):
         self.inner = inner
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                   timeout=locking.BUSY_SECONDS)
         self.db.execute("PRAGMA journal_mode=WAL")
         # As the SQLite state: a commit survives the process dying, and costs no fsync.
         self.db.execute("PRAGMA synchronous=NORMAL")
         # A serving gateway copies the log back into the file off the event loop.
-        self._checkpoints = Checkpointer(self.db, Path(path)) if owner else None
+        self._checkpoints = Checkpointer(self.db, self.path) if owner else None
         self.db.execute("CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY "
                         "AUTOINCREMENT, counters TEXT, reserved INTEGER, row TEXT, limits TEXT)")
         spooled = {c[1] for c in self.db.execute("PRAGMA table_info(spool)")}
