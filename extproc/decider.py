@@ -170,16 +170,19 @@ NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
 class Decider(asyncio.Protocol):
     """Serves the filters' requests on one keep-alive connection, one after another, as a
     protocol rather than a stream reader: a meter post is settled inside `data_received`
-    with no task, and a decision costs one task, not a reader's coroutines per read."""
+    with no task, and a decision costs one task, started eagerly, not a reader's coroutines
+    per read."""
 
     def __init__(self, processor: ExternalProcessor) -> None:
         self.processor = processor
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.deciding: asyncio.Task[None] | None = None  # answers go back in order
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's: no subclass
+        self.loop = asyncio.get_running_loop()
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A decision under way runs to its end (its admission is not cut in half); its
@@ -221,26 +224,33 @@ class Decider(asyncio.Protocol):
                 self.transport.close()
                 self.transport = None
                 return
-            self.deciding = asyncio.ensure_future(self._decide(headers, body, declared))
+            # Started eagerly: a decision that waits for nothing (the SQLite state, unless
+            # another process holds its lock) is answered here, in this callback, with no
+            # task scheduled and no turn of the loop (other callbacks first) in between.
+            deciding = asyncio.Task(self._decide(headers, body, declared),
+                                    loop=self.loop, eager_start=True)
+            if not deciding.done():
+                self.deciding = deciding
+                deciding.add_done_callback(self._decided)
+
+    def _decided(self, _: asyncio.Task[None]) -> None:
+        self.deciding = None
+        self._serve()  # requests that came while this one was decided
 
     async def _decide(self, headers: dict[str, str], body: bytes | None,
                       declared: int | None) -> None:
+        reply = _encode(500, [], b"")  # the filter answers the client 500
         try:
-            reply = _encode(500, [], b"")  # the filter answers the client 500
+            decision = await self.processor.decide(headers, body, declared)
+        except Exception:  # answered at once, not left to time out as an outage
+            log.exception("a request could not be decided")
+        else:
             try:
-                decision = await self.processor.decide(headers, body, declared)
-            except Exception:  # answered at once, not left to time out as an outage
-                log.exception("a request could not be decided")
-            else:
-                try:
-                    reply = answer(decision)
-                except ValueError as e:
-                    log.error("a decision could not be put in HTTP headers: %s", e)
-            if self.transport is not None:
-                self.transport.write(reply)
-        finally:
-            self.deciding = None
-        self._serve()  # a request that came while this one was decided
+                reply = answer(decision)
+            except ValueError as e:
+                log.error("a decision could not be put in HTTP headers: %s", e)
+        if self.transport is not None:
+            self.transport.write(reply)
 
     def _meter(self, head: Head, payload: bytes) -> None:
         request_id = head.fields.get(b"x-tollgate-request", "")

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from extproc.decider import BadRequest, answer, client_request, response_head
+from extproc.decider import BadRequest, Decider, answer, client_request, response_head
 from extproc.service import Forwarding
 from tollgate.request import Reply
 
@@ -167,6 +167,34 @@ async def test_requests_are_answered_in_order_however_their_bytes_arrive(decider
         ("decided", "/a"), ("decided", "/slow"), ("metered", "r1", 0, False, b"{}"),
         ("metered", "r1", 1, False, b"more"), ("decided", "/b")]
     writer.close()
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+async def test_a_decision_that_waits_for_nothing_is_answered_in_the_read_that_brought_it():
+    # No turn of the loop between the request and its answer, where other callbacks (a
+    # batch of settlements) would run first; one that waits keeps those behind it waiting.
+    transport = _Transport()
+    protocol = Decider(_Processor())  # type: ignore[arg-type]
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(_decide("/a") + _decide("/slow") + _decide("/b"))
+    assert [a.rpartition(b"\r\n\r\n")[2] for a in transport.sent] == [b"/a b''"]
+    await asyncio.wait_for(_until(lambda: len(transport.sent) == 3), 10)
+    assert [a.rpartition(b"\r\n\r\n")[2] for a in transport.sent] == [
+        b"/a b''", b"/slow b''", b"/b b''"]
+    protocol.data_received(_decide("/c"))
+    assert transport.sent[-1].endswith(b"/c b''")
+
+
+async def _until(done) -> None:
+    while not done():
+        await asyncio.sleep(0.01)
 
 
 async def test_a_decision_that_fails_is_answered_500_and_the_connection_serves_on(decider):
