@@ -278,6 +278,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         """`process`: this process's index when ext_proc runs as several (see
         `envoy_config.route_config`)."""
         self.gateway = gateway
+        # An exchange ends with the meter's last post, which Envoy sends as it passes the
+        # response's end on to the client: nothing is left to hold back. Settled at once,
+        # while its client reads, not a millisecond later, when the client's next request
+        # is likely being decided on this same loop.
+        gateway.settle_after = 0.0
         self.process = process
         self._pending: dict[str, _Pending] = {}  # forwarded, until settled
         self._rewrites: dict[str, _Pending] = {}  # forwarded, waiting for the rewrite

@@ -53,7 +53,7 @@ from tollgate.store import LimitSettlement, Store, StoreUnavailable, open_store
 from tollgate.store.spool import Spooled
 
 log = logging.getLogger("tollgate")
-# How long after its exchange ends a request is settled (see Gateway._finish).
+# How long after its exchange ends a request is settled, by default (see Gateway._finish).
 SETTLE_AFTER = 0.001
 
 # The gateway's code for a status the proxy answered with itself.
@@ -93,6 +93,9 @@ class Gateway:
         self.holder = holder
         self.siblings = siblings
         self.dry_run = dry_run
+        # How long after its exchange ends a request is settled: a host whose exchanges end
+        # once the client has the response's end settles at once (see `_finish`).
+        self.settle_after = SETTLE_AFTER
         self._index_for: tuple[LoadedConfig, KeyIndex] | None = None
         self._store = store
         # (state, spool, lease, ledger rows) the store was opened with
@@ -479,7 +482,8 @@ class Gateway:
         # mitmproxy runs new tasks eagerly, up to their first await, and sends a stream's
         # end some turns of its loop after the hook that ends the exchange: settled at once,
         # the request (a SQLite state never awaits) would hold that end back.
-        await asyncio.sleep(SETTLE_AFTER)
+        if self.settle_after:
+            await asyncio.sleep(self.settle_after)
         self._in_flight.pop(row.request_id, None)
         if exchange is not None:  # its span, metrics and access-log line
             try:

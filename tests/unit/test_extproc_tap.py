@@ -22,12 +22,17 @@ from extproc import service
 from extproc.decider import start_decider
 from extproc.listen import Listener
 from extproc.service import ExternalProcessor
+from tollgate import gateway as gateway_module
 from tollgate.cli.main import cli
 from tollgate.gateway import Gateway
 
 
 @pytest.fixture
 def processor(config_dir: Path, monkeypatch) -> tuple[ExternalProcessor, str]:
+    return _processor(config_dir, monkeypatch)
+
+
+def _processor(config_dir: Path, monkeypatch) -> tuple[ExternalProcessor, str]:
     monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "tap-pepper")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
     path = config_dir / "gateway.yaml"
@@ -178,6 +183,33 @@ async def test_a_request_envoy_speaks_of_is_not_swept_and_is_settled_at_its_last
     (row,) = await settled(proc)
     assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "completed", 90000)
     assert row.cost_micros > 0 and not proc._pending
+    await proc.gateway.close()
+
+
+async def test_a_request_is_settled_at_its_last_post_not_a_moment_later(config_dir,
+                                                                        monkeypatch):
+    # The mitmproxy host waits before settling (it sends a stream's end some turns after
+    # the hook that ends it); Envoy has passed the end on with the last post: settling
+    # then is done while the client reads, not while its next request is decided.
+    monkeypatch.setattr(gateway_module, "SETTLE_AFTER", 3600.0)
+    proc, secret = _processor(config_dir, monkeypatch)
+    client, body = chat_request(secret)
+    result = json.dumps({"choices": [], "usage": {"prompt_tokens": 3,
+                                                  "completion_tokens": 5}}).encode()
+    async with decision_service(proc) as (http, _):
+        answer = await post(http, client, body)
+        request_id = answer.headers["x-tollgate-meta-request_id"]
+        await meter_post(http, request_id, 0, result, last=True, head={
+            ":status": "200", "content-type": "application/json",
+            "content-length": str(len(result))})
+
+        async def recorded() -> list:
+            while not (rows := await proc.gateway.store().rows()):
+                await asyncio.sleep(0.01)
+            return rows
+
+        (row,) = await asyncio.wait_for(recorded(), 10)
+    assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "completed", 5)
     await proc.gateway.close()
 
 
