@@ -94,7 +94,7 @@ class Gateway:
         self.siblings = siblings
         self.dry_run = dry_run
         # How long after its exchange ends a request is settled: a host whose exchanges end
-        # once the client has the response's end settles at once (see `_finish`).
+        # as the response's end goes on to the client (Envoy's) settles at once (`_finish`).
         self.settle_after = SETTLE_AFTER
         self._index_for: tuple[LoadedConfig, KeyIndex] | None = None
         self._store = store
