@@ -31,20 +31,25 @@ BACKSTOP_PAGES = 4096  # 16 MiB of log at SQLite's 4 KiB pages
 
 class Checkpointer:
     """Checkpoints the WAL of `db`'s file from a thread, once `every` rows have been written
-    since the last time (`wrote()` after each commit)."""
+    since the last time (`wrote()` after each commit). A connection that does not serve
+    (`serving` False: a CLI's) starts no thread and keeps SQLite's own checkpoints."""
 
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
-        db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+    def __init__(self, db: sqlite3.Connection, path: Path, serving: bool = True) -> None:
         self.db, self.path, self.every = db, path, EVERY
         self._asked_at = db.total_changes
         self._wrote = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"tollgate-checkpoint {path}")
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if serving:
+            db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"tollgate-checkpoint {path}")
+            self._thread.start()
 
     def wrote(self) -> None:
         """A commit has added to the log (called on the writing connection's thread)."""
+        if self._thread is None:
+            return
         changes = self.db.total_changes
         if changes - self._asked_at >= self.every:
             self._asked_at = changes
@@ -82,6 +87,8 @@ class Checkpointer:
 
     def close(self) -> None:
         """Stop the thread (a copy under way ends first)."""
+        if self._thread is None:
+            return
         self._stop.set()
         self._wrote.set()
         self._thread.join()

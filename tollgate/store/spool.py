@@ -50,7 +50,7 @@ class Spooled(Store):
         # As the SQLite state: a commit survives the process dying, and costs no fsync.
         self.db.execute("PRAGMA synchronous=NORMAL")
         # A serving gateway copies the log back into the file off the event loop.
-        self._checkpoints = Checkpointer(self.db, self.path) if owner else None
+        self._checkpoints = Checkpointer(self.db, self.path, serving=owner)
         self.db.execute("CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY "
                         "AUTOINCREMENT, counters TEXT, reserved INTEGER, row TEXT, limits TEXT)")
         spooled = {c[1] for c in self.db.execute("PRAGMA table_info(spool)")}
@@ -165,17 +165,13 @@ class Spooled(Store):
             self.db.execute("BEGIN")
             self.db.executemany(statement, params)
             self.db.execute("COMMIT")
-            self._wrote()
+            self._checkpoints.wrote()
         except sqlite3.Error as e:
             # Left open, the transaction would take in every later write uncommitted.
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             locking.raise_if_busy(e, self.path)
             raise
-
-    def _wrote(self) -> None:
-        if self._checkpoints is not None:
-            self._checkpoints.wrote()
 
     def _write(self, statement: str, params: tuple[object, ...]) -> None:
         """One statement in its own transaction; `locking.Busy` while another process holds
@@ -185,7 +181,7 @@ class Spooled(Store):
         except sqlite3.Error as e:
             locking.raise_if_busy(e, self.path)
             raise
-        self._wrote()
+        self._checkpoints.wrote()
 
     async def recover(self) -> int:
         return await self.inner.recover()
@@ -286,6 +282,5 @@ class Spooled(Store):
         self._admit_batch()  # write-aheads of this turn, whose batch has not gone yet
         await asyncio.gather(*self._writing, return_exceptions=True)
         await self.inner.close()
-        if self._checkpoints is not None:
-            await asyncio.to_thread(self._checkpoints.close)
+        await asyncio.to_thread(self._checkpoints.close)
         self.db.close()

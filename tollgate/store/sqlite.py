@@ -129,7 +129,7 @@ class SQLiteStore(Store):
         # them, or each would admit the full limit (see `serves_alone`).
         self._serve_lock = self._lock_serving() if owner else None
         # A serving gateway copies its log back into the file off the event loop.
-        self._checkpoints = Checkpointer(self.db, self.path) if owner else None
+        self._checkpoints = Checkpointer(self.db, self.path, serving=owner)
         self._committing: set[asyncio.Task[None]] = set()  # batches waiting for the lock
         if owner:
             self._recover()
@@ -199,7 +199,7 @@ class SQLiteStore(Store):
         except sqlite3.Error as e:
             locking.raise_if_busy(e, self.path)
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
-        self._wrote()
+        self._checkpoints.wrote()
 
     def _counter(self, name: str) -> Counter:
         row = self.db.execute("SELECT spent, reserved FROM budget_counters WHERE counter = ?",
@@ -218,17 +218,13 @@ class SQLiteStore(Store):
             try:
                 yield
                 self.db.execute("COMMIT")
-                self._wrote()
+                self._checkpoints.wrote()
             except BaseException:
                 if self.db.in_transaction:
                     self.db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
-
-    def _wrote(self) -> None:
-        if self._checkpoints is not None:
-            self._checkpoints.wrote()
 
     def _load_windows(self, now: float) -> None:
         """The windows of requests settled before this store opened (a restart, a CLI)."""
@@ -455,7 +451,6 @@ class SQLiteStore(Store):
     async def close(self) -> None:
         self._commit_settlements()  # those of this turn, before the file closes
         await asyncio.gather(*self._committing, return_exceptions=True)
-        if self._checkpoints is not None:
-            await asyncio.to_thread(self._checkpoints.close)
+        await asyncio.to_thread(self._checkpoints.close)
         self.db.close()
 
