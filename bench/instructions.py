@@ -45,7 +45,7 @@ from typing import Any
 
 import httpx
 
-from bench.latency import BODY, PROVIDER_KEY, _Url
+from bench.latency import BODY, PROVIDER_KEY, _Url, with_state
 from bench.quick import QUIET, governed, mitmdump_command
 from bench.scaling import compiled_provider, plain_envoy
 from bench.transport import bare_service
@@ -121,8 +121,7 @@ def plain(workdir: Path, provider_url: str, n: int) -> float:
 def _setup(workdir: Path, provider_url: str, redis: RedisServer | None) -> tuple[Path, str]:
     config = make_config(workdir, _Url(provider_url), _Url(f"http://127.0.0.1:{free_port()}"))
     if redis is not None:
-        config.write_text(config.read_text().replace(
-            'state: "sqlite:///.tollgate/state.db"', f'state: "{redis.url}"'))
+        config.write_text(with_state(config, redis.url))
     return config, governed(config)
 
 

@@ -63,14 +63,23 @@ def bench_setup(prefix: str) -> tuple[Path, int, subprocess.Popen[bytes]]:
     return Path(tempfile.mkdtemp(prefix=prefix)), port, start_fake(port)
 
 
+MADE_STATE = 'state: "sqlite:///.tollgate/state.db"'  # the state line make_config writes
+
+
+def with_state(config: Path, url: str) -> str:
+    """`config`'s text on the state at `url` instead of the one it was made with (refused if
+    that line is not there: the benchmark would silently measure the wrong state)."""
+    text = config.read_text()
+    if MADE_STATE not in text:
+        raise ValueError(f"{config} does not hold `{MADE_STATE}` to replace")
+    return text.replace(MADE_STATE, f'state: "{url}"')
+
+
 def own_state(config: Path, name: str) -> Path:
     """The config beside `config` with a state file of its own: rate limits on SQLite are
     kept by the one process serving the file, so each gateway measured has its own."""
-    text = config.read_text()
-    old = 'state: "sqlite:///.tollgate/state.db"'
-    assert old in text, "the config's state line moved"
     copy = config.with_name(f"gateway-{name}.yaml")
-    copy.write_text(text.replace(old, f'state: "sqlite:///.tollgate/state-{name}.db"'))
+    copy.write_text(with_state(config, f"sqlite:///.tollgate/state-{name}.db"))
     return copy
 
 

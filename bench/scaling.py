@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.latency import BODY, PROVIDER_KEY, _Url, new_key
+from bench.latency import BODY, PROVIDER_KEY, _Url, new_key, with_state
 from bench.quick import governed
 from extproc.runner import envoy_binary
 from tests.conftest import make_config
@@ -193,12 +193,9 @@ def use_state(config: Path, workdir: Path, state: str) -> tuple[str, RedisServer
     started in `workdir`, for the caller to stop): its name, and the server."""
     if state == "sqlite":
         return "SQLite", None
-    made = 'state: "sqlite:///.tollgate/state.db"'
-    text = config.read_text()
-    if made not in text:
-        raise ValueError(f"{config} does not hold `{made}` for Redis to replace")
+    with_state(config, "redis://")  # refused before a server is started for nothing
     redis = RedisServer(workdir / "redis").start()
-    config.write_text(text.replace(made, f'state: "{redis.url}"'))
+    config.write_text(with_state(config, redis.url))
     return "Redis", redis
 
 
