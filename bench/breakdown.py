@@ -1,6 +1,6 @@
 """Where the Envoy host's added time goes, stage by stage, as Envoy itself times them.
 
-    python -m bench.breakdown [--requests 400]
+    python -m bench.breakdown [--requests 400] [--pin-provider CPUS]
 
 The same chat completion is sent sequentially, round-robin, to the provider directly, to plain
 Envoy (one route to it) and to tollgate's Envoy host on the governed profile (SQLite state):
@@ -11,7 +11,10 @@ log of their streams' timestamps (`%COMMON_DURATION%`), from which each stage's 
 - `to provider`: from the request's first byte to its first byte upstream (DS_RX_BEG to
   US_TX_BEG). Plain Envoy routes on the head and streams the body on; tollgate's decide
   filter takes the whole body, then the decision service's round trip and the Lua around it;
-- `provider`: the provider's time, as Envoy sees it (US_TX_BEG to US_RX_END);
+- `provider`: the provider's time, as Envoy sees it (US_TX_BEG to US_RX_END), in two parts:
+  `provider's own`, from the request's last byte upstream to the response's first (US_TX_END
+  to US_RX_BEG), and `response in`, the response received (US_RX_BEG to US_RX_END), which
+  holds the filters' work on its head and body as they arrive, tollgate's meter among them;
 - `response head`: the provider's response head through the filters (US_RX_BEG to
   DS_TX_BEG), tollgate's meter among them;
 - `response end`: the last byte from the provider to the last to the client (US_RX_END to
@@ -23,13 +26,21 @@ Then the decision service's own time per request, the mean of its
 runs after the response has gone on): what `to provider` spends beyond it is the transport
 between Envoy and the decision service and the decide filter's Lua. The client's p50 for each
 path says how much of what the host adds these stages account for.
+
+The fake provider shares the machine's cores with the gateway, and the kernel places it as it
+wakes: next to a process still running (the decision service, just after it answers), it may
+wait for a core, and `provider's own` grows while `response in` shrinks. `--pin-provider 1`
+keeps every thread of it on the cores named. Where it runs moves time between those two parts
+more than it changes `provider` or `in Envoy`: compare those.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -50,6 +61,8 @@ POINTS = {  # stage -> (from, to), Envoy's stream timestamps
     "request in": ("DS_RX_BEG", "DS_RX_END"),
     "to provider": ("DS_RX_BEG", "US_TX_BEG"),
     "provider": ("US_TX_BEG", "US_RX_END"),
+    "provider's own": ("US_TX_END", "US_RX_BEG"),
+    "response in": ("US_RX_BEG", "US_RX_END"),
     "response head": ("US_RX_BEG", "DS_TX_BEG"),
     "response end": ("US_RX_END", "DS_TX_END"),
     "in Envoy": ("DS_RX_BEG", "DS_TX_END"),
@@ -86,6 +99,25 @@ def stages(log: Path, skip: int) -> dict[str, float]:
         values = [int(r[i]) for r in rows if r[i] != "-"]
         out[name] = statistics.median(values) / 1000 if values else float("nan")
     return out
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Keep every thread of process `pid` on `cpus` (threads it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # a thread that has ended since
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def cpu_list(text: str) -> set[int]:
+    """`1` or `0,2-3` as a set of CPU numbers, each one this machine has."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    unknown = cpus - os.sched_getaffinity(0)
+    if not cpus or unknown:
+        raise argparse.ArgumentTypeError(f"not CPUs this process may use: {sorted(unknown)}")
+    return cpus
 
 
 def overhead(admin: str) -> tuple[float, float]:
@@ -142,12 +174,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--pin-provider", type=cpu_list, metavar="CPUS",
+                        help="keep the fake provider on these CPUs (e.g. 1 or 0,2-3)")
     args = parser.parse_args()
     warm = 20
     workdir, fake_port, fake = bench_setup("tollgate-bench-breakdown-")
     procs: list[subprocess.Popen[bytes]] = [fake]
     direct = f"http://127.0.0.1:{fake_port}"
     try:
+        if args.pin_provider:
+            pin(fake.pid, args.pin_provider)
         plain_log = workdir / "plain-stages.log"
         plain, plain_url = plain_envoy(workdir, fake_port, access_log=access_log(plain_log))
         procs.append(plain)
@@ -180,6 +216,8 @@ def main() -> int:
         p50 = statistics.median(values)
         print(f"{name:<16} {p50:>7.3f} {p50 - base:>+7.3f}")
     header = f"{'Envoy stage':<16} {'plain':>7} {'tollgate':>9} {'added':>7}"
+    if args.pin_provider:
+        print(f"\n(the fake provider kept on CPUs {sorted(args.pin_provider)})")
     print(f"\n{header}\n{'-' * len(header)}")
     for name in POINTS:
         a, b = plain_stages[name], tollgate_stages[name]

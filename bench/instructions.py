@@ -45,8 +45,8 @@ from typing import Any
 
 import httpx
 
-from bench.latency import BODY, PROVIDER_KEY, _Url, with_state
-from bench.quick import QUIET, governed, mitmdump_command
+from bench.latency import BODY, PROVIDER_KEY, QUIET, _Url, with_state
+from bench.quick import governed, mitmdump_command
 from bench.scaling import compiled_provider, plain_envoy
 from bench.transport import bare_service
 from extproc import eventloop

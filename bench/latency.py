@@ -63,6 +63,10 @@ def bench_setup(prefix: str) -> tuple[Path, int, subprocess.Popen[bytes]]:
     return Path(tempfile.mkdtemp(prefix=prefix)), port, start_fake(port)
 
 
+# mitmdump is measured quiet (-q: no flow lines, its log at errors only); so is the
+# mitmproxy host, whose lines would otherwise be counted as the gateway's cost.
+QUIET = {"mitmproxy": ["--", "-q"]}
+
 MADE_STATE = 'state: "sqlite:///.tollgate/state.db"'  # the state line make_config writes
 
 
@@ -222,7 +226,8 @@ def main() -> None:
     gateways = []
     try:
         for host in args.hosts.split(","):
-            gw = GatewayProcess(host, own_state(config, host), workdir).start()
+            gw = GatewayProcess(host, own_state(config, host), workdir,
+                                extra=QUIET.get(host)).start()
             gateways.append(gw)
             for suffix, secret in keys.items():
                 paths[host + suffix] = (gw.url, {"authorization": f"Bearer {secret}"})
@@ -248,7 +253,7 @@ def main() -> None:
         try:
             for gw in list(gateways):
                 exporting = GatewayProcess(gw.host, own_state(config, f"{gw.host}-otlp"),
-                                           workdir, env=env).start()
+                                           workdir, env=env, extra=QUIET.get(gw.host)).start()
                 gateways.append(exporting)
                 traced[gw.host] = asyncio.run(interleaved(
                     (f"{gw.url}/v1/chat/completions", plain),

@@ -50,6 +50,7 @@ import httpx
 from bench.latency import (
     BODY,
     PROVIDER_KEY,
+    QUIET,
     _Url,
     bench_setup,
     concurrent,
@@ -106,11 +107,6 @@ def plain_envoy(workdir: Path, upstream: int, access_log: dict[str, object] | No
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _answers(url), timeout=20, what="plain Envoy")
     return proc, url
-
-
-# mitmdump is measured quiet (-q: no flow lines, its log at errors only); so is the
-# mitmproxy host, whose lines would otherwise be counted as the gateway's cost.
-QUIET = {"mitmproxy": ["--", "-q"]}
 
 
 def mitmdump_command(upstream_url: str, port: int) -> list[str]:

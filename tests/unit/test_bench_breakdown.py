@@ -1,12 +1,16 @@
 """bench.breakdown: its stage log goes into tollgate's rendered bootstrap as Envoy accepts it,
 and each stage's p50 is read from the lines after the warm-up."""
 
+import argparse
 import math
+import os
 import subprocess
+import sys
 
+import pytest
 import yaml
 
-from bench.breakdown import POINTS, stages, with_access_log
+from bench.breakdown import POINTS, cpu_list, pin, stages, with_access_log
 from bench.latency import _Url
 from extproc.runner import envoy_binary
 from tests.conftest import make_config
@@ -33,10 +37,36 @@ def test_the_stage_log_joins_the_rendered_listener_and_envoy_accepts_it(tmp_path
 def test_each_stage_is_the_median_after_the_warm_up_in_ms(tmp_path):
     log = tmp_path / "stages.log"
     warm = " ".join(["999999"] * len(POINTS))
-    lines = [warm, warm, "100 - 300 40 5 900", "300 - 500 60 7 1100", "200 - 400 50 6 1000"]
+    lines = [warm, warm, "100 - 300 200 90 40 5 900", "300 - 500 400 80 60 7 1100",
+             "200 - 400 300 70 50 6 1000"]
     log.write_text("\n".join(lines) + "\n")
     found = stages(log, skip=2)
     assert found["request in"] == 0.2
     assert found["provider"] == 0.4
+    assert found["provider's own"] == 0.3
+    assert found["response in"] == 0.08
     assert found["in Envoy"] == 1.0
     assert math.isnan(found["to provider"])  # Envoy had no such span for any of them
+
+
+def test_the_provider_is_kept_on_the_cpus_named_every_thread_of_it():
+    mine = sorted(os.sched_getaffinity(0))
+    assert cpu_list(",".join(map(str, mine))) == set(mine)
+    assert cpu_list(f"{mine[0]}-{mine[-1]}") >= set(mine)
+    for wrong in ("99999", "", "x"):
+        with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+            cpu_list(wrong)
+    # A process with a second thread, as the fake provider's executor would have.
+    child = subprocess.Popen([sys.executable, "-c", "import threading, time; threading.Thread("
+                              "target=time.sleep, args=(60,), daemon=True).start(); "
+                              "print('up', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "up\n"
+        pin(child.pid, {mine[0]})
+        tasks = os.listdir(f"/proc/{child.pid}/task")
+        assert len(tasks) == 2
+        assert all(os.sched_getaffinity(int(t)) == {mine[0]} for t in tasks)
+    finally:
+        child.kill()
+        child.wait()
