@@ -809,6 +809,49 @@ def test_sqlite_settlements_of_one_turn_commit_together_one_that_fails_fails_alo
     asyncio.run(scenario())
 
 
+def test_sqlite_settlements_tried_alone_wait_for_a_lock_another_process_took_meanwhile(
+        tmp_path, monkeypatch):
+    """A batch with a settlement that cannot be written is tried again one by one; another
+    process takes the write lock just after that one fails: the settlements still to go wait
+    for the lock, as a batch does, and are recorded once it is let go, not lost (their
+    requests would be charged their input alone)."""
+    import tollgate.store.sqlite as sqlite_store
+
+    h = hold(1.0)
+
+    async def scenario():
+        store = SQLiteStore(tmp_path / "state.db")
+        for r in ("r5", "r6", "r7"):
+            assert (await store.reserve(r, [h], 100)).granted
+            await store.admit(replace(row(r, 1), outcome="interrupted"), [h.counter])
+        other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        loop = asyncio.get_running_loop()
+        original = sqlite_store.resolve
+
+        def resolve(done, outcome):  # r5 has failed alone: another process writes now
+            if isinstance(outcome, OverflowError):
+                other.execute("BEGIN IMMEDIATE")
+                loop.call_later(0.05, other.execute, "COMMIT")
+            original(done, outcome)
+
+        monkeypatch.setattr(sqlite_store, "resolve", resolve)
+        outcomes = await asyncio.gather(
+            store.finish([], 0, row("r_first", 0)),  # committed at once
+            store.finish([h.counter], 100, row("r5", 2 ** 63)),  # past SQLite's INTEGER
+            store.finish([h.counter], 100, row("r6", 60)),
+            store.finish([h.counter], 100, row("r7", 70)), return_exceptions=True)
+        assert isinstance(outcomes[1], OverflowError)
+        assert [outcomes[i] for i in (0, 2, 3)] == [None] * 3, outcomes
+        assert not other.in_transaction  # they did wait for it
+        assert {r.request_id for r in await store.rows()} == {"r_first", "r6", "r7"}
+        assert {r for (r,) in other.execute("SELECT request_id FROM inflight")} == {"r5"}
+        assert (await store.counters([h]))[0] == Counter(spent=130, reserved=100)
+        other.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_sqlite_settlements_a_file_locked_too_long_refuses_all_fail_and_the_next_turn_commits(
         tmp_path, monkeypatch):
     """A state file another process holds locked past the store's patience: every settlement

@@ -19,7 +19,7 @@ import fcntl
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -341,15 +341,26 @@ class SQLiteStore(Store):
         try:
             self._commit_batch(batch)
         except locking.Busy:  # another process writes: this batch waits for it on the loop
-            task = asyncio.get_running_loop().create_task(self._commit_when_unlocked(batch))
-            self._committing.add(task)
-            task.add_done_callback(self._committing.discard)
+            self._in_background(self._commit_when_unlocked(batch))
+
+    def _in_background(self, writes: Coroutine[None, None, None]) -> None:
+        """Writes that wait for another process's lock on the loop (close() waits for them)."""
+        task = asyncio.get_running_loop().create_task(writes)
+        self._committing.add(task)
+        task.add_done_callback(self._committing.discard)
 
     async def _commit_when_unlocked(self, batch: list[_Settling]) -> None:
         try:
             await locking.unlocked(lambda: self._commit_batch(batch))
         except StoreUnavailable as e:
             for s in batch:
+                resolve(s.done, e)
+
+    async def _commit_each_when_unlocked(self, settlements: list[_Settling]) -> None:
+        for s in settlements:
+            try:
+                await locking.unlocked(lambda s=s: self._commit_one(s))
+            except Exception as e:
                 resolve(s.done, e)
 
     def _commit_batch(self, batch: list[_Settling]) -> None:
@@ -369,15 +380,16 @@ class SQLiteStore(Store):
                     resolve(s.done, e)
                 return
             # One of them failed, and the transaction with it: each again on its own, so
-            # only that one fails (its caller logs it; its row stays written ahead).
-            for s in batch:
+            # only that one fails (its caller logs it; its row stays written ahead). Another
+            # process may take the lock in between: those left wait for it, as a batch does.
+            for i, s in enumerate(batch):
                 try:
-                    with self._transaction():
-                        self._settle(s)
+                    self._commit_one(s)
+                except locking.Busy:
+                    self._in_background(self._commit_each_when_unlocked(batch[i:]))
+                    return
                 except Exception as alone:
                     resolve(s.done, alone)
-                else:
-                    self._settled(s)
             return
         for s in batch:
             self._settled(s)
@@ -450,7 +462,8 @@ class SQLiteStore(Store):
 
     async def close(self) -> None:
         self._commit_settlements()  # those of this turn, before the file closes
-        await asyncio.gather(*self._committing, return_exceptions=True)
+        while self._committing:  # (a batch that waits may leave settlements that wait)
+            await asyncio.gather(*self._committing, return_exceptions=True)
         await asyncio.to_thread(self._checkpoints.close)
         self.db.close()
 
