@@ -1,13 +1,11 @@
 -- tollgate.decide: every request's decision, asked of tollgate's decision service over HTTP
--- (extproc/decider.py says what goes there and back) and applied here: the provider's
--- credentials, path, host and body, the route, and the metadata the filters after it read;
--- or the gateway's own answer. Anything that goes wrong answers an error: a request is never
--- forwarded undecided. The renderer fills in the two values below.
+-- (extproc/decider.py says what goes there and back) and applied here (answer.lua): the
+-- provider's credentials, path, host and body, the route, and the metadata the filters after
+-- it read; or the gateway's own answer. Anything that goes wrong answers an error: a request
+-- is never forwarded undecided. The renderer fills in the two values below.
 local CLUSTER = "@CLUSTER@"
 local MAX_BODY = @MAX_BODY@
 local TIMEOUT_MS = 5000
-local PREFIX = "x-tollgate-"
-local META, SET = PREFIX .. "meta-", PREFIX .. "set-"
 
 -- The client's request head, a "name: value" line each (pseudo-headers too).
 local function client_head(handle)
@@ -34,45 +32,9 @@ local function decide(handle)
     [":method"] = "POST", [":path"] = "/decide", [":authority"] = "tollgate",
     ["x-tollgate-body"] = kind,
   }, client_head(handle) .. "\n\n" .. body, TIMEOUT_MS)
-  local meta = handle:streamInfo():dynamicMetadata()
-  local status = answer[":status"]
-  if status == "503" or status == "504" then
-    -- The decision service is down or too slow (Envoy's own answer): the gateway's
-    -- gateway_unavailable, and the outage log keeps the request.
-    meta:set("tollgate", "decider", "unavailable")
-    handle:respond({[":status"] = "503"}, "")
-    return
-  elseif status ~= "200" then
-    error("the decision service answered " .. tostring(status))
+  if apply_answer(handle, answer, answer_body) then
+    handle:clearRouteCache() -- the route follows the provider's cluster the decision set
   end
-  local sets = {}
-  for name, value in pairs(answer) do
-    if name:sub(1, #META) == META then
-      meta:set("tollgate", name:sub(#META + 1), value)
-    elseif name:sub(1, #SET) == SET then
-      sets[name:sub(#SET + 1)] = value
-    end
-  end
-  local reply = answer[PREFIX .. "reply"]
-  if reply ~= nil then
-    sets[":status"] = reply
-    handle:respond(sets, answer_body)
-    return
-  end
-  local headers = handle:headers()
-  local removed = answer[PREFIX .. "remove"]
-  if removed ~= nil then
-    for name in removed:gmatch("[^,%s]+") do headers:remove(name) end
-  end
-  for name, value in pairs(sets) do headers:replace(name, value) end
-  if answer[PREFIX .. "path"] ~= nil then headers:replace(":path", answer[PREFIX .. "path"]) end
-  if answer[PREFIX .. "authority"] ~= nil then
-    headers:replace(":authority", answer[PREFIX .. "authority"])
-  end
-  if answer[PREFIX .. "body"] == "replaced" then
-    handle:body():setBytes(answer_body)
-  end
-  handle:clearRouteCache() -- the route follows the provider's cluster the decision set
 end
 
 function envoy_on_request(handle)

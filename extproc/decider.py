@@ -31,6 +31,14 @@ The meter's posts, fire-and-forget, a few per response:
 Posts may arrive out of order (Envoy sends each on any free connection); `seq` puts them back
 in order. Each is answered 204.
 
+Each attempt of a fallback plan (`tollgate.attempt`, attempt.lua) asks for its changes:
+
+    POST /attempt    x-tollgate-request: <request id>   x-tollgate-provider: <provider id>
+                     x-tollgate-status: <the status of the attempt before it; empty if none>
+
+answered as a decision is: the provider's credentials, path, host and body to set, and the
+metadata that names it on the response; or the gateway's reply.
+
 Anything else is answered 400 and the connection closed; the decide filter then answers the
 client 500 (503 only when the service cannot be reached or is too slow).
 """
@@ -48,7 +56,7 @@ from tollgate.request import Reply, lower_headers
 
 log = logging.getLogger("tollgate.extproc")
 
-DECIDE, METER = b"/decide", b"/meter"
+DECIDE, METER, ATTEMPT = b"/decide", b"/meter", b"/attempt"
 BODY_HEADER = b"x-tollgate-body"
 PREFIX = "x-tollgate-"
 MAX_HEAD = 64 * 1024  # the filter's own request head: a few short headers
@@ -104,8 +112,8 @@ def _head(head: bytes) -> Head:
     lines = head.split(b"\r\n")
     method, _, rest = lines[0].partition(b" ")
     path = rest.partition(b" ")[0]
-    if method != b"POST" or path not in (DECIDE, METER):
-        raise BadRequest(f"not a decision or a meter request: {lines[0][:80]!r}")
+    if method != b"POST" or path not in (DECIDE, METER, ATTEMPT):
+        raise BadRequest(f"not a decision, attempt or meter request: {lines[0][:80]!r}")
     length, fields = 0, {}
     for line in lines[1:]:
         name, _, value = line.partition(b":")
@@ -169,9 +177,9 @@ NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
 
 class Decider(asyncio.Protocol):
     """Serves the filters' requests on one keep-alive connection, one after another, as a
-    protocol rather than a stream reader: a meter post is settled inside `data_received`
-    with no task, and a decision costs one task, started eagerly, not a reader's coroutines
-    per read."""
+    protocol rather than a stream reader: a meter post or an attempt is answered inside
+    `data_received` with no task, and a decision costs one task, started eagerly, not a
+    reader's coroutines per read."""
 
     def __init__(self, processor: ExternalProcessor) -> None:
         self.processor = processor
@@ -214,6 +222,9 @@ class Decider(asyncio.Protocol):
                     self._meter(head, payload)
                     self.transport.write(NO_CONTENT)
                     continue
+                if head.path == ATTEMPT:
+                    self.transport.write(answer(self._attempt(head)))
+                    continue
                 kind = head.fields.get(BODY_HEADER, "whole")
                 headers, body, declared = client_request(payload, kind)
             except (BadRequest, ValueError) as e:
@@ -251,6 +262,14 @@ class Decider(asyncio.Protocol):
                 log.error("a decision could not be put in HTTP headers: %s", e)
         if self.transport is not None:
             self.transport.write(reply)
+
+    def _attempt(self, head: Head) -> Reply | Forwarding:
+        status = head.fields.get(b"x-tollgate-status", "")
+        if status and not status.isdigit():
+            raise BadRequest(f"an attempt after a status that is not one: {status!r}")
+        return self.processor.attempt(head.fields.get(b"x-tollgate-request", ""),
+                                      head.fields.get(b"x-tollgate-provider", ""),
+                                      int(status) if status else None)
 
     def _meter(self, head: Head, payload: bytes) -> None:
         request_id = head.fields.get(b"x-tollgate-request", "")

@@ -22,7 +22,8 @@ Filters in front of the router:
 The gateway's response headers come from dynamic metadata that the decision filter sets, so no
 round trip is spent on the response path. One cluster per model provider; the decision picks
 it through the `x-tollgate-cluster` header. Requests with a fallback plan go to an aggregate
-cluster instead and are retried by Envoy (see `extproc.fallback`).
+cluster instead and are retried by Envoy (see `extproc.fallback`); its upstream filter
+`tollgate.attempt` (Lua, attempt.lua) asks the decision service for each attempt's changes.
 """
 
 from __future__ import annotations
@@ -58,12 +59,15 @@ EXTPROC_CLUSTER = "tollgate_extproc"
 # The decision service of every ext_proc process, which the decide filter calls.
 DECIDER_CLUSTER = "tollgate_decider"
 # Set by the decision when ext_proc runs as several processes: the index of the process that
-# holds the request, whose own clusters its meter posts, rewrite and attempt streams and
+# holds the request, whose own clusters its meter posts, attempts, rewrite stream and
 # access log entry are sent to. Decisions are spread over all of them.
 EXTPROC_PROCESS_HEADER = "x-tollgate-extproc"
 # Put on every response that came from a provider (an upstream filter, so never on Envoy's
 # own replies); the meter filter reads it and takes it off.
 UPSTREAM_HEADER = "x-tollgate-upstream"
+# Put on each attempt of a fallback plan (an upstream filter): the provider of the endpoint
+# Envoy chose for it; the attempt filter reads it and takes it off.
+ATTEMPT_PROVIDER_HEADER = "x-tollgate-attempt-provider"
 # gRPC metadata on each ext_proc stream: the filter that opened it.
 FILTER_ROLE_HEADER = "x-tollgate-filter"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"  # its gRPC health name
@@ -87,8 +91,8 @@ HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_mana
 EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
-EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3." \
-                     "ExtProcPerRoute"
+HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3." \
+                  "HeaderMutation"
 TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_OPTIONS_NAME = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 HTTP_OPTIONS = f"type.googleapis.com/{HTTP_OPTIONS_NAME}"
@@ -138,7 +142,7 @@ def provider_cluster(provider: ModelProvider, buffer_limit: int, ca_file: str | 
             "cluster_name": cluster_name(provider.id),
             "endpoints": [{"lb_endpoints": [{
                 "endpoint": {"address": _socket_address(host, port), "hostname": host},
-                # Tells the per-attempt filter which provider an attempt reached.
+                # Tells the attempt filter which provider an attempt reached.
                 "metadata": {"filter_metadata": {METADATA_NS: {"provider": provider.id}}},
             }]}],
         },
@@ -164,7 +168,7 @@ RETRY_HEADROOM = {"thresholds": [{"max_retries": 100000}]}
 def chain_cluster(provider_ids: tuple[str, ...]) -> dict[str, Any]:
     """An aggregate cluster: the providers of a fallback plan, one priority each, in order.
     Its upstream filters, in place of the router's, give each attempt its own changes: the
-    attempt filter is only on the attempts of fallback plans."""
+    attempt filters are only on the attempts of fallback plans."""
     return {
         "name": fallback.chain_name(provider_ids),
         "connect_timeout": "10s",
@@ -175,7 +179,7 @@ def chain_cluster(provider_ids: tuple[str, ...]) -> dict[str, Any]:
         "typed_extension_protocol_options": {HTTP_OPTIONS_NAME: {
             # HTTP/1.1, as its providers' clusters speak it.
             "@type": HTTP_OPTIONS, "explicit_http_config": {"http_protocol_options": {}},
-            "http_filters": [attempt_filter(), *UPSTREAM_FILTERS]}},
+            "http_filters": [*attempt_filters(), *UPSTREAM_FILTERS]}},
     }
 
 
@@ -365,7 +369,7 @@ def local_reply_config(prefix: str) -> dict[str, Any]:
 
 def _grpc_service(filter_name: str, cluster: str = EXTPROC_CLUSTER) -> dict[str, Any]:
     """ext_proc as a filter reaches it; its streams tell ext_proc which filter opened them
-    (their `x-tollgate-filter` gRPC metadata: `rewrite`, `attempt`)."""
+    (their `x-tollgate-filter` gRPC metadata: `rewrite`)."""
     role = filter_name.removeprefix("tollgate.")
     return {"envoy_grpc": {"cluster_name": cluster}, "timeout": "5s",
             "initial_metadata": [{"key": FILTER_ROLE_HEADER, "value": role}]}
@@ -381,15 +385,45 @@ def _ext_proc(name: str, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 DECIDE = Path(__file__).with_name("decide.lua")
+ATTEMPT = Path(__file__).with_name("attempt.lua")
+ANSWER = Path(__file__).with_name("answer.lua")  # how both apply the service's answer
+
+
+def _asking(script: Path, **values: str) -> str:
+    """A Lua filter's source that asks the decision service: `script` after answer.lua,
+    with its `@NAME@` placeholders filled in."""
+    source = script.read_text()
+    for name, value in values.items():
+        source = source.replace(f"@{name}@", value)
+    return f"{ANSWER.read_text()}\n{source}"
 
 
 def decide_filter(max_body: int) -> dict[str, Any]:
     """`tollgate.decide`: one HTTP exchange with the decision service per request (see
     decide.lua and `extproc.decider`)."""
-    source = DECIDE.read_text().replace("@CLUSTER@", DECIDER_CLUSTER) \
-        .replace("@MAX_BODY@", str(max_body))
+    source = _asking(DECIDE, CLUSTER=DECIDER_CLUSTER, MAX_BODY=str(max_body))
     return {"name": "tollgate.decide", "typed_config": {
         "@type": LUA, "default_source_code": {"inline_string": source}}}
+
+
+def attempt_filters() -> list[dict[str, Any]]:
+    """`tollgate.attempt`, run once per attempt of a fallback plan (upstream filters of the
+    plan's chain cluster, so no other request has them): the provider of the endpoint Envoy
+    chose, from its metadata, into a header; then one HTTP exchange with the decision
+    service that gives the attempt that provider's changes (see attempt.lua)."""
+    provider = {
+        "name": "tollgate.attempt_provider",
+        "typed_config": {
+            "@type": HEADER_MUTATION,
+            "mutations": {"request_mutations": [{"append": {
+                "header": {"key": ATTEMPT_PROVIDER_HEADER,
+                           "value": f'%UPSTREAM_METADATA(["{METADATA_NS}", "provider"])%'},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
+        },
+    }
+    source = _asking(ATTEMPT, CLUSTER=DECIDER_CLUSTER, PROVIDER=ATTEMPT_PROVIDER_HEADER)
+    return [provider, {"name": "tollgate.attempt", "typed_config": {
+        "@type": LUA, "default_source_code": {"inline_string": source}}}]
 
 
 METER = Path(__file__).with_name("meter.lua")
@@ -409,8 +443,7 @@ def meter_filter() -> dict[str, Any]:
 UPSTREAM_MARK = {
     "name": "tollgate.upstream_mark",
     "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3."
-                 "HeaderMutation",
+        "@type": HEADER_MUTATION,
         "mutations": {"response_mutations": [{"append": {
             "header": {"key": UPSTREAM_HEADER, "value": "1"},
             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
@@ -479,7 +512,7 @@ def rewrite_filter(processes: int = 1) -> dict[str, Any]:
         for i in range(processes)])
 
 
-# Every attempt's upstream filters, after the attempt filter of a fallback chain's.
+# Every attempt's upstream filters, after a fallback chain's attempt filters.
 UPSTREAM_FILTERS = [UPSTREAM_MARK, {"name": "envoy.filters.http.upstream_codec",
                                     "typed_config": {"@type": UPSTREAM_CODEC}}]
 
@@ -505,47 +538,11 @@ def usage_cut() -> dict[str, Any]:
         "@type": LUA, "default_source_code": {"inline_string": USAGE_CUT.read_text()}})])
 
 
-def attempt_filter() -> dict[str, Any]:
-    """`tollgate.attempt`, run once per upstream attempt of a fallback chain (an upstream
-    filter of the chain's cluster, so no other request has it). The fallback route turns it
-    on: it gets each attempt's request (with the provider the attempt reached, from the
-    endpoint metadata) and the attempt's response headers."""
-    return _ext_proc("tollgate.attempt", {
-        "processing_mode": {
-            "request_header_mode": "SKIP", "request_body_mode": "NONE",
-            "response_header_mode": "SKIP", "response_body_mode": "NONE",
-            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
-        },
-        "message_timeout": "5s",
-        "allow_mode_override": True,  # an attempt with the client's body skips sending it
-        "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
-        "request_attributes": ["xds.upstream_host_metadata"],
-        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NS]}},
-    })
-
-
-ATTEMPT_MODE = {
-    "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
-    "response_header_mode": "SEND", "response_body_mode": "NONE",
-    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
-}
-
-
 REWRITE_MODE = {
     "request_header_mode": "SKIP", "request_body_mode": "NONE",
     "response_header_mode": "SEND", "response_body_mode": "STREAMED",
     "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
 }
-
-
-def _per_route(filter_name: str, mode: dict[str, str], process: int | None = None
-               ) -> dict[str, Any]:
-    """A filter's settings on one route: its processing mode, and (ext_proc in several
-    processes) the process that holds the route's requests."""
-    overrides: dict[str, Any] = {"processing_mode": mode}
-    if process is not None:
-        overrides["grpc_service"] = _grpc_service(filter_name, process_cluster(process))
-    return {filter_name: {"@type": EXT_PROC_PER_ROUTE, "overrides": overrides}}
 
 
 def process_cluster(process: int) -> str:
@@ -554,9 +551,9 @@ def process_cluster(process: int) -> str:
 
 def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
     """The routes a decision picks between by the headers it sets: a fallback plan's, retried
-    by Envoy with an attempt stream each, or a single provider's. With ext_proc in several
-    processes there is a pair per process (`process`), whose attempt streams go to the
-    process that made the decision: it holds the request until it is settled."""
+    by Envoy (each attempt asks the process that decided the request for its changes: see
+    attempt.lua), or a single provider's. With ext_proc in several processes there is a pair
+    per process (`process`), for the requests it decided."""
     action = {
         "cluster_header": CLUSTER_HEADER,
         # LLM calls run for minutes; only silence ends them.
@@ -564,7 +561,6 @@ def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
         "idle_timeout": "300s",
     }
     with_fallback = {**action, "retry_policy": fallback.retry_policy()}
-    attempts = _per_route("tollgate.attempt", ATTEMPT_MODE, process)
     pinned = [] if process is None else [
         {"name": EXTPROC_PROCESS_HEADER, "string_match": {"exact": str(process)}}]
 
@@ -573,17 +569,15 @@ def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
         return {"prefix": "/", **({"headers": matchers} if matchers else {})}
 
     return [
-        {"match": when(FALLBACK_HEADER), "route": with_fallback,
-         "typed_per_filter_config": attempts},
+        {"match": when(FALLBACK_HEADER), "route": with_fallback},
         {"match": when(), "route": action},
     ]
 
 
 def route_config(cfg: Config, processes: int = 1) -> dict[str, Any]:
     """`processes`: how many ext_proc processes serve this Envoy. With more than one, every
-    forwarded request names its process, and a route for no process would send its rewrite
-    and attempt streams to any of them, so there is none (a request without a decision
-    never reaches the router)."""
+    forwarded request names its process, whose rewrite stream it gets, and there is no route
+    for a request that names none (a request without a decision never reaches the router)."""
     prefix = cfg.gateway.header_prefix
     routes = _routes(cfg, None) if processes == 1 else \
         [r for i in range(processes) for r in _routes(cfg, i)]
@@ -746,8 +740,8 @@ def _process_cluster(name: str, targets: list[str], tls: ClientTLS | None,
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        # A request holds up to two gRPC streams (rewrite, attempt), a decision and a meter
-        # post: the default cap of 1,024 would refuse a few hundred concurrent requests with 503.
+        # A request holds a gRPC stream (rewrite), a decision or an attempt, and a meter post:
+        # the default cap of 1,024 would refuse a few hundred concurrent requests with 503.
         "circuit_breakers": {"thresholds": [{
             "priority": "DEFAULT", "max_requests": EXTPROC_MAX_STREAMS,
             "max_pending_requests": EXTPROC_MAX_STREAMS, "max_connections": connections}]},

@@ -7,12 +7,13 @@ several times what the decision does. The response comes back the same way: Envo
 request at its end. A response that does not end there (reset by the client or the provider,
 or answered by Envoy in the provider's place) is reported by Envoy's access log (`ended`).
 
+Each attempt of a request with a fallback plan (`tollgate.attempt`, an upstream Lua filter)
+asks for its changes the same way (`attempt`): the credentials, path and body of the provider
+Envoy chose for it, and the metadata that names that provider on the response.
+
 The gRPC streams that remain come here, each naming the filter that opened it
-(`x-tollgate-filter` gRPC metadata), and that filter's processor serves it. Rewrite streams
-(`tollgate.rewrite`) carry the responses the gateway reshapes, answered chunk by chunk.
-Attempt streams (`tollgate.attempt`, an upstream filter) come once per attempt of a request
-with a fallback plan: each is given the credentials, path and body of the provider Envoy chose
-for it, and its response headers name that provider.
+(`x-tollgate-filter` gRPC metadata): rewrite streams (`tollgate.rewrite`) carry the responses
+the gateway reshapes, answered chunk by chunk.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2, text_format
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import fallback
@@ -68,7 +69,7 @@ REWRITE_GRACE = 5.0
 # How long the end the access log reports waits for meter posts still on their way.
 POSTS_GRACE = 2.0
 # The filters whose streams this service serves (envoy_config renders them).
-ROLES = ("rewrite", "attempt")
+ROLES = ("rewrite",)
 
 
 def _headers(header_map: base_pb2.HeaderMap) -> dict[str, str]:
@@ -130,16 +131,6 @@ def _changes(a: Attempt, body_length: int | None, extra: dict[str, str],
     return set_headers, [h for h in [*a.remove_headers, *remove] if h not in set_headers]
 
 
-def _mutation(a: Attempt, body_length: int | None, remove: list[str]) -> pb.CommonResponse:
-    """One attempt's changes, as the attempt filter applies them (its body as well)."""
-    set_headers, removed = _changes(a, body_length, {}, remove)
-    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(
-        set_headers=_set(set_headers), remove_headers=removed))
-    if a.body is not None:
-        common.body_mutation.body = a.body
-    return common
-
-
 @dataclass
 class Forwarding:
     """A decision to forward, as the decide filter applies it: headers to set (`:path` and
@@ -194,24 +185,9 @@ def _attribute(msg: pb.ProcessingRequest, name: str) -> str | None:
     return None if value is None else value.string_value
 
 
-def _attempt_provider(msg: pb.ProcessingRequest) -> str | None:
-    """The provider whose endpoint Envoy chose for this attempt (its endpoint metadata)."""
-    text = _attribute(msg, "xds.upstream_host_metadata")
-    if text is None:
-        return None
-    host = base_pb2.Metadata()
-    text_format.Parse(text, host)
-    fields = host.filter_metadata.get(METADATA_NS)
-    return fields.fields["provider"].string_value if fields and "provider" in fields.fields \
-        else None
-
-
 def _from_upstream(msg: pb.ProcessingRequest) -> bool:
     """The response came from the provider, not from Envoy itself (a local reply)."""
     return _attribute(msg, "response.code_details") in (None, "via_upstream")
-
-
-CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 
 
 def _request_id(msg: pb.ProcessingRequest) -> str | None:
@@ -244,16 +220,6 @@ class _Pending:
     posts: int = 0  # meter posts taken, in order
     early: dict[int, tuple[bytes, bool]] = field(default_factory=dict)  # ahead of their turn
     ended: _Ended | None = None  # while the posts the access log counted are on their way
-
-
-# An attempt that sends the client's body as it is skips sending it to ext_proc.
-HEADERS_ONLY = processing_mode_pb2.ProcessingMode(
-    request_header_mode=processing_mode_pb2.ProcessingMode.SEND,
-    request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
-    response_header_mode=processing_mode_pb2.ProcessingMode.SEND,
-    response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
-    request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
-    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP)
 
 
 # A JSON answer the rewrite translates whole: its body in one message, its headers held.
@@ -330,8 +296,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         first = await anext(aiter(requests), None)
         if first is None:
             return
-        processor = {"rewrite": self._rewrite, "attempt": self._attempt}[role]
-        async for answer in processor(first, requests):
+        async for answer in self._rewrite(first, requests):
             yield answer
 
     # -- decisions --------------------------------------------------------------------------
@@ -368,48 +333,29 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         return forward(result, headers, body, self.process)
 
     # -- attempts of a fallback plan ------------------------------------------------------
-    async def _attempt(self, first: pb.ProcessingRequest,
-                       requests: AsyncIterator[pb.ProcessingRequest]
-                       ) -> AsyncIterator[pb.ProcessingResponse]:
-        """One attempt: the request (headers, then the buffered body, which Envoy replays
-        from the client's bytes each time) gets the provider's changes; the response
-        headers get the provider's name and the fallback count."""
-        pending = self._pending.get(_request_id(first) or "")
-        provider = _attempt_provider(first)
-        if pending is None or provider is None:
-            log.error("attempt of an unknown request (%s) or provider (%s)",
-                      _request_id(first), provider)
+    def attempt(self, request_id: str, provider: str, status: int | None) -> Reply | Forwarding:
+        """An attempt of a fallback plan reached `provider` (Envoy chose it): the changes
+        that put that provider on the request (its credentials, path and host, and its own
+        body when it is not the client's, which Envoy replays to each attempt), and the
+        metadata that names it on the response. `status`: the attempt before it answered
+        that (Envoy retried it); None when there was none, or it got no answer."""
+        pending = self._pending.get(request_id)
+        if pending is None or not provider:
+            log.error("attempt of an unknown request (%s) or provider (%s)", request_id,
+                      provider)
             err = GatewayError("gateway_error", "The gateway lost track of this request between "
                                "fallback attempts; see the ext_proc log.")
-            yield immediate(Reply(err.status, {"content-type": "application/json"},
-                                  err.body("openai"), {"code": err.code}))
-            return
-        exchange, stale = pending.exchange, pending.set_by_attempts
+            return Reply(err.status, {"content-type": "application/json"},
+                         err.body("openai"), {"code": err.code})
+        exchange = pending.exchange
+        if status is not None:
+            exchange.attempt_answered(status)
         attempt = exchange.begin_attempt(provider)
-        if attempt.body is None:
-            # The client's bytes as they are: all is said on the headers, and Envoy is told
-            # not to send the body.
-            answer = pb.ProcessingResponse(mode_override=HEADERS_ONLY)
-            answer.request_headers.response.CopyFrom(
-                _mutation(attempt, pending.body_length, stale))
-            yield answer
-        else:
-            yield CONTINUE_HEADERS
-            msg = await anext(requests, None)
-            if msg is None or msg.WhichOneof("request") != "request_body":
-                return
-            answer = pb.ProcessingResponse()
-            answer.request_body.response.CopyFrom(
-                _mutation(attempt, len(msg.request_body.body), stale))
-            yield answer
-        msg = await anext(requests, None)
-        if msg is None or msg.WhichOneof("request") != "response_headers":
-            return  # reset or timed out: Envoy moves on to the next attempt, or gives up
-        status = int(_headers(msg.response_headers.headers).get(":status", "0"))
-        exchange.attempt_answered(status)
-        yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
-                set_headers=_set(exchange.response_headers())))))
+        set_headers, removed = _changes(attempt, pending.body_length, {},
+                                        pending.set_by_attempts)
+        return Forwarding(set_headers, removed, attempt.body, {
+            "provider": exchange.provider_id,
+            "fallback_count": str(exchange.cursor.fallback_count)})
 
     @staticmethod
     def _request(headers: dict[str, str], body: bytes, declared: int | None = None) -> Request:

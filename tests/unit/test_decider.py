@@ -116,6 +116,11 @@ class _Processor:
     def metered(self, request_id, seq, last, data, head=None):
         self.done.append(("metered", request_id, seq, last, data))
 
+    def attempt(self, request_id, provider, status):
+        self.done.append(("attempt", request_id, provider, status))
+        return Forwarding({":path": f"/{provider}", "authorization": "Bearer sk"}, ["x-api-key"],
+                          b"its own" if provider == "b" else None, {"provider": provider})
+
 
 def _decide(path: str, body: bytes = b"") -> bytes:
     payload = f":method: POST\n:path: {path}\n\n".encode() + body
@@ -127,6 +132,12 @@ def _meter(seq: int) -> bytes:
     payload = b":status: 200\n\n{}" if seq == 0 else b"more"
     return (b"POST /meter HTTP/1.1\r\nx-tollgate-request: r1\r\nx-tollgate-seq: %d\r\n"
             b"content-length: %d\r\n\r\n" % (seq, len(payload))) + payload
+
+
+def _attempt(provider: str, status: str) -> bytes:
+    return (b"POST /attempt HTTP/1.1\r\nx-tollgate-request: r1\r\nx-tollgate-provider: %s\r\n"
+            b"x-tollgate-status: %s\r\ncontent-length: 0\r\n\r\n" % (provider.encode(),
+                                                                    status.encode()))
 
 
 async def _answers(reader: asyncio.StreamReader, n: int) -> list[tuple[str, bytes]]:
@@ -169,12 +180,38 @@ async def test_requests_are_answered_in_order_however_their_bytes_arrive(decider
     writer.close()
 
 
+async def test_each_attempt_of_a_fallback_plan_gets_its_providers_changes(decider):
+    """The attempt filter names the request, the provider Envoy chose and the status of the
+    attempt before (none for the first); the answer is written as a decision is, at once."""
+    processor, sock = decider
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(_attempt("a", "") + _attempt("b", "503"))
+    first, second = await _answers(reader, 2)
+    assert first == ("200", b"") and second == ("200", b"its own")
+    assert processor.done == [("attempt", "r1", "a", None), ("attempt", "r1", "b", 503)]
+    writer.close()
+    protocol, transport = Decider(processor), _Transport()  # type: ignore[arg-type]
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(_attempt("a", ""))  # answered in the read that brought it
+    headers = _headers(transport.sent[0])
+    assert (headers["x-tollgate-path"], headers["x-tollgate-set-authorization"],
+            headers["x-tollgate-remove"], headers["x-tollgate-meta-provider"]) == \
+        ("/a", "Bearer sk", "x-api-key", "a")
+    assert "x-tollgate-body" not in headers
+    protocol.data_received(_attempt("b", "5xx"))  # not a status: the filter never sends it
+    assert transport.sent[-1].startswith(b"HTTP/1.1 400 ") and transport.closed
+
+
 class _Transport:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         self.sent.append(data)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 async def test_a_decision_that_waits_for_nothing_is_answered_in_the_read_that_brought_it():

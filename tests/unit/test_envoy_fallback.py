@@ -87,10 +87,23 @@ def test_rendered_chain_is_an_aggregate_of_provider_clusters_in_plan_order():
     assert chain["cluster_type"]["typed_config"]["clusters"] == ["provider_b", "provider_a"]
     endpoint = clusters["provider_a"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
     assert endpoint["metadata"]["filter_metadata"]["tollgate"]["provider"] == "a"
+    # Each attempt of the chain: the endpoint's provider into a header, then the attempt
+    # filter, which asks the decision service for that provider's changes.
+    options = chain["typed_extension_protocol_options"][envoy_config.HTTP_OPTIONS_NAME]
+    names = [f["name"] for f in options["http_filters"]]
+    assert names[:2] == ["tollgate.attempt_provider", "tollgate.attempt"]
+    assert names[-1] == "envoy.filters.http.upstream_codec"
+    (mutation,) = options["http_filters"][0]["typed_config"]["mutations"]["request_mutations"]
+    assert mutation["append"]["header"] == {
+        "key": envoy_config.ATTEMPT_PROVIDER_HEADER,
+        "value": '%UPSTREAM_METADATA(["tollgate", "provider"])%'}
+    lua = options["http_filters"][1]["typed_config"]["default_source_code"]["inline_string"]
+    assert "local function apply_answer" in lua  # answer.lua comes first
+    assert "@" + "CLUSTER@" not in lua and envoy_config.ATTEMPT_PROVIDER_HEADER in lua
+    assert "tollgate.attempt" not in {f["name"] for f in envoy_config.http_filters(1 << 20)}
     routes = envoy_config.route_config(cfg)["virtual_hosts"][0]["routes"]
     retrying = [r for r in routes if "retry_policy" in r["route"]]
-    assert len(retrying) == 1 and all(
-        "tollgate.attempt" in r["typed_per_filter_config"] for r in retrying)
+    assert len(retrying) == 1
     assert retrying[0]["route"]["retry_policy"]["retry_priority"]["name"] == \
         "envoy.retry_priorities.previous_priorities"
 

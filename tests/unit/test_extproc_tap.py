@@ -21,10 +21,11 @@ from google.protobuf import struct_pb2
 from extproc import service
 from extproc.decider import start_decider
 from extproc.listen import Listener
-from extproc.service import ExternalProcessor
+from extproc.service import ExternalProcessor, Forwarding
 from tollgate import gateway as gateway_module
 from tollgate.cli.main import cli
 from tollgate.gateway import Gateway
+from tollgate.request import Reply
 
 
 @pytest.fixture
@@ -394,6 +395,48 @@ async def test_a_fallback_plan_is_kept_when_the_cluster_poll_lags_behind_envoy(
     await gateway.close()
 
 
+async def test_each_attempt_gets_its_providers_changes_and_the_one_before_counts(
+        config_dir: Path, monkeypatch):
+    """Envoy retries a fallback plan by itself; each attempt asks for the changes of the
+    provider it reached (credentials, host, path, and its own body in another family), with
+    the status of the attempt before, which the request's row records as its fallback."""
+    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "tap-pepper")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
+    path = config_dir / "gateway.yaml"
+    policy = CliRunner().invoke(cli, [
+        "--config", str(path), "routing-policies", "create", "--scope", "ORG:acme", "--name",
+        "p", "--model-provider", "mp_openai_org", "--model-provider", "mp_anthropic_org",
+        "--model-map", "mp_anthropic_org:gpt-5-mini=claude-haiku-4-5", "--format", "json"])
+    out = CliRunner().invoke(cli, [
+        "--config", str(path), "virtual-keys", "create", "--name", "k", "--scope", "ORG:acme",
+        "--routing-policy", json.loads(policy.stdout)["id"],
+        "--config-json", '{"fallback": {"on": ["5xx"]}}', "--format", "json"])
+    proc = ExternalProcessor(Gateway.from_path(str(path), watch=False))
+    await ask(proc, *chat_request(json.loads(out.stdout)["secret"]))
+    ((request_id, pending),) = proc._pending.items()
+
+    first = proc.attempt(request_id, "mp_openai_org", None)
+    assert isinstance(first, Forwarding) and first.body is None  # the client's bytes
+    assert first.set_headers["authorization"] == "Bearer sk-real-openai"
+    assert first.metadata == {"provider": "mp_openai_org", "fallback_count": "0"}
+    second = proc.attempt(request_id, "mp_anthropic_org", 503)
+    assert isinstance(second, Forwarding)
+    assert second.set_headers["x-api-key"] == "sk-ant-real"
+    assert "authorization" in second.remove_headers  # the first provider's, on the same map
+    assert second.set_headers[":path"] == "/v1/messages"
+    assert json.loads(second.body or b"{}")["model"] == "claude-haiku-4-5"
+    assert second.set_headers["content-length"] == str(len(second.body or b""))
+    assert second.metadata == {"provider": "mp_anthropic_org", "fallback_count": "1"}
+    assert pending.exchange.cursor.fallbacks == ["mp_openai_org:5xx"]
+
+    lost = proc.attempt("req_unknown", "mp_openai_org", None)
+    assert isinstance(lost, Reply) and lost.status >= 500
+    assert lost.decision["code"] == "gateway_error"
+    pending.exchange.finish("abandoned")
+    await proc.gateway.close()
+
+
 async def test_a_refresh_reads_envoy_again_even_right_after_a_stale_poll():
     """The poll read Envoy's clusters a moment before Envoy finished loading them: a
     request that needs a chain reads them again at once (not throttled by that poll)."""
@@ -492,11 +535,11 @@ async def test_what_the_decide_filter_never_sends_is_answered_400(processor):
     await proc.gateway.close()
 
 
-@pytest.mark.parametrize("role", [None, "tap"])
+@pytest.mark.parametrize("role", [None, "tap", "attempt"])
 async def test_a_stream_from_a_filter_tollgate_did_not_render_is_refused(processor, role):
     """The filter that opens a stream names itself; a stream that names none (an Envoy
-    configuration from elsewhere) or a filter this version no longer renders (the tap) is
-    refused, never guessed at."""
+    configuration from elsewhere) or a filter this version no longer renders over gRPC (the
+    tap, the attempt filter) is refused, never guessed at."""
     proc, secret = processor
     stray = Stream(proc, role)
     await stray.send(pb.ProcessingRequest(request_headers=headers({
