@@ -48,3 +48,13 @@ local function apply_answer(handle, answer, answer_body)
   end
   return true
 end
+
+-- Runs `step` on the request; anything that goes wrong in it answers 500 (Envoy's reply
+-- becomes the gateway's gateway_error): a request is never forwarded undecided.
+local function or_500(handle, name, step)
+  local ok, err = pcall(step, handle)
+  if not ok then
+    handle:logErr(name .. ": " .. tostring(err))
+    pcall(function() handle:respond({[":status"] = "500"}, "") end)
+  end
+end

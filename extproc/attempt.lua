@@ -31,11 +31,7 @@ local function attempt(handle)
 end
 
 function envoy_on_request(handle)
-  local ok, err = pcall(attempt, handle)
-  if not ok then
-    handle:logErr("tollgate.attempt: " .. tostring(err))
-    pcall(function() handle:respond({[":status"] = "500"}, "") end)
-  end
+  or_500(handle, "tollgate.attempt", attempt)
 end
 
 function envoy_on_response(handle)

@@ -38,10 +38,5 @@ local function decide(handle)
 end
 
 function envoy_on_request(handle)
-  local ok, err = pcall(decide, handle)
-  if not ok then
-    handle:logErr("tollgate.decide: " .. tostring(err))
-    -- Answered 500: Envoy's reply becomes the gateway's gateway_error.
-    pcall(function() handle:respond({[":status"] = "500"}, "") end)
-  end
+  or_500(handle, "tollgate.decide", decide)
 end
