@@ -93,6 +93,14 @@ def new_key(config: Path, *extra: str) -> str:
     return json.loads(out)["secret"]
 
 
+def down_provider(config: Path) -> str:
+    """`mp_down`, an OpenAI provider nobody listens for: connections to it are refused."""
+    tollgate("model-providers", "create", "--id", "mp_down", "--type", "openai", "--scope",
+             "ORG:acme", "--base-url", f"http://127.0.0.1:{free_port()}", "--api-key-env",
+             "FAKE_OPENAI_KEY", config=config)
+    return "mp_down"
+
+
 def fallback_key(config: Path, *providers: str) -> str:
     """A key that tries `providers` in order and falls back on any failure."""
     args = [a for p in providers for a in ("--model-provider", p)]
@@ -212,10 +220,7 @@ def main() -> None:
     workdir, fake_port, fake = bench_setup("tollgate-bench-")
     direct = f"http://127.0.0.1:{fake_port}"
     config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
-    # A provider nobody listens for: connections to it are refused.
-    tollgate("model-providers", "create", "--id", "mp_down", "--type", "openai", "--scope",
-             "ORG:acme", "--base-url", f"http://127.0.0.1:{free_port()}", "--api-key-env",
-             "FAKE_OPENAI_KEY", config=config)
+    down_provider(config)
     keys = {"": new_key(config),
             "+limits": new_key(config, "--rpm", "10000000", "--tpm", "10000000000", "--rpd",
                                "1000000000"),

@@ -6,9 +6,11 @@
 A fake OpenAI provider runs in its own process. The same chat-completions request is sent
 sequentially, with keep-alive, to: the provider directly; plain Envoy (a static route to
 it); mitmdump (reverse proxy, bodies streamed); and each tollgate host on the governed
-profile (one key with a model allowlist, one blocking org budget, SQLite state); each
-request is followed by the same one streamed as the OpenAI SDK sends it by default (no
-`stream_options`), timed to its first and last body byte. Requests go round-robin across
+profile (one key with a model allowlist, one blocking org budget, SQLite state), and again,
+in a process of its own, with a key that has a fallback plan (the provider, then one that
+is down: the first attempt serves, as it mostly does); each request is followed by the same
+one streamed as the OpenAI SDK sends it by default (no `stream_options`), timed to its
+first and last body byte. Requests go round-robin across
 the paths, so the machine's drift weighs on all alike. Then each path's throughput with 32
 requests in flight (printed, not compared: the Python client and provider bind it).
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -54,6 +57,8 @@ from bench.latency import (
     _Url,
     bench_setup,
     concurrent,
+    down_provider,
+    fallback_key,
     new_key,
     own_state,
     percentile,
@@ -241,6 +246,9 @@ def figures(times: dict[str, list[float]], cpu: dict[str, float], n: int,
         out[f"{host}: p50 / direct p50"] = p50[name] / p50["direct"]
         out[f"{host}: p50 / {plain} p50"] = p50[name] / p50[plain]
         out[f"{host}: CPU / provider CPU"] = per_request[name] / per_request["provider"]
+        if f"{name} fallback" in times:
+            out[f"{host}: fallback key p50 / {plain} p50"] = \
+                p50[f"{name} fallback"] / p50[plain]
         for part, what in (("first", "first byte"), ("total", "last byte")):
             out[f"{host}: SSE {what} / {plain}"] = \
                 p50[f"{name} sse {part}"] / p50[f"{plain} sse {part}"]
@@ -306,6 +314,7 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         procs += [envoy, mitm]
         config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
         secret = governed(config)
+        keys = {"": secret, " fallback": fallback_key(config, "mp_openai", down_provider(config))}
         paths = {"direct": (direct, provider), "plain envoy": (envoy_url, provider),
                  "mitmdump": (mitm_url, provider)}
         pids = {"provider": procs[0].pid, "plain envoy": envoy.pid, "mitmdump": mitm.pid}
@@ -313,8 +322,9 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         if baseline_code is not None and revision is not None:
             measured.append((short, {"PYTHONPATH": str(baseline_code)}))
         for host in args.hosts.split(","):
-            for who, env in measured:
-                state = own_state(config, host if env is None else f"{host}-{who}")
+            for (who, env), kind in itertools.product(measured, keys):
+                name = f"{who} {host}{kind}"
+                state = own_state(config, name.replace(" ", "-"))
                 gw = GatewayProcess(host, state, workdir, env=env, extra=QUIET.get(host))
                 gateways.append(gw)  # stopped at the end, started or not
                 try:
@@ -324,15 +334,16 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
                     raise SystemExit(f"{who}'s {host} host did not start ({e}):\n{tail}\n"
                                      "Measure against another revision (--against REV), or "
                                      "against the stored figures (--against none).") from None
-                paths[f"{who} {host}"] = (gw.url, {"authorization": f"Bearer {secret}"})
-                pids[f"{who} {host}"] = gw.proc.pid
+                paths[name] = (gw.url, {"authorization": f"Bearer {keys[kind]}"})
+                pids[name] = gw.proc.pid
         paths = {k: (f"{url}/v1/chat/completions", h) for k, (url, h) in paths.items()}
         rounds = [asyncio.run(round_robin(paths, args.requests, pids))
                   for _ in range(args.runs)]
         times, cpu = rounds[-1]
         throughput = {name: asyncio.run(concurrent(url, headers, args.concurrent_requests,
                                                    args.concurrency))[1]
-                      for name, (url, headers) in paths.items()}
+                      for name, (url, headers) in paths.items()
+                      if not name.endswith(" fallback")}
     finally:
         for gw in gateways:
             gw.stop()
@@ -344,29 +355,29 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
     print(f"\n{n} sequential requests per path and kind, round-robin; {os.cpu_count()} cores; "
           f"ms{f' (the last of {args.runs} rounds)' if args.runs > 1 else ''}\n")
     base50, base99 = statistics.median(times["direct"]), percentile(times["direct"], 0.99)
-    header = f"{'JSON answer':<20} {'p50':>7} {'p99':>7} {'+p50':>7} {'+p99':>7} {'CPU/req':>8}"
+    header = f"{'JSON answer':<28} {'p50':>7} {'p99':>7} {'+p50':>7} {'+p99':>7} {'CPU/req':>8}"
     print(header)
     print("-" * len(header))
     for name in cpu:
         values = times["direct" if name == "provider" else name]
         p50, p99 = statistics.median(values), percentile(values, 0.99)
         spent = cpu[name] / n / (len(cpu) if name == "provider" else 1)
-        print(f"{'direct' if name == 'provider' else name:<20} {p50:>7.3f} {p99:>7.3f} "
+        print(f"{'direct' if name == 'provider' else name:<28} {p50:>7.3f} {p99:>7.3f} "
               f"{p50 - base50:>+7.3f} {p99 - base99:>+7.3f} {spent * 1000:>8.3f}")
     first0 = statistics.median(times["direct sse first"])
     total0 = statistics.median(times["direct sse total"])
-    header = f"{'stream (SSE)':<20} {'first':>7} {'+first':>7} {'last':>7} {'+last':>7}"
+    header = f"{'stream (SSE)':<28} {'first':>7} {'+first':>7} {'last':>7} {'+last':>7}"
     print(f"\n{header}\n{'-' * len(header)}")
     for name in cpu:
         name = "direct" if name == "provider" else name
         first = statistics.median(times[f"{name} sse first"])
         total = statistics.median(times[f"{name} sse total"])
-        print(f"{name:<20} {first:>7.3f} {first - first0:>+7.3f} {total:>7.3f} "
+        print(f"{name:<28} {first:>7.3f} {first - first0:>+7.3f} {total:>7.3f} "
               f"{total - total0:>+7.3f}")
-    header = f"{f'{args.concurrency} concurrent':<20} {'req/s':>7}"
+    header = f"{f'{args.concurrency} concurrent':<28} {'req/s':>7}"
     print(f"\n{header}\n{'-' * len(header)}")
     for name, rate in throughput.items():
-        print(f"{name:<20} {rate:>7.0f}")
+        print(f"{name:<28} {rate:>7.0f}")
     for host, plain in (("envoy", "plain envoy"), ("mitmproxy", "mitmdump")):
         if f"tollgate {host}" in throughput:
             ratio = throughput[f"tollgate {host}"] / throughput[plain]
@@ -382,14 +393,14 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
     print("\n(CPU/req: a JSON answer and a stream together; `direct`: the provider's own, per "
           "pair it served.)\n\n"
           "Figures (ratios to this run's references; lower is better):\n")
-    print(f"  {'':<40} {'now':>7}  {f'{short} (same run)' if short else '':>18}"
+    print(f"  {'':<44} {'now':>7}  {f'{short} (same run)' if short else '':>18}"
           f"  {'stored':>14}")
     for name, value in now.items():
         same_run = f"{reference[name]:>7.3f} ({value / reference[name]:.2f}x)" \
             if revision and reference.get(name) else ""
         before = figures_stored.get(name)
         vs = f"{before:>6.3f} ({value / before:.2f}x)" if before else ""
-        print(f"  {name:<40} {value:>7.3f}  {same_run:>18}  {vs:>14}")
+        print(f"  {name:<44} {value:>7.3f}  {same_run:>18}  {vs:>14}")
     if args.update_baseline:
         head = revision_of("HEAD")
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
