@@ -39,3 +39,17 @@ def test_a_figure_more_than_15_percent_worse_than_the_revisions_is_flagged_and_n
     assert compare(figures(times, cpu, 1), figures(times, cpu, 1, "abc1234")) == []
     times, cpu = _run(tollgate_ms=2.0, baseline_ms=3.0)  # better
     assert compare(figures(times, cpu, 1), figures(times, cpu, 1, "abc1234")) == []
+
+
+def test_a_fallback_key_is_a_figure_of_its_own_when_it_was_measured():
+    times, cpu = _run(tollgate_ms=3.0, baseline_ms=2.4)
+    assert not any("fallback" in name for name in figures(times, cpu, 1))
+    for who, ms in (("tollgate", 3.6), ("abc1234", 6.0)):  # its own process: its own CPU
+        times[f"{who} envoy fallback"] = [ms] * 3
+        cpu[f"{who} envoy fallback"] = ms
+    now, then = figures(times, cpu, 1), figures(times, cpu, 1, "abc1234")
+    assert now["envoy: fallback key p50 / plain envoy p50"] == 3.0
+    assert then["envoy: fallback key p50 / plain envoy p50"] == 5.0
+    assert now["envoy: p50 / plain envoy p50"] == 2.5  # the plain key's, as before
+    assert compare(then, now) == ["envoy: fallback key p50 / plain envoy p50: 5.000, "
+                                  "baseline 3.000 (+67%)"]
