@@ -362,13 +362,8 @@ class LaggingClusters:
         return True
 
 
-async def test_a_fallback_plan_is_kept_when_the_cluster_poll_lags_behind_envoy(
-        config_dir: Path, monkeypatch):
-    """Right after start, Envoy serves before the poll of its admin has seen the fallback
-    chains: the decision reads them again rather than drop the fallback."""
-    from extproc import fallback
-    from extproc.envoy_config import CLUSTER_HEADER
-
+def _fallback_key(config_dir: Path, monkeypatch) -> tuple[Path, str]:
+    """The config, and a key whose plan is mp_openai_org, then mp_anthropic_org on 5xx."""
     monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "tap-pepper")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
@@ -381,11 +376,22 @@ async def test_a_fallback_plan_is_kept_when_the_cluster_poll_lags_behind_envoy(
         "--config", str(path), "virtual-keys", "create", "--name", "k", "--scope", "ORG:acme",
         "--routing-policy", json.loads(policy.stdout)["id"],
         "--config-json", '{"fallback": {"on": ["5xx"]}}', "--format", "json"])
+    return path, json.loads(out.stdout)["secret"]
+
+
+async def test_a_fallback_plan_is_kept_when_the_cluster_poll_lags_behind_envoy(
+        config_dir: Path, monkeypatch):
+    """Right after start, Envoy serves before the poll of its admin has seen the fallback
+    chains: the decision reads them again rather than drop the fallback."""
+    from extproc import fallback
+    from extproc.envoy_config import CLUSTER_HEADER
+
+    path, secret = _fallback_key(config_dir, monkeypatch)
     gateway = Gateway.from_path(str(path), watch=False)
     chain = fallback.chain_name(("mp_openai_org", "mp_anthropic_org"))
     clusters = LaggingClusters({chain})
     proc = ExternalProcessor(gateway, clusters)
-    answer = await ask(proc, *chat_request(json.loads(out.stdout)["secret"]))
+    answer = await ask(proc, *chat_request(secret))
     assert answer.headers[f"x-tollgate-set-{CLUSTER_HEADER}"] == chain
     assert clusters.refreshes == 1
     (pending,) = proc._pending.values()
@@ -400,20 +406,9 @@ async def test_each_attempt_gets_its_providers_changes_and_the_one_before_counts
     """Envoy retries a fallback plan by itself; each attempt asks for the changes of the
     provider it reached (credentials, host, path, and its own body in another family), with
     the status of the attempt before, which the request's row records as its fallback."""
-    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "tap-pepper")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
-    path = config_dir / "gateway.yaml"
-    policy = CliRunner().invoke(cli, [
-        "--config", str(path), "routing-policies", "create", "--scope", "ORG:acme", "--name",
-        "p", "--model-provider", "mp_openai_org", "--model-provider", "mp_anthropic_org",
-        "--model-map", "mp_anthropic_org:gpt-5-mini=claude-haiku-4-5", "--format", "json"])
-    out = CliRunner().invoke(cli, [
-        "--config", str(path), "virtual-keys", "create", "--name", "k", "--scope", "ORG:acme",
-        "--routing-policy", json.loads(policy.stdout)["id"],
-        "--config-json", '{"fallback": {"on": ["5xx"]}}', "--format", "json"])
+    path, secret = _fallback_key(config_dir, monkeypatch)
     proc = ExternalProcessor(Gateway.from_path(str(path), watch=False))
-    await ask(proc, *chat_request(json.loads(out.stdout)["secret"]))
+    await ask(proc, *chat_request(secret))
     ((request_id, pending),) = proc._pending.items()
 
     first = proc.attempt(request_id, "mp_openai_org", None)
