@@ -411,10 +411,13 @@ class FallbackRelay:
 
     async def _serve(self, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
+        """The flows mitmproxy points here on one connection, one after another: it keeps
+        the connection for its client's next request, as it would a provider's."""
         try:
-            plan = self.plans.pop(await _loopback_token(reader, self.HEADER), None)
-            if plan is not None:
-                await self._attempts(writer, *plan)
+            while True:
+                plan = self.plans.pop(await _loopback_token(reader, self.HEADER), None)
+                if plan is None or not await self._attempts(writer, *plan):
+                    return
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         except Exception:
@@ -423,7 +426,9 @@ class FallbackRelay:
             writer.close()
 
     async def _attempts(self, writer: asyncio.StreamWriter, exchange: Exchange, method: str,
-                        client_headers: dict[str, str], client_body: bytes) -> None:
+                        client_headers: dict[str, str], client_body: bytes) -> bool:
+        """The plan's attempts, and the answer that counts relayed; whether the connection
+        can serve the next flow (False: the answer ended it)."""
         if self._client is None:
             self._client = httpx.AsyncClient(follow_redirects=False)
         while True:
@@ -450,39 +455,42 @@ class FallbackRelay:
                           f"{e.__class__.__name__}) and no fallback was left.")
                 exchange.finish("error", f"{error}: {e!r}")
                 writer.write(mitm_http1.assemble_response(http.Response.make(
-                    status, out, {**out_headers, "connection": "close"})))
+                    status, out, out_headers)))
                 await writer.drain()
-                return
+                return True
             async with contextlib.aclosing(response):
                 if (reason := exchange.cursor.fallback_reason(status=response.status_code)):
                     exchange.advance(reason)
                     continue
-                await self._relay(writer, response)
-                return
+                return await self._relay(writer, response)
 
     @staticmethod
-    async def _relay(writer: asyncio.StreamWriter, response: httpx.Response) -> None:
+    async def _relay(writer: asyncio.StreamWriter, response: httpx.Response) -> bool:
         """The provider's answer as it comes: its status and headers (framing aside), then
-        its bytes; a provider that breaks off leaves the answer unterminated, as it did."""
+        its bytes; a provider that breaks off leaves the answer unterminated, as it did, and
+        the connection ends with it (False)."""
         length = response.headers.get("content-length")
         head = [(k.encode(), v.encode()) for k, v in response.headers.multi_items()
                 if k.lower() not in header_rules.HOP_BY_HOP | FRAMING]
-        head += [(b"content-length", length.encode()) if length is not None
-                 else (b"transfer-encoding", b"chunked"), (b"connection", b"close")]
+        head.append((b"content-length", length.encode()) if length is not None
+                    else (b"transfer-encoding", b"chunked"))
         writer.write(mitm_http1.assemble_response_head(http.Response(
             b"HTTP/1.1", response.status_code, response.reason_phrase.encode(),
             http.Headers(head), b"", None, 0.0, None)))
+        sent = 0
         try:
             async for chunk in response.aiter_raw():
                 if chunk:
+                    sent += len(chunk)
                     writer.write(chunk if length is not None
                                  else b"%x\r\n%b\r\n" % (len(chunk), chunk))
                     await writer.drain()
         except httpx.TransportError:
-            return
+            return False
         if length is None:
             writer.write(b"0\r\n\r\n")
         await writer.drain()
+        return length is None or str(sent) == length.strip()
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -27,3 +27,64 @@ async def test_the_mitmproxy_host_puts_what_it_started_with_out_of_the_collector
             addon.sink.stop()
             await addon.gateway.close()
     assert before == 0 and frozen > 1000
+
+
+async def test_the_fallback_relay_serves_each_flow_of_a_connection_in_turn(
+        tmp_path, monkeypatch, fake_openai, fake_anthropic):
+    """mitmproxy keeps its connection to the relay for its client's next request, as it
+    would a provider's: the relay answers each flow on it in turn, framed, and keeps it
+    open (it used to close it after each, so every request with a fallback plan paid a new
+    connection)."""
+    import asyncio
+    import json
+
+    from mitmproxy import http
+    from mitmproxy.net.http import http1
+    from mitmproxy.test import tflow, tutils
+
+    from addon.tollgate_addon import TollgateAddon
+    from tests.conftest import PROVIDER_ENV, make_config, make_policy
+    from tests.harness import tollgate
+
+    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "relay-pepper")
+    for name, value in PROVIDER_ENV.items():
+        monkeypatch.setenv(name, value)
+    config = make_config(tmp_path, fake_openai, fake_anthropic)
+    tollgate("model-providers", "create", "--id", "mp_backup", "--type", "openai", "--scope",
+             "ORG:acme", "--base-url", fake_openai.url, "--api-key-env", "FAKE_OPENAI_KEY",
+             config=config)
+    policy = make_policy(config, "relay", "mp_openai", "mp_backup")
+    secret = json.loads(tollgate(
+        "virtual-keys", "create", "--name", "k", "--scope", "ORG:acme", "--routing-policy",
+        policy, "--config-json", '{"fallback": {"on": ["5xx"]}}', "--format", "json",
+        config=config).stdout)["secret"]
+    addon = TollgateAddon()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, tollgate_config=str(config))
+        assert addon.gateway is not None
+        try:
+            flows = []
+            for _ in range(2):
+                flow = tflow.tflow(req=tutils.treq(
+                    method=b"POST", host="gateway", port=80, path=b"/v1/chat/completions",
+                    headers=http.Headers(authorization=f"Bearer {secret}",
+                                         content_type="application/json"),
+                    content=json.dumps({"model": "gpt-5-mini", "messages": [
+                        {"role": "user", "content": "hi"}]}).encode()))
+                await addon.request(flow)
+                assert (flow.request.host, flow.request.port) == ("127.0.0.1", addon.plans.port)
+                flows.append(flow)
+            reader, writer = await asyncio.open_connection("127.0.0.1", addon.plans.port)
+            for flow in flows:  # one after the other, on the same connection
+                writer.write(http1.assemble_request(flow.request))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                lines = head.decode().split("\r\n")
+                assert lines[0].startswith("HTTP/1.1 200 ")
+                fields = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
+                assert "connection" not in fields
+                body = await reader.readexactly(int(fields["content-length"]))
+                assert json.loads(body)["choices"][0]["message"]["content"]
+            assert len(fake_openai.requests) == 2
+            writer.close()
+        finally:
+            await addon.done()
