@@ -10,8 +10,8 @@ profile (one key with a model allowlist, one blocking org budget, SQLite state),
 in a process of its own, with a key that has a fallback plan (the provider, then one that
 is down: the first attempt serves, as it mostly does); each request is followed by the same
 one streamed as the OpenAI SDK sends it by default (no `stream_options`), timed to its
-first and last body byte. Requests go round-robin across
-the paths, so the machine's drift weighs on all alike. Then each path's throughput with 32
+first and last body byte. Requests go round-robin across the paths, in a new order each
+turn, so the machine's drift weighs on all alike. Then each path's throughput with 32
 requests in flight (printed, not compared: the Python client and provider bind it).
 
 Prints p50/p99, what each path adds over the direct call, and the CPU each path's
@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -170,10 +171,13 @@ async def _streamed(client: httpx.AsyncClient, name: str, url: str,
 
 async def round_robin(paths: dict[str, tuple[str, dict[str, str]]], n: int,
                       pids: dict[str, int]) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """`n` sequential requests per path, one path after the other in turn: each one's time
-    (ms, under the path's name), the streamed request's times to its first and last byte
-    (`<path> sse first`, `<path> sse total`), and the CPU seconds each path's processes
-    (`pids`) spent on them all."""
+    """`n` sequential requests per path, one path after the other in turn, in a new order
+    each turn (a path's time depends a little on which ran just before it: in a fixed order
+    the same code measured up to 5% apart on two paths): each one's time (ms, under the
+    path's name), the streamed request's times to its first and last byte (`<path> sse
+    first`, `<path> sse total`), and the CPU seconds each path's processes (`pids`) spent on
+    them all."""
+    shuffled = random.Random(n)  # the same orders on every run
     clients = {name: httpx.AsyncClient(timeout=30) for name in paths}
     try:
         for _ in range(20):  # warm connections and caches
@@ -183,8 +187,11 @@ async def round_robin(paths: dict[str, tuple[str, dict[str, str]]], n: int,
         before = {k: cpu_seconds(p) for k, p in pids.items()}
         out: dict[str, list[float]] = {name: [] for name in paths}
         out |= {f"{name} sse {part}": [] for name in paths for part in ("first", "total")}
+        order = list(paths)
         for _ in range(n):
-            for name, (url, headers) in paths.items():
+            shuffled.shuffle(order)
+            for name in order:
+                url, headers = paths[name]
                 t0 = time.perf_counter()
                 r = await clients[name].post(url, content=BODY, headers=headers)
                 out[name].append((time.perf_counter() - t0) * 1000)
