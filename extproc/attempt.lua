@@ -1,9 +1,10 @@
 -- tollgate.attempt: each attempt of a fallback plan (an upstream filter of the plan's chain
--- cluster, so no other request has it) asks the decision service of the process that decided
--- the request for the changes that put the provider Envoy chose on it: its credentials, path
--- and host, and its own body when it is not the client's (answer.lua applies them). The
--- filter before this one has put that provider, from the endpoint's metadata, in a header;
--- the status of the attempt before, which made Envoy retry, is in the request's metadata.
+-- cluster, so no other request has it) but the first, whose changes the decision made,
+-- asks the decision service of the process that decided the request for the changes that
+-- put the provider Envoy chose on it: its credentials, path and host, and its body when it
+-- is not the one Envoy replays (answer.lua applies them). The filter before this one has
+-- put that provider, from the endpoint's metadata, in a header; the status of the attempt
+-- before, which made Envoy retry, is in the request's metadata.
 local CLUSTER = "@CLUSTER@"
 local PROVIDER = "@PROVIDER@"
 local TIMEOUT_MS = 5000
@@ -16,16 +17,18 @@ local function attempt(handle)
   local decided = meta:get("tollgate") or {}
   local cluster = CLUSTER
   if decided["process"] ~= nil then cluster = CLUSTER .. "_" .. decided["process"] end
-  -- "" for the first attempt, and after one that got no response (a timeout, a reset).
-  local before = decided["attempt_status"] or ""
+  local before = decided["attempt_status"] -- "" after an attempt that got no response
   meta:set("tollgate", "attempt_status", "")
+  if before == nil and provider == decided["first_attempt"] then
+    return -- the first attempt, to the provider the decision made it for
+  end
   -- The body is held until the answer says whether it is this provider's own: Envoy
   -- replays it from the copy it keeps for retries, so it is all there at once.
   handle:body()
   local answer, answer_body = handle:httpCall(cluster, {
     [":method"] = "POST", [":path"] = "/attempt", [":authority"] = "tollgate",
     ["x-tollgate-request"] = decided["request_id"] or "",
-    ["x-tollgate-provider"] = provider, ["x-tollgate-status"] = before,
+    ["x-tollgate-provider"] = provider, ["x-tollgate-status"] = before or "",
   }, "", TIMEOUT_MS)
   apply_answer(handle, answer, answer_body)
 end

@@ -104,10 +104,10 @@ def metadata(exchange: Exchange) -> dict[str, str]:
     headers, whether the usage cut is on."""
     trace = exchange.trace
     fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
-              "span_id": trace.span_id, "family": exchange.route.family}
-    if len(exchange.cursor.attempts) == 1:  # else each attempt's response names its provider
-        fields |= {"fallback_count": str(exchange.cursor.fallback_count),
-                   "provider": exchange.provider_id}
+              "span_id": trace.span_id, "family": exchange.route.family,
+              # The first attempt's; each later attempt of a fallback plan names its own.
+              "fallback_count": str(exchange.cursor.fallback_count),
+              "provider": exchange.provider_id}
     if exchange.hides_usage_chunk and not exchange.reshapes:
         fields["cut_usage"] = "1"  # the usage-cut filter keeps it from the client
     if exchange.billing.warning:
@@ -145,11 +145,10 @@ class Forwarding:
 
 def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
             process: int | None = None) -> Forwarding:
-    """How a request goes on to its provider.
-
-    A plan of one is applied here. A fallback plan goes to its chain with Envoy's retry
-    controls and the client's body; each attempt's own changes are made by the attempt
-    filter."""
+    """How a request goes on to its provider: its first attempt's changes are applied here.
+    A fallback plan goes to its chain with Envoy's retry controls, and names its first
+    attempt's provider (`first_attempt`): the attempt filter asks for the changes of any
+    other attempt Envoy makes."""
     exchange = fwd.exchange
     plan = exchange.cursor.attempts
     # Envoy's router controls are the gateway's to set, never the client's.
@@ -166,14 +165,13 @@ def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
         routing[EXTPROC_PROCESS_HEADER] = fields["process"] = str(process)
     if len(plan) == 1:
         routing[CLUSTER_HEADER] = cluster_name(fwd.attempt.provider_id)
-        set_headers, removed = _changes(fwd.attempt, None if body is None else len(body),
-                                        routing, envoy_controls)
-        new_body = fwd.attempt.body if body is not None else None
     else:
         routing[CLUSTER_HEADER] = fallback.chain_name(tuple(a.provider_id for a in plan))
         routing[FALLBACK_HEADER] = "1"
-        set_headers, removed = routing, [h for h in envoy_controls if h not in routing]
-        new_body = None
+        fields["first_attempt"] = fwd.attempt.provider_id
+    set_headers, removed = _changes(fwd.attempt, None if body is None else len(body),
+                                    routing, envoy_controls)
+    new_body = fwd.attempt.body if body is not None else None
     return Forwarding(set_headers, removed, new_body, fields)
 
 
@@ -214,7 +212,10 @@ class _Pending:
     exchange: Exchange
     since: float  # the last word of it: its decision, a meter post
     set_by_attempts: list[str] = field(default_factory=list)
-    body_length: int | None = None  # the client's body, which Envoy replays to each attempt
+    body_length: int | None = None  # the client's body's
+    # The client's body, when the first attempt's replaced it: Envoy replays that attempt's
+    # body to each later one, which may need the client's bytes back.
+    client_body: bytes | None = None
     # Set when its rewrite stream has ended (for a response the gateway edits).
     rewritten: asyncio.Event | None = None
     posts: int = 0  # meter posts taken, in order
@@ -326,6 +327,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             pending.set_by_attempts = sorted({h for a in exchange.cursor.attempts
                                               for h in a.set_headers if h not in headers})
             pending.body_length = None if body is None else len(body)
+            if exchange.cursor.attempts[0].body is not None:
+                pending.client_body = body
         self._pending[request_id] = pending
         if exchange.reshapes:
             pending.rewritten = asyncio.Event()
@@ -334,11 +337,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     # -- attempts of a fallback plan ------------------------------------------------------
     def attempt(self, request_id: str, provider: str, status: int | None) -> Reply | Forwarding:
-        """An attempt of a fallback plan reached `provider` (Envoy chose it): the changes
-        that put that provider on the request (its credentials, path and host, and its own
-        body when it is not the client's, which Envoy replays to each attempt), and the
-        metadata that names it on the response. `status`: the attempt before it answered
-        that (Envoy retried it); None when there was none, or it got no answer."""
+        """An attempt of a fallback plan reached `provider` (Envoy chose it), other than the
+        first one the decision made: the changes that put that provider on the request (its
+        credentials, path and host, and its body when it is not the one Envoy replays), and
+        the metadata that names it on the response. `status`: the attempt before it answered
+        that (Envoy retried it); None when it got no answer."""
         pending = self._pending.get(request_id)
         if pending is None or not provider:
             log.error("attempt of an unknown request (%s) or provider (%s)", request_id,
@@ -353,7 +356,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         attempt = exchange.begin_attempt(provider)
         set_headers, removed = _changes(attempt, pending.body_length, {},
                                         pending.set_by_attempts)
-        return Forwarding(set_headers, removed, attempt.body, {
+        body = attempt.body if attempt.body is not None else pending.client_body
+        return Forwarding(set_headers, removed, body, {
             "provider": exchange.provider_id,
             "fallback_count": str(exchange.cursor.fallback_count)})
 

@@ -302,6 +302,28 @@ def test_same_family_fallback_keeps_the_clients_bytes(gateway, fake_openai, fake
                for q in fake_openai.requests)
 
 
+def test_a_backup_gets_the_clients_bytes_after_a_primary_that_translated_them(
+        gateway, fake_openai, fake_anthropic):
+    """The primary is of the other family (it gets the client's body translated) and fails;
+    the backup, of the client's family, gets the client's body byte for byte, and its
+    length (on Envoy the first attempt's body is the one Envoy keeps for the retry)."""
+    primary = provider(gateway, "anthropic", fake_anthropic.url)
+    backup = provider(gateway, "openai", fake_openai.url)
+    key = keyed(gateway, policy(gateway, primary, backup,
+                                maps=(f"{primary}:gpt-5-mini=claude-haiku-4-5",)))
+    fake_anthropic.enqueue(Behaviour("fail", status=500))
+    body = b'{"model": "gpt-5-mini",  "messages": [{"role": "user", "content": "x"}]}'
+    r = httpx.post(f"{gateway.openai_base}/chat/completions", content=body,
+                   headers={"authorization": f"Bearer {key.secret}",
+                            "content-type": "application/json"})
+    assert r.status_code == 200 and r.headers["x-langwatch-provider"] == backup
+    assert [q.json()["model"] for q in fake_anthropic.requests] == ["claude-haiku-4-5"]
+    [sent] = fake_openai.requests
+    assert sent.body == body and sent.headers["content-length"] == str(len(body))
+    row = ledger_row(gateway, r.headers["x-langwatch-request-id"])
+    assert (row.provider, row.fallbacks) == (backup, f"{primary}:5xx")
+
+
 def test_a_fallen_back_stream_arrives_chunk_by_chunk(gateway, fake_openai, fake_anthropic):
     """The answer of a provider reached by fallback streams to the client as it comes: 11
     chunks 150 ms apart would arrive together at the end if the gateway held the answer."""

@@ -362,15 +362,18 @@ class LaggingClusters:
         return True
 
 
-def _fallback_key(config_dir: Path, monkeypatch) -> tuple[Path, str]:
-    """The config, and a key whose plan is mp_openai_org, then mp_anthropic_org on 5xx."""
+def _fallback_key(config_dir: Path, monkeypatch,
+                  plan: tuple[str, str] = ("mp_openai_org", "mp_anthropic_org")
+                  ) -> tuple[Path, str]:
+    """The config, and a key whose plan is `plan`'s providers in order, falling back on 5xx;
+    the Anthropic provider serves the client's gpt-5-mini as claude-haiku-4-5."""
     monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "tap-pepper")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
     path = config_dir / "gateway.yaml"
     policy = CliRunner().invoke(cli, [
         "--config", str(path), "routing-policies", "create", "--scope", "ORG:acme", "--name",
-        "p", "--model-provider", "mp_openai_org", "--model-provider", "mp_anthropic_org",
+        "p", *(a for p in plan for a in ("--model-provider", p)),
         "--model-map", "mp_anthropic_org:gpt-5-mini=claude-haiku-4-5", "--format", "json"])
     out = CliRunner().invoke(cli, [
         "--config", str(path), "virtual-keys", "create", "--name", "k", "--scope", "ORG:acme",
@@ -401,20 +404,23 @@ async def test_a_fallback_plan_is_kept_when_the_cluster_poll_lags_behind_envoy(
     await gateway.close()
 
 
-async def test_each_attempt_gets_its_providers_changes_and_the_one_before_counts(
+async def test_the_decision_makes_the_first_attempt_and_each_later_one_asks_for_its_own(
         config_dir: Path, monkeypatch):
-    """Envoy retries a fallback plan by itself; each attempt asks for the changes of the
-    provider it reached (credentials, host, path, and its own body in another family), with
-    the status of the attempt before, which the request's row records as its fallback."""
+    """Envoy retries a fallback plan by itself. The decision puts the first provider's
+    changes on the request, as for a plan of one, and names that provider; each later
+    attempt asks for the changes of the provider it reached (credentials, host, path, and
+    its own body in another family), with the status of the attempt before, which the
+    request's row records as its fallback."""
     path, secret = _fallback_key(config_dir, monkeypatch)
     proc = ExternalProcessor(Gateway.from_path(str(path), watch=False))
-    await ask(proc, *chat_request(secret))
+    answer = await ask(proc, *chat_request(secret))
+    assert answer.headers["x-tollgate-set-authorization"] == "Bearer sk-real-openai"
+    assert answer.headers["x-tollgate-meta-first_attempt"] == "mp_openai_org"
+    assert (answer.headers["x-tollgate-meta-provider"],
+            answer.headers["x-tollgate-meta-fallback_count"]) == ("mp_openai_org", "0")
+    assert "x-tollgate-body" not in answer.headers  # the client's bytes
     ((request_id, pending),) = proc._pending.items()
 
-    first = proc.attempt(request_id, "mp_openai_org", None)
-    assert isinstance(first, Forwarding) and first.body is None  # the client's bytes
-    assert first.set_headers["authorization"] == "Bearer sk-real-openai"
-    assert first.metadata == {"provider": "mp_openai_org", "fallback_count": "0"}
     second = proc.attempt(request_id, "mp_anthropic_org", 503)
     assert isinstance(second, Forwarding)
     assert second.set_headers["x-api-key"] == "sk-ant-real"
@@ -428,6 +434,29 @@ async def test_each_attempt_gets_its_providers_changes_and_the_one_before_counts
     lost = proc.attempt("req_unknown", "mp_openai_org", None)
     assert isinstance(lost, Reply) and lost.status >= 500
     assert lost.decision["code"] == "gateway_error"
+    pending.exchange.finish("abandoned")
+    await proc.gateway.close()
+
+
+async def test_a_later_attempt_gets_the_clients_bytes_back_from_a_first_that_replaced_them(
+        config_dir: Path, monkeypatch):
+    """The decision put the first provider's own body (a translation) on the request, so
+    Envoy replays that body to each later attempt: one that takes the client's bytes gets
+    them back, with their length."""
+    path, secret = _fallback_key(config_dir, monkeypatch,
+                                 plan=("mp_anthropic_org", "mp_openai_org"))
+    proc = ExternalProcessor(Gateway.from_path(str(path), watch=False))
+    client, body = chat_request(secret)
+    answer = await ask(proc, client, body)
+    assert answer.headers["x-tollgate-body"] == "replaced"
+    assert json.loads(answer.content)["model"] == "claude-haiku-4-5"
+    ((request_id, pending),) = proc._pending.items()
+    second = proc.attempt(request_id, "mp_openai_org", None)  # the first got no answer
+    assert isinstance(second, Forwarding)
+    assert second.body == body and second.set_headers["content-length"] == str(len(body))
+    assert second.set_headers["authorization"] == "Bearer sk-real-openai"
+    assert "x-api-key" in second.remove_headers
+    assert pending.exchange.cursor.fallbacks == ["mp_anthropic_org:timeout or network error"]
     pending.exchange.finish("abandoned")
     await proc.gateway.close()
 
