@@ -285,6 +285,17 @@ def test_sdk_falls_back_to_the_other_family(gateway, fake_openai, fake_anthropic
     assert row.status == 200 and row.output_tokens > 0 and row.usage_reported
 
 
+# A chat completion laid out as no JSON library would write it (two spaces after a comma).
+AS_SENT = b'{"model": "gpt-5-mini",  "messages": [{"role": "user", "content": "x"}]}'
+
+
+def chat_as_sent(gateway, key) -> httpx.Response:
+    """AS_SENT, sent to the gateway's OpenAI route with `key`."""
+    return httpx.post(f"{gateway.openai_base}/chat/completions", content=AS_SENT,
+                      headers={"authorization": f"Bearer {key.secret}",
+                               "content-type": "application/json"})
+
+
 def test_same_family_fallback_keeps_the_clients_bytes(gateway, fake_openai, fake_anthropic):
     """Two OpenAI providers: the backup gets the client's body byte for byte and its own
     credential, never the primary's."""
@@ -292,12 +303,9 @@ def test_same_family_fallback_keeps_the_clients_bytes(gateway, fake_openai, fake
     backup = provider(gateway, "openai", fake_openai.url)
     key = keyed(gateway, policy(gateway, primary, backup))
     fake_openai.enqueue(Behaviour("fail", status=500))
-    body = b'{"model": "gpt-5-mini",  "messages": [{"role": "user", "content": "x"}]}'
-    r = httpx.post(f"{gateway.openai_base}/chat/completions", content=body,
-                   headers={"authorization": f"Bearer {key.secret}",
-                            "content-type": "application/json"})
+    r = chat_as_sent(gateway, key)
     assert r.status_code == 200 and r.headers["x-langwatch-provider"] == backup
-    assert [q.body for q in fake_openai.requests] == [body, body]
+    assert [q.body for q in fake_openai.requests] == [AS_SENT, AS_SENT]
     assert all(q.headers["authorization"] == f"Bearer {OPENAI_KEY}"
                for q in fake_openai.requests)
 
@@ -312,14 +320,11 @@ def test_a_backup_gets_the_clients_bytes_after_a_primary_that_translated_them(
     key = keyed(gateway, policy(gateway, primary, backup,
                                 maps=(f"{primary}:gpt-5-mini=claude-haiku-4-5",)))
     fake_anthropic.enqueue(Behaviour("fail", status=500))
-    body = b'{"model": "gpt-5-mini",  "messages": [{"role": "user", "content": "x"}]}'
-    r = httpx.post(f"{gateway.openai_base}/chat/completions", content=body,
-                   headers={"authorization": f"Bearer {key.secret}",
-                            "content-type": "application/json"})
+    r = chat_as_sent(gateway, key)
     assert r.status_code == 200 and r.headers["x-langwatch-provider"] == backup
     assert [q.json()["model"] for q in fake_anthropic.requests] == ["claude-haiku-4-5"]
     [sent] = fake_openai.requests
-    assert sent.body == body and sent.headers["content-length"] == str(len(body))
+    assert sent.body == AS_SENT and sent.headers["content-length"] == str(len(AS_SENT))
     row = ledger_row(gateway, r.headers["x-langwatch-request-id"])
     assert (row.provider, row.fallbacks) == (backup, f"{primary}:5xx")
 
