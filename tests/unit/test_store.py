@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import itertools
 import sqlite3
+import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -434,6 +436,45 @@ def test_write_aheads_the_disk_refuses_fail_their_requests_and_leave_no_open_tra
         assert ids == {"r_3"}
         other.close()
         await spooled.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_spool_closing_sends_a_batch_that_waited_for_the_lock_on_to_the_store(tmp_path,
+                                                                                redis_url):
+    """The gateway stops while a batch of write-aheads waits for another process's lock on
+    the spool: close() waits for the batch to reach the disk and then the store, which it
+    goes on to once the lock is let go, before it closes the store under it."""
+    import json
+
+    from tollgate.store.redis import INFLIGHT_ROWS
+
+    request_id = f"r_closing_{time.monotonic_ns()}"
+
+    async def scenario():
+        spooled = Spooled(RedisStore(redis_url), tmp_path / "spool.db")
+        write = spooled.inner.admit_many
+
+        async def over_the_network(rows):  # the store is a round trip away
+            await asyncio.sleep(0.05)
+            await write(rows)
+
+        spooled.inner.admit_many = over_the_network
+        other = sqlite3.connect(tmp_path / "spool.db", isolation_level=None,
+                                check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        admitting = asyncio.ensure_future(spooled.admit(row(request_id, 5)))
+        await asyncio.sleep(0.02)  # its batch ran, found the lock taken, and waits
+        assert not admitting.done() and spooled._writing
+        # The other process lets go on its own (not on this loop, which close() may block).
+        threading.Timer(0.05, other.execute, ["COMMIT"]).start()
+        await spooled.close()
+        await admitting
+        other.close()
+        store = RedisStore(redis_url)
+        ahead = await store.client.hget(INFLIGHT_ROWS, request_id)
+        await store.close()
+        assert ahead is not None and json.loads(ahead)["row"]["cost_micros"] == 5
 
     asyncio.run(scenario())
 

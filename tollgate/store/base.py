@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -62,6 +63,21 @@ def resolve(done: asyncio.Future[Any] | None, outcome: Any) -> None:
         done.set_exception(outcome)
     else:
         done.set_result(outcome)
+
+
+def in_background(tasks: set[asyncio.Task[None]], writes: Coroutine[Any, Any, None]) -> None:
+    """Run `writes` as a task kept in `tasks` until it is done (a store's close() waits for
+    them: see `until_written`)."""
+    task = asyncio.get_running_loop().create_task(writes)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def until_written(tasks: set[asyncio.Task[None]]) -> None:
+    """Wait for every task of `tasks`, those they start meanwhile too (a write that waited
+    for a lock goes on to the next step of its own)."""
+    while tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class StoreUnavailable(Exception):

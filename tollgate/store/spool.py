@@ -10,11 +10,10 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from tollgate.budgets import Hold
 from tollgate.fastjson import dumps
@@ -29,7 +28,9 @@ from tollgate.store.base import (
     Store,
     StoreUnavailable,
     holder_alive,
+    in_background,
     resolve,
+    until_written,
 )
 from tollgate.store.checkpoint import Checkpointer
 
@@ -120,7 +121,7 @@ class Spooled(Store):
         try:
             write()
         except locking.Busy:  # another process writes here: waited for on the loop
-            self._start(self._admit_when_unlocked(write, batch, rows))
+            in_background(self._writing, self._admit_when_unlocked(write, batch, rows))
             return
         except sqlite3.Error as e:
             self._admitted(batch, rows, e)
@@ -148,12 +149,7 @@ class Spooled(Store):
         for *_, committed in batch:
             resolve(committed, failure)
         if failure is None:
-            self._start(self._admit_inner(rows))
-
-    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._writing.add(task)
-        task.add_done_callback(self._writing.discard)
+            in_background(self._writing, self._admit_inner(rows))
 
     async def _admit_inner(self, rows: list[tuple[LedgerRow, list[str] | None]]) -> None:
         with contextlib.suppress(StoreUnavailable):
@@ -280,7 +276,8 @@ class Spooled(Store):
             self._forgetting.cancel()
         self._forget_now()
         self._admit_batch()  # write-aheads of this turn, whose batch has not gone yet
-        await asyncio.gather(*self._writing, return_exceptions=True)
+        # (A batch that waited for the lock sends its rows to the store after it.)
+        await until_written(self._writing)
         await self.inner.close()
         await asyncio.to_thread(self._checkpoints.close)
         self.db.close()

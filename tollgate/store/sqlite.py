@@ -19,7 +19,7 @@ import fcntl
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +38,9 @@ from tollgate.store.base import (
     StoreUnavailable,
     distinct_id,
     holder_alive,
+    in_background,
     resolve,
+    until_written,
 )
 from tollgate.store.checkpoint import Checkpointer
 from tollgate.store.windows import LocalWindows
@@ -341,13 +343,7 @@ class SQLiteStore(Store):
         try:
             self._commit_batch(batch)
         except locking.Busy:  # another process writes: this batch waits for it on the loop
-            self._in_background(self._commit_when_unlocked(batch))
-
-    def _in_background(self, writes: Coroutine[None, None, None]) -> None:
-        """Writes that wait for another process's lock on the loop (close() waits for them)."""
-        task = asyncio.get_running_loop().create_task(writes)
-        self._committing.add(task)
-        task.add_done_callback(self._committing.discard)
+            in_background(self._committing, self._commit_when_unlocked(batch))
 
     async def _commit_when_unlocked(self, batch: list[_Settling]) -> None:
         try:
@@ -386,7 +382,7 @@ class SQLiteStore(Store):
                 try:
                     self._commit_one(s)
                 except locking.Busy:
-                    self._in_background(self._commit_each_when_unlocked(batch[i:]))
+                    in_background(self._committing, self._commit_each_when_unlocked(batch[i:]))
                     return
                 except Exception as alone:
                     resolve(s.done, alone)
@@ -462,8 +458,7 @@ class SQLiteStore(Store):
 
     async def close(self) -> None:
         self._commit_settlements()  # those of this turn, before the file closes
-        while self._committing:  # (a batch that waits may leave settlements that wait)
-            await asyncio.gather(*self._committing, return_exceptions=True)
+        await until_written(self._committing)
         await asyncio.to_thread(self._checkpoints.close)
         self.db.close()
 
