@@ -515,6 +515,18 @@ def _quiet_streaming_notices() -> None:
         server_log.addFilter(StreamingNotice())  # once, though the script may be reloaded
 
 
+# The fallback relay's HTTP client logs each request it makes: httpx a line at INFO and
+# httpcore ten trace lines at DEBUG. mitmproxy takes the root logger to DEBUG and turns every
+# record into a hook each of its addons hears, so those eleven records cost a relayed request
+# more than its own HTTP; its client's warnings and errors still show.
+RELAY_CLIENT_LOGGERS = ("httpx", "httpcore")
+
+
+def _quiet_relay_client() -> None:
+    for name in RELAY_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 class TollgateAddon:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
@@ -532,6 +544,7 @@ class TollgateAddon:
         chain.insert(0, self.credentials)
         _mask_web_view()
         _quiet_streaming_notices()
+        _quiet_relay_client()
         loader.add_option("tollgate_config", str, "",
                           "Path to the tollgate gateway.yaml (default: $TOLLGATE_CONFIG, "
                           "then config/gateway.yaml).")

@@ -29,20 +29,11 @@ async def test_the_mitmproxy_host_puts_what_it_started_with_out_of_the_collector
     assert before == 0 and frozen > 1000
 
 
-async def test_the_fallback_relay_serves_each_flow_of_a_connection_in_turn(
-        tmp_path, monkeypatch, fake_openai, fake_anthropic):
-    """mitmproxy keeps its connection to the relay for its client's next request, as it
-    would a provider's: the relay answers each flow on it in turn, framed, and keeps it
-    open (it used to close it after each, so every request with a fallback plan paid a new
-    connection)."""
-    import asyncio
+def _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic):
+    """A config whose key falls back on 5xx from mp_openai to mp_backup (the same fake), and
+    the key's secret."""
     import json
 
-    from mitmproxy import http
-    from mitmproxy.net.http import http1
-    from mitmproxy.test import tflow, tutils
-
-    from addon.tollgate_addon import TollgateAddon
     from tests.conftest import PROVIDER_ENV, make_config, make_policy
     from tests.harness import tollgate
 
@@ -58,33 +49,99 @@ async def test_the_fallback_relay_serves_each_flow_of_a_connection_in_turn(
         "virtual-keys", "create", "--name", "k", "--scope", "ORG:acme", "--routing-policy",
         policy, "--config-json", '{"fallback": {"on": ["5xx"]}}', "--format", "json",
         config=config).stdout)["secret"]
+    return config, secret
+
+
+async def _relayed_flows(addon, secret: str, n: int) -> list:
+    """`n` chat completions the addon has decided and pointed at its fallback relay."""
+    import json
+
+    from mitmproxy import http
+    from mitmproxy.test import tflow, tutils
+
+    flows = []
+    for _ in range(n):
+        flow = tflow.tflow(req=tutils.treq(
+            method=b"POST", host="gateway", port=80, path=b"/v1/chat/completions",
+            headers=http.Headers(authorization=f"Bearer {secret}",
+                                 content_type="application/json"),
+            content=json.dumps({"model": "gpt-5-mini", "messages": [
+                {"role": "user", "content": "hi"}]}).encode()))
+        await addon.request(flow)
+        assert (flow.request.host, flow.request.port) == ("127.0.0.1", addon.plans.port)
+        flows.append(flow)
+    return flows
+
+
+async def _relay(addon, flows: list) -> list[bytes]:
+    """The relay's answers to `flows`, sent one after the other on one connection (as
+    mitmproxy sends its client's requests): each answer's head is checked, its body kept."""
+    import asyncio
+
+    from mitmproxy.net.http import http1
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", addon.plans.port)
+    bodies = []
+    try:
+        for flow in flows:
+            writer.write(http1.assemble_request(flow.request))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            lines = head.decode().split("\r\n")
+            assert lines[0].startswith("HTTP/1.1 200 ")
+            fields = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
+            assert "connection" not in fields
+            bodies.append(await reader.readexactly(int(fields["content-length"])))
+    finally:
+        writer.close()
+    return bodies
+
+
+async def test_the_fallback_relay_serves_each_flow_of_a_connection_in_turn(
+        tmp_path, monkeypatch, fake_openai, fake_anthropic):
+    """mitmproxy keeps its connection to the relay for its client's next request, as it
+    would a provider's: the relay answers each flow on it in turn, framed, and keeps it
+    open (it used to close it after each, so every request with a fallback plan paid a new
+    connection)."""
+    import json
+
+    from addon.tollgate_addon import TollgateAddon
+
+    config, secret = _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic)
     addon = TollgateAddon()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, tollgate_config=str(config))
         assert addon.gateway is not None
         try:
-            flows = []
-            for _ in range(2):
-                flow = tflow.tflow(req=tutils.treq(
-                    method=b"POST", host="gateway", port=80, path=b"/v1/chat/completions",
-                    headers=http.Headers(authorization=f"Bearer {secret}",
-                                         content_type="application/json"),
-                    content=json.dumps({"model": "gpt-5-mini", "messages": [
-                        {"role": "user", "content": "hi"}]}).encode()))
-                await addon.request(flow)
-                assert (flow.request.host, flow.request.port) == ("127.0.0.1", addon.plans.port)
-                flows.append(flow)
-            reader, writer = await asyncio.open_connection("127.0.0.1", addon.plans.port)
-            for flow in flows:  # one after the other, on the same connection
-                writer.write(http1.assemble_request(flow.request))
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                lines = head.decode().split("\r\n")
-                assert lines[0].startswith("HTTP/1.1 200 ")
-                fields = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
-                assert "connection" not in fields
-                body = await reader.readexactly(int(fields["content-length"]))
-                assert json.loads(body)["choices"][0]["message"]["content"]
+            bodies = await _relay(addon, await _relayed_flows(addon, secret, 2))
+            assert all(json.loads(b)["choices"][0]["message"]["content"] for b in bodies)
             assert len(fake_openai.requests) == 2
-            writer.close()
         finally:
             await addon.done()
+
+
+async def test_the_fallback_relays_client_logs_only_what_goes_wrong(
+        tmp_path, monkeypatch, caplog, fake_openai, fake_anthropic):
+    """mitmproxy takes the root logger to DEBUG and makes each record a hook that every
+    addon hears; the relay's HTTP client logged eleven records per request it relayed (httpx
+    at INFO, httpcore's trace at DEBUG), which cost more than the request's own HTTP. Once
+    the addon is loaded, a relayed request leaves none below WARNING."""
+    import logging
+
+    from addon.tollgate_addon import RELAY_CLIENT_LOGGERS, TollgateAddon
+
+    config, secret = _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic)
+    addon = TollgateAddon()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, tollgate_config=str(config))
+        assert addon.gateway is not None
+        try:
+            caplog.set_level(logging.DEBUG)  # as mitmproxy sets the root logger
+            caplog.clear()
+            await _relay(addon, await _relayed_flows(addon, secret, 2))
+            assert len(fake_openai.requests) == 2
+        finally:
+            await addon.done()
+    client = [r for r in caplog.records if r.name.split(".")[0] in RELAY_CLIENT_LOGGERS]
+    assert client == []
+    assert all(logging.getLogger(name).getEffectiveLevel() == logging.WARNING
+               for name in RELAY_CLIENT_LOGGERS)
