@@ -119,6 +119,50 @@ async def test_the_fallback_relay_serves_each_flow_of_a_connection_in_turn(
             await addon.done()
 
 
+def _established_to(port: int) -> int:
+    """This machine's established TCP connections to 127.0.0.1:`port`, counted from the
+    side that dialled it (/proc/net/tcp: local, remote, state 01)."""
+    from pathlib import Path
+
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state = fields[2], fields[3]
+        if state == "01" and remote == f"0100007F:{port:04X}":
+            count += 1
+    return count
+
+
+async def test_each_connection_to_the_fallback_relay_has_its_own_provider_connections(
+        tmp_path, monkeypatch, fake_openai, fake_anthropic):
+    """Flows on one of mitmproxy's connections to the relay come one after another: the
+    relay gives each connection an HTTP client of its own, whose provider connections close
+    with it. (One client for all of them kept every connection in one pool, which httpcore
+    polls in full on each request: with 32 in flight that cost as much as the HTTP.)"""
+    import asyncio
+
+    from addon.tollgate_addon import TollgateAddon
+
+    config, secret = _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic)
+    port = fake_openai.port
+    addon = TollgateAddon()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, tollgate_config=str(config))
+        assert addon.gateway is not None
+        try:
+            before = _established_to(port)
+            flows = await _relayed_flows(addon, secret, 3)
+            await asyncio.gather(*(_relay(addon, [flow]) for flow in flows))
+            for _ in range(100):  # the relay sees each connection close, and closes its own
+                if _established_to(port) == before:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(fake_openai.requests) == 3
+            assert _established_to(port) == before
+        finally:
+            await addon.done()
+
+
 async def test_the_fallback_relays_client_logs_only_what_goes_wrong(
         tmp_path, monkeypatch, caplog, fake_openai, fake_anthropic):
     """mitmproxy takes the root logger to DEBUG and makes each record a hook that every
