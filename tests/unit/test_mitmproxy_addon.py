@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from collections.abc import AsyncIterator
 
 from mitmproxy.test import taddons
 
@@ -50,6 +52,21 @@ def _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic):
         policy, "--config-json", '{"fallback": {"on": ["5xx"]}}', "--format", "json",
         config=config).stdout)["secret"]
     return config, secret
+
+
+@contextlib.asynccontextmanager
+async def _loaded(config) -> AsyncIterator:
+    """tollgate's addon, loaded by mitmproxy's test master with `config`."""
+    from addon.tollgate_addon import TollgateAddon
+
+    addon = TollgateAddon()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, tollgate_config=str(config))
+        assert addon.gateway is not None
+        try:
+            yield addon
+        finally:
+            await addon.done()
 
 
 async def _relayed_flows(addon, secret: str, n: int) -> list:
@@ -104,19 +121,11 @@ async def test_the_fallback_relay_serves_each_flow_of_a_connection_in_turn(
     connection)."""
     import json
 
-    from addon.tollgate_addon import TollgateAddon
-
     config, secret = _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic)
-    addon = TollgateAddon()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, tollgate_config=str(config))
-        assert addon.gateway is not None
-        try:
-            bodies = await _relay(addon, await _relayed_flows(addon, secret, 2))
-            assert all(json.loads(b)["choices"][0]["message"]["content"] for b in bodies)
-            assert len(fake_openai.requests) == 2
-        finally:
-            await addon.done()
+    async with _loaded(config) as addon:
+        bodies = await _relay(addon, await _relayed_flows(addon, secret, 2))
+    assert all(json.loads(b)["choices"][0]["message"]["content"] for b in bodies)
+    assert len(fake_openai.requests) == 2
 
 
 def _established_to(port: int) -> int:
@@ -141,26 +150,18 @@ async def test_each_connection_to_the_fallback_relay_has_its_own_provider_connec
     polls in full on each request: with 32 in flight that cost as much as the HTTP.)"""
     import asyncio
 
-    from addon.tollgate_addon import TollgateAddon
-
     config, secret = _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic)
     port = fake_openai.port
-    addon = TollgateAddon()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, tollgate_config=str(config))
-        assert addon.gateway is not None
-        try:
-            before = _established_to(port)
-            flows = await _relayed_flows(addon, secret, 3)
-            await asyncio.gather(*(_relay(addon, [flow]) for flow in flows))
-            for _ in range(100):  # the relay sees each connection close, and closes its own
-                if _established_to(port) == before:
-                    break
-                await asyncio.sleep(0.02)
-            assert len(fake_openai.requests) == 3
-            assert _established_to(port) == before
-        finally:
-            await addon.done()
+    async with _loaded(config) as addon:
+        before = _established_to(port)
+        flows = await _relayed_flows(addon, secret, 3)
+        await asyncio.gather(*(_relay(addon, [flow]) for flow in flows))
+        for _ in range(100):  # the relay sees each connection close, and closes its own
+            if _established_to(port) == before:
+                break
+            await asyncio.sleep(0.02)
+        assert len(fake_openai.requests) == 3
+        assert _established_to(port) == before
 
 
 async def test_the_fallback_relays_client_logs_only_what_goes_wrong(
@@ -171,20 +172,14 @@ async def test_the_fallback_relays_client_logs_only_what_goes_wrong(
     the addon is loaded, a relayed request leaves none below WARNING."""
     import logging
 
-    from addon.tollgate_addon import RELAY_CLIENT_LOGGERS, TollgateAddon
+    from addon.tollgate_addon import RELAY_CLIENT_LOGGERS
 
     config, secret = _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic)
-    addon = TollgateAddon()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, tollgate_config=str(config))
-        assert addon.gateway is not None
-        try:
-            caplog.set_level(logging.DEBUG)  # as mitmproxy sets the root logger
-            caplog.clear()
-            await _relay(addon, await _relayed_flows(addon, secret, 2))
-            assert len(fake_openai.requests) == 2
-        finally:
-            await addon.done()
+    async with _loaded(config) as addon:
+        caplog.set_level(logging.DEBUG)  # as mitmproxy sets the root logger
+        caplog.clear()
+        await _relay(addon, await _relayed_flows(addon, secret, 2))
+    assert len(fake_openai.requests) == 2
     client = [r for r in caplog.records if r.name.split(".")[0] in RELAY_CLIENT_LOGGERS]
     assert client == []
     assert all(logging.getLogger(name).getEffectiveLevel() == logging.WARNING
