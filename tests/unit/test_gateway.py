@@ -585,6 +585,84 @@ async def test_input_the_gateway_cannot_see_is_reserved_or_refused(setup, config
         forward.exchange.finish("completed")
 
 
+async def test_a_part_whose_type_is_not_a_string_is_the_providers_to_refuse(setup):
+    """The walk for input the gateway cannot see meets whatever the client sent: a content
+    part whose `type` is a list or an object is no part it knows, so the request goes on
+    to the provider, whose own 400 the client gets (it was the gateway's 500: an unhashable
+    value looked up in a set)."""
+    key, gateway = setup
+    secret = key()
+    for odd in (["image_url"], {"kind": "image_url"}):
+        body = {**CHAT, "max_completion_tokens": 10, "messages": [{"role": "user", "content": [
+            {"type": odd, "image_url": {"url": "https://example.com/cat.png"}}]}]}
+        forward = await gateway().handle(request("/v1/chat/completions", body, secret))
+        assert isinstance(forward, Forward), forward
+        forward.exchange.finish("completed")
+
+
+# Bodies with most of what each route reads, for the odd-types sweep below.
+FULL_BODIES = [
+    ("/v1/chat/completions", {
+        **CHAT, "max_completion_tokens": 10, "stream": True, "service_tier": "auto",
+        "stream_options": {"include_usage": True},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
+    ("/v1/messages", {**MSG, "tools": [{"name": "t", "input_schema": {}}],
+                      "system": [{"type": "text", "text": "s"}],
+                      "messages": [{"role": "user", "content": [{"type": "text",
+                                                                 "text": "hi"}]}]}),
+    ("/v1/responses", {"model": "gpt-5-mini", "max_output_tokens": 10,
+                       "tools": [{"type": "web_search"}],
+                       "input": [{"role": "user", "content": [{"type": "input_text",
+                                                               "text": "hi"}]}]}),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": ["a", "b"]}),
+]
+ODD_VALUES = [None, 1, 1.5, True, "x", [], [1], {}, {"a": 1}, [["x"]], [{"type": []}],
+              {"type": {}}]
+
+
+def _places(doc: object, at: tuple = ()) -> list[tuple]:
+    """The path to every value in `doc`, itself included."""
+    found = [at]
+    items = doc.items() if isinstance(doc, dict) else \
+        enumerate(doc) if isinstance(doc, list) else []
+    for k, v in items:
+        found += _places(v, (*at, k))
+    return found
+
+
+def _replaced(doc: object, at: tuple, value: object) -> object:
+    if not at:
+        return value
+    copy = json.loads(json.dumps(doc))
+    parent = copy
+    for k in at[:-1]:
+        parent = parent[k]
+    parent[at[-1]] = value
+    return copy
+
+
+@pytest.mark.parametrize("route, body", FULL_BODIES, ids=[r for r, _ in FULL_BODIES])
+async def test_no_value_of_an_odd_type_anywhere_in_a_body_gets_the_gateways_500(
+        setup, route, body):
+    """Every value of a body the gateway reads, replaced in turn by a value of each other
+    JSON type: the gateway refuses it with a 4xx that says what is wrong, or forwards it
+    for the provider to judge; never its own 500."""
+    key, gateway = setup
+    secret = key()
+    failed = []
+    for at in _places(body):
+        for odd in ODD_VALUES:
+            result = await gateway().handle(request(route, _replaced(body, at, odd), secret))
+            if isinstance(result, Forward):
+                result.exchange.finish("completed")
+            elif result.status >= 500:
+                failed.append((at, odd, result.status))
+    assert failed == []
+
+
 async def test_a_refusal_says_what_the_request_could_cost_and_what_cap_fits(setup,
                                                                            config_dir):
     """No output cap: the model's ceiling is reserved; the 402 names it, what remains, the
