@@ -35,10 +35,11 @@ lint: bootstrap
 	$(VENV)/ruff check .
 
 # The sequential figures against the baseline commit's, measured in the same run (flags any
-# 15% worse), then the rest.
+# 15% worse), then the rest, then what each path adds to every event of a paced stream.
 bench: bootstrap
 	$(VENV)/python -m bench.quick --requests 1000
 	$(VENV)/python -m bench
+	$(VENV)/python -m bench.paced
 
 bench-quick: bootstrap
 	$(VENV)/python -m bench.quick

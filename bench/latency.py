@@ -43,24 +43,28 @@ class _Url:
         self.url = url
 
 
-def start_fake(port: int, chunk_delay: float = 0.0) -> subprocess.Popen[bytes]:
+def start_fake(port: int, chunk_delay: float = 0.0, answer_words: int = 0
+               ) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.providers", "--openai-port",
                              str(port), "--anthropic-port", str(free_port()), "--openai-key",
-                             PROVIDER_KEY, "--chunk-delay", str(chunk_delay)],
+                             PROVIDER_KEY, "--chunk-delay", str(chunk_delay),
+                             "--answer-words", str(answer_words)],
                             stdout=subprocess.DEVNULL)
     wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401,
                timeout=10, what="fake provider")
     return proc
 
 
-def bench_setup(prefix: str) -> tuple[Path, int, subprocess.Popen[bytes]]:
+def bench_setup(prefix: str, chunk_delay: float = 0.0, answer_words: int = 0
+                ) -> tuple[Path, int, subprocess.Popen[bytes]]:
     """The environment the gateways read, a working directory, and the fake provider
-    running in its own process on the returned port."""
+    running in its own process on the returned port (see `start_fake`)."""
     os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
     os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
     os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
     port = free_port()
-    return Path(tempfile.mkdtemp(prefix=prefix)), port, start_fake(port)
+    return (Path(tempfile.mkdtemp(prefix=prefix)), port,
+            start_fake(port, chunk_delay, answer_words))
 
 
 # mitmdump is measured quiet (-q: no flow lines, its log at errors only); so is the

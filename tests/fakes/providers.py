@@ -979,11 +979,14 @@ def main() -> None:
     parser.add_argument("--anthropic-key", default="sk-ant-fake")
     parser.add_argument("--chunk-delay", type=float, default=0.0,
                         help="seconds between streamed events (keeps streams open)")
+    parser.add_argument("--answer-words", type=int, default=0,
+                        help="words in each answer, one streamed event each (0: a short "
+                             "sentence)")
     args = parser.parse_args()
     o = FakeProvider("openai", args.openai_key, args.openai_port,
-                     chunk_delay=args.chunk_delay).start()
+                     chunk_delay=args.chunk_delay, answer_words=args.answer_words).start()
     a = FakeProvider("anthropic", args.anthropic_key, args.anthropic_port,
-                     chunk_delay=args.chunk_delay).start()
+                     chunk_delay=args.chunk_delay, answer_words=args.answer_words).start()
     print(f"fake openai on {o.url} (key {args.openai_key}), fake anthropic on {a.url} "
           f"(key {args.anthropic_key})", flush=True)
     with contextlib.suppress(KeyboardInterrupt):

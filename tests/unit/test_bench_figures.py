@@ -53,3 +53,20 @@ def test_a_fallback_key_is_a_figure_of_its_own_when_it_was_measured():
     assert now["envoy: p50 / plain envoy p50"] == 2.5  # the plain key's, as before
     assert compare(then, now) == ["envoy: fallback key p50 / plain envoy p50: 5.000, "
                                   "baseline 3.000 (+67%)"]
+
+
+def test_the_paced_stream_table_gives_what_each_path_adds_per_event():
+    """bench.paced: medians of each path's time to its first byte and from it to the
+    finishing event, against the direct call's; the second per event after the first."""
+    from bench.paced import table
+
+    times = {"direct": [(1.0, 100.0), (1.2, 101.0), (0.8, 99.0)],
+             "plain envoy": [(1.4, 100.5), (1.3, 101.5), (1.5, 100.0)],
+             "tollgate envoy": [(2.0, 102.0), (2.2, 103.0), (1.8, 101.0)]}
+    rows = table(times, events=21)
+    assert rows[0].split() == ["path", "first", "+first", "body", "+body", "+per", "event"]
+    cells = {row[:20].strip(): row[20:].split() for row in rows[2:]}
+    assert cells == {
+        "direct": ["1.000", "+0.000", "100.000", "+0.000", "+0.0000"],
+        "plain envoy": ["1.400", "+0.400", "100.500", "+0.500", "+0.0250"],
+        "tollgate envoy": ["2.000", "+1.000", "102.000", "+2.000", "+0.1000"]}
