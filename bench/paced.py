@@ -31,10 +31,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.latency import PROVIDER_KEY, QUIET, _Url, bench_setup, own_state
-from bench.quick import STREAM_BODY, governed, plain_envoy, plain_mitmdump
-from tests.conftest import make_config
-from tests.harness import GatewayProcess, free_port
+from bench.latency import QUIET, bench_setup, own_state
+from bench.quick import STREAM_BODY, references, stop_all
+from tests.harness import GatewayProcess
 
 FINISHED = re.compile(rb'"finish_reason": ?"')
 
@@ -115,16 +114,8 @@ def main() -> None:
                                       args.events)
     procs: list[subprocess.Popen[bytes]] = [fake]
     gateways: list[GatewayProcess] = []
-    direct = f"http://127.0.0.1:{port}"
-    provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
     try:
-        envoy, envoy_url = plain_envoy(workdir, port)
-        mitm, mitm_url = plain_mitmdump(port)
-        procs += [envoy, mitm]
-        config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
-        secret = governed(config)
-        paths = {"direct": (direct, provider), "plain envoy": (envoy_url, provider),
-                 "mitmdump": (mitm_url, provider)}
+        config, secret, paths = references(workdir, port, procs)
         for host in args.hosts.split(","):
             gw = GatewayProcess(host, own_state(config, host), Path(workdir),
                                 extra=QUIET.get(host))
@@ -135,11 +126,7 @@ def main() -> None:
         events = asyncio.run(_events(*paths["direct"]))
         times = asyncio.run(round_robin(paths, args.streams))
     finally:
-        for gw in gateways:
-            gw.stop()
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
+        stop_all(gateways, procs)
     print(f"\n{args.streams} streams per path of {events} events, {args.delay_ms:g} ms apart "
           "(the SDK's default stream: the gateway asks for usage and cuts it); ms\n")
     print("\n".join(table(times, events)))

@@ -133,6 +133,32 @@ def plain_mitmdump(upstream: int) -> tuple[subprocess.Popen[bytes], str]:
     return proc, url
 
 
+def references(workdir: Path, port: int, procs: list[subprocess.Popen[bytes]]
+               ) -> tuple[Path, str, dict[str, tuple[str, dict[str, str]]]]:
+    """Plain Envoy and mitmdump in front of the provider on `port` (added to `procs`, which
+    the caller stops), the governed profile's config and key, and the paths tollgate is
+    measured against: the provider directly, plain Envoy and mitmdump, in `procs`' order."""
+    direct = f"http://127.0.0.1:{port}"
+    provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
+    envoy, envoy_url = plain_envoy(workdir, port)
+    procs.append(envoy)
+    mitm, mitm_url = plain_mitmdump(port)
+    procs.append(mitm)
+    config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
+    return config, governed(config), {"direct": (direct, provider),
+                                       "plain envoy": (envoy_url, provider),
+                                       "mitmdump": (mitm_url, provider)}
+
+
+def stop_all(gateways: list[GatewayProcess], procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop what a run started: its gateways, then the references and the provider."""
+    for gw in gateways:
+        gw.stop()
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(f"{url}/v1/models", timeout=1).status_code == 401
@@ -313,18 +339,11 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
     workdir, fake_port, fake = bench_setup("tollgate-bench-quick-")
     procs: list[subprocess.Popen[bytes]] = [fake]
     gateways: list[GatewayProcess] = []
-    direct = f"http://127.0.0.1:{fake_port}"
-    provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
     try:
-        envoy, envoy_url = plain_envoy(workdir, fake_port)
-        mitm, mitm_url = plain_mitmdump(fake_port)
-        procs += [envoy, mitm]
-        config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
-        secret = governed(config)
+        config, secret, paths = references(workdir, fake_port, procs)
         keys = {"": secret, " fallback": fallback_key(config, "mp_openai", down_provider(config))}
-        paths = {"direct": (direct, provider), "plain envoy": (envoy_url, provider),
-                 "mitmdump": (mitm_url, provider)}
-        pids = {"provider": procs[0].pid, "plain envoy": envoy.pid, "mitmdump": mitm.pid}
+        pids = {"provider": procs[0].pid, "plain envoy": procs[1].pid,
+                "mitmdump": procs[2].pid}
         measured: list[tuple[str, dict[str, str] | None]] = [("tollgate", None)]
         if baseline_code is not None and revision is not None:
             measured.append((short, {"PYTHONPATH": str(baseline_code)}))
@@ -352,11 +371,7 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
                       for name, (url, headers) in paths.items()
                       if not name.endswith(" fallback")}
     finally:
-        for gw in gateways:
-            gw.stop()
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
+        stop_all(gateways, procs)
 
     n = args.requests
     print(f"\n{n} sequential requests per path and kind, round-robin; {os.cpu_count()} cores; "
