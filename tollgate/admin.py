@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -61,6 +62,17 @@ def readiness(gateway: Gateway, loop: asyncio.AbstractEventLoop | None
     return problems, degraded + store_problems
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A probe or scraper that hangs up mid-exchange is no error; any other failure goes
+        to the log, where socketserver would print a bare traceback to stderr."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        log.exception("admin endpoint: a request from %s failed", client_address[0])
+
+
 class AdminServer:
     def __init__(self, gateway: Gateway, listen: tuple[str, int],
                  loop: asyncio.AbstractEventLoop | None = None,
@@ -109,8 +121,7 @@ class AdminServer:
                 self.wfile.write(body)
 
         self.loop = loop
-        self.server = ThreadingHTTPServer(listen, Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(listen, Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, name="tollgate-admin",
                                        daemon=True)
 
