@@ -19,6 +19,7 @@ import hmac
 import json
 import re
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -150,6 +151,14 @@ class FakeProvider:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # the stdlib default of 5 resets bursts of connections
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that resets its connection (a proxy letting a keep-alive connection go,
+        # a test cutting a stream) is no fault of the provider's: socketserver would print
+        # its traceback into the test run's output. Anything else still prints.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

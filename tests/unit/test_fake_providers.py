@@ -224,3 +224,32 @@ def test_the_anthropic_fake_reports_cache_writes_and_tier_as_the_sdk_reads_them(
     assert usage.cache_creation.ephemeral_1h_input_tokens == usage.cache_creation_input_tokens
     assert usage.cache_creation.ephemeral_5m_input_tokens == 0 and usage.input_tokens > 0
     assert usage.service_tier == "standard"
+
+
+def test_a_client_that_resets_its_connection_leaves_no_traceback_and_the_fake_serves_on(
+        capfd):
+    """A client that resets a keep-alive connection, half-way through its next request, is
+    the client's business: the fake says nothing (socketserver printed a traceback into the
+    test run's output) and answers the next client."""
+    import socket
+    import struct
+    import time
+
+    fake = FakeProvider("openai", "sk-reset").start()
+    try:
+        body = json.dumps({"model": "gpt-5-mini", "messages": MESSAGES}).encode()
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+                b"sk-reset\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as s:
+            s.sendall(head % len(body) + body)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            s.sendall(b"POST /v1/chat/comp")  # half the next request's head, then a reset
+            time.sleep(0.1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.2)  # the handler's thread meets the reset
+        answer = httpx.post(f"{fake.url}/v1/chat/completions", content=body,
+                            headers={"authorization": "Bearer sk-reset"})
+        assert answer.status_code == 200
+    finally:
+        fake.stop()
+    assert "Exception occurred" not in capfd.readouterr().err
