@@ -27,7 +27,6 @@ import re
 import statistics
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 
@@ -117,7 +116,7 @@ def main() -> None:
     try:
         config, secret, paths = references(workdir, port, procs)
         for host in args.hosts.split(","):
-            gw = GatewayProcess(host, own_state(config, host), Path(workdir),
+            gw = GatewayProcess(host, own_state(config, host), workdir,
                                 extra=QUIET.get(host))
             gateways.append(gw)
             gw.start()
