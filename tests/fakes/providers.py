@@ -102,7 +102,7 @@ class FakeProvider:
     token_ttl: int = 3600
     tokens: dict[str, float] = field(default_factory=dict)  # access token -> expiry
     requests: list[Recorded] = field(default_factory=list)
-    streamed: list[bytes] = field(default_factory=list)  # each event stream's bytes, as sent
+    streamed: list[bytearray] = field(default_factory=list)  # each event stream's bytes, as sent
     _script: deque[Behaviour] = field(default_factory=deque)
     _server: ThreadingHTTPServer | None = None
 
@@ -235,8 +235,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, events: list[bytes], behaviour: Behaviour, framed: bool = False) -> None:
         self._start_sse()
+        # This stream's own record, grown in place: `streamed[-1]` would be another stream's
+        # under concurrency, and gone once a test's reset() clears the list mid-stream.
         sent = bytearray()
-        self.fake.streamed.append(b"")
+        self.fake.streamed.append(sent)
         for i, event in enumerate(events):
             if behaviour.kind == "cut" and i >= behaviour.after_events:
                 self.wfile.flush()
@@ -249,7 +251,6 @@ class _Handler(BaseHTTPRequestHandler):
             for piece in pieces:
                 self._chunk(piece)
                 sent += piece
-                self.fake.streamed[-1] = bytes(sent)
                 if self.fake.chunk_delay:
                     time.sleep(self.fake.chunk_delay)
         self._chunk(b"")

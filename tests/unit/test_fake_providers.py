@@ -253,3 +253,41 @@ def test_a_client_that_resets_its_connection_leaves_no_traceback_and_the_fake_se
     finally:
         fake.stop()
     assert "Exception occurred" not in capfd.readouterr().err
+
+
+def test_each_stream_is_recorded_whole_while_others_run_and_after_a_reset(capfd):
+    """Each stream keeps a record of its own: two at once are each recorded as their client
+    got them, and a stream still under way when a test resets the fake (the last test's,
+    its gateway gone) goes on to its end (it failed with an IndexError, cut short, with a
+    traceback in the run's output)."""
+    import threading
+
+    fake = FakeProvider("openai", "sk-streams", chunk_delay=0.01).start()
+    got: list[bytes] = [b"", b""]
+    started = threading.Barrier(3)
+
+    def stream(i: int) -> None:
+        with httpx.stream("POST", f"{fake.url}/v1/chat/completions", timeout=10,
+                          headers={"authorization": "Bearer sk-streams"},
+                          json={"model": "gpt-5-mini", "messages": MESSAGES,
+                                "stream": True}) as r:
+            chunks = r.iter_raw()
+            got[i] = next(chunks)
+            started.wait(5)
+            got[i] += b"".join(chunks)
+
+    readers = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    try:
+        for reader in readers:
+            reader.start()
+        started.wait(5)  # both under way
+        records = list(fake.streamed)
+        fake.reset()
+        for reader in readers:
+            reader.join(10)
+    finally:
+        fake.stop()
+    assert len(records) == 2 and not fake.streamed
+    assert sorted(map(bytes, records)) == sorted(got)
+    assert all(g.endswith(b"data: [DONE]\n\n") for g in got)
+    assert "Exception occurred" not in capfd.readouterr().err
