@@ -80,11 +80,22 @@ def fake_gemini() -> Iterator[FakeProvider]:
 
 
 @pytest.fixture(autouse=True)
-def _reset_fakes(request: pytest.FixtureRequest) -> None:
-    for name in ("fake_openai", "fake_anthropic", "fake_azure", "fake_bedrock",
-                 "fake_vertex", "fake_gemini"):
-        if name in request.fixturenames:
-            request.getfixturevalue(name).reset()
+def _reset_fakes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test starts with its fakes reset, and fails if one of them failed while it ran:
+    a fake that breaks (rather than answering as scripted) would otherwise only print a
+    traceback, and a test could pass on what the break did to the gateway."""
+    fakes = [request.getfixturevalue(name) for name in (
+        "fake_openai", "fake_anthropic", "fake_azure", "fake_bedrock", "fake_vertex",
+        "fake_gemini") if name in request.fixturenames]
+    for fake in fakes:
+        fake.reset()
+    yield
+    failures = [f"fake {fake.family}: {failure}" for fake in fakes for failure in fake.failures]
+    for fake in fakes:
+        fake.failures.clear()
+    if failures:
+        pytest.fail("a fake provider failed while the test ran:\n" + "\n".join(failures),
+                    pytrace=False)
 
 
 # Configs `make_config` wrote, by the providers' URLs: the next one with the same URLs is a

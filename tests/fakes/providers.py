@@ -22,6 +22,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import uuid
 import zlib
 from collections import deque
@@ -103,6 +104,9 @@ class FakeProvider:
     tokens: dict[str, float] = field(default_factory=dict)  # access token -> expiry
     requests: list[Recorded] = field(default_factory=list)
     streamed: list[bytearray] = field(default_factory=list)  # each event stream's bytes, as sent
+    # The fake's own failures (a bug of the fake's, not a client's doing), with their
+    # tracebacks: the tests' fixtures fail the test that was running on any.
+    failures: list[str] = field(default_factory=list)
     _script: deque[Behaviour] = field(default_factory=deque)
     _server: ThreadingHTTPServer | None = None
 
@@ -137,6 +141,7 @@ class FakeProvider:
             fake = provider
 
         self._server = _Server(("127.0.0.1", self.port), Handler)
+        self._server.failures = self.failures
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, daemon=True,
                          name=f"fake-{self.family}").start()
@@ -152,12 +157,16 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # the stdlib default of 5 resets bursts of connections
 
+    failures: list[str]
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that resets its connection (a proxy letting a keep-alive connection go,
         # a test cutting a stream) is no fault of the provider's: socketserver would print
-        # its traceback into the test run's output. Anything else still prints.
+        # its traceback into the test run's output. Anything else is the fake's own failure:
+        # kept for the tests' fixtures, and printed.
         if isinstance(sys.exc_info()[1], ConnectionError):
             return
+        self.failures.append(f"from {client_address}: {traceback.format_exc()}")
         super().handle_error(request, client_address)
 
 

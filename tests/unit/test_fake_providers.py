@@ -291,3 +291,35 @@ def test_each_stream_is_recorded_whole_while_others_run_and_after_a_reset(capfd)
     assert sorted(map(bytes, records)) == sorted(got)
     assert all(g.endswith(b"data: [DONE]\n\n") for g in got)
     assert "Exception occurred" not in capfd.readouterr().err
+
+
+def test_a_fake_keeps_its_own_failures_for_the_fixtures_and_not_a_clients_reset(
+        monkeypatch, capfd):
+    """A fake that breaks keeps the traceback, which fails the test that was running (see
+    conftest's `_reset_fakes`); a client that resets its connection is no failure of it."""
+    import socket
+    import struct
+
+    from tests.fakes import providers
+
+    fake = FakeProvider("openai", "sk-broken").start()
+    try:
+        with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as s:
+            s.sendall(b"POST /v1/chat/comp")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        answer = httpx.post(f"{fake.url}/v1/chat/completions", json={"model": "gpt-5-mini"},
+                            headers={"authorization": "Bearer sk-broken"})
+        assert answer.status_code == 200 and fake.failures == []
+
+        def broken(self, body: bytes) -> None:
+            raise RuntimeError("the fake's own bug")
+
+        monkeypatch.setattr(providers._Handler, "_handle", broken)
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.post(f"{fake.url}/v1/chat/completions", json={"model": "gpt-5-mini"},
+                       headers={"authorization": "Bearer sk-broken"})
+    finally:
+        fake.stop()
+    (failure,) = fake.failures
+    assert "RuntimeError: the fake's own bug" in failure and "in broken" in failure
+    assert "RuntimeError: the fake's own bug" in capfd.readouterr().err  # and it still prints
