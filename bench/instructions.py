@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -137,11 +138,12 @@ def _governed_on_redis(workdir: Path, provider_url: str) -> Iterator[tuple[Path,
             redis.stop()
 
 
-def _client_head(secret: str) -> bytes:
-    """The request head the decide filter sends for the benchmark's request."""
-    return (f":method: POST\n:path: /v1/chat/completions\n:authority: bench\n:scheme: http\n"
+def _client_head(secret: str) -> str:
+    """The client's head, as the decide filter sends it for the benchmark's request."""
+    head = (f":method: POST\n:path: /v1/chat/completions\n:authority: bench\n:scheme: http\n"
             f"authorization: Bearer {secret}\ncontent-type: application/json\n"
-            f"content-length: {len(BODY)}\nx-request-id: bench\nuser-agent: bench").encode()
+            f"content-length: {len(BODY)}\nx-request-id: bench\nuser-agent: bench")
+    return base64.b64encode(head.encode()).decode()
 
 
 async def _decision(config: Path, secret: str) -> bytes:
@@ -151,8 +153,7 @@ async def _decision(config: Path, secret: str) -> bytes:
     from tollgate.gateway import Gateway
     gateway = Gateway.from_path(str(config), watch=False)
     try:
-        headers, body, declared = client_request(_client_head(secret) + b"\n\n" + BODY,
-                                                 "whole")
+        headers, body, declared = client_request(_client_head(secret), BODY, "whole")
         return answer(await ExternalProcessor(gateway).decide(headers, body, declared))
     finally:
         await gateway.close()
@@ -198,11 +199,11 @@ async def _serve_decisions(config: Path, secret: str, n: int, first: int) -> Non
     from tollgate.gateway import Gateway
     gateway = Gateway.from_path(str(config), watch=False)
     processor = ExternalProcessor(gateway)
-    payload = _client_head(secret) + b"\n\n" + BODY
+    head = _client_head(secret)
     response = ANSWER_HEAD + str(len(ANSWER)).encode() + b"\n\n" + ANSWER.encode()
 
     async def one() -> None:
-        headers, body, declared = client_request(payload, "whole")
+        headers, body, declared = client_request(head, BODY, "whole")
         decision = await processor.decide(headers, body, declared)
         answer(decision)
         status, response_headers, data = response_head(response)

@@ -5,9 +5,9 @@ copies each forwarded request's response to it.
 A gRPC stream per request cost several times the decision it carried (stream set-up in
 grpcio, five messages); one keep-alive HTTP exchange costs a read and a write. The exchange:
 
-    POST /decide                        x-tollgate-body: none | whole | unread
-    <the client's headers, "name: value" a line, pseudo-headers included>
-    <an empty line>
+    POST /decide     x-tollgate-body: none | whole | unread
+                     x-tollgate-head: <the client's headers, "name: value" a line,
+                                       pseudo-headers included; base64>
     <the client's body>
 
 `unread`: its content-length is over `gateway.max_body_bytes`, so Envoy did not read it and
@@ -46,20 +46,23 @@ client 500 (503 only when the service cannot be reached or is too slow).
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 from dataclasses import dataclass
 from typing import cast
 
 from extproc.listen import Listener, private_socket, restrict
 from extproc.service import ExternalProcessor, Forwarding
-from tollgate.request import Reply, lower_headers
+from tollgate.request import MAX_HEADER_BYTES, Reply, lower_headers
 
 log = logging.getLogger("tollgate.extproc")
 
 DECIDE, METER, ATTEMPT = b"/decide", b"/meter", b"/attempt"
-BODY_HEADER = b"x-tollgate-body"
+BODY_HEADER, HEAD_HEADER = b"x-tollgate-body", b"x-tollgate-head"
 PREFIX = "x-tollgate-"
-MAX_HEAD = 64 * 1024  # the filter's own request head: a few short headers
+# The filters' own request heads: a few short headers, and a decision's the client's head
+# (at most MAX_HEADER_BYTES, as Envoy's listener is rendered) in base64.
+MAX_HEAD = 2 * MAX_HEADER_BYTES
 # Envoy opens a connection per decision in flight: a burst of hundreds must queue, not be
 # refused (asyncio's default backlog is 100; the kernel caps it at somaxconn).
 BACKLOG = 4096
@@ -152,14 +155,16 @@ def response_head(payload: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(status), headers, body
 
 
-def client_request(payload: bytes, kind: str) -> tuple[dict[str, str], bytes | None,
-                                                       int | None]:
-    """The client's headers, its body (None: it has none) and, for a body left unread,
-    its declared size."""
-    head, sep, body = payload.partition(b"\n\n")
-    if not sep:
-        raise BadRequest("no end to the client's headers")
-    headers = lower_headers(_lines(head))
+def client_request(head: str | None, body: bytes, kind: str
+                   ) -> tuple[dict[str, str], bytes | None, int | None]:
+    """The client's headers (from the base64 `head`), its body (None: it has none) and,
+    for a body left unread, its declared size."""
+    if head is None:
+        raise BadRequest(f"a decision without the client's head ({HEAD_HEADER.decode()})")
+    try:
+        headers = lower_headers(_lines(binascii.a2b_base64(head, strict_mode=True)))
+    except binascii.Error as e:
+        raise BadRequest(f"the client's head is not base64: {e}") from None
     if kind == "none":
         return headers, None, None
     if kind == "unread":
@@ -173,6 +178,10 @@ def client_request(payload: bytes, kind: str) -> tuple[dict[str, str], bytes | N
 
 
 NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
+# A body past this size is kept as its reads came and joined once it is whole: grown in the
+# buffer a read at a time, a 1 MiB body was copied several times over, and the memory it
+# gave back made the next one fault its pages in again.
+LARGE = 64 * 1024
 
 
 class Decider(asyncio.Protocol):
@@ -185,6 +194,10 @@ class Decider(asyncio.Protocol):
         self.processor = processor
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
+        # A large body under way: its request's head, its bytes as they came (joined once,
+        # not grown a read at a time) and how many are still to come.
+        self.large: tuple[Head, list[bytes]] | None = None
+        self.missing = 0
         self.deciding: asyncio.Task[None] | None = None  # answers go back in order
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -198,8 +211,25 @@ class Decider(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self.large is not None:
+            self._take_large(data)
+            return
         self.buffer += data
         if self.deciding is None:
+            self._serve()
+
+    def _take_large(self, data: bytes) -> None:
+        head, parts = self.large  # type: ignore[misc]
+        parts.append(data)
+        self.missing -= len(data)
+        if self.missing > 0:
+            return
+        joined = b"".join(parts)
+        self.large = None
+        if self.missing < 0:  # the next request's first bytes came with its last
+            self.buffer += joined[self.missing:]
+            joined = joined[:self.missing]
+        if self._handle(head, joined):
             self._serve()
 
     def _serve(self) -> None:
@@ -208,41 +238,63 @@ class Decider(asyncio.Protocol):
             end = self.buffer.find(b"\r\n\r\n")
             try:
                 if end > MAX_HEAD or (end < 0 and len(self.buffer) > MAX_HEAD):
-                    raise BadRequest("a request head over 64 KiB")
+                    raise BadRequest(f"a request head over {MAX_HEAD // 1024} KiB")
                 if end < 0:
                     return
                 head = _head(bytes(self.buffer[:end]))
-                start = end + 4
-                if len(self.buffer) - start < head.length:
-                    return
-                with memoryview(self.buffer) as view:  # one copy of a body, not two
-                    payload = bytes(view[start:start + head.length])
-                del self.buffer[:start + head.length]
-                if head.path == METER:
-                    self._meter(head, payload)
-                    self.transport.write(NO_CONTENT)
-                    continue
-                if head.path == ATTEMPT:
-                    self.transport.write(answer(self._attempt(head)))
-                    continue
-                kind = head.fields.get(BODY_HEADER, "whole")
-                headers, body, declared = client_request(payload, kind)
             except (BadRequest, ValueError) as e:
-                log.error("a filter sent what the decision service does not read (%s): "
-                          "render Envoy's configuration again with `tollgate envoy "
-                          "render`", e)
-                self.transport.write(_encode(400, [("connection", "close")], b""))
-                self.transport.close()
-                self.transport = None
+                self._refuse(e)
                 return
-            # Started eagerly: a decision that waits for nothing (the SQLite state, unless
-            # another process holds its lock) is answered here, in this callback, with no
-            # task scheduled and no turn of the loop (other callbacks first) in between.
-            deciding = asyncio.Task(self._decide(headers, body, declared),
-                                    loop=self.loop, eager_start=True)
-            if not deciding.done():
-                self.deciding = deciding
-                deciding.add_done_callback(self._decided)
+            start = end + 4
+            if len(self.buffer) - start < head.length:
+                if head.length > LARGE:
+                    self.large = (head, [bytes(self.buffer[start:])])
+                    self.missing = head.length - (len(self.buffer) - start)
+                    self.buffer.clear()
+                return
+            with memoryview(self.buffer) as view:  # one copy of a body, not two
+                payload = bytes(view[start:start + head.length])
+            del self.buffer[:start + head.length]
+            if not self._handle(head, payload):
+                return
+
+    def _handle(self, head: Head, payload: bytes) -> bool:
+        """One whole request: a meter post or an attempt answered at once, or a decision
+        started. Whether the next can be served now (False: the decision is under way, or
+        the connection was refused)."""
+        assert self.transport is not None
+        try:
+            if head.path == METER:
+                self._meter(head, payload)
+                self.transport.write(NO_CONTENT)
+                return True
+            if head.path == ATTEMPT:
+                self.transport.write(answer(self._attempt(head)))
+                return True
+            kind = head.fields.get(BODY_HEADER, "whole")
+            headers, body, declared = client_request(head.fields.get(HEAD_HEADER), payload,
+                                                     kind)
+        except (BadRequest, ValueError) as e:
+            self._refuse(e)
+            return False
+        # Started eagerly: a decision that waits for nothing (the SQLite state, unless
+        # another process holds its lock) is answered here, in this callback, with no
+        # task scheduled and no turn of the loop (other callbacks first) in between.
+        deciding = asyncio.Task(self._decide(headers, body, declared),
+                                loop=self.loop, eager_start=True)
+        if deciding.done():
+            return True
+        self.deciding = deciding
+        deciding.add_done_callback(self._decided)
+        return False
+
+    def _refuse(self, e: Exception) -> None:
+        assert self.transport is not None
+        log.error("a filter sent what the decision service does not read (%s): render "
+                  "Envoy's configuration again with `tollgate envoy render`", e)
+        self.transport.write(_encode(400, [("connection", "close")], b""))
+        self.transport.close()
+        self.transport = None
 
     def _decided(self, _: asyncio.Task[None]) -> None:
         self.deciding = None

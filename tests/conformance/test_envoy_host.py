@@ -3,6 +3,7 @@ clean shutdown."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -271,11 +273,12 @@ def health(channel) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def decision_request(secret: str) -> bytes:
+def decision_request(secret: str) -> dict[str, Any]:
     """What Envoy's decide filter sends the decision service: a chat completion's head and
-    body, with a valid key."""
+    body, with a valid key (httpx's arguments)."""
     head = f":method: POST\n:path: /v1/chat/completions\nauthorization: Bearer {secret}"
-    return head.encode() + b"\n\n" + json.dumps(CHAT).encode()
+    return {"content": json.dumps(CHAT).encode(), "headers": {
+        "x-tollgate-body": "whole", "x-tollgate-head": base64.b64encode(head.encode()).decode()}}
 
 
 def test_tcp_extproc_hands_no_credentials_to_a_plain_client(config, tmp_path):
@@ -295,7 +298,7 @@ def test_tcp_extproc_hands_no_credentials_to_a_plain_client(config, tmp_path):
     proc = start_extproc(config, port, decider, log, *server_tls)
     client_cert, client_key, ca = client_tls[1::2]
     url = f"https://127.0.0.1:{decider}/decide"
-    ask = {"content": decision_request(secret), "headers": {"x-tollgate-body": "whole"}}
+    ask = decision_request(secret)
     try:
         with grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(*(
                 Path(p).read_bytes() for p in (ca, client_key, client_cert)))) as good:

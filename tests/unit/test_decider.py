@@ -4,6 +4,7 @@ reads of the client's request, and how a decision is written for the filter to a
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import pytest
 
@@ -17,26 +18,33 @@ def _headers(raw: bytes) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in head.split("\r\n")[1:])
 
 
+def _b64(head: bytes) -> str:
+    return base64.b64encode(head).decode()
+
+
 def test_the_clients_head_and_body_are_read_as_envoy_lists_them():
-    payload = (b":method: POST\n:path: /v1/chat/completions\nx-other: a\nx-other: b\n"
-               b"x-empty: \ncontent-length: 2\n\n{}")
-    headers, body, declared = client_request(payload, "whole")
+    head = _b64(b":method: POST\n:path: /v1/chat/completions\nx-other: a\nx-other: b\n"
+                b"x-empty: \ncontent-length: 2")
+    headers, body, declared = client_request(head, b"{}", "whole")
     assert headers == {":method": "POST", ":path": "/v1/chat/completions",
                        "x-other": "a, b", "x-empty": "", "content-length": "2"}
     assert (body, declared) == (b"{}", None)
-    assert client_request(b":method: GET\n\n", "none") == ({":method": "GET"}, None, None)
-    _, body, declared = client_request(b"content-length: 99\n\n", "unread")
+    assert client_request(_b64(b":method: GET"), b"", "none") == (
+        {":method": "GET"}, None, None)
+    _, body, declared = client_request(_b64(b"content-length: 99"), b"", "unread")
     assert (body, declared) == (None, 99)
 
 
-@pytest.mark.parametrize(("payload", "kind"), [
-    (b":method: POST", "whole"),  # no end to the head
-    (b":method: POST\n\n", "unread"),  # unread, but no size to refuse it by
-    (b":method: POST\n\n", "partly"),
+@pytest.mark.parametrize(("head", "kind"), [
+    (None, "whole"),  # no head
+    (":method: POST", "whole"),  # not base64
+    (_b64(b":method: POST") + "!", "whole"),  # base64 and more
+    (_b64(b":method: POST"), "unread"),  # unread, but no size to refuse it by
+    (_b64(b":method: POST"), "partly"),
 ])
-def test_what_the_filter_never_sends_is_refused(payload, kind):
+def test_what_the_filter_never_sends_is_refused(head, kind):
     with pytest.raises(BadRequest):
-        client_request(payload, kind)
+        client_request(head, b"", kind)
 
 
 def test_a_forward_names_each_change_for_the_filter():
@@ -122,10 +130,10 @@ class _Processor:
                           b"its own" if provider == "b" else None, {"provider": provider})
 
 
-def _decide(path: str, body: bytes = b"") -> bytes:
-    payload = f":method: POST\n:path: {path}\n\n".encode() + body
-    return (b"POST /decide HTTP/1.1\r\nx-tollgate-body: whole\r\n"
-            b"content-length: %d\r\n\r\n" % len(payload)) + payload
+def _decide(path: str, body: bytes = b"", client_head: bytes = b"") -> bytes:
+    head = _b64(f":method: POST\n:path: {path}".encode() + client_head).encode()
+    return (b"POST /decide HTTP/1.1\r\nx-tollgate-body: whole\r\nx-tollgate-head: %b\r\n"
+            b"content-length: %d\r\n\r\n" % (head, len(body))) + body
 
 
 def _meter(seq: int) -> bytes:
@@ -177,6 +185,34 @@ async def test_requests_are_answered_in_order_however_their_bytes_arrive(decider
     assert processor.done == [
         ("decided", "/a"), ("decided", "/slow"), ("metered", "r1", 0, False, b"{}"),
         ("metered", "r1", 1, False, b"more"), ("decided", "/b")]
+    writer.close()
+
+
+@pytest.mark.parametrize("behind_a_slow_one", [False, True])
+async def test_a_large_body_is_read_whole_however_its_reads_come(decider, behind_a_slow_one):
+    """A body past `LARGE` is kept as its reads come and joined once: whole, in order, and
+    the request whose first bytes came with its last is served after it."""
+    from extproc.decider import LARGE
+
+    processor, sock = decider
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    body = bytes(i % 251 for i in range(4 * LARGE + 7))
+    sent = (_decide("/slow") if behind_a_slow_one else b"") + _decide("/large", body)
+    cut = len(sent) - len(body) + 10  # the head and ten bytes, then uneven reads
+    writer.write(sent[:cut])
+    await writer.drain()
+    for at in range(cut, len(sent), 70_001):
+        piece = sent[at:at + 70_001]
+        if at + 70_001 >= len(sent):
+            piece += _meter(0) + _decide("/after", b"x")
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    answers = await _answers(reader, 4 if behind_a_slow_one else 3)
+    assert answers[-3:] == [("200", b"/large " + repr(body).encode()), ("204", b""),
+                            ("200", b"/after b'x'")]
+    assert processor.done[-3:] == [("decided", "/large"),
+                                   ("metered", "r1", 0, False, b"{}"), ("decided", "/after")]
     writer.close()
 
 
@@ -234,6 +270,19 @@ async def _until(done) -> None:
         await asyncio.sleep(0.01)
 
 
+async def test_a_client_head_as_large_as_envoys_listener_takes_is_decided(decider):
+    """The client's head comes in base64, a third larger than the head itself: one at the
+    listener's cap (MAX_HEADER_BYTES) still fits the decision request's."""
+    from tollgate.request import MAX_HEADER_BYTES
+
+    _, sock = decider
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    big = b"\nx-big: " + b"a" * (MAX_HEADER_BYTES - 100)
+    writer.write(_decide("/big", b"{}", big))
+    assert await _answers(reader, 1) == [("200", b"/big b'{}'")]
+    writer.close()
+
+
 async def test_a_decision_that_fails_is_answered_500_and_the_connection_serves_on(decider):
     _, sock = decider
     reader, writer = await asyncio.open_unix_connection(str(sock))
@@ -246,10 +295,12 @@ async def test_a_decision_that_fails_is_answered_500_and_the_connection_serves_o
     b"GET /decide HTTP/1.1\r\n\r\n",
     b"POST /decide HTTP/1.1\r\ncontent-length: -1\r\n\r\n",
     b"POST /decide HTTP/1.1\r\nx-tollgate-body: partly\r\ncontent-length: 3\r\n\r\na\n\n",
-    b"POST /decide HTTP/1.1\r\nx-long: " + b"a" * (70 * 1024),  # a head with no end
-    # A whole, well-formed decision request, but with a head over 64 KiB.
-    _decide("/a").replace(b"\r\n\r\n", b"\r\nx-long: " + b"a" * (70 * 1024) + b"\r\n\r\n",
+    b"POST /decide HTTP/1.1\r\nx-long: " + b"a" * (140 * 1024),  # a head with no end
+    # A whole, well-formed decision request, but with a head over 128 KiB.
+    _decide("/a").replace(b"\r\n\r\n", b"\r\nx-long: " + b"a" * (140 * 1024) + b"\r\n\r\n",
                            1),
+    _decide("/a").replace(b"x-tollgate-head: ", b"x-tollgate-head: *"),  # not base64
+    _decide("/a").replace(b"x-tollgate-head: ", b"x-tollgate-nohead: "),
 ])
 async def test_what_the_filters_never_send_is_answered_400_and_the_connection_closed(
         decider, sent):

@@ -6,6 +6,7 @@ conformance suite runs the real one)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -105,9 +106,9 @@ async def post(http: httpx.AsyncClient, client: dict[str, str], body: bytes | No
                kind: str | None = None) -> httpx.Response:
     """One decision, asked as the decide filter asks it."""
     head = "\n".join(f"{k}: {v}" for k, v in client.items()).encode()
-    return await http.post("http://tollgate/decide", content=head + b"\n\n" + (body or b""),
-                           headers={"x-tollgate-body": kind or (
-                               "none" if body is None else "whole")})
+    return await http.post("http://tollgate/decide", content=body or b"", headers={
+        "x-tollgate-head": base64.b64encode(head).decode(),
+        "x-tollgate-body": kind or ("none" if body is None else "whole")})
 
 
 async def ask(proc: ExternalProcessor, client: dict[str, str], body: bytes | None,
