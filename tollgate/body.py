@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,12 +230,13 @@ _WS = " \t\n\r"
 
 
 def replace_top_level(raw: bytes, key: str, value: Any) -> bytes:
-    """`raw` with one top-level field's value replaced, every other byte left as it was.
+    """`raw` with one top-level field's value replaced, every other byte left as it was
+    (but a byte order mark, which the parse accepts and providers need not).
 
     Used when a rule must change the body (a model alias): the client's formatting, key
     order and unknown fields all reach the provider untouched.
     """
-    text = raw.decode("utf-8")
+    text = raw.decode("utf-8-sig")
     i = _skip(text, 0)
     if text[i] != "{":
         raise ValueError("not a JSON object")
@@ -258,12 +260,29 @@ def set_top_level(raw: bytes, key: str, value: Any) -> bytes:
     try:
         return replace_top_level(raw, key, value)
     except KeyError:
-        text = raw.decode("utf-8").rstrip()
+        text = raw.decode("utf-8-sig").rstrip()
         close = text.rindex("}")
         head = text[:close].rstrip()
         sep = "" if head.endswith("{") else ", "
         return (f"{head}{sep}{json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}"
                 f"{text[close:]}").encode()
+
+
+_OPENING = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\n\r]*({)[ \t\n\r]*(})?")
+
+
+def add_top_level(raw: bytes, key: str, value: Any) -> bytes:
+    """`raw` (an object without `key`) with the field added first, every other byte left as
+    it was. Nothing past the opening brace is read: `set_top_level` walks every field before
+    it adds one, and decoded an agent's history of 1 MiB again to find the object's end."""
+    opening = _OPENING.match(raw)
+    if opening is None:  # not an object: left to the walk to refuse
+        return set_top_level(raw, key, value)
+    at = opening.end(1)
+    field = f"{json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}" + (
+        "" if opening.group(2) else ", ")
+    with memoryview(raw) as view:  # one copy of the body, not two
+        return b"".join((view[:at], field.encode(), view[at:]))
 
 
 def wants_usage_chunk(route: Route, doc: dict[str, Any]) -> bool:

@@ -79,8 +79,12 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
         out = bodies.replace_top_level(raw, "model", named)
     if attempt.strip_usage:
         options = body.doc.get("stream_options")
-        options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        out = bodies.set_top_level(raw if out is None else out, "stream_options", options)
+        if options is None and "stream_options" not in body.doc:  # the SDKs' default
+            out = bodies.add_top_level(raw if out is None else out, "stream_options",
+                                       {"include_usage": True})
+        else:
+            options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            out = bodies.set_top_level(raw if out is None else out, "stream_options", options)
     return out
 
 
@@ -345,8 +349,9 @@ class Gateway:
         so in each provider's, through translation)."""
         name = bodies.output_cap_field(route, body.doc)
         assert name is not None  # only routes with an output cap are capped
+        raw = bodies.set_top_level(req.body, name, cap) if name in body.doc else \
+            bodies.add_top_level(req.body, name, cap)
         body.doc[name] = cap
-        raw = bodies.set_top_level(req.body, name, cap)
         for attempt in attempts:
             self._set_body(attempt, route, body, raw)
             if attempt.body is None:  # the client's bytes, but for the cap

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from tollgate.body import parse, replace_top_level, tool_names
+from tollgate.body import add_top_level, parse, replace_top_level, set_top_level, tool_names
 from tollgate.errors import GatewayError
 from tollgate.routes import ROUTES
 from tollgate.sse import SSEParser
@@ -90,6 +90,37 @@ def test_replace_top_level_touches_only_that_value(doc, model, new, sep, positio
     start = raw.index(old_value, raw.index(key) + len(key))  # after the colon: '":"' is a value
     assert out == raw[:start] + json.dumps(new, ensure_ascii=False).encode() + \
         raw[start + len(old_value):]
+
+
+@settings(max_examples=200)
+@given(doc=st.dictionaries(st.text(max_size=6), json_values, max_size=5), value=json_values,
+       sep=separators, bom=st.booleans())
+@example(doc={}, value=None, sep="", bom=False)
+@example(doc={}, value=[], sep="  \n ", bom=True)
+def test_a_field_added_first_leaves_every_other_byte_as_it_was(doc, value, sep, bom):
+    """`add_top_level` (a field the body does not have: the usage the gateway asks for, an
+    output cap) inserts it after the opening brace and reads no further."""
+    doc.pop("added", None)
+    body = sep + "{" + sep + ("," + sep).join(
+        f"{json.dumps(k, ensure_ascii=False)}{sep}:{sep}{json.dumps(v, ensure_ascii=False)}"
+        for k, v in doc.items()) + sep + "}" + sep
+    raw = (b"\xef\xbb\xbf" if bom else b"") + body.encode()
+    out = add_top_level(raw, "added", value)
+    assert json.loads(out) == {"added": value, **doc}
+    at = raw.index(b"{") + 1
+    assert out.startswith(raw[:at]) and out.endswith(raw[at:])
+    # What the walk would give, but for where the field goes.
+    assert json.loads(set_top_level(raw, "added", value)) == json.loads(out)
+
+
+def test_a_body_with_a_byte_order_mark_can_be_spliced():
+    """The parse accepts a UTF-8 byte order mark (RFC 8259 lets it), so a body that has one
+    may be changed too (a model alias, the usage the gateway asks for): it was a ValueError,
+    the gateway's 500. The changed body goes without the mark."""
+    raw = b'\xef\xbb\xbf{"model": "alias", "stream": true}'
+    assert replace_top_level(raw, "model", "real") == b'{"model": "real", "stream": true}'
+    assert json.loads(set_top_level(raw, "stream_options", {})) == {
+        "model": "alias", "stream": True, "stream_options": {}}
 
 
 STREAM = (b"event: message_start\r\ndata: {\"a\": 1}\r\n\r\n: keep-alive comment\n\n"

@@ -600,6 +600,23 @@ async def test_a_part_whose_type_is_not_a_string_is_the_providers_to_refuse(setu
         forward.exchange.finish("completed")
 
 
+async def test_a_streamed_chat_with_a_byte_order_mark_is_forwarded_asking_for_its_usage(
+        setup):
+    """A body that opens with a UTF-8 byte order mark parses (RFC 8259 lets a parser ignore
+    it); the usage the gateway asks for is added to it like to any other (it was the
+    gateway's 500: the splice met the mark where it looked for the opening brace)."""
+    key, gateway = setup
+    secret = key()
+    raw = b"\xef\xbb\xbf" + json.dumps({**CHAT, "stream": True,
+                                        "max_completion_tokens": 5}).encode()
+    forward = await gateway().handle(request("/v1/chat/completions", raw, secret))
+    assert isinstance(forward, Forward), forward
+    sent = json.loads(forward.exchange.attempt.body)
+    assert sent == {**CHAT, "stream": True, "max_completion_tokens": 5,
+                    "stream_options": {"include_usage": True}}
+    forward.exchange.finish("completed")
+
+
 # Bodies with most of what each route reads, for the odd-types sweep below.
 FULL_BODIES = [
     ("/v1/chat/completions", {
