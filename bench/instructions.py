@@ -154,7 +154,8 @@ async def _decision(config: Path, secret: str) -> bytes:
     gateway = Gateway.from_path(str(config), watch=False)
     try:
         headers, body, declared = client_request(_client_head(secret), BODY, "whole")
-        return answer(await ExternalProcessor(gateway).decide(headers, body, declared))
+        return b"".join(answer(await ExternalProcessor(gateway).decide(headers, body,
+                                                                        declared)))
     finally:
         await gateway.close()
 

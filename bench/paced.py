@@ -30,8 +30,8 @@ import time
 
 import httpx
 
-from bench.latency import QUIET, bench_setup, own_state
-from bench.quick import STREAM_BODY, references, stop_all
+from bench.latency import bench_setup
+from bench.quick import STREAM_BODY, references, start_hosts, stop_all
 from tests.harness import GatewayProcess
 
 FINISHED = re.compile(rb'"finish_reason": ?"')
@@ -115,12 +115,7 @@ def main() -> None:
     gateways: list[GatewayProcess] = []
     try:
         config, secret, paths = references(workdir, port, procs)
-        for host in args.hosts.split(","):
-            gw = GatewayProcess(host, own_state(config, host), workdir,
-                                extra=QUIET.get(host))
-            gateways.append(gw)
-            gw.start()
-            paths[f"tollgate {host}"] = (gw.url, {"authorization": f"Bearer {secret}"})
+        paths |= start_hosts(args.hosts.split(","), config, secret, workdir, gateways)
         paths = {k: (f"{url}/v1/chat/completions", h) for k, (url, h) in paths.items()}
         events = asyncio.run(_events(*paths["direct"]))
         times = asyncio.run(round_robin(paths, args.streams))

@@ -150,6 +150,19 @@ def references(workdir: Path, port: int, procs: list[subprocess.Popen[bytes]]
                                        "mitmdump": (mitm_url, provider)}
 
 
+def start_hosts(hosts: list[str], config: Path, secret: str, workdir: Path,
+                gateways: list[GatewayProcess]) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each tollgate host on the governed profile, its own state (added to `gateways`,
+    which the caller stops), and its path for the round robin."""
+    paths = {}
+    for host in hosts:
+        gw = GatewayProcess(host, own_state(config, host), workdir, extra=QUIET.get(host))
+        gateways.append(gw)
+        gw.start()
+        paths[f"tollgate {host}"] = (gw.url, {"authorization": f"Bearer {secret}"})
+    return paths
+
+
 def stop_all(gateways: list[GatewayProcess], procs: list[subprocess.Popen[bytes]]) -> None:
     """Stop what a run started: its gateways, then the references and the provider."""
     for gw in gateways:

@@ -48,11 +48,11 @@ def test_what_the_filter_never_sends_is_refused(head, kind):
 
 
 def test_a_forward_names_each_change_for_the_filter():
-    raw = answer(Forwarding(
+    raw = b"".join(answer(Forwarding(
         set_headers={":path": "/v1/messages", ":authority": "api.example", "x-api-key": "sk",
                      "content-length": "7"},
         remove_headers=["authorization", "x-envoy-retry-on"], body=b'{"a":1}',
-        metadata={"request_id": "req_1", "budget_warning": "b; name=équipe; used=85%"}))
+        metadata={"request_id": "req_1", "budget_warning": "b; name=équipe; used=85%"})))
     headers = _headers(raw)
     assert raw.startswith(b"HTTP/1.1 200 ")
     assert headers["x-tollgate-path"] == "/v1/messages"
@@ -61,13 +61,13 @@ def test_a_forward_names_each_change_for_the_filter():
     assert headers["x-tollgate-remove"] == "authorization, x-envoy-retry-on"
     assert headers["x-tollgate-meta-budget_warning"] == "b; name=équipe; used=85%"
     assert headers["x-tollgate-body"] == "replaced" and raw.endswith(b'\r\n\r\n{"a":1}')
-    unchanged = _headers(answer(Forwarding({":path": "/v1/x"}, [], None, {})))
+    unchanged = _headers(b"".join(answer(Forwarding({":path": "/v1/x"}, [], None, {}))))
     assert "x-tollgate-body" not in unchanged and "x-tollgate-remove" not in unchanged
 
 
 def test_a_reply_is_the_gateways_answer_with_its_headers():
-    raw = answer(Reply(429, {"content-type": "application/json", "Retry-After": "3"},
-                       b'{"error": {}}', {"code": "rate_limited"}))
+    raw = b"".join(answer(Reply(429, {"content-type": "application/json", "Retry-After": "3"},
+                                b'{"error": {}}', {"code": "rate_limited"})))
     headers = _headers(raw)
     assert headers["x-tollgate-reply"] == "429"
     assert headers["x-tollgate-meta-answered"] == "1"
@@ -245,6 +245,9 @@ class _Transport:
 
     def write(self, data: bytes) -> None:
         self.sent.append(data)
+
+    def writelines(self, parts: list[bytes]) -> None:  # an answer, whole
+        self.sent.append(b"".join(parts))
 
     def close(self) -> None:
         self.closed = True
