@@ -35,11 +35,13 @@ lint: bootstrap
 	$(VENV)/ruff check .
 
 # The sequential figures against the baseline commit's, measured in the same run (flags any
-# 15% worse), then the rest, then what each path adds to every event of a paced stream.
+# 15% worse), then the rest, then what each path adds to every event of a paced stream and
+# to bodies of an agent's size.
 bench: bootstrap
 	$(VENV)/python -m bench.quick --requests 1000
 	$(VENV)/python -m bench
 	$(VENV)/python -m bench.paced
+	$(VENV)/python -m bench.bodies
 
 bench-quick: bootstrap
 	$(VENV)/python -m bench.quick

@@ -1,6 +1,8 @@
 """bench.quick's regression guard: figures of this checkout against the baseline revision's
 figures of the same run (synthetic times: nothing here is timed)."""
 
+import json
+
 from bench.quick import compare, figures
 
 PATHS = ("direct", "plain envoy", "mitmdump")
@@ -70,3 +72,21 @@ def test_the_paced_stream_table_gives_what_each_path_adds_per_event():
         "direct": ["1.000", "+0.000", "100.000", "+0.000", "+0.0000"],
         "plain envoy": ["1.400", "+0.400", "100.500", "+0.500", "+0.0250"],
         "tollgate envoy": ["2.000", "+1.000", "102.000", "+2.000", "+0.1000"]}
+
+
+def test_the_body_size_rows_give_what_each_path_adds_and_tollgate_beyond_its_proxy():
+    """bench.bodies: per path, the median added to the direct call for a JSON answer and a
+    stream; for a tollgate host, what it adds beyond the plain proxy it runs in."""
+    from bench.bodies import body, rows
+
+    times = {"direct json": [1.0, 2.0, 3.0], "direct stream": [2.0, 2.0, 2.0],
+             "plain envoy json": [2.5, 2.5, 2.5], "plain envoy stream": [2.1, 2.2, 2.3],
+             "tollgate envoy json": [4.0, 5.0, 6.0], "tollgate envoy stream": [6.0, 7.0, 8.0]}
+    got = rows(2048, times, ["plain envoy", "tollgate envoy"])
+    assert [row.split() for row in got] == [
+        ["2.0", "KiB", "plain", "envoy", "+0.500", "+0.200"],
+        ["2.0", "KiB", "tollgate", "envoy", "+3.000", "+5.000", "+2.500", "+4.800"]]
+    small, agent = json.loads(body(2, True)), json.loads(body(2000, False))
+    assert small["stream"] is True and "stream_options" not in small  # the SDK's default
+    assert len(agent["messages"]) == 2000 and "stream" not in agent
+    assert len(body(2000, False)) > 1000 * 1024
