@@ -233,9 +233,16 @@ def replace_top_level(raw: bytes, key: str, value: Any) -> bytes:
     """`raw` with one top-level field's value replaced, every other byte left as it was
     (but a byte order mark, which the parse accepts and providers need not).
 
-    Used when a rule must change the body (a model alias): the client's formatting, key
-    order and unknown fields all reach the provider untouched.
+    Used when a rule must change the body (a model alias, each attempt of a fallback plan
+    to another model): the client's formatting, key order and unknown fields all reach the
+    provider untouched.
     """
+    near_the_end = _replaced_near_the_end(raw, key, value)
+    return near_the_end if near_the_end is not None else _replaced_by_walking(raw, key, value)
+
+
+def _replaced_by_walking(raw: bytes, key: str, value: Any) -> bytes:
+    """Every top-level field decoded in turn, up to `key`'s (KeyError: it has none)."""
     text = raw.decode("utf-8-sig")
     i = _skip(text, 0)
     if text[i] != "{":
@@ -255,6 +262,65 @@ def replace_top_level(raw: bytes, key: str, value: Any) -> bytes:
     raise KeyError(key)
 
 
+_BOM = b"\xef\xbb\xbf"
+_TO_A_STRING = re.compile(rb"[ \t\n\r]*:[ \t\n\r]*\"")  # a key's colon, its string value
+_CANDIDATES = 8
+_FIRST_KEY = re.compile(rb"[ \t\n\r]*{[ \t\n\r]*")  # up to the object's first key
+
+
+def _replaced_near_the_end(raw: bytes, key: str, value: Any) -> bytes | None:
+    """The SDKs write `model` after the history it is for, which the walk decoded whole to
+    get past. The key is looked for as the object's first, then as its last few occurrences
+    as a string, from the end; one is taken when it is a key whose value is a string and
+    (but for the first key) what follows it reads as the rest of an object: one nested
+    deeper leaves its enclosing brackets over, and is no JSON then. None: none was (the
+    walk decides)."""
+    if raw.startswith(_BOM):
+        return None
+    token, first = json.dumps(key).encode(), _FIRST_KEY.match(raw)
+    if first is not None and raw.startswith(token, first.end()):
+        return _replaced_at(raw, first.end(), token, value, proven=True)
+    end = len(raw)
+    for _ in range(_CANDIDATES):
+        at = raw.rfind(token, 0, end)
+        if at < 0:
+            return None
+        end = at
+        replaced = _replaced_at(raw, at, token, value, proven=False)
+        if replaced is not None:
+            return replaced
+    return None
+
+
+def _replaced_at(raw: bytes, at: int, token: bytes, value: Any, proven: bool) -> bytes | None:
+    """`raw` with the string value of the key `token` at `at` replaced; None when it is no
+    key with a string value, or (not `proven`) no key of the top-level object."""
+    colon = _TO_A_STRING.match(raw, at + len(token))
+    if colon is None or _escaped(raw, at):
+        return None
+    closing = colon.end()
+    while (closing := raw.find(b'"', closing)) >= 0 and _escaped(raw, closing):
+        closing += 1
+    if closing < 0:
+        return None
+    if not proven:
+        try:
+            jiter.from_json(b"{" + raw[at:])
+        except ValueError:
+            return None
+    with memoryview(raw) as view:  # one copy of the body: a second paged a MiB in
+        return b"".join((view[:colon.end() - 1], json.dumps(value, ensure_ascii=False).encode(),
+                         view[closing + 1:]))
+
+
+def _escaped(raw: bytes, at: int) -> bool:
+    """Whether the byte at `at` follows an odd run of backslashes (in a string: escaped)."""
+    run = at
+    while run > 0 and raw[run - 1] == 0x5C:
+        run -= 1
+    return (at - run) % 2 == 1
+
+
 def set_top_level(raw: bytes, key: str, value: Any) -> bytes:
     """Replace a top-level field's value, or add the field before the closing brace."""
     try:
@@ -268,7 +334,7 @@ def set_top_level(raw: bytes, key: str, value: Any) -> bytes:
                 f"{text[close:]}").encode()
 
 
-_OPENING = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\n\r]*({)[ \t\n\r]*(})?")
+_OPENING = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\n\r]*({)[ \t\n\r]*(})?")  # (_BOM)
 
 
 def add_top_level(raw: bytes, key: str, value: Any) -> bytes:

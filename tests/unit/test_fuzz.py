@@ -113,6 +113,43 @@ def test_a_field_added_first_leaves_every_other_byte_as_it_was(doc, value, sep, 
     assert json.loads(set_top_level(raw, "added", value)) == json.loads(out)
 
 
+model_values = st.text(alphabet='ab"\\:{}[], ', max_size=8) | st.just("model")
+tricky_values = st.recursive(
+    json_values | model_values,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(["model", 'say "model', "m", "model\\", ""]), children, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=300)
+@given(before=st.lists(st.tuples(st.text(max_size=4), tricky_values), max_size=3),
+       after=st.lists(st.tuples(st.text(max_size=4), tricky_values), max_size=3),
+       model=tricky_values, sep=separators, escaped=st.booleans())
+@example(before=[], after=[("x", {"model": "nested"})], model="m", sep="", escaped=False)
+@example(before=[], after=[('say "model', "x")], model="m", sep="", escaped=False)
+@example(before=[], after=[], model='a"b\\', sep=" ", escaped=False)
+def test_the_key_found_near_the_end_is_the_one_the_walk_finds(before, after, model, sep,
+                                                               escaped):
+    """`replace_top_level` takes `model` from the end when it can (nested `model` keys,
+    strings that hold `"model"`, escaped quotes and backslashes around it, a key spelt with
+    an escape, values that are not strings): always the bytes the walk would give."""
+    from tollgate import body as bodies
+
+    items = [(k, v) for k, v in [*before, ("model", model), *after]
+             if k != "model" or v is model]
+    if len({k for k, _ in items}) < len(items):
+        return  # a key twice: refused by the parse before any splice
+    def encoded(k: str) -> str:
+        if k == "model" and escaped:
+            return '"mod\\u0065l"'
+        return json.dumps(k, ensure_ascii=False)
+    raw = ("{" + sep + ("," + sep).join(
+        f"{encoded(k)}{sep}:{sep}{json.dumps(v, ensure_ascii=False)}" for k, v in items)
+        + sep + "}").encode()
+    assert bodies.replace_top_level(raw, "model", "new") == \
+        bodies._replaced_by_walking(raw, "model", "new")
+
+
 def test_a_body_with_a_byte_order_mark_can_be_spliced():
     """The parse accepts a UTF-8 byte order mark (RFC 8259 lets it), so a body that has one
     may be changed too (a model alias, the usage the gateway asks for): it was a ValueError,
