@@ -215,14 +215,13 @@ class Decider(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.large is not None:
-            self._take_large(data)
+            self._take_large(*self.large, data)
             return
         self.buffer += data
         if self.deciding is None:
             self._serve()
 
-    def _take_large(self, data: bytes) -> None:
-        head, parts = self.large  # type: ignore[misc]
+    def _take_large(self, head: Head, parts: list[bytes], data: bytes) -> None:
         parts.append(data)
         self.missing -= len(data)
         if self.missing > 0:

@@ -334,7 +334,8 @@ def set_top_level(raw: bytes, key: str, value: Any) -> bytes:
                 f"{text[close:]}").encode()
 
 
-_OPENING = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\n\r]*({)[ \t\n\r]*(})?")  # (_BOM)
+# An object's opening brace (after a byte order mark, if any) and, when it is empty, its end.
+_OPENING = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\n\r]*({)[ \t\n\r]*(})?")
 
 
 def add_top_level(raw: bytes, key: str, value: Any) -> bytes:
