@@ -151,16 +151,33 @@ def references(workdir: Path, port: int, procs: list[subprocess.Popen[bytes]]
 
 
 def start_hosts(hosts: list[str], config: Path, secret: str, workdir: Path,
-                gateways: list[GatewayProcess]) -> dict[str, tuple[str, dict[str, str]]]:
+                gateways: list[GatewayProcess], who: str = "tollgate",
+                code: Path | None = None) -> dict[str, tuple[str, dict[str, str]]]:
     """Each tollgate host on the governed profile, its own state (added to `gateways`,
-    which the caller stops), and its path for the round robin."""
+    which the caller stops), and its path for the round robin, named `<who> <host>`;
+    `code`: another revision's (a `checkout`), run in place of this checkout's."""
     paths = {}
     for host in hosts:
-        gw = GatewayProcess(host, own_state(config, host), workdir, extra=QUIET.get(host))
+        gw = GatewayProcess(host, own_state(config, f"{who}-{host}"), workdir,
+                            env={"PYTHONPATH": str(code)} if code else None,
+                            extra=QUIET.get(host))
         gateways.append(gw)
         gw.start()
-        paths[f"tollgate {host}"] = (gw.url, {"authorization": f"Bearer {secret}"})
+        paths[f"{who} {host}"] = (gw.url, {"authorization": f"Bearer {secret}"})
     return paths
+
+
+def against(wanted: str | None) -> str | None:
+    """The commit to measure beside this checkout: `wanted` (`--against`), by default the
+    baseline's; None for `none`, or one not in this clone's history (said so)."""
+    if wanted is None and BASELINE.exists():
+        wanted = json.loads(BASELINE.read_text()).get("revision")
+    if not wanted or wanted == "none":
+        return None
+    revision = revision_of(wanted)
+    if revision is None:
+        print(f"revision {wanted} is not in this clone's history: not measured beside it")
+    return revision
 
 
 def stop_all(gateways: list[GatewayProcess], procs: list[subprocess.Popen[bytes]]) -> None:

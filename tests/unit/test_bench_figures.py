@@ -90,3 +90,20 @@ def test_the_body_size_rows_give_what_each_path_adds_and_tollgate_beyond_its_pro
     assert small["stream"] is True and "stream_options" not in small  # the SDK's default
     assert len(agent["messages"]) == 2000 and "stream" not in agent
     assert len(body(2000, False)) > 1000 * 1024
+
+
+def test_the_body_size_figures_are_each_hosts_p50_over_the_direct_calls_for_big_bodies():
+    """bench.bodies compares, for bodies of 64 KiB and more, each host's p50 over the direct
+    call's with the other revision's of the same run; a small body has none (it is
+    bench.quick's)."""
+    from bench.bodies import figures
+
+    times = {"direct json": [2.0], "direct stream": [4.0],
+             "tollgate envoy json": [3.0], "tollgate envoy stream": [6.0],
+             "abc1234 envoy json": [2.5], "abc1234 envoy stream": [6.0]}
+    assert figures(1024, times, "tollgate") == {}
+    now, then = figures(100 * 1024, times, "tollgate"), figures(100 * 1024, times, "abc1234")
+    assert now == {"envoy 100 KiB json: p50 / direct p50": 1.5,
+                   "envoy 100 KiB stream: p50 / direct p50": 1.5}
+    assert compare(now, then) == ["envoy 100 KiB json: p50 / direct p50: 1.500, baseline "
+                                  "1.250 (+20%)"]
