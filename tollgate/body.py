@@ -321,17 +321,10 @@ def _escaped(raw: bytes, at: int) -> bool:
     return (at - run) % 2 == 1
 
 
-def set_top_level(raw: bytes, key: str, value: Any) -> bytes:
-    """Replace a top-level field's value, or add the field before the closing brace."""
-    try:
-        return replace_top_level(raw, key, value)
-    except KeyError:
-        text = raw.decode("utf-8-sig").rstrip()
-        close = text.rindex("}")
-        head = text[:close].rstrip()
-        sep = "" if head.endswith("{") else ", "
-        return (f"{head}{sep}{json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}"
-                f"{text[close:]}").encode()
+def set_top_level(raw: bytes, key: str, value: Any, present: bool) -> bytes:
+    """`raw` with a top-level field set: replaced where it is, or (not `present`, as the
+    parsed document says) added first. Neither reads more of the body than it must."""
+    return replace_top_level(raw, key, value) if present else add_top_level(raw, key, value)
 
 
 # An object's opening brace (after a byte order mark, if any) and, when it is empty, its end.
@@ -340,11 +333,11 @@ _OPENING = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\n\r]*({)[ \t\n\r]*(})?")
 
 def add_top_level(raw: bytes, key: str, value: Any) -> bytes:
     """`raw` (an object without `key`) with the field added first, every other byte left as
-    it was. Nothing past the opening brace is read: `set_top_level` walks every field before
-    it adds one, and decoded an agent's history of 1 MiB again to find the object's end."""
+    it was. Nothing past the opening brace is read: an agent's history of 1 MiB was decoded
+    again to find the object's end."""
     opening = _OPENING.match(raw)
-    if opening is None:  # not an object: left to the walk to refuse
-        return set_top_level(raw, key, value)
+    if opening is None:
+        raise ValueError("not a JSON object")
     at = opening.end(1)
     field = f"{json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}" + (
         "" if opening.group(2) else ", ")

@@ -79,12 +79,9 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
         out = bodies.replace_top_level(raw, "model", named)
     if attempt.strip_usage:
         options = body.doc.get("stream_options")
-        if options is None and "stream_options" not in body.doc:  # the SDKs' default
-            out = bodies.add_top_level(raw if out is None else out, "stream_options",
-                                       {"include_usage": True})
-        else:
-            options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-            out = bodies.set_top_level(raw if out is None else out, "stream_options", options)
+        options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        out = bodies.set_top_level(raw if out is None else out, "stream_options", options,
+                                   "stream_options" in body.doc)
     return out
 
 
@@ -349,8 +346,7 @@ class Gateway:
         so in each provider's, through translation)."""
         name = bodies.output_cap_field(route, body.doc)
         assert name is not None  # only routes with an output cap are capped
-        raw = bodies.set_top_level(req.body, name, cap) if name in body.doc else \
-            bodies.add_top_level(req.body, name, cap)
+        raw = bodies.set_top_level(req.body, name, cap, name in body.doc)
         body.doc[name] = cap
         for attempt in attempts:
             self._set_body(attempt, route, body, raw)
