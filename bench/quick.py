@@ -167,16 +167,17 @@ def start_hosts(hosts: list[str], config: Path, secret: str, workdir: Path,
     return paths
 
 
-def against(wanted: str | None) -> str | None:
+def against(wanted: str | None, baseline: Path = BASELINE) -> str | None:
     """The commit to measure beside this checkout: `wanted` (`--against`), by default the
-    baseline's; None for `none`, or one not in this clone's history (said so)."""
-    if wanted is None and BASELINE.exists():
-        wanted = json.loads(BASELINE.read_text()).get("revision")
+    one `baseline` names; None for `none`, or one not in this clone's history (said so)."""
+    if wanted is None and baseline.exists():
+        wanted = json.loads(baseline.read_text()).get("revision")
     if not wanted or wanted == "none":
         return None
     revision = revision_of(wanted)
     if revision is None:
-        print(f"revision {wanted} is not in this clone's history: not measured beside it")
+        print(f"revision {wanted} is not in this clone's history: not measured beside this "
+              "checkout (the stored figures are, where there are any)")
     return revision
 
 
@@ -349,13 +350,7 @@ def main() -> int:
     stored: dict[str, object] = {}
     if args.baseline.exists():
         stored = json.loads(args.baseline.read_text())
-    wanted = args.against if args.against is not None else stored.get("revision")
-    revision = None
-    if wanted and wanted != "none" and not args.update_baseline:
-        revision = revision_of(str(wanted))
-        if revision is None:
-            print(f"baseline revision {wanted} is not in this clone's history: compared with "
-                  "the stored figures only")
+    revision = None if args.update_baseline else against(args.against, args.baseline)
     if revision is None:
         return _run(args, stored, None, None)
     with checkout(revision) as code:
