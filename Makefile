@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-transport bench-reload bench-breakdown bench-instructions soak bootstrap k8s-examples
+.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-cores bench-transport bench-reload bench-breakdown bench-instructions soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -49,6 +49,13 @@ bench-quick: bootstrap
 # Throughput with 1 and 2 ext_proc processes, under wrk (apt-get install wrk).
 bench-scaling: bootstrap
 	$(VENV)/python -m bench.scaling
+
+# How throughput grows with ext_proc processes when each has a core to itself, on a machine
+# with too few: each process capped at a tenth of a CPU (cgroups; as root), 16 requests in
+# flight per process, three rounds.
+bench-cores: bootstrap
+	$(VENV)/python -m bench.scaling --processes 1,2,3,4 --cpu-share 0.1 --per-process \
+		--connections 16 --rounds 3
 
 # What the transport between Envoy and Python costs with no work done (wrk too).
 bench-transport: bootstrap

@@ -1,7 +1,8 @@
 """Throughput of the Envoy host with 1 and more ext_proc processes, against plain Envoy.
 
     python -m bench.scaling [--processes 1,2] [--seconds 10] [--connections 32]
-                            [--state sqlite|redis]
+                            [--state sqlite|redis] [--cpu-share F]
+                            [--per-process] [--rounds R]
 
 Every part but tollgate is compiled, so tollgate is what binds the figure: the load comes from
 `wrk` (apt-get install wrk), and the provider is an Envoy that answers every chat completion
@@ -16,18 +17,35 @@ Prints requests per second, the CPU the gateway's processes (Envoy and every ext
 per request, and the ratio of N processes to one. On a machine with C cores, the load
 generator and Envoy take some of them: expect N processes to approach N times one process
 while N + 1 < C, and to level off after.
+
+`--cpu-share F` shows the growth on a machine with too few cores for it: each ext_proc
+process runs in a cgroup of its own capped at F of a CPU (CFS quota; run as root), a core
+scaled down, so N processes hold N such cores while Envoy, wrk and the provider keep the
+rest. What the cap cannot bind (Envoy spreading the load over the processes, the state they
+share) is what the ratio then measures. The table adds each process's CPU use over the run,
+as a share of its cap, and how often the cap throttled it: a process near 100% of its cap
+is what bound the figure. `--per-process` makes `--connections` the requests in flight per
+ext_proc process (N processes get N times as many), so that each process meets the same load
+at every N, as each core of a bigger machine would. `--rounds R` measures each N R times,
+in turn, and prints the round of the median rate (and every rate), and the median of each
+round's ratio to that round's x1: one run of 10 s moves by 10% or more on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -118,9 +136,9 @@ def plain_envoy(workdir: Path, upstream: str, wrap: list[str] | None = None
     return proc, url
 
 
-def tree_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of `pid` and every process below it, by what each is: `envoy`,
-    `ext_proc 0` (the gateway itself) and `ext_proc <i>` (its other processes)."""
+def tree(pid: int) -> Iterator[tuple[int, str, float]]:
+    """`pid` and every process below it: (pid, what it is, CPU seconds). What it is:
+    `envoy`, `ext_proc 0` (the gateway itself) or `ext_proc <i>` (its other processes)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -129,7 +147,6 @@ def tree_cpu(pid: int) -> dict[str, float]:
             except (OSError, IndexError):
                 continue
             children.setdefault(parent, []).append(int(entry.name))
-    out: dict[str, float] = {}
     todo = [pid]
     while todo:
         p = todo.pop()
@@ -142,9 +159,75 @@ def tree_cpu(pid: int) -> dict[str, float]:
             name = f"ext_proc {argv[argv.index(b'--process') + 1].decode()}"
         else:
             name = "ext_proc 0" if b"serve" in argv else Path(argv[0].decode()).name
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
+        yield p, name, (int(fields[11]) + int(fields[12])) / TICKS
         todo += children.get(p, [])
+
+
+def tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of `pid` and every process below it, by what each is (`tree`)."""
+    out: dict[str, float] = {}
+    for _, name, cpu in tree(pid):
+        out[name] = out.get(name, 0.0) + cpu
     return out
+
+
+PERIOD_US = 10_000  # short, so a capped process waits at most a few ms for its next turn
+
+
+def cpu_controller() -> Path | None:
+    """Where new cgroups with a CPU cap are made: cgroup v2's root when it has the `cpu`
+    controller, else cgroup v1's `cpu` hierarchy; None when neither is mounted."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, where, kind, options, *_ = line.split()
+        if kind == "cgroup2" and "cpu" in (Path(where) / "cgroup.subtree_control"
+                                          ).read_text().split():
+            return Path(where)
+        if kind == "cgroup" and "cpu" in options.split(","):
+            return Path(where)
+    return None
+
+
+@contextmanager
+def capped(pids: dict[str, int], share: float) -> Iterator[dict[str, Path]]:
+    """Each of `pids` (by name) in a cgroup of its own capped at `share` of a CPU; yields
+    the cgroups, removed after (what is left in them goes back to the root group)."""
+    root = cpu_controller()
+    if root is None:
+        raise SystemExit("--cpu-share: no cgroup CPU controller is mounted")
+    quota = max(1000, round(share * PERIOD_US))
+    groups: dict[str, Path] = {}
+    try:
+        for name, pid in pids.items():
+            group = root / f"tollgate-bench-{os.getpid()}-{name.replace(' ', '-')}"
+            group.mkdir()
+            groups[name] = group
+            if (group / "cpu.max").exists():  # v2
+                (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+            else:
+                (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+            (group / "cgroup.procs").write_text(str(pid))  # every thread, and those to come
+        yield groups
+    finally:
+        for group in groups.values():
+            for pid in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                    (root / "cgroup.procs").write_text(pid)
+            group.rmdir()
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, all) CPU time of the whole machine so far, in ticks (/proc/stat)."""
+    user, nice, system, idle, iowait, *rest = map(int, Path("/proc/stat").read_text()
+                                                  .split("\n", 1)[0].split()[1:9])
+    busy = user + nice + system + sum(rest)
+    return busy, busy + idle + iowait
+
+
+def throttled(group: Path) -> int:
+    """How many periods the cgroup's cap held it back in."""
+    stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+    return int(stat["nr_throttled"])
 
 
 def spent(before: dict[str, float], after: dict[str, float], requests: int
@@ -199,6 +282,38 @@ def use_state(config: Path, workdir: Path, state: str) -> tuple[str, RedisServer
     return "Redis", redis
 
 
+Row = tuple[str, float, dict[str, float], int, str]
+
+
+def measure(config: Path, workdir: Path, secret: str, n: int, connections: int,
+            seconds: int, cpu_share: float | None) -> Row:
+    """tollgate's Envoy host with `n` ext_proc processes (each capped at `cpu_share` of a
+    CPU, if given) under wrk: its row of the table."""
+    gw = GatewayProcess("envoy", config, workdir, extra=["--extproc-processes", str(n)]).start()
+    with contextlib.ExitStack() as stack:
+        stack.callback(gw.stop)
+        groups: dict[str, Path] = {}
+        if cpu_share is not None:
+            groups = stack.enter_context(capped(
+                {name: pid for pid, name, _ in tree(gw.proc.pid)
+                 if name.startswith("ext_proc")}, cpu_share))
+        url = f"{gw.url}/v1/chat/completions"
+        auth = {"authorization": f"Bearer {secret}"}
+        wrk(url, auth, 2, connections, workdir)  # warm-up
+        before = tree_cpu(gw.proc.pid)
+        held = {name: throttled(group) for name, group in groups.items()}
+        started, machine = time.monotonic(), machine_busy()
+        rate, done, bad = wrk(url, auth, seconds, connections, workdir)
+        wall = time.monotonic() - started
+        after = tree_cpu(gw.proc.pid)
+        busy = [b - a for a, b in zip(machine, machine_busy(), strict=True)]
+        use = f"machine {busy[0] / busy[1]:.0%} busy" + "".join(
+            f", {name} {(after[name] - before[name]) / wall / cpu_share:.0%} "
+            f"({throttled(group) - held[name]} throttled)"
+            for name, group in sorted(groups.items()) if cpu_share is not None)
+        return f"tollgate x{n}", rate, spent(before, after, done), bad, use
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,13 +322,24 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--state", choices=["sqlite", "redis"],
                         default="redis" if shutil.which("redis-server") else "sqlite")
+    parser.add_argument("--cpu-share", type=float, metavar="F",
+                        help="cap each ext_proc process at F of a CPU (a cgroup each; root)")
+    parser.add_argument("--per-process", action="store_true",
+                        help="--connections in flight per ext_proc process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each count of processes this many times, in turn, "
+                             "and print the median")
     args = parser.parse_args()
     if not ready_for_wrk():
+        return 2
+    if args.cpu_share is not None and cpu_controller() is None:
+        print("--cpu-share: no cgroup CPU controller is mounted", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-scaling-"))
     procs: list[subprocess.Popen[bytes]] = []
     redis = None
-    rows: list[tuple[str, float, dict[str, float], int]] = []
+    rows: list[Row] = []
+    ratios: dict[str, float] = {}  # N processes to one, the median of the rounds' own
     try:
         provider, provider_url = compiled_provider(workdir)
         procs.append(provider)
@@ -229,20 +355,23 @@ def main() -> int:
         before = tree_cpu(plain.pid)
         rate, done, bad = wrk(f"{plain_url}{url}", {}, args.seconds, args.connections,
                               workdir)
-        rows.append(("plain envoy", rate, spent(before, tree_cpu(plain.pid), done), bad))
-        for n in (int(p) for p in args.processes.split(",")):
-            gw = GatewayProcess("envoy", config, workdir,
-                                extra=["--extproc-processes", str(n)]).start()
-            try:
-                auth = {"authorization": f"Bearer {secret}"}
-                wrk(f"{gw.url}{url}", auth, 2, args.connections, workdir)
-                before = tree_cpu(gw.proc.pid)
-                rate, done, bad = wrk(f"{gw.url}{url}", auth, args.seconds,
-                                      args.connections, workdir)
-                rows.append((f"tollgate x{n}", rate, spent(before, tree_cpu(gw.proc.pid),
-                                                           done), bad))
-            finally:
-                gw.stop()
+        rows.append(("plain envoy", rate, spent(before, tree_cpu(plain.pid), done), bad, ""))
+        counts = [int(p) for p in args.processes.split(",")]
+        runs: dict[int, list[Row]] = {n: [] for n in counts}
+        for _ in range(args.rounds):  # each round meets the machine as it is then
+            for n in counts:
+                connections = args.connections * n if args.per_process else args.connections
+                runs[n].append(measure(config, workdir, secret, n, connections, args.seconds,
+                                       args.cpu_share))
+        for n in counts:  # the round of the median rate
+            ranked = sorted(runs[n], key=lambda r: r[1])
+            name, rate, cpu, bad, use = ranked[len(ranked) // 2]
+            if args.rounds > 1:
+                use = f"rates {', '.join(f'{r[1]:.0f}' for r in runs[n])}; {use}"
+            rows.append((name, rate, cpu, sum(r[3] for r in runs[n]), use))
+            if 1 in runs:  # each round's own ratio: a round the machine slowed slows all
+                ratios[name] = statistics.median(
+                    r[1] / one[1] for r, one in zip(runs[n], runs[1], strict=True))
     finally:
         for proc in procs:
             proc.terminate()
@@ -251,16 +380,24 @@ def main() -> int:
             redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\n{args.connections} in flight for {args.seconds} s (wrk); {os.cpu_count()} cores; "
-          f"governed profile on {state}\n")
+    capped_at = "" if args.cpu_share is None else \
+        f"; each ext_proc process capped at {args.cpu_share:g} of a CPU"
+    in_flight = f"{args.connections} per ext_proc process" if args.per_process else \
+        str(args.connections)
+    print(f"\n{in_flight} in flight for {args.seconds} s (wrk); {os.cpu_count()} cores; "
+          f"governed profile on {state}{capped_at}\n")
     header = f"{'path':<16} {'req/s':>8} {'CPU/req ms':>11} {'non-2xx':>8} {'vs x1':>6}  by process"
     print(f"{header}\n{'-' * len(header)}")
-    one = next((r[1] for r in rows if r[0] == "tollgate x1"), None)
-    for name, rate, cpu, bad in rows:
-        ratio = f"{rate / one:>6.2f}" if one and name.startswith("tollgate") else " " * 6
+    for name, rate, cpu, bad, _ in rows:
+        ratio = f"{ratios[name]:>6.2f}" if name in ratios else " " * 6
         split = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
         print(f"{name:<16} {rate:>8.0f} {sum(cpu.values()):>11.3f} {bad:>8} {ratio}  {split}")
-    return 1 if any(bad for *_, bad in rows) else 0
+    print("\nover the run: how busy the machine was" + (
+        "" if args.cpu_share is None else ", and each process's use of its cap (the periods "
+        f"of {PERIOD_US // 1000} ms it was held back in)"))
+    for name, *_, use in rows[1:]:
+        print(f"{name:<16} {use}")
+    return 1 if any(row[3] for row in rows) else 0
 
 
 if __name__ == "__main__":

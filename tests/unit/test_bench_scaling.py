@@ -1,13 +1,20 @@
-"""`bench.scaling` runs the gateway on the state it is asked for."""
+"""`bench.scaling` runs the gateway on the state it is asked for, and caps each ext_proc
+process at its share of a CPU when asked."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
+
 from bench.latency import _Url
-from bench.scaling import use_state
+from bench.scaling import capped, cpu_controller, machine_busy, throttled, use_state
 from tests.conftest import make_config
+from tests.harness import wait_until
 from tollgate.config.load import load_config
 from tollgate.store import open_store
 from tollgate.store.redis import RedisStore
@@ -41,3 +48,46 @@ def test_the_scaling_benchmark_runs_on_sqlite_or_on_a_redis_it_starts(tmp_path):
         asyncio.run(answers())
     finally:
         redis.stop()
+
+
+def cap_of(group: Path) -> float:
+    """The cgroup's CPU cap, as a share of a CPU."""
+    if (group / "cpu.max").exists():
+        quota, period = (group / "cpu.max").read_text().split()
+    else:
+        quota = (group / "cpu.cfs_quota_us").read_text()
+        period = (group / "cpu.cfs_period_us").read_text()
+    return int(quota) / int(period)
+
+
+def test_a_capped_process_runs_at_its_share_in_a_cgroup_of_its_own_and_leaves_it_after():
+    spinning = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        root = cpu_controller()
+        if root is None:  # nothing to cap with: said, not ignored
+            with pytest.raises(SystemExit, match="no cgroup CPU controller"), \
+                    capped({"ext_proc 0": spinning.pid}, 0.1):
+                pass
+            return
+        with capped({"ext_proc 0": spinning.pid}, 0.1) as groups:
+            group = groups["ext_proc 0"]
+            assert (group / "cgroup.procs").read_text().split() == [str(spinning.pid)]
+            assert cap_of(group) == pytest.approx(0.1)
+            # The cap binds a process that would take a whole CPU.
+            wait_until(lambda: throttled(group) >= 3, timeout=5, what="the cap to bind")
+        assert not group.exists()
+        assert str(spinning.pid) in (root / "cgroup.procs").read_text().split()
+    finally:
+        spinning.kill()
+        spinning.wait()
+
+
+def test_the_machine_counts_busy_time_as_part_of_all_time():
+    busy0, all0 = machine_busy()
+    spent = time.process_time()
+    while time.process_time() - spent < 0.05:  # CPU of this process's own: five ticks
+        pass
+    busy1, all1 = machine_busy()
+    assert 0 <= busy0 <= all0
+    assert busy1 > busy0
+    assert all1 - all0 >= busy1 - busy0
