@@ -332,8 +332,9 @@ def main() -> int:
     args = parser.parse_args()
     if not ready_for_wrk():
         return 2
-    if args.cpu_share is not None and cpu_controller() is None:
-        print("--cpu-share: no cgroup CPU controller is mounted", file=sys.stderr)
+    if args.cpu_share is not None and (cpu_controller() is None or os.geteuid() != 0):
+        print("--cpu-share: needs root and a cgroup CPU controller (cgroup v1 `cpu`, or v2 "
+              "with `cpu` in the root's cgroup.subtree_control)", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-scaling-"))
     procs: list[subprocess.Popen[bytes]] = []
