@@ -76,8 +76,8 @@ def _encode(status: int, headers: list[tuple[str, str]], body: bytes) -> list[by
     head = "\r\n".join(lines)
     if head.count("\n") != len(lines) - 1 or "\0" in head:
         raise ValueError("a header value holds a line break or NUL")
-    return [head.encode("utf-8", "surrogateescape"), body] if body else \
-        [head.encode("utf-8", "surrogateescape")]
+    encoded = head.encode("utf-8", "surrogateescape")
+    return [encoded, body] if body else [encoded]
 
 
 def answer(decision: Reply | Forwarding) -> list[bytes]:
