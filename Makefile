@@ -68,7 +68,8 @@ bench-instructions: bootstrap
 	$(VENV)/python -m bench.instructions
 
 # Where the Envoy host's added time goes, stage by stage (Envoy's access log), beside plain
-# Envoy's, and the decision service's own time.
+# Envoy's and the host's floor (its decision service replaying one decision), and the
+# decision service's own time.
 bench-breakdown: bootstrap
 	$(VENV)/python -m bench.breakdown
 

@@ -32,6 +32,13 @@ wakes: next to a process still running (the decision service, just after it answ
 wait for a core, and `provider's own` grows while `response in` shrinks. `--pin-provider 1`
 keeps every thread of it on the cores named. Where it runs moves time between those two parts
 more than it changes `provider` or `in Envoy`: compare those.
+
+A fourth path, `floor`, is tollgate's Envoy host with a decision service that does no work:
+the same rendered Envoy (the decide filter's Lua and exchange, the meter's posts, the usage
+cut), answered by tollgate's own decision service (`extproc.decider`, its parsing and its
+encoding, on its event loop), whose processor replays the first decision it made and reads
+no meter post. What the host adds up to `floor` is the architecture's: Envoy's filters and a
+round trip to another process; what it adds beyond is tollgate's own work.
 """
 
 from __future__ import annotations
@@ -126,32 +133,43 @@ def overhead(admin: str) -> tuple[float, float]:
     return float(found.get("sum", 0)), float(found.get("count", 0))
 
 
-def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[bytes]]
-                   ) -> tuple[str, str, Path]:
-    """`serve extproc` and an Envoy of `envoy render`, with the stage log, added to `procs`
-    as they start (stopped by the caller, started or not): the listener's URL, ext_proc's
-    admin URL and the log."""
+def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[bytes]],
+                   floor: bool = False) -> tuple[str, str, Path]:
+    """`serve extproc` (`floor`: bench.floor's decision service in its place) and an Envoy
+    of `envoy render`, with the stage log, added to `procs` as they start (stopped by the
+    caller, started or not): the listener's URL, ext_proc's admin URL ("" for the floor) and
+    the log."""
     port, envoy_admin, admin = free_port(), f"127.0.0.1:{free_port()}", free_port()
-    sock = f"unix:{workdir}/extproc.sock"
+    name = "floor" if floor else "tollgate"
+    sock = f"unix:{workdir}/{name}.sock"
     rendered = subprocess.run(
         [str(BIN / "tollgate"), "--config", str(config), "envoy", "render", "--listen",
          f"127.0.0.1:{port}", "--extproc", sock, "--envoy-admin", envoy_admin],
         capture_output=True, text=True, check=True).stdout
-    log = workdir / "tollgate-stages.log"
-    bootstrap = workdir / "tollgate-envoy.json"
+    log = workdir / f"{name}-stages.log"
+    bootstrap = workdir / f"{name}-envoy.json"
     bootstrap.write_text(json.dumps(with_access_log(yaml.safe_load(rendered), log)))
-    with open(workdir / "extproc.log", "wb") as extproc_log:  # the child has its own copy
-        procs.append(subprocess.Popen(
-            [str(BIN / "tollgate"), "--config", str(config), "serve", "extproc", "--listen",
-             sock, "--admin", f"127.0.0.1:{admin}", "--envoy-admin", envoy_admin],
-            stdout=subprocess.DEVNULL, stderr=extproc_log))
+    with open(workdir / f"{name}.log", "wb") as service_log:  # the child has its own copy
+        if floor:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.floor", str(config),
+                 f"{workdir}/{name}.decide.sock"], stdout=subprocess.PIPE, stderr=service_log))
+            assert procs[-1].stdout is not None
+            if procs[-1].stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"the floor's decision service did not start: see "
+                                   f"{workdir}/{name}.log")
+        else:
+            procs.append(subprocess.Popen(
+                [str(BIN / "tollgate"), "--config", str(config), "serve", "extproc",
+                 "--listen", sock, "--admin", f"127.0.0.1:{admin}", "--envoy-admin",
+                 envoy_admin], stdout=subprocess.DEVNULL, stderr=service_log))
     procs.append(subprocess.Popen([envoy_binary(), "-c", str(bootstrap),
                                    "--disable-hot-restart", "--log-level", "error",
                                    "--base-id", str(free_port())],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _answers(url), timeout=30, what="tollgate's Envoy host")
-    return url, f"http://127.0.0.1:{admin}", log
+    wait_until(lambda: _answers(url), timeout=30, what=f"{name}'s Envoy host")
+    return url, "" if floor else f"http://127.0.0.1:{admin}", log
 
 
 async def sequential(paths: dict[str, tuple[str, dict[str, str]]], n: int, warm: int
@@ -190,11 +208,13 @@ def main() -> int:
         config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
         secret = governed(config)
         url, admin, log = tollgate_envoy(own_state(config, "breakdown"), workdir, procs)
+        floor_url, _, floor_log = tollgate_envoy(own_state(config, "floor"), workdir, procs,
+                                                 floor=True)
         provider = {"authorization": f"Bearer {PROVIDER_KEY}", "content-type":
                     "application/json"}
+        governed_key = {"authorization": f"Bearer {secret}", "content-type": "application/json"}
         paths = {"direct": (direct, provider), "plain envoy": (plain_url, provider),
-                 "tollgate envoy": (url, {"authorization": f"Bearer {secret}",
-                                          "content-type": "application/json"})}
+                 "floor": (floor_url, governed_key), "tollgate envoy": (url, governed_key)}
         asyncio.run(sequential(paths, 0, warm))
         spent0, count0 = overhead(admin)
         times = asyncio.run(sequential(paths, args.requests, 0))
@@ -205,8 +225,9 @@ def main() -> int:
             proc.terminate()
             proc.wait(10)
     # The readiness probes and the warm-up are the first lines of each log.
-    plain_stages = stages(plain_log, len(plain_log.read_text().splitlines()) - args.requests)
-    tollgate_stages = stages(log, len(log.read_text().splitlines()) - args.requests)
+    logs = {"plain": plain_log, "floor": floor_log, "tollgate": log}
+    found = {name: stages(path, len(path.read_text().splitlines()) - args.requests)
+             for name, path in logs.items()}
 
     base = statistics.median(times["direct"])
     print(f"\n{args.requests} sequential requests per path, round-robin; ms (p50)\n")
@@ -215,16 +236,19 @@ def main() -> int:
     for name, values in times.items():
         p50 = statistics.median(values)
         print(f"{name:<16} {p50:>7.3f} {p50 - base:>+7.3f}")
-    header = f"{'Envoy stage':<16} {'plain':>7} {'tollgate':>9} {'added':>7}"
+    header = (f"{'Envoy stage':<16} {'plain':>7} {'floor':>7} {'tollgate':>9} {'added':>7} "
+              f"{'beyond floor':>13}")
     if args.pin_provider:
         print(f"\n(the fake provider kept on CPUs {sorted(args.pin_provider)})")
     print(f"\n{header}\n{'-' * len(header)}")
     for name in POINTS:
-        a, b = plain_stages[name], tollgate_stages[name]
-        print(f"{name:<16} {a:>7.3f} {b:>9.3f} {b - a:>+7.3f}")
+        a, f, b = (found[k][name] for k in logs)
+        print(f"{name:<16} {a:>7.3f} {f:>7.3f} {b:>9.3f} {b - a:>+7.3f} {b - f:>+13.3f}")
+    print("\n(floor: tollgate's Envoy and decision service, replaying one decision: what the "
+          "architecture costs before tollgate's own work)")
     if count1 > count0:
         own = (spent1 - spent0) / (count1 - count0) * 1000
-        beyond = tollgate_stages["to provider"] - plain_stages["to provider"] - own
+        beyond = found["tollgate"]["to provider"] - found["plain"]["to provider"] - own
         print(f"\ndecision service's own time per request (mean, its decision and its "
               f"metering of the response): {own:.3f} ms\n`to provider` adds {beyond:.3f} ms "
               "more: the round trip to the decision service and the decide filter's Lua (at "
