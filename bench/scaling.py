@@ -14,7 +14,8 @@ share; append-only with an fsync on every write, the most careful setting, as th
 it). By default Redis when `redis-server` is installed, else SQLite.
 
 Prints requests per second, the CPU the gateway's processes (Envoy and every ext_proc) spent
-per request, and the ratio of N processes to one. On a machine with C cores, the load
+per request, the ratio of N processes to one, and the most memory each process held resident
+(VmHWM, from its start to the run's end). On a machine with C cores, the load
 generator and Envoy take some of them: expect N processes to approach N times one process
 while N + 1 < C, and to level off after.
 
@@ -171,6 +172,18 @@ def tree_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def peak_rss(pid: int) -> dict[str, float]:
+    """The most memory `pid` and each process below it have held resident (VmHWM), in MiB,
+    by what each is (`tree`)."""
+    out: dict[str, float] = {}
+    for p, name, _ in tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    out[name] = out.get(name, 0.0) + int(line.split()[1]) / 1024
+    return out
+
+
 PERIOD_US = 10_000  # short, so a capped process waits at most a few ms for its next turn
 
 
@@ -311,6 +324,8 @@ def measure(config: Path, workdir: Path, secret: str, n: int, connections: int,
             f", {name} {(after[name] - before[name]) / wall / cpu_share:.0%} "
             f"({throttled(group) - held[name]} throttled)"
             for name, group in sorted(groups.items()) if cpu_share is not None)
+        use += "; peak RSS " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib
+                                         in sorted(peak_rss(gw.proc.pid).items()))
         return f"tollgate x{n}", rate, spent(before, after, done), bad, use
 
 
@@ -395,7 +410,8 @@ def main() -> int:
         print(f"{name:<16} {rate:>8.0f} {sum(cpu.values()):>11.3f} {bad:>8} {ratio}  {split}")
     print("\nover the run: how busy the machine was" + (
         "" if args.cpu_share is None else ", and each process's use of its cap (the periods "
-        f"of {PERIOD_US // 1000} ms it was held back in)"))
+        f"of {PERIOD_US // 1000} ms it was held back in)") + "; the most memory each process "
+          "held resident from its start")
     for name, *_, use in rows[1:]:
         print(f"{name:<16} {use}")
     return 1 if any(row[3] for row in rows) else 0

@@ -4,6 +4,8 @@ process at its share of a CPU when asked."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from bench.latency import _Url
-from bench.scaling import capped, cpu_controller, machine_busy, throttled, use_state
+from bench.scaling import (
+    capped,
+    cpu_controller,
+    machine_busy,
+    peak_rss,
+    throttled,
+    use_state,
+)
 from tests.conftest import make_config
 from tests.harness import wait_until
 from tollgate.config.load import load_config
@@ -91,3 +100,29 @@ def test_the_machine_counts_busy_time_as_part_of_all_time():
     assert 0 <= busy0 <= all0
     assert busy1 > busy0
     assert all1 - all0 >= busy1 - busy0
+
+
+def test_peak_memory_is_what_each_process_of_the_tree_once_held_resident():
+    # A parent that has held 64 MiB and freed it, and a child that holds 96 MiB.
+    script = ("import subprocess, sys, time\n"
+              "b = bytearray(64 << 20); del b\n"
+              "c = subprocess.Popen([sys.executable, '-c', "
+              "'import time; b = bytearray(96 << 20); print(1, flush=True); time.sleep(60)'], "
+              "stdout=subprocess.PIPE)\n"
+              "c.stdout.readline(); print(c.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        held = peak_rss(parent.pid)
+        assert len(held) == 1  # both are named as the same program, and added together
+        (total,) = held.values()
+        assert total >= 64 + 96
+        assert peak_rss(child) and sum(peak_rss(child).values()) >= 96
+        assert sum(peak_rss(child).values()) < total
+    finally:
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+        parent.kill()
+        parent.wait(10)
