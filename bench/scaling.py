@@ -30,6 +30,10 @@ ext_proc process (N processes get N times as many), so that each process meets t
 at every N, as each core of a bigger machine would. `--rounds R` measures each N R times,
 in turn, and prints the round of the median rate (and every rate), and the median of each
 round's ratio to that round's x1: one run of 10 s moves by 10% or more on a shared machine.
+On a machine with fewer cores than processes, the capped processes also share vCPUs with
+Envoy, wrk and the provider, as one process beside them mostly does not: on 2 cores, x2
+measured about 1.8 times x1 this way, and 2 times (the median of four pairs of runs, x1 and
+x2 in turn) with every ext_proc process on one vCPU and everything else on the other.
 """
 
 from __future__ import annotations
