@@ -176,15 +176,21 @@ def tree_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def status_mib(pid: int, field: str) -> float:
+    """A memory figure of /proc/PID/status (`VmRSS`, `VmHWM`, ...) in MiB; 0 if it has none."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def peak_rss(pid: int) -> dict[str, float]:
     """The most memory `pid` and each process below it have held resident (VmHWM), in MiB,
     by what each is (`tree`)."""
     out: dict[str, float] = {}
     for p, name, _ in tree(pid):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    out[name] = out.get(name, 0.0) + int(line.split()[1]) / 1024
+        with contextlib.suppress(OSError):  # a process that has ended since
+            out[name] = out.get(name, 0.0) + status_mib(p, "VmHWM")
     return out
 
 

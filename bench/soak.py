@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from bench.latency import PROVIDER_KEY, _Url, new_key, start_fake
+from bench.scaling import status_mib
 from tests.conftest import make_config
 from tests.fakes.providers import TEXT
 from tests.harness import GatewayProcess, free_port, ledger, wait_until
@@ -40,13 +41,6 @@ def children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(p) for p in text.split()]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def fds(pid: int) -> int:
@@ -132,7 +126,8 @@ def main() -> None:
                             break
                         time.sleep(0.1)
                     envoys = children(gw.proc.pid)
-                    table.append((host, rnd, sum(rss_mb(p) for p in [gw.proc.pid, *envoys]),
+                    rss = sum(status_mib(p, "VmRSS") for p in [gw.proc.pid, *envoys])
+                    table.append((host, rnd, rss,
                                   fds(gw.proc.pid), sum(fds(p) for p in envoys) or None,
                                   open_, len(ids), took))
             finally:
