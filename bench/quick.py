@@ -28,6 +28,15 @@ measured a third apart on two days of the same box, which a 15% threshold cannot
 a regression. The stored figures are still printed, and are the reference when the revision
 is not in this clone's history or with `--against none`. `--update-baseline` rewrites the
 baseline from this run, naming the checkout's commit: commit it with the reason.
+
+The baseline's hosts nearly double the paths in the round-robin, and every path pays for
+it in its absolute figures: between two of its requests, a path's processes run colder for
+the others that ran meanwhile. On the 2-core box, with the baseline's hosts (11 paths) the
+Envoy host added +1.36 ms at the p50 and plain Envoy +0.29, and every path spent about a
+quarter more CPU per request, plain Envoy's included; in the same half hour, with
+`--against none` (7 paths; the sidecar's latency goals were set in a run of 6) they added
++0.82 and +0.17. The ratios to the baseline compare like with like; read a goal's absolute
+figures with `--against none`.
 """
 
 from __future__ import annotations
@@ -399,7 +408,10 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         stop_all(gateways, procs)
 
     n = args.requests
-    print(f"\n{n} sequential requests per path and kind, round-robin; {os.cpu_count()} cores; "
+    # More paths, colder processes: the absolute figures depend on it (see the docstring).
+    among = f" ({short}'s hosts among them)" if short else ""
+    print(f"\n{n} sequential requests per path and kind, round-robin across {len(paths)} paths"
+          f"{among}; {os.cpu_count()} cores; "
           f"ms{f' (the last of {args.runs} rounds)' if args.runs > 1 else ''}\n")
     base50, base99 = statistics.median(times["direct"]), percentile(times["direct"], 0.99)
     header = f"{'JSON answer':<28} {'p50':>7} {'p99':>7} {'+p50':>7} {'+p99':>7} {'CPU/req':>8}"
