@@ -100,7 +100,7 @@ class Gateway:
         self._index_for: tuple[LoadedConfig, KeyIndex] | None = None
         self._store = store
         # (state, spool, lease, ledger rows) the store was opened with
-        self._store_for: tuple[str, str, int, int] | None = None
+        self._store_for: tuple[str, str | None, int, int] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         # In flight (renewed, checkpointed): each exchange, and how many response bytes it

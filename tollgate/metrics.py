@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -96,7 +96,7 @@ def model_label(model: str | None, known: frozenset[str]) -> str:
 def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float = 0.0,
             upstream_seconds: float | None = None, first_byte_seconds: float | None = None,
             fallbacks: list[str] | None = None, rate_limit: dict[str, str] | None = None,
-            labels: list[str] | None = None, known_models: frozenset[str] = frozenset()
+            labels: Sequence[str] | None = None, known_models: frozenset[str] = frozenset()
             ) -> None:
     """Count one finished request. Its model labels series only if the operator knows the
     name (`known_models`: the config, price table and catalog, its snapshots included),

@@ -82,9 +82,9 @@ def targets(cfg: Config, key: VirtualKey, route: Route, model: str,
         chosen = policy.targets()
         if policy.strategy == "weighted":
             chosen = weighted_order(chosen, rng)
-        for t in chosen:
-            p = providers[t.model_provider]
-            ordered.append(Target(p, policy_model(t, p, model, catalog)))
+        for chosen_target in chosen:
+            p = providers[chosen_target.model_provider]
+            ordered.append(Target(p, policy_model(chosen_target, p, model, catalog)))
     else:
         # Lower fallback_priority first; ties keep config order (creation order).
         for p in sorted(cfg.model_providers, key=lambda p: p.fallback_priority):
