@@ -32,11 +32,11 @@ baseline from this run, naming the checkout's commit: commit it with the reason.
 The baseline's hosts nearly double the paths in the round-robin, and every path pays for
 it in its absolute figures: between two of its requests, a path's processes run colder for
 the others that ran meanwhile. On the 2-core box, with the baseline's hosts (11 paths) the
-Envoy host added +1.36 ms at the p50 and plain Envoy +0.29, and every path spent about a
-quarter more CPU per request, plain Envoy's included; in the same half hour, with
-`--against none` (7 paths; the sidecar's latency goals were set in a run of 6) they added
-+0.82 and +0.17. The ratios to the baseline compare like with like; read a goal's absolute
-figures with `--against none`.
+Envoy host added +1.36 ms at the p50 and plain Envoy +0.29, and each proxy spent 10-25%
+more CPU per request (plain Envoy a quarter more; the provider the same); in the same half
+hour, with `--against none` (7 paths; the sidecar's latency goals were set in a run of 6)
+they added +0.82 and +0.17. The ratios to the baseline compare like with like; read a
+goal's absolute figures with `--against none`.
 """
 
 from __future__ import annotations
