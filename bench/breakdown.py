@@ -39,6 +39,16 @@ cut), answered by tollgate's own decision service (`extproc.decider`, its parsin
 encoding, on its event loop), whose processor replays the first decision it made and reads
 no meter post. What the host adds up to `floor` is the architecture's: Envoy's filters and a
 round trip to another process; what it adds beyond is tollgate's own work.
+
+Two more paths split the floor (bench.answerer): `compiled floor`, the same rendered Envoy
+whose decide filter asks a decision service that is not Python (an Envoy answering the same
+decision from memory), and `round trip`, an Envoy with no Lua that asks that service through
+ext_authz (C++) and forwards with the credential it answers. The client's p50s then give
+each layer's share: the exchange with another process itself (`round trip` over plain
+Envoy), tollgate's filters (the decide Lua and the meter's posts: `compiled floor` over
+`round trip`), its decision service in Python doing no work (`floor` over `compiled floor`),
+and tollgate's decision (the host over `floor`). A decision service in a compiled language
+would take the place of the last two; a filter in Envoy's own C++ that of the second.
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from bench.answerer import answerer, decided_headers, round_trip
+from bench.instructions import _decision
 from bench.latency import BODY, PROVIDER_KEY, _Url, bench_setup, own_state
 from bench.quick import _answers, governed, plain_envoy
 from extproc.runner import envoy_binary
@@ -108,6 +120,15 @@ def stages(log: Path, skip: int) -> dict[str, float]:
     return out
 
 
+# What each layer of the Envoy host adds to the client's p50: (path, the path under it).
+LAYERS = {
+    "an exchange with another process (ext_authz, no Lua)": ("round trip", "plain envoy"),
+    "tollgate's filters (the decide Lua, the meter's posts)": ("compiled floor", "round trip"),
+    "its decision service in Python, doing no work": ("floor", "compiled floor"),
+    "tollgate's decision": ("tollgate envoy", "floor"),
+}
+
+
 def pin(pid: int, cpus: set[int]) -> None:
     """Keep every thread of process `pid` on `cpus` (threads it starts later inherit it)."""
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -134,17 +155,20 @@ def overhead(admin: str) -> tuple[float, float]:
 
 
 def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[bytes]],
-                   floor: bool = False) -> tuple[str, str, Path]:
-    """`serve extproc` (`floor`: bench.floor's decision service in its place) and an Envoy
-    of `envoy render`, with the stage log, added to `procs` as they start (stopped by the
-    caller, started or not): the listener's URL, ext_proc's admin URL ("" for the floor) and
-    the log."""
+                   floor: bool = False, answering: Path | None = None
+                   ) -> tuple[str, str, Path]:
+    """`serve extproc` (`floor`: bench.floor's decision service in its place; `answering`:
+    no decision service, the decide filter asks the compiled answerer on that socket) and
+    an Envoy of `envoy render`, with the stage log, added to `procs` as they start (stopped
+    by the caller, started or not): the listener's URL, ext_proc's admin URL ("" for a
+    floor) and the log."""
     port, envoy_admin, admin = free_port(), f"127.0.0.1:{free_port()}", free_port()
-    name = "floor" if floor else "tollgate"
+    name = "compiled" if answering else "floor" if floor else "tollgate"
     sock = f"unix:{workdir}/{name}.sock"
+    decider = ["--decider", f"unix:{answering}"] if answering else []
     rendered = subprocess.run(
         [str(BIN / "tollgate"), "--config", str(config), "envoy", "render", "--listen",
-         f"127.0.0.1:{port}", "--extproc", sock, "--envoy-admin", envoy_admin],
+         f"127.0.0.1:{port}", "--extproc", sock, "--envoy-admin", envoy_admin, *decider],
         capture_output=True, text=True, check=True).stdout
     log = workdir / f"{name}-stages.log"
     bootstrap = workdir / f"{name}-envoy.json"
@@ -158,7 +182,7 @@ def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[byt
             if procs[-1].stdout.readline().strip() != b"ready":
                 raise RuntimeError(f"the floor's decision service did not start: see "
                                    f"{workdir}/{name}.log")
-        else:
+        elif not answering:  # (the answerer is running already)
             procs.append(subprocess.Popen(
                 [str(BIN / "tollgate"), "--config", str(config), "serve", "extproc",
                  "--listen", sock, "--admin", f"127.0.0.1:{admin}", "--envoy-admin",
@@ -168,8 +192,19 @@ def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[byt
                                    "--base-id", str(free_port())],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _answers(url), timeout=30, what=f"{name}'s Envoy host")
-    return url, "" if floor else f"http://127.0.0.1:{admin}", log
+    # The answerer forwards every request, /v1/models too: it answers nothing with 401.
+    wait_until(lambda: _forwards(url) if answering else _answers(url), timeout=30,
+               what=f"{name}'s Envoy host")
+    return url, "" if floor or answering else f"http://127.0.0.1:{admin}", log
+
+
+def _forwards(url: str, headers: dict[str, str] | None = None) -> bool:
+    """A chat completion through `url` comes back answered by the provider."""
+    try:
+        return httpx.post(f"{url}/v1/chat/completions", content=BODY, headers=headers,
+                          timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 async def sequential(paths: dict[str, tuple[str, dict[str, str]]], n: int, warm: int
@@ -210,10 +245,23 @@ def main() -> int:
         url, admin, log = tollgate_envoy(own_state(config, "breakdown"), workdir, procs)
         floor_url, _, floor_log = tollgate_envoy(own_state(config, "floor"), workdir, procs,
                                                  floor=True)
+        # The layers under the floor: the same exchange with a service that is not Python,
+        # asked by tollgate's Envoy, and by an Envoy with no Lua (bench.answerer).
+        answering = workdir / "answerer.sock"
+        decided = decided_headers(asyncio.run(_decision(own_state(config, "answerer"), secret)))
+        procs.append(answerer(workdir, answering, decided))
+        compiled_url, _, _ = tollgate_envoy(own_state(config, "compiled"), workdir, procs,
+                                            answering=answering)
+        trip, trip_url = round_trip(workdir, answering, fake_port)
+        procs.append(trip)
         provider = {"authorization": f"Bearer {PROVIDER_KEY}", "content-type":
                     "application/json"}
         governed_key = {"authorization": f"Bearer {secret}", "content-type": "application/json"}
+        wait_until(lambda: _forwards(trip_url, governed_key), timeout=30,
+                   what="the round trip's Envoy")
         paths = {"direct": (direct, provider), "plain envoy": (plain_url, provider),
+                 "round trip": (trip_url, governed_key),
+                 "compiled floor": (compiled_url, governed_key),
                  "floor": (floor_url, governed_key), "tollgate envoy": (url, governed_key)}
         asyncio.run(sequential(paths, 0, warm))
         spent0, count0 = overhead(admin)
@@ -229,13 +277,17 @@ def main() -> int:
     found = {name: stages(path, len(path.read_text().splitlines()) - args.requests)
              for name, path in logs.items()}
 
-    base = statistics.median(times["direct"])
+    p50s = {name: statistics.median(values) for name, values in times.items()}
     print(f"\n{args.requests} sequential requests per path, round-robin; ms (p50)\n")
     header = f"{'client':<16} {'p50':>7} {'+p50':>7}"
     print(f"{header}\n{'-' * len(header)}")
-    for name, values in times.items():
-        p50 = statistics.median(values)
-        print(f"{name:<16} {p50:>7.3f} {p50 - base:>+7.3f}")
+    for name, p50 in p50s.items():
+        print(f"{name:<16} {p50:>7.3f} {p50 - p50s['direct']:>+7.3f}")
+    print("\n(round trip: an Envoy asking a decision service that is not Python, answering "
+          "from memory, through ext_authz; compiled floor: tollgate's Envoy asking that "
+          "service)\n")
+    for layer, (above, below) in LAYERS.items():
+        print(f"{layer:<58} {p50s[above] - p50s[below]:>+7.3f}")
     header = (f"{'Envoy stage':<16} {'plain':>7} {'floor':>7} {'tollgate':>9} {'added':>7} "
               f"{'beyond floor':>13}")
     if args.pin_provider:

@@ -1,0 +1,86 @@
+"""bench.answerer: the compiled answerer answers the decide filter's exchange from memory on
+one kept-alive connection, and the round trip's Envoy asks it through ext_authz and forwards
+the request with the credential it answered, as bench.breakdown's layers need."""
+
+import socket
+
+import httpx
+import pytest
+
+from bench.answerer import answerer, decided_headers, round_trip
+from bench.latency import BODY, PROVIDER_KEY, start_fake
+from tests.harness import free_port, wait_until
+
+ANSWER = (b"HTTP/1.1 200 OK\r\nx-tollgate-authority: 127.0.0.1:9\r\n"
+          b"x-tollgate-set-authorization: Bearer " + PROVIDER_KEY.encode() + b"\r\n"
+          b"x-tollgate-meta-request_id: req_1\r\ncontent-length: 0\r\n\r\n")
+
+
+def test_the_decisions_headers_and_the_credential_it_sets_are_read_from_its_answer():
+    assert decided_headers(ANSWER) == [
+        ("x-tollgate-authority", "127.0.0.1:9"),
+        ("x-tollgate-set-authorization", f"Bearer {PROVIDER_KEY}"),
+        ("x-tollgate-meta-request_id", "req_1"),
+        ("authorization", f"Bearer {PROVIDER_KEY}")]
+    with pytest.raises(ValueError, match="not a forwarded request"):
+        decided_headers(b"HTTP/1.1 200 OK\r\nx-tollgate-reply: 401\r\n\r\n")
+
+
+def _ask(conn: socket.socket, path: str, body: bytes) -> tuple[int, dict[str, str]]:
+    conn.sendall(f"POST {path} HTTP/1.1\r\nhost: tollgate\r\ncontent-length: {len(body)}"
+                 "\r\n\r\n".encode() + body)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += conn.recv(65536)
+    lines = answer.split(b"\r\n\r\n")[0].decode().split("\r\n")
+    return int(lines[0].split()[1]), dict(line.split(": ", 1) for line in lines[1:])
+
+
+def test_the_answerer_answers_decisions_and_meter_posts_on_one_connection(tmp_path):
+    sock = tmp_path / "answerer.sock"
+    proc = answerer(tmp_path, sock, decided_headers(ANSWER))
+    try:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(sock))
+            for _ in range(2):  # read whole before answering: the connection is kept
+                status, headers = _ask(conn, "/decide", BODY)
+                assert status == 200
+                assert headers["x-tollgate-set-authorization"] == f"Bearer {PROVIDER_KEY}"
+                assert headers["x-tollgate-meta-request_id"] == "req_1"
+                assert _ask(conn, "/meter", b"x" * 5000)[0] == 204
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _up(post) -> bool:
+    try:
+        post()
+    except httpx.TransportError:  # Envoy still starting
+        return False
+    return True
+
+
+def test_the_round_trip_forwards_with_the_credential_the_answerer_gave(tmp_path):
+    provider_port = free_port()
+    fake = start_fake(provider_port)
+    sock = tmp_path / "answerer.sock"
+    procs = [fake, answerer(tmp_path, sock, decided_headers(ANSWER))]
+    try:
+        trip, url = round_trip(tmp_path, sock, provider_port)
+        procs.append(trip)
+        # The client's key is not the provider's: only the answer's credential gets through.
+        headers = {"authorization": "Bearer tg-a-virtual-key",
+                   "content-type": "application/json"}
+        def post() -> httpx.Response:
+            return httpx.post(f"{url}/v1/chat/completions", content=BODY, headers=headers,
+                              timeout=5)
+
+        wait_until(lambda: _up(post), timeout=30, what="the round trip's Envoy")
+        r = post()
+        assert r.status_code == 200, r.text
+        assert r.json()["object"] == "chat.completion"
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(10)
