@@ -42,7 +42,8 @@ class Replayed(ExternalProcessor):
         return decision
 
     def metered(self, request_id: str, seq: int, last: bool, data: bytes,
-                head: tuple[int, dict[str, str]] | None = None) -> None:
+                head: tuple[int, dict[str, str]] | None = None,
+                first_byte: float | None = None) -> None:
         return None
 
 

@@ -25,6 +25,8 @@ The meter's posts, fire-and-forget, a few per response:
 
     POST /meter      x-tollgate-request: <request id>   x-tollgate-seq: 0, 1, ...
                      x-tollgate-end: 1 (on the last)
+                     x-tollgate-first-byte: <microseconds since the epoch> (a stream's
+                                            first post: when its first bytes came)
     <seq 0 only: the response's head, "name: value" a line (:status too), an empty line>
     <the response's bytes since the previous post>
 
@@ -333,7 +335,9 @@ class Decider(asyncio.Protocol):
         last = head.fields.get(b"x-tollgate-end") == "1"
         if seq == "0":
             status, headers, payload = response_head(payload)
-            self.processor.metered(request_id, 0, last, payload, (status, headers))
+            first_byte = head.fields.get(b"x-tollgate-first-byte", "")
+            self.processor.metered(request_id, 0, last, payload, (status, headers),
+                                   int(first_byte) / 1e6 if first_byte.isdigit() else None)
         else:
             self.processor.metered(request_id, int(seq), last, payload)
 

@@ -2,8 +2,12 @@
 -- process that decided the request (`POST /meter` on its decision service; extproc/decider.py
 -- says what goes there), which meters and settles it. Nothing is held back: every post is
 -- fire-and-forget, and a chunk goes on to the client as soon as it has been copied. Posts are
--- batched (the head and first bytes at once, then every FLUSH_BYTES or FLUSH_MS, then the
--- end), so a long stream costs a few posts, not one per chunk.
+-- batched (every FLUSH_BYTES or FLUSH_MS, then the end), so a long stream costs a few posts,
+-- not one per chunk. A post goes out before the chunk that prompted it, so an SSE stream's
+-- first bytes go on to the client at once and wait for the next batch to be posted (the first
+-- post says when they came: the stream's time to first byte). Bedrock's event stream posts its
+-- head and first bytes at once: its frames are read by its content type, which a stream cut
+-- short before its first post would not leave the access log.
 --
 -- A response that does not end here (the client or the provider reset it, or Envoy answered
 -- in the provider's place) leaves no `metered` mark in the metadata: the access log takes it
@@ -36,9 +40,11 @@ local function meter(handle)
   local seq = 0
   -- Objects taken from the handle are gone once it yields for the next chunk: the
   -- metadata is asked for anew each time.
+  local first_byte = nil -- when a stream's first bytes came (microseconds since the epoch)
   local function post(data, last)
     call["x-tollgate-seq"] = tostring(seq)
     call["x-tollgate-end"] = last and "1" or nil
+    call["x-tollgate-first-byte"] = seq == 0 and first_byte or nil
     handle:httpCall(cluster, call, data, OPTIONS)
     seq = seq + 1
     handle:streamInfo():dynamicMetadata():set("tollgate", last and "metered" or "posted",
@@ -49,10 +55,9 @@ local function meter(handle)
   for name, value in pairs(headers) do head[#head + 1] = name .. ": " .. value end
   local held = { table.concat(head, "\n") .. "\n\n" }
   local size, since = 0, handle:timestamp()
-  -- A stream (SSE, or Bedrock's AWS event stream) sends its head and first bytes at once.
   local content_type = string.lower(headers:get("content-type") or "")
-  local stream = string.find(content_type, "text/event-stream", 1, true) == 1
-      or string.find(content_type, "application/vnd.amazon.eventstream", 1, true) == 1
+  local frames = string.find(content_type, "application/vnd.amazon.eventstream", 1, true) == 1
+  local stream = frames or string.find(content_type, "text/event-stream", 1, true) == 1
   -- A body of known length is whole once that many bytes have come: the last post goes
   -- then, and nothing need be kept for the access log (most JSON answers: one chunk).
   local length = tonumber(headers:get("content-length") or "")
@@ -63,11 +68,13 @@ local function meter(handle)
       local bytes = chunk:getBytes(0, n)
       held[#held + 1] = bytes
       size, total = size + n, total + n
+      if stream and first_byte == nil then
+        first_byte = handle:timestampString(EnvoyTimestampResolution.MICROSECOND)
+      end
       if length ~= nil and total >= length then break end
       local now = handle:timestamp()
       local meta = handle:streamInfo():dynamicMetadata()
-      -- A stream's first bytes go at once (its time to first byte), then in batches.
-      if (stream and seq == 0) or size >= FLUSH_BYTES or now - since >= FLUSH_MS then
+      if (frames and seq == 0) or size >= FLUSH_BYTES or now - since >= FLUSH_MS then
         post(table.concat(held), false)
         held, size, since = {}, 0, now
         if slots > 0 then meta:set(TAIL, "n", 0) end

@@ -370,9 +370,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     # -- responses ----------------------------------------------------------------------------
     def metered(self, request_id: str, seq: int, last: bool, data: bytes,
-                head: tuple[int, dict[str, str]] | None = None) -> None:
-        """A meter post: the response's bytes (and with the first, its status and headers),
-        taken in order; the last, or a response complete before it, settles the request."""
+                head: tuple[int, dict[str, str]] | None = None,
+                first_byte: float | None = None) -> None:
+        """A meter post: the response's bytes (and with the first, its status and headers,
+        and for a stream when its first bytes came, in seconds since the epoch: they may
+        have gone on to the client before that post), taken in order; the last, or a
+        response complete before it, settles the request."""
         pending = self._pending.get(request_id)
         if pending is None:
             return  # settled already (complete before its last post), or not this process's
@@ -386,6 +389,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     if head is None:
                         raise ValueError("the first meter post came without the head")
                     exchange.response_head(*head)
+                    if first_byte is not None:
+                        exchange.first_byte_at(first_byte)
                 pending.posts += 1
                 if data:
                     exchange.on_chunk(data)
@@ -422,8 +427,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if pending.posts == 0 and status:
             exchange.response_head(status, {})
             # Envoy answered in the provider's place (a client that left is not that: the
-            # details then name its departure, after the provider's own status).
-            if details not in ("via_upstream", "") and not client_left:
+            # details then name its departure, after the provider's own status; nor is a
+            # response the meter saw bytes of, which only the provider sends it: an SSE
+            # stream cut before its first post).
+            if details not in ("via_upstream", "") and not client_left and not tail:
                 exchange.proxy_replied(status, details)
                 self._settle(request_id, "completed")
                 return

@@ -192,6 +192,12 @@ class Exchange:
                          lowered.get("x-amzn-bedrock-service-tier"))
         return content_type
 
+    def first_byte_at(self, epoch: float) -> None:
+        """The response's first bytes came at `epoch` (seconds, by the wall clock), told
+        after the fact by a host that shows them later (Envoy's meter batches a stream's
+        posts): kept on this exchange's own clock."""
+        self.first_byte = time.monotonic() - max(0.0, time.time() - epoch)
+
     def on_chunk(self, data: bytes) -> bytes:
         """Reads the bytes on their way to the client and returns them unchanged."""
         if data and self.first_byte is None:

@@ -183,6 +183,25 @@ def test_requests_in_flight_counts_those_not_yet_settled(observed, fake_openai):
     wait_until(lambda: in_flight() == 0, timeout=10, what="the stream to be settled")
 
 
+def test_a_streams_time_to_first_byte_is_its_first_events_not_a_later_one(observed,
+                                                                          fake_openai):
+    """Envoy's meter posts a stream's first bytes with a later batch (here the next event,
+    0.3 s on): the time to first byte is still the first event's."""
+    def first_byte(kind: str) -> float:
+        return _count(observed.metrics(), f"tollgate_time_to_first_byte_seconds_{kind}",
+                      provider="mp_openai")
+
+    before = first_byte("sum"), first_byte("count")
+    fake_openai.chunk_delay = 0.3
+    try:
+        assert list(observed.client().chat.completions.create(**CHAT, stream=True))
+    finally:
+        fake_openai.chunk_delay = 0.0
+    wait_until(lambda: first_byte("count") == before[1] + 1, timeout=10,
+               what="the stream's time to first byte")
+    assert first_byte("sum") - before[0] < 0.2
+
+
 def test_metrics_add_up_after_a_mixed_run(observed, fake_openai):
     before = observed.metrics()
     sent = {"served": 0}

@@ -121,8 +121,10 @@ class _Processor:
         self.done.append(("decided", path))
         return Reply(200, {}, f"{path} {body!r}".encode(), {})
 
-    def metered(self, request_id, seq, last, data, head=None):
+    def metered(self, request_id, seq, last, data, head=None, first_byte=None):
         self.done.append(("metered", request_id, seq, last, data))
+        if first_byte is not None:
+            self.done.append(("first byte", first_byte))
 
     def attempt(self, request_id, provider, status):
         self.done.append(("attempt", request_id, provider, status))
@@ -136,10 +138,10 @@ def _decide(path: str, body: bytes = b"", client_head: bytes = b"") -> bytes:
             b"content-length: %d\r\n\r\n" % (head, len(body))) + body
 
 
-def _meter(seq: int) -> bytes:
+def _meter(seq: int, extra: bytes = b"") -> bytes:
     payload = b":status: 200\n\n{}" if seq == 0 else b"more"
     return (b"POST /meter HTTP/1.1\r\nx-tollgate-request: r1\r\nx-tollgate-seq: %d\r\n"
-            b"content-length: %d\r\n\r\n" % (seq, len(payload))) + payload
+            b"%bcontent-length: %d\r\n\r\n" % (seq, extra, len(payload))) + payload
 
 
 def _attempt(provider: str, status: str) -> bytes:
@@ -185,6 +187,20 @@ async def test_requests_are_answered_in_order_however_their_bytes_arrive(decider
     assert processor.done == [
         ("decided", "/a"), ("decided", "/slow"), ("metered", "r1", 0, False, b"{}"),
         ("metered", "r1", 1, False, b"more"), ("decided", "/b")]
+    writer.close()
+
+
+async def test_a_streams_first_post_says_when_its_first_bytes_came(decider):
+    """Envoy's meter posts a stream's first bytes with a later batch: its first post says
+    when they came (microseconds since the epoch), and only that post's time is taken."""
+    processor, sock = decider
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(_meter(0, b"x-tollgate-first-byte: 1796390000123456\r\n")
+                 + _meter(1, b"x-tollgate-first-byte: 1\r\n"))
+    assert await _answers(reader, 2) == [("204", b""), ("204", b"")]
+    assert processor.done == [("metered", "r1", 0, False, b"{}"),
+                              ("first byte", 1796390000.123456),
+                              ("metered", "r1", 1, False, b"more")]
     writer.close()
 
 

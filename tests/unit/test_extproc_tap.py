@@ -139,13 +139,16 @@ async def decide_chat(proc: ExternalProcessor, secret: str, path: str = "/v1/cha
 
 
 async def meter_post(http: httpx.AsyncClient, request_id: str, seq: int, data: bytes,
-                     last: bool = False, head: dict[str, str] | None = None) -> None:
-    """One post of a response, as the meter filter makes it (the first carries the head)."""
+                     last: bool = False, head: dict[str, str] | None = None,
+                     first_byte: int | None = None) -> None:
+    """One post of a response, as the meter filter makes it (the first carries the head,
+    and a stream's when its first bytes came, in microseconds since the epoch)."""
     if head is not None:
         data = "\n".join(f"{k}: {v}" for k, v in head.items()).encode() + b"\n\n" + data
     answer = await http.post("http://tollgate/meter", content=data, headers={
         "x-tollgate-request": request_id, "x-tollgate-seq": str(seq),
-        **({"x-tollgate-end": "1"} if last else {})})
+        **({"x-tollgate-end": "1"} if last else {}),
+        **({"x-tollgate-first-byte": str(first_byte)} if first_byte is not None else {})})
     assert answer.status_code == 204
 
 
@@ -256,6 +259,45 @@ async def test_a_stream_cut_short_is_charged_what_it_streamed_after_its_last_pos
         await meter_post(http, request_id, 1, words("two", "three"))
     (row,) = await settled(proc)
     assert (row.outcome, row.output_tokens, row.usage_reported) == ("aborted", 5, False)
+    await proc.gateway.close()
+
+
+async def test_a_stream_cut_short_before_its_first_post_is_read_as_sse_from_its_bytes(
+        processor):
+    """An SSE stream's first bytes go on before any post: reset then, the access log
+    brings its status and those bytes alone, which tell an event stream by themselves."""
+    proc, secret = processor
+    client_left = await decide_chat(proc, secret, stream=True, max_tokens=64)
+    provider_cut = await decide_chat(proc, secret, stream=True, max_tokens=64)
+    proc.ended(client_left[0], 200, "via_upstream", posts=0, tail=words("one", "two"),
+               client_left=True)
+    # The provider broke it off: Envoy's details name the reset, and the bytes the meter saw
+    # say the provider answered (Envoy's own replies never reach the meter).
+    proc.ended(provider_cut[0], 200, "upstream_reset_after_response_started{remote_reset}",
+               posts=0, tail=words("one", "two", "three"))
+    rows = {row.request_id: row for row in await settled(proc)}
+    assert [(r.outcome, r.status, r.output_tokens, r.usage_reported, r.code) for r in (
+        rows[client_left[0]], rows[provider_cut[0]])] == [
+        ("abandoned", 200, 2, False, None), ("aborted", 200, 3, False, None)]
+    await proc.gateway.close()
+
+
+async def test_a_streams_time_to_first_byte_is_when_its_first_bytes_came_not_its_post(
+        processor):
+    """The meter posts a stream's first bytes with a later batch, saying when they came:
+    the time to first byte is theirs, not the post's."""
+    proc, secret = processor
+    request_id, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
+    exchange = proc._pending[request_id].exchange
+    came = time.time() - 0.3  # its first bytes, a post's batch ago
+    async with decision_service(proc) as (http, _):
+        await meter_post(http, request_id, 0, words("one", "two"), head=SSE,
+                         first_byte=int(came * 1e6))
+        ago = time.monotonic() - exchange.first_byte
+        assert 0.3 <= ago < 0.3 + 1.0
+        await meter_post(http, request_id, 1, USAGE, last=True)
+    (row,) = await settled(proc)
+    assert (row.outcome, row.output_tokens) == ("completed", 7)
     await proc.gateway.close()
 
 
