@@ -18,19 +18,11 @@ cost, the difference to the floor what its decision service costs doing no work.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
-from extproc.runner import envoy_binary
-from tests.harness import free_port, wait_until
-
-HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
-      "HttpConnectionManager"
-ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
-    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-BUFFER_BYTES = 8 * 1024 * 1024
+from bench.scaling import WHOLE_REQUEST, cluster, envoy
+from tests.harness import wait_until
 
 
 def decided_headers(answer: bytes) -> list[tuple[str, str]]:
@@ -46,53 +38,16 @@ def decided_headers(answer: bytes) -> list[tuple[str, str]]:
     return [*headers, ("authorization", credential)]
 
 
-def _bootstrap(name: str, address: dict[str, Any], routes: list[dict[str, Any]],
-               filters: list[dict[str, Any]], clusters: list[dict[str, Any]],
-               codec: str = "AUTO") -> dict[str, Any]:
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                 "port_value": free_port()}}},
-        "static_resources": {
-            "listeners": [{"name": name, "address": address, "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": HCM, "stat_prefix": name, "codec_type": codec,
-                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
-                                                        "routes": routes}]},
-                    "http_filters": [*filters, ROUTER]}}]}]}],
-            "clusters": clusters}}
-
-
-def _cluster(name: str, address: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": address}}]}]}}
-
-
-def _start(workdir: Path, name: str, bootstrap: dict[str, Any], *args: str
-           ) -> subprocess.Popen[bytes]:
-    path = workdir / f"{name}.json"
-    path.write_text(json.dumps(bootstrap))
-    return subprocess.Popen([envoy_binary(), "-c", str(path), "--disable-hot-restart",
-                             "--log-level", "error", "--base-id", str(free_port()), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 def answerer(workdir: Path, socket: Path, decided: list[tuple[str, str]]
              ) -> subprocess.Popen[bytes]:
     """The compiled answerer on `socket` (see the module's docstring), once it listens."""
     headers = [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
                for k, v in decided]
-    bootstrap = _bootstrap(
-        "answerer", {"pipe": {"path": str(socket)}},
-        [{"match": {"prefix": "/meter"}, "direct_response": {"status": 204}},
-         {"match": {"prefix": "/"}, "direct_response": {"status": 200},
-          "response_headers_to_add": headers}],
-        [{"name": "envoy.filters.http.buffer", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
-            "max_request_bytes": BUFFER_BYTES}}],
-        [], codec="HTTP1")
-    proc = _start(workdir, "answerer", bootstrap, "--concurrency", "1")
+    proc, _ = envoy(workdir, "answerer", [
+        {"match": {"prefix": "/meter"}, "direct_response": {"status": 204}},
+        {"match": {"prefix": "/"}, "direct_response": {"status": 200},
+         "response_headers_to_add": headers}], [], (WHOLE_REQUEST,), socket=socket,
+        args=("--concurrency", "1"))
     wait_until(socket.exists, timeout=30, what="the compiled answerer")
     return proc
 
@@ -101,7 +56,6 @@ def round_trip(workdir: Path, socket: Path, provider_port: int
                ) -> tuple[subprocess.Popen[bytes], str]:
     """An Envoy in front of the provider that asks the answerer on `socket` through
     ext_authz (see the module's docstring): the process and its URL."""
-    port = free_port()
     ext_authz = {"name": "envoy.filters.http.ext_authz", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         "http_service": {
@@ -111,13 +65,14 @@ def round_trip(workdir: Path, socket: Path, provider_port: int
                 "allowed_upstream_headers": {"patterns": [{"exact": "authorization"}]},
                 "dynamic_metadata_from_headers": {"patterns": [{"prefix": "x-tollgate-meta-"}]},
             }},
-        "with_request_body": {"max_request_bytes": BUFFER_BYTES, "pack_as_bytes": True},
+        "with_request_body": {
+            "max_request_bytes": WHOLE_REQUEST["typed_config"]["max_request_bytes"],
+            "pack_as_bytes": True},
         "clear_route_cache": True}}
-    bootstrap = _bootstrap(
-        "round_trip", {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        [{"match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "60s"}}],
-        [ext_authz],
-        [_cluster("provider", {"socket_address": {"address": "127.0.0.1",
-                                                  "port_value": provider_port}}),
-         _cluster("answerer", {"pipe": {"path": str(socket)}})])
-    return _start(workdir, "round-trip", bootstrap), f"http://127.0.0.1:{port}"
+    proc, port = envoy(
+        workdir, "round-trip",
+        {"match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "60s"}},
+        [cluster("provider", {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": provider_port}}),
+         cluster("answerer", {"pipe": {"path": str(socket)}})], (ext_authz,))
+    return proc, f"http://127.0.0.1:{port}"

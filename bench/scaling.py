@@ -52,6 +52,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -69,26 +70,30 @@ ANSWER = json.dumps({
     "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21}})
 
 
-def envoy(workdir: Path, name: str, route: dict, clusters: list[dict],
-           filters: tuple[dict, ...] = (), wrap: list[str] | None = None
-           ) -> tuple[subprocess.Popen[bytes], int]:
-    """An Envoy of one route, `filters` before its router; `wrap`: the command it runs under
-    (a profiler)."""
-    port = free_port()
+def envoy(workdir: Path, name: str, route: dict | list[dict], clusters: list[dict],
+          filters: tuple[dict, ...] = (), wrap: list[str] | None = None,
+          socket: Path | None = None, args: tuple[str, ...] = ()
+          ) -> tuple[subprocess.Popen[bytes], int]:
+    """An Envoy of one route (or of several, in order), `filters` before its router, on a
+    free TCP port it returns (0 with `socket`: it listens on that Unix socket instead);
+    `wrap`: the command it runs under (a profiler); `args`: more of Envoy's options."""
+    port = 0 if socket else free_port()
+    address = {"pipe": {"path": str(socket)}} if socket else \
+        {"socket_address": {"address": "127.0.0.1", "port_value": port}}
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
                                                  "port_value": free_port()}}},
         "static_resources": {"listeners": [{
-            "name": name, "address": {"socket_address": {"address": "127.0.0.1",
-                                                         "port_value": port}},
+            "name": name, "address": address,
             "filter_chains": [{"filters": [{
                 "name": "envoy.filters.network.http_connection_manager",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network."
                              "http_connection_manager.v3.HttpConnectionManager",
                     "stat_prefix": name,
-                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
-                                                        "routes": [route]}]},
+                    "route_config": {"virtual_hosts": [{
+                        "name": "all", "domains": ["*"],
+                        "routes": route if isinstance(route, list) else [route]}]},
                     "http_filters": [*filters, {
                         "name": "envoy.filters.http.router", "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.http."
@@ -98,9 +103,35 @@ def envoy(workdir: Path, name: str, route: dict, clusters: list[dict],
     path.write_text(json.dumps(bootstrap))
     proc = subprocess.Popen([*(wrap or []), envoy_binary(), "-c", str(path),
                              "--disable-hot-restart",
-                             "--log-level", "error", "--base-id", str(free_port())],
+                             "--log-level", "error", "--base-id", str(free_port()), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, port
+
+
+def cluster(name: str, address: dict[str, Any], h2: bool = False) -> dict[str, Any]:
+    """A static cluster of one endpoint, with no circuit breaker a load test would trip."""
+    out: dict[str, Any] = {
+        "name": name, "type": "STATIC", "connect_timeout": "1s",
+        "circuit_breakers": {"thresholds": [{"max_requests": 100_000,
+                                             "max_pending_requests": 100_000,
+                                             "max_connections": 100_000}]},
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": address}}]}]}}
+    if h2:
+        out["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                         "HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}}
+    return out
+
+
+# The whole request is read before an answer Envoy makes itself: an answer sent while the
+# body is still coming ends the connection, and a proxy in front (which writes the body after
+# the headers) would then open one per request, as no real service makes it.
+WHOLE_REQUEST = {"name": "envoy.filters.http.buffer", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+    "max_request_bytes": 1 << 20}}
 
 
 def compiled_provider(workdir: Path, whole_request: bool = True
@@ -113,12 +144,7 @@ def compiled_provider(workdir: Path, whole_request: bool = True
         "direct_response": {"status": 200, "body": {"inline_string": ANSWER}},
         "response_headers_to_add": [{"header": {"key": "content-type",
                                                 "value": "application/json"}}]}, [],
-        # The whole request is read before the answer: an answer sent while the body is
-        # still coming ends the connection, and a proxy in front (which writes the body
-        # after the headers) would then open one per request, as no real provider makes it.
-        filters=({"name": "envoy.filters.http.buffer", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
-            "max_request_bytes": 1 << 20}},) if whole_request else ())
+        filters=(WHOLE_REQUEST,) if whole_request else ())
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.post(f"{url}/v1/chat/completions").status_code == 200,
                timeout=20, what="the compiled provider")

@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 
 from bench.scaling import (
+    cluster,
     compiled_provider,
     envoy,
     plain_envoy,
@@ -135,23 +136,6 @@ async def serve_grpc(path: str) -> None:
     await server.wait_for_termination()
 
 
-def _cluster(name: str, address: dict[str, Any], h2: bool = False) -> dict[str, Any]:
-    cluster: dict[str, Any] = {
-        "name": name, "type": "STATIC", "connect_timeout": "1s",
-        "circuit_breakers": {"thresholds": [{"max_requests": 100_000,
-                                             "max_pending_requests": 100_000,
-                                             "max_connections": 100_000}]},
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": address}}]}]}}
-    if h2:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                         "HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}}
-    return cluster
-
-
 def _ext_proc(role: str, extra: dict[str, Any]) -> dict[str, Any]:
     return {"name": role, "typed_config": {
         "@type": EXT_PROC, "failure_mode_allow": False,
@@ -207,7 +191,7 @@ def main() -> int:
         provider, provider_url = compiled_provider(workdir, whole_request=False)
         procs.append(provider)
         host, port = provider_url.removeprefix("http://").split(":")
-        upstream = _cluster("provider", {"socket_address": {"address": host,
+        upstream = cluster("provider", {"socket_address": {"address": host,
                                                             "port_value": int(port)}})
         plain, plain_url = plain_envoy(workdir, provider_url)
         http_service = bare_service("http", workdir / "http.sock")
@@ -217,11 +201,11 @@ def main() -> int:
             "@type": LUA, "default_source_code": {"inline_string": LUA_SOURCE}}}
         paths: list[tuple[str, str, list[int]]] = [("plain Envoy", plain_url, [plain.pid])]
         for name, filters, service in (
-                ("Lua + HTTP", [lua_filter], _cluster(
+                ("Lua + HTTP", [lua_filter], cluster(
                     "service", {"pipe": {"path": str(workdir / "http.sock")}})),
-                ("ext_proc decide + tap", [DECIDE, TAP], _cluster(
+                ("ext_proc decide + tap", [DECIDE, TAP], cluster(
                     "service", {"pipe": {"path": str(workdir / "grpc.sock")}}, h2=True)),
-                ("ext_proc decide", [DECIDE], _cluster(
+                ("ext_proc decide", [DECIDE], cluster(
                     "service", {"pipe": {"path": str(workdir / "grpc.sock")}}, h2=True))):
             front, port = envoy(workdir, name.replace(" ", "-"), {
                 "match": {"prefix": "/"}, "route": {"cluster_header": "x-cluster"}},
