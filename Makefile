@@ -68,8 +68,9 @@ bench-instructions: bootstrap
 	$(VENV)/python -m bench.instructions
 
 # Where the Envoy host's added time goes, stage by stage (Envoy's access log), beside plain
-# Envoy's and the host's floor (its decision service replaying one decision), and the
-# decision service's own time.
+# Envoy's and the host's floor (its decision service replaying one decision), the decision
+# service's own time, and what each layer adds (the exchange with another process, the Lua
+# filters, the Python service doing no work, the decision).
 bench-breakdown: bootstrap
 	$(VENV)/python -m bench.breakdown
 
