@@ -38,7 +38,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +45,7 @@ from typing import Any
 
 import httpx
 
-from bench.latency import BODY, PROVIDER_KEY, QUIET, _Url, with_state
+from bench.latency import BODY, PROVIDER_KEY, QUIET, _Url, scratch_dir, with_state
 from bench.quick import governed, mitmdump_command
 from bench.scaling import compiled_provider, plain_envoy
 from bench.transport import bare_service
@@ -322,7 +321,7 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         print("valgrind is not installed: apt-get install valgrind", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-instructions-"))
+    workdir = scratch_dir("tollgate-bench-instructions-")
     provider, provider_url = compiled_provider(workdir)
     measure = {"plain envoy": plain, "tollgate envoy": tollgate_envoy,
                "decision service": decision_service, "served decisions": served,

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +45,15 @@ class _Url:
         self.url = url
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A working directory for one run, removed when the run ends (kept, to read its logs,
+    with TOLLGATE_BENCH_KEEP=1)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    if not os.environ.get("TOLLGATE_BENCH_KEEP"):
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    return workdir
+
+
 def start_fake(port: int, chunk_delay: float = 0.0, answer_words: int = 0
                ) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.providers", "--openai-port",
@@ -63,7 +74,7 @@ def bench_setup(prefix: str, chunk_delay: float = 0.0, answer_words: int = 0
     os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
     os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
     port = free_port()
-    return (Path(tempfile.mkdtemp(prefix=prefix)), port,
+    return (scratch_dir(prefix), port,
             start_fake(port, chunk_delay, answer_words))
 
 

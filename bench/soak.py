@@ -17,14 +17,13 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 
-from bench.latency import PROVIDER_KEY, _Url, new_key, start_fake
+from bench.latency import PROVIDER_KEY, _Url, new_key, scratch_dir, start_fake
 from bench.scaling import status_mib
 from tests.conftest import make_config
 from tests.fakes.providers import TEXT
@@ -94,7 +93,7 @@ def main() -> None:
     os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
     os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
     deadline = time.monotonic() + args.max_seconds
-    workdir = Path(tempfile.mkdtemp(prefix="tollgate-soak-"))
+    workdir = scratch_dir("tollgate-soak-")
     fake_port = free_port()
     fake = start_fake(fake_port, chunk_delay=0.2)  # each stream stays open ~3 s
     failures: list[str] = []

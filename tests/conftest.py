@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -115,6 +116,7 @@ def make_config(directory: Path, fake_openai: FakeProvider,
         return config
     _write_config(config, fake_openai, fake_anthropic)
     template = Path(tempfile.mkdtemp(prefix="tollgate-config-"))
+    atexit.register(shutil.rmtree, template, ignore_errors=True)  # kept for this run only
     for name in ("gateway.yaml", "prices.yaml", "models.yaml"):
         shutil.copyfile(directory / name, template / name)
     _WRITTEN[(fake_openai.url, fake_anthropic.url)] = template

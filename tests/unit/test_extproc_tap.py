@@ -92,14 +92,15 @@ async def decision_service(proc: ExternalProcessor):
     it (as Envoy keeps one alive): yields the client and where the service listens."""
     import tempfile
 
-    where = Listener(f"unix:{tempfile.mkdtemp(prefix='tg-decider-')}/extproc.decide.sock")
-    server = await start_decider(proc, where)
-    try:
-        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(
-                uds=str(where.socket_path))) as http:
-            yield http, where
-    finally:
-        server.close()  # its client has closed its connection
+    with tempfile.TemporaryDirectory(prefix="tg-decider-") as folder:
+        where = Listener(f"unix:{folder}/extproc.decide.sock")
+        server = await start_decider(proc, where)
+        try:
+            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(
+                    uds=str(where.socket_path))) as http:
+                yield http, where
+        finally:
+            server.close()  # its client has closed its connection
 
 
 async def post(http: httpx.AsyncClient, client: dict[str, str], body: bytes | None,
