@@ -12,7 +12,6 @@ mitmweb shows who called what, which rule fired and which provider served.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import ssl
@@ -21,13 +20,15 @@ import uuid
 import weakref
 from collections.abc import Iterable, Mapping
 
-import httpx
+import aiohttp
+import certifi
 from mitmproxy import ctx, exceptions, http
 from mitmproxy import flow as mitm_flow
 from mitmproxy.net.http import http1 as mitm_http1
 from mitmproxy.proxy.layers import http as mitm_http_layer
 from mitmproxy.proxy.layers.http import _http1 as _mitm_http1_layer
 from mitmproxy.utils.strutils import always_bytes
+from yarl import URL
 
 from tollgate import headers as header_rules
 from tollgate.admin import AdminServer
@@ -395,7 +396,7 @@ class FallbackRelay:
         self.plans: dict[str, tuple[Exchange, str, dict[str, str], bytes]] = {}
         self.port = 0
         self._server: asyncio.Server | None = None
-        self._tls: ssl.SSLContext | None = None  # httpx's default, made once
+        self._tls: ssl.SSLContext | None = None  # certifi's CAs, made once
 
     async def send_here(self, flow: http.HTTPFlow, exchange: Exchange,
                         client_headers: dict[str, str]) -> None:
@@ -415,11 +416,10 @@ class FallbackRelay:
         """The flows mitmproxy points here on one connection, one after another: it keeps
         the connection for its client's next request, as it would a provider's.
 
-        Each connection has an HTTP client of its own. Its flows come one after another, so
-        the client keeps about one connection per provider: httpcore polls every connection
-        in its pool on each request, and one client for all of mitmproxy's connections cost
-        as much as the relay's own HTTP with 32 requests in flight."""
-        client: httpx.AsyncClient | None = None
+        Each connection has an HTTP client of its own (aiohttp's: httpx cost five times its
+        CPU per request). Its flows come one after another, so the client keeps about one
+        connection per provider, closed with the relay's connection."""
+        client: aiohttp.ClientSession | None = None
         try:
             while True:
                 plan = self.plans.pop(await _loopback_token(reader, self.HEADER), None)
@@ -427,8 +427,12 @@ class FallbackRelay:
                     return
                 if client is None:
                     if self._tls is None:
-                        self._tls = httpx.create_ssl_context()
-                    client = httpx.AsyncClient(follow_redirects=False, verify=self._tls)
+                        self._tls = ssl.create_default_context(cafile=certifi.where())
+                    # The provider's bytes as they came (relayed, and metered in the flow),
+                    # and the client's headers as they were: no content type made up.
+                    client = aiohttp.ClientSession(
+                        connector=aiohttp.TCPConnector(ssl=self._tls), auto_decompress=False,
+                        skip_auto_headers=("Content-Type",))
                 if not await self._attempts(client, writer, *plan):
                     return
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
@@ -438,9 +442,9 @@ class FallbackRelay:
         finally:
             writer.close()
             if client is not None:
-                await client.aclose()
+                await client.close()
 
-    async def _attempts(self, client: httpx.AsyncClient, writer: asyncio.StreamWriter,
+    async def _attempts(self, client: aiohttp.ClientSession, writer: asyncio.StreamWriter,
                         exchange: Exchange, method: str, client_headers: dict[str, str],
                         client_body: bytes) -> bool:
         """The plan's attempts, and the answer that counts relayed; whether the connection
@@ -451,15 +455,17 @@ class FallbackRelay:
                        if k.lower() not in header_rules.HOP_BY_HOP | FRAMING | {"host"}
                        and k.lower() not in a.remove_headers and k.lower() not in a.set_headers]
             headers += [*a.set_headers.items(), ("host", a.authority)]
-            timeout = httpx.Timeout(connect=a.connect_timeout, read=a.first_byte_timeout,
-                                    write=60.0, pool=10.0)
-            request = client.build_request(
-                method, a.url, headers=headers, timeout=timeout,
-                content=a.body if a.body is not None else client_body)
+            # The read timeout holds between any two reads, as the first byte's does.
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=a.connect_timeout,
+                                            sock_read=a.first_byte_timeout)
             try:
-                response = await client.send(request, stream=True)
-            except httpx.TransportError as e:
-                error = "timeout" if isinstance(e, httpx.TimeoutException) else "network_error"
+                # The URL as built, not requoted: a signature covers its path (SigV4).
+                response = await client.request(
+                    method, URL(a.url, encoded=True), headers=headers, timeout=timeout,
+                    data=a.body if a.body is not None else client_body,
+                    allow_redirects=False)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                error = "timeout" if isinstance(e, TimeoutError) else "network_error"
                 if (reason := exchange.cursor.fallback_reason(error=error)) is not None:
                     exchange.advance(reason)
                     continue
@@ -472,34 +478,34 @@ class FallbackRelay:
                     status, out, out_headers)))
                 await writer.drain()
                 return True
-            async with contextlib.aclosing(response):
-                if (reason := exchange.cursor.fallback_reason(status=response.status_code)):
+            async with response:
+                if (reason := exchange.cursor.fallback_reason(status=response.status)):
                     exchange.advance(reason)
                     continue
                 return await self._relay(writer, response)
 
     @staticmethod
-    async def _relay(writer: asyncio.StreamWriter, response: httpx.Response) -> bool:
+    async def _relay(writer: asyncio.StreamWriter, response: aiohttp.ClientResponse) -> bool:
         """The provider's answer as it comes: its status and headers (framing aside), then
         its bytes; a provider that breaks off leaves the answer unterminated, as it did, and
         the connection ends with it (False)."""
         length = response.headers.get("content-length")
-        head = [(k.encode(), v.encode()) for k, v in response.headers.multi_items()
-                if k.lower() not in header_rules.HOP_BY_HOP | FRAMING]
+        head = [(k, v) for k, v in response.raw_headers
+                if k.decode("latin-1").lower() not in header_rules.HOP_BY_HOP | FRAMING]
         head.append((b"content-length", length.encode()) if length is not None
                     else (b"transfer-encoding", b"chunked"))
         writer.write(mitm_http1.assemble_response_head(http.Response(
-            b"HTTP/1.1", response.status_code, response.reason_phrase.encode(),
+            b"HTTP/1.1", response.status, (response.reason or "").encode(),
             http.Headers(head), b"", None, 0.0, None)))
         sent = 0
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 if chunk:
                     sent += len(chunk)
                     writer.write(chunk if length is not None
                                  else b"%x\r\n%b\r\n" % (len(chunk), chunk))
                     await writer.drain()
-        except httpx.TransportError:
+        except (aiohttp.ClientError, TimeoutError):
             return False
         if length is None:
             writer.write(b"0\r\n\r\n")
@@ -527,11 +533,10 @@ def _quiet_streaming_notices() -> None:
         server_log.addFilter(StreamingNotice())  # once, though the script may be reloaded
 
 
-# The fallback relay's HTTP client logs each request it makes: httpx a line at INFO and
-# httpcore ten trace lines at DEBUG. mitmproxy takes the root logger to DEBUG and turns every
-# record into a hook each of its addons hears, so those eleven records cost a relayed request
-# more than its own HTTP; its client's warnings and errors still show.
-RELAY_CLIENT_LOGGERS = ("httpx", "httpcore")
+# mitmproxy takes the root logger to DEBUG and turns every record into a hook each of its
+# addons hears: a record per relayed request (httpx's client made eleven) would cost more
+# than its HTTP. The fallback relay's client keeps its warnings and errors.
+RELAY_CLIENT_LOGGERS = ("aiohttp",)
 
 
 def _quiet_relay_client() -> None:

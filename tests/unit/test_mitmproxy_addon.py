@@ -69,19 +69,21 @@ async def _loaded(config) -> AsyncIterator:
             await addon.done()
 
 
-async def _relayed_flows(addon, secret: str, n: int) -> list:
-    """`n` chat completions the addon has decided and pointed at its fallback relay."""
+async def _relayed_flows(addon, secret: str, n: int, **headers: str) -> list:
+    """`n` chat completions the addon has decided and pointed at its fallback relay (with a
+    JSON content type unless `headers` say otherwise)."""
     import json
 
     from mitmproxy import http
     from mitmproxy.test import tflow, tutils
 
+    headers = {"content_type": "application/json", **headers}
     flows = []
     for _ in range(n):
         flow = tflow.tflow(req=tutils.treq(
             method=b"POST", host="gateway", port=80, path=b"/v1/chat/completions",
             headers=http.Headers(authorization=f"Bearer {secret}",
-                                 content_type="application/json"),
+                                 **{k: v for k, v in headers.items() if v}),
             content=json.dumps({"model": "gpt-5-mini", "messages": [
                 {"role": "user", "content": "hi"}]}).encode()))
         await addon.request(flow)
@@ -146,8 +148,7 @@ async def test_each_connection_to_the_fallback_relay_has_its_own_provider_connec
         tmp_path, monkeypatch, fake_openai, fake_anthropic):
     """Flows on one of mitmproxy's connections to the relay come one after another: the
     relay gives each connection an HTTP client of its own, whose provider connections close
-    with it. (One client for all of them kept every connection in one pool, which httpcore
-    polls in full on each request: with 32 in flight that cost as much as the HTTP.)"""
+    with it (one client for all of them would keep every connection in one pool)."""
     import asyncio
 
     config, secret = _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic)
@@ -167,9 +168,10 @@ async def test_each_connection_to_the_fallback_relay_has_its_own_provider_connec
 async def test_the_fallback_relays_client_logs_only_what_goes_wrong(
         tmp_path, monkeypatch, caplog, fake_openai, fake_anthropic):
     """mitmproxy takes the root logger to DEBUG and makes each record a hook that every
-    addon hears; the relay's HTTP client logged eleven records per request it relayed (httpx
-    at INFO, httpcore's trace at DEBUG), which cost more than the request's own HTTP. Once
-    the addon is loaded, a relayed request leaves none below WARNING."""
+    addon hears, which would cost a relayed request more than its own HTTP if its client
+    logged it (the relay's previous client made eleven records a request). Once the addon
+    is loaded, the client's loggers stand at WARNING, and a relayed request leaves no
+    record of theirs."""
     import logging
 
     from addon.tollgate_addon import RELAY_CLIENT_LOGGERS
@@ -184,3 +186,24 @@ async def test_the_fallback_relays_client_logs_only_what_goes_wrong(
     assert client == []
     assert all(logging.getLogger(name).getEffectiveLevel() == logging.WARNING
                for name in RELAY_CLIENT_LOGGERS)
+
+
+async def test_the_fallback_relay_sends_the_provider_the_clients_body_and_headers_as_sent(
+        tmp_path, monkeypatch, fake_openai, fake_anthropic):
+    """What the relay sends a provider is what the client sent, with the attempt's changes:
+    the body's bytes, no content type where the client gave none (which the gateway takes as
+    JSON), the provider's credential and host, and the encoding the meter reads."""
+    import json
+
+    config, secret = _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic)
+    async with _loaded(config) as addon:
+        flows = await _relayed_flows(addon, secret, 1, content_type="", x_trace_me="yes")
+        body = addon.plans.plans[flows[0].request.headers["x-tollgate-plan"]][3]
+        await _relay(addon, flows)
+    (sent,) = fake_openai.requests
+    assert sent.body == body and json.loads(body)["model"] == "gpt-5-mini"
+    assert "content-type" not in sent.headers
+    assert sent.headers["x-trace-me"] == "yes"
+    assert sent.headers["authorization"] == f"Bearer {fake_openai.api_key}"
+    assert sent.headers["host"] == f"127.0.0.1:{fake_openai.port}"
+    assert sent.headers["accept-encoding"] == "identity"
