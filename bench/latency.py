@@ -46,12 +46,19 @@ class _Url:
 
 
 def scratch_dir(prefix: str) -> Path:
-    """A working directory for one run, removed when the run ends (kept, to read its logs,
-    with TOLLGATE_BENCH_KEEP=1)."""
+    """A working directory for one run, removed when the run ends, unless it ended in an
+    error (its logs are there) or TOLLGATE_BENCH_KEEP=1."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     if not os.environ.get("TOLLGATE_BENCH_KEEP"):
-        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+        atexit.register(_remove_unless_failed, workdir)
     return workdir
+
+
+def _remove_unless_failed(workdir: Path) -> None:
+    if getattr(sys, "last_exc", None) is not None:  # an error the run did not handle
+        print(f"(logs kept in {workdir})", file=sys.stderr)
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def start_fake(port: int, chunk_delay: float = 0.0, answer_words: int = 0
