@@ -16,11 +16,13 @@ to its longest prefix that has one.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from typing import Any
 
 from tollgate.config.schema import Config, Fallback
+from tollgate.providers.base import Adapter
 from tollgate.request import Attempt
 from tollgate.routing import visible_scopes
 
@@ -97,21 +99,31 @@ def retry_headers(fallback: Fallback, attempts: list[Attempt]) -> dict[str, str]
     reasoning call) is waited for, as on the mitmproxy host."""
     if len(attempts) < 2:
         return {}
-    retry_on = {c for cond in fallback.on for c in _RETRY_ON[cond]}
-    # The statuses each provider type classes under the key's conditions (Bedrock's 408 is a
-    # timeout); any attempt but the last may be followed by another.
-    codes = sorted({code for a in attempts[:-1]
-                    for code, kind in a.adapter.failure_statuses.items()
-                    if kind in fallback.on})
-    if codes:
-        retry_on.add("retriable-status-codes")
-    headers = {"x-envoy-retry-on": ",".join(sorted(retry_on)),
+    # Any attempt but the last may be followed by another.
+    retry_on, codes = _conditions(tuple(fallback.on), tuple(type(a.adapter)
+                                                             for a in attempts[:-1]))
+    headers = {"x-envoy-retry-on": retry_on,
                "x-envoy-max-retries": str(len(attempts) - 1),
                "x-envoy-upstream-rq-per-try-timeout-ms":
                    str(round(attempts[0].first_byte_timeout * 1000))}
     if codes:
-        headers["x-envoy-retriable-status-codes"] = ",".join(map(str, codes))
+        headers["x-envoy-retriable-status-codes"] = codes
     return headers
+
+
+@functools.cache
+def _conditions(on: tuple[str, ...], adapters: tuple[type[Adapter], ...]) -> tuple[str, str]:
+    """Envoy's retry conditions and the statuses to retry for a plan whose attempts before the
+    last are of these provider types: the same for every request of such a plan, so worked
+    out once (a hundred statuses a plan)."""
+    retry_on = {c for cond in on for c in _RETRY_ON[cond]}
+    # The statuses each provider type classes under the key's conditions (Bedrock's 408 is a
+    # timeout).
+    codes = sorted({code for adapter in adapters
+                    for code, kind in adapter.failure_statuses.items() if kind in on})
+    if codes:
+        retry_on.add("retriable-status-codes")
+    return ",".join(sorted(retry_on)), ",".join(map(str, codes))
 
 
 def retry_policy() -> dict[str, Any]:

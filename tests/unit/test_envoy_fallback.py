@@ -29,10 +29,13 @@ def config(providers: list[dict], keys: list[dict], policies: list[dict] = ()) -
         "virtual_keys": keys})
 
 
-def attempt(provider_id: str, first_byte: float = 120.0) -> Attempt:
+def attempt(provider_id: str, first_byte: float = 120.0, kind: str = "openai") -> Attempt:
+    spec = {**provider(provider_id), "type": kind}
+    if kind == "bedrock":
+        spec["provider_config"] = {"region": "us-east-1"}
     return Attempt(provider_id=provider_id, scheme="http", host="h", port=80, path="/",
                    set_headers={}, remove_headers=[], first_byte_timeout=first_byte,
-                   adapter=adapter_for(ModelProvider.model_validate(provider(provider_id))))
+                   adapter=adapter_for(ModelProvider.model_validate(spec)))
 
 
 def test_chains_cover_every_order_a_policy_key_may_need():
@@ -120,3 +123,23 @@ def test_rendered_listener_and_extproc_cluster_resist_slow_and_busy_clients():
     (limits,) = extproc_clusters(["unix:/tmp/x.sock"])[0]["circuit_breakers"]["thresholds"]
     # 2,000 concurrent streams, each holding up to four ext_proc streams, fit.
     assert limits["max_requests"] >= 4 * 2000 and limits["max_pending_requests"] >= 4 * 2000
+
+
+def test_retry_statuses_follow_the_provider_types_a_plan_may_fall_back_from():
+    """A status counts under the key's conditions as each provider type classes it (Bedrock
+    answers a model that took too long with 408: a timeout). Worked out once per kind of plan,
+    each kind of plan has its own."""
+    timeout = Fallback(on=["timeout"])
+    from_bedrock = fallback.retry_headers(timeout, [attempt("b", kind="bedrock"), attempt("a")])
+    from_openai = fallback.retry_headers(timeout, [attempt("a"), attempt("b", kind="bedrock")])
+    assert from_bedrock["x-envoy-retriable-status-codes"] == "408"
+    assert set(from_bedrock["x-envoy-retry-on"].split(",")) == {"reset",
+                                                                 "retriable-status-codes"}
+    assert "x-envoy-retriable-status-codes" not in from_openai  # the last is never left
+    assert from_openai["x-envoy-retry-on"] == "reset"
+    middle = fallback.retry_headers(timeout, [attempt("a"), attempt("b", kind="bedrock"),
+                                              attempt("c")])
+    assert middle["x-envoy-retriable-status-codes"] == "408"
+    again = fallback.retry_headers(timeout, [attempt("c", 9.0, "bedrock"), attempt("d")])
+    assert again["x-envoy-retriable-status-codes"] == "408"
+    assert again["x-envoy-upstream-rq-per-try-timeout-ms"] == "9000"  # the plan's own
