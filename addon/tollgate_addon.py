@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 
 import aiohttp
-import certifi
+import httpx
 from mitmproxy import ctx, exceptions, http
 from mitmproxy import flow as mitm_flow
 from mitmproxy.net.http import http1 as mitm_http1
@@ -396,7 +396,7 @@ class FallbackRelay:
         self.plans: dict[str, tuple[Exchange, str, dict[str, str], bytes]] = {}
         self.port = 0
         self._server: asyncio.Server | None = None
-        self._tls: ssl.SSLContext | None = None  # certifi's CAs, made once
+        self._tls: ssl.SSLContext | None = None  # made once
 
     async def send_here(self, flow: http.HTTPFlow, exchange: Exchange,
                         client_headers: dict[str, str]) -> None:
@@ -418,7 +418,9 @@ class FallbackRelay:
 
         Each connection has an HTTP client of its own (aiohttp's: httpx cost five times its
         CPU per request). Its flows come one after another, so the client keeps about one
-        connection per provider, closed with the relay's connection."""
+        connection per provider, closed with the relay's connection. It goes to providers
+        directly, as mitmproxy does: reading proxies from the environment (and ~/.netrc) on
+        each request would double its CPU."""
         client: aiohttp.ClientSession | None = None
         try:
             while True:
@@ -426,8 +428,8 @@ class FallbackRelay:
                 if plan is None:
                     return
                 if client is None:
-                    if self._tls is None:
-                        self._tls = ssl.create_default_context(cafile=certifi.where())
+                    if self._tls is None:  # certifi's CAs, or SSL_CERT_FILE's / _DIR's
+                        self._tls = httpx.create_ssl_context()
                     # The provider's bytes as they came (relayed, and metered in the flow),
                     # and the client's headers as they were: no content type made up.
                     client = aiohttp.ClientSession(
