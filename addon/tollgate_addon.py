@@ -379,6 +379,25 @@ class RefusalSink:
             self._server.close()
 
 
+# mitmproxy's options for checking the servers it connects to.
+UPSTREAM_TLS_OPTIONS = frozenset({"ssl_insecure", "ssl_verify_upstream_trusted_ca",
+                                  "ssl_verify_upstream_trusted_confdir"})
+
+
+def _upstream_tls() -> ssl.SSLContext:
+    """How the relay checks providers: as mitmproxy checks the servers it connects to (none
+    checked with `ssl_insecure`; only the CAs `ssl_verify_upstream_trusted_ca` or `_confdir`
+    name), else by certifi's CAs, or those SSL_CERT_FILE or SSL_CERT_DIR name."""
+    options = ctx.options
+    if options.ssl_insecure:
+        return httpx.create_ssl_context(verify=False)
+    cafile = options.ssl_verify_upstream_trusted_ca
+    capath = options.ssl_verify_upstream_trusted_confdir
+    if cafile or capath:
+        return ssl.create_default_context(cafile=cafile, capath=capath)
+    return httpx.create_ssl_context()
+
+
 class FallbackRelay:
     """Makes the attempts of a fallback plan, and streams the answer that counts back as it
     arrives.
@@ -397,6 +416,11 @@ class FallbackRelay:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tls: ssl.SSLContext | None = None  # made once
+
+    def trust_changed(self) -> None:
+        """mitmproxy's options for checking servers changed: the connections the relay opens
+        from now on check providers by them."""
+        self._tls = None
 
     async def send_here(self, flow: http.HTTPFlow, exchange: Exchange,
                         client_headers: dict[str, str]) -> None:
@@ -428,8 +452,8 @@ class FallbackRelay:
                 if plan is None:
                     return
                 if client is None:
-                    if self._tls is None:  # certifi's CAs, or SSL_CERT_FILE's / _DIR's
-                        self._tls = httpx.create_ssl_context()
+                    if self._tls is None:
+                        self._tls = _upstream_tls()
                     # The provider's bytes as they came (relayed, and metered in the flow),
                     # and the client's headers as they were: no content type made up.
                     client = aiohttp.ClientSession(
@@ -602,6 +626,8 @@ class TollgateAddon:
         gc.freeze()
 
     def configure(self, updated: set[str]) -> None:
+        if UPSTREAM_TLS_OPTIONS & updated:
+            self.plans.trust_changed()
         if "tollgate_config" in updated or self.gateway is None:
             from tollgate.config.load import default_config_path
 

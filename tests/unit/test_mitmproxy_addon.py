@@ -207,3 +207,105 @@ async def test_the_fallback_relay_sends_the_provider_the_clients_body_and_header
     assert sent.headers["authorization"] == f"Bearer {fake_openai.api_key}"
     assert sent.headers["host"] == f"127.0.0.1:{fake_openai.port}"
     assert sent.headers["accept-encoding"] == "identity"
+
+
+ANSWER = (b'{"id": "chatcmpl-tls", "object": "chat.completion", "model": "gpt-5-mini", '
+          b'"choices": [{"index": 0, "message": {"role": "assistant", "content": "over tls"}, '
+          b'"finish_reason": "stop"}], '
+          b'"usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}')
+
+
+@contextlib.asynccontextmanager
+async def _tls_provider(folder) -> AsyncIterator[tuple[int, str]]:
+    """An OpenAI-like provider on TLS, its certificate for 127.0.0.1 signed by a CA of its
+    own: yields its port and that CA's PEM file."""
+    import asyncio
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from mitmproxy import certs
+
+    store = certs.CertStore.from_store(folder, "provider", 2048)
+    entry = store.get_cert("127.0.0.1", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    (folder / "cert.pem").write_bytes(entry.cert.to_pem())
+    (folder / "key.pem").write_bytes(entry.privatekey.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass  # the relay hung up, or would not trust us
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1], str(folder / "provider-ca-cert.pem")
+    finally:
+        server.close()
+
+
+async def test_the_fallback_relay_checks_providers_as_mitmproxy_checks_servers(
+        tmp_path, monkeypatch, fake_openai, fake_anthropic):
+    """The relay checks a provider's certificate as mitmproxy checks the servers it connects
+    to: against the CA its `ssl_verify_upstream_trusted_ca` names, or not at all with
+    `ssl_insecure`; by default against the public CAs, which refuse a private one's."""
+    import asyncio
+    import json
+
+    from mitmproxy.net.http import http1
+
+    from tests.conftest import PROVIDER_ENV, make_config, make_policy
+    from tests.harness import tollgate
+
+    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "relay-pepper")
+    for name, value in PROVIDER_ENV.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "ca").mkdir()
+    async with _tls_provider(tmp_path / "ca") as (port, ca):
+        config = make_config(tmp_path, fake_openai, fake_anthropic)
+        tollgate("model-providers", "create", "--id", "mp_tls", "--type", "openai", "--scope",
+                 "ORG:acme", "--base-url", f"https://127.0.0.1:{port}", "--api-key-env",
+                 "FAKE_OPENAI_KEY", config=config)
+        policy = make_policy(config, "tls", "mp_tls", "mp_openai")
+        secret = json.loads(tollgate(
+            "virtual-keys", "create", "--name", "k", "--scope", "ORG:acme", "--routing-policy",
+            policy, "--config-json", '{"fallback": {"on": ["5xx"]}}', "--format", "json",
+            config=config).stdout)["secret"]
+
+        async def status_through_relay(addon) -> int:
+            (flow,) = await _relayed_flows(addon, secret, 1)
+            reader, writer = await asyncio.open_connection("127.0.0.1", addon.plans.port)
+            try:
+                writer.write(http1.assemble_request(flow.request))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            finally:
+                writer.close()
+            return int(head.split(b" ", 2)[1])
+
+        from addon.tollgate_addon import TollgateAddon
+
+        addon = TollgateAddon()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, tollgate_config=str(config))
+            try:
+                assert await status_through_relay(addon) == 502  # a CA no one trusts here
+                tctx.configure(addon, ssl_verify_upstream_trusted_ca=ca)
+                assert await status_through_relay(addon) == 200
+                tctx.configure(addon, ssl_verify_upstream_trusted_ca=None, ssl_insecure=True)
+                assert await status_through_relay(addon) == 200
+            finally:
+                await addon.done()
+    assert fake_openai.requests == []  # mp_tls answered, or failed in a way not fallen back on
