@@ -31,9 +31,10 @@ async def test_the_mitmproxy_host_puts_what_it_started_with_out_of_the_collector
     assert before == 0 and frozen > 1000
 
 
-def _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic):
+def _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic, first: str | None = None):
     """A config whose key falls back on 5xx from mp_openai to mp_backup (the same fake), and
-    the key's secret."""
+    the key's secret. `first`: the base URL of a provider tried before mp_openai instead
+    (mp_first), whose failures other than 5xx are not fallen back on."""
     import json
 
     from tests.conftest import PROVIDER_ENV, make_config, make_policy
@@ -43,10 +44,12 @@ def _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic):
     for name, value in PROVIDER_ENV.items():
         monkeypatch.setenv(name, value)
     config = make_config(tmp_path, fake_openai, fake_anthropic)
-    tollgate("model-providers", "create", "--id", "mp_backup", "--type", "openai", "--scope",
-             "ORG:acme", "--base-url", fake_openai.url, "--api-key-env", "FAKE_OPENAI_KEY",
-             config=config)
-    policy = make_policy(config, "relay", "mp_openai", "mp_backup")
+    other = "mp_backup" if first is None else "mp_first"
+    tollgate("model-providers", "create", "--id", other, "--type", "openai", "--scope",
+             "ORG:acme", "--base-url", first or fake_openai.url, "--api-key-env",
+             "FAKE_OPENAI_KEY", config=config)
+    plan = ("mp_openai", other) if first is None else (other, "mp_openai")
+    policy = make_policy(config, "relay", *plan)
     secret = json.loads(tollgate(
         "virtual-keys", "create", "--name", "k", "--scope", "ORG:acme", "--routing-policy",
         policy, "--config-json", '{"fallback": {"on": ["5xx"]}}', "--format", "json",
@@ -263,27 +266,14 @@ async def test_the_fallback_relay_checks_providers_as_mitmproxy_checks_servers(
     to: against the CA its `ssl_verify_upstream_trusted_ca` names, or not at all with
     `ssl_insecure`; by default against the public CAs, which refuse a private one's."""
     import asyncio
-    import json
 
+    from mitmproxy import ctx
     from mitmproxy.net.http import http1
 
-    from tests.conftest import PROVIDER_ENV, make_config, make_policy
-    from tests.harness import tollgate
-
-    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "relay-pepper")
-    for name, value in PROVIDER_ENV.items():
-        monkeypatch.setenv(name, value)
     (tmp_path / "ca").mkdir()
     async with _tls_provider(tmp_path / "ca") as (port, ca):
-        config = make_config(tmp_path, fake_openai, fake_anthropic)
-        tollgate("model-providers", "create", "--id", "mp_tls", "--type", "openai", "--scope",
-                 "ORG:acme", "--base-url", f"https://127.0.0.1:{port}", "--api-key-env",
-                 "FAKE_OPENAI_KEY", config=config)
-        policy = make_policy(config, "tls", "mp_tls", "mp_openai")
-        secret = json.loads(tollgate(
-            "virtual-keys", "create", "--name", "k", "--scope", "ORG:acme", "--routing-policy",
-            policy, "--config-json", '{"fallback": {"on": ["5xx"]}}', "--format", "json",
-            config=config).stdout)["secret"]
+        config, secret = _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic,
+                                    first=f"https://127.0.0.1:{port}")
 
         async def status_through_relay(addon) -> int:
             (flow,) = await _relayed_flows(addon, secret, 1)
@@ -295,17 +285,10 @@ async def test_the_fallback_relay_checks_providers_as_mitmproxy_checks_servers(
                 writer.close()
             return int(head.split(b" ", 2)[1])
 
-        from addon.tollgate_addon import TollgateAddon
-
-        addon = TollgateAddon()
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, tollgate_config=str(config))
-            try:
-                assert await status_through_relay(addon) == 502  # a CA no one trusts here
-                tctx.configure(addon, ssl_verify_upstream_trusted_ca=ca)
-                assert await status_through_relay(addon) == 200
-                tctx.configure(addon, ssl_verify_upstream_trusted_ca=None, ssl_insecure=True)
-                assert await status_through_relay(addon) == 200
-            finally:
-                await addon.done()
-    assert fake_openai.requests == []  # mp_tls answered, or failed in a way not fallen back on
+        async with _loaded(config) as addon:
+            assert await status_through_relay(addon) == 502  # a CA no one trusts here
+            ctx.options.update(ssl_verify_upstream_trusted_ca=ca)
+            assert await status_through_relay(addon) == 200
+            ctx.options.update(ssl_verify_upstream_trusted_ca=None, ssl_insecure=True)
+            assert await status_through_relay(addon) == 200
+    assert fake_openai.requests == []  # mp_first answered, or failed in a way not fallen back on
