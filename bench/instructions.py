@@ -129,7 +129,8 @@ def _setup(workdir: Path, provider_url: str, redis: RedisServer | None) -> tuple
 def _governed_on_redis(workdir: Path, provider_url: str) -> Iterator[tuple[Path, str]]:
     """The benchmark's config and key, on Redis state while it runs when `redis-server` is
     installed (else SQLite)."""
-    redis = RedisServer(workdir / "redis").start() if shutil.which("redis-server") else None
+    redis = RedisServer(workdir / "redis", fsync="everysec").start() \
+        if shutil.which("redis-server") else None
     try:
         yield _setup(workdir, provider_url, redis)
     finally:

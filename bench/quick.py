@@ -1,18 +1,22 @@
 """The sidecar's cost per request, side by side with the proxies it lives in, in one run.
 
     python -m bench.quick [--requests 400] [--update-baseline] [--baseline bench/baseline.json]
-                          [--against REV | --against none]
+                          [--against REV | --against none] [--states sqlite,redis]
 
 A fake OpenAI provider runs in its own process. The same chat-completions request is sent
 sequentially, with keep-alive, to: the provider directly; plain Envoy (a static route to
 it); mitmdump (reverse proxy, bodies streamed); and each tollgate host on the governed
 profile (one key with a model allowlist, one blocking org budget, SQLite state), and again,
 in a process of its own, with a key that has a fallback plan (the provider, then one that
-is down: the first attempt serves, as it mostly does); each request is followed by the same
-one streamed as the OpenAI SDK sends it by default (no `stream_options`), timed to its
-first and last body byte. Requests go round-robin across the paths, in a new order each
-turn, so the machine's drift weighs on all alike. Then each path's throughput with 32
-requests in flight (printed, not compared: the Python client and provider bind it).
+is down: the first attempt serves, as it mostly does); and the Envoy host again on a Redis
+state, as the Kubernetes render requires (a local `redis-server` with AOF and `appendfsync
+everysec`, Redis's default; left out, and said so, where none is installed). Each request
+is followed by the same one streamed as the OpenAI SDK sends it by default (no
+`stream_options`), timed to its first and last body byte. Requests go round-robin across
+the paths, in a new order each turn, so the machine's drift weighs on all alike. Then each
+path's throughput with 32 requests in flight, the fallback key's and the Redis state's
+aside (printed, not compared: the Python client and provider bind it; `make bench-scaling`
+measures the sidecar's).
 
 Prints p50/p99, what each path adds over the direct call, and the CPU each path's
 processes spent per request (Envoy and ext_proc together for the Envoy host). Then the
@@ -35,8 +39,9 @@ the others that ran meanwhile. On the 2-core box, with the baseline's hosts (11 
 Envoy host added +1.36 ms at the p50 and plain Envoy +0.29, and each proxy spent 10-25%
 more CPU per request (plain Envoy a quarter more; the provider the same); in the same half
 hour, with `--against none` (7 paths; the sidecar's latency goals were set in a run of 6)
-they added +0.82 and +0.17. The ratios to the baseline compare like with like; read a
-goal's absolute figures with `--against none`.
+they added +0.82 and +0.17. The Redis state adds one path per code measured. The ratios to
+the baseline compare like with like; read a goal's absolute figures with `--against none
+--states sqlite`.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,10 +78,11 @@ from bench.latency import (
     new_key,
     own_state,
     percentile,
+    with_state,
 )
 from extproc.runner import envoy_binary
 from tests.conftest import make_config
-from tests.harness import GatewayProcess, free_port, tollgate, wait_until
+from tests.harness import GatewayProcess, RedisServer, free_port, tollgate, wait_until
 
 BASELINE = Path(__file__).with_name("baseline.json")
 ROOT = Path(__file__).resolve().parent.parent  # the checkout, a git work tree
@@ -325,6 +332,10 @@ def figures(times: dict[str, list[float]], cpu: dict[str, float], n: int,
         for part, what in (("first", "first byte"), ("total", "last byte")):
             out[f"{host}: SSE {what} / {plain}"] = \
                 p50[f"{name} sse {part}"] / p50[f"{plain} sse {part}"]
+        if f"{name} redis" in times:  # the same host on a Redis state
+            out[f"{host}: Redis p50 / {plain} p50"] = p50[f"{name} redis"] / p50[plain]
+            out[f"{host}: Redis SSE first byte / {plain}"] = \
+                p50[f"{name} redis sse first"] / p50[f"{plain} sse first"]
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -341,6 +352,9 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--hosts", default="envoy,mitmproxy")
+    parser.add_argument("--states", default="sqlite,redis",
+                        help="The states the Envoy host is measured on (the mitmproxy host "
+                             "and the fallback key: SQLite).")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--concurrent-requests", type=int, default=600,
                         help="Requests per path at --concurrency, for the throughput table "
@@ -373,6 +387,7 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
     workdir, fake_port, fake = bench_setup("tollgate-bench-quick-")
     procs: list[subprocess.Popen[bytes]] = [fake]
     gateways: list[GatewayProcess] = []
+    redis: RedisServer | None = None
     try:
         config, secret, paths = references(workdir, fake_port, procs)
         keys = {"": secret, " fallback": fallback_key(config, "mp_openai", down_provider(config))}
@@ -381,10 +396,25 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         measured: list[tuple[str, dict[str, str] | None]] = [("tollgate", None)]
         if baseline_code is not None and revision is not None:
             measured.append((short, {"PYTHONPATH": str(baseline_code)}))
-        for host in args.hosts.split(","):
-            for (who, env), kind in itertools.product(measured, keys):
+        hosts = args.hosts.split(",")
+        if "envoy" in hosts and "redis" in args.states.split(","):
+            if shutil.which("redis-server"):
+                redis = RedisServer(workdir / "redis", fsync="everysec").start()
+                keys[" redis"] = secret
+            else:
+                print("redis-server is not installed: the Envoy host on a Redis state is not "
+                      "measured (`make bootstrap` installs it)")
+        for host in hosts:
+            for i, ((who, env), kind) in enumerate(itertools.product(measured, keys)):
                 name = f"{who} {host}{kind}"
-                state = own_state(config, name.replace(" ", "-"))
+                if kind == " redis":
+                    if host != "envoy":
+                        continue
+                    state = config.with_name(f"gateway-{name.replace(' ', '-')}.yaml")
+                    # A database of its own for each code measured (0 is left unused).
+                    state.write_text(with_state(config, f"{redis.url.rsplit('/', 1)[0]}/{i}"))
+                else:
+                    state = own_state(config, name.replace(" ", "-"))
                 gw = GatewayProcess(host, state, workdir, env=env, extra=QUIET.get(host))
                 gateways.append(gw)  # stopped at the end, started or not
                 try:
@@ -403,9 +433,11 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         throughput = {name: asyncio.run(concurrent(url, headers, args.concurrent_requests,
                                                    args.concurrency))[1]
                       for name, (url, headers) in paths.items()
-                      if not name.endswith(" fallback")}
+                      if not name.endswith((" fallback", " redis"))}
     finally:
         stop_all(gateways, procs)
+        if redis is not None:
+            redis.stop()
 
     n = args.requests
     # More paths, colder processes: the absolute figures depend on it (see the docstring).

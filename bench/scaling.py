@@ -326,7 +326,7 @@ def use_state(config: Path, workdir: Path, state: str) -> tuple[str, RedisServer
     if state == "sqlite":
         return "SQLite", None
     with_state(config, "redis://")  # refused before a server is started for nothing
-    redis = RedisServer(workdir / "redis").start()
+    redis = RedisServer(workdir / "redis", fsync="everysec").start()
     config.write_text(with_state(config, redis.url))
     return "Redis", redis
 

@@ -57,6 +57,24 @@ def test_a_fallback_key_is_a_figure_of_its_own_when_it_was_measured():
                                   "baseline 3.000 (+67%)"]
 
 
+def test_the_envoy_host_on_redis_has_figures_of_its_own_when_it_was_measured():
+    times, cpu = _run(tollgate_ms=3.0, baseline_ms=3.0)  # on SQLite, the same
+    assert not any("Redis" in name for name in figures(times, cpu, 1))
+    for who, ms in (("tollgate", 4.8), ("abc1234", 3.6)):
+        times[f"{who} envoy redis"] = [ms] * 3
+        times[f"{who} envoy redis sse first"] = [ms / 2] * 3
+        times[f"{who} envoy redis sse total"] = [ms] * 3
+        cpu[f"{who} envoy redis"] = ms
+    now, then = figures(times, cpu, 1), figures(times, cpu, 1, "abc1234")
+    assert now["envoy: Redis p50 / plain envoy p50"] == 4.0
+    assert now["envoy: Redis SSE first byte / plain envoy"] == 2.0
+    assert then["envoy: Redis p50 / plain envoy p50"] == 3.0
+    assert now["envoy: p50 / plain envoy p50"] == 2.5  # the SQLite state's, as before
+    assert compare(now, then) == [
+        "envoy: Redis p50 / plain envoy p50: 4.000, baseline 3.000 (+33%)",
+        "envoy: Redis SSE first byte / plain envoy: 2.000, baseline 1.500 (+33%)"]
+
+
 def test_the_paced_stream_table_gives_what_each_path_adds_per_event():
     """bench.paced: medians of each path's time to its first byte and from it to the
     finishing event, against the direct call's; the second per event after the first."""
