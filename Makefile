@@ -78,8 +78,10 @@ bench-breakdown: bootstrap
 bench-reload: bootstrap
 	$(VENV)/python -m bench.reload
 
+# 500 concurrent streams a round through each host, on SQLite, then on Redis (as on Kubernetes).
 soak: bootstrap
 	$(VENV)/python -m bench.soak
+	$(VENV)/python -m bench.soak --state redis
 
 # envoy/kubernetes/{sidecar,istio}.yaml from envoy/kubernetes/gateway.yaml (kept current by a test).
 k8s-examples: bootstrap

@@ -1,6 +1,7 @@
 """Soak: rounds of concurrent streaming requests through each host, bounded in time.
 
     python -m bench.soak [--streams 500] [--rounds 5] [--hosts envoy,mitmproxy]
+                         [--state sqlite|redis]
 
 Each round opens `--streams` streamed chat completions within a second, each of which stays
 open about three seconds (so all are open together), and reads every one to its end. After
@@ -8,7 +9,8 @@ each round it records, per host, the resident memory and open file descriptors o
 gateway's processes (ext_proc and Envoy, or mitmproxy) and the requests it still holds
 unsettled (`tollgate_requests_in_flight`, which must be back to 0). At the end every request
 must be in the ledger exactly once with the provider's token counts. Prints a table; exits 1
-if a check fails.
+if a check fails. `--state redis` runs each host on a local `redis-server` (a database of
+its own per host), the state the Kubernetes render requires.
 
 Envoy keeps its connections to the decision service open between rounds (HTTP/1.1: one per
 decision or meter post in flight, up to the highest number so far), so ext_proc's own
@@ -30,12 +32,12 @@ from typing import NamedTuple
 
 import httpx
 
-from bench.latency import PROVIDER_KEY, _Url, new_key, scratch_dir, start_fake
+from bench.latency import PROVIDER_KEY, _Url, new_key, scratch_dir, start_fake, with_state
 from bench.scaling import status_mib
 from extproc.envoy_config import DECIDER_CLUSTER
 from tests.conftest import make_config
 from tests.fakes.providers import TEXT
-from tests.harness import GatewayProcess, free_port, ledger, wait_until
+from tests.harness import GatewayProcess, RedisServer, free_port, ledger, wait_until
 
 BODY = {"model": "gpt-5-mini", "stream": True, "max_tokens": 64,
         "messages": [{"role": "user", "content": "soak"}]}
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--hosts", default="envoy,mitmproxy")
     parser.add_argument("--max-seconds", type=float, default=900)
+    parser.add_argument("--state", choices=["sqlite", "redis"], default="sqlite")
     args = parser.parse_args()
     os.environ.setdefault("TOLLGATE_KEY_PEPPER", "soak-pepper")
     os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
@@ -158,12 +161,16 @@ def main() -> None:
     workdir = scratch_dir("tollgate-soak-")
     fake_port = free_port()
     fake = start_fake(fake_port, chunk_delay=0.2)  # each stream stays open ~3 s
+    redis = RedisServer(workdir / "redis", fsync="everysec").start() \
+        if args.state == "redis" else None
     failures: list[str] = []
     table: list[Round] = []
     try:
-        for host in args.hosts.split(","):
+        for db, host in enumerate(args.hosts.split(","), 1):
             config = make_config(workdir / host, _Url(f"http://127.0.0.1:{fake_port}"),
                                  _Url(f"http://127.0.0.1:{free_port()}"))
+            if redis is not None:
+                config.write_text(with_state(config, f"{redis.url.rsplit('/', 1)[0]}/{db}"))
             secret = new_key(config)
             admin = f"127.0.0.1:{free_port()}"
             extra = ["--envoy-admin", admin] if host == "envoy" else []
@@ -205,8 +212,11 @@ def main() -> None:
     finally:
         fake.terminate()
         fake.wait(5)
+        if redis is not None:
+            redis.stop()
 
-    print(f"\n{args.streams} concurrent streams per round; {os.cpu_count()} cores\n")
+    print(f"\n{args.streams} concurrent streams per round; {os.cpu_count()} cores; "
+          f"{'Redis' if redis else 'SQLite'} state\n")
     print(f"{'host':<10} {'round':>5} {'RSS MB':>8} {'fds':>5} {'of Envoy':>8} "
           f"{'envoy fds':>9} {'in flight':>9} {'served':>7} {'seconds':>8}")
     for r in table:
