@@ -224,6 +224,38 @@ def test_redis_down_fail_open_serves_and_loses_nothing(tmp_path, redis, fake_ope
         gw.stop()
 
 
+@pytest.mark.parametrize("host", HOSTS)
+def test_redis_going_away_under_requests_in_flight_loses_nothing(host, tmp_path, redis,
+                                                                 fake_openai, fake_anthropic):
+    """Redis stops while requests it admitted are still with the provider, more are admitted
+    while it is down, and it comes back: with `fail_closed: false` every request is served
+    and leaves one row, and the budget holds what the rows cost with nothing left reserved
+    (the holds taken before the stop are released by settlements replayed after it)."""
+    config = configure(tmp_path, fake_openai, fake_anthropic, redis.url, fail_closed=False)
+    secret, budget_id = key_and_budget(config, 1000 * WORST_CASE)
+    fake_openai.response_delay = 2.0  # every request stays with the provider that long
+    gw = GatewayProcess(host, config, tmp_path).start()
+    try:
+        async def outage() -> tuple[list[int], list[int]]:
+            before = asyncio.ensure_future(burst([gw.url], secret, 20))
+            await asyncio.sleep(0.8)  # all 20 admitted, their holds in Redis
+            await asyncio.to_thread(redis.stop)
+            during = await burst([gw.url], secret, 5)  # the first 20 settle meanwhile
+            await asyncio.to_thread(redis.start)  # same port and data: its holds are there
+            return await before, during
+
+        before, during = asyncio.run(outage())
+        assert before == [200] * 20 and during == [200] * 5
+        rows = wait_until(lambda: (rows := chat_rows(config)) and len(rows) == 25 and rows,
+                          timeout=20, what="spooled rows to reach redis")
+        assert len({r.request_id for r in rows}) == 25
+        status = wait_until(lambda: (s := budget_status(config, budget_id))["reserved_usd"] == 0
+                            and s, timeout=10, what="every hold released")
+        assert round(status["spent_usd"] * 1_000_000) == sum(r.cost_micros for r in rows) > 0
+    finally:
+        gw.stop()
+
+
 def test_spend_report_and_budget_status_from_the_cli(tmp_path, fake_openai, fake_anthropic):
     config = configure(tmp_path, fake_openai, fake_anthropic,
                        f"sqlite:///{tmp_path / 'state.db'}")
