@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -252,6 +253,39 @@ def test_redis_going_away_under_requests_in_flight_loses_nothing(host, tmp_path,
         status = wait_until(lambda: (s := budget_status(config, budget_id))["reserved_usd"] == 0
                             and s, timeout=10, what="every hold released")
         assert round(status["spent_usd"] * 1_000_000) == sum(r.cost_micros for r in rows) > 0
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_a_redis_stall_leaves_no_reservation_standing(host, tmp_path, redis, fake_openai,
+                                                      fake_anthropic):
+    """Redis stops answering past the gateway's socket timeout while a request reserves: the
+    request is refused 503 (fail-closed), and the reservation Redis runs when it wakes holds
+    nothing for long: a request that fits only in the whole budget is served next, not
+    refused for the 15 minutes of a hold's lease."""
+    config = configure(tmp_path, fake_openai, fake_anthropic, f"{redis.url}?socket_timeout=0.5")
+    # Room for one request's worst case beside what one costs, not for two worst cases.
+    secret, budget_id = key_and_budget(config, WORST_CASE * 3 // 2)
+    gw = GatewayProcess(host, config, tmp_path).start()
+    try:
+        headers = {"authorization": f"Bearer {secret}"}
+        url = f"{gw.url}/v1/chat/completions"
+        # Served and settled first: Redis has the reservation's script, which it runs when it
+        # wakes, and nothing else is on its way to Redis when it stops.
+        assert httpx.post(url, content=BODY, headers=headers, timeout=30).status_code == 200
+        wait_until(lambda: len(chat_rows(config)) == 1, timeout=5, what="the first row")
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            stalled = httpx.post(url, content=BODY, headers=headers, timeout=30)
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert stalled.status_code == 503, stalled.text
+        assert stalled.json()["error"]["code"] == "gateway_unavailable"
+        wait_until(lambda: budget_status(config, budget_id)["reserved_usd"] == 0, timeout=10,
+                   what="the stalled reservation taken back")
+        served = httpx.post(url, content=BODY, headers=headers, timeout=30)
+        assert served.status_code == 200, served.text
     finally:
         gw.stop()
 

@@ -12,11 +12,13 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.harness import RedisServer
 from tollgate.budgets import Hold, window, window_named
 from tollgate.config.schema import Budget
 from tollgate.ledger import LedgerRow, report
+from tollgate.ratelimit import Limit
 from tollgate.store import locking
 from tollgate.store.base import Counter, StoreUnavailable
 from tollgate.store.redis import RedisStore
@@ -1136,3 +1138,82 @@ def test_a_ledger_and_spool_of_an_earlier_version_gain_the_new_columns(tmp_path)
         await store.close()
 
     asyncio.run(scenario())
+
+
+def _uncertain_reservation_setup(tmp_path):
+    """A Redis store, and what a reservation takes there: a budget hold, an RPM entry (a
+    sliding window) and an RPD count (a day window, which keeps no entries)."""
+    server = RedisServer(tmp_path / "redis").start()
+    limits = [Limit("key", "vk_1", "rpm", 100), Limit("key", "vk_1", "rpd", 100, day="2026-11-27")]
+    return server, RedisStore(server.url), hold(1.0), limits, NOW.timestamp()
+
+
+async def _taken_back(store: RedisStore, count: int) -> None:
+    for _ in range(100):
+        if store.taken_back == count and not store._to_take_back:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"taken back: {store.taken_back}, waiting: {len(store._to_take_back)}")
+
+
+def test_a_reservation_that_ran_but_whose_answer_never_came_is_taken_back(tmp_path):
+    """Redis ran the reservation, but its answer did not come in time (a stall past the
+    socket timeout): the request is refused or served unreserved, so what the reservation
+    took (its hold, its RPM entry, its RPD count) goes back once Redis answers, and what
+    other requests took stays."""
+    server, store, budget, limits, now = _uncertain_reservation_setup(tmp_path)
+
+    async def scenario():
+        assert (await store.reserve("r0", [budget], 60, limits, now=now)).granted
+        real = store.pipelined._round_trip
+
+        async def answer_lost(commands):
+            await real(commands)  # Redis runs it...
+            raise RedisTimeoutError("Timeout reading from socket")  # ...the answer is late
+
+        store.pipelined._round_trip = answer_lost
+        with pytest.raises(StoreUnavailable):
+            await store.reserve("r1", [budget], 70, limits, now=now)
+        store.pipelined._round_trip = real
+        await _taken_back(store, 1)
+        assert [c.reserved for c in await store.counters([budget])] == [60]  # r0's
+        assert [w.used for w in await store.windows(limits, now=now)] == [1, 1]  # r0's
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
+def test_a_reservation_taken_back_before_it_ran_holds_nothing_when_it_runs(tmp_path):
+    """The call reached Redis's socket but Redis had not read it when the gateway gave up
+    (Redis stalled): the gateway takes it back first, and when Redis reads it at last it
+    holds nothing."""
+    server, store, budget, limits, now = _uncertain_reservation_setup(tmp_path)
+
+    async def scenario():
+        await store.windows(limits, now=now)  # Redis has the script from an earlier call
+        real = store.pipelined._round_trip
+        stuck: list[list[bytes]] = []
+
+        async def not_read_yet(commands):
+            stuck.append(commands)
+            raise RedisTimeoutError("Timeout reading from socket")
+
+        store.pipelined._round_trip = not_read_yet
+        with pytest.raises(StoreUnavailable):
+            await store.reserve("r1", [budget], 70, limits, now=now)
+        store.pipelined._round_trip = real
+        await _taken_back(store, 0)  # taken back: it had not run
+        late = (await real(stuck[0]))[0]  # Redis reads it now
+        assert late == [-1]  # (no one reads this answer)
+        assert [c.reserved for c in await store.counters([budget])] == [0]
+        assert [w.used for w in await store.windows(limits, now=now)] == [0, 0]
+        assert (await store.reserve("r2", [budget], 70, limits, now=now)).granted  # as usual
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()

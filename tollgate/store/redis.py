@@ -3,12 +3,17 @@ so every check-and-increment is atomic across replicas."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import dataclasses
 import json
+import logging
+import secrets
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from tollgate.budgets import Hold
 from tollgate.fastjson import dumps
@@ -23,6 +28,8 @@ from tollgate.store.base import (
     distinct_id,
 )
 from tollgate.store.pipelining import Pipelined
+
+log = logging.getLogger("tollgate.store")
 
 PREFIX = "tollgate:"
 LEDGER = PREFIX + "ledger"
@@ -102,13 +109,15 @@ end
 """
 
 # Admission, all or nothing. KEYS: n budget counter hashes, their n hold sets, then per
-# rate limit its hash and its entry set. ARGV: n, m (limits), amount, lease seconds, the
-# hold's member (request_id:amount), the request id ('' only reads), the clock in ms (''
-# for Redis TIME); then per hold its limit (-1: not blocking) and the seconds until its
-# counter may expire (0: never); then per limit its limit, what this request takes, 1 for a
-# sliding window, and when a day window ends (ms).
+# rate limit its hash and its entry set; for a reservation (a request id given), last, the
+# key that says it was taken back before it ran (TAKE_BACK). ARGV: n, m (limits), amount,
+# lease seconds, the hold's member (request_id:amount), the request id ('' only reads), the
+# clock in ms ('' for Redis TIME); then per hold its limit (-1: not blocking) and the
+# seconds until its counter may expire (0: never); then per limit its limit, what this
+# request takes, 1 for a sliding window, and when a day window ends (ms).
 # Returns: the refused hold (0: none), 1 if a limit refused, the clock, spent and reserved
-# per hold, then per limit: used, its newest entry (-1: none), retry-after ms (-1: fits).
+# per hold, then per limit: used, its newest entry (-1: none), retry-after ms (-1: fits);
+# only {-1} for a reservation taken back (no one reads that reply: its caller gave up).
 RESERVE = REAP + LIMITS + """
 local n, m, amount = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local lease, member, request_id = tonumber(ARGV[4]), ARGV[5], ARGV[6]
@@ -140,6 +149,9 @@ for j = 1, m do
   end
 end
 if refused == 0 and over == 0 and request_id ~= '' then
+  if redis.call('EXISTS', KEYS[#KEYS]) == 1 then
+    return {-1}
+  end
   for i = 1, n do
     reserved[i] = redis.call('HINCRBY', KEYS[i], 'reserved', amount)
     redis.call('ZADD', KEYS[n + i], now + lease, member)
@@ -178,6 +190,51 @@ for j = 1, m do
   table.insert(out, retry[j])
 end
 return out
+"""
+
+# A reservation whose caller never had the answer (Redis stalled past the socket timeout,
+# or the connection broke once the call was sent) may have run, or may still run when Redis
+# reads what was sent: taken back once Redis answers again, or its holds would stand until
+# their lease runs out, refusing other requests against budgets nothing was spent from.
+# KEYS: the key a late run checks (set here, so that it holds nothing), then the
+# reservation's own: n budget counters, their n hold sets, per rate limit its hash and entry
+# set. ARGV: n, m, amount, the hold's member, the request id, seconds the key is kept; then
+# per limit what the request took and 1 for a sliding window. What the reservation added is
+# taken off: a hold found in its set, an entry found in its window and, once either shows it
+# ran, the day counts it added to (a day count keeps no entries to tell by). Returns 1 if it
+# had run.
+TAKE_BACK = """
+local n, m, amount = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local member, request_id = ARGV[4], ARGV[5]
+redis.call('SET', KEYS[1], '1', 'EX', tonumber(ARGV[6]))
+local function take(hash, field, value)
+  if redis.call('HINCRBY', hash, field, 0 - value) < 0 then
+    redis.call('HSET', hash, field, 0)
+  end
+end
+local ran = false
+for i = 1, n do
+  if redis.call('ZREM', KEYS[1 + n + i], member) == 1 then
+    ran = true
+    take(KEYS[1 + i], 'reserved', amount)
+  end
+end
+for j = 1, m do
+  local total, log = KEYS[2 * n + 2 * j], KEYS[2 * n + 2 * j + 1]
+  local need = tonumber(ARGV[5 + 2 * j])
+  if ARGV[6 + 2 * j] == '1' and redis.call('ZREM', log, request_id .. ':' .. need) == 1 then
+    ran = true
+    take(total, 'used', need)
+  end
+end
+if ran then
+  for j = 1, m do
+    if ARGV[6 + 2 * j] ~= '1' then
+      take(KEYS[2 * n + 2 * j], 'used', tonumber(ARGV[5 + 2 * j]))
+    end
+  end
+end
+return ran and 1 or 0
 """
 
 # KEYS: n counter hashes, then their n hold sets. Returns spent, reserved per counter, with
@@ -317,6 +374,10 @@ POOL_CONNECTIONS = 64
 POOL_WAIT_SECONDS = 5
 # A connection unused this long is PINGed before its next use (and reconnected if Redis closed it).
 HEALTH_CHECK_SECONDS = 5
+# Reservations waiting to be taken back (TAKE_BACK) while Redis does not answer, tried again
+# this often; past the cap, the oldest are left to their holds' leases.
+TAKE_BACK_WAITING = 10_000
+TAKE_BACK_RETRY_SECONDS = 1.0
 
 
 class RedisStore(Store):
@@ -345,6 +406,11 @@ class RedisStore(Store):
         self._write_ahead = self.pipelined.script(WRITE_AHEAD)
         self._renew_inflight = self.pipelined.script(RENEW_INFLIGHT)
         self._expired = self.pipelined.script(EXPIRED)
+        self._take_back = self.pipelined.script(TAKE_BACK)
+        self._to_take_back: collections.deque[tuple[list[str], list[object]]] = \
+            collections.deque(maxlen=TAKE_BACK_WAITING)
+        self._taking_back: asyncio.Task[None] | None = None
+        self.taken_back = 0  # reservations found to have run, and taken back
 
     @staticmethod
     def _key(counter: str) -> str:
@@ -379,10 +445,19 @@ class RedisStore(Store):
         keys = [*(self._key(h.counter) for h in holds), *(self._holds(h.counter) for h in holds)]
         for lim in limits:
             keys += self._limit_keys(lim.counter)
+        if request_id:  # a reservation, not a read: its own key says if it was taken back
+            keys.append(f"{PREFIX}taken-back:{request_id}:{secrets.token_hex(4)}")
         try:
             out = [int(v) for v in await self._reserve(keys=keys, args=args)]
         except RedisError as e:
+            if request_id:  # it may have run, or may yet: what it held goes back
+                self._take_back_later([keys[-1], *keys[:-1]], [
+                    len(holds), len(limits), amount, self.member(request_id, amount),
+                    request_id, self.lease_seconds,
+                    *(v for lim in limits for v in (lim.amount(tokens), int(lim.sliding)))])
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
+        if out[0] == -1:  # (only a late run of a reservation taken back answers so, unread)
+            raise StoreUnavailable(f"redis {self.url}: the reservation was taken back")
         refused, over, clock = out[0], out[1], out[2] / 1000
         values = out[3:3 + 2 * len(holds)]
         counters = [Counter(values[2 * i], values[2 * i + 1]) for i in range(len(holds))]
@@ -398,6 +473,33 @@ class RedisStore(Store):
         granted = refused == 0 and not over
         return granted, counters, refused - 1 if refused else None, windows, refused_limits, \
             clock
+
+    def _take_back_later(self, keys: list[str], args: list[object]) -> None:
+        self._to_take_back.append((keys, args))
+        if self._taking_back is None or self._taking_back.done():
+            self._taking_back = asyncio.get_running_loop().create_task(
+                self._take_back_waiting())
+
+    async def _take_back_waiting(self) -> None:
+        """Take back the reservations whose answer never came, oldest first, as soon as
+        Redis answers (see TAKE_BACK)."""
+        while self._to_take_back:
+            keys, args = self._to_take_back[0]
+            try:
+                ran = await self._take_back(keys=keys, args=args)
+            except ResponseError as e:  # the script itself failed: trying again would too
+                log.error("request %s: its reservation could not be taken back (%s); its "
+                          "holds return when their lease runs out", args[4], e)
+                ran = 0
+            except RedisError:  # Redis is not answering yet
+                await asyncio.sleep(TAKE_BACK_RETRY_SECONDS)
+                continue
+            if self._to_take_back and self._to_take_back[0][0] is keys:
+                self._to_take_back.popleft()
+            if ran:
+                self.taken_back += 1
+                log.warning("request %s: its reservation ran after the gateway had stopped "
+                            "waiting for it; what it held is returned", args[4])
 
     async def reserve(self, request_id: str, holds: list[Hold], amount: int,
                       limits: list[Limit] | None = None, tokens: int = 0,
@@ -554,5 +656,12 @@ class RedisStore(Store):
             raise StoreUnavailable(f"redis {self.url}: {e}") from e
 
     async def close(self) -> None:
+        if self._taking_back is not None:
+            self._taking_back.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._taking_back
+        if self._to_take_back:  # the holds' leases return them
+            log.warning("%d reservation(s) whose answer never came are left to their holds' "
+                        "leases (%d s)", len(self._to_take_back), self.lease_seconds)
         await self.pipelined.close()
         await self.client.aclose()
