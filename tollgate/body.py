@@ -50,6 +50,18 @@ def check_content_type(value: str | None) -> None:
                    "application/json`.")
 
 
+def check_content_encoding(value: str | None) -> None:
+    """A body sent encoded (gzip, br...) is refused: the gateway reads the bytes it forwards,
+    and a provider that decoded them would read a request the gateway never checked."""
+    if value is None:
+        return
+    codings = [c.strip().lower() for c in value.split(",") if c.strip()]
+    if any(c != "identity" for c in codings):
+        raise _bad(f"Content-Encoding {value.strip()!r} is not accepted: the gateway reads "
+                   "each request it forwards, so send the body uncompressed (no "
+                   "Content-Encoding, or `identity`).")
+
+
 def _read(raw: bytes) -> Any:
     """The body's JSON, no key twice in one object. jiter (Rust) reads it, refusing such a
     key itself, two to six times as fast as the standard library with a Python hook per

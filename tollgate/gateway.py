@@ -228,6 +228,7 @@ class Gateway:
                 return self._reply(trace, loaded, 200, self._models(loaded, key, family), key,
                                    seen=seen)
             bodies.check_content_type(req.headers.get("content-type"))
+            bodies.check_content_encoding(req.headers.get("content-encoding"))
             body = bodies.parse(route, req.body)
             trace.keep_prompt(body.doc)
             seen["model"] = body.model  # as asked; as resolved once the alias applies

@@ -4,9 +4,11 @@ the gateway serving the next request."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import re
 import socket
+import zlib
 
 import httpx
 import pytest
@@ -88,6 +90,21 @@ def test_wrong_content_type(gateway, key, fake_openai):
     assert "content-type" in r.json()["error"]["message"].lower()
     assert fake_openai.requests == []
     still_serving(gateway, key)
+
+
+@pytest.mark.parametrize(("coding", "compress"), [
+    ("gzip", gzip.compress), ("deflate", zlib.compress),
+    # Declared but not applied: read as JSON by a gateway that ignored the header, then
+    # decoded (or refused) by a provider that did not.
+    ("br", bytes), ("gzip, identity", gzip.compress)])
+def test_an_encoded_body_is_refused_not_forwarded(gateway, key, fake_openai, coding, compress):
+    r = post(gateway, key, "/v1/chat/completions", compress(json.dumps(CHAT).encode()),
+             content_encoding=coding)
+    assert_refused(r, 400, "invalid_request")
+    assert "content-encoding" in r.json()["error"]["message"].lower()
+    assert fake_openai.requests == []
+    assert post(gateway, key, "/v1/chat/completions", json.dumps(CHAT).encode(),
+                content_encoding="identity").status_code == 200
 
 
 def test_oversized_body_is_refused_from_its_content_length(gateway, key, fake_openai):
