@@ -114,6 +114,12 @@ def _check_shape(route: Route, doc: dict[str, Any]) -> None:
                 raise _bad(f"`{field}` must be a positive integer.", field)
     if route.name == "embeddings" and "input" not in doc:
         raise _bad("`input` is required.", "input")
+    if route.name == "responses" and doc.get("background") not in (None, False):
+        # The provider answers `queued` and generates afterwards, for a poll the gateway
+        # does not serve: that output would be spent past every budget and never metered.
+        raise _bad("Background responses (`background: true`) are not served: their output "
+                   "is generated after the answer, where the gateway cannot meter or charge "
+                   "it. Stream a long response instead (`stream: true`).", "background")
 
 
 # Where each route's request sets its output cap, the preferred field first.

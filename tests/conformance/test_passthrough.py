@@ -154,6 +154,19 @@ def test_responses_api_json_and_stream(gateway, fake_openai):
     assert fake_openai.requests[-1].path == "/v1/responses"
 
 
+def test_a_background_response_is_refused_before_the_provider(gateway, fake_openai):
+    """A background response is answered `queued` and generated afterwards, for a poll the
+    gateway does not serve: its output would be spent past every budget, unmetered."""
+    client = oai(gateway, gateway.create_key())
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="gpt-5", input="a long task", background=True)
+    error = refused.value.body
+    assert error["code"] == "invalid_request" and error["param"] == "background"
+    assert "stream" in error["message"]
+    assert fake_openai.requests == []
+    assert client.responses.create(model="gpt-5", input="hi", background=False).output_text
+
+
 def test_embeddings(gateway, fake_openai):
     key = gateway.create_key()
     result = oai(gateway, key).embeddings.create(model="text-embedding-3-small",
