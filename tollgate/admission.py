@@ -53,6 +53,7 @@ class Admission:
         input_estimate = math.ceil(len(req.body) / 2)  # generous: a token is >= ~2 bytes
         input_estimate += self._unseen_input_allowance(loaded, key, body, attempts)
         requested_cap = bodies.output_cap(route, body.doc)
+        choices = bodies.choices(route, body.doc)  # each writes up to the cap
         requested_tier = bodies.requested_tier(body.doc)
         providers = {p.id: p for p in cfg.model_providers}
 
@@ -70,8 +71,8 @@ class Admission:
                     input_tokens=input_estimate,
                     service_tier=requested_tier or providers[a.provider_id].default_service_tier))
                 cases.append(budgets.WorstCase(
-                    a.model, held, input_estimate, out, cap is not None,
-                    bodies.output_cap_field(route, body.doc), tier))
+                    a.model, held, input_estimate, out * choices, cap is not None,
+                    bodies.output_cap_field(route, body.doc), tier, choices))
             if not route.metered:
                 return None, 0
             return max(cases, key=lambda c: c.micros), max(
@@ -133,7 +134,7 @@ class Admission:
                 capping = next((h.budget for h in holds if h.budget.on_breach == "cap"
                                 and not h.shadow), None)
                 new_cap = None if room is None or worst is None else budgets.lowered_cap(
-                    capping, worst, room - worst.input_tokens, lowered)
+                    capping, worst, (room - worst.input_tokens) // worst.choices, lowered)
                 if new_cap is None:
                     # The limit that holds the request back longest (or that it can never
                     # fit).

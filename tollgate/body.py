@@ -108,7 +108,7 @@ def _check_shape(route: Route, doc: dict[str, Any]) -> None:
         if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
             raise _bad("`max_tokens` must be a positive integer.", "max_tokens")
     if route.name == "chat_completions":
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "n"):
             v = doc.get(field)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise _bad(f"`{field}` must be a positive integer.", field)
@@ -137,6 +137,13 @@ def output_cap(route: Route, doc: dict[str, Any]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def choices(route: Route, doc: dict[str, Any]) -> int:
+    """How many completions the request asks for, each as long as its cap allows: chat's
+    `n` (checked by `parse`), else one."""
+    n = doc.get("n") if route.name == "chat_completions" else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
 
 def requested_tier(doc: dict[str, Any]) -> str | None:

@@ -152,26 +152,33 @@ class WorstCase:
     model: str
     price: ModelPrice
     input_tokens: int
-    output_tokens: int
+    output_tokens: int  # of all its choices together
     capped: bool  # False: no cap in the request, so the model's ceiling counts
-    cap_field: str | None  # where the request would set a cap
+    cap_field: str | None  # where the request would set a cap (on each choice)
     tier: str | None = None  # the price tier held (None: standard)
+    choices: int = 1  # completions it asks for (chat's `n`), each up to the cap
 
     @property
     def micros(self) -> int:
         return worst_case_micros(self.input_tokens, self.output_tokens, self.price)
 
+    @property
+    def per_choice(self) -> int:
+        """The output tokens each choice may write: the cap the request has now."""
+        return self.output_tokens // self.choices
+
     def output_that_fits(self, micros: int) -> int:
-        """The most output tokens that keep this request's worst case within `micros` (below
-        zero: its input alone does not fit), once the cap itself is in its body (the input
-        is estimated from the body's size: `, "field": 123456` adds to it)."""
+        """The highest output cap (on each choice) that keeps this request's worst case
+        within `micros` (below zero: its input alone does not fit), once the cap itself is
+        in its body (the input is estimated from the body's size: `, "field": 123456` adds
+        to it)."""
         with_cap = self.input_tokens + math.ceil((len(self.cap_field or "") + 12) / 2)
         room = micros - self.price.input * with_cap
         if room < 0:
             return -1
         if self.price.output <= 0:
-            return self.output_tokens
-        return int(room // self.price.output)
+            return self.per_choice
+        return int(room // self.price.output) // self.choices
 
 
 # How many times one request's output cap may be lowered (each retry is a store round trip).
@@ -186,7 +193,7 @@ def lowered_cap(budget: Budget | None, worst: WorstCase | None, fits: int, lower
     if budget is None or budget.on_breach != "cap" or worst is None or not worst.cap_field \
             or lowered >= MAX_LOWERINGS:
         return None
-    return fits if budget.min_output_tokens <= fits < worst.output_tokens else None
+    return fits if budget.min_output_tokens <= fits < worst.per_choice else None
 
 
 def shadow_refusal(hold: Hold, committed: int, amount: int) -> str:
@@ -213,6 +220,8 @@ def refusal(hold: Hold, spent: int, reserved: int, worst: WorstCase, now: dateti
         resets = f" It resets at {hold.resets_at.isoformat()}."
         headers["retry-after"] = str(max(1, int((hold.resets_at - now).total_seconds()) + 1))
     what = f"{worst.output_tokens:,} output tokens of {worst.model}"
+    if worst.choices > 1:
+        what += f" ({worst.choices} choices of {worst.per_choice:,})"
     if not worst.capped:
         what += ", its most, as the request sets no output cap"
     if worst.tier is not None:

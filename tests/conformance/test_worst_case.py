@@ -39,9 +39,10 @@ def key_with_budget(gw, limit: float, on_breach: str):
     return key, budget
 
 
-async def _burst(url: str, secret: str, n: int) -> list[httpx.Response]:
+async def _burst(url: str, secret: str, n: int, body: dict | None = None
+                 ) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=n)) as c:
-        return await asyncio.gather(*(c.post(url, json=CHAT, headers={
+        return await asyncio.gather(*(c.post(url, json=body or CHAT, headers={
             "authorization": f"Bearer {secret}"}) for _ in range(n)))
 
 
@@ -120,6 +121,45 @@ def test_a_cap_budget_serves_a_lone_request_with_the_output_it_can_pay_for(gw, f
     free = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT, timeout=60,
                       headers={"authorization": f"Bearer {key.secret}"})
     assert free.status_code == 200 and "x-langwatch-max-tokens" not in free.headers
+
+
+def test_requests_asking_for_several_choices_reserve_each_ones_output(gw, fake_openai):
+    """Chat's `n` asks for that many completions, each up to the output cap, all billed: 20
+    concurrent requests for 4 choices of 2,000 tokens each hold $0.016 of gpt-5-mini output,
+    not a quarter of it, so what the served ones spend stays within $0.10."""
+    key, budget = key_with_budget(gw, 0.10, "block")
+    fake_openai.uncapped_words = LONG  # every choice writes its whole cap
+    body = {**CHAT, "n": 4, "max_completion_tokens": 2_000}
+    responses = asyncio.run(_burst(f"{gw.url}/v1/chat/completions", key.secret, 20, body))
+    served = [r for r in responses if r.status_code == 200]
+    assert served and {r.status_code for r in responses} == {200, 402}
+    assert all(r.json()["usage"]["completion_tokens"] == 8_000 for r in served)
+    assert "8,000 output tokens of gpt-5-mini (4 choices of 2,000)" in next(
+        r for r in responses if r.status_code == 402).json()["error"]["message"]
+    rows = wait_until(lambda: (mine := [r for r in ledger(gw.config) if r.key_id == key.id
+                                        and r.route == "chat_completions"])
+                      and len(mine) == 20 and mine, timeout=15, what="20 rows")
+    assert 0 < sum(r.cost_micros for r in rows) <= 100_000
+    status = json.loads(gw.cli("gateway-budgets", "status", budget, "--format",
+                               "json").stdout)
+    assert status["spent_usd"] <= 0.10 and status["reserved_usd"] == 0
+
+
+def test_a_cap_budget_lowers_each_choices_cap_so_all_of_them_fit(gw, fake_openai):
+    """$0.004 left under `on_breach: cap`, for 4 choices: each is capped at what a quarter of
+    it pays for, and the request stays within the budget."""
+    key, _ = key_with_budget(gw, 0.004, "cap")
+    fake_openai.uncapped_words = LONG
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "n": 4}, timeout=60,
+                   headers={"authorization": f"Bearer {key.secret}"})
+    assert r.status_code == 200, r.text[:300]
+    cap = int(r.headers["x-langwatch-max-tokens"])
+    assert 400 < cap < 500  # $0.004 of gpt-5-mini output over 4 choices, less the input
+    assert r.json()["usage"]["completion_tokens"] == 4 * cap
+    request_id = r.headers["x-langwatch-request-id"]
+    (row,) = wait_until(lambda: [x for x in ledger(gw.config) if x.request_id == request_id],
+                        timeout=10, what="its row")
+    assert 0 < row.cost_micros <= 4000
 
 
 def test_cap_mode_lowers_the_cap_to_what_the_keys_tpm_has_room_for(gw, fake_openai):

@@ -649,8 +649,11 @@ class _Handler(BaseHTTPRequestHandler):
             words = [f"w{i} " for i in range(count)]
         text = "".join(words)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        usage = {"prompt_tokens": prompt, "completion_tokens": len(words) + (5 if tool else 0),
-                 "total_tokens": prompt + len(words) + (5 if tool else 0),
+        # `n` choices, each written in full (and billed: usage counts them all).
+        n = doc.get("n") if isinstance(doc.get("n"), int) and doc.get("n", 0) > 1 else 1
+        written = n * (len(words) + (5 if tool else 0))
+        usage = {"prompt_tokens": prompt, "completion_tokens": written,
+                 "total_tokens": prompt + written,
                  "prompt_tokens_details": {"cached_tokens": 0},
                  "completion_tokens_details": {"reasoning_tokens": 0}}
         args = json.dumps({"path": "/tmp/x"})
@@ -662,17 +665,23 @@ class _Handler(BaseHTTPRequestHandler):
                                           "function": {"name": tool, "arguments": args}}]
             self._send_json(200, {
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": message, "logprobs": _logprobs(doc, words),
-                             "finish_reason": "tool_calls" if tool else "stop"}],
+                "choices": [{"index": i, "message": message, "logprobs": _logprobs(doc, words),
+                             "finish_reason": "tool_calls" if tool else "stop"}
+                            for i in range(n)],
                 "usage": usage, "service_tier": tier, "system_fingerprint": "fp_fake"})
             return
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        def chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0) -> bytes:
             return _data({"id": cid, "object": "chat.completion.chunk", "created": created,
                           "model": model, "service_tier": tier,
-                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                          "choices": [{"index": index, "delta": delta,
+                                       "finish_reason": finish}]})
 
         events = [chunk({"role": "assistant", "content": ""})]
+        for i in range(1, n):  # the other choices first, then the first as before
+            events += [chunk({"role": "assistant", "content": ""}, index=i),
+                       *(chunk({"content": w}, index=i) for w in words),
+                       chunk({}, "stop", index=i)]
         if tool:
             events.append(chunk({"tool_calls": [{"index": 0, "id": "call_fake1",
                                                  "type": "function",
