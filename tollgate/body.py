@@ -164,11 +164,15 @@ _FETCHED_PARTS = {"image_url", "input_image", "input_file", "file", "image", "do
 
 def unseen_input(doc: dict[str, Any]) -> str | None:
     """What in the request refers to input the gateway cannot see, and so cannot price (the
-    first found), or None: a Responses `previous_response_id` or `conversation`, a file id,
-    or a URL (not a data: URI) in an image, file or document part."""
+    first found), or None: a Responses `previous_response_id`, `conversation` or stored
+    `prompt` (a template the provider fills in), an item reference, a file id, or a URL (not
+    a data: URI) in an image, file or document part."""
     for name in ("previous_response_id", "conversation"):
         if doc.get(name):
             return name
+    prompt = doc.get("prompt")
+    if isinstance(prompt, dict) and prompt.get("id"):
+        return "a stored prompt"
     # Every object and array under them, however deep (the parse bounded nesting). An agent's
     # history runs to hundreds of messages: the walk visits each node once, builds nothing
     # for the strings it passes, and checks exact types (the parse makes plain dicts and
@@ -181,6 +185,8 @@ def unseen_input(doc: dict[str, Any]) -> str | None:
             if node.get("file_id"):
                 return "a file id"
             kind = node.get("type")
+            if kind == "item_reference":  # an item of an earlier response, by id
+                return "an item reference"
             if type(kind) is str and kind in _FETCHED_PARTS:  # (not a list: unhashable)
                 for value in (node.get("image_url"), node.get("file_url"), node.get("url"),
                               node.get("source")):

@@ -548,6 +548,12 @@ async def test_an_outage_log_line_that_cannot_be_recorded_does_not_stop_the_rest
     ("/v1/messages", {**MSG, "messages": [{"role": "user", "content": [
         {"type": "document", "source": {"type": "file", "file_id": "file_1"}}]}]},
      "a file id"),
+    ("/v1/responses", {"model": "gpt-5-mini", "max_output_tokens": 100,
+                       "prompt": {"id": "pmpt_1", "variables": {"city": "Oslo"}}},
+     "a stored prompt"),
+    ("/v1/responses", {"model": "gpt-5-mini", "max_output_tokens": 100, "input": [
+        {"type": "item_reference", "id": "msg_1"},
+        {"role": "user", "content": "and then?"}]}, "an item reference"),
 ])
 async def test_input_the_gateway_cannot_see_is_reserved_or_refused(setup, config_dir, route,
                                                                   body, unseen):
