@@ -412,7 +412,7 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
                         continue
                     state = config.with_name(f"gateway-{name.replace(' ', '-')}.yaml")
                     # A database of its own for each code measured (0 is left unused).
-                    state.write_text(with_state(config, f"{redis.url.rsplit('/', 1)[0]}/{i}"))
+                    state.write_text(with_state(config, redis.database(i)))
                 else:
                     state = own_state(config, name.replace(" ", "-"))
                 gw = GatewayProcess(host, state, workdir, env=env, extra=QUIET.get(host))

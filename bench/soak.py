@@ -170,7 +170,7 @@ def main() -> None:
             config = make_config(workdir / host, _Url(f"http://127.0.0.1:{fake_port}"),
                                  _Url(f"http://127.0.0.1:{free_port()}"))
             if redis is not None:
-                config.write_text(with_state(config, f"{redis.url.rsplit('/', 1)[0]}/{db}"))
+                config.write_text(with_state(config, redis.database(db)))
             secret = new_key(config)
             admin = f"127.0.0.1:{free_port()}"
             extra = ["--envoy-admin", admin] if host == "envoy" else []

@@ -204,7 +204,11 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.database(0)
+
+    def database(self, n: int) -> str:
+        """The URL of its database `n` (one for each gateway that must not share state)."""
+        return f"redis://127.0.0.1:{self.port}/{n}"
 
     def start(self) -> RedisServer:
         import shutil
