@@ -160,19 +160,34 @@ def requested_tier(doc: dict[str, Any]) -> str | None:
 
 # Content parts whose bytes the provider fetches itself when they name a URL or a file.
 _FETCHED_PARTS = {"image_url", "input_image", "input_file", "file", "image", "document"}
+# Tools the provider runs itself (OpenAI's and Anthropic's type names, Anthropic's dated):
+# what they find (search results, pages, file chunks, an MCP server's answers, code output)
+# is read into the model's next turn and billed as input.
+_SERVER_TOOLS = ("web_search", "web_fetch", "file_search", "mcp", "code_interpreter",
+                 "code_execution")
 
 
 def unseen_input(doc: dict[str, Any]) -> str | None:
     """What in the request refers to input the gateway cannot see, and so cannot price (the
     first found), or None: a Responses `previous_response_id`, `conversation` or stored
-    `prompt` (a template the provider fills in), an item reference, a file id, or a URL (not
-    a data: URI) in an image, file or document part."""
+    `prompt` (a template the provider fills in), a tool the provider runs itself (web search
+    and fetch, file search, MCP servers, code execution), an item reference, a file id, or a
+    URL (not a data: URI) in an image, file or document part."""
     for name in ("previous_response_id", "conversation"):
         if doc.get(name):
             return name
     prompt = doc.get("prompt")
     if isinstance(prompt, dict) and prompt.get("id"):
         return "a stored prompt"
+    tools = doc.get("tools")
+    for tool in tools if type(tools) is list else ():
+        kind = tool.get("type") if type(tool) is dict else None
+        if type(kind) is str and kind.startswith(_SERVER_TOOLS):
+            return f"the {kind} tool"
+    if doc.get("mcp_servers"):  # Anthropic's MCP connector
+        return "MCP servers"
+    if doc.get("web_search_options") is not None:  # Chat Completions' search models
+        return "web_search_options"
     # Every object and array under them, however deep (the parse bounded nesting). An agent's
     # history runs to hundreds of messages: the walk visits each node once, builds nothing
     # for the strings it passes, and checks exact types (the parse makes plain dicts and

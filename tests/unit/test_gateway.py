@@ -554,6 +554,22 @@ async def test_an_outage_log_line_that_cannot_be_recorded_does_not_stop_the_rest
     ("/v1/responses", {"model": "gpt-5-mini", "max_output_tokens": 100, "input": [
         {"type": "item_reference", "id": "msg_1"},
         {"role": "user", "content": "and then?"}]}, "an item reference"),
+    # Tools the provider runs itself: what they find is read in as input.
+    ("/v1/responses", {"model": "gpt-5-mini", "input": "news?", "max_output_tokens": 100,
+                       "tools": [{"type": "function", "name": "lookup", "parameters": {}},
+                                 {"type": "web_search"}]}, "the web_search tool"),
+    ("/v1/responses", {"model": "gpt-5-mini", "input": "what do the docs say?",
+                       "max_output_tokens": 100, "tools": [
+                           {"type": "file_search", "vector_store_ids": ["vs_1"]}]},
+     "the file_search tool"),
+    ("/v1/messages", {**MSG, "tools": [
+        {"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 3}]},
+     "the web_fetch_20250910 tool"),
+    ("/v1/messages", {**MSG, "mcp_servers": [
+        {"type": "url", "url": "https://mcp.example.com/sse", "name": "docs"}]},
+     "MCP servers"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 100,
+                              "web_search_options": {}}, "web_search_options"),
 ])
 async def test_input_the_gateway_cannot_see_is_reserved_or_refused(setup, config_dir, route,
                                                                   body, unseen):
@@ -584,7 +600,8 @@ async def test_input_the_gateway_cannot_see_is_reserved_or_refused(setup, config
     assert refused.decision["unseen_input"] == unseen
     assert "cannot see" in refused.decision["message"]
     inline = {**CHAT, "max_completion_tokens": 10, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+        "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]}
     assert isinstance(await gateway().handle(request("/v1/chat/completions", inline, secret)),
                       Forward)
     for forward in (plain, allowed):
