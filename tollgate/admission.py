@@ -54,6 +54,7 @@ class Admission:
         input_estimate += self._unseen_input_allowance(loaded, key, body, attempts)
         requested_cap = bodies.output_cap(route, body.doc)
         choices = bodies.choices(route, body.doc)  # each writes up to the cap
+        searches = bodies.web_searches(route, body.doc)
         requested_tier = bodies.requested_tier(body.doc)
         providers = {p.id: p for p in cfg.model_providers}
 
@@ -72,7 +73,7 @@ class Admission:
                     service_tier=requested_tier or providers[a.provider_id].default_service_tier))
                 cases.append(budgets.WorstCase(
                     a.model, held, input_estimate, out * choices, cap is not None,
-                    bodies.output_cap_field(route, body.doc), tier, choices))
+                    bodies.output_cap_field(route, body.doc), tier, choices, searches))
             if not route.metered:
                 return None, 0
             return max(cases, key=lambda c: c.micros), max(

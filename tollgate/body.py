@@ -218,6 +218,18 @@ def unseen_input(doc: dict[str, Any]) -> str | None:
     return None
 
 
+def web_searches(route: Route, doc: dict[str, Any]) -> int:
+    """The most web searches the request's tools allow (Anthropic's `max_uses`), each billed
+    on top of its tokens. A search tool without `max_uses` has no bound: such a request
+    already counts as input the gateway cannot see (`unseen_input`)."""
+    if route.name != "messages" or type(doc.get("tools")) is not list:
+        return 0
+    return sum(tool["max_uses"] for tool in doc["tools"]
+               if type(tool) is dict and type(tool.get("type")) is str
+               and tool["type"].startswith("web_search_")
+               and type(tool.get("max_uses")) is int and tool["max_uses"] > 0)
+
+
 def output_cap_field(route: Route, doc: dict[str, Any]) -> str | None:
     """The field a cap on this request's output goes in: the one the client used, else its
     API's own (`max_completion_tokens`, `max_output_tokens`, `max_tokens`)."""

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from tollgate.config.schema import Budget, Config, VirtualKey
 from tollgate.errors import GatewayError
-from tollgate.pricing import ModelPrice, worst_case_micros
+from tollgate.pricing import ModelPrice, search_micros, worst_case_micros
 from tollgate.scopes import Lineage
 
 MICROS = 1_000_000
@@ -157,10 +157,12 @@ class WorstCase:
     cap_field: str | None  # where the request would set a cap (on each choice)
     tier: str | None = None  # the price tier held (None: standard)
     choices: int = 1  # completions it asks for (chat's `n`), each up to the cap
+    searches: int = 0  # the web searches its tools allow (each billed)
 
     @property
     def micros(self) -> int:
-        return worst_case_micros(self.input_tokens, self.output_tokens, self.price)
+        return worst_case_micros(self.input_tokens, self.output_tokens, self.price,
+                                 self.searches)
 
     @property
     def per_choice(self) -> int:
@@ -173,7 +175,7 @@ class WorstCase:
         in its body (the input is estimated from the body's size: `, "field": 123456` adds
         to it)."""
         with_cap = self.input_tokens + math.ceil((len(self.cap_field or "") + 12) / 2)
-        room = micros - self.price.input * with_cap
+        room = micros - self.price.input * with_cap - self.searches * search_micros(self.price)
         if room < 0:
             return -1
         if self.price.output <= 0:
@@ -224,6 +226,8 @@ def refusal(hold: Hold, spent: int, reserved: int, worst: WorstCase, now: dateti
         what += f" ({worst.choices} choices of {worst.per_choice:,})"
     if not worst.capped:
         what += ", its most, as the request sets no output cap"
+    if worst.searches and worst.price.web_search:
+        what += f", and {worst.searches:,} web searches"
     if worst.tier is not None:
         what += f", at the {worst.tier} price"
     head = f"Budget {b.id} ({b.name}; scope {b.scope} {b.target}, window {b.window})"

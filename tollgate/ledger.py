@@ -53,6 +53,7 @@ class LedgerRow:
     tier: str | None = None
     # What shadow-mode controls would have refused ("; "-separated), the request served.
     shadow: str | None = None
+    web_search_requests: int = 0  # searches the provider ran for it (billed per search)
 
     def __post_init__(self) -> None:
         # Names a client or a config chose can hold lone surrogates (an escaped "\ud800" in

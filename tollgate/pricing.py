@@ -56,6 +56,9 @@ class ModelPrice(BaseModel):
     # (`default`, `standard`) is the model's own price.
     tiers: dict[str, PriceOverride] = Field(default_factory=dict)
     long_context: LongContext | None = None
+    # USD per 1,000 searches of the provider's web search tool (Anthropic's), on top of the
+    # tokens its results add to the input.
+    web_search: Decimal | None = Field(default=None, ge=0)
 
     @field_validator("tiers")
     @classmethod
@@ -110,14 +113,24 @@ def cost_micros(usage: Usage, price: ModelPrice) -> int:
         price.input * CACHE_WRITE_1H_FACTOR
     micros = (usage.input_tokens * price.input + usage.cached_input_tokens * cached
               + usage.cache_write_tokens * write + usage.cache_write_1h_tokens * write_1h
-              + usage.output_tokens * price.output)
+              + usage.output_tokens * price.output
+              + usage.web_search_requests * search_micros(price))
     return math.ceil(micros)  # prices are per 1M tokens == micro-dollars per token
 
 
-def worst_case_micros(input_tokens: int, max_output_tokens: int, price: ModelPrice) -> int:
-    """What a request can cost at most: every input token uncached, every output token used
-    (at `price` as given: the caller picks the tier it may be served at)."""
-    micros = input_tokens * price.input + max_output_tokens * price.output
+def search_micros(price: ModelPrice) -> Decimal:
+    """What one web search costs, in micro-dollars (the table's price is per 1,000); a model
+    with no search price is charged none (the settlement warns)."""
+    return price.web_search * 1000 if price.web_search is not None else Decimal(0)
+
+
+def worst_case_micros(input_tokens: int, max_output_tokens: int, price: ModelPrice,
+                      searches: int = 0) -> int:
+    """What a request can cost at most: every input token uncached, every output token used,
+    every web search it allows run (at `price` as given: the caller picks the tier it may be
+    served at)."""
+    micros = (input_tokens * price.input + max_output_tokens * price.output
+              + searches * search_micros(price))
     return math.ceil(micros)
 
 

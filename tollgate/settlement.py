@@ -25,16 +25,16 @@ if TYPE_CHECKING:
     from tollgate.exchange import Exchange
 
 log = logging.getLogger("tollgate")
-_WARNED_TIERS: set[tuple[str | None, str | None, str]] = set()
+_WARNED: set[tuple[str | None, str | None, str]] = set()
 
 
-def _warn_unpriced_tier(provider: str | None, model: str | None, tier: str) -> None:
-    """Once per provider, model and tier: charged the standard price, which may be less."""
-    if (provider, model, tier) not in _WARNED_TIERS and len(_WARNED_TIERS) < 1000:
-        _WARNED_TIERS.add((provider, model, tier))
-        log.warning("%s served %s at service tier %r, which has no price for it: charged the "
-                    "standard price. Add `tiers: {%s: ...}` to its price.", provider, model,
-                    tier, tier)
+def _warn_unpriced(provider: str | None, model: str | None, served: str, charged: str,
+                   fix: str) -> None:
+    """Once per provider, model and what it served that its price does not cover."""
+    if (provider, model, served) not in _WARNED and len(_WARNED) < 1000:
+        _WARNED.add((provider, model, served))
+        log.warning("%s served %s %s, which has no price for it: charged %s. Add %s to its "
+                    "price.", provider, model, served, charged, fix)
 
 
 @dataclass
@@ -159,6 +159,7 @@ class Settlement:
             cache_write_1h_tokens=used.cache_write_1h_tokens,
             tier=price.served(used)[1] if price is not None else used.service_tier,
             reasoning_tokens=used.reasoning_tokens,
+            web_search_requests=used.web_search_requests,
             cost_micros=cost, usage_reported=used.reported, status=ex.status,
             outcome=outcome, latency_ms=round((time.monotonic() - ex.started) * 1000, 1),
             code=self.code, output_cap=ex.billing.output_cap,
@@ -191,7 +192,11 @@ class Settlement:
         price = ex.billing.price
         cost = cost_micros(used, price) if price is not None else 0
         if price is not None and used.service_tier and used.service_tier not in price.tiers:
-            _warn_unpriced_tier(ex.provider_id, ex.model, used.service_tier)
+            _warn_unpriced(ex.provider_id, ex.model, f"at service tier {used.service_tier!r}",
+                           "the standard price", f"`tiers: {{{used.service_tier}: ...}}`")
+        if price is not None and used.web_search_requests and price.web_search is None:
+            _warn_unpriced(ex.provider_id, ex.model, "web searches", "nothing for them",
+                           "`web_search: <USD per 1,000 searches>`")
         self.error = error
         telemetry.end_attempt(
             ex.attempt_span, ex.status,

@@ -3,8 +3,9 @@
 OpenAI chat: `usage` in JSON, or the final SSE chunk when `stream_options.include_usage` is
 on. OpenAI Responses: `usage` in JSON, or in `response.completed` / `.incomplete` / `.failed`
 events. Anthropic messages: `usage` in JSON, or `message_start` plus the running
-`message_delta` totals. When a stream is cut off before the provider reports usage, what the
-client did receive is estimated (and marked as such) so nothing goes unmetered.
+`message_delta` totals (its web searches in `server_tool_use`). When a stream is cut off
+before the provider reports usage, what the client did receive is estimated (and marked as
+such) so nothing goes unmetered.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Usage:
     reported: bool = False  # False: estimated by the gateway
     # The provider's service tier as it reported it (flex, priority, ...); None: standard.
     service_tier: str | None = None
+    # Searches the provider ran for it (Anthropic's web search tool), billed per search.
+    web_search_requests: int = 0
 
     @property
     def prompt_tokens(self) -> int:
@@ -104,6 +107,8 @@ def anthropic_usage(u: Any, into: Usage | None = None) -> Usage:
         out.cache_write_tokens -= out.cache_write_1h_tokens
     if "service_tier" in u:
         out.service_tier = service_tier(u["service_tier"])
+    if isinstance(u.get("server_tool_use"), dict):  # a running total in message_delta
+        out.web_search_requests = _int(u, "server_tool_use", "web_search_requests")
     out.reported = True
     return out
 

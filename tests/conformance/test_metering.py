@@ -6,6 +6,7 @@ import json
 import math
 import time
 from decimal import Decimal
+from typing import Any
 
 import anthropic
 import httpx
@@ -39,6 +40,16 @@ def oai(gateway, key) -> openai.OpenAI:
 
 def ant(gateway, key) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=gateway.url, api_key=key.secret, max_retries=0)
+
+
+def ant_call(client: anthropic.Anthropic, stream: bool, **ask) -> tuple[str, Any]:
+    """A messages call, streamed or not: its request id, and its events (read to the end:
+    the stream completes) or its message."""
+    if stream:
+        with client.messages.with_streaming_response.create(stream=True, **ask) as response:
+            return response.headers[RID], list(response.parse())
+    raw = client.messages.with_raw_response.create(**ask)
+    return raw.headers[RID], raw.parse()
 
 
 MESSAGES = [{"role": "user", "content": "Say hello to the metering tests."}]
@@ -413,18 +424,9 @@ def test_anthropic_one_hour_cache_writes_and_service_tier(gateway, fake_anthropi
                "cache_control": {"type": "ephemeral", "ttl": "1h"}},
               {"type": "text", "text": "today's notes " * 200,
                "cache_control": {"type": "ephemeral"}}]
-    client = ant(gateway, key)
-    if stream:
-        with client.messages.with_streaming_response.create(
-                model="claude-sonnet-4-5", max_tokens=64, system=system, messages=MESSAGES,
-                stream=True) as response:
-            request_id = response.headers[RID]
-            events = list(response.parse())  # read to the end: the stream completes
-            reported = events[0].message.usage
-    else:
-        raw = client.messages.with_raw_response.create(
-            model="claude-sonnet-4-5", max_tokens=64, system=system, messages=MESSAGES)
-        request_id, reported = raw.headers[RID], raw.parse().usage
+    request_id, got = ant_call(ant(gateway, key), stream, model="claude-sonnet-4-5",
+                               max_tokens=64, system=system, messages=MESSAGES)
+    reported = got[0].message.usage if stream else got.usage
     row = ledger_row(gateway, request_id)
     hour = reported.cache_creation.ephemeral_1h_input_tokens
     five = reported.cache_creation.ephemeral_5m_input_tokens
@@ -437,6 +439,24 @@ def test_anthropic_one_hour_cache_writes_and_service_tier(gateway, fake_anthropi
     # $6 per 1M for the hour's writes, $3.75 for the 5 minutes', $3 input, $15 output.
     assert row.cost_micros == math.ceil(hour * 6 + five * Decimal("3.75")
                                         + row.input_tokens * 3 + row.output_tokens * 15)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_web_searches_are_charged_per_search(gateway, stream):
+    """Anthropic's web search tool bills each search ($10 per 1,000) on top of the tokens
+    its results add to the input: the row counts the searches and its cost holds them."""
+    key = gateway.create_key()
+    tools = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]
+    request_id, got = ant_call(ant(gateway, key), stream, model="claude-haiku-4-5",
+                               max_tokens=64, tools=tools, messages=MESSAGES)
+    usage = got[-2].usage if stream else got.usage  # a stream's totals: message_delta
+    searches = usage.server_tool_use.web_search_requests
+    row = ledger_row(gateway, request_id)
+    assert searches == row.web_search_requests == 3
+    assert row.cost_micros == expect_cost("claude-haiku-4-5", Usage(
+        input_tokens=row.input_tokens, output_tokens=row.output_tokens, web_search_requests=3))
+    # $1 per 1M input tokens, $5 output, and $0.01 a search.
+    assert row.cost_micros == row.input_tokens + row.output_tokens * 5 + 3 * 10_000
 
 
 def test_long_context_is_priced_for_the_whole_request(gateway):

@@ -773,15 +773,21 @@ class _Handler(BaseHTTPRequestHandler):
         model = doc.get("model", "")
         prompt = _count_tokens([doc.get("system"), doc.get("messages")])
         tool = _first_tool(doc.get("tools"), "anthropic")
+        searches = _web_searches(doc.get("tools"))
         words = _words(_answer(self.fake))
         mid = f"msg_{uuid.uuid4().hex[:24]}"
-        out_tokens = len(words) + (5 if tool else 0)
+        out_tokens = len(words) + (5 if tool else 0) + 10 * searches
         writes = _cache_writes(doc)
         usage: dict[str, Any] = {
-            "input_tokens": max(1, prompt - sum(writes.values())), "output_tokens": out_tokens,
+            # What each search found is read in as input.
+            "input_tokens": max(1, prompt - sum(writes.values())) + SEARCH_RESULT_TOKENS * searches,
+            "output_tokens": out_tokens,
             "cache_creation_input_tokens": sum(writes.values()), "cache_read_input_tokens": 0,
             "cache_creation": {"ephemeral_5m_input_tokens": writes["5m"],
                                "ephemeral_1h_input_tokens": writes["1h"]}}
+        if searches:
+            usage["server_tool_use"] = {"web_search_requests": searches}
+        searched = [block for i in range(searches) for block in _web_search_blocks(i)]
         if not bedrock:  # Bedrock names its tier in a header
             usage["service_tier"] = self._served_tier(doc.get("service_tier"), "standard",
                                                       ("auto", "standard_only"))
@@ -794,6 +800,7 @@ class _Handler(BaseHTTPRequestHandler):
             if tool:
                 content = [{"type": "tool_use", "id": "toolu_fake1", "name": tool,
                             "input": tool_input}]
+            content = searched + content
             self._send_json(200, {"id": mid, "type": "message", "role": "assistant",
                                   "model": model, "content": content, "stop_reason": stop,
                                   "stop_sequence": None, "usage": usage})
@@ -802,34 +809,44 @@ class _Handler(BaseHTTPRequestHandler):
             _event("message_start", {"type": "message_start", "message": {
                 "id": mid, "type": "message", "role": "assistant", "model": model,
                 "content": [], "stop_reason": None, "stop_sequence": None,
-                "usage": {**usage, "output_tokens": 1}}}),
+                "usage": {**usage, "output_tokens": 1, **(
+                    {"server_tool_use": {"web_search_requests": 0}} if searches else {})}}}),
         ]
+        for index, block in enumerate(searched):  # each whole, as a block of its own
+            events += [
+                _event("content_block_start", {"type": "content_block_start", "index": index,
+                                               "content_block": block}),
+                _event("content_block_stop", {"type": "content_block_stop", "index": index}),
+            ]
+        first = len(searched)  # the index of the answer's own block
         if tool:
             args = json.dumps(tool_input)
             events += [
-                _event("content_block_start", {"type": "content_block_start", "index": 0,
+                _event("content_block_start", {"type": "content_block_start", "index": first,
                                                "content_block": {"type": "tool_use",
                                                                  "id": "toolu_fake1",
                                                                  "name": tool, "input": {}}}),
-                *[_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                *[_event("content_block_delta", {"type": "content_block_delta", "index": first,
                                                  "delta": {"type": "input_json_delta",
                                                            "partial_json": p}})
                   for p in (args[: len(args) // 2], args[len(args) // 2:])],
             ]
         else:
             events += [
-                _event("content_block_start", {"type": "content_block_start", "index": 0,
+                _event("content_block_start", {"type": "content_block_start", "index": first,
                                                "content_block": {"type": "text", "text": ""}}),
                 _event("ping", {"type": "ping"}),
-                *[_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                *[_event("content_block_delta", {"type": "content_block_delta", "index": first,
                                                  "delta": {"type": "text_delta", "text": w}})
                   for w in words],
             ]
         events += [
-            _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _event("content_block_stop", {"type": "content_block_stop", "index": first}),
             _event("message_delta", {"type": "message_delta",
                                      "delta": {"stop_reason": stop, "stop_sequence": None},
-                                     "usage": {"output_tokens": out_tokens}}),
+                                     "usage": {"output_tokens": out_tokens, **(
+                                         {"server_tool_use": usage["server_tool_use"]}
+                                         if searches else {})}}),
             _event("message_stop", {"type": "message_stop"}),
         ]
         self._stream(events, behaviour)
@@ -878,12 +895,37 @@ def _logprobs(doc: dict[str, Any], words: list[str]) -> dict[str, Any] | None:
 
 
 def _first_tool(tools: Any, shape: str) -> str | None:
+    """The first tool the client runs (Anthropic's server tools run here: not those)."""
+    if shape == "anthropic":
+        tools = [t for t in tools or [] if not str(t.get("type", "")).startswith(SERVER_TOOLS)]
     if not tools:
         return None
     tool = tools[0]
     if shape == "chat":
         return tool.get("function", {}).get("name")
     return tool.get("name")
+
+
+# Anthropic's tools that run on its side, by their dated type names' stems.
+SERVER_TOOLS = ("web_search_", "web_fetch_", "code_execution_")
+SEARCH_RESULT_TOKENS = 200  # what one search's results add to the input
+
+
+def _web_searches(tools: Any) -> int:
+    """Searches the fake runs for a request: each web search tool's `max_uses` (its most),
+    or one."""
+    return sum(t.get("max_uses") or 1 for t in tools or []
+               if str(t.get("type", "")).startswith("web_search_"))
+
+
+def _web_search_blocks(i: int) -> list[dict[str, Any]]:
+    """One search as Anthropic writes it in a message: the search, then what it found."""
+    tool_id = f"srvtoolu_fake{i}"
+    return [{"type": "server_tool_use", "id": tool_id, "name": "web_search",
+             "input": {"query": f"query {i}"}},
+            {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": [
+                {"type": "web_search_result", "url": f"https://example.com/{i}",
+                 "title": f"Result {i}", "encrypted_content": "ZmFrZQ==", "page_age": None}]}]
 
 
 def _data(doc: Any) -> bytes:

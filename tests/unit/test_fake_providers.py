@@ -213,6 +213,25 @@ def test_the_bedrock_fake_names_its_service_tier_as_botocore_reads_it(bedrock):
         bedrock.default_tier = None
 
 
+def test_the_anthropic_fake_runs_web_searches_as_the_sdk_reads_them(fake_anthropic):
+    """A web search tool: the searches and what they found come before the answer, in JSON
+    and in a stream, and usage counts them (`server_tool_use`)."""
+    claude = anthropic.Anthropic(base_url=fake_anthropic.url, api_key=fake_anthropic.api_key,
+                                 default_headers={"x-api-key": fake_anthropic.api_key})
+    ask = {"model": "claude-haiku-4-5", "max_tokens": 50,
+           "messages": [{"role": "user", "content": "news?"}],
+           "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 2}]}
+    message = claude.messages.create(**ask)
+    with claude.messages.stream(**ask) as stream:
+        streamed = stream.get_final_message()
+    for got in (message, streamed):
+        assert [b.type for b in got.content] == ["server_tool_use", "web_search_tool_result"] \
+            * 2 + ["text"]
+        assert got.usage.server_tool_use.web_search_requests == 2
+        assert got.content[0].name == "web_search" and got.content[1].content[0].url
+        assert got.stop_reason == "end_turn"
+
+
 def test_the_anthropic_fake_reports_cache_writes_and_tier_as_the_sdk_reads_them(fake_anthropic):
     claude = anthropic.Anthropic(base_url=fake_anthropic.url, api_key=fake_anthropic.api_key,
                                  default_headers={"x-api-key": fake_anthropic.api_key})

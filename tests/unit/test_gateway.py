@@ -608,6 +608,33 @@ async def test_input_the_gateway_cannot_see_is_reserved_or_refused(setup, config
         forward.exchange.finish("completed")
 
 
+async def test_the_web_searches_a_request_allows_are_in_its_worst_case(setup, config_dir):
+    """Anthropic bills each web search ($10 per 1,000 on the shipped prices) on top of the
+    tokens: a blocking budget holds every search the request's tools allow (`max_uses`),
+    refuses a request whose searches it cannot cover, and says so."""
+    key, gateway = setup
+    secret = key()
+    assert CliRunner().invoke(cli, ["--config", str(config_dir / "gateway.yaml"),
+                                    "gateway-budgets", "create", "--name", "org", "--scope",
+                                    "org", "--org", "acme", "--limit", "0.025", "--id", "b_org"]
+                              ).exit_code == 0
+
+    def searching(max_uses: int) -> dict:
+        return {**MSG, "tools": [{"type": "web_search_20250305", "name": "web_search",
+                                  "max_uses": max_uses}]}
+
+    plain = await gateway().handle(request("/v1/messages", MSG, secret))
+    one = await gateway().handle(request("/v1/messages", searching(1), secret))
+    assert isinstance(plain, Forward) and isinstance(one, Forward)
+    held = one.exchange.billing.reserved - plain.exchange.billing.reserved
+    assert 10_000 <= held < 10_500  # one search, and the input its tool adds to the body
+    refused = await gateway().handle(request("/v1/messages", searching(3), secret))
+    assert isinstance(refused, Reply) and refused.status == 402
+    assert "and 3 web searches" in refused.decision["message"]
+    for forward in (plain, one):
+        forward.exchange.finish("completed")
+
+
 async def test_a_part_whose_type_is_not_a_string_is_the_providers_to_refuse(setup):
     """The walk for input the gateway cannot see meets whatever the client sent: a content
     part whose `type` is a list or an object is no part it knows, so the request goes on

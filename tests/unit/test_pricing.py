@@ -8,7 +8,7 @@ import pytest
 
 from tollgate.config.problems import ConfigError
 from tollgate.pricing import ModelPrice, cost_micros, load_prices
-from tollgate.usage import Usage
+from tollgate.usage import Usage, anthropic_usage
 
 PRICE = ModelPrice.model_validate({
     "input": 3, "output": 15, "cached_input": "0.3", "cache_write": "3.75",
@@ -38,6 +38,24 @@ def test_a_standard_tier_is_the_models_price_and_an_unlisted_one_is_named():
     assert PRICE.served(Usage(input_tokens=5, service_tier="default")) == (PRICE, None)
     price, tier = PRICE.served(Usage(input_tokens=5, service_tier="flex"))
     assert (price, tier) == (PRICE, "flex")
+
+
+def test_web_searches_cost_their_price_per_thousand_on_any_tier_and_none_unpriced():
+    searching = PRICE.model_copy(update={"web_search": Decimal("10.00")})
+    used = Usage(input_tokens=100, output_tokens=10, web_search_requests=3,
+                 service_tier="priority")
+    assert cost_micros(used, searching) == 100 * 5 + 10 * 25 + 3 * 10_000
+    assert cost_micros(used, PRICE) == 100 * 5 + 10 * 25  # no search price: the tokens
+
+
+def test_anthropic_usage_counts_web_searches_as_a_stream_totals_them():
+    """message_start says none yet, message_delta gives the running total."""
+    used = anthropic_usage({"input_tokens": 50, "output_tokens": 1,
+                            "server_tool_use": {"web_search_requests": 0}})
+    anthropic_usage({"output_tokens": 40, "server_tool_use": {"web_search_requests": 2}},
+                    into=used)
+    anthropic_usage({"output_tokens": 45}, into=used)  # a total without it keeps the count
+    assert (used.input_tokens, used.output_tokens, used.web_search_requests) == (50, 45, 2)
 
 
 def test_the_price_table_refuses_a_tier_named_for_the_standard_one(tmp_path):

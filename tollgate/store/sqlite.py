@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS ledger (
     cache_write_tokens INTEGER, reasoning_tokens INTEGER, cost_micros INTEGER,
     usage_reported INTEGER, status INTEGER, outcome TEXT, latency_ms REAL,
     fallback_count INTEGER, code TEXT, fallbacks TEXT, skipped TEXT, output_cap INTEGER,
-    cache_write_1h_tokens INTEGER DEFAULT 0, tier TEXT, shadow TEXT
+    cache_write_1h_tokens INTEGER DEFAULT 0, tier TEXT, shadow TEXT,
+    web_search_requests INTEGER DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
 -- Rate limits, as settled requests left them (the windows themselves are in memory).
@@ -116,7 +117,8 @@ class SQLiteStore(Store):
         for added, kind in (("code", "TEXT"), ("fallbacks", "TEXT"), ("skipped", "TEXT"),
                             ("output_cap", "INTEGER"),
                             ("cache_write_1h_tokens", "INTEGER DEFAULT 0"),
-                            ("tier", "TEXT"), ("shadow", "TEXT")):  # an earlier ledger
+                            ("tier", "TEXT"), ("shadow", "TEXT"),
+                            ("web_search_requests", "INTEGER DEFAULT 0")):  # an earlier ledger
             if added not in columns:
                 self.db.execute(f"ALTER TABLE ledger ADD COLUMN {added} {kind}")
         if "started" not in {row[1] for row in self.db.execute("PRAGMA table_info(inflight)")}:
