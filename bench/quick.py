@@ -53,6 +53,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -292,6 +293,16 @@ def checkout(revision: str) -> Iterator[Path]:
         where.parent.rmdir()
 
 
+def with_tables_of(config: Path, code: Path) -> None:
+    """`config` reads the price table and model catalog `code` shipped with: a revision's
+    code measured beside this checkout reads its own tables (a later one may hold fields it
+    does not know, and would refuse to start on it)."""
+    text = config.read_text()
+    for name in ("prices", "models"):
+        text = re.sub(rf"(?m)^(\s+{name}):.*$", rf'\1: "{code}/config/{name}.yaml"', text)
+    config.write_text(text)
+
+
 def revision_of(ref: str) -> str | None:
     """The commit `ref` names in this clone (None: not in its history)."""
     found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet",
@@ -415,6 +426,8 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
                     state.write_text(with_state(config, redis.database(i)))
                 else:
                     state = own_state(config, name.replace(" ", "-"))
+                if env is not None:
+                    with_tables_of(state, Path(env["PYTHONPATH"]))
                 gw = GatewayProcess(host, state, workdir, env=env, extra=QUIET.get(host))
                 gateways.append(gw)  # stopped at the end, started or not
                 try:

@@ -2,8 +2,13 @@
 figures of the same run (synthetic times: nothing here is timed)."""
 
 import json
+import shutil
 
-from bench.quick import compare, figures
+from bench.latency import _Url
+from bench.quick import compare, figures, with_tables_of
+from tests.conftest import make_config
+from tests.harness import ROOT
+from tollgate.config.load import load_config
 
 PATHS = ("direct", "plain envoy", "mitmdump")
 
@@ -125,3 +130,26 @@ def test_the_body_size_figures_are_each_hosts_p50_over_the_direct_calls_for_big_
                    "envoy 100 KiB stream: p50 / direct p50": 1.5}
     assert compare(now, then) == ["envoy 100 KiB json: p50 / direct p50: 1.500, baseline "
                                   "1.250 (+20%)"]
+
+
+def test_a_revision_measured_beside_this_checkout_reads_the_tables_it_shipped_with(tmp_path):
+    """A later price table can hold fields an earlier revision's code refuses (its models
+    forbid unknown fields): the revision's gateway reads its own tables, this checkout's
+    its own, from configs otherwise the same."""
+    config = make_config(tmp_path / "now", _Url("http://127.0.0.1:1"),
+                         _Url("http://127.0.0.1:2"))
+    code = tmp_path / "code"
+    (code / "config").mkdir(parents=True)
+    for name in ("prices", "models"):
+        shutil.copyfile(ROOT / "config" / f"{name}.yaml", code / "config" / f"{name}.yaml")
+    table = code / "config" / "prices.yaml"
+    table.write_text(table.read_text().replace("gpt-5:\n    {input: 1.25,",
+                                               "gpt-5:\n    {input: 9.75,"))
+    theirs = config.with_name("gateway-then.yaml")
+    shutil.copyfile(config, theirs)
+    with_tables_of(theirs, code)
+    then, now = load_config(theirs), load_config(config)
+    assert then.prices.path == table and now.prices.path == config.with_name("prices.yaml")
+    assert (then.prices.lookup("gpt-5").input, now.prices.lookup("gpt-5").input) == (9.75, 1.25)
+    assert f'models: "{code}/config/models.yaml"' in theirs.read_text()
+    assert then.config.model_providers == now.config.model_providers
