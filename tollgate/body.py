@@ -219,15 +219,22 @@ def unseen_input(doc: dict[str, Any]) -> str | None:
 
 
 def web_searches(route: Route, doc: dict[str, Any]) -> int:
-    """The most web searches the request's tools allow (Anthropic's `max_uses`), each billed
-    on top of its tokens. A search tool without `max_uses` has no bound: such a request
-    already counts as input the gateway cannot see (`unseen_input`)."""
-    if route.name != "messages" or type(doc.get("tools")) is not list:
+    """The most web searches the request's tools allow, each billed on top of its tokens:
+    Anthropic's `max_uses` on each search tool, a Responses request's `max_tool_calls`. A
+    search tool without a bound has none: such a request already counts as input the
+    gateway cannot see (`unseen_input`)."""
+    tools = doc.get("tools")
+    if type(tools) is not list:
         return 0
-    return sum(tool["max_uses"] for tool in doc["tools"]
-               if type(tool) is dict and type(tool.get("type")) is str
-               and tool["type"].startswith("web_search_")
-               and type(tool.get("max_uses")) is int and tool["max_uses"] > 0)
+    searching = [t for t in tools if type(t) is dict and type(t.get("type")) is str
+                 and t["type"].startswith("web_search")]
+    if route.name == "messages":
+        return sum(t["max_uses"] for t in searching
+                   if type(t.get("max_uses")) is int and t["max_uses"] > 0)
+    bound = doc.get("max_tool_calls")
+    if route.name == "responses" and searching and type(bound) is int and bound > 0:
+        return bound
+    return 0
 
 
 def output_cap_field(route: Route, doc: dict[str, Any]) -> str | None:

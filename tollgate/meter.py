@@ -25,6 +25,10 @@ _MAX_USAGE_OBJECT = 64 * 1024
 
 _TOKEN = re.compile(rb'[{}\[\]":]')
 _NEXT_BYTE = re.compile(rb'\s*(\S)')
+# An OpenAI Responses web search call in JSON, as a scanned answer's bytes hold it: a
+# string holds its quotes escaped, so no text can pass for it.
+_SEARCH_CALL = re.compile(rb'"type"\s*:\s*"web_search_call"')
+_SEARCH_CALL_TAIL = 64  # bytes kept from one chunk to find a call split across two
 # The top-level field naming the service tier that served a JSON answer, by API family
 # (Anthropic's is inside `usage`; Bedrock's InvokeModel sends a header).
 _TIER_KEYS = {"openai": b"service_tier", "converse": b"serviceTier"}
@@ -169,6 +173,7 @@ class ResponseMeter:
         self._json = JSONUsageScanner(b"usageMetadata" if family == "gemini" else b"usage",
                                       _TIER_KEYS.get(family))
         self._held: bytearray | None = bytearray()  # a JSON answer, while it is small
+        self._searches, self._tail = 0, b""  # web search calls in a scanned JSON answer
         self._header_tier: str | None = None
         self._frames: eventstream.EventStreamToSSE | None = None
 
@@ -206,12 +211,20 @@ class ResponseMeter:
             if len(self._held) > HELD_JSON_BYTES:
                 self._scan_held()
         else:
-            self._json.feed(data)
+            self._scan(data)
 
     def _scan_held(self) -> None:
         held, self._held = self._held, None
         if held:
-            self._json.feed(bytes(held))
+            self._scan(bytes(held))
+
+    def _scan(self, data: bytes) -> None:
+        self._json.feed(data)
+        if self.family == "openai":
+            seen = self._tail + data
+            self._searches += sum(1 for m in _SEARCH_CALL.finditer(seen)
+                                  if m.end() > len(self._tail))
+            self._tail = seen[-_SEARCH_CALL_TAIL:]
 
     def _usage_parts(self) -> tuple[Any, Any]:
         """A JSON answer's top-level usage object and service tier (a string or an object),
@@ -222,6 +235,7 @@ class ResponseMeter:
             except ValueError:  # cut short, say: scanned for what it holds
                 doc = None
             if isinstance(doc, dict):
+                self._searches = usage_of.web_search_calls(doc.get("output"))
                 found = doc.get(self._json.key.decode())
                 tier_key = self._json.tier_key
                 tier = doc.get(tier_key.decode()) if tier_key is not None else None
@@ -256,5 +270,8 @@ class ResponseMeter:
             return usage_of.gemini_usage(doc)
         if self.family == "converse":
             return usage_of.converse_usage(doc, tier)
-        return usage_of.anthropic_usage(doc) if self.family == "anthropic" else \
-            usage_of.openai_usage(doc, tier)
+        if self.family == "anthropic":
+            return usage_of.anthropic_usage(doc)
+        used = usage_of.openai_usage(doc, tier)
+        used.web_search_requests = self._searches
+        return used

@@ -31,7 +31,8 @@ class Usage:
     reported: bool = False  # False: estimated by the gateway
     # The provider's service tier as it reported it (flex, priority, ...); None: standard.
     service_tier: str | None = None
-    # Searches the provider ran for it (Anthropic's web search tool), billed per search.
+    # Searches the provider ran for it (Anthropic's web search tool, OpenAI's web search
+    # calls), billed per search.
     web_search_requests: int = 0
 
     @property
@@ -113,6 +114,18 @@ def anthropic_usage(u: Any, into: Usage | None = None) -> Usage:
     return out
 
 
+def web_search_calls(output: Any) -> int:
+    """The web searches an OpenAI Responses answer ran: its `web_search_call` output items
+    (its usage does not count them)."""
+    if type(output) is not list:
+        return 0
+    return sum(1 for item in output if type(item) is dict
+               and item.get("type") == WEB_SEARCH_CALL)
+
+
+WEB_SEARCH_CALL = "web_search_call"
+
+
 def gemini_usage(meta: Any) -> Usage:
     """Gemini's `usageMetadata`: cached prompt tokens are part of `promptTokenCount`, and
     thinking tokens are billed as output."""
@@ -147,6 +160,9 @@ class StreamUsage:
         self.usage = Usage()
         self.streamed_chars = 0
         self.final = False  # the provider's closing usage arrived (message_delta / usage chunk)
+        # OpenAI Responses' web search calls, as each is done (the closing event may be too
+        # large to parse; a stream cut short has still run those searches).
+        self.searches = 0
 
     def add(self, event: Event) -> None:
         if event.data == "[DONE]":
@@ -199,6 +215,9 @@ class StreamUsage:
                 self.usage, self.final = reported, True
         elif kind == "response.output_text.delta":
             self.streamed_chars += len(doc.get("delta") or "")
+        elif kind == "response.output_item.done":
+            item = doc.get("item")
+            self.searches += type(item) is dict and item.get("type") == WEB_SEARCH_CALL
         elif doc.get("usage"):
             self.usage, self.final = openai_usage(doc["usage"], doc.get("service_tier")), True
         for choice in doc.get("choices") or []:
@@ -215,6 +234,8 @@ class StreamUsage:
 
     def result(self) -> Usage:
         usage = Usage(**vars(self.usage))
+        if self.searches:
+            usage.web_search_requests = self.searches
         if not self.final:
             # Cut off before the provider's totals (message_start's output count is a
             # placeholder): charge what reached the client.

@@ -459,6 +459,32 @@ def test_anthropic_web_searches_are_charged_per_search(gateway, stream):
     assert row.cost_micros == row.input_tokens + row.output_tokens * 5 + 3 * 10_000
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_responses_web_search_calls_are_charged_per_call(gateway, stream):
+    """OpenAI bills each web search call of a Responses request ($10 per 1,000 for gpt-5
+    models), which its usage does not count: the gateway counts the `web_search_call`
+    output items."""
+    key = gateway.create_key()
+    ask = {"model": "gpt-5-mini", "input": "What happened today?", "max_output_tokens": 64,
+           "tools": [{"type": "web_search"}], "max_tool_calls": 2}
+    responses = oai(gateway, key).responses
+    if stream:
+        with responses.with_streaming_response.create(stream=True, **ask) as response:
+            request_id = response.headers[RID]
+            events = list(response.parse())
+        answer = events[-1].response
+    else:
+        raw = responses.with_raw_response.create(**ask)
+        request_id, answer = raw.headers[RID], raw.parse()
+    row = ledger_row(gateway, request_id)
+    assert [o.type for o in answer.output].count("web_search_call") == 2
+    assert row.web_search_requests == 2 and row.usage_reported
+    assert row.input_tokens == answer.usage.input_tokens
+    # $0.25 per 1M input tokens, $2 output, and $0.01 a call.
+    assert row.cost_micros == math.ceil(row.input_tokens * Decimal("0.25")
+                                        + row.output_tokens * 2) + 2 * 10_000
+
+
 def test_long_context_is_priced_for_the_whole_request(gateway):
     """Claude Sonnet 4.5 past 200k input tokens: every token at the long-context price,
     the row names the tier, and the spend report groups by it."""

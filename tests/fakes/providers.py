@@ -712,6 +712,16 @@ class _Handler(BaseHTTPRequestHandler):
         part = {"type": "output_text", "text": TEXT, "annotations": []}
         item = {"type": "message", "id": mid, "status": "completed", "role": "assistant",
                 "content": [part]}
+        # A web search tool: its calls come first (as many as `max_tool_calls` allows, else
+        # one), and what they found is read in as input.
+        searches = 0
+        if any(str(t.get("type", "")).startswith("web_search") for t in doc.get("tools") or []):
+            searches = doc.get("max_tool_calls") or 1
+            usage["input_tokens"] += SEARCH_RESULT_TOKENS * searches
+            usage["total_tokens"] += SEARCH_RESULT_TOKENS * searches
+        calls = [{"type": "web_search_call", "id": f"ws_{uuid.uuid4().hex}",
+                  "status": "completed", "action": {"type": "search", "query": f"query {i}"}}
+                 for i in range(searches)]
 
         tier = self._served_tier(doc.get("service_tier"), "default")
 
@@ -723,7 +733,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "tool_choice": "auto"}
 
         if not doc.get("stream"):
-            self._send_json(200, response("completed", [item], True))
+            self._send_json(200, response("completed", [*calls, item], True))
             return
         seq = iter(range(10_000))
 
@@ -733,18 +743,29 @@ class _Handler(BaseHTTPRequestHandler):
         events = [
             ev("response.created", response=response("in_progress", [], False)),
             ev("response.in_progress", response=response("in_progress", [], False)),
-            ev("response.output_item.added", output_index=0,
+        ]
+        for i, call in enumerate(calls):
+            events += [
+                ev("response.output_item.added", output_index=i,
+                   item={**call, "status": "in_progress"}),
+                *[ev(f"response.web_search_call.{step}", output_index=i, item_id=call["id"])
+                  for step in ("in_progress", "searching", "completed")],
+                ev("response.output_item.done", output_index=i, item=call),
+            ]
+        at = len(calls)  # the answer's own item
+        events += [
+            ev("response.output_item.added", output_index=at,
                item={**item, "status": "in_progress", "content": []}),
-            ev("response.content_part.added", item_id=mid, output_index=0, content_index=0,
+            ev("response.content_part.added", item_id=mid, output_index=at, content_index=0,
                part={**part, "text": ""}),
-            *[ev("response.output_text.delta", item_id=mid, output_index=0, content_index=0,
+            *[ev("response.output_text.delta", item_id=mid, output_index=at, content_index=0,
                  delta=w) for w in words],
-            ev("response.output_text.done", item_id=mid, output_index=0, content_index=0,
+            ev("response.output_text.done", item_id=mid, output_index=at, content_index=0,
                text=TEXT),
-            ev("response.content_part.done", item_id=mid, output_index=0, content_index=0,
+            ev("response.content_part.done", item_id=mid, output_index=at, content_index=0,
                part=part),
-            ev("response.output_item.done", output_index=0, item=item),
-            ev("response.completed", response=response("completed", [item], True)),
+            ev("response.output_item.done", output_index=at, item=item),
+            ev("response.completed", response=response("completed", [*calls, item], True)),
         ]
         self._stream(events, behaviour)
 

@@ -213,6 +213,22 @@ def test_the_bedrock_fake_names_its_service_tier_as_botocore_reads_it(bedrock):
         bedrock.default_tier = None
 
 
+def test_the_openai_fake_runs_responses_web_searches_as_the_sdk_reads_them(fake_openai):
+    """A Responses web search tool: a `web_search_call` item per search (`max_tool_calls`
+    of them) before the message, in JSON and in a stream, each search's events included."""
+    client = openai.OpenAI(base_url=f"{fake_openai.url}/v1", api_key=fake_openai.api_key)
+    ask = {"model": "gpt-5-mini", "input": "news?", "tools": [{"type": "web_search"}],
+           "max_tool_calls": 2}
+    answer = client.responses.create(**ask)
+    with client.responses.stream(**ask) as stream:
+        kinds = [event.type for event in stream]
+        streamed = stream.get_final_response()
+    for got in (answer, streamed):
+        assert [o.type for o in got.output] == ["web_search_call"] * 2 + ["message"]
+        assert got.output[0].action.query and got.output_text
+    assert kinds.count("response.web_search_call.completed") == 2
+
+
 def test_the_anthropic_fake_runs_web_searches_as_the_sdk_reads_them(fake_anthropic):
     """A web search tool: the searches and what they found come before the answer, in JSON
     and in a stream, and usage counts them (`server_tool_use`)."""

@@ -609,9 +609,10 @@ async def test_input_the_gateway_cannot_see_is_reserved_or_refused(setup, config
 
 
 async def test_the_web_searches_a_request_allows_are_in_its_worst_case(setup, config_dir):
-    """Anthropic bills each web search ($10 per 1,000 on the shipped prices) on top of the
-    tokens: a blocking budget holds every search the request's tools allow (`max_uses`),
-    refuses a request whose searches it cannot cover, and says so."""
+    """Each web search is billed ($10 per 1,000 on the shipped prices) on top of the tokens:
+    a blocking budget holds every search the request allows (Anthropic's `max_uses`,
+    OpenAI's `max_tool_calls`), refuses a request whose searches it cannot cover, and says
+    so."""
     key, gateway = setup
     secret = key()
     assert CliRunner().invoke(cli, ["--config", str(config_dir / "gateway.yaml"),
@@ -631,7 +632,16 @@ async def test_the_web_searches_a_request_allows_are_in_its_worst_case(setup, co
     refused = await gateway().handle(request("/v1/messages", searching(3), secret))
     assert isinstance(refused, Reply) and refused.status == 402
     assert "and 3 web searches" in refused.decision["message"]
-    for forward in (plain, one):
+    # OpenAI's Responses: `max_tool_calls` bounds its searches ($10 per 1,000 on gpt-5-mini).
+    asked = {"model": "gpt-5-mini", "input": "news?", "max_output_tokens": 10,
+             "tools": [{"type": "web_search"}]}
+    unbounded = await gateway().handle(request("/v1/responses", asked, secret))
+    bounded = await gateway().handle(request("/v1/responses", {**asked, "max_tool_calls": 1},
+                                             secret))
+    assert isinstance(unbounded, Forward) and isinstance(bounded, Forward)
+    held = bounded.exchange.billing.reserved - unbounded.exchange.billing.reserved
+    assert 10_000 <= held < 10_100
+    for forward in (plain, one, unbounded, bounded):
         forward.exchange.finish("completed")
 
 

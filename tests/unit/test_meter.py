@@ -315,3 +315,45 @@ def test_usage_is_read_from_json_the_fast_reader_refuses():
     stream.feed(b'data: {"choices": [], ' + odd.encode() + b', "usage": {"prompt_tokens": 8, '
                 b'"completion_tokens": 3}}\n\ndata: [DONE]\n\n')
     assert (stream.usage().output_tokens, stream.usage().reported) == (3, True)
+
+
+def _responses_answer(searches: int, text: str) -> bytes:
+    calls = [{"type": "web_search_call", "id": f"ws_{i}", "status": "completed",
+              "action": {"type": "search", "query": "q"}} for i in range(searches)]
+    message = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return json.dumps({"id": "resp_1", "object": "response", "status": "completed",
+                       "output": [*calls, message], "tools": [{"type": "web_search"}],
+                       "usage": {"input_tokens": 10, "output_tokens": 20}}).encode()
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("size", [100, 400_000])  # held and parsed whole; scanned
+def test_responses_web_search_calls_are_counted_in_json_whatever_the_split(seed, size):
+    """OpenAI's usage does not count the searches: its `web_search_call` output items do,
+    split anywhere across chunks; text that quotes one (escaped) is not one."""
+    decoy = 'she wrote {"type": "web_search_call"} ' + "x" * size
+    body = _responses_answer(3, decoy)
+    meter = openai_json_meter(body)
+    feed_in_pieces(meter, body, seed=seed, most=17 if size < 1000 else 4096)
+    used = meter.usage()
+    assert (used.web_search_requests, used.input_tokens) == (3, 10)
+
+
+def test_responses_web_search_calls_are_counted_in_a_stream_as_each_is_done():
+    """Counted from each call's `response.output_item.done`: a closing event too large to
+    parse, or none (a stream cut short), still leaves the searches that ran."""
+    def ev(kind: str, **data: object) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+    calls = [ev("response.output_item.done", output_index=i,
+                item={"type": "web_search_call", "id": f"ws_{i}", "status": "completed"})
+             for i in range(2)]
+    message = ev("response.output_item.done", output_index=2, item={"type": "message"})
+    closing = ev("response.completed", response=json.loads(_responses_answer(2, "y" * 70_000)))
+    for tail, reported in ((closing, False), (b"", False)):  # 70 KB: counted, not parsed
+        meter = ResponseMeter("openai", stream_requested=True)
+        meter.start("text/event-stream", None)
+        meter.feed(b"".join([*calls, message, tail]))
+        used = meter.usage()
+        assert (used.web_search_requests, used.reported) == (2, reported)
