@@ -55,16 +55,22 @@ def _string_end(chunk: bytes, i: int) -> int:
 class JSONUsageScanner:
     """Finds the top-level `"usage": {...}` of a JSON document fed in pieces, and the
     top-level `tier_key` (`service_tier`: a short string, or Converse's `serviceTier`
-    object).
+    object); with `within`, those of the object that top-level member holds instead (an
+    OpenAI Responses event's `response`).
 
     A small tokenizer that tracks only strings, brackets and colons: numbers, literals and
     string contents are skipped by regular expressions, so a 20 MB body is one linear pass,
     and only the usage object itself is kept.
     """
 
-    def __init__(self, key: bytes = b"usage", tier_key: bytes | None = None) -> None:
+    def __init__(self, key: bytes = b"usage", tier_key: bytes | None = None,
+                 within: bytes | None = None) -> None:
         self.key = key  # Gemini calls it `usageMetadata`
         self.tier_key = tier_key
+        self.within = within
+        self._level = 1 if within is None else 2  # the depth of the keys looked for
+        self._inside = within is None  # in the object where they are looked for
+        self._within_next = False  # saw `"<within>":` at depth 1
         self.tier: bytes | None = None  # the tier's value as sent (a JSON string or object)
         self._tier_next = False  # saw `"<tier_key>":` at depth 1
         self.depth = 0
@@ -97,15 +103,16 @@ class JSONUsageScanner:
                     i += 1
                     continue
                 end = _string_end(chunk, i)
-                if self.depth == 1 and len(self._string) <= 32:
+                keys = self.depth == 1 or (self.depth == self._level and self._inside)
+                if keys and len(self._string) <= 32:
                     self._string += chunk[i:min(n if end < 0 else end, i + 33)]
                 if end < 0:  # the string goes on in the next chunk
                     self._escape = _odd_backslashes(chunk, i, n)
                     i = n
                 else:
                     self._in_string = False
-                    self._key = bytes(self._string) if self.depth == 1 else None
-                    if self._tier_next and self.depth == 1:
+                    self._key = bytes(self._string) if keys else None
+                    if self._tier_next and self.depth == self._level:
                         self.tier, self._key = b'"' + self._key + b'"', None
                     self._tier_next = False
                     i = end + 1
@@ -117,23 +124,32 @@ class JSONUsageScanner:
             c = chunk[m.start()]
             if c == 0x22:  # '"'
                 self._in_string, self._string = True, bytearray()
-                self._after_usage_key = False
+                self._after_usage_key = self._within_next = False
             elif c == 0x3A:  # ':'
-                self._after_usage_key = self.depth == 1 and self._key == self.key
-                self._tier_next = self.tier_key is not None and self.depth == 1 and \
+                looked_in = self.depth == self._level and self._inside
+                self._after_usage_key = looked_in and self._key == self.key
+                self._tier_next = self.tier_key is not None and looked_in and \
                     self._key == self.tier_key
+                self._within_next = self.within is not None and self.depth == 1 and \
+                    self._key == self.within
                 self._key = None
                 self._tier_value_starts(chunk, i)
             elif c in (0x7B, 0x5B):  # '{' '['
-                if (self._after_usage_key or self._tier_next) and c == 0x7B and self.depth == 1:
+                if (self._after_usage_key or self._tier_next) and c == 0x7B and \
+                        self.depth == self._level:
                     self._capture, start_capture = bytearray(), m.start()
                     self._capturing_tier = self._tier_next
+                if self._within_next and c == 0x7B:
+                    self._inside = True
                 self._after_usage_key, self._tier_next, self._key = False, False, None
+                self._within_next = False
                 self.depth += 1
             else:  # '}' ']'
                 self.depth -= 1
-                self._key = None
-                if self._capture is not None and self.depth == 1:
+                self._key, self._within_next = None, False
+                if self.within is not None and self.depth == 1:
+                    self._inside = False  # the object looked in has closed
+                if self._capture is not None and self.depth == self._level:
                     self._append(chunk[start_capture:i])
                     if self._capture is not None and self._capturing_tier:
                         self.tier = bytes(self._capture)
@@ -168,7 +184,12 @@ class ResponseMeter:
         self.events = 0
         self._length: int | None = None
         self._ended = False
-        self._sse = SSEParser(max_line=MAX_PARSED_EVENT)
+        # OpenAI's Responses report usage in `response.completed`, which repeats the whole
+        # answer: an event too long to hold is scanned for it as its bytes pass.
+        self._sse = SSEParser(max_line=MAX_PARSED_EVENT,
+                              long_line=self._long_event if family == "openai" else None)
+        self._long: JSONUsageScanner | None = None  # the long event being scanned
+        self._long_open = False  # a long line is passing (scanned if it is data)
         self._stream = usage_of.StreamUsage(family)
         self._json = JSONUsageScanner(b"usageMetadata" if family == "gemini" else b"usage",
                                       _TIER_KEYS.get(family))
@@ -198,10 +219,10 @@ class ResponseMeter:
         if self.is_sse:
             for event in self._sse.feed(data):
                 self.events += 1
-                if event.dropped:
+                if event.dropped:  # a closing event may be long (OpenAI's Responses)
                     self._stream.add_unparsed(event.dropped)
-                    continue
-                self._stream.add(event)
+                else:
+                    self._stream.add(event)
                 # Gemini names no events: its last one carries the finish reason.
                 self._ended = self._ended or event.event in _LAST_EVENTS or \
                     event.data.strip() == "[DONE]" or \
@@ -212,6 +233,22 @@ class ResponseMeter:
                 self._scan_held()
         else:
             self._scan(data)
+
+    def _long_event(self, piece: bytes | None) -> None:
+        """A line of an event too long to parse, piece by piece (None: it ended): its
+        `response.usage` and `response.service_tier`, if it has them, are the stream's."""
+        if piece is None:
+            scanner, self._long, self._long_open = self._long, None, False
+            if scanner is not None and scanner.found is not None:
+                self._stream.closing_usage(scanner.found, scanner.tier)
+            return
+        if not self._long_open:  # the line's start
+            self._long_open = True
+            if piece.startswith(b"data:"):
+                self._long = JSONUsageScanner(b"usage", b"service_tier", within=b"response")
+                piece = piece[len(b"data:"):]
+        if self._long is not None:
+            self._long.feed(piece)
 
     def _scan_held(self) -> None:
         held, self._held = self._held, None

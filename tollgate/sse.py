@@ -27,10 +27,15 @@ class SSEParser:
 
     `max_line`: longer lines are not kept (their size is reported on the event as
     `dropped`), so memory stays bounded for a reader that only needs small events.
+    `long_line`: given each longer line's bytes as they arrive (from its start), then None
+    when it ends, for a reader that scans them.
     """
 
-    def __init__(self, max_line: int | None = None) -> None:
+    def __init__(self, max_line: int | None = None,
+                 long_line: Callable[[bytes | None], None] | None = None) -> None:
         self._max_line = max_line
+        self._long_line = long_line
+        self._tapped = False  # the unfinished line's bytes are going to `long_line`
         self._parts: list[bytes] = []  # the unfinished line
         self._size = 0  # its length so far
         self._event = ""
@@ -78,6 +83,11 @@ class SSEParser:
         """A whole line (`size` bytes, of which `raw` was kept): the event it ends, if any."""
         if self._max_line is not None and size > self._max_line:
             self._oversized(raw, size)
+            if self._long_line is not None:
+                if not self._tapped:  # the whole line came in one chunk
+                    self._long_line(raw)
+                self._long_line(None)
+                self._tapped = False
             return None
         return self._line(raw.decode("utf-8", errors="replace"))
 
@@ -89,7 +99,13 @@ class SSEParser:
         if self._max_line is None or self._size <= self._max_line:
             self._parts.append(piece)
         elif before <= self._max_line:  # just went over: keep only the field name
-            self._parts = [b"".join([*self._parts, piece])[:16]]
+            line = b"".join([*self._parts, piece])
+            self._parts = [line[:16]]
+            if self._long_line is not None:
+                self._long_line(line)
+                self._tapped = True
+        elif self._long_line is not None:
+            self._long_line(piece)
 
     def _oversized(self, head: bytes, size: int) -> None:
         if head.startswith(b"data"):

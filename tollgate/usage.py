@@ -227,6 +227,16 @@ class StreamUsage:
                 self.streamed_chars += len(((call or {}).get("function") or {})
                                            .get("arguments") or "")
 
+    def closing_usage(self, found: bytes, tier: bytes | None) -> None:
+        """The usage of a closing event too large to parse (OpenAI Responses'), found by
+        scanning it: the response's `usage` object and `service_tier`, as sent."""
+        try:
+            reported = openai_usage(loads(found), loads(tier) if tier is not None else None)
+        except ValueError:
+            return
+        if reported.reported:
+            self.usage, self.final = reported, True
+
     def add_unparsed(self, size: int) -> None:
         """An event too large to parse for usage (usage events are small): its bytes count
         towards the estimate of what was streamed."""

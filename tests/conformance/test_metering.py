@@ -485,6 +485,27 @@ def test_openai_responses_web_search_calls_are_charged_per_call(gateway, stream)
                                         + row.output_tokens * 2) + 2 * 10_000
 
 
+def test_a_long_responses_stream_is_charged_the_usage_its_closing_event_reports(
+        gateway, fake_openai):
+    """A Responses stream reports its usage only in `response.completed`, which repeats the
+    whole answer: past 64 KiB that event is not held to be parsed, and its usage is found
+    as it passes (it was estimated from the text, leaving out reasoning and cached tokens)."""
+    key = gateway.create_key()
+    fake_openai.answer_words = 30_000  # about 200 KB of text
+    with oai(gateway, key).responses.with_streaming_response.create(
+            model="gpt-5-mini", input="Write at length.", stream=True) as response:
+        request_id = response.headers[RID]
+        events = list(response.parse())
+    reported = events[-1].response.usage
+    assert events[-1].type == "response.completed" and reported.output_tokens >= 30_000
+    row = ledger_row(gateway, request_id)
+    assert row.usage_reported and row.outcome == "completed"
+    assert (row.input_tokens, row.output_tokens) == (reported.input_tokens,
+                                                     reported.output_tokens)
+    assert row.cost_micros == expect_cost("gpt-5-mini", Usage(
+        input_tokens=reported.input_tokens, output_tokens=reported.output_tokens))
+
+
 def test_long_context_is_priced_for_the_whole_request(gateway):
     """Claude Sonnet 4.5 past 200k input tokens: every token at the long-context price,
     the row names the tier, and the spend report groups by it."""

@@ -16,6 +16,7 @@ import base64
 import calendar
 import contextlib
 import hmac
+import itertools
 import json
 import re
 import struct
@@ -704,12 +705,13 @@ class _Handler(BaseHTTPRequestHandler):
     def openai_responses(self, doc: dict[str, Any], behaviour: Behaviour) -> None:
         model = doc.get("model", "")
         prompt = _count_tokens(doc.get("input"))
-        words = _words(TEXT)
+        text = _answer(self.fake)
+        words = _words(text)
         rid, mid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
                  "output_tokens": len(words), "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": prompt + len(words)}
-        part = {"type": "output_text", "text": TEXT, "annotations": []}
+        part = {"type": "output_text", "text": text, "annotations": []}
         item = {"type": "message", "id": mid, "status": "completed", "role": "assistant",
                 "content": [part]}
         # A web search tool: its calls come first (as many as `max_tool_calls` allows, else
@@ -735,7 +737,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not doc.get("stream"):
             self._send_json(200, response("completed", [*calls, item], True))
             return
-        seq = iter(range(10_000))
+        seq = itertools.count()
 
         def ev(kind: str, **data: Any) -> bytes:
             return _event(kind, {"type": kind, "sequence_number": next(seq), **data})
@@ -761,7 +763,7 @@ class _Handler(BaseHTTPRequestHandler):
             *[ev("response.output_text.delta", item_id=mid, output_index=at, content_index=0,
                  delta=w) for w in words],
             ev("response.output_text.done", item_id=mid, output_index=at, content_index=0,
-               text=TEXT),
+               text=text),
             ev("response.content_part.done", item_id=mid, output_index=at, content_index=0,
                part=part),
             ev("response.output_item.done", output_index=at, item=item),

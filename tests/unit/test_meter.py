@@ -147,6 +147,36 @@ def test_parser_handles_a_long_line_in_pieces():
     assert [(e.event, len(e.data)) for e in events] == [("big", len(data))]
 
 
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("ends", [b"\n", b"\r\n"])
+def test_a_parser_hands_each_long_line_to_its_reader_whole_and_in_order(seed, ends):
+    """`long_line` gets every byte of each line over `max_line` (split anywhere, the whole
+    line in one chunk too), then None; shorter lines and the events stay as before."""
+    got: list[bytes | None] = []
+    parser = SSEParser(max_line=100, long_line=got.append)
+    long_one, long_two = b"data: " + b"a" * 300, b"data: " + b"b" * 101
+    stream = ends.join([b"event: x", long_one, b"", b"data: short", b"", long_two, b"", b""])
+    events = []
+    if seed == 0:
+        events += parser.feed(stream)
+    else:
+        rng, i = random.Random(seed), 0
+        while i < len(stream):
+            n = rng.randint(1, 40)
+            events += parser.feed(stream[i:i + n])
+            i += n
+    lines, line = [], b""
+    for piece in got:
+        if piece is None:
+            lines.append(line)
+            line = b""
+        else:
+            line += piece
+    assert lines == [long_one, long_two]
+    assert [(e.event, e.data, e.dropped > 0) for e in events] == [
+        ("x", "", True), ("message", "short", False), ("message", "", True)]
+
+
 def test_event_filter_passes_a_long_event_whole():
     kept = EventFilter(lambda e: False)
     payload = b"data: " + b"y" * (2 << 20) + b"\n\n" + b"data: next\n\n"
@@ -342,7 +372,7 @@ def test_responses_web_search_calls_are_counted_in_json_whatever_the_split(seed,
 
 def test_responses_web_search_calls_are_counted_in_a_stream_as_each_is_done():
     """Counted from each call's `response.output_item.done`: a closing event too large to
-    parse, or none (a stream cut short), still leaves the searches that ran."""
+    hold, or none (a stream cut short), still leaves the searches that ran."""
     def ev(kind: str, **data: object) -> bytes:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
 
@@ -351,9 +381,53 @@ def test_responses_web_search_calls_are_counted_in_a_stream_as_each_is_done():
              for i in range(2)]
     message = ev("response.output_item.done", output_index=2, item={"type": "message"})
     closing = ev("response.completed", response=json.loads(_responses_answer(2, "y" * 70_000)))
-    for tail, reported in ((closing, False), (b"", False)):  # 70 KB: counted, not parsed
+    for tail, reported in ((closing, True), (b"", False)):  # 70 KB: scanned, not held
         meter = ResponseMeter("openai", stream_requested=True)
         meter.start("text/event-stream", None)
         meter.feed(b"".join([*calls, message, tail]))
         used = meter.usage()
         assert (used.web_search_requests, used.reported) == (2, reported)
+
+
+def _closing_event(text: str, usage: object, tier: object = "default") -> bytes:
+    """A Responses `response.completed` event: the whole answer again, then its usage."""
+    response = {"id": "resp_1", "object": "response", "status": "completed",
+                "output": [{"type": "message", "content": [
+                    {"type": "output_text", "text": text,
+                     "annotations": [{"usage": {"input_tokens": 666}}]}]}],
+                "service_tier": tier, "usage": usage, "metadata": {"usage": "no"}}
+    doc = {"type": "response.completed", "sequence_number": 9, "response": response,
+           "usage": {"input_tokens": 777}}  # not the response's: a decoy beside it
+    return f"event: response.completed\ndata: {json.dumps(doc)}\n\n".encode()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_long_responses_closing_event_is_scanned_for_its_usage_whatever_the_split(seed):
+    """`response.completed` repeats the whole answer, so past 64 KiB it is not held: its
+    `response.usage` and `response.service_tier` are found as it passes, in bounded memory,
+    and nothing else that looks like usage is taken for them."""
+    text = 'quoting "usage": {"input_tokens": 5} ' + "w " * 200_000
+    usage = {"input_tokens": 40, "input_tokens_details": {"cached_tokens": 8},
+             "output_tokens": 200_010, "output_tokens_details": {"reasoning_tokens": 1_500}}
+    stream = b"event: response.created\ndata: {\"type\": \"response.created\"}\n\n" + \
+        _closing_event(text, usage, "flex")
+    meter = ResponseMeter("openai", stream_requested=True)
+    meter.start("text/event-stream", None)
+    peak = peak_while(lambda: feed_in_pieces(meter, stream, seed=seed, most=1 << 15))
+    used = meter.usage()
+    assert used.reported and meter.complete
+    assert (used.input_tokens, used.cached_input_tokens, used.output_tokens,
+            used.reasoning_tokens, used.service_tier) == (32, 8, 200_010, 1_500, "flex")
+    assert peak < 256 << 10, f"the meter held {peak} bytes for a {len(stream)} byte stream"
+
+
+def test_a_long_closing_event_without_usage_leaves_the_estimate():
+    """A `response.failed` (usage null) or a long event of another kind reports nothing:
+    the stream stays estimated from what it streamed."""
+    for event in (_closing_event("w " * 50_000, None),
+                  b"data: " + json.dumps({"type": "response.output_text.delta",
+                                          "delta": "w " * 50_000}).encode() + b"\n\n"):
+        meter = ResponseMeter("openai", stream_requested=True)
+        meter.start("text/event-stream", None)
+        meter.feed(event)
+        assert not meter.usage().reported
