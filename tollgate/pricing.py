@@ -113,8 +113,9 @@ def cost_micros(usage: Usage, price: ModelPrice) -> int:
         price.input * CACHE_WRITE_1H_FACTOR
     micros = (usage.input_tokens * price.input + usage.cached_input_tokens * cached
               + usage.cache_write_tokens * write + usage.cache_write_1h_tokens * write_1h
-              + usage.output_tokens * price.output
-              + usage.web_search_requests * search_micros(price))
+              + usage.output_tokens * price.output)
+    if usage.web_search_requests:
+        micros += usage.web_search_requests * search_micros(price)
     return math.ceil(micros)  # prices are per 1M tokens == micro-dollars per token
 
 
@@ -129,8 +130,9 @@ def worst_case_micros(input_tokens: int, max_output_tokens: int, price: ModelPri
     """What a request can cost at most: every input token uncached, every output token used,
     every web search it allows run (at `price` as given: the caller picks the tier it may be
     served at)."""
-    micros = (input_tokens * price.input + max_output_tokens * price.output
-              + searches * search_micros(price))
+    micros = input_tokens * price.input + max_output_tokens * price.output
+    if searches:
+        micros += searches * search_micros(price)
     return math.ceil(micros)
 
 
