@@ -227,13 +227,18 @@ class StreamUsage:
                 self.streamed_chars += len(((call or {}).get("function") or {})
                                            .get("arguments") or "")
 
-    def closing_usage(self, found: bytes, tier: bytes | None) -> None:
-        """The usage of a closing event too large to parse (OpenAI Responses'), found by
-        scanning it: the response's `usage` object and `service_tier`, as sent."""
+    def long_event_usage(self, found: bytes, tier: bytes | None, finished: bool) -> None:
+        """The usage of an event too large to parse, found by scanning it as sent: OpenAI
+        Responses' `response.usage` and `service_tier` (its closing event), or Gemini's
+        `usageMetadata` (the running total; `finished`: the event has a finish reason)."""
         try:
-            reported = openai_usage(loads(found), loads(tier) if tier is not None else None)
+            doc, served = loads(found), loads(tier) if tier is not None else None
         except ValueError:
             return
+        if self.family == "gemini":
+            self.usage, self.final = gemini_usage(doc), self.final or finished
+            return
+        reported = openai_usage(doc, served)
         if reported.reported:
             self.usage, self.final = reported, True
 

@@ -90,6 +90,31 @@ def test_openai_clients_are_served_by_gemini(gateways, host, fake_gemini):
 
 
 @pytest.mark.parametrize("host", HOSTS)
+def test_a_long_last_gemini_event_is_charged_the_usage_it_reports(gateways, host,
+                                                                  fake_gemini):
+    """Gemini sends a function call's whole arguments in one event, its last, beside the
+    stream's usage: past 64 KiB that event is not held to be parsed, and its usage is found
+    as it passes (it was estimated from the bytes, and the stream never ended)."""
+    gw = gateways[0][host]
+    client = openai.OpenAI(base_url=gw.openai_base, api_key=gw.create_key().secret,
+                           max_retries=0)
+    fake_gemini.answer_words = 20_000  # a file of about 130 KB, written through the tool
+    with client.chat.completions.with_streaming_response.create(
+            model="gemini-2.5-flash", messages=MESSAGES, tools=[TOOL], stream=True,
+            stream_options={"include_usage": True}) as response:
+        rid = response.headers["x-langwatch-request-id"]
+        chunks = list(response.parse())
+    arguments = "".join(c.choices[0].delta.tool_calls[0].function.arguments
+                        for c in chunks if c.choices and c.choices[0].delta.tool_calls)
+    assert len(json.loads(arguments)["content"]) > 64 << 10
+    usage = chunks[-1].usage
+    row = ledger_row(gw, rid)
+    assert row.usage_reported and row.outcome == "completed"
+    assert (row.input_tokens, row.output_tokens) == (usage.prompt_tokens,
+                                                     usage.completion_tokens)
+
+
+@pytest.mark.parametrize("host", HOSTS)
 def test_anthropic_clients_are_served_by_gemini(gateways, host, fake_gemini):
     gw = gateways[0][host]
     claude = anthropic.Anthropic(base_url=gw.url, api_key=gw.create_key().secret,

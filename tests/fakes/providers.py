@@ -521,7 +521,11 @@ class _Handler(BaseHTTPRequestHandler):
             return {"candidates": [candidate], "usageMetadata": usage(done),
                     "modelVersion": model, "responseId": rid}
 
-        call = [{"functionCall": {"name": tool, "args": {"path": "/tmp/x"}}}] if tool else []
+        # A long answer (`answer_words`) is a call's file content: Gemini sends a call's
+        # whole arguments in one event, its last.
+        args = {"path": "/tmp/x", **({"content": " ".join(words)} if self.fake.answer_words
+                                     else {})}
+        call = [{"functionCall": {"name": tool, "args": args}}] if tool else []
         if match.group(2) == "generateContent":
             self._send_json(200, response(call or [{"text": "".join(words)}], True, out_tokens))
             return

@@ -431,3 +431,33 @@ def test_a_long_closing_event_without_usage_leaves_the_estimate():
         meter.start("text/event-stream", None)
         meter.feed(event)
         assert not meter.usage().reported
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_long_last_gemini_event_is_scanned_for_its_usage_and_finish_whatever_the_split(
+        seed):
+    """Gemini's last event can be long (a function call's whole arguments): its running
+    usage total is found as it passes, and its finish reason ends the stream; a quoted
+    "finishReason" in the arguments is not one."""
+    usage = {"promptTokenCount": 12, "candidatesTokenCount": 40_000,
+             "thoughtsTokenCount": 900}
+    first = {"candidates": [{"content": {"parts": [{"text": "Writing it."}]}}],
+             "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 3}}
+    content = '{"finishReason": "STOP"} ' + "w " * 60_000
+
+    def last(finish: bool) -> dict:
+        candidate = {"content": {"parts": [{"functionCall": {
+            "name": "write", "args": {"content": content}}}]}, **(
+            {"finishReason": "STOP"} if finish else {})}
+        return {"candidates": [candidate], "usageMetadata": usage}
+
+    for finish in (True, False):
+        stream = b"".join(b"data: " + json.dumps(e).encode() + b"\r\n\r\n"
+                          for e in (first, last(finish)))
+        meter = ResponseMeter("gemini", stream_requested=True)
+        meter.start("text/event-stream", None)
+        feed_in_pieces(meter, stream, seed=seed, most=1 << 14)
+        used = meter.usage()
+        assert (meter.complete, used.reported) == (finish, finish)
+        assert (used.input_tokens, used.reasoning_tokens) == (12, 900)
+        assert used.output_tokens == 40_900 if finish else used.output_tokens >= 40_900
