@@ -29,12 +29,13 @@ _NEXT_BYTE = re.compile(rb'\s*(\S)')
 # string holds its quotes escaped, so no text can pass for it.
 _SEARCH_CALL = re.compile(rb'"type"\s*:\s*"web_search_call"')
 _SEARCH_CALL_TAIL = 64  # bytes kept from one chunk to find a call split across two
-# Streams whose usage can come in an event too long to hold, by API family: the scanner
-# that finds it there (OpenAI's Responses repeat the whole answer in `response.completed`;
-# Gemini's last event holds its usage beside the last part, a function call's whole
-# arguments among them).
-_LONG_EVENT_USAGE = {"openai": (b"usage", b"service_tier", b"response"),
-                     "gemini": (b"usageMetadata", None, None)}
+# Streams whose usage can come in an event too long to hold, by API family: the scanners
+# that find it there (OpenAI's Responses repeat the whole answer in `response.completed`;
+# a chat chunk may carry usage beside a long delta; Gemini's last event holds its usage
+# beside the last part, a function call's whole arguments among them).
+_LONG_EVENT_USAGE = {"openai": ((b"usage", b"service_tier", None),  # a Responses event's
+                                (b"usage", b"service_tier", b"response")),  # own is last
+                     "gemini": ((b"usageMetadata", None, None),)}
 # A Gemini candidate's finish reason (a key: a string holds its quotes escaped).
 _FINISH_REASON = re.compile(rb'"finishReason"\s*:')
 # The top-level field naming the service tier that served a JSON answer, by API family
@@ -196,7 +197,7 @@ class ResponseMeter:
         # answer: an event too long to hold is scanned for it as its bytes pass.
         self._sse = SSEParser(max_line=MAX_PARSED_EVENT, long_line=self._long_event
                               if family in _LONG_EVENT_USAGE else None)
-        self._long: JSONUsageScanner | None = None  # the long event being scanned
+        self._long: list[JSONUsageScanner] = []  # scanning the long event passing
         self._long_open = False  # a long line is passing (scanned if it is data)
         self._long_finished, self._long_tail = False, b""  # a finish reason in it
         self._stream = usage_of.StreamUsage(family)
@@ -247,23 +248,24 @@ class ResponseMeter:
         """A line of an event too long to parse, piece by piece (None: it ended): the usage
         it reports, if any, is the stream's (and for Gemini, a finish reason ends it)."""
         if piece is None:
-            scanner, self._long, self._long_open = self._long, None, False
-            if scanner is not None and scanner.found is not None:
-                self._stream.long_event_usage(scanner.found, scanner.tier,
-                                              self._long_finished)
+            for scanner in self._long:
+                if scanner.found is not None:
+                    self._stream.long_event_usage(scanner.found, scanner.tier,
+                                                  self._long_finished)
+            self._long, self._long_open = [], False
             self._long_finished, self._long_tail = False, b""
             return
         if not self._long_open:  # the line's start
             self._long_open = True
             if piece.startswith(b"data:"):
-                self._long = JSONUsageScanner(*_LONG_EVENT_USAGE[self.family])
+                self._long = [JSONUsageScanner(*spec) for spec in _LONG_EVENT_USAGE[self.family]]
                 piece = piece[len(b"data:"):]
-        if self._long is not None:
-            self._long.feed(piece)
-            if self.family == "gemini" and not self._long_finished:
-                seen = self._long_tail + piece
-                self._long_finished = _FINISH_REASON.search(seen) is not None
-                self._long_tail = seen[-32:]
+        for scanner in self._long:
+            scanner.feed(piece)
+        if self._long and self.family == "gemini" and not self._long_finished:
+            seen = self._long_tail + piece
+            self._long_finished = _FINISH_REASON.search(seen) is not None
+            self._long_tail = seen[-32:]
 
     def _scan_held(self) -> None:
         held, self._held = self._held, None

@@ -396,8 +396,7 @@ def _closing_event(text: str, usage: object, tier: object = "default") -> bytes:
                     {"type": "output_text", "text": text,
                      "annotations": [{"usage": {"input_tokens": 666}}]}]}],
                 "service_tier": tier, "usage": usage, "metadata": {"usage": "no"}}
-    doc = {"type": "response.completed", "sequence_number": 9, "response": response,
-           "usage": {"input_tokens": 777}}  # not the response's: a decoy beside it
+    doc = {"type": "response.completed", "sequence_number": 9, "response": response}
     return f"event: response.completed\ndata: {json.dumps(doc)}\n\n".encode()
 
 
@@ -405,7 +404,7 @@ def _closing_event(text: str, usage: object, tier: object = "default") -> bytes:
 def test_a_long_responses_closing_event_is_scanned_for_its_usage_whatever_the_split(seed):
     """`response.completed` repeats the whole answer, so past 64 KiB it is not held: its
     `response.usage` and `response.service_tier` are found as it passes, in bounded memory,
-    and nothing else that looks like usage is taken for them."""
+    and nothing else that looks like usage (in text, an annotation, metadata) is taken."""
     text = 'quoting "usage": {"input_tokens": 5} ' + "w " * 200_000
     usage = {"input_tokens": 40, "input_tokens_details": {"cached_tokens": 8},
              "output_tokens": 200_010, "output_tokens_details": {"reasoning_tokens": 1_500}}
@@ -461,3 +460,21 @@ def test_a_long_last_gemini_event_is_scanned_for_its_usage_and_finish_whatever_t
         assert (meter.complete, used.reported) == (finish, finish)
         assert (used.input_tokens, used.reasoning_tokens) == (12, 900)
         assert used.output_tokens == 40_900 if finish else used.output_tokens >= 40_900
+
+
+def test_a_long_chat_chunk_that_carries_usage_is_scanned_for_it():
+    """An OpenAI-compatible provider may put usage in the chunk with the last (long) delta,
+    where OpenAI sends a chunk of its own: it is found there too, and a long chunk without
+    usage leaves the estimate."""
+    for usage in ({"prompt_tokens": 21, "completion_tokens": 30_000}, None):
+        chunk = {"id": "c", "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": {"content": "w " * 40_000}, "finish_reason": "stop"}],
+            **({"usage": usage} if usage else {})}
+        meter = ResponseMeter("openai", stream_requested=True)
+        meter.start("text/event-stream", None)
+        feed_in_pieces(meter, b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n",
+                       most=1 << 13)
+        used = meter.usage()
+        assert used.reported == (usage is not None)
+        if usage:
+            assert (used.input_tokens, used.output_tokens) == (21, 30_000)
