@@ -193,8 +193,8 @@ class ResponseMeter:
         self.events = 0
         self._length: int | None = None
         self._ended = False
-        # OpenAI's Responses report usage in `response.completed`, which repeats the whole
-        # answer: an event too long to hold is scanned for it as its bytes pass.
+        # An event too long to hold may report the stream's usage (`_LONG_EVENT_USAGE`): it
+        # is scanned for it as its bytes pass.
         self._sse = SSEParser(max_line=MAX_PARSED_EVENT, long_line=self._long_event
                               if family in _LONG_EVENT_USAGE else None)
         self._long: list[JSONUsageScanner] = []  # scanning the long event passing
@@ -229,7 +229,7 @@ class ResponseMeter:
         if self.is_sse:
             for event in self._sse.feed(data):
                 self.events += 1
-                if event.dropped:  # a closing event may be long (OpenAI's Responses)
+                if event.dropped:  # and scanned for usage (`_long_event`)
                     self._stream.add_unparsed(event.dropped)
                 else:
                     self._stream.add(event)
