@@ -56,6 +56,10 @@ TOKENS = Counter(
 COST = Counter(
     "tollgate_cost_usd", "Spend in USD by provider and model", ["provider", "model", "team",
                                                                "project"], registry=REGISTRY)
+WEB_SEARCHES = Counter(
+    "tollgate_web_searches", "Web searches providers ran for requests, each billed on top "
+    "of tokens, by provider and model", ["provider", "model", "team", "project"],
+    registry=REGISTRY)
 RATE_LIMITED = Counter(
     "tollgate_rate_limit_rejections", "Requests refused by a rate limit, by whose limit "
     "(key or provider) and its dimension", ["scope", "dimension"], registry=REGISTRY)
@@ -130,6 +134,8 @@ def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float 
             _child(TOKENS, provider, model, kind, team, project).inc(count)
     if row.cost_micros:
         _child(COST, provider, model, team, project).inc(row.cost_micros / 1_000_000)
+    if row.web_search_requests:
+        _child(WEB_SEARCHES, provider, model, team, project).inc(row.web_search_requests)
 
 
 class WithSiblings:

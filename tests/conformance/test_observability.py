@@ -269,6 +269,21 @@ def test_metrics_add_up_after_a_mixed_run(observed, fake_openai):
                       envoy_cluster_name="tollgate_extproc") == 1
 
 
+def test_web_searches_are_counted_as_the_ledger_counts_them(observed):
+    """`tollgate_web_searches_total` grows by the searches a request ran, as its ledger row
+    says, beside its cost."""
+    def searches() -> float:
+        return _count(observed.metrics(), "tollgate_web_searches_total",
+                      provider="mp_openai", model="gpt-5-mini")
+
+    before = searches()
+    raw = observed.client().responses.with_raw_response.create(
+        model="gpt-5-mini", input="news?", tools=[{"type": "web_search"}], max_tool_calls=2)
+    row = ledger_row(observed.gateway, raw.headers["x-langwatch-request-id"])
+    assert row.web_search_requests == 2
+    wait_until(lambda: searches() == before + 2, timeout=10, what="the searches counted")
+
+
 def test_access_log_lines_are_json_without_secrets_or_prompts(observed):
     raw = observed.client().chat.completions.with_raw_response.create(
         model="gpt-5-mini", messages=[{"role": "user", "content": f"say {MARKER}"}])
