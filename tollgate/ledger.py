@@ -98,13 +98,13 @@ def report(rows: list[LedgerRow], by: str) -> list[dict[str, Any]]:
     rows = [r for r in rows if r.outcome not in ("refused", "answered")]
     groups: dict[str, dict[str, Any]] = defaultdict(lambda: {
         "requests": 0, "input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0,
-        "cache_write_tokens": 0, "cost_micros": 0, "estimated": 0})
+        "cache_write_tokens": 0, "web_search_requests": 0, "cost_micros": 0, "estimated": 0})
     unnamed = "standard" if by == "tier" else "-"
     for row in rows:
         g = groups[getattr(row, attr) or unnamed]
         g["requests"] += 1
         for name in ("input_tokens", "output_tokens", "cached_input_tokens",
-                     "cache_write_tokens", "cost_micros"):
+                     "cache_write_tokens", "web_search_requests", "cost_micros"):
             g[name] += getattr(row, name)
         g["estimated"] += 0 if row.usage_reported else 1
     out = [{by: name, **g, "cost_usd": round(g["cost_micros"] / 1_000_000, 6)}

@@ -311,7 +311,7 @@ def test_spend_report_and_budget_status_from_the_cli(tmp_path, fake_openai, fake
                             "input_tokens": sum(r.input_tokens for r in rows),
                             "output_tokens": sum(r.output_tokens for r in rows),
                             "cached_input_tokens": 0, "cache_write_tokens": 0,
-                            "cost_micros": total, "estimated": 0,
+                            "web_search_requests": 0, "cost_micros": total, "estimated": 0,
                             "cost_usd": round(total / 1_000_000, 6)}]
     by_team = tollgate("spend", "report", "--by", "team", "--format", "csv", config=config)
     assert by_team.stdout.splitlines()[1].startswith("team_eng,2,")

@@ -319,17 +319,19 @@ def test_spend_report_for_a_past_window_prints_money(run, config_dir):
     from tollgate.ledger import LedgerRow
     from tollgate.store.sqlite import SQLiteStore
 
-    def row(request_id: str, ts: str, principal: str, cost: int) -> LedgerRow:
+    def row(request_id: str, ts: str, principal: str, cost: int, searches: int = 0
+            ) -> LedgerRow:
         return LedgerRow(request_id=request_id, ts=ts, key_id="vk_1", key_name="k",
                          principal=principal, org="acme", team="team_eng", project=None,
                          provider="mp_openai_org", model="gpt-5-mini", route="chat_completions",
-                         cost_micros=cost, input_tokens=10, output_tokens=5)
+                         cost_micros=cost, input_tokens=10, output_tokens=5,
+                         web_search_requests=searches)
 
     async def write() -> None:
         store = SQLiteStore(config_dir / ".tollgate" / "state.db")
         for r in (row("r1", "2026-10-31T23:59:59+00:00", "alice", 80),
-                  row("r2", "2026-11-01T00:00:00+00:00", "bob", 1_234_500_000),
-                  row("r3", "2026-11-30T14:10:00+00:00", "bob", 7)):
+                  row("r2", "2026-11-01T00:00:00+00:00", "bob", 1_234_500_000, 2),
+                  row("r3", "2026-11-30T14:10:00+00:00", "bob", 7, 1)):
             await store.finish([], 0, r)
         await store.close()
 
@@ -341,7 +343,8 @@ def test_spend_report_for_a_past_window_prints_money(run, config_dir):
     november = json.loads(run("spend", "report", "--period", "2026-11", "--format",
                               "json").stdout)
     assert november["period"] == "2026-11" and november["window"] == "month"
-    assert [(r["principal"], r["cost_usd"]) for r in november["rows"]] == [("bob", 1234.500007)]
+    assert [(r["principal"], r["cost_usd"], r["web_search_requests"])
+            for r in november["rows"]] == [("bob", 1234.500007, 3)]
     assert "$1,234.500000" in run("spend", "report", "--period", "2026-11-01").stdout
     assert "$0.000007" in run("spend", "report", "--period", "2026-11-30T14").stdout
     assert "$0.000080" in run("spend", "report", "--period", "2026-W44").stdout
