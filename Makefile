@@ -44,7 +44,7 @@ bench: bootstrap
 	$(VENV)/python -m bench.bodies
 
 bench-quick: bootstrap
-	$(VENV)/python -m bench.quick
+	$(VENV)/python -m bench.quick --concurrent-requests 0
 
 # Throughput with 1 and 2 ext_proc processes, under wrk (apt-get install wrk).
 bench-scaling: bootstrap

@@ -16,7 +16,8 @@ is followed by the same one streamed as the OpenAI SDK sends it by default (no
 the paths, in a new order each turn, so the machine's drift weighs on all alike. Then each
 path's throughput with 32 requests in flight, the fallback key's and the Redis state's
 aside (printed, not compared: the Python client and provider bind it; `make bench-scaling`
-measures the sidecar's).
+measures the sidecar's). `make bench-quick` leaves it out (`--concurrent-requests 0`),
+which keeps it under a minute: those 14 s of a 59 s run compared nothing.
 
 Prints p50/p99, what each path adds over the direct call, and the CPU each path's
 processes spent per request (Envoy and ext_proc together for the Envoy host). Then the
@@ -369,7 +370,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--concurrent-requests", type=int, default=600,
                         help="Requests per path at --concurrency, for the throughput table "
-                             "(the client is Python too: the ratio is what compares).")
+                             "(the client is Python too: the ratio is what compares); 0 "
+                             "leaves the table out (`make bench-quick`).")
     parser.add_argument("--baseline", type=Path, default=BASELINE)
     parser.add_argument("--update-baseline", action="store_true")
     parser.add_argument("--against", metavar="REV",
@@ -446,7 +448,8 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         throughput = {name: asyncio.run(concurrent(url, headers, args.concurrent_requests,
                                                    args.concurrency))[1]
                       for name, (url, headers) in paths.items()
-                      if not name.endswith((" fallback", " redis"))}
+                      if args.concurrent_requests > 0
+                      and not name.endswith((" fallback", " redis"))}
     finally:
         stop_all(gateways, procs)
         if redis is not None:
@@ -478,16 +481,17 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         total = statistics.median(times[f"{name} sse total"])
         print(f"{name:<28} {first:>7.3f} {first - first0:>+7.3f} {total:>7.3f} "
               f"{total - total0:>+7.3f}")
-    header = f"{f'{args.concurrency} concurrent':<28} {'req/s':>7}"
-    print(f"\n{header}\n{'-' * len(header)}")
-    for name, rate in throughput.items():
-        print(f"{name:<28} {rate:>7.0f}")
-    for host, plain in (("envoy", "plain envoy"), ("mitmproxy", "mitmdump")):
-        if f"tollgate {host}" in throughput:
-            ratio = throughput[f"tollgate {host}"] / throughput[plain]
-            print(f"{host}: tollgate / {plain}: {ratio:.2f}")
-    print("(printed, not compared with the baseline: the client and the fake provider are "
-          "Python too, and bind this figure; it moves by a third between runs)")
+    if throughput:
+        header = f"{f'{args.concurrency} concurrent':<28} {'req/s':>7}"
+        print(f"\n{header}\n{'-' * len(header)}")
+        for name, rate in throughput.items():
+            print(f"{name:<28} {rate:>7.0f}")
+        for host, plain in (("envoy", "plain envoy"), ("mitmproxy", "mitmdump")):
+            if f"tollgate {host}" in throughput:
+                ratio = throughput[f"tollgate {host}"] / throughput[plain]
+                print(f"{host}: tollgate / {plain}: {ratio:.2f}")
+        print("(printed, not compared with the baseline: the client and the fake provider "
+              "are Python too, and bind this figure; it moves by a third between runs)")
     now = _median_figures(rounds, n)
     figures_stored = cast(dict[str, float], stored.get("figures", {}))
     reference, against = figures_stored, "the stored baseline"
