@@ -183,7 +183,9 @@ async def _report(gateway: Gateway, req: Request, decided: Any,
     price = billing.price
     report["price"] = None if price is None else {
         "model": exchange.cursor.attempts[0].model, "input_usd_per_1m": float(price.input),
-        "output_usd_per_1m": float(price.output)}
+        "output_usd_per_1m": float(price.output),
+        **({"web_search_usd_per_1k": float(price.web_search)}
+           if price.web_search is not None else {})}
     report["worst_case_usd"] = billing.worst_case / budgets.MICROS
     report["output_cap"] = billing.output_cap
     now = datetime.now(UTC)
@@ -241,9 +243,12 @@ def as_text(report: dict[str, Any]) -> str:
         lines.append(f"skipped    {s}")
     if report.get("price"):
         p = report["price"]
+        searches = f", ${p['web_search_usd_per_1k']}/1K web searches" \
+            if "web_search_usd_per_1k" in p else ""
         lines.append(f"price      {p['model']}: ${p['input_usd_per_1m']}/1M in, "
-                     f"${p['output_usd_per_1m']}/1M out; worst case held "
-                     f"${report['worst_case_usd']:.6f} (its most, with every output token)")
+                     f"${p['output_usd_per_1m']}/1M out{searches}; worst case held "
+                     f"${report['worst_case_usd']:.6f} (its most, with every output token "
+                     "and every search it allows)")
     for b in report.get("budgets", []):
         lines.append(f"budget     {b['id']} {b['name']} ({b['mode']}, {b['on_breach']}) "
                      f"{b['window']}: ${b['spent_usd']:.6f} spent + "

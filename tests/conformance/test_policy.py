@@ -605,6 +605,24 @@ def test_explain_decides_as_the_hosts_do(gateway, fake_openai, fake_anthropic):
     assert "deny ^o3" in json.dumps(refused["policy"])
 
 
+def test_explain_holds_the_web_searches_a_request_allows(gateway):
+    """The worst case explain shows counts every search the request allows ($10 per 1,000
+    on gpt-5-mini), and the price it shows says so, in JSON and in text."""
+    key = gateway.create_key()
+    ask = {"model": "gpt-5-mini", "input": "news?", "max_output_tokens": 16,
+           "tools": [{"type": "web_search"}]}
+    plain = explained(gateway, key, "/v1/responses", ask)
+    searching = explained(gateway, key, "/v1/responses", {**ask, "max_tool_calls": 3})
+    assert searching["price"]["web_search_usd_per_1k"] == 10.0
+    held = searching["worst_case_usd"] - plain["worst_case_usd"]
+    assert 0.03 <= held < 0.0301  # three searches, and the few bytes of `max_tool_calls`
+    text = subprocess.run([str(BIN / "tollgate"), "--config", str(gateway.config), "explain",
+                           "--key", key.id, "--path", "/v1/responses", "-"],
+                          input=json.dumps({**ask, "max_tool_calls": 3}), capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "$10.0/1K web searches" in text and "every search it allows" in text
+
+
 def test_explain_shows_a_budget_that_refuses(gateway, fake_openai):
     key = gateway.create_key()
     budget = json.loads(gateway.cli(
