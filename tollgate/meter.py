@@ -28,7 +28,6 @@ _NEXT_BYTE = re.compile(rb'\s*(\S)')
 # An OpenAI Responses web search call in JSON, as a scanned answer's bytes hold it: a
 # string holds its quotes escaped, so no text can pass for it.
 _SEARCH_CALL = re.compile(rb'"type"\s*:\s*"web_search_call"')
-_SEARCH_CALL_TAIL = 64  # bytes kept from one chunk to find a call split across two
 # Streams whose usage can come in an event too long to hold, by API family: the scanners
 # that find it there (OpenAI's Responses repeat the whole answer in `response.completed`;
 # a chat chunk may carry usage beside a long delta; Gemini's last event holds its usage
@@ -41,6 +40,19 @@ _FINISH_REASON = re.compile(rb'"finishReason"\s*:')
 # The top-level field naming the service tier that served a JSON answer, by API family
 # (Anthropic's is inside `usage`; Bedrock's InvokeModel sends a header).
 _TIER_KEYS = {"openai": b"service_tier", "converse": b"serviceTier"}
+
+
+class _Matches:
+    """How often `pattern` (a match a few dozen bytes long at most) occurs in bytes fed in
+    pieces, a match split across two pieces included."""
+
+    def __init__(self, pattern: re.Pattern[bytes]) -> None:
+        self.pattern, self.count, self._tail = pattern, 0, b""
+
+    def feed(self, data: bytes) -> None:
+        seen = self._tail + data
+        self.count += sum(1 for m in self.pattern.finditer(seen) if m.end() > len(self._tail))
+        self._tail = seen[-64:]
 
 
 def _odd_backslashes(chunk: bytes, start: int, end: int) -> bool:
@@ -199,12 +211,13 @@ class ResponseMeter:
                               if family in _LONG_EVENT_USAGE else None)
         self._long: list[JSONUsageScanner] = []  # scanning the long event passing
         self._long_open = False  # a long line is passing (scanned if it is data)
-        self._long_finished, self._long_tail = False, b""  # a finish reason in it
+        self._long_finish: _Matches | None = None  # Gemini: a finish reason in it
         self._stream = usage_of.StreamUsage(family)
         self._json = JSONUsageScanner(b"usageMetadata" if family == "gemini" else b"usage",
                                       _TIER_KEYS.get(family))
         self._held: bytearray | None = bytearray()  # a JSON answer, while it is small
-        self._searches, self._tail = 0, b""  # web search calls in a scanned JSON answer
+        self._search_calls = _Matches(_SEARCH_CALL)  # in a scanned JSON answer
+        self._held_searches: int | None = None  # in a held one, parsed
         self._header_tier: str | None = None
         self._frames: eventstream.EventStreamToSSE | None = None
 
@@ -248,24 +261,23 @@ class ResponseMeter:
         """A line of an event too long to parse, piece by piece (None: it ended): the usage
         it reports, if any, is the stream's (and for Gemini, a finish reason ends it)."""
         if piece is None:
+            finished = self._long_finish is not None and self._long_finish.count > 0
             for scanner in self._long:
                 if scanner.found is not None:
-                    self._stream.long_event_usage(scanner.found, scanner.tier,
-                                                  self._long_finished)
-            self._long, self._long_open = [], False
-            self._long_finished, self._long_tail = False, b""
+                    self._stream.long_event_usage(scanner.found, scanner.tier, finished)
+            self._long, self._long_open, self._long_finish = [], False, None
             return
         if not self._long_open:  # the line's start
             self._long_open = True
             if piece.startswith(b"data:"):
                 self._long = [JSONUsageScanner(*spec) for spec in _LONG_EVENT_USAGE[self.family]]
+                if self.family == "gemini":
+                    self._long_finish = _Matches(_FINISH_REASON)
                 piece = piece[len(b"data:"):]
         for scanner in self._long:
             scanner.feed(piece)
-        if self._long and self.family == "gemini" and not self._long_finished:
-            seen = self._long_tail + piece
-            self._long_finished = _FINISH_REASON.search(seen) is not None
-            self._long_tail = seen[-32:]
+        if self._long_finish is not None:
+            self._long_finish.feed(piece)
 
     def _scan_held(self) -> None:
         held, self._held = self._held, None
@@ -275,10 +287,7 @@ class ResponseMeter:
     def _scan(self, data: bytes) -> None:
         self._json.feed(data)
         if self.family == "openai":
-            seen = self._tail + data
-            self._searches += sum(1 for m in _SEARCH_CALL.finditer(seen)
-                                  if m.end() > len(self._tail))
-            self._tail = seen[-_SEARCH_CALL_TAIL:]
+            self._search_calls.feed(data)
 
     def _usage_parts(self) -> tuple[Any, Any]:
         """A JSON answer's top-level usage object and service tier (a string or an object),
@@ -289,7 +298,7 @@ class ResponseMeter:
             except ValueError:  # cut short, say: scanned for what it holds
                 doc = None
             if isinstance(doc, dict):
-                self._searches = usage_of.web_search_calls(doc.get("output"))
+                self._held_searches = usage_of.web_search_calls(doc.get("output"))
                 found = doc.get(self._json.key.decode())
                 tier_key = self._json.tier_key
                 tier = doc.get(tier_key.decode()) if tier_key is not None else None
@@ -327,5 +336,6 @@ class ResponseMeter:
         if self.family == "anthropic":
             return usage_of.anthropic_usage(doc)
         used = usage_of.openai_usage(doc, tier)
-        used.web_search_requests = self._searches
+        used.web_search_requests = self._search_calls.count if self._held_searches is None \
+            else self._held_searches
         return used

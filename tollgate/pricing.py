@@ -56,8 +56,8 @@ class ModelPrice(BaseModel):
     # (`default`, `standard`) is the model's own price.
     tiers: dict[str, PriceOverride] = Field(default_factory=dict)
     long_context: LongContext | None = None
-    # USD per 1,000 searches of the provider's web search tool (Anthropic's), on top of the
-    # tokens its results add to the input.
+    # USD per 1,000 searches of the provider's web search tool (Anthropic's, OpenAI's
+    # Responses'), on top of the tokens its results add to the input.
     web_search: Decimal | None = Field(default=None, ge=0)
 
     @field_validator("tiers")

@@ -478,3 +478,28 @@ def test_a_long_chat_chunk_that_carries_usage_is_scanned_for_it():
         assert used.reported == (usage is not None)
         if usage:
             assert (used.input_tokens, used.output_tokens) == (21, 30_000)
+
+
+def _cut_inside(data: bytes, word: bytes) -> list[bytes]:
+    """`data` in pieces cut in the middle of every occurrence of `word`."""
+    cuts = [i + len(word) // 2 for i in range(len(data)) if data.startswith(word, i)]
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def test_a_search_call_or_finish_reason_cut_across_two_pieces_still_counts():
+    """What a scanned answer or a long event says is found however the bytes are cut, a
+    cut inside the very words looked for included."""
+    body = _responses_answer(3, "x" * 400_000)
+    meter = openai_json_meter(body)
+    for piece in _cut_inside(body, b"web_search_call"):
+        meter.feed(piece)
+    assert meter.usage().web_search_requests == 3
+    event = {"candidates": [{"content": {"parts": [{"text": "w " * 40_000}]},
+                             "finishReason": "STOP"}],
+             "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 40_000}}
+    stream = b"data: " + json.dumps(event).encode() + b"\r\n\r\n"
+    meter = ResponseMeter("gemini", stream_requested=True)
+    meter.start("text/event-stream", None)
+    for piece in _cut_inside(stream, b"finishReason"):
+        meter.feed(piece)
+    assert meter.complete and meter.usage().reported
