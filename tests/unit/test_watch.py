@@ -173,3 +173,27 @@ def test_a_mounted_secret_key_file_follows_rotations(tmp_path, config_dir):
     assert read_key_file(provider.id, provider.api_key_file) == "sk-first"
     secret.write({"OPENAI_API_KEY": "sk-rotated\n"})
     assert read_key_file(provider.id, provider.api_key_file) == "sk-rotated"
+
+
+def test_a_file_caught_while_it_is_rewritten_is_not_loaded(config_dir):
+    """A writer that truncates the file and writes it anew leaves it empty for a moment,
+    and an empty file is a valid config with no keys: the watcher waits until the file
+    holds still for a poll. Caught empty, then finished with a typo, the last good config
+    (its keys included) keeps serving; a good rewrite is loaded a poll after it lands."""
+    path = config_dir / "gateway.yaml"
+    CliRunner().invoke(cli, ["--config", str(path), "virtual-keys", "create", "--name", "k",
+                             "--scope", "ORG:acme"])
+    holder = ConfigHolder(path)
+    good = path.read_bytes()
+    assert holder.current.config.virtual_keys
+    path.write_bytes(b"")  # truncated, the new text not written yet
+    assert holder.tick() is False
+    path.write_bytes(good.replace(b"max_body_bytes:", b"max_body_byte:", 1))
+    assert holder.tick() is False  # it moved again: not yet
+    assert holder.tick() is False and "max_body_byte" in (holder.last_error or "")
+    assert holder.current.config.virtual_keys  # never the empty file's
+    path.write_bytes(good)
+    prefixed(path, "X-Next-")  # the typo mended, and an edit
+    assert holder.tick() is False  # just landed
+    assert holder.tick() is True and holder.current.config.gateway.header_prefix == "X-Next-"
+    assert holder.current.config.virtual_keys

@@ -2,7 +2,10 @@
 
 A poller, not inotify: it survives atomic renames, editors that replace files, bind mounts
 and Kubernetes ConfigMap symlink swaps alike (stat follows the links), and checking two
-stat() results every quarter second costs nothing. Nothing stops it: a broken edit, an
+stat() results every quarter second costs nothing. A change is loaded once the files have
+held still for one poll (`tick`): a writer that truncates the file and writes it anew (a
+shell redirect, `cp`, many editors) leaves it empty or cut short for a moment, and such a
+file can be a valid config with no keys at all. Nothing stops it: a broken edit, an
 unreadable or missing file, or a failing callback is logged and reported in the run status
 (`tollgate status`), the last good config keeps serving, and the next good edit is taken.
 """
@@ -73,6 +76,7 @@ class ConfigHolder:
         self._appliers: list[Callable[[LoadedConfig, LoadedConfig], None]] = []
         others = self._companions()
         self._seen: tuple[object, ...] = (self.path, *others, *before, *_signature(others))
+        self._moving: tuple[object, ...] | None = None  # a change not yet held still a poll
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -117,9 +121,19 @@ class ConfigHolder:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.check()
+                self.tick()
             except Exception:  # the watcher must outlive anything a reload throws
                 log.exception("config watcher: unexpected error, still watching")
+
+    def tick(self) -> bool:
+        """One poll: a change is loaded (`check`) once the files look the same as at the
+        poll before, not while they may still be being written; True when it took effect."""
+        state = self._state()
+        if state != self._seen and state != self._moving:
+            self._moving = state
+            return False
+        self._moving = None
+        return self.check()
 
     def check(self) -> bool:
         """Reload if a watched file changed; True when a new config took effect."""
