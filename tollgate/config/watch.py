@@ -129,8 +129,8 @@ class ConfigHolder:
         """One poll: a change is loaded (`check`) once the files look the same as at the
         poll before, not while they may still be being written; True when it took effect."""
         state = self._state()
-        if state != self._seen and state != self._moving:
-            self._moving = state
+        if state == self._seen or state != self._moving:
+            self._moving = None if state == self._seen else state
             return False
         self._moving = None
         return self.check()
