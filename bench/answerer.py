@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 
 from bench.scaling import WHOLE_REQUEST, cluster, envoy
-from tests.harness import wait_until
+from tests.harness import unix_accepts, wait_until
 
 
 def decided_headers(answer: bytes) -> list[tuple[str, str]]:
@@ -48,7 +48,8 @@ def answerer(workdir: Path, socket: Path, decided: list[tuple[str, str]]
         {"match": {"prefix": "/"}, "direct_response": {"status": 200},
          "response_headers_to_add": headers}], [], (WHOLE_REQUEST,), socket=socket,
         args=("--concurrency", "1"))
-    wait_until(socket.exists, timeout=30, what="the compiled answerer")
+    # Envoy binds the socket file before its worker listens on it: wait for a connection.
+    wait_until(lambda: unix_accepts(socket), timeout=30, what="the compiled answerer")
     return proc
 
 
