@@ -13,11 +13,11 @@ Filters in front of the router:
   fire-and-forget posts, without holding a byte back. A response that does not end there
   (a reset, a reply Envoy made in the provider's place) goes to that process through the
   access log (`unmetered_log`).
-- `tollgate.rewrite` (ext_proc) edits the responses the gateway reshapes (translations), and
-  `tollgate.usage_cut` (Lua, in Envoy) keeps a usage chunk the gateway asked for out of a
-  stream it does not otherwise edit. Each is a composite filter that creates its filter only
-  for the requests whose decision set its header: an idle ext_proc or Lua filter still cost
-  Envoy a few percent of its work on every request.
+  It also keeps a usage chunk the gateway asked for out of a stream it does not otherwise
+  edit (usage_cut.lua), once it has copied the chunk.
+- `tollgate.rewrite` (ext_proc) edits the responses the gateway reshapes (translations): a
+  composite filter that creates its filter only for the requests whose decision set its
+  header: an idle ext_proc filter still cost Envoy a few percent of its work on every request.
 
 The gateway's response headers come from dynamic metadata that the decision filter sets, so no
 round trip is spent on the response path. One cluster per model provider; the decision picks
@@ -51,10 +51,8 @@ FALLBACK_HEADER = "x-tollgate-fallback"
 # Set by the decision on requests whose response the gateway reshapes (a translation between
 # API families, reframed events, errors in the client's family): the `tollgate.rewrite`
 # filter is created for them, and for nothing else. A usage chunk the gateway asked for in a
-# stream it does not reshape is cut by `tollgate.usage_cut` instead.
+# stream it does not reshape is cut by the meter instead (usage_cut.lua).
 REWRITE_HEADER = "x-tollgate-rewrite"
-# Set by the decision on streams whose usage chunk `tollgate.usage_cut` keeps from the client.
-CUT_USAGE_HEADER = "x-tollgate-cut-usage"
 EXTPROC_CLUSTER = "tollgate_extproc"
 # The decision service of every ext_proc process, which the decide filter calls.
 DECIDER_CLUSTER = "tollgate_decider"
@@ -427,13 +425,16 @@ def attempt_filters() -> list[dict[str, Any]]:
 
 
 METER = Path(__file__).with_name("meter.lua")
+USAGE_CUT = Path(__file__).with_name("usage_cut.lua")  # the usage cut the meter runs
 
 
 def meter_filter() -> dict[str, Any]:
     """`tollgate.meter`: the response, as the provider sent it, posted in a few batches to
-    the decision service of the process that decided the request (see meter.lua)."""
+    the decision service of the process that decided the request (see meter.lua), and a
+    usage chunk the gateway asked for kept from the client (see usage_cut.lua)."""
     source = METER.read_text().replace("@CLUSTER@", DECIDER_CLUSTER) \
         .replace("@UPSTREAM@", UPSTREAM_HEADER)
+    source = f"{USAGE_CUT.read_text()}\n{source}"
     return {"name": "tollgate.meter", "typed_config": {
         "@type": LUA, "default_source_code": {"inline_string": source}}}
 
@@ -519,23 +520,11 @@ UPSTREAM_FILTERS = [UPSTREAM_MARK, {"name": "envoy.filters.http.upstream_codec",
 
 def http_filters(max_body: int, processes: int = 1) -> list[dict[str, Any]]:
     decide = decide_filter(max_body)
-    # Encoders run in reverse: the meter sees the provider's bytes, the rewrite or the usage
-    # cut edits after it.
+    # Encoders run in reverse: the meter sees the provider's bytes, the rewrite edits after it.
     router = {"name": "envoy.filters.http.router", "typed_config": {
         "@type": ROUTER, "suppress_envoy_headers": True,
         "upstream_http_filters": UPSTREAM_FILTERS}}
-    return [decide, usage_cut(), rewrite_filter(processes), meter_filter(), router]
-
-
-USAGE_CUT = Path(__file__).with_name("usage_cut.lua")
-
-
-def usage_cut() -> dict[str, Any]:
-    """`tollgate.usage_cut`: keeps a usage chunk the gateway asked for out of a stream the
-    gateway does not otherwise edit, in Envoy itself (see usage_cut.lua): no ext_proc round
-    trip per chunk of the most common stream. Created only for those streams."""
-    return _only_when("tollgate.usage_cut", [([_header_is(CUT_USAGE_HEADER, "1")], {
-        "@type": LUA, "default_source_code": {"inline_string": USAGE_CUT.read_text()}})])
+    return [decide, rewrite_filter(processes), meter_filter(), router]
 
 
 REWRITE_MODE = {
@@ -584,7 +573,7 @@ def route_config(cfg: Config, processes: int = 1) -> dict[str, Any]:
     return {
         "name": "tollgate",
         "request_headers_to_remove": [CLUSTER_HEADER, REWRITE_HEADER, FALLBACK_HEADER,
-                                      EXTPROC_PROCESS_HEADER, CUT_USAGE_HEADER],
+                                      EXTPROC_PROCESS_HEADER],
         "virtual_hosts": [{
             "name": "gateway",
             "domains": ["*"],

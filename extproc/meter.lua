@@ -14,6 +14,9 @@
 -- to the same process, with how many posts it should wait for (`posted`) and the bytes no
 -- post carried (namespace `tollgate.tail`: `n` chunks, base64, under "1" to "n"), so a
 -- stream cut short is charged all it streamed.
+--
+-- It also keeps the usage chunk the gateway asked for from a client that did not (the cut,
+-- usage_cut.lua, which the renderer puts before this script), once it has copied the bytes.
 local CLUSTER = "@CLUSTER@"
 local UPSTREAM = "@UPSTREAM@"
 local FLUSH_BYTES = 16384
@@ -58,6 +61,9 @@ local function meter(handle)
   local content_type = string.lower(headers:get("content-type") or "")
   local frames = string.find(content_type, "application/vnd.amazon.eventstream", 1, true) == 1
   local stream = frames or string.find(content_type, "text/event-stream", 1, true) == 1
+  -- A usage chunk the gateway asked for is kept from the client (usage_cut.lua).
+  local cutting = stream and not frames and decided["cut_usage"] == "1"
+  local unfinished = "" -- the cut's: an event not yet whole
   -- A body of known length is whole once that many bytes have come: the last post goes
   -- then, and nothing need be kept for the access log (most JSON answers: one chunk).
   local length = tonumber(headers:get("content-length") or "")
@@ -67,6 +73,7 @@ local function meter(handle)
     if n > 0 then
       local bytes = chunk:getBytes(0, n)
       held[#held + 1] = bytes
+      if cutting then unfinished = cut_usage(chunk, bytes, unfinished) end
       size, total = size + n, total + n
       if stream and first_byte == nil then
         first_byte = handle:timestampString(EnvoyTimestampResolution.MICROSECOND)

@@ -39,7 +39,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc import fallback
 from extproc.envoy_config import (
     CLUSTER_HEADER,
-    CUT_USAGE_HEADER,
     EXTPROC_PROCESS_HEADER,
     EXTPROC_SERVICE,
     FALLBACK_HEADER,
@@ -109,7 +108,7 @@ def metadata(exchange: Exchange) -> dict[str, str]:
               "fallback_count": str(exchange.cursor.fallback_count),
               "provider": exchange.provider_id}
     if exchange.hides_usage_chunk and not exchange.reshapes:
-        fields["cut_usage"] = "1"  # the usage-cut filter keeps it from the client
+        fields["cut_usage"] = "1"  # the meter keeps it from the client (usage_cut.lua)
     if exchange.billing.warning:
         fields["budget_warning"] = exchange.billing.warning
     if exchange.billing.output_cap is not None:
@@ -158,8 +157,6 @@ def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
     routing["x-request-id"] = exchange.trace.request_id
     if exchange.reshapes:  # the rewrite filter edits its response (a usage chunk as well)
         routing[REWRITE_HEADER] = "1"
-    elif exchange.hides_usage_chunk:  # the usage-cut filter keeps that chunk from the client
-        routing[CUT_USAGE_HEADER] = "1"
     fields = metadata(exchange)
     if process is not None:  # this process holds the request: its later streams come here
         routing[EXTPROC_PROCESS_HEADER] = fields["process"] = str(process)

@@ -1,8 +1,10 @@
--- Keeps the usage chunk the gateway asked for (`stream_options.include_usage`) out of a
+-- The usage cut, run by tollgate.meter (meter.lua, which the renderer puts after this): keeps
+-- the usage chunk the gateway asked for (`stream_options.include_usage`) out of a
 -- chat-completions stream whose client did not ask for it, inside Envoy: no ext_proc round
--- trip per chunk. The meter, which runs before this filter on the response, has copied the
--- provider's bytes already. Acts only on responses whose decision set
--- `tollgate.cut_usage` in dynamic metadata, and only on event streams.
+-- trip per chunk. The meter copies each chunk's bytes, as the provider sent them, before it
+-- cuts them. It cuts only responses whose decision set `tollgate.cut_usage` in dynamic
+-- metadata, and only event streams. In the meter's own filter, not one of its own: a second
+-- Lua filter resumed for every chunk of the stream cost about 0.05 ms of its first byte.
 --
 -- Every other byte passes as the provider sent it. Bytes are held only until the event they
 -- belong to is complete (providers write whole events, so a stream flows event by event),
@@ -46,18 +48,14 @@ local function cut(data)
   return table.concat(kept), string.sub(data, from)
 end
 
-function envoy_on_response(handle)
-  local decided = handle:streamInfo():dynamicMetadata():get("tollgate")
-  if decided == nil or decided["cut_usage"] ~= "1" then return end
-  local content_type = string.lower(handle:headers():get("content-type") or "")
-  if string.find(content_type, "text/event-stream", 1, true) ~= 1 then return end
-  local rest = ""
-  for chunk in handle:bodyChunks() do
-    local kept
-    kept, rest = cut(rest .. chunk:getBytes(0, chunk:length()))
-    if #rest > MAX_HELD then  -- all but what may be the start of its boundary
-      kept, rest = kept .. string.sub(rest, 1, -4), string.sub(rest, -3)
-    end
-    chunk:setBytes(kept)
+-- `chunk` (whose bytes are `bytes`) less its usage-only events, given the unfinished event
+-- the chunks before it left (`rest`); returns the unfinished event it leaves.
+local function cut_usage(chunk, bytes, rest)
+  local kept
+  kept, rest = cut(rest .. bytes)
+  if #rest > MAX_HELD then  -- all but what may be the start of its boundary
+    kept, rest = kept .. string.sub(rest, 1, -4), string.sub(rest, -3)
   end
+  chunk:setBytes(kept)
+  return rest
 end
