@@ -4,7 +4,7 @@
 -- trip per chunk. The meter copies each chunk's bytes, as the provider sent them, before it
 -- cuts them. It cuts only responses whose decision set `tollgate.cut_usage` in dynamic
 -- metadata, and only event streams. In the meter's own filter, not one of its own: a second
--- Lua filter resumed for every chunk of the stream cost about 0.05 ms of its first byte.
+-- Lua filter resumed for every chunk of the stream cost its first byte 0.08 to 0.10 ms.
 --
 -- Every other byte passes as the provider sent it. Bytes are held only until the event they
 -- belong to is complete (providers write whole events, so a stream flows event by event),
