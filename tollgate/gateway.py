@@ -492,6 +492,10 @@ class Gateway:
                 self._observe(exchange.trace, row, exchange=exchange)
             except Exception:  # never at the cost of its ledger row
                 log.exception("could not observe request %s", row.request_id)
+        # A decision that came meanwhile (a client's next request, sent as soon as this
+        # answer reached it) is answered before this row is written, not after: with a
+        # client quick to send, it waited some 0.1 ms for the commit.
+        await asyncio.sleep(0)
         try:
             await self.store().finish(counters, reserved, row, limits, released)
         except Exception:

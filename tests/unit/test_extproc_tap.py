@@ -219,6 +219,24 @@ async def test_a_request_is_settled_at_its_last_post_not_a_moment_later(config_d
     await proc.gateway.close()
 
 
+async def test_a_decision_that_comes_while_a_request_settles_is_not_kept_waiting(
+        processor):
+    """A client's next request, decided while its last one is being settled, is answered
+    before that one's ledger row is written: it does not wait for the commit."""
+    proc, secret = processor
+    first, _ = await decide_chat(proc, secret, max_tokens=64)
+    proc.metered(first, 0, True, json.dumps({"choices": [], "usage": {
+        "prompt_tokens": 3, "completion_tokens": 5}}).encode(),
+        (200, {"content-type": "application/json"}))
+    await asyncio.sleep(0)  # its settlement starts (its span, metrics, access-log line)
+    decision = await proc.decide(*chat_request(secret, max_tokens=64))  # the next one
+    assert isinstance(decision, Forwarding)
+    assert await proc.gateway.store().rows() == []  # decided first
+    (row,) = await settled(proc)
+    assert (row.request_id, row.output_tokens) == (first, 5)
+    await proc.gateway.close()
+
+
 async def test_posts_that_arrive_out_of_order_are_metered_in_order(processor):
     """Envoy sends each post on any free connection: the sequence numbers put them back."""
     proc, secret = processor
