@@ -285,12 +285,13 @@ def spent(before: dict[str, float], after: dict[str, float], requests: int
     return {k: (v - before.get(k, 0.0)) / requests * 1000 for k, v in sorted(after.items())}
 
 
-def post_script(workdir: Path, headers: dict[str, str]) -> Path:
-    """A wrk script that POSTs the benchmark's chat completion with `headers`."""
-    script = workdir / "post.lua"
+def post_script(workdir: Path, headers: dict[str, str], body: bytes = BODY,
+                name: str = "post.lua") -> Path:
+    """A wrk script that POSTs the benchmark's chat completion (or `body`) with `headers`."""
+    script = workdir / name
     script.write_text(
         'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(BODY.decode())}\n"
+        f"wrk.body = {json.dumps(body.decode())}\n"
         + "".join(f'wrk.headers["{k}"] = "{v}"\n'
                   for k, v in {"content-type": "application/json", **headers}.items()))
     return script
