@@ -22,7 +22,8 @@ import subprocess
 from pathlib import Path
 
 from bench.scaling import WHOLE_REQUEST, cluster, envoy
-from tests.harness import unix_accepts, wait_until
+from extproc.listen import accepts
+from tests.harness import wait_until
 
 
 def decided_headers(answer: bytes) -> list[tuple[str, str]]:
@@ -49,7 +50,7 @@ def answerer(workdir: Path, socket: Path, decided: list[tuple[str, str]]
          "response_headers_to_add": headers}], [], (WHOLE_REQUEST,), socket=socket,
         args=("--concurrency", "1"))
     # Envoy binds the socket file before its worker listens on it: wait for a connection.
-    wait_until(lambda: unix_accepts(socket), timeout=30, what="the compiled answerer")
+    wait_until(lambda: accepts(socket), timeout=30, what="the compiled answerer")
     return proc
 
 

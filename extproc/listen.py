@@ -107,17 +107,22 @@ def _private_umask() -> Iterator[None]:
         os.umask(old)
 
 
+def accepts(path: str | Path) -> bool:
+    """Whether a process listens on the Unix socket `path`: False for no file, a socket left
+    by a process that died, or one bound a moment before its process listens."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def ensure_unused(target: str) -> None:
     """A Unix socket another ext_proc still serves on is not taken over (its file would be
     replaced, and Envoy's new connections would reach this process instead)."""
-    if not target.startswith("unix:"):
+    if not target.startswith("unix:") or not accepts(target.removeprefix("unix:")):
         return
-    path = target.removeprefix("unix:")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return  # no file, or a socket left by a process that died
     raise ListenError(f"{target}: another ext_proc already serves on this socket: stop it or "
                       "choose another with --listen")
 

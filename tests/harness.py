@@ -66,17 +66,6 @@ def wait_until(check, timeout: float = 10.0, interval: float = 0.05, what: str =
     raise TimeoutError(f"timed out waiting for {what} (last: {last!r})")
 
 
-def unix_accepts(path: Path) -> bool:
-    """Whether a process listens on the Unix socket `path` (the file exists from bind, a
-    moment before listen)."""
-    with socket.socket(socket.AF_UNIX) as conn:
-        try:
-            conn.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def ledger(config: Path) -> list:
     """The ledger rows of the gateway that runs `config` (read as a reporting CLI would)."""
     import asyncio

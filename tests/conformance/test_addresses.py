@@ -80,8 +80,9 @@ def test_a_second_extproc_on_a_socket_in_use_fails_naming_it(tmp_path, fake_open
                               "extproc", "--listen", socket], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        from tests.harness import unix_accepts, wait_until
-        wait_until(lambda: unix_accepts(tmp_path / "x" / "extproc.sock"), timeout=20,
+        from extproc.listen import accepts
+        from tests.harness import wait_until
+        wait_until(lambda: accepts(tmp_path / "x" / "extproc.sock"), timeout=20,
                    what="the first ext_proc's socket")
         result = subprocess.run([str(BIN / "tollgate"), "--config", str(config), "serve",
                                  "extproc", "--listen", socket], capture_output=True,
