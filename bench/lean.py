@@ -93,6 +93,7 @@ def main() -> int:
     try:
         config, secret, paths = references(workdir, fake_port, procs)
         paths |= start_hosts(args.hosts.split(","), config, secret, workdir, gateways)
+        paths = {k: (f"{url}/v1/chat/completions", h) for k, (url, h) in paths.items()}
         scripts = {}
         for i, (path, (_, headers)) in enumerate(paths.items()):
             for j, (kind, body) in enumerate(KINDS.items()):
@@ -101,21 +102,20 @@ def main() -> int:
             kind: {path: [] for path in paths} for kind in KINDS}
         for path, (url, _) in paths.items():  # warm-up, not counted
             for kind in KINDS:
-                timed(f"{url}/v1/chat/completions", scripts[path, kind], 1)
+                timed(url, scripts[path, kind], 1)
         for _ in range(args.rounds):
             for path, (url, _) in paths.items():
                 for kind in KINDS:
-                    rounds[kind][path].append(
-                        timed(f"{url}/v1/chat/completions", scripts[path, kind], args.seconds))
+                    rounds[kind][path].append(timed(url, scripts[path, kind], args.seconds))
     finally:
         stop_all(gateways, procs)
     print(f"\none request at a time (wrk, one connection), {args.rounds} rounds of "
           f"{args.seconds} s per path and kind; {os.cpu_count()} cores; ms\n")
-    for kind in KINDS:
-        print("\n".join(table(kind, figures(rounds[kind]))), end="\n\n")
-    print(json.dumps({kind: {path: [round(p, 3) for p in fig]
-                             for path, fig in figures(rounds[kind]).items()}
-                      for kind in KINDS}))
+    measured = {kind: figures(rounds[kind]) for kind in KINDS}
+    for kind, each in measured.items():
+        print("\n".join(table(kind, each)), end="\n\n")
+    print(json.dumps({kind: {path: [round(p, 3) for p in fig] for path, fig in each.items()}
+                      for kind, each in measured.items()}))
     return 0
 
 
