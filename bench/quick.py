@@ -10,10 +10,14 @@ profile (one key with a model allowlist, one blocking org budget, SQLite state),
 in a process of its own, with a key that has a fallback plan (the provider, then one that
 is down: the first attempt serves, as it mostly does); and the Envoy host again on a Redis
 state, as the Kubernetes render requires (a local `redis-server` with AOF and `appendfsync
-everysec`, Redis's default; left out, and said so, where none is installed). Each request
-is followed by the same one streamed as the OpenAI SDK sends it by default (no
-`stream_options`), timed to its first and last body byte. Requests go round-robin across
-the paths, in a new order each turn, so the machine's drift weighs on all alike. Then each
+everysec`, Redis's default; left out, and said so, where none is installed). Each path
+takes, in each turn, that request and the same one streamed as the OpenAI SDK sends it by
+default (no `stream_options`), timed to its first and last body byte. Turns go round-robin
+across the paths, in a new order each turn, so the machine's drift weighs on all alike, and
+a path's two requests in either order by turn: the first runs cold (its path's processes
+idle while the others ran), the second warm (right after it), and each is printed apart,
+the warm one as `warm`. The figures read the cold ones, as a sidecar beside an application
+that works between its calls meets them. Then each
 path's throughput with 32 requests in flight, the fallback key's and the Redis state's
 aside (printed, not compared: the Python client and provider bind it; `make bench-scaling`
 measures the sidecar's). `make bench-quick` leaves it out (`--concurrent-requests 0`),
@@ -93,6 +97,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # The OpenAI SDK's default stream: no `stream_options`, so a governed gateway asks for the
 # usage chunk upstream and keeps it from the client.
 STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}).encode()
+KINDS = ("json", "sse")  # a path's two requests in each turn: a JSON answer, a stream
 
 
 def plain_envoy(workdir: Path, upstream: int, access_log: dict[str, object] | None = None
@@ -244,14 +249,26 @@ async def _streamed(client: httpx.AsyncClient, name: str, url: str,
     return ((first or end) - t0) * 1000, (end - t0) * 1000
 
 
+def turn_order(turn: int) -> tuple[str, str]:
+    """The order of a path's two requests in a turn: the JSON answer first in even turns,
+    the stream in odd ones. The first is its path's first request since the other paths
+    ran, its processes' caches taken by theirs (cold); the second comes right after it
+    (warm). In a fixed order one kind was always cold and the other always warm, some 0.45
+    ms apart on the Envoy host: with the JSON answer first it added +1.63 to +1.69 ms over
+    the direct call and the stream's first byte +1.34 to +1.39; the other way round, +1.18
+    to +1.23 and +1.63 to +1.87."""
+    return KINDS if turn % 2 == 0 else (KINDS[1], KINDS[0])
+
+
 async def round_robin(paths: dict[str, tuple[str, dict[str, str]]], n: int,
                       pids: dict[str, int]) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """`n` sequential requests per path, one path after the other in turn, in a new order
-    each turn (a path's time depends a little on which ran just before it: in a fixed order
-    the same code measured up to 5% apart on two paths): each one's time (ms, under the
-    path's name), the streamed request's times to its first and last byte (`<path> sse
-    first`, `<path> sse total`), and the CPU seconds each path's processes (`pids`) spent on
-    them all."""
+    """`n` turns, each a JSON answer and a stream per path, one path after the other, in a
+    new order each turn (a path's time depends a little on which ran just before it: in a
+    fixed order the same code measured up to 5% apart on two paths), which of its two
+    requests comes first alternating by turn (`turn_order`). Each one's time (ms): the JSON
+    answer under the path's name, the stream's to its first and last byte under `<path> sse
+    first` and `<path> sse total`, when it came first (cold); with ` warm` after them when
+    it came second. And the CPU seconds each path's processes (`pids`) spent on them all."""
     shuffled = random.Random(n)  # the same orders on every run
     clients = {name: httpx.AsyncClient(timeout=30) for name in paths}
     try:
@@ -260,20 +277,25 @@ async def round_robin(paths: dict[str, tuple[str, dict[str, str]]], n: int,
                 await clients[name].post(url, content=BODY, headers=headers)
                 await _streamed(clients[name], name, url, headers)
         before = {k: cpu_seconds(p) for k, p in pids.items()}
-        out: dict[str, list[float]] = {name: [] for name in paths}
-        out |= {f"{name} sse {part}": [] for name in paths for part in ("first", "total")}
+        out: dict[str, list[float]] = {
+            f"{name}{part}{regime}": [] for name in paths
+            for part in ("", " sse first", " sse total") for regime in ("", " warm")}
         order = list(paths)
-        for _ in range(n):
+        for turn in range(n):
             shuffled.shuffle(order)
             for name in order:
                 url, headers = paths[name]
-                t0 = time.perf_counter()
-                r = await clients[name].post(url, content=BODY, headers=headers)
-                out[name].append((time.perf_counter() - t0) * 1000)
-                assert r.status_code == 200, f"{name}: {r.status_code} {r.text[:200]}"
-                first, total = await _streamed(clients[name], name, url, headers)
-                out[f"{name} sse first"].append(first)
-                out[f"{name} sse total"].append(total)
+                for i, kind in enumerate(turn_order(turn)):
+                    regime = " warm" if i else ""
+                    if kind == "json":
+                        t0 = time.perf_counter()
+                        r = await clients[name].post(url, content=BODY, headers=headers)
+                        out[f"{name}{regime}"].append((time.perf_counter() - t0) * 1000)
+                        assert r.status_code == 200, f"{name}: {r.status_code} {r.text[:200]}"
+                    else:
+                        ttfb, total = await _streamed(clients[name], name, url, headers)
+                        out[f"{name} sse first{regime}"].append(ttfb)
+                        out[f"{name} sse total{regime}"].append(total)
         return out, {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
     finally:
         for c in clients.values():
@@ -458,29 +480,38 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
     n = args.requests
     # More paths, colder processes: the absolute figures depend on it (see the docstring).
     among = f" ({short}'s hosts among them)" if short else ""
-    print(f"\n{n} sequential requests per path and kind, round-robin across {len(paths)} paths"
-          f"{among}; {os.cpu_count()} cores; "
+    print(f"\n{n} sequential turns, round-robin across {len(paths)} paths{among}, each a JSON "
+          "answer and a stream per path, either first by turn: the first (cold) and the "
+          f"second (`warm`) apart; {os.cpu_count()} cores; "
           f"ms{f' (the last of {args.runs} rounds)' if args.runs > 1 else ''}\n")
     base50, base99 = statistics.median(times["direct"]), percentile(times["direct"], 0.99)
-    header = f"{'JSON answer':<28} {'p50':>7} {'p99':>7} {'+p50':>7} {'+p99':>7} {'CPU/req':>8}"
+    warm0 = statistics.median(times["direct warm"])
+    header = (f"{'JSON answer':<28} {'p50':>7} {'p99':>7} {'+p50':>7} {'+p99':>7} "
+              f"{'warm':>7} {'+warm':>7} {'CPU/req':>8}")
     print(header)
     print("-" * len(header))
     for name in cpu:
-        values = times["direct" if name == "provider" else name]
+        name = "direct" if name == "provider" else name
+        values = times[name]
         p50, p99 = statistics.median(values), percentile(values, 0.99)
-        spent = cpu[name] / n / (len(cpu) if name == "provider" else 1)
-        print(f"{'direct' if name == 'provider' else name:<28} {p50:>7.3f} {p99:>7.3f} "
-              f"{p50 - base50:>+7.3f} {p99 - base99:>+7.3f} {spent * 1000:>8.3f}")
+        warm = statistics.median(times[f"{name} warm"])
+        spent = cpu["provider" if name == "direct" else name] / n / (
+            len(cpu) if name == "direct" else 1)
+        print(f"{name:<28} {p50:>7.3f} {p99:>7.3f} {p50 - base50:>+7.3f} "
+              f"{p99 - base99:>+7.3f} {warm:>7.3f} {warm - warm0:>+7.3f} {spent * 1000:>8.3f}")
     first0 = statistics.median(times["direct sse first"])
     total0 = statistics.median(times["direct sse total"])
-    header = f"{'stream (SSE)':<28} {'first':>7} {'+first':>7} {'last':>7} {'+last':>7}"
+    first_warm0 = statistics.median(times["direct sse first warm"])
+    header = (f"{'stream (SSE)':<28} {'first':>7} {'+first':>7} {'last':>7} {'+last':>7} "
+              f"{'warm':>7} {'+warm':>7}")
     print(f"\n{header}\n{'-' * len(header)}")
     for name in cpu:
         name = "direct" if name == "provider" else name
         first = statistics.median(times[f"{name} sse first"])
         total = statistics.median(times[f"{name} sse total"])
+        first_warm = statistics.median(times[f"{name} sse first warm"])
         print(f"{name:<28} {first:>7.3f} {first - first0:>+7.3f} {total:>7.3f} "
-              f"{total - total0:>+7.3f}")
+              f"{total - total0:>+7.3f} {first_warm:>7.3f} {first_warm - first_warm0:>+7.3f}")
     if throughput:
         header = f"{f'{args.concurrency} concurrent':<28} {'req/s':>7}"
         print(f"\n{header}\n{'-' * len(header)}")
@@ -499,7 +530,7 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         reference = _median_figures(rounds, n, short)
         against = f"{short}'s code (measured in this run)"
     print("\n(CPU/req: a JSON answer and a stream together; `direct`: the provider's own, per "
-          "pair it served.)\n\n"
+          "pair it served. SSE `warm`: its first byte. The figures read the cold ones.)\n\n"
           "Figures (ratios to this run's references; lower is better):\n")
     print(f"  {'':<44} {'now':>7}  {f'{short} (same run)' if short else '':>18}"
           f"  {'stored':>14}")
