@@ -490,13 +490,12 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
               f"{'warm':>7} {'+warm':>7} {'CPU/req':>8}")
     print(header)
     print("-" * len(header))
-    for name in cpu:
-        name = "direct" if name == "provider" else name
+    for key in cpu:
+        name = "direct" if key == "provider" else key
         values = times[name]
         p50, p99 = statistics.median(values), percentile(values, 0.99)
         warm = statistics.median(times[f"{name} warm"])
-        spent = cpu["provider" if name == "direct" else name] / n / (
-            len(cpu) if name == "direct" else 1)
+        spent = cpu[key] / n / (len(cpu) if key == "provider" else 1)
         print(f"{name:<28} {p50:>7.3f} {p99:>7.3f} {p50 - base50:>+7.3f} "
               f"{p99 - base99:>+7.3f} {warm:>7.3f} {warm - warm0:>+7.3f} {spent * 1000:>8.3f}")
     first0 = statistics.median(times["direct sse first"])
