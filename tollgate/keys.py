@@ -23,10 +23,14 @@ def generate_secret(env: str) -> str:
     return f"{SECRET_PREFIX}-{env}-{secrets.token_urlsafe(32)}"
 
 
-def hash_secret(secret: str, pepper: bytes) -> str:
+def hash_secret(secret: str, pepper: bytes | hmac.HMAC) -> str:
+    """The secret's HMAC under the pepper; or under an HMAC already keyed with it, which
+    spares each lookup the key schedule (a third of its time on a request's path)."""
+    keyed = hmac.new(pepper, digestmod=hashlib.sha256) if isinstance(pepper, bytes) \
+        else pepper.copy()
     # surrogateescape: a header's raw bytes (not UTF-8) still hash, and simply match no key
-    return hmac.new(pepper, secret.encode("utf-8", "surrogateescape"),
-                    hashlib.sha256).hexdigest()
+    keyed.update(secret.encode("utf-8", "surrogateescape"))
+    return keyed.hexdigest()
 
 
 def display_prefix(secret: str) -> str:
@@ -96,7 +100,7 @@ class KeyIndex:
     """hash -> key, built once per config load, so a lookup is one HMAC and one dict probe."""
 
     def __init__(self, keys: list[VirtualKey], pepper: bytes):
-        self._pepper = pepper
+        self._keyed = hmac.new(pepper, digestmod=hashlib.sha256)
         self._by_hash: dict[str, _Entry] = {}
         for vk in keys:
             self._by_hash[vk.secret_hash] = _Entry(vk, vk.secret_hash, None)
@@ -105,7 +109,7 @@ class KeyIndex:
                                                                  prev.expires_at))
 
     def find(self, secret: str, now: datetime) -> VirtualKey | None:
-        digest = hash_secret(secret, self._pepper)
+        digest = hash_secret(secret, self._keyed)
         entry = self._by_hash.get(digest)
         if entry is None or not hmac.compare_digest(entry.secret_hash, digest):
             return None
