@@ -1,29 +1,44 @@
-"""A decision service that is not Python, and an Envoy that asks it with no Lua: the layers
+"""Decision services that do no work, and an Envoy that asks one with no Lua: the layers
 under bench.breakdown's floor.
 
-- `answerer`: an Envoy on a Unix socket that answers the decide filter's exchange from
-  memory, with one decision tollgate made (`decided`), and every meter post 204: a compiled
-  decision service that does no work. It reads each request whole before it answers (an
-  HTTP/1.1 server that answers a request before its body has come closes the connection,
-  and Envoy would open one per decision). One worker, as a decision service is one process.
-- `round_trip`: an Envoy in front of the provider whose one filter before the router is
-  ext_authz (C++) asking the answerer, with the request's body, and putting the answer's
-  credential on the request: one exchange with another process per request, without
-  tollgate's Lua filters (the decision's, the meter's) or anything in Python.
+- `answerer`: a decision service on a Unix socket that answers the decide filter's exchange
+  from memory, with one decision tollgate made (`decided`), and every meter post 204. It
+  reads each request whole before it answers (an HTTP/1.1 server that answers a request
+  before its body has come closes the connection, and Envoy would open one per decision).
+  One process, one thread, as a decision service is. Two of them:
+  - compiled (answerer.c, built with the machine's C compiler on first use): the least a
+    service in another process can cost the exchange;
+  - Python (`python -m bench.answerer SOCKET ANSWER`): the same on the event loop the
+    decision service runs on (extproc.eventloop), with nothing of tollgate's: what a Python
+    process costs beyond it.
 
-tollgate's own Envoy in front of the answerer (`tollgate envoy render --decider`) is the floor
-with the Python service taken out: the difference to `round_trip` is what tollgate's filters
-cost, the difference to the floor what its decision service costs doing no work.
+  An Envoy answering by itself stood in for the compiled one before: it cost the exchange
+  about 0.2 ms more than answerer.c, cold, which the layers above it were then read short.
+- `round_trip`: an Envoy in front of the provider whose one filter before the router is
+  ext_authz (C++) asking the compiled answerer, with the request's body, and putting the
+  answer's credential on the request: one exchange with another process per request,
+  without tollgate's Lua filters (the decision's, the meter's) or anything in Python.
+
+tollgate's own Envoy in front of an answerer (`tollgate envoy render --decider`) is the floor
+with tollgate's decision service taken out: the difference to `round_trip` is what
+tollgate's filters cost, the difference to the floor what its decision service costs doing
+no work.
 """
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from bench.scaling import WHOLE_REQUEST, cluster, envoy
 from extproc.listen import accepts
 from tests.harness import wait_until
+
+SOURCE = Path(__file__).with_name("answerer.c")
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
 
 
 def decided_headers(answer: bytes) -> list[tuple[str, str]]:
@@ -39,18 +54,38 @@ def decided_headers(answer: bytes) -> list[tuple[str, str]]:
     return [*headers, ("authorization", credential)]
 
 
-def answerer(workdir: Path, socket: Path, decided: list[tuple[str, str]]
-             ) -> subprocess.Popen[bytes]:
-    """The compiled answerer on `socket` (see the module's docstring), once it listens."""
-    headers = [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-               for k, v in decided]
-    proc, _ = envoy(workdir, "answerer", [
-        {"match": {"prefix": "/meter"}, "direct_response": {"status": 204}},
-        {"match": {"prefix": "/"}, "direct_response": {"status": 200},
-         "response_headers_to_add": headers}], [], (WHOLE_REQUEST,), socket=socket,
-        args=("--concurrency", "1"))
-    # Envoy binds the socket file before its worker listens on it: wait for a connection.
-    wait_until(lambda: accepts(socket), timeout=30, what="the compiled answerer")
+def answer_bytes(decided: list[tuple[str, str]]) -> bytes:
+    """The answer to every decision: 200, the decision's headers, no body."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in decided)
+    return f"HTTP/1.1 200 OK\r\n{head}content-length: 0\r\n\r\n".encode()
+
+
+def compiled_answerer(workdir: Path) -> Path:
+    """answerer.c built into `workdir` (again only if the source is newer)."""
+    binary = workdir / "answerer"
+    if binary.exists() and binary.stat().st_mtime >= SOURCE.stat().st_mtime:
+        return binary
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc) to build bench/answerer.c: install gcc")
+    subprocess.run([compiler, "-O2", "-o", str(binary), str(SOURCE)], check=True)
+    return binary
+
+
+def answerer(workdir: Path, socket: Path, decided: list[tuple[str, str]],
+             compiled: bool = True) -> subprocess.Popen[bytes]:
+    """An answerer on `socket` (see the module's docstring), once it accepts connections;
+    `compiled=False`: the Python one."""
+    answer = workdir / f"{socket.stem}.answer"
+    answer.write_bytes(answer_bytes(decided))
+    command = [str(compiled_answerer(workdir))] if compiled else \
+        [sys.executable, "-m", "bench.answerer"]
+    proc = subprocess.Popen([*command, str(socket), str(answer)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"ready":
+        proc.wait(10)
+        raise RuntimeError(f"the answerer on {socket} did not start ({proc.returncode})")
+    wait_until(lambda: accepts(socket), timeout=30, what="the answerer")
     return proc
 
 
@@ -78,3 +113,43 @@ def round_trip(workdir: Path, socket: Path, provider_port: int
                                                  "port_value": provider_port}}),
          cluster("answerer", {"pipe": {"path": str(socket)}})], (ext_authz,))
     return proc, f"http://127.0.0.1:{port}"
+
+
+class Answering(asyncio.Protocol):
+    """The Python answerer's connection: each whole request answered as answerer.c does."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = bytes(self.buffer[:end]).lower()
+            at = head.find(b"\r\ncontent-length:")
+            length = int(head[at + 17:].split(b"\r\n", 1)[0]) if at >= 0 else 0
+            if len(self.buffer) < end + 4 + length:
+                return
+            del self.buffer[:end + 4 + length]
+            self.transport.write(NO_CONTENT if head.startswith(b"post /meter") else
+                                 self.answer)
+
+
+async def serve(socket: Path, answer: bytes) -> None:
+    socket.unlink(missing_ok=True)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(lambda: Answering(answer), str(socket),
+                                           backlog=4096)
+    print("ready", flush=True)
+    await server.serve_forever()
+
+
+if __name__ == "__main__":
+    from extproc import eventloop
+
+    eventloop.run(serve(Path(sys.argv[1]), Path(sys.argv[2]).read_bytes()))

@@ -40,15 +40,18 @@ encoding, on its event loop), whose processor replays the first decision it made
 no meter post. What the host adds up to `floor` is the architecture's: Envoy's filters and a
 round trip to another process; what it adds beyond is tollgate's own work.
 
-Two more paths split the floor (bench.answerer): `compiled floor`, the same rendered Envoy
-whose decide filter asks a decision service that is not Python (an Envoy answering the same
-decision from memory), and `round trip`, an Envoy with no Lua that asks that service through
-ext_authz (C++) and forwards with the credential it answers. The client's p50s then give
-each layer's share: the exchange with another process itself (`round trip` over plain
-Envoy), tollgate's filters (the decide Lua and the meter's posts: `compiled floor` over
-`round trip`), its decision service in Python doing no work (`floor` over `compiled floor`),
-and tollgate's decision (the host over `floor`). A decision service in a compiled language
-would take the place of the last two; a filter in Envoy's own C++ that of the second.
+Three more paths split the floor (bench.answerer): `compiled floor`, the same rendered Envoy
+whose decide filter asks a decision service that is not Python (a small C server answering
+the same decision from memory), `python floor`, the same with that service in Python on
+tollgate's event loop but with nothing of tollgate's, and `round trip`, an Envoy with no Lua
+that asks the compiled service through ext_authz (C++) and forwards with the credential it
+answers. The client's p50s then give each layer's share: the exchange with another process
+itself (`round trip` over plain Envoy), tollgate's filters (the decide Lua and the meter's
+posts: `compiled floor` over `round trip`), a Python process in the compiled one's place
+(`python floor` over `compiled floor`), tollgate's decision service doing no work (its
+reading and answering of the exchange: `floor` over `python floor`), and tollgate's decision
+(the host over `floor`). A decision service in a compiled language would take the place of
+the last three; a filter in Envoy's own C++ that of the second.
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ def stages(log: Path, skip: int) -> dict[str, float]:
 LAYERS = {
     "an exchange with another process (ext_authz, no Lua)": ("round trip", "plain envoy"),
     "tollgate's filters (the decide Lua, the meter's posts)": ("compiled floor", "round trip"),
-    "its decision service in Python, doing no work": ("floor", "compiled floor"),
+    "a decision service in Python, doing no work": ("python floor", "compiled floor"),
+    "tollgate's decision service, doing no work": ("floor", "python floor"),
     "tollgate's decision": ("tollgate envoy", "floor"),
 }
 
@@ -163,7 +167,7 @@ def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[byt
     by the caller, started or not): the listener's URL, ext_proc's admin URL ("" for a
     floor) and the log."""
     port, envoy_admin, admin = free_port(), f"127.0.0.1:{free_port()}", free_port()
-    name = "compiled" if answering else "floor" if floor else "tollgate"
+    name = answering.stem if answering else "floor" if floor else "tollgate"
     sock = f"unix:{workdir}/{name}.sock"
     decider = ["--decider", f"unix:{answering}"] if answering else []
     rendered = subprocess.run(
@@ -252,6 +256,10 @@ def main() -> int:
         procs.append(answerer(workdir, answering, decided))
         compiled_url, _, _ = tollgate_envoy(own_state(config, "compiled"), workdir, procs,
                                             answering=answering)
+        python_answering = workdir / "python-answerer.sock"
+        procs.append(answerer(workdir, python_answering, decided, compiled=False))
+        python_url, _, _ = tollgate_envoy(own_state(config, "python"), workdir, procs,
+                                          answering=python_answering)
         trip, trip_url = round_trip(workdir, answering, fake_port)
         procs.append(trip)
         provider = {"authorization": f"Bearer {PROVIDER_KEY}", "content-type":
@@ -262,6 +270,7 @@ def main() -> int:
         paths = {"direct": (direct, provider), "plain envoy": (plain_url, provider),
                  "round trip": (trip_url, governed_key),
                  "compiled floor": (compiled_url, governed_key),
+                 "python floor": (python_url, governed_key),
                  "floor": (floor_url, governed_key), "tollgate envoy": (url, governed_key)}
         asyncio.run(sequential(paths, 0, warm))
         spent0, count0 = overhead(admin)
@@ -285,7 +294,7 @@ def main() -> int:
         print(f"{name:<16} {p50:>7.3f} {p50 - p50s['direct']:>+7.3f}")
     print("\n(round trip: an Envoy asking a decision service that is not Python, answering "
           "from memory, through ext_authz; compiled floor: tollgate's Envoy asking that "
-          "service)\n")
+          "service; python floor: the same service in Python)\n")
     for layer, (above, below) in LAYERS.items():
         print(f"{layer:<58} {p50s[above] - p50s[below]:>+7.3f}")
     header = (f"{'Envoy stage':<16} {'plain':>7} {'floor':>7} {'tollgate':>9} {'added':>7} "

@@ -1,6 +1,7 @@
-"""bench.answerer: the compiled answerer answers the decide filter's exchange from memory on
-one kept-alive connection, and the round trip's Envoy asks it through ext_authz and forwards
-the request with the credential it answered, as bench.breakdown's layers need."""
+"""bench.answerer: the compiled and the Python answerer answer the decide filter's exchange
+from memory on one kept-alive connection, each request once it is whole, and the round
+trip's Envoy asks the compiled one through ext_authz and forwards the request with the
+credential it answered, as bench.breakdown's layers need."""
 
 import socket
 
@@ -36,9 +37,10 @@ def _ask(conn: socket.socket, path: str, body: bytes) -> tuple[int, dict[str, st
     return int(lines[0].split()[1]), dict(line.split(": ", 1) for line in lines[1:])
 
 
-def test_the_answerer_answers_decisions_and_meter_posts_on_one_connection(tmp_path):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_the_answerer_answers_decisions_and_meter_posts_on_one_connection(tmp_path, compiled):
     sock = tmp_path / "answerer.sock"
-    proc = answerer(tmp_path, sock, decided_headers(ANSWER))
+    proc = answerer(tmp_path, sock, decided_headers(ANSWER), compiled=compiled)
     try:
         with socket.socket(socket.AF_UNIX) as conn:
             conn.connect(str(sock))
@@ -47,6 +49,17 @@ def test_the_answerer_answers_decisions_and_meter_posts_on_one_connection(tmp_pa
                 assert status == 200
                 assert headers["x-tollgate-set-authorization"] == f"Bearer {PROVIDER_KEY}"
                 assert headers["x-tollgate-meta-request_id"] == "req_1"
+                assert headers["content-length"] == "0"
+                # A body larger than a read, in pieces: answered once, when it is whole.
+                body = b"x" * 200_000
+                conn.sendall(f"POST /meter HTTP/1.1\r\ncontent-length: {len(body)}\r\n"
+                             "\r\n".encode() + body[:1000])
+                conn.settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    conn.recv(100)
+                conn.settimeout(None)
+                conn.sendall(body[1000:])
+                assert conn.recv(100) == b"HTTP/1.1 204 No Content\r\n\r\n"
                 assert _ask(conn, "/meter", b"x" * 5000)[0] == 204
     finally:
         proc.terminate()
