@@ -162,12 +162,12 @@ def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[byt
                    floor: bool = False, answering: Path | None = None
                    ) -> tuple[str, str, Path]:
     """`serve extproc` (`floor`: bench.floor's decision service in its place; `answering`:
-    no decision service, the decide filter asks the compiled answerer on that socket) and
+    no decision service, the decide filter asks the answerer on that socket) and
     an Envoy of `envoy render`, with the stage log, added to `procs` as they start (stopped
     by the caller, started or not): the listener's URL, ext_proc's admin URL ("" for a
     floor) and the log."""
     port, envoy_admin, admin = free_port(), f"127.0.0.1:{free_port()}", free_port()
-    name = answering.stem if answering else "floor" if floor else "tollgate"
+    name = f"{answering.stem}-floor" if answering else "floor" if floor else "tollgate"
     sock = f"unix:{workdir}/{name}.sock"
     decider = ["--decider", f"unix:{answering}"] if answering else []
     rendered = subprocess.run(
