@@ -1,5 +1,5 @@
-"""Decision services that do no work, and an Envoy that asks one with no Lua: the layers
-under bench.breakdown's floor.
+"""Decision services that do no work, a model of a compiled one that does, and an Envoy
+that asks one with no Lua: the layers under bench.breakdown's floor.
 
 - `answerer`: a decision service on a Unix socket that answers the decide filter's exchange
   from memory, with one decision tollgate made (`decided`), and every meter post 204. It
@@ -14,6 +14,13 @@ under bench.breakdown's floor.
 
   An Envoy answering by itself stood in for the compiled one before: it cost the exchange
   about 0.2 ms more than answerer.c, cold, which the layers above it were then read short.
+
+  With `store` (a state file tollgate's SQLite store made), the compiled one models a
+  compiled decision service: each decision also runs what costs most in tollgate's (the key's
+  HMAC, a request id, the store's reservation and write-ahead, the stream's body asked for
+  usage), and each response's last meter post its settlement (answerer.c says which
+  statements). What a compiled decision would cost on the request's path, measured, not
+  estimated.
 - `round_trip`: an Envoy in front of the provider whose one filter before the router is
   ext_authz (C++) asking the compiled answerer, with the request's body, and putting the
   answer's credential on the request: one exchange with another process per request,
@@ -36,6 +43,7 @@ from pathlib import Path
 from bench.scaling import WHOLE_REQUEST, cluster, envoy
 from extproc.listen import accepts
 from tests.harness import wait_until
+from tollgate.ledger import LedgerRow
 
 SOURCE = Path(__file__).with_name("answerer.c")
 NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
@@ -61,26 +69,48 @@ def answer_bytes(decided: list[tuple[str, str]]) -> bytes:
 
 
 def compiled_answerer(workdir: Path) -> Path:
-    """answerer.c built into `workdir` (again only if the source is newer)."""
+    """answerer.c built into `workdir` (again only if the source is newer), with SQLite's and
+    OpenSSL's headers and libraries (Debian: libsqlite3-dev, libssl-dev)."""
     binary = workdir / "answerer"
     if binary.exists() and binary.stat().st_mtime >= SOURCE.stat().st_mtime:
         return binary
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc) to build bench/answerer.c: install gcc")
-    subprocess.run([compiler, "-O2", "-o", str(binary), str(SOURCE)], check=True)
+    subprocess.run([compiler, "-O2", "-o", str(binary), str(SOURCE), "-lsqlite3", "-lcrypto"],
+                   check=True)
     return binary
 
 
+def written_ahead_row() -> str:
+    """A written-ahead ledger row as tollgate writes one, with `%s` for its request id."""
+    row = LedgerRow(request_id="%s", ts="2026-12-05T00:00:00.000000+00:00", key_id="vk_model",
+                    key_name="model", principal=None, org="acme", team=None, project=None,
+                    provider="mp_openai", model="gpt-5-mini", route="chat_completions",
+                    input_tokens=12, cost_micros=21, usage_reported=False, outcome="interrupted",
+                    latency_ms=0.3)
+    return row.to_json().replace("%", "%%").replace("%%s", "%s", 1)
+
+
 def answerer(workdir: Path, socket: Path, decided: list[tuple[str, str]],
-             compiled: bool = True) -> subprocess.Popen[bytes]:
+             compiled: bool = True, store: Path | None = None) -> subprocess.Popen[bytes]:
     """An answerer on `socket` (see the module's docstring), once it accepts connections;
-    `compiled=False`: the Python one."""
+    `compiled=False`: the Python one; `store`: the model of a compiled decision service, on
+    that state file."""
     answer = workdir / f"{socket.stem}.answer"
-    answer.write_bytes(answer_bytes(decided))
     command = [str(compiled_answerer(workdir))] if compiled else \
         [sys.executable, "-m", "bench.answerer"]
-    proc = subprocess.Popen([*command, str(socket), str(answer)], stdout=subprocess.PIPE)
+    command += [str(socket), str(answer)]
+    if store is None:
+        answer.write_bytes(answer_bytes(decided))
+    else:  # a head without its end: the model adds its request id (and a body)
+        answer.write_bytes(answer_bytes([(k, v) for k, v in decided
+                                         if k != "x-tollgate-meta-request_id"])
+                           .removesuffix(b"content-length: 0\r\n\r\n"))
+        row = workdir / f"{socket.stem}.row"
+        row.write_text(written_ahead_row())
+        command += ["--store", str(store), str(row)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != b"ready":
         proc.wait(10)

@@ -52,6 +52,12 @@ posts: `compiled floor` over `round trip`), a Python process in the compiled one
 reading and answering of the exchange: `floor` over `python floor`), and tollgate's decision
 (the host over `floor`). A decision service in a compiled language would take the place of
 the last three; a filter in Envoy's own C++ that of the second.
+
+A last path, `compiled decision`, measures what such a decision service would take in their
+place: the compiled answerer as a model of one (`--store`: each decision HMACs the key, takes
+a request id, runs tollgate's SQLite reservation and write-ahead, asks a stream for its
+usage; each response is settled), asked by tollgate's Envoy. Its p50 over the compiled floor
+is printed beside tollgate's decision service's (the host over the compiled floor).
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ from bench.quick import _answers, governed, plain_envoy
 from extproc.runner import envoy_binary
 from tests.conftest import make_config
 from tests.harness import BIN, free_port, wait_until
+from tollgate.store.sqlite import SQLiteStore
 
 POINTS = {  # stage -> (from, to), Envoy's stream timestamps
     "request in": ("DS_RX_BEG", "DS_RX_END"),
@@ -131,6 +138,13 @@ LAYERS = {
     "tollgate's decision service, doing no work": ("floor", "python floor"),
     "tollgate's decision": ("tollgate envoy", "floor"),
 }
+
+
+def model_store(workdir: Path) -> Path:
+    """A state file as tollgate's SQLite store makes one, for the modelled decision service."""
+    path = workdir / "model-state.db"
+    asyncio.run(SQLiteStore(path).close())
+    return path
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -256,6 +270,10 @@ def main() -> int:
         procs.append(answerer(workdir, answering, decided))
         compiled_url, _, _ = tollgate_envoy(own_state(config, "compiled"), workdir, procs,
                                             answering=answering)
+        modelled = workdir / "model.sock"
+        procs.append(answerer(workdir, modelled, decided, store=model_store(workdir)))
+        model_url, _, _ = tollgate_envoy(own_state(config, "model"), workdir, procs,
+                                         answering=modelled)
         python_answering = workdir / "python-answerer.sock"
         procs.append(answerer(workdir, python_answering, decided, compiled=False))
         python_url, _, _ = tollgate_envoy(own_state(config, "python"), workdir, procs,
@@ -271,6 +289,7 @@ def main() -> int:
                  "round trip": (trip_url, governed_key),
                  "compiled floor": (compiled_url, governed_key),
                  "python floor": (python_url, governed_key),
+                 "compiled decision": (model_url, governed_key),
                  "floor": (floor_url, governed_key), "tollgate envoy": (url, governed_key)}
         asyncio.run(sequential(paths, 0, warm))
         spent0, count0 = overhead(admin)
@@ -288,15 +307,19 @@ def main() -> int:
 
     p50s = {name: statistics.median(values) for name, values in times.items()}
     print(f"\n{args.requests} sequential requests per path, round-robin; ms (p50)\n")
-    header = f"{'client':<16} {'p50':>7} {'+p50':>7}"
+    header = f"{'client':<18} {'p50':>7} {'+p50':>7}"
     print(f"{header}\n{'-' * len(header)}")
     for name, p50 in p50s.items():
-        print(f"{name:<16} {p50:>7.3f} {p50 - p50s['direct']:>+7.3f}")
+        print(f"{name:<18} {p50:>7.3f} {p50 - p50s['direct']:>+7.3f}")
     print("\n(round trip: an Envoy asking a decision service that is not Python, answering "
           "from memory, through ext_authz; compiled floor: tollgate's Envoy asking that "
           "service; python floor: the same service in Python)\n")
     for layer, (above, below) in LAYERS.items():
         print(f"{layer:<58} {p50s[above] - p50s[below]:>+7.3f}")
+    floor = p50s["compiled floor"]
+    print(f"\nover the compiled floor: a compiled decision service (modelled) "
+          f"{p50s['compiled decision'] - floor:+.3f}, tollgate's "
+          f"{p50s['tollgate envoy'] - floor:+.3f}")
     header = (f"{'Envoy stage':<16} {'plain':>7} {'floor':>7} {'tollgate':>9} {'added':>7} "
               f"{'beyond floor':>13}")
     if args.pin_provider:
