@@ -97,7 +97,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # The OpenAI SDK's default stream: no `stream_options`, so a governed gateway asks for the
 # usage chunk upstream and keeps it from the client.
 STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}).encode()
-KINDS = ("json", "sse")  # a path's two requests in each turn: a JSON answer, a stream
+KINDS = ("json", "sse")
+MODEL = "compiled decision (model)"  # a path's two requests in each turn: a JSON answer, a stream
 
 
 def plain_envoy(workdir: Path, upstream: int, access_log: dict[str, object] | None = None
@@ -235,6 +236,27 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def compiled_model(config: Path, secret: str, workdir: Path,
+                   procs: list[subprocess.Popen[bytes]]) -> tuple[str, tuple[int, int]]:
+    """tollgate's Envoy asking the model of a compiled decision service (bench.answerer),
+    added to `procs`: its URL, and the pids of the service and of its Envoy."""
+    from bench.answerer import answerer, decided_headers
+    from bench.breakdown import model_store, tollgate_envoy
+    from bench.instructions import _decision
+
+    decided = decided_headers(asyncio.run(_decision(own_state(config, "decided"), secret)))
+    socket = workdir / "model.sock"
+    procs.append(answerer(workdir, socket, decided, store=model_store(workdir)))
+    service = procs[-1].pid
+    url, _, _ = tollgate_envoy(own_state(config, "model"), workdir, procs, answering=socket)
+    return url, (service, procs[-1].pid)
+
+
+def cpu_of(pids: int | tuple[int, ...]) -> float:
+    """`cpu_seconds` of one process, or of several together."""
+    return sum(map(cpu_seconds, pids)) if isinstance(pids, tuple) else cpu_seconds(pids)
+
+
 async def _streamed(client: httpx.AsyncClient, name: str, url: str,
                     headers: dict[str, str]) -> tuple[float, float]:
     """Time to the first body byte and to the last (ms) of one streamed completion."""
@@ -261,14 +283,16 @@ def turn_order(turn: int) -> tuple[str, str]:
 
 
 async def round_robin(paths: dict[str, tuple[str, dict[str, str]]], n: int,
-                      pids: dict[str, int]) -> tuple[dict[str, list[float]], dict[str, float]]:
+                      pids: dict[str, int | tuple[int, ...]]
+                      ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """`n` turns, each a JSON answer and a stream per path, one path after the other, in a
     new order each turn (a path's time depends a little on which ran just before it: in a
     fixed order the same code measured up to 5% apart on two paths), which of its two
     requests comes first alternating by turn (`turn_order`). Each one's time (ms): the JSON
     answer under the path's name, the stream's to its first and last byte under `<path> sse
     first` and `<path> sse total`, when it came first (cold); with ` warm` after them when
-    it came second. And the CPU seconds each path's processes (`pids`) spent on them all."""
+    it came second. And the CPU seconds each path's processes (`pids`: a process and its
+    children, or several) spent on them all."""
     shuffled = random.Random(n)  # the same orders on every run
     clients = {name: httpx.AsyncClient(timeout=30) for name in paths}
     try:
@@ -276,7 +300,7 @@ async def round_robin(paths: dict[str, tuple[str, dict[str, str]]], n: int,
             for name, (url, headers) in paths.items():
                 await clients[name].post(url, content=BODY, headers=headers)
                 await _streamed(clients[name], name, url, headers)
-        before = {k: cpu_seconds(p) for k, p in pids.items()}
+        before = {k: cpu_of(p) for k, p in pids.items()}
         out: dict[str, list[float]] = {
             f"{name}{part}{regime}": [] for name in paths
             for part in ("", " sse first", " sse total") for regime in ("", " warm")}
@@ -296,7 +320,7 @@ async def round_robin(paths: dict[str, tuple[str, dict[str, str]]], n: int,
                         ttfb, total = await _streamed(clients[name], name, url, headers)
                         out[f"{name} sse first{regime}"].append(ttfb)
                         out[f"{name} sse total{regime}"].append(total)
-        return out, {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+        return out, {k: cpu_of(p) - before[k] for k, p in pids.items()}
     finally:
         for c in clients.values():
             await c.aclose()
@@ -400,6 +424,10 @@ def main() -> int:
                         help="The commit whose code is measured beside this checkout's and "
                              "compared with (default: the baseline's `revision`; `none`: "
                              "the stored figures only).")
+    parser.add_argument("--compiled-model", action="store_true",
+                        help=f"Also measure `{MODEL}`: tollgate's Envoy asking a model of a "
+                             "compiled decision service (bench.answerer with a store), for "
+                             "what the Envoy host would add with its decision compiled.")
     parser.add_argument("--runs", type=int, default=1,
                         help="Rounds measured; each figure is their median (use 3 or more "
                              "with --update-baseline).")
@@ -426,8 +454,8 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
     try:
         config, secret, paths = references(workdir, fake_port, procs)
         keys = {"": secret, " fallback": fallback_key(config, "mp_openai", down_provider(config))}
-        pids = {"provider": procs[0].pid, "plain envoy": procs[1].pid,
-                "mitmdump": procs[2].pid}
+        pids: dict[str, int | tuple[int, ...]] = {
+            "provider": procs[0].pid, "plain envoy": procs[1].pid, "mitmdump": procs[2].pid}
         measured: list[tuple[str, dict[str, str] | None]] = [("tollgate", None)]
         if baseline_code is not None and revision is not None:
             measured.append((short, {"PYTHONPATH": str(baseline_code)}))
@@ -463,6 +491,9 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
                                      "against the stored figures (--against none).") from None
                 paths[name] = (gw.url, {"authorization": f"Bearer {keys[kind]}"})
                 pids[name] = gw.proc.pid
+        if args.compiled_model:
+            url, pids[MODEL] = compiled_model(config, secret, workdir, procs)
+            paths[MODEL] = (url, {"authorization": f"Bearer {secret}"})
         paths = {k: (f"{url}/v1/chat/completions", h) for k, (url, h) in paths.items()}
         rounds = [asyncio.run(round_robin(paths, args.requests, pids))
                   for _ in range(args.runs)]
