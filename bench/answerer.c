@@ -54,21 +54,32 @@ static int write_all(int fd, const char *data, size_t n) {
   return 0;
 }
 
-/* The content-length of the head buf[0..head), 0 if it has none; -1 if it is not a number. */
-static long content_length(const char *buf, size_t head) {
+/* The value of header `name` in head buf[0..head), its length in *len; NULL if absent. */
+static const char *field(const char *buf, size_t head, const char *name, size_t *len) {
+  size_t n = strlen(name);
   for (const char *line = buf; line < buf + head;) {
     const char *end = memmem(line, (size_t)(buf + head - line), "\r\n", 2);
     if (end == NULL) break;
-    if ((size_t)(end - line) > 15 && strncasecmp(line, "content-length:", 15) == 0) {
-      char *stop;
-      long n = strtol(line + 15, &stop, 10);
-      return n < 0 || stop == line + 15 ? -1 : n;
+    if ((size_t)(end - line) > n && strncasecmp(line, name, n) == 0 && line[n] == ':') {
+      const char *value = line + n + 1;
+      while (value < end && *value == ' ') value++;
+      *len = (size_t)(end - value);
+      return value;
     }
     line = end + 2;
   }
-  return 0;
+  return NULL;
 }
 
+/* The content-length of the head buf[0..head), 0 if it has none; -1 if it is not a number. */
+static long content_length(const char *buf, size_t head) {
+  size_t len;
+  const char *value = field(buf, head, "content-length", &len);
+  if (value == NULL) return 0;
+  char *stop;
+  long n = strtol(value, &stop, 10);
+  return n < 0 || stop == value || stop != value + len ? -1 : n;
+}
 
 /* --store: the statements, prepared once, and the row written ahead. */
 static sqlite3 *db;
@@ -125,23 +136,6 @@ static void open_store(const char *path, const char *row) {
   prepare(&charge_, "INSERT INTO budget_counters (counter, spent) VALUES (?1, ?2) "
           "ON CONFLICT (counter) DO UPDATE SET spent = spent + ?2, "
           "reserved = MAX(0, reserved - ?3)");
-}
-
-/* The value of header `name` in head buf[0..head), its length in *len; NULL if absent. */
-static const char *field(const char *buf, size_t head, const char *name, size_t *len) {
-  size_t n = strlen(name);
-  for (const char *line = buf; line < buf + head;) {
-    const char *end = memmem(line, (size_t)(buf + head - line), "\r\n", 2);
-    if (end == NULL) break;
-    if ((size_t)(end - line) > n && strncasecmp(line, name, n) == 0 && line[n] == ':') {
-      const char *value = line + n + 1;
-      while (value < end && *value == ' ') value++;
-      *len = (size_t)(end - value);
-      return value;
-    }
-    line = end + 2;
-  }
-  return NULL;
 }
 
 /* A decision (see --store): its answer written to `fd`. */

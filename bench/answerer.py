@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 from bench.scaling import WHOLE_REQUEST, cluster, envoy
 from extproc.listen import accepts
@@ -96,7 +97,9 @@ def answerer(workdir: Path, socket: Path, decided: list[tuple[str, str]],
              compiled: bool = True, store: Path | None = None) -> subprocess.Popen[bytes]:
     """An answerer on `socket` (see the module's docstring), once it accepts connections;
     `compiled=False`: the Python one; `store`: the model of a compiled decision service, on
-    that state file."""
+    that state file (the compiled one only)."""
+    if store is not None and not compiled:
+        raise ValueError("only the compiled answerer models a decision service with a store")
     answer = workdir / f"{socket.stem}.answer"
     command = [str(compiled_answerer(workdir))] if compiled else \
         [sys.executable, "-m", "bench.answerer"]
@@ -154,7 +157,7 @@ class Answering(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -171,6 +174,7 @@ class Answering(asyncio.Protocol):
 
 
 async def serve(socket: Path, answer: bytes) -> None:
+    """The Python answerer: `answer` to every decision on `socket`, until it is stopped."""
     socket.unlink(missing_ok=True)
     loop = asyncio.get_running_loop()
     server = await loop.create_unix_server(lambda: Answering(answer), str(socket),

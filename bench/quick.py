@@ -97,8 +97,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # The OpenAI SDK's default stream: no `stream_options`, so a governed gateway asks for the
 # usage chunk upstream and keeps it from the client.
 STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}).encode()
-KINDS = ("json", "sse")
-MODEL = "compiled decision (model)"  # a path's two requests in each turn: a JSON answer, a stream
+KINDS = ("json", "sse")  # a path's two requests in each turn: a JSON answer, a stream
+MODEL = "compiled decision (model)"  # the path of --compiled-model
 
 
 def plain_envoy(workdir: Path, upstream: int, access_log: dict[str, object] | None = None
