@@ -73,6 +73,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -145,6 +146,17 @@ def model_store(workdir: Path) -> Path:
     path = workdir / "model-state.db"
     asyncio.run(SQLiteStore(path).close())
     return path
+
+
+def asking(config: Path, workdir: Path, procs: list[subprocess.Popen[bytes]],
+           decided: list[tuple[str, str]], name: str, **kind: Any) -> tuple[str, Path]:
+    """An answerer (bench.answerer; `kind`: its `compiled` and `store`) on `<name>.sock`,
+    and tollgate's Envoy asking it, added to `procs` in that order: the Envoy's URL and the
+    answerer's socket."""
+    socket = workdir / f"{name}.sock"
+    procs.append(answerer(workdir, socket, decided, **kind))
+    url, _, _ = tollgate_envoy(own_state(config, name), workdir, procs, answering=socket)
+    return url, socket
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -265,19 +277,12 @@ def main() -> int:
                                                  floor=True)
         # The layers under the floor: the same exchange with a service that is not Python,
         # asked by tollgate's Envoy, and by an Envoy with no Lua (bench.answerer).
-        answering = workdir / "answerer.sock"
-        decided = decided_headers(asyncio.run(_decision(own_state(config, "answerer"), secret)))
-        procs.append(answerer(workdir, answering, decided))
-        compiled_url, _, _ = tollgate_envoy(own_state(config, "compiled"), workdir, procs,
-                                            answering=answering)
-        modelled = workdir / "model.sock"
-        procs.append(answerer(workdir, modelled, decided, store=model_store(workdir)))
-        model_url, _, _ = tollgate_envoy(own_state(config, "model"), workdir, procs,
-                                         answering=modelled)
-        python_answering = workdir / "python-answerer.sock"
-        procs.append(answerer(workdir, python_answering, decided, compiled=False))
-        python_url, _, _ = tollgate_envoy(own_state(config, "python"), workdir, procs,
-                                          answering=python_answering)
+        decided = decided_headers(asyncio.run(_decision(own_state(config, "decided"), secret)))
+        compiled_url, answering = asking(config, workdir, procs, decided, "answerer")
+        model_url, _ = asking(config, workdir, procs, decided, "model",
+                              store=model_store(workdir))
+        python_url, _ = asking(config, workdir, procs, decided, "python-answerer",
+                               compiled=False)
         trip, trip_url = round_trip(workdir, answering, fake_port)
         procs.append(trip)
         provider = {"authorization": f"Bearer {PROVIDER_KEY}", "content-type":

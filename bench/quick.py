@@ -240,16 +240,13 @@ def compiled_model(config: Path, secret: str, workdir: Path,
                    procs: list[subprocess.Popen[bytes]]) -> tuple[str, tuple[int, int]]:
     """tollgate's Envoy asking the model of a compiled decision service (bench.answerer),
     added to `procs`: its URL, and the pids of the service and of its Envoy."""
-    from bench.answerer import answerer, decided_headers
-    from bench.breakdown import model_store, tollgate_envoy
+    from bench.answerer import decided_headers
+    from bench.breakdown import asking, model_store
     from bench.instructions import _decision
 
     decided = decided_headers(asyncio.run(_decision(own_state(config, "decided"), secret)))
-    socket = workdir / "model.sock"
-    procs.append(answerer(workdir, socket, decided, store=model_store(workdir)))
-    service = procs[-1].pid
-    url, _, _ = tollgate_envoy(own_state(config, "model"), workdir, procs, answering=socket)
-    return url, (service, procs[-1].pid)
+    url, _ = asking(config, workdir, procs, decided, "model", store=model_store(workdir))
+    return url, (procs[-2].pid, procs[-1].pid)
 
 
 def cpu_of(pids: int | tuple[int, ...]) -> float:
