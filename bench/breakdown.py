@@ -57,7 +57,10 @@ A last path, `compiled decision`, measures what such a decision service would ta
 place: the compiled answerer as a model of one (`--store`: each decision HMACs the key, takes
 a request id, runs tollgate's SQLite reservation and write-ahead, asks a stream for its
 usage; each response is settled), asked by tollgate's Envoy. Its p50 over the compiled floor
-is printed beside tollgate's decision service's (the host over the compiled floor).
+is printed beside tollgate's decision service's (the host over the compiled floor), and
+beside `python decision`'s, the same model in Python (bench.answerer's Python answerer with
+a store): the same work written as one straight path, which tells how much of tollgate's
+decision is Python itself and how much the code and data its path touches.
 """
 
 from __future__ import annotations
@@ -141,9 +144,9 @@ LAYERS = {
 }
 
 
-def model_store(workdir: Path) -> Path:
-    """A state file as tollgate's SQLite store makes one, for the modelled decision service."""
-    path = workdir / "model-state.db"
+def model_store(workdir: Path, name: str = "model") -> Path:
+    """A state file as tollgate's SQLite store makes one, for a modelled decision service."""
+    path = workdir / f"{name}-state.db"
     asyncio.run(SQLiteStore(path).close())
     return path
 
@@ -283,6 +286,8 @@ def main() -> int:
                               store=model_store(workdir))
         python_url, _ = asking(config, workdir, procs, decided, "python-answerer",
                                compiled=False)
+        lean_url, _ = asking(config, workdir, procs, decided, "python-model", compiled=False,
+                             store=model_store(workdir, "python-model"))
         trip, trip_url = round_trip(workdir, answering, fake_port)
         procs.append(trip)
         provider = {"authorization": f"Bearer {PROVIDER_KEY}", "content-type":
@@ -295,6 +300,7 @@ def main() -> int:
                  "compiled floor": (compiled_url, governed_key),
                  "python floor": (python_url, governed_key),
                  "compiled decision": (model_url, governed_key),
+                 "python decision": (lean_url, governed_key),
                  "floor": (floor_url, governed_key), "tollgate envoy": (url, governed_key)}
         asyncio.run(sequential(paths, 0, warm))
         spent0, count0 = overhead(admin)
@@ -322,8 +328,9 @@ def main() -> int:
     for layer, (above, below) in LAYERS.items():
         print(f"{layer:<58} {p50s[above] - p50s[below]:>+7.3f}")
     floor = p50s["compiled floor"]
-    print(f"\nover the compiled floor: a compiled decision service (modelled) "
-          f"{p50s['compiled decision'] - floor:+.3f}, tollgate's "
+    print(f"\nover the compiled floor, a decision service doing the model's work "
+          f"(bench.answerer --store): compiled {p50s['compiled decision'] - floor:+.3f}, "
+          f"in Python {p50s['python decision'] - floor:+.3f}; tollgate's "
           f"{p50s['tollgate envoy'] - floor:+.3f}")
     header = (f"{'Envoy stage':<16} {'plain':>7} {'floor':>7} {'tollgate':>9} {'added':>7} "
               f"{'beyond floor':>13}")

@@ -120,13 +120,16 @@ def _decide(conn: socket.socket, body: bytes, secret: str = "tg-a-virtual-key"
     return headers, rest
 
 
-def test_the_modelled_decision_service_reserves_writes_ahead_and_settles_in_the_store(tmp_path):
-    """The model of a compiled decision service runs tollgate's store statements on a state
-    file the store made: a reservation and a row written ahead per decision, the settlement
-    on the response's last meter post, each with the decision's own request id."""
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_the_modelled_decision_service_reserves_writes_ahead_and_settles_in_the_store(
+        tmp_path, compiled):
+    """The model of a decision service, compiled or in Python, runs tollgate's store
+    statements on a state file the store made: a reservation and a row written ahead per
+    decision, the settlement on the response's last meter post, each with the decision's own
+    request id."""
     store = model_store(tmp_path)
     sock = tmp_path / "model.sock"
-    proc = answerer(tmp_path, sock, decided_headers(ANSWER), store=store)
+    proc = answerer(tmp_path, sock, decided_headers(ANSWER), compiled=compiled, store=store)
     db = sqlite3.connect(store)
     try:
         with socket.socket(socket.AF_UNIX) as conn:
