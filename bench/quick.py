@@ -98,7 +98,9 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # usage chunk upstream and keeps it from the client.
 STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}).encode()
 KINDS = ("json", "sse")  # a path's two requests in each turn: a JSON answer, a stream
-MODEL = "compiled decision (model)"  # the path of --compiled-model
+# The paths of --models: tollgate's Envoy asking a model of a decision service
+# (bench.answerer with a store), compiled and in Python.
+MODELS = {"compiled decision (model)": True, "python decision (model)": False}
 
 
 def plain_envoy(workdir: Path, upstream: int, access_log: dict[str, object] | None = None
@@ -236,16 +238,19 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def compiled_model(config: Path, secret: str, workdir: Path,
-                   procs: list[subprocess.Popen[bytes]]) -> tuple[str, tuple[int, int]]:
-    """tollgate's Envoy asking the model of a compiled decision service (bench.answerer),
-    added to `procs`: its URL, and the pids of the service and of its Envoy."""
+def modelled(config: Path, secret: str, workdir: Path, procs: list[subprocess.Popen[bytes]],
+             compiled: bool) -> tuple[str, tuple[int, int]]:
+    """tollgate's Envoy asking the model of a decision service (bench.answerer; `compiled`:
+    answerer.c's, else its Python one), added to `procs`: its URL, and the pids of the
+    service and of its Envoy."""
     from bench.answerer import decided_headers
     from bench.breakdown import asking, model_store
     from bench.instructions import _decision
 
     decided = decided_headers(asyncio.run(_decision(own_state(config, "decided"), secret)))
-    url, _ = asking(config, workdir, procs, decided, "model", store=model_store(workdir))
+    name = "model" if compiled else "python-model"
+    url, _ = asking(config, workdir, procs, decided, name, compiled=compiled,
+                    store=model_store(workdir, name))
     return url, (procs[-2].pid, procs[-1].pid)
 
 
@@ -421,10 +426,12 @@ def main() -> int:
                         help="The commit whose code is measured beside this checkout's and "
                              "compared with (default: the baseline's `revision`; `none`: "
                              "the stored figures only).")
-    parser.add_argument("--compiled-model", action="store_true",
-                        help=f"Also measure `{MODEL}`: tollgate's Envoy asking a model of a "
-                             "compiled decision service (bench.answerer with a store), for "
-                             "what the Envoy host would add with its decision compiled.")
+    parser.add_argument("--models", action="store_true",
+                        help=f"Also measure {' and '.join(map(repr, MODELS))}: tollgate's "
+                             "Envoy asking a model of a decision service that does only "
+                             "what costs most in tollgate's (bench.answerer with a store), "
+                             "compiled and in Python: what the Envoy host would add with a "
+                             "lean decision.")
     parser.add_argument("--runs", type=int, default=1,
                         help="Rounds measured; each figure is their median (use 3 or more "
                              "with --update-baseline).")
@@ -488,9 +495,9 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
                                      "against the stored figures (--against none).") from None
                 paths[name] = (gw.url, {"authorization": f"Bearer {keys[kind]}"})
                 pids[name] = gw.proc.pid
-        if args.compiled_model:
-            url, pids[MODEL] = compiled_model(config, secret, workdir, procs)
-            paths[MODEL] = (url, {"authorization": f"Bearer {secret}"})
+        for model, compiled in MODELS.items() if args.models else ():
+            url, pids[model] = modelled(config, secret, workdir, procs, compiled)
+            paths[model] = (url, {"authorization": f"Bearer {secret}"})
         paths = {k: (f"{url}/v1/chat/completions", h) for k, (url, h) in paths.items()}
         rounds = [asyncio.run(round_robin(paths, args.requests, pids))
                   for _ in range(args.runs)]
