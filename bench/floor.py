@@ -41,6 +41,9 @@ class Replayed(ExternalProcessor):
             self.replayed = decision
         return decision
 
+    def decide_now(self, headers: dict[str, str], body: bytes) -> Forwarding | None:
+        return None  # (every request is replayed by `decide`)
+
     def metered(self, request_id: str, seq: int, last: bool, data: bytes,
                 head: tuple[int, dict[str, str]] | None = None,
                 first_byte: float | None = None) -> None:

@@ -281,6 +281,16 @@ class Decider(asyncio.Protocol):
         except (BadRequest, ValueError) as e:
             self._refuse(e)
             return False
+        if body is not None:  # like a request decided before: decided here and now
+            try:
+                decided = self.processor.decide_now(headers, body)
+                now = None if decided is None else answer(decided)
+            except Exception:  # answered at once, as a decision that fails in `_decide` is
+                log.exception("a request could not be decided")
+                now = _encode(500, [], b"")
+            if now is not None:
+                self.transport.writelines(now)
+                return True
         # Started eagerly: a decision that waits for nothing (the SQLite state, unless
         # another process holds its lock) is answered here, in this callback, with no
         # task scheduled and no turn of the loop (other callbacks first) in between.

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -53,9 +54,13 @@ from extproc.proxy_replies import ProxyReplies
 from tollgate.errors import GatewayError
 from tollgate.exchange import Exchange, JSONTranslation
 from tollgate.gateway import Gateway
+from tollgate.precedent import Replayed
 from tollgate.request import Attempt, Forward, Reply, Request
 
 log = logging.getLogger("tollgate.extproc")
+# This host's name for what it makes of a precedent (`Precedent.hosts`): the decide
+# filter's answer.
+HOST = "envoy"
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # A forwarded request Envoy has said nothing of for this long is closed. It is longer than
@@ -206,7 +211,7 @@ class _Ended(NamedTuple):
 
 @dataclass
 class _Pending:
-    exchange: Exchange
+    decided: Exchange | Replayed  # (a request decided from a precedent: see `exchange`)
     since: float  # the last word of it: its decision, a meter post
     set_by_attempts: list[str] = field(default_factory=list)
     body_length: int | None = None  # the client's body's
@@ -218,6 +223,15 @@ class _Pending:
     posts: int = 0  # meter posts taken, in order
     early: dict[int, tuple[bytes, bool]] = field(default_factory=dict)  # ahead of their turn
     ended: _Ended | None = None  # while the posts the access log counted are on their way
+    adopt: Callable[[Replayed], Exchange] | None = None  # makes a replayed one's exchange
+
+    @property
+    def exchange(self) -> Exchange:
+        """The request's exchange; one decided from a precedent has it made now."""
+        if isinstance(self.decided, Replayed):
+            assert self.adopt is not None
+            self.decided = self.adopt(self.decided)
+        return self.decided
 
 
 # A JSON answer the rewrite translates whole: its body in one message, its headers held.
@@ -242,6 +256,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         """`process`: this process's index when ext_proc runs as several (see
         `envoy_config.route_config`)."""
         self.gateway = gateway
+        gateway.precedents_for.add(HOST)  # its requests are decided from precedents too
         # An exchange ends with the meter's last post, which Envoy sends as it passes the
         # response's end on to the client: nothing is left to hold back. Settled at once,
         # while its client reads, not a millisecond later, when the client's next request
@@ -330,7 +345,34 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if exchange.reshapes:
             pending.rewritten = asyncio.Event()
             self._rewrites[request_id] = pending
-        return forward(result, headers, body, self.process)
+        forwarding = forward(result, headers, body, self.process)
+        if exchange.precedent is not None:  # the answer the requests like it get
+            exchange.precedent.hosts[HOST] = dataclasses.replace(forwarding, body=None)
+        return forwarding
+
+    def decide_now(self, headers: dict[str, str], body: bytes) -> Forwarding | None:
+        """A request like one decided before, decided from that decision's precedent at once
+        (`Gateway.decide_like`), and its answer made from that decision's own; None: it is
+        for `decide`."""
+        replayed = self.gateway.decide_like(self._request(headers, body), HOST)
+        if replayed is None:
+            return None
+        made: Forwarding = replayed.precedent.hosts[HOST]
+        trace, attempt, billing = replayed.trace, replayed.attempt, replayed.billing
+        self._pending[trace.request_id] = _Pending(replayed, time.monotonic(),
+                                                   adopt=self.gateway.adopt)
+        # What `forward` makes of it: the precedent's answer, with this request's own ids,
+        # credential, trace, body and budget warning.
+        set_headers = {**made.set_headers, **attempt.set_headers,
+                       "x-request-id": trace.request_id, "content-length":
+                       str(len(body if attempt.body is None else attempt.body))}
+        fields = {**made.metadata, "request_id": trace.request_id,
+                  "trace_id": trace.trace_id, "span_id": trace.span_id}
+        fields.pop("budget_warning", None)
+        if billing.warning:
+            fields["budget_warning"] = billing.warning
+        return Forwarding(set_headers, made.remove_headers, attempt.body,
+                          {**fields, **billing.rate_headers})
 
     # -- attempts of a fallback plan ------------------------------------------------------
     def attempt(self, request_id: str, provider: str, status: int | None) -> Reply | Forwarding:

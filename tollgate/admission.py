@@ -18,8 +18,9 @@ from tollgate import budgets, ratelimit, routes
 from tollgate.config.load import LoadedConfig
 from tollgate.config.schema import ModelProvider, VirtualKey
 from tollgate.errors import GatewayError
-from tollgate.pricing import ZERO_PRICE
+from tollgate.pricing import ZERO_PRICE, ModelPrice
 from tollgate.request import Attempt, Request
+from tollgate.scopes import Lineage
 from tollgate.settlement import Billing
 from tollgate.store import Reservation, Store, StoreUnavailable
 from tollgate.usage import Usage
@@ -42,7 +43,7 @@ class Admission:
         A provider at its own cap is passed over for the next in the plan when the key falls
         back on `rate_limit`; returns the billing and why providers were passed over.
         (Models a policy maps to are checked for a price when the config is loaded.)"""
-        cfg, settings = loaded.config, loaded.config.gateway
+        settings = loaded.config.gateway
         model = attempts[0].model
         price = loaded.prices.lookup(model, attempts[0].prices)
         if price is None and settings.unpriced == "block":
@@ -53,31 +54,10 @@ class Admission:
         input_estimate = math.ceil(len(req.body) / 2)  # generous: a token is >= ~2 bytes
         input_estimate += self._unseen_input_allowance(loaded, key, body, attempts)
         requested_cap = bodies.output_cap(route, body.doc)
-        choices = bodies.choices(route, body.doc)  # each writes up to the cap
-        searches = bodies.web_searches(route, body.doc)
-        requested_tier = bodies.requested_tier(body.doc)
-        providers = {p.id: p for p in cfg.model_providers}
+        providers = loaded.derived.providers
 
         def worst_case(cap: int | None) -> tuple[budgets.WorstCase | None, int]:
-            """The dearest attempt's worst case, and the most tokens any attempt may use,
-            with the output capped at `cap` (None: each model's own ceiling)."""
-            cases = []
-            for a in attempts:
-                ceiling = loaded.catalog.max_output_tokens(a.model)
-                out = cap if cap is not None else settings.default_max_output_tokens \
-                    if ceiling is None else ceiling
-                price = loaded.prices.lookup(a.model, a.prices) or ZERO_PRICE
-                # The tier it asks for, else the one the provider's account serves by default.
-                held, tier = price.served(Usage(
-                    input_tokens=input_estimate,
-                    service_tier=requested_tier or providers[a.provider_id].default_service_tier))
-                cases.append(budgets.WorstCase(
-                    a.model, held, input_estimate, out * choices, cap is not None,
-                    bodies.output_cap_field(route, body.doc), tier, choices, searches))
-            if not route.metered:
-                return None, 0
-            return max(cases, key=lambda c: c.micros), max(
-                input_estimate + c.output_tokens for c in cases)
+            return priced_worst_case(loaded, route, body.doc, attempts, input_estimate, cap)
 
         worst, tokens = worst_case(requested_cap)
         amount = worst.micros if worst else 0
@@ -153,20 +133,7 @@ class Admission:
         # The provider admitted may not be the first (one at its cap was passed over).
         billing.price = loaded.prices.lookup(attempt.model, attempt.prices) or billing.price
         if granted is not None:
-            if holds:
-                billing.reserved = amount  # renewed from _admit on, while it runs
-                counted = list(zip(holds, granted.counters, strict=True))
-                billing.warning = next((w for h, c in counted
-                                        if (w := budgets.warning(h, c.committed))), None)
-                over_budget = [budgets.shadow_refusal(h, c.committed, amount)
-                               for h, c in counted if h.would_refuse(c.committed)]
-                self._shadowed("budget", "budget_exceeded", len(over_budget))
-                billing.shadow += over_budget
-            billing.rate_headers = rate_headers
-            billing.admitted_at = granted.at
-            over_limit = ratelimit.shadow_refusals(limits, granted.windows)
-            self._shadowed("rate_limit", "rate_limited", len(over_limit))
-            billing.shadow += over_limit
+            self._granted(billing, holds, limits, granted, amount, rate_headers)
         billing.reserved_tokens, billing.worst_case = tokens, amount
         kept = [attempt]
         for later in attempts[i + 1:]:
@@ -174,6 +141,53 @@ class Admission:
                                           providers[later.provider_id], amount, tokens, now):
                 kept.append(later)
         return billing, passed_over, kept
+
+    def _granted(self, billing: Billing, holds: list[budgets.Hold],
+                 limits: list[ratelimit.Limit], granted: Reservation, amount: int,
+                 rate_headers: dict[str, str]) -> None:
+        """What a granted reservation tells the request: what it holds, a budget's warning,
+        what shadow budgets and limits would have refused (counted), its rate-limit headers."""
+        if holds:
+            billing.reserved = amount  # renewed from _admit on, while it runs
+            counted = list(zip(holds, granted.counters, strict=True))
+            billing.warning = next((w for h, c in counted
+                                    if (w := budgets.warning(h, c.committed))), None)
+            over_budget = [budgets.shadow_refusal(h, c.committed, amount)
+                           for h, c in counted if h.would_refuse(c.committed)]
+            self._shadowed("budget", "budget_exceeded", len(over_budget))
+            billing.shadow += over_budget
+        billing.rate_headers = rate_headers
+        billing.admitted_at = granted.at
+        over_limit = ratelimit.shadow_refusals(limits, granted.windows)
+        self._shadowed("rate_limit", "rate_limited", len(over_limit))
+        billing.shadow += over_limit
+
+    def again(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
+              route: routes.Route, body: bodies.ParsedBody, req: Request, attempt: Attempt,
+              price: ModelPrice | None, lineage: Lineage) -> Billing | None:
+        """The admission of a request decided from a precedent (precedent.py): one attempt,
+        no rate limits, nothing it cannot see. Its worst case is priced for its own length
+        and held in its budgets in one reservation, made at once (`Store.reserve_now`), as
+        `admit` makes it; None, with nothing taken, when the store cannot make it at once or
+        does not grant it: `admit` then decides the request (a lower cap, a refusal, a wait
+        for the store). `price` and `lineage`: the precedent's."""
+        input_estimate = math.ceil(len(req.body) / 2)
+        worst, tokens = priced_worst_case(loaded, route, body.doc, [attempt], input_estimate,
+                                          bodies.output_cap(route, body.doc))
+        amount = worst.micros if worst else 0
+        billing = Billing(price=price, lineage=lineage,
+                          estimated_input_tokens=math.ceil(len(req.body) / 4))
+        holds = loaded.derived.holds(key, billing.lineage, attempt.provider_id,
+                                     datetime.now(UTC))
+        billing.held = {attempt.provider_id: [h.counter for h in holds]}
+        if holds and amount:
+            granted = self._store().reserve_now(request_id, holds, amount)
+            if granted is None or not granted.granted:
+                return None
+            self._granted(billing, holds, [], granted, amount,
+                          ratelimit.headers(route.family, [], granted.windows, time.time()))
+        billing.reserved_tokens, billing.worst_case = tokens, amount
+        return billing
 
     async def _reserve(self, settings: Any, request_id: str, holds: list[budgets.Hold],
                        amount: int, limits: list[ratelimit.Limit], tokens: int
@@ -249,3 +263,31 @@ class Admission:
                     context={"budget": b.id, "unseen_input": unseen})
         return max((b.unseen_input for b in applying.values()
                     if isinstance(b.unseen_input, int)), default=0)
+
+
+def priced_worst_case(loaded: LoadedConfig, route: routes.Route, doc: dict[str, Any],
+                      attempts: list[Attempt], input_estimate: int, cap: int | None
+                      ) -> tuple[budgets.WorstCase | None, int]:
+    """The dearest attempt's worst case, and the most tokens any attempt may use, with the
+    output capped at `cap` (None: each model's own ceiling)."""
+    settings = loaded.config.gateway
+    choices = bodies.choices(route, doc)  # each writes up to the cap
+    searches = bodies.web_searches(route, doc)
+    requested_tier = bodies.requested_tier(doc)
+    cases = []
+    for a in attempts:
+        ceiling = loaded.catalog.max_output_tokens(a.model)
+        out = cap if cap is not None else settings.default_max_output_tokens \
+            if ceiling is None else ceiling
+        price = loaded.prices.lookup(a.model, a.prices) or ZERO_PRICE
+        # The tier it asks for, else the one the provider's account serves by default.
+        default_tier = loaded.derived.providers[a.provider_id].default_service_tier
+        held, tier = price.served(Usage(input_tokens=input_estimate,
+                                        service_tier=requested_tier or default_tier))
+        cases.append(budgets.WorstCase(
+            a.model, held, input_estimate, out * choices, cap is not None,
+            bodies.output_cap_field(route, doc), tier, choices, searches))
+    if not route.metered:
+        return None, 0
+    return max(cases, key=lambda c: c.micros), max(input_estimate + c.output_tokens
+                                                   for c in cases)

@@ -29,6 +29,7 @@ class Derived:
         self._targets: dict[tuple[str, str, str], tuple[list[routing.Target], list[str]]] = {}
         self._holds: dict[tuple[str, str], tuple[int, list[budgets.Hold]]] = {}
         self._limits: dict[tuple[str, str, int], list[ratelimit.Limit]] = {}
+        self.providers = {p.id: p for p in loaded.config.model_providers}
 
     def lineage(self, scope: str) -> Lineage:
         found = self._lineages.get(scope)

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tollgate import eventstream, telemetry, translate
 from tollgate import usage as usage_of
@@ -31,6 +31,9 @@ from tollgate.routes import Route
 from tollgate.settlement import Billing, Settlement
 from tollgate.sse import MAX_EVENT_BYTES, CappedEvents, EventFilter
 from tollgate.telemetry import RequestTrace
+
+if TYPE_CHECKING:
+    from tollgate.precedent import Precedent
 
 log = logging.getLogger("tollgate")
 
@@ -95,6 +98,8 @@ class Exchange:
         self.overhead = 0.0
         self.first_byte: float | None = None
         self.attempt_span = trace.start_attempt(self.attempt, route.name)
+        # The precedent this decision became (precedent.py), for its host to keep its answer.
+        self.precedent: Precedent | None = None
 
     @property
     def attempt(self) -> Attempt:

@@ -5,12 +5,17 @@ request id & trace -> route -> key auth -> size cap -> parse body -> model resol
 budgets, all or nothing; a provider at its cap is passed over) -> forward. When the
 exchange ends it settles the real cost and tokens and writes the ledger row. Each step is a
 small module; this file only orders them.
+
+A request like one forwarded before is decided from that decision (`decide_like`, for a host
+that asks): key, size cap, parse body, precedent (precedent.py) -> price -> budgets -> forward,
+the rest of the path being the precedent's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import time
@@ -47,6 +52,7 @@ from tollgate.keys import (
     usable,
 )
 from tollgate.ledger import LedgerRow
+from tollgate.precedent import Precedent, Precedents, Replayed, can_be_one
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.store import LimitSettlement, Store, StoreUnavailable, open_store
@@ -105,10 +111,13 @@ class Gateway:
         self._checkpointer: asyncio.Task[None] | None = None
         # In flight (renewed, checkpointed): each exchange, and how many response bytes it
         # had when last written ahead.
-        self._in_flight: dict[str, tuple[Exchange, int]] = {}
+        self._in_flight: dict[str, tuple[Exchange | Replayed, int]] = {}
         self._settling: set[asyncio.Task[None]] = set()
         self.breakers = Breakers()
         self.admission = Admission(self.store, self._shadowed)
+        self._precedents = Precedents()
+        # The hosts that decide requests from precedents (`decide_like`): none, none are kept.
+        self.precedents_for: set[str] = set()
         self._apply(holder.current)
         holder.on_reload(lambda _old, new: self._apply(new))
         if store is None:
@@ -269,6 +278,9 @@ class Gateway:
                                 unserved=unserved, shadow_headers=settings.shadow_headers)
             await self._admit(exchange)
             trace.decided = time.perf_counter()
+            if as_key is None and self.precedents_for and settings.precedents \
+                    and not self.dry_run and self.store().reserves_now:
+                self._keep_precedent(loaded, req, body, exchange, bool(shadowed))
             return Forward(exchange, attempts[0])
         except GatewayError as e:
             return self._error(trace, loaded, family, e, key, seen)
@@ -277,6 +289,78 @@ class Gateway:
             err = GatewayError("gateway_error", "The gateway failed to handle this request "
                                f"(request id {trace.request_id}); see the gateway log.")
             return self._error(trace, loaded, family, err, key, seen)
+
+    def _keep_precedent(self, loaded: LoadedConfig, req: Request, body: bodies.ParsedBody,
+                        exchange: Exchange, shadowed: bool) -> None:
+        """Keep a forwarded decision as the precedent of the requests like it, if it can be
+        one (precedent.py); the exchange names it, for its host."""
+        rest = can_be_one(loaded, req, body, exchange, shadowed)
+        if rest is not None:
+            exchange.precedent = Precedent.of(loaded, req, rest, exchange)
+            self._precedents.keep(exchange.precedent)
+
+    def decide_like(self, req: Request, host: str) -> Replayed | None:
+        """`req` decided from the precedent it matches (precedent.py), exactly as the full
+        decision (`handle`) would decide it, at once, in this call: admitted to its budgets
+        and written ahead, its exchange made only once something needs it (`adopt`). None,
+        with nothing taken, when it matches no precedent that `host` has made an answer of,
+        or its precedent cannot vouch for it (a reservation the store cannot make at once or
+        does not grant): `handle` decides it then."""
+        if not self._precedents:
+            return None
+        loaded = self.holder.current
+        try:
+            key = authenticate(self._keys(loaded), req.headers)
+            if not self._precedents.candidates(loaded, key, req):
+                return None
+            trace = telemetry.start(req.method, req.path, req.headers)
+            check_header_values(req.headers)
+            if req.body_size > loaded.config.gateway.max_body_bytes:
+                return None
+            route = routes.match(req.path)
+            assert route is not None  # a precedent was forwarded on it
+            body = bodies.parse(route, req.body)
+            found = self._precedents.find(loaded, key, req, body.doc)
+            if found is None or host not in found.hosts:
+                return None
+            # The provider's credential as it is now (a key file rotates, a token expires).
+            credential, _ = found.attempt.adapter.auth(dict(req.headers))
+        except GatewayError:
+            return None
+        attempt = copy.copy(found.attempt)
+        attempt.set_headers = {**attempt.set_headers, **credential,
+                               "traceparent": trace.traceparent}
+        self._set_body(attempt, route, body, req.body)
+        billing = self.admission.again(loaded, trace.request_id, key, route, body, req,
+                                       attempt, found.price, found.lineage)
+        if billing is None:
+            return None
+        replayed = Replayed(found, trace, key, body, attempt, billing)
+        self._start_keeping()
+        self._in_flight[trace.request_id] = (replayed, 0)
+        row = replayed.written_ahead()
+        if not self.store().admit_now(row):  # the write lock is another's: wait for it
+            self._track(asyncio.get_running_loop().create_task(
+                self._write_ahead_row(row, billing.charged(attempt.provider_id))))
+        trace.decided = time.perf_counter()
+        return replayed
+
+    def adopt(self, replayed: Replayed) -> Exchange:
+        """The exchange of a request decided from a precedent, made now that something
+        needs it (its response, a checkpoint): what the full decision would have made."""
+        p = replayed.precedent
+        exchange = Exchange(trace=replayed.trace, prefix=p.prefix, route=p.route,
+                            key=replayed.key, requested_model=replayed.body.model,
+                            attempts=[replayed.attempt], stream=replayed.body.stream,
+                            billing=replayed.billing, settle=self._settle,
+                            prices=p.loaded.prices, breakers=self.breakers,
+                            client_wants_usage=p.client_wants_usage,
+                            shadow_headers=p.shadow_headers)
+        exchange.started = replayed.started
+        request_id = replayed.trace.request_id
+        if request_id in self._in_flight:
+            self._in_flight[request_id] = (exchange, self._in_flight[request_id][1])
+        return exchange
 
     def record_proxy_reply(self, req: Request, status: int, detail: str, *,
                            request_id: str | None = None, at: datetime | None = None,
@@ -369,21 +453,27 @@ class Gateway:
         later, the output streamed so far: see `_checkpoint_forever`)."""
         if self.dry_run:
             return
-        request_id = exchange.trace.request_id
-        # Renewed while it runs (its holds, and its written-ahead row in a shared store).
+        self._start_keeping()
+        self._in_flight[exchange.trace.request_id] = (exchange, 0)
+        await self._write_ahead(exchange)
+
+    def _start_keeping(self) -> None:
+        """Requests in flight are renewed while they run (their holds, and their written-ahead
+        rows in a shared store) and checkpointed."""
         if self._renewer is None:
             loop = asyncio.get_running_loop()
             self._renewer = loop.create_task(self._renew_forever())
             self._checkpointer = loop.create_task(self._checkpoint_forever())
-        self._in_flight[request_id] = (exchange, 0)
-        await self._write_ahead(exchange)
 
     async def _write_ahead(self, exchange: Exchange) -> None:
+        await self._write_ahead_row(exchange.settlement.written_ahead(),
+                                    exchange.billing.charged(exchange.provider_id))
+
+    async def _write_ahead_row(self, row: LedgerRow, counters: list[str]) -> None:
         try:
-            await self.store().admit(exchange.settlement.written_ahead(),
-                                     exchange.billing.charged(exchange.provider_id))
+            await self.store().admit(row, counters)
         except StoreUnavailable as e:
-            log.warning("could not write ahead request %s: %s", exchange.trace.request_id, e)
+            log.warning("could not write ahead request %s: %s", row.request_id, e)
 
     async def _checkpoint_forever(self) -> None:
         """Rewrite the written-ahead rows of requests that received more of their response,
@@ -393,6 +483,8 @@ class Gateway:
             await asyncio.sleep(self.holder.current.config.gateway.checkpoint_seconds)
             moved = []
             for request_id, (exchange, written) in list(self._in_flight.items()):
+                if isinstance(exchange, Replayed):
+                    continue  # nothing of its response has come (its exchange would hold it)
                 received = exchange.meter.bytes
                 if received > written and not exchange.settlement.finished:
                     self._in_flight[request_id] = (exchange, received)

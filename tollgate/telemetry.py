@@ -321,6 +321,11 @@ def _unrecorded(parent: SpanContext) -> trace.Span:
                                         trace_state=parent.trace_state))
 
 
+def recording() -> bool:
+    """Spans are exported (a request's span then holds what the decision found)."""
+    return _tracing.recording
+
+
 def start(method: str, path: str, headers: Mapping[str, str],
           request_id: str | None = None) -> RequestTrace:
     """A new server span; an incoming `traceparent` makes it the caller's child. Its request

@@ -106,11 +106,19 @@ def test_what_the_meter_never_posts_is_refused(head):
 
 
 class _Processor:
-    """Decides by the client's path (`/slow` takes a while, `/boom` raises), and records
-    what it did in order."""
+    """Decides by the client's path (`/slow` takes a while, `/boom` raises, `/now` is
+    decided at once, like a request decided before), and records what it did in order."""
 
     def __init__(self) -> None:
         self.done: list[tuple] = []
+
+    def decide_now(self, headers, body):
+        if headers[":path"] == "/now-boom":
+            raise RuntimeError("a fault in the decision made at once")
+        if headers[":path"] != "/now":
+            return None
+        self.done.append(("decided now", "/now"))
+        return Forwarding({":path": "/now"}, [], body, {"request_id": "now"})
 
     async def decide(self, headers, body, declared):
         path = headers[":path"]
@@ -187,6 +195,32 @@ async def test_requests_are_answered_in_order_however_their_bytes_arrive(decider
     assert processor.done == [
         ("decided", "/a"), ("decided", "/slow"), ("metered", "r1", 0, False, b"{}"),
         ("metered", "r1", 1, False, b"more"), ("decided", "/b")]
+    writer.close()
+
+
+async def test_a_request_decided_at_once_is_answered_in_its_turn(decider):
+    """A request like one decided before is decided in the read that brought it, and
+    answered in its turn: after a slow decision ahead of it, before the ones behind it."""
+    processor, sock = decider
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(_decide("/slow") + _decide("/now", b"{}") + _decide("/b", b"x"))
+    answers = await _answers(reader, 3)
+    assert [status for status, _ in answers] == ["200", "200", "200"]
+    assert answers[0][1] == b"/slow b''" and answers[1][1] == b"{}"
+    assert answers[2][1] == b"/b b'x'"
+    assert processor.done == [("decided", "/slow"), ("decided now", "/now"),
+                              ("decided", "/b")]
+    writer.close()
+
+
+async def test_a_decision_made_at_once_that_fails_is_answered_500_and_the_connection_serves_on(
+        decider):
+    processor, sock = decider
+    assert processor.done == []
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(_decide("/now-boom", b"{}") + _decide("/b", b"x"))
+    assert await _answers(reader, 2) == [("500", b""), ("200", b"/b b'x'")]
+    assert processor.done == [("decided", "/b")]
     writer.close()
 
 

@@ -135,6 +135,9 @@ class GatewaySettings(Strict):
     # Tell clients what shadow controls would have refused (`<prefix>Shadow`): off by
     # default, since it shows policy to the key holder.
     shadow_headers: bool = False
+    # Decide a request like one forwarded before from that decision (tollgate/precedent.py):
+    # the same outcome for a fraction of the work. Off: every request is decided in full.
+    precedents: bool = True
     telemetry: Telemetry = Field(default_factory=lambda: Telemetry())
 
     @field_validator("state")

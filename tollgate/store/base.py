@@ -169,6 +169,21 @@ class Store(ABC):
         what it surely cost), so a gateway that dies before settling it still leaves its
         row, charged to its budget `counters`, when a gateway starts again."""
 
+    reserves_now = False  # whether `reserve_now` and `admit_now` ever do
+
+    def reserve_now(self, request_id: str, holds: list[Hold], amount: int
+                    ) -> Reservation | None:
+        """`reserve` for budgets alone, made at once in the caller's own call, or not at all
+        (None): a store that cannot (a network store, the write lock held elsewhere) leaves
+        the request to `reserve`. A reservation it does make may be refused, as `reserve`'s
+        may."""
+        return None
+
+    def admit_now(self, row: LedgerRow) -> bool:
+        """`admit`, written at once in the caller's own call; False when it was not (the
+        store cannot, or the write lock is held elsewhere): `admit` it then."""
+        return False
+
     async def admit_many(self, rows: list[tuple[LedgerRow, list[str] | None]]) -> None:
         """`admit` for several requests, in order (a store may do it in one call)."""
         for row, counters in rows:

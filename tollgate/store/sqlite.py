@@ -205,6 +205,22 @@ class SQLiteStore(Store):
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
         self._checkpoints.wrote()
 
+    reserves_now = True
+
+    def reserve_now(self, request_id: str, holds: list[Hold], amount: int
+                    ) -> Reservation | None:
+        try:
+            return self._reserve(request_id, holds, amount, [], 0, self.clock())
+        except StoreUnavailable:  # the write lock is another's: `reserve` waits for it
+            return None
+
+    def admit_now(self, row: LedgerRow) -> bool:
+        try:
+            self._write_ahead(row)
+        except StoreUnavailable:
+            return False
+        return True
+
     def _counter(self, name: str) -> Counter:
         row = self.db.execute("SELECT spent, reserved FROM budget_counters WHERE counter = ?",
                               (name,)).fetchone()

@@ -1,0 +1,303 @@
+"""Precedents (tollgate/precedent.py): a request like one forwarded before is decided from
+that decision, and decided exactly as the full decision would decide it; anything a
+precedent cannot vouch for goes to the full decision with nothing taken."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from extproc.service import ExternalProcessor, Forwarding
+from tests.unit.test_gateway import CHAT, MSG
+from tollgate.cli.main import cli
+from tollgate.config.watch import ConfigHolder
+from tollgate.exchange import Exchange
+from tollgate.gateway import Gateway
+from tollgate.ledger import LedgerRow
+from tollgate.request import Reply
+from tollgate.store.sqlite import SQLiteStore
+
+PEPPER = "core-pepper"
+
+
+@pytest.fixture
+def gateways(config_dir: Path, monkeypatch):
+    """A key with an org budget and no rate limits, and two gateways on the same config
+    and state: one that decides from precedents, one that decides every request in full."""
+    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", PEPPER)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
+    path = config_dir / "gateway.yaml"
+    doc = yaml.safe_load(path.read_text())
+    for provider in doc["model_providers"]:
+        provider.pop("rate_limit", None)
+    path.write_text(yaml.safe_dump(doc))
+    made = CliRunner().invoke(cli, ["--config", str(path), "virtual-keys", "create", "--name",
+                                    "k", "--scope", "ORG:acme", "--format", "json"])
+    assert made.exit_code == 0, made.output
+    budget(path, "100", "--warn-at", "0.000001")  # every request warned: the warning compared
+    full = path.with_name("full.yaml")
+    doc = yaml.safe_load(path.read_text())
+    doc["gateway"]["precedents"] = False
+    full.write_text(yaml.safe_dump(doc))
+    return (json.loads(made.stdout)["secret"], Gateway(ConfigHolder(path)),
+            Gateway(ConfigHolder(full)))
+
+
+def budget(path: Path, limit: str, *options: str) -> None:
+    result = CliRunner().invoke(cli, ["--config", str(path), "gateway-budgets", "create",
+                                      "--name", f"org-{limit}", "--scope", "ORG:acme",
+                                      "--limit", limit, *options])
+    assert result.exit_code == 0, result.output
+
+
+def headers_of(path: str, secret: str, **extra: str) -> dict[str, str]:
+    """The client's headers as the decide filter sends them (pseudo-headers too)."""
+    return {":method": "POST", ":path": path, ":authority": "gw",
+            "content-type": "application/json", "authorization": f"Bearer {secret}",
+            **{k.replace("_", "-"): v for k, v in extra.items()}}
+
+
+async def full(proc: ExternalProcessor, path: str, body: dict[str, Any], secret: str,
+               **extra: str) -> Forwarding:
+    decided = await proc.decide(headers_of(path, secret, **extra), json.dumps(body).encode())
+    assert isinstance(decided, Forwarding), decided
+    return decided
+
+
+def now(proc: ExternalProcessor, path: str, body: dict[str, Any], secret: str,
+        **extra: str) -> Forwarding | None:
+    return proc.decide_now(headers_of(path, secret, **extra), json.dumps(body).encode())
+
+
+def answer(f: Forwarding) -> dict[str, Any]:
+    """All the decide filter is told, but what differs on every request (its ids)."""
+    return {"set": {k: v for k, v in f.set_headers.items()
+                    if k not in ("traceparent", "x-request-id")},
+            "remove": f.remove_headers, "body": f.body,
+            "metadata": {k: v for k, v in f.metadata.items()
+                         if k not in ("request_id", "trace_id", "span_id")}}
+
+
+def decision(ex: Exchange) -> dict[str, Any]:
+    """All an exchange holds of its decision, but what differs on every request."""
+    a = ex.attempt
+    attempt = {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if f.name != "adapter"}
+    attempt["set_headers"] = {k: v for k, v in a.set_headers.items() if k != "traceparent"}
+    billing = dataclasses.asdict(ex.billing)
+    del billing["admitted_at"]
+    headers = {k: v for k, v in ex.response_headers().items()
+               if k not in ("X-LangWatch-Request-Id", "X-LangWatch-Trace-Id",
+                            "X-LangWatch-Span-Id")}
+    return {"attempt": attempt, "billing": billing, "headers": headers,
+            "exchange": (ex.key.id, ex.route, ex.requested_model, ex.stream_requested,
+                         ex.client_wants_usage, ex.cursor.fallbacks, ex.cursor.unserved,
+                         len(ex.cursor.attempts), ex.prefix, ex.shadow_headers)}
+
+
+def row(r: LedgerRow | dict[str, Any]) -> dict[str, Any]:
+    doc = r.to_dict() if isinstance(r, LedgerRow) else dict(r)
+    for varying in ("request_id", "ts", "latency_ms"):
+        del doc[varying]
+    return doc
+
+
+def written_ahead(config_dir: Path, request_id: str) -> dict[str, Any]:
+    db = sqlite3.connect(config_dir / ".tollgate" / "state.db")
+    try:
+        found = db.execute("SELECT row FROM inflight WHERE request_id = ?",
+                           (request_id,)).fetchone()
+        held = db.execute("SELECT counter, amount FROM holds WHERE request_id = ? "
+                          "ORDER BY counter", (request_id,)).fetchall()
+    finally:
+        db.close()
+    assert found is not None, f"{request_id} was not written ahead"
+    return {"row": row(json.loads(found[0])), "held": held}
+
+
+def longer(body: dict[str, Any]) -> dict[str, Any]:
+    """The same request, with other (and longer) messages."""
+    return {**body, "messages": [*body["messages"], {"role": "assistant", "content": "hello"},
+                                 {"role": "user", "content": "tell me more " * 40}]}
+
+
+CASES = {
+    "chat": ("/v1/chat/completions", {**CHAT, "max_tokens": 300}),
+    "chat stream, usage asked for": ("/v1/chat/completions", {**CHAT, "stream": True}),
+    "chat with tools": ("/v1/chat/completions", {**CHAT, "tools": [{
+        "type": "function", "function": {"name": "lookup", "parameters": {}}}]}),
+    "messages with a system prompt": ("/v1/messages", {**MSG, "system": "Be brief."}),
+}
+USAGE = {"chat": b'{"id": "c", "object": "chat.completion", "model": "gpt-5-mini", '
+                 b'"choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 7}}',
+         "messages": b'{"id": "m", "type": "message", "role": "assistant", "content": [], '
+                     b'"model": "claude-sonnet-4-5", "usage": {"input_tokens": 40, '
+                     b'"output_tokens": 7}}'}
+
+
+@pytest.mark.parametrize("path, body", CASES.values(), ids=CASES.keys())
+async def test_a_request_like_a_forwarded_one_is_decided_from_it_as_in_full(
+        gateways, config_dir, path, body):
+    secret, gw, reference = gateways
+    proc, ref = ExternalProcessor(gw), ExternalProcessor(reference)
+    assert now(proc, path, body, secret) is None  # nothing decided before it
+    first = await full(proc, path, body, secret)
+    later = longer(body)
+    replayed = now(proc, path, later, secret)
+    assert replayed is not None, "not decided from its precedent"
+    in_full = await full(ref, path, later, secret)
+    # What the filter is told, what the store holds and has written ahead: the same.
+    assert answer(replayed) == answer(in_full)
+    rid, full_rid = replayed.metadata["request_id"], in_full.metadata["request_id"]
+    assert rid != first.metadata["request_id"]
+    assert written_ahead(config_dir, rid) == written_ahead(config_dir, full_rid)
+    # Its exchange, made once its response comes, is the full decision's; so is its row.
+    exchanges = [proc._pending[rid].exchange, ref._pending[full_rid].exchange]
+    assert decision(exchanges[0]) == decision(exchanges[1])
+    usage = USAGE["messages" if path == "/v1/messages" else "chat"]
+    for p, request_id in ((proc, rid), (ref, full_rid)):
+        p.metered(request_id, 0, True, usage, (200, {"content-type": "application/json"}))
+    await gw.close()
+    await reference.close()
+    rows = [e.settlement.row for e in exchanges]
+    assert rows[0] is not None and rows[0].outcome == "completed"
+    assert row(rows[0]) == row(rows[1])
+    if body.get("stream"):  # the stream's body asks for its usage, its own messages in it
+        sent = json.loads(replayed.body)
+        assert sent["stream_options"] == {"include_usage": True}
+        assert sent["messages"] == later["messages"]
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda b: {**b, "max_tokens": 301}, id="another option"),
+    pytest.param(lambda b: {**b, "model": "gpt-5"}, id="another model"),
+    pytest.param(lambda b: {**b, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}]}]}, id="messages with parts"),
+    pytest.param(lambda b: {**b, "messages": [{"role": "user", "content": "hi",
+                                               "tool_call_id": "x"}]}, id="a message field"),
+])
+async def test_a_request_unlike_its_precedent_is_decided_in_full(gateways, change):
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    body = {**CHAT, "max_tokens": 300}
+    await full(proc, "/v1/chat/completions", body, secret)
+    assert now(proc, "/v1/chat/completions", change(body), secret) is None
+    assert now(proc, "/v1/chat/completions", body, secret) is not None
+
+
+async def test_other_headers_or_a_continued_trace_are_decided_in_full(gateways):
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    path = "/v1/chat/completions"
+    await full(proc, path, CHAT, secret, x_stainless_retry_count="0")
+    assert now(proc, path, CHAT, secret, x_stainless_retry_count="1") is None
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert now(proc, path, CHAT, secret, x_stainless_retry_count="0",
+               traceparent=parent) is None
+    # ...and a request that continues a trace is no precedent for the next like it.
+    traced = await full(proc, path, CHAT, secret, traceparent=parent)
+    assert traced.metadata["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert now(proc, path, CHAT, secret, traceparent=parent) is None
+    # The proxy's request id and the body's length are not the request's kind.
+    replayed = now(proc, path, longer(CHAT), secret, x_stainless_retry_count="0")
+    assert replayed is not None
+    assert replayed.set_headers["x-request-id"] == replayed.metadata["request_id"]
+    await full(proc, path, CHAT, secret, x_request_id="proxy-1")
+    assert now(proc, path, CHAT, secret, x_request_id="proxy-2") is not None
+
+
+async def test_a_request_its_budget_cannot_hold_is_refused_in_full_with_nothing_taken(
+        gateways, config_dir):
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    path, body = "/v1/chat/completions", {**CHAT, "max_tokens": 100}
+    first = await full(proc, path, body, secret)
+    reserved = proc._pending[first.metadata["request_id"]].exchange.billing.reserved
+    # A budget that holds a short request, not a long one (its limit between the two).
+    budget(config_dir / "gateway.yaml", f"{reserved * 3 / 1e6:.6f}", "--id", "b_tight")
+    assert gw.holder.check()
+    await full(proc, path, body, secret)  # (the new config's precedent)
+    db = sqlite3.connect(config_dir / ".tollgate" / "state.db")
+    counters = "SELECT counter, reserved FROM budget_counters ORDER BY counter"
+    try:
+        before = db.execute(counters).fetchall()
+        long = {**body, "messages": [{"role": "user", "content": "x" * 5000}]}
+        assert now(proc, path, long, secret) is None
+        assert db.execute(counters).fetchall() == before
+    finally:
+        db.close()
+    refused = await proc.decide(headers_of(path, secret), json.dumps(long).encode())
+    assert isinstance(refused, Reply) and refused.status == 402, refused
+
+
+async def test_a_store_that_cannot_reserve_at_once_leaves_the_request_to_the_full_decision(
+        gateways, config_dir):
+    """Another process holding the state's write lock: nothing is taken, nothing waits."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, "/v1/chat/completions", CHAT, secret)
+    other = sqlite3.connect(config_dir / ".tollgate" / "state.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        assert now(proc, "/v1/chat/completions", CHAT, secret) is None
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert now(proc, "/v1/chat/completions", CHAT, secret) is not None
+
+
+async def test_a_reload_voids_the_precedents_of_the_config_before_it(gateways):
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    path = "/v1/chat/completions"
+    await full(proc, path, CHAT, secret)
+    with gw.holder.path.open("a") as config:
+        config.write("# edited\n")
+    assert gw.holder.check()
+    assert now(proc, path, CHAT, secret) is None
+    await full(proc, path, CHAT, secret)
+    assert now(proc, path, CHAT, secret) is not None
+
+
+async def test_the_providers_credential_is_the_one_it_has_now(gateways, monkeypatch):
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, "/v1/chat/completions", CHAT, secret)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-rotated")
+    replayed = now(proc, "/v1/chat/completions", CHAT, secret)
+    assert replayed is not None
+    assert replayed.set_headers["authorization"] == "Bearer sk-rotated"
+
+
+async def test_a_key_refused_now_is_refused_in_full(gateways, config_dir):
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, "/v1/chat/completions", CHAT, secret)
+    assert now(proc, "/v1/chat/completions", CHAT, "tg-not-a-key") is None
+    assert now(proc, "/v1/chat/completions", CHAT, secret) is not None
+
+
+async def test_a_store_that_never_reserves_at_once_keeps_no_precedents(gateways,
+                                                                         monkeypatch):
+    """(A shared store, Redis: a reservation is a round trip; requests wait for it.)"""
+    secret, gw, _ = gateways
+    monkeypatch.setattr(SQLiteStore, "reserves_now", False)
+    proc = ExternalProcessor(gw)
+    await full(proc, "/v1/chat/completions", CHAT, secret)
+    assert not gw._precedents
+    assert now(proc, "/v1/chat/completions", CHAT, secret) is None
+
+
+async def test_precedents_off_decides_every_request_in_full(gateways):
+    secret, _, reference = gateways
+    proc = ExternalProcessor(reference)
+    for _ in range(3):
+        await full(proc, "/v1/chat/completions", CHAT, secret)
+        assert now(proc, "/v1/chat/completions", CHAT, secret) is None

@@ -1,0 +1,211 @@
+"""Precedents: a request decided as one like it was.
+
+An app's traffic repeats itself: the same key, route, headers, model and options, with new
+messages. The full decision (gateway.py) works out again, for each of them, what the config
+alone settles: the route, the policy, the plan, the provider's credentials and path, the
+price and the budgets that apply. A forwarded decision that depends on its request only
+through the request's length and plain-text messages is kept as a precedent. A later
+request that matches it is decided from it: the key is checked, the body parsed, the worst
+case priced for its own length and held in its budgets, and the request written ahead, as
+the full decision does; the rest is the precedent's. Whatever the precedent cannot vouch for
+(a reservation not granted, a store that cannot make one) goes to the full decision with
+nothing taken.
+
+A request matches a precedent of its key when it has the same method and path, the same
+headers (the values that differ on every request aside: the key itself, the body's length,
+the proxy's request id) and the same body but for a `messages` list of plain-text messages.
+Nothing a precedent could not repeat is ever kept: a plan of more than one provider or
+chosen at random, rate limits, a cap or a shadow control at work, rules on what a request
+reaches, input the gateway cannot see, a trace continued or recorded, a prompt captured,
+a response the gateway reshapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from tollgate import body as bodies
+from tollgate import policy, routing, telemetry
+from tollgate.config.load import LoadedConfig
+from tollgate.config.schema import VirtualKey
+from tollgate.ledger import LedgerRow
+from tollgate.pricing import ModelPrice, cost_micros
+from tollgate.routes import Route
+from tollgate.scopes import Lineage
+from tollgate.settlement import Billing
+from tollgate.telemetry import RequestTrace
+from tollgate.usage import Usage
+
+if TYPE_CHECKING:
+    from tollgate.exchange import Exchange
+    from tollgate.request import Attempt, Request
+
+# Header values that differ on every request without changing its decision: the key (its
+# header's name still counts), the body's length (priced from the body itself), the
+# request id a proxy gives each request (the gateway names its own).
+VARYING = frozenset({"authorization", "x-api-key", "content-length", "x-request-id"})
+# Where a request's messages are, on the routes decided from precedents.
+MESSAGES = {"chat_completions": "messages", "messages": "messages"}
+_PLAIN = frozenset({"role", "content", "name"})
+MAX_PER_KEY = 4  # precedents kept for each (key, method, path): the newest
+MAX_PLACES = 256  # (key, method, path) kept, per loaded config: the newest
+MAX_REST = 16 * 1024  # bytes of JSON: a body whose options are larger is decided in full
+
+
+def head_of(headers: Mapping[str, str]) -> frozenset[tuple[str, str]]:
+    """The client's headers as a precedent compares them."""
+    return frozenset((k, "" if k in VARYING else v) for k, v in headers.items())
+
+
+def plain_messages(messages: Any) -> bool:
+    """A list of messages whose content is text, with nothing else in them that a decision
+    reads (tool calls, parts that name a file or a URL)."""
+    return type(messages) is list and all(
+        type(m) is dict and m.keys() <= _PLAIN and type(m.get("content")) is str
+        and type(m.get("role")) is str for m in messages)
+
+
+def rest_of(route: Route, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The body but its messages, when they are plain text (None: they are not, or the
+    route is not decided from precedents)."""
+    field = MESSAGES.get(route.name)
+    if field is None or not plain_messages(doc.get(field)):
+        return None
+    return {k: v for k, v in doc.items() if k != field}
+
+
+@dataclass(frozen=True)
+class Precedent:
+    """A forwarded decision, and what a request must share with it to be decided so."""
+
+    loaded: LoadedConfig
+    key: VirtualKey
+    route: Route
+    method: str
+    path: str  # and query, as the client sent them
+    head: frozenset[tuple[str, str]]
+    rest: dict[str, Any]
+    # The decision: its one attempt (its body aside: each request's own is made anew), the
+    # price and the place in the org tree it is billed at, and the exchange's options.
+    attempt: Attempt
+    price: ModelPrice | None
+    lineage: Lineage
+    prefix: str
+    client_wants_usage: bool
+    shadow_headers: bool
+    row: LedgerRow  # its written-ahead row: what a request decided from it writes, but its own
+    # What each host made of the decision, to make the same of the requests decided from it
+    # (the Envoy host: the decide filter's answer).
+    hosts: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of(cls, loaded: LoadedConfig, req: Request, rest: dict[str, Any],
+           exchange: Exchange) -> Precedent:
+        attempt = copy.copy(exchange.cursor.attempts[0])
+        attempt.body = None
+        return cls(loaded, exchange.key, exchange.route, req.method, req.path,
+                   head_of(req.headers), rest, attempt, exchange.billing.price,
+                   exchange.billing.lineage, exchange.prefix, exchange.client_wants_usage,
+                   exchange.shadow_headers, exchange.settlement.written_ahead())
+
+
+@dataclass
+class Replayed:
+    """A request decided from a precedent: admitted and written ahead, with what its
+    exchange is made of once something needs one (the response's first bytes, a renewal)."""
+
+    precedent: Precedent
+    trace: RequestTrace
+    key: VirtualKey
+    body: bodies.ParsedBody
+    attempt: Attempt
+    billing: Billing
+    started: float = field(default_factory=time.monotonic)
+
+    def written_ahead(self) -> LedgerRow:
+        """Its row, as `Settlement.written_ahead` writes a request's before any response:
+        charged its input estimate."""
+        billing, price = self.billing, self.billing.price
+        used = Usage(reported=False)
+        if self.precedent.route.metered:
+            used.input_tokens = billing.estimated_input_tokens
+        # A copy of the precedent's, its own values set (the fields a name could put text
+        # that is not ASCII in are the precedent's, checked when it was made).
+        row = copy.copy(self.precedent.row)
+        row.request_id, row.ts = self.trace.request_id, datetime.now(UTC).isoformat()
+        row.input_tokens = used.input_tokens
+        row.tier = price.served(used)[1] if price is not None else used.service_tier
+        row.cost_micros = cost_micros(used, price) if price is not None else 0
+        row.latency_ms = round((time.monotonic() - self.started) * 1000, 1)
+        row.shadow = "; ".join(billing.shadow) or None
+        return row
+
+
+
+def can_be_one(loaded: LoadedConfig, req: Request, body: bodies.ParsedBody,
+               exchange: Exchange, shadowed: bool) -> dict[str, Any] | None:
+    """The body's part a precedent compares (see `rest_of`), when this forwarded decision can
+    be one (see the module's docstring); None when it cannot. `shadowed`: a shadow control
+    counted something on it."""
+    key, billing, cursor = exchange.key, exchange.billing, exchange.cursor
+    if (shadowed or billing.shadow or billing.limits or billing.output_cap is not None
+            or len(cursor.attempts) != 1 or key.config.fallback.on or cursor.fallbacks
+            or cursor.unserved or exchange.reshapes or policy.reaches_matter(key)
+            or bodies.unseen_input(body.doc) is not None or exchange.trace.prompt is not None
+            or "traceparent" in req.headers or "tracestate" in req.headers
+            or telemetry.recording()):
+        return None
+    # A shadow budget's refusals are counted and told per request.
+    if any(h.shadow for h in loaded.derived.holds(key, billing.lineage, exchange.provider_id,
+                                                  datetime.now(UTC))):
+        return None
+    # A plan chosen at random is chosen anew for each request.
+    rp = routing.policy_of(loaded.config, key)
+    if rp is not None and rp.strategy == "weighted":
+        return None
+    rest = rest_of(exchange.route, body.doc)
+    if rest is None or len(json.dumps(rest)) > MAX_REST:
+        return None
+    return rest
+
+
+class Precedents:
+    """The precedents of one loaded config, by key, method and path; the newest first."""
+
+    def __init__(self) -> None:
+        self._for: LoadedConfig | None = None
+        self._kept: dict[tuple[str, str, str], list[Precedent]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._kept)
+
+    def keep(self, precedent: Precedent) -> None:
+        if self._for is not precedent.loaded:  # a reload: the old config's are void
+            self._for, self._kept = precedent.loaded, {}
+        where = (precedent.key.id, precedent.method, precedent.path)
+        kept = self._kept.get(where)
+        if kept is None:
+            if len(self._kept) >= MAX_PLACES:
+                del self._kept[next(iter(self._kept))]  # the oldest
+            kept = self._kept[where] = []
+        kept.insert(0, precedent)
+        del kept[MAX_PER_KEY:]
+
+    def find(self, loaded: LoadedConfig, key: VirtualKey, req: Request,
+             doc: dict[str, Any]) -> Precedent | None:
+        kept = self._kept.get((key.id, req.method, req.path)) if self._for is loaded else None
+        if not kept:
+            return None
+        head, rest = head_of(req.headers), rest_of(kept[0].route, doc)
+        return next((p for p in kept if p.head == head and p.rest == rest), None)
+
+    def candidates(self, loaded: LoadedConfig, key: VirtualKey, req: Request) -> bool:
+        """Whether any precedent could match a request of `key` (before its body is read)."""
+        return self._for is loaded and (key.id, req.method, req.path) in self._kept
+
