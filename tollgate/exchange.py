@@ -98,8 +98,10 @@ class Exchange:
         self.overhead = 0.0
         self.first_byte: float | None = None
         self.attempt_span = trace.start_attempt(self.attempt, route.name)
-        # The precedent this decision became (precedent.py), for its host to keep its answer.
+        # The precedent this decision became (precedent.py), for its host to keep its answer;
+        # whether it was decided from one (`Gateway.decide_like`).
         self.precedent: Precedent | None = None
+        self.from_precedent = False
 
     @property
     def attempt(self) -> Attempt:

@@ -356,7 +356,7 @@ class Gateway:
                             prices=p.loaded.prices, breakers=self.breakers,
                             client_wants_usage=p.client_wants_usage,
                             shadow_headers=p.shadow_headers)
-        exchange.started = replayed.started
+        exchange.started, exchange.from_precedent = replayed.started, True
         request_id = replayed.trace.request_id
         if request_id in self._in_flight:
             self._in_flight[request_id] = (exchange, self._in_flight[request_id][1])
@@ -542,7 +542,8 @@ class Gateway:
                           "upstream": attempt.url, "error": exchange.settlement.error,
                           "bytes_out": exchange.meter.bytes,
                           "sse_events": exchange.meter.events,
-                          "budget_warning": exchange.billing.warning})
+                          "budget_warning": exchange.billing.warning,
+                          "precedent": exchange.from_precedent})
         extra["overhead_ms"] = round((trace.decision_seconds + (
             exchange.overhead if exchange else 0.0)) * 1000, 3)
         if trace.prompt is not None:

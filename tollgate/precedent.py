@@ -55,7 +55,7 @@ MESSAGES = {"chat_completions": "messages", "messages": "messages"}
 _PLAIN = frozenset({"role", "content", "name"})
 MAX_PER_KEY = 4  # precedents kept for each (key, method, path): the newest
 MAX_PLACES = 256  # (key, method, path) kept, per loaded config: the newest
-MAX_REST = 16 * 1024  # bytes of JSON: a body whose options are larger is decided in full
+MAX_REST = 16 * 1024  # characters of JSON: a body with more options is decided in full
 
 
 def head_of(headers: Mapping[str, str]) -> frozenset[tuple[str, str]]:
@@ -71,13 +71,14 @@ def plain_messages(messages: Any) -> bool:
         and type(m.get("role")) is str for m in messages)
 
 
-def rest_of(route: Route, doc: dict[str, Any]) -> dict[str, Any] | None:
+def rest_of(route: Route, doc: dict[str, Any]) -> str | None:
     """The body but its messages, when they are plain text (None: they are not, or the
-    route is not decided from precedents)."""
+    route is not decided from precedents), as JSON: compared as text, `true` is not `1`
+    and `1` is not `1.0`, which a decision tells apart."""
     field = MESSAGES.get(route.name)
     if field is None or not plain_messages(doc.get(field)):
         return None
-    return {k: v for k, v in doc.items() if k != field}
+    return json.dumps({k: v for k, v in doc.items() if k != field})
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class Precedent:
     method: str
     path: str  # and query, as the client sent them
     head: frozenset[tuple[str, str]]
-    rest: dict[str, Any]
+    rest: str
     # The decision: its one attempt (its body aside: each request's own is made anew), the
     # price and the place in the org tree it is billed at, and the exchange's options.
     attempt: Attempt
@@ -105,7 +106,7 @@ class Precedent:
     hosts: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def of(cls, loaded: LoadedConfig, req: Request, rest: dict[str, Any],
+    def of(cls, loaded: LoadedConfig, req: Request, rest: str,
            exchange: Exchange) -> Precedent:
         attempt = copy.copy(exchange.cursor.attempts[0])
         attempt.body = None
@@ -149,7 +150,7 @@ class Replayed:
 
 
 def can_be_one(loaded: LoadedConfig, req: Request, body: bodies.ParsedBody,
-               exchange: Exchange, shadowed: bool) -> dict[str, Any] | None:
+               exchange: Exchange, shadowed: bool) -> str | None:
     """The body's part a precedent compares (see `rest_of`), when this forwarded decision can
     be one (see the module's docstring); None when it cannot. `shadowed`: a shadow control
     counted something on it."""
@@ -170,9 +171,7 @@ def can_be_one(loaded: LoadedConfig, req: Request, body: bodies.ParsedBody,
     if rp is not None and rp.strategy == "weighted":
         return None
     rest = rest_of(exchange.route, body.doc)
-    if rest is None or len(json.dumps(rest)) > MAX_REST:
-        return None
-    return rest
+    return None if rest is None or len(rest) > MAX_REST else rest
 
 
 class Precedents:
@@ -194,7 +193,9 @@ class Precedents:
             if len(self._kept) >= MAX_PLACES:
                 del self._kept[next(iter(self._kept))]  # the oldest
             kept = self._kept[where] = []
-        kept.insert(0, precedent)
+        # The newest first; one like it that it replaces (kept anew after a miss) goes.
+        kept[:] = [precedent, *(p for p in kept
+                                if (p.head, p.rest) != (precedent.head, precedent.rest))]
         del kept[MAX_PER_KEY:]
 
     def find(self, loaded: LoadedConfig, key: VirtualKey, req: Request,

@@ -92,25 +92,28 @@ def test_the_client_gets_the_providers_stream_byte_for_byte_less_the_usage_chunk
         gateway, fake_openai, split):
     """The usage chunk the gateway asked for is the only difference between what the
     provider sent and what the client gets, even when events reach the proxy in pieces
-    (each cut between the two newlines that end it)."""
+    (each cut between the two newlines that end it); for the request a host decides from
+    the one before it (a precedent) as for that one."""
     fake_openai.split_events = split
     fake_openai.chunk_delay = 0.003 if split else 0.0
     key = gateway.create_key()
-    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", timeout=30,
-                      headers={"authorization": f"Bearer {key.secret}"},
-                      json={"model": "gpt-5-mini", "messages": MESSAGES,
-                            "stream": True}) as r:
-        assert r.status_code == 200
-        got = b"".join(r.iter_raw())
-        request_id = r.headers[RID]
-    sent = fake_openai.streamed[-1]
-    events = sent.split(b"\n\n")
-    usage = [e for e in events if b'"choices": []' in e]
-    assert len(usage) == 1 and b'"usage"' in usage[0]
-    assert got == sent.replace(usage[0] + b"\n\n", b"")
-    row = ledger_row(gateway, request_id)
-    assert row.usage_reported and row.output_tokens == len(events) - 5  # words only
-    assert row.outcome == "completed"
+    for words in (MESSAGES, [*MESSAGES, {"role": "user", "content": "And again."}]):
+        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", timeout=30,
+                          headers={"authorization": f"Bearer {key.secret}"},
+                          json={"model": "gpt-5-mini", "messages": words,
+                                "stream": True}) as r:
+            assert r.status_code == 200
+            got = b"".join(r.iter_raw())
+            request_id = r.headers[RID]
+        assert fake_openai.requests[-1].json()["messages"] == words
+        sent = fake_openai.streamed[-1]
+        events = sent.split(b"\n\n")
+        usage = [e for e in events if b'"choices": []' in e]
+        assert len(usage) == 1 and b'"usage"' in usage[0]
+        assert got == sent.replace(usage[0] + b"\n\n", b"")
+        row = ledger_row(gateway, request_id)
+        assert row.usage_reported and row.output_tokens == len(events) - 5  # words only
+        assert row.outcome == "completed"
 
 
 def test_a_json_answer_passed_on_unchanged_is_not_held_back(gateway, fake_openai):

@@ -38,6 +38,7 @@ def gateways(config_dir: Path, monkeypatch):
     doc = yaml.safe_load(path.read_text())
     for provider in doc["model_providers"]:
         provider.pop("rate_limit", None)
+    doc["gateway"].setdefault("telemetry", {})["access_log"] = "access.log"
     path.write_text(yaml.safe_dump(doc))
     made = CliRunner().invoke(cli, ["--config", str(path), "virtual-keys", "create", "--name",
                                     "k", "--scope", "ORG:acme", "--format", "json"])
@@ -169,6 +170,16 @@ async def test_a_request_like_a_forwarded_one_is_decided_from_it_as_in_full(
     rows = [e.settlement.row for e in exchanges]
     assert rows[0] is not None and rows[0].outcome == "completed"
     assert row(rows[0]) == row(rows[1])
+    # Its access-log line is the full decision's, and says where it was decided from.
+    lines = {line["request_id"]: line for line in map(
+        json.loads, (config_dir / "access.log").read_text().splitlines())}
+    logged = [lines[rid], lines[full_rid]]
+    assert [line.pop("precedent") for line in logged] == [True, False]
+    for line in logged:
+        for varying in ("request_id", "ts", "latency_ms", "overhead_ms", "trace_id",
+                        "span_id"):
+            del line[varying]
+    assert logged[0] == logged[1]
     if body.get("stream"):  # the stream's body asks for its usage, its own messages in it
         sent = json.loads(replayed.body)
         assert sent["stream_options"] == {"include_usage": True}
@@ -177,6 +188,9 @@ async def test_a_request_like_a_forwarded_one_is_decided_from_it_as_in_full(
 
 @pytest.mark.parametrize("change", [
     pytest.param(lambda b: {**b, "max_tokens": 301}, id="another option"),
+    # Equal in Python, not to a decision: a usage chunk asked for with `true` only.
+    pytest.param(lambda b: {**b, "stream_options": {"include_usage": 1}},
+                 id="a value of another type"),
     pytest.param(lambda b: {**b, "model": "gpt-5"}, id="another model"),
     pytest.param(lambda b: {**b, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "hi"}]}]}, id="messages with parts"),
@@ -186,7 +200,8 @@ async def test_a_request_like_a_forwarded_one_is_decided_from_it_as_in_full(
 async def test_a_request_unlike_its_precedent_is_decided_in_full(gateways, change):
     secret, gw, _ = gateways
     proc = ExternalProcessor(gw)
-    body = {**CHAT, "max_tokens": 300}
+    body = {**CHAT, "max_tokens": 300, "stream": True,
+            "stream_options": {"include_usage": True}}
     await full(proc, "/v1/chat/completions", body, secret)
     assert now(proc, "/v1/chat/completions", change(body), secret) is None
     assert now(proc, "/v1/chat/completions", body, secret) is not None
