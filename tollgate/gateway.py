@@ -357,6 +357,7 @@ class Gateway:
                             client_wants_usage=p.client_wants_usage,
                             shadow_headers=p.shadow_headers)
         exchange.started, exchange.from_precedent = replayed.started, True
+        metrics.decided_from_precedent()  # (counted here, off the request's path)
         request_id = replayed.trace.request_id
         if request_id in self._in_flight:
             self._in_flight[request_id] = (exchange, self._in_flight[request_id][1])

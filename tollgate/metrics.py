@@ -70,6 +70,9 @@ FALLBACKS = Counter(
 SHADOW = Counter(
     "tollgate_shadow_decisions", "Refusals a shadow-mode control would have made (the "
     "request was served), by control and code", ["control", "code"], registry=REGISTRY)
+PRECEDENTS = Counter(
+    "tollgate_precedent_decisions", "Requests decided from a precedent (the decision of one "
+    "like it, forwarded before) instead of in full", registry=REGISTRY)
 
 _TOKEN_TYPES = ("input", "cached_input", "cache_write", "output")
 # Each metric's child per label values. prometheus_client's `labels()` checks and converts
@@ -89,6 +92,10 @@ def shadowed(control: str, code: str, count: int = 1) -> None:
     """Count refusals a shadow control would have made."""
     if count:
         SHADOW.labels(control, code).inc(count)
+
+
+def decided_from_precedent() -> None:
+    PRECEDENTS.inc()
 
 
 def model_label(model: str | None, known: frozenset[str]) -> str:

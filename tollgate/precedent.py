@@ -17,7 +17,7 @@ the proxy's request id) and the same body but for a `messages` list of plain-tex
 Nothing a precedent could not repeat is ever kept: a plan of more than one provider or
 chosen at random, rate limits, a cap or a shadow control at work, rules on what a request
 reaches, input the gateway cannot see, a trace continued or recorded, a prompt captured,
-a response the gateway reshapes.
+a response the gateway reshapes, a request signed over (Bedrock's SigV4).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tollgate.config.load import LoadedConfig
 from tollgate.config.schema import VirtualKey
 from tollgate.ledger import LedgerRow
 from tollgate.pricing import ModelPrice, cost_micros
+from tollgate.providers.base import Adapter
 from tollgate.routes import Route
 from tollgate.scopes import Lineage
 from tollgate.settlement import Billing
@@ -109,7 +110,7 @@ class Precedent:
     def of(cls, loaded: LoadedConfig, req: Request, rest: str,
            exchange: Exchange) -> Precedent:
         attempt = copy.copy(exchange.cursor.attempts[0])
-        attempt.body = None
+        attempt.body, attempt.set_headers = None, dict(attempt.set_headers)
         return cls(loaded, exchange.key, exchange.route, req.method, req.path,
                    head_of(req.headers), rest, attempt, exchange.billing.price,
                    exchange.billing.lineage, exchange.prefix, exchange.client_wants_usage,
@@ -165,6 +166,9 @@ def can_be_one(loaded: LoadedConfig, req: Request, body: bodies.ParsedBody,
     # A shadow budget's refusals are counted and told per request.
     if any(h.shadow for h in loaded.derived.holds(key, billing.lineage, exchange.provider_id,
                                                   datetime.now(UTC))):
+        return None
+    # A request signed over (SigV4) has headers the signature sets or leaves out anew.
+    if type(exchange.attempt.adapter).sign is not Adapter.sign:
         return None
     # A plan chosen at random is chosen anew for each request.
     rp = routing.policy_of(loaded.config, key)

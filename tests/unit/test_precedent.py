@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from extproc.service import ExternalProcessor, Forwarding
 from tests.unit.test_gateway import CHAT, MSG
+from tollgate import metrics
 from tollgate.cli.main import cli
 from tollgate.config.watch import ConfigHolder
 from tollgate.exchange import Exchange
@@ -149,6 +150,7 @@ async def test_a_request_like_a_forwarded_one_is_decided_from_it_as_in_full(
     secret, gw, reference = gateways
     proc, ref = ExternalProcessor(gw), ExternalProcessor(reference)
     assert now(proc, path, body, secret) is None  # nothing decided before it
+    counted = metrics.REGISTRY.get_sample_value("tollgate_precedent_decisions_total")
     first = await full(proc, path, body, secret)
     later = longer(body)
     replayed = now(proc, path, later, secret)
@@ -175,6 +177,7 @@ async def test_a_request_like_a_forwarded_one_is_decided_from_it_as_in_full(
         json.loads, (config_dir / "access.log").read_text().splitlines())}
     logged = [lines[rid], lines[full_rid]]
     assert [line.pop("precedent") for line in logged] == [True, False]
+    assert metrics.REGISTRY.get_sample_value("tollgate_precedent_decisions_total") == counted + 1
     for line in logged:
         for varying in ("request_id", "ts", "latency_ms", "overhead_ms", "trace_id",
                         "span_id"):
@@ -307,6 +310,17 @@ async def test_a_store_that_never_reserves_at_once_keeps_no_precedents(gateways,
     proc = ExternalProcessor(gw)
     await full(proc, "/v1/chat/completions", CHAT, secret)
     assert not gw._precedents
+    assert now(proc, "/v1/chat/completions", CHAT, secret) is None
+
+
+async def test_a_request_signed_over_keeps_no_precedent(gateways, monkeypatch):
+    """(Bedrock's SigV4: the signature's headers are set, or left out, anew each time.)"""
+    from tollgate.providers.openai import OpenAI
+
+    secret, gw, _ = gateways
+    monkeypatch.setattr(OpenAI, "sign", lambda self, attempt, body: None)
+    proc = ExternalProcessor(gw)
+    await full(proc, "/v1/chat/completions", CHAT, secret)
     assert now(proc, "/v1/chat/completions", CHAT, secret) is None
 
 
