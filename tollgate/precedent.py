@@ -149,7 +149,6 @@ class Replayed:
         return row
 
 
-
 def can_be_one(loaded: LoadedConfig, req: Request, body: bodies.ParsedBody,
                exchange: Exchange, shadowed: bool) -> str | None:
     """The body's part a precedent compares (see `rest_of`), when this forwarded decision can
