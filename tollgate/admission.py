@@ -166,8 +166,8 @@ class Admission:
               route: routes.Route, body: bodies.ParsedBody, req: Request, attempt: Attempt,
               price: ModelPrice | None, lineage: Lineage) -> Billing | None:
         """The admission of a request decided from a precedent (precedent.py): one attempt,
-        no rate limits, nothing it cannot see. Its worst case is priced for its own length
-        and held in its budgets in one reservation, made at once (`Store.reserve_now`), as
+        nothing it cannot see. Its worst case is priced for its own length and held in its
+        budgets and rate limits in one reservation, made at once (`Store.reserve_now`), as
         `admit` makes it; None, with nothing taken, when the store cannot make it at once or
         does not grant it: `admit` then decides the request (a lower cap, a refusal, a wait
         for the store). `price` and `lineage`: the precedent's."""
@@ -177,15 +177,20 @@ class Admission:
         amount = worst.micros if worst else 0
         billing = Billing(price=price, lineage=lineage,
                           estimated_input_tokens=math.ceil(len(req.body) / 4))
-        holds = loaded.derived.holds(key, billing.lineage, attempt.provider_id,
-                                     datetime.now(UTC))
+        derived, now = loaded.derived, datetime.now(UTC)
+        holds = derived.holds(key, billing.lineage, attempt.provider_id, now)
         billing.held = {attempt.provider_id: [h.counter for h in holds]}
-        if holds and amount:
-            granted = self._store().reserve_now(request_id, holds, amount)
+        holds = holds if amount else []
+        limits = derived.key_limits(key, now) + derived.provider_limits(
+            derived.providers[attempt.provider_id], now)
+        billing.limits = [(lim, None if lim.scope == "key" else attempt.provider_id)
+                          for lim in limits]
+        if holds or limits:
+            granted = self._store().reserve_now(request_id, holds, amount, limits, tokens)
             if granted is None or not granted.granted:
                 return None
-            self._granted(billing, holds, [], granted, amount,
-                          ratelimit.headers(route.family, [], granted.windows, time.time()))
+            self._granted(billing, holds, limits, granted, amount,
+                          ratelimit.headers(route.family, limits, granted.windows, time.time()))
         billing.reserved_tokens, billing.worst_case = tokens, amount
         return billing
 

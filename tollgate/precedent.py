@@ -15,7 +15,7 @@ A request matches a precedent of its key when it has the same method and path, t
 headers (the values that differ on every request aside: the key itself, the body's length,
 the proxy's request id) and the same body but for a `messages` list of plain-text messages.
 Nothing a precedent could not repeat is ever kept: a plan of more than one provider or
-chosen at random, rate limits, a cap or a shadow control at work, rules on what a request
+chosen at random, a cap or a shadow control at work, rules on what a request
 reaches, input the gateway cannot see, a trace continued or recorded, a prompt captured,
 a response the gateway reshapes, a request signed over (Bedrock's SigV4).
 """
@@ -155,16 +155,17 @@ def can_be_one(loaded: LoadedConfig, req: Request, body: bodies.ParsedBody,
     be one (see the module's docstring); None when it cannot. `shadowed`: a shadow control
     counted something on it."""
     key, billing, cursor = exchange.key, exchange.billing, exchange.cursor
-    if (shadowed or billing.shadow or billing.limits or billing.output_cap is not None
+    if (shadowed or billing.shadow or billing.output_cap is not None
             or len(cursor.attempts) != 1 or key.config.fallback.on or cursor.fallbacks
             or cursor.unserved or exchange.reshapes or policy.reaches_matter(key)
             or bodies.unseen_input(body.doc) is not None or exchange.trace.prompt is not None
             or "traceparent" in req.headers or "tracestate" in req.headers
             or telemetry.recording()):
         return None
-    # A shadow budget's refusals are counted and told per request.
+    # A shadow budget's or limit's refusals are counted and told per request.
     if any(h.shadow for h in loaded.derived.holds(key, billing.lineage, exchange.provider_id,
-                                                  datetime.now(UTC))):
+                                                  datetime.now(UTC))) \
+            or any(lim.shadow for lim, _ in billing.limits):
         return None
     # A request signed over (SigV4) has headers the signature sets or leaves out anew.
     if type(exchange.attempt.adapter).sign is not Adapter.sign:

@@ -32,17 +32,31 @@ PEPPER = "core-pepper"
 def gateways(config_dir: Path, monkeypatch):
     """A key with an org budget and no rate limits, and two gateways on the same config
     and state: one that decides from precedents, one that decides every request in full."""
+    return _gateways(config_dir, monkeypatch, limited=False)
+
+
+@pytest.fixture
+def limited(config_dir: Path, monkeypatch):
+    """The same, with rate limits: the example config's on the OpenAI provider (rpm, tpm,
+    rpd) and the key's own (rpm 5, tpm)."""
+    return _gateways(config_dir, monkeypatch, limited=True)
+
+
+def _gateways(config_dir: Path, monkeypatch, limited: bool
+              ) -> tuple[str, Gateway, Gateway]:
     monkeypatch.setenv("TOLLGATE_KEY_PEPPER", PEPPER)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
     path = config_dir / "gateway.yaml"
     doc = yaml.safe_load(path.read_text())
     for provider in doc["model_providers"]:
-        provider.pop("rate_limit", None)
+        if not limited:
+            provider.pop("rate_limit", None)
     doc["gateway"].setdefault("telemetry", {})["access_log"] = "access.log"
     path.write_text(yaml.safe_dump(doc))
+    caps = ["--rpm", "5", "--tpm", "100000"] if limited else []
     made = CliRunner().invoke(cli, ["--config", str(path), "virtual-keys", "create", "--name",
-                                    "k", "--scope", "ORG:acme", "--format", "json"])
+                                    "k", "--scope", "ORG:acme", *caps, "--format", "json"])
     assert made.exit_code == 0, made.output
     budget(path, "100", "--warn-at", "0.000001")  # every request warned: the warning compared
     full = path.with_name("full.yaml")
@@ -187,6 +201,39 @@ async def test_a_request_like_a_forwarded_one_is_decided_from_it_as_in_full(
         sent = json.loads(replayed.body)
         assert sent["stream_options"] == {"include_usage": True}
         assert sent["messages"] == later["messages"]
+
+
+async def test_a_rate_limited_request_is_decided_from_its_precedent_as_in_full(
+        limited, config_dir):
+    """Its limits are taken as the full decision takes them, and their headers are its own
+    (what is left after it); once a limit is used up, the full decision refuses it (429),
+    with nothing taken."""
+    secret, gw, reference = limited
+    proc, ref = ExternalProcessor(gw), ExternalProcessor(reference)
+    path, body = "/v1/chat/completions", {**CHAT, "max_tokens": 300}
+    await full(proc, path, body, secret)
+    replayed, in_full = now(proc, path, body, secret), await full(ref, path, body, secret)
+    assert replayed is not None
+    # What is left differs by what each gateway's windows took: two requests here (the
+    # first and this one), one there (each process keeps its own windows).
+    left = [{k: v for k, v in a.metadata.items() if k.startswith("x-ratelimit-remaining")}
+            for a in (replayed, in_full)]
+    assert left[0]["x-ratelimit-remaining-requests"] == "3"
+    assert left[1]["x-ratelimit-remaining-requests"] == "4"
+    tokens = 100000 - int(left[1]["x-ratelimit-remaining-tokens"])
+    assert int(left[0]["x-ratelimit-remaining-tokens"]) == 100000 - 2 * tokens
+    assert {**answer(replayed), "metadata": {**answer(replayed)["metadata"], **left[1]}} == \
+        answer(in_full)
+    rid, full_rid = replayed.metadata["request_id"], in_full.metadata["request_id"]
+    assert decision(proc._pending[rid].exchange)["billing"]["limits"] == \
+        decision(ref._pending[full_rid].exchange)["billing"]["limits"]
+    assert written_ahead(config_dir, rid) == written_ahead(config_dir, full_rid)
+    # (The reference gateway counts in its own process: each keeps its own windows.)
+    for _ in range(3):
+        assert now(proc, path, body, secret) is not None
+    assert now(proc, path, body, secret) is None  # the key's rpm 5 is used up
+    refused = await proc.decide(headers_of(path, secret), json.dumps(body).encode())
+    assert isinstance(refused, Reply) and refused.status == 429, refused
 
 
 @pytest.mark.parametrize("change", [

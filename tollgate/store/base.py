@@ -171,12 +171,11 @@ class Store(ABC):
 
     reserves_now = False  # whether `reserve_now` and `admit_now` ever do
 
-    def reserve_now(self, request_id: str, holds: list[Hold], amount: int
-                    ) -> Reservation | None:
-        """`reserve` for budgets alone, made at once in the caller's own call, or not at all
-        (None): a store that cannot (a network store, the write lock held elsewhere) leaves
-        the request to `reserve`. A reservation it does make may be refused, as `reserve`'s
-        may."""
+    def reserve_now(self, request_id: str, holds: list[Hold], amount: int,
+                    limits: list[Limit], tokens: int) -> Reservation | None:
+        """`reserve`, made at once in the caller's own call, or not at all (None): a store
+        that cannot (a network store, the write lock held elsewhere) leaves the request to
+        `reserve`. A reservation it does make may be refused, as `reserve`'s may."""
         return None
 
     def admit_now(self, row: LedgerRow) -> bool:

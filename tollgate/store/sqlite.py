@@ -207,10 +207,10 @@ class SQLiteStore(Store):
 
     reserves_now = True
 
-    def reserve_now(self, request_id: str, holds: list[Hold], amount: int
-                    ) -> Reservation | None:
+    def reserve_now(self, request_id: str, holds: list[Hold], amount: int,
+                    limits: list[Limit], tokens: int) -> Reservation | None:
         try:
-            return self._reserve(request_id, holds, amount, [], 0, self.clock())
+            return self._reserve(request_id, holds, amount, limits, tokens, self.clock())
         except StoreUnavailable:  # the write lock is another's: `reserve` waits for it
             return None
 
