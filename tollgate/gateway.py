@@ -7,8 +7,8 @@ exchange ends it settles the real cost and tokens and writes the ledger row. Eac
 small module; this file only orders them.
 
 A request like one forwarded before is decided from that decision (`decide_like`, for a host
-that asks): key, size cap, parse body, precedent (precedent.py) -> price -> budgets -> forward,
-the rest of the path being the precedent's.
+that asks): key, size cap, parse body, precedent (precedent.py) -> price -> admission (budgets
+and rate limits) -> forward, the rest of the path being the precedent's.
 """
 
 from __future__ import annotations
@@ -301,8 +301,9 @@ class Gateway:
 
     def decide_like(self, req: Request, host: str) -> Replayed | None:
         """`req` decided from the precedent it matches (precedent.py), exactly as the full
-        decision (`handle`) would decide it, at once, in this call: admitted to its budgets
-        and written ahead, its exchange made only once something needs it (`adopt`). None,
+        decision (`handle`) would decide it, at once, in this call: admitted to its budgets and
+        rate limits and written ahead, its exchange made only once something needs it
+        (`adopt`). None,
         with nothing taken, when it matches no precedent that `host` has made an answer of,
         or its precedent cannot vouch for it (a reservation the store cannot make at once or
         does not grant): `handle` decides it then."""
