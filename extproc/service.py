@@ -354,6 +354,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         """A request like one decided before, decided from that decision's precedent at once
         (`Gateway.decide_like`), and its answer made from that decision's own; None: it is
         for `decide`."""
+        if not self.gateway.keeps_precedents:  # (the request is not built for nothing)
+            return None
         replayed = self.gateway.decide_like(self._request(headers, body), HOST)
         if replayed is None:
             return None

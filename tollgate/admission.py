@@ -51,8 +51,8 @@ class Admission:
                                f"Model {model!r} has no price in the price table, so its spend "
                                "cannot be metered. Add it to prices.yaml (or set "
                                "gateway.unpriced: allow).", param="model")
-        input_estimate = math.ceil(len(req.body) / 2)  # generous: a token is >= ~2 bytes
-        input_estimate += self._unseen_input_allowance(loaded, key, body, attempts)
+        input_estimate = worst_input(req) + self._unseen_input_allowance(loaded, key, body,
+                                                                         attempts)
         requested_cap = bodies.output_cap(route, body.doc)
         providers = loaded.derived.providers
 
@@ -72,13 +72,7 @@ class Admission:
         while i + 1 < len(attempts):
             i += 1
             attempt = attempts[i]
-            holds = derived.holds(key, billing.lineage, attempt.provider_id, now)
-            # Settled into even if not reserved (a request priced at nothing).
-            billing.held = {attempt.provider_id: [h.counter for h in holds]}
-            holds = holds if amount else []
-            limits = key_caps + derived.provider_limits(providers[attempt.provider_id], now)
-            billing.limits = [(lim, None if lim.scope == "key" else attempt.provider_id)
-                              for lim in limits]
+            holds, limits = _applying(loaded, key, billing, attempt, amount, key_caps, now)
             if not holds and not limits:
                 granted = None  # nothing to reserve for this attempt
                 break
@@ -171,20 +165,14 @@ class Admission:
         `admit` makes it; None, with nothing taken, when the store cannot make it at once or
         does not grant it: `admit` then decides the request (a lower cap, a refusal, a wait
         for the store). `price` and `lineage`: the precedent's."""
-        input_estimate = math.ceil(len(req.body) / 2)
-        worst, tokens = priced_worst_case(loaded, route, body.doc, [attempt], input_estimate,
+        worst, tokens = priced_worst_case(loaded, route, body.doc, [attempt], worst_input(req),
                                           bodies.output_cap(route, body.doc))
         amount = worst.micros if worst else 0
         billing = Billing(price=price, lineage=lineage,
                           estimated_input_tokens=math.ceil(len(req.body) / 4))
-        derived, now = loaded.derived, datetime.now(UTC)
-        holds = derived.holds(key, billing.lineage, attempt.provider_id, now)
-        billing.held = {attempt.provider_id: [h.counter for h in holds]}
-        holds = holds if amount else []
-        limits = derived.key_limits(key, now) + derived.provider_limits(
-            derived.providers[attempt.provider_id], now)
-        billing.limits = [(lim, None if lim.scope == "key" else attempt.provider_id)
-                          for lim in limits]
+        now = datetime.now(UTC)
+        holds, limits = _applying(loaded, key, billing, attempt, amount,
+                                  loaded.derived.key_limits(key, now), now)
         if holds or limits:
             granted = self._store().reserve_now(request_id, holds, amount, limits, tokens)
             if granted is None or not granted.granted:
@@ -268,6 +256,26 @@ class Admission:
                     context={"budget": b.id, "unseen_input": unseen})
         return max((b.unseen_input for b in applying.values()
                     if isinstance(b.unseen_input, int)), default=0)
+
+
+def worst_input(req: Request) -> int:
+    """The input tokens a request's body may hold, generously: a token is >= ~2 bytes."""
+    return math.ceil(len(req.body) / 2)
+
+
+def _applying(loaded: LoadedConfig, key: VirtualKey, billing: Billing, attempt: Attempt,
+              amount: int, key_caps: list[ratelimit.Limit], now: datetime
+              ) -> tuple[list[budgets.Hold], list[ratelimit.Limit]]:
+    """The budgets to hold (none for a request priced at nothing) and the rate limits to
+    take for an attempt, each also named on its billing: the counters it settles into
+    (even those it does not hold) and the limits it enters."""
+    derived = loaded.derived
+    holds = derived.holds(key, billing.lineage, attempt.provider_id, now)
+    billing.held = {attempt.provider_id: [h.counter for h in holds]}
+    limits = key_caps + derived.provider_limits(derived.providers[attempt.provider_id], now)
+    billing.limits = [(lim, None if lim.scope == "key" else attempt.provider_id)
+                      for lim in limits]
+    return (holds if amount else []), limits
 
 
 def priced_worst_case(loaded: LoadedConfig, route: routes.Route, doc: dict[str, Any],

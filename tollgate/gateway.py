@@ -299,6 +299,11 @@ class Gateway:
             exchange.precedent = Precedent.of(loaded, req, rest, exchange)
             self._precedents.keep(exchange.precedent)
 
+    @property
+    def keeps_precedents(self) -> bool:
+        """Some precedent is kept: a request may be decided from one (`decide_like`)."""
+        return bool(self._precedents)
+
     def decide_like(self, req: Request, host: str) -> Replayed | None:
         """`req` decided from the precedent it matches (precedent.py), exactly as the full
         decision (`handle`) would decide it, at once, in this call: admitted to its budgets and
@@ -307,7 +312,7 @@ class Gateway:
         with nothing taken, when it matches no precedent that `host` has made an answer of,
         or its precedent cannot vouch for it (a reservation the store cannot make at once or
         does not grant): `handle` decides it then."""
-        if not self._precedents:
+        if not self.keeps_precedents:
             return None
         loaded = self.holder.current
         try:
