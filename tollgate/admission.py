@@ -18,6 +18,7 @@ from tollgate import budgets, ratelimit, routes
 from tollgate.config.load import LoadedConfig
 from tollgate.config.schema import ModelProvider, VirtualKey
 from tollgate.errors import GatewayError
+from tollgate.ledger import LedgerRow
 from tollgate.pricing import ZERO_PRICE, ModelPrice
 from tollgate.request import Attempt, Request
 from tollgate.scopes import Lineage
@@ -63,7 +64,7 @@ class Admission:
         amount = worst.micros if worst else 0
         derived = loaded.derived
         billing = Billing(price=price, lineage=derived.lineage(key.scope),
-                          estimated_input_tokens=math.ceil(len(req.body) / 4))
+                          estimated_input_tokens=estimated_input(req))
         now = datetime.now(UTC)
         key_caps = derived.key_limits(key, now)
         passed_over: list[str] = []
@@ -158,25 +159,26 @@ class Admission:
 
     def again(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
               route: routes.Route, body: bodies.ParsedBody, req: Request, attempt: Attempt,
-              price: ModelPrice | None, lineage: Lineage) -> Billing | None:
+              price: ModelPrice | None, lineage: Lineage, row: LedgerRow) -> Billing | None:
         """The admission of a request decided from a precedent (precedent.py): one attempt,
         nothing it cannot see. Its worst case is priced for its own length and held in its
-        budgets and rate limits in one reservation, made at once (`Store.reserve_now`), as
-        `admit` makes it; None, with nothing taken, when the store cannot make it at once or
-        does not grant it: `admit` then decides the request (a lower cap, a refusal, a wait
-        for the store). `price` and `lineage`: the precedent's."""
+        budgets and rate limits, as `admit` holds it, in one transaction with its
+        written-ahead `row`, made at once (`Store.reserve_now`); None, with nothing taken,
+        when the store cannot make it at once or does not grant it: `admit` then decides
+        the request (a lower cap, a refusal, a wait for the store). `price` and `lineage`:
+        the precedent's."""
         worst, tokens = priced_worst_case(loaded, route, body.doc, [attempt], worst_input(req),
                                           bodies.output_cap(route, body.doc))
         amount = worst.micros if worst else 0
         billing = Billing(price=price, lineage=lineage,
-                          estimated_input_tokens=math.ceil(len(req.body) / 4))
+                          estimated_input_tokens=estimated_input(req))
         now = datetime.now(UTC)
         holds, limits = _applying(loaded, key, billing, attempt, amount,
                                   loaded.derived.key_limits(key, now), now)
+        granted = self._store().reserve_now(request_id, holds, amount, limits, tokens, row)
+        if granted is None or not granted.granted:
+            return None
         if holds or limits:
-            granted = self._store().reserve_now(request_id, holds, amount, limits, tokens)
-            if granted is None or not granted.granted:
-                return None
             self._granted(billing, holds, limits, granted, amount,
                           ratelimit.headers(route.family, limits, granted.windows, time.time()))
         billing.reserved_tokens, billing.worst_case = tokens, amount
@@ -256,6 +258,12 @@ class Admission:
                     context={"budget": b.id, "unseen_input": unseen})
         return max((b.unseen_input for b in applying.values()
                     if isinstance(b.unseen_input, int)), default=0)
+
+
+def estimated_input(req: Request) -> int:
+    """The input tokens a request's body likely holds (~4 bytes a token): what a request
+    is charged when the provider reports no usage."""
+    return math.ceil(len(req.body) / 4)
 
 
 def worst_input(req: Request) -> int:

@@ -34,7 +34,7 @@ from tollgate import (
 )
 from tollgate import headers as header_rules
 from tollgate.accesslog import access_log
-from tollgate.admission import Admission
+from tollgate.admission import Admission, estimated_input
 from tollgate.breaker import Breakers
 from tollgate.catalog import ModelCatalog
 from tollgate.config.load import LoadedConfig
@@ -52,7 +52,7 @@ from tollgate.keys import (
     usable,
 )
 from tollgate.ledger import LedgerRow
-from tollgate.precedent import Precedent, Precedents, Replayed, can_be_one
+from tollgate.precedent import Precedent, Precedents, Replayed, can_be_one, written_ahead
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.store import LimitSettlement, Store, StoreUnavailable, open_store
@@ -314,7 +314,7 @@ class Gateway:
         does not grant): `handle` decides it then."""
         if not self.keeps_precedents:
             return None
-        loaded = self.holder.current
+        started, loaded = time.monotonic(), self.holder.current
         try:
             key = authenticate(self._keys(loaded), req.headers)
             if not self._precedents.candidates(loaded, key, req):
@@ -337,17 +337,14 @@ class Gateway:
         attempt.set_headers = {**attempt.set_headers, **credential,
                                "traceparent": trace.traceparent}
         self._set_body(attempt, route, body, req.body)
+        row = written_ahead(found, trace.request_id, estimated_input(req), started)
         billing = self.admission.again(loaded, trace.request_id, key, route, body, req,
-                                       attempt, found.price, found.lineage)
+                                       attempt, found.price, found.lineage, row)
         if billing is None:
             return None
-        replayed = Replayed(found, trace, key, body, attempt, billing)
+        replayed = Replayed(found, trace, key, body, attempt, billing, started)
         self._start_keeping()
         self._in_flight[trace.request_id] = (replayed, 0)
-        row = replayed.written_ahead()
-        if not self.store().admit_now(row):  # the write lock is another's: wait for it
-            self._track(asyncio.get_running_loop().create_task(
-                self._write_ahead_row(row, billing.charged(attempt.provider_id))))
         trace.decided = time.perf_counter()
         return replayed
 

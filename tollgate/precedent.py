@@ -128,25 +128,27 @@ class Replayed:
     body: bodies.ParsedBody
     attempt: Attempt
     billing: Billing
-    started: float = field(default_factory=time.monotonic)
+    started: float
 
-    def written_ahead(self) -> LedgerRow:
-        """Its row, as `Settlement.written_ahead` writes a request's before any response:
-        charged its input estimate."""
-        billing, price = self.billing, self.billing.price
-        used = Usage(reported=False)
-        if self.precedent.route.metered:
-            used.input_tokens = billing.estimated_input_tokens
-        # A copy of the precedent's, its own values set (the fields a name could put text
-        # that is not ASCII in are the precedent's, checked when it was made).
-        row = copy.copy(self.precedent.row)
-        row.request_id, row.ts = self.trace.request_id, datetime.now(UTC).isoformat()
-        row.input_tokens = used.input_tokens
-        row.tier = price.served(used)[1] if price is not None else used.service_tier
-        row.cost_micros = cost_micros(used, price) if price is not None else 0
-        row.latency_ms = round((time.monotonic() - self.started) * 1000, 1)
-        row.shadow = "; ".join(billing.shadow) or None
-        return row
+
+def written_ahead(precedent: Precedent, request_id: str, estimated_input_tokens: int,
+                  started: float) -> LedgerRow:
+    """The row of a request decided from `precedent`, as `Settlement.written_ahead` writes
+    a request's before any response: charged its input estimate. A copy of the precedent's,
+    its own values set (the fields a name could put text that is not ASCII in are the
+    precedent's, checked when it was made; its shadow refusals are none: a precedent is
+    never kept where a shadow control is at work)."""
+    price = precedent.price
+    used = Usage(reported=False)
+    if precedent.route.metered:
+        used.input_tokens = estimated_input_tokens
+    row = copy.copy(precedent.row)
+    row.request_id, row.ts = request_id, datetime.now(UTC).isoformat()
+    row.input_tokens = used.input_tokens
+    row.tier = price.served(used)[1] if price is not None else used.service_tier
+    row.cost_micros = cost_micros(used, price) if price is not None else 0
+    row.latency_ms = round((time.monotonic() - started) * 1000, 1)
+    return row
 
 
 def can_be_one(loaded: LoadedConfig, req: Request, body: bodies.ParsedBody,

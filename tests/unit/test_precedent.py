@@ -42,7 +42,13 @@ def limited(config_dir: Path, monkeypatch):
     return _gateways(config_dir, monkeypatch, limited=True)
 
 
-def _gateways(config_dir: Path, monkeypatch, limited: bool
+@pytest.fixture
+def unbounded(config_dir: Path, monkeypatch):
+    """The same, with no budget and no rate limit: nothing to hold."""
+    return _gateways(config_dir, monkeypatch, limited=False, budgeted=False)
+
+
+def _gateways(config_dir: Path, monkeypatch, limited: bool, budgeted: bool = True
               ) -> tuple[str, Gateway, Gateway]:
     monkeypatch.setenv("TOLLGATE_KEY_PEPPER", PEPPER)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
@@ -58,7 +64,8 @@ def _gateways(config_dir: Path, monkeypatch, limited: bool
     made = CliRunner().invoke(cli, ["--config", str(path), "virtual-keys", "create", "--name",
                                     "k", "--scope", "ORG:acme", *caps, "--format", "json"])
     assert made.exit_code == 0, made.output
-    budget(path, "100", "--warn-at", "0.000001")  # every request warned: the warning compared
+    if budgeted:  # every request warned: the warning compared
+        budget(path, "100", "--warn-at", "0.000001")
     full = path.with_name("full.yaml")
     doc = yaml.safe_load(path.read_text())
     doc["gateway"]["precedents"] = False
@@ -302,12 +309,26 @@ async def test_a_request_its_budget_cannot_hold_is_refused_in_full_with_nothing_
     assert isinstance(refused, Reply) and refused.status == 402, refused
 
 
+def state(config_dir: Path) -> list[list[tuple[Any, ...]]]:
+    """What the state holds of requests in flight: budget counters, holds, written-ahead
+    rows."""
+    db = sqlite3.connect(config_dir / ".tollgate" / "state.db")
+    try:
+        return [db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+                for table in ("budget_counters", "holds", "inflight")]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("fixture", ["gateways", "unbounded"])
 async def test_a_store_that_cannot_reserve_at_once_leaves_the_request_to_the_full_decision(
-        gateways, config_dir):
-    """Another process holding the state's write lock: nothing is taken, nothing waits."""
-    secret, gw, _ = gateways
+        fixture, config_dir, request):
+    """Another process holding the state's write lock: nothing is taken, nothing written,
+    nothing waits; with or without budgets to hold."""
+    secret, gw, _ = request.getfixturevalue(fixture)
     proc = ExternalProcessor(gw)
     await full(proc, "/v1/chat/completions", CHAT, secret)
+    before = state(config_dir)
     other = sqlite3.connect(config_dir / ".tollgate" / "state.db", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
@@ -315,7 +336,23 @@ async def test_a_store_that_cannot_reserve_at_once_leaves_the_request_to_the_ful
     finally:
         other.execute("ROLLBACK")
         other.close()
+    assert state(config_dir) == before
+    assert len(gw._in_flight) == 1  # the first request's alone
     assert now(proc, "/v1/chat/completions", CHAT, secret) is not None
+
+
+async def test_a_request_with_nothing_to_hold_is_written_ahead_as_in_full(
+        unbounded, config_dir):
+    secret, gw, reference = unbounded
+    proc, ref = ExternalProcessor(gw), ExternalProcessor(reference)
+    path, body = "/v1/chat/completions", {**CHAT, "max_tokens": 300}
+    await full(proc, path, body, secret)
+    replayed, in_full = now(proc, path, body, secret), await full(ref, path, body, secret)
+    assert replayed is not None
+    assert answer(replayed) == answer(in_full)
+    rid, full_rid = replayed.metadata["request_id"], in_full.metadata["request_id"]
+    assert written_ahead(config_dir, rid) == written_ahead(config_dir, full_rid)
+    assert written_ahead(config_dir, rid)["held"] == []
 
 
 async def test_a_reload_voids_the_precedents_of_the_config_before_it(gateways):

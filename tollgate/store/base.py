@@ -169,19 +169,16 @@ class Store(ABC):
         what it surely cost), so a gateway that dies before settling it still leaves its
         row, charged to its budget `counters`, when a gateway starts again."""
 
-    reserves_now = False  # whether `reserve_now` and `admit_now` ever do
+    reserves_now = False  # whether `reserve_now` ever does
 
     def reserve_now(self, request_id: str, holds: list[Hold], amount: int,
-                    limits: list[Limit], tokens: int) -> Reservation | None:
-        """`reserve`, made at once in the caller's own call, or not at all (None): a store
+                    limits: list[Limit], tokens: int, row: LedgerRow) -> Reservation | None:
+        """`reserve` and, once granted, `admit` (its written-ahead `row`), in one
+        transaction, made at once in the caller's own call, or not at all (None): a store
         that cannot (a network store, the write lock held elsewhere) leaves the request to
-        `reserve`. A reservation it does make may be refused, as `reserve`'s may."""
+        `reserve`. A reservation it does make may be refused, as `reserve`'s may (nothing
+        is written then)."""
         return None
-
-    def admit_now(self, row: LedgerRow) -> bool:
-        """`admit`, written at once in the caller's own call; False when it was not (the
-        store cannot, or the write lock is held elsewhere): `admit` it then."""
-        return False
 
     async def admit_many(self, rows: list[tuple[LedgerRow, list[str] | None]]) -> None:
         """`admit` for several requests, in order (a store may do it in one call)."""

@@ -197,29 +197,24 @@ class SQLiteStore(Store):
 
     def _write_ahead(self, row: LedgerRow) -> None:
         try:
-            self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, started, row) "
-                            "VALUES (?, ?, ?, ?)",
-                            (row.request_id, *PROCESS, row.to_json()))
+            self._insert_ahead(row)
         except sqlite3.Error as e:
             locking.raise_if_busy(e, self.path)
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
         self._checkpoints.wrote()
 
+    def _insert_ahead(self, row: LedgerRow) -> None:
+        self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, started, row) "
+                        "VALUES (?, ?, ?, ?)", (row.request_id, *PROCESS, row.to_json()))
+
     reserves_now = True
 
     def reserve_now(self, request_id: str, holds: list[Hold], amount: int,
-                    limits: list[Limit], tokens: int) -> Reservation | None:
+                    limits: list[Limit], tokens: int, row: LedgerRow) -> Reservation | None:
         try:
-            return self._reserve(request_id, holds, amount, limits, tokens, self.clock())
+            return self._reserve(request_id, holds, amount, limits, tokens, self.clock(), row)
         except StoreUnavailable:  # the write lock is another's: `reserve` waits for it
             return None
-
-    def admit_now(self, row: LedgerRow) -> bool:
-        try:
-            self._write_ahead(row)
-        except StoreUnavailable:
-            return False
-        return True
 
     def _counter(self, name: str) -> Counter:
         row = self.db.execute("SELECT spent, reserved FROM budget_counters WHERE counter = ?",
@@ -272,7 +267,9 @@ class SQLiteStore(Store):
             lambda: self._reserve(request_id, holds, amount, limits, tokens, now))
 
     def _reserve(self, request_id: str, holds: list[Hold], amount: int, limits: list[Limit],
-                 tokens: int, now: float) -> Reservation:
+                 tokens: int, now: float, ahead: LedgerRow | None = None) -> Reservation:
+        """`ahead`: the request's written-ahead row, written once it is granted, with its
+        holds (one commit, not two)."""
         read = [self.rate_windows.read(lim, lim.amount(tokens), now) for lim in limits]
         windows = [w for _, w in read]
         over = [i for i, (ok, _) in enumerate(read) if not ok]
@@ -292,8 +289,12 @@ class SQLiteStore(Store):
                     self.db.execute("INSERT OR REPLACE INTO holds (request_id, counter, "
                                     "amount, pid, started) VALUES (?, ?, ?, ?, ?)",
                                     (request_id, hold.counter, amount, *PROCESS))
+                if ahead is not None:
+                    self._insert_ahead(ahead)
         elif over:
             return Reservation(False, [], None, windows, over, now)
+        elif ahead is not None:  # nothing held: written alone (nothing is taken before it)
+            self._write_ahead(ahead)
         for lim in limits:
             self.rate_windows.take(lim, request_id, lim.amount(tokens), now)
         return Reservation(True, [Counter(c.spent, c.reserved + amount) for c in found],
