@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -158,17 +159,17 @@ class Admission:
         billing.shadow += over_limit
 
     def again(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
-              route: routes.Route, body: bodies.ParsedBody, req: Request, attempt: Attempt,
-              price: ModelPrice | None, lineage: Lineage, row: LedgerRow) -> Billing | None:
+              route: routes.Route, req: Request, attempt: Attempt,
+              price: ModelPrice | None, lineage: Lineage, terms: WorstTerms, row: LedgerRow
+              ) -> Billing | None:
         """The admission of a request decided from a precedent (precedent.py): one attempt,
         nothing it cannot see. Its worst case is priced for its own length and held in its
         budgets and rate limits, as `admit` holds it, in one transaction with its
         written-ahead `row`, made at once (`Store.reserve_now`); None, with nothing taken,
         when the store cannot make it at once or does not grant it: `admit` then decides
-        the request (a lower cap, a refusal, a wait for the store). `price` and `lineage`:
-        the precedent's."""
-        worst, tokens = priced_worst_case(loaded, route, body.doc, [attempt], worst_input(req),
-                                          bodies.output_cap(route, body.doc))
+        the request (a lower cap, a refusal, a wait for the store). `price`, `lineage` and
+        the worst case's `terms`: the precedent's."""
+        worst, tokens = dearest(route, [terms], worst_input(req))
         amount = worst.micros if worst else 0
         billing = Billing(price=price, lineage=lineage,
                           estimated_input_tokens=estimated_input(req))
@@ -286,29 +287,61 @@ def _applying(loaded: LoadedConfig, key: VirtualKey, billing: Billing, attempt: 
     return (holds if amount else []), limits
 
 
+@dataclass(frozen=True)
+class WorstTerms:
+    """What prices an attempt's worst case, but the request's input estimate: its model,
+    its price and the tier it asks for (else its provider's default), and the output it
+    may write. All of it is read from the body but its messages, and from the config."""
+
+    model: str
+    price: ModelPrice
+    tier: str | None
+    output_tokens: int  # on each choice
+    capped: bool
+    cap_field: str | None
+    choices: int
+    searches: int
+
+    def at(self, input_estimate: int) -> budgets.WorstCase:
+        held, tier = self.price.served(Usage(input_tokens=input_estimate,
+                                             service_tier=self.tier))
+        return budgets.WorstCase(self.model, held, input_estimate,
+                                 self.output_tokens * self.choices, self.capped,
+                                 self.cap_field, tier, self.choices, self.searches)
+
+
+def worst_terms(loaded: LoadedConfig, route: routes.Route, doc: dict[str, Any],
+                attempt: Attempt, cap: int | None) -> WorstTerms:
+    """An attempt's worst-case terms, its output capped at `cap` (None: its model's own
+    ceiling)."""
+    ceiling = loaded.catalog.max_output_tokens(attempt.model)
+    out = cap if cap is not None else loaded.config.gateway.default_max_output_tokens \
+        if ceiling is None else ceiling
+    # The tier it asks for, else the one the provider's account serves by default.
+    tier = bodies.requested_tier(doc) or \
+        loaded.derived.providers[attempt.provider_id].default_service_tier
+    return WorstTerms(attempt.model,
+                      loaded.prices.lookup(attempt.model, attempt.prices) or ZERO_PRICE,
+                      tier, out, cap is not None, bodies.output_cap_field(route, doc),
+                      bodies.choices(route, doc),  # each writes up to the cap
+                      bodies.web_searches(route, doc))
+
+
+def dearest(route: routes.Route, terms: list[WorstTerms], input_estimate: int
+            ) -> tuple[budgets.WorstCase | None, int]:
+    """The dearest attempt's worst case, and the most tokens any attempt may use (None and
+    0 on a route that is not metered)."""
+    if not route.metered:
+        return None, 0
+    cases = [t.at(input_estimate) for t in terms]
+    return max(cases, key=lambda c: c.micros), max(input_estimate + c.output_tokens
+                                                   for c in cases)
+
+
 def priced_worst_case(loaded: LoadedConfig, route: routes.Route, doc: dict[str, Any],
                       attempts: list[Attempt], input_estimate: int, cap: int | None
                       ) -> tuple[budgets.WorstCase | None, int]:
     """The dearest attempt's worst case, and the most tokens any attempt may use, with the
     output capped at `cap` (None: each model's own ceiling)."""
-    settings = loaded.config.gateway
-    choices = bodies.choices(route, doc)  # each writes up to the cap
-    searches = bodies.web_searches(route, doc)
-    requested_tier = bodies.requested_tier(doc)
-    cases = []
-    for a in attempts:
-        ceiling = loaded.catalog.max_output_tokens(a.model)
-        out = cap if cap is not None else settings.default_max_output_tokens \
-            if ceiling is None else ceiling
-        price = loaded.prices.lookup(a.model, a.prices) or ZERO_PRICE
-        # The tier it asks for, else the one the provider's account serves by default.
-        default_tier = loaded.derived.providers[a.provider_id].default_service_tier
-        held, tier = price.served(Usage(input_tokens=input_estimate,
-                                        service_tier=requested_tier or default_tier))
-        cases.append(budgets.WorstCase(
-            a.model, held, input_estimate, out * choices, cap is not None,
-            bodies.output_cap_field(route, doc), tier, choices, searches))
-    if not route.metered:
-        return None, 0
-    return max(cases, key=lambda c: c.micros), max(input_estimate + c.output_tokens
-                                                   for c in cases)
+    return dearest(route, [worst_terms(loaded, route, doc, a, cap) for a in attempts],
+                   input_estimate)

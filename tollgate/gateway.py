@@ -296,7 +296,7 @@ class Gateway:
         one (precedent.py); the exchange names it, for its host."""
         rest = can_be_one(loaded, req, body, exchange, shadowed)
         if rest is not None:
-            exchange.precedent = Precedent.of(loaded, req, rest, exchange)
+            exchange.precedent = Precedent.of(loaded, req, body.doc, rest, exchange)
             self._precedents.keep(exchange.precedent)
 
     @property
@@ -338,8 +338,8 @@ class Gateway:
                                "traceparent": trace.traceparent}
         self._set_body(attempt, route, body, req.body)
         row = written_ahead(found, trace.request_id, estimated_input(req), started)
-        billing = self.admission.again(loaded, trace.request_id, key, route, body, req,
-                                       attempt, found.price, found.lineage, row)
+        billing = self.admission.again(loaded, trace.request_id, key, route, req, attempt,
+                                       found.price, found.lineage, found.terms, row)
         if billing is None:
             return None
         replayed = Replayed(found, trace, key, body, attempt, billing, started)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from tollgate import body as bodies
 from tollgate import policy, routing, telemetry
+from tollgate.admission import WorstTerms, worst_terms
 from tollgate.config.load import LoadedConfig
 from tollgate.config.schema import VirtualKey
 from tollgate.ledger import LedgerRow
@@ -101,20 +102,24 @@ class Precedent:
     prefix: str
     client_wants_usage: bool
     shadow_headers: bool
+    terms: WorstTerms  # what prices its worst case, but a request's input estimate
     row: LedgerRow  # its written-ahead row: what a request decided from it writes, but its own
     # What each host made of the decision, to make the same of the requests decided from it
     # (the Envoy host: the decide filter's answer).
     hosts: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def of(cls, loaded: LoadedConfig, req: Request, rest: str,
+    def of(cls, loaded: LoadedConfig, req: Request, doc: dict[str, Any], rest: str,
            exchange: Exchange) -> Precedent:
         attempt = copy.copy(exchange.cursor.attempts[0])
         attempt.body, attempt.set_headers = None, dict(attempt.set_headers)
-        return cls(loaded, exchange.key, exchange.route, req.method, req.path,
+        route = exchange.route
+        return cls(loaded, exchange.key, route, req.method, req.path,
                    head_of(req.headers), rest, attempt, exchange.billing.price,
                    exchange.billing.lineage, exchange.prefix, exchange.client_wants_usage,
-                   exchange.shadow_headers, exchange.settlement.written_ahead())
+                   exchange.shadow_headers,
+                   worst_terms(loaded, route, doc, attempt, bodies.output_cap(route, doc)),
+                   exchange.settlement.written_ahead())
 
 
 @dataclass
