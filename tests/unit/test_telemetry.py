@@ -4,6 +4,7 @@ reload), the client helper, and the access log's targets."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from ulid import ULID
 
 from tests.otlp import OTLPReceiver
 from tollgate import telemetry
@@ -203,3 +205,17 @@ def test_shadow_decisions_are_on_the_span(receiver):
     telemetry.flush()
     (span,) = receiver.wait_for(t.trace_id, 1)
     assert span.attributes["tollgate.shadow"] == shadow
+
+
+def test_a_request_id_is_req_and_a_ulid_of_its_millisecond(monkeypatch):
+    # The encoding is python-ulid's, bit for bit (its extremes too).
+    for value in (0, 1, 2**128 - 1, *(random.getrandbits(128) for _ in range(500))):
+        assert telemetry.ulid(value) == str(ULID.from_int(value))
+    monkeypatch.setattr(telemetry.time, "time_ns", lambda: 1_796_451_630_123_456_789)
+    monkeypatch.setattr(telemetry.os, "urandom", lambda n: bytes(range(1, n + 1)))
+    rid = telemetry.new_request_id()
+    assert rid.startswith("req_")
+    parsed = ULID.from_str(rid.removeprefix("req_"))
+    assert parsed.milliseconds == 1_796_451_630_123
+    assert parsed.bytes[6:] == bytes(range(1, 11))
+    assert telemetry.start("GET", "/v1/models", {}).request_id.startswith("req_")
