@@ -251,7 +251,9 @@ class RequestTrace:
     def start_attempt(self, attempt: Attempt, route: str) -> trace.Span:
         """A client span for one provider attempt."""
         if not _tracing.recording:
-            return _unrecorded(self.span.get_span_context())
+            if self.ids is not None:
+                return _unrecorded(self.ids[0], self.ids[2])
+            return _unrecorded(*_of(self.span.get_span_context()))
         operation = OPERATIONS.get(route, route)
         span = _tracing.tracer.start_span(
             f"{operation} {attempt.model}", context=trace.set_span_in_context(self.span),
@@ -331,17 +333,21 @@ def end_attempt(span: trace.Span, status: int | None, *, failure: str | None = N
 _IDS = RandomIdGenerator()  # the SDK's own
 
 
-def _unrecorded(parent: SpanContext) -> trace.Span:
+def _of(context: SpanContext) -> tuple[int, TraceState]:
+    """A span's trace id (0: none) and trace state, for the spans under it."""
+    return context.trace_id if context.is_valid else 0, context.trace_state
+
+
+def _new_ids(trace_id: int, state: TraceState) -> tuple[int, int, TraceState]:
+    """Ids for a span that records nothing: its trace's (a new one for 0), a new span id."""
+    return trace_id or _IDS.generate_trace_id(), _IDS.generate_span_id(), state
+
+
+def _unrecorded(trace_id: int, state: TraceState) -> trace.Span:
     """What the SDK makes of a span when nothing is exported (ALWAYS_OFF), without its
     sampler and processor calls: new ids (the parent's trace id) and no flags."""
-    trace_id, span_id, state = _new_ids(parent)
-    return NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False,
-                                        trace_state=state))
-
-
-def _new_ids(parent: SpanContext) -> tuple[int, int, TraceState]:
-    trace_id = parent.trace_id if parent.is_valid else _IDS.generate_trace_id()
-    return trace_id, _IDS.generate_span_id(), parent.trace_state
+    trace_id, span_id, _ = _new_ids(trace_id, state)
+    return NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False, trace_state=state))
 
 
 def recording() -> bool:
@@ -380,4 +386,4 @@ def start(method: str, path: str, headers: Mapping[str, str],
         span = _tracing.tracer.start_span(f"{method} {path.split('?', 1)[0]}", context=parent,
                                           kind=trace.SpanKind.SERVER)
         return RequestTrace(request_id, span, parent_flags=flags)
-    return RequestTrace(request_id, None, _new_ids(caller), parent_flags=flags)
+    return RequestTrace(request_id, None, _new_ids(*_of(caller)), parent_flags=flags)
