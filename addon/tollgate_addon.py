@@ -43,6 +43,7 @@ log = logging.getLogger("tollgate.mitmproxy")
 # Each forwarded flow's exchange. Not in flow.metadata, which mitmproxy deep-copies whenever
 # it saves a flow (`-w`) or shows one (an exchange holds the gateway, its store and locks).
 _EXCHANGES: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
+HOST = "mitmproxy"  # its name among the hosts a precedent was forwarded on
 _REFUSED = "tollgate_refused"  # answered from the headers, by the refusal sink
 _OVERSIZED = "tollgate_oversized"  # a chunked body cut off at the cap: its size so far
 _PAGE = "tollgate_page"  # the page mitmproxy will send for a provider it could not reach
@@ -638,6 +639,7 @@ class TollgateAddon:
                 raise exceptions.OptionsError(f"tollgate config is invalid:\n{e}") from None
             if self.gateway is not None:
                 self.gateway.holder.stop()  # in-flight exchanges keep the old gateway's store
+            gateway.precedents_for.add(HOST)  # its requests are decided from precedents too
             self.gateway = gateway
             _running[:] = [gateway]
 
@@ -645,10 +647,12 @@ class TollgateAddon:
         assert self.gateway is not None
         if flow.metadata.get(_REFUSED):
             return  # answered from its headers
-        result = await self.gateway.handle(
-            self._core_request(flow, flow.request.raw_content or b""))
+        req = self._core_request(flow, flow.request.raw_content or b"")
+        result = self._decide_like(req) or await self.gateway.handle(req)
         if isinstance(result, Forward):
             self._live.add(result.exchange)
+            if result.exchange.precedent is not None:  # the requests like it follow it
+                result.exchange.precedent.hosts[HOST] = True
         if isinstance(result, Reply):
             flow.response = http.Response.make(result.status, result.body, result.headers)
             flow.comment = _comment(result.decision)
@@ -662,6 +666,16 @@ class TollgateAddon:
         _EXCHANGES[flow] = result.exchange
         flow.comment = _comment(result.exchange.decision())
         await self.plans.send_here(flow, result.exchange, self.credentials.client_headers(flow))
+
+    def _decide_like(self, req: Request) -> Forward | None:
+        """A request like one forwarded before, decided from its precedent (its exchange
+        made at once: this host's hooks follow the response with it); None: for `handle`."""
+        assert self.gateway is not None
+        replayed = self.gateway.decide_like(req, HOST)
+        if replayed is None:
+            return None
+        exchange = self.gateway.adopt(replayed)
+        return Forward(exchange, exchange.attempt)
 
     def _dispatch(self, flow: http.HTTPFlow, fwd: Forward) -> None:
         attempt, req = fwd.attempt, flow.request

@@ -104,8 +104,9 @@ class Precedent:
     shadow_headers: bool
     terms: WorstTerms  # what prices its worst case, but a request's input estimate
     row: LedgerRow  # its written-ahead row: what a request decided from it writes, but its own
-    # What each host made of the decision, to make the same of the requests decided from it
-    # (the Envoy host: the decide filter's answer).
+    # The hosts it was forwarded on, and what each made of the decision, to make the same of
+    # the requests decided from it (the Envoy host: the decide filter's answer; mitmproxy's
+    # needs nothing but the exchange).
     hosts: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod

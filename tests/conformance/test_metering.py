@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from decimal import Decimal
 from typing import Any
@@ -97,6 +98,7 @@ def test_the_client_gets_the_providers_stream_byte_for_byte_less_the_usage_chunk
     fake_openai.split_events = split
     fake_openai.chunk_delay = 0.003 if split else 0.0
     key = gateway.create_key()
+    decided_before = precedent_decisions(gateway)
     for words in (MESSAGES, [*MESSAGES, {"role": "user", "content": "And again."}]):
         with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", timeout=30,
                           headers={"authorization": f"Bearer {key.secret}"},
@@ -114,6 +116,14 @@ def test_the_client_gets_the_providers_stream_byte_for_byte_less_the_usage_chunk
         row = ledger_row(gateway, request_id)
         assert row.usage_reported and row.output_tokens == len(events) - 5  # words only
         assert row.outcome == "completed"
+    # The second was decided from the first's precedent, on either host.
+    assert precedent_decisions(gateway) == decided_before + 1
+
+
+def precedent_decisions(gateway) -> float:
+    text = httpx.get(f"{gateway.process.admin_url}/metrics", timeout=5).text
+    found = re.search(r"^tollgate_precedent_decisions_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_a_json_answer_passed_on_unchanged_is_not_held_back(gateway, fake_openai):
