@@ -86,10 +86,6 @@ _COLUMNS = [c for c in LedgerRow.__dataclass_fields__]
 _SERVING: dict[str, IO[bytes]] = {}
 
 
-class _Refused(Exception):
-    """A reservation not granted: its transaction is rolled back."""
-
-
 @dataclasses.dataclass(slots=True)
 class _Settling:
     """One settlement (`SQLiteStore.finish`), and what waits for its commit (None: its
@@ -278,32 +274,23 @@ class SQLiteStore(Store):
         windows = [w for _, w in read]
         over = [i for i, (ok, _) in enumerate(read) if not ok]
         found: list[Counter] = []
-        refused: int | None = None
         if holds:
-            try:
-                with self._transaction():
-                    # Held first, and checked against what each counter held before: a
-                    # request refused (rarely) is rolled back, one granted costs a statement
-                    # less a hold than reading each counter before holding it.
-                    for hold in holds:
-                        spent, reserved = self.db.execute(
-                            "INSERT INTO budget_counters (counter, reserved) VALUES (?, ?) "
-                            "ON CONFLICT (counter) DO UPDATE SET reserved = reserved + ? "
-                            "RETURNING spent, reserved", (hold.counter, amount, amount)
-                        ).fetchone()
-                        found.append(Counter(spent, reserved - amount))
-                    refused = next((i for i, (h, c) in enumerate(zip(holds, found, strict=True))
-                                    if not h.admits(c.committed, amount)), None)
-                    if refused is not None or over:
-                        raise _Refused
-                    for hold in holds:
-                        self.db.execute("INSERT OR REPLACE INTO holds (request_id, counter, "
-                                        "amount, pid, started) VALUES (?, ?, ?, ?, ?)",
-                                        (request_id, hold.counter, amount, *PROCESS))
-                    if ahead is not None:
-                        self._insert_ahead(ahead)
-            except _Refused:
-                return Reservation(False, found, refused, windows, over, now)
+            with self._transaction():
+                found = [self._counter(h.counter) for h in holds]
+                refused = next((i for i, (h, c) in enumerate(zip(holds, found, strict=True))
+                                if not h.admits(c.committed, amount)), None)
+                if refused is not None or over:
+                    return Reservation(False, found, refused, windows, over, now)
+                for hold in holds:
+                    self.db.execute(
+                        "INSERT INTO budget_counters (counter, reserved) VALUES (?, ?) "
+                        "ON CONFLICT (counter) DO UPDATE SET reserved = reserved + ?",
+                        (hold.counter, amount, amount))
+                    self.db.execute("INSERT OR REPLACE INTO holds (request_id, counter, "
+                                    "amount, pid, started) VALUES (?, ?, ?, ?, ?)",
+                                    (request_id, hold.counter, amount, *PROCESS))
+                if ahead is not None:
+                    self._insert_ahead(ahead)
         elif over:
             return Reservation(False, [], None, windows, over, now)
         elif ahead is not None:  # nothing held: written alone (nothing is taken before it)
