@@ -70,6 +70,13 @@ class LedgerRow:
         nothing."""
         return self.outcome not in ("refused", "answered")
 
+    def copy(self) -> LedgerRow:
+        """A copy to set a request's own values on (every field is a scalar): half the
+        time of `copy.copy`, which goes through the pickling protocol."""
+        row = object.__new__(LedgerRow)
+        row.__dict__.update(self.__dict__)
+        return row
+
     def to_dict(self) -> dict[str, Any]:
         # Every field is a scalar: no deep copy (dataclasses.asdict) needed.
         return {name: getattr(self, name) for name in _FIELD_NAMES}

@@ -36,13 +36,12 @@ from tollgate.admission import WorstTerms, worst_terms
 from tollgate.config.load import LoadedConfig
 from tollgate.config.schema import VirtualKey
 from tollgate.ledger import LedgerRow
-from tollgate.pricing import ModelPrice, cost_micros
+from tollgate.pricing import ModelPrice, input_priced
 from tollgate.providers.base import Adapter
 from tollgate.routes import Route
 from tollgate.scopes import Lineage
 from tollgate.settlement import Billing
 from tollgate.telemetry import RequestTrace
-from tollgate.usage import Usage
 
 if TYPE_CHECKING:
     from tollgate.exchange import Exchange
@@ -144,15 +143,12 @@ def written_ahead(precedent: Precedent, request_id: str, estimated_input_tokens:
     its own values set (the fields a name could put text that is not ASCII in are the
     precedent's, checked when it was made; its shadow refusals are none: a precedent is
     never kept where a shadow control is at work)."""
-    price = precedent.price
-    used = Usage(reported=False)
-    if precedent.route.metered:
-        used.input_tokens = estimated_input_tokens
-    row = copy.copy(precedent.row)
+    tokens = estimated_input_tokens if precedent.route.metered else 0
+    row = precedent.row.copy()
     row.request_id, row.ts = request_id, datetime.now(UTC).isoformat()
-    row.input_tokens = used.input_tokens
-    row.tier = price.served(used)[1] if price is not None else used.service_tier
-    row.cost_micros = cost_micros(used, price) if price is not None else 0
+    row.input_tokens = tokens
+    row.cost_micros, row.tier = input_priced(tokens, precedent.price) \
+        if precedent.price is not None else (0, None)
     row.latency_ms = round((time.monotonic() - started) * 1000, 1)
     return row
 

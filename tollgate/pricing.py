@@ -119,6 +119,13 @@ def cost_micros(usage: Usage, price: ModelPrice) -> int:
     return math.ceil(micros)  # prices are per 1M tokens == micro-dollars per token
 
 
+def input_priced(tokens: int, price: ModelPrice) -> tuple[int, str | None]:
+    """`cost_micros` of `tokens` uncached input tokens and nothing else, and the tier they are
+    priced at: what a request surely costs before any answer (its written-ahead row)."""
+    served, tier = price.served(Usage(input_tokens=tokens))
+    return math.ceil(tokens * served.input), tier
+
+
 def search_micros(price: ModelPrice) -> Decimal:
     """What one web search costs, in micro-dollars (the table's price is per 1,000); a model
     with no search price is charged none (the settlement warns)."""

@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from tollgate.config.problems import ConfigError
-from tollgate.pricing import ModelPrice, cost_micros, load_prices
+from tollgate.pricing import ModelPrice, cost_micros, input_priced, load_prices
 from tollgate.usage import Usage, anthropic_usage
 
 PRICE = ModelPrice.model_validate({
@@ -32,6 +32,15 @@ def test_long_context_counts_every_prompt_token_and_stacks_on_the_tier():
     # Cache reads keep the model's 0.3 (neither override sets one); the hour's writes, priced
     # nowhere, cost twice the long-context input.
     assert cost_micros(over, PRICE) == 400 * 6 + 300 * Decimal("0.3") + 301 * 12 + 225
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 7, 999, 1000, 1001, 123_457])
+@pytest.mark.parametrize("price", [PRICE, ModelPrice.model_validate(
+    {"input": "0.15", "output": "0.6"})], ids=["long context", "plain"])
+def test_input_alone_is_priced_as_cost_micros_prices_it(price, tokens):
+    """A written-ahead row's charge: the input estimate, across the long-context line."""
+    used = Usage(input_tokens=tokens)
+    assert input_priced(tokens, price) == (cost_micros(used, price), price.served(used)[1])
 
 
 def test_a_standard_tier_is_the_models_price_and_an_unlisted_one_is_named():
