@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-cores bench-transport bench-reload bench-breakdown bench-instructions bench-lean soak bootstrap k8s-examples
+.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-cores bench-transport bench-reload bench-breakdown bench-stages bench-instructions bench-lean soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -73,6 +73,12 @@ bench-instructions: bootstrap
 # filters, the Python service doing no work, the decision).
 bench-breakdown: bootstrap
 	$(VENV)/python -m bench.breakdown
+
+# The decision service's time by function, cold: each function a request decided from a
+# precedent runs through (sys.monitoring on those functions alone), its meter post and its
+# settlement too.
+bench-stages: bootstrap
+	$(VENV)/python -m bench.stages
 
 # One request at a time under wrk (apt-get install wrk): what each path adds when the client
 # costs next to nothing (bench-quick's is Python), and each host over its plain proxy.

@@ -188,13 +188,14 @@ def overhead(admin: str) -> tuple[float, float]:
 
 
 def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[bytes]],
-                   floor: bool = False, answering: Path | None = None
-                   ) -> tuple[str, str, Path]:
+                   floor: bool = False, answering: Path | None = None,
+                   service: list[str] | None = None) -> tuple[str, str, Path]:
     """`serve extproc` (`floor`: bench.floor's decision service in its place; `answering`:
-    no decision service, the decide filter asks the answerer on that socket) and
-    an Envoy of `envoy render`, with the stage log, added to `procs` as they start (stopped
-    by the caller, started or not): the listener's URL, ext_proc's admin URL ("" for a
-    floor) and the log."""
+    no decision service, the decide filter asks the answerer on that socket; `service`:
+    the command that runs `tollgate`, its arguments after it) and an Envoy of `envoy
+    render`, with the stage log, added to `procs` as they start (stopped by the caller,
+    started or not): the listener's URL, ext_proc's admin URL ("" for a floor) and the
+    log."""
     port, envoy_admin, admin = free_port(), f"127.0.0.1:{free_port()}", free_port()
     name = f"{answering.stem}-floor" if answering else "floor" if floor else "tollgate"
     sock = f"unix:{workdir}/{name}.sock"
@@ -217,9 +218,10 @@ def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[byt
                                    f"{workdir}/{name}.log")
         elif not answering:  # (the answerer is running already)
             procs.append(subprocess.Popen(
-                [str(BIN / "tollgate"), "--config", str(config), "serve", "extproc",
-                 "--listen", sock, "--admin", f"127.0.0.1:{admin}", "--envoy-admin",
-                 envoy_admin], stdout=subprocess.DEVNULL, stderr=service_log))
+                [*(service or [str(BIN / "tollgate")]), "--config", str(config), "serve",
+                 "extproc", "--listen", sock, "--admin", f"127.0.0.1:{admin}",
+                 "--envoy-admin", envoy_admin], stdout=subprocess.DEVNULL,
+                stderr=service_log))
     procs.append(subprocess.Popen([envoy_binary(), "-c", str(bootstrap),
                                    "--disable-hot-restart", "--log-level", "error",
                                    "--base-id", str(free_port())],
@@ -240,15 +242,15 @@ def _forwards(url: str, headers: dict[str, str] | None = None) -> bool:
         return False
 
 
-async def sequential(paths: dict[str, tuple[str, dict[str, str]]], n: int, warm: int
-                     ) -> dict[str, list[float]]:
+async def sequential(paths: dict[str, tuple[str, dict[str, str]]], n: int, warm: int,
+                     body: bytes = BODY) -> dict[str, list[float]]:
     """`warm` then `n` requests per path, round-robin: the measured ones' times (ms)."""
     out: dict[str, list[float]] = {name: [] for name in paths}
     async with httpx.AsyncClient(timeout=30) as client:
         for i in range(warm + n):
             for name, (url, headers) in paths.items():
                 t0 = time.perf_counter()
-                r = await client.post(f"{url}/v1/chat/completions", content=BODY,
+                r = await client.post(f"{url}/v1/chat/completions", content=body,
                                       headers=headers)
                 assert r.status_code == 200, f"{name}: {r.status_code} {r.text[:200]}"
                 if i >= warm:
