@@ -308,10 +308,9 @@ class Gateway:
         """`req` decided from the precedent it matches (precedent.py), exactly as the full
         decision (`handle`) would decide it, at once, in this call: admitted to its budgets and
         rate limits and written ahead, its exchange made only once something needs it
-        (`adopt`). None,
-        with nothing taken, when it matches no precedent that `host` has made an answer of,
-        or its precedent cannot vouch for it (a reservation the store cannot make at once or
-        does not grant): `handle` decides it then."""
+        (`adopt`). None, with nothing taken, when it matches no precedent forwarded on
+        `host`, or its precedent cannot vouch for it (a reservation the store cannot make at
+        once or does not grant): `handle` decides it then."""
         if not self.keeps_precedents:
             return None
         started, loaded = time.monotonic(), self.holder.current
@@ -470,14 +469,11 @@ class Gateway:
             self._checkpointer = loop.create_task(self._checkpoint_forever())
 
     async def _write_ahead(self, exchange: Exchange) -> None:
-        await self._write_ahead_row(exchange.settlement.written_ahead(),
-                                    exchange.billing.charged(exchange.provider_id))
-
-    async def _write_ahead_row(self, row: LedgerRow, counters: list[str]) -> None:
         try:
-            await self.store().admit(row, counters)
+            await self.store().admit(exchange.settlement.written_ahead(),
+                                     exchange.billing.charged(exchange.provider_id))
         except StoreUnavailable as e:
-            log.warning("could not write ahead request %s: %s", row.request_id, e)
+            log.warning("could not write ahead request %s: %s", exchange.trace.request_id, e)
 
     async def _checkpoint_forever(self) -> None:
         """Rewrite the written-ahead rows of requests that received more of their response,
