@@ -210,17 +210,31 @@ async def test_a_request_like_a_forwarded_one_is_decided_from_it_as_in_full(
         assert sent["messages"] == later["messages"]
 
 
+LIKE = ("/v1/chat/completions", {**CHAT, "max_tokens": 300})
+
+
+async def like_and_in_full(gateways: tuple[str, Gateway, Gateway]
+                           ) -> tuple[ExternalProcessor, ExternalProcessor, Forwarding,
+                                      Forwarding]:
+    """A request decided in full, then one like it decided from its precedent, and the same
+    one decided in full by the reference gateway: each gateway's processor and the two
+    answers."""
+    secret, gw, reference = gateways
+    proc, ref = ExternalProcessor(gw), ExternalProcessor(reference)
+    path, body = LIKE
+    await full(proc, path, body, secret)
+    replayed, in_full = now(proc, path, body, secret), await full(ref, path, body, secret)
+    assert replayed is not None
+    return proc, ref, replayed, in_full
+
+
 async def test_a_rate_limited_request_is_decided_from_its_precedent_as_in_full(
         limited, config_dir):
     """Its limits are taken as the full decision takes them, and their headers are its own
     (what is left after it); once a limit is used up, the full decision refuses it (429),
     with nothing taken."""
-    secret, gw, reference = limited
-    proc, ref = ExternalProcessor(gw), ExternalProcessor(reference)
-    path, body = "/v1/chat/completions", {**CHAT, "max_tokens": 300}
-    await full(proc, path, body, secret)
-    replayed, in_full = now(proc, path, body, secret), await full(ref, path, body, secret)
-    assert replayed is not None
+    secret, path, body = limited[0], *LIKE
+    proc, ref, replayed, in_full = await like_and_in_full(limited)
     # What is left differs by what each gateway's windows took: two requests here (the
     # first and this one), one there (each process keeps its own windows).
     left = [{k: v for k, v in a.metadata.items() if k.startswith("x-ratelimit-remaining")}
@@ -343,12 +357,7 @@ async def test_a_store_that_cannot_reserve_at_once_leaves_the_request_to_the_ful
 
 async def test_a_request_with_nothing_to_hold_is_written_ahead_as_in_full(
         unbounded, config_dir):
-    secret, gw, reference = unbounded
-    proc, ref = ExternalProcessor(gw), ExternalProcessor(reference)
-    path, body = "/v1/chat/completions", {**CHAT, "max_tokens": 300}
-    await full(proc, path, body, secret)
-    replayed, in_full = now(proc, path, body, secret), await full(ref, path, body, secret)
-    assert replayed is not None
+    _, _, replayed, in_full = await like_and_in_full(unbounded)
     assert answer(replayed) == answer(in_full)
     rid, full_rid = replayed.metadata["request_id"], in_full.metadata["request_id"]
     assert written_ahead(config_dir, rid) == written_ahead(config_dir, full_rid)
