@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-cores bench-transport bench-reload bench-breakdown bench-stages bench-instructions bench-lean soak bootstrap k8s-examples
+.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-cores bench-transport bench-reload bench-breakdown bench-stages bench-cold bench-instructions bench-lean soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -79,6 +79,12 @@ bench-breakdown: bootstrap
 # settlement too.
 bench-stages: bootstrap
 	$(VENV)/python -m bench.stages
+
+# The decision service's time on a request decided from a precedent, in one process (no
+# Envoy), with the caches emptied before each step and not: figures that repeat within a few
+# percent. `make bench-cold AGAINST=REV` measures REV's code beside this checkout's.
+bench-cold: bootstrap
+	$(VENV)/python -m bench.cold --functions $(if $(AGAINST),--against $(AGAINST))
 
 # One request at a time under wrk (apt-get install wrk): what each path adds when the client
 # costs next to nothing (bench-quick's is Python), and each host over its plain proxy.

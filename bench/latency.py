@@ -73,13 +73,18 @@ def start_fake(port: int, chunk_delay: float = 0.0, answer_words: int = 0
     return proc
 
 
+def bench_env() -> None:
+    """The environment the gateways read: the key pepper and the providers' keys."""
+    os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
+    os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
+    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
+
+
 def bench_setup(prefix: str, chunk_delay: float = 0.0, answer_words: int = 0
                 ) -> tuple[Path, int, subprocess.Popen[bytes]]:
     """The environment the gateways read, a working directory, and the fake provider
     running in its own process on the returned port (see `start_fake`)."""
-    os.environ.setdefault("TOLLGATE_KEY_PEPPER", "bench-pepper")
-    os.environ["FAKE_OPENAI_KEY"] = PROVIDER_KEY
-    os.environ.setdefault("FAKE_ANTHROPIC_KEY", "unused")
+    bench_env()
     port = free_port()
     return (scratch_dir(prefix), port,
             start_fake(port, chunk_delay, answer_words))

@@ -1,0 +1,99 @@
+"""bench.cold: the decision service's time on requests decided from a precedent, in one
+process, with the caches emptied before each step."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from bench.cold import (
+    ANSWER,
+    ROOT,
+    STEPS,
+    Evictor,
+    _round,
+    decide_request,
+    meter_post,
+    request_id_of,
+    table,
+)
+from bench.latency import BODY, _Url
+from bench.quick import governed
+from extproc.decider import _head, client_request, response_head
+from tests.conftest import make_config
+
+
+def test_it_sends_what_the_decide_filter_sends_for_the_sdks_request():
+    raw = decide_request("tg-secret", 7, BODY)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    parsed = _head(head)
+    assert (parsed.path, parsed.length, body) == (b"/decide", len(BODY), BODY)
+    headers, whole, declared = client_request(parsed.fields[b"x-tollgate-head"], body,
+                                              parsed.fields[b"x-tollgate-body"])
+    assert (whole, declared) == (BODY, None)
+    assert headers[":path"] == "/v1/chat/completions" and headers[":method"] == "POST"
+    assert headers["authorization"] == "Bearer tg-secret"
+    assert headers["content-length"] == str(len(BODY))
+    # Envoy's request id differs on every request; nothing else does.
+    other = client_request(_head(decide_request("tg-secret", 8, BODY).partition(
+        b"\r\n\r\n")[0]).fields[b"x-tollgate-head"], BODY, "whole")[0]
+    assert {k for k in headers if headers[k] != other[k]} == {"x-request-id"}
+    assert base64.b64decode(parsed.fields[b"x-tollgate-head"]).count(b"\n") == \
+        len(headers) - 1
+
+
+def test_its_meter_post_is_a_whole_json_answer_and_the_last():
+    raw = meter_post("req_01")
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    parsed = _head(head)
+    assert parsed.path == b"/meter" and parsed.length == len(payload)
+    assert parsed.fields[b"x-tollgate-request"] == "req_01"
+    assert (parsed.fields[b"x-tollgate-seq"], parsed.fields[b"x-tollgate-end"]) == ("0", "1")
+    status, headers, body = response_head(payload)
+    assert (status, headers["content-type"], body) == (200, "application/json", ANSWER)
+    assert json.loads(body)["usage"]["prompt_tokens"] == 8
+
+
+def test_the_request_id_is_read_from_a_forwarding_answer_alone():
+    answer = (b"HTTP/1.1 200 OK\r\nx-tollgate-set-authorization: Bearer sk\r\n"
+              b"x-tollgate-meta-request_id: req_02\r\ncontent-length: 0\r\n\r\n")
+    assert request_id_of(answer) == "req_02"
+    with pytest.raises(ValueError, match="not a forwarded"):
+        request_id_of(b"HTTP/1.1 200 OK\r\nx-tollgate-reply: 401\r\n\r\n{}")
+
+
+def test_the_evictor_writes_all_of_its_buffer():
+    evict = Evictor(3 << 20)
+    evict.buffer[:] = b"\xff" * len(evict.buffer)
+    evict()
+    assert evict.buffer.count(0) == len(evict.buffer)
+
+
+def test_the_table_pools_each_codes_rounds_and_gives_the_first_codes_ratio():
+    def run(us: float) -> dict[str, dict[str, list[float]]]:
+        return {mode: {step: [us / 1e6] * 3 for step in STEPS} for mode in ("cold", "warm")}
+
+    lines = table("label", {"now": [run(100), run(100)], "abc1234": [run(200), run(200)]})
+    assert lines[0] == "label" and lines[3].split() == ["step", "now", "abc1234", "ratio",
+                                                        "now", "abc1234", "ratio"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[5:]}
+    assert rows["decide"] == ["100.0", "200.0", "0.50x"] * 2
+    assert rows["total"] == ["300.0", "600.0", "0.50x"] * 2
+
+
+def test_a_round_decides_every_request_but_the_first_from_its_precedent(tmp_path):
+    """The real decision service, through its exchange: a round that measured full
+    decisions instead would say so rather than print their figures."""
+    config = make_config(tmp_path, _Url("http://127.0.0.1:9"), _Url("http://127.0.0.1:9"))
+    secret = governed(config)
+    result = _round(ROOT, config, secret, 3)
+    for mode in ("cold", "warm"):
+        assert [len(result[mode][step]) for step in STEPS] == [3, 3, 3]
+        assert all(0 < t < 1 for step in STEPS for t in result[mode][step])
+    full = config.with_name("full.yaml")
+    full.write_text(config.read_text().replace("gateway:\n", "gateway:\n  precedents: false\n",
+                                               1))
+    with pytest.raises(RuntimeError, match="0 of 44 requests were decided from a precedent"):
+        _round(ROOT, full, secret, 3)
