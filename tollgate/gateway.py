@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import time
@@ -332,7 +331,7 @@ class Gateway:
             credential, _ = found.attempt.adapter.auth(dict(req.headers))
         except GatewayError:
             return None
-        attempt = copy.copy(found.attempt)
+        attempt = found.attempt.copy()
         attempt.set_headers = {**attempt.set_headers, **credential,
                                "traceparent": trace.traceparent}
         self._set_body(attempt, route, body, req.body)

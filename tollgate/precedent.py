@@ -22,7 +22,6 @@ a response the gateway reshapes, a request signed over (Bedrock's SigV4).
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Mapping
@@ -111,7 +110,7 @@ class Precedent:
     @classmethod
     def of(cls, loaded: LoadedConfig, req: Request, doc: dict[str, Any], rest: str,
            exchange: Exchange) -> Precedent:
-        attempt = copy.copy(exchange.cursor.attempts[0])
+        attempt = exchange.cursor.attempts[0].copy()
         attempt.body, attempt.set_headers = None, dict(attempt.set_headers)
         route = exchange.route
         return cls(loaded, exchange.key, route, req.method, req.path,

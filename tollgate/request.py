@@ -88,6 +88,13 @@ class Attempt:
     first_byte_timeout: float = 120.0
     adapter: Adapter = field(kw_only=True, repr=False)  # the provider type's adapter
 
+    def copy(self) -> Attempt:
+        """A shallow copy, as `copy.copy` makes (its header maps shared): in a third of
+        that one's time, which goes through the pickling protocol."""
+        attempt = object.__new__(type(self))
+        attempt.__dict__.update(self.__dict__)
+        return attempt
+
     @property
     def prices(self) -> dict[str, Any]:
         """The provider's own prices (a contract price), which win over the table's."""

@@ -387,6 +387,24 @@ async def test_the_providers_credential_is_the_one_it_has_now(gateways, monkeypa
     assert replayed.set_headers["authorization"] == "Bearer sk-rotated"
 
 
+async def test_each_request_has_an_attempt_of_its_own_and_the_precedents_stays_as_kept(
+        gateways):
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, "/v1/chat/completions", CHAT, secret)
+    (kept,) = [p for ps in gw._precedents._kept.values() for p in ps]
+    before = {**vars(kept.attempt), "set_headers": dict(kept.attempt.set_headers)}
+    first = gw.decide_like(ExternalProcessor._request(headers_of(
+        "/v1/chat/completions", secret), json.dumps(CHAT).encode()), "envoy")
+    second = gw.decide_like(ExternalProcessor._request(headers_of(
+        "/v1/chat/completions", secret), json.dumps(CHAT).encode()), "envoy")
+    assert first is not None and second is not None
+    assert first.attempt is not second.attempt is not kept.attempt
+    traces = [a.attempt.set_headers["traceparent"] for a in (first, second)]
+    assert traces[0] != traces[1]
+    assert vars(kept.attempt) == before
+
+
 async def test_a_key_refused_now_is_refused_in_full(gateways, config_dir):
     secret, gw, _ = gateways
     proc = ExternalProcessor(gw)
