@@ -25,7 +25,6 @@ from tollgate.request import Attempt, Request
 from tollgate.scopes import Lineage
 from tollgate.settlement import Billing
 from tollgate.store import Reservation, Store, StoreUnavailable
-from tollgate.usage import Usage
 
 log = logging.getLogger("tollgate")
 
@@ -303,8 +302,7 @@ class WorstTerms:
     searches: int
 
     def at(self, input_estimate: int) -> budgets.WorstCase:
-        held, tier = self.price.served(Usage(input_tokens=input_estimate,
-                                             service_tier=self.tier))
+        held, tier = self.price.at(input_estimate, self.tier)
         return budgets.WorstCase(self.model, held, input_estimate,
                                  self.output_tokens * self.choices, self.capped,
                                  self.cap_field, tier, self.choices, self.searches)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+import math
+from decimal import Decimal, localcontext
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tollgate.config.problems import ConfigError
-from tollgate.pricing import ModelPrice, cost_micros, input_priced, load_prices
+from tollgate.pricing import (
+    ModelPrice,
+    cost_micros,
+    input_priced,
+    load_prices,
+    worst_case_micros,
+)
 from tollgate.usage import Usage, anthropic_usage
 
 PRICE = ModelPrice.model_validate({
@@ -41,6 +50,44 @@ def test_input_alone_is_priced_as_cost_micros_prices_it(price, tokens):
     """A written-ahead row's charge: the input estimate, across the long-context line."""
     used = Usage(input_tokens=tokens)
     assert input_priced(tokens, price) == (cost_micros(used, price), price.served(used)[1])
+
+
+PRICES = st.decimals(min_value=0, max_value=1000, places=7)
+TOKENS = st.integers(min_value=0, max_value=10**8)
+
+
+@given(input=PRICES, output=PRICES, cached=st.none() | PRICES, write=st.none() | PRICES,
+       write_1h=st.none() | PRICES, search=st.none() | PRICES,
+       counts=st.tuples(TOKENS, TOKENS, TOKENS, TOKENS, TOKENS, st.integers(0, 1000)))
+def test_a_cost_is_the_exact_decimal_sum_of_its_prices_rounded_up_once(
+        input, output, cached, write, write_1h, search, counts):
+    price = ModelPrice(input=input, output=output, cached_input=cached, cache_write=write,
+                       cache_write_1h=write_1h, web_search=search)
+    n_in, n_out, n_cached, n_write, n_1h, searches = counts
+    with localcontext() as exact:
+        exact.prec = 100
+        total = (n_in * input + n_out * output + n_cached * (input if cached is None else cached)
+                 + n_write * (input if write is None else write)
+                 + n_1h * (2 * input if write_1h is None else write_1h)
+                 + searches * (0 if search is None else search * 1000))
+        expected = math.ceil(total)
+    used = Usage(input_tokens=n_in, output_tokens=n_out, cached_input_tokens=n_cached,
+                 cache_write_tokens=n_write, cache_write_1h_tokens=n_1h,
+                 web_search_requests=searches)
+    assert cost_micros(used, price) == expected
+    with localcontext() as exact:
+        exact.prec = 100
+        worst = math.ceil(n_in * input + n_out * output
+                          + searches * (0 if search is None else search * 1000))
+    assert worst_case_micros(n_in, n_out, price, searches) == worst
+
+
+def test_a_copy_with_other_prices_is_charged_its_own():
+    """(Each price works its rates out once: a copy made after that has its own.)"""
+    assert cost_micros(Usage(input_tokens=10), PRICE) == 30
+    dearer = PRICE.model_copy(update={"input": Decimal(7)})
+    assert cost_micros(Usage(input_tokens=10), dearer) == 70
+    assert cost_micros(Usage(input_tokens=10), PRICE) == 30
 
 
 def test_a_standard_tier_is_the_models_price_and_an_unlisted_one_is_named():
