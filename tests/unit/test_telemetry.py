@@ -4,6 +4,7 @@ reload), the client helper, and the access log's targets."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -212,10 +213,30 @@ def test_a_request_id_is_req_and_a_ulid_of_its_millisecond(monkeypatch):
     for value in (0, 1, 2**128 - 1, *(random.getrandbits(128) for _ in range(500))):
         assert telemetry.ulid(value) == str(ULID.from_int(value))
     monkeypatch.setattr(telemetry.time, "time_ns", lambda: 1_796_451_630_123_456_789)
-    monkeypatch.setattr(telemetry.os, "urandom", lambda n: bytes(range(1, n + 1)))
-    rid = telemetry.new_request_id()
+    monkeypatch.setattr(telemetry.os, "urandom", lambda n: bytes(i % 251 for i in range(n)))
+    monkeypatch.setattr(telemetry, "_entropy", telemetry.Entropy())
+    rid, following = telemetry.new_request_id(), telemetry.new_request_id()
     assert rid.startswith("req_")
     parsed = ULID.from_str(rid.removeprefix("req_"))
     assert parsed.milliseconds == 1_796_451_630_123
-    assert parsed.bytes[6:] == bytes(range(1, 11))
+    # The system's random bytes, each used once, in turn.
+    assert parsed.bytes[6:] == bytes(range(10))
+    assert ULID.from_str(following.removeprefix("req_")).bytes[6:] == bytes(range(10, 20))
     assert telemetry.start("GET", "/v1/models", {}).request_id.startswith("req_")
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_makes_request_ids_of_its_own():
+    """Not its parent's next ones: it reads random bytes of its own."""
+    telemetry.new_request_id()  # the pool is read
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, telemetry.new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    ours = telemetry.new_request_id()
+    assert ULID.from_str(child[4:]).bytes[6:] != ULID.from_str(ours[4:]).bytes[6:]
