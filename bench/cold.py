@@ -20,7 +20,8 @@ Each round is a process of its own, and a process's cold figures differ from the
 one's by up to 8% (where its memory lies in the caches' sets): the figures pool several
 short rounds (the same code measured against itself: 0.97x to 1.02x). `--against REV` runs
 REV's code (a git worktree, reading its own price table) in alternation with this
-checkout's, round by round, each first in every other round, and prints the ratios;
+checkout's, round by round, each first in every other round, and prints the ratios (round
+by round: a burst of other work on the machine moves both codes' figures alike);
 `--functions` prints, for this checkout, the cold time of each function a request runs
 through (bench.timed's list, timed by sys.monitoring as bench.stages does).
 
@@ -194,14 +195,16 @@ def p50(samples: list[float]) -> float:
 
 
 def table(label: str, rounds: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Each step's p50 (µs) cold and warm for each code, its samples pooled over its rounds;
-    a second code's ratio to the first."""
+    """Each step's p50 (µs) cold and warm for each code: the median of its rounds' p50s; a
+    second code's ratio to the first: the median of the two codes' ratios round by round
+    (rounds taken in turn meet the same mood of the machine, which a burst of other work can
+    change between rounds)."""
     names = list(rounds)
-    pooled = {name: {mode: {step: [t for r in runs for t in r[mode][step]] for step in STEPS}
-                     for mode in ("cold", "warm")} for name, runs in rounds.items()}
-    for by_mode in pooled.values():
+    per_round = {name: {mode: {step: [p50(r[mode][step]) for r in runs] for step in STEPS}
+                        for mode in ("cold", "warm")} for name, runs in rounds.items()}
+    for by_mode in per_round.values():
         for mode in by_mode.values():
-            mode["total"] = [sum(ts) for ts in zip(*(mode[s] for s in STEPS), strict=True)]
+            mode["total"] = [sum(ps) for ps in zip(*(mode[s] for s in STEPS), strict=True)]
     width = 10 * len(names) + (8 if len(names) > 1 else 0)
     head = "".join(f"{n[:9]:>10}" for n in names) + ("   ratio" if len(names) > 1 else "")
     lines = [label, "", f"{'':<8}{'cold':^{width}}  {'warm':^{width}}",
@@ -209,10 +212,11 @@ def table(label: str, rounds: dict[str, list[dict[str, Any]]]) -> list[str]:
     for step in (*STEPS, "total"):
         cells = []
         for mode in ("cold", "warm"):
-            figures = [p50(pooled[n][mode][step]) for n in names]
-            cell = "".join(f"{f:>10.1f}" for f in figures)
+            figures = [per_round[n][mode][step] for n in names]
+            cell = "".join(f"{statistics.median(f):>10.1f}" for f in figures)
             if len(figures) > 1:
-                cell += f"{figures[0] / figures[1]:>7.2f}x"
+                ratio = statistics.median(a / b for a, b in zip(*figures[:2], strict=False))
+                cell += f"{ratio:>7.2f}x"
             cells.append(cell)
         lines.append(f"{step:<8}" + "  ".join(cells))
     return lines

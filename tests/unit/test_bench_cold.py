@@ -71,16 +71,19 @@ def test_the_evictor_writes_all_of_its_buffer():
     assert evict.buffer.count(0) == len(evict.buffer)
 
 
-def test_the_table_pools_each_codes_rounds_and_gives_the_first_codes_ratio():
+def test_the_table_gives_each_codes_median_round_and_their_ratio_round_by_round():
     def run(us: float) -> dict[str, dict[str, list[float]]]:
-        return {mode: {step: [us / 1e6] * 3 for step in STEPS} for mode in ("cold", "warm")}
+        return {mode: {step: [us / 1e6, us / 1e6, 9.0] for step in STEPS}
+                for mode in ("cold", "warm")}
 
-    lines = table("label", {"now": [run(100), run(100)], "abc1234": [run(200), run(200)]})
+    # The third round met a slow machine: both codes took twice as long.
+    lines = table("label", {"now": [run(100), run(110), run(220)],
+                            "abc1234": [run(200), run(220), run(440)]})
     assert lines[0] == "label" and lines[3].split() == ["step", "now", "abc1234", "ratio",
                                                         "now", "abc1234", "ratio"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[5:]}
-    assert rows["decide"] == ["100.0", "200.0", "0.50x"] * 2
-    assert rows["total"] == ["300.0", "600.0", "0.50x"] * 2
+    assert rows["decide"] == ["110.0", "220.0", "0.50x"] * 2
+    assert rows["total"] == ["330.0", "660.0", "0.50x"] * 2
 
 
 def test_a_round_decides_every_request_but_the_first_from_its_precedent(tmp_path):
