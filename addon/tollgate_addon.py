@@ -36,7 +36,7 @@ from tollgate.config.problems import ConfigError
 from tollgate.errors import GatewayError
 from tollgate.exchange import Exchange
 from tollgate.gateway import Gateway
-from tollgate.request import Forward, Reply, Request, lower_headers
+from tollgate.request import Attempt, Forward, Reply, Request, lower_headers
 from tollgate.secrets import CREDENTIAL_HEADERS, mask
 
 log = logging.getLogger("tollgate.mitmproxy")
@@ -110,6 +110,18 @@ def _edit(headers: http.Headers, remove: Iterable[str], sets: Mapping[str, str])
     headers.fields = kept + tuple((always_bytes(name, "utf-8", "surrogateescape"),
                                    always_bytes(value, "utf-8", "surrogateescape"))
                                   for name, value in sets.items())
+
+
+def point_at(req: http.Request, attempt: Attempt) -> None:
+    """Send `req` to the attempt's provider, as mitmproxy's scheme, host, port, path and
+    host_header setters would: its fields set on its data, then its Host header (HTTP/2's
+    authority) once, where each of those setters rewrote both (a decision's 10 µs warm)."""
+    data = req.data
+    data.scheme, data.host, data.port = attempt.scheme.encode(), attempt.host, attempt.port
+    data.path = attempt.path.encode("utf-8", "surrogateescape")
+    if data.authority and not (req.is_http2 or req.is_http3):  # an absolute-form target
+        req.authority = attempt.authority
+    req.host_header = attempt.authority
 
 
 def _show_served_address(flow: http.HTTPFlow, exchange: Exchange) -> None:
@@ -679,9 +691,7 @@ class TollgateAddon:
 
     def _dispatch(self, flow: http.HTTPFlow, fwd: Forward) -> None:
         attempt, req = fwd.attempt, flow.request
-        req.scheme, req.host, req.port = attempt.scheme, attempt.host, attempt.port
-        req.path = attempt.path
-        req.host_header = attempt.authority
+        point_at(req, attempt)
         sets = attempt.set_headers
         if attempt.body is not None:
             req.raw_content = attempt.body

@@ -6,6 +6,7 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator
 
+import pytest
 from mitmproxy.test import taddons
 
 
@@ -292,3 +293,31 @@ async def test_the_fallback_relay_checks_providers_as_mitmproxy_checks_servers(
             ctx.options.update(ssl_verify_upstream_trusted_ca=None, ssl_insecure=True)
             assert await status_through_relay(addon) == 200
     assert fake_openai.requests == []  # mp_first answered, or failed in a way not fallen back on
+
+
+@pytest.mark.parametrize(("http_version", "authority"), [
+    ("HTTP/1.1", ""), ("HTTP/1.1", "127.0.0.1:9"),  # origin-form, absolute-form
+    ("HTTP/2.0", "127.0.0.1:9")])
+@pytest.mark.parametrize("to", [("https", "api.openai.com", 443, "/v1/chat/completions"),
+                                ("http", "127.0.0.1", 8123, "/openai/deployments/d/chat"
+                                 "/completions?api-version=2025-04-01-preview")])
+def test_a_request_is_pointed_at_its_provider_as_mitmproxys_setters_would(http_version,
+                                                                          authority, to):
+    """(`point_at` sets the fields itself and the Host header, or HTTP/2's authority, once.)"""
+    from mitmproxy.test import tflow
+
+    from addon.tollgate_addon import point_at
+    from tollgate.providers.openai import OpenAI
+    from tollgate.request import Attempt
+
+    scheme, host, port, path = to
+    attempt = Attempt("mp", scheme, host, port, path, {}, [], adapter=OpenAI.__new__(OpenAI))
+    ours, theirs = tflow.treq(), tflow.treq()
+    for req in (ours, theirs):
+        req.http_version, req.authority = http_version, authority
+    theirs.scheme, theirs.host, theirs.port = scheme, host, port
+    theirs.path = path
+    theirs.host_header = attempt.authority
+    point_at(ours, attempt)
+    assert ours.data == theirs.data
+    assert (ours.url, ours.host_header) == (attempt.url, attempt.authority)
