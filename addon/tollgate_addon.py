@@ -115,7 +115,8 @@ def _edit(headers: http.Headers, remove: Iterable[str], sets: Mapping[str, str])
 def point_at(req: http.Request, attempt: Attempt) -> None:
     """Send `req` to the attempt's provider, as mitmproxy's scheme, host, port, path and
     host_header setters would: its fields set on its data, then its Host header (HTTP/2's
-    authority) once, where each of those setters rewrote both (a decision's 10 µs warm)."""
+    authority) once, where each of those setters rewrote both (10 µs a request, warm,
+    against 2.3)."""
     data = req.data
     data.scheme, data.host, data.port = attempt.scheme.encode(), attempt.host, attempt.port
     data.path = attempt.path.encode("utf-8", "surrogateescape")
