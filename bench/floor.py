@@ -28,7 +28,8 @@ from tollgate.request import Reply
 
 class Replayed(ExternalProcessor):
     """Every request is forwarded as the first one it forwarded (until then, and for a
-    refusal such as a readiness probe's, it decides); no meter post is read."""
+    refusal such as a readiness probe's, it decides), at once, as the real service answers
+    a request decided from a precedent (no task); no meter post is read."""
 
     replayed: Forwarding | None = None
 
@@ -42,7 +43,7 @@ class Replayed(ExternalProcessor):
         return decision
 
     def decide_now(self, headers: dict[str, str], body: bytes) -> Forwarding | None:
-        return None  # (every request is replayed by `decide`)
+        return self.replayed
 
     def metered(self, request_id: str, seq: int, last: bool, data: bytes,
                 head: tuple[int, dict[str, str]] | None = None,
