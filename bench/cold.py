@@ -4,12 +4,15 @@ process, with no Envoy, figures that repeat within a few percent, to weigh a cha
 request's path in seconds (bench.quick's move 5% or more with the machine's mood).
 
     python -m bench.cold [--requests 100] [--rounds 6] [--against REV] [--functions]
+                         [--stream]
 
 Each request goes through the decision service as Envoy's filters send it, byte for byte
 (extproc.decider's exchange, the OpenAI SDK's headers, the governed profile: a key with a
 model allowlist under a blocking org budget, on SQLite): its decision (`/decide`, answered
 from the precedent the first request left), the meter post of its JSON answer (`/meter`)
-and its settlement (the task that post starts, to its commit). Cold: 48 MiB are written
+and its settlement (the task that post starts, to its commit). `--stream`: the SDK's
+default stream instead (its body replaced to ask for the usage chunk, and its one post: a
+short stream's head, events and end, as the meter filter batches them). Cold: 48 MiB are written
 before each step, which evicts what the last one left in the caches (L1, L2, the 32 MiB L3
 this box shares) and the TLBs, as the client, Envoy and the provider do between two of a
 sidecar's requests: the decision then costs what bench.stages times behind Envoy, within
@@ -78,12 +81,36 @@ def decide_request(secret: str, n: int, body: bytes) -> bytes:
             ).encode() + body
 
 
-def meter_post(request_id: str) -> bytes:
-    """The meter filter's one post for a JSON answer: its head and its bytes, the last."""
-    payload = (b":status: 200\ncontent-type: application/json\n"
-               b"content-length: %d\n\n" % len(ANSWER)) + ANSWER
+def _chunk(fields: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1764892800,
+        "model": "gpt-5-mini-2025-08-07", "service_tier": "default", **fields}).encode() + b"\n\n"
+
+
+def _delta(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    return _chunk({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+# The provider's stream for the SDK's default request, with the usage chunk the gateway asked
+# for (which the client does not get).
+EVENTS = b"".join([
+    _delta({"role": "assistant", "content": ""}), _delta({"content": "po"}),
+    _delta({"content": "ng"}), _delta({}, "stop"),
+    _chunk({"choices": [], "usage": json.loads(ANSWER)["usage"]}), b"data: [DONE]\n\n"])
+
+
+def meter_post(request_id: str, stream: bool = False) -> bytes:
+    """The meter filter's one post for a JSON answer, or for a short stream (sent once it
+    ended: under its batch's size and time): its head and its bytes, the last."""
+    if stream:
+        payload = b":status: 200\ncontent-type: text/event-stream; charset=utf-8\n\n" + EVENTS
+        first = f"x-tollgate-first-byte: {time.time_ns() // 1000}\r\n"
+    else:
+        payload = (b":status: 200\ncontent-type: application/json\n"
+                   b"content-length: %d\n\n" % len(ANSWER)) + ANSWER
+        first = ""
     return (f"POST /meter HTTP/1.1\r\nhost: tollgate\r\nx-tollgate-request: {request_id}\r\n"
-            f"x-tollgate-seq: 0\r\nx-tollgate-end: 1\r\ncontent-length: {len(payload)}"
+            f"x-tollgate-seq: 0\r\nx-tollgate-end: 1\r\n{first}content-length: {len(payload)}"
             f"\r\n\r\n").encode() + payload
 
 
@@ -126,9 +153,10 @@ class Transport:
         return default
 
 
-async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evictor
-                    ) -> dict[str, list[float]]:
+async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evictor,
+                    stream: bool = False) -> dict[str, list[float]]:
     from bench.latency import BODY
+    body = json.dumps({**json.loads(BODY), "stream": True}).encode() if stream else BODY
     from extproc.decider import Decider
     from extproc.service import ExternalProcessor
     from tollgate.gateway import Gateway
@@ -140,7 +168,7 @@ async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evicto
     clock = time.perf_counter
     try:
         for i in range(WARM_UP + n):
-            exchange = decide_request(secret, i, BODY)
+            exchange = decide_request(secret, i, body)
             if cold:
                 evict()
             began = clock()
@@ -149,7 +177,7 @@ async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evicto
                 await asyncio.sleep(0)
             decided = clock()
             answer = transport.written.pop()
-            post = meter_post(request_id_of(answer))
+            post = meter_post(request_id_of(answer), stream)
             if cold:
                 evict()
             posted = clock()
@@ -167,7 +195,8 @@ async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evicto
     return times
 
 
-def serve(code: Path, config: Path, secret: str, n: int, functions: bool) -> dict[str, Any]:
+def serve(code: Path, config: Path, secret: str, n: int, functions: bool, stream: bool
+          ) -> dict[str, Any]:
     """One round of CODE's decision service: cold, then warm (a fresh gateway each)."""
     sys.path.insert(0, str(code))
     from extproc import eventloop
@@ -180,11 +209,12 @@ def serve(code: Path, config: Path, secret: str, n: int, functions: bool) -> dic
         timer = Timer(resolve(name) for name in FUNCTIONS)
         timer.install()
     evict = Evictor()
-    out: dict[str, Any] = {"cold": eventloop.run(_requests(config, secret, n, True, evict))}
+    out: dict[str, Any] = {
+        "cold": eventloop.run(_requests(config, secret, n, True, evict, stream))}
     if timer is not None:
         timer.uninstall()
         out["functions"] = timer.calls
-    out["warm"] = eventloop.run(_requests(config, secret, n, False, evict))
+    out["warm"] = eventloop.run(_requests(config, secret, n, False, evict, stream))
     out["precedents"] = metrics.REGISTRY.get_sample_value(
         "tollgate_precedent_decisions_total") or 0
     return out
@@ -222,10 +252,11 @@ def table(label: str, rounds: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def _round(code: Path, config: Path, secret: str, n: int, functions: bool = False
-           ) -> dict[str, Any]:
+def _round(code: Path, config: Path, secret: str, n: int, functions: bool = False,
+           stream: bool = False) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--serve", str(code),
-               str(config), secret, str(n), *(["--functions"] if functions else [])]
+               str(config), secret, str(n), *(["--functions"] if functions else []),
+               *(["--stream"] if stream else [])]
     done = subprocess.run(command, capture_output=True, text=True, cwd=code, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"a round of {code} failed:\n{done.stderr[-4000:]}")
@@ -245,12 +276,15 @@ def main() -> int:
     parser.add_argument("--against", metavar="REV", help="a commit to measure beside")
     parser.add_argument("--functions", action="store_true",
                         help="this checkout's cold time by function")
+    parser.add_argument("--stream", action="store_true",
+                        help="the OpenAI SDK's default stream instead of a JSON answer")
     parser.add_argument("--serve", nargs=4, metavar=("CODE", "CONFIG", "SECRET", "N"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         code, config, secret, n = args.serve
-        print(json.dumps(serve(Path(code), Path(config), secret, int(n), args.functions)))
+        print(json.dumps(serve(Path(code), Path(config), secret, int(n), args.functions,
+                               args.stream)))
         return 0
 
     from contextlib import ExitStack
@@ -279,13 +313,16 @@ def main() -> int:
         for _ in range(args.rounds):  # in alternation: the machine's mood weighs on each
             for name in order:
                 code, cfg = codes[name]
-                rounds[name].append(_round(code, cfg, secret, args.requests))
+                rounds[name].append(_round(code, cfg, secret, args.requests,
+                                           stream=args.stream))
             order.reverse()  # and neither always goes first
-        functions = _round(ROOT, codes["now"][1], secret, args.requests, functions=True) \
-            if args.functions else None
+        functions = _round(ROOT, codes["now"][1], secret, args.requests, functions=True,
+                           stream=args.stream) if args.functions else None
     print()
     print("\n".join(table(
-        f"{args.requests} requests decided from a precedent, x {args.rounds} rounds, "
+        f"{args.requests} requests decided from a precedent "
+        f"({'the SDK default stream' if args.stream else 'a JSON answer'}), x {args.rounds} "
+        "rounds, "
         "through the decision service's exchange in one process (no Envoy); caches "
         "evicted before each step (cold) and not (warm); µs, p50", rounds)))
     if functions is not None:

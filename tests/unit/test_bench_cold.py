@@ -56,6 +56,21 @@ def test_its_meter_post_is_a_whole_json_answer_and_the_last():
     assert json.loads(body)["usage"]["prompt_tokens"] == 8
 
 
+def test_a_streams_post_is_its_head_its_events_and_its_end_with_its_first_byte():
+    """(A short stream: the meter filter posts it once it has ended.)"""
+    head, _, payload = meter_post("req_03", stream=True).partition(b"\r\n\r\n")
+    parsed = _head(head)
+    assert (parsed.fields[b"x-tollgate-seq"], parsed.fields[b"x-tollgate-end"]) == ("0", "1")
+    assert parsed.fields[b"x-tollgate-first-byte"].isdigit()
+    status, headers, body = response_head(payload)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [e.removeprefix(b"data: ") for e in body.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == json.loads(ANSWER)["usage"]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == "pong"
+
+
 def test_the_request_id_is_read_from_a_forwarding_answer_alone():
     answer = (b"HTTP/1.1 200 OK\r\nx-tollgate-set-authorization: Bearer sk\r\n"
               b"x-tollgate-meta-request_id: req_02\r\ncontent-length: 0\r\n\r\n")
@@ -87,14 +102,15 @@ def test_the_table_gives_each_codes_median_round_and_their_ratio_round_by_round(
 
 
 def test_a_round_decides_every_request_but_the_first_from_its_precedent(tmp_path):
-    """The real decision service, through its exchange: a round that measured full
-    decisions instead would say so rather than print their figures."""
+    """The real decision service, through its exchange, a JSON answer and a stream: a round
+    that measured full decisions instead would say so rather than print their figures."""
     config = make_config(tmp_path, _Url("http://127.0.0.1:9"), _Url("http://127.0.0.1:9"))
     secret = governed(config)
-    result = _round(ROOT, config, secret, 3)
-    for mode in ("cold", "warm"):
-        assert [len(result[mode][step]) for step in STEPS] == [3, 3, 3]
-        assert all(0 < t < 1 for step in STEPS for t in result[mode][step])
+    for stream in (False, True):
+        result = _round(ROOT, config, secret, 3, stream=stream)
+        for mode in ("cold", "warm"):
+            assert [len(result[mode][step]) for step in STEPS] == [3, 3, 3]
+            assert all(0 < t < 1 for step in STEPS for t in result[mode][step])
     full = config.with_name("full.yaml")
     full.write_text(config.read_text().replace("gateway:\n", "gateway:\n  precedents: false\n",
                                                1))
