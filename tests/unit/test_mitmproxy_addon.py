@@ -59,12 +59,12 @@ def _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic, first: str | 
 
 
 @contextlib.asynccontextmanager
-async def _loaded(config) -> AsyncIterator:
-    """tollgate's addon, loaded by mitmproxy's test master with `config`."""
+async def _loaded(config, *others: object) -> AsyncIterator:
+    """tollgate's addon, loaded by mitmproxy's test master with `config` (and `others`)."""
     from addon.tollgate_addon import TollgateAddon
 
     addon = TollgateAddon()
-    with taddons.context(addon) as tctx:
+    with taddons.context(addon, *others) as tctx:
         tctx.configure(addon, tollgate_config=str(config))
         assert addon.gateway is not None
         try:
@@ -321,3 +321,66 @@ def test_a_request_is_pointed_at_its_provider_as_mitmproxys_setters_would(http_v
     point_at(ours, attempt)
     assert ours.data == theirs.data
     assert (ours.url, ours.host_header) == (attempt.url, attempt.authority)
+
+
+class _View:
+    """Hears of flows that change, as mitmweb's view does."""
+
+    def __init__(self) -> None:
+        self.comments: list[str] = []
+
+    def update(self, flows: list) -> None:
+        self.comments += [f.comment for f in flows]
+
+
+async def test_a_response_is_settled_just_after_its_hook_not_in_it(tmp_path, monkeypatch,
+                                                                    fake_openai,
+                                                                    fake_anthropic):
+    """mitmproxy sends a response's end (all of a buffered one) once its response hooks have
+    returned: the books are closed two turns of the loop later, with the flow's served
+    comment (a view is told of it), not in the hook, where they held a stream's end back
+    from the client."""
+    import asyncio
+    import json
+
+    from mitmproxy import http
+    from mitmproxy.test import tflow, tutils
+
+    from addon.tollgate_addon import _EXCHANGES
+    from tests.conftest import PROVIDER_ENV, make_config
+    from tests.harness import tollgate
+
+    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "served-pepper")
+    for name, value in PROVIDER_ENV.items():
+        monkeypatch.setenv(name, value)
+    config = make_config(tmp_path, fake_openai, fake_anthropic)
+    secret = json.loads(tollgate("virtual-keys", "create", "--name", "k", "--scope",
+                                 "ORG:acme", "--format", "json", config=config).stdout)["secret"]
+    view = _View()
+    async with _loaded(config, view) as addon:
+        flow = tflow.tflow(req=tutils.treq(
+            method=b"POST", host="gateway", port=80, path=b"/v1/chat/completions",
+            headers=http.Headers(authorization=f"Bearer {secret}",
+                                 content_type="application/json"),
+            content=json.dumps({"model": "gpt-5-mini", "messages": [
+                {"role": "user", "content": "hi"}]}).encode()))
+        await addon.request(flow)
+        exchange = _EXCHANGES[flow]
+        answer = json.dumps({"id": "c", "object": "chat.completion", "model": "gpt-5-mini",
+                             "choices": [], "usage": {"prompt_tokens": 7,
+                                                      "completion_tokens": 3}}).encode()
+        flow.response = http.Response.make(200, answer,
+                                           {"content-type": "application/json"})
+        addon.responseheaders(flow)
+        assert callable(flow.response.stream)  # streamed through the tap, as mitmproxy does
+        flow.response.stream(answer)
+        flow.response.stream(b"")
+        addon.response(flow)
+        assert not exchange.settlement.finished
+        assert flow.comment.startswith("tollgate: forward")
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert exchange.settlement.finished
+        assert flow.comment.startswith("tollgate: 200 completed · 7 in / 3 out tokens")
+        await asyncio.sleep(0)
+        assert view.comments == [flow.comment]
