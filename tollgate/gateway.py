@@ -573,9 +573,11 @@ class Gateway:
                       limits: LimitSettlement | None = None,
                       released: list[str] | None = None,
                       exchange: Exchange | None = None) -> None:
-        # mitmproxy runs new tasks eagerly, up to their first await, and sends a stream's
-        # end some turns of its loop after the hook that ends the exchange: settled at once,
-        # the request (a SQLite state never awaits) would hold that end back.
+        # mitmproxy runs new tasks eagerly, up to their first await, and its host ends some
+        # exchanges before their reply is written (its fallback relay's, an error page):
+        # settled at once, the request (a SQLite state never awaits) would hold it back.
+        # (Settling its served responses at once, after their end was sent, measured 1% to
+        # 4% slower cold and 0.3 ms quicker for a request sent right after: not done.)
         if self.settle_after:
             await asyncio.sleep(self.settle_after)
         self._in_flight.pop(row.request_id, None)
