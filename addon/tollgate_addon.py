@@ -155,8 +155,10 @@ FRAMING = {"connection", "content-length", "transfer-encoding"}
 STREAM_BODIES_OVER = 1 << 20
 
 
-def _large(resp: http.Response) -> bool:
-    length = resp.headers.get("content-length", "")
+def _large(headers: Mapping[str, str]) -> bool:
+    """Over the size mitmproxy buffers, or of unknown length (`headers`: the provider's,
+    lower-cased)."""
+    length = headers.get("content-length", "")
     return not length.isdigit() or int(length) > STREAM_BODIES_OVER
 
 
@@ -729,10 +731,10 @@ class TollgateAddon:
         if exchange is None or flow.response is None or exchange.settlement.finished:
             return  # (finished: no provider answered a fallback plan; its failure is sent)
         resp = flow.response
-        _edit(resp.headers, header_rules.downstream_removals(resp.headers),
-              exchange.on_response_headers(resp.status_code,
-                                           lower_headers(resp.headers.items(multi=True))))
-        large = _large(resp)
+        provider = lower_headers(resp.headers.items(multi=True))  # read once
+        _edit(resp.headers, header_rules.downstream_removals(provider),
+              exchange.on_response_headers(resp.status_code, provider))
+        large = _large(provider)
         if exchange.is_sse or large or exchange.rewriter is None:
             # Stream through the tap: bytes go to the client as they arrive, and the answer
             # is settled after the client has it. Only a JSON answer the gateway rewrites
