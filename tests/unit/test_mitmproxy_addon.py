@@ -73,23 +73,29 @@ async def _loaded(config, *others: object) -> AsyncIterator:
             await addon.done()
 
 
-async def _relayed_flows(addon, secret: str, n: int, **headers: str) -> list:
-    """`n` chat completions the addon has decided and pointed at its fallback relay (with a
-    JSON content type unless `headers` say otherwise)."""
+def _chat_flow(secret: str, **headers: str):
+    """A chat completion to the gateway with the key `secret`, not yet decided (with a JSON
+    content type unless `headers` say otherwise; an empty value leaves a header out)."""
     import json
 
     from mitmproxy import http
     from mitmproxy.test import tflow, tutils
 
     headers = {"content_type": "application/json", **headers}
+    return tflow.tflow(req=tutils.treq(
+        method=b"POST", host="gateway", port=80, path=b"/v1/chat/completions",
+        headers=http.Headers(authorization=f"Bearer {secret}",
+                             **{k: v for k, v in headers.items() if v}),
+        content=json.dumps({"model": "gpt-5-mini", "messages": [
+            {"role": "user", "content": "hi"}]}).encode()))
+
+
+async def _relayed_flows(addon, secret: str, n: int, **headers: str) -> list:
+    """`n` chat completions the addon has decided and pointed at its fallback relay (with a
+    JSON content type unless `headers` say otherwise)."""
     flows = []
     for _ in range(n):
-        flow = tflow.tflow(req=tutils.treq(
-            method=b"POST", host="gateway", port=80, path=b"/v1/chat/completions",
-            headers=http.Headers(authorization=f"Bearer {secret}",
-                                 **{k: v for k, v in headers.items() if v}),
-            content=json.dumps({"model": "gpt-5-mini", "messages": [
-                {"role": "user", "content": "hi"}]}).encode()))
+        flow = _chat_flow(secret, **headers)
         await addon.request(flow)
         assert (flow.request.host, flow.request.port) == ("127.0.0.1", addon.plans.port)
         flows.append(flow)
@@ -344,7 +350,6 @@ async def test_a_response_is_settled_just_after_its_hook_not_in_it(tmp_path, mon
     import json
 
     from mitmproxy import http
-    from mitmproxy.test import tflow, tutils
 
     from addon.tollgate_addon import _EXCHANGES
     from tests.conftest import PROVIDER_ENV, make_config
@@ -358,12 +363,7 @@ async def test_a_response_is_settled_just_after_its_hook_not_in_it(tmp_path, mon
                                  "ORG:acme", "--format", "json", config=config).stdout)["secret"]
     view = _View()
     async with _loaded(config, view) as addon:
-        flow = tflow.tflow(req=tutils.treq(
-            method=b"POST", host="gateway", port=80, path=b"/v1/chat/completions",
-            headers=http.Headers(authorization=f"Bearer {secret}",
-                                 content_type="application/json"),
-            content=json.dumps({"model": "gpt-5-mini", "messages": [
-                {"role": "user", "content": "hi"}]}).encode()))
+        flow = _chat_flow(secret)
         await addon.request(flow)
         exchange = _EXCHANGES[flow]
         answer = json.dumps({"id": "c", "object": "chat.completion", "model": "gpt-5-mini",
