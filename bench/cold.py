@@ -156,11 +156,12 @@ class Transport:
 async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evictor,
                     stream: bool = False) -> dict[str, list[float]]:
     from bench.latency import BODY
+    from bench.quick import STREAM_BODY
     from extproc.decider import Decider
     from extproc.service import ExternalProcessor
     from tollgate.gateway import Gateway
 
-    body = json.dumps({**json.loads(BODY), "stream": True}).encode() if stream else BODY
+    body = STREAM_BODY if stream else BODY
     gateway = Gateway.from_path(str(config), watch=False)
     decider, transport = Decider(ExternalProcessor(gateway)), Transport()
     decider.connection_made(transport)  # type: ignore[arg-type]
