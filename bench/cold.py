@@ -61,10 +61,10 @@ ANSWER = json.dumps({
     "service_tier": "default"}).encode()
 
 
-def decide_request(secret: str, n: int, body: bytes) -> bytes:
+def decide_request(secret: str, body: bytes) -> bytes:
     """What the decide filter (extproc/decide.lua) sends for the OpenAI SDK's request: the
-    client's head as Envoy presents it (its own x-request-id added), in base64, and the
-    body."""
+    client's head as Envoy presents it, in base64 (but for its request id and the body's
+    length: the same for each request), and the body."""
     head = "\n".join([
         ":authority: 127.0.0.1:8080", ":path: /v1/chat/completions", ":method: POST",
         ":scheme: http", "accept: application/json", "content-type: application/json",
@@ -73,8 +73,7 @@ def decide_request(secret: str, n: int, body: bytes) -> bytes:
         "x-stainless-arch: x64", "x-stainless-runtime: CPython",
         "x-stainless-runtime-version: 3.13.0", "x-stainless-async: false",
         "x-stainless-retry-count: 0", "x-stainless-read-timeout: 600",
-        f"authorization: Bearer {secret}", f"content-length: {len(body)}",
-        "x-forwarded-proto: http", f"x-request-id: 5b0f9c1e-0000-4000-8000-{n:012d}"])
+        f"authorization: Bearer {secret}", "x-forwarded-proto: http"])
     encoded = base64.b64encode(head.encode()).decode()
     return (f"POST /decide HTTP/1.1\r\nhost: tollgate\r\nx-tollgate-body: whole\r\n"
             f"x-tollgate-head: {encoded}\r\ncontent-length: {len(body)}\r\n\r\n"
@@ -169,7 +168,7 @@ async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evicto
     clock = time.perf_counter
     try:
         for i in range(WARM_UP + n):
-            exchange = decide_request(secret, i, body)
+            exchange = decide_request(secret, body)
             if cold:
                 evict()
             began = clock()

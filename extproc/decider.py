@@ -10,6 +10,11 @@ grpcio, five messages); one keep-alive HTTP exchange costs a read and a write. T
                                        pseudo-headers included; base64>
     <the client's body>
 
+The client's head leaves out what differs on every request and the decision does not read:
+Envoy's request id (the gateway names its own), and the body's length unless the body is
+`unread` (a whole body's is its own). An app's requests then send the same head, which is
+decoded once (`ClientHeads`).
+
 `unread`: its content-length is over `gateway.max_body_bytes`, so Envoy did not read it and
 the request is refused from its headers. The answer is 200 with the decision in
 `x-tollgate-*` headers:
@@ -182,6 +187,30 @@ def client_request(head: str | None, body: bytes, kind: str
     return headers, body, None
 
 
+class ClientHeads:
+    """The client heads of whole-body decisions, decoded: an app sends the same head with
+    each request (its key, its SDK's headers), which is decoded once, not on every
+    request. Shared by the service's connections; the oldest goes past `MAX`."""
+
+    MAX = 256
+
+    def __init__(self) -> None:
+        self._decoded: dict[str, dict[str, str]] = {}
+
+    def read(self, head: str | None, body: bytes, kind: str
+             ) -> tuple[dict[str, str], bytes | None, int | None]:
+        """As `client_request`; the headers are a copy of their own for each request."""
+        if kind != "whole" or head is None:
+            return client_request(head, body, kind)
+        headers = self._decoded.get(head)
+        if headers is None:
+            headers = client_request(head, body, kind)[0]
+            if len(self._decoded) >= self.MAX:
+                del self._decoded[next(iter(self._decoded))]
+            self._decoded[head] = headers
+        return dict(headers), body, None
+
+
 NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
 # A body past this size is kept as its reads came and joined once it is whole: grown in the
 # buffer a read at a time, a 1 MiB body was copied several times over, and the memory it
@@ -195,8 +224,10 @@ class Decider(asyncio.Protocol):
     `data_received` with no task, and a decision costs one task, started eagerly, not a
     reader's coroutines per read."""
 
-    def __init__(self, processor: ExternalProcessor) -> None:
+    def __init__(self, processor: ExternalProcessor, heads: ClientHeads | None = None
+                 ) -> None:
         self.processor = processor
+        self.heads = heads if heads is not None else ClientHeads()
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         # A large body under way: its request's head, its bytes as they came (joined once,
@@ -276,8 +307,8 @@ class Decider(asyncio.Protocol):
                 self.transport.writelines(answer(self._attempt(head)))
                 return True
             kind = head.fields.get(BODY_HEADER, "whole")
-            headers, body, declared = client_request(head.fields.get(HEAD_HEADER), payload,
-                                                     kind)
+            headers, body, declared = self.heads.read(head.fields.get(HEAD_HEADER), payload,
+                                                      kind)
         except (BadRequest, ValueError) as e:
             self._refuse(e)
             return False
@@ -357,9 +388,10 @@ async def start_decider(processor: ExternalProcessor, where: Listener) -> asynci
     a Unix socket created 0600 in a 0700 directory, or TCP with mutual TLS (or in the clear
     when asked for by name)."""
     loop = asyncio.get_running_loop()
+    heads = ClientHeads()
 
     def protocol() -> Decider:
-        return Decider(processor)
+        return Decider(processor, heads)
 
     if where.is_unix:
         with private_socket(where) as path:

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import socketserver
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -423,3 +424,69 @@ def _try(fn):
         return fn()
     except httpx.HTTPError as e:
         return e
+
+
+class _Recorder(socketserver.StreamRequestHandler):
+    """A decision service that records what the decide filter asks and answers each
+    request itself (418), on one keep-alive connection after another."""
+
+    asked: list[dict[str, str]]
+
+    def handle(self) -> None:
+        while line := self.rfile.readline():
+            fields = {}
+            while (line := self.rfile.readline().rstrip(b"\r\n")):
+                name, _, value = line.decode().partition(":")
+                fields[name.lower()] = value.strip()
+            self.rfile.read(int(fields.get("content-length", "0")))
+            self.asked.append(fields)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nx-tollgate-reply: 418\r\n"
+                             b"x-tollgate-meta-answered: 1\r\ncontent-length: 0\r\n\r\n")
+
+
+def test_the_decide_filter_sends_an_apps_requests_the_same_head(config, tmp_path):
+    """What differs on every request and the decision does not read stays out of the
+    client's head the decide filter sends (Envoy's request id; a whole body's length), so
+    an app's requests send the same head, which the decision service decodes once. A body
+    left unread is refused by its length, which its head keeps."""
+    import threading
+
+    listen = free_port()
+    sock = tmp_path / "decide.sock"
+    asked: list[dict[str, str]] = []
+    server = socketserver.ThreadingUnixStreamServer(
+        str(sock), type("Recording", (_Recorder,), {"asked": asked}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bootstrap = tmp_path / "envoy.yaml"
+    bootstrap.write_text(tollgate(
+        "envoy", "render", "--listen", f"127.0.0.1:{listen}", "--envoy-admin",
+        f"127.0.0.1:{free_port()}", "--decider", f"unix:{sock}", config=config).stdout)
+    log = open(tmp_path / "envoy.log", "wb")  # noqa: SIM115
+    envoy = subprocess.Popen([envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
+                              "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{listen}/v1/chat/completions"
+    headers = {"authorization": "Bearer tg-app", "x-request-id": "the-apps-own"}
+    try:
+        wait_until(lambda: httpx.post(url, json=CHAT, headers=headers).status_code == 418,
+                   timeout=20, what="envoy")
+        asked.clear()
+        for words in ("hi", "a longer question " * 20):
+            answered = httpx.post(url, headers=headers, json={
+                **CHAT, "messages": [{"role": "user", "content": words}]})
+            assert answered.status_code == 418
+        huge = httpx.post(url, headers=headers, content=b"x" * (8 * 1024 * 1024 + 1))
+        assert huge.status_code == 418
+    finally:
+        envoy.terminate()
+        envoy.wait(10)
+        log.close()
+        server.shutdown()
+        server.server_close()
+    heads = [base64.b64decode(a["x-tollgate-head"]).decode().split("\n") for a in asked]
+    assert [a["x-tollgate-body"] for a in asked] == ["whole", "whole", "unread"]
+    assert asked[0]["x-tollgate-head"] == asked[1]["x-tollgate-head"]
+    names = [line.partition(": ")[0] for line in heads[0]]
+    assert {":method", ":path", "authorization", "x-client-request-id"} <= set(names)
+    assert "x-request-id" not in names and "content-length" not in names
+    assert "content-length: 8388609" in heads[2]
+    assert not any(line.startswith("x-request-id:") for line in heads[2])

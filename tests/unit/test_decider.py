@@ -8,7 +8,15 @@ import base64
 
 import pytest
 
-from extproc.decider import BadRequest, Decider, answer, client_request, response_head
+from extproc import decider as decider_module
+from extproc.decider import (
+    BadRequest,
+    ClientHeads,
+    Decider,
+    answer,
+    client_request,
+    response_head,
+)
 from extproc.service import Forwarding
 from tollgate.request import Reply
 
@@ -33,6 +41,26 @@ def test_the_clients_head_and_body_are_read_as_envoy_lists_them():
         {":method": "GET"}, None, None)
     _, body, declared = client_request(_b64(b"content-length: 99"), b"", "unread")
     assert (body, declared) == (None, 99)
+
+
+def test_an_apps_repeated_head_is_decoded_once_and_each_request_has_its_own(monkeypatch):
+    heads, decoded = ClientHeads(), []
+    monkeypatch.setattr(decider_module, "client_request", lambda *a: decoded.append(a) or
+                        client_request(*a))
+    head = _b64(b":method: POST\nauthorization: Bearer tg-1")
+    first = heads.read(head, b"{}", "whole")[0]
+    first["x-added"] = "by one request"
+    again = heads.read(head, b"[]", "whole")
+    assert again == ({":method": "POST", "authorization": "Bearer tg-1"}, b"[]", None)
+    assert len(decoded) == 1
+    # Other kinds are read as they come; so is a head past the kept ones.
+    assert heads.read(_b64(b"content-length: 99"), b"", "unread")[2] == 99
+    for n in range(ClientHeads.MAX):
+        heads.read(_b64(b"x-n: %d" % n), b"", "whole")
+    heads.read(head, b"", "whole")
+    assert len(decoded) == 3 + ClientHeads.MAX
+    with pytest.raises(BadRequest):  # a bad head is refused each time, never kept
+        heads.read("*", b"", "whole")
 
 
 @pytest.mark.parametrize(("head", "kind"), [
