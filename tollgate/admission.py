@@ -159,20 +159,19 @@ class Admission:
 
     def again(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
               route: routes.Route, req: Request, attempt: Attempt,
-              price: ModelPrice | None, lineage: Lineage, terms: WorstTerms, row: LedgerRow
-              ) -> Billing | None:
+              price: ModelPrice | None, lineage: Lineage, terms: WorstTerms, row: LedgerRow,
+              now: datetime) -> Billing | None:
         """The admission of a request decided from a precedent (precedent.py): one attempt,
         nothing it cannot see. Its worst case is priced for its own length and held in its
         budgets and rate limits, as `admit` holds it, in one transaction with its
         written-ahead `row`, made at once (`Store.reserve_now`); None, with nothing taken,
         when the store cannot make it at once or does not grant it: `admit` then decides
         the request (a lower cap, a refusal, a wait for the store). `price`, `lineage` and
-        the worst case's `terms`: the precedent's."""
+        the worst case's `terms`: the precedent's; `now`: when it was decided."""
         worst, tokens = dearest(route, [terms], worst_input(req))
         amount = worst.micros if worst else 0
         billing = Billing(price=price, lineage=lineage,
                           estimated_input_tokens=estimated_input(req))
-        now = datetime.now(UTC)
         holds, limits = _applying(loaded, key, billing, attempt, amount,
                                   loaded.derived.key_limits(key, now), now)
         granted = self._store().reserve_now(request_id, holds, amount, limits, tokens, row)

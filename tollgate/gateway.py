@@ -51,7 +51,14 @@ from tollgate.keys import (
     usable,
 )
 from tollgate.ledger import LedgerRow
-from tollgate.precedent import Precedent, Precedents, Replayed, can_be_one, written_ahead
+from tollgate.precedent import (
+    VARYING,
+    Precedent,
+    Precedents,
+    Replayed,
+    can_be_one,
+    written_ahead,
+)
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
 from tollgate.store import LimitSettlement, Store, StoreUnavailable, open_store
@@ -312,13 +319,12 @@ class Gateway:
         once or does not grant): `handle` decides it then."""
         if not self.keeps_precedents:
             return None
-        started, loaded = time.monotonic(), self.holder.current
+        started, loaded, now = time.monotonic(), self.holder.current, datetime.now(UTC)
         try:
-            key = authenticate(self._keys(loaded), req.headers)
+            key = authenticate(self._keys(loaded), req.headers, now)
             if not self._precedents.candidates(loaded, key, req):
                 return None
             trace = telemetry.start(req.method, req.path, req.headers)
-            check_header_values(req.headers)
             if req.body_size > loaded.config.gateway.max_body_bytes:
                 return None
             route = routes.match(req.path)
@@ -327,6 +333,8 @@ class Gateway:
             found = self._precedents.find(loaded, key, req, body.doc)
             if found is None or host not in found.hosts:
                 return None
+            # The other headers are the precedent's, whose values passed this check.
+            check_header_values(req.headers, only=VARYING)
             # The provider's credential as it is now (a key file rotates, a token expires).
             credential, _ = found.attempt.adapter.auth(dict(req.headers))
         except GatewayError:
@@ -335,9 +343,9 @@ class Gateway:
         attempt.set_headers = {**attempt.set_headers, **credential,
                                "traceparent": trace.traceparent}
         self._set_body(attempt, route, body, req.body)
-        row = written_ahead(found, trace.request_id, estimated_input(req), started)
+        row = written_ahead(found, trace.request_id, estimated_input(req), started, now)
         billing = self.admission.again(loaded, trace.request_id, key, route, req, attempt,
-                                       found.price, found.lineage, found.terms, row)
+                                       found.price, found.lineage, found.terms, row, now)
         if billing is None:
             return None
         replayed = Replayed(found, trace, key, body, attempt, billing, started)

@@ -22,12 +22,13 @@ a response the gateway reshapes, a request signed over (Bedrock's SigV4).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+from pydantic_core import PydanticSerializationError, to_json
 
 from tollgate import body as bodies
 from tollgate import policy, routing, telemetry
@@ -55,7 +56,7 @@ MESSAGES = {"chat_completions": "messages", "messages": "messages"}
 _PLAIN = frozenset({"role", "content", "name"})
 MAX_PER_KEY = 4  # precedents kept for each (key, method, path): the newest
 MAX_PLACES = 256  # (key, method, path) kept, per loaded config: the newest
-MAX_REST = 16 * 1024  # characters of JSON: a body with more options is decided in full
+MAX_REST = 16 * 1024  # bytes of JSON: a body with more options is decided in full
 
 
 def head_of(headers: Mapping[str, str]) -> frozenset[tuple[str, str]]:
@@ -71,14 +72,18 @@ def plain_messages(messages: Any) -> bool:
         and type(m.get("role")) is str for m in messages)
 
 
-def rest_of(route: Route, doc: dict[str, Any]) -> str | None:
+def rest_of(route: Route, doc: dict[str, Any]) -> bytes | None:
     """The body but its messages, when they are plain text (None: they are not, or the
-    route is not decided from precedents), as JSON: compared as text, `true` is not `1`
-    and `1` is not `1.0`, which a decision tells apart."""
+    route is not decided from precedents), as JSON: compared as text, `true` is not `1`,
+    `1` is not `1.0` and `NaN` is not `null`, which a decision tells apart. (What JSON
+    cannot hold, a lone surrogate, is not compared: None.)"""
     field = MESSAGES.get(route.name)
     if field is None or not plain_messages(doc.get(field)):
         return None
-    return json.dumps({k: v for k, v in doc.items() if k != field})
+    try:
+        return to_json({k: v for k, v in doc.items() if k != field}, inf_nan_mode="constants")
+    except PydanticSerializationError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ class Precedent:
     method: str
     path: str  # and query, as the client sent them
     head: frozenset[tuple[str, str]]
-    rest: str
+    rest: bytes
     # The decision: its one attempt (its body aside: each request's own is made anew), the
     # price and the place in the org tree it is billed at, and the exchange's options.
     attempt: Attempt
@@ -108,7 +113,7 @@ class Precedent:
     hosts: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def of(cls, loaded: LoadedConfig, req: Request, doc: dict[str, Any], rest: str,
+    def of(cls, loaded: LoadedConfig, req: Request, doc: dict[str, Any], rest: bytes,
            exchange: Exchange) -> Precedent:
         attempt = exchange.cursor.attempts[0].copy()
         attempt.body, attempt.set_headers = None, dict(attempt.set_headers)
@@ -136,7 +141,7 @@ class Replayed:
 
 
 def written_ahead(precedent: Precedent, request_id: str, estimated_input_tokens: int,
-                  started: float) -> LedgerRow:
+                  started: float, now: datetime) -> LedgerRow:
     """The row of a request decided from `precedent`, as `Settlement.written_ahead` writes
     a request's before any response: charged its input estimate. A copy of the precedent's,
     its own values set (the fields a name could put text that is not ASCII in are the
@@ -144,7 +149,7 @@ def written_ahead(precedent: Precedent, request_id: str, estimated_input_tokens:
     never kept where a shadow control is at work)."""
     tokens = estimated_input_tokens if precedent.route.metered else 0
     row = precedent.row.copy()
-    row.request_id, row.ts = request_id, datetime.now(UTC).isoformat()
+    row.request_id, row.ts = request_id, now.isoformat()
     row.input_tokens = tokens
     row.cost_micros, row.tier = input_priced(tokens, precedent.price) \
         if precedent.price is not None else (0, None)
@@ -153,7 +158,7 @@ def written_ahead(precedent: Precedent, request_id: str, estimated_input_tokens:
 
 
 def can_be_one(loaded: LoadedConfig, req: Request, body: bodies.ParsedBody,
-               exchange: Exchange, shadowed: bool) -> str | None:
+               exchange: Exchange, shadowed: bool) -> bytes | None:
     """The body's part a precedent compares (see `rest_of`), when this forwarded decision can
     be one (see the module's docstring); None when it cannot. `shadowed`: a shadow control
     counted something on it."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +27,18 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 MAX_HEADER_BYTES = 64 * 1024  # Envoy's listener is rendered with the same cap
 
 
-def check_header_values(headers: Mapping[str, str]) -> None:
+def check_header_values(headers: Mapping[str, str],
+                        only: Collection[str] | None = None) -> None:
     """Refuse control characters in header values (CR, LF, NUL...) and oversized headers:
-    what a proxy let through must not be handed on to a provider."""
+    what a proxy let through must not be handed on to a provider. `only`: the headers whose
+    values are looked at (the others' passed before)."""
     size = sum(len(k) + len(v) + 4 for k, v in headers.items())
     if size > MAX_HEADER_BYTES:
         raise GatewayError("invalid_request", f"Request headers are {size} bytes; this "
                            f"gateway accepts at most {MAX_HEADER_BYTES}.")
-    for name, value in headers.items():
+    looked_at = headers.items() if only is None else \
+        [(name, headers[name]) for name in only if name in headers]
+    for name, value in looked_at:
         if _CONTROL.search(value):
             raise GatewayError("invalid_request", f"Header {name!r} holds a control "
                                "character; nothing was forwarded.")

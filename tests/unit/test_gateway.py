@@ -17,6 +17,7 @@ from tollgate import budgets as budget_rules
 from tollgate.cli.main import cli
 from tollgate.config.load import load_config
 from tollgate.config.watch import ConfigHolder
+from tollgate.errors import GatewayError
 from tollgate.gateway import Gateway
 from tollgate.request import Forward, Reply, Request
 from tollgate.store.redis import RedisStore
@@ -765,3 +766,18 @@ async def test_a_refusal_says_what_the_request_could_cost_and_what_cap_fits(setu
         **CHAT, "model": "gpt-5", "max_completion_tokens": fits}, secret))
     assert isinstance(served, Forward)
     served.exchange.finish("completed")
+
+
+def test_header_values_are_checked_for_control_characters_and_size():
+    from tollgate.request import MAX_HEADER_BYTES, check_header_values
+
+    check_header_values({"a": "fine", "b": "x\ty"})  # a tab is a header value's
+    for bad in ({"a": "x\ry"}, {"a": "fine", "b": "\x00"}):
+        with pytest.raises(GatewayError, match="control character"):
+            check_header_values(bad)
+    # `only`: the values looked at; the size is every header's.
+    check_header_values({"a": "x\ny", "b": "fine"}, only=["b", "c"])
+    with pytest.raises(GatewayError, match="control character"):
+        check_header_values({"a": "fine", "b": "x\ny"}, only=["b"])
+    with pytest.raises(GatewayError, match="bytes"):
+        check_header_values({"a": "x" * MAX_HEADER_BYTES, "b": "fine"}, only=["b"])

@@ -278,6 +278,18 @@ async def test_a_request_unlike_its_precedent_is_decided_in_full(gateways, chang
     assert now(proc, "/v1/chat/completions", body, secret) is not None
 
 
+async def test_not_a_number_is_not_null_and_text_json_cannot_hold_is_not_compared(gateways):
+    secret, gw, _ = gateways
+    proc, path = ExternalProcessor(gw), "/v1/chat/completions"
+    await full(proc, path, {**CHAT, "temperature": None}, secret)
+    assert now(proc, path, {**CHAT, "temperature": float("nan")}, secret) is None
+    assert now(proc, path, {**CHAT, "temperature": None}, secret) is not None
+    # A lone surrogate (escaped in the body) is decided in full, each time.
+    odd = {**CHAT, "user": "\ud800"}
+    assert (await full(proc, path, odd, secret)).metadata["request_id"]
+    assert now(proc, path, odd, secret) is None
+
+
 async def test_other_headers_or_a_continued_trace_are_decided_in_full(gateways):
     secret, gw, _ = gateways
     proc = ExternalProcessor(gw)
@@ -297,6 +309,22 @@ async def test_other_headers_or_a_continued_trace_are_decided_in_full(gateways):
     assert replayed.set_headers["x-request-id"] == replayed.metadata["request_id"]
     await full(proc, path, CHAT, secret, x_request_id="proxy-1")
     assert now(proc, path, CHAT, secret, x_request_id="proxy-2") is not None
+
+
+async def test_a_header_value_its_precedent_did_not_have_is_checked_as_in_full(gateways):
+    """Headers whose values differ on every request (the key's, the proxy's request id)
+    are checked for control characters on each; the full decision refuses such a one."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    path = "/v1/chat/completions"
+    await full(proc, path, CHAT, secret, x_api_key="other", x_request_id="proxy-1")
+    assert now(proc, path, CHAT, secret, x_api_key="other", x_request_id="proxy-2") \
+        is not None
+    for bad in ({"x_api_key": "oth\x01er", "x_request_id": "proxy-3"},
+                {"x_api_key": "other", "x_request_id": "proxy\n4"}):
+        assert now(proc, path, CHAT, secret, **bad) is None
+        refused = await proc.decide(headers_of(path, secret, **bad), json.dumps(CHAT).encode())
+        assert isinstance(refused, Reply) and refused.status == 400, refused
 
 
 async def test_a_request_its_budget_cannot_hold_is_refused_in_full_with_nothing_taken(
