@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -209,19 +208,25 @@ def test_shadow_decisions_are_on_the_span(receiver):
 
 
 def test_a_request_id_is_req_and_a_ulid_of_its_millisecond(monkeypatch):
-    # The encoding is python-ulid's, bit for bit (its extremes too).
-    for value in (0, 1, 2**128 - 1, *(random.getrandbits(128) for _ in range(500))):
-        assert telemetry.ulid(value) == str(ULID.from_int(value))
-    monkeypatch.setattr(telemetry.time, "time_ns", lambda: 1_796_451_630_123_456_789)
-    monkeypatch.setattr(telemetry.os, "urandom", lambda n: bytes(i % 251 for i in range(n)))
+    # The encoding is python-ulid's, bit for bit (read back by it below).
+    assert len({telemetry.new_request_id() for _ in range(2000)}) == 2000
+    clock, real = [1_796_451_630_123_456_789, 1_796_451_630_123_999_999,
+                   1_796_451_630_124_000_000], telemetry.time.time_ns
+    monkeypatch.setattr(telemetry.time, "time_ns", lambda: clock.pop(0) if clock else real())
+    # Random bytes whose low five bits count up (and the top three vary).
+    monkeypatch.setattr(telemetry.os, "urandom", lambda n: bytes((i * 37) % 256
+                                                                 for i in range(n)))
     monkeypatch.setattr(telemetry, "_entropy", telemetry.Entropy())
-    rid, following = telemetry.new_request_id(), telemetry.new_request_id()
-    assert rid.startswith("req_")
-    parsed = ULID.from_str(rid.removeprefix("req_"))
-    assert parsed.milliseconds == 1_796_451_630_123
-    # The system's random bytes, each used once, in turn.
-    assert parsed.bytes[6:] == bytes(range(10))
-    assert ULID.from_str(following.removeprefix("req_")).bytes[6:] == bytes(range(10, 20))
+    ids = [ULID.from_str(telemetry.new_request_id().removeprefix("req_")) for _ in range(3)]
+    assert [u.milliseconds for u in ids] == [1_796_451_630_123] * 2 + [1_796_451_630_124]
+    # The system's random bytes, each used once, in turn: five bits of each.
+    fives = [(i * 37) % 256 & 31 for i in range(48)]
+    for n, u in enumerate(ids):
+        assert int.from_bytes(u.bytes[6:]) == sum(
+            v << 5 * (15 - j) for j, v in enumerate(fives[16 * n:16 * (n + 1)]))
+    for ms in (0, 2**48 - 1):  # a ULID's first and last millisecond
+        clock.append(ms * 1_000_000)
+        assert ULID.from_str(telemetry.new_request_id()[4:]).milliseconds == ms
     assert telemetry.start("GET", "/v1/models", {}).request_id.startswith("req_")
 
 
