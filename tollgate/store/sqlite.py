@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import fcntl
 import json
+import operator
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -82,6 +83,9 @@ CREATE TABLE IF NOT EXISTS holds (
 ) WITHOUT ROWID;
 """
 _COLUMNS = [c for c in LedgerRow.__dataclass_fields__]
+_INSERT_ROW = (f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) "
+               f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+_VALUES = operator.attrgetter(*_COLUMNS)  # a row's, in the ledger's column order
 # The serving locks this process holds, by state file (see `SQLiteStore.serves_alone`).
 _SERVING: dict[str, IO[bytes]] = {}
 
@@ -172,10 +176,7 @@ class SQLiteStore(Store):
                 if holder_alive(pid, started):
                     continue  # another gateway on this file is serving it
                 doc = json.loads(row)
-                inserted = self.db.execute(
-                    f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) VALUES "
-                    f"({', '.join('?' for _ in _COLUMNS)})", [doc.get(c) for c in _COLUMNS]
-                ).rowcount
+                inserted = self.db.execute(_INSERT_ROW, [doc.get(c) for c in _COLUMNS]).rowcount
                 if inserted and doc.get("cost_micros"):
                     self.db.execute(
                         "UPDATE budget_counters SET spent = spent + ? WHERE counter IN "
@@ -447,10 +448,7 @@ class SQLiteStore(Store):
 
     def _insert_row(self, row: LedgerRow) -> bool:
         """Whether the row went in (False: its request id has one already)."""
-        doc = row.to_dict()
-        return bool(self.db.execute(
-            f"INSERT OR IGNORE INTO ledger ({', '.join(_COLUMNS)}) "
-            f"VALUES ({', '.join('?' for _ in _COLUMNS)})", [doc[c] for c in _COLUMNS]).rowcount)
+        return bool(self.db.execute(_INSERT_ROW, _VALUES(row)).rowcount)
 
     async def counters(self, holds: list[Hold]) -> list[Counter]:
         return [self._counter(h.counter) for h in holds]
