@@ -4,7 +4,7 @@ process, with no Envoy, figures that repeat within a few percent, to weigh a cha
 request's path in seconds (bench.quick's move 5% or more with the machine's mood).
 
     python -m bench.cold [--requests 100] [--rounds 6] [--against REV] [--functions]
-                         [--stream]
+                         [--function MODULE:QUALNAME ...] [--stream]
 
 Each request goes through the decision service as Envoy's filters send it, byte for byte
 (extproc.decider's exchange, the OpenAI SDK's headers, the governed profile: a key with a
@@ -26,10 +26,14 @@ REV's code (a git worktree, reading its own price table) in alternation with thi
 checkout's, round by round, each first in every other round, and prints the ratios (round
 by round: a burst of other work on the machine moves both codes' figures alike);
 `--functions` prints, for this checkout, the cold time of each function a request runs
-through (bench.timed's list, timed by sys.monitoring as bench.stages does).
+through (bench.timed's list, timed by sys.monitoring as bench.stages does); `--function
+module:Class.name` (again for more) adds one to the list, a property's getter too. Under
+the table, each step's ratios round by round give their spread, which says how far to trust
+a ratio: a change of 3% is not read from a run whose rounds spread 0.90 to 1.08.
 
-Internally, `python bench/cold.py --serve CODE CONFIG SECRET N [--functions]` is one
-round: it measures CODE's decision service (imported from that directory) and prints JSON.
+Internally, `python bench/cold.py --serve CODE CONFIG SECRET N [--functions] [--function
+NAME ...]` is one round: it measures CODE's decision service (imported from that
+directory) and prints JSON.
 """
 
 from __future__ import annotations
@@ -195,18 +199,19 @@ async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evicto
     return times
 
 
-def serve(code: Path, config: Path, secret: str, n: int, functions: bool, stream: bool
-          ) -> dict[str, Any]:
-    """One round of CODE's decision service: cold, then warm (a fresh gateway each)."""
+def serve(code: Path, config: Path, secret: str, n: int, functions: list[str] | None,
+          stream: bool) -> dict[str, Any]:
+    """One round of CODE's decision service: cold, then warm (a fresh gateway each);
+    `functions`: time bench.timed's list and these too (None: time nothing)."""
     sys.path.insert(0, str(code))
     from extproc import eventloop
     from tollgate import metrics
 
     timer = None
-    if functions:
+    if functions is not None:
         from bench.timed import FUNCTIONS, Timer, resolve
 
-        timer = Timer(resolve(name) for name in FUNCTIONS)
+        timer = Timer(resolve(name) for name in [*FUNCTIONS, *functions])
         timer.install()
     evict = Evictor()
     out: dict[str, Any] = {
@@ -239,23 +244,30 @@ def table(label: str, rounds: dict[str, list[dict[str, Any]]]) -> list[str]:
     head = "".join(f"{n[:9]:>10}" for n in names) + ("   ratio" if len(names) > 1 else "")
     lines = [label, "", f"{'':<8}{'cold':^{width}}  {'warm':^{width}}",
              f"{'step':<8}{head}  {head}", "-" * (8 + 2 * width + 2)]
+    spread: dict[str, list[str]] = {"cold": [], "warm": []}
     for step in (*STEPS, "total"):
         cells = []
         for mode in ("cold", "warm"):
             figures = [per_round[n][mode][step] for n in names]
             cell = "".join(f"{statistics.median(f):>10.1f}" for f in figures)
             if len(figures) > 1:
-                ratio = statistics.median(a / b for a, b in zip(*figures[:2], strict=False))
-                cell += f"{ratio:>7.2f}x"
+                ratios = [a / b for a, b in zip(*figures[:2], strict=False)]
+                cell += f"{statistics.median(ratios):>7.2f}x"
+                spread[mode].append(f"{step} {min(ratios):.2f} to {max(ratios):.2f}")
             cells.append(cell)
         lines.append(f"{step:<8}" + "  ".join(cells))
+    if len(names) > 1:
+        lines += ["", "ratios round by round, lowest to highest:",
+                  *(f"  {mode}: {', '.join(steps)}" for mode, steps in spread.items())]
     return lines
 
 
-def _round(code: Path, config: Path, secret: str, n: int, functions: bool = False,
-           stream: bool = False) -> dict[str, Any]:
+def _round(code: Path, config: Path, secret: str, n: int,
+           functions: list[str] | None = None, stream: bool = False) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--serve", str(code),
-               str(config), secret, str(n), *(["--functions"] if functions else []),
+               str(config), secret, str(n),
+               *(["--functions"] if functions is not None else []),
+               *(f"--function={name}" for name in functions or []),
                *(["--stream"] if stream else [])]
     done = subprocess.run(command, capture_output=True, text=True, cwd=code, timeout=600)
     if done.returncode != 0:
@@ -276,6 +288,8 @@ def main() -> int:
     parser.add_argument("--against", metavar="REV", help="a commit to measure beside")
     parser.add_argument("--functions", action="store_true",
                         help="this checkout's cold time by function")
+    parser.add_argument("--function", action="append", default=[], metavar="NAME",
+                        help="module:Class.name to time as well (implies --functions)")
     parser.add_argument("--stream", action="store_true",
                         help="the OpenAI SDK's default stream instead of a JSON answer")
     parser.add_argument("--serve", nargs=4, metavar=("CODE", "CONFIG", "SECRET", "N"),
@@ -283,7 +297,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.serve:
         code, config, secret, n = args.serve
-        print(json.dumps(serve(Path(code), Path(config), secret, int(n), args.functions,
+        timed = args.function if args.functions or args.function else None
+        print(json.dumps(serve(Path(code), Path(config), secret, int(n), timed,
                                args.stream)))
         return 0
 
@@ -316,8 +331,9 @@ def main() -> int:
                 rounds[name].append(_round(code, cfg, secret, args.requests,
                                            stream=args.stream))
             order.reverse()  # and neither always goes first
-        functions = _round(ROOT, codes["now"][1], secret, args.requests, functions=True,
-                           stream=args.stream) if args.functions else None
+        functions = _round(ROOT, codes["now"][1], secret, args.requests,
+                           functions=args.function, stream=args.stream) \
+            if args.functions or args.function else None
     print()
     print("\n".join(table(
         f"{args.requests} requests decided from a precedent "

@@ -14,6 +14,7 @@ imported, and this process must keep the environment it was given.)
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib
 import json
 import sys
@@ -25,7 +26,7 @@ from typing import Any
 
 # What a request decided from a precedent runs through on the Envoy host, in that order.
 FUNCTIONS = [
-    "extproc.decider:_head", "extproc.decider:client_request",
+    "extproc.decider:_head", "extproc.decider:ClientHeads.read",
     "extproc.service:ExternalProcessor.decide_now", "extproc.service:ExternalProcessor._request",
     "tollgate.gateway:Gateway.decide_like", "tollgate.keys:authenticate",
     "tollgate.telemetry:start", "tollgate.request:check_header_values", "tollgate.body:parse",
@@ -44,11 +45,16 @@ FUNCTIONS = [
 
 def resolve(name: str) -> tuple[CodeType, str]:
     """`module:qualified.name` -> the function's code object, and its name as printed: a
-    method's qualified name, a function's with its module's (`telemetry.start`)."""
+    method's qualified name, a function's with its module's (`telemetry.start`). A
+    property or a cached property is timed as its getter."""
     module, _, qualified = name.partition(":")
     found: Any = importlib.import_module(module)
     for part in qualified.split("."):
         found = getattr(found, part)
+    if isinstance(found, property):
+        found = found.fget
+    elif isinstance(found, functools.cached_property):
+        found = found.func
     label = qualified if "." in qualified else f"{module.rsplit('.', 1)[-1]}.{qualified}"
     return found.__code__, label
 

@@ -93,9 +93,18 @@ def test_the_table_gives_each_codes_median_round_and_their_ratio_round_by_round(
                             "abc1234": [run(200), run(220), run(440)]})
     assert lines[0] == "label" and lines[3].split() == ["step", "now", "abc1234", "ratio",
                                                         "now", "abc1234", "ratio"]
-    rows = {line.split()[0]: line.split()[1:] for line in lines[5:]}
+    rows = {line.split()[0]: line.split()[1:] for line in lines[5:9]}
     assert rows["decide"] == ["110.0", "220.0", "0.50x"] * 2
     assert rows["total"] == ["330.0", "660.0", "0.50x"] * 2
+    assert lines[9:] == ["", "ratios round by round, lowest to highest:",
+                         "  cold: decide 0.50 to 0.50, meter 0.50 to 0.50, settle 0.50 to "
+                         "0.50, total 0.50 to 0.50", "  warm: decide 0.50 to 0.50, meter 0.50 "
+                         "to 0.50, settle 0.50 to 0.50, total 0.50 to 0.50"]
+    # Rounds that disagree show it: the median says 0.50x, the spread says how sure.
+    lines = table("label", {"now": [run(100), run(100), run(100)],
+                            "abc1234": [run(200), run(250), run(125)]})
+    assert "  cold: decide 0.40 to 0.80," in "\n".join(lines)
+    assert table("one", {"now": [run(100)]})[-1].startswith("total")
 
 
 def test_a_round_decides_every_request_but_the_first_from_its_precedent(tmp_path):
@@ -113,3 +122,23 @@ def test_a_round_decides_every_request_but_the_first_from_its_precedent(tmp_path
                                                1))
     with pytest.raises(RuntimeError, match="0 of 44 requests were decided from a precedent"):
         _round(ROOT, full, secret, 3)
+
+
+def test_functions_named_on_the_command_line_are_timed_too(tmp_path):
+    """`--function` adds to bench.timed's list, a property's getter and a cached
+    property's function as well."""
+    from bench.timed import resolve
+    from tollgate.telemetry import RequestTrace
+
+    assert resolve("tollgate.telemetry:RequestTrace.traceparent") == (
+        RequestTrace.traceparent.fget.__code__, "RequestTrace.traceparent")
+    assert resolve("tollgate.telemetry:RequestTrace.trace_id")[0] is \
+        RequestTrace.__dict__["trace_id"].func.__code__
+    config = make_config(tmp_path, _Url("http://127.0.0.1:9"), _Url("http://127.0.0.1:9"))
+    result = _round(ROOT, config, governed(config), 3,
+                    functions=["tollgate.keys:KeyIndex.find",
+                               "tollgate.telemetry:RequestTrace.traceparent"])
+    timed = result["functions"]
+    assert "decide_now" in " ".join(timed) and len(timed["KeyIndex.find"]) >= 3
+    assert all(0 < t < 1 for t in timed["RequestTrace.traceparent"])
+    assert len(timed["RequestTrace.traceparent"]) >= 3
