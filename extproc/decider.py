@@ -190,7 +190,9 @@ def client_request(head: str | None, body: bytes, kind: str
 class ClientHeads:
     """The client heads of whole-body decisions, decoded: an app sends the same head with
     each request (its key, its SDK's headers), which is decoded once, not on every
-    request. Shared by the service's connections; the oldest goes past `MAX`."""
+    request. Shared by the service's connections; the oldest goes past `MAX`. (A head
+    holds the key its client presented: kept in this process's memory, as while a request
+    is decided, and never written anywhere; the key is still checked on every request.)"""
 
     MAX = 256
 
