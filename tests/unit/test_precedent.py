@@ -365,19 +365,24 @@ def state(config_dir: Path) -> list[list[tuple[Any, ...]]]:
 @pytest.mark.parametrize("fixture", ["gateways", "unbounded"])
 async def test_a_store_that_cannot_reserve_at_once_leaves_the_request_to_the_full_decision(
         fixture, config_dir, request):
-    """Another process holding the state's write lock: nothing is taken, nothing written,
-    nothing waits; with or without budgets to hold."""
+    """Another gateway process serving from the file and holding its write lock: nothing
+    is taken, nothing written, nothing waits; with or without budgets to hold. (With no
+    other gateway on the file, the reservation is granted before it is written: see
+    test_ahead.)"""
+    from tests.unit.test_ahead import another_gateway
+
     secret, gw, _ = request.getfixturevalue(fixture)
     proc = ExternalProcessor(gw)
     await full(proc, "/v1/chat/completions", CHAT, secret)
     before = state(config_dir)
-    other = sqlite3.connect(config_dir / ".tollgate" / "state.db", isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    try:
-        assert now(proc, "/v1/chat/completions", CHAT, secret) is None
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
+    with another_gateway(config_dir / ".tollgate" / "state.db"):
+        other = sqlite3.connect(config_dir / ".tollgate" / "state.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            assert now(proc, "/v1/chat/completions", CHAT, secret) is None
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
     assert state(config_dir) == before
     assert len(gw._in_flight) == 1  # the first request's alone
     assert now(proc, "/v1/chat/completions", CHAT, secret) is not None

@@ -5,10 +5,13 @@ requests settle, so a restart keeps them and `rate-limits status` can read them.
 
 Each call is one short transaction on the event loop's thread; `BEGIN IMMEDIATE` takes the
 write lock up front, so a reservation's check and its increments cannot interleave with
-another writer (a CLI, a second process on the same file). Settlements are the exception:
+another writer (a CLI, a second process on the same file). Settlements are one exception:
 those that follow another in the same turn of the loop are committed together at its end (see
-`finish`). A write that finds the write lock held waits for it on the loop, not in SQLite's
-busy handler (see `tollgate.store.locking`).
+`finish`). Reservations made from a precedent are the other: while this process is the only
+gateway serving from the file, one that fits the budget counters as this process knows them
+is granted, journaled and answered, and written with the next transaction (see `ahead.py`). A
+write that finds the write lock held waits for it on the loop, not in SQLite's busy handler
+(see `tollgate.store.locking`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import dataclasses
 import fcntl
 import json
+import logging
 import operator
 import sqlite3
 import time
@@ -24,12 +28,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from tollgate.budgets import Hold
 from tollgate.ledger import LedgerRow
 from tollgate.ratelimit import SLIDING_SECONDS, Limit, Window
 from tollgate.store import locking
+from tollgate.store.ahead import ahead_of
 from tollgate.store.base import (
     PROCESS,
     Counter,
@@ -45,6 +50,11 @@ from tollgate.store.base import (
 )
 from tollgate.store.checkpoint import Checkpointer
 from tollgate.store.windows import LocalWindows
+
+log = logging.getLogger("tollgate.store")
+# A reservation granted before it is written (see `ahead.py`) is written within this many
+# seconds, if no transaction (its settlement's, most often) has written it before.
+WRITE_WITHIN = 0.02
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budget_counters (
@@ -91,6 +101,16 @@ _SERVING: dict[str, IO[bytes]] = {}
 
 
 @dataclasses.dataclass(slots=True)
+class _Granted:
+    """A reservation granted before it is written (`SQLiteStore.reserve_now`)."""
+
+    request_id: str
+    counters: list[str]
+    amount: int
+    row: str  # its written-ahead row's JSON
+
+
+@dataclasses.dataclass(slots=True)
 class _Settling:
     """One settlement (`SQLiteStore.finish`), and what waits for its commit (None: its
     caller, committing it at once)."""
@@ -101,6 +121,9 @@ class _Settling:
     limits: LimitSettlement | None
     released: list[str] | None
     done: asyncio.Future[None] | None = None
+    # Its reservation, when it was granted and is settled before it was written: neither is
+    # written then, only what it spent (see `SQLiteStore._settle`).
+    granted: _Granted | None = None
 
 
 class SQLiteStore(Store):
@@ -129,6 +152,15 @@ class SQLiteStore(Store):
             self.db.execute("ALTER TABLE inflight ADD COLUMN started INTEGER")
         self.rate_windows = LocalWindows()
         self._pruned = 0.0
+        # Budget counters as the file has them with this process's grants not yet written,
+        # while no other connection has written the file since (its `data_version`).
+        self._known: dict[str, Counter] = {}
+        self._version: int | None = None
+        # Granted, journaled, to be written; by request id.
+        self._granted: dict[str, _Granted] = {}
+        self._writing: asyncio.Handle | None = None
+        self._unwritten = False  # writing them failed: reservations go to the file again
+        self._pending_known: dict[str, Counter] = {}  # a transaction's, known once it commits
         self._settling: list[_Settling] = []  # settlements for the end of this loop turn
         # The loop whose current turn has had its first settlement (see `finish`).
         self._turn_of: asyncio.AbstractEventLoop | None = None
@@ -139,6 +171,8 @@ class SQLiteStore(Store):
         # A serving gateway copies its log back into the file off the event loop.
         self._checkpoints = Checkpointer(self.db, self.path, serving=owner)
         self._committing: set[asyncio.Task[None]] = set()  # batches waiting for the lock
+        # (Before recovery: a gateway that wrote this file's journal is gone once it is taken.)
+        self._ahead = ahead_of(self.path) if owner else None
         if owner:
             self._recover()
             # From here on a write that finds another process holding the write lock waits
@@ -170,19 +204,20 @@ class SQLiteStore(Store):
         """Requests a gateway that is gone had in flight get their (interrupted) ledger rows,
         charged what they surely cost to their budgets, and its holds are released; the
         holds of gateways still serving from this file stay."""
+        left = self._ahead.left() if self._ahead is not None else []
         with self._transaction():
             for request_id, pid, started, row in self.db.execute(
                     "SELECT request_id, pid, started, row FROM inflight").fetchall():
                 if holder_alive(pid, started):
                     continue  # another gateway on this file is serving it
-                doc = json.loads(row)
-                inserted = self.db.execute(_INSERT_ROW, [doc.get(c) for c in _COLUMNS]).rowcount
-                if inserted and doc.get("cost_micros"):
-                    self.db.execute(
-                        "UPDATE budget_counters SET spent = spent + ? WHERE counter IN "
-                        "(SELECT counter FROM holds WHERE request_id = ?)",
-                        (doc["cost_micros"], request_id))
+                counters = [c for (c,) in self.db.execute(
+                    "SELECT counter FROM holds WHERE request_id = ?", (request_id,))]
+                self._charge_interrupted(json.loads(row), counters)
                 self.db.execute("DELETE FROM inflight WHERE request_id = ?", (request_id,))
+            for counters, doc in left:  # journaled and never written: as those above
+                if not self.db.execute("SELECT 1 FROM inflight WHERE request_id = ?",
+                                       (doc.get("request_id"),)).fetchone():
+                    self._charge_interrupted(doc, counters)
             holders = self.db.execute("SELECT DISTINCT pid, started FROM holds").fetchall()
             for pid, started in holders:
                 if not holder_alive(pid, started):
@@ -192,11 +227,23 @@ class SQLiteStore(Store):
             self.db.execute(
                 "UPDATE budget_counters SET reserved = COALESCE((SELECT SUM(amount) FROM "
                 "holds WHERE holds.counter = budget_counters.counter), 0)")
+        if left and self._ahead is not None:
+            self._ahead.recovered()
+
+    def _charge_interrupted(self, doc: dict[str, Any], counters: list[str]) -> None:
+        """A gone gateway's request in flight: its row (once) and what it surely cost."""
+        inserted = self.db.execute(_INSERT_ROW, [doc.get(c) for c in _COLUMNS]).rowcount
+        if inserted and doc.get("cost_micros"):
+            for counter in counters:
+                self.db.execute("UPDATE budget_counters SET spent = spent + ? WHERE counter = ?",
+                                (doc["cost_micros"], counter))
 
     async def admit(self, row: LedgerRow, counters: list[str] | None = None) -> None:
         await locking.unlocked(lambda: self._write_ahead(row))
 
     def _write_ahead(self, row: LedgerRow) -> None:
+        if self._granted:  # (a row written ahead again must not be written over by them)
+            self.write_granted()
         try:
             self._insert_ahead(row)
         except sqlite3.Error as e:
@@ -205,26 +252,147 @@ class SQLiteStore(Store):
         self._checkpoints.wrote()
 
     def _insert_ahead(self, row: LedgerRow) -> None:
+        self._insert_json(row.request_id, row.to_json())
+
+    def _insert_json(self, request_id: str, row: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO inflight (request_id, pid, started, row) "
-                        "VALUES (?, ?, ?, ?)", (row.request_id, *PROCESS, row.to_json()))
+                        "VALUES (?, ?, ?, ?)", (request_id, *PROCESS, row))
 
     reserves_now = True
 
     def reserve_now(self, request_id: str, holds: list[Hold], amount: int,
                     limits: list[Limit], tokens: int, row: LedgerRow) -> Reservation | None:
+        now = self.clock()
+        if holds:
+            granted = self._grant(request_id, holds, amount, limits, tokens, now, row)
+            if granted is not None:
+                return granted
         try:
-            return self._reserve(request_id, holds, amount, limits, tokens, self.clock(), row)
+            return self._reserve(request_id, holds, amount, limits, tokens, now, row)
         except StoreUnavailable:  # the write lock is another's: `reserve` waits for it
             return None
+
+    def _grant(self, request_id: str, holds: list[Hold], amount: int, limits: list[Limit],
+               tokens: int, now: float, row: LedgerRow) -> Reservation | None:
+        """A reservation granted from the counters this process knows, journaled, and
+        written once the caller's answer is on its way (`write_granted`); None where
+        only the file can say (see `ahead.py`): the file was written by another since,
+        a counter is not known, the request does not fit (its refusal is the file's to
+        make), another gateway serves from the file, or the last write failed."""
+        ahead, known = self._ahead, self._known
+        if ahead is None or self._unwritten or not known or not self._current():
+            return None
+        after = []
+        for hold in holds:
+            c = known.get(hold.counter)
+            if c is None or not hold.admits(c.spent + c.reserved, amount):
+                return None
+            after.append(Counter(c.spent, c.reserved + amount))
+        read = [self.rate_windows.read(lim, lim.amount(tokens), now) for lim in limits]
+        if not all(ok for ok, _ in read) or not ahead.take(self):
+            return None
+        counters = [h.counter for h in holds]
+        granted = _Granted(request_id, counters, amount, row.to_json())
+        try:
+            ahead.append(counters, granted.row)
+        except OSError as e:
+            log.error("could not journal a reservation (%s): made in the state file", e)
+            return None
+        for counter in counters:  # (a counter held twice takes it twice, as in the file)
+            c = known[counter]
+            known[counter] = Counter(c.spent, c.reserved + amount)
+        self._granted[request_id] = granted
+        for lim in limits:
+            self.rate_windows.take(lim, request_id, lim.amount(tokens), now)
+        if self._writing is None:
+            try:
+                self._writing = asyncio.get_running_loop().call_later(WRITE_WITHIN,
+                                                                      self._write_in_time)
+            except RuntimeError:  # no loop: written now
+                self.write_granted()
+        return Reservation(True, after, windows=[w for _, w in read], at=now)
+
+    def _current(self) -> bool:
+        """Whether the counters this process knows are still the file's: no other
+        connection has written it since (else they are forgotten)."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._known.clear()
+            self._version = version
+            return False
+        return True
+
+    def _write_in_time(self) -> None:
+        self._writing = None
+        self.write_granted()
+
+    def write_granted(self) -> None:
+        """Write the reservations granted before, in a transaction of their own (the next
+        transaction writes them first, whichever it is: most often their settlements')."""
+        if not self._granted:
+            return
+        try:
+            with self._transaction():
+                pass
+        except locking.Busy:  # another process writes: they wait for it on the loop
+            in_background(self._committing, self._write_granted_when_unlocked())
+        except StoreUnavailable as e:
+            self._written_failed(e)
+
+    async def _write_granted_when_unlocked(self) -> None:
+        def write() -> None:
+            if self._granted:
+                with self._transaction():
+                    pass
+        try:
+            await locking.unlocked(write)
+        except StoreUnavailable as e:
+            self._written_failed(e)
+
+    def _written_failed(self, e: Exception) -> None:
+        self._unwritten = True
+        log.error("could not write %d reservations granted before (%s): they stay "
+                  "journaled, and are written with the state's next transaction",
+                  len(self._granted), e)
+
+    def _write_granted_rows(self) -> None:
+        """In a transaction: the holds and written-ahead rows of what was granted before."""
+        for g in self._granted.values():
+            self._hold(g.request_id, g.counters, g.amount)
+            self._insert_json(g.request_id, g.row)
+
+    def _hold(self, request_id: str, counters: list[str], amount: int) -> None:
+        for counter in counters:
+            self.db.execute(
+                "INSERT INTO budget_counters (counter, reserved) VALUES (?, ?) "
+                "ON CONFLICT (counter) DO UPDATE SET reserved = reserved + ?",
+                (counter, amount, amount))
+            self.db.execute("INSERT OR REPLACE INTO holds (request_id, counter, amount, pid, "
+                            "started) VALUES (?, ?, ?, ?, ?)",
+                            (request_id, counter, amount, *PROCESS))
 
     def _counter(self, name: str) -> Counter:
         row = self.db.execute("SELECT spent, reserved FROM budget_counters WHERE counter = ?",
                               (name,)).fetchone()
         return Counter(*row) if row else Counter()
 
+    def _knows(self, counter: str, spent: int, released: int) -> None:
+        """In a transaction: its change to a counter this process knows, as its statement
+        makes it (known once it commits)."""
+        known = self._pending_known.get(counter)
+        if known is None:
+            known = self._known.get(counter)
+        if known is not None:
+            self._pending_known[counter] = Counter(known.spent + spent,
+                                                   max(0, known.reserved - released))
+
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        """One write transaction, taking the write lock up front."""
+        """One write transaction, taking the write lock up front; it writes first what was
+        granted before and not yet written, and the counters it changes (`_knows`) are
+        known once it commits."""
+        if self._ahead is not None:
+            self._ahead.before_writing(self)
         try:
             try:
                 self.db.execute("BEGIN IMMEDIATE")
@@ -232,15 +400,28 @@ class SQLiteStore(Store):
                 locking.raise_if_busy(e, self.path)
                 raise
             try:
+                if self._ahead is not None:
+                    self._current()  # (no other connection can write until this commits)
+                    self._pending_known = {}
+                    self._write_granted_rows()
                 yield
                 self.db.execute("COMMIT")
                 self._checkpoints.wrote()
             except BaseException:
                 if self.db.in_transaction:
                     self.db.execute("ROLLBACK")
+                self._pending_known = {}
                 raise
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+        changed, self._pending_known = self._pending_known, {}
+        if self._ahead is not None:
+            self._known.update(changed)
+            if self._granted or self._unwritten:
+                self._granted.clear()
+                self._unwritten = False
+            if self._ahead.holder is self:
+                self._ahead.all_written()
 
     def _load_windows(self, now: float) -> None:
         """The windows of requests settled before this store opened (a restart, a CLI)."""
@@ -280,16 +461,14 @@ class SQLiteStore(Store):
                 found = [self._counter(h.counter) for h in holds]
                 refused = next((i for i, (h, c) in enumerate(zip(holds, found, strict=True))
                                 if not h.admits(c.committed, amount)), None)
+                counters = [h.counter for h in holds]
                 if refused is not None or over:
+                    self._pending_known.update(zip(counters, found, strict=True))
                     return Reservation(False, found, refused, windows, over, now)
-                for hold in holds:
-                    self.db.execute(
-                        "INSERT INTO budget_counters (counter, reserved) VALUES (?, ?) "
-                        "ON CONFLICT (counter) DO UPDATE SET reserved = reserved + ?",
-                        (hold.counter, amount, amount))
-                    self.db.execute("INSERT OR REPLACE INTO holds (request_id, counter, "
-                                    "amount, pid, started) VALUES (?, ?, ?, ?, ?)",
-                                    (request_id, hold.counter, amount, *PROCESS))
+                self._hold(request_id, counters, amount)
+                self._pending_known.update(
+                    (n, Counter(c.spent, c.reserved + amount * counters.count(n)))
+                    for n, c in zip(counters, found, strict=True))
                 if ahead is not None:
                     self._insert_ahead(ahead)
         elif over:
@@ -352,9 +531,30 @@ class SQLiteStore(Store):
         await done
 
     def _commit_one(self, settling: _Settling) -> None:
-        with self._transaction():
-            self._settle(settling)
+        self._take_grants([settling])
+        try:
+            with self._transaction():
+                self._settle(settling)
+        except BaseException:
+            self._give_back([settling])
+            raise
         self._settled(settling)
+
+    def _take_grants(self, batch: list[_Settling]) -> None:
+        """Settlements of reservations granted and not yet written take them: a request
+        settled in the transaction that would write its hold and row ahead writes
+        neither."""
+        if self._granted:
+            for s in batch:
+                if s.row.admitted:
+                    s.granted = self._granted.pop(s.row.request_id, None)
+
+    def _give_back(self, batch: list[_Settling]) -> None:
+        """Their transaction failed: their reservations are written as if not taken."""
+        for s in batch:
+            if s.granted is not None:
+                self._granted[s.row.request_id] = s.granted
+                s.granted = None
 
     def _commit_settlements(self) -> None:
         batch, self._settling, self._turn_of = self._settling, [], None
@@ -383,14 +583,17 @@ class SQLiteStore(Store):
         """The settlements of `batch`, in one transaction; raises Busy (nothing written)
         while another process holds the write lock."""
         began = False
+        self._take_grants(batch)
         try:
             with self._transaction():
                 began = True
                 for s in batch:
                     self._settle(s)
         except locking.Busy:
+            self._give_back(batch)
             raise
         except Exception as e:
+            self._give_back(batch)
             if not began:  # the file cannot be written at all: none of them can
                 for s in batch:
                     resolve(s.done, e)
@@ -420,8 +623,12 @@ class SQLiteStore(Store):
                 row = dataclasses.replace(row, request_id=distinct_id(row))
             self._insert_row(row)
             return
-        self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
-        self.db.execute("DELETE FROM holds WHERE request_id = ?", (row.request_id,))
+        # What the file holds for it (nothing, if its reservation was never written) and
+        # what this process knows it holds.
+        held, known = (reserved, reserved) if s.granted is None else (0, s.granted.amount)
+        if s.granted is None:
+            self.db.execute("DELETE FROM inflight WHERE request_id = ?", (row.request_id,))
+            self.db.execute("DELETE FROM holds WHERE request_id = ?", (row.request_id,))
         if not self._insert_row(row):
             return  # already settled: a replay changes nothing
         for counter in s.counters:
@@ -429,10 +636,13 @@ class SQLiteStore(Store):
                 "INSERT INTO budget_counters (counter, spent) VALUES (?, ?) "
                 "ON CONFLICT (counter) DO UPDATE SET spent = spent + ?, "
                 "reserved = MAX(0, reserved - ?)",
-                (counter, row.cost_micros, row.cost_micros, reserved))
+                (counter, row.cost_micros, row.cost_micros, held))
+            self._knows(counter, row.cost_micros or 0, known)
         for counter in s.released or []:
-            self.db.execute("UPDATE budget_counters SET reserved = MAX(0, reserved - ?) "
-                            "WHERE counter = ?", (reserved, counter))
+            if held:
+                self.db.execute("UPDATE budget_counters SET reserved = MAX(0, reserved - ?) "
+                                "WHERE counter = ?", (held, counter))
+            self._knows(counter, 0, known)
         if limits is not None:
             self._record_limits(row.request_id, limits)
 
@@ -474,6 +684,13 @@ class SQLiteStore(Store):
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
     async def close(self) -> None:
+        if self._writing is not None:
+            self._writing.cancel()
+            self._writing = None
+        self.write_granted()  # (a write that fails leaves them journaled)
+        if self._ahead is not None and not self._granted:
+            self._ahead.leave(self)
+            self._ahead = None
         self._commit_settlements()  # those of this turn, before the file closes
         await until_written(self._committing)
         await asyncio.to_thread(self._checkpoints.close)

@@ -1,0 +1,286 @@
+"""Reservations granted before they are written (tollgate/store/ahead.py): a request like a
+precedent, which fits the budget as the gateway knows it, is answered first and its hold
+and written-ahead row follow; journaled, so a gateway killed in between loses nothing;
+never while another gateway serves from the file or after another connection wrote it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc.service import ExternalProcessor
+from tests.harness import ROOT
+from tests.unit.test_gateway import CHAT
+from tests.unit.test_precedent import USAGE, full, gateways, headers_of, now, state
+from tollgate.request import Reply
+from tollgate.store import ahead as ahead_module
+from tollgate.store import sqlite as sqlite_module
+from tollgate.store.sqlite import SQLiteStore
+
+__all__ = ["gateways"]  # (the fixture)
+PATH = "/v1/chat/completions"
+BODY = {**CHAT, "max_tokens": 300}
+
+
+def state_file(config_dir: Path) -> Path:
+    return config_dir / ".tollgate" / "state.db"
+
+
+def query(config_dir: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(state_file(config_dir))
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def held(config_dir: Path, request_id: str) -> tuple[list[Any], list[Any]]:
+    """Its holds and its written-ahead row, as the file has them."""
+    return (query(config_dir, "SELECT counter, amount FROM holds WHERE request_id = ?",
+                  request_id),
+            query(config_dir, "SELECT request_id FROM inflight WHERE request_id = ?",
+                  request_id))
+
+
+def settle(proc: ExternalProcessor, request_id: str) -> None:
+    proc.metered(request_id, 0, True, USAGE["chat"],
+                 (200, {"content-type": "application/json"}))
+
+
+def spent_and_reserved(config_dir: Path) -> list[tuple[int, int]]:
+    return query(config_dir, "SELECT spent, reserved FROM budget_counters ORDER BY counter")
+
+
+@contextmanager
+def another_gateway(state: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another gateway process with the same state file open, until the block ends."""
+    code = ("import sys\nfrom tollgate.store.sqlite import SQLiteStore\n"
+            "SQLiteStore(sys.argv[1])\nprint('ready', flush=True)\nsys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(state)], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def written_at_once(monkeypatch):
+    """Grants are written on the loop's next turn (if nothing wrote them before)."""
+    monkeypatch.setattr(sqlite_module, "WRITE_WITHIN", 0)
+
+
+async def test_a_precedents_reservation_is_answered_then_written(gateways, config_dir,
+                                                                 written_at_once):
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, PATH, BODY, secret)
+    granted = now(proc, PATH, BODY, secret)
+    assert granted is not None
+    rid = granted.metadata["request_id"]
+    assert held(config_dir, rid) == ([], [])  # answered before it is written
+    journal = Path(f"{state_file(config_dir)}.ahead").read_text()
+    assert rid in journal  # ... and journaled before it was answered
+    for _ in range(3):  # (its timer runs on a later turn)
+        await asyncio.sleep(0)
+    holds, row = held(config_dir, rid)
+    assert row == [(rid,)] and len(holds) == 1 and holds[0][1] > 0
+    # The file holds what the full decision would have held: its reservation counted.
+    (_, reserved), = spent_and_reserved(config_dir)
+    assert reserved == sum(amount for _, amount in query(
+        config_dir, "SELECT counter, amount FROM holds"))
+    await gw.close()
+
+
+async def test_one_settled_before_it_was_written_leaves_its_row_and_spend_alone(
+        gateways, config_dir):
+    """Its settlement's transaction would have written its hold and row ahead, then
+    removed them: it writes neither, and the budget counts what it spent."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    first = await full(proc, PATH, BODY, secret)
+    settle(proc, first.metadata["request_id"])
+    await gw.drain()
+    granted = now(proc, PATH, BODY, secret)
+    assert granted is not None
+    rid = granted.metadata["request_id"]
+    settle(proc, rid)
+    await gw.drain()
+    assert held(config_dir, rid) == ([], [])
+    assert [h for h in state(config_dir)[1:]] == [[], []]  # no hold, nothing in flight
+    rows = query(config_dir, "SELECT request_id, outcome, cost_micros FROM ledger")
+    assert {r[0] for r in rows} == {first.metadata["request_id"], rid}
+    assert all(outcome == "completed" and cost > 0 for _, outcome, cost in rows)
+    (spent, reserved), = spent_and_reserved(config_dir)
+    assert (spent, reserved) == (sum(cost for *_, cost in rows), 0)
+    await gw.close()
+
+
+async def test_grants_never_take_more_than_the_budget_has(gateways, config_dir):
+    """Granted from what the gateway knows, each counts the ones before it: the request
+    that does not fit goes to the full decision, which refuses it (402)."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, PATH, BODY, secret)
+    worst = query(config_dir, "SELECT amount FROM holds")[0][0]
+    (_, reserved), = spent_and_reserved(config_dir)
+    # Spent so far: room for two more such requests, not three, of the budget's $100.
+    db = sqlite3.connect(state_file(config_dir), isolation_level=None)
+    db.execute("UPDATE budget_counters SET spent = ?",
+               (100_000_000 - reserved - 2 * worst - worst // 2,))
+    db.close()
+    await full(proc, PATH, BODY, secret)  # (the file read again: see the next test)
+    assert now(proc, PATH, BODY, secret) is not None
+    assert now(proc, PATH, BODY, secret) is None  # past the limit: to the full decision
+    refused = await proc.decide(headers_of(PATH, secret), json.dumps(BODY).encode())
+    assert isinstance(refused, Reply) and refused.status == 402, refused
+    (spent, reserved), = spent_and_reserved(config_dir)
+    assert spent + reserved <= 100_000_000
+    await gw.close()
+
+
+async def test_a_file_another_connection_wrote_is_read_again(gateways, config_dir):
+    """What the gateway knows of a budget is forgotten once anything else writes the file
+    (an operator's fix, a gateway that came and went): the spend it wrote refuses the
+    next request, which a grant from what was known before would have let through."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, PATH, BODY, secret)
+    assert now(proc, PATH, BODY, secret) is not None
+    await asyncio.sleep(0)
+    gw.store().write_granted()
+    db = sqlite3.connect(state_file(config_dir), isolation_level=None)
+    db.execute("UPDATE budget_counters SET spent = 100000000")  # the budget's $100
+    db.close()
+    assert now(proc, PATH, BODY, secret) is None
+    refused = await proc.decide(headers_of(PATH, secret), json.dumps(BODY).encode())
+    assert isinstance(refused, Reply) and refused.status == 402, refused
+    await gw.close()
+
+
+async def test_with_another_gateway_on_the_file_every_reservation_is_written_first(
+        gateways, config_dir):
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, PATH, BODY, secret)
+    with another_gateway(state_file(config_dir)):
+        decided = now(proc, PATH, BODY, secret)
+        assert decided is not None
+        holds, row = held(config_dir, decided.metadata["request_id"])
+        assert holds and row  # written before it was answered
+    # Once it is gone, grants are made before they are written again.
+    decided = now(proc, PATH, BODY, secret)
+    assert decided is not None and held(config_dir, decided.metadata["request_id"]) == ([], [])
+    await gw.close()
+
+
+async def test_a_write_lock_held_by_a_connection_that_serves_nothing_delays_only_the_write(
+        gateways, config_dir, written_at_once):
+    """A CLI or an operator's shell holding the write lock: the request is answered, and
+    its reservation written once the lock is free."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, PATH, BODY, secret)
+    other = sqlite3.connect(state_file(config_dir), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        decided = now(proc, PATH, BODY, secret)
+        assert decided is not None
+        await asyncio.sleep(0.01)  # its write tried, and waiting for the lock
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    for _ in range(200):  # written once the lock is free: the loop tries again
+        if held(config_dir, decided.metadata["request_id"])[1]:
+            break
+        await asyncio.sleep(0.01)
+    assert held(config_dir, decided.metadata["request_id"])[1]
+    await gw.close()
+
+
+KILLED = """
+import asyncio, json, os, signal, sys
+from extproc.service import ExternalProcessor
+from tollgate.gateway import Gateway
+from tests.unit.test_ahead import PATH, BODY, settle
+from tests.unit.test_precedent import full, now
+
+async def main():
+    gw = Gateway.from_path(sys.argv[1], watch=False)
+    proc = ExternalProcessor(gw)
+    secret = sys.argv[2]
+    first = await full(proc, PATH, BODY, secret)
+    settle(proc, first.metadata["request_id"])
+    await gw.drain()
+    settled = now(proc, PATH, BODY, secret)  # granted, settled, never written
+    settle(proc, settled.metadata["request_id"])
+    await gw.drain()
+    lost = now(proc, PATH, BODY, secret)  # granted, answered, then the gateway dies
+    print(json.dumps([first.metadata["request_id"], settled.metadata["request_id"],
+                      lost.metadata["request_id"]]), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_gateway_killed_before_it_wrote_a_grant_leaves_it_charged(gateways,
+                                                                          config_dir):
+    """SIGKILL between the answer and the write: the next gateway on the file records the
+    request from the journal, as it records a gone gateway's requests in flight (its row,
+    `interrupted`, charged what it surely cost); what was written or settled before is
+    not recorded twice."""
+    secret, gw, reference = gateways
+    await gw.close()  # (a gateway on the file here would keep it from granting)
+    await reference.close()
+    run = subprocess.run([sys.executable, "-c", KILLED, str(gw.holder.path), secret],
+                         cwd=ROOT, capture_output=True, text=True, env=os.environ, timeout=60)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    first, settled, lost = json.loads(run.stdout)
+    assert query(config_dir, "SELECT request_id FROM ledger WHERE request_id = ?", lost) == []
+    await SQLiteStore(state_file(config_dir)).close()  # the next gateway opens it
+    rows = dict((r[0], r[1:]) for r in query(
+        config_dir, "SELECT request_id, outcome, cost_micros FROM ledger"))
+    assert set(rows) == {first, settled, lost}
+    assert rows[lost][0] == "interrupted" and rows[lost][1] > 0
+    assert [rows[first][0], rows[settled][0]] == ["completed", "completed"]
+    (spent, reserved), = spent_and_reserved(config_dir)
+    assert (spent, reserved) == (sum(cost for _, cost in rows.values()), 0)
+    assert state(config_dir)[1:] == [[], []]
+    assert Path(f"{state_file(config_dir)}.ahead").read_text() == ""
+    await SQLiteStore(state_file(config_dir)).close()  # and only once
+    assert spent_and_reserved(config_dir) == [(spent, 0)]
+
+
+def test_a_gateway_starting_waits_for_the_grants_another_has_not_written(tmp_path,
+                                                                        monkeypatch):
+    """While another process holds the owners' lock exclusively (its grants not yet
+    written), a gateway opening the file waits, and opens once they are."""
+    state = tmp_path / "state.db"
+    code = ("import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1] + '.owners', os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('ready', flush=True)\nsys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(state)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        monkeypatch.setattr(ahead_module, "START_WAIT", 0.05)
+        with pytest.raises(OSError):
+            ahead_module.Ahead(state).join()
+    finally:
+        holder.kill()
+        holder.wait()
+    ahead_module.Ahead(state).join()  # its lock gone with it
