@@ -23,6 +23,7 @@ from extproc.service import ExternalProcessor
 from tests.harness import ROOT
 from tests.unit.test_gateway import CHAT
 from tests.unit.test_precedent import USAGE, full, gateways, headers_of, now, state
+from tollgate.ledger import LedgerRow
 from tollgate.request import Reply
 from tollgate.store import ahead as ahead_module
 from tollgate.store import sqlite as sqlite_module
@@ -284,3 +285,27 @@ def test_a_gateway_starting_waits_for_the_grants_another_has_not_written(tmp_pat
         holder.kill()
         holder.wait()
     ahead_module.Ahead(state).join()  # its lock gone with it
+
+
+async def test_a_row_written_ahead_again_before_its_grant_is_written_is_kept(gateways,
+                                                                            config_dir):
+    """A long stream's checkpoint rewrites its row ahead (more output, more cost): the
+    grant written after it does not put the older row back."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, PATH, BODY, secret)
+    decided = now(proc, PATH, BODY, secret)
+    assert decided is not None
+    rid = decided.metadata["request_id"]
+    store = gw.store()
+    row = LedgerRow.from_dict(json.loads(store._granted[rid].row))
+    row.output_tokens, row.cost_micros = 500, row.cost_micros + 1234
+    await store.admit(row)
+    store.write_granted()
+    written = query(config_dir, "SELECT row FROM inflight WHERE request_id = ?", rid)
+    assert json.loads(written[0][0])["cost_micros"] == row.cost_micros
+    assert held(config_dir, rid)[0]  # and its hold with it
+    await gw.close()
+    await gateways[2].close()
+    # A gateway that stops leaves no journal behind (all it granted is written).
+    assert Path(f"{state_file(config_dir)}.ahead").read_text() == ""

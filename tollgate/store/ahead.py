@@ -83,7 +83,10 @@ class Ahead:
         if self.holder is store:
             self.holder = None
         self.stores -= 1
-        if not self.stores:
+        if not self.stores:  # (what the journal holds is all written: it is emptied)
+            if self._journal is not None:
+                os.ftruncate(self._journal, 0)
+            self.written = 0
             fcntl.lockf(self._owners, fcntl.LOCK_UN)
             self.exclusive = False
 

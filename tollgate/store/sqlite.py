@@ -242,8 +242,9 @@ class SQLiteStore(Store):
         await locking.unlocked(lambda: self._write_ahead(row))
 
     def _write_ahead(self, row: LedgerRow) -> None:
-        if self._granted:  # (a row written ahead again must not be written over by them)
-            self.write_granted()
+        granted = self._granted.get(row.request_id)
+        if granted is not None:  # (written ahead again: its grant, written later, says so)
+            granted.row = row.to_json()
         try:
             self._insert_ahead(row)
         except sqlite3.Error as e:
@@ -661,6 +662,7 @@ class SQLiteStore(Store):
         return bool(self.db.execute(_INSERT_ROW, _VALUES(row)).rowcount)
 
     async def counters(self, holds: list[Hold]) -> list[Counter]:
+        self.write_granted()  # (what was granted, in the file before it is read)
         return [self._counter(h.counter) for h in holds]
 
     async def rows(self, since: datetime | None = None,
