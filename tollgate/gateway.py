@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -126,8 +127,14 @@ class Gateway:
         self.precedents_for: set[str] = set()
         self._apply(holder.current)
         holder.on_reload(lambda _old, new: self._apply(new))
-        if store is None:
-            self.store()  # opened at start: a state file another gateway serves is seen now
+        if store is None:  # opened at start: a state file another gateway serves is seen now
+            try:
+                self.store()
+            except (StoreUnavailable, sqlite3.Error, OSError) as e:
+                loaded = holder.current
+                raise ConfigError([Problem(str(loaded.path), None, "gateway.state",
+                                           f"{loaded.config.gateway.state} cannot be "
+                                           f"opened: {e}")]) from None
         self._check_limits_are_kept(holder.current)
         holder.check_with(self._check_limits_are_kept)
         self._check_pepper(holder.current)

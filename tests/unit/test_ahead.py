@@ -20,13 +20,14 @@ from typing import Any
 import pytest
 
 from extproc.service import ExternalProcessor
-from tests.harness import ROOT
+from tests.harness import BIN, ROOT
 from tests.unit.test_gateway import CHAT
 from tests.unit.test_precedent import USAGE, full, gateways, headers_of, now, state
 from tollgate.ledger import LedgerRow
 from tollgate.request import Reply
 from tollgate.store import ahead as ahead_module
 from tollgate.store import sqlite as sqlite_module
+from tollgate.store.base import StoreUnavailable
 from tollgate.store.sqlite import SQLiteStore
 
 __all__ = ["gateways"]  # (the fixture)
@@ -309,3 +310,45 @@ async def test_a_row_written_ahead_again_before_its_grant_is_written_is_kept(gat
     await gateways[2].close()
     # A gateway that stops leaves no journal behind (all it granted is written).
     assert Path(f"{state_file(config_dir)}.ahead").read_text() == ""
+
+
+async def test_a_journal_that_cannot_be_written_sends_the_reservation_to_the_file(
+        gateways, config_dir, monkeypatch, caplog):
+    """A full disk, say: the request is still decided from its precedent, its reservation
+    made in the file before the answer, as without a journal; and said so."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, PATH, BODY, secret)
+
+    def full_disk(*_: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ahead_module.os, "pwrite", full_disk)
+    decided = now(proc, PATH, BODY, secret)
+    assert decided is not None
+    holds, row = held(config_dir, decided.metadata["request_id"])
+    assert holds and row
+    assert "could not journal a reservation" in caplog.text
+    await gw.close()
+
+
+def test_a_journal_that_cannot_be_read_keeps_the_gateway_from_serving(tmp_path):
+    """What it holds may be requests to charge: a gateway does not open the state as if it
+    held nothing."""
+    (tmp_path / "state.db.ahead").mkdir()
+    with pytest.raises(StoreUnavailable, match="reservation journal"):
+        SQLiteStore(tmp_path / "state.db")
+
+
+@pytest.mark.parametrize("host", ["extproc", "envoy"])
+def test_a_state_that_cannot_be_opened_stops_the_host_saying_why(config_dir, host,
+                                                                 monkeypatch):
+    monkeypatch.setenv("TOLLGATE_KEY_PEPPER", "core-pepper")
+    (config_dir / ".tollgate" / "state.db.ahead").mkdir(parents=True)
+    run = subprocess.run([str(BIN / "tollgate"), "--config", str(config_dir / "gateway.yaml"),
+                          "serve", host], capture_output=True, text=True, timeout=60,
+                         cwd=config_dir)
+    assert run.returncode == 1, run.stderr
+    assert "gateway.state: sqlite:///.tollgate/state.db cannot be opened: cannot read the " \
+           "reservation journal" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -31,6 +33,17 @@ def valid_config(ctx: click.Context) -> tuple[str, LoadedConfig]:
         return os.path.abspath(given), load_config(given)  # errors name the path as given
     except ConfigError as e:
         raise click.ClickException(f"config is invalid:\n{e}") from None
+
+
+def _serving(host: Coroutine[Any, Any, int]) -> int:
+    """Run a host until it stops; a gateway that cannot start (its state cannot be opened,
+    say) stops the command saying why, not with a traceback."""
+    from extproc import eventloop
+
+    try:
+        return eventloop.run(host)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def check_config(ctx: click.Context) -> str:
@@ -227,13 +240,10 @@ def envoy(ctx: click.Context, listen: str, admin: str | None, envoy_admin: str,
         targets = process_targets(extproc_listen, extproc_processes)
         ensure_sockets_unused([*targets, *decider_targets(targets)])
     _logging()
-    from extproc import eventloop
-
-    sys.exit(eventloop.run(serve_envoy(path, split_listen(listen), admin_address(envoy_admin),
-                                       extproc_listen, log_level,
-                                       outage_path(path, outage_log),
-                                       split_listen(admin_address(admin)) if admin else None,
-                                       extproc_processes)))
+    sys.exit(_serving(serve_envoy(path, split_listen(listen), admin_address(envoy_admin),
+                                  extproc_listen, log_level, outage_path(path, outage_log),
+                                  split_listen(admin_address(admin)) if admin else None,
+                                  extproc_processes)))
 
 
 @serve.command()
@@ -301,13 +311,11 @@ def extproc(ctx: click.Context, listen: str | None, decider_listen: str | None,
         resources = EnvoyFiles(Path(os.path.abspath(envoy_resources)),
                                split_listen(envoy_listen), outage, extproc_processes,
                                envoy_ca_file)
-    from extproc import eventloop
-
-    sys.exit(eventloop.run(serve_extproc(path, where, outage,
-                                         split_listen(admin_address(admin)) if admin else None,
-                                         extproc_processes,
-                                         admin_address(envoy_admin) if envoy_admin else None,
-                                         resources, decider_listen)))
+    sys.exit(_serving(serve_extproc(path, where, outage,
+                                    split_listen(admin_address(admin)) if admin else None,
+                                    extproc_processes,
+                                    admin_address(envoy_admin) if envoy_admin else None,
+                                    resources, decider_listen)))
 
 
 def _logging() -> None:

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from tollgate.store.base import StoreUnavailable
+
 log = logging.getLogger("tollgate.store")
 
 # How long a gateway starting on a file waits for another's reservations to be written.
@@ -141,9 +143,12 @@ class Ahead:
         state file already (see the module's docstring). A line cut short (being written,
         or written over) is left out: its request was never answered, or is in the file."""
         try:
-            text = self.journal.read_text("utf-8")
+            text = self.journal.read_text("utf-8", errors="replace")
         except FileNotFoundError:
             return []
+        except OSError as e:  # never served as if it held nothing
+            raise StoreUnavailable(f"cannot read the reservation journal {self.journal}: "
+                                   f"{e}") from e
         out = []
         for line in text.split("\n"):
             counters, _, row = line.partition("\t")
