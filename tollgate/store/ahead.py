@@ -43,6 +43,9 @@ log = logging.getLogger("tollgate.store")
 
 # How long a gateway starting on a file waits for another's reservations to be written.
 START_WAIT = 10.0
+# How long a process that found another gateway serving from the file waits before it
+# tries again to grant before writing (every reservation is written first meanwhile).
+SHARED_FOR = 1.0
 
 
 class Granting(Protocol):
@@ -64,6 +67,7 @@ class Ahead:
         self.written = 0  # bytes of entries not yet in the state file
         self.holder: Granting | None = None
         self.stores = 0  # serving stores open on the file in this process
+        self._shared_until = 0.0  # (monotonic) another gateway was found serving from it
 
     def join(self) -> None:
         """A serving store opens on the file: the owners' lock is taken shared (the first
@@ -92,19 +96,25 @@ class Ahead:
             fcntl.lockf(self._owners, fcntl.LOCK_UN)
             self.exclusive = False
 
+    def may_take(self, store: Granting) -> bool:
+        """Whether `store` may try to `take` the lock: no other store of this process
+        grants, and no other gateway was found serving from the file a moment ago."""
+        return (self.holder is None or self.holder is store) and \
+            (self.exclusive or time.monotonic() >= self._shared_until)
+
     def take(self, store: Granting) -> bool:
         """Hold the owners' lock exclusively for `store` (no other gateway serves from
         the file, no other store of this process grants from it), at once, or False."""
-        if self.holder is not store:
-            if self.holder is not None:
-                return False
-            self.holder = store
+        if not self.may_take(store):
+            return False
         if not self.exclusive:
             try:
                 fcntl.lockf(self._owners, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
+                self._shared_until = time.monotonic() + SHARED_FOR
                 return False
             self.exclusive = True
+        self.holder = store
         return True
 
     def append(self, counters: list[str], row: str) -> None:

@@ -281,7 +281,8 @@ class SQLiteStore(Store):
         a counter is not known, the request does not fit (its refusal is the file's to
         make), another gateway serves from the file, or the last write failed."""
         ahead, known = self._ahead, self._known
-        if ahead is None or self._unwritten or not known or not self._current():
+        if (ahead is None or self._unwritten or not known or not ahead.may_take(self)
+                or not self._current()):
             return None
         after = []
         for hold in holds:
@@ -315,7 +316,9 @@ class SQLiteStore(Store):
 
     def _current(self) -> bool:
         """Whether the counters this process knows are still the file's: no other
-        connection has written it since (else they are forgotten)."""
+        connection has written it since (else they are forgotten). (The version is taken
+        before what is known is read, in a later transaction: a write in between makes
+        the next check forget it again, never trust it.)"""
         version = self.db.execute("PRAGMA data_version").fetchone()[0]
         if version != self._version:
             self._known.clear()
@@ -402,7 +405,6 @@ class SQLiteStore(Store):
                 raise
             try:
                 if self._ahead is not None:
-                    self._current()  # (no other connection can write until this commits)
                     self._pending_known = {}
                     self._write_granted_rows()
                 yield
@@ -459,6 +461,8 @@ class SQLiteStore(Store):
         found: list[Counter] = []
         if holds:
             with self._transaction():
+                if self._ahead is not None and self._ahead.may_take(self):
+                    self._current()  # (what this reads is known: see `_grant`)
                 found = [self._counter(h.counter) for h in holds]
                 refused = next((i for i, (h, c) in enumerate(zip(holds, found, strict=True))
                                 if not h.admits(c.committed, amount)), None)
