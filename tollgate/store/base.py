@@ -177,7 +177,8 @@ class Store(ABC):
         transaction, made at once in the caller's own call, or not at all (None): a store
         that cannot (a network store, the write lock held elsewhere) leaves the request to
         `reserve`. A reservation it does make may be refused, as `reserve`'s may (nothing
-        is written then)."""
+        is written then). A store may grant it before it is written, as safely (SQLite's,
+        journaled: see `tollgate.store.ahead`)."""
         return None
 
     async def admit_many(self, rows: list[tuple[LedgerRow, list[str] | None]]) -> None:
