@@ -174,8 +174,9 @@ async def test_a_file_another_connection_wrote_is_read_again(gateways, config_di
 
 
 async def test_with_another_gateway_on_the_file_every_reservation_is_written_first(
-        gateways, config_dir, monkeypatch):
+        gateways, config_dir, monkeypatch, caplog):
     monkeypatch.setattr(ahead_module, "SHARED_FOR", 0)  # (tried again at once once it left)
+    caplog.set_level("INFO", "tollgate.store")
     secret, gw, _ = gateways
     proc = ExternalProcessor(gw)
     await full(proc, PATH, BODY, secret)
@@ -184,11 +185,13 @@ async def test_with_another_gateway_on_the_file_every_reservation_is_written_fir
         assert decided is not None
         holds, row = held(config_dir, decided.metadata["request_id"])
         assert holds and row  # written before it was answered
+        assert "another gateway process serves from" in caplog.text
     # Once it is gone, grants are made before they are written again (once the file, which
     # it wrote, has been read again).
     assert now(proc, PATH, BODY, secret) is not None
     decided = now(proc, PATH, BODY, secret)
     assert decided is not None and held(config_dir, decided.metadata["request_id"]) == ([], [])
+    assert "alone serves from" in caplog.text
     await gw.close()
 
 

@@ -69,6 +69,7 @@ class Ahead:
         self.holder: Granting | None = None
         self.stores = 0  # serving stores open on the file in this process
         self._shared_until = 0.0  # (monotonic) another gateway was found serving from it
+        self._shared = False  # ... and said so in the log
 
     def join(self) -> None:
         """A serving store opens on the file: the owners' lock is taken shared (the first
@@ -113,8 +114,17 @@ class Ahead:
                 fcntl.lockf(self._owners, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 self._shared_until = time.monotonic() + SHARED_FOR
+                if not self._shared:
+                    self._shared = True
+                    log.info("another gateway process serves from %s: each reservation is "
+                             "written to it before its answer", self.journal.with_suffix(""))
                 return False
             self.exclusive = True
+            if self._shared:
+                self._shared = False
+                log.info("this process alone serves from %s again: reservations of requests "
+                         "like a precedent are journaled and answered before they are "
+                         "written", self.journal.with_suffix(""))
         self.holder = store
         return True
 
