@@ -358,3 +358,38 @@ def test_a_state_that_cannot_be_opened_stops_the_host_saying_why(config_dir, hos
     assert "gateway.state: sqlite:///.tollgate/state.db cannot be opened: cannot read the " \
            "reservation journal" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+async def test_grants_whose_write_fails_stay_journaled_and_reservations_go_to_the_file(
+        gateways, config_dir, monkeypatch, caplog):
+    """The file cannot be written for a moment (an I/O error): what was granted stays in the
+    journal, the next reservation is made in the file, after them, before its answer; once
+    that goes through, grants are made before they are written again."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, PATH, BODY, secret)
+    store = gw.store()
+    first = now(proc, PATH, BODY, secret)
+    assert first is not None
+    failing = SQLiteStore._write_granted_rows
+
+    def io_error(self: SQLiteStore) -> None:
+        if self._granted:
+            raise sqlite3.OperationalError("disk I/O error")
+        failing(self)
+
+    monkeypatch.setattr(SQLiteStore, "_write_granted_rows", io_error)
+    store.write_granted()
+    assert "could not write 1 reservations granted before" in caplog.text
+    rid = first.metadata["request_id"]
+    assert held(config_dir, rid) == ([], [])
+    assert rid in Path(f"{state_file(config_dir)}.ahead").read_text()
+    monkeypatch.setattr(SQLiteStore, "_write_granted_rows", failing)
+    second = now(proc, PATH, BODY, secret)
+    assert second is not None
+    for decided in (first, second):  # both in the file before the second's answer
+        holds, row = held(config_dir, decided.metadata["request_id"])
+        assert holds and row
+    third = now(proc, PATH, BODY, secret)
+    assert third is not None and held(config_dir, third.metadata["request_id"]) == ([], [])
+    await gw.close()
