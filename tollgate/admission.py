@@ -164,10 +164,12 @@ class Admission:
         """The admission of a request decided from a precedent (precedent.py): one attempt,
         nothing it cannot see. Its worst case is priced for its own length and held in its
         budgets and rate limits, as `admit` holds it, in one transaction with its
-        written-ahead `row`, made at once (`Store.reserve_now`); None, with nothing taken,
-        when the store cannot make it at once or does not grant it: `admit` then decides
-        the request (a lower cap, a refusal, a wait for the store). `price`, `lineage` and
-        the worst case's `terms`: the precedent's; `now`: when it was decided."""
+        written-ahead `row` (or granted before it is written, journaled: SQLite's, while
+        one gateway process serves the file), made at once (`Store.reserve_now`); None,
+        with nothing taken, when the store cannot make it at once or does not grant it:
+        `admit` then decides the request (a lower cap, a refusal, a wait for the store).
+        `price`, `lineage` and the worst case's `terms`: the precedent's; `now`: when it
+        was decided."""
         worst, tokens = dearest(route, [terms], worst_input(req))
         amount = worst.micros if worst else 0
         billing = Billing(price=price, lineage=lineage,
