@@ -79,6 +79,17 @@ def another_gateway(state: Path) -> Iterator[subprocess.Popen[str]]:
         proc.wait()
 
 
+async def granted(gateways: tuple[str, Any, Any]) -> tuple[ExternalProcessor, str]:
+    """A request decided in full, then one like it decided from its precedent: the
+    processor and the second's request id."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    await full(proc, PATH, BODY, secret)
+    decided = now(proc, PATH, BODY, secret)
+    assert decided is not None
+    return proc, decided.metadata["request_id"]
+
+
 @pytest.fixture
 def written_at_once(monkeypatch):
     """Grants are written on the loop's next turn (if nothing wrote them before)."""
@@ -87,12 +98,8 @@ def written_at_once(monkeypatch):
 
 async def test_a_precedents_reservation_is_answered_then_written(gateways, config_dir,
                                                                  written_at_once):
-    secret, gw, _ = gateways
-    proc = ExternalProcessor(gw)
-    await full(proc, PATH, BODY, secret)
-    granted = now(proc, PATH, BODY, secret)
-    assert granted is not None
-    rid = granted.metadata["request_id"]
+    gw = gateways[1]
+    _, rid = await granted(gateways)
     assert held(config_dir, rid) == ([], [])  # answered before it is written
     journal = Path(f"{state_file(config_dir)}.ahead").read_text()
     assert rid in journal  # ... and journaled before it was answered
@@ -298,12 +305,8 @@ async def test_a_row_written_ahead_again_before_its_grant_is_written_is_kept(gat
                                                                             config_dir):
     """A long stream's checkpoint rewrites its row ahead (more output, more cost): the
     grant written after it does not put the older row back."""
-    secret, gw, _ = gateways
-    proc = ExternalProcessor(gw)
-    await full(proc, PATH, BODY, secret)
-    decided = now(proc, PATH, BODY, secret)
-    assert decided is not None
-    rid = decided.metadata["request_id"]
+    gw = gateways[1]
+    _, rid = await granted(gateways)
     store = gw.store()
     row = LedgerRow.from_dict(json.loads(store._granted[rid].row))
     row.output_tokens, row.cost_micros = 500, row.cost_micros + 1234
@@ -366,11 +369,8 @@ async def test_grants_whose_write_fails_stay_journaled_and_reservations_go_to_th
     journal, the next reservation is made in the file, after them, before its answer; once
     that goes through, grants are made before they are written again."""
     secret, gw, _ = gateways
-    proc = ExternalProcessor(gw)
-    await full(proc, PATH, BODY, secret)
+    proc, rid = await granted(gateways)
     store = gw.store()
-    first = now(proc, PATH, BODY, secret)
-    assert first is not None
     failing = SQLiteStore._write_granted_rows
 
     def io_error(self: SQLiteStore) -> None:
@@ -381,14 +381,14 @@ async def test_grants_whose_write_fails_stay_journaled_and_reservations_go_to_th
     monkeypatch.setattr(SQLiteStore, "_write_granted_rows", io_error)
     store.write_granted()
     assert "could not write 1 reservations granted before" in caplog.text
-    rid = first.metadata["request_id"]
     assert held(config_dir, rid) == ([], [])
     assert rid in Path(f"{state_file(config_dir)}.ahead").read_text()
     monkeypatch.setattr(SQLiteStore, "_write_granted_rows", failing)
     second = now(proc, PATH, BODY, secret)
     assert second is not None
-    for decided in (first, second):  # both in the file before the second's answer
-        holds, row = held(config_dir, decided.metadata["request_id"])
+    # Both in the file before the second's answer.
+    for request_id in (rid, second.metadata["request_id"]):
+        holds, row = held(config_dir, request_id)
         assert holds and row
     third = now(proc, PATH, BODY, secret)
     assert third is not None and held(config_dir, third.metadata["request_id"]) == ([], [])

@@ -333,23 +333,21 @@ class SQLiteStore(Store):
     def write_granted(self) -> None:
         """Write the reservations granted before, in a transaction of their own (the next
         transaction writes them first, whichever it is: most often their settlements')."""
-        if not self._granted:
-            return
         try:
-            with self._transaction():
-                pass
+            self._commit_granted()
         except locking.Busy:  # another process writes: they wait for it on the loop
             in_background(self._committing, self._write_granted_when_unlocked())
         except StoreUnavailable as e:
             self._written_failed(e)
 
+    def _commit_granted(self) -> None:
+        if self._granted:
+            with self._transaction():  # (which writes them first)
+                pass
+
     async def _write_granted_when_unlocked(self) -> None:
-        def write() -> None:
-            if self._granted:
-                with self._transaction():
-                    pass
         try:
-            await locking.unlocked(write)
+            await locking.unlocked(self._commit_granted)
         except StoreUnavailable as e:
             self._written_failed(e)
 
@@ -405,7 +403,6 @@ class SQLiteStore(Store):
                 raise
             try:
                 if self._ahead is not None:
-                    self._pending_known = {}
                     self._write_granted_rows()
                 yield
                 self.db.execute("COMMIT")
