@@ -42,7 +42,8 @@ class Replayed(ExternalProcessor):
             self.replayed = decision
         return decision
 
-    def decide_now(self, headers: dict[str, str], body: bytes) -> Forwarding | None:
+    def decide_now(self, headers: dict[str, str], body: bytes, head: str | None = None
+                   ) -> Forwarding | None:
         return self.replayed
 
     def metered(self, request_id: str, seq: int, last: bool, data: bytes,

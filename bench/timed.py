@@ -28,7 +28,8 @@ from typing import Any
 FUNCTIONS = [
     "extproc.decider:_head", "extproc.decider:ClientHeads.read",
     "extproc.service:ExternalProcessor.decide_now", "extproc.service:ExternalProcessor._request",
-    "tollgate.gateway:Gateway.decide_like", "tollgate.keys:authenticate",
+    "tollgate.gateway:Gateway.decide_like", "tollgate.precedent:Precedents.known",
+    "tollgate.keys:authenticated",
     "tollgate.telemetry:start", "tollgate.request:check_header_values", "tollgate.body:parse",
     "tollgate.precedent:Precedents.find", "tollgate.precedent:written_ahead",
     "tollgate.admission:Admission.again", "tollgate.admission:dearest",

@@ -309,14 +309,14 @@ class Decider(asyncio.Protocol):
                 self.transport.writelines(answer(self._attempt(head)))
                 return True
             kind = head.fields.get(BODY_HEADER, "whole")
-            headers, body, declared = self.heads.read(head.fields.get(HEAD_HEADER), payload,
-                                                      kind)
+            client = head.fields.get(HEAD_HEADER)
+            headers, body, declared = self.heads.read(client, payload, kind)
         except (BadRequest, ValueError) as e:
             self._refuse(e)
             return False
         if body is not None:  # like a request decided before: decided here and now
             try:
-                decided = self.processor.decide_now(headers, body)
+                decided = self.processor.decide_now(headers, body, client)
                 now = None if decided is None else answer(decided)
             except Exception:  # answered at once, as a decision that fails in `_decide` is
                 log.exception("a request could not be decided")

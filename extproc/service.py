@@ -350,13 +350,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             exchange.precedent.hosts[HOST] = dataclasses.replace(forwarding, body=None)
         return forwarding
 
-    def decide_now(self, headers: dict[str, str], body: bytes) -> Forwarding | None:
+    def decide_now(self, headers: dict[str, str], body: bytes, head: str | None = None
+                   ) -> Forwarding | None:
         """A request like one decided before, decided from that decision's precedent at once
         (`Gateway.decide_like`), and its answer made from that decision's own; None: it is
-        for `decide`."""
+        for `decide`. `head`: the client head as the decide filter encoded it, which names
+        the request's method, path and headers (`Request.head`)."""
         if not self.gateway.keeps_precedents:  # (the request is not built for nothing)
             return None
-        replayed = self.gateway.decide_like(self._request(headers, body), HOST)
+        replayed = self.gateway.decide_like(self._request(headers, body, head=head), HOST)
         if replayed is None:
             return None
         made: Forwarding = replayed.precedent.hosts[HOST]
@@ -403,11 +405,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             "fallback_count": str(exchange.cursor.fallback_count)})
 
     @staticmethod
-    def _request(headers: dict[str, str], body: bytes, declared: int | None = None) -> Request:
+    def _request(headers: dict[str, str], body: bytes, declared: int | None = None,
+                 head: str | None = None) -> Request:
         plain = {k: v for k, v in headers.items() if not k.startswith(":")}
         return Request(method=headers.get(":method", "GET"), path=headers.get(":path", "/"),
                        headers=plain, body=body, peer=headers.get("x-forwarded-for", ""),
-                       declared_length=declared)
+                       declared_length=declared, head=head)
 
     # -- responses ----------------------------------------------------------------------------
     def metered(self, request_id: str, seq: int, last: bool, data: bytes,

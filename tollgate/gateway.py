@@ -47,6 +47,7 @@ from tollgate.keys import (
     KeyIndex,
     PepperMismatch,
     authenticate,
+    authenticated,
     by_prefix,
     load_pepper,
     usable,
@@ -54,10 +55,12 @@ from tollgate.keys import (
 from tollgate.ledger import LedgerRow
 from tollgate.precedent import (
     VARYING,
+    KnownHead,
     Precedent,
     Precedents,
     Replayed,
     can_be_one,
+    head_of,
     written_ahead,
 )
 from tollgate.providers import adapter_for
@@ -328,20 +331,30 @@ class Gateway:
             return None
         started, loaded, now = time.monotonic(), self.holder.current, datetime.now(UTC)
         try:
-            key = authenticate(self._keys(loaded), req.headers, now)
+            # A head decided from a precedent before settles its key, route and checks.
+            known = self._precedents.known(loaded, req, now)
+            if known is not None:
+                key, until = usable(known.key, now), known.until
+            else:
+                key, until = authenticated(self._keys(loaded), req.headers, now)
             if not self._precedents.candidates(loaded, key, req):
                 return None
             trace = telemetry.start(req.method, req.path, req.headers)
             if req.body_size > loaded.config.gateway.max_body_bytes:
                 return None
-            route = routes.match(req.path)
+            route = known.route if known is not None else routes.match(req.path)
             assert route is not None  # a precedent was forwarded on it
             body = bodies.parse(route, req.body)
-            found = self._precedents.find(loaded, key, req, body.doc)
+            compared = known.compared if known is not None else head_of(req.headers)
+            found = self._precedents.find(loaded, key, req, body.doc, compared)
             if found is None or host not in found.hosts:
                 return None
-            # The other headers are the precedent's, whose values passed this check.
-            check_header_values(req.headers, only=VARYING)
+            if known is None:
+                # The other headers are the precedent's, whose values passed this check.
+                check_header_values(req.headers, only=VARYING)
+                if req.head is not None:
+                    self._precedents.know(req.head, KnownHead(loaded, key, until, route,
+                                                              compared))
             # The provider's credential as it is now (a key file rotates, a token expires).
             credential, _ = found.attempt.adapter.auth(dict(req.headers))
         except GatewayError:

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,6 +119,11 @@ class KeyIndex:
         self._seen: dict[bytes, _Entry] = {}
 
     def find(self, secret: str, now: datetime) -> VirtualKey | None:
+        entry = self.entry(secret, now)
+        return None if entry is None else entry.key
+
+    def entry(self, secret: str, now: datetime) -> _Entry | None:
+        """The key `secret` is one of, and until when (None: as long as the key) it is."""
         presented = secret.encode("utf-8", "surrogateescape")
         seen = hashlib.blake2b(presented, key=self._salt).digest()
         entry = self._seen.get(seen)
@@ -131,7 +137,7 @@ class KeyIndex:
             self._seen[seen] = entry
         if entry.valid_until is not None and now >= _aware(entry.valid_until):
             return None
-        return entry.key
+        return entry
 
 
 def presented_secrets(headers: dict[str, str] | object) -> list[str]:
@@ -159,20 +165,28 @@ def by_prefix(keys: list[VirtualKey], headers: dict[str, str]) -> VirtualKey | N
     return found[0] if len(found) == 1 else None
 
 
-def authenticate(index: KeyIndex, headers: dict[str, str], now: datetime | None = None
+def authenticate(index: KeyIndex, headers: Mapping[str, str], now: datetime | None = None
                  ) -> VirtualKey:
+    return authenticated(index, headers, now)[0]
+
+
+def authenticated(index: KeyIndex, headers: Mapping[str, str], now: datetime | None = None
+                  ) -> tuple[VirtualKey, datetime | None]:
+    """The key the headers present, and until when the secret they present is one of its
+    own (None: as long as the key is): a rotated-out secret's grace ends before its key."""
     now = now or datetime.now(UTC)
     candidates = presented_secrets(headers)
     if not candidates:
         raise GatewayError("invalid_api_key",
                            "No virtual key provided. Send it as `Authorization: Bearer <key>` "
                            "or `x-api-key: <key>`.")
-    key = next((k for s in candidates if (k := index.find(s, now)) is not None), None)
-    if key is None:
+    entry = next((e for s in candidates if (e := index.entry(s, now)) is not None), None)
+    if entry is None:
         raise GatewayError("invalid_api_key",
                            "Unknown virtual key. Check the key your app loads, or create one "
                            "with `tollgate virtual-keys create`.")
-    return usable(key, now)
+    until = None if entry.valid_until is None else _aware(entry.valid_until)
+    return usable(entry.key, now), until
 
 
 def usable(key: VirtualKey, now: datetime | None = None) -> VirtualKey:

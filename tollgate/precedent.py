@@ -18,6 +18,12 @@ Nothing a precedent could not repeat is ever kept: a plan of more than one provi
 chosen at random, a cap or a shadow control at work, rules on what a request
 reaches, input the gateway cannot see, a trace continued or recorded, a prompt captured,
 a response the gateway reshapes, a request signed over (Bedrock's SigV4).
+
+A host that names the heads it has seen (`Request.head`: the Envoy host's decide filter
+sends an app's head the same each time) has what a head settles kept once a request was
+decided from a precedent with it (`KnownHead`): its key is not looked up by its secret again
+nor its header values checked again, but the key's expiry, and a rotated-out secret's
+grace, are checked on every request.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ _PLAIN = frozenset({"role", "content", "name"})
 MAX_PER_KEY = 4  # precedents kept for each (key, method, path): the newest
 MAX_PLACES = 256  # (key, method, path) kept, per loaded config: the newest
 MAX_REST = 16 * 1024  # bytes of JSON: a body with more options is decided in full
+MAX_HEADS = 256  # client heads known, per loaded config: the newest
 
 
 def head_of(headers: Mapping[str, str]) -> frozenset[tuple[str, str]]:
@@ -126,6 +133,21 @@ class Precedent:
                    exchange.settlement.written_ahead())
 
 
+@dataclass(frozen=True)
+class KnownHead:
+    """What a client head (the host's name for a request's method, path and headers:
+    `Request.head`) settles for each request that presents it again, once one was decided
+    from a precedent: its key, found by the secret it presents and usable (checked again
+    each time, with `until`: a rotated-out secret's grace), its route, its headers as a
+    precedent compares them, and that their values passed the checks (they are the same)."""
+
+    loaded: LoadedConfig
+    key: VirtualKey
+    until: datetime | None
+    route: Route
+    compared: frozenset[tuple[str, str]]
+
+
 @dataclass
 class Replayed:
     """A request decided from a precedent: admitted and written ahead, with what its
@@ -192,13 +214,14 @@ class Precedents:
     def __init__(self) -> None:
         self._for: LoadedConfig | None = None
         self._kept: dict[tuple[str, str, str], list[Precedent]] = {}
+        self._heads: dict[str, KnownHead] = {}
 
     def __bool__(self) -> bool:
         return bool(self._kept)
 
     def keep(self, precedent: Precedent) -> None:
         if self._for is not precedent.loaded:  # a reload: the old config's are void
-            self._for, self._kept = precedent.loaded, {}
+            self._for, self._kept, self._heads = precedent.loaded, {}, {}
         where = (precedent.key.id, precedent.method, precedent.path)
         kept = self._kept.get(where)
         if kept is None:
@@ -211,12 +234,32 @@ class Precedents:
         del kept[MAX_PER_KEY:]
 
     def find(self, loaded: LoadedConfig, key: VirtualKey, req: Request,
-             doc: dict[str, Any]) -> Precedent | None:
+             doc: dict[str, Any], compared: frozenset[tuple[str, str]] | None = None
+             ) -> Precedent | None:
+        """The precedent `req` matches; `compared`: its headers as a precedent compares
+        them, when they are known (`KnownHead`)."""
         kept = self._kept.get((key.id, req.method, req.path)) if self._for is loaded else None
         if not kept:
             return None
-        head, rest = head_of(req.headers), rest_of(kept[0].route, doc)
+        head = head_of(req.headers) if compared is None else compared
+        rest = rest_of(kept[0].route, doc)
         return next((p for p in kept if p.head == head and p.rest == rest), None)
+
+    def known(self, loaded: LoadedConfig, req: Request, now: datetime) -> KnownHead | None:
+        """What `req`'s head settles, when it was decided from a precedent before and its
+        secret is still its key's."""
+        known = self._heads.get(req.head) if req.head is not None else None
+        if known is None or known.loaded is not loaded or \
+                (known.until is not None and now >= known.until):
+            return None
+        return known
+
+    def know(self, head: str, known: KnownHead) -> None:
+        if known.loaded is not self._for:
+            return  # (its precedents are void: so is what it settled)
+        if head not in self._heads and len(self._heads) >= MAX_HEADS:
+            del self._heads[next(iter(self._heads))]  # the oldest
+        self._heads[head] = known
 
     def candidates(self, loaded: LoadedConfig, key: VirtualKey, req: Request) -> bool:
         """Whether any precedent could match a request of `key` (before its body is read)."""

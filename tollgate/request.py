@@ -53,6 +53,10 @@ class Request:
     peer: str = ""
     # Body size announced by the client when the host answers before reading the body.
     declared_length: int | None = None
+    # The host's name for the request's method, path and headers, when it gives them one
+    # (the Envoy host: the client head as the decide filter encodes it): requests with the
+    # same name differ in their bodies alone (see `precedent.KnownHead`).
+    head: str | None = None
 
     @property
     def body_size(self) -> int:

@@ -136,9 +136,9 @@ def test_functions_named_on_the_command_line_are_timed_too(tmp_path):
         RequestTrace.__dict__["trace_id"].func.__code__
     config = make_config(tmp_path, _Url("http://127.0.0.1:9"), _Url("http://127.0.0.1:9"))
     result = _round(ROOT, config, governed(config), 3,
-                    functions=["tollgate.keys:KeyIndex.find",
+                    functions=["tollgate.precedent:head_of",
                                "tollgate.telemetry:RequestTrace.traceparent"])
     timed = result["functions"]
-    assert "decide_now" in " ".join(timed) and len(timed["KeyIndex.find"]) >= 3
+    assert "decide_now" in " ".join(timed) and len(timed["precedent.head_of"]) >= 1
     assert all(0 < t < 1 for t in timed["RequestTrace.traceparent"])
     assert len(timed["RequestTrace.traceparent"]) >= 3

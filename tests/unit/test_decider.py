@@ -139,8 +139,10 @@ class _Processor:
 
     def __init__(self) -> None:
         self.done: list[tuple] = []
+        self.heads: list[str | None] = []  # what each request decided at once was named
 
-    def decide_now(self, headers, body):
+    def decide_now(self, headers, body, head=None):
+        self.heads.append(head)
         if headers[":path"] == "/now-boom":
             raise RuntimeError("a fault in the decision made at once")
         if headers[":path"] != "/now":
@@ -238,6 +240,9 @@ async def test_a_request_decided_at_once_is_answered_in_its_turn(decider):
     assert answers[2][1] == b"/b b'x'"
     assert processor.done == [("decided", "/slow"), ("decided now", "/now"),
                               ("decided", "/b")]
+    # Each is named by its client head as the filter encoded it (`Request.head`).
+    assert processor.heads == [_b64(f":method: POST\n:path: {p}".encode())
+                               for p in ("/slow", "/now", "/b")]
     writer.close()
 
 

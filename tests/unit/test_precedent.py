@@ -4,9 +4,11 @@ precedent cannot vouch for goes to the full decision with nothing taken."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,10 @@ from click.testing import CliRunner
 
 from extproc.service import ExternalProcessor, Forwarding
 from tests.unit.test_gateway import CHAT, MSG
+from tollgate import gateway as gateway_module
+from tollgate import keys as keys_module
 from tollgate import metrics
+from tollgate import precedent as precedent_module
 from tollgate.cli.main import cli
 from tollgate.config.watch import ConfigHolder
 from tollgate.exchange import Exchange
@@ -444,6 +449,112 @@ async def test_a_key_refused_now_is_refused_in_full(gateways, config_dir):
     await full(proc, "/v1/chat/completions", CHAT, secret)
     assert now(proc, "/v1/chat/completions", CHAT, "tg-not-a-key") is None
     assert now(proc, "/v1/chat/completions", CHAT, secret) is not None
+
+
+def named(proc: ExternalProcessor, path: str, body: dict[str, Any], secret: str,
+          **extra: str) -> Forwarding | None:
+    """`now`, with the request's head named as the Envoy host names it (`Request.head`: the
+    client head as the decide filter encodes it)."""
+    headers = headers_of(path, secret, **extra)
+    head = base64.b64encode("\n".join(f"{k}: {v}" for k, v in headers.items()).encode())
+    return proc.decide_now(headers, json.dumps(body).encode(), head.decode())
+
+
+def keys_cli(path: Path, *args: str) -> dict[str, Any]:
+    result = CliRunner().invoke(cli, ["--config", str(path), "virtual-keys", *args,
+                                      "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout) if result.stdout.strip() else {}
+
+
+def later_by(monkeypatch, delta: timedelta) -> None:
+    """The gateway's clock (and the key index's), `delta` from now."""
+    at = datetime.now(UTC) + delta
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[override]
+            return at
+
+    for module in (gateway_module, keys_module):
+        monkeypatch.setattr(module, "datetime", Later)
+
+
+async def test_a_known_head_is_not_authenticated_again_but_its_key_is_checked_each_time(
+        gateways, config_dir, monkeypatch):
+    """A head decided from a precedent once is known by its name: the next requests that
+    present it are not looked up by their secret again (nor their header values checked:
+    they are the same), but its key's expiry is checked on each, and a config that changes
+    (a key revoked) voids what was known."""
+    _, gw, _ = gateways
+    path = gw.holder.path
+    secret = keys_cli(path, "create", "--name", "brief", "--scope", "ORG:acme",
+                      "--expires-in", "1d")["secret"]
+    assert gw.holder.check()
+    proc = ExternalProcessor(gw)
+    looked_up: list[str] = []
+    real = gateway_module.authenticated
+    monkeypatch.setattr(gateway_module, "authenticated",
+                        lambda *a: looked_up.append("key") or real(*a))
+    await full(proc, LIKE[0], LIKE[1], secret)
+    looked_up.clear()
+    first = named(proc, *LIKE, secret)
+    second = named(proc, LIKE[0], longer(LIKE[1]), secret)
+    assert first is not None and second is not None
+    assert looked_up == ["key"]  # the first of them alone
+    for a in (first, second):
+        del a.set_headers["content-length"]
+    assert answer(first) == answer(second)
+    assert first.metadata["request_id"] != second.metadata["request_id"]
+    # Another key's head is its own, looked up by its own secret.
+    assert named(proc, *LIKE, "tg-not-a-key") is None
+    assert looked_up == ["key", "key"]
+    # The key expires: its known head is not decided from the precedent; in full, refused.
+    later_by(monkeypatch, timedelta(days=2))
+    assert named(proc, *LIKE, secret) is None
+    for module in (gateway_module, keys_module):
+        monkeypatch.setattr(module, "datetime", datetime)
+    assert named(proc, *LIKE, secret) is not None
+    # Revoked: the config reloaded voids its known head and its precedents.
+    key_id = next(k["id"] for k in keys_cli(path, "list") if k["name"] == "brief")
+    keys_cli(path, "revoke", key_id, "--yes")
+    assert gw.holder.check()
+    assert named(proc, *LIKE, secret) is None
+    refused = await proc.decide(headers_of(LIKE[0], secret), json.dumps(LIKE[1]).encode())
+    assert isinstance(refused, Reply) and refused.status == 403, refused
+    assert json.loads(refused.body)["error"]["code"] == "virtual_key_revoked"
+
+
+async def test_a_rotated_out_secrets_known_head_ends_with_its_grace(gateways, monkeypatch):
+    """A head that presents a secret rotated out (in its grace period) is known until the
+    grace ends, then looked up again, and refused as the full decision refuses it."""
+    secret, gw, _ = gateways
+    path = gw.holder.path
+    key_id = next(k["id"] for k in keys_cli(path, "list") if k["name"] == "k")
+    new = keys_cli(path, "rotate", key_id, "--grace", "1h")["secret"]
+    assert gw.holder.check()
+    proc = ExternalProcessor(gw)
+    await full(proc, LIKE[0], LIKE[1], secret)
+    assert named(proc, *LIKE, secret) is not None
+    assert named(proc, *LIKE, secret) is not None
+    later_by(monkeypatch, timedelta(hours=2))
+    assert named(proc, *LIKE, secret) is None
+    refused = await proc.decide(headers_of(LIKE[0], secret), json.dumps(LIKE[1]).encode())
+    assert isinstance(refused, Reply) and refused.status == 401, refused
+    # The key's new secret is the key's still.
+    await full(proc, LIKE[0], LIKE[1], new)
+    assert named(proc, *LIKE, new) is not None
+
+
+async def test_the_newest_known_heads_are_kept(gateways, monkeypatch):
+    secret, gw, _ = gateways
+    monkeypatch.setattr(precedent_module, "MAX_HEADS", 2)
+    proc = ExternalProcessor(gw)
+    for n in range(3):
+        await full(proc, *LIKE, secret, x_app=str(n))
+        assert named(proc, *LIKE, secret, x_app=str(n)) is not None
+    kept = [dict(k.compared)["x-app"] for k in gw._precedents._heads.values()]
+    assert kept == ["1", "2"]
 
 
 async def test_a_store_that_never_reserves_at_once_keeps_no_precedents(gateways,
