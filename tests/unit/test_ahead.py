@@ -180,6 +180,36 @@ async def test_a_file_another_connection_wrote_is_read_again(gateways, config_di
     await gw.close()
 
 
+async def test_a_grant_asks_sqlite_nothing_while_nothing_was_committed_since(gateways,
+                                                                               config_dir):
+    """Whether another connection wrote the file is read again after the gateway's own
+    commits (a settlement, off the answer's path); a grant then reads the WAL index's
+    header alone, which any commit changes: another connection's sends it to SQLite."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    first = await full(proc, PATH, BODY, secret)
+    settle(proc, first.metadata["request_id"])
+    await gw.drain()
+    statements: list[str] = []
+    gw.store().db.set_trace_callback(statements.append)
+    granted = now(proc, PATH, BODY, secret)
+    assert granted is not None
+    assert held(config_dir, granted.metadata["request_id"]) == ([], [])  # granted
+    assert statements == []
+    settle(proc, granted.metadata["request_id"])
+    await gw.drain()
+    assert "PRAGMA data_version" in statements  # (after its commit)
+    statements.clear()
+    db = sqlite3.connect(state_file(config_dir), isolation_level=None)
+    db.execute("UPDATE budget_counters SET spent = spent + 1")
+    db.close()
+    decided = now(proc, PATH, BODY, secret)
+    assert decided is not None
+    assert statements[0] == "PRAGMA data_version"
+    assert held(config_dir, decided.metadata["request_id"])[0]  # made in the file
+    await gw.close()
+
+
 async def test_with_another_gateway_on_the_file_every_reservation_is_written_first(
         gateways, config_dir, monkeypatch, caplog):
     monkeypatch.setattr(ahead_module, "SHARED_FOR", 0)  # (tried again at once once it left)
