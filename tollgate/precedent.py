@@ -234,16 +234,14 @@ class Precedents:
         del kept[MAX_PER_KEY:]
 
     def find(self, loaded: LoadedConfig, key: VirtualKey, req: Request,
-             doc: dict[str, Any], compared: frozenset[tuple[str, str]] | None = None
-             ) -> Precedent | None:
+             doc: dict[str, Any], compared: frozenset[tuple[str, str]]) -> Precedent | None:
         """The precedent `req` matches; `compared`: its headers as a precedent compares
-        them, when they are known (`KnownHead`)."""
+        them (`head_of`, or its `KnownHead`'s)."""
         kept = self._kept.get((key.id, req.method, req.path)) if self._for is loaded else None
         if not kept:
             return None
-        head = head_of(req.headers) if compared is None else compared
         rest = rest_of(kept[0].route, doc)
-        return next((p for p in kept if p.head == head and p.rest == rest), None)
+        return next((p for p in kept if p.head == compared and p.rest == rest), None)
 
     def known(self, loaded: LoadedConfig, req: Request, now: datetime) -> KnownHead | None:
         """What `req`'s head settles, when it was decided from a precedent before and its
