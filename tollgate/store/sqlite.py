@@ -466,8 +466,9 @@ class SQLiteStore(Store):
             if self._ahead.holder is self:
                 self._ahead.all_written()
             # This commit changed the WAL index's header: read again now, after the
-            # answer it served, rather than on the next grant's path.
-            if self._known and not in_reservation:
+            # answer it served, rather than on the next grant's path (none while another
+            # gateway serves from the file: nothing is granted then).
+            if self._known and not in_reservation and self._ahead.may_take(self):
                 with contextlib.suppress(sqlite3.Error):  # (asked on the next grant)
                     self._current()
 
