@@ -16,9 +16,12 @@
    (the statements of tollgate's SQLite store, in its state file DATABASE, made by the store:
    a reservation transaction, then an in-flight row, ROW with its request id), and asks a
    stream that did not ask for usage for it (the body replaced, as tollgate does); the
-   request's last meter post settles it (its in-flight row and hold deleted, its ledger row
-   written, its counter charged, in one transaction). What it leaves out (the policy, the
-   plan, the prices) costs a compiled service microseconds. */
+   request's last meter post (`x-tollgate-end: 1`) settles it (its in-flight row and hold
+   deleted, its ledger row written, its counter charged, in one transaction). tollgate's
+   meter filter no longer sends one (Envoy's access log carries a response's end, which this
+   does not serve): behind its Envoy nothing is settled, as tollgate settles off the
+   answer's path. What it leaves out (the policy, the plan, the prices) costs a compiled
+   service microseconds. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>

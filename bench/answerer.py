@@ -18,8 +18,11 @@ that asks one with no Lua: the layers under bench.breakdown's floor.
   With `store` (a state file tollgate's SQLite store made), each models a decision service
   that does what costs most in tollgate's and nothing else: each decision runs the key's
   HMAC, takes a request id, runs the store's reservation and write-ahead and asks a stream
-  for its usage (its body replaced), and each response's last meter post its settlement
-  (answerer.c says which statements; `Modelled` runs the same ones). Compiled: what a
+  for its usage (its body replaced), and a response's last meter post its settlement
+  (answerer.c says which statements; `Modelled` runs the same ones). tollgate's meter filter
+  no longer posts a response's end (Envoy's access log carries it, after the client's
+  answer, which the answerers do not serve): behind its Envoy the models settle nothing,
+  and tollgate settles off the answer's path. Compiled: what a
   compiled decision would cost on the request's path, measured, not estimated. Python: what
   the same work costs in Python, written as one straight path (tollgate's decision spends
   several times that: the difference is the code and data its path touches, not Python).

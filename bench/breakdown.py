@@ -56,7 +56,8 @@ the last three; a filter in Envoy's own C++ that of the second.
 A last path, `compiled decision`, measures what such a decision service would take in their
 place: the compiled answerer as a model of one (`--store`: each decision HMACs the key, takes
 a request id, runs tollgate's SQLite reservation and write-ahead, asks a stream for its
-usage; each response is settled), asked by tollgate's Envoy. Its p50 over the compiled floor
+usage; no response is settled: the end comes in Envoy's access log, after the answer, which
+the models do not hear), asked by tollgate's Envoy. Its p50 over the compiled floor
 is printed beside tollgate's decision service's (the host over the compiled floor), and
 beside `python decision`'s, the same model in Python (bench.answerer's Python answerer with
 a store): the same work written as one straight path, which tells how much of tollgate's

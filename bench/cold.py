@@ -9,10 +9,13 @@ request's path in seconds (bench.quick's move 5% or more with the machine's mood
 Each request goes through the decision service as Envoy's filters send it, byte for byte
 (extproc.decider's exchange, the OpenAI SDK's headers, the governed profile: a key with a
 model allowlist under a blocking org budget, on SQLite): its decision (`/decide`, answered
-from the precedent the first request left), the meter post of its JSON answer (`/meter`)
-and its settlement (the task that post starts, to its commit). `--stream`: the SDK's
-default stream instead (its body replaced to ask for the usage chunk, and its one post: a
-short stream's head, events and end, as the meter filter batches them). Cold: 48 MiB are written
+from the precedent the first request left), its JSON answer's end as Envoy's access log
+reports it, whole (the entry the meter filter's metadata makes: the answer's head and
+bytes), and its settlement (the task that entry starts, to its commit). `--stream`: the
+SDK's default stream instead (its body replaced to ask for the usage chunk; its entry: a
+short stream's head, events and first byte time, which the meter filter posted none of). A
+code from before the access log carried responses' ends takes the meter filter's last post
+instead (`/meter`). Cold: 48 MiB are written
 before each step, which evicts what the last one left in the caches (L1, L2, the 32 MiB L3
 this box shares) and the TLBs, as the client, Envoy and the provider do between two of a
 sidecar's requests: the decision then costs what bench.stages times behind Envoy, within
@@ -102,16 +105,42 @@ EVENTS = b"".join([
     _chunk({"choices": [], "usage": json.loads(ANSWER)["usage"]}), b"data: [DONE]\n\n"])
 
 
-def meter_post(request_id: str, stream: bool = False) -> bytes:
-    """The meter filter's one post for a JSON answer, or for a short stream (sent once it
-    ended: under its batch's size and time): its head and its bytes, the last."""
+def _response(stream: bool) -> tuple[bytes, bytes]:
+    """The provider's response, as the meter filter copies it: its head, its body."""
     if stream:
-        payload = b":status: 200\ncontent-type: text/event-stream; charset=utf-8\n\n" + EVENTS
-        first = f"x-tollgate-first-byte: {time.time_ns() // 1000}\r\n"
-    else:
-        payload = (b":status: 200\ncontent-type: application/json\n"
-                   b"content-length: %d\n\n" % len(ANSWER)) + ANSWER
-        first = ""
+        return b":status: 200\ncontent-type: text/event-stream; charset=utf-8\n\n", EVENTS
+    return (b":status: 200\ncontent-type: application/json\n"
+            b"content-length: %d\n\n" % len(ANSWER)), ANSWER
+
+
+def end_entry(request_id: str, stream: bool = False) -> Any:
+    """Envoy's access-log entry of a JSON answer's end, or a short stream's (under a
+    batch's size and time: the meter filter made no post), as meter.lua leaves it: the
+    response's head and bytes, its `whole` mark, a stream's first byte time."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+    from google.protobuf import json_format
+
+    head, body = _response(stream)
+    tail = {"n": 1, "1": base64.b64encode(body).decode(),
+            "head": base64.b64encode(head).decode()}
+    if stream:
+        tail["first_byte"] = str(time.time_ns() // 1000)
+    return json_format.ParseDict({
+        "common_properties": {
+            "start_time": "2026-12-05T12:00:00Z", "time_to_last_upstream_rx_byte": "0.001s",
+            "metadata": {"filter_metadata": {
+                "tollgate": {"request_id": request_id, "whole": "1"}, "tollgate.tail": tail}}},
+        "response": {"response_code": 200, "response_code_details": "via_upstream"}},
+        accesslog_pb2.HTTPAccessLogEntry())
+
+
+def meter_post(request_id: str, stream: bool = False) -> bytes:
+    """What a code from before the access log carried responses' ends took instead of
+    `end_entry`: the meter filter's one post, the last, with the response's head and
+    bytes."""
+    head, body = _response(stream)
+    first = f"x-tollgate-first-byte: {time.time_ns() // 1000}\r\n" if stream else ""
+    payload = head + body
     return (f"POST /meter HTTP/1.1\r\nhost: tollgate\r\nx-tollgate-request: {request_id}\r\n"
             f"x-tollgate-seq: 0\r\nx-tollgate-end: 1\r\n{first}content-length: {len(payload)}"
             f"\r\n\r\n").encode() + payload
@@ -161,12 +190,16 @@ async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evicto
     from bench.latency import BODY
     from bench.quick import STREAM_BODY
     from extproc.decider import Decider
+    from extproc.proxy_replies import ProxyReplies
     from extproc.service import ExternalProcessor
     from tollgate.gateway import Gateway
 
     body = STREAM_BODY if stream else BODY
     gateway = Gateway.from_path(str(config), watch=False)
-    decider, transport = Decider(ExternalProcessor(gateway)), Transport()
+    processor, transport = ExternalProcessor(gateway), Transport()
+    decider = Decider(processor)
+    # The response's end: Envoy's access log, or, for a code from before it, a last post.
+    log = ProxyReplies(gateway, processor.ended) if hasattr(ProxyReplies, "take") else None
     decider.connection_made(transport)  # type: ignore[arg-type]
     times: dict[str, list[float]] = {step: [] for step in STEPS}
     clock = time.perf_counter
@@ -181,11 +214,15 @@ async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evicto
                 await asyncio.sleep(0)
             decided = clock()
             answer = transport.written.pop()
-            post = meter_post(request_id_of(answer), stream)
+            request_id = request_id_of(answer)
+            entry = end_entry(request_id, stream) if log else meter_post(request_id, stream)
             if cold:
                 evict()
             posted = clock()
-            decider.data_received(post)
+            if log:
+                log.take(entry)
+            else:
+                decider.data_received(entry)
             metered = clock()
             await gateway.drain()
             settled = clock()

@@ -26,17 +26,17 @@ the request is refused from its headers. The answer is 200 with the decision in
 - reply: `x-tollgate-reply: <status>`, the reply's headers as `x-tollgate-set-<name>`, its
   body as the answer's body.
 
-The meter's posts, fire-and-forget, a few per response:
+The meter's posts, fire-and-forget, a few per long stream (a response's end, and most
+responses whole, come in Envoy's access log instead: see meter.lua):
 
     POST /meter      x-tollgate-request: <request id>   x-tollgate-seq: 0, 1, ...
-                     x-tollgate-end: 1 (on the last)
                      x-tollgate-first-byte: <microseconds since the epoch> (a stream's
                                             first post: when its first bytes came)
     <seq 0 only: the response's head, "name: value" a line (:status too), an empty line>
     <the response's bytes since the previous post>
 
 Posts may arrive out of order (Envoy sends each on any free connection); `seq` puts them back
-in order. Each is answered 204.
+in order, the access log's report of the end after them. Each is answered 204.
 
 Each attempt of a fallback plan (`tollgate.attempt`, attempt.lua) asks for its changes:
 
@@ -58,6 +58,7 @@ import logging
 from dataclasses import dataclass
 from typing import cast
 
+from extproc.heads import BadRequest, head_lines, response_head
 from extproc.listen import Listener, private_socket, restrict
 from extproc.service import ExternalProcessor, Forwarding
 from tollgate.request import MAX_HEADER_BYTES, Reply, lower_headers
@@ -107,10 +108,6 @@ def answer(decision: Reply | Forwarding) -> list[bytes]:
     return _encode(200, out, decision.body or b"")
 
 
-class BadRequest(ValueError):
-    """Not an exchange the decide filter sends (see the module's docstring)."""
-
-
 @dataclass
 class Head:
     """What the filters' request heads say: which service, the body's length, and the
@@ -142,29 +139,6 @@ def _head(head: bytes) -> Head:
     return Head(path, length, fields)
 
 
-def _lines(head: bytes) -> list[tuple[str, str]]:
-    """"name: value" lines, as the filters send a head."""
-    pairs = []
-    for line in head.decode("utf-8", "surrogateescape").split("\n"):
-        name, sep, value = line.partition(": ")
-        if not sep:
-            name, value = line.rstrip(":"), ""
-        pairs.append((name, value))
-    return pairs
-
-
-def response_head(payload: bytes) -> tuple[int, dict[str, str], bytes]:
-    """A first meter post: the response's status, its headers and the bytes after them."""
-    head, sep, body = payload.partition(b"\n\n")
-    if not sep:
-        raise BadRequest("no end to the response's headers")
-    headers = lower_headers(_lines(head))
-    status = headers.pop(":status", "")
-    if not status.isdigit():
-        raise BadRequest(f"a response head without a status: {status!r}")
-    return int(status), headers, body
-
-
 def client_request(head: str | None, body: bytes, kind: str
                    ) -> tuple[dict[str, str], bytes | None, int | None]:
     """The client's headers (from the base64 `head`), its body (None: it has none) and,
@@ -172,7 +146,7 @@ def client_request(head: str | None, body: bytes, kind: str
     if head is None:
         raise BadRequest(f"a decision without the client's head ({HEAD_HEADER.decode()})")
     try:
-        headers = lower_headers(_lines(binascii.a2b_base64(head, strict_mode=True)))
+        headers = lower_headers(head_lines(binascii.a2b_base64(head, strict_mode=True)))
     except binascii.Error as e:
         raise BadRequest(f"the client's head is not base64: {e}") from None
     if kind == "none":
@@ -375,14 +349,13 @@ class Decider(asyncio.Protocol):
         seq = head.fields.get(b"x-tollgate-seq", "")
         if not request_id or not seq.isdigit():
             raise BadRequest("a meter post without its request id or sequence number")
-        last = head.fields.get(b"x-tollgate-end") == "1"
         if seq == "0":
             status, headers, payload = response_head(payload)
             first_byte = head.fields.get(b"x-tollgate-first-byte", "")
-            self.processor.metered(request_id, 0, last, payload, (status, headers),
+            self.processor.metered(request_id, 0, False, payload, (status, headers),
                                    int(first_byte) / 1e6 if first_byte.isdigit() else None)
         else:
-            self.processor.metered(request_id, int(seq), last, payload)
+            self.processor.metered(request_id, int(seq), False, payload)
 
 
 async def start_decider(processor: ExternalProcessor, where: Listener) -> asyncio.Server:

@@ -9,10 +9,12 @@ Filters in front of the router:
   content-length is over `gateway.max_body_bytes` is refused unread; one that grows past it
   meets the listener's buffer limit (Envoy's 413, recorded through the access log).
 - `tollgate.meter` (Lua, meter.lua): copies each forwarded request's response, as the
-  provider sent it, to the decision service of the process that decided it, in a few
-  fire-and-forget posts, without holding a byte back. A response that does not end there
-  (a reset, a reply Envoy made in the provider's place) goes to that process through the
-  access log (`unmetered_log`).
+  provider sent it, to the process that decided it, without holding a byte back: its end
+  (the bytes since a long stream's last post, or the whole of most answers) through the
+  gRPC access log (`response_end_logs`), after the client has had it; a long stream in a
+  few fire-and-forget posts to the decision service as it goes. A response that does not
+  end there (a reset, a reply Envoy made in the provider's place) goes through the same
+  log, without the mark that it is whole.
   It also keeps a usage chunk the gateway asked for out of a stream it does not otherwise
   edit (usage_cut.lua), once it has copied the chunk.
 - `tollgate.rewrite` (ext_proc) edits the responses the gateway reshapes (translations): a
@@ -258,9 +260,10 @@ def _undecided(extproc_failed: bool) -> dict[str, Any]:
 
 
 def _grpc_access_log(name: str, condition: dict[str, Any], cluster: str,
-                     **extra: Any) -> dict[str, Any]:
+                     flush: str = "0.2s", **extra: Any) -> dict[str, Any]:
     """An access log of the requests that meet `condition`, sent to ext_proc's gRPC access
-    log service on `cluster`."""
+    log service on `cluster`, batched for `flush` at most (Envoy's buffer of 16 KiB sends
+    sooner)."""
     return {
         "name": name,
         "filter": condition,
@@ -271,7 +274,7 @@ def _grpc_access_log(name: str, condition: dict[str, Any], cluster: str,
                 "log_name": name,
                 "transport_api_version": "V3",
                 "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
-                "buffer_flush_interval": "0.2s",
+                "buffer_flush_interval": flush,
             },
             **extra,
         },
@@ -292,18 +295,24 @@ def _metadata_present(key: str) -> dict[str, Any]:
         "match_if_key_not_found": False}}
 
 
-def unmetered_logs(processes: int = 1) -> list[dict[str, Any]]:
-    """Forwarded requests whose response's end did not reach the meter (reset by the client
-    or the provider, or answered by Envoy in the provider's place) go to the gRPC access log
-    of the process that decided them, which settles them (`ExternalProcessor.ended`)."""
+# How long a response's end may wait in Envoy before it is sent to be settled: until
+# then, its budgets hold its worst case, not its cost.
+RESPONSE_END_FLUSH = "0.05s"
+
+
+def response_end_logs(processes: int = 1) -> list[dict[str, Any]]:
+    """The end of every forwarded request's response (see meter.lua) goes to the gRPC access
+    log of the process that decided it, which settles it (`ExternalProcessor.ended`): whole
+    (metered to its end), or cut short (reset by the client or the provider, or answered by
+    Envoy in the provider's place). Sent after the client had its response, in batches."""
     def log_to(process: int | None) -> dict[str, Any]:
-        conditions = [_metadata_present("request_id"), _metadata_is("answered", None),
-                      _metadata_is("metered", None)]
+        conditions = [_metadata_present("request_id"), _metadata_is("answered", None)]
         if process is not None:
             conditions.append(_metadata_is("process", str(process)))
         return _grpc_access_log(
-            "tollgate.unmetered", {"and_filter": {"filters": conditions}},
-            EXTPROC_CLUSTER if process is None else process_cluster(process))
+            "tollgate.response_end", {"and_filter": {"filters": conditions}},
+            EXTPROC_CLUSTER if process is None else process_cluster(process),
+            flush=RESPONSE_END_FLUSH)
 
     return [log_to(None)] if processes == 1 else [log_to(i) for i in range(processes)]
 
@@ -429,9 +438,9 @@ USAGE_CUT = Path(__file__).with_name("usage_cut.lua")  # the usage cut the meter
 
 
 def meter_filter() -> dict[str, Any]:
-    """`tollgate.meter`: the response, as the provider sent it, posted in a few batches to
-    the decision service of the process that decided the request (see meter.lua), and a
-    usage chunk the gateway asked for kept from the client (see usage_cut.lua)."""
+    """`tollgate.meter`: the response, as the provider sent it, to the process that decided
+    the request (see meter.lua), and a usage chunk the gateway asked for kept from the
+    client (see usage_cut.lua)."""
     source = METER.read_text().replace("@CLUSTER@", DECIDER_CLUSTER) \
         .replace("@UPSTREAM@", UPSTREAM_HEADER)
     source = f"{USAGE_CUT.read_text()}\n{source}"
@@ -626,7 +635,7 @@ def listener(cfg: Config, host: str, port: int, outage: str, processes: int = 1
                 "route_config": route_config(cfg, processes),
                 "local_reply_config": local_reply_config(cfg.gateway.header_prefix),
                 "access_log": [proxy_replies_log(), outage_log(outage),
-                               *unmetered_logs(processes)],
+                               *response_end_logs(processes)],
                 "http_filters": http_filters(cfg.gateway.max_body_bytes, processes),
             },
         }]}],

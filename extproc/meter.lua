@@ -1,19 +1,24 @@
 -- tollgate.meter: copies a forwarded request's response, as the provider sent it, to the
--- process that decided the request (`POST /meter` on its decision service; extproc/decider.py
--- says what goes there), which meters and settles it. Nothing is held back: every post is
--- fire-and-forget, and a chunk goes on to the client as soon as it has been copied. Posts are
--- batched (every FLUSH_BYTES or FLUSH_MS, then the end), so a long stream costs a few posts,
--- not one per chunk. A post goes out before the chunk that prompted it, so an SSE stream's
--- first bytes go on to the client at once and wait for the next batch to be posted (the first
--- post says when they came: the stream's time to first byte). Bedrock's event stream posts its
--- head and first bytes at once: its frames are read by its content type, which a stream cut
--- short before its first post would not leave the access log.
+-- process that decided the request, which meters and settles it. Nothing is held back, and
+-- nothing is sent on the response's own path but for long streams: the bytes since the last
+-- post are kept in dynamic metadata (namespace `tollgate.tail`: `n` chunks, base64, under
+-- "1" to "n"), and once the response is whole its end goes to that process in Envoy's gRPC
+-- access log (`tollgate.response_end`), after the client has had it, with the response's
+-- head (`head`, base64) and a stream's first byte time (`first_byte`, microseconds since the
+-- epoch) when no post carried them, and the mark `tollgate.whole`. A post to the decision
+-- service (`POST /meter`; extproc/decider.py says what goes there) cost the response some
+-- 0.1 ms: the call, and the decision service waking for it while the client was served.
+--
+-- A long stream is posted in batches (every FLUSH_BYTES or FLUSH_MS), fire-and-forget, so
+-- what is kept stays small and a long stream is charged as it goes. A post goes out before
+-- the chunk that prompted it, so an SSE stream's first bytes go on to the client at once and
+-- wait for the next batch to be posted. Bedrock's event stream posts its head and first
+-- bytes at once: its frames are read by its content type, which a stream cut short before
+-- its first post would not leave the access log.
 --
 -- A response that does not end here (the client or the provider reset it, or Envoy answered
--- in the provider's place) leaves no `metered` mark in the metadata: the access log takes it
--- to the same process, with how many posts it should wait for (`posted`) and the bytes no
--- post carried (namespace `tollgate.tail`: `n` chunks, base64, under "1" to "n"), so a
--- stream cut short is charged all it streamed.
+-- in the provider's place) leaves no `whole` mark: the same access log takes it to the same
+-- process, which charges it all it streamed.
 --
 -- It also keeps the usage chunk the gateway asked for from a client that did not (the cut,
 -- usage_cut.lua, which the renderer puts before this script), once it has copied the bytes.
@@ -44,19 +49,18 @@ local function meter(handle)
   -- Objects taken from the handle are gone once it yields for the next chunk: the
   -- metadata is asked for anew each time.
   local first_byte = nil -- when a stream's first bytes came (microseconds since the epoch)
-  local function post(data, last)
+  local function post(data)
     call["x-tollgate-seq"] = tostring(seq)
-    call["x-tollgate-end"] = last and "1" or nil
     call["x-tollgate-first-byte"] = seq == 0 and first_byte or nil
     handle:httpCall(cluster, call, data, OPTIONS)
     seq = seq + 1
-    handle:streamInfo():dynamicMetadata():set("tollgate", last and "metered" or "posted",
-                                                last and "1" or tostring(seq))
+    handle:streamInfo():dynamicMetadata():set("tollgate", "posted", tostring(seq))
   end
 
   local head = {}
   for name, value in pairs(headers) do head[#head + 1] = name .. ": " .. value end
-  local held = { table.concat(head, "\n") .. "\n\n" }
+  head = table.concat(head, "\n") .. "\n\n"
+  local held = { head }
   local size, since = 0, handle:timestamp()
   local content_type = string.lower(headers:get("content-type") or "")
   local frames = string.find(content_type, "application/vnd.amazon.eventstream", 1, true) == 1
@@ -64,8 +68,8 @@ local function meter(handle)
   -- A usage chunk the gateway asked for is kept from the client (usage_cut.lua).
   local cutting = stream and not frames and decided["cut_usage"] == "1"
   local unfinished = "" -- the cut's: an event not yet whole
-  -- A body of known length is whole once that many bytes have come: the last post goes
-  -- then, and nothing need be kept for the access log (most JSON answers: one chunk).
+  -- A body of known length is whole once that many bytes have come (most JSON answers:
+  -- one chunk).
   local length = tonumber(headers:get("content-length") or "")
   local slots, total = 0, 0
   for chunk in handle:bodyChunks() do
@@ -78,28 +82,33 @@ local function meter(handle)
       if stream and first_byte == nil then
         first_byte = handle:timestampString(EnvoyTimestampResolution.MICROSECOND)
       end
-      if length ~= nil and total >= length then break end
       local now = handle:timestamp()
       local meta = handle:streamInfo():dynamicMetadata()
       if (frames and seq == 0) or size >= FLUSH_BYTES or now - since >= FLUSH_MS then
-        post(table.concat(held), false)
+        post(table.concat(held))
         held, size, since = {}, 0, now
         if slots > 0 then meta:set(TAIL, "n", 0) end
         slots = 0
-      else -- kept where the access log finds it if the stream ends here
+      else -- kept for the access log
         slots = slots + 1
         meta:set(TAIL, tostring(slots), handle:base64Escape(bytes))
         meta:set(TAIL, "n", slots)
       end
+      if length ~= nil and total >= length then break end
     end
   end
-  post(table.concat(held), true)
+  local meta = handle:streamInfo():dynamicMetadata()
+  if seq == 0 then -- what the first post would have said
+    meta:set(TAIL, "head", handle:base64Escape(head))
+    if first_byte ~= nil then meta:set(TAIL, "first_byte", first_byte) end
+  end
+  meta:set("tollgate", "whole", "1")
 end
 
 function envoy_on_response(handle)
   local ok, err = pcall(meter, handle)
   if not ok then
-    -- Unmetered, not unsettled: without the `metered` mark the access log settles it.
+    -- Not unsettled: without the `whole` mark the access log charges what it streamed.
     handle:logErr("tollgate.meter: " .. tostring(err))
   end
 end

@@ -7,9 +7,10 @@ Two ways in (see `envoy_config.proxy_replies_log` and `envoy_config.outage_log`)
 - when ext_proc failed them, that log would go to the same dead socket, so Envoy writes them
   to a file (the outage log), which ext_proc reads into the ledger once it is back.
 
-The same gRPC access log service also hears of forwarded requests whose response's end did
-not reach the meter (`envoy_config.unmetered_logs`): those carry the decision's metadata and
-go to the processor that holds them (`ended`).
+The same gRPC access log service also hears of every forwarded request's end
+(`envoy_config.response_end_logs`): those carry the decision's metadata, the response's bytes
+no meter post carried and, when the meter saw it whole, its mark, and go to the processor
+that holds them (`ended`).
 
 Envoy logs as proxy replies only requests without the decision's metadata, so a request the
 gateway decided is never counted twice; the two logs take disjoint requests, and a line read
@@ -26,7 +27,7 @@ import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -50,26 +51,51 @@ def request_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Request:
                    .socket_address.address, declared_length=r.request_body_bytes or None)
 
 
+class Whole(NamedTuple):
+    """A response the meter saw to its end (meter.lua): what its last post would have
+    said."""
+
+    head: bytes | None  # the response's head, when no post carried it
+    first_byte: float | None  # a stream's first bytes, seconds since the epoch, as `head`
+    at: float | None  # when its last bytes came from the provider, seconds since the epoch
+
+
 class Ended(Protocol):
     def __call__(self, request_id: str, status: int, details: str, posts: int,
-                 tail: bytes, client_left: bool) -> None: ...
+                 tail: bytes, client_left: bool, whole: Whole | None) -> None: ...
 
 
-def _decided(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, int, bytes] | None:
-    """A forwarded request's id, how many meter posts it made and the response bytes no post
-    carried (see meter.lua), from its metadata; None for a request Envoy answered before
-    any decision."""
-    namespaces = entry.common_properties.metadata.filter_metadata
+def _seconds(timestamp: Any) -> float:
+    return timestamp.seconds + timestamp.nanos / 1e9
+
+
+def _decided(entry: accesslog_pb2.HTTPAccessLogEntry
+             ) -> tuple[str, int, bytes, Whole | None] | None:
+    """A forwarded request's id, how many meter posts it made, the response bytes no post
+    carried and, for a response the meter saw whole, the rest of what it said (see
+    meter.lua), from its metadata; None for a request Envoy answered before any
+    decision."""
+    common = entry.common_properties
+    namespaces = common.metadata.filter_metadata
     fields = namespaces.get(METADATA_NS)
     if fields is None or "request_id" not in fields.fields:
         return None
     posted = fields.fields["posted"].string_value if "posted" in fields.fields else "0"
-    tail = b""
-    if (held := namespaces.get(f"{METADATA_NS}.tail")) is not None and "n" in held.fields:
+    tail, held = b"", namespaces.get(f"{METADATA_NS}.tail")
+    if held is not None and "n" in held.fields:
         slots = [held.fields.get(str(i)) for i in range(1, int(held.fields["n"].number_value) + 1)]
         tail = b"".join(base64.b64decode(s.string_value) for s in slots if s is not None)
+    whole = None
+    if "whole" in fields.fields:
+        said = held.fields if held is not None else {}
+        head = base64.b64decode(said["head"].string_value) if "head" in said else None
+        first = said["first_byte"].string_value if "first_byte" in said else ""
+        last = common.time_to_last_upstream_rx_byte
+        whole = Whole(head, int(first) / 1e6 if first.isdigit() else None,
+                      _seconds(common.start_time) + _seconds(last)
+                      if common.HasField("time_to_last_upstream_rx_byte") else None)
     return (fields.fields["request_id"].string_value, int(posted) if posted.isdigit() else 0,
-            tail)
+            tail, whole)
 
 
 class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
@@ -82,27 +108,38 @@ class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
                                ) -> als_pb2.StreamAccessLogsResponse:
         async for message in requests:
             for entry in message.http_logs.log_entry:
-                status = entry.response.response_code.value
-                decided = _decided(entry)
-                if decided is not None:
-                    try:
-                        request_id, posts, tail = decided
-                        flags = entry.common_properties.response_flags
-                        self.ended(request_id, status, entry.response.response_code_details,
-                                   posts, tail, flags.downstream_connection_termination
-                                   or flags.downstream_remote_reset)
-                    except Exception:
-                        log.exception("could not settle request %s", request_id)
-                    continue
-                if not status:
-                    continue  # no answer at all: the client left before it was complete
-                try:
-                    self.gateway.record_proxy_reply(
-                        request_of(entry), status, entry.response.response_code_details,
-                        request_id=entry.request.request_id or None)
-                except Exception:
-                    log.exception("could not record a request Envoy answered itself")
+                self.take(entry)
+                # A batch settles many requests: a decision that came meanwhile goes first.
+                await asyncio.sleep(0)
         return als_pb2.StreamAccessLogsResponse()
+
+    def take(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
+        """One entry: a forwarded request's end, or a request Envoy answered itself."""
+        status = entry.response.response_code.value
+        try:
+            decided = _decided(entry)
+        except ValueError as e:  # (not what the meter writes: the rest are still read)
+            log.error("an access-log entry with unreadable metadata (%s): %s", e,
+                      entry.request.request_id)
+            return
+        if decided is not None:
+            request_id, posts, tail, whole = decided
+            try:
+                flags = entry.common_properties.response_flags
+                self.ended(request_id, status, entry.response.response_code_details,
+                           posts, tail, flags.downstream_connection_termination
+                           or flags.downstream_remote_reset, whole)
+            except Exception:
+                log.exception("could not settle request %s", request_id)
+            return
+        if not status:
+            return  # no answer at all: the client left before it was complete
+        try:
+            self.gateway.record_proxy_reply(
+                request_of(entry), status, entry.response.response_code_details,
+                request_id=entry.request.request_id or None)
+        except Exception:
+            log.exception("could not record a request Envoy answered itself")
 
 
 def default_outage_log(config_path: Path) -> Path:

@@ -49,8 +49,9 @@ from extproc.envoy_config import (
     cluster_name,
     decider_targets,
 )
+from extproc.heads import response_head
 from extproc.listen import Listener, bind, restrict
-from extproc.proxy_replies import ProxyReplies
+from extproc.proxy_replies import ProxyReplies, Whole
 from tollgate.errors import GatewayError
 from tollgate.exchange import Exchange, JSONTranslation
 from tollgate.gateway import Gateway
@@ -200,7 +201,7 @@ def _request_id(msg: pb.ProcessingRequest) -> str | None:
 
 
 class _Ended(NamedTuple):
-    """What Envoy's access log said of a request whose end the meter did not post."""
+    """What Envoy's access log said of a request's end."""
 
     status: int  # 0: no response
     details: str  # Envoy's response code details
@@ -223,6 +224,7 @@ class _Pending:
     posts: int = 0  # meter posts taken, in order
     early: dict[int, tuple[bytes, bool]] = field(default_factory=dict)  # ahead of their turn
     ended: _Ended | None = None  # while the posts the access log counted are on their way
+    ended_at: float | None = None  # when the response's last bytes came (the access log's)
     adopt: Callable[[Replayed], Exchange] | None = None  # makes a replayed one's exchange
 
     @property
@@ -415,16 +417,19 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     # -- responses ----------------------------------------------------------------------------
     def metered(self, request_id: str, seq: int, last: bool, data: bytes,
                 head: tuple[int, dict[str, str]] | None = None,
-                first_byte: float | None = None) -> None:
-        """A meter post: the response's bytes (and with the first, its status and headers,
-        and for a stream when its first bytes came, in seconds since the epoch: they may
-        have gone on to the client before that post), taken in order; the last, or a
-        response complete before it, settles the request."""
+                first_byte: float | None = None, ended_at: float | None = None) -> None:
+        """The response's bytes, taken in order: each meter post's (with the first, its
+        status and headers, and for a stream when its first bytes came, in seconds since
+        the epoch: they may have gone on to the client before that post), and `last`, the
+        end the access log reports (`ended`; `ended_at`: when the provider's last bytes
+        came). The last, or a response complete before it, settles the request."""
         pending = self._pending.get(request_id)
         if pending is None:
             return  # settled already (complete before its last post), or not this process's
         pending.since = time.monotonic()
         pending.early[seq] = (data, last)
+        if ended_at is not None:
+            pending.ended_at = ended_at
         try:
             while pending.posts in pending.early:
                 data, last = pending.early.pop(pending.posts)
@@ -439,6 +444,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 if data:
                     exchange.on_chunk(data)
                 if last or exchange.complete:
+                    if pending.ended_at is not None:
+                        exchange.ended_at(pending.ended_at)
                     self._settle(request_id, "completed")
                     return
         except Exception:
@@ -449,14 +456,27 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self._end(request_id)
 
     def ended(self, request_id: str, status: int, details: str, posts: int,
-              tail: bytes = b"", client_left: bool = False) -> None:
-        """Envoy's access log: the request ended without its response's end reaching the
-        meter (`status` 0: no response), having made `posts` meter posts and streamed `tail`
-        after them; `client_left`: the client reset it. Settled once those posts are in."""
+              tail: bytes = b"", client_left: bool = False, whole: Whole | None = None
+              ) -> None:
+        """Envoy's access log: the request ended, having made `posts` meter posts and
+        streamed `tail` after them. `whole`: the meter saw the response to its end, which
+        settles it once those posts are in, as a last post would. Else it ended without
+        (`status` 0: no response; `client_left`: the client reset it), and is charged what
+        it streamed once those posts are in."""
         pending = self._pending.get(request_id)
         if pending is None:
             return
         pending.ended = _Ended(status, details, posts, tail, client_left)
+        if whole is not None:
+            try:
+                head = None if whole.head is None else response_head(whole.head)[:2]
+            except ValueError as e:
+                log.error("request %s: the meter's report of its end is unreadable (%s): "
+                          "charged what it streamed", request_id, e)
+            else:
+                self.metered(request_id, posts, True, tail, head, whole.first_byte, whole.at)
+                if request_id not in self._pending:
+                    return
         if pending.posts >= posts:
             self._end(request_id)
         else:
@@ -505,9 +525,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             pending.exchange.finish(outcome, error)
             return
         # The meter sees the response before the rewrite does: let the rewrite finish, so
-        # a stream it ended early is settled as the client saw it.
-        task = asyncio.get_running_loop().create_task(
-            self._after_rewrite(pending, rewritten, outcome, error))
+        # a stream it ended early is settled as the client saw it. (Started at once: a wait
+        # cancelled before it began would never settle.)
+        task = asyncio.Task(self._after_rewrite(pending, rewritten, outcome, error),
+                            loop=asyncio.get_running_loop(), eager_start=True)
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
 
@@ -649,5 +670,7 @@ async def stop_server(server: grpc.aio.Server, processor: ExternalProcessor) -> 
     await server.stop(grace=2)
     await processor.stop_decider()
     processor.settle_all()
-    if processor.settling:  # responses waiting for their rewrite to end
-        await asyncio.wait(processor.settling, timeout=REWRITE_GRACE)
+    if processor.settling:  # responses waiting for a rewrite that can no longer come
+        for task in processor.settling:
+            task.cancel()  # (settled as they are)
+        await asyncio.wait(processor.settling)

@@ -6,6 +6,7 @@ fits; anything else that does not fit is refused with the control that refused i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -27,6 +28,13 @@ from tollgate.settlement import Billing
 from tollgate.store import Reservation, Store, StoreUnavailable
 
 log = logging.getLogger("tollgate")
+# A blocking budget that only requests in flight stand in the way of (their holds) is asked
+# again, for this long, before the request is capped or refused: their answers may have
+# reached their clients already, their ends on their way to be settled (Envoy reports a
+# response's end after the client has it, in batches every 50 ms), and a client that sends
+# its next request once it has its answer finds the last one's hold gone.
+HOLDS_SETTLING = 0.25
+HOLDS_POLL = 0.01
 
 
 class Admission:
@@ -69,6 +77,7 @@ class Admission:
         key_caps = derived.key_limits(key, now)
         passed_over: list[str] = []
         lowered = 0  # times an `on_breach: cap` budget lowered the output cap (bounded)
+        settling_until = time.monotonic() + HOLDS_SETTLING
         i = -1
         while i + 1 < len(attempts):
             i += 1
@@ -87,6 +96,11 @@ class Admission:
             if granted.refused_by is not None:
                 j = granted.refused_by
                 hold, counter = holds[j], granted.counters[j]
+                if counter.reserved and counter.spent + amount <= hold.limit_micros \
+                        and time.monotonic() < settling_until:
+                    await asyncio.sleep(HOLDS_POLL)  # it fits once they are settled
+                    i -= 1
+                    continue
                 assert worst is not None  # a reservation with holds has a worst case
                 fits = worst.output_that_fits(hold.limit_micros - counter.committed)
                 new_cap = budgets.lowered_cap(hold.budget, worst, fits, lowered)

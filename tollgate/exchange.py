@@ -94,9 +94,11 @@ class Exchange:
         self.status: int | None = None
         self.meter = self._meter()
         self.rewriter: Rewriter | None = None  # set per response by on_response_headers
-        # The gateway's own time on the response, and when its first body byte came.
+        # The gateway's own time on the response, when its first body byte came and, told
+        # by a host that reports it later, when its last came (None: as it is settled).
         self.overhead = 0.0
         self.first_byte: float | None = None
+        self.ended: float | None = None
         self.attempt_span = trace.start_attempt(self.attempt, route.name)
         # The precedent this decision became (precedent.py), for its host to keep its answer;
         # whether it was decided from one (`Gateway.decide_like`).
@@ -191,7 +193,8 @@ class Exchange:
         """The response's status and headers; `headers` may lack content-type (a host that
         cannot see it), and then the first body bytes tell an event stream from JSON.
         Returns its content type."""
-        self.status = status
+        if self.settlement.replaced_status is None:  # (a rewrite may have replaced it first)
+            self.status = status
         lowered = {k.lower(): v for k, v in headers.items()}
         content_type = lowered.get("content-type")
         length = lowered.get("content-length", "")
@@ -204,6 +207,18 @@ class Exchange:
         after the fact by a host that shows them later (Envoy's meter batches a stream's
         posts): kept on this exchange's own clock."""
         self.first_byte = time.monotonic() - max(0.0, time.time() - epoch)
+
+    def ended_at(self, epoch: float) -> None:
+        """The response's last bytes came at `epoch` (seconds, by the wall clock), reported
+        after the fact (Envoy's access log): its time is taken to then, not to its
+        settlement."""
+        self.ended = time.monotonic() - max(0.0, time.time() - epoch)
+
+    def end_time_ns(self) -> int | None:
+        """When the response ended, as a span's end time (None: now)."""
+        if self.ended is None:
+            return None
+        return time.time_ns() - int((time.monotonic() - self.ended) * 1e9)
 
     def on_chunk(self, data: bytes) -> bytes:
         """Reads the bytes on their way to the client and returns them unchanged."""

@@ -555,8 +555,8 @@ class Gateway:
             attempt = exchange.attempt
             trace.end(row, requested_model=exchange.requested_model,
                       provider_name=attempt.adapter.gen_ai_provider,
-                      error=exchange.settlement.error)
-            ended = time.monotonic()
+                      error=exchange.settlement.error, end_time=exchange.end_time_ns())
+            ended = exchange.ended or time.monotonic()
             metrics.observe(
                 row, decision_seconds=trace.decision_seconds,
                 response_seconds=exchange.overhead,

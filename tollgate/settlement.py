@@ -161,7 +161,8 @@ class Settlement:
             reasoning_tokens=used.reasoning_tokens,
             web_search_requests=used.web_search_requests,
             cost_micros=cost, usage_reported=used.reported, status=ex.status,
-            outcome=outcome, latency_ms=round((time.monotonic() - ex.started) * 1000, 1),
+            outcome=outcome,
+            latency_ms=round(((ex.ended or time.monotonic()) - ex.started) * 1000, 1),
             code=self.code, output_cap=ex.billing.output_cap,
             fallback_count=cursor.fallback_count,
             fallbacks=", ".join(cursor.fallbacks) or None,
@@ -199,7 +200,7 @@ class Settlement:
                            "`web_search: <USD per 1,000 searches>`")
         self.error = error
         telemetry.end_attempt(
-            ex.attempt_span, ex.status,
+            ex.attempt_span, ex.status, end_time=ex.end_time_ns(),
             failure=error or (None if ex.status is not None and ex.status < 400
                               else f"status {ex.status or 'none'}"),
             input_tokens=used.prompt_tokens, output_tokens=used.output_tokens)

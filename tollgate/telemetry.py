@@ -270,8 +270,10 @@ class RequestTrace:
         return span
 
     def end(self, row: LedgerRow, *, requested_model: str | None = None,
-            provider_name: str | None = None, error: str | None = None) -> None:
-        """End the gateway span with what the request came to (its ledger row)."""
+            provider_name: str | None = None, error: str | None = None,
+            end_time: int | None = None) -> None:
+        """End the gateway span with what the request came to (its ledger row); at
+        `end_time` (nanoseconds since the epoch; None: now)."""
         span = self.recorded
         if span is None:  # (a span that records nothing ends as it is)
             return
@@ -311,12 +313,14 @@ class RequestTrace:
             if error or (row.status or 0) >= 500:
                 span.set_status(Status(StatusCode.ERROR, error or f"status {row.status}"))
                 span.set_attribute("error.type", row.code or error or str(row.status))
-        span.end()
+        span.end(end_time)
 
 
 def end_attempt(span: trace.Span, status: int | None, *, failure: str | None = None,
-                input_tokens: int = 0, output_tokens: int = 0) -> None:
-    """End one provider attempt's span: how it answered, or why the gateway moved on."""
+                input_tokens: int = 0, output_tokens: int = 0,
+                end_time: int | None = None) -> None:
+    """End one provider attempt's span: how it answered, or why the gateway moved on; at
+    `end_time` (nanoseconds since the epoch; None: now)."""
     if span.is_recording():
         if status is not None:
             span.set_attribute("http.response.status_code", status)
@@ -326,7 +330,7 @@ def end_attempt(span: trace.Span, status: int | None, *, failure: str | None = N
         else:
             span.set_attributes({"gen_ai.usage.input_tokens": input_tokens,
                                  "gen_ai.usage.output_tokens": output_tokens})
-    span.end()
+    span.end(end_time)
 
 
 

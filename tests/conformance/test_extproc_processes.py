@@ -68,8 +68,9 @@ def envoy_counter(admin: str, name: str) -> int:
 
 
 def served_by_each_process(admin: str, processes: int) -> list[int]:
-    """Meter posts each process's own decision service took (one or more per request)."""
-    return [envoy_counter(admin, f"cluster.tollgate_decider_{i}.upstream_rq_total")
+    """Streams Envoy opened to each process's own gRPC service: the access log that reports
+    the ends of the requests it decided (and the rewrites of those it reshapes)."""
+    return [envoy_counter(admin, f"cluster.tollgate_extproc_{i}.upstream_rq_total")
             for i in range(processes)]
 
 
@@ -141,7 +142,12 @@ def test_two_processes_serve_as_one_gateway(tmp_path, redis, fake_openai, fake_a
             assert s.get_final_text()
 
         total = served + 5 + 2 + 1
-        rows = [r for r in ledger(config) if r.status == 200 and r.route != "models"]
+
+        def served_rows() -> list:
+            return [r for r in ledger(config) if r.status == 200 and r.route != "models"]
+
+        wait_until(lambda: len(served_rows()) >= total, what="every answer settled")
+        rows = served_rows()
         assert len(rows) == total, [(r.route, r.status, r.code) for r in ledger(config)]
         assert all(r.cost_micros > 0 and r.output_tokens > 0 for r in rows)
         assert len({r.request_id for r in rows}) == total
@@ -234,10 +240,15 @@ def test_rendered_envoy_in_front_of_extproc_in_two_processes(tmp_path, fake_open
         wait_until(up, timeout=30, what="envoy and both ext_proc processes")
         for _ in range(8):
             assert client.chat.completions.create(**CHAT).usage.total_tokens > 0
+
+        def rows() -> list:
+            return [r for r in ledger(config) if r.route == "chat_completions"
+                    and r.status == 200]
+
+        wait_until(lambda: len(rows()) >= 9, what="every answer settled")
+        assert all(r.cost_micros > 0 for r in rows())
         each = served_by_each_process(f"127.0.0.1:{admin}", 2)
         assert all(n > 0 for n in each), each
-        rows = [r for r in ledger(config) if r.route == "chat_completions" and r.status == 200]
-        assert len(rows) >= 9 and all(r.cost_micros > 0 for r in rows)
         sockets = sorted(p.name for p in (config.parent / ".tollgate").glob("extproc*.sock"))
         assert sockets == ["extproc-1.decide.sock", "extproc-1.sock", "extproc.decide.sock",
                            "extproc.sock"]

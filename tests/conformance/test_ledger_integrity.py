@@ -166,10 +166,14 @@ def test_made_up_model_names_grow_no_metric_series(gw, fake_openai):
                           json={**CHAT, "model": model, "max_completion_tokens": 5},
                           headers={"authorization": f"Bearer {key.secret}"})
 
-    assert ask("gpt-4o").status_code == 200
+    served = [ask("gpt-4o")]
+    assert served[0].status_code == 200
     snapshot = ask("gpt-4o-2024-08-06")
     assert snapshot.status_code == 200, snapshot.text[:200]
     assert ask("gpt-4o-2099-01-01").status_code == 400  # a refusal's own series
+    # The answers' series once they are settled (Envoy reports an answer's end after it).
+    ids = {r.headers["x-langwatch-request-id"] for r in (*served, snapshot)}
+    wait_until(lambda: ids <= {r.request_id for r in ledger(gw.config)}, what="settled")
     before, sent = series(), len(fake_openai.requests)
     for i in range(200):
         r = ask(f"gpt-4o-2{i:07d}")

@@ -15,6 +15,7 @@ from bench.cold import (
     Evictor,
     _round,
     decide_request,
+    end_entry,
     meter_post,
     request_id_of,
     table,
@@ -22,6 +23,7 @@ from bench.cold import (
 from bench.latency import BODY, _Url
 from bench.quick import governed
 from extproc.decider import _head, client_request, response_head
+from extproc.proxy_replies import _decided
 from tests.conftest import make_config
 
 
@@ -41,25 +43,30 @@ def test_it_sends_what_the_decide_filter_sends_for_the_sdks_request():
         len(headers) - 1
 
 
-def test_its_meter_post_is_a_whole_json_answer_and_the_last():
-    raw = meter_post("req_01")
-    head, _, payload = raw.partition(b"\r\n\r\n")
+def test_a_json_answers_end_is_the_access_log_entry_the_meter_filter_leaves():
+    request_id, posts, tail, whole = _decided(end_entry("req_01"))
+    assert (request_id, posts, tail) == ("req_01", 0, ANSWER)
+    assert whole is not None and whole.first_byte is None and whole.at is not None
+    status, headers, rest = response_head(whole.head)
+    assert (status, headers["content-type"], rest) == (200, "application/json", b"")
+    assert json.loads(tail)["usage"]["prompt_tokens"] == 8
+
+
+def test_for_an_older_code_it_is_the_meter_filters_last_post():
+    head, _, payload = meter_post("req_02").partition(b"\r\n\r\n")
     parsed = _head(head)
     assert parsed.path == b"/meter" and parsed.length == len(payload)
-    assert parsed.fields[b"x-tollgate-request"] == "req_01"
-    assert (parsed.fields[b"x-tollgate-seq"], parsed.fields[b"x-tollgate-end"]) == ("0", "1")
+    assert (parsed.fields[b"x-tollgate-request"], parsed.fields[b"x-tollgate-seq"],
+            parsed.fields[b"x-tollgate-end"]) == ("req_02", "0", "1")
     status, headers, body = response_head(payload)
     assert (status, headers["content-type"], body) == (200, "application/json", ANSWER)
-    assert json.loads(body)["usage"]["prompt_tokens"] == 8
 
 
-def test_a_streams_post_is_its_head_its_events_and_its_end_with_its_first_byte():
-    """(A short stream: the meter filter posts it once it has ended.)"""
-    head, _, payload = meter_post("req_03", stream=True).partition(b"\r\n\r\n")
-    parsed = _head(head)
-    assert (parsed.fields[b"x-tollgate-seq"], parsed.fields[b"x-tollgate-end"]) == ("0", "1")
-    assert parsed.fields[b"x-tollgate-first-byte"].isdigit()
-    status, headers, body = response_head(payload)
+def test_a_short_streams_end_is_its_head_its_events_and_its_first_byte():
+    """(A short stream: the meter filter posted none of it.)"""
+    _, posts, body, whole = _decided(end_entry("req_03", stream=True))
+    assert posts == 0 and whole is not None and whole.first_byte is not None
+    status, headers, _ = response_head(whole.head)
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     events = [e.removeprefix(b"data: ") for e in body.split(b"\n\n") if e]
     assert events[-1] == b"[DONE]"

@@ -91,8 +91,8 @@ def test_each_requests_later_streams_go_to_the_process_that_decided_it(processes
         (endpoint,) = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
         socket = "/x/extproc.decide.sock" if i == 0 else f"/x/extproc-{i}.decide.sock"
         assert endpoint["endpoint"]["address"] == {"pipe": {"path": socket}}
-    # A request the meter did not see end is reported to its own process.
-    logs = envoy_config.unmetered_logs(processes)
+    # Each request's end is reported to its own process.
+    logs = envoy_config.response_end_logs(processes)
     assert len(logs) == processes
     for i, entry in enumerate(logs):
         assert entry["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"][

@@ -16,12 +16,15 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
 
 from extproc import service
 from extproc.decider import start_decider
 from extproc.listen import Listener
+from extproc.proxy_replies import ProxyReplies
 from extproc.service import ExternalProcessor, Forwarding
 from tollgate import gateway as gateway_module
 from tollgate.cli.main import cli
@@ -139,18 +142,64 @@ async def decide_chat(proc: ExternalProcessor, secret: str, path: str = "/v1/cha
         fields={"request_id": struct_pb2.Value(string_value=request_id)})})
 
 
+def _head(head: dict[str, str]) -> bytes:
+    return "\n".join(f"{k}: {v}" for k, v in head.items()).encode() + b"\n\n"
+
+
 async def meter_post(http: httpx.AsyncClient, request_id: str, seq: int, data: bytes,
-                     last: bool = False, head: dict[str, str] | None = None,
-                     first_byte: int | None = None) -> None:
-    """One post of a response, as the meter filter makes it (the first carries the head,
+                     head: dict[str, str] | None = None, first_byte: int | None = None
+                     ) -> None:
+    """One post of a long stream, as the meter filter makes it (the first carries the head,
     and a stream's when its first bytes came, in microseconds since the epoch)."""
     if head is not None:
-        data = "\n".join(f"{k}: {v}" for k, v in head.items()).encode() + b"\n\n" + data
+        data = _head(head) + data
     answer = await http.post("http://tollgate/meter", content=data, headers={
         "x-tollgate-request": request_id, "x-tollgate-seq": str(seq),
-        **({"x-tollgate-end": "1"} if last else {}),
         **({"x-tollgate-first-byte": str(first_byte)} if first_byte is not None else {})})
     assert answer.status_code == 204
+
+
+def end_entry(request_id: str, posts: int, tail: list[bytes], *, whole: bool = True,
+              head: dict[str, str] | None = None, first_byte: int | None = None,
+              status: int = 200, details: str = "via_upstream", started: float = 0.0,
+              last_byte: float | None = None) -> accesslog_pb2.HTTPAccessLogEntry:
+    """Envoy's access-log entry of a forwarded request's end, with the metadata the meter
+    filter leaves (meter.lua): the posts it made, the chunks since (`tail`), the head and
+    first byte time no post carried, and whether it saw the end (`whole`); `started` and
+    `last_byte`: the request's start and the provider's last byte (seconds since the
+    epoch)."""
+    decided = {"request_id": struct_pb2.Value(string_value=request_id)}
+    if posts:
+        decided["posted"] = struct_pb2.Value(string_value=str(posts))
+    if whole:
+        decided["whole"] = struct_pb2.Value(string_value="1")
+    held = {str(i): struct_pb2.Value(string_value=base64.b64encode(chunk).decode())
+            for i, chunk in enumerate(tail, 1)}
+    held["n"] = struct_pb2.Value(number_value=len(tail))
+    if head is not None:
+        held["head"] = struct_pb2.Value(string_value=base64.b64encode(_head(head)).decode())
+    if first_byte is not None:
+        held["first_byte"] = struct_pb2.Value(string_value=str(first_byte))
+    common = accesslog_pb2.AccessLogCommon(metadata=base_pb2.Metadata(filter_metadata={
+        "tollgate": struct_pb2.Struct(fields=decided),
+        "tollgate.tail": struct_pb2.Struct(fields=held)}))
+    common.start_time.FromNanoseconds(int(started * 1e9))
+    if last_byte is not None:
+        common.time_to_last_upstream_rx_byte.FromNanoseconds(int((last_byte - started) * 1e9))
+    return accesslog_pb2.HTTPAccessLogEntry(
+        common_properties=common, response=accesslog_pb2.HTTPResponseProperties(
+            response_code=wrappers_pb2.UInt32Value(value=status),
+            response_code_details=details))
+
+
+async def report(proc: ExternalProcessor, *entries: accesslog_pb2.HTTPAccessLogEntry) -> None:
+    """Envoy's gRPC access log sends these entries to the process, as one message."""
+    async def messages():
+        yield als_pb2.StreamAccessLogsMessage(
+            http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+                log_entry=list(entries)))
+
+    await ProxyReplies(proc.gateway, proc.ended).StreamAccessLogs(messages(), None)
 
 
 SSE = {":status": "200", "content-type": "text/event-stream"}
@@ -168,8 +217,7 @@ async def settled(proc: ExternalProcessor) -> list:
     return await proc.gateway.store().rows()
 
 
-async def test_a_request_envoy_speaks_of_is_not_swept_and_is_settled_at_its_last_post(
-        processor):
+async def test_a_request_envoy_speaks_of_is_not_swept_and_is_settled_at_its_end(processor):
     proc, secret = processor
     client, body = chat_request(secret)
     async with decision_service(proc) as (http, _):
@@ -185,37 +233,64 @@ async def test_a_request_envoy_speaks_of_is_not_swept_and_is_settled_at_its_last
         pending.since = time.monotonic()
         proc.sweep(now=time.monotonic() + service.QUIET_AFTER - 1)
         assert not pending.exchange.settlement.finished
-        await meter_post(http, request_id, 1, result[10:], last=True)
+        await report(proc, end_entry(request_id, 1, [result[10:20], result[20:]]))
     (row,) = await settled(proc)
     assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "completed", 90000)
     assert row.cost_micros > 0 and not proc._pending
     await proc.gateway.close()
 
 
-async def test_a_request_is_settled_at_its_last_post_not_a_moment_later(config_dir,
-                                                                        monkeypatch):
-    # The mitmproxy host waits before settling (it sends a stream's end some turns after
-    # the hook that ends it); Envoy has passed the end on with the last post: settling
-    # then is done while the client reads, not while its next request is decided.
+async def test_a_response_envoy_reports_whole_is_settled_then_and_timed_to_its_end(
+        config_dir, monkeypatch):
+    """A JSON answer the meter saw whole, reported by Envoy's access log after the client
+    had it (no post made): settled at once (the mitmproxy host waits before settling, as it
+    sends a stream's end some turns after the hook that ends it; Envoy's report comes
+    after the end has gone on), and its time is the provider's, to its last byte, not the
+    time until the report came."""
     monkeypatch.setattr(gateway_module, "SETTLE_AFTER", 3600.0)
     proc, secret = _processor(config_dir, monkeypatch)
     client, body = chat_request(secret)
     result = json.dumps({"choices": [], "usage": {"prompt_tokens": 3,
                                                   "completion_tokens": 5}}).encode()
     async with decision_service(proc) as (http, _):
+        started = time.time()
         answer = await post(http, client, body)
-        request_id = answer.headers["x-tollgate-meta-request_id"]
-        await meter_post(http, request_id, 0, result, last=True, head={
-            ":status": "200", "content-type": "application/json",
-            "content-length": str(len(result))})
+    request_id = answer.headers["x-tollgate-meta-request_id"]
+    await asyncio.sleep(0.4)  # the report comes late
+    await report(proc, end_entry(request_id, 0, [result], head={
+        ":status": "200", "content-type": "application/json",
+        "content-length": str(len(result))}, started=started, last_byte=started + 0.1))
 
-        async def recorded() -> list:
-            while not (rows := await proc.gateway.store().rows()):
-                await asyncio.sleep(0.01)
-            return rows
+    async def recorded() -> list:
+        while not (rows := await proc.gateway.store().rows()):
+            await asyncio.sleep(0.01)
+        return rows
 
-        (row,) = await asyncio.wait_for(recorded(), 10)
+    (row,) = await asyncio.wait_for(recorded(), 10)
     assert (row.request_id, row.outcome, row.output_tokens) == (request_id, "completed", 5)
+    assert 50 <= row.latency_ms < 350  # to its last byte (~100 ms), not the report (400)
+    await proc.gateway.close()
+
+
+async def test_a_streams_end_the_meter_saw_is_settled_as_complete_though_the_client_left(
+        processor):
+    """The stream reached the meter to its end (its `whole` mark: the provider ended it,
+    here without a [DONE]), and the client reset it after: it is settled complete, with the
+    bytes, the head and the first byte time the report carries. A stream whose report has
+    no such mark was cut short, and is charged what it streamed."""
+    proc, secret = processor
+    whole, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
+    cut, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
+    came = int((time.time() - 0.3) * 1e6)
+    exchange = proc._pending[whole].exchange
+    entries = [end_entry(whole, 0, [words("one"), words("two")], head=SSE, first_byte=came),
+               end_entry(cut, 0, [words("one"), words("two")], whole=False, head=SSE)]
+    entries[0].common_properties.response_flags.downstream_remote_reset = True
+    await report(proc, *entries)
+    assert 0.3 <= time.monotonic() - exchange.first_byte < 1.3  # the report's first byte
+    rows = {r.request_id: r for r in await settled(proc)}
+    assert [(rows[r].outcome, rows[r].status, rows[r].output_tokens) for r in (whole, cut)] \
+        == [("completed", 200, 2), ("aborted", 200, 2)]
     await proc.gateway.close()
 
 
@@ -242,7 +317,7 @@ async def test_posts_that_arrive_out_of_order_are_metered_in_order(processor):
     proc, secret = processor
     request_id, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
     async with decision_service(proc) as (http, _):
-        await meter_post(http, request_id, 2, USAGE, last=True)
+        await report(proc, end_entry(request_id, 2, [USAGE]))  # its end, before its posts
         await meter_post(http, request_id, 1, words("two", "three"))
         assert not proc._pending[request_id].exchange.settlement.finished
         await meter_post(http, request_id, 0, words("one"), head=SSE)
@@ -314,7 +389,7 @@ async def test_a_streams_time_to_first_byte_is_when_its_first_bytes_came_not_its
                          first_byte=int(came * 1e6))
         ago = time.monotonic() - exchange.first_byte
         assert 0.3 <= ago < 0.3 + 1.0
-        await meter_post(http, request_id, 1, USAGE, last=True)
+        await report(proc, end_entry(request_id, 1, [USAGE]))
     (row,) = await settled(proc)
     assert (row.outcome, row.output_tokens) == ("completed", 7)
     await proc.gateway.close()
@@ -367,7 +442,8 @@ async def test_a_stream_the_rewrite_ends_early_is_settled_as_the_client_saw_it(p
 
     # The whole stream, end included, before the rewrite has any of it.
     async with decision_service(proc) as (http, _):
-        await meter_post(http, request_id, 0, giant + USAGE, last=True, head=SSE)
+        await meter_post(http, request_id, 0, giant, head=SSE)
+    await report(proc, end_entry(request_id, 1, [USAGE]))
     assert not proc._pending and proc.settling  # waits for the rewrite
 
     rewrite = Stream(proc, "rewrite")
@@ -394,8 +470,8 @@ async def test_requests_still_open_when_the_service_stops_are_settled(processor)
     streaming, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
     waiting, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
     async with decision_service(proc) as (http, _):
-        await meter_post(http, rewritten, 0, USAGE, last=True, head=SSE)
         await meter_post(http, streaming, 0, words("one", "two"), head=SSE)
+    await report(proc, end_entry(rewritten, 0, [USAGE], head=SSE))
 
     class Stopped:
         async def stop(self, grace: float) -> None:

@@ -781,3 +781,57 @@ def test_header_values_are_checked_for_control_characters_and_size():
         check_header_values({"a": "fine", "b": "x\ny"}, only=["b"])
     with pytest.raises(GatewayError, match="bytes"):
         check_header_values({"a": "x" * MAX_HEADER_BYTES, "b": "fine"}, only=["b"])
+
+
+async def test_a_budget_only_holds_stand_in_the_way_of_waits_for_them_to_settle(
+        setup, config_dir, monkeypatch):
+    """A client sends its next request once it has its answer, which may be before that
+    answer's end is settled (Envoy reports it after the client has it): a blocking budget
+    the request fits once the holds of requests in flight are gone is asked again for a
+    moment before it refuses. One that does not fit even then is refused at once, and one
+    whose holds stay is refused once the moment is past."""
+    from tollgate import admission
+
+    key, gateway = setup
+    result = CliRunner().invoke(cli, [
+        "--config", str(config_dir / "gateway.yaml"), "gateway-budgets", "create", "--name",
+        "org", "--scope", "org", "--org", "acme", "--limit", "0.30"])
+    assert result.exit_code == 0, result.output
+    secret, gw = key(), gateway()
+    reservations = []
+    store = gw.store()
+    reserve = store.reserve
+
+    async def counted(*args, **kwargs):
+        reservations.append(args)
+        return await reserve(*args, **kwargs)
+
+    monkeypatch.setattr(store, "reserve", counted)
+    capped = {**CHAT, "max_completion_tokens": 100_000}  # $0.20 held of $0.30
+    first = await gw.handle(request("/v1/chat/completions", capped, secret))
+    assert isinstance(first, Forward) and 200_000 <= first.exchange.billing.reserved < 210_000
+
+    # Twice that does not fit even with nothing held: refused on its first reservation.
+    reservations.clear()
+    dear = await gw.handle(request("/v1/chat/completions",
+                                   {**CHAT, "max_completion_tokens": 200_000}, secret))
+    assert isinstance(dear, Reply) and dear.status == 402 and len(reservations) == 1
+
+    # The same again fits once the first is settled, which happens while it waits.
+    reservations.clear()
+    second = asyncio.create_task(gw.handle(request("/v1/chat/completions", capped, secret)))
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    first.exchange.on_response_headers(200, {"content-type": "application/json"})
+    first.exchange.on_chunk(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 2}}')
+    first.exchange.finish("completed")
+    forwarded = await asyncio.wait_for(second, 5)
+    assert isinstance(forwarded, Forward) and len(reservations) > 1
+
+    # Its hold stays (its request runs on): the next is refused once the moment is past.
+    monkeypatch.setattr(admission, "HOLDS_SETTLING", 0.05)
+    reservations.clear()
+    third = await gw.handle(request("/v1/chat/completions", capped, secret))
+    assert isinstance(third, Reply) and third.status == 402 and len(reservations) > 1
+    forwarded.exchange.finish("completed")
+    await gw.close()
