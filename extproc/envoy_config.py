@@ -297,7 +297,7 @@ def _metadata_present(key: str) -> dict[str, Any]:
 
 # How long a response's end may wait in Envoy before it is sent to be settled: until
 # then, its budgets hold its worst case, not its cost.
-RESPONSE_END_FLUSH = "0.05s"
+RESPONSE_END_FLUSH = 0.05  # seconds
 
 
 def response_end_logs(processes: int = 1) -> list[dict[str, Any]]:
@@ -312,7 +312,7 @@ def response_end_logs(processes: int = 1) -> list[dict[str, Any]]:
         return _grpc_access_log(
             "tollgate.response_end", {"and_filter": {"filters": conditions}},
             EXTPROC_CLUSTER if process is None else process_cluster(process),
-            flush=RESPONSE_END_FLUSH)
+            flush=f"{RESPONSE_END_FLUSH}s")
 
     return [log_to(None)] if processes == 1 else [log_to(i) for i in range(processes)]
 

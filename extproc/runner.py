@@ -24,7 +24,7 @@ from extproc import envoy_config
 from extproc.listen import Listener
 from extproc.processes import ProcessExited, Siblings
 from extproc.proxy_replies import OutageLog
-from extproc.service import ExternalProcessor, start_server, stop_server
+from extproc.service import ENDS_REPORTED, ExternalProcessor, start_server, stop_server
 from tollgate.admin import AdminServer
 from tollgate.config.load import LoadedConfig
 from tollgate.gateway import Gateway
@@ -275,6 +275,7 @@ async def serve_extproc(config: str, where: Listener, outage: Path,
             admin_server.stop()
         if siblings is not None:
             await siblings.stop()
+        await processor.ends_reported()  # (answers whose ends Envoy has yet to send)
         await stop_server(server, processor)
         await gateway.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -293,6 +294,24 @@ def envoy_stats(envoy_admin: str) -> Callable[[], bytes]:
             return f"# envoy stats unavailable: {e.__class__.__name__}\n".encode()
         return r.content
     return read
+
+
+async def ends_sent(envoy_admin: str, within: float = ENDS_REPORTED) -> None:
+    """Before Envoy is stopped: until it serves no request (each one's end is in its access
+    log), `within` seconds at most, and then two of the log's batches, so the ends of
+    answers its clients have reach the gateway."""
+    until = time.monotonic() + within
+    async with httpx.AsyncClient(timeout=1) as client:
+        while time.monotonic() < until:
+            try:
+                r = await client.get(f"http://{envoy_admin}/stats", params={
+                    "filter": r"^http\.tollgate\.downstream_rq_active$", "format": "json"})
+                if not sum(s.get("value", 0) for s in r.json()["stats"]):
+                    break
+            except (httpx.HTTPError, ValueError, KeyError):
+                break
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(2 * envoy_config.RESPONSE_END_FLUSH)
 
 
 async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
@@ -341,6 +360,7 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
         if admin_server is not None:
             admin_server.stop()
         if envoy.returncode is None:
+            await ends_sent(envoy_admin)
             envoy.terminate()
             try:
                 await asyncio.wait_for(envoy.wait(), 10)

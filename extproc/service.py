@@ -73,6 +73,9 @@ QUIET_AFTER = 360.0
 REWRITE_GRACE = 5.0
 # How long the end the access log reports waits for meter posts still on their way.
 POSTS_GRACE = 2.0
+# How long a stopping gateway waits for the access log's reports of requests still open
+# (five of its batches), before it settles them as far as they got.
+ENDS_REPORTED = 0.25
 # The filters whose streams this service serves (envoy_config renders them).
 ROLES = ("rewrite",)
 
@@ -617,6 +620,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         for request_id, waiting in list(self._rewrites.items()):
             if waiting.exchange.settlement.finished and now - waiting.since > QUIET_AFTER:
                 del self._rewrites[request_id]
+
+    async def ends_reported(self, within: float = ENDS_REPORTED) -> None:
+        """Wait, `within` seconds at most, until every request decided here has been settled:
+        as the gateway stops, the ends of answers its clients have may still be in Envoy's
+        access log, which sends them in batches (`envoy_config.RESPONSE_END_FLUSH`)."""
+        until = time.monotonic() + within
+        while self._pending and time.monotonic() < until:
+            await asyncio.sleep(0.01)
 
     def settle_all(self) -> None:
         """Settle every request still open as the service stops: what it streamed so far,

@@ -82,6 +82,26 @@ def chat_rows(config) -> list:
     return [r for r in ledger(config) if r.route == "chat_completions"]
 
 
+@pytest.mark.parametrize("host", HOSTS)
+def test_answers_the_clients_have_are_charged_in_full_though_the_gateway_stops_at_once(
+        host, tmp_path, fake_openai, fake_anthropic):
+    """Envoy reports an answer's end after the client has it, in batches: a gateway stopped
+    the moment its last answers reached their clients waits for those reports, and each
+    answer is settled complete, charged its usage."""
+    config = configure(tmp_path, fake_openai, fake_anthropic, "sqlite:///.tollgate/state.db")
+    secret, _ = key_and_budget(config, 1_000_000)
+    gw = GatewayProcess(host, config, tmp_path).start()
+    try:
+        statuses = asyncio.run(burst([gw.url], secret, 4))
+    finally:
+        gw.stop()
+    assert statuses == [200] * 4
+    rows = chat_rows(config)
+    assert [(r.outcome, r.status, r.usage_reported) for r in rows] == \
+        [("completed", 200, True)] * 4, rows
+    assert all(r.output_tokens > 0 and r.cost_micros > 0 for r in rows)
+
+
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
 @pytest.mark.parametrize("host", HOSTS)
 def test_concurrent_requests_never_spend_past_a_blocking_budget(

@@ -712,3 +712,28 @@ async def test_a_stream_from_a_filter_tollgate_did_not_render_is_refused(process
     assert stray.answers == [] and "x-tollgate-filter" in stray.context.aborted
     assert not proc._pending
     await proc.gateway.close()
+
+
+async def test_a_stopping_service_waits_a_moment_for_the_ends_envoy_has_yet_to_report(
+        processor):
+    """(With an Envoy it does not run, ext_proc cannot hold Envoy back: it waits for the
+    reports instead, a bounded moment.)"""
+    proc, secret = processor
+    request_id, _ = await decide_chat(proc, secret, max_tokens=16)
+    result = json.dumps({"choices": [], "usage": {"prompt_tokens": 3,
+                                                  "completion_tokens": 5}}).encode()
+    head = {":status": "200", "content-type": "application/json",
+            "content-length": str(len(result))}
+    later = asyncio.get_running_loop().call_later(
+        0.05, lambda: asyncio.ensure_future(report(proc, end_entry(
+            request_id, 0, [result], head=head))))
+    await proc.ends_reported(within=10)
+    assert not proc._pending
+    (row,) = await settled(proc)
+    assert (row.outcome, row.output_tokens) == ("completed", 5)
+    later.cancel()
+
+    never, _ = await decide_chat(proc, secret, max_tokens=16)
+    await proc.ends_reported(within=0.05)  # not reported: it returns all the same
+    assert never in proc._pending
+    await proc.gateway.close()
