@@ -34,7 +34,7 @@ keeps every thread of it on the cores named. Where it runs moves time between th
 more than it changes `provider` or `in Envoy`: compare those.
 
 A fourth path, `floor`, is tollgate's Envoy host with a decision service that does no work:
-the same rendered Envoy (the decide filter's Lua and exchange, the meter's posts, the usage
+the same rendered Envoy (the decide filter's Lua and exchange, the meter, the usage
 cut), answered by tollgate's own decision service (`extproc.decider`, its parsing and its
 encoding, on its event loop), whose processor replays the first decision it made and reads
 no meter post. What the host adds up to `floor` is the architecture's: Envoy's filters and a
@@ -138,7 +138,7 @@ def stages(log: Path, skip: int) -> dict[str, float]:
 # What each layer of the Envoy host adds to the client's p50: (path, the path under it).
 LAYERS = {
     "an exchange with another process (ext_authz, no Lua)": ("round trip", "plain envoy"),
-    "tollgate's filters (the decide Lua, the meter's posts)": ("compiled floor", "round trip"),
+    "tollgate's filters (the decide Lua, the meter)": ("compiled floor", "round trip"),
     "a decision service in Python, doing no work": ("python floor", "compiled floor"),
     "tollgate's decision service, doing no work": ("floor", "python floor"),
     "tollgate's decision": ("tollgate envoy", "floor"),

@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,10 @@ def end_entry(request_id: str, stream: bool = False) -> Any:
             "head": base64.b64encode(head).decode()}
     if stream:
         tail["first_byte"] = str(time.time_ns() // 1000)
+    started = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     return json_format.ParseDict({
         "common_properties": {
-            "start_time": "2026-12-05T12:00:00Z", "time_to_last_upstream_rx_byte": "0.001s",
+            "start_time": started, "time_to_last_upstream_rx_byte": "0.001s",
             "metadata": {"filter_metadata": {
                 "tollgate": {"request_id": request_id, "whole": "1"}, "tollgate.tail": tail}}},
         "response": {"response_code": 200, "response_code_details": "via_upstream"}},

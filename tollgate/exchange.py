@@ -212,7 +212,8 @@ class Exchange:
         """The response's last bytes came at `epoch` (seconds, by the wall clock), reported
         after the fact (Envoy's access log): its time is taken to then, not to its
         settlement."""
-        self.ended = time.monotonic() - max(0.0, time.time() - epoch)
+        # (Never before it began: a host's clock is not this process's.)
+        self.ended = max(self.started, time.monotonic() - max(0.0, time.time() - epoch))
 
     def end_time_ns(self) -> int | None:
         """When the response ended, as a span's end time (None: now)."""

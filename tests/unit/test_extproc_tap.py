@@ -737,3 +737,17 @@ async def test_a_stopping_service_waits_a_moment_for_the_ends_envoy_has_yet_to_r
     await proc.ends_reported(within=0.05)  # not reported: it returns all the same
     assert never in proc._pending
     await proc.gateway.close()
+
+
+async def test_a_reported_end_before_the_request_began_is_taken_as_its_start(processor):
+    """(A report from a clock that is not this process's: never a negative time.)"""
+    proc, secret = processor
+    request_id, _ = await decide_chat(proc, secret, max_tokens=16)
+    result = json.dumps({"choices": [], "usage": {"prompt_tokens": 3,
+                                                  "completion_tokens": 5}}).encode()
+    await report(proc, end_entry(request_id, 0, [result], head={
+        ":status": "200", "content-type": "application/json",
+        "content-length": str(len(result))}, started=1_000.0, last_byte=1_000.5))
+    (row,) = await settled(proc)
+    assert row.outcome == "completed" and 0 <= row.latency_ms < 1_000
+    await proc.gateway.close()
