@@ -302,8 +302,10 @@ def _metadata_present(key: str) -> dict[str, Any]:
 # lost some in each second of load, at 1 MiB none.
 ACCESS_LOG_BUFFER = 1 << 20
 # How long a response's end may wait in Envoy before it is sent to be settled: until
-# then, its budgets hold its worst case, not its cost.
-RESPONSE_END_FLUSH = 0.05  # seconds
+# then, its budgets hold its worst case, not its cost. Each batch is a gRPC message that
+# ext_proc reads in Python: at 0.05 s, traffic of a request every few tens of ms cost 6% to
+# 14% more CPU per request than the meter's posts had; at 0.1 s, none more.
+RESPONSE_END_FLUSH = 0.1  # seconds
 
 
 def response_end_logs(processes: int = 1) -> list[dict[str, Any]]:

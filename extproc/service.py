@@ -74,7 +74,7 @@ REWRITE_GRACE = 5.0
 # How long the end the access log reports waits for meter posts still on their way.
 POSTS_GRACE = 2.0
 # How long a stopping gateway waits for the access log's reports of requests still open
-# (five of its batches), before it settles them as far as they got.
+# (two and a half of its batches), before it settles them as far as they got.
 ENDS_REPORTED = 0.25
 # The filters whose streams this service serves (envoy_config renders them).
 ROLES = ("rewrite",)

@@ -31,7 +31,7 @@ log = logging.getLogger("tollgate")
 # A blocking budget that only requests in flight stand in the way of (their holds) is asked
 # again, for this long, before the request is capped or refused: their answers may have
 # reached their clients already, their ends on their way to be settled (Envoy reports a
-# response's end after the client has it, in batches every 50 ms), and a client that sends
+# response's end after the client has it, in batches every 0.1 s), and a client that sends
 # its next request once it has its answer finds the last one's hold gone.
 HOLDS_SETTLING = 0.25
 HOLDS_POLL = 0.01
