@@ -527,9 +527,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if outcome != "completed" or rewritten is None or rewritten.is_set():
             pending.exchange.finish(outcome, error)
             return
-        # The meter sees the response before the rewrite does: let the rewrite finish, so
-        # a stream it ended early is settled as the client saw it. (Started at once: a wait
-        # cancelled before it began would never settle.)
+        # The meter's report of the end may come before the rewrite has passed it on: let
+        # the rewrite finish, so a stream it ended early is settled as the client saw it.
+        # (Started at once: a wait cancelled before it began would never settle.)
         task = asyncio.Task(self._after_rewrite(pending, rewritten, outcome, error),
                             loop=asyncio.get_running_loop(), eager_start=True)
         self.settling.add(task)
