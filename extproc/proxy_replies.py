@@ -24,6 +24,7 @@ import base64
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,9 @@ from tollgate.request import Request
 from tollgate.statedir import state_dir
 
 log = logging.getLogger("tollgate.extproc")
+# A report of a request's end this late (Envoy sends them in batches every 0.1 s) says the
+# process settles behind its answers.
+BEHIND = 0.5
 
 
 def request_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Request:
@@ -98,6 +102,13 @@ def _decided(entry: accesslog_pb2.HTTPAccessLogEntry
             tail, whole)
 
 
+def _behind(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
+    """Whether this entry's request ended longer than `BEHIND` ago: its report waited."""
+    common = entry.common_properties
+    ended = _seconds(common.start_time) + _seconds(common.time_to_last_downstream_tx_byte)
+    return time.time() - ended > BEHIND
+
+
 class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self, gateway: Gateway, ended: Ended):
         self.gateway = gateway
@@ -109,8 +120,12 @@ class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
         async for message in requests:
             for entry in message.http_logs.log_entry:
                 self.take(entry)
-                # A batch settles many requests: a decision that came meanwhile goes first.
-                await asyncio.sleep(0)
+                # A batch settles many requests: a decision that came meanwhile goes first,
+                # unless settling is behind (load past what the process settles): then the
+                # decisions wait, so answers never run ahead of their settlement for long,
+                # the requests awaiting theirs held in memory.
+                if not _behind(entry):
+                    await asyncio.sleep(0)
         return als_pb2.StreamAccessLogsResponse()
 
     def take(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:

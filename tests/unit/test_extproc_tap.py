@@ -194,12 +194,16 @@ def end_entry(request_id: str, posts: int, tail: list[bytes], *, whole: bool = T
 
 async def report(proc: ExternalProcessor, *entries: accesslog_pb2.HTTPAccessLogEntry) -> None:
     """Envoy's gRPC access log sends these entries to the process, as one message."""
+    await report_to(ProxyReplies(proc.gateway, proc.ended), *entries)
+
+
+async def report_to(log: ProxyReplies, *entries: accesslog_pb2.HTTPAccessLogEntry) -> None:
     async def messages():
         yield als_pb2.StreamAccessLogsMessage(
             http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
                 log_entry=list(entries)))
 
-    await ProxyReplies(proc.gateway, proc.ended).StreamAccessLogs(messages(), None)
+    await log.StreamAccessLogs(messages(), None)  # type: ignore[arg-type]
 
 
 SSE = {":status": "200", "content-type": "text/event-stream"}
@@ -751,3 +755,20 @@ async def test_a_reported_end_before_the_request_began_is_taken_as_its_start(pro
     (row,) = await settled(proc)
     assert row.outcome == "completed" and 0 <= row.latency_ms < 1_000
     await proc.gateway.close()
+
+
+@pytest.mark.parametrize(("started", "taken_first"), [(None, 1), (1_000.0, 3)])
+async def test_a_batch_of_ends_lets_decisions_go_first_unless_settling_is_behind(
+        started, taken_first):
+    """Fresh reports: a decision that came meanwhile is served between two of them. Reports
+    of requests that ended long ago (settling is behind its answers, the load past what the
+    process settles): the batch is settled first, and the decisions wait."""
+    taken: list[str] = []
+    at_decision: list[int] = []
+    log = ProxyReplies(None, lambda request_id, *_: taken.append(request_id))  # type: ignore[arg-type]
+    entries = [end_entry(f"r{i}", 0, [b"{}"], started=started or time.time())
+               for i in range(3)]
+    asyncio.get_running_loop().call_soon(lambda: at_decision.append(len(taken)))
+    await report_to(log, *entries)
+    await asyncio.sleep(0)
+    assert taken == ["r0", "r1", "r2"] and at_decision == [taken_first]
