@@ -14,8 +14,10 @@ share; append-only with an fsync on every write, the most careful setting, as th
 it). By default Redis when `redis-server` is installed, else SQLite.
 
 Prints requests per second, the CPU the gateway's processes (Envoy and every ext_proc) spent
-per request, the ratio of N processes to one, and the most memory each process held resident
-(VmHWM, from its start to the run's end). On a machine with C cores, the load
+per request, the ratio of N processes to one, the most memory each process held resident
+(VmHWM, from its start to the run's end), and how long after the load every request was in
+the ledger: a rate whose requests are settled long after it (their ends waiting in memory)
+is not one the gateway sustains. On a machine with C cores, the load
 generator and Envoy take some of them: expect N processes to approach N times one process
 while N + 1 < C, and to level off after.
 
@@ -60,7 +62,7 @@ from bench.latency import BODY, PROVIDER_KEY, _Url, new_key, with_state
 from bench.quick import governed
 from extproc.runner import envoy_binary
 from tests.conftest import make_config
-from tests.harness import GatewayProcess, RedisServer, free_port, wait_until
+from tests.harness import GatewayProcess, RedisServer, free_port, ledger, wait_until
 
 TICKS = os.sysconf("SC_CLK_TCK")
 ANSWER = json.dumps({
@@ -335,6 +337,21 @@ def use_state(config: Path, workdir: Path, state: str) -> tuple[str, RedisServer
 Row = tuple[str, float, dict[str, float], int, str]
 
 
+SETTLED_WITHIN = 30.0
+
+
+def settled_after(config: Path, rows: int) -> float | None:
+    """Seconds until the ledger holds `rows` rows: the answered rate is a rate the gateway
+    sustains only if its requests are settled as they go, not long after the load (None:
+    not within `SETTLED_WITHIN`)."""
+    started = time.monotonic()
+    while len(ledger(config)) < rows:
+        if time.monotonic() - started > SETTLED_WITHIN:
+            return None
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
 def measure(config: Path, workdir: Path, secret: str, n: int, connections: int,
             seconds: int, cpu_share: float | None) -> Row:
     """tollgate's Envoy host with `n` ext_proc processes (each capped at `cpu_share` of a
@@ -350,12 +367,15 @@ def measure(config: Path, workdir: Path, secret: str, n: int, connections: int,
         url = f"{gw.url}/v1/chat/completions"
         auth = {"authorization": f"Bearer {secret}"}
         wrk(url, auth, 2, connections, workdir)  # warm-up
+        time.sleep(1)  # (its requests settled)
+        recorded = len(ledger(config))
         before = tree_cpu(gw.proc.pid)
         held = {name: throttled(group) for name, group in groups.items()}
         started, machine = time.monotonic(), machine_busy()
         rate, done, bad = wrk(url, auth, seconds, connections, workdir)
         wall = time.monotonic() - started
         after = tree_cpu(gw.proc.pid)
+        lag = settled_after(config, recorded + done)
         busy = [b - a for a, b in zip(machine, machine_busy(), strict=True)]
         use = f"machine {busy[0] / busy[1]:.0%} busy" + "".join(
             f", {name} {(after[name] - before[name]) / wall / cpu_share:.0%} "
@@ -363,6 +383,8 @@ def measure(config: Path, workdir: Path, secret: str, n: int, connections: int,
             for name, group in sorted(groups.items()) if cpu_share is not None)
         use += "; peak RSS " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib
                                          in sorted(peak_rss(gw.proc.pid).items()))
+        use += f"; every request settled {lag:.1f} s after the load" if lag is not None \
+            else f"; requests still unsettled {SETTLED_WITHIN:.0f} s after the load"
         return f"tollgate x{n}", rate, spent(before, after, done), bad, use
 
 

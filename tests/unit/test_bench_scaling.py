@@ -19,6 +19,7 @@ from bench.scaling import (
     cpu_controller,
     machine_busy,
     peak_rss,
+    settled_after,
     throttled,
     use_state,
 )
@@ -126,3 +127,15 @@ def test_peak_memory_is_what_each_process_of_the_tree_once_held_resident():
             os.kill(child, signal.SIGKILL)
         parent.kill()
         parent.wait(10)
+
+
+def test_it_says_how_long_after_the_load_every_request_was_settled(monkeypatch, tmp_path):
+    import bench.scaling as scaling
+
+    rows = iter([[1], [1, 2], [1, 2, 3]])
+    monkeypatch.setattr(scaling, "ledger", lambda config: next(rows))
+    monkeypatch.setattr(scaling.time, "sleep", lambda seconds: None)
+    assert settled_after(tmp_path, 3) is not None
+    monkeypatch.setattr(scaling, "ledger", lambda config: [1])
+    monkeypatch.setattr(scaling, "SETTLED_WITHIN", 0.0)
+    assert settled_after(tmp_path, 3) is None
