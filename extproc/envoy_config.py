@@ -262,8 +262,8 @@ def _undecided(extproc_failed: bool) -> dict[str, Any]:
 def _grpc_access_log(name: str, condition: dict[str, Any], cluster: str,
                      flush: str = "0.2s", **extra: Any) -> dict[str, Any]:
     """An access log of the requests that meet `condition`, sent to ext_proc's gRPC access
-    log service on `cluster`, batched for `flush` at most (Envoy's buffer of 16 KiB sends
-    sooner)."""
+    log service on `cluster`, batched for `flush` at most (a batch of `ACCESS_LOG_BUFFER`
+    goes sooner)."""
     return {
         "name": name,
         "filter": condition,

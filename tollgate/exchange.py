@@ -69,6 +69,12 @@ class JSONTranslation:
             return self._invalid(e)
 
 
+def _on_own_clock(epoch: float) -> float:
+    """A moment a host told by the wall clock (seconds since the epoch), on this process's
+    monotonic clock; never later than now."""
+    return time.monotonic() - max(0.0, time.time() - epoch)
+
+
 class Exchange:
     def __init__(self, *, trace: RequestTrace, prefix: str, route: Route, key: VirtualKey,
                  requested_model: str | None, attempts: list[Attempt], stream: bool,
@@ -206,14 +212,14 @@ class Exchange:
         """The response's first bytes came at `epoch` (seconds, by the wall clock), told
         after the fact by a host that shows them later (Envoy's meter batches a stream's
         posts): kept on this exchange's own clock."""
-        self.first_byte = time.monotonic() - max(0.0, time.time() - epoch)
+        self.first_byte = _on_own_clock(epoch)
 
     def ended_at(self, epoch: float) -> None:
         """The response's last bytes came at `epoch` (seconds, by the wall clock), reported
         after the fact (Envoy's access log): its time is taken to then, not to its
         settlement."""
         # (Never before it began: a host's clock is not this process's.)
-        self.ended = max(self.started, time.monotonic() - max(0.0, time.time() - epoch))
+        self.ended = max(self.started, _on_own_clock(epoch))
 
     def end_time_ns(self) -> int | None:
         """When the response ended, as a span's end time (None: now)."""
