@@ -210,6 +210,11 @@ def bootstrap(loaded: LoadedConfig, opts: Options) -> dict[str, Any]:
                                          ca_file=CA_FILE)
 
 
+# Seconds the sidecar's Envoy waits before it stops: several of its access log's batches
+# (`envoy_config.RESPONSE_END_FLUSH`), a backlog under load included.
+ENVOY_STOP_WAIT = 1
+
+
 def sidecar(loaded: LoadedConfig, opts: Options) -> list[dict[str, Any]]:
     envoy_map = {"apiVersion": "v1", "kind": "ConfigMap",
                  "metadata": _metadata(opts, f"{opts.name}-envoy"),
@@ -223,6 +228,10 @@ def sidecar(loaded: LoadedConfig, opts: Options) -> list[dict[str, Any]]:
                       "limits": {"memory": "256Mi"}},
         # The same user as ext_proc: its socket is private to its owner.
         "securityContext": _hardened(GATEWAY_UID),
+        # Stopped before ext_proc (native sidecars stop in reverse order), it first waits
+        # for its access log to send the ends of the app's last answers: Envoy drops what
+        # the log holds when it stops, and those answers would be charged their input only.
+        "lifecycle": {"preStop": {"sleep": {"seconds": ENVOY_STOP_WAIT}}},
         "volumeMounts": [{"name": "envoy", "mountPath": str(ENVOY_DIR), "readOnly": True},
                          {"name": "run", "mountPath": str(RUN_DIR)}],
     }

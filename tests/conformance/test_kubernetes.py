@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,16 @@ from tests.harness import (
     ConfigMapMount,
     RedisServer,
     free_port,
+    ledger,
     tollgate,
     wait_until,
 )
 
 SHAPES = ["sidecar", "istio"]
 KUBERNETES = "1.37.0"
+# istio-proxy's agent drains it this long before it stops it (Istio's
+# terminationDrainDuration, 5 s by default): enough for its access log's last batch.
+ISTIO_DRAIN = 0.5
 CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -140,6 +145,24 @@ def status(mount: Path, run: Path) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "TOLLGATE_STATE_DIR": str(run)})
 
 
+def stop_as_the_kubelet_does(pod: dict[str, Any], running: dict[str, subprocess.Popen]
+                             ) -> None:
+    """Stop a Pod whose app has exited: its native sidecars in reverse order, each once its
+    preStop hook is done (a `sleep` action here), by SIGTERM; then what Istio injected ahead
+    of them (istio-proxy, named `envoy` in `running`), whose agent drains it as it stops."""
+    for container in reversed(pod["initContainers"]):
+        name = "envoy" if container["name"] == "envoy" else "tollgate"
+        time.sleep(container.get("lifecycle", {}).get("preStop", {}).get("sleep", {})
+                   .get("seconds", 0))
+        proc = running.pop(name)
+        proc.terminate()
+        assert proc.wait(10) == 0
+    for proc in running.values():
+        time.sleep(ISTIO_DRAIN)
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_openai):
     """The sidecar's Envoy follows a provider's new address live (ext_proc rewrites its
@@ -147,6 +170,8 @@ def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_op
     created = json.loads(tollgate("virtual-keys", "create", "--name", "app", "--scope",
                                   "ORG:acme", "--principal", "app@acme.com", "--format",
                                   "json", config=config).stdout)
+    other = json.loads(tollgate("virtual-keys", "create", "--name", "other", "--scope",
+                                "ORG:acme", "--format", "json", config=config).stdout)
     port = free_port()
     docs = render(config, shape, "--port", str(port))
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
@@ -248,9 +273,17 @@ def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_op
                                    "prices.yaml", "models.yaml"}
         assert (run / "extproc.sock").is_socket()
         assert [p.suffix for p in (run / "run").iterdir()] == [".json"]
+
+        # The app's last answer, then the Pod stops as the kubelet stops it: that answer is
+        # charged in full, though its end was still in Envoy's access log as the app exited.
+        last = openai.OpenAI(base_url=app_env["OPENAI_BASE_URL"], api_key=other["secret"],
+                             max_retries=0).chat.completions.create(**CHAT)
+        stop_as_the_kubelet_does(pod, {"tollgate": gateway, "envoy": envoy})
+        [row] = [r for r in ledger(config) if r.key_id == other["id"]]
+        assert (row.outcome, row.output_tokens) == ("completed", last.usage.completion_tokens)
     finally:
         for proc in (envoy, gateway):
-            if proc is not None:
+            if proc is not None and proc.poll() is None:
                 proc.terminate()
                 proc.wait(10)
         moved.stop()
