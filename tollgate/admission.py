@@ -181,22 +181,35 @@ class Admission:
         written-ahead `row` (or granted before it is written, journaled: SQLite's, while
         one gateway process serves the file), made at once (`Store.reserve_now`); None,
         with nothing taken, when the store cannot make it at once or does not grant it:
-        `admit` then decides the request (a lower cap, a refusal, a wait for the store).
-        `price`, `lineage` and the worst case's `terms`: the precedent's; `now`: when it
-        was decided."""
-        worst, tokens = dearest(route, [terms], worst_input(req))
-        amount = worst.micros if worst else 0
-        billing = Billing(price=price, lineage=lineage,
-                          estimated_input_tokens=estimated_input(req))
-        holds, limits = _applying(loaded, key, billing, attempt, amount,
-                                  loaded.derived.key_limits(key, now), now)
+        `admit` then decides the request (a lower cap, a refusal, a wait for the store,
+        a shadow control's count). `price`, `lineage` and the worst case's `terms`: the
+        precedent's; `now`: when it was decided."""
+        if route.metered:
+            worst = terms.at(worst_input(req))
+            amount, tokens = worst.micros, worst.input_tokens + worst.output_tokens
+        else:
+            amount = tokens = 0
+        applying = loaded.derived.applying(key, lineage, attempt.provider_id, now)
+        if applying.shadow:  # (never where a precedent was kept: counted by `admit`)
+            return None
+        holds, limits = (applying.holds if amount else []), applying.limits
         granted = self._store().reserve_now(request_id, holds, amount, limits, tokens, row)
         if granted is None or not granted.granted:
             return None
+        billing = Billing(price=price, lineage=lineage,
+                          held={attempt.provider_id: list(applying.counters)},
+                          estimated_input_tokens=estimated_input(req),
+                          limits=list(applying.named), reserved_tokens=tokens,
+                          worst_case=amount)
+        # What `_granted` tells a request (no shadow control applies: none to count).
+        if holds:
+            billing.reserved = amount
+            billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
+                                    if (w := budgets.warning(h, c.committed))), None)
         if holds or limits:
-            self._granted(billing, holds, limits, granted, amount,
-                          ratelimit.headers(route.family, limits, granted.windows, time.time()))
-        billing.reserved_tokens, billing.worst_case = tokens, amount
+            billing.admitted_at = granted.at
+            billing.rate_headers = ratelimit.headers(route.family, limits, granted.windows,
+                                                     time.time())
         return billing
 
     async def _reserve(self, settings: Any, request_id: str, holds: list[budgets.Hold],

@@ -6,6 +6,7 @@ the window a budget or limit counts in is still taken from the request's own clo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,19 @@ if TYPE_CHECKING:
 MAX_PLANS = 4096
 
 
+@dataclass(frozen=True)
+class Applying:
+    """What a request is held in: its budgets (`holds`, their counters in `counters`), and
+    the key's and its provider's rate limits (`limits`), each with the provider it is of
+    (`named`: None for the key's); `shadow`: one of them is in shadow mode."""
+
+    holds: list[budgets.Hold]
+    limits: list[ratelimit.Limit]
+    counters: list[str]
+    named: list[tuple[ratelimit.Limit, str | None]]
+    shadow: bool
+
+
 class Derived:
     def __init__(self, loaded: LoadedConfig) -> None:
         self.loaded = loaded
@@ -29,6 +43,7 @@ class Derived:
         self._targets: dict[tuple[str, str, str], tuple[list[routing.Target], list[str]]] = {}
         self._holds: dict[tuple[str, str], tuple[int, list[budgets.Hold]]] = {}
         self._limits: dict[tuple[str, str, int], list[ratelimit.Limit]] = {}
+        self._applying: dict[tuple[str, str], tuple[int, Applying]] = {}
         self.providers = {p.id: p for p in loaded.config.model_providers}
 
     def lineage(self, scope: str) -> Lineage:
@@ -67,6 +82,23 @@ class Derived:
             kept = self._holds[(key.id, provider_id)] = (minute, budgets.holds_for(
                 self.loaded.config, key, lineage, provider_id, now))
         return list(kept[1])
+
+    def applying(self, key: VirtualKey, lineage: Lineage, provider_id: str, now: datetime
+                 ) -> Applying:
+        """What a request of `key` served by `provider_id` is held in (`holds`,
+        `key_limits` and `provider_limits` together), kept for the UTC minute of `now`: a
+        request decided from a precedent takes it as one lookup. Shared: not to be changed."""
+        minute = int(now.timestamp() // 60)
+        kept = self._applying.get((key.id, provider_id))
+        if kept is None or kept[0] != minute:
+            holds = self.holds(key, lineage, provider_id, now)
+            limits = self.key_limits(key, now) + \
+                self.provider_limits(self.providers[provider_id], now)
+            kept = self._applying[(key.id, provider_id)] = (minute, Applying(
+                holds, limits, [h.counter for h in holds],
+                [(lim, None if lim.scope == "key" else provider_id) for lim in limits],
+                any(h.shadow for h in holds) or any(lim.shadow for lim in limits)))
+        return kept[1]
 
     def key_limits(self, key: VirtualKey, now: datetime) -> list[ratelimit.Limit]:
         return self._day_limits("key", key.id, now, lambda: ratelimit.key_limits(key, now))

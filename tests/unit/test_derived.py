@@ -92,6 +92,30 @@ def test_rate_limits_count_requests_per_day_in_the_day_of_each_request():
     assert day == {"rpm": None, "rpd": "2026-12-04"}
 
 
+def test_what_a_request_is_held_in_is_its_windows_holds_and_limits_each_minute():
+    """`applying`, kept for a minute: the holds and the key's and provider's limits of the
+    request's own windows, each limit named with its provider (None: the key's)."""
+    loaded = _loaded()
+    cfg, key = loaded.config, loaded.config.virtual_keys[0]
+    lin, provider = loaded.derived.lineage(key.scope), loaded.config.model_providers[1]
+    for at in ("2026-12-03T10:59:59", "2026-12-03T11:00:00", "2026-12-03T11:00:59",
+               "2026-12-03T23:59:59", "2026-12-04T00:00:00"):
+        now = datetime.fromisoformat(at).replace(tzinfo=UTC)
+        got = loaded.derived.applying(key, lin, "mp_1", now)
+        holds = budgets.holds_for(cfg, key, lin, "mp_1", now)
+        limits = ratelimit.key_limits(key, now) + ratelimit.provider_limits(provider, now)
+        assert (got.holds, got.limits) == (holds, limits)
+        assert got.counters == [h.counter for h in holds]
+        assert got.named == [(lim, None if lim.scope == "key" else "mp_1") for lim in limits]
+        assert [n for _, n in got.named] == [None, None, "mp_1"]
+        assert not got.shadow
+    minute = datetime(2026, 12, 3, 11, 0, 5, tzinfo=UTC)
+    assert loaded.derived.applying(key, lin, "mp_1", minute) is \
+        loaded.derived.applying(key, lin, "mp_1", minute.replace(second=50))
+    assert loaded.derived.applying(key, lin, "mp_1", minute).counters != \
+        loaded.derived.applying(key, lin, "mp_1", minute.replace(minute=1)).counters
+
+
 def test_a_reloaded_config_derives_its_own():
     first, second = _loaded(), _loaded()
     assert first.derived is first.derived and first.derived is not second.derived
