@@ -23,7 +23,7 @@ from extproc.decider import start_decider
 from extproc.listen import Listener
 from extproc.service import ExternalProcessor, Forwarding
 from tollgate.gateway import Gateway
-from tollgate.request import Reply
+from tollgate.request import Reply, Request
 
 
 class Replayed(ExternalProcessor):
@@ -42,8 +42,7 @@ class Replayed(ExternalProcessor):
             self.replayed = decision
         return decision
 
-    def decide_now(self, headers: dict[str, str], body: bytes, head: str | None = None
-                   ) -> Forwarding | None:
+    def decide_now(self, req: Request) -> Forwarding | None:
         return self.replayed
 
     def metered(self, request_id: str, seq: int, last: bool, data: bytes,

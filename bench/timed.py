@@ -26,8 +26,8 @@ from typing import Any
 
 # What a request decided from a precedent runs through on the Envoy host, in that order.
 FUNCTIONS = [
-    "extproc.decider:_head", "extproc.decider:ClientHeads.read",
-    "extproc.service:ExternalProcessor.decide_now", "extproc.service:ExternalProcessor._request",
+    "extproc.decider:_head", "extproc.decider:ClientHeads.decoded",
+    "tollgate.request:Request.with_body", "extproc.service:ExternalProcessor.decide_now",
     "tollgate.gateway:Gateway.decide_like", "tollgate.precedent:Precedents.known",
     "tollgate.keys:authenticated",
     "tollgate.telemetry:start", "tollgate.request:check_header_values", "tollgate.body:parse",

@@ -61,7 +61,7 @@ from typing import cast
 from extproc.heads import BadRequest, head_lines, response_head
 from extproc.listen import Listener, private_socket, restrict
 from extproc.service import ExternalProcessor, Forwarding
-from tollgate.request import MAX_HEADER_BYTES, Reply, lower_headers
+from tollgate.request import MAX_HEADER_BYTES, Reply, Request, lower_headers
 
 log = logging.getLogger("tollgate.extproc")
 
@@ -161,6 +161,16 @@ def client_request(head: str | None, body: bytes, kind: str
     return headers, body, None
 
 
+@dataclass(frozen=True)
+class ClientHead:
+    """A client head, decoded: its headers (pseudo-headers too) and the request it names,
+    with no body (`Request.with_body` gives each request its own). Shared by the requests
+    that send it: not to be changed."""
+
+    headers: dict[str, str]
+    request: Request
+
+
 class ClientHeads:
     """The client heads of whole-body decisions, decoded: an app sends the same head with
     each request (its key, its SDK's headers), which is decoded once, not on every
@@ -171,20 +181,25 @@ class ClientHeads:
     MAX = 256
 
     def __init__(self) -> None:
-        self._decoded: dict[str, dict[str, str]] = {}
+        self._decoded: dict[str, ClientHead] = {}
+
+    def decoded(self, head: str) -> ClientHead:
+        """The client head `head` (base64), decoded (BadRequest: it is not one)."""
+        found = self._decoded.get(head)
+        if found is None:
+            headers = client_request(head, b"", "whole")[0]
+            found = ClientHead(headers, ExternalProcessor.request_of(headers, b"", head=head))
+            if len(self._decoded) >= self.MAX:
+                del self._decoded[next(iter(self._decoded))]
+            self._decoded[head] = found
+        return found
 
     def read(self, head: str | None, body: bytes, kind: str
              ) -> tuple[dict[str, str], bytes | None, int | None]:
         """As `client_request`; the headers are a copy of their own for each request."""
         if kind != "whole" or head is None:
             return client_request(head, body, kind)
-        headers = self._decoded.get(head)
-        if headers is None:
-            headers = client_request(head, body, kind)[0]
-            if len(self._decoded) >= self.MAX:
-                del self._decoded[next(iter(self._decoded))]
-            self._decoded[head] = headers
-        return dict(headers), body, None
+        return dict(self.decoded(head).headers), body, None
 
 
 NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
@@ -284,13 +299,15 @@ class Decider(asyncio.Protocol):
                 return True
             kind = head.fields.get(BODY_HEADER, "whole")
             client = head.fields.get(HEAD_HEADER)
-            headers, body, declared = self.heads.read(client, payload, kind)
+            known = self.heads.decoded(client) if kind == "whole" and client else None
+            if known is None:
+                headers, body, declared = client_request(client, payload, kind)
         except (BadRequest, ValueError) as e:
             self._refuse(e)
             return False
-        if body is not None:  # like a request decided before: decided here and now
+        if known is not None:  # like a request decided before: decided here and now
             try:
-                decided = self.processor.decide_now(headers, body, client)
+                decided = self.processor.decide_now(known.request.with_body(payload))
                 now = None if decided is None else answer(decided)
             except Exception:  # answered at once, as a decision that fails in `_decide` is
                 log.exception("a request could not be decided")
@@ -298,6 +315,7 @@ class Decider(asyncio.Protocol):
             if now is not None:
                 self.transport.writelines(now)
                 return True
+            headers, body, declared = dict(known.headers), payload, None
         # Started eagerly: a decision that waits for nothing (the SQLite state, unless
         # another process holds its lock) is answered here, in this callback, with no
         # task scheduled and no turn of the loop (other callbacks first) in between.

@@ -325,10 +325,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         content-length is over the limit, which is refused from the headers alone."""
         size = declared if declared is not None else len(body or b"")
         if size > self.gateway.max_body_bytes:
-            refusal = await self.gateway.handle(self._request(headers, b"", size))
+            refusal = await self.gateway.handle(self.request_of(headers, b"", size))
             assert isinstance(refusal, Reply)  # a body over the limit is never forwarded
             return refusal
-        result = await self.gateway.handle(self._request(headers, body or b""))
+        result = await self.gateway.handle(self.request_of(headers, body or b""))
         if isinstance(result, Reply):
             return result
         exchange = result.exchange
@@ -355,15 +355,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             exchange.precedent.hosts[HOST] = dataclasses.replace(forwarding, body=None)
         return forwarding
 
-    def decide_now(self, headers: dict[str, str], body: bytes, head: str | None = None
-                   ) -> Forwarding | None:
+    def decide_now(self, req: Request) -> Forwarding | None:
         """A request like one decided before, decided from that decision's precedent at once
         (`Gateway.decide_like`), and its answer made from that decision's own; None: it is
-        for `decide`. `head`: the client head as the decide filter encoded it, which names
-        the request's method, path and headers (`Request.head`)."""
-        if not self.gateway.keeps_precedents:  # (the request is not built for nothing)
+        for `decide`. `req.head`: the client head as the decide filter encoded it, which
+        names the request's method, path and headers (`Request.head`)."""
+        if not self.gateway.keeps_precedents:
             return None
-        replayed = self.gateway.decide_like(self._request(headers, body, head=head), HOST)
+        replayed = self.gateway.decide_like(req, HOST)
         if replayed is None:
             return None
         made: Forwarding = replayed.precedent.hosts[HOST]
@@ -374,7 +373,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         # credential, trace, body and budget warning.
         set_headers = {**made.set_headers, **attempt.set_headers,
                        "x-request-id": trace.request_id, "content-length":
-                       str(len(body if attempt.body is None else attempt.body))}
+                       str(len(req.body if attempt.body is None else attempt.body))}
         fields = {**made.metadata, "request_id": trace.request_id,
                   "trace_id": trace.trace_id, "span_id": trace.span_id}
         fields.pop("budget_warning", None)
@@ -410,8 +409,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             "fallback_count": str(exchange.cursor.fallback_count)})
 
     @staticmethod
-    def _request(headers: dict[str, str], body: bytes, declared: int | None = None,
-                 head: str | None = None) -> Request:
+    def request_of(headers: dict[str, str], body: bytes, declared: int | None = None,
+                   head: str | None = None) -> Request:
+        """The request the decide filter describes: `headers` its client's (pseudo-headers
+        too), `declared` the length of a body it did not read, `head` the client head as
+        it encoded it."""
         plain = {k: v for k, v in headers.items() if not k.startswith(":")}
         return Request(method=headers.get(":method", "GET"), path=headers.get(":path", "/"),
                        headers=plain, body=body, peer=headers.get("x-forwarded-for", ""),

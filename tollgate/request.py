@@ -62,6 +62,14 @@ class Request:
     def body_size(self) -> int:
         return max(len(self.body), self.declared_length or 0)
 
+    def with_body(self, body: bytes) -> Request:
+        """The same request line and headers (shared, as every field) with another body: a
+        host that names heads (`head`) makes each request of a head it has seen so, without
+        building its headers again."""
+        request = object.__new__(Request)
+        request.__dict__.update(self.__dict__, body=body)
+        return request
+
 
 @dataclass
 class Reply:

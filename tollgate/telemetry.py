@@ -335,6 +335,7 @@ def end_attempt(span: trace.Span, status: int | None, *, failure: str | None = N
 
 
 _IDS = RandomIdGenerator()  # the SDK's own
+_NO_STATE = INVALID_SPAN_CONTEXT.trace_state  # a root span's: empty
 
 
 def _of(context: SpanContext) -> tuple[int, TraceState]:
@@ -415,11 +416,15 @@ def start(method: str, path: str, headers: Mapping[str, str],
           request_id: str | None = None) -> RequestTrace:
     """A new server span; an incoming `traceparent` makes it the caller's child. Its request
     id is a new one unless the proxy gave the request one already."""
+    request_id = request_id or new_request_id()
+    if "traceparent" not in headers and not _tracing.recording:
+        # A root span that records nothing (most requests): new ids, no caller to read.
+        return RequestTrace(request_id, None, (_IDS.generate_trace_id(),
+                                               _IDS.generate_span_id(), _NO_STATE))
     parent = _propagator.extract(dict(headers)) if "traceparent" in headers else None
     caller = trace.get_current_span(parent).get_span_context() if parent is not None \
         else INVALID_SPAN_CONTEXT
     flags = int(caller.trace_flags) if caller.is_valid else 0
-    request_id = request_id or new_request_id()
     if _tracing.recording:
         span = _tracing.tracer.start_span(f"{method} {path.split('?', 1)[0]}", context=parent,
                                           kind=trace.SpanKind.SERVER)

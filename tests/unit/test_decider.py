@@ -63,6 +63,21 @@ def test_an_apps_repeated_head_is_decoded_once_and_each_request_has_its_own(monk
         heads.read("*", b"", "whole")
 
 
+def test_the_request_a_known_head_names_is_made_once_and_each_has_its_own_body():
+    heads = ClientHeads()
+    head = _b64(b":method: POST\n:path: /v1/chat/completions\nauthorization: Bearer tg-1\n"
+                b"x-forwarded-for: 10.0.0.7")
+    known = heads.decoded(head)
+    assert heads.decoded(head) is known
+    one, two = known.request.with_body(b'{"a":1}'), known.request.with_body(b'{"b":2}')
+    for req, body in ((one, b'{"a":1}'), (two, b'{"b":2}')):
+        assert (req.method, req.path, req.peer, req.head, req.body) == \
+            ("POST", "/v1/chat/completions", "10.0.0.7", head, body)
+        assert dict(req.headers) == {"authorization": "Bearer tg-1",
+                                     "x-forwarded-for": "10.0.0.7"}
+    assert known.request.body == b"" and one.headers is two.headers
+
+
 @pytest.mark.parametrize(("head", "kind"), [
     (None, "whole"),  # no head
     (":method: POST", "whole"),  # not base64
@@ -141,14 +156,14 @@ class _Processor:
         self.done: list[tuple] = []
         self.heads: list[str | None] = []  # what each request decided at once was named
 
-    def decide_now(self, headers, body, head=None):
-        self.heads.append(head)
-        if headers[":path"] == "/now-boom":
+    def decide_now(self, req):
+        self.heads.append(req.head)
+        if req.path == "/now-boom":
             raise RuntimeError("a fault in the decision made at once")
-        if headers[":path"] != "/now":
+        if req.path != "/now":
             return None
         self.done.append(("decided now", "/now"))
-        return Forwarding({":path": "/now"}, [], body, {"request_id": "now"})
+        return Forwarding({":path": "/now"}, [], req.body, {"request_id": "now"})
 
     async def decide(self, headers, body, declared):
         path = headers[":path"]

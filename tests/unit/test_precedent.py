@@ -102,7 +102,8 @@ async def full(proc: ExternalProcessor, path: str, body: dict[str, Any], secret:
 
 def now(proc: ExternalProcessor, path: str, body: dict[str, Any], secret: str,
         **extra: str) -> Forwarding | None:
-    return proc.decide_now(headers_of(path, secret, **extra), json.dumps(body).encode())
+    return proc.decide_now(proc.request_of(headers_of(path, secret, **extra),
+                                           json.dumps(body).encode()))
 
 
 def answer(f: Forwarding) -> dict[str, Any]:
@@ -432,9 +433,9 @@ async def test_each_request_has_an_attempt_of_its_own_and_the_precedents_stays_a
     await full(proc, "/v1/chat/completions", CHAT, secret)
     (kept,) = [p for ps in gw._precedents._kept.values() for p in ps]
     before = {**vars(kept.attempt), "set_headers": dict(kept.attempt.set_headers)}
-    first = gw.decide_like(ExternalProcessor._request(headers_of(
+    first = gw.decide_like(ExternalProcessor.request_of(headers_of(
         "/v1/chat/completions", secret), json.dumps(CHAT).encode()), "envoy")
-    second = gw.decide_like(ExternalProcessor._request(headers_of(
+    second = gw.decide_like(ExternalProcessor.request_of(headers_of(
         "/v1/chat/completions", secret), json.dumps(CHAT).encode()), "envoy")
     assert first is not None and second is not None
     assert first.attempt is not second.attempt is not kept.attempt
@@ -457,7 +458,8 @@ def named(proc: ExternalProcessor, path: str, body: dict[str, Any], secret: str,
     client head as the decide filter encodes it)."""
     headers = headers_of(path, secret, **extra)
     head = base64.b64encode("\n".join(f"{k}: {v}" for k, v in headers.items()).encode())
-    return proc.decide_now(headers, json.dumps(body).encode(), head.decode())
+    return proc.decide_now(proc.request_of(headers, json.dumps(body).encode(),
+                                           head=head.decode()))
 
 
 def keys_cli(path: Path, *args: str) -> dict[str, Any]:
