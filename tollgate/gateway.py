@@ -312,7 +312,7 @@ class Gateway:
         one (precedent.py); the exchange names it, for its host."""
         rest = can_be_one(loaded, req, body, exchange, shadowed)
         if rest is not None:
-            exchange.precedent = Precedent.of(loaded, req, body.doc, rest, exchange)
+            exchange.precedent = Precedent.of(loaded, req, body, rest, exchange)
             self._precedents.keep(exchange.precedent)
 
     @property
@@ -344,11 +344,16 @@ class Gateway:
                 return None
             route = known.route if known is not None else routes.match(req.path)
             assert route is not None  # a precedent was forwarded on it
-            body = bodies.parse(route, req.body)
+            try:
+                doc = bodies.read_json(req.body)
+            except (ValueError, RecursionError):
+                return None  # (not JSON: the full decision says so)
             compared = known.compared if known is not None else head_of(req.headers)
-            found = self._precedents.find(loaded, key, req, body.doc, compared)
+            found = self._precedents.find(loaded, key, req, doc, compared) \
+                if type(doc) is dict else None
             if found is None or host not in found.hosts:
                 return None
+            body = found.body(doc)
             if known is None:
                 # The other headers are the precedent's, whose values passed this check.
                 check_header_values(req.headers, only=VARYING)

@@ -114,23 +114,33 @@ class Precedent:
     shadow_headers: bool
     terms: WorstTerms  # what prices its worst case, but a request's input estimate
     row: LedgerRow  # its written-ahead row: what a request decided from it writes, but its own
+    # What `bodies.parse` read of its body (a request like it has the same but its plain
+    # messages): its model, its tools, whether it streams.
+    model: str | None
+    tools: list[str]
+    stream: bool
     # The hosts it was forwarded on, and what each made of the decision, to make the same of
     # the requests decided from it (the Envoy host: the decide filter's answer; mitmproxy's
     # needs nothing but the exchange).
     hosts: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def of(cls, loaded: LoadedConfig, req: Request, doc: dict[str, Any], rest: bytes,
+    def of(cls, loaded: LoadedConfig, req: Request, body: bodies.ParsedBody, rest: bytes,
            exchange: Exchange) -> Precedent:
         attempt = exchange.cursor.attempts[0].copy()
         attempt.body, attempt.set_headers = None, dict(attempt.set_headers)
-        route = exchange.route
+        route, doc = exchange.route, body.doc
         return cls(loaded, exchange.key, route, req.method, req.path,
                    head_of(req.headers), rest, attempt, exchange.billing.price,
                    exchange.billing.lineage, exchange.prefix, exchange.client_wants_usage,
                    exchange.shadow_headers,
                    worst_terms(loaded, route, doc, attempt, bodies.output_cap(route, doc)),
-                   exchange.settlement.written_ahead())
+                   exchange.settlement.written_ahead(), body.model, body.tools, body.stream)
+
+    def body(self, doc: dict[str, Any]) -> bodies.ParsedBody:
+        """The body of a request that matches it (`doc`: its JSON), as `bodies.parse` would
+        read it: all but its plain messages is the precedent's, which that read before."""
+        return bodies.ParsedBody(doc, self.model, self.tools, self.stream)
 
 
 @dataclass(frozen=True)

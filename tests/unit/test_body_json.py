@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tollgate.body import _no_duplicates, _read
+from tollgate.body import _no_duplicates, read_json
 from tollgate.errors import GatewayError
 
 
@@ -58,12 +58,12 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_body_reads_as_the_standard_library_reads_it(case):
     raw = CASES[case]
-    assert _outcome(_read, raw) == _outcome(_standard, raw)
+    assert _outcome(read_json, raw) == _outcome(_standard, raw)
 
 
 def test_a_key_twice_is_refused_naming_the_key():
     with pytest.raises(GatewayError) as refused:
-        _read(CASES["a key twice, once escaped"])
+        read_json(CASES["a key twice, once escaped"])
     assert refused.value.code == "invalid_request" and refused.value.param == "model"
 
 
@@ -99,4 +99,4 @@ _values = st.recursive(
 @given(value=_values, ascii_only=st.booleans())
 def test_any_document_reads_as_the_standard_library_reads_it(value, ascii_only):
     raw = _text(value, ascii_only).encode()
-    assert _outcome(_read, raw) == _outcome(_standard, raw)
+    assert _outcome(read_json, raw) == _outcome(_standard, raw)

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from extproc.service import ExternalProcessor, Forwarding
 from tests.unit.test_gateway import CHAT, MSG
+from tollgate import body as bodies
 from tollgate import gateway as gateway_module
 from tollgate import keys as keys_module
 from tollgate import metrics
@@ -28,6 +29,7 @@ from tollgate.exchange import Exchange
 from tollgate.gateway import Gateway
 from tollgate.ledger import LedgerRow
 from tollgate.request import Reply
+from tollgate.routes import ROUTES
 from tollgate.store.sqlite import SQLiteStore
 
 PEPPER = "core-pepper"
@@ -294,6 +296,34 @@ async def test_not_a_number_is_not_null_and_text_json_cannot_hold_is_not_compare
     odd = {**CHAT, "user": "\ud800"}
     assert (await full(proc, path, odd, secret)).metadata["request_id"]
     assert now(proc, path, odd, secret) is None
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "gpt-5-mini", "messages": [', b"[]", b'"text"',
+    b'{"model": "gpt-5-mini", "model": "gpt-5", "messages": []}'])
+async def test_a_body_that_is_not_one_json_object_is_refused_in_full(gateways, raw):
+    """Its body read as a precedent compares it (no `bodies.parse` before a match): what is
+    not JSON, not an object, or holds a key twice is left to the full decision, which
+    refuses it as ever."""
+    secret, gw, _ = gateways
+    proc, path = ExternalProcessor(gw), "/v1/chat/completions"
+    await full(proc, path, CHAT, secret)
+    assert proc.decide_now(proc.request_of(headers_of(path, secret), raw)) is None
+    refused = await proc.decide(headers_of(path, secret), raw)
+    assert isinstance(refused, Reply) and refused.status == 400, refused
+
+
+async def test_a_request_decided_from_a_precedent_has_its_body_read_as_in_full(gateways):
+    secret, gw, _ = gateways
+    proc, path = ExternalProcessor(gw), "/v1/chat/completions"
+    body = {**CHAT, "stream": True, "tools": [{"type": "function", "function": {
+        "name": "lookup", "parameters": {"type": "object"}}}]}
+    await full(proc, path, body, secret)
+    raw = json.dumps({**body, "messages": [{"role": "user", "content": "again"}]}).encode()
+    replayed = gw.decide_like(proc.request_of(headers_of(path, secret), raw), "envoy")
+    assert replayed is not None
+    assert replayed.body == bodies.parse(ROUTES["/v1/chat/completions"], raw)
+    assert replayed.body.tools == ["lookup"] and replayed.body.stream
 
 
 async def test_other_headers_or_a_continued_trace_are_decided_in_full(gateways):
