@@ -21,7 +21,7 @@ from pathlib import Path
 from extproc import eventloop
 from extproc.decider import start_decider
 from extproc.listen import Listener
-from extproc.service import ExternalProcessor, Forwarding
+from extproc.service import ExternalProcessor, Forwarding, Made, Replaying
 from tollgate.gateway import Gateway
 from tollgate.request import Reply, Request
 
@@ -32,6 +32,7 @@ class Replayed(ExternalProcessor):
     a request decided from a precedent (no task); no meter post is read."""
 
     replayed: Forwarding | None = None
+    made: Made | None = None
 
     async def decide(self, headers: dict[str, str], body: bytes | None,
                      declared: int | None = None) -> Reply | Forwarding:
@@ -39,11 +40,13 @@ class Replayed(ExternalProcessor):
             return self.replayed
         decision = await super().decide(headers, body, declared)
         if isinstance(decision, Forwarding):
-            self.replayed = decision
+            self.replayed, self.made = decision, Made(decision)
         return decision
 
-    def decide_now(self, req: Request) -> Forwarding | None:
-        return self.replayed
+    def decide_now(self, req: Request) -> Replaying | None:
+        # Answered as a request decided from a precedent is: the lines it shares with its
+        # precedent's answer encoded once (here, all of them).
+        return None if self.made is None else Replaying(self.made, {}, {}, None)
 
     def metered(self, request_id: str, seq: int, last: bool, data: bytes,
                 head: tuple[int, dict[str, str]] | None = None,

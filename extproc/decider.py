@@ -60,7 +60,7 @@ from typing import cast
 
 from extproc.heads import BadRequest, head_lines, response_head
 from extproc.listen import Listener, private_socket, restrict
-from extproc.service import ExternalProcessor, Forwarding
+from extproc.service import ExternalProcessor, Forwarding, Replaying
 from tollgate.request import MAX_HEADER_BYTES, Reply, Request, lower_headers
 
 log = logging.getLogger("tollgate.extproc")
@@ -76,36 +76,79 @@ MAX_HEAD = 2 * MAX_HEADER_BYTES
 BACKLOG = 4096
 
 
-def _encode(status: int, headers: list[tuple[str, str]], body: bytes) -> list[bytes]:
-    """An HTTP answer, as its head and its body: written together (`writelines`), not
-    joined first, which would copy a body of a MiB for nothing."""
-    lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}",
-             *(f"{k}: {v}" for k, v in headers), f"content-length: {len(body)}", "", ""]
-    head = "\r\n".join(lines)
-    if head.count("\n") != len(lines) - 1 or "\0" in head:
+def _lines(headers: list[tuple[str, str]]) -> str:
+    """Header lines, each ended by CRLF; a value that would break out of its line is
+    refused (ValueError)."""
+    text = "".join([f"{k}: {v}\r\n" for k, v in headers])
+    if text.count("\n") != len(headers) or "\0" in text:
         raise ValueError("a header value holds a line break or NUL")
+    return text
+
+
+def _encode(status: int, headers: list[tuple[str, str]], body: bytes, shared: str = ""
+            ) -> list[bytes]:
+    """An HTTP answer, as its head and its body: written together (`writelines`), not
+    joined first, which would copy a body of a MiB for nothing. `shared`: header lines
+    made before (`_lines`), ahead of `headers`."""
+    head = (f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n{shared}"
+            f"{_lines(headers)}content-length: {len(body)}\r\n\r\n")
     encoded = head.encode("utf-8", "surrogateescape")
     return [encoded, body] if body else [encoded]
 
 
-def answer(decision: Reply | Forwarding) -> list[bytes]:
-    """The HTTP answer that tells the filter what to do (see `_encode`)."""
-    if isinstance(decision, Reply):
-        headers = [(f"{PREFIX}reply", str(decision.status)), (f"{PREFIX}meta-answered", "1"),
-                   *((f"{PREFIX}set-{k.lower()}", v) for k, v in decision.headers.items())]
-        return _encode(200, headers, decision.body)
+def _forwarding(set_headers: dict[str, str], removed: list[str], metadata: dict[str, str]
+                ) -> list[tuple[str, str]]:
+    """The headers of an answer that forwards (see the module's docstring)."""
     out: list[tuple[str, str]] = []
-    for name, value in decision.set_headers.items():
+    for name, value in set_headers.items():
         if name in (":path", ":authority"):
             out.append((f"{PREFIX}{name[1:]}", value))
         else:
             out.append((f"{PREFIX}set-{name.lower()}", value))
-    if decision.remove_headers:
-        out.append((f"{PREFIX}remove", ", ".join(decision.remove_headers)))
-    out += [(f"{PREFIX}meta-{k}", v) for k, v in decision.metadata.items()]
+    if removed:
+        out.append((f"{PREFIX}remove", ", ".join(removed)))
+    out += [(f"{PREFIX}meta-{k}", v) for k, v in metadata.items()]
+    return out
+
+
+def answer(decision: Reply | Forwarding | Replaying) -> list[bytes]:
+    """The HTTP answer that tells the filter what to do (see `_encode`)."""
+    if isinstance(decision, Replaying):
+        return _replayed(decision)
+    if isinstance(decision, Reply):
+        headers = [(f"{PREFIX}reply", str(decision.status)), (f"{PREFIX}meta-answered", "1"),
+                   *((f"{PREFIX}set-{k.lower()}", v) for k, v in decision.headers.items())]
+        return _encode(200, headers, decision.body)
+    out = _forwarding(decision.set_headers, decision.remove_headers, decision.metadata)
     if decision.body is not None:
         out.append((f"{PREFIX}body", "replaced"))
     return _encode(200, out, decision.body or b"")
+
+
+# The sets of names requests decided from one precedent set themselves, kept for it: a few
+# (a budget warning or not); past this many, one not seen before starts them again.
+MAX_SHARED = 8
+
+
+def _replayed(r: Replaying) -> list[bytes]:
+    """The answer of a request decided from a precedent, the same as `answer` makes of it as
+    one `Forwarding` (`Replaying.forwarding`): the precedent's lines this request does not
+    set itself are encoded once, not merged and encoded again for each request."""
+    made = r.made
+    names = (tuple(r.set_headers), tuple(r.metadata))
+    shared = made.shared.get(names)
+    if shared is None:
+        f, own, own_fields = made.forwarding, set(names[0]), {*names[1], "budget_warning"}
+        shared = _lines(_forwarding(
+            {k: v for k, v in f.set_headers.items() if k not in own}, f.remove_headers,
+            {k: v for k, v in f.metadata.items() if k not in own_fields}))
+        if len(made.shared) >= MAX_SHARED:
+            made.shared.clear()
+        made.shared[names] = shared
+    out = _forwarding(r.set_headers, [], r.metadata)
+    if r.body is not None:
+        out.append((f"{PREFIX}body", "replaced"))
+    return _encode(200, out, r.body or b"", shared)
 
 
 @dataclass

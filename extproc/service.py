@@ -151,6 +151,35 @@ class Forwarding:
     metadata: dict[str, str]
 
 
+@dataclass
+class Made:
+    """What this host makes of a precedent (`Precedent.hosts`): its forwarding, and the
+    lines of its answer that the requests decided from it share, encoded once (by
+    extproc.decider), by the names each such request sets itself."""
+
+    forwarding: Forwarding
+    shared: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = field(default_factory=dict)
+
+
+@dataclass
+class Replaying:
+    """A request decided from a precedent, as the decide filter is told it: the precedent's
+    forwarding with this request's own headers (its credential, ids, trace, length) and
+    metadata (its ids, budget warning, rate-limit headers) over it, and its body."""
+
+    made: Made
+    set_headers: dict[str, str]
+    metadata: dict[str, str]
+    body: bytes | None
+
+    def forwarding(self) -> Forwarding:
+        """The same decision as one `Forwarding`."""
+        made = self.made.forwarding
+        fields = {k: v for k, v in made.metadata.items() if k != "budget_warning"}
+        return Forwarding({**made.set_headers, **self.set_headers}, made.remove_headers,
+                          self.body, {**fields, **self.metadata})
+
+
 def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
             process: int | None = None) -> Forwarding:
     """How a request goes on to its provider: its first attempt's changes are applied here.
@@ -352,10 +381,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self._rewrites[request_id] = pending
         forwarding = forward(result, headers, body, self.process)
         if exchange.precedent is not None:  # the answer the requests like it get
-            exchange.precedent.hosts[HOST] = dataclasses.replace(forwarding, body=None)
+            exchange.precedent.hosts[HOST] = Made(dataclasses.replace(forwarding, body=None))
         return forwarding
 
-    def decide_now(self, req: Request) -> Forwarding | None:
+    def decide_now(self, req: Request) -> Replaying | None:
         """A request like one decided before, decided from that decision's precedent at once
         (`Gateway.decide_like`), and its answer made from that decision's own; None: it is
         for `decide`. `req.head`: the client head as the decide filter encoded it, which
@@ -365,22 +394,20 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         replayed = self.gateway.decide_like(req, HOST)
         if replayed is None:
             return None
-        made: Forwarding = replayed.precedent.hosts[HOST]
         trace, attempt, billing = replayed.trace, replayed.attempt, replayed.billing
         self._pending[trace.request_id] = _Pending(replayed, time.monotonic(),
                                                    adopt=self.gateway.adopt)
         # What `forward` makes of it: the precedent's answer, with this request's own ids,
-        # credential, trace, body and budget warning.
-        set_headers = {**made.set_headers, **attempt.set_headers,
-                       "x-request-id": trace.request_id, "content-length":
-                       str(len(req.body if attempt.body is None else attempt.body))}
-        fields = {**made.metadata, "request_id": trace.request_id,
-                  "trace_id": trace.trace_id, "span_id": trace.span_id}
-        fields.pop("budget_warning", None)
+        # credential, trace, length, budget warning and rate-limit headers.
+        own = {**attempt.set_headers, "x-request-id": trace.request_id, "content-length":
+               str(len(req.body if attempt.body is None else attempt.body))}
+        fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
+                  "span_id": trace.span_id}
         if billing.warning:
             fields["budget_warning"] = billing.warning
-        return Forwarding(set_headers, made.remove_headers, attempt.body,
-                          {**fields, **billing.rate_headers})
+        if billing.rate_headers:
+            fields.update(billing.rate_headers)
+        return Replaying(replayed.precedent.hosts[HOST], own, fields, attempt.body)
 
     # -- attempts of a fallback plan ------------------------------------------------------
     def attempt(self, request_id: str, provider: str, status: int | None) -> Reply | Forwarding:

@@ -17,7 +17,7 @@ from extproc.decider import (
     client_request,
     response_head,
 )
-from extproc.service import Forwarding
+from extproc.service import Forwarding, Made, Replaying
 from tollgate.request import Reply
 
 
@@ -106,6 +106,46 @@ def test_a_forward_names_each_change_for_the_filter():
     assert headers["x-tollgate-body"] == "replaced" and raw.endswith(b'\r\n\r\n{"a":1}')
     unchanged = _headers(b"".join(answer(Forwarding({":path": "/v1/x"}, [], None, {}))))
     assert "x-tollgate-body" not in unchanged and "x-tollgate-remove" not in unchanged
+
+
+def _lines(raw: bytes) -> tuple[list[str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return sorted(head.decode().split("\r\n")), body
+
+
+def test_a_request_decided_from_a_precedent_is_told_its_own_values_over_the_precedents():
+    """The precedent's answer with this request's own headers and metadata over it, line
+    for line the answer of the two merged: none of the precedent's own values (its ids, its
+    budget warning, its rate-limit headers) is left beside or instead of the request's,
+    however the names the request sets itself change from one request to the next."""
+    made = Made(Forwarding(
+        set_headers={":path": "/v1/chat/completions", ":authority": "api.example",
+                     "authorization": "Bearer sk-old", "x-request-id": "req_0",
+                     "x-tollgate-cluster": "provider_p", "content-length": "10"},
+        remove_headers=["x-api-key"], body=None,
+        metadata={"request_id": "req_0", "trace_id": "t0", "family": "openai",
+                  "budget_warning": "b; used=90%", "x-ratelimit-remaining-requests": "9"}))
+    own = {"authorization": "Bearer sk-new", "x-request-id": "req_1", "content-length": "12"}
+    cases = [
+        Replaying(made, own, {"request_id": "req_1", "trace_id": "t1"}, None),
+        Replaying(made, own, {"request_id": "req_2", "trace_id": "t2",
+                              "budget_warning": "b; used=95%",
+                              "x-ratelimit-remaining-requests": "8"}, b'{"stream":1}'),
+        Replaying(made, own, {"request_id": "req_3", "trace_id": "t3"}, None),
+    ]
+    for r in cases:
+        raw = b"".join(answer(r))
+        assert _lines(raw) == _lines(b"".join(answer(r.forwarding())))
+        headers = _headers(raw)
+        assert headers["x-tollgate-set-authorization"] == "Bearer sk-new"
+        assert headers["x-tollgate-meta-request_id"] == r.metadata["request_id"]
+        assert headers.get("x-tollgate-meta-budget_warning") == \
+            r.metadata.get("budget_warning")
+        assert headers.get("x-tollgate-meta-x-ratelimit-remaining-requests") == \
+            r.metadata.get("x-ratelimit-remaining-requests", "9")
+    assert len(made.shared) == 2  # encoded once for each set of names a request set
+    with pytest.raises(ValueError):  # a request's own value cannot break out of its line
+        answer(Replaying(made, {"authorization": "Bearer x\r\nx-evil: 1"}, {}, None))
 
 
 def test_a_reply_is_the_gateways_answer_with_its_headers():

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from extproc.service import ExternalProcessor, Forwarding
+from extproc import decider
+from extproc.service import ExternalProcessor, Forwarding, Replaying
 from tests.unit.test_gateway import CHAT, MSG
 from tollgate import body as bodies
 from tollgate import gateway as gateway_module
@@ -104,8 +105,27 @@ async def full(proc: ExternalProcessor, path: str, body: dict[str, Any], secret:
 
 def now(proc: ExternalProcessor, path: str, body: dict[str, Any], secret: str,
         **extra: str) -> Forwarding | None:
-    return proc.decide_now(proc.request_of(headers_of(path, secret, **extra),
-                                           json.dumps(body).encode()))
+    return _merged(proc.decide_now(proc.request_of(headers_of(path, secret, **extra),
+                                                   json.dumps(body).encode())))
+
+
+def told(parts: list[bytes]) -> tuple[str, list[str], bytes]:
+    """What an answer of the decision service tells the decide filter: its status line, its
+    header lines in any order, its body."""
+    head, _, body = b"".join(parts).partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    return status, sorted(lines), body
+
+
+def _merged(replaying: Replaying | None) -> Forwarding | None:
+    """A request decided at once, as one `Forwarding`; the answer it is sent as (the lines it
+    shares with its precedent's answer encoded once) tells the filter what that
+    `Forwarding`'s answer would, line for line."""
+    if replaying is None:
+        return None
+    forwarding = replaying.forwarding()
+    assert told(decider.answer(replaying)) == told(decider.answer(forwarding))
+    return forwarding
 
 
 def answer(f: Forwarding) -> dict[str, Any]:
@@ -488,8 +508,8 @@ def named(proc: ExternalProcessor, path: str, body: dict[str, Any], secret: str,
     client head as the decide filter encodes it)."""
     headers = headers_of(path, secret, **extra)
     head = base64.b64encode("\n".join(f"{k}: {v}" for k, v in headers.items()).encode())
-    return proc.decide_now(proc.request_of(headers, json.dumps(body).encode(),
-                                           head=head.decode()))
+    return _merged(proc.decide_now(proc.request_of(headers, json.dumps(body).encode(),
+                                                   head=head.decode())))
 
 
 def keys_cli(path: Path, *args: str) -> dict[str, Any]:
