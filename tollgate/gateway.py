@@ -361,7 +361,7 @@ class Gateway:
                     self._precedents.know(req.head, KnownHead(loaded, key, until, route,
                                                               compared))
             # The provider's credential as it is now (a key file rotates, a token expires).
-            credential, _ = found.attempt.adapter.auth(dict(req.headers))
+            credential, _ = found.attempt.adapter.auth(req.headers)
         except GatewayError:
             return None
         attempt = found.attempt.copy()

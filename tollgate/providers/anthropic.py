@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from tollgate.providers.base import Adapter
 
 DEFAULT_VERSION = "2023-06-01"
@@ -15,7 +17,7 @@ class Anthropic(Adapter):
     default_models = ("claude-*",)
     default_base_url = "https://api.anthropic.com"
 
-    def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    def auth(self, client_headers: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
         # The client's anthropic-version (default: one the API accepts, as it rejects
         # requests without) and anthropic-beta are set again on each attempt: on Envoy the
         # attempts of a fallback plan share one header map, and an attempt at an OpenAI

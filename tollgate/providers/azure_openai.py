@@ -11,6 +11,7 @@ A model without an entry in `deployments` is sent to the deployment of the same 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlsplit
 
@@ -58,7 +59,7 @@ class AzureOpenAI(Adapter):
     def body_model(self, route: Route, model: str) -> str:
         return self.deployment(model) if route.name in _V1 else model
 
-    def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    def auth(self, client_headers: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
         return {"api-key": self.credential()}, ["authorization", "x-api-key"]
 
     def path(self, route: Route, model: str, client_path: str, stream: bool = False) -> str:

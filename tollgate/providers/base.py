@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -165,7 +166,7 @@ class Adapter:
         """The provider's own words for an error, for the client family's envelope."""
         return error_message(status, body)
 
-    def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    def auth(self, client_headers: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
         """Headers that authenticate to the provider, and client headers to drop."""
         raise NotImplementedError
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -107,7 +108,7 @@ class Bedrock(Adapter):
     def upstream_model(self, model: str, catalog: ModelCatalog | None) -> str:
         return catalog.named(model, self.type) if catalog is not None else model
 
-    def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    def auth(self, client_headers: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
         drop = ["authorization", "x-api-key", "anthropic-version", "anthropic-beta"]
         if self.provider.api_key_env or self.provider.api_key_file:
             return {"authorization": f"Bearer {self.credential()}"}, drop[1:]

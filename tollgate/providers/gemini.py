@@ -7,6 +7,7 @@ served through translation (`tollgate.translate.gemini`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
@@ -28,7 +29,7 @@ class Gemini(Adapter):
     def serves_route(self, route: Route) -> bool:
         return route.name in ("chat_completions", "messages")
 
-    def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    def auth(self, client_headers: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
         return {"x-goog-api-key": self.credential()}, [
             "authorization", "x-api-key", "anthropic-version", "anthropic-beta"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from tollgate.providers.base import Adapter
 
 
@@ -14,7 +16,7 @@ class OpenAI(Adapter):
                       "computer-use-*")
     default_base_url = "https://api.openai.com"
 
-    def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    def auth(self, client_headers: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
         return {"authorization": f"Bearer {self.credential()}"}, ["x-api-key"]
 
 

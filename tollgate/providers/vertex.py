@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
@@ -149,7 +150,7 @@ class Vertex(Adapter):
                 log.warning("vertex provider %s: no Google credentials yet: %s",
                             self.provider.id, e)
 
-    def auth(self, client_headers: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    def auth(self, client_headers: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
         drop = ["x-api-key", "anthropic-version", "anthropic-beta"]
         if self.provider.api_key_env or self.provider.api_key_file:
             return {"authorization": f"Bearer {self.credential()}"}, drop
