@@ -237,13 +237,6 @@ class ClientHeads:
             self._decoded[head] = found
         return found
 
-    def read(self, head: str | None, body: bytes, kind: str
-             ) -> tuple[dict[str, str], bytes | None, int | None]:
-        """As `client_request`; the headers are a copy of their own for each request."""
-        if kind != "whole" or head is None:
-            return client_request(head, body, kind)
-        return dict(self.decoded(head).headers), body, None
-
 
 NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
 # A body past this size is kept as its reads came and joined once it is whole: grown in the

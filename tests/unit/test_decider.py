@@ -43,24 +43,21 @@ def test_the_clients_head_and_body_are_read_as_envoy_lists_them():
     assert (body, declared) == (None, 99)
 
 
-def test_an_apps_repeated_head_is_decoded_once_and_each_request_has_its_own(monkeypatch):
+def test_an_apps_repeated_head_is_decoded_once(monkeypatch):
     heads, decoded = ClientHeads(), []
     monkeypatch.setattr(decider_module, "client_request", lambda *a: decoded.append(a) or
                         client_request(*a))
     head = _b64(b":method: POST\nauthorization: Bearer tg-1")
-    first = heads.read(head, b"{}", "whole")[0]
-    first["x-added"] = "by one request"
-    again = heads.read(head, b"[]", "whole")
-    assert again == ({":method": "POST", "authorization": "Bearer tg-1"}, b"[]", None)
-    assert len(decoded) == 1
-    # Other kinds are read as they come; so is a head past the kept ones.
-    assert heads.read(_b64(b"content-length: 99"), b"", "unread")[2] == 99
+    first = heads.decoded(head)
+    assert heads.decoded(head) is first and len(decoded) == 1
+    assert first.headers == {":method": "POST", "authorization": "Bearer tg-1"}
+    # A head past the kept ones is decoded again.
     for n in range(ClientHeads.MAX):
-        heads.read(_b64(b"x-n: %d" % n), b"", "whole")
-    heads.read(head, b"", "whole")
-    assert len(decoded) == 3 + ClientHeads.MAX
+        heads.decoded(_b64(b"x-n: %d" % n))
+    heads.decoded(head)
+    assert len(decoded) == 2 + ClientHeads.MAX
     with pytest.raises(BadRequest):  # a bad head is refused each time, never kept
-        heads.read("*", b"", "whole")
+        heads.decoded("*")
 
 
 def test_the_request_a_known_head_names_is_made_once_and_each_has_its_own_body():
@@ -451,3 +448,31 @@ async def test_what_the_filters_never_send_is_answered_400_and_the_connection_cl
     assert await _answers(reader, 1) == [("400", b"")]
     assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
     writer.close()
+
+
+async def test_each_full_decision_has_headers_of_its_own(tmp_path):
+    """A head decoded once serves every request that sends it: what one decision does to
+    its headers reaches no other request of the head."""
+    from extproc.decider import start_decider
+    from extproc.listen import Listener
+
+    class Changing(_Processor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[dict[str, str]] = []
+
+        async def decide(self, headers, body, declared):
+            self.seen.append(dict(headers))
+            headers["x-added"] = "by one request"
+            headers.pop(":path")
+            return Reply(200, {}, b"", {})
+
+    processor = Changing()
+    sock = tmp_path / "d" / "decide.sock"
+    server = await start_decider(processor, Listener(f"unix:{sock}"))  # type: ignore[arg-type]
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(_decide("/a", b"{}") + _decide("/a", b"{}"))
+    await _answers(reader, 2)
+    assert processor.seen == [{":method": "POST", ":path": "/a"}] * 2
+    writer.close()
+    server.close()
