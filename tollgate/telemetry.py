@@ -408,19 +408,22 @@ class Entropy:
 
 _entropy = Entropy()
 os.register_at_fork(after_in_child=_entropy.forget)
-_millisecond: tuple[int, str] = (-1, "")  # the last one a request id was made in, encoded
+# The last 1,024 ms a request id was made in, and its first eight characters.
+_block: tuple[int, str] = (-1, "")
 
 
 def new_request_id() -> str:
-    """`req_` and a ULID: 48 bits of Unix milliseconds (ten characters, encoded once per
-    millisecond), 80 random ones (sixteen)."""
-    global _millisecond
-    ms, encoded = _millisecond
+    """`req_` and a ULID: 48 bits of Unix milliseconds (ten characters: the first eight
+    encoded once per 1,024 ms, as requests a second apart meet a new millisecond each), 80
+    random ones (sixteen)."""
+    global _block
+    block, encoded = _block
     now = time.time_ns() // 1_000_000
-    if now != ms:
-        encoded = "".join([_PAIRS[now >> shift & 1023] for shift in (40, 30, 20, 10, 0)])
-        _millisecond = (now, encoded)
-    return "req_" + encoded + _entropy.take(16)
+    if now >> 10 != block:
+        block = now >> 10
+        encoded = "".join([_PAIRS[block >> shift & 1023] for shift in (30, 20, 10, 0)])
+        _block = (block, encoded)
+    return "req_" + encoded + _PAIRS[now & 1023] + _entropy.take(16)
 
 
 def start(method: str, path: str, headers: Mapping[str, str],

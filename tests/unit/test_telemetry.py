@@ -224,7 +224,7 @@ def test_a_request_id_is_req_and_a_ulid_of_its_millisecond(monkeypatch):
     for n, u in enumerate(ids):
         assert int.from_bytes(u.bytes[6:]) == sum(
             v << 5 * (15 - j) for j, v in enumerate(fives[16 * n:16 * (n + 1)]))
-    for ms in (0, 2**48 - 1):  # a ULID's first and last millisecond
+    for ms in (0, 1023, 1024, 2**48 - 1):  # its first and last; either side of a block
         clock.append(ms * 1_000_000)
         assert ULID.from_str(telemetry.new_request_id()[4:]).milliseconds == ms
     assert telemetry.start("GET", "/v1/models", {}).request_id.startswith("req_")
