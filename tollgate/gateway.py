@@ -7,8 +7,9 @@ exchange ends it settles the real cost and tokens and writes the ledger row. Eac
 small module; this file only orders them.
 
 A request like one forwarded before is decided from that decision (`decide_like`, for a host
-that asks): key, size cap, parse body, precedent (precedent.py) -> price -> admission (budgets
-and rate limits) -> forward, the rest of the path being the precedent's.
+that asks): key, size cap, the body read as JSON and matched to a precedent (precedent.py),
+which vouches for what parsing would check -> price -> admission (budgets and rate limits)
+-> forward, the rest of the path being the precedent's.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ messages. The full decision (gateway.py) works out again, for each of them, what
 alone settles: the route, the policy, the plan, the provider's credentials and path, the
 price and the budgets that apply. A forwarded decision that depends on its request only
 through the request's length and plain-text messages is kept as a precedent. A later
-request that matches it is decided from it: the key is checked, the body parsed, the worst
+request that matches it is decided from it: the key is checked, the body read as JSON (all
+of it but its plain messages is the precedent's, which was parsed and checked), the worst
 case priced for its own length and held in its budgets, and the request written ahead, as
 the full decision does; the rest is the precedent's. Whatever the precedent cannot vouch for
 (a reservation not granted, a store that cannot make one) goes to the full decision with
