@@ -19,6 +19,7 @@ from tollgate import body as bodies
 from tollgate import budgets, ratelimit, routes
 from tollgate.config.load import LoadedConfig
 from tollgate.config.schema import ModelProvider, VirtualKey
+from tollgate.derived import Applying
 from tollgate.errors import GatewayError
 from tollgate.ledger import LedgerRow
 from tollgate.pricing import ZERO_PRICE, ModelPrice
@@ -74,7 +75,6 @@ class Admission:
         billing = Billing(price=price, lineage=derived.lineage(key.scope),
                           estimated_input_tokens=estimated_input(req))
         now = datetime.now(UTC)
-        key_caps = derived.key_limits(key, now)
         passed_over: list[str] = []
         lowered = 0  # times an `on_breach: cap` budget lowered the output cap (bounded)
         settling_until = time.monotonic() + HOLDS_SETTLING
@@ -82,7 +82,10 @@ class Admission:
         while i + 1 < len(attempts):
             i += 1
             attempt = attempts[i]
-            holds, limits = _applying(loaded, key, billing, attempt, amount, key_caps, now)
+            applying = _applying(loaded, key, billing, attempt, now)
+            # The budgets to hold (none for a request priced at nothing), the limits to take.
+            holds = list(applying.holds) if amount else []
+            limits = list(applying.limits)
             if not holds and not limits:
                 granted = None  # nothing to reserve for this attempt
                 break
@@ -154,19 +157,15 @@ class Admission:
     def _granted(self, billing: Billing, holds: list[budgets.Hold],
                  limits: list[ratelimit.Limit], granted: Reservation, amount: int,
                  rate_headers: dict[str, str]) -> None:
-        """What a granted reservation tells the request: what it holds, a budget's warning,
-        what shadow budgets and limits would have refused (counted), its rate-limit headers."""
+        """What a granted reservation tells the request (`_told`), and what shadow budgets and
+        limits would have refused (counted)."""
+        _told(billing, holds, granted, amount, rate_headers)
         if holds:
-            billing.reserved = amount  # renewed from _admit on, while it runs
-            counted = list(zip(holds, granted.counters, strict=True))
-            billing.warning = next((w for h, c in counted
-                                    if (w := budgets.warning(h, c.committed))), None)
             over_budget = [budgets.shadow_refusal(h, c.committed, amount)
-                           for h, c in counted if h.would_refuse(c.committed)]
+                           for h, c in zip(holds, granted.counters, strict=True)
+                           if h.would_refuse(c.committed)]
             self._shadowed("budget", "budget_exceeded", len(over_budget))
             billing.shadow += over_budget
-        billing.rate_headers = rate_headers
-        billing.admitted_at = granted.at
         over_limit = ratelimit.shadow_refusals(limits, granted.windows)
         self._shadowed("rate_limit", "rate_limited", len(over_limit))
         billing.shadow += over_limit
@@ -189,27 +188,19 @@ class Admission:
             amount, tokens = worst.micros, worst.input_tokens + worst.output_tokens
         else:
             amount = tokens = 0
-        applying = loaded.derived.applying(key, lineage, attempt.provider_id, now)
+        billing = Billing(price=price, lineage=lineage,
+                          estimated_input_tokens=estimated_input(req))
+        applying = _applying(loaded, key, billing, attempt, now)
         if applying.shadow:  # (never where a precedent was kept: counted by `admit`)
             return None
         holds, limits = (applying.holds if amount else []), applying.limits
         granted = self._store().reserve_now(request_id, holds, amount, limits, tokens, row)
         if granted is None or not granted.granted:
             return None
-        billing = Billing(price=price, lineage=lineage,
-                          held={attempt.provider_id: list(applying.counters)},
-                          estimated_input_tokens=estimated_input(req),
-                          limits=list(applying.named), reserved_tokens=tokens,
-                          worst_case=amount)
-        # What `_granted` tells a request (no shadow control applies: none to count).
-        if holds:
-            billing.reserved = amount
-            billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
-                                    if (w := budgets.warning(h, c.committed))), None)
-        if holds or limits:
-            billing.admitted_at = granted.at
-            billing.rate_headers = ratelimit.headers(route.family, limits, granted.windows,
-                                                     time.time())
+        if holds or limits:  # (no shadow control applies: none to count)
+            _told(billing, holds, granted, amount,
+                  ratelimit.headers(route.family, limits, granted.windows, time.time()))
+        billing.reserved_tokens, billing.worst_case = tokens, amount
         return billing
 
     async def _reserve(self, settings: Any, request_id: str, holds: list[budgets.Hold],
@@ -300,18 +291,26 @@ def worst_input(req: Request) -> int:
 
 
 def _applying(loaded: LoadedConfig, key: VirtualKey, billing: Billing, attempt: Attempt,
-              amount: int, key_caps: list[ratelimit.Limit], now: datetime
-              ) -> tuple[list[budgets.Hold], list[ratelimit.Limit]]:
-    """The budgets to hold (none for a request priced at nothing) and the rate limits to
-    take for an attempt, each also named on its billing: the counters it settles into
-    (even those it does not hold) and the limits it enters."""
-    derived = loaded.derived
-    holds = derived.holds(key, billing.lineage, attempt.provider_id, now)
-    billing.held = {attempt.provider_id: [h.counter for h in holds]}
-    limits = key_caps + derived.provider_limits(derived.providers[attempt.provider_id], now)
-    billing.limits = [(lim, None if lim.scope == "key" else attempt.provider_id)
-                      for lim in limits]
-    return (holds if amount else []), limits
+              now: datetime) -> Applying:
+    """What an attempt is held in (`Derived.applying`: shared, not to be changed), named on
+    its billing: the budget counters it settles into (even those it does not hold) and the
+    limits it enters."""
+    applying = loaded.derived.applying(key, billing.lineage, attempt.provider_id, now)
+    billing.held = {attempt.provider_id: list(applying.counters)}
+    billing.limits = list(applying.named)
+    return applying
+
+
+def _told(billing: Billing, holds: list[budgets.Hold], granted: Reservation, amount: int,
+          rate_headers: dict[str, str]) -> None:
+    """What a granted reservation tells the request: what it holds, a budget's warning, its
+    rate-limit headers."""
+    if holds:
+        billing.reserved = amount  # renewed from _admit on, while it runs
+        billing.warning = next((w for h, c in zip(holds, granted.counters, strict=True)
+                                if (w := budgets.warning(h, c.committed))), None)
+    billing.rate_headers = rate_headers
+    billing.admitted_at = granted.at
 
 
 @dataclass(frozen=True)

@@ -345,18 +345,13 @@ def _of(context: SpanContext) -> tuple[int, TraceState]:
 
 
 def _new_ids(trace_id: int, state: TraceState) -> tuple[int, int, TraceState]:
-    """Ids for a span that records nothing: its trace's (a new one for 0), a new span id."""
-    return trace_id or _IDS.generate_trace_id(), _IDS.generate_span_id(), state
-
-
-def _root_ids() -> tuple[int, int]:
-    """A new trace id and span id, as the SDK's generator makes them (random bits, never 0),
-    from one draw."""
+    """Ids for a span that records nothing: its trace's (a new one for 0), a new span id, as
+    the SDK's generator makes them (random bits, never 0), from one draw."""
     bits = random.getrandbits(192)
-    trace_id, span_id = bits >> 64, bits & 0xFFFF_FFFF_FFFF_FFFF
-    if not trace_id or not span_id:
-        return _IDS.generate_trace_id(), _IDS.generate_span_id()
-    return trace_id, span_id
+    new_trace, span_id = bits >> 64, bits & 0xFFFF_FFFF_FFFF_FFFF
+    if not new_trace or not span_id:
+        new_trace, span_id = _IDS.generate_trace_id(), _IDS.generate_span_id()
+    return trace_id or new_trace, span_id, state
 
 
 def _unrecorded(trace_id: int, state: TraceState) -> trace.Span:
@@ -433,7 +428,7 @@ def start(method: str, path: str, headers: Mapping[str, str],
     request_id = request_id or new_request_id()
     if "traceparent" not in headers and not _tracing.recording:
         # A root span that records nothing (most requests): new ids, no caller to read.
-        return RequestTrace(request_id, None, (*_root_ids(), _NO_STATE))
+        return RequestTrace(request_id, None, _new_ids(0, _NO_STATE))
     parent = _propagator.extract(dict(headers)) if "traceparent" in headers else None
     caller = trace.get_current_span(parent).get_span_context() if parent is not None \
         else INVALID_SPAN_CONTEXT
