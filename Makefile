@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-cores bench-transport bench-reload bench-breakdown bench-stages bench-cold bench-instructions bench-lean soak bootstrap k8s-examples
+.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-cores bench-transport bench-reload bench-breakdown bench-stages bench-cold bench-instructions bench-lean bench-tail soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -85,6 +85,12 @@ bench-stages: bootstrap
 # percent. `make bench-cold AGAINST=REV` measures REV's code beside this checkout's.
 bench-cold: bootstrap
 	$(VENV)/python -m bench.cold --functions $(if $(AGAINST),--against $(AGAINST))
+
+# Requests one at a time: the Envoy host's p99 and slowest beside the direct call's and plain
+# Envoy's, and how in step its slowest are with the access log's batches.
+# `make bench-tail AGAINST=REV` measures REV's code in rounds of its own, alternating.
+bench-tail: bootstrap
+	$(VENV)/python -m bench.tail $(if $(AGAINST),--against $(AGAINST))
 
 # One request at a time under wrk (apt-get install wrk): what each path adds when the client
 # costs next to nothing (bench-quick's is Python), and each host over its plain proxy.

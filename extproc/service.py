@@ -307,6 +307,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self.sweeper: asyncio.Task[None] | None = None
         self.decider: asyncio.Server | None = None  # extproc.decider, once started
         self.settling: set[asyncio.Task[None]] = set()  # waiting for their rewrite
+        self.stopping = False  # waiting for the last reports (`ends_reported`)
 
     async def stop_decider(self) -> None:
         if self.decider is not None:
@@ -653,7 +654,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def ends_reported(self, within: float = ENDS_REPORTED) -> None:
         """Wait, `within` seconds at most, until every request decided here has been settled:
         as the gateway stops, the ends of answers its clients have may still be in Envoy's
-        access log, which sends them in batches (`envoy_config.RESPONSE_END_FLUSH`)."""
+        access log, which sends them in batches (`envoy_config.RESPONSE_END_FLUSH`), and
+        which are settled at once from now on."""
+        self.stopping = True
         until = time.monotonic() + within
         while self._pending and time.monotonic() < until:
             await asyncio.sleep(0.01)
@@ -671,6 +674,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.sweep()
 
 
+def access_log_service(processor: ExternalProcessor) -> ProxyReplies:
+    """The gRPC access log service beside `processor`: the requests Envoy answered itself,
+    and the ends of those `processor` decided, settled at once once it stops."""
+    return ProxyReplies(processor.gateway, processor.ended,
+                        stopping=lambda: processor.stopping)
+
+
 async def start_server(gateway: Gateway, where: Listener,
                        loaded_clusters: LoadedClusters | None = None,
                        process: int | None = None
@@ -684,8 +694,7 @@ async def start_server(gateway: Gateway, where: Listener,
                                       ("grpc.so_reuseport", 0)])
     processor = ExternalProcessor(gateway, loaded_clusters, process)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        ProxyReplies(gateway, processor.ended), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log_service(processor), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

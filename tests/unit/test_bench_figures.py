@@ -153,3 +153,15 @@ def test_a_revision_measured_beside_this_checkout_reads_the_tables_it_shipped_wi
     assert (then.prices.lookup("gpt-5").input, now.prices.lookup("gpt-5").input) == (9.75, 1.25)
     assert f'models: "{code}/config/models.yaml"' in theirs.read_text()
     assert then.config.model_providers == now.config.model_providers
+
+
+def test_the_slowest_requests_are_told_in_step_with_the_batches_or_not():
+    """bench.tail: 1 when every slow request came at the same moment of the access log's
+    period, whichever periods; 0 when they are spread evenly over it."""
+    from bench.tail import in_step
+
+    assert abs(in_step([k * 0.1 + 0.083 for k in range(30)], period=0.1) - 1) < 1e-9
+    assert in_step([k * 0.01 for k in range(30)], period=0.1) < 1e-9
+    assert in_step([0.02, 0.07, 1.02, 1.07], period=0.1) < 1e-9  # half a period apart
+    assert 0.9 < in_step([0.081, 0.089, 2.085, 3.083], period=0.1) < 1
+    assert in_step([]) == 0

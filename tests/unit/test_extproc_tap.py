@@ -24,8 +24,8 @@ from google.protobuf import struct_pb2, wrappers_pb2
 from extproc import service
 from extproc.decider import start_decider
 from extproc.listen import Listener
-from extproc.proxy_replies import ProxyReplies
-from extproc.service import ExternalProcessor, Forwarding
+from extproc.proxy_replies import PAUSE, ProxyReplies
+from extproc.service import ExternalProcessor, Forwarding, access_log_service
 from tollgate import gateway as gateway_module
 from tollgate.cli.main import cli
 from tollgate.gateway import Gateway
@@ -756,6 +756,60 @@ async def test_a_reported_end_before_the_request_began_is_taken_as_its_start(pro
         "content-length": str(len(result))}, started=1_000.0, last_byte=1_000.5))
     (row,) = await settled(proc)
     assert row.outcome == "completed" and 0 <= row.latency_ms < 1_000
+    await proc.gateway.close()
+
+
+@pytest.mark.parametrize(("age", "busy", "stopping", "pauses"), [
+    (0.05, 0.2, False, [PAUSE] * 3),  # fresh: the core is left to other processes between two
+    (0.05, 0.8, False, [0] * 3),  # the process is busy: no core to give, and pauses cost
+    (0.05, 0.2, True, [0] * 3),  # the service stops: its last reports are settled at once
+    (0.3, 0.2, False, [0] * 3),  # older than FRESH: batches come faster than they are settled
+    (1.0, 0.2, False, []),  # behind: settled back to back, the decisions wait
+])
+async def test_fresh_reports_are_settled_one_at_a_time_with_a_spare_core_given_away(
+        age, busy, stopping, pauses):
+    """A batch of fresh reports settled back to back kept a core busy for 10-15 ms, and the
+    requests that came meanwhile on the machine (the app's, Envoy's) waited for it.
+    `busy`: the share of a core the process used in the last sample."""
+    taken: list[str] = []
+    slept: list[tuple[float, int]] = []
+    clock, cpu = [1_000.0], [5.0]
+
+    async def sleep(seconds: float) -> None:
+        slept.append((seconds, len(taken)))
+
+    log = ProxyReplies(None, lambda request_id, *_: taken.append(request_id),  # type: ignore[arg-type]
+                       stopping=lambda: stopping, clock=lambda: clock[0], cpu=lambda: cpu[0],
+                       sleep=sleep)
+    clock[0] += 0.1 + age
+    cpu[0] += (0.1 + age) * busy
+    await report_to(log, *[end_entry(f"r{i}", 0, [b"{}"], started=1_000.1)
+                           for i in range(3)])
+    assert taken == ["r0", "r1", "r2"]
+    assert slept == [(pause, i) for i, pause in enumerate(pauses, 1)]
+
+
+async def test_a_busy_process_is_told_from_a_sample_long_enough():
+    """(Two streams' batches a moment apart: the verdict of the last whole sample stands.)"""
+    clock, cpu = [0.0], [0.0]
+    log = ProxyReplies(None, lambda *_: None, clock=lambda: clock[0],  # type: ignore[arg-type]
+                       cpu=lambda: cpu[0])
+    assert log.spare()  # (no sample yet)
+    clock[0], cpu[0] = 0.2, 0.15
+    assert not log.spare()
+    clock[0], cpu[0] = 0.21, 0.15  # idle for 10 ms: too short a sample
+    assert not log.spare()
+    clock[0], cpu[0] = 0.4, 0.17
+    assert log.spare()
+
+
+async def test_the_access_log_service_settles_at_once_when_the_service_stops(processor):
+    proc, _ = processor
+    service_log = access_log_service(proc)
+    fresh = end_entry("r0", 0, [b"{}"], started=time.time() + 60)  # (never stale here)
+    assert service_log.pause_after(fresh, spare=True) == PAUSE
+    await proc.ends_reported(within=0)
+    assert service_log.pause_after(fresh, spare=True) == 0
     await proc.gateway.close()
 
 

@@ -1,0 +1,156 @@
+"""The Envoy host's slowest requests, one at a time, and whether they keep a beat.
+
+    python -m bench.tail [--requests 1500] [--rounds 2] [--against REV]
+
+The provider directly, plain Envoy and tollgate's Envoy host (the governed profile on
+SQLite) take turns, a JSON chat completion each per turn, sequentially. Prints each path's
+p50, p90, p99 and slowest, what tollgate adds over the direct call, and how in step the
+slowest 2% of tollgate's requests are with the access log's batches, which Envoy sends every
+`RESPONSE_END_FLUSH` seconds and the decision service settles: the length of the mean of
+their phases in that period, each a unit vector (1: all at one moment of the period; about
+1/sqrt(n) for n at random moments, 0.18 for 30).
+
+What a gateway does between requests (settling a batch of ends) takes a core the machine's
+other processes want, and makes every path on it slower at its tail, the direct call's
+too. So `--against REV` measures REV's code in rounds of its own, alternating with this
+checkout's, not beside it as bench.quick does (where two gateways share each other's
+tails), and prints the medians of both codes' rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cmath
+import contextlib
+import math
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.latency import BODY, PROVIDER_KEY, _Url, bench_setup, own_state, percentile
+from bench.quick import checkout, governed, plain_envoy, revision_of, with_tables_of
+from extproc.envoy_config import RESPONSE_END_FLUSH
+from tests.conftest import make_config
+from tests.harness import GatewayProcess, free_port
+
+WARM_UP = 30
+SLOWEST = 0.02  # the share of tollgate's requests whose phases are read
+
+
+def in_step(starts: list[float], period: float = RESPONSE_END_FLUSH) -> float:
+    """How close to one moment of `period` the `starts` (seconds) fall: the length of the
+    mean of their phases as unit vectors (1: one moment; near 0: spread evenly)."""
+    if not starts:
+        return 0.0
+    return abs(sum(cmath.exp(2j * math.pi * (t % period) / period) for t in starts)
+               / len(starts))
+
+
+async def turns(paths: dict[str, tuple[str, dict[str, str]]], n: int
+                ) -> tuple[dict[str, list[float]], list[tuple[float, float]]]:
+    """`n` turns of one request per path: each path's times (ms), and tollgate's (time,
+    start in seconds from the first turn)."""
+    clients = {name: httpx.AsyncClient(timeout=30) for name in paths}
+    try:
+        for _ in range(WARM_UP):
+            for name, (url, headers) in paths.items():
+                await clients[name].post(url, content=BODY, headers=headers)
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        started: list[tuple[float, float]] = []
+        first = time.monotonic()
+        for _ in range(n):
+            for name, (url, headers) in paths.items():
+                at, t0 = time.monotonic() - first, time.perf_counter()
+                r = await clients[name].post(url, content=BODY, headers=headers)
+                took = (time.perf_counter() - t0) * 1000
+                assert r.status_code == 200, f"{name}: {r.status_code} {r.text[:200]}"
+                times[name].append(took)
+                if name == "tollgate envoy":
+                    started.append((took, at))
+        return times, started
+    finally:
+        for c in clients.values():
+            await c.aclose()
+
+
+def one_round(n: int, code: Path | None) -> dict[str, float]:
+    """A round on its own machine state: the provider, plain Envoy and a gateway of this
+    checkout's code (or `code`'s), stopped at its end. Prints its table; returns its
+    figures."""
+    workdir, port, fake = bench_setup("tollgate-bench-tail-")
+    procs: list[subprocess.Popen[bytes]] = [fake]
+    gateway = None
+    try:
+        envoy, envoy_url = plain_envoy(workdir, port)
+        procs.append(envoy)
+        direct = f"http://127.0.0.1:{port}"
+        config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
+        secret = governed(config)
+        if code is not None:
+            with_tables_of(config, code)
+        gateway = GatewayProcess("envoy", own_state(config, "tail"), workdir,
+                                 env={"PYTHONPATH": str(code)} if code else None).start()
+        provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
+        paths = {"direct": (f"{direct}/v1/chat/completions", provider),
+                 "plain envoy": (f"{envoy_url}/v1/chat/completions", provider),
+                 "tollgate envoy": (f"{gateway.url}/v1/chat/completions",
+                                    {"authorization": f"Bearer {secret}"})}
+        times, started = asyncio.run(turns(paths, n))
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+    print(f"{'path':<16}{'p50':>8}{'p90':>8}{'p99':>8}{'slowest':>9}{'+p50':>8}{'+p99':>8}")
+    figures = {}
+    for name, values in times.items():
+        p50, p90, p99 = (percentile(values, q) for q in (0.5, 0.9, 0.99))
+        added = (f"{p50 - percentile(times['direct'], 0.5):+8.3f}"
+                 f"{p99 - percentile(times['direct'], 0.99):+8.3f}")
+        print(f"{name:<16}{p50:8.3f}{p90:8.3f}{p99:8.3f}{max(values):9.3f}{added}")
+        figures[f"{name} p50"], figures[f"{name} p99"] = p50, p99
+    slowest = sorted(started, reverse=True)[:max(1, round(SLOWEST * len(started)))]
+    figures["in step"] = in_step([at for _, at in slowest])
+    print(f"the slowest {len(slowest)} of tollgate's: in step with the access log's batches "
+          f"(every {RESPONSE_END_FLUSH} s) {figures['in step']:.2f}\n")
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=1500, help="turns per round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per code")
+    parser.add_argument("--against", metavar="REV",
+                        help="a commit whose code is measured in rounds of its own, "
+                             "alternating with this checkout's")
+    args = parser.parse_args()
+    revision = revision_of(args.against) if args.against else None
+    if args.against and revision is None:
+        parser.error(f"{args.against} is not in this clone's history")
+    codes = ["now", *([revision[:7]] if revision else [])]
+    rounds: dict[str, list[dict[str, float]]] = {c: [] for c in codes}
+    with checkout(revision) if revision else contextlib.nullcontext() as other:
+        for i in range(args.rounds):
+            # Each code first in every other round: the machine's drift weighs on both.
+            for code in (codes if i % 2 == 0 else codes[::-1]):
+                print(f"round {i + 1}, {'this checkout' if code == 'now' else code}")
+                rounds[code].append(one_round(args.requests, other if code != "now" else None))
+    print(f"medians of {args.rounds} rounds (ms)")
+    names = ["direct p99", "plain envoy p99", "tollgate envoy p50", "tollgate envoy p99"]
+    print(f"{'code':<10}" + "".join(f"{n:>20}" for n in [*names, "+p99", "in step"]))
+    for code, done in rounds.items():
+        med = {k: statistics.median(r[k] for r in done) for k in done[0]}
+        added = statistics.median(r["tollgate envoy p99"] - r["direct p99"] for r in done)
+        print(f"{code:<10}" + "".join(f"{med[n]:20.3f}" for n in names)
+              + f"{added:+20.3f}{med['in step']:20.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
