@@ -4,7 +4,8 @@
 
 The provider directly, plain Envoy and tollgate's Envoy host (the governed profile on
 SQLite) take turns, a JSON chat completion each per turn, sequentially. Prints each path's
-p50, p90, p99 and slowest, what tollgate adds over the direct call, and how in step the
+p50, p90, p99 and slowest, what tollgate adds over the direct call, the CPU its processes
+(Envoy and the decision service) spent per request, and how in step the
 slowest 2% of tollgate's requests are with the access log's batches, which Envoy sends every
 `RESPONSE_END_FLUSH` seconds and the decision service settles: the length of the mean of
 their phases in that period, each a unit vector (1: all at one moment of the period; about
@@ -32,13 +33,21 @@ from pathlib import Path
 import httpx
 
 from bench.latency import BODY, PROVIDER_KEY, _Url, bench_setup, own_state, percentile
-from bench.quick import checkout, governed, plain_envoy, revision_of, with_tables_of
+from bench.quick import (
+    checkout,
+    cpu_seconds,
+    governed,
+    plain_envoy,
+    revision_of,
+    with_tables_of,
+)
 from extproc.envoy_config import RESPONSE_END_FLUSH
 from tests.conftest import make_config
 from tests.harness import GatewayProcess, free_port
 
 WARM_UP = 30
 SLOWEST = 0.02  # the share of tollgate's requests whose phases are read
+SETTLED = 0.5  # seconds within which the last requests' ends are settled
 
 
 def in_step(starts: list[float], period: float = RESPONSE_END_FLUSH) -> float:
@@ -50,10 +59,11 @@ def in_step(starts: list[float], period: float = RESPONSE_END_FLUSH) -> float:
                / len(starts))
 
 
-async def turns(paths: dict[str, tuple[str, dict[str, str]]], n: int
-                ) -> tuple[dict[str, list[float]], list[tuple[float, float]]]:
-    """`n` turns of one request per path: each path's times (ms), and tollgate's (time,
-    start in seconds from the first turn)."""
+async def turns(paths: dict[str, tuple[str, dict[str, str]]], n: int, pid: int
+                ) -> tuple[dict[str, list[float]], list[tuple[float, float]], float]:
+    """`n` turns of one request per path: each path's times (ms), tollgate's (time, start
+    in seconds from the first turn), and the CPU seconds its processes (`pid` and its
+    children) spent on them."""
     clients = {name: httpx.AsyncClient(timeout=30) for name in paths}
     try:
         for _ in range(WARM_UP):
@@ -61,7 +71,7 @@ async def turns(paths: dict[str, tuple[str, dict[str, str]]], n: int
                 await clients[name].post(url, content=BODY, headers=headers)
         times: dict[str, list[float]] = {name: [] for name in paths}
         started: list[tuple[float, float]] = []
-        first = time.monotonic()
+        cpu, first = cpu_seconds(pid), time.monotonic()
         for _ in range(n):
             for name, (url, headers) in paths.items():
                 at, t0 = time.monotonic() - first, time.perf_counter()
@@ -71,7 +81,8 @@ async def turns(paths: dict[str, tuple[str, dict[str, str]]], n: int
                 times[name].append(took)
                 if name == "tollgate envoy":
                     started.append((took, at))
-        return times, started
+        await asyncio.sleep(SETTLED)  # (the last requests' ends are settled)
+        return times, started, cpu_seconds(pid) - cpu
     finally:
         for c in clients.values():
             await c.aclose()
@@ -99,7 +110,8 @@ def one_round(n: int, code: Path | None) -> dict[str, float]:
                  "plain envoy": (f"{envoy_url}/v1/chat/completions", provider),
                  "tollgate envoy": (f"{gateway.url}/v1/chat/completions",
                                     {"authorization": f"Bearer {secret}"})}
-        times, started = asyncio.run(turns(paths, n))
+        assert gateway.proc is not None
+        times, started, cpu = asyncio.run(turns(paths, n, gateway.proc.pid))
     finally:
         if gateway is not None:
             gateway.stop()
@@ -114,6 +126,8 @@ def one_round(n: int, code: Path | None) -> dict[str, float]:
                  f"{p99 - percentile(times['direct'], 0.99):+8.3f}")
         print(f"{name:<16}{p50:8.3f}{p90:8.3f}{p99:8.3f}{max(values):9.3f}{added}")
         figures[f"{name} p50"], figures[f"{name} p99"] = p50, p99
+    figures["cpu"] = cpu * 1000 / n
+    print(f"tollgate's processes: {figures['cpu']:.3f} ms of CPU per request")
     slowest = sorted(started, reverse=True)[:max(1, round(SLOWEST * len(started)))]
     figures["in step"] = in_step([at for _, at in slowest])
     print(f"the slowest {len(slowest)} of tollgate's: in step with the access log's batches "
@@ -142,13 +156,16 @@ def main() -> int:
                 print(f"round {i + 1}, {'this checkout' if code == 'now' else code}")
                 rounds[code].append(one_round(args.requests, other if code != "now" else None))
     print(f"medians of {args.rounds} rounds (ms)")
-    names = ["direct p99", "plain envoy p99", "tollgate envoy p50", "tollgate envoy p99"]
-    print(f"{'code':<10}" + "".join(f"{n:>20}" for n in [*names, "+p99", "in step"]))
+    names = ["direct p99", "tollgate envoy p50", "tollgate envoy p99"]
+    print(f"{'code':<10}" + "".join(f"{n:>19}" for n in [*names, "+p50", "+p99", "CPU/req",
+                                                        "in step"]))
     for code, done in rounds.items():
         med = {k: statistics.median(r[k] for r in done) for k in done[0]}
-        added = statistics.median(r["tollgate envoy p99"] - r["direct p99"] for r in done)
-        print(f"{code:<10}" + "".join(f"{med[n]:20.3f}" for n in names)
-              + f"{added:+20.3f}{med['in step']:20.2f}")
+        added = [statistics.median(r[f"tollgate envoy {q}"] - r[f"direct {q}"] for r in done)
+                 for q in ("p50", "p99")]
+        print(f"{code:<10}" + "".join(f"{med[n]:19.3f}" for n in names)
+              + "".join(f"{a:+19.3f}" for a in added)
+              + f"{med['cpu']:19.3f}{med['in step']:19.2f}")
     return 0
 
 
