@@ -24,7 +24,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 from extproc import service
 from extproc.decider import start_decider
 from extproc.listen import Listener
-from extproc.proxy_replies import PAUSE, ProxyReplies
+from extproc.proxy_replies import BURST, PAUSE, ProxyReplies
 from extproc.service import ExternalProcessor, Forwarding, access_log_service
 from tollgate import gateway as gateway_module
 from tollgate.cli.main import cli
@@ -759,17 +759,22 @@ async def test_a_reported_end_before_the_request_began_is_taken_as_its_start(pro
     await proc.gateway.close()
 
 
-@pytest.mark.parametrize(("age", "busy", "stopping", "pauses"), [
-    (0.05, 0.2, False, [PAUSE] * 3),  # fresh: the core is left to other processes between two
-    (0.05, 0.8, False, [0] * 3),  # the process is busy: no core to give, and pauses cost
-    (0.05, 0.2, True, [0] * 3),  # the service stops: its last reports are settled at once
-    (0.3, 0.2, False, [0] * 3),  # older than FRESH: batches come faster than they are settled
-    (1.0, 0.2, False, []),  # behind: settled back to back, the decisions wait
+LONG = BURST + 1  # reports in a batch long enough to be paced
+
+
+@pytest.mark.parametrize(("reports", "age", "busy", "stopping", "pauses"), [
+    # Fresh: the core is left to other processes between two.
+    (LONG, 0.05, 0.2, False, [PAUSE] * LONG),
+    (BURST, 0.05, 0.2, False, [0] * BURST),  # a few: no longer than a decision takes
+    (LONG, 0.05, 0.8, False, [0] * LONG),  # the process is busy: no core to give
+    (LONG, 0.05, 0.2, True, [0] * LONG),  # the service stops: its last reports at once
+    (LONG, 0.3, 0.2, False, [0] * LONG),  # past FRESH: batches come faster than settled
+    (LONG, 1.0, 0.2, False, []),  # behind: settled back to back, the decisions wait
 ])
-async def test_fresh_reports_are_settled_one_at_a_time_with_a_spare_core_given_away(
-        age, busy, stopping, pauses):
-    """A batch of fresh reports settled back to back kept a core busy for 10-15 ms, and the
-    requests that came meanwhile on the machine (the app's, Envoy's) waited for it.
+async def test_a_long_batch_of_fresh_reports_is_settled_with_a_spare_core_given_away(
+        reports, age, busy, stopping, pauses):
+    """A batch of fresh reports settled back to back kept a core busy for milliseconds, and
+    the requests that came meanwhile on the machine (the app's, Envoy's) waited for it.
     `busy`: the share of a core the process used in the last sample."""
     taken: list[str] = []
     slept: list[tuple[float, int]] = []
@@ -784,8 +789,8 @@ async def test_fresh_reports_are_settled_one_at_a_time_with_a_spare_core_given_a
     clock[0] += 0.1 + age
     cpu[0] += (0.1 + age) * busy
     await report_to(log, *[end_entry(f"r{i}", 0, [b"{}"], started=1_000.1)
-                           for i in range(3)])
-    assert taken == ["r0", "r1", "r2"]
+                           for i in range(reports)])
+    assert taken == [f"r{i}" for i in range(reports)]
     assert slept == [(pause, i) for i, pause in enumerate(pauses, 1)]
 
 
@@ -807,9 +812,9 @@ async def test_the_access_log_service_settles_at_once_when_the_service_stops(pro
     proc, _ = processor
     service_log = access_log_service(proc)
     fresh = end_entry("r0", 0, [b"{}"], started=time.time() + 60)  # (never stale here)
-    assert service_log.pause_after(fresh, spare=True) == PAUSE
+    assert service_log.pause_after(fresh, paced=True) == PAUSE
     await proc.ends_reported(within=0)
-    assert service_log.pause_after(fresh, spare=True) == 0
+    assert service_log.pause_after(fresh, paced=True) == 0
     await proc.gateway.close()
 
 
