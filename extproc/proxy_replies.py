@@ -157,8 +157,8 @@ class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
         return als_pb2.StreamAccessLogsResponse()
 
     def spare(self) -> bool:
-        """Whether the process used less than SPARE of a core over the last SAMPLE seconds
-        (or more: the last verdict stands until a sample is that long)."""
+        """Whether the process used less than SPARE of a core since its last sample, taken
+        at least SAMPLE seconds ago (asked sooner, the last sample's verdict stands)."""
         now, cpu = self.clock(), self.cpu()
         was, used = self._sampled
         if now - was >= SAMPLE:

@@ -676,7 +676,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
 def access_log_service(processor: ExternalProcessor) -> ProxyReplies:
     """The gRPC access log service beside `processor`: the requests Envoy answered itself,
-    and the ends of those `processor` decided, settled at once once it stops."""
+    and the ends of those `processor` decided (without pauses once it stops)."""
     return ProxyReplies(processor.gateway, processor.ended,
                         stopping=lambda: processor.stopping)
 
