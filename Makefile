@@ -36,12 +36,13 @@ lint: bootstrap
 
 # The sequential figures against the baseline commit's, measured in the same run (flags any
 # 15% worse), then the rest, then what each path adds to every event of a paced stream and
-# to bodies of an agent's size.
+# to bodies of an agent's size, and the tail beside the baseline's (in rounds of its own).
 bench: bootstrap
 	$(VENV)/python -m bench.quick --requests 1000
 	$(VENV)/python -m bench
 	$(VENV)/python -m bench.paced
 	$(VENV)/python -m bench.bodies
+	$(VENV)/python -m bench.tail --against baseline
 
 bench-quick: bootstrap
 	$(VENV)/python -m bench.quick --concurrent-requests 0

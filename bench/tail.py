@@ -1,6 +1,6 @@
 """The Envoy host's slowest requests, one at a time, and whether they keep a beat.
 
-    python -m bench.tail [--requests 1500] [--rounds 2] [--against REV]
+    python -m bench.tail [--requests 1500] [--rounds 2] [--against REV | --against baseline]
 
 The provider directly, plain Envoy and tollgate's Envoy host (the governed profile on
 SQLite) take turns, a JSON chat completion each per turn, sequentially. Prints each path's
@@ -15,7 +15,8 @@ What a gateway does between requests (settling a batch of ends) takes a core the
 other processes want, and makes every path on it slower at its tail, the direct call's
 too. So `--against REV` measures REV's code in rounds of its own, alternating with this
 checkout's, not beside it as bench.quick does (where two gateways share each other's
-tails), and prints the medians of both codes' rounds.
+tails), and prints the medians of both codes' rounds; `--against baseline`: the commit
+bench/baseline.json names (`make bench` measures it so).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import cmath
 import contextlib
+import json
 import math
 import statistics
 import subprocess
@@ -34,6 +36,7 @@ import httpx
 
 from bench.latency import BODY, PROVIDER_KEY, _Url, bench_setup, own_state, percentile
 from bench.quick import (
+    BASELINE,
     checkout,
     cpu_seconds,
     governed,
@@ -142,11 +145,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per code")
     parser.add_argument("--against", metavar="REV",
                         help="a commit whose code is measured in rounds of its own, "
-                             "alternating with this checkout's")
+                             "alternating with this checkout's (`baseline`: the one "
+                             "bench/baseline.json names)")
     args = parser.parse_args()
-    revision = revision_of(args.against) if args.against else None
-    if args.against and revision is None:
-        parser.error(f"{args.against} is not in this clone's history")
+    wanted = args.against
+    if wanted == "baseline":
+        wanted = json.loads(BASELINE.read_text())["revision"]
+    revision = revision_of(wanted) if wanted else None
+    if wanted and revision is None:
+        parser.error(f"{wanted} is not in this clone's history")
     codes = ["now", *([revision[:7]] if revision else [])]
     rounds: dict[str, list[dict[str, float]]] = {c: [] for c in codes}
     with checkout(revision) if revision else contextlib.nullcontext() as other:
