@@ -5,11 +5,11 @@
 The provider directly, plain Envoy and tollgate's Envoy host (the governed profile on
 SQLite) take turns, a JSON chat completion each per turn, sequentially. Prints each path's
 p50, p90, p99 and slowest, what tollgate adds over the direct call, the CPU its processes
-(Envoy and the decision service) spent per request, and how in step the
-slowest 2% of tollgate's requests are with the access log's batches, which Envoy sends every
+(Envoy and the decision service) spent per request, and how in step the slowest 2% of
+tollgate's requests are with the access log's batches, which Envoy sends every
 `RESPONSE_END_FLUSH` seconds and the decision service settles: the length of the mean of
 their phases in that period, each a unit vector (1: all at one moment of the period; about
-1/sqrt(n) for n at random moments, 0.18 for 30).
+0.9/sqrt(n) for n at random moments, 0.16 for 30).
 
 What a gateway does between requests (settling a batch of ends) takes a core the machine's
 other processes want, and makes every path on it slower at its tail, the direct call's
