@@ -87,9 +87,9 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
         doc = translate.request(route.family, attempt.family, body.doc, attempt.model)
     own = attempt.adapter.body(doc, attempt.model)
     if own is not None:  # the provider type's own shape (Bedrock's)
-        return json.dumps(own).encode()
+        return bodies.encoded(own)
     if attempt.translated:
-        return json.dumps(doc).encode()
+        return bodies.encoded(doc)
     out = None
     named = attempt.body_model or attempt.model
     if named != body.model:

@@ -100,3 +100,19 @@ _values = st.recursive(
 def test_any_document_reads_as_the_standard_library_reads_it(value, ascii_only):
     raw = _text(value, ascii_only).encode()
     assert _outcome(read_json, raw) == _outcome(_standard, raw)
+
+
+@pytest.mark.parametrize("value", [
+    float("nan"), float("inf"), float("-inf"), 10 ** 200, 1e400 - 1e400, -0.0, 1e100,
+    "é \u2028 \x01 \" \\", {"include_usage": True, "extra": [1, None, 1.5, "x"]}])
+def test_a_field_set_in_a_body_reads_back_as_the_client_sent_it(value):
+    """The gateway's field (the usage it asks for, an output cap, a model alias) holds the
+    client's own values where it keeps them (its `stream_options`, read by the standard
+    library when jiter refuses the body): NaN, infinities and long integers as the standard
+    library writes them."""
+    from tollgate.body import add_top_level, replace_top_level
+
+    added = add_top_level(b'{"model": "m"}', "stream_options", value)
+    replaced = replace_top_level(b'{"model": "m", "n": 1}', "model", value)
+    for out, key in ((added, "stream_options"), (replaced, "model")):
+        assert json.dumps(json.loads(out)[key]) == json.dumps(value)
