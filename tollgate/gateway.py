@@ -26,6 +26,7 @@ from typing import Any
 from tollgate import body as bodies
 from tollgate import (
     candidates,
+    fastjson,
     metrics,
     policy,
     routes,
@@ -87,9 +88,9 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
         doc = translate.request(route.family, attempt.family, body.doc, attempt.model)
     own = attempt.adapter.body(doc, attempt.model)
     if own is not None:  # the provider type's own shape (Bedrock's)
-        return bodies.encoded(own)
+        return fastjson.encoded(own)
     if attempt.translated:
-        return bodies.encoded(doc)
+        return fastjson.encoded(doc)
     out = None
     named = attempt.body_model or attempt.model
     if named != body.model:

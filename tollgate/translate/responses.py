@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+from tollgate.fastjson import encoded
 from tollgate.sse import Event, SSEParser
 
 ANTHROPIC_TO_OPENAI_FINISH = {"end_turn": "stop", "stop_sequence": "stop",
@@ -19,7 +20,7 @@ OPENAI_TO_ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens",
 
 
 def _data(doc: Any) -> bytes:
-    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+    return b"data: " + encoded(doc) + b"\n\n"
 
 
 def _event(kind: str, doc: Any) -> bytes:
