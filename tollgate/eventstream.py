@@ -7,9 +7,10 @@ decoded by botocore; a partial frame waits for its next bytes, nothing else is h
 from __future__ import annotations
 
 import base64
-import json
 
 from botocore.eventstream import EventStreamBuffer, ParserError
+
+from tollgate.fastjson import encoded, loads
 
 CONTENT_TYPE = "application/vnd.amazon.eventstream"
 
@@ -24,7 +25,7 @@ def is_eventstream(content_type: str | None) -> bool:
 
 
 def _sse(kind: str, doc: object) -> bytes:
-    return f"event: {kind}\ndata: ".encode() + json.dumps(doc).encode() + b"\n\n"
+    return f"event: {kind}\ndata: ".encode() + encoded(doc) + b"\n\n"
 
 
 def _error(kind: str, message: str) -> bytes:
@@ -59,15 +60,15 @@ class EventStreamToSSE:
     def _event(headers: dict[str, object], payload: bytes) -> bytes:
         kind = headers.get(":message-type")
         if kind == "event" and headers.get(":event-type") == "chunk":
-            event = json.loads(base64.b64decode(json.loads(payload)["bytes"]))
+            event = loads(base64.b64decode(loads(payload)["bytes"]))
             event.pop("amazon-bedrock-invocationMetrics", None)
             return _sse(str(event.get("type", "message")), event)
         if kind == "event":  # ConverseStream: the event type names it, the payload is JSON
-            return _sse(str(headers.get(":event-type", "message")), json.loads(payload))
+            return _sse(str(headers.get(":event-type", "message")), loads(payload))
         if kind in ("exception", "error"):
             name = str(headers.get(":exception-type") or headers.get(":error-code") or "")
             try:
-                text = json.loads(payload).get("message", "")
+                text = loads(payload).get("message", "")
             except ValueError:
                 text = payload.decode("utf-8", "replace")
             return _error(_ERRORS.get(name, "api_error"), f"{name}: {text}")

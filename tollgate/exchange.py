@@ -11,13 +11,12 @@ at once (`on_response_headers`, `relay`).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tollgate import eventstream, telemetry, translate
+from tollgate import eventstream, fastjson, telemetry, translate
 from tollgate import usage as usage_of
 from tollgate.attempts import AttemptCursor
 from tollgate.breaker import Breakers
@@ -280,8 +279,8 @@ class Exchange:
                 return self._capped(translate.stream(client, a.family, model,
                                                      self.client_wants_usage, estimate))
             convert = translate.json_response(client, a.family, model)
-            return JSONTranslation(lambda body: json.dumps(convert(json.loads(body)))
-                                   .encode() if body else body, self._invalid_answer)
+            return JSONTranslation(lambda body: fastjson.encoded(convert(fastjson.loads(body)))
+                                   if body else body, self._invalid_answer)
         if a.strip_usage and (sse or content_type is None):
             return EventFilter(usage_of.is_usage_only_chunk, usage_of.MAX_USAGE_CHUNK_BYTES,
                                usage_of.USAGE_ONLY_HINT)
