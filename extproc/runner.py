@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.metadata
 import json
 import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +18,7 @@ from typing import Any
 import grpc
 import httpx
 
-from extproc import envoy_config
+from extproc import envoy_config, workdirs
 from extproc.listen import Listener
 from extproc.processes import ProcessExited, Siblings
 from extproc.proxy_replies import OutageLog
@@ -208,7 +206,7 @@ async def start_processes(gateway: Gateway, config: str, where: list[Listener],
                 raise
             log.error("%s", e)
             await gateway.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+            workdirs.remove(workdir)
             return None
     server, processor = await start_server(gateway, where[0], clusters,
                                            0 if siblings else None)
@@ -241,7 +239,7 @@ async def serve_extproc(config: str, where: Listener, outage: Path,
     it has loaded and to tell `tollgate status` what it runs; `resources`: the files of
     `envoy render --resources` to keep current (provider edits reach Envoy live)."""
     gateway = Gateway.from_path(config, siblings=processes > 1)
-    workdir = Path(tempfile.mkdtemp(prefix="tollgate-extproc-"))
+    workdir = workdirs.own_workdir("extproc")
     listeners = envoy_config.process_listeners(where, processes, decider)
     targets = [w.target for w in listeners]
     clusters = LoadedClusters(envoy_admin) if envoy_admin else None
@@ -278,7 +276,7 @@ async def serve_extproc(config: str, where: Listener, outage: Path,
         await processor.ends_reported()  # (answers whose ends Envoy has yet to send)
         await stop_server(server, processor)
         await gateway.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        workdirs.remove(workdir)
     return status
 
 
@@ -318,7 +316,7 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
                       extproc: str | None, log_level: str, outage: Path,
                       admin: tuple[str, int] | None = None, processes: int = 1) -> int:
     gateway = Gateway.from_path(config, siblings=processes > 1)
-    workdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
+    workdir = workdirs.own_workdir("envoy")
     listeners = envoy_config.process_listeners(
         Listener(extproc or f"unix:{workdir / 'extproc.sock'}"), processes)
     targets = [w.target for w in listeners]
@@ -371,6 +369,5 @@ async def serve_envoy(config: str, listen: tuple[str, int], envoy_admin: str,
             await siblings.stop()
         await stop_server(server, processor)
         await gateway.close()
-        with contextlib.suppress(OSError):
-            shutil.rmtree(workdir)
+        workdirs.remove(workdir)
     return status
