@@ -408,7 +408,6 @@ def add_top_level(raw: bytes, key: str, value: Any) -> bytes:
         return b"".join((view[:at], *field, view[at:]))
 
 
-
 def wants_usage_chunk(route: Route, doc: dict[str, Any]) -> bool:
     """A streamed chat completion that did not ask for its usage: the gateway asks for it
     (so the stream can be metered exactly) and hides that extra chunk from the client."""
