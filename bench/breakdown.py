@@ -244,9 +244,12 @@ def _forwards(url: str, headers: dict[str, str] | None = None) -> bool:
 
 
 async def sequential(paths: dict[str, tuple[str, dict[str, str]]], n: int, warm: int,
-                     body: bytes = BODY) -> dict[str, list[float]]:
-    """`warm` then `n` requests per path, round-robin: the measured ones' times (ms)."""
+                     body: bytes = BODY, starts: dict[str, list[float]] | None = None
+                     ) -> dict[str, list[float]]:
+    """`warm` then `n` requests per path, round-robin: the measured ones' times (ms), and,
+    into `starts` when given, when each began (seconds after the first measured one)."""
     out: dict[str, list[float]] = {name: [] for name in paths}
+    first = None
     async with httpx.AsyncClient(timeout=30) as client:
         for i in range(warm + n):
             for name, (url, headers) in paths.items():
@@ -256,6 +259,10 @@ async def sequential(paths: dict[str, tuple[str, dict[str, str]]], n: int, warm:
                 assert r.status_code == 200, f"{name}: {r.status_code} {r.text[:200]}"
                 if i >= warm:
                     out[name].append((time.perf_counter() - t0) * 1000)
+                    if starts is not None:
+                        if first is None:
+                            first = t0
+                        starts.setdefault(name, []).append(t0 - first)
     return out
 
 

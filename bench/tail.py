@@ -29,12 +29,10 @@ import json
 import math
 import statistics
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
-
-from bench.latency import BODY, PROVIDER_KEY, _Url, bench_setup, own_state, percentile
+from bench.breakdown import sequential
+from bench.latency import PROVIDER_KEY, _Url, bench_setup, own_state, percentile
 from bench.quick import (
     BASELINE,
     checkout,
@@ -64,31 +62,15 @@ def in_step(starts: list[float], period: float = RESPONSE_END_FLUSH) -> float:
 
 async def turns(paths: dict[str, tuple[str, dict[str, str]]], n: int, pid: int
                 ) -> tuple[dict[str, list[float]], list[tuple[float, float]], float]:
-    """`n` turns of one request per path: each path's times (ms), tollgate's (time, start
-    in seconds from the first turn), and the CPU seconds its processes (`pid` and its
-    children) spent on them."""
-    clients = {name: httpx.AsyncClient(timeout=30) for name in paths}
-    try:
-        for _ in range(WARM_UP):
-            for name, (url, headers) in paths.items():
-                await clients[name].post(url, content=BODY, headers=headers)
-        times: dict[str, list[float]] = {name: [] for name in paths}
-        started: list[tuple[float, float]] = []
-        cpu, first = cpu_seconds(pid), time.monotonic()
-        for _ in range(n):
-            for name, (url, headers) in paths.items():
-                at, t0 = time.monotonic() - first, time.perf_counter()
-                r = await clients[name].post(url, content=BODY, headers=headers)
-                took = (time.perf_counter() - t0) * 1000
-                assert r.status_code == 200, f"{name}: {r.status_code} {r.text[:200]}"
-                times[name].append(took)
-                if name == "tollgate envoy":
-                    started.append((took, at))
-        await asyncio.sleep(SETTLED)  # (the last requests' ends are settled)
-        return times, started, cpu_seconds(pid) - cpu
-    finally:
-        for c in clients.values():
-            await c.aclose()
+    """`n` turns of one request per path (their base URLs), after a warm-up: each path's
+    times (ms), tollgate's (time, start in seconds from the first turn), and the CPU
+    seconds its processes (`pid` and its children) spent on them."""
+    await sequential(paths, 0, WARM_UP)
+    cpu, starts = cpu_seconds(pid), {}
+    times = await sequential(paths, n, 0, starts=starts)
+    await asyncio.sleep(SETTLED)  # (the last requests' ends are settled)
+    return (times, list(zip(times["tollgate envoy"], starts["tollgate envoy"], strict=True)),
+            cpu_seconds(pid) - cpu)
 
 
 def one_round(n: int, code: Path | None) -> dict[str, float]:
@@ -109,10 +91,8 @@ def one_round(n: int, code: Path | None) -> dict[str, float]:
         gateway = GatewayProcess("envoy", own_state(config, "tail"), workdir,
                                  env={"PYTHONPATH": str(code)} if code else None).start()
         provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
-        paths = {"direct": (f"{direct}/v1/chat/completions", provider),
-                 "plain envoy": (f"{envoy_url}/v1/chat/completions", provider),
-                 "tollgate envoy": (f"{gateway.url}/v1/chat/completions",
-                                    {"authorization": f"Bearer {secret}"})}
+        paths = {"direct": (direct, provider), "plain envoy": (envoy_url, provider),
+                 "tollgate envoy": (gateway.url, {"authorization": f"Bearer {secret}"})}
         assert gateway.proc is not None
         times, started, cpu = asyncio.run(turns(paths, n, gateway.proc.pid))
     finally:
