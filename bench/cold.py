@@ -114,16 +114,27 @@ def _response(stream: bool) -> tuple[bytes, bytes]:
             b"content-length: %d\n\n" % len(ANSWER)), ANSWER
 
 
-def end_entry(request_id: str, stream: bool = False) -> Any:
+def end_entry(request_id: str, stream: bool = False, marked_end: bool = True) -> Any:
     """Envoy's access-log entry of a JSON answer's end, or a short stream's (under a
     batch's size and time: the meter filter made no post), as meter.lua leaves it: the
-    response's head and bytes, its `whole` mark, a stream's first byte time."""
+    response's head and bytes (a JSON answer's, of known length, after its head in the
+    `end` mark; a stream's in a chunk of their own), a stream's first byte time.
+    `marked_end` False: as a code from before that mark had them (its `whole` mark, the
+    head and the bytes apart)."""
     from envoy.data.accesslog.v3 import accesslog_pb2
     from google.protobuf import json_format
 
     head, body = _response(stream)
-    tail = {"n": 1, "1": base64.b64encode(body).decode(),
-            "head": base64.b64encode(head).decode()}
+    decided = {"request_id": request_id}
+    if not marked_end:
+        tail = {"n": 1, "1": base64.b64encode(body).decode(),
+                "head": base64.b64encode(head).decode()}
+        decided["whole"] = "1"
+    elif stream:
+        tail = {"n": 1, "1": base64.b64encode(body).decode(),
+                "end": base64.b64encode(head).decode()}
+    else:
+        tail = {"end": base64.b64encode(head + body).decode()}
     if stream:
         tail["first_byte"] = str(time.time_ns() // 1000)
     started = datetime.now(UTC).isoformat().replace("+00:00", "Z")
@@ -131,7 +142,7 @@ def end_entry(request_id: str, stream: bool = False) -> Any:
         "common_properties": {
             "start_time": started, "time_to_last_upstream_rx_byte": "0.001s",
             "metadata": {"filter_metadata": {
-                "tollgate": {"request_id": request_id, "whole": "1"}, "tollgate.tail": tail}}},
+                "tollgate": decided, "tollgate.tail": tail}}},
         "response": {"response_code": 200, "response_code_details": "via_upstream"}},
         accesslog_pb2.HTTPAccessLogEntry())
 
@@ -206,6 +217,7 @@ async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evicto
                     stream: bool = False) -> dict[str, list[float]]:
     from bench.latency import BODY
     from bench.quick import STREAM_BODY
+    from extproc import proxy_replies
     from extproc.decider import Decider
     from extproc.proxy_replies import ProxyReplies
     from extproc.service import ExternalProcessor
@@ -217,7 +229,7 @@ async def _requests(config: Path, secret: str, n: int, cold: bool, evict: Evicto
     decider = Decider(processor)
     # The response's end: Envoy's access log, or, for a code from before it, a last post.
     log = ProxyReplies(gateway, processor.ended) if hasattr(ProxyReplies, "take") else None
-    template = end_entry("", stream).SerializeToString()
+    template = end_entry("", stream, hasattr(proxy_replies, "END")).SerializeToString()
     decider.connection_made(transport)  # type: ignore[arg-type]
     times: dict[str, list[float]] = {step: [] for step in STEPS}
     clock = time.perf_counter

@@ -3,11 +3,14 @@
 -- nothing is sent on the response's own path but for long streams: the bytes since the last
 -- post are kept in dynamic metadata (namespace `tollgate.tail`: `n` chunks, base64, under
 -- "1" to "n"), and once the response is whole its end goes to that process in Envoy's gRPC
--- access log (`tollgate.response_end`), after the client has had it, with the response's
--- head (`head`, base64) and a stream's first byte time (`first_byte`, microseconds since the
--- epoch) when no post carried them, and the mark `tollgate.whole`. A post to the decision
--- service (`POST /meter`; extproc/decider.py says what goes there) cost the response some
--- 0.1 ms: the call, and the decision service waking for it while the client was served.
+-- access log (`tollgate.response_end`), after the client has had it, marked `end` (base64:
+-- the response's head, when no post carried it, then the last bytes of a body of known
+-- length, which need no slot of their own), with a stream's first byte time (`first_byte`,
+-- microseconds since the epoch) when no post carried it. A post to the decision service
+-- (`POST /meter`; extproc/decider.py says what goes there) cost the response some 0.1 ms:
+-- the call, and the decision service waking for it while the client was served. Each call
+-- into Envoy here costs the response a few microseconds: a JSON answer of one chunk makes
+-- as few as it can.
 --
 -- A long stream is posted in batches (every FLUSH_BYTES or FLUSH_MS), fire-and-forget, so
 -- what is kept stays small and a long stream is charged as it goes. A post goes out before
@@ -17,7 +20,7 @@
 -- its first post would not leave the access log.
 --
 -- A response that does not end here (the client or the provider reset it, or Envoy answered
--- in the provider's place) leaves no `whole` mark: the same access log takes it to the same
+-- in the provider's place) leaves no `end`: the same access log takes it to the same
 -- process, which charges it all it streamed.
 --
 -- It also keeps the usage chunk the gateway asked for from a client that did not (the cut,
@@ -27,8 +30,30 @@ local UPSTREAM = "@UPSTREAM@"
 local FLUSH_BYTES = 16384
 local FLUSH_MS = 250
 local TAIL = "tollgate.tail"
+local TIER = "x-amzn-bedrock-service-tier"
 local OPTIONS = { asynchronous = true, timeout_ms = 5000, send_xff = false,
                   trace_sampled = false }
+
+-- One post of a long stream's bytes (the first begins with the head), fire-and-forget.
+local function post(handle, cluster, request_id, seq, first_byte, data)
+  handle:httpCall(cluster, {
+    [":method"] = "POST", [":path"] = "/meter", [":authority"] = "tollgate",
+    ["x-tollgate-request"] = request_id, ["x-tollgate-seq"] = tostring(seq),
+    ["x-tollgate-first-byte"] = seq == 0 and first_byte or nil,
+  }, data, OPTIONS)
+  handle:streamInfo():dynamicMetadata():set("tollgate", "posted", tostring(seq + 1))
+end
+
+-- The response's head as the gateway reads it (its status, and the headers that say how to
+-- read the body and what it costs): every Envoy API call here is on the response's path.
+local function head_of(headers, content_type, length)
+  local head = ":status: " .. (headers:get(":status") or "")
+  if content_type ~= nil then head = head .. "\ncontent-type: " .. content_type end
+  if length ~= nil then head = head .. "\ncontent-length: " .. length end
+  local tier = headers:get(TIER)
+  if tier ~= nil then head = head .. "\n" .. TIER .. ": " .. tier end
+  return head .. "\n\n"
+end
 
 local function meter(handle)
   local headers = handle:headers()
@@ -41,52 +66,46 @@ local function meter(handle)
   end
   local cluster = CLUSTER
   if decided["process"] ~= nil then cluster = CLUSTER .. "_" .. decided["process"] end
-  local call = {
-    [":method"] = "POST", [":path"] = "/meter", [":authority"] = "tollgate",
-    ["x-tollgate-request"] = decided["request_id"],
-  }
-  local seq = 0
-  -- Objects taken from the handle are gone once it yields for the next chunk: the
-  -- metadata is asked for anew each time.
-  local first_byte = nil -- when a stream's first bytes came (microseconds since the epoch)
-  local function post(data)
-    call["x-tollgate-seq"] = tostring(seq)
-    call["x-tollgate-first-byte"] = seq == 0 and first_byte or nil
-    handle:httpCall(cluster, call, data, OPTIONS)
-    seq = seq + 1
-    handle:streamInfo():dynamicMetadata():set("tollgate", "posted", tostring(seq))
-  end
-
-  local head = {}
-  for name, value in pairs(headers) do head[#head + 1] = name .. ": " .. value end
-  head = table.concat(head, "\n") .. "\n\n"
-  local held = { head }
-  local size, since = 0, handle:timestamp()
-  local content_type = string.lower(headers:get("content-type") or "")
-  local frames = string.find(content_type, "application/vnd.amazon.eventstream", 1, true) == 1
-  local stream = frames or string.find(content_type, "text/event-stream", 1, true) == 1
+  local request_id = decided["request_id"]
+  local content_type = headers:get("content-type")
+  local declared = headers:get("content-length")
+  local head = head_of(headers, content_type, declared)
+  local lowered = string.lower(content_type or "")
+  local frames = string.find(lowered, "application/vnd.amazon.eventstream", 1, true) == 1
+  local stream = frames or string.find(lowered, "text/event-stream", 1, true) == 1
   -- A usage chunk the gateway asked for is kept from the client (usage_cut.lua).
   local cutting = stream and not frames and decided["cut_usage"] == "1"
   local unfinished = "" -- the cut's: an event not yet whole
   -- A body of known length is whole once that many bytes have come (most JSON answers:
-  -- one chunk).
-  local length = tonumber(headers:get("content-length") or "")
-  local slots, total = 0, 0
+  -- one chunk), and its last bytes go in the report of its end.
+  local length = tonumber(declared or "")
+  local seq, held, size = 0, { head }, 0
+  local since = (stream or length == nil) and handle:timestamp() or nil
+  local first_byte = nil -- when a stream's first bytes came (microseconds since the epoch)
+  local slots, total, last_bytes = 0, 0, ""
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
     if n > 0 then
       local bytes = chunk:getBytes(0, n)
-      held[#held + 1] = bytes
       if cutting then unfinished = cut_usage(chunk, bytes, unfinished) end
       size, total = size + n, total + n
       if stream and first_byte == nil then
         first_byte = handle:timestampString(EnvoyTimestampResolution.MICROSECOND)
       end
-      local now = handle:timestamp()
+      local last = length ~= nil and total >= length
+      if last and not (frames and seq == 0) and size < FLUSH_BYTES then
+        last_bytes = bytes
+        break
+      end
+      held[#held + 1] = bytes
+      -- Objects taken from the handle are gone once it yields for the next chunk: the
+      -- metadata is asked for anew each time.
       local meta = handle:streamInfo():dynamicMetadata()
+      local now = handle:timestamp()
+      since = since or now
       if (frames and seq == 0) or size >= FLUSH_BYTES or now - since >= FLUSH_MS then
-        post(table.concat(held))
-        held, size, since = {}, 0, now
+        post(handle, cluster, request_id, seq, first_byte, table.concat(held))
+        seq, held, size, since = seq + 1, {}, 0, now
         if slots > 0 then meta:set(TAIL, "n", 0) end
         slots = 0
       else -- kept for the access log
@@ -94,21 +113,20 @@ local function meter(handle)
         meta:set(TAIL, tostring(slots), handle:base64Escape(bytes))
         meta:set(TAIL, "n", slots)
       end
-      if length ~= nil and total >= length then break end
+      if last then break end
     end
   end
+  -- Seen to its end: the report says so, with what no post carried of its head and of its
+  -- last bytes.
   local meta = handle:streamInfo():dynamicMetadata()
-  if seq == 0 then -- what the first post would have said
-    meta:set(TAIL, "head", handle:base64Escape(head))
-    if first_byte ~= nil then meta:set(TAIL, "first_byte", first_byte) end
-  end
-  meta:set("tollgate", "whole", "1")
+  if seq == 0 and first_byte ~= nil then meta:set(TAIL, "first_byte", first_byte) end
+  meta:set(TAIL, "end", handle:base64Escape((seq == 0 and head or "") .. last_bytes))
 end
 
 function envoy_on_response(handle)
   local ok, err = pcall(meter, handle)
   if not ok then
-    -- Not unsettled: without the `whole` mark the access log charges what it streamed.
+    -- Not unsettled: without its `end` the access log charges what it streamed.
     handle:logErr("tollgate.meter: " .. tostring(err))
   end
 end

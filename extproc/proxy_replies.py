@@ -62,6 +62,9 @@ FRESH = 0.25
 SPARE = 0.5
 SAMPLE = 0.1
 
+# The meter's mark of a response it saw to its end (meter.lua), with what no post carried.
+END = "end"
+
 
 def request_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Request:
     r = entry.request
@@ -102,21 +105,27 @@ def _decided(entry: accesslog_pb2.HTTPAccessLogEntry
     if fields is None or "request_id" not in fields.fields:
         return None
     posted = fields.fields["posted"].string_value if "posted" in fields.fields else "0"
-    tail, held = b"", namespaces.get(f"{METADATA_NS}.tail")
-    if held is not None and "n" in held.fields:
-        slots = [held.fields.get(str(i)) for i in range(1, int(held.fields["n"].number_value) + 1)]
+    posts = int(posted) if posted.isdigit() else 0
+    held = namespaces.get(f"{METADATA_NS}.tail")
+    said = held.fields if held is not None else {}
+    tail = b""
+    if "n" in said:
+        slots = [said.get(str(i)) for i in range(1, int(said["n"].number_value) + 1)]
         tail = b"".join(base64.b64decode(s.string_value) for s in slots if s is not None)
     whole = None
-    if "whole" in fields.fields:
-        said = held.fields if held is not None else {}
-        head = base64.b64decode(said["head"].string_value) if "head" in said else None
+    if END in said:
+        # The head no post carried (then its end, a blank line), then the last bytes.
+        end, head = base64.b64decode(said[END].string_value), None
+        if posts == 0:
+            split = end.find(b"\n\n")
+            head, end = (end, b"") if split < 0 else (end[:split + 2], end[split + 2:])
+        tail += end
         first = said["first_byte"].string_value if "first_byte" in said else ""
         last = common.time_to_last_upstream_rx_byte
         whole = Whole(head, int(first) / 1e6 if first.isdigit() else None,
                       _seconds(common.start_time) + _seconds(last)
                       if common.HasField("time_to_last_upstream_rx_byte") else None)
-    return (fields.fields["request_id"].string_value, int(posted) if posted.isdigit() else 0,
-            tail, whole)
+    return fields.fields["request_id"].string_value, posts, tail, whole
 
 
 def _ended_at(entry: accesslog_pb2.HTTPAccessLogEntry) -> float:

@@ -161,23 +161,24 @@ async def meter_post(http: httpx.AsyncClient, request_id: str, seq: int, data: b
 
 def end_entry(request_id: str, posts: int, tail: list[bytes], *, whole: bool = True,
               head: dict[str, str] | None = None, first_byte: int | None = None,
-              status: int = 200, details: str = "via_upstream", started: float = 0.0,
-              last_byte: float | None = None) -> accesslog_pb2.HTTPAccessLogEntry:
+              last: bytes = b"", status: int = 200, details: str = "via_upstream",
+              started: float = 0.0, last_byte: float | None = None
+              ) -> accesslog_pb2.HTTPAccessLogEntry:
     """Envoy's access-log entry of a forwarded request's end, with the metadata the meter
-    filter leaves (meter.lua): the posts it made, the chunks since (`tail`), the head and
-    first byte time no post carried, and whether it saw the end (`whole`); `started` and
-    `last_byte`: the request's start and the provider's last byte (seconds since the
-    epoch)."""
+    filter leaves (meter.lua): the posts it made, the chunks since (`tail`) and, when it saw
+    the end (`whole`), its `end`: the head no post carried, then a body's `last` bytes (a
+    body of known length's, in no chunk of their own), and a stream's first byte time;
+    `started` and `last_byte`: the request's start and the provider's last byte (seconds
+    since the epoch)."""
     decided = {"request_id": struct_pb2.Value(string_value=request_id)}
     if posts:
         decided["posted"] = struct_pb2.Value(string_value=str(posts))
-    if whole:
-        decided["whole"] = struct_pb2.Value(string_value="1")
     held = {str(i): struct_pb2.Value(string_value=base64.b64encode(chunk).decode())
             for i, chunk in enumerate(tail, 1)}
     held["n"] = struct_pb2.Value(number_value=len(tail))
-    if head is not None:
-        held["head"] = struct_pb2.Value(string_value=base64.b64encode(_head(head)).decode())
+    if whole:
+        end = (_head(head) if head is not None else b"") + last
+        held["end"] = struct_pb2.Value(string_value=base64.b64encode(end).decode())
     if first_byte is not None:
         held["first_byte"] = struct_pb2.Value(string_value=str(first_byte))
     common = accesslog_pb2.AccessLogCommon(metadata=base_pb2.Metadata(filter_metadata={
@@ -244,13 +245,15 @@ async def test_a_request_envoy_speaks_of_is_not_swept_and_is_settled_at_its_end(
     await proc.gateway.close()
 
 
+@pytest.mark.parametrize("length_known", [True, False])
 async def test_a_response_envoy_reports_whole_is_settled_then_and_timed_to_its_end(
-        config_dir, monkeypatch):
+        config_dir, monkeypatch, length_known):
     """A JSON answer the meter saw whole, reported by Envoy's access log after the client
     had it (no post made): settled at once (the mitmproxy host waits before settling, as it
     sends a stream's end some turns after the hook that ends it; Envoy's report comes
     after the end has gone on), and its time is the provider's, to its last byte, not the
-    time until the report came."""
+    time until the report came. Its bytes come after its head in the report's `end` when
+    its length was known (the meter keeps no chunk of its own for them), else in a chunk."""
     monkeypatch.setattr(gateway_module, "SETTLE_AFTER", 3600.0)
     proc, secret = _processor(config_dir, monkeypatch)
     client, body = chat_request(secret)
@@ -261,9 +264,12 @@ async def test_a_response_envoy_reports_whole_is_settled_then_and_timed_to_its_e
         answer = await post(http, client, body)
     request_id = answer.headers["x-tollgate-meta-request_id"]
     await asyncio.sleep(0.8)  # the report comes late
-    await report(proc, end_entry(request_id, 0, [result], head={
-        ":status": "200", "content-type": "application/json",
-        "content-length": str(len(result))}, started=started, last_byte=started + 0.2))
+    head = {":status": "200", "content-type": "application/json"}
+    if length_known:
+        head["content-length"] = str(len(result))
+    await report(proc, end_entry(request_id, 0, [] if length_known else [result], head=head,
+                                 last=result if length_known else b"", started=started,
+                                 last_byte=started + 0.2))
 
     async def recorded() -> list:
         while not (rows := await proc.gateway.store().rows()):
@@ -280,7 +286,7 @@ async def test_a_response_envoy_reports_whole_is_settled_then_and_timed_to_its_e
 
 async def test_a_streams_end_the_meter_saw_is_settled_as_complete_though_the_client_left(
         processor):
-    """The stream reached the meter to its end (its `whole` mark: the provider ended it,
+    """The stream reached the meter to its end (its `end` mark: the provider ended it,
     here without a [DONE]), and the client reset it after: it is settled complete, with the
     bytes, the head and the first byte time the report carries. A stream whose report has
     no such mark was cut short, and is charged what it streamed."""
