@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -158,11 +159,14 @@ class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
         async for message in requests:
             entries = message.http_logs.log_entry
             paced = self.spare() and len(entries) > BURST
-            for entry in entries:
-                self.take(entry)
-                pause = self.pause_after(entry, paced)
-                if pause is not None:
-                    await self.sleep(pause)
+            # A paced batch's settlements, a moment apart, are committed as one.
+            with self.gateway.store().settling_together() if paced \
+                    else contextlib.nullcontext():
+                for entry in entries:
+                    self.take(entry)
+                    pause = self.pause_after(entry, paced)
+                    if pause is not None:
+                        await self.sleep(pause)
         return als_pb2.StreamAccessLogsResponse()
 
     def spare(self) -> bool:

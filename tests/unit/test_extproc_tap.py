@@ -10,7 +10,9 @@ import base64
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -24,7 +26,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 from extproc import service
 from extproc.decider import start_decider
 from extproc.listen import Listener
-from extproc.proxy_replies import BURST, PAUSE, ProxyReplies
+from extproc.proxy_replies import BURST, PAUSE, SPARE, ProxyReplies
 from extproc.service import ExternalProcessor, Forwarding, access_log_service
 from tollgate import gateway as gateway_module
 from tollgate.cli.main import cli
@@ -781,15 +783,26 @@ async def test_a_long_batch_of_fresh_reports_is_settled_with_a_spare_core_given_
         reports, age, busy, stopping, pauses):
     """A batch of fresh reports settled back to back kept a core busy for milliseconds, and
     the requests that came meanwhile on the machine (the app's, Envoy's) waited for it.
-    `busy`: the share of a core the process used in the last sample."""
+    `busy`: the share of a core the process used in the last sample. A paced batch's
+    settlements, a moment apart, are committed together once it is read (the store's
+    `settling_together` open around all of it), not one transaction each."""
     taken: list[str] = []
     slept: list[tuple[float, int]] = []
+    together: list[tuple[int, int]] = []  # (reports taken as it opened, as it closed)
     clock, cpu = [1_000.0], [5.0]
 
     async def sleep(seconds: float) -> None:
         slept.append((seconds, len(taken)))
 
-    log = ProxyReplies(None, lambda request_id, *_: taken.append(request_id),  # type: ignore[arg-type]
+    @contextlib.contextmanager
+    def settling_together() -> Iterator[None]:
+        opened = len(taken)
+        yield
+        together.append((opened, len(taken)))
+
+    store = SimpleNamespace(settling_together=settling_together)
+    log = ProxyReplies(SimpleNamespace(store=lambda: store),  # type: ignore[arg-type]
+                       lambda request_id, *_: taken.append(request_id),
                        stopping=lambda: stopping, clock=lambda: clock[0], cpu=lambda: cpu[0],
                        sleep=sleep)
     clock[0] += 0.1 + age
@@ -798,6 +811,7 @@ async def test_a_long_batch_of_fresh_reports_is_settled_with_a_spare_core_given_
                            for i in range(reports)])
     assert taken == [f"r{i}" for i in range(reports)]
     assert slept == [(pause, i) for i, pause in enumerate(pauses, 1)]
+    assert together == ([(0, reports)] if reports > BURST and busy < SPARE else [])
 
 
 async def test_a_busy_process_is_told_from_a_sample_long_enough():

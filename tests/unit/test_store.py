@@ -852,6 +852,69 @@ def test_sqlite_settlements_of_one_turn_commit_together_one_that_fails_fails_alo
     asyncio.run(scenario())
 
 
+def test_sqlite_settlements_made_while_settling_together_commit_as_one_when_it_closes(
+        tmp_path, monkeypatch):
+    """Settlements made turns apart while `settling_together` is open (a paced batch of
+    responses' ends) wait for it, their holds still taken, and are committed in one
+    transaction as it closes; one that closes while another is still open commits what
+    waits all the same; past MAX_TOGETHER waiting, the next is committed as it would be
+    alone, and they at the end of its turn."""
+    import tollgate.store.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "MAX_TOGETHER", 3)
+    h = hold(1.0)
+
+    async def scenario():
+        store = SQLiteStore(tmp_path / "state.db")
+        other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        names = [f"r{i}" for i in range(1, 7)]
+        for r in names:
+            assert (await store.reserve(r, [h], 100)).granted
+            await store.admit(replace(row(r, 1), outcome="interrupted"), [h.counter])
+        begun: list[str] = []
+        store.db.set_trace_callback(lambda sql: begun.append(sql) if sql == "BEGIN IMMEDIATE"
+                                    else None)
+
+        def ledger() -> set[str]:
+            return {r for (r,) in other.execute("SELECT request_id FROM ledger")}
+
+        loop = asyncio.get_running_loop()
+        with store.settling_together():
+            first = []
+            for i, r in enumerate(names[:2], start=1):  # a turn apart each
+                first.append(loop.create_task(store.finish([h.counter], 100, row(r, 10 * i))))
+                await asyncio.sleep(0.01)
+            assert not any(t.done() for t in first) and not ledger() and not begun
+            assert (await store.counters([h]))[0] == Counter(spent=0, reserved=600)
+        await asyncio.wait_for(asyncio.gather(*first), 5)  # (committed as it closed)
+        assert ledger() == {"r1", "r2"} and begun == ["BEGIN IMMEDIATE"]
+        assert (await store.counters([h]))[0] == Counter(spent=30, reserved=400)
+
+        begun.clear()
+        outer, inner = store.settling_together(), store.settling_together()
+        outer.__enter__()
+        inner.__enter__()
+        third = loop.create_task(store.finish([h.counter], 100, row("r3", 30)))
+        await asyncio.sleep(0.01)
+        inner.__exit__(None, None, None)  # the other still open: what waits is committed
+        await asyncio.wait_for(third, 5)
+        assert "r3" in ledger() and begun == ["BEGIN IMMEDIATE"]
+        rest = [loop.create_task(store.finish([h.counter], 100, row(r, 10)))
+                for r in names[3:]]
+        await asyncio.sleep(0.01)  # three wait: MAX_TOGETHER
+        assert not any(t.done() for t in rest)
+        late = loop.create_task(store.finish([], 0, row("r_late", 0)))
+        await asyncio.sleep(0.01)  # past MAX_TOGETHER: committed as alone, and those with it
+        assert late.done() and all(t.done() for t in rest)
+        assert ledger() == {*names, "r_late"}
+        outer.__exit__(None, None, None)
+        assert (await store.counters([h]))[0] == Counter(spent=90, reserved=0)
+        other.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_sqlite_settlements_tried_alone_wait_for_a_lock_another_process_took_meanwhile(
         tmp_path, monkeypatch):
     """A batch with a settlement that cannot be written is tried again one by one; another

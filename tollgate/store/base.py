@@ -4,6 +4,7 @@ rate limits, settlement together with the ledger row, and reads for status and r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -168,6 +169,11 @@ class Store(ABC):
         """Write ahead that a request is in flight (`row`, outcome `interrupted`, charged
         what it surely cost), so a gateway that dies before settling it still leaves its
         row, charged to its budget `counters`, when a gateway starts again."""
+
+    def settling_together(self) -> contextlib.AbstractContextManager[None]:
+        """Settlements finished while it is open are committed together as it closes (or
+        sooner), not each as it comes; a store that commits each at once does as ever."""
+        return contextlib.nullcontext()
 
     reserves_now = False  # whether `reserve_now` ever does
 

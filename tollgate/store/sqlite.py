@@ -56,6 +56,9 @@ log = logging.getLogger("tollgate.store")
 # A reservation granted before it is written (see `ahead.py`) is written within this many
 # seconds, if no transaction (its settlement's, most often) has written it before.
 WRITE_WITHIN = 0.02
+# Settlements held for one transaction (`settling_together`) at most: past this many, the
+# next commit them (a batch's memory and its wait stay bounded).
+MAX_TOGETHER = 64
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budget_counters (
@@ -190,6 +193,7 @@ class SQLiteStore(Store):
         self._settling: list[_Settling] = []  # settlements for the end of this loop turn
         # The loop whose current turn has had its first settlement (see `finish`).
         self._turn_of: asyncio.AbstractEventLoop | None = None
+        self._together = 0  # open `settling_together`s
         self._load_windows(clock())
         # Rate windows live in this process: only one serving process per file may keep
         # them, or each would admit the full limit (see `serves_alone`).
@@ -569,9 +573,15 @@ class SQLiteStore(Store):
         transaction, in the order they were made: the pages they share (the ledger's and its
         index's, the budget counters', the in-flight rows') go to the WAL once per batch, not
         once per request. (Write-aheads, which decisions wait for, are committed at once.)
-        While another process holds the write lock, each waits for it as the lock allows."""
+        While another process holds the write lock, each waits for it as the lock allows.
+        While `settling_together` is open, each waits for it to close."""
         loop = asyncio.get_running_loop()
         settling = _Settling(counters, reserved, row, limits, released)
+        if self._together and len(self._settling) < MAX_TOGETHER:
+            settling.done = done = loop.create_future()
+            self._settling.append(settling)
+            await done
+            return
         if self._turn_of is not loop:  # (a CLI may run one loop after another)
             self._turn_of = loop
             loop.call_soon(self._commit_settlements)  # the end of this turn
@@ -580,6 +590,22 @@ class SQLiteStore(Store):
         settling.done = done = loop.create_future()
         self._settling.append(settling)
         await done
+
+    @contextlib.contextmanager
+    def settling_together(self) -> Iterator[None]:
+        """Settlements finished while it is open wait for it to close (or for MAX_TOGETHER
+        of them), and are committed then, in one transaction: a batch of responses' ends
+        settled a moment apart (paced, see extproc/proxy_replies.py) would each be a
+        transaction of its own, its pages (the ledger's, its indexes', the counters') written
+        to the WAL each time. Their reservations hold until then, as before any settles.
+        Each that closes commits what waits, whether others are still open or not."""
+        self._together += 1
+        try:
+            yield
+        finally:
+            self._together -= 1
+            if self._turn_of is None:  # (else the end of this turn commits them)
+                self._commit_settlements()
 
     def _commit_one(self, settling: _Settling) -> None:
         self._take_grants([settling])
