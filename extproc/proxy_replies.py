@@ -159,8 +159,8 @@ class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
         async for message in requests:
             entries = message.http_logs.log_entry
             paced = self.spare() and len(entries) > BURST
-            # A paced batch's settlements, a moment apart, are committed as one.
-            with self.gateway.store().settling_together() if paced \
+            # A batch's settlements, a turn or a moment apart, are committed as one.
+            with self.gateway.store().settling_together() if len(entries) > 1 \
                     else contextlib.nullcontext():
                 for entry in entries:
                     self.take(entry)

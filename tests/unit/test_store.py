@@ -854,8 +854,8 @@ def test_sqlite_settlements_of_one_turn_commit_together_one_that_fails_fails_alo
 
 def test_sqlite_settlements_made_while_settling_together_commit_as_one_when_it_closes(
         tmp_path, monkeypatch):
-    """Settlements made turns apart while `settling_together` is open (a paced batch of
-    responses' ends) wait for it, their holds still taken, and are committed in one
+    """Settlements made turns apart while `settling_together` is open (a batch of Envoy's
+    reports of responses' ends) wait for it, their holds still taken, and are committed in one
     transaction as it closes; one that closes while another is still open commits what
     waits all the same; past MAX_TOGETHER waiting, the next is committed as it would be
     alone, and they at the end of its turn."""

@@ -594,11 +594,12 @@ class SQLiteStore(Store):
     @contextlib.contextmanager
     def settling_together(self) -> Iterator[None]:
         """Settlements finished while it is open wait for it to close (or for MAX_TOGETHER
-        of them), and are committed then, in one transaction: a batch of responses' ends
-        settled a moment apart (paced, see extproc/proxy_replies.py) would each be a
-        transaction of its own, its pages (the ledger's, its indexes', the counters') written
-        to the WAL each time. Their reservations hold until then, as before any settles.
-        Each that closes commits what waits, whether others are still open or not."""
+        of them), and are committed then, in one transaction: the ends of a batch of Envoy's
+        access log, settled a turn or a moment apart (see extproc/proxy_replies.py), would
+        each be a transaction of its own, its pages (the ledger's, its indexes', the
+        counters') written to the WAL each time. Their reservations hold until then, as
+        before any settles. Each that closes commits what waits, whether others are still
+        open or not."""
         self._together += 1
         try:
             yield
