@@ -605,8 +605,7 @@ class SQLiteStore(Store):
             yield
         finally:
             self._together -= 1
-            if self._turn_of is None:  # (else the end of this turn commits them)
-                self._commit_settlements()
+            self._commit_settlements()  # (with those of this turn, if any wait for its end)
 
     def _commit_one(self, settling: _Settling) -> None:
         self._take_grants([settling])
