@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import os
@@ -160,8 +159,7 @@ class ProxyReplies(als_pb2_grpc.AccessLogServiceServicer):
             entries = message.http_logs.log_entry
             paced = self.spare() and len(entries) > BURST
             # A batch's settlements, a turn or a moment apart, are committed as one.
-            with self.gateway.store().settling_together() if len(entries) > 1 \
-                    else contextlib.nullcontext():
+            with self.gateway.store().settling_together():
                 for entry in entries:
                     self.take(entry)
                     pause = self.pause_after(entry, paced)
