@@ -272,7 +272,10 @@ def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_op
         assert mount.entries() == {"..data", "..2026_12_02_10_00_03.3", "gateway.yaml",
                                    "prices.yaml", "models.yaml"}
         assert (run / "extproc.sock").is_socket()
-        assert [p.suffix for p in (run / "run").iterdir()] == [".json"]
+        # (The reload writes its status report just after the new config serves, through a
+        # `.tmp` file renamed over it: the report alone once that write is done.)
+        wait_until(lambda: [p.suffix for p in (run / "run").iterdir()] == [".json"],
+                   timeout=5, what="the reload's status report, alone in the run directory")
 
         # The app's last answer, then the Pod stops as the kubelet stops it: that answer is
         # charged in full, though its end was still in Envoy's access log as the app exited.
