@@ -73,6 +73,8 @@ def decide_request(secret: str, body: bytes) -> bytes:
     """What the decide filter (extproc/decide.lua) sends for the OpenAI SDK's request: the
     client's head as Envoy presents it, in base64 (but for its request id and the body's
     length: the same for each request), and the body."""
+    from extproc import envoy_config  # the measured code's, once its path is set
+
     head = "\n".join([
         ":authority: 127.0.0.1:8080", ":path: /v1/chat/completions", ":method: POST",
         ":scheme: http", "accept: application/json", "content-type: application/json",
@@ -83,9 +85,11 @@ def decide_request(secret: str, body: bytes) -> bytes:
         "x-stainless-retry-count: 0", "x-stainless-read-timeout: 600",
         f"authorization: Bearer {secret}", "x-forwarded-proto: http"])
     encoded = base64.b64encode(head.encode()).decode()
+    # (A code from before the filters named their version reads no such header.)
+    filters = getattr(envoy_config, "FILTERS_VERSION", "")
     return (f"POST /decide HTTP/1.1\r\nhost: tollgate\r\nx-tollgate-body: whole\r\n"
-            f"x-tollgate-head: {encoded}\r\ncontent-length: {len(body)}\r\n\r\n"
-            ).encode() + body
+            f"x-tollgate-head: {encoded}\r\nx-tollgate-filters: {filters}\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
 
 
 def _chunk(fields: dict[str, Any]) -> bytes:

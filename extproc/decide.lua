@@ -2,9 +2,11 @@
 -- (extproc/decider.py says what goes there and back) and applied here (answer.lua): the
 -- provider's credentials, path, host and body, the route, and the metadata the filters after
 -- it read; or the gateway's own answer. Anything that goes wrong answers an error: a request
--- is never forwarded undecided. The renderer fills in the two values below.
+-- is never forwarded undecided. The renderer fills in the values below (FILTERS: the version
+-- of tollgate's filters, which the decision service checks).
 local CLUSTER = "@CLUSTER@"
 local MAX_BODY = @MAX_BODY@
+local FILTERS = "@FILTERS@"
 local TIMEOUT_MS = 5000
 
 -- The client's request head, a "name: value" line each (pseudo-headers too), but what
@@ -39,6 +41,7 @@ local function decide(handle)
   local answer, answer_body = handle:httpCall(CLUSTER, {
     [":method"] = "POST", [":path"] = "/decide", [":authority"] = "tollgate",
     ["x-tollgate-body"] = kind, ["x-tollgate-head"] = handle:base64Escape(client_head(handle, kind)),
+    ["x-tollgate-filters"] = FILTERS,
   }, body, TIMEOUT_MS)
   if apply_answer(handle, answer, answer_body) then
     handle:clearRouteCache() -- the route follows the provider's cluster the decision set

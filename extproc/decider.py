@@ -8,7 +8,16 @@ grpcio, five messages); one keep-alive HTTP exchange costs a read and a write. T
     POST /decide     x-tollgate-body: none | whole | unread
                      x-tollgate-head: <the client's headers, "name: value" a line,
                                        pseudo-headers included; base64>
+                     x-tollgate-filters: <the version of tollgate's filters>
     <the client's body>
+
+`x-tollgate-filters` names the scripts Envoy runs (`envoy_config.FILTERS_VERSION`). A decision
+from filters of another version is refused (400, the connection closed; the client gets 500),
+loudly: they would speak another exchange or leave the response's end where this service
+does not read it, and every answer would be settled wrong or not at all. Envoy's config
+rendered by one tollgate and its decision service from another (an Envoy a team runs itself,
+not rendered again after an upgrade; an EnvoyFilter applied apart from its image) is a
+mistake to see at the first request, not in the ledger a month later.
 
 The client's head leaves out what differs on every request and the decision does not read:
 Envoy's request id (the gateway names its own), and the body's length unless the body is
@@ -58,6 +67,7 @@ import logging
 from dataclasses import dataclass
 from typing import cast
 
+from extproc.envoy_config import FILTERS_VERSION
 from extproc.heads import BadRequest, head_lines, response_head
 from extproc.listen import Listener, private_socket, restrict
 from extproc.service import ExternalProcessor, Forwarding, Replaying
@@ -67,6 +77,7 @@ log = logging.getLogger("tollgate.extproc")
 
 DECIDE, METER, ATTEMPT = b"/decide", b"/meter", b"/attempt"
 BODY_HEADER, HEAD_HEADER = b"x-tollgate-body", b"x-tollgate-head"
+FILTERS_HEADER = b"x-tollgate-filters"
 PREFIX = "x-tollgate-"
 # The filters' own request heads: a few short headers, and a decision's the client's head
 # (at most MAX_HEADER_BYTES, as Envoy's listener is rendered) in base64.
@@ -333,6 +344,12 @@ class Decider(asyncio.Protocol):
             if head.path == ATTEMPT:
                 self.transport.writelines(answer(self._attempt(head)))
                 return True
+            filters = head.fields.get(FILTERS_HEADER)
+            if filters != FILTERS_VERSION:
+                raise BadRequest(f"a decision from tollgate filters of another version "
+                                 f"({filters or 'none named'}; this service's are "
+                                 f"{FILTERS_VERSION}): Envoy runs a configuration another "
+                                 "tollgate rendered")
             kind = head.fields.get(BODY_HEADER, "whole")
             client = head.fields.get(HEAD_HEADER)
             known = self.heads.decoded(client) if kind == "whole" and client else None
@@ -366,7 +383,8 @@ class Decider(asyncio.Protocol):
     def _refuse(self, e: Exception) -> None:
         assert self.transport is not None
         log.error("a filter sent what the decision service does not read (%s): render "
-                  "Envoy's configuration again with `tollgate envoy render`", e)
+                  "Envoy's configuration again with this tollgate (`tollgate envoy render`; "
+                  "on Istio, apply the EnvoyFilter of `tollgate envoy k8s istio`)", e)
         self.transport.writelines(_encode(400, [("connection", "close")], b""))
         self.transport.close()
         self.transport = None

@@ -30,7 +30,9 @@ cluster instead and are retried by Envoy (see `extproc.fallback`); its upstream 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -416,7 +418,8 @@ def _asking(script: Path, **values: str) -> str:
 def decide_filter(max_body: int) -> dict[str, Any]:
     """`tollgate.decide`: one HTTP exchange with the decision service per request (see
     decide.lua and `extproc.decider`)."""
-    source = _asking(DECIDE, CLUSTER=DECIDER_CLUSTER, MAX_BODY=str(max_body))
+    source = _asking(DECIDE, CLUSTER=DECIDER_CLUSTER, MAX_BODY=str(max_body),
+                     FILTERS=FILTERS_VERSION)
     return {"name": "tollgate.decide", "typed_config": {
         "@type": LUA, "default_source_code": {"inline_string": source}}}
 
@@ -443,6 +446,24 @@ def attempt_filters() -> list[dict[str, Any]]:
 
 METER = Path(__file__).with_name("meter.lua")
 USAGE_CUT = Path(__file__).with_name("usage_cut.lua")  # the usage cut the meter runs
+
+
+SCRIPTS = (ANSWER, DECIDE, ATTEMPT, METER, USAGE_CUT)  # every script Envoy runs
+
+
+def filters_version(scripts: Iterable[Path] = SCRIPTS) -> str:
+    """The version of tollgate's filters: of their scripts, which speak the decision
+    service's exchange and leave the metadata its access log reads."""
+    digest = hashlib.sha256()
+    for script in scripts:
+        digest.update(script.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+# The decide filter names it on every decision, and the decision service refuses another
+# (extproc/decider.py): filters another tollgate rendered, which would meter and settle by
+# other rules, fail loudly instead.
+FILTERS_VERSION = filters_version()
 
 
 def meter_filter() -> dict[str, Any]:

@@ -43,6 +43,9 @@ ADMIN_PORT = 9464
 ISTIO_PROXY_UID = 1337
 GATEWAY_UID = 10001
 GATEWAY_LABEL = "tollgate.dev/gateway"
+# The version of tollgate's filters a Pod's ext_proc speaks (`envoy_config.FILTERS_VERSION`),
+# on Istio's Pods and the EnvoyFilter that gives them those filters: see `envoy_filter`.
+FILTERS_LABEL = "tollgate.dev/filters"
 
 
 class RenderError(ValueError):
@@ -186,9 +189,10 @@ def _app(opts: Options) -> dict[str, Any]:
                     {"name": "ANTHROPIC_BASE_URL", "value": base}]}
 
 
-def _deployment(opts: Options, pod: dict[str, Any], annotations: dict[str, str] | None = None
-                ) -> dict[str, Any]:
-    labels = {"app.kubernetes.io/name": f"{opts.name}-app", GATEWAY_LABEL: opts.name}
+def _deployment(opts: Options, pod: dict[str, Any], annotations: dict[str, str] | None = None,
+                labels: dict[str, str] | None = None) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/name": f"{opts.name}-app", GATEWAY_LABEL: opts.name,
+              **(labels or {})}
     template: dict[str, Any] = {"metadata": {"labels": labels}, "spec": pod}
     if annotations:
         template["metadata"]["annotations"] = annotations
@@ -245,8 +249,19 @@ def sidecar(loaded: LoadedConfig, opts: Options) -> list[dict[str, Any]]:
     return [config_map(loaded, opts), envoy_map, _deployment(opts, pod)]
 
 
+def _filters_labels(opts: Options) -> dict[str, str]:
+    return {GATEWAY_LABEL: opts.name, FILTERS_LABEL: envoy_config.FILTERS_VERSION}
+
+
 def envoy_filter(loaded: LoadedConfig, opts: Options) -> dict[str, Any]:
-    """tollgate's listener and clusters, added to the selected Pods' istio-proxy."""
+    """tollgate's listener and clusters, added to the selected Pods' istio-proxy.
+
+    Named for the version of its filters and given only to the Pods of that version: the
+    decision service refuses filters of another (extproc/decider.py), and Istio pushes an
+    EnvoyFilter to every Pod it selects at once, while a Deployment replaces its Pods one by
+    one. An upgrade's `kubectl apply` adds the new version's EnvoyFilter beside the old one,
+    each Pod keeps the filters its ext_proc speaks while the Deployment rolls, and the old
+    EnvoyFilter is deleted once it selects no Pod."""
     boot = bootstrap(loaded, opts)
     resources = boot["static_resources"]
     outbound = {"context": "SIDECAR_OUTBOUND"}
@@ -256,9 +271,11 @@ def envoy_filter(loaded: LoadedConfig, opts: Options) -> dict[str, Any]:
     patches += [{"applyTo": "CLUSTER", "match": outbound,
                  "patch": {"operation": "ADD", "value": cluster}}
                 for cluster in resources["clusters"]]
+    metadata = _metadata(opts, f"{opts.name}-{envoy_config.FILTERS_VERSION}")
+    metadata["labels"].update(_filters_labels(opts))
     return {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
-            "metadata": _metadata(opts, opts.name),
-            "spec": {"workloadSelector": {"labels": {GATEWAY_LABEL: opts.name}},
+            "metadata": metadata,
+            "spec": {"workloadSelector": {"labels": _filters_labels(opts)},
                      "configPatches": patches}}
 
 
@@ -281,7 +298,7 @@ def istio(loaded: LoadedConfig, opts: Options) -> list[dict[str, Any]]:
         "proxy.istio.io/config": '{"holdApplicationUntilProxyStarts": true}',
     }
     return [config_map(loaded, opts), envoy_filter(loaded, opts),
-            _deployment(opts, pod, annotations)]
+            _deployment(opts, pod, annotations, _filters_labels(opts))]
 
 
 def secrets_help(loaded: LoadedConfig, opts: Options) -> list[str]:
@@ -325,6 +342,14 @@ def to_yaml(docs: list[dict[str, Any]]) -> str:
     out = io.StringIO()
     yaml.dump_all([blocks(d) for d in docs], out)
     return out.getvalue()
+
+
+def upgrade_help(opts: Options) -> list[str]:
+    """What an upgrade of the istio shape leaves to delete (see `envoy_filter`), as the
+    command that deletes it."""
+    return ["Once the Deployment has rolled, delete the EnvoyFilters of older filters:",
+            f"kubectl -n {opts.namespace} delete envoyfilter -l "
+            f"{GATEWAY_LABEL}={opts.name},{FILTERS_LABEL}!={envoy_config.FILTERS_VERSION}"]
 
 
 def render(loaded: LoadedConfig, shape: str, opts: Options) -> tuple[list[dict[str, Any]],

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from extproc import envoy_config
 from extproc.runner import envoy_binary
 from tests.certs import CA
 from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, make_config
@@ -134,6 +135,36 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai, fak
         assert served.headers["x-langwatch-provider"] == "mp_anthropic"
         assert served.headers["x-langwatch-fallback-count"] == "1"
         assert fake_anthropic.requests[-1].headers["x-api-key"] == ANTHROPIC_KEY
+
+        # An Envoy that runs the filters another tollgate rendered (not rendered again after
+        # an upgrade): its decisions are refused, loudly, and nothing is forwarded.
+        other_listen = free_port()
+        ours = f'local FILTERS = "{envoy_config.FILTERS_VERSION}"'
+        other = tollgate("envoy", "render", "--listen", f"127.0.0.1:{other_listen}",
+                         "--extproc", f"127.0.0.1:{extproc_port}", "--decider",
+                         f"127.0.0.1:{decider_port}", *client_tls,
+                         "--envoy-admin", f"127.0.0.1:{free_port()}", config=config).stdout
+        assert ours in other
+        (tmp_path / "other.yaml").write_text(
+            other.replace(ours, 'local FILTERS = "0123456789ab"'))
+        skewed = subprocess.Popen([envoy_binary(), "-c", str(tmp_path / "other.yaml"),
+                                   "--disable-hot-restart", "--log-level",
+                                   "warn"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            forwarded = len(fake_openai.requests)
+            refused = wait_until(lambda: (r := httpx.post(
+                f"http://127.0.0.1:{other_listen}/v1/chat/completions", json=CHAT,
+                headers=headers)).status_code == 500 and r, timeout=20, what="the other envoy")
+            assert refused.json()["error"]["code"] == "gateway_error"
+            assert len(fake_openai.requests) == forwarded
+        finally:
+            skewed.terminate()
+            skewed.wait(10)
+        said = (tmp_path / "procs.log").read_text()
+        assert "tollgate filters of another version (0123456789ab; this service's are " \
+               f"{envoy_config.FILTERS_VERSION})" in said
+        # The same extproc goes on deciding for the Envoy of its own version.
+        assert httpx.post(url, json=CHAT, headers=headers).status_code == 200
 
         # A provider added after the render: Envoy has no cluster for it, and says how to fix.
         tollgate("model-providers", "create", "--id", "mp_late", "--type", "openai", "--scope",
@@ -279,7 +310,8 @@ def decision_request(secret: str) -> dict[str, Any]:
     body, with a valid key (httpx's arguments)."""
     head = f":method: POST\n:path: /v1/chat/completions\nauthorization: Bearer {secret}"
     return {"content": json.dumps(CHAT).encode(), "headers": {
-        "x-tollgate-body": "whole", "x-tollgate-head": base64.b64encode(head.encode()).decode()}}
+        "x-tollgate-body": "whole", "x-tollgate-head": base64.b64encode(head.encode()).decode(),
+        "x-tollgate-filters": envoy_config.FILTERS_VERSION}}
 
 
 def test_tcp_extproc_hands_no_credentials_to_a_plain_client(config, tmp_path):
@@ -484,6 +516,8 @@ def test_the_decide_filter_sends_an_apps_requests_the_same_head(config, tmp_path
         server.server_close()
     heads = [base64.b64decode(a["x-tollgate-head"]).decode().split("\n") for a in asked]
     assert [a["x-tollgate-body"] for a in asked] == ["whole", "whole", "unread"]
+    # The version of the filters Envoy runs, which the decision service checks.
+    assert [a["x-tollgate-filters"] for a in asked] == [envoy_config.FILTERS_VERSION] * 3
     assert asked[0]["x-tollgate-head"] == asked[1]["x-tollgate-head"]
     names = [line.partition(": ")[0] for line in heads[0]]
     assert {":method", ":path", "authorization", "x-client-request-id"} <= set(names)

@@ -95,6 +95,40 @@ def test_manifests_pass_the_kubernetes_and_istio_schemas(config, shape):
         assert doc["metadata"]["namespace"] == "ai"
 
 
+def test_each_version_of_the_filters_has_an_envoyfilter_for_its_own_pods(config, monkeypatch):
+    """Istio gives an EnvoyFilter to every Pod it selects at once; a Deployment replaces its
+    Pods one by one, and ext_proc refuses filters of another version. So each version of
+    the filters has an EnvoyFilter of its own, for the Pods of its version only: while an
+    upgrade rolls, old and new Pods keep the filters their ext_proc speaks, and the render
+    says which older EnvoyFilters to delete once it has."""
+    from extproc import envoy_config, kubernetes
+    from tollgate.config.load import load_config
+
+    loaded, opts = load_config(config), kubernetes.Options(namespace="ai")
+    rendered = {}
+    for version in (envoy_config.FILTERS_VERSION, "0123456789ab"):
+        monkeypatch.setattr(envoy_config, "FILTERS_VERSION", version)
+        docs = kubernetes.istio(loaded, opts)
+        envoy_filter, deployment = one(docs, "EnvoyFilter"), one(docs, "Deployment")
+        check_istio_schema(envoy_filter)
+        kubernetes_validate.validate(deployment, KUBERNETES, strict=True)
+        selector = envoy_filter["spec"]["workloadSelector"]["labels"]
+        assert selector == {"tollgate.dev/gateway": "tollgate", "tollgate.dev/filters": version}
+        assert selector.items() <= envoy_filter["metadata"]["labels"].items()
+        lua = json.dumps(envoy_filter["spec"]["configPatches"])
+        assert f'local FILTERS = \\"{version}\\"' in lua
+        rendered[version] = (envoy_filter["metadata"]["name"], selector,
+                             deployment["spec"]["template"]["metadata"]["labels"])
+    (old_name, old_selector, old_pods), (new_name, new_selector, new_pods) = rendered.values()
+    assert old_name != new_name  # applied beside the other, not over it
+    assert old_selector.items() <= old_pods.items() and new_selector.items() <= new_pods.items()
+    assert not old_selector.items() <= new_pods.items()
+    assert not new_selector.items() <= old_pods.items()
+    out = tollgate("envoy", "k8s", "istio", "--namespace", "ai", config=config).stdout
+    assert ("# kubectl -n ai delete envoyfilter -l tollgate.dev/gateway=tollgate,"
+            f"tollgate.dev/filters!={envoy_config.FILTERS_VERSION}\n") in out
+
+
 def test_render_refuses_what_a_pod_cannot_run(tmp_path, fake_openai, fake_anthropic):
     config = make_config(tmp_path, fake_openai, fake_anthropic)
     out = tollgate("envoy", "k8s", "sidecar", config=config, check=False)

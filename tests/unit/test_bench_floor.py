@@ -9,6 +9,7 @@ import sys
 
 from bench.instructions import _client_head, _setup
 from bench.latency import BODY
+from extproc.envoy_config import FILTERS_VERSION
 
 
 def exchange(path: str, head: str, body: bytes) -> tuple[int, dict[str, str]]:
@@ -16,6 +17,7 @@ def exchange(path: str, head: str, body: bytes) -> tuple[int, dict[str, str]]:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(path)
         s.sendall(b"POST /decide HTTP/1.1\r\nhost: tollgate\r\nx-tollgate-body: whole\r\n"
+                  b"x-tollgate-filters: " + FILTERS_VERSION.encode() + b"\r\n"
                   b"x-tollgate-head: " + head.encode() + b"\r\ncontent-length: "
                   + str(len(body)).encode() + b"\r\n\r\n" + body)
         answer = b""

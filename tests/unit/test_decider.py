@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from extproc.decider import (
     client_request,
     response_head,
 )
+from extproc.envoy_config import FILTERS_VERSION
 from extproc.service import Forwarding, Made, Replaying
 from tollgate.request import Reply
 
@@ -225,7 +227,8 @@ class _Processor:
 def _decide(path: str, body: bytes = b"", client_head: bytes = b"") -> bytes:
     head = _b64(f":method: POST\n:path: {path}".encode() + client_head).encode()
     return (b"POST /decide HTTP/1.1\r\nx-tollgate-body: whole\r\nx-tollgate-head: %b\r\n"
-            b"content-length: %d\r\n\r\n" % (head, len(body))) + body
+            b"x-tollgate-filters: %b\r\ncontent-length: %d\r\n\r\n"
+            % (head, FILTERS_VERSION.encode(), len(body))) + body
 
 
 def _meter(seq: int, extra: bytes = b"") -> bytes:
@@ -448,6 +451,57 @@ async def test_what_the_filters_never_send_is_answered_400_and_the_connection_cl
     assert await _answers(reader, 1) == [("400", b"")]
     assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
     writer.close()
+
+
+@pytest.mark.parametrize("named", [b"0123456789ab", b""])
+async def test_a_decision_from_filters_of_another_version_is_refused_loudly(decider, caplog,
+                                                                          named):
+    """Envoy running the filters another tollgate rendered (or filters from before they
+    named their version) would meter and settle by other rules: nothing of theirs is
+    decided, and the log says which versions met and what to apply."""
+    processor, sock = decider
+    ours = b"x-tollgate-filters: " + FILTERS_VERSION.encode() + b"\r\n"
+    theirs = b"x-tollgate-filters: " + named + b"\r\n" if named else b""
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(_decide("/a").replace(ours, theirs))
+    assert await _answers(reader, 1) == [("400", b"")]
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
+    writer.close()
+    assert processor.done == []  # not decided
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    said = record.getMessage()
+    assert f"another version ({named.decode() or 'none named'}; this service's are " \
+           f"{FILTERS_VERSION})" in said
+    assert "`tollgate envoy render`" in said and "`tollgate envoy k8s istio`" in said
+    # Filters of this version, on a connection of their own, are decided.
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(_decide("/a"))
+    assert await _answers(reader, 1) == [("200", b"/a b''")]
+    writer.close()
+
+
+def test_the_filters_version_is_every_scripts_and_the_decide_filter_names_it(tmp_path):
+    """A change to any script Envoy runs (the exchange, the metadata the access log
+    carries) makes another version, and the decide filter names the one rendered."""
+    from extproc import envoy_config
+
+    here = Path(envoy_config.__file__).parent
+    assert set(envoy_config.SCRIPTS) == set(here.glob("*.lua"))
+    copies = []
+    for script in envoy_config.SCRIPTS:
+        copies.append(tmp_path / script.name)
+        copies[-1].write_bytes(script.read_bytes())
+    assert envoy_config.filters_version(copies) == FILTERS_VERSION
+    versions = set()
+    for copy in copies:
+        source = copy.read_text()
+        copy.write_text(source + "\n-- changed\n")
+        versions.add(envoy_config.filters_version(copies))
+        copy.write_text(source)
+    assert len(versions) == len(copies) and FILTERS_VERSION not in versions
+    lua = envoy_config.decide_filter(1024)["typed_config"]["default_source_code"]
+    assert f'local FILTERS = "{FILTERS_VERSION}"' in lua["inline_string"]
+    assert '["x-tollgate-filters"] = FILTERS' in lua["inline_string"]
 
 
 async def test_each_full_decision_has_headers_of_its_own(tmp_path):

@@ -23,7 +23,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from extproc import service
+from extproc import envoy_config, service
 from extproc.decider import start_decider
 from extproc.listen import Listener
 from extproc.proxy_replies import BURST, PAUSE, ProxyReplies
@@ -114,6 +114,7 @@ async def post(http: httpx.AsyncClient, client: dict[str, str], body: bytes | No
     head = "\n".join(f"{k}: {v}" for k, v in client.items()).encode()
     return await http.post("http://tollgate/decide", content=body or b"", headers={
         "x-tollgate-head": base64.b64encode(head).decode(),
+        "x-tollgate-filters": envoy_config.FILTERS_VERSION,
         "x-tollgate-body": kind or ("none" if body is None else "whole")})
 
 

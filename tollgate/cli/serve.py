@@ -418,7 +418,14 @@ def k8s(ctx: click.Context, shape: str, name: str, namespace: str, image: str,
     """Kubernetes manifests for the sidecar: SHAPE `sidecar` (Envoy and ext_proc beside the
     app) or `istio` (an EnvoyFilter that gives the Pod's istio-proxy tollgate's listener and
     clusters, and ext_proc beside it). Prints YAML to apply; warnings go to stderr."""
-    from extproc.kubernetes import Options, RenderError, render, secrets_help, to_yaml
+    from extproc.kubernetes import (
+        Options,
+        RenderError,
+        render,
+        secrets_help,
+        to_yaml,
+        upgrade_help,
+    )
 
     path, loaded = valid_config(ctx)
     opts = Options(name=name, namespace=namespace, image=image, envoy_image=envoy_image,
@@ -432,6 +439,8 @@ def k8s(ctx: click.Context, shape: str, name: str, namespace: str, image: str,
         click.echo(f"warning: {note}", err=True)
     header = [f"tollgate envoy k8s {shape}, from {Path(path).name}. Create the Secrets it "
               "mounts first:", *secrets_help(loaded, opts)]
+    if shape == "istio":
+        header += upgrade_help(opts)
     click.echo("".join(f"# {line}\n" for line in header) + "---\n" + to_yaml(docs), nl=False)
 
 
