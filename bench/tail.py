@@ -5,7 +5,9 @@
 The provider directly, plain Envoy and tollgate's Envoy host (the governed profile on
 SQLite) take turns, a JSON chat completion each per turn, sequentially. Prints each path's
 p50, p90, p99 and slowest, what tollgate adds over the direct call, the CPU its processes
-(Envoy and the decision service) spent per request, and how in step the slowest 2% of
+(Envoy and the decision service) spent per request, and that CPU over plain Envoy's (a
+ratio the machine's slower and faster hours move less than the milliseconds: the same
+code read 1.0 and 1.9 ms an hour apart), and how in step the slowest 2% of
 tollgate's requests are with the access log's batches, which Envoy sends every
 `RESPONSE_END_FLUSH` seconds and the decision service settles: the length of the mean of
 their phases in that period, each a unit vector (1: all at one moment of the period; about
@@ -60,17 +62,19 @@ def in_step(starts: list[float], period: float = RESPONSE_END_FLUSH) -> float:
                / len(starts))
 
 
-async def turns(paths: dict[str, tuple[str, dict[str, str]]], n: int, pid: int
-                ) -> tuple[dict[str, list[float]], list[tuple[float, float]], float]:
+async def turns(paths: dict[str, tuple[str, dict[str, str]]], n: int, pid: int,
+                plain: int) -> tuple[dict[str, list[float]], list[tuple[float, float]],
+                                     float, float]:
     """`n` turns of one request per path (their base URLs), after a warm-up: each path's
     times (ms), tollgate's (time, start in seconds from the first turn), and the CPU
-    seconds its processes (`pid` and its children) spent on them."""
+    seconds its processes (`pid` and its children) and plain Envoy (`plain`) spent on
+    them."""
     await sequential(paths, 0, WARM_UP)
-    cpu, starts = cpu_seconds(pid), {}
+    cpu, plain_cpu, starts = cpu_seconds(pid), cpu_seconds(plain), {}
     times = await sequential(paths, n, 0, starts=starts)
     await asyncio.sleep(SETTLED)  # (the last requests' ends are settled)
     return (times, list(zip(times["tollgate envoy"], starts["tollgate envoy"], strict=True)),
-            cpu_seconds(pid) - cpu)
+            cpu_seconds(pid) - cpu, cpu_seconds(plain) - plain_cpu)
 
 
 def one_round(n: int, code: Path | None) -> dict[str, float]:
@@ -94,7 +98,8 @@ def one_round(n: int, code: Path | None) -> dict[str, float]:
         paths = {"direct": (direct, provider), "plain envoy": (envoy_url, provider),
                  "tollgate envoy": (gateway.url, {"authorization": f"Bearer {secret}"})}
         assert gateway.proc is not None
-        times, started, cpu = asyncio.run(turns(paths, n, gateway.proc.pid))
+        times, started, cpu, plain_cpu = asyncio.run(turns(paths, n, gateway.proc.pid,
+                                                           envoy.pid))
     finally:
         if gateway is not None:
             gateway.stop()
@@ -110,7 +115,9 @@ def one_round(n: int, code: Path | None) -> dict[str, float]:
         print(f"{name:<16}{p50:8.3f}{p90:8.3f}{p99:8.3f}{max(values):9.3f}{added}")
         figures[f"{name} p50"], figures[f"{name} p99"] = p50, p99
     figures["cpu"] = cpu * 1000 / n
-    print(f"tollgate's processes: {figures['cpu']:.3f} ms of CPU per request")
+    figures["cpu / plain"] = cpu / plain_cpu
+    print(f"tollgate's processes: {figures['cpu']:.3f} ms of CPU per request, "
+          f"{figures['cpu / plain']:.2f} times plain Envoy's ({plain_cpu * 1000 / n:.3f})")
     slowest = sorted(started, reverse=True)[:max(1, round(SLOWEST * len(started)))]
     figures["in step"] = in_step([at for _, at in slowest])
     print(f"the slowest {len(slowest)} of tollgate's: in step with the access log's batches "
@@ -145,14 +152,14 @@ def main() -> int:
     print(f"medians of {args.rounds} rounds (ms)")
     names = ["direct p99", "tollgate envoy p50", "tollgate envoy p99"]
     print(f"{'code':<10}" + "".join(f"{n:>19}" for n in [*names, "+p50", "+p99", "CPU/req",
-                                                        "in step"]))
+                                                        "CPU/plain's", "in step"]))
     for code, done in rounds.items():
         med = {k: statistics.median(r[k] for r in done) for k in done[0]}
         added = [statistics.median(r[f"tollgate envoy {q}"] - r[f"direct {q}"] for r in done)
                  for q in ("p50", "p99")]
         print(f"{code:<10}" + "".join(f"{med[n]:19.3f}" for n in names)
               + "".join(f"{a:+19.3f}" for a in added)
-              + f"{med['cpu']:19.3f}{med['in step']:19.2f}")
+              + f"{med['cpu']:19.3f}{med['cpu / plain']:19.2f}{med['in step']:19.2f}")
     return 0
 
 
