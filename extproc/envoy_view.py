@@ -1,10 +1,13 @@
 """Whether an Envoy routes as the config says: its clusters (from its admin's config dump)
-against the ones the config renders. `tollgate status` asks it of each running gateway that
-knows its Envoy, so a provider edit an Envoy has not taken (a static render, a file it has
-not read yet) is reported, not hidden behind "current"."""
+against the ones the config renders, and the version of tollgate's filters it runs against
+this tollgate's. `tollgate status` asks it of each running gateway that knows its Envoy, so
+a provider edit an Envoy has not taken (a static render, a file it has not read yet) or
+filters another tollgate rendered (which ext_proc refuses) are reported, not hidden behind
+"current"."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -26,13 +29,40 @@ def loaded_clusters(admin: str) -> dict[str, dict[str, Any]]:
     """The clusters the Envoy at `admin` runs, static and dynamic, by name."""
     out: dict[str, dict[str, Any]] = {}
     for resource in ("static_clusters", "dynamic_active_clusters"):
-        r = httpx.get(f"http://{admin}/config_dump", params={"resource": resource},
-                      timeout=3)
-        r.raise_for_status()
-        for entry in r.json().get("configs", []):
+        for entry in _config_dump(admin, resource):
             cluster = entry.get("cluster") or {}
             out[cluster.get("name", "")] = cluster
     return out
+
+
+def _config_dump(admin: str, resource: str) -> list[dict[str, Any]]:
+    r = httpx.get(f"http://{admin}/config_dump", params={"resource": resource}, timeout=3)
+    r.raise_for_status()
+    configs: list[dict[str, Any]] = r.json().get("configs", [])
+    return configs
+
+
+_FILTERS = re.compile(r'^local FILTERS = "([^"]*)"$', re.MULTILINE)
+
+
+def filters_versions(admin: str) -> set[str | None]:
+    """The versions of tollgate's filters the listeners of the Envoy at `admin` run (None:
+    a decide filter that names none, rendered before filters had versions)."""
+    versions: set[str | None] = set()
+    for resource in ("static_listeners", "dynamic_listeners"):
+        for entry in _config_dump(admin, resource):
+            listener = entry.get("listener") or (entry.get("active_state") or {}) \
+                .get("listener") or {}
+            for chain in listener.get("filter_chains") or []:
+                for network in chain.get("filters") or []:
+                    for http in (network.get("typed_config") or {}).get("http_filters") or []:
+                        if http.get("name") != "tollgate.decide":
+                            continue
+                        source = (http.get("typed_config") or {}).get(
+                            "default_source_code", {}).get("inline_string", "")
+                        found = _FILTERS.search(source)
+                        versions.add(found.group(1) if found else None)
+    return versions
 
 
 def older_view(admin: str, cfg: Config) -> list[str] | None:
@@ -40,9 +70,14 @@ def older_view(admin: str, cfg: Config) -> list[str] | None:
     None when its admin cannot be read."""
     try:
         running = loaded_clusters(admin)
+        filters = filters_versions(admin)
     except (httpx.HTTPError, ValueError):
         return None
-    differences = []
+    differences = [f"it runs tollgate filters of version {version or '(none named)'}, which "
+                   f"this tollgate's decision service refuses (its own: "
+                   f"{envoy_config.FILTERS_VERSION})"
+                   for version in sorted(filters, key=str)
+                   if version != envoy_config.FILTERS_VERSION]
     for wanted in envoy_config.clusters(cfg):
         name = wanted["name"]
         have = running.get(name)

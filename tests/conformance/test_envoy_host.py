@@ -19,11 +19,13 @@ import openai
 import pytest
 
 from extproc import envoy_config
+from extproc.envoy_view import older_view
 from extproc.runner import envoy_binary
 from tests.certs import CA
 from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, make_config
 from tests.fakes.providers import Behaviour, FakeProvider
 from tests.harness import BIN, GatewayProcess, free_port, tollgate, wait_until
+from tollgate.config.load import load_config
 
 CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -138,12 +140,12 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai, fak
 
         # An Envoy that runs the filters another tollgate rendered (not rendered again after
         # an upgrade): its decisions are refused, loudly, and nothing is forwarded.
-        other_listen = free_port()
+        other_listen, other_admin = free_port(), free_port()
         ours = f'local FILTERS = "{envoy_config.FILTERS_VERSION}"'
         other = tollgate("envoy", "render", "--listen", f"127.0.0.1:{other_listen}",
                          "--extproc", f"127.0.0.1:{extproc_port}", "--decider",
                          f"127.0.0.1:{decider_port}", *client_tls,
-                         "--envoy-admin", f"127.0.0.1:{free_port()}", config=config).stdout
+                         "--envoy-admin", f"127.0.0.1:{other_admin}", config=config).stdout
         assert ours in other
         (tmp_path / "other.yaml").write_text(
             other.replace(ours, 'local FILTERS = "0123456789ab"'))
@@ -157,6 +159,12 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai, fak
                 headers=headers)).status_code == 500 and r, timeout=20, what="the other envoy")
             assert refused.json()["error"]["code"] == "gateway_error"
             assert len(fake_openai.requests) == forwarded
+            # `tollgate status` reads each Envoy's filters from its admin.
+            cfg = load_config(config).config
+            assert older_view(f"127.0.0.1:{admin_port}", cfg) == []
+            assert older_view(f"127.0.0.1:{other_admin}", cfg) == [
+                "it runs tollgate filters of version 0123456789ab, which this tollgate's "
+                f"decision service refuses (its own: {envoy_config.FILTERS_VERSION})"]
         finally:
             skewed.terminate()
             skewed.wait(10)
