@@ -24,7 +24,7 @@ from extproc.runner import envoy_binary
 from tests.certs import CA
 from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, make_config
 from tests.fakes.providers import Behaviour, FakeProvider
-from tests.harness import BIN, GatewayProcess, free_port, tollgate, wait_until
+from tests.harness import BIN, GatewayProcess, free_port, ledger, tollgate, wait_until
 from tollgate.config.load import load_config
 
 CHAT = {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -159,6 +159,11 @@ def test_user_run_envoy_with_separate_extproc(config, tmp_path, fake_openai, fak
                 headers=headers)).status_code == 500 and r, timeout=20, what="the other envoy")
             assert refused.json()["error"]["code"] == "gateway_error"
             assert len(fake_openai.requests) == forwarded
+            # Their ledger rows, from Envoy's reports of the replies it made itself.
+            rows = wait_until(lambda: [r for r in ledger(config) if r.status == 500],
+                              what="the refused requests' ledger rows")
+            assert {(r.code, r.provider, r.outcome, r.key_id is not None) for r in rows} == {
+                ("gateway_error", None, "refused", True)}
             # `tollgate status` reads each Envoy's filters from its admin.
             cfg = load_config(config).config
             assert older_view(f"127.0.0.1:{admin_port}", cfg) == []
