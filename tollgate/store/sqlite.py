@@ -577,12 +577,9 @@ class SQLiteStore(Store):
         While `settling_together` is open, each waits for it to close."""
         loop = asyncio.get_running_loop()
         settling = _Settling(counters, reserved, row, limits, released)
-        if self._together and len(self._settling) < MAX_TOGETHER:
-            settling.done = done = loop.create_future()
-            self._settling.append(settling)
-            await done
-            return
-        if self._turn_of is not loop:  # (a CLI may run one loop after another)
+        waits = self._together and len(self._settling) < MAX_TOGETHER
+        # (A CLI may run one loop after another: a turn is its loop's.)
+        if not waits and self._turn_of is not loop:
             self._turn_of = loop
             loop.call_soon(self._commit_settlements)  # the end of this turn
             await locking.unlocked(lambda: self._commit_one(settling))
