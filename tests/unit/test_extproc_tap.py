@@ -10,9 +10,10 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
 import httpx
 import pytest
@@ -160,6 +161,14 @@ async def meter_post(http: httpx.AsyncClient, request_id: str, seq: int, data: b
         "x-tollgate-request": request_id, "x-tollgate-seq": str(seq),
         **({"x-tollgate-first-byte": str(first_byte)} if first_byte is not None else {})})
     assert answer.status_code == 204
+
+
+def gateway_settling(settling_together: Callable[[], contextlib.AbstractContextManager[None]]
+                     ) -> Gateway:
+    """A gateway whose store has only `settling_together`: all the access log asks of it
+    when its ends are settled elsewhere."""
+    store = SimpleNamespace(settling_together=settling_together)
+    return cast(Gateway, SimpleNamespace(store=lambda: store))
 
 
 def end_entry(request_id: str, posts: int, tail: list[bytes], *, whole: bool = True,
@@ -801,8 +810,7 @@ async def test_a_long_batch_of_fresh_reports_is_settled_with_a_spare_core_given_
         yield
         together.append((opened, len(taken)))
 
-    store = SimpleNamespace(settling_together=settling_together)
-    log = ProxyReplies(SimpleNamespace(store=lambda: store),  # type: ignore[arg-type]
+    log = ProxyReplies(gateway_settling(settling_together),
                        lambda request_id, *_: taken.append(request_id),
                        stopping=lambda: stopping, clock=lambda: clock[0], cpu=lambda: cpu[0],
                        sleep=sleep)
@@ -847,8 +855,7 @@ async def test_a_batch_of_ends_lets_decisions_go_first_unless_settling_is_behind
     process settles): the batch is settled first, and the decisions wait."""
     taken: list[str] = []
     at_decision: list[int] = []
-    store = SimpleNamespace(settling_together=contextlib.nullcontext)
-    log = ProxyReplies(SimpleNamespace(store=lambda: store),  # type: ignore[arg-type]
+    log = ProxyReplies(gateway_settling(contextlib.nullcontext),
                        lambda request_id, *_: taken.append(request_id))
     entries = [end_entry(f"r{i}", 0, [b"{}"], started=started or time.time())
                for i in range(3)]
