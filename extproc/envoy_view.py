@@ -8,6 +8,7 @@ filters another tollgate rendered (which ext_proc refuses) are reported, not hid
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -49,20 +50,24 @@ def filters_versions(admin: str) -> set[str | None]:
     """The versions of tollgate's filters the listeners of the Envoy at `admin` run (None:
     a decide filter that names none, rendered before filters had versions)."""
     versions: set[str | None] = set()
+    for http in _http_filters(admin):
+        if http.get("name") == "tollgate.decide":
+            source = (http.get("typed_config") or {}).get(
+                "default_source_code", {}).get("inline_string", "")
+            found = _FILTERS.search(source)
+            versions.add(found.group(1) if found else None)
+    return versions
+
+
+def _http_filters(admin: str) -> Iterator[dict[str, Any]]:
+    """The HTTP filters of every listener the Envoy at `admin` runs, static and dynamic."""
     for resource in ("static_listeners", "dynamic_listeners"):
         for entry in _config_dump(admin, resource):
             listener = entry.get("listener") or (entry.get("active_state") or {}) \
                 .get("listener") or {}
             for chain in listener.get("filter_chains") or []:
                 for network in chain.get("filters") or []:
-                    for http in (network.get("typed_config") or {}).get("http_filters") or []:
-                        if http.get("name") != "tollgate.decide":
-                            continue
-                        source = (http.get("typed_config") or {}).get(
-                            "default_source_code", {}).get("inline_string", "")
-                        found = _FILTERS.search(source)
-                        versions.add(found.group(1) if found else None)
-    return versions
+                    yield from (network.get("typed_config") or {}).get("http_filters") or []
 
 
 def older_view(admin: str, cfg: Config) -> list[str] | None:
