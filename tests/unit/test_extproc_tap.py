@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 from extproc import envoy_config, service
 from extproc.decider import start_decider
 from extproc.listen import Listener
-from extproc.proxy_replies import BURST, PAUSE, ProxyReplies
+from extproc.proxy_replies import BURST, PAUSE, SLICE, Ended, ProxyReplies
 from extproc.service import ExternalProcessor, Forwarding, access_log_service
 from tollgate import gateway as gateway_module
 from tollgate.cli.main import cli
@@ -780,8 +780,16 @@ async def test_a_reported_end_before_the_request_began_is_taken_as_its_start(pro
 LONG = BURST + 1  # reports in a batch long enough to be paced
 
 
+def settling_for(taken: list[str], timer: list[float], each: float) -> Ended:
+    """An `ended` that takes a request's report, `each` seconds of `timer` long."""
+    def ended(request_id: str, *_: object) -> None:
+        taken.append(request_id)
+        timer[0] += each
+    return ended
+
+
 @pytest.mark.parametrize(("reports", "age", "busy", "stopping", "pauses"), [
-    # Fresh: the core is left to other processes between two.
+    # Fresh: the core is left to other processes between two (each report past a slice).
     (LONG, 0.05, 0.2, False, [PAUSE] * LONG),
     (BURST, 0.05, 0.2, False, [0] * BURST),  # a few: no longer than a decision takes
     (LONG, 0.05, 0.8, False, [0] * LONG),  # the process is busy: no core to give
@@ -810,10 +818,10 @@ async def test_a_long_batch_of_fresh_reports_is_settled_with_a_spare_core_given_
         yield
         together.append((opened, len(taken)))
 
-    log = ProxyReplies(gateway_settling(settling_together),
-                       lambda request_id, *_: taken.append(request_id),
+    timer = [0.0]
+    log = ProxyReplies(gateway_settling(settling_together), settling_for(taken, timer, 2 * SLICE),
                        stopping=lambda: stopping, clock=lambda: clock[0], cpu=lambda: cpu[0],
-                       sleep=sleep)
+                       sleep=sleep, timer=lambda: timer[0])
     clock[0] += 0.1 + age
     cpu[0] += (0.1 + age) * busy
     await report_to(log, *[end_entry(f"r{i}", 0, [b"{}"], started=1_000.1)
@@ -821,6 +829,35 @@ async def test_a_long_batch_of_fresh_reports_is_settled_with_a_spare_core_given_
     assert taken == [f"r{i}" for i in range(reports)]
     assert slept == [(pause, i) for i, pause in enumerate(pauses, 1)]
     assert together == [(0, reports)]
+
+
+@pytest.mark.parametrize(("busy", "age", "pause"), [
+    (0.2, 0.05, PAUSE),  # fresh, with a core to spare: paced
+    (0.8, 0.05, 0),  # busy: the loop turns
+    (0.2, 1.0, None),  # behind: back to back
+])
+async def test_a_batch_is_settled_in_slices_back_to_back_within_each(
+        busy, age, pause, monkeypatch):
+    """A report at a time, each was settled cold, and its settlement's steps ran between
+    the next report's: the loop turns (or pauses) only once a slice's time is spent, here
+    every third report."""
+    monkeypatch.setattr("extproc.proxy_replies.SLICE", 3.0)
+    taken: list[str] = []
+    slept: list[tuple[float, int]] = []
+    clock, cpu, timer = [1_000.0], [5.0], [0.0]
+
+    async def sleep(seconds: float) -> None:
+        slept.append((seconds, len(taken)))
+
+    log = ProxyReplies(gateway_settling(contextlib.nullcontext),
+                       settling_for(taken, timer, 1.0), clock=lambda: clock[0],
+                       cpu=lambda: cpu[0], sleep=sleep, timer=lambda: timer[0])
+    clock[0] += 0.1 + age
+    cpu[0] += (0.1 + age) * busy
+    await report_to(log, *[end_entry(f"r{i}", 0, [b"{}"], started=1_000.1)
+                           for i in range(LONG + 1)])
+    assert taken == [f"r{i}" for i in range(LONG + 1)]
+    assert slept == ([] if pause is None else [(pause, 3), (pause, 6), (pause, 9)])
 
 
 async def test_a_busy_process_is_told_from_a_sample_long_enough():
@@ -847,19 +884,21 @@ async def test_the_access_log_service_settles_at_once_when_the_service_stops(pro
     await proc.gateway.close()
 
 
-@pytest.mark.parametrize(("started", "taken_first"), [(None, 1), (1_000.0, 3)])
+@pytest.mark.parametrize(("started", "taken_first"), [(None, 2), (1_000.0, 4)])
 async def test_a_batch_of_ends_lets_decisions_go_first_unless_settling_is_behind(
         started, taken_first):
-    """Fresh reports: a decision that came meanwhile is served between two of them. Reports
-    of requests that ended long ago (settling is behind its answers, the load past what the
-    process settles): the batch is settled first, and the decisions wait."""
+    """Fresh reports: a decision that came meanwhile is served after the slice under way
+    (here two reports long). Reports of requests that ended long ago (settling is behind
+    its answers, the load past what the process settles): the batch is settled first, and
+    the decisions wait."""
     taken: list[str] = []
     at_decision: list[int] = []
+    timer = [0.0]
     log = ProxyReplies(gateway_settling(contextlib.nullcontext),
-                       lambda request_id, *_: taken.append(request_id))
+                       settling_for(taken, timer, SLICE * 0.6), timer=lambda: timer[0])
     entries = [end_entry(f"r{i}", 0, [b"{}"], started=started or time.time())
-               for i in range(3)]
+               for i in range(4)]
     asyncio.get_running_loop().call_soon(lambda: at_decision.append(len(taken)))
     await report_to(log, *entries)
     await asyncio.sleep(0)
-    assert taken == ["r0", "r1", "r2"] and at_decision == [taken_first]
+    assert taken == ["r0", "r1", "r2", "r3"] and at_decision == [taken_first]
