@@ -13,11 +13,11 @@ grpcio, five messages); one keep-alive HTTP exchange costs a read and a write. T
 
 `x-tollgate-filters` names the scripts Envoy runs (`envoy_config.FILTERS_VERSION`). A decision
 from filters of another version is refused (400, the connection closed; the client gets 500),
-loudly: they would speak another exchange or leave the response's end where this service
-does not read it, and every answer would be settled wrong or not at all. Envoy's config
-rendered by one tollgate and its decision service from another (an Envoy a team runs itself,
-not rendered again after an upgrade; an EnvoyFilter applied apart from its image) is a
-mistake to see at the first request, not in the ledger a month later.
+loudly (`Refusals`): they would speak another exchange or leave the response's end where this
+service does not read it, and every answer would be settled wrong or not at all. Envoy's
+config rendered by one tollgate and its decision service from another (an Envoy a team runs
+itself, not rendered again after an upgrade; an EnvoyFilter applied apart from its image) is
+a mistake to see at the first request, not in the ledger a month later.
 
 The client's head leaves out what differs on every request and the decision does not read:
 Envoy's request id (the gateway names its own), and the body's length unless the body is
@@ -64,6 +64,8 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -249,6 +251,32 @@ class ClientHeads:
         return found
 
 
+class Refusals:
+    """The log of what the filters sent that this service does not read: one line every
+    EVERY seconds at most, the first refusal since, with how many the lines before it left
+    out. An Envoy running another version's filters sends every request here: a line each
+    would bury the log (and the disk) under the same line at the rate of the traffic.
+    Shared by the service's connections (each refusal closes its own)."""
+
+    EVERY = 10.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._said_at: float | None = None
+        self._unsaid = 0
+
+    def refused(self, e: Exception) -> None:
+        now = self.clock()
+        if self._said_at is not None and now - self._said_at < self.EVERY:
+            self._unsaid += 1
+            return
+        more = f"; {self._unsaid} more refused since the last said so" if self._unsaid else ""
+        log.error("a filter sent what the decision service does not read (%s%s): render "
+                  "Envoy's configuration again with this tollgate (`tollgate envoy render`; "
+                  "on Istio, apply the EnvoyFilter of `tollgate envoy k8s istio`)", e, more)
+        self._said_at, self._unsaid = now, 0
+
+
 NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
 # A body past this size is kept as its reads came and joined once it is whole: grown in the
 # buffer a read at a time, a 1 MiB body was copied several times over, and the memory it
@@ -262,10 +290,11 @@ class Decider(asyncio.Protocol):
     `data_received` with no task, and a decision costs one task, started eagerly, not a
     reader's coroutines per read."""
 
-    def __init__(self, processor: ExternalProcessor, heads: ClientHeads | None = None
-                 ) -> None:
+    def __init__(self, processor: ExternalProcessor, heads: ClientHeads | None = None,
+                 refusals: Refusals | None = None) -> None:
         self.processor = processor
         self.heads = heads if heads is not None else ClientHeads()
+        self.refusals = refusals if refusals is not None else Refusals()
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         # A large body under way: its request's head, its bytes as they came (joined once,
@@ -382,9 +411,7 @@ class Decider(asyncio.Protocol):
 
     def _refuse(self, e: Exception) -> None:
         assert self.transport is not None
-        log.error("a filter sent what the decision service does not read (%s): render "
-                  "Envoy's configuration again with this tollgate (`tollgate envoy render`; "
-                  "on Istio, apply the EnvoyFilter of `tollgate envoy k8s istio`)", e)
+        self.refusals.refused(e)
         self.transport.writelines(_encode(400, [("connection", "close")], b""))
         self.transport.close()
         self.transport = None
@@ -435,10 +462,10 @@ async def start_decider(processor: ExternalProcessor, where: Listener) -> asynci
     a Unix socket created 0600 in a 0700 directory, or TCP with mutual TLS (or in the clear
     when asked for by name)."""
     loop = asyncio.get_running_loop()
-    heads = ClientHeads()
+    heads, refusals = ClientHeads(), Refusals()
 
     def protocol() -> Decider:
-        return Decider(processor, heads)
+        return Decider(processor, heads, refusals)
 
     if where.is_unix:
         with private_socket(where) as path:

@@ -480,6 +480,47 @@ async def test_a_decision_from_filters_of_another_version_is_refused_loudly(deci
     writer.close()
 
 
+def test_refusals_are_said_once_in_a_while_with_how_many_went_unsaid(caplog):
+    """An Envoy with another version's filters sends every request to be refused: the log
+    says so once every EVERY seconds, not once per request."""
+    from extproc.decider import Refusals
+
+    clock = [100.0]
+    refusals = Refusals(clock=lambda: clock[0])
+    said = lambda: [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]  # noqa: E731
+    for _ in range(3):
+        refusals.refused(BadRequest("filters of another version"))
+    assert len(said()) == 1 and "more refused" not in said()[0]
+    clock[0] += Refusals.EVERY - 0.1
+    refusals.refused(BadRequest("filters of another version"))
+    assert len(said()) == 1
+    clock[0] += 0.1
+    refusals.refused(BadRequest("filters of another version"))
+    assert len(said()) == 2
+    assert "(filters of another version; 3 more refused since the last said so)" in said()[1]
+    assert "`tollgate envoy render`" in said()[1]
+    clock[0] += Refusals.EVERY
+    refusals.refused(BadRequest("a chunked request"))
+    assert len(said()) == 3 and "more refused" not in said()[2]
+
+
+async def test_the_connections_of_a_decision_service_share_its_refusals_log(
+        decider, caplog, monkeypatch):
+    """Each refusal closes its connection, and Envoy opens another for the next request:
+    what the log leaves out is counted across them."""
+    from extproc.decider import Refusals
+
+    monkeypatch.setattr(Refusals, "EVERY", float("inf"))
+    _, sock = decider
+    ours = b"x-tollgate-filters: " + FILTERS_VERSION.encode() + b"\r\n"
+    for _ in range(3):
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(_decide("/a").replace(ours, b"x-tollgate-filters: 0ther\r\n"))
+        assert await _answers(reader, 1) == [("400", b"")]
+        writer.close()
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
+
+
 def test_the_filters_version_is_every_scripts_and_the_decide_filter_names_it(tmp_path):
     """A change to any script Envoy runs (the exchange, the metadata the access log
     carries) makes another version, and the decide filter names the one rendered."""
