@@ -389,16 +389,23 @@ def test_sigterm_with_open_streams_records_every_one(host, tmp_path, fake_openai
             "messages": [{"role": "user", "content": "hi"}]}
 
     async def streams() -> list[str | BaseException]:
+        opened: list[str] = []
+        all_open = asyncio.Event()
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=60)) as c:
             async def one() -> str:
                 async with c.stream("POST", f"{gw.url}/v1/chat/completions", json=body,
                                     headers={"authorization": f"Bearer {secret}"}) as r:
+                    opened.append(r.headers["x-langwatch-request-id"])
+                    if len(opened) == 50:
+                        all_open.set()
                     async for _ in r.aiter_raw():
                         pass
                     return r.headers["x-langwatch-request-id"]
 
             tasks = [asyncio.create_task(one()) for _ in range(50)]
-            await asyncio.sleep(0.8)  # all open, none finished
+            # Every stream under way (however long a loaded machine takes to open them),
+            # most of each still to come.
+            await asyncio.wait_for(all_open.wait(), 20)
             gw.proc.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks, return_exceptions=True)
 
