@@ -59,7 +59,7 @@ BEHIND = 0.5
 # pauses), and a decision that came meanwhile waits for the slice under way, no longer than
 # a decision takes. A report at a time, each was settled cold (a pause costs the report after
 # it its caches), its settlement's steps run between the next report's (the loop ran its
-# task between two): 5-7% more of the Envoy host's CPU per request, one request at a time.
+# task between two): 6-9% more of the Envoy host's CPU per request, one request at a time.
 SLICE = 0.0003
 PAUSE = 0.001
 BURST = 8
