@@ -788,6 +788,29 @@ def settling_for(taken: list[str], timer: list[float], each: float) -> Ended:
     return ended
 
 
+async def settle_batch(taken: list[str], reports: int, *, age: float, busy: float,
+                       each: float, stopping: bool = False,
+                       settling_together: Callable[[], contextlib.AbstractContextManager[None]]
+                       = contextlib.nullcontext) -> list[tuple[float, int]]:
+    """A batch of `reports` fresh reports `age` seconds old, each `each` seconds long,
+    settled by a process that used `busy` of a core in the last sample: the pauses after
+    them (how long, and after how many were taken)."""
+    slept: list[tuple[float, int]] = []
+    clock, cpu, timer = [1_000.0], [5.0], [0.0]
+
+    async def sleep(seconds: float) -> None:
+        slept.append((seconds, len(taken)))
+
+    log = ProxyReplies(gateway_settling(settling_together), settling_for(taken, timer, each),
+                       stopping=lambda: stopping, clock=lambda: clock[0], cpu=lambda: cpu[0],
+                       sleep=sleep, timer=lambda: timer[0])
+    clock[0] += 0.1 + age
+    cpu[0] += (0.1 + age) * busy
+    await report_to(log, *[end_entry(f"r{i}", 0, [b"{}"], started=1_000.1)
+                           for i in range(reports)])
+    return slept
+
+
 @pytest.mark.parametrize(("reports", "age", "busy", "stopping", "pauses"), [
     # Fresh: the core is left to other processes between two (each report past a slice).
     (LONG, 0.05, 0.2, False, [PAUSE] * LONG),
@@ -805,12 +828,7 @@ async def test_a_long_batch_of_fresh_reports_is_settled_with_a_spare_core_given_
     batch's settlements are committed together once it is read (the store's
     `settling_together` open around all of it), not one transaction each."""
     taken: list[str] = []
-    slept: list[tuple[float, int]] = []
     together: list[tuple[int, int]] = []  # (reports taken as it opened, as it closed)
-    clock, cpu = [1_000.0], [5.0]
-
-    async def sleep(seconds: float) -> None:
-        slept.append((seconds, len(taken)))
 
     @contextlib.contextmanager
     def settling_together() -> Iterator[None]:
@@ -818,14 +836,8 @@ async def test_a_long_batch_of_fresh_reports_is_settled_with_a_spare_core_given_
         yield
         together.append((opened, len(taken)))
 
-    timer = [0.0]
-    log = ProxyReplies(gateway_settling(settling_together), settling_for(taken, timer, 2 * SLICE),
-                       stopping=lambda: stopping, clock=lambda: clock[0], cpu=lambda: cpu[0],
-                       sleep=sleep, timer=lambda: timer[0])
-    clock[0] += 0.1 + age
-    cpu[0] += (0.1 + age) * busy
-    await report_to(log, *[end_entry(f"r{i}", 0, [b"{}"], started=1_000.1)
-                           for i in range(reports)])
+    slept = await settle_batch(taken, reports, age=age, busy=busy, each=2 * SLICE,
+                               stopping=stopping, settling_together=settling_together)
     assert taken == [f"r{i}" for i in range(reports)]
     assert slept == [(pause, i) for i, pause in enumerate(pauses, 1)]
     assert together == [(0, reports)]
@@ -843,19 +855,7 @@ async def test_a_batch_is_settled_in_slices_back_to_back_within_each(
     every third report."""
     monkeypatch.setattr("extproc.proxy_replies.SLICE", 3.0)
     taken: list[str] = []
-    slept: list[tuple[float, int]] = []
-    clock, cpu, timer = [1_000.0], [5.0], [0.0]
-
-    async def sleep(seconds: float) -> None:
-        slept.append((seconds, len(taken)))
-
-    log = ProxyReplies(gateway_settling(contextlib.nullcontext),
-                       settling_for(taken, timer, 1.0), clock=lambda: clock[0],
-                       cpu=lambda: cpu[0], sleep=sleep, timer=lambda: timer[0])
-    clock[0] += 0.1 + age
-    cpu[0] += (0.1 + age) * busy
-    await report_to(log, *[end_entry(f"r{i}", 0, [b"{}"], started=1_000.1)
-                           for i in range(LONG + 1)])
+    slept = await settle_batch(taken, LONG + 1, age=age, busy=busy, each=1.0)
     assert taken == [f"r{i}" for i in range(LONG + 1)]
     assert slept == ([] if pause is None else [(pause, 3), (pause, 6), (pause, 9)])
 
