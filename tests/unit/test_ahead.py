@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from extproc.envoy_config import RESPONSE_END_FLUSH
 from extproc.service import ExternalProcessor
 from tests.harness import BIN, ROOT
 from tests.unit.test_gateway import CHAT
@@ -136,6 +137,14 @@ async def test_one_settled_before_it_was_written_leaves_its_row_and_spend_alone(
     (spent, reserved), = spent_and_reserved(config_dir)
     assert (spent, reserved) == (sum(cost for *_, cost in rows), 0)
     await gw.close()
+
+
+def test_a_grant_is_still_unwritten_when_the_envoy_hosts_access_log_brings_its_end():
+    """A request answered at once has its end brought by the Envoy host's access log within
+    RESPONSE_END_FLUSH, and settled within a slice of the batch's: its grant, not yet
+    written by then, is taken by its settlement (the test above), not written and then
+    removed a transaction apart."""
+    assert sqlite_module.WRITE_WITHIN > 2 * RESPONSE_END_FLUSH
 
 
 async def test_grants_never_take_more_than_the_budget_has(gateways, config_dir):

@@ -2,9 +2,10 @@
 
 A request that fits its budgets as this process last knew them (`SQLiteStore.reserve_now`)
 is answered before its reservation is written to the state file: the write (its holds and
-its written-ahead row) goes with the next transaction, most often the request's own
-settlement (which then writes neither, only what it spent), or within 20 ms, and
-the reservation's transaction, some 0.2 ms cold, is off the request's path. Two things
+its written-ahead row) goes with the next transaction, most often a batch of settlements
+(its own, for a request answered within about 0.15 s, which then writes neither, only what
+it spent), or within 0.25 s, and the reservation's transaction, some 0.2 ms cold, is off
+the request's path. Two things
 keep that as safe as writing first:
 
 - The journal (`<state>.ahead`): each such reservation is written to it, one `pwrite` and
@@ -19,7 +20,7 @@ keep that as safe as writing first:
   shared lock on it while it lives. A process grants from memory only while it holds it
   exclusively, from its first such grant until they are all written: no other gateway
   serves from the file meanwhile, whose reservations would not see those not yet written.
-  A gateway that starts then waits for them to be written (20 ms at most) before it
+  A gateway that starts then waits for them to be written (0.25 s at most) before it
   serves; while another holds it shared, every reservation is made in the file, as before
   (tried again a second later, `SHARED_FOR`).
 

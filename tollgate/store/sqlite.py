@@ -54,8 +54,13 @@ from tollgate.store.windows import LocalWindows
 
 log = logging.getLogger("tollgate.store")
 # A reservation granted before it is written (see `ahead.py`) is written within this many
-# seconds, if no transaction (its settlement's, most often) has written it before.
-WRITE_WITHIN = 0.02
+# seconds, if no transaction has written it before: most often a settlement's, its own
+# for a request answered within about 0.15 s (an embedding, a short answer, a refusal),
+# which then writes its spend alone. The Envoy host's access log brings ends every 0.1 s
+# (RESPONSE_END_FLUSH); written sooner, such a request's hold and row would be written,
+# then removed, a transaction apart. Later would keep a gateway starting on the file
+# waiting longer (`ahead.py`).
+WRITE_WITHIN = 0.25
 # Settlements held for one transaction (`settling_together`) at most: past this many, the
 # next commit them (a batch's memory and its wait stay bounded).
 MAX_TOGETHER = 64
