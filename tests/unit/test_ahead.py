@@ -147,6 +147,37 @@ def test_a_grant_is_still_unwritten_when_the_envoy_hosts_access_log_brings_its_e
     assert sqlite_module.WRITE_WITHIN > 2 * RESPONSE_END_FLUSH
 
 
+async def test_a_transaction_that_wrote_every_grant_calls_off_their_write(
+        gateways, config_dir, monkeypatch):
+    """The write a grant waits for is called off once a transaction (a batch of
+    settlements, most often) has written it: the next grant waits WRITE_WITHIN of its own
+    for one (its settlement's, for a request answered at once), not what is left of the
+    last one's."""
+    loop, timers = asyncio.get_running_loop(), []
+    call_later = loop.call_later
+
+    def recorded(delay, callback, *args, **kwargs):
+        handle = call_later(delay, callback, *args, **kwargs)
+        if getattr(callback, "__name__", "") == "_write_in_time":
+            timers.append((delay, handle))
+        return handle
+
+    monkeypatch.setattr(loop, "call_later", recorded)
+    secret, gw, _ = gateways
+    proc, first = await granted(gateways)
+    (delay, waiting), = timers
+    assert delay == sqlite_module.WRITE_WITHIN and not waiting.cancelled()
+    settle(proc, first)
+    await gw.drain()
+    assert waiting.cancelled()  # its settlement's transaction took it
+    assert held(config_dir, first) == ([], [])
+    second = now(proc, PATH, BODY, secret)
+    assert second is not None
+    assert len(timers) == 2 and not timers[1][1].cancelled()
+    settle(proc, second.metadata["request_id"])
+    await gw.close()
+
+
 async def test_grants_never_take_more_than_the_budget_has(gateways, config_dir):
     """Granted from what the gateway knows, each counts the ones before it: the request
     that does not fit goes to the full decision, which refuses it (402)."""

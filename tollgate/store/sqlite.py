@@ -472,6 +472,9 @@ class SQLiteStore(Store):
             if self._granted or self._unwritten:
                 self._granted.clear()
                 self._unwritten = False
+            # All written: the next grant waits WRITE_WITHIN of its own for a transaction
+            # (a batch of settlements, its own among them) before it is written alone.
+            self._cancel_write()
             if self._ahead.holder is self:
                 self._ahead.all_written()
             # This commit changed the WAL index's header: read again now, after the
@@ -763,10 +766,13 @@ class SQLiteStore(Store):
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
-    async def close(self) -> None:
+    def _cancel_write(self) -> None:
         if self._writing is not None:
             self._writing.cancel()
             self._writing = None
+
+    async def close(self) -> None:
+        self._cancel_write()
         self.write_granted()  # (a write that fails leaves them journaled)
         if self._ahead is not None and not self._granted:
             self._ahead.leave(self)
