@@ -20,9 +20,10 @@ keep that as safe as writing first:
   shared lock on it while it lives. A process grants from memory only while it holds it
   exclusively, from its first such grant until they are all written: no other gateway
   serves from the file meanwhile, whose reservations would not see those not yet written.
-  A gateway that starts then waits for them to be written (0.25 s at most) before it
-  serves; while another holds it shared, every reservation is made in the file, as before
-  (tried again a second later, `SHARED_FOR`).
+  A gateway that starts then waits for a moment when they are all written (after each
+  batch of settlements, or 0.25 s after the oldest) before it serves; while another
+  holds it shared, every reservation is made in the file, as before (tried again a second
+  later, `SHARED_FOR`).
 
 POSIX record locks (`lockf`): a process's own lock never conflicts with itself, and any
 close of the file drops them, so each process opens the file once and keeps it (`ahead_of`);
