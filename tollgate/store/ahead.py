@@ -5,8 +5,7 @@ is answered before its reservation is written to the state file: the write (its 
 its written-ahead row) goes with the next transaction, most often a batch of settlements
 (its own, for a request answered within about 0.15 s, which then writes neither, only what
 it spent), or within 0.25 s, and the reservation's transaction, some 0.2 ms cold, is off
-the request's path. Two things
-keep that as safe as writing first:
+the request's path. Two things keep that as safe as writing first:
 
 - The journal (`<state>.ahead`): each such reservation is written to it, one `pwrite` and
   no fsync (what SQLite's WAL gives a commit under `synchronous=NORMAL`), before the answer;
