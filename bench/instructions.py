@@ -7,13 +7,16 @@ change of a few percent hides in it; instruction counts repeat within 1%.
 - `plain envoy`: an Envoy of one route to the provider, for scale;
 - `tollgate envoy`: tollgate's own rendered Envoy configuration in front of the same
   provider, with a decision service that answers, at no cost, the decision tollgate makes
-  for the request (computed once, by tollgate): what Envoy itself spends per request;
+  for the request (computed once, by tollgate), and a receiver of its access log (the
+  requests' ends) that reads and drops it: what Envoy itself spends per request;
 - `decision service`: tollgate's Python per request as its decision service runs it
-  (the decision, its answer, the meter post and the settlement, on Redis state when
-  `redis-server` is installed, else SQLite), in-process, 32 requests in flight;
+  (the decision, its answer, its response's bytes as their end reports them, and the
+  settlement, on Redis state when `redis-server` is installed, else SQLite), in-process,
+  32 requests in flight;
 - `served decisions`: the same as `tollgate serve envoy` runs it behind its Envoy, one
-  request at a time: with its two HTTP exchanges per request with Envoy (the decision and
-  the meter's post) and without the batching that requests in flight together share;
+  request at a time: with its HTTP exchange per request with Envoy (the decision), the
+  access log that brings its end, and without the batching that requests in flight
+  together share;
 - `mitmdump`: mitmdump as a reverse proxy to the provider, bodies streamed, for scale;
 - `tollgate mitmproxy`: `tollgate serve mitmproxy` (one process: mitmproxy and the addon,
   deciding, metering and settling on SQLite state), one request at a time; quiet (`-q`),
@@ -174,6 +177,7 @@ def tollgate_envoy(workdir: Path, provider_url: str, n: int) -> float:
     decided = workdir / "decided.http"
     decided.write_bytes(decision)
     decider = bare_service("http", sock, decided)
+    access_log = bare_service("grpc", workdir / "extproc.sock")
     out = workdir / "tollgate.callgrind"
     try:
         proc = subprocess.Popen([*_callgrind(out), envoy_binary(), "-c", str(bootstrap),
@@ -185,6 +189,7 @@ def tollgate_envoy(workdir: Path, provider_url: str, n: int) -> float:
                                "authorization": f"Bearer {secret}"}, n)
     finally:
         decider.terminate()
+        access_log.terminate()
 
 
 ANSWER_HEAD = (b":status: 200\ncontent-type: application/json\ndate: x\n"
@@ -193,7 +198,7 @@ ANSWER_HEAD = (b":status: 200\ncontent-type: application/json\ndate: x\n"
 
 async def _serve_decisions(config: Path, secret: str, n: int, first: int) -> None:
     """`n` requests through the decision service's own path, CONCURRENCY at a time: the
-    decision and its answer, a meter post of the provider's answer, the settlement."""
+    decision and its answer, the provider's answer as its end reports it, the settlement."""
     from bench.scaling import ANSWER
     from extproc.decider import answer, client_request, response_head
     from extproc.service import ExternalProcessor
@@ -261,8 +266,8 @@ def decision_service(workdir: Path, provider_url: str, n: int) -> float:
 
 def served(workdir: Path, provider_url: str, n: int) -> float:
     """tollgate's Python per request as `tollgate serve envoy` runs it behind its Envoy:
-    the above with its HTTP exchanges with Envoy (the decision and the meter's post), one
-    request at a time."""
+    the above with its HTTP exchange with Envoy (the decision) and its end in Envoy's
+    access log, one request at a time."""
     with _governed_on_redis(workdir, provider_url) as (config, secret):
         out = workdir / "served.callgrind"
         # Envoy, its child, runs outside callgrind (valgrind does not follow children).

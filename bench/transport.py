@@ -128,8 +128,20 @@ async def serve_grpc(path: str) -> None:
                             streamed_response=pb.StreamedBodyResponse(
                                 body=msg.request_body.body, end_of_stream=True)))))
 
+    from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+    class Sink(als_pb2_grpc.AccessLogServiceServicer):
+        """Envoy's access log (tollgate's requests' ends), read and let go."""
+
+        async def StreamAccessLogs(self, requests: Any, context: Any
+                                   ) -> als_pb2.StreamAccessLogsResponse:
+            async for _ in requests:
+                pass
+            return als_pb2.StreamAccessLogsResponse()
+
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ExternalProcessorServicer_to_server(Bare(), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(Sink(), server)
     server.add_insecure_port(f"unix:{path}")
     await server.start()
     print("ready", flush=True)
