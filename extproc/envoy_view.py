@@ -11,9 +11,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
-
 from extproc import envoy_config
+from extproc.envoy_admin import AdminError, EnvoyAdmin
 from tollgate.config.schema import Config
 
 
@@ -37,9 +36,12 @@ def loaded_clusters(admin: str) -> dict[str, dict[str, Any]]:
 
 
 def _config_dump(admin: str, resource: str) -> list[dict[str, Any]]:
-    r = httpx.get(f"http://{admin}/config_dump", params={"resource": resource}, timeout=3)
-    r.raise_for_status()
-    configs: list[dict[str, Any]] = r.json().get("configs", [])
+    admin_api = EnvoyAdmin(admin, timeout=3)
+    try:
+        configs: list[dict[str, Any]] = admin_api.json(
+            "/config_dump", resource=resource).get("configs", [])
+    finally:
+        admin_api.close()
     return configs
 
 
@@ -76,7 +78,7 @@ def older_view(admin: str, cfg: Config) -> list[str] | None:
     try:
         running = loaded_clusters(admin)
         filters = filters_versions(admin)
-    except (httpx.HTTPError, ValueError):
+    except (AdminError, AttributeError):
         return None
     differences = [f"it runs tollgate filters of version {version or '(none named)'}, which "
                    f"this tollgate's decision service refuses (its own: "

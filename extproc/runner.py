@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 
 from extproc import envoy_config, workdirs
+from extproc.envoy_admin import AdminError, EnvoyAdmin
 from extproc.listen import Listener
 from extproc.processes import ProcessExited, Siblings
 from extproc.proxy_replies import OutageLog
@@ -117,33 +117,28 @@ class LoadedClusters:
     routed to a fallback chain Envoy already has."""
 
     def __init__(self, admin: str):
-        self.url = f"http://{admin}/clusters?format=json"
         self.names: frozenset[str] = frozenset()
         self._refreshed = 0.0  # monotonic time of the last read a request asked for
         self._stopped = threading.Event()
-        # One client for every read: a new one builds a TLS context (CA bundle and all), tens
-        # of milliseconds holding the interpreter the requests are served on, at each reload.
-        self._client = httpx.Client(timeout=2)
-        self._lock = threading.Lock()  # (read from the config thread and the event loop's)
+        # (read from the config thread and the event loop's, one at a time)
+        self._admin = EnvoyAdmin(admin, timeout=2)
 
     def stop(self) -> None:
         """Shutting down: a wait in progress gives up at once (not at its timeout)."""
         self._stopped.set()
-        with self._lock:
-            self._client.close()
+        self._admin.close()
 
     def get(self) -> frozenset[str]:
         return self.names
 
     def _fetch(self) -> None:
         try:
-            with self._lock:
-                doc = self._client.get(self.url).json()
+            doc = self._admin.json("/clusters", format="json")
             names = frozenset(c["name"] for c in doc.get("cluster_statuses", []))
             if names != self.names:  # a new object only when it changed
                 self.names = names
-        except (httpx.HTTPError, ValueError, RuntimeError):
-            pass  # Envoy still starting (RuntimeError: the client closed, shutting down)
+        except (AdminError, AttributeError, KeyError, TypeError):
+            pass  # Envoy still starting (or stopping: the admin closed)
 
     async def refresh(self) -> bool:
         """Read Envoy's clusters again now, for a request whose chain is not known yet: the
@@ -282,15 +277,13 @@ async def serve_extproc(config: str, where: Listener, outage: Path,
 
 def envoy_stats(envoy_admin: str) -> Callable[[], bytes]:
     """Envoy's own stats in Prometheus format, for the gateway's `/metrics`."""
-    client = httpx.Client(timeout=3)  # one for every scrape (see LoadedClusters)
+    admin = EnvoyAdmin(envoy_admin, timeout=3)  # one connection for every scrape
 
     def read() -> bytes:
         try:
-            r = client.get(f"http://{envoy_admin}/stats/prometheus", params={"usedonly": ""})
-            r.raise_for_status()
-        except httpx.HTTPError as e:
-            return f"# envoy stats unavailable: {e.__class__.__name__}\n".encode()
-        return r.content
+            return admin.get("/stats/prometheus", usedonly="")
+        except AdminError as e:
+            return f"# envoy stats unavailable: {e}\n".encode()
     return read
 
 
@@ -299,16 +292,20 @@ async def ends_sent(envoy_admin: str, within: float = ENDS_REPORTED) -> None:
     log), `within` seconds at most, and then two of the log's batches, so the ends of
     answers its clients have reach the gateway."""
     until = time.monotonic() + within
-    async with httpx.AsyncClient(timeout=1) as client:
+    admin = EnvoyAdmin(envoy_admin, timeout=1)
+    try:
         while time.monotonic() < until:
-            try:
-                r = await client.get(f"http://{envoy_admin}/stats", params={
-                    "filter": r"^http\.tollgate\.downstream_rq_active$", "format": "json"})
-                if not sum(s.get("value", 0) for s in r.json()["stats"]):
+            try:  # (off the loop, which settles the ends meanwhile)
+                doc = await asyncio.to_thread(
+                    admin.json, "/stats", filter=r"^http\.tollgate\.downstream_rq_active$",
+                    format="json")
+                if not sum(s.get("value", 0) for s in doc["stats"]):
                     break
-            except (httpx.HTTPError, ValueError, KeyError):
+            except (AdminError, AttributeError, KeyError, TypeError):
                 break
             await asyncio.sleep(0.01)
+    finally:
+        admin.close()
     await asyncio.sleep(2 * envoy_config.RESPONSE_END_FLUSH)
 
 

@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"[%(asctime)s] %(name)s (process {args.process}) %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         eventloop.run(serve(args))
     except (ConfigError, ListenError, RuntimeError) as e:

@@ -322,8 +322,6 @@ def _logging() -> None:
     # Diagnostics on stderr: stdout is the access log's, one JSON line per request.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s %(message)s",
                         stream=sys.stderr)
-    # The gateway's own calls (Envoy's admin API) are not worth a line each.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @click.group("envoy")
