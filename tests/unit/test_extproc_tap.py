@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 from extproc import envoy_config, service
 from extproc.decider import start_decider
 from extproc.listen import Listener
-from extproc.proxy_replies import BURST, PAUSE, SLICE, Ended, ProxyReplies
+from extproc.proxy_replies import BURST, SLICE, Ended, ProxyReplies
 from extproc.service import ExternalProcessor, Forwarding, access_log_service
 from tollgate import gateway as gateway_module
 from tollgate.cli.main import cli
@@ -791,37 +791,44 @@ def settling_for(taken: list[str], timer: list[float], each: float) -> Ended:
 async def settle_batch(taken: list[str], reports: int, *, age: float, busy: float,
                        each: float, stopping: bool = False,
                        settling_together: Callable[[], contextlib.AbstractContextManager[None]]
-                       = contextlib.nullcontext) -> list[tuple[float, int]]:
+                       = contextlib.nullcontext) -> list[tuple[bool, int]]:
     """A batch of `reports` fresh reports `age` seconds old, each `each` seconds long,
-    settled by a process that used `busy` of a core in the last sample: the pauses after
-    them (how long, and after how many were taken)."""
-    slept: list[tuple[float, int]] = []
+    settled by a process that used `busy` of a core in the last sample: the turns of the
+    loop after them (whether the core was offered to other processes first, and after how
+    many were taken)."""
+    turns: list[tuple[bool, int]] = []
+    gave = [False]
     clock, cpu, timer = [1_000.0], [5.0], [0.0]
 
     async def sleep(seconds: float) -> None:
-        slept.append((seconds, len(taken)))
+        assert seconds == 0  # a turn of the loop, never a pause
+        turns.append((gave[0], len(taken)))
+        gave[0] = False
+
+    def give_way() -> None:
+        gave[0] = True
 
     log = ProxyReplies(gateway_settling(settling_together), settling_for(taken, timer, each),
                        stopping=lambda: stopping, clock=lambda: clock[0], cpu=lambda: cpu[0],
-                       sleep=sleep, timer=lambda: timer[0])
+                       sleep=sleep, timer=lambda: timer[0], give_way=give_way)
     clock[0] += 0.1 + age
     cpu[0] += (0.1 + age) * busy
     await report_to(log, *[end_entry(f"r{i}", 0, [b"{}"], started=1_000.1)
                            for i in range(reports)])
-    return slept
+    return turns
 
 
-@pytest.mark.parametrize(("reports", "age", "busy", "stopping", "pauses"), [
-    # Fresh: the core is left to other processes between two (each report past a slice).
-    (LONG, 0.05, 0.2, False, [PAUSE] * LONG),
-    (BURST, 0.05, 0.2, False, [0] * BURST),  # a few: no longer than a decision takes
-    (LONG, 0.05, 0.8, False, [0] * LONG),  # the process is busy: no core to give
-    (LONG, 0.05, 0.2, True, [0] * LONG),  # the service stops: its last reports at once
-    (LONG, 0.3, 0.2, False, [0] * LONG),  # past FRESH: batches come faster than settled
+@pytest.mark.parametrize(("reports", "age", "busy", "stopping", "gave_way"), [
+    # Fresh: the core is offered to other processes between two (each report past a slice).
+    (LONG, 0.05, 0.2, False, [True] * LONG),
+    (BURST, 0.05, 0.2, False, [False] * BURST),  # a few: no longer than a decision takes
+    (LONG, 0.05, 0.8, False, [False] * LONG),  # the process is busy: no core to give
+    (LONG, 0.05, 0.2, True, [False] * LONG),  # the service stops: its last reports at once
+    (LONG, 0.3, 0.2, False, [False] * LONG),  # past FRESH: batches come faster than settled
     (LONG, 1.0, 0.2, False, []),  # behind: settled back to back, the decisions wait
 ])
 async def test_a_long_batch_of_fresh_reports_is_settled_with_a_spare_core_given_away(
-        reports, age, busy, stopping, pauses):
+        reports, age, busy, stopping, gave_way):
     """A batch of fresh reports settled back to back kept a core busy for milliseconds, and
     the requests that came meanwhile on the machine (the app's, Envoy's) waited for it.
     `busy`: the share of a core the process used in the last sample. Paced or not, the
@@ -836,28 +843,28 @@ async def test_a_long_batch_of_fresh_reports_is_settled_with_a_spare_core_given_
         yield
         together.append((opened, len(taken)))
 
-    slept = await settle_batch(taken, reports, age=age, busy=busy, each=2 * SLICE,
+    turns = await settle_batch(taken, reports, age=age, busy=busy, each=2 * SLICE,
                                stopping=stopping, settling_together=settling_together)
     assert taken == [f"r{i}" for i in range(reports)]
-    assert slept == [(pause, i) for i, pause in enumerate(pauses, 1)]
+    assert turns == [(gave, i) for i, gave in enumerate(gave_way, 1)]
     assert together == [(0, reports)]
 
 
-@pytest.mark.parametrize(("busy", "age", "pause"), [
-    (0.2, 0.05, PAUSE),  # fresh, with a core to spare: paced
-    (0.8, 0.05, 0),  # busy: the loop turns
+@pytest.mark.parametrize(("busy", "age", "gave"), [
+    (0.2, 0.05, True),  # fresh, with a core to spare: paced
+    (0.8, 0.05, False),  # busy: the loop turns
     (0.2, 1.0, None),  # behind: back to back
 ])
 async def test_a_batch_is_settled_in_slices_back_to_back_within_each(
-        busy, age, pause, monkeypatch):
+        busy, age, gave, monkeypatch):
     """A report at a time, each was settled cold, and its settlement's steps ran between
-    the next report's: the loop turns (or pauses) only once a slice's time is spent, here
-    every third report."""
+    the next report's: the loop turns (the core offered first, or not) only once a slice's
+    time is spent, here every third report."""
     monkeypatch.setattr("extproc.proxy_replies.SLICE", 3.0)
     taken: list[str] = []
-    slept = await settle_batch(taken, LONG + 1, age=age, busy=busy, each=1.0)
+    turns = await settle_batch(taken, LONG + 1, age=age, busy=busy, each=1.0)
     assert taken == [f"r{i}" for i in range(LONG + 1)]
-    assert slept == ([] if pause is None else [(pause, 3), (pause, 6), (pause, 9)])
+    assert turns == ([] if gave is None else [(gave, 3), (gave, 6), (gave, 9)])
 
 
 async def test_a_busy_process_is_told_from_a_sample_long_enough():
@@ -878,9 +885,9 @@ async def test_the_access_log_service_settles_at_once_when_the_service_stops(pro
     proc, _ = processor
     service_log = access_log_service(proc)
     fresh = end_entry("r0", 0, [b"{}"], started=time.time() + 60)  # (never stale here)
-    assert service_log.pause_after(fresh, paced=True) == PAUSE
+    assert service_log.turn_after(fresh, paced=True) is True
     await proc.ends_reported(within=0)
-    assert service_log.pause_after(fresh, paced=True) == 0
+    assert service_log.turn_after(fresh, paced=True) is False
     await proc.gateway.close()
 
 
