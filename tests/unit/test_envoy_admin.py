@@ -132,3 +132,33 @@ def test_an_extproc_process_imports_no_http_client_library():
     out = subprocess.run([sys.executable, "-c", entry], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_envoy_stats_for_metrics_come_whole_or_say_why_not(admin):
+    """The gateway's `/metrics` carries Envoy's own stats; an admin that cannot be read
+    leaves a comment there, never an error for the scrape."""
+    from extproc.runner import envoy_stats
+
+    address, handler = admin
+    handler.body = b"envoy_cluster_upstream_rq_total 3\n"
+    assert envoy_stats(address)() == b"envoy_cluster_upstream_rq_total 3\n"
+    handler.status, handler.body = 503, b"starting"
+    said = envoy_stats(address)()
+    assert said.startswith(b"# envoy stats unavailable: ") and b"503" in said
+
+
+def test_loaded_clusters_keep_what_they_knew_while_the_admin_cannot_be_read(admin):
+    from extproc.runner import LoadedClusters
+
+    address, handler = admin
+    handler.body = json.dumps({"cluster_statuses": [{"name": "provider_a"}]}).encode()
+    clusters = LoadedClusters(address)
+    clusters._fetch()
+    assert clusters.get() == {"provider_a"}
+    for status, body in [(503, b"no"), (200, b"not json"), (200, b"[]")]:
+        handler.status, handler.body = status, body
+        clusters._fetch()
+        assert clusters.get() == {"provider_a"}
+    clusters.stop()
+    clusters._fetch()  # stopped: the admin is closed, nothing is read or raised
+    assert clusters.get() == {"provider_a"}
