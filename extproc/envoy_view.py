@@ -25,8 +25,8 @@ def _endpoints(cluster: dict[str, Any]) -> list[tuple[str, int]]:
         if (sock := lb.get("endpoint", {}).get("address", {}).get("socket_address")))
 
 
-def loaded_clusters(admin: str) -> dict[str, dict[str, Any]]:
-    """The clusters the Envoy at `admin` runs, static and dynamic, by name."""
+def loaded_clusters(admin: EnvoyAdmin) -> dict[str, dict[str, Any]]:
+    """The clusters the Envoy whose admin is `admin` runs, static and dynamic, by name."""
     out: dict[str, dict[str, Any]] = {}
     for resource in ("static_clusters", "dynamic_active_clusters"):
         for entry in _config_dump(admin, resource):
@@ -35,21 +35,17 @@ def loaded_clusters(admin: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _config_dump(admin: str, resource: str) -> list[dict[str, Any]]:
-    admin_api = EnvoyAdmin(admin, timeout=3)
-    try:
-        configs: list[dict[str, Any]] = admin_api.json(
-            "/config_dump", resource=resource).get("configs", [])
-    finally:
-        admin_api.close()
+def _config_dump(admin: EnvoyAdmin, resource: str) -> list[dict[str, Any]]:
+    configs: list[dict[str, Any]] = admin.json("/config_dump", resource=resource) \
+        .get("configs", [])
     return configs
 
 
 _FILTERS = re.compile(r'^local FILTERS = "([^"]*)"$', re.MULTILINE)
 
 
-def filters_versions(admin: str) -> set[str | None]:
-    """The versions of tollgate's filters the listeners of the Envoy at `admin` run (None:
+def filters_versions(admin: EnvoyAdmin) -> set[str | None]:
+    """The versions of tollgate's filters the listeners of the Envoy run (None:
     a decide filter that names none, rendered before filters had versions)."""
     versions: set[str | None] = set()
     for http in _http_filters(admin):
@@ -61,8 +57,8 @@ def filters_versions(admin: str) -> set[str | None]:
     return versions
 
 
-def _http_filters(admin: str) -> Iterator[dict[str, Any]]:
-    """The HTTP filters of every listener the Envoy at `admin` runs, static and dynamic."""
+def _http_filters(admin: EnvoyAdmin) -> Iterator[dict[str, Any]]:
+    """The HTTP filters of every listener the Envoy runs, static and dynamic."""
     for resource in ("static_listeners", "dynamic_listeners"):
         for entry in _config_dump(admin, resource):
             listener = entry.get("listener") or (entry.get("active_state") or {}) \
@@ -75,11 +71,14 @@ def _http_filters(admin: str) -> Iterator[dict[str, Any]]:
 def older_view(admin: str, cfg: Config) -> list[str] | None:
     """How the Envoy at `admin` differs from what `cfg` renders (empty: it does not), or
     None when its admin cannot be read."""
+    api = EnvoyAdmin(admin, timeout=3)  # one connection for its four config dumps
     try:
-        running = loaded_clusters(admin)
-        filters = filters_versions(admin)
+        running = loaded_clusters(api)
+        filters = filters_versions(api)
     except (AdminError, AttributeError):
         return None
+    finally:
+        api.close()
     differences = [f"it runs tollgate filters of version {version or '(none named)'}, which "
                    f"this tollgate's decision service refuses (its own: "
                    f"{envoy_config.FILTERS_VERSION})"
