@@ -669,6 +669,7 @@ class Gateway:
     async def close(self) -> None:
         await self.drain()
         await asyncio.to_thread(telemetry.flush)  # the last requests' spans
+        access_log.flush()  # and access-log lines
         for task in (self._replayer, self._renewer, self._checkpointer):
             if task is not None:
                 task.cancel()

@@ -3,11 +3,13 @@ reload), the client helper, and the access log's targets."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -141,6 +143,56 @@ def test_access_log_lines_are_ascii_json_of_whatever_a_row_holds(tmp_path):
     assert text.isascii() and '"principal":"zo\\u00eb"' in text
     records[1]["ts"] = "2026-01-02 00:00:00+00:00"
     assert [json.loads(x) for x in text.splitlines()] == records
+
+
+class _Out:
+    """stdout that records each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_access_log_lines_of_one_loop_turn_are_written_together_after_it(monkeypatch):
+    """Requests settled in one turn of the loop cost one write; a line written where no loop
+    runs is written at once; the last lines of a loop that ends, or of a log turned off,
+    are not left pending."""
+    out = _Out()
+    monkeypatch.setattr("sys.stdout", out)
+    log = AccessLog()
+    log.configure("-", Path("."))
+
+    async def turn() -> list[str]:
+        for i in range(3):
+            log.write({"request_id": f"req_{i}"})
+        before = list(out.writes)
+        await asyncio.sleep(0)  # the flush runs once the callbacks due have run
+        await asyncio.sleep(0)
+        return before
+
+    assert asyncio.run(turn()) == []
+    assert out.writes == ['{"request_id":"req_0"}\n{"request_id":"req_1"}\n'
+                          '{"request_id":"req_2"}\n']
+    log.write({"request_id": "req_3"})  # no loop: at once
+    assert out.writes[-1] == '{"request_id":"req_3"}\n'
+
+    async def last() -> None:
+        log.write({"request_id": "req_4"})  # the loop ends right after this
+
+    asyncio.run(last())
+    assert out.writes[-1] == '{"request_id":"req_4"}\n'
+    asyncio.run(turn())  # a new loop
+    assert out.writes[-1] == '{"request_id":"req_0"}\n{"request_id":"req_1"}\n' \
+        '{"request_id":"req_2"}\n'
+    log.write({"request_id": "req_5"})
+    log.configure(None, Path("."))  # turned off: what was pending went where it was meant to
+    assert out.writes[-1] == '{"request_id":"req_5"}\n'
 
 
 def test_an_exporter_that_cannot_start_leaves_tracing_off(monkeypatch, caplog):
