@@ -113,9 +113,11 @@ def metadata(exchange: Exchange) -> dict[str, str]:
     trace = exchange.trace
     fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
               "span_id": trace.span_id, "family": exchange.route.family,
-              # The first attempt's; each later attempt of a fallback plan names its own.
-              "fallback_count": str(exchange.cursor.fallback_count),
               "provider": exchange.provider_id}
+    # The first attempt's, when the decision passed a provider over (absent: Envoy's routes
+    # say 0); each later attempt of a fallback plan names its own.
+    if exchange.cursor.fallback_count:
+        fields["fallback_count"] = str(exchange.cursor.fallback_count)
     if exchange.hides_usage_chunk and not exchange.reshapes:
         fields["cut_usage"] = "1"  # the meter keeps it from the client (usage_cut.lua)
     if exchange.billing.warning:

@@ -521,9 +521,11 @@ async def test_the_connections_of_a_decision_service_share_its_refusals_log(
     assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
 
 
-def test_the_filters_version_is_every_scripts_and_the_decide_filter_names_it(tmp_path):
+def test_the_filters_version_is_every_scripts_and_the_decide_filter_names_it(tmp_path,
+                                                                            monkeypatch):
     """A change to any script Envoy runs (the exchange, the metadata the access log
-    carries) makes another version, and the decide filter names the one rendered."""
+    carries), or to what the decisions rely on the routes for, makes another version, and
+    the decide filter names the one rendered."""
     from extproc import envoy_config
 
     here = Path(envoy_config.__file__).parent
@@ -540,6 +542,9 @@ def test_the_filters_version_is_every_scripts_and_the_decide_filter_names_it(tmp
         versions.add(envoy_config.filters_version(copies))
         copy.write_text(source)
     assert len(versions) == len(copies) and FILTERS_VERSION not in versions
+    monkeypatch.setattr(envoy_config, "ROUTES_SUPPLY", b"something else\0")
+    assert envoy_config.filters_version(copies) not in {FILTERS_VERSION, *versions}
+    monkeypatch.undo()
     lua = envoy_config.decide_filter(1024)["typed_config"]["default_source_code"]
     assert f'local FILTERS = "{FILTERS_VERSION}"' in lua["inline_string"]
     assert '["x-tollgate-filters"] = FILTERS' in lua["inline_string"]
