@@ -57,6 +57,11 @@ FALLBACK_HEADER = "x-tollgate-fallback"
 # filter is created for them, and for nothing else. A usage chunk the gateway asked for in a
 # stream it does not reshape is cut by the meter instead (usage_cut.lua).
 REWRITE_HEADER = "x-tollgate-rewrite"
+# Set by the decision on requests whose response carries one of the gateway's less common
+# headers (EXTRA_KEYS: a budget warning, an output cap, a shadow rule's, the key's rate
+# limits): their route adds those from the metadata. Each such header costs Envoy about
+# 1,000 instructions a response even when its metadata is absent.
+EXTRAS_HEADER = "x-tollgate-extras"
 EXTPROC_CLUSTER = "tollgate_extproc"
 # The decision service of every ext_proc process, which the decide filter calls.
 DECIDER_CLUSTER = "tollgate_decider"
@@ -83,10 +88,19 @@ METADATA_HEADERS = {
     "span_id": "Span-Id",
     "fallback_count": "Fallback-Count",
     "provider": "Provider",
+}
+# ... and those of the requests marked EXTRAS_HEADER, with the key's rate-limit headers,
+# which go by their own names.
+EXTRA_HEADERS = {
     "budget_warning": "Budget-Warning",
     "max_tokens": "Max-Tokens",
     "shadow": "Shadow",
 }
+EXTRA_KEYS = frozenset([*EXTRA_HEADERS, *ratelimit.HEADER_NAMES])
+# Request headers every route sets, which a decision need not (each header a decision sets
+# costs Envoy about 5,000 instructions): identity encoding upstream, so the meter reads
+# usage from plain bytes.
+ROUTE_SETS = {"accept-encoding": "identity"}
 _BUFFER_SLACK = 64 * 1024  # headers and framing on top of the largest accepted body
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
@@ -455,7 +469,8 @@ SCRIPTS = (ANSWER, DECIDE, ATTEMPT, METER, USAGE_CUT)  # every script Envoy runs
 # What the decision service relies on the rendered routes for, beside the scripts: its
 # decisions leave out what the routes supply (a fallback count of 0). A new entry here is a
 # new version of the filters.
-ROUTES_SUPPLY = b"Fallback-Count 0 where no metadata says\0"
+ROUTES_SUPPLY = (b"Fallback-Count 0 where no metadata says\0"
+                 b"the extra response headers where marked\0accept-encoding identity\0")
 
 
 def filters_version(scripts: Iterable[Path] = SCRIPTS) -> str:
@@ -599,9 +614,12 @@ def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
     # Most requests are served by their first provider, which no metadata need say (each
     # key costs Envoy some 10,000 instructions a request): the virtual host's header from
     # the metadata replaces this one when a request has a fallback count.
-    first_served = [{"header": {"key": f"{cfg.gateway.header_prefix}Fallback-Count",
-                                "value": "0"},
-                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    prefix = cfg.gateway.header_prefix
+    first_served = [_header(f"{prefix}Fallback-Count", "0")]
+    extras = first_served + [_header(f"{prefix}{suffix}", _metadata(key))
+                             for key, suffix in EXTRA_HEADERS.items()] + [
+        # The key's rate-limit headers, in place of the provider's own when it has limits.
+        _header(name, _metadata(name)) for name in ratelimit.HEADER_NAMES]
     pinned = [] if process is None else [
         {"name": EXTPROC_PROCESS_HEADER, "string_match": {"exact": str(process)}}]
 
@@ -610,10 +628,23 @@ def _routes(cfg: Config, process: int | None) -> list[dict[str, Any]]:
         return {"prefix": "/", **({"headers": matchers} if matchers else {})}
 
     return [
+        {"match": when(FALLBACK_HEADER, EXTRAS_HEADER), "route": with_fallback,
+         "response_headers_to_add": extras},
         {"match": when(FALLBACK_HEADER), "route": with_fallback,
          "response_headers_to_add": first_served},
+        {"match": when(EXTRAS_HEADER), "route": action, "response_headers_to_add": extras},
         {"match": when(), "route": action, "response_headers_to_add": first_served},
     ]
+
+
+def _header(name: str, value: str) -> dict[str, Any]:
+    """A header set in place of any the response or request has (a formatter's empty
+    value, from absent metadata, sets nothing)."""
+    return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _metadata(key: str) -> str:
+    return f"%DYNAMIC_METADATA({METADATA_NS}:{key})%"
 
 
 def route_config(cfg: Config, processes: int = 1) -> dict[str, Any]:
@@ -626,25 +657,16 @@ def route_config(cfg: Config, processes: int = 1) -> dict[str, Any]:
     return {
         "name": "tollgate",
         "request_headers_to_remove": [CLUSTER_HEADER, REWRITE_HEADER, FALLBACK_HEADER,
-                                      EXTPROC_PROCESS_HEADER],
+                                      EXTPROC_PROCESS_HEADER, EXTRAS_HEADER],
+        "request_headers_to_add": [_header(name, value) for name, value in ROUTE_SETS.items()],
         "virtual_hosts": [{
             "name": "gateway",
             "domains": ["*"],
             "routes": routes,
             # What belongs to the gateway's provider account (its cookies, its ids).
             "response_headers_to_remove": sorted(header_rules.PROVIDER_ACCOUNT),
-            "response_headers_to_add": [
-                {"header": {"key": f"{prefix}{suffix}",
-                            "value": f"%DYNAMIC_METADATA({METADATA_NS}:{key})%"},
-                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-                for key, suffix in METADATA_HEADERS.items()
-            ] + [
-                # The key's rate-limit headers, in place of the provider's own when it has
-                # limits (absent metadata adds nothing).
-                {"header": {"key": name, "value": f"%DYNAMIC_METADATA({METADATA_NS}:{name})%"},
-                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-                for name in ratelimit.HEADER_NAMES
-            ],
+            "response_headers_to_add": [_header(f"{prefix}{suffix}", _metadata(key))
+                                        for key, suffix in METADATA_HEADERS.items()],
         }],
     }
 

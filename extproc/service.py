@@ -42,10 +42,13 @@ from extproc.envoy_config import (
     CLUSTER_HEADER,
     EXTPROC_PROCESS_HEADER,
     EXTPROC_SERVICE,
+    EXTRA_KEYS,
+    EXTRAS_HEADER,
     FALLBACK_HEADER,
     FILTER_ROLE_HEADER,
     METADATA_NS,
     REWRITE_HEADER,
+    ROUTE_SETS,
     cluster_name,
     decider_targets,
 )
@@ -133,12 +136,17 @@ def _changes(a: Attempt, body_length: int | None, extra: dict[str, str],
              remove: list[str]) -> tuple[dict[str, str], list[str]]:
     """The headers to set and to remove that put one provider's credentials, host and path
     (and its body's length) on the request."""
-    set_headers = {":authority": a.authority, ":path": a.path, **a.set_headers, **extra}
+    set_headers = {":authority": a.authority, ":path": a.path, **_own(a.set_headers), **extra}
     if a.body is not None:
         set_headers["content-length"] = str(len(a.body))
     elif body_length is not None:
         set_headers["content-length"] = str(body_length)
     return set_headers, [h for h in [*a.remove_headers, *remove] if h not in set_headers]
+
+
+def _own(set_headers: dict[str, str]) -> dict[str, str]:
+    """The headers a decision sets but for those Envoy's routes set to the same value."""
+    return {k: v for k, v in set_headers.items() if ROUTE_SETS.get(k) != v}
 
 
 @dataclass
@@ -198,6 +206,8 @@ def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
     if exchange.reshapes:  # the rewrite filter edits its response (a usage chunk as well)
         routing[REWRITE_HEADER] = "1"
     fields = metadata(exchange)
+    if not EXTRA_KEYS.isdisjoint(fields):
+        routing[EXTRAS_HEADER] = "1"
     if process is not None:  # this process holds the request: its later streams come here
         routing[EXTPROC_PROCESS_HEADER] = fields["process"] = str(process)
     if len(plan) == 1:
@@ -384,7 +394,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self._rewrites[request_id] = pending
         forwarding = forward(result, headers, body, self.process)
         if exchange.precedent is not None:  # the answer the requests like it get
-            exchange.precedent.hosts[HOST] = Made(dataclasses.replace(forwarding, body=None))
+            # (each says itself whether it has extra response headers)
+            exchange.precedent.hosts[HOST] = Made(dataclasses.replace(
+                forwarding, body=None, set_headers={
+                    k: v for k, v in forwarding.set_headers.items() if k != EXTRAS_HEADER}))
         return forwarding
 
     def decide_now(self, req: Request) -> Replaying | None:
@@ -402,15 +415,19 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                                                    adopt=self.gateway.adopt)
         # What `forward` makes of it: the precedent's answer, with this request's own ids,
         # credential, trace, length, budget warning and rate-limit headers.
-        own = {**attempt.set_headers, "x-request-id": trace.request_id, "content-length":
-               str(len(req.body if attempt.body is None else attempt.body))}
+        own = {**_own(attempt.set_headers), "x-request-id": trace.request_id,
+               "content-length": str(len(req.body if attempt.body is None else attempt.body))}
         fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
                   "span_id": trace.span_id}
         if billing.warning:
             fields["budget_warning"] = billing.warning
         if billing.rate_headers:
             fields.update(billing.rate_headers)
-        return Replaying(replayed.precedent.hosts[HOST], own, fields, attempt.body)
+        made = replayed.precedent.hosts[HOST]
+        if not EXTRA_KEYS.isdisjoint(fields) or any(
+                k in EXTRA_KEYS and k != "budget_warning" for k in made.forwarding.metadata):
+            own[EXTRAS_HEADER] = "1"
+        return Replaying(made, own, fields, attempt.body)
 
     # -- attempts of a fallback plan ------------------------------------------------------
     def attempt(self, request_id: str, provider: str, status: int | None) -> Reply | Forwarding:

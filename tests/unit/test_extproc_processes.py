@@ -35,7 +35,7 @@ def test_each_process_decides_beside_its_ext_proc_address():
 def test_one_process_renders_as_before():
     cfg = config([provider("a")], [key("k")])
     routes = envoy_config.route_config(cfg)["virtual_hosts"][0]["routes"]
-    assert len(routes) == 2 and routes[-1]["match"] == {"prefix": "/"}
+    assert len(routes) == 4 and routes[-1]["match"] == {"prefix": "/"}
     decider, cluster = envoy_config.extproc_clusters(["unix:/x.sock"])
     assert cluster["name"] == envoy_config.EXTPROC_CLUSTER
     assert decider["name"] == envoy_config.DECIDER_CLUSTER
@@ -52,7 +52,7 @@ def _service(route: dict, filter_name: str) -> dict | None:
 def test_each_requests_later_streams_go_to_the_process_that_decided_it(processes):
     cfg = config([provider("a"), provider("b")], [key("k", on=["5xx"])])
     routes = envoy_config.route_config(cfg, processes)["virtual_hosts"][0]["routes"]
-    assert len(routes) == 2 * processes
+    assert len(routes) == 4 * processes  # fallback or not, extra headers or not
     for route in routes:
         # Every route names one process; none would send a stream to just any of them.
         (pinned,) = [h for h in route["match"]["headers"] if h["name"] == EXTPROC_PROCESS_HEADER]

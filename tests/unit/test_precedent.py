@@ -637,3 +637,28 @@ async def test_precedents_off_decides_every_request_in_full(gateways):
     for _ in range(3):
         await full(proc, "/v1/chat/completions", CHAT, secret)
         assert now(proc, "/v1/chat/completions", CHAT, secret) is None
+
+
+@pytest.mark.parametrize("kind", ["unbounded", "gateways"])
+async def test_each_request_asks_for_the_route_of_extra_response_headers_itself(kind, request):
+    """Envoy adds the less common response headers (a budget warning, rate limits) only on
+    the route a request with one asks for (`x-tollgate-extras`), decided in full or from its
+    precedent, which keeps no such mark of its own; and no decision sets the identity
+    encoding Envoy's routes set on every request."""
+    from extproc.envoy_config import EXTRAS_HEADER, ROUTE_SETS
+    from extproc.service import HOST
+
+    secret, gw, _ = request.getfixturevalue(kind)
+    proc = ExternalProcessor(gw)
+    path, body = LIKE
+    first = await full(proc, path, body, secret)
+    replayed = now(proc, path, body, secret)
+    assert replayed is not None
+    warned = kind == "gateways"  # its budget warns on every request
+    for decided in (first, replayed):
+        assert ("budget_warning" in decided.metadata) == warned
+        assert decided.set_headers.get(EXTRAS_HEADER) == ("1" if warned else None)
+        assert not ROUTE_SETS.keys() & decided.set_headers.keys()
+    kept = proc._pending[first.metadata["request_id"]].exchange.precedent.hosts[HOST]
+    assert EXTRAS_HEADER not in kept.forwarding.set_headers
+    await gw.close()
