@@ -252,11 +252,15 @@ def _metadata_is(key: str, value: str | None) -> dict[str, Any]:
         "match_if_key_not_found": value is None}}
 
 
+# The path of Anthropic's API, which only its clients and its providers are sent.
+ANTHROPIC_PATH = "/v1/messages"
+
+
 def _client_family(family: str) -> dict[str, Any]:
-    """The client spoke `family`: as the decision recorded it (the path may have been
-    rewritten for a provider of the other family since), else as its path says."""
+    """The client spoke `family`: as the decision recorded it (where the path it set for the
+    provider would say another: see `service.metadata`), else as the path says."""
     path = {"header_filter": {"header": {
-        "name": ":path", "string_match": {"prefix": "/v1/messages"},
+        "name": ":path", "string_match": {"prefix": ANTHROPIC_PATH},
         "invert_match": family != "anthropic"}}}
     return {"or_filter": {"filters": [
         _metadata_is("family", family),
@@ -470,7 +474,8 @@ SCRIPTS = (ANSWER, DECIDE, ATTEMPT, METER, USAGE_CUT)  # every script Envoy runs
 # decisions leave out what the routes supply (a fallback count of 0). A new entry here is a
 # new version of the filters.
 ROUTES_SUPPLY = (b"Fallback-Count 0 where no metadata says\0"
-                 b"the extra response headers where marked\0accept-encoding identity\0")
+                 b"the extra response headers where marked\0accept-encoding identity\0"
+                 b"the client's family by the path where no metadata says\0")
 
 
 def filters_version(scripts: Iterable[Path] = SCRIPTS) -> str:

@@ -39,6 +39,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import fallback
 from extproc.envoy_config import (
+    ANTHROPIC_PATH,
     CLUSTER_HEADER,
     EXTPROC_PROCESS_HEADER,
     EXTPROC_SERVICE,
@@ -115,8 +116,13 @@ def metadata(exchange: Exchange) -> dict[str, str]:
     headers, whether the usage cut is on."""
     trace = exchange.trace
     fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
-              "span_id": trace.span_id, "family": exchange.route.family,
-              "provider": exchange.provider_id}
+              "span_id": trace.span_id, "provider": exchange.provider_id}
+    # Envoy's own replies (a provider unreachable) are in the client's API family, which its
+    # error mappers tell by the path unless this says otherwise: where the provider's path
+    # is of the other family's API (or a later attempt's may be).
+    family, plan = exchange.route.family, exchange.cursor.attempts
+    if len(plan) > 1 or plan[0].path.startswith(ANTHROPIC_PATH) != (family == "anthropic"):
+        fields["family"] = family
     # The first attempt's, when the decision passed a provider over (absent: Envoy's routes
     # say 0); each later attempt of a fallback plan names its own.
     if exchange.cursor.fallback_count:

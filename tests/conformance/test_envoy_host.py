@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -214,6 +215,32 @@ def test_envoy_errors_answer_in_the_clients_family_after_translation(tmp_path, f
         assert exc.value.status_code == 502
         assert exc.value.body["code"] == "provider_unreachable"
         assert exc.value.body["type"] == "server_error"
+    finally:
+        gw.stop()
+
+
+def test_envoy_errors_answer_an_anthropic_client_in_its_family_by_its_path(tmp_path,
+                                                                          fake_openai,
+                                                                          fake_anthropic):
+    """An Anthropic client whose request went, untranslated, to an unreachable Anthropic
+    provider gets Envoy's error in Anthropic's shape: the path tells its family (the
+    decision leaves it out of the metadata)."""
+    config = make_config(tmp_path, fake_openai, fake_anthropic)
+    tollgate("model-providers", "create", "--id", "mp_gone", "--type", "anthropic", "--scope",
+             "ORG:acme", "--base-url", f"http://127.0.0.1:{free_port()}", "--api-key-env",
+             "FAKE_ANTHROPIC_KEY", config=config)
+    out = tollgate("routing-policies", "create", "--scope", "ORG:acme", "--name", "gone",
+                   "--model-provider", "mp_gone", "--format", "json", config=config)
+    secret = new_key(config, "--routing-policy", json.loads(out.stdout)["id"])
+    gw = GatewayProcess("envoy", config, tmp_path).start()
+    try:
+        client = anthropic.Anthropic(base_url=gw.url, api_key=secret, max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as exc:
+            client.messages.create(model="claude-haiku-4-5", max_tokens=16,
+                                   messages=[{"role": "user", "content": "hi"}])
+        assert exc.value.status_code == 502
+        assert exc.value.body["type"] == "error"
+        assert exc.value.body["error"]["type"] == "api_error"
     finally:
         gw.stop()
 

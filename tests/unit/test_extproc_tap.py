@@ -579,8 +579,10 @@ async def test_the_decision_makes_the_first_attempt_and_each_later_one_asks_for_
     assert answer.headers["x-tollgate-set-authorization"] == "Bearer sk-real-openai"
     assert answer.headers["x-tollgate-meta-first_attempt"] == "mp_openai_org"
     assert answer.headers["x-tollgate-meta-provider"] == "mp_openai_org"
-    # No fallback count in the metadata: Envoy's routes say 0 (envoy_config._routes).
+    # No fallback count in the metadata: Envoy's routes say 0 (envoy_config._routes). The
+    # client's family is, as a later attempt's path may be of the other family's API.
     assert "x-tollgate-meta-fallback_count" not in answer.headers
+    assert answer.headers["x-tollgate-meta-family"] == "openai"
     assert "x-tollgate-body" not in answer.headers  # the client's bytes
     ((request_id, pending),) = proc._pending.items()
 
@@ -679,6 +681,24 @@ async def test_a_decision_sets_the_providers_request_and_keeps_the_connection(pr
     sent = json.loads(answers[0].content)
     assert sent["stream_options"] == {"include_usage": True}
     assert first["x-tollgate-set-content-length"] == str(len(answers[0].content))
+    for pending in list(proc._pending.values()):
+        pending.exchange.finish("abandoned")
+    await proc.gateway.close()
+
+
+async def test_the_clients_family_is_said_only_where_the_providers_path_would_hide_it(
+        processor):
+    """Envoy's own replies (a provider unreachable) are in the client's API family, which
+    its error mappers read from the path the provider is sent unless the metadata says
+    otherwise: an OpenAI client's request to an OpenAI provider needs none; an Anthropic
+    client's translated for an OpenAI provider does."""
+    proc, secret = processor
+    same = await ask(proc, *chat_request(secret))
+    translated = await ask(proc, *chat_request(secret, "/v1/messages", max_tokens=16))
+    assert same.headers["x-tollgate-path"] == "/v1/chat/completions"
+    assert "x-tollgate-meta-family" not in same.headers
+    assert translated.headers["x-tollgate-path"] == "/v1/chat/completions"
+    assert translated.headers["x-tollgate-meta-family"] == "anthropic"
     for pending in list(proc._pending.values()):
         pending.exchange.finish("abandoned")
     await proc.gateway.close()
