@@ -81,14 +81,16 @@ EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"  # its gRPC heal
 EXTPROC_MAX_STREAMS = 100_000
 METADATA_NS = "tollgate"
 # Metadata keys the decision filter sets -> response header suffixes (an absent key adds no
-# header; Fallback-Count is 0 when absent: see _routes).
+# header; Fallback-Count is 0 when absent: see _routes). The Provider header names the
+# provider of the endpoint that answered (its endpoint's metadata, PROVIDER), which no
+# decision or attempt need say.
 METADATA_HEADERS = {
     "request_id": "Request-Id",
     "trace_id": "Trace-Id",
     "span_id": "Span-Id",
     "fallback_count": "Fallback-Count",
-    "provider": "Provider",
 }
+PROVIDER = f'%UPSTREAM_METADATA(["{METADATA_NS}", "provider"])%'
 # ... and those of the requests marked EXTRAS_HEADER, with the key's rate-limit headers,
 # which go by their own names.
 EXTRA_HEADERS = {
@@ -453,8 +455,7 @@ def attempt_filters() -> list[dict[str, Any]]:
         "typed_config": {
             "@type": HEADER_MUTATION,
             "mutations": {"request_mutations": [{"append": {
-                "header": {"key": ATTEMPT_PROVIDER_HEADER,
-                           "value": f'%UPSTREAM_METADATA(["{METADATA_NS}", "provider"])%'},
+                "header": {"key": ATTEMPT_PROVIDER_HEADER, "value": PROVIDER},
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
         },
     }
@@ -475,7 +476,8 @@ SCRIPTS = (ANSWER, DECIDE, ATTEMPT, METER, USAGE_CUT)  # every script Envoy runs
 # new version of the filters.
 ROUTES_SUPPLY = (b"Fallback-Count 0 where no metadata says\0"
                  b"the extra response headers where marked\0accept-encoding identity\0"
-                 b"the client's family by the path where no metadata says\0")
+                 b"the client's family by the path where no metadata says\0"
+                 b"Provider from the endpoint's metadata\0")
 
 
 def filters_version(scripts: Iterable[Path] = SCRIPTS) -> str:
@@ -671,7 +673,8 @@ def route_config(cfg: Config, processes: int = 1) -> dict[str, Any]:
             # What belongs to the gateway's provider account (its cookies, its ids).
             "response_headers_to_remove": sorted(header_rules.PROVIDER_ACCOUNT),
             "response_headers_to_add": [_header(f"{prefix}{suffix}", _metadata(key))
-                                        for key, suffix in METADATA_HEADERS.items()],
+                                        for key, suffix in METADATA_HEADERS.items()]
+            + [_header(f"{prefix}Provider", PROVIDER)],
         }],
     }
 

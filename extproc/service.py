@@ -116,7 +116,7 @@ def metadata(exchange: Exchange) -> dict[str, str]:
     headers, whether the usage cut is on."""
     trace = exchange.trace
     fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
-              "span_id": trace.span_id, "provider": exchange.provider_id}
+              "span_id": trace.span_id}
     # Envoy's own replies (a provider unreachable) are in the client's API family, which its
     # error mappers tell by the path unless this says otherwise: where the provider's path
     # is of the other family's API (or a later attempt's may be).
@@ -458,7 +458,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                                         pending.set_by_attempts)
         body = attempt.body if attempt.body is not None else pending.client_body
         return Forwarding(set_headers, removed, body, {
-            "provider": exchange.provider_id,
             "fallback_count": str(exchange.cursor.fallback_count)})
 
     @staticmethod

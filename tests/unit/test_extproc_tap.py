@@ -578,9 +578,10 @@ async def test_the_decision_makes_the_first_attempt_and_each_later_one_asks_for_
     answer = await ask(proc, *chat_request(secret))
     assert answer.headers["x-tollgate-set-authorization"] == "Bearer sk-real-openai"
     assert answer.headers["x-tollgate-meta-first_attempt"] == "mp_openai_org"
-    assert answer.headers["x-tollgate-meta-provider"] == "mp_openai_org"
-    # No fallback count in the metadata: Envoy's routes say 0 (envoy_config._routes). The
-    # client's family is, as a later attempt's path may be of the other family's API.
+    # No provider nor fallback count in the metadata: Envoy's routes say the endpoint's
+    # provider and 0 (envoy_config). The client's family is, as a later attempt's path may
+    # be of the other family's API.
+    assert "x-tollgate-meta-provider" not in answer.headers
     assert "x-tollgate-meta-fallback_count" not in answer.headers
     assert answer.headers["x-tollgate-meta-family"] == "openai"
     assert "x-tollgate-body" not in answer.headers  # the client's bytes
@@ -593,7 +594,7 @@ async def test_the_decision_makes_the_first_attempt_and_each_later_one_asks_for_
     assert second.set_headers[":path"] == "/v1/messages"
     assert json.loads(second.body or b"{}")["model"] == "claude-haiku-4-5"
     assert second.set_headers["content-length"] == str(len(second.body or b""))
-    assert second.metadata == {"provider": "mp_anthropic_org", "fallback_count": "1"}
+    assert second.metadata == {"fallback_count": "1"}
     assert pending.exchange.cursor.fallbacks == ["mp_openai_org:5xx"]
 
     lost = proc.attempt("req_unknown", "mp_openai_org", None)
