@@ -81,6 +81,7 @@ from bench.latency import (
     concurrent,
     down_provider,
     fallback_key,
+    interpreter,
     new_key,
     own_state,
     percentile,
@@ -565,7 +566,8 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
         against = f"{short}'s code (measured in this run)"
     print("\n(CPU/req: a JSON answer and a stream together; `direct`: the provider's own, per "
           "pair it served. SSE `warm`: its first byte. The figures read the cold ones.)\n\n"
-          "Figures (ratios to this run's references; lower is better):\n")
+          f"Figures (ratios to this run's references; lower is better; the gateway on "
+          f"{interpreter()}):\n")
     print(f"  {'':<44} {'now':>7}  {f'{short} (same run)' if short else '':>18}"
           f"  {'stored':>14}")
     for name, value in now.items():

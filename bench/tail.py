@@ -34,7 +34,14 @@ import subprocess
 from pathlib import Path
 
 from bench.breakdown import sequential
-from bench.latency import PROVIDER_KEY, _Url, bench_setup, own_state, percentile
+from bench.latency import (
+    PROVIDER_KEY,
+    _Url,
+    bench_setup,
+    interpreter,
+    own_state,
+    percentile,
+)
 from bench.quick import (
     BASELINE,
     checkout,
@@ -149,7 +156,7 @@ def main() -> int:
             for code in (codes if i % 2 == 0 else codes[::-1]):
                 print(f"round {i + 1}, {'this checkout' if code == 'now' else code}")
                 rounds[code].append(one_round(args.requests, other if code != "now" else None))
-    print(f"medians of {args.rounds} rounds (ms)")
+    print(f"medians of {args.rounds} rounds (ms); the gateway on {interpreter()}")
     names = ["direct p99", "tollgate envoy p50", "tollgate envoy p99"]
     print(f"{'code':<10}" + "".join(f"{n:>19}" for n in [*names, "+p50", "+p99", "CPU/req",
                                                         "CPU/plain's", "in step"]))

@@ -165,3 +165,17 @@ def test_the_slowest_requests_are_told_in_step_with_the_batches_or_not():
     assert in_step([0.02, 0.07, 1.02, 1.07], period=0.1) < 1e-9  # half a period apart
     assert 0.9 < in_step([0.081, 0.089, 2.085, 3.083], period=0.1) < 1
     assert in_step([]) == 0
+
+
+def test_the_benchmarks_say_whether_the_gateways_python_is_an_optimized_build(monkeypatch):
+    import sysconfig
+
+    from bench.latency import interpreter
+
+    flags = {"CONFIG_ARGS": "'--enable-shared' '--enable-optimizations' '--with-lto'"}
+    monkeypatch.setattr(sysconfig, "get_config_var", flags.get)
+    assert interpreter().endswith("built with PGO and LTO")
+    flags["CONFIG_ARGS"] = "'--prefix=/root/.pyenv/versions/3.13.0' '--enable-shared'"
+    assert interpreter().endswith("built without PGO and LTO")
+    flags.clear()  # (no configure arguments at all: a Windows build)
+    assert interpreter().endswith("built without PGO and LTO")
