@@ -472,8 +472,8 @@ SCRIPTS = (ANSWER, DECIDE, ATTEMPT, METER, USAGE_CUT)  # every script Envoy runs
 
 
 # What the decision service relies on the rendered routes for, beside the scripts: its
-# decisions leave out what the routes supply (a fallback count of 0). A new entry here is a
-# new version of the filters.
+# decisions leave out what the routes supply. A new entry here is a new version of the
+# filters.
 ROUTES_SUPPLY = (b"Fallback-Count 0 where no metadata says\0"
                  b"the extra response headers where marked\0accept-encoding identity\0"
                  b"the client's family by the path where no metadata says\0"

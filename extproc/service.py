@@ -390,7 +390,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if len(exchange.cursor.attempts) > 1:
             # Attempts share one header map: each removes what another provider set there.
             pending.set_by_attempts = sorted({h for a in exchange.cursor.attempts
-                                              for h in a.set_headers if h not in headers})
+                                              for h in _own(a.set_headers) if h not in headers})
             pending.body_length = None if body is None else len(body)
             if exchange.cursor.attempts[0].body is not None:
                 pending.client_body = body

@@ -591,6 +591,8 @@ async def test_the_decision_makes_the_first_attempt_and_each_later_one_asks_for_
     assert isinstance(second, Forwarding)
     assert second.set_headers["x-api-key"] == "sk-ant-real"
     assert "authorization" in second.remove_headers  # the first provider's, on the same map
+    # (not what every route sets: the identity encoding stays on every attempt)
+    assert not envoy_config.ROUTE_SETS.keys() & {*second.set_headers, *second.remove_headers}
     assert second.set_headers[":path"] == "/v1/messages"
     assert json.loads(second.body or b"{}")["model"] == "claude-haiku-4-5"
     assert second.set_headers["content-length"] == str(len(second.body or b""))
