@@ -400,10 +400,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self._rewrites[request_id] = pending
         forwarding = forward(result, headers, body, self.process)
         if exchange.precedent is not None:  # the answer the requests like it get
-            # (each says itself whether it has extra response headers)
+            kept = forwarding.set_headers
+            if EXTRA_KEYS.isdisjoint(k for k in forwarding.metadata if k != "budget_warning"):
+                # Its only extra, if any, is its own budget warning, which the requests like
+                # it do not take (`Replaying`): each says itself whether it has one.
+                kept = {k: v for k, v in kept.items() if k != EXTRAS_HEADER}
             exchange.precedent.hosts[HOST] = Made(dataclasses.replace(
-                forwarding, body=None, set_headers={
-                    k: v for k, v in forwarding.set_headers.items() if k != EXTRAS_HEADER}))
+                forwarding, body=None, set_headers=kept))
         return forwarding
 
     def decide_now(self, req: Request) -> Replaying | None:
@@ -429,11 +432,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             fields["budget_warning"] = billing.warning
         if billing.rate_headers:
             fields.update(billing.rate_headers)
-        made = replayed.precedent.hosts[HOST]
-        if not EXTRA_KEYS.isdisjoint(fields) or any(
-                k in EXTRA_KEYS and k != "budget_warning" for k in made.forwarding.metadata):
+        if not EXTRA_KEYS.isdisjoint(fields):  # (else its precedent's answer says)
             own[EXTRAS_HEADER] = "1"
-        return Replaying(made, own, fields, attempt.body)
+        return Replaying(replayed.precedent.hosts[HOST], own, fields, attempt.body)
 
     # -- attempts of a fallback plan ------------------------------------------------------
     def attempt(self, request_id: str, provider: str, status: int | None) -> Reply | Forwarding:
