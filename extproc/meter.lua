@@ -55,30 +55,45 @@ local function head_of(headers, content_type, length)
   return head .. "\n\n"
 end
 
-local function meter(handle)
-  local headers = handle:headers()
-  local from_provider = headers:get(UPSTREAM) ~= nil
-  if from_provider then headers:remove(UPSTREAM) end
+-- The decision's request id, the process to post to and whether to cut the usage chunk; nil
+-- when the gateway did not forward the request (no decision, or the decision's own reply).
+-- Asked only when needed (a post, or a stream that may be cut): the metadata comes as a
+-- table made anew on each call, some 20,000 instructions, and a JSON answer of known
+-- length needs none of it (the access log's `end` goes only with a decision's).
+local function decision(handle)
   local decided = handle:streamInfo():dynamicMetadata():get("tollgate")
-  if decided == nil or decided["request_id"] == nil or decided["answered"] ~= nil
-      or not from_provider then
-    return -- not forwarded by the gateway, or Envoy's own reply (the access log's)
+  if decided == nil or decided["request_id"] == nil or decided["answered"] ~= nil then
+    return nil
   end
   local cluster = CLUSTER
   if decided["process"] ~= nil then cluster = CLUSTER .. "_" .. decided["process"] end
-  local request_id = decided["request_id"]
+  return { request_id = decided["request_id"], cluster = cluster,
+           cut = decided["cut_usage"] == "1" }
+end
+
+local function meter(handle)
+  local headers = handle:headers()
+  if headers:get(UPSTREAM) == nil then
+    return -- Envoy's own reply (the access log's)
+  end
+  headers:remove(UPSTREAM)
   local content_type = headers:get("content-type")
   local declared = headers:get("content-length")
   local head = head_of(headers, content_type, declared)
   local lowered = string.lower(content_type or "")
   local frames = string.find(lowered, "application/vnd.amazon.eventstream", 1, true) == 1
   local stream = frames or string.find(lowered, "text/event-stream", 1, true) == 1
-  -- A usage chunk the gateway asked for is kept from the client (usage_cut.lua).
-  local cutting = stream and not frames and decided["cut_usage"] == "1"
-  local unfinished = "" -- the cut's: an event not yet whole
   -- A body of known length is whole once that many bytes have come (most JSON answers:
   -- one chunk), and its last bytes go in the report of its end.
   local length = tonumber(declared or "")
+  local decided = nil
+  if stream or length == nil then
+    decided = decision(handle)
+    if decided == nil then return end -- not forwarded by the gateway
+  end
+  -- A usage chunk the gateway asked for is kept from the client (usage_cut.lua).
+  local cutting = stream and not frames and decided.cut
+  local unfinished = "" -- the cut's: an event not yet whole
   local seq, held, size = 0, { head }, 0
   local since = (stream or length == nil) and handle:timestamp() or nil
   local first_byte = nil -- when a stream's first bytes came (microseconds since the epoch)
@@ -104,7 +119,9 @@ local function meter(handle)
       local now = handle:timestamp()
       since = since or now
       if (frames and seq == 0) or size >= FLUSH_BYTES or now - since >= FLUSH_MS then
-        post(handle, cluster, request_id, seq, first_byte, table.concat(held))
+        decided = decided or decision(handle)
+        if decided == nil then return end -- not forwarded by the gateway
+        post(handle, decided.cluster, decided.request_id, seq, first_byte, table.concat(held))
         seq, held, size, since = seq + 1, {}, 0, now
         if slots > 0 then meta:set(TAIL, "n", 0) end
         slots = 0
