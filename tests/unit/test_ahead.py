@@ -147,6 +147,74 @@ def test_a_grant_is_still_unwritten_when_the_envoy_hosts_access_log_brings_its_e
     assert sqlite_module.WRITE_WITHIN > 2 * RESPONSE_END_FLUSH
 
 
+async def test_a_batch_of_settlements_leaves_the_grants_of_requests_in_flight_unwritten(
+        gateways, config_dir):
+    """A settlement's transaction writes no other request's grant while its write is due
+    (WRITE_WITHIN): the grant of a request still in flight is taken by its own settlement
+    (the next batch, most often), which then writes its spend alone; where written now, its
+    hold and row would be written, then removed, a batch apart."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    first = await full(proc, PATH, BODY, secret)
+    settle(proc, first.metadata["request_id"])
+    await gw.drain()
+    statements: list[str] = []
+    gw.store().db.set_trace_callback(statements.append)
+    answered, in_flight = (now(proc, PATH, BODY, secret) for _ in range(2))
+    assert answered is not None and in_flight is not None
+    settle(proc, answered.metadata["request_id"])
+    await gw.drain()
+    rid = in_flight.metadata["request_id"]
+    assert held(config_dir, rid) == ([], [])  # still only journaled
+    assert rid in Path(f"{state_file(config_dir)}.ahead").read_text()
+    assert gw.store()._writing is not None  # ... and its write still due
+    settle(proc, rid)
+    await gw.drain()
+    # Neither wrote a hold or a written-ahead row, nor took one away.
+    assert not [s for s in statements if "holds" in s or "inflight" in s]
+    assert [h for h in state(config_dir)[1:]] == [[], []]
+    rows = query(config_dir, "SELECT request_id, cost_micros FROM ledger")
+    assert {r[0] for r in rows} == {first.metadata["request_id"],
+                                    answered.metadata["request_id"], rid}
+    (spent, reserved), = spent_and_reserved(config_dir)
+    assert (spent, reserved) == (sum(cost for _, cost in rows), 0)
+    assert gw.store()._writing is None  # every grant settled: no write left due
+    await gw.close()
+
+
+async def test_a_refusal_under_the_id_of_an_unwritten_grant_stands_in_for_nothing(
+        gateways, config_dir):
+    """A refusal recorded under the id of a request whose grant is not written yet (a
+    forged request id, while the request streams) is kept under an id of its own, as for
+    any request in flight: the request's own settlement is still charged in full."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    first = await full(proc, PATH, BODY, secret)
+    settle(proc, first.metadata["request_id"])
+    await gw.drain()
+    granted = now(proc, PATH, BODY, secret)
+    assert granted is not None
+    rid = granted.metadata["request_id"]
+    forged = LedgerRow(request_id=rid, ts="2026-12-01T00:00:00+00:00", key_id=None,
+                       key_name=None, principal=None, org=None, team=None, project=None,
+                       provider=None, model=None, route="chat_completions",
+                       status=413, outcome="refused", code="payload_too_large")
+    await gw.store().finish([], 0, forged)
+    assert held(config_dir, rid) == ([], [])  # (the grant is still only journaled)
+    settle(proc, rid)
+    await gw.drain()
+    rows = query(config_dir, "SELECT request_id, outcome, cost_micros FROM ledger "
+                             "WHERE request_id LIKE ?", f"{rid}%")
+    assert sorted(r[1] for r in rows) == ["completed", "refused"]
+    served, = [r for r in rows if r[1] == "completed"]
+    refused, = [r for r in rows if r[1] == "refused"]
+    assert served[0] == rid and served[2] > 0 and refused[0].startswith(f"{rid}~")
+    (spent, reserved), = spent_and_reserved(config_dir)
+    assert reserved == 0 and spent == sum(r[2] for r in query(
+        config_dir, "SELECT request_id, outcome, cost_micros FROM ledger"))
+    await gw.close()
+
+
 async def test_a_transaction_that_wrote_every_grant_calls_off_their_write(
         gateways, config_dir, monkeypatch):
     """The write a grant waits for is called off once a transaction (a batch of

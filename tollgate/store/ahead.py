@@ -1,11 +1,12 @@
 """Reservations a SQLite-state gateway grants before it writes them.
 
 A request that fits its budgets as this process last knew them (`SQLiteStore.reserve_now`)
-is answered before its reservation is written to the state file: the write (its holds and
-its written-ahead row) goes with the next transaction, most often a batch of settlements
-(its own, for a request answered within about 0.15 s, which then writes neither, only what
-it spent), or within 0.25 s, and the reservation's transaction, some 0.2 ms cold, is off
-the request's path. Two things keep that as safe as writing first:
+is answered before its reservation is written to the state file: most often its own
+settlement takes it (in a batch of them), which then writes neither its holds nor its
+written-ahead row, only what it spent; else it is written within a second of the oldest
+grant not yet written (`sqlite.WRITE_WITHIN`), with all the others, or by a transaction
+that reads the file's reservations (one made in the file). The reservation's transaction,
+some 0.2 ms cold, is off the request's path. Two things keep that as safe as writing first:
 
 - The journal (`<state>.ahead`): each such reservation is written to it, one `pwrite` and
   no fsync (what SQLite's WAL gives a commit under `synchronous=NORMAL`), before the answer;
@@ -19,8 +20,8 @@ the request's path. Two things keep that as safe as writing first:
   shared lock on it while it lives. A process grants from memory only while it holds it
   exclusively, from its first such grant until they are all written: no other gateway
   serves from the file meanwhile, whose reservations would not see those not yet written.
-  A gateway that starts then waits for a moment when they are all written (after each
-  batch of settlements, or 0.25 s after the oldest) before it serves; while another
+  A gateway that starts then waits for a moment when they are all written (a second
+  after the oldest at most) before it serves; while another
   holds it shared, every reservation is made in the file, as before (tried again a second
   later, `SHARED_FOR`).
 
