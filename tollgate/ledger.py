@@ -78,8 +78,9 @@ class LedgerRow:
         return row
 
     def to_dict(self) -> dict[str, Any]:
-        # Every field is a scalar: no deep copy (dataclasses.asdict) needed.
-        return {name: getattr(self, name) for name in _FIELD_NAMES}
+        # Every field is a scalar, and its instance dict holds nothing else (see `copy`), in
+        # the fields' order: a tenth of the time of reading them one by one.
+        return dict(self.__dict__)
 
     def to_json(self) -> str:
         """The row as the stores keep it (`from_dict(json.loads(...))` reads it back)."""
@@ -91,7 +92,6 @@ class LedgerRow:
         return cls(**{k: v for k, v in doc.items() if k in names})
 
 
-_FIELD_NAMES = tuple(f.name for f in fields(LedgerRow))
 # The model and what may quote it, and the names a config gives (the rest are the gateway's).
 _NAMED_FIELDS = ("model", "fallbacks", "skipped", "shadow", "principal", "key_name", "org",
                  "team", "project")

@@ -60,6 +60,24 @@ def row(request_id: str, cost: int, principal: str = "alice") -> LedgerRow:
                      cost_micros=cost)
 
 
+def test_a_rows_dict_is_its_fields_in_order_however_the_row_was_made():
+    """What the access log and a refusal's own id are made of: every field, in the
+    dataclass's order, and nothing else, for a row made, copied, replaced or read back."""
+    from dataclasses import fields
+
+    made = row("r1", 25, principal="bob\ud800")  # (a lone surrogate is replaced)
+    copied = made.copy()
+    copied.request_id, copied.input_tokens = "r2", 7
+    names = [f.name for f in fields(LedgerRow)]
+    for r in (made, copied, replace(made, outcome="completed"),
+              LedgerRow.from_dict(made.to_dict())):
+        doc = r.to_dict()
+        assert list(doc) == names
+        assert doc == {name: getattr(r, name) for name in names}
+    assert copied.to_dict()["request_id"] == "r2" and made.to_dict()["request_id"] == "r1"
+    assert made.to_dict()["principal"] == "bob\ufffd"
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request, tmp_path):
     if request.param == "sqlite":
