@@ -550,7 +550,9 @@ class Gateway:
             return
         loaded = self.holder.current
         settings = loaded.config.gateway.telemetry
-        extra: dict[str, Any] = {"trace_id": trace.trace_id, "span_id": trace.span_id}
+        # The access-log line: the row, then what else is known of the request.
+        extra = row.to_dict()
+        extra["trace_id"], extra["span_id"] = trace.trace_id, trace.span_id
         if exchange is None:
             trace.end(row)
             metrics.observe(row, decision_seconds=trace.decision_seconds,
@@ -560,9 +562,10 @@ class Gateway:
                           if k not in ("request_id", "key", "principal", "action", "code")})
         else:
             attempt = exchange.attempt
-            trace.end(row, requested_model=exchange.requested_model,
-                      provider_name=attempt.adapter.gen_ai_provider,
-                      error=exchange.settlement.error, end_time=exchange.end_time_ns())
+            if trace.recorded is not None:  # (else it ends as it is)
+                trace.end(row, requested_model=exchange.requested_model,
+                          provider_name=attempt.adapter.gen_ai_provider,
+                          error=exchange.settlement.error, end_time=exchange.end_time_ns())
             ended = exchange.ended or time.monotonic()
             metrics.observe(
                 row, decision_seconds=trace.decision_seconds,
@@ -582,7 +585,7 @@ class Gateway:
             exchange.overhead if exchange else 0.0)) * 1000, 3)
         if trace.prompt is not None:
             extra["prompt"] = trace.prompt
-        access_log.write({**row.to_dict(), **extra})
+        access_log.write(extra)
 
     def _record(self, row: LedgerRow, counters: list[str] | None = None,
                 reserved: int = 0, limits: LimitSettlement | None = None,

@@ -7,6 +7,7 @@ never its events.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -205,21 +206,37 @@ class ResponseMeter:
         self.events = 0
         self._length: int | None = None
         self._ended = False
-        # An event too long to hold may report the stream's usage (`_LONG_EVENT_USAGE`): it
-        # is scanned for it as its bytes pass.
-        self._sse = SSEParser(max_line=MAX_PARSED_EVENT, long_line=self._long_event
-                              if family in _LONG_EVENT_USAGE else None)
         self._long: list[JSONUsageScanner] = []  # scanning the long event passing
         self._long_open = False  # a long line is passing (scanned if it is data)
         self._long_finish: _Matches | None = None  # Gemini: a finish reason in it
-        self._stream = usage_of.StreamUsage(family)
-        self._json = JSONUsageScanner(b"usageMetadata" if family == "gemini" else b"usage",
-                                      _TIER_KEYS.get(family))
+        # Where a JSON answer says what it used and at which service tier.
+        self._usage_key = b"usageMetadata" if family == "gemini" else b"usage"
+        self._tier_key = _TIER_KEYS.get(family)
         self._held: bytearray | None = bytearray()  # a JSON answer, while it is small
-        self._search_calls = _Matches(_SEARCH_CALL)  # in a scanned JSON answer
         self._held_searches: int | None = None  # in a held one, parsed
         self._header_tier: str | None = None
         self._frames: eventstream.EventStreamToSSE | None = None
+
+    # What reads a stream or a JSON answer too large to hold, made once one needs it: most
+    # answers are JSON held whole, which needs none of them.
+    @functools.cached_property
+    def _sse(self) -> SSEParser:
+        # An event too long to hold may report the stream's usage (`_LONG_EVENT_USAGE`): it
+        # is scanned for it as its bytes pass.
+        return SSEParser(max_line=MAX_PARSED_EVENT, long_line=self._long_event
+                         if self.family in _LONG_EVENT_USAGE else None)
+
+    @functools.cached_property
+    def _stream(self) -> usage_of.StreamUsage:
+        return usage_of.StreamUsage(self.family)
+
+    @functools.cached_property
+    def _json(self) -> JSONUsageScanner:
+        return JSONUsageScanner(self._usage_key, self._tier_key)
+
+    @functools.cached_property
+    def _search_calls(self) -> _Matches:  # in a scanned JSON answer
+        return _Matches(_SEARCH_CALL)
 
     def start(self, content_type: str | None, length: int | None,
               tier: str | None = None) -> None:
@@ -299,8 +316,8 @@ class ResponseMeter:
                 doc = None
             if isinstance(doc, dict):
                 self._held_searches = usage_of.web_search_calls(doc.get("output"))
-                found = doc.get(self._json.key.decode())
-                tier_key = self._json.tier_key
+                found = doc.get(self._usage_key.decode())
+                tier_key = self._tier_key
                 tier = doc.get(tier_key.decode()) if tier_key is not None else None
                 return (found if isinstance(found, dict) else None,
                         tier if isinstance(tier, str | dict) else None)

@@ -104,6 +104,68 @@ def model_label(model: str | None, known: frozenset[str]) -> str:
     return model if model in known else "other"
 
 
+class _Series:
+    """The children of the series one request's labels name, each made when a request
+    first needs it (a series appears once it has counted something): one lookup a
+    request, not one per metric."""
+
+    __slots__ = (
+        "_cost",
+        "_labels",
+        "_searches",
+        "_tokens",
+        "_ttfb",
+        "_upstream",
+        "duration",
+        "overhead",
+        "requests",
+    )
+
+    def __init__(self, route: str, status: str, code: str, provider: str, model: str,
+                 team: str, project: str) -> None:
+        self._labels = (provider, model, team, project)
+        self.requests = _child(REQUESTS, route, status, code, provider, model)
+        self.duration = _child(DURATION, route)
+        self.overhead = _child(OVERHEAD, route)
+        self._upstream = self._ttfb = self._cost = self._searches = None
+        self._tokens: list[Any] = [None] * len(_TOKEN_TYPES)
+
+    @property
+    def upstream(self) -> Any:
+        if self._upstream is None:
+            self._upstream = _child(UPSTREAM, self._labels[0])
+        return self._upstream
+
+    @property
+    def ttfb(self) -> Any:
+        if self._ttfb is None:
+            self._ttfb = _child(TTFB, *self._labels[:2])
+        return self._ttfb
+
+    def tokens(self, i: int) -> Any:
+        child = self._tokens[i]
+        if child is None:
+            provider, model, team, project = self._labels
+            child = self._tokens[i] = _child(TOKENS, provider, model, _TOKEN_TYPES[i], team,
+                                             project)
+        return child
+
+    @property
+    def cost(self) -> Any:
+        if self._cost is None:
+            self._cost = _child(COST, *self._labels)
+        return self._cost
+
+    @property
+    def searches(self) -> Any:
+        if self._searches is None:
+            self._searches = _child(WEB_SEARCHES, *self._labels)
+        return self._searches
+
+
+_SERIES: dict[tuple[str, ...], _Series] = {}
+
+
 def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float = 0.0,
             upstream_seconds: float | None = None, first_byte_seconds: float | None = None,
             fallbacks: list[str] | None = None, rate_limit: dict[str, str] | None = None,
@@ -115,10 +177,17 @@ def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float 
     served = row.provider is not None
     provider, model = (row.provider or "", model_label(row.model, known_models)) if served \
         else ("", "")
-    _child(REQUESTS, row.route, str(row.status or 0), row.code or "", provider, model).inc()
-    _child(DURATION, row.route).observe(decision_seconds + response_seconds
-                                        + (upstream_seconds or 0.0))
-    _child(OVERHEAD, row.route).observe(decision_seconds + response_seconds)
+    wanted = labels or ()
+    team = (row.team or "") if served and "team" in wanted else ""
+    project = (row.project or "") if served and "project" in wanted else ""
+    key = (row.route, str(row.status or 0), row.code or "", provider, model, team, project)
+    series = _SERIES.get(key)
+    if series is None:
+        series = _SERIES[key] = _Series(*key)
+    series.requests.inc()
+    own = decision_seconds + response_seconds
+    series.duration.observe(own + (upstream_seconds or 0.0))
+    series.overhead.observe(own)
     if rate_limit:
         scope = rate_limit.get("scope", "").split(":", 1)[0]
         _child(RATE_LIMITED, scope, rate_limit.get("limit", "")).inc()
@@ -128,21 +197,18 @@ def observe(row: LedgerRow, *, decision_seconds: float, response_seconds: float 
     if not served:
         return
     if upstream_seconds is not None:
-        _child(UPSTREAM, provider).observe(max(upstream_seconds, 0.0))
+        series.upstream.observe(max(upstream_seconds, 0.0))
     if first_byte_seconds is not None:
-        _child(TTFB, provider, model).observe(first_byte_seconds)
-    wanted = labels or []
-    team = (row.team or "") if "team" in wanted else ""
-    project = (row.project or "") if "project" in wanted else ""
+        series.ttfb.observe(first_byte_seconds)
     counts = (row.input_tokens, row.cached_input_tokens, row.cache_write_tokens,
               row.output_tokens)
-    for kind, count in zip(_TOKEN_TYPES, counts, strict=True):
+    for i, count in enumerate(counts):
         if count:
-            _child(TOKENS, provider, model, kind, team, project).inc(count)
+            series.tokens(i).inc(count)
     if row.cost_micros:
-        _child(COST, provider, model, team, project).inc(row.cost_micros / 1_000_000)
+        series.cost.inc(row.cost_micros / 1_000_000)
     if row.web_search_requests:
-        _child(WEB_SEARCHES, provider, model, team, project).inc(row.web_search_requests)
+        series.searches.inc(row.web_search_requests)
 
 
 class WithSiblings:
