@@ -58,8 +58,8 @@ end
 -- The decision's request id, the process to post to and whether to cut the usage chunk; nil
 -- when the gateway did not forward the request (no decision, or the decision's own reply).
 -- Asked only when needed (a post, or a stream that may be cut): the metadata comes as a
--- table made anew on each call, some 20,000 instructions, and a JSON answer of known
--- length needs none of it (the access log's `end` goes only with a decision's).
+-- Lua table made anew on each call, and a JSON answer of known length, most answers, needs
+-- none of it (the access log takes its `end` only to a decision's process).
 local function decision(handle)
   local decided = handle:streamInfo():dynamicMetadata():get("tollgate")
   if decided == nil or decided["request_id"] == nil or decided["answered"] ~= nil then
