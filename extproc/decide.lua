@@ -11,12 +11,16 @@ local TIMEOUT_MS = 5000
 
 -- The client's request head, a "name: value" line each (pseudo-headers too), but what
 -- differs on every request and the decision does not read: Envoy's request id, and the
--- body's length (but for a body left unread, refused by it). An app's requests then send
--- the same head, which the decision service decodes once.
+-- body's length (but for a body left unread, refused by it), whose line says only that the
+-- client declared one (Envoy read that many bytes: the length stays unless the decision
+-- replaces the body). An app's requests then send the same head, which the decision
+-- service decodes once.
 local function client_head(handle, kind)
   local lines = {}
   for name, value in pairs(handle:headers()) do
-    if name ~= "x-request-id" and (name ~= "content-length" or kind == "unread") then
+    if name == "content-length" and kind ~= "unread" then
+      lines[#lines + 1] = "content-length: "
+    elseif name ~= "x-request-id" then
       lines[#lines + 1] = name .. ": " .. value
     end
   end

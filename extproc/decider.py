@@ -20,9 +20,10 @@ itself, not rendered again after an upgrade; an EnvoyFilter applied apart from i
 a mistake to see at the first request, not in the ledger a month later.
 
 The client's head leaves out what differs on every request and the decision does not read:
-Envoy's request id (the gateway names its own), and the body's length unless the body is
-`unread` (a whole body's is its own). An app's requests then send the same head, which is
-decoded once (`ClientHeads`).
+Envoy's request id (the gateway names its own), and the value of the body's length unless
+the body is `unread` (a whole body's is its own): an empty `content-length` says the client
+declared one, which the request keeps unless its body is replaced. An app's requests then
+send the same head, which is decoded once (`ClientHeads`).
 
 `unread`: its content-length is over `gateway.max_body_bytes`, so Envoy did not read it and
 the request is refused from its headers. The answer is 200 with the decision in

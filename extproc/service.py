@@ -224,6 +224,15 @@ def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
         fields["first_attempt"] = fwd.attempt.provider_id
     set_headers, removed = _changes(fwd.attempt, None if body is None else len(body),
                                     routing, envoy_controls)
+    # What the client's request has already (its own path, the length of a body it declared
+    # and that stays its own) or lacks (a header to take off) is left out: each header the
+    # decide filter sets or takes off is a call into Envoy. (The requests decided from this
+    # one as a precedent have the same path and header names.)
+    if set_headers.get(":path") == client_headers.get(":path"):
+        del set_headers[":path"]
+    if fwd.attempt.body is None and "content-length" in client_headers:
+        set_headers.pop("content-length", None)
+    removed = list(dict.fromkeys(h for h in removed if h in client_headers))
     new_body = fwd.attempt.body if body is not None else None
     return Forwarding(set_headers, removed, new_body, fields)
 
@@ -423,9 +432,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._pending[trace.request_id] = _Pending(replayed, time.monotonic(),
                                                    adopt=self.gateway.adopt)
         # What `forward` makes of it: the precedent's answer, with this request's own ids,
-        # credential, trace, length, budget warning and rate-limit headers.
-        own = {**_own(attempt.set_headers), "x-request-id": trace.request_id,
-               "content-length": str(len(req.body if attempt.body is None else attempt.body))}
+        # credential, trace, length (unless it is the one the client declared), budget
+        # warning and rate-limit headers.
+        own = {**_own(attempt.set_headers), "x-request-id": trace.request_id}
+        if attempt.body is not None or "content-length" not in req.headers:
+            own["content-length"] = str(len(req.body if attempt.body is None else
+                                            attempt.body))
         fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
                   "span_id": trace.span_id}
         if billing.warning:

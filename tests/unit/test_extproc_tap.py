@@ -676,7 +676,9 @@ async def test_a_decision_sets_the_providers_request_and_keeps_the_connection(pr
     first, second = (a.headers for a in answers)
     assert first["x-tollgate-meta-request_id"] != second["x-tollgate-meta-request_id"]
     assert first["x-tollgate-set-authorization"] == "Bearer sk-real-openai"
-    assert first["x-tollgate-path"] == "/v1/chat/completions"
+    # The provider's path is the client's own, and the client sent no other key header to
+    # take off: neither is in the answer (each would be a call into Envoy).
+    assert "x-tollgate-path" not in first and "x-tollgate-remove" not in first
     assert first["x-tollgate-set-x-tollgate-cluster"].startswith("provider_")
     assert first["x-tollgate-meta-cut_usage"] == "1"  # the SDK's default stream
     # The gateway asks for the usage chunk: the body it sends, and its length.
@@ -698,10 +700,51 @@ async def test_the_clients_family_is_said_only_where_the_providers_path_would_hi
     proc, secret = processor
     same = await ask(proc, *chat_request(secret))
     translated = await ask(proc, *chat_request(secret, "/v1/messages", max_tokens=16))
-    assert same.headers["x-tollgate-path"] == "/v1/chat/completions"
+    assert "x-tollgate-path" not in same.headers  # (the client's own path)
     assert "x-tollgate-meta-family" not in same.headers
     assert translated.headers["x-tollgate-path"] == "/v1/chat/completions"
     assert translated.headers["x-tollgate-meta-family"] == "anthropic"
+    for pending in list(proc._pending.values()):
+        pending.exchange.finish("abandoned")
+    await proc.gateway.close()
+
+
+async def test_a_decision_takes_off_the_key_headers_the_client_sent_and_no_others(
+        processor):
+    """The virtual key never goes on to the provider, in whichever header the client put
+    it: a header the client sent that carries one is taken off; one it did not send is not
+    named (taking it off would cost Envoy a call for nothing)."""
+    proc, secret = processor
+    headers, body = chat_request(secret, max_tokens=16)  # (within the provider's TPM)
+    both = await ask(proc, {**headers, "x-api-key": secret}, body)
+    assert both.headers["x-tollgate-remove"] == "x-api-key"
+    assert both.headers["x-tollgate-set-authorization"] == "Bearer sk-real-openai"
+    alone = await ask(proc, headers, body)
+    assert "x-tollgate-remove" not in alone.headers
+    controls = await ask(proc, {**headers, "x-envoy-max-retries": "9"}, body)
+    assert controls.headers["x-tollgate-remove"] == "x-envoy-max-retries"
+    for pending in list(proc._pending.values()):
+        pending.exchange.finish("abandoned")
+    await proc.gateway.close()
+
+
+async def test_a_body_the_decision_keeps_keeps_the_length_its_client_declared(processor):
+    """The decide filter says whether the client declared its body's length (an empty
+    `content-length` line: Envoy read that many bytes); a body the decision does not
+    replace keeps it, and the answer names none. A body sent without one (chunked) is given
+    its length; a replaced body, its own."""
+    proc, secret = processor
+    headers, body = chat_request(secret, max_tokens=16)
+    declared = await ask(proc, {**headers, "content-length": ""}, body)
+    assert "x-tollgate-body" not in declared.headers
+    assert "x-tollgate-set-content-length" not in declared.headers
+    chunked = {k: v for k, v in headers.items() if k != "content-length"}
+    undeclared = await ask(proc, chunked, body)
+    assert undeclared.headers["x-tollgate-set-content-length"] == str(len(body))
+    headers, body = chat_request(secret, stream=True, max_tokens=16)  # (usage asked for)
+    replaced = await ask(proc, {**headers, "content-length": ""}, body)
+    assert replaced.headers["x-tollgate-body"] == "replaced"
+    assert replaced.headers["x-tollgate-set-content-length"] == str(len(replaced.content))
     for pending in list(proc._pending.values()):
         pending.exchange.finish("abandoned")
     await proc.gateway.close()
