@@ -75,7 +75,9 @@ OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 QUIET_AFTER = 360.0
 # How long a finished response waits for the rewrite of the same response to end.
 REWRITE_GRACE = 5.0
-# How long the end the access log reports waits for meter posts still on their way.
+# How long the end the access log reports waits for meter posts still on their way, from
+# the last that came: a long answer's posts (a 20 MB one makes a thousand) reach a busy
+# process a while after its end does, each within the meter's timeout of being sent.
 POSTS_GRACE = 2.0
 # How long a stopping gateway waits for the access log's reports of requests still open
 # (two and a half of its batches), before it settles them as far as they got.
@@ -550,7 +552,21 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if pending.posts >= posts:
             self._end(request_id)
         else:
-            asyncio.get_running_loop().call_later(POSTS_GRACE, self._end, request_id)
+            pending.since = time.monotonic()
+            self._end_unless_posting(request_id)
+
+    def _end_unless_posting(self, request_id: str) -> None:
+        """End a request whose end came before the posts it counted once neither has come for
+        POSTS_GRACE (`metered` ends it as soon as they are all in)."""
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return
+        quiet = time.monotonic() - pending.since
+        if quiet >= POSTS_GRACE:
+            self._end(request_id)
+        else:
+            asyncio.get_running_loop().call_later(POSTS_GRACE - quiet, self._end_unless_posting,
+                                                  request_id)
 
     def _end(self, request_id: str) -> None:
         pending = self._pending.get(request_id)

@@ -432,6 +432,24 @@ async def test_a_post_the_log_counted_that_never_comes_is_not_waited_for_long(pr
     await proc.gateway.close()
 
 
+async def test_an_end_that_comes_before_its_posts_waits_while_they_keep_coming(
+        processor, monkeypatch):
+    """A long answer's posts (a thousand for 20 MB) may reach a busy process well after
+    the access log's report of its end: it waits as long as they keep coming, each within
+    POSTS_GRACE of the last, and is settled whole once they are all in."""
+    monkeypatch.setattr(service, "POSTS_GRACE", 0.15)
+    proc, secret = processor
+    request_id, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
+    await report(proc, end_entry(request_id, 3, []))
+    async with decision_service(proc) as (http, _):
+        for seq, data in enumerate((words("one"), words("two"), words("three") + USAGE)):
+            await asyncio.sleep(0.1)  # (0.3 s in all: twice the grace)
+            await meter_post(http, request_id, seq, data, head=SSE if seq == 0 else None)
+    (row,) = await settled(proc)
+    assert (row.outcome, row.output_tokens, row.usage_reported) == ("completed", 7, True)
+    await proc.gateway.close()
+
+
 async def test_ends_envoy_reports_without_a_metered_response(processor):
     """Envoy answered in the provider's place (its reply carries the gateway's envelope and
     code), or the client left before any answer, or after the provider's status but before
