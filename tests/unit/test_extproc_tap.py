@@ -437,13 +437,14 @@ async def test_an_end_that_comes_before_its_posts_waits_while_they_keep_coming(
     """A long answer's posts (a thousand for 20 MB) may reach a busy process well after
     the access log's report of its end: it waits as long as they keep coming, each within
     POSTS_GRACE of the last, and is settled whole once they are all in."""
-    monkeypatch.setattr(service, "POSTS_GRACE", 0.15)
+    monkeypatch.setattr(service, "POSTS_GRACE", 1.0)
     proc, secret = processor
     request_id, _ = await decide_chat(proc, secret, stream=True, max_tokens=64)
-    await report(proc, end_entry(request_id, 3, []))
+    await report(proc, end_entry(request_id, 5, []))
+    posts = [words("one"), words("two"), words("three"), words("four"), words("five") + USAGE]
     async with decision_service(proc) as (http, _):
-        for seq, data in enumerate((words("one"), words("two"), words("three") + USAGE)):
-            await asyncio.sleep(0.1)  # (0.3 s in all: twice the grace)
+        for seq, data in enumerate(posts):
+            await asyncio.sleep(0.3)  # (1.5 s in all, past the grace; each well within it)
             await meter_post(http, request_id, seq, data, head=SSE if seq == 0 else None)
     (row,) = await settled(proc)
     assert (row.outcome, row.output_tokens, row.usage_reported) == ("completed", 7, True)
