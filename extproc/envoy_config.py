@@ -90,7 +90,7 @@ METADATA_HEADERS = {
     "span_id": "Span-Id",
     "fallback_count": "Fallback-Count",
 }
-PROVIDER = f'%UPSTREAM_METADATA(["{METADATA_NS}", "provider"])%'
+PROVIDER = f"%UPSTREAM_METADATA({METADATA_NS}:provider)%"
 # ... and those of the requests marked EXTRAS_HEADER, with the key's rate-limit headers,
 # which go by their own names.
 EXTRA_HEADERS = {

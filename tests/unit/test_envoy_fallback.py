@@ -99,7 +99,7 @@ def test_rendered_chain_is_an_aggregate_of_provider_clusters_in_plan_order():
     (mutation,) = options["http_filters"][0]["typed_config"]["mutations"]["request_mutations"]
     assert mutation["append"]["header"] == {
         "key": envoy_config.ATTEMPT_PROVIDER_HEADER,
-        "value": '%UPSTREAM_METADATA(["tollgate", "provider"])%'}
+        "value": "%UPSTREAM_METADATA(tollgate:provider)%"}
     lua = options["http_filters"][1]["typed_config"]["default_source_code"]["inline_string"]
     assert "local function apply_answer" in lua  # answer.lua comes first
     assert "@" + "CLUSTER@" not in lua and envoy_config.ATTEMPT_PROVIDER_HEADER in lua
