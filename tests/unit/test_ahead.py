@@ -91,6 +91,17 @@ async def granted(gateways: tuple[str, Any, Any]) -> tuple[ExternalProcessor, st
     return proc, decided.metadata["request_id"]
 
 
+async def precedent_settled(gateways: tuple[str, Any, Any]) -> tuple[ExternalProcessor, str]:
+    """A request decided in full and settled, the precedent of those like it: the processor
+    and its request id."""
+    secret, gw, _ = gateways
+    proc = ExternalProcessor(gw)
+    first = await full(proc, PATH, BODY, secret)
+    settle(proc, first.metadata["request_id"])
+    await gw.drain()
+    return proc, first.metadata["request_id"]
+
+
 @pytest.fixture
 def written_at_once(monkeypatch):
     """Grants are written on the loop's next turn (if nothing wrote them before)."""
@@ -120,10 +131,7 @@ async def test_one_settled_before_it_was_written_leaves_its_row_and_spend_alone(
     """Its settlement's transaction would have written its hold and row ahead, then
     removed them: it writes neither, and the budget counts what it spent."""
     secret, gw, _ = gateways
-    proc = ExternalProcessor(gw)
-    first = await full(proc, PATH, BODY, secret)
-    settle(proc, first.metadata["request_id"])
-    await gw.drain()
+    proc, first = await precedent_settled(gateways)
     granted = now(proc, PATH, BODY, secret)
     assert granted is not None
     rid = granted.metadata["request_id"]
@@ -132,7 +140,7 @@ async def test_one_settled_before_it_was_written_leaves_its_row_and_spend_alone(
     assert held(config_dir, rid) == ([], [])
     assert [h for h in state(config_dir)[1:]] == [[], []]  # no hold, nothing in flight
     rows = query(config_dir, "SELECT request_id, outcome, cost_micros FROM ledger")
-    assert {r[0] for r in rows} == {first.metadata["request_id"], rid}
+    assert {r[0] for r in rows} == {first, rid}
     assert all(outcome == "completed" and cost > 0 for _, outcome, cost in rows)
     (spent, reserved), = spent_and_reserved(config_dir)
     assert (spent, reserved) == (sum(cost for *_, cost in rows), 0)
@@ -154,10 +162,7 @@ async def test_a_batch_of_settlements_leaves_the_grants_of_requests_in_flight_un
     (the next batch, most often), which then writes its spend alone; where written now, its
     hold and row would be written, then removed, a batch apart."""
     secret, gw, _ = gateways
-    proc = ExternalProcessor(gw)
-    first = await full(proc, PATH, BODY, secret)
-    settle(proc, first.metadata["request_id"])
-    await gw.drain()
+    proc, first = await precedent_settled(gateways)
     statements: list[str] = []
     gw.store().db.set_trace_callback(statements.append)
     answered, in_flight = (now(proc, PATH, BODY, secret) for _ in range(2))
@@ -174,8 +179,7 @@ async def test_a_batch_of_settlements_leaves_the_grants_of_requests_in_flight_un
     assert not [s for s in statements if "holds" in s or "inflight" in s]
     assert [h for h in state(config_dir)[1:]] == [[], []]
     rows = query(config_dir, "SELECT request_id, cost_micros FROM ledger")
-    assert {r[0] for r in rows} == {first.metadata["request_id"],
-                                    answered.metadata["request_id"], rid}
+    assert {r[0] for r in rows} == {first, answered.metadata["request_id"], rid}
     (spent, reserved), = spent_and_reserved(config_dir)
     assert (spent, reserved) == (sum(cost for _, cost in rows), 0)
     assert gw.store()._writing is None  # every grant settled: no write left due
@@ -188,10 +192,7 @@ async def test_a_refusal_under_the_id_of_an_unwritten_grant_stands_in_for_nothin
     forged request id, while the request streams) is kept under an id of its own, as for
     any request in flight: the request's own settlement is still charged in full."""
     secret, gw, _ = gateways
-    proc = ExternalProcessor(gw)
-    first = await full(proc, PATH, BODY, secret)
-    settle(proc, first.metadata["request_id"])
-    await gw.drain()
+    proc, _ = await precedent_settled(gateways)
     granted = now(proc, PATH, BODY, secret)
     assert granted is not None
     rid = granted.metadata["request_id"]
@@ -294,10 +295,7 @@ async def test_a_grant_asks_sqlite_nothing_while_nothing_was_committed_since(gat
     commits (a settlement, off the answer's path); a grant then reads the WAL index's
     header alone, which any commit changes: another connection's sends it to SQLite."""
     secret, gw, _ = gateways
-    proc = ExternalProcessor(gw)
-    first = await full(proc, PATH, BODY, secret)
-    settle(proc, first.metadata["request_id"])
-    await gw.drain()
+    proc, _ = await precedent_settled(gateways)
     statements: list[str] = []
     gw.store().db.set_trace_callback(statements.append)
     granted = now(proc, PATH, BODY, secret)
