@@ -120,13 +120,15 @@ def build_attempt(target: Target, route: Route, client_path: str,
     scheme = url.scheme
     port = url.port or (443 if scheme == "https" else 80)
     set_headers, remove = adapter.auth(client_headers)
-    remove = [h for h in [*remove, *strip] if h not in set_headers]
     wire = adapter.family(target.model)
     translated = wire != route.family
     if translated:
         set_headers["content-type"] = "application/json"
         if wire == "openai":
             remove = [*remove, "anthropic-version", "anthropic-beta"]
+    # Once each: the adapter's credential headers are often among the client's own
+    # (`strip`), and each name is a removal every attempt's proxy makes.
+    remove = [h for h in dict.fromkeys([*remove, *strip]) if h not in set_headers]
     return Attempt(
         provider_id=p.id,
         scheme=scheme,

@@ -67,3 +67,29 @@ def test_a_policy_across_vendors_asks_each_provider_for_its_equivalent():
     got = targets(cfg, cfg.virtual_keys[0], chat, "gpt-5-mini", skipped=skipped)
     assert [t.provider.id for t in got] == ["mp_openai"]
     assert skipped == ["mp_anthropic: serves neither 'gpt-5-mini' nor an equivalent"]
+
+
+def test_an_attempt_names_each_header_to_remove_once(monkeypatch):
+    """The client's own credential headers (which the gateway strips) are often the ones the
+    provider's adapter takes off too: each proxy removes a name once, not once per list."""
+    from tollgate import headers as header_rules
+    from tollgate.routes import ROUTES
+    from tollgate.routing import Target, build_attempt
+
+    monkeypatch.setenv("K", "sk-provider")
+    cfg = _config({"model_provider": "mp_openai"})
+    client = {"x-api-key": "tg-test-key", "authorization": "Bearer tg-test-key",
+              "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    strip = header_rules.upstream_removals(client, "X-LangWatch-")
+    assert "x-api-key" in strip  # (what makes the two lists meet)
+    openai = Target(cfg.model_providers[0], "gpt-5-mini")
+    for path, removed in (("/v1/chat/completions", ["x-api-key"]),
+                          # Anthropic's SDK to an OpenAI provider: its headers go too.
+                          ("/v1/messages", ["x-api-key", "anthropic-version",
+                                            "anthropic-beta"])):
+        attempt = build_attempt(openai, ROUTES[path], path, client, strip)
+        assert len(attempt.remove_headers) == len(set(attempt.remove_headers))
+        assert set(removed) <= set(attempt.remove_headers)
+        # What the attempt sets is never also taken off.
+        assert not set(attempt.remove_headers) & set(attempt.set_headers)
+        assert attempt.set_headers["authorization"] == "Bearer sk-provider"
