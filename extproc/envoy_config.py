@@ -86,10 +86,11 @@ METADATA_NS = "tollgate"
 # decision or attempt need say.
 METADATA_HEADERS = {
     "request_id": "Request-Id",
-    "trace_id": "Trace-Id",
-    "span_id": "Span-Id",
     "fallback_count": "Fallback-Count",
 }
+# ... and those the meter sets on each forwarded request's response, from the traceparent the
+# decision sent upstream (see meter.lua).
+SPAN_HEADERS = ("Trace-Id", "Span-Id")
 PROVIDER = f"%UPSTREAM_METADATA({METADATA_NS}:provider)%"
 # ... and those of the requests marked EXTRAS_HEADER, with the key's rate-limit headers,
 # which go by their own names.
@@ -496,12 +497,14 @@ def filters_version(scripts: Iterable[Path] = SCRIPTS) -> str:
 FILTERS_VERSION = filters_version()
 
 
-def meter_filter() -> dict[str, Any]:
+def meter_filter(header_prefix: str = "X-LangWatch-") -> dict[str, Any]:
     """`tollgate.meter`: the response, as the provider sent it, to the process that decided
     the request (see meter.lua), and a usage chunk the gateway asked for kept from the
-    client (see usage_cut.lua)."""
+    client (see usage_cut.lua); with the gateway's span headers (`header_prefix`)."""
+    trace_id, span_id = (f"{header_prefix}{suffix}".lower() for suffix in SPAN_HEADERS)
     source = METER.read_text().replace("@CLUSTER@", DECIDER_CLUSTER) \
-        .replace("@UPSTREAM@", UPSTREAM_HEADER)
+        .replace("@UPSTREAM@", UPSTREAM_HEADER).replace("@TRACE_ID@", trace_id) \
+        .replace("@SPAN_ID@", span_id)
     source = f"{USAGE_CUT.read_text()}\n{source}"
     return {"name": "tollgate.meter", "typed_config": {
         "@type": LUA, "default_source_code": {"inline_string": source}}}
@@ -586,13 +589,14 @@ UPSTREAM_FILTERS = [UPSTREAM_MARK, {"name": "envoy.filters.http.upstream_codec",
                                     "typed_config": {"@type": UPSTREAM_CODEC}}]
 
 
-def http_filters(max_body: int, processes: int = 1) -> list[dict[str, Any]]:
+def http_filters(max_body: int, processes: int = 1, header_prefix: str = "X-LangWatch-"
+                 ) -> list[dict[str, Any]]:
     decide = decide_filter(max_body)
     # Encoders run in reverse: the meter sees the provider's bytes, the rewrite edits after it.
     router = {"name": "envoy.filters.http.router", "typed_config": {
         "@type": ROUTER, "suppress_envoy_headers": True,
         "upstream_http_filters": UPSTREAM_FILTERS}}
-    return [decide, rewrite_filter(processes), meter_filter(), router]
+    return [decide, rewrite_filter(processes), meter_filter(header_prefix), router]
 
 
 REWRITE_MODE = {
@@ -710,7 +714,8 @@ def listener(cfg: Config, host: str, port: int, outage: str, processes: int = 1
                 "local_reply_config": local_reply_config(cfg.gateway.header_prefix),
                 "access_log": [proxy_replies_log(), outage_log(outage),
                                *response_end_logs(processes)],
-                "http_filters": http_filters(cfg.gateway.max_body_bytes, processes),
+                "http_filters": http_filters(cfg.gateway.max_body_bytes, processes,
+                                             cfg.gateway.header_prefix),
             },
         }]}],
     }

@@ -114,11 +114,11 @@ def immediate(reply: Reply) -> pb.ProcessingResponse:
 
 def metadata(exchange: Exchange) -> dict[str, str]:
     """What the decision leaves in Envoy's dynamic metadata (namespace `tollgate`) for the
-    filters after it: the request's id (which the meter posts under), the gateway's response
-    headers, whether the usage cut is on."""
-    trace = exchange.trace
-    fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
-              "span_id": trace.span_id}
+    filters after it: the request's id (which the meter posts under, and the response's
+    header), the gateway's other response headers where they are not the routes' own,
+    whether the usage cut is on. (The span's ids go in the traceparent it sends upstream,
+    which the meter reads them from.)"""
+    fields = {"request_id": exchange.trace.request_id}
     # Envoy's own replies (a provider unreachable) are in the client's API family, which its
     # error mappers tell by the path unless this says otherwise: where the provider's path
     # is of the other family's API (or a later attempt's may be).
@@ -440,8 +440,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if attempt.body is not None or "content-length" not in req.headers:
             own["content-length"] = str(len(req.body if attempt.body is None else
                                             attempt.body))
-        fields = {"request_id": trace.request_id, "trace_id": trace.trace_id,
-                  "span_id": trace.span_id}
+        fields = {"request_id": trace.request_id}
         if billing.warning:
             fields["budget_warning"] = billing.warning
         if billing.rate_headers:

@@ -245,6 +245,47 @@ def test_envoy_errors_answer_an_anthropic_client_in_its_family_by_its_path(tmp_p
         gw.stop()
 
 
+def test_the_gateway_span_is_named_on_every_forwarded_response_under_the_configs_prefix(
+        tmp_path, fake_openai, fake_anthropic):
+    """The meter names the gateway's span on each forwarded request's response, a provider's
+    answer or Envoy's own reply (a provider unreachable), under the config's header prefix:
+    the ids of the traceparent the provider received, and of the request's access-log line."""
+    config = make_config(tmp_path, fake_openai, fake_anthropic)
+    config.write_text(config.read_text().replace(
+        'header_prefix: "X-LangWatch-"', 'header_prefix: "X-Gate-"', 1).replace(
+        "  max_body_bytes:", "  telemetry:\n    access_log: access.log\n  max_body_bytes:", 1))
+    tollgate("model-providers", "create", "--id", "mp_gone", "--type", "openai", "--scope",
+             "ORG:acme", "--base-url", f"http://127.0.0.1:{free_port()}", "--api-key-env",
+             "FAKE_OPENAI_KEY", "--models", "o4-mini", "--fallback-priority", "0",
+             config=config)
+    secret = new_key(config)
+    gw = GatewayProcess("envoy", config, tmp_path).start()
+    try:
+        seen = []
+        for model in ("gpt-5-mini", "o4-mini"):  # answered, then unreachable
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "model": model},
+                           headers={"authorization": f"Bearer {secret}"}, timeout=30)
+            assert r.status_code == (200 if model == "gpt-5-mini" else 502)
+            assert not [h for h in r.headers if h.startswith("x-langwatch-")]
+            trace_id, span_id = r.headers["x-gate-trace-id"], r.headers["x-gate-span-id"]
+            assert re.fullmatch("[0-9a-f]{32}", trace_id)
+            assert re.fullmatch("[0-9a-f]{16}", span_id)
+            seen.append((r.headers["x-gate-request-id"], trace_id, span_id))
+        assert fake_openai.requests[-1].headers["traceparent"] == \
+            f"00-{seen[0][1]}-{seen[0][2]}-00"
+        log = tmp_path / "access.log"
+
+        def logged() -> dict[str, dict]:  # (the start's probe leaves a line too)
+            by_id = {x["request_id"]: x for x in map(json.loads, log.read_text().splitlines())}
+            return by_id if all(i in by_id for i, _, _ in seen) else {}
+
+        by_id = wait_until(logged, timeout=10, what="both requests' access-log lines")
+        assert [(i, by_id[i]["trace_id"], by_id[i]["span_id"]) for i, _, _ in seen] == seen
+        assert [by_id[i]["status"] for i, _, _ in seen] == [200, 502]
+    finally:
+        gw.stop()
+
+
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_rendered_bootstrap_passes_envoy_validation(config, tmp_path, processes):
     fallback_key(config)  # so a fallback chain is rendered too
