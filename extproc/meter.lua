@@ -76,10 +76,10 @@ end
 -- The gateway span's ids on the response, read from the `traceparent` the decision sent
 -- upstream ("00-<trace id>-<span id>-<flags>"), not from dynamic metadata: each key the
 -- decision sets there costs Envoy some 14,000 instructions a request (set, read by a
--- formatter, copied into the access log), these two lines about half as much. (Envoy's
--- accessor of the request's headers on the response's path is `requestHeaders` in 1.40,
--- to be `downstreamRequestHeaders`.)
--- Whatever goes wrong here is logged, and the response metered all the same.
+-- formatter, copied into the access log), and reading both ids here about as much as one.
+-- (Envoy's accessor of the request's headers on the response's path is `requestHeaders` in
+-- 1.40, to be `downstreamRequestHeaders`.) Whatever goes wrong here is logged, and the
+-- response metered all the same.
 local request_headers = nil
 local function span_headers(handle, headers)
   request_headers = request_headers or handle.downstreamRequestHeaders or handle.requestHeaders
