@@ -162,29 +162,31 @@ def test_made_up_model_names_grow_no_metric_series(gw, fake_openai):
                 and 'model="' in line}
 
     def ask(model: str) -> httpx.Response:
-        return httpx.post(f"{gw.url}/v1/chat/completions", timeout=30,
-                          json={**CHAT, "model": model, "max_completion_tokens": 5},
-                          headers={"authorization": f"Bearer {key.secret}"})
+        return client.post(f"{gw.url}/v1/chat/completions",
+                           json={**CHAT, "model": model, "max_completion_tokens": 5},
+                           headers={"authorization": f"Bearer {key.secret}"})
 
-    served = [ask("gpt-4o")]
-    assert served[0].status_code == 200
-    snapshot = ask("gpt-4o-2024-08-06")
-    assert snapshot.status_code == 200, snapshot.text[:200]
-    assert ask("gpt-4o-2099-01-01").status_code == 400  # a refusal's own series
-    # The answers' series once they are settled (Envoy reports an answer's end after it).
-    ids = {r.headers["x-langwatch-request-id"] for r in (*served, snapshot)}
-    wait_until(lambda: ids <= {r.request_id for r in ledger(gw.config)}, what="settled")
-    before, sent = series(), len(fake_openai.requests)
-    for i in range(200):
-        r = ask(f"gpt-4o-2{i:07d}")
-        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_priced"
-    assert series() == before and len(fake_openai.requests) == sent
-    assert any('model="gpt-4o"' in s for s in before)
-    row = next(r for r in ledger(gw.config)
-               if r.request_id == snapshot.headers["x-langwatch-request-id"])
-    gpt4o = load_prices(ROOT / "config" / "prices.yaml").lookup("gpt-4o")
-    assert row.cost_micros == cost_micros(Usage(input_tokens=row.input_tokens,
-                                                output_tokens=row.output_tokens), gpt4o) > 0
+    # One client for all: each of httpx's module-level calls builds its own TLS context.
+    with httpx.Client(timeout=30) as client:
+        served = [ask("gpt-4o")]
+        assert served[0].status_code == 200
+        snapshot = ask("gpt-4o-2024-08-06")
+        assert snapshot.status_code == 200, snapshot.text[:200]
+        assert ask("gpt-4o-2099-01-01").status_code == 400  # a refusal's own series
+        # The answers' series once they are settled (Envoy reports an answer's end after it).
+        ids = {r.headers["x-langwatch-request-id"] for r in (*served, snapshot)}
+        wait_until(lambda: ids <= {r.request_id for r in ledger(gw.config)}, what="settled")
+        before, sent = series(), len(fake_openai.requests)
+        for i in range(200):
+            r = ask(f"gpt-4o-2{i:07d}")
+            assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_priced"
+        assert series() == before and len(fake_openai.requests) == sent
+        assert any('model="gpt-4o"' in s for s in before)
+        row = next(r for r in ledger(gw.config)
+                   if r.request_id == snapshot.headers["x-langwatch-request-id"])
+        gpt4o = load_prices(ROOT / "config" / "prices.yaml").lookup("gpt-4o")
+        assert row.cost_micros == cost_micros(Usage(input_tokens=row.input_tokens,
+                                                    output_tokens=row.output_tokens), gpt4o) > 0
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])

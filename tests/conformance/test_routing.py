@@ -147,12 +147,14 @@ def test_weighted_policy_spreads_first_picks(gateway, fake_openai):
     headers = {"authorization": f"Bearer {key.secret}"}
 
     def served_by() -> str:
-        r = httpx.post(f"{gateway.openai_base}/chat/completions", json=body, headers=headers)
+        r = client.post(f"{gateway.openai_base}/chat/completions", json=body, headers=headers)
         assert r.status_code == 200
         return r.headers["x-langwatch-provider"]
 
-    wait_until(lambda: served_by() != "mp_openai", what="the key's new routing policy")
-    picks = Counter(served_by() for _ in range(40))
+    # One client for all: each of httpx's module-level calls builds its own TLS context.
+    with httpx.Client() as client:
+        wait_until(lambda: served_by() != "mp_openai", what="the key's new routing policy")
+        picks = Counter(served_by() for _ in range(40))
     assert set(picks) == {a, b} and min(picks.values()) >= 5  # 1:1, idle never first
 
 
