@@ -143,13 +143,15 @@ def metadata(exchange: Exchange) -> dict[str, str]:
 def _changes(a: Attempt, body_length: int | None, extra: dict[str, str],
              remove: list[str]) -> tuple[dict[str, str], list[str]]:
     """The headers to set and to remove that put one provider's credentials, host and path
-    (and its body's length) on the request."""
+    (and its body's length) on the request; each name to remove once (the client's
+    `x-envoy-*` controls are among the attempt's own removals too)."""
     set_headers = {":authority": a.authority, ":path": a.path, **_own(a.set_headers), **extra}
     if a.body is not None:
         set_headers["content-length"] = str(len(a.body))
     elif body_length is not None:
         set_headers["content-length"] = str(body_length)
-    return set_headers, [h for h in [*a.remove_headers, *remove] if h not in set_headers]
+    return set_headers, [h for h in dict.fromkeys([*a.remove_headers, *remove])
+                         if h not in set_headers]
 
 
 def _own(set_headers: dict[str, str]) -> dict[str, str]:
@@ -234,7 +236,7 @@ def forward(fwd: Forward, client_headers: dict[str, str], body: bytes | None,
         del set_headers[":path"]
     if fwd.attempt.body is None and "content-length" in client_headers:
         set_headers.pop("content-length", None)
-    removed = list(dict.fromkeys(h for h in removed if h in client_headers))
+    removed = [h for h in removed if h in client_headers]
     new_body = fwd.attempt.body if body is not None else None
     return Forwarding(set_headers, removed, new_body, fields)
 

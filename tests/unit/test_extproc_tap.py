@@ -643,6 +643,8 @@ async def test_a_later_attempt_gets_the_clients_bytes_back_from_a_first_that_rep
     assert second.body == body and second.set_headers["content-length"] == str(len(body))
     assert second.set_headers["authorization"] == "Bearer sk-real-openai"
     assert "x-api-key" in second.remove_headers
+    # (named once, though the first attempt set it and the second's own removals name it)
+    assert len(second.remove_headers) == len(set(second.remove_headers))
     assert pending.exchange.cursor.fallbacks == ["mp_anthropic_org:timeout or network error"]
     pending.exchange.finish("abandoned")
     await proc.gateway.close()
