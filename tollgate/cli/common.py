@@ -13,8 +13,8 @@ from typing import Any
 import click
 from ulid import ULID
 
-from tollgate.config.edit import Document, editing
-from tollgate.config.lint import warnings
+from tollgate.config.edit import AlreadyThere, Document, append_item, editing
+from tollgate.config.lint import idle, warnings
 from tollgate.config.load import default_config_path
 from tollgate.config.problems import ConfigError
 
@@ -60,23 +60,39 @@ def parse_json_option(text: str | None, name: str) -> Any:
         raise click.BadParameter(f"not valid JSON: {e}", param_hint=name) from None
 
 
-@contextmanager
-def edit(ctx: click.Context) -> Iterator[Document]:
-    """An atomic, validated edit of the config; a rejected edit leaves the file untouched."""
+def _existing(ctx: click.Context) -> Path:
     path = config_path(ctx)
     if not path.exists():
         raise click.ClickException(f"{path} does not exist; create it with `tollgate init`.")
+    return path
+
+
+@contextmanager
+def _invalid_refused() -> Iterator[None]:
     try:
-        with editing(path) as doc:
-            yield doc
+        yield
     except ConfigError as e:
         raise click.ClickException(f"the change would make the config invalid:\n{e}") from None
-    if doc.after is not None:  # say which controls this edit left with nothing to do
-        # Both read against the one parsed document: the same lines, and no second parse.
-        before = set(warnings(doc.before, doc.doc)) if doc.before is not None else set()
-        for line in warnings(doc.after, doc.doc):
-            if line not in before:
-                warn(line)
+
+
+@contextmanager
+def edit(ctx: click.Context) -> Iterator[Document]:
+    """An atomic, validated edit of the config; a rejected edit leaves the file untouched."""
+    path = _existing(ctx)
+    with _invalid_refused(), editing(path) as doc:
+        yield doc
+    _warn_idle(doc)
+
+
+def _warn_idle(doc: Document) -> None:
+    """Say which controls the edit left with nothing to do (that were not idle before)."""
+    if doc.after is None:
+        return
+    before = set(idle(doc.before)) if doc.before is not None else set()
+    new = [found for found in idle(doc.after) if found not in before]
+    if new:  # (their lines: the document's as parsed for the edit, or else the file's now)
+        for line in warnings(doc.after, doc.doc, only=new):
+            warn(line)
 
 
 def plain(node: Any) -> Any:
@@ -173,10 +189,13 @@ def warn(message: str) -> None:
 
 def append_new(ctx: click.Context, section: str, noun: str, item: dict[str, Any]) -> None:
     """Add `item` to `section`, refusing an id that is already there."""
-    with edit(ctx) as doc:
-        if doc.find(section, item["id"]) is not None:
-            fail(f"{noun} {item['id']!r} already exists")
-        doc.append(section, item)
+    path = _existing(ctx)
+    try:
+        with _invalid_refused():
+            doc = append_item(path, section, item)
+    except AlreadyThere:
+        fail(f"{noun} {item['id']!r} already exists")
+    _warn_idle(doc)
 
 
 def read_section(ctx: click.Context, section: str) -> list[dict[str, Any]]:

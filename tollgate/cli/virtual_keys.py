@@ -10,6 +10,7 @@ import click
 from pydantic import ValidationError
 
 from tollgate.cli.common import (
+    append_new,
     config_path,
     edit,
     emit,
@@ -49,13 +50,15 @@ def _public(item: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _pepper(ctx: click.Context) -> bytes:
-    """The pepper the config's keys are made with (refused if it is not theirs)."""
+def _pepper(ctx: click.Context) -> tuple[bytes, bool]:
+    """The pepper the config's keys are made with (refused if it is not theirs), and whether
+    the config names it already."""
     path = config_path(ctx)
     gateway = (read_data(path) or {}).get("gateway") or {}
     try:
         return load_pepper(gateway.get("pepper_env", "TOLLGATE_KEY_PEPPER"), path,
-                           gateway.get("pepper_fingerprint"))
+                           gateway.get("pepper_fingerprint")), \
+            bool(gateway.get("pepper_fingerprint"))
     except PepperMismatch as e:
         raise click.ClickException(str(e)) from None
 
@@ -149,7 +152,7 @@ def create(ctx: click.Context, name: str, env: str, scope: str, principal: str |
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--scope") from None
     secret = generate_secret(env)
-    pepper = _pepper(ctx)
+    pepper, named = _pepper(ctx)
     item: dict[str, Any] = {
         "id": new_id("vk"), "name": name, "env": env, "scope": scope,
         "principal": principal, "secret_hash": hash_secret(secret, pepper),
@@ -160,9 +163,12 @@ def create(ctx: click.Context, name: str, env: str, scope: str, principal: str |
         "config": _with_limits(_key_config(config_json), rpm, tpm, rpd),
     }
     item = {k: v for k, v in item.items() if v is not None}
-    with edit(ctx) as doc:
-        doc.append("virtual_keys", item)
-        _record_pepper(doc, pepper)
+    if named:
+        append_new(ctx, "virtual_keys", "virtual key", item)
+    else:
+        with edit(ctx) as doc:
+            doc.append("virtual_keys", item)
+            _record_pepper(doc, pepper)
     emit({**_public(item), "secret": secret}, fmt)
 
 
@@ -334,7 +340,7 @@ def rotate(ctx: click.Context, key_id: str, grace: str, fmt: str) -> None:
                     kept.append({"secret_hash": str(prev["secret_hash"]),
                                  "expires_at": capped.isoformat().replace("+00:00", "Z")})
             kept.append({"secret_hash": str(node["secret_hash"]), "expires_at": until})
-        pepper = _pepper(ctx)
+        pepper, _ = _pepper(ctx)
         node["secret_hash"] = hash_secret(secret, pepper)
         _record_pepper(doc, pepper)
         node["secret_prefix"] = display_prefix(secret)

@@ -62,12 +62,21 @@ def read_data(path: Path) -> Any:
 
     if _CLoader is not None:
         try:
-            text = path.read_bytes().decode("utf-8")
-            if not _READ_OTHERWISE.search(text, 1 if text.startswith(BOM) else 0):
-                return _load(text)
-        except (_Unsupported, _LibYAMLError, OSError, UnicodeDecodeError, RecursionError):
+            return parse(path.read_bytes().decode("utf-8"))
+        except (ValueError, OSError):  # (UnicodeDecodeError is a ValueError)
             pass
     return read_yaml(path)
+
+
+def parse(text: str) -> Any:
+    """`text` as plain data, the same the round-trip parser reads; ValueError where this
+    reader does not say (whatever it reads otherwise, and every error)."""
+    if _CLoader is None or _READ_OTHERWISE.search(text, 1 if text.startswith(BOM) else 0):
+        raise ValueError("for the round-trip parser")
+    try:
+        return _load(text)
+    except (_Unsupported, _LibYAMLError, RecursionError) as e:
+        raise ValueError(f"for the round-trip parser: {e}") from None
 
 
 def _load(text: str) -> Any:

@@ -149,13 +149,22 @@ def _unserving_targets(cfg: Config, known: set[str], catalog: ModelCatalog | Non
     return out
 
 
-def warnings(loaded: LoadedConfig, doc: Any = None) -> list[str]:
-    """Each idle control as `file:line: field: message`."""
-    if doc is None:
+def idle(loaded: LoadedConfig) -> list[tuple[Location, str]]:
+    """The config's idle controls (`idle_controls`)."""
+    return idle_controls(loaded.config, loaded.prices, loaded.catalog)
+
+
+def warnings(loaded: LoadedConfig, doc: Any = None,
+             only: list[tuple[Location, str]] | None = None) -> list[str]:
+    """Each idle control (or those of `only`) as `file:line: field: message`; the lines are
+    `doc`'s (the round-trip parse of the file), else the file's, read only if there is
+    one to say."""
+    found = idle(loaded) if only is None else only
+    if found and doc is None:
         try:
             doc = read_yaml(loaded.path)
         except ConfigError:
             doc = None
     return [str(Problem(str(loaded.path), line_of(doc, loc) if doc is not None else None,
                         field_name(loc), message))
-            for loc, message in idle_controls(loaded.config, loaded.prices, loaded.catalog)]
+            for loc, message in found]
