@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from tollgate.config.fastyaml import parse
+from tollgate.config.fastyaml import parse, parse_nodes
 from tollgate.config.load import LoadedConfig, read_yaml, round_trip_yaml, validate_document
 from tollgate.config.problems import ConfigError
 
@@ -159,9 +159,8 @@ def _spliced(text: str, section: str, item: dict[str, Any]
     with the item appended, its items indented as the round-trip writer would indent the
     item (or the file is not one this reader reads, or the list is not such a list)."""
     try:
-        data = parse(text)
-        root = yaml.compose(text, Loader=yaml.CSafeLoader)
-    except (ValueError, yaml.YAMLError, RecursionError):
+        data, root = parse_nodes(text)
+    except ValueError:
         return None
     if "\r" in text or not isinstance(data, dict) or not isinstance(root, yaml.MappingNode) \
             or not isinstance(data.get(section), list):

@@ -71,18 +71,30 @@ def read_data(path: Path) -> Any:
 def parse(text: str) -> Any:
     """`text` as plain data, the same the round-trip parser reads; ValueError where this
     reader does not say (whatever it reads otherwise, and every error)."""
+    return parse_nodes(text)[0]
+
+
+def parse_nodes(text: str) -> tuple[Any, Any]:
+    """`parse`, and the document's libyaml node (None for an empty one), whose marks say
+    where each value is in `text`."""
     if _CLoader is None or _READ_OTHERWISE.search(text, 1 if text.startswith(BOM) else 0):
         raise ValueError("for the round-trip parser")
     try:
-        return _load(text)
+        return _load_nodes(text)
     except (_Unsupported, _LibYAMLError, RecursionError) as e:
         raise ValueError(f"for the round-trip parser: {e}") from None
 
 
 def _load(text: str) -> Any:
+    """The data, its errors as this reader raises them."""
+    return _load_nodes(text)[0]
+
+
+def _load_nodes(text: str) -> tuple[Any, Any]:
     loader = _Loader(text)
     try:
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        return (None if node is None else loader.construct_document(node)), node
     finally:
         loader.dispose()
 
