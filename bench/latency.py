@@ -47,14 +47,29 @@ class _Url:
         self.url = url
 
 
+def _maps() -> str | None:
+    """This process's memory mappings (Linux), None where there are none to read."""
+    try:
+        return Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+
+
 def interpreter() -> str:
-    """The Python the gateway's processes run on, and whether it was built with profile
-    guidance and link-time optimization, as the official images' is: pyenv's default build
-    (without) cost the decision service about 9% more CPU per request (envoy/README.md)."""
+    """The Python the gateway's processes run on: whether it was configured with profile
+    guidance and link-time optimization, and whether its libpython is a shared library or
+    linked into the executable (envoy/README.md, "The interpreter ext_proc runs on": pyenv's
+    default build, shared and without either, cost ext_proc about 11% more CPU per request).
+    Whether libpython is shared is read from what the process has loaded: Debian's and
+    Ubuntu's `python3` links it in, and its sysconfig, the shared build's, says shared."""
     flags = sysconfig.get_config_var("CONFIG_ARGS") or ""
     optimized = "--enable-optimizations" in flags and "--with-lto" in flags
-    return (f"Python {platform.python_version()}, built "
-            f"{'with' if optimized else 'without'} PGO and LTO")
+    maps = _maps()
+    shared = "/libpython" in maps if maps is not None \
+        else bool(sysconfig.get_config_var("Py_ENABLE_SHARED"))
+    return (f"Python {platform.python_version()}, configured "
+            f"{'with' if optimized else 'without'} --enable-optimizations --with-lto, "
+            f"libpython {'shared' if shared else 'linked in'}")
 
 
 def scratch_dir(prefix: str) -> Path:

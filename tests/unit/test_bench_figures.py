@@ -170,12 +170,24 @@ def test_the_slowest_requests_are_told_in_step_with_the_batches_or_not():
 def test_the_benchmarks_say_whether_the_gateways_python_is_an_optimized_build(monkeypatch):
     import sysconfig
 
+    import bench.latency
     from bench.latency import interpreter
 
-    flags = {"CONFIG_ARGS": "'--enable-shared' '--enable-optimizations' '--with-lto'"}
+    flags = {"CONFIG_ARGS": "'--enable-shared' '--enable-optimizations' '--with-lto'",
+             "Py_ENABLE_SHARED": 1}
     monkeypatch.setattr(sysconfig, "get_config_var", flags.get)
-    assert interpreter().endswith("built with PGO and LTO")
+    maps = "7f00-7f01 r-xp 0 08:01 1 /opt/py/lib/libpython3.13.so.1.0\n"
+    monkeypatch.setattr(bench.latency, "_maps", lambda: maps)
+    with_ = "configured with --enable-optimizations --with-lto"
+    assert interpreter().endswith(f"{with_}, libpython shared")
+    # Debian's python3: its sysconfig is its shared build's, its executable has it linked in.
+    maps = "5600-5601 r-xp 0 08:01 1 /usr/bin/python3.13\n"
+    assert interpreter().endswith(f"{with_}, libpython linked in")
     flags["CONFIG_ARGS"] = "'--prefix=/root/.pyenv/versions/3.13.0' '--enable-shared'"
-    assert interpreter().endswith("built without PGO and LTO")
+    assert interpreter().endswith("configured without --enable-optimizations --with-lto, "
+                                  "libpython linked in")
+    maps = None  # (no /proc: sysconfig says)
+    assert interpreter().endswith("libpython shared")
     flags.clear()  # (no configure arguments at all: a Windows build)
-    assert interpreter().endswith("built without PGO and LTO")
+    assert interpreter().endswith("configured without --enable-optimizations --with-lto, "
+                                  "libpython linked in")
