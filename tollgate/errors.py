@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 # code -> (status, OpenAI error type, Anthropic error type)
 CODES: dict[str, tuple[int, str, str]] = {
@@ -43,7 +44,7 @@ class GatewayError(Exception):
     param: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     # What fired (rule, tool, budget...): shown with the decision in logs and mitmweb.
-    context: dict[str, str] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.code not in CODES:

@@ -140,17 +140,17 @@ class KeyIndex:
         return entry
 
 
-def presented_secrets(headers: dict[str, str] | object) -> list[str]:
+def presented_secrets(headers: Mapping[str, str]) -> list[str]:
     """Candidate secrets: `Authorization: Bearer` and `x-api-key`, on every route.
 
     Anthropic SDKs may send the key either way, so both are accepted everywhere.
     """
     found = []
-    auth = headers.get("authorization", "")  # type: ignore[attr-defined]
+    auth = headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         found.append(token.strip())
-    api_key = headers.get("x-api-key", "").strip()  # type: ignore[attr-defined]
+    api_key = headers.get("x-api-key", "").strip()
     if api_key and api_key not in found:
         found.append(api_key)
     return found

@@ -133,9 +133,10 @@ class JSONUsageScanner:
                     i = n
                 else:
                     self._in_string = False
-                    self._key = bytes(self._string) if keys else None
+                    key = bytes(self._string)
+                    self._key = key if keys else None
                     if self._tier_next and self.depth == self._level:
-                        self.tier, self._key = b'"' + self._key + b'"', None
+                        self.tier, self._key = b'"' + key + b'"', None
                     self._tier_next = False
                     i = end + 1
                 continue

@@ -220,7 +220,7 @@ class PriceTable:
 
     def check_config(self, cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
         """Every concrete model a key can be sent to must have a price."""
-        problems = []
+        problems: list[tuple[tuple[Any, ...], str]] = []
         for i, vk in enumerate(cfg.virtual_keys):
             for alias, target in vk.config.model_aliases.items():
                 if self.lookup(target) is None:
@@ -231,8 +231,8 @@ class PriceTable:
                     problems.append(((("virtual_keys", i, "models_allowed", j)),
                                      f"model {pattern!r} has no price in the price table"))
         for i, rp in enumerate(cfg.routing_policies):
-            for j, target in enumerate(rp.targets()):
-                for src, dst in target.model_map.items():
+            for j, routed in enumerate(rp.targets()):
+                for src, dst in routed.model_map.items():
                     if self.lookup(dst) is None:
                         problems.append(((("routing_policies", i, "model_providers", j,
                                            "model_map", src)),

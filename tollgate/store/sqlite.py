@@ -743,10 +743,11 @@ class SQLiteStore(Store):
         """Once a settlement is committed: its TPM entries hold the tokens it used, the
         limits of providers it never reached give back what it took, and its caller goes on."""
         limits, request_id = s.limits, s.row.request_id
-        for counter in limits.tokens if limits else []:
-            self.rate_windows.settle(counter, request_id, limits.tokens_used(counter))
-        for counter in limits.unsent if limits else []:
-            self.rate_windows.withdraw(counter, request_id, counter in limits.days)
+        if limits is not None:
+            for counter in limits.tokens:
+                self.rate_windows.settle(counter, request_id, limits.tokens_used(counter))
+            for counter in limits.unsent:
+                self.rate_windows.withdraw(counter, request_id, counter in limits.days)
         resolve(s.done, None)
 
     def _insert_row(self, row: LedgerRow) -> bool:
