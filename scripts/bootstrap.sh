@@ -43,12 +43,19 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
-# System tools: redis-server (shared state for replicas), and jq and curl (the README's
-# `virtual-keys create ... | jq -r .secret` flow and its first check).
+# System tools: redis-server (shared state for replicas), jq and curl (the README's
+# `virtual-keys create ... | jq -r .secret` flow and its first check), and a C toolchain.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# A C compiler with SQLite's and OpenSSL's headers: the benchmarks' floor, a decision service
+# in C (bench/answerer.c), is built by them and by its tests.
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+for header in sqlite3.h:libsqlite3-dev openssl/evp.h:libssl-dev; do
+    printf '#include <%s>\n' "${header%%:*}" | cc -E -x c - >/dev/null 2>&1 \
+        || missing+=("${header##*:}")
+done
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: installing ${missing[*]}"
