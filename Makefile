@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run demo test wheel-smoke lint bench bench-quick bench-scaling bench-cores bench-transport bench-reload bench-breakdown bench-stages bench-cold bench-instructions bench-lean bench-tail soak bootstrap k8s-examples
+.PHONY: run demo test wheel-smoke image-check lint bench bench-quick bench-scaling bench-cores bench-transport bench-reload bench-breakdown bench-stages bench-cold bench-instructions bench-lean bench-tail soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -28,6 +28,11 @@ test: bootstrap
 # The built wheel in a clean virtual environment, outside the checkout (CI runs it too).
 wheel-smoke: bootstrap
 	$(VENV)/python scripts/wheel_smoke.py
+
+# The Dockerfile's image, built without a Docker engine (debootstrap and chroot; as root),
+# serves a request as its user. On demand: it downloads a Debian base and every dependency.
+image-check: bootstrap
+	$(VENV)/python scripts/image_check.py
 
 # ruff's lint rules (pyproject.toml). The code is laid out by hand to them, continuation
 # lines aligned with their bracket, which `ruff format` would rewrite: it is not a check here.

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -35,7 +36,8 @@ def run(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None =
     out = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True,
                          text=True)
     if check and out.returncode != 0:
-        sys.exit(f"wheel smoke: {' '.join(map(str, args))} failed:\n{out.stdout}{out.stderr}")
+        sys.exit(f"{Path(sys.argv[0]).stem}: {' '.join(map(str, args))} failed:\n"
+                 f"{out.stdout}{out.stderr}")
     return out
 
 
@@ -53,46 +55,73 @@ def main() -> int:
     run(*pip, wheel)
     print("wheel smoke: installed into a clean virtual environment")
 
-    tollgate = venv / "bin" / "tollgate"
     site = work / "site"  # outside the checkout: nothing can come from repository paths
     site.mkdir()
-    config = site / "gateway.yaml"
     env = {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "HOME": str(work),
            "SMOKE_OPENAI_KEY": KEY}
-    run(tollgate, "--version", env=env)
-    run(tollgate, "--config", config, "init", "--org", "acme", cwd=site, env=env)
+
+    def fix_protos() -> None:
+        print("wheel smoke: as documented, a plain pip install needs the protos fix; "
+              "config validate said so")
+        run(*pip, "--force-reinstall", "--no-deps",
+            f"opentelemetry-proto=={version(venv, 'opentelemetry-proto')}")
+
+    try:
+        serves(lambda *args: [venv / "bin" / "tollgate", *args], site, site, env,
+               work / "gateway.log", fix_protos)
+    except BaseException:
+        print(f"wheel smoke: its wheel, virtual environment and log are kept in {work}",
+              file=sys.stderr)
+        raise
+    shutil.rmtree(work)  # (a virtual environment of some 350 MB on each `make test`)
+    print("wheel smoke: ok (init, config validate, a request through Envoy, its span exported)")
+    return 0
+
+
+def serves(tollgate: Callable[..., list[str | Path]], site: Path, seen_as: Path,
+           env: dict[str, str] | None, log_path: Path,
+           fix_protos: Callable[[], None] | None = None) -> None:
+    """The gateway a `tollgate` command runs (`tollgate(*args)`: its command line, run in
+    `site`, which it sees as `seen_as`, with the provider key in SMOKE_OPENAI_KEY):
+    `init`, a provider and a key, `config validate` with nothing to say of OpenTelemetry
+    (after `fix_protos`, if it says what that fixes), then a chat completion through
+    `serve envoy` and its span at an OTLP collector."""
+    config = seen_as / "gateway.yaml"
+
+    def tg(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        return run(*tollgate(*args), cwd=site, env=env)
+
+    tg("--version")
+    tg("--config", config, "init", "--org", "acme")
     assert (site / "prices.yaml").stat().st_size and (site / "models.yaml").stat().st_size
     provider = FakeProvider("openai", KEY).start()
     collector = OTLPReceiver().start()
     try:
-        run(tollgate, "--config", config, "model-providers", "create", "--id", "mp_openai",
-            "--type", "openai", "--scope", "ORG:acme", "--base-url", provider.url,
-            "--api-key-env", "SMOKE_OPENAI_KEY", env=env)
-        text = config.read_text().replace(
+        tg("--config", config, "model-providers", "create", "--id", "mp_openai", "--type",
+           "openai", "--scope", "ORG:acme", "--base-url", provider.url, "--api-key-env",
+           "SMOKE_OPENAI_KEY")
+        edited = site / "gateway.yaml"
+        edited.write_text(edited.read_text().replace(
             "  max_body_bytes:",
             f"  telemetry: {{otlp_endpoint: 'http://127.0.0.1:{collector.http_port}'}}\n"
-            "  max_body_bytes:", 1)
-        config.write_text(text)
-        secret = json.loads(run(tollgate, "--config", config, "virtual-keys", "create",
-                                "--name", "smoke", "--scope", "ORG:acme", "--format", "json",
-                                env=env).stdout)["secret"]
+            "  max_body_bytes:", 1))
+        secret = json.loads(tg("--config", config, "virtual-keys", "create", "--name",
+                               "smoke", "--scope", "ORG:acme", "--format", "json"
+                               ).stdout)["secret"]
 
-        checked = run(tollgate, "--config", config, "config", "validate", env=env)
-        if "overwrote opentelemetry-proto's files" in checked.stderr:
-            print("wheel smoke: as documented, a plain pip install needs the protos fix; "
-                  "config validate said so")
-            run(*pip, "--force-reinstall", "--no-deps",
-                f"opentelemetry-proto=={version(venv, 'opentelemetry-proto')}")
-            checked = run(tollgate, "--config", config, "config", "validate", env=env)
+        checked = tg("--config", config, "config", "validate")
+        if fix_protos is not None and "overwrote opentelemetry-proto's files" in checked.stderr:
+            fix_protos()
+            checked = tg("--config", config, "config", "validate")
         assert "opentelemetry" not in checked.stderr, checked.stderr
 
         port, admin = free_port(), free_port()
-        log = open(work / "gateway.log", "wb")  # noqa: SIM115
+        log = open(log_path, "wb")  # noqa: SIM115
         gateway = subprocess.Popen(
-            [str(tollgate), "--config", str(config), "serve", "envoy", "--listen",
-             f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--envoy-admin",
-             f"127.0.0.1:{free_port()}"], env=env, cwd=site, stdout=log,
-            stderr=subprocess.STDOUT)
+            [str(a) for a in tollgate(
+                "--config", config, "serve", "envoy", "--listen", f"127.0.0.1:{port}",
+                "--admin", f"127.0.0.1:{admin}", "--envoy-admin", f"127.0.0.1:{free_port()}")],
+            env=env, cwd=site, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until(lambda: httpx.get(f"http://127.0.0.1:{admin}/readyz").status_code == 200
                        and httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401,
@@ -109,17 +138,12 @@ def main() -> int:
             gateway.wait(20)
             log.close()
     except BaseException:
-        print((work / "gateway.log").read_text(errors="replace")
-              if (work / "gateway.log").exists() else "", file=sys.stderr)
-        print(f"wheel smoke: its wheel, virtual environment and log are kept in {work}",
+        print(log_path.read_text(errors="replace") if log_path.exists() else "",
               file=sys.stderr)
         raise
     finally:
         provider.stop()
         collector.stop()
-    shutil.rmtree(work)  # (a virtual environment of some 350 MB on each `make test`)
-    print("wheel smoke: ok (init, config validate, a request through Envoy, its span exported)")
-    return 0
 
 
 def version(venv: Path, name: str) -> str:

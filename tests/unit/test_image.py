@@ -1,6 +1,7 @@
 """The Dockerfile builds the image the Kubernetes manifests run: their user, their command
 on its PATH, every package of the distribution, the OTLP protos' reinstall the README asks
-for, and a Debian `python3` (the interpreter envoy/README recommends for ext_proc)."""
+for, and a Debian `python3` (the interpreter envoy/README recommends for ext_proc). That the
+image so built serves is `make image-check`'s (scripts/image_check.py), on demand."""
 
 from __future__ import annotations
 
@@ -14,15 +15,9 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
+from scripts.image_check import instructions
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def instructions() -> list[tuple[str, str]]:
-    """The Dockerfile's instructions (continuation lines joined, comments left out)."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    lines = [line.strip() for line in text.splitlines()]
-    return [(word.upper(), rest.strip()) for word, _, rest in
-            (line.partition(" ") for line in lines if line and not line.startswith("#"))]
 
 
 def only(word: str) -> str:
