@@ -58,6 +58,7 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("image check: run as root (debootstrap and chroot)")
     if shutil.which("debootstrap") is None:
+        run("apt-get", "update", "-qq")
         run("apt-get", "install", "-y", "-qq", "debootstrap")
     steps = instructions()
     release, packages = base(steps)
