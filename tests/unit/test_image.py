@@ -12,10 +12,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import pytest
 from ruamel.yaml import YAML
 
-from scripts.image_check import instructions
+from scripts.image_check import base, instructions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,8 +77,6 @@ def test_the_image_installs_the_whole_distribution_with_the_readmes_second_step(
     assert re.search(r'--force-reinstall --no-deps\s+"opentelemetry-proto==', install)
 
 
-@pytest.mark.parametrize("package", ["python3", "python3-venv", "ca-certificates"])
-def test_the_image_runs_debians_own_python(package):
-    assert re.fullmatch(r"debian:\S+-slim", only("FROM"))
-    installs = run_with("apt-get install")
-    assert re.search(rf"apt-get install [^&]*\b{re.escape(package)}(\s|$)", installs)
+def test_the_image_runs_debians_own_python():
+    release, packages = base(instructions())  # (a FROM other than debian:<release>-slim exits)
+    assert release and {"python3", "python3-venv", "ca-certificates"} <= set(packages)
