@@ -24,7 +24,6 @@ import aiohttp
 import httpx
 from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy import flow as mitm_flow
-from mitmproxy.addonmanager import traverse
 from mitmproxy.net.http import http1 as mitm_http1
 from mitmproxy.proxy.layers import http as mitm_http_layer
 from mitmproxy.proxy.layers.http import _http1 as _mitm_http1_layer
@@ -32,6 +31,7 @@ from mitmproxy.utils import asyncio_utils
 from mitmproxy.utils.strutils import always_bytes
 from yarl import URL
 
+from addon import hook_table
 from tollgate import headers as header_rules
 from tollgate.admin import AdminServer
 from tollgate.config.problems import ConfigError
@@ -204,11 +204,25 @@ def _error_page(status_code: int, message: str = "") -> bytes:
 
 _mitm_http1_layer.make_error_response = _error_page
 
+
+def _mitmproxys(owner: type, name: str):
+    """mitmproxy's own `owner.name`, not what an earlier load of this script put there: a
+    script mitmproxy reloads (edited while it runs) would otherwise wrap its own last
+    version, and take each of its steps twice."""
+    current = getattr(owner, name)
+    return getattr(current, "_mitmproxys", current)
+
+
+def _replace(owner: type, name: str, replacement) -> None:
+    replacement._mitmproxys = _mitmproxys(owner, name)
+    setattr(owner, name, replacement)
+
+
 # The running gateway, for what mitmproxy does before (or without) a flow hook.
 _running: list[Gateway] = []
 _OVER_CAP = "Request body is over the gateway's limit (gateway.max_body_bytes)."
 _REPLY = "tollgate_reply"  # the gateway's refusal of a flow mitmproxy answers itself
-_body_size_check = mitm_http_layer.HttpStream.check_body_size
+_body_size_check = _mitmproxys(mitm_http_layer.HttpStream, "check_body_size")
 
 
 def _check_body_size(self, request: bool):
@@ -230,8 +244,8 @@ def _check_body_size(self, request: bool):
     return (yield from _body_size_check(self, request))
 
 
-mitm_http_layer.HttpStream.check_body_size = _check_body_size
-_read_headers = _mitm_http1_layer.Http1Server.read_headers
+_replace(mitm_http_layer.HttpStream, "check_body_size", _check_body_size)
+_read_headers = _mitmproxys(_mitm_http1_layer.Http1Server, "read_headers")
 
 
 def _read_request_head(self, event):
@@ -244,8 +258,8 @@ def _read_request_head(self, event):
                                        "mitmproxy could not parse the request head")
 
 
-_mitm_http1_layer.Http1Server.read_headers = _read_request_head
-_handle_protocol_error = mitm_http_layer.HttpStream.handle_protocol_error
+_replace(_mitm_http1_layer.Http1Server, "read_headers", _read_request_head)
+_handle_protocol_error = _mitmproxys(mitm_http_layer.HttpStream, "handle_protocol_error")
 
 
 def _provider_failed(self, event):
@@ -258,7 +272,8 @@ def _provider_failed(self, event):
     return (yield from _handle_protocol_error(self, event))
 
 
-mitm_http_layer.HttpStream.handle_protocol_error = _provider_failed
+_replace(mitm_http_layer.HttpStream, "handle_protocol_error", _provider_failed)
+hook_table.install()
 
 
 _CREDENTIALS = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
@@ -588,27 +603,6 @@ def _quiet_relay_client() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class _Watchers:
-    """Whether an addon loaded now hears of flows that change (`update`): mitmweb's and the
-    console's view do; in mitmdump none does, and telling them all of each flow costs some
-    70 µs. Looked up again only when the addons loaded change."""
-
-    def __init__(self) -> None:
-        self._for: tuple[int, ...] = ()
-        self._watched = False
-
-    def watched(self) -> bool:
-        chain = ctx.master.addons.chain
-        loaded = tuple(map(id, chain))
-        if loaded != self._for:
-            self._for = loaded
-            self._watched = any(callable(getattr(a, "update", None)) for a in traverse(chain))
-        return self._watched
-
-
-_UPDATES = _Watchers()
-
-
 class TollgateAddon:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
@@ -665,6 +659,7 @@ class TollgateAddon:
         gc.freeze()
 
     def configure(self, updated: set[str]) -> None:
+        hook_table.forget()  # (`scripts` in a new order: their hooks, too)
         if UPSTREAM_TLS_OPTIONS & updated:
             self.plans.trust_changed()
         if "tollgate_config" in updated or self.gateway is None:
@@ -786,10 +781,10 @@ class TollgateAddon:
         flow.comment = _served_comment(exchange)
         # Changed after its response hooks: what shows flows (mitmweb's view) is told, as
         # of any edit of a flow.
-        if _UPDATES.watched():
-            asyncio_utils.create_task(
-                ctx.master.addons.trigger_event(hooks.UpdateHook([flow])),
-                name="tollgate: flow served", keep_ref=True)
+        updated = hooks.UpdateHook([flow])
+        if hook_table.heard(ctx.master.addons, updated):
+            asyncio_utils.create_task(ctx.master.addons.trigger_event(updated),
+                                      name="tollgate: flow served", keep_ref=True)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         if _OVERSIZED in flow.metadata and self.gateway is not None:

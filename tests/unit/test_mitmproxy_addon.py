@@ -32,6 +32,27 @@ async def test_the_mitmproxy_host_puts_what_it_started_with_out_of_the_collector
     assert before == 0 and frozen > 1000
 
 
+def test_a_reloaded_script_wraps_each_of_mitmproxys_steps_once():
+    """mitmproxy runs a script again when it is edited: its replacements of mitmproxy's
+    steps each wrap mitmproxy's own, not the last load's (which would take each twice: a
+    head it cannot parse recorded twice)."""
+    import importlib
+
+    from mitmproxy.proxy.layers import http as layer
+    from mitmproxy.proxy.layers.http import _http1
+
+    import addon.tollgate_addon as module
+
+    for _ in range(2):
+        module = importlib.reload(module)
+    for owner, name in ((layer.HttpStream, "check_body_size"),
+                        (layer.HttpStream, "handle_protocol_error"),
+                        (_http1.Http1Server, "read_headers")):
+        replaced = getattr(owner, name)
+        assert replaced.__module__ == module.__name__
+        assert replaced._mitmproxys.__module__.startswith("mitmproxy.")
+
+
 def _relay_key(tmp_path, monkeypatch, fake_openai, fake_anthropic, first: str | None = None):
     """A config whose key falls back on 5xx from mp_openai to mp_backup (the same fake), and
     the key's secret. `first`: the base URL of a provider tried before mp_openai instead
