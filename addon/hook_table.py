@@ -34,13 +34,14 @@ Handlers = list[tuple[Any, list[Callable[..., Any]] | None]]
 
 class _Table:
     def __init__(self) -> None:
-        self.loaded: tuple[int, ...] = ()
+        self.loaded: tuple[object, ...] = ()
         self.hooks: dict[str, Handlers] = {}
 
     def handlers(self, manager: AddonManager, event: hooks.Hook) -> Handlers:
         # The chain's addons and every registered one (a script's, too): adding, removing
-        # and reloading an addon each changes one or the other.
-        loaded = (*map(id, manager.chain), *map(id, manager.lookup.values()))
+        # and reloading an addon each changes one or the other. Held, not their ids: a
+        # reloaded script's new module and addons may be made where the old ones were.
+        loaded = (*manager.chain, *manager.lookup.values())
         if loaded != self.loaded:
             self.loaded, self.hooks = loaded, {}
         found = self.hooks.get(event.name)
