@@ -117,14 +117,20 @@ class _Halts:
         raise exceptions.AddonHalt()
 
 
-async def test_a_failing_handler_is_logged_and_the_next_addon_still_hears_the_hook(caplog):
+async def _two_requests_after(addon: object, caplog) -> tuple[list[str], list[str]]:
+    """What an addon after `addon` heard of two requests, and the errors logged meanwhile."""
     heard: list[str] = []
-    with taddons.context(_Fails(), _Hears("after", heard), loadcore=False) as tctx, \
+    with taddons.context(addon, _Hears("after", heard), loadcore=False) as tctx, \
             caplog.at_level(logging.ERROR):
         await _request(tctx.master)
         await _request(tctx.master)
+    return heard, [r.getMessage() for r in caplog.records]
+
+
+async def test_a_failing_handler_is_logged_and_the_next_addon_still_hears_the_hook(caplog):
+    heard, errors = await _two_requests_after(_Fails(), caplog)
     assert heard == ["after", "after"]
-    assert [r.getMessage() for r in caplog.records] == ["Addon error: broken addon"] * 2
+    assert errors == ["Addon error: broken addon"] * 2
 
 
 async def test_an_addon_that_halts_a_hook_keeps_it_from_the_addons_after_it():
@@ -140,14 +146,9 @@ class _NotCallable:
 
 
 async def test_a_handler_mitmproxy_refuses_is_refused_each_time_as_mitmproxy_does(caplog):
-    heard: list[str] = []
-    with taddons.context(_NotCallable(), _Hears("after", heard), loadcore=False) as tctx, \
-            caplog.at_level(logging.ERROR):
-        await _request(tctx.master)
-        await _request(tctx.master)
+    heard, errors = await _two_requests_after(_NotCallable(), caplog)
     assert heard == ["after", "after"]
-    assert len(caplog.records) == 2 and all("not callable" in r.getMessage()
-                                            for r in caplog.records)
+    assert len(errors) == 2 and all("not callable" in e for e in errors)
 
 
 class _View:
