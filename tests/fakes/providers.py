@@ -87,6 +87,11 @@ class FakeProvider:
     # Each streamed event is written in two pieces, split mid-event (with chunk_delay
     # between them): a proxy sees events cut across its reads.
     split_events: bool = False
+    # The whole stream written at once (the terminating chunk apart): a proxy reads every
+    # event, the usage chunk among them, in one piece.
+    one_write: bool = False
+    # Streamed events' JSON written without spaces, as OpenAI writes it (`"choices":[]`).
+    compact_events: bool = False
     # > 0: a JSON answer is written in two halves this many seconds apart (a slow link, a
     # provider that flushes as it writes): a proxy that holds answers shows the pause.
     json_pause: float = 0.0
@@ -124,6 +129,8 @@ class FakeProvider:
         self.giant_word = 0
         self.uncapped_words = 0
         self.split_events = False
+        self.one_write = False
+        self.compact_events = False
         self.json_pause = 0.0
         self.streamed.clear()
         self.default_tier = None
@@ -255,14 +262,21 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(2)  # drop mid-stream, no terminating chunk
                 self.close_connection = True
                 return
+            if self.fake.compact_events and event.startswith(b"data: {"):
+                event = b"data: " + json.dumps(json.loads(event[6:]),
+                                               separators=(",", ":")).encode() + b"\n\n"
             data = _frame_of(event) if self.fake.family == "bedrock" and not framed else event
             pieces = [data[:len(data) - 1], data[len(data) - 1:]] if self.fake.split_events \
                 else [data]
             for piece in pieces:
-                self._chunk(piece)
                 sent += piece
+                if self.fake.one_write:
+                    continue
+                self._chunk(piece)
                 if self.fake.chunk_delay:
                     time.sleep(self.fake.chunk_delay)
+        if self.fake.one_write:
+            self._chunk(bytes(sent))
         self._chunk(b"")
 
     def _error(self, status: int, message: str, kind: str, code: str | None = None) -> None:
