@@ -23,6 +23,10 @@ aside (printed, not compared: the Python client and provider bind it; `make benc
 measures the sidecar's). `make bench-quick` leaves it out (`--concurrent-requests 0`),
 which keeps it under a minute: those 14 s of a 59 s run compared nothing.
 
+`--answer-words N` makes every answer N words long (the fake's own are a few): the JSON
+answer and the stream, whose every event the meter copies and the usage cut reads; `make
+bench` runs it at 500 words (some 115 KB, 500 events) against the baseline's code.
+
 Prints p50/p99, what each path adds over the direct call, and the CPU each path's
 processes spent per request (Envoy and ext_proc together for the Envoy host). Then the
 figures that matter as ratios to references of the same run (tollgate's p50 to the direct
@@ -408,6 +412,14 @@ def compare(now: dict[str, float], baseline: dict[str, float]) -> list[str]:
             if name in baseline and value > baseline[name] * (1 + TOLERANCE)]
 
 
+def stored_baseline(path: Path, answer_words: int = 0) -> dict[str, object]:
+    """The baseline's stored figures to compare with; none for answers of `answer_words`
+    (they are the short answer's)."""
+    if answer_words or not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -433,14 +445,21 @@ def main() -> int:
                              "what costs most in tollgate's (bench.answerer with a store), "
                              "compiled and in Python: what the Envoy host would add with a "
                              "lean decision.")
+    parser.add_argument("--answer-words", type=int, default=0, metavar="N",
+                        help="Every answer N words long, the JSON answer and the stream "
+                             "(default: the fake provider's few): what each event of a "
+                             "long stream costs, the usage cut among it. Compared with a "
+                             "revision's code measured in the same run only: the stored "
+                             "figures are of the short answer.")
     parser.add_argument("--runs", type=int, default=1,
                         help="Rounds measured; each figure is their median (use 3 or more "
                              "with --update-baseline).")
     args = parser.parse_args()
+    if args.answer_words and args.update_baseline:
+        parser.error("the baseline's figures are of the short answer: --update-baseline "
+                     "without --answer-words")
 
-    stored: dict[str, object] = {}
-    if args.baseline.exists():
-        stored = json.loads(args.baseline.read_text())
+    stored = stored_baseline(args.baseline, args.answer_words)
     revision = None if args.update_baseline else against(args.against, args.baseline)
     if revision is None:
         return _run(args, stored, None, None)
@@ -452,7 +471,8 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
          baseline_code: Path | None) -> int:
     """One run: this checkout's hosts, and `revision`'s (from `baseline_code`) if given."""
     short = revision[:7] if revision else ""  # names the revision's paths and its figures
-    workdir, fake_port, fake = bench_setup("tollgate-bench-quick-")
+    workdir, fake_port, fake = bench_setup("tollgate-bench-quick-",
+                                           answer_words=args.answer_words)
     procs: list[subprocess.Popen[bytes]] = [fake]
     gateways: list[GatewayProcess] = []
     redis: RedisServer | None = None
@@ -516,8 +536,9 @@ def _run(args: argparse.Namespace, stored: dict[str, object], revision: str | No
     n = args.requests
     # More paths, colder processes: the absolute figures depend on it (see the docstring).
     among = f" ({short}'s hosts among them)" if short else ""
+    words = f" of {args.answer_words} words" if args.answer_words else ""
     print(f"\n{n} sequential turns, round-robin across {len(paths)} paths{among}, each a JSON "
-          "answer and a stream per path, either first by turn: the first (cold) and the "
+          f"answer and a stream{words} per path, either first by turn: the first (cold) and the "
           f"second (`warm`) apart; {os.cpu_count()} cores; "
           f"ms{f' (the last of {args.runs} rounds)' if args.runs > 1 else ''}\n")
     base50, base99 = statistics.median(times["direct"]), percentile(times["direct"], 0.99)

@@ -3,9 +3,11 @@ figures of the same run (synthetic times: nothing here is timed)."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 from bench.latency import _Url
-from bench.quick import compare, figures, with_tables_of
+from bench.quick import compare, figures, stored_baseline, with_tables_of
 from tests.conftest import make_config
 from tests.harness import ROOT
 from tollgate.config.load import load_config
@@ -191,3 +193,19 @@ def test_the_benchmarks_say_whether_the_gateways_python_is_an_optimized_build(mo
     flags.clear()  # (no configure arguments at all: a Windows build)
     assert interpreter().endswith("configured without --enable-optimizations --with-lto, "
                                   "libpython linked in")
+
+
+def test_long_answers_compare_with_the_revisions_code_only(tmp_path):
+    """The stored figures are of the short answer: a run with --answer-words reads none, and
+    may not overwrite them."""
+    stored = tmp_path / "baseline.json"
+    stored.write_text(json.dumps({"revision": "abc1234", "figures": {"envoy: x": 1.0}}))
+    assert stored_baseline(stored)["figures"] == {"envoy: x": 1.0}
+    assert stored_baseline(stored, answer_words=500) == {}
+    assert stored_baseline(tmp_path / "none.json") == {}
+    refused = subprocess.run([sys.executable, "-m", "bench.quick", "--answer-words", "500",
+                              "--update-baseline", "--baseline", str(stored)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--update-baseline without --answer-words" in \
+        refused.stderr
+    assert json.loads(stored.read_text())["figures"] == {"envoy: x": 1.0}
