@@ -258,6 +258,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.fake.streamed.append(sent)
         for i, event in enumerate(events):
             if behaviour.kind == "cut" and i >= behaviour.after_events:
+                if self.fake.one_write and sent:
+                    self._chunk(bytes(sent))
                 self.wfile.flush()
                 self.connection.shutdown(2)  # drop mid-stream, no terminating chunk
                 self.close_connection = True
