@@ -162,6 +162,18 @@ def _large(headers: Mapping[str, str]) -> bool:
     return not length.isdigit() or int(length) > STREAM_BODIES_OVER
 
 
+def _unsized(flow: http.HTTPFlow) -> None:
+    """An answer the gateway reshapes as it streams has a length of its own: the provider's
+    is dropped, and an HTTP/1 client is sent it in chunks (mitmproxy sends a head as it is
+    given, and would leave a client waiting for bytes a cut never sends)."""
+    assert flow.response is not None
+    headers = flow.response.headers
+    if "content-length" in headers:
+        del headers["content-length"]
+        if flow.request.http_version.startswith("HTTP/1"):
+            headers["transfer-encoding"] = "chunked"
+
+
 def _client_gone(flow: http.HTTPFlow) -> bool:
     """The flow failed because the client hung up (HTTP/1 says so; for HTTP/2 the client's
     connection has ended)."""
@@ -735,6 +747,8 @@ class TollgateAddon:
             # is settled after the client has it. Only a JSON answer the gateway rewrites
             # whole is held (it may still become an error).
             kept = None if exchange.is_sse or large else bytearray()
+            if exchange.rewriter is not None:
+                _unsized(flow)
 
             def relay(data: bytes) -> list[bytes]:
                 out = exchange.relay(data)

@@ -119,8 +119,11 @@ local function meter(handle)
     decided = decision(handle)
     if decided == nil then return end -- not forwarded by the gateway
   end
-  -- A usage chunk the gateway asked for is kept from the client (usage_cut.lua).
+  -- A usage chunk the gateway asked for is kept from the client (usage_cut.lua): the
+  -- client's stream is shorter than a length the provider declared (Envoy sends it in
+  -- chunks instead).
   local cutting = stream and not frames and decided.cut
+  if cutting and declared ~= nil then headers:remove("content-length") end
   local unfinished = "" -- the cut's: an event not yet whole
   local seq, held, size = 0, { head }, 0
   local since = (stream or length == nil) and handle:timestamp() or nil

@@ -89,17 +89,20 @@ def test_openai_chat_stream_is_metered_exactly_and_usage_chunk_hidden(gateway, f
 
 
 @pytest.mark.parametrize("arrival", ["whole-events", "events-split", "one-write",
-                                     "compact-one-write"])
+                                     "compact-one-write", "sized"])
 def test_the_client_gets_the_providers_stream_byte_for_byte_less_the_usage_chunk(
         gateway, fake_openai, arrival):
     """The usage chunk the gateway asked for is the only difference between what the
     provider sent and what the client gets, even when events reach the proxy in pieces
     (each cut between the two newlines that end it), or all in one (the usage chunk after
-    a dozen events with choices), their JSON spaced or written as OpenAI writes it; for the
-    request a host decides from the one before it (a precedent) as for that one."""
+    a dozen events with choices), their JSON spaced or written as OpenAI writes it, and
+    when the provider declares the stream's length (the client is told none: the stream it
+    gets is shorter); for the request a host decides from the one before it (a precedent)
+    as for that one."""
     fake_openai.split_events = arrival == "events-split"
     fake_openai.one_write = arrival.endswith("one-write")
     fake_openai.compact_events = arrival.startswith("compact")
+    fake_openai.sized_stream = arrival == "sized"
     fake_openai.chunk_delay = 0.003 if arrival == "events-split" else 0.0
     key = gateway.create_key()
     decided_before = precedent_decisions(gateway)
@@ -111,6 +114,7 @@ def test_the_client_gets_the_providers_stream_byte_for_byte_less_the_usage_chunk
             assert r.status_code == 200
             got = b"".join(r.iter_raw())
             request_id = r.headers[RID]
+            assert r.headers.get("content-length") in (None, str(len(got)))
         assert fake_openai.requests[-1].json()["messages"] == words
         sent = fake_openai.streamed[-1]
         events = sent.split(b"\n\n")

@@ -90,6 +90,9 @@ class FakeProvider:
     # The whole stream written at once (the terminating chunk apart): a proxy reads every
     # event, the usage chunk among them, in one piece.
     one_write: bool = False
+    # The whole stream written at once with its length declared (content-length), not in
+    # chunks: as a provider behind a proxy that buffers answers may send it.
+    sized_stream: bool = False
     # Streamed events' JSON written without spaces, as OpenAI writes it (`"choices":[]`).
     compact_events: bool = False
     # > 0: a JSON answer is written in two halves this many seconds apart (a slow link, a
@@ -130,6 +133,7 @@ class FakeProvider:
         self.uncapped_words = 0
         self.split_events = False
         self.one_write = False
+        self.sized_stream = False
         self.compact_events = False
         self.json_pause = 0.0
         self.streamed.clear()
@@ -236,12 +240,15 @@ class _Handler(BaseHTTPRequestHandler):
             return asked
         return self.fake.default_tier or standard
 
-    def _start_sse(self) -> None:
+    def _start_sse(self, length: int | None = None) -> None:
         self.send_response(200)
         self.send_header("content-type", EVENTSTREAM if self.fake.family == "bedrock" else
                          "text/event-stream; charset=utf-8")
         self.send_header("cache-control", "no-cache")
-        self.send_header("transfer-encoding", "chunked")
+        if length is None:
+            self.send_header("transfer-encoding", "chunked")
+        else:
+            self.send_header("content-length", str(length))
         for k, v in self._account_headers().items():
             self.send_header(k, v)
         self.end_headers()
@@ -251,6 +258,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _stream(self, events: list[bytes], behaviour: Behaviour, framed: bool = False) -> None:
+        if self.fake.sized_stream:
+            body = b"".join(self._wire(event, framed) for event in events)
+            self._start_sse(len(body))
+            self.fake.streamed.append(bytearray(body))
+            self.wfile.write(body)
+            return
         self._start_sse()
         # This stream's own record, grown in place: `streamed[-1]` would be another stream's
         # under concurrency, and gone once a test's reset() clears the list mid-stream.
@@ -264,10 +277,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(2)  # drop mid-stream, no terminating chunk
                 self.close_connection = True
                 return
-            if self.fake.compact_events and event.startswith(b"data: {"):
-                event = b"data: " + json.dumps(json.loads(event[6:]),
-                                               separators=(",", ":")).encode() + b"\n\n"
-            data = _frame_of(event) if self.fake.family == "bedrock" and not framed else event
+            data = self._wire(event, framed)
             pieces = [data[:len(data) - 1], data[len(data) - 1:]] if self.fake.split_events \
                 else [data]
             for piece in pieces:
@@ -280,6 +290,13 @@ class _Handler(BaseHTTPRequestHandler):
         if self.fake.one_write:
             self._chunk(bytes(sent))
         self._chunk(b"")
+
+    def _wire(self, event: bytes, framed: bool) -> bytes:
+        """An event as it goes on the wire: compact JSON if asked, framed for Bedrock."""
+        if self.fake.compact_events and event.startswith(b"data: {"):
+            event = b"data: " + json.dumps(json.loads(event[6:]),
+                                           separators=(",", ":")).encode() + b"\n\n"
+        return _frame_of(event) if self.fake.family == "bedrock" and not framed else event
 
     def _error(self, status: int, message: str, kind: str, code: str | None = None) -> None:
         if self.fake.family in ("vertex", "gemini"):
