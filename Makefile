@@ -70,8 +70,8 @@ bench-transport: bootstrap
 	$(VENV)/python -m bench.transport
 
 # Instructions per request (valgrind's callgrind; apt-get install valgrind): Envoy under
-# tollgate's config, the decision service and the mitmproxy host, against
-# bench/instructions.json.
+# tollgate's config (a JSON answer and a stream), the decision service and the mitmproxy
+# host, against bench/instructions.json.
 bench-instructions: bootstrap
 	$(VENV)/python -m bench.instructions
 

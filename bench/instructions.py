@@ -2,13 +2,18 @@
 cannot move. CPU time per request drifts by 15-25% between runs on such a machine, so a
 change of a few percent hides in it; instruction counts repeat within 1%.
 
-    python -m bench.instructions [--requests 300] [--parts envoy,decider,served,mitmproxy]
+    python -m bench.instructions [--requests 300]
+                                 [--parts envoy,stream,decider,served,mitmproxy]
 
 - `plain envoy`: an Envoy of one route to the provider, for scale;
 - `tollgate envoy`: tollgate's own rendered Envoy configuration in front of the same
   provider, with a decision service that answers, at no cost, the decision tollgate makes
   for the request (computed once, by tollgate), and a receiver of its access log (the
   requests' ends) that reads and drops it: what Envoy itself spends per request;
+- `plain envoy, stream` and `tollgate envoy, stream`: the same for the OpenAI SDK's default
+  stream (no `stream_options`: the gateway asks for the usage chunk and its usage cut keeps
+  it from the client), answered 102 events in one piece: each of its bytes is read by the
+  meter and the cut;
 - `decision service`: tollgate's Python per request as its decision service runs it
   (the decision, its answer, its response's bytes as their end reports them, and the
   settlement, on Redis state when `redis-server` is installed, else SQLite), in-process,
@@ -36,6 +41,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -49,8 +55,8 @@ from typing import Any
 import httpx
 
 from bench.latency import BODY, PROVIDER_KEY, QUIET, _Url, scratch_dir, with_state
-from bench.quick import governed, mitmdump_command
-from bench.scaling import compiled_provider, plain_envoy
+from bench.quick import STREAM_BODY, governed, mitmdump_command
+from bench.scaling import STREAM_HEADER, compiled_provider, plain_envoy
 from bench.transport import bare_service
 from extproc import eventloop
 from extproc.runner import envoy_binary
@@ -82,43 +88,51 @@ def _counted(pid: int, out: Path, run: Any) -> int:
     raise RuntimeError(f"no totals in {dump}")
 
 
-def _posts(url: str, headers: dict[str, str], n: int) -> None:
+def _posts(url: str, headers: dict[str, str], n: int, body: bytes = BODY) -> None:
     with httpx.Client(timeout=120) as client:
         for _ in range(n):
-            r = client.post(url, content=BODY, headers=headers)
+            r = client.post(url, content=body, headers=headers)
             r.raise_for_status()
 
 
-def _warm_then_count(pid: int, out: Path, url: str, headers: dict[str, str], n: int
-                     ) -> float:
+def _warm_then_count(pid: int, out: Path, url: str, headers: dict[str, str], n: int,
+                     body: bytes = BODY) -> float:
     """Instructions per request of `pid` over `n` requests, after 50 not counted."""
-    _posts(url, headers, 50)
-    return _counted(pid, out, lambda: _posts(url, headers, n)) / n
+    _posts(url, headers, 50, body)
+    return _counted(pid, out, lambda: _posts(url, headers, n, body)) / n
 
 
 def _proxy_counted(proc: subprocess.Popen[bytes], out: Path, url: str,
-                   headers: dict[str, str], n: int) -> float:
+                   headers: dict[str, str], n: int, body: bytes = BODY) -> float:
     """A proxy started under callgrind: counted once it answers."""
     try:
-        wait_until(lambda: _answers(url, headers), timeout=300, what="the proxy under callgrind")
-        return _warm_then_count(proc.pid, out, url, headers, n)
+        wait_until(lambda: _answers(url, headers, body), timeout=300,
+                   what="the proxy under callgrind")
+        return _warm_then_count(proc.pid, out, url, headers, n, body)
     finally:
         proc.terminate()
         proc.wait(60)
 
 
-def _answers(url: str, headers: dict[str, str]) -> bool:
+def _answers(url: str, headers: dict[str, str], body: bytes = BODY) -> bool:
     try:
-        return httpx.post(url, content=BODY, headers=headers, timeout=30).status_code == 200
+        return httpx.post(url, content=body, headers=headers, timeout=30).status_code == 200
     except httpx.TransportError:
         return False
 
 
-def plain(workdir: Path, provider_url: str, n: int) -> float:
+def plain(workdir: Path, provider_url: str, n: int, streamed: bool = False) -> float:
+    """`streamed`: the request and answer of the stream (see `tollgate_envoy`)."""
     out = workdir / "plain.callgrind"
     proc, url = plain_envoy(workdir, provider_url, wrap=_callgrind(out))
     return _proxy_counted(proc, out, f"{url}/v1/chat/completions",
-                          {"content-type": "application/json"}, n)
+                          {"content-type": "application/json", **_streaming(streamed)}, n,
+                          STREAM_BODY if streamed else BODY)
+
+
+def _streaming(streamed: bool) -> dict[str, str]:
+    """The header that has the compiled provider answer a stream."""
+    return {STREAM_HEADER: "1"} if streamed else {}
 
 
 def _setup(workdir: Path, provider_url: str, redis: RedisServer | None) -> tuple[Path, str]:
@@ -141,31 +155,36 @@ def _governed_on_redis(workdir: Path, provider_url: str) -> Iterator[tuple[Path,
             redis.stop()
 
 
-def _client_head(secret: str) -> str:
+def _client_head(secret: str, body: bytes = BODY) -> str:
     """The client's head, as the decide filter sends it for the benchmark's request."""
     head = (f":method: POST\n:path: /v1/chat/completions\n:authority: bench\n:scheme: http\n"
             f"authorization: Bearer {secret}\ncontent-type: application/json\n"
-            f"content-length: {len(BODY)}\nx-request-id: bench\nuser-agent: bench")
+            f"content-length: {len(body)}\nx-request-id: bench\nuser-agent: bench")
     return base64.b64encode(head.encode()).decode()
 
 
-async def _decision(config: Path, secret: str) -> bytes:
-    """tollgate's answer to the decide filter for the benchmark's request."""
+async def _decision(config: Path, secret: str, sent: bytes = BODY) -> bytes:
+    """tollgate's answer to the decide filter for the benchmark's request (`sent`)."""
     from extproc.decider import answer, client_request
     from extproc.service import ExternalProcessor
     from tollgate.gateway import Gateway
     gateway = Gateway.from_path(str(config), watch=False)
     try:
-        headers, body, declared = client_request(_client_head(secret), BODY, "whole")
+        headers, body, declared = client_request(_client_head(secret, sent), sent, "whole")
         return b"".join(answer(await ExternalProcessor(gateway).decide(headers, body,
                                                                         declared)))
     finally:
         await gateway.close()
 
 
-def tollgate_envoy(workdir: Path, provider_url: str, n: int) -> float:
+def tollgate_envoy(workdir: Path, provider_url: str, n: int, streamed: bool = False
+                   ) -> float:
+    """`streamed`: the OpenAI SDK's default stream (no `stream_options`), whose usage chunk
+    the gateway asks for and the usage cut keeps from the client, answered in one piece of
+    102 events (every byte of it read by the meter and the cut)."""
     config, secret = _setup(workdir, provider_url, None)
-    decision = asyncio.run(_decision(config, secret))
+    body = STREAM_BODY if streamed else BODY
+    decision = asyncio.run(_decision(config, secret, body))
     port, sock = free_port(), workdir / "decide.sock"
     rendered = subprocess.run(
         [sys.executable, "-m", "tollgate", "--config", str(config), "envoy", "render",
@@ -186,7 +205,8 @@ def tollgate_envoy(workdir: Path, provider_url: str, n: int) -> float:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return _proxy_counted(proc, out, f"http://127.0.0.1:{port}/v1/chat/completions",
                               {"content-type": "application/json",
-                               "authorization": f"Bearer {secret}"}, n)
+                               "authorization": f"Bearer {secret}", **_streaming(streamed)},
+                              n, body)
     finally:
         decider.terminate()
         access_log.terminate()
@@ -304,7 +324,9 @@ def tollgate_mitmproxy(workdir: Path, provider_url: str, n: int) -> float:
         gw.stop(timeout=120)
 
 
-PARTS = {"envoy": ("plain envoy", "tollgate envoy"), "decider": ("decision service",),
+PARTS = {"envoy": ("plain envoy", "tollgate envoy"),
+         "stream": ("plain envoy, stream", "tollgate envoy, stream"),
+         "decider": ("decision service",),
          "served": ("served decisions",), "mitmproxy": ("mitmdump", "tollgate mitmproxy")}
 
 
@@ -312,7 +334,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--parts", default="envoy,decider,served,mitmproxy")
+    parser.add_argument("--parts", default="envoy,stream,decider,served,mitmproxy")
     parser.add_argument("--update-baseline", action="store_true")
     parser.add_argument("--serve", nargs=3, metavar=("CONFIG", "SECRET", "N"),
                         help=argparse.SUPPRESS)
@@ -330,6 +352,8 @@ def main() -> int:
     workdir = scratch_dir("tollgate-bench-instructions-")
     provider, provider_url = compiled_provider(workdir)
     measure = {"plain envoy": plain, "tollgate envoy": tollgate_envoy,
+               "plain envoy, stream": functools.partial(plain, streamed=True),
+               "tollgate envoy, stream": functools.partial(tollgate_envoy, streamed=True),
                "decision service": decision_service, "served decisions": served,
                "mitmdump": mitmdump, "tollgate mitmproxy": tollgate_mitmproxy}
     rows: dict[str, float] = {}
@@ -347,7 +371,9 @@ def main() -> int:
     print("-" * 48)
     for name, count in rows.items():
         print(f"{name:20}{count:14,.0f}{baseline.get(name, 0):14,.0f}")
-    for plain_name, ours in (("plain envoy", "tollgate envoy"), ("mitmdump", "tollgate mitmproxy")):
+    for plain_name, ours in (("plain envoy", "tollgate envoy"),
+                             ("plain envoy, stream", "tollgate envoy, stream"),
+                             ("mitmdump", "tollgate mitmproxy")):
         if plain_name in rows and ours in rows:
             print(f"\n{ours} / {plain_name}: {rows[ours] / rows[plain_name]:.2f}")
     if args.update_baseline:

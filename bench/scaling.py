@@ -71,6 +71,30 @@ ANSWER = json.dumps({
         "role": "assistant", "content": "A short answer from the compiled provider."}}],
     "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21}})
 
+# Requests with this header are answered a chat-completions stream (STREAMED, OpenAI's own
+# compact JSON, the usage chunk a client without `stream_options` did not ask for among it).
+STREAM_HEADER = "x-bench-stream"
+
+
+def _chunk(delta: dict[str, object], finish: str | None = None) -> str:
+    return "data: " + json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1767225600,
+        "model": "gpt-5-mini", "choices": [{"index": 0, "delta": delta,
+                                            "finish_reason": finish}]},
+        separators=(",", ":")) + "\n\n"
+
+
+STREAMED = "".join([
+    _chunk({"role": "assistant", "content": ""}),
+    *(_chunk({"content": f"word{i} "}) for i in range(100)),
+    _chunk({}, "stop"),
+    "data: " + json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1767225600,
+        "model": "gpt-5-mini", "choices": [], "usage": {
+            "prompt_tokens": 12, "completion_tokens": 100, "total_tokens": 112}},
+        separators=(",", ":")) + "\n\n",
+    "data: [DONE]\n\n"])
+
 
 def envoy(workdir: Path, name: str, route: dict | list[dict], clusters: list[dict],
           filters: tuple[dict, ...] = (), wrap: list[str] | None = None,
@@ -93,9 +117,11 @@ def envoy(workdir: Path, name: str, route: dict | list[dict], clusters: list[dic
                     "@type": "type.googleapis.com/envoy.extensions.filters.network."
                              "http_connection_manager.v3.HttpConnectionManager",
                     "stat_prefix": name,
-                    "route_config": {"virtual_hosts": [{
-                        "name": "all", "domains": ["*"],
-                        "routes": route if isinstance(route, list) else [route]}]},
+                    "route_config": {
+                        "virtual_hosts": [{
+                            "name": "all", "domains": ["*"],
+                            "routes": route if isinstance(route, list) else [route]}],
+                        "max_direct_response_body_size_bytes": 1 << 16},  # STREAMED
                     "http_filters": [*filters, {
                         "name": "envoy.filters.http.router", "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.http."
@@ -138,14 +164,19 @@ WHOLE_REQUEST = {"name": "envoy.filters.http.buffer", "typed_config": {
 
 def compiled_provider(workdir: Path, whole_request: bool = True
                       ) -> tuple[subprocess.Popen[bytes], str]:
-    """An OpenAI-shaped provider that costs next to nothing: Envoy answering by itself.
-    `whole_request=False`: it answers on the request's headers and closes the connection
-    (see bench.transport)."""
-    proc, port = envoy(workdir, "provider", {
-        "match": {"prefix": "/"},
-        "direct_response": {"status": 200, "body": {"inline_string": ANSWER}},
-        "response_headers_to_add": [{"header": {"key": "content-type",
-                                                "value": "application/json"}}]}, [],
+    """An OpenAI-shaped provider that costs next to nothing: Envoy answering by itself
+    (ANSWER; STREAMED, in one piece, to a request with STREAM_HEADER). `whole_request=False`:
+    it answers on the request's headers and closes the connection (see bench.transport)."""
+    def answering(body: str, content_type: str, **match: object) -> dict[str, object]:
+        return {"match": {"prefix": "/", **match},
+                "direct_response": {"status": 200, "body": {"inline_string": body}},
+                "response_headers_to_add": [{"header": {"key": "content-type",
+                                                        "value": content_type}}]}
+
+    proc, port = envoy(workdir, "provider", [
+        answering(STREAMED, "text/event-stream",
+                  headers=[{"name": STREAM_HEADER, "present_match": True}]),
+        answering(ANSWER, "application/json")], [],
         filters=(WHOLE_REQUEST,) if whole_request else ())
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.post(f"{url}/v1/chat/completions").status_code == 200,

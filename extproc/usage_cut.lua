@@ -61,22 +61,23 @@ local function unspaced(text, at)
   return at
 end
 
--- Whether `text` holds `"choices"%s*:%s*%[%s*%]`, an empty choices array: read back from
--- each `]` (one an event, most often: its choices' end). Every chunk of a stream that may
--- be cut is asked; looking for the pattern itself cost Envoy a third of all it spent on
--- the SDKs' default stream, and the key found plainly (each `"` of the JSON a place to
--- look) nearly half of what a long stream cost it.
-local function empty_choices(text)
-  local from = 1
+-- Where `text` holds `"choices"%s*:%s*%[%s*%]`, an empty choices array, at or after
+-- `from`: the position of its `]`, or nil. Read back from each `]` (one an event, most
+-- often: its choices' end). Every chunk of a stream that may be cut is asked; looking for
+-- the pattern itself cost Envoy a third of all it spent on the SDKs' default stream, and
+-- the key found plainly (each `"` of the JSON a place to look) nearly half of what a long
+-- stream cost it.
+local function empty_choices(text, from)
+  from = from or 1
   while true do
     local close = string.find(text, "]", from, true)
-    if close == nil then return false end
+    if close == nil then return nil end
     local at = unspaced(text, close - 1)
     if string.byte(text, at) == OPEN then
       at = unspaced(text, at - 1)
       if string.byte(text, at) == COLON then
         at = unspaced(text, at - 1)
-        if at >= 9 and string.sub(text, at - 8, at) == '"choices"' then return true end
+        if at >= 9 and string.sub(text, at - 8, at) == '"choices"' then return close end
       end
     end
     from = close + 1
@@ -88,22 +89,25 @@ local function usage_only(event)
   if string.find(event, "^data: ?{") == nil and not followed(event, "\ndata:", "^ ?{") then
     return false
   end
-  return empty_choices(event) and followed(event, '"usage"', "^%s*:%s*{")
+  return empty_choices(event) ~= nil and followed(event, '"usage"', "^%s*:%s*{")
 end
 
--- The complete events of `data` minus the usage-only ones, and the incomplete rest. Where
--- no event holds empty choices (`usage`: whether one may), the events are passed whole,
--- not looked at one by one.
-local function cut(data, usage)
-  local kept, from = {}, 1
+-- The complete events of `data` minus the usage-only ones, and the incomplete rest. Only
+-- an event that holds an empty choices array (`at`: the first one's `]`, or nil) is looked
+-- at; the rest are passed on as runs of events between those cut.
+local function cut(data, at)
+  local kept, from, run = {}, 1, 1
   for last in event_ends(data) do
-    if usage then
-      local event = string.sub(data, from, last)
-      if not usage_only(event) then kept[#kept + 1] = event end
+    if at ~= nil and at <= last then
+      if usage_only(string.sub(data, from, last)) then
+        kept[#kept + 1] = string.sub(data, run, from - 1)
+        run = last + 1
+      end
+      at = empty_choices(data, last + 1)
     end
     from = last + 1
   end
-  if not usage then return string.sub(data, 1, from - 1), string.sub(data, from) end
+  kept[#kept + 1] = string.sub(data, run, from - 1)
   return table.concat(kept), string.sub(data, from)
 end
 
@@ -114,7 +118,7 @@ local function cut_usage(chunk, bytes, rest)
   local usage = empty_choices(data)
   -- Most chunks: whole events, none of them without choices: passed on untouched, with no
   -- call into Envoy (each costs the chunk some microseconds).
-  if rest == "" and not usage then
+  if rest == "" and usage == nil then
     local ending = string.sub(bytes, -2)
     if ending == "\n\n" or ending == "\r\r" then return "" end
   end
