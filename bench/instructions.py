@@ -367,10 +367,10 @@ def main() -> int:
         provider.terminate()
     baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
     print(f"\ninstructions per request (callgrind, {args.requests} requests each)\n")
-    print(f"{'':20}{'instructions':>14}{'baseline':>14}")
-    print("-" * 48)
+    print(f"{'':24}{'instructions':>14}{'baseline':>14}")
+    print("-" * 52)
     for name, count in rows.items():
-        print(f"{name:20}{count:14,.0f}{baseline.get(name, 0):14,.0f}")
+        print(f"{name:24}{count:14,.0f}{baseline.get(name, 0):14,.0f}")
     for plain_name, ours in (("plain envoy", "tollgate envoy"),
                              ("plain envoy, stream", "tollgate envoy, stream"),
                              ("mitmdump", "tollgate mitmproxy")):
