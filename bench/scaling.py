@@ -76,23 +76,22 @@ ANSWER = json.dumps({
 STREAM_HEADER = "x-bench-stream"
 
 
-def _chunk(delta: dict[str, object], finish: str | None = None) -> str:
+def _event(**fields: object) -> str:
     return "data: " + json.dumps({
         "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1767225600,
-        "model": "gpt-5-mini", "choices": [{"index": 0, "delta": delta,
-                                            "finish_reason": finish}]},
-        separators=(",", ":")) + "\n\n"
+        "model": "gpt-5-mini", **fields}, separators=(",", ":")) + "\n\n"
+
+
+def _chunk(delta: dict[str, object], finish: str | None = None) -> str:
+    return _event(choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
 
 
 STREAMED = "".join([
     _chunk({"role": "assistant", "content": ""}),
     *(_chunk({"content": f"word{i} "}) for i in range(100)),
     _chunk({}, "stop"),
-    "data: " + json.dumps({
-        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1767225600,
-        "model": "gpt-5-mini", "choices": [], "usage": {
-            "prompt_tokens": 12, "completion_tokens": 100, "total_tokens": 112}},
-        separators=(",", ":")) + "\n\n",
+    _event(choices=[], usage={"prompt_tokens": 12, "completion_tokens": 100,
+                              "total_tokens": 112}),
     "data: [DONE]\n\n"])
 
 

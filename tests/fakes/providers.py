@@ -90,8 +90,8 @@ class FakeProvider:
     # The whole stream written at once (the terminating chunk apart): a proxy reads every
     # event, the usage chunk among them, in one piece.
     one_write: bool = False
-    # The whole stream written at once with its length declared (content-length), not in
-    # chunks: as a provider behind a proxy that buffers answers may send it.
+    # The same with its length declared (content-length), not in chunks: as a provider
+    # behind a proxy that buffers answers may send it.
     sized_stream: bool = False
     # Streamed events' JSON written without spaces, as OpenAI writes it (`"choices":[]`).
     compact_events: bool = False
@@ -258,11 +258,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _stream(self, events: list[bytes], behaviour: Behaviour, framed: bool = False) -> None:
-        if self.fake.sized_stream:
+        if self.fake.one_write or self.fake.sized_stream:  # (a cut behaviour does not apply)
             body = b"".join(self._wire(event, framed) for event in events)
-            self._start_sse(len(body))
             self.fake.streamed.append(bytearray(body))
-            self.wfile.write(body)
+            if self.fake.sized_stream:
+                self._start_sse(len(body))
+                self.wfile.write(body)
+            else:
+                self._start_sse()
+                self._chunk(body)
+                self._chunk(b"")
             return
         self._start_sse()
         # This stream's own record, grown in place: `streamed[-1]` would be another stream's
@@ -271,8 +276,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.fake.streamed.append(sent)
         for i, event in enumerate(events):
             if behaviour.kind == "cut" and i >= behaviour.after_events:
-                if self.fake.one_write and sent:
-                    self._chunk(bytes(sent))
                 self.wfile.flush()
                 self.connection.shutdown(2)  # drop mid-stream, no terminating chunk
                 self.close_connection = True
@@ -281,14 +284,10 @@ class _Handler(BaseHTTPRequestHandler):
             pieces = [data[:len(data) - 1], data[len(data) - 1:]] if self.fake.split_events \
                 else [data]
             for piece in pieces:
-                sent += piece
-                if self.fake.one_write:
-                    continue
                 self._chunk(piece)
+                sent += piece
                 if self.fake.chunk_delay:
                     time.sleep(self.fake.chunk_delay)
-        if self.fake.one_write:
-            self._chunk(bytes(sent))
         self._chunk(b"")
 
     def _wire(self, event: bytes, framed: bool) -> bytes:
