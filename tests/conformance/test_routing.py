@@ -177,6 +177,33 @@ def test_translated_stream_arrives_event_by_event(gateway, fake_anthropic):
     assert len(arrivals) >= 5 and sum(g > 0.06 for g in gaps) >= len(gaps) - 1
 
 
+@pytest.mark.parametrize("served_by", ["anthropic", "openai"])
+def test_a_translated_stream_the_provider_sized_reaches_the_client_whole(
+        gateway, fake_openai, fake_anthropic, served_by):
+    """A provider (or a proxy in front of it that buffers) may declare its stream's length:
+    the translated stream has another, so the client is told none (or its own), and reads
+    the stream to its end rather than waiting for bytes that never come."""
+    fake = fake_anthropic if served_by == "anthropic" else fake_openai
+    _, key = translated(gateway, served_by, fake.url)
+    fake.sized_stream = True
+    if served_by == "anthropic":  # an OpenAI client
+        path, headers = "/v1/chat/completions", {"authorization": f"Bearer {key.secret}"}
+        body, last = {"model": "gpt-5-mini"}, b"data: [DONE]"
+    else:
+        path = "/v1/messages"
+        headers = {"x-api-key": key.secret, "anthropic-version": "2023-06-01"}
+        body, last = {"model": "claude-haiku-4-5", "max_tokens": 64}, b"event: message_stop"
+    with httpx.stream("POST", f"{gateway.url}{path}", headers=headers, timeout=10,
+                      json={**body, "stream": True,
+                            "messages": [{"role": "user", "content": "hi"}]}) as r:
+        assert r.status_code == 200
+        got = b"".join(r.iter_raw())
+        assert r.headers.get("content-length") in (None, str(len(got)))
+    assert last in got
+    row = ledger_row(gateway, r.headers["x-langwatch-request-id"])
+    assert row.usage_reported and row.outcome == "completed"
+
+
 @pytest.mark.parametrize("sdk", ["openai", "anthropic"])
 def test_provider_errors_reach_the_client_in_its_own_shape(gateway, fake_openai,
                                                            fake_anthropic, sdk):
