@@ -125,14 +125,15 @@ def plain(workdir: Path, provider_url: str, n: int, streamed: bool = False) -> f
     """`streamed`: the request and answer of the stream (see `tollgate_envoy`)."""
     out = workdir / "plain.callgrind"
     proc, url = plain_envoy(workdir, provider_url, wrap=_callgrind(out))
+    headers, body = _request(streamed)
     return _proxy_counted(proc, out, f"{url}/v1/chat/completions",
-                          {"content-type": "application/json", **_streaming(streamed)}, n,
-                          STREAM_BODY if streamed else BODY)
+                          {"content-type": "application/json", **headers}, n, body)
 
 
-def _streaming(streamed: bool) -> dict[str, str]:
-    """The header that has the compiled provider answer a stream."""
-    return {STREAM_HEADER: "1"} if streamed else {}
+def _request(streamed: bool) -> tuple[dict[str, str], bytes]:
+    """The request's own headers and body: for the stream, its body and the header that has
+    the compiled provider answer one."""
+    return ({STREAM_HEADER: "1"}, STREAM_BODY) if streamed else ({}, BODY)
 
 
 def _setup(workdir: Path, provider_url: str, redis: RedisServer | None) -> tuple[Path, str]:
@@ -183,7 +184,7 @@ def tollgate_envoy(workdir: Path, provider_url: str, n: int, streamed: bool = Fa
     the gateway asks for and the usage cut keeps from the client, answered in one piece of
     102 events (every byte of it read by the meter and the cut)."""
     config, secret = _setup(workdir, provider_url, None)
-    body = STREAM_BODY if streamed else BODY
+    streaming, body = _request(streamed)
     decision = asyncio.run(_decision(config, secret, body))
     port, sock = free_port(), workdir / "decide.sock"
     rendered = subprocess.run(
@@ -205,7 +206,7 @@ def tollgate_envoy(workdir: Path, provider_url: str, n: int, streamed: bool = Fa
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return _proxy_counted(proc, out, f"http://127.0.0.1:{port}/v1/chat/completions",
                               {"content-type": "application/json",
-                               "authorization": f"Bearer {secret}", **_streaming(streamed)},
+                               "authorization": f"Bearer {secret}", **streaming},
                               n, body)
     finally:
         decider.terminate()
