@@ -127,6 +127,7 @@ def test_lf_only_streams_parse_as_the_general_line_rules_parse_them(seed):
     rng = random.Random(seed)
     pieces = [b": keep-alive\n", b"event: delta\n", b"id: 7\n", b"data: first\n",
               b"data: second line\n", "data: caf\u00e9 \u2713\n".encode(), b"data\n",
+              b"data:tight\n", b"data:  two spaces\n", b"data: \n",
               b"data: " + b"x" * 300 + b"\n", b"retry: 10\n", b"\n", b"\n"]
     stream = b"".join(rng.choice(pieces) for _ in range(200)) + b"\n"
     cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(1, 60)))
