@@ -163,6 +163,9 @@ class StreamUsage:
         # OpenAI Responses' web search calls, as each is done (the closing event may be too
         # large to parse; a stream cut short has still run those searches).
         self.searches = 0
+        # The reader of an event's JSON in this family's shapes (OpenAI's by default), chosen
+        # once for every event of the stream (a function, not a bound method: no cycle).
+        self._read = _READERS.get(family, StreamUsage._add_openai)
 
     def add(self, event: Event) -> None:
         if event.data == "[DONE]":
@@ -172,41 +175,55 @@ class StreamUsage:
         except ValueError:
             return
         if isinstance(doc, dict):
-            self._add_doc(doc)
+            self._read(self, doc)
 
-    def _add_doc(self, doc: dict[str, Any]) -> None:
+    def _add_gemini(self, doc: dict[str, Any]) -> None:
+        # Each event's usageMetadata is the running total; the last names a finish reason.
+        if doc.get("usageMetadata"):
+            self.usage = gemini_usage(doc["usageMetadata"])
+        for candidate in doc.get("candidates") or []:
+            if not isinstance(candidate, dict):
+                continue
+            for part in (candidate.get("content") or {}).get("parts") or []:
+                self.streamed_chars += len(part.get("text") or "") if \
+                    isinstance(part, dict) else 0
+            self.final = self.final or candidate.get("finishReason") is not None
+
+    def _add_converse(self, doc: dict[str, Any]) -> None:
+        # Shapes, not names: metadata, contentBlockDelta.
+        if isinstance(doc.get("usage"), dict):
+            self.usage, self.final = converse_usage(doc["usage"], doc.get("serviceTier")), True
+        delta = doc.get("delta")
+        if isinstance(delta, dict):
+            self.streamed_chars += len(delta.get("text") or "") + len(
+                (delta.get("toolUse") or {}).get("input") or "")
+
+    def _add_anthropic(self, doc: dict[str, Any]) -> None:
         kind = doc.get("type", "")
-        if self.family == "gemini":  # each event's usageMetadata is the running total
-            if doc.get("usageMetadata"):
-                self.usage = gemini_usage(doc["usageMetadata"])
-            for candidate in doc.get("candidates") or []:
-                if not isinstance(candidate, dict):
-                    continue
-                for part in (candidate.get("content") or {}).get("parts") or []:
-                    self.streamed_chars += len(part.get("text") or "") if \
-                        isinstance(part, dict) else 0
-                self.final = self.final or candidate.get("finishReason") is not None
-            return
-        if self.family == "converse":  # shapes, not names: metadata, contentBlockDelta
-            if isinstance(doc.get("usage"), dict):
-                self.usage, self.final = converse_usage(doc["usage"],
-                                                        doc.get("serviceTier")), True
-            delta = doc.get("delta")
-            if isinstance(delta, dict):
-                self.streamed_chars += len(delta.get("text") or "") + len(
-                    (delta.get("toolUse") or {}).get("input") or "")
-            return
-        if self.family == "anthropic":
-            if kind == "message_start":
-                anthropic_usage((doc.get("message") or {}).get("usage"), self.usage)
-            elif kind == "message_delta":
-                anthropic_usage(doc.get("usage"), self.usage)
-                self.final = True
-            elif kind == "content_block_delta":
-                delta = doc.get("delta") or {}
-                self.streamed_chars += len(delta.get("text") or delta.get("partial_json") or
-                                           delta.get("thinking") or "")
-            return
+        if kind == "content_block_delta":
+            delta = doc.get("delta") or {}
+            self.streamed_chars += len(delta.get("text") or delta.get("partial_json") or
+                                       delta.get("thinking") or "")
+        elif kind == "message_start":
+            anthropic_usage((doc.get("message") or {}).get("usage"), self.usage)
+        elif kind == "message_delta":
+            anthropic_usage(doc.get("usage"), self.usage)
+            self.final = True
+
+    def _add_openai(self, doc: dict[str, Any]) -> None:
+        kind = doc.get("type")
+        if kind is not None:  # the Responses API's events (chat chunks name no type)
+            self._add_responses(kind, doc)
+        elif doc.get("usage"):
+            self.usage, self.final = openai_usage(doc["usage"], doc.get("service_tier")), True
+        for choice in doc.get("choices") or []:
+            delta = choice.get("delta") or {} if isinstance(choice, dict) else {}
+            self.streamed_chars += len(delta.get("content") or "")
+            for call in delta.get("tool_calls") or []:
+                self.streamed_chars += len(((call or {}).get("function") or {})
+                                           .get("arguments") or "")
+
+    def _add_responses(self, kind: Any, doc: dict[str, Any]) -> None:
         if kind in ("response.completed", "response.incomplete", "response.failed"):
             response = doc.get("response") or {}
             reported = openai_usage(response.get("usage"), response.get("service_tier")) \
@@ -220,12 +237,6 @@ class StreamUsage:
             self.searches += type(item) is dict and item.get("type") == WEB_SEARCH_CALL
         elif doc.get("usage"):
             self.usage, self.final = openai_usage(doc["usage"], doc.get("service_tier")), True
-        for choice in doc.get("choices") or []:
-            delta = choice.get("delta") or {} if isinstance(choice, dict) else {}
-            self.streamed_chars += len(delta.get("content") or "")
-            for call in delta.get("tool_calls") or []:
-                self.streamed_chars += len(((call or {}).get("function") or {})
-                                           .get("arguments") or "")
 
     def long_event_usage(self, found: bytes, tier: bytes | None, finished: bool) -> None:
         """The usage of an event too large to parse, found by scanning it as sent: OpenAI
@@ -257,6 +268,10 @@ class StreamUsage:
             usage.reported = False
             usage.output_tokens = max(usage.output_tokens, estimate_tokens(self.streamed_chars))
         return usage
+
+
+_READERS = {"gemini": StreamUsage._add_gemini, "converse": StreamUsage._add_converse,
+            "anthropic": StreamUsage._add_anthropic}
 
 
 # The usage chunk is a few hundred bytes: an event longer than this is not it (and is not held
