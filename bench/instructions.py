@@ -3,7 +3,7 @@ cannot move. CPU time per request drifts by 15-25% between runs on such a machin
 change of a few percent hides in it; instruction counts repeat within 1%.
 
     python -m bench.instructions [--requests 300]
-                                 [--parts envoy,stream,decider,served,mitmproxy]
+                                 [--parts envoy,stream,decider,served,mitmproxy,envoy-split]
 
 - `plain envoy`: an Envoy of one route to the provider, for scale;
 - `tollgate envoy`: tollgate's own rendered Envoy configuration in front of the same
@@ -25,7 +25,12 @@ change of a few percent hides in it; instruction counts repeat within 1%.
 - `mitmdump`: mitmdump as a reverse proxy to the provider, bodies streamed, for scale;
 - `tollgate mitmproxy`: `tollgate serve mitmproxy` (one process: mitmproxy and the addon,
   deciding, metering and settling on SQLite state), one request at a time; quiet (`-q`),
-  as `mitmdump` is.
+  as `mitmdump` is;
+- `tollgate envoy, no meter`, `..., no end log` and `..., no meter or logs` (`--parts
+  envoy-split`, not in the defaults): tollgate's Envoy with its meter filter, the access
+  log of responses' ends, or both and its other access logs taken out of the rendered
+  configuration; what each costs Envoy is `tollgate envoy`'s count over its row (the rest
+  is the decision: the decide filter and its exchange).
 
 Each is counted after a warm-up, over `--requests` requests (the provider is an Envoy
 answering by itself, outside the count). Callgrind slows what it runs some fifty times: a
@@ -53,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from bench.latency import BODY, PROVIDER_KEY, QUIET, _Url, scratch_dir, with_state
 from bench.quick import STREAM_BODY, governed, mitmdump_command
@@ -178,11 +184,26 @@ async def _decision(config: Path, secret: str, sent: bytes = BODY) -> bytes:
         await gateway.close()
 
 
-def tollgate_envoy(workdir: Path, provider_url: str, n: int, streamed: bool = False
-                   ) -> float:
+def _without(rendered: str, names: tuple[str, ...]) -> str:
+    """The rendered bootstrap with the HTTP filters and access logs `names` taken out of its
+    listeners: what each costs Envoy is the count it takes away."""
+    doc = yaml.safe_load(rendered)
+    for listener in doc["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for manager in (f["typed_config"] for f in chain["filters"]):
+                manager["http_filters"] = [f for f in manager["http_filters"]
+                                           if f["name"] not in names]
+                manager["access_log"] = [a for a in manager.get("access_log", [])
+                                         if a["name"] not in names]
+    return yaml.safe_dump(doc)
+
+
+def tollgate_envoy(workdir: Path, provider_url: str, n: int, streamed: bool = False,
+                   without: tuple[str, ...] = ()) -> float:
     """`streamed`: the OpenAI SDK's default stream (no `stream_options`), whose usage chunk
     the gateway asks for and the usage cut keeps from the client, answered in one piece of
-    102 events (every byte of it read by the meter and the cut)."""
+    102 events (every byte of it read by the meter and the cut). `without`: filters and
+    access logs taken out (`_without`)."""
     config, secret = _setup(workdir, provider_url, None)
     streaming, body = _request(streamed)
     decision = asyncio.run(_decision(config, secret, body))
@@ -193,7 +214,7 @@ def tollgate_envoy(workdir: Path, provider_url: str, n: int, streamed: bool = Fa
          "--decider", f"unix:{sock}", "--envoy-admin", f"127.0.0.1:{free_port()}"],
         capture_output=True, text=True, check=True).stdout
     bootstrap = workdir / "tollgate-envoy.yaml"
-    bootstrap.write_text(rendered)
+    bootstrap.write_text(_without(rendered, without) if without else rendered)
     decided = workdir / "decided.http"
     decided.write_bytes(decision)
     decider = bare_service("http", sock, decided)
@@ -325,10 +346,17 @@ def tollgate_mitmproxy(workdir: Path, provider_url: str, n: int) -> float:
         gw.stop(timeout=120)
 
 
+# tollgate's Envoy with parts taken out (`--parts envoy-split`, on demand): each part's
+# instructions are the full count's over the row without it.
+SPLIT = {"tollgate envoy, no meter": ("tollgate.meter",),
+         "tollgate envoy, no end log": ("tollgate.response_end",),
+         "tollgate envoy, no meter or logs": ("tollgate.meter", "tollgate.response_end",
+                                              "tollgate.proxy_replies", "tollgate.outage")}
 PARTS = {"envoy": ("plain envoy", "tollgate envoy"),
          "stream": ("plain envoy, stream", "tollgate envoy, stream"),
          "decider": ("decision service",),
-         "served": ("served decisions",), "mitmproxy": ("mitmdump", "tollgate mitmproxy")}
+         "served": ("served decisions",), "mitmproxy": ("mitmdump", "tollgate mitmproxy"),
+         "envoy-split": tuple(SPLIT)}
 
 
 def main() -> int:
@@ -356,7 +384,9 @@ def main() -> int:
                "plain envoy, stream": functools.partial(plain, streamed=True),
                "tollgate envoy, stream": functools.partial(tollgate_envoy, streamed=True),
                "decision service": decision_service, "served decisions": served,
-               "mitmdump": mitmdump, "tollgate mitmproxy": tollgate_mitmproxy}
+               "mitmdump": mitmdump, "tollgate mitmproxy": tollgate_mitmproxy,
+               **{name: functools.partial(tollgate_envoy, without=names)
+                  for name, names in SPLIT.items()}}
     rows: dict[str, float] = {}
     try:
         for part in args.parts.split(","):
@@ -368,10 +398,12 @@ def main() -> int:
         provider.terminate()
     baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
     print(f"\ninstructions per request (callgrind, {args.requests} requests each)\n")
-    print(f"{'':24}{'instructions':>14}{'baseline':>14}")
-    print("-" * 52)
+    width = max([24, *(len(name) + 2 for name in rows)])
+    print(f"{'':{width}}{'instructions':>14}{'baseline':>14}")
+    print("-" * (width + 28))
     for name, count in rows.items():
-        print(f"{name:24}{count:14,.0f}{baseline.get(name, 0):14,.0f}")
+        stored = f"{baseline[name]:14,.0f}" if name in baseline else f"{'-':>14}"
+        print(f"{name:{width}}{count:14,.0f}{stored}")
     for plain_name, ours in (("plain envoy", "tollgate envoy"),
                              ("plain envoy, stream", "tollgate envoy, stream"),
                              ("mitmdump", "tollgate mitmproxy")):

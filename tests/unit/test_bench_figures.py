@@ -209,3 +209,31 @@ def test_long_answers_compare_with_the_revisions_code_only(tmp_path):
     assert refused.returncode == 2 and "--update-baseline without --answer-words" in \
         refused.stderr
     assert json.loads(stored.read_text())["figures"] == {"envoy: x": 1.0}
+
+
+def test_envoys_parts_are_taken_out_of_the_rendered_listener_by_name(tmp_path):
+    """bench.instructions' split: the named filters and access logs leave the listener,
+    and nothing else does."""
+    import yaml
+
+    from bench.instructions import SPLIT, _without
+    from extproc.envoy_config import listener
+
+    cfg = load_config(make_config(tmp_path, _Url("http://127.0.0.1:9"),
+                                  _Url("http://127.0.0.1:9"))).config
+    rendered = yaml.safe_dump({"static_resources": {
+        "listeners": [listener(cfg, "127.0.0.1", 8080, str(tmp_path / "outage.log"))]}})
+
+    def names(text: str) -> tuple[list[str], list[str]]:
+        manager = yaml.safe_load(text)["static_resources"]["listeners"][0][
+            "filter_chains"][0]["filters"][0]["typed_config"]
+        return [f["name"] for f in manager["http_filters"]], \
+            [a["name"] for a in manager["access_log"]]
+
+    filters, logs = names(rendered)
+    for taken in SPLIT.values():
+        assert set(taken) <= {*filters, *logs}  # each names what the renderer makes
+        left_filters, left_logs = names(_without(rendered, taken))
+        assert left_filters == [f for f in filters if f not in taken]
+        assert left_logs == [a for a in logs if a not in taken]
+    assert "tollgate.decide" in names(_without(rendered, SPLIT["tollgate envoy, no meter"]))[0]
