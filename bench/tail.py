@@ -5,10 +5,10 @@
 The provider directly, plain Envoy and tollgate's Envoy host (the governed profile on
 SQLite) take turns, a JSON chat completion each per turn, sequentially. Prints each path's
 p50, p90, p99 and slowest, what tollgate adds over the direct call, the CPU its processes
-(Envoy and the decision service) spent per request, and that CPU over plain Envoy's (a
-ratio the machine's slower and faster hours move less than the milliseconds: the same
-code read 1.0 and 1.9 ms an hour apart), and how in step the slowest 2% of
-tollgate's requests are with the access log's batches, which Envoy sends every
+(Envoy and the decision service) spent per request, and that CPU over plain Envoy's, in all
+and for each process (a ratio the machine's slower and faster hours move less than the
+milliseconds: the same code read 1.0 and 1.9 ms an hour apart), and how in step the
+slowest 2% of tollgate's requests are with the access log's batches, which Envoy sends every
 `RESPONSE_END_FLUSH` seconds and the decision service settles: the length of the mean of
 their phases in that period, each a unit vector (1: all at one moment of the period; about
 0.9/sqrt(n) for n at random moments, 0.16 for 30).
@@ -69,19 +69,32 @@ def in_step(starts: list[float], period: float = RESPONSE_END_FLUSH) -> float:
                / len(starts))
 
 
+def envoy_of(pid: int) -> int | None:
+    """The Envoy `tollgate serve envoy` (`pid`) runs, its child."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if Path(f"/proc/{child}/comm").read_text().strip() == "envoy":
+                return int(child)
+    return None
+
+
 async def turns(paths: dict[str, tuple[str, dict[str, str]]], n: int, pid: int,
                 plain: int) -> tuple[dict[str, list[float]], list[tuple[float, float]],
-                                     float, float]:
+                                     float, float, float]:
     """`n` turns of one request per path (their base URLs), after a warm-up: each path's
     times (ms), tollgate's (time, start in seconds from the first turn), and the CPU
-    seconds its processes (`pid` and its children) and plain Envoy (`plain`) spent on
-    them."""
+    seconds its processes (`pid` and its children), its Envoy alone and plain Envoy
+    (`plain`) spent on them."""
     await sequential(paths, 0, WARM_UP)
+    envoy = envoy_of(pid)
+    envoy_cpu = cpu_seconds(envoy) if envoy is not None else 0.0
     cpu, plain_cpu, starts = cpu_seconds(pid), cpu_seconds(plain), {}
     times = await sequential(paths, n, 0, starts=starts)
     await asyncio.sleep(SETTLED)  # (the last requests' ends are settled)
     return (times, list(zip(times["tollgate envoy"], starts["tollgate envoy"], strict=True)),
-            cpu_seconds(pid) - cpu, cpu_seconds(plain) - plain_cpu)
+            cpu_seconds(pid) - cpu,
+            cpu_seconds(envoy) - envoy_cpu if envoy is not None else float("nan"),
+            cpu_seconds(plain) - plain_cpu)
 
 
 def one_round(n: int, code: Path | None) -> dict[str, float]:
@@ -105,7 +118,7 @@ def one_round(n: int, code: Path | None) -> dict[str, float]:
         paths = {"direct": (direct, provider), "plain envoy": (envoy_url, provider),
                  "tollgate envoy": (gateway.url, {"authorization": f"Bearer {secret}"})}
         assert gateway.proc is not None
-        times, started, cpu, plain_cpu = asyncio.run(turns(paths, n, gateway.proc.pid,
+        times, started, cpu, envoy_cpu, plain_cpu = asyncio.run(turns(paths, n, gateway.proc.pid,
                                                            envoy.pid))
     finally:
         if gateway is not None:
@@ -123,8 +136,11 @@ def one_round(n: int, code: Path | None) -> dict[str, float]:
         figures[f"{name} p50"], figures[f"{name} p99"] = p50, p99
     figures["cpu"] = cpu * 1000 / n
     figures["cpu / plain"] = cpu / plain_cpu
+    figures["envoy / plain"] = envoy_cpu / plain_cpu
+    figures["ext_proc / plain"] = (cpu - envoy_cpu) / plain_cpu
     print(f"tollgate's processes: {figures['cpu']:.3f} ms of CPU per request, "
-          f"{figures['cpu / plain']:.2f} times plain Envoy's ({plain_cpu * 1000 / n:.3f})")
+          f"{figures['cpu / plain']:.2f} times plain Envoy's ({plain_cpu * 1000 / n:.3f}): "
+          f"its Envoy {figures['envoy / plain']:.2f}, ext_proc {figures['ext_proc / plain']:.2f}")
     slowest = sorted(started, reverse=True)[:max(1, round(SLOWEST * len(started)))]
     figures["in step"] = in_step([at for _, at in slowest])
     print(f"the slowest {len(slowest)} of tollgate's: in step with the access log's batches "
@@ -167,6 +183,11 @@ def main() -> int:
         print(f"{code:<10}" + "".join(f"{med[n]:19.3f}" for n in names)
               + "".join(f"{a:+19.3f}" for a in added)
               + f"{med['cpu']:19.3f}{med['cpu / plain']:19.2f}{med['in step']:19.2f}")
+    for code, done in rounds.items():
+        split = {k: statistics.median(r[k] for r in done)
+                 for k in ("envoy / plain", "ext_proc / plain")}
+        print(f"{code}: CPU over plain Envoy's, its Envoy {split['envoy / plain']:.2f} and "
+              f"ext_proc {split['ext_proc / plain']:.2f} (medians)")
     return 0
 
 
