@@ -29,7 +29,7 @@ change of a few percent hides in it; instruction counts repeat within 1%.
 - `tollgate envoy, no meter`, `..., no end log` and `..., no meter or logs` (`--parts
   envoy-split`, not in the defaults): tollgate's Envoy with its meter filter, the access
   log of responses' ends, or both and its other access logs taken out of the rendered
-  configuration; what each costs Envoy is `tollgate envoy`'s count over its row (the rest
+  configuration; what each costs Envoy is `tollgate envoy`'s count less its row (the rest
   is the decision: the decide filter and its exchange).
 
 Each is counted after a warm-up, over `--requests` requests (the provider is an Envoy
@@ -347,7 +347,7 @@ def tollgate_mitmproxy(workdir: Path, provider_url: str, n: int) -> float:
 
 
 # tollgate's Envoy with parts taken out (`--parts envoy-split`, on demand): each part's
-# instructions are the full count's over the row without it.
+# instructions are the full count less the row without it.
 SPLIT = {"tollgate envoy, no meter": ("tollgate.meter",),
          "tollgate envoy, no end log": ("tollgate.response_end",),
          "tollgate envoy, no meter or logs": ("tollgate.meter", "tollgate.response_end",
