@@ -211,19 +211,7 @@ class StreamUsage:
             self.final = True
 
     def _add_openai(self, doc: dict[str, Any]) -> None:
-        kind = doc.get("type")
-        if kind is not None:  # the Responses API's events (chat chunks name no type)
-            self._add_responses(kind, doc)
-        elif doc.get("usage"):
-            self.usage, self.final = openai_usage(doc["usage"], doc.get("service_tier")), True
-        for choice in doc.get("choices") or []:
-            delta = choice.get("delta") or {} if isinstance(choice, dict) else {}
-            self.streamed_chars += len(delta.get("content") or "")
-            for call in delta.get("tool_calls") or []:
-                self.streamed_chars += len(((call or {}).get("function") or {})
-                                           .get("arguments") or "")
-
-    def _add_responses(self, kind: Any, doc: dict[str, Any]) -> None:
+        kind = doc.get("type", "")  # the Responses API's events (chat chunks name none)
         if kind in ("response.completed", "response.incomplete", "response.failed"):
             response = doc.get("response") or {}
             reported = openai_usage(response.get("usage"), response.get("service_tier")) \
@@ -237,6 +225,12 @@ class StreamUsage:
             self.searches += type(item) is dict and item.get("type") == WEB_SEARCH_CALL
         elif doc.get("usage"):
             self.usage, self.final = openai_usage(doc["usage"], doc.get("service_tier")), True
+        for choice in doc.get("choices") or []:
+            delta = choice.get("delta") or {} if isinstance(choice, dict) else {}
+            self.streamed_chars += len(delta.get("content") or "")
+            for call in delta.get("tool_calls") or []:
+                self.streamed_chars += len(((call or {}).get("function") or {})
+                                           .get("arguments") or "")
 
     def long_event_usage(self, found: bytes, tier: bytes | None, finished: bool) -> None:
         """The usage of an event too large to parse, found by scanning it as sent: OpenAI
