@@ -40,8 +40,9 @@ lint: bootstrap
 	$(VENV)/ruff check .
 
 # The sequential figures against the baseline commit's, measured in the same run (flags any
-# 15% worse), again with answers of 500 words (each event of a long stream), then the rest, then what each path adds to every event of a paced stream and
-# to bodies of an agent's size, and the tail beside the baseline's (in rounds of its own).
+# 15% worse), again with answers of 500 words (each event of a long stream), then the rest,
+# then what each path adds to every event of a paced stream and to bodies of an agent's
+# size, and the tail beside the baseline's (in rounds of its own).
 bench: bootstrap
 	$(VENV)/python -m bench.quick --requests 1000
 	$(VENV)/python -m bench.quick --requests 200 --answer-words 500 --states sqlite \
