@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 import traceback
+from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -32,6 +34,19 @@ def _port_range() -> range:
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     share = (low - 10000) // max(workers, 1)
     return range(10000 + worker * share, 10000 + (worker + 1) * share)
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """The tests' own HTTP endpoints (fake providers, an OTLP receiver, Envoy's admin): a
+    client that resets its connection (a kept connection let go, a test cutting a stream)
+    is no fault of the server's, and socketserver would print its traceback into the test
+    run's output. Any other error is still printed."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 _PORTS = _port_range()

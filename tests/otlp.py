@@ -6,14 +6,14 @@ from __future__ import annotations
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from tests.harness import wait_until
+from tests.harness import QuietHTTPServer, wait_until
 
 
 def _value(v: AnyValue) -> Any:
@@ -42,7 +42,7 @@ class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.requests = 0
         self._lock = threading.Lock()
         self._grpc: grpc.Server | None = None
-        self._http: ThreadingHTTPServer | None = None
+        self._http: QuietHTTPServer | None = None
         self.grpc_port = self.http_port = 0
 
     def Export(self, request, context):
@@ -90,7 +90,7 @@ class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                 self.end_headers()
                 self.wfile.write(out)
 
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._http = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.http_port = self._http.server_address[1]
         threading.Thread(target=self._http.serve_forever, daemon=True).start()
         return self

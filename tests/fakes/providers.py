@@ -28,9 +28,11 @@ import uuid
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.harness import QuietHTTPServer
 
 TEXT = "Hello from the fake provider, streamed word by word."
 
@@ -117,7 +119,7 @@ class FakeProvider:
     # tracebacks: the tests' fixtures fail the test that was running on any.
     failures: list[str] = field(default_factory=list)
     _script: deque[Behaviour] = field(default_factory=deque)
-    _server: ThreadingHTTPServer | None = None
+    _server: QuietHTTPServer | None = None
 
     # -- control ----------------------------------------------------------------------------
     def enqueue(self, *behaviours: Behaviour) -> None:
@@ -165,20 +167,16 @@ class FakeProvider:
             self._server.server_close()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(QuietHTTPServer):
     request_queue_size = 1024  # the stdlib default of 5 resets bursts of connections
 
     failures: list[str]
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that resets its connection (a proxy letting a keep-alive connection go,
-        # a test cutting a stream) is no fault of the provider's: socketserver would print
-        # its traceback into the test run's output. Anything else is the fake's own failure:
-        # kept for the tests' fixtures, and printed.
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            return
-        self.failures.append(f"from {client_address}: {traceback.format_exc()}")
+        # Anything but a client's reset is the fake's own failure: kept for the tests'
+        # fixtures, and printed.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            self.failures.append(f"from {client_address}: {traceback.format_exc()}")
         super().handle_error(request, client_address)
 
 

@@ -9,11 +9,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from extproc.envoy_admin import AdminError, EnvoyAdmin
+from tests.harness import QuietHTTPServer
 
 
 class Admin(BaseHTTPRequestHandler):
@@ -43,8 +44,7 @@ class Admin(BaseHTTPRequestHandler):
 @pytest.fixture
 def admin() -> Iterator[tuple[str, type[Admin]]]:
     handler = type("Handler", (Admin,), {"connections": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = QuietHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"127.0.0.1:{server.server_address[1]}", handler
