@@ -53,7 +53,7 @@ bench: bootstrap
 	$(VENV)/python -m bench.tail --against baseline
 
 bench-quick: bootstrap
-	$(VENV)/python -m bench.quick --concurrent-requests 0
+	$(VENV)/python -m bench.quick --concurrent-requests 0 --requests 300
 
 # Throughput with 1 and 2 ext_proc processes, under wrk (apt-get install wrk).
 bench-scaling: bootstrap
