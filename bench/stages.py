@@ -1,6 +1,6 @@
 """Where the decision service's time goes, function by function, as it runs behind Envoy.
 
-    python -m bench.stages [--requests 400] [--stream]
+    python -m bench.stages [--requests 400] [--stream] [--function MODULE:QUALNAME ...]
 
 The same chat completion is sent sequentially, round-robin, to the provider directly, to
 plain Envoy and to tollgate's Envoy host on the governed profile (SQLite state), as in
@@ -14,9 +14,12 @@ start and return, so the rest runs as ever.
 Prints each function's calls per request and the p50 of its own time per call, inclusive
 (a function's figure holds those it calls: `Gateway.decide_like` holds `authenticate`),
 after a warm-up. Each timed call adds about a microsecond of the callbacks themselves to
-the functions that hold it. py-spy samples wall-clock time, which puts a third of this
-process's samples on the `write(2)` that wakes Envoy (the process is descheduled there,
-not busy); the figures here are the time each function takes.
+the functions that hold it. `--function module:Class.name` (again for more) adds one to
+the list, as bench.cold's does: a step between two listed ones, or the host's own code
+around them (`extproc.decider:Decider.data_received`, whose time holds the `write(2)` of
+the answer, during which Envoy, woken, runs on the same core). py-spy samples wall-clock
+time, which puts a third of this process's samples on that `write(2)` (the process is
+descheduled there, not busy); the figures here are the time each function takes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import time
 from bench.breakdown import sequential, tollgate_envoy
 from bench.latency import BODY, PROVIDER_KEY, _Url, bench_setup, own_state
 from bench.quick import STREAM_BODY, governed, plain_envoy
+from bench.timed import resolve
 from tests.conftest import make_config
 from tests.harness import free_port
 
@@ -56,7 +60,14 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--stream", action="store_true",
                         help="each request streamed, as the OpenAI SDK sends it by default")
+    parser.add_argument("--function", action="append", default=[], metavar="NAME",
+                        help="module:Class.name to time as well")
     args = parser.parse_args()
+    for name in args.function:  # a name that resolves to nothing fails here, not in the service
+        try:
+            resolve(name)
+        except (ImportError, AttributeError, ValueError) as e:
+            parser.error(f"--function {name}: {e}")
     warm = 20
     workdir, fake_port, fake = bench_setup("tollgate-bench-stages-")
     procs: list[subprocess.Popen[bytes]] = [fake]
@@ -69,7 +80,8 @@ def main() -> int:
         secret = governed(config)
         url, _, _ = tollgate_envoy(own_state(config, "stages"), workdir, procs,
                                    service=[sys.executable, "-m", "bench.timed",
-                                            str(timings)])
+                                            str(timings),
+                                            *(f"--function={n}" for n in args.function)])
         provider = {"authorization": f"Bearer {PROVIDER_KEY}", "content-type":
                     "application/json"}
         key = {"authorization": f"Bearer {secret}", "content-type": "application/json"}

@@ -1,11 +1,11 @@
 """`tollgate` with the functions a request runs through timed: bench.stages runs the decision
 service so.
 
-    python -m bench.timed TIMINGS ARGS...
+    python -m bench.timed TIMINGS [--function=MODULE:QUALNAME ...] ARGS...
 
-runs `tollgate ARGS` with `FUNCTIONS` timed by `sys.monitoring` (PEP 669), which calls back
-on their start and return alone, and writes their calls (inclusive seconds, per call, in
-order) to TIMINGS as the process exits.
+runs `tollgate ARGS` with `FUNCTIONS` (and each `--function`) timed by `sys.monitoring` (PEP
+669), which calls back on their start and return alone, and writes their calls (inclusive
+seconds, per call, in order) to TIMINGS as the process exits.
 
 (Its own module: the benchmarks' harness sets the test suite's provider keys as it is
 imported, and this process must keep the environment it was given.)
@@ -101,15 +101,25 @@ class Timer:
         mon.free_tool_id(tool)
 
 
-def serve(timings: Path, args: list[str]) -> None:
-    """`tollgate ARGS`, with `FUNCTIONS` timed; their calls written to `timings` at exit."""
+def serve(timings: Path, args: list[str], more: Iterable[str] = ()) -> None:
+    """`tollgate ARGS`, with `FUNCTIONS` and `more` timed; their calls written to `timings`
+    at exit."""
     from tollgate.cli.main import cli
 
-    timer = Timer(resolve(name) for name in FUNCTIONS)
+    timer = Timer(resolve(name) for name in [*FUNCTIONS, *more])
     atexit.register(lambda: timings.write_text(json.dumps(timer.calls)))
     timer.install()
     cli.main(args=args, prog_name="tollgate")
 
 
+def command_line(rest: list[str]) -> tuple[list[str], list[str]]:
+    """The `--function=` names that lead `rest`, and the `tollgate` arguments after them."""
+    more = []
+    while rest and rest[0].startswith("--function="):
+        more.append(rest.pop(0).removeprefix("--function="))
+    return more, rest
+
+
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]), sys.argv[2:])
+    functions, arguments = command_line(sys.argv[2:])
+    serve(Path(sys.argv[1]), arguments, functions)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.stages import table
-from bench.timed import FUNCTIONS, Timer, resolve
+from bench.timed import FUNCTIONS, Timer, command_line, resolve
 
 
 def inner(x: int) -> int:
@@ -46,3 +46,11 @@ def test_the_table_leaves_the_warm_up_out():
     lines = table(calls, requests=3, skip=1)
     assert lines[2].split() == ["a", "1.00", "20.0"]
     assert lines[3].split() == ["b", "0.00", "-"]
+
+
+def test_functions_named_on_the_command_line_lead_the_tollgate_arguments():
+    assert command_line(["--function=tollgate.body:read_json", "--function=a:b", "--config",
+                         "c.yaml", "serve", "extproc", "--function=x:y"]) == (
+        ["tollgate.body:read_json", "a:b"], ["--config", "c.yaml", "serve", "extproc",
+                                             "--function=x:y"])
+    assert command_line(["--config", "c.yaml"]) == ([], ["--config", "c.yaml"])
