@@ -114,10 +114,10 @@ def serve(timings: Path, args: list[str], more: Iterable[str] = ()) -> None:
 
 def command_line(rest: list[str]) -> tuple[list[str], list[str]]:
     """The `--function=` names that lead `rest`, and the `tollgate` arguments after them."""
-    more = []
-    while rest and rest[0].startswith("--function="):
-        more.append(rest.pop(0).removeprefix("--function="))
-    return more, rest
+    lead = 0
+    while lead < len(rest) and rest[lead].startswith("--function="):
+        lead += 1
+    return [a.removeprefix("--function=") for a in rest[:lead]], rest[lead:]
 
 
 if __name__ == "__main__":
