@@ -256,15 +256,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _stream(self, events: list[bytes], behaviour: Behaviour, framed: bool = False) -> None:
-        if self.fake.one_write or self.fake.sized_stream:  # (a cut behaviour does not apply)
-            body = b"".join(self._wire(event, framed) for event in events)
+        cut = behaviour.after_events if behaviour.kind == "cut" else None
+        if self.fake.one_write or self.fake.sized_stream:
+            whole = b"".join(self._wire(event, framed) for event in events)
+            body = whole if cut is None else \
+                b"".join(self._wire(event, framed) for event in events[:cut])
             self.fake.streamed.append(bytearray(body))
-            if self.fake.sized_stream:
-                self._start_sse(len(body))
+            if self.fake.sized_stream:  # (cut short of the length it declared)
+                self._start_sse(len(whole))
                 self.wfile.write(body)
             else:
                 self._start_sse()
-                self._chunk(body)
+                if body:
+                    self._chunk(body)
+            if cut is not None:
+                self._drop()
+            elif not self.fake.sized_stream:
                 self._chunk(b"")
             return
         self._start_sse()
@@ -273,10 +280,8 @@ class _Handler(BaseHTTPRequestHandler):
         sent = bytearray()
         self.fake.streamed.append(sent)
         for i, event in enumerate(events):
-            if behaviour.kind == "cut" and i >= behaviour.after_events:
-                self.wfile.flush()
-                self.connection.shutdown(2)  # drop mid-stream, no terminating chunk
-                self.close_connection = True
+            if cut is not None and i >= cut:
+                self._drop()
                 return
             data = self._wire(event, framed)
             pieces = [data[:len(data) - 1], data[len(data) - 1:]] if self.fake.split_events \
@@ -287,6 +292,12 @@ class _Handler(BaseHTTPRequestHandler):
                 if self.fake.chunk_delay:
                     time.sleep(self.fake.chunk_delay)
         self._chunk(b"")
+
+    def _drop(self) -> None:
+        """The connection dropped mid-stream: no terminating chunk, no more bytes."""
+        self.wfile.flush()
+        self.connection.shutdown(2)
+        self.close_connection = True
 
     def _wire(self, event: bytes, framed: bool) -> bytes:
         """An event as it goes on the wire: compact JSON if asked, framed for Bedrock."""

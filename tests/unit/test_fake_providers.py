@@ -358,3 +358,28 @@ def test_a_fake_keeps_its_own_failures_for_the_fixtures_and_not_a_clients_reset(
     (failure,) = fake.failures
     assert "RuntimeError: the fake's own bug" in failure and "in broken" in failure
     assert "RuntimeError: the fake's own bug" in capfd.readouterr().err  # and it still prints
+
+
+@pytest.mark.parametrize("arrival", ["chunked", "one_write", "sized_stream"])
+def test_a_cut_stream_drops_after_its_events_however_it_is_written(arrival):
+    """A `cut` behaviour sends its first events and drops the connection, whether the fake
+    writes its stream event by event, in one piece or with its length declared (the
+    provider's whole length, never reached): the client reads those events and then an
+    error, and the fake records what it sent."""
+    from tests.fakes.providers import Behaviour
+
+    fake = FakeProvider("openai", "sk-cut", **({arrival: True} if arrival != "chunked"
+                                               else {})).start()
+    fake.enqueue(Behaviour("cut", after_events=3))
+    got = b""
+    try:
+        with pytest.raises(httpx.HTTPError), httpx.stream(
+                "POST", f"{fake.url}/v1/chat/completions", timeout=10,
+                headers={"authorization": "Bearer sk-cut"},
+                json={"model": "gpt-5-mini", "messages": MESSAGES, "stream": True}) as r:
+            for chunk in r.iter_raw():
+                got += chunk
+    finally:
+        fake.stop()
+    assert got == bytes(fake.streamed[-1])
+    assert got.count(b"\n\n") == 3 and b"[DONE]" not in got
