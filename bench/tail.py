@@ -118,8 +118,8 @@ def one_round(n: int, code: Path | None) -> dict[str, float]:
         paths = {"direct": (direct, provider), "plain envoy": (envoy_url, provider),
                  "tollgate envoy": (gateway.url, {"authorization": f"Bearer {secret}"})}
         assert gateway.proc is not None
-        times, started, cpu, envoy_cpu, plain_cpu = asyncio.run(turns(paths, n, gateway.proc.pid,
-                                                           envoy.pid))
+        times, started, cpu, envoy_cpu, plain_cpu = asyncio.run(
+            turns(paths, n, gateway.proc.pid, envoy.pid))
     finally:
         if gateway is not None:
             gateway.stop()
