@@ -5,7 +5,7 @@ ADMIN ?= 127.0.0.1:9464
 ENVOY_ADMIN ?=
 VENV := .venv/bin
 
-.PHONY: run demo test wheel-smoke image-check lint bench bench-quick bench-scaling bench-cores bench-transport bench-reload bench-breakdown bench-stages bench-cold bench-instructions bench-lean bench-tail soak bootstrap k8s-examples
+.PHONY: run demo test wheel-smoke image-check lint bench bench-quick bench-scaling bench-cores bench-transport bench-reload bench-breakdown bench-filters bench-stages bench-cold bench-instructions bench-lean bench-tail soak bootstrap k8s-examples
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -82,6 +82,11 @@ bench-instructions: bootstrap
 # filters, the Python service doing no work, the decision).
 bench-breakdown: bootstrap
 	$(VENV)/python -m bench.breakdown
+
+# What each part of tollgate's Envoy filters costs the client's p50 (the meter, the access
+# log of responses' ends, the client head the decide filter sends), with no decision.
+bench-filters: bootstrap
+	$(VENV)/python -m bench.filters
 
 # The decision service's time by function, cold: each function a request decided from a
 # precedent runs through (sys.monitoring on those functions alone), its meter post and its

@@ -76,6 +76,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,15 +191,19 @@ def overhead(admin: str) -> tuple[float, float]:
 
 def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[bytes]],
                    floor: bool = False, answering: Path | None = None,
-                   service: list[str] | None = None) -> tuple[str, str, Path]:
+                   service: list[str] | None = None,
+                   change: Callable[[dict[str, Any]], None] | None = None,
+                   name: str | None = None) -> tuple[str, str, Path]:
     """`serve extproc` (`floor`: bench.floor's decision service in its place; `answering`:
     no decision service, the decide filter asks the answerer on that socket; `service`:
     the command that runs `tollgate`, its arguments after it) and an Envoy of `envoy
     render`, with the stage log, added to `procs` as they start (stopped by the caller,
     started or not): the listener's URL, ext_proc's admin URL ("" for a floor) and the
-    log."""
+    log. `change`: applied to the rendered bootstrap before Envoy reads it; `name`: what
+    its files are called in `workdir` (one of several Envoys asking the same answerer)."""
     port, envoy_admin, admin = free_port(), f"127.0.0.1:{free_port()}", free_port()
-    name = f"{answering.stem}-floor" if answering else "floor" if floor else "tollgate"
+    name = name or (f"{answering.stem}-floor" if answering else "floor" if floor
+                    else "tollgate")
     sock = f"unix:{workdir}/{name}.sock"
     decider = ["--decider", f"unix:{answering}"] if answering else []
     rendered = subprocess.run(
@@ -207,7 +212,10 @@ def tollgate_envoy(config: Path, workdir: Path, procs: list[subprocess.Popen[byt
         capture_output=True, text=True, check=True).stdout
     log = workdir / f"{name}-stages.log"
     bootstrap = workdir / f"{name}-envoy.json"
-    bootstrap.write_text(json.dumps(with_access_log(yaml.safe_load(rendered), log)))
+    rendered_bootstrap = with_access_log(yaml.safe_load(rendered), log)
+    if change is not None:
+        change(rendered_bootstrap)
+    bootstrap.write_text(json.dumps(rendered_bootstrap))
     with open(workdir / f"{name}.log", "wb") as service_log:  # the child has its own copy
         if floor:
             procs.append(subprocess.Popen(
