@@ -693,7 +693,7 @@ class TollgateAddon:
         if flow.metadata.get(_REFUSED):
             return  # answered from its headers
         req = self._core_request(flow, flow.request.raw_content or b"")
-        result = self._decide_like(req) or await self.gateway.handle(req)
+        result = await self._decide_like(req) or await self.gateway.handle(req)
         if isinstance(result, Forward):
             self._live.add(result.exchange)
             if result.exchange.precedent is not None:  # the requests like it follow it
@@ -712,11 +712,13 @@ class TollgateAddon:
         flow.comment = _comment(result.exchange.decision())
         await self.plans.send_here(flow, result.exchange, self.credentials.client_headers(flow))
 
-    def _decide_like(self, req: Request) -> Forward | None:
+    async def _decide_like(self, req: Request) -> Forward | None:
         """A request like one forwarded before, decided from its precedent (its exchange
-        made at once: this host's hooks follow the response with it); None: for `handle`."""
+        made at once: this host's hooks follow the response with it): at once, or once a
+        store that reserves over the network has (Redis); None: for `handle`."""
         assert self.gateway is not None
-        replayed = self.gateway.decide_like(req, HOST)
+        replayed = self.gateway.decide_like(req, HOST) or \
+            await self.gateway.decide_like_soon(req, HOST)
         if replayed is None:
             return None
         exchange = self.gateway.adopt(replayed)

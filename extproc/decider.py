@@ -399,10 +399,13 @@ class Decider(asyncio.Protocol):
                 self.transport.writelines(now)
                 return True
             headers, body, declared = dict(known.headers), payload, None
+            like = known.request.with_body(payload)
+        else:
+            like = None
         # Started eagerly: a decision that waits for nothing (the SQLite state, unless
         # another process holds its lock) is answered here, in this callback, with no
         # task scheduled and no turn of the loop (other callbacks first) in between.
-        deciding = asyncio.Task(self._decide(headers, body, declared),
+        deciding = asyncio.Task(self._decide(headers, body, declared, like),
                                 loop=self.loop, eager_start=True)
         if deciding.done():
             return True
@@ -422,10 +425,16 @@ class Decider(asyncio.Protocol):
         self._serve()  # requests that came while this one was decided
 
     async def _decide(self, headers: dict[str, str], body: bytes | None,
-                      declared: int | None) -> None:
+                      declared: int | None, like: Request | None = None) -> None:
+        """Decides a request and answers it; `like`: a request of a known client head, which
+        a store that reserves over the network decides from its precedent here."""
         reply = _encode(500, [], b"")  # the filter answers the client 500
         try:
-            decision = await self.processor.decide(headers, body, declared)
+            decision: Reply | Forwarding | Replaying | None = None
+            if like is not None:
+                decision = await self.processor.decide_soon(like)
+            if decision is None:
+                decision = await self.processor.decide(headers, body, declared)
         except Exception:  # answered at once, not left to time out as an outage
             log.exception("a request could not be decided")
         else:

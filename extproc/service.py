@@ -425,13 +425,18 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def decide_now(self, req: Request) -> Replaying | None:
         """A request like one decided before, decided from that decision's precedent at once
         (`Gateway.decide_like`), and its answer made from that decision's own; None: it is
-        for `decide`. `req.head`: the client head as the decide filter encoded it, which
-        names the request's method, path and headers (`Request.head`)."""
-        if not self.gateway.keeps_precedents:
-            return None
+        for `decide_soon` or `decide`. `req.head`: the client head as the decide filter
+        encoded it, which names the request's method, path and headers (`Request.head`)."""
         replayed = self.gateway.decide_like(req, HOST)
-        if replayed is None:
-            return None
+        return None if replayed is None else self._replaying(req, replayed)
+
+    async def decide_soon(self, req: Request) -> Replaying | None:
+        """`decide_now` on a store that reserves over the network (`Gateway.decide_like_soon`):
+        the reservation and the write-ahead awaited; None: it is for `decide`."""
+        replayed = await self.gateway.decide_like_soon(req, HOST)
+        return None if replayed is None else self._replaying(req, replayed)
+
+    def _replaying(self, req: Request, replayed: Replayed) -> Replaying:
         trace, attempt, billing = replayed.trace, replayed.attempt, replayed.billing
         self._pending[trace.request_id] = _Pending(replayed, time.monotonic(),
                                                    adopt=self.gateway.adopt)

@@ -183,25 +183,33 @@ class Admission:
         `admit` then decides the request (a lower cap, a refusal, a wait for the store,
         a shadow control's count). `price`, `lineage` and the worst case's `terms`: the
         precedent's; `now`: when it was decided."""
-        if route.metered:
-            worst = terms.at(worst_input(req))
-            amount, tokens = worst.micros, worst.input_tokens + worst.output_tokens
-        else:
-            amount = tokens = 0
-        billing = Billing(price=price, lineage=lineage,
-                          estimated_input_tokens=estimated_input(req))
-        applying = _applying(loaded, key, billing, attempt, now)
-        if applying.shadow:  # (never where a precedent was kept: counted by `admit`)
+        held = _held_again(loaded, key, route, req, attempt, price, lineage, terms, now)
+        if held is None:
             return None
-        holds, limits = (applying.holds if amount else []), applying.limits
+        billing, holds, limits, amount, tokens = held
         granted = self._store().reserve_now(request_id, holds, amount, limits, tokens, row)
-        if granted is None or not granted.granted:
+        return _granted_again(billing, route, holds, limits, amount, tokens, granted)
+
+    async def again_soon(self, loaded: LoadedConfig, request_id: str, key: VirtualKey,
+                         route: routes.Route, req: Request, attempt: Attempt,
+                         price: ModelPrice | None, lineage: Lineage, terms: WorstTerms,
+                         now: datetime) -> Billing | None:
+        """`again` on a store that reserves over the network (`Store.reserve`, as `admit`
+        reserves; the request is written ahead after it, as `admit`'s is): None, with
+        nothing taken, when it is not granted or the store cannot be reached (`admit` then
+        fails open or closed, as configured). Nothing to hold is not asked for."""
+        held = _held_again(loaded, key, route, req, attempt, price, lineage, terms, now)
+        if held is None:
             return None
-        if holds or limits:  # (no shadow control applies: none to count)
-            _told(billing, holds, granted, amount,
-                  ratelimit.headers(route.family, limits, granted.windows, time.time()))
-        billing.reserved_tokens, billing.worst_case = tokens, amount
-        return billing
+        billing, holds, limits, amount, tokens = held
+        if not holds and not limits:  # (as `admit` leaves a request with nothing to hold)
+            billing.reserved_tokens, billing.worst_case = tokens, amount
+            return billing
+        try:
+            granted = await self._store().reserve(request_id, holds, amount, limits, tokens)
+        except StoreUnavailable:
+            return None
+        return _granted_again(billing, route, holds, limits, amount, tokens, granted)
 
     async def _reserve(self, settings: Any, request_id: str, holds: list[budgets.Hold],
                        amount: int, limits: list[ratelimit.Limit], tokens: int
@@ -277,6 +285,41 @@ class Admission:
                     context={"budget": b.id, "unseen_input": unseen})
         return max((b.unseen_input for b in applying.values()
                     if isinstance(b.unseen_input, int)), default=0)
+
+
+def _held_again(loaded: LoadedConfig, key: VirtualKey, route: routes.Route, req: Request,
+                attempt: Attempt, price: ModelPrice | None, lineage: Lineage,
+                terms: WorstTerms, now: datetime
+                ) -> tuple[Billing, list[budgets.Hold], list[ratelimit.Limit], int, int] | None:
+    """What a request decided from a precedent is held in (`Admission.again`): its
+    billing, the budgets that hold its worst case (none for a request priced at nothing),
+    the limits it enters, that worst case and the tokens it may use; None where a shadow
+    control applies (never where a precedent was kept: counted by `admit`)."""
+    if route.metered:
+        worst = terms.at(worst_input(req))
+        amount, tokens = worst.micros, worst.input_tokens + worst.output_tokens
+    else:
+        amount = tokens = 0
+    billing = Billing(price=price, lineage=lineage,
+                      estimated_input_tokens=estimated_input(req))
+    applying = _applying(loaded, key, billing, attempt, now)
+    if applying.shadow:
+        return None
+    return billing, applying.holds if amount else [], applying.limits, amount, tokens
+
+
+def _granted_again(billing: Billing, route: routes.Route, holds: list[budgets.Hold],
+                   limits: list[ratelimit.Limit], amount: int, tokens: int,
+                   granted: Reservation | None) -> Billing | None:
+    """The billing of a request decided from a precedent once its reservation is made
+    (None: it was not granted, or not made)."""
+    if granted is None or not granted.granted:
+        return None
+    if holds or limits:  # (no shadow control applies: none to count)
+        _told(billing, holds, granted, amount,
+              ratelimit.headers(route.family, limits, granted.windows, time.time()))
+    billing.reserved_tokens, billing.worst_case = tokens, amount
+    return billing
 
 
 def estimated_input(req: Request) -> int:

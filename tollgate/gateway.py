@@ -7,9 +7,10 @@ exchange ends it settles the real cost and tokens and writes the ledger row. Eac
 small module; this file only orders them.
 
 A request like one forwarded before is decided from that decision (`decide_like`, for a host
-that asks): key, size cap, the body read as JSON and matched to a precedent (precedent.py),
-which vouches for what parsing would check -> price -> admission (budgets and rate limits)
--> forward, the rest of the path being the precedent's.
+that asks; `decide_like_soon` where the store reserves over the network): key, size cap, the
+body read as JSON and matched to a precedent (precedent.py), which vouches for what parsing
+would check -> price -> admission (budgets and rate limits) -> forward, the rest of the path
+being the precedent's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import sqlite3
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from tollgate import body as bodies
 from tollgate import (
@@ -67,8 +68,10 @@ from tollgate.precedent import (
 )
 from tollgate.providers import adapter_for
 from tollgate.request import Attempt, Forward, Reply, Request, check_header_values
+from tollgate.settlement import Billing
 from tollgate.store import LimitSettlement, Store, StoreUnavailable, open_store
 from tollgate.store.spool import Spooled
+from tollgate.telemetry import RequestTrace
 
 log = logging.getLogger("tollgate")
 # How long after its exchange ends a request is settled, by default (see Gateway._finish).
@@ -101,6 +104,22 @@ def upstream_body(attempt: Attempt, route: routes.Route, body: bodies.ParsedBody
         out = bodies.set_top_level(raw if out is None else out, "stream_options", options,
                                    "stream_options" in body.doc)
     return out
+
+
+class _Like(NamedTuple):
+    """A request that matches a precedent (`Gateway._like`): what it shares with it and
+    what is its own, before it is admitted."""
+
+    loaded: LoadedConfig
+    found: Precedent
+    trace: RequestTrace
+    key: VirtualKey
+    route: routes.Route
+    body: bodies.ParsedBody
+    attempt: Attempt
+    row: LedgerRow  # written ahead once admitted
+    started: float
+    now: datetime
 
 
 class Gateway:
@@ -297,7 +316,7 @@ class Gateway:
             await self._admit(exchange)
             trace.decided = time.perf_counter()
             if as_key is None and self.precedents_for and settings.precedents \
-                    and not self.dry_run and self.store().reserves_now:
+                    and not self.dry_run:
                 self._keep_precedent(loaded, req, body, exchange, bool(shadowed))
             return Forward(exchange, attempts[0])
         except GatewayError as e:
@@ -328,9 +347,51 @@ class Gateway:
         rate limits and written ahead, its exchange made only once something needs it
         (`adopt`). None, with nothing taken, when it matches no precedent forwarded on
         `host`, or its precedent cannot vouch for it (a reservation the store cannot make at
-        once or does not grant): `handle` decides it then."""
-        if not self.keeps_precedents:
+        once or does not grant), or the store reserves over the network
+        (`decide_like_soon` then): `handle` decides it then."""
+        if not self.keeps_precedents or not self._reserves_now():
             return None
+        like = self._like(req, host)
+        if like is None:
+            return None
+        billing = self.admission.again(like.loaded, like.trace.request_id, like.key, like.route,
+                                       req, like.attempt, like.found.price, like.found.lineage,
+                                       like.found.terms, like.row, like.now)
+        return None if billing is None else self._replayed(like, billing)
+
+    async def decide_like_soon(self, req: Request, host: str) -> Replayed | None:
+        """`decide_like` for a store that reserves over the network (Redis, shared by
+        replicas): the reservation made and the request written ahead as the full decision
+        makes and writes them, each awaited, with nothing else of the full decision's work.
+        None, with nothing taken, as `decide_like`'s; also when the store is unreachable
+        (`handle` then fails open or closed, as configured), and at once for a store that
+        reserves at once (`decide_like` has decided)."""
+        if not self.keeps_precedents or self._reserves_now():
+            return None
+        like = self._like(req, host)
+        if like is None:
+            return None
+        billing = await self.admission.again_soon(
+            like.loaded, like.trace.request_id, like.key, like.route, req, like.attempt,
+            like.found.price, like.found.lineage, like.found.terms, like.now)
+        if billing is None:
+            return None
+        replayed = self._replayed(like, billing)
+        try:
+            await self.store().admit(like.row, billing.charged(like.attempt.provider_id))
+        except StoreUnavailable as e:  # (as the full decision's `_write_ahead`)
+            log.warning("could not write ahead request %s: %s", like.trace.request_id, e)
+        return replayed
+
+    def _reserves_now(self) -> bool:
+        """Whether the store a precedent was kept with reserves at once (`decide_like`), or
+        over the network (`decide_like_soon`). Either admits on whichever store the config
+        names now: this only picks the path."""
+        return self._store is not None and self._store.reserves_now
+
+    def _like(self, req: Request, host: str) -> _Like | None:
+        """What `req` shares with the precedent it matches, and what is its own (see
+        `decide_like`): None when it matches none forwarded on `host`."""
         started, loaded, now = time.monotonic(), self.holder.current, datetime.now(UTC)
         try:
             # A head decided from a precedent before settles its key, route and checks.
@@ -371,14 +432,15 @@ class Gateway:
                                "traceparent": trace.traceparent}
         self._set_body(attempt, route, body, req.body)
         row = written_ahead(found, trace.request_id, estimated_input(req), started, now)
-        billing = self.admission.again(loaded, trace.request_id, key, route, req, attempt,
-                                       found.price, found.lineage, found.terms, row, now)
-        if billing is None:
-            return None
-        replayed = Replayed(found, trace, key, body, attempt, billing, started)
+        return _Like(loaded, found, trace, key, route, body, attempt, row, started, now)
+
+    def _replayed(self, like: _Like, billing: Billing) -> Replayed:
+        """A request admitted from its precedent, in flight from here on."""
+        replayed = Replayed(like.found, like.trace, like.key, like.body, like.attempt, billing,
+                            like.started)
         self._start_keeping()
-        self._in_flight[trace.request_id] = (replayed, 0)
-        trace.decided = time.perf_counter()
+        self._in_flight[like.trace.request_id] = (replayed, 0)
+        like.trace.decided = time.perf_counter()
         return replayed
 
     def adopt(self, replayed: Replayed) -> Exchange:

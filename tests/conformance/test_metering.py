@@ -129,7 +129,9 @@ def test_the_client_gets_the_providers_stream_byte_for_byte_less_the_usage_chunk
 
 
 def precedent_decisions(gateway) -> float:
-    text = httpx.get(f"{gateway.process.admin_url}/metrics", timeout=5).text
+    """(`gateway`: the module's fixture, or a GatewayProcess.)"""
+    process = getattr(gateway, "process", gateway)
+    text = httpx.get(f"{process.admin_url}/metrics", timeout=5).text
     found = re.search(r"^tollgate_precedent_decisions_total (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
 

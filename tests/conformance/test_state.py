@@ -130,6 +130,36 @@ def test_concurrent_requests_never_spend_past_a_blocking_budget(
     assert round(status["spent_usd"] * 1_000_000) == sum(r.cost_micros for r in rows)
 
 
+@pytest.mark.parametrize("host", HOSTS)
+def test_requests_like_one_before_are_decided_from_its_precedent_on_redis(
+        host, tmp_path, redis, fake_openai, fake_anthropic):
+    """On a Redis state, as on SQLite, a request like one forwarded before is decided from
+    its precedent, on either host: held in its budget (in Redis, its reservation awaited),
+    written ahead before it goes, and settled as the full decision's."""
+    from tests.conformance.test_metering import precedent_decisions
+
+    config = configure(tmp_path, fake_openai, fake_anthropic, redis.url)
+    secret, budget_id = key_and_budget(config, 100 * WORST_CASE)
+    gw = GatewayProcess(host, config, tmp_path).start()
+    try:
+        decided_before = precedent_decisions(gw)
+        for n in range(6):
+            body = json.loads(BODY)
+            body["messages"][0]["content"] = f"budget test {n}"  # new words, same length
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30,
+                           headers={"authorization": f"Bearer {secret}"})
+            assert r.status_code == 200, r.text
+        assert precedent_decisions(gw) - decided_before == 5  # all but the first
+    finally:
+        gw.stop()
+    chats = chat_rows(config)
+    assert len(chats) == 6 and all(r.status == 200 and r.outcome == "completed"
+                                   and r.usage_reported and r.cost_micros > 0 for r in chats)
+    status = budget_status(config, budget_id)
+    assert status["reserved_usd"] == 0  # every reservation settled
+    assert round(status["spent_usd"] * 1_000_000) == sum(r.cost_micros for r in chats)
+
+
 def test_two_replicas_share_one_budget_through_redis(tmp_path, redis, fake_openai,
                                                      fake_anthropic):
     config = configure(tmp_path, fake_openai, fake_anthropic, redis.url)

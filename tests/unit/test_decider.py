@@ -189,7 +189,8 @@ def test_what_the_meter_never_posts_is_refused(head):
 
 class _Processor:
     """Decides by the client's path (`/slow` takes a while, `/boom` raises, `/now` is
-    decided at once, like a request decided before), and records what it did in order."""
+    decided at once, like a request decided before, `/soon` once its store answers), and
+    records what it did in order."""
 
     def __init__(self) -> None:
         self.done: list[tuple] = []
@@ -203,6 +204,14 @@ class _Processor:
             return None
         self.done.append(("decided now", "/now"))
         return Forwarding({":path": "/now"}, [], req.body, {"request_id": "now"})
+
+    async def decide_soon(self, req):
+        """`/soon`: decided from its precedent once the store has answered (Redis's way)."""
+        if req.path != "/soon":
+            return None
+        await asyncio.sleep(0.05)
+        self.done.append(("decided soon", "/soon"))
+        return Forwarding({":path": "/soon"}, [], req.body, {"request_id": "soon"})
 
     async def decide(self, headers, body, declared):
         path = headers[":path"]
@@ -298,6 +307,21 @@ async def test_a_request_decided_at_once_is_answered_in_its_turn(decider):
     # Each is named by its client head as the filter encoded it (`Request.head`).
     assert processor.heads == [_b64(f":method: POST\n:path: {p}".encode())
                                for p in ("/slow", "/now", "/b")]
+
+
+async def test_a_request_decided_from_its_precedent_once_the_store_answers_keeps_its_turn(
+        decider):
+    """A request of a known head that its store admits over the network (`decide_soon`) is
+    answered in its turn: the requests behind it wait for it; one it does not match goes on
+    to the full decision."""
+    processor, sock = decider
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(_decide("/soon", b"{}") + _decide("/now", b"[]") + _decide("/b", b"x"))
+    answers = await _answers(reader, 3)
+    assert answers == [("200", b"{}"), ("200", b"[]"), ("200", b"/b b'x'")]
+    assert processor.done == [("decided soon", "/soon"), ("decided now", "/now"),
+                              ("decided", "/b")]
+    writer.close()
     writer.close()
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_client
 import yaml
 from click.testing import CliRunner
 
 from extproc import decider
 from extproc.service import ExternalProcessor, Forwarding, Replaying
+from tests.harness import RedisServer
 from tests.unit.test_gateway import CHAT, MSG
 from tollgate import body as bodies
 from tollgate import gateway as gateway_module
@@ -31,6 +33,7 @@ from tollgate.gateway import Gateway
 from tollgate.ledger import LedgerRow
 from tollgate.request import Reply
 from tollgate.routes import ROUTES
+from tollgate.store import StoreUnavailable
 from tollgate.store.sqlite import SQLiteStore
 
 PEPPER = "core-pepper"
@@ -41,6 +44,22 @@ def gateways(config_dir: Path, monkeypatch):
     """A key with an org budget and no rate limits, and two gateways on the same config
     and state: one that decides from precedents, one that decides every request in full."""
     return _gateways(config_dir, monkeypatch, limited=False)
+
+
+@pytest.fixture(params=["sqlite, at once", "sqlite, awaited", "redis"])
+def stored(request, config_dir: Path, monkeypatch, tmp_path):
+    """`gateways` on each way a store admits a request decided from a precedent: SQLite's,
+    at once (`decide_now`); SQLite's as a store that reserves over the network does
+    (awaited: `decide_soon`); and a real Redis (spooled), which does. Its `how`, then the
+    gateways."""
+    state = None
+    if request.param == "sqlite, awaited":
+        monkeypatch.setattr(SQLiteStore, "reserves_now", False)
+    elif request.param == "redis":
+        server = RedisServer(tmp_path / "redis").start()
+        request.addfinalizer(server.stop)
+        state = server.url
+    return request.param, _gateways(config_dir, monkeypatch, limited=False, state=state)
 
 
 @pytest.fixture
@@ -56,8 +75,8 @@ def unbounded(config_dir: Path, monkeypatch):
     return _gateways(config_dir, monkeypatch, limited=False, budgeted=False)
 
 
-def _gateways(config_dir: Path, monkeypatch, limited: bool, budgeted: bool = True
-              ) -> tuple[str, Gateway, Gateway]:
+def _gateways(config_dir: Path, monkeypatch, limited: bool, budgeted: bool = True,
+              state: str | None = None) -> tuple[str, Gateway, Gateway]:
     monkeypatch.setenv("TOLLGATE_KEY_PEPPER", PEPPER)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
@@ -67,6 +86,8 @@ def _gateways(config_dir: Path, monkeypatch, limited: bool, budgeted: bool = Tru
         if not limited:
             provider.pop("rate_limit", None)
     doc["gateway"].setdefault("telemetry", {})["access_log"] = "access.log"
+    if state is not None:
+        doc["gateway"]["state"] = state
     path.write_text(yaml.safe_dump(doc))
     caps = ["--rpm", "5", "--tpm", "100000"] if limited else []
     made = CliRunner().invoke(cli, ["--config", str(path), "virtual-keys", "create", "--name",
@@ -107,6 +128,19 @@ def now(proc: ExternalProcessor, path: str, body: dict[str, Any], secret: str,
         **extra: str) -> Forwarding | None:
     return _merged(proc.decide_now(proc.request_of(headers_of(path, secret, **extra),
                                                    json.dumps(body).encode())))
+
+
+async def decided_like(proc: ExternalProcessor, how: str, path: str, body: dict[str, Any],
+                       secret: str) -> Forwarding | None:
+    """A request decided from a precedent as its store admits it (see `stored`): at once, or
+    awaited (the other way declines it, taking nothing)."""
+    req = proc.request_of(headers_of(path, secret), json.dumps(body).encode())
+    if how == "sqlite, at once":
+        decided = _merged(proc.decide_now(req))
+        assert await proc.decide_soon(req) is None or decided is None
+        return decided
+    assert proc.decide_now(req) is None
+    return _merged(await proc.decide_soon(req))
 
 
 def told(parts: list[bytes]) -> tuple[str, list[str], bytes]:
@@ -160,15 +194,30 @@ def row(r: LedgerRow | dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def written_ahead(config_dir: Path, request_id: str) -> dict[str, Any]:
-    db = sqlite3.connect(config_dir / ".tollgate" / "state.db")
+def written_ahead(config_dir: Path, request_id: str, redis_url: str | None = None
+                  ) -> dict[str, Any]:
+    """What the store holds for a request in flight and has written ahead of it: SQLite's
+    state; or Redis's holds, and the row on this node's spool (Redis has it off the
+    request's path)."""
+    db = sqlite3.connect(config_dir / ".tollgate" / ("spool.db" if redis_url else "state.db"))
     try:
         found = db.execute("SELECT row FROM inflight WHERE request_id = ?",
                            (request_id,)).fetchone()
-        held = db.execute("SELECT counter, amount FROM holds WHERE request_id = ? "
-                          "ORDER BY counter", (request_id,)).fetchall()
+        held = [] if redis_url else db.execute(
+            "SELECT counter, amount FROM holds WHERE request_id = ? ORDER BY counter",
+            (request_id,)).fetchall()
     finally:
         db.close()
+    if redis_url:
+        client = redis_client.Redis.from_url(redis_url)
+        try:
+            for name in sorted(client.scan_iter("tollgate:holds:*")):
+                counter = name.decode().removeprefix("tollgate:holds:")
+                held += [(counter, int(m.decode().rpartition(":")[2]))
+                         for m in client.zrange(name, 0, -1)
+                         if m.decode().rpartition(":")[0] == request_id]
+        finally:
+            client.close()
     assert found is not None, f"{request_id} was not written ahead"
     return {"row": row(json.loads(found[0])), "held": held}
 
@@ -195,21 +244,24 @@ USAGE = {"chat": b'{"id": "c", "object": "chat.completion", "model": "gpt-5-mini
 
 @pytest.mark.parametrize("path, body", CASES.values(), ids=CASES.keys())
 async def test_a_request_like_a_forwarded_one_is_decided_from_it_as_in_full(
-        gateways, config_dir, path, body):
-    secret, gw, reference = gateways
+        stored, config_dir, path, body):
+    how, (secret, gw, reference) = stored
     proc, ref = ExternalProcessor(gw), ExternalProcessor(reference)
-    assert now(proc, path, body, secret) is None  # nothing decided before it
+    assert await decided_like(proc, how, path, body, secret) is None  # nothing before it
     counted = metrics.REGISTRY.get_sample_value("tollgate_precedent_decisions_total")
     first = await full(proc, path, body, secret)
     later = longer(body)
-    replayed = now(proc, path, later, secret)
+    replayed = await decided_like(proc, how, path, later, secret)
     assert replayed is not None, "not decided from its precedent"
     in_full = await full(ref, path, later, secret)
     # What the filter is told, what the store holds and has written ahead: the same.
     assert answer(replayed) == answer(in_full)
     rid, full_rid = replayed.metadata["request_id"], in_full.metadata["request_id"]
     assert rid != first.metadata["request_id"]
-    assert written_ahead(config_dir, rid) == written_ahead(config_dir, full_rid)
+    redis_url = gw.holder.current.config.gateway.state if how == "redis" else None
+    held = written_ahead(config_dir, rid, redis_url)
+    assert held["held"], "nothing held in the org budget"
+    assert held == written_ahead(config_dir, full_rid, redis_url)
     # Its exchange, made once its response comes, is the full decision's; so is its row.
     exchanges = [proc._pending[rid].exchange, ref._pending[full_rid].exchange]
     assert decision(exchanges[0]) == decision(exchanges[1])
@@ -241,28 +293,32 @@ async def test_a_request_like_a_forwarded_one_is_decided_from_it_as_in_full(
 LIKE = ("/v1/chat/completions", {**CHAT, "max_tokens": 300})
 
 
-async def like_and_in_full(gateways: tuple[str, Gateway, Gateway]
+async def like_and_in_full(gateways: tuple[str, Gateway, Gateway], how: str = "sqlite, at once"
                            ) -> tuple[ExternalProcessor, ExternalProcessor, Forwarding,
                                       Forwarding]:
-    """A request decided in full, then one like it decided from its precedent, and the same
-    one decided in full by the reference gateway: each gateway's processor and the two
-    answers."""
+    """A request decided in full, then one like it decided from its precedent (`how`: see
+    `stored`), and the same one decided in full by the reference gateway: each gateway's
+    processor and the two answers."""
     secret, gw, reference = gateways
     proc, ref = ExternalProcessor(gw), ExternalProcessor(reference)
     path, body = LIKE
     await full(proc, path, body, secret)
-    replayed, in_full = now(proc, path, body, secret), await full(ref, path, body, secret)
+    replayed = await decided_like(proc, how, path, body, secret)
+    in_full = await full(ref, path, body, secret)
     assert replayed is not None
     return proc, ref, replayed, in_full
 
 
+@pytest.mark.parametrize("how", ["sqlite, at once", "sqlite, awaited"])
 async def test_a_rate_limited_request_is_decided_from_its_precedent_as_in_full(
-        limited, config_dir):
+        limited, config_dir, how, monkeypatch):
     """Its limits are taken as the full decision takes them, and their headers are its own
     (what is left after it); once a limit is used up, the full decision refuses it (429),
     with nothing taken."""
+    if how == "sqlite, awaited":
+        monkeypatch.setattr(SQLiteStore, "reserves_now", False)
     secret, path, body = limited[0], *LIKE
-    proc, ref, replayed, in_full = await like_and_in_full(limited)
+    proc, ref, replayed, in_full = await like_and_in_full(limited, how)
     # What is left differs by what each gateway's windows took: two requests here (the
     # first and this one), one there (each process keeps its own windows).
     left = [{k: v for k, v in a.metadata.items() if k.startswith("x-ratelimit-remaining")}
@@ -279,8 +335,8 @@ async def test_a_rate_limited_request_is_decided_from_its_precedent_as_in_full(
     assert written_ahead(config_dir, rid) == written_ahead(config_dir, full_rid)
     # (The reference gateway counts in its own process: each keeps its own windows.)
     for _ in range(3):
-        assert now(proc, path, body, secret) is not None
-    assert now(proc, path, body, secret) is None  # the key's rpm 5 is used up
+        assert await decided_like(proc, how, path, body, secret) is not None
+    assert await decided_like(proc, how, path, body, secret) is None  # rpm 5 is used up
     refused = await proc.decide(headers_of(path, secret), json.dumps(body).encode())
     assert isinstance(refused, Reply) and refused.status == 429, refused
 
@@ -383,9 +439,12 @@ async def test_a_header_value_its_precedent_did_not_have_is_checked_as_in_full(g
         assert isinstance(refused, Reply) and refused.status == 400, refused
 
 
+@pytest.mark.parametrize("how", ["sqlite, at once", "sqlite, awaited"])
 async def test_a_request_its_budget_cannot_hold_is_refused_in_full_with_nothing_taken(
-        gateways, config_dir):
+        gateways, config_dir, how, monkeypatch):
     secret, gw, _ = gateways
+    if how == "sqlite, awaited":
+        monkeypatch.setattr(SQLiteStore, "reserves_now", False)
     proc = ExternalProcessor(gw)
     path, body = "/v1/chat/completions", {**CHAT, "max_tokens": 100}
     first = await full(proc, path, body, secret)
@@ -399,8 +458,10 @@ async def test_a_request_its_budget_cannot_hold_is_refused_in_full_with_nothing_
     try:
         before = db.execute(counters).fetchall()
         long = {**body, "messages": [{"role": "user", "content": "x" * 5000}]}
-        assert now(proc, path, long, secret) is None
+        in_flight = state(config_dir)[1:]
+        assert await decided_like(proc, how, path, long, secret) is None
         assert db.execute(counters).fetchall() == before
+        assert state(config_dir)[1:] == in_flight  # no hold, nothing written ahead
     finally:
         db.close()
     refused = await proc.decide(headers_of(path, secret), json.dumps(long).encode())
@@ -444,13 +505,17 @@ async def test_a_store_that_cannot_reserve_at_once_leaves_the_request_to_the_ful
     assert now(proc, "/v1/chat/completions", CHAT, secret) is not None
 
 
+@pytest.mark.parametrize("how", ["sqlite, at once", "sqlite, awaited"])
 async def test_a_request_with_nothing_to_hold_is_written_ahead_as_in_full(
-        unbounded, config_dir):
-    _, _, replayed, in_full = await like_and_in_full(unbounded)
+        unbounded, config_dir, how, monkeypatch):
+    if how == "sqlite, awaited":
+        monkeypatch.setattr(SQLiteStore, "reserves_now", False)
+    proc, ref, replayed, in_full = await like_and_in_full(unbounded, how)
     assert answer(replayed) == answer(in_full)
     rid, full_rid = replayed.metadata["request_id"], in_full.metadata["request_id"]
     assert written_ahead(config_dir, rid) == written_ahead(config_dir, full_rid)
     assert written_ahead(config_dir, rid)["held"] == []
+    assert decision(proc._pending[rid].exchange) == decision(ref._pending[full_rid].exchange)
 
 
 async def test_a_reload_voids_the_precedents_of_the_config_before_it(gateways):
@@ -609,15 +674,26 @@ async def test_the_newest_known_heads_are_kept(gateways, monkeypatch):
     assert kept == ["1", "2"]
 
 
-async def test_a_store_that_never_reserves_at_once_keeps_no_precedents(gateways,
-                                                                         monkeypatch):
-    """(A shared store, Redis: a reservation is a round trip; requests wait for it.)"""
+async def test_a_store_it_cannot_reach_leaves_the_request_to_the_full_decision(
+        gateways, config_dir, monkeypatch):
+    """(A store that reserves over the network, Redis's way, here on SQLite.) Nothing is
+    taken or written ahead: the full decision meets the store as it is, failing open or
+    closed as configured."""
     secret, gw, _ = gateways
     monkeypatch.setattr(SQLiteStore, "reserves_now", False)
-    proc = ExternalProcessor(gw)
-    await full(proc, "/v1/chat/completions", CHAT, secret)
-    assert not gw._precedents
-    assert now(proc, "/v1/chat/completions", CHAT, secret) is None
+    proc, path = ExternalProcessor(gw), "/v1/chat/completions"
+    await full(proc, path, CHAT, secret)
+    assert await decided_like(proc, "sqlite, awaited", path, CHAT, secret) is not None
+    before, in_flight = state(config_dir), len(gw._in_flight)
+
+    async def unreachable(*_: Any, **__: Any) -> None:
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(SQLiteStore, "reserve", unreachable)
+    assert await decided_like(proc, "sqlite, awaited", path, CHAT, secret) is None
+    assert (state(config_dir), len(gw._in_flight)) == (before, in_flight)
+    refused = await proc.decide(headers_of(path, secret), json.dumps(CHAT).encode())
+    assert isinstance(refused, Reply) and refused.status == 503, refused
 
 
 async def test_a_request_signed_over_keeps_no_precedent(gateways, monkeypatch):
