@@ -381,6 +381,11 @@ class Gateway:
             await self.store().admit(like.row, billing.charged(like.attempt.provider_id))
         except StoreUnavailable as e:  # (as the full decision's `_write_ahead`)
             log.warning("could not write ahead request %s: %s", like.trace.request_id, e)
+        except Exception as e:  # not on this node's disk: not forwarded on a promise
+            self._not_in_flight(like.trace.request_id)
+            log.error("request %s could not be written ahead (%s): decided in full",
+                      like.trace.request_id, e)
+            return None
         return replayed
 
     def _reserves_now(self) -> bool:
@@ -554,7 +559,18 @@ class Gateway:
             return
         self._start_keeping()
         self._in_flight[exchange.trace.request_id] = (exchange, 0)
-        await self._write_ahead(exchange)
+        try:
+            await self._write_ahead(exchange)
+        except BaseException:  # not forwarded: nothing will settle it
+            self._not_in_flight(exchange.trace.request_id)
+            raise
+
+    def _not_in_flight(self, request_id: str) -> None:
+        """A request admitted but not forwarded after all (its write-ahead failed on this
+        node's disk) is not kept in flight: its holds, leases in a shared store, are not
+        renewed, and return when their lease runs out, as a replica's that died before it
+        forwarded them. (Kept, they were renewed until the gateway stopped.)"""
+        self._in_flight.pop(request_id, None)
 
     def _start_keeping(self) -> None:
         """Requests in flight are renewed while they run (their holds, and their written-ahead

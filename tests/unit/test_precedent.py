@@ -696,6 +696,31 @@ async def test_a_store_it_cannot_reach_leaves_the_request_to_the_full_decision(
     assert isinstance(refused, Reply) and refused.status == 503, refused
 
 
+async def test_a_request_its_spool_cannot_write_ahead_is_not_kept_in_flight(
+        config_dir, monkeypatch, tmp_path):
+    """On Redis, a node whose spool cannot take a request's write-ahead (a disk error) does
+    not forward it on a promise: decided from its precedent or in full, it is answered 500,
+    and its holds are not renewed (a request kept in flight that nothing settles held its
+    budget until the gateway stopped): they return when their lease runs out."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        secret, gw, _ = _gateways(config_dir, monkeypatch, limited=False, state=server.url)
+        proc, path = ExternalProcessor(gw), "/v1/chat/completions"
+        first = await full(proc, path, CHAT, secret)
+        spool = sqlite3.connect(config_dir / ".tollgate" / "spool.db")
+        spool.execute("CREATE TRIGGER broken BEFORE INSERT ON inflight "
+                      "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+        spool.commit()
+        spool.close()
+        assert await decided_like(proc, "redis", path, CHAT, secret) is None
+        refused = await proc.decide(headers_of(path, secret), json.dumps(CHAT).encode())
+        assert isinstance(refused, Reply) and refused.status == 500, refused
+        assert list(gw._in_flight) == [first.metadata["request_id"]]
+        await gw.close()
+    finally:
+        server.stop()
+
+
 async def test_a_request_signed_over_keeps_no_precedent(gateways, monkeypatch):
     """(Bedrock's SigV4: the signature's headers are set, or left out, anew each time.)"""
     from tollgate.providers.openai import OpenAI
