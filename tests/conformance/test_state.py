@@ -149,6 +149,10 @@ def test_requests_like_one_before_are_decided_from_its_precedent_on_redis(
             r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30,
                            headers={"authorization": f"Bearer {secret}"})
             assert r.status_code == 200, r.text
+        # Counted once each request's exchange is made (its response's end, which Envoy
+        # reports in batches after the client has it).
+        wait_until(lambda: precedent_decisions(gw) - decided_before >= 5, timeout=15,
+                   what="the requests decided from a precedent to be counted")
         assert precedent_decisions(gw) - decided_before == 5  # all but the first
     finally:
         gw.stop()
