@@ -316,7 +316,7 @@ class Gateway:
             await self._admit(exchange)
             trace.decided = time.perf_counter()
             if as_key is None and self.precedents_for and settings.precedents \
-                    and not self.dry_run:
+                    and not self.dry_run and self._precedents.worth_keeping(loaded, key, req):
                 self._keep_precedent(loaded, req, body, exchange, bool(shadowed))
             return Forward(exchange, attempts[0])
         except GatewayError as e:

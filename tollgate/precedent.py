@@ -65,6 +65,13 @@ MAX_PER_KEY = 4  # precedents kept for each (key, method, path): the newest
 MAX_PLACES = 256  # (key, method, path) kept, per loaded config: the newest
 MAX_REST = 16 * 1024  # bytes of JSON: a body with more options is decided in full
 MAX_HEADS = 256  # client heads known, per loaded config: the newest
+# Full decisions at one (key, method, path) that keep their precedent while none of those
+# kept there has decided a request: past this many, the place's requests do not repeat
+# (each has options of its own: a `user` per end user, say), and only one full decision
+# in KEEP_EVERY keeps its own (in case they come to): keeping one costs a full decision
+# about a fifth more (bench.instructions' decision service).
+UNUSED_KEEPS = 8
+KEEP_EVERY = 16
 
 
 def head_of(headers: Mapping[str, str]) -> frozenset[tuple[str, str]]:
@@ -226,13 +233,14 @@ class Precedents:
         self._for: LoadedConfig | None = None
         self._kept: dict[tuple[str, str, str], list[Precedent]] = {}
         self._heads: dict[str, KnownHead] = {}
+        # Full decisions at each place since a precedent kept there last decided a request.
+        self._unused: dict[tuple[str, str, str], int] = {}
 
     def __bool__(self) -> bool:
         return bool(self._kept)
 
     def keep(self, precedent: Precedent) -> None:
-        if self._for is not precedent.loaded:  # a reload: the old config's are void
-            self._for, self._kept, self._heads = precedent.loaded, {}, {}
+        self._under(precedent.loaded)
         where = (precedent.key.id, precedent.method, precedent.path)
         kept = self._kept.get(where)
         if kept is None:
@@ -244,6 +252,10 @@ class Precedents:
                                 if (p.head, p.rest) != (precedent.head, precedent.rest))]
         del kept[MAX_PER_KEY:]
 
+    def _under(self, loaded: LoadedConfig) -> None:
+        if self._for is not loaded:  # a reload: the old config's are void
+            self._for, self._kept, self._heads, self._unused = loaded, {}, {}, {}
+
     def find(self, loaded: LoadedConfig, key: VirtualKey, req: Request,
              doc: dict[str, Any], compared: frozenset[tuple[str, str]]) -> Precedent | None:
         """The precedent `req` matches; `compared`: its headers as a precedent compares
@@ -252,7 +264,22 @@ class Precedents:
         if not kept:
             return None
         rest = rest_of(kept[0].route, doc)
-        return next((p for p in kept if p.head == compared and p.rest == rest), None)
+        found = next((p for p in kept if p.head == compared and p.rest == rest), None)
+        if found is not None and self._unused:
+            self._unused.pop((key.id, req.method, req.path), None)  # its requests repeat
+        return found
+
+    def worth_keeping(self, loaded: LoadedConfig, key: VirtualKey, req: Request) -> bool:
+        """Whether a full decision of `key`'s on `req`'s method and path keeps its precedent
+        (counted as one more): each does, until UNUSED_KEEPS in a row have been decided
+        there with no request matching a precedent in between; then one in KEEP_EVERY."""
+        self._under(loaded)
+        place = (key.id, req.method, req.path)
+        unused = self._unused.get(place, 0)
+        if place not in self._unused and len(self._unused) >= MAX_PLACES:
+            del self._unused[next(iter(self._unused))]  # the oldest
+        self._unused[place] = unused + 1
+        return unused < UNUSED_KEEPS or unused % KEEP_EVERY == 0
 
     def known(self, loaded: LoadedConfig, req: Request, now: datetime) -> KnownHead | None:
         """What `req`'s head settles, when it was decided from a precedent before and its

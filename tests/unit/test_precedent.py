@@ -721,6 +721,32 @@ async def test_a_request_its_spool_cannot_write_ahead_is_not_kept_in_flight(
         server.stop()
 
 
+async def test_a_place_whose_requests_do_not_repeat_keeps_few_precedents(gateways,
+                                                                         monkeypatch):
+    """Requests that each have options of their own (a `user` per end user) never match a
+    precedent: past UNUSED_KEEPS, one full decision in KEEP_EVERY keeps its own (keeping
+    costs the decision about a fifth more). Once a request matches one, each keeps again."""
+    secret, gw, _ = gateways
+    proc, path = ExternalProcessor(gw), "/v1/chat/completions"
+    kept: list[str] = []
+    keep = gw._precedents.keep
+
+    def spied(p: precedent_module.Precedent) -> None:
+        kept.append(json.loads(p.rest)["user"])
+        keep(p)
+
+    monkeypatch.setattr(gw._precedents, "keep", spied)
+    unused, every = precedent_module.UNUSED_KEEPS, precedent_module.KEEP_EVERY
+    for n in range(2 * every + 1):
+        await full(proc, path, {**CHAT, "user": f"u{n}"}, secret)
+    assert kept == [f"u{n}" for n in range(unused)] + [f"u{every}", f"u{2 * every}"]
+    assert now(proc, path, {**CHAT, "user": f"u{2 * every}"}, secret) is not None
+    kept.clear()
+    for n in range(3):
+        await full(proc, path, {**CHAT, "user": f"again {n}"}, secret)
+    assert kept == ["again 0", "again 1", "again 2"]
+
+
 async def test_a_request_signed_over_keeps_no_precedent(gateways, monkeypatch):
     """(Bedrock's SigV4: the signature's headers are set, or left out, anew each time.)"""
     from tollgate.providers.openai import OpenAI
