@@ -115,15 +115,32 @@ def access_log(path: Path) -> dict[str, object]:
                                                                  fields + "\n"}}}}
 
 
-def with_access_log(bootstrap: dict[str, object], log: Path) -> dict[str, object]:
+HCM = "envoy.filters.network.http_connection_manager"
+
+
+def connection_managers(bootstrap: dict[str, Any]) -> list[dict[str, Any]]:
+    """The typed configs of the bootstrap's HTTP connection managers."""
+    return [f["typed_config"] for listener in bootstrap["static_resources"]["listeners"]
+            for chain in listener["filter_chains"] for f in chain["filters"]
+            if f["name"] == HCM]
+
+
+def with_access_log(bootstrap: dict[str, Any], log: Path) -> dict[str, Any]:
     """`bootstrap` with the stage log added to its listener's HTTP connection manager."""
-    listeners = bootstrap["static_resources"]["listeners"]  # type: ignore[index]
-    for listener in listeners:
-        for chain in listener["filter_chains"]:
-            for f in chain["filters"]:
-                if f["name"] == "envoy.filters.network.http_connection_manager":
-                    f["typed_config"].setdefault("access_log", []).append(access_log(log))
+    for hcm in connection_managers(bootstrap):
+        hcm.setdefault("access_log", []).append(access_log(log))
     return bootstrap
+
+
+def print_p50s(times: dict[str, list[float]], requests: int, width: int) -> dict[str, float]:
+    """Each path's p50 (ms), printed with what it adds to the direct call's; returned."""
+    p50s = {name: statistics.median(values) for name, values in times.items()}
+    print(f"\n{requests} sequential requests per path, round-robin; ms (p50)\n")
+    header = f"{'client':<{width}} {'p50':>7} {'+p50':>7}"
+    print(f"{header}\n{'-' * len(header)}")
+    for name, p50 in p50s.items():
+        print(f"{name:<{width}} {p50:>7.3f} {p50 - p50s['direct']:>+7.3f}")
+    return p50s
 
 
 def stages(log: Path, skip: int) -> dict[str, float]:
@@ -334,12 +351,7 @@ def main() -> int:
     found = {name: stages(path, len(path.read_text().splitlines()) - args.requests)
              for name, path in logs.items()}
 
-    p50s = {name: statistics.median(values) for name, values in times.items()}
-    print(f"\n{args.requests} sequential requests per path, round-robin; ms (p50)\n")
-    header = f"{'client':<18} {'p50':>7} {'+p50':>7}"
-    print(f"{header}\n{'-' * len(header)}")
-    for name, p50 in p50s.items():
-        print(f"{name:<18} {p50:>7.3f} {p50 - p50s['direct']:>+7.3f}")
+    p50s = print_p50s(times, args.requests, 18)
     print("\n(round trip: an Envoy asking a decision service that is not Python, answering "
           "from memory, through ext_authz; compiled floor: tollgate's Envoy asking that "
           "service; python floor: the same service in Python)\n")

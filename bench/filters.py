@@ -26,31 +26,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from bench.answerer import answerer, decided_headers
-from bench.breakdown import sequential, tollgate_envoy
+from bench.breakdown import connection_managers, print_p50s, sequential, tollgate_envoy
 from bench.instructions import _decision
 from bench.latency import PROVIDER_KEY, _Url, bench_setup, own_state
 from bench.quick import governed, plain_envoy
 from tests.conftest import make_config
 from tests.harness import free_port
 
-HCM = "envoy.filters.network.http_connection_manager"
 # The decide filter's client head (decide.lua), and what takes its place: base64 of "x".
 CLIENT_HEAD = "handle:base64Escape(client_head(handle, kind))"
 CONSTANT_HEAD = '"eA=="'
-
-
-def connection_managers(bootstrap: dict[str, Any]) -> list[dict[str, Any]]:
-    """The typed configs of the bootstrap's HTTP connection managers."""
-    return [f["typed_config"] for listener in bootstrap["static_resources"]["listeners"]
-            for chain in listener["filter_chains"] for f in chain["filters"]
-            if f["name"] == HCM]
 
 
 def without_filter(name: str) -> Callable[[dict[str, Any]], None]:
@@ -128,12 +119,7 @@ def main() -> int:
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(10)
-    p50s = {name: statistics.median(values) for name, values in times.items()}
-    print(f"\n{args.requests} sequential requests per path, round-robin; ms (p50)\n")
-    header = f"{'client':<16} {'p50':>7} {'+p50':>7}"
-    print(f"{header}\n{'-' * len(header)}")
-    for name, p50 in p50s.items():
-        print(f"{name:<16} {p50:>7.3f} {p50 - p50s['direct']:>+7.3f}")
+    p50s = print_p50s(times, args.requests, 16)
     floor = (p50s["floor"] + p50s["floor (again)"]) / 2
     noise = abs(p50s["floor"] - p50s["floor (again)"])
     print(f"\nwhat each part costs the floor (its mean of two, {floor:.3f}; the two "

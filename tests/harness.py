@@ -67,6 +67,18 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {_PORTS}")
 
 
+def envoy_validates(path: Path) -> str:
+    """Envoy's own check of the bootstrap at `path` (`--mode validate`), which must pass;
+    what it printed."""
+    from extproc.runner import envoy_binary
+
+    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path),
+                              "--disable-hot-restart"], capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    return checked.stdout + checked.stderr
+
+
 def wait_until(check, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     last: object = None

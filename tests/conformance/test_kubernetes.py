@@ -32,6 +32,7 @@ from tests.harness import (
     ROOT,
     ConfigMapMount,
     RedisServer,
+    envoy_validates,
     free_port,
     ledger,
     tollgate,
@@ -252,10 +253,7 @@ def test_a_pod_serves_and_follows_its_configmap(config, shape, tmp_path, fake_op
         wait_until(lambda: gateway.poll() is None and httpx.get(probe).status_code == 200,
                    timeout=30, what="the startup probe")
         # Envoy starts once the gateway's startup probe passes (native sidecar order).
-        checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c",
-                                  str(bootstrap_file)], capture_output=True, text=True,
-                                 timeout=60)
-        assert checked.returncode == 0, checked.stdout + checked.stderr
+        envoy_validates(bootstrap_file)
         envoy = subprocess.Popen([envoy_binary(), "-c", str(bootstrap_file),
                                   "--disable-hot-restart", "--log-level", "warn"],
                                  stdout=log, stderr=subprocess.STDOUT)
@@ -361,9 +359,7 @@ def test_render_with_resources_gives_envoy_files_ext_proc_keeps_current(config, 
     assert json.loads((directory / "listeners.json").read_text())["resources"]
     bootstrap = tmp_path / "envoy.yaml"
     bootstrap.write_text(rendered)
-    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(bootstrap)],
-                             capture_output=True, text=True, timeout=60)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    envoy_validates(bootstrap)
 
 
 def test_providers_ca_bundle_is_where_envoy_runs(config, tmp_path):

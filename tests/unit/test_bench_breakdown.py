@@ -12,9 +12,8 @@ import yaml
 
 from bench.breakdown import POINTS, cpu_list, pin, stages, with_access_log
 from bench.latency import _Url
-from extproc.runner import envoy_binary
 from tests.conftest import make_config
-from tests.harness import free_port, tollgate
+from tests.harness import envoy_validates, free_port, tollgate
 
 
 def test_the_stage_log_joins_the_rendered_listener_and_envoy_accepts_it(tmp_path):
@@ -29,9 +28,7 @@ def test_the_stage_log_joins_the_rendered_listener_and_envoy_accepts_it(tmp_path
     assert len(logs) > 1  # tollgate's own access logs are kept
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(bootstrap))
-    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
-                             capture_output=True, text=True, timeout=60)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    envoy_validates(path)
 
 
 def test_each_stage_is_the_median_after_the_warm_up_in_ms(tmp_path):

@@ -2,16 +2,15 @@
 rest left as rendered, and Envoy accepts what is left."""
 
 import copy
-import subprocess
 
 import pytest
 import yaml
 
-from bench.filters import CONSTANT_HEAD, PARTS, connection_managers, without_filter
+from bench.breakdown import connection_managers
+from bench.filters import CONSTANT_HEAD, PARTS, without_filter
 from bench.latency import _Url
-from extproc.runner import envoy_binary
 from tests.conftest import make_config
-from tests.harness import free_port, tollgate
+from tests.harness import envoy_validates, free_port, tollgate
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +55,7 @@ def test_each_part_is_taken_out_alone_and_envoy_accepts_the_rest(rendered, part,
         {k: v for k, v in rendered.items() if k != "static_resources"}
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(bootstrap))
-    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
-                             capture_output=True, text=True, timeout=60)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    envoy_validates(path)
 
 
 def test_a_part_the_configuration_no_longer_has_is_refused_not_measured_as_nothing(rendered):
