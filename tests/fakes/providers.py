@@ -258,9 +258,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, events: list[bytes], behaviour: Behaviour, framed: bool = False) -> None:
         cut = behaviour.after_events if behaviour.kind == "cut" else None
         if self.fake.one_write or self.fake.sized_stream:
-            whole = b"".join(self._wire(event, framed) for event in events)
-            body = whole if cut is None else \
-                b"".join(self._wire(event, framed) for event in events[:cut])
+            wired = [self._wire(event, framed) for event in events]
+            whole = b"".join(wired)
+            body = whole if cut is None else b"".join(wired[:cut])
             self.fake.streamed.append(bytearray(body))
             if self.fake.sized_stream:  # (cut short of the length it declared)
                 self._start_sse(len(whole))
