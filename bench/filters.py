@@ -9,7 +9,12 @@ same Envoy with one part taken out of its rendered configuration:
 - `no meter`: the meter filter (meter.lua, and the usage cut it runs): the response's copy;
 - `no end log`: the gRPC access log of responses' ends (`tollgate.response_end`);
 - `no client head`: the decide filter sends a constant in place of the client's head (its
-  header lines gathered from Envoy, joined and base64-encoded, then sent in a header).
+  header lines gathered from Envoy, joined and base64-encoded, then sent in a header);
+- `no exchange` (not a part: printed apart): the decide filter gathers the client's head
+  and applies the same decision, but from a table in its own Lua memory, with no call to
+  any process. What a sidecar would cost whose Envoy made a decision like one before by
+  itself (a decision service granting Envoy's workers such decisions ahead, say): the
+  floor of any design that keeps a process on the request's path is the floor above.
 
 Each part's cost is the floor's p50 less the p50 without it; what is left over plain Envoy
 is the exchange itself (the decide filter's body, call and answer). Direct and plain Envoy
@@ -26,13 +31,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from bench.answerer import answerer, decided_headers
-from bench.breakdown import connection_managers, print_p50s, sequential, tollgate_envoy
+from bench.breakdown import (
+    access_log,
+    connection_managers,
+    print_p50s,
+    sequential,
+    tollgate_envoy,
+)
 from bench.instructions import _decision
 from bench.latency import PROVIDER_KEY, _Url, bench_setup, own_state
 from bench.quick import governed, plain_envoy
@@ -42,6 +54,8 @@ from tests.harness import free_port
 # The decide filter's client head (decide.lua), and what takes its place: base64 of "x".
 CLIENT_HEAD = "handle:base64Escape(client_head(handle, kind))"
 CONSTANT_HEAD = '"eA=="'
+# The decide filter's call to the decision service, with its arguments.
+CALL = re.compile(r"handle:httpCall\(CLUSTER, \{.*?\}, body, TIMEOUT_MS\)", re.DOTALL)
 
 
 def without_filter(name: str) -> Callable[[dict[str, Any]], None]:
@@ -76,6 +90,30 @@ def without_client_head(bootstrap: dict[str, Any]) -> None:
                                                                       CONSTANT_HEAD)
 
 
+def _lua_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def without_exchange(decided: list[tuple[str, str]]) -> Callable[[dict[str, Any]], None]:
+    """The decide filter answered from its own memory: `decided` (the decision's headers) in
+    place of the decision service's answer, the client's head still gathered."""
+    table = "{" + ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}"
+                            for k, v in [(":status", "200"), *decided]) + "}"
+
+    def change(bootstrap: dict[str, Any]) -> None:
+        for hcm in connection_managers(bootstrap):
+            for f in hcm["http_filters"]:
+                if f["name"] == "tollgate.decide":
+                    code = f["typed_config"]["default_source_code"]
+                    source, calls = CALL.subn(
+                        'ANSWERED, (client_head(handle, kind) and "")', code["inline_string"])
+                    if calls != 1:
+                        raise ValueError("the decide filter no longer calls the decision "
+                                         "service as bench.filters expects: it needs updating")
+                    code["inline_string"] = f"local ANSWERED = {table}\n{source}"
+    return change
+
+
 PARTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "no meter": without_filter("tollgate.meter"),
     "no end log": without_access_log("tollgate.response_end"),
@@ -92,7 +130,9 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = [fake]
     direct = f"http://127.0.0.1:{fake_port}"
     try:
-        plain, plain_url = plain_envoy(workdir, fake_port)
+        # With the stage log each tollgate Envoy here keeps (bench.breakdown's), as there.
+        plain, plain_url = plain_envoy(workdir, fake_port,
+                                       access_log=access_log(workdir / "plain-stages.log"))
         procs.append(plain)
         config = make_config(workdir, _Url(direct), _Url(f"http://127.0.0.1:{free_port()}"))
         secret = governed(config)
@@ -113,6 +153,8 @@ def main() -> int:
         for name, change in PARTS.items():
             paths[name] = (envoy(name, change), governed_key)
         paths["floor (again)"] = (envoy("floor again"), governed_key)
+        paths["no exchange"] = (envoy("no exchange", without_exchange(
+            [(k, v) for k, v in decided if k.startswith("x-tollgate-")])), governed_key)
         asyncio.run(sequential(paths, 0, 30))
         times = asyncio.run(sequential(paths, args.requests, 0))
     finally:
@@ -128,6 +170,9 @@ def main() -> int:
         print(f"  {name.removeprefix('no '):<12} {floor - p50s[name]:>+7.3f}")
     print(f"  the rest over plain Envoy (the exchange): "
           f"{floor - p50s['plain envoy'] - sum(floor - p50s[n] for n in PARTS):+.3f}")
+    print(f"\nno exchange (the decision applied from Lua's memory): "
+          f"{p50s['no exchange'] - p50s['direct']:+.3f} over direct, "
+          f"{p50s['no exchange'] - p50s['plain envoy']:+.3f} over plain Envoy")
     return 0
 
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from bench.breakdown import connection_managers
-from bench.filters import CONSTANT_HEAD, PARTS, without_filter
+from bench.filters import CONSTANT_HEAD, PARTS, without_exchange, without_filter
 from bench.latency import _Url
 from tests.conftest import make_config
 from tests.harness import envoy_validates, free_port, tollgate
@@ -68,3 +68,21 @@ def test_a_part_the_configuration_no_longer_has_is_refused_not_measured_as_nothi
     PARTS["no client head"](bootstrap)
     with pytest.raises(ValueError, match="needs updating"):
         PARTS["no client head"](bootstrap)
+
+
+def test_no_exchange_applies_the_decision_from_lua_with_no_call(rendered, tmp_path):
+    decided = [("x-tollgate-set-authorization", 'Bearer s"k\\1'),
+               ("x-tollgate-meta-request_id", "req_1")]
+    bootstrap = copy.deepcopy(rendered)
+    without_exchange(decided)(bootstrap)
+    code = _decide_code(bootstrap)
+    assert "httpCall" not in code and "httpCall" in _decide_code(rendered)
+    assert code.startswith('local ANSWERED = {[":status"] = "200", '
+                           '["x-tollgate-set-authorization"] = "Bearer s\\"k\\\\1", '
+                           '["x-tollgate-meta-request_id"] = "req_1"}\n')
+    assert 'ANSWERED, (client_head(handle, kind) and "")' in code  # the head still gathered
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    envoy_validates(path)
+    with pytest.raises(ValueError, match="needs updating"):
+        without_exchange(decided)(bootstrap)
