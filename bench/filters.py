@@ -18,8 +18,8 @@ same Envoy with one part taken out of its rendered configuration:
 
 Each part's cost is the floor's p50 less the p50 without it; what is left over plain Envoy
 is the exchange itself (the decide filter's body, call and answer). Direct and plain Envoy
-are measured in the same run, round-robin, and the floor twice (first and last): their
-difference is the run's noise, under which no part's figure means anything.
+are measured in the same run, round-robin in a new order each turn, and the floor twice:
+their difference is the run's noise, under which no part's figure means anything.
 
 Fewer paths than bench.breakdown's nine, on purpose: each process's code and data stay
 warmer between its turns, as a sidecar's do between its app's requests. With nine paths,

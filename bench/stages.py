@@ -2,14 +2,14 @@
 
     python -m bench.stages [--requests 400] [--stream] [--function MODULE:QUALNAME ...]
 
-The same chat completion is sent sequentially, round-robin, to the provider directly, to
-plain Envoy and to tollgate's Envoy host on the governed profile (SQLite state), as in
-bench.breakdown: between two of its requests the decision service sleeps while the others
-run, and meets each request cold, as a sidecar beside an app that works between its calls
-does. The decision service runs under bench.timed, which times the functions a request
-runs through (its `FUNCTIONS`: a request decided from a precedent, its answer, its meter
-post and its settlement), and only those: `sys.monitoring` (PEP 669) calls back on their
-start and return, so the rest runs as ever.
+The same chat completion is sent sequentially, round-robin in a new order each turn, to the
+provider directly, to plain Envoy and to tollgate's Envoy host on the governed profile
+(SQLite state), as in bench.breakdown: between two of its requests the decision service
+sleeps while the others run, and meets each request cold, as a sidecar beside an app that
+works between its calls does. The decision service runs under bench.timed, which times the
+functions a request runs through (its `FUNCTIONS`: a request decided from a precedent, its
+answer, its meter post and its settlement), and only those: `sys.monitoring` (PEP 669)
+calls back on their start and return, so the rest runs as ever.
 
 Prints each function's calls per request and the p50 of its own time per call, inclusive
 (a function's figure holds those it calls: `Gateway.decide_like` holds `authenticate`),
@@ -95,9 +95,10 @@ def main() -> int:
             proc.terminate()
             proc.wait(10)
     calls = json.loads(timings.read_text())
-    print(f"\n{args.requests} sequential requests per path, round-robin (direct, plain "
-          f"Envoy, tollgate's Envoy host); {'streamed' if args.stream else 'JSON'}; the "
-          f"decision service's functions, inclusive, per call\n")
+    print(f"\n{args.requests} sequential requests per path, round-robin in a new order "
+          f"each turn (direct, plain Envoy, tollgate's Envoy host); "
+          f"{'streamed' if args.stream else 'JSON'}; the decision service's functions, "
+          "inclusive, per call\n")
     print("\n".join(table(calls, args.requests, warm)))
     return 0
 

@@ -3,7 +3,8 @@
     python -m bench.tail [--requests 1500] [--rounds 2] [--against REV | --against baseline]
 
 The provider directly, plain Envoy and tollgate's Envoy host (the governed profile on
-SQLite) take turns, a JSON chat completion each per turn, sequentially. Prints each path's
+SQLite) take turns, a JSON chat completion each per turn, sequentially, in a new order each
+turn (bench.breakdown's `sequential`). Prints each path's
 p50, p90, p99 and slowest, what tollgate adds over the direct call, the CPU its processes
 (Envoy and the decision service) spent per request, and that CPU over plain Envoy's, in all
 and for each process (a ratio the machine's slower and faster hours move less than the

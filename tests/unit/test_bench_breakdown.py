@@ -1,7 +1,9 @@
 """bench.breakdown: its stage log goes into tollgate's rendered bootstrap as Envoy accepts it,
-and each stage's p50 is read from the lines after the warm-up."""
+each stage's p50 is read from the lines after the warm-up, and its turns (which bench.tail,
+bench.filters and bench.stages take too) go in a new order each."""
 
 import argparse
+import asyncio
 import math
 import os
 import subprocess
@@ -10,9 +12,9 @@ import sys
 import pytest
 import yaml
 
-from bench.breakdown import POINTS, cpu_list, pin, stages, with_access_log
+from bench.breakdown import POINTS, cpu_list, pin, sequential, stages, with_access_log
 from bench.latency import _Url
-from tests.conftest import make_config
+from tests.conftest import OPENAI_KEY, make_config
 from tests.harness import envoy_validates, free_port, tollgate
 
 
@@ -67,3 +69,25 @@ def test_the_provider_is_kept_on_the_cpus_named_every_thread_of_it():
     finally:
         child.kill()
         child.wait()
+
+
+def test_sequential_sends_each_path_once_a_turn_in_a_new_order_the_same_every_run(
+        fake_openai):
+    """In a fixed order a path's place told in its time; each turn is shuffled instead, by
+    a seed, so two runs send the same orders."""
+    names = ("direct", "plain envoy", "tollgate envoy", "floor")
+    paths = {name: (fake_openai.url, {"authorization": f"Bearer {OPENAI_KEY}",
+                                      "x-bench-path": name}) for name in names}
+
+    def orders() -> list[tuple[str, ...]]:
+        fake_openai.reset()
+        times = asyncio.run(sequential(paths, 6, 2))
+        assert {n: len(t) for n, t in times.items()} == dict.fromkeys(names, 6)
+        assert all(t > 0 for ts in times.values() for t in ts)
+        sent = [r.headers["x-bench-path"] for r in fake_openai.requests]
+        return [tuple(sent[i:i + len(names)]) for i in range(0, len(sent), len(names))]
+
+    first = orders()
+    assert len(first) == 8 and all(sorted(turn) == sorted(names) for turn in first)
+    assert len(set(first)) > 3  # not one order, nor a rotation of it
+    assert orders() == first
