@@ -4,15 +4,16 @@
 
 The provider directly, plain Envoy and tollgate's Envoy host (the governed profile on
 SQLite) take turns, a JSON chat completion each per turn, sequentially, in a new order each
-turn (bench.breakdown's `sequential`). Prints each path's
-p50, p90, p99 and slowest, what tollgate adds over the direct call, the CPU its processes
-(Envoy and the decision service) spent per request, and that CPU over plain Envoy's, in all
-and for each process (a ratio the machine's slower and faster hours move less than the
-milliseconds: the same code read 1.0 and 1.9 ms an hour apart), and how in step the
-slowest 2% of tollgate's requests are with the access log's batches, which Envoy sends every
-`RESPONSE_END_FLUSH` seconds and the decision service settles: the length of the mean of
-their phases in that period, each a unit vector (1: all at one moment of the period; about
-0.9/sqrt(n) for n at random moments, 0.16 for 30).
+turn (bench.breakdown's `sequential`). Prints each path's p50, p90, p99 and slowest, what
+tollgate adds over the direct call and that over plain Envoy's (`+p50/plain's`: the ratio
+the sidecar's p50 goal is read by), the CPU its processes (Envoy and the decision service)
+spent per request, and that CPU over plain Envoy's, in all and for each process (a ratio
+the machine's slower and faster hours move less than the milliseconds: the same code read
+1.0 and 1.9 ms an hour apart), and how in step the slowest 2% of tollgate's requests are
+with the access log's batches, which Envoy sends every `RESPONSE_END_FLUSH` seconds and the
+decision service settles: the length of the mean of their phases in that period, each a
+unit vector (1: all at one moment of the period; about 0.9/sqrt(n) for n at random moments,
+0.16 for 30).
 
 What a gateway does between requests (settling a batch of ends) takes a core the machine's
 other processes want, and makes every path on it slower at its tail, the direct call's
