@@ -195,6 +195,15 @@ class Gateway:
 
         wait_until(check, timeout=timeout, what=f"gateway to pick up {key.id}")
 
+    def extproc_streams(self) -> int:
+        """The Envoy host's ext_proc streams opened so far (Envoy's admin counts them): a
+        rewrite's (a response reshaped or cut event by event in Python) or an attempt's."""
+        admin = self.process.extra[self.process.extra.index("--envoy-admin") + 1]
+        stats = httpx.get(f"http://{admin}/stats", params={"filter": "ext_proc.streams_started"},
+                          timeout=5).text
+        return sum(int(line.rsplit(":", 1)[1]) for line in stats.splitlines()
+                   if line.startswith("http.tollgate.ext_proc.streams_started"))
+
 
 def make_policy(config: Path, name: str, *providers: str, fallback: str | None = None,
                 extra: tuple[str, ...] = ()) -> str:

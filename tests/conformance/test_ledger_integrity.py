@@ -115,15 +115,6 @@ def test_an_unreachable_provider_answers_in_the_clients_family_and_leaves_its_ro
     assert row.outcome == "error"
 
 
-def _extproc_streams(gw) -> int:
-    """ext_proc streams Envoy has opened so far (a rewrite or an attempt)."""
-    admin = gw.process.extra[gw.process.extra.index("--envoy-admin") + 1]
-    stats = httpx.get(f"http://{admin}/stats", params={"filter": "ext_proc.streams_started"},
-                      timeout=5).text
-    return sum(int(line.rsplit(":", 1)[1]) for line in stats.splitlines()
-               if line.startswith("http.tollgate.ext_proc.streams_started"))
-
-
 def test_a_clients_gateway_headers_pick_nothing(gw, fake_openai):
     """`x-tollgate-*` headers are the gateway's own: a client's never pick a route (a
     provider's cluster, a retry policy, a per-chunk rewrite) nor reach a provider."""
@@ -133,13 +124,13 @@ def test_a_clients_gateway_headers_pick_nothing(gw, fake_openai):
               "x-tollgate-fallback": "1", "x-tollgate-anything": "x"}
 
     def served(headers) -> tuple[httpx.Response, int]:
-        before = _extproc_streams(gw) if gw.host == "envoy" else 0
+        before = gw.extproc_streams() if gw.host == "envoy" else 0
         r = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT, headers=headers,
                        timeout=30)
         wait_until(lambda: [x for x in ledger(gw.config)
                             if x.request_id == r.headers["x-langwatch-request-id"]],
                    timeout=10, what="its row")
-        return r, (_extproc_streams(gw) - before if gw.host == "envoy" else 0)
+        return r, (gw.extproc_streams() - before if gw.host == "envoy" else 0)
 
     plain, plain_streams = served(auth)
     r, streams = served(forged)

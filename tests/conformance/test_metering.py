@@ -98,7 +98,8 @@ def test_the_client_gets_the_providers_stream_byte_for_byte_less_the_usage_chunk
     a dozen events with choices), their JSON spaced or written as OpenAI writes it, and
     when the provider declares the stream's length (the client is told none: the stream it
     gets is shorter); for the request a host decides from the one before it (a precedent)
-    as for that one."""
+    as for that one. On the Envoy host the cut is Envoy's own (its meter's Lua): no event
+    goes through Python, and no ext_proc stream is opened for one."""
     fake_openai.split_events = arrival == "events-split"
     fake_openai.one_write = arrival.endswith("one-write")
     fake_openai.compact_events = arrival.startswith("compact")
@@ -106,6 +107,7 @@ def test_the_client_gets_the_providers_stream_byte_for_byte_less_the_usage_chunk
     fake_openai.chunk_delay = 0.003 if arrival == "events-split" else 0.0
     key = gateway.create_key()
     decided_before = precedent_decisions(gateway)
+    streams_before = gateway.extproc_streams() if gateway.host == "envoy" else 0
     for words in (MESSAGES, [*MESSAGES, {"role": "user", "content": "And again."}]):
         with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", timeout=30,
                           headers={"authorization": f"Bearer {key.secret}"},
@@ -126,6 +128,8 @@ def test_the_client_gets_the_providers_stream_byte_for_byte_less_the_usage_chunk
         assert row.outcome == "completed"
     # The second was decided from the first's precedent, on either host.
     assert precedent_decisions(gateway) == decided_before + 1
+    if gateway.host == "envoy":
+        assert gateway.extproc_streams() == streams_before
 
 
 def precedent_decisions(gateway) -> float:
