@@ -5,8 +5,8 @@
 The same chat completion is sent sequentially, round-robin in a new order each turn, to the
 provider directly, to plain Envoy (one route to it) and to tollgate's Envoy host on the
 governed profile (SQLite state): an Envoy of `tollgate envoy render` and `tollgate serve
-extproc`. Both Envoys keep an access
-log of their streams' timestamps (`%COMMON_DURATION%`), from which each stage's p50:
+extproc`. Both Envoys keep an access log of their streams' timestamps (`%COMMON_DURATION%`),
+from which each stage's p50:
 
 - `request in`: the client's request received (DS_RX_BEG to DS_RX_END);
 - `to provider`: from the request's first byte to its first byte upstream (DS_RX_BEG to

@@ -78,16 +78,27 @@ def without_access_log(name: str) -> Callable[[dict[str, Any]], None]:
     return change
 
 
-def without_client_head(bootstrap: dict[str, Any]) -> None:
+def _decide_source(bootstrap: dict[str, Any], edit: Callable[[str], str]) -> None:
+    """The decide filter's Lua source, edited: `edit` raises ValueError where the source no
+    longer says what the edit expects (bench.filters then needs updating)."""
+    found = False
     for hcm in connection_managers(bootstrap):
         for f in hcm["http_filters"]:
             if f["name"] == "tollgate.decide":
                 code = f["typed_config"]["default_source_code"]
-                if CLIENT_HEAD not in code["inline_string"]:
-                    raise ValueError("the decide filter no longer sends its client head as "
-                                     f"{CLIENT_HEAD}: bench.filters needs updating")
-                code["inline_string"] = code["inline_string"].replace(CLIENT_HEAD,
-                                                                      CONSTANT_HEAD)
+                code["inline_string"] = edit(code["inline_string"])
+                found = True
+    if not found:
+        raise ValueError("no filter 'tollgate.decide' in the rendered configuration")
+
+
+def without_client_head(bootstrap: dict[str, Any]) -> None:
+    def edit(source: str) -> str:
+        if CLIENT_HEAD not in source:
+            raise ValueError("the decide filter no longer sends its client head as "
+                             f"{CLIENT_HEAD}: bench.filters needs updating")
+        return source.replace(CLIENT_HEAD, CONSTANT_HEAD)
+    _decide_source(bootstrap, edit)
 
 
 def _lua_string(value: str) -> str:
@@ -100,18 +111,13 @@ def without_exchange(decided: list[tuple[str, str]]) -> Callable[[dict[str, Any]
     table = "{" + ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}"
                             for k, v in [(":status", "200"), *decided]) + "}"
 
-    def change(bootstrap: dict[str, Any]) -> None:
-        for hcm in connection_managers(bootstrap):
-            for f in hcm["http_filters"]:
-                if f["name"] == "tollgate.decide":
-                    code = f["typed_config"]["default_source_code"]
-                    source, calls = CALL.subn(
-                        'ANSWERED, (client_head(handle, kind) and "")', code["inline_string"])
-                    if calls != 1:
-                        raise ValueError("the decide filter no longer calls the decision "
-                                         "service as bench.filters expects: it needs updating")
-                    code["inline_string"] = f"local ANSWERED = {table}\n{source}"
-    return change
+    def edit(source: str) -> str:
+        source, calls = CALL.subn('ANSWERED, (client_head(handle, kind) and "")', source)
+        if calls != 1:
+            raise ValueError("the decide filter no longer calls the decision service as "
+                             "bench.filters expects: it needs updating")
+        return f"local ANSWERED = {table}\n{source}"
+    return lambda bootstrap: _decide_source(bootstrap, edit)
 
 
 PARTS: dict[str, Callable[[dict[str, Any]], None]] = {

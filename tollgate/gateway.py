@@ -378,9 +378,7 @@ class Gateway:
             return None
         replayed = self._replayed(like, billing)
         try:
-            await self.store().admit(like.row, billing.charged(like.attempt.provider_id))
-        except StoreUnavailable as e:  # (as the full decision's `_write_ahead`)
-            log.warning("could not write ahead request %s: %s", like.trace.request_id, e)
+            await self._write_row_ahead(like.row, billing.charged(like.attempt.provider_id))
         except Exception as e:  # not on this node's disk: not forwarded on a promise
             self._not_in_flight(like.trace.request_id)
             log.error("request %s could not be written ahead (%s): decided in full",
@@ -581,11 +579,16 @@ class Gateway:
             self._checkpointer = loop.create_task(self._checkpoint_forever())
 
     async def _write_ahead(self, exchange: Exchange) -> None:
+        await self._write_row_ahead(exchange.settlement.written_ahead(),
+                                    exchange.billing.charged(exchange.provider_id))
+
+    async def _write_row_ahead(self, row: LedgerRow, counters: list[str]) -> None:
+        """A request's row written ahead, charged to `counters`; a store that cannot be
+        reached is warned of (the request goes on), any other failure raised."""
         try:
-            await self.store().admit(exchange.settlement.written_ahead(),
-                                     exchange.billing.charged(exchange.provider_id))
+            await self.store().admit(row, counters)
         except StoreUnavailable as e:
-            log.warning("could not write ahead request %s: %s", exchange.trace.request_id, e)
+            log.warning("could not write ahead request %s: %s", row.request_id, e)
 
     async def _checkpoint_forever(self) -> None:
         """Rewrite the written-ahead rows of requests that received more of their response,

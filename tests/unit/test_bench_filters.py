@@ -68,6 +68,9 @@ def test_a_part_the_configuration_no_longer_has_is_refused_not_measured_as_nothi
     PARTS["no client head"](bootstrap)
     with pytest.raises(ValueError, match="needs updating"):
         PARTS["no client head"](bootstrap)
+    without_filter("tollgate.decide")(bootstrap)
+    with pytest.raises(ValueError, match=r"no filter 'tollgate\.decide'"):
+        without_exchange([])(bootstrap)
 
 
 def test_no_exchange_applies_the_decision_from_lua_with_no_call(rendered, tmp_path):
